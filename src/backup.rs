@@ -1,0 +1,692 @@
+//! Backing up: the block pipeline. Reader threads fill recycled buffers from the source;
+//! worker threads detect zero blocks and hash; a coordinator looks the ids up in the
+//! database in batches (dedup) and sends only new blocks back to the workers to be
+//! compressed; writer threads store them. Memory is bounded by the buffer pool, not by
+//! the image size. [`Ingest`] is the part that turns blocks into stored objects; the CLI's
+//! `backup` and the FUSE `incoming/` directory both feed it.
+
+use crate::block::{BlockId, ObjectKind, encode_object, is_zero};
+use crate::db::Db;
+use crate::error::{Error, Result};
+use crate::index::{BlockIndex, block_count};
+use crate::progress::Progress;
+use crate::repo::{Repository, encode_version_object, version_key};
+use crate::source::{Source, Url, open_source};
+use crate::storage::{SharedStorage, retry};
+use crate::version::{Stats, Version, VersionUid, check_name};
+use crossbeam_channel::{Receiver, Sender, TryRecvError, bounded, unbounded};
+use parking_lot::Mutex;
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// Lookups are gathered into batches of up to this many ids (one transaction each).
+const LOOKUP_BATCH: usize = 64;
+/// New objects are recorded in the database in batches of up to this many.
+const INSERT_BATCH: usize = 128;
+/// Memory for block buffers in flight.
+const POOL_BYTES: usize = 160 << 20;
+const STORAGE_ATTEMPTS: u32 = 4;
+
+enum Job {
+    /// Zero check and hash.
+    Inspect { idx: u64, buf: Vec<u8> },
+    /// Compress and hand to a writer.
+    Encode {
+        idx: u64,
+        id: BlockId,
+        buf: Vec<u8>,
+        under_lock: bool,
+    },
+}
+
+struct Put {
+    idx: u64,
+    id: BlockId,
+    plain_len: u64,
+    bytes: Vec<u8>,
+}
+
+enum Done {
+    Zero {
+        idx: u64,
+        len: u64,
+    },
+    Hashed {
+        idx: u64,
+        id: BlockId,
+        buf: Vec<u8>,
+    },
+    Stored {
+        idx: u64,
+        id: BlockId,
+        plain_len: u64,
+        stored_len: u64,
+    },
+    /// An object whose id carried a cleanup tombstone: stored by the coordinator while it
+    /// holds the database's write lock.
+    Encoded(Put),
+    Failed(Error),
+    /// No more blocks will be submitted; `count` were.
+    Finish {
+        count: u64,
+    },
+}
+
+/// Everything an ingest needs, cloneable into its threads.
+pub struct IngestContext {
+    pub db: Arc<Mutex<Db>>,
+    pub storage: SharedStorage,
+    pub storage_id: i64,
+    pub block_size: u32,
+    pub compression_level: i32,
+    pub workers: usize,
+    pub writers: usize,
+    pub session: i64,
+}
+
+/// What an ingest produced: the id of every block by index (sparse where none was
+/// submitted) and the statistics.
+pub struct IngestResult {
+    pub entries: Vec<BlockId>,
+    pub stats: Stats,
+}
+
+/// Turns blocks into deduplicated, stored objects. Submit blocks in any order; `finish`
+/// waits until every new object is durable and recorded.
+pub struct Ingest {
+    job_tx: Option<Sender<Job>>,
+    done_tx: Sender<Done>,
+    pool_rx: Receiver<Vec<u8>>,
+    coordinator: Option<JoinHandle<Result<IngestResult>>>,
+    threads: Vec<JoinHandle<()>>,
+    failed: Arc<Mutex<bool>>,
+    submitted: u64,
+    block_size: u32,
+}
+
+impl Ingest {
+    pub fn start(ctx: IngestContext) -> Ingest {
+        let bs = ctx.block_size as usize;
+        let block_size = ctx.block_size;
+        let pool_count = (POOL_BYTES / bs).clamp(ctx.workers * 2 + 4, 256);
+        let (pool_tx, pool_rx) = bounded::<Vec<u8>>(pool_count);
+        for _ in 0..pool_count {
+            let _ = pool_tx.send(Vec::with_capacity(bs));
+        }
+        let (job_tx, job_rx) = unbounded::<Job>();
+        let (done_tx, done_rx) = unbounded::<Done>();
+        let (put_tx, put_rx) = bounded::<Put>(ctx.writers * 2);
+        let mut threads = Vec::new();
+        for _ in 0..ctx.workers.max(1) {
+            let (job_rx, done_tx, pool_tx, put_tx) = (
+                job_rx.clone(),
+                done_tx.clone(),
+                pool_tx.clone(),
+                put_tx.clone(),
+            );
+            let level = ctx.compression_level;
+            threads.push(std::thread::spawn(move || {
+                worker(job_rx, done_tx, pool_tx, put_tx, level)
+            }));
+        }
+        drop(put_tx);
+        for _ in 0..ctx.writers.max(1) {
+            let (put_rx, done_tx, storage) = (put_rx.clone(), done_tx.clone(), ctx.storage.clone());
+            threads.push(std::thread::spawn(move || writer(put_rx, done_tx, storage)));
+        }
+        let failed = Arc::new(Mutex::new(false));
+        let coord = {
+            let (job_tx, pool_tx, failed) = (job_tx.clone(), pool_tx.clone(), failed.clone());
+            std::thread::spawn(move || {
+                let r = coordinate(ctx, done_rx, job_tx, pool_tx);
+                if r.is_err() {
+                    *failed.lock() = true;
+                }
+                r
+            })
+        };
+        Ingest {
+            job_tx: Some(job_tx),
+            done_tx,
+            pool_rx,
+            coordinator: Some(coord),
+            threads,
+            failed,
+            submitted: 0,
+            block_size,
+        }
+    }
+
+    pub fn block_size(&self) -> u32 {
+        self.block_size
+    }
+
+    /// A buffer to fill with one block (cleared, with capacity for a block). Waits while
+    /// every buffer is in flight: this is what bounds memory.
+    pub fn take_buffer(&self) -> Result<Vec<u8>> {
+        loop {
+            if *self.failed.lock() {
+                return Err(Error::Other("the backup pipeline stopped".into()));
+            }
+            match self.pool_rx.recv_timeout(Duration::from_millis(200)) {
+                Ok(mut b) => {
+                    b.clear();
+                    return Ok(b);
+                }
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => continue,
+                Err(_) => return Err(Error::Other("the backup pipeline stopped".into())),
+            }
+        }
+    }
+
+    /// Submits block `idx` (at most one block long; only the last block may be short).
+    pub fn submit(&mut self, idx: u64, buf: Vec<u8>) -> Result<()> {
+        self.submitted += 1;
+        let tx = self
+            .job_tx
+            .as_ref()
+            .ok_or_else(|| Error::Other("ingest already finished".into()))?;
+        tx.send(Job::Inspect { idx, buf })
+            .map_err(|_| Error::Other("the backup pipeline stopped".into()))
+    }
+
+    /// Records block `idx` as all zeros without reading or hashing it.
+    pub fn submit_zero(&mut self, idx: u64, len: u64) -> Result<()> {
+        self.submitted += 1;
+        self.done_tx
+            .send(Done::Zero { idx, len })
+            .map_err(|_| Error::Other("the backup pipeline stopped".into()))
+    }
+
+    /// Waits for every submitted block to be stored and recorded.
+    pub fn finish(mut self) -> Result<IngestResult> {
+        let _ = self.done_tx.send(Done::Finish {
+            count: self.submitted,
+        });
+        self.job_tx = None;
+        let r = match self.coordinator.take().map(|h| h.join()) {
+            Some(Ok(r)) => r,
+            _ => Err(Error::Other(
+                "the backup coordinator thread panicked".into(),
+            )),
+        };
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+        r
+    }
+}
+
+impl Drop for Ingest {
+    fn drop(&mut self) {
+        // An abandoned ingest: stop the coordinator so that every thread ends.
+        if self.coordinator.is_some() {
+            let _ = self
+                .done_tx
+                .send(Done::Failed(Error::Other("backup abandoned".into())));
+            self.job_tx = None;
+            if let Some(h) = self.coordinator.take() {
+                let _ = h.join();
+            }
+            for t in self.threads.drain(..) {
+                let _ = t.join();
+            }
+        }
+    }
+}
+
+fn worker(
+    jobs: Receiver<Job>,
+    done: Sender<Done>,
+    pool: Sender<Vec<u8>>,
+    puts: Sender<Put>,
+    level: i32,
+) {
+    for job in jobs {
+        match job {
+            Job::Inspect { idx, buf } => {
+                if is_zero(&buf) {
+                    let len = buf.len() as u64;
+                    let _ = pool.send(buf);
+                    let _ = done.send(Done::Zero { idx, len });
+                } else {
+                    let id = BlockId::of(&buf);
+                    let _ = done.send(Done::Hashed { idx, id, buf });
+                }
+            }
+            Job::Encode {
+                idx,
+                id,
+                buf,
+                under_lock,
+            } => {
+                let bytes = encode_object(ObjectKind::Block, &id.0, &buf, level);
+                let put = Put {
+                    idx,
+                    id,
+                    plain_len: buf.len() as u64,
+                    bytes,
+                };
+                let _ = pool.send(buf);
+                if under_lock {
+                    let _ = done.send(Done::Encoded(put));
+                } else if puts.send(put).is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+fn writer(puts: Receiver<Put>, done: Sender<Done>, storage: SharedStorage) {
+    for p in puts {
+        let key = p.id.storage_key();
+        let msg = match retry(STORAGE_ATTEMPTS, || storage.put(&key, &p.bytes)) {
+            Ok(()) => Done::Stored {
+                idx: p.idx,
+                id: p.id,
+                plain_len: p.plain_len,
+                stored_len: p.bytes.len() as u64,
+            },
+            Err(e) => Done::Failed(e.into()),
+        };
+        let _ = done.send(msg);
+    }
+}
+
+struct Coordinator {
+    ctx: IngestContext,
+    job_tx: Sender<Job>,
+    pool_tx: Sender<Vec<u8>>,
+    entries: Vec<BlockId>,
+    stats: Stats,
+    /// Ids stored (or being stored) by this ingest: later copies only reference them.
+    seen: HashSet<BlockId>,
+    pending_lookup: Vec<(u64, BlockId, Vec<u8>)>,
+    pending_insert: Vec<(BlockId, u64, u64)>,
+    completed: u64,
+    in_store: u64,
+    last_heartbeat: Instant,
+}
+
+impl Coordinator {
+    fn set(&mut self, idx: u64, id: BlockId) {
+        let i = idx as usize;
+        if i >= self.entries.len() {
+            self.entries.resize(i + 1, BlockId::SPARSE);
+        }
+        self.entries[i] = id;
+    }
+
+    fn flush_lookups(&mut self) -> Result<()> {
+        if self.pending_lookup.is_empty() {
+            return Ok(());
+        }
+        let batch = std::mem::take(&mut self.pending_lookup);
+        let ids: Vec<BlockId> = batch
+            .iter()
+            .filter(|(_, id, _)| !self.seen.contains(id))
+            .map(|b| b.1)
+            .collect();
+        let (present, tombstoned) = if ids.is_empty() {
+            Default::default()
+        } else {
+            self.ctx
+                .db
+                .lock()
+                .lookup_and_touch(self.ctx.storage_id, &ids)?
+        };
+        for (idx, id, buf) in batch {
+            let len = buf.len() as u64;
+            if self.seen.contains(&id) || present.contains(&id) {
+                self.stats.bytes_deduplicated += len;
+                self.set(idx, id);
+                self.completed += 1;
+                let _ = self.pool_tx.send(buf);
+            } else {
+                self.seen.insert(id);
+                self.in_store += 1;
+                let under_lock = tombstoned.contains(&id);
+                self.job_tx
+                    .send(Job::Encode {
+                        idx,
+                        id,
+                        buf,
+                        under_lock,
+                    })
+                    .map_err(|_| Error::Other("backup workers stopped".into()))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn flush_inserts(&mut self) -> Result<()> {
+        if self.pending_insert.is_empty() {
+            return Ok(());
+        }
+        // Durable first, recorded second: no row ever names an object that may be lost.
+        retry(STORAGE_ATTEMPTS, || self.ctx.storage.sync())?;
+        let batch = std::mem::take(&mut self.pending_insert);
+        self.ctx
+            .db
+            .lock()
+            .insert_objects(self.ctx.storage_id, &batch)?;
+        Ok(())
+    }
+
+    fn stored(&mut self, idx: u64, id: BlockId, plain_len: u64, stored_len: u64) -> Result<()> {
+        self.stats.bytes_written += plain_len;
+        self.stats.bytes_stored += stored_len;
+        self.set(idx, id);
+        self.completed += 1;
+        self.in_store -= 1;
+        self.pending_insert.push((id, stored_len, plain_len));
+        if self.pending_insert.len() >= INSERT_BATCH {
+            self.flush_inserts()?;
+        }
+        Ok(())
+    }
+
+    fn handle(&mut self, msg: Done, finish: &mut Option<u64>) -> Result<()> {
+        match msg {
+            Done::Zero { idx, len } => {
+                self.stats.bytes_sparse += len;
+                self.stats.bytes_read += len;
+                self.set(idx, BlockId::SPARSE);
+                self.completed += 1;
+            }
+            Done::Hashed { idx, id, buf } => {
+                self.stats.bytes_read += buf.len() as u64;
+                self.pending_lookup.push((idx, id, buf));
+                if self.pending_lookup.len() >= LOOKUP_BATCH {
+                    self.flush_lookups()?;
+                }
+            }
+            Done::Stored {
+                idx,
+                id,
+                plain_len,
+                stored_len,
+            } => self.stored(idx, id, plain_len, stored_len)?,
+            Done::Encoded(p) => {
+                let storage = self.ctx.storage.clone();
+                let (sid, key) = (self.ctx.storage_id, p.id.storage_key());
+                self.ctx.db.lock().with_write_lock(|tx| {
+                    retry(STORAGE_ATTEMPTS, || storage.put(&key, &p.bytes))?;
+                    retry(STORAGE_ATTEMPTS, || storage.sync())?;
+                    tx.execute(
+                        "INSERT INTO objects(storage_id, id, stored_size, plain_size, state, valid, touched_ms) VALUES (?1,?2,?3,?4,0,1,?5) \
+                         ON CONFLICT(storage_id, id) DO UPDATE SET state=0, valid=1, touched_ms=?5",
+                        rusqlite::params![sid, &p.id.0[..], p.bytes.len() as i64, p.plain_len as i64, crate::db::now_ms()],
+                    )?;
+                    Ok(())
+                })?;
+                self.stats.bytes_written += p.plain_len;
+                self.stats.bytes_stored += p.bytes.len() as u64;
+                self.set(p.idx, p.id);
+                self.completed += 1;
+                self.in_store -= 1;
+            }
+            Done::Failed(e) => return Err(e),
+            Done::Finish { count } => *finish = Some(count),
+        }
+        if self.last_heartbeat.elapsed() > Duration::from_secs(30) {
+            self.ctx.db.lock().heartbeat(self.ctx.session)?;
+            self.last_heartbeat = Instant::now();
+        }
+        Ok(())
+    }
+}
+
+fn coordinate(
+    ctx: IngestContext,
+    done: Receiver<Done>,
+    job_tx: Sender<Job>,
+    pool_tx: Sender<Vec<u8>>,
+) -> Result<IngestResult> {
+    let mut c = Coordinator {
+        ctx,
+        job_tx,
+        pool_tx,
+        entries: Vec::new(),
+        stats: Stats::default(),
+        seen: HashSet::new(),
+        pending_lookup: Vec::new(),
+        pending_insert: Vec::new(),
+        completed: 0,
+        in_store: 0,
+        last_heartbeat: Instant::now(),
+    };
+    let mut finish: Option<u64> = None;
+    loop {
+        if finish.is_some_and(|n| c.completed >= n) {
+            break;
+        }
+        let msg = match done.try_recv() {
+            Ok(m) => m,
+            Err(TryRecvError::Empty) => {
+                // Nothing waiting: resolve the lookups now rather than sit on buffers.
+                c.flush_lookups()?;
+                if finish.is_some_and(|n| c.completed >= n) {
+                    break;
+                }
+                match done.recv() {
+                    Ok(m) => m,
+                    Err(_) => return Err(Error::Other("backup pipeline ended early".into())),
+                }
+            }
+            Err(TryRecvError::Disconnected) => {
+                return Err(Error::Other("backup pipeline ended early".into()));
+            }
+        };
+        c.handle(msg, &mut finish)?;
+    }
+    debug_assert_eq!(c.in_store, 0);
+    c.flush_inserts()?;
+    Ok(IngestResult {
+        entries: c.entries,
+        stats: c.stats,
+    })
+}
+
+/// What the user asked to back up.
+#[derive(Clone, Debug, Default)]
+pub struct BackupOptions {
+    pub name: String,
+    pub snapshot: String,
+    pub labels: BTreeMap<String, String>,
+    pub block_size: Option<u32>,
+    pub storage: Option<String>,
+}
+
+impl Repository {
+    /// Context for an ingest into `storage` at `block_size`, for `session`.
+    pub fn ingest_context(
+        &self,
+        storage: &str,
+        block_size: u32,
+        session: i64,
+    ) -> Result<IngestContext> {
+        Ok(IngestContext {
+            db: self.db.clone(),
+            storage: self.storage(storage)?,
+            storage_id: self.storage_id(storage)?,
+            block_size,
+            compression_level: self.config.compression_level,
+            workers: self.config.workers,
+            writers: self.config.storage_writers,
+            session,
+        })
+    }
+
+    /// Starts a new `incomplete` version for a writer registered as `session`.
+    pub fn begin_version(
+        &self,
+        opts: &BackupOptions,
+        size: u64,
+        session: i64,
+    ) -> Result<(VersionUid, String, u32)> {
+        check_name(&opts.name)?;
+        let storage = opts
+            .storage
+            .clone()
+            .unwrap_or_else(|| self.config.default_storage.clone());
+        self.storage(&storage)?;
+        let bs = opts.block_size.unwrap_or(self.config.block_size);
+        let uid = self.db.lock().create_version(
+            &opts.name,
+            &opts.snapshot,
+            size,
+            bs,
+            &storage,
+            &opts.labels,
+            session,
+        )?;
+        Ok((uid, storage, bs))
+    }
+
+    /// Commits a version whose blocks are all durable: writes its metadata object to the
+    /// storage, then marks it valid in the database.
+    pub fn commit_version(
+        &self,
+        uid: VersionUid,
+        size: u64,
+        mut entries: Vec<BlockId>,
+        stats: Stats,
+    ) -> Result<Version> {
+        let mut v = self.version(uid)?;
+        let bs = v.block_size;
+        entries.resize(block_count(size, bs) as usize, BlockId::SPARSE);
+        let index = BlockIndex {
+            uid: uid.0,
+            size,
+            block_size: bs,
+            entries,
+        };
+        if size != v.size {
+            self.db.lock().with_write_lock(|tx| {
+                tx.execute(
+                    "UPDATE versions SET size=?2 WHERE uid=?1",
+                    rusqlite::params![uid.0 as i64, size as i64],
+                )?;
+                Ok(())
+            })?;
+            v.size = size;
+        }
+        v.status = crate::version::Status::Valid;
+        v.stats = stats;
+        let storage = self.storage(&v.storage)?;
+        let object = encode_version_object(&v, &index)?;
+        retry(STORAGE_ATTEMPTS, || storage.put(&version_key(uid), &object))?;
+        retry(STORAGE_ATTEMPTS, || storage.sync())?;
+        self.db
+            .lock()
+            .commit_version(uid, &index.encode(), &stats)?;
+        Ok(v)
+    }
+
+    /// Backs up the image at `url` as a new version.
+    pub fn backup(
+        &self,
+        url: &Url,
+        opts: &BackupOptions,
+        progress: &dyn Progress,
+    ) -> Result<Version> {
+        let started = Instant::now();
+        let source = open_source(url).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => Error::Invalid(format!("source {url} does not exist")),
+            std::io::ErrorKind::PermissionDenied => {
+                Error::Invalid(format!("source {url} is not readable (permission denied)"))
+            }
+            _ => Error::io(format!("cannot open source {url}"), e),
+        })?;
+        let size = source.size();
+        let session = self.session(&format!("backup {}", opts.name), true)?;
+        let (uid, storage, bs) = self.begin_version(opts, size, session.id)?;
+        progress.begin(&format!("backup {uid} ({})", opts.name), size);
+        let result = self.run_backup(
+            source.as_ref(),
+            url,
+            uid,
+            &storage,
+            bs,
+            session.id,
+            progress,
+        );
+        progress.end();
+        match result {
+            Ok((entries, mut stats)) => {
+                stats.duration_ms = started.elapsed().as_millis() as u64;
+                self.commit_version(uid, size, entries, stats)
+            }
+            Err(e) => Err(Error::Other(format!(
+                "backup of {url} failed, version {uid} is left incomplete (`keepfs rm {uid}` removes it): {e}"
+            ))),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn run_backup(
+        &self,
+        source: &dyn Source,
+        url: &Url,
+        uid: VersionUid,
+        storage: &str,
+        bs: u32,
+        session: i64,
+        progress: &dyn Progress,
+    ) -> Result<(Vec<BlockId>, Stats)> {
+        let size = source.size();
+        let n = block_count(size, bs);
+        let ingest = Mutex::new(Ingest::start(self.ingest_context(storage, bs, session)?));
+        let readers = self.config.source_readers.max(1) as u64;
+        let read_error: Mutex<Option<Error>> = Mutex::new(None);
+        let _ = uid;
+        std::thread::scope(|s| {
+            for r in 0..readers {
+                let (ingest, read_error) = (&ingest, &read_error);
+                s.spawn(move || {
+                    let mut idx = r;
+                    while idx < n {
+                        if read_error.lock().is_some() {
+                            return;
+                        }
+                        let off = idx * bs as u64;
+                        let len = (size - off).min(bs as u64);
+                        let step = if source.all_zero() {
+                            ingest.lock().submit_zero(idx, len)
+                        } else {
+                            let buf = ingest.lock().take_buffer();
+                            buf.and_then(|mut buf| {
+                                buf.resize(len as usize, 0);
+                                source.read_at(off, &mut buf).map_err(|e| {
+                                    Error::io(format!("cannot read {url} at byte {off}"), e)
+                                })?;
+                                source.done_with(off, len);
+                                ingest.lock().submit(idx, buf)
+                            })
+                        };
+                        if let Err(e) = step {
+                            read_error.lock().get_or_insert(e);
+                            return;
+                        }
+                        progress.advance(len);
+                        idx += readers;
+                    }
+                });
+            }
+        });
+        let ingest = ingest.into_inner();
+        if let Some(e) = read_error.into_inner() {
+            // Prefer the pipeline's own error (a storage failure) over "pipeline stopped".
+            return Err(match ingest.finish() {
+                Err(pe) => pe,
+                Ok(_) => e,
+            });
+        }
+        let r = ingest.finish()?;
+        Ok((r.entries, r.stats))
+    }
+}

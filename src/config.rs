@@ -1,0 +1,304 @@
+//! Configuration: an embedded default (a repository under `$KEEPFS_HOME`, default
+//! `~/.local/share/keepfs`) that needs no file, or a TOML file found through `--config`,
+//! `$KEEPFS_CONFIG` or `/etc/keepfs/keepfs.toml`. Every key is in docs/configuration.md.
+
+use crate::error::{Error, Result};
+use crate::units::{check_block_size, parse_size};
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+
+pub const SYSTEM_CONFIG: &str = "/etc/keepfs/keepfs.toml";
+pub const DEFAULT_BLOCK_SIZE: u32 = 4 << 20;
+pub const DEFAULT_STORAGE: &str = "default";
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StorageKind {
+    File { path: PathBuf },
+    Null,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StorageConfig {
+    pub name: String,
+    pub kind: StorageKind,
+}
+
+/// The resolved configuration the engine runs with.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// The repository's own directory: lock-free spool and scratch space live here.
+    pub home: PathBuf,
+    pub database: PathBuf,
+    pub storages: Vec<StorageConfig>,
+    pub default_storage: String,
+    pub block_size: u32,
+    /// zstd level; 0 stores blocks uncompressed.
+    pub compression_level: i32,
+    /// Threads reading a backup source.
+    pub source_readers: usize,
+    /// Threads hashing and compressing (backup) or decompressing and verifying (restore).
+    pub workers: usize,
+    /// Threads writing objects to storage.
+    pub storage_writers: usize,
+    /// Threads fetching objects from storage during a restore.
+    pub storage_readers: usize,
+    /// `rm` refuses versions younger than this many days without --force.
+    pub rm_min_age_days: f64,
+    /// Where the configuration came from, for messages.
+    pub origin: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    home: Option<PathBuf>,
+    database: Option<PathBuf>,
+    default_storage: Option<String>,
+    block_size: Option<toml::Value>,
+    compression_level: Option<i32>,
+    source_readers: Option<usize>,
+    workers: Option<usize>,
+    storage_writers: Option<usize>,
+    storage_readers: Option<usize>,
+    rm_min_age_days: Option<f64>,
+    #[serde(default)]
+    storage: Vec<FileStorageConfig>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileStorageConfig {
+    name: String,
+    kind: String,
+    path: Option<PathBuf>,
+}
+
+fn cpus() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2)
+}
+
+/// `$KEEPFS_HOME`, or `~/.local/share/keepfs`.
+pub fn default_home() -> PathBuf {
+    if let Some(h) = std::env::var_os("KEEPFS_HOME").filter(|h| !h.is_empty()) {
+        return PathBuf::from(h);
+    }
+    let base = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/root"));
+    base.join(".local/share/keepfs")
+}
+
+impl Config {
+    /// The embedded default: everything under `home`.
+    pub fn embedded(home: PathBuf) -> Config {
+        Config {
+            database: home.join("keepfs.sqlite"),
+            storages: vec![StorageConfig {
+                name: DEFAULT_STORAGE.to_string(),
+                kind: StorageKind::File {
+                    path: home.join("storage"),
+                },
+            }],
+            default_storage: DEFAULT_STORAGE.to_string(),
+            block_size: DEFAULT_BLOCK_SIZE,
+            compression_level: 1,
+            source_readers: 1,
+            workers: cpus(),
+            storage_writers: 2,
+            storage_readers: cpus().max(2) * 2,
+            rm_min_age_days: 6.0,
+            origin: format!("embedded default (home {})", home.display()),
+            home,
+        }
+    }
+
+    /// Finds and loads the configuration: `explicit` (--config), then `$KEEPFS_CONFIG`, then
+    /// the system file; with none of them, the embedded default.
+    pub fn discover(explicit: Option<&Path>) -> Result<Config> {
+        if let Some(p) = explicit {
+            return Config::load(p);
+        }
+        if let Some(p) = std::env::var_os("KEEPFS_CONFIG").filter(|p| !p.is_empty()) {
+            return Config::load(Path::new(&p));
+        }
+        let system = Path::new(SYSTEM_CONFIG);
+        if system.exists() {
+            return Config::load(system);
+        }
+        Ok(Config::embedded(default_home()))
+    }
+
+    pub fn load(path: &Path) -> Result<Config> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::Config(format!("cannot read {}: {e}", path.display())))?;
+        Config::parse(&text, &path.display().to_string())
+    }
+
+    pub fn parse(text: &str, origin: &str) -> Result<Config> {
+        let bad = |msg: String| Error::Config(format!("{origin}: {msg}"));
+        let f: FileConfig = toml::from_str(text)
+            .map_err(|e| bad(e.message().to_string() + &location(text, e.span())))?;
+        let home = f.home.unwrap_or_else(default_home);
+        let mut c = Config::embedded(home.clone());
+        c.origin = origin.to_string();
+        if let Some(db) = f.database {
+            c.database = db;
+        }
+        if !f.storage.is_empty() {
+            c.storages.clear();
+            for s in f.storage {
+                if s.name.is_empty() || c.storages.iter().any(|o| o.name == s.name) {
+                    return Err(bad(format!(
+                        "storage name '{}' is empty or used twice",
+                        s.name
+                    )));
+                }
+                let kind = match (s.kind.as_str(), s.path) {
+                    ("file", Some(path)) => StorageKind::File { path },
+                    ("file", None) => {
+                        return Err(bad(format!(
+                            "storage '{}' of kind file needs a path",
+                            s.name
+                        )));
+                    }
+                    ("null", _) => StorageKind::Null,
+                    (other, _) => {
+                        return Err(bad(format!(
+                            "storage '{}': unknown kind '{other}' (use file or null)",
+                            s.name
+                        )));
+                    }
+                };
+                c.storages.push(StorageConfig { name: s.name, kind });
+            }
+            c.default_storage = c.storages[0].name.clone();
+        }
+        if let Some(d) = f.default_storage {
+            if !c.storages.iter().any(|s| s.name == d) {
+                return Err(bad(format!(
+                    "default_storage '{d}' is not one of the [[storage]] entries"
+                )));
+            }
+            c.default_storage = d;
+        }
+        if let Some(bs) = f.block_size {
+            let n = match &bs {
+                toml::Value::Integer(i) if *i > 0 => *i as u64,
+                toml::Value::String(s) => parse_size(s).map_err(bad)?,
+                other => {
+                    return Err(bad(format!(
+                        "block_size must be a size like \"4M\", not {other}"
+                    )));
+                }
+            };
+            c.block_size = check_block_size(n).map_err(bad)?;
+        }
+        if let Some(l) = f.compression_level {
+            if !(0..=19).contains(&l) {
+                return Err(bad(format!(
+                    "compression_level {l} is out of range (0 = off, 1..19 zstd levels)"
+                )));
+            }
+            c.compression_level = l;
+        }
+        let threads = |name: &str, v: Option<usize>, default: usize| match v {
+            Some(0) => Err(bad(format!("{name} must be at least 1"))),
+            Some(n) if n > 256 => Err(bad(format!("{name} {n} is more than 256 threads"))),
+            Some(n) => Ok(n),
+            None => Ok(default),
+        };
+        c.source_readers = threads("source_readers", f.source_readers, c.source_readers)?;
+        c.workers = threads("workers", f.workers, c.workers)?;
+        c.storage_writers = threads("storage_writers", f.storage_writers, c.storage_writers)?;
+        c.storage_readers = threads("storage_readers", f.storage_readers, c.storage_readers)?;
+        if let Some(d) = f.rm_min_age_days {
+            if !(d >= 0.0) {
+                return Err(bad("rm_min_age_days must be 0 or more".to_string()));
+            }
+            c.rm_min_age_days = d;
+        }
+        Ok(c)
+    }
+
+    pub fn storage(&self, name: &str) -> Result<&StorageConfig> {
+        self.storages
+            .iter()
+            .find(|s| s.name == name)
+            .ok_or_else(|| {
+                let names: Vec<&str> = self.storages.iter().map(|s| s.name.as_str()).collect();
+                Error::Invalid(format!(
+                    "no storage named '{name}' (configured: {})",
+                    names.join(", ")
+                ))
+            })
+    }
+}
+
+fn location(text: &str, span: Option<std::ops::Range<usize>>) -> String {
+    match span {
+        Some(r) => {
+            let line = text[..r.start.min(text.len())].matches('\n').count() + 1;
+            format!(" (line {line})")
+        }
+        None => String::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_full_file() {
+        let c = Config::parse(
+            r#"
+home = "/srv/keepfs"
+database = "/srv/keepfs/meta.sqlite"
+default_storage = "disk2"
+block_size = "1M"
+compression_level = 3
+workers = 3
+rm_min_age_days = 1.5
+[[storage]]
+name = "disk1"
+kind = "file"
+path = "/mnt/d1"
+[[storage]]
+name = "disk2"
+kind = "null"
+"#,
+            "test",
+        )
+        .unwrap();
+        assert_eq!(c.block_size, 1 << 20);
+        assert_eq!(c.default_storage, "disk2");
+        assert_eq!(c.storages.len(), 2);
+        assert_eq!(c.workers, 3);
+        assert_eq!(c.database, PathBuf::from("/srv/keepfs/meta.sqlite"));
+        assert_eq!(
+            c.storage("disk1").unwrap().kind,
+            StorageKind::File {
+                path: "/mnt/d1".into()
+            }
+        );
+    }
+
+    #[test]
+    fn rejects_mistakes() {
+        for bad in [
+            "block_size = \"3M\"",
+            "compression_level = 40",
+            "workers = 0",
+            "colour = 1",
+            "[[storage]]\nname = \"a\"\nkind = \"tape\"",
+            "[[storage]]\nname = \"a\"\nkind = \"file\"",
+            "default_storage = \"nope\"",
+            "block_size = ",
+        ] {
+            let e = Config::parse(bad, "t.toml").unwrap_err().to_string();
+            assert!(e.starts_with("configuration: t.toml: "), "{bad}: {e}");
+        }
+    }
+}

@@ -1,0 +1,662 @@
+//! The metadata database (SQLite): versions, labels, block indexes, the objects each
+//! storage holds, and the sessions and version locks that let several keepfs processes
+//! share a repository. Only what must be queried is here; a version's block map is one
+//! index blob, never a row per block. Schema changes are numbered migrations.
+
+use crate::block::BlockId;
+use crate::error::{Error, Result};
+use crate::version::{Stats, Status, Version, VersionUid};
+use chrono::{DateTime, Utc};
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::Path;
+use std::time::Duration;
+
+/// Schema migrations; entry N brings the schema from version N to N+1.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE storages (id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE);
+CREATE TABLE sessions (
+    id INTEGER PRIMARY KEY,
+    pid INTEGER NOT NULL,
+    host TEXT NOT NULL,
+    proc_start INTEGER NOT NULL,
+    started_ms INTEGER NOT NULL,
+    heartbeat_ms INTEGER NOT NULL,
+    purpose TEXT NOT NULL,
+    writes INTEGER NOT NULL
+);
+CREATE TABLE versions (
+    uid INTEGER PRIMARY KEY AUTOINCREMENT,
+    name TEXT NOT NULL,
+    snapshot TEXT NOT NULL,
+    date TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    block_size INTEGER NOT NULL,
+    status TEXT NOT NULL,
+    protected INTEGER NOT NULL DEFAULT 0,
+    storage_id INTEGER NOT NULL REFERENCES storages(id),
+    session_id INTEGER,
+    expire TEXT,
+    bytes_read INTEGER NOT NULL DEFAULT 0,
+    bytes_written INTEGER NOT NULL DEFAULT 0,
+    bytes_stored INTEGER NOT NULL DEFAULT 0,
+    bytes_deduplicated INTEGER NOT NULL DEFAULT 0,
+    bytes_sparse INTEGER NOT NULL DEFAULT 0,
+    duration_ms INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX versions_by_name ON versions(name);
+CREATE TABLE labels (
+    uid INTEGER NOT NULL REFERENCES versions(uid) ON DELETE CASCADE,
+    name TEXT NOT NULL,
+    value TEXT NOT NULL,
+    PRIMARY KEY (uid, name)
+) WITHOUT ROWID;
+CREATE TABLE version_index (
+    uid INTEGER PRIMARY KEY REFERENCES versions(uid) ON DELETE CASCADE,
+    data BLOB NOT NULL
+);
+CREATE TABLE objects (
+    storage_id INTEGER NOT NULL,
+    id BLOB NOT NULL,
+    stored_size INTEGER NOT NULL,
+    plain_size INTEGER NOT NULL,
+    state INTEGER NOT NULL DEFAULT 0,
+    valid INTEGER NOT NULL DEFAULT 1,
+    touched_ms INTEGER NOT NULL,
+    PRIMARY KEY (storage_id, id)
+) WITHOUT ROWID;
+CREATE TABLE version_locks (
+    uid INTEGER NOT NULL,
+    session_id INTEGER NOT NULL REFERENCES sessions(id) ON DELETE CASCADE,
+    purpose TEXT NOT NULL,
+    PRIMARY KEY (uid, session_id)
+) WITHOUT ROWID;
+"#];
+
+/// Object states: present, or marked for deletion by a cleanup (a tombstone).
+pub const OBJECT_PRESENT: i64 = 0;
+pub const OBJECT_DELETING: i64 = 1;
+
+/// Most ids per SQL statement in batched lookups.
+const BATCH: usize = 400;
+
+pub fn now_ms() -> i64 {
+    Utc::now().timestamp_millis()
+}
+
+fn date_text(d: &DateTime<Utc>) -> String {
+    d.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+}
+
+fn placeholders(n: usize) -> String {
+    let mut s = String::with_capacity(n * 2);
+    for i in 0..n {
+        if i > 0 {
+            s.push(',');
+        }
+        s.push('?');
+    }
+    s
+}
+
+/// A process's identity on this host: pid, host name and kernel start time (so that a
+/// reused pid is not taken for the process that died).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProcessId {
+    pub pid: u32,
+    pub host: String,
+    pub start: u64,
+}
+
+impl ProcessId {
+    pub fn current() -> ProcessId {
+        let pid = std::process::id();
+        ProcessId {
+            pid,
+            host: hostname(),
+            start: proc_start_time(pid).unwrap_or(0),
+        }
+    }
+
+    /// Whether this process still runs. A process on another host counts as alive while
+    /// its heartbeat is recent (see [`Db::live_sessions`]).
+    pub fn alive_here(&self) -> bool {
+        proc_start_time(self.pid) == Some(self.start)
+    }
+}
+
+fn hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is valid for its length; gethostname NUL-terminates on success.
+    let r = unsafe { libc::gethostname(buf.as_mut_ptr() as *mut libc::c_char, buf.len()) };
+    if r != 0 {
+        return "localhost".into();
+    }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..end]).into_owned()
+}
+
+fn proc_start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Field 22 (starttime); the command name (field 2) may contain spaces, so count from ')'.
+    let after = &stat[stat.rfind(')')? + 2..];
+    after.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// A registered session (a process working on the repository).
+#[derive(Clone, Debug)]
+pub struct Session {
+    pub id: i64,
+    pub process: ProcessId,
+    pub started_ms: i64,
+    pub heartbeat_ms: i64,
+    pub purpose: String,
+    pub writes: bool,
+}
+
+/// Sessions on other hosts count as alive while their heartbeat is younger than this.
+const REMOTE_SESSION_TTL_MS: i64 = 10 * 60 * 1000;
+
+/// What a cleanup needs to know of one object row.
+pub struct ObjectRow {
+    pub id: BlockId,
+    pub stored_size: u64,
+    pub state: i64,
+    pub touched_ms: i64,
+}
+
+pub struct Db {
+    conn: Connection,
+}
+
+impl Db {
+    pub fn open(path: &Path) -> Result<Db> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| Error::io(format!("cannot create {}", dir.display()), e))?;
+        }
+        let conn = Connection::open(path).map_err(|e| {
+            Error::Other(format!(
+                "cannot open the metadata database {}: {e}",
+                path.display()
+            ))
+        })?;
+        conn.busy_timeout(Duration::from_secs(60))?;
+        // WAL lets readers (ls, a mount) run while a backup writes; FULL makes every
+        // commit durable, so "valid" in the database is never lost after it is printed.
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        let mut db = Db { conn };
+        db.migrate()?;
+        Ok(db)
+    }
+
+    fn migrate(&mut self) -> Result<()> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let current: usize =
+            tx.pragma_query_value(None, "user_version", |r| r.get::<_, i64>(0))? as usize;
+        if current > MIGRATIONS.len() {
+            return Err(Error::Other(format!(
+                "the metadata database has schema version {current}, newer than this keepfs knows ({}); upgrade keepfs",
+                MIGRATIONS.len()
+            )));
+        }
+        for sql in &MIGRATIONS[current..] {
+            tx.execute_batch(sql)?;
+        }
+        tx.pragma_update(None, "user_version", MIGRATIONS.len() as i64)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    pub fn schema_version(&self) -> Result<i64> {
+        Ok(self
+            .conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))?)
+    }
+
+    // ---- storages -------------------------------------------------------------------
+
+    /// The numeric id of a storage name, created on first use.
+    pub fn storage_id(&self, name: &str) -> Result<i64> {
+        self.conn
+            .execute("INSERT OR IGNORE INTO storages(name) VALUES (?1)", [name])?;
+        Ok(self
+            .conn
+            .query_row("SELECT id FROM storages WHERE name = ?1", [name], |r| {
+                r.get(0)
+            })?)
+    }
+
+    // ---- sessions -------------------------------------------------------------------
+
+    pub fn register_session(&self, purpose: &str, writes: bool) -> Result<i64> {
+        let p = ProcessId::current();
+        let now = now_ms();
+        self.conn.execute(
+            "INSERT INTO sessions(pid, host, proc_start, started_ms, heartbeat_ms, purpose, writes) VALUES (?1,?2,?3,?4,?4,?5,?6)",
+            params![p.pid, p.host, p.start as i64, now, purpose, writes],
+        )?;
+        Ok(self.conn.last_insert_rowid())
+    }
+
+    pub fn heartbeat(&self, session: i64) -> Result<()> {
+        self.conn.execute(
+            "UPDATE sessions SET heartbeat_ms = ?1 WHERE id = ?2",
+            params![now_ms(), session],
+        )?;
+        Ok(())
+    }
+
+    pub fn end_session(&self, session: i64) -> Result<()> {
+        self.conn
+            .execute("DELETE FROM sessions WHERE id = ?1", [session])?;
+        Ok(())
+    }
+
+    /// Sessions whose process still runs. Sessions of dead processes are removed here
+    /// (with their version locks), so a crash never leaves a repository locked.
+    pub fn live_sessions(&self) -> Result<Vec<Session>> {
+        let me = hostname();
+        let now = now_ms();
+        let all: Vec<Session> = {
+            let mut st = self.conn.prepare(
+                "SELECT id, pid, host, proc_start, started_ms, heartbeat_ms, purpose, writes FROM sessions",
+            )?;
+            st.query_map([], |r| {
+                Ok(Session {
+                    id: r.get(0)?,
+                    process: ProcessId {
+                        pid: r.get(1)?,
+                        host: r.get(2)?,
+                        start: r.get::<_, i64>(3)? as u64,
+                    },
+                    started_ms: r.get(4)?,
+                    heartbeat_ms: r.get(5)?,
+                    purpose: r.get(6)?,
+                    writes: r.get(7)?,
+                })
+            })?
+            .collect::<rusqlite::Result<_>>()?
+        };
+        let (live, dead): (Vec<Session>, Vec<Session>) = all.into_iter().partition(|s| {
+            if s.process.host == me {
+                s.process.alive_here()
+            } else {
+                now - s.heartbeat_ms < REMOTE_SESSION_TTL_MS
+            }
+        });
+        for s in dead {
+            self.conn
+                .execute("DELETE FROM sessions WHERE id = ?1", [s.id])?;
+        }
+        Ok(live)
+    }
+
+    /// Locks a version against removal for as long as `session` lives.
+    pub fn lock_version(&self, uid: VersionUid, session: i64, purpose: &str) -> Result<()> {
+        self.conn.execute(
+            "INSERT OR REPLACE INTO version_locks(uid, session_id, purpose) VALUES (?1, ?2, ?3)",
+            params![uid.0 as i64, session, purpose],
+        )?;
+        Ok(())
+    }
+
+    /// Live holders of locks on `uid`: (purpose, pid, host).
+    pub fn version_lock_holders(&self, uid: VersionUid) -> Result<Vec<(String, u32, String)>> {
+        let live: HashMap<i64, Session> = self
+            .live_sessions()?
+            .into_iter()
+            .map(|s| (s.id, s))
+            .collect();
+        let mut st = self
+            .conn
+            .prepare("SELECT session_id, purpose FROM version_locks WHERE uid = ?1")?;
+        let rows: Vec<(i64, String)> = st
+            .query_map([uid.0 as i64], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<rusqlite::Result<_>>()?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(sid, purpose)| {
+                live.get(&sid)
+                    .map(|s| (purpose, s.process.pid, s.process.host.clone()))
+            })
+            .collect())
+    }
+
+    // ---- versions -------------------------------------------------------------------
+
+    /// Creates an `incomplete` version owned by `session` and returns its uid.
+    #[allow(clippy::too_many_arguments)]
+    pub fn create_version(
+        &mut self,
+        name: &str,
+        snapshot: &str,
+        size: u64,
+        block_size: u32,
+        storage: &str,
+        labels: &BTreeMap<String, String>,
+        session: i64,
+    ) -> Result<VersionUid> {
+        let storage_id = self.storage_id(storage)?;
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        tx.execute(
+            "INSERT INTO versions(name, snapshot, date, size, block_size, status, storage_id, session_id) VALUES (?1,?2,?3,?4,?5,'incomplete',?6,?7)",
+            params![name, snapshot, date_text(&Utc::now()), size as i64, block_size, storage_id, session],
+        )?;
+        let uid = tx.last_insert_rowid();
+        for (k, v) in labels {
+            tx.execute(
+                "INSERT INTO labels(uid, name, value) VALUES (?1,?2,?3)",
+                params![uid, k, v],
+            )?;
+        }
+        tx.commit()?;
+        Ok(VersionUid(uid as u64))
+    }
+
+    /// Stores the index and statistics of a version and marks it valid, in one transaction.
+    pub fn commit_version(&mut self, uid: VersionUid, index: &[u8], stats: &Stats) -> Result<()> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        tx.execute(
+            "INSERT OR REPLACE INTO version_index(uid, data) VALUES (?1, ?2)",
+            params![uid.0 as i64, index],
+        )?;
+        tx.execute(
+            "UPDATE versions SET status='valid', session_id=NULL, bytes_read=?2, bytes_written=?3, bytes_stored=?4, bytes_deduplicated=?5, bytes_sparse=?6, duration_ms=?7 WHERE uid=?1",
+            params![
+                uid.0 as i64,
+                stats.bytes_read as i64,
+                stats.bytes_written as i64,
+                stats.bytes_stored as i64,
+                stats.bytes_deduplicated as i64,
+                stats.bytes_sparse as i64,
+                stats.duration_ms as i64
+            ],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    pub fn set_status(&self, uid: VersionUid, status: Status) -> Result<()> {
+        self.conn.execute(
+            "UPDATE versions SET status=?2 WHERE uid=?1",
+            params![uid.0 as i64, status.as_str()],
+        )?;
+        Ok(())
+    }
+
+    pub fn set_protected(&self, uid: VersionUid, protected: bool) -> Result<()> {
+        let n = self.conn.execute(
+            "UPDATE versions SET protected=?2 WHERE uid=?1",
+            params![uid.0 as i64, protected],
+        )?;
+        if n == 0 {
+            return Err(Error::VersionNotFound(uid.to_string()));
+        }
+        Ok(())
+    }
+
+    fn versions_where(&self, clause: &str, args: &[&dyn rusqlite::ToSql]) -> Result<Vec<Version>> {
+        let sql = format!(
+            "SELECT v.uid, v.date, v.name, v.snapshot, v.size, v.block_size, v.status, v.protected, s.name, \
+             v.bytes_read, v.bytes_written, v.bytes_stored, v.bytes_deduplicated, v.bytes_sparse, v.duration_ms \
+             FROM versions v JOIN storages s ON s.id = v.storage_id {clause} ORDER BY v.uid"
+        );
+        let mut st = self.conn.prepare(&sql)?;
+        let mut versions: Vec<Version> = st
+            .query_map(args, |r| {
+                let date: String = r.get(1)?;
+                let status: String = r.get(6)?;
+                Ok(Version {
+                    uid: VersionUid(r.get::<_, i64>(0)? as u64),
+                    date: DateTime::parse_from_rfc3339(&date)
+                        .map(|d| d.with_timezone(&Utc))
+                        .unwrap_or_default(),
+                    name: r.get(2)?,
+                    snapshot: r.get(3)?,
+                    size: r.get::<_, i64>(4)? as u64,
+                    block_size: r.get(5)?,
+                    status: Status::parse(&status).unwrap_or(Status::Invalid),
+                    protected: r.get(7)?,
+                    storage: r.get(8)?,
+                    labels: BTreeMap::new(),
+                    stats: Stats {
+                        bytes_read: r.get::<_, i64>(9)? as u64,
+                        bytes_written: r.get::<_, i64>(10)? as u64,
+                        bytes_stored: r.get::<_, i64>(11)? as u64,
+                        bytes_deduplicated: r.get::<_, i64>(12)? as u64,
+                        bytes_sparse: r.get::<_, i64>(13)? as u64,
+                        duration_ms: r.get::<_, i64>(14)? as u64,
+                    },
+                })
+            })?
+            .collect::<rusqlite::Result<_>>()?;
+        if versions.is_empty() {
+            return Ok(versions);
+        }
+        let pos: HashMap<u64, usize> = versions
+            .iter()
+            .enumerate()
+            .map(|(i, v)| (v.uid.0, i))
+            .collect();
+        let mut st = self.conn.prepare("SELECT uid, name, value FROM labels")?;
+        let mut rows = st.query([])?;
+        while let Some(r) = rows.next()? {
+            let uid = r.get::<_, i64>(0)? as u64;
+            if let Some(&i) = pos.get(&uid) {
+                versions[i].labels.insert(r.get(1)?, r.get(2)?);
+            }
+        }
+        Ok(versions)
+    }
+
+    pub fn list_versions(&self) -> Result<Vec<Version>> {
+        self.versions_where("", &[])
+    }
+
+    pub fn version(&self, uid: VersionUid) -> Result<Version> {
+        self.versions_where("WHERE v.uid = ?1", &[&(uid.0 as i64)])?
+            .pop()
+            .ok_or_else(|| Error::VersionNotFound(uid.to_string()))
+    }
+
+    /// The session that is writing an incomplete version, if any.
+    pub fn version_session(&self, uid: VersionUid) -> Result<Option<i64>> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT session_id FROM versions WHERE uid=?1",
+                [uid.0 as i64],
+                |r| r.get(0),
+            )
+            .optional()?
+            .flatten())
+    }
+
+    pub fn load_index(&self, uid: VersionUid) -> Result<Option<Vec<u8>>> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT data FROM version_index WHERE uid=?1",
+                [uid.0 as i64],
+                |r| r.get(0),
+            )
+            .optional()?)
+    }
+
+    /// Visits every stored index (for cleanup's mark phase), one at a time.
+    pub fn for_each_index(&self, mut f: impl FnMut(VersionUid, &[u8]) -> Result<()>) -> Result<()> {
+        let mut st = self.conn.prepare("SELECT uid, data FROM version_index")?;
+        let mut rows = st.query([])?;
+        while let Some(r) = rows.next()? {
+            let uid = VersionUid(r.get::<_, i64>(0)? as u64);
+            let data = r.get_ref(1)?.as_blob().map_err(rusqlite::Error::from)?;
+            f(uid, data)?;
+        }
+        Ok(())
+    }
+
+    pub fn remove_version(&mut self, uid: VersionUid) -> Result<()> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        tx.execute("DELETE FROM version_locks WHERE uid=?1", [uid.0 as i64])?;
+        tx.execute("DELETE FROM versions WHERE uid=?1", [uid.0 as i64])?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    // ---- objects --------------------------------------------------------------------
+
+    /// For a batch of ids: which are stored (present) and which carry a cleanup's
+    /// tombstone. Present ones are touched in the same transaction, so that a cleanup
+    /// running now cannot sweep them (see docs/format.md, "Cleanup").
+    pub fn lookup_and_touch(
+        &mut self,
+        storage_id: i64,
+        ids: &[BlockId],
+    ) -> Result<(HashSet<BlockId>, HashSet<BlockId>)> {
+        let mut present = HashSet::new();
+        let mut tombstoned = HashSet::new();
+        let now = now_ms();
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        for chunk in ids.chunks(BATCH) {
+            let ph = placeholders(chunk.len());
+            let mut args: Vec<&dyn rusqlite::ToSql> = vec![&storage_id];
+            let blobs: Vec<&[u8]> = chunk.iter().map(|id| &id.0[..]).collect();
+            for b in &blobs {
+                args.push(b);
+            }
+            {
+                let mut st = tx.prepare(&format!(
+                    "SELECT id, state FROM objects WHERE storage_id=? AND id IN ({ph})"
+                ))?;
+                let mut rows = st.query(args.as_slice())?;
+                while let Some(r) = rows.next()? {
+                    let Some(id) = BlockId::from_slice(
+                        r.get_ref(0)?.as_blob().map_err(rusqlite::Error::from)?,
+                    ) else {
+                        continue;
+                    };
+                    if r.get::<_, i64>(1)? == OBJECT_PRESENT {
+                        present.insert(id);
+                    } else {
+                        tombstoned.insert(id);
+                    }
+                }
+            }
+            let mut args2: Vec<&dyn rusqlite::ToSql> = vec![&now, &storage_id];
+            args2.extend(blobs.iter().map(|b| b as &dyn rusqlite::ToSql));
+            tx.execute(
+                &format!("UPDATE objects SET touched_ms=? WHERE storage_id=? AND state=0 AND id IN ({ph})"),
+                args2.as_slice(),
+            )?;
+        }
+        tx.commit()?;
+        Ok((present, tombstoned))
+    }
+
+    /// Records durably stored objects (id, stored size, plaintext size) as present.
+    pub fn insert_objects(
+        &mut self,
+        storage_id: i64,
+        objects: &[(BlockId, u64, u64)],
+    ) -> Result<()> {
+        let now = now_ms();
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        {
+            let mut st = tx.prepare_cached(
+                "INSERT INTO objects(storage_id, id, stored_size, plain_size, state, valid, touched_ms) VALUES (?1,?2,?3,?4,0,1,?5) \
+                 ON CONFLICT(storage_id, id) DO UPDATE SET state=0, valid=1, touched_ms=?5, stored_size=?3",
+            )?;
+            for (id, stored, plain) in objects {
+                st.execute(params![
+                    storage_id,
+                    &id.0[..],
+                    *stored as i64,
+                    *plain as i64,
+                    now
+                ])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Runs `f` inside an immediate (write-locked) transaction: nothing else writes to the
+    /// database meanwhile. Cleanup deletes files inside such a transaction, and a backup
+    /// re-writes a tombstoned object inside one, so the two never interleave.
+    pub fn with_write_lock<T>(
+        &mut self,
+        f: impl FnOnce(&rusqlite::Transaction) -> Result<T>,
+    ) -> Result<T> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let out = f(&tx)?;
+        tx.commit()?;
+        Ok(out)
+    }
+
+    pub fn mark_objects_invalid(&self, storage_id: i64, ids: &[BlockId]) -> Result<()> {
+        for id in ids {
+            self.conn.execute(
+                "UPDATE objects SET valid=0 WHERE storage_id=?1 AND id=?2",
+                params![storage_id, &id.0[..]],
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Visits every object row of a storage.
+    pub fn for_each_object(&self, storage_id: i64, mut f: impl FnMut(ObjectRow)) -> Result<()> {
+        let mut st = self.conn.prepare(
+            "SELECT id, stored_size, state, touched_ms FROM objects WHERE storage_id=?1",
+        )?;
+        let mut rows = st.query([storage_id])?;
+        while let Some(r) = rows.next()? {
+            let Some(id) =
+                BlockId::from_slice(r.get_ref(0)?.as_blob().map_err(rusqlite::Error::from)?)
+            else {
+                continue;
+            };
+            f(ObjectRow {
+                id,
+                stored_size: r.get::<_, i64>(1)? as u64,
+                state: r.get(2)?,
+                touched_ms: r.get(3)?,
+            });
+        }
+        Ok(())
+    }
+
+    /// (count, stored bytes) of the objects a storage holds.
+    pub fn object_totals(&self, storage_id: i64) -> Result<(u64, u64)> {
+        Ok(self.conn.query_row(
+            "SELECT COUNT(*), COALESCE(SUM(stored_size),0) FROM objects WHERE storage_id=?1 AND state=0",
+            [storage_id],
+            |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)),
+        )?)
+    }
+
+    pub fn storage_names(&self) -> Result<Vec<(i64, String)>> {
+        let mut st = self
+            .conn
+            .prepare("SELECT id, name FROM storages ORDER BY id")?;
+        Ok(st
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<rusqlite::Result<_>>()?)
+    }
+}

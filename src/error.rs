@@ -1,0 +1,81 @@
+//! The engine's error type, and the one place where errors become exit codes.
+
+use crate::block::ObjectError;
+use crate::index::IndexError;
+use crate::storage::StorageError;
+use std::io;
+
+/// Exit codes of the `keepfs` command (documented in README.md).
+pub mod exit {
+    /// Success.
+    pub const OK: i32 = 0;
+    /// Something failed (I/O, storage, database); the message says what.
+    pub const FAILURE: i32 = 1;
+    /// The command line or its input is wrong (bad URL, unknown uid, malformed filter).
+    pub const USAGE: i32 = 2;
+    /// Damaged data was found (a restore wrote zeros for unreadable blocks, a scrub failed).
+    pub const DATA_DAMAGED: i32 = 3;
+    /// keepfs refused to act (would overwrite, protected, too young, in use) without --force.
+    pub const REFUSED: i32 = 4;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Bad input from the user: a URL, a name, a filter, a block size.
+    #[error("{0}")]
+    Invalid(String),
+    #[error("version {0} does not exist (`keepfs ls` lists the versions)")]
+    VersionNotFound(String),
+    /// A policy said no; the message says how to override it.
+    #[error("{0}")]
+    Refused(String),
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error("metadata database: {0}")]
+    Database(#[from] rusqlite::Error),
+    #[error("{context}: {source}")]
+    Object {
+        context: String,
+        #[source]
+        source: ObjectError,
+    },
+    #[error("{context}: {source}")]
+    Index {
+        context: String,
+        #[source]
+        source: IndexError,
+    },
+    #[error("configuration: {0}")]
+    Config(String),
+    /// The work finished but found damaged data; the message lists what.
+    #[error("{0}")]
+    Damaged(String),
+    #[error("{0}")]
+    Other(String),
+}
+
+impl Error {
+    pub fn io(context: impl Into<String>, source: io::Error) -> Error {
+        Error::Io {
+            context: context.into(),
+            source,
+        }
+    }
+
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Error::Invalid(_) | Error::VersionNotFound(_) | Error::Config(_) => exit::USAGE,
+            Error::Refused(_) => exit::REFUSED,
+            Error::Damaged(_) => exit::DATA_DAMAGED,
+            _ => exit::FAILURE,
+        }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

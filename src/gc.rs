@@ -1,0 +1,196 @@
+//! Cleanup: deleting objects that no version references. Safe while backups run, by
+//! construction (docs/format.md, "Cleanup"): mark every id that a committed index names;
+//! sweep only unmarked objects last touched before the cutoff, which is the start of the
+//! oldest live writing session (or now). A backup touches every object it deduplicates
+//! against in the same transaction in which it finds it, so nothing it relies on is older
+//! than its own start. Deletion goes through a tombstone state so a crash mid-sweep never
+//! leaves a row that names a deleted file.
+
+use crate::block::BlockId;
+use crate::db::{OBJECT_DELETING, OBJECT_PRESENT, now_ms};
+use crate::error::{Error, Result};
+use crate::index::BlockIndex;
+use crate::repo::Repository;
+use crate::storage::retry;
+use std::collections::HashSet;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// What a cleanup of one storage would delete.
+#[derive(Clone, Debug)]
+pub struct CleanupPlan {
+    pub storage: String,
+    pub cutoff_ms: i64,
+    /// Objects with a row that no version references: (id, stored bytes).
+    pub objects: Vec<(BlockId, u64)>,
+    /// Object files the database does not know (left by interrupted backups).
+    pub orphans: Vec<(String, u64)>,
+    /// Unreferenced objects kept because a running backup may still use them.
+    pub kept_recent: u64,
+    pub referenced: u64,
+}
+
+impl CleanupPlan {
+    pub fn bytes(&self) -> u64 {
+        self.objects.iter().map(|o| o.1).sum::<u64>()
+            + self.orphans.iter().map(|o| o.1).sum::<u64>()
+    }
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct CleanupReport {
+    pub objects_deleted: u64,
+    pub orphans_deleted: u64,
+    pub bytes_freed: u64,
+    pub temporaries_deleted: u64,
+}
+
+const SWEEP_BATCH: usize = 256;
+
+impl Repository {
+    /// The cutoff below which unreferenced objects may go: the start of the oldest live
+    /// writing session, or now.
+    fn cleanup_cutoff(&self) -> Result<i64> {
+        let now = now_ms();
+        let live = self.db().live_sessions()?;
+        Ok(live
+            .iter()
+            .filter(|s| s.writes)
+            .map(|s| s.started_ms)
+            .min()
+            .unwrap_or(now)
+            .min(now))
+    }
+
+    pub fn plan_cleanup(&self, storage: &str) -> Result<CleanupPlan> {
+        let st = self.storage(storage)?;
+        let cutoff_ms = self.cleanup_cutoff()?;
+        let db = self.db();
+        let storage_id = db.storage_id(storage)?;
+        let storage_ids: std::collections::HashMap<String, i64> = db
+            .storage_names()?
+            .into_iter()
+            .map(|(id, n)| (n, id))
+            .collect();
+        let versions = db.list_versions()?;
+        let in_this: HashSet<u64> = versions
+            .iter()
+            .filter(|v| storage_ids.get(&v.storage) == Some(&storage_id))
+            .map(|v| v.uid.0)
+            .collect();
+        let mut marked: HashSet<BlockId> = HashSet::new();
+        db.for_each_index(|uid, bytes| {
+            if in_this.contains(&uid.0) {
+                let idx = BlockIndex::decode(bytes).map_err(|e| Error::Index {
+                    context: format!("block index of {uid}"),
+                    source: e,
+                })?;
+                marked.extend(idx.entries.into_iter().filter(|e| !e.is_sparse()));
+            }
+            Ok(())
+        })?;
+        let mut plan = CleanupPlan {
+            storage: storage.to_string(),
+            cutoff_ms,
+            objects: Vec::new(),
+            orphans: Vec::new(),
+            kept_recent: 0,
+            referenced: marked.len() as u64,
+        };
+        let mut known: HashSet<BlockId> = HashSet::new();
+        db.for_each_object(storage_id, |row| {
+            known.insert(row.id);
+            if marked.contains(&row.id) {
+                return;
+            }
+            if row.state == OBJECT_DELETING || row.touched_ms < cutoff_ms {
+                plan.objects.push((row.id, row.stored_size));
+            } else {
+                plan.kept_recent += 1;
+            }
+        })?;
+        drop(db);
+        let cutoff_time = UNIX_EPOCH + Duration::from_millis(cutoff_ms.max(0) as u64);
+        for e in st.list("blocks/")? {
+            if let Some(id) = BlockId::from_storage_key(&e.key)
+                && !known.contains(&id)
+                && !marked.contains(&id)
+                && e.modified < cutoff_time
+            {
+                plan.orphans.push((e.key, e.size));
+            }
+        }
+        Ok(plan)
+    }
+
+    /// Carries out a plan. Every deletion is checked again against the database at the
+    /// moment it happens, so a plan that has aged only ever deletes less.
+    pub fn apply_cleanup(&self, plan: &CleanupPlan) -> Result<CleanupReport> {
+        let storage = self.storage(&plan.storage)?;
+        let mut report = CleanupReport::default();
+        let sid = self.storage_id(&plan.storage)?;
+        let cutoff = plan.cutoff_ms;
+        for chunk in plan.objects.chunks(SWEEP_BATCH) {
+            // 1. Tombstone the rows that are still untouched since the cutoff (committed
+            //    before any file goes, so a crash leaves tombstones, not dangling rows).
+            self.db().with_write_lock(|tx| {
+                let mut st = tx.prepare_cached(
+                    "UPDATE objects SET state=?1 WHERE storage_id=?2 AND id=?3 AND (state=?1 OR (state=?4 AND touched_ms < ?5))",
+                )?;
+                for (id, _) in chunk {
+                    st.execute(rusqlite::params![OBJECT_DELETING, sid, &id.0[..], OBJECT_PRESENT, cutoff])?;
+                }
+                Ok(())
+            })?;
+            // 2. With the write lock held (no backup can revive a tombstone meanwhile),
+            //    delete the files of rows that are still tombstones, then the rows.
+            let (n, bytes) = self.db().with_write_lock(|tx| {
+                let mut check = tx.prepare_cached(
+                    "SELECT stored_size FROM objects WHERE storage_id=?1 AND id=?2 AND state=?3",
+                )?;
+                let mut del =
+                    tx.prepare_cached("DELETE FROM objects WHERE storage_id=?1 AND id=?2")?;
+                let (mut n, mut bytes) = (0u64, 0u64);
+                for (id, _) in chunk {
+                    let size: Option<i64> = check
+                        .query_row(rusqlite::params![sid, &id.0[..], OBJECT_DELETING], |r| {
+                            r.get(0)
+                        })
+                        .ok();
+                    if let Some(size) = size {
+                        retry(4, || storage.delete(&id.storage_key()))?;
+                        del.execute(rusqlite::params![sid, &id.0[..]])?;
+                        n += 1;
+                        bytes += size as u64;
+                    }
+                }
+                Ok((n, bytes))
+            })?;
+            report.objects_deleted += n;
+            report.bytes_freed += bytes;
+        }
+        for chunk in plan.orphans.chunks(SWEEP_BATCH) {
+            let (n, bytes) = self.db().with_write_lock(|tx| {
+                let mut known =
+                    tx.prepare_cached("SELECT 1 FROM objects WHERE storage_id=?1 AND id=?2")?;
+                let (mut n, mut bytes) = (0u64, 0u64);
+                for (key, size) in chunk {
+                    let Some(id) = BlockId::from_storage_key(key) else {
+                        continue;
+                    };
+                    if known.exists(rusqlite::params![sid, &id.0[..]])? {
+                        continue;
+                    }
+                    retry(4, || storage.delete(key))?;
+                    n += 1;
+                    bytes += size;
+                }
+                Ok((n, bytes))
+            })?;
+            report.orphans_deleted += n;
+            report.bytes_freed += bytes;
+        }
+        let cutoff_time = UNIX_EPOCH + Duration::from_millis(cutoff.max(0) as u64);
+        report.temporaries_deleted = storage.purge_temporary(cutoff_time.min(SystemTime::now()))?;
+        Ok(report)
+    }
+}

@@ -1,0 +1,24 @@
+//! keepfs: block-level, deduplicating backup of disk images and block devices.
+//!
+//! The engine is this library; the `keepfs` command and the FUSE filesystem are thin
+//! faces over [`repo::Repository`].
+
+pub mod backup;
+pub mod block;
+pub mod config;
+pub mod db;
+pub mod error;
+pub mod filter;
+pub mod gc;
+pub mod index;
+pub mod progress;
+pub mod repo;
+pub mod restore;
+pub mod source;
+pub mod storage;
+pub mod transform;
+pub mod units;
+pub mod version;
+
+pub use error::{Error, Result};
+pub use repo::Repository;

@@ -1,0 +1,464 @@
+//! The `keepfs` command: parses arguments, calls the engine, prints results. Errors become
+//! one line on stderr and an exit code (see `keepfs::error::exit`).
+
+use clap::{Parser, Subcommand, ValueEnum};
+use keepfs::Repository;
+use keepfs::backup::BackupOptions;
+use keepfs::config::Config;
+use keepfs::error::{Error, Result, exit};
+use keepfs::filter::Filter;
+use keepfs::progress::Progress;
+use keepfs::restore::RestoreOptions;
+use keepfs::source::Url;
+use keepfs::units::{check_block_size, format_size, parse_size};
+use keepfs::version::{Version, VersionUid, parse_label};
+use std::collections::BTreeMap;
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+#[derive(Parser)]
+#[command(
+    name = "keepfs",
+    version,
+    about = "Block-level deduplicating backups of disk images and block devices"
+)]
+struct Cli {
+    /// Configuration file (default: $KEEPFS_CONFIG, then /etc/keepfs/keepfs.toml, else the
+    /// embedded default repository under $KEEPFS_HOME or ~/.local/share/keepfs)
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Format {
+    Table,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Back up an image (file:///path or null://SIZE) as a new version of NAME
+    Backup {
+        source: String,
+        name: String,
+        /// Snapshot name to record with the version
+        #[arg(short, long, default_value = "")]
+        snapshot: String,
+        /// Label k=v (or k for an empty value); repeatable
+        #[arg(short, long = "label", value_name = "K=V")]
+        labels: Vec<String>,
+        /// Block size, a power of two from 4k to 32M (default from the config, 4M)
+        #[arg(short = 'b', long)]
+        block_size: Option<String>,
+        /// Storage to write to (default: default_storage)
+        #[arg(short = 'S', long)]
+        storage: Option<String>,
+    },
+    /// Restore a version to a file or block device (file:///path)
+    Restore {
+        uid: String,
+        target: String,
+        /// Overwrite an existing target
+        #[arg(long)]
+        force: bool,
+        /// Skip zero blocks (holes in files; a device must already be zeroed)
+        #[arg(long)]
+        sparse: bool,
+    },
+    /// List versions, optionally filtered: 'name == "db" and labels["env"] == "prod"'
+    Ls {
+        filter: Option<String>,
+        #[arg(long, value_enum, default_value = "table")]
+        format: Format,
+    },
+    /// Remove versions (their blocks are freed by `cleanup`)
+    Rm {
+        #[arg(required = true)]
+        uids: Vec<String>,
+        /// Remove even protected versions and versions younger than rm_min_age_days
+        #[arg(long)]
+        force: bool,
+        /// Print what would be removed, remove nothing
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Protect versions from removal
+    Protect {
+        #[arg(required = true)]
+        uids: Vec<String>,
+    },
+    /// Allow versions to be removed again
+    Unprotect {
+        #[arg(required = true)]
+        uids: Vec<String>,
+    },
+    /// Delete stored objects that no version references
+    Cleanup {
+        /// Print what would be deleted, delete nothing
+        #[arg(long)]
+        dry_run: bool,
+        /// Only this storage (default: every configured storage)
+        #[arg(short = 'S', long)]
+        storage: Option<String>,
+    },
+}
+
+/// Progress on stderr: a bar on a terminal, a line every 10 s otherwise, and the
+/// percentage in the process title (`ps -o comm`, top) either way.
+struct CliProgress {
+    bar: Option<indicatif::ProgressBar>,
+    total: AtomicU64,
+    done: AtomicU64,
+    started: parking_lot::Mutex<(Instant, Instant, String)>,
+}
+
+impl CliProgress {
+    fn new() -> CliProgress {
+        CliProgress {
+            bar: None,
+            total: AtomicU64::new(0),
+            done: AtomicU64::new(0),
+            started: parking_lot::Mutex::new((Instant::now(), Instant::now(), String::new())),
+        }
+    }
+}
+
+fn set_process_title(title: &str) {
+    let mut name = [0u8; 16];
+    let b = title.as_bytes();
+    let n = b.len().min(15);
+    name[..n].copy_from_slice(&b[..n]);
+    // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes.
+    unsafe {
+        libc::prctl(libc::PR_SET_NAME, name.as_ptr() as libc::c_ulong, 0, 0, 0);
+    }
+}
+
+impl Progress for CliProgress {
+    fn begin(&self, what: &str, total: u64) {
+        self.total.store(total, Ordering::Relaxed);
+        self.done.store(0, Ordering::Relaxed);
+        *self.started.lock() = (Instant::now(), Instant::now(), what.to_string());
+        if let Some(bar) = &self.bar {
+            bar.set_length(total);
+            bar.set_position(0);
+            bar.set_message(what.to_string());
+        }
+    }
+    fn advance(&self, bytes: u64) {
+        let done = self.done.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        let total = self.total.load(Ordering::Relaxed).max(1);
+        if let Some(bar) = &self.bar {
+            bar.inc(bytes);
+        }
+        let mut s = self.started.lock();
+        if s.1.elapsed().as_millis() >= 1000 || done >= total {
+            let pct = done * 100 / total;
+            set_process_title(&format!("keepfs {pct}%"));
+            if self.bar.is_none() && (s.1.elapsed().as_secs() >= 10) {
+                let secs = s.0.elapsed().as_secs_f64().max(0.001);
+                eprintln!(
+                    "{}: {pct}% ({} of {}, {:.0} MB/s)",
+                    s.2,
+                    format_size(done),
+                    format_size(total),
+                    done as f64 / secs / 1e6
+                );
+                s.1 = Instant::now();
+            } else if self.bar.is_some() {
+                s.1 = Instant::now();
+            }
+        }
+    }
+    fn warn(&self, msg: &str) {
+        match &self.bar {
+            Some(bar) => bar.println(format!("keepfs: warning: {msg}")),
+            None => eprintln!("keepfs: warning: {msg}"),
+        }
+    }
+    fn end(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+        set_process_title("keepfs");
+    }
+}
+
+fn progress() -> CliProgress {
+    let mut p = CliProgress::new();
+    if std::io::stderr().is_terminal() {
+        let bar = indicatif::ProgressBar::new(0);
+        if let Ok(style) = indicatif::ProgressStyle::with_template(
+            "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}",
+        ) {
+            bar.set_style(style.progress_chars("=> "));
+        }
+        p.bar = Some(bar);
+    }
+    p
+}
+
+fn parse_uids(uids: &[String]) -> Result<Vec<VersionUid>> {
+    uids.iter().map(|u| VersionUid::parse(u)).collect()
+}
+
+fn labels_text(v: &Version) -> String {
+    v.labels
+        .iter()
+        .map(|(k, val)| {
+            if val.is_empty() {
+                k.clone()
+            } else {
+                format!("{k}={val}")
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn print_table(versions: &[Version]) {
+    let header = [
+        "uid",
+        "date",
+        "name",
+        "snapshot",
+        "size",
+        "block_size",
+        "status",
+        "protected",
+        "storage",
+        "labels",
+    ];
+    let rows: Vec<[String; 10]> = versions
+        .iter()
+        .map(|v| {
+            [
+                v.uid.to_string(),
+                v.date.format("%Y-%m-%d %H:%M:%S").to_string(),
+                v.name.clone(),
+                v.snapshot.clone(),
+                v.size.to_string(),
+                v.block_size.to_string(),
+                v.status.as_str().to_string(),
+                if v.protected { "yes" } else { "no" }.to_string(),
+                v.storage.clone(),
+                labels_text(v),
+            ]
+        })
+        .collect();
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in &rows {
+        for (w, c) in widths.iter_mut().zip(r.iter()) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let parts: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        println!("{}", parts.join("  ").trim_end());
+    };
+    line(header.to_vec());
+    for r in &rows {
+        line(r.iter().map(|s| s.as_str()).collect());
+    }
+}
+
+fn run(cli: Cli) -> Result<i32> {
+    let config = Config::discover(cli.config.as_deref())?;
+    let repo = Repository::open(config)?;
+    match cli.command {
+        Command::Backup {
+            source,
+            name,
+            snapshot,
+            labels,
+            block_size,
+            storage,
+        } => {
+            let url = Url::parse(&source).map_err(Error::Invalid)?;
+            let block_size = match block_size {
+                Some(b) => Some(
+                    check_block_size(parse_size(&b).map_err(Error::Invalid)?)
+                        .map_err(Error::Invalid)?,
+                ),
+                None => None,
+            };
+            let mut label_map = BTreeMap::new();
+            for l in &labels {
+                let (k, v) = parse_label(l)?;
+                label_map.insert(k, v);
+            }
+            let opts = BackupOptions {
+                name,
+                snapshot,
+                labels: label_map,
+                block_size,
+                storage,
+            };
+            let p = progress();
+            let v = repo.backup(&url, &opts, &p)?;
+            let s = &v.stats;
+            let secs = (s.duration_ms as f64 / 1000.0).max(0.001);
+            eprintln!(
+                "backed up {} as {}: {} read in {secs:.2}s ({:.0} MB/s), {} new ({} stored), {} deduplicated, {} sparse",
+                url,
+                v.uid,
+                format_size(s.bytes_read),
+                s.bytes_read as f64 / secs / 1e6,
+                format_size(s.bytes_written),
+                format_size(s.bytes_stored),
+                format_size(s.bytes_deduplicated),
+                format_size(s.bytes_sparse)
+            );
+            println!("{}", v.uid);
+            Ok(exit::OK)
+        }
+        Command::Restore {
+            uid,
+            target,
+            force,
+            sparse,
+        } => {
+            let uid = VersionUid::parse(&uid)?;
+            let url = Url::parse(&target).map_err(Error::Invalid)?;
+            let p = progress();
+            let started = Instant::now();
+            let report = repo.restore(uid, &url, &RestoreOptions { force, sparse }, &p)?;
+            let secs = started.elapsed().as_secs_f64().max(0.001);
+            if report.bad_blocks.is_empty() {
+                eprintln!(
+                    "restored {uid} to {url}: {} in {secs:.2}s ({:.0} MB/s)",
+                    format_size(report.bytes),
+                    report.bytes as f64 / secs / 1e6
+                );
+                Ok(exit::OK)
+            } else {
+                for b in &report.bad_blocks {
+                    eprintln!(
+                        "keepfs: damaged: block {} (bytes {}..{}) object {}: {}",
+                        b.index,
+                        b.offset,
+                        b.offset + b.len,
+                        b.object,
+                        b.reason
+                    );
+                }
+                eprintln!(
+                    "keepfs: error: restored {uid} to {url} with {} damaged block(s) written as zeros; {uid} is now marked invalid",
+                    report.bad_blocks.len()
+                );
+                Ok(exit::DATA_DAMAGED)
+            }
+        }
+        Command::Ls { filter, format } => {
+            let filter = filter.as_deref().map(Filter::parse).transpose()?;
+            let versions = repo.list(filter.as_ref())?;
+            match format {
+                Format::Table => print_table(&versions),
+                Format::Json => println!(
+                    "{}",
+                    serde_json::to_string_pretty(&versions)
+                        .map_err(|e| Error::Other(format!("cannot write JSON: {e}")))?
+                ),
+            }
+            Ok(exit::OK)
+        }
+        Command::Rm {
+            uids,
+            force,
+            dry_run,
+        } => {
+            let uids = parse_uids(&uids)?;
+            let plan = repo.plan_remove(&uids, force)?;
+            for v in &plan {
+                println!(
+                    "{} {} {} ({}, {})",
+                    if dry_run { "would remove" } else { "removing" },
+                    v.uid,
+                    v.name,
+                    v.date.format("%Y-%m-%d %H:%M:%S"),
+                    format_size(v.size)
+                );
+            }
+            if !dry_run {
+                repo.apply_remove(&plan)?;
+                eprintln!(
+                    "removed {} version(s); run `keepfs cleanup` to free their blocks",
+                    plan.len()
+                );
+            }
+            Ok(exit::OK)
+        }
+        Command::Protect { uids } => {
+            for uid in parse_uids(&uids)? {
+                repo.set_protected(uid, true)?;
+            }
+            Ok(exit::OK)
+        }
+        Command::Unprotect { uids } => {
+            for uid in parse_uids(&uids)? {
+                repo.set_protected(uid, false)?;
+            }
+            Ok(exit::OK)
+        }
+        Command::Cleanup { dry_run, storage } => {
+            let names: Vec<String> = match storage {
+                Some(s) => vec![s],
+                None => repo
+                    .config
+                    .storages
+                    .iter()
+                    .map(|s| s.name.clone())
+                    .collect(),
+            };
+            for name in names {
+                let plan = repo.plan_cleanup(&name)?;
+                let verb = if dry_run { "would delete" } else { "deleting" };
+                println!(
+                    "storage {name}: {verb} {} unreferenced object(s) and {} orphaned file(s), {}; {} referenced, {} kept (newer than the oldest running backup)",
+                    plan.objects.len(),
+                    plan.orphans.len(),
+                    format_size(plan.bytes()),
+                    plan.referenced,
+                    plan.kept_recent
+                );
+                if dry_run {
+                    for (id, size) in &plan.objects {
+                        println!("  object {id} ({size} bytes)");
+                    }
+                    for (key, size) in &plan.orphans {
+                        println!("  orphan {key} ({size} bytes)");
+                    }
+                } else {
+                    let r = repo.apply_cleanup(&plan)?;
+                    println!(
+                        "storage {name}: deleted {} object(s) and {} orphaned file(s), freed {}",
+                        r.objects_deleted,
+                        r.orphans_deleted,
+                        format_size(r.bytes_freed)
+                    );
+                }
+            }
+            Ok(exit::OK)
+        }
+    }
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let code = match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("keepfs: error: {e}");
+            e.exit_code()
+        }
+    };
+    std::process::exit(code);
+}

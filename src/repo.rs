@@ -1,0 +1,252 @@
+//! A repository: the metadata database and the storages, opened from a configuration.
+//! This is the engine's front door; the CLI and the FUSE filesystem only talk to it.
+
+use crate::block::{ObjectKind, decode_object, encode_object};
+use crate::config::{Config, StorageKind};
+use crate::db::Db;
+use crate::error::{Error, Result};
+use crate::filter::Filter;
+use crate::index::BlockIndex;
+use crate::storage::{SharedStorage, file::FileStorage, null::NullStorage};
+use crate::version::{Status, Version, VersionUid};
+use chrono::Utc;
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+pub struct Repository {
+    pub config: Config,
+    pub(crate) db: Arc<Mutex<Db>>,
+    storages: HashMap<String, SharedStorage>,
+}
+
+/// The storage key of a version's metadata object.
+pub fn version_key(uid: VersionUid) -> String {
+    format!("versions/{uid}")
+}
+
+const VERSION_OBJECT_MAGIC: [u8; 8] = *b"KEEPFSVM";
+const VERSION_OBJECT_FORMAT: u16 = 1;
+
+/// Builds the storage object that makes a version restorable from the storage alone: its
+/// fields and labels (JSON) followed by its block index. Layout in docs/format.md.
+pub fn encode_version_object(version: &Version, index: &BlockIndex) -> Result<Vec<u8>> {
+    let json = serde_json::to_vec(version)
+        .map_err(|e| Error::Other(format!("cannot encode version metadata: {e}")))?;
+    let index_bytes = index.encode();
+    let mut plain = Vec::with_capacity(16 + json.len() + index_bytes.len());
+    plain.extend_from_slice(&VERSION_OBJECT_MAGIC);
+    plain.extend_from_slice(&VERSION_OBJECT_FORMAT.to_le_bytes());
+    plain.extend_from_slice(&0u16.to_le_bytes());
+    plain.extend_from_slice(&(json.len() as u32).to_le_bytes());
+    plain.extend_from_slice(&json);
+    plain.extend_from_slice(&index_bytes);
+    let id = crate::block::BlockId::of(&plain);
+    Ok(encode_object(ObjectKind::Version, &id.0, &plain, 3))
+}
+
+/// Reads a version object back (the inverse of [`encode_version_object`]).
+pub fn decode_version_object(bytes: &[u8]) -> Result<(Version, BlockIndex)> {
+    let ctx = |m: &str| Error::Other(format!("version object: {m}"));
+    let (header, plain) = decode_object(bytes, ObjectKind::Version).map_err(|e| Error::Object {
+        context: "version object".into(),
+        source: e,
+    })?;
+    if crate::block::BlockId::of(&plain).0 != header.id {
+        return Err(ctx("content does not match its checksum"));
+    }
+    if plain.len() < 16 || plain[0..8] != VERSION_OBJECT_MAGIC {
+        return Err(ctx("bad magic number"));
+    }
+    let fmt = u16::from_le_bytes([plain[8], plain[9]]);
+    if fmt != VERSION_OBJECT_FORMAT {
+        return Err(ctx(&format!("format version {fmt} is not supported")));
+    }
+    let json_len = u32::from_le_bytes([plain[12], plain[13], plain[14], plain[15]]) as usize;
+    let json = plain
+        .get(16..16 + json_len)
+        .ok_or_else(|| ctx("truncated metadata"))?;
+    let version: Version =
+        serde_json::from_slice(json).map_err(|e| ctx(&format!("bad metadata: {e}")))?;
+    let index = BlockIndex::decode(&plain[16 + json_len..]).map_err(|e| Error::Index {
+        context: format!("index of {}", version.uid),
+        source: e,
+    })?;
+    Ok((version, index))
+}
+
+impl Repository {
+    /// Opens the repository a configuration describes, creating what is missing.
+    pub fn open(config: Config) -> Result<Repository> {
+        std::fs::create_dir_all(&config.home).map_err(|e| {
+            Error::io(
+                format!("cannot create the keepfs home {}", config.home.display()),
+                e,
+            )
+        })?;
+        let db = Db::open(&config.database)?;
+        let mut storages: HashMap<String, SharedStorage> = HashMap::new();
+        for s in &config.storages {
+            let st: SharedStorage = match &s.kind {
+                StorageKind::File { path } => Arc::new(FileStorage::open(&s.name, path)?),
+                StorageKind::Null => Arc::new(NullStorage::new(&s.name)),
+            };
+            storages.insert(s.name.clone(), st);
+        }
+        Ok(Repository {
+            config,
+            db: Arc::new(Mutex::new(db)),
+            storages,
+        })
+    }
+
+    /// Replaces a storage by a decorated one (fault injection in tests, caching).
+    pub fn wrap_storage(
+        &mut self,
+        name: &str,
+        f: impl FnOnce(SharedStorage) -> SharedStorage,
+    ) -> Result<()> {
+        let s = self.storage(name)?;
+        self.storages.insert(name.to_string(), f(s));
+        Ok(())
+    }
+
+    pub fn storage(&self, name: &str) -> Result<SharedStorage> {
+        self.storages.get(name).cloned().ok_or_else(|| {
+            let mut names: Vec<&str> = self.storages.keys().map(|s| s.as_str()).collect();
+            names.sort();
+            Error::Invalid(format!(
+                "no storage named '{name}' is configured (configured: {}); check the configuration",
+                names.join(", ")
+            ))
+        })
+    }
+
+    pub fn storage_id(&self, name: &str) -> Result<i64> {
+        self.db.lock().storage_id(name)
+    }
+
+    /// All versions, oldest first, that match `filter`.
+    pub fn list(&self, filter: Option<&Filter>) -> Result<Vec<Version>> {
+        let all = self.db.lock().list_versions()?;
+        Ok(all
+            .into_iter()
+            .filter(|v| filter.is_none_or(|f| f.matches(v)))
+            .collect())
+    }
+
+    pub fn version(&self, uid: VersionUid) -> Result<Version> {
+        self.db.lock().version(uid)
+    }
+
+    /// The block index of a committed version.
+    pub fn index(&self, uid: VersionUid) -> Result<BlockIndex> {
+        let v = self.version(uid)?;
+        let bytes = self.db.lock().load_index(uid)?.ok_or_else(|| {
+            Error::Invalid(format!(
+                "version {uid} is {} and has no block index (its backup did not finish); remove it with `keepfs rm {uid}`",
+                v.status.as_str()
+            ))
+        })?;
+        BlockIndex::decode(&bytes).map_err(|e| Error::Index {
+            context: format!("block index of {uid}"),
+            source: e,
+        })
+    }
+
+    pub fn set_protected(&self, uid: VersionUid, protected: bool) -> Result<()> {
+        self.db.lock().set_protected(uid, protected)
+    }
+
+    pub fn set_status(&self, uid: VersionUid, status: Status) -> Result<()> {
+        self.db.lock().set_status(uid, status)
+    }
+
+    /// Decides what `rm` would do; refuses protected, too young or busy versions.
+    pub fn plan_remove(&self, uids: &[VersionUid], force: bool) -> Result<Vec<Version>> {
+        let mut plan = Vec::new();
+        let min_age =
+            chrono::Duration::milliseconds((self.config.rm_min_age_days * 86_400_000.0) as i64);
+        for &uid in uids {
+            let v = self.version(uid)?;
+            let db = self.db.lock();
+            if let Some(holder) = db.version_lock_holders(uid)?.first() {
+                return Err(Error::Refused(format!(
+                    "version {uid} is in use ({} by pid {} on {}); try again when it is done",
+                    holder.0, holder.1, holder.2
+                )));
+            }
+            if v.status == Status::Incomplete
+                && let Some(sid) = db.version_session(uid)?
+                && db.live_sessions()?.iter().any(|s| s.id == sid)
+            {
+                return Err(Error::Refused(format!(
+                    "version {uid} is being backed up right now; wait for it to finish"
+                )));
+            }
+            drop(db);
+            if v.protected && !force {
+                return Err(Error::Refused(format!(
+                    "version {uid} is protected; run `keepfs unprotect {uid}` first (or pass --force)"
+                )));
+            }
+            let age = Utc::now() - v.date;
+            if age < min_age && v.status != Status::Incomplete && !force {
+                return Err(Error::Refused(format!(
+                    "version {uid} is younger than {} days (rm_min_age_days); pass --force to remove it anyway",
+                    self.config.rm_min_age_days
+                )));
+            }
+            plan.push(v);
+        }
+        Ok(plan)
+    }
+
+    /// Removes the versions of a plan: first their metadata object in storage, then their
+    /// rows. Their blocks stay until `cleanup`.
+    pub fn apply_remove(&self, plan: &[Version]) -> Result<()> {
+        for v in plan {
+            self.storage(&v.storage)?.delete(&version_key(v.uid))?;
+            self.db.lock().remove_version(v.uid)?;
+        }
+        Ok(())
+    }
+
+    /// Registers this process as working on the repository (see docs/format.md, "Sessions").
+    pub fn session(&self, purpose: &str, writes: bool) -> Result<SessionGuard> {
+        let id = self.db.lock().register_session(purpose, writes)?;
+        Ok(SessionGuard {
+            db: self.db.clone(),
+            id,
+        })
+    }
+
+    pub(crate) fn db(&self) -> parking_lot::MutexGuard<'_, Db> {
+        self.db.lock()
+    }
+
+    /// (objects, stored bytes) of a storage.
+    pub fn storage_totals(&self, name: &str) -> Result<(u64, u64)> {
+        let db = self.db.lock();
+        let id = db.storage_id(name)?;
+        db.object_totals(id)
+    }
+}
+
+/// A registered session; ends (and releases its version locks) when dropped.
+pub struct SessionGuard {
+    db: Arc<Mutex<Db>>,
+    pub id: i64,
+}
+
+impl SessionGuard {
+    pub fn lock_version(&self, uid: VersionUid, purpose: &str) -> Result<()> {
+        self.db.lock().lock_version(uid, self.id, purpose)
+    }
+}
+
+impl Drop for SessionGuard {
+    fn drop(&mut self) {
+        let _ = self.db.lock().end_session(self.id);
+    }
+}

@@ -1,0 +1,121 @@
+//! A decorator that injects faults into another storage, for the failures a real storage
+//! cannot be made to show on demand: fail the next N writes or reads, truncate reads,
+//! flip a byte, slow every call down.
+
+use super::{ListEntry, Storage, StorageError, StorageResult};
+use parking_lot::Mutex;
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Default)]
+struct Faults {
+    fail_puts: u32,
+    fail_gets: u32,
+    truncate_gets: u32,
+    corrupt_gets: u32,
+    delay: Duration,
+}
+
+pub struct FaultyStorage {
+    inner: Arc<dyn Storage>,
+    faults: Mutex<Faults>,
+}
+
+impl FaultyStorage {
+    pub fn new(inner: Arc<dyn Storage>) -> FaultyStorage {
+        FaultyStorage {
+            inner,
+            faults: Mutex::new(Faults::default()),
+        }
+    }
+    /// The next `n` puts fail (transiently).
+    pub fn fail_next_puts(&self, n: u32) {
+        self.faults.lock().fail_puts = n;
+    }
+    /// The next `n` gets fail (transiently).
+    pub fn fail_next_gets(&self, n: u32) {
+        self.faults.lock().fail_gets = n;
+    }
+    /// The next `n` gets return only the first half of the object.
+    pub fn truncate_next_gets(&self, n: u32) {
+        self.faults.lock().truncate_gets = n;
+    }
+    /// The next `n` gets return the object with its last byte flipped.
+    pub fn corrupt_next_gets(&self, n: u32) {
+        self.faults.lock().corrupt_gets = n;
+    }
+    /// Every call sleeps this long first.
+    pub fn set_delay(&self, d: Duration) {
+        self.faults.lock().delay = d;
+    }
+    fn take(counter: &mut u32) -> bool {
+        if *counter > 0 {
+            *counter -= 1;
+            true
+        } else {
+            false
+        }
+    }
+    fn pause(&self) {
+        let d = self.faults.lock().delay;
+        if !d.is_zero() {
+            std::thread::sleep(d);
+        }
+    }
+}
+
+impl Storage for FaultyStorage {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+    fn put(&self, key: &str, data: &[u8]) -> StorageResult<()> {
+        self.pause();
+        if Self::take(&mut self.faults.lock().fail_puts) {
+            return Err(StorageError::Injected {
+                storage: self.name().to_string(),
+                op: "put",
+                key: key.to_string(),
+            });
+        }
+        self.inner.put(key, data)
+    }
+    fn get(&self, key: &str) -> StorageResult<Vec<u8>> {
+        self.pause();
+        let mut f = self.faults.lock();
+        if Self::take(&mut f.fail_gets) {
+            return Err(StorageError::Injected {
+                storage: self.name().to_string(),
+                op: "get",
+                key: key.to_string(),
+            });
+        }
+        let truncate = Self::take(&mut f.truncate_gets);
+        let corrupt = Self::take(&mut f.corrupt_gets);
+        drop(f);
+        let mut data = self.inner.get(key)?;
+        if truncate {
+            data.truncate(data.len() / 2);
+        }
+        if corrupt && let Some(last) = data.last_mut() {
+            *last ^= 0x01;
+        }
+        Ok(data)
+    }
+    fn exists(&self, key: &str) -> StorageResult<bool> {
+        self.pause();
+        self.inner.exists(key)
+    }
+    fn delete(&self, key: &str) -> StorageResult<()> {
+        self.pause();
+        self.inner.delete(key)
+    }
+    fn list(&self, prefix: &str) -> StorageResult<Vec<ListEntry>> {
+        self.inner.list(prefix)
+    }
+    fn sync(&self) -> StorageResult<()> {
+        self.inner.sync()
+    }
+    fn purge_temporary(&self, older_than: std::time::SystemTime) -> StorageResult<u64> {
+        self.inner.purge_temporary(older_than)
+    }
+}

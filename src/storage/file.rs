@@ -1,0 +1,275 @@
+//! A storage in a local directory. Objects are written to `tmp/` under a unique name,
+//! fsynced, renamed into place; the directories that received new names are fsynced in
+//! one batch by `sync()`, before any version references the objects.
+
+use super::{ListEntry, Storage, StorageError, StorageResult};
+use parking_lot::Mutex;
+use std::collections::HashSet;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::SystemTime;
+
+pub struct FileStorage {
+    name: String,
+    root: PathBuf,
+    tmp: PathBuf,
+    /// Directories that got new entries since the last `sync()`.
+    dirty_dirs: Mutex<HashSet<PathBuf>>,
+    counter: AtomicU64,
+}
+
+impl FileStorage {
+    /// Opens (creating when missing) a file storage rooted at `root`.
+    pub fn open(name: &str, root: &Path) -> StorageResult<FileStorage> {
+        let tmp = root.join("tmp");
+        fs::create_dir_all(&tmp).map_err(|e| StorageError::Io {
+            storage: name.to_string(),
+            op: "create directory",
+            key: tmp.display().to_string(),
+            source: e,
+        })?;
+        Ok(FileStorage {
+            name: name.to_string(),
+            root: root.to_path_buf(),
+            tmp,
+            dirty_dirs: Mutex::new(HashSet::new()),
+            counter: AtomicU64::new(0),
+        })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn path_of(&self, key: &str) -> StorageResult<PathBuf> {
+        let bad = key.is_empty()
+            || key.starts_with('/')
+            || key
+                .split('/')
+                .any(|c| c.is_empty() || c == "." || c == "..")
+            || key.starts_with("tmp/");
+        if bad {
+            return Err(self.err(
+                "use key",
+                key,
+                io::Error::new(io::ErrorKind::InvalidInput, "invalid key"),
+            ));
+        }
+        Ok(self.root.join(key))
+    }
+
+    fn err(&self, op: &'static str, key: &str, source: io::Error) -> StorageError {
+        StorageError::Io {
+            storage: self.name.clone(),
+            op,
+            key: key.to_string(),
+            source,
+        }
+    }
+
+    fn write_temp(&self, key: &str, data: &[u8]) -> StorageResult<PathBuf> {
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        let tmp = self.tmp.join(format!(
+            "{}.{}.{}",
+            std::process::id(),
+            n,
+            key.replace('/', "_")
+        ));
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+            .map_err(|e| self.err("create temporary file for", key, e))?;
+        let r = f.write_all(data).and_then(|_| f.sync_data());
+        if let Err(e) = r {
+            let _ = fs::remove_file(&tmp);
+            return Err(self.err("write", key, e));
+        }
+        Ok(tmp)
+    }
+}
+
+fn fsync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+impl Storage for FileStorage {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn put(&self, key: &str, data: &[u8]) -> StorageResult<()> {
+        let path = self.path_of(key)?;
+        let tmp = self.write_temp(key, data)?;
+        let dir = path.parent().unwrap_or(&self.root).to_path_buf();
+        let renamed = fs::rename(&tmp, &path).or_else(|e| {
+            if e.kind() == io::ErrorKind::NotFound {
+                fs::create_dir_all(&dir)?;
+                // New directories must reach the disk too: remember every new level.
+                let mut dirty = self.dirty_dirs.lock();
+                let mut d = dir.as_path();
+                while let Some(parent) = d.parent() {
+                    dirty.insert(parent.to_path_buf());
+                    if parent == self.root {
+                        break;
+                    }
+                    d = parent;
+                }
+                drop(dirty);
+                fs::rename(&tmp, &path)
+            } else {
+                Err(e)
+            }
+        });
+        if let Err(e) = renamed {
+            let _ = fs::remove_file(&tmp);
+            return Err(self.err("rename into place", key, e));
+        }
+        self.dirty_dirs.lock().insert(dir);
+        Ok(())
+    }
+
+    fn get(&self, key: &str) -> StorageResult<Vec<u8>> {
+        let path = self.path_of(key)?;
+        fs::read(&path).map_err(|e| {
+            if e.kind() == io::ErrorKind::NotFound {
+                StorageError::NotFound {
+                    storage: self.name.clone(),
+                    key: key.to_string(),
+                }
+            } else {
+                self.err("read", key, e)
+            }
+        })
+    }
+
+    fn exists(&self, key: &str) -> StorageResult<bool> {
+        let path = self.path_of(key)?;
+        match fs::metadata(&path) {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(self.err("stat", key, e)),
+        }
+    }
+
+    fn delete(&self, key: &str) -> StorageResult<()> {
+        let path = self.path_of(key)?;
+        match fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(self.err("delete", key, e)),
+        }
+    }
+
+    fn list(&self, prefix: &str) -> StorageResult<Vec<ListEntry>> {
+        // Walk only the top-level directory the prefix names, then filter by prefix.
+        let top = prefix.split('/').next().unwrap_or("");
+        let start = if top.is_empty() {
+            self.root.clone()
+        } else {
+            self.root.join(top)
+        };
+        let mut out = Vec::new();
+        let mut stack = vec![start];
+        while let Some(dir) = stack.pop() {
+            let rd = match fs::read_dir(&dir) {
+                Ok(rd) => rd,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(self.err("list", &dir.display().to_string(), e)),
+            };
+            for entry in rd {
+                let entry = entry.map_err(|e| self.err("list", &dir.display().to_string(), e))?;
+                let path = entry.path();
+                let meta = entry
+                    .metadata()
+                    .map_err(|e| self.err("stat", &path.display().to_string(), e))?;
+                if path == self.tmp {
+                    continue;
+                }
+                if meta.is_dir() {
+                    stack.push(path);
+                    continue;
+                }
+                let Ok(rel) = path.strip_prefix(&self.root) else {
+                    continue;
+                };
+                let key = rel.to_string_lossy().into_owned();
+                if key.starts_with(prefix) {
+                    out.push(ListEntry {
+                        key,
+                        size: meta.len(),
+                        modified: meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+                    });
+                }
+            }
+        }
+        out.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(out)
+    }
+
+    fn sync(&self) -> StorageResult<()> {
+        let dirs: Vec<PathBuf> = self.dirty_dirs.lock().drain().collect();
+        for d in &dirs {
+            if let Err(e) = fsync_dir(d) {
+                // Put them back: the next sync must try again.
+                self.dirty_dirs.lock().extend(dirs.iter().cloned());
+                return Err(self.err("fsync directory", &d.display().to_string(), e));
+            }
+        }
+        Ok(())
+    }
+
+    fn purge_temporary(&self, older_than: SystemTime) -> StorageResult<u64> {
+        let mut n = 0;
+        let rd = fs::read_dir(&self.tmp).map_err(|e| self.err("list", "tmp", e))?;
+        for entry in rd.flatten() {
+            let old = entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .map(|m| m < older_than)
+                .unwrap_or(false);
+            if old && fs::remove_file(entry.path()).is_ok() {
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn put_get_list_delete() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = FileStorage::open("t", dir.path()).unwrap();
+        s.put("blocks/aa/bb/x1", b"one").unwrap();
+        s.put("blocks/aa/cc/x2", b"two").unwrap();
+        s.put("versions/V0000000001", b"v").unwrap();
+        s.sync().unwrap();
+        assert_eq!(s.get("blocks/aa/bb/x1").unwrap(), b"one");
+        assert!(s.exists("blocks/aa/cc/x2").unwrap());
+        let keys: Vec<String> = s
+            .list("blocks/")
+            .unwrap()
+            .into_iter()
+            .map(|e| e.key)
+            .collect();
+        assert_eq!(keys, vec!["blocks/aa/bb/x1", "blocks/aa/cc/x2"]);
+        s.delete("blocks/aa/bb/x1").unwrap();
+        s.delete("blocks/aa/bb/x1").unwrap();
+        assert!(matches!(
+            s.get("blocks/aa/bb/x1"),
+            Err(StorageError::NotFound { .. })
+        ));
+        assert!(s.put("../escape", b"x").is_err());
+        assert_eq!(
+            fs::read_dir(dir.path().join("tmp")).unwrap().count(),
+            0,
+            "no temporary files left"
+        );
+    }
+}

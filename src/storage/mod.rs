@@ -1,0 +1,105 @@
+//! Where objects live. A storage is a small trait (put / get / exists / delete / list /
+//! sync) over string keys, so that file, null and S3 storages and decorators (fault
+//! injection in tests; caching and throttling later) are interchangeable.
+
+pub mod fault;
+pub mod file;
+pub mod null;
+
+use std::io;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+/// Errors of one storage. Messages name the storage and the key.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("object {key} is missing from storage '{storage}'")]
+    NotFound { storage: String, key: String },
+    #[error("storage '{storage}': cannot {op} {key}: {source}")]
+    Io {
+        storage: String,
+        op: &'static str,
+        key: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("storage '{storage}' discards data (kind null); it has nothing to read back")]
+    Discarding { storage: String },
+    #[error("storage '{storage}': injected fault on {op} {key}")]
+    Injected {
+        storage: String,
+        op: &'static str,
+        key: String,
+    },
+}
+
+impl StorageError {
+    /// Whether retrying the same call may succeed (a timeout, a dropped connection, an
+    /// injected fault). A missing object or a discarding storage is final.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            StorageError::NotFound { .. } | StorageError::Discarding { .. } => false,
+            StorageError::Injected { .. } => true,
+            StorageError::Io { source, .. } => matches!(
+                source.kind(),
+                io::ErrorKind::Interrupted
+                    | io::ErrorKind::TimedOut
+                    | io::ErrorKind::WouldBlock
+                    | io::ErrorKind::ConnectionReset
+                    | io::ErrorKind::ConnectionAborted
+            ),
+        }
+    }
+}
+
+pub type StorageResult<T> = Result<T, StorageError>;
+
+/// One object found by [`Storage::list`].
+#[derive(Clone, Debug)]
+pub struct ListEntry {
+    pub key: String,
+    pub size: u64,
+    /// When the object was last written; cleanup never sweeps an unknown object younger
+    /// than its cutoff.
+    pub modified: SystemTime,
+}
+
+pub trait Storage: Send + Sync {
+    /// The configured name of this storage.
+    fn name(&self) -> &str;
+    /// Stores `data` under `key`, replacing any object there. An object never appears
+    /// half-written under its final key.
+    fn put(&self, key: &str, data: &[u8]) -> StorageResult<()>;
+    fn get(&self, key: &str) -> StorageResult<Vec<u8>>;
+    fn exists(&self, key: &str) -> StorageResult<bool>;
+    /// Deletes `key`; deleting a missing object is not an error.
+    fn delete(&self, key: &str) -> StorageResult<()>;
+    /// Every object whose key starts with `prefix`.
+    fn list(&self, prefix: &str) -> StorageResult<Vec<ListEntry>>;
+    /// Makes every `put` that has returned durable (directory fsyncs for a file storage).
+    /// A version is committed only after this returns.
+    fn sync(&self) -> StorageResult<()>;
+    /// Removes leftovers of interrupted writes older than `older_than`.
+    fn purge_temporary(&self, _older_than: SystemTime) -> StorageResult<u64> {
+        Ok(0)
+    }
+}
+
+pub type SharedStorage = Arc<dyn Storage>;
+
+/// Calls `f` until it succeeds, fails for good, or `attempts` transient failures have
+/// happened, sleeping a little longer after each.
+pub fn retry<T>(attempts: u32, mut f: impl FnMut() -> StorageResult<T>) -> StorageResult<T> {
+    let mut delay = std::time::Duration::from_millis(50);
+    let mut n = 1;
+    loop {
+        match f() {
+            Err(e) if e.is_transient() && n < attempts => {
+                std::thread::sleep(delay);
+                delay = (delay * 2).min(std::time::Duration::from_secs(5));
+                n += 1;
+            }
+            other => return other,
+        }
+    }
+}

@@ -1,0 +1,42 @@
+//! A storage that throws everything away (as backy2's null backend): for throughput and
+//! memory tests of the rest of the engine. Reads fail with a clear error.
+
+use super::{ListEntry, Storage, StorageError, StorageResult};
+
+pub struct NullStorage {
+    name: String,
+}
+
+impl NullStorage {
+    pub fn new(name: &str) -> NullStorage {
+        NullStorage {
+            name: name.to_string(),
+        }
+    }
+}
+
+impl Storage for NullStorage {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn put(&self, _key: &str, _data: &[u8]) -> StorageResult<()> {
+        Ok(())
+    }
+    fn get(&self, _key: &str) -> StorageResult<Vec<u8>> {
+        Err(StorageError::Discarding {
+            storage: self.name.clone(),
+        })
+    }
+    fn exists(&self, _key: &str) -> StorageResult<bool> {
+        Ok(false)
+    }
+    fn delete(&self, _key: &str) -> StorageResult<()> {
+        Ok(())
+    }
+    fn list(&self, _prefix: &str) -> StorageResult<Vec<ListEntry>> {
+        Ok(Vec::new())
+    }
+    fn sync(&self) -> StorageResult<()> {
+        Ok(())
+    }
+}

@@ -1,0 +1,188 @@
+//! Versions: one backup of one image, with its fields, labels and statistics.
+
+use crate::error::{Error, Result};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fmt;
+
+/// A version uid: `V` followed by 10 digits, increasing, never reused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(into = "String", try_from = "String")]
+pub struct VersionUid(pub u64);
+
+impl VersionUid {
+    pub fn parse(s: &str) -> Result<VersionUid> {
+        let digits = s
+            .strip_prefix('V')
+            .or_else(|| s.strip_prefix('v'))
+            .unwrap_or(s);
+        if digits.is_empty() || digits.len() > 10 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(Error::Invalid(format!(
+                "'{s}' is not a version uid (they look like V0000000001)"
+            )));
+        }
+        digits
+            .parse::<u64>()
+            .ok()
+            .filter(|n| *n > 0)
+            .map(VersionUid)
+            .ok_or_else(|| {
+                Error::Invalid(format!(
+                    "'{s}' is not a version uid (they look like V0000000001)"
+                ))
+            })
+    }
+}
+
+impl fmt::Display for VersionUid {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "V{:010}", self.0)
+    }
+}
+
+impl From<VersionUid> for String {
+    fn from(u: VersionUid) -> String {
+        u.to_string()
+    }
+}
+
+impl TryFrom<String> for VersionUid {
+    type Error = String;
+    fn try_from(s: String) -> std::result::Result<Self, String> {
+        VersionUid::parse(&s).map_err(|e| e.to_string())
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    /// Being written, or its writer died; never restorable as complete.
+    Incomplete,
+    Valid,
+    /// Some block is known to be damaged; still restorable, with zeros for that block.
+    Invalid,
+}
+
+impl Status {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Status::Incomplete => "incomplete",
+            Status::Valid => "valid",
+            Status::Invalid => "invalid",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Status> {
+        match s {
+            "incomplete" => Some(Status::Incomplete),
+            "valid" => Some(Status::Valid),
+            "invalid" => Some(Status::Invalid),
+            _ => None,
+        }
+    }
+}
+
+/// What a backup did, in bytes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stats {
+    /// Bytes read from the source.
+    pub bytes_read: u64,
+    /// Bytes of new blocks (plaintext) that were written to storage.
+    pub bytes_written: u64,
+    /// Bytes the stored objects of new blocks take (after compression).
+    pub bytes_stored: u64,
+    /// Bytes of blocks that were already stored.
+    pub bytes_deduplicated: u64,
+    /// Bytes of all-zero blocks.
+    pub bytes_sparse: u64,
+    pub duration_ms: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Version {
+    pub uid: VersionUid,
+    pub date: DateTime<Utc>,
+    pub name: String,
+    pub snapshot: String,
+    pub size: u64,
+    pub block_size: u32,
+    pub status: Status,
+    pub protected: bool,
+    pub storage: String,
+    pub labels: BTreeMap<String, String>,
+    pub stats: Stats,
+}
+
+/// Checks a backup name: not empty, no control characters, at most 255 bytes.
+pub fn check_name(name: &str) -> Result<()> {
+    if name.is_empty()
+        || name.len() > 255
+        || name.chars().any(|c| c.is_control())
+        || name.contains('/')
+    {
+        return Err(Error::Invalid(format!(
+            "'{}' is not a usable backup name: use 1 to 255 printable characters without '/'",
+            name.escape_debug()
+        )));
+    }
+    Ok(())
+}
+
+/// Checks a label name: letters, digits and `_ . - /`, 1 to 255 bytes.
+pub fn check_label_name(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 255
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_.-/".contains(c));
+    if !ok {
+        return Err(Error::Invalid(format!(
+            "'{}' is not a label name: use letters, digits and _ . - /",
+            name.escape_debug()
+        )));
+    }
+    Ok(())
+}
+
+/// Parses `k=v` (or a bare `k`, meaning an empty value) into a label.
+pub fn parse_label(s: &str) -> Result<(String, String)> {
+    let (k, v) = s.split_once('=').unwrap_or((s, ""));
+    check_label_name(k)?;
+    if v.chars().any(|c| c.is_control()) {
+        return Err(Error::Invalid(format!(
+            "label '{k}': the value contains control characters"
+        )));
+    }
+    Ok((k.to_string(), v.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uids() {
+        assert_eq!(VersionUid(42).to_string(), "V0000000042");
+        assert_eq!(VersionUid::parse("V0000000042").unwrap(), VersionUid(42));
+        assert_eq!(VersionUid::parse("42").unwrap(), VersionUid(42));
+        assert!(VersionUid::parse("V").is_err());
+        assert!(VersionUid::parse("V0").is_err());
+        assert!(VersionUid::parse("Vabc").is_err());
+        assert!(VersionUid::parse("V00000000001").is_err());
+    }
+
+    #[test]
+    fn labels_and_names() {
+        assert_eq!(
+            parse_label("env=prod").unwrap(),
+            ("env".into(), "prod".into())
+        );
+        assert_eq!(parse_label("tier").unwrap(), ("tier".into(), "".into()));
+        assert_eq!(parse_label("a=b=c").unwrap(), ("a".into(), "b=c".into()));
+        assert!(parse_label("=x").is_err());
+        assert!(parse_label("sp ace=x").is_err());
+        assert!(check_name("db").is_ok());
+        assert!(check_name("").is_err());
+        assert!(check_name("a/b").is_err());
+    }
+}

@@ -214,7 +214,7 @@ impl Config {
         c.storage_writers = threads("storage_writers", f.storage_writers, c.storage_writers)?;
         c.storage_readers = threads("storage_readers", f.storage_readers, c.storage_readers)?;
         if let Some(d) = f.rm_min_age_days {
-            if !(d >= 0.0) {
+            if d.is_nan() || d < 0.0 {
                 return Err(bad("rm_min_age_days must be 0 or more".to_string()));
             }
             c.rm_min_age_days = d;

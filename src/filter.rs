@@ -278,6 +278,12 @@ impl Parser<'_> {
                     self.pos += 1;
                     Operand::Label(k)
                 }
+                uid if uid.len() > 1
+                    && uid.starts_with(['V', 'v'])
+                    && uid[1..].bytes().all(|b| b.is_ascii_digit()) =>
+                {
+                    Operand::Str(uid.to_string())
+                }
                 "and" | "or" | "not" => {
                     return Err(err(
                         self.src,

@@ -134,6 +134,24 @@ fn device_size(f: &File) -> io::Result<u64> {
     f.seek(SeekFrom::End(0))
 }
 
+/// Fetches and verifies one block. Bytes that fail to decode are fetched again (a
+/// truncated transfer is transient; a damaged object fails every time).
+pub(crate) fn fetch_block(
+    storage: &dyn crate::storage::Storage,
+    id: &BlockId,
+) -> std::result::Result<Vec<u8>, String> {
+    let mut last = String::new();
+    for _ in 0..2 {
+        let bytes =
+            retry(FETCH_ATTEMPTS, || storage.get(&id.storage_key())).map_err(|e| e.to_string())?;
+        match decode_block(&bytes, id) {
+            Ok(b) => return Ok(b),
+            Err(e) => last = e.to_string(),
+        }
+    }
+    Err(last)
+}
+
 impl Repository {
     /// Restores version `uid` to `url`.
     pub fn restore(
@@ -181,9 +199,7 @@ impl Repository {
                 let (job_rx, res_tx, storage) = (job_rx.clone(), res_tx.clone(), storage.clone());
                 s.spawn(move || {
                     for (idx, id) in job_rx {
-                        let r = retry(FETCH_ATTEMPTS, || storage.get(&id.storage_key()))
-                            .map_err(|e| e.to_string())
-                            .and_then(|bytes| decode_block(&bytes, &id).map_err(|e| e.to_string()));
+                        let r = fetch_block(storage.as_ref(), &id);
                         if res_tx.send((idx, id, r)).is_err() {
                             return;
                         }

@@ -1,0 +1,397 @@
+//! The core CLI as a user meets it: back up, list, restore, compare sha256, remove,
+//! clean up, and the one-line errors for every kind of mistake.
+
+mod common;
+use common::*;
+use std::fs;
+
+const BS: usize = 64 * 1024;
+
+#[test]
+fn images_of_every_shape_restore_byte_identical() {
+    let repo = Repo::new();
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("mixed-with-short-tail", mixed_image(1, 23, BS, 1234)),
+        ("exact-blocks", mixed_image(2, 10, BS, 0)),
+        ("smaller-than-a-block", random_bytes(3, 777)),
+        ("all-zero", vec![0u8; 5 * BS + 17]),
+        ("empty", Vec::new()),
+    ];
+    for (name, data) in &cases {
+        fs::write(repo.path(name), data).unwrap();
+        let uid = repo.backup(name, name, &["-b", "64k"]);
+        assert!(uid.starts_with('V') && uid.len() == 11, "uid {uid}");
+        let v = repo.version(&uid);
+        assert_eq!(v["size"], data.len() as u64);
+        assert_eq!(v["status"], "valid");
+        assert_eq!(
+            repo.restore_sha(&uid, "out"),
+            sha256_file(&repo.path(name)),
+            "{name}"
+        );
+    }
+    // The default block size (4M) with a size that is not a multiple of it.
+    let big = mixed_image(4, 3, 4 << 20, 99_999);
+    fs::write(repo.path("big"), &big).unwrap();
+    let uid = repo.backup("big", "big", &[]);
+    assert_eq!(repo.version(&uid)["block_size"], 4 << 20);
+    assert_eq!(
+        repo.restore_sha(&uid, "out"),
+        sha256_file(&repo.path("big"))
+    );
+}
+
+#[test]
+fn zero_blocks_are_never_stored_and_sparse_restore_leaves_holes() {
+    let repo = Repo::new();
+    let mut img = vec![0u8; 40 * BS];
+    img[20 * BS..21 * BS].copy_from_slice(&random_bytes(9, BS));
+    fs::write(repo.path("img"), &img).unwrap();
+    let uid = repo.backup("img", "sparse", &["-b", "64k"]);
+    assert_eq!(
+        repo.block_objects(),
+        1,
+        "only the one non-zero block is stored"
+    );
+    let v = repo.version(&uid);
+    assert_eq!(v["stats"]["bytes_sparse"], 39 * BS as u64);
+    let out = repo.url("sparse-out");
+    repo.ok(&["restore", "--sparse", &uid, &out]);
+    assert_eq!(
+        sha256_file(&repo.path("sparse-out")),
+        sha256_file(&repo.path("img"))
+    );
+    let meta = fs::metadata(repo.path("sparse-out")).unwrap();
+    use std::os::unix::fs::MetadataExt;
+    assert!(
+        meta.blocks() * 512 < 4 * BS as u64,
+        "sparse restore allocated {} bytes",
+        meta.blocks() * 512
+    );
+}
+
+#[test]
+fn deduplication_across_versions_and_names() {
+    let repo = Repo::new();
+    let img = mixed_image(5, 40, BS, 0);
+    fs::write(repo.path("img"), &img).unwrap();
+    let v1 = repo.backup("img", "db", &["-b", "64k"]);
+    let objects = repo.block_objects();
+    assert!(objects > 0);
+
+    // The same image again, under another name: not one new object.
+    let v2 = repo.backup("img", "other-name", &["-b", "64k"]);
+    assert_eq!(repo.block_objects(), objects);
+    let s = &repo.version(&v2)["stats"];
+    assert_eq!(s["bytes_written"], 0, "{s}");
+    assert_eq!(
+        s["bytes_deduplicated"].as_u64().unwrap() + s["bytes_sparse"].as_u64().unwrap(),
+        img.len() as u64
+    );
+
+    // A copy with two blocks changed stores exactly two new objects.
+    let mut changed = img.clone();
+    changed[3 * BS + 10] ^= 0xff;
+    changed[33 * BS + 99] ^= 0xff;
+    fs::write(repo.path("changed"), &changed).unwrap();
+    let v3 = repo.backup("changed", "db", &["-b", "64k"]);
+    assert_eq!(repo.block_objects(), objects + 2);
+    assert_eq!(repo.version(&v3)["stats"]["bytes_written"], 2 * BS as u64);
+
+    assert_eq!(repo.restore_sha(&v1, "o1"), sha256_file(&repo.path("img")));
+    assert_eq!(
+        repo.restore_sha(&v3, "o3"),
+        sha256_file(&repo.path("changed"))
+    );
+}
+
+#[test]
+fn rm_and_cleanup_free_exactly_the_unreferenced_objects() {
+    let repo = Repo::new();
+    let a = mixed_image(6, 20, BS, 0);
+    let mut b = a.clone();
+    // b shares everything with a except four random blocks.
+    for i in [3usize, 4, 8, 9] {
+        b[i * BS..(i + 1) * BS].copy_from_slice(&random_bytes(600 + i as u64, BS));
+    }
+    fs::write(repo.path("a"), &a).unwrap();
+    fs::write(repo.path("b"), &b).unwrap();
+    let va = repo.backup("a", "vm", &["-b", "64k"]);
+    let after_a = repo.block_objects();
+    let vb = repo.backup("b", "vm", &["-b", "64k"]);
+    assert_eq!(repo.block_objects(), after_a + 4);
+
+    // The blocks only `a` has: 3, 4, 8, 9 (all distinct random blocks of a).
+    let only_a = 4;
+    let dry = repo.ok(&["rm", "--dry-run", "--force", &va]);
+    assert!(dry.contains(&format!("would remove {va}")), "{dry}");
+    assert_eq!(
+        repo.ls_json(None).as_array().unwrap().len(),
+        2,
+        "dry run removes nothing"
+    );
+    repo.ok(&["rm", "--force", &va]);
+    assert!(
+        !repo.storage().join("versions").join(&va).exists(),
+        "version object removed"
+    );
+
+    let plan = repo.ok(&["cleanup", "--dry-run"]);
+    assert!(
+        plan.contains(&format!("would delete {only_a} unreferenced object(s)")),
+        "{plan}"
+    );
+    assert_eq!(repo.block_objects(), after_a + 4, "dry run deletes nothing");
+    let done = repo.ok(&["cleanup"]);
+    assert!(
+        done.contains(&format!("deleted {only_a} object(s)")),
+        "{done}"
+    );
+    assert_eq!(repo.block_objects(), after_a + 4 - only_a);
+    assert_eq!(repo.restore_sha(&vb, "ob"), sha256_file(&repo.path("b")));
+    // Nothing more to do.
+    assert!(repo.ok(&["cleanup"]).contains("deleted 0 object(s)"));
+}
+
+#[test]
+fn protection_and_minimum_age() {
+    let repo = Repo::new();
+    fs::write(repo.path("img"), random_bytes(7, 3 * BS)).unwrap();
+    let uid = repo.backup("img", "p", &["-b", "64k"]);
+    let r = repo.run(&["rm", &uid]);
+    assert_eq!(r.code, 4, "too young: {}", r.stderr);
+    assert!(
+        r.error_line().contains("younger than 6 days"),
+        "{}",
+        r.stderr
+    );
+    repo.ok(&["protect", &uid]);
+    assert_eq!(repo.version(&uid)["protected"], true);
+    let r = repo.run(&["rm", &uid]);
+    assert_eq!(r.code, 4);
+    assert!(r.error_line().contains("is protected"), "{}", r.stderr);
+    repo.ok(&["unprotect", &uid]);
+    assert_eq!(repo.version(&uid)["protected"], false);
+    repo.ok(&["rm", "--force", &uid]);
+    assert_eq!(repo.ls_json(None).as_array().unwrap().len(), 0);
+}
+
+#[test]
+fn ls_filters_and_labels() {
+    let repo = Repo::new();
+    fs::write(repo.path("img"), random_bytes(8, BS)).unwrap();
+    let a = repo.backup(
+        "img",
+        "db",
+        &["-b", "64k", "-l", "env=prod", "-l", "tier", "-s", "snap1"],
+    );
+    let b = repo.backup("img", "db", &["-b", "64k", "-l", "env=test"]);
+    let c = repo.backup("img", "web", &["-b", "64k"]);
+    let uids = |f: &str| -> Vec<String> {
+        repo.ls_json(Some(f))
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v["uid"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(
+        uids(r#"name == "db" and labels["env"] == "prod""#),
+        vec![a.clone()]
+    );
+    assert_eq!(uids(r#"name == "db""#), vec![a.clone(), b.clone()]);
+    assert_eq!(
+        uids(r#"not name == "db" or snapshot == "snap1""#),
+        vec![a.clone(), c.clone()]
+    );
+    assert_eq!(
+        uids(&format!("uid > {a} and uid <= {c}")),
+        vec![b.clone(), c.clone()]
+    );
+    assert_eq!(uids(r#"labels["tier"] == """#), vec![a.clone()]);
+    assert_eq!(
+        uids(r#"date >= "2000-01-01" and status == "valid" and size == 64k"#).len(),
+        3
+    );
+    let v = repo.version(&a);
+    assert_eq!(v["labels"]["env"], "prod");
+    assert_eq!(v["labels"]["tier"], "");
+    assert_eq!(v["snapshot"], "snap1");
+    let table = repo.ok(&["ls"]);
+    assert!(table.lines().next().unwrap().starts_with("uid"), "{table}");
+    assert_eq!(table.lines().count(), 4);
+    assert!(table.contains("env=prod,tier"));
+}
+
+#[test]
+fn user_mistakes_give_one_line_errors() {
+    let repo = Repo::new();
+    fs::write(repo.path("img"), random_bytes(10, BS)).unwrap();
+    let uid = repo.backup("img", "x", &["-b", "64k"]);
+    let existing = repo.url("img");
+    let missing = repo.url("nope");
+    let cases: Vec<(Vec<&str>, i32, &str)> = vec![
+        (vec!["restore", &uid, &existing], 4, "pass --force"),
+        (vec!["backup", "/tmp/plain/path", "x"], 2, "not a URL"),
+        (
+            vec!["backup", "rbd://pool/img", "x"],
+            2,
+            "unsupported scheme",
+        ),
+        (vec!["backup", &missing, "x"], 2, "does not exist"),
+        (vec!["backup", "null://12Q", "x"], 2, "unknown unit"),
+        (
+            vec!["backup", &existing, "x", "-b", "3M"],
+            2,
+            "power of two",
+        ),
+        (
+            vec!["backup", &existing, "x", "-b", "64M"],
+            2,
+            "power of two",
+        ),
+        (
+            vec!["backup", &existing, "x", "-l", "bad label=1"],
+            2,
+            "not a label name",
+        ),
+        (vec!["backup", &existing, ""], 2, "not a usable backup name"),
+        (
+            vec!["backup", &existing, "x", "-S", "tape"],
+            2,
+            "no storage named 'tape'",
+        ),
+        (
+            vec!["restore", "V0000000099", "file:///tmp/keepfs-never"],
+            2,
+            "does not exist",
+        ),
+        (
+            vec!["restore", "banana", "file:///tmp/keepfs-never"],
+            2,
+            "not a version uid",
+        ),
+        (vec!["restore", &uid, "null://1G"], 2, "use file:///path"),
+        (vec!["rm", "V0000000042"], 2, "does not exist"),
+        (vec!["ls", "name = 'x'"], 2, "column 6"),
+        (vec!["ls", "size > true"], 2, "filter:"),
+        (vec!["protect", "V0000000042"], 2, "does not exist"),
+    ];
+    for (args, code, needle) in cases {
+        let r = repo.run(&args);
+        assert_eq!(r.code, code, "{args:?}: {}", r.stderr);
+        assert_eq!(
+            r.stderr.lines().count(),
+            1,
+            "{args:?} printed more than one line: {}",
+            r.stderr
+        );
+        assert!(
+            r.stderr.starts_with("keepfs: error: ") && r.stderr.contains(needle),
+            "{args:?}: {}",
+            r.stderr
+        );
+        assert!(
+            r.stdout.is_empty(),
+            "{args:?} printed to stdout: {}",
+            r.stdout
+        );
+    }
+    // Failed backups left nothing looking valid.
+    let versions = repo.ls_json(None);
+    assert_eq!(versions.as_array().unwrap().len(), 1);
+    // A bad config file is one line too.
+    fs::write(repo.path("bad.toml"), "block_size = \"3M\"\n").unwrap();
+    let cfg = repo.path("bad.toml");
+    let r = repo.run(&["--config", cfg.to_str().unwrap(), "ls"]);
+    assert_eq!(r.code, 2);
+    assert!(
+        r.stderr.contains("configuration: ") && r.stderr.lines().count() == 1,
+        "{}",
+        r.stderr
+    );
+}
+
+#[test]
+fn a_corrupted_object_is_detected_and_named_on_restore() {
+    let repo = Repo::new();
+    let img = mixed_image(11, 10, BS, 0);
+    fs::write(repo.path("img"), &img).unwrap();
+    let uid = repo.backup("img", "c", &["-b", "64k"]);
+    // Block 3 is random: find its object by content id and flip one byte in its file.
+    let id = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&img[3 * BS..4 * BS]));
+    let obj = repo
+        .storage()
+        .join(format!("blocks/{}/{}/{id}", &id[0..2], &id[2..4]));
+    let mut bytes = fs::read(&obj).unwrap();
+    let n = bytes.len();
+    bytes[n - 100] ^= 0x01;
+    fs::write(&obj, &bytes).unwrap();
+
+    let out = repo.url("out");
+    let r = repo.run(&["restore", &uid, &out]);
+    assert_eq!(
+        r.code, 3,
+        "damaged data has its own exit code: {}",
+        r.stderr
+    );
+    assert!(
+        r.stderr.contains(&format!(
+            "block 3 (bytes {}..{}) object {id}",
+            3 * BS,
+            4 * BS
+        )),
+        "{}",
+        r.stderr
+    );
+    assert!(r.stderr.contains("checksum"), "{}", r.stderr);
+    let restored = fs::read(repo.path("out")).unwrap();
+    assert_eq!(restored.len(), img.len());
+    assert!(
+        restored[3 * BS..4 * BS].iter().all(|b| *b == 0),
+        "the bad block is written as zeros"
+    );
+    assert_eq!(restored[..3 * BS], img[..3 * BS]);
+    assert_eq!(restored[4 * BS..], img[4 * BS..]);
+    assert_eq!(repo.version(&uid)["status"], "invalid");
+    // A missing object is reported the same way.
+    fs::remove_file(&obj).unwrap();
+    let r = repo.run(&["restore", "--force", &uid, &out]);
+    assert_eq!(r.code, 3);
+    assert!(r.stderr.contains("missing"), "{}", r.stderr);
+}
+
+#[test]
+fn null_source_and_sizes() {
+    let repo = Repo::new();
+    let uid = repo
+        .ok(&["backup", "null://200G", "perftest"])
+        .trim()
+        .to_string();
+    let v = repo.version(&uid);
+    assert_eq!(v["size"], 200u64 << 30);
+    assert_eq!(v["stats"]["bytes_sparse"], 200u64 << 30);
+    assert_eq!(repo.block_objects(), 0);
+    // Restoring it sparse to a file gives a file of the right size and no data.
+    let out = repo.url("n");
+    repo.ok(&["restore", "--sparse", &uid, &out]);
+    assert_eq!(fs::metadata(repo.path("n")).unwrap().len(), 200u64 << 30);
+}
+
+#[test]
+fn version_objects_make_the_storage_self_sufficient() {
+    let repo = Repo::new();
+    fs::write(repo.path("img"), mixed_image(12, 6, BS, 10)).unwrap();
+    let uid = repo.backup("img", "meta", &["-b", "64k", "-l", "k=v"]);
+    let obj = fs::read(repo.storage().join("versions").join(&uid)).unwrap();
+    let (v, index) = keepfs::repo::decode_version_object(&obj).unwrap();
+    assert_eq!(v.uid.to_string(), uid);
+    assert_eq!(v.name, "meta");
+    assert_eq!(v.labels.get("k").map(String::as_str), Some("v"));
+    assert_eq!(index.size, 6 * BS as u64 + 10);
+    assert_eq!(index.entries.len(), 7);
+    // Every non-sparse entry names an object that is in the storage.
+    for e in index.entries.iter().filter(|e| !e.is_sparse()) {
+        assert!(repo.storage().join(e.storage_key()).exists());
+    }
+}

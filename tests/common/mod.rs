@@ -1,0 +1,171 @@
+//! Helpers for tests that drive the real `keepfs` binary against a repository in a
+//! temporary directory, the way a user's shell session would.
+#![allow(dead_code)]
+
+use sha2::{Digest, Sha256};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub const KEEPFS: &str = env!("CARGO_BIN_EXE_keepfs");
+
+pub struct Repo {
+    pub dir: tempfile::TempDir,
+}
+
+pub struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    /// The one-line error of a failed command.
+    pub fn error_line(&self) -> &str {
+        self.stderr.lines().last().unwrap_or("")
+    }
+}
+
+impl Repo {
+    pub fn new() -> Repo {
+        Repo {
+            dir: tempfile::tempdir().expect("temp dir"),
+        }
+    }
+
+    pub fn home(&self) -> PathBuf {
+        self.dir.path().join("home")
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    pub fn url(&self, name: &str) -> String {
+        format!("file://{}", self.path(name).display())
+    }
+
+    pub fn storage(&self) -> PathBuf {
+        self.home().join("storage")
+    }
+
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(KEEPFS);
+        c.args(args)
+            .env("KEEPFS_HOME", self.home())
+            .env_remove("KEEPFS_CONFIG");
+        c
+    }
+
+    pub fn run(&self, args: &[&str]) -> Run {
+        let out: Output = self.command(args).output().expect("run keepfs");
+        Run {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    /// Runs a command that must succeed and returns its stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let r = self.run(args);
+        assert_eq!(
+            r.code, 0,
+            "keepfs {args:?} failed:\n{}\n{}",
+            r.stdout, r.stderr
+        );
+        r.stdout
+    }
+
+    /// Backs up an image file and returns the new version uid.
+    pub fn backup(&self, image: &str, name: &str, extra: &[&str]) -> String {
+        let url = self.url(image);
+        let mut args = vec!["backup", url.as_str(), name];
+        args.extend_from_slice(extra);
+        self.ok(&args).trim().to_string()
+    }
+
+    /// Restores a version to a new file and returns its sha256.
+    pub fn restore_sha(&self, uid: &str, out: &str) -> String {
+        let url = self.url(out);
+        self.ok(&["restore", uid, &url]);
+        let s = sha256_file(&self.path(out));
+        std::fs::remove_file(self.path(out)).expect("remove restored file");
+        s
+    }
+
+    /// Number of block objects in the file storage.
+    pub fn block_objects(&self) -> usize {
+        count_files(&self.storage().join("blocks"))
+    }
+
+    pub fn ls_json(&self, filter: Option<&str>) -> serde_json::Value {
+        let mut args = vec!["ls", "--format", "json"];
+        if let Some(f) = filter {
+            args.insert(1, f);
+        }
+        serde_json::from_str(&self.ok(&args)).expect("ls json")
+    }
+
+    pub fn version(&self, uid: &str) -> serde_json::Value {
+        let all = self.ls_json(None);
+        all.as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["uid"] == uid)
+            .cloned()
+            .expect("version listed")
+    }
+}
+
+pub fn count_files(dir: &Path) -> usize {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    rd.flatten()
+        .map(|e| {
+            if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                count_files(&e.path())
+            } else {
+                1
+            }
+        })
+        .sum()
+}
+
+pub fn sha256_file(p: &Path) -> String {
+    let data = std::fs::read(p).expect("read file");
+    hex::encode(Sha256::digest(&data))
+}
+
+/// Deterministic pseudo-random bytes (xorshift64*), fast enough for hundreds of MiB.
+pub fn random_bytes(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        out.extend_from_slice(&x.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// An image of `blocks` blocks of `bs` bytes plus `tail` bytes: zero, compressible and
+/// random blocks in turn, with some duplicates.
+pub fn mixed_image(seed: u64, blocks: usize, bs: usize, tail: usize) -> Vec<u8> {
+    let mut img = Vec::with_capacity(blocks * bs + tail);
+    for i in 0..blocks {
+        match i % 5 {
+            0 => img.extend(std::iter::repeat_n(0u8, bs)),
+            1 => img.extend(std::iter::repeat_n(b'a' + (i % 7) as u8, bs)),
+            2 if i >= 5 => {
+                let start = (i - 5) * bs;
+                img.extend_from_within(start..start + bs);
+            }
+            _ => img.extend(random_bytes(seed * 1000 + i as u64, bs)),
+        }
+    }
+    img.extend(random_bytes(seed * 7777, tail));
+    img
+}

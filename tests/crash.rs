@@ -1,0 +1,165 @@
+//! Real processes, real faults: a backup killed with SIGKILL, and cleanups racing a
+//! running backup that deduplicates against objects no version references.
+
+mod common;
+use common::*;
+use std::fs;
+use std::time::{Duration, Instant};
+
+fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while !f() {
+        assert!(t.elapsed() < limit, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn kill_9_during_backup_leaves_an_incomplete_version_and_a_consistent_repository() {
+    let repo = Repo::new();
+    // 4k blocks of random data: thousands of small objects, each fsynced, so the backup
+    // is still running when it is killed.
+    fs::write(repo.path("img"), random_bytes(21, 48 << 20)).unwrap();
+    let url = repo.url("img");
+    let mut child = repo
+        .command(&["backup", &url, "victim", "-b", "4k"])
+        .spawn()
+        .unwrap();
+    wait_for("objects to be written", Duration::from_secs(60), || {
+        repo.block_objects() >= 300
+    });
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+
+    let versions = repo.ls_json(None);
+    let v = &versions.as_array().unwrap()[0];
+    assert_eq!(v["status"], "incomplete", "{v}");
+    let uid = v["uid"].as_str().unwrap().to_string();
+    let r = repo.run(&["restore", &uid, &repo.url("out")]);
+    assert_eq!(r.code, 2);
+    assert!(
+        r.error_line().contains("incomplete") && r.error_line().contains("keepfs rm"),
+        "{}",
+        r.stderr
+    );
+    assert!(
+        !repo.path("out").exists(),
+        "a refused restore writes nothing"
+    );
+
+    // The next backup of the same image completes and restores byte-identical; what the
+    // killed run stored durably is deduplicated against.
+    let good = repo.backup("img", "victim", &["-b", "4k"]);
+    assert_ne!(good, uid);
+    let stats = &repo.version(&good)["stats"];
+    assert!(stats["bytes_deduplicated"].as_u64().unwrap() > 0, "{stats}");
+    assert_eq!(
+        repo.restore_sha(&good, "out"),
+        sha256_file(&repo.path("img"))
+    );
+
+    // Removing the incomplete version needs no --force (it never became a backup), and
+    // cleanup then leaves a storage with exactly the objects the good version needs.
+    repo.ok(&["rm", &uid]);
+    repo.ok(&["cleanup"]);
+    let index_objects = {
+        let obj = fs::read(repo.storage().join("versions").join(&good)).unwrap();
+        let (_, index) = keepfs::repo::decode_version_object(&obj).unwrap();
+        index
+            .entries
+            .iter()
+            .filter(|e| !e.is_sparse())
+            .collect::<std::collections::HashSet<_>>()
+            .len()
+    };
+    assert_eq!(repo.block_objects(), index_objects);
+    assert_eq!(
+        count_files(&repo.storage().join("tmp")),
+        0,
+        "temporary files of the killed run are purged"
+    );
+    assert_eq!(
+        repo.restore_sha(&good, "out"),
+        sha256_file(&repo.path("img"))
+    );
+}
+
+#[test]
+fn cleanup_running_during_a_backup_never_deletes_what_the_backup_uses() {
+    let repo = Repo::new();
+    let old = random_bytes(31, 8 << 20);
+    fs::write(repo.path("old"), &old).unwrap();
+    let gone = repo.backup("old", "vm", &["-b", "4k"]);
+    repo.ok(&["rm", "--force", &gone]);
+    // Every object of `old` is now unreferenced: exactly what a cleanup deletes and what
+    // the next backup deduplicates against.
+    let mut new = random_bytes(32, 6 << 20);
+    new.extend_from_slice(&old);
+    new.extend_from_slice(&random_bytes(33, 2 << 20));
+    fs::write(repo.path("new"), &new).unwrap();
+    let url = repo.url("new");
+    let child = repo
+        .command(&["backup", &url, "vm", "-b", "4k"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut cleanups = 0;
+    let mut deleted_during_backup = 0u64;
+    let mut child = child;
+    loop {
+        let r = repo.run(&["cleanup"]);
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        cleanups += 1;
+        deleted_during_backup += r
+            .stdout
+            .split("deleted ")
+            .nth(1)
+            .and_then(|s| s.split(' ').next())
+            .and_then(|n| n.parse::<u64>().ok())
+            .unwrap_or(0);
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let uid = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    assert!(
+        cleanups >= 2,
+        "cleanup ran {cleanups} times during the backup"
+    );
+    assert!(
+        deleted_during_backup > 0,
+        "the cleanups deleted nothing: the race was not exercised"
+    );
+    repo.ok(&["cleanup"]);
+    assert_eq!(
+        repo.restore_sha(&uid, "out"),
+        sha256_file(&repo.path("new"))
+    );
+}
+
+#[test]
+fn ls_works_while_a_backup_holds_the_database() {
+    let repo = Repo::new();
+    fs::write(repo.path("img"), random_bytes(41, 24 << 20)).unwrap();
+    let url = repo.url("img");
+    let mut child = repo
+        .command(&["backup", &url, "busy", "-b", "4k"])
+        .spawn()
+        .unwrap();
+    wait_for("the backup to start", Duration::from_secs(30), || {
+        repo.block_objects() > 10
+    });
+    let listed = repo.ls_json(None);
+    assert_eq!(listed[0]["status"], "incomplete");
+    // A running backup's version cannot be removed, even with --force.
+    let uid = listed[0]["uid"].as_str().unwrap().to_string();
+    let r = repo.run(&["rm", "--force", &uid]);
+    if child.try_wait().unwrap().is_none() {
+        assert_eq!(r.code, 4, "{}", r.stderr);
+        assert!(r.error_line().contains("being backed up"), "{}", r.stderr);
+    }
+    assert!(child.wait().unwrap().success());
+    assert_eq!(repo.version(&uid)["status"], "valid");
+}

@@ -1,0 +1,232 @@
+//! The engine through its library API, with faults a real storage cannot be made to show
+//! on demand: failing and truncated transfers (the fault-injecting storage decorator) and
+//! the states a crashed cleanup leaves behind.
+
+mod common;
+use common::*;
+use keepfs::Repository;
+use keepfs::backup::BackupOptions;
+use keepfs::config::Config;
+use keepfs::progress::Silent;
+use keepfs::restore::RestoreOptions;
+use keepfs::source::Url;
+use keepfs::storage::fault::FaultyStorage;
+use keepfs::version::Status;
+use std::fs;
+use std::sync::Arc;
+
+const BS: u32 = 64 * 1024;
+
+fn open(dir: &std::path::Path) -> (Repository, Arc<FaultyStorage>) {
+    let mut repo = Repository::open(Config::embedded(dir.join("home"))).unwrap();
+    let mut faulty = None;
+    repo.wrap_storage("default", |inner| {
+        let f = Arc::new(FaultyStorage::new(inner));
+        faulty = Some(f.clone());
+        f
+    })
+    .unwrap();
+    (repo, faulty.unwrap())
+}
+
+fn opts(name: &str) -> BackupOptions {
+    BackupOptions {
+        name: name.into(),
+        block_size: Some(BS),
+        ..Default::default()
+    }
+}
+
+fn restore_to(
+    repo: &Repository,
+    uid: keepfs::version::VersionUid,
+    path: &std::path::Path,
+) -> keepfs::restore::RestoreReport {
+    let _ = fs::remove_file(path);
+    repo.restore(
+        uid,
+        &Url::File(path.to_path_buf()),
+        &RestoreOptions::default(),
+        &Silent,
+    )
+    .unwrap()
+}
+
+#[test]
+fn transient_write_failures_are_retried() {
+    let dir = tempfile::tempdir().unwrap();
+    let (repo, faults) = open(dir.path());
+    let img = dir.path().join("img");
+    fs::write(&img, mixed_image(51, 12, BS as usize, 5)).unwrap();
+    faults.fail_next_puts(2);
+    let v = repo
+        .backup(&Url::File(img.clone()), &opts("r"), &Silent)
+        .unwrap();
+    assert_eq!(v.status, Status::Valid);
+    let out = dir.path().join("out");
+    assert!(restore_to(&repo, v.uid, &out).bad_blocks.is_empty());
+    assert_eq!(sha256_file(&out), sha256_file(&img));
+}
+
+#[test]
+fn a_storage_that_keeps_failing_leaves_an_incomplete_version_and_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let (repo, faults) = open(dir.path());
+    let img = dir.path().join("img");
+    fs::write(&img, mixed_image(52, 12, BS as usize, 0)).unwrap();
+    faults.fail_next_puts(1000);
+    let err = repo
+        .backup(&Url::File(img.clone()), &opts("f"), &Silent)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("left incomplete") && err.contains("injected fault on put"),
+        "{err}"
+    );
+    let versions = repo.list(None).unwrap();
+    assert_eq!(versions.len(), 1);
+    assert_eq!(versions[0].status, Status::Incomplete);
+    // Once the storage is back, a backup works and the incomplete one can go.
+    faults.fail_next_puts(0);
+    let v = repo
+        .backup(&Url::File(img.clone()), &opts("f"), &Silent)
+        .unwrap();
+    assert_eq!(v.status, Status::Valid);
+    let plan = repo.plan_remove(&[versions[0].uid], false).unwrap();
+    repo.apply_remove(&plan).unwrap();
+}
+
+#[test]
+fn truncated_and_failed_reads_are_fetched_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let (repo, faults) = open(dir.path());
+    let img = dir.path().join("img");
+    fs::write(&img, mixed_image(53, 15, BS as usize, 0)).unwrap();
+    let v = repo
+        .backup(&Url::File(img.clone()), &opts("t"), &Silent)
+        .unwrap();
+    faults.truncate_next_gets(1);
+    faults.fail_next_gets(2);
+    let out = dir.path().join("out");
+    let report = restore_to(&repo, v.uid, &out);
+    assert!(report.bad_blocks.is_empty(), "{:?}", report.bad_blocks);
+    assert_eq!(sha256_file(&out), sha256_file(&img));
+}
+
+#[test]
+fn persistent_corruption_becomes_named_zero_blocks_and_an_invalid_version() {
+    let dir = tempfile::tempdir().unwrap();
+    let (repo, faults) = open(dir.path());
+    let img = dir.path().join("img");
+    let data = mixed_image(54, 10, BS as usize, 0);
+    fs::write(&img, &data).unwrap();
+    let v = repo
+        .backup(&Url::File(img.clone()), &opts("c"), &Silent)
+        .unwrap();
+    faults.corrupt_next_gets(1_000);
+    let out = dir.path().join("out");
+    let report = restore_to(&repo, v.uid, &out);
+    let stored_blocks = repo
+        .index(v.uid)
+        .unwrap()
+        .entries
+        .iter()
+        .filter(|e| !e.is_sparse())
+        .count();
+    assert_eq!(report.bad_blocks.len(), stored_blocks);
+    assert!(
+        report
+            .bad_blocks
+            .iter()
+            .all(|b| b.reason.contains("checksum")),
+        "{:?}",
+        report.bad_blocks[0]
+    );
+    assert_eq!(repo.version(v.uid).unwrap().status, Status::Invalid);
+    assert_eq!(fs::metadata(&out).unwrap().len(), data.len() as u64);
+}
+
+/// A cleanup that died after tombstoning objects, or after deleting some of their files:
+/// the next backup must store those blocks again instead of trusting the rows.
+#[test]
+fn tombstones_left_by_a_crashed_cleanup_are_never_trusted() {
+    let dir = tempfile::tempdir().unwrap();
+    let (repo, _) = open(dir.path());
+    let img = dir.path().join("img");
+    fs::write(&img, mixed_image(55, 20, BS as usize, 0)).unwrap();
+    let first = repo
+        .backup(&Url::File(img.clone()), &opts("x"), &Silent)
+        .unwrap();
+    let ids: Vec<_> = repo
+        .index(first.uid)
+        .unwrap()
+        .entries
+        .into_iter()
+        .filter(|e| !e.is_sparse())
+        .collect();
+    let plan = repo.plan_remove(&[first.uid], true).unwrap();
+    repo.apply_remove(&plan).unwrap();
+
+    // Simulate the crash: every row tombstoned, half the files already deleted.
+    let conn = rusqlite::Connection::open(&repo.config.database).unwrap();
+    conn.execute("UPDATE objects SET state = 1", []).unwrap();
+    let storage = dir.path().join("home/storage");
+    for id in ids.iter().step_by(2) {
+        fs::remove_file(storage.join(id.storage_key())).unwrap();
+    }
+
+    let second = repo
+        .backup(&Url::File(img.clone()), &opts("x"), &Silent)
+        .unwrap();
+    for id in &ids {
+        assert!(
+            storage.join(id.storage_key()).exists(),
+            "object {id} was not stored again"
+        );
+    }
+    let live: i64 = conn
+        .query_row("SELECT COUNT(*) FROM objects WHERE state = 0", [], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    assert_eq!(
+        live as usize,
+        ids.iter().collect::<std::collections::HashSet<_>>().len()
+    );
+    // The next cleanup deletes nothing the new version needs.
+    let plan = repo.plan_cleanup("default").unwrap();
+    assert!(
+        plan.objects.is_empty(),
+        "{} objects planned",
+        plan.objects.len()
+    );
+    repo.apply_cleanup(&plan).unwrap();
+    let out = dir.path().join("out");
+    assert!(restore_to(&repo, second.uid, &out).bad_blocks.is_empty());
+    assert_eq!(sha256_file(&out), sha256_file(&img));
+}
+
+#[test]
+fn an_object_file_without_a_row_is_swept_only_when_old() {
+    let dir = tempfile::tempdir().unwrap();
+    let (repo, _) = open(dir.path());
+    let storage = dir.path().join("home/storage");
+    let orphan = keepfs::block::BlockId::of(b"orphan");
+    let path = storage.join(orphan.storage_key());
+    fs::create_dir_all(path.parent().unwrap()).unwrap();
+    fs::write(&path, b"left by a killed backup").unwrap();
+    // No writer is running, so the cutoff is now: an orphan written before it may go.
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    let plan = repo.plan_cleanup("default").unwrap();
+    assert_eq!(plan.orphans.len(), 1);
+    // A writer that started before the file was written protects it.
+    let file = fs::File::options().write(true).open(&path).unwrap();
+    file.set_modified(std::time::SystemTime::now() + std::time::Duration::from_secs(3600))
+        .unwrap();
+    assert!(repo.plan_cleanup("default").unwrap().orphans.is_empty());
+    file.set_modified(std::time::SystemTime::now() - std::time::Duration::from_secs(3600))
+        .unwrap();
+    let plan = repo.plan_cleanup("default").unwrap();
+    assert_eq!(repo.apply_cleanup(&plan).unwrap().orphans_deleted, 1);
+    assert!(!path.exists());
+}

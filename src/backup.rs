@@ -11,6 +11,7 @@ use crate::error::{Error, Result};
 use crate::index::{BlockIndex, block_count};
 use crate::progress::Progress;
 use crate::repo::{Repository, encode_version_object, version_key};
+use crate::source::file::{WINDOW_BYTES, Window};
 use crate::source::{Source, Url, open_source};
 use crate::storage::{SharedStorage, retry};
 use crate::version::{Stats, Version, VersionUid, check_name};
@@ -26,19 +27,31 @@ const LOOKUP_BATCH: usize = 64;
 /// New objects are recorded in the database in batches of up to this many.
 const INSERT_BATCH: usize = 128;
 /// Memory for block buffers in flight.
-const POOL_BYTES: usize = 160 << 20;
+const POOL_BYTES: usize = 64 << 20;
 const STORAGE_ATTEMPTS: u32 = 4;
+
+/// One block on its way through the pipeline. Its bytes are in a pooled buffer, or in a
+/// mapped window of the source; then the buffer is only a token from the pool, which is
+/// what bounds the number of blocks in flight either way.
+struct Block {
+    buf: Vec<u8>,
+    mapped: Option<(Arc<Window>, usize, usize)>,
+}
+
+impl Block {
+    fn data(&self) -> &[u8] {
+        match &self.mapped {
+            Some((w, start, len)) => w.slice(*start, *len),
+            None => &self.buf,
+        }
+    }
+}
 
 enum Job {
     /// Zero check and hash.
-    Inspect { idx: u64, buf: Vec<u8> },
+    Inspect { idx: u64, block: Block },
     /// Compress and hand to a writer.
-    Encode {
-        idx: u64,
-        id: BlockId,
-        buf: Vec<u8>,
-        under_lock: bool,
-    },
+    Encode { idx: u64, id: BlockId, block: Block, under_lock: bool },
 }
 
 struct Put {
@@ -56,7 +69,7 @@ enum Done {
     Hashed {
         idx: u64,
         id: BlockId,
-        buf: Vec<u8>,
+        block: Block,
     },
     Stored {
         idx: u64,
@@ -120,16 +133,9 @@ impl Ingest {
         let (put_tx, put_rx) = bounded::<Put>(ctx.writers * 2);
         let mut threads = Vec::new();
         for _ in 0..ctx.workers.max(1) {
-            let (job_rx, done_tx, pool_tx, put_tx) = (
-                job_rx.clone(),
-                done_tx.clone(),
-                pool_tx.clone(),
-                put_tx.clone(),
-            );
+            let (job_rx, done_tx, pool_tx, put_tx) = (job_rx.clone(), done_tx.clone(), pool_tx.clone(), put_tx.clone());
             let level = ctx.compression_level;
-            threads.push(std::thread::spawn(move || {
-                worker(job_rx, done_tx, pool_tx, put_tx, level)
-            }));
+            threads.push(std::thread::spawn(move || worker(job_rx, done_tx, pool_tx, put_tx, level)));
         }
         drop(put_tx);
         for _ in 0..ctx.writers.max(1) {
@@ -163,18 +169,16 @@ impl Ingest {
         self.block_size
     }
 
-    /// A buffer to fill with one block (cleared, with capacity for a block). Waits while
-    /// every buffer is in flight: this is what bounds memory.
+    /// A buffer for one block, with capacity for a block and stale contents (resize it to
+    /// the block's length and overwrite it). Waits while every buffer is in flight: this
+    /// is what bounds memory.
     pub fn take_buffer(&self) -> Result<Vec<u8>> {
         loop {
             if *self.failed.lock() {
                 return Err(Error::Other("the backup pipeline stopped".into()));
             }
             match self.pool_rx.recv_timeout(Duration::from_millis(200)) {
-                Ok(mut b) => {
-                    b.clear();
-                    return Ok(b);
-                }
+                Ok(b) => return Ok(b),
                 Err(crossbeam_channel::RecvTimeoutError::Timeout) => continue,
                 Err(_) => return Err(Error::Other("the backup pipeline stopped".into())),
             }
@@ -184,33 +188,33 @@ impl Ingest {
     /// Submits block `idx` (at most one block long; only the last block may be short).
     pub fn submit(&mut self, idx: u64, buf: Vec<u8>) -> Result<()> {
         self.submitted += 1;
-        let tx = self
-            .job_tx
-            .as_ref()
-            .ok_or_else(|| Error::Other("ingest already finished".into()))?;
-        tx.send(Job::Inspect { idx, buf })
+        let tx = self.job_tx.as_ref().ok_or_else(|| Error::Other("ingest already finished".into()))?;
+        tx.send(Job::Inspect { idx, block: Block { buf, mapped: None } })
+            .map_err(|_| Error::Other("the backup pipeline stopped".into()))
+    }
+
+    /// Submits block `idx` whose bytes are `len` bytes at `start` of a mapped window;
+    /// `token` is a buffer from [`Ingest::take_buffer`], held until the block is done.
+    fn submit_mapped(&mut self, idx: u64, token: Vec<u8>, window: Arc<Window>, start: usize, len: usize) -> Result<()> {
+        self.submitted += 1;
+        let tx = self.job_tx.as_ref().ok_or_else(|| Error::Other("ingest already finished".into()))?;
+        tx.send(Job::Inspect { idx, block: Block { buf: token, mapped: Some((window, start, len)) } })
             .map_err(|_| Error::Other("the backup pipeline stopped".into()))
     }
 
     /// Records block `idx` as all zeros without reading or hashing it.
     pub fn submit_zero(&mut self, idx: u64, len: u64) -> Result<()> {
         self.submitted += 1;
-        self.done_tx
-            .send(Done::Zero { idx, len })
-            .map_err(|_| Error::Other("the backup pipeline stopped".into()))
+        self.done_tx.send(Done::Zero { idx, len }).map_err(|_| Error::Other("the backup pipeline stopped".into()))
     }
 
     /// Waits for every submitted block to be stored and recorded.
     pub fn finish(mut self) -> Result<IngestResult> {
-        let _ = self.done_tx.send(Done::Finish {
-            count: self.submitted,
-        });
+        let _ = self.done_tx.send(Done::Finish { count: self.submitted });
         self.job_tx = None;
         let r = match self.coordinator.take().map(|h| h.join()) {
             Some(Ok(r)) => r,
-            _ => Err(Error::Other(
-                "the backup coordinator thread panicked".into(),
-            )),
+            _ => Err(Error::Other("the backup coordinator thread panicked".into())),
         };
         for t in self.threads.drain(..) {
             let _ = t.join();
@@ -223,9 +227,7 @@ impl Drop for Ingest {
     fn drop(&mut self) {
         // An abandoned ingest: stop the coordinator so that every thread ends.
         if self.coordinator.is_some() {
-            let _ = self
-                .done_tx
-                .send(Done::Failed(Error::Other("backup abandoned".into())));
+            let _ = self.done_tx.send(Done::Failed(Error::Other("backup abandoned".into())));
             self.job_tx = None;
             if let Some(h) = self.coordinator.take() {
                 let _ = h.join();
@@ -237,39 +239,25 @@ impl Drop for Ingest {
     }
 }
 
-fn worker(
-    jobs: Receiver<Job>,
-    done: Sender<Done>,
-    pool: Sender<Vec<u8>>,
-    puts: Sender<Put>,
-    level: i32,
-) {
+fn worker(jobs: Receiver<Job>, done: Sender<Done>, pool: Sender<Vec<u8>>, puts: Sender<Put>, level: i32) {
     for job in jobs {
         match job {
-            Job::Inspect { idx, buf } => {
-                if is_zero(&buf) {
-                    let len = buf.len() as u64;
-                    let _ = pool.send(buf);
+            Job::Inspect { idx, block } => {
+                let data = block.data();
+                if is_zero(data) {
+                    let len = data.len() as u64;
+                    let _ = pool.send(block.buf);
                     let _ = done.send(Done::Zero { idx, len });
                 } else {
-                    let id = BlockId::of(&buf);
-                    let _ = done.send(Done::Hashed { idx, id, buf });
+                    let id = BlockId::of(data);
+                    let _ = done.send(Done::Hashed { idx, id, block });
                 }
             }
-            Job::Encode {
-                idx,
-                id,
-                buf,
-                under_lock,
-            } => {
-                let bytes = encode_object(ObjectKind::Block, &id.0, &buf, level);
-                let put = Put {
-                    idx,
-                    id,
-                    plain_len: buf.len() as u64,
-                    bytes,
-                };
-                let _ = pool.send(buf);
+            Job::Encode { idx, id, block, under_lock } => {
+                let data = block.data();
+                let bytes = encode_object(ObjectKind::Block, &id.0, data, level);
+                let put = Put { idx, id, plain_len: data.len() as u64, bytes };
+                let _ = pool.send(block.buf);
                 if under_lock {
                     let _ = done.send(Done::Encoded(put));
                 } else if puts.send(put).is_err() {
@@ -284,12 +272,7 @@ fn writer(puts: Receiver<Put>, done: Sender<Done>, storage: SharedStorage) {
     for p in puts {
         let key = p.id.storage_key();
         let msg = match retry(STORAGE_ATTEMPTS, || storage.put(&key, &p.bytes)) {
-            Ok(()) => Done::Stored {
-                idx: p.idx,
-                id: p.id,
-                plain_len: p.plain_len,
-                stored_len: p.bytes.len() as u64,
-            },
+            Ok(()) => Done::Stored { idx: p.idx, id: p.id, plain_len: p.plain_len, stored_len: p.bytes.len() as u64 },
             Err(e) => Done::Failed(e.into()),
         };
         let _ = done.send(msg);
@@ -304,7 +287,7 @@ struct Coordinator {
     stats: Stats,
     /// Ids stored (or being stored) by this ingest: later copies only reference them.
     seen: HashSet<BlockId>,
-    pending_lookup: Vec<(u64, BlockId, Vec<u8>)>,
+    pending_lookup: Vec<(u64, BlockId, Block)>,
     pending_insert: Vec<(BlockId, u64, u64)>,
     completed: u64,
     in_store: u64,
@@ -325,37 +308,25 @@ impl Coordinator {
             return Ok(());
         }
         let batch = std::mem::take(&mut self.pending_lookup);
-        let ids: Vec<BlockId> = batch
-            .iter()
-            .filter(|(_, id, _)| !self.seen.contains(id))
-            .map(|b| b.1)
-            .collect();
+        let ids: Vec<BlockId> = batch.iter().filter(|(_, id, _)| !self.seen.contains(id)).map(|b| b.1).collect();
         let (present, tombstoned) = if ids.is_empty() {
             Default::default()
         } else {
-            self.ctx
-                .db
-                .lock()
-                .lookup_and_touch(self.ctx.storage_id, &ids)?
+            self.ctx.db.lock().lookup_and_touch(self.ctx.storage_id, &ids)?
         };
-        for (idx, id, buf) in batch {
-            let len = buf.len() as u64;
+        for (idx, id, block) in batch {
+            let len = block.data().len() as u64;
             if self.seen.contains(&id) || present.contains(&id) {
                 self.stats.bytes_deduplicated += len;
                 self.set(idx, id);
                 self.completed += 1;
-                let _ = self.pool_tx.send(buf);
+                let _ = self.pool_tx.send(block.buf);
             } else {
                 self.seen.insert(id);
                 self.in_store += 1;
                 let under_lock = tombstoned.contains(&id);
                 self.job_tx
-                    .send(Job::Encode {
-                        idx,
-                        id,
-                        buf,
-                        under_lock,
-                    })
+                    .send(Job::Encode { idx, id, block, under_lock })
                     .map_err(|_| Error::Other("backup workers stopped".into()))?;
             }
         }
@@ -369,10 +340,7 @@ impl Coordinator {
         // Durable first, recorded second: no row ever names an object that may be lost.
         retry(STORAGE_ATTEMPTS, || self.ctx.storage.sync())?;
         let batch = std::mem::take(&mut self.pending_insert);
-        self.ctx
-            .db
-            .lock()
-            .insert_objects(self.ctx.storage_id, &batch)?;
+        self.ctx.db.lock().insert_objects(self.ctx.storage_id, &batch)?;
         Ok(())
     }
 
@@ -397,19 +365,14 @@ impl Coordinator {
                 self.set(idx, BlockId::SPARSE);
                 self.completed += 1;
             }
-            Done::Hashed { idx, id, buf } => {
-                self.stats.bytes_read += buf.len() as u64;
-                self.pending_lookup.push((idx, id, buf));
+            Done::Hashed { idx, id, block } => {
+                self.stats.bytes_read += block.data().len() as u64;
+                self.pending_lookup.push((idx, id, block));
                 if self.pending_lookup.len() >= LOOKUP_BATCH {
                     self.flush_lookups()?;
                 }
             }
-            Done::Stored {
-                idx,
-                id,
-                plain_len,
-                stored_len,
-            } => self.stored(idx, id, plain_len, stored_len)?,
+            Done::Stored { idx, id, plain_len, stored_len } => self.stored(idx, id, plain_len, stored_len)?,
             Done::Encoded(p) => {
                 let storage = self.ctx.storage.clone();
                 let (sid, key) = (self.ctx.storage_id, p.id.storage_key());
@@ -485,10 +448,7 @@ fn coordinate(
     }
     debug_assert_eq!(c.in_store, 0);
     c.flush_inserts()?;
-    Ok(IngestResult {
-        entries: c.entries,
-        stats: c.stats,
-    })
+    Ok(IngestResult { entries: c.entries, stats: c.stats })
 }
 
 /// What the user asked to back up.
@@ -503,12 +463,7 @@ pub struct BackupOptions {
 
 impl Repository {
     /// Context for an ingest into `storage` at `block_size`, for `session`.
-    pub fn ingest_context(
-        &self,
-        storage: &str,
-        block_size: u32,
-        session: i64,
-    ) -> Result<IngestContext> {
+    pub fn ingest_context(&self, storage: &str, block_size: u32, session: i64) -> Result<IngestContext> {
         Ok(IngestContext {
             db: self.db.clone(),
             storage: self.storage(storage)?,
@@ -522,28 +477,13 @@ impl Repository {
     }
 
     /// Starts a new `incomplete` version for a writer registered as `session`.
-    pub fn begin_version(
-        &self,
-        opts: &BackupOptions,
-        size: u64,
-        session: i64,
-    ) -> Result<(VersionUid, String, u32)> {
+    pub fn begin_version(&self, opts: &BackupOptions, size: u64, session: i64) -> Result<(VersionUid, String, u32)> {
         check_name(&opts.name)?;
-        let storage = opts
-            .storage
-            .clone()
-            .unwrap_or_else(|| self.config.default_storage.clone());
+        let storage = opts.storage.clone().unwrap_or_else(|| self.config.default_storage.clone());
         self.storage(&storage)?;
         let bs = opts.block_size.unwrap_or(self.config.block_size);
-        let uid = self.db.lock().create_version(
-            &opts.name,
-            &opts.snapshot,
-            size,
-            bs,
-            &storage,
-            &opts.labels,
-            session,
-        )?;
+        let uid =
+            self.db.lock().create_version(&opts.name, &opts.snapshot, size, bs, &storage, &opts.labels, session)?;
         Ok((uid, storage, bs))
     }
 
@@ -559,18 +499,10 @@ impl Repository {
         let mut v = self.version(uid)?;
         let bs = v.block_size;
         entries.resize(block_count(size, bs) as usize, BlockId::SPARSE);
-        let index = BlockIndex {
-            uid: uid.0,
-            size,
-            block_size: bs,
-            entries,
-        };
+        let index = BlockIndex { uid: uid.0, size, block_size: bs, entries };
         if size != v.size {
             self.db.lock().with_write_lock(|tx| {
-                tx.execute(
-                    "UPDATE versions SET size=?2 WHERE uid=?1",
-                    rusqlite::params![uid.0 as i64, size as i64],
-                )?;
+                tx.execute("UPDATE versions SET size=?2 WHERE uid=?1", rusqlite::params![uid.0 as i64, size as i64])?;
                 Ok(())
             })?;
             v.size = size;
@@ -581,21 +513,14 @@ impl Repository {
         let object = encode_version_object(&v, &index)?;
         retry(STORAGE_ATTEMPTS, || storage.put(&version_key(uid), &object))?;
         retry(STORAGE_ATTEMPTS, || storage.sync())?;
-        self.db
-            .lock()
-            .commit_version(uid, &index.encode(), &stats)?;
+        self.db.lock().commit_version(uid, &index.encode(), &stats)?;
         Ok(v)
     }
 
     /// Backs up the image at `url` as a new version.
-    pub fn backup(
-        &self,
-        url: &Url,
-        opts: &BackupOptions,
-        progress: &dyn Progress,
-    ) -> Result<Version> {
+    pub fn backup(&self, url: &Url, opts: &BackupOptions, progress: &dyn Progress) -> Result<Version> {
         let started = Instant::now();
-        let source = open_source(url).map_err(|e| match e.kind() {
+        let source = open_source(url, self.config.mmap_sources).map_err(|e| match e.kind() {
             std::io::ErrorKind::NotFound => Error::Invalid(format!("source {url} does not exist")),
             std::io::ErrorKind::PermissionDenied => {
                 Error::Invalid(format!("source {url} is not readable (permission denied)"))
@@ -606,15 +531,7 @@ impl Repository {
         let session = self.session(&format!("backup {}", opts.name), true)?;
         let (uid, storage, bs) = self.begin_version(opts, size, session.id)?;
         progress.begin(&format!("backup {uid} ({})", opts.name), size);
-        let result = self.run_backup(
-            source.as_ref(),
-            url,
-            uid,
-            &storage,
-            bs,
-            session.id,
-            progress,
-        );
+        let result = self.run_backup(source.as_ref(), url, &storage, bs, session.id, progress);
         progress.end();
         match result {
             Ok((entries, mut stats)) => {
@@ -632,48 +549,33 @@ impl Repository {
         &self,
         source: &dyn Source,
         url: &Url,
-        uid: VersionUid,
         storage: &str,
         bs: u32,
         session: i64,
         progress: &dyn Progress,
     ) -> Result<(Vec<BlockId>, Stats)> {
         let size = source.size();
-        let n = block_count(size, bs);
         let ingest = Mutex::new(Ingest::start(self.ingest_context(storage, bs, session)?));
         let readers = self.config.source_readers.max(1) as u64;
         let read_error: Mutex<Option<Error>> = Mutex::new(None);
-        let _ = uid;
+        // Readers take whole windows in turn; a window is mapped when the source allows
+        // it (workers then hash straight from the page cache) and read block by block
+        // into pooled buffers otherwise.
+        let window_bytes = WINDOW_BYTES.max(bs as u64);
+        let windows = size.div_ceil(window_bytes);
         std::thread::scope(|s| {
             for r in 0..readers {
                 let (ingest, read_error) = (&ingest, &read_error);
                 s.spawn(move || {
-                    let mut idx = r;
-                    while idx < n {
-                        if read_error.lock().is_some() {
-                            return;
-                        }
-                        let off = idx * bs as u64;
-                        let len = (size - off).min(bs as u64);
-                        let step = if source.all_zero() {
-                            ingest.lock().submit_zero(idx, len)
-                        } else {
-                            let buf = ingest.lock().take_buffer();
-                            buf.and_then(|mut buf| {
-                                buf.resize(len as usize, 0);
-                                source.read_at(off, &mut buf).map_err(|e| {
-                                    Error::io(format!("cannot read {url} at byte {off}"), e)
-                                })?;
-                                source.done_with(off, len);
-                                ingest.lock().submit(idx, buf)
-                            })
-                        };
-                        if let Err(e) = step {
+                    let mut w = r;
+                    while w < windows {
+                        let woff = w * window_bytes;
+                        let wlen = (size - woff).min(window_bytes);
+                        if let Err(e) = read_window(source, url, ingest, woff, wlen, bs, read_error, progress) {
                             read_error.lock().get_or_insert(e);
                             return;
                         }
-                        progress.advance(len);
-                        idx += readers;
+                        w += readers;
                     }
                 });
             }
@@ -689,4 +591,48 @@ impl Repository {
         let r = ingest.finish()?;
         Ok((r.entries, r.stats))
     }
+}
+
+/// Feeds the blocks of one window of the source into the ingest.
+#[allow(clippy::too_many_arguments)]
+fn read_window(
+    source: &dyn Source,
+    url: &Url,
+    ingest: &Mutex<Ingest>,
+    woff: u64,
+    wlen: u64,
+    bs: u32,
+    read_error: &Mutex<Option<Error>>,
+    progress: &dyn Progress,
+) -> Result<()> {
+    let bs = bs as u64;
+    let first = woff / bs;
+    let blocks = wlen.div_ceil(bs);
+    let window = if source.all_zero() {
+        None
+    } else {
+        source.window(woff, wlen).transpose().map_err(|e| Error::io(format!("cannot map {url} at byte {woff}"), e))?
+    };
+    for i in 0..blocks {
+        if read_error.lock().is_some() {
+            return Ok(());
+        }
+        let off = woff + i * bs;
+        let len = (woff + wlen - off).min(bs);
+        let idx = first + i;
+        if source.all_zero() {
+            ingest.lock().submit_zero(idx, len)?;
+        } else if let Some(win) = &window {
+            let token = ingest.lock().take_buffer()?;
+            ingest.lock().submit_mapped(idx, token, win.clone(), (off - woff) as usize, len as usize)?;
+        } else {
+            let mut buf = ingest.lock().take_buffer()?;
+            buf.resize(len as usize, 0);
+            source.read_at(off, &mut buf).map_err(|e| Error::io(format!("cannot read {url} at byte {off}"), e))?;
+            source.done_with(off, len);
+            ingest.lock().submit(idx, buf)?;
+        }
+        progress.advance(len);
+    }
+    Ok(())
 }

@@ -156,11 +156,8 @@ fn header_crc(bytes: &[u8], header_len: usize) -> u32 {
 /// Builds an object: header followed by the payload (`plain` compressed with zstd at
 /// `level` when that makes it smaller; level 0 stores it as is).
 pub fn encode_object(kind: ObjectKind, id: &[u8; ID_LEN], plain: &[u8], level: i32) -> Vec<u8> {
-    let compressed = if level > 0 {
-        transform::zstd::compress(plain, level).filter(|c| c.len() < plain.len())
-    } else {
-        None
-    };
+    let compressed =
+        if level > 0 { transform::zstd::compress(plain, level).filter(|c| c.len() < plain.len()) } else { None };
     let (flags, payload): (u16, &[u8]) = match &compressed {
         Some(c) => (FLAG_ZSTD, c),
         None => (0, plain),
@@ -236,18 +233,12 @@ pub fn parse_header(bytes: &[u8]) -> Result<(ObjectHeader, usize), ObjectError> 
     ))
 }
 
-/// Decodes an object of the expected kind: checks both checksums, undoes the transforms
-/// and checks the plaintext length. The caller checks the content against its id.
-pub fn decode_object(
-    bytes: &[u8],
-    kind: ObjectKind,
-) -> Result<(ObjectHeader, Vec<u8>), ObjectError> {
+/// Checks an object of the expected kind (both checksums, lengths) and returns its header
+/// and its still-transformed payload.
+fn checked_payload(bytes: &[u8], kind: ObjectKind) -> Result<(ObjectHeader, &[u8]), ObjectError> {
     let (header, header_len) = parse_header(bytes)?;
     if header.kind != kind as u16 {
-        return Err(ObjectError::WrongKind {
-            expected: kind as u16,
-            found: header.kind,
-        });
+        return Err(ObjectError::WrongKind { expected: kind as u16, found: header.kind });
     }
     let payload = &bytes[header_len..];
     if payload.len() as u64 != header.payload_len {
@@ -262,32 +253,62 @@ pub fn decode_object(
     if header.flags & FLAG_AES256GCM != 0 {
         return Err(ObjectError::Encrypted);
     }
-    let plain = if header.flags & FLAG_ZSTD != 0 {
-        transform::zstd::decompress(payload, header.plain_len as usize)
-            .map_err(|e| ObjectError::Decompress(e.to_string()))?
+    Ok((header, payload))
+}
+
+/// Undoes the transforms of a checked payload into `out` (exactly `plain_len` bytes).
+fn untransform(header: &ObjectHeader, payload: &[u8], out: &mut [u8]) -> Result<(), ObjectError> {
+    let n = if header.flags & FLAG_ZSTD != 0 {
+        transform::zstd::decompress_into(payload, out).map_err(|e| ObjectError::Decompress(e.to_string()))?
+    } else if payload.len() == out.len() {
+        out.copy_from_slice(payload);
+        payload.len()
     } else {
-        payload.to_vec()
+        payload.len()
     };
-    if plain.len() as u64 != header.plain_len {
-        return Err(ObjectError::PlainLength {
-            expected: header.plain_len,
-            found: plain.len() as u64,
-        });
+    if n as u64 != header.plain_len {
+        return Err(ObjectError::PlainLength { expected: header.plain_len, found: n as u64 });
     }
+    Ok(())
+}
+
+/// Decodes an object of the expected kind: checks both checksums, undoes the transforms
+/// and checks the plaintext length. The caller checks the content against its id.
+pub fn decode_object(bytes: &[u8], kind: ObjectKind) -> Result<(ObjectHeader, Vec<u8>), ObjectError> {
+    let (header, payload) = checked_payload(bytes, kind)?;
+    let mut plain = vec![0u8; header.plain_len.min(1 << 36) as usize];
+    untransform(&header, payload, &mut plain)?;
     Ok((header, plain))
 }
 
 /// Decodes a block object and checks that its content hashes to `id`.
 pub fn decode_block(bytes: &[u8], id: &BlockId) -> Result<Vec<u8>, ObjectError> {
     let (_, plain) = decode_object(bytes, ObjectKind::Block)?;
-    let found = BlockId::of(&plain);
-    if found != *id {
-        return Err(ObjectError::ContentMismatch {
-            expected: id.to_hex(),
-            found: found.to_hex(),
-        });
-    }
+    check_content(&plain, id)?;
     Ok(plain)
+}
+
+/// Decodes a block object into the start of `out` (which must hold the whole block),
+/// checks it against `id` and returns its length. Used where the destination buffer is
+/// given (aligned buffers for direct I/O).
+pub fn decode_block_into(bytes: &[u8], id: &BlockId, out: &mut [u8]) -> Result<usize, ObjectError> {
+    let (header, payload) = checked_payload(bytes, ObjectKind::Block)?;
+    let n = header.plain_len;
+    if n > out.len() as u64 {
+        return Err(ObjectError::PlainLength { expected: out.len() as u64, found: n });
+    }
+    let out = &mut out[..n as usize];
+    untransform(&header, payload, out)?;
+    check_content(out, id)?;
+    Ok(n as usize)
+}
+
+fn check_content(plain: &[u8], id: &BlockId) -> Result<(), ObjectError> {
+    let found = BlockId::of(plain);
+    if found != *id {
+        return Err(ObjectError::ContentMismatch { expected: id.to_hex(), found: found.to_hex() });
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -325,11 +346,7 @@ mod tests {
             .collect();
         let id = BlockId::of(&random);
         let obj = encode_object(ObjectKind::Block, &id.0, &random, 3);
-        assert_eq!(
-            obj.len(),
-            OBJECT_HEADER_LEN + random.len(),
-            "incompressible data is stored as is"
-        );
+        assert_eq!(obj.len(), OBJECT_HEADER_LEN + random.len(), "incompressible data is stored as is");
         assert_eq!(decode_block(&obj, &id).unwrap(), random);
     }
 
@@ -345,23 +362,11 @@ mod tests {
         let mut bad = obj.clone();
         bad[17] ^= 1;
         assert_eq!(decode_block(&bad, &id), Err(ObjectError::HeaderChecksum));
-        assert!(matches!(
-            decode_block(&obj[..obj.len() - 5], &id),
-            Err(ObjectError::Length { .. })
-        ));
-        assert!(matches!(
-            decode_block(&obj[..10], &id),
-            Err(ObjectError::TooShort(10))
-        ));
+        assert!(matches!(decode_block(&obj[..obj.len() - 5], &id), Err(ObjectError::Length { .. })));
+        assert!(matches!(decode_block(&obj[..10], &id), Err(ObjectError::TooShort(10))));
         let other = BlockId::of(b"other");
-        assert!(matches!(
-            decode_block(&obj, &other),
-            Err(ObjectError::ContentMismatch { .. })
-        ));
-        assert!(matches!(
-            decode_object(&obj, ObjectKind::Version),
-            Err(ObjectError::WrongKind { .. })
-        ));
+        assert!(matches!(decode_block(&obj, &other), Err(ObjectError::ContentMismatch { .. })));
+        assert!(matches!(decode_object(&obj, ObjectKind::Version), Err(ObjectError::WrongKind { .. })));
     }
 
     #[test]

@@ -44,6 +44,8 @@ pub struct Config {
     pub storage_readers: usize,
     /// `rm` refuses versions younger than this many days without --force.
     pub rm_min_age_days: f64,
+    /// Read regular-file sources through memory mappings (no copy) instead of read().
+    pub mmap_sources: bool,
     /// Where the configuration came from, for messages.
     pub origin: String,
 }
@@ -61,6 +63,7 @@ struct FileConfig {
     storage_writers: Option<usize>,
     storage_readers: Option<usize>,
     rm_min_age_days: Option<f64>,
+    mmap_sources: Option<bool>,
     #[serde(default)]
     storage: Vec<FileStorageConfig>,
 }
@@ -74,9 +77,7 @@ struct FileStorageConfig {
 }
 
 fn cpus() -> usize {
-    std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(2)
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2)
 }
 
 /// `$KEEPFS_HOME`, or `~/.local/share/keepfs`.
@@ -84,9 +85,7 @@ pub fn default_home() -> PathBuf {
     if let Some(h) = std::env::var_os("KEEPFS_HOME").filter(|h| !h.is_empty()) {
         return PathBuf::from(h);
     }
-    let base = std::env::var_os("HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/root"));
+    let base = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/root"));
     base.join(".local/share/keepfs")
 }
 
@@ -97,9 +96,7 @@ impl Config {
             database: home.join("keepfs.sqlite"),
             storages: vec![StorageConfig {
                 name: DEFAULT_STORAGE.to_string(),
-                kind: StorageKind::File {
-                    path: home.join("storage"),
-                },
+                kind: StorageKind::File { path: home.join("storage") },
             }],
             default_storage: DEFAULT_STORAGE.to_string(),
             block_size: DEFAULT_BLOCK_SIZE,
@@ -109,6 +106,7 @@ impl Config {
             storage_writers: 2,
             storage_readers: cpus().max(2) * 2,
             rm_min_age_days: 6.0,
+            mmap_sources: true,
             origin: format!("embedded default (home {})", home.display()),
             home,
         }
@@ -131,15 +129,15 @@ impl Config {
     }
 
     pub fn load(path: &Path) -> Result<Config> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| Error::Config(format!("cannot read {}: {e}", path.display())))?;
+        let text =
+            std::fs::read_to_string(path).map_err(|e| Error::Config(format!("cannot read {}: {e}", path.display())))?;
         Config::parse(&text, &path.display().to_string())
     }
 
     pub fn parse(text: &str, origin: &str) -> Result<Config> {
         let bad = |msg: String| Error::Config(format!("{origin}: {msg}"));
-        let f: FileConfig = toml::from_str(text)
-            .map_err(|e| bad(e.message().to_string() + &location(text, e.span())))?;
+        let f: FileConfig =
+            toml::from_str(text).map_err(|e| bad(e.message().to_string() + &location(text, e.span())))?;
         let home = f.home.unwrap_or_else(default_home);
         let mut c = Config::embedded(home.clone());
         c.origin = origin.to_string();
@@ -150,25 +148,16 @@ impl Config {
             c.storages.clear();
             for s in f.storage {
                 if s.name.is_empty() || c.storages.iter().any(|o| o.name == s.name) {
-                    return Err(bad(format!(
-                        "storage name '{}' is empty or used twice",
-                        s.name
-                    )));
+                    return Err(bad(format!("storage name '{}' is empty or used twice", s.name)));
                 }
                 let kind = match (s.kind.as_str(), s.path) {
                     ("file", Some(path)) => StorageKind::File { path },
                     ("file", None) => {
-                        return Err(bad(format!(
-                            "storage '{}' of kind file needs a path",
-                            s.name
-                        )));
+                        return Err(bad(format!("storage '{}' of kind file needs a path", s.name)));
                     }
                     ("null", _) => StorageKind::Null,
                     (other, _) => {
-                        return Err(bad(format!(
-                            "storage '{}': unknown kind '{other}' (use file or null)",
-                            s.name
-                        )));
+                        return Err(bad(format!("storage '{}': unknown kind '{other}' (use file or null)", s.name)));
                     }
                 };
                 c.storages.push(StorageConfig { name: s.name, kind });
@@ -177,9 +166,7 @@ impl Config {
         }
         if let Some(d) = f.default_storage {
             if !c.storages.iter().any(|s| s.name == d) {
-                return Err(bad(format!(
-                    "default_storage '{d}' is not one of the [[storage]] entries"
-                )));
+                return Err(bad(format!("default_storage '{d}' is not one of the [[storage]] entries")));
             }
             c.default_storage = d;
         }
@@ -188,18 +175,14 @@ impl Config {
                 toml::Value::Integer(i) if *i > 0 => *i as u64,
                 toml::Value::String(s) => parse_size(s).map_err(bad)?,
                 other => {
-                    return Err(bad(format!(
-                        "block_size must be a size like \"4M\", not {other}"
-                    )));
+                    return Err(bad(format!("block_size must be a size like \"4M\", not {other}")));
                 }
             };
             c.block_size = check_block_size(n).map_err(bad)?;
         }
         if let Some(l) = f.compression_level {
             if !(0..=19).contains(&l) {
-                return Err(bad(format!(
-                    "compression_level {l} is out of range (0 = off, 1..19 zstd levels)"
-                )));
+                return Err(bad(format!("compression_level {l} is out of range (0 = off, 1..19 zstd levels)")));
             }
             c.compression_level = l;
         }
@@ -219,20 +202,17 @@ impl Config {
             }
             c.rm_min_age_days = d;
         }
+        if let Some(m) = f.mmap_sources {
+            c.mmap_sources = m;
+        }
         Ok(c)
     }
 
     pub fn storage(&self, name: &str) -> Result<&StorageConfig> {
-        self.storages
-            .iter()
-            .find(|s| s.name == name)
-            .ok_or_else(|| {
-                let names: Vec<&str> = self.storages.iter().map(|s| s.name.as_str()).collect();
-                Error::Invalid(format!(
-                    "no storage named '{name}' (configured: {})",
-                    names.join(", ")
-                ))
-            })
+        self.storages.iter().find(|s| s.name == name).ok_or_else(|| {
+            let names: Vec<&str> = self.storages.iter().map(|s| s.name.as_str()).collect();
+            Error::Invalid(format!("no storage named '{name}' (configured: {})", names.join(", ")))
+        })
     }
 }
 
@@ -277,12 +257,7 @@ kind = "null"
         assert_eq!(c.storages.len(), 2);
         assert_eq!(c.workers, 3);
         assert_eq!(c.database, PathBuf::from("/srv/keepfs/meta.sqlite"));
-        assert_eq!(
-            c.storage("disk1").unwrap().kind,
-            StorageKind::File {
-                path: "/mnt/d1".into()
-            }
-        );
+        assert_eq!(c.storage("disk1").unwrap().kind, StorageKind::File { path: "/mnt/d1".into() });
     }
 
     #[test]

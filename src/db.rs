@@ -111,11 +111,7 @@ pub struct ProcessId {
 impl ProcessId {
     pub fn current() -> ProcessId {
         let pid = std::process::id();
-        ProcessId {
-            pid,
-            host: hostname(),
-            start: proc_start_time(pid).unwrap_or(0),
-        }
+        ProcessId { pid, host: hostname(), start: proc_start_time(pid).unwrap_or(0) }
     }
 
     /// Whether this process still runs. A process on another host counts as alive while
@@ -172,15 +168,10 @@ pub struct Db {
 impl Db {
     pub fn open(path: &Path) -> Result<Db> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir)
-                .map_err(|e| Error::io(format!("cannot create {}", dir.display()), e))?;
+            std::fs::create_dir_all(dir).map_err(|e| Error::io(format!("cannot create {}", dir.display()), e))?;
         }
-        let conn = Connection::open(path).map_err(|e| {
-            Error::Other(format!(
-                "cannot open the metadata database {}: {e}",
-                path.display()
-            ))
-        })?;
+        let conn = Connection::open(path)
+            .map_err(|e| Error::Other(format!("cannot open the metadata database {}: {e}", path.display())))?;
         conn.busy_timeout(Duration::from_secs(60))?;
         // WAL lets readers (ls, a mount) run while a backup writes; FULL makes every
         // commit durable, so "valid" in the database is never lost after it is printed.
@@ -193,11 +184,8 @@ impl Db {
     }
 
     fn migrate(&mut self) -> Result<()> {
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let current: usize =
-            tx.pragma_query_value(None, "user_version", |r| r.get::<_, i64>(0))? as usize;
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let current: usize = tx.pragma_query_value(None, "user_version", |r| r.get::<_, i64>(0))? as usize;
         if current > MIGRATIONS.len() {
             return Err(Error::Other(format!(
                 "the metadata database has schema version {current}, newer than this keepfs knows ({}); upgrade keepfs",
@@ -213,22 +201,15 @@ impl Db {
     }
 
     pub fn schema_version(&self) -> Result<i64> {
-        Ok(self
-            .conn
-            .pragma_query_value(None, "user_version", |r| r.get(0))?)
+        Ok(self.conn.pragma_query_value(None, "user_version", |r| r.get(0))?)
     }
 
     // ---- storages -------------------------------------------------------------------
 
     /// The numeric id of a storage name, created on first use.
     pub fn storage_id(&self, name: &str) -> Result<i64> {
-        self.conn
-            .execute("INSERT OR IGNORE INTO storages(name) VALUES (?1)", [name])?;
-        Ok(self
-            .conn
-            .query_row("SELECT id FROM storages WHERE name = ?1", [name], |r| {
-                r.get(0)
-            })?)
+        self.conn.execute("INSERT OR IGNORE INTO storages(name) VALUES (?1)", [name])?;
+        Ok(self.conn.query_row("SELECT id FROM storages WHERE name = ?1", [name], |r| r.get(0))?)
     }
 
     // ---- sessions -------------------------------------------------------------------
@@ -244,16 +225,12 @@ impl Db {
     }
 
     pub fn heartbeat(&self, session: i64) -> Result<()> {
-        self.conn.execute(
-            "UPDATE sessions SET heartbeat_ms = ?1 WHERE id = ?2",
-            params![now_ms(), session],
-        )?;
+        self.conn.execute("UPDATE sessions SET heartbeat_ms = ?1 WHERE id = ?2", params![now_ms(), session])?;
         Ok(())
     }
 
     pub fn end_session(&self, session: i64) -> Result<()> {
-        self.conn
-            .execute("DELETE FROM sessions WHERE id = ?1", [session])?;
+        self.conn.execute("DELETE FROM sessions WHERE id = ?1", [session])?;
         Ok(())
     }
 
@@ -263,17 +240,13 @@ impl Db {
         let me = hostname();
         let now = now_ms();
         let all: Vec<Session> = {
-            let mut st = self.conn.prepare(
-                "SELECT id, pid, host, proc_start, started_ms, heartbeat_ms, purpose, writes FROM sessions",
-            )?;
+            let mut st = self
+                .conn
+                .prepare("SELECT id, pid, host, proc_start, started_ms, heartbeat_ms, purpose, writes FROM sessions")?;
             st.query_map([], |r| {
                 Ok(Session {
                     id: r.get(0)?,
-                    process: ProcessId {
-                        pid: r.get(1)?,
-                        host: r.get(2)?,
-                        start: r.get::<_, i64>(3)? as u64,
-                    },
+                    process: ProcessId { pid: r.get(1)?, host: r.get(2)?, start: r.get::<_, i64>(3)? as u64 },
                     started_ms: r.get(4)?,
                     heartbeat_ms: r.get(5)?,
                     purpose: r.get(6)?,
@@ -283,15 +256,10 @@ impl Db {
             .collect::<rusqlite::Result<_>>()?
         };
         let (live, dead): (Vec<Session>, Vec<Session>) = all.into_iter().partition(|s| {
-            if s.process.host == me {
-                s.process.alive_here()
-            } else {
-                now - s.heartbeat_ms < REMOTE_SESSION_TTL_MS
-            }
+            if s.process.host == me { s.process.alive_here() } else { now - s.heartbeat_ms < REMOTE_SESSION_TTL_MS }
         });
         for s in dead {
-            self.conn
-                .execute("DELETE FROM sessions WHERE id = ?1", [s.id])?;
+            self.conn.execute("DELETE FROM sessions WHERE id = ?1", [s.id])?;
         }
         Ok(live)
     }
@@ -307,23 +275,13 @@ impl Db {
 
     /// Live holders of locks on `uid`: (purpose, pid, host).
     pub fn version_lock_holders(&self, uid: VersionUid) -> Result<Vec<(String, u32, String)>> {
-        let live: HashMap<i64, Session> = self
-            .live_sessions()?
-            .into_iter()
-            .map(|s| (s.id, s))
-            .collect();
-        let mut st = self
-            .conn
-            .prepare("SELECT session_id, purpose FROM version_locks WHERE uid = ?1")?;
-        let rows: Vec<(i64, String)> = st
-            .query_map([uid.0 as i64], |r| Ok((r.get(0)?, r.get(1)?)))?
-            .collect::<rusqlite::Result<_>>()?;
+        let live: HashMap<i64, Session> = self.live_sessions()?.into_iter().map(|s| (s.id, s)).collect();
+        let mut st = self.conn.prepare("SELECT session_id, purpose FROM version_locks WHERE uid = ?1")?;
+        let rows: Vec<(i64, String)> =
+            st.query_map([uid.0 as i64], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<rusqlite::Result<_>>()?;
         Ok(rows
             .into_iter()
-            .filter_map(|(sid, purpose)| {
-                live.get(&sid)
-                    .map(|s| (purpose, s.process.pid, s.process.host.clone()))
-            })
+            .filter_map(|(sid, purpose)| live.get(&sid).map(|s| (purpose, s.process.pid, s.process.host.clone())))
             .collect())
     }
 
@@ -342,19 +300,14 @@ impl Db {
         session: i64,
     ) -> Result<VersionUid> {
         let storage_id = self.storage_id(storage)?;
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         tx.execute(
             "INSERT INTO versions(name, snapshot, date, size, block_size, status, storage_id, session_id) VALUES (?1,?2,?3,?4,?5,'incomplete',?6,?7)",
             params![name, snapshot, date_text(&Utc::now()), size as i64, block_size, storage_id, session],
         )?;
         let uid = tx.last_insert_rowid();
         for (k, v) in labels {
-            tx.execute(
-                "INSERT INTO labels(uid, name, value) VALUES (?1,?2,?3)",
-                params![uid, k, v],
-            )?;
+            tx.execute("INSERT INTO labels(uid, name, value) VALUES (?1,?2,?3)", params![uid, k, v])?;
         }
         tx.commit()?;
         Ok(VersionUid(uid as u64))
@@ -362,13 +315,8 @@ impl Db {
 
     /// Stores the index and statistics of a version and marks it valid, in one transaction.
     pub fn commit_version(&mut self, uid: VersionUid, index: &[u8], stats: &Stats) -> Result<()> {
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)?;
-        tx.execute(
-            "INSERT OR REPLACE INTO version_index(uid, data) VALUES (?1, ?2)",
-            params![uid.0 as i64, index],
-        )?;
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        tx.execute("INSERT OR REPLACE INTO version_index(uid, data) VALUES (?1, ?2)", params![uid.0 as i64, index])?;
         tx.execute(
             "UPDATE versions SET status='valid', session_id=NULL, bytes_read=?2, bytes_written=?3, bytes_stored=?4, bytes_deduplicated=?5, bytes_sparse=?6, duration_ms=?7 WHERE uid=?1",
             params![
@@ -386,18 +334,12 @@ impl Db {
     }
 
     pub fn set_status(&self, uid: VersionUid, status: Status) -> Result<()> {
-        self.conn.execute(
-            "UPDATE versions SET status=?2 WHERE uid=?1",
-            params![uid.0 as i64, status.as_str()],
-        )?;
+        self.conn.execute("UPDATE versions SET status=?2 WHERE uid=?1", params![uid.0 as i64, status.as_str()])?;
         Ok(())
     }
 
     pub fn set_protected(&self, uid: VersionUid, protected: bool) -> Result<()> {
-        let n = self.conn.execute(
-            "UPDATE versions SET protected=?2 WHERE uid=?1",
-            params![uid.0 as i64, protected],
-        )?;
+        let n = self.conn.execute("UPDATE versions SET protected=?2 WHERE uid=?1", params![uid.0 as i64, protected])?;
         if n == 0 {
             return Err(Error::VersionNotFound(uid.to_string()));
         }
@@ -417,9 +359,7 @@ impl Db {
                 let status: String = r.get(6)?;
                 Ok(Version {
                     uid: VersionUid(r.get::<_, i64>(0)? as u64),
-                    date: DateTime::parse_from_rfc3339(&date)
-                        .map(|d| d.with_timezone(&Utc))
-                        .unwrap_or_default(),
+                    date: DateTime::parse_from_rfc3339(&date).map(|d| d.with_timezone(&Utc)).unwrap_or_default(),
                     name: r.get(2)?,
                     snapshot: r.get(3)?,
                     size: r.get::<_, i64>(4)? as u64,
@@ -442,11 +382,7 @@ impl Db {
         if versions.is_empty() {
             return Ok(versions);
         }
-        let pos: HashMap<u64, usize> = versions
-            .iter()
-            .enumerate()
-            .map(|(i, v)| (v.uid.0, i))
-            .collect();
+        let pos: HashMap<u64, usize> = versions.iter().enumerate().map(|(i, v)| (v.uid.0, i)).collect();
         let mut st = self.conn.prepare("SELECT uid, name, value FROM labels")?;
         let mut rows = st.query([])?;
         while let Some(r) = rows.next()? {
@@ -472,11 +408,7 @@ impl Db {
     pub fn version_session(&self, uid: VersionUid) -> Result<Option<i64>> {
         Ok(self
             .conn
-            .query_row(
-                "SELECT session_id FROM versions WHERE uid=?1",
-                [uid.0 as i64],
-                |r| r.get(0),
-            )
+            .query_row("SELECT session_id FROM versions WHERE uid=?1", [uid.0 as i64], |r| r.get(0))
             .optional()?
             .flatten())
     }
@@ -484,11 +416,7 @@ impl Db {
     pub fn load_index(&self, uid: VersionUid) -> Result<Option<Vec<u8>>> {
         Ok(self
             .conn
-            .query_row(
-                "SELECT data FROM version_index WHERE uid=?1",
-                [uid.0 as i64],
-                |r| r.get(0),
-            )
+            .query_row("SELECT data FROM version_index WHERE uid=?1", [uid.0 as i64], |r| r.get(0))
             .optional()?)
     }
 
@@ -505,9 +433,7 @@ impl Db {
     }
 
     pub fn remove_version(&mut self, uid: VersionUid) -> Result<()> {
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         tx.execute("DELETE FROM version_locks WHERE uid=?1", [uid.0 as i64])?;
         tx.execute("DELETE FROM versions WHERE uid=?1", [uid.0 as i64])?;
         tx.commit()?;
@@ -527,9 +453,7 @@ impl Db {
         let mut present = HashSet::new();
         let mut tombstoned = HashSet::new();
         let now = now_ms();
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         for chunk in ids.chunks(BATCH) {
             let ph = placeholders(chunk.len());
             let mut args: Vec<&dyn rusqlite::ToSql> = vec![&storage_id];
@@ -538,14 +462,11 @@ impl Db {
                 args.push(b);
             }
             {
-                let mut st = tx.prepare(&format!(
-                    "SELECT id, state FROM objects WHERE storage_id=? AND id IN ({ph})"
-                ))?;
+                let mut st =
+                    tx.prepare(&format!("SELECT id, state FROM objects WHERE storage_id=? AND id IN ({ph})"))?;
                 let mut rows = st.query(args.as_slice())?;
                 while let Some(r) = rows.next()? {
-                    let Some(id) = BlockId::from_slice(
-                        r.get_ref(0)?.as_blob().map_err(rusqlite::Error::from)?,
-                    ) else {
+                    let Some(id) = BlockId::from_slice(r.get_ref(0)?.as_blob().map_err(rusqlite::Error::from)?) else {
                         continue;
                     };
                     if r.get::<_, i64>(1)? == OBJECT_PRESENT {
@@ -567,28 +488,16 @@ impl Db {
     }
 
     /// Records durably stored objects (id, stored size, plaintext size) as present.
-    pub fn insert_objects(
-        &mut self,
-        storage_id: i64,
-        objects: &[(BlockId, u64, u64)],
-    ) -> Result<()> {
+    pub fn insert_objects(&mut self, storage_id: i64, objects: &[(BlockId, u64, u64)]) -> Result<()> {
         let now = now_ms();
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         {
             let mut st = tx.prepare_cached(
                 "INSERT INTO objects(storage_id, id, stored_size, plain_size, state, valid, touched_ms) VALUES (?1,?2,?3,?4,0,1,?5) \
                  ON CONFLICT(storage_id, id) DO UPDATE SET state=0, valid=1, touched_ms=?5, stored_size=?3",
             )?;
             for (id, stored, plain) in objects {
-                st.execute(params![
-                    storage_id,
-                    &id.0[..],
-                    *stored as i64,
-                    *plain as i64,
-                    now
-                ])?;
+                st.execute(params![storage_id, &id.0[..], *stored as i64, *plain as i64, now])?;
             }
         }
         tx.commit()?;
@@ -598,13 +507,8 @@ impl Db {
     /// Runs `f` inside an immediate (write-locked) transaction: nothing else writes to the
     /// database meanwhile. Cleanup deletes files inside such a transaction, and a backup
     /// re-writes a tombstoned object inside one, so the two never interleave.
-    pub fn with_write_lock<T>(
-        &mut self,
-        f: impl FnOnce(&rusqlite::Transaction) -> Result<T>,
-    ) -> Result<T> {
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+    pub fn with_write_lock<T>(&mut self, f: impl FnOnce(&rusqlite::Transaction) -> Result<T>) -> Result<T> {
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let out = f(&tx)?;
         tx.commit()?;
         Ok(out)
@@ -612,32 +516,21 @@ impl Db {
 
     pub fn mark_objects_invalid(&self, storage_id: i64, ids: &[BlockId]) -> Result<()> {
         for id in ids {
-            self.conn.execute(
-                "UPDATE objects SET valid=0 WHERE storage_id=?1 AND id=?2",
-                params![storage_id, &id.0[..]],
-            )?;
+            self.conn
+                .execute("UPDATE objects SET valid=0 WHERE storage_id=?1 AND id=?2", params![storage_id, &id.0[..]])?;
         }
         Ok(())
     }
 
     /// Visits every object row of a storage.
     pub fn for_each_object(&self, storage_id: i64, mut f: impl FnMut(ObjectRow)) -> Result<()> {
-        let mut st = self.conn.prepare(
-            "SELECT id, stored_size, state, touched_ms FROM objects WHERE storage_id=?1",
-        )?;
+        let mut st = self.conn.prepare("SELECT id, stored_size, state, touched_ms FROM objects WHERE storage_id=?1")?;
         let mut rows = st.query([storage_id])?;
         while let Some(r) = rows.next()? {
-            let Some(id) =
-                BlockId::from_slice(r.get_ref(0)?.as_blob().map_err(rusqlite::Error::from)?)
-            else {
+            let Some(id) = BlockId::from_slice(r.get_ref(0)?.as_blob().map_err(rusqlite::Error::from)?) else {
                 continue;
             };
-            f(ObjectRow {
-                id,
-                stored_size: r.get::<_, i64>(1)? as u64,
-                state: r.get(2)?,
-                touched_ms: r.get(3)?,
-            });
+            f(ObjectRow { id, stored_size: r.get::<_, i64>(1)? as u64, state: r.get(2)?, touched_ms: r.get(3)? });
         }
         Ok(())
     }
@@ -652,11 +545,7 @@ impl Db {
     }
 
     pub fn storage_names(&self) -> Result<Vec<(i64, String)>> {
-        let mut st = self
-            .conn
-            .prepare("SELECT id, name FROM storages ORDER BY id")?;
-        Ok(st
-            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
-            .collect::<rusqlite::Result<_>>()?)
+        let mut st = self.conn.prepare("SELECT id, name FROM storages ORDER BY id")?;
+        Ok(st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<rusqlite::Result<_>>()?)
     }
 }

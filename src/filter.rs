@@ -48,11 +48,7 @@ enum Expr {
     And(Box<Expr>, Box<Expr>),
     Or(Box<Expr>, Box<Expr>),
     Not(Box<Expr>),
-    Cmp {
-        subject: Operand,
-        op: &'static str,
-        value: Value,
-    },
+    Cmp { subject: Operand, op: &'static str, value: Value },
 }
 
 /// A literal already converted to the type of the field it is compared with.
@@ -157,10 +153,7 @@ impl Parser<'_> {
         self.toks.get(self.pos).map(|t| &t.0)
     }
     fn col(&self) -> usize {
-        self.toks
-            .get(self.pos)
-            .map(|t| t.1)
-            .unwrap_or(self.src.chars().count())
+        self.toks.get(self.pos).map(|t| t.1).unwrap_or(self.src.chars().count())
     }
     fn keyword(&self, k: &str) -> bool {
         matches!(self.peek(), Some(Tok::Ident(s)) if s.eq_ignore_ascii_case(k))
@@ -204,11 +197,7 @@ impl Parser<'_> {
         let op = match self.peek() {
             Some(Tok::Op(op)) => *op,
             _ => {
-                return Err(err(
-                    self.src,
-                    op_col,
-                    "expected a comparison (==, !=, <, <=, >, >=)",
-                ));
+                return Err(err(self.src, op_col, "expected a comparison (==, !=, <, <=, >, >=)"));
             }
         };
         self.pos += 1;
@@ -217,29 +206,17 @@ impl Parser<'_> {
         // Put the field on the left: `"db" == name` is `name == "db"`.
         let (subject, op, literal, lit_col) = match (&left, &right) {
             (Operand::Field(_) | Operand::Label(_), Operand::Field(_) | Operand::Label(_)) => {
-                return Err(err(
-                    self.src,
-                    right_col,
-                    "compare a field with a value, not with another field",
-                ));
+                return Err(err(self.src, right_col, "compare a field with a value, not with another field"));
             }
             (Operand::Field(_) | Operand::Label(_), _) => (left, op, right, right_col),
             (_, Operand::Field(_) | Operand::Label(_)) => (right, mirror(op), left, left_col),
             _ => {
-                return Err(err(
-                    self.src,
-                    left_col,
-                    "one side of a comparison must be a field",
-                ));
+                return Err(err(self.src, left_col, "one side of a comparison must be a field"));
             }
         };
         let value = typed(&subject, &literal).map_err(|m| err(self.src, lit_col, &m))?;
         if matches!(value, Value::Bool(_)) && !matches!(op, "==" | "!=") {
-            return Err(err(
-                self.src,
-                op_col,
-                "true/false can only be compared with == or !=",
-            ));
+            return Err(err(self.src, op_col, "true/false can only be compared with == or !="));
         }
         Ok(Expr::Cmp { subject, op, value })
     }
@@ -278,18 +255,11 @@ impl Parser<'_> {
                     self.pos += 1;
                     Operand::Label(k)
                 }
-                uid if uid.len() > 1
-                    && uid.starts_with(['V', 'v'])
-                    && uid[1..].bytes().all(|b| b.is_ascii_digit()) =>
-                {
+                uid if uid.len() > 1 && uid.starts_with(['V', 'v']) && uid[1..].bytes().all(|b| b.is_ascii_digit()) => {
                     Operand::Str(uid.to_string())
                 }
                 "and" | "or" | "not" => {
-                    return Err(err(
-                        self.src,
-                        col,
-                        &format!("expected a field or value before '{id}'"),
-                    ));
+                    return Err(err(self.src, col, &format!("expected a field or value before '{id}'")));
                 }
                 other => {
                     return Err(err(
@@ -330,33 +300,21 @@ pub fn parse_date(s: &str) -> std::result::Result<DateTime<Utc>, String> {
     if let Ok(d) = DateTime::parse_from_rfc3339(s) {
         return Ok(d.with_timezone(&Utc));
     }
-    for f in [
-        "%Y-%m-%dT%H:%M:%S",
-        "%Y-%m-%d %H:%M:%S",
-        "%Y-%m-%dT%H:%M",
-        "%Y-%m-%d %H:%M",
-    ] {
+    for f in ["%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S", "%Y-%m-%dT%H:%M", "%Y-%m-%d %H:%M"] {
         if let Ok(d) = NaiveDateTime::parse_from_str(s, f) {
             return Ok(d.and_utc());
         }
     }
     if let Ok(d) = NaiveDate::parse_from_str(s, "%Y-%m-%d") {
-        return Ok(d
-            .and_hms_opt(0, 0, 0)
-            .map(|d| d.and_utc())
-            .unwrap_or_default());
+        return Ok(d.and_hms_opt(0, 0, 0).map(|d| d.and_utc()).unwrap_or_default());
     }
-    Err(format!(
-        "'{s}' is not an ISO 8601 date (e.g. 2026-11-22 or 2026-11-22T13:05:00Z)"
-    ))
+    Err(format!("'{s}' is not an ISO 8601 date (e.g. 2026-11-22 or 2026-11-22T13:05:00Z)"))
 }
 
 fn typed(subject: &Operand, lit: &Operand) -> std::result::Result<Value, String> {
     let text = lit_text(lit);
     match subject {
-        Operand::Field(Field::Uid) => VersionUid::parse(&text)
-            .map(|u| Value::Int(u.0))
-            .map_err(|e| e.to_string()),
+        Operand::Field(Field::Uid) => VersionUid::parse(&text).map(|u| Value::Int(u.0)).map_err(|e| e.to_string()),
         Operand::Field(Field::Size | Field::BlockSize) => match lit {
             Operand::Bool(_) => Err("expected a size".into()),
             _ => parse_size(&text).map(Value::Int),
@@ -369,9 +327,7 @@ fn typed(subject: &Operand, lit: &Operand) -> std::result::Result<Value, String>
         Operand::Field(Field::Date) => parse_date(&text).map(Value::Date),
         Operand::Field(Field::Status) => match crate::version::Status::parse(&text) {
             Some(_) => Ok(Value::Str(text)),
-            None => Err(format!(
-                "'{text}' is not a status (incomplete, valid, invalid)"
-            )),
+            None => Err(format!("'{text}' is not a status (incomplete, valid, invalid)")),
         },
         _ => match lit {
             Operand::Bool(_) => Err("expected a string".into()),
@@ -421,15 +377,11 @@ fn eval(e: &Expr, v: &Version) -> bool {
             let ord = match (subject, value) {
                 (Operand::Field(Field::Uid), Value::Int(n)) => Some(v.uid.0.cmp(n)),
                 (Operand::Field(Field::Size), Value::Int(n)) => Some(v.size.cmp(n)),
-                (Operand::Field(Field::BlockSize), Value::Int(n)) => {
-                    Some((v.block_size as u64).cmp(n))
-                }
+                (Operand::Field(Field::BlockSize), Value::Int(n)) => Some((v.block_size as u64).cmp(n)),
                 (Operand::Field(Field::Protected), Value::Bool(b)) => Some(v.protected.cmp(b)),
                 (Operand::Field(Field::Date), Value::Date(d)) => Some(v.date.cmp(d)),
                 (Operand::Field(Field::Name), Value::Str(s)) => Some(v.name.as_str().cmp(s)),
-                (Operand::Field(Field::Snapshot), Value::Str(s)) => {
-                    Some(v.snapshot.as_str().cmp(s))
-                }
+                (Operand::Field(Field::Snapshot), Value::Str(s)) => Some(v.snapshot.as_str().cmp(s)),
                 (Operand::Field(Field::Status), Value::Str(s)) => Some(v.status.as_str().cmp(s)),
                 (Operand::Field(Field::Storage), Value::Str(s)) => Some(v.storage.as_str().cmp(s)),
                 (Operand::Label(k), Value::Str(s)) => v.labels.get(k).map(|l| l.as_str().cmp(s)),
@@ -456,9 +408,7 @@ mod tests {
             status: Status::Valid,
             protected: uid == 2,
             storage: "default".into(),
-            labels: env
-                .map(|e| [("env".to_string(), e.to_string())].into())
-                .unwrap_or_default(),
+            labels: env.map(|e| [("env".to_string(), e.to_string())].into()).unwrap_or_default(),
             stats: Stats::default(),
         }
     }
@@ -473,24 +423,15 @@ mod tests {
         let b = v(2, "web", None);
         assert!(m(r#"name == "db" and labels["env"] == "prod""#, &a));
         assert!(!m(r#"name == "db" and labels["env"] == "prod""#, &b));
-        assert!(
-            m(r#"labels["env"] != "prod""#, &b),
-            "a missing label is != anything"
-        );
+        assert!(m(r#"labels["env"] != "prod""#, &b), "a missing label is != anything");
         assert!(!m(r#"labels["env"] == "prod""#, &b));
         assert!(m("protected == true", &b));
         assert!(m("not protected == true", &a));
         assert!(m("uid > V0000000001 or name == 'db'", &b));
         assert!(m("uid >= 2 and uid <= 2", &b));
         assert!(m("size >= 10G and block_size == 4M", &a));
-        assert!(m(
-            r#"date < "2026-11-21" and date >= "2026-11-20T10:00:00Z""#,
-            &a
-        ));
-        assert!(m(
-            r#"(name == "x" or name == "db") and status == "valid""#,
-            &a
-        ));
+        assert!(m(r#"date < "2026-11-21" and date >= "2026-11-20T10:00:00Z""#, &a));
+        assert!(m(r#"(name == "x" or name == "db") and status == "valid""#, &a));
         assert!(m(r#""db" == name"#, &a));
         assert!(m("5G < size", &a));
     }
@@ -499,18 +440,11 @@ mod tests {
     fn errors_point_at_the_column() {
         let e = Filter::parse(r#"name = "db""#).unwrap_err().to_string();
         assert!(e.contains("column 6"), "{e}");
-        let e = Filter::parse(r#"name == "db" and"#)
-            .unwrap_err()
-            .to_string();
+        let e = Filter::parse(r#"name == "db" and"#).unwrap_err().to_string();
         assert!(e.contains("ends too early"), "{e}");
         let e = Filter::parse(r#"colour == "red""#).unwrap_err().to_string();
-        assert!(
-            e.contains("unknown field 'colour'") && e.contains("column 1"),
-            "{e}"
-        );
-        let e = Filter::parse(r#"date > "yesterday""#)
-            .unwrap_err()
-            .to_string();
+        assert!(e.contains("unknown field 'colour'") && e.contains("column 1"), "{e}");
+        let e = Filter::parse(r#"date > "yesterday""#).unwrap_err().to_string();
         assert!(e.contains("column 8"), "{e}");
         for bad in [
             "",

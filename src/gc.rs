@@ -31,8 +31,7 @@ pub struct CleanupPlan {
 
 impl CleanupPlan {
     pub fn bytes(&self) -> u64 {
-        self.objects.iter().map(|o| o.1).sum::<u64>()
-            + self.orphans.iter().map(|o| o.1).sum::<u64>()
+        self.objects.iter().map(|o| o.1).sum::<u64>() + self.orphans.iter().map(|o| o.1).sum::<u64>()
     }
 }
 
@@ -52,13 +51,7 @@ impl Repository {
     fn cleanup_cutoff(&self) -> Result<i64> {
         let now = now_ms();
         let live = self.db().live_sessions()?;
-        Ok(live
-            .iter()
-            .filter(|s| s.writes)
-            .map(|s| s.started_ms)
-            .min()
-            .unwrap_or(now)
-            .min(now))
+        Ok(live.iter().filter(|s| s.writes).map(|s| s.started_ms).min().unwrap_or(now).min(now))
     }
 
     pub fn plan_cleanup(&self, storage: &str) -> Result<CleanupPlan> {
@@ -66,24 +59,16 @@ impl Repository {
         let cutoff_ms = self.cleanup_cutoff()?;
         let db = self.db();
         let storage_id = db.storage_id(storage)?;
-        let storage_ids: std::collections::HashMap<String, i64> = db
-            .storage_names()?
-            .into_iter()
-            .map(|(id, n)| (n, id))
-            .collect();
+        let storage_ids: std::collections::HashMap<String, i64> =
+            db.storage_names()?.into_iter().map(|(id, n)| (n, id)).collect();
         let versions = db.list_versions()?;
-        let in_this: HashSet<u64> = versions
-            .iter()
-            .filter(|v| storage_ids.get(&v.storage) == Some(&storage_id))
-            .map(|v| v.uid.0)
-            .collect();
+        let in_this: HashSet<u64> =
+            versions.iter().filter(|v| storage_ids.get(&v.storage) == Some(&storage_id)).map(|v| v.uid.0).collect();
         let mut marked: HashSet<BlockId> = HashSet::new();
         db.for_each_index(|uid, bytes| {
             if in_this.contains(&uid.0) {
-                let idx = BlockIndex::decode(bytes).map_err(|e| Error::Index {
-                    context: format!("block index of {uid}"),
-                    source: e,
-                })?;
+                let idx = BlockIndex::decode(bytes)
+                    .map_err(|e| Error::Index { context: format!("block index of {uid}"), source: e })?;
                 marked.extend(idx.entries.into_iter().filter(|e| !e.is_sparse()));
             }
             Ok(())
@@ -144,18 +129,13 @@ impl Repository {
             // 2. With the write lock held (no backup can revive a tombstone meanwhile),
             //    delete the files of rows that are still tombstones, then the rows.
             let (n, bytes) = self.db().with_write_lock(|tx| {
-                let mut check = tx.prepare_cached(
-                    "SELECT stored_size FROM objects WHERE storage_id=?1 AND id=?2 AND state=?3",
-                )?;
-                let mut del =
-                    tx.prepare_cached("DELETE FROM objects WHERE storage_id=?1 AND id=?2")?;
+                let mut check =
+                    tx.prepare_cached("SELECT stored_size FROM objects WHERE storage_id=?1 AND id=?2 AND state=?3")?;
+                let mut del = tx.prepare_cached("DELETE FROM objects WHERE storage_id=?1 AND id=?2")?;
                 let (mut n, mut bytes) = (0u64, 0u64);
                 for (id, _) in chunk {
-                    let size: Option<i64> = check
-                        .query_row(rusqlite::params![sid, &id.0[..], OBJECT_DELETING], |r| {
-                            r.get(0)
-                        })
-                        .ok();
+                    let size: Option<i64> =
+                        check.query_row(rusqlite::params![sid, &id.0[..], OBJECT_DELETING], |r| r.get(0)).ok();
                     if let Some(size) = size {
                         retry(4, || storage.delete(&id.storage_key()))?;
                         del.execute(rusqlite::params![sid, &id.0[..]])?;
@@ -170,8 +150,7 @@ impl Repository {
         }
         for chunk in plan.orphans.chunks(SWEEP_BATCH) {
             let (n, bytes) = self.db().with_write_lock(|tx| {
-                let mut known =
-                    tx.prepare_cached("SELECT 1 FROM objects WHERE storage_id=?1 AND id=?2")?;
+                let mut known = tx.prepare_cached("SELECT 1 FROM objects WHERE storage_id=?1 AND id=?2")?;
                 let (mut n, mut bytes) = (0u64, 0u64);
                 for (key, size) in chunk {
                     let Some(id) = BlockId::from_storage_key(key) else {

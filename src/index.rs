@@ -20,15 +20,8 @@ pub enum IndexError {
     UnsupportedVersion(u16),
     #[error("index entry size {0} is not supported")]
     EntrySize(u16),
-    #[error(
-        "index holds {found} entries but an image of {size} bytes in blocks of {block_size} needs {expected}"
-    )]
-    EntryCount {
-        size: u64,
-        block_size: u32,
-        expected: u64,
-        found: u64,
-    },
+    #[error("index holds {found} entries but an image of {size} bytes in blocks of {block_size} needs {expected}")]
+    EntryCount { size: u64, block_size: u32, expected: u64, found: u64 },
     #[error("index checksum mismatch (index damaged)")]
     Checksum,
 }
@@ -51,12 +44,7 @@ impl BlockIndex {
     /// A map with every block sparse.
     pub fn new_sparse(uid: u64, size: u64, block_size: u32) -> BlockIndex {
         let n = block_count(size, block_size) as usize;
-        BlockIndex {
-            uid,
-            size,
-            block_size,
-            entries: vec![BlockId::SPARSE; n],
-        }
+        BlockIndex { uid, size, block_size, entries: vec![BlockId::SPARSE; n] }
     }
 
     /// Plaintext length of block `idx` (only the last block may be short).
@@ -106,19 +94,10 @@ impl BlockIndex {
         let uid = le64(16);
         let size = le64(24);
         let count = le64(32);
-        let expected = if block_size == 0 {
-            u64::MAX
-        } else {
-            block_count(size, block_size)
-        };
+        let expected = if block_size == 0 { u64::MAX } else { block_count(size, block_size) };
         let body = &bytes[INDEX_HEADER_LEN..];
         if count != expected || body.len() as u64 != count.saturating_mul(ID_LEN as u64) {
-            return Err(IndexError::EntryCount {
-                size,
-                block_size,
-                expected,
-                found: count,
-            });
+            return Err(IndexError::EntryCount { size, block_size, expected, found: count });
         }
         let mut hasher = Sha256::new();
         hasher.update(&bytes[0..40]);
@@ -127,16 +106,8 @@ impl BlockIndex {
         if hasher.finalize().as_slice() != &bytes[40..72] {
             return Err(IndexError::Checksum);
         }
-        let entries = body
-            .chunks_exact(ID_LEN)
-            .map(|c| BlockId::from_slice(c).unwrap_or(BlockId::SPARSE))
-            .collect();
-        Ok(BlockIndex {
-            uid,
-            size,
-            block_size,
-            entries,
-        })
+        let entries = body.chunks_exact(ID_LEN).map(|c| BlockId::from_slice(c).unwrap_or(BlockId::SPARSE)).collect();
+        Ok(BlockIndex { uid, size, block_size, entries })
     }
 }
 
@@ -157,10 +128,7 @@ mod tests {
         let mut bad = bytes.clone();
         bad[INDEX_HEADER_LEN + 3 * 32] ^= 0x80;
         assert_eq!(BlockIndex::decode(&bad), Err(IndexError::Checksum));
-        assert!(matches!(
-            BlockIndex::decode(&bytes[..bytes.len() - 32]),
-            Err(IndexError::EntryCount { .. })
-        ));
+        assert!(matches!(BlockIndex::decode(&bytes[..bytes.len() - 32]), Err(IndexError::EntryCount { .. })));
         assert_eq!(BlockIndex::decode(b"short"), Err(IndexError::TooShort(5)));
     }
 

@@ -19,11 +19,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 #[derive(Parser)]
-#[command(
-    name = "keepfs",
-    version,
-    about = "Block-level deduplicating backups of disk images and block devices"
-)]
+#[command(name = "keepfs", version, about = "Block-level deduplicating backups of disk images and block devices")]
 struct Cli {
     /// Configuration file (default: $KEEPFS_CONFIG, then /etc/keepfs/keepfs.toml, else the
     /// embedded default repository under $KEEPFS_HOME or ~/.local/share/keepfs)
@@ -192,9 +188,9 @@ fn progress() -> CliProgress {
     let mut p = CliProgress::new();
     if std::io::stderr().is_terminal() {
         let bar = indicatif::ProgressBar::new(0);
-        if let Ok(style) = indicatif::ProgressStyle::with_template(
-            "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}",
-        ) {
+        if let Ok(style) =
+            indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}")
+        {
             bar.set_style(style.progress_chars("=> "));
         }
         p.bar = Some(bar);
@@ -209,30 +205,13 @@ fn parse_uids(uids: &[String]) -> Result<Vec<VersionUid>> {
 fn labels_text(v: &Version) -> String {
     v.labels
         .iter()
-        .map(|(k, val)| {
-            if val.is_empty() {
-                k.clone()
-            } else {
-                format!("{k}={val}")
-            }
-        })
+        .map(|(k, val)| if val.is_empty() { k.clone() } else { format!("{k}={val}") })
         .collect::<Vec<_>>()
         .join(",")
 }
 
 fn print_table(versions: &[Version]) {
-    let header = [
-        "uid",
-        "date",
-        "name",
-        "snapshot",
-        "size",
-        "block_size",
-        "status",
-        "protected",
-        "storage",
-        "labels",
-    ];
+    let header = ["uid", "date", "name", "snapshot", "size", "block_size", "status", "protected", "storage", "labels"];
     let rows: Vec<[String; 10]> = versions
         .iter()
         .map(|v| {
@@ -257,11 +236,7 @@ fn print_table(versions: &[Version]) {
         }
     }
     let line = |cells: Vec<&str>| {
-        let parts: Vec<String> = cells
-            .iter()
-            .zip(&widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect();
+        let parts: Vec<String> = cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
         println!("{}", parts.join("  ").trim_end());
     };
     line(header.to_vec());
@@ -274,20 +249,10 @@ fn run(cli: Cli) -> Result<i32> {
     let config = Config::discover(cli.config.as_deref())?;
     let repo = Repository::open(config)?;
     match cli.command {
-        Command::Backup {
-            source,
-            name,
-            snapshot,
-            labels,
-            block_size,
-            storage,
-        } => {
+        Command::Backup { source, name, snapshot, labels, block_size, storage } => {
             let url = Url::parse(&source).map_err(Error::Invalid)?;
             let block_size = match block_size {
-                Some(b) => Some(
-                    check_block_size(parse_size(&b).map_err(Error::Invalid)?)
-                        .map_err(Error::Invalid)?,
-                ),
+                Some(b) => Some(check_block_size(parse_size(&b).map_err(Error::Invalid)?).map_err(Error::Invalid)?),
                 None => None,
             };
             let mut label_map = BTreeMap::new();
@@ -295,13 +260,7 @@ fn run(cli: Cli) -> Result<i32> {
                 let (k, v) = parse_label(l)?;
                 label_map.insert(k, v);
             }
-            let opts = BackupOptions {
-                name,
-                snapshot,
-                labels: label_map,
-                block_size,
-                storage,
-            };
+            let opts = BackupOptions { name, snapshot, labels: label_map, block_size, storage };
             let p = progress();
             let v = repo.backup(&url, &opts, &p)?;
             let s = &v.stats;
@@ -320,12 +279,7 @@ fn run(cli: Cli) -> Result<i32> {
             println!("{}", v.uid);
             Ok(exit::OK)
         }
-        Command::Restore {
-            uid,
-            target,
-            force,
-            sparse,
-        } => {
+        Command::Restore { uid, target, force, sparse } => {
             let uid = VersionUid::parse(&uid)?;
             let url = Url::parse(&target).map_err(Error::Invalid)?;
             let p = progress();
@@ -370,11 +324,7 @@ fn run(cli: Cli) -> Result<i32> {
             }
             Ok(exit::OK)
         }
-        Command::Rm {
-            uids,
-            force,
-            dry_run,
-        } => {
+        Command::Rm { uids, force, dry_run } => {
             let uids = parse_uids(&uids)?;
             let plan = repo.plan_remove(&uids, force)?;
             for v in &plan {
@@ -389,10 +339,7 @@ fn run(cli: Cli) -> Result<i32> {
             }
             if !dry_run {
                 repo.apply_remove(&plan)?;
-                eprintln!(
-                    "removed {} version(s); run `keepfs cleanup` to free their blocks",
-                    plan.len()
-                );
+                eprintln!("removed {} version(s); run `keepfs cleanup` to free their blocks", plan.len());
             }
             Ok(exit::OK)
         }
@@ -411,12 +358,7 @@ fn run(cli: Cli) -> Result<i32> {
         Command::Cleanup { dry_run, storage } => {
             let names: Vec<String> = match storage {
                 Some(s) => vec![s],
-                None => repo
-                    .config
-                    .storages
-                    .iter()
-                    .map(|s| s.name.clone())
-                    .collect(),
+                None => repo.config.storages.iter().map(|s| s.name.clone()).collect(),
             };
             for name in names {
                 let plan = repo.plan_cleanup(&name)?;
@@ -451,7 +393,24 @@ fn run(cli: Cli) -> Result<i32> {
     }
 }
 
+/// A source file truncated while keepfs reads it through a mapping raises SIGBUS. Say so in
+/// one line and exit; the version being written stays `incomplete` (the database only ever
+/// sees whole transactions), so nothing half-written looks valid.
+extern "C" fn on_sigbus(_: libc::c_int) {
+    const MSG: &[u8] =
+        b"keepfs: error: the source shrank or failed while being read (SIGBUS on its mapping); the version is left incomplete\n";
+    // SAFETY: write(2) and _exit(2) are async-signal-safe.
+    unsafe {
+        libc::write(2, MSG.as_ptr() as *const libc::c_void, MSG.len());
+        libc::_exit(exit::FAILURE);
+    }
+}
+
 fn main() {
+    // SAFETY: installs a handler that only calls async-signal-safe functions.
+    unsafe {
+        libc::signal(libc::SIGBUS, on_sigbus as *const () as libc::sighandler_t);
+    }
     let cli = Cli::parse();
     let code = match run(cli) {
         Ok(code) => code,

@@ -31,8 +31,7 @@ const VERSION_OBJECT_FORMAT: u16 = 1;
 /// Builds the storage object that makes a version restorable from the storage alone: its
 /// fields and labels (JSON) followed by its block index. Layout in docs/format.md.
 pub fn encode_version_object(version: &Version, index: &BlockIndex) -> Result<Vec<u8>> {
-    let json = serde_json::to_vec(version)
-        .map_err(|e| Error::Other(format!("cannot encode version metadata: {e}")))?;
+    let json = serde_json::to_vec(version).map_err(|e| Error::Other(format!("cannot encode version metadata: {e}")))?;
     let index_bytes = index.encode();
     let mut plain = Vec::with_capacity(16 + json.len() + index_bytes.len());
     plain.extend_from_slice(&VERSION_OBJECT_MAGIC);
@@ -48,10 +47,8 @@ pub fn encode_version_object(version: &Version, index: &BlockIndex) -> Result<Ve
 /// Reads a version object back (the inverse of [`encode_version_object`]).
 pub fn decode_version_object(bytes: &[u8]) -> Result<(Version, BlockIndex)> {
     let ctx = |m: &str| Error::Other(format!("version object: {m}"));
-    let (header, plain) = decode_object(bytes, ObjectKind::Version).map_err(|e| Error::Object {
-        context: "version object".into(),
-        source: e,
-    })?;
+    let (header, plain) = decode_object(bytes, ObjectKind::Version)
+        .map_err(|e| Error::Object { context: "version object".into(), source: e })?;
     if crate::block::BlockId::of(&plain).0 != header.id {
         return Err(ctx("content does not match its checksum"));
     }
@@ -63,27 +60,18 @@ pub fn decode_version_object(bytes: &[u8]) -> Result<(Version, BlockIndex)> {
         return Err(ctx(&format!("format version {fmt} is not supported")));
     }
     let json_len = u32::from_le_bytes([plain[12], plain[13], plain[14], plain[15]]) as usize;
-    let json = plain
-        .get(16..16 + json_len)
-        .ok_or_else(|| ctx("truncated metadata"))?;
-    let version: Version =
-        serde_json::from_slice(json).map_err(|e| ctx(&format!("bad metadata: {e}")))?;
-    let index = BlockIndex::decode(&plain[16 + json_len..]).map_err(|e| Error::Index {
-        context: format!("index of {}", version.uid),
-        source: e,
-    })?;
+    let json = plain.get(16..16 + json_len).ok_or_else(|| ctx("truncated metadata"))?;
+    let version: Version = serde_json::from_slice(json).map_err(|e| ctx(&format!("bad metadata: {e}")))?;
+    let index = BlockIndex::decode(&plain[16 + json_len..])
+        .map_err(|e| Error::Index { context: format!("index of {}", version.uid), source: e })?;
     Ok((version, index))
 }
 
 impl Repository {
     /// Opens the repository a configuration describes, creating what is missing.
     pub fn open(config: Config) -> Result<Repository> {
-        std::fs::create_dir_all(&config.home).map_err(|e| {
-            Error::io(
-                format!("cannot create the keepfs home {}", config.home.display()),
-                e,
-            )
-        })?;
+        std::fs::create_dir_all(&config.home)
+            .map_err(|e| Error::io(format!("cannot create the keepfs home {}", config.home.display()), e))?;
         let db = Db::open(&config.database)?;
         let mut storages: HashMap<String, SharedStorage> = HashMap::new();
         for s in &config.storages {
@@ -93,19 +81,11 @@ impl Repository {
             };
             storages.insert(s.name.clone(), st);
         }
-        Ok(Repository {
-            config,
-            db: Arc::new(Mutex::new(db)),
-            storages,
-        })
+        Ok(Repository { config, db: Arc::new(Mutex::new(db)), storages })
     }
 
     /// Replaces a storage by a decorated one (fault injection in tests, caching).
-    pub fn wrap_storage(
-        &mut self,
-        name: &str,
-        f: impl FnOnce(SharedStorage) -> SharedStorage,
-    ) -> Result<()> {
+    pub fn wrap_storage(&mut self, name: &str, f: impl FnOnce(SharedStorage) -> SharedStorage) -> Result<()> {
         let s = self.storage(name)?;
         self.storages.insert(name.to_string(), f(s));
         Ok(())
@@ -129,10 +109,7 @@ impl Repository {
     /// All versions, oldest first, that match `filter`.
     pub fn list(&self, filter: Option<&Filter>) -> Result<Vec<Version>> {
         let all = self.db.lock().list_versions()?;
-        Ok(all
-            .into_iter()
-            .filter(|v| filter.is_none_or(|f| f.matches(v)))
-            .collect())
+        Ok(all.into_iter().filter(|v| filter.is_none_or(|f| f.matches(v))).collect())
     }
 
     pub fn version(&self, uid: VersionUid) -> Result<Version> {
@@ -148,10 +125,7 @@ impl Repository {
                 v.status.as_str()
             ))
         })?;
-        BlockIndex::decode(&bytes).map_err(|e| Error::Index {
-            context: format!("block index of {uid}"),
-            source: e,
-        })
+        BlockIndex::decode(&bytes).map_err(|e| Error::Index { context: format!("block index of {uid}"), source: e })
     }
 
     pub fn set_protected(&self, uid: VersionUid, protected: bool) -> Result<()> {
@@ -165,8 +139,7 @@ impl Repository {
     /// Decides what `rm` would do; refuses protected, too young or busy versions.
     pub fn plan_remove(&self, uids: &[VersionUid], force: bool) -> Result<Vec<Version>> {
         let mut plan = Vec::new();
-        let min_age =
-            chrono::Duration::milliseconds((self.config.rm_min_age_days * 86_400_000.0) as i64);
+        let min_age = chrono::Duration::milliseconds((self.config.rm_min_age_days * 86_400_000.0) as i64);
         for &uid in uids {
             let v = self.version(uid)?;
             let db = self.db.lock();
@@ -215,10 +188,7 @@ impl Repository {
     /// Registers this process as working on the repository (see docs/format.md, "Sessions").
     pub fn session(&self, purpose: &str, writes: bool) -> Result<SessionGuard> {
         let id = self.db.lock().register_session(purpose, writes)?;
-        Ok(SessionGuard {
-            db: self.db.clone(),
-            id,
-        })
+        Ok(SessionGuard { db: self.db.clone(), id })
     }
 
     pub(crate) fn db(&self) -> parking_lot::MutexGuard<'_, Db> {

@@ -7,15 +7,10 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     let digits_end = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(digits_end);
     if num.is_empty() {
-        return Err(format!(
-            "'{s}' is not a size: expected a number with an optional k, M, G, T or P suffix, e.g. 4M"
-        ));
+        return Err(format!("'{s}' is not a size: expected a number with an optional k, M, G, T or P suffix, e.g. 4M"));
     }
     let unit = unit.trim();
-    let unit = unit
-        .strip_suffix("iB")
-        .or_else(|| unit.strip_suffix('B'))
-        .unwrap_or(unit);
+    let unit = unit.strip_suffix("iB").or_else(|| unit.strip_suffix('B')).unwrap_or(unit);
     let shift = match unit {
         "" => 0,
         "k" | "K" => 10,
@@ -24,16 +19,11 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         "T" | "t" => 40,
         "P" | "p" => 50,
         other => {
-            return Err(format!(
-                "'{s}' is not a size: unknown unit '{other}' (use k, M, G, T or P)"
-            ));
+            return Err(format!("'{s}' is not a size: unknown unit '{other}' (use k, M, G, T or P)"));
         }
     };
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("'{s}' is not a size: the number is too large"))?;
-    n.checked_mul(1u64 << shift)
-        .ok_or_else(|| format!("'{s}' is too large (more than 16 EiB)"))
+    let n: u64 = num.parse().map_err(|_| format!("'{s}' is not a size: the number is too large"))?;
+    n.checked_mul(1u64 << shift).ok_or_else(|| format!("'{s}' is too large (more than 16 EiB)"))
 }
 
 /// Formats a byte count for people: `1.5 GiB`.
@@ -45,11 +35,7 @@ pub fn format_size(n: u64) -> String {
         v /= 1024.0;
         u += 1;
     }
-    if u == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
-    }
+    if u == 0 { format!("{n} B") } else { format!("{v:.1} {}", UNITS[u]) }
 }
 
 /// Checks a block size: a power of two from 4 KiB to 32 MiB.

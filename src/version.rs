@@ -13,25 +13,16 @@ pub struct VersionUid(pub u64);
 
 impl VersionUid {
     pub fn parse(s: &str) -> Result<VersionUid> {
-        let digits = s
-            .strip_prefix('V')
-            .or_else(|| s.strip_prefix('v'))
-            .unwrap_or(s);
+        let digits = s.strip_prefix('V').or_else(|| s.strip_prefix('v')).unwrap_or(s);
         if digits.is_empty() || digits.len() > 10 || !digits.bytes().all(|b| b.is_ascii_digit()) {
-            return Err(Error::Invalid(format!(
-                "'{s}' is not a version uid (they look like V0000000001)"
-            )));
+            return Err(Error::Invalid(format!("'{s}' is not a version uid (they look like V0000000001)")));
         }
         digits
             .parse::<u64>()
             .ok()
             .filter(|n| *n > 0)
             .map(VersionUid)
-            .ok_or_else(|| {
-                Error::Invalid(format!(
-                    "'{s}' is not a version uid (they look like V0000000001)"
-                ))
-            })
+            .ok_or_else(|| Error::Invalid(format!("'{s}' is not a version uid (they look like V0000000001)")))
     }
 }
 
@@ -115,11 +106,7 @@ pub struct Version {
 
 /// Checks a backup name: not empty, no control characters, at most 255 bytes.
 pub fn check_name(name: &str) -> Result<()> {
-    if name.is_empty()
-        || name.len() > 255
-        || name.chars().any(|c| c.is_control())
-        || name.contains('/')
-    {
+    if name.is_empty() || name.len() > 255 || name.chars().any(|c| c.is_control()) || name.contains('/') {
         return Err(Error::Invalid(format!(
             "'{}' is not a usable backup name: use 1 to 255 printable characters without '/'",
             name.escape_debug()
@@ -130,11 +117,8 @@ pub fn check_name(name: &str) -> Result<()> {
 
 /// Checks a label name: letters, digits and `_ . - /`, 1 to 255 bytes.
 pub fn check_label_name(name: &str) -> Result<()> {
-    let ok = !name.is_empty()
-        && name.len() <= 255
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "_.-/".contains(c));
+    let ok =
+        !name.is_empty() && name.len() <= 255 && name.chars().all(|c| c.is_ascii_alphanumeric() || "_.-/".contains(c));
     if !ok {
         return Err(Error::Invalid(format!(
             "'{}' is not a label name: use letters, digits and _ . - /",
@@ -149,9 +133,7 @@ pub fn parse_label(s: &str) -> Result<(String, String)> {
     let (k, v) = s.split_once('=').unwrap_or((s, ""));
     check_label_name(k)?;
     if v.chars().any(|c| c.is_control()) {
-        return Err(Error::Invalid(format!(
-            "label '{k}': the value contains control characters"
-        )));
+        return Err(Error::Invalid(format!("label '{k}': the value contains control characters")));
     }
     Ok((k.to_string(), v.to_string()))
 }
@@ -173,10 +155,7 @@ mod tests {
 
     #[test]
     fn labels_and_names() {
-        assert_eq!(
-            parse_label("env=prod").unwrap(),
-            ("env".into(), "prod".into())
-        );
+        assert_eq!(parse_label("env=prod").unwrap(), ("env".into(), "prod".into()));
         assert_eq!(parse_label("tier").unwrap(), ("tier".into(), "".into()));
         assert_eq!(parse_label("a=b=c").unwrap(), ("a".into(), "b=c".into()));
         assert!(parse_label("=x").is_err());

@@ -24,21 +24,14 @@ fn images_of_every_shape_restore_byte_identical() {
         let v = repo.version(&uid);
         assert_eq!(v["size"], data.len() as u64);
         assert_eq!(v["status"], "valid");
-        assert_eq!(
-            repo.restore_sha(&uid, "out"),
-            sha256_file(&repo.path(name)),
-            "{name}"
-        );
+        assert_eq!(repo.restore_sha(&uid, "out"), sha256_file(&repo.path(name)), "{name}");
     }
     // The default block size (4M) with a size that is not a multiple of it.
     let big = mixed_image(4, 3, 4 << 20, 99_999);
     fs::write(repo.path("big"), &big).unwrap();
     let uid = repo.backup("big", "big", &[]);
     assert_eq!(repo.version(&uid)["block_size"], 4 << 20);
-    assert_eq!(
-        repo.restore_sha(&uid, "out"),
-        sha256_file(&repo.path("big"))
-    );
+    assert_eq!(repo.restore_sha(&uid, "out"), sha256_file(&repo.path("big")));
 }
 
 #[test]
@@ -48,26 +41,15 @@ fn zero_blocks_are_never_stored_and_sparse_restore_leaves_holes() {
     img[20 * BS..21 * BS].copy_from_slice(&random_bytes(9, BS));
     fs::write(repo.path("img"), &img).unwrap();
     let uid = repo.backup("img", "sparse", &["-b", "64k"]);
-    assert_eq!(
-        repo.block_objects(),
-        1,
-        "only the one non-zero block is stored"
-    );
+    assert_eq!(repo.block_objects(), 1, "only the one non-zero block is stored");
     let v = repo.version(&uid);
     assert_eq!(v["stats"]["bytes_sparse"], 39 * BS as u64);
     let out = repo.url("sparse-out");
     repo.ok(&["restore", "--sparse", &uid, &out]);
-    assert_eq!(
-        sha256_file(&repo.path("sparse-out")),
-        sha256_file(&repo.path("img"))
-    );
+    assert_eq!(sha256_file(&repo.path("sparse-out")), sha256_file(&repo.path("img")));
     let meta = fs::metadata(repo.path("sparse-out")).unwrap();
     use std::os::unix::fs::MetadataExt;
-    assert!(
-        meta.blocks() * 512 < 4 * BS as u64,
-        "sparse restore allocated {} bytes",
-        meta.blocks() * 512
-    );
+    assert!(meta.blocks() * 512 < 4 * BS as u64, "sparse restore allocated {} bytes", meta.blocks() * 512);
 }
 
 #[test]
@@ -84,10 +66,7 @@ fn deduplication_across_versions_and_names() {
     assert_eq!(repo.block_objects(), objects);
     let s = &repo.version(&v2)["stats"];
     assert_eq!(s["bytes_written"], 0, "{s}");
-    assert_eq!(
-        s["bytes_deduplicated"].as_u64().unwrap() + s["bytes_sparse"].as_u64().unwrap(),
-        img.len() as u64
-    );
+    assert_eq!(s["bytes_deduplicated"].as_u64().unwrap() + s["bytes_sparse"].as_u64().unwrap(), img.len() as u64);
 
     // A copy with two blocks changed stores exactly two new objects.
     let mut changed = img.clone();
@@ -99,10 +78,7 @@ fn deduplication_across_versions_and_names() {
     assert_eq!(repo.version(&v3)["stats"]["bytes_written"], 2 * BS as u64);
 
     assert_eq!(repo.restore_sha(&v1, "o1"), sha256_file(&repo.path("img")));
-    assert_eq!(
-        repo.restore_sha(&v3, "o3"),
-        sha256_file(&repo.path("changed"))
-    );
+    assert_eq!(repo.restore_sha(&v3, "o3"), sha256_file(&repo.path("changed")));
 }
 
 #[test]
@@ -125,28 +101,15 @@ fn rm_and_cleanup_free_exactly_the_unreferenced_objects() {
     let only_a = 4;
     let dry = repo.ok(&["rm", "--dry-run", "--force", &va]);
     assert!(dry.contains(&format!("would remove {va}")), "{dry}");
-    assert_eq!(
-        repo.ls_json(None).as_array().unwrap().len(),
-        2,
-        "dry run removes nothing"
-    );
+    assert_eq!(repo.ls_json(None).as_array().unwrap().len(), 2, "dry run removes nothing");
     repo.ok(&["rm", "--force", &va]);
-    assert!(
-        !repo.storage().join("versions").join(&va).exists(),
-        "version object removed"
-    );
+    assert!(!repo.storage().join("versions").join(&va).exists(), "version object removed");
 
     let plan = repo.ok(&["cleanup", "--dry-run"]);
-    assert!(
-        plan.contains(&format!("would delete {only_a} unreferenced object(s)")),
-        "{plan}"
-    );
+    assert!(plan.contains(&format!("would delete {only_a} unreferenced object(s)")), "{plan}");
     assert_eq!(repo.block_objects(), after_a + 4, "dry run deletes nothing");
     let done = repo.ok(&["cleanup"]);
-    assert!(
-        done.contains(&format!("deleted {only_a} object(s)")),
-        "{done}"
-    );
+    assert!(done.contains(&format!("deleted {only_a} object(s)")), "{done}");
     assert_eq!(repo.block_objects(), after_a + 4 - only_a);
     assert_eq!(repo.restore_sha(&vb, "ob"), sha256_file(&repo.path("b")));
     // Nothing more to do.
@@ -160,11 +123,7 @@ fn protection_and_minimum_age() {
     let uid = repo.backup("img", "p", &["-b", "64k"]);
     let r = repo.run(&["rm", &uid]);
     assert_eq!(r.code, 4, "too young: {}", r.stderr);
-    assert!(
-        r.error_line().contains("younger than 6 days"),
-        "{}",
-        r.stderr
-    );
+    assert!(r.error_line().contains("younger than 6 days"), "{}", r.stderr);
     repo.ok(&["protect", &uid]);
     assert_eq!(repo.version(&uid)["protected"], true);
     let r = repo.run(&["rm", &uid]);
@@ -180,39 +139,18 @@ fn protection_and_minimum_age() {
 fn ls_filters_and_labels() {
     let repo = Repo::new();
     fs::write(repo.path("img"), random_bytes(8, BS)).unwrap();
-    let a = repo.backup(
-        "img",
-        "db",
-        &["-b", "64k", "-l", "env=prod", "-l", "tier", "-s", "snap1"],
-    );
+    let a = repo.backup("img", "db", &["-b", "64k", "-l", "env=prod", "-l", "tier", "-s", "snap1"]);
     let b = repo.backup("img", "db", &["-b", "64k", "-l", "env=test"]);
     let c = repo.backup("img", "web", &["-b", "64k"]);
     let uids = |f: &str| -> Vec<String> {
-        repo.ls_json(Some(f))
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v["uid"].as_str().unwrap().to_string())
-            .collect()
+        repo.ls_json(Some(f)).as_array().unwrap().iter().map(|v| v["uid"].as_str().unwrap().to_string()).collect()
     };
-    assert_eq!(
-        uids(r#"name == "db" and labels["env"] == "prod""#),
-        vec![a.clone()]
-    );
+    assert_eq!(uids(r#"name == "db" and labels["env"] == "prod""#), vec![a.clone()]);
     assert_eq!(uids(r#"name == "db""#), vec![a.clone(), b.clone()]);
-    assert_eq!(
-        uids(r#"not name == "db" or snapshot == "snap1""#),
-        vec![a.clone(), c.clone()]
-    );
-    assert_eq!(
-        uids(&format!("uid > {a} and uid <= {c}")),
-        vec![b.clone(), c.clone()]
-    );
+    assert_eq!(uids(r#"not name == "db" or snapshot == "snap1""#), vec![a.clone(), c.clone()]);
+    assert_eq!(uids(&format!("uid > {a} and uid <= {c}")), vec![b.clone(), c.clone()]);
     assert_eq!(uids(r#"labels["tier"] == """#), vec![a.clone()]);
-    assert_eq!(
-        uids(r#"date >= "2000-01-01" and status == "valid" and size == 64k"#).len(),
-        3
-    );
+    assert_eq!(uids(r#"date >= "2000-01-01" and status == "valid" and size == 64k"#).len(), 3);
     let v = repo.version(&a);
     assert_eq!(v["labels"]["env"], "prod");
     assert_eq!(v["labels"]["tier"], "");
@@ -233,44 +171,16 @@ fn user_mistakes_give_one_line_errors() {
     let cases: Vec<(Vec<&str>, i32, &str)> = vec![
         (vec!["restore", &uid, &existing], 4, "pass --force"),
         (vec!["backup", "/tmp/plain/path", "x"], 2, "not a URL"),
-        (
-            vec!["backup", "rbd://pool/img", "x"],
-            2,
-            "unsupported scheme",
-        ),
+        (vec!["backup", "rbd://pool/img", "x"], 2, "unsupported scheme"),
         (vec!["backup", &missing, "x"], 2, "does not exist"),
         (vec!["backup", "null://12Q", "x"], 2, "unknown unit"),
-        (
-            vec!["backup", &existing, "x", "-b", "3M"],
-            2,
-            "power of two",
-        ),
-        (
-            vec!["backup", &existing, "x", "-b", "64M"],
-            2,
-            "power of two",
-        ),
-        (
-            vec!["backup", &existing, "x", "-l", "bad label=1"],
-            2,
-            "not a label name",
-        ),
+        (vec!["backup", &existing, "x", "-b", "3M"], 2, "power of two"),
+        (vec!["backup", &existing, "x", "-b", "64M"], 2, "power of two"),
+        (vec!["backup", &existing, "x", "-l", "bad label=1"], 2, "not a label name"),
         (vec!["backup", &existing, ""], 2, "not a usable backup name"),
-        (
-            vec!["backup", &existing, "x", "-S", "tape"],
-            2,
-            "no storage named 'tape'",
-        ),
-        (
-            vec!["restore", "V0000000099", "file:///tmp/keepfs-never"],
-            2,
-            "does not exist",
-        ),
-        (
-            vec!["restore", "banana", "file:///tmp/keepfs-never"],
-            2,
-            "not a version uid",
-        ),
+        (vec!["backup", &existing, "x", "-S", "tape"], 2, "no storage named 'tape'"),
+        (vec!["restore", "V0000000099", "file:///tmp/keepfs-never"], 2, "does not exist"),
+        (vec!["restore", "banana", "file:///tmp/keepfs-never"], 2, "not a version uid"),
         (vec!["restore", &uid, "null://1G"], 2, "use file:///path"),
         (vec!["rm", "V0000000042"], 2, "does not exist"),
         (vec!["ls", "name = 'x'"], 2, "column 6"),
@@ -280,22 +190,9 @@ fn user_mistakes_give_one_line_errors() {
     for (args, code, needle) in cases {
         let r = repo.run(&args);
         assert_eq!(r.code, code, "{args:?}: {}", r.stderr);
-        assert_eq!(
-            r.stderr.lines().count(),
-            1,
-            "{args:?} printed more than one line: {}",
-            r.stderr
-        );
-        assert!(
-            r.stderr.starts_with("keepfs: error: ") && r.stderr.contains(needle),
-            "{args:?}: {}",
-            r.stderr
-        );
-        assert!(
-            r.stdout.is_empty(),
-            "{args:?} printed to stdout: {}",
-            r.stdout
-        );
+        assert_eq!(r.stderr.lines().count(), 1, "{args:?} printed more than one line: {}", r.stderr);
+        assert!(r.stderr.starts_with("keepfs: error: ") && r.stderr.contains(needle), "{args:?}: {}", r.stderr);
+        assert!(r.stdout.is_empty(), "{args:?} printed to stdout: {}", r.stdout);
     }
     // Failed backups left nothing looking valid.
     let versions = repo.ls_json(None);
@@ -305,11 +202,7 @@ fn user_mistakes_give_one_line_errors() {
     let cfg = repo.path("bad.toml");
     let r = repo.run(&["--config", cfg.to_str().unwrap(), "ls"]);
     assert_eq!(r.code, 2);
-    assert!(
-        r.stderr.contains("configuration: ") && r.stderr.lines().count() == 1,
-        "{}",
-        r.stderr
-    );
+    assert!(r.stderr.contains("configuration: ") && r.stderr.lines().count() == 1, "{}", r.stderr);
 }
 
 #[test]
@@ -320,9 +213,7 @@ fn a_corrupted_object_is_detected_and_named_on_restore() {
     let uid = repo.backup("img", "c", &["-b", "64k"]);
     // Block 3 is random: find its object by content id and flip one byte in its file.
     let id = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&img[3 * BS..4 * BS]));
-    let obj = repo
-        .storage()
-        .join(format!("blocks/{}/{}/{id}", &id[0..2], &id[2..4]));
+    let obj = repo.storage().join(format!("blocks/{}/{}/{id}", &id[0..2], &id[2..4]));
     let mut bytes = fs::read(&obj).unwrap();
     let n = bytes.len();
     bytes[n - 100] ^= 0x01;
@@ -330,27 +221,12 @@ fn a_corrupted_object_is_detected_and_named_on_restore() {
 
     let out = repo.url("out");
     let r = repo.run(&["restore", &uid, &out]);
-    assert_eq!(
-        r.code, 3,
-        "damaged data has its own exit code: {}",
-        r.stderr
-    );
-    assert!(
-        r.stderr.contains(&format!(
-            "block 3 (bytes {}..{}) object {id}",
-            3 * BS,
-            4 * BS
-        )),
-        "{}",
-        r.stderr
-    );
+    assert_eq!(r.code, 3, "damaged data has its own exit code: {}", r.stderr);
+    assert!(r.stderr.contains(&format!("block 3 (bytes {}..{}) object {id}", 3 * BS, 4 * BS)), "{}", r.stderr);
     assert!(r.stderr.contains("checksum"), "{}", r.stderr);
     let restored = fs::read(repo.path("out")).unwrap();
     assert_eq!(restored.len(), img.len());
-    assert!(
-        restored[3 * BS..4 * BS].iter().all(|b| *b == 0),
-        "the bad block is written as zeros"
-    );
+    assert!(restored[3 * BS..4 * BS].iter().all(|b| *b == 0), "the bad block is written as zeros");
     assert_eq!(restored[..3 * BS], img[..3 * BS]);
     assert_eq!(restored[4 * BS..], img[4 * BS..]);
     assert_eq!(repo.version(&uid)["status"], "invalid");
@@ -364,10 +240,7 @@ fn a_corrupted_object_is_detected_and_named_on_restore() {
 #[test]
 fn null_source_and_sizes() {
     let repo = Repo::new();
-    let uid = repo
-        .ok(&["backup", "null://200G", "perftest"])
-        .trim()
-        .to_string();
+    let uid = repo.ok(&["backup", "null://200G", "perftest"]).trim().to_string();
     let v = repo.version(&uid);
     assert_eq!(v["size"], 200u64 << 30);
     assert_eq!(v["stats"]["bytes_sparse"], 200u64 << 30);

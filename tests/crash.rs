@@ -21,13 +21,8 @@ fn kill_9_during_backup_leaves_an_incomplete_version_and_a_consistent_repository
     // is still running when it is killed.
     fs::write(repo.path("img"), random_bytes(21, 48 << 20)).unwrap();
     let url = repo.url("img");
-    let mut child = repo
-        .command(&["backup", &url, "victim", "-b", "4k"])
-        .spawn()
-        .unwrap();
-    wait_for("objects to be written", Duration::from_secs(60), || {
-        repo.block_objects() >= 300
-    });
+    let mut child = repo.command(&["backup", &url, "victim", "-b", "4k"]).spawn().unwrap();
+    wait_for("objects to be written", Duration::from_secs(60), || repo.block_objects() >= 300);
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
 
@@ -37,15 +32,8 @@ fn kill_9_during_backup_leaves_an_incomplete_version_and_a_consistent_repository
     let uid = v["uid"].as_str().unwrap().to_string();
     let r = repo.run(&["restore", &uid, &repo.url("out")]);
     assert_eq!(r.code, 2);
-    assert!(
-        r.error_line().contains("incomplete") && r.error_line().contains("keepfs rm"),
-        "{}",
-        r.stderr
-    );
-    assert!(
-        !repo.path("out").exists(),
-        "a refused restore writes nothing"
-    );
+    assert!(r.error_line().contains("incomplete") && r.error_line().contains("keepfs rm"), "{}", r.stderr);
+    assert!(!repo.path("out").exists(), "a refused restore writes nothing");
 
     // The next backup of the same image completes and restores byte-identical; what the
     // killed run stored durably is deduplicated against.
@@ -53,10 +41,7 @@ fn kill_9_during_backup_leaves_an_incomplete_version_and_a_consistent_repository
     assert_ne!(good, uid);
     let stats = &repo.version(&good)["stats"];
     assert!(stats["bytes_deduplicated"].as_u64().unwrap() > 0, "{stats}");
-    assert_eq!(
-        repo.restore_sha(&good, "out"),
-        sha256_file(&repo.path("img"))
-    );
+    assert_eq!(repo.restore_sha(&good, "out"), sha256_file(&repo.path("img")));
 
     // Removing the incomplete version needs no --force (it never became a backup), and
     // cleanup then leaves a storage with exactly the objects the good version needs.
@@ -65,23 +50,11 @@ fn kill_9_during_backup_leaves_an_incomplete_version_and_a_consistent_repository
     let index_objects = {
         let obj = fs::read(repo.storage().join("versions").join(&good)).unwrap();
         let (_, index) = keepfs::repo::decode_version_object(&obj).unwrap();
-        index
-            .entries
-            .iter()
-            .filter(|e| !e.is_sparse())
-            .collect::<std::collections::HashSet<_>>()
-            .len()
+        index.entries.iter().filter(|e| !e.is_sparse()).collect::<std::collections::HashSet<_>>().len()
     };
     assert_eq!(repo.block_objects(), index_objects);
-    assert_eq!(
-        count_files(&repo.storage().join("tmp")),
-        0,
-        "temporary files of the killed run are purged"
-    );
-    assert_eq!(
-        repo.restore_sha(&good, "out"),
-        sha256_file(&repo.path("img"))
-    );
+    assert_eq!(count_files(&repo.storage().join("tmp")), 0, "temporary files of the killed run are purged");
+    assert_eq!(repo.restore_sha(&good, "out"), sha256_file(&repo.path("img")));
 }
 
 #[test]
@@ -98,11 +71,7 @@ fn cleanup_running_during_a_backup_never_deletes_what_the_backup_uses() {
     new.extend_from_slice(&random_bytes(33, 2 << 20));
     fs::write(repo.path("new"), &new).unwrap();
     let url = repo.url("new");
-    let child = repo
-        .command(&["backup", &url, "vm", "-b", "4k"])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = repo.command(&["backup", &url, "vm", "-b", "4k"]).stdout(std::process::Stdio::piped()).spawn().unwrap();
     let mut cleanups = 0;
     let mut deleted_during_backup = 0u64;
     let mut child = child;
@@ -124,19 +93,10 @@ fn cleanup_running_during_a_backup_never_deletes_what_the_backup_uses() {
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success());
     let uid = String::from_utf8(out.stdout).unwrap().trim().to_string();
-    assert!(
-        cleanups >= 2,
-        "cleanup ran {cleanups} times during the backup"
-    );
-    assert!(
-        deleted_during_backup > 0,
-        "the cleanups deleted nothing: the race was not exercised"
-    );
+    assert!(cleanups >= 2, "cleanup ran {cleanups} times during the backup");
+    assert!(deleted_during_backup > 0, "the cleanups deleted nothing: the race was not exercised");
     repo.ok(&["cleanup"]);
-    assert_eq!(
-        repo.restore_sha(&uid, "out"),
-        sha256_file(&repo.path("new"))
-    );
+    assert_eq!(repo.restore_sha(&uid, "out"), sha256_file(&repo.path("new")));
 }
 
 #[test]
@@ -144,13 +104,8 @@ fn ls_works_while_a_backup_holds_the_database() {
     let repo = Repo::new();
     fs::write(repo.path("img"), random_bytes(41, 24 << 20)).unwrap();
     let url = repo.url("img");
-    let mut child = repo
-        .command(&["backup", &url, "busy", "-b", "4k"])
-        .spawn()
-        .unwrap();
-    wait_for("the backup to start", Duration::from_secs(30), || {
-        repo.block_objects() > 10
-    });
+    let mut child = repo.command(&["backup", &url, "busy", "-b", "4k"]).spawn().unwrap();
+    wait_for("the backup to start", Duration::from_secs(30), || repo.block_objects() > 10);
     let listed = repo.ls_json(None);
     assert_eq!(listed[0]["status"], "incomplete");
     // A running backup's version cannot be removed, even with --force.
@@ -162,4 +117,27 @@ fn ls_works_while_a_backup_holds_the_database() {
     }
     assert!(child.wait().unwrap().success());
     assert_eq!(repo.version(&uid)["status"], "valid");
+}
+
+#[test]
+fn a_source_truncated_during_the_backup_gives_a_clear_error_and_no_valid_version() {
+    let repo = Repo::new();
+    // A large sparse file: read through mappings, mostly zeros, long enough to truncate
+    // while the backup is still running.
+    let img = repo.path("shrinking");
+    let f = fs::File::create(&img).unwrap();
+    f.set_len(64 << 30).unwrap();
+    let url = repo.url("shrinking");
+    let child = repo.command(&["backup", &url, "shrinks"]).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    wait_for("the backup to start", Duration::from_secs(30), || {
+        repo.ls_json(None).as_array().is_some_and(|a| !a.is_empty())
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    f.set_len(1 << 20).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("shrank"), "{stderr}");
+    assert_eq!(stderr.lines().filter(|l| l.starts_with("keepfs: error:")).count(), 1, "{stderr}");
+    assert_eq!(repo.ls_json(None)[0]["status"], "incomplete");
 }

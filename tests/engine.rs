@@ -30,11 +30,7 @@ fn open(dir: &std::path::Path) -> (Repository, Arc<FaultyStorage>) {
 }
 
 fn opts(name: &str) -> BackupOptions {
-    BackupOptions {
-        name: name.into(),
-        block_size: Some(BS),
-        ..Default::default()
-    }
+    BackupOptions { name: name.into(), block_size: Some(BS), ..Default::default() }
 }
 
 fn restore_to(
@@ -43,13 +39,7 @@ fn restore_to(
     path: &std::path::Path,
 ) -> keepfs::restore::RestoreReport {
     let _ = fs::remove_file(path);
-    repo.restore(
-        uid,
-        &Url::File(path.to_path_buf()),
-        &RestoreOptions::default(),
-        &Silent,
-    )
-    .unwrap()
+    repo.restore(uid, &Url::File(path.to_path_buf()), &RestoreOptions::default(), &Silent).unwrap()
 }
 
 #[test]
@@ -59,9 +49,7 @@ fn transient_write_failures_are_retried() {
     let img = dir.path().join("img");
     fs::write(&img, mixed_image(51, 12, BS as usize, 5)).unwrap();
     faults.fail_next_puts(2);
-    let v = repo
-        .backup(&Url::File(img.clone()), &opts("r"), &Silent)
-        .unwrap();
+    let v = repo.backup(&Url::File(img.clone()), &opts("r"), &Silent).unwrap();
     assert_eq!(v.status, Status::Valid);
     let out = dir.path().join("out");
     assert!(restore_to(&repo, v.uid, &out).bad_blocks.is_empty());
@@ -75,22 +63,14 @@ fn a_storage_that_keeps_failing_leaves_an_incomplete_version_and_a_clear_error()
     let img = dir.path().join("img");
     fs::write(&img, mixed_image(52, 12, BS as usize, 0)).unwrap();
     faults.fail_next_puts(1000);
-    let err = repo
-        .backup(&Url::File(img.clone()), &opts("f"), &Silent)
-        .unwrap_err()
-        .to_string();
-    assert!(
-        err.contains("left incomplete") && err.contains("injected fault on put"),
-        "{err}"
-    );
+    let err = repo.backup(&Url::File(img.clone()), &opts("f"), &Silent).unwrap_err().to_string();
+    assert!(err.contains("left incomplete") && err.contains("injected fault on put"), "{err}");
     let versions = repo.list(None).unwrap();
     assert_eq!(versions.len(), 1);
     assert_eq!(versions[0].status, Status::Incomplete);
     // Once the storage is back, a backup works and the incomplete one can go.
     faults.fail_next_puts(0);
-    let v = repo
-        .backup(&Url::File(img.clone()), &opts("f"), &Silent)
-        .unwrap();
+    let v = repo.backup(&Url::File(img.clone()), &opts("f"), &Silent).unwrap();
     assert_eq!(v.status, Status::Valid);
     let plan = repo.plan_remove(&[versions[0].uid], false).unwrap();
     repo.apply_remove(&plan).unwrap();
@@ -102,9 +82,7 @@ fn truncated_and_failed_reads_are_fetched_again() {
     let (repo, faults) = open(dir.path());
     let img = dir.path().join("img");
     fs::write(&img, mixed_image(53, 15, BS as usize, 0)).unwrap();
-    let v = repo
-        .backup(&Url::File(img.clone()), &opts("t"), &Silent)
-        .unwrap();
+    let v = repo.backup(&Url::File(img.clone()), &opts("t"), &Silent).unwrap();
     faults.truncate_next_gets(1);
     faults.fail_next_gets(2);
     let out = dir.path().join("out");
@@ -120,28 +98,13 @@ fn persistent_corruption_becomes_named_zero_blocks_and_an_invalid_version() {
     let img = dir.path().join("img");
     let data = mixed_image(54, 10, BS as usize, 0);
     fs::write(&img, &data).unwrap();
-    let v = repo
-        .backup(&Url::File(img.clone()), &opts("c"), &Silent)
-        .unwrap();
+    let v = repo.backup(&Url::File(img.clone()), &opts("c"), &Silent).unwrap();
     faults.corrupt_next_gets(1_000);
     let out = dir.path().join("out");
     let report = restore_to(&repo, v.uid, &out);
-    let stored_blocks = repo
-        .index(v.uid)
-        .unwrap()
-        .entries
-        .iter()
-        .filter(|e| !e.is_sparse())
-        .count();
+    let stored_blocks = repo.index(v.uid).unwrap().entries.iter().filter(|e| !e.is_sparse()).count();
     assert_eq!(report.bad_blocks.len(), stored_blocks);
-    assert!(
-        report
-            .bad_blocks
-            .iter()
-            .all(|b| b.reason.contains("checksum")),
-        "{:?}",
-        report.bad_blocks[0]
-    );
+    assert!(report.bad_blocks.iter().all(|b| b.reason.contains("checksum")), "{:?}", report.bad_blocks[0]);
     assert_eq!(repo.version(v.uid).unwrap().status, Status::Invalid);
     assert_eq!(fs::metadata(&out).unwrap().len(), data.len() as u64);
 }
@@ -154,16 +117,8 @@ fn tombstones_left_by_a_crashed_cleanup_are_never_trusted() {
     let (repo, _) = open(dir.path());
     let img = dir.path().join("img");
     fs::write(&img, mixed_image(55, 20, BS as usize, 0)).unwrap();
-    let first = repo
-        .backup(&Url::File(img.clone()), &opts("x"), &Silent)
-        .unwrap();
-    let ids: Vec<_> = repo
-        .index(first.uid)
-        .unwrap()
-        .entries
-        .into_iter()
-        .filter(|e| !e.is_sparse())
-        .collect();
+    let first = repo.backup(&Url::File(img.clone()), &opts("x"), &Silent).unwrap();
+    let ids: Vec<_> = repo.index(first.uid).unwrap().entries.into_iter().filter(|e| !e.is_sparse()).collect();
     let plan = repo.plan_remove(&[first.uid], true).unwrap();
     repo.apply_remove(&plan).unwrap();
 
@@ -175,31 +130,15 @@ fn tombstones_left_by_a_crashed_cleanup_are_never_trusted() {
         fs::remove_file(storage.join(id.storage_key())).unwrap();
     }
 
-    let second = repo
-        .backup(&Url::File(img.clone()), &opts("x"), &Silent)
-        .unwrap();
+    let second = repo.backup(&Url::File(img.clone()), &opts("x"), &Silent).unwrap();
     for id in &ids {
-        assert!(
-            storage.join(id.storage_key()).exists(),
-            "object {id} was not stored again"
-        );
+        assert!(storage.join(id.storage_key()).exists(), "object {id} was not stored again");
     }
-    let live: i64 = conn
-        .query_row("SELECT COUNT(*) FROM objects WHERE state = 0", [], |r| {
-            r.get(0)
-        })
-        .unwrap();
-    assert_eq!(
-        live as usize,
-        ids.iter().collect::<std::collections::HashSet<_>>().len()
-    );
+    let live: i64 = conn.query_row("SELECT COUNT(*) FROM objects WHERE state = 0", [], |r| r.get(0)).unwrap();
+    assert_eq!(live as usize, ids.iter().collect::<std::collections::HashSet<_>>().len());
     // The next cleanup deletes nothing the new version needs.
     let plan = repo.plan_cleanup("default").unwrap();
-    assert!(
-        plan.objects.is_empty(),
-        "{} objects planned",
-        plan.objects.len()
-    );
+    assert!(plan.objects.is_empty(), "{} objects planned", plan.objects.len());
     repo.apply_cleanup(&plan).unwrap();
     let out = dir.path().join("out");
     assert!(restore_to(&repo, second.uid, &out).bad_blocks.is_empty());
@@ -221,11 +160,9 @@ fn an_object_file_without_a_row_is_swept_only_when_old() {
     assert_eq!(plan.orphans.len(), 1);
     // A writer that started before the file was written protects it.
     let file = fs::File::options().write(true).open(&path).unwrap();
-    file.set_modified(std::time::SystemTime::now() + std::time::Duration::from_secs(3600))
-        .unwrap();
+    file.set_modified(std::time::SystemTime::now() + std::time::Duration::from_secs(3600)).unwrap();
     assert!(repo.plan_cleanup("default").unwrap().orphans.is_empty());
-    file.set_modified(std::time::SystemTime::now() - std::time::Duration::from_secs(3600))
-        .unwrap();
+    file.set_modified(std::time::SystemTime::now() - std::time::Duration::from_secs(3600)).unwrap();
     let plan = repo.plan_cleanup("default").unwrap();
     assert_eq!(repo.apply_cleanup(&plan).unwrap().orphans_deleted, 1);
     assert!(!path.exists());

@@ -7,6 +7,7 @@ pub mod null;
 use crate::units::parse_size;
 use std::io;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 /// A parsed source or target URL.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -24,20 +25,13 @@ impl Url {
             return Ok(Url::File(PathBuf::from(path)));
         }
         if let Some(size) = s.strip_prefix("null://") {
-            return parse_size(size)
-                .map(Url::Null)
-                .map_err(|e| format!("'{s}': {e}"));
+            return parse_size(size).map(Url::Null).map_err(|e| format!("'{s}': {e}"));
         }
         if s.contains("://") {
             let scheme = s.split("://").next().unwrap_or("");
-            return Err(format!(
-                "'{s}': unsupported scheme '{scheme}' (use file:///path or null://SIZE)"
-            ));
+            return Err(format!("'{s}': unsupported scheme '{scheme}' (use file:///path or null://SIZE)"));
         }
-        Err(format!(
-            "'{s}' is not a URL: use file://{}{s} or null://SIZE",
-            if s.starts_with('/') { "" } else { "/" }
-        ))
+        Err(format!("'{s}' is not a URL: use file://{}{s} or null://SIZE", if s.starts_with('/') { "" } else { "/" }))
     }
 }
 
@@ -61,12 +55,17 @@ pub trait Source: Send + Sync {
     fn all_zero(&self) -> bool {
         false
     }
+    /// A read-only mapping of `len` bytes at `offset` (a multiple of
+    /// [`file::WINDOW_BYTES`]), where the source can be mapped.
+    fn window(&self, _offset: u64, _len: u64) -> Option<io::Result<Arc<file::Window>>> {
+        None
+    }
 }
 
-/// Opens a source for reading.
-pub fn open_source(url: &Url) -> Result<Box<dyn Source>, io::Error> {
+/// Opens a source for reading; `mmap` allows reading regular files through mappings.
+pub fn open_source(url: &Url, mmap: bool) -> Result<Box<dyn Source>, io::Error> {
     Ok(match url {
-        Url::File(p) => Box::new(file::FileSource::open(p)?),
+        Url::File(p) => Box::new(file::FileSource::open(p, mmap)?),
         Url::Null(n) => Box::new(null::NullSource::new(*n)),
     })
 }
@@ -77,17 +76,10 @@ mod tests {
 
     #[test]
     fn urls() {
-        assert_eq!(
-            Url::parse("file:///tmp/x").unwrap(),
-            Url::File("/tmp/x".into())
-        );
+        assert_eq!(Url::parse("file:///tmp/x").unwrap(), Url::File("/tmp/x".into()));
         assert_eq!(Url::parse("null://200G").unwrap(), Url::Null(200 << 30));
         assert!(Url::parse("/tmp/x").unwrap_err().contains("file:///tmp/x"));
-        assert!(
-            Url::parse("rbd://pool/img")
-                .unwrap_err()
-                .contains("unsupported scheme 'rbd'")
-        );
+        assert!(Url::parse("rbd://pool/img").unwrap_err().contains("unsupported scheme 'rbd'"));
         assert!(Url::parse("null://abc").is_err());
         assert!(Url::parse("file://").is_err());
     }

@@ -23,10 +23,7 @@ pub struct FaultyStorage {
 
 impl FaultyStorage {
     pub fn new(inner: Arc<dyn Storage>) -> FaultyStorage {
-        FaultyStorage {
-            inner,
-            faults: Mutex::new(Faults::default()),
-        }
+        FaultyStorage { inner, faults: Mutex::new(Faults::default()) }
     }
     /// The next `n` puts fail (transiently).
     pub fn fail_next_puts(&self, n: u32) {
@@ -71,11 +68,7 @@ impl Storage for FaultyStorage {
     fn put(&self, key: &str, data: &[u8]) -> StorageResult<()> {
         self.pause();
         if Self::take(&mut self.faults.lock().fail_puts) {
-            return Err(StorageError::Injected {
-                storage: self.name().to_string(),
-                op: "put",
-                key: key.to_string(),
-            });
+            return Err(StorageError::Injected { storage: self.name().to_string(), op: "put", key: key.to_string() });
         }
         self.inner.put(key, data)
     }
@@ -83,11 +76,7 @@ impl Storage for FaultyStorage {
         self.pause();
         let mut f = self.faults.lock();
         if Self::take(&mut f.fail_gets) {
-            return Err(StorageError::Injected {
-                storage: self.name().to_string(),
-                op: "get",
-                key: key.to_string(),
-            });
+            return Err(StorageError::Injected { storage: self.name().to_string(), op: "get", key: key.to_string() });
         }
         let truncate = Self::take(&mut f.truncate_gets);
         let corrupt = Self::take(&mut f.corrupt_gets);

@@ -46,37 +46,21 @@ impl FileStorage {
     fn path_of(&self, key: &str) -> StorageResult<PathBuf> {
         let bad = key.is_empty()
             || key.starts_with('/')
-            || key
-                .split('/')
-                .any(|c| c.is_empty() || c == "." || c == "..")
+            || key.split('/').any(|c| c.is_empty() || c == "." || c == "..")
             || key.starts_with("tmp/");
         if bad {
-            return Err(self.err(
-                "use key",
-                key,
-                io::Error::new(io::ErrorKind::InvalidInput, "invalid key"),
-            ));
+            return Err(self.err("use key", key, io::Error::new(io::ErrorKind::InvalidInput, "invalid key")));
         }
         Ok(self.root.join(key))
     }
 
     fn err(&self, op: &'static str, key: &str, source: io::Error) -> StorageError {
-        StorageError::Io {
-            storage: self.name.clone(),
-            op,
-            key: key.to_string(),
-            source,
-        }
+        StorageError::Io { storage: self.name.clone(), op, key: key.to_string(), source }
     }
 
     fn write_temp(&self, key: &str, data: &[u8]) -> StorageResult<PathBuf> {
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
-        let tmp = self.tmp.join(format!(
-            "{}.{}.{}",
-            std::process::id(),
-            n,
-            key.replace('/', "_")
-        ));
+        let tmp = self.tmp.join(format!("{}.{}.{}", std::process::id(), n, key.replace('/', "_")));
         let mut f = OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -135,10 +119,7 @@ impl Storage for FileStorage {
         let path = self.path_of(key)?;
         fs::read(&path).map_err(|e| {
             if e.kind() == io::ErrorKind::NotFound {
-                StorageError::NotFound {
-                    storage: self.name.clone(),
-                    key: key.to_string(),
-                }
+                StorageError::NotFound { storage: self.name.clone(), key: key.to_string() }
             } else {
                 self.err("read", key, e)
             }
@@ -166,11 +147,7 @@ impl Storage for FileStorage {
     fn list(&self, prefix: &str) -> StorageResult<Vec<ListEntry>> {
         // Walk only the top-level directory the prefix names, then filter by prefix.
         let top = prefix.split('/').next().unwrap_or("");
-        let start = if top.is_empty() {
-            self.root.clone()
-        } else {
-            self.root.join(top)
-        };
+        let start = if top.is_empty() { self.root.clone() } else { self.root.join(top) };
         let mut out = Vec::new();
         let mut stack = vec![start];
         while let Some(dir) = stack.pop() {
@@ -182,9 +159,7 @@ impl Storage for FileStorage {
             for entry in rd {
                 let entry = entry.map_err(|e| self.err("list", &dir.display().to_string(), e))?;
                 let path = entry.path();
-                let meta = entry
-                    .metadata()
-                    .map_err(|e| self.err("stat", &path.display().to_string(), e))?;
+                let meta = entry.metadata().map_err(|e| self.err("stat", &path.display().to_string(), e))?;
                 if path == self.tmp {
                     continue;
                 }
@@ -225,11 +200,7 @@ impl Storage for FileStorage {
         let mut n = 0;
         let rd = fs::read_dir(&self.tmp).map_err(|e| self.err("list", "tmp", e))?;
         for entry in rd.flatten() {
-            let old = entry
-                .metadata()
-                .and_then(|m| m.modified())
-                .map(|m| m < older_than)
-                .unwrap_or(false);
+            let old = entry.metadata().and_then(|m| m.modified()).map(|m| m < older_than).unwrap_or(false);
             if old && fs::remove_file(entry.path()).is_ok() {
                 n += 1;
             }
@@ -252,24 +223,12 @@ mod tests {
         s.sync().unwrap();
         assert_eq!(s.get("blocks/aa/bb/x1").unwrap(), b"one");
         assert!(s.exists("blocks/aa/cc/x2").unwrap());
-        let keys: Vec<String> = s
-            .list("blocks/")
-            .unwrap()
-            .into_iter()
-            .map(|e| e.key)
-            .collect();
+        let keys: Vec<String> = s.list("blocks/").unwrap().into_iter().map(|e| e.key).collect();
         assert_eq!(keys, vec!["blocks/aa/bb/x1", "blocks/aa/cc/x2"]);
         s.delete("blocks/aa/bb/x1").unwrap();
         s.delete("blocks/aa/bb/x1").unwrap();
-        assert!(matches!(
-            s.get("blocks/aa/bb/x1"),
-            Err(StorageError::NotFound { .. })
-        ));
+        assert!(matches!(s.get("blocks/aa/bb/x1"), Err(StorageError::NotFound { .. })));
         assert!(s.put("../escape", b"x").is_err());
-        assert_eq!(
-            fs::read_dir(dir.path().join("tmp")).unwrap().count(),
-            0,
-            "no temporary files left"
-        );
+        assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0, "no temporary files left");
     }
 }

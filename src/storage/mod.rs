@@ -26,11 +26,7 @@ pub enum StorageError {
     #[error("storage '{storage}' discards data (kind null); it has nothing to read back")]
     Discarding { storage: String },
     #[error("storage '{storage}': injected fault on {op} {key}")]
-    Injected {
-        storage: String,
-        op: &'static str,
-        key: String,
-    },
+    Injected { storage: String, op: &'static str, key: String },
 }
 
 impl StorageError {

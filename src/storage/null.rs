@@ -9,9 +9,7 @@ pub struct NullStorage {
 
 impl NullStorage {
     pub fn new(name: &str) -> NullStorage {
-        NullStorage {
-            name: name.to_string(),
-        }
+        NullStorage { name: name.to_string() }
     }
 }
 
@@ -23,9 +21,7 @@ impl Storage for NullStorage {
         Ok(())
     }
     fn get(&self, _key: &str) -> StorageResult<Vec<u8>> {
-        Err(StorageError::Discarding {
-            storage: self.name.clone(),
-        })
+        Err(StorageError::Discarding { storage: self.name.clone() })
     }
     fn exists(&self, _key: &str) -> StorageResult<bool> {
         Ok(false)

@@ -7,7 +7,7 @@ pub fn compress(data: &[u8], level: i32) -> Option<Vec<u8>> {
     ::zstd::bulk::compress(data, level).ok()
 }
 
-/// Decompresses a payload whose plaintext is `plain_len` bytes long.
-pub fn decompress(payload: &[u8], plain_len: usize) -> io::Result<Vec<u8>> {
-    ::zstd::bulk::decompress(payload, plain_len)
+/// Decompresses a payload into `out`, which must be large enough; returns the length.
+pub fn decompress_into(payload: &[u8], out: &mut [u8]) -> io::Result<usize> {
+    ::zstd::bulk::decompress_to_buffer(payload, out)
 }

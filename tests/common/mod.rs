@@ -27,9 +27,7 @@ impl Run {
 
 impl Repo {
     pub fn new() -> Repo {
-        Repo {
-            dir: tempfile::tempdir().expect("temp dir"),
-        }
+        Repo { dir: tempfile::tempdir().expect("temp dir") }
     }
 
     pub fn home(&self) -> PathBuf {
@@ -50,9 +48,7 @@ impl Repo {
 
     pub fn command(&self, args: &[&str]) -> Command {
         let mut c = Command::new(KEEPFS);
-        c.args(args)
-            .env("KEEPFS_HOME", self.home())
-            .env_remove("KEEPFS_CONFIG");
+        c.args(args).env("KEEPFS_HOME", self.home()).env_remove("KEEPFS_CONFIG");
         c
     }
 
@@ -68,11 +64,7 @@ impl Repo {
     /// Runs a command that must succeed and returns its stdout.
     pub fn ok(&self, args: &[&str]) -> String {
         let r = self.run(args);
-        assert_eq!(
-            r.code, 0,
-            "keepfs {args:?} failed:\n{}\n{}",
-            r.stdout, r.stderr
-        );
+        assert_eq!(r.code, 0, "keepfs {args:?} failed:\n{}\n{}", r.stdout, r.stderr);
         r.stdout
     }
 
@@ -108,12 +100,7 @@ impl Repo {
 
     pub fn version(&self, uid: &str) -> serde_json::Value {
         let all = self.ls_json(None);
-        all.as_array()
-            .unwrap()
-            .iter()
-            .find(|v| v["uid"] == uid)
-            .cloned()
-            .expect("version listed")
+        all.as_array().unwrap().iter().find(|v| v["uid"] == uid).cloned().expect("version listed")
     }
 }
 
@@ -122,13 +109,7 @@ pub fn count_files(dir: &Path) -> usize {
         return 0;
     };
     rd.flatten()
-        .map(|e| {
-            if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
-                count_files(&e.path())
-            } else {
-                1
-            }
-        })
+        .map(|e| if e.file_type().map(|t| t.is_dir()).unwrap_or(false) { count_files(&e.path()) } else { 1 })
         .sum()
 }
 

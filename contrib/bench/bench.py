@@ -1,0 +1,164 @@
+#!/usr/bin/env python3
+"""keepfs throughput benchmark.
+
+Creates a deterministic ~2 GiB mixed image (about 40% zero blocks, 40% compressible,
+20% random, some duplicated blocks) and a copy with ~2% of its blocks changed, then
+prints, in one run with a warm page cache, the same-run baseline `openssl dgst -sha256`
+of the image and keepfs's initial backup, unchanged re-backup, backup of the changed
+copy and restore, each in MB/s and as a ratio to the baseline, with storage used and
+peak RSS. Finally backs up null://1T to a null storage (memory and database size).
+
+usage: contrib/bench/bench.py [--size-mib N] [--workdir DIR] [--keepfs PATH]
+"""
+import argparse
+import os
+import random
+import shutil
+import subprocess
+import sys
+import time
+
+BS = 4 << 20
+
+
+def make_images(path, changed_path, size_mib, seed=42):
+    blocks = size_mib * (1 << 20) // BS
+    if os.path.exists(path) and os.path.getsize(path) == blocks * BS and os.path.exists(changed_path):
+        return blocks
+    rnd = random.Random(seed)
+    # Compressible data: random bytes mapped onto a 16-letter alphabet (~2:1 with zstd).
+    table = bytes(b"etaoinshrdlucmfw"[i % 16] for i in range(256))
+    kinds = []
+    with open(path, "wb") as f:
+        written = []
+        for i in range(blocks):
+            r = rnd.random()
+            if r < 0.40:
+                kinds.append("zero")
+                f.write(bytes(BS))
+                continue
+            if written and r < 0.45:
+                kinds.append("dup")
+                f.write(written[rnd.randrange(len(written))])
+                continue
+            if r < 0.80:
+                kinds.append("text")
+                data = rnd.randbytes(BS).translate(table)
+            else:
+                kinds.append("random")
+                data = rnd.randbytes(BS)
+            f.write(data)
+            if len(written) < 16:
+                written.append(data)
+    shutil.copyfile(path, changed_path)
+    with open(changed_path, "r+b") as f:
+        for i in range(blocks):
+            if rnd.random() < 0.02:
+                f.seek(i * BS + rnd.randrange(BS - 8))
+                f.write(rnd.randbytes(8))
+    return blocks
+
+
+def warm(path):
+    """Puts `path` in the page cache and writes back what earlier steps left dirty, so
+    that every step starts from the same state (keepfs drops what it has read from the
+    cache, as backy2 and Benji do)."""
+    os.sync()
+    with open(path, "rb") as f:
+        while f.read(16 << 20):
+            pass
+
+
+def timed(cmd, env=None):
+    """Runs cmd; returns (seconds, peak RSS in MiB of that very process, stdout)."""
+    t = time.perf_counter()
+    with open(os.devnull, "w") as null:
+        p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        stdout, stderr = p.stdout.read(), p.stderr.read()
+        _, status, usage = os.wait4(p.pid, 0)
+    dt = time.perf_counter() - t
+    p.returncode = os.waitstatus_to_exitcode(status)
+    if p.returncode != 0:
+        sys.exit(f"command failed: {' '.join(cmd)}\n{stderr}")
+    return dt, usage.ru_maxrss / 1024, stdout
+
+
+def du(path):
+    total = 0
+    for root, _, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.stat(os.path.join(root, f)).st_blocks * 512
+            except FileNotFoundError:
+                pass
+    return total
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--size-mib", type=int, default=2048)
+    ap.add_argument("--workdir", default="/tmp/keepfs-bench")
+    ap.add_argument("--keepfs", default=None)
+    ap.add_argument("--skip-null", action="store_true")
+    a = ap.parse_args()
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    keepfs = a.keepfs
+    if keepfs is None:
+        subprocess.run(["cargo", "build", "--release", "--quiet"], cwd=root, check=True)
+        keepfs = os.path.join(root, "target", "release", "keepfs")
+    os.makedirs(a.workdir, exist_ok=True)
+    img = os.path.join(a.workdir, "mixed.img")
+    changed = os.path.join(a.workdir, "mixed-changed.img")
+    blocks = make_images(img, changed, a.size_mib)
+    size = blocks * BS
+    home = os.path.join(a.workdir, "repo")
+    shutil.rmtree(home, ignore_errors=True)
+    env = dict(os.environ, KEEPFS_HOME=home)
+    env.pop("KEEPFS_CONFIG", None)
+    out = os.path.join(a.workdir, "restored.img")
+
+    rows = []
+    warm(img)
+    base_t, _, _ = timed(["openssl", "dgst", "-sha256", img])
+    base = size / base_t / 1e6
+    rows.append(("openssl dgst -sha256 (baseline)", base_t, base, None, None))
+
+    def step(label, cmd, image=img):
+        warm(image)
+        dt, rss, stdout = timed(cmd, env)
+        rows.append((label, dt, size / dt / 1e6, rss, du(os.path.join(home, "storage"))))
+        return stdout.strip()
+
+    uid = step("keepfs backup (initial)", [keepfs, "backup", "file://" + img, "bench"])
+    step("keepfs backup (all blocks stored)", [keepfs, "backup", "file://" + img, "bench"])
+    step("keepfs backup (2% changed)", [keepfs, "backup", "file://" + changed, "bench"], changed)
+    if os.path.exists(out):
+        os.remove(out)
+    step("keepfs restore to file", [keepfs, "restore", uid, "file://" + out])
+    same = subprocess.run(["cmp", img, out]).returncode == 0
+    os.remove(out)
+
+    print(f"keepfs benchmark: {size / 2**30:.2f} GiB mixed image ({blocks} blocks of 4 MiB), {os.cpu_count()} CPUs")
+    print(f"{'step':38} {'seconds':>8} {'MB/s':>8} {'x base':>7} {'peak RSS':>9} {'storage':>10}")
+    for label, dt, mbs, rss, used in rows:
+        rss_s = f"{rss:.0f} MiB" if rss is not None else ""
+        used_s = f"{used / 2**20:.0f} MiB" if used is not None else ""
+        print(f"{label:38} {dt:8.2f} {mbs:8.0f} {mbs / base:7.2f} {rss_s:>9} {used_s:>10}")
+    print(f"restored image identical to the source: {'yes' if same else 'NO'}")
+
+    if not a.skip_null:
+        nhome = os.path.join(a.workdir, "null-repo")
+        shutil.rmtree(nhome, ignore_errors=True)
+        os.makedirs(nhome)
+        cfg = os.path.join(nhome, "keepfs.toml")
+        with open(cfg, "w") as f:
+            f.write(f'home = "{nhome}"\n[[storage]]\nname = "null"\nkind = "null"\n')
+        dt, rss, _ = timed([keepfs, "--config", cfg, "backup", "null://1T", "null1t"], env)
+        db = sum(os.path.getsize(os.path.join(nhome, f)) for f in os.listdir(nhome) if f.startswith("keepfs.sqlite"))
+        print(f"null://1T to null storage: {dt:.1f} s, peak RSS {rss:.0f} MiB, metadata database {db / 2**20:.1f} MiB")
+    if not same:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+//! The formats of docs/format.md, checked against committed samples in tests/data/.
+//! A layout change fails here until the samples and the document are updated together
+//! (regenerate with `KEEPFS_WRITE_SAMPLES=1 cargo test --test format`).
+
+mod common;
+use keepfs::block::{BlockId, FLAG_ZSTD, ObjectKind, decode_block, encode_object, parse_header};
+use keepfs::index::BlockIndex;
+use keepfs::repo::{decode_version_object, encode_version_object};
+use keepfs::version::{Stats, Status, Version, VersionUid};
+use std::path::PathBuf;
+
+fn data(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data").join(name)
+}
+
+fn text_block() -> Vec<u8> {
+    b"keepfs sample block: the quick brown fox jumps over the lazy dog\n".repeat(64)
+}
+
+fn random_block() -> Vec<u8> {
+    common::random_bytes(2026, 4096)
+}
+
+fn sample_version() -> (Version, BlockIndex) {
+    let mut index = BlockIndex::new_sparse(7, 3 * 4096 + 100, 4096);
+    index.entries[0] = BlockId::of(&text_block());
+    index.entries[2] = BlockId::of(&random_block());
+    let v = Version {
+        uid: VersionUid(7),
+        date: keepfs::filter::parse_date("2026-11-22T12:00:00Z").unwrap(),
+        name: "sample".into(),
+        snapshot: "snap-1".into(),
+        size: index.size,
+        block_size: 4096,
+        status: Status::Valid,
+        protected: true,
+        storage: "default".into(),
+        labels: [("env".to_string(), "prod".to_string()), ("tier".to_string(), String::new())].into(),
+        stats: Stats {
+            bytes_read: 12388,
+            bytes_written: 8192,
+            bytes_stored: 4300,
+            bytes_deduplicated: 0,
+            bytes_sparse: 4196,
+            duration_ms: 3,
+        },
+    };
+    (v, index)
+}
+
+#[test]
+fn committed_samples_decode() {
+    let (version, index) = sample_version();
+    if std::env::var_os("KEEPFS_WRITE_SAMPLES").is_some() {
+        let text = text_block();
+        std::fs::write(data("block-zstd.obj"), encode_object(ObjectKind::Block, &BlockId::of(&text).0, &text, 3))
+            .unwrap();
+        let rnd = random_block();
+        std::fs::write(data("block-plain.obj"), encode_object(ObjectKind::Block, &BlockId::of(&rnd).0, &rnd, 3))
+            .unwrap();
+        std::fs::write(data("index.kfi"), index.encode()).unwrap();
+        std::fs::write(data("version.obj"), encode_version_object(&version, &index).unwrap()).unwrap();
+    }
+
+    // A compressed block object: header fields at their documented offsets.
+    let obj = std::fs::read(data("block-zstd.obj")).unwrap();
+    assert_eq!(&obj[0..8], b"KEEPFSOB");
+    assert_eq!(u16::from_le_bytes([obj[8], obj[9]]), 1, "format version");
+    assert_eq!(u16::from_le_bytes([obj[10], obj[11]]), 1, "kind block");
+    let (header, header_len) = parse_header(&obj).unwrap();
+    assert_eq!(header_len, 72);
+    assert_eq!(header.flags, FLAG_ZSTD);
+    assert_eq!(header.plain_len, text_block().len() as u64);
+    assert_eq!(header.id, BlockId::of(&text_block()).0);
+    assert_eq!(decode_block(&obj, &BlockId::of(&text_block())).unwrap(), text_block());
+
+    // An incompressible block is stored as is, byte for byte what this build writes.
+    let obj = std::fs::read(data("block-plain.obj")).unwrap();
+    let rnd = random_block();
+    assert_eq!(obj, encode_object(ObjectKind::Block, &BlockId::of(&rnd).0, &rnd, 3));
+    assert_eq!(&obj[72..], &rnd[..]);
+    assert_eq!(decode_block(&obj, &BlockId::of(&rnd)).unwrap(), rnd);
+
+    // The index: byte for byte.
+    let idx = std::fs::read(data("index.kfi")).unwrap();
+    assert_eq!(&idx[0..8], b"KEEPFSIX");
+    assert_eq!(idx.len(), 80 + 4 * 32);
+    assert_eq!(idx, index.encode());
+    assert_eq!(BlockIndex::decode(&idx).unwrap(), index);
+
+    // The version object: fields, labels and index come back.
+    let obj = std::fs::read(data("version.obj")).unwrap();
+    let (v, i) = decode_version_object(&obj).unwrap();
+    assert_eq!(v, version);
+    assert_eq!(i, index);
+}

@@ -16,8 +16,8 @@ use crate::source::{Source, Url, open_source};
 use crate::storage::{SharedStorage, retry};
 use crate::version::{Stats, Version, VersionUid, check_name};
 use crossbeam_channel::{Receiver, Sender, TryRecvError, bounded, unbounded};
-use parking_lot::Mutex;
-use std::collections::{BTreeMap, HashSet};
+use parking_lot::{Condvar, Mutex};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -97,6 +97,8 @@ pub struct IngestContext {
     pub workers: usize,
     pub writers: usize,
     pub session: i64,
+    /// Publish each block's id as it completes (see [`Ingest::wait_completed`]).
+    pub publish: bool,
 }
 
 /// What an ingest produced: the id of every block by index (sparse where none was
@@ -108,10 +110,20 @@ pub struct IngestResult {
 
 /// Turns blocks into deduplicated, stored objects. Submit blocks in any order; `finish`
 /// waits until every new object is durable and recorded.
+/// Blocks an ingest has finished (stored or found stored), by index, published as they
+/// complete so that a writer can read back or rewrite a block it handed over earlier.
+#[derive(Default)]
+pub struct Completions {
+    done: Mutex<HashMap<u64, BlockId>>,
+    changed: Condvar,
+}
+
 pub struct Ingest {
     job_tx: Option<Sender<Job>>,
     done_tx: Sender<Done>,
     pool_rx: Receiver<Vec<u8>>,
+    pool_tx: Sender<Vec<u8>>,
+    completions: Option<Arc<Completions>>,
     coordinator: Option<JoinHandle<Result<IngestResult>>>,
     threads: Vec<JoinHandle<()>>,
     failed: Arc<Mutex<bool>>,
@@ -143,10 +155,12 @@ impl Ingest {
             threads.push(std::thread::spawn(move || writer(put_rx, done_tx, storage)));
         }
         let failed = Arc::new(Mutex::new(false));
+        let completions = ctx.publish.then(|| Arc::new(Completions::default()));
         let coord = {
-            let (job_tx, pool_tx, failed) = (job_tx.clone(), pool_tx.clone(), failed.clone());
+            let (job_tx, pool_tx, failed, completions) =
+                (job_tx.clone(), pool_tx.clone(), failed.clone(), completions.clone());
             std::thread::spawn(move || {
-                let r = coordinate(ctx, done_rx, job_tx, pool_tx);
+                let r = coordinate(ctx, done_rx, job_tx, pool_tx, completions);
                 if r.is_err() {
                     *failed.lock() = true;
                 }
@@ -156,6 +170,8 @@ impl Ingest {
         Ingest {
             job_tx: Some(job_tx),
             done_tx,
+            pool_tx,
+            completions,
             pool_rx,
             coordinator: Some(coord),
             threads,
@@ -206,6 +222,34 @@ impl Ingest {
     pub fn submit_zero(&mut self, idx: u64, len: u64) -> Result<()> {
         self.submitted += 1;
         self.done_tx.send(Done::Zero { idx, len }).map_err(|_| Error::Other("the backup pipeline stopped".into()))
+    }
+
+    /// Returns a buffer from [`Ingest::take_buffer`] that will not be submitted.
+    pub fn give_back(&self, buf: Vec<u8>) {
+        let _ = self.pool_tx.send(buf);
+    }
+
+    /// Waits until block `idx` (submitted earlier) is stored or found stored and returns
+    /// its id. Needs an ingest started with `publish`.
+    pub fn wait_completed(&self, idx: u64) -> Result<BlockId> {
+        let c = self.completions.as_ref().ok_or_else(|| Error::Other("ingest does not publish completions".into()))?;
+        let mut done = c.done.lock();
+        loop {
+            if let Some(id) = done.get(&idx) {
+                return Ok(*id);
+            }
+            if *self.failed.lock() {
+                return Err(Error::Other("the backup pipeline stopped".into()));
+            }
+            c.changed.wait_for(&mut done, Duration::from_millis(200));
+        }
+    }
+
+    /// Forgets the completion of block `idx` before it is submitted again.
+    pub fn forget_completed(&self, idx: u64) {
+        if let Some(c) = &self.completions {
+            c.done.lock().remove(&idx);
+        }
     }
 
     /// Waits for every submitted block to be stored and recorded.
@@ -289,6 +333,7 @@ struct Coordinator {
     seen: HashSet<BlockId>,
     pending_lookup: Vec<(u64, BlockId, Block)>,
     pending_insert: Vec<(BlockId, u64, u64)>,
+    completions: Option<Arc<Completions>>,
     completed: u64,
     in_store: u64,
     last_heartbeat: Instant,
@@ -301,6 +346,10 @@ impl Coordinator {
             self.entries.resize(i + 1, BlockId::SPARSE);
         }
         self.entries[i] = id;
+        if let Some(c) = &self.completions {
+            c.done.lock().insert(idx, id);
+            c.changed.notify_all();
+        }
     }
 
     fn flush_lookups(&mut self) -> Result<()> {
@@ -408,6 +457,7 @@ fn coordinate(
     done: Receiver<Done>,
     job_tx: Sender<Job>,
     pool_tx: Sender<Vec<u8>>,
+    completions: Option<Arc<Completions>>,
 ) -> Result<IngestResult> {
     let mut c = Coordinator {
         ctx,
@@ -418,6 +468,7 @@ fn coordinate(
         seen: HashSet::new(),
         pending_lookup: Vec::new(),
         pending_insert: Vec::new(),
+        completions,
         completed: 0,
         in_store: 0,
         last_heartbeat: Instant::now(),
@@ -473,6 +524,7 @@ impl Repository {
             workers: self.config.workers,
             writers: self.config.storage_writers,
             session,
+            publish: false,
         })
     }
 

@@ -5,11 +5,14 @@
 
 pub mod backup;
 pub mod block;
+pub mod cache;
 pub mod config;
 pub mod db;
+pub mod draft;
 pub mod error;
 pub mod filter;
 pub mod gc;
+pub mod image;
 pub mod index;
 pub mod progress;
 pub mod repo;

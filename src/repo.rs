@@ -128,6 +128,26 @@ impl Repository {
         BlockIndex::decode(&bytes).map_err(|e| Error::Index { context: format!("block index of {uid}"), source: e })
     }
 
+    /// Replaces the snapshot name and labels of a version still being written.
+    pub fn update_draft_fields(
+        &self,
+        uid: VersionUid,
+        snapshot: &str,
+        labels: &std::collections::BTreeMap<String, String>,
+    ) -> Result<()> {
+        self.db.lock().with_write_lock(|tx| {
+            tx.execute("UPDATE versions SET snapshot=?2 WHERE uid=?1", rusqlite::params![uid.0 as i64, snapshot])?;
+            tx.execute("DELETE FROM labels WHERE uid=?1", [uid.0 as i64])?;
+            for (k, v) in labels {
+                tx.execute(
+                    "INSERT INTO labels(uid, name, value) VALUES (?1,?2,?3)",
+                    rusqlite::params![uid.0 as i64, k, v],
+                )?;
+            }
+            Ok(())
+        })
+    }
+
     pub fn set_protected(&self, uid: VersionUid, protected: bool) -> Result<()> {
         self.db.lock().set_protected(uid, protected)
     }

@@ -262,6 +262,10 @@ impl Repository {
             for (idx, id, buf, r) in res_rx {
                 let off = idx * bs as u64;
                 let len = index.block_len(idx as usize);
+                let r = match r {
+                    Ok(n) if n != len => Err(format!("object holds {n} bytes, the block needs {len}")),
+                    other => other,
+                };
                 let data = match &r {
                     Ok(_) => buf.bytes(len),
                     Err(reason) => {

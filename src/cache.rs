@@ -1,0 +1,109 @@
+//! A shared cache of verified, decompressed blocks, keyed by storage and content id (so
+//! a block shared by many versions is cached once). Concurrent requests for the same
+//! block wait for one fetch instead of fetching it again.
+
+use crate::block::{BlockId, decode_block};
+use crate::storage::{Storage, retry};
+use lru::LruCache;
+use parking_lot::{Condvar, Mutex};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+pub type BlockData = Arc<Vec<u8>>;
+type Key = (usize, BlockId);
+
+#[derive(Default)]
+struct Flight {
+    result: Mutex<Option<Result<BlockData, String>>>,
+    done: Condvar,
+}
+
+pub struct BlockCache {
+    lru: Mutex<(LruCache<Key, BlockData>, usize)>,
+    capacity_bytes: usize,
+    in_flight: Mutex<HashMap<Key, Arc<Flight>>>,
+}
+
+const FETCH_ATTEMPTS: u32 = 4;
+
+/// Fetches and verifies one block, fetching once more if the bytes do not decode (a
+/// truncated transfer is transient; a damaged object fails every time).
+pub fn fetch_block(storage: &dyn Storage, id: &BlockId) -> Result<Vec<u8>, String> {
+    let mut last = String::new();
+    for _ in 0..2 {
+        let bytes = retry(FETCH_ATTEMPTS, || storage.get(&id.storage_key())).map_err(|e| e.to_string())?;
+        match decode_block(&bytes, id) {
+            Ok(b) => return Ok(b),
+            Err(e) => last = format!("object {id}: {e}"),
+        }
+    }
+    Err(last)
+}
+
+impl BlockCache {
+    pub fn new(capacity_bytes: usize) -> BlockCache {
+        BlockCache {
+            lru: Mutex::new((LruCache::unbounded(), 0)),
+            capacity_bytes,
+            in_flight: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn key(storage: &Arc<dyn Storage>, id: &BlockId) -> Key {
+        (Arc::as_ptr(storage) as *const () as usize, *id)
+    }
+
+    pub fn peek(&self, storage: &Arc<dyn Storage>, id: &BlockId) -> Option<BlockData> {
+        self.lru.lock().0.get(&Self::key(storage, id)).cloned()
+    }
+
+    /// Adds a block (e.g. one just written) to the cache.
+    pub fn insert(&self, storage: &Arc<dyn Storage>, id: &BlockId, data: BlockData) {
+        let mut g = self.lru.lock();
+        let (lru, used) = &mut *g;
+        if let Some(old) = lru.put(Self::key(storage, id), data.clone()) {
+            *used -= old.len();
+        }
+        *used += data.len();
+        while *used > self.capacity_bytes {
+            match lru.pop_lru() {
+                Some((_, v)) => *used -= v.len(),
+                None => break,
+            }
+        }
+    }
+
+    /// The block, from the cache or fetched (once, however many threads ask at a time).
+    pub fn get(&self, storage: &Arc<dyn Storage>, id: &BlockId) -> Result<BlockData, String> {
+        if let Some(d) = self.peek(storage, id) {
+            return Ok(d);
+        }
+        let key = Self::key(storage, id);
+        let (flight, leader) = {
+            let mut f = self.in_flight.lock();
+            match f.get(&key) {
+                Some(fl) => (fl.clone(), false),
+                None => {
+                    let fl = Arc::new(Flight::default());
+                    f.insert(key, fl.clone());
+                    (fl, true)
+                }
+            }
+        };
+        if leader {
+            let r = fetch_block(storage.as_ref(), id).map(Arc::new);
+            if let Ok(d) = &r {
+                self.insert(storage, id, d.clone());
+            }
+            *flight.result.lock() = Some(r.clone());
+            flight.done.notify_all();
+            self.in_flight.lock().remove(&key);
+            return r;
+        }
+        let mut res = flight.result.lock();
+        while res.is_none() {
+            flight.done.wait(&mut res);
+        }
+        res.clone().unwrap_or_else(|| Err("fetch vanished".into()))
+    }
+}

@@ -1,0 +1,502 @@
+//! Drafts: writable images that become versions when committed. `cp`/`dd` into the FUSE
+//! `incoming/` directory writes a draft without a base; writes to a version's `data`
+//! write a draft over that version (copy-on-write: the version itself never changes).
+//!
+//! Blocks flow through the same [`Ingest`] as `keepfs backup`. A block that has been
+//! written to its end while streaming is handed over at once, so a copy never needs a
+//! spool as large as the image; other touched blocks wait in a spool: in memory up to a
+//! few blocks (buffers from the ingest's pool, which bounds memory), then in a sparse
+//! spool file under the repository, itself bounded (past the bound the oldest blocks are
+//! handed over; a later write to such a block reads it back).
+
+use crate::backup::{BackupOptions, Ingest};
+use crate::block::BlockId;
+use crate::error::{Error, Result};
+use crate::image::Image;
+use crate::index::block_count;
+use crate::repo::{Repository, SessionGuard};
+use crate::version::{Version, VersionUid};
+use lru::LruCache;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// What a block of a draft holds, where it differs from its base.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Slot {
+    /// In the spool (memory or spool file).
+    Spooled,
+    /// Handed to the ingest; its id comes from the ingest.
+    Submitted,
+    /// All zeros, whatever the base holds (cut off by a truncate).
+    Zero,
+}
+
+pub struct DraftOptions {
+    pub backup: BackupOptions,
+    /// The version this draft starts from (copy-on-write), or none (an empty image).
+    pub base: Option<Arc<Image>>,
+    /// Hand a block over as soon as a write reaches its end (sequential writers).
+    pub streaming: bool,
+    /// Blocks kept in memory before spilling to the spool file.
+    pub memory_blocks: usize,
+    /// Blocks kept in the spool (memory and file) before the oldest are handed over.
+    pub spool_blocks: usize,
+}
+
+struct Spool {
+    mem: LruCache<u64, Vec<u8>>,
+    memory_blocks: usize,
+    path: PathBuf,
+    file: Option<File>,
+    on_disk: HashSet<u64>,
+    bs: usize,
+}
+
+impl Spool {
+    fn file(&mut self) -> Result<&File> {
+        if self.file.is_none() {
+            if let Some(dir) = self.path.parent() {
+                std::fs::create_dir_all(dir).map_err(|e| Error::io(format!("cannot create {}", dir.display()), e))?;
+            }
+            let f = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&self.path)
+                .map_err(|e| Error::io(format!("cannot create spool {}", self.path.display()), e))?;
+            self.file = Some(f);
+        }
+        self.file.as_ref().ok_or_else(|| Error::Other("spool file vanished".into()))
+    }
+
+    fn punch(&mut self, idx: u64) {
+        if self.on_disk.remove(&idx)
+            && let Some(f) = &self.file
+        {
+            // SAFETY: fallocate on a valid descriptor; failure only leaves disk space used.
+            unsafe {
+                libc::fallocate(
+                    f.as_raw_fd(),
+                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                    (idx * self.bs as u64) as i64,
+                    self.bs as i64,
+                );
+            }
+        }
+    }
+
+    fn contains(&self, idx: u64) -> bool {
+        self.mem.contains(&idx) || self.on_disk.contains(&idx)
+    }
+
+    fn blocks(&self) -> usize {
+        self.mem.len() + self.on_disk.len()
+    }
+
+    /// Makes room in memory for one more block by spilling the least recently used.
+    fn spill_one(&mut self, ingest: &Ingest) -> Result<()> {
+        if self.mem.len() < self.memory_blocks {
+            return Ok(());
+        }
+        if let Some((idx, buf)) = self.mem.pop_lru() {
+            let at = idx * self.bs as u64;
+            self.file()?.write_all_at(&buf, at).map_err(|e| Error::io("cannot write to the spool", e))?;
+            self.on_disk.insert(idx);
+            ingest.give_back(buf);
+        }
+        Ok(())
+    }
+
+    /// A new buffer of exactly one block for `idx`, filled by `init`.
+    fn insert(&mut self, idx: u64, ingest: &Ingest, init: impl FnOnce(&mut [u8])) -> Result<()> {
+        self.spill_one(ingest)?;
+        let mut buf = ingest.take_buffer()?;
+        buf.resize(self.bs, 0);
+        init(&mut buf);
+        self.punch(idx);
+        self.mem.put(idx, buf);
+        Ok(())
+    }
+
+    /// The block's buffer in memory (read back from the spool file if spilled).
+    fn get_mut(&mut self, idx: u64, ingest: &Ingest) -> Result<&mut Vec<u8>> {
+        if !self.mem.contains(&idx) {
+            self.spill_one(ingest)?;
+            let mut buf = ingest.take_buffer()?;
+            buf.resize(self.bs, 0);
+            let at = idx * self.bs as u64;
+            self.file()?.read_exact_at(&mut buf, at).map_err(|e| Error::io("cannot read the spool", e))?;
+            self.punch(idx);
+            self.mem.put(idx, buf);
+        }
+        self.mem.get_mut(&idx).ok_or_else(|| Error::Other("spool block vanished".into()))
+    }
+
+    fn read(&mut self, idx: u64, within: usize, out: &mut [u8]) -> Result<()> {
+        if let Some(b) = self.mem.get(&idx) {
+            out.copy_from_slice(&b[within..within + out.len()]);
+            return Ok(());
+        }
+        let at = idx * self.bs as u64 + within as u64;
+        self.file()?.read_exact_at(out, at).map_err(|e| Error::io("cannot read the spool", e))
+    }
+
+    /// Takes a block out of the spool, as a buffer of one block.
+    fn take(&mut self, idx: u64, ingest: &Ingest) -> Result<Vec<u8>> {
+        self.get_mut(idx, ingest)?;
+        self.mem.pop(&idx).ok_or_else(|| Error::Other("spool block vanished".into()))
+    }
+
+    fn discard(&mut self, idx: u64, ingest: &Ingest) {
+        if let Some(b) = self.mem.pop(&idx) {
+            ingest.give_back(b);
+        }
+        self.punch(idx);
+    }
+}
+
+impl Drop for Spool {
+    fn drop(&mut self) {
+        if self.file.take().is_some() {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// A writable image on its way to becoming a version.
+pub struct Draft {
+    repo: Arc<Repository>,
+    pub uid: VersionUid,
+    name: String,
+    snapshot: String,
+    labels: BTreeMap<String, String>,
+    base: Option<Arc<Image>>,
+    /// Blocks at or after this index no longer come from the base (a truncate cut them).
+    base_cut: u64,
+    bs: u64,
+    size: u64,
+    slots: HashMap<u64, Slot>,
+    coverage: HashMap<u64, Vec<(usize, usize)>>,
+    spool: Spool,
+    ingest: Option<Ingest>,
+    streaming: bool,
+    spool_blocks: usize,
+    started: Instant,
+    _session: SessionGuard,
+}
+
+fn add_range(r: &mut Vec<(usize, usize)>, start: usize, end: usize) {
+    r.push((start, end));
+    r.sort_unstable();
+    let mut merged: Vec<(usize, usize)> = Vec::with_capacity(r.len());
+    for &(s, e) in r.iter() {
+        match merged.last_mut() {
+            Some(last) if s <= last.1 => last.1 = last.1.max(e),
+            _ => merged.push((s, e)),
+        }
+    }
+    *r = merged;
+}
+
+impl Draft {
+    /// Starts a draft: an `incomplete` version exists from now on, so a draft that is
+    /// never committed (a killed mount) leaves nothing that looks valid.
+    pub fn start(repo: Arc<Repository>, opts: DraftOptions) -> Result<Draft> {
+        let session = repo.session(&format!("draft {}", opts.backup.name), true)?;
+        let mut backup = opts.backup;
+        if let Some(b) = &opts.base {
+            backup.block_size = Some(b.block_size());
+            backup.storage = Some(b.version.storage.clone());
+        }
+        let size = opts.base.as_ref().map(|b| b.size()).unwrap_or(0);
+        let (uid, storage, bs) = repo.begin_version(&backup, size, session.id)?;
+        let mut ctx = repo.ingest_context(&storage, bs, session.id)?;
+        ctx.publish = true;
+        let ingest = Ingest::start(ctx);
+        let spool = Spool {
+            mem: LruCache::unbounded(),
+            memory_blocks: opts.memory_blocks.max(1),
+            path: repo.config.home.join("spool").join(format!("{uid}.spool")),
+            file: None,
+            on_disk: HashSet::new(),
+            bs: bs as usize,
+        };
+        Ok(Draft {
+            uid,
+            name: backup.name,
+            snapshot: backup.snapshot,
+            labels: backup.labels,
+            base_cut: u64::MAX,
+            base: opts.base,
+            bs: bs as u64,
+            size,
+            slots: HashMap::new(),
+            coverage: HashMap::new(),
+            spool,
+            ingest: Some(ingest),
+            streaming: opts.streaming,
+            spool_blocks: opts.spool_blocks.max(2),
+            started: Instant::now(),
+            repo,
+            _session: session,
+        })
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+    pub fn labels(&self) -> &BTreeMap<String, String> {
+        &self.labels
+    }
+    pub fn set_label(&mut self, k: &str, v: &str) -> Result<()> {
+        crate::version::check_label_name(k)?;
+        self.labels.insert(k.to_string(), v.to_string());
+        Ok(())
+    }
+    pub fn remove_label(&mut self, k: &str) -> bool {
+        self.labels.remove(k).is_some()
+    }
+    pub fn snapshot(&self) -> &str {
+        &self.snapshot
+    }
+    pub fn set_snapshot(&mut self, s: &str) {
+        self.snapshot = s.to_string();
+    }
+
+    fn ingest(&self) -> Result<&Ingest> {
+        self.ingest.as_ref().ok_or_else(|| Error::Other("draft already committed".into()))
+    }
+
+    /// The base's id for block `idx`, if the block still comes from the base.
+    fn base_id(&self, idx: u64) -> BlockId {
+        match &self.base {
+            Some(b) if idx < self.base_cut => b.index().entries.get(idx as usize).copied().unwrap_or(BlockId::SPARSE),
+            _ => BlockId::SPARSE,
+        }
+    }
+
+    /// Reads the current content of a block that is not spooled into `out` (one block).
+    fn load_block(&self, idx: u64, slot: Option<Slot>, out: &mut [u8]) -> Result<()> {
+        out.fill(0);
+        let id = match slot {
+            Some(Slot::Submitted) => self.ingest()?.wait_completed(idx)?,
+            Some(Slot::Zero) => BlockId::SPARSE,
+            _ => self.base_id(idx),
+        };
+        if !id.is_sparse() {
+            let (storage, cache) = match &self.base {
+                Some(b) => (b.storage().clone(), b.cache().clone()),
+                None => {
+                    let v = self.repo.version(self.uid)?;
+                    (self.repo.storage(&v.storage)?, Arc::new(crate::cache::BlockCache::new(0)))
+                }
+            };
+            let data = cache.get(&storage, &id).map_err(|e| Error::Damaged(format!("block {idx}: {e}")))?;
+            let n = data.len().min(out.len());
+            out[..n].copy_from_slice(&data[..n]);
+        }
+        Ok(())
+    }
+
+    /// Brings block `idx` into the spool; `whole` says the caller overwrites all of it.
+    fn prepare(&mut self, idx: u64, whole: bool) -> Result<()> {
+        let slot = self.slots.get(&idx).copied();
+        if slot == Some(Slot::Spooled) {
+            return Ok(());
+        }
+        if slot == Some(Slot::Submitted) {
+            // Never two submissions of one block in flight: the later must win.
+            self.ingest()?.wait_completed(idx)?;
+        }
+        let needs_content =
+            !whole && (slot == Some(Slot::Submitted) || (slot.is_none() && !self.base_id(idx).is_sparse()));
+        let mut content = None;
+        if needs_content {
+            let mut b = vec![0u8; self.bs as usize];
+            self.load_block(idx, slot, &mut b)?;
+            content = Some(b);
+        }
+        if slot == Some(Slot::Submitted) {
+            self.ingest()?.forget_completed(idx);
+        }
+        let ingest = self.ingest.as_ref().ok_or_else(|| Error::Other("draft already committed".into()))?;
+        self.spool.insert(idx, ingest, |buf| match &content {
+            Some(c) => buf.copy_from_slice(c),
+            None => buf.fill(0),
+        })?;
+        self.slots.insert(idx, Slot::Spooled);
+        let cov = self.coverage.entry(idx).or_default();
+        cov.clear();
+        if content.is_some() {
+            cov.push((0, self.bs as usize));
+        }
+        Ok(())
+    }
+
+    /// Hands a spooled block to the ingest (the last block only up to the image end).
+    fn submit(&mut self, idx: u64) -> Result<()> {
+        let ingest = self.ingest.as_mut().ok_or_else(|| Error::Other("draft already committed".into()))?;
+        let mut buf = self.spool.take(idx, ingest)?;
+        let len = (self.size.saturating_sub(idx * self.bs)).min(self.bs) as usize;
+        buf.truncate(len);
+        ingest.submit(idx, buf)?;
+        self.slots.insert(idx, Slot::Submitted);
+        self.coverage.remove(&idx);
+        Ok(())
+    }
+
+    /// Keeps the spool within its bound by handing over the oldest blocks.
+    fn bound_spool(&mut self) -> Result<()> {
+        while self.spool.blocks() > self.spool_blocks {
+            let oldest =
+                self.spool.on_disk.iter().next().copied().or_else(|| self.spool.mem.peek_lru().map(|(k, _)| *k));
+            match oldest {
+                Some(idx) => self.submit(idx)?,
+                None => break,
+            }
+        }
+        Ok(())
+    }
+
+    pub fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<()> {
+        let bs = self.bs as usize;
+        let end = offset + data.len() as u64;
+        if end > self.size {
+            self.size = end;
+        }
+        let mut done = 0usize;
+        while done < data.len() {
+            let pos = offset + done as u64;
+            let idx = pos / self.bs;
+            let within = (pos % self.bs) as usize;
+            let n = (bs - within).min(data.len() - done);
+            self.prepare(idx, within == 0 && n == bs)?;
+            let ingest = self.ingest.as_ref().ok_or_else(|| Error::Other("draft already committed".into()))?;
+            let buf = self.spool.get_mut(idx, ingest)?;
+            buf[within..within + n].copy_from_slice(&data[done..done + n]);
+            let cov = self.coverage.entry(idx).or_default();
+            add_range(cov, within, within + n);
+            let full = cov.len() == 1 && cov[0] == (0, bs);
+            if self.streaming && full && within + n == bs {
+                self.submit(idx)?;
+            }
+            done += n;
+        }
+        self.bound_spool()
+    }
+
+    pub fn read_at(&mut self, offset: u64, out: &mut [u8]) -> Result<usize> {
+        if offset >= self.size {
+            return Ok(0);
+        }
+        let len = out.len().min((self.size - offset) as usize);
+        let bs = self.bs as usize;
+        let mut done = 0usize;
+        while done < len {
+            let pos = offset + done as u64;
+            let idx = pos / self.bs;
+            let within = (pos % self.bs) as usize;
+            let n = (bs - within).min(len - done);
+            let slot = self.slots.get(&idx).copied();
+            if slot == Some(Slot::Spooled) && self.spool.contains(idx) {
+                self.spool.read(idx, within, &mut out[done..done + n])?;
+            } else {
+                let mut block = vec![0u8; bs];
+                self.load_block(idx, slot, &mut block)?;
+                out[done..done + n].copy_from_slice(&block[within..within + n]);
+            }
+            done += n;
+        }
+        Ok(len)
+    }
+
+    /// Truncates or extends the image; cut-off bytes read as zeros if it grows again.
+    pub fn set_size(&mut self, new: u64) -> Result<()> {
+        if new < self.size {
+            let first_gone = new.div_ceil(self.bs);
+            let old_blocks = self.size.div_ceil(self.bs);
+            for idx in first_gone..old_blocks {
+                match self.slots.get(&idx).copied() {
+                    Some(Slot::Spooled) => {
+                        let ingest =
+                            self.ingest.as_ref().ok_or_else(|| Error::Other("draft already committed".into()))?;
+                        self.spool.discard(idx, ingest);
+                    }
+                    Some(Slot::Submitted) => {
+                        self.ingest()?.wait_completed(idx)?;
+                        self.ingest()?.forget_completed(idx);
+                    }
+                    _ => {}
+                }
+                self.slots.insert(idx, Slot::Zero);
+                self.coverage.remove(&idx);
+            }
+            self.base_cut = self.base_cut.min(first_gone);
+            let tail = (new % self.bs) as usize;
+            if tail != 0 {
+                let idx = new / self.bs;
+                self.prepare(idx, false)?;
+                let ingest = self.ingest.as_ref().ok_or_else(|| Error::Other("draft already committed".into()))?;
+                let buf = self.spool.get_mut(idx, ingest)?;
+                buf[tail..].fill(0);
+            }
+        }
+        self.size = new;
+        Ok(())
+    }
+
+    /// Turns the draft into a valid version: hands over what is still spooled, waits
+    /// until every block is durable and commits the index.
+    pub fn commit(mut self) -> Result<Version> {
+        let n = block_count(self.size, self.bs as u32);
+        let spooled: Vec<u64> = self.slots.iter().filter(|(_, s)| **s == Slot::Spooled).map(|(i, _)| *i).collect();
+        for idx in spooled {
+            if idx < n {
+                self.submit(idx)?;
+            } else {
+                let ingest = self.ingest.as_ref().ok_or_else(|| Error::Other("draft already committed".into()))?;
+                self.spool.discard(idx, ingest);
+                self.slots.insert(idx, Slot::Zero);
+            }
+        }
+        // A base block that was the base's short last block, or that is now longer or
+        // shorter than in the base, must be stored again at its new length.
+        if let Some(base) = self.base.clone() {
+            let base_blocks = base.index().entries.len() as u64;
+            for idx in [base_blocks.saturating_sub(1), n.saturating_sub(1)] {
+                if idx < n && idx < base_blocks && !self.slots.contains_key(&idx) && !self.base_id(idx).is_sparse() {
+                    let new_len = (self.size - idx * self.bs).min(self.bs);
+                    if base.index().block_len(idx as usize) as u64 != new_len {
+                        self.prepare(idx, false)?;
+                        self.submit(idx)?;
+                    }
+                }
+            }
+        }
+        let ingest = self.ingest.take().ok_or_else(|| Error::Other("draft already committed".into()))?;
+        let result = ingest.finish()?;
+        let mut entries = Vec::with_capacity(n as usize);
+        for idx in 0..n {
+            let id = match self.slots.get(&idx) {
+                Some(Slot::Submitted) => result.entries.get(idx as usize).copied().unwrap_or(BlockId::SPARSE),
+                Some(_) => BlockId::SPARSE,
+                None => self.base_id(idx),
+            };
+            entries.push(id);
+        }
+        let mut stats = result.stats;
+        stats.duration_ms = self.started.elapsed().as_millis() as u64;
+        stats.bytes_read = self.size;
+        self.repo.update_draft_fields(self.uid, &self.snapshot, &self.labels)?;
+        self.repo.commit_version(self.uid, self.size, entries, stats)
+    }
+}

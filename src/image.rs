@@ -1,0 +1,152 @@
+//! Random-access reading of a version's image, for the FUSE filesystem (and NBD later):
+//! blocks come from the shared [`BlockCache`]; zero blocks never touch the storage; a
+//! reader that goes sequentially gets the next blocks fetched in parallel ahead of it.
+
+use crate::block::BlockId;
+use crate::cache::{BlockCache, BlockData};
+use crate::error::{Error, Result};
+use crate::index::BlockIndex;
+use crate::repo::{Repository, SessionGuard};
+use crate::storage::SharedStorage;
+use crate::version::{Version, VersionUid};
+use crossbeam_channel::{Sender, unbounded};
+use parking_lot::Mutex;
+use std::sync::Arc;
+
+/// Fetches blocks into the cache in the background.
+pub struct Prefetcher {
+    tx: Sender<(SharedStorage, BlockId)>,
+}
+
+impl Prefetcher {
+    pub fn start(cache: Arc<BlockCache>, threads: usize) -> Prefetcher {
+        let (tx, rx) = unbounded::<(SharedStorage, BlockId)>();
+        for _ in 0..threads.max(1) {
+            let (rx, cache) = (rx.clone(), cache.clone());
+            std::thread::spawn(move || {
+                for (storage, id) in rx {
+                    if cache.peek(&storage, &id).is_none() {
+                        let _ = cache.get(&storage, &id);
+                    }
+                }
+            });
+        }
+        Prefetcher { tx }
+    }
+}
+
+/// An open version image. Holds a session that locks the version against removal.
+pub struct Image {
+    pub version: Version,
+    index: BlockIndex,
+    storage: SharedStorage,
+    cache: Arc<BlockCache>,
+    prefetch: Option<Arc<Prefetcher>>,
+    /// Where the last read ended and how far ahead has been requested.
+    cursor: Mutex<(u64, u64)>,
+    _session: SessionGuard,
+}
+
+/// How many blocks ahead a sequential reader is served.
+const READ_AHEAD_BLOCKS: u64 = 8;
+
+impl Image {
+    pub fn size(&self) -> u64 {
+        self.index.size
+    }
+
+    pub fn block_size(&self) -> u32 {
+        self.index.block_size
+    }
+
+    pub fn index(&self) -> &BlockIndex {
+        &self.index
+    }
+
+    pub fn storage(&self) -> &SharedStorage {
+        &self.storage
+    }
+
+    pub fn cache(&self) -> &Arc<BlockCache> {
+        &self.cache
+    }
+
+    /// The plaintext of block `idx` (`None` for a sparse block).
+    pub fn block(&self, idx: usize) -> Result<Option<BlockData>> {
+        let id = self.index.entries.get(idx).copied().unwrap_or(BlockId::SPARSE);
+        if id.is_sparse() {
+            return Ok(None);
+        }
+        self.cache
+            .get(&self.storage, &id)
+            .map(Some)
+            .map_err(|e| Error::Damaged(format!("version {} block {idx}: {e}", self.version.uid)))
+    }
+
+    /// Fills `buf` from `offset`; returns the bytes read (short only at the end).
+    pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<usize> {
+        let size = self.index.size;
+        if offset >= size {
+            return Ok(0);
+        }
+        let len = buf.len().min((size - offset) as usize);
+        let bs = self.index.block_size as u64;
+        self.read_ahead(offset, len as u64);
+        let mut done = 0usize;
+        while done < len {
+            let pos = offset + done as u64;
+            let idx = (pos / bs) as usize;
+            let within = (pos % bs) as usize;
+            let n = (bs as usize - within).min(len - done);
+            match self.block(idx)? {
+                None => buf[done..done + n].fill(0),
+                Some(data) => {
+                    let avail = data.len().saturating_sub(within).min(n);
+                    buf[done..done + avail].copy_from_slice(&data[within..within + avail]);
+                    buf[done + avail..done + n].fill(0);
+                }
+            }
+            done += n;
+        }
+        Ok(len)
+    }
+
+    fn read_ahead(&self, offset: u64, len: u64) {
+        let Some(p) = &self.prefetch else { return };
+        let bs = self.index.block_size as u64;
+        let mut c = self.cursor.lock();
+        let sequential = offset == c.0 || (offset > c.0.saturating_sub(bs) && offset <= c.0 + bs);
+        c.0 = offset + len;
+        if !sequential {
+            c.1 = 0;
+            return;
+        }
+        let next = (offset + len).div_ceil(bs);
+        let last = (next + READ_AHEAD_BLOCKS).min(self.index.entries.len() as u64);
+        for idx in next.max(c.1)..last {
+            let id = self.index.entries[idx as usize];
+            if !id.is_sparse() {
+                let _ = p.tx.send((self.storage.clone(), id));
+            }
+        }
+        c.1 = c.1.max(last);
+    }
+}
+
+impl Repository {
+    /// Opens a committed version for random-access reading; it cannot be removed while
+    /// open.
+    pub fn open_image(
+        &self,
+        uid: VersionUid,
+        cache: Arc<BlockCache>,
+        prefetch: Option<Arc<Prefetcher>>,
+    ) -> Result<Image> {
+        let version = self.version(uid)?;
+        let session = self.session(&format!("read {uid}"), false)?;
+        session.lock_version(uid, "read")?;
+        let index = self.index(uid)?;
+        let storage = self.storage(&version.storage)?;
+        Ok(Image { version, index, storage, cache, prefetch, cursor: Mutex::new((0, 0)), _session: session })
+    }
+}

@@ -46,6 +46,12 @@ pub struct Config {
     pub rm_min_age_days: f64,
     /// Read regular-file sources through memory mappings (no copy) instead of read().
     pub mmap_sources: bool,
+    /// Decompressed blocks the FUSE filesystem keeps in memory.
+    pub cache_bytes: u64,
+    /// Partially written blocks of one incoming or copy-on-write file kept in memory.
+    pub spool_memory_bytes: u64,
+    /// Partially written blocks of one file kept in memory and in the spool file.
+    pub spool_bytes: u64,
     /// Where the configuration came from, for messages.
     pub origin: String,
 }
@@ -64,6 +70,9 @@ struct FileConfig {
     storage_readers: Option<usize>,
     rm_min_age_days: Option<f64>,
     mmap_sources: Option<bool>,
+    cache_size: Option<toml::Value>,
+    spool_memory: Option<toml::Value>,
+    spool_size: Option<toml::Value>,
     #[serde(default)]
     storage: Vec<FileStorageConfig>,
 }
@@ -107,6 +116,9 @@ impl Config {
             storage_readers: cpus().max(2) * 2,
             rm_min_age_days: 6.0,
             mmap_sources: true,
+            cache_bytes: 256 << 20,
+            spool_memory_bytes: 32 << 20,
+            spool_bytes: 1 << 30,
             origin: format!("embedded default (home {})", home.display()),
             home,
         }
@@ -204,6 +216,20 @@ impl Config {
         }
         if let Some(m) = f.mmap_sources {
             c.mmap_sources = m;
+        }
+        let size = |key: &str, v: &toml::Value| match v {
+            toml::Value::Integer(i) if *i >= 0 => Ok(*i as u64),
+            toml::Value::String(s) => parse_size(s).map_err(bad),
+            other => Err(bad(format!("{key} must be a size like \"256M\", not {other}"))),
+        };
+        if let Some(v) = &f.cache_size {
+            c.cache_bytes = size("cache_size", v)?;
+        }
+        if let Some(v) = &f.spool_memory {
+            c.spool_memory_bytes = size("spool_memory", v)?;
+        }
+        if let Some(v) = &f.spool_size {
+            c.spool_bytes = size("spool_size", v)?;
         }
         Ok(c)
     }

@@ -254,6 +254,9 @@ impl Draft {
     pub fn name(&self) -> &str {
         &self.name
     }
+    pub fn set_name(&mut self, name: &str) {
+        self.name = name.to_string();
+    }
     pub fn labels(&self) -> &BTreeMap<String, String> {
         &self.labels
     }

@@ -92,6 +92,22 @@ enum Command {
         #[arg(required = true)]
         uids: Vec<String>,
     },
+    /// Mount the repository as a filesystem (by_version/, by_name/, incoming/)
+    Mount {
+        mountpoint: PathBuf,
+        /// Refuse all writes (EROFS)
+        #[arg(long)]
+        read_only: bool,
+        /// Keep writes to versions' data only while mounted (throw-away VM boots)
+        #[arg(long)]
+        discard_writes: bool,
+        /// Detach and run in the background once mounted
+        #[arg(long)]
+        daemon: bool,
+        /// FUSE worker threads
+        #[arg(long, default_value_t = 4)]
+        threads: usize,
+    },
     /// Delete stored objects that no version references
     Cleanup {
         /// Print what would be deleted, delete nothing
@@ -355,6 +371,23 @@ fn run(cli: Cli) -> Result<i32> {
             }
             Ok(exit::OK)
         }
+        Command::Mount { mountpoint, read_only, discard_writes, daemon, threads } => {
+            if daemon {
+                return mount_daemon(&mountpoint);
+            }
+            prepare_mountpoint(&mountpoint)?;
+            let backend = keepfs::mount::EngineBackend::new(std::sync::Arc::new(repo));
+            let opts = keepfs_fs::MountOptions { read_only, discard_writes, threads, ..Default::default() };
+            unmount_on_signal(&mountpoint);
+            eprintln!(
+                "keepfs: mounted at {}; unmount with `fusermount3 -u {}`",
+                mountpoint.display(),
+                mountpoint.display()
+            );
+            keepfs_fs::mount(backend, &mountpoint, opts)
+                .map_err(|e| Error::io(format!("cannot mount at {}", mountpoint.display()), e))?;
+            Ok(exit::OK)
+        }
         Command::Cleanup { dry_run, storage } => {
             let names: Vec<String> = match storage {
                 Some(s) => vec![s],
@@ -391,6 +424,107 @@ fn run(cli: Cli) -> Result<i32> {
             Ok(exit::OK)
         }
     }
+}
+
+fn is_mounted(dir: &std::path::Path) -> bool {
+    let Ok(canon) = dir.canonicalize() else { return false };
+    let target = canon.to_string_lossy().replace(' ', "\\040");
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .map(|m| m.lines().any(|l| l.split(' ').nth(4) == Some(target.as_str())))
+        .unwrap_or(false)
+}
+
+/// Checks the mount point, cleaning up a mount left by a keepfs that was killed.
+fn prepare_mountpoint(dir: &std::path::Path) -> Result<()> {
+    match std::fs::metadata(dir) {
+        Ok(m) if m.is_dir() => {
+            if is_mounted(dir) {
+                return Err(Error::Refused(format!(
+                    "{} is already a mount point; unmount it first (fusermount3 -u {})",
+                    dir.display(),
+                    dir.display()
+                )));
+            }
+            Ok(())
+        }
+        Ok(_) => Err(Error::Invalid(format!("{} is not a directory", dir.display()))),
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
+            // The FUSE server of an earlier mount died: detach the dead mount.
+            let ok = std::process::Command::new("fusermount3")
+                .arg("-u")
+                .arg("-z")
+                .arg(dir)
+                .status()
+                .map(|s| s.success())
+                .unwrap_or(false)
+                || std::process::Command::new("umount")
+                    .arg("-l")
+                    .arg(dir)
+                    .status()
+                    .map(|s| s.success())
+                    .unwrap_or(false);
+            if !ok {
+                return Err(Error::Other(format!(
+                    "{} is a dead keepfs mount and could not be detached; run `fusermount3 -u -z {}` as its owner",
+                    dir.display(),
+                    dir.display()
+                )));
+            }
+            eprintln!("keepfs: detached the dead mount left at {}", dir.display());
+            Ok(())
+        }
+        Err(e) => Err(Error::io(format!("cannot use mount point {}", dir.display()), e)),
+    }
+}
+
+/// SIGINT and SIGTERM unmount cleanly (the session then ends and `mount` returns).
+fn unmount_on_signal(dir: &std::path::Path) {
+    let dir = dir.to_path_buf();
+    // SAFETY: signal mask calls on a zeroed, then filled sigset.
+    let set = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    };
+    std::thread::spawn(move || {
+        let mut sig: libc::c_int = 0;
+        // SAFETY: waits on the signals blocked above.
+        unsafe { libc::sigwait(&set, &mut sig) };
+        eprintln!("keepfs: signal {sig}: unmounting {}", dir.display());
+        let _ = std::process::Command::new("fusermount3").arg("-u").arg("-z").arg(&dir).status();
+    });
+}
+
+/// Starts the mount in a detached child and returns once it is mounted.
+fn mount_daemon(dir: &std::path::Path) -> Result<i32> {
+    use std::os::unix::process::CommandExt;
+    let exe = std::env::current_exe().map_err(|e| Error::io("cannot find the keepfs executable", e))?;
+    let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--daemon").collect();
+    let mut cmd = std::process::Command::new(exe);
+    cmd.args(&args).stdin(std::process::Stdio::null()).stdout(std::process::Stdio::null());
+    // SAFETY: setsid in the child before exec detaches it from the terminal.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().map_err(|e| Error::io("cannot start the mount process", e))?;
+    let t = Instant::now();
+    while t.elapsed().as_secs() < 30 {
+        if let Some(status) = child.try_wait().map_err(|e| Error::io("mount process", e))? {
+            return Err(Error::Other(format!("the mount process exited ({status}) before mounting {}", dir.display())));
+        }
+        if is_mounted(dir) {
+            println!("{}", child.id());
+            return Ok(exit::OK);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    Err(Error::Other(format!("{} was not mounted within 30 s", dir.display())))
 }
 
 /// A source file truncated while keepfs reads it through a mapping raises SIGBUS. Say so in

@@ -148,6 +148,26 @@ impl Repository {
         })
     }
 
+    /// Renames a version that is still being written (an incoming file renamed).
+    pub fn rename_version(&self, uid: VersionUid, name: &str) -> Result<()> {
+        self.db.lock().with_write_lock(|tx| {
+            tx.execute("UPDATE versions SET name=?2 WHERE uid=?1", rusqlite::params![uid.0 as i64, name])?;
+            Ok(())
+        })
+    }
+
+    /// Removes an `incomplete` version that its writer abandons (a discarded draft).
+    pub fn remove_incomplete(&self, uid: VersionUid) -> Result<()> {
+        let v = self.version(uid)?;
+        if v.status != Status::Incomplete {
+            return Err(Error::Refused(format!(
+                "version {uid} is {}; only incomplete versions are discarded",
+                v.status.as_str()
+            )));
+        }
+        self.db.lock().remove_version(uid)
+    }
+
     pub fn set_protected(&self, uid: VersionUid, protected: bool) -> Result<()> {
         self.db.lock().set_protected(uid, protected)
     }

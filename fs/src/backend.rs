@@ -1,0 +1,65 @@
+//! What the filesystem asks of the engine. The FUSE code never opens the database or a
+//! storage: it talks to these traits, which the keepfs engine implements (and which keep
+//! this crate free of the engine's dependencies). Errors are `io::Error`s carrying the
+//! errno the filesystem should answer; the engine side logs the full message.
+
+use std::io;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+/// One version as the filesystem shows it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct VersionEntry {
+    /// `V0000000001`.
+    pub uid: String,
+    pub name: String,
+    pub snapshot: String,
+    pub date: SystemTime,
+    /// The date as shown in the `date` file (RFC 3339, UTC).
+    pub date_text: String,
+    pub size: u64,
+    pub block_size: u32,
+    /// `valid` or `invalid` (incomplete versions are not shown).
+    pub status: String,
+    pub protected: bool,
+    pub labels: Vec<(String, String)>,
+}
+
+/// A version's image, open for reading.
+pub trait ImageHandle: Send + Sync {
+    fn size(&self) -> u64;
+    /// Fills `buf` from `offset`; returns how many bytes were read (short only at the end).
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<usize>;
+}
+
+/// A writable image that becomes a version when committed (an `incoming/` file, or a
+/// copy-on-write overlay of a version's `data`).
+pub trait DraftHandle: Send {
+    fn size(&self) -> u64;
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<usize>;
+    fn write_at(&mut self, offset: u64, data: &[u8]) -> io::Result<()>;
+    fn set_size(&mut self, size: u64) -> io::Result<()>;
+    fn set_name(&mut self, name: &str) -> io::Result<()>;
+    fn labels(&self) -> Vec<(String, String)>;
+    fn set_label(&mut self, name: &str, value: &str) -> io::Result<()>;
+    /// Returns whether the label existed.
+    fn remove_label(&mut self, name: &str) -> bool;
+    fn snapshot(&self) -> String;
+    fn set_snapshot(&mut self, snapshot: &str) -> io::Result<()>;
+    /// Makes the draft a valid version; returns its uid.
+    fn commit(self: Box<Self>) -> io::Result<String>;
+    /// Drops the draft and the incomplete version behind it.
+    fn discard(self: Box<Self>) -> io::Result<()>;
+}
+
+pub trait Backend: Send + Sync + 'static {
+    /// The versions to show (valid and invalid), oldest first.
+    fn versions(&self) -> io::Result<Vec<VersionEntry>>;
+    /// Opens a version for reading (it cannot be removed while open).
+    fn open_image(&self, uid: &str) -> io::Result<Arc<dyn ImageHandle>>;
+    /// Starts a backup named `name` fed by writes (`incoming/<name>`).
+    fn new_incoming(&self, name: &str) -> io::Result<Box<dyn DraftHandle>>;
+    /// Starts a copy-on-write overlay of version `uid`; committed, it becomes a new
+    /// version of the same name labelled `keepfs.cow-of=<uid>`.
+    fn new_cow(&self, uid: &str) -> io::Result<Box<dyn DraftHandle>>;
+}

@@ -1,0 +1,1021 @@
+//! keepfs-fs: the FUSE filesystem face of keepfs.
+//!
+//! ```text
+//! MOUNT/by_version/<uid>/data        the image (copy-on-write writable)
+//! MOUNT/by_version/<uid>/{name,snapshot,date,size,block_size,status,protected,labels}
+//! MOUNT/by_name/<name>/<uid>         -> ../../by_version/<uid>   (oldest first)
+//! MOUNT/by_name/<name>/latest        -> ../../by_version/<newest uid>
+//! MOUNT/incoming/<name>              write here: on the last close it becomes a version
+//! ```
+//!
+//! Everything is asked of a [`Backend`]; this crate only maps FUSE requests to it.
+
+mod backend;
+
+pub use backend::{Backend, DraftHandle, ImageHandle, VersionEntry};
+
+use fuser::{
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, KernelConfig, LockOwner,
+    OpenAccMode, OpenFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen,
+    ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+};
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::io;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+/// How the filesystem treats writes.
+#[derive(Clone, Debug)]
+pub struct MountOptions {
+    /// Refuse every write with EROFS.
+    pub read_only: bool,
+    /// Keep copy-on-write writes only for the life of the mount (never a new version).
+    pub discard_writes: bool,
+    /// FUSE worker threads.
+    pub threads: usize,
+    /// How long the kernel may cache names and attributes; versions created or removed
+    /// by other processes show within this time.
+    pub ttl: Duration,
+}
+
+impl Default for MountOptions {
+    fn default() -> Self {
+        MountOptions { read_only: false, discard_writes: false, threads: 4, ttl: Duration::from_secs(1) }
+    }
+}
+
+const XATTR_LABEL: &str = "user.keepfs.label.";
+const XATTR_SNAPSHOT: &str = "user.keepfs.snapshot";
+/// Largest FUSE read and write requests negotiated with the kernel.
+const MAX_IO: u32 = 1 << 20;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Field {
+    Data,
+    Name,
+    Snapshot,
+    Date,
+    Size,
+    BlockSize,
+    Status,
+    Protected,
+    Labels,
+}
+
+const FIELDS: [(&str, Field); 9] = [
+    ("data", Field::Data),
+    ("name", Field::Name),
+    ("snapshot", Field::Snapshot),
+    ("date", Field::Date),
+    ("size", Field::Size),
+    ("block_size", Field::BlockSize),
+    ("status", Field::Status),
+    ("protected", Field::Protected),
+    ("labels", Field::Labels),
+];
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+enum Node {
+    Root,
+    ByVersion,
+    ByName,
+    Incoming,
+    VersionDir(String),
+    VersionFile(String, Field),
+    NameDir(String),
+    NameLink(String, String),
+    Latest(String),
+    IncomingFile(String),
+}
+
+/// Inode numbers, handed out on first sight and never reused during a mount.
+#[derive(Default)]
+struct Inodes {
+    by_node: HashMap<Node, u64>,
+    by_ino: HashMap<u64, Node>,
+    next: u64,
+}
+
+impl Inodes {
+    fn ino(&mut self, node: &Node) -> u64 {
+        if let Some(i) = self.by_node.get(node) {
+            return *i;
+        }
+        let ino = match node {
+            Node::Root => 1,
+            _ => {
+                self.next = self.next.max(100) + 1;
+                self.next
+            }
+        };
+        self.by_node.insert(node.clone(), ino);
+        self.by_ino.insert(ino, node.clone());
+        ino
+    }
+}
+
+/// A draft shared by every handle that writes to the same file.
+struct Shared {
+    draft: Option<Box<dyn DraftHandle>>,
+    writers: usize,
+    /// Handles open on the file (readers too).
+    opens: usize,
+    /// Something was written or truncated since the draft started.
+    dirty: bool,
+    /// The original version, for readers of a `data` file whose overlay was committed.
+    image: Option<Arc<dyn ImageHandle>>,
+}
+
+impl Shared {
+    fn new(draft: Box<dyn DraftHandle>, writers: usize) -> Shared {
+        Shared { draft: Some(draft), writers, opens: 1, dirty: false, image: None }
+    }
+}
+
+type SharedDraft = Arc<Mutex<Shared>>;
+
+enum Handle {
+    Image(Arc<dyn ImageHandle>),
+    /// A handle on a version's data while an overlay exists (reads see the overlay).
+    Cow {
+        uid: String,
+        draft: SharedDraft,
+        writes: bool,
+    },
+    Incoming {
+        name: String,
+        draft: SharedDraft,
+        writes: bool,
+    },
+    Static(Vec<u8>),
+}
+
+pub struct KeepFs<B: Backend> {
+    backend: B,
+    opts: MountOptions,
+    inodes: Mutex<Inodes>,
+    handles: Mutex<HashMap<u64, Arc<Handle>>>,
+    next_fh: AtomicU64,
+    incoming: Mutex<HashMap<String, SharedDraft>>,
+    cow: Mutex<HashMap<String, SharedDraft>>,
+    versions: Mutex<(Option<Instant>, Arc<Vec<VersionEntry>>)>,
+    owner: (u32, u32),
+    started: SystemTime,
+}
+
+fn err(e: io::Error) -> Errno {
+    Errno::from(e)
+}
+
+fn is_write(flags: OpenFlags) -> bool {
+    !matches!(flags.acc_mode(), OpenAccMode::O_RDONLY)
+}
+
+impl<B: Backend> KeepFs<B> {
+    pub fn new(backend: B, opts: MountOptions) -> KeepFs<B> {
+        // SAFETY: getuid/getgid cannot fail.
+        let owner = unsafe { (libc::getuid(), libc::getgid()) };
+        KeepFs {
+            backend,
+            opts,
+            inodes: Mutex::new(Inodes::default()),
+            handles: Mutex::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+            incoming: Mutex::new(HashMap::new()),
+            cow: Mutex::new(HashMap::new()),
+            versions: Mutex::new((None, Arc::new(Vec::new()))),
+            owner,
+            started: SystemTime::now(),
+        }
+    }
+
+    fn versions(&self) -> Result<Arc<Vec<VersionEntry>>, Errno> {
+        let mut v = self.versions.lock();
+        if v.0.is_none_or(|t| t.elapsed() >= self.opts.ttl) {
+            let list = self.backend.versions().map_err(err)?;
+            *v = (Some(Instant::now()), Arc::new(list));
+        }
+        Ok(v.1.clone())
+    }
+
+    fn forget_versions(&self) {
+        self.versions.lock().0 = None;
+    }
+
+    fn version(&self, uid: &str) -> Result<VersionEntry, Errno> {
+        self.versions()?.iter().find(|v| v.uid == uid).cloned().ok_or(Errno::ENOENT)
+    }
+
+    fn node(&self, ino: INodeNo) -> Result<Node, Errno> {
+        self.inodes.lock().by_ino.get(&u64::from(ino)).cloned().ok_or(Errno::ENOENT)
+    }
+
+    fn ino(&self, node: &Node) -> u64 {
+        self.inodes.lock().ino(node)
+    }
+
+    fn attr(&self, ino: u64, kind: FileType, size: u64, perm: u16, mtime: SystemTime) -> FileAttr {
+        FileAttr {
+            ino: INodeNo(ino),
+            size,
+            blocks: size.div_ceil(512),
+            atime: mtime,
+            mtime,
+            ctime: mtime,
+            crtime: mtime,
+            kind,
+            perm,
+            nlink: if kind == FileType::Directory { 2 } else { 1 },
+            uid: self.owner.0,
+            gid: self.owner.1,
+            rdev: 0,
+            flags: 0,
+            blksize: MAX_IO,
+        }
+    }
+
+    fn field_text(v: &VersionEntry, f: Field) -> Vec<u8> {
+        let s = match f {
+            Field::Data => return Vec::new(),
+            Field::Name => v.name.clone(),
+            Field::Snapshot => v.snapshot.clone(),
+            Field::Date => v.date_text.clone(),
+            Field::Size => v.size.to_string(),
+            Field::BlockSize => v.block_size.to_string(),
+            Field::Status => v.status.clone(),
+            Field::Protected => if v.protected { "true" } else { "false" }.to_string(),
+            Field::Labels => {
+                let mut out = String::new();
+                for (k, val) in &v.labels {
+                    out.push_str(k);
+                    out.push('=');
+                    out.push_str(val);
+                    out.push('\n');
+                }
+                return out.into_bytes();
+            }
+        };
+        format!("{s}\n").into_bytes()
+    }
+
+    fn draft_size(d: &SharedDraft) -> Option<u64> {
+        d.lock().draft.as_ref().map(|d| d.size())
+    }
+
+    fn getattr_node(&self, node: &Node) -> Result<FileAttr, Errno> {
+        let ino = self.ino(node);
+        let dir_perm = if self.opts.read_only { 0o555 } else { 0o755 };
+        Ok(match node {
+            Node::Root | Node::ByVersion | Node::ByName => self.attr(ino, FileType::Directory, 0, 0o555, self.started),
+            Node::Incoming => self.attr(ino, FileType::Directory, 0, dir_perm, self.started),
+            Node::VersionDir(uid) => {
+                let v = self.version(uid)?;
+                self.attr(ino, FileType::Directory, 0, 0o555, v.date)
+            }
+            Node::VersionFile(uid, Field::Data) => {
+                let v = self.version(uid)?;
+                let size = self.cow.lock().get(uid).and_then(Self::draft_size).unwrap_or(v.size);
+                let perm = if self.opts.read_only { 0o444 } else { 0o644 };
+                self.attr(ino, FileType::RegularFile, size, perm, v.date)
+            }
+            Node::VersionFile(uid, f) => {
+                let v = self.version(uid)?;
+                self.attr(ino, FileType::RegularFile, Self::field_text(&v, *f).len() as u64, 0o444, v.date)
+            }
+            Node::NameDir(name) => {
+                let vs = self.versions()?;
+                let last = vs.iter().rev().find(|v| &v.name == name).ok_or(Errno::ENOENT)?;
+                self.attr(ino, FileType::Directory, 0, 0o555, last.date)
+            }
+            Node::NameLink(name, uid) => {
+                let v = self.version(uid)?;
+                if &v.name != name {
+                    return Err(Errno::ENOENT);
+                }
+                self.attr(ino, FileType::Symlink, link_target(uid).len() as u64, 0o777, v.date)
+            }
+            Node::Latest(name) => {
+                let vs = self.versions()?;
+                let last = vs.iter().rev().find(|v| &v.name == name).ok_or(Errno::ENOENT)?;
+                self.attr(ino, FileType::Symlink, link_target(&last.uid).len() as u64, 0o777, last.date)
+            }
+            Node::IncomingFile(name) => {
+                let d = self.incoming.lock().get(name).cloned().ok_or(Errno::ENOENT)?;
+                let size = Self::draft_size(&d).unwrap_or(0);
+                self.attr(ino, FileType::RegularFile, size, 0o644, SystemTime::now())
+            }
+        })
+    }
+
+    fn child(&self, parent: &Node, name: &str) -> Result<Node, Errno> {
+        let node = match parent {
+            Node::Root => match name {
+                "by_version" => Node::ByVersion,
+                "by_name" => Node::ByName,
+                "incoming" => Node::Incoming,
+                _ => return Err(Errno::ENOENT),
+            },
+            Node::ByVersion => {
+                self.version(name)?;
+                Node::VersionDir(name.to_string())
+            }
+            Node::VersionDir(uid) => {
+                let f = FIELDS.iter().find(|(n, _)| *n == name).ok_or(Errno::ENOENT)?.1;
+                Node::VersionFile(uid.clone(), f)
+            }
+            Node::ByName => {
+                if !self.versions()?.iter().any(|v| v.name == name) {
+                    return Err(Errno::ENOENT);
+                }
+                Node::NameDir(name.to_string())
+            }
+            Node::NameDir(n) => {
+                if name == "latest" {
+                    Node::Latest(n.clone())
+                } else {
+                    Node::NameLink(n.clone(), name.to_string())
+                }
+            }
+            Node::Incoming => {
+                if !self.incoming.lock().contains_key(name) {
+                    return Err(Errno::ENOENT);
+                }
+                Node::IncomingFile(name.to_string())
+            }
+            _ => return Err(Errno::ENOTDIR),
+        };
+        self.getattr_node(&node)?;
+        Ok(node)
+    }
+
+    fn children(&self, node: &Node) -> Result<Vec<(Node, FileType, String)>, Errno> {
+        Ok(match node {
+            Node::Root => vec![
+                (Node::ByVersion, FileType::Directory, "by_version".into()),
+                (Node::ByName, FileType::Directory, "by_name".into()),
+                (Node::Incoming, FileType::Directory, "incoming".into()),
+            ],
+            Node::ByVersion => self
+                .versions()?
+                .iter()
+                .map(|v| (Node::VersionDir(v.uid.clone()), FileType::Directory, v.uid.clone()))
+                .collect(),
+            Node::VersionDir(uid) => {
+                self.version(uid)?;
+                FIELDS
+                    .iter()
+                    .map(|(n, f)| (Node::VersionFile(uid.clone(), *f), FileType::RegularFile, n.to_string()))
+                    .collect()
+            }
+            Node::ByName => {
+                let mut names: Vec<String> = self.versions()?.iter().map(|v| v.name.clone()).collect();
+                names.sort();
+                names.dedup();
+                names.into_iter().map(|n| (Node::NameDir(n.clone()), FileType::Directory, n)).collect()
+            }
+            Node::NameDir(name) => {
+                let vs = self.versions()?;
+                let mut out: Vec<(Node, FileType, String)> = vs
+                    .iter()
+                    .filter(|v| &v.name == name)
+                    .map(|v| (Node::NameLink(name.clone(), v.uid.clone()), FileType::Symlink, v.uid.clone()))
+                    .collect();
+                if !out.is_empty() {
+                    out.push((Node::Latest(name.clone()), FileType::Symlink, "latest".into()));
+                }
+                out
+            }
+            Node::Incoming => {
+                let mut names: Vec<String> = self.incoming.lock().keys().cloned().collect();
+                names.sort();
+                names.into_iter().map(|n| (Node::IncomingFile(n.clone()), FileType::RegularFile, n)).collect()
+            }
+            _ => return Err(Errno::ENOTDIR),
+        })
+    }
+
+    fn add_handle(&self, h: Handle) -> u64 {
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.handles.lock().insert(fh, Arc::new(h));
+        fh
+    }
+
+    fn handle(&self, fh: FileHandle) -> Result<Arc<Handle>, Errno> {
+        self.handles.lock().get(&u64::from(fh)).cloned().ok_or(Errno::EBADF)
+    }
+
+    /// Commits a draft when its last writer goes: at its flush if it wrote something
+    /// (close(2) then returns once the version exists, or fails with the errno), else
+    /// at its release. A process may dup(2) a descriptor and close the original before
+    /// writing (dd does), which flushes without being the last close: a draft with no
+    /// writes is therefore never committed at a flush.
+    fn finish_writer(&self, h: &Handle, at_release: bool) -> Result<(), Errno> {
+        match h {
+            Handle::Incoming { name, draft, writes: true } => {
+                let mut s = draft.lock();
+                if s.writers == 1
+                    && (s.dirty || at_release)
+                    && let Some(d) = s.draft.take()
+                {
+                    let r = d.commit();
+                    self.incoming.lock().remove(name);
+                    self.forget_versions();
+                    r.map_err(err)?;
+                }
+                Ok(())
+            }
+            Handle::Cow { uid, draft, writes: true } => {
+                let mut s = draft.lock();
+                if s.writers != 1 || self.opts.discard_writes {
+                    return Ok(());
+                }
+                if s.dirty {
+                    if let Some(d) = s.draft.take() {
+                        s.dirty = false;
+                        self.remove_cow(uid, draft);
+                        let r = d.commit();
+                        self.forget_versions();
+                        r.map_err(err)?;
+                    }
+                } else if at_release && let Some(d) = s.draft.take() {
+                    // Opened for writing, never written: nothing to keep.
+                    self.remove_cow(uid, draft);
+                    d.discard().map_err(err)?;
+                }
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn remove_cow(&self, uid: &str, draft: &SharedDraft) {
+        let mut cow = self.cow.lock();
+        if cow.get(uid).is_some_and(|d| Arc::ptr_eq(d, draft)) {
+            cow.remove(uid);
+        }
+    }
+
+    fn valid_new_name(name: &str) -> Result<(), Errno> {
+        if name.is_empty() || name.len() > 255 || name.starts_with('.') && name.len() <= 2 {
+            return Err(Errno::EINVAL);
+        }
+        Ok(())
+    }
+}
+
+fn link_target(uid: &str) -> String {
+    format!("../../by_version/{uid}")
+}
+
+impl<B: Backend> Filesystem for KeepFs<B> {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
+        let _ = config.set_max_write(MAX_IO);
+        let _ = config.set_max_readahead(MAX_IO).or_else(|max| config.set_max_readahead(max));
+        self.inodes.lock().ino(&Node::Root);
+        Ok(())
+    }
+
+    fn destroy(&mut self) {
+        // Overlays kept only for the life of the mount go with it.
+        for (_, d) in self.cow.lock().drain() {
+            if let Some(d) = d.lock().draft.take() {
+                let _ = d.discard();
+            }
+        }
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let r = self.node(parent).and_then(|p| {
+            let name = name.to_str().ok_or(Errno::ENOENT)?;
+            let node = self.child(&p, name)?;
+            self.getattr_node(&node)
+        });
+        match r {
+            Ok(attr) => reply.entry(&self.opts.ttl, &attr, Generation(0)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.node(ino).and_then(|n| self.getattr_node(&n)) {
+            Ok(attr) => reply.attr(&self.opts.ttl, &attr),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _mode: Option<u32>,
+        _uid: Option<u32>,
+        _gid: Option<u32>,
+        size: Option<u64>,
+        _atime: Option<TimeOrNow>,
+        _mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let r = self.node(ino).and_then(|node| {
+            if let Some(size) = size {
+                if self.opts.read_only {
+                    return Err(Errno::EROFS);
+                }
+                let draft = match &node {
+                    Node::IncomingFile(name) => self.incoming.lock().get(name).cloned(),
+                    Node::VersionFile(uid, Field::Data) => self.cow.lock().get(uid).cloned(),
+                    _ => None,
+                };
+                let draft = draft.ok_or(Errno::EPERM)?;
+                let mut s = draft.lock();
+                s.draft.as_mut().ok_or(Errno::EIO)?.set_size(size).map_err(err)?;
+                s.dirty = true;
+            }
+            // Modes, owners and times are fixed; accept and ignore (cp -p, touch).
+            self.getattr_node(&node)
+        });
+        match r {
+            Ok(attr) => reply.attr(&self.opts.ttl, &attr),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        let r = self.node(ino).and_then(|n| match n {
+            Node::NameLink(_, uid) => Ok(link_target(&uid)),
+            Node::Latest(name) => {
+                let vs = self.versions()?;
+                let last = vs.iter().rev().find(|v| v.name == name).ok_or(Errno::ENOENT)?;
+                Ok(link_target(&last.uid))
+            }
+            _ => Err(Errno::EINVAL),
+        });
+        match r {
+            Ok(t) => reply.data(t.as_bytes()),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn mkdir(&self, _req: &Request, _parent: INodeNo, _name: &OsStr, _mode: u32, _umask: u32, reply: ReplyEntry) {
+        reply.error(if self.opts.read_only { Errno::EROFS } else { Errno::EPERM });
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let r = self.node(parent).and_then(|p| {
+            if p != Node::Incoming {
+                // Removing versions is `keepfs rm`'s job (protection, minimum age, locks).
+                return Err(if self.opts.read_only { Errno::EROFS } else { Errno::EPERM });
+            }
+            let name = name.to_str().ok_or(Errno::ENOENT)?;
+            let d = self.incoming.lock().get(name).cloned().ok_or(Errno::ENOENT)?;
+            let mut s = d.lock();
+            if s.opens > 0 {
+                return Err(Errno::EBUSY);
+            }
+            if let Some(d) = s.draft.take() {
+                d.discard().map_err(err)?;
+            }
+            self.incoming.lock().remove(name);
+            Ok(())
+        });
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn rmdir(&self, _req: &Request, _parent: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
+        reply.error(if self.opts.read_only { Errno::EROFS } else { Errno::EPERM });
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        _flags: fuser::RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        // Only within incoming/ (tools that write a temporary name and rename it).
+        let r = (|| {
+            let (p, np) = (self.node(parent)?, self.node(newparent)?);
+            if p != Node::Incoming || np != Node::Incoming {
+                return Err(if self.opts.read_only { Errno::EROFS } else { Errno::EPERM });
+            }
+            let (from, to) = (name.to_str().ok_or(Errno::ENOENT)?, newname.to_str().ok_or(Errno::EINVAL)?);
+            Self::valid_new_name(to)?;
+            let mut inc = self.incoming.lock();
+            if inc.contains_key(to) {
+                return Err(Errno::EEXIST);
+            }
+            let d = inc.remove(from).ok_or(Errno::ENOENT)?;
+            let renamed = d.lock().draft.as_mut().map(|dr| dr.set_name(to)).unwrap_or(Ok(()));
+            if let Err(e) = renamed {
+                inc.insert(from.to_string(), d);
+                return Err(err(e));
+            }
+            inc.insert(to.to_string(), d);
+            Ok(())
+        })();
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let writes = is_write(flags);
+        let r = self.node(ino).and_then(|node| match node {
+            Node::VersionFile(uid, Field::Data) => {
+                if writes && self.opts.read_only {
+                    return Err(Errno::EROFS);
+                }
+                let mut cow = self.cow.lock();
+                let existing = cow.get(&uid).cloned();
+                let draft = match (existing, writes) {
+                    (Some(d), _) => Some(d),
+                    (None, true) => {
+                        let d = self.backend.new_cow(&uid).map_err(err)?;
+                        let mut shared = Shared::new(d, 0);
+                        shared.opens = 0;
+                        let shared = Arc::new(Mutex::new(shared));
+                        cow.insert(uid.clone(), shared.clone());
+                        Some(shared)
+                    }
+                    (None, false) => None,
+                };
+                drop(cow);
+                match draft {
+                    Some(d) => {
+                        {
+                            let mut s = d.lock();
+                            s.opens += 1;
+                            if writes {
+                                s.writers += 1;
+                            }
+                        }
+                        // Overlay bytes must never sit in the page cache of this inode:
+                        // once the overlay becomes a version, the file is the original again.
+                        Ok((self.add_handle(Handle::Cow { uid, draft: d, writes }), FopenFlags::FOPEN_DIRECT_IO))
+                    }
+                    None => {
+                        let img = self.backend.open_image(&uid).map_err(err)?;
+                        Ok((self.add_handle(Handle::Image(img)), FopenFlags::FOPEN_KEEP_CACHE))
+                    }
+                }
+            }
+            Node::VersionFile(uid, f) => {
+                if writes {
+                    return Err(if self.opts.read_only { Errno::EROFS } else { Errno::EACCES });
+                }
+                let v = self.version(&uid)?;
+                Ok((self.add_handle(Handle::Static(Self::field_text(&v, f))), FopenFlags::empty()))
+            }
+            Node::IncomingFile(name) => {
+                if writes && self.opts.read_only {
+                    return Err(Errno::EROFS);
+                }
+                let d = self.incoming.lock().get(&name).cloned().ok_or(Errno::ENOENT)?;
+                {
+                    let mut s = d.lock();
+                    if s.draft.is_none() {
+                        return Err(Errno::ENOENT);
+                    }
+                    s.opens += 1;
+                    if writes {
+                        s.writers += 1;
+                    }
+                }
+                Ok((self.add_handle(Handle::Incoming { name, draft: d, writes }), FopenFlags::empty()))
+            }
+            _ => Err(Errno::EISDIR),
+        });
+        match r {
+            Ok((fh, flags)) => reply.opened(FileHandle(fh), flags),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn create(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        _mode: u32,
+        _umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let r = (|| {
+            if self.opts.read_only {
+                return Err(Errno::EROFS);
+            }
+            if self.node(parent)? != Node::Incoming {
+                return Err(Errno::EPERM);
+            }
+            let name = name.to_str().ok_or(Errno::EINVAL)?;
+            Self::valid_new_name(name)?;
+            let mut inc = self.incoming.lock();
+            if inc.contains_key(name) {
+                return Err(Errno::EEXIST);
+            }
+            let d = self.backend.new_incoming(name).map_err(err)?;
+            let writes = is_write(OpenFlags(flags));
+            let shared = Arc::new(Mutex::new(Shared::new(d, usize::from(writes))));
+            inc.insert(name.to_string(), shared.clone());
+            drop(inc);
+            let node = Node::IncomingFile(name.to_string());
+            let attr = self.getattr_node(&node)?;
+            let fh = self.add_handle(Handle::Incoming { name: name.to_string(), draft: shared, writes });
+            Ok((attr, fh))
+        })();
+        match r {
+            Ok((attr, fh)) => reply.created(&self.opts.ttl, &attr, Generation(0), FileHandle(fh), FopenFlags::empty()),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let r = self.handle(fh).and_then(|h| {
+            let mut buf = vec![0u8; size as usize];
+            let n = match &*h {
+                Handle::Image(img) => img.read_at(offset, &mut buf).map_err(err)?,
+                Handle::Incoming { draft, .. } => {
+                    let mut s = draft.lock();
+                    s.draft.as_mut().ok_or(Errno::EIO)?.read_at(offset, &mut buf).map_err(err)?
+                }
+                Handle::Cow { uid, draft, .. } => {
+                    let mut s = draft.lock();
+                    match s.draft.as_mut() {
+                        Some(d) => d.read_at(offset, &mut buf).map_err(err)?,
+                        None => {
+                            // The overlay became a version: this file is the original again.
+                            if s.image.is_none() {
+                                s.image = Some(self.backend.open_image(uid).map_err(err)?);
+                            }
+                            let img = s.image.clone().ok_or(Errno::EIO)?;
+                            drop(s);
+                            img.read_at(offset, &mut buf).map_err(err)?
+                        }
+                    }
+                }
+                Handle::Static(bytes) => {
+                    let start = (offset as usize).min(bytes.len());
+                    let n = (bytes.len() - start).min(buf.len());
+                    buf[..n].copy_from_slice(&bytes[start..start + n]);
+                    n
+                }
+            };
+            buf.truncate(n);
+            Ok(buf)
+        });
+        match r {
+            Ok(b) => reply.data(&b),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        let r = self.handle(fh).and_then(|h| match &*h {
+            Handle::Incoming { draft, writes: true, .. } => {
+                let mut s = draft.lock();
+                s.draft.as_mut().ok_or(Errno::EIO)?.write_at(offset, data).map_err(err)?;
+                s.dirty = true;
+                Ok(())
+            }
+            Handle::Cow { uid, draft, writes: true } => {
+                let mut s = draft.lock();
+                if s.draft.is_none() {
+                    // Written again after its overlay became a version: a new overlay.
+                    s.draft = Some(self.backend.new_cow(uid).map_err(err)?);
+                    self.cow.lock().entry(uid.clone()).or_insert_with(|| draft.clone());
+                }
+                s.draft.as_mut().ok_or(Errno::EIO)?.write_at(offset, data).map_err(err)?;
+                s.dirty = true;
+                Ok(())
+            }
+            _ => Err(Errno::EBADF),
+        });
+        match r {
+            Ok(()) => reply.written(data.len() as u32),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn flush(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
+        // close(2) waits for this: committing here means `cp` returns once the version
+        // exists (or fails if it could not be made).
+        match self.handle(fh).and_then(|h| self.finish_writer(&h, false)) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn fsync(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        // Data becomes durable when the version is committed on the last close.
+        reply.ok();
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        let h = self.handles.lock().remove(&u64::from(fh));
+        if let Some(h) = h {
+            // A writer that never flushed (it was killed) still commits what it wrote
+            // only when it was the last one; otherwise the draft waits for the others.
+            if let Err(e) = self.finish_writer(&h, true) {
+                eprintln!("keepfs: error: committing on the last close failed ({e:?})");
+            }
+            match &*h {
+                Handle::Cow { draft, writes, .. } | Handle::Incoming { draft, writes, .. } => {
+                    let mut s = draft.lock();
+                    s.opens = s.opens.saturating_sub(1);
+                    if *writes {
+                        s.writers = s.writers.saturating_sub(1);
+                    }
+                }
+                _ => {}
+            }
+        }
+        reply.ok();
+    }
+
+    fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+        let r = self.node(ino).and_then(|node| {
+            let mut entries = vec![(ino.into(), FileType::Directory, ".".to_string())];
+            entries.push((1, FileType::Directory, "..".to_string()));
+            for (n, kind, name) in self.children(&node)? {
+                entries.push((self.ino(&n), kind, name));
+            }
+            Ok(entries)
+        });
+        match r {
+            Ok(entries) => {
+                for (i, (ino, kind, name)) in entries.into_iter().enumerate().skip(offset as usize) {
+                    if reply.add(INodeNo(ino), (i + 1) as u64, kind, name) {
+                        break;
+                    }
+                }
+                reply.ok();
+            }
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        reply.statfs(0, 0, 0, 0, 0, MAX_IO, 255, 4096);
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        _flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        let r = self.node(ino).and_then(|node| {
+            let Node::IncomingFile(file) = node else {
+                return Err(if self.opts.read_only { Errno::EROFS } else { Errno::ENOTSUP });
+            };
+            let d = self.incoming.lock().get(&file).cloned().ok_or(Errno::ENOENT)?;
+            let mut s = d.lock();
+            let draft = s.draft.as_mut().ok_or(Errno::ENOENT)?;
+            let name = name.to_str().ok_or(Errno::ENOTSUP)?;
+            let value = std::str::from_utf8(value).map_err(|_| Errno::EINVAL)?;
+            if let Some(label) = name.strip_prefix(XATTR_LABEL) {
+                draft.set_label(label, value).map_err(err)
+            } else if name == XATTR_SNAPSHOT {
+                draft.set_snapshot(value).map_err(err)
+            } else {
+                Err(Errno::ENOTSUP)
+            }
+        });
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let r = self.node(ino).and_then(|node| {
+            let Node::IncomingFile(file) = node else { return Err(Errno::ENODATA) };
+            let d = self.incoming.lock().get(&file).cloned().ok_or(Errno::ENOENT)?;
+            let s = d.lock();
+            let draft = s.draft.as_ref().ok_or(Errno::ENOENT)?;
+            let name = name.to_str().ok_or(Errno::ENODATA)?;
+            if let Some(label) = name.strip_prefix(XATTR_LABEL) {
+                draft.labels().into_iter().find(|(k, _)| k == label).map(|(_, v)| v.into_bytes()).ok_or(Errno::ENODATA)
+            } else if name == XATTR_SNAPSHOT {
+                Ok(draft.snapshot().into_bytes())
+            } else {
+                Err(Errno::ENODATA)
+            }
+        });
+        match r {
+            Ok(v) if size == 0 => reply.size(v.len() as u32),
+            Ok(v) if v.len() > size as usize => reply.error(Errno::ERANGE),
+            Ok(v) => reply.data(&v),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let mut out = Vec::new();
+        if let Ok(Node::IncomingFile(file)) = self.node(ino)
+            && let Some(d) = self.incoming.lock().get(&file).cloned()
+            && let Some(draft) = d.lock().draft.as_ref()
+        {
+            for (k, _) in draft.labels() {
+                out.extend_from_slice(format!("{XATTR_LABEL}{k}").as_bytes());
+                out.push(0);
+            }
+            out.extend_from_slice(XATTR_SNAPSHOT.as_bytes());
+            out.push(0);
+        }
+        if size == 0 {
+            reply.size(out.len() as u32);
+        } else if out.len() > size as usize {
+            reply.error(Errno::ERANGE);
+        } else {
+            reply.data(&out);
+        }
+    }
+
+    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let r = self.node(ino).and_then(|node| {
+            let Node::IncomingFile(file) = node else { return Err(Errno::ENODATA) };
+            let d = self.incoming.lock().get(&file).cloned().ok_or(Errno::ENOENT)?;
+            let mut s = d.lock();
+            let draft = s.draft.as_mut().ok_or(Errno::ENOENT)?;
+            let label = name.to_str().and_then(|n| n.strip_prefix(XATTR_LABEL)).ok_or(Errno::ENODATA)?;
+            if draft.remove_label(label) { Ok(()) } else { Err(Errno::ENODATA) }
+        });
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+}
+
+/// Mounts `backend` at `mountpoint` and serves it until the filesystem is unmounted.
+pub fn mount<B: Backend>(backend: B, mountpoint: &Path, opts: MountOptions) -> io::Result<()> {
+    let config = fuse_config(&opts);
+    fuser::mount(KeepFs::new(backend, opts), mountpoint, &config)
+}
+
+fn fuse_config(opts: &MountOptions) -> fuser::Config {
+    let mut config = fuser::Config::default();
+    config.mount_options = vec![
+        fuser::MountOption::FSName("keepfs".into()),
+        fuser::MountOption::Subtype("keepfs".into()),
+        fuser::MountOption::NoAtime,
+    ];
+    if opts.read_only {
+        config.mount_options.push(fuser::MountOption::RO);
+    }
+    config.n_threads = Some(opts.threads.max(1));
+    config.clone_fd = true;
+    config
+}

@@ -379,13 +379,11 @@ fn run(cli: Cli) -> Result<i32> {
             let backend = keepfs::mount::EngineBackend::new(std::sync::Arc::new(repo));
             let opts = keepfs_fs::MountOptions { read_only, discard_writes, threads, ..Default::default() };
             unmount_on_signal(&mountpoint);
-            eprintln!(
-                "keepfs: mounted at {}; unmount with `fusermount3 -u {}`",
-                mountpoint.display(),
-                mountpoint.display()
-            );
-            keepfs_fs::mount(backend, &mountpoint, opts)
-                .map_err(|e| Error::io(format!("cannot mount at {}", mountpoint.display()), e))?;
+            let shown = mountpoint.display().to_string();
+            keepfs_fs::mount(backend, &mountpoint, opts, || {
+                eprintln!("keepfs: mounted at {shown}; unmount with `fusermount3 -u {shown}`")
+            })
+            .map_err(|e| Error::io(format!("cannot mount at {}", mountpoint.display()), e))?;
             Ok(exit::OK)
         }
         Command::Cleanup { dry_run, storage } => {

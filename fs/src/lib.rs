@@ -141,15 +141,18 @@ type SharedDraft = Arc<Mutex<Shared>>;
 enum Handle {
     Image(Arc<dyn ImageHandle>),
     /// A handle on a version's data while an overlay exists (reads see the overlay).
+    /// `opener` is the process that opened the handle (see `KeepFs::finish_writer`).
     Cow {
         uid: String,
         draft: SharedDraft,
         writes: bool,
+        opener: u32,
     },
     Incoming {
         name: String,
         draft: SharedDraft,
         writes: bool,
+        opener: u32,
     },
     Static(Vec<u8>),
 }
@@ -408,17 +411,19 @@ impl<B: Backend> KeepFs<B> {
         self.handles.lock().get(&u64::from(fh)).cloned().ok_or(Errno::EBADF)
     }
 
-    /// Commits a draft when its last writer goes: at its flush if it wrote something
-    /// (close(2) then returns once the version exists, or fails with the errno), else
-    /// at its release. A process may dup(2) a descriptor and close the original before
-    /// writing (dd does), which flushes without being the last close: a draft with no
-    /// writes is therefore never committed at a flush.
-    fn finish_writer(&self, h: &Handle, at_release: bool) -> Result<(), Errno> {
+    /// Commits a draft when its last writer goes. The last release always does; a flush
+    /// (every close(2), which waits for it) does when it comes from the process that
+    /// opened the handle and the draft was written to, so that `cp` returns once the
+    /// version exists, or fails with the errno. A flush is not a last close: dd dup2()s
+    /// its output and closes the original before writing, and a forked child closes its
+    /// inherited copy; neither may cut a draft off.
+    fn finish_writer(&self, h: &Handle, flush_pid: Option<u32>) -> Result<(), Errno> {
+        let at_release = flush_pid.is_none();
         match h {
-            Handle::Incoming { name, draft, writes: true } => {
+            Handle::Incoming { name, draft, writes: true, opener } => {
                 let mut s = draft.lock();
                 if s.writers == 1
-                    && (s.dirty || at_release)
+                    && (at_release || (s.dirty && flush_pid == Some(*opener)))
                     && let Some(d) = s.draft.take()
                 {
                     let r = d.commit();
@@ -428,12 +433,12 @@ impl<B: Backend> KeepFs<B> {
                 }
                 Ok(())
             }
-            Handle::Cow { uid, draft, writes: true } => {
+            Handle::Cow { uid, draft, writes: true, opener } => {
                 let mut s = draft.lock();
                 if s.writers != 1 || self.opts.discard_writes {
                     return Ok(());
                 }
-                if s.dirty {
+                if s.dirty && (at_release || flush_pid == Some(*opener)) {
                     if let Some(d) = s.draft.take() {
                         s.dirty = false;
                         self.remove_cow(uid, draft);
@@ -634,7 +639,8 @@ impl<B: Backend> Filesystem for KeepFs<B> {
         }
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let opener = req.pid();
         let writes = is_write(flags);
         let r = self.node(ino).and_then(|node| match node {
             Node::VersionFile(uid, Field::Data) => {
@@ -667,7 +673,10 @@ impl<B: Backend> Filesystem for KeepFs<B> {
                         }
                         // Overlay bytes must never sit in the page cache of this inode:
                         // once the overlay becomes a version, the file is the original again.
-                        Ok((self.add_handle(Handle::Cow { uid, draft: d, writes }), FopenFlags::FOPEN_DIRECT_IO))
+                        Ok((
+                            self.add_handle(Handle::Cow { uid, draft: d, writes, opener }),
+                            FopenFlags::FOPEN_DIRECT_IO,
+                        ))
                     }
                     None => {
                         let img = self.backend.open_image(&uid).map_err(err)?;
@@ -697,7 +706,7 @@ impl<B: Backend> Filesystem for KeepFs<B> {
                         s.writers += 1;
                     }
                 }
-                Ok((self.add_handle(Handle::Incoming { name, draft: d, writes }), FopenFlags::empty()))
+                Ok((self.add_handle(Handle::Incoming { name, draft: d, writes, opener }), FopenFlags::empty()))
             }
             _ => Err(Errno::EISDIR),
         });
@@ -709,7 +718,7 @@ impl<B: Backend> Filesystem for KeepFs<B> {
 
     fn create(
         &self,
-        _req: &Request,
+        req: &Request,
         parent: INodeNo,
         name: &OsStr,
         _mode: u32,
@@ -737,7 +746,8 @@ impl<B: Backend> Filesystem for KeepFs<B> {
             drop(inc);
             let node = Node::IncomingFile(name.to_string());
             let attr = self.getattr_node(&node)?;
-            let fh = self.add_handle(Handle::Incoming { name: name.to_string(), draft: shared, writes });
+            let fh =
+                self.add_handle(Handle::Incoming { name: name.to_string(), draft: shared, writes, opener: req.pid() });
             Ok((attr, fh))
         })();
         match r {
@@ -815,7 +825,7 @@ impl<B: Backend> Filesystem for KeepFs<B> {
                 s.dirty = true;
                 Ok(())
             }
-            Handle::Cow { uid, draft, writes: true } => {
+            Handle::Cow { uid, draft, writes: true, .. } => {
                 let mut s = draft.lock();
                 if s.draft.is_none() {
                     // Written again after its overlay became a version: a new overlay.
@@ -834,10 +844,10 @@ impl<B: Backend> Filesystem for KeepFs<B> {
         }
     }
 
-    fn flush(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
+    fn flush(&self, req: &Request, _ino: INodeNo, fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
         // close(2) waits for this: committing here means `cp` returns once the version
         // exists (or fails if it could not be made).
-        match self.handle(fh).and_then(|h| self.finish_writer(&h, false)) {
+        match self.handle(fh).and_then(|h| self.finish_writer(&h, Some(req.pid()))) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(e),
         }
@@ -862,7 +872,7 @@ impl<B: Backend> Filesystem for KeepFs<B> {
         if let Some(h) = h {
             // A writer that never flushed (it was killed) still commits what it wrote
             // only when it was the last one; otherwise the draft waits for the others.
-            if let Err(e) = self.finish_writer(&h, true) {
+            if let Err(e) = self.finish_writer(&h, None) {
                 eprintln!("keepfs: error: committing on the last close failed ({e:?})");
             }
             match &*h {
@@ -999,10 +1009,13 @@ impl<B: Backend> Filesystem for KeepFs<B> {
     }
 }
 
-/// Mounts `backend` at `mountpoint` and serves it until the filesystem is unmounted.
-pub fn mount<B: Backend>(backend: B, mountpoint: &Path, opts: MountOptions) -> io::Result<()> {
+/// Mounts `backend` at `mountpoint`, calls `mounted` once the kernel mount exists, and
+/// serves requests until the filesystem is unmounted.
+pub fn mount<B: Backend>(backend: B, mountpoint: &Path, opts: MountOptions, mounted: impl FnOnce()) -> io::Result<()> {
     let config = fuse_config(&opts);
-    fuser::mount(KeepFs::new(backend, opts), mountpoint, &config)
+    let session = fuser::Session::new(KeepFs::new(backend, opts), mountpoint, &config)?;
+    mounted();
+    session.run()
 }
 
 fn fuse_config(opts: &MountOptions) -> fuser::Config {

@@ -150,3 +150,5 @@ pub fn mixed_image(seed: u64, blocks: usize, bs: usize, tail: usize) -> Vec<u8> 
     img.extend(random_bytes(seed * 7777, tail));
     img
 }
+
+pub mod mount;

@@ -1,0 +1,92 @@
+//! A real `keepfs mount` in a child process, unmounted (and waited for) on drop.
+#![allow(dead_code)]
+
+use super::Repo;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+pub struct Mount {
+    pub dir: PathBuf,
+    pub child: Option<Child>,
+    pub log: PathBuf,
+}
+
+pub fn is_mounted(dir: &Path) -> bool {
+    let Ok(canon) = dir.canonicalize() else { return false };
+    let target = canon.to_string_lossy().to_string();
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .map(|m| m.lines().any(|l| l.split(' ').nth(4) == Some(target.as_str())))
+        .unwrap_or(false)
+}
+
+pub fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while !f() {
+        assert!(t.elapsed() < limit, "timed out after {limit:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+impl Mount {
+    pub fn new(repo: &Repo, args: &[&str]) -> Mount {
+        let dir = repo.path("mnt");
+        std::fs::create_dir_all(&dir).unwrap();
+        Mount::at(repo, &dir, args)
+    }
+
+    pub fn at(repo: &Repo, dir: &Path, args: &[&str]) -> Mount {
+        let log = repo.path(&format!("mount-{}.log", std::process::id()));
+        let logf = std::fs::File::create(&log).unwrap();
+        let mut all = vec!["mount", dir.to_str().unwrap()];
+        all.extend_from_slice(args);
+        let child = repo.command(&all).stdout(Stdio::null()).stderr(logf).spawn().unwrap();
+        let mut m = Mount { dir: dir.to_path_buf(), child: Some(child), log };
+        let t = Instant::now();
+        // The new mount says so once the kernel mount exists (a dead mount may still be
+        // listed at the same place until the new process detaches it).
+        while !(is_mounted(dir) && m.log_text().contains("keepfs: mounted at")) {
+            if let Some(c) = m.child.as_mut()
+                && let Ok(Some(status)) = c.try_wait()
+            {
+                panic!("keepfs mount exited with {status}: {}", m.log_text());
+            }
+            assert!(t.elapsed() < Duration::from_secs(20), "not mounted: {}", m.log_text());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        m
+    }
+
+    pub fn p(&self, rel: &str) -> PathBuf {
+        self.dir.join(rel)
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn unmount(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = std::process::Command::new("fusermount3").arg("-u").arg(&self.dir).status();
+            let t = Instant::now();
+            loop {
+                if let Ok(Some(_)) = c.try_wait() {
+                    break;
+                }
+                if t.elapsed() > Duration::from_secs(20) {
+                    let _ = c.kill();
+                    let _ = c.wait();
+                    let _ = std::process::Command::new("fusermount3").arg("-u").arg("-z").arg(&self.dir).status();
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        self.unmount();
+    }
+}

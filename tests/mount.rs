@@ -1,0 +1,364 @@
+//! The FUSE filesystem through a real kernel mount: browse, read, back up with cp and dd,
+//! loop-mount ext4 images read-only and read-write (copy-on-write), errno values, and
+//! versions coming and going while mounted. Needs root and /dev/fuse (CI has both).
+
+mod common;
+use common::mount::{Mount, wait_until};
+use common::*;
+use std::fs;
+use std::io::{Seek, SeekFrom, Write};
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::process::Command;
+use std::time::Duration;
+
+const LIMIT: Duration = Duration::from_secs(20);
+
+fn sh(cmd: &str) -> std::process::Output {
+    let out = Command::new("sh").arg("-c").arg(cmd).output().unwrap();
+    assert!(out.status.success(), "{cmd}: {}", String::from_utf8_lossy(&out.stderr));
+    out
+}
+
+fn errno_of(r: std::io::Result<impl Sized>) -> i32 {
+    r.err().and_then(|e| e.raw_os_error()).unwrap_or(0)
+}
+
+fn uids_named(repo: &Repo, name: &str) -> Vec<String> {
+    repo.ls_json(Some(&format!("name == \"{name}\"")))
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|v| v["status"] != "incomplete")
+        .map(|v| v["uid"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// Waits for the single valid version called `name` and returns its uid.
+fn version_named(repo: &Repo, name: &str) -> String {
+    wait_until(&format!("version {name}"), LIMIT, || !uids_named(repo, name).is_empty());
+    let u = uids_named(repo, name);
+    assert_eq!(u.len(), 1, "{u:?}");
+    u[0].clone()
+}
+
+#[test]
+fn browse_and_read_versions() {
+    let repo = Repo::new();
+    let img = mixed_image(71, 9, 1 << 20, 333);
+    fs::write(repo.path("img"), &img).unwrap();
+    let a = repo.backup("img", "db", &["-b", "1M", "-l", "env=prod", "-s", "snap1"]);
+    let b = repo.backup("img", "db", &[]);
+    let m = Mount::new(&repo, &[]);
+
+    assert_eq!(sha256_file(&m.p(&format!("by_version/{a}/data"))), sha256_file(&repo.path("img")));
+    assert_eq!(fs::metadata(m.p(&format!("by_version/{a}/data"))).unwrap().len(), img.len() as u64);
+    let field = |uid: &str, f: &str| fs::read_to_string(m.p(&format!("by_version/{uid}/{f}"))).unwrap();
+    assert_eq!(field(&a, "name"), "db\n");
+    assert_eq!(field(&a, "snapshot"), "snap1\n");
+    assert_eq!(field(&a, "size"), format!("{}\n", img.len()));
+    assert_eq!(field(&a, "block_size"), "1048576\n");
+    assert_eq!(field(&a, "status"), "valid\n");
+    assert_eq!(field(&a, "protected"), "false\n");
+    assert_eq!(field(&a, "labels"), "env=prod\n");
+    assert_eq!(field(&b, "labels"), "");
+    let date = field(&a, "date");
+    assert!(date.ends_with("Z\n") && date.starts_with("20"), "{date}");
+
+    let mut listed: Vec<String> =
+        fs::read_dir(m.p("by_name/db")).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    listed.sort();
+    assert_eq!(listed, vec![a.clone(), b.clone(), "latest".to_string()]);
+    assert_eq!(
+        fs::read_link(m.p(&format!("by_name/db/{a}"))).unwrap().to_str(),
+        Some(&*format!("../../by_version/{a}"))
+    );
+    assert_eq!(fs::read_link(m.p("by_name/db/latest")).unwrap().to_str(), Some(&*format!("../../by_version/{b}")));
+    assert_eq!(sha256_file(&m.p("by_name/db/latest/data")), sha256_file(&repo.path("img")));
+
+    // Random reads match the image.
+    let f = fs::File::open(m.p(&format!("by_version/{b}/data"))).unwrap();
+    for (off, len) in
+        [(0usize, 10usize), (4 << 20, 4096), ((1 << 20) - 7, 100), (img.len() - 50, 50), (img.len() - 1, 10)]
+    {
+        let mut buf = vec![0u8; len];
+        let n = f.read_at(&mut buf, off as u64).unwrap();
+        assert_eq!(&buf[..n], &img[off..(off + len).min(img.len())]);
+    }
+
+    // A version created by the CLI while mounted appears; one removed disappears.
+    let c = repo.backup("img", "web", &[]);
+    wait_until("the new version to show", LIMIT, || m.p(&format!("by_version/{c}/data")).exists());
+    assert!(m.p("by_name/web/latest").exists());
+    repo.ok(&["rm", "--force", &c]);
+    wait_until("the removed version to go", LIMIT, || !m.p(&format!("by_version/{c}")).exists());
+    assert!(!m.p("by_name/web").exists());
+}
+
+#[test]
+fn cp_and_dd_into_incoming_are_backups() {
+    let repo = Repo::new();
+    let img = mixed_image(72, 20, 1 << 20, 4321);
+    fs::write(repo.path("img"), &img).unwrap();
+    let m = Mount::new(&repo, &[]);
+    let src = repo.path("img");
+    let want = sha256_file(&src);
+
+    sh(&format!("cp {} {}", src.display(), m.p("incoming/vm1").display()));
+    let v1 = version_named(&repo, "vm1");
+    assert!(!m.p("incoming/vm1").exists(), "the file leaves incoming/ once committed");
+    assert_eq!(repo.restore_sha(&v1, "o1"), want);
+    assert_eq!(sha256_file(&m.p(&format!("by_version/{v1}/data"))), want);
+    let objects = repo.block_objects();
+
+    // The same image again stores no new object.
+    sh(&format!("cp {} {}", src.display(), m.p("incoming/vm1-again").display()));
+    let again = version_named(&repo, "vm1-again");
+    assert_eq!(repo.block_objects(), objects);
+    assert_eq!(repo.version(&again)["stats"]["bytes_written"], 0);
+
+    for (name, args) in [("dd4m", "bs=4M"), ("dd512", "bs=512")] {
+        sh(&format!("dd if={} of={} {args} status=none", src.display(), m.p(&format!("incoming/{name}")).display()));
+        let v = version_named(&repo, name);
+        assert_eq!(repo.restore_sha(&v, "o"), want, "{name}");
+    }
+
+    // seek past the start and conv=notrunc,sparse: a hole, then the image.
+    sh(&format!(
+        "dd if={} of={} bs=64k seek=5 conv=notrunc,sparse status=none",
+        src.display(),
+        m.p("incoming/ddseek").display()
+    ));
+    let v = version_named(&repo, "ddseek");
+    let mut expected = vec![0u8; 5 * 65536];
+    expected.extend_from_slice(&img);
+    fs::write(repo.path("expected"), &expected).unwrap();
+    assert_eq!(repo.restore_sha(&v, "o"), sha256_file(&repo.path("expected")));
+    assert_eq!(repo.version(&v)["size"], expected.len() as u64);
+}
+
+#[test]
+fn an_incoming_file_behaves_like_a_file_until_closed() {
+    let repo = Repo::new();
+    let m = Mount::new(&repo, &[]);
+    let path = m.p("incoming/live");
+    let mut f = fs::OpenOptions::new().create(true).read(true).write(true).open(&path).unwrap();
+    let a = random_bytes(81, 6 << 20);
+    f.write_all(&a).unwrap();
+    assert_eq!(fs::metadata(&path).unwrap().len(), a.len() as u64, "stat shows the size");
+    let mut back = vec![0u8; 1000];
+    f.read_exact_at(&mut back, 5 << 20).unwrap();
+    assert_eq!(back, a[5 << 20..(5 << 20) + 1000]);
+
+    // Labels and snapshot name through extended attributes.
+    let set = |n: &str, v: &str| {
+        let ok = Command::new("setfattr").args(["-n", n, "-v", v]).arg(&path).status().unwrap().success();
+        assert!(ok, "setfattr {n}");
+    };
+    set("user.keepfs.label.env", "prod");
+    set("user.keepfs.label.tier", "");
+    set("user.keepfs.snapshot", "snap-9");
+
+    // Another process writes in the middle without truncating.
+    sh(&format!("printf 'XYZ' | dd of={} bs=1 seek=100 conv=notrunc status=none", path.display()));
+    let mut model = a.clone();
+    model[100..103].copy_from_slice(b"XYZ");
+    // Extend with a hole, then truncate back into the image.
+    f.set_len(9 << 20).unwrap();
+    let mut tail = vec![7u8; 16];
+    f.read_exact_at(&mut tail, (8 << 20) - 8).unwrap();
+    assert_eq!(tail, vec![0u8; 16], "holes read as zeros");
+    f.set_len(3 << 20).unwrap();
+    model.truncate(3 << 20);
+    f.seek(SeekFrom::Start(4 << 20)).unwrap();
+    f.write_all(b"end").unwrap();
+    model.resize(4 << 20, 0);
+    model.extend_from_slice(b"end");
+    drop(f);
+
+    let v = version_named(&repo, "live");
+    let ver = repo.version(&v);
+    assert_eq!(ver["labels"]["env"], "prod");
+    assert_eq!(ver["labels"]["tier"], "");
+    assert_eq!(ver["snapshot"], "snap-9");
+    fs::write(repo.path("model"), &model).unwrap();
+    assert_eq!(repo.restore_sha(&v, "o"), sha256_file(&repo.path("model")));
+}
+
+#[test]
+fn ext4_images_mount_read_only_and_read_write_with_copy_on_write() {
+    let repo = Repo::new();
+    let tree = repo.path("tree");
+    fs::create_dir_all(tree.join("sub")).unwrap();
+    fs::write(tree.join("hello.txt"), "hello from keepfs\n").unwrap();
+    fs::write(tree.join("sub/random.bin"), random_bytes(91, 3 << 20)).unwrap();
+    let img = repo.path("fs.img");
+    fs::File::create(&img).unwrap().set_len(48 << 20).unwrap();
+    sh(&format!("mkfs.ext4 -q -F -d {} {}", tree.display(), img.display()));
+    let original_sha = sha256_file(&img);
+    let uid = repo.backup("fs.img", "fs", &[]);
+    let m = Mount::new(&repo, &[]);
+    let data = m.p(&format!("by_version/{uid}/data"));
+    let mnt = repo.path("loop");
+    fs::create_dir_all(&mnt).unwrap();
+
+    sh(&format!("mount -o loop,ro {} {}", data.display(), mnt.display()));
+    let hello = fs::read_to_string(mnt.join("hello.txt"));
+    let random = fs::read(mnt.join("sub/random.bin"));
+    sh(&format!("umount {}", mnt.display()));
+    assert_eq!(hello.unwrap(), "hello from keepfs\n");
+    assert_eq!(random.unwrap(), random_bytes(91, 3 << 20));
+
+    sh(&format!("mount -o loop {} {}", data.display(), mnt.display()));
+    let w = fs::write(mnt.join("written-through-keepfs.txt"), "copy on write\n");
+    sh(&format!("umount {}", mnt.display()));
+    w.unwrap();
+
+    wait_until("the copy-on-write version", LIMIT, || uids_named(&repo, "fs").len() == 2);
+    let cow = uids_named(&repo, "fs").into_iter().find(|u| *u != uid).unwrap();
+    assert_eq!(repo.version(&cow)["labels"]["keepfs.cow-of"], uid.as_str());
+    // The original is byte for byte what it was, through the mount and restored.
+    assert_eq!(sha256_file(&data), original_sha);
+    assert_eq!(repo.restore_sha(&uid, "orig"), original_sha);
+    // The new version holds the file.
+    let cow_data = m.p(&format!("by_version/{cow}/data"));
+    sh(&format!("mount -o loop,ro {} {}", cow_data.display(), mnt.display()));
+    let written = fs::read_to_string(mnt.join("written-through-keepfs.txt"));
+    let hello = fs::read_to_string(mnt.join("hello.txt"));
+    sh(&format!("umount {}", mnt.display()));
+    assert_eq!(written.unwrap(), "copy on write\n");
+    assert_eq!(hello.unwrap(), "hello from keepfs\n");
+}
+
+#[test]
+fn errno_values_for_what_the_filesystem_does_not_allow() {
+    let repo = Repo::new();
+    fs::write(repo.path("img"), random_bytes(101, 1 << 20)).unwrap();
+    let uid = repo.backup("img", "e", &["-l", "k=v"]);
+    repo.ok(&["protect", &uid]);
+    let m = Mount::new(&repo, &[]);
+    let dir = m.p(&format!("by_version/{uid}"));
+    assert_eq!(errno_of(fs::remove_file(dir.join("data"))), libc::EPERM);
+    assert_eq!(errno_of(fs::remove_dir(&dir)), libc::EPERM);
+    assert_eq!(errno_of(fs::remove_dir_all(m.p("by_name/e"))), libc::EPERM);
+    assert_eq!(errno_of(fs::create_dir(m.p("by_version/new"))), libc::EPERM);
+    assert_eq!(errno_of(fs::create_dir(m.p("incoming/dir"))), libc::EPERM);
+    assert_eq!(errno_of(fs::create_dir(m.p("elsewhere"))), libc::EPERM);
+    assert_eq!(errno_of(fs::rename(&dir, m.p("by_version/V0000000099"))), libc::EPERM);
+    assert_eq!(errno_of(fs::File::create(dir.join("extra"))), libc::EPERM);
+    assert_eq!(errno_of(fs::OpenOptions::new().write(true).open(dir.join("name"))), libc::EACCES);
+    assert_eq!(errno_of(fs::metadata(m.p("by_version/V0000000099"))), libc::ENOENT);
+    assert!(fs::read_to_string(dir.join("protected")).unwrap() == "true\n");
+    // Still there and intact.
+    assert_eq!(sha256_file(&dir.join("data")), sha256_file(&repo.path("img")));
+    // A version open through the mount cannot be removed by the CLI meanwhile.
+    let f = fs::File::open(dir.join("data")).unwrap();
+    let r = repo.run(&["rm", "--force", &uid]);
+    assert_eq!(r.code, 4, "{}", r.stderr);
+    assert!(r.error_line().contains("in use"), "{}", r.stderr);
+    drop(f);
+}
+
+#[test]
+fn read_only_and_discard_writes_mounts() {
+    let repo = Repo::new();
+    let img = random_bytes(111, 2 << 20);
+    fs::write(repo.path("img"), &img).unwrap();
+    let uid = repo.backup("img", "ro", &[]);
+    {
+        let m = Mount::new(&repo, &["--read-only"]);
+        let data = m.p(&format!("by_version/{uid}/data"));
+        assert_eq!(errno_of(fs::OpenOptions::new().write(true).open(&data)), libc::EROFS);
+        assert_eq!(errno_of(fs::File::create(m.p("incoming/x"))), libc::EROFS);
+        assert_eq!(sha256_file(&data), sha256_file(&repo.path("img")));
+    }
+    {
+        let m = Mount::new(&repo, &["--discard-writes"]);
+        let data = m.p(&format!("by_version/{uid}/data"));
+        let f = fs::OpenOptions::new().read(true).write(true).open(&data).unwrap();
+        f.write_all_at(b"scratch", 4096).unwrap();
+        drop(f);
+        let f = fs::File::open(&data).unwrap();
+        let mut b = [0u8; 7];
+        f.read_exact_at(&mut b, 4096).unwrap();
+        assert_eq!(&b, b"scratch", "writes stay visible for the life of the mount");
+    }
+    // ... and are gone afterwards: no new version, the original unchanged.
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(uids_named(&repo, "ro"), vec![uid.clone()]);
+    let all = repo.ls_json(None);
+    assert_eq!(all.as_array().unwrap().len(), 1, "{all}");
+    assert_eq!(repo.restore_sha(&uid, "o"), sha256_file(&repo.path("img")));
+}
+
+#[test]
+fn readers_writers_and_the_cli_at_the_same_time() {
+    let repo = Repo::new();
+    let a = mixed_image(121, 12, 1 << 20, 0);
+    let b = mixed_image(122, 12, 1 << 20, 17);
+    let c = mixed_image(123, 16, 1 << 20, 5);
+    fs::write(repo.path("a"), &a).unwrap();
+    fs::write(repo.path("b"), &b).unwrap();
+    fs::write(repo.path("c"), &c).unwrap();
+    let ua = repo.backup("a", "a", &[]);
+    let ub = repo.backup("b", "b", &[]);
+    let m = Mount::new(&repo, &[]);
+    let (pa, pb) = (m.p(&format!("by_version/{ua}/data")), m.p(&format!("by_version/{ub}/data")));
+    let (wa, wb, wc) = (sha256_file(&repo.path("a")), sha256_file(&repo.path("b")), sha256_file(&repo.path("c")));
+    let cp_target = m.p("incoming/c");
+    let c_src = repo.path("c");
+    std::thread::scope(|s| {
+        let r1 = s.spawn(|| (0..3).all(|_| sha256_file(&pa) == wa));
+        let r2 = s.spawn(|| (0..3).all(|_| sha256_file(&pb) == wb));
+        let w = s.spawn(|| sh(&format!("cp {} {}", c_src.display(), cp_target.display())));
+        // And a CLI backup while all that runs.
+        let cli = repo.backup("c", "c-cli", &[]);
+        assert!(r1.join().unwrap() && r2.join().unwrap());
+        w.join().unwrap();
+        assert_eq!(repo.restore_sha(&cli, "cli"), wc);
+    });
+    let uc = version_named(&repo, "c");
+    assert_eq!(repo.restore_sha(&uc, "oc"), wc);
+    assert_eq!(sha256_file(&m.p(&format!("by_version/{uc}/data"))), wc);
+}
+
+#[test]
+fn kill_9_of_the_mount_during_a_copy() {
+    let repo = Repo::new();
+    fs::write(repo.path("big"), random_bytes(131, 96 << 20)).unwrap();
+    fs::write(repo.path("small"), random_bytes(132, 1 << 20)).unwrap();
+    let keep = repo.backup("small", "keep", &[]);
+    let mut m = Mount::new(&repo, &[]);
+    let target = m.p("incoming/killed");
+    let mut cp = Command::new("dd")
+        .arg(format!("if={}", repo.path("big").display()))
+        .arg(format!("of={}", target.display()))
+        .args(["bs=64k", "oflag=sync"])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until("the copy to be under way", LIMIT, || {
+        fs::metadata(&target).map(|md| md.size() > (4 << 20)).unwrap_or(false)
+    });
+    let mut child = m.child.take().unwrap();
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let status = cp.wait().unwrap();
+    assert!(!status.success(), "the copy must fail when the filesystem dies");
+
+    // No valid version for the killed copy; the repository is consistent.
+    assert!(uids_named(&repo, "killed").is_empty());
+    let listed = repo.ls_json(Some("name == \"killed\""));
+    assert_eq!(listed[0]["status"], "incomplete", "{listed}");
+    assert_eq!(repo.restore_sha(&keep, "k"), sha256_file(&repo.path("small")));
+
+    // The next mount detaches the dead one and works.
+    let m2 = Mount::at(&repo, &m.dir.clone(), &[]);
+    assert!(m2.log_text().contains("detached the dead mount"), "{}", m2.log_text());
+    assert_eq!(sha256_file(&m2.p(&format!("by_version/{keep}/data"))), sha256_file(&repo.path("small")));
+    drop(m2);
+    // The incomplete version goes with `keepfs rm`, and cleanup takes its objects.
+    let uid = listed[0]["uid"].as_str().unwrap().to_string();
+    repo.ok(&["rm", &uid]);
+    repo.ok(&["cleanup"]);
+    assert_eq!(repo.restore_sha(&keep, "k"), sha256_file(&repo.path("small")));
+}

@@ -141,7 +141,7 @@ fn an_incoming_file_behaves_like_a_file_until_closed() {
     let repo = Repo::new();
     let m = Mount::new(&repo, &[]);
     let path = m.p("incoming/live");
-    let mut f = fs::OpenOptions::new().create(true).read(true).write(true).open(&path).unwrap();
+    let mut f = fs::OpenOptions::new().create(true).truncate(true).read(true).write(true).open(&path).unwrap();
     let a = random_bytes(81, 6 << 20);
     f.write_all(&a).unwrap();
     assert_eq!(fs::metadata(&path).unwrap().len(), a.len() as u64, "stat shows the size");

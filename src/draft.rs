@@ -54,6 +54,10 @@ struct Spool {
     path: PathBuf,
     file: Option<File>,
     on_disk: HashSet<u64>,
+    /// Blocks whose buffer holds stale bytes outside the ranges written so far (kept
+    /// here). They are zeroed only before anyone can see them ([`Spool::settle`]), so a
+    /// block written from start to end is never zero-filled first.
+    stale: HashMap<u64, Vec<(usize, usize)>>,
     bs: usize,
 }
 
@@ -99,10 +103,42 @@ impl Spool {
         self.mem.len() + self.on_disk.len()
     }
 
+    /// Zeroes what was never written of a stale block (it is in memory).
+    fn settle(&mut self, idx: u64) {
+        if let Some(written) = self.stale.remove(&idx)
+            && let Some(buf) = self.mem.peek_mut(&idx)
+        {
+            let mut at = 0;
+            for (start, end) in written {
+                buf[at..start].fill(0);
+                at = end;
+            }
+            buf[at..].fill(0);
+        }
+    }
+
+    /// Records that `start..end` of block `idx` was written.
+    fn note_write(&mut self, idx: u64, start: usize, end: usize) {
+        if let Some(w) = self.stale.get_mut(&idx) {
+            add_range(w, start, end);
+            if w.len() == 1 && w[0] == (0, self.bs) {
+                self.stale.remove(&idx);
+            }
+        }
+    }
+
+    /// Whether every byte of the block is defined (written, copied or zeroed).
+    fn is_complete(&self, idx: u64) -> bool {
+        !self.stale.contains_key(&idx)
+    }
+
     /// Makes room in memory for one more block by spilling the least recently used.
     fn spill_one(&mut self, ingest: &Ingest) -> Result<()> {
         if self.mem.len() < self.memory_blocks {
             return Ok(());
+        }
+        if let Some(lru) = self.mem.peek_lru().map(|(k, _)| *k) {
+            self.settle(lru);
         }
         if let Some((idx, buf)) = self.mem.pop_lru() {
             let at = idx * self.bs as u64;
@@ -113,12 +149,21 @@ impl Spool {
         Ok(())
     }
 
-    /// A new buffer of exactly one block for `idx`, filled by `init`.
-    fn insert(&mut self, idx: u64, ingest: &Ingest, init: impl FnOnce(&mut [u8])) -> Result<()> {
+    /// A new buffer of exactly one block for `idx`: a copy of `content`, or (without
+    /// content) a block of zeros, made lazily.
+    fn insert(&mut self, idx: u64, ingest: &Ingest, content: Option<&[u8]>) -> Result<()> {
         self.spill_one(ingest)?;
         let mut buf = ingest.take_buffer()?;
         buf.resize(self.bs, 0);
-        init(&mut buf);
+        match content {
+            Some(c) => {
+                buf.copy_from_slice(c);
+                self.stale.remove(&idx);
+            }
+            None => {
+                self.stale.insert(idx, Vec::new());
+            }
+        }
         self.punch(idx);
         self.mem.put(idx, buf);
         Ok(())
@@ -139,6 +184,7 @@ impl Spool {
     }
 
     fn read(&mut self, idx: u64, within: usize, out: &mut [u8]) -> Result<()> {
+        self.settle(idx);
         if let Some(b) = self.mem.get(&idx) {
             out.copy_from_slice(&b[within..within + out.len()]);
             return Ok(());
@@ -150,10 +196,12 @@ impl Spool {
     /// Takes a block out of the spool, as a buffer of one block.
     fn take(&mut self, idx: u64, ingest: &Ingest) -> Result<Vec<u8>> {
         self.get_mut(idx, ingest)?;
+        self.settle(idx);
         self.mem.pop(&idx).ok_or_else(|| Error::Other("spool block vanished".into()))
     }
 
     fn discard(&mut self, idx: u64, ingest: &Ingest) {
+        self.stale.remove(&idx);
         if let Some(b) = self.mem.pop(&idx) {
             ingest.give_back(b);
         }
@@ -182,7 +230,6 @@ pub struct Draft {
     bs: u64,
     size: u64,
     slots: HashMap<u64, Slot>,
-    coverage: HashMap<u64, Vec<(usize, usize)>>,
     spool: Spool,
     ingest: Option<Ingest>,
     streaming: bool,
@@ -225,6 +272,7 @@ impl Draft {
             path: repo.config.home.join("spool").join(format!("{uid}.spool")),
             file: None,
             on_disk: HashSet::new(),
+            stale: HashMap::new(),
             bs: bs as usize,
         };
         Ok(Draft {
@@ -237,7 +285,6 @@ impl Draft {
             bs: bs as u64,
             size,
             slots: HashMap::new(),
-            coverage: HashMap::new(),
             spool,
             ingest: Some(ingest),
             streaming: opts.streaming,
@@ -332,16 +379,8 @@ impl Draft {
             self.ingest()?.forget_completed(idx);
         }
         let ingest = self.ingest.as_ref().ok_or_else(|| Error::Other("draft already committed".into()))?;
-        self.spool.insert(idx, ingest, |buf| match &content {
-            Some(c) => buf.copy_from_slice(c),
-            None => buf.fill(0),
-        })?;
+        self.spool.insert(idx, ingest, content.as_deref())?;
         self.slots.insert(idx, Slot::Spooled);
-        let cov = self.coverage.entry(idx).or_default();
-        cov.clear();
-        if content.is_some() {
-            cov.push((0, self.bs as usize));
-        }
         Ok(())
     }
 
@@ -353,7 +392,6 @@ impl Draft {
         buf.truncate(len);
         ingest.submit(idx, buf)?;
         self.slots.insert(idx, Slot::Submitted);
-        self.coverage.remove(&idx);
         Ok(())
     }
 
@@ -386,10 +424,8 @@ impl Draft {
             let ingest = self.ingest.as_ref().ok_or_else(|| Error::Other("draft already committed".into()))?;
             let buf = self.spool.get_mut(idx, ingest)?;
             buf[within..within + n].copy_from_slice(&data[done..done + n]);
-            let cov = self.coverage.entry(idx).or_default();
-            add_range(cov, within, within + n);
-            let full = cov.len() == 1 && cov[0] == (0, bs);
-            if self.streaming && full && within + n == bs {
+            self.spool.note_write(idx, within, within + n);
+            if self.streaming && within + n == bs && self.spool.is_complete(idx) {
                 self.submit(idx)?;
             }
             done += n;
@@ -441,7 +477,6 @@ impl Draft {
                     _ => {}
                 }
                 self.slots.insert(idx, Slot::Zero);
-                self.coverage.remove(&idx);
             }
             self.base_cut = self.base_cut.min(first_gone);
             let tail = (new % self.bs) as usize;
@@ -449,6 +484,8 @@ impl Draft {
                 let idx = new / self.bs;
                 self.prepare(idx, false)?;
                 let ingest = self.ingest.as_ref().ok_or_else(|| Error::Other("draft already committed".into()))?;
+                self.spool.get_mut(idx, ingest)?;
+                self.spool.settle(idx);
                 let buf = self.spool.get_mut(idx, ingest)?;
                 buf[tail..].fill(0);
             }

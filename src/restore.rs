@@ -298,7 +298,11 @@ impl Repository {
             }
             return Err(e);
         }
-        target.buffered.sync_all().map_err(|e| Error::io(format!("cannot flush {}", path.display()), e))?;
+        match target.buffered.sync_all() {
+            // A character device (/dev/null) has nothing to make durable.
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) && target.is_device => {}
+            r => r.map_err(|e| Error::io(format!("cannot flush {}", path.display()), e))?,
+        }
         if let Some((temp, path)) = &target.rename {
             std::fs::rename(temp, path)
                 .map_err(|e| Error::io(format!("cannot move the restored image to {}", path.display()), e))?;

@@ -8,7 +8,12 @@ of the image and keepfs's initial backup, unchanged re-backup, backup of the cha
 copy and restore, each in MB/s and as a ratio to the baseline, with storage used and
 peak RSS. Finally backs up null://1T to a null storage (memory and database size).
 
-usage: contrib/bench/bench.py [--size-mib N] [--workdir DIR] [--keepfs PATH]
+With --fuse (default when run as root with /dev/fuse), the same image is also read
+and written through `keepfs mount`: restore to /dev/null next to `dd` of the mounted
+`data` file (cold and warm page cache), random 4 KiB reads (fio), and `cp` into
+`incoming/` next to `keepfs backup` of the same file into an equally fresh repository.
+
+usage: contrib/bench/bench.py [--size-mib N] [--workdir DIR] [--keepfs PATH] [--no-fuse]
 """
 import argparse
 import os
@@ -94,12 +99,103 @@ def du(path):
     return total
 
 
+def drop_caches():
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3\n")
+
+
+def mounted(log):
+    try:
+        with open(log) as f:
+            return "keepfs: mounted at" in f.read()
+    except FileNotFoundError:
+        return False
+
+
+def start_mount(keepfs, env, mnt, log):
+    os.makedirs(mnt, exist_ok=True)
+    p = subprocess.Popen([keepfs, "mount", mnt], env=env, stdout=subprocess.DEVNULL, stderr=open(log, "w"))
+    t = time.time()
+    while not mounted(log):
+        if p.poll() is not None or time.time() - t > 20:
+            sys.exit(f"keepfs mount failed: {open(log).read()}")
+        time.sleep(0.05)
+    return p
+
+
+def stop_mount(p, mnt):
+    subprocess.run(["fusermount3", "-u", mnt])
+    p.wait(timeout=30)
+
+
+def fuse_bench(keepfs, env, img, size, uid, backup_mbs, workdir):
+    mnt = os.path.join(workdir, "mnt")
+    log = os.path.join(workdir, "mount.log")
+    rows = []
+    drop_caches()
+    dt, _, _ = timed([keepfs, "restore", "--force", uid, "file:///dev/null"], env)
+    restore = size / dt / 1e6
+    rows.append(("keepfs restore to /dev/null", dt, restore, "restore"))
+    m = start_mount(keepfs, env, mnt, log)
+    data = os.path.join(mnt, "by_version", uid, "data")
+    try:
+        drop_caches()
+        dt, _, _ = timed(["dd", f"if={data}", "of=/dev/null", "bs=4M"])
+        rows.append(("dd of mounted data, cold cache", dt, size / dt / 1e6, "restore"))
+        dt, _, _ = timed(["dd", f"if={data}", "of=/dev/null", "bs=4M"])
+        rows.append(("dd of mounted data, warm cache", dt, size / dt / 1e6, "restore"))
+        rand = None
+        if shutil.which("fio"):
+            drop_caches()
+            out = subprocess.run(
+                ["fio", "--name=rand", f"--filename={data}", "--rw=randread", "--bs=4k", "--runtime=10",
+                 "--time_based", "--readonly", "--output-format=terse", "--terse-version=3", "--numjobs=1",
+                 "--iodepth=1", "--invalidate=1"],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            if out.returncode == 0:
+                rand = int(out.stdout.split(";")[7])
+    finally:
+        stop_mount(m, mnt)
+    # cp into incoming/ of a fresh repository, next to keepfs backup into another fresh one.
+    homes = [os.path.join(workdir, "repo-cp"), os.path.join(workdir, "repo-backup")]
+    for h in homes:
+        shutil.rmtree(h, ignore_errors=True)
+    env_cp = dict(env, KEEPFS_HOME=homes[0])
+    env_bk = dict(env, KEEPFS_HOME=homes[1])
+    warm(img)
+    dt, _, _ = timed([keepfs, "backup", "file://" + img, "x"], env_bk)
+    rows.append(("keepfs backup (fresh repository)", dt, size / dt / 1e6, "backup"))
+    backup_fresh = size / dt / 1e6
+    m = start_mount(keepfs, env_cp, mnt, log)
+    try:
+        warm(img)
+        dt, _, _ = timed(["cp", img, os.path.join(mnt, "incoming", "x")])
+        rows.append(("cp into incoming/ (fresh repository)", dt, size / dt / 1e6, "backup"))
+        warm(img)
+        dt, _, _ = timed(["cp", img, os.path.join(mnt, "incoming", "y")])
+        rows.append(("cp into incoming/ (all blocks stored)", dt, size / dt / 1e6, None))
+    finally:
+        stop_mount(m, mnt)
+    print()
+    print("through the FUSE mount (same image):")
+    print(f"{'step':38} {'seconds':>8} {'MB/s':>8} {'vs ref':>7}")
+    refs = {"restore": restore, "backup": backup_fresh}
+    for label, dt, mbs, ref in rows:
+        ratio = f"{mbs / refs[ref]:7.2f}" if ref else ""
+        print(f"{label:38} {dt:8.2f} {mbs:8.0f} {ratio}")
+    print("(vs ref: dd rows against keepfs restore to /dev/null, cp rows against keepfs backup)")
+    if rand is not None:
+        print(f"random 4 KiB reads of mounted data (fio, 1 job, cold cache): {rand} IOPS")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--size-mib", type=int, default=2048)
     ap.add_argument("--workdir", default="/tmp/keepfs-bench")
     ap.add_argument("--keepfs", default=None)
     ap.add_argument("--skip-null", action="store_true")
+    ap.add_argument("--no-fuse", action="store_true")
     a = ap.parse_args()
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     keepfs = a.keepfs
@@ -145,6 +241,9 @@ def main():
         used_s = f"{used / 2**20:.0f} MiB" if used is not None else ""
         print(f"{label:38} {dt:8.2f} {mbs:8.0f} {mbs / base:7.2f} {rss_s:>9} {used_s:>10}")
     print(f"restored image identical to the source: {'yes' if same else 'NO'}")
+
+    if not a.no_fuse and os.geteuid() == 0 and os.path.exists("/dev/fuse"):
+        fuse_bench(keepfs, env, img, size, uid, rows[1][2], a.workdir)
 
     if not a.skip_null:
         nhome = os.path.join(a.workdir, "null-repo")

@@ -488,11 +488,8 @@ fn raise_read_ahead(mountpoint: &std::path::Path, kb: u32) {
     let Ok(canon) = mountpoint.canonicalize() else { return };
     let target = canon.to_string_lossy().replace(' ', "\\040");
     let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else { return };
-    let dev = info
-        .lines()
-        .filter(|l| l.split(' ').nth(4) == Some(target.as_str()))
-        .filter_map(|l| l.split(' ').nth(2))
-        .last();
+    let dev =
+        info.lines().rev().filter(|l| l.split(' ').nth(4) == Some(target.as_str())).find_map(|l| l.split(' ').nth(2));
     if let Some(dev) = dev {
         let _ = std::fs::write(format!("/sys/class/bdi/{dev}/read_ahead_kb"), format!("{kb}\n"));
     }

@@ -287,6 +287,15 @@ kind = "null"
     }
 
     #[test]
+    fn the_example_file_in_contrib_parses() {
+        let c = Config::parse(include_str!("../contrib/keepfs.toml"), "contrib/keepfs.toml").unwrap();
+        assert_eq!(c.default_storage, "local");
+        assert_eq!(c.storages.len(), 2);
+        assert_eq!(c.cache_bytes, 256 << 20);
+        assert_eq!(c.spool_bytes, 1 << 30);
+    }
+
+    #[test]
     fn rejects_mistakes() {
         for bad in [
             "block_size = \"3M\"",

@@ -111,6 +111,28 @@ impl Image {
         Ok(len)
     }
 
+    /// The bytes at `offset` (at most `len`) when they lie inside one block: a range of
+    /// the cached block, or a count of zeros. `None` when the range spans blocks.
+    pub fn read_ref(&self, offset: u64, len: usize) -> Result<Option<(Option<BlockData>, std::ops::Range<usize>)>> {
+        let size = self.index.size;
+        if offset >= size {
+            return Ok(Some((None, 0..0)));
+        }
+        let len = len.min((size - offset) as usize);
+        let bs = self.index.block_size as u64;
+        let idx = (offset / bs) as usize;
+        let within = (offset % bs) as usize;
+        if within + len > bs as usize {
+            return Ok(None);
+        }
+        self.read_ahead(offset, len as u64);
+        match self.block(idx)? {
+            None => Ok(Some((None, 0..len))),
+            Some(data) if data.len() >= within + len => Ok(Some((Some(data), within..within + len))),
+            Some(_) => Ok(None),
+        }
+    }
+
     fn read_ahead(&self, offset: u64, len: u64) {
         let Some(p) = &self.prefetch else { return };
         let bs = self.index.block_size as u64;

@@ -8,7 +8,7 @@ use crate::error::Error;
 use crate::image::{Image, Prefetcher};
 use crate::repo::Repository;
 use crate::version::{Status, VersionUid, check_name};
-use keepfs_fs::{Backend, DraftHandle, ImageHandle, VersionEntry};
+use keepfs_fs::{Backend, DraftHandle, ImageHandle, ReadRef, VersionEntry};
 use std::collections::BTreeMap;
 use std::io;
 use std::sync::Arc;
@@ -73,6 +73,12 @@ impl ImageHandle for ImageAdapter {
     }
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<usize> {
         self.0.read_at(offset, buf).map_err(to_io)
+    }
+    fn read_ref(&self, offset: u64, len: usize) -> io::Result<Option<ReadRef>> {
+        Ok(self.0.read_ref(offset, len).map_err(to_io)?.map(|(block, range)| match block {
+            Some(b) => ReadRef::Shared(b, range),
+            None => ReadRef::Zeros(range.len()),
+        }))
     }
 }
 

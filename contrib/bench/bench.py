@@ -145,6 +145,9 @@ def fuse_bench(keepfs, env, img, size, uid, backup_mbs, workdir):
         rows.append(("dd of mounted data, cold cache", dt, size / dt / 1e6, "restore"))
         dt, _, _ = timed(["dd", f"if={data}", "of=/dev/null", "bs=4M"])
         rows.append(("dd of mounted data, warm cache", dt, size / dt / 1e6, "restore"))
+        drop_caches()
+        dt, _, _ = timed(["dd", f"if={data}", "of=/dev/null", "bs=4M", "iflag=direct"])
+        rows.append(("dd iflag=direct of mounted data, cold", dt, size / dt / 1e6, "restore"))
         rand = None
         if shutil.which("fio"):
             drop_caches()

@@ -25,11 +25,22 @@ pub struct VersionEntry {
     pub labels: Vec<(String, String)>,
 }
 
+/// Bytes answered without copying them first: a slice of a shared block, or zeros.
+pub enum ReadRef {
+    Shared(Arc<dyn AsRef<[u8]> + Send + Sync>, std::ops::Range<usize>),
+    Zeros(usize),
+}
+
 /// A version's image, open for reading.
 pub trait ImageHandle: Send + Sync {
     fn size(&self) -> u64;
     /// Fills `buf` from `offset`; returns how many bytes were read (short only at the end).
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<usize>;
+    /// The bytes at `offset` (at most `len`, short only at the end) without a copy, where
+    /// the image can give them so (a range inside one block); `None` otherwise.
+    fn read_ref(&self, _offset: u64, _len: usize) -> io::Result<Option<ReadRef>> {
+        Ok(None)
+    }
 }
 
 /// A writable image that becomes a version when committed (an `incoming/` file, or a

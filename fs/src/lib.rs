@@ -12,7 +12,7 @@
 
 mod backend;
 
-pub use backend::{Backend, DraftHandle, ImageHandle, VersionEntry};
+pub use backend::{Backend, DraftHandle, ImageHandle, ReadRef, VersionEntry};
 
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, KernelConfig, LockOwner,
@@ -52,6 +52,8 @@ const XATTR_LABEL: &str = "user.keepfs.label.";
 const XATTR_SNAPSHOT: &str = "user.keepfs.snapshot";
 /// Largest FUSE read and write requests negotiated with the kernel.
 const MAX_IO: u32 = 1 << 20;
+/// Zeros for replies that read sparse blocks.
+static ZEROS: [u8; MAX_IO as usize] = [0; MAX_IO as usize];
 // Incoming files are opened with direct I/O: their bytes go straight to the engine
 // instead of also filling the page cache (which cost `cp` more than the copy itself).
 
@@ -771,6 +773,18 @@ impl<B: Backend> Filesystem for KeepFs<B> {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        // Reads of a version's image inside one block are answered from the cached
+        // block itself (or static zeros): no allocation and no copy on this side.
+        if let Ok(h) = self.handle(fh)
+            && let Handle::Image(img) = &*h
+        {
+            match img.read_ref(offset, size as usize) {
+                Ok(Some(ReadRef::Shared(block, range))) => return reply.data(&(*block).as_ref()[range]),
+                Ok(Some(ReadRef::Zeros(n))) if n <= ZEROS.len() => return reply.data(&ZEROS[..n]),
+                Ok(_) => {}
+                Err(e) => return reply.error(err(e)),
+            }
+        }
         let r = self.handle(fh).and_then(|h| {
             let mut buf = vec![0u8; size as usize];
             let n = match &*h {

@@ -107,6 +107,9 @@ enum Command {
         /// FUSE worker threads
         #[arg(long, default_value_t = 4)]
         threads: usize,
+        /// Keep what is read from data in the kernel's page cache (fast re-reads, mmap)
+        #[arg(long)]
+        page_cache: bool,
     },
     /// Delete stored objects that no version references
     Cleanup {
@@ -371,14 +374,14 @@ fn run(cli: Cli) -> Result<i32> {
             }
             Ok(exit::OK)
         }
-        Command::Mount { mountpoint, read_only, discard_writes, daemon, threads } => {
+        Command::Mount { mountpoint, read_only, discard_writes, daemon, threads, page_cache } => {
             if daemon {
                 return mount_daemon(&mountpoint);
             }
             prepare_mountpoint(&mountpoint)?;
             let config_block_size = repo.config.block_size;
             let backend = keepfs::mount::EngineBackend::new(std::sync::Arc::new(repo));
-            let opts = keepfs_fs::MountOptions { read_only, discard_writes, threads, ..Default::default() };
+            let opts = keepfs_fs::MountOptions { read_only, discard_writes, threads, page_cache, ..Default::default() };
             unmount_on_signal(&mountpoint);
             let shown = mountpoint.display().to_string();
             let read_ahead_kb = (config_block_size / 1024).max(1024);

@@ -362,3 +362,25 @@ fn kill_9_of_the_mount_during_a_copy() {
     repo.ok(&["cleanup"]);
     assert_eq!(repo.restore_sha(&keep, "k"), sha256_file(&repo.path("small")));
 }
+
+#[test]
+fn page_cache_mode_reads_the_same_bytes_and_loop_mounts() {
+    let repo = Repo::new();
+    let tree = repo.path("tree");
+    fs::create_dir_all(&tree).unwrap();
+    fs::write(tree.join("f.bin"), random_bytes(141, 2 << 20)).unwrap();
+    let img = repo.path("fs.img");
+    fs::File::create(&img).unwrap().set_len(24 << 20).unwrap();
+    sh(&format!("mkfs.ext4 -q -F -d {} {}", tree.display(), img.display()));
+    let uid = repo.backup("fs.img", "pc", &["-b", "1M"]);
+    let m = Mount::new(&repo, &["--page-cache"]);
+    let data = m.p(&format!("by_version/{uid}/data"));
+    assert_eq!(sha256_file(&data), sha256_file(&img));
+    assert_eq!(sha256_file(&data), sha256_file(&img), "a re-read from the page cache");
+    let mnt = repo.path("loop");
+    fs::create_dir_all(&mnt).unwrap();
+    sh(&format!("mount -o loop,ro {} {}", data.display(), mnt.display()));
+    let f = fs::read(mnt.join("f.bin"));
+    sh(&format!("umount {}", mnt.display()));
+    assert_eq!(f.unwrap(), random_bytes(141, 2 << 20));
+}

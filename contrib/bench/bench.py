@@ -113,9 +113,9 @@ def mounted(log):
         return False
 
 
-def start_mount(keepfs, env, mnt, log):
+def start_mount(keepfs, env, mnt, log, args=()):
     os.makedirs(mnt, exist_ok=True)
-    p = subprocess.Popen([keepfs, "mount", mnt], env=env, stdout=subprocess.DEVNULL, stderr=open(log, "w"))
+    p = subprocess.Popen([keepfs, "mount", mnt, *args], env=env, stdout=subprocess.DEVNULL, stderr=open(log, "w"))
     t = time.time()
     while not mounted(log):
         if p.poll() is not None or time.time() - t > 20:
@@ -137,29 +137,27 @@ def fuse_bench(keepfs, env, img, size, uid, backup_mbs, workdir):
     dt, _, _ = timed([keepfs, "restore", "--force", uid, "file:///dev/null"], env)
     restore = size / dt / 1e6
     rows.append(("keepfs restore to /dev/null", dt, restore, "restore"))
-    m = start_mount(keepfs, env, mnt, log)
-    data = os.path.join(mnt, "by_version", uid, "data")
-    try:
-        drop_caches()
-        dt, _, _ = timed(["dd", f"if={data}", "of=/dev/null", "bs=4M"])
-        rows.append(("dd of mounted data, cold cache", dt, size / dt / 1e6, "restore"))
-        dt, _, _ = timed(["dd", f"if={data}", "of=/dev/null", "bs=4M"])
-        rows.append(("dd of mounted data, warm cache", dt, size / dt / 1e6, "restore"))
-        drop_caches()
-        dt, _, _ = timed(["dd", f"if={data}", "of=/dev/null", "bs=4M", "iflag=direct"])
-        rows.append(("dd iflag=direct of mounted data, cold", dt, size / dt / 1e6, "restore"))
-        rand = None
-        if shutil.which("fio"):
+    rand = None
+    for mode, args in (("", []), (" (--page-cache)", ["--page-cache"])):
+        m = start_mount(keepfs, env, mnt, log, args)
+        data = os.path.join(mnt, "by_version", uid, "data")
+        try:
             drop_caches()
-            out = subprocess.run(
-                ["fio", "--name=rand", f"--filename={data}", "--rw=randread", "--bs=4k", "--runtime=10",
-                 "--time_based", "--readonly", "--output-format=terse", "--terse-version=3", "--numjobs=1",
-                 "--iodepth=1", "--invalidate=1"],
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            if out.returncode == 0:
-                rand = int(out.stdout.split(";")[7])
-    finally:
-        stop_mount(m, mnt)
+            dt, _, _ = timed(["dd", f"if={data}", "of=/dev/null", "bs=4M"])
+            rows.append((f"dd of mounted data, cold{mode}", dt, size / dt / 1e6, "restore"))
+            dt, _, _ = timed(["dd", f"if={data}", "of=/dev/null", "bs=4M"])
+            rows.append((f"dd of mounted data, warm{mode}", dt, size / dt / 1e6, "restore"))
+            if rand is None and shutil.which("fio"):
+                drop_caches()
+                out = subprocess.run(
+                    ["fio", "--name=rand", f"--filename={data}", "--rw=randread", "--bs=4k", "--runtime=10",
+                     "--time_based", "--readonly", "--output-format=terse", "--terse-version=3", "--numjobs=1",
+                     "--iodepth=1", "--invalidate=1"],
+                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                if out.returncode == 0:
+                    rand = int(out.stdout.split(";")[7])
+        finally:
+            stop_mount(m, mnt)
     # cp into incoming/ of a fresh repository, next to keepfs backup into another fresh one.
     homes = [os.path.join(workdir, "repo-cp"), os.path.join(workdir, "repo-backup")]
     for h in homes:
@@ -182,11 +180,11 @@ def fuse_bench(keepfs, env, img, size, uid, backup_mbs, workdir):
         stop_mount(m, mnt)
     print()
     print("through the FUSE mount (same image):")
-    print(f"{'step':38} {'seconds':>8} {'MB/s':>8} {'vs ref':>7}")
+    print(f"{'step':44} {'seconds':>8} {'MB/s':>8} {'vs ref':>7}")
     refs = {"restore": restore, "backup": backup_fresh}
     for label, dt, mbs, ref in rows:
         ratio = f"{mbs / refs[ref]:7.2f}" if ref else ""
-        print(f"{label:38} {dt:8.2f} {mbs:8.0f} {ratio}")
+        print(f"{label:44} {dt:8.2f} {mbs:8.0f} {ratio}")
     print("(vs ref: dd rows against keepfs restore to /dev/null, cp rows against keepfs backup)")
     if rand is not None:
         print(f"random 4 KiB reads of mounted data (fio, 1 job, cold cache): {rand} IOPS")

@@ -40,11 +40,21 @@ pub struct MountOptions {
     /// How long the kernel may cache names and attributes; versions created or removed
     /// by other processes show within this time.
     pub ttl: Duration,
+    /// Let the kernel's page cache keep what is read from versions' `data` (fast
+    /// re-reads, mmap). Off: reads are direct (no double caching under loop devices
+    /// and VMs, which cache for themselves; large reads are served concurrently).
+    pub page_cache: bool,
 }
 
 impl Default for MountOptions {
     fn default() -> Self {
-        MountOptions { read_only: false, discard_writes: false, threads: 4, ttl: Duration::from_secs(1) }
+        MountOptions {
+            read_only: false,
+            discard_writes: false,
+            threads: 4,
+            ttl: Duration::from_secs(1),
+            page_cache: false,
+        }
     }
 }
 
@@ -483,6 +493,8 @@ fn link_target(uid: &str) -> String {
 impl<B: Backend> Filesystem for KeepFs<B> {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
         let _ = config.set_max_write(MAX_IO);
+        // A large direct read or write is split into requests served concurrently.
+        let _ = config.add_capabilities(fuser::InitFlags::FUSE_ASYNC_DIO);
         let _ = config.set_max_readahead(MAX_IO).or_else(|max| config.set_max_readahead(max));
         self.inodes.lock().ino(&Node::Root);
         Ok(())
@@ -684,7 +696,12 @@ impl<B: Backend> Filesystem for KeepFs<B> {
                     }
                     None => {
                         let img = self.backend.open_image(&uid).map_err(err)?;
-                        Ok((self.add_handle(Handle::Image(img)), FopenFlags::FOPEN_KEEP_CACHE))
+                        let flags = if self.opts.page_cache {
+                            FopenFlags::FOPEN_KEEP_CACHE
+                        } else {
+                            FopenFlags::FOPEN_DIRECT_IO
+                        };
+                        Ok((self.add_handle(Handle::Image(img)), flags))
                     }
                 }
             }

@@ -48,7 +48,7 @@ pub struct Image {
 }
 
 /// How many blocks ahead a sequential reader is served.
-const READ_AHEAD_BLOCKS: u64 = 8;
+const READ_AHEAD_BLOCKS: u64 = 16;
 
 impl Image {
     pub fn size(&self) -> u64 {

@@ -376,13 +376,14 @@ fn run(cli: Cli) -> Result<i32> {
         }
         Command::Mount { mountpoint, read_only, discard_writes, daemon, threads, page_cache } => {
             if daemon {
-                return mount_daemon(&mountpoint);
+                return mount_daemon(&mountpoint, &repo.config.home.join("mount.log"));
             }
             prepare_mountpoint(&mountpoint)?;
             let config_block_size = repo.config.block_size;
+            // Before any thread exists, so that every thread has the signals blocked.
+            unmount_on_signal(&mountpoint);
             let backend = keepfs::mount::EngineBackend::new(std::sync::Arc::new(repo));
             let opts = keepfs_fs::MountOptions { read_only, discard_writes, threads, page_cache, ..Default::default() };
-            unmount_on_signal(&mountpoint);
             let shown = mountpoint.display().to_string();
             let read_ahead_kb = (config_block_size / 1024).max(1024);
             let at = mountpoint.clone();
@@ -519,13 +520,19 @@ fn unmount_on_signal(dir: &std::path::Path) {
     });
 }
 
-/// Starts the mount in a detached child and returns once it is mounted.
-fn mount_daemon(dir: &std::path::Path) -> Result<i32> {
+/// Starts the mount in a detached child and returns once it is mounted. The child's
+/// messages go to `log` (it must not hold on to the caller's terminal or pipes).
+fn mount_daemon(dir: &std::path::Path, log: &std::path::Path) -> Result<i32> {
     use std::os::unix::process::CommandExt;
     let exe = std::env::current_exe().map_err(|e| Error::io("cannot find the keepfs executable", e))?;
     let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--daemon").collect();
     let mut cmd = std::process::Command::new(exe);
-    cmd.args(&args).stdin(std::process::Stdio::null()).stdout(std::process::Stdio::null());
+    let logf = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .map_err(|e| Error::io(format!("cannot open the mount log {}", log.display()), e))?;
+    cmd.args(&args).stdin(std::process::Stdio::null()).stdout(std::process::Stdio::null()).stderr(logf);
     // SAFETY: setsid in the child before exec detaches it from the terminal.
     unsafe {
         cmd.pre_exec(|| {
@@ -540,6 +547,7 @@ fn mount_daemon(dir: &std::path::Path) -> Result<i32> {
             return Err(Error::Other(format!("the mount process exited ({status}) before mounting {}", dir.display())));
         }
         if is_mounted(dir) {
+            eprintln!("keepfs: mounted at {} (server pid {}, log {})", dir.display(), child.id(), log.display());
             println!("{}", child.id());
             return Ok(exit::OK);
         }

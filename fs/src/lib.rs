@@ -140,13 +140,17 @@ struct Shared {
     opens: usize,
     /// Something was written or truncated since the draft started.
     dirty: bool,
+    /// Bytes were written (not only a size set): an incoming file becomes a version only
+    /// then, since tools such as qemu-img create and size the file, close it, and reopen
+    /// it to write.
+    written: bool,
     /// The original version, for readers of a `data` file whose overlay was committed.
     image: Option<Arc<dyn ImageHandle>>,
 }
 
 impl Shared {
     fn new(draft: Box<dyn DraftHandle>, writers: usize) -> Shared {
-        Shared { draft: Some(draft), writers, opens: 1, dirty: false, image: None }
+        Shared { draft: Some(draft), writers, opens: 1, dirty: false, written: false, image: None }
     }
 }
 
@@ -437,7 +441,8 @@ impl<B: Backend> KeepFs<B> {
             Handle::Incoming { name, draft, writes: true, opener } => {
                 let mut s = draft.lock();
                 if s.writers == 1
-                    && (at_release || (s.dirty && flush_pid == Some(*opener)))
+                    && s.written
+                    && (at_release || flush_pid == Some(*opener))
                     && let Some(d) = s.draft.take()
                 {
                     let r = d.commit();
@@ -858,6 +863,7 @@ impl<B: Backend> Filesystem for KeepFs<B> {
                 let mut s = draft.lock();
                 s.draft.as_mut().ok_or(Errno::EIO)?.write_at(offset, data).map_err(err)?;
                 s.dirty = true;
+                s.written = true;
                 Ok(())
             }
             Handle::Cow { uid, draft, writes: true, .. } => {

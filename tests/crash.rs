@@ -2,17 +2,10 @@
 //! running backup that deduplicates against objects no version references.
 
 mod common;
+use common::mount::wait_until;
 use common::*;
 use std::fs;
-use std::time::{Duration, Instant};
-
-fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
-    let t = Instant::now();
-    while !f() {
-        assert!(t.elapsed() < limit, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
+use std::time::Duration;
 
 #[test]
 fn kill_9_during_backup_leaves_an_incomplete_version_and_a_consistent_repository() {
@@ -22,7 +15,7 @@ fn kill_9_during_backup_leaves_an_incomplete_version_and_a_consistent_repository
     fs::write(repo.path("img"), random_bytes(21, 48 << 20)).unwrap();
     let url = repo.url("img");
     let mut child = repo.command(&["backup", &url, "victim", "-b", "4k"]).spawn().unwrap();
-    wait_for("objects to be written", Duration::from_secs(60), || repo.block_objects() >= 300);
+    wait_until("objects to be written", Duration::from_secs(60), || repo.block_objects() >= 300);
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
 
@@ -105,7 +98,7 @@ fn ls_works_while_a_backup_holds_the_database() {
     fs::write(repo.path("img"), random_bytes(41, 24 << 20)).unwrap();
     let url = repo.url("img");
     let mut child = repo.command(&["backup", &url, "busy", "-b", "4k"]).spawn().unwrap();
-    wait_for("the backup to start", Duration::from_secs(30), || repo.block_objects() > 10);
+    wait_until("the backup to start", Duration::from_secs(30), || repo.block_objects() > 10);
     let listed = repo.ls_json(None);
     assert_eq!(listed[0]["status"], "incomplete");
     // A running backup's version cannot be removed, even with --force.
@@ -129,7 +122,7 @@ fn a_source_truncated_during_the_backup_gives_a_clear_error_and_no_valid_version
     f.set_len(64 << 30).unwrap();
     let url = repo.url("shrinking");
     let child = repo.command(&["backup", &url, "shrinks"]).stderr(std::process::Stdio::piped()).spawn().unwrap();
-    wait_for("the backup to start", Duration::from_secs(30), || {
+    wait_until("the backup to start", Duration::from_secs(30), || {
         repo.ls_json(None).as_array().is_some_and(|a| !a.is_empty())
     });
     std::thread::sleep(Duration::from_millis(200));

@@ -197,6 +197,7 @@ def main():
     ap.add_argument("--keepfs", default=None)
     ap.add_argument("--skip-null", action="store_true")
     ap.add_argument("--no-fuse", action="store_true")
+    ap.add_argument("--many", type=int, default=100, help="versions of null://1T for the metadata scale test")
     a = ap.parse_args()
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     keepfs = a.keepfs
@@ -256,6 +257,19 @@ def main():
         dt, rss, _ = timed([keepfs, "--config", cfg, "backup", "null://1T", "null1t"], env)
         db = sum(os.path.getsize(os.path.join(nhome, f)) for f in os.listdir(nhome) if f.startswith("keepfs.sqlite"))
         print(f"null://1T to null storage: {dt:.1f} s, peak RSS {rss:.0f} MiB, metadata database {db / 2**20:.1f} MiB")
+        # 100 versions of a 1 TiB image (262,144 index entries each): list, restore one, clean up.
+        t = time.perf_counter()
+        for _ in range(a.many - 1):
+            timed([keepfs, "--config", cfg, "backup", "null://1T", "null1t"], env)
+        many_dt = time.perf_counter() - t
+        ls_dt, _, out = timed([keepfs, "--config", cfg, "ls", "--format", "json"], env)
+        count = out.count('"uid"')
+        rs_dt, rs_rss, _ = timed([keepfs, "--config", cfg, "restore", "--sparse", "--force", "V0000000050", "file:///dev/null"], env)
+        gc_dt, gc_rss, _ = timed([keepfs, "--config", cfg, "cleanup"], env)
+        db = sum(os.path.getsize(os.path.join(nhome, f)) for f in os.listdir(nhome) if f.startswith("keepfs.sqlite"))
+        print(f"{count} versions of null://1T: {a.many - 1} more backups {many_dt:.1f} s; ls {ls_dt:.2f} s; "
+              f"restore of one {rs_dt:.2f} s (RSS {rs_rss:.0f} MiB); cleanup {gc_dt:.2f} s (RSS {gc_rss:.0f} MiB); "
+              f"database {db / 2**20:.0f} MiB")
     if not same:
         sys.exit(1)
 

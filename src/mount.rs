@@ -48,9 +48,9 @@ impl EngineBackend {
         self.repo.open_image(uid, self.cache.clone(), Some(self.prefetch.clone()))
     }
 
-    fn draft(&self, opts: DraftOptions) -> io::Result<Box<dyn DraftHandle>> {
+    fn draft(&self, opts: DraftOptions, replaces: Option<VersionUid>) -> io::Result<Box<dyn DraftHandle>> {
         let d = Draft::start(self.repo.clone(), opts).map_err(to_io)?;
-        Ok(Box::new(DraftAdapter { draft: Some(d), repo: self.repo.clone() }))
+        Ok(Box::new(DraftAdapter { draft: Some(d), repo: self.repo.clone(), replaces }))
     }
 
     fn draft_options(&self, backup: BackupOptions, base: Option<Arc<Image>>, streaming: bool) -> DraftOptions {
@@ -85,6 +85,8 @@ impl ImageHandle for ImageAdapter {
 struct DraftAdapter {
     draft: Option<Draft>,
     repo: Arc<Repository>,
+    /// The version this draft continues and replaces when committed.
+    replaces: Option<VersionUid>,
 }
 
 impl DraftAdapter {
@@ -136,6 +138,11 @@ impl DraftHandle for DraftAdapter {
         let d = self.draft.take().ok_or_else(|| io::Error::from_raw_os_error(libc::EIO))?;
         let v = d.commit().map_err(to_io)?;
         eprintln!("keepfs: committed {} as {} ({} bytes)", v.name, v.uid, v.size);
+        if let Some(old) = self.replaces {
+            // The draft (and its read lock on `old`) is gone: drop the superseded version.
+            self.repo.remove_superseded(old).map_err(to_io)?;
+            eprintln!("keepfs: {} replaces {old}, which it continued", v.uid);
+        }
         Ok(v.uid.to_string())
     }
     fn discard(mut self: Box<Self>) -> io::Result<()> {
@@ -175,7 +182,20 @@ impl Backend for EngineBackend {
 
     fn new_incoming(&self, name: &str) -> io::Result<Box<dyn DraftHandle>> {
         let backup = BackupOptions { name: name.to_string(), ..Default::default() };
-        self.draft(self.draft_options(backup, None, true))
+        self.draft(self.draft_options(backup, None, true), None)
+    }
+
+    fn continue_incoming(&self, uid: &str) -> io::Result<Box<dyn DraftHandle>> {
+        let base = Arc::new(self.image(uid).map_err(to_io)?);
+        let old = base.version.uid;
+        let backup = BackupOptions {
+            name: base.version.name.clone(),
+            snapshot: base.version.snapshot.clone(),
+            labels: base.version.labels.clone(),
+            ..Default::default()
+        };
+        let opts = self.draft_options(backup, Some(base), true);
+        self.draft(opts, Some(old))
     }
 
     fn new_cow(&self, uid: &str) -> io::Result<Box<dyn DraftHandle>> {
@@ -189,6 +209,6 @@ impl Backend for EngineBackend {
             ..Default::default()
         };
         let opts = self.draft_options(backup, Some(base), false);
-        self.draft(opts)
+        self.draft(opts, None)
     }
 }

@@ -156,6 +156,14 @@ impl Repository {
         })
     }
 
+    /// Removes a version that a continuation of the same incoming backup replaced: its
+    /// metadata object, then its rows (its blocks stay until `cleanup`).
+    pub fn remove_superseded(&self, uid: VersionUid) -> Result<()> {
+        let v = self.version(uid)?;
+        self.storage(&v.storage)?.delete(&version_key(uid))?;
+        self.db.lock().remove_version(uid)
+    }
+
     /// Removes an `incomplete` version that its writer abandons (a discarded draft).
     pub fn remove_incomplete(&self, uid: VersionUid) -> Result<()> {
         let v = self.version(uid)?;

@@ -393,13 +393,18 @@ fn qemu_img_convert_into_incoming_is_a_backup() {
     let qcow = repo.path("img.qcow2");
     sh(&format!("qemu-img convert -f raw -O qcow2 {} {}", repo.path("img").display(), qcow.display()));
     let m = Mount::new(&repo, &[]);
-    // qemu-img's own create step writes, closes and reopens the file, which would commit
-    // early; sizing the file first and converting with -n (no create) is the supported way.
-    let target = m.p("incoming/fromqcow");
+    // qemu-img creates the file, writes a sector, closes it and reopens it to convert:
+    // its first close makes a version, which its reopen continues and replaces.
+    sh(&format!("qemu-img convert -f qcow2 -O raw {} {}", qcow.display(), m.p("incoming/fromqcow").display()));
+    let v = version_named(&repo, "fromqcow");
+    assert_eq!(repo.restore_sha(&v, "o"), sha256_file(&repo.path("img")));
+    assert_eq!(repo.ls_json(None).as_array().unwrap().len(), 1, "the replaced version is gone");
+    // Sizing the file first and converting with -n works too.
+    let target = m.p("incoming/sized");
     sh(&format!("truncate -s {} {}", img.len(), target.display()));
     assert!(target.exists(), "a file only sized stays in incoming/");
     sh(&format!("qemu-img convert -n -f qcow2 -O raw {} {}", qcow.display(), target.display()));
-    let v = version_named(&repo, "fromqcow");
+    let v = version_named(&repo, "sized");
     assert_eq!(repo.restore_sha(&v, "o"), sha256_file(&repo.path("img")));
 }
 

@@ -70,6 +70,10 @@ pub trait Backend: Send + Sync + 'static {
     fn open_image(&self, uid: &str) -> io::Result<Arc<dyn ImageHandle>>;
     /// Starts a backup named `name` fed by writes (`incoming/<name>`).
     fn new_incoming(&self, name: &str) -> io::Result<Box<dyn DraftHandle>>;
+    /// Continues the incoming backup that has just become version `uid` (a tool that
+    /// closes and reopens the file it is writing): a draft over it with its name, labels
+    /// and snapshot name; committed, the new version replaces `uid`.
+    fn continue_incoming(&self, uid: &str) -> io::Result<Box<dyn DraftHandle>>;
     /// Starts a copy-on-write overlay of version `uid`; committed, it becomes a new
     /// version of the same name labelled `keepfs.cow-of=<uid>`.
     fn new_cow(&self, uid: &str) -> io::Result<Box<dyn DraftHandle>>;

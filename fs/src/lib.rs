@@ -144,13 +144,25 @@ struct Shared {
     /// then, since tools such as qemu-img create and size the file, close it, and reopen
     /// it to write.
     written: bool,
+    /// A continuation of a just-committed incoming backup (dropped if never written).
+    continues: bool,
+    created: Instant,
     /// The original version, for readers of a `data` file whose overlay was committed.
     image: Option<Arc<dyn ImageHandle>>,
 }
 
 impl Shared {
     fn new(draft: Box<dyn DraftHandle>, writers: usize) -> Shared {
-        Shared { draft: Some(draft), writers, opens: 1, dirty: false, written: false, image: None }
+        Shared {
+            draft: Some(draft),
+            writers,
+            opens: 1,
+            dirty: false,
+            written: false,
+            continues: false,
+            created: Instant::now(),
+            image: None,
+        }
     }
 }
 
@@ -182,6 +194,8 @@ pub struct KeepFs<B: Backend> {
     handles: Mutex<HashMap<u64, Arc<Handle>>>,
     next_fh: AtomicU64,
     incoming: Mutex<HashMap<String, SharedDraft>>,
+    /// Incoming names committed a moment ago: name -> (version uid, committing process).
+    recent: Mutex<HashMap<String, (String, u32, Instant)>>,
     cow: Mutex<HashMap<String, SharedDraft>>,
     versions: Mutex<(Option<Instant>, Arc<Vec<VersionEntry>>)>,
     owner: (u32, u32),
@@ -207,6 +221,7 @@ impl<B: Backend> KeepFs<B> {
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             incoming: Mutex::new(HashMap::new()),
+            recent: Mutex::new(HashMap::new()),
             cow: Mutex::new(HashMap::new()),
             versions: Mutex::new((None, Arc::new(Vec::new()))),
             owner,
@@ -332,7 +347,62 @@ impl<B: Backend> KeepFs<B> {
         })
     }
 
-    fn child(&self, parent: &Node, name: &str) -> Result<Node, Errno> {
+    /// A tool that closes the file it is writing into incoming/ and reopens it (qemu-img
+    /// creates the file, writes a sector, closes it, then reopens it to convert) has made
+    /// a version by its close. When the same process looks the name up again shortly
+    /// after, the backup goes on: a draft over that version, which it replaces when
+    /// committed. Anyone else sees the file gone, as after any commit.
+    fn continue_recent(&self, name: &str, pid: Option<u32>) -> Result<(), Errno> {
+        const GRACE: Duration = Duration::from_secs(5);
+        let mut recent = self.recent.lock();
+        recent.retain(|_, (_, _, t)| t.elapsed() < GRACE);
+        let Some((uid, committer, _)) = recent.get(name).cloned() else { return Err(Errno::ENOENT) };
+        if pid != Some(committer) {
+            return Err(Errno::ENOENT);
+        }
+        recent.remove(name);
+        drop(recent);
+        let d = self.backend.continue_incoming(&uid).map_err(err)?;
+        let mut shared = Shared::new(d, 0);
+        shared.opens = 0;
+        shared.continues = true;
+        self.incoming.lock().insert(name.to_string(), Arc::new(Mutex::new(shared)));
+        self.forget_versions();
+        Ok(())
+    }
+
+    /// The kernel may still hold the name of a just-committed incoming file (entries are
+    /// cached for the TTL), so a reopen can arrive as getattr/open on its old inode.
+    fn continue_if_gone(&self, node: &Node, pid: u32) {
+        if let Node::IncomingFile(name) = node
+            && !self.incoming.lock().contains_key(name)
+        {
+            let _ = self.continue_recent(name, Some(pid));
+        }
+    }
+
+    /// Drops continuations not written to within a few seconds (looked up or opened by
+    /// the tool, which then did not write): the versions they continue stand.
+    fn prune_continuations(&self) {
+        let mut inc = self.incoming.lock();
+        let stale: Vec<String> = inc
+            .iter()
+            .filter(|(_, d)| {
+                let s = d.lock();
+                s.continues && s.writers == 0 && !s.written && s.created.elapsed() > Duration::from_secs(5)
+            })
+            .map(|(n, _)| n.clone())
+            .collect();
+        for n in stale {
+            if let Some(d) = inc.remove(&n)
+                && let Some(dr) = d.lock().draft.take()
+            {
+                let _ = dr.discard();
+            }
+        }
+    }
+
+    fn child(&self, parent: &Node, name: &str, pid: Option<u32>) -> Result<Node, Errno> {
         let node = match parent {
             Node::Root => match name {
                 "by_version" => Node::ByVersion,
@@ -363,7 +433,7 @@ impl<B: Backend> KeepFs<B> {
             }
             Node::Incoming => {
                 if !self.incoming.lock().contains_key(name) {
-                    return Err(Errno::ENOENT);
+                    self.continue_recent(name, pid)?;
                 }
                 Node::IncomingFile(name.to_string())
             }
@@ -411,6 +481,7 @@ impl<B: Backend> KeepFs<B> {
                 out
             }
             Node::Incoming => {
+                self.prune_continuations();
                 let mut names: Vec<String> = self.incoming.lock().keys().cloned().collect();
                 names.sort();
                 names.into_iter().map(|n| (Node::IncomingFile(n.clone()), FileType::RegularFile, n)).collect()
@@ -448,7 +519,8 @@ impl<B: Backend> KeepFs<B> {
                     let r = d.commit();
                     self.incoming.lock().remove(name);
                     self.forget_versions();
-                    r.map_err(err)?;
+                    let uid = r.map_err(err)?;
+                    self.recent.lock().insert(name.clone(), (uid, *opener, Instant::now()));
                 }
                 Ok(())
             }
@@ -506,6 +578,16 @@ impl<B: Backend> Filesystem for KeepFs<B> {
     }
 
     fn destroy(&mut self) {
+        // Continuations nobody wrote to: the versions they continue stand.
+        for (_, d) in self.incoming.lock().drain() {
+            let mut s = d.lock();
+            if s.continues
+                && !s.written
+                && let Some(dr) = s.draft.take()
+            {
+                let _ = dr.discard();
+            }
+        }
         // Overlays kept only for the life of the mount go with it.
         for (_, d) in self.cow.lock().drain() {
             if let Some(d) = d.lock().draft.take() {
@@ -514,10 +596,10 @@ impl<B: Backend> Filesystem for KeepFs<B> {
         }
     }
 
-    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+    fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let r = self.node(parent).and_then(|p| {
             let name = name.to_str().ok_or(Errno::ENOENT)?;
-            let node = self.child(&p, name)?;
+            let node = self.child(&p, name, Some(req.pid()))?;
             self.getattr_node(&node)
         });
         match r {
@@ -526,8 +608,11 @@ impl<B: Backend> Filesystem for KeepFs<B> {
         }
     }
 
-    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        match self.node(ino).and_then(|n| self.getattr_node(&n)) {
+    fn getattr(&self, req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.node(ino).and_then(|n| {
+            self.continue_if_gone(&n, req.pid());
+            self.getattr_node(&n)
+        }) {
             Ok(attr) => reply.attr(&self.opts.ttl, &attr),
             Err(e) => reply.error(e),
         }
@@ -721,6 +806,7 @@ impl<B: Backend> Filesystem for KeepFs<B> {
                 if writes && self.opts.read_only {
                     return Err(Errno::EROFS);
                 }
+                self.continue_if_gone(&Node::IncomingFile(name.clone()), opener);
                 let d = self.incoming.lock().get(&name).cloned().ok_or(Errno::ENOENT)?;
                 {
                     let mut s = d.lock();
@@ -917,7 +1003,14 @@ impl<B: Backend> Filesystem for KeepFs<B> {
                 eprintln!("keepfs: error: committing on the last close failed ({e:?})");
             }
             match &*h {
-                Handle::Cow { draft, writes, .. } | Handle::Incoming { draft, writes, .. } => {
+                Handle::Cow { draft, writes, .. } => {
+                    let mut s = draft.lock();
+                    s.opens = s.opens.saturating_sub(1);
+                    if *writes {
+                        s.writers = s.writers.saturating_sub(1);
+                    }
+                }
+                Handle::Incoming { draft, writes, .. } => {
                     let mut s = draft.lock();
                     s.opens = s.opens.saturating_sub(1);
                     if *writes {

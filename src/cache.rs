@@ -2,7 +2,7 @@
 //! a block shared by many versions is cached once). Concurrent requests for the same
 //! block wait for one fetch instead of fetching it again.
 
-use crate::block::{BlockId, decode_block};
+use crate::block::{BlockId, ObjectError, decode_block};
 use crate::storage::{Storage, retry};
 use lru::LruCache;
 use parking_lot::{Condvar, Mutex};
@@ -26,18 +26,28 @@ pub struct BlockCache {
 
 const FETCH_ATTEMPTS: u32 = 4;
 
-/// Fetches and verifies one block, fetching once more if the bytes do not decode (a
-/// truncated transfer is transient; a damaged object fails every time).
-pub fn fetch_block(storage: &dyn Storage, id: &BlockId) -> Result<Vec<u8>, String> {
+/// Fetches a block's object and decodes it with `decode`, fetching once more if the bytes
+/// do not decode (a truncated transfer is transient; a damaged object fails every time).
+/// Transient storage errors are retried.
+pub fn fetch_verified<T>(
+    storage: &dyn Storage,
+    id: &BlockId,
+    mut decode: impl FnMut(&[u8]) -> Result<T, ObjectError>,
+) -> Result<T, String> {
     let mut last = String::new();
     for _ in 0..2 {
         let bytes = retry(FETCH_ATTEMPTS, || storage.get(&id.storage_key())).map_err(|e| e.to_string())?;
-        match decode_block(&bytes, id) {
+        match decode(&bytes) {
             Ok(b) => return Ok(b),
             Err(e) => last = format!("object {id}: {e}"),
         }
     }
     Err(last)
+}
+
+/// Fetches and verifies one block.
+pub fn fetch_block(storage: &dyn Storage, id: &BlockId) -> Result<Vec<u8>, String> {
+    fetch_verified(storage, id, |bytes| decode_block(bytes, id))
 }
 
 impl BlockCache {

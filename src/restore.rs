@@ -8,7 +8,6 @@ use crate::error::{Error, Result};
 use crate::progress::Progress;
 use crate::repo::Repository;
 use crate::source::Url;
-use crate::storage::retry;
 use crate::version::{Status, VersionUid};
 use crossbeam_channel::bounded;
 use std::fs::{File, OpenOptions};
@@ -40,7 +39,6 @@ pub struct RestoreReport {
     pub bad_blocks: Vec<BadBlock>,
 }
 
-const FETCH_ATTEMPTS: u32 = 4;
 /// Alignment of buffers, offsets and lengths for direct I/O.
 const ALIGN: usize = 4096;
 
@@ -158,22 +156,13 @@ fn device_size(f: &File) -> io::Result<u64> {
     f.seek(SeekFrom::End(0))
 }
 
-/// Fetches and verifies one block into `out`. Bytes that fail to decode are fetched again
-/// (a truncated transfer is transient; a damaged object fails every time).
+/// Fetches and verifies one block into `out`.
 fn fetch_block_into(
     storage: &dyn crate::storage::Storage,
     id: &BlockId,
     out: &mut [u8],
 ) -> std::result::Result<usize, String> {
-    let mut last = String::new();
-    for _ in 0..2 {
-        let bytes = retry(FETCH_ATTEMPTS, || storage.get(&id.storage_key())).map_err(|e| e.to_string())?;
-        match decode_block_into(&bytes, id, out) {
-            Ok(n) => return Ok(n),
-            Err(e) => last = e.to_string(),
-        }
-    }
-    Err(last)
+    crate::cache::fetch_verified(storage, id, |bytes| decode_block_into(bytes, id, out))
 }
 
 impl Repository {

@@ -510,6 +510,7 @@ pub struct BackupOptions {
     pub labels: BTreeMap<String, String>,
     pub block_size: Option<u32>,
     pub storage: Option<String>,
+    pub expire: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 impl Repository {
@@ -536,6 +537,9 @@ impl Repository {
         let bs = opts.block_size.unwrap_or(self.config.block_size);
         let uid =
             self.db.lock().create_version(&opts.name, &opts.snapshot, size, bs, &storage, &opts.labels, session)?;
+        if let Some(e) = &opts.expire {
+            self.db.lock().set_expire(uid, Some(e))?;
+        }
         Ok((uid, storage, bs))
     }
 

@@ -338,6 +338,37 @@ impl Db {
         Ok(())
     }
 
+    pub fn set_expire(&self, uid: VersionUid, expire: Option<&DateTime<Utc>>) -> Result<()> {
+        let n = self
+            .conn
+            .execute("UPDATE versions SET expire=?2 WHERE uid=?1", params![uid.0 as i64, expire.map(date_text)])?;
+        if n == 0 {
+            return Err(Error::VersionNotFound(uid.to_string()));
+        }
+        Ok(())
+    }
+
+    /// Sets and removes labels of a version in one transaction.
+    pub fn change_labels(&mut self, uid: VersionUid, set: &[(String, String)], remove: &[String]) -> Result<()> {
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let exists: bool =
+            tx.query_row("SELECT COUNT(*) FROM versions WHERE uid=?1", [uid.0 as i64], |r| r.get::<_, i64>(0))? > 0;
+        if !exists {
+            return Err(Error::VersionNotFound(uid.to_string()));
+        }
+        for (k, v) in set {
+            tx.execute(
+                "INSERT OR REPLACE INTO labels(uid, name, value) VALUES (?1,?2,?3)",
+                params![uid.0 as i64, k, v],
+            )?;
+        }
+        for k in remove {
+            tx.execute("DELETE FROM labels WHERE uid=?1 AND name=?2", params![uid.0 as i64, k])?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
     pub fn set_protected(&self, uid: VersionUid, protected: bool) -> Result<()> {
         let n = self.conn.execute("UPDATE versions SET protected=?2 WHERE uid=?1", params![uid.0 as i64, protected])?;
         if n == 0 {
@@ -349,7 +380,7 @@ impl Db {
     fn versions_where(&self, clause: &str, args: &[&dyn rusqlite::ToSql]) -> Result<Vec<Version>> {
         let sql = format!(
             "SELECT v.uid, v.date, v.name, v.snapshot, v.size, v.block_size, v.status, v.protected, s.name, \
-             v.bytes_read, v.bytes_written, v.bytes_stored, v.bytes_deduplicated, v.bytes_sparse, v.duration_ms \
+             v.bytes_read, v.bytes_written, v.bytes_stored, v.bytes_deduplicated, v.bytes_sparse, v.duration_ms, v.expire \
              FROM versions v JOIN storages s ON s.id = v.storage_id {clause} ORDER BY v.uid"
         );
         let mut st = self.conn.prepare(&sql)?;
@@ -376,6 +407,10 @@ impl Db {
                         bytes_sparse: r.get::<_, i64>(13)? as u64,
                         duration_ms: r.get::<_, i64>(14)? as u64,
                     },
+                    expire: r
+                        .get::<_, Option<String>>(15)?
+                        .and_then(|d| DateTime::parse_from_rfc3339(&d).ok())
+                        .map(|d| d.with_timezone(&Utc)),
                 })
             })?
             .collect::<rusqlite::Result<_>>()?;

@@ -410,6 +410,7 @@ mod tests {
             storage: "default".into(),
             labels: env.map(|e| [("env".to_string(), e.to_string())].into()).unwrap_or_default(),
             stats: Stats::default(),
+            expire: None,
         }
     }
 

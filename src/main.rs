@@ -53,6 +53,9 @@ enum Command {
         /// Storage to write to (default: default_storage)
         #[arg(short = 'S', long)]
         storage: Option<String>,
+        /// Expiry date (ISO 8601, e.g. 2027-01-31 or "2027-01-31 12:00:00")
+        #[arg(short, long)]
+        expire: Option<String>,
     },
     /// Restore a version to a file or block device (file:///path)
     Restore {
@@ -70,7 +73,18 @@ enum Command {
         filter: Option<String>,
         #[arg(long, value_enum, default_value = "table")]
         format: Format,
+        /// Only versions whose expiry date has passed
+        #[arg(short, long)]
+        expired: bool,
     },
+    /// Change labels: k=v sets, k= (or k) sets an empty value, k- removes
+    Label {
+        uid: String,
+        #[arg(required = true, value_name = "CHANGE")]
+        changes: Vec<String>,
+    },
+    /// Set a version's expiry date (ISO 8601), or clear it with ''
+    Expire { uid: String, date: String },
     /// Remove versions (their blocks are freed by `cleanup`)
     Rm {
         #[arg(required = true)]
@@ -217,6 +231,10 @@ fn progress() -> CliProgress {
     p
 }
 
+fn parse_expire(s: &str) -> Result<chrono::DateTime<chrono::Utc>> {
+    keepfs::filter::parse_date(s).map_err(|e| Error::Invalid(format!("expiry date: {e}")))
+}
+
 fn parse_uids(uids: &[String]) -> Result<Vec<VersionUid>> {
     uids.iter().map(|u| VersionUid::parse(u)).collect()
 }
@@ -230,8 +248,9 @@ fn labels_text(v: &Version) -> String {
 }
 
 fn print_table(versions: &[Version]) {
-    let header = ["uid", "date", "name", "snapshot", "size", "block_size", "status", "protected", "storage", "labels"];
-    let rows: Vec<[String; 10]> = versions
+    let header =
+        ["uid", "date", "name", "snapshot", "size", "block_size", "status", "protected", "storage", "expire", "labels"];
+    let rows: Vec<[String; 11]> = versions
         .iter()
         .map(|v| {
             [
@@ -244,6 +263,7 @@ fn print_table(versions: &[Version]) {
                 v.status.as_str().to_string(),
                 if v.protected { "yes" } else { "no" }.to_string(),
                 v.storage.clone(),
+                v.expire.map(|e| e.format("%Y-%m-%d %H:%M:%S").to_string()).unwrap_or_default(),
                 labels_text(v),
             ]
         })
@@ -268,7 +288,8 @@ fn run(cli: Cli) -> Result<i32> {
     let config = Config::discover(cli.config.as_deref())?;
     let repo = Repository::open(config)?;
     match cli.command {
-        Command::Backup { source, name, snapshot, labels, block_size, storage } => {
+        Command::Backup { source, name, snapshot, labels, block_size, storage, expire } => {
+            let expire = expire.as_deref().map(parse_expire).transpose()?;
             let url = Url::parse(&source).map_err(Error::Invalid)?;
             let block_size = match block_size {
                 Some(b) => Some(check_block_size(parse_size(&b).map_err(Error::Invalid)?).map_err(Error::Invalid)?),
@@ -279,7 +300,7 @@ fn run(cli: Cli) -> Result<i32> {
                 let (k, v) = parse_label(l)?;
                 label_map.insert(k, v);
             }
-            let opts = BackupOptions { name, snapshot, labels: label_map, block_size, storage };
+            let opts = BackupOptions { name, snapshot, labels: label_map, block_size, storage, expire };
             let p = progress();
             let v = repo.backup(&url, &opts, &p)?;
             let s = &v.stats;
@@ -330,9 +351,13 @@ fn run(cli: Cli) -> Result<i32> {
                 Ok(exit::DATA_DAMAGED)
             }
         }
-        Command::Ls { filter, format } => {
+        Command::Ls { filter, format, expired } => {
             let filter = filter.as_deref().map(Filter::parse).transpose()?;
-            let versions = repo.list(filter.as_ref())?;
+            let mut versions = repo.list(filter.as_ref())?;
+            if expired {
+                let now = chrono::Utc::now();
+                versions.retain(|v| v.expire.is_some_and(|e| e < now));
+            }
             match format {
                 Format::Table => print_table(&versions),
                 Format::Json => println!(
@@ -360,6 +385,15 @@ fn run(cli: Cli) -> Result<i32> {
                 repo.apply_remove(&plan)?;
                 eprintln!("removed {} version(s); run `keepfs cleanup` to free their blocks", plan.len());
             }
+            Ok(exit::OK)
+        }
+        Command::Label { uid, changes } => {
+            repo.change_labels(VersionUid::parse(&uid)?, &changes)?;
+            Ok(exit::OK)
+        }
+        Command::Expire { uid, date } => {
+            let date = if date.trim().is_empty() { None } else { Some(parse_expire(&date)?) };
+            repo.set_expire(VersionUid::parse(&uid)?, date)?;
             Ok(exit::OK)
         }
         Command::Protect { uids } => {

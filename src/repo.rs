@@ -176,6 +176,44 @@ impl Repository {
         self.db.lock().remove_version(uid)
     }
 
+    /// Writes a committed version's metadata object again (after its labels or expiry
+    /// changed), so that the storage's copy stays what the database says.
+    fn refresh_version_object(&self, uid: VersionUid) -> Result<()> {
+        let v = self.version(uid)?;
+        if v.status == Status::Incomplete {
+            return Ok(());
+        }
+        let index = self.index(uid)?;
+        let storage = self.storage(&v.storage)?;
+        let object = encode_version_object(&v, &index)?;
+        crate::storage::retry(4, || storage.put(&version_key(uid), &object))?;
+        crate::storage::retry(4, || storage.sync())?;
+        Ok(())
+    }
+
+    /// Sets labels (`k=v`, `k=` or `k` for an empty value) and removes them (`k-`;
+    /// removing a missing label is not an error).
+    pub fn change_labels(&self, uid: VersionUid, changes: &[String]) -> Result<()> {
+        let mut set = Vec::new();
+        let mut remove = Vec::new();
+        for c in changes {
+            if let Some(k) = c.strip_suffix('-').filter(|k| !k.contains('=')) {
+                crate::version::check_label_name(k)?;
+                remove.push(k.to_string());
+            } else {
+                set.push(crate::version::parse_label(c)?);
+            }
+        }
+        self.db.lock().change_labels(uid, &set, &remove)?;
+        self.refresh_version_object(uid)
+    }
+
+    /// Sets (or with `None` clears) a version's expiry date.
+    pub fn set_expire(&self, uid: VersionUid, expire: Option<chrono::DateTime<Utc>>) -> Result<()> {
+        self.db.lock().set_expire(uid, expire.as_ref())?;
+        self.refresh_version_object(uid)
+    }
+
     pub fn set_protected(&self, uid: VersionUid, protected: bool) -> Result<()> {
         self.db.lock().set_protected(uid, protected)
     }

@@ -102,6 +102,9 @@ pub struct Version {
     pub storage: String,
     pub labels: BTreeMap<String, String>,
     pub stats: Stats,
+    /// When the version may go (backy2's expiry; `ls --expired` lists those past it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expire: Option<DateTime<Utc>>,
 }
 
 /// Checks a backup name: not empty, no control characters, at most 255 bytes.

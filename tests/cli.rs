@@ -268,3 +268,61 @@ fn version_objects_make_the_storage_self_sufficient() {
         assert!(repo.storage().join(e.storage_key()).exists());
     }
 }
+
+#[test]
+fn labels_change_and_reach_the_storage_copy() {
+    let repo = Repo::new();
+    fs::write(repo.path("img"), random_bytes(201, BS)).unwrap();
+    let uid = repo.backup("img", "l", &["-b", "64k", "-l", "keep=1", "-l", "gone=x"]);
+    repo.ok(&["label", &uid, "env=prod", "tier=", "flag", "gone-", "never-there-"]);
+    let v = repo.version(&uid);
+    let labels = v["labels"].as_object().unwrap();
+    assert_eq!(labels.len(), 4, "{labels:?}");
+    assert_eq!(v["labels"]["env"], "prod");
+    assert_eq!(v["labels"]["tier"], "");
+    assert_eq!(v["labels"]["flag"], "");
+    assert_eq!(v["labels"]["keep"], "1");
+    repo.ok(&["label", &uid, "env=test"]);
+    assert_eq!(repo.version(&uid)["labels"]["env"], "test");
+    // The version object in the storage follows.
+    let obj = fs::read(repo.storage().join("versions").join(&uid)).unwrap();
+    let (stored, _) = keepfs::repo::decode_version_object(&obj).unwrap();
+    assert_eq!(stored.labels.get("env").map(String::as_str), Some("test"));
+    assert!(!stored.labels.contains_key("gone"));
+    for (args, needle) in [
+        (vec!["label", &uid, "bad name=1"], "not a label name"),
+        (vec!["label", "V0000000099", "a=b"], "does not exist"),
+        (vec!["label", &uid, "=x"], "not a label name"),
+    ] {
+        let r = repo.run(&args);
+        assert_eq!(r.code, 2, "{args:?}: {}", r.stderr);
+        assert!(r.stderr.contains(needle) && r.stderr.lines().count() == 1, "{args:?}: {}", r.stderr);
+    }
+}
+
+#[test]
+fn expiry_dates_and_ls_expired() {
+    let repo = Repo::new();
+    fs::write(repo.path("img"), random_bytes(202, BS)).unwrap();
+    let old = repo.backup("img", "e", &["-b", "64k", "--expire", "2020-01-01"]);
+    let future = repo.backup("img", "e", &["-b", "64k", "-e", "2999-12-31 23:00:00"]);
+    let never = repo.backup("img", "e", &["-b", "64k"]);
+    assert_eq!(repo.version(&old)["expire"], "2020-01-01T00:00:00Z");
+    let expired = |repo: &Repo| -> Vec<String> {
+        let v: serde_json::Value = serde_json::from_str(&repo.ok(&["ls", "--expired", "--format", "json"])).unwrap();
+        v.as_array().unwrap().iter().map(|v| v["uid"].as_str().unwrap().to_string()).collect()
+    };
+    assert_eq!(expired(&repo), vec![old.clone()]);
+    repo.ok(&["expire", &never, "2021-06-01T12:00:00Z"]);
+    assert_eq!(expired(&repo), vec![old.clone(), never.clone()]);
+    repo.ok(&["expire", &old, ""]);
+    assert!(repo.version(&old).get("expire").is_none(), "cleared");
+    assert_eq!(expired(&repo), vec![never.clone()]);
+    assert!(repo.ok(&["ls"]).lines().next().unwrap().contains("expire"));
+    let _ = future;
+    for args in [vec!["expire", &never, "someday"], vec!["backup", "null://1M", "x", "--expire", "31/12/2030"]] {
+        let r = repo.run(&args);
+        assert_eq!(r.code, 2, "{args:?}: {}", r.stderr);
+        assert!(r.stderr.contains("expiry date") && r.stderr.lines().count() == 1, "{}", r.stderr);
+    }
+}

@@ -44,6 +44,7 @@ fn sample_version() -> (Version, BlockIndex) {
             bytes_sparse: 4196,
             duration_ms: 3,
         },
+        expire: None,
     };
     (v, index)
 }

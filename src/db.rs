@@ -498,17 +498,19 @@ impl Db {
             }
             {
                 let mut st =
-                    tx.prepare(&format!("SELECT id, state FROM objects WHERE storage_id=? AND id IN ({ph})"))?;
+                    tx.prepare(&format!("SELECT id, state, valid FROM objects WHERE storage_id=? AND id IN ({ph})"))?;
                 let mut rows = st.query(args.as_slice())?;
                 while let Some(r) = rows.next()? {
                     let Some(id) = BlockId::from_slice(r.get_ref(0)?.as_blob().map_err(rusqlite::Error::from)?) else {
                         continue;
                     };
-                    if r.get::<_, i64>(1)? == OBJECT_PRESENT {
-                        present.insert(id);
-                    } else {
+                    if r.get::<_, i64>(1)? != OBJECT_PRESENT {
                         tombstoned.insert(id);
+                    } else if r.get::<_, bool>(2)? {
+                        present.insert(id);
                     }
+                    // A present object a scrub found damaged counts as absent: the backup
+                    // stores it again, which replaces the damaged file and marks it valid.
                 }
             }
             let mut args2: Vec<&dyn rusqlite::ToSql> = vec![&now, &storage_id];
@@ -550,10 +552,18 @@ impl Db {
     }
 
     pub fn mark_objects_invalid(&self, storage_id: i64, ids: &[BlockId]) -> Result<()> {
-        for id in ids {
-            self.conn
-                .execute("UPDATE objects SET valid=0 WHERE storage_id=?1 AND id=?2", params![storage_id, &id.0[..]])?;
+        self.set_objects_valid(storage_id, ids, false)
+    }
+
+    pub fn set_objects_valid(&self, storage_id: i64, ids: &[BlockId], valid: bool) -> Result<()> {
+        let tx = self.conn.unchecked_transaction()?;
+        {
+            let mut st = tx.prepare_cached("UPDATE objects SET valid=?3 WHERE storage_id=?1 AND id=?2")?;
+            for id in ids {
+                st.execute(params![storage_id, &id.0[..], valid])?;
+            }
         }
+        tx.commit()?;
         Ok(())
     }
 

@@ -18,6 +18,7 @@ pub mod mount;
 pub mod progress;
 pub mod repo;
 pub mod restore;
+pub mod scrub;
 pub mod source;
 pub mod storage;
 pub mod transform;

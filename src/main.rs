@@ -9,6 +9,7 @@ use keepfs::error::{Error, Result, exit};
 use keepfs::filter::Filter;
 use keepfs::progress::Progress;
 use keepfs::restore::RestoreOptions;
+use keepfs::scrub::ScrubOptions;
 use keepfs::source::Url;
 use keepfs::units::{check_block_size, format_size, parse_size};
 use keepfs::version::{Version, VersionUid, parse_label};
@@ -82,6 +83,34 @@ enum Command {
         uid: String,
         #[arg(required = true, value_name = "CHANGE")]
         changes: Vec<String>,
+    },
+    /// Check that every object of a version is there and well-formed (light)
+    Scrub {
+        uid: String,
+        /// Check a random N% of the blocks
+        #[arg(short, long, default_value_t = 100)]
+        percent: u8,
+    },
+    /// Decode every block of a version and verify its checksum (and against --source)
+    DeepScrub {
+        uid: String,
+        #[arg(short, long, default_value_t = 100)]
+        percent: u8,
+        /// Compare with the original image too (backy2's scrub -s)
+        #[arg(short, long)]
+        source: Option<String>,
+    },
+    /// Light scrub of every version a filter selects
+    BatchScrub {
+        filter: Option<String>,
+        #[arg(short, long, default_value_t = 100)]
+        percent: u8,
+    },
+    /// Deep scrub of every version a filter selects
+    BatchDeepScrub {
+        filter: Option<String>,
+        #[arg(short, long, default_value_t = 100)]
+        percent: u8,
     },
     /// Set a version's expiry date (ISO 8601), or clear it with ''
     Expire { uid: String, date: String },
@@ -229,6 +258,49 @@ fn progress() -> CliProgress {
         p.bar = Some(bar);
     }
     p
+}
+
+/// Scrubs every committed version a filter selects.
+fn batch_scrub(repo: &Repository, filter: Option<&str>, percent: u8, deep: bool) -> Result<i32> {
+    let filter = filter.map(Filter::parse).transpose()?;
+    let uids: Vec<VersionUid> = repo
+        .list(filter.as_ref())?
+        .into_iter()
+        .filter(|v| v.status != keepfs::version::Status::Incomplete)
+        .map(|v| v.uid)
+        .collect();
+    scrub_versions(repo, &uids, &ScrubOptions { deep, percent, source: None })
+}
+
+/// Scrubs versions one after the other; exit 3 when any damage was found.
+fn scrub_versions(repo: &Repository, uids: &[VersionUid], opts: &ScrubOptions) -> Result<i32> {
+    let mut damaged = 0usize;
+    for &uid in uids {
+        let p = progress();
+        let r = repo.scrub(uid, opts, &p)?;
+        for b in &r.bad {
+            eprintln!(
+                "keepfs: damaged: {uid} block {} (bytes {}..{}) object {}: {}",
+                b.index,
+                b.offset,
+                b.offset + b.len,
+                b.object,
+                b.reason
+            );
+        }
+        let what = if opts.deep { "deep-scrubbed" } else { "scrubbed" };
+        if r.bad.is_empty() {
+            let again = if r.revalidated { "; it is valid again" } else { "" };
+            eprintln!("{what} {uid}: {} object(s) ({}% of blocks), all good{again}", r.objects, opts.percent);
+        } else {
+            eprintln!(
+                "keepfs: error: {what} {uid}: {} damaged block(s); {uid} and every version sharing them are marked invalid",
+                r.bad.len()
+            );
+            damaged += 1;
+        }
+    }
+    Ok(if damaged > 0 { exit::DATA_DAMAGED } else { exit::OK })
 }
 
 fn parse_expire(s: &str) -> Result<chrono::DateTime<chrono::Utc>> {
@@ -387,6 +459,15 @@ fn run(cli: Cli) -> Result<i32> {
             }
             Ok(exit::OK)
         }
+        Command::Scrub { uid, percent } => {
+            scrub_versions(&repo, &[VersionUid::parse(&uid)?], &ScrubOptions { deep: false, percent, source: None })
+        }
+        Command::DeepScrub { uid, percent, source } => {
+            let source = source.as_deref().map(|s| Url::parse(s).map_err(Error::Invalid)).transpose()?;
+            scrub_versions(&repo, &[VersionUid::parse(&uid)?], &ScrubOptions { deep: true, percent, source })
+        }
+        Command::BatchScrub { filter, percent } => batch_scrub(&repo, filter.as_deref(), percent, false),
+        Command::BatchDeepScrub { filter, percent } => batch_scrub(&repo, filter.as_deref(), percent, true),
         Command::Label { uid, changes } => {
             repo.change_labels(VersionUid::parse(&uid)?, &changes)?;
             Ok(exit::OK)

@@ -1,0 +1,215 @@
+//! Scrubbing: checking that what a version references is still in its storage and intact.
+//! A light scrub fetches each object and checks its header (magic, version, header
+//! checksum, kind, id, length); a deep scrub decodes every block and verifies its content
+//! against its id, and optionally against the original source. Either may check a random
+//! share of the blocks. A damaged object marks every version referencing it invalid (never
+//! deleted); a complete deep scrub that finds a version's blocks all good makes it valid
+//! again. The next backup stores blocks marked damaged again, whatever it finds stored.
+
+use crate::block::{BlockId, ObjectKind, parse_header};
+use crate::cache::{fetch_block, fetch_verified};
+use crate::error::{Error, Result};
+use crate::index::BlockIndex;
+use crate::progress::Progress;
+use crate::repo::Repository;
+use crate::restore::BadBlock;
+use crate::source::{Url, open_source};
+use crate::version::{Status, VersionUid};
+use crossbeam_channel::bounded;
+use std::collections::{HashMap, HashSet};
+
+#[derive(Clone, Debug)]
+pub struct ScrubOptions {
+    /// Decode and verify every block (deep) instead of checking headers (light).
+    pub deep: bool,
+    /// Share of the blocks to check, 1 to 100.
+    pub percent: u8,
+    /// Compare each block with the original image too (deep only).
+    pub source: Option<Url>,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct ScrubReport {
+    /// Distinct objects checked.
+    pub objects: u64,
+    /// Blocks (by index) whose object or content is bad.
+    pub bad: Vec<BadBlock>,
+    /// The version was invalid and is valid again.
+    pub revalidated: bool,
+}
+
+/// Light check of one object: there, a well-formed block object for this id, whole.
+fn light_check(bytes: &[u8], id: &BlockId) -> std::result::Result<(), crate::block::ObjectError> {
+    use crate::block::ObjectError;
+    let (h, header_len) = parse_header(bytes)?;
+    if h.kind != ObjectKind::Block as u16 {
+        return Err(ObjectError::WrongKind { expected: ObjectKind::Block as u16, found: h.kind });
+    }
+    if h.id != id.0 {
+        return Err(ObjectError::ContentMismatch { expected: id.to_hex(), found: hex::encode(h.id) });
+    }
+    let want = header_len as u64 + h.payload_len;
+    if bytes.len() as u64 != want {
+        return Err(ObjectError::Length { expected: want, found: bytes.len() as u64 });
+    }
+    Ok(())
+}
+
+/// Whether block `idx` is in a `percent` sample drawn with `seed` (cheap, uniform).
+fn sampled(seed: u64, idx: u64, percent: u8) -> bool {
+    if percent >= 100 {
+        return true;
+    }
+    let mut x = seed ^ idx.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    x ^= x >> 33;
+    x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    x ^= x >> 33;
+    x % 100 < percent as u64
+}
+
+impl Repository {
+    pub fn scrub(&self, uid: VersionUid, opts: &ScrubOptions, progress: &dyn Progress) -> Result<ScrubReport> {
+        if !(1..=100).contains(&opts.percent) {
+            return Err(Error::Invalid(format!("scrub percentage {} is not between 1 and 100", opts.percent)));
+        }
+        if opts.source.is_some() && !opts.deep {
+            return Err(Error::Invalid("--source compares contents: use it with deep-scrub".into()));
+        }
+        let version = self.version(uid)?;
+        let index = self.index(uid)?;
+        let session = self.session(&format!("scrub {uid}"), false)?;
+        session.lock_version(uid, "scrub")?;
+        let storage = self.storage(&version.storage)?;
+        let source = match &opts.source {
+            Some(url) => {
+                let s = open_source(url, false).map_err(|e| Error::io(format!("cannot open source {url}"), e))?;
+                if s.size() != index.size {
+                    return Err(Error::Invalid(format!(
+                        "source {url} holds {} bytes, version {uid} {}; compare a source of the same size",
+                        s.size(),
+                        index.size
+                    )));
+                }
+                Some(s)
+            }
+            None => None,
+        };
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1)
+            ^ std::process::id() as u64;
+        // One check per distinct object (with --source, per block: contents may differ by place).
+        let mut jobs: Vec<(BlockId, Vec<u64>)> = Vec::new();
+        let mut at: HashMap<BlockId, usize> = HashMap::new();
+        for (i, id) in index.entries.iter().enumerate() {
+            if id.is_sparse() || !sampled(seed, i as u64, opts.percent) {
+                continue;
+            }
+            match at.get(id) {
+                Some(&j) if source.is_none() => jobs[j].1.push(i as u64),
+                _ => {
+                    at.insert(*id, jobs.len());
+                    jobs.push((*id, vec![i as u64]));
+                }
+            }
+        }
+        let total: u64 = jobs.iter().map(|j| j.1.len() as u64 * index.block_size as u64).sum();
+        progress.begin(&format!("{} {uid}", if opts.deep { "deep-scrub" } else { "scrub" }), total);
+        let bs = index.block_size as u64;
+        let mut report = ScrubReport { objects: jobs.len() as u64, ..Default::default() };
+        let threads = self.config.storage_readers.max(1);
+        let (job_tx, job_rx) = bounded::<(BlockId, Vec<u64>)>(threads * 2);
+        let (res_tx, res_rx) = bounded::<(BlockId, Vec<u64>, std::result::Result<(), String>)>(threads * 2);
+        let source_ref = source.as_deref();
+        let index_ref: &BlockIndex = &index;
+        std::thread::scope(|s| {
+            for _ in 0..threads {
+                let (job_rx, res_tx, storage) = (job_rx.clone(), res_tx.clone(), storage.clone());
+                s.spawn(move || {
+                    for (id, idxs) in job_rx {
+                        let r = if !opts.deep {
+                            fetch_verified(storage.as_ref(), &id, |b| light_check(b, &id))
+                        } else {
+                            fetch_block(storage.as_ref(), &id).and_then(|data| match source_ref {
+                                None => Ok(()),
+                                Some(src) => {
+                                    let idx = idxs[0];
+                                    let mut want = vec![0u8; index_ref.block_len(idx as usize)];
+                                    src.read_at(idx * bs, &mut want)
+                                        .map_err(|e| format!("cannot read the source at byte {}: {e}", idx * bs))?;
+                                    if want == data { Ok(()) } else { Err("differs from the source".to_string()) }
+                                }
+                            })
+                        };
+                        if res_tx.send((id, idxs, r)).is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+            drop(res_tx);
+            drop(job_rx);
+            s.spawn(move || {
+                for j in jobs {
+                    if job_tx.send(j).is_err() {
+                        return;
+                    }
+                }
+            });
+            for (id, idxs, r) in res_rx {
+                for &i in &idxs {
+                    progress.advance(index_ref.block_len(i as usize) as u64);
+                    if let Err(reason) = &r {
+                        let off = i * bs;
+                        report.bad.push(BadBlock {
+                            index: i,
+                            offset: off,
+                            len: index_ref.block_len(i as usize) as u64,
+                            object: id,
+                            reason: reason.clone(),
+                        });
+                    }
+                }
+            }
+        });
+        progress.end();
+        report.bad.sort_by_key(|b| b.index);
+        drop(session);
+        let db = self.db();
+        let sid = db.storage_id(&version.storage)?;
+        if report.bad.is_empty() {
+            if opts.deep && opts.percent == 100 {
+                let ids: Vec<BlockId> = index.entries.iter().filter(|e| !e.is_sparse()).copied().collect();
+                db.set_objects_valid(sid, &ids, true)?;
+                if version.status == Status::Invalid {
+                    db.set_status(uid, Status::Valid)?;
+                    report.revalidated = true;
+                }
+            }
+            return Ok(report);
+        }
+        // A damaged object taints every version of this storage that references it.
+        let damaged: HashSet<BlockId> =
+            report.bad.iter().filter(|b| !b.reason.contains("differs from the source")).map(|b| b.object).collect();
+        let ids: Vec<BlockId> = damaged.iter().copied().collect();
+        db.mark_objects_invalid(sid, &ids)?;
+        db.set_status(uid, Status::Invalid)?;
+        let in_storage: HashSet<u64> =
+            db.list_versions()?.into_iter().filter(|v| v.storage == version.storage).map(|v| v.uid.0).collect();
+        let mut tainted = Vec::new();
+        db.for_each_index(|vuid, bytes| {
+            if in_storage.contains(&vuid.0)
+                && let Ok(ix) = BlockIndex::decode(bytes)
+                && ix.entries.iter().any(|e| damaged.contains(e))
+            {
+                tainted.push(vuid);
+            }
+            Ok(())
+        })?;
+        for v in tainted {
+            db.set_status(v, Status::Invalid)?;
+        }
+        Ok(report)
+    }
+}

@@ -333,6 +333,42 @@ impl Db {
         Ok(())
     }
 
+    /// Inserts a version as recorded elsewhere (a storage's version object), keeping its
+    /// uid; the uid sequence moves past it, so new uids stay increasing.
+    pub fn insert_version_record(&mut self, v: &Version, index: &[u8]) -> Result<()> {
+        let storage_id = self.storage_id(&v.storage)?;
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        tx.execute(
+            "INSERT INTO versions(uid, name, snapshot, date, size, block_size, status, protected, storage_id, expire, \
+             bytes_read, bytes_written, bytes_stored, bytes_deduplicated, bytes_sparse, duration_ms) \
+             VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16)",
+            params![
+                v.uid.0 as i64,
+                v.name,
+                v.snapshot,
+                date_text(&v.date),
+                v.size as i64,
+                v.block_size,
+                v.status.as_str(),
+                v.protected,
+                storage_id,
+                v.expire.as_ref().map(date_text),
+                v.stats.bytes_read as i64,
+                v.stats.bytes_written as i64,
+                v.stats.bytes_stored as i64,
+                v.stats.bytes_deduplicated as i64,
+                v.stats.bytes_sparse as i64,
+                v.stats.duration_ms as i64
+            ],
+        )?;
+        for (k, val) in &v.labels {
+            tx.execute("INSERT INTO labels(uid, name, value) VALUES (?1,?2,?3)", params![v.uid.0 as i64, k, val])?;
+        }
+        tx.execute("INSERT INTO version_index(uid, data) VALUES (?1, ?2)", params![v.uid.0 as i64, index])?;
+        tx.commit()?;
+        Ok(())
+    }
+
     pub fn set_status(&self, uid: VersionUid, status: Status) -> Result<()> {
         self.conn.execute("UPDATE versions SET status=?2 WHERE uid=?1", params![uid.0 as i64, status.as_str()])?;
         Ok(())

@@ -112,6 +112,11 @@ enum Command {
         #[arg(short, long, default_value_t = 100)]
         percent: u8,
     },
+    /// The metadata database
+    Database {
+        #[command(subcommand)]
+        action: DatabaseAction,
+    },
     /// Set a version's expiry date (ISO 8601), or clear it with ''
     Expire { uid: String, date: String },
     /// Remove versions (their blocks are freed by `cleanup`)
@@ -163,6 +168,12 @@ enum Command {
         #[arg(short = 'S', long)]
         storage: Option<String>,
     },
+}
+
+#[derive(Subcommand)]
+enum DatabaseAction {
+    /// Recreate a lost database from the version and block objects in the storages
+    Rebuild,
 }
 
 /// Progress on stderr: a bar on a terminal, a line every 10 s otherwise, and the
@@ -468,6 +479,11 @@ fn run(cli: Cli) -> Result<i32> {
         }
         Command::BatchScrub { filter, percent } => batch_scrub(&repo, filter.as_deref(), percent, false),
         Command::BatchDeepScrub { filter, percent } => batch_scrub(&repo, filter.as_deref(), percent, true),
+        Command::Database { action: DatabaseAction::Rebuild } => {
+            let (versions, objects) = repo.rebuild_database()?;
+            eprintln!("rebuilt {}: {versions} version(s), {objects} object(s)", repo.config.database.display());
+            Ok(exit::OK)
+        }
         Command::Label { uid, changes } => {
             repo.change_labels(VersionUid::parse(&uid)?, &changes)?;
             Ok(exit::OK)

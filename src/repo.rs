@@ -215,7 +215,49 @@ impl Repository {
     }
 
     pub fn set_protected(&self, uid: VersionUid, protected: bool) -> Result<()> {
-        self.db.lock().set_protected(uid, protected)
+        self.db.lock().set_protected(uid, protected)?;
+        self.refresh_version_object(uid)
+    }
+
+    /// Recreates the metadata database from what the storages hold: every version object
+    /// (fields, labels, index) and every block object. Refuses a database that already
+    /// holds versions. Incomplete versions were never written to a storage and do not
+    /// come back; a version marked invalid by a scrub comes back as it was last written
+    /// (a scrub finds the damage again).
+    pub fn rebuild_database(&self) -> Result<(u64, u64)> {
+        let existing = self.db.lock().list_versions()?.len();
+        if existing > 0 {
+            return Err(Error::Refused(format!(
+                "the metadata database {} holds {existing} version(s); rebuild recreates a lost database: move this one away first",
+                self.config.database.display()
+            )));
+        }
+        let (mut versions, mut objects) = (0u64, 0u64);
+        for sc in &self.config.storages {
+            let storage = self.storage(&sc.name)?;
+            for entry in storage.list("versions/")? {
+                let bytes = crate::storage::retry(4, || storage.get(&entry.key))?;
+                let (mut v, index) = decode_version_object(&bytes)
+                    .map_err(|e| Error::Other(format!("storage '{}' object {}: {e}", sc.name, entry.key)))?;
+                v.storage = sc.name.clone();
+                self.db.lock().insert_version_record(&v, &index.encode())?;
+                versions += 1;
+            }
+            let sid = self.storage_id(&sc.name)?;
+            let mut batch = Vec::new();
+            for entry in storage.list("blocks/")? {
+                if let Some(id) = crate::block::BlockId::from_storage_key(&entry.key) {
+                    batch.push((id, entry.size, 0u64));
+                }
+                if batch.len() >= 1000 {
+                    objects += batch.len() as u64;
+                    self.db.lock().insert_objects(sid, &std::mem::take(&mut batch))?;
+                }
+            }
+            objects += batch.len() as u64;
+            self.db.lock().insert_objects(sid, &batch)?;
+        }
+        Ok((versions, objects))
     }
 
     pub fn set_status(&self, uid: VersionUid, status: Status) -> Result<()> {

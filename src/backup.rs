@@ -511,6 +511,8 @@ pub struct BackupOptions {
     pub block_size: Option<u32>,
     pub storage: Option<String>,
     pub expire: Option<chrono::DateTime<chrono::Utc>>,
+    /// Resume this `incomplete` version instead of starting a new one.
+    pub continue_uid: Option<VersionUid>,
 }
 
 impl Repository {
@@ -585,7 +587,10 @@ impl Repository {
         })?;
         let size = source.size();
         let session = self.session(&format!("backup {}", opts.name), true)?;
-        let (uid, storage, bs) = self.begin_version(opts, size, session.id)?;
+        let (uid, storage, bs) = match opts.continue_uid {
+            Some(uid) => self.take_over_version(uid, opts, size, session.id, url)?,
+            None => self.begin_version(opts, size, session.id)?,
+        };
         progress.begin(&format!("backup {uid} ({})", opts.name), size);
         let result = self.run_backup(source.as_ref(), url, &storage, bs, session.id, progress);
         progress.end();
@@ -595,9 +600,55 @@ impl Repository {
                 self.commit_version(uid, size, entries, stats)
             }
             Err(e) => Err(Error::Other(format!(
-                "backup of {url} failed, version {uid} is left incomplete (`keepfs rm {uid}` removes it): {e}"
+                "backup of {url} failed, version {uid} is left incomplete (`keepfs backup --continue {uid} ...` \
+                 resumes it, `keepfs rm {uid}` removes it): {e}"
             ))),
         }
+    }
+
+    /// Makes this session the writer of an incomplete version that a dead process left
+    /// (backy2's --continue-version). Its blocks already stored are found by
+    /// deduplication and not written again; the source is still read and hashed whole,
+    /// since without it nothing proves the stored blocks are this source's.
+    fn take_over_version(
+        &self,
+        uid: VersionUid,
+        opts: &BackupOptions,
+        size: u64,
+        session: i64,
+        url: &Url,
+    ) -> Result<(VersionUid, String, u32)> {
+        let v = self.version(uid)?;
+        if v.status != crate::version::Status::Incomplete {
+            return Err(Error::Invalid(format!(
+                "version {uid} is {}; only an incomplete version can be continued",
+                v.status.as_str()
+            )));
+        }
+        if v.name != opts.name {
+            return Err(Error::Invalid(format!("version {uid} is a backup of '{}', not '{}'", v.name, opts.name)));
+        }
+        if v.size != size {
+            return Err(Error::Invalid(format!(
+                "source {url} holds {size} bytes, incomplete version {uid} was started with {}; the source changed: \
+                 start a new backup (and `keepfs rm {uid}`)",
+                v.size
+            )));
+        }
+        let live: Vec<i64> = self.db.lock().live_sessions()?.into_iter().map(|s| s.id).collect();
+        let taken = self.db.lock().with_write_lock(|tx| {
+            let owner: Option<i64> =
+                tx.query_row("SELECT session_id FROM versions WHERE uid=?1", [uid.0 as i64], |r| r.get(0))?;
+            if owner.is_some_and(|o| o != session && live.contains(&o)) {
+                return Ok(false);
+            }
+            tx.execute("UPDATE versions SET session_id=?2 WHERE uid=?1", rusqlite::params![uid.0 as i64, session])?;
+            Ok(true)
+        })?;
+        if !taken {
+            return Err(Error::Refused(format!("version {uid} is being written by another running backup")));
+        }
+        Ok((uid, v.storage, v.block_size))
     }
 
     #[allow(clippy::too_many_arguments)]

@@ -57,6 +57,9 @@ enum Command {
         /// Expiry date (ISO 8601, e.g. 2027-01-31 or "2027-01-31 12:00:00")
         #[arg(short, long)]
         expire: Option<String>,
+        /// Resume this incomplete version (after a crash or a storage outage)
+        #[arg(short, long = "continue", value_name = "UID")]
+        continue_uid: Option<String>,
     },
     /// Restore a version to a file or block device (file:///path)
     Restore {
@@ -371,7 +374,8 @@ fn run(cli: Cli) -> Result<i32> {
     let config = Config::discover(cli.config.as_deref())?;
     let repo = Repository::open(config)?;
     match cli.command {
-        Command::Backup { source, name, snapshot, labels, block_size, storage, expire } => {
+        Command::Backup { source, name, snapshot, labels, block_size, storage, expire, continue_uid } => {
+            let continue_uid = continue_uid.as_deref().map(VersionUid::parse).transpose()?;
             let expire = expire.as_deref().map(parse_expire).transpose()?;
             let url = Url::parse(&source).map_err(Error::Invalid)?;
             let block_size = match block_size {
@@ -383,7 +387,7 @@ fn run(cli: Cli) -> Result<i32> {
                 let (k, v) = parse_label(l)?;
                 label_map.insert(k, v);
             }
-            let opts = BackupOptions { name, snapshot, labels: label_map, block_size, storage, expire };
+            let opts = BackupOptions { name, snapshot, labels: label_map, block_size, storage, expire, continue_uid };
             let p = progress();
             let v = repo.backup(&url, &opts, &p)?;
             let s = &v.stats;

@@ -134,3 +134,62 @@ fn a_source_truncated_during_the_backup_gives_a_clear_error_and_no_valid_version
     assert_eq!(stderr.lines().filter(|l| l.starts_with("keepfs: error:")).count(), 1, "{stderr}");
     assert_eq!(repo.ls_json(None)[0]["status"], "incomplete");
 }
+
+#[test]
+fn a_killed_backup_is_continued() {
+    let repo = Repo::new();
+    fs::write(repo.path("img"), random_bytes(51, 40 << 20)).unwrap();
+    let url = repo.url("img");
+    let mut child = repo.command(&["backup", &url, "cont", "-b", "4k", "-l", "k=v"]).spawn().unwrap();
+    wait_until("objects to be written", Duration::from_secs(60), || repo.block_objects() >= 400);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let uid = repo.ls_json(None)[0]["uid"].as_str().unwrap().to_string();
+    let stored_before = repo.block_objects();
+
+    // Wrong name, a changed source, an unknown uid: one-line errors, nothing changes.
+    fs::write(repo.path("other"), random_bytes(52, 1 << 20)).unwrap();
+    let other = repo.url("other");
+    for (args, needle) in [
+        (vec!["backup", "--continue", &uid, &url, "wrong-name"], "not 'wrong-name'"),
+        (vec!["backup", "--continue", &uid, &other, "cont"], "the source changed"),
+        (vec!["backup", "--continue", "V0000000099", &url, "cont"], "does not exist"),
+    ] {
+        let r = repo.run(&args);
+        assert_eq!(r.code, 2, "{args:?}: {}", r.stderr);
+        assert!(r.error_line().contains(needle), "{args:?}: {}", r.stderr);
+    }
+    assert_eq!(repo.version(&uid)["status"], "incomplete");
+
+    // Two continuations of one version at once: the second is refused.
+    let mut first = repo
+        .command(&["backup", "--continue", &uid, &url, "cont"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let second = repo.run(&["backup", "--continue", &uid, &url, "cont"]);
+    if first.try_wait().unwrap().is_none() {
+        assert_eq!(second.code, 4, "{}", second.stderr);
+        assert!(second.error_line().contains("being written by another running backup"), "{}", second.stderr);
+    }
+    let out = first.wait_with_output().unwrap();
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), uid, "the same version is finished");
+
+    let v = repo.version(&uid);
+    assert_eq!(v["status"], "valid");
+    assert_eq!(v["labels"]["k"], "v");
+    // Blocks the killed run stored and recorded (rows follow each durable batch) are not
+    // written again; files it wrote after its last recorded batch are, harmlessly.
+    let dedup = v["stats"]["bytes_deduplicated"].as_u64().unwrap();
+    let written = v["stats"]["bytes_written"].as_u64().unwrap();
+    assert!(dedup > 0, "{v}");
+    assert_eq!(dedup + written, 40 << 20, "{v}");
+    assert!(stored_before > 0);
+    assert_eq!(repo.restore_sha(&uid, "o"), sha256_file(&repo.path("img")));
+    // Continuing a valid version is refused.
+    let r = repo.run(&["backup", "--continue", &uid, &url, "cont"]);
+    assert_eq!(r.code, 2);
+    assert!(r.error_line().contains("only an incomplete version can be continued"), "{}", r.stderr);
+}

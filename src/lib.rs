@@ -14,6 +14,7 @@ pub mod filter;
 pub mod gc;
 pub mod image;
 pub mod index;
+pub mod metadata;
 pub mod mount;
 pub mod progress;
 pub mod repo;

@@ -115,6 +115,11 @@ enum Command {
         #[arg(short, long, default_value_t = 100)]
         percent: u8,
     },
+    /// Export or import versions' metadata (JSON)
+    Metadata {
+        #[command(subcommand)]
+        action: MetadataAction,
+    },
     /// The metadata database
     Database {
         #[command(subcommand)]
@@ -171,6 +176,18 @@ enum Command {
         #[arg(short = 'S', long)]
         storage: Option<String>,
     },
+}
+
+#[derive(Subcommand)]
+enum MetadataAction {
+    /// Write the metadata of versions to FILE ('-' for standard output)
+    Export {
+        /// Version uids, then the file
+        #[arg(required = true, num_args = 2.., value_name = "UID... FILE")]
+        args: Vec<String>,
+    },
+    /// Import versions from a file written by export ('-' for standard input)
+    Import { file: PathBuf },
 }
 
 #[derive(Subcommand)]
@@ -483,6 +500,32 @@ fn run(cli: Cli) -> Result<i32> {
         }
         Command::BatchScrub { filter, percent } => batch_scrub(&repo, filter.as_deref(), percent, false),
         Command::BatchDeepScrub { filter, percent } => batch_scrub(&repo, filter.as_deref(), percent, true),
+        Command::Metadata { action: MetadataAction::Export { mut args } } => {
+            // `metadata export V1 V2 out.json`: the last word is the file.
+            let file = PathBuf::from(args.pop().unwrap_or_default());
+            let uids = args;
+            let json = repo.export_metadata(&parse_uids(&uids)?)?;
+            if file.as_os_str() == "-" {
+                println!("{json}");
+            } else {
+                let tmp = file.with_extension("keepfs-tmp");
+                std::fs::write(&tmp, json.as_bytes())
+                    .and_then(|_| std::fs::rename(&tmp, &file))
+                    .map_err(|e| Error::io(format!("cannot write {}", file.display()), e))?;
+            }
+            Ok(exit::OK)
+        }
+        Command::Metadata { action: MetadataAction::Import { file } } => {
+            let json = if file.as_os_str() == "-" {
+                std::io::read_to_string(std::io::stdin()).map_err(|e| Error::io("cannot read standard input", e))?
+            } else {
+                std::fs::read_to_string(&file).map_err(|e| Error::io(format!("cannot read {}", file.display()), e))?
+            };
+            for uid in repo.import_metadata(&json)? {
+                println!("{uid}");
+            }
+            Ok(exit::OK)
+        }
         Command::Database { action: DatabaseAction::Rebuild } => {
             let (versions, objects) = repo.rebuild_database()?;
             eprintln!("rebuilt {}: {versions} version(s), {objects} object(s)", repo.config.database.display());

@@ -178,7 +178,7 @@ impl Repository {
 
     /// Writes a committed version's metadata object again (after its labels or expiry
     /// changed), so that the storage's copy stays what the database says.
-    fn refresh_version_object(&self, uid: VersionUid) -> Result<()> {
+    pub(crate) fn refresh_version_object(&self, uid: VersionUid) -> Result<()> {
         let v = self.version(uid)?;
         if v.status == Status::Incomplete {
             return Ok(());

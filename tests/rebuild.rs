@@ -55,3 +55,59 @@ fn the_database_is_rebuilt_from_the_storage() {
     // And cleanup, with every object referenced, deletes nothing.
     assert!(repo.ok(&["cleanup"]).contains("deleted 0 object(s)"));
 }
+
+#[test]
+fn metadata_export_and_import() {
+    let repo = Repo::new();
+    let a = mixed_image(411, 10, 64 * 1024, 3);
+    fs::write(repo.path("a"), &a).unwrap();
+    let v1 = repo.backup("a", "m", &["-b", "64k", "-l", "env=prod", "-s", "s1"]);
+    let v2 = repo.backup("a", "n", &["-b", "64k"]);
+    let out = repo.path("meta.json");
+    repo.ok(&["metadata", "export", &v1, &v2, out.to_str().unwrap()]);
+    let doc: serde_json::Value = serde_json::from_slice(&fs::read(&out).unwrap()).unwrap();
+    assert_eq!(doc["format"], "keepfs-metadata");
+    assert_eq!(doc["format_version"], 1);
+    assert_eq!(doc["versions"].as_array().unwrap().len(), 2);
+    let before = repo.ls_json(None);
+
+    // Importing what exists is refused, as a whole.
+    let r = repo.run(&["metadata", "import", out.to_str().unwrap()]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.error_line().contains("exists already"), "{}", r.stderr);
+
+    // Remove the versions (their blocks stay until cleanup), import them back.
+    repo.ok(&["rm", "--force", &v1, &v2]);
+    assert_eq!(repo.ls_json(None).as_array().unwrap().len(), 0);
+    let imported = repo.ok(&["metadata", "import", out.to_str().unwrap()]);
+    assert_eq!(imported.lines().collect::<Vec<_>>(), vec![v1.as_str(), v2.as_str()]);
+    let strip = |v: &serde_json::Value| {
+        let mut v = v.clone();
+        v.as_array_mut().unwrap().iter_mut().for_each(|x| {
+            x.as_object_mut().unwrap().remove("stats");
+        });
+        v
+    };
+    assert_eq!(strip(&repo.ls_json(None)), strip(&before));
+    assert_eq!(repo.restore_sha(&v1, "o"), sha256_file(&repo.path("a")));
+    assert!(repo.storage().join("versions").join(&v2).exists(), "the storage copy is written again");
+
+    // Damaged or foreign documents are one-line errors.
+    let mut bad = doc.clone();
+    bad["format_version"] = 9.into();
+    fs::write(repo.path("bad.json"), bad.to_string()).unwrap();
+    fs::write(repo.path("junk.json"), "{ not json").unwrap();
+    let mut tampered = doc.clone();
+    let idx = tampered["versions"][0]["index"].as_str().unwrap().to_string();
+    let flipped = format!("{}{}", &idx[..idx.len() - 1], if idx.ends_with('0') { '1' } else { '0' });
+    tampered["versions"][0]["index"] = flipped.into();
+    tampered["versions"][0]["uid"] = "V0000000077".into();
+    fs::write(repo.path("tampered.json"), tampered.to_string()).unwrap();
+    for (f, needle) in
+        [("bad.json", "format 9"), ("junk.json", "not a keepfs metadata document"), ("tampered.json", "checksum")]
+    {
+        let r = repo.run(&["metadata", "import", repo.path(f).to_str().unwrap()]);
+        assert_eq!(r.code, 2, "{f}: {}", r.stderr);
+        assert!(r.error_line().contains(needle) && r.stderr.lines().count() == 1, "{f}: {}", r.stderr);
+    }
+}

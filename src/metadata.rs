@@ -1,0 +1,97 @@
+//! Metadata export and import: versions (fields, labels, block index) as a versioned JSON
+//! document, for keeping metadata apart from the database (backy2's export/import).
+
+use crate::error::{Error, Result};
+use crate::index::BlockIndex;
+use crate::repo::Repository;
+use crate::version::{Status, Version, VersionUid};
+use serde::{Deserialize, Serialize};
+
+pub const FORMAT: &str = "keepfs-metadata";
+pub const FORMAT_VERSION: u32 = 1;
+
+#[derive(Serialize, Deserialize)]
+struct Document {
+    format: String,
+    format_version: u32,
+    versions: Vec<Entry>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Entry {
+    #[serde(flatten)]
+    version: Version,
+    /// The encoded block index (docs/format.md), hex; it carries its own checksum.
+    index: String,
+}
+
+impl Repository {
+    /// The metadata of `uids` as a JSON document.
+    pub fn export_metadata(&self, uids: &[VersionUid]) -> Result<String> {
+        let mut versions = Vec::new();
+        for &uid in uids {
+            let version = self.version(uid)?;
+            let index = self.index(uid)?;
+            versions.push(Entry { version, index: hex::encode(index.encode()) });
+        }
+        let doc = Document { format: FORMAT.into(), format_version: FORMAT_VERSION, versions };
+        serde_json::to_string_pretty(&doc).map_err(|e| Error::Other(format!("cannot write metadata JSON: {e}")))
+    }
+
+    /// Imports a document made by [`Repository::export_metadata`]. Refuses the whole
+    /// document if any uid exists already. A version whose objects are not all in its
+    /// storage is imported as invalid. Returns the imported uids.
+    pub fn import_metadata(&self, json: &str) -> Result<Vec<VersionUid>> {
+        let doc: Document =
+            serde_json::from_str(json).map_err(|e| Error::Invalid(format!("not a keepfs metadata document: {e}")))?;
+        if doc.format != FORMAT || doc.format_version != FORMAT_VERSION {
+            return Err(Error::Invalid(format!(
+                "metadata document is '{}' format {}; this keepfs reads '{FORMAT}' format {FORMAT_VERSION}",
+                doc.format, doc.format_version
+            )));
+        }
+        let mut checked = Vec::new();
+        for e in doc.versions {
+            let uid = e.version.uid;
+            if self.version(uid).is_ok() {
+                return Err(Error::Invalid(format!(
+                    "version {uid} exists already; importing it again is refused (nothing was imported)"
+                )));
+            }
+            self.storage(&e.version.storage)?;
+            let bytes =
+                hex::decode(&e.index).map_err(|_| Error::Invalid(format!("version {uid}: the index is not hex")))?;
+            let index = BlockIndex::decode(&bytes)
+                .map_err(|err| Error::Invalid(format!("version {uid}: the imported index is damaged: {err}")))?;
+            if index.uid != uid.0 || index.size != e.version.size || index.block_size != e.version.block_size {
+                return Err(Error::Invalid(format!("version {uid}: the index does not match the version's fields")));
+            }
+            checked.push((e.version, index));
+        }
+        let mut imported = Vec::new();
+        for (mut v, index) in checked {
+            let storage = self.storage(&v.storage)?;
+            let mut present = Vec::new();
+            let mut missing = 0usize;
+            let mut seen = std::collections::HashSet::new();
+            for id in index.entries.iter().filter(|e| !e.is_sparse()) {
+                if !seen.insert(*id) {
+                    continue;
+                }
+                match storage.exists(&id.storage_key())? {
+                    true => present.push((*id, 0u64, 0u64)),
+                    false => missing += 1,
+                }
+            }
+            if missing > 0 || v.status == Status::Incomplete {
+                v.status = Status::Invalid;
+            }
+            let sid = self.storage_id(&v.storage)?;
+            self.db().insert_objects(sid, &present)?;
+            self.db().insert_version_record(&v, &index.encode())?;
+            self.refresh_version_object(v.uid)?;
+            imported.push(v.uid);
+        }
+        Ok(imported)
+    }
+}

@@ -19,6 +19,7 @@ pub mod mount;
 pub mod progress;
 pub mod repo;
 pub mod restore;
+pub mod retention;
 pub mod scrub;
 pub mod source;
 pub mod storage;

@@ -115,6 +115,16 @@ enum Command {
         #[arg(short, long, default_value_t = 100)]
         percent: u8,
     },
+    /// Remove the versions retention rules do not keep (per name; never protected ones)
+    Enforce {
+        /// e.g. latest3,hours24,days30,weeks4,months12,years3
+        rules: String,
+        /// Only versions this filter selects
+        filter: Option<String>,
+        /// Print what would be removed, remove nothing
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Export or import versions' metadata (JSON)
     Metadata {
         #[command(subcommand)]
@@ -500,6 +510,31 @@ fn run(cli: Cli) -> Result<i32> {
         }
         Command::BatchScrub { filter, percent } => batch_scrub(&repo, filter.as_deref(), percent, false),
         Command::BatchDeepScrub { filter, percent } => batch_scrub(&repo, filter.as_deref(), percent, true),
+        Command::Enforce { rules, filter, dry_run } => {
+            let rules = keepfs::retention::parse_rules(&rules)?;
+            let filter = filter.as_deref().map(Filter::parse).transpose()?;
+            let versions = repo.list(filter.as_ref())?;
+            let doomed = keepfs::retention::plan(&rules, &versions, chrono::Utc::now());
+            let mut refused = 0;
+            for uid in doomed {
+                let v = versions.iter().find(|v| v.uid == uid).map(|v| (v.name.clone(), v.date));
+                let (name, date) = v.unwrap_or_default();
+                let when = date.format("%Y-%m-%d %H:%M:%S");
+                if dry_run {
+                    println!("would remove {uid} {name} ({when})");
+                    continue;
+                }
+                // The rules decide about age; locks (a restore, a mount) still win.
+                match repo.plan_remove(&[uid], true).and_then(|plan| repo.apply_remove(&plan)) {
+                    Ok(()) => println!("removed {uid} {name} ({when})"),
+                    Err(e) => {
+                        eprintln!("keepfs: warning: kept {uid}: {e}");
+                        refused += 1;
+                    }
+                }
+            }
+            Ok(if refused > 0 { exit::REFUSED } else { exit::OK })
+        }
         Command::Metadata { action: MetadataAction::Export { mut args } } => {
             // `metadata export V1 V2 out.json`: the last word is the file.
             let file = PathBuf::from(args.pop().unwrap_or_default());

@@ -111,3 +111,63 @@ fn metadata_export_and_import() {
         assert!(r.error_line().contains(needle) && r.stderr.lines().count() == 1, "{f}: {}", r.stderr);
     }
 }
+
+/// Versions with chosen dates, made by importing edited metadata of a real version.
+#[test]
+fn enforce_removes_what_retention_rules_do_not_keep() {
+    let repo = Repo::new();
+    fs::write(repo.path("a"), mixed_image(421, 4, 64 * 1024, 0)).unwrap();
+    let seed = repo.backup("a", "db", &["-b", "64k"]);
+    let out = repo.path("m.json");
+    repo.ok(&["metadata", "export", &seed, out.to_str().unwrap()]);
+    let doc: serde_json::Value = serde_json::from_slice(&fs::read(&out).unwrap()).unwrap();
+    let template = doc["versions"][0].clone();
+    repo.ok(&["rm", "--force", &seed]);
+    // Ten daily versions of db (uid 11 newest), one protected, and an old one of web.
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+    let mut versions = Vec::new();
+    for i in 0..10i64 {
+        let mut v = template.clone();
+        let uid = 20 - i;
+        v["uid"] = format!("V{uid:010}").into();
+        v["date"] = iso(now - i * 86_400 - 60);
+        v["protected"] = (uid == 13).into();
+        let idx = v["index"].as_str().unwrap().to_string();
+        v["index"] = reindex(&idx, uid as u64).into();
+        versions.push(v);
+    }
+    let mut web = template.clone();
+    web["uid"] = "V0000000030".into();
+    web["name"] = "web".into();
+    web["date"] = iso(now - 400 * 86_400);
+    web["index"] = reindex(template["index"].as_str().unwrap(), 30).into();
+    versions.push(web);
+    let doc = serde_json::json!({"format": "keepfs-metadata", "format_version": 1, "versions": versions});
+    fs::write(repo.path("many.json"), doc.to_string()).unwrap();
+    repo.ok(&["metadata", "import", repo.path("many.json").to_str().unwrap()]);
+
+    let plan = repo.ok(&["enforce", "latest2,days4", "name == \"db\"", "--dry-run"]);
+    let planned: Vec<&str> = plan.lines().map(|l| l.split(' ').nth(2).unwrap()).collect();
+    // Kept: latest2 (V20, V19), days4 (oldest per day: V20..V17 one each), V13 protected.
+    assert_eq!(planned, vec!["V0000000011", "V0000000012", "V0000000014", "V0000000015", "V0000000016"]);
+    assert_eq!(repo.ls_json(None).as_array().unwrap().len(), 11, "a dry run removes nothing");
+    repo.ok(&["enforce", "latest2,days4", "name == \"db\""]);
+    let left: Vec<String> =
+        repo.ls_json(None).as_array().unwrap().iter().map(|v| v["uid"].as_str().unwrap().to_string()).collect();
+    assert_eq!(left, vec!["V0000000013", "V0000000017", "V0000000018", "V0000000019", "V0000000020", "V0000000030"]);
+    let r = repo.run(&["enforce", "fortnights2"]);
+    assert_eq!(r.code, 2);
+    assert!(r.error_line().contains("unknown category 'fortnights'"), "{}", r.stderr);
+}
+
+fn iso(secs: i64) -> serde_json::Value {
+    let d = chrono::DateTime::from_timestamp(secs, 0).unwrap();
+    d.to_rfc3339_opts(chrono::SecondsFormat::Secs, true).into()
+}
+
+/// The same index under another uid (the uid is part of the index and its checksum).
+fn reindex(hex_index: &str, uid: u64) -> String {
+    let mut index = keepfs::index::BlockIndex::decode(&hex::decode(hex_index).unwrap()).unwrap();
+    index.uid = uid;
+    hex::encode(index.encode())
+}

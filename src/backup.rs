@@ -513,6 +513,21 @@ pub struct BackupOptions {
     pub expire: Option<chrono::DateTime<chrono::Utc>>,
     /// Resume this `incomplete` version instead of starting a new one.
     pub continue_uid: Option<VersionUid>,
+    /// `rbd diff --format=json` output: only these regions are read (see [`crate::hints`]).
+    pub hints: Option<String>,
+    /// The version unhinted blocks are taken from.
+    pub base: Option<VersionUid>,
+    /// Share of the blocks the hints call unchanged that are checked against the base
+    /// before the backup starts (default 1%).
+    pub hints_check_percent: Option<u8>,
+}
+
+/// What a differential backup reads and where the rest comes from.
+struct Differential {
+    /// Blocks to read from the source.
+    wanted: Vec<bool>,
+    /// Entries of the base version, for blocks not read.
+    base: Option<BlockIndex>,
 }
 
 impl Repository {
@@ -587,15 +602,22 @@ impl Repository {
         })?;
         let size = source.size();
         let session = self.session(&format!("backup {}", opts.name), true)?;
+        let mut opts = opts.clone();
+        let diff = self.plan_differential(&mut opts, source.as_ref(), url, &session)?;
+        let opts = &opts;
         let (uid, storage, bs) = match opts.continue_uid {
             Some(uid) => self.take_over_version(uid, opts, size, session.id, url)?,
             None => self.begin_version(opts, size, session.id)?,
         };
         progress.begin(&format!("backup {uid} ({})", opts.name), size);
-        let result = self.run_backup(source.as_ref(), url, &storage, bs, session.id, progress);
+        let wanted = diff.as_ref().map(|d| d.wanted.as_slice());
+        let result = self.run_backup(source.as_ref(), url, &storage, bs, session.id, wanted, progress);
         progress.end();
         match result {
-            Ok((entries, mut stats)) => {
+            Ok((mut entries, mut stats)) => {
+                if let Some(d) = &diff {
+                    merge_base(&mut entries, d, size, bs, &mut stats);
+                }
                 stats.duration_ms = started.elapsed().as_millis() as u64;
                 self.commit_version(uid, size, entries, stats)
             }
@@ -659,6 +681,7 @@ impl Repository {
         storage: &str,
         bs: u32,
         session: i64,
+        wanted: Option<&[bool]>,
         progress: &dyn Progress,
     ) -> Result<(Vec<BlockId>, Stats)> {
         let size = source.size();
@@ -678,7 +701,7 @@ impl Repository {
                     while w < windows {
                         let woff = w * window_bytes;
                         let wlen = (size - woff).min(window_bytes);
-                        if let Err(e) = read_window(source, url, ingest, woff, wlen, bs, read_error, progress) {
+                        if let Err(e) = read_window(source, url, ingest, woff, wlen, bs, wanted, read_error, progress) {
                             read_error.lock().get_or_insert(e);
                             return;
                         }
@@ -709,12 +732,18 @@ fn read_window(
     woff: u64,
     wlen: u64,
     bs: u32,
+    wanted: Option<&[bool]>,
     read_error: &Mutex<Option<Error>>,
     progress: &dyn Progress,
 ) -> Result<()> {
     let bs = bs as u64;
     let first = woff / bs;
     let blocks = wlen.div_ceil(bs);
+    let want = |idx: u64| wanted.is_none_or(|w| w.get(idx as usize).copied().unwrap_or(false));
+    if !(first..first + blocks).any(want) {
+        progress.advance(wlen);
+        return Ok(());
+    }
     let window = if source.all_zero() {
         None
     } else {
@@ -727,6 +756,10 @@ fn read_window(
         let off = woff + i * bs;
         let len = (woff + wlen - off).min(bs);
         let idx = first + i;
+        if !want(idx) {
+            progress.advance(len);
+            continue;
+        }
         if source.all_zero() {
             ingest.lock().submit_zero(idx, len)?;
         } else if let Some(win) = &window {
@@ -742,4 +775,138 @@ fn read_window(
         progress.advance(len);
     }
     Ok(())
+}
+
+/// Fills the blocks a differential backup did not read: from the base where it has them,
+/// sparse past its end (rbd diff reports growth as changed regions).
+fn merge_base(entries: &mut Vec<BlockId>, d: &Differential, size: u64, bs: u32, stats: &mut Stats) {
+    let n = block_count(size, bs) as usize;
+    entries.resize(n, BlockId::SPARSE);
+    for idx in 0..n {
+        if d.wanted[idx] {
+            continue;
+        }
+        let len = (size - idx as u64 * bs as u64).min(bs as u64);
+        let id = d.base.as_ref().and_then(|b| b.entries.get(idx).copied()).unwrap_or(BlockId::SPARSE);
+        entries[idx] = id;
+        if id.is_sparse() {
+            stats.bytes_sparse += len;
+        } else {
+            stats.bytes_deduplicated += len;
+        }
+    }
+}
+
+impl Repository {
+    /// Checks a base version and hints and decides which blocks to read. Errors here come
+    /// before any version is created.
+    fn plan_differential(
+        &self,
+        opts: &mut BackupOptions,
+        source: &dyn Source,
+        url: &Url,
+        session: &crate::repo::SessionGuard,
+    ) -> Result<Option<Differential>> {
+        let size = source.size();
+        let base = match opts.base {
+            None => None,
+            Some(buid) => {
+                let b = self.version(buid)?;
+                if b.status != crate::version::Status::Valid {
+                    return Err(Error::Invalid(format!(
+                        "base version {buid} is {}; a base must be valid (deep-scrub it or choose another)",
+                        b.status.as_str()
+                    )));
+                }
+                if b.name != opts.name {
+                    return Err(Error::Invalid(format!(
+                        "base version {buid} is a backup of '{}', not '{}'; a base must have the same name",
+                        b.name, opts.name
+                    )));
+                }
+                match opts.block_size {
+                    Some(bs) if bs != b.block_size => {
+                        return Err(Error::Invalid(format!(
+                            "base version {buid} has blocks of {} bytes, this backup {bs}; use the base's block size",
+                            b.block_size
+                        )));
+                    }
+                    _ => opts.block_size = Some(b.block_size),
+                }
+                let storage = opts.storage.clone().unwrap_or_else(|| self.config.default_storage.clone());
+                if storage != b.storage && opts.storage.is_some() {
+                    return Err(Error::Invalid(format!(
+                        "base version {buid} is in storage '{}', this backup goes to '{storage}'; a base must be in the same storage",
+                        b.storage
+                    )));
+                }
+                opts.storage = Some(b.storage.clone());
+                session.lock_version(buid, "base")?;
+                Some(self.index(buid)?)
+            }
+        };
+        let Some(json) = opts.hints.as_deref() else {
+            if base.is_some() {
+                return Err(Error::Invalid(
+                    "--base needs --hints (a backup without hints reads everything anyway)".into(),
+                ));
+            }
+            return Ok(None);
+        };
+        let bs = opts.block_size.unwrap_or(self.config.block_size);
+        let mut wanted = crate::hints::parse_hints(json, size, bs)?;
+        let Some(base) = base else {
+            return Ok(Some(Differential { wanted, base: None }));
+        };
+        let n = wanted.len();
+        let base_len = base.entries.len();
+        // Blocks whose length changed (the base's last, the new last) are read whole.
+        for idx in [base_len.saturating_sub(1), n.saturating_sub(1)] {
+            if idx < n
+                && idx < base_len
+                && base.block_len(idx) != (size - idx as u64 * bs as u64).min(bs as u64) as usize
+            {
+                wanted[idx] = true;
+            }
+        }
+        // Blocks whose stored object a scrub found damaged are always read again.
+        let base_storage = self.storage_id(&self.version(VersionUid(base.uid))?.storage)?;
+        let damaged = self.db().invalid_objects(base_storage)?;
+        if !damaged.is_empty() {
+            for (idx, id) in base.entries.iter().enumerate() {
+                if idx < n && damaged.contains(id) {
+                    wanted[idx] = true;
+                }
+            }
+        }
+        // Trust, but verify: a sample of the blocks the hints call unchanged must match.
+        let percent = opts.hints_check_percent.unwrap_or(1).min(100);
+        let unchanged: Vec<usize> = (0..n.min(base_len)).filter(|&i| !wanted[i]).collect();
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(7);
+        let mut sample: Vec<usize> =
+            unchanged.iter().copied().filter(|&i| crate::scrub::sampled(seed, i as u64, percent)).collect();
+        if sample.is_empty() && percent > 0 && !unchanged.is_empty() {
+            sample.push(unchanged[(seed % unchanged.len() as u64) as usize]);
+        }
+        let mut buf = vec![0u8; bs as usize];
+        for idx in sample {
+            let off = idx as u64 * bs as u64;
+            let len = (size - off).min(bs as u64) as usize;
+            source
+                .read_at(off, &mut buf[..len])
+                .map_err(|e| Error::io(format!("cannot read {url} at byte {off}"), e))?;
+            let id = if crate::block::is_zero(&buf[..len]) { BlockId::SPARSE } else { BlockId::of(&buf[..len]) };
+            if id != base.entries[idx] {
+                return Err(Error::Invalid(format!(
+                    "the hints are wrong: block {idx} (bytes {off}..{}) of {url} differs from base {} although the hints call it unchanged; back up without --base/--hints or with fresh hints",
+                    off + len as u64,
+                    VersionUid(base.uid)
+                )));
+            }
+        }
+        Ok(Some(Differential { wanted, base: Some(base) }))
+    }
 }

@@ -587,6 +587,19 @@ impl Db {
         Ok(out)
     }
 
+    /// The objects of a storage a scrub or restore found damaged.
+    pub fn invalid_objects(&self, storage_id: i64) -> Result<HashSet<BlockId>> {
+        let mut st = self.conn.prepare("SELECT id FROM objects WHERE storage_id=?1 AND valid=0")?;
+        let mut rows = st.query([storage_id])?;
+        let mut out = HashSet::new();
+        while let Some(r) = rows.next()? {
+            if let Some(id) = BlockId::from_slice(r.get_ref(0)?.as_blob().map_err(rusqlite::Error::from)?) {
+                out.insert(id);
+            }
+        }
+        Ok(out)
+    }
+
     pub fn mark_objects_invalid(&self, storage_id: i64, ids: &[BlockId]) -> Result<()> {
         self.set_objects_valid(storage_id, ids, false)
     }

@@ -12,6 +12,7 @@ pub mod draft;
 pub mod error;
 pub mod filter;
 pub mod gc;
+pub mod hints;
 pub mod image;
 pub mod index;
 pub mod metadata;

@@ -60,6 +60,15 @@ enum Command {
         /// Resume this incomplete version (after a crash or a storage outage)
         #[arg(short, long = "continue", value_name = "UID")]
         continue_uid: Option<String>,
+        /// Read only the regions this file lists (`rbd diff --format=json` output)
+        #[arg(long, value_name = "FILE")]
+        hints: Option<PathBuf>,
+        /// Take the blocks the hints do not list from this version (same name)
+        #[arg(long, value_name = "UID")]
+        base: Option<String>,
+        /// Percent of the blocks the hints call unchanged to check against the base first
+        #[arg(long, value_name = "PERCENT")]
+        hints_check: Option<u8>,
     },
     /// Restore a version to a file or block device (file:///path)
     Restore {
@@ -401,7 +410,26 @@ fn run(cli: Cli) -> Result<i32> {
     let config = Config::discover(cli.config.as_deref())?;
     let repo = Repository::open(config)?;
     match cli.command {
-        Command::Backup { source, name, snapshot, labels, block_size, storage, expire, continue_uid } => {
+        Command::Backup {
+            source,
+            name,
+            snapshot,
+            labels,
+            block_size,
+            storage,
+            expire,
+            continue_uid,
+            hints,
+            base,
+            hints_check,
+        } => {
+            let hints = hints
+                .map(|f| {
+                    std::fs::read_to_string(&f)
+                        .map_err(|e| Error::Invalid(format!("cannot read hints file {}: {e}", f.display())))
+                })
+                .transpose()?;
+            let base = base.as_deref().map(VersionUid::parse).transpose()?;
             let continue_uid = continue_uid.as_deref().map(VersionUid::parse).transpose()?;
             let expire = expire.as_deref().map(parse_expire).transpose()?;
             let url = Url::parse(&source).map_err(Error::Invalid)?;
@@ -414,7 +442,18 @@ fn run(cli: Cli) -> Result<i32> {
                 let (k, v) = parse_label(l)?;
                 label_map.insert(k, v);
             }
-            let opts = BackupOptions { name, snapshot, labels: label_map, block_size, storage, expire, continue_uid };
+            let opts = BackupOptions {
+                name,
+                snapshot,
+                labels: label_map,
+                block_size,
+                storage,
+                expire,
+                continue_uid,
+                hints,
+                base,
+                hints_check_percent: hints_check,
+            };
             let p = progress();
             let v = repo.backup(&url, &opts, &p)?;
             let s = &v.stats;

@@ -56,7 +56,7 @@ fn light_check(bytes: &[u8], id: &BlockId) -> std::result::Result<(), crate::blo
 }
 
 /// Whether block `idx` is in a `percent` sample drawn with `seed` (cheap, uniform).
-fn sampled(seed: u64, idx: u64, percent: u8) -> bool {
+pub(crate) fn sampled(seed: u64, idx: u64, percent: u8) -> bool {
     if percent >= 100 {
         return true;
     }

@@ -782,13 +782,13 @@ fn read_window(
 fn merge_base(entries: &mut Vec<BlockId>, d: &Differential, size: u64, bs: u32, stats: &mut Stats) {
     let n = block_count(size, bs) as usize;
     entries.resize(n, BlockId::SPARSE);
-    for idx in 0..n {
+    for (idx, entry) in entries.iter_mut().enumerate() {
         if d.wanted[idx] {
             continue;
         }
         let len = (size - idx as u64 * bs as u64).min(bs as u64);
         let id = d.base.as_ref().and_then(|b| b.entries.get(idx).copied()).unwrap_or(BlockId::SPARSE);
-        entries[idx] = id;
+        *entry = id;
         if id.is_sparse() {
             stats.bytes_sparse += len;
         } else {

@@ -45,6 +45,17 @@ pub struct CleanupReport {
 
 const SWEEP_BATCH: usize = 256;
 
+/// File times come from the kernel's coarse clock, which lags the clock sessions and the
+/// cutoff are read from by up to a tick: a backup that starts just after a cleanup took
+/// its cutoff can write a file stamped slightly before it. Files are judged against the
+/// cutoff less this slack. (Found by the test that runs cleanups during a backup.)
+const FILE_TIME_SLACK: Duration = Duration::from_secs(2);
+
+fn file_cutoff(cutoff_ms: i64) -> SystemTime {
+    let t = UNIX_EPOCH + Duration::from_millis(cutoff_ms.max(0) as u64);
+    t.checked_sub(FILE_TIME_SLACK).unwrap_or(UNIX_EPOCH)
+}
+
 impl Repository {
     /// The cutoff below which unreferenced objects may go: the start of the oldest live
     /// writing session, or now.
@@ -94,7 +105,7 @@ impl Repository {
             }
         })?;
         drop(db);
-        let cutoff_time = UNIX_EPOCH + Duration::from_millis(cutoff_ms.max(0) as u64);
+        let cutoff_time = file_cutoff(cutoff_ms);
         for e in st.list("blocks/")? {
             if let Some(id) = BlockId::from_storage_key(&e.key)
                 && !known.contains(&id)
@@ -168,7 +179,7 @@ impl Repository {
             report.orphans_deleted += n;
             report.bytes_freed += bytes;
         }
-        let cutoff_time = UNIX_EPOCH + Duration::from_millis(cutoff.max(0) as u64);
+        let cutoff_time = file_cutoff(cutoff);
         report.temporaries_deleted = storage.purge_temporary(cutoff_time.min(SystemTime::now()))?;
         Ok(report)
     }

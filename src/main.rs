@@ -814,9 +814,13 @@ fn mount_daemon(dir: &std::path::Path, log: &std::path::Path) -> Result<i32> {
 extern "C" fn on_sigbus(_: libc::c_int) {
     const MSG: &[u8] =
         b"keepfs: error: the source shrank or failed while being read (SIGBUS on its mapping); the version is left incomplete\n";
-    // SAFETY: write(2) and _exit(2) are async-signal-safe.
+    // Several threads may fault at once: only the first one says so.
+    static SAID: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    // SAFETY: an atomic swap, write(2) and _exit(2) are async-signal-safe.
     unsafe {
-        libc::write(2, MSG.as_ptr() as *const libc::c_void, MSG.len());
+        if !SAID.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            libc::write(2, MSG.as_ptr() as *const libc::c_void, MSG.len());
+        }
         libc::_exit(exit::FAILURE);
     }
 }

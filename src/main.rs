@@ -322,6 +322,18 @@ fn batch_scrub(repo: &Repository, filter: Option<&str>, percent: u8, deep: bool)
     scrub_versions(repo, &uids, &ScrubOptions { deep, percent, source: None })
 }
 
+/// One line per damaged block: where it is in the image and which object holds it.
+fn report_damaged(prefix: &str, b: &keepfs::restore::BadBlock) {
+    eprintln!(
+        "keepfs: damaged: {prefix}block {} (bytes {}..{}) object {}: {}",
+        b.index,
+        b.offset,
+        b.offset + b.len,
+        b.object,
+        b.reason
+    );
+}
+
 /// Scrubs versions one after the other; exit 3 when any damage was found.
 fn scrub_versions(repo: &Repository, uids: &[VersionUid], opts: &ScrubOptions) -> Result<i32> {
     let mut damaged = 0usize;
@@ -329,14 +341,7 @@ fn scrub_versions(repo: &Repository, uids: &[VersionUid], opts: &ScrubOptions) -
         let p = progress();
         let r = repo.scrub(uid, opts, &p)?;
         for b in &r.bad {
-            eprintln!(
-                "keepfs: damaged: {uid} block {} (bytes {}..{}) object {}: {}",
-                b.index,
-                b.offset,
-                b.offset + b.len,
-                b.object,
-                b.reason
-            );
+            report_damaged(&format!("{uid} "), b);
         }
         let what = if opts.deep { "deep-scrubbed" } else { "scrubbed" };
         if r.bad.is_empty() {
@@ -488,14 +493,7 @@ fn run(cli: Cli) -> Result<i32> {
                 Ok(exit::OK)
             } else {
                 for b in &report.bad_blocks {
-                    eprintln!(
-                        "keepfs: damaged: block {} (bytes {}..{}) object {}: {}",
-                        b.index,
-                        b.offset,
-                        b.offset + b.len,
-                        b.object,
-                        b.reason
-                    );
+                    report_damaged("", b);
                 }
                 eprintln!(
                     "keepfs: error: restored {uid} to {url} with {} damaged block(s) written as zeros; {uid} is now marked invalid",

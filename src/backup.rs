@@ -428,12 +428,7 @@ impl Coordinator {
                 self.ctx.db.lock().with_write_lock(|tx| {
                     retry(STORAGE_ATTEMPTS, || storage.put(&key, &p.bytes))?;
                     retry(STORAGE_ATTEMPTS, || storage.sync())?;
-                    tx.execute(
-                        "INSERT INTO objects(storage_id, id, stored_size, plain_size, state, valid, touched_ms) VALUES (?1,?2,?3,?4,0,1,?5) \
-                         ON CONFLICT(storage_id, id) DO UPDATE SET state=0, valid=1, touched_ms=?5",
-                        rusqlite::params![sid, &p.id.0[..], p.bytes.len() as i64, p.plain_len as i64, crate::db::now_ms()],
-                    )?;
-                    Ok(())
+                    crate::db::upsert_objects(tx, sid, &[(p.id, p.bytes.len() as u64, p.plain_len)])
                 })?;
                 self.stats.bytes_written += p.plain_len;
                 self.stats.bytes_stored += p.bytes.len() as u64;

@@ -161,6 +161,19 @@ pub struct ObjectRow {
     pub touched_ms: i64,
 }
 
+/// Records objects as present, valid and just touched, inside the caller's transaction.
+pub fn upsert_objects(tx: &rusqlite::Transaction, storage_id: i64, objects: &[(BlockId, u64, u64)]) -> Result<()> {
+    let now = now_ms();
+    let mut st = tx.prepare_cached(
+        "INSERT INTO objects(storage_id, id, stored_size, plain_size, state, valid, touched_ms) VALUES (?1,?2,?3,?4,0,1,?5) \
+         ON CONFLICT(storage_id, id) DO UPDATE SET state=0, valid=1, touched_ms=?5, stored_size=?3",
+    )?;
+    for (id, stored, plain) in objects {
+        st.execute(params![storage_id, &id.0[..], *stored as i64, *plain as i64, now])?;
+    }
+    Ok(())
+}
+
 pub struct Db {
     conn: Connection,
 }
@@ -562,17 +575,8 @@ impl Db {
 
     /// Records durably stored objects (id, stored size, plaintext size) as present.
     pub fn insert_objects(&mut self, storage_id: i64, objects: &[(BlockId, u64, u64)]) -> Result<()> {
-        let now = now_ms();
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        {
-            let mut st = tx.prepare_cached(
-                "INSERT INTO objects(storage_id, id, stored_size, plain_size, state, valid, touched_ms) VALUES (?1,?2,?3,?4,0,1,?5) \
-                 ON CONFLICT(storage_id, id) DO UPDATE SET state=0, valid=1, touched_ms=?5, stored_size=?3",
-            )?;
-            for (id, stored, plain) in objects {
-                st.execute(params![storage_id, &id.0[..], *stored as i64, *plain as i64, now])?;
-            }
-        }
+        upsert_objects(&tx, storage_id, objects)?;
         tx.commit()?;
         Ok(())
     }

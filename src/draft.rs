@@ -227,6 +227,8 @@ pub struct Draft {
     base: Option<Arc<Image>>,
     /// Blocks at or after this index no longer come from the base (a truncate cut them).
     base_cut: u64,
+    /// The storage the draft's blocks go to (the base's, when there is one).
+    storage: crate::storage::SharedStorage,
     bs: u64,
     size: u64,
     slots: HashMap<u64, Slot>,
@@ -264,6 +266,7 @@ impl Draft {
         let size = opts.base.as_ref().map(|b| b.size()).unwrap_or(0);
         let (uid, storage, bs) = repo.begin_version(&backup, size, session.id)?;
         let mut ctx = repo.ingest_context(&storage, bs, session.id)?;
+        let storage = ctx.storage.clone();
         ctx.publish = true;
         let ingest = Ingest::start(ctx);
         let spool = Spool {
@@ -282,6 +285,7 @@ impl Draft {
             labels: backup.labels,
             base_cut: u64::MAX,
             base: opts.base,
+            storage,
             bs: bs as u64,
             size,
             slots: HashMap::new(),
@@ -343,14 +347,12 @@ impl Draft {
             _ => self.base_id(idx),
         };
         if !id.is_sparse() {
-            let (storage, cache) = match &self.base {
-                Some(b) => (b.storage().clone(), b.cache().clone()),
-                None => {
-                    let v = self.repo.version(self.uid)?;
-                    (self.repo.storage(&v.storage)?, Arc::new(crate::cache::BlockCache::new(0)))
-                }
-            };
-            let data = cache.get(&storage, &id).map_err(|e| Error::Damaged(format!("block {idx}: {e}")))?;
+            // Through the base's cache where there is one (its blocks are shared).
+            let data = match &self.base {
+                Some(b) => b.cache().get(&self.storage, &id),
+                None => crate::cache::fetch_block(self.storage.as_ref(), &id).map(Arc::new),
+            }
+            .map_err(|e| Error::Damaged(format!("block {idx}: {e}")))?;
             let n = data.len().min(out.len());
             out[..n].copy_from_slice(&data[..n]);
         }

@@ -213,7 +213,7 @@ fn a_corrupted_object_is_detected_and_named_on_restore() {
     let uid = repo.backup("img", "c", &["-b", "64k"]);
     // Block 3 is random: find its object by content id and flip one byte in its file.
     let id = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&img[3 * BS..4 * BS]));
-    let obj = repo.storage().join(format!("blocks/{}/{}/{id}", &id[0..2], &id[2..4]));
+    let obj = repo.object_file(&img[3 * BS..4 * BS]);
     let mut bytes = fs::read(&obj).unwrap();
     let n = bytes.len();
     bytes[n - 100] ^= 0x01;

@@ -75,8 +75,7 @@ fn a_damaged_base_block_is_read_again_whatever_the_hints_say() {
     let first = repo.backup("a", "rbd", &["-b", "64k"]);
     let base = repo.backup("a", "rbd", &["-b", "64k"]);
     // A restore of `first` finds block 8's object damaged (and marks it so).
-    let id = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&a[8 * BS..9 * BS]));
-    let obj = repo.storage().join(format!("blocks/{}/{}/{id}", &id[0..2], &id[2..4]));
+    let obj = repo.object_file(&a[8 * BS..9 * BS]);
     let mut bytes = fs::read(&obj).unwrap();
     let n = bytes.len();
     bytes[n - 3] ^= 0x40;

@@ -416,8 +416,7 @@ fn incomplete_versions_are_hidden_and_invalid_ones_readable() {
     fs::write(repo.path("img"), &img).unwrap();
     let uid = repo.backup("img", "bad", &["-b", "1M"]);
     // Damage block 3 (random data), and let a restore find it: the version is invalid.
-    let id = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&img[3 * bs..4 * bs]));
-    let obj = repo.storage().join(format!("blocks/{}/{}/{id}", &id[0..2], &id[2..4]));
+    let obj = repo.object_file(&img[3 * bs..4 * bs]);
     let mut bytes = fs::read(&obj).unwrap();
     let n = bytes.len();
     bytes[n - 10] ^= 0xff;

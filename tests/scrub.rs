@@ -9,11 +9,6 @@ use std::fs;
 
 const BS: usize = 64 * 1024;
 
-fn object_path(repo: &Repo, block: &[u8]) -> std::path::PathBuf {
-    let id = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(block));
-    repo.storage().join(format!("blocks/{}/{}/{id}", &id[0..2], &id[2..4]))
-}
-
 #[test]
 fn damage_is_found_marked_and_repaired() {
     let repo = Repo::new();
@@ -25,7 +20,7 @@ fn damage_is_found_marked_and_repaired() {
     assert_eq!(repo.run(&["deep-scrub", &a]).code, 0);
 
     // Flip one payload bit of block 3's object.
-    let obj = object_path(&repo, &img[3 * BS..4 * BS]);
+    let obj = repo.object_file(&img[3 * BS..4 * BS]);
     let mut bytes = fs::read(&obj).unwrap();
     let n = bytes.len();
     bytes[n - 7] ^= 0x10;
@@ -57,10 +52,10 @@ fn light_scrub_finds_truncated_and_missing_objects() {
     let img = mixed_image(302, 10, BS, 0);
     fs::write(repo.path("img"), &img).unwrap();
     let uid = repo.backup("img", "t", &["-b", "64k"]);
-    let truncated = object_path(&repo, &img[3 * BS..4 * BS]);
+    let truncated = repo.object_file(&img[3 * BS..4 * BS]);
     let len = fs::metadata(&truncated).unwrap().len();
     fs::OpenOptions::new().write(true).open(&truncated).unwrap().set_len(len - 100).unwrap();
-    let missing = object_path(&repo, &img[4 * BS..5 * BS]);
+    let missing = repo.object_file(&img[4 * BS..5 * BS]);
     fs::remove_file(&missing).unwrap();
     let r = repo.run(&["scrub", &uid]);
     assert_eq!(r.code, 3, "{}", r.stderr);

@@ -85,6 +85,12 @@ impl Repo {
         s
     }
 
+    /// The file of the object that holds `block` (content-addressed: blocks/ab/cd/<sha256>).
+    pub fn object_file(&self, block: &[u8]) -> PathBuf {
+        let id = hex::encode(Sha256::digest(block));
+        self.storage().join(format!("blocks/{}/{}/{id}", &id[0..2], &id[2..4]))
+    }
+
     /// Number of block objects in the file storage.
     pub fn block_objects(&self) -> usize {
         count_files(&self.storage().join("blocks"))

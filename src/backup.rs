@@ -807,10 +807,11 @@ impl Repository {
             None => None,
             Some(buid) => {
                 let b = self.version(buid)?;
-                if b.status != crate::version::Status::Valid {
+                // An invalid base is fine: the blocks that made it invalid are read again
+                // below, whatever the hints say. An incomplete one has no index to trust.
+                if b.status == crate::version::Status::Incomplete {
                     return Err(Error::Invalid(format!(
-                        "base version {buid} is {}; a base must be valid (deep-scrub it or choose another)",
-                        b.status.as_str()
+                        "base version {buid} is incomplete; a base must be a finished backup (choose another)"
                     )));
                 }
                 if b.name != opts.name {

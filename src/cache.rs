@@ -14,7 +14,7 @@ type Key = (usize, BlockId);
 
 #[derive(Default)]
 struct Flight {
-    result: Mutex<Option<Result<BlockData, String>>>,
+    result: Mutex<Option<Result<BlockData, FetchError>>>,
     done: Condvar,
 }
 
@@ -26,6 +26,35 @@ pub struct BlockCache {
 
 const FETCH_ATTEMPTS: u32 = 4;
 
+/// Why a block could not be had. The difference decides what happens to the repository:
+/// a damaged object is marked invalid (with every version that references it); an
+/// unavailable storage marks nothing, and the operation stops so that it can be run
+/// again (or continued) when the storage is back.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FetchError {
+    /// The object is missing, or its bytes fail a check.
+    Damaged(String),
+    /// The storage did not answer (after retries): a dead server, a network error.
+    Unavailable(String),
+}
+
+impl std::fmt::Display for FetchError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FetchError::Damaged(m) | FetchError::Unavailable(m) => f.write_str(m),
+        }
+    }
+}
+
+impl From<crate::storage::StorageError> for FetchError {
+    fn from(e: crate::storage::StorageError) -> FetchError {
+        match e {
+            crate::storage::StorageError::NotFound { .. } => FetchError::Damaged(e.to_string()),
+            other => FetchError::Unavailable(other.to_string()),
+        }
+    }
+}
+
 /// Fetches a block's object and decodes it with `decode`, fetching once more if the bytes
 /// do not decode (a truncated transfer is transient; a damaged object fails every time).
 /// Transient storage errors are retried.
@@ -33,20 +62,24 @@ pub fn fetch_verified<T>(
     storage: &dyn Storage,
     id: &BlockId,
     mut decode: impl FnMut(&[u8]) -> Result<T, ObjectError>,
-) -> Result<T, String> {
+) -> Result<T, FetchError> {
     let mut last = String::new();
     for _ in 0..2 {
-        let bytes = retry(FETCH_ATTEMPTS, || storage.get(&id.storage_key())).map_err(|e| e.to_string())?;
+        let bytes = retry(FETCH_ATTEMPTS, || storage.get(&id.storage_key()))?;
         match decode(&bytes) {
             Ok(b) => return Ok(b),
+            // A missing key is not damage: say which key the object needs.
+            Err(e @ ObjectError::Encrypted) => {
+                return Err(FetchError::Unavailable(format!("object {id}: {e}")));
+            }
             Err(e) => last = format!("object {id}: {e}"),
         }
     }
-    Err(last)
+    Err(FetchError::Damaged(last))
 }
 
 /// Fetches and verifies one block.
-pub fn fetch_block(storage: &dyn Storage, id: &BlockId) -> Result<Vec<u8>, String> {
+pub fn fetch_block(storage: &dyn Storage, id: &BlockId) -> Result<Vec<u8>, FetchError> {
     fetch_verified(storage, id, |bytes| decode_block(bytes, id))
 }
 
@@ -84,7 +117,7 @@ impl BlockCache {
     }
 
     /// The block, from the cache or fetched (once, however many threads ask at a time).
-    pub fn get(&self, storage: &Arc<dyn Storage>, id: &BlockId) -> Result<BlockData, String> {
+    pub fn get(&self, storage: &Arc<dyn Storage>, id: &BlockId) -> Result<BlockData, FetchError> {
         if let Some(d) = self.peek(storage, id) {
             return Ok(d);
         }
@@ -114,6 +147,6 @@ impl BlockCache {
         while res.is_none() {
             flight.done.wait(&mut res);
         }
-        res.clone().unwrap_or_else(|| Err("fetch vanished".into()))
+        res.clone().unwrap_or_else(|| Err(FetchError::Unavailable("fetch vanished".into())))
     }
 }

@@ -352,7 +352,10 @@ impl Draft {
                 Some(b) => b.cache().get(&self.storage, &id),
                 None => crate::cache::fetch_block(self.storage.as_ref(), &id).map(Arc::new),
             }
-            .map_err(|e| Error::Damaged(format!("block {idx}: {e}")))?;
+            .map_err(|e| match e {
+                crate::cache::FetchError::Damaged(m) => Error::Damaged(format!("block {idx}: {m}")),
+                crate::cache::FetchError::Unavailable(m) => Error::Other(format!("block {idx}: {m}")),
+            })?;
             let n = data.len().min(out.len());
             out[..n].copy_from_slice(&data[..n]);
         }

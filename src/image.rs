@@ -77,10 +77,14 @@ impl Image {
         if id.is_sparse() {
             return Ok(None);
         }
-        self.cache
-            .get(&self.storage, &id)
-            .map(Some)
-            .map_err(|e| Error::Damaged(format!("version {} block {idx}: {e}", self.version.uid)))
+        self.cache.get(&self.storage, &id).map(Some).map_err(|e| match e {
+            crate::cache::FetchError::Damaged(m) => {
+                Error::Damaged(format!("version {} block {idx}: {m}", self.version.uid))
+            }
+            crate::cache::FetchError::Unavailable(m) => {
+                Error::Other(format!("version {} block {idx}: {m}", self.version.uid))
+            }
+        })
     }
 
     /// Fills `buf` from `offset`; returns the bytes read (short only at the end).

@@ -80,6 +80,9 @@ enum Command {
         /// Skip zero blocks (holes in files; a device must already be zeroed)
         #[arg(long)]
         sparse: bool,
+        /// Finish an interrupted restore: blocks already written and correct are kept
+        #[arg(short, long = "continue")]
+        resume: bool,
     },
     /// List versions, optionally filtered: 'name == "db" and labels["env"] == "prod"'
     Ls {
@@ -477,16 +480,18 @@ fn run(cli: Cli) -> Result<i32> {
             println!("{}", v.uid);
             Ok(exit::OK)
         }
-        Command::Restore { uid, target, force, sparse } => {
+        Command::Restore { uid, target, force, sparse, resume } => {
             let uid = VersionUid::parse(&uid)?;
             let url = Url::parse(&target).map_err(Error::Invalid)?;
             let p = progress();
             let started = Instant::now();
-            let report = repo.restore(uid, &url, &RestoreOptions { force, sparse }, &p)?;
+            let report = repo.restore(uid, &url, &RestoreOptions { force, sparse, resume }, &p)?;
             let secs = started.elapsed().as_secs_f64().max(0.001);
             if report.bad_blocks.is_empty() {
+                let kept =
+                    if resume { format!(", {} block(s) already there", report.blocks_kept) } else { String::new() };
                 eprintln!(
-                    "restored {uid} to {url}: {} in {secs:.2}s ({:.0} MB/s)",
+                    "restored {uid} to {url}: {} in {secs:.2}s ({:.0} MB/s){kept}",
                     format_size(report.bytes),
                     report.bytes as f64 / secs / 1e6
                 );

@@ -4,6 +4,7 @@
 //! version is marked invalid.
 
 use crate::block::{BlockId, decode_block_into};
+use crate::cache::FetchError;
 use crate::error::{Error, Result};
 use crate::progress::Progress;
 use crate::repo::Repository;
@@ -14,6 +15,7 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 #[derive(Clone, Debug, Default)]
 pub struct RestoreOptions {
@@ -21,6 +23,9 @@ pub struct RestoreOptions {
     pub force: bool,
     /// Do not write zero blocks (holes in files; a device is assumed zeroed).
     pub sparse: bool,
+    /// Finish an interrupted restore: blocks the target already holds (read back and
+    /// checked against the index) are not fetched or written again.
+    pub resume: bool,
 }
 
 /// A block that could not be restored.
@@ -36,6 +41,8 @@ pub struct BadBlock {
 #[derive(Clone, Debug, Default)]
 pub struct RestoreReport {
     pub bytes: u64,
+    /// Blocks a continued restore found already written and correct.
+    pub blocks_kept: u64,
     pub bad_blocks: Vec<BadBlock>,
 }
 
@@ -75,6 +82,29 @@ struct Target {
     is_device: bool,
 }
 
+/// The name of the file a restore of `uid` to `path` writes before renaming it into
+/// place. It is the same for every attempt, so that `--continue` finds what an
+/// interrupted restore left.
+pub fn partial_path(path: &Path, uid: VersionUid) -> PathBuf {
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    dir.join(format!(".{name}.keepfs-restore.{uid}"))
+}
+
+/// Takes an exclusive lock on a file being restored, so that two restores never write
+/// the same file; the kernel drops it when the process dies.
+fn lock_exclusive(file: &File, path: &Path) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: flock on a descriptor this function borrows.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Err(Error::Refused(format!(
+            "another keepfs restore is writing {} right now; wait for it to finish",
+            path.display()
+        )));
+    }
+    Ok(())
+}
+
 impl Target {
     fn write_at(&self, data: &[u8], off: u64) -> io::Result<()> {
         if let Some(d) = &self.direct
@@ -100,19 +130,27 @@ fn open_direct(path: &Path) -> Option<File> {
     OpenOptions::new().write(true).custom_flags(libc::O_DIRECT).open(path).ok()
 }
 
-fn open_target(path: &Path, size: u64, force: bool) -> Result<Target> {
+fn open_target(path: &Path, uid: VersionUid, size: u64, opts: &RestoreOptions) -> Result<Target> {
     let ctx = |what: &str| format!("cannot {what} restore target {}", path.display());
+    let partial = partial_path(path, uid);
     match std::fs::metadata(path) {
-        Ok(m) if !force => {
-            let what = if m.file_type().is_block_device() { "block device" } else { "file" };
-            Err(Error::Refused(format!(
-                "restore target {} exists ({what}); pass --force to overwrite it",
-                path.display()
-            )))
-        }
         Ok(m) if m.is_dir() => Err(Error::Invalid(format!("restore target {} is a directory", path.display()))),
         Ok(m) if !m.is_file() => {
-            let file = OpenOptions::new().write(true).open(path).map_err(|e| Error::io(ctx("open"), e))?;
+            // A device (or FIFO, /dev/null) is written in place; --continue implies that
+            // writing into it is wanted.
+            if !opts.force && !opts.resume {
+                let what = if m.file_type().is_block_device() { "block device" } else { "file" };
+                return Err(Error::Refused(format!(
+                    "restore target {} exists ({what}); pass --force to overwrite it",
+                    path.display()
+                )));
+            }
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(path)
+                .or_else(|_| OpenOptions::new().write(true).open(path))
+                .map_err(|e| Error::io(ctx("open"), e))?;
             let is_device = m.file_type().is_block_device();
             if is_device {
                 let dev_size = device_size(&file).map_err(|e| Error::io(ctx("size"), e))?;
@@ -126,6 +164,10 @@ fn open_target(path: &Path, size: u64, force: bool) -> Result<Target> {
             let direct = if is_device { open_direct(path) } else { None };
             Ok(Target { buffered: file, direct, rename: None, is_device: true })
         }
+        Ok(_) if !opts.force && !opts.resume => Err(Error::Refused(format!(
+            "restore target {} exists (file); pass --force to overwrite it",
+            path.display()
+        ))),
         Ok(_) | Err(_) => {
             let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
             if !dir.is_dir() {
@@ -135,17 +177,45 @@ fn open_target(path: &Path, size: u64, force: bool) -> Result<Target> {
                     dir.display()
                 )));
             }
-            let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-            let temp = dir.join(format!(".{name}.keepfs-restore.{}", std::process::id()));
+            if opts.resume {
+                let file = OpenOptions::new().read(true).write(true).open(&partial).map_err(|e| {
+                    if e.kind() == io::ErrorKind::NotFound {
+                        Error::Invalid(format!(
+                            "there is no interrupted restore of {uid} to {} to continue (no {}); restore without --continue",
+                            path.display(),
+                            partial.display()
+                        ))
+                    } else {
+                        Error::io(ctx("open the partial"), e)
+                    }
+                })?;
+                lock_exclusive(&file, path)?;
+                let have = file.metadata().map_err(|e| Error::io(ctx("stat the partial"), e))?.len();
+                if have != size {
+                    return Err(Error::Invalid(format!(
+                        "{} holds {have} bytes, version {uid} {size}: it is not a restore of {uid}; restore without --continue",
+                        partial.display()
+                    )));
+                }
+                let direct = open_direct(&partial);
+                return Ok(Target {
+                    buffered: file,
+                    direct,
+                    rename: Some((partial, path.to_path_buf())),
+                    is_device: false,
+                });
+            }
             let file = OpenOptions::new()
+                .read(true)
                 .write(true)
                 .create(true)
-                .truncate(true)
-                .open(&temp)
+                .truncate(false)
+                .open(&partial)
                 .map_err(|e| Error::io(ctx("create"), e))?;
-            file.set_len(size).map_err(|e| Error::io(ctx("size"), e))?;
-            let direct = open_direct(&temp);
-            Ok(Target { buffered: file, direct, rename: Some((temp, path.to_path_buf())), is_device: false })
+            lock_exclusive(&file, path)?;
+            file.set_len(0).and_then(|_| file.set_len(size)).map_err(|e| Error::io(ctx("size"), e))?;
+            let direct = open_direct(&partial);
+            Ok(Target { buffered: file, direct, rename: Some((partial, path.to_path_buf())), is_device: false })
         }
     }
 }
@@ -161,8 +231,17 @@ fn fetch_block_into(
     storage: &dyn crate::storage::Storage,
     id: &BlockId,
     out: &mut [u8],
-) -> std::result::Result<usize, String> {
+) -> std::result::Result<usize, FetchError> {
     crate::cache::fetch_verified(storage, id, |bytes| decode_block_into(bytes, id, out))
+}
+
+/// What became of one block.
+enum Outcome {
+    /// Fetched and verified: this many bytes are in the buffer.
+    Fetched(usize),
+    /// A continued restore found it already written and correct.
+    Kept,
+    Failed(FetchError),
 }
 
 impl Repository {
@@ -186,7 +265,7 @@ impl Repository {
         let session = self.session(&format!("restore {uid}"), false)?;
         session.lock_version(uid, "restore")?;
         let storage = self.storage(&version.storage)?;
-        let target = open_target(&path, version.size, opts.force)?;
+        let target = open_target(&path, uid, version.size, opts)?;
         // A device must get real zeros; a fresh file already reads as zeros.
         let write_zeros = !opts.sparse && target.is_device;
         let bs = index.block_size as usize;
@@ -198,12 +277,14 @@ impl Repository {
             let _ = pool_tx.send(OutBuf::new(bs));
         }
         let (job_tx, job_rx) = bounded::<(u64, BlockId)>(fetchers * 2);
-        type Fetched = (u64, BlockId, OutBuf, std::result::Result<usize, String>);
+        type Fetched = (u64, BlockId, OutBuf, Outcome);
         let (res_tx, res_rx) = bounded::<Fetched>(fetchers * 2);
         let mut report = RestoreReport::default();
         let mut zeros = OutBuf::new(bs);
         zeros.window().fill(0);
         let mut write_error: Option<Error> = None;
+        let mut unavailable: Option<String> = None;
+        let stop = AtomicBool::new(false);
         let note_write = |r: io::Result<()>, off: u64, write_error: &mut Option<Error>| {
             if let Err(e) = r
                 && write_error.is_none()
@@ -213,13 +294,32 @@ impl Repository {
         };
 
         std::thread::scope(|s| {
+            let target_ref = &target;
+            let stop = &stop;
+            let index = &index;
             for _ in 0..fetchers {
                 let (job_rx, res_tx, pool_rx, storage) =
                     (job_rx.clone(), res_tx.clone(), pool_rx.clone(), storage.clone());
                 s.spawn(move || {
                     for (idx, id) in job_rx {
                         let Ok(mut buf) = pool_rx.recv() else { return };
-                        let r = fetch_block_into(storage.as_ref(), &id, buf.window());
+                        if stop.load(Ordering::Relaxed) {
+                            let _ =
+                                res_tx.send((idx, id, buf, Outcome::Failed(FetchError::Unavailable("stopped".into()))));
+                            continue;
+                        }
+                        let len = index.block_len(idx as usize);
+                        let kept = opts.resume
+                            && target_ref.buffered.read_exact_at(&mut buf.window()[..len], idx * bs as u64).is_ok()
+                            && BlockId::of(buf.bytes(len)) == id;
+                        let r = if kept {
+                            Outcome::Kept
+                        } else {
+                            match fetch_block_into(storage.as_ref(), &id, buf.window()) {
+                                Ok(n) => Outcome::Fetched(n),
+                                Err(e) => Outcome::Failed(e),
+                            }
+                        };
                         if res_tx.send((idx, id, buf, r)).is_err() {
                             return;
                         }
@@ -231,6 +331,9 @@ impl Repository {
             let entries = &index.entries;
             s.spawn(move || {
                 for (idx, id) in entries.iter().enumerate() {
+                    if stop.load(Ordering::Relaxed) {
+                        return;
+                    }
                     if !id.is_sparse() && job_tx.send((idx as u64, *id)).is_err() {
                         return;
                     }
@@ -252,12 +355,27 @@ impl Repository {
                 let off = idx * bs as u64;
                 let len = index.block_len(idx as usize);
                 let r = match r {
-                    Ok(n) if n != len => Err(format!("object holds {n} bytes, the block needs {len}")),
+                    Outcome::Fetched(n) if n != len => {
+                        Outcome::Failed(FetchError::Damaged(format!("object holds {n} bytes, the block needs {len}")))
+                    }
                     other => other,
                 };
                 let data = match &r {
-                    Ok(_) => buf.bytes(len),
-                    Err(reason) => {
+                    Outcome::Kept => {
+                        report.blocks_kept += 1;
+                        None
+                    }
+                    Outcome::Fetched(_) => Some(buf.bytes(len)),
+                    Outcome::Failed(FetchError::Unavailable(reason)) => {
+                        // The storage is gone, not the data: stop, mark nothing, keep what
+                        // is written for --continue.
+                        stop.store(true, Ordering::Relaxed);
+                        if unavailable.is_none() {
+                            unavailable = Some(format!("block {idx} (bytes {off}..{}): {reason}", off + len as u64));
+                        }
+                        None
+                    }
+                    Outcome::Failed(FetchError::Damaged(reason)) => {
                         progress.warn(&format!(
                             "block {idx} (bytes {off}..{}) object {id}: {reason}; writing zeros",
                             off + len as u64
@@ -269,10 +387,12 @@ impl Repository {
                             object: id,
                             reason: reason.clone(),
                         });
-                        zeros.bytes(len)
+                        Some(zeros.bytes(len))
                     }
                 };
-                if write_error.is_none() {
+                if let Some(data) = data
+                    && write_error.is_none()
+                {
                     note_write(target.write_at(data, off), off, &mut write_error);
                 }
                 let _ = pool_tx.send(buf);
@@ -281,11 +401,18 @@ impl Repository {
             }
         });
         progress.end();
+        let again = format!("run `keepfs restore --continue {uid} {url}` to finish it");
         if let Some(e) = write_error {
-            if let Some((temp, _)) = &target.rename {
-                let _ = std::fs::remove_file(temp);
-            }
-            return Err(e);
+            // What was written stays (it is verified block by block by --continue).
+            let _ = target.buffered.sync_all();
+            return Err(Error::Other(format!("{e}; the restore is incomplete: {again}")));
+        }
+        if let Some(reason) = unavailable {
+            let _ = target.buffered.sync_all();
+            return Err(Error::Other(format!(
+                "restore of {uid} stopped: storage '{}' is not available ({reason}); nothing was marked damaged: {again} when it is back",
+                version.storage
+            )));
         }
         match target.buffered.sync_all() {
             // A character device (/dev/null) has nothing to make durable.
@@ -301,11 +428,10 @@ impl Repository {
         }
         if !report.bad_blocks.is_empty() {
             report.bad_blocks.sort_by_key(|b| b.index);
-            let db = self.db();
-            let sid = db.storage_id(&version.storage)?;
+            // The same rule as a scrub's: every version sharing a damaged object is invalid.
             let ids: Vec<BlockId> = report.bad_blocks.iter().map(|b| b.object).collect();
-            db.mark_objects_invalid(sid, &ids)?;
-            db.set_status(uid, Status::Invalid)?;
+            self.mark_damaged(&version.storage, &ids)?;
+            self.set_status(uid, Status::Invalid)?;
         }
         Ok(report)
     }

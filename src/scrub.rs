@@ -7,7 +7,7 @@
 //! again. The next backup stores blocks marked damaged again, whatever it finds stored.
 
 use crate::block::{BlockId, ObjectKind, parse_header};
-use crate::cache::{fetch_block, fetch_verified};
+use crate::cache::{FetchError, fetch_block, fetch_verified};
 use crate::error::{Error, Result};
 use crate::index::BlockIndex;
 use crate::progress::Progress;
@@ -37,6 +37,9 @@ pub struct ScrubReport {
     /// The version was invalid and is valid again.
     pub revalidated: bool,
 }
+
+/// The reason given for a block whose stored copy is fine but differs from the source.
+const SOURCE_DIFFERS: &str = "differs from the source";
 
 /// Light check of one object: there, a well-formed block object for this id, whole.
 fn light_check(bytes: &[u8], id: &BlockId) -> std::result::Result<(), crate::block::ObjectError> {
@@ -68,6 +71,36 @@ pub(crate) fn sampled(seed: u64, idx: u64, percent: u8) -> bool {
 }
 
 impl Repository {
+    /// Records objects found damaged (by a scrub or a restore): the objects are marked
+    /// invalid, and so is every version of that storage whose index names one of them
+    /// (never deleted: they stay restorable, with zeros for the damaged blocks). The next
+    /// backup stores such blocks again.
+    pub fn mark_damaged(&self, storage: &str, damaged: &[BlockId]) -> Result<Vec<VersionUid>> {
+        if damaged.is_empty() {
+            return Ok(Vec::new());
+        }
+        let db = self.db();
+        let sid = db.storage_id(storage)?;
+        db.mark_objects_invalid(sid, damaged)?;
+        let damaged: HashSet<BlockId> = damaged.iter().copied().collect();
+        let in_storage: HashSet<u64> =
+            db.list_versions()?.into_iter().filter(|v| v.storage == storage).map(|v| v.uid.0).collect();
+        let mut tainted = Vec::new();
+        db.for_each_index(|vuid, bytes| {
+            if in_storage.contains(&vuid.0)
+                && let Ok(ix) = BlockIndex::decode(bytes)
+                && ix.entries.iter().any(|e| damaged.contains(e))
+            {
+                tainted.push(vuid);
+            }
+            Ok(())
+        })?;
+        for &v in &tainted {
+            db.set_status(v, Status::Invalid)?;
+        }
+        Ok(tainted)
+    }
+
     pub fn scrub(&self, uid: VersionUid, opts: &ScrubOptions, progress: &dyn Progress) -> Result<ScrubReport> {
         if !(1..=100).contains(&opts.percent) {
             return Err(Error::Invalid(format!("scrub percentage {} is not between 1 and 100", opts.percent)));
@@ -118,9 +151,10 @@ impl Repository {
         progress.begin(&format!("{} {uid}", if opts.deep { "deep-scrub" } else { "scrub" }), total);
         let bs = index.block_size as u64;
         let mut report = ScrubReport { objects: jobs.len() as u64, ..Default::default() };
+        let mut unavailable: Option<String> = None;
         let threads = self.config.storage_readers.max(1);
         let (job_tx, job_rx) = bounded::<(BlockId, Vec<u64>)>(threads * 2);
-        let (res_tx, res_rx) = bounded::<(BlockId, Vec<u64>, std::result::Result<(), String>)>(threads * 2);
+        let (res_tx, res_rx) = bounded::<(BlockId, Vec<u64>, std::result::Result<(), FetchError>)>(threads * 2);
         let source_ref = source.as_deref();
         let index_ref: &BlockIndex = &index;
         std::thread::scope(|s| {
@@ -136,9 +170,17 @@ impl Repository {
                                 Some(src) => {
                                     let idx = idxs[0];
                                     let mut want = vec![0u8; index_ref.block_len(idx as usize)];
-                                    src.read_at(idx * bs, &mut want)
-                                        .map_err(|e| format!("cannot read the source at byte {}: {e}", idx * bs))?;
-                                    if want == data { Ok(()) } else { Err("differs from the source".to_string()) }
+                                    src.read_at(idx * bs, &mut want).map_err(|e| {
+                                        FetchError::Unavailable(format!(
+                                            "cannot read the source at byte {}: {e}",
+                                            idx * bs
+                                        ))
+                                    })?;
+                                    if want == data {
+                                        Ok(())
+                                    } else {
+                                        Err(FetchError::Damaged(SOURCE_DIFFERS.to_string()))
+                                    }
                                 }
                             })
                         };
@@ -158,9 +200,13 @@ impl Repository {
                 }
             });
             for (id, idxs, r) in res_rx {
+                if let Err(FetchError::Unavailable(reason)) = &r {
+                    unavailable.get_or_insert_with(|| reason.clone());
+                    continue;
+                }
                 for &i in &idxs {
                     progress.advance(index_ref.block_len(i as usize) as u64);
-                    if let Err(reason) = &r {
+                    if let Err(FetchError::Damaged(reason)) = &r {
                         let off = i * bs;
                         report.bad.push(BadBlock {
                             index: i,
@@ -174,6 +220,11 @@ impl Repository {
             }
         });
         progress.end();
+        if let Some(reason) = unavailable {
+            return Err(Error::Other(format!(
+                "scrub of {uid} stopped: {reason}; nothing was marked damaged, run it again when the storage is back"
+            )));
+        }
         report.bad.sort_by_key(|b| b.index);
         drop(session);
         let db = self.db();
@@ -189,27 +240,18 @@ impl Repository {
             }
             return Ok(report);
         }
+        drop(db);
         // A damaged object taints every version of this storage that references it.
-        let damaged: HashSet<BlockId> =
-            report.bad.iter().filter(|b| !b.reason.contains("differs from the source")).map(|b| b.object).collect();
-        let ids: Vec<BlockId> = damaged.iter().copied().collect();
-        db.mark_objects_invalid(sid, &ids)?;
-        db.set_status(uid, Status::Invalid)?;
-        let in_storage: HashSet<u64> =
-            db.list_versions()?.into_iter().filter(|v| v.storage == version.storage).map(|v| v.uid.0).collect();
-        let mut tainted = Vec::new();
-        db.for_each_index(|vuid, bytes| {
-            if in_storage.contains(&vuid.0)
-                && let Ok(ix) = BlockIndex::decode(bytes)
-                && ix.entries.iter().any(|e| damaged.contains(e))
-            {
-                tainted.push(vuid);
-            }
-            Ok(())
-        })?;
-        for v in tainted {
-            db.set_status(v, Status::Invalid)?;
-        }
+        let damaged: Vec<BlockId> = report
+            .bad
+            .iter()
+            .filter(|b| b.reason != SOURCE_DIFFERS)
+            .map(|b| b.object)
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .collect();
+        self.mark_damaged(&version.storage, &damaged)?;
+        self.set_status(uid, Status::Invalid)?;
         Ok(report)
     }
 }

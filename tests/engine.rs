@@ -109,6 +109,36 @@ fn persistent_corruption_becomes_named_zero_blocks_and_an_invalid_version() {
     assert_eq!(fs::metadata(&out).unwrap().len(), data.len() as u64);
 }
 
+#[test]
+fn a_restore_stopped_by_a_dead_storage_marks_nothing_and_continues() {
+    let dir = tempfile::tempdir().unwrap();
+    let (repo, faults) = open(dir.path());
+    let img = dir.path().join("img");
+    let data: Vec<u8> = (0..40u64).flat_map(|i| random_bytes(5500 + i, BS as usize)).collect();
+    fs::write(&img, &data).unwrap();
+    let v = repo.backup(&Url::File(img.clone()), &opts("d"), &Silent).unwrap();
+    let out = dir.path().join("out");
+    let url = Url::File(out.clone());
+    faults.die_after_gets(12);
+    let err = repo.restore(v.uid, &url, &RestoreOptions::default(), &Silent).unwrap_err().to_string();
+    assert!(err.contains("is not available") && err.contains("--continue"), "{err}");
+    assert!(!out.exists(), "an unfinished restore never appears under the target's name");
+    assert!(keepfs::restore::partial_path(&out, v.uid).exists());
+    assert_eq!(repo.version(v.uid).unwrap().status, Status::Valid, "an outage is not damage");
+    // Continuing before the storage is back fails the same way; afterwards it finishes,
+    // fetching only what is missing.
+    faults.revive();
+    let resume = RestoreOptions { resume: true, ..Default::default() };
+    let report = repo.restore(v.uid, &url, &resume, &Silent).unwrap();
+    assert!(report.bad_blocks.is_empty());
+    assert!(report.blocks_kept >= 8 && report.blocks_kept < 40, "kept {}", report.blocks_kept);
+    assert_eq!(sha256_file(&out), sha256_file(&img));
+    assert!(!keepfs::restore::partial_path(&out, v.uid).exists());
+    // Nothing left to continue now.
+    let err = repo.restore(v.uid, &url, &resume, &Silent).unwrap_err().to_string();
+    assert!(err.contains("no interrupted restore"), "{err}");
+}
+
 /// A cleanup that died after tombstoning objects, or after deleting some of their files:
 /// the next backup must store those blocks again instead of trusting the rows.
 #[test]

@@ -81,6 +81,9 @@ fn a_damaged_base_block_is_read_again_whatever_the_hints_say() {
     bytes[n - 3] ^= 0x40;
     fs::write(&obj, &bytes).unwrap();
     assert_eq!(repo.run(&["restore", &first, &repo.url("bad")]).code, 3);
+    // Like a scrub, the restore marks every version sharing the object invalid; an
+    // invalid base is still a base, its damaged blocks are what gets read again.
+    assert_eq!(repo.version(&base)["status"], "invalid");
     let h = hints(&repo, "diff.json", &[(0, 1)]);
     let v = repo.backup("a", "rbd", &["--hints", &h, "--base", &base, "--hints-check", "0"]);
     let st = &repo.version(&v)["stats"];

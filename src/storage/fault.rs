@@ -14,6 +14,8 @@ struct Faults {
     truncate_gets: u32,
     corrupt_gets: u32,
     delay: Duration,
+    /// Gets that still succeed before the storage "dies" (every later get fails).
+    gets_before_death: Option<u32>,
 }
 
 pub struct FaultyStorage {
@@ -40,6 +42,15 @@ impl FaultyStorage {
     /// The next `n` gets return the object with its last byte flipped.
     pub fn corrupt_next_gets(&self, n: u32) {
         self.faults.lock().corrupt_gets = n;
+    }
+    /// After `n` more successful gets the storage dies: every get fails until
+    /// [`FaultyStorage::revive`]. A server that goes away in the middle of a restore.
+    pub fn die_after_gets(&self, n: u32) {
+        self.faults.lock().gets_before_death = Some(n);
+    }
+    /// Undoes [`FaultyStorage::die_after_gets`].
+    pub fn revive(&self) {
+        self.faults.lock().gets_before_death = None;
     }
     /// Every call sleeps this long first.
     pub fn set_delay(&self, d: Duration) {
@@ -75,7 +86,15 @@ impl Storage for FaultyStorage {
     fn get(&self, key: &str) -> StorageResult<Vec<u8>> {
         self.pause();
         let mut f = self.faults.lock();
-        if Self::take(&mut f.fail_gets) {
+        let dead = match &mut f.gets_before_death {
+            Some(0) => true,
+            Some(n) => {
+                *n -= 1;
+                false
+            }
+            None => false,
+        };
+        if dead || Self::take(&mut f.fail_gets) {
             return Err(StorageError::Injected { storage: self.name().to_string(), op: "get", key: key.to_string() });
         }
         let truncate = Self::take(&mut f.truncate_gets);

@@ -210,6 +210,13 @@ enum MetadataAction {
     },
     /// Import versions from a file written by export ('-' for standard input)
     Import { file: PathBuf },
+    /// Write the metadata objects of versions to their storage again (all when no filter)
+    Backup { filter: Option<String> },
+    /// Bring versions back into the database from their metadata objects in storage
+    Restore {
+        #[arg(required = true)]
+        uids: Vec<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -599,6 +606,24 @@ fn run(cli: Cli) -> Result<i32> {
                 std::fs::read_to_string(&file).map_err(|e| Error::io(format!("cannot read {}", file.display()), e))?
             };
             for uid in repo.import_metadata(&json)? {
+                println!("{uid}");
+            }
+            Ok(exit::OK)
+        }
+        Command::Metadata { action: MetadataAction::Backup { filter } } => {
+            let filter = filter.as_deref().map(Filter::parse).transpose()?;
+            let uids: Vec<VersionUid> = repo
+                .list(filter.as_ref())?
+                .into_iter()
+                .filter(|v| v.status != keepfs::version::Status::Incomplete)
+                .map(|v| v.uid)
+                .collect();
+            let n = repo.backup_metadata(&uids)?;
+            eprintln!("wrote the metadata of {n} version(s) to their storages");
+            Ok(exit::OK)
+        }
+        Command::Metadata { action: MetadataAction::Restore { uids } } => {
+            for uid in repo.restore_metadata(&parse_uids(&uids)?)? {
                 println!("{uid}");
             }
             Ok(exit::OK)

@@ -68,6 +68,61 @@ impl Repository {
             }
             checked.push((e.version, index));
         }
+        self.insert_recovered(checked)
+    }
+
+    /// Writes the metadata objects of committed versions to their storage again
+    /// (`keepfs metadata backup`): after a storage was replaced or an object lost.
+    pub fn backup_metadata(&self, uids: &[VersionUid]) -> Result<usize> {
+        for &uid in uids {
+            let v = self.version(uid)?;
+            if v.status == Status::Incomplete {
+                return Err(Error::Invalid(format!("version {uid} is incomplete; it has no metadata to back up")));
+            }
+            self.refresh_version_object(uid)?;
+        }
+        Ok(uids.len())
+    }
+
+    /// Brings versions back into the database from their metadata objects in storage
+    /// (`keepfs metadata restore`), e.g. after an `rm` that should not have happened or
+    /// from a database backup that is older than the storage. Each uid is looked for in
+    /// every configured storage; one that exists in the database is refused.
+    pub fn restore_metadata(&self, uids: &[VersionUid]) -> Result<Vec<VersionUid>> {
+        let mut found = Vec::new();
+        for &uid in uids {
+            if self.version(uid).is_ok() {
+                return Err(Error::Invalid(format!("version {uid} is in the database already; nothing was restored")));
+            }
+            let mut hit = None;
+            for sc in &self.config.storages {
+                let storage = self.storage(&sc.name)?;
+                match crate::storage::retry(4, || storage.get(&crate::repo::version_key(uid))) {
+                    Ok(bytes) => {
+                        let (mut v, index) = crate::repo::decode_version_object(&bytes)
+                            .map_err(|e| Error::Other(format!("storage '{}' metadata of {uid}: {e}", sc.name)))?;
+                        v.storage = sc.name.clone();
+                        hit = Some((v, index));
+                        break;
+                    }
+                    Err(crate::storage::StorageError::NotFound { .. }) => continue,
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            let names: Vec<&str> = self.config.storages.iter().map(|s| s.name.as_str()).collect();
+            found.push(hit.ok_or_else(|| {
+                Error::Invalid(format!(
+                    "no storage holds metadata of version {uid} (looked in: {}); nothing was restored",
+                    names.join(", ")
+                ))
+            })?);
+        }
+        self.insert_recovered(found)
+    }
+
+    /// Inserts checked versions: objects found in storage are recorded; a version whose
+    /// objects are not all there comes back `invalid`.
+    fn insert_recovered(&self, checked: Vec<(Version, BlockIndex)>) -> Result<Vec<VersionUid>> {
         let mut imported = Vec::new();
         for (mut v, index) in checked {
             let storage = self.storage(&v.storage)?;

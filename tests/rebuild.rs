@@ -171,3 +171,48 @@ fn reindex(hex_index: &str, uid: u64) -> String {
     index.uid = uid;
     hex::encode(index.encode())
 }
+
+/// `metadata backup` writes lost metadata objects again; `metadata restore` brings
+/// versions the database lost (here: an older copy of the database put back) from them.
+#[test]
+fn metadata_backup_and_restore_through_the_storage() {
+    let repo = Repo::new();
+    let a = mixed_image(431, 6, 64 * 1024, 0);
+    fs::write(repo.path("a"), &a).unwrap();
+    let v1 = repo.backup("a", "m", &["-b", "64k"]);
+    let db = repo.home().join("keepfs.sqlite");
+    // A copy of the database as it is now (SQLite's own backup: consistent under WAL).
+    let saved = repo.path("saved.sqlite");
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    conn.execute("VACUUM INTO ?1", [saved.to_str().unwrap()]).unwrap();
+    drop(conn);
+    fs::write(repo.path("b"), mixed_image(432, 5, 64 * 1024, 7)).unwrap();
+    let v2 = repo.backup("b", "n", &["-b", "64k", "-l", "k=v"]);
+
+    // A lost metadata object comes back with `metadata backup`.
+    let obj = repo.storage().join("versions").join(&v1);
+    fs::remove_file(&obj).unwrap();
+    repo.ok(&["metadata", "backup", "name == \"m\""]);
+    assert!(obj.exists());
+
+    // The database goes back to the saved copy: v2 is unknown to it, but not to the storage.
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = fs::remove_file(format!("{}{suffix}", db.display()));
+    }
+    fs::copy(&saved, &db).unwrap();
+    assert_eq!(repo.ls_json(None).as_array().unwrap().len(), 1);
+    assert_eq!(repo.ok(&["metadata", "restore", &v2]).trim(), v2);
+    let back = repo.version(&v2);
+    assert_eq!(back["status"], "valid");
+    assert_eq!(back["labels"]["k"], "v");
+    assert_eq!(repo.restore_sha(&v2, "o"), sha256_file(&repo.path("b")));
+
+    for (args, needle) in [
+        (vec!["metadata", "restore", v1.as_str()], "in the database already"),
+        (vec!["metadata", "restore", "V0000000099"], "no storage holds metadata of version V0000000099"),
+    ] {
+        let r = repo.run(&args);
+        assert_eq!(r.code, 2, "{args:?}: {}", r.stderr);
+        assert!(r.error_line().contains(needle), "{args:?}: {}", r.stderr);
+    }
+}

@@ -52,6 +52,9 @@ pub struct Config {
     pub spool_memory_bytes: u64,
     /// Partially written blocks of one file kept in memory and in the spool file.
     pub spool_bytes: u64,
+    /// Schedulers for `due` and `sla` (the built-in hourly, daily, weekly and monthly
+    /// ones, replaced or extended by `[[scheduler]]` entries).
+    pub schedulers: Vec<crate::schedule::Scheduler>,
     /// Where the configuration came from, for messages.
     pub origin: String,
 }
@@ -75,6 +78,17 @@ struct FileConfig {
     spool_size: Option<toml::Value>,
     #[serde(default)]
     storage: Vec<FileStorageConfig>,
+    #[serde(default)]
+    scheduler: Vec<FileSchedulerConfig>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileSchedulerConfig {
+    name: String,
+    interval: String,
+    keep: u32,
+    sla: String,
 }
 
 #[derive(Deserialize)]
@@ -119,6 +133,7 @@ impl Config {
             cache_bytes: 256 << 20,
             spool_memory_bytes: 32 << 20,
             spool_bytes: 1 << 30,
+            schedulers: crate::schedule::builtin(),
             origin: format!("embedded default (home {})", home.display()),
             home,
         }
@@ -230,6 +245,22 @@ impl Config {
         }
         if let Some(v) = &f.spool_size {
             c.spool_bytes = size("spool_size", v)?;
+        }
+        for s in f.scheduler {
+            let dur = |key: &str, v: &str| {
+                crate::schedule::parse_duration(v).map_err(|e| bad(format!("scheduler '{}' {key}: {e}", s.name)))
+            };
+            let interval = dur("interval", &s.interval)?;
+            let sla = dur("sla", &s.sla)?;
+            if interval <= chrono::Duration::zero() || s.keep == 0 || sla >= interval {
+                return Err(bad(format!(
+                    "scheduler '{}': interval and keep must be above 0 and sla shorter than the interval",
+                    s.name
+                )));
+            }
+            crate::version::check_label_name(&s.name).map_err(|e| bad(format!("scheduler name: {e}")))?;
+            c.schedulers.retain(|o| o.name != s.name);
+            c.schedulers.push(crate::schedule::Scheduler { name: s.name, interval, keep: s.keep, sla });
         }
         Ok(c)
     }

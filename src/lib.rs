@@ -21,6 +21,7 @@ pub mod progress;
 pub mod repo;
 pub mod restore;
 pub mod retention;
+pub mod schedule;
 pub mod scrub;
 pub mod source;
 pub mod storage;

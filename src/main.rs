@@ -137,6 +137,26 @@ enum Command {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Which backups are due now, per name (backy2's due): schedulers, expiry date, due since
+    Due {
+        /// Only this backup name (it may have no versions yet)
+        name: Option<String>,
+        /// Schedulers to check, comma-separated (configured with [[scheduler]])
+        #[arg(short, long, default_value = "daily")]
+        schedulers: String,
+        #[arg(long, value_enum, default_value = "table")]
+        format: Format,
+    },
+    /// Where the schedulers' promises are broken (backy2's sla); empty when all is well
+    Sla {
+        /// Only this backup name
+        name: Option<String>,
+        /// Schedulers to check, comma-separated
+        #[arg(short, long, default_value = "daily")]
+        schedulers: String,
+        #[arg(long, value_enum, default_value = "table")]
+        format: Format,
+    },
     /// Export or import versions' metadata (JSON)
     Metadata {
         #[command(subcommand)]
@@ -384,27 +404,12 @@ fn labels_text(v: &Version) -> String {
         .join(",")
 }
 
-fn print_table(versions: &[Version]) {
-    let header =
-        ["uid", "date", "name", "snapshot", "size", "block_size", "status", "protected", "storage", "expire", "labels"];
-    let rows: Vec<[String; 11]> = versions
-        .iter()
-        .map(|v| {
-            [
-                v.uid.to_string(),
-                v.date.format("%Y-%m-%d %H:%M:%S").to_string(),
-                v.name.clone(),
-                v.snapshot.clone(),
-                v.size.to_string(),
-                v.block_size.to_string(),
-                v.status.as_str().to_string(),
-                if v.protected { "yes" } else { "no" }.to_string(),
-                v.storage.clone(),
-                v.expire.map(|e| e.format("%Y-%m-%d %H:%M:%S").to_string()).unwrap_or_default(),
-                labels_text(v),
-            ]
-        })
-        .collect();
+fn to_json<T: serde::Serialize>(value: &T) -> Result<String> {
+    serde_json::to_string_pretty(value).map_err(|e| Error::Other(format!("cannot write JSON: {e}")))
+}
+
+/// A plain table: a header line, then one line per row, columns padded to their widest cell.
+fn print_rows(header: &[&str], rows: Vec<Vec<String>>) {
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for r in &rows {
         for (w, c) in widths.iter_mut().zip(r.iter()) {
@@ -419,6 +424,30 @@ fn print_table(versions: &[Version]) {
     for r in &rows {
         line(r.iter().map(|s| s.as_str()).collect());
     }
+}
+
+fn print_table(versions: &[Version]) {
+    let header =
+        ["uid", "date", "name", "snapshot", "size", "block_size", "status", "protected", "storage", "expire", "labels"];
+    let rows: Vec<Vec<String>> = versions
+        .iter()
+        .map(|v| {
+            vec![
+                v.uid.to_string(),
+                v.date.format("%Y-%m-%d %H:%M:%S").to_string(),
+                v.name.clone(),
+                v.snapshot.clone(),
+                v.size.to_string(),
+                v.block_size.to_string(),
+                v.status.as_str().to_string(),
+                if v.protected { "yes" } else { "no" }.to_string(),
+                v.storage.clone(),
+                v.expire.map(|e| e.format("%Y-%m-%d %H:%M:%S").to_string()).unwrap_or_default(),
+                labels_text(v),
+            ]
+        })
+        .collect();
+    print_rows(&header, rows);
 }
 
 fn run(cli: Cli) -> Result<i32> {
@@ -523,11 +552,7 @@ fn run(cli: Cli) -> Result<i32> {
             }
             match format {
                 Format::Table => print_table(&versions),
-                Format::Json => println!(
-                    "{}",
-                    serde_json::to_string_pretty(&versions)
-                        .map_err(|e| Error::Other(format!("cannot write JSON: {e}")))?
-                ),
+                Format::Json => println!("{}", to_json(&versions)?),
             }
             Ok(exit::OK)
         }
@@ -583,6 +608,33 @@ fn run(cli: Cli) -> Result<i32> {
                 }
             }
             Ok(if refused > 0 { exit::REFUSED } else { exit::OK })
+        }
+        Command::Due { name, schedulers, format } => {
+            let chosen = keepfs::schedule::select(&repo.config.schedulers, &schedulers)?;
+            let rows = keepfs::schedule::due(&chosen, &repo.list(None)?, name.as_deref(), chrono::Utc::now());
+            let when = |d: &chrono::DateTime<chrono::Utc>| d.format("%Y-%m-%d %H:%M:%S").to_string();
+            match format {
+                Format::Json => println!("{}", to_json(&rows)?),
+                Format::Table => print_rows(
+                    &["name", "schedulers", "expire_date", "due_since"],
+                    rows.iter()
+                        .map(|r| vec![r.name.clone(), r.schedulers.join(","), when(&r.expire_date), when(&r.due_since)])
+                        .collect(),
+                ),
+            }
+            Ok(exit::OK)
+        }
+        Command::Sla { name, schedulers, format } => {
+            let chosen = keepfs::schedule::select(&repo.config.schedulers, &schedulers)?;
+            let rows = keepfs::schedule::sla(&chosen, &repo.list(None)?, name.as_deref(), chrono::Utc::now());
+            match format {
+                Format::Json => println!("{}", to_json(&rows)?),
+                Format::Table => print_rows(
+                    &["name", "breach"],
+                    rows.iter().map(|r| vec![r.name.clone(), r.breach.clone()]).collect(),
+                ),
+            }
+            Ok(exit::OK)
         }
         Command::Metadata { action: MetadataAction::Export { mut args } } => {
             // `metadata export V1 V2 out.json`: the last word is the file.

@@ -326,3 +326,59 @@ fn expiry_dates_and_ls_expired() {
         assert!(r.stderr.contains("expiry date") && r.stderr.lines().count() == 1, "{}", r.stderr);
     }
 }
+
+#[test]
+fn due_and_sla_follow_the_schedulers() {
+    let repo = Repo::new();
+    fs::write(repo.path("a"), mixed_image(61, 3, 64 * 1024, 0)).unwrap();
+    let config = repo.path("keepfs.toml");
+    fs::write(
+        &config,
+        format!(
+            "home = \"{}\"\n[[scheduler]]\nname = \"often\"\ninterval = \"2s\"\nkeep = 2\nsla = \"1s\"\n",
+            repo.home().display()
+        ),
+    )
+    .unwrap();
+    let cfg = config.to_str().unwrap();
+    let due = |args: &[&str]| -> serde_json::Value {
+        let mut a = vec!["--config", cfg, "due", "--format", "json"];
+        a.extend_from_slice(args);
+        serde_json::from_str(&repo.ok(&a)).unwrap()
+    };
+    // A name never backed up is due since 1970 for every scheduler asked about.
+    let rows = due(&["-s", "hourly,daily", "db"]);
+    assert_eq!(rows[0]["schedulers"], serde_json::json!(["hourly", "daily"]));
+    assert_eq!(rows[0]["due_since"], "1970-01-01T00:00:00Z");
+    repo.ok(&["--config", cfg, "backup", &repo.url("a"), "db", "-b", "64k", "-l", "daily", "-l", "often"]);
+    // Just backed up: daily is not due; the 2-second scheduler is, one second later.
+    assert_eq!(due(&["db"]), serde_json::json!([]));
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let rows = due(&["-s", "often,daily"]);
+    assert_eq!(rows.as_array().unwrap().len(), 1, "{rows}");
+    assert_eq!(rows[0]["name"], "db");
+    assert_eq!(rows[0]["schedulers"], serde_json::json!(["often"]));
+    let table = repo.ok(&["--config", cfg, "due", "-s", "often"]);
+    assert!(
+        table.starts_with("name  schedulers  expire_date") && table.lines().nth(1).unwrap().starts_with("db    often")
+    );
+
+    let sla: serde_json::Value =
+        serde_json::from_str(&repo.ok(&["--config", cfg, "sla", "-s", "daily,often", "--format", "json"])).unwrap();
+    let breaches: Vec<&str> = sla.as_array().unwrap().iter().map(|b| b["breach"].as_str().unwrap()).collect();
+    assert_eq!(
+        breaches,
+        vec!["daily: Too few backups. Found 1, should be 8.", "often: Too few backups. Found 1, should be 2."]
+    );
+    let r = repo.run(&["--config", cfg, "sla", "-s", "fortnightly"]);
+    assert_eq!(r.code, 2);
+    assert!(
+        r.error_line().contains("unknown scheduler 'fortnightly' (configured: hourly, daily, weekly, monthly, often)"),
+        "{}",
+        r.stderr
+    );
+    fs::write(&config, "[[scheduler]]\nname = \"x\"\ninterval = \"1d\"\nkeep = 3\nsla = \"2y\"\n").unwrap();
+    let r = repo.run(&["--config", cfg, "due"]);
+    assert_eq!(r.code, 2);
+    assert!(r.error_line().contains("scheduler 'x' sla: '2y': unknown unit 'y'"), "{}", r.stderr);
+}

@@ -135,6 +135,10 @@ fn open_target(path: &Path, uid: VersionUid, size: u64, opts: &RestoreOptions) -
     let partial = partial_path(path, uid);
     match std::fs::metadata(path) {
         Ok(m) if m.is_dir() => Err(Error::Invalid(format!("restore target {} is a directory", path.display()))),
+        Ok(m) if m.file_type().is_fifo() || m.file_type().is_socket() => Err(Error::Invalid(format!(
+            "restore target {} is a pipe or socket; keepfs writes blocks at their offsets: restore to a file or a block device",
+            path.display()
+        ))),
         Ok(m) if !m.is_file() => {
             // A device (or FIFO, /dev/null) is written in place; --continue implies that
             // writing into it is wanted.

@@ -1,0 +1,162 @@
+//! Several keepfs processes on one repository at once, the way a host runs them: backups
+//! of different images, restores, scrubs, removals and cleanups side by side. Each pair
+//! that must not interfere is run for real; what must be refused is refused, and a
+//! process killed while it holds a version releases it.
+//! (The mount's pairs are in tests/mount.rs; cleanup racing a backup and two
+//! continuations of one backup are in tests/crash.rs.)
+
+mod common;
+use common::mount::wait_until;
+use common::*;
+use std::fs;
+use std::process::Stdio;
+use std::time::Duration;
+
+fn mkfifo(path: &std::path::Path) {
+    let st = std::process::Command::new("mkfifo").arg(path).status().unwrap();
+    assert!(st.success());
+}
+
+/// A restore (slowed down by a storage that answers late) and a deep scrub waiting for
+/// its --source (a pipe with no writer yet) hold their versions: `rm` and `enforce` in
+/// other processes are refused, and a killed holder releases its version.
+#[test]
+fn versions_in_use_cannot_be_removed_and_dead_holders_release_them() {
+    let repo = Repo::new();
+    let img = mixed_image(71, 40, 64 * 1024, 0);
+    fs::write(repo.path("a"), &img).unwrap();
+    let v = repo.backup("a", "db", &["-b", "64k"]);
+    let w = repo.backup("a", "web", &["-b", "64k"]);
+    let newer = repo.backup("a", "db", &["-b", "64k"]);
+
+    // This process restores v through a storage that takes 50 ms per object.
+    let mut engine = keepfs::Repository::open(keepfs::config::Config::embedded(repo.home())).unwrap();
+    let mut slow = None;
+    engine
+        .wrap_storage("default", |inner| {
+            let f = std::sync::Arc::new(keepfs::storage::fault::FaultyStorage::new(inner));
+            f.set_delay(Duration::from_millis(50));
+            slow = Some(f.clone());
+            f
+        })
+        .unwrap();
+    let vuid = keepfs::version::VersionUid::parse(&v).unwrap();
+    let out = repo.path("out");
+    std::thread::scope(|s| {
+        let restore = s.spawn(|| {
+            let opts = keepfs::restore::RestoreOptions::default();
+            engine.restore(vuid, &keepfs::source::Url::File(out.clone()), &opts, &keepfs::progress::Silent)
+        });
+        // Another process deep-scrubs w, waiting to open its source.
+        let src = repo.path("src");
+        mkfifo(&src);
+        let mut scrub = repo.command(&["deep-scrub", &w, "--source", &repo.url("src")]).spawn().unwrap();
+        wait_until("both versions to be locked", Duration::from_secs(30), || {
+            repo.run(&["rm", "--force", "--dry-run", &v]).code == 4
+                && repo.run(&["rm", "--force", "--dry-run", &w]).code == 4
+        });
+        for (uid, what) in [(&v, "restore"), (&w, "scrub")] {
+            let r = repo.run(&["rm", "--force", uid]);
+            assert_eq!(r.code, 4, "{}", r.stderr);
+            assert!(r.error_line().contains(&format!("is in use ({what} by pid")), "{}", r.stderr);
+        }
+        // Retention would remove v (latest1 keeps only the newer one) but keeps it, and says so.
+        let r = repo.run(&["enforce", "latest1", "name == \"db\""]);
+        assert_eq!(r.code, 4, "{}", r.stderr);
+        assert!(r.stderr.contains(&format!("kept {v}: version {v} is in use")), "{}", r.stderr);
+        assert_eq!(repo.version(&newer)["status"], "valid");
+
+        // The scrub is killed: its lock goes with it.
+        scrub.kill().unwrap();
+        scrub.wait().unwrap();
+        let plan = repo.ok(&["rm", "--force", "--dry-run", &w]);
+        assert!(plan.contains(&format!("would remove {w}")), "{plan}");
+
+        // The restore finishes, with the right bytes, and lets go.
+        let report = restore.join().unwrap().unwrap();
+        assert!(report.bad_blocks.is_empty());
+    });
+    assert_eq!(sha256_file(&out), sha256_file(&repo.path("a")));
+    repo.ok(&["rm", "--force", &v, &w]);
+    let r = repo.run(&["restore", "--force", &newer, &repo.url("src")]);
+    assert_eq!(r.code, 2);
+    assert!(r.error_line().contains("is a pipe or socket"), "{}", r.stderr);
+}
+
+/// Two backups of different images, a restore, a deep scrub and cleanups, all at once.
+#[test]
+fn backups_restores_scrubs_and_cleanups_run_side_by_side() {
+    let repo = Repo::new();
+    let bs = 64 * 1024;
+    let a = mixed_image(72, 200, bs, 0);
+    // b shares its first half with a: the two backups deduplicate against each other.
+    let mut b = a[..100 * bs].to_vec();
+    b.extend(mixed_image(73, 100, bs, 999));
+    fs::write(repo.path("a"), &a).unwrap();
+    fs::write(repo.path("b"), &b).unwrap();
+    fs::write(repo.path("old"), mixed_image(74, 60, bs, 0)).unwrap();
+    let old = repo.backup("old", "old", &["-b", "64k"]);
+
+    let spawn = |args: &[&str]| repo.command(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let (ua, ub, uo) = (repo.url("a"), repo.url("b"), repo.url("o"));
+    let jobs = vec![
+        ("backup a", spawn(&["backup", &ua, "a", "-b", "64k"])),
+        ("backup b", spawn(&["backup", &ub, "b", "-b", "64k"])),
+        ("restore", spawn(&["restore", &old, &uo])),
+        ("deep-scrub", spawn(&["deep-scrub", &old])),
+        ("cleanup", spawn(&["cleanup"])),
+    ];
+    let mut outputs = Vec::new();
+    for (what, child) in jobs {
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "{what}: {}", String::from_utf8_lossy(&out.stderr));
+        outputs.push((what, String::from_utf8_lossy(&out.stdout).trim().to_string()));
+    }
+    // A cleanup afterwards finds nothing to delete: every object is referenced.
+    assert!(repo.ok(&["cleanup"]).contains("deleted 0 object(s)"));
+    assert_eq!(sha256_file(&repo.path("o")), sha256_file(&repo.path("old")));
+    let va = &outputs[0].1;
+    let vb = &outputs[1].1;
+    assert_eq!(repo.version(va)["status"], "valid");
+    assert_eq!(repo.version(vb)["status"], "valid");
+    assert_eq!(repo.restore_sha(va, "ra"), sha256_file(&repo.path("a")));
+    assert_eq!(repo.restore_sha(vb, "rb"), sha256_file(&repo.path("b")));
+    // Shared blocks are stored once, whichever backup got there first (content-addressed:
+    // two backups racing on a new block may both write it, under the same name).
+    let old_img = fs::read(repo.path("old")).unwrap();
+    let distinct: std::collections::HashSet<&[u8]> =
+        a.chunks(bs).chain(b.chunks(bs)).chain(old_img.chunks(bs)).filter(|c| c.iter().any(|&x| x != 0)).collect();
+    assert_eq!(repo.block_objects(), distinct.len());
+}
+
+/// A restore killed with -9 is finished by `restore --continue`; a plain restore of the
+/// same target afterwards starts over; a second restore to a target being written is
+/// refused.
+#[test]
+fn a_killed_restore_is_continued() {
+    let repo = Repo::new();
+    let img = random_bytes(75, 24 << 20);
+    fs::write(repo.path("img"), &img).unwrap();
+    let v = repo.backup("img", "r", &["-b", "4k"]);
+    let target = repo.path("out");
+    let url = repo.url("out");
+    let partial = target.parent().unwrap().join(format!(".out.keepfs-restore.{v}"));
+    let mut child = repo.command(&["restore", &v, &url]).spawn().unwrap();
+    wait_until("the restore to start writing", Duration::from_secs(30), || partial.exists() || target.exists());
+    let second = repo.run(&["restore", &v, &url]);
+    child.kill().unwrap();
+    let finished = child.wait().unwrap().success();
+    if !finished {
+        assert_eq!(second.code, 4, "{}", second.stderr);
+        assert!(second.error_line().contains("another keepfs restore is writing"), "{}", second.stderr);
+        assert!(!target.exists(), "a killed restore never leaves a file under the target's name");
+        let r = repo.run(&["restore", "--continue", &v, &url]);
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        assert!(r.stderr.contains("already there"), "{}", r.stderr);
+    }
+    assert_eq!(sha256_file(&target), sha256_file(&repo.path("img")));
+    assert!(!partial.exists());
+    let r = repo.run(&["restore", "--continue", &v, &url]);
+    assert_eq!(r.code, 2);
+    assert!(r.error_line().contains("no interrupted restore"), "{}", r.stderr);
+}

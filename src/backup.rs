@@ -5,7 +5,7 @@
 //! the image size. [`Ingest`] is the part that turns blocks into stored objects; the CLI's
 //! `backup` and the FUSE `incoming/` directory both feed it.
 
-use crate::block::{BlockId, ObjectKind, encode_object, is_zero};
+use crate::block::{BlockId, ObjectKind, is_zero};
 use crate::db::Db;
 use crate::error::{Error, Result};
 use crate::index::{BlockIndex, block_count};
@@ -146,8 +146,8 @@ impl Ingest {
         let mut threads = Vec::new();
         for _ in 0..ctx.workers.max(1) {
             let (job_rx, done_tx, pool_tx, put_tx) = (job_rx.clone(), done_tx.clone(), pool_tx.clone(), put_tx.clone());
-            let level = ctx.compression_level;
-            threads.push(std::thread::spawn(move || worker(job_rx, done_tx, pool_tx, put_tx, level)));
+            let (level, storage) = (ctx.compression_level, ctx.storage.clone());
+            threads.push(std::thread::spawn(move || worker(job_rx, done_tx, pool_tx, put_tx, level, storage)));
         }
         drop(put_tx);
         for _ in 0..ctx.writers.max(1) {
@@ -283,7 +283,15 @@ impl Drop for Ingest {
     }
 }
 
-fn worker(jobs: Receiver<Job>, done: Sender<Done>, pool: Sender<Vec<u8>>, puts: Sender<Put>, level: i32) {
+fn worker(
+    jobs: Receiver<Job>,
+    done: Sender<Done>,
+    pool: Sender<Vec<u8>>,
+    puts: Sender<Put>,
+    level: i32,
+    storage: SharedStorage,
+) {
+    let codec = storage.codec();
     for job in jobs {
         match job {
             Job::Inspect { idx, block } => {
@@ -293,13 +301,13 @@ fn worker(jobs: Receiver<Job>, done: Sender<Done>, pool: Sender<Vec<u8>>, puts: 
                     let _ = pool.send(block.buf);
                     let _ = done.send(Done::Zero { idx, len });
                 } else {
-                    let id = BlockId::of(data);
+                    let id = codec.id_of(data);
                     let _ = done.send(Done::Hashed { idx, id, block });
                 }
             }
             Job::Encode { idx, id, block, under_lock } => {
                 let data = block.data();
-                let bytes = encode_object(ObjectKind::Block, &id.0, data, level);
+                let bytes = codec.encode(ObjectKind::Block, &id.0, data, level);
                 let put = Put { idx, id, plain_len: data.len() as u64, bytes };
                 let _ = pool.send(block.buf);
                 if under_lock {
@@ -389,7 +397,7 @@ impl Coordinator {
         // Durable first, recorded second: no row ever names an object that may be lost.
         retry(STORAGE_ATTEMPTS, || self.ctx.storage.sync())?;
         let batch = std::mem::take(&mut self.pending_insert);
-        self.ctx.db.lock().insert_objects(self.ctx.storage_id, &batch)?;
+        self.ctx.db.lock().insert_objects(self.ctx.storage_id, &batch, self.ctx.storage.codec().current_key())?;
         Ok(())
     }
 
@@ -425,10 +433,11 @@ impl Coordinator {
             Done::Encoded(p) => {
                 let storage = self.ctx.storage.clone();
                 let (sid, key) = (self.ctx.storage_id, p.id.storage_key());
+                let sealed_by = storage.codec().current_key();
                 self.ctx.db.lock().with_write_lock(|tx| {
                     retry(STORAGE_ATTEMPTS, || storage.put(&key, &p.bytes))?;
                     retry(STORAGE_ATTEMPTS, || storage.sync())?;
-                    crate::db::upsert_objects(tx, sid, &[(p.id, p.bytes.len() as u64, p.plain_len)])
+                    crate::db::upsert_objects(tx, sid, &[(p.id, p.bytes.len() as u64, p.plain_len)], sealed_by)
                 })?;
                 self.stats.bytes_written += p.plain_len;
                 self.stats.bytes_stored += p.bytes.len() as u64;
@@ -578,7 +587,7 @@ impl Repository {
         v.status = crate::version::Status::Valid;
         v.stats = stats;
         let storage = self.storage(&v.storage)?;
-        let object = encode_version_object(&v, &index)?;
+        let object = encode_version_object(storage.codec(), &v, &index)?;
         retry(STORAGE_ATTEMPTS, || storage.put(&version_key(uid), &object))?;
         retry(STORAGE_ATTEMPTS, || storage.sync())?;
         self.db.lock().commit_version(uid, &index.encode(), &stats)?;
@@ -894,7 +903,9 @@ impl Repository {
             source
                 .read_at(off, &mut buf[..len])
                 .map_err(|e| Error::io(format!("cannot read {url} at byte {off}"), e))?;
-            let id = if crate::block::is_zero(&buf[..len]) { BlockId::SPARSE } else { BlockId::of(&buf[..len]) };
+            let codec = self.storage(&self.version(VersionUid(base.uid))?.storage)?;
+            let id =
+                if crate::block::is_zero(&buf[..len]) { BlockId::SPARSE } else { codec.codec().id_of(&buf[..len]) };
             if id != base.entries[idx] {
                 return Err(Error::Invalid(format!(
                     "the hints are wrong: block {idx} (bytes {off}..{}) of {url} differs from base {} although the hints call it unchanged; back up without --base/--hints or with fresh hints",

@@ -1,7 +1,7 @@
 //! Blocks and the objects that hold them: content ids, zero detection, and the
 //! self-describing on-storage object format (header + payload, see docs/format.md).
 
-use crate::transform;
+use crate::transform::{self, Codec, aes};
 use sha2::{Digest, Sha256};
 use std::fmt;
 
@@ -99,8 +99,8 @@ pub const OBJECT_HEADER_LEN: usize = 72;
 
 /// Transform flag: the payload is zstd-compressed.
 pub const FLAG_ZSTD: u16 = 1 << 0;
-/// Transform flag (reserved for the encryption issue): the payload is AES-256-GCM sealed
-/// and the envelope holds the key id, nonce and wrapped data key.
+/// Transform flag: the payload is AES-256-GCM sealed (ciphertext followed by its 16-byte
+/// tag) and the envelope holds the master key id, the wrapped data key and the nonce.
 pub const FLAG_AES256GCM: u16 = 1 << 1;
 const KNOWN_FLAGS: u16 = FLAG_ZSTD | FLAG_AES256GCM;
 
@@ -126,8 +126,14 @@ pub enum ObjectError {
     PayloadChecksum,
     #[error("object payload does not decompress: {0}")]
     Decompress(String),
-    #[error("object is encrypted; this repository has no key to open it")]
-    Encrypted,
+    #[error("object is encrypted (master key {key_id}) but its storage is not: it does not belong here")]
+    Encrypted { key_id: String },
+    #[error("object is sealed with master key {key_id}, which is not in this storage's keyring (a removed key?)")]
+    UnknownKey { key_id: String },
+    #[error("object is not encrypted but its storage is: refused (objects of an encrypted storage are always sealed)")]
+    NotEncrypted,
+    #[error("object fails authentication ({0}): it was altered or belongs to another object")]
+    Authentication(&'static str),
     #[error("decoded object is {found} bytes, its header says {expected}")]
     PlainLength { expected: u64, found: u64 },
     #[error("object content does not match its id (expected {expected}, got {found})")]
@@ -153,30 +159,62 @@ fn header_crc(bytes: &[u8], header_len: usize) -> u32 {
     h.finalize()
 }
 
-/// Builds an object: header followed by the payload (`plain` compressed with zstd at
-/// `level` when that makes it smaller; level 0 stores it as is).
+/// Builds an unencrypted object: header followed by the payload (`plain` compressed with
+/// zstd at `level` when that makes it smaller; level 0 stores it as is).
 pub fn encode_object(kind: ObjectKind, id: &[u8; ID_LEN], plain: &[u8], level: i32) -> Vec<u8> {
+    encode_with(Codec::plain(), kind, id, plain, level)
+}
+
+/// The associated data that binds a sealed payload to its header: format version, kind,
+/// flags, envelope length, plaintext and payload lengths (bytes 8..32), and the id.
+fn sealing_aad(header: &[u8]) -> [u8; 24 + ID_LEN] {
+    let mut aad = [0u8; 24 + ID_LEN];
+    aad[..24].copy_from_slice(&header[8..32]);
+    aad[24..].copy_from_slice(&header[40..72]);
+    aad
+}
+
+pub(crate) fn encode_with(codec: &Codec, kind: ObjectKind, id: &[u8; ID_LEN], plain: &[u8], level: i32) -> Vec<u8> {
     let compressed =
         if level > 0 { transform::zstd::compress(plain, level).filter(|c| c.len() < plain.len()) } else { None };
-    let (flags, payload): (u16, &[u8]) = match &compressed {
+    let (mut flags, payload): (u16, &[u8]) = match &compressed {
         Some(c) => (FLAG_ZSTD, c),
         None => (0, plain),
     };
-    let mut out = Vec::with_capacity(OBJECT_HEADER_LEN + payload.len());
+    let master = codec.current_master();
+    let (envelope_len, tag_len) = match master {
+        Some(_) => {
+            flags |= FLAG_AES256GCM;
+            (aes::ENVELOPE_LEN, aes::TAG_LEN)
+        }
+        None => (0, 0),
+    };
+    let payload_len = payload.len() + tag_len;
+    let header_len = OBJECT_HEADER_LEN + envelope_len;
+    let mut out = Vec::with_capacity(header_len + payload_len);
     out.extend_from_slice(&OBJECT_MAGIC);
     out.extend_from_slice(&OBJECT_FORMAT_VERSION.to_le_bytes());
     out.extend_from_slice(&(kind as u16).to_le_bytes());
     out.extend_from_slice(&flags.to_le_bytes());
-    out.extend_from_slice(&0u16.to_le_bytes()); // envelope length: no encryption yet
+    out.extend_from_slice(&(envelope_len as u16).to_le_bytes());
     out.extend_from_slice(&(plain.len() as u64).to_le_bytes());
-    out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
-    out.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
+    out.extend_from_slice(&(payload_len as u64).to_le_bytes());
+    out.extend_from_slice(&[0u8; 4]); // payload crc, filled below
     out.extend_from_slice(&[0u8; 4]); // header crc, filled below
     out.extend_from_slice(id);
     debug_assert_eq!(out.len(), OBJECT_HEADER_LEN);
-    let crc = header_crc(&out, OBJECT_HEADER_LEN);
-    out[36..40].copy_from_slice(&crc.to_le_bytes());
+    out.resize(header_len, 0);
     out.extend_from_slice(payload);
+    if let Some(master) = master {
+        let aad = sealing_aad(&out);
+        let (envelope, tag) = aes::seal(master, id, &aad, &mut out[header_len..]);
+        out[OBJECT_HEADER_LEN..header_len].copy_from_slice(&envelope);
+        out.extend_from_slice(&tag);
+    }
+    let payload_crc = crc32fast::hash(&out[header_len..]);
+    out[32..36].copy_from_slice(&payload_crc.to_le_bytes());
+    let crc = header_crc(&out, header_len);
+    out[36..40].copy_from_slice(&crc.to_le_bytes());
     out
 }
 
@@ -250,15 +288,60 @@ fn checked_payload(bytes: &[u8], kind: ObjectKind) -> Result<(ObjectHeader, &[u8
     if crc32fast::hash(payload) != header.payload_crc {
         return Err(ObjectError::PayloadChecksum);
     }
-    if header.flags & FLAG_AES256GCM != 0 {
-        return Err(ObjectError::Encrypted);
-    }
     Ok((header, payload))
 }
 
-/// Undoes the transforms of a checked payload into `out` (exactly `plain_len` bytes).
-fn untransform(header: &ObjectHeader, payload: &[u8], out: &mut [u8]) -> Result<(), ObjectError> {
-    let n = if header.flags & FLAG_ZSTD != 0 {
+thread_local! {
+    /// Where a sealed and compressed payload is decrypted before it is decompressed;
+    /// kept per thread so that restores and reads do not allocate per block.
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Undoes the transforms of a checked object into `out` (exactly `plain_len` bytes):
+/// opens the seal (when the codec is encrypted; a sealed object in a plain storage and a
+/// plain object in an encrypted one are both refused), then decompresses.
+fn untransform(
+    codec: &Codec,
+    bytes: &[u8],
+    header: &ObjectHeader,
+    payload: &[u8],
+    out: &mut [u8],
+) -> Result<(), ObjectError> {
+    let sealed = header.flags & FLAG_AES256GCM != 0;
+    if sealed != codec.is_sealed() {
+        let key_id = aes::envelope_key(&header.envelope).map(|k| k.to_hex()).unwrap_or_default();
+        return Err(if sealed { ObjectError::Encrypted { key_id } } else { ObjectError::NotEncrypted });
+    }
+    let n = if sealed {
+        if payload.len() < aes::TAG_LEN {
+            return Err(ObjectError::Authentication("payload shorter than its tag"));
+        }
+        let (body, tag) = payload.split_at(payload.len() - aes::TAG_LEN);
+        let aad = sealing_aad(bytes);
+        let open = |buf: &mut [u8]| {
+            aes::open(|k| codec.master(k), &header.envelope, &header.id, &aad, buf, tag).map_err(|e| match e {
+                aes::OpenError::UnknownKey(k) => ObjectError::UnknownKey { key_id: k.to_hex() },
+                aes::OpenError::DataKey => ObjectError::Authentication("wrapped data key"),
+                aes::OpenError::Payload => ObjectError::Authentication("payload"),
+                aes::OpenError::Envelope => ObjectError::Authentication("envelope length"),
+            })
+        };
+        if header.flags & FLAG_ZSTD != 0 {
+            SCRATCH.with(|s| {
+                let mut s = s.borrow_mut();
+                s.clear();
+                s.extend_from_slice(body);
+                open(&mut s)?;
+                transform::zstd::decompress_into(&s, out).map_err(|e| ObjectError::Decompress(e.to_string()))
+            })?
+        } else if body.len() == out.len() {
+            out.copy_from_slice(body);
+            open(out)?;
+            body.len()
+        } else {
+            body.len()
+        }
+    } else if header.flags & FLAG_ZSTD != 0 {
         transform::zstd::decompress_into(payload, out).map_err(|e| ObjectError::Decompress(e.to_string()))?
     } else if payload.len() == out.len() {
         out.copy_from_slice(payload);
@@ -272,43 +355,72 @@ fn untransform(header: &ObjectHeader, payload: &[u8], out: &mut [u8]) -> Result<
     Ok(())
 }
 
-/// Decodes an object of the expected kind: checks both checksums, undoes the transforms
-/// and checks the plaintext length. The caller checks the content against its id.
+/// Decodes an unencrypted object of the expected kind: checks both checksums, undoes the
+/// transforms and checks the plaintext length. The caller checks the content against its id.
 pub fn decode_object(bytes: &[u8], kind: ObjectKind) -> Result<(ObjectHeader, Vec<u8>), ObjectError> {
+    decode_with(Codec::plain(), bytes, kind)
+}
+
+pub(crate) fn decode_with(
+    codec: &Codec,
+    bytes: &[u8],
+    kind: ObjectKind,
+) -> Result<(ObjectHeader, Vec<u8>), ObjectError> {
     let (header, payload) = checked_payload(bytes, kind)?;
     let mut plain = vec![0u8; header.plain_len.min(1 << 36) as usize];
-    untransform(&header, payload, &mut plain)?;
+    untransform(codec, bytes, &header, payload, &mut plain)?;
     Ok((header, plain))
 }
 
-/// Decodes a block object and checks that its content hashes to `id`.
-pub fn decode_block(bytes: &[u8], id: &BlockId) -> Result<Vec<u8>, ObjectError> {
-    let (_, plain) = decode_object(bytes, ObjectKind::Block)?;
-    check_content(&plain, id)?;
-    Ok(plain)
-}
-
-/// Decodes a block object into the start of `out` (which must hold the whole block),
-/// checks it against `id` and returns its length. Used where the destination buffer is
-/// given (aligned buffers for direct I/O).
-pub fn decode_block_into(bytes: &[u8], id: &BlockId, out: &mut [u8]) -> Result<usize, ObjectError> {
-    let (header, payload) = checked_payload(bytes, ObjectKind::Block)?;
+/// Decodes into the start of `out` (which must hold the whole plaintext); returns its length.
+pub(crate) fn decode_into_with(
+    codec: &Codec,
+    bytes: &[u8],
+    kind: ObjectKind,
+    out: &mut [u8],
+) -> Result<usize, ObjectError> {
+    let (header, payload) = checked_payload(bytes, kind)?;
     let n = header.plain_len;
     if n > out.len() as u64 {
         return Err(ObjectError::PlainLength { expected: out.len() as u64, found: n });
     }
-    let out = &mut out[..n as usize];
-    untransform(&header, payload, out)?;
-    check_content(out, id)?;
+    untransform(codec, bytes, &header, payload, &mut out[..n as usize])?;
     Ok(n as usize)
 }
 
-fn check_content(plain: &[u8], id: &BlockId) -> Result<(), ObjectError> {
-    let found = BlockId::of(plain);
-    if found != *id {
-        return Err(ObjectError::ContentMismatch { expected: id.to_hex(), found: found.to_hex() });
+/// The header and envelope of a sealed object with its data key rewrapped by the codec's
+/// current master key; `None` when it is sealed with that key already.
+pub(crate) fn rewrap_with(codec: &Codec, bytes: &[u8]) -> Result<Option<Vec<u8>>, ObjectError> {
+    let (header, header_len) = parse_header(bytes)?;
+    if header.flags & FLAG_AES256GCM == 0 {
+        return Err(ObjectError::NotEncrypted);
     }
-    Ok(())
+    let (Some(current), Some(key)) = (codec.current_master(), aes::envelope_key(&header.envelope)) else {
+        return Err(ObjectError::Authentication("envelope length"));
+    };
+    if key == current.id() {
+        return Ok(None);
+    }
+    let envelope = aes::rewrap(|k| codec.master(k), current, &header.envelope, &header.id).map_err(|e| match e {
+        aes::OpenError::UnknownKey(k) => ObjectError::UnknownKey { key_id: k.to_hex() },
+        _ => ObjectError::Authentication("wrapped data key"),
+    })?;
+    let mut prefix = bytes[..header_len].to_vec();
+    prefix[OBJECT_HEADER_LEN..header_len].copy_from_slice(&envelope);
+    let crc = header_crc(&prefix, header_len);
+    prefix[36..40].copy_from_slice(&crc.to_le_bytes());
+    Ok(Some(prefix))
+}
+
+/// Decodes an unencrypted block object and checks that its content hashes to `id`.
+pub fn decode_block(bytes: &[u8], id: &BlockId) -> Result<Vec<u8>, ObjectError> {
+    Codec::plain().decode_block(bytes, id)
+}
+
+/// Decodes an unencrypted block object into the start of `out`, checks it against `id`
+/// and returns its length.
+pub fn decode_block_into(bytes: &[u8], id: &BlockId, out: &mut [u8]) -> Result<usize, ObjectError> {
+    Codec::plain().decode_block_into(bytes, id, out)
 }
 
 #[cfg(test)]

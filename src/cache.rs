@@ -2,7 +2,7 @@
 //! a block shared by many versions is cached once). Concurrent requests for the same
 //! block wait for one fetch instead of fetching it again.
 
-use crate::block::{BlockId, ObjectError, decode_block};
+use crate::block::{BlockId, ObjectError};
 use crate::storage::{Storage, retry};
 use lru::LruCache;
 use parking_lot::{Condvar, Mutex};
@@ -69,7 +69,7 @@ pub fn fetch_verified<T>(
         match decode(&bytes) {
             Ok(b) => return Ok(b),
             // A missing key is not damage: say which key the object needs.
-            Err(e @ ObjectError::Encrypted) => {
+            Err(e @ ObjectError::UnknownKey { .. }) => {
                 return Err(FetchError::Unavailable(format!("object {id}: {e}")));
             }
             Err(e) => last = format!("object {id}: {e}"),
@@ -80,7 +80,7 @@ pub fn fetch_verified<T>(
 
 /// Fetches and verifies one block.
 pub fn fetch_block(storage: &dyn Storage, id: &BlockId) -> Result<Vec<u8>, FetchError> {
-    fetch_verified(storage, id, |bytes| decode_block(bytes, id))
+    fetch_verified(storage, id, |bytes| storage.codec().decode_block(bytes, id))
 }
 
 impl BlockCache {

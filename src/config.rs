@@ -21,6 +21,18 @@ pub enum StorageKind {
 pub struct StorageConfig {
     pub name: String,
     pub kind: StorageKind,
+    /// The master key of an encrypted storage: a key file, or a file holding the
+    /// passphrase (defaults: the top-level keys, then $KEEPFS_KEY_FILE / $KEEPFS_PASSPHRASE).
+    pub key_file: Option<PathBuf>,
+    pub passphrase_file: Option<PathBuf>,
+    /// Refuse to use this storage unless it is encrypted (no silent plaintext).
+    pub require_encryption: bool,
+}
+
+impl StorageConfig {
+    pub fn new(name: &str, kind: StorageKind) -> StorageConfig {
+        StorageConfig { name: name.into(), kind, key_file: None, passphrase_file: None, require_encryption: false }
+    }
 }
 
 /// The resolved configuration the engine runs with.
@@ -80,6 +92,9 @@ struct FileConfig {
     storage: Vec<FileStorageConfig>,
     #[serde(default)]
     scheduler: Vec<FileSchedulerConfig>,
+    key_file: Option<PathBuf>,
+    passphrase_file: Option<PathBuf>,
+    require_encryption: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -97,6 +112,9 @@ struct FileStorageConfig {
     name: String,
     kind: String,
     path: Option<PathBuf>,
+    key_file: Option<PathBuf>,
+    passphrase_file: Option<PathBuf>,
+    encrypt: Option<bool>,
 }
 
 fn cpus() -> usize {
@@ -117,10 +135,7 @@ impl Config {
     pub fn embedded(home: PathBuf) -> Config {
         Config {
             database: home.join("keepfs.sqlite"),
-            storages: vec![StorageConfig {
-                name: DEFAULT_STORAGE.to_string(),
-                kind: StorageKind::File { path: home.join("storage") },
-            }],
+            storages: vec![StorageConfig::new(DEFAULT_STORAGE, StorageKind::File { path: home.join("storage") })],
             default_storage: DEFAULT_STORAGE.to_string(),
             block_size: DEFAULT_BLOCK_SIZE,
             compression_level: 1,
@@ -187,7 +202,13 @@ impl Config {
                         return Err(bad(format!("storage '{}': unknown kind '{other}' (use file or null)", s.name)));
                     }
                 };
-                c.storages.push(StorageConfig { name: s.name, kind });
+                c.storages.push(StorageConfig {
+                    name: s.name,
+                    kind,
+                    key_file: s.key_file,
+                    passphrase_file: s.passphrase_file,
+                    require_encryption: s.encrypt.unwrap_or(false),
+                });
             }
             c.default_storage = c.storages[0].name.clone();
         }
@@ -245,6 +266,17 @@ impl Config {
         }
         if let Some(v) = &f.spool_size {
             c.spool_bytes = size("spool_size", v)?;
+        }
+        // Top-level keys apply to every storage that names none of its own.
+        for s in &mut c.storages {
+            if s.key_file.is_none() && s.passphrase_file.is_none() {
+                s.key_file = f.key_file.clone();
+                s.passphrase_file = f.passphrase_file.clone();
+            }
+            s.require_encryption |= f.require_encryption.unwrap_or(false);
+            if s.key_file.is_some() && s.passphrase_file.is_some() {
+                return Err(bad(format!("storage '{}': give key_file or passphrase_file, not both", s.name)));
+            }
         }
         for s in f.scheduler {
             let dur = |key: &str, v: &str| {

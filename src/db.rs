@@ -5,6 +5,7 @@
 
 use crate::block::BlockId;
 use crate::error::{Error, Result};
+use crate::transform::aes::KeyId;
 use crate::version::{Stats, Status, Version, VersionUid};
 use chrono::{DateTime, Utc};
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
@@ -13,7 +14,8 @@ use std::path::Path;
 use std::time::Duration;
 
 /// Schema migrations; entry N brings the schema from version N to N+1.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE storages (id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE);
 CREATE TABLE sessions (
     id INTEGER PRIMARY KEY,
@@ -71,7 +73,12 @@ CREATE TABLE version_locks (
     purpose TEXT NOT NULL,
     PRIMARY KEY (uid, session_id)
 ) WITHOUT ROWID;
-"#];
+"#,
+    r#"
+ALTER TABLE storages ADD COLUMN encrypted INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE objects ADD COLUMN key_id INTEGER;
+"#,
+];
 
 /// Object states: present, or marked for deletion by a cleanup (a tombstone).
 pub const OBJECT_PRESENT: i64 = 0;
@@ -162,14 +169,21 @@ pub struct ObjectRow {
 }
 
 /// Records objects as present, valid and just touched, inside the caller's transaction.
-pub fn upsert_objects(tx: &rusqlite::Transaction, storage_id: i64, objects: &[(BlockId, u64, u64)]) -> Result<()> {
+/// `key` is the master key that sealed the objects (None: plain, or not known).
+pub fn upsert_objects(
+    tx: &rusqlite::Transaction,
+    storage_id: i64,
+    objects: &[(BlockId, u64, u64)],
+    key: Option<KeyId>,
+) -> Result<()> {
     let now = now_ms();
     let mut st = tx.prepare_cached(
-        "INSERT INTO objects(storage_id, id, stored_size, plain_size, state, valid, touched_ms) VALUES (?1,?2,?3,?4,0,1,?5) \
-         ON CONFLICT(storage_id, id) DO UPDATE SET state=0, valid=1, touched_ms=?5, stored_size=?3",
+        "INSERT INTO objects(storage_id, id, stored_size, plain_size, state, valid, touched_ms, key_id) VALUES (?1,?2,?3,?4,0,1,?5,?6) \
+         ON CONFLICT(storage_id, id) DO UPDATE SET state=0, valid=1, touched_ms=?5, stored_size=?3, key_id=COALESCE(?6, key_id)",
     )?;
+    let key = key.map(|k| k.as_i64());
     for (id, stored, plain) in objects {
-        st.execute(params![storage_id, &id.0[..], *stored as i64, *plain as i64, now])?;
+        st.execute(params![storage_id, &id.0[..], *stored as i64, *plain as i64, now, key])?;
     }
     Ok(())
 }
@@ -223,6 +237,55 @@ impl Db {
     pub fn storage_id(&self, name: &str) -> Result<i64> {
         self.conn.execute("INSERT OR IGNORE INTO storages(name) VALUES (?1)", [name])?;
         Ok(self.conn.query_row("SELECT id FROM storages WHERE name = ?1", [name], |r| r.get(0))?)
+    }
+
+    /// Whether a storage was initialised for encryption (then it must never be written
+    /// in plaintext, whatever its keyring object looks like).
+    pub fn storage_encrypted(&self, name: &str) -> Result<bool> {
+        let id = self.storage_id(name)?;
+        Ok(self.conn.query_row("SELECT encrypted FROM storages WHERE id = ?1", [id], |r| r.get(0))?)
+    }
+
+    pub fn set_storage_encrypted(&self, name: &str) -> Result<()> {
+        let id = self.storage_id(name)?;
+        self.conn.execute("UPDATE storages SET encrypted = 1 WHERE id = ?1", [id])?;
+        Ok(())
+    }
+
+    /// Objects per master key (None: not recorded, e.g. after a database rebuild).
+    pub fn objects_per_key(&self, storage_id: i64) -> Result<Vec<(Option<KeyId>, u64)>> {
+        let mut st = self.conn.prepare("SELECT key_id, COUNT(*) FROM objects WHERE storage_id=?1 GROUP BY key_id")?;
+        let rows = st.query_map([storage_id], |r| {
+            Ok((r.get::<_, Option<i64>>(0)?.map(KeyId::from_i64), r.get::<_, i64>(1)? as u64))
+        })?;
+        Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+    }
+
+    /// Objects not recorded as sealed by `key`.
+    pub fn objects_not_under(&self, storage_id: i64, key: KeyId) -> Result<Vec<BlockId>> {
+        let mut st = self
+            .conn
+            .prepare("SELECT id FROM objects WHERE storage_id=?1 AND state=0 AND (key_id IS NULL OR key_id != ?2)")?;
+        let rows = st.query_map(params![storage_id, key.as_i64()], |r| r.get::<_, Vec<u8>>(0))?;
+        let mut out = Vec::new();
+        for r in rows {
+            if let Some(id) = BlockId::from_slice(&r?) {
+                out.push(id);
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn set_object_keys(&self, storage_id: i64, ids: &[BlockId], key: KeyId) -> Result<()> {
+        let tx = self.conn.unchecked_transaction()?;
+        {
+            let mut st = tx.prepare_cached("UPDATE objects SET key_id=?3 WHERE storage_id=?1 AND id=?2")?;
+            for id in ids {
+                st.execute(params![storage_id, &id.0[..], key.as_i64()])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
     }
 
     // ---- sessions -------------------------------------------------------------------
@@ -574,9 +637,14 @@ impl Db {
     }
 
     /// Records durably stored objects (id, stored size, plaintext size) as present.
-    pub fn insert_objects(&mut self, storage_id: i64, objects: &[(BlockId, u64, u64)]) -> Result<()> {
+    pub fn insert_objects(
+        &mut self,
+        storage_id: i64,
+        objects: &[(BlockId, u64, u64)],
+        key: Option<KeyId>,
+    ) -> Result<()> {
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        upsert_objects(&tx, storage_id, objects)?;
+        upsert_objects(&tx, storage_id, objects, key)?;
         tx.commit()?;
         Ok(())
     }

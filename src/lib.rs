@@ -15,6 +15,7 @@ pub mod gc;
 pub mod hints;
 pub mod image;
 pub mod index;
+pub mod keys;
 pub mod metadata;
 pub mod mount;
 pub mod progress;

@@ -157,6 +157,20 @@ enum Command {
         #[arg(long, value_enum, default_value = "table")]
         format: Format,
     },
+    /// Prepare a storage before its first backup; --encrypt makes it encrypted with the key
+    /// from KEEPFS_KEY_FILE / KEEPFS_PASSPHRASE / the configuration (or a prompt)
+    Init {
+        #[arg(long)]
+        encrypt: bool,
+        /// The storage (default: default_storage)
+        #[arg(short = 'S', long)]
+        storage: Option<String>,
+    },
+    /// Master keys of an encrypted storage
+    Key {
+        #[command(subcommand)]
+        action: KeyAction,
+    },
     /// Export or import versions' metadata (JSON)
     Metadata {
         #[command(subcommand)]
@@ -236,6 +250,40 @@ enum MetadataAction {
     Restore {
         #[arg(required = true)]
         uids: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeyAction {
+    /// Write a new random key (32 bytes, hex) to FILE, readable by its owner only
+    New { file: PathBuf },
+    /// The keys in a storage's keyring and how many objects each protects
+    List {
+        #[arg(short = 'S', long)]
+        storage: Option<String>,
+        #[arg(long, value_enum, default_value = "table")]
+        format: Format,
+    },
+    /// Make a new key current (give it with --new-key-file, --new-passphrase-file or
+    /// KEEPFS_NEW_PASSPHRASE); the current key opens the keyring
+    Rotate {
+        #[arg(short = 'S', long)]
+        storage: Option<String>,
+        #[arg(long, value_name = "FILE")]
+        new_key_file: Option<PathBuf>,
+        #[arg(long, value_name = "FILE")]
+        new_passphrase_file: Option<PathBuf>,
+    },
+    /// Rewrap every object's data key with the current key (headers only)
+    Rekey {
+        #[arg(short = 'S', long)]
+        storage: Option<String>,
+    },
+    /// Remove an old key from the keyring (after `rekey`)
+    Remove {
+        id: String,
+        #[arg(short = 'S', long)]
+        storage: Option<String>,
     },
 }
 
@@ -451,6 +499,12 @@ fn print_table(versions: &[Version]) {
 }
 
 fn run(cli: Cli) -> Result<i32> {
+    // A key file is made without a repository.
+    if let Command::Key { action: KeyAction::New { file } } = &cli.command {
+        let id = keepfs::keys::write_new_key_file(file)?;
+        eprintln!("wrote key {id} to {}; keep a copy somewhere safe", file.display());
+        return Ok(exit::OK);
+    }
     let config = Config::discover(cli.config.as_deref())?;
     let repo = Repository::open(config)?;
     match cli.command {
@@ -608,6 +662,78 @@ fn run(cli: Cli) -> Result<i32> {
                 }
             }
             Ok(if refused > 0 { exit::REFUSED } else { exit::OK })
+        }
+        Command::Init { encrypt, storage } => {
+            let name = storage.unwrap_or_else(|| repo.config.default_storage.clone());
+            let sc = repo.config.storage(&name)?.clone();
+            if !encrypt {
+                repo.storage(&name)?;
+                eprintln!("storage '{name}' is ready ({})", repo.config.origin);
+                return Ok(exit::OK);
+            }
+            let source = match keepfs::keys::key_source(&sc, "")? {
+                Some(s) => s,
+                None => keepfs::keys::new_key_source(None, None)?,
+            };
+            let id = repo.init_encryption(&name, &source)?;
+            eprintln!(
+                "storage '{name}' is encrypted with key {id} ({}); keep that key safe: without it nothing can be restored",
+                source.describe()
+            );
+            Ok(exit::OK)
+        }
+        Command::Key { action } => {
+            let storage_name = |s: Option<String>| s.unwrap_or_else(|| repo.config.default_storage.clone());
+            match action {
+                KeyAction::New { .. } => unreachable!("handled before the repository is opened"),
+                KeyAction::List { storage, format } => {
+                    let (keys, unrecorded) = repo.list_keys(&storage_name(storage))?;
+                    if unrecorded > 0 {
+                        eprintln!(
+                            "keepfs: {unrecorded} object(s) have no key recorded (a rebuilt database); `keepfs key rekey` records them"
+                        );
+                    }
+                    match format {
+                        Format::Json => println!("{}", to_json(&keys)?),
+                        Format::Table => print_rows(
+                            &["id", "created", "kind", "current", "objects"],
+                            keys.iter()
+                                .map(|k| {
+                                    vec![
+                                        k.id.clone(),
+                                        k.created.format("%Y-%m-%d %H:%M:%S").to_string(),
+                                        k.kind.clone(),
+                                        if k.current { "yes" } else { "no" }.into(),
+                                        k.objects.to_string(),
+                                    ]
+                                })
+                                .collect(),
+                        ),
+                    }
+                }
+                KeyAction::Rotate { storage, new_key_file, new_passphrase_file } => {
+                    let name = storage_name(storage);
+                    let new = keepfs::keys::new_key_source(new_key_file.as_deref(), new_passphrase_file.as_deref())?;
+                    let id = repo.rotate_key(&name, &new)?;
+                    eprintln!(
+                        "storage '{name}': key {id} is current; run `keepfs key rekey` to move existing objects to it"
+                    );
+                }
+                KeyAction::Rekey { storage } => {
+                    let name = storage_name(storage);
+                    let (done, already) = repo.rekey(&name)?;
+                    eprintln!("storage '{name}': rewrapped {done} object(s); {already} had the current key already");
+                }
+                KeyAction::Remove { id, storage } => {
+                    let name = storage_name(storage);
+                    let kid = keepfs::transform::aes::KeyId::from_hex(id.trim()).ok_or_else(|| {
+                        Error::Invalid(format!("'{id}' is not a key id (16 hex digits, see `keepfs key list`)"))
+                    })?;
+                    repo.remove_key(&name, kid)?;
+                    eprintln!("storage '{name}': key {kid} removed");
+                }
+            }
+            Ok(exit::OK)
         }
         Command::Due { name, schedulers, format } => {
             let chosen = keepfs::schedule::select(&repo.config.schedulers, &schedulers)?;

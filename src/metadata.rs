@@ -99,7 +99,7 @@ impl Repository {
                 let storage = self.storage(&sc.name)?;
                 match crate::storage::retry(4, || storage.get(&crate::repo::version_key(uid))) {
                     Ok(bytes) => {
-                        let (mut v, index) = crate::repo::decode_version_object(&bytes)
+                        let (mut v, index) = crate::repo::decode_version_object(storage.codec(), &bytes)
                             .map_err(|e| Error::Other(format!("storage '{}' metadata of {uid}: {e}", sc.name)))?;
                         v.storage = sc.name.clone();
                         hit = Some((v, index));
@@ -142,7 +142,7 @@ impl Repository {
                 v.status = Status::Invalid;
             }
             let sid = self.storage_id(&v.storage)?;
-            self.db().insert_objects(sid, &present)?;
+            self.db().insert_objects(sid, &present, None)?;
             self.db().insert_version_record(&v, &index.encode())?;
             self.refresh_version_object(v.uid)?;
             imported.push(v.uid);

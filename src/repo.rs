@@ -1,13 +1,14 @@
 //! A repository: the metadata database and the storages, opened from a configuration.
 //! This is the engine's front door; the CLI and the FUSE filesystem only talk to it.
 
-use crate::block::{ObjectKind, decode_object, encode_object};
+use crate::block::ObjectKind;
 use crate::config::{Config, StorageKind};
 use crate::db::Db;
 use crate::error::{Error, Result};
 use crate::filter::Filter;
 use crate::index::BlockIndex;
 use crate::storage::{SharedStorage, file::FileStorage, null::NullStorage};
+use crate::transform::Codec;
 use crate::version::{Status, Version, VersionUid};
 use chrono::Utc;
 use parking_lot::Mutex;
@@ -17,7 +18,14 @@ use std::sync::Arc;
 pub struct Repository {
     pub config: Config,
     pub(crate) db: Arc<Mutex<Db>>,
-    storages: HashMap<String, SharedStorage>,
+    storages: Mutex<HashMap<String, StorageSlot>>,
+}
+
+/// A configured storage: as opened, and once its keyring (if any) is unlocked, with its
+/// codec. Unlocking waits for the first use, so that `ls` never asks for a key.
+struct StorageSlot {
+    raw: SharedStorage,
+    ready: Option<SharedStorage>,
 }
 
 /// The storage key of a version's metadata object.
@@ -30,7 +38,7 @@ const VERSION_OBJECT_FORMAT: u16 = 1;
 
 /// Builds the storage object that makes a version restorable from the storage alone: its
 /// fields and labels (JSON) followed by its block index. Layout in docs/format.md.
-pub fn encode_version_object(version: &Version, index: &BlockIndex) -> Result<Vec<u8>> {
+pub fn encode_version_object(codec: &Codec, version: &Version, index: &BlockIndex) -> Result<Vec<u8>> {
     let json = serde_json::to_vec(version).map_err(|e| Error::Other(format!("cannot encode version metadata: {e}")))?;
     let index_bytes = index.encode();
     let mut plain = Vec::with_capacity(16 + json.len() + index_bytes.len());
@@ -40,16 +48,17 @@ pub fn encode_version_object(version: &Version, index: &BlockIndex) -> Result<Ve
     plain.extend_from_slice(&(json.len() as u32).to_le_bytes());
     plain.extend_from_slice(&json);
     plain.extend_from_slice(&index_bytes);
-    let id = crate::block::BlockId::of(&plain);
-    Ok(encode_object(ObjectKind::Version, &id.0, &plain, 3))
+    let id = codec.id_of(&plain);
+    Ok(codec.encode(ObjectKind::Version, &id.0, &plain, 3))
 }
 
 /// Reads a version object back (the inverse of [`encode_version_object`]).
-pub fn decode_version_object(bytes: &[u8]) -> Result<(Version, BlockIndex)> {
+pub fn decode_version_object(codec: &Codec, bytes: &[u8]) -> Result<(Version, BlockIndex)> {
     let ctx = |m: &str| Error::Other(format!("version object: {m}"));
-    let (header, plain) = decode_object(bytes, ObjectKind::Version)
+    let (header, plain) = codec
+        .decode(bytes, ObjectKind::Version)
         .map_err(|e| Error::Object { context: "version object".into(), source: e })?;
-    if crate::block::BlockId::of(&plain).0 != header.id {
+    if codec.id_of(&plain).0 != header.id {
         return Err(ctx("content does not match its checksum"));
     }
     if plain.len() < 16 || plain[0..8] != VERSION_OBJECT_MAGIC {
@@ -73,33 +82,60 @@ impl Repository {
         std::fs::create_dir_all(&config.home)
             .map_err(|e| Error::io(format!("cannot create the keepfs home {}", config.home.display()), e))?;
         let db = Db::open(&config.database)?;
-        let mut storages: HashMap<String, SharedStorage> = HashMap::new();
+        let mut storages: HashMap<String, StorageSlot> = HashMap::new();
         for s in &config.storages {
             let st: SharedStorage = match &s.kind {
                 StorageKind::File { path } => Arc::new(FileStorage::open(&s.name, path)?),
                 StorageKind::Null => Arc::new(NullStorage::new(&s.name)),
             };
-            storages.insert(s.name.clone(), st);
+            storages.insert(s.name.clone(), StorageSlot { raw: st, ready: None });
         }
-        Ok(Repository { config, db: Arc::new(Mutex::new(db)), storages })
+        Ok(Repository { config, db: Arc::new(Mutex::new(db)), storages: Mutex::new(storages) })
     }
 
-    /// Replaces a storage by a decorated one (fault injection in tests, caching).
+    /// Replaces a storage by a decorated one (fault injection in tests, caching, a
+    /// throttle). The decorator sits below the codec: it sees sealed objects.
     pub fn wrap_storage(&mut self, name: &str, f: impl FnOnce(SharedStorage) -> SharedStorage) -> Result<()> {
-        let s = self.storage(name)?;
-        self.storages.insert(name.to_string(), f(s));
+        let raw = self.raw_storage(name)?;
+        self.storages.lock().insert(name.to_string(), StorageSlot { raw: f(raw), ready: None });
         Ok(())
     }
 
+    fn unknown_storage(&self, name: &str) -> Error {
+        let mut names: Vec<String> = self.storages.lock().keys().cloned().collect();
+        names.sort();
+        Error::Invalid(format!(
+            "no storage named '{name}' is configured (configured: {}); check the configuration",
+            names.join(", ")
+        ))
+    }
+
+    /// A storage as opened, before any keyring is applied (for the keyring itself).
+    pub(crate) fn raw_storage(&self, name: &str) -> Result<SharedStorage> {
+        self.storages.lock().get(name).map(|s| s.raw.clone()).ok_or_else(|| self.unknown_storage(name))
+    }
+
+    /// Forgets an unlocked storage, so that the next use reads its keyring again.
+    pub(crate) fn reset_storage(&self, name: &str) {
+        if let Some(s) = self.storages.lock().get_mut(name) {
+            s.ready = None;
+        }
+    }
+
+    /// A storage ready for use: an encrypted one unlocked with its key (see keys.rs).
     pub fn storage(&self, name: &str) -> Result<SharedStorage> {
-        self.storages.get(name).cloned().ok_or_else(|| {
-            let mut names: Vec<&str> = self.storages.keys().map(|s| s.as_str()).collect();
-            names.sort();
-            Error::Invalid(format!(
-                "no storage named '{name}' is configured (configured: {}); check the configuration",
-                names.join(", ")
-            ))
-        })
+        if let Some(s) = self.storages.lock().get(name) {
+            if let Some(r) = &s.ready {
+                return Ok(r.clone());
+            }
+        } else {
+            return Err(self.unknown_storage(name));
+        }
+        let ready = self.unlock_storage(name)?;
+        if let Some(s) = self.storages.lock().get_mut(name) {
+            s.ready = Some(ready.clone());
+        }
+        Ok(ready)
     }
 
     pub fn storage_id(&self, name: &str) -> Result<i64> {
@@ -185,7 +221,7 @@ impl Repository {
         }
         let index = self.index(uid)?;
         let storage = self.storage(&v.storage)?;
-        let object = encode_version_object(&v, &index)?;
+        let object = encode_version_object(storage.codec(), &v, &index)?;
         crate::storage::retry(4, || storage.put(&version_key(uid), &object))?;
         crate::storage::retry(4, || storage.sync())?;
         Ok(())
@@ -237,7 +273,7 @@ impl Repository {
             let storage = self.storage(&sc.name)?;
             for entry in storage.list("versions/")? {
                 let bytes = crate::storage::retry(4, || storage.get(&entry.key))?;
-                let (mut v, index) = decode_version_object(&bytes)
+                let (mut v, index) = decode_version_object(storage.codec(), &bytes)
                     .map_err(|e| Error::Other(format!("storage '{}' object {}: {e}", sc.name, entry.key)))?;
                 v.storage = sc.name.clone();
                 self.db.lock().insert_version_record(&v, &index.encode())?;
@@ -251,11 +287,11 @@ impl Repository {
                 }
                 if batch.len() >= 1000 {
                     objects += batch.len() as u64;
-                    self.db.lock().insert_objects(sid, &std::mem::take(&mut batch))?;
+                    self.db.lock().insert_objects(sid, &std::mem::take(&mut batch), None)?;
                 }
             }
             objects += batch.len() as u64;
-            self.db.lock().insert_objects(sid, &batch)?;
+            self.db.lock().insert_objects(sid, &batch, None)?;
         }
         Ok((versions, objects))
     }

@@ -3,7 +3,7 @@
 //! its checksum does not abort the restore: it is written as zeros, reported, and the
 //! version is marked invalid.
 
-use crate::block::{BlockId, decode_block_into};
+use crate::block::BlockId;
 use crate::cache::FetchError;
 use crate::error::{Error, Result};
 use crate::progress::Progress;
@@ -236,7 +236,7 @@ fn fetch_block_into(
     id: &BlockId,
     out: &mut [u8],
 ) -> std::result::Result<usize, FetchError> {
-    crate::cache::fetch_verified(storage, id, |bytes| decode_block_into(bytes, id, out))
+    crate::cache::fetch_verified(storage, id, |bytes| storage.codec().decode_block_into(bytes, id, out))
 }
 
 /// What became of one block.
@@ -315,7 +315,7 @@ impl Repository {
                         let len = index.block_len(idx as usize);
                         let kept = opts.resume
                             && target_ref.buffered.read_exact_at(&mut buf.window()[..len], idx * bs as u64).is_ok()
-                            && BlockId::of(buf.bytes(len)) == id;
+                            && storage.codec().id_of(buf.bytes(len)) == id;
                         let r = if kept {
                             Outcome::Kept
                         } else {

@@ -42,9 +42,24 @@ pub struct ScrubReport {
 const SOURCE_DIFFERS: &str = "differs from the source";
 
 /// Light check of one object: there, a well-formed block object for this id, whole.
-fn light_check(bytes: &[u8], id: &BlockId) -> std::result::Result<(), crate::block::ObjectError> {
-    use crate::block::ObjectError;
+fn light_check(
+    codec: &crate::transform::Codec,
+    bytes: &[u8],
+    id: &BlockId,
+) -> std::result::Result<(), crate::block::ObjectError> {
+    use crate::block::{FLAG_AES256GCM, ObjectError};
     let (h, header_len) = parse_header(bytes)?;
+    let sealed = h.flags & FLAG_AES256GCM != 0;
+    if codec.is_sealed() && !sealed {
+        return Err(ObjectError::NotEncrypted);
+    }
+    if sealed {
+        let key =
+            crate::transform::aes::envelope_key(&h.envelope).ok_or(ObjectError::Authentication("envelope length"))?;
+        if codec.master(key).is_none() {
+            return Err(ObjectError::UnknownKey { key_id: key.to_hex() });
+        }
+    }
     if h.kind != ObjectKind::Block as u16 {
         return Err(ObjectError::WrongKind { expected: ObjectKind::Block as u16, found: h.kind });
     }
@@ -163,7 +178,7 @@ impl Repository {
                 s.spawn(move || {
                     for (id, idxs) in job_rx {
                         let r = if !opts.deep {
-                            fetch_verified(storage.as_ref(), &id, |b| light_check(b, &id))
+                            fetch_verified(storage.as_ref(), &id, |b| light_check(storage.codec(), b, &id))
                         } else {
                             fetch_block(storage.as_ref(), &id).and_then(|data| match source_ref {
                                 None => Ok(()),

@@ -257,7 +257,7 @@ fn version_objects_make_the_storage_self_sufficient() {
     fs::write(repo.path("img"), mixed_image(12, 6, BS, 10)).unwrap();
     let uid = repo.backup("img", "meta", &["-b", "64k", "-l", "k=v"]);
     let obj = fs::read(repo.storage().join("versions").join(&uid)).unwrap();
-    let (v, index) = keepfs::repo::decode_version_object(&obj).unwrap();
+    let (v, index) = keepfs::repo::decode_version_object(keepfs::transform::Codec::plain(), &obj).unwrap();
     assert_eq!(v.uid.to_string(), uid);
     assert_eq!(v.name, "meta");
     assert_eq!(v.labels.get("k").map(String::as_str), Some("v"));
@@ -286,7 +286,7 @@ fn labels_change_and_reach_the_storage_copy() {
     assert_eq!(repo.version(&uid)["labels"]["env"], "test");
     // The version object in the storage follows.
     let obj = fs::read(repo.storage().join("versions").join(&uid)).unwrap();
-    let (stored, _) = keepfs::repo::decode_version_object(&obj).unwrap();
+    let (stored, _) = keepfs::repo::decode_version_object(keepfs::transform::Codec::plain(), &obj).unwrap();
     assert_eq!(stored.labels.get("env").map(String::as_str), Some("test"));
     assert!(!stored.labels.contains_key("gone"));
     for (args, needle) in [

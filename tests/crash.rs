@@ -42,7 +42,7 @@ fn kill_9_during_backup_leaves_an_incomplete_version_and_a_consistent_repository
     repo.ok(&["cleanup"]);
     let index_objects = {
         let obj = fs::read(repo.storage().join("versions").join(&good)).unwrap();
-        let (_, index) = keepfs::repo::decode_version_object(&obj).unwrap();
+        let (_, index) = keepfs::repo::decode_version_object(keepfs::transform::Codec::plain(), &obj).unwrap();
         index.entries.iter().filter(|e| !e.is_sparse()).collect::<std::collections::HashSet<_>>().len()
     };
     assert_eq!(repo.block_objects(), index_objects);

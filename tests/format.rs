@@ -60,7 +60,11 @@ fn committed_samples_decode() {
         std::fs::write(data("block-plain.obj"), encode_object(ObjectKind::Block, &BlockId::of(&rnd).0, &rnd, 3))
             .unwrap();
         std::fs::write(data("index.kfi"), index.encode()).unwrap();
-        std::fs::write(data("version.obj"), encode_version_object(&version, &index).unwrap()).unwrap();
+        std::fs::write(
+            data("version.obj"),
+            encode_version_object(keepfs::transform::Codec::plain(), &version, &index).unwrap(),
+        )
+        .unwrap();
     }
 
     // A compressed block object: header fields at their documented offsets.
@@ -91,7 +95,41 @@ fn committed_samples_decode() {
 
     // The version object: fields, labels and index come back.
     let obj = std::fs::read(data("version.obj")).unwrap();
-    let (v, i) = decode_version_object(&obj).unwrap();
+    let (v, i) = decode_version_object(keepfs::transform::Codec::plain(), &obj).unwrap();
     assert_eq!(v, version);
     assert_eq!(i, index);
+}
+
+/// An encrypted storage's keyring and a sealed block object, committed: the key file
+/// `sample.key` opens the keyring, whose secret names the block and whose key unwraps it.
+#[test]
+fn committed_encrypted_samples_decode() {
+    use keepfs::keys::{KeySource, Keyring};
+    use keepfs::transform::Codec;
+    let key = KeySource::File(data("sample.key"));
+    if std::env::var_os("KEEPFS_WRITE_SAMPLES").is_some() {
+        std::fs::write(data("sample.key"), format!("{}\n", "5a".repeat(32))).unwrap();
+        let (ring, u) = Keyring::create(&key).unwrap();
+        std::fs::write(data("keyring.json"), ring.to_bytes()).unwrap();
+        let codec = Codec::sealed(&u.secret, u.master_keys(), u.opened_with).unwrap();
+        let text = text_block();
+        std::fs::write(data("block-sealed.obj"), codec.encode(ObjectKind::Block, &codec.id_of(&text).0, &text, 3))
+            .unwrap();
+    }
+    let ring = Keyring::parse(&std::fs::read(data("keyring.json")).unwrap(), "sample").unwrap();
+    assert_eq!(ring.format, "keepfs-keyring");
+    assert_eq!(ring.format_version, 1);
+    let u = ring.unlock(&key, "sample").unwrap();
+    assert_eq!(u.opened_with.to_hex(), ring.current);
+    let codec = Codec::sealed(&u.secret, u.master_keys(), u.opened_with).unwrap();
+    let obj = std::fs::read(data("block-sealed.obj")).unwrap();
+    let (header, header_len) = parse_header(&obj).unwrap();
+    assert_eq!(header_len, 72 + 80, "fixed header, then the 80-byte envelope");
+    assert_eq!(header.flags, FLAG_ZSTD | keepfs::block::FLAG_AES256GCM);
+    assert_eq!(hex::encode(&header.envelope[..8]), ring.current, "the envelope names the master key");
+    let id = codec.id_of(&text_block());
+    assert_ne!(id, BlockId::of(&text_block()), "ids are keyed");
+    assert_eq!(codec.decode_block(&obj, &id).unwrap(), text_block());
+    // Without the key it is not readable.
+    assert!(decode_block(&obj, &id).is_err());
 }

@@ -126,4 +126,11 @@ impl Storage for FaultyStorage {
     fn purge_temporary(&self, older_than: std::time::SystemTime) -> StorageResult<u64> {
         self.inner.purge_temporary(older_than)
     }
+    fn codec(&self) -> &crate::transform::Codec {
+        self.inner.codec()
+    }
+    fn replace_prefix(&self, key: &str, prefix: &[u8]) -> StorageResult<()> {
+        self.pause();
+        self.inner.replace_prefix(key, prefix)
+    }
 }

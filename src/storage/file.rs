@@ -91,6 +91,40 @@ impl Storage for FileStorage {
         &self.name
     }
 
+    fn codec(&self) -> &crate::transform::Codec {
+        crate::transform::Codec::plain()
+    }
+
+    /// A new header over the same payload: the object is copied inside the filesystem
+    /// (`copy_file_range`, a reflink where the filesystem has them), the header written
+    /// over the copy, and the copy fsynced and renamed into place. Never a partial
+    /// in-place write: a crash leaves the old object or the new one.
+    fn replace_prefix(&self, key: &str, prefix: &[u8]) -> StorageResult<()> {
+        let path = self.path_of(key)?;
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        let tmp = self.tmp.join(format!("{}.{}.{}", std::process::id(), n, key.replace('/', "_")));
+        let r = (|| -> io::Result<()> {
+            fs::copy(&path, &tmp)?;
+            let f = OpenOptions::new().write(true).open(&tmp)?;
+            if f.metadata()?.len() < prefix.len() as u64 {
+                return Err(io::Error::new(io::ErrorKind::InvalidData, "object shorter than its new header"));
+            }
+            std::os::unix::fs::FileExt::write_all_at(&f, prefix, 0)?;
+            f.sync_data()?;
+            fs::rename(&tmp, &path)
+        })();
+        if let Err(e) = r {
+            let _ = fs::remove_file(&tmp);
+            return Err(if e.kind() == io::ErrorKind::NotFound {
+                StorageError::NotFound { storage: self.name.clone(), key: key.to_string() }
+            } else {
+                self.err("rewrite header of", key, e)
+            });
+        }
+        self.dirty_dirs.lock().insert(path.parent().unwrap_or(&self.root).to_path_buf());
+        Ok(())
+    }
+
     fn put(&self, key: &str, data: &[u8]) -> StorageResult<()> {
         let path = self.path_of(key)?;
         let tmp = self.write_temp(key, data)?;

@@ -5,6 +5,7 @@
 pub mod fault;
 pub mod file;
 pub mod null;
+pub mod sealed;
 
 use std::io;
 use std::sync::Arc;
@@ -78,6 +79,25 @@ pub trait Storage: Send + Sync {
     /// Removes leftovers of interrupted writes older than `older_than`.
     fn purge_temporary(&self, _older_than: SystemTime) -> StorageResult<u64> {
         Ok(0)
+    }
+    /// How this storage's objects are named and encoded. A storage is opened plain; the
+    /// repository wraps an encrypted one in [`sealed::SealedStorage`], and decorators
+    /// must pass this through (no default, so that none can forget).
+    fn codec(&self) -> &crate::transform::Codec;
+    /// Replaces the first `prefix.len()` bytes of an object (a rewrapped header, for key
+    /// rotation) without changing its length. The default rewrites the whole object.
+    fn replace_prefix(&self, key: &str, prefix: &[u8]) -> StorageResult<()> {
+        let mut data = self.get(key)?;
+        if data.len() < prefix.len() {
+            return Err(StorageError::Io {
+                storage: self.name().to_string(),
+                op: "rewrite",
+                key: key.to_string(),
+                source: io::Error::new(io::ErrorKind::InvalidData, "object shorter than its new header"),
+            });
+        }
+        data[..prefix.len()].copy_from_slice(prefix);
+        self.put(key, &data)
     }
 }
 

@@ -17,6 +17,9 @@ impl Storage for NullStorage {
     fn name(&self) -> &str {
         &self.name
     }
+    fn codec(&self) -> &crate::transform::Codec {
+        crate::transform::Codec::plain()
+    }
     fn put(&self, _key: &str, _data: &[u8]) -> StorageResult<()> {
         Ok(())
     }

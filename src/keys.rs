@@ -1,0 +1,632 @@
+//! Master keys and the keyring of an encrypted storage.
+//!
+//! A master key is 32 random bytes from a key file (`keepfs key new FILE`) or derived
+//! from a passphrase with Argon2id (parameters and salt kept in the keyring). The
+//! keyring (the storage object `keyring`, JSON, see docs/format.md) holds one entry per
+//! master key: the key bag — the repository secret (the HMAC key of content ids) and the
+//! master keys known when the entry was made — sealed by that master key. So the newest
+//! key opens objects sealed under older ones, while an older key never learns a newer
+//! one. `current` names the key that seals new objects.
+
+use crate::error::{Error, Result};
+use crate::transform::aes::{KEY_LEN, KeyId, MasterKey, random};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// The storage key of the keyring object.
+pub const KEYRING_KEY: &str = "keyring";
+pub const KEYRING_FORMAT: &str = "keepfs-keyring";
+pub const KEYRING_FORMAT_VERSION: u32 = 1;
+
+/// Where a master key comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum KeySource {
+    /// A key file: 64 hex digits (what `keepfs key new` writes) or 32 raw bytes.
+    File(PathBuf),
+    /// A passphrase, stretched with Argon2id.
+    Passphrase(String),
+}
+
+impl KeySource {
+    pub fn describe(&self) -> String {
+        match self {
+            KeySource::File(p) => format!("key file {}", p.display()),
+            KeySource::Passphrase(_) => "passphrase".to_string(),
+        }
+    }
+}
+
+/// Argon2id parameters, stored with each passphrase entry.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Kdf {
+    pub algorithm: String,
+    pub memory_kib: u32,
+    pub iterations: u32,
+    pub parallelism: u32,
+    pub salt: String,
+}
+
+impl Kdf {
+    fn new() -> Kdf {
+        Kdf {
+            algorithm: "argon2id".into(),
+            memory_kib: 64 * 1024,
+            iterations: 3,
+            parallelism: 1,
+            salt: hex::encode(random::<16>()),
+        }
+    }
+
+    fn derive(&self, passphrase: &str) -> Result<[u8; KEY_LEN]> {
+        if self.algorithm != "argon2id" {
+            return Err(Error::Invalid(format!("keyring: unknown key derivation '{}'", self.algorithm)));
+        }
+        let salt = hex::decode(&self.salt).map_err(|_| Error::Invalid("keyring: the KDF salt is not hex".into()))?;
+        let params = argon2::Params::new(self.memory_kib, self.iterations, self.parallelism, Some(KEY_LEN))
+            .map_err(|e| Error::Invalid(format!("keyring: bad Argon2 parameters: {e}")))?;
+        let argon = argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
+        let mut out = [0u8; KEY_LEN];
+        argon
+            .hash_password_into(passphrase.as_bytes(), &salt, &mut out)
+            .map_err(|e| Error::Invalid(format!("cannot derive a key from the passphrase: {e}")))?;
+        Ok(out)
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Entry {
+    /// Key id (16 hex digits).
+    pub id: String,
+    pub created: chrono::DateTime<chrono::Utc>,
+    /// Present for passphrase keys.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kdf: Option<Kdf>,
+    pub nonce: String,
+    /// The key bag sealed by this key: secret (32 bytes) then master keys (32 bytes each).
+    pub sealed_bag: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Keyring {
+    pub format: String,
+    pub format_version: u32,
+    pub current: String,
+    pub keys: Vec<Entry>,
+}
+
+/// What an unlocked keyring gives: the repository secret and every master key in the
+/// bag that was opened.
+pub struct Unlocked {
+    pub secret: [u8; KEY_LEN],
+    pub masters: Vec<[u8; KEY_LEN]>,
+    /// The key that opened the bag.
+    pub opened_with: KeyId,
+}
+
+impl Unlocked {
+    pub fn master_keys(&self) -> Vec<MasterKey> {
+        self.masters.iter().map(MasterKey::new).collect()
+    }
+}
+
+fn bag_aad(id: &str) -> Vec<u8> {
+    format!("keepfs-keyring-bag:{id}").into_bytes()
+}
+
+/// Reads a key file: 64 hex digits (surrounding white space allowed) or 32 raw bytes.
+pub fn read_key_file(path: &Path) -> Result<[u8; KEY_LEN]> {
+    let bytes =
+        std::fs::read(path).map_err(|e| Error::Invalid(format!("cannot read key file {}: {e}", path.display())))?;
+    let text = String::from_utf8_lossy(&bytes);
+    let mut key = [0u8; KEY_LEN];
+    if hex::decode_to_slice(text.trim(), &mut key).is_ok() {
+        return Ok(key);
+    }
+    if bytes.len() == KEY_LEN {
+        key.copy_from_slice(&bytes);
+        return Ok(key);
+    }
+    Err(Error::Invalid(format!(
+        "key file {} holds no key (expected 64 hex digits, as `keepfs key new` writes)",
+        path.display()
+    )))
+}
+
+/// Writes a new random key file (mode 0600); refuses to replace an existing file.
+pub fn write_new_key_file(path: &Path) -> Result<KeyId> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let key = random::<KEY_LEN>();
+    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::AlreadyExists {
+            Error::Refused(format!("{} exists; keepfs never overwrites a key file", path.display()))
+        } else {
+            Error::io(format!("cannot create key file {}", path.display()), e)
+        }
+    })?;
+    f.write_all(format!("{}\n", hex::encode(key)).as_bytes())
+        .and_then(|_| f.sync_all())
+        .map_err(|e| Error::io(format!("cannot write key file {}", path.display()), e))?;
+    Ok(MasterKey::new(&key).id())
+}
+
+impl Keyring {
+    pub fn parse(bytes: &[u8], storage: &str) -> Result<Keyring> {
+        let k: Keyring = serde_json::from_slice(bytes)
+            .map_err(|e| Error::Other(format!("storage '{storage}': the keyring object is damaged: {e}")))?;
+        if k.format != KEYRING_FORMAT || k.format_version != KEYRING_FORMAT_VERSION {
+            return Err(Error::Other(format!(
+                "storage '{storage}': keyring format '{}' {} is not supported (this keepfs reads {KEYRING_FORMAT} {KEYRING_FORMAT_VERSION})",
+                k.format, k.format_version
+            )));
+        }
+        Ok(k)
+    }
+
+    pub fn to_bytes(&self) -> Vec<u8> {
+        serde_json::to_vec_pretty(self).unwrap_or_default()
+    }
+
+    pub fn current_id(&self) -> Option<KeyId> {
+        KeyId::from_hex(&self.current)
+    }
+
+    /// A new keyring with a fresh repository secret, sealed for the key from `source`.
+    pub fn create(source: &KeySource) -> Result<(Keyring, Unlocked)> {
+        let secret = random::<KEY_LEN>();
+        let mut ring = Keyring {
+            format: KEYRING_FORMAT.into(),
+            format_version: KEYRING_FORMAT_VERSION,
+            current: String::new(),
+            keys: Vec::new(),
+        };
+        let (id, master) = ring.add(source, &secret, &[])?;
+        ring.current = id.to_hex();
+        Ok((ring, Unlocked { secret, masters: vec![master], opened_with: id }))
+    }
+
+    /// Adds an entry for the key from `source` whose bag holds `secret`, the `known`
+    /// master keys and the new key itself; returns the new key's id and material.
+    fn add(
+        &mut self,
+        source: &KeySource,
+        secret: &[u8; KEY_LEN],
+        known: &[[u8; KEY_LEN]],
+    ) -> Result<(KeyId, [u8; KEY_LEN])> {
+        let (master, kdf) = match source {
+            KeySource::File(p) => (read_key_file(p)?, None),
+            KeySource::Passphrase(pw) => {
+                if pw.is_empty() {
+                    return Err(Error::Invalid("the passphrase is empty".into()));
+                }
+                let kdf = Kdf::new();
+                (kdf.derive(pw)?, Some(kdf))
+            }
+        };
+        let key = MasterKey::new(&master);
+        let id = key.id();
+        if self.keys.iter().any(|e| e.id == id.to_hex()) {
+            return Err(Error::Refused(format!("key {id} is in the keyring already; choose a new key")));
+        }
+        let mut bag = secret.to_vec();
+        for k in known.iter().filter(|k| **k != master) {
+            bag.extend_from_slice(k);
+        }
+        bag.extend_from_slice(&master);
+        let (nonce, sealed) = key.wrap(&bag, &bag_aad(&id.to_hex()));
+        self.keys.push(Entry {
+            id: id.to_hex(),
+            created: chrono::Utc::now(),
+            kdf,
+            nonce: hex::encode(nonce),
+            sealed_bag: hex::encode(sealed),
+        });
+        Ok((id, master))
+    }
+
+    /// Opens the keyring with the key from `source`.
+    pub fn unlock(&self, source: &KeySource, storage: &str) -> Result<Unlocked> {
+        let candidates: Vec<(&Entry, [u8; KEY_LEN])> = match source {
+            KeySource::File(p) => {
+                let k = read_key_file(p)?;
+                let id = MasterKey::new(&k).id().to_hex();
+                self.keys.iter().filter(|e| e.id == id).map(|e| (e, k)).collect()
+            }
+            KeySource::Passphrase(pw) => {
+                let mut out = Vec::new();
+                for e in &self.keys {
+                    if let Some(kdf) = &e.kdf {
+                        let k = kdf.derive(pw)?;
+                        if MasterKey::new(&k).id().to_hex() == e.id {
+                            out.push((e, k));
+                            break;
+                        }
+                    }
+                }
+                out
+            }
+        };
+        let Some((entry, master)) = candidates.into_iter().next() else {
+            let ids: Vec<String> = self
+                .keys
+                .iter()
+                .map(|e| {
+                    let kind = if e.kdf.is_some() { "passphrase" } else { "key file" };
+                    let cur = if e.id == self.current { ", current" } else { "" };
+                    format!("{} ({kind}{cur})", e.id)
+                })
+                .collect();
+            return Err(Error::Invalid(format!(
+                "storage '{storage}': the {} does not open its keyring; it needs key {} (keyring holds: {})",
+                source.describe(),
+                self.current,
+                ids.join(", ")
+            )));
+        };
+        let key = MasterKey::new(&master);
+        let bad = || Error::Other(format!("storage '{storage}': keyring entry {} is damaged or was altered", entry.id));
+        let nonce = hex::decode(&entry.nonce).map_err(|_| bad())?;
+        let sealed = hex::decode(&entry.sealed_bag).map_err(|_| bad())?;
+        let bag = key.unwrap(&nonce, &sealed, &bag_aad(&entry.id)).ok_or_else(bad)?;
+        if bag.len() < 2 * KEY_LEN || bag.len() % KEY_LEN != 0 {
+            return Err(bad());
+        }
+        let mut secret = [0u8; KEY_LEN];
+        secret.copy_from_slice(&bag[..KEY_LEN]);
+        let masters = bag[KEY_LEN..]
+            .chunks(KEY_LEN)
+            .map(|c| {
+                let mut k = [0u8; KEY_LEN];
+                k.copy_from_slice(c);
+                k
+            })
+            .collect();
+        Ok(Unlocked { secret, masters, opened_with: key.id() })
+    }
+
+    /// Key rotation: adds the key from `source` (its bag holds every key `unlocked` knows)
+    /// and makes it current. Returns its id.
+    pub fn rotate(&mut self, unlocked: &Unlocked, source: &KeySource) -> Result<KeyId> {
+        let (id, _) = self.add(source, &unlocked.secret, &unlocked.masters)?;
+        self.current = id.to_hex();
+        Ok(id)
+    }
+
+    /// Removes a key: its entry goes, and every remaining entry's bag is sealed again
+    /// without it, so that no key left in the keyring can give the removed one back.
+    /// `unlocked` must come from the current key (its bag knows every older key).
+    pub fn remove(&mut self, id: KeyId, unlocked: &Unlocked) -> Result<()> {
+        if self.current == id.to_hex() {
+            return Err(Error::Refused(format!("key {id} is the current key; rotate to another one first")));
+        }
+        if !self.keys.iter().any(|e| e.id == id.to_hex()) {
+            return Err(Error::Invalid(format!("key {id} is not in the keyring (`keepfs key list` shows it)")));
+        }
+        self.keys.retain(|e| e.id != id.to_hex());
+        for e in &mut self.keys {
+            let Some(master) = unlocked.masters.iter().find(|m| MasterKey::new(m).id().to_hex() == e.id) else {
+                continue;
+            };
+            let key = MasterKey::new(master);
+            let nonce = hex::decode(&e.nonce).unwrap_or_default();
+            let sealed = hex::decode(&e.sealed_bag).unwrap_or_default();
+            let Some(bag) = key.unwrap(&nonce, &sealed, &bag_aad(&e.id)) else { continue };
+            let mut kept = bag[..KEY_LEN].to_vec();
+            for k in bag[KEY_LEN..].chunks(KEY_LEN) {
+                let mut a = [0u8; KEY_LEN];
+                a.copy_from_slice(k);
+                if MasterKey::new(&a).id() != id {
+                    kept.extend_from_slice(k);
+                }
+            }
+            let (nonce, sealed) = key.wrap(&kept, &bag_aad(&e.id));
+            e.nonce = hex::encode(nonce);
+            e.sealed_bag = hex::encode(sealed);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn create_unlock_rotate_remove() {
+        let dir = tempfile::tempdir().unwrap();
+        let f1 = dir.path().join("k1");
+        let id1 = write_new_key_file(&f1).unwrap();
+        assert!(matches!(write_new_key_file(&f1), Err(Error::Refused(_))));
+        let (mut ring, u) = Keyring::create(&KeySource::File(f1.clone())).unwrap();
+        assert_eq!(ring.current_id(), Some(id1));
+        let ring2 = Keyring::parse(&ring.to_bytes(), "t").unwrap();
+        let again = ring2.unlock(&KeySource::File(f1.clone()), "t").unwrap();
+        assert_eq!(again.secret, u.secret);
+        // A passphrase key added by rotation opens the same secret and knows key 1.
+        let pw = KeySource::Passphrase("correct horse".into());
+        let id2 = ring.rotate(&u, &pw).unwrap();
+        assert_eq!(ring.current_id(), Some(id2));
+        let by_pw = ring.unlock(&pw, "t").unwrap();
+        assert_eq!(by_pw.secret, u.secret);
+        assert_eq!(by_pw.masters.len(), 2);
+        let e = ring.unlock(&KeySource::Passphrase("wrong".into()), "t").err().unwrap().to_string();
+        assert!(e.contains(&format!("needs key {id2}")), "{e}");
+        // The old key still opens its own (older) bag, which does not hold the new key.
+        assert_eq!(ring.unlock(&KeySource::File(f1), "t").unwrap().masters.len(), 1);
+        assert!(matches!(ring.remove(id2, &by_pw), Err(Error::Refused(_))));
+        ring.remove(id1, &by_pw).unwrap();
+        assert_eq!(ring.keys.len(), 1);
+        // The current key's bag no longer holds key 1.
+        assert_eq!(ring.unlock(&pw, "t").unwrap().masters.len(), 1);
+    }
+}
+
+/// One key of `keepfs key list`.
+#[derive(Clone, Debug, Serialize)]
+pub struct KeyInfo {
+    pub id: String,
+    pub created: chrono::DateTime<chrono::Utc>,
+    /// `key file` or `passphrase`.
+    pub kind: String,
+    pub current: bool,
+    /// Block objects the database records as sealed by this key.
+    pub objects: u64,
+}
+
+fn read_passphrase_file(path: &Path) -> Result<String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Error::Invalid(format!("cannot read passphrase file {}: {e}", path.display())))?;
+    Ok(text.trim_end_matches(['\n', '\r']).to_string())
+}
+
+/// The key for a storage, from (in this order) $KEEPFS_KEY_FILE, $KEEPFS_PASSPHRASE, the
+/// storage's configuration, or a prompt on the terminal. `None` when there is none.
+pub fn key_source(config: &crate::config::StorageConfig, prompt: &str) -> Result<Option<KeySource>> {
+    if let Some(f) = std::env::var_os("KEEPFS_KEY_FILE").filter(|f| !f.is_empty()) {
+        return Ok(Some(KeySource::File(PathBuf::from(f))));
+    }
+    if let Ok(p) = std::env::var("KEEPFS_PASSPHRASE")
+        && !p.is_empty()
+    {
+        return Ok(Some(KeySource::Passphrase(p)));
+    }
+    if let Some(f) = &config.key_file {
+        return Ok(Some(KeySource::File(f.clone())));
+    }
+    if let Some(f) = &config.passphrase_file {
+        return Ok(Some(KeySource::Passphrase(read_passphrase_file(f)?)));
+    }
+    use std::io::IsTerminal;
+    if std::io::stdin().is_terminal() && std::io::stderr().is_terminal() {
+        let pw = rpassword::prompt_password(prompt).map_err(|e| Error::io("cannot read the passphrase", e))?;
+        return Ok(Some(KeySource::Passphrase(pw)));
+    }
+    Ok(None)
+}
+
+/// The new key for `key rotate`: a key file, a passphrase file, $KEEPFS_NEW_PASSPHRASE, or
+/// a prompt (asked twice).
+pub fn new_key_source(key_file: Option<&Path>, passphrase_file: Option<&Path>) -> Result<KeySource> {
+    if let Some(f) = key_file {
+        return Ok(KeySource::File(f.to_path_buf()));
+    }
+    if let Some(f) = passphrase_file {
+        return Ok(KeySource::Passphrase(read_passphrase_file(f)?));
+    }
+    if let Ok(p) = std::env::var("KEEPFS_NEW_PASSPHRASE")
+        && !p.is_empty()
+    {
+        return Ok(KeySource::Passphrase(p));
+    }
+    use std::io::IsTerminal;
+    if std::io::stdin().is_terminal() && std::io::stderr().is_terminal() {
+        let a =
+            rpassword::prompt_password("New passphrase: ").map_err(|e| Error::io("cannot read the passphrase", e))?;
+        let b = rpassword::prompt_password("Again: ").map_err(|e| Error::io("cannot read the passphrase", e))?;
+        if a != b {
+            return Err(Error::Invalid("the two passphrases differ".into()));
+        }
+        return Ok(KeySource::Passphrase(a));
+    }
+    Err(Error::Invalid(
+        "no new key given: pass --new-key-file FILE or --new-passphrase-file FILE, or set KEEPFS_NEW_PASSPHRASE".into(),
+    ))
+}
+
+use crate::repo::Repository;
+use crate::storage::{SharedStorage, StorageError, retry};
+use std::sync::Arc;
+
+impl Repository {
+    fn read_keyring(&self, name: &str, raw: &SharedStorage) -> Result<Option<Keyring>> {
+        match retry(4, || raw.get(KEYRING_KEY)) {
+            Ok(b) => Ok(Some(Keyring::parse(&b, name)?)),
+            Err(StorageError::NotFound { .. } | StorageError::Discarding { .. }) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn write_keyring(&self, raw: &SharedStorage, ring: &Keyring) -> Result<()> {
+        let bytes = ring.to_bytes();
+        retry(4, || raw.put(KEYRING_KEY, &bytes))?;
+        retry(4, || raw.sync())?;
+        Ok(())
+    }
+
+    /// Opens the keyring of `name` (if it has one) with its key and returns what unlocked
+    /// it, or `None` for a plain storage. Refuses plaintext where encryption is required
+    /// or was set up before.
+    fn open_keyring(&self, name: &str) -> Result<Option<(Keyring, Unlocked)>> {
+        let raw = self.raw_storage(name)?;
+        let sc = self.config.storage(name)?.clone();
+        let marked = self.db().storage_encrypted(name)?;
+        let Some(ring) = self.read_keyring(name, &raw)? else {
+            if marked {
+                return Err(Error::Other(format!(
+                    "storage '{name}' is encrypted (the database says so) but its keyring object is missing; put the object '{KEYRING_KEY}' back from a copy — keepfs will not write plaintext there"
+                )));
+            }
+            if sc.require_encryption {
+                return Err(Error::Config(format!(
+                    "storage '{name}' must be encrypted (require_encryption / encrypt) but has no keyring; run `keepfs init --encrypt -S {name}` before the first backup"
+                )));
+            }
+            return Ok(None);
+        };
+        let source = key_source(&sc, &format!("Passphrase for storage '{name}' (key {}): ", ring.current))?
+            .ok_or_else(|| {
+                Error::Invalid(format!(
+                    "storage '{name}' is encrypted and no key was given: set KEEPFS_KEY_FILE or KEEPFS_PASSPHRASE, or key_file / passphrase_file in the configuration (it needs key {})",
+                    ring.current
+                ))
+            })?;
+        let unlocked = ring.unlock(&source, name)?;
+        let current = ring.current_id().ok_or_else(|| {
+            Error::Other(format!("storage '{name}': the keyring's current key '{}' is not a key id", ring.current))
+        })?;
+        if !unlocked.masters.iter().any(|m| MasterKey::new(m).id() == current) {
+            return Err(Error::Invalid(format!(
+                "storage '{name}': the {} is key {}, an older key; the keyring was rotated to {current}: give that key",
+                source.describe(),
+                unlocked.opened_with
+            )));
+        }
+        if !marked {
+            self.db().set_storage_encrypted(name)?;
+        }
+        Ok(Some((ring, unlocked)))
+    }
+
+    /// Called by [`Repository::storage`] on a storage's first use.
+    pub(crate) fn unlock_storage(&self, name: &str) -> Result<SharedStorage> {
+        let raw = self.raw_storage(name)?;
+        let Some((ring, unlocked)) = self.open_keyring(name)? else {
+            return Ok(raw);
+        };
+        let current = ring.current_id().ok_or_else(|| Error::Other(format!("storage '{name}': bad keyring")))?;
+        let codec = crate::transform::Codec::sealed(&unlocked.secret, unlocked.master_keys(), current)
+            .ok_or_else(|| Error::Other(format!("storage '{name}': the keyring does not hold its current key")))?;
+        Ok(Arc::new(crate::storage::sealed::SealedStorage::new(raw, codec)))
+    }
+
+    /// Makes a storage encrypted (`keepfs init --encrypt`): a new repository secret and a
+    /// keyring sealed for the key from `source`. Only before anything is stored there.
+    pub fn init_encryption(&self, name: &str, source: &KeySource) -> Result<KeyId> {
+        let raw = self.raw_storage(name)?;
+        if self.read_keyring(name, &raw)?.is_some() {
+            return Err(Error::Refused(format!(
+                "storage '{name}' is encrypted already; `keepfs key rotate` changes its key"
+            )));
+        }
+        let stored = raw.list("blocks/")?.len() + raw.list("versions/")?.len();
+        let versions = self.list(None)?.iter().filter(|v| v.storage == name).count();
+        if stored > 0 || versions > 0 {
+            return Err(Error::Refused(format!(
+                "storage '{name}' holds {stored} object(s) and {versions} version(s) already; encryption is chosen before the first backup (use a new storage)"
+            )));
+        }
+        let (ring, unlocked) = Keyring::create(source)?;
+        self.write_keyring(&raw, &ring)?;
+        self.db().set_storage_encrypted(name)?;
+        self.reset_storage(name);
+        Ok(unlocked.opened_with)
+    }
+
+    /// The keyring's keys, and the number of objects whose key the database does not
+    /// record (after a database rebuild; `rekey` records them).
+    pub fn list_keys(&self, name: &str) -> Result<(Vec<KeyInfo>, u64)> {
+        let raw = self.raw_storage(name)?;
+        let ring = self.read_keyring(name, &raw)?.ok_or_else(|| {
+            Error::Invalid(format!("storage '{name}' is not encrypted (`keepfs init --encrypt` makes a new one so)"))
+        })?;
+        let sid = self.storage_id(name)?;
+        let counts = self.db().objects_per_key(sid)?;
+        let unrecorded = counts.iter().filter(|(k, _)| k.is_none()).map(|(_, n)| *n).sum();
+        let keys = ring
+            .keys
+            .iter()
+            .map(|e| KeyInfo {
+                id: e.id.clone(),
+                created: e.created,
+                kind: if e.kdf.is_some() { "passphrase" } else { "key file" }.into(),
+                current: e.id == ring.current,
+                objects: counts
+                    .iter()
+                    .filter(|(k, _)| k.map(|k| k.to_hex()) == Some(e.id.clone()))
+                    .map(|(_, n)| *n)
+                    .sum(),
+            })
+            .collect();
+        Ok((keys, unrecorded))
+    }
+
+    /// `keepfs key rotate`: the key from `new` becomes current; new objects are sealed
+    /// with it, existing ones stay readable (`rekey` moves them over).
+    pub fn rotate_key(&self, name: &str, new: &KeySource) -> Result<KeyId> {
+        let (mut ring, unlocked) = self
+            .open_keyring(name)?
+            .ok_or_else(|| Error::Invalid(format!("storage '{name}' is not encrypted; nothing to rotate")))?;
+        let id = ring.rotate(&unlocked, new)?;
+        self.write_keyring(&self.raw_storage(name)?, &ring)?;
+        self.reset_storage(name);
+        Ok(id)
+    }
+
+    /// `keepfs key rekey`: every object not sealed by the current key gets its data key
+    /// wrapped by the current key. Only headers change (see docs/format.md for how each
+    /// storage does it); data is never decrypted or re-encrypted. Returns (rewrapped,
+    /// already current).
+    pub fn rekey(&self, name: &str) -> Result<(u64, u64)> {
+        let storage = self.storage(name)?;
+        let codec = storage.codec();
+        let current = codec
+            .current_key()
+            .ok_or_else(|| Error::Invalid(format!("storage '{name}' is not encrypted; nothing to rekey")))?;
+        let sid = self.storage_id(name)?;
+        let ids = self.db().objects_not_under(sid, current)?;
+        let mut keys: Vec<String> = ids.iter().map(|id| id.storage_key()).collect();
+        keys.extend(storage.list("versions/")?.into_iter().map(|e| e.key));
+        let (mut rewrapped, mut already) = (0u64, 0u64);
+        // Bounded batches: a batch is made durable, then recorded, before the next.
+        for (chunk_keys, chunk_no) in keys.chunks(256).zip(0..) {
+            for key in chunk_keys {
+                let bytes = retry(4, || storage.get(key))?;
+                match codec
+                    .rewrap_header(&bytes)
+                    .map_err(|e| Error::Object { context: format!("object {key}"), source: e })?
+                {
+                    Some(prefix) => {
+                        retry(4, || storage.replace_prefix(key, &prefix))?;
+                        rewrapped += 1;
+                    }
+                    None => already += 1,
+                }
+            }
+            retry(4, || storage.sync())?;
+            let done: Vec<crate::block::BlockId> =
+                ids.iter().skip(chunk_no * 256).take(chunk_keys.len()).copied().collect();
+            self.db().set_object_keys(sid, &done, current)?;
+        }
+        Ok((rewrapped, already))
+    }
+
+    /// `keepfs key remove`: refuses while any object may still need the key.
+    pub fn remove_key(&self, name: &str, id: KeyId) -> Result<()> {
+        let (mut ring, unlocked) =
+            self.open_keyring(name)?.ok_or_else(|| Error::Invalid(format!("storage '{name}' is not encrypted")))?;
+        let sid = self.storage_id(name)?;
+        let current = ring.current_id().unwrap_or(id);
+        if current != id {
+            let left = self.db().objects_not_under(sid, current)?.len();
+            if left > 0 {
+                return Err(Error::Refused(format!(
+                    "{left} object(s) of storage '{name}' may still be sealed by older keys; run `keepfs key rekey -S {name}` first"
+                )));
+            }
+        }
+        ring.remove(id, &unlocked)?;
+        self.write_keyring(&self.raw_storage(name)?, &ring)?;
+        self.reset_storage(name);
+        Ok(())
+    }
+}

@@ -1,0 +1,250 @@
+//! AES-256-GCM envelope encryption of object payloads.
+//!
+//! Every object is sealed under its own random data key and nonce; the data key is
+//! wrapped (AES-256-GCM again) by a master key and kept in the object's envelope with the
+//! master key's id. The payload's associated data binds it to its header and content id,
+//! and the wrap's binds the data key to the object id, so a body or an envelope moved to
+//! another object fails authentication. Rotating the master key only rewraps envelopes.
+
+use aes_gcm::aead::AeadInPlace;
+use aes_gcm::{Aes256Gcm, KeyInit, Nonce, Tag};
+use sha2::{Digest, Sha256};
+
+pub const KEY_LEN: usize = 32;
+pub const NONCE_LEN: usize = 12;
+pub const TAG_LEN: usize = 16;
+pub const KEY_ID_LEN: usize = 8;
+/// Envelope layout: key id (8), wrap nonce (12), wrapped data key (32 + 16 tag), payload
+/// nonce (12).
+pub const ENVELOPE_LEN: usize = KEY_ID_LEN + NONCE_LEN + KEY_LEN + TAG_LEN + NONCE_LEN;
+
+/// The id of a master key: the first 8 bytes of a hash of it (names the key, reveals
+/// nothing usable about it).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct KeyId(pub [u8; KEY_ID_LEN]);
+
+impl KeyId {
+    pub fn to_hex(&self) -> String {
+        hex::encode(self.0)
+    }
+    pub fn from_hex(s: &str) -> Option<KeyId> {
+        let mut id = [0u8; KEY_ID_LEN];
+        hex::decode_to_slice(s, &mut id).ok()?;
+        Some(KeyId(id))
+    }
+    /// As stored in the database (a signed 64-bit integer).
+    pub fn as_i64(&self) -> i64 {
+        i64::from_le_bytes(self.0)
+    }
+    pub fn from_i64(v: i64) -> KeyId {
+        KeyId(v.to_le_bytes())
+    }
+}
+
+impl std::fmt::Display for KeyId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
+impl std::fmt::Debug for KeyId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "KeyId({})", self.to_hex())
+    }
+}
+
+/// Random bytes from the operating system. Failing to get them is not something to
+/// continue from: no key or nonce may ever be predictable.
+pub fn random<const N: usize>() -> [u8; N] {
+    let mut b = [0u8; N];
+    if let Err(e) = getrandom::fill(&mut b) {
+        // The kernel's random source is always there on Linux; without it nothing is safe.
+        panic!("the operating system's random number source failed: {e}");
+    }
+    b
+}
+
+/// A master key: wraps data keys (and the repository secret in the keyring).
+pub struct MasterKey {
+    id: KeyId,
+    cipher: Aes256Gcm,
+}
+
+impl MasterKey {
+    pub fn new(key: &[u8; KEY_LEN]) -> MasterKey {
+        let digest = Sha256::new().chain_update(b"keepfs master key id\0").chain_update(key).finalize();
+        let mut id = [0u8; KEY_ID_LEN];
+        id.copy_from_slice(&digest[..KEY_ID_LEN]);
+        MasterKey { id: KeyId(id), cipher: Aes256Gcm::new(key.into()) }
+    }
+
+    pub fn id(&self) -> KeyId {
+        self.id
+    }
+
+    /// Seals a short secret: returns nonce and ciphertext with its tag.
+    pub fn wrap(&self, secret: &[u8], aad: &[u8]) -> ([u8; NONCE_LEN], Vec<u8>) {
+        let nonce = random::<NONCE_LEN>();
+        let mut buf = secret.to_vec();
+        // Encryption into a Vec cannot fail for lengths below GCM's 64 GiB limit.
+        let tag = self.cipher.encrypt_in_place_detached(Nonce::from_slice(&nonce), aad, &mut buf).unwrap_or_default();
+        buf.extend_from_slice(&tag);
+        (nonce, buf)
+    }
+
+    /// Opens what [`MasterKey::wrap`] sealed; `None` when it does not authenticate.
+    pub fn unwrap(&self, nonce: &[u8], sealed: &[u8], aad: &[u8]) -> Option<Vec<u8>> {
+        if nonce.len() != NONCE_LEN || sealed.len() < TAG_LEN {
+            return None;
+        }
+        let (body, tag) = sealed.split_at(sealed.len() - TAG_LEN);
+        let mut buf = body.to_vec();
+        self.cipher
+            .decrypt_in_place_detached(Nonce::from_slice(nonce), aad, &mut buf, Tag::from_slice(tag))
+            .ok()
+            .map(|_| buf)
+    }
+}
+
+/// Why a sealed payload could not be opened.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OpenError {
+    /// The envelope names a master key that is not at hand.
+    UnknownKey(KeyId),
+    /// The wrapped data key does not authenticate under its master key.
+    DataKey,
+    /// The payload does not authenticate under its data key and header.
+    Payload,
+    /// The envelope has the wrong length.
+    Envelope,
+}
+
+fn wrap_aad(key: KeyId, object_id: &[u8; 32]) -> [u8; 9 + KEY_ID_LEN + 32] {
+    let mut aad = [0u8; 9 + KEY_ID_LEN + 32];
+    aad[..9].copy_from_slice(b"keepfs-dk");
+    aad[9..9 + KEY_ID_LEN].copy_from_slice(&key.0);
+    aad[9 + KEY_ID_LEN..].copy_from_slice(object_id);
+    aad
+}
+
+/// Encrypts `payload` in place under a fresh data key wrapped by `master`; returns the
+/// envelope for the object's header and the tag that follows the ciphertext.
+pub fn seal(
+    master: &MasterKey,
+    object_id: &[u8; 32],
+    aad: &[u8],
+    payload: &mut [u8],
+) -> ([u8; ENVELOPE_LEN], [u8; TAG_LEN]) {
+    let data_key = random::<KEY_LEN>();
+    let nonce = random::<NONCE_LEN>();
+    let cipher = Aes256Gcm::new((&data_key).into());
+    // Encryption cannot fail below GCM's 64 GiB message limit (objects are far smaller).
+    let tag = cipher.encrypt_in_place_detached(Nonce::from_slice(&nonce), aad, payload).unwrap_or_default();
+    let (wrap_nonce, wrapped) = master.wrap(&data_key, &wrap_aad(master.id(), object_id));
+    let mut env = [0u8; ENVELOPE_LEN];
+    env[..KEY_ID_LEN].copy_from_slice(&master.id().0);
+    env[KEY_ID_LEN..KEY_ID_LEN + NONCE_LEN].copy_from_slice(&wrap_nonce);
+    env[KEY_ID_LEN + NONCE_LEN..KEY_ID_LEN + NONCE_LEN + KEY_LEN + TAG_LEN].copy_from_slice(&wrapped);
+    env[ENVELOPE_LEN - NONCE_LEN..].copy_from_slice(&nonce);
+    let mut t = [0u8; TAG_LEN];
+    t.copy_from_slice(&tag);
+    (env, t)
+}
+
+/// The master key id an envelope names.
+pub fn envelope_key(envelope: &[u8]) -> Option<KeyId> {
+    (envelope.len() == ENVELOPE_LEN).then(|| {
+        let mut id = [0u8; KEY_ID_LEN];
+        id.copy_from_slice(&envelope[..KEY_ID_LEN]);
+        KeyId(id)
+    })
+}
+
+fn data_key<'a>(
+    find: impl Fn(KeyId) -> Option<&'a MasterKey>,
+    envelope: &[u8],
+    object_id: &[u8; 32],
+) -> Result<[u8; KEY_LEN], OpenError> {
+    let key = envelope_key(envelope).ok_or(OpenError::Envelope)?;
+    let master = find(key).ok_or(OpenError::UnknownKey(key))?;
+    let wrapped = &envelope[KEY_ID_LEN + NONCE_LEN..KEY_ID_LEN + NONCE_LEN + KEY_LEN + TAG_LEN];
+    let dk = master
+        .unwrap(&envelope[KEY_ID_LEN..KEY_ID_LEN + NONCE_LEN], wrapped, &wrap_aad(key, object_id))
+        .ok_or(OpenError::DataKey)?;
+    <[u8; KEY_LEN]>::try_from(dk.as_slice()).map_err(|_| OpenError::DataKey)
+}
+
+/// Decrypts a sealed payload in place (`body` is the ciphertext, `tag` the 16 bytes that
+/// follow it in the object).
+pub fn open<'a>(
+    find: impl Fn(KeyId) -> Option<&'a MasterKey>,
+    envelope: &[u8],
+    object_id: &[u8; 32],
+    aad: &[u8],
+    body: &mut [u8],
+    tag: &[u8],
+) -> Result<(), OpenError> {
+    let dk = data_key(find, envelope, object_id)?;
+    if tag.len() != TAG_LEN {
+        return Err(OpenError::Payload);
+    }
+    let cipher = Aes256Gcm::new((&dk).into());
+    cipher
+        .decrypt_in_place_detached(
+            Nonce::from_slice(&envelope[ENVELOPE_LEN - NONCE_LEN..]),
+            aad,
+            body,
+            Tag::from_slice(tag),
+        )
+        .map_err(|_| OpenError::Payload)
+}
+
+/// The same envelope with its data key wrapped by `new` instead (key rotation): the
+/// payload and its nonce stay as they are.
+pub fn rewrap<'a>(
+    find: impl Fn(KeyId) -> Option<&'a MasterKey>,
+    new: &MasterKey,
+    envelope: &[u8],
+    object_id: &[u8; 32],
+) -> Result<[u8; ENVELOPE_LEN], OpenError> {
+    let dk = data_key(find, envelope, object_id)?;
+    let (wrap_nonce, wrapped) = new.wrap(&dk, &wrap_aad(new.id(), object_id));
+    let mut env = [0u8; ENVELOPE_LEN];
+    env.copy_from_slice(envelope);
+    env[..KEY_ID_LEN].copy_from_slice(&new.id().0);
+    env[KEY_ID_LEN..KEY_ID_LEN + NONCE_LEN].copy_from_slice(&wrap_nonce);
+    env[KEY_ID_LEN + NONCE_LEN..KEY_ID_LEN + NONCE_LEN + KEY_LEN + TAG_LEN].copy_from_slice(&wrapped);
+    Ok(env)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seal_open_rewrap() {
+        let k1 = MasterKey::new(&[1u8; 32]);
+        let k2 = MasterKey::new(&[2u8; 32]);
+        assert_ne!(k1.id(), k2.id());
+        let id = [9u8; 32];
+        let mut buf = b"attack at dawn".to_vec();
+        let (env, tag) = seal(&k1, &id, b"hdr", &mut buf);
+        assert_ne!(&buf[..], b"attack at dawn");
+        let find1 = |k: KeyId| (k == k1.id()).then_some(&k1);
+        let mut copy = buf.clone();
+        assert_eq!(open(find1, &env, &id, b"hdr", &mut copy, &tag), Ok(()));
+        assert_eq!(&copy[..], b"attack at dawn");
+        // Wrong header, wrong object id, a flipped tag bit: all refused.
+        assert_eq!(open(find1, &env, &id, b"hdX", &mut buf.clone(), &tag), Err(OpenError::Payload));
+        assert_eq!(open(find1, &env, &[8u8; 32], b"hdr", &mut buf.clone(), &tag), Err(OpenError::DataKey));
+        let mut bad_tag = tag;
+        bad_tag[15] ^= 1;
+        assert_eq!(open(find1, &env, &id, b"hdr", &mut buf.clone(), &bad_tag), Err(OpenError::Payload));
+        // Rewrapped for k2, it opens with k2 only.
+        let env2 = rewrap(find1, &k2, &env, &id).unwrap();
+        assert_eq!(envelope_key(&env2), Some(k2.id()));
+        assert_eq!(open(find1, &env2, &id, b"hdr", &mut buf.clone(), &tag), Err(OpenError::UnknownKey(k2.id())));
+        let find2 = |k: KeyId| (k == k2.id()).then_some(&k2);
+        assert_eq!(open(find2, &env2, &id, b"hdr", &mut buf.clone(), &tag), Ok(()));
+    }
+}

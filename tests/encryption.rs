@@ -1,0 +1,335 @@
+//! Encrypted repositories, as a user runs them: a key file or passphrase, `init
+//! --encrypt`, backups and restores, what the storage operator sees, tampering, a wrong
+//! or missing key, rotation, rekey and removal of the old key.
+
+mod common;
+use common::*;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+const BS: usize = 64 * 1024;
+
+/// A repository whose commands all get the key from `KEEPFS_KEY_FILE`.
+struct Enc {
+    repo: Repo,
+    key: PathBuf,
+}
+
+impl Enc {
+    fn new() -> Enc {
+        let repo = Repo::new();
+        let key = repo.path("master.key");
+        let r = repo.run(&["key", "new", key.to_str().unwrap()]);
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        let e = Enc { repo, key };
+        let r = e.run(&["init", "--encrypt"]);
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        assert!(r.stderr.contains("is encrypted with key"), "{}", r.stderr);
+        e
+    }
+    fn run_with(&self, env: &[(&str, &str)], args: &[&str]) -> Run {
+        let mut c = self.repo.command(args);
+        c.env_remove("KEEPFS_PASSPHRASE").env_remove("KEEPFS_KEY_FILE");
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        let out = c.output().unwrap();
+        Run {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+    fn run(&self, args: &[&str]) -> Run {
+        self.run_with(&[("KEEPFS_KEY_FILE", self.key.to_str().unwrap())], args)
+    }
+    fn ok(&self, args: &[&str]) -> String {
+        let r = self.run(args);
+        assert_eq!(r.code, 0, "keepfs {args:?}: {}", r.stderr);
+        r.stdout
+    }
+    fn backup(&self, image: &str, name: &str) -> String {
+        self.ok(&["backup", &self.repo.url(image), name, "-b", "64k"]).trim().to_string()
+    }
+    fn restore_sha(&self, uid: &str) -> String {
+        let out = self.repo.path("restored");
+        let _ = fs::remove_file(&out);
+        self.ok(&["restore", uid, &self.repo.url("restored")]);
+        sha256_file(&out)
+    }
+}
+
+fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(rd) = fs::read_dir(dir) {
+        for e in rd.flatten() {
+            if e.file_type().unwrap().is_dir() {
+                out.extend(files_under(&e.path()));
+            } else {
+                out.push(e.path());
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+/// Recomputes an object's payload and header CRCs, as a deliberate attacker would: only
+/// the cryptographic checks are left to catch the change.
+fn fix_crcs(obj: &mut [u8]) {
+    let env_len = u16::from_le_bytes([obj[14], obj[15]]) as usize;
+    let header_len = 72 + env_len;
+    let pcrc = crc32fast::hash(&obj[header_len..]);
+    obj[32..36].copy_from_slice(&pcrc.to_le_bytes());
+    let mut h = crc32fast::Hasher::new();
+    h.update(&obj[0..36]);
+    h.update(&obj[40..header_len]);
+    let hcrc = h.finalize();
+    obj[36..40].copy_from_slice(&hcrc.to_le_bytes());
+}
+
+#[test]
+fn an_encrypted_repository_round_trips_and_shows_the_storage_nothing() {
+    let e = Enc::new();
+    let repo = &e.repo;
+    let img = mixed_image(81, 20, BS, 333);
+    fs::write(repo.path("a"), &img).unwrap();
+    let v1 = e.backup("a", "secret-name");
+    assert_eq!(e.restore_sha(&v1), sha256_file(&repo.path("a")));
+    // Deduplication works under keyed ids.
+    let v2 = e.backup("a", "secret-name");
+    assert_eq!(repo.version(&v2)["stats"]["bytes_written"], 0);
+
+    // The storage holds no plaintext: no block's bytes, no name, no plain content address.
+    let blocks = files_under(&repo.storage().join("blocks"));
+    assert!(!blocks.is_empty());
+    let compressible = &img[BS..2 * BS]; // block 1 of mixed_image is one repeated letter
+    let random = &img[3 * BS..4 * BS];
+    for f in &blocks {
+        let bytes = fs::read(f).unwrap();
+        assert_eq!(u16::from_le_bytes([bytes[12], bytes[13]]) & 2, 2, "{} is not sealed", f.display());
+        assert!(!contains(&bytes, &random[..64]) && !contains(&bytes, &compressible[..64]));
+    }
+    assert!(!repo.object_file(random).exists(), "object names are not the SHA-256 of the plaintext");
+    let vobj = fs::read(repo.storage().join("versions").join(&v1)).unwrap();
+    assert!(!contains(&vobj, b"secret-name"));
+    let ring = fs::read_to_string(repo.storage().join("keyring")).unwrap();
+    assert!(ring.contains("keepfs-keyring") && !ring.contains(fs::read_to_string(&e.key).unwrap().trim()));
+
+    let list: serde_json::Value = serde_json::from_str(&e.ok(&["key", "list", "--format", "json"])).unwrap();
+    let kid = list[0]["id"].as_str().unwrap().to_string();
+    assert_eq!(list[0]["current"], true);
+    assert_eq!(list[0]["objects"].as_u64().unwrap(), blocks.len() as u64);
+
+    // Light and deep scrub pass; the database can be rebuilt from the sealed objects.
+    e.ok(&["scrub", &v1]);
+    e.ok(&["deep-scrub", &v1]);
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = fs::remove_file(format!("{}{suffix}", repo.home().join("keepfs.sqlite").display()));
+    }
+    e.ok(&["database", "rebuild"]);
+    assert_eq!(e.restore_sha(&v2), sha256_file(&repo.path("a")));
+
+    // No key, a wrong key, a wrong passphrase: one-line errors naming the key needed.
+    let id = String::from_utf8(fs::read(&e.key).unwrap()).unwrap();
+    assert_eq!(id.trim().len(), 64);
+    // After the rebuild the keys of objects are not known until a rekey records them.
+    assert!(e.run(&["key", "list"]).stderr.contains("have no key recorded"));
+    assert!(
+        e.run(&["key", "rekey"])
+            .stderr
+            .contains(&format!("rewrapped 0 object(s); {} had the current key already", blocks.len() + 2))
+    );
+    let list: serde_json::Value = serde_json::from_str(&e.ok(&["key", "list", "--format", "json"])).unwrap();
+    assert_eq!(list[0]["objects"].as_u64().unwrap(), blocks.len() as u64);
+    let other = repo.path("other.key");
+    e.ok(&["key", "new", other.to_str().unwrap()]);
+    let out = repo.url("x");
+    for (env, needle) in [
+        (
+            vec![],
+            format!(
+                "is encrypted and no key was given: set KEEPFS_KEY_FILE or KEEPFS_PASSPHRASE, or key_file / passphrase_file in the configuration (it needs key {kid})"
+            ),
+        ),
+        (vec![("KEEPFS_KEY_FILE", other.to_str().unwrap())], format!("does not open its keyring; it needs key {kid}")),
+        (vec![("KEEPFS_PASSPHRASE", "guess")], format!("the passphrase does not open its keyring; it needs key {kid}")),
+    ] {
+        let r = e.run_with(&env, &["restore", &v1, &out]);
+        assert_eq!(r.code, 2, "{}", r.stderr);
+        assert!(r.error_line().contains(&needle), "{}", r.stderr);
+        assert_eq!(r.stderr.lines().count(), 1, "{}", r.stderr);
+    }
+    assert!(!repo.path("x").exists());
+    // Listing needs no key.
+    assert_eq!(e.run_with(&[], &["ls"]).code, 0);
+    // Initialising twice, or a storage that has data, is refused.
+    let r = e.run(&["init", "--encrypt"]);
+    assert_eq!(r.code, 4);
+    assert!(r.error_line().contains("is encrypted already"), "{}", r.stderr);
+}
+
+#[test]
+fn tampering_is_detected_on_restore_and_deep_scrub() {
+    let e = Enc::new();
+    let repo = &e.repo;
+    // Six distinct random blocks, all the same length (their objects can swap bodies).
+    let img: Vec<u8> = (0..6u64).flat_map(|i| random_bytes(900 + i, BS)).collect();
+    fs::write(repo.path("a"), &img).unwrap();
+    let v = e.backup("a", "t");
+    let objects = files_under(&repo.storage().join("blocks"));
+    assert_eq!(objects.len(), 6);
+    let originals: Vec<Vec<u8>> = objects.iter().map(|f| fs::read(f).unwrap()).collect();
+    let header_len = 72 + 80;
+    let last = originals[0].len() - 1;
+    type Tamper = Box<dyn Fn(&mut Vec<u8>, &[u8])>;
+    let cases: Vec<(&str, Tamper)> = vec![
+        ("a ciphertext byte", Box::new(move |o, _| o[header_len + 100] ^= 0x01)),
+        ("a tag byte", Box::new(move |o, _| o[last] ^= 0x80)),
+        ("the wrapped data key", Box::new(|o, _| o[72 + 30] ^= 0x01)),
+        ("the header's object id", Box::new(|o, _| o[50] ^= 0x01)),
+        ("the body of another object", Box::new(move |o, other| o[header_len..].copy_from_slice(&other[header_len..]))),
+        (
+            "the envelope of another object",
+            Box::new(move |o, other| o[72..header_len].copy_from_slice(&other[72..header_len])),
+        ),
+    ];
+    for (what, tamper) in cases {
+        let mut bad = originals[2].clone();
+        tamper(&mut bad, &originals[3]);
+        fix_crcs(&mut bad);
+        fs::write(&objects[2], &bad).unwrap();
+        let r = e.run(&["deep-scrub", &v]);
+        assert_eq!(r.code, 3, "{what}: {}", r.stderr);
+        assert!(
+            r.stderr.contains("fails authentication") || r.stderr.contains("does not match its id"),
+            "{what}: {}",
+            r.stderr
+        );
+        let out = repo.path("o");
+        let _ = fs::remove_file(&out);
+        let r = e.run(&["restore", &v, &repo.url("o")]);
+        assert_eq!(r.code, 3, "{what}: {}", r.stderr);
+        assert!(r.stderr.contains("damaged: block"), "{what}: {}", r.stderr);
+        // Only the tampered block is lost (written as zeros); the others are intact.
+        let got = fs::read(&out).unwrap();
+        let lost: Vec<usize> = (0..6).filter(|&i| got[i * BS..(i + 1) * BS] != img[i * BS..(i + 1) * BS]).collect();
+        assert_eq!(lost.len(), 1, "{what}");
+        assert!(got[lost[0] * BS..(lost[0] + 1) * BS].iter().all(|&b| b == 0), "{what}");
+        // Put the object back; a full deep scrub makes the version valid again.
+        fs::write(&objects[2], &originals[2]).unwrap();
+        e.ok(&["deep-scrub", &v]);
+        assert_eq!(repo.version(&v)["status"], "valid", "{what}");
+    }
+    // A plaintext object planted in an encrypted storage is refused.
+    let plain = keepfs::block::encode_object(keepfs::block::ObjectKind::Block, &[0u8; 32], &img[..BS], 0);
+    fs::write(&objects[2], plain).unwrap();
+    let r = e.run(&["deep-scrub", &v]);
+    assert_eq!(r.code, 3);
+    assert!(r.stderr.contains("is not encrypted but its storage is"), "{}", r.stderr);
+}
+
+#[test]
+fn keys_rotate_rekey_and_the_old_key_goes() {
+    let e = Enc::new();
+    let repo = &e.repo;
+    fs::write(repo.path("a"), mixed_image(83, 12, BS, 0)).unwrap();
+    let v1 = e.backup("a", "r");
+    let pass = repo.path("pass");
+    fs::write(&pass, "a long passphrase\n").unwrap();
+    let r = e.run(&["key", "rotate", "--new-passphrase-file", pass.to_str().unwrap()]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let pw = [("KEEPFS_PASSPHRASE", "a long passphrase")];
+    // The old key is refused now: new objects must get the new key.
+    let r = e.run(&["restore", &v1, &repo.url("o")]);
+    assert_eq!(r.code, 2);
+    assert!(r.error_line().contains("an older key; the keyring was rotated to"), "{}", r.stderr);
+    // The new key reads what the old one sealed, and seals what comes next.
+    let ok = |args: &[&str]| {
+        let r = e.run_with(&pw, args);
+        assert_eq!(r.code, 0, "{args:?}: {}", r.stderr);
+        r.stdout
+    };
+    ok(&["restore", &v1, &repo.url("o1")]);
+    assert_eq!(sha256_file(&repo.path("o1")), sha256_file(&repo.path("a")));
+    fs::write(repo.path("b"), mixed_image(84, 12, BS, 0)).unwrap();
+    let v2 = ok(&["backup", &repo.url("b"), "r", "-b", "64k"]).trim().to_string();
+    let keys: serde_json::Value = serde_json::from_str(&ok(&["key", "list", "--format", "json"])).unwrap();
+    let (old, new) = (keys[0]["id"].as_str().unwrap().to_string(), keys[1]["id"].as_str().unwrap().to_string());
+    assert_eq!(keys[1]["current"], true);
+    assert_eq!(keys[1]["kind"], "passphrase");
+    assert!(keys[0]["objects"].as_u64().unwrap() > 0 && keys[1]["objects"].as_u64().unwrap() > 0, "{keys}");
+
+    // The old key cannot go while objects need it; rekey moves them (headers only).
+    let r = e.run_with(&pw, &["key", "remove", &old]);
+    assert_eq!(r.code, 4, "{}", r.stderr);
+    assert!(r.error_line().contains("run `keepfs key rekey"), "{}", r.stderr);
+    let files = files_under(&repo.storage().join("blocks"));
+    let before: Vec<Vec<u8>> = files.iter().map(|f| fs::read(f).unwrap()).collect();
+    let r = e.run_with(&pw, &["key", "rekey"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    for (f, b) in files.iter().zip(&before) {
+        let a = fs::read(f).unwrap();
+        assert_eq!(a.len(), b.len());
+        assert_eq!(a[152..], b[152..], "the sealed payload of {} is untouched", f.display());
+        assert_eq!(hex::encode(&a[72..80]), new, "{} is under the new key", f.display());
+    }
+    ok(&["key", "remove", &old]);
+    let keys: serde_json::Value = serde_json::from_str(&ok(&["key", "list", "--format", "json"])).unwrap();
+    assert_eq!(keys.as_array().unwrap().len(), 1);
+    // Everything is readable with the new key alone; the old key opens nothing now.
+    for v in [&v1, &v2] {
+        let _ = fs::remove_file(repo.path("o"));
+        ok(&["restore", v, &repo.url("o")]);
+        ok(&["deep-scrub", v]);
+    }
+    assert_eq!(sha256_file(&repo.path("o")), sha256_file(&repo.path("b")));
+    let r = e.run(&["restore", &v1, &repo.url("o2")]);
+    assert_eq!(r.code, 2);
+    assert!(r.error_line().contains("does not open its keyring"), "{}", r.stderr);
+}
+
+#[test]
+fn encryption_can_be_required_and_is_never_silently_dropped() {
+    let repo = Repo::new();
+    fs::write(repo.path("a"), mixed_image(85, 4, BS, 0)).unwrap();
+    let cfg = repo.path("keepfs.toml");
+    fs::write(&cfg, format!("home = \"{}\"\nrequire_encryption = true\n", repo.home().display())).unwrap();
+    let c = cfg.to_str().unwrap();
+    let r = repo.run(&["--config", c, "backup", &repo.url("a"), "x"]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.error_line().contains("must be encrypted (require_encryption / encrypt) but has no keyring; run `keepfs init --encrypt -S default`"), "{}", r.stderr);
+    assert_eq!(repo.ls_json(None), serde_json::json!([]));
+
+    // Passphrase from a file named in the configuration.
+    fs::write(repo.path("pw"), "s3cret\n").unwrap();
+    fs::write(
+        &cfg,
+        format!(
+            "home = \"{}\"\nrequire_encryption = true\npassphrase_file = \"{}\"\n",
+            repo.home().display(),
+            repo.path("pw").display()
+        ),
+    )
+    .unwrap();
+    repo.ok(&["--config", c, "init", "--encrypt"]);
+    let v = repo.ok(&["--config", c, "backup", &repo.url("a"), "x", "-b", "64k"]).trim().to_string();
+    repo.ok(&["--config", c, "restore", &v, &repo.url("o")]);
+    assert_eq!(sha256_file(&repo.path("o")), sha256_file(&repo.path("a")));
+
+    // The keyring object disappears: keepfs refuses instead of writing plaintext.
+    fs::rename(repo.storage().join("keyring"), repo.path("keyring.saved")).unwrap();
+    let r = repo.run(&["backup", &repo.url("a"), "x", "-b", "64k"]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(
+        r.error_line().contains("is encrypted (the database says so) but its keyring object is missing"),
+        "{}",
+        r.stderr
+    );
+    fs::rename(repo.path("keyring.saved"), repo.storage().join("keyring")).unwrap();
+    repo.ok(&["--config", c, "backup", &repo.url("a"), "x", "-b", "64k"]);
+}

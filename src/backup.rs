@@ -544,7 +544,11 @@ impl Repository {
             block_size,
             compression_level: self.config.compression_level,
             workers: self.config.workers,
-            writers: self.config.storage_writers,
+            // A remote storage needs more requests in flight than a local disk.
+            writers: match &self.config.storage(storage)?.kind {
+                crate::config::StorageKind::S3(c) => self.config.storage_writers.max(c.simultaneous_writes),
+                _ => self.config.storage_writers,
+            },
             session,
             publish: false,
         })

@@ -15,6 +15,7 @@ pub const DEFAULT_STORAGE: &str = "default";
 pub enum StorageKind {
     File { path: PathBuf },
     Null,
+    S3(Box<crate::storage::s3::S3Config>),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -27,11 +28,22 @@ pub struct StorageConfig {
     pub passphrase_file: Option<PathBuf>,
     /// Refuse to use this storage unless it is encrypted (no silent plaintext).
     pub require_encryption: bool,
+    /// Bandwidth limits in bytes per second.
+    pub read_bandwidth: Option<u64>,
+    pub write_bandwidth: Option<u64>,
 }
 
 impl StorageConfig {
     pub fn new(name: &str, kind: StorageKind) -> StorageConfig {
-        StorageConfig { name: name.into(), kind, key_file: None, passphrase_file: None, require_encryption: false }
+        StorageConfig {
+            name: name.into(),
+            kind,
+            key_file: None,
+            passphrase_file: None,
+            require_encryption: false,
+            read_bandwidth: None,
+            write_bandwidth: None,
+        }
     }
 }
 
@@ -115,6 +127,77 @@ struct FileStorageConfig {
     key_file: Option<PathBuf>,
     passphrase_file: Option<PathBuf>,
     encrypt: Option<bool>,
+    read_bandwidth: Option<toml::Value>,
+    write_bandwidth: Option<toml::Value>,
+    // S3
+    endpoint: Option<String>,
+    region: Option<String>,
+    bucket: Option<String>,
+    prefix: Option<String>,
+    access_key: Option<String>,
+    secret_key: Option<String>,
+    addressing: Option<String>,
+    storage_class: Option<String>,
+    connect_timeout: Option<String>,
+    read_timeout: Option<String>,
+    simultaneous_reads: Option<usize>,
+    simultaneous_writes: Option<usize>,
+    simultaneous_deletes: Option<usize>,
+    attempts: Option<u32>,
+}
+
+/// The S3 keys of one `[[storage]]` entry; credentials fall back to the standard AWS
+/// environment variables.
+fn s3_config(s: &FileStorageConfig, bad: &dyn Fn(String) -> Error) -> Result<crate::storage::s3::S3Config> {
+    let need = |v: &Option<String>, key: &str| {
+        v.clone().filter(|v| !v.is_empty()).ok_or_else(|| bad(format!("storage '{}' of kind s3 needs `{key}`", s.name)))
+    };
+    let env = |var: &str| std::env::var(var).ok().filter(|v| !v.is_empty());
+    let access_key =
+        s.access_key.clone().or_else(|| env("AWS_ACCESS_KEY_ID")).ok_or_else(|| {
+            bad(format!("storage '{}': no access key (set `access_key` or AWS_ACCESS_KEY_ID)", s.name))
+        })?;
+    let secret_key = s.secret_key.clone().or_else(|| env("AWS_SECRET_ACCESS_KEY")).ok_or_else(|| {
+        bad(format!("storage '{}': no secret key (set `secret_key` or AWS_SECRET_ACCESS_KEY)", s.name))
+    })?;
+    let path_style = match s.addressing.as_deref().unwrap_or("path") {
+        "path" => true,
+        "virtual" | "virtual-host" => false,
+        other => return Err(bad(format!("storage '{}': addressing '{other}' (use path or virtual)", s.name))),
+    };
+    let secs = |v: &Option<String>, key: &str, default: u64| -> Result<std::time::Duration> {
+        match v {
+            None => Ok(std::time::Duration::from_secs(default)),
+            Some(t) => crate::schedule::parse_duration(t)
+                .map(|d| std::time::Duration::from_secs(d.num_seconds().max(1) as u64))
+                .map_err(|e| bad(format!("storage '{}' {key}: {e}", s.name))),
+        }
+    };
+    let mut prefix = s.prefix.clone().unwrap_or_default();
+    if !prefix.is_empty() && !prefix.ends_with('/') {
+        prefix.push('/');
+    }
+    let count = |v: Option<usize>, default: usize, key: &str| match v {
+        Some(0) => Err(bad(format!("storage '{}': {key} must be at least 1", s.name))),
+        Some(n) => Ok(n.min(256)),
+        None => Ok(default),
+    };
+    Ok(crate::storage::s3::S3Config {
+        endpoint: need(&s.endpoint, "endpoint")?,
+        region: s.region.clone().unwrap_or_else(|| "us-east-1".into()),
+        bucket: need(&s.bucket, "bucket")?,
+        prefix,
+        access_key,
+        secret_key,
+        path_style,
+        storage_class: s.storage_class.clone(),
+        connect_timeout: secs(&s.connect_timeout, "connect_timeout", 10)?,
+        read_timeout: secs(&s.read_timeout, "read_timeout", 120)?,
+        simultaneous_reads: count(s.simultaneous_reads, 16, "simultaneous_reads")?,
+        simultaneous_writes: count(s.simultaneous_writes, 8, "simultaneous_writes")?,
+        simultaneous_deletes: count(s.simultaneous_deletes, 4, "simultaneous_deletes")?,
+        attempts: s.attempts.unwrap_or(6).max(1),
+    })
 }
 
 fn cpus() -> usize {
@@ -192,22 +275,40 @@ impl Config {
                 if s.name.is_empty() || c.storages.iter().any(|o| o.name == s.name) {
                     return Err(bad(format!("storage name '{}' is empty or used twice", s.name)));
                 }
-                let kind = match (s.kind.as_str(), s.path) {
+                let kind = match (s.kind.as_str(), s.path.clone()) {
+                    ("s3", _) => StorageKind::S3(Box::new(s3_config(&s, &bad)?)),
                     ("file", Some(path)) => StorageKind::File { path },
                     ("file", None) => {
                         return Err(bad(format!("storage '{}' of kind file needs a path", s.name)));
                     }
                     ("null", _) => StorageKind::Null,
                     (other, _) => {
-                        return Err(bad(format!("storage '{}': unknown kind '{other}' (use file or null)", s.name)));
+                        return Err(bad(format!(
+                            "storage '{}': unknown kind '{other}' (use file, s3 or null)",
+                            s.name
+                        )));
                     }
                 };
+                let rate = |v: &Option<toml::Value>, key: &str| -> Result<Option<u64>> {
+                    match v {
+                        None => Ok(None),
+                        Some(toml::Value::Integer(i)) if *i > 0 => Ok(Some(*i as u64)),
+                        Some(toml::Value::String(t)) => parse_size(t).map(Some).map_err(&bad),
+                        Some(other) => {
+                            Err(bad(format!("{key} must be a rate like \"50M\" (bytes per second), not {other}")))
+                        }
+                    }
+                };
+                let read_bandwidth = rate(&s.read_bandwidth, "read_bandwidth")?;
+                let write_bandwidth = rate(&s.write_bandwidth, "write_bandwidth")?;
                 c.storages.push(StorageConfig {
                     name: s.name,
                     kind,
                     key_file: s.key_file,
                     passphrase_file: s.passphrase_file,
                     require_encryption: s.encrypt.unwrap_or(false),
+                    read_bandwidth,
+                    write_bandwidth,
                 });
             }
             c.default_storage = c.storages[0].name.clone();

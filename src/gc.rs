@@ -144,15 +144,21 @@ impl Repository {
                     tx.prepare_cached("SELECT stored_size FROM objects WHERE storage_id=?1 AND id=?2 AND state=?3")?;
                 let mut del = tx.prepare_cached("DELETE FROM objects WHERE storage_id=?1 AND id=?2")?;
                 let (mut n, mut bytes) = (0u64, 0u64);
+                let mut doomed = Vec::new();
                 for (id, _) in chunk {
                     let size: Option<i64> =
                         check.query_row(rusqlite::params![sid, &id.0[..], OBJECT_DELETING], |r| r.get(0)).ok();
                     if let Some(size) = size {
-                        retry(4, || storage.delete(&id.storage_key()))?;
-                        del.execute(rusqlite::params![sid, &id.0[..]])?;
-                        n += 1;
+                        doomed.push(*id);
                         bytes += size as u64;
                     }
+                }
+                // One request per batch where the storage has one (S3's DeleteObjects).
+                let keys: Vec<String> = doomed.iter().map(|id| id.storage_key()).collect();
+                retry(4, || storage.delete_many(&keys))?;
+                for id in &doomed {
+                    del.execute(rusqlite::params![sid, &id.0[..]])?;
+                    n += 1;
                 }
                 Ok((n, bytes))
             })?;
@@ -163,6 +169,7 @@ impl Repository {
             let (n, bytes) = self.db().with_write_lock(|tx| {
                 let mut known = tx.prepare_cached("SELECT 1 FROM objects WHERE storage_id=?1 AND id=?2")?;
                 let (mut n, mut bytes) = (0u64, 0u64);
+                let mut keys = Vec::new();
                 for (key, size) in chunk {
                     let Some(id) = BlockId::from_storage_key(key) else {
                         continue;
@@ -170,10 +177,11 @@ impl Repository {
                     if known.exists(rusqlite::params![sid, &id.0[..]])? {
                         continue;
                     }
-                    retry(4, || storage.delete(key))?;
+                    keys.push(key.clone());
                     n += 1;
                     bytes += size;
                 }
+                retry(4, || storage.delete_many(&keys))?;
                 Ok((n, bytes))
             })?;
             report.orphans_deleted += n;

@@ -84,10 +84,14 @@ impl Repository {
         let db = Db::open(&config.database)?;
         let mut storages: HashMap<String, StorageSlot> = HashMap::new();
         for s in &config.storages {
-            let st: SharedStorage = match &s.kind {
+            let mut st: SharedStorage = match &s.kind {
                 StorageKind::File { path } => Arc::new(FileStorage::open(&s.name, path)?),
                 StorageKind::Null => Arc::new(NullStorage::new(&s.name)),
+                StorageKind::S3(c) => Arc::new(crate::storage::s3::S3Storage::open(&s.name, c)?),
             };
+            if s.read_bandwidth.is_some() || s.write_bandwidth.is_some() {
+                st = Arc::new(crate::storage::throttle::ThrottledStorage::new(st, s.read_bandwidth, s.write_bandwidth));
+            }
             storages.insert(s.name.clone(), StorageSlot { raw: st, ready: None });
         }
         Ok(Repository { config, db: Arc::new(Mutex::new(db)), storages: Mutex::new(storages) })

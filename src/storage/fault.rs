@@ -129,6 +129,9 @@ impl Storage for FaultyStorage {
     fn codec(&self) -> &crate::transform::Codec {
         self.inner.codec()
     }
+    fn delete_many(&self, keys: &[String]) -> StorageResult<()> {
+        self.inner.delete_many(keys)
+    }
     fn replace_prefix(&self, key: &str, prefix: &[u8]) -> StorageResult<()> {
         self.pause();
         self.inner.replace_prefix(key, prefix)

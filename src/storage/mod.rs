@@ -5,7 +5,9 @@
 pub mod fault;
 pub mod file;
 pub mod null;
+pub mod s3;
 pub mod sealed;
+pub mod throttle;
 
 use std::io;
 use std::sync::Arc;
@@ -79,6 +81,14 @@ pub trait Storage: Send + Sync {
     /// Removes leftovers of interrupted writes older than `older_than`.
     fn purge_temporary(&self, _older_than: SystemTime) -> StorageResult<u64> {
         Ok(0)
+    }
+    /// Deletes several objects (missing ones are not an error). The default deletes one
+    /// by one; S3 sends batches of up to 1000 keys.
+    fn delete_many(&self, keys: &[String]) -> StorageResult<()> {
+        for k in keys {
+            self.delete(k)?;
+        }
+        Ok(())
     }
     /// How this storage's objects are named and encoded. A storage is opened plain; the
     /// repository wraps an encrypted one in [`sealed::SealedStorage`], and decorators

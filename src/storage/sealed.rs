@@ -44,6 +44,9 @@ impl Storage for SealedStorage {
     fn codec(&self) -> &Codec {
         &self.codec
     }
+    fn delete_many(&self, keys: &[String]) -> StorageResult<()> {
+        self.inner.delete_many(keys)
+    }
     fn replace_prefix(&self, key: &str, prefix: &[u8]) -> StorageResult<()> {
         self.inner.replace_prefix(key, prefix)
     }

@@ -1,0 +1,388 @@
+//! S3-compatible object storage (AWS S3, Ceph RADOS Gateway, Garage, MinIO, Backblaze B2's
+//! S3 endpoint) over blocking HTTP (reqwest), with requests signed by rusty-s3 (AWS
+//! Signature V4). Every PUT carries a signed `Content-MD5`, so the server refuses a body
+//! damaged on the wire; a PUT is durable once the server answers 200. Transient failures
+//! (connection errors, timeouts, 5xx, 429/SlowDown) are retried with exponential backoff
+//! and jitter; after the budget the error says what the server last answered.
+//! Simultaneous reads, writes and deletes are bounded per storage.
+
+use super::{ListEntry, Storage, StorageError, StorageResult};
+use crate::transform::Codec;
+use base64::Engine;
+use md5::Digest;
+use parking_lot::{Condvar, Mutex};
+use rusty_s3::{Bucket, Credentials, S3Action, UrlStyle};
+use std::io;
+use std::time::{Duration, SystemTime};
+
+/// How long a signed request stays valid (covers slow uploads and retries).
+const SIGNATURE_TTL: Duration = Duration::from_secs(3600);
+/// Most keys per DeleteObjects request (the S3 limit).
+const DELETE_BATCH: usize = 1000;
+
+/// The `[[storage]]` keys of an S3 storage (docs/configuration.md).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct S3Config {
+    pub endpoint: String,
+    pub region: String,
+    pub bucket: String,
+    /// Prepended to every key (`backups/host1/`), so that one bucket can hold several
+    /// repositories.
+    pub prefix: String,
+    pub access_key: String,
+    pub secret_key: String,
+    pub path_style: bool,
+    pub storage_class: Option<String>,
+    pub connect_timeout: Duration,
+    pub read_timeout: Duration,
+    pub simultaneous_reads: usize,
+    pub simultaneous_writes: usize,
+    pub simultaneous_deletes: usize,
+    /// Attempts per request before giving up (transient failures only).
+    pub attempts: u32,
+}
+
+/// A counting semaphore: at most `n` holders at a time.
+struct Slots {
+    free: Mutex<usize>,
+    cv: Condvar,
+}
+
+impl Slots {
+    fn new(n: usize) -> Slots {
+        Slots { free: Mutex::new(n.max(1)), cv: Condvar::new() }
+    }
+    fn take(&self) -> SlotGuard<'_> {
+        let mut f = self.free.lock();
+        while *f == 0 {
+            self.cv.wait(&mut f);
+        }
+        *f -= 1;
+        SlotGuard(self)
+    }
+}
+
+struct SlotGuard<'a>(&'a Slots);
+
+impl Drop for SlotGuard<'_> {
+    fn drop(&mut self) {
+        *self.0.free.lock() += 1;
+        self.0.cv.notify_one();
+    }
+}
+
+pub struct S3Storage {
+    name: String,
+    config: S3Config,
+    bucket: Bucket,
+    credentials: Credentials,
+    client: reqwest::blocking::Client,
+    reads: Slots,
+    writes: Slots,
+    deletes: Slots,
+}
+
+/// What one request attempt came to.
+enum Outcome {
+    Done(reqwest::blocking::Response),
+    /// Worth another attempt (the text says what happened).
+    Retry(String),
+    /// Final: the error to report.
+    Fail(StorageError),
+}
+
+/// The `<Code>` of an S3 error document.
+fn error_code(body: &str) -> Option<String> {
+    let start = body.find("<Code>")? + 6;
+    let end = body[start..].find("</Code>")? + start;
+    Some(body[start..end].to_string())
+}
+
+impl S3Storage {
+    pub fn open(name: &str, config: &S3Config) -> StorageResult<S3Storage> {
+        let bad = |msg: String| StorageError::Io {
+            storage: name.to_string(),
+            op: "configure",
+            key: String::new(),
+            source: io::Error::new(io::ErrorKind::InvalidInput, msg),
+        };
+        let endpoint: url::Url =
+            config.endpoint.parse().map_err(|e| bad(format!("endpoint '{}' is not a URL: {e}", config.endpoint)))?;
+        let style = if config.path_style { UrlStyle::Path } else { UrlStyle::VirtualHost };
+        let bucket = Bucket::new(endpoint, style, config.bucket.clone(), config.region.clone())
+            .map_err(|e| bad(format!("bucket '{}' at '{}': {e}", config.bucket, config.endpoint)))?;
+        let client = reqwest::blocking::Client::builder()
+            .connect_timeout(config.connect_timeout)
+            .timeout(config.read_timeout)
+            .pool_max_idle_per_host(
+                config.simultaneous_reads + config.simultaneous_writes + config.simultaneous_deletes,
+            )
+            .build()
+            .map_err(|e| bad(format!("cannot set up HTTP: {e}")))?;
+        Ok(S3Storage {
+            name: name.to_string(),
+            credentials: Credentials::new(config.access_key.clone(), config.secret_key.clone()),
+            bucket,
+            client,
+            reads: Slots::new(config.simultaneous_reads),
+            writes: Slots::new(config.simultaneous_writes),
+            deletes: Slots::new(config.simultaneous_deletes),
+            config: config.clone(),
+        })
+    }
+
+    fn full_key(&self, key: &str) -> String {
+        format!("{}{key}", self.config.prefix)
+    }
+
+    fn fail(&self, op: &'static str, key: &str, kind: io::ErrorKind, msg: String) -> StorageError {
+        StorageError::Io { storage: self.name.clone(), op, key: key.to_string(), source: io::Error::new(kind, msg) }
+    }
+
+    /// Sends a request built by `build` (a fresh signature each attempt), retrying
+    /// transient failures with exponential backoff and jitter.
+    fn send(
+        &self,
+        op: &'static str,
+        key: &str,
+        build: impl Fn() -> reqwest::blocking::RequestBuilder,
+        accept_404: bool,
+    ) -> StorageResult<reqwest::blocking::Response> {
+        let mut delay = Duration::from_millis(100);
+        let mut last = String::new();
+        for attempt in 1..=self.config.attempts.max(1) {
+            match self.attempt(op, key, &build, accept_404) {
+                Outcome::Done(r) => return Ok(r),
+                Outcome::Fail(e) => return Err(e),
+                Outcome::Retry(why) => last = why,
+            }
+            if attempt < self.config.attempts {
+                // Full jitter: sleep a random share of the current backoff step.
+                let jitter = u64::from_le_bytes(crate::transform::aes::random::<8>()) % 1000;
+                std::thread::sleep(delay.mul_f64(0.5 + jitter as f64 / 2000.0));
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+        }
+        Err(self.fail(
+            op,
+            key,
+            io::ErrorKind::Other,
+            format!(
+                "the server at {} did not answer usably after {} attempts: {last}",
+                self.config.endpoint, self.config.attempts
+            ),
+        ))
+    }
+
+    fn attempt(
+        &self,
+        op: &'static str,
+        key: &str,
+        build: &impl Fn() -> reqwest::blocking::RequestBuilder,
+        accept_404: bool,
+    ) -> Outcome {
+        let resp = match build().send() {
+            Ok(r) => r,
+            Err(e) => {
+                let what = if e.is_timeout() {
+                    "timed out"
+                } else if e.is_connect() {
+                    "cannot connect"
+                } else {
+                    "request failed"
+                };
+                return Outcome::Retry(format!("{what} ({e})"));
+            }
+        };
+        let status = resp.status();
+        if status.is_success() || (accept_404 && status.as_u16() == 404) {
+            return Outcome::Done(resp);
+        }
+        let body = resp.text().unwrap_or_default();
+        let code = error_code(&body).unwrap_or_default();
+        let s = status.as_u16();
+        if s == 429 || s >= 500 || code == "SlowDown" {
+            return Outcome::Retry(format!("HTTP {s} {code}"));
+        }
+        let msg = match (s, code.as_str()) {
+            (404, "NoSuchBucket") => format!(
+                "bucket '{}' does not exist at {}; create it or fix `bucket` in the configuration",
+                self.config.bucket, self.config.endpoint
+            ),
+            (404, _) => return Outcome::Fail(StorageError::NotFound { storage: self.name.clone(), key: key.into() }),
+            (403, _) | (400, "AuthorizationHeaderMalformed") | (401, _) => format!(
+                "access denied by {} (HTTP {s} {code}); check access_key / secret_key (or AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY) and the region",
+                self.config.endpoint
+            ),
+            (400, "BadDigest") | (400, "InvalidDigest") => {
+                return Outcome::Retry(format!("the server received a damaged body (HTTP {s} {code})"));
+            }
+            _ => format!("the server answered HTTP {s} {code}"),
+        };
+        Outcome::Fail(self.fail(op, key, io::ErrorKind::PermissionDenied, msg))
+    }
+
+    fn timestamp(last_modified: &str) -> SystemTime {
+        chrono::DateTime::parse_from_rfc3339(last_modified)
+            .map(|d| SystemTime::UNIX_EPOCH + Duration::from_millis(d.timestamp_millis().max(0) as u64))
+            .unwrap_or(SystemTime::UNIX_EPOCH)
+    }
+}
+
+impl Storage for S3Storage {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn put(&self, key: &str, data: &[u8]) -> StorageResult<()> {
+        let _slot = self.writes.take();
+        let full = self.full_key(key);
+        let md5 = base64::engine::general_purpose::STANDARD.encode(md5::Md5::digest(data));
+        let body = bytes::Bytes::copy_from_slice(data);
+        self.send(
+            "put",
+            key,
+            || {
+                let mut action = self.bucket.put_object(Some(&self.credentials), &full);
+                action.headers_mut().insert("content-md5", md5.clone());
+                if let Some(class) = &self.config.storage_class {
+                    action.headers_mut().insert("x-amz-storage-class", class.clone());
+                }
+                let mut req = self.client.put(action.sign(SIGNATURE_TTL)).header("content-md5", &md5);
+                if let Some(class) = &self.config.storage_class {
+                    req = req.header("x-amz-storage-class", class);
+                }
+                req.body(body.clone())
+            },
+            false,
+        )?;
+        Ok(())
+    }
+
+    fn get(&self, key: &str) -> StorageResult<Vec<u8>> {
+        let _slot = self.reads.take();
+        let full = self.full_key(key);
+        let resp = self.send(
+            "get",
+            key,
+            || self.client.get(self.bucket.get_object(Some(&self.credentials), &full).sign(SIGNATURE_TTL)),
+            false,
+        )?;
+        let expected = resp.content_length();
+        let bytes = resp
+            .bytes()
+            .map_err(|e| self.fail("get", key, io::ErrorKind::ConnectionAborted, format!("transfer broke off: {e}")))?;
+        if let Some(n) = expected
+            && n != bytes.len() as u64
+        {
+            return Err(self.fail(
+                "get",
+                key,
+                io::ErrorKind::ConnectionAborted,
+                format!("got {} of {n} bytes", bytes.len()),
+            ));
+        }
+        Ok(bytes.to_vec())
+    }
+
+    fn exists(&self, key: &str) -> StorageResult<bool> {
+        let _slot = self.reads.take();
+        let full = self.full_key(key);
+        let resp = self.send(
+            "check",
+            key,
+            || self.client.head(self.bucket.head_object(Some(&self.credentials), &full).sign(SIGNATURE_TTL)),
+            true,
+        )?;
+        Ok(resp.status().as_u16() != 404)
+    }
+
+    fn delete(&self, key: &str) -> StorageResult<()> {
+        let _slot = self.deletes.take();
+        let full = self.full_key(key);
+        self.send(
+            "delete",
+            key,
+            || self.client.delete(self.bucket.delete_object(Some(&self.credentials), &full).sign(SIGNATURE_TTL)),
+            true,
+        )?;
+        Ok(())
+    }
+
+    fn delete_many(&self, keys: &[String]) -> StorageResult<()> {
+        for chunk in keys.chunks(DELETE_BATCH) {
+            let _slot = self.deletes.take();
+            let objects: Vec<rusty_s3::actions::ObjectIdentifier> =
+                chunk.iter().map(|k| rusty_s3::actions::ObjectIdentifier::new(self.full_key(k))).collect();
+            let mut action = self.bucket.delete_objects(Some(&self.credentials), objects.iter());
+            action.set_quiet(true);
+            let url = action.sign(SIGNATURE_TTL);
+            let (body, md5) = action.body_with_md5();
+            let first = chunk.first().map(|s| s.as_str()).unwrap_or("");
+            let resp = self.send(
+                "delete",
+                first,
+                || self.client.post(url.clone()).header("content-md5", &md5).body(body.clone()),
+                false,
+            )?;
+            let text = resp.text().unwrap_or_default();
+            // Quiet mode lists only failures; a missing key is not one.
+            if let Some(code) = error_code(&text).filter(|c| c != "NoSuchKey") {
+                return Err(self.fail(
+                    "delete",
+                    first,
+                    io::ErrorKind::Other,
+                    format!("the server refused to delete some of {} objects ({code})", chunk.len()),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn list(&self, prefix: &str) -> StorageResult<Vec<ListEntry>> {
+        let _slot = self.reads.take();
+        let full = self.full_key(prefix);
+        let mut out = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let resp = self.send(
+                "list",
+                prefix,
+                || {
+                    let mut action = self.bucket.list_objects_v2(Some(&self.credentials));
+                    action.with_prefix(full.as_str());
+                    action.with_max_keys(1000);
+                    if let Some(t) = &token {
+                        action.with_continuation_token(t.as_str());
+                    }
+                    self.client.get(action.sign(SIGNATURE_TTL))
+                },
+                false,
+            )?;
+            let text = resp.text().map_err(|e| {
+                self.fail("list", prefix, io::ErrorKind::ConnectionAborted, format!("transfer broke off: {e}"))
+            })?;
+            let page = rusty_s3::actions::ListObjectsV2::parse_response(&text).map_err(|e| {
+                self.fail("list", prefix, io::ErrorKind::InvalidData, format!("unreadable listing: {e}"))
+            })?;
+            for c in page.contents {
+                let key = c.key.strip_prefix(&self.config.prefix).unwrap_or(&c.key).to_string();
+                out.push(ListEntry { key, size: c.size, modified: Self::timestamp(&c.last_modified) });
+            }
+            match page.next_continuation_token {
+                Some(t) => token = Some(t),
+                None => break,
+            }
+        }
+        Ok(out)
+    }
+
+    /// A PUT that returned 200 is durable on the server: nothing to flush.
+    fn sync(&self) -> StorageResult<()> {
+        Ok(())
+    }
+
+    fn codec(&self) -> &Codec {
+        Codec::plain()
+    }
+}

@@ -1,0 +1,113 @@
+//! A bandwidth limit for another storage: reads and writes each reserve their bytes'
+//! share of time on a shared clock (a token bucket with no burst), so that all threads
+//! of a process together stay under the configured rate.
+
+use super::{ListEntry, SharedStorage, Storage, StorageResult};
+use crate::transform::Codec;
+use parking_lot::Mutex;
+use std::time::{Duration, Instant, SystemTime};
+
+struct Rate {
+    bytes_per_sec: u64,
+    next_free: Mutex<Instant>,
+}
+
+impl Rate {
+    fn new(bytes_per_sec: u64) -> Rate {
+        Rate { bytes_per_sec, next_free: Mutex::new(Instant::now()) }
+    }
+    /// Waits until `bytes` may pass.
+    fn pass(&self, bytes: usize) {
+        let cost = Duration::from_secs_f64(bytes as f64 / self.bytes_per_sec as f64);
+        let start = {
+            let mut next = self.next_free.lock();
+            let now = Instant::now();
+            let start = (*next).max(now);
+            *next = start + cost;
+            start
+        };
+        let now = Instant::now();
+        if start > now {
+            std::thread::sleep(start - now);
+        }
+    }
+}
+
+pub struct ThrottledStorage {
+    inner: SharedStorage,
+    read: Option<Rate>,
+    write: Option<Rate>,
+}
+
+impl ThrottledStorage {
+    /// Limits in bytes per second (`None`: unlimited).
+    pub fn new(inner: SharedStorage, read: Option<u64>, write: Option<u64>) -> ThrottledStorage {
+        ThrottledStorage {
+            inner,
+            read: read.filter(|r| *r > 0).map(Rate::new),
+            write: write.filter(|r| *r > 0).map(Rate::new),
+        }
+    }
+}
+
+impl Storage for ThrottledStorage {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+    fn put(&self, key: &str, data: &[u8]) -> StorageResult<()> {
+        if let Some(r) = &self.write {
+            r.pass(data.len());
+        }
+        self.inner.put(key, data)
+    }
+    fn get(&self, key: &str) -> StorageResult<Vec<u8>> {
+        let data = self.inner.get(key)?;
+        if let Some(r) = &self.read {
+            r.pass(data.len());
+        }
+        Ok(data)
+    }
+    fn exists(&self, key: &str) -> StorageResult<bool> {
+        self.inner.exists(key)
+    }
+    fn delete(&self, key: &str) -> StorageResult<()> {
+        self.inner.delete(key)
+    }
+    fn delete_many(&self, keys: &[String]) -> StorageResult<()> {
+        self.inner.delete_many(keys)
+    }
+    fn list(&self, prefix: &str) -> StorageResult<Vec<ListEntry>> {
+        self.inner.list(prefix)
+    }
+    fn sync(&self) -> StorageResult<()> {
+        self.inner.sync()
+    }
+    fn purge_temporary(&self, older_than: SystemTime) -> StorageResult<u64> {
+        self.inner.purge_temporary(older_than)
+    }
+    fn codec(&self) -> &Codec {
+        self.inner.codec()
+    }
+    fn replace_prefix(&self, key: &str, prefix: &[u8]) -> StorageResult<()> {
+        if let Some(r) = &self.write {
+            r.pass(prefix.len());
+        }
+        self.inner.replace_prefix(key, prefix)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_rate_spaces_transfers() {
+        let r = Rate::new(1_000_000);
+        let t = Instant::now();
+        for _ in 0..5 {
+            r.pass(50_000); // 50 ms each at 1 MB/s
+        }
+        let took = t.elapsed();
+        assert!(took >= Duration::from_millis(195), "{took:?}");
+    }
+}

@@ -477,29 +477,37 @@ fn coordinate(
         in_store: 0,
         last_heartbeat: Instant::now(),
     };
-    let mut finish: Option<u64> = None;
-    loop {
-        if finish.is_some_and(|n| c.completed >= n) {
-            break;
+    let run = |c: &mut Coordinator| -> Result<()> {
+        let mut finish: Option<u64> = None;
+        loop {
+            if finish.is_some_and(|n| c.completed >= n) {
+                return Ok(());
+            }
+            let msg = match done.try_recv() {
+                Ok(m) => m,
+                Err(TryRecvError::Empty) => {
+                    // Nothing waiting: resolve the lookups now rather than sit on buffers.
+                    c.flush_lookups()?;
+                    if finish.is_some_and(|n| c.completed >= n) {
+                        return Ok(());
+                    }
+                    match done.recv() {
+                        Ok(m) => m,
+                        Err(_) => return Err(Error::Other("backup pipeline ended early".into())),
+                    }
+                }
+                Err(TryRecvError::Disconnected) => {
+                    return Err(Error::Other("backup pipeline ended early".into()));
+                }
+            };
+            c.handle(msg, &mut finish)?;
         }
-        let msg = match done.try_recv() {
-            Ok(m) => m,
-            Err(TryRecvError::Empty) => {
-                // Nothing waiting: resolve the lookups now rather than sit on buffers.
-                c.flush_lookups()?;
-                if finish.is_some_and(|n| c.completed >= n) {
-                    break;
-                }
-                match done.recv() {
-                    Ok(m) => m,
-                    Err(_) => return Err(Error::Other("backup pipeline ended early".into())),
-                }
-            }
-            Err(TryRecvError::Disconnected) => {
-                return Err(Error::Other("backup pipeline ended early".into()));
-            }
-        };
-        c.handle(msg, &mut finish)?;
+    };
+    if let Err(e) = run(&mut c) {
+        // Objects already stored stay recorded (after the storage confirms them durable),
+        // so that `backup --continue` does not send them again.
+        let _ = c.flush_inserts();
+        return Err(e);
     }
     debug_assert_eq!(c.in_store, 0);
     c.flush_inserts()?;

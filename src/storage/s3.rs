@@ -191,7 +191,7 @@ impl S3Storage {
                 } else {
                     "request failed"
                 };
-                return Outcome::Retry(format!("{what} ({e})"));
+                return Outcome::Retry(format!("{what} ({})", e.without_url()));
             }
         };
         let status = resp.status();

@@ -157,4 +157,5 @@ pub fn mixed_image(seed: u64, blocks: usize, bs: usize, tail: usize) -> Vec<u8> 
     img
 }
 
+pub mod garage;
 pub mod mount;

@@ -1,0 +1,239 @@
+//! The S3 storage against a real S3 server (Garage, started on 127.0.0.1 by the test):
+//! backup, restore, dedup, cleanup, an encrypted repository, the server dying in the
+//! middle of a backup and of a restore, wrong credentials and a missing bucket. What
+//! keepfs wrote is checked with an independent client (s3cmd).
+
+mod common;
+use common::garage::Garage;
+use common::mount::wait_until;
+use common::*;
+use std::fs;
+use std::sync::{Mutex, OnceLock};
+use std::time::Duration;
+
+/// One server for the whole file; each test uses its own key prefix.
+fn server() -> std::sync::MutexGuard<'static, Garage> {
+    static G: OnceLock<Mutex<Garage>> = OnceLock::new();
+    let mut g = G.get_or_init(|| Mutex::new(Garage::start())).lock().unwrap_or_else(|e| e.into_inner());
+    g.ensure_running();
+    g
+}
+
+struct S3Repo {
+    repo: Repo,
+    config: String,
+}
+
+impl S3Repo {
+    fn new(g: &Garage, prefix: &str, extra: &str) -> S3Repo {
+        let repo = Repo::new();
+        let config = repo.path("keepfs.toml");
+        fs::write(&config, g.keepfs_config(&repo.home(), prefix, extra)).unwrap();
+        S3Repo { repo, config: config.to_str().unwrap().to_string() }
+    }
+    fn run(&self, args: &[&str]) -> Run {
+        let mut a = vec!["--config", self.config.as_str()];
+        a.extend_from_slice(args);
+        self.repo.run(&a)
+    }
+    fn ok(&self, args: &[&str]) -> String {
+        let r = self.run(args);
+        assert_eq!(r.code, 0, "keepfs {args:?}: {}", r.stderr);
+        r.stdout
+    }
+    fn ls(&self) -> serde_json::Value {
+        serde_json::from_str(&self.ok(&["ls", "--format", "json"])).unwrap()
+    }
+    fn version(&self, uid: &str) -> serde_json::Value {
+        self.ls().as_array().unwrap().iter().find(|v| v["uid"] == uid).cloned().unwrap()
+    }
+}
+
+/// `s3cmd ls -r` of a prefix: the keys, as an independent client sees them.
+fn s3cmd_keys(g: &Garage, prefix: &str) -> Vec<String> {
+    let cfg = g.dir.path().join("s3cfg");
+    fs::write(
+        &cfg,
+        format!(
+            "[default]\naccess_key = {}\nsecret_key = {}\nhost_base = 127.0.0.1:{p}\nhost_bucket = 127.0.0.1:{p}\n\
+             use_https = False\nbucket_location = garage\nsignature_v2 = False\n",
+            g.key_id,
+            g.secret,
+            p = g.port
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new("s3cmd")
+        .arg("-c")
+        .arg(&cfg)
+        .args(["ls", "-r", &format!("s3://{}/{prefix}/", g.bucket)])
+        .output()
+        .expect("s3cmd (apt-get install s3cmd; bash .ci/run does)");
+    assert!(out.status.success(), "s3cmd: {}", String::from_utf8_lossy(&out.stderr));
+    let prefix_url = format!("s3://{}/", g.bucket);
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().last())
+        .filter_map(|u| u.strip_prefix(&prefix_url).map(str::to_string))
+        .collect()
+}
+
+#[test]
+fn backup_restore_dedup_and_cleanup_on_s3() {
+    let g = server();
+    let r = S3Repo::new(&g, "plain", "");
+    let img = mixed_image(91, 30, 64 * 1024, 777);
+    fs::write(r.repo.path("a"), &img).unwrap();
+    let url = r.repo.url("a");
+    let v1 = r.ok(&["backup", &url, "vm", "-b", "64k"]).trim().to_string();
+    r.ok(&["restore", &v1, &r.repo.url("o")]);
+    assert_eq!(sha256_file(&r.repo.path("o")), sha256_file(&r.repo.path("a")));
+    r.ok(&["deep-scrub", &v1]);
+
+    // The independent client sees the documented layout under the prefix.
+    let keys = s3cmd_keys(&g, "plain");
+    let blocks: Vec<&String> = keys.iter().filter(|k| k.starts_with("plain/blocks/")).collect();
+    let distinct: std::collections::HashSet<&[u8]> =
+        img.chunks(64 * 1024).filter(|c| c.iter().any(|&b| b != 0)).collect();
+    assert_eq!(blocks.len(), distinct.len(), "{keys:?}");
+    for k in &blocks {
+        let parts: Vec<&str> = k.split('/').collect();
+        assert_eq!(parts.len(), 5, "{k}");
+        assert!(parts[4].len() == 64 && parts[4].starts_with(parts[2]) && parts[4][2..].starts_with(parts[3]), "{k}");
+    }
+    assert!(keys.contains(&format!("plain/versions/{v1}")), "{keys:?}");
+
+    // A second backup of the same image stores nothing new.
+    let v2 = r.ok(&["backup", &url, "vm", "-b", "64k"]).trim().to_string();
+    assert_eq!(r.version(&v2)["stats"]["bytes_written"], 0);
+
+    // A changed image, then removal of the older versions: cleanup deletes exactly the
+    // objects only they referenced (DeleteObjects), and the survivor restores.
+    let mut changed = img.clone();
+    for b in changed[..64 * 1024 * 5].iter_mut() {
+        *b = b.wrapping_add(1);
+    }
+    fs::write(r.repo.path("b"), &changed).unwrap();
+    let v3 = r.ok(&["backup", &r.repo.url("b"), "vm", "-b", "64k"]).trim().to_string();
+    r.ok(&["rm", "--force", &v1, &v2]);
+    let kept: std::collections::HashSet<&[u8]> =
+        changed.chunks(64 * 1024).filter(|c| c.iter().any(|&b| b != 0)).collect();
+    let gone = distinct.difference(&kept).count();
+    assert!(gone > 0);
+    let out = r.ok(&["cleanup"]);
+    assert!(out.contains(&format!("deleted {gone} object(s)")), "{out}");
+    let after = s3cmd_keys(&g, "plain");
+    assert_eq!(after.iter().filter(|k| k.starts_with("plain/blocks/")).count(), kept.len());
+    assert!(!after.contains(&format!("plain/versions/{v1}")));
+    let _ = fs::remove_file(r.repo.path("o"));
+    r.ok(&["restore", &v3, &r.repo.url("o")]);
+    assert_eq!(sha256_file(&r.repo.path("o")), sha256_file(&r.repo.path("b")));
+
+    // The storage alone is enough: a lost database comes back from the bucket.
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = fs::remove_file(format!("{}{suffix}", r.repo.home().join("keepfs.sqlite").display()));
+    }
+    r.ok(&["database", "rebuild"]);
+    assert_eq!(r.ls().as_array().unwrap().len(), 1);
+}
+
+#[test]
+fn an_encrypted_repository_on_s3() {
+    let g = server();
+    let r = S3Repo::new(&g, "sealed", "");
+    let key = r.repo.path("k");
+    r.ok(&["key", "new", key.to_str().unwrap()]);
+    let env_run = |args: &[&str]| {
+        let mut a = vec!["--config", r.config.as_str()];
+        a.extend_from_slice(args);
+        let out = r.repo.command(&a).env("KEEPFS_KEY_FILE", &key).output().unwrap();
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    env_run(&["init", "--encrypt"]);
+    let img = mixed_image(92, 12, 64 * 1024, 0);
+    fs::write(r.repo.path("a"), &img).unwrap();
+    let v = env_run(&["backup", &r.repo.url("a"), "enc", "-b", "64k"]).trim().to_string();
+    env_run(&["restore", &v, &r.repo.url("o")]);
+    assert_eq!(sha256_file(&r.repo.path("o")), sha256_file(&r.repo.path("a")));
+    env_run(&["deep-scrub", &v]);
+    let keys = s3cmd_keys(&g, "sealed");
+    assert!(keys.contains(&"sealed/keyring".to_string()), "{keys:?}");
+    // Object names are keyed: none is the SHA-256 of a block.
+    let sha_names: Vec<String> =
+        img.chunks(64 * 1024).map(|c| hex::encode(<sha2::Sha256 as sha2::Digest>::digest(c))).collect();
+    assert!(keys.iter().all(|k| !sha_names.iter().any(|s| k.ends_with(s))));
+    // Without the key: a one-line error naming the key it needs.
+    let e = r.run(&["restore", &v, &r.repo.url("x")]);
+    assert_eq!(e.code, 2, "{}", e.stderr);
+    assert!(e.error_line().contains("is encrypted and no key was given"), "{}", e.stderr);
+}
+
+#[test]
+fn the_server_dying_mid_backup_and_mid_restore() {
+    let mut g = server();
+    let r = S3Repo::new(&g, "crash", "");
+    let img = random_bytes(93, 48 << 20);
+    fs::write(r.repo.path("a"), &img).unwrap();
+    let url = r.repo.url("a");
+    let mut a = vec!["--config", r.config.as_str()];
+    a.extend_from_slice(&["backup", &url, "big", "-b", "256k"]);
+    let child =
+        r.repo.command(&a).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    wait_until("the backup to store some objects", Duration::from_secs(60), || s3cmd_keys(&g, "crash").len() >= 8);
+    g.kill();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let line = stderr.lines().last().unwrap_or("");
+    assert!(line.starts_with("keepfs: error:") && line.contains("left incomplete"), "{stderr}");
+    assert!(line.contains("cannot connect") || line.contains("did not answer"), "{stderr}");
+    let uid = r.ls()[0]["uid"].as_str().unwrap().to_string();
+    assert_eq!(r.version(&uid)["status"], "incomplete");
+
+    // Back up: --continue finishes the same version.
+    g.restart();
+    let out = r.ok(&["backup", "--continue", &uid, &url, "big"]);
+    assert_eq!(out.trim(), uid);
+    let v = r.version(&uid);
+    assert_eq!(v["status"], "valid");
+    assert!(v["stats"]["bytes_deduplicated"].as_u64().unwrap() > 0, "{v}");
+
+    // A restore while the server is down is a one-line error that marks nothing damaged
+    // (the engine tests stop a restore half-way and continue it).
+    g.kill();
+    let e = r.run(&["restore", &uid, &r.repo.url("o")]);
+    assert_eq!(e.code, 1, "{}", e.stderr);
+    assert!(e.error_line().contains("cannot connect") && e.stderr.lines().count() == 1, "{}", e.stderr);
+    assert!(!e.stderr.contains("X-Amz-Signature"), "no signed URLs in messages: {}", e.stderr);
+    assert_eq!(r.version(&uid)["status"], "valid");
+    g.restart();
+    r.ok(&["restore", &uid, &r.repo.url("o")]);
+    assert_eq!(sha256_file(&r.repo.path("o")), sha256_file(&r.repo.path("a")));
+}
+
+#[test]
+fn wrong_credentials_and_a_missing_bucket_are_one_line_errors() {
+    let g = server();
+    fs::write(std::env::temp_dir().join("keepfs-s3-unused"), b"").ok();
+    let repo = Repo::new();
+    fs::write(repo.path("a"), mixed_image(94, 3, 64 * 1024, 0)).unwrap();
+    let good = g.keepfs_config(&repo.home(), "errs", "");
+    for (config, needle) in [
+        (good.replace(&g.secret, &"0".repeat(64)), "access denied by"),
+        (
+            good.replace("bucket = \"keepfs-test\"", "bucket = \"no-such-bucket\""),
+            "bucket 'no-such-bucket' does not exist",
+        ),
+        (good.replace(&format!(":{}", g.port), ":1"), "cannot connect"),
+    ] {
+        fs::write(repo.path("k.toml"), config).unwrap();
+        let r = repo.run(&["--config", repo.path("k.toml").to_str().unwrap(), "backup", &repo.url("a"), "x"]);
+        assert_eq!(r.code, 1, "{}", r.stderr);
+        assert!(r.error_line().starts_with("keepfs: error:") && r.error_line().contains(needle), "{}", r.stderr);
+        assert_eq!(r.stderr.lines().count(), 1, "{}", r.stderr);
+    }
+    fs::write(repo.path("k.toml"), &good).unwrap();
+    let ls = repo.run(&["--config", repo.path("k.toml").to_str().unwrap(), "ls", "--format", "json"]);
+    assert_eq!(ls.stdout.trim(), "[]", "a refused backup leaves no version behind");
+}

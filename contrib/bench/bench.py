@@ -8,12 +8,16 @@ of the image and keepfs's initial backup, unchanged re-backup, backup of the cha
 copy and restore, each in MB/s and as a ratio to the baseline, with storage used and
 peak RSS. Finally backs up null://1T to a null storage (memory and database size).
 
+Then the initial backup and the restore are repeated against other storages in the same
+run: an encrypted file storage (AES-256-GCM, keyed ids) and, when `garage` is installed,
+a local Garage S3 server (plain and encrypted), next to the plain file storage.
+
 With --fuse (default when run as root with /dev/fuse), the same image is also read
 and written through `keepfs mount`: restore to /dev/null next to `dd` of the mounted
 `data` file (cold and warm page cache), random 4 KiB reads (fio), and `cp` into
 `incoming/` next to `keepfs backup` of the same file into an equally fresh repository.
 
-usage: contrib/bench/bench.py [--size-mib N] [--workdir DIR] [--keepfs PATH] [--no-fuse]
+usage: contrib/bench/bench.py [--size-mib N] [--workdir DIR] [--keepfs PATH] [--no-fuse] [--no-storages]
 """
 import argparse
 import os
@@ -190,6 +194,66 @@ def fuse_bench(keepfs, env, img, size, uid, backup_mbs, workdir):
         print(f"random 4 KiB reads of mounted data (fio, 1 job, cold cache): {rand} IOPS")
 
 
+def storage_bench(keepfs, root, img, size, workdir):
+    """Initial backup and restore of the same image into other kinds of storage."""
+    key = os.path.join(workdir, "bench.key")
+    if not os.path.exists(key):
+        subprocess.run([keepfs, "key", "new", key], check=True, stderr=subprocess.DEVNULL)
+    setups = [("file, plain", "", False), ("file, encrypted", "", True)]
+    garage_env = None
+    if shutil.which("garage") or os.path.exists(os.path.expanduser("~/.cargo/bin/garage")):
+        gdir = os.path.join(workdir, "garage")
+        genv = dict(os.environ, GARAGE_DIR=gdir, GARAGE_PORT="39400", S3_BUCKET="bench")
+        subprocess.run([os.path.join(root, "contrib", "garage", "start-garage.sh")], env=genv, check=True,
+                       stderr=subprocess.DEVNULL)
+        garage_env = {}
+        with open(os.path.join(gdir, "env.sh")) as f:
+            for line in f:
+                k, v = line.replace("export ", "").strip().split("=", 1)
+                garage_env[k] = v
+        run_id = str(int(time.time()))
+        for enc in (False, True):
+            tag = "encrypted" if enc else "plain"
+            setups.append((f"S3 (local Garage), {tag}",
+                           f'[[storage]]\nname = "s3"\nkind = "s3"\nendpoint = "{garage_env["S3_ENDPOINT"]}"\n'
+                           f'region = "garage"\nbucket = "bench"\nprefix = "{run_id}-{tag}"\n'
+                           f'access_key = "{garage_env["AWS_ACCESS_KEY_ID"]}"\n'
+                           f'secret_key = "{garage_env["AWS_SECRET_ACCESS_KEY"]}"\n', enc))
+    rows = []
+    out = os.path.join(workdir, "restored-s.img")
+    for label, storage_toml, enc in setups:
+        home = os.path.join(workdir, "repo-" + label.replace(" ", "").replace(",", "-").replace("(", "").replace(")", ""))
+        shutil.rmtree(home, ignore_errors=True)
+        os.makedirs(home)
+        cfg = os.path.join(home, "keepfs.toml")
+        with open(cfg, "w") as f:
+            f.write(f'home = "{home}"\n{storage_toml}')
+        env = dict(os.environ, KEEPFS_KEY_FILE=key)
+        env.pop("KEEPFS_PASSPHRASE", None)
+        if enc:
+            subprocess.run([keepfs, "--config", cfg, "init", "--encrypt"], env=env, check=True, stderr=subprocess.DEVNULL)
+        warm(img)
+        bdt, _, uid = timed([keepfs, "--config", cfg, "backup", "file://" + img, "bench"], env)
+        if os.path.exists(out):
+            os.remove(out)
+        drop_caches() if os.geteuid() == 0 else None
+        rdt, _, _ = timed([keepfs, "--config", cfg, "restore", uid.strip(), "file://" + out], env)
+        same = subprocess.run(["cmp", img, out]).returncode == 0
+        os.remove(out)
+        rows.append((label, bdt, size / bdt / 1e6, rdt, size / rdt / 1e6, same))
+    print()
+    print("other storages (initial backup and restore of the same image, same run):")
+    print(f"{'storage':32} {'backup s':>9} {'MB/s':>6} {'vs file':>8} {'restore s':>10} {'MB/s':>6} {'vs file':>8}  identical")
+    plain_backup, plain_restore = rows[0][2], rows[0][4]
+    for label, bdt, bm, rdt, rm, same in rows:
+        print(f"{label:32} {bdt:9.2f} {bm:6.0f} {bm / plain_backup:8.2f} {rdt:10.2f} {rm:6.0f} {rm / plain_restore:8.2f}  "
+              f"{'yes' if same else 'NO'}")
+    if garage_env is not None:
+        with open(os.path.join(workdir, "garage", "pid")) as f:
+            subprocess.run(["kill", f.read().strip()])
+    return all(r[5] for r in rows)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--size-mib", type=int, default=2048)
@@ -197,6 +261,7 @@ def main():
     ap.add_argument("--keepfs", default=None)
     ap.add_argument("--skip-null", action="store_true")
     ap.add_argument("--no-fuse", action="store_true")
+    ap.add_argument("--no-storages", action="store_true", help="skip the encrypted and S3 storage rows")
     ap.add_argument("--many", type=int, default=100, help="versions of null://1T for the metadata scale test")
     a = ap.parse_args()
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -243,6 +308,9 @@ def main():
         used_s = f"{used / 2**20:.0f} MiB" if used is not None else ""
         print(f"{label:38} {dt:8.2f} {mbs:8.0f} {mbs / base:7.2f} {rss_s:>9} {used_s:>10}")
     print(f"restored image identical to the source: {'yes' if same else 'NO'}")
+
+    if not a.no_storages:
+        same = storage_bench(keepfs, root, img, size, a.workdir) and same
 
     if not a.no_fuse and os.geteuid() == 0 and os.path.exists("/dev/fuse"):
         fuse_bench(keepfs, env, img, size, uid, rows[1][2], a.workdir)

@@ -166,6 +166,11 @@ enum Command {
         #[arg(short = 'S', long)]
         storage: Option<String>,
     },
+    /// The configured storages
+    Storage {
+        #[command(subcommand)]
+        action: StorageAction,
+    },
     /// Master keys of an encrypted storage
     Key {
         #[command(subcommand)]
@@ -250,6 +255,21 @@ enum MetadataAction {
     Restore {
         #[arg(required = true)]
         uids: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum StorageAction {
+    /// Every configured storage: kind, location, default, encrypted, versions
+    List {
+        #[arg(long, value_enum, default_value = "table")]
+        format: Format,
+    },
+    /// Objects and bytes of one storage (from the database)
+    Stats {
+        name: String,
+        #[arg(long, value_enum, default_value = "table")]
+        format: Format,
     },
 }
 
@@ -680,6 +700,57 @@ fn run(cli: Cli) -> Result<i32> {
                 "storage '{name}' is encrypted with key {id} ({}); keep that key safe: without it nothing can be restored",
                 source.describe()
             );
+            Ok(exit::OK)
+        }
+        Command::Storage { action } => {
+            let infos = repo.storage_infos()?;
+            let yes = |b: bool| if b { "yes" } else { "no" }.to_string();
+            match action {
+                StorageAction::List { format: Format::Json } => println!("{}", to_json(&infos)?),
+                StorageAction::List { format: Format::Table } => print_rows(
+                    &["name", "kind", "default", "encrypted", "versions", "location"],
+                    infos
+                        .iter()
+                        .map(|i| {
+                            vec![
+                                i.name.clone(),
+                                i.kind.clone(),
+                                yes(i.default),
+                                yes(i.encrypted),
+                                i.versions.to_string(),
+                                i.location.clone(),
+                            ]
+                        })
+                        .collect(),
+                ),
+                StorageAction::Stats { name, format } => {
+                    repo.config.storage(&name)?;
+                    let Some(i) = infos.into_iter().find(|i| i.name == name) else {
+                        return Err(Error::Invalid(format!("no storage named '{name}'")));
+                    };
+                    match format {
+                        Format::Json => println!("{}", to_json(&i)?),
+                        Format::Table => {
+                            let ratio = if i.stored_bytes > 0 {
+                                format!("{:.2}", i.image_bytes as f64 / i.stored_bytes as f64)
+                            } else {
+                                "-".into()
+                            };
+                            print_rows(
+                                &["storage", "versions", "objects", "stored", "images", "images/stored"],
+                                vec![vec![
+                                    i.name.clone(),
+                                    i.versions.to_string(),
+                                    i.objects.to_string(),
+                                    format_size(i.stored_bytes),
+                                    format_size(i.image_bytes),
+                                    ratio,
+                                ]],
+                            )
+                        }
+                    }
+                }
+            }
             Ok(exit::OK)
         }
         Command::Key { action } => {

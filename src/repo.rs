@@ -363,12 +363,61 @@ impl Repository {
         self.db.lock()
     }
 
+    /// What `keepfs storage list` / `storage stats` show of each configured storage
+    /// (from the database: no request to the storage).
+    pub fn storage_infos(&self) -> Result<Vec<StorageInfo>> {
+        let versions = self.list(None)?;
+        let mut out = Vec::new();
+        for sc in &self.config.storages {
+            let (objects, bytes) = self.storage_totals(&sc.name)?;
+            let location = match &sc.kind {
+                StorageKind::File { path } => path.display().to_string(),
+                StorageKind::Null => "(discards everything)".to_string(),
+                StorageKind::S3(c) => format!("{}/{}/{}", c.endpoint.trim_end_matches('/'), c.bucket, c.prefix),
+            };
+            let kind = match &sc.kind {
+                StorageKind::File { .. } => "file",
+                StorageKind::Null => "null",
+                StorageKind::S3(_) => "s3",
+            };
+            let mine: Vec<&Version> = versions.iter().filter(|v| v.storage == sc.name).collect();
+            out.push(StorageInfo {
+                name: sc.name.clone(),
+                kind: kind.into(),
+                location,
+                default: sc.name == self.config.default_storage,
+                encrypted: self.db().storage_encrypted(&sc.name)?,
+                versions: mine.len() as u64,
+                objects,
+                stored_bytes: bytes,
+                image_bytes: mine.iter().map(|v| v.size).sum(),
+            });
+        }
+        Ok(out)
+    }
+
     /// (objects, stored bytes) of a storage.
     pub fn storage_totals(&self, name: &str) -> Result<(u64, u64)> {
         let db = self.db.lock();
         let id = db.storage_id(name)?;
         db.object_totals(id)
     }
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct StorageInfo {
+    pub name: String,
+    pub kind: String,
+    pub location: String,
+    pub default: bool,
+    /// As far as the database knows (set once its keyring was seen).
+    pub encrypted: bool,
+    pub versions: u64,
+    /// Objects recorded in the database and the bytes they take in the storage.
+    pub objects: u64,
+    pub stored_bytes: u64,
+    /// Sum of the sizes of the versions stored there (before dedup and compression).
+    pub image_bytes: u64,
 }
 
 /// A registered session; ends (and releases its version locks) when dropped.

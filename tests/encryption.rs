@@ -333,3 +333,35 @@ fn encryption_can_be_required_and_is_never_silently_dropped() {
     fs::rename(repo.path("keyring.saved"), repo.storage().join("keyring")).unwrap();
     repo.ok(&["--config", c, "backup", &repo.url("a"), "x", "-b", "64k"]);
 }
+
+/// The filesystem over an encrypted repository: versions read back in plaintext through
+/// the mount, and a `cp` into incoming/ is stored sealed.
+#[test]
+fn the_filesystem_serves_an_encrypted_repository() {
+    use common::mount::Mount;
+    let e = Enc::new();
+    let repo = &e.repo;
+    let img = mixed_image(86, 16, BS, 100);
+    fs::write(repo.path("a"), &img).unwrap();
+    let v = e.backup("a", "enc");
+    let cfg = repo.path("keepfs.toml");
+    fs::write(&cfg, format!("home = \"{}\"\nkey_file = \"{}\"\n", repo.home().display(), e.key.display())).unwrap();
+    let before = files_under(&repo.storage().join("blocks")).len();
+    let mut m = Mount::new(repo, &["--config", cfg.to_str().unwrap()]);
+    assert_eq!(sha256_file(&m.p(&format!("by_version/{v}/data"))), sha256_file(&repo.path("a")));
+    let other = mixed_image(87, 8, BS, 0);
+    fs::write(repo.path("b"), &other).unwrap();
+    let st = std::process::Command::new("cp").arg(repo.path("b")).arg(m.p("incoming/vm2")).status().unwrap();
+    assert!(st.success());
+    m.unmount();
+    let ls = repo.ls_json(Some("name == \"vm2\""));
+    let uid = ls[0]["uid"].as_str().unwrap().to_string();
+    assert_eq!(ls[0]["status"], "valid");
+    assert_eq!(e.restore_sha(&uid), sha256_file(&repo.path("b")));
+    let after = files_under(&repo.storage().join("blocks"));
+    assert!(after.len() > before);
+    for f in &after {
+        let bytes = fs::read(f).unwrap();
+        assert_eq!(u16::from_le_bytes([bytes[12], bytes[13]]) & 2, 2, "{} is not sealed", f.display());
+    }
+}

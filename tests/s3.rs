@@ -237,3 +237,44 @@ fn wrong_credentials_and_a_missing_bucket_are_one_line_errors() {
     let ls = repo.run(&["--config", repo.path("k.toml").to_str().unwrap(), "ls", "--format", "json"]);
     assert_eq!(ls.stdout.trim(), "[]", "a refused backup leaves no version behind");
 }
+
+#[test]
+fn several_storages_at_once_each_version_in_one() {
+    let g = server();
+    let repo = Repo::new();
+    let cfg = repo.path("keepfs.toml");
+    let s3 = g.keepfs_config(&repo.home(), "multi", "");
+    // A local file storage first (the default), the bucket second.
+    let local =
+        format!("[[storage]]\nname = \"local\"\nkind = \"file\"\npath = \"{}\"\n", repo.path("local").display());
+    fs::write(&cfg, s3.replacen("[[storage]]", &format!("{local}[[storage]]"), 1)).unwrap();
+    let c = cfg.to_str().unwrap();
+    let img = mixed_image(95, 10, 64 * 1024, 0);
+    fs::write(repo.path("a"), &img).unwrap();
+    let u = repo.url("a");
+    let on_local = repo.ok(&["--config", c, "backup", &u, "vm", "-b", "64k"]).trim().to_string();
+    let on_s3 = repo.ok(&["--config", c, "backup", &u, "vm", "-b", "64k", "-S", "s3"]).trim().to_string();
+    let ls: serde_json::Value = serde_json::from_str(&repo.ok(&["--config", c, "ls", "--format", "json"])).unwrap();
+    assert_eq!(ls[0]["storage"], "local");
+    assert_eq!(ls[1]["storage"], "s3");
+    // Dedup is per storage: the second backup stored everything again, in the bucket.
+    assert_eq!(ls[1]["stats"]["bytes_written"], ls[0]["stats"]["bytes_written"]);
+    let list: serde_json::Value =
+        serde_json::from_str(&repo.ok(&["--config", c, "storage", "list", "--format", "json"])).unwrap();
+    assert_eq!(list.as_array().unwrap().len(), 2);
+    assert_eq!(list[0]["default"], true);
+    assert_eq!(list[1]["kind"], "s3");
+    assert_eq!(list[1]["versions"], 1);
+    let stats: serde_json::Value =
+        serde_json::from_str(&repo.ok(&["--config", c, "storage", "stats", "s3", "--format", "json"])).unwrap();
+    let in_bucket = s3cmd_keys(&g, "multi").iter().filter(|k| k.starts_with("multi/blocks/")).count();
+    assert_eq!(stats["objects"].as_u64().unwrap() as usize, in_bucket);
+    assert!(repo.ok(&["--config", c, "storage", "stats", "local"]).contains("images/stored"));
+    for (uid, out) in [(&on_local, "o1"), (&on_s3, "o2")] {
+        repo.ok(&["--config", c, "restore", uid, &repo.url(out)]);
+        assert_eq!(sha256_file(&repo.path(out)), sha256_file(&repo.path("a")));
+    }
+    let r = repo.run(&["--config", c, "backup", &u, "vm", "-S", "tape"]);
+    assert_eq!(r.code, 2);
+    assert!(r.error_line().contains("no storage named 'tape'"), "{}", r.stderr);
+}

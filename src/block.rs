@@ -318,8 +318,8 @@ fn untransform(
         }
         let (body, tag) = payload.split_at(payload.len() - aes::TAG_LEN);
         let aad = sealing_aad(bytes);
-        let open = |buf: &mut [u8]| {
-            aes::open(|k| codec.master(k), &header.envelope, &header.id, &aad, buf, tag).map_err(|e| match e {
+        let open = |out: &mut [u8]| {
+            aes::open(|k| codec.master(k), &header.envelope, &header.id, &aad, body, tag, out).map_err(|e| match e {
                 aes::OpenError::UnknownKey(k) => ObjectError::UnknownKey { key_id: k.to_hex() },
                 aes::OpenError::DataKey => ObjectError::Authentication("wrapped data key"),
                 aes::OpenError::Payload => ObjectError::Authentication("payload"),
@@ -329,13 +329,12 @@ fn untransform(
         if header.flags & FLAG_ZSTD != 0 {
             SCRATCH.with(|s| {
                 let mut s = s.borrow_mut();
-                s.clear();
-                s.extend_from_slice(body);
+                s.resize(body.len(), 0);
                 open(&mut s)?;
                 transform::zstd::decompress_into(&s, out).map_err(|e| ObjectError::Decompress(e.to_string()))
             })?
         } else if body.len() == out.len() {
-            out.copy_from_slice(body);
+            // Decrypted straight into the destination: no copy.
             open(out)?;
             body.len()
         } else {

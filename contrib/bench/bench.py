@@ -203,6 +203,7 @@ def storage_bench(keepfs, root, img, size, workdir):
     garage_env = None
     if shutil.which("garage") or os.path.exists(os.path.expanduser("~/.cargo/bin/garage")):
         gdir = os.path.join(workdir, "garage")
+        shutil.rmtree(gdir, ignore_errors=True)  # a fresh server each run
         genv = dict(os.environ, GARAGE_DIR=gdir, GARAGE_PORT="39400", S3_BUCKET="bench")
         subprocess.run([os.path.join(root, "contrib", "garage", "start-garage.sh")], env=genv, check=True,
                        stderr=subprocess.DEVNULL)

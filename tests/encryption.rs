@@ -365,3 +365,37 @@ fn the_filesystem_serves_an_encrypted_repository() {
         assert_eq!(u16::from_le_bytes([bytes[12], bytes[13]]) & 2, 2, "{} is not sealed", f.display());
     }
 }
+
+/// On a terminal with no key configured, keepfs asks for the passphrase without echo
+/// (run under `script`, which gives the command a pseudo-terminal).
+#[test]
+fn the_passphrase_is_asked_for_on_a_terminal() {
+    let repo = Repo::new();
+    fs::write(repo.path("a"), mixed_image(88, 4, BS, 0)).unwrap();
+    let with_pw = |args: &[&str]| {
+        let out = repo.command(args).env("KEEPFS_PASSPHRASE", "typed secret").output().unwrap();
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    with_pw(&["init", "--encrypt"]);
+    let v = with_pw(&["backup", &repo.url("a"), "tty", "-b", "64k"]);
+    let cmd = format!(
+        "env -u KEEPFS_PASSPHRASE -u KEEPFS_KEY_FILE -u KEEPFS_CONFIG KEEPFS_HOME={} {} restore {v} {}",
+        repo.home().display(),
+        KEEPFS,
+        repo.url("o")
+    );
+    let mut child = std::process::Command::new("script")
+        .args(["-qec", &cmd, "/dev/null"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child.stdin.take().unwrap().write_all(b"typed secret\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    let screen = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{screen}");
+    assert!(screen.contains("Passphrase for storage 'default' (key "), "{screen}");
+    assert_eq!(sha256_file(&repo.path("o")), sha256_file(&repo.path("a")));
+}

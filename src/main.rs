@@ -408,15 +408,20 @@ fn progress() -> CliProgress {
     p
 }
 
-/// Scrubs every committed version a filter selects.
-fn batch_scrub(repo: &Repository, filter: Option<&str>, percent: u8, deep: bool) -> Result<i32> {
+/// The committed (not incomplete) versions a filter selects; all without one.
+fn committed_uids(repo: &Repository, filter: Option<&str>) -> Result<Vec<VersionUid>> {
     let filter = filter.map(Filter::parse).transpose()?;
-    let uids: Vec<VersionUid> = repo
+    Ok(repo
         .list(filter.as_ref())?
         .into_iter()
         .filter(|v| v.status != keepfs::version::Status::Incomplete)
         .map(|v| v.uid)
-        .collect();
+        .collect())
+}
+
+/// Scrubs every committed version a filter selects.
+fn batch_scrub(repo: &Repository, filter: Option<&str>, percent: u8, deep: bool) -> Result<i32> {
+    let uids = committed_uids(repo, filter)?;
     scrub_versions(repo, &uids, &ScrubOptions { deep, percent, source: None })
 }
 
@@ -860,14 +865,7 @@ fn run(cli: Cli) -> Result<i32> {
             Ok(exit::OK)
         }
         Command::Metadata { action: MetadataAction::Backup { filter } } => {
-            let filter = filter.as_deref().map(Filter::parse).transpose()?;
-            let uids: Vec<VersionUid> = repo
-                .list(filter.as_ref())?
-                .into_iter()
-                .filter(|v| v.status != keepfs::version::Status::Incomplete)
-                .map(|v| v.uid)
-                .collect();
-            let n = repo.backup_metadata(&uids)?;
+            let n = repo.backup_metadata(&committed_uids(&repo, filter.as_deref())?)?;
             eprintln!("wrote the metadata of {n} version(s) to their storages");
             Ok(exit::OK)
         }

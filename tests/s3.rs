@@ -41,6 +41,14 @@ impl S3Repo {
         assert_eq!(r.code, 0, "keepfs {args:?}: {}", r.stderr);
         r.stdout
     }
+    /// Runs a command that must succeed with the master key from `key`.
+    fn ok_with_key(&self, key: &std::path::Path, args: &[&str]) -> String {
+        let mut a = vec!["--config", self.config.as_str()];
+        a.extend_from_slice(args);
+        let out = self.repo.command(&a).env("KEEPFS_KEY_FILE", key).output().unwrap();
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
     fn ls(&self) -> serde_json::Value {
         serde_json::from_str(&self.ok(&["ls", "--format", "json"])).unwrap()
     }
@@ -143,13 +151,7 @@ fn an_encrypted_repository_on_s3() {
     let r = S3Repo::new(&g, "sealed", "");
     let key = r.repo.path("k");
     r.ok(&["key", "new", key.to_str().unwrap()]);
-    let env_run = |args: &[&str]| {
-        let mut a = vec!["--config", r.config.as_str()];
-        a.extend_from_slice(args);
-        let out = r.repo.command(&a).env("KEEPFS_KEY_FILE", &key).output().unwrap();
-        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
+    let env_run = |args: &[&str]| r.ok_with_key(&key, args);
     env_run(&["init", "--encrypt"]);
     let img = mixed_image(92, 12, 64 * 1024, 0);
     fs::write(r.repo.path("a"), &img).unwrap();
@@ -167,13 +169,7 @@ fn an_encrypted_repository_on_s3() {
     let new_key = r.repo.path("k2");
     env_run(&["key", "new", new_key.to_str().unwrap()]);
     env_run(&["key", "rotate", "--new-key-file", new_key.to_str().unwrap()]);
-    let with_new = |args: &[&str]| {
-        let mut a = vec!["--config", r.config.as_str()];
-        a.extend_from_slice(args);
-        let out = r.repo.command(&a).env("KEEPFS_KEY_FILE", &new_key).output().unwrap();
-        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
+    let with_new = |args: &[&str]| r.ok_with_key(&new_key, args);
     with_new(&["key", "rekey"]);
     let keys: serde_json::Value = serde_json::from_str(&with_new(&["key", "list", "--format", "json"])).unwrap();
     let old = keys[0]["id"].as_str().unwrap().to_string();

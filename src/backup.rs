@@ -532,6 +532,37 @@ pub struct BackupOptions {
     /// Share of the blocks the hints call unchanged that are checked against the base
     /// before the backup starts (default 1%).
     pub hints_check_percent: Option<u8>,
+    /// backy2's automatic tags: `b_daily`, `b_weekly`, `b_monthly` labels for the first
+    /// backup of this name in a day, ISO week, month (see [`auto_tags`]).
+    pub auto_tags: bool,
+}
+
+/// backy2's automatic tags for a new backup of a name at `now`: `b_daily` when no valid
+/// version of the name carries it from the same UTC day, `b_weekly` likewise for the
+/// same ISO week, `b_monthly` for the same month. So the first backup of each period
+/// carries the period's tag, which schedulers (`due`, `sla`) and retention filters
+/// (`labels["b_weekly"] == ""`) can use.
+pub fn auto_tags(existing: &[crate::version::Version], name: &str, now: chrono::DateTime<chrono::Utc>) -> Vec<String> {
+    use chrono::Datelike;
+    let same = |tag: &str, f: &dyn Fn(chrono::DateTime<chrono::Utc>) -> (i32, u32)| {
+        existing.iter().any(|v| {
+            v.name == name
+                && v.status == crate::version::Status::Valid
+                && v.labels.contains_key(tag)
+                && f(v.date) == f(now)
+        })
+    };
+    let mut tags = Vec::new();
+    if !same("b_daily", &|d| (d.year(), d.ordinal())) {
+        tags.push("b_daily".to_string());
+    }
+    if !same("b_weekly", &|d| (d.iso_week().year(), d.iso_week().week())) {
+        tags.push("b_weekly".to_string());
+    }
+    if !same("b_monthly", &|d| (d.year(), d.month())) {
+        tags.push("b_monthly".to_string());
+    }
+    tags
 }
 
 /// What a differential backup reads and where the rest comes from.
@@ -619,6 +650,11 @@ impl Repository {
         let size = source.size();
         let session = self.session(&format!("backup {}", opts.name), true)?;
         let mut opts = opts.clone();
+        if opts.auto_tags && opts.continue_uid.is_none() {
+            for t in auto_tags(&self.list(None)?, &opts.name, chrono::Utc::now()) {
+                opts.labels.entry(t).or_default();
+            }
+        }
         let diff = self.plan_differential(&mut opts, source.as_ref(), url, &session)?;
         let opts = &opts;
         let (uid, storage, bs) = match opts.continue_uid {
@@ -927,5 +963,44 @@ impl Repository {
             }
         }
         Ok(Some(Differential { wanted, base: Some(base) }))
+    }
+}
+
+#[cfg(test)]
+mod auto_tag_tests {
+    use super::auto_tags;
+    use crate::version::{Status, Version, VersionUid};
+    use chrono::{DateTime, Utc};
+
+    fn v(date: &str, tags: &[&str]) -> Version {
+        Version {
+            uid: VersionUid(1),
+            date: DateTime::parse_from_rfc3339(date).unwrap().with_timezone(&Utc),
+            name: "db".into(),
+            snapshot: String::new(),
+            size: 0,
+            block_size: 4096,
+            status: Status::Valid,
+            protected: false,
+            storage: "default".into(),
+            labels: tags.iter().map(|t| (t.to_string(), String::new())).collect(),
+            stats: Default::default(),
+            expire: None,
+        }
+    }
+
+    #[test]
+    fn first_backup_of_each_period_gets_its_tag() {
+        let at = |s: &str| DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc);
+        assert_eq!(auto_tags(&[], "db", at("2026-11-18T10:00:00Z")), ["b_daily", "b_weekly", "b_monthly"]);
+        // Wednesday 18 Nov had all three; the same day again: nothing.
+        let hist = vec![v("2026-11-18T01:00:00Z", &["b_daily", "b_weekly", "b_monthly"])];
+        assert!(auto_tags(&hist, "db", at("2026-11-18T23:00:00Z")).is_empty());
+        // Thursday of the same ISO week: daily only. Another name: everything.
+        assert_eq!(auto_tags(&hist, "db", at("2026-11-19T08:00:00Z")), ["b_daily"]);
+        assert_eq!(auto_tags(&hist, "web", at("2026-11-19T08:00:00Z")).len(), 3);
+        // Monday 23 Nov: a new week; 1 Dec: a new month (and week 49).
+        assert_eq!(auto_tags(&hist, "db", at("2026-11-23T08:00:00Z")), ["b_daily", "b_weekly"]);
+        assert_eq!(auto_tags(&hist, "db", at("2026-12-01T08:00:00Z")), ["b_daily", "b_weekly", "b_monthly"]);
     }
 }

@@ -69,6 +69,10 @@ enum Command {
         /// Percent of the blocks the hints call unchanged to check against the base first
         #[arg(long, value_name = "PERCENT")]
         hints_check: Option<u8>,
+        /// Add backy2's b_daily / b_weekly / b_monthly labels to the first backup of the
+        /// name in each day / ISO week / month
+        #[arg(long)]
+        auto_tags: bool,
     },
     /// Restore a version to a file or block device (file:///path)
     Restore {
@@ -545,6 +549,7 @@ fn run(cli: Cli) -> Result<i32> {
             hints,
             base,
             hints_check,
+            auto_tags,
         } => {
             let hints = hints
                 .map(|f| {
@@ -576,6 +581,7 @@ fn run(cli: Cli) -> Result<i32> {
                 hints,
                 base,
                 hints_check_percent: hints_check,
+                auto_tags,
             };
             let p = progress();
             let v = repo.backup(&url, &opts, &p)?;

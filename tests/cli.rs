@@ -382,3 +382,18 @@ fn due_and_sla_follow_the_schedulers() {
     assert_eq!(r.code, 2);
     assert!(r.error_line().contains("scheduler 'x' sla: '2y': unknown unit 'y'"), "{}", r.stderr);
 }
+
+#[test]
+fn backy2_automatic_tags() {
+    let repo = Repo::new();
+    fs::write(repo.path("a"), mixed_image(62, 2, 64 * 1024, 0)).unwrap();
+    let first = repo.backup("a", "db", &["-b", "64k", "--auto-tags"]);
+    let second = repo.backup("a", "db", &["-b", "64k", "--auto-tags", "-l", "k=v"]);
+    let plain = repo.backup("a", "db", &["-b", "64k"]);
+    let labels = |uid: &str| repo.version(uid)["labels"].clone();
+    assert_eq!(labels(&first), serde_json::json!({"b_daily": "", "b_weekly": "", "b_monthly": ""}));
+    assert_eq!(labels(&second), serde_json::json!({"k": "v"}), "the period's first backup has the tags already");
+    assert_eq!(labels(&plain), serde_json::json!({}));
+    let tagged = repo.ls_json(Some("labels[\"b_weekly\"] == \"\""));
+    assert_eq!(tagged.as_array().unwrap().len(), 1);
+}

@@ -295,3 +295,24 @@ fn several_storages_at_once_each_version_in_one() {
     assert_eq!(r.code, 2);
     assert!(r.error_line().contains("no storage named 'tape'"), "{}", r.stderr);
 }
+
+/// More than 1000 objects: listings page through (ListObjectsV2 continuation), as a
+/// database rebuild and a cleanup of all of them show.
+#[test]
+fn listings_page_through_more_than_a_thousand_objects() {
+    let g = server();
+    let r = S3Repo::new(&g, "many", "");
+    fs::write(r.repo.path("a"), random_bytes(96, 1300 * 4096)).unwrap();
+    let v = r.ok(&["backup", &r.repo.url("a"), "many", "-b", "4k"]).trim().to_string();
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = fs::remove_file(format!("{}{suffix}", r.repo.home().join("keepfs.sqlite").display()));
+    }
+    let out = r.run(&["database", "rebuild"]);
+    assert!(out.stderr.contains("1 version(s), 1300 object(s)"), "{}", out.stderr);
+    r.ok(&["restore", &v, &r.repo.url("o")]);
+    assert_eq!(sha256_file(&r.repo.path("o")), sha256_file(&r.repo.path("a")));
+    r.ok(&["rm", "--force", &v]);
+    let out = r.ok(&["cleanup"]);
+    assert!(out.contains("deleted 1300 object(s)"), "{out}");
+    assert!(s3cmd_keys(&g, "many").is_empty());
+}

@@ -601,6 +601,15 @@ impl Repository {
         let bs = opts.block_size.unwrap_or(self.config.block_size);
         let uid =
             self.db.lock().create_version(&opts.name, &opts.snapshot, size, bs, &storage, &opts.labels, session)?;
+        // The storage knows this uid already: the database is older than the storage (a
+        // restored copy). Writing would replace that version's metadata object.
+        let st = self.storage(&storage)?;
+        if retry(STORAGE_ATTEMPTS, || st.exists(&version_key(uid)))? {
+            self.db.lock().remove_version(uid)?;
+            return Err(Error::Refused(format!(
+                "storage '{storage}' already holds version {uid}, which this database does not know (an older copy of the database?); run `keepfs metadata restore {uid}` (and any later uids) or `keepfs database rebuild` first"
+            )));
+        }
         if let Some(e) = &opts.expire {
             self.db.lock().set_expire(uid, Some(e))?;
         }

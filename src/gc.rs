@@ -12,6 +12,7 @@ use crate::error::{Error, Result};
 use crate::index::BlockIndex;
 use crate::repo::Repository;
 use crate::storage::retry;
+use crate::version::VersionUid;
 use std::collections::HashSet;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -67,8 +68,24 @@ impl Repository {
 
     pub fn plan_cleanup(&self, storage: &str) -> Result<CleanupPlan> {
         let st = self.storage(storage)?;
+        // A version object the database does not know means the database is older than
+        // the storage (a restored copy): its blocks would look unreferenced. Refuse.
+        let in_storage: Vec<VersionUid> = st
+            .list("versions/")?
+            .iter()
+            .filter_map(|e| e.key.strip_prefix("versions/").and_then(|u| VersionUid::parse(u).ok()))
+            .collect();
         let cutoff_ms = self.cleanup_cutoff()?;
         let db = self.db();
+        let unknown: Vec<String> =
+            in_storage.iter().filter(|u| db.version(**u).is_err()).map(|u| u.to_string()).collect();
+        if !unknown.is_empty() {
+            return Err(Error::Refused(format!(
+                "storage '{storage}' holds version(s) {} that the database does not know (an older copy of the database?); run `keepfs metadata restore {}` first — cleanup would delete their blocks",
+                unknown.join(", "),
+                unknown.join(" ")
+            )));
+        }
         let storage_id = db.storage_id(storage)?;
         let storage_ids: std::collections::HashMap<String, i64> =
             db.storage_names()?.into_iter().map(|(id, n)| (n, id)).collect();

@@ -201,6 +201,16 @@ fn metadata_backup_and_restore_through_the_storage() {
     }
     fs::copy(&saved, &db).unwrap();
     assert_eq!(repo.ls_json(None).as_array().unwrap().len(), 1);
+    // Until it is told, keepfs refuses what would overwrite or orphan v2.
+    for (args, needle) in [
+        (vec!["cleanup"], format!("holds version(s) {v2} that the database does not know")),
+        (vec!["backup", &repo.url("a"), "m", "-b", "64k"], format!("already holds version {v2}")),
+    ] {
+        let r = repo.run(&args);
+        assert_eq!(r.code, 4, "{args:?}: {}", r.stderr);
+        assert!(r.error_line().contains(&needle), "{args:?}: {}", r.stderr);
+    }
+    assert_eq!(repo.ls_json(None).as_array().unwrap().len(), 1, "the refused backup left nothing");
     assert_eq!(repo.ok(&["metadata", "restore", &v2]).trim(), v2);
     let back = repo.version(&v2);
     assert_eq!(back["status"], "valid");

@@ -19,6 +19,9 @@ pub struct Repository {
     pub config: Config,
     pub(crate) db: Arc<Mutex<Db>>,
     storages: Mutex<HashMap<String, StorageSlot>>,
+    /// Held while a storage is unlocked, so that threads asking at once (the mount's)
+    /// unlock it once (one prompt, one key derivation).
+    unlocking: Mutex<()>,
 }
 
 /// A configured storage: as opened, and once its keyring (if any) is unlocked, with its
@@ -94,7 +97,12 @@ impl Repository {
             }
             storages.insert(s.name.clone(), StorageSlot { raw: st, ready: None });
         }
-        Ok(Repository { config, db: Arc::new(Mutex::new(db)), storages: Mutex::new(storages) })
+        Ok(Repository {
+            config,
+            db: Arc::new(Mutex::new(db)),
+            storages: Mutex::new(storages),
+            unlocking: Mutex::new(()),
+        })
     }
 
     /// Replaces a storage by a decorated one (fault injection in tests, caching, a
@@ -128,12 +136,18 @@ impl Repository {
 
     /// A storage ready for use: an encrypted one unlocked with its key (see keys.rs).
     pub fn storage(&self, name: &str) -> Result<SharedStorage> {
-        if let Some(s) = self.storages.lock().get(name) {
-            if let Some(r) = &s.ready {
-                return Ok(r.clone());
+        let ready_now = |repo: &Repository| -> Result<Option<SharedStorage>> {
+            match repo.storages.lock().get(name) {
+                Some(s) => Ok(s.ready.clone()),
+                None => Err(repo.unknown_storage(name)),
             }
-        } else {
-            return Err(self.unknown_storage(name));
+        };
+        if let Some(r) = ready_now(self)? {
+            return Ok(r);
+        }
+        let _one_at_a_time = self.unlocking.lock();
+        if let Some(r) = ready_now(self)? {
+            return Ok(r);
         }
         let ready = self.unlock_storage(name)?;
         if let Some(s) = self.storages.lock().get_mut(name) {

@@ -316,3 +316,27 @@ fn listings_page_through_more_than_a_thousand_objects() {
     assert!(out.contains("deleted 1300 object(s)"), "{out}");
     assert!(s3cmd_keys(&g, "many").is_empty());
 }
+
+/// The filesystem over an S3 storage: a version read through the mount, and `cp` into
+/// incoming/ as a backup into the bucket.
+#[test]
+fn the_filesystem_over_s3() {
+    use common::mount::Mount;
+    let g = server();
+    let r = S3Repo::new(&g, "fuse", "");
+    let img = mixed_image(97, 12, 64 * 1024, 5);
+    fs::write(r.repo.path("a"), &img).unwrap();
+    let v = r.ok(&["backup", &r.repo.url("a"), "vm", "-b", "64k"]).trim().to_string();
+    let mut m = Mount::new(&r.repo, &["--config", &r.config]);
+    assert_eq!(sha256_file(&m.p(&format!("by_version/{v}/data"))), sha256_file(&r.repo.path("a")));
+    fs::write(r.repo.path("b"), mixed_image(98, 6, 64 * 1024, 0)).unwrap();
+    let st = std::process::Command::new("cp").arg(r.repo.path("b")).arg(m.p("incoming/vm2")).status().unwrap();
+    assert!(st.success());
+    m.unmount();
+    let vm2 = r.ls().as_array().unwrap().iter().find(|x| x["name"] == "vm2").cloned().unwrap();
+    assert_eq!(vm2["status"], "valid");
+    assert_eq!(vm2["storage"], "s3");
+    r.ok(&["restore", vm2["uid"].as_str().unwrap(), &r.repo.url("o")]);
+    assert_eq!(sha256_file(&r.repo.path("o")), sha256_file(&r.repo.path("b")));
+    assert!(s3cmd_keys(&g, "fuse").contains(&format!("fuse/versions/{}", vm2["uid"].as_str().unwrap())));
+}

@@ -113,6 +113,7 @@ impl Repository {
         Ok(())
     }
 
+    /// Must be called without `storages` locked (it locks it to list the names).
     fn unknown_storage(&self, name: &str) -> Error {
         let mut names: Vec<String> = self.storages.lock().keys().cloned().collect();
         names.sort();
@@ -124,7 +125,8 @@ impl Repository {
 
     /// A storage as opened, before any keyring is applied (for the keyring itself).
     pub(crate) fn raw_storage(&self, name: &str) -> Result<SharedStorage> {
-        self.storages.lock().get(name).map(|s| s.raw.clone()).ok_or_else(|| self.unknown_storage(name))
+        let raw = self.storages.lock().get(name).map(|s| s.raw.clone());
+        raw.ok_or_else(|| self.unknown_storage(name))
     }
 
     /// Forgets an unlocked storage, so that the next use reads its keyring again.
@@ -137,10 +139,9 @@ impl Repository {
     /// A storage ready for use: an encrypted one unlocked with its key (see keys.rs).
     pub fn storage(&self, name: &str) -> Result<SharedStorage> {
         let ready_now = |repo: &Repository| -> Result<Option<SharedStorage>> {
-            match repo.storages.lock().get(name) {
-                Some(s) => Ok(s.ready.clone()),
-                None => Err(repo.unknown_storage(name)),
-            }
+            // The guard must be gone before unknown_storage locks the map again.
+            let slot = repo.storages.lock().get(name).map(|s| s.ready.clone());
+            slot.ok_or_else(|| repo.unknown_storage(name))
         };
         if let Some(r) = ready_now(self)? {
             return Ok(r);

@@ -275,7 +275,12 @@ impl Repository {
         let bs = index.block_size as usize;
         progress.begin(&format!("restore {uid} ({})", version.name), version.size);
 
-        let fetchers = self.config.storage_readers.max(1);
+        // A remote storage needs more requests in flight than a local disk.
+        let fetchers = match &self.config.storage(&version.storage)?.kind {
+            crate::config::StorageKind::S3(c) => self.config.storage_readers.max(c.simultaneous_reads),
+            _ => self.config.storage_readers,
+        }
+        .max(1);
         let (pool_tx, pool_rx) = bounded::<OutBuf>(fetchers * 2 + 2);
         for _ in 0..fetchers * 2 + 2 {
             let _ = pool_tx.send(OutBuf::new(bs));

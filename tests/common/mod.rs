@@ -25,6 +25,36 @@ impl Run {
     }
 }
 
+/// No single command of the tests takes more than seconds; a hang fails its test by
+/// name instead of eating the CI run's time.
+pub const COMMAND_LIMIT: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// Runs a command to its end like `Command::output`, but kills it and fails the test
+/// when it runs longer than `limit`.
+pub fn output_within(mut cmd: Command, limit: std::time::Duration, what: &str) -> Output {
+    use std::process::Stdio;
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {what}: {e}"));
+    let pid = child.id().to_string();
+    let (done, wait) = std::sync::mpsc::channel::<()>();
+    let watchdog = std::thread::spawn(move || {
+        if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = wait.recv_timeout(limit) {
+            let _ = Command::new("kill").args(["-9", &pid]).status();
+            return true;
+        }
+        false
+    });
+    let out = child.wait_with_output().unwrap_or_else(|e| panic!("waiting for {what}: {e}"));
+    let _ = done.send(());
+    let fired = watchdog.join().unwrap_or(false);
+    assert!(!fired, "{what} did not finish within {limit:?} and was killed (a hang)");
+    out
+}
+
 impl Repo {
     pub fn new() -> Repo {
         Repo { dir: tempfile::tempdir().expect("temp dir") }
@@ -53,7 +83,7 @@ impl Repo {
     }
 
     pub fn run(&self, args: &[&str]) -> Run {
-        let out: Output = self.command(args).output().expect("run keepfs");
+        let out = output_within(self.command(args), COMMAND_LIMIT, &format!("keepfs {args:?}"));
         Run {
             code: out.status.code().unwrap_or(-1),
             stdout: String::from_utf8_lossy(&out.stdout).into_owned(),

@@ -6,6 +6,7 @@
 mod common;
 use common::garage::Garage;
 use common::mount::wait_until;
+use common::s3fault::{Fault, FaultProxy};
 use common::*;
 use std::fs;
 use std::sync::{Mutex, OnceLock};
@@ -339,4 +340,73 @@ fn the_filesystem_over_s3() {
     r.ok(&["restore", vm2["uid"].as_str().unwrap(), &r.repo.url("o")]);
     assert_eq!(sha256_file(&r.repo.path("o")), sha256_file(&r.repo.path("b")));
     assert!(s3cmd_keys(&g, "fuse").contains(&format!("fuse/versions/{}", vm2["uid"].as_str().unwrap())));
+}
+
+/// A keepfs configuration that reaches the server through the fault proxy.
+fn through(g: &Garage, proxy: &FaultProxy, r: &Repo, prefix: &str, extra: &str) -> String {
+    g.keepfs_config(&r.home(), prefix, extra).replace(&g.endpoint(), &proxy.endpoint())
+}
+
+#[test]
+fn transient_server_errors_are_retried_and_a_lasting_one_is_a_clear_error() {
+    let g = server();
+    let proxy = FaultProxy::start(g.port);
+    let repo = Repo::new();
+    let config = repo.path("keepfs.toml");
+    fs::write(
+        &config,
+        through(&g, &proxy, &repo, "faults", "read_timeout = \"2s\"\n").replace("attempts = 3", "attempts = 4"),
+    )
+    .unwrap();
+    let r = S3Repo { repo, config: config.to_str().unwrap().to_string() };
+    let img = random_bytes(95, 24 * 64 * 1024);
+    fs::write(r.repo.path("a"), &img).unwrap();
+    let url = r.repo.url("a");
+
+    // Each PUT fault below is followed by a good attempt of the same request.
+    for fault in [
+        Fault::Status(503, "SlowDown"),
+        Fault::Status(429, "TooManyRequests"),
+        Fault::Status(500, "InternalError"),
+        Fault::CorruptBody,
+        Fault::Reset,
+        Fault::Stall(Duration::from_secs(4)),
+    ] {
+        proxy.then("PUT", fault);
+    }
+    let uid = r.ok(&["backup", &url, "flaky", "-b", "64k"]).trim().to_string();
+    assert_eq!(proxy.pending(), 0, "every planned fault was met");
+    assert_eq!(r.version(&uid)["status"], "valid");
+    // The damaged body reached the server, which refused it (Content-MD5); the retry
+    // stored the right bytes, as a deep-scrub and a restore read them back.
+    assert!(proxy.applied().iter().any(|(m, _, f)| m == "PUT" && *f == Fault::CorruptBody));
+    for fault in [Fault::Status(503, "SlowDown"), Fault::Status(500, "InternalError"), Fault::Reset] {
+        proxy.then("GET", fault);
+    }
+    r.ok(&["deep-scrub", &uid]);
+    r.ok(&["restore", &uid, &r.repo.url("o")]);
+    assert_eq!(sha256_file(&r.repo.path("o")), sha256_file(&r.repo.path("a")));
+    assert_eq!(proxy.pending(), 0);
+
+    // A lasting SlowDown: the backup gives up after its 4 attempts with one line naming
+    // the server's answer, and leaves its version incomplete ...
+    fs::write(r.repo.path("b"), random_bytes(96, 16 * 64 * 1024)).unwrap();
+    let url_b = r.repo.url("b");
+    proxy.always("PUT", Fault::Status(503, "SlowDown"));
+    let before = proxy.applied().len();
+    let e = r.run(&["backup", &url_b, "flaky", "-b", "64k"]);
+    assert_eq!(e.code, 1, "{}", e.stderr);
+    assert_eq!(e.stderr.lines().count(), 1, "{}", e.stderr);
+    let line = e.error_line();
+    assert!(line.starts_with("keepfs: error:") && line.contains("after 4 attempts"), "{line}");
+    assert!(line.contains("HTTP 503 SlowDown") && line.contains("left incomplete"), "{line}");
+    assert!(proxy.applied().len() - before >= 4, "each request was tried 4 times");
+    let incomplete = r.ls().as_array().unwrap().iter().find(|v| v["status"] == "incomplete").cloned().unwrap();
+    let uid_b = incomplete["uid"].as_str().unwrap().to_string();
+    // ... which --continue finishes once the server copes again.
+    proxy.heal();
+    assert_eq!(r.ok(&["backup", "--continue", &uid_b, &url_b, "flaky"]).trim(), uid_b);
+    assert_eq!(r.version(&uid_b)["status"], "valid");
+    r.ok(&["restore", &uid_b, &r.repo.url("ob")]);
+    assert_eq!(sha256_file(&r.repo.path("ob")), sha256_file(&r.repo.path("b")));
 }

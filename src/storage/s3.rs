@@ -157,7 +157,8 @@ impl S3Storage {
                 Outcome::Retry(why) => last = why,
             }
             if attempt < self.config.attempts {
-                // Full jitter: sleep a random share of the current backoff step.
+                // Jitter: sleep between half and all of the current backoff step, so that many
+                // writers that failed together do not come back together.
                 let jitter = u64::from_le_bytes(crate::transform::aes::random::<8>()) % 1000;
                 std::thread::sleep(delay.mul_f64(0.5 + jitter as f64 / 2000.0));
                 delay = (delay * 2).min(Duration::from_secs(5));

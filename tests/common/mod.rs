@@ -189,3 +189,4 @@ pub fn mixed_image(seed: u64, blocks: usize, bs: usize, tail: usize) -> Vec<u8> 
 
 pub mod garage;
 pub mod mount;
+pub mod s3fault;

@@ -55,21 +55,37 @@ impl From<crate::storage::StorageError> for FetchError {
     }
 }
 
-/// Fetches a block's object and decodes it with `decode`, fetching once more if the bytes
-/// do not decode (a truncated transfer is transient; a damaged object fails every time).
-/// Transient storage errors are retried.
+/// Where the first read of an object may come from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Read {
+    /// A local copy will do (restore, the mount).
+    Cached,
+    /// The storage itself (a deep-scrub verifies what the storage holds).
+    Fresh,
+}
+
+/// Fetches a block's object and decodes it with `decode`, fetching once more from the
+/// storage itself if the bytes do not decode (a truncated transfer is transient, a local
+/// copy may be stale; a damaged object fails every time). Transient storage errors are
+/// retried.
 pub fn fetch_verified<T>(
     storage: &dyn Storage,
     id: &BlockId,
+    first: Read,
     mut decode: impl FnMut(&[u8]) -> Result<T, ObjectError>,
 ) -> Result<T, FetchError> {
+    let key = id.storage_key();
     let mut last = String::new();
-    for _ in 0..2 {
-        let bytes = retry(FETCH_ATTEMPTS, || storage.get(&id.storage_key()))?;
+    for read in [first, Read::Fresh] {
+        let bytes = retry(FETCH_ATTEMPTS, || match read {
+            Read::Cached => storage.get(&key),
+            Read::Fresh => storage.get_fresh(&key),
+        })?;
         match decode(&bytes) {
             Ok(b) => return Ok(b),
-            // A missing key is not damage: say which key the object needs.
-            Err(e @ ObjectError::UnknownKey { .. }) => {
+            // A missing key is not damage: say which key the object needs (once the
+            // storage itself, not a local copy, says so).
+            Err(e @ ObjectError::UnknownKey { .. }) if read == Read::Fresh => {
                 return Err(FetchError::Unavailable(format!("object {id}: {e}")));
             }
             Err(e) => last = format!("object {id}: {e}"),
@@ -79,8 +95,8 @@ pub fn fetch_verified<T>(
 }
 
 /// Fetches and verifies one block.
-pub fn fetch_block(storage: &dyn Storage, id: &BlockId) -> Result<Vec<u8>, FetchError> {
-    fetch_verified(storage, id, |bytes| storage.codec().decode_block(bytes, id))
+pub fn fetch_block(storage: &dyn Storage, id: &BlockId, first: Read) -> Result<Vec<u8>, FetchError> {
+    fetch_verified(storage, id, first, |bytes| storage.codec().decode_block(bytes, id))
 }
 
 impl BlockCache {
@@ -134,7 +150,7 @@ impl BlockCache {
             }
         };
         if leader {
-            let r = fetch_block(storage.as_ref(), id).map(Arc::new);
+            let r = fetch_block(storage.as_ref(), id, Read::Cached).map(Arc::new);
             if let Ok(d) = &r {
                 self.insert(storage, id, d.clone());
             }

@@ -31,7 +31,20 @@ pub struct StorageConfig {
     /// Bandwidth limits in bytes per second.
     pub read_bandwidth: Option<u64>,
     pub write_bandwidth: Option<u64>,
+    /// A local directory that keeps objects read from this storage (see
+    /// storage/disk_cache.rs); for remote storages.
+    pub read_cache: Option<ReadCacheConfig>,
 }
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReadCacheConfig {
+    pub dir: PathBuf,
+    /// The most bytes the directory may hold.
+    pub max_bytes: u64,
+}
+
+/// The size of a read cache when `cache_size` is not set.
+pub const DEFAULT_READ_CACHE_BYTES: u64 = 10 << 30;
 
 impl StorageConfig {
     pub fn new(name: &str, kind: StorageKind) -> StorageConfig {
@@ -43,6 +56,7 @@ impl StorageConfig {
             require_encryption: false,
             read_bandwidth: None,
             write_bandwidth: None,
+            read_cache: None,
         }
     }
 }
@@ -129,6 +143,8 @@ struct FileStorageConfig {
     encrypt: Option<bool>,
     read_bandwidth: Option<toml::Value>,
     write_bandwidth: Option<toml::Value>,
+    read_cache_dir: Option<PathBuf>,
+    read_cache_size: Option<toml::Value>,
     // S3
     endpoint: Option<String>,
     region: Option<String>,
@@ -301,6 +317,33 @@ impl Config {
                 };
                 let read_bandwidth = rate(&s.read_bandwidth, "read_bandwidth")?;
                 let write_bandwidth = rate(&s.write_bandwidth, "write_bandwidth")?;
+                let read_cache = match (&s.read_cache_dir, &s.read_cache_size) {
+                    (None, None) => None,
+                    (None, Some(_)) => {
+                        return Err(bad(format!("storage '{}': read_cache_size needs a read_cache_dir", s.name)));
+                    }
+                    (Some(dir), size) => {
+                        let max_bytes = match size {
+                            None => DEFAULT_READ_CACHE_BYTES,
+                            Some(toml::Value::Integer(i)) if *i > 0 => *i as u64,
+                            Some(toml::Value::String(t)) => parse_size(t).map_err(&bad)?,
+                            Some(other) => {
+                                return Err(bad(format!(
+                                    "storage '{}': read_cache_size must be a size like \"20G\", not {other}",
+                                    s.name
+                                )));
+                            }
+                        };
+                        if !dir.is_absolute() {
+                            return Err(bad(format!(
+                                "storage '{}': read_cache_dir must be an absolute path, not '{}'",
+                                s.name,
+                                dir.display()
+                            )));
+                        }
+                        Some(ReadCacheConfig { dir: dir.clone(), max_bytes })
+                    }
+                };
                 c.storages.push(StorageConfig {
                     name: s.name,
                     kind,
@@ -309,6 +352,7 @@ impl Config {
                     require_encryption: s.encrypt.unwrap_or(false),
                     read_bandwidth,
                     write_bandwidth,
+                    read_cache,
                 });
             }
             c.default_storage = c.storages[0].name.clone();
@@ -460,6 +504,22 @@ kind = "null"
     }
 
     #[test]
+    fn read_cache_keys() {
+        let c = Config::parse("[[storage]]\nname = \"a\"\nkind = \"null\"\nread_cache_dir = \"/var/cache/k\"\n", "t")
+            .unwrap();
+        assert_eq!(
+            c.storages[0].read_cache,
+            Some(ReadCacheConfig { dir: "/var/cache/k".into(), max_bytes: DEFAULT_READ_CACHE_BYTES })
+        );
+        let c = Config::parse(
+            "[[storage]]\nname = \"a\"\nkind = \"null\"\nread_cache_dir = \"/c\"\nread_cache_size = \"2G\"\n",
+            "t",
+        )
+        .unwrap();
+        assert_eq!(c.storages[0].read_cache.as_ref().map(|r| r.max_bytes), Some(2 << 30));
+    }
+
+    #[test]
     fn rejects_mistakes() {
         for bad in [
             "block_size = \"3M\"",
@@ -470,6 +530,9 @@ kind = "null"
             "[[storage]]\nname = \"a\"\nkind = \"file\"",
             "default_storage = \"nope\"",
             "block_size = ",
+            "[[storage]]\nname = \"a\"\nkind = \"null\"\nread_cache_size = \"1G\"",
+            "[[storage]]\nname = \"a\"\nkind = \"null\"\nread_cache_dir = \"relative/dir\"",
+            "[[storage]]\nname = \"a\"\nkind = \"null\"\nread_cache_dir = \"/c\"\nread_cache_size = true",
         ] {
             let e = Config::parse(bad, "t.toml").unwrap_err().to_string();
             assert!(e.starts_with("configuration: t.toml: "), "{bad}: {e}");

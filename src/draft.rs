@@ -350,7 +350,7 @@ impl Draft {
             // Through the base's cache where there is one (its blocks are shared).
             let data = match &self.base {
                 Some(b) => b.cache().get(&self.storage, &id),
-                None => crate::cache::fetch_block(self.storage.as_ref(), &id).map(Arc::new),
+                None => crate::cache::fetch_block(self.storage.as_ref(), &id, crate::cache::Read::Cached).map(Arc::new),
             }
             .map_err(|e| match e {
                 crate::cache::FetchError::Damaged(m) => Error::Damaged(format!("block {idx}: {m}")),

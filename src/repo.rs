@@ -95,6 +95,10 @@ impl Repository {
             if s.read_bandwidth.is_some() || s.write_bandwidth.is_some() {
                 st = Arc::new(crate::storage::throttle::ThrottledStorage::new(st, s.read_bandwidth, s.write_bandwidth));
             }
+            // Above the throttle (a hit costs no bandwidth), below the codec (copies stay sealed).
+            if let Some(rc) = &s.read_cache {
+                st = Arc::new(crate::storage::disk_cache::DiskCache::new(st, rc.dir.join(&s.name), rc.max_bytes));
+            }
             storages.insert(s.name.clone(), StorageSlot { raw: st, ready: None });
         }
         Ok(Repository {

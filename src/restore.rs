@@ -236,7 +236,9 @@ fn fetch_block_into(
     id: &BlockId,
     out: &mut [u8],
 ) -> std::result::Result<usize, FetchError> {
-    crate::cache::fetch_verified(storage, id, |bytes| storage.codec().decode_block_into(bytes, id, out))
+    crate::cache::fetch_verified(storage, id, crate::cache::Read::Cached, |bytes| {
+        storage.codec().decode_block_into(bytes, id, out)
+    })
 }
 
 /// What became of one block.

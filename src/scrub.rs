@@ -7,7 +7,7 @@
 //! again. The next backup stores blocks marked damaged again, whatever it finds stored.
 
 use crate::block::{BlockId, ObjectKind, parse_header};
-use crate::cache::{FetchError, fetch_block, fetch_verified};
+use crate::cache::{FetchError, Read, fetch_block, fetch_verified};
 use crate::error::{Error, Result};
 use crate::index::BlockIndex;
 use crate::progress::Progress;
@@ -178,9 +178,9 @@ impl Repository {
                 s.spawn(move || {
                     for (id, idxs) in job_rx {
                         let r = if !opts.deep {
-                            fetch_verified(storage.as_ref(), &id, |b| light_check(storage.codec(), b, &id))
+                            fetch_verified(storage.as_ref(), &id, Read::Fresh, |b| light_check(storage.codec(), b, &id))
                         } else {
-                            fetch_block(storage.as_ref(), &id).and_then(|data| match source_ref {
+                            fetch_block(storage.as_ref(), &id, Read::Fresh).and_then(|data| match source_ref {
                                 None => Ok(()),
                                 Some(src) => {
                                     let idx = idxs[0];

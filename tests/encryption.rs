@@ -5,7 +5,7 @@
 mod common;
 use common::*;
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 const BS: usize = 64 * 1024;
 
@@ -57,21 +57,6 @@ impl Enc {
         self.ok(&["restore", uid, &self.repo.url("restored")]);
         sha256_file(&out)
     }
-}
-
-fn files_under(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    if let Ok(rd) = fs::read_dir(dir) {
-        for e in rd.flatten() {
-            if e.file_type().unwrap().is_dir() {
-                out.extend(files_under(&e.path()));
-            } else {
-                out.push(e.path());
-            }
-        }
-    }
-    out.sort();
-    out
 }
 
 fn contains(hay: &[u8], needle: &[u8]) -> bool {

@@ -347,18 +347,21 @@ fn through(g: &Garage, proxy: &FaultProxy, r: &Repo, prefix: &str, extra: &str) 
     g.keepfs_config(&r.home(), prefix, extra).replace(&g.endpoint(), &proxy.endpoint())
 }
 
+impl S3Repo {
+    /// A repository whose storage is reached through the fault proxy.
+    fn through(g: &Garage, proxy: &FaultProxy, prefix: &str, extra: &str) -> S3Repo {
+        let repo = Repo::new();
+        let config = repo.path("keepfs.toml");
+        fs::write(&config, through(g, proxy, &repo, prefix, extra)).unwrap();
+        S3Repo { repo, config: config.to_str().unwrap().to_string() }
+    }
+}
+
 #[test]
 fn transient_server_errors_are_retried_and_a_lasting_one_is_a_clear_error() {
     let g = server();
     let proxy = FaultProxy::start(g.port);
-    let repo = Repo::new();
-    let config = repo.path("keepfs.toml");
-    fs::write(
-        &config,
-        through(&g, &proxy, &repo, "faults", "read_timeout = \"2s\"\n").replace("attempts = 3", "attempts = 4"),
-    )
-    .unwrap();
-    let r = S3Repo { repo, config: config.to_str().unwrap().to_string() };
+    let r = S3Repo::through(&g, &proxy, "faults", "read_timeout = \"2s\"\n");
     let img = random_bytes(95, 24 * 64 * 1024);
     fs::write(r.repo.path("a"), &img).unwrap();
     let url = r.repo.url("a");
@@ -388,7 +391,7 @@ fn transient_server_errors_are_retried_and_a_lasting_one_is_a_clear_error() {
     assert_eq!(sha256_file(&r.repo.path("o")), sha256_file(&r.repo.path("a")));
     assert_eq!(proxy.pending(), 0);
 
-    // A lasting SlowDown: the backup gives up after its 4 attempts with one line naming
+    // A lasting SlowDown: the backup gives up after its 3 attempts with one line naming
     // the server's answer, and leaves its version incomplete ...
     fs::write(r.repo.path("b"), random_bytes(96, 16 * 64 * 1024)).unwrap();
     let url_b = r.repo.url("b");
@@ -398,9 +401,9 @@ fn transient_server_errors_are_retried_and_a_lasting_one_is_a_clear_error() {
     assert_eq!(e.code, 1, "{}", e.stderr);
     assert_eq!(e.stderr.lines().count(), 1, "{}", e.stderr);
     let line = e.error_line();
-    assert!(line.starts_with("keepfs: error:") && line.contains("after 4 attempts"), "{line}");
+    assert!(line.starts_with("keepfs: error:") && line.contains("after 3 attempts"), "{line}");
     assert!(line.contains("HTTP 503 SlowDown") && line.contains("left incomplete"), "{line}");
-    assert!(proxy.applied().len() - before >= 4, "each request was tried 4 times");
+    assert!(proxy.applied().len() - before >= 3, "each request was tried 3 times");
     let incomplete = r.ls().as_array().unwrap().iter().find(|v| v["status"] == "incomplete").cloned().unwrap();
     let uid_b = incomplete["uid"].as_str().unwrap().to_string();
     // ... which --continue finishes once the server copes again.
@@ -409,4 +412,94 @@ fn transient_server_errors_are_retried_and_a_lasting_one_is_a_clear_error() {
     assert_eq!(r.version(&uid_b)["status"], "valid");
     r.ok(&["restore", &uid_b, &r.repo.url("ob")]);
     assert_eq!(sha256_file(&r.repo.path("ob")), sha256_file(&r.repo.path("b")));
+}
+
+#[test]
+fn a_local_read_cache_serves_repeated_restores_and_never_hides_the_storage() {
+    let g = server();
+    let proxy = FaultProxy::start(g.port);
+    let cache_dir = tempfile::tempdir().unwrap();
+    let cache = cache_dir.path();
+    let extra = format!("read_cache_dir = \"{}\"\nencrypt = true\n", cache.display());
+    let r = S3Repo::through(&g, &proxy, "cached", &extra);
+    let key = r.repo.path("master.key");
+    r.repo.ok(&["key", "new", key.to_str().unwrap()]);
+    // Distinct blocks: each object is fetched by one restore thread, so counts are exact.
+    let img = random_bytes(97, 20 * 64 * 1024);
+    fs::write(r.repo.path("a"), &img).unwrap();
+    let want = sha256_file(&r.repo.path("a"));
+    r.ok_with_key(&key, &["init", "--encrypt"]);
+    let uid = r.ok_with_key(&key, &["backup", &r.repo.url("a"), "vm", "-b", "64k"]).trim().to_string();
+    let stored = s3cmd_keys(&g, "cached").iter().filter(|k| k.contains("/blocks/")).count();
+    assert!(stored > 10, "{stored}");
+    assert!(files_under(cache).is_empty(), "a backup does not fill the read cache");
+
+    // The first restore fetches every block and keeps a sealed copy of each.
+    let during_backup = proxy.forwarded("GET", "/blocks/");
+    r.ok_with_key(&key, &["restore", &uid, &r.repo.url("o1")]);
+    assert_eq!(sha256_file(&r.repo.path("o1")), want);
+    let first = proxy.forwarded("GET", "/blocks/");
+    assert_eq!(first - during_backup, stored);
+    let distinct: std::collections::BTreeSet<String> =
+        proxy.forwarded_paths("GET", "/blocks/").iter().map(|p| p.split('?').next().unwrap().to_string()).collect();
+    assert_eq!(distinct.len(), stored);
+    let copies: Vec<_> = files_under(&cache.join("s3/blocks"));
+    assert_eq!(copies.len(), stored);
+    let plain_block = &img[64 * 1024..2 * 64 * 1024];
+    for c in &copies {
+        let bytes = fs::read(c).unwrap();
+        assert!(!bytes.windows(64).any(|w| plain_block.windows(64).next() == Some(w)), "copies stay sealed");
+    }
+
+    // The second restore reads no block from the server.
+    r.ok_with_key(&key, &["restore", &uid, &r.repo.url("o2")]);
+    assert_eq!(sha256_file(&r.repo.path("o2")), want);
+    assert_eq!(proxy.forwarded("GET", "/blocks/"), first);
+
+    // A damaged copy and a copy of another object (valid trailer, wrong content) are
+    // fetched again from the server; the version stays valid.
+    let mut bad = fs::read(&copies[0]).unwrap();
+    bad[40] ^= 0x01;
+    fs::write(&copies[0], &bad).unwrap();
+    fs::copy(&copies[2], &copies[1]).unwrap();
+    r.ok_with_key(&key, &["restore", &uid, &r.repo.url("o3")]);
+    assert_eq!(sha256_file(&r.repo.path("o3")), want);
+    assert_eq!(proxy.forwarded("GET", "/blocks/"), first + 2);
+    assert_eq!(r.version(&uid)["status"], "valid");
+
+    // A deep-scrub verifies the storage, not the copies.
+    r.ok_with_key(&key, &["deep-scrub", &uid]);
+    assert_eq!(proxy.forwarded("GET", "/blocks/"), first + 2 + stored);
+
+    // Key rotation rewrites every header: the copies are dropped with it. A copy left
+    // by a process that did not see the rotation (sealed for the removed key) is
+    // fetched again, not called damage.
+    let stale = fs::read(&copies[3]).unwrap();
+    let key2 = r.repo.path("master2.key");
+    r.repo.ok(&["key", "new", key2.to_str().unwrap()]);
+    r.ok_with_key(&key, &["key", "rotate", "--new-key-file", key2.to_str().unwrap()]);
+    r.ok_with_key(&key2, &["key", "rekey"]);
+    let keys: serde_json::Value =
+        serde_json::from_str(&r.ok_with_key(&key2, &["key", "list", "--format", "json"])).unwrap();
+    let old = keys[0]["id"].as_str().unwrap().to_string();
+    r.ok_with_key(&key2, &["key", "remove", &old]);
+    assert_eq!(files_under(&cache.join("s3/blocks")).len(), 0, "the rekey dropped every copy");
+    let before = proxy.forwarded("GET", "/blocks/");
+    r.ok_with_key(&key2, &["restore", &uid, &r.repo.url("o4")]);
+    let after = proxy.forwarded("GET", "/blocks/");
+    assert_eq!(after, before + stored);
+    fs::write(&copies[3], &stale).unwrap();
+    r.ok_with_key(&key2, &["restore", "--force", &uid, &r.repo.url("o4")]);
+    assert_eq!(sha256_file(&r.repo.path("o4")), want);
+    assert_eq!(proxy.forwarded("GET", "/blocks/"), after + 1);
+    assert_eq!(r.version(&uid)["status"], "valid");
+
+    // A small bound keeps the directory under it.
+    let small = format!("read_cache_dir = \"{}\"\nread_cache_size = \"300k\"\nencrypt = true\n", cache.display());
+    fs::write(&r.config, through(&g, &proxy, &r.repo, "cached", &small)).unwrap();
+    r.ok_with_key(&key2, &["restore", "--force", &uid, &r.repo.url("o4")]);
+    assert_eq!(sha256_file(&r.repo.path("o4")), want);
+    let files = files_under(&cache.join("s3/blocks")).len();
+    let bytes: u64 = files_under(&cache.join("s3/blocks")).iter().map(|f| f.metadata().unwrap().len()).sum();
+    assert!(bytes <= 300 * 1024 && files > 0, "{bytes} bytes in {files} files");
 }

@@ -84,30 +84,10 @@ impl Storage for FaultyStorage {
         self.inner.put(key, data)
     }
     fn get(&self, key: &str) -> StorageResult<Vec<u8>> {
-        self.pause();
-        let mut f = self.faults.lock();
-        let dead = match &mut f.gets_before_death {
-            Some(0) => true,
-            Some(n) => {
-                *n -= 1;
-                false
-            }
-            None => false,
-        };
-        if dead || Self::take(&mut f.fail_gets) {
-            return Err(StorageError::Injected { storage: self.name().to_string(), op: "get", key: key.to_string() });
-        }
-        let truncate = Self::take(&mut f.truncate_gets);
-        let corrupt = Self::take(&mut f.corrupt_gets);
-        drop(f);
-        let mut data = self.inner.get(key)?;
-        if truncate {
-            data.truncate(data.len() / 2);
-        }
-        if corrupt && let Some(last) = data.last_mut() {
-            *last ^= 0x01;
-        }
-        Ok(data)
+        self.faulty_get(key, false)
+    }
+    fn get_fresh(&self, key: &str) -> StorageResult<Vec<u8>> {
+        self.faulty_get(key, true)
     }
     fn exists(&self, key: &str) -> StorageResult<bool> {
         self.pause();
@@ -135,5 +115,34 @@ impl Storage for FaultyStorage {
     fn replace_prefix(&self, key: &str, prefix: &[u8]) -> StorageResult<()> {
         self.pause();
         self.inner.replace_prefix(key, prefix)
+    }
+}
+
+impl FaultyStorage {
+    fn faulty_get(&self, key: &str, fresh: bool) -> StorageResult<Vec<u8>> {
+        self.pause();
+        let mut f = self.faults.lock();
+        let dead = match &mut f.gets_before_death {
+            Some(0) => true,
+            Some(n) => {
+                *n -= 1;
+                false
+            }
+            None => false,
+        };
+        if dead || Self::take(&mut f.fail_gets) {
+            return Err(StorageError::Injected { storage: self.name().to_string(), op: "get", key: key.to_string() });
+        }
+        let truncate = Self::take(&mut f.truncate_gets);
+        let corrupt = Self::take(&mut f.corrupt_gets);
+        drop(f);
+        let mut data = if fresh { self.inner.get_fresh(key)? } else { self.inner.get(key)? };
+        if truncate {
+            data.truncate(data.len() / 2);
+        }
+        if corrupt && let Some(last) = data.last_mut() {
+            *last ^= 0x01;
+        }
+        Ok(data)
     }
 }

@@ -156,6 +156,9 @@ impl Storage for FileStorage {
         Ok(())
     }
 
+    fn get_fresh(&self, key: &str) -> StorageResult<Vec<u8>> {
+        self.get(key)
+    }
     fn get(&self, key: &str) -> StorageResult<Vec<u8>> {
         let path = self.path_of(key)?;
         fs::read(&path).map_err(|e| {

@@ -1,7 +1,8 @@
 //! Where objects live. A storage is a small trait (put / get / exists / delete / list /
 //! sync) over string keys, so that file, null and S3 storages and decorators (fault
-//! injection in tests; caching and throttling later) are interchangeable.
+//! injection in tests, a local read cache, a bandwidth limit) are interchangeable.
 
+pub mod disk_cache;
 pub mod fault;
 pub mod file;
 pub mod null;
@@ -70,6 +71,10 @@ pub trait Storage: Send + Sync {
     /// half-written under its final key.
     fn put(&self, key: &str, data: &[u8]) -> StorageResult<()>;
     fn get(&self, key: &str) -> StorageResult<Vec<u8>>;
+    /// Like `get`, but from the storage itself, past any local cache: what a deep-scrub
+    /// verifies, and the second try when a cached copy does not decode. Decorators must
+    /// pass it through (no default, so that none can forget).
+    fn get_fresh(&self, key: &str) -> StorageResult<Vec<u8>>;
     fn exists(&self, key: &str) -> StorageResult<bool>;
     /// Deletes `key`; deleting a missing object is not an error.
     fn delete(&self, key: &str) -> StorageResult<()>;

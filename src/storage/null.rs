@@ -23,6 +23,9 @@ impl Storage for NullStorage {
     fn put(&self, _key: &str, _data: &[u8]) -> StorageResult<()> {
         Ok(())
     }
+    fn get_fresh(&self, key: &str) -> StorageResult<Vec<u8>> {
+        self.get(key)
+    }
     fn get(&self, _key: &str) -> StorageResult<Vec<u8>> {
         Err(StorageError::Discarding { storage: self.name.clone() })
     }

@@ -260,6 +260,9 @@ impl Storage for S3Storage {
         Ok(())
     }
 
+    fn get_fresh(&self, key: &str) -> StorageResult<Vec<u8>> {
+        self.get(key)
+    }
     fn get(&self, key: &str) -> StorageResult<Vec<u8>> {
         let _slot = self.reads.take();
         let full = self.full_key(key);

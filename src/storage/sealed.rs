@@ -26,6 +26,9 @@ impl Storage for SealedStorage {
     fn get(&self, key: &str) -> StorageResult<Vec<u8>> {
         self.inner.get(key)
     }
+    fn get_fresh(&self, key: &str) -> StorageResult<Vec<u8>> {
+        self.inner.get_fresh(key)
+    }
     fn exists(&self, key: &str) -> StorageResult<bool> {
         self.inner.exists(key)
     }

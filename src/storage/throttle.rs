@@ -67,6 +67,13 @@ impl Storage for ThrottledStorage {
         }
         Ok(data)
     }
+    fn get_fresh(&self, key: &str) -> StorageResult<Vec<u8>> {
+        let data = self.inner.get_fresh(key)?;
+        if let Some(r) = &self.read {
+            r.pass(data.len());
+        }
+        Ok(data)
+    }
     fn exists(&self, key: &str) -> StorageResult<bool> {
         self.inner.exists(key)
     }

@@ -187,6 +187,22 @@ pub fn mixed_image(seed: u64, blocks: usize, bs: usize, tail: usize) -> Vec<u8> 
     img
 }
 
+/// Every regular file under `dir`, sorted.
+pub fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                out.extend(files_under(&e.path()));
+            } else {
+                out.push(e.path());
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
 pub mod garage;
 pub mod mount;
 pub mod s3fault;

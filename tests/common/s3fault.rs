@@ -28,14 +28,18 @@ pub enum Fault {
 }
 
 struct Plan {
-    /// Faults for the next requests whose method matches, in order.
+    /// Faults for the next requests whose method matches, in order; at most one per
+    /// object, so that a planned fault is always followed by a good attempt of the same
+    /// request, whatever the interleaving of the client's threads.
     next: VecDeque<(&'static str, Fault)>,
+    /// Paths (without the query) that have had their planned fault.
+    faulted: std::collections::HashSet<String>,
     /// A fault for every matching request while set (a lasting outage).
     always: Option<(&'static str, Fault)>,
     /// Faults applied so far, with the method and path of their request.
     applied: Vec<(String, String, Fault)>,
-    /// Requests forwarded to the server, by method.
-    forwarded: Vec<String>,
+    /// Requests forwarded to the server: method and path.
+    forwarded: Vec<(String, String)>,
 }
 
 pub struct FaultProxy {
@@ -50,6 +54,7 @@ impl FaultProxy {
         let port = listener.local_addr().unwrap().port();
         let plan = Arc::new(Mutex::new(Plan {
             next: VecDeque::new(),
+            faulted: Default::default(),
             always: None,
             applied: Vec::new(),
             forwarded: Vec::new(),
@@ -95,9 +100,15 @@ impl FaultProxy {
         self.plan.lock().unwrap().applied.clone()
     }
 
-    /// How many requests with this method reached the server.
-    pub fn forwarded(&self, method: &str) -> usize {
-        self.plan.lock().unwrap().forwarded.iter().filter(|m| *m == method).count()
+    /// The distinct paths of forwarded requests with this method containing `part`.
+    pub fn forwarded_paths(&self, method: &str, part: &str) -> std::collections::BTreeSet<String> {
+        let p = self.plan.lock().unwrap();
+        p.forwarded.iter().filter(|(m, p)| m == method && p.contains(part)).map(|(_, p)| p.clone()).collect()
+    }
+
+    /// How many requests with this method and a path containing `part` reached the server.
+    pub fn forwarded(&self, method: &str, part: &str) -> usize {
+        self.plan.lock().unwrap().forwarded.iter().filter(|(m, p)| m == method && p.contains(part)).count()
     }
 }
 
@@ -135,15 +146,19 @@ fn serve(mut conn: TcpStream, upstream: u16, plan: &Mutex<Plan>) {
     let path = first.next().unwrap_or("").to_string();
     let fault = {
         let mut p = plan.lock().unwrap();
+        let object = path.split('?').next().unwrap_or("").to_string();
         let planned = match p.next.front() {
-            Some((m, _)) if matches(m, &method) => p.next.pop_front().map(|(_, f)| f),
+            Some((m, _)) if matches(m, &method) && !p.faulted.contains(&object) => {
+                p.faulted.insert(object);
+                p.next.pop_front().map(|(_, f)| f)
+            }
             _ => p.always.as_ref().filter(|(m, _)| matches(m, &method)).map(|(_, f)| f.clone()),
         };
         if let Some(f) = &planned {
             p.applied.push((method.clone(), path.clone(), f.clone()));
         }
         if !matches!(planned, Some(Fault::Status(..)) | Some(Fault::Stall(_)) | Some(Fault::Reset)) {
-            p.forwarded.push(method.clone());
+            p.forwarded.push((method.clone(), path.clone()));
         }
         planned
     };

@@ -10,7 +10,8 @@ peak RSS. Finally backs up null://1T to a null storage (memory and database size
 
 Then the initial backup and the restore are repeated against other storages in the same
 run: an encrypted file storage (AES-256-GCM, keyed ids) and, when `garage` is installed,
-a local Garage S3 server (plain and encrypted), next to the plain file storage.
+a local Garage S3 server (plain and encrypted; the plain one restored a second time from
+the local read cache), next to the plain file storage.
 
 With --fuse (default when run as root with /dev/fuse), the same image is also read
 and written through `keepfs mount`: restore to /dev/null next to `dd` of the mounted
@@ -199,7 +200,7 @@ def storage_bench(keepfs, root, img, size, workdir):
     key = os.path.join(workdir, "bench.key")
     if not os.path.exists(key):
         subprocess.run([keepfs, "key", "new", key], check=True, stderr=subprocess.DEVNULL)
-    setups = [("file, plain", "", False), ("file, encrypted", "", True)]
+    setups = [("file, plain", "", False, False), ("file, encrypted", "", True, False)]
     garage_env = None
     if shutil.which("garage") or os.path.exists(os.path.expanduser("~/.cargo/bin/garage")):
         gdir = os.path.join(workdir, "garage")
@@ -219,10 +220,13 @@ def storage_bench(keepfs, root, img, size, workdir):
                            f'[[storage]]\nname = "s3"\nkind = "s3"\nendpoint = "{garage_env["S3_ENDPOINT"]}"\n'
                            f'region = "garage"\nbucket = "bench"\nprefix = "{run_id}-{tag}"\n'
                            f'access_key = "{garage_env["AWS_ACCESS_KEY_ID"]}"\n'
-                           f'secret_key = "{garage_env["AWS_SECRET_ACCESS_KEY"]}"\n', enc))
+                           f'secret_key = "{garage_env["AWS_SECRET_ACCESS_KEY"]}"\n'
+                           + (f'read_cache_dir = "{os.path.join(workdir, "read-cache")}"\n' if not enc else ""),
+                           enc, not enc))
     rows = []
     out = os.path.join(workdir, "restored-s.img")
-    for label, storage_toml, enc in setups:
+    shutil.rmtree(os.path.join(workdir, "read-cache"), ignore_errors=True)
+    for label, storage_toml, enc, cached in setups:
         home = os.path.join(workdir, "repo-" + label.replace(" ", "").replace(",", "-").replace("(", "").replace(")", ""))
         shutil.rmtree(home, ignore_errors=True)
         os.makedirs(home)
@@ -242,13 +246,20 @@ def storage_bench(keepfs, root, img, size, workdir):
         same = subprocess.run(["cmp", img, out]).returncode == 0
         os.remove(out)
         rows.append((label, bdt, size / bdt / 1e6, rdt, size / rdt / 1e6, same))
+        if cached:
+            # The first restore filled the local read cache; the second reads from it.
+            drop_caches() if os.geteuid() == 0 else None
+            rdt, _, _ = timed([keepfs, "--config", cfg, "restore", uid.strip(), "file://" + out], env)
+            same = subprocess.run(["cmp", img, out]).returncode == 0
+            os.remove(out)
+            rows.append(("  same, 2nd restore (read cache)", None, None, rdt, size / rdt / 1e6, same))
     print()
     print("other storages (initial backup and restore of the same image, same run):")
     print(f"{'storage':32} {'backup s':>9} {'MB/s':>6} {'vs file':>8} {'restore s':>10} {'MB/s':>6} {'vs file':>8}  identical")
     plain_backup, plain_restore = rows[0][2], rows[0][4]
     for label, bdt, bm, rdt, rm, same in rows:
-        print(f"{label:32} {bdt:9.2f} {bm:6.0f} {bm / plain_backup:8.2f} {rdt:10.2f} {rm:6.0f} {rm / plain_restore:8.2f}  "
-              f"{'yes' if same else 'NO'}")
+        b = f"{bdt:9.2f} {bm:6.0f} {bm / plain_backup:8.2f}" if bdt is not None else f"{'':9} {'':6} {'':8}"
+        print(f"{label:32} {b} {rdt:10.2f} {rm:6.0f} {rm / plain_restore:8.2f}  {'yes' if same else 'NO'}")
     if garage_env is not None:
         with open(os.path.join(workdir, "garage", "pid")) as f:
             subprocess.run(["kill", f.read().strip()])

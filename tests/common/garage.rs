@@ -1,6 +1,13 @@
-//! A throwaway one-node Garage S3 server on 127.0.0.1 for the S3 tests: free ports, its
-//! own directory, one key and one bucket. `garage` must be on PATH or in ~/.cargo/bin
-//! (`bash .ci/run` installs it; `contrib/garage/start-garage.sh` does the same by hand).
+//! The S3 server of the S3 tests. By default a throwaway one-node Garage on 127.0.0.1:
+//! free ports, its own directory, one key and one bucket. `garage` must be on PATH or in
+//! ~/.cargo/bin (`bash .ci/run` installs it; `contrib/garage/start-garage.sh` does the
+//! same by hand).
+//!
+//! With `KEEPFS_TEST_S3_ENDPOINT` (and `KEEPFS_TEST_S3_ACCESS_KEY`,
+//! `KEEPFS_TEST_S3_SECRET_KEY`, optionally `KEEPFS_TEST_S3_REGION`, default `us-east-1`)
+//! the same tests run against that server instead (CI runs them against Ceph's RADOS
+//! Gateway too); each run makes its own bucket with s3cmd. Such a server cannot be
+//! killed by the tests: the one test that needs that says so and stops.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -13,6 +20,9 @@ pub struct Garage {
     pub key_id: String,
     pub secret: String,
     pub bucket: String,
+    pub region: String,
+    /// Set when the server is not the tests' own Garage (see the module comment).
+    pub external: Option<String>,
 }
 
 fn garage_binary() -> PathBuf {
@@ -76,8 +86,63 @@ impl Garage {
         }
     }
 
-    /// Starts a server with a key and the bucket `keepfs-test`.
+    /// The server of this test run: the external one named by the environment, or a
+    /// Garage started here.
     pub fn start() -> Garage {
+        match std::env::var("KEEPFS_TEST_S3_ENDPOINT") {
+            Ok(endpoint) if !endpoint.is_empty() => Garage::external(endpoint),
+            _ => Garage::start_garage(),
+        }
+    }
+
+    fn external(endpoint: String) -> Garage {
+        let var = |k: &str| std::env::var(k).unwrap_or_else(|_| panic!("{k} must be set with KEEPFS_TEST_S3_ENDPOINT"));
+        let port = endpoint
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.trim_end_matches('/').parse().ok())
+            .expect("KEEPFS_TEST_S3_ENDPOINT must be http://127.0.0.1:PORT");
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+        let g = Garage {
+            dir: tempfile::tempdir().unwrap(),
+            child: None,
+            port,
+            key_id: var("KEEPFS_TEST_S3_ACCESS_KEY"),
+            secret: var("KEEPFS_TEST_S3_SECRET_KEY"),
+            bucket: format!("keepfs-test-{}-{}", std::process::id(), nanos % 1_000_000_000),
+            region: std::env::var("KEEPFS_TEST_S3_REGION").unwrap_or_else(|_| "us-east-1".into()),
+            external: Some(endpoint),
+        };
+        let out = g.s3cmd(&["mb", &format!("s3://{}", g.bucket)]);
+        assert!(out.status.success(), "s3cmd mb: {}", String::from_utf8_lossy(&out.stderr));
+        g
+    }
+
+    /// Runs s3cmd against this server with its key.
+    pub fn s3cmd(&self, args: &[&str]) -> std::process::Output {
+        let cfg = self.dir.path().join("s3cfg");
+        std::fs::write(
+            &cfg,
+            format!(
+                "[default]\naccess_key = {}\nsecret_key = {}\nhost_base = 127.0.0.1:{p}\nhost_bucket = 127.0.0.1:{p}\n\
+                 use_https = False\nbucket_location = {}\nsignature_v2 = False\n",
+                self.key_id,
+                self.secret,
+                self.region,
+                p = self.port
+            ),
+        )
+        .unwrap();
+        Command::new("s3cmd")
+            .arg("-c")
+            .arg(&cfg)
+            .args(args)
+            .output()
+            .expect("s3cmd (apt-get install s3cmd; bash .ci/run does)")
+    }
+
+    /// Starts a Garage with a key and the bucket `keepfs-test`.
+    fn start_garage() -> Garage {
         let dir = tempfile::tempdir().unwrap();
         let (port, rpc, admin) = (free_port(), free_port(), free_port());
         let secret: String =
@@ -100,6 +165,8 @@ impl Garage {
             key_id: String::new(),
             secret: String::new(),
             bucket: "keepfs-test".into(),
+            region: "garage".into(),
+            external: None,
         };
         g.spawn();
         let node = g.cli(&["node", "id", "-q"]);
@@ -118,16 +185,17 @@ impl Garage {
     }
 
     pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        self.external.clone().unwrap_or_else(|| format!("http://127.0.0.1:{}", self.port))
     }
 
     /// A keepfs configuration whose default storage is this server's bucket under `prefix`.
     pub fn keepfs_config(&self, home: &Path, prefix: &str, extra: &str) -> String {
         format!(
-            "home = \"{}\"\n[[storage]]\nname = \"s3\"\nkind = \"s3\"\nendpoint = \"{}\"\nregion = \"garage\"\n\
+            "home = \"{}\"\n[[storage]]\nname = \"s3\"\nkind = \"s3\"\nendpoint = \"{}\"\nregion = \"{}\"\n\
              bucket = \"{}\"\nprefix = \"{prefix}\"\naccess_key = \"{}\"\nsecret_key = \"{}\"\nattempts = 3\n{extra}",
             home.display(),
             self.endpoint(),
+            self.region,
             self.bucket,
             self.key_id,
             self.secret
@@ -144,7 +212,7 @@ impl Garage {
 
     /// Restarts the server if an earlier test left it stopped.
     pub fn ensure_running(&mut self) {
-        if self.child.is_none() {
+        if self.child.is_none() && self.external.is_none() {
             self.spawn();
         }
     }

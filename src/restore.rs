@@ -80,6 +80,9 @@ struct Target {
     /// (temporary name, final name) for a regular file, renamed into place at the end.
     rename: Option<(PathBuf, PathBuf)>,
     is_device: bool,
+    /// Whether what was written can be read back (a regular file, a block device opened
+    /// for reading; not /dev/null).
+    readable: bool,
 }
 
 /// The name of the file a restore of `uid` to `path` writes before renaming it into
@@ -149,12 +152,10 @@ fn open_target(path: &Path, uid: VersionUid, size: u64, opts: &RestoreOptions) -
                     path.display()
                 )));
             }
-            let file = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(path)
-                .or_else(|_| OpenOptions::new().write(true).open(path))
-                .map_err(|e| Error::io(ctx("open"), e))?;
+            let (file, opened_rw) = match OpenOptions::new().read(true).write(true).open(path) {
+                Ok(f) => (f, true),
+                Err(_) => (OpenOptions::new().write(true).open(path).map_err(|e| Error::io(ctx("open"), e))?, false),
+            };
             let is_device = m.file_type().is_block_device();
             if is_device {
                 let dev_size = device_size(&file).map_err(|e| Error::io(ctx("size"), e))?;
@@ -166,7 +167,7 @@ fn open_target(path: &Path, uid: VersionUid, size: u64, opts: &RestoreOptions) -
                 }
             }
             let direct = if is_device { open_direct(path) } else { None };
-            Ok(Target { buffered: file, direct, rename: None, is_device: true })
+            Ok(Target { buffered: file, direct, rename: None, is_device: true, readable: opened_rw && is_device })
         }
         Ok(_) if !opts.force && !opts.resume => Err(Error::Refused(format!(
             "restore target {} exists (file); pass --force to overwrite it",
@@ -207,6 +208,7 @@ fn open_target(path: &Path, uid: VersionUid, size: u64, opts: &RestoreOptions) -
                     direct,
                     rename: Some((partial, path.to_path_buf())),
                     is_device: false,
+                    readable: true,
                 });
             }
             let file = OpenOptions::new()
@@ -219,7 +221,13 @@ fn open_target(path: &Path, uid: VersionUid, size: u64, opts: &RestoreOptions) -
             lock_exclusive(&file, path)?;
             file.set_len(0).and_then(|_| file.set_len(size)).map_err(|e| Error::io(ctx("size"), e))?;
             let direct = open_direct(&partial);
-            Ok(Target { buffered: file, direct, rename: Some((partial, path.to_path_buf())), is_device: false })
+            Ok(Target {
+                buffered: file,
+                direct,
+                rename: Some((partial, path.to_path_buf())),
+                is_device: false,
+                readable: true,
+            })
         }
     }
 }
@@ -283,6 +291,31 @@ impl Repository {
             _ => self.config.storage_readers,
         }
         .max(1);
+        // A block that repeats an earlier block of the same image is fetched once: its
+        // later occurrences are copied from where the first was written, at the end
+        // (one request per distinct object, which matters on S3). Not when the target
+        // cannot be read back (/dev/null): those are fetched like any other.
+        let mut repeat_of: Vec<Option<u64>> = Vec::new();
+        if target.readable {
+            let mut first: std::collections::HashMap<BlockId, u64> = std::collections::HashMap::new();
+            repeat_of = index
+                .entries
+                .iter()
+                .enumerate()
+                .map(|(idx, id)| match id.is_sparse() {
+                    true => None,
+                    false => match first.entry(*id) {
+                        std::collections::hash_map::Entry::Occupied(e) => Some(*e.get()),
+                        std::collections::hash_map::Entry::Vacant(v) => {
+                            v.insert(idx as u64);
+                            None
+                        }
+                    },
+                })
+                .collect();
+        }
+        let is_repeat = |idx: usize| repeat_of.get(idx).is_some_and(Option::is_some);
+
         let (pool_tx, pool_rx) = bounded::<OutBuf>(fetchers * 2 + 2);
         for _ in 0..fetchers * 2 + 2 {
             let _ = pool_tx.send(OutBuf::new(bs));
@@ -340,12 +373,13 @@ impl Repository {
             drop(res_tx);
             drop(job_rx);
             let entries = &index.entries;
+            let is_repeat = &is_repeat;
             s.spawn(move || {
                 for (idx, id) in entries.iter().enumerate() {
                     if stop.load(Ordering::Relaxed) {
                         return;
                     }
-                    if !id.is_sparse() && job_tx.send((idx as u64, *id)).is_err() {
+                    if !id.is_sparse() && !is_repeat(idx) && job_tx.send((idx as u64, *id)).is_err() {
                         return;
                     }
                 }
@@ -411,6 +445,46 @@ impl Repository {
                 report.bytes += len as u64;
             }
         });
+        // The repeats, copied from their first occurrence (zeros where that was damaged).
+        if write_error.is_none() && unavailable.is_none() {
+            let damaged: std::collections::HashMap<u64, String> =
+                report.bad_blocks.iter().map(|b| (b.index, b.reason.clone())).collect();
+            let mut buf = OutBuf::new(bs);
+            for (idx, first) in repeat_of.iter().enumerate().filter_map(|(i, f)| f.map(|f| (i as u64, f))) {
+                let (off, len) = (idx * bs as u64, index.block_len(idx as usize));
+                let id = index.entries[idx as usize];
+                let data = if let Some(reason) = damaged.get(&first) {
+                    progress.warn(&format!(
+                        "block {idx} (bytes {off}..{}) object {id}: {reason}; writing zeros",
+                        off + len as u64
+                    ));
+                    report.bad_blocks.push(BadBlock {
+                        index: idx,
+                        offset: off,
+                        len: len as u64,
+                        object: id,
+                        reason: reason.clone(),
+                    });
+                    zeros.bytes(len)
+                } else {
+                    let r = target.buffered.read_exact_at(&mut buf.window()[..len], first * bs as u64);
+                    if let Err(e) = r {
+                        write_error = Some(Error::io(
+                            format!("cannot read back {} at byte {}", path.display(), first * bs as u64),
+                            e,
+                        ));
+                        break;
+                    }
+                    buf.bytes(len)
+                };
+                note_write(target.write_at(data, off), off, &mut write_error);
+                if write_error.is_some() {
+                    break;
+                }
+                progress.advance(len as u64);
+                report.bytes += len as u64;
+            }
+        }
         progress.end();
         let again = format!("run `keepfs restore --continue {uid} {url}` to finish it");
         if let Some(e) = write_error {

@@ -238,6 +238,34 @@ fn a_corrupted_object_is_detected_and_named_on_restore() {
 }
 
 #[test]
+fn a_block_repeated_in_an_image_is_restored_everywhere_it_occurs() {
+    let repo = Repo::new();
+    let (a, b) = (random_bytes(31, BS), random_bytes(32, BS));
+    let img: Vec<u8> = [&a, &b, &a, &a, &b].iter().flat_map(|p| p.iter().copied()).collect();
+    fs::write(repo.path("img"), &img).unwrap();
+    let uid = repo.backup("img", "rep", &["-b", "64k"]);
+    assert_eq!(repo.block_objects(), 2);
+    assert_eq!(repo.restore_sha(&uid, "out"), sha256_file(&repo.path("img")));
+    // Damage a's object: every occurrence of a is named and written as zeros, b's are right.
+    let obj = repo.object_file(&a);
+    let mut bytes = fs::read(&obj).unwrap();
+    let n = bytes.len();
+    bytes[n - 10] ^= 0x01;
+    fs::write(&obj, &bytes).unwrap();
+    let r = repo.run(&["restore", &uid, &repo.url("out")]);
+    assert_eq!(r.code, 3, "{}", r.stderr);
+    for idx in [0, 2, 3] {
+        assert!(r.stderr.contains(&format!("block {idx} (bytes {}..", idx * BS)), "block {idx}: {}", r.stderr);
+    }
+    assert!(!r.stderr.contains("block 1 ") && !r.stderr.contains("block 4 "), "{}", r.stderr);
+    let out = fs::read(repo.path("out")).unwrap();
+    for (i, chunk) in out.chunks(BS).enumerate() {
+        let want: &[u8] = if i == 1 || i == 4 { &b } else { &[0u8; BS] };
+        assert!(chunk == want, "block {i}");
+    }
+}
+
+#[test]
 fn null_source_and_sizes() {
     let repo = Repo::new();
     let uid = repo.ok(&["backup", "null://200G", "perftest"]).trim().to_string();

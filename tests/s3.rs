@@ -490,3 +490,21 @@ fn a_local_read_cache_serves_repeated_restores_and_never_hides_the_storage() {
     let bytes: u64 = files_under(&cache.join("s3/blocks")).iter().map(|f| f.metadata().unwrap().len()).sum();
     assert!(bytes <= 300 * 1024 && files > 0, "{bytes} bytes in {files} files");
 }
+
+#[test]
+fn a_restore_fetches_each_distinct_object_once() {
+    let g = server();
+    let proxy = FaultProxy::start(g.port);
+    let r = S3Repo::through(&g, &proxy, "repeats", "");
+    let bs = 64 * 1024;
+    let (a, b, c) = (random_bytes(201, bs), random_bytes(202, bs), random_bytes(203, bs));
+    let zero = vec![0u8; bs];
+    let img: Vec<u8> = [&a, &b, &a, &zero, &c, &a, &b, &a[..1000]].iter().flat_map(|p| p.iter().copied()).collect();
+    fs::write(r.repo.path("a"), &img).unwrap();
+    let uid = r.ok(&["backup", &r.repo.url("a"), "rep", "-b", "64k"]).trim().to_string();
+    let before = proxy.forwarded("GET", "/blocks/");
+    r.ok(&["restore", &uid, &r.repo.url("o")]);
+    assert_eq!(sha256_file(&r.repo.path("o")), sha256_file(&r.repo.path("a")));
+    // a, b, c and the short tail: four objects for seven stored blocks.
+    assert_eq!(proxy.forwarded("GET", "/blocks/") - before, 4);
+}

@@ -249,6 +249,12 @@ fn fetch_block_into(
     })
 }
 
+/// Reports a block whose object is damaged; the restore writes zeros in its place.
+fn bad_block(progress: &dyn Progress, idx: u64, off: u64, len: usize, id: BlockId, reason: &str) -> BadBlock {
+    progress.warn(&format!("block {idx} (bytes {off}..{}) object {id}: {reason}; writing zeros", off + len as u64));
+    BadBlock { index: idx, offset: off, len: len as u64, object: id, reason: reason.to_string() }
+}
+
 /// What became of one block.
 enum Outcome {
     /// Fetched and verified: this many bytes are in the buffer.
@@ -421,17 +427,7 @@ impl Repository {
                         None
                     }
                     Outcome::Failed(FetchError::Damaged(reason)) => {
-                        progress.warn(&format!(
-                            "block {idx} (bytes {off}..{}) object {id}: {reason}; writing zeros",
-                            off + len as u64
-                        ));
-                        report.bad_blocks.push(BadBlock {
-                            index: idx,
-                            offset: off,
-                            len: len as u64,
-                            object: id,
-                            reason: reason.clone(),
-                        });
+                        report.bad_blocks.push(bad_block(progress, idx, off, len, id, reason));
                         Some(zeros.bytes(len))
                     }
                 };
@@ -454,17 +450,7 @@ impl Repository {
                 let (off, len) = (idx * bs as u64, index.block_len(idx as usize));
                 let id = index.entries[idx as usize];
                 let data = if let Some(reason) = damaged.get(&first) {
-                    progress.warn(&format!(
-                        "block {idx} (bytes {off}..{}) object {id}: {reason}; writing zeros",
-                        off + len as u64
-                    ));
-                    report.bad_blocks.push(BadBlock {
-                        index: idx,
-                        offset: off,
-                        len: len as u64,
-                        object: id,
-                        reason: reason.clone(),
-                    });
+                    report.bad_blocks.push(bad_block(progress, idx, off, len, id, reason));
                     zeros.bytes(len)
                 } else {
                     let r = target.buffered.read_exact_at(&mut buf.window()[..len], first * bs as u64);

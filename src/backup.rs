@@ -583,11 +583,7 @@ impl Repository {
             block_size,
             compression_level: self.config.compression_level,
             workers: self.config.workers,
-            // A remote storage needs more requests in flight than a local disk.
-            writers: match &self.config.storage(storage)?.kind {
-                crate::config::StorageKind::S3(c) => self.config.storage_writers.max(c.simultaneous_writes),
-                _ => self.config.storage_writers,
-            },
+            writers: self.config.writers_for(storage)?,
             session,
             publish: false,
         })
@@ -931,9 +927,10 @@ impl Repository {
                 wanted[idx] = true;
             }
         }
+        let base_storage_name = self.version(VersionUid(base.uid))?.storage;
         // Blocks whose stored object a scrub found damaged are always read again.
-        let base_storage = self.storage_id(&self.version(VersionUid(base.uid))?.storage)?;
-        let damaged = self.db().invalid_objects(base_storage)?;
+        let base_storage_id = self.storage_id(&base_storage_name)?;
+        let damaged = self.db().invalid_objects(base_storage_id)?;
         if !damaged.is_empty() {
             for (idx, id) in base.entries.iter().enumerate() {
                 if idx < n && damaged.contains(id) {
@@ -953,6 +950,7 @@ impl Repository {
         if sample.is_empty() && percent > 0 && !unchanged.is_empty() {
             sample.push(unchanged[(seed % unchanged.len() as u64) as usize]);
         }
+        let base_storage = self.storage(&base_storage_name)?;
         let mut buf = vec![0u8; bs as usize];
         for idx in sample {
             let off = idx as u64 * bs as u64;
@@ -960,9 +958,11 @@ impl Repository {
             source
                 .read_at(off, &mut buf[..len])
                 .map_err(|e| Error::io(format!("cannot read {url} at byte {off}"), e))?;
-            let codec = self.storage(&self.version(VersionUid(base.uid))?.storage)?;
-            let id =
-                if crate::block::is_zero(&buf[..len]) { BlockId::SPARSE } else { codec.codec().id_of(&buf[..len]) };
+            let id = if crate::block::is_zero(&buf[..len]) {
+                BlockId::SPARSE
+            } else {
+                base_storage.codec().id_of(&buf[..len])
+            };
             if id != base.entries[idx] {
                 return Err(Error::Invalid(format!(
                     "the hints are wrong: block {idx} (bytes {off}..{}) of {url} differs from base {} although the hints call it unchanged; back up without --base/--hints or with fresh hints",
@@ -978,24 +978,13 @@ impl Repository {
 #[cfg(test)]
 mod auto_tag_tests {
     use super::auto_tags;
-    use crate::version::{Status, Version, VersionUid};
+    use crate::version::{Version, test_version};
     use chrono::{DateTime, Utc};
 
     fn v(date: &str, tags: &[&str]) -> Version {
-        Version {
-            uid: VersionUid(1),
-            date: DateTime::parse_from_rfc3339(date).unwrap().with_timezone(&Utc),
-            name: "db".into(),
-            snapshot: String::new(),
-            size: 0,
-            block_size: 4096,
-            status: Status::Valid,
-            protected: false,
-            storage: "default".into(),
-            labels: tags.iter().map(|t| (t.to_string(), String::new())).collect(),
-            stats: Default::default(),
-            expire: None,
-        }
+        let mut v = test_version(1, "db", DateTime::parse_from_rfc3339(date).unwrap().with_timezone(&Utc));
+        v.labels = tags.iter().map(|t| (t.to_string(), String::new())).collect();
+        v
     }
 
     #[test]

@@ -152,6 +152,17 @@ pub struct ObjectHeader {
     pub envelope: Vec<u8>,
 }
 
+impl From<aes::OpenError> for ObjectError {
+    fn from(e: aes::OpenError) -> ObjectError {
+        match e {
+            aes::OpenError::UnknownKey(k) => ObjectError::UnknownKey { key_id: k.to_hex() },
+            aes::OpenError::DataKey => ObjectError::Authentication("wrapped data key"),
+            aes::OpenError::Payload => ObjectError::Authentication("payload"),
+            aes::OpenError::Envelope => ObjectError::Authentication("envelope length"),
+        }
+    }
+}
+
 fn header_crc(bytes: &[u8], header_len: usize) -> u32 {
     let mut h = crc32fast::Hasher::new();
     h.update(&bytes[0..36]);
@@ -291,6 +302,25 @@ fn checked_payload(bytes: &[u8], kind: ObjectKind) -> Result<(ObjectHeader, &[u8
     Ok((header, payload))
 }
 
+/// Whether an object's sealing fits its storage's codec, from the header alone: a sealed
+/// object in a plain storage, a plain object in an encrypted one, and a sealed object
+/// whose master key is not at hand are refused (decoding and the light scrub both ask).
+pub(crate) fn check_seal(codec: &Codec, header: &ObjectHeader) -> Result<(), ObjectError> {
+    let key = aes::envelope_key(&header.envelope);
+    match (header.flags & FLAG_AES256GCM != 0, codec.is_sealed()) {
+        (false, false) => Ok(()),
+        (false, true) => Err(ObjectError::NotEncrypted),
+        (true, false) => Err(ObjectError::Encrypted { key_id: key.map(|k| k.to_hex()).unwrap_or_default() }),
+        (true, true) => {
+            let key = key.ok_or(ObjectError::Authentication("envelope length"))?;
+            match codec.master(key) {
+                Some(_) => Ok(()),
+                None => Err(ObjectError::UnknownKey { key_id: key.to_hex() }),
+            }
+        }
+    }
+}
+
 thread_local! {
     /// Where a sealed and compressed payload is decrypted before it is decompressed;
     /// kept per thread so that restores and reads do not allocate per block.
@@ -307,24 +337,16 @@ fn untransform(
     payload: &[u8],
     out: &mut [u8],
 ) -> Result<(), ObjectError> {
-    let sealed = header.flags & FLAG_AES256GCM != 0;
-    if sealed != codec.is_sealed() {
-        let key_id = aes::envelope_key(&header.envelope).map(|k| k.to_hex()).unwrap_or_default();
-        return Err(if sealed { ObjectError::Encrypted { key_id } } else { ObjectError::NotEncrypted });
-    }
-    let n = if sealed {
+    check_seal(codec, header)?;
+    let n = if header.flags & FLAG_AES256GCM != 0 {
         if payload.len() < aes::TAG_LEN {
             return Err(ObjectError::Authentication("payload shorter than its tag"));
         }
         let (body, tag) = payload.split_at(payload.len() - aes::TAG_LEN);
         let aad = sealing_aad(bytes);
         let open = |out: &mut [u8]| {
-            aes::open(|k| codec.master(k), &header.envelope, &header.id, &aad, body, tag, out).map_err(|e| match e {
-                aes::OpenError::UnknownKey(k) => ObjectError::UnknownKey { key_id: k.to_hex() },
-                aes::OpenError::DataKey => ObjectError::Authentication("wrapped data key"),
-                aes::OpenError::Payload => ObjectError::Authentication("payload"),
-                aes::OpenError::Envelope => ObjectError::Authentication("envelope length"),
-            })
+            aes::open(|k| codec.master(k), &header.envelope, &header.id, &aad, body, tag, out)
+                .map_err(ObjectError::from)
         };
         if header.flags & FLAG_ZSTD != 0 {
             SCRATCH.with(|s| {
@@ -400,10 +422,7 @@ pub(crate) fn rewrap_with(codec: &Codec, bytes: &[u8]) -> Result<Option<Vec<u8>>
     if key == current.id() {
         return Ok(None);
     }
-    let envelope = aes::rewrap(|k| codec.master(k), current, &header.envelope, &header.id).map_err(|e| match e {
-        aes::OpenError::UnknownKey(k) => ObjectError::UnknownKey { key_id: k.to_hex() },
-        _ => ObjectError::Authentication("wrapped data key"),
-    })?;
+    let envelope = aes::rewrap(|k| codec.master(k), current, &header.envelope, &header.id)?;
     let mut prefix = bytes[..header_len].to_vec();
     prefix[OBJECT_HEADER_LEN..header_len].copy_from_slice(&envelope);
     let crc = header_crc(&prefix, header_len);

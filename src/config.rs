@@ -78,7 +78,8 @@ pub struct Config {
     pub workers: usize,
     /// Threads writing objects to storage.
     pub storage_writers: usize,
-    /// Threads fetching objects from storage during a restore.
+    /// Threads fetching objects from a local storage during a restore or scrub (see
+    /// [`Config::readers_for`]).
     pub storage_readers: usize,
     /// `rm` refuses versions younger than this many days without --force.
     pub rm_min_age_days: f64,
@@ -162,6 +163,24 @@ struct FileStorageConfig {
     attempts: Option<u32>,
 }
 
+/// A byte count given as an integer or a string with a unit (`"256M"`); `what` says
+/// what is expected, for the message.
+fn size_value(key: &str, v: &toml::Value, what: &str, bad: &dyn Fn(String) -> Error) -> Result<u64> {
+    match v {
+        toml::Value::Integer(i) if *i >= 0 => Ok(*i as u64),
+        toml::Value::String(s) => parse_size(s).map_err(bad),
+        other => Err(bad(format!("{key} must be {what}, not {other}"))),
+    }
+}
+
+/// Like [`size_value`], for settings where 0 means nothing sensible (a rate, a cache).
+fn positive_size(key: &str, v: &toml::Value, what: &str, bad: &dyn Fn(String) -> Error) -> Result<u64> {
+    match size_value(key, v, what, bad)? {
+        0 => Err(bad(format!("{key} must be above 0"))),
+        n => Ok(n),
+    }
+}
+
 /// The S3 keys of one `[[storage]]` entry; credentials fall back to the standard AWS
 /// environment variables.
 fn s3_config(s: &FileStorageConfig, bad: &dyn Fn(String) -> Error) -> Result<crate::storage::s3::S3Config> {
@@ -184,7 +203,7 @@ fn s3_config(s: &FileStorageConfig, bad: &dyn Fn(String) -> Error) -> Result<cra
     let secs = |v: &Option<String>, key: &str, default: u64| -> Result<std::time::Duration> {
         match v {
             None => Ok(std::time::Duration::from_secs(default)),
-            Some(t) => crate::schedule::parse_duration(t)
+            Some(t) => crate::units::parse_duration(t)
                 .map(|d| std::time::Duration::from_secs(d.num_seconds().max(1) as u64))
                 .map_err(|e| bad(format!("storage '{}' {key}: {e}", s.name))),
         }
@@ -305,15 +324,10 @@ impl Config {
                         )));
                     }
                 };
-                let rate = |v: &Option<toml::Value>, key: &str| -> Result<Option<u64>> {
-                    match v {
-                        None => Ok(None),
-                        Some(toml::Value::Integer(i)) if *i > 0 => Ok(Some(*i as u64)),
-                        Some(toml::Value::String(t)) => parse_size(t).map(Some).map_err(&bad),
-                        Some(other) => {
-                            Err(bad(format!("{key} must be a rate like \"50M\" (bytes per second), not {other}")))
-                        }
-                    }
+                let rate = |v: &Option<toml::Value>, key: &str| {
+                    v.as_ref()
+                        .map(|v| positive_size(key, v, "a rate like \"50M\" (bytes per second)", &bad))
+                        .transpose()
                 };
                 let read_bandwidth = rate(&s.read_bandwidth, "read_bandwidth")?;
                 let write_bandwidth = rate(&s.write_bandwidth, "write_bandwidth")?;
@@ -325,14 +339,12 @@ impl Config {
                     (Some(dir), size) => {
                         let max_bytes = match size {
                             None => DEFAULT_READ_CACHE_BYTES,
-                            Some(toml::Value::Integer(i)) if *i > 0 => *i as u64,
-                            Some(toml::Value::String(t)) => parse_size(t).map_err(&bad)?,
-                            Some(other) => {
-                                return Err(bad(format!(
-                                    "storage '{}': read_cache_size must be a size like \"20G\", not {other}",
-                                    s.name
-                                )));
-                            }
+                            Some(v) => positive_size(
+                                &format!("storage '{}': read_cache_size", s.name),
+                                v,
+                                "a size like \"20G\"",
+                                &bad,
+                            )?,
                         };
                         if !dir.is_absolute() {
                             return Err(bad(format!(
@@ -398,11 +410,7 @@ impl Config {
         if let Some(m) = f.mmap_sources {
             c.mmap_sources = m;
         }
-        let size = |key: &str, v: &toml::Value| match v {
-            toml::Value::Integer(i) if *i >= 0 => Ok(*i as u64),
-            toml::Value::String(s) => parse_size(s).map_err(bad),
-            other => Err(bad(format!("{key} must be a size like \"256M\", not {other}"))),
-        };
+        let size = |key: &str, v: &toml::Value| size_value(key, v, "a size like \"256M\"", &bad);
         if let Some(v) = &f.cache_size {
             c.cache_bytes = size("cache_size", v)?;
         }
@@ -425,7 +433,7 @@ impl Config {
         }
         for s in f.scheduler {
             let dur = |key: &str, v: &str| {
-                crate::schedule::parse_duration(v).map_err(|e| bad(format!("scheduler '{}' {key}: {e}", s.name)))
+                crate::units::parse_duration(v).map_err(|e| bad(format!("scheduler '{}' {key}: {e}", s.name)))
             };
             let interval = dur("interval", &s.interval)?;
             let sla = dur("sla", &s.sla)?;
@@ -447,6 +455,25 @@ impl Config {
             let names: Vec<&str> = self.storages.iter().map(|s| s.name.as_str()).collect();
             Error::Invalid(format!("no storage named '{name}' (configured: {})", names.join(", ")))
         })
+    }
+
+    /// Threads that read from storage `name` at once: `storage_readers`, or more for a
+    /// remote storage, which needs more requests in flight than a local disk.
+    pub fn readers_for(&self, name: &str) -> Result<usize> {
+        Ok(match &self.storage(name)?.kind {
+            StorageKind::S3(c) => self.storage_readers.max(c.simultaneous_reads),
+            _ => self.storage_readers,
+        }
+        .max(1))
+    }
+
+    /// Threads that write to storage `name` at once (see [`Config::readers_for`]).
+    pub fn writers_for(&self, name: &str) -> Result<usize> {
+        Ok(match &self.storage(name)?.kind {
+            StorageKind::S3(c) => self.storage_writers.max(c.simultaneous_writes),
+            _ => self.storage_writers,
+        }
+        .max(1))
     }
 }
 

@@ -77,8 +77,8 @@ impl Repository {
             .collect();
         let cutoff_ms = self.cleanup_cutoff()?;
         let db = self.db();
-        let unknown: Vec<String> =
-            in_storage.iter().filter(|u| db.version(**u).is_err()).map(|u| u.to_string()).collect();
+        let known: HashSet<VersionUid> = db.list_versions()?.into_iter().map(|v| v.uid).collect();
+        let unknown: Vec<String> = in_storage.iter().filter(|u| !known.contains(u)).map(|u| u.to_string()).collect();
         if !unknown.is_empty() {
             return Err(Error::Refused(format!(
                 "storage '{storage}' holds version(s) {} that the database does not know (an older copy of the database?); run `keepfs metadata restore {}` first — cleanup would delete their blocks",

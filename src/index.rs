@@ -53,6 +53,23 @@ impl BlockIndex {
         (self.size - start).min(self.block_size as u64) as usize
     }
 
+    /// For each block, the index of the earlier block with the same content, if there is
+    /// one (sparse blocks have none): a restore fetches such a block once.
+    pub fn repeats(&self) -> Vec<Option<u64>> {
+        let mut first: std::collections::HashMap<BlockId, u64> = std::collections::HashMap::new();
+        self.entries
+            .iter()
+            .enumerate()
+            .map(|(idx, id)| {
+                if id.is_sparse() {
+                    return None;
+                }
+                let first = *first.entry(*id).or_insert(idx as u64);
+                (first != idx as u64).then_some(first)
+            })
+            .collect()
+    }
+
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(INDEX_HEADER_LEN + self.entries.len() * ID_LEN);
         out.extend_from_slice(&INDEX_MAGIC);
@@ -130,6 +147,18 @@ mod tests {
         assert_eq!(BlockIndex::decode(&bad), Err(IndexError::Checksum));
         assert!(matches!(BlockIndex::decode(&bytes[..bytes.len() - 32]), Err(IndexError::EntryCount { .. })));
         assert_eq!(BlockIndex::decode(b"short"), Err(IndexError::TooShort(5)));
+    }
+
+    #[test]
+    fn repeats_point_at_the_first_occurrence() {
+        let (a, b) = (BlockId([1; ID_LEN]), BlockId([2; ID_LEN]));
+        let ix = BlockIndex {
+            uid: 1,
+            size: 6 * 4096,
+            block_size: 4096,
+            entries: vec![a, b, BlockId::SPARSE, a, BlockId::SPARSE, b],
+        };
+        assert_eq!(ix.repeats(), vec![None, None, None, Some(0), None, Some(1)]);
     }
 
     #[test]

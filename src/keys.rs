@@ -113,6 +113,38 @@ fn bag_aad(id: &str) -> Vec<u8> {
     format!("keepfs-keyring-bag:{id}").into_bytes()
 }
 
+/// What one keyring entry seals: the repository secret and master keys.
+struct Bag {
+    secret: [u8; KEY_LEN],
+    masters: Vec<[u8; KEY_LEN]>,
+}
+
+impl Bag {
+    /// Opens the bag of `entry` with `key`; `None` when it does not authenticate or is
+    /// malformed (a secret and at least one key, 32 bytes each).
+    fn open(key: &MasterKey, entry: &Entry) -> Option<Bag> {
+        let nonce = hex::decode(&entry.nonce).ok()?;
+        let sealed = hex::decode(&entry.sealed_bag).ok()?;
+        let bytes = key.unwrap(&nonce, &sealed, &bag_aad(&entry.id))?;
+        if bytes.len() < 2 * KEY_LEN || bytes.len() % KEY_LEN != 0 {
+            return None;
+        }
+        let mut chunks = bytes.chunks_exact(KEY_LEN).map(|c| <[u8; KEY_LEN]>::try_from(c).unwrap_or([0; KEY_LEN]));
+        let secret = chunks.next()?;
+        Some(Bag { secret, masters: chunks.collect() })
+    }
+
+    /// Seals the bag with `key` into `entry`'s nonce and sealed_bag.
+    fn seal_into(&self, key: &MasterKey, entry_id: &str) -> (String, String) {
+        let mut bytes = self.secret.to_vec();
+        for m in &self.masters {
+            bytes.extend_from_slice(m);
+        }
+        let (nonce, sealed) = key.wrap(&bytes, &bag_aad(entry_id));
+        (hex::encode(nonce), hex::encode(sealed))
+    }
+}
+
 /// Reads a key file: 64 hex digits (surrounding white space allowed) or 32 raw bytes.
 pub fn read_key_file(path: &Path) -> Result<[u8; KEY_LEN]> {
     let bytes =
@@ -208,19 +240,10 @@ impl Keyring {
         if self.keys.iter().any(|e| e.id == id.to_hex()) {
             return Err(Error::Refused(format!("key {id} is in the keyring already; choose a new key")));
         }
-        let mut bag = secret.to_vec();
-        for k in known.iter().filter(|k| **k != master) {
-            bag.extend_from_slice(k);
-        }
-        bag.extend_from_slice(&master);
-        let (nonce, sealed) = key.wrap(&bag, &bag_aad(&id.to_hex()));
-        self.keys.push(Entry {
-            id: id.to_hex(),
-            created: chrono::Utc::now(),
-            kdf,
-            nonce: hex::encode(nonce),
-            sealed_bag: hex::encode(sealed),
-        });
+        let mut masters: Vec<[u8; KEY_LEN]> = known.iter().filter(|k| **k != master).copied().collect();
+        masters.push(master);
+        let (nonce, sealed_bag) = Bag { secret: *secret, masters }.seal_into(&key, &id.to_hex());
+        self.keys.push(Entry { id: id.to_hex(), created: chrono::Utc::now(), kdf, nonce, sealed_bag });
         Ok((id, master))
     }
 
@@ -264,24 +287,10 @@ impl Keyring {
             )));
         };
         let key = MasterKey::new(&master);
-        let bad = || Error::Other(format!("storage '{storage}': keyring entry {} is damaged or was altered", entry.id));
-        let nonce = hex::decode(&entry.nonce).map_err(|_| bad())?;
-        let sealed = hex::decode(&entry.sealed_bag).map_err(|_| bad())?;
-        let bag = key.unwrap(&nonce, &sealed, &bag_aad(&entry.id)).ok_or_else(bad)?;
-        if bag.len() < 2 * KEY_LEN || bag.len() % KEY_LEN != 0 {
-            return Err(bad());
-        }
-        let mut secret = [0u8; KEY_LEN];
-        secret.copy_from_slice(&bag[..KEY_LEN]);
-        let masters = bag[KEY_LEN..]
-            .chunks(KEY_LEN)
-            .map(|c| {
-                let mut k = [0u8; KEY_LEN];
-                k.copy_from_slice(c);
-                k
-            })
-            .collect();
-        Ok(Unlocked { secret, masters, opened_with: key.id() })
+        let bag = Bag::open(&key, entry).ok_or_else(|| {
+            Error::Other(format!("storage '{storage}': keyring entry {} is damaged or was altered", entry.id))
+        })?;
+        Ok(Unlocked { secret: bag.secret, masters: bag.masters, opened_with: key.id() })
     }
 
     /// Key rotation: adds the key from `source` (its bag holds every key `unlocked` knows)
@@ -308,20 +317,9 @@ impl Keyring {
                 continue;
             };
             let key = MasterKey::new(master);
-            let nonce = hex::decode(&e.nonce).unwrap_or_default();
-            let sealed = hex::decode(&e.sealed_bag).unwrap_or_default();
-            let Some(bag) = key.unwrap(&nonce, &sealed, &bag_aad(&e.id)) else { continue };
-            let mut kept = bag[..KEY_LEN].to_vec();
-            for k in bag[KEY_LEN..].chunks(KEY_LEN) {
-                let mut a = [0u8; KEY_LEN];
-                a.copy_from_slice(k);
-                if MasterKey::new(&a).id() != id {
-                    kept.extend_from_slice(k);
-                }
-            }
-            let (nonce, sealed) = key.wrap(&kept, &bag_aad(&e.id));
-            e.nonce = hex::encode(nonce);
-            e.sealed_bag = hex::encode(sealed);
+            let Some(mut bag) = Bag::open(&key, e) else { continue };
+            bag.masters.retain(|m| MasterKey::new(m).id() != id);
+            (e.nonce, e.sealed_bag) = bag.seal_into(&key, &e.id);
         }
         Ok(())
     }
@@ -590,13 +588,14 @@ impl Repository {
         // Bounded batches: a batch is made durable, then recorded, before the next.
         for (chunk_keys, chunk_no) in keys.chunks(256).zip(0..) {
             for key in chunk_keys {
-                let bytes = retry(4, || storage.get(key))?;
+                // What the storage holds, not a local copy (and none is made).
+                let bytes = retry(4, || storage.get_fresh(key))?;
                 match codec
                     .rewrap_header(&bytes)
                     .map_err(|e| Error::Object { context: format!("object {key}"), source: e })?
                 {
                     Some(prefix) => {
-                        retry(4, || storage.replace_prefix(key, &prefix))?;
+                        retry(4, || storage.replace_prefix(key, &bytes, &prefix))?;
                         rewrapped += 1;
                     }
                     None => already += 1,

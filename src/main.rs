@@ -481,6 +481,15 @@ fn labels_text(v: &Version) -> String {
         .join(",")
 }
 
+/// How tables show a date and time (UTC).
+fn when(d: &chrono::DateTime<chrono::Utc>) -> String {
+    d.format("%Y-%m-%d %H:%M:%S").to_string()
+}
+
+fn yes_no(b: bool) -> String {
+    if b { "yes" } else { "no" }.to_string()
+}
+
 fn to_json<T: serde::Serialize>(value: &T) -> Result<String> {
     serde_json::to_string_pretty(value).map_err(|e| Error::Other(format!("cannot write JSON: {e}")))
 }
@@ -511,7 +520,7 @@ fn print_table(versions: &[Version]) {
         .map(|v| {
             vec![
                 v.uid.to_string(),
-                v.date.format("%Y-%m-%d %H:%M:%S").to_string(),
+                when(&v.date),
                 v.name.clone(),
                 v.snapshot.clone(),
                 v.size.to_string(),
@@ -519,7 +528,7 @@ fn print_table(versions: &[Version]) {
                 v.status.as_str().to_string(),
                 if v.protected { "yes" } else { "no" }.to_string(),
                 v.storage.clone(),
-                v.expire.map(|e| e.format("%Y-%m-%d %H:%M:%S").to_string()).unwrap_or_default(),
+                v.expire.as_ref().map(when).unwrap_or_default(),
                 labels_text(v),
             ]
         })
@@ -650,7 +659,7 @@ fn run(cli: Cli) -> Result<i32> {
                     if dry_run { "would remove" } else { "removing" },
                     v.uid,
                     v.name,
-                    v.date.format("%Y-%m-%d %H:%M:%S"),
+                    when(&v.date),
                     format_size(v.size)
                 );
             }
@@ -678,7 +687,7 @@ fn run(cli: Cli) -> Result<i32> {
             for uid in doomed {
                 let v = versions.iter().find(|v| v.uid == uid).map(|v| (v.name.clone(), v.date));
                 let (name, date) = v.unwrap_or_default();
-                let when = date.format("%Y-%m-%d %H:%M:%S");
+                let when = when(&date);
                 if dry_run {
                     println!("would remove {uid} {name} ({when})");
                     continue;
@@ -715,7 +724,6 @@ fn run(cli: Cli) -> Result<i32> {
         }
         Command::Storage { action } => {
             let infos = repo.storage_infos()?;
-            let yes = |b: bool| if b { "yes" } else { "no" }.to_string();
             match action {
                 StorageAction::List { format: Format::Json } => println!("{}", to_json(&infos)?),
                 StorageAction::List { format: Format::Table } => print_rows(
@@ -726,8 +734,8 @@ fn run(cli: Cli) -> Result<i32> {
                             vec![
                                 i.name.clone(),
                                 i.kind.clone(),
-                                yes(i.default),
-                                yes(i.encrypted),
+                                yes_no(i.default),
+                                yes_no(i.encrypted),
                                 i.versions.to_string(),
                                 i.location.clone(),
                             ]
@@ -783,9 +791,9 @@ fn run(cli: Cli) -> Result<i32> {
                                 .map(|k| {
                                     vec![
                                         k.id.clone(),
-                                        k.created.format("%Y-%m-%d %H:%M:%S").to_string(),
+                                        when(&k.created),
                                         k.kind.clone(),
-                                        if k.current { "yes" } else { "no" }.into(),
+                                        yes_no(k.current),
                                         k.objects.to_string(),
                                     ]
                                 })
@@ -820,7 +828,6 @@ fn run(cli: Cli) -> Result<i32> {
         Command::Due { name, schedulers, format } => {
             let chosen = keepfs::schedule::select(&repo.config.schedulers, &schedulers)?;
             let rows = keepfs::schedule::due(&chosen, &repo.list(None)?, name.as_deref(), chrono::Utc::now());
-            let when = |d: &chrono::DateTime<chrono::Utc>| d.format("%Y-%m-%d %H:%M:%S").to_string();
             match format {
                 Format::Json => println!("{}", to_json(&rows)?),
                 Format::Table => print_rows(

@@ -389,15 +389,10 @@ impl Repository {
         let mut out = Vec::new();
         for sc in &self.config.storages {
             let (objects, bytes) = self.storage_totals(&sc.name)?;
-            let location = match &sc.kind {
-                StorageKind::File { path } => path.display().to_string(),
-                StorageKind::Null => "(discards everything)".to_string(),
-                StorageKind::S3(c) => format!("{}/{}/{}", c.endpoint.trim_end_matches('/'), c.bucket, c.prefix),
-            };
-            let kind = match &sc.kind {
-                StorageKind::File { .. } => "file",
-                StorageKind::Null => "null",
-                StorageKind::S3(_) => "s3",
+            let (kind, location) = match &sc.kind {
+                StorageKind::File { path } => ("file", path.display().to_string()),
+                StorageKind::Null => ("null", "(discards everything)".to_string()),
+                StorageKind::S3(c) => ("s3", format!("{}/{}/{}", c.endpoint.trim_end_matches('/'), c.bucket, c.prefix)),
             };
             let mine: Vec<&Version> = versions.iter().filter(|v| v.storage == sc.name).collect();
             out.push(StorageInfo {

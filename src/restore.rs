@@ -291,35 +291,12 @@ impl Repository {
         let bs = index.block_size as usize;
         progress.begin(&format!("restore {uid} ({})", version.name), version.size);
 
-        // A remote storage needs more requests in flight than a local disk.
-        let fetchers = match &self.config.storage(&version.storage)?.kind {
-            crate::config::StorageKind::S3(c) => self.config.storage_readers.max(c.simultaneous_reads),
-            _ => self.config.storage_readers,
-        }
-        .max(1);
+        let fetchers = self.config.readers_for(&version.storage)?;
         // A block that repeats an earlier block of the same image is fetched once: its
         // later occurrences are copied from where the first was written, at the end
         // (one request per distinct object, which matters on S3). Not when the target
         // cannot be read back (/dev/null): those are fetched like any other.
-        let mut repeat_of: Vec<Option<u64>> = Vec::new();
-        if target.readable {
-            let mut first: std::collections::HashMap<BlockId, u64> = std::collections::HashMap::new();
-            repeat_of = index
-                .entries
-                .iter()
-                .enumerate()
-                .map(|(idx, id)| match id.is_sparse() {
-                    true => None,
-                    false => match first.entry(*id) {
-                        std::collections::hash_map::Entry::Occupied(e) => Some(*e.get()),
-                        std::collections::hash_map::Entry::Vacant(v) => {
-                            v.insert(idx as u64);
-                            None
-                        }
-                    },
-                })
-                .collect();
-        }
+        let repeat_of = if target.readable { index.repeats() } else { Vec::new() };
         let is_repeat = |idx: usize| repeat_of.get(idx).is_some_and(Option::is_some);
 
         let (pool_tx, pool_rx) = bounded::<OutBuf>(fetchers * 2 + 2);

@@ -91,23 +91,9 @@ pub fn plan(rules: &[Rule], versions: &[Version], now: DateTime<Utc>) -> Vec<Ver
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::version::Stats;
 
     fn v(uid: u64, name: &str, hours_ago: i64, now: DateTime<Utc>) -> Version {
-        Version {
-            uid: VersionUid(uid),
-            date: now - chrono::Duration::hours(hours_ago),
-            name: name.into(),
-            snapshot: String::new(),
-            size: 1,
-            block_size: 4096,
-            status: Status::Valid,
-            protected: false,
-            storage: "default".into(),
-            labels: Default::default(),
-            stats: Stats::default(),
-            expire: None,
-        }
+        crate::version::test_version(uid, name, now - chrono::Duration::hours(hours_ago))
     }
 
     #[test]

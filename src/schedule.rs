@@ -37,23 +37,6 @@ pub fn builtin() -> Vec<Scheduler> {
     ]
 }
 
-/// Parses a duration like `90s`, `10m`, `6h`, `1d` or `2w`.
-pub fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
-    let t = s.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let n: i64 = num.parse().map_err(|_| format!("'{s}' is not a duration (write e.g. 90s, 10m, 6h, 1d, 2w)"))?;
-    let secs = match unit {
-        "s" => 1,
-        "m" | "min" => 60,
-        "h" => 3600,
-        "d" => 86_400,
-        "w" => 7 * 86_400,
-        _ => return Err(format!("'{s}': unknown unit '{unit}' (use s, m, h, d or w)")),
-    };
-    n.checked_mul(secs).map(Duration::seconds).ok_or_else(|| format!("'{s}' is too long"))
-}
-
 /// Picks schedulers by name from `all` (`daily,weekly`).
 pub fn select(all: &[Scheduler], names: &str) -> Result<Vec<Scheduler>> {
     names
@@ -202,38 +185,15 @@ pub fn sla(schedulers: &[Scheduler], versions: &[Version], only: Option<&str>, n
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::version::VersionUid;
 
     fn v(uid: u64, name: &str, hours_ago: i64, label: &str, now: DateTime<Utc>) -> Version {
-        let mut labels = BTreeMap::new();
-        labels.insert(label.to_string(), String::new());
-        Version {
-            uid: VersionUid(uid),
-            date: now - Duration::hours(hours_ago),
-            name: name.into(),
-            snapshot: String::new(),
-            size: 0,
-            block_size: 4096,
-            status: Status::Valid,
-            protected: false,
-            storage: "default".into(),
-            labels,
-            stats: Default::default(),
-            expire: None,
-        }
+        let mut v = crate::version::test_version(uid, name, now - Duration::hours(hours_ago));
+        v.labels.insert(label.to_string(), String::new());
+        v
     }
 
     fn daily(keep: u32) -> Scheduler {
         Scheduler { name: "daily".into(), interval: Duration::days(1), keep, sla: Duration::hours(6) }
-    }
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("90s").unwrap(), Duration::seconds(90));
-        assert_eq!(parse_duration("10m").unwrap(), Duration::minutes(10));
-        assert_eq!(parse_duration("2w").unwrap(), Duration::days(14));
-        assert!(parse_duration("1y").unwrap_err().contains("unknown unit 'y'"));
-        assert!(parse_duration("soon").is_err());
     }
 
     #[test]

@@ -47,19 +47,9 @@ fn light_check(
     bytes: &[u8],
     id: &BlockId,
 ) -> std::result::Result<(), crate::block::ObjectError> {
-    use crate::block::{FLAG_AES256GCM, ObjectError};
+    use crate::block::ObjectError;
     let (h, header_len) = parse_header(bytes)?;
-    let sealed = h.flags & FLAG_AES256GCM != 0;
-    if codec.is_sealed() && !sealed {
-        return Err(ObjectError::NotEncrypted);
-    }
-    if sealed {
-        let key =
-            crate::transform::aes::envelope_key(&h.envelope).ok_or(ObjectError::Authentication("envelope length"))?;
-        if codec.master(key).is_none() {
-            return Err(ObjectError::UnknownKey { key_id: key.to_hex() });
-        }
-    }
+    crate::block::check_seal(codec, &h)?;
     if h.kind != ObjectKind::Block as u16 {
         return Err(ObjectError::WrongKind { expected: ObjectKind::Block as u16, found: h.kind });
     }
@@ -167,7 +157,7 @@ impl Repository {
         let bs = index.block_size as u64;
         let mut report = ScrubReport { objects: jobs.len() as u64, ..Default::default() };
         let mut unavailable: Option<String> = None;
-        let threads = self.config.storage_readers.max(1);
+        let threads = self.config.readers_for(&version.storage)?;
         let (job_tx, job_rx) = bounded::<(BlockId, Vec<u64>)>(threads * 2);
         let (res_tx, res_rx) = bounded::<(BlockId, Vec<u64>, std::result::Result<(), FetchError>)>(threads * 2);
         let source_ref = source.as_deref();

@@ -1,5 +1,5 @@
-//! Sizes as people write them: `4M`, `200G`, `1T` (binary multiples, as backy2's
-//! `null://200G`); an optional trailing `B`/`iB` is accepted.
+//! Sizes and durations as people write them: `4M`, `200G`, `1T` (binary multiples, as
+//! backy2's `null://200G`; an optional trailing `B`/`iB` is accepted), `90s`, `6h`, `2w`.
 
 /// Parses a byte size with an optional k, M, G, T, P suffix (powers of 1024).
 pub fn parse_size(s: &str) -> Result<u64, String> {
@@ -24,6 +24,23 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     };
     let n: u64 = num.parse().map_err(|_| format!("'{s}' is not a size: the number is too large"))?;
     n.checked_mul(1u64 << shift).ok_or_else(|| format!("'{s}' is too large (more than 16 EiB)"))
+}
+
+/// Parses a duration like `90s`, `10m`, `6h`, `1d` or `2w`.
+pub fn parse_duration(s: &str) -> Result<chrono::Duration, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: i64 = num.parse().map_err(|_| format!("'{s}' is not a duration (write e.g. 90s, 10m, 6h, 1d, 2w)"))?;
+    let secs = match unit {
+        "s" => 1,
+        "m" | "min" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        "w" => 7 * 86_400,
+        _ => return Err(format!("'{s}': unknown unit '{unit}' (use s, m, h, d or w)")),
+    };
+    n.checked_mul(secs).map(chrono::Duration::seconds).ok_or_else(|| format!("'{s}' is too long"))
 }
 
 /// Formats a byte count for people: `1.5 GiB`.
@@ -51,6 +68,15 @@ pub fn check_block_size(bs: u64) -> Result<u32, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("90s").unwrap(), chrono::Duration::seconds(90));
+        assert_eq!(parse_duration("10m").unwrap(), chrono::Duration::minutes(10));
+        assert_eq!(parse_duration("2w").unwrap(), chrono::Duration::days(14));
+        assert!(parse_duration("1y").unwrap_err().contains("unknown unit 'y'"));
+        assert!(parse_duration("soon").is_err());
+    }
 
     #[test]
     fn sizes() {

@@ -141,6 +141,26 @@ pub fn parse_label(s: &str) -> Result<(String, String)> {
     Ok((k.to_string(), v.to_string()))
 }
 
+/// A valid, unprotected version without labels, for the tests of what is computed from
+/// lists of versions (retention, schedulers, automatic tags).
+#[cfg(test)]
+pub(crate) fn test_version(uid: u64, name: &str, date: DateTime<Utc>) -> Version {
+    Version {
+        uid: VersionUid(uid),
+        date,
+        name: name.into(),
+        snapshot: String::new(),
+        size: 1,
+        block_size: 4096,
+        status: Status::Valid,
+        protected: false,
+        storage: "default".into(),
+        labels: BTreeMap::new(),
+        stats: Stats::default(),
+        expire: None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

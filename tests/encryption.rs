@@ -28,17 +28,7 @@ impl Enc {
         e
     }
     fn run_with(&self, env: &[(&str, &str)], args: &[&str]) -> Run {
-        let mut c = self.repo.command(args);
-        c.env_remove("KEEPFS_PASSPHRASE").env_remove("KEEPFS_KEY_FILE");
-        for (k, v) in env {
-            c.env(k, v);
-        }
-        let out = c.output().unwrap();
-        Run {
-            code: out.status.code().unwrap_or(-1),
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        }
+        self.repo.run_env(args, env)
     }
     fn run(&self, args: &[&str]) -> Run {
         self.run_with(&[("KEEPFS_KEY_FILE", self.key.to_str().unwrap())], args)

@@ -46,9 +46,9 @@ impl S3Repo {
     fn ok_with_key(&self, key: &std::path::Path, args: &[&str]) -> String {
         let mut a = vec!["--config", self.config.as_str()];
         a.extend_from_slice(args);
-        let out = self.repo.command(&a).env("KEEPFS_KEY_FILE", key).output().unwrap();
-        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        let r = self.repo.run_env(&a, &[("KEEPFS_KEY_FILE", key.to_str().unwrap())]);
+        assert_eq!(r.code, 0, "{args:?}: {}", r.stderr);
+        r.stdout
     }
     fn ls(&self) -> serde_json::Value {
         serde_json::from_str(&self.ok(&["ls", "--format", "json"])).unwrap()

@@ -265,11 +265,11 @@ impl Storage for DiskCache {
     fn codec(&self) -> &Codec {
         self.inner.codec()
     }
-    fn replace_prefix(&self, key: &str, prefix: &[u8]) -> StorageResult<()> {
+    fn replace_prefix(&self, key: &str, object: &[u8], prefix: &[u8]) -> StorageResult<()> {
         if cacheable(key) {
             self.forget(key);
         }
-        self.inner.replace_prefix(key, prefix)
+        self.inner.replace_prefix(key, object, prefix)
     }
 }
 
@@ -321,7 +321,8 @@ mod tests {
         cache.put(&key(3), &[7; 1000]).unwrap();
         assert!(!p.exists());
         assert_eq!(cache.get(&key(3)).unwrap(), vec![7; 1000]);
-        cache.replace_prefix(&key(3), &[8; 10]).unwrap();
+        let object = cache.get(&key(3)).unwrap();
+        cache.replace_prefix(&key(3), &object, &[8; 10]).unwrap();
         assert_eq!(&cache.get(&key(3)).unwrap()[..11], &[8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 7]);
         cache.delete_many(&[key(3)]).unwrap();
         assert!(!p.exists());

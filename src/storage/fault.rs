@@ -112,9 +112,9 @@ impl Storage for FaultyStorage {
     fn delete_many(&self, keys: &[String]) -> StorageResult<()> {
         self.inner.delete_many(keys)
     }
-    fn replace_prefix(&self, key: &str, prefix: &[u8]) -> StorageResult<()> {
+    fn replace_prefix(&self, key: &str, object: &[u8], prefix: &[u8]) -> StorageResult<()> {
         self.pause();
-        self.inner.replace_prefix(key, prefix)
+        self.inner.replace_prefix(key, object, prefix)
     }
 }
 

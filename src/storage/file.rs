@@ -99,7 +99,7 @@ impl Storage for FileStorage {
     /// (`copy_file_range`, a reflink where the filesystem has them), the header written
     /// over the copy, and the copy fsynced and renamed into place. Never a partial
     /// in-place write: a crash leaves the old object or the new one.
-    fn replace_prefix(&self, key: &str, prefix: &[u8]) -> StorageResult<()> {
+    fn replace_prefix(&self, key: &str, _object: &[u8], prefix: &[u8]) -> StorageResult<()> {
         let path = self.path_of(key)?;
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
         let tmp = self.tmp.join(format!("{}.{}.{}", std::process::id(), n, key.replace('/', "_")));

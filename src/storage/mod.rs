@@ -100,10 +100,11 @@ pub trait Storage: Send + Sync {
     /// must pass this through (no default, so that none can forget).
     fn codec(&self) -> &crate::transform::Codec;
     /// Replaces the first `prefix.len()` bytes of an object (a rewrapped header, for key
-    /// rotation) without changing its length. The default rewrites the whole object.
-    fn replace_prefix(&self, key: &str, prefix: &[u8]) -> StorageResult<()> {
-        let mut data = self.get(key)?;
-        if data.len() < prefix.len() {
+    /// rotation) without changing its length. `object` is the object as the caller just
+    /// read it: the default writes it back whole with the new prefix (no second read); a
+    /// storage that can replace part of an object in place ignores it.
+    fn replace_prefix(&self, key: &str, object: &[u8], prefix: &[u8]) -> StorageResult<()> {
+        if object.len() < prefix.len() {
             return Err(StorageError::Io {
                 storage: self.name().to_string(),
                 op: "rewrite",
@@ -111,6 +112,7 @@ pub trait Storage: Send + Sync {
                 source: io::Error::new(io::ErrorKind::InvalidData, "object shorter than its new header"),
             });
         }
+        let mut data = object.to_vec();
         data[..prefix.len()].copy_from_slice(prefix);
         self.put(key, &data)
     }

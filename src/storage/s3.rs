@@ -239,19 +239,23 @@ impl Storage for S3Storage {
         let _slot = self.writes.take();
         let full = self.full_key(key);
         let md5 = base64::engine::general_purpose::STANDARD.encode(md5::Md5::digest(data));
+        // Signed (in the action) and sent (on the request) alike.
+        let mut headers = vec![("content-md5", md5)];
+        if let Some(class) = &self.config.storage_class {
+            headers.push(("x-amz-storage-class", class.clone()));
+        }
         let body = bytes::Bytes::copy_from_slice(data);
         self.send(
             "put",
             key,
             || {
                 let mut action = self.bucket.put_object(Some(&self.credentials), &full);
-                action.headers_mut().insert("content-md5", md5.clone());
-                if let Some(class) = &self.config.storage_class {
-                    action.headers_mut().insert("x-amz-storage-class", class.clone());
+                for (name, value) in &headers {
+                    action.headers_mut().insert(*name, value.clone());
                 }
-                let mut req = self.client.put(action.sign(SIGNATURE_TTL)).header("content-md5", &md5);
-                if let Some(class) = &self.config.storage_class {
-                    req = req.header("x-amz-storage-class", class);
+                let mut req = self.client.put(action.sign(SIGNATURE_TTL));
+                for (name, value) in &headers {
+                    req = req.header(*name, value);
                 }
                 req.body(body.clone())
             },

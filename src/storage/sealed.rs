@@ -50,7 +50,7 @@ impl Storage for SealedStorage {
     fn delete_many(&self, keys: &[String]) -> StorageResult<()> {
         self.inner.delete_many(keys)
     }
-    fn replace_prefix(&self, key: &str, prefix: &[u8]) -> StorageResult<()> {
-        self.inner.replace_prefix(key, prefix)
+    fn replace_prefix(&self, key: &str, object: &[u8], prefix: &[u8]) -> StorageResult<()> {
+        self.inner.replace_prefix(key, object, prefix)
     }
 }

@@ -50,6 +50,16 @@ impl ThrottledStorage {
     }
 }
 
+impl ThrottledStorage {
+    /// Holds data just read until the read rate allows it.
+    fn read_paced(&self, data: Vec<u8>) -> StorageResult<Vec<u8>> {
+        if let Some(r) = &self.read {
+            r.pass(data.len());
+        }
+        Ok(data)
+    }
+}
+
 impl Storage for ThrottledStorage {
     fn name(&self) -> &str {
         self.inner.name()
@@ -61,18 +71,10 @@ impl Storage for ThrottledStorage {
         self.inner.put(key, data)
     }
     fn get(&self, key: &str) -> StorageResult<Vec<u8>> {
-        let data = self.inner.get(key)?;
-        if let Some(r) = &self.read {
-            r.pass(data.len());
-        }
-        Ok(data)
+        self.read_paced(self.inner.get(key)?)
     }
     fn get_fresh(&self, key: &str) -> StorageResult<Vec<u8>> {
-        let data = self.inner.get_fresh(key)?;
-        if let Some(r) = &self.read {
-            r.pass(data.len());
-        }
-        Ok(data)
+        self.read_paced(self.inner.get_fresh(key)?)
     }
     fn exists(&self, key: &str) -> StorageResult<bool> {
         self.inner.exists(key)
@@ -95,11 +97,11 @@ impl Storage for ThrottledStorage {
     fn codec(&self) -> &Codec {
         self.inner.codec()
     }
-    fn replace_prefix(&self, key: &str, prefix: &[u8]) -> StorageResult<()> {
+    fn replace_prefix(&self, key: &str, object: &[u8], prefix: &[u8]) -> StorageResult<()> {
         if let Some(r) = &self.write {
             r.pass(prefix.len());
         }
-        self.inner.replace_prefix(key, prefix)
+        self.inner.replace_prefix(key, object, prefix)
     }
 }
 

@@ -71,10 +71,6 @@ fn cipher(key: &[u8; KEY_LEN]) -> LessSafeKey {
     LessSafeKey::new(UnboundKey::new(&AES_256_GCM, key).unwrap_or_else(|_| unreachable!("32-byte AES-256 key")))
 }
 
-fn nonce_of(n: &[u8]) -> Nonce {
-    nonce(n)
-}
-
 fn nonce(n: &[u8]) -> Nonce {
     let mut a = [0u8; NONCE_LEN];
     a.copy_from_slice(&n[..NONCE_LEN]);
@@ -117,7 +113,7 @@ impl MasterKey {
         }
         let (body, tag) = sealed.split_at(sealed.len() - TAG_LEN);
         let mut out = vec![0u8; body.len()];
-        self.cipher.open_separate_gather(nonce_of(nonce), Aad::from(aad), body, tag, &mut out).ok().map(|_| out)
+        self.cipher.open_separate_gather(self::nonce(nonce), Aad::from(aad), body, tag, &mut out).ok().map(|_| out)
     }
 }
 
@@ -157,13 +153,19 @@ pub fn seal(
     if let Ok(tag) = cipher(&data_key).seal_in_place_separate_tag(nonce(&n), Aad::from(aad), payload) {
         t.copy_from_slice(tag.as_ref());
     }
-    let (wrap_nonce, wrapped) = master.wrap(&data_key, &wrap_aad(master.id(), object_id));
     let mut env = [0u8; ENVELOPE_LEN];
+    env[ENVELOPE_LEN - NONCE_LEN..].copy_from_slice(&n);
+    wrap_into(&mut env, master, &data_key, object_id);
+    (env, t)
+}
+
+/// Writes the key id, wrap nonce and the data key wrapped by `master` into `env` (the
+/// payload nonce at its end stays).
+fn wrap_into(env: &mut [u8; ENVELOPE_LEN], master: &MasterKey, data_key: &[u8; KEY_LEN], object_id: &[u8; 32]) {
+    let (wrap_nonce, wrapped) = master.wrap(data_key, &wrap_aad(master.id(), object_id));
     env[..KEY_ID_LEN].copy_from_slice(&master.id().0);
     env[KEY_ID_LEN..KEY_ID_LEN + NONCE_LEN].copy_from_slice(&wrap_nonce);
     env[KEY_ID_LEN + NONCE_LEN..KEY_ID_LEN + NONCE_LEN + KEY_LEN + TAG_LEN].copy_from_slice(&wrapped);
-    env[ENVELOPE_LEN - NONCE_LEN..].copy_from_slice(&n);
-    (env, t)
 }
 
 /// The master key id an envelope names.
@@ -218,12 +220,9 @@ pub fn rewrap<'a>(
     object_id: &[u8; 32],
 ) -> Result<[u8; ENVELOPE_LEN], OpenError> {
     let dk = data_key(find, envelope, object_id)?;
-    let (wrap_nonce, wrapped) = new.wrap(&dk, &wrap_aad(new.id(), object_id));
     let mut env = [0u8; ENVELOPE_LEN];
     env.copy_from_slice(envelope);
-    env[..KEY_ID_LEN].copy_from_slice(&new.id().0);
-    env[KEY_ID_LEN..KEY_ID_LEN + NONCE_LEN].copy_from_slice(&wrap_nonce);
-    env[KEY_ID_LEN + NONCE_LEN..KEY_ID_LEN + NONCE_LEN + KEY_LEN + TAG_LEN].copy_from_slice(&wrapped);
+    wrap_into(&mut env, new, &dk, object_id);
     Ok(env)
 }
 

@@ -83,7 +83,18 @@ impl Repo {
     }
 
     pub fn run(&self, args: &[&str]) -> Run {
-        let out = output_within(self.command(args), COMMAND_LIMIT, &format!("keepfs {args:?}"));
+        self.run_env(args, &[])
+    }
+
+    /// Runs a command with these environment variables set, and no key from the
+    /// test's own environment.
+    pub fn run_env(&self, args: &[&str], env: &[(&str, &str)]) -> Run {
+        let mut c = self.command(args);
+        c.env_remove("KEEPFS_PASSPHRASE").env_remove("KEEPFS_KEY_FILE");
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        let out = output_within(c, COMMAND_LIMIT, &format!("keepfs {args:?}"));
         Run {
             code: out.status.code().unwrap_or(-1),
             stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -141,12 +152,7 @@ impl Repo {
 }
 
 pub fn count_files(dir: &Path) -> usize {
-    let Ok(rd) = std::fs::read_dir(dir) else {
-        return 0;
-    };
-    rd.flatten()
-        .map(|e| if e.file_type().map(|t| t.is_dir()).unwrap_or(false) { count_files(&e.path()) } else { 1 })
-        .sum()
+    files_under(dir).len()
 }
 
 pub fn sha256_file(p: &Path) -> String {

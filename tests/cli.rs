@@ -363,7 +363,8 @@ fn due_and_sla_follow_the_schedulers() {
     fs::write(
         &config,
         format!(
-            "home = \"{}\"\n[[scheduler]]\nname = \"often\"\ninterval = \"2s\"\nkeep = 2\nsla = \"1s\"\n",
+            "home = \"{}\"\n[[scheduler]]\nname = \"often\"\ninterval = \"2s\"\nkeep = 2\nsla = \"1s\"\n\
+             [[scheduler]]\nname = \"twice\"\ninterval = \"1h\"\nkeep = 2\nsla = \"30m\"\n",
             repo.home().display()
         ),
     )
@@ -378,9 +379,25 @@ fn due_and_sla_follow_the_schedulers() {
     let rows = due(&["-s", "hourly,daily", "db"]);
     assert_eq!(rows[0]["schedulers"], serde_json::json!(["hourly", "daily"]));
     assert_eq!(rows[0]["due_since"], "1970-01-01T00:00:00Z");
-    repo.ok(&["--config", cfg, "backup", &repo.url("a"), "db", "-b", "64k", "-l", "daily", "-l", "often"]);
-    // Just backed up: daily is not due; the 2-second scheduler is, one second later.
-    assert_eq!(due(&["db"]), serde_json::json!([]));
+    repo.ok(&[
+        "--config",
+        cfg,
+        "backup",
+        &repo.url("a"),
+        "db",
+        "-b",
+        "64k",
+        "-l",
+        "daily",
+        "-l",
+        "often",
+        "-l",
+        "twice",
+    ]);
+    let backed_up = std::time::Instant::now();
+    // Just backed up: daily is not due; the 2-second scheduler is, one second later. Only
+    // "later" is asserted for the 2-second scheduler: a loaded machine may be slow, never fast.
+    assert_eq!(due(&["-s", "daily,twice", "db"]), serde_json::json!([]));
     std::thread::sleep(std::time::Duration::from_millis(1100));
     let rows = due(&["-s", "often,daily"]);
     assert_eq!(rows.as_array().unwrap().len(), 1, "{rows}");
@@ -391,17 +408,31 @@ fn due_and_sla_follow_the_schedulers() {
         table.starts_with("name  schedulers  expire_date") && table.lines().nth(1).unwrap().starts_with("db    often")
     );
 
-    let sla: serde_json::Value =
-        serde_json::from_str(&repo.ok(&["--config", cfg, "sla", "-s", "daily,often", "--format", "json"])).unwrap();
-    let breaches: Vec<&str> = sla.as_array().unwrap().iter().map(|b| b["breach"].as_str().unwrap()).collect();
+    let breaches = |schedulers: &str| -> Vec<String> {
+        let sla: serde_json::Value =
+            serde_json::from_str(&repo.ok(&["--config", cfg, "sla", "-s", schedulers, "--format", "json"])).unwrap();
+        sla.as_array().unwrap().iter().map(|b| b["breach"].as_str().unwrap().to_string()).collect()
+    };
     assert_eq!(
-        breaches,
-        vec!["daily: Too few backups. Found 1, should be 8.", "often: Too few backups. Found 1, should be 2."]
+        breaches("daily,twice"),
+        vec!["daily: Too few backups. Found 1, should be 8.", "twice: Too few backups. Found 1, should be 2."]
+    );
+    // interval + sla = 3 s after the backup (its date is before the command returned), the
+    // latest backup of the 2-second scheduler is too old.
+    std::thread::sleep(std::time::Duration::from_millis(3100).saturating_sub(backed_up.elapsed()));
+    let often = breaches("often");
+    assert_eq!(often.len(), 2, "{often:?}");
+    assert_eq!(often[0], "often: Too few backups. Found 1, should be 2.");
+    assert!(
+        often[1].starts_with("often: Latest backup is too old. It is from ")
+            && often[1].ends_with(", should be at most 3s old."),
+        "{often:?}"
     );
     let r = repo.run(&["--config", cfg, "sla", "-s", "fortnightly"]);
     assert_eq!(r.code, 2);
     assert!(
-        r.error_line().contains("unknown scheduler 'fortnightly' (configured: hourly, daily, weekly, monthly, often)"),
+        r.error_line()
+            .contains("unknown scheduler 'fortnightly' (configured: hourly, daily, weekly, monthly, often, twice)"),
         "{}",
         r.stderr
     );

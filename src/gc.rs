@@ -67,7 +67,7 @@ impl Repository {
     }
 
     pub fn plan_cleanup(&self, storage: &str) -> Result<CleanupPlan> {
-        let st = self.storage(storage)?;
+        let st = self.storage_to_delete_from(storage)?;
         // A version object the database does not know means the database is older than
         // the storage (a restored copy): its blocks would look unreferenced. Refuse.
         let in_storage: Vec<VersionUid> = st
@@ -138,7 +138,7 @@ impl Repository {
     /// Carries out a plan. Every deletion is checked again against the database at the
     /// moment it happens, so a plan that has aged only ever deletes less.
     pub fn apply_cleanup(&self, plan: &CleanupPlan) -> Result<CleanupReport> {
-        let storage = self.storage(&plan.storage)?;
+        let storage = self.storage_to_delete_from(&plan.storage)?;
         let mut report = CleanupReport::default();
         let sid = self.storage_id(&plan.storage)?;
         let cutoff = plan.cutoff_ms;

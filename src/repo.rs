@@ -133,6 +133,13 @@ impl Repository {
         raw.ok_or_else(|| self.unknown_storage(name))
     }
 
+    /// A storage to delete from. Names, listings and deletes pass through the seal
+    /// untouched, so `rm`, `enforce` and `cleanup` need no key on an encrypted storage: a
+    /// retention job need not hold the key that reads the backups.
+    pub(crate) fn storage_to_delete_from(&self, name: &str) -> Result<SharedStorage> {
+        self.raw_storage(name)
+    }
+
     /// Forgets an unlocked storage, so that the next use reads its keyring again.
     pub(crate) fn reset_storage(&self, name: &str) {
         if let Some(s) = self.storages.lock().get_mut(name) {
@@ -366,7 +373,7 @@ impl Repository {
     /// rows. Their blocks stay until `cleanup`.
     pub fn apply_remove(&self, plan: &[Version]) -> Result<()> {
         for v in plan {
-            self.storage(&v.storage)?.delete(&version_key(v.uid))?;
+            self.storage_to_delete_from(&v.storage)?.delete(&version_key(v.uid))?;
             self.db.lock().remove_version(v.uid)?;
         }
         Ok(())

@@ -140,8 +140,19 @@ fn an_encrypted_repository_round_trips_and_shows_the_storage_nothing() {
         assert_eq!(r.stderr.lines().count(), 1, "{}", r.stderr);
     }
     assert!(!repo.path("x").exists());
-    // Listing needs no key.
+    // Listing needs no key, and neither does removing: a retention job can run without it.
     assert_eq!(e.run_with(&[], &["ls"]).code, 0);
+    fs::write(repo.path("c"), random_bytes(82, 3 * BS)).unwrap();
+    let v3 = e.backup("c", "secret-name");
+    let before = files_under(&repo.storage().join("blocks")).len();
+    for args in [vec!["rm", "--force", &v3], vec!["cleanup"]] {
+        let r = e.run_with(&[], &args);
+        assert_eq!(r.code, 0, "{args:?} without a key: {}", r.stderr);
+    }
+    assert_eq!(files_under(&repo.storage().join("blocks")).len(), before - 3, "v3's own blocks are gone");
+    assert!(!repo.storage().join("versions").join(&v3).exists());
+    assert_eq!(e.restore_sha(&v2), sha256_file(&repo.path("a")));
+    e.ok(&["deep-scrub", &v2]);
     // Initialising twice, or a storage that has data, is refused.
     let r = e.run(&["init", "--encrypt"]);
     assert_eq!(r.code, 4);

@@ -188,6 +188,27 @@ pub fn upsert_objects(
     Ok(())
 }
 
+/// How long a statement waits for another process's lock before "database is locked".
+const BUSY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Puts a database in WAL mode. Switching needs an exclusive lock, and SQLite reports a
+/// busy database at once here instead of asking the busy handler, so processes that
+/// open a new repository together (a backup and an `ls` watching it) would fail with
+/// "database is locked". Retried for as long as any other statement would wait.
+fn switch_to_wal(conn: &Connection) -> Result<()> {
+    let deadline = std::time::Instant::now() + BUSY_TIMEOUT;
+    loop {
+        match conn.pragma_update(None, "journal_mode", "WAL") {
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::DatabaseBusy && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            other => return Ok(other?),
+        }
+    }
+}
+
 pub struct Db {
     conn: Connection,
 }
@@ -199,10 +220,10 @@ impl Db {
         }
         let conn = Connection::open(path)
             .map_err(|e| Error::Other(format!("cannot open the metadata database {}: {e}", path.display())))?;
-        conn.busy_timeout(Duration::from_secs(60))?;
+        conn.busy_timeout(BUSY_TIMEOUT)?;
         // WAL lets readers (ls, a mount) run while a backup writes; FULL makes every
         // commit durable, so "valid" in the database is never lost after it is printed.
-        conn.pragma_update(None, "journal_mode", "WAL")?;
+        switch_to_wal(&conn)?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         let mut db = Db { conn };
@@ -713,5 +734,34 @@ impl Db {
     pub fn storage_names(&self) -> Result<Vec<(i64, String)>> {
         let mut st = self.conn.prepare("SELECT id, name FROM storages ORDER BY id")?;
         Ok(st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<rusqlite::Result<_>>()?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A backup and an `ls` started together on a new repository both create the
+    /// database: neither may fail with "database is locked".
+    #[test]
+    fn processes_opening_a_new_database_together_all_succeed() {
+        for round in 0..30 {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("keepfs.sqlite");
+            let barrier = std::sync::Arc::new(std::sync::Barrier::new(4));
+            let openers: Vec<_> = (0..4)
+                .map(|_| {
+                    let (path, barrier) = (path.clone(), barrier.clone());
+                    std::thread::spawn(move || {
+                        barrier.wait();
+                        Db::open(&path).map(|db| db.schema_version().unwrap())
+                    })
+                })
+                .collect();
+            for o in openers {
+                let opened = o.join().unwrap();
+                assert_eq!(opened.as_ref().ok(), Some(&(MIGRATIONS.len() as i64)), "round {round}: {opened:?}");
+            }
+        }
     }
 }

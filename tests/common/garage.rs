@@ -11,6 +11,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::{Mutex, Once};
 use std::time::{Duration, Instant};
 
 pub struct Garage {
@@ -23,6 +24,36 @@ pub struct Garage {
     pub region: String,
     /// Set when the server is not the tests' own Garage (see the module comment).
     pub external: Option<String>,
+}
+
+/// Server processes and directories to remove when the test process exits. The S3 tests
+/// share one server through a static, and statics are never dropped: without this every
+/// run of the group would leave a Garage running and its data in the temp directory.
+static LEFT_AT_EXIT: Mutex<(Vec<i32>, Vec<PathBuf>)> = Mutex::new((Vec::new(), Vec::new()));
+
+extern "C" fn clean_up_at_exit() {
+    // try_lock: a thread still inside a test at exit must not hang the process.
+    if let Ok(left) = LEFT_AT_EXIT.try_lock() {
+        for &pid in &left.0 {
+            // SAFETY: plain system calls on a child process this test process started.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+                libc::waitpid(pid, std::ptr::null_mut(), 0);
+            }
+        }
+        for dir in &left.1 {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+fn remember_at_exit(f: impl FnOnce(&mut (Vec<i32>, Vec<PathBuf>))) {
+    static REGISTER: Once = Once::new();
+    // SAFETY: registers a plain function without captured state.
+    REGISTER.call_once(|| unsafe {
+        libc::atexit(clean_up_at_exit);
+    });
+    f(&mut LEFT_AT_EXIT.lock().unwrap_or_else(|e| e.into_inner()));
 }
 
 fn garage_binary() -> PathBuf {
@@ -68,6 +99,8 @@ impl Garage {
             .stderr(log)
             .spawn()
             .expect("start garage");
+        let pid = child.id() as i32;
+        remember_at_exit(|left| left.0.push(pid));
         self.child = Some(child);
         let t = Instant::now();
         loop {
@@ -103,8 +136,11 @@ impl Garage {
             .and_then(|p| p.trim_end_matches('/').parse().ok())
             .expect("KEEPFS_TEST_S3_ENDPOINT must be http://127.0.0.1:PORT");
         let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().to_path_buf();
+        remember_at_exit(|left| left.1.push(path));
         let g = Garage {
-            dir: tempfile::tempdir().unwrap(),
+            dir,
             child: None,
             port,
             key_id: var("KEEPFS_TEST_S3_ACCESS_KEY"),
@@ -144,6 +180,8 @@ impl Garage {
     /// Starts a Garage with a key and the bucket `keepfs-test`.
     fn start_garage() -> Garage {
         let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().to_path_buf();
+        remember_at_exit(|left| left.1.push(path));
         let (port, rpc, admin) = (free_port(), free_port(), free_port());
         let secret: String =
             super::random_bytes(rpc as u64 * 7 + port as u64, 32).iter().map(|b| format!("{b:02x}")).collect();
@@ -207,6 +245,8 @@ impl Garage {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
+            let pid = c.id() as i32;
+            remember_at_exit(|left| left.0.retain(|&p| p != pid));
         }
     }
 

@@ -65,6 +65,9 @@ enum Done {
     Zero {
         idx: u64,
         len: u64,
+        /// Whether the bytes were read and found zero, or known zero without reading
+        /// (a hole of the source).
+        read: bool,
     },
     Hashed {
         idx: u64,
@@ -218,10 +221,12 @@ impl Ingest {
             .map_err(|_| Error::Other("the backup pipeline stopped".into()))
     }
 
-    /// Records block `idx` as all zeros without reading or hashing it.
+    /// Records block `idx` as all zeros without reading or hashing it (a hole).
     pub fn submit_zero(&mut self, idx: u64, len: u64) -> Result<()> {
         self.submitted += 1;
-        self.done_tx.send(Done::Zero { idx, len }).map_err(|_| Error::Other("the backup pipeline stopped".into()))
+        self.done_tx
+            .send(Done::Zero { idx, len, read: false })
+            .map_err(|_| Error::Other("the backup pipeline stopped".into()))
     }
 
     /// Returns a buffer from [`Ingest::take_buffer`] that will not be submitted.
@@ -299,7 +304,7 @@ fn worker(
                 if is_zero(data) {
                     let len = data.len() as u64;
                     let _ = pool.send(block.buf);
-                    let _ = done.send(Done::Zero { idx, len });
+                    let _ = done.send(Done::Zero { idx, len, read: true });
                 } else {
                     let id = codec.id_of(data);
                     let _ = done.send(Done::Hashed { idx, id, block });
@@ -416,9 +421,11 @@ impl Coordinator {
 
     fn handle(&mut self, msg: Done, finish: &mut Option<u64>) -> Result<()> {
         match msg {
-            Done::Zero { idx, len } => {
+            Done::Zero { idx, len, read } => {
                 self.stats.bytes_sparse += len;
-                self.stats.bytes_read += len;
+                if read {
+                    self.stats.bytes_read += len;
+                }
                 self.set(idx, BlockId::SPARSE);
                 self.completed += 1;
             }
@@ -801,7 +808,13 @@ fn read_window(
         progress.advance(wlen);
         return Ok(());
     }
-    let window = if source.all_zero() {
+    // Holes (of a sparse file; all of null://) are recorded as sparse without reading:
+    // `data` is the next range that may hold data, advanced as the blocks pass it.
+    let next_data =
+        |off: u64| source.next_data(off).map_err(|e| Error::io(format!("cannot read {url} at byte {off}"), e));
+    let size = source.size();
+    let mut data = next_data(woff)?;
+    let window = if data.start >= woff + wlen {
         None
     } else {
         source.window(woff, wlen).transpose().map_err(|e| Error::io(format!("cannot map {url} at byte {woff}"), e))?
@@ -817,7 +830,10 @@ fn read_window(
             progress.advance(len);
             continue;
         }
-        if source.all_zero() {
+        if data.end <= off && data.start < size {
+            data = next_data(off)?;
+        }
+        if data.start >= off + len {
             ingest.lock().submit_zero(idx, len)?;
         } else if let Some(win) = &window {
             let token = ingest.lock().take_buffer()?;

@@ -597,11 +597,12 @@ fn run(cli: Cli) -> Result<i32> {
             let s = &v.stats;
             let secs = (s.duration_ms as f64 / 1000.0).max(0.001);
             eprintln!(
-                "backed up {} as {}: {} read in {secs:.2}s ({:.0} MB/s), {} new ({} stored), {} deduplicated, {} sparse",
+                "backed up {} as {}: {} in {secs:.2}s ({:.0} MB/s), {} read, {} new ({} stored), {} deduplicated, {} sparse",
                 url,
                 v.uid,
+                format_size(v.size),
+                v.size as f64 / secs / 1e6,
                 format_size(s.bytes_read),
-                s.bytes_read as f64 / secs / 1e6,
                 format_size(s.bytes_written),
                 format_size(s.bytes_stored),
                 format_size(s.bytes_deduplicated),

@@ -5,6 +5,7 @@ mod common;
 use common::mount::wait_until;
 use common::*;
 use std::fs;
+use std::os::unix::fs::FileExt;
 use std::time::Duration;
 
 #[test]
@@ -115,11 +116,15 @@ fn ls_works_while_a_backup_holds_the_database() {
 #[test]
 fn a_source_truncated_during_the_backup_gives_a_clear_error_and_no_valid_version() {
     let repo = Repo::new();
-    // A large sparse file: read through mappings, mostly zeros, long enough to truncate
-    // while the backup is still running.
+    // A large sparse file with a byte of data in every 4 MiB block (holes alone are not
+    // read at all): every block is mapped and hashed, long enough to truncate while the
+    // backup is still running, and little disk space.
     let img = repo.path("shrinking");
     let f = fs::File::create(&img).unwrap();
-    f.set_len(64 << 30).unwrap();
+    f.set_len(16 << 30).unwrap();
+    for block in 0..(16u64 << 30) / (4 << 20) {
+        f.write_all_at(b"x", block * (4 << 20)).unwrap();
+    }
     let url = repo.url("shrinking");
     let child = repo.command(&["backup", &url, "shrinks"]).stderr(std::process::Stdio::piped()).spawn().unwrap();
     wait_until("the backup to start", Duration::from_secs(30), || {

@@ -2,11 +2,13 @@
 //! (which works for block devices). Regular files can be read through read-only mappings
 //! in windows, so that workers hash straight from the page cache without a copy; every
 //! processed range is dropped from the page cache (posix_fadvise DONTNEED) so that a
-//! backup does not evict the host's working set.
+//! backup does not evict the host's working set. The holes of a sparse regular file are
+//! found with `lseek(SEEK_DATA/SEEK_HOLE)` and never read.
 
 use super::Source;
 use std::fs::File;
 use std::io::{self, Seek, SeekFrom};
+use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::Path;
@@ -19,6 +21,8 @@ pub struct FileSource {
     file: Arc<File>,
     size: u64,
     mappable: bool,
+    /// Regular file: holes can be asked for (a block device answers "all data" anyway).
+    regular: bool,
 }
 
 /// A read-only mapping of part of a source, shared by the blocks inside it. Dropping the
@@ -64,7 +68,27 @@ impl FileSource {
         unsafe {
             libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_SEQUENTIAL);
         }
-        Ok(FileSource { file: Arc::new(file), size, mappable: mmap && meta.is_file() })
+        Ok(FileSource { file: Arc::new(file), size, mappable: mmap && meta.is_file(), regular: meta.is_file() })
+    }
+
+    /// `lseek` with SEEK_DATA or SEEK_HOLE; None where the file has no data after
+    /// `offset` (ENXIO), an error where the filesystem cannot tell.
+    fn seek(&self, offset: u64, whence: i32) -> io::Result<Option<u64>> {
+        // SAFETY: lseek on a valid descriptor. Readers share it, but nothing here uses
+        // the file position: reads are positional (pread) or through mappings.
+        let r = unsafe { libc::lseek(self.file.as_raw_fd(), offset as libc::off_t, whence) };
+        if r >= 0 {
+            return Ok(Some(r as u64));
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::ENXIO) { Ok(None) } else { Err(e) }
+    }
+
+    fn shrank(&self, offset: u64) -> io::Error {
+        io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            format!("the source shrank while being read (short read at byte {offset})"),
+        )
     }
 }
 
@@ -74,16 +98,34 @@ impl Source for FileSource {
     }
 
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        self.file.read_exact_at(buf, offset).map_err(|e| {
-            if e.kind() == io::ErrorKind::UnexpectedEof {
-                io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    format!("the source shrank while being read (short read at byte {offset})"),
-                )
-            } else {
-                e
+        self.file
+            .read_exact_at(buf, offset)
+            .map_err(|e| if e.kind() == io::ErrorKind::UnexpectedEof { self.shrank(offset) } else { e })
+    }
+
+    fn next_data(&self, offset: u64) -> io::Result<Range<u64>> {
+        let everything = offset..self.size;
+        if !self.regular {
+            return Ok(everything);
+        }
+        let start = match self.seek(offset, libc::SEEK_DATA) {
+            Ok(Some(start)) => start.min(self.size),
+            // No data after `offset`: a hole to the end, unless the file is now shorter
+            // than it was (then the bytes are gone, not zeros).
+            Ok(None) => {
+                if self.file.metadata()?.len() < self.size {
+                    return Err(self.shrank(offset));
+                }
+                return Ok(self.size..self.size);
             }
-        })
+            // A filesystem without SEEK_DATA: read everything, as before.
+            Err(_) => return Ok(everything),
+        };
+        let end = match self.seek(start, libc::SEEK_HOLE) {
+            Ok(Some(end)) => end.clamp(start, self.size),
+            _ => self.size,
+        };
+        Ok(start..end)
     }
 
     fn done_with(&self, offset: u64, len: u64) {

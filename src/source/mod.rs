@@ -6,6 +6,7 @@ pub mod null;
 
 use crate::units::parse_size;
 use std::io;
+use std::ops::Range;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -51,9 +52,11 @@ pub trait Source: Send + Sync {
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
     /// Tells the OS the range has been processed and need not stay cached.
     fn done_with(&self, _offset: u64, _len: u64) {}
-    /// True when every read returns zeros, so readers can skip the work.
-    fn all_zero(&self) -> bool {
-        false
+    /// The first range at or after `offset` that may hold data (`size()..size()` when the
+    /// rest is a hole). A backup records the holes between such ranges as sparse without
+    /// reading them. Sources that cannot tell answer `offset..size()`: all may be data.
+    fn next_data(&self, offset: u64) -> io::Result<Range<u64>> {
+        Ok(offset..self.size())
     }
     /// A read-only mapping of `len` bytes at `offset` (a multiple of
     /// [`file::WINDOW_BYTES`]), where the source can be mapped.

@@ -2,6 +2,7 @@
 
 use super::Source;
 use std::io;
+use std::ops::Range;
 
 pub struct NullSource {
     size: u64,
@@ -21,7 +22,7 @@ impl Source for NullSource {
         buf.fill(0);
         Ok(())
     }
-    fn all_zero(&self) -> bool {
-        true
+    fn next_data(&self, _offset: u64) -> io::Result<Range<u64>> {
+        Ok(self.size..self.size)
     }
 }

@@ -156,8 +156,17 @@ pub fn count_files(dir: &Path) -> usize {
 }
 
 pub fn sha256_file(p: &Path) -> String {
-    let data = std::fs::read(p).expect("read file");
-    hex::encode(Sha256::digest(&data))
+    use std::io::Read;
+    let mut f = std::fs::File::open(p).unwrap_or_else(|e| panic!("open {}: {e}", p.display()));
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).expect("read file");
+        if n == 0 {
+            return hex::encode(h.finalize());
+        }
+        h.update(&buf[..n]);
+    }
 }
 
 /// Deterministic pseudo-random bytes (xorshift64*), fast enough for hundreds of MiB.

@@ -146,3 +146,27 @@ impl Source for FileSource {
         Some(map.map(|m| Arc::new(Window { map: Some(m), file: self.file.clone(), offset })))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn holes_are_reported_and_a_shrunk_file_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("img");
+        let f = File::create(&path).unwrap();
+        f.set_len(8 << 20).unwrap();
+        f.write_all_at(b"data", 4 << 20).unwrap();
+        f.sync_all().unwrap();
+        let src = FileSource::open(&path, true).unwrap();
+        let first = src.next_data(0).unwrap();
+        // Filesystems report holes in whole blocks (4 KiB here): the data's block.
+        assert!(first.start > (3 << 20) && first.start <= 4 << 20 && first.end >= (4 << 20) + 4, "{first:?}");
+        assert_eq!(src.next_data(first.end).unwrap(), (8 << 20)..(8 << 20), "a hole to the end");
+        // After the file shrank, "no data past here" is not a hole: the bytes are gone.
+        f.set_len(1 << 20).unwrap();
+        let e = src.next_data(2 << 20).unwrap_err();
+        assert!(e.to_string().contains("shrank"), "{e}");
+    }
+}

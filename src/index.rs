@@ -53,6 +53,22 @@ impl BlockIndex {
         (self.size - start).min(self.block_size as u64) as usize
     }
 
+    /// The first range at or after `offset` that holds non-sparse blocks (clipped to
+    /// start at `offset`), or `None` when the rest of the image is sparse. Answers
+    /// SEEK_DATA/SEEK_HOLE on a mounted image. Scans from `offset` on only, so a reader
+    /// walking the image extent by extent costs one pass over the index.
+    pub fn next_data(&self, offset: u64) -> Option<std::ops::Range<u64>> {
+        if offset >= self.size {
+            return None;
+        }
+        let bs = self.block_size as u64;
+        let from = usize::try_from(offset / bs).ok()?;
+        let first = from + self.entries.get(from..)?.iter().position(|e| !e.is_sparse())?;
+        let end =
+            first + self.entries[first..].iter().position(|e| e.is_sparse()).unwrap_or(self.entries.len() - first);
+        Some((first as u64 * bs).max(offset)..(end as u64 * bs).min(self.size))
+    }
+
     /// For each block, the index of the earlier block with the same content, if there is
     /// one (sparse blocks have none): a restore fetches such a block once.
     pub fn repeats(&self) -> Vec<Option<u64>> {
@@ -131,6 +147,23 @@ impl BlockIndex {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn data_ranges_for_seek_data_and_seek_hole() {
+        // 11 blocks of 4096, the last 5 bytes long; data in blocks 2-3 and 10.
+        let mut idx = BlockIndex::new_sparse(1, 10 * 4096 + 5, 4096);
+        for i in [2, 3, 10] {
+            idx.entries[i] = BlockId::of(&[i as u8]);
+        }
+        assert_eq!(idx.next_data(0), Some(8192..16384));
+        assert_eq!(idx.next_data(9000), Some(9000..16384), "inside data: from the offset on");
+        assert_eq!(idx.next_data(16384), Some(40960..40965), "the short last block");
+        assert_eq!(idx.next_data(40964), Some(40964..40965));
+        assert_eq!(idx.next_data(40965), None, "past the end");
+        idx.entries[10] = BlockId::SPARSE;
+        assert_eq!(idx.next_data(16384), None, "sparse to the end");
+        assert_eq!(BlockIndex::new_sparse(1, 0, 4096).next_data(0), None);
+    }
 
     #[test]
     fn roundtrip_and_damage() {

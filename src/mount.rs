@@ -80,6 +80,9 @@ impl ImageHandle for ImageAdapter {
             None => ReadRef::Zeros(range.len()),
         }))
     }
+    fn next_data(&self, offset: u64) -> Option<std::ops::Range<u64>> {
+        self.0.index().next_data(offset)
+    }
 }
 
 struct DraftAdapter {

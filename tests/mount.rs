@@ -229,6 +229,48 @@ fn ext4_images_mount_read_only_and_read_write_with_copy_on_write() {
     assert_eq!(hello.unwrap(), "hello from keepfs\n");
 }
 
+/// A version's sparse blocks are holes of its mounted `data` (SEEK_DATA / SEEK_HOLE), so
+/// tools that copy sparse files, and a keepfs backup of the mounted file, skip them.
+#[test]
+fn sparse_blocks_are_holes_of_the_mounted_data() {
+    use std::os::unix::io::AsRawFd;
+    const B: u64 = 64 * 1024;
+    let repo = Repo::new();
+    let img = repo.path("thin.img");
+    let f = fs::File::create(&img).unwrap();
+    f.set_len(4096 * B).unwrap();
+    f.write_all_at(&random_bytes(31, 1000), 3 * B + 100).unwrap();
+    f.write_all_at(&random_bytes(32, 2 * B as usize), 1000 * B).unwrap();
+    drop(f);
+    let uid = repo.backup("thin.img", "thin", &["-b", "64k"]);
+    let m = Mount::new(&repo, &[]);
+    let data = m.p(&format!("by_version/{uid}/data"));
+    let file = fs::File::open(&data).unwrap();
+    let seek = |offset: u64, whence: i32| -> Result<u64, i32> {
+        // SAFETY: lseek on a descriptor this test holds open.
+        let r = unsafe { libc::lseek(file.as_raw_fd(), offset as i64, whence) };
+        if r < 0 { Err(std::io::Error::last_os_error().raw_os_error().unwrap()) } else { Ok(r as u64) }
+    };
+    assert_eq!(seek(0, libc::SEEK_DATA), Ok(3 * B));
+    assert_eq!(seek(0, libc::SEEK_HOLE), Ok(0));
+    assert_eq!(seek(3 * B + 5, libc::SEEK_DATA), Ok(3 * B + 5));
+    assert_eq!(seek(3 * B, libc::SEEK_HOLE), Ok(4 * B));
+    assert_eq!(seek(4 * B, libc::SEEK_DATA), Ok(1000 * B));
+    assert_eq!(seek(1000 * B, libc::SEEK_HOLE), Ok(1002 * B));
+    assert_eq!(seek(1002 * B, libc::SEEK_DATA), Err(libc::ENXIO), "no data after the last block");
+    assert_eq!(seek(2000 * B, libc::SEEK_HOLE), Ok(2000 * B));
+    assert_eq!(seek(4096 * B, libc::SEEK_HOLE), Err(libc::ENXIO), "at the end");
+    drop(file);
+
+    // Backing up the mounted file reads its three data blocks only, and is the same image.
+    let again = repo.ok(&["backup", &format!("file://{}", data.display()), "again", "-b", "64k"]).trim().to_string();
+    let v = repo.version(&again);
+    assert_eq!(v["stats"]["bytes_read"], 3 * B, "{v}");
+    assert_eq!(v["stats"]["bytes_written"], 0, "every block deduplicated: {v}");
+    drop(m);
+    assert_eq!(repo.restore_sha(&again, "o"), sha256_file(&img));
+}
+
 #[test]
 fn errno_values_for_what_the_filesystem_does_not_allow() {
     let repo = Repo::new();

@@ -41,6 +41,13 @@ pub trait ImageHandle: Send + Sync {
     fn read_ref(&self, _offset: u64, _len: usize) -> io::Result<Option<ReadRef>> {
         Ok(None)
     }
+    /// The first range at or after `offset` that may hold data, `None` when the rest of
+    /// the image is a hole. Answers SEEK_DATA/SEEK_HOLE, so that `cp`, `qemu-img` and a
+    /// keepfs backup of a mounted image skip what the version holds as sparse. By default
+    /// everything may be data.
+    fn next_data(&self, offset: u64) -> Option<std::ops::Range<u64>> {
+        (offset < self.size()).then(|| offset..self.size())
+    }
 }
 
 /// A writable image that becomes a version when committed (an `incoming/` file, or a

@@ -16,8 +16,8 @@ pub use backend::{Backend, DraftHandle, ImageHandle, ReadRef, VersionEntry};
 
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, KernelConfig, LockOwner,
-    OpenAccMode, OpenFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen,
-    ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    OpenAccMode, OpenFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLseek,
+    ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use parking_lot::Mutex;
 use std::collections::HashMap;
@@ -866,6 +866,47 @@ impl<B: Backend> Filesystem for KeepFs<B> {
             Ok((attr, fh)) => {
                 reply.created(&self.opts.ttl, &attr, Generation(0), FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO)
             }
+            Err(e) => reply.error(e),
+        }
+    }
+
+    /// SEEK_DATA / SEEK_HOLE (the kernel answers the other kinds itself): a version's
+    /// image reports its sparse blocks as holes, so `cp`, `qemu-img convert` and a keepfs
+    /// backup of a mounted image skip them; a file being written is all data.
+    fn lseek(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: i64, whence: i32, reply: ReplyLseek) {
+        let r = (|| -> Result<i64, Errno> {
+            let offset = u64::try_from(offset).map_err(|_| Errno::ENXIO)?;
+            let h = self.handle(fh)?;
+            let (size, data) = match &*h {
+                Handle::Image(img) => (img.size(), img.next_data(offset)),
+                Handle::Cow { draft, .. } | Handle::Incoming { draft, .. } => {
+                    let s = draft.lock();
+                    let size = match (&s.draft, &s.image) {
+                        (Some(d), _) => d.size(),
+                        (None, Some(img)) => img.size(),
+                        (None, None) => return Err(Errno::EIO),
+                    };
+                    (size, (offset < size).then_some(offset..size))
+                }
+                Handle::Static(bytes) => {
+                    let size = bytes.len() as u64;
+                    (size, (offset < size).then_some(offset..size))
+                }
+            };
+            if offset >= size {
+                return Err(Errno::ENXIO);
+            }
+            let found = match (whence, data) {
+                (libc::SEEK_DATA, Some(d)) => d.start.max(offset),
+                (libc::SEEK_DATA, None) => return Err(Errno::ENXIO),
+                (libc::SEEK_HOLE, Some(d)) if d.start <= offset => d.end,
+                (libc::SEEK_HOLE, _) => offset,
+                _ => return Err(Errno::EINVAL),
+            };
+            i64::try_from(found).map_err(|_| Errno::EOVERFLOW)
+        })();
+        match r {
+            Ok(o) => reply.offset(o),
             Err(e) => reply.error(e),
         }
     }

@@ -13,6 +13,7 @@ use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Bytes mapped at a time (a multiple of every block size).
 pub const WINDOW_BYTES: u64 = 32 << 20;
@@ -20,7 +21,9 @@ pub const WINDOW_BYTES: u64 = 32 << 20;
 pub struct FileSource {
     file: Arc<File>,
     size: u64,
-    mappable: bool,
+    /// Cleared when the file refuses mappings (FUSE files opened for direct I/O,
+    /// some network filesystems): it is then read with pread.
+    mappable: AtomicBool,
     /// Regular file: holes can be asked for (a block device answers "all data" anyway).
     regular: bool,
 }
@@ -68,7 +71,12 @@ impl FileSource {
         unsafe {
             libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_SEQUENTIAL);
         }
-        Ok(FileSource { file: Arc::new(file), size, mappable: mmap && meta.is_file(), regular: meta.is_file() })
+        Ok(FileSource {
+            file: Arc::new(file),
+            size,
+            mappable: AtomicBool::new(mmap && meta.is_file()),
+            regular: meta.is_file(),
+        })
     }
 
     /// `lseek` with SEEK_DATA or SEEK_HOLE; None where the file has no data after
@@ -136,14 +144,21 @@ impl Source for FileSource {
     }
 
     fn window(&self, offset: u64, len: u64) -> Option<io::Result<Arc<Window>>> {
-        if !self.mappable || len == 0 {
+        if !self.mappable.load(Ordering::Relaxed) || len == 0 {
             return None;
         }
         // SAFETY: the mapping is read-only and private to this process. If the file is
         // truncated while mapped, access raises SIGBUS, which the keepfs command turns
         // into a one-line error (the version stays incomplete); see main.rs.
         let map = unsafe { memmap2::MmapOptions::new().offset(offset).len(len as usize).populate().map(&*self.file) };
-        Some(map.map(|m| Arc::new(Window { map: Some(m), file: self.file.clone(), offset })))
+        match map {
+            Ok(m) => Some(Ok(Arc::new(Window { map: Some(m), file: self.file.clone(), offset }))),
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ENODEV | libc::EACCES | libc::EINVAL)) => {
+                self.mappable.store(false, Ordering::Relaxed);
+                None
+            }
+            Err(e) => Some(Err(e)),
+        }
     }
 }
 

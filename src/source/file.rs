@@ -92,10 +92,11 @@ impl FileSource {
         if e.raw_os_error() == Some(libc::ENXIO) { Ok(None) } else { Err(e) }
     }
 
-    fn shrank(&self, offset: u64) -> io::Error {
+    fn shrank(&self) -> io::Error {
+        let now = self.file.metadata().map(|m| m.len().to_string()).unwrap_or_else(|_| "fewer".into());
         io::Error::new(
             io::ErrorKind::UnexpectedEof,
-            format!("the source shrank while being read (short read at byte {offset})"),
+            format!("the source shrank while being read (it is now {now} bytes, it was {})", self.size),
         )
     }
 }
@@ -108,7 +109,7 @@ impl Source for FileSource {
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         self.file
             .read_exact_at(buf, offset)
-            .map_err(|e| if e.kind() == io::ErrorKind::UnexpectedEof { self.shrank(offset) } else { e })
+            .map_err(|e| if e.kind() == io::ErrorKind::UnexpectedEof { self.shrank() } else { e })
     }
 
     fn next_data(&self, offset: u64) -> io::Result<Range<u64>> {
@@ -122,7 +123,7 @@ impl Source for FileSource {
             // than it was (then the bytes are gone, not zeros).
             Ok(None) => {
                 if self.file.metadata()?.len() < self.size {
-                    return Err(self.shrank(offset));
+                    return Err(self.shrank());
                 }
                 return Ok(self.size..self.size);
             }

@@ -809,10 +809,10 @@ fn read_window(
         return Ok(());
     }
     // Holes (of a sparse file; all of null://) are recorded as sparse without reading:
-    // `data` is the next range that may hold data, advanced as the blocks pass it.
+    // `data` is the next range that may hold data, advanced as the blocks pass its end
+    // (with no data left it is `size..size`, which no block passes).
     let next_data =
         |off: u64| source.next_data(off).map_err(|e| Error::io(format!("cannot read {url} at byte {off}"), e));
-    let size = source.size();
     let mut data = next_data(woff)?;
     let window = if data.start >= woff + wlen {
         None
@@ -830,7 +830,7 @@ fn read_window(
             progress.advance(len);
             continue;
         }
-        if data.end <= off && data.start < size {
+        if data.end <= off {
             data = next_data(off)?;
         }
         if data.start >= off + len {

@@ -58,16 +58,10 @@ fn zero_blocks_are_never_stored_and_sparse_restore_leaves_holes() {
 /// the restore is byte-identical. (Zeros written out are read and found zero: see above.)
 #[test]
 fn holes_of_a_sparse_source_are_never_read() {
-    use std::os::unix::fs::FileExt;
     let repo = Repo::new();
     let img = repo.path("sparse.img");
-    let f = fs::File::create(&img).unwrap();
-    f.set_len(1 << 30).unwrap();
-    let regions = [(0u64, 70_000usize), ((512 << 20) + 4097, 200_000), ((1 << 30) - 1000, 1000)];
-    for (i, (off, len)) in regions.iter().enumerate() {
-        f.write_all_at(&random_bytes(40 + i as u64, *len), *off).unwrap();
-    }
-    drop(f);
+    let (a, b, c) = (random_bytes(40, 70_000), random_bytes(41, 200_000), random_bytes(42, 1000));
+    sparse_file(&img, 1 << 30, &[(0, &a), ((512 << 20) + 4097, &b), ((1 << 30) - 1000, &c)]);
     repo.backup("sparse.img", "holes", &["-b", "64k"]);
     let v = &repo.ls_json(None)[0];
     assert_eq!(v["status"], "valid");

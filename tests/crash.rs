@@ -5,7 +5,6 @@ mod common;
 use common::mount::wait_until;
 use common::*;
 use std::fs;
-use std::os::unix::fs::FileExt;
 use std::time::Duration;
 
 #[test]
@@ -120,11 +119,8 @@ fn a_source_truncated_during_the_backup_gives_a_clear_error_and_no_valid_version
     // read at all): every block is mapped and hashed, long enough to truncate while the
     // backup is still running, and little disk space.
     let img = repo.path("shrinking");
-    let f = fs::File::create(&img).unwrap();
-    f.set_len(16 << 30).unwrap();
-    for block in 0..(16u64 << 30) / (4 << 20) {
-        f.write_all_at(b"x", block * (4 << 20)).unwrap();
-    }
+    let bytes: Vec<(u64, &[u8])> = (0..(16u64 << 30) / (4 << 20)).map(|block| (block * (4 << 20), &b"x"[..])).collect();
+    let f = sparse_file(&img, 16 << 30, &bytes);
     let url = repo.url("shrinking");
     let child = repo.command(&["backup", &url, "shrinks"]).stderr(std::process::Stdio::piped()).spawn().unwrap();
     wait_until("the backup to start", Duration::from_secs(30), || {

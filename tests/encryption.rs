@@ -144,12 +144,12 @@ fn an_encrypted_repository_round_trips_and_shows_the_storage_nothing() {
     assert_eq!(e.run_with(&[], &["ls"]).code, 0);
     fs::write(repo.path("c"), random_bytes(82, 3 * BS)).unwrap();
     let v3 = e.backup("c", "secret-name");
-    let before = files_under(&repo.storage().join("blocks")).len();
+    let before = repo.block_objects();
     for args in [vec!["rm", "--force", &v3], vec!["cleanup"]] {
         let r = e.run_with(&[], &args);
         assert_eq!(r.code, 0, "{args:?} without a key: {}", r.stderr);
     }
-    assert_eq!(files_under(&repo.storage().join("blocks")).len(), before - 3, "v3's own blocks are gone");
+    assert_eq!(repo.block_objects(), before - 3, "v3's own blocks are gone");
     assert!(!repo.storage().join("versions").join(&v3).exists());
     assert_eq!(e.restore_sha(&v2), sha256_file(&repo.path("a")));
     e.ok(&["deep-scrub", &v2]);
@@ -332,7 +332,7 @@ fn the_filesystem_serves_an_encrypted_repository() {
     let v = e.backup("a", "enc");
     let cfg = repo.path("keepfs.toml");
     fs::write(&cfg, format!("home = \"{}\"\nkey_file = \"{}\"\n", repo.home().display(), e.key.display())).unwrap();
-    let before = files_under(&repo.storage().join("blocks")).len();
+    let before = repo.block_objects();
     let mut m = Mount::new(repo, &["--config", cfg.to_str().unwrap()]);
     assert_eq!(sha256_file(&m.p(&format!("by_version/{v}/data"))), sha256_file(&repo.path("a")));
     let other = mixed_image(87, 8, BS, 0);

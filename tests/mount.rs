@@ -237,11 +237,11 @@ fn sparse_blocks_are_holes_of_the_mounted_data() {
     const B: u64 = 64 * 1024;
     let repo = Repo::new();
     let img = repo.path("thin.img");
-    let f = fs::File::create(&img).unwrap();
-    f.set_len(4096 * B).unwrap();
-    f.write_all_at(&random_bytes(31, 1000), 3 * B + 100).unwrap();
-    f.write_all_at(&random_bytes(32, 2 * B as usize), 1000 * B).unwrap();
-    drop(f);
+    sparse_file(
+        &img,
+        4096 * B,
+        &[(3 * B + 100, &random_bytes(31, 1000)), (1000 * B, &random_bytes(32, 2 * B as usize))],
+    );
     let uid = repo.backup("thin.img", "thin", &["-b", "64k"]);
     let m = Mount::new(&repo, &[]);
     let data = m.p(&format!("by_version/{uid}/data"));

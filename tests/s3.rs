@@ -486,8 +486,8 @@ fn a_local_read_cache_serves_repeated_restores_and_never_hides_the_storage() {
     fs::write(&r.config, through(&g, &proxy, &r.repo, "cached", &small)).unwrap();
     r.ok_with_key(&key2, &["restore", "--force", &uid, &r.repo.url("o4")]);
     assert_eq!(sha256_file(&r.repo.path("o4")), want);
-    let files = files_under(&cache.join("s3/blocks")).len();
-    let bytes: u64 = files_under(&cache.join("s3/blocks")).iter().map(|f| f.metadata().unwrap().len()).sum();
+    let copies = files_under(&cache.join("s3/blocks"));
+    let (files, bytes) = (copies.len(), copies.iter().map(|f| f.metadata().unwrap().len()).sum::<u64>());
     assert!(bytes <= 300 * 1024 && files > 0, "{bytes} bytes in {files} files");
 }
 

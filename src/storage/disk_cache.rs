@@ -18,8 +18,7 @@
 //! others added since they scanned. Failing to write a copy (a full local disk) never
 //! fails a read.
 
-use super::{ListEntry, SharedStorage, Storage, StorageResult};
-use crate::transform::Codec;
+use super::{SharedStorage, Storage, StorageResult};
 use lru::LruCache;
 use parking_lot::Mutex;
 use std::fs;
@@ -207,9 +206,7 @@ impl DiskCache {
 }
 
 impl Storage for DiskCache {
-    fn name(&self) -> &str {
-        self.inner.name()
-    }
+    super::pass_to_inner!(name, exists, list, sync, purge_temporary, codec);
     fn put(&self, key: &str, data: &[u8]) -> StorageResult<()> {
         if cacheable(key) {
             self.forget(key);
@@ -236,9 +233,6 @@ impl Storage for DiskCache {
         }
         Ok(data)
     }
-    fn exists(&self, key: &str) -> StorageResult<bool> {
-        self.inner.exists(key)
-    }
     fn delete(&self, key: &str) -> StorageResult<()> {
         self.inner.delete(key)?;
         if cacheable(key) {
@@ -252,18 +246,6 @@ impl Storage for DiskCache {
             self.forget(k);
         }
         Ok(())
-    }
-    fn list(&self, prefix: &str) -> StorageResult<Vec<ListEntry>> {
-        self.inner.list(prefix)
-    }
-    fn sync(&self) -> StorageResult<()> {
-        self.inner.sync()
-    }
-    fn purge_temporary(&self, older_than: SystemTime) -> StorageResult<u64> {
-        self.inner.purge_temporary(older_than)
-    }
-    fn codec(&self) -> &Codec {
-        self.inner.codec()
     }
     fn replace_prefix(&self, key: &str, object: &[u8], prefix: &[u8]) -> StorageResult<()> {
         if cacheable(key) {

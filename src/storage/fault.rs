@@ -2,7 +2,7 @@
 //! cannot be made to show on demand: fail the next N writes or reads, truncate reads,
 //! flip a byte, slow every call down.
 
-use super::{ListEntry, Storage, StorageError, StorageResult};
+use super::{Storage, StorageError, StorageResult};
 use parking_lot::Mutex;
 use std::sync::Arc;
 use std::time::Duration;
@@ -73,9 +73,7 @@ impl FaultyStorage {
 }
 
 impl Storage for FaultyStorage {
-    fn name(&self) -> &str {
-        self.inner.name()
-    }
+    super::pass_to_inner!(name, list, sync, purge_temporary, codec, delete_many);
     fn put(&self, key: &str, data: &[u8]) -> StorageResult<()> {
         self.pause();
         if Self::take(&mut self.faults.lock().fail_puts) {
@@ -96,21 +94,6 @@ impl Storage for FaultyStorage {
     fn delete(&self, key: &str) -> StorageResult<()> {
         self.pause();
         self.inner.delete(key)
-    }
-    fn list(&self, prefix: &str) -> StorageResult<Vec<ListEntry>> {
-        self.inner.list(prefix)
-    }
-    fn sync(&self) -> StorageResult<()> {
-        self.inner.sync()
-    }
-    fn purge_temporary(&self, older_than: std::time::SystemTime) -> StorageResult<u64> {
-        self.inner.purge_temporary(older_than)
-    }
-    fn codec(&self) -> &crate::transform::Codec {
-        self.inner.codec()
-    }
-    fn delete_many(&self, keys: &[String]) -> StorageResult<()> {
-        self.inner.delete_many(keys)
     }
     fn replace_prefix(&self, key: &str, object: &[u8], prefix: &[u8]) -> StorageResult<()> {
         self.pause();

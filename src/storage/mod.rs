@@ -2,6 +2,76 @@
 //! sync) over string keys, so that file, null and S3 storages and decorators (fault
 //! injection in tests, a local read cache, a bandwidth limit) are interchangeable.
 
+/// Writes the named [`Storage`] methods of a decorator as calls of the same method on
+/// `self.inner`, so that each decorator spells out only what it changes, and none falls
+/// back by omission on a default that is wrong for it (`delete_many`, `replace_prefix`).
+macro_rules! pass_to_inner {
+    (@ name) => {
+        fn name(&self) -> &str {
+            self.inner.name()
+        }
+    };
+    (@ put) => {
+        fn put(&self, key: &str, data: &[u8]) -> $crate::storage::StorageResult<()> {
+            self.inner.put(key, data)
+        }
+    };
+    (@ get) => {
+        fn get(&self, key: &str) -> $crate::storage::StorageResult<Vec<u8>> {
+            self.inner.get(key)
+        }
+    };
+    (@ get_fresh) => {
+        fn get_fresh(&self, key: &str) -> $crate::storage::StorageResult<Vec<u8>> {
+            self.inner.get_fresh(key)
+        }
+    };
+    (@ exists) => {
+        fn exists(&self, key: &str) -> $crate::storage::StorageResult<bool> {
+            self.inner.exists(key)
+        }
+    };
+    (@ delete) => {
+        fn delete(&self, key: &str) -> $crate::storage::StorageResult<()> {
+            self.inner.delete(key)
+        }
+    };
+    (@ delete_many) => {
+        fn delete_many(&self, keys: &[String]) -> $crate::storage::StorageResult<()> {
+            self.inner.delete_many(keys)
+        }
+    };
+    (@ list) => {
+        fn list(&self, prefix: &str) -> $crate::storage::StorageResult<Vec<$crate::storage::ListEntry>> {
+            self.inner.list(prefix)
+        }
+    };
+    (@ sync) => {
+        fn sync(&self) -> $crate::storage::StorageResult<()> {
+            self.inner.sync()
+        }
+    };
+    (@ purge_temporary) => {
+        fn purge_temporary(&self, older_than: std::time::SystemTime) -> $crate::storage::StorageResult<u64> {
+            self.inner.purge_temporary(older_than)
+        }
+    };
+    (@ codec) => {
+        fn codec(&self) -> &$crate::transform::Codec {
+            self.inner.codec()
+        }
+    };
+    (@ replace_prefix) => {
+        fn replace_prefix(&self, key: &str, object: &[u8], prefix: &[u8]) -> $crate::storage::StorageResult<()> {
+            self.inner.replace_prefix(key, object, prefix)
+        }
+    };
+    ($($method:ident),* $(,)?) => {
+        $($crate::storage::pass_to_inner!(@ $method);)*
+    };
+}
+pub(crate) use pass_to_inner;
+
 pub mod disk_cache;
 pub mod fault;
 pub mod file;

@@ -2,10 +2,9 @@
 //! share of time on a shared clock (a token bucket with no burst), so that all threads
 //! of a process together stay under the configured rate.
 
-use super::{ListEntry, SharedStorage, Storage, StorageResult};
-use crate::transform::Codec;
+use super::{SharedStorage, Storage, StorageResult};
 use parking_lot::Mutex;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 struct Rate {
     bytes_per_sec: u64,
@@ -61,9 +60,7 @@ impl ThrottledStorage {
 }
 
 impl Storage for ThrottledStorage {
-    fn name(&self) -> &str {
-        self.inner.name()
-    }
+    super::pass_to_inner!(name, exists, delete, delete_many, list, sync, purge_temporary, codec);
     fn put(&self, key: &str, data: &[u8]) -> StorageResult<()> {
         if let Some(r) = &self.write {
             r.pass(data.len());
@@ -75,27 +72,6 @@ impl Storage for ThrottledStorage {
     }
     fn get_fresh(&self, key: &str) -> StorageResult<Vec<u8>> {
         self.read_paced(self.inner.get_fresh(key)?)
-    }
-    fn exists(&self, key: &str) -> StorageResult<bool> {
-        self.inner.exists(key)
-    }
-    fn delete(&self, key: &str) -> StorageResult<()> {
-        self.inner.delete(key)
-    }
-    fn delete_many(&self, keys: &[String]) -> StorageResult<()> {
-        self.inner.delete_many(keys)
-    }
-    fn list(&self, prefix: &str) -> StorageResult<Vec<ListEntry>> {
-        self.inner.list(prefix)
-    }
-    fn sync(&self) -> StorageResult<()> {
-        self.inner.sync()
-    }
-    fn purge_temporary(&self, older_than: SystemTime) -> StorageResult<u64> {
-        self.inner.purge_temporary(older_than)
-    }
-    fn codec(&self) -> &Codec {
-        self.inner.codec()
     }
     fn replace_prefix(&self, key: &str, object: &[u8], prefix: &[u8]) -> StorageResult<()> {
         if let Some(r) = &self.write {

@@ -202,6 +202,18 @@ pub fn mixed_image(seed: u64, blocks: usize, bs: usize, tail: usize) -> Vec<u8> 
     img
 }
 
+/// Makes a sparse file of `size` bytes holding each `(offset, bytes)` of `data` and holes
+/// elsewhere; returns it open for writing (to truncate it later).
+pub fn sparse_file(path: &Path, size: u64, data: &[(u64, &[u8])]) -> std::fs::File {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::create(path).unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
+    f.set_len(size).unwrap();
+    for (offset, bytes) in data {
+        f.write_all_at(bytes, *offset).unwrap();
+    }
+    f
+}
+
 /// Every regular file under `dir`, sorted.
 pub fn files_under(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();

@@ -129,7 +129,8 @@ pub struct Ingest {
     completions: Option<Arc<Completions>>,
     coordinator: Option<JoinHandle<Result<IngestResult>>>,
     threads: Vec<JoinHandle<()>>,
-    failed: Arc<Mutex<bool>>,
+    /// Why the pipeline stopped, once it has: the message and its errno.
+    failed: Arc<Mutex<Option<(String, i32)>>>,
     submitted: u64,
     block_size: u32,
 }
@@ -157,15 +158,15 @@ impl Ingest {
             let (put_rx, done_tx, storage) = (put_rx.clone(), done_tx.clone(), ctx.storage.clone());
             threads.push(std::thread::spawn(move || writer(put_rx, done_tx, storage)));
         }
-        let failed = Arc::new(Mutex::new(false));
+        let failed = Arc::new(Mutex::new(None));
         let completions = ctx.publish.then(|| Arc::new(Completions::default()));
         let coord = {
             let (job_tx, pool_tx, failed, completions) =
                 (job_tx.clone(), pool_tx.clone(), failed.clone(), completions.clone());
             std::thread::spawn(move || {
                 let r = coordinate(ctx, done_rx, job_tx, pool_tx, completions);
-                if r.is_err() {
-                    *failed.lock() = true;
+                if let Err(e) = &r {
+                    *failed.lock() = Some((e.to_string(), e.errno()));
                 }
                 r
             })
@@ -193,8 +194,8 @@ impl Ingest {
     /// is what bounds memory.
     pub fn take_buffer(&self) -> Result<Vec<u8>> {
         loop {
-            if *self.failed.lock() {
-                return Err(Error::Other("the backup pipeline stopped".into()));
+            if let Some(e) = self.stopped() {
+                return Err(e);
             }
             match self.pool_rx.recv_timeout(Duration::from_millis(200)) {
                 Ok(b) => return Ok(b),
@@ -202,6 +203,19 @@ impl Ingest {
                 Err(_) => return Err(Error::Other("the backup pipeline stopped".into())),
             }
         }
+    }
+
+    /// The error that stopped the pipeline, if it has stopped: its message, and a full
+    /// disk or quota kept as such (the filesystem answers ENOSPC, not EIO).
+    fn stopped(&self) -> Option<Error> {
+        let (msg, errno) = self.failed.lock().clone()?;
+        let context = "the backup stopped".to_string();
+        Some(match errno {
+            libc::ENOSPC | libc::EDQUOT => {
+                Error::Io { context: format!("{context}: {msg}"), source: std::io::Error::from_raw_os_error(errno) }
+            }
+            _ => Error::Other(format!("{context}: {msg}")),
+        })
     }
 
     /// Submits block `idx` (at most one block long; only the last block may be short).
@@ -243,8 +257,8 @@ impl Ingest {
             if let Some(id) = done.get(&idx) {
                 return Ok(*id);
             }
-            if *self.failed.lock() {
-                return Err(Error::Other("the backup pipeline stopped".into()));
+            if let Some(e) = self.stopped() {
+                return Err(e);
             }
             c.changed.wait_for(&mut done, Duration::from_millis(200));
         }

@@ -73,6 +73,41 @@ impl Error {
             _ => exit::FAILURE,
         }
     }
+
+    /// The errno a filesystem (or any other face) answers for this error: the one place
+    /// where engine errors become errno values. A full disk or an exceeded quota anywhere
+    /// in the chain of causes (the spool, the storage, the database) stays ENOSPC or
+    /// EDQUOT, so `cp` says "No space left on device", not "Input/output error".
+    pub fn errno(&self) -> i32 {
+        match self {
+            Error::VersionNotFound(_) => libc::ENOENT,
+            Error::Invalid(_) | Error::Config(_) => libc::EINVAL,
+            Error::Refused(_) => libc::EBUSY,
+            _ => space_errno(self).unwrap_or(libc::EIO),
+        }
+    }
+}
+
+/// ENOSPC or EDQUOT when `e` or any of its causes is a full disk or an exceeded quota.
+fn space_errno(e: &(dyn std::error::Error + 'static)) -> Option<i32> {
+    let mut cause = Some(e);
+    while let Some(c) = cause {
+        if let Some(io) = c.downcast_ref::<io::Error>() {
+            match (io.raw_os_error(), io.kind()) {
+                (Some(n @ (libc::ENOSPC | libc::EDQUOT)), _) => return Some(n),
+                (_, io::ErrorKind::StorageFull) => return Some(libc::ENOSPC),
+                (_, io::ErrorKind::QuotaExceeded) => return Some(libc::EDQUOT),
+                _ => {}
+            }
+        }
+        if let Some(rusqlite::Error::SqliteFailure(f, _)) = c.downcast_ref::<rusqlite::Error>()
+            && f.code == rusqlite::ErrorCode::DiskFull
+        {
+            return Some(libc::ENOSPC);
+        }
+        cause = c.source();
+    }
+    None
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -53,6 +53,12 @@ impl BlockIndex {
         (self.size - start).min(self.block_size as u64) as usize
     }
 
+    /// Bytes of the image that non-sparse blocks hold: what the version occupies as a
+    /// file (`st_blocks` of a mounted `data`), however large it looks.
+    pub fn data_bytes(&self) -> u64 {
+        (0..self.entries.len()).filter(|&i| !self.entries[i].is_sparse()).map(|i| self.block_len(i) as u64).sum()
+    }
+
     /// The first range at or after `offset` that holds non-sparse blocks (clipped to
     /// start at `offset`), or `None` when the rest of the image is sparse. Answers
     /// SEEK_DATA/SEEK_HOLE on a mounted image. Scans from `offset` on only, so a reader

@@ -16,18 +16,12 @@ use std::sync::Arc;
 /// Label that marks a version made by writing to another version's `data`.
 pub const COW_LABEL: &str = "keepfs.cow-of";
 
-/// Turns an engine error into the errno the filesystem answers, after logging the full
-/// message on the mount's stderr (the process that gets the errno cannot see it).
+/// Turns an engine error into the errno the filesystem answers (see [`Error::errno`]),
+/// after logging the full message on the mount's stderr (the process that gets the errno
+/// cannot see it).
 pub fn to_io(e: Error) -> io::Error {
-    let errno = match &e {
-        Error::VersionNotFound(_) => libc::ENOENT,
-        Error::Invalid(_) | Error::Config(_) => libc::EINVAL,
-        Error::Refused(_) => libc::EBUSY,
-        Error::Io { source, .. } if source.raw_os_error() == Some(libc::ENOSPC) => libc::ENOSPC,
-        _ => libc::EIO,
-    };
     eprintln!("keepfs: error: {e}");
-    io::Error::from_raw_os_error(errno)
+    io::Error::from_raw_os_error(e.errno())
 }
 
 pub struct EngineBackend {
@@ -51,6 +45,21 @@ impl EngineBackend {
     fn draft(&self, opts: DraftOptions, replaces: Option<VersionUid>) -> io::Result<Box<dyn DraftHandle>> {
         let d = Draft::start(self.repo.clone(), opts).map_err(to_io)?;
         Ok(Box::new(DraftAdapter { draft: Some(d), repo: self.repo.clone(), replaces }))
+    }
+
+    /// A draft over version `uid` with its name, snapshot name and labels, which replaces
+    /// `uid` when committed (a tool that closed and reopened the file it writes).
+    fn continuation(&self, uid: &str, streaming: bool) -> io::Result<Box<dyn DraftHandle>> {
+        let base = Arc::new(self.image(uid).map_err(to_io)?);
+        let old = base.version.uid;
+        let backup = BackupOptions {
+            name: base.version.name.clone(),
+            snapshot: base.version.snapshot.clone(),
+            labels: base.version.labels.clone(),
+            ..Default::default()
+        };
+        let opts = self.draft_options(backup, Some(base), streaming);
+        self.draft(opts, Some(old))
     }
 
     fn draft_options(&self, backup: BackupOptions, base: Option<Arc<Image>>, streaming: bool) -> DraftOptions {
@@ -139,7 +148,22 @@ impl DraftHandle for DraftAdapter {
     }
     fn commit(mut self: Box<Self>) -> io::Result<String> {
         let d = self.draft.take().ok_or_else(|| io::Error::from_raw_os_error(libc::EIO))?;
-        let v = d.commit().map_err(to_io)?;
+        let uid = d.uid;
+        let v = match d.commit() {
+            Ok(v) => v,
+            Err(e) => {
+                // Nothing can continue a draft whose writer is gone: leave no incomplete
+                // version behind looking like a backup (its stored blocks go at `cleanup`).
+                let e = to_io(e);
+                match self.repo.remove_incomplete(uid) {
+                    Ok(()) => eprintln!("keepfs: the incomplete version {uid} was removed"),
+                    Err(r) => eprintln!(
+                        "keepfs: error: the incomplete version {uid} could not be removed ({r}); remove it with `keepfs rm {uid}`"
+                    ),
+                }
+                return Err(e);
+            }
+        };
         eprintln!("keepfs: committed {} as {} ({} bytes)", v.name, v.uid, v.size);
         if let Some(old) = self.replaces {
             // The draft (and its read lock on `old`) is gone: drop the superseded version.
@@ -189,16 +213,16 @@ impl Backend for EngineBackend {
     }
 
     fn continue_incoming(&self, uid: &str) -> io::Result<Box<dyn DraftHandle>> {
-        let base = Arc::new(self.image(uid).map_err(to_io)?);
-        let old = base.version.uid;
-        let backup = BackupOptions {
-            name: base.version.name.clone(),
-            snapshot: base.version.snapshot.clone(),
-            labels: base.version.labels.clone(),
-            ..Default::default()
-        };
-        let opts = self.draft_options(backup, Some(base), true);
-        self.draft(opts, Some(old))
+        self.continuation(uid, true)
+    }
+
+    fn continue_cow(&self, uid: &str) -> io::Result<Box<dyn DraftHandle>> {
+        self.continuation(uid, false)
+    }
+
+    fn data_bytes(&self, uid: &str) -> io::Result<u64> {
+        let uid = VersionUid::parse(uid).map_err(|_| to_io(Error::VersionNotFound(uid.to_string())))?;
+        Ok(self.repo.index(uid).map_err(to_io)?.data_bytes())
     }
 
     fn new_cow(&self, uid: &str) -> io::Result<Box<dyn DraftHandle>> {

@@ -81,6 +81,12 @@ pub trait Backend: Send + Sync + 'static {
     /// closes and reopens the file it is writing): a draft over it with its name, labels
     /// and snapshot name; committed, the new version replaces `uid`.
     fn continue_incoming(&self, uid: &str) -> io::Result<Box<dyn DraftHandle>>;
+    /// Continues the copy-on-write overlay that has just become version `uid` (a tool
+    /// such as fio writes, closes, and reopens `data` to verify): a draft over `uid`
+    /// with its name and labels; committed, the new version replaces `uid`.
+    fn continue_cow(&self, uid: &str) -> io::Result<Box<dyn DraftHandle>>;
+    /// Bytes of version `uid` held by non-sparse blocks (what the file occupies).
+    fn data_bytes(&self, uid: &str) -> io::Result<u64>;
     /// Starts a copy-on-write overlay of version `uid`; committed, it becomes a new
     /// version of the same name labelled `keepfs.cow-of=<uid>`.
     fn new_cow(&self, uid: &str) -> io::Result<Box<dyn DraftHandle>>;

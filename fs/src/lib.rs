@@ -9,6 +9,28 @@
 //! ```
 //!
 //! Everything is asked of a [`Backend`]; this crate only maps FUSE requests to it.
+//!
+//! ## Locks
+//! Every lock here is a leaf: the maps (`inodes`, `handles`, `incoming`, `recent`, `cow`,
+//! `recent_cow`, `versions`, `data_bytes`) and each draft's [`Slot::state`]. A thread
+//! takes one, copies out or changes what it needs, and lets it go before it takes any
+//! other, so no two locks are ever held at once and no order between them can deadlock.
+//! Map locks are never held across a call to the backend. A draft's state lock
+//! serialises that draft's own operations (a write may wait for its blocks to be handed
+//! over) but is never held across a commit or a discard: those take the draft out of its
+//! slot first, so that every other handle sees it gone, and run with no lock held.
+//! Whoever finds a slot whose draft is gone treats the slot as not there.
+//!
+//! ## Copy-on-write
+//! Writing to `by_version/<uid>/data` starts an overlay: a draft over the version. Opens
+//! of `data` made while an overlay is open share it (they read its unsaved writes) and,
+//! once it is committed, read the version it became. Opens made before the overlay
+//! existed read the original throughout. After the last writer's close the overlay is a
+//! new version (`by_name/<name>/latest`) and new opens of `data` read the original
+//! again, except in the process that wrote it: when that process opens `data` again
+//! within a few seconds (fio writes, closes, and reopens the file to verify), it reads
+//! the new version, and if it writes, it continues the overlay, and the version that
+//! makes replaces the one before. `incoming/` files follow the same rule.
 
 mod backend;
 
@@ -132,7 +154,7 @@ impl Inodes {
     }
 }
 
-/// A draft shared by every handle that writes to the same file.
+/// What a draft holds beside the draft itself, under its slot's lock.
 struct Shared {
     draft: Option<Box<dyn DraftHandle>>,
     writers: usize,
@@ -146,27 +168,121 @@ struct Shared {
     written: bool,
     /// A continuation of a just-committed incoming backup (dropped if never written).
     continues: bool,
+    /// The errno of a write or truncate that failed: the draft is then never committed
+    /// (it would hold what the writer failed to write), only discarded.
+    failed: Option<Errno>,
+    /// The incoming file's name now (it may have been renamed since it was opened).
+    name: String,
     created: Instant,
-    /// The original version, for readers of a `data` file whose overlay was committed.
+    /// The version this overlay became when committed: later writes through handles
+    /// that shared the overlay continue it, and their reads see it.
+    committed_as: Option<String>,
+    /// The image read by handles whose overlay is gone.
     image: Option<Arc<dyn ImageHandle>>,
 }
 
-impl Shared {
-    fn new(draft: Box<dyn DraftHandle>, writers: usize) -> Shared {
-        Shared {
-            draft: Some(draft),
-            writers,
-            opens: 1,
-            dirty: false,
-            written: false,
-            continues: false,
-            created: Instant::now(),
-            image: None,
+/// A draft shared by every handle that writes to the same file.
+struct Slot {
+    /// The draft's size, for `stat` without waiting for a writer.
+    size: AtomicU64,
+    state: Mutex<Shared>,
+}
+
+impl Slot {
+    /// A slot for a new draft with `writers` writers among `opens` open handles.
+    fn new(draft: Box<dyn DraftHandle>, name: &str, opens: usize, writers: usize) -> SharedDraft {
+        Arc::new(Slot {
+            size: AtomicU64::new(draft.size()),
+            state: Mutex::new(Shared {
+                draft: Some(draft),
+                writers,
+                opens,
+                dirty: false,
+                written: false,
+                continues: false,
+                failed: None,
+                name: name.to_string(),
+                created: Instant::now(),
+                committed_as: None,
+                image: None,
+            }),
+        })
+    }
+
+    fn size(&self) -> u64 {
+        self.size.load(Ordering::Relaxed)
+    }
+
+    /// Runs a change on the live draft and records its outcome: the new size, and a
+    /// failure that forbids the draft to become a version.
+    fn change(&self, f: impl FnOnce(&mut dyn DraftHandle) -> io::Result<()>) -> Result<(), Errno> {
+        let mut s = self.state.lock();
+        if let Some(e) = s.failed {
+            return Err(e);
+        }
+        let d = s.draft.as_mut().ok_or(Errno::EIO)?;
+        let r = f(d.as_mut());
+        self.size.store(d.size(), Ordering::Relaxed);
+        match r {
+            Ok(()) => {
+                s.dirty = true;
+                Ok(())
+            }
+            Err(e) => {
+                let e = err(e);
+                s.failed = Some(e);
+                Err(e)
+            }
+        }
+    }
+
+    /// Takes the draft out if `pick` says so, leaving the slot dead for everyone else.
+    fn take_if(&self, pick: impl FnOnce(&mut Shared) -> bool) -> Option<Box<dyn DraftHandle>> {
+        let mut s = self.state.lock();
+        if s.draft.is_some() && pick(&mut s) { s.draft.take() } else { None }
+    }
+
+    /// Counts one more handle on the slot; false when its draft is gone.
+    fn attach(&self, writes: bool) -> bool {
+        let mut s = self.state.lock();
+        if s.draft.is_none() {
+            return false;
+        }
+        s.opens += 1;
+        if writes {
+            s.writers += 1;
+        }
+        true
+    }
+
+    fn detach(&self, writes: bool) {
+        let mut s = self.state.lock();
+        s.opens = s.opens.saturating_sub(1);
+        if writes {
+            s.writers = s.writers.saturating_sub(1);
         }
     }
 }
 
-type SharedDraft = Arc<Mutex<Shared>>;
+type SharedDraft = Arc<Slot>;
+
+/// Drops a draft nobody will commit, logging a failure (the mount's log is the only
+/// place that can show it).
+fn discard(d: Box<dyn DraftHandle>) {
+    if let Err(e) = d.discard() {
+        eprintln!("keepfs: error: discarding an unused draft failed ({e})");
+    }
+}
+
+/// Removes `slot` from `map` wherever it is listed (an incoming file may have been
+/// renamed since the caller found it).
+fn unlist(map: &Mutex<HashMap<String, SharedDraft>>, slot: &SharedDraft) {
+    map.lock().retain(|_, d| !Arc::ptr_eq(d, slot));
+}
+
+/// How long a process that committed a draft by closing its file may reopen the file to
+/// go on with it.
+const CONTINUE_GRACE: Duration = Duration::from_secs(5);
 
 enum Handle {
     Image(Arc<dyn ImageHandle>),
@@ -179,7 +295,6 @@ enum Handle {
         opener: u32,
     },
     Incoming {
-        name: String,
         draft: SharedDraft,
         writes: bool,
         opener: u32,
@@ -197,7 +312,12 @@ pub struct KeepFs<B: Backend> {
     /// Incoming names committed a moment ago: name -> (version uid, committing process).
     recent: Mutex<HashMap<String, (String, u32, Instant)>>,
     cow: Mutex<HashMap<String, SharedDraft>>,
-    versions: Mutex<(Option<Instant>, Arc<Vec<VersionEntry>>)>,
+    /// Overlays committed a moment ago: original uid -> (new uid, committing process).
+    recent_cow: Mutex<HashMap<String, (String, u32, Instant)>>,
+    /// The versions listed last: when, the list, and a generation that each change bumps.
+    versions: Mutex<(Option<Instant>, Arc<Vec<VersionEntry>>, u64)>,
+    /// Bytes each version holds in non-sparse blocks (versions never change).
+    data_bytes: Mutex<HashMap<String, u64>>,
     owner: (u32, u32),
     started: SystemTime,
 }
@@ -223,23 +343,35 @@ impl<B: Backend> KeepFs<B> {
             incoming: Mutex::new(HashMap::new()),
             recent: Mutex::new(HashMap::new()),
             cow: Mutex::new(HashMap::new()),
-            versions: Mutex::new((None, Arc::new(Vec::new()))),
+            recent_cow: Mutex::new(HashMap::new()),
+            versions: Mutex::new((None, Arc::new(Vec::new()), 0)),
+            data_bytes: Mutex::new(HashMap::new()),
             owner,
             started: SystemTime::now(),
         }
     }
 
     fn versions(&self) -> Result<Arc<Vec<VersionEntry>>, Errno> {
+        let generation = {
+            let v = self.versions.lock();
+            if v.0.is_some_and(|t| t.elapsed() < self.opts.ttl) {
+                return Ok(v.1.clone());
+            }
+            v.2
+        };
+        let list = Arc::new(self.backend.versions().map_err(err)?);
         let mut v = self.versions.lock();
-        if v.0.is_none_or(|t| t.elapsed() >= self.opts.ttl) {
-            let list = self.backend.versions().map_err(err)?;
-            *v = (Some(Instant::now()), Arc::new(list));
+        // A list fetched before a commit was forgotten must not be kept as fresh.
+        if v.2 == generation {
+            *v = (Some(Instant::now()), list.clone(), generation);
         }
-        Ok(v.1.clone())
+        Ok(list)
     }
 
     fn forget_versions(&self) {
-        self.versions.lock().0 = None;
+        let mut v = self.versions.lock();
+        v.0 = None;
+        v.2 += 1;
     }
 
     fn version(&self, uid: &str) -> Result<VersionEntry, Errno> {
@@ -298,8 +430,23 @@ impl<B: Backend> KeepFs<B> {
         format!("{s}\n").into_bytes()
     }
 
-    fn draft_size(d: &SharedDraft) -> Option<u64> {
-        d.lock().draft.as_ref().map(|d| d.size())
+    fn incoming_slot(&self, name: &str) -> Option<SharedDraft> {
+        self.incoming.lock().get(name).cloned()
+    }
+
+    fn cow_slot(&self, uid: &str) -> Option<SharedDraft> {
+        self.cow.lock().get(uid).cloned()
+    }
+
+    /// What version `uid` occupies, for `st_blocks` (so that `cp`, `du` and `qemu-img`
+    /// see a sparse version as sparse). Asked once per version: versions never change.
+    fn data_bytes(&self, uid: &str) -> Result<u64, Errno> {
+        if let Some(n) = self.data_bytes.lock().get(uid) {
+            return Ok(*n);
+        }
+        let n = self.backend.data_bytes(uid).map_err(err)?;
+        self.data_bytes.lock().insert(uid.to_string(), n);
+        Ok(n)
     }
 
     fn getattr_node(&self, node: &Node) -> Result<FileAttr, Errno> {
@@ -314,9 +461,16 @@ impl<B: Backend> KeepFs<B> {
             }
             Node::VersionFile(uid, Field::Data) => {
                 let v = self.version(uid)?;
-                let size = self.cow.lock().get(uid).and_then(Self::draft_size).unwrap_or(v.size);
                 let perm = if self.opts.read_only { 0o444 } else { 0o644 };
-                self.attr(ino, FileType::RegularFile, size, perm, v.date)
+                match self.cow_slot(uid) {
+                    // An overlay's blocks are all counted as data.
+                    Some(d) => self.attr(ino, FileType::RegularFile, d.size(), perm, v.date),
+                    None => {
+                        let mut a = self.attr(ino, FileType::RegularFile, v.size, perm, v.date);
+                        a.blocks = self.data_bytes(uid)?.div_ceil(512);
+                        a
+                    }
+                }
             }
             Node::VersionFile(uid, f) => {
                 let v = self.version(uid)?;
@@ -340,11 +494,21 @@ impl<B: Backend> KeepFs<B> {
                 self.attr(ino, FileType::Symlink, link_target(&last.uid).len() as u64, 0o777, last.date)
             }
             Node::IncomingFile(name) => {
-                let d = self.incoming.lock().get(name).cloned().ok_or(Errno::ENOENT)?;
-                let size = Self::draft_size(&d).unwrap_or(0);
-                self.attr(ino, FileType::RegularFile, size, 0o644, SystemTime::now())
+                let d = self.incoming_slot(name).ok_or(Errno::ENOENT)?;
+                self.attr(ino, FileType::RegularFile, d.size(), 0o644, SystemTime::now())
             }
         })
+    }
+
+    /// The version that `pid` committed from `key` within the grace period, if any.
+    fn recently_committed(
+        map: &Mutex<HashMap<String, (String, u32, Instant)>>,
+        key: &str,
+        pid: Option<u32>,
+    ) -> Option<String> {
+        let mut recent = map.lock();
+        recent.retain(|_, (_, _, t)| t.elapsed() < CONTINUE_GRACE);
+        recent.get(key).filter(|(_, committer, _)| pid == Some(*committer)).map(|(uid, _, _)| uid.clone())
     }
 
     /// A tool that closes the file it is writing into incoming/ and reopens it (qemu-img
@@ -353,20 +517,24 @@ impl<B: Backend> KeepFs<B> {
     /// after, the backup goes on: a draft over that version, which it replaces when
     /// committed. Anyone else sees the file gone, as after any commit.
     fn continue_recent(&self, name: &str, pid: Option<u32>) -> Result<(), Errno> {
-        const GRACE: Duration = Duration::from_secs(5);
-        let mut recent = self.recent.lock();
-        recent.retain(|_, (_, _, t)| t.elapsed() < GRACE);
-        let Some((uid, committer, _)) = recent.get(name).cloned() else { return Err(Errno::ENOENT) };
-        if pid != Some(committer) {
-            return Err(Errno::ENOENT);
-        }
-        recent.remove(name);
-        drop(recent);
+        let uid = Self::recently_committed(&self.recent, name, pid).ok_or(Errno::ENOENT)?;
         let d = self.backend.continue_incoming(&uid).map_err(err)?;
-        let mut shared = Shared::new(d, 0);
-        shared.opens = 0;
-        shared.continues = true;
-        self.incoming.lock().insert(name.to_string(), Arc::new(Mutex::new(shared)));
+        let slot = Slot::new(d, name, 0, 0);
+        slot.state.lock().continues = true;
+        let lost = {
+            let mut inc = self.incoming.lock();
+            if inc.contains_key(name) {
+                Some(slot)
+            } else {
+                inc.insert(name.to_string(), slot);
+                self.recent.lock().remove(name);
+                None
+            }
+        };
+        // Another thread of the same tool continued it first.
+        if let Some(d) = lost.and_then(|s| s.take_if(|_| true)) {
+            discard(d);
+        }
         self.forget_versions();
         Ok(())
     }
@@ -375,7 +543,7 @@ impl<B: Backend> KeepFs<B> {
     /// cached for the TTL), so a reopen can arrive as getattr/open on its old inode.
     fn continue_if_gone(&self, node: &Node, pid: u32) {
         if let Node::IncomingFile(name) = node
-            && !self.incoming.lock().contains_key(name)
+            && self.incoming_slot(name).is_none()
         {
             let _ = self.continue_recent(name, Some(pid));
         }
@@ -384,20 +552,13 @@ impl<B: Backend> KeepFs<B> {
     /// Drops continuations not written to within a few seconds (looked up or opened by
     /// the tool, which then did not write): the versions they continue stand.
     fn prune_continuations(&self) {
-        let mut inc = self.incoming.lock();
-        let stale: Vec<String> = inc
-            .iter()
-            .filter(|(_, d)| {
-                let s = d.lock();
-                s.continues && s.writers == 0 && !s.written && s.created.elapsed() > Duration::from_secs(5)
-            })
-            .map(|(n, _)| n.clone())
-            .collect();
-        for n in stale {
-            if let Some(d) = inc.remove(&n)
-                && let Some(dr) = d.lock().draft.take()
-            {
-                let _ = dr.discard();
+        let slots: Vec<SharedDraft> = self.incoming.lock().values().cloned().collect();
+        for slot in slots {
+            let stale =
+                slot.take_if(|s| s.continues && s.writers == 0 && !s.written && s.created.elapsed() > CONTINUE_GRACE);
+            if let Some(d) = stale {
+                unlist(&self.incoming, &slot);
+                discard(d);
             }
         }
     }
@@ -432,7 +593,7 @@ impl<B: Backend> KeepFs<B> {
                 }
             }
             Node::Incoming => {
-                if !self.incoming.lock().contains_key(name) {
+                if self.incoming_slot(name).is_none() {
                     self.continue_recent(name, pid)?;
                 }
                 Node::IncomingFile(name.to_string())
@@ -505,54 +666,133 @@ impl<B: Backend> KeepFs<B> {
     /// opened the handle and the draft was written to, so that `cp` returns once the
     /// version exists, or fails with the errno. A flush is not a last close: dd dup2()s
     /// its output and closes the original before writing, and a forked child closes its
-    /// inherited copy; neither may cut a draft off.
+    /// inherited copy; neither may cut a draft off. A draft whose write failed is never
+    /// committed: the last close discards it and answers the write's errno.
     fn finish_writer(&self, h: &Handle, flush_pid: Option<u32>) -> Result<(), Errno> {
         let at_release = flush_pid.is_none();
-        match h {
-            Handle::Incoming { name, draft, writes: true, opener } => {
-                let mut s = draft.lock();
-                if s.writers == 1
-                    && s.written
-                    && (at_release || flush_pid == Some(*opener))
-                    && let Some(d) = s.draft.take()
-                {
-                    let r = d.commit();
-                    self.incoming.lock().remove(name);
-                    self.forget_versions();
-                    let uid = r.map_err(err)?;
-                    self.recent.lock().insert(name.clone(), (uid, *opener, Instant::now()));
-                }
-                Ok(())
+        let (slot, opener, cow_of) = match h {
+            Handle::Incoming { draft, writes: true, opener } => (draft, *opener, None),
+            Handle::Cow { uid, draft, writes: true, opener } if !self.opts.discard_writes => {
+                (draft, *opener, Some(uid))
             }
-            Handle::Cow { uid, draft, writes: true, opener } => {
-                let mut s = draft.lock();
-                if s.writers != 1 || self.opts.discard_writes {
-                    return Ok(());
-                }
-                if s.dirty && (at_release || flush_pid == Some(*opener)) {
-                    if let Some(d) = s.draft.take() {
-                        s.dirty = false;
-                        self.remove_cow(uid, draft);
-                        let r = d.commit();
-                        self.forget_versions();
-                        r.map_err(err)?;
-                    }
-                } else if at_release && let Some(d) = s.draft.take() {
-                    // Opened for writing, never written: nothing to keep.
-                    self.remove_cow(uid, draft);
-                    d.discard().map_err(err)?;
-                }
-                Ok(())
+            _ => return Ok(()),
+        };
+        let closing = at_release || flush_pid == Some(opener);
+        let mut failed = None;
+        let mut commit = false;
+        let mut name = String::new();
+        let taken = slot.take_if(|s| {
+            if s.writers != 1 {
+                return false;
             }
-            _ => Ok(()),
+            name = s.name.clone();
+            failed = s.failed;
+            commit = closing && failed.is_none() && if cow_of.is_some() { s.dirty } else { s.written };
+            // A draft nobody wrote (or whose write failed) goes at the last release; one
+            // that was written goes at the closing flush.
+            commit || (closing && failed.is_some()) || (at_release && cow_of.is_some())
+        });
+        let Some(d) = taken else { return Ok(()) };
+        unlist(if cow_of.is_some() { &self.cow } else { &self.incoming }, slot);
+        if !commit {
+            d.discard().map_err(err)?;
+            return failed.map_or(Ok(()), Err);
         }
+        let r = d.commit();
+        self.forget_versions();
+        let new_uid = r.map_err(err)?;
+        {
+            let mut s = slot.state.lock();
+            s.committed_as = Some(new_uid.clone());
+            s.image = None;
+        }
+        let (map, key) = match cow_of {
+            Some(uid) => (&self.recent_cow, uid.clone()),
+            None => (&self.recent, name),
+        };
+        map.lock().insert(key, (new_uid, opener, Instant::now()));
+        Ok(())
     }
 
-    fn remove_cow(&self, uid: &str, draft: &SharedDraft) {
-        let mut cow = self.cow.lock();
-        if cow.get(uid).is_some_and(|d| Arc::ptr_eq(d, draft)) {
-            cow.remove(uid);
+    /// What a handle whose draft is gone reads: the version the draft became, or for an
+    /// overlay nobody committed, the original.
+    fn after_draft(&self, h: &Handle) -> Result<Arc<dyn ImageHandle>, Errno> {
+        let (slot, original) = match h {
+            Handle::Cow { uid, draft, .. } => (draft, Some(uid)),
+            Handle::Incoming { draft, .. } => (draft, None),
+            _ => return Err(Errno::EBADF),
+        };
+        let uid = {
+            let s = slot.state.lock();
+            if let Some(img) = &s.image {
+                return Ok(img.clone());
+            }
+            s.committed_as.clone().or_else(|| original.cloned()).ok_or(Errno::ENOENT)?
+        };
+        let img = self.backend.open_image(&uid).map_err(err)?;
+        slot.state.lock().image = Some(img.clone());
+        Ok(img)
+    }
+
+    /// Opens a version's `data`: the live overlay if there is one; otherwise for reading
+    /// the version (or the one this process made of it a moment ago), and for writing a
+    /// new overlay (or the continuation of the one this process just committed).
+    fn open_data(&self, uid: String, writes: bool, opener: u32) -> Result<(u64, FopenFlags), Errno> {
+        // Overlay bytes must never sit in the page cache of this inode: once the overlay
+        // becomes a version, the file is the original again.
+        let cow_handle = |slot| {
+            (
+                self.add_handle(Handle::Cow { uid: uid.clone(), draft: slot, writes, opener }),
+                FopenFlags::FOPEN_DIRECT_IO,
+            )
+        };
+        // Each round either attaches, or removes a dead slot, or inserts a new one; only
+        // racing openers make it go round more than twice.
+        for _ in 0..64 {
+            if let Some(slot) = self.cow_slot(&uid) {
+                if slot.attach(writes) {
+                    return Ok(cow_handle(slot));
+                }
+                // Committed or discarded a moment ago: on its way out of the map.
+                unlist(&self.cow, &slot);
+                continue;
+            }
+            let continued = Self::recently_committed(&self.recent_cow, &uid, Some(opener));
+            if !writes {
+                let img = self.backend.open_image(continued.as_deref().unwrap_or(&uid)).map_err(err)?;
+                let flags = if self.opts.page_cache && continued.is_none() {
+                    FopenFlags::FOPEN_KEEP_CACHE
+                } else {
+                    FopenFlags::FOPEN_DIRECT_IO
+                };
+                return Ok((self.add_handle(Handle::Image(img)), flags));
+            }
+            let d = match &continued {
+                Some(v) => self.backend.continue_cow(v),
+                None => self.backend.new_cow(&uid),
+            }
+            .map_err(err)?;
+            let slot = Slot::new(d, "", 1, 1);
+            if let Some(v) = continued {
+                slot.state.lock().committed_as = Some(v);
+            }
+            let lost = {
+                let mut cow = self.cow.lock();
+                if cow.contains_key(&uid) {
+                    true
+                } else {
+                    cow.insert(uid.clone(), slot.clone());
+                    false
+                }
+            };
+            if !lost {
+                return Ok(cow_handle(slot));
+            }
+            if let Some(d) = slot.take_if(|_| true) {
+                discard(d);
+            }
         }
+        Err(Errno::EBUSY)
     }
 
     fn valid_new_name(name: &str) -> Result<(), Errno> {
@@ -579,19 +819,17 @@ impl<B: Backend> Filesystem for KeepFs<B> {
 
     fn destroy(&mut self) {
         // Continuations nobody wrote to: the versions they continue stand.
-        for (_, d) in self.incoming.lock().drain() {
-            let mut s = d.lock();
-            if s.continues
-                && !s.written
-                && let Some(dr) = s.draft.take()
-            {
-                let _ = dr.discard();
+        let incoming: Vec<SharedDraft> = self.incoming.lock().drain().map(|(_, d)| d).collect();
+        for slot in incoming {
+            if let Some(d) = slot.take_if(|s| s.continues && !s.written) {
+                discard(d);
             }
         }
         // Overlays kept only for the life of the mount go with it.
-        for (_, d) in self.cow.lock().drain() {
-            if let Some(d) = d.lock().draft.take() {
-                let _ = d.discard();
+        let cow: Vec<SharedDraft> = self.cow.lock().drain().map(|(_, d)| d).collect();
+        for slot in cow {
+            if let Some(d) = slot.take_if(|_| true) {
+                discard(d);
             }
         }
     }
@@ -641,15 +879,12 @@ impl<B: Backend> Filesystem for KeepFs<B> {
                 if self.opts.read_only {
                     return Err(Errno::EROFS);
                 }
-                let draft = match &node {
-                    Node::IncomingFile(name) => self.incoming.lock().get(name).cloned(),
-                    Node::VersionFile(uid, Field::Data) => self.cow.lock().get(uid).cloned(),
+                let slot = match &node {
+                    Node::IncomingFile(name) => self.incoming_slot(name),
+                    Node::VersionFile(uid, Field::Data) => self.cow_slot(uid),
                     _ => None,
                 };
-                let draft = draft.ok_or(Errno::EPERM)?;
-                let mut s = draft.lock();
-                s.draft.as_mut().ok_or(Errno::EIO)?.set_size(size).map_err(err)?;
-                s.dirty = true;
+                slot.ok_or(Errno::EPERM)?.change(|d| d.set_size(size))?;
             }
             // Modes, owners and times are fixed; accept and ignore (cp -p, touch).
             self.getattr_node(&node)
@@ -687,16 +922,20 @@ impl<B: Backend> Filesystem for KeepFs<B> {
                 return Err(if self.opts.read_only { Errno::EROFS } else { Errno::EPERM });
             }
             let name = name.to_str().ok_or(Errno::ENOENT)?;
-            let d = self.incoming.lock().get(name).cloned().ok_or(Errno::ENOENT)?;
-            let mut s = d.lock();
-            if s.opens > 0 {
+            let slot = self.incoming_slot(name).ok_or(Errno::ENOENT)?;
+            let mut busy = false;
+            let taken = slot.take_if(|s| {
+                busy = s.opens > 0;
+                !busy
+            });
+            if busy {
                 return Err(Errno::EBUSY);
             }
-            if let Some(d) = s.draft.take() {
-                d.discard().map_err(err)?;
+            unlist(&self.incoming, &slot);
+            match taken {
+                Some(d) => d.discard().map_err(err),
+                None => Err(Errno::ENOENT),
             }
-            self.incoming.lock().remove(name);
-            Ok(())
         });
         match r {
             Ok(()) => reply.ok(),
@@ -726,18 +965,46 @@ impl<B: Backend> Filesystem for KeepFs<B> {
             }
             let (from, to) = (name.to_str().ok_or(Errno::ENOENT)?, newname.to_str().ok_or(Errno::EINVAL)?);
             Self::valid_new_name(to)?;
-            let mut inc = self.incoming.lock();
-            if inc.contains_key(to) {
-                return Err(Errno::EEXIST);
+            let slot = {
+                let mut inc = self.incoming.lock();
+                if inc.contains_key(to) {
+                    return Err(Errno::EEXIST);
+                }
+                let slot = inc.remove(from).ok_or(Errno::ENOENT)?;
+                inc.insert(to.to_string(), slot.clone());
+                slot
+            };
+            // The name is taken in the map first, then given to the draft (which records
+            // it in the database) with no map lock held.
+            let renamed = {
+                let mut s = slot.state.lock();
+                match s.draft.as_mut() {
+                    Some(d) => {
+                        let r = d.set_name(to);
+                        if r.is_ok() {
+                            s.name = to.to_string();
+                        }
+                        Some(r)
+                    }
+                    None => None,
+                }
+            };
+            match renamed {
+                Some(Ok(())) => Ok(()),
+                Some(Err(e)) => {
+                    let mut inc = self.incoming.lock();
+                    if inc.get(to).is_some_and(|d| Arc::ptr_eq(d, &slot)) && !inc.contains_key(from) {
+                        inc.remove(to);
+                        inc.insert(from.to_string(), slot);
+                    }
+                    Err(err(e))
+                }
+                // Committed or discarded meanwhile: it is gone.
+                None => {
+                    unlist(&self.incoming, &slot);
+                    Err(Errno::ENOENT)
+                }
             }
-            let d = inc.remove(from).ok_or(Errno::ENOENT)?;
-            let renamed = d.lock().draft.as_mut().map(|dr| dr.set_name(to)).unwrap_or(Ok(()));
-            if let Err(e) = renamed {
-                inc.insert(from.to_string(), d);
-                return Err(err(e));
-            }
-            inc.insert(to.to_string(), d);
-            Ok(())
         })();
         match r {
             Ok(()) => reply.ok(),
@@ -753,47 +1020,7 @@ impl<B: Backend> Filesystem for KeepFs<B> {
                 if writes && self.opts.read_only {
                     return Err(Errno::EROFS);
                 }
-                let mut cow = self.cow.lock();
-                let existing = cow.get(&uid).cloned();
-                let draft = match (existing, writes) {
-                    (Some(d), _) => Some(d),
-                    (None, true) => {
-                        let d = self.backend.new_cow(&uid).map_err(err)?;
-                        let mut shared = Shared::new(d, 0);
-                        shared.opens = 0;
-                        let shared = Arc::new(Mutex::new(shared));
-                        cow.insert(uid.clone(), shared.clone());
-                        Some(shared)
-                    }
-                    (None, false) => None,
-                };
-                drop(cow);
-                match draft {
-                    Some(d) => {
-                        {
-                            let mut s = d.lock();
-                            s.opens += 1;
-                            if writes {
-                                s.writers += 1;
-                            }
-                        }
-                        // Overlay bytes must never sit in the page cache of this inode:
-                        // once the overlay becomes a version, the file is the original again.
-                        Ok((
-                            self.add_handle(Handle::Cow { uid, draft: d, writes, opener }),
-                            FopenFlags::FOPEN_DIRECT_IO,
-                        ))
-                    }
-                    None => {
-                        let img = self.backend.open_image(&uid).map_err(err)?;
-                        let flags = if self.opts.page_cache {
-                            FopenFlags::FOPEN_KEEP_CACHE
-                        } else {
-                            FopenFlags::FOPEN_DIRECT_IO
-                        };
-                        Ok((self.add_handle(Handle::Image(img)), flags))
-                    }
-                }
+                self.open_data(uid, writes, opener)
             }
             Node::VersionFile(uid, f) => {
                 if writes {
@@ -807,18 +1034,11 @@ impl<B: Backend> Filesystem for KeepFs<B> {
                     return Err(Errno::EROFS);
                 }
                 self.continue_if_gone(&Node::IncomingFile(name.clone()), opener);
-                let d = self.incoming.lock().get(&name).cloned().ok_or(Errno::ENOENT)?;
-                {
-                    let mut s = d.lock();
-                    if s.draft.is_none() {
-                        return Err(Errno::ENOENT);
-                    }
-                    s.opens += 1;
-                    if writes {
-                        s.writers += 1;
-                    }
+                let slot = self.incoming_slot(&name).ok_or(Errno::ENOENT)?;
+                if !slot.attach(writes) {
+                    return Err(Errno::ENOENT);
                 }
-                Ok((self.add_handle(Handle::Incoming { name, draft: d, writes, opener }), FopenFlags::FOPEN_DIRECT_IO))
+                Ok((self.add_handle(Handle::Incoming { draft: slot, writes, opener }), FopenFlags::FOPEN_DIRECT_IO))
             }
             _ => Err(Errno::EISDIR),
         });
@@ -847,19 +1067,32 @@ impl<B: Backend> Filesystem for KeepFs<B> {
             }
             let name = name.to_str().ok_or(Errno::EINVAL)?;
             Self::valid_new_name(name)?;
-            let mut inc = self.incoming.lock();
-            if inc.contains_key(name) {
+            if self.incoming_slot(name).is_some() {
                 return Err(Errno::EEXIST);
             }
+            // The draft is started with no lock held; a racing create of the same name
+            // that lists its draft first wins, and this one is dropped.
             let d = self.backend.new_incoming(name).map_err(err)?;
             let writes = is_write(OpenFlags(flags));
-            let shared = Arc::new(Mutex::new(Shared::new(d, usize::from(writes))));
-            inc.insert(name.to_string(), shared.clone());
-            drop(inc);
+            let slot = Slot::new(d, name, 1, usize::from(writes));
+            let lost = {
+                let mut inc = self.incoming.lock();
+                if inc.contains_key(name) {
+                    true
+                } else {
+                    inc.insert(name.to_string(), slot.clone());
+                    false
+                }
+            };
+            if lost {
+                if let Some(d) = slot.take_if(|_| true) {
+                    discard(d);
+                }
+                return Err(Errno::EEXIST);
+            }
             let node = Node::IncomingFile(name.to_string());
             let attr = self.getattr_node(&node)?;
-            let fh =
-                self.add_handle(Handle::Incoming { name: name.to_string(), draft: shared, writes, opener: req.pid() });
+            let fh = self.add_handle(Handle::Incoming { draft: slot, writes, opener: req.pid() });
             Ok((attr, fh))
         })();
         match r {
@@ -880,13 +1113,13 @@ impl<B: Backend> Filesystem for KeepFs<B> {
             let (size, data) = match &*h {
                 Handle::Image(img) => (img.size(), img.next_data(offset)),
                 Handle::Cow { draft, .. } | Handle::Incoming { draft, .. } => {
-                    let s = draft.lock();
-                    let size = match (&s.draft, &s.image) {
-                        (Some(d), _) => d.size(),
-                        (None, Some(img)) => img.size(),
-                        (None, None) => return Err(Errno::EIO),
-                    };
-                    (size, (offset < size).then_some(offset..size))
+                    if draft.state.lock().draft.is_some() {
+                        let size = draft.size();
+                        (size, (offset < size).then_some(offset..size))
+                    } else {
+                        let img = self.after_draft(&h)?;
+                        (img.size(), img.next_data(offset))
+                    }
                 }
                 Handle::Static(bytes) => {
                     let size = bytes.len() as u64;
@@ -938,22 +1171,13 @@ impl<B: Backend> Filesystem for KeepFs<B> {
             let mut buf = vec![0u8; size as usize];
             let n = match &*h {
                 Handle::Image(img) => img.read_at(offset, &mut buf).map_err(err)?,
-                Handle::Incoming { draft, .. } => {
-                    let mut s = draft.lock();
-                    s.draft.as_mut().ok_or(Errno::EIO)?.read_at(offset, &mut buf).map_err(err)?
-                }
-                Handle::Cow { uid, draft, .. } => {
-                    let mut s = draft.lock();
+                Handle::Incoming { draft, .. } | Handle::Cow { draft, .. } => {
+                    let mut s = draft.state.lock();
                     match s.draft.as_mut() {
                         Some(d) => d.read_at(offset, &mut buf).map_err(err)?,
                         None => {
-                            // The overlay became a version: this file is the original again.
-                            if s.image.is_none() {
-                                s.image = Some(self.backend.open_image(uid).map_err(err)?);
-                            }
-                            let img = s.image.clone().ok_or(Errno::EIO)?;
                             drop(s);
-                            img.read_at(offset, &mut buf).map_err(err)?
+                            self.after_draft(&h)?.read_at(offset, &mut buf).map_err(err)?
                         }
                     }
                 }
@@ -987,22 +1211,31 @@ impl<B: Backend> Filesystem for KeepFs<B> {
     ) {
         let r = self.handle(fh).and_then(|h| match &*h {
             Handle::Incoming { draft, writes: true, .. } => {
-                let mut s = draft.lock();
-                s.draft.as_mut().ok_or(Errno::EIO)?.write_at(offset, data).map_err(err)?;
-                s.dirty = true;
-                s.written = true;
+                draft.change(|d| d.write_at(offset, data))?;
+                draft.state.lock().written = true;
                 Ok(())
             }
             Handle::Cow { uid, draft, writes: true, .. } => {
-                let mut s = draft.lock();
-                if s.draft.is_none() {
-                    // Written again after its overlay became a version: a new overlay.
-                    s.draft = Some(self.backend.new_cow(uid).map_err(err)?);
+                let relist = {
+                    let mut s = draft.state.lock();
+                    if s.draft.is_none() {
+                        // Written again after its overlay became a version: that version
+                        // is continued (and replaced), so no write is lost.
+                        let d = match &s.committed_as {
+                            Some(v) => self.backend.continue_cow(v),
+                            None => self.backend.new_cow(uid),
+                        };
+                        s.draft = Some(d.map_err(err)?);
+                        s.image = None;
+                        true
+                    } else {
+                        false
+                    }
+                };
+                if relist {
                     self.cow.lock().entry(uid.clone()).or_insert_with(|| draft.clone());
                 }
-                s.draft.as_mut().ok_or(Errno::EIO)?.write_at(offset, data).map_err(err)?;
-                s.dirty = true;
-                Ok(())
+                draft.change(|d| d.write_at(offset, data))
             }
             _ => Err(Errno::EBADF),
         });
@@ -1043,22 +1276,8 @@ impl<B: Backend> Filesystem for KeepFs<B> {
             if let Err(e) = self.finish_writer(&h, None) {
                 eprintln!("keepfs: error: committing on the last close failed ({e:?})");
             }
-            match &*h {
-                Handle::Cow { draft, writes, .. } => {
-                    let mut s = draft.lock();
-                    s.opens = s.opens.saturating_sub(1);
-                    if *writes {
-                        s.writers = s.writers.saturating_sub(1);
-                    }
-                }
-                Handle::Incoming { draft, writes, .. } => {
-                    let mut s = draft.lock();
-                    s.opens = s.opens.saturating_sub(1);
-                    if *writes {
-                        s.writers = s.writers.saturating_sub(1);
-                    }
-                }
-                _ => {}
+            if let Handle::Cow { draft, writes, .. } | Handle::Incoming { draft, writes, .. } = &*h {
+                draft.detach(*writes);
             }
         }
         reply.ok();
@@ -1104,8 +1323,8 @@ impl<B: Backend> Filesystem for KeepFs<B> {
             let Node::IncomingFile(file) = node else {
                 return Err(if self.opts.read_only { Errno::EROFS } else { Errno::ENOTSUP });
             };
-            let d = self.incoming.lock().get(&file).cloned().ok_or(Errno::ENOENT)?;
-            let mut s = d.lock();
+            let slot = self.incoming_slot(&file).ok_or(Errno::ENOENT)?;
+            let mut s = slot.state.lock();
             let draft = s.draft.as_mut().ok_or(Errno::ENOENT)?;
             let name = name.to_str().ok_or(Errno::ENOTSUP)?;
             let value = std::str::from_utf8(value).map_err(|_| Errno::EINVAL)?;
@@ -1126,8 +1345,8 @@ impl<B: Backend> Filesystem for KeepFs<B> {
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
         let r = self.node(ino).and_then(|node| {
             let Node::IncomingFile(file) = node else { return Err(Errno::ENODATA) };
-            let d = self.incoming.lock().get(&file).cloned().ok_or(Errno::ENOENT)?;
-            let s = d.lock();
+            let slot = self.incoming_slot(&file).ok_or(Errno::ENOENT)?;
+            let s = slot.state.lock();
             let draft = s.draft.as_ref().ok_or(Errno::ENOENT)?;
             let name = name.to_str().ok_or(Errno::ENODATA)?;
             if let Some(label) = name.strip_prefix(XATTR_LABEL) {
@@ -1149,8 +1368,8 @@ impl<B: Backend> Filesystem for KeepFs<B> {
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
         let mut out = Vec::new();
         if let Ok(Node::IncomingFile(file)) = self.node(ino)
-            && let Some(d) = self.incoming.lock().get(&file).cloned()
-            && let Some(draft) = d.lock().draft.as_ref()
+            && let Some(slot) = self.incoming_slot(&file)
+            && let Some(draft) = slot.state.lock().draft.as_ref()
         {
             for (k, _) in draft.labels() {
                 out.extend_from_slice(format!("{XATTR_LABEL}{k}").as_bytes());
@@ -1171,8 +1390,8 @@ impl<B: Backend> Filesystem for KeepFs<B> {
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let r = self.node(ino).and_then(|node| {
             let Node::IncomingFile(file) = node else { return Err(Errno::ENODATA) };
-            let d = self.incoming.lock().get(&file).cloned().ok_or(Errno::ENOENT)?;
-            let mut s = d.lock();
+            let slot = self.incoming_slot(&file).ok_or(Errno::ENOENT)?;
+            let mut s = slot.state.lock();
             let draft = s.draft.as_mut().ok_or(Errno::ENOENT)?;
             let label = name.to_str().and_then(|n| n.strip_prefix(XATTR_LABEL)).ok_or(Errno::ENODATA)?;
             if draft.remove_label(label) { Ok(()) } else { Err(Errno::ENODATA) }

@@ -1,0 +1,287 @@
+//! What independent tools and fault drills did to the mount: a close that commits while
+//! others list, rename and stat (it used to deadlock), fio's write-close-reopen-verify on
+//! copy-on-write, sparse versions that must look sparse to `stat`, `du` and `cp`, and a
+//! full disk that must say so. Needs root and /dev/fuse (CI has both).
+
+mod common;
+use common::mount::{Mount, wait_until};
+use common::*;
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::MetadataExt;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, mpsc};
+use std::time::Duration;
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+fn valid_uids(repo: &Repo, filter: &str) -> Vec<String> {
+    repo.ls_json(Some(filter))
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|v| v["status"] == "valid")
+        .map(|v| v["uid"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// A configuration whose storage writes at most 4 MB/s: every commit of a few MiB takes
+/// long enough for the other threads to run into it.
+fn slow_commit_config(repo: &Repo) -> String {
+    let path = repo.path("slow.toml");
+    let home = repo.home();
+    fs::write(
+        &path,
+        format!(
+            "home = \"{h}\"\nblock_size = \"1M\"\n[[storage]]\nname = \"default\"\nkind = \"file\"\n\
+             path = \"{h}/storage\"\nwrite_bandwidth = \"4M\"\n",
+            h = home.display()
+        ),
+    )
+    .unwrap();
+    path.to_str().unwrap().to_string()
+}
+
+/// Runs `work` and fails the test if it does not finish within `limit`: a wedged mount
+/// is killed (so that the stuck threads return) and named as the failure.
+fn within_deadline(m: &mut Mount, limit: Duration, what: &str, work: impl FnOnce() + Send + 'static) {
+    let (tx, rx) = mpsc::channel();
+    let t = std::thread::spawn(move || {
+        work();
+        let _ = tx.send(());
+    });
+    match rx.recv_timeout(limit) {
+        Ok(()) => t.join().unwrap(),
+        Err(mpsc::RecvTimeoutError::Disconnected) => {
+            if let Err(p) = t.join() {
+                std::panic::resume_unwind(p);
+            }
+        }
+        Err(mpsc::RecvTimeoutError::Timeout) => {
+            if let Some(c) = m.child.as_mut() {
+                let _ = c.kill();
+            }
+            let _ = Command::new("fusermount3").arg("-u").arg("-z").arg(&m.dir).status();
+            panic!("{what} did not finish within {limit:?}: the mount is wedged\n{}", m.log_text());
+        }
+    }
+}
+
+/// Issue 9.1: `ls incoming/`, `mv` within it, `stat` and listings of by_version/ while
+/// writers (`cp` into incoming/, writes to a version's data) close and commit.
+#[test]
+fn listing_renaming_and_stat_while_writers_commit_never_wedge_the_mount() {
+    let repo = Repo::new();
+    let cfg = slow_commit_config(&repo);
+    fs::write(repo.path("base.img"), random_bytes(5, 4 << 20)).unwrap();
+    let base = repo.ok(&["--config", &cfg, "backup", &repo.url("base.img"), "base"]).trim().to_string();
+    let mut m = Mount::new(&repo, &["--config", &cfg]);
+    let dir = m.dir.clone();
+    let rounds = 6;
+    let expected: Vec<(String, String)> = (0..rounds)
+        .map(|r| {
+            let data = random_bytes(100 + r, 3 << 20);
+            let name = format!("w{r}");
+            let p = repo.path(&name);
+            fs::write(&p, &data).unwrap();
+            (name, sha256_file(&p))
+        })
+        .collect();
+    let src: Vec<_> = expected.iter().map(|(n, _)| repo.path(n)).collect();
+    let base_uid = base.clone();
+    let hammered = Arc::new(AtomicUsize::new(0));
+    let counter = hammered.clone();
+    within_deadline(&mut m, Duration::from_secs(240), "writers closing beside ls/mv/stat", move || {
+        let inc = dir.join("incoming");
+        for (r, src) in src.iter().enumerate() {
+            // A file created and left unwritten stays in incoming/ for mv to move about.
+            let tmp = inc.join(format!("tmp{r}"));
+            fs::File::create(&tmp).unwrap();
+            let done = Arc::new(AtomicBool::new(false));
+            let mut threads = Vec::new();
+            {
+                let (src, inc, done) = (src.clone(), inc.clone(), done.clone());
+                threads.push(std::thread::spawn(move || {
+                    let mut f = fs::File::create(inc.join(format!("w{r}"))).unwrap();
+                    f.write_all(&fs::read(&src).unwrap()).unwrap();
+                    drop(f); // the slow commit happens here
+                    done.store(true, Ordering::SeqCst);
+                }));
+            }
+            {
+                let (dir, base, done) = (dir.clone(), base_uid.clone(), done.clone());
+                threads.push(std::thread::spawn(move || {
+                    let data = dir.join(format!("by_version/{base}/data"));
+                    let f = fs::OpenOptions::new().write(true).open(&data).unwrap();
+                    std::os::unix::fs::FileExt::write_all_at(&f, &random_bytes(200 + r as u64, 2 << 20), 1 << 20)
+                        .unwrap();
+                    drop(f); // a copy-on-write commit
+                    while !done.load(Ordering::SeqCst) {
+                        std::hint::spin_loop();
+                    }
+                }));
+            }
+            for k in 0..3 {
+                let (dir, inc, done, counter) = (dir.clone(), inc.clone(), done.clone(), counter.clone());
+                threads.push(std::thread::spawn(move || {
+                    let (a, b) = (inc.join(format!("tmp{r}")), inc.join(format!("tmp{r}-moved")));
+                    while !done.load(Ordering::SeqCst) {
+                        match k {
+                            0 => {
+                                for e in fs::read_dir(&inc).unwrap().flatten() {
+                                    let _ = fs::metadata(e.path());
+                                }
+                            }
+                            1 => {
+                                if fs::rename(&a, &b).is_ok() {
+                                    fs::rename(&b, &a).unwrap();
+                                }
+                            }
+                            _ => {
+                                for e in fs::read_dir(dir.join("by_version")).unwrap().flatten() {
+                                    let _ = fs::metadata(e.path().join("data"));
+                                }
+                            }
+                        }
+                        counter.fetch_add(1, Ordering::Relaxed);
+                    }
+                }));
+            }
+            for t in threads {
+                t.join().unwrap();
+            }
+            fs::remove_file(&tmp).unwrap();
+        }
+    });
+    assert!(hammered.load(Ordering::Relaxed) >= rounds as usize * 3, "the other threads ran");
+    drop(m);
+    for (name, sha) in &expected {
+        let uids = valid_uids(&repo, &format!("name == \"{name}\""));
+        assert_eq!(uids.len(), 1, "{name}: {uids:?}");
+        assert_eq!(&repo.restore_sha(&uids[0], &format!("{name}.out")), sha, "{name}");
+    }
+    let cows = valid_uids(&repo, &format!("labels[\"keepfs.cow-of\"] == \"{base}\""));
+    assert_eq!(cows.len(), rounds as usize, "one copy-on-write version per round: {cows:?}");
+    assert!(valid_uids(&repo, "name == \"tmp0\"").is_empty(), "unwritten files are no versions");
+}
+
+/// Issue 9.2: fio writes a version's data, closes it, reopens it in the same process and
+/// verifies every block. The reopen continues the overlay, so fio reads what it wrote,
+/// and a job that writes again replaces the version its first close made.
+#[test]
+fn fio_write_then_verify_on_a_versions_data() {
+    if Command::new("fio").arg("--version").output().is_err() {
+        panic!("fio is not installed (apt-get install fio; .ci/run installs it)");
+    }
+    let repo = Repo::new();
+    let img = mixed_image(9, 16, 1 << 20, 0);
+    fs::write(repo.path("vm.img"), &img).unwrap();
+    let uid = repo.backup("vm.img", "vm", &["-b", "1M"]);
+    let m = Mount::new(&repo, &[]);
+    let data = m.p(&format!("by_version/{uid}/data"));
+    for (job, rw) in [("seq", "write"), ("rand", "randwrite")] {
+        let out = Command::new("fio")
+            .args([
+                &format!("--name={job}"),
+                &format!("--filename={}", data.display()),
+                &format!("--rw={rw}"),
+                "--bs=64k",
+                "--size=8M",
+                "--offset=4M",
+                "--ioengine=psync",
+                "--verify=crc32c",
+                "--do_verify=1",
+                "--verify_fatal=1",
+                "--randrepeat=1",
+                "--output-format=terse",
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "fio {job}: {}\n{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            m.log_text()
+        );
+    }
+    // The original is untouched; the writes are new versions of vm, whose bytes outside
+    // fio's range are the original's.
+    let before = sha256_file(&repo.path("vm.img"));
+    assert_eq!(sha256_file(&data), before, "by_version/{uid}/data is the original again");
+    let cows = valid_uids(&repo, &format!("labels[\"keepfs.cow-of\"] == \"{uid}\""));
+    assert!(!cows.is_empty() && cows.len() <= 2, "one version per fio job at most: {cows:?}");
+    let last = cows.last().unwrap();
+    let out = repo.path("last.img");
+    repo.ok(&["restore", last, &format!("file://{}", out.display())]);
+    let got = fs::read(&out).unwrap();
+    assert_eq!(got.len(), img.len());
+    assert_eq!(got[..4 << 20], img[..4 << 20], "before fio's range");
+    assert_eq!(got[12 << 20..], img[12 << 20..], "after fio's range");
+    assert_ne!(got[4 << 20..12 << 20], img[4 << 20..12 << 20], "fio's pattern is stored");
+    // What the mount shows under the new version is what was restored.
+    assert_eq!(sha256_file(&m.p(&format!("by_version/{last}/data"))), sha256_file(&out));
+    let deep = repo.run(&["deep-scrub", last]);
+    assert_eq!(deep.code, 0, "{}", deep.stderr);
+}
+
+/// Issue 9.3: a mostly sparse version occupies what its data blocks hold, so `du`,
+/// `stat` and coreutils `cp` (which looks for holes only when st_blocks is small) treat
+/// it as sparse.
+#[test]
+fn a_sparse_version_looks_sparse_to_stat_du_and_cp() {
+    const MIB: u64 = 1 << 20;
+    let repo = Repo::new();
+    let img = repo.path("thin.img");
+    sparse_file(&img, 1024 * MIB, &[(5 * MIB, &random_bytes(1, MIB as usize)), (700 * MIB, &random_bytes(2, 3000))]);
+    let uid = repo.backup("thin.img", "thin", &["-b", "1M"]);
+    let m = Mount::new(&repo, &[]);
+    let data = m.p(&format!("by_version/{uid}/data"));
+    let meta = fs::metadata(&data).unwrap();
+    assert_eq!(meta.len(), 1024 * MIB);
+    assert_eq!(meta.blocks() * 512, 2 * MIB, "two data blocks, not 1 GiB");
+    let du = Command::new("du").arg("-k").arg(&data).output().unwrap();
+    let kib: u64 = String::from_utf8_lossy(&du.stdout).split_whitespace().next().unwrap().parse().unwrap();
+    assert_eq!(kib, 2048, "du of two 1 MiB blocks");
+    let copy = repo.path("copy.img");
+    let out = Command::new("cp").arg(&data).arg(&copy).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(sha256_file(&copy), sha256_file(&img));
+    assert!(fs::metadata(&copy).unwrap().blocks() * 512 < 8 * MIB, "cp wrote holes, not 1 GiB of zeros");
+}
+
+/// Issue 9.4: `cp` into incoming/ on a full disk fails with "No space left on device",
+/// leaves no incomplete version behind, and after `cleanup` the repository takes
+/// backups again.
+#[test]
+fn a_full_disk_through_the_mount_is_enospc_and_leaves_nothing_half_made() {
+    let repo = Repo::new();
+    let home = repo.home();
+    fs::create_dir_all(&home).unwrap();
+    let st = Command::new("mount").args(["-t", "tmpfs", "-o", "size=24m", "tmpfs"]).arg(&home).status().unwrap();
+    assert!(st.success(), "mount tmpfs");
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+    let _tmpfs = Unmount(home.clone());
+    repo.ok(&["ls"]);
+    let big = repo.path("big.img");
+    fs::write(&big, random_bytes(3, 64 << 20)).unwrap();
+    let m = Mount::new(&repo, &[]);
+    let out = Command::new("cp").arg(&big).arg(m.p("incoming/big")).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "cp of 64 MiB into 24 MiB succeeded?");
+    assert!(err.contains("No space left on device"), "cp said: {err}\nmount log: {}", m.log_text());
+    wait_until("the failed backup to be gone from incoming/", LIMIT, || !m.p("incoming/big").exists());
+    let all = repo.ls_json(None);
+    assert_eq!(all.as_array().unwrap().len(), 0, "nothing half-made is left: {all}");
+    drop(m);
+    repo.ok(&["cleanup"]);
+    fs::write(repo.path("small.img"), random_bytes(4, 1 << 20)).unwrap();
+    let uid = repo.backup("small.img", "small", &[]);
+    assert_eq!(repo.restore_sha(&uid, "small.out"), sha256_file(&repo.path("small.img")));
+}

@@ -1,7 +1,9 @@
 //! keepfs: block-level, deduplicating backup of disk images and block devices.
 //!
-//! The engine is this library; the `keepfs` command and the FUSE filesystem are thin
-//! faces over [`repo::Repository`].
+//! The engine is this library; the `keepfs` command is a thin face over
+//! [`repo::Repository`], and the FUSE filesystem (crate keepfs-fs) a thin face over the
+//! write-session service ([`session::SessionService`]), through the small interface of
+//! crate keepfs-face. The engine depends on no face.
 
 pub mod backup;
 pub mod block;
@@ -17,13 +19,13 @@ pub mod image;
 pub mod index;
 pub mod keys;
 pub mod metadata;
-pub mod mount;
 pub mod progress;
 pub mod repo;
 pub mod restore;
 pub mod retention;
 pub mod schedule;
 pub mod scrub;
+pub mod session;
 pub mod source;
 pub mod storage;
 pub mod transform;

@@ -923,12 +923,15 @@ fn run(cli: Cli) -> Result<i32> {
             let config_block_size = repo.config.block_size;
             // Before any thread exists, so that every thread has the signals blocked.
             unmount_on_signal(&mountpoint);
-            let backend = keepfs::mount::EngineBackend::new(std::sync::Arc::new(repo));
-            let opts = keepfs_fs::MountOptions { read_only, discard_writes, threads, page_cache, ..Default::default() };
+            let opts = keepfs_fs::MountOptions { read_only, threads, page_cache, ..Default::default() };
+            let sessions = std::sync::Arc::new(keepfs::session::SessionService::new(
+                std::sync::Arc::new(repo),
+                keepfs::session::SessionOptions { read_only, discard_writes, list_ttl: opts.ttl },
+            ));
             let shown = mountpoint.display().to_string();
             let read_ahead_kb = (config_block_size / 1024).max(1024);
             let at = mountpoint.clone();
-            keepfs_fs::mount(backend, &mountpoint, opts, move || {
+            keepfs_fs::mount(sessions, &mountpoint, opts, move || {
                 raise_read_ahead(&at, read_ahead_kb);
                 eprintln!("keepfs: mounted at {shown}; unmount with `fusermount3 -u {shown}`")
             })

@@ -232,6 +232,21 @@ enum Command {
         #[arg(long)]
         page_cache: bool,
     },
+    /// Serve versions as network block devices (exports: version uids and NAME@latest)
+    Nbd {
+        /// Address to listen on (anything but loopback is an explicit choice)
+        #[arg(long, default_value = "127.0.0.1:10809", conflicts_with = "socket")]
+        listen: String,
+        /// Listen on this Unix socket instead
+        #[arg(long, value_name = "PATH")]
+        socket: Option<PathBuf>,
+        /// Refuse all writes (EPERM); clients may use several connections
+        #[arg(long)]
+        read_only: bool,
+        /// Drop a connection's writes when it disconnects instead of making a version
+        #[arg(long)]
+        discard_writes: bool,
+    },
     /// Delete stored objects that no version references
     Cleanup {
         /// Print what would be deleted, delete nothing
@@ -926,7 +941,15 @@ fn run(cli: Cli) -> Result<i32> {
             let opts = keepfs_fs::MountOptions { read_only, threads, page_cache, ..Default::default() };
             let sessions = std::sync::Arc::new(keepfs::session::SessionService::new(
                 std::sync::Arc::new(repo),
-                keepfs::session::SessionOptions { read_only, discard_writes, list_ttl: opts.ttl },
+                keepfs::session::SessionOptions {
+                    read_only,
+                    overlays: if discard_writes {
+                        keepfs::session::Overlays::KeepUntilShutdown
+                    } else {
+                        keepfs::session::Overlays::Commit
+                    },
+                    list_ttl: opts.ttl,
+                },
             ));
             let shown = mountpoint.display().to_string();
             let read_ahead_kb = (config_block_size / 1024).max(1024);
@@ -936,6 +959,33 @@ fn run(cli: Cli) -> Result<i32> {
                 eprintln!("keepfs: mounted at {shown}; unmount with `fusermount3 -u {shown}`")
             })
             .map_err(|e| Error::io(format!("cannot mount at {}", mountpoint.display()), e))?;
+            Ok(exit::OK)
+        }
+        Command::Nbd { listen, socket, read_only, discard_writes } => {
+            let listener = match &socket {
+                Some(path) => keepfs_nbd::Listener::unix(path.clone())
+                    .map_err(|e| Error::io(format!("cannot listen on {}", path.display()), e))?,
+                None => keepfs_nbd::Listener::tcp(&listen)
+                    .map_err(|e| Error::io(format!("cannot listen on {listen}"), e))?,
+            };
+            // Before any thread exists (the session service starts readers), so that
+            // every thread has the signals blocked.
+            stop_on_signal(listener.stopper());
+            let sessions = std::sync::Arc::new(keepfs::session::SessionService::new(
+                std::sync::Arc::new(repo),
+                keepfs::session::SessionOptions {
+                    read_only,
+                    overlays: if discard_writes {
+                        keepfs::session::Overlays::DropAtLastClose
+                    } else {
+                        keepfs::session::Overlays::Commit
+                    },
+                    ..Default::default()
+                },
+            ));
+            eprintln!("keepfs: serving NBD on {} (exports: version uids and NAME@latest)", listener.describe());
+            keepfs_nbd::serve(sessions, listener, keepfs_nbd::NbdOptions { read_only })
+                .map_err(|e| Error::io("the NBD server stopped", e))?;
             Ok(exit::OK)
         }
         Command::Cleanup { dry_run, storage } => {
@@ -1061,6 +1111,27 @@ fn unmount_on_signal(dir: &std::path::Path) {
         unsafe { libc::sigwait(&set, &mut sig) };
         eprintln!("keepfs: signal {sig}: unmounting {}", dir.display());
         let _ = std::process::Command::new("fusermount3").arg("-u").arg("-z").arg(&dir).status();
+    });
+}
+
+/// On SIGINT or SIGTERM the NBD server stops: no new clients, every connection ends, and
+/// what each wrote becomes a version (as at a disconnect) before the process exits.
+fn stop_on_signal(stopper: keepfs_nbd::Stopper) {
+    // SAFETY: signal mask calls on a zeroed, then filled sigset.
+    let set = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    };
+    std::thread::spawn(move || {
+        let mut sig: libc::c_int = 0;
+        // SAFETY: waits on the signals blocked above.
+        unsafe { libc::sigwait(&set, &mut sig) };
+        eprintln!("keepfs: signal {sig}: stopping the NBD server");
+        stopper.stop();
     });
 }
 

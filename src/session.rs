@@ -11,8 +11,9 @@
 //! - **Overlays (copy-on-write).** Writing to a version starts an overlay: a draft over
 //!   the version, shared by every handle opened while it lives. It becomes a new version
 //!   (same name, the original's labels, `keepfs.cow-of=<uid>`) when its last writer
-//!   closes; one opened for writing and never written is dropped; with
-//!   `discard_writes` it lives as long as the face. Handles that shared an overlay read
+//!   closes; one opened for writing and never written is dropped. By
+//!   [`SessionOptions::overlays`] it may instead live as long as the face, or be dropped
+//!   when its last writer goes. Handles that shared an overlay read
 //!   the version it became, and writing again continues that version.
 //! - **Continuations.** An opener that reopens what it committed a moment ago (qemu-img
 //!   into `incoming/`, fio's write-then-verify on a version) continues it: reads see
@@ -67,20 +68,31 @@ fn errno(n: i32) -> io::Error {
     io::Error::from_raw_os_error(n)
 }
 
+/// What becomes of an overlay when its last writer goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Overlays {
+    /// It becomes a new version.
+    Commit,
+    /// It stays, never a version, until the face shuts down (`mount --discard-writes`:
+    /// a throw-away VM boot can close and reopen its disk).
+    KeepUntilShutdown,
+    /// It is dropped (`nbd --discard-writes`: at the last writer's disconnect).
+    DropAtLastClose,
+}
+
 /// How the service treats writes.
 #[derive(Clone, Debug)]
 pub struct SessionOptions {
     /// Refuse every write with EROFS.
     pub read_only: bool,
-    /// Keep overlays only for the life of the face (never a new version).
-    pub discard_writes: bool,
+    pub overlays: Overlays,
     /// How long a listing of the versions is reused.
     pub list_ttl: Duration,
 }
 
 impl Default for SessionOptions {
     fn default() -> Self {
-        SessionOptions { read_only: false, discard_writes: false, list_ttl: Duration::from_secs(1) }
+        SessionOptions { read_only: false, overlays: Overlays::Commit, list_ttl: Duration::from_secs(1) }
     }
 }
 
@@ -451,7 +463,9 @@ impl SessionService {
         let at_release = flusher.is_none();
         let (slot, opener, overlay_of) = match h {
             Handle::Incoming { slot, writes: true, opener } => (slot, *opener, None),
-            Handle::Overlay { uid, slot, writes: true, opener } if !self.opts.discard_writes => {
+            Handle::Overlay { uid, slot, writes: true, opener }
+                if self.opts.overlays != Overlays::KeepUntilShutdown =>
+            {
                 (slot, *opener, Some(uid))
             }
             _ => return Ok(()),
@@ -464,7 +478,8 @@ impl SessionService {
             }
             name = s.name.clone();
             failed = s.failed;
-            commit = closing && failed.is_none() && if overlay_of.is_some() { s.dirty } else { s.written };
+            let keep = overlay_of.is_none() || self.opts.overlays == Overlays::Commit;
+            commit = keep && closing && failed.is_none() && if overlay_of.is_some() { s.dirty } else { s.written };
             // A written draft goes at the closing flush; one whose write failed, or an
             // overlay never written, at the last close.
             commit || (closing && failed.is_some()) || (at_release && overlay_of.is_some())

@@ -1,0 +1,806 @@
+//! keepfs-nbd: the NBD server face of keepfs. It serves versions as network block devices
+//! (exports named by uid, or `NAME@latest`) and only translates the protocol: every read
+//! and write goes to the engine's session service ([`Sessions`]), which owns the rules
+//! that turn writes into versions, exactly as for the FUSE filesystem. A writable
+//! connection's writes go to an overlay of the version; at disconnect the overlay becomes
+//! a new version labelled `keepfs.cow-of=<uid>` (two connections writing one export share
+//! the overlay, and the version is made when the last of them goes).
+//!
+//! Per connection: the connection's thread reads requests and hands them to a few
+//! workers, so requests are served in parallel and replies may leave out of order; the
+//! bytes of requests in flight are bounded ([`MAX_IN_FLIGHT`]), and a client that stops
+//! reading its replies is dropped after [`WRITE_TIMEOUT`]. Other connections are never
+//! held up by one.
+//!
+//! ## Locks
+//! `Conn::reply` (the socket's writing half), `Conn::budget` and `Conn::writable` are
+//! leaf locks: nothing else is taken while one is held, and only `reply` is held across
+//! I/O (one reply's bytes go out together). Opening the overlay happens with no lock
+//! held; other workers wait for it on a condition variable.
+
+pub mod proto;
+
+use keepfs_face::{Fh, Opener, Sessions, VersionEntry};
+use proto::*;
+use std::io::{self, BufReader, Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+/// Bytes of requests (write payloads and read lengths) one connection may have in flight.
+pub const MAX_IN_FLIGHT: u64 = 64 << 20;
+/// A client that does not take a reply within this time is disconnected.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Requests of one connection served at once.
+const WORKERS: usize = 4;
+/// Connections served at once; more are refused (closed at once).
+const MAX_CONNECTIONS: usize = 256;
+/// Descriptors in one block status reply.
+const MAX_EXTENTS: usize = 4096;
+
+static ZEROS: [u8; 1 << 20] = [0; 1 << 20];
+
+/// How the server treats its clients.
+#[derive(Clone, Debug, Default)]
+pub struct NbdOptions {
+    /// Every export is read-only (writes fail with EPERM); clients may use several
+    /// connections at once (NBD_FLAG_CAN_MULTI_CONN).
+    pub read_only: bool,
+}
+
+/// Where the server listens.
+pub struct Listener {
+    socket: Socket,
+    state: Arc<ServerState>,
+}
+
+enum Socket {
+    Tcp(TcpListener),
+    Unix(UnixListener, PathBuf),
+}
+
+impl Listener {
+    fn new(socket: Socket) -> Listener {
+        let state = Arc::new(ServerState { stopping: AtomicBool::new(false), conns: Mutex::new(Default::default()) });
+        Listener { socket, state }
+    }
+
+    fn state(&self) -> Arc<ServerState> {
+        self.state.clone()
+    }
+
+    pub fn tcp(addr: &str) -> io::Result<Listener> {
+        Ok(Listener::new(Socket::Tcp(TcpListener::bind(addr)?)))
+    }
+
+    /// Listens on a Unix socket at `path` (a stale socket file there is replaced).
+    pub fn unix(path: PathBuf) -> io::Result<Listener> {
+        if std::fs::symlink_metadata(&path).is_ok_and(|m| {
+            use std::os::unix::fs::FileTypeExt;
+            m.file_type().is_socket()
+        }) {
+            std::fs::remove_file(&path)?;
+        }
+        Ok(Listener::new(Socket::Unix(UnixListener::bind(&path)?, path)))
+    }
+
+    /// What a client connects to: `127.0.0.1:10809` or the socket's path.
+    pub fn describe(&self) -> String {
+        match &self.socket {
+            Socket::Tcp(l) => l.local_addr().map(|a| a.to_string()).unwrap_or_else(|_| "?".into()),
+            Socket::Unix(_, p) => p.display().to_string(),
+        }
+    }
+
+    fn accept(&self) -> io::Result<Stream> {
+        Ok(match &self.socket {
+            Socket::Tcp(l) => {
+                let (s, _) = l.accept()?;
+                let _ = s.set_nodelay(true);
+                Stream::Tcp(s)
+            }
+            Socket::Unix(l, _) => Stream::Unix(l.accept()?.0),
+        })
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        if let Socket::Unix(_, p) = &self.socket {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+enum Stream {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+impl Stream {
+    fn try_clone(&self) -> io::Result<Stream> {
+        Ok(match self {
+            Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
+            Stream::Unix(s) => Stream::Unix(s.try_clone()?),
+        })
+    }
+    fn set_write_timeout(&self, t: Duration) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.set_write_timeout(Some(t)),
+            Stream::Unix(s) => s.set_write_timeout(Some(t)),
+        }
+    }
+    fn shutdown(&self) {
+        let _ = match self {
+            Stream::Tcp(s) => s.shutdown(Shutdown::Both),
+            Stream::Unix(s) => s.shutdown(Shutdown::Both),
+        };
+    }
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.read(buf),
+            Stream::Unix(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.write(buf),
+            Stream::Unix(s) => s.write(buf),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.flush(),
+            Stream::Unix(s) => s.flush(),
+        }
+    }
+}
+
+/// Stops a running [`serve`] from another thread (a signal handler's thread).
+#[derive(Clone)]
+pub struct Stopper {
+    state: Arc<ServerState>,
+    listener_fd: std::os::fd::RawFd,
+}
+
+struct ServerState {
+    stopping: AtomicBool,
+    /// A clone of each live connection's socket, to end it at a stop.
+    conns: Mutex<std::collections::HashMap<Opener, Stream>>,
+}
+
+impl Stopper {
+    /// Stops accepting and ends every connection; each connection's writes still become
+    /// a version (its overlay is committed as at a disconnect) before [`serve`] returns.
+    pub fn stop(&self) {
+        self.state.stopping.store(true, Ordering::SeqCst);
+        // SAFETY: shutdown(2) on the listening socket's descriptor, which stays open
+        // until `serve` returns; it makes a blocked accept(2) return.
+        unsafe { libc::shutdown(self.listener_fd, libc::SHUT_RDWR) };
+        for s in self.state.conns.lock().unwrap_or_else(|p| p.into_inner()).values() {
+            s.shutdown();
+        }
+    }
+}
+
+impl Listener {
+    /// A handle that stops the server serving on this listener.
+    pub fn stopper(&self) -> Stopper {
+        use std::os::fd::AsRawFd;
+        let listener_fd = match &self.socket {
+            Socket::Tcp(l) => l.as_raw_fd(),
+            Socket::Unix(l, _) => l.as_raw_fd(),
+        };
+        Stopper { state: self.state.clone(), listener_fd }
+    }
+}
+
+/// Serves clients until [`Stopper::stop`] (then returns once every connection has
+/// ended) or until the listener fails. Each connection has its own thread.
+pub fn serve<S: Sessions>(sessions: Arc<S>, listener: Listener, opts: NbdOptions) -> io::Result<()> {
+    // Openers of the session service: far from process ids, one per connection.
+    let next_opener = AtomicU32::new(0x4000_0000);
+    let live = Arc::new(AtomicUsize::new(0));
+    let state = listener.state();
+    let mut threads: Vec<std::thread::JoinHandle<()>> = Vec::new();
+    let result = loop {
+        let stream = match listener.accept() {
+            _ if state.stopping.load(Ordering::SeqCst) => break Ok(()),
+            Ok(s) => s,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ECONNABORTED)) => {
+                eprintln!("keepfs: nbd: accepting a connection failed ({e})");
+                continue;
+            }
+            Err(e) => break Err(e),
+        };
+        threads.retain(|t| !t.is_finished());
+        if live.load(Ordering::SeqCst) >= MAX_CONNECTIONS {
+            stream.shutdown();
+            continue;
+        }
+        let opener = next_opener.fetch_add(1, Ordering::Relaxed);
+        if let Ok(c) = stream.try_clone() {
+            state.conns.lock().unwrap_or_else(|p| p.into_inner()).insert(opener, c);
+        }
+        live.fetch_add(1, Ordering::SeqCst);
+        let (sessions, opts, live, state) = (sessions.clone(), opts.clone(), live.clone(), state.clone());
+        threads.push(std::thread::spawn(move || {
+            if let Err(e) = connection(sessions, stream, &opts, opener)
+                && e.kind() != io::ErrorKind::UnexpectedEof
+            {
+                eprintln!("keepfs: nbd: connection {opener:#x} ended: {e}");
+            }
+            state.conns.lock().unwrap_or_else(|p| p.into_inner()).remove(&opener);
+            live.fetch_sub(1, Ordering::SeqCst);
+        }));
+    };
+    for t in threads {
+        let _ = t.join();
+    }
+    result
+}
+
+/// What the handshake agreed on.
+struct Agreed {
+    version: VersionEntry,
+    structured: bool,
+    allocation: bool,
+}
+
+fn read_u32(r: &mut impl Read) -> io::Result<u32> {
+    let mut b = [0u8; 4];
+    r.read_exact(&mut b)?;
+    Ok(u32::from_be_bytes(b))
+}
+
+fn read_u64(r: &mut impl Read) -> io::Result<u64> {
+    let mut b = [0u8; 8];
+    r.read_exact(&mut b)?;
+    Ok(u64::from_be_bytes(b))
+}
+
+fn invalid(msg: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, msg.to_string())
+}
+
+/// The export called `name`: a uid, or `NAME@latest`.
+fn find_export<S: Sessions>(sessions: &S, name: &str) -> io::Result<Option<VersionEntry>> {
+    let versions = sessions.versions()?;
+    Ok(match name.strip_suffix("@latest") {
+        Some(n) => versions.iter().rev().find(|v| v.name == n).cloned(),
+        None => versions.iter().find(|v| v.uid == name).cloned(),
+    })
+}
+
+fn transmission_flags(opts: &NbdOptions) -> u16 {
+    let mut f = FLAG_HAS_FLAGS | FLAG_SEND_FLUSH | FLAG_SEND_FUA | FLAG_SEND_CACHE;
+    if opts.read_only {
+        // Reads of a version are the same through every connection.
+        f |= FLAG_READ_ONLY | FLAG_CAN_MULTI_CONN;
+    } else {
+        f |= FLAG_SEND_TRIM | FLAG_SEND_WRITE_ZEROES;
+    }
+    f
+}
+
+fn description(v: &VersionEntry) -> String {
+    format!("{} {}", v.name, v.date_text)
+}
+
+/// The fixed-newstyle handshake; `None` when the client ended it (NBD_OPT_ABORT).
+fn handshake<S: Sessions>(
+    sessions: &S,
+    r: &mut impl Read,
+    w: &mut impl Write,
+    opts: &NbdOptions,
+) -> io::Result<Option<Agreed>> {
+    let mut hello = Vec::with_capacity(18);
+    hello.extend_from_slice(&NBDMAGIC.to_be_bytes());
+    hello.extend_from_slice(&IHAVEOPT.to_be_bytes());
+    hello.extend_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
+    w.write_all(&hello)?;
+    let client = read_u32(r)?;
+    if client & !(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES) != 0 {
+        return Err(invalid("unknown client flags"));
+    }
+    let no_zeroes = client & FLAG_C_NO_ZEROES != 0;
+    let (mut structured, mut allocation) = (false, false);
+    loop {
+        if read_u64(r)? != IHAVEOPT {
+            return Err(invalid("bad option magic"));
+        }
+        let option = read_u32(r)?;
+        let len = read_u32(r)?;
+        if len > MAX_OPTION {
+            if len > 16 * MAX_OPTION {
+                return Err(invalid("option too large"));
+            }
+            io::copy(&mut r.take(len as u64), &mut io::sink())?;
+            w.write_all(&option_reply(option, REP_ERR_TOO_BIG, b"option too large"))?;
+            continue;
+        }
+        let mut data = vec![0u8; len as usize];
+        r.read_exact(&mut data)?;
+        let reply = |w: &mut dyn Write, kind: u32, data: &[u8]| w.write_all(&option_reply(option, kind, data));
+        match option {
+            OPT_EXPORT_NAME => {
+                let name = String::from_utf8_lossy(&data);
+                // The client cannot be told why: the connection ends (as the protocol says).
+                let Some(v) = find_export(sessions, &name)? else { return Err(invalid("no such export")) };
+                let mut out = Vec::with_capacity(134);
+                out.extend_from_slice(&v.size.to_be_bytes());
+                out.extend_from_slice(&transmission_flags(opts).to_be_bytes());
+                if !no_zeroes {
+                    out.extend_from_slice(&[0u8; 124]);
+                }
+                w.write_all(&out)?;
+                return Ok(Some(Agreed { version: v, structured, allocation }));
+            }
+            OPT_ABORT => {
+                reply(w, REP_ACK, &[])?;
+                return Ok(None);
+            }
+            OPT_LIST => {
+                if !data.is_empty() {
+                    reply(w, REP_ERR_INVALID, b"NBD_OPT_LIST takes no data")?;
+                    continue;
+                }
+                for v in sessions.versions()?.iter() {
+                    let mut d = Vec::new();
+                    d.extend_from_slice(&(v.uid.len() as u32).to_be_bytes());
+                    d.extend_from_slice(v.uid.as_bytes());
+                    d.extend_from_slice(description(v).as_bytes());
+                    reply(w, REP_SERVER, &d)?;
+                }
+                reply(w, REP_ACK, &[])?;
+            }
+            OPT_STARTTLS => reply(w, REP_ERR_UNSUP, b"TLS is not configured on this server")?,
+            OPT_INFO | OPT_GO => {
+                let Some(req) = parse_info(&data) else {
+                    reply(w, REP_ERR_INVALID, b"malformed NBD_OPT_INFO/GO")?;
+                    continue;
+                };
+                let Some(v) = find_export(sessions, &req.name)? else {
+                    let msg = format!("no export '{}': exports are version uids and NAME@latest", req.name);
+                    reply(w, REP_ERR_UNKNOWN, msg.as_bytes())?;
+                    continue;
+                };
+                let mut info = Vec::new();
+                info.extend_from_slice(&INFO_EXPORT.to_be_bytes());
+                info.extend_from_slice(&v.size.to_be_bytes());
+                info.extend_from_slice(&transmission_flags(opts).to_be_bytes());
+                reply(w, REP_INFO, &info)?;
+                if req.infos.contains(&INFO_NAME) {
+                    let mut d = INFO_NAME.to_be_bytes().to_vec();
+                    d.extend_from_slice(v.uid.as_bytes());
+                    reply(w, REP_INFO, &d)?;
+                }
+                if req.infos.contains(&INFO_DESCRIPTION) {
+                    let mut d = INFO_DESCRIPTION.to_be_bytes().to_vec();
+                    d.extend_from_slice(description(&v).as_bytes());
+                    reply(w, REP_INFO, &d)?;
+                }
+                let mut d = INFO_BLOCK_SIZE.to_be_bytes().to_vec();
+                d.extend_from_slice(&1u32.to_be_bytes());
+                d.extend_from_slice(&v.block_size.clamp(4096, MAX_PAYLOAD).to_be_bytes());
+                d.extend_from_slice(&MAX_PAYLOAD.to_be_bytes());
+                reply(w, REP_INFO, &d)?;
+                reply(w, REP_ACK, &[])?;
+                if option == OPT_GO {
+                    return Ok(Some(Agreed { version: v, structured, allocation }));
+                }
+            }
+            OPT_STRUCTURED_REPLY => {
+                if !data.is_empty() {
+                    reply(w, REP_ERR_INVALID, b"NBD_OPT_STRUCTURED_REPLY takes no data")?;
+                } else {
+                    structured = true;
+                    reply(w, REP_ACK, &[])?;
+                }
+            }
+            OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
+                let set = option == OPT_SET_META_CONTEXT;
+                let Some(req) = parse_meta(&data) else {
+                    reply(w, REP_ERR_INVALID, b"malformed meta context request")?;
+                    continue;
+                };
+                if set && !structured {
+                    reply(w, REP_ERR_INVALID, b"negotiate structured replies first")?;
+                    continue;
+                }
+                if find_export(sessions, &req.name)?.is_none() {
+                    reply(w, REP_ERR_UNKNOWN, format!("no export '{}'", req.name).as_bytes())?;
+                    continue;
+                }
+                let selected =
+                    if req.queries.is_empty() { !set } else { req.queries.iter().any(|q| selects_base_allocation(q)) };
+                if set {
+                    allocation = selected;
+                }
+                if selected {
+                    let mut d = BASE_ALLOCATION_ID.to_be_bytes().to_vec();
+                    d.extend_from_slice(BASE_ALLOCATION.as_bytes());
+                    reply(w, REP_META_CONTEXT, &d)?;
+                }
+                reply(w, REP_ACK, &[])?;
+            }
+            _ => reply(w, REP_ERR_UNSUP, b"option not supported")?,
+        }
+    }
+}
+
+/// The overlay a connection writes to, opened at its first write.
+enum Writable {
+    No,
+    Opening,
+    Open(Fh),
+    Failed(i32),
+}
+
+struct Conn<S: Sessions> {
+    sessions: Arc<S>,
+    uid: String,
+    size: u64,
+    opener: Opener,
+    read_only: bool,
+    structured: bool,
+    allocation: bool,
+    read_fh: Fh,
+    writable: Mutex<Writable>,
+    opened: Condvar,
+    reply: Mutex<Stream>,
+    /// Bytes of requests in flight.
+    budget: Mutex<u64>,
+    freed: Condvar,
+    dead: AtomicBool,
+}
+
+struct Job {
+    req: Request,
+    payload: Vec<u8>,
+    cost: u64,
+}
+
+impl<S: Sessions> Conn<S> {
+    /// Sends one reply's parts together; a client gone or stuck ends the connection.
+    fn send(&self, parts: &[&[u8]]) {
+        let mut w = self.reply.lock().unwrap_or_else(|p| p.into_inner());
+        if self.dead.load(Ordering::SeqCst) {
+            return;
+        }
+        let r = parts.iter().try_for_each(|p| w.write_all(p)).and_then(|_| w.flush());
+        if r.is_err() {
+            self.dead.store(true, Ordering::SeqCst);
+            w.shutdown();
+        }
+    }
+
+    fn reply_error(&self, req: &Request, error: u32, msg: &str) {
+        if self.structured {
+            let mut p = error.to_be_bytes().to_vec();
+            let m = &msg.as_bytes()[..msg.len().min(4096)];
+            p.extend_from_slice(&(m.len() as u16).to_be_bytes());
+            p.extend_from_slice(m);
+            let h = chunk_header(REPLY_FLAG_DONE, REPLY_TYPE_ERROR, req.cookie, p.len() as u32);
+            self.send(&[&h, &p]);
+        } else {
+            self.send(&[&simple_reply(error, req.cookie)]);
+        }
+    }
+
+    fn reply_ok(&self, req: &Request) {
+        self.send(&[&simple_reply(0, req.cookie)]);
+    }
+
+    /// The handle reads go through: the overlay once this connection writes.
+    fn fh(&self) -> Fh {
+        match *self.writable.lock().unwrap_or_else(|p| p.into_inner()) {
+            Writable::Open(fh) => fh,
+            _ => self.read_fh,
+        }
+    }
+
+    /// The overlay handle, opened at the first write (with no lock held meanwhile).
+    fn write_fh(&self) -> io::Result<Fh> {
+        if self.read_only {
+            return Err(io::Error::from_raw_os_error(libc::EPERM));
+        }
+        let mut w = self.writable.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            match *w {
+                Writable::Open(fh) => return Ok(fh),
+                Writable::Failed(e) => return Err(io::Error::from_raw_os_error(e)),
+                Writable::Opening => w = self.opened.wait(w).unwrap_or_else(|p| p.into_inner()),
+                Writable::No => break,
+            }
+        }
+        *w = Writable::Opening;
+        drop(w);
+        let r = self.sessions.open_version(&self.uid, true, self.opener);
+        let mut w = self.writable.lock().unwrap_or_else(|p| p.into_inner());
+        *w = match &r {
+            Ok(o) => Writable::Open(o.fh),
+            Err(e) => Writable::Failed(e.raw_os_error().unwrap_or(libc::EIO)),
+        };
+        drop(w);
+        self.opened.notify_all();
+        r.map(|o| o.fh)
+    }
+
+    fn take_budget(&self, cost: u64) {
+        let mut used = self.budget.lock().unwrap_or_else(|p| p.into_inner());
+        while *used > 0 && *used + cost > MAX_IN_FLIGHT {
+            used = self.freed.wait(used).unwrap_or_else(|p| p.into_inner());
+        }
+        *used += cost;
+    }
+
+    fn give_budget(&self, cost: u64) {
+        *self.budget.lock().unwrap_or_else(|p| p.into_inner()) -= cost;
+        self.freed.notify_all();
+    }
+
+    fn in_bounds(&self, req: &Request) -> bool {
+        req.offset.checked_add(req.length as u64).is_some_and(|end| end <= self.size)
+    }
+
+    fn serve(&self, job: Job) {
+        let req = job.req;
+        match req.kind {
+            CMD_READ => self.read(&req),
+            CMD_WRITE => {
+                let r = self.write_fh().and_then(|fh| self.sessions.write(fh, req.offset, &job.payload));
+                self.answer(&req, r);
+            }
+            CMD_TRIM | CMD_WRITE_ZEROES => {
+                let r = self.write_fh().and_then(|fh| {
+                    let (mut pos, end) = (req.offset, req.offset + req.length as u64);
+                    while pos < end {
+                        let n = (end - pos).min(ZEROS.len() as u64) as usize;
+                        self.sessions.write(fh, pos, &ZEROS[..n])?;
+                        pos += n as u64;
+                    }
+                    Ok(())
+                });
+                self.answer(&req, r);
+            }
+            // Writes become durable, as a version, when the last writer disconnects;
+            // a flush has nothing to do before then (see docs/nbd.md).
+            CMD_FLUSH | CMD_CACHE => self.reply_ok(&req),
+            CMD_BLOCK_STATUS => self.block_status(&req),
+            _ => self.reply_error(&req, EINVAL, "unknown command"),
+        }
+    }
+
+    fn answer(&self, req: &Request, r: io::Result<()>) {
+        match r {
+            Ok(()) => self.reply_ok(req),
+            Err(e) => self.reply_error(req, nbd_error(e.raw_os_error()), &e.to_string()),
+        }
+    }
+
+    fn read(&self, req: &Request) {
+        let fh = self.fh();
+        let (start, end) = (req.offset, req.offset + req.length as u64);
+        if !self.structured {
+            let mut buf = vec![0u8; req.length as usize];
+            match self.sessions.read(fh, start, &mut buf) {
+                Ok(n) if n == buf.len() => self.send(&[&simple_reply(0, req.cookie), &buf]),
+                Ok(_) => self.reply_error(req, EIO, "short read"),
+                Err(e) => self.reply_error(req, nbd_error(e.raw_os_error()), &e.to_string()),
+            }
+            return;
+        }
+        // Structured: holes as OFFSET_HOLE chunks (nothing read, nothing sent), data as
+        // OFFSET_DATA chunks, then a final empty chunk.
+        let mut pos = start;
+        while pos < end {
+            let ext = match self.sessions.extent(fh, pos) {
+                Ok(e) => e,
+                Err(e) => return self.reply_error(req, nbd_error(e.raw_os_error()), &e.to_string()),
+            };
+            match ext.data {
+                Some(d) if d.start <= pos => {
+                    let n = (d.end.min(end) - pos) as usize;
+                    let mut buf = vec![0u8; n];
+                    match self.sessions.read(fh, pos, &mut buf) {
+                        Ok(got) if got == n => {}
+                        Ok(_) => return self.reply_error(req, EIO, "short read"),
+                        Err(e) => return self.reply_error(req, nbd_error(e.raw_os_error()), &e.to_string()),
+                    }
+                    let h = chunk_header(0, REPLY_TYPE_OFFSET_DATA, req.cookie, 8 + n as u32);
+                    self.send(&[&h, &pos.to_be_bytes(), &buf]);
+                    pos += n as u64;
+                }
+                next => {
+                    let hole_end = next.map(|d| d.start).unwrap_or(ext.size).min(end).max(pos + 1).min(end);
+                    let n = (hole_end - pos) as u32;
+                    let mut p = pos.to_be_bytes().to_vec();
+                    p.extend_from_slice(&n.to_be_bytes());
+                    let h = chunk_header(0, REPLY_TYPE_OFFSET_HOLE, req.cookie, p.len() as u32);
+                    self.send(&[&h, &p]);
+                    pos = hole_end;
+                }
+            }
+        }
+        self.send(&[&chunk_header(REPLY_FLAG_DONE, REPLY_TYPE_NONE, req.cookie, 0)]);
+    }
+
+    fn block_status(&self, req: &Request) {
+        if !self.allocation {
+            return self.reply_error(req, EINVAL, "no metadata context was negotiated");
+        }
+        let fh = self.fh();
+        let end = req.offset + req.length as u64;
+        let one = req.flags & CMD_FLAG_REQ_ONE != 0;
+        let mut extents: Vec<(u32, u32)> = Vec::new();
+        let mut pos = req.offset;
+        while pos < end && extents.len() < if one { 1 } else { MAX_EXTENTS } {
+            let ext = match self.sessions.extent(fh, pos) {
+                Ok(e) => e,
+                Err(e) => return self.reply_error(req, nbd_error(e.raw_os_error()), &e.to_string()),
+            };
+            let (upto, flags) = match ext.data {
+                Some(d) if d.start <= pos => (d.end, 0),
+                next => (next.map(|d| d.start).unwrap_or(ext.size), STATE_HOLE | STATE_ZERO),
+            };
+            // Lengths are 32 bits: a long extent is reported in 2 GiB pieces.
+            let upto = upto.min(end).min(pos + (1 << 31)).max(pos + 1);
+            let len = (upto - pos) as u32;
+            match extents.last_mut() {
+                Some((l, f)) if *f == flags && (*l as u64 + len as u64) < (1 << 31) => *l += len,
+                _ => extents.push((len, flags)),
+            }
+            pos = upto;
+        }
+        let mut p = BASE_ALLOCATION_ID.to_be_bytes().to_vec();
+        for (len, flags) in extents {
+            p.extend_from_slice(&len.to_be_bytes());
+            p.extend_from_slice(&flags.to_be_bytes());
+        }
+        let h = chunk_header(REPLY_FLAG_DONE, REPLY_TYPE_BLOCK_STATUS, req.cookie, p.len() as u32);
+        self.send(&[&h, &p]);
+    }
+}
+
+/// Checks a request before it is served; the error to answer if it cannot be.
+fn check<S: Sessions>(c: &Conn<S>, req: &Request) -> Option<(u32, &'static str)> {
+    let allowed = CMD_FLAG_FUA
+        | match req.kind {
+            CMD_WRITE_ZEROES => CMD_FLAG_NO_HOLE,
+            CMD_BLOCK_STATUS => CMD_FLAG_REQ_ONE,
+            _ => 0,
+        };
+    if req.flags & !allowed != 0 {
+        return Some((EINVAL, "unsupported command flags"));
+    }
+    match req.kind {
+        CMD_READ | CMD_CACHE | CMD_BLOCK_STATUS if !c.in_bounds(req) => Some((EINVAL, "request past the end")),
+        CMD_READ if req.length > MAX_PAYLOAD => Some((EOVERFLOW, "read larger than 32 MiB")),
+        CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES if c.read_only => Some((EPERM, "the export is read-only")),
+        CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES if !c.in_bounds(req) => Some((ENOSPC, "write past the end")),
+        CMD_BLOCK_STATUS if !c.allocation => Some((EINVAL, "no metadata context was negotiated")),
+        CMD_READ | CMD_WRITE | CMD_DISC | CMD_FLUSH | CMD_TRIM | CMD_CACHE | CMD_WRITE_ZEROES | CMD_BLOCK_STATUS => {
+            None
+        }
+        _ => Some((EINVAL, "unknown command")),
+    }
+}
+
+fn connection<S: Sessions>(sessions: Arc<S>, stream: Stream, opts: &NbdOptions, opener: Opener) -> io::Result<()> {
+    stream.set_write_timeout(WRITE_TIMEOUT)?;
+    let mut r = BufReader::with_capacity(256 << 10, stream.try_clone()?);
+    let mut w = stream.try_clone()?;
+    let Some(agreed) = handshake(&*sessions, &mut r, &mut w, opts)? else { return Ok(()) };
+    let uid = agreed.version.uid.clone();
+    let read_fh = sessions.open_version(&uid, false, opener)?.fh;
+    let conn = Arc::new(Conn {
+        sessions: sessions.clone(),
+        uid,
+        size: agreed.version.size,
+        opener,
+        read_only: opts.read_only,
+        structured: agreed.structured,
+        allocation: agreed.allocation,
+        read_fh,
+        writable: Mutex::new(Writable::No),
+        opened: Condvar::new(),
+        reply: Mutex::new(w),
+        budget: Mutex::new(0),
+        freed: Condvar::new(),
+        dead: AtomicBool::new(false),
+    });
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Job>(WORKERS * 2);
+    let rx = Arc::new(Mutex::new(rx));
+    let workers: Vec<_> = (0..WORKERS)
+        .map(|_| {
+            let (conn, rx) = (conn.clone(), rx.clone());
+            std::thread::spawn(move || {
+                loop {
+                    // Only the wait for the next job holds the queue's lock.
+                    let job = rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
+                    let Ok(job) = job else { break };
+                    let cost = job.cost;
+                    conn.serve(job);
+                    conn.give_budget(cost);
+                }
+            })
+        })
+        .collect();
+    let result = requests(&conn, &mut r, &tx);
+    drop(tx);
+    for t in workers {
+        let _ = t.join();
+    }
+    // The last writer to go makes the overlay a version (or drops it, by the service's
+    // policy); a failure is logged, since the client is gone.
+    let writable = std::mem::replace(&mut *conn.writable.lock().unwrap_or_else(|p| p.into_inner()), Writable::No);
+    if let Writable::Open(fh) = writable {
+        let done = sessions.flush(fh, opener).and_then(|_| sessions.release(fh));
+        if let Err(e) = done {
+            eprintln!("keepfs: nbd: the writes of connection {opener:#x} could not become a version: {e}");
+        }
+    }
+    let _ = sessions.release(read_fh);
+    if let Ok(w) = conn.reply.lock() {
+        w.shutdown();
+    }
+    result
+}
+
+/// Reads requests until the client disconnects, handing each to the workers.
+fn requests<S: Sessions>(
+    conn: &Arc<Conn<S>>,
+    r: &mut impl Read,
+    tx: &std::sync::mpsc::SyncSender<Job>,
+) -> io::Result<()> {
+    let mut header = [0u8; REQUEST_LEN];
+    loop {
+        if conn.dead.load(Ordering::SeqCst) {
+            return Err(io::Error::new(io::ErrorKind::BrokenPipe, "the client stopped taking replies"));
+        }
+        match r.read_exact(&mut header) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
+            Err(e) => return Err(e),
+        }
+        let req = parse_request(&header).ok_or_else(|| invalid("bad request magic"))?;
+        if req.kind == CMD_WRITE && req.length > MAX_PAYLOAD {
+            // Its payload cannot be taken in: the stream cannot be followed any more.
+            conn.reply_error(&req, EOVERFLOW, "write larger than 32 MiB");
+            return Err(invalid("write larger than 32 MiB"));
+        }
+        let cost = match req.kind {
+            CMD_READ | CMD_WRITE => req.length as u64,
+            _ => 0,
+        };
+        conn.take_budget(cost);
+        let mut payload = Vec::new();
+        if req.kind == CMD_WRITE {
+            payload = vec![0u8; req.length as usize];
+            r.read_exact(&mut payload)?;
+        }
+        if req.kind == CMD_DISC {
+            conn.give_budget(cost);
+            return Ok(());
+        }
+        if let Some((error, msg)) = check(conn, &req) {
+            conn.reply_error(&req, error, msg);
+            conn.give_budget(cost);
+            continue;
+        }
+        if tx.send(Job { req, payload, cost }).is_err() {
+            return Ok(());
+        }
+    }
+}

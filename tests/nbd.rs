@@ -6,75 +6,14 @@
 
 mod common;
 use common::mount::wait_until;
+use common::nbd::Server;
 use common::*;
-use std::io::{BufRead, Read, Write};
+use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 const LIMIT: Duration = Duration::from_secs(60);
-
-/// A `keepfs nbd` child on a port the kernel chose; killed on drop.
-struct Server {
-    child: Child,
-    addr: String,
-    /// Collects what the server writes to stderr after its first line.
-    log: Option<std::thread::JoinHandle<String>>,
-}
-
-impl Server {
-    fn start(repo: &Repo, args: &[&str]) -> Server {
-        let mut all = vec!["nbd"];
-        all.extend_from_slice(args);
-        if !args.contains(&"--socket") {
-            all.extend_from_slice(&["--listen", "127.0.0.1:0"]);
-        }
-        let mut child = repo.command(&all).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
-        // The first line says where it listens; the rest goes to the log.
-        let mut err = std::io::BufReader::new(child.stderr.take().unwrap());
-        let mut line = String::new();
-        err.read_line(&mut line).unwrap();
-        let addr = line
-            .strip_prefix("keepfs: serving NBD on ")
-            .and_then(|r| r.split(' ').next())
-            .unwrap_or_else(|| panic!("unexpected first line: {line:?}"))
-            .to_string();
-        let log = std::thread::spawn(move || {
-            let mut rest = String::new();
-            let _ = err.read_to_string(&mut rest);
-            rest
-        });
-        Server { child, addr, log: Some(log) }
-    }
-
-    fn url(&self, export: &str) -> String {
-        format!("nbd://{}/{export}", self.addr)
-    }
-}
-
-impl Server {
-    /// Stops the server as an operator would (SIGTERM), waits for it, and returns its
-    /// exit status and what it logged.
-    fn stop(mut self) -> (std::process::ExitStatus, String) {
-        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
-        let t = std::time::Instant::now();
-        loop {
-            if let Ok(Some(st)) = self.child.try_wait() {
-                let log = self.log.take().map(|t| t.join().unwrap()).unwrap_or_default();
-                return (st, log);
-            }
-            assert!(t.elapsed() < LIMIT, "the NBD server did not stop on SIGTERM");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn run(cmd: &mut Command) -> String {
     let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));

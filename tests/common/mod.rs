@@ -232,4 +232,5 @@ pub fn files_under(dir: &Path) -> Vec<PathBuf> {
 
 pub mod garage;
 pub mod mount;
+pub mod nbd;
 pub mod s3fault;

@@ -43,6 +43,15 @@ const VERSION_OBJECT_FORMAT: u16 = 1;
 /// fields and labels (JSON) followed by its block index. Layout in docs/format.md.
 pub fn encode_version_object(codec: &Codec, version: &Version, index: &BlockIndex) -> Result<Vec<u8>> {
     let json = serde_json::to_vec(version).map_err(|e| Error::Other(format!("cannot encode version metadata: {e}")))?;
+    if json.len() as u64 > crate::block::MAX_VERSION_JSON_LEN {
+        return Err(Error::Invalid(format!(
+            "the metadata of version {} is {} bytes, more than a version may carry ({}): use fewer or shorter labels",
+            version.uid,
+            json.len(),
+            crate::block::MAX_VERSION_JSON_LEN
+        )));
+    }
+    crate::index::check_block_count(index.size, index.block_size)?;
     let index_bytes = index.encode();
     let mut plain = Vec::with_capacity(16 + json.len() + index_bytes.len());
     plain.extend_from_slice(&VERSION_OBJECT_MAGIC);
@@ -52,7 +61,9 @@ pub fn encode_version_object(codec: &Codec, version: &Version, index: &BlockInde
     plain.extend_from_slice(&json);
     plain.extend_from_slice(&index_bytes);
     let id = codec.id_of(&plain);
-    Ok(codec.encode(ObjectKind::Version, &id.0, &plain, 3))
+    codec
+        .encode(ObjectKind::Version, &id.0, &plain, 3)
+        .map_err(|e| Error::Object { context: format!("version object of {}", version.uid), source: e })
 }
 
 /// Reads a version object back (the inverse of [`encode_version_object`]).

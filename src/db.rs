@@ -214,10 +214,26 @@ pub struct Db {
 }
 
 impl Db {
+    /// Opens (creating when missing) the database at `path`, owner-only when new.
     pub fn open(path: &Path) -> Result<Db> {
+        Db::open_with_modes(path, crate::perms::Modes::PRIVATE)
+    }
+
+    /// Opens the database; a new one (and its directory) is created with `modes`. SQLite
+    /// gives the `-wal` and `-shm` files the mode of the database file.
+    pub fn open_with_modes(path: &Path, modes: crate::perms::Modes) -> Result<Db> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|e| Error::io(format!("cannot create {}", dir.display()), e))?;
+            modes.create_dir_all(dir).map_err(|e| Error::io(format!("cannot create {}", dir.display()), e))?;
         }
+        // Created here (SQLite would make it 0644 less the umask); an existing file is
+        // opened as it is.
+        modes
+            .options()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .map_err(|e| Error::io(format!("cannot open the metadata database {}", path.display()), e))?;
         let conn = Connection::open(path)
             .map_err(|e| Error::Other(format!("cannot open the metadata database {}: {e}", path.display())))?;
         conn.busy_timeout(BUSY_TIMEOUT)?;

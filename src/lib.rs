@@ -18,6 +18,7 @@ pub mod index;
 pub mod keys;
 pub mod metadata;
 pub mod mount;
+pub mod perms;
 pub mod progress;
 pub mod repo;
 pub mod restore;

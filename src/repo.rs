@@ -93,13 +93,15 @@ pub fn decode_version_object(codec: &Codec, bytes: &[u8]) -> Result<(Version, Bl
 impl Repository {
     /// Opens the repository a configuration describes, creating what is missing.
     pub fn open(config: Config) -> Result<Repository> {
-        std::fs::create_dir_all(&config.home)
+        config
+            .modes
+            .create_dir_all(&config.home)
             .map_err(|e| Error::io(format!("cannot create the keepfs home {}", config.home.display()), e))?;
-        let db = Db::open(&config.database)?;
+        let db = Db::open_with_modes(&config.database, config.modes)?;
         let mut storages: HashMap<String, StorageSlot> = HashMap::new();
         for s in &config.storages {
             let mut st: SharedStorage = match &s.kind {
-                StorageKind::File { path } => Arc::new(FileStorage::open(&s.name, path)?),
+                StorageKind::File { path } => Arc::new(FileStorage::open_with_modes(&s.name, path, config.modes)?),
                 StorageKind::Null => Arc::new(NullStorage::new(&s.name)),
                 StorageKind::S3(c) => Arc::new(crate::storage::s3::S3Storage::open(&s.name, c)?),
             };
@@ -108,7 +110,10 @@ impl Repository {
             }
             // Above the throttle (a hit costs no bandwidth), below the codec (copies stay sealed).
             if let Some(rc) = &s.read_cache {
-                st = Arc::new(crate::storage::disk_cache::DiskCache::new(st, rc.dir.join(&s.name), rc.max_bytes));
+                st = Arc::new(
+                    crate::storage::disk_cache::DiskCache::new(st, rc.dir.join(&s.name), rc.max_bytes)
+                        .with_modes(config.modes),
+                );
             }
             storages.insert(s.name.clone(), StorageSlot { raw: st, ready: None });
         }

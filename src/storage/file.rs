@@ -9,6 +9,7 @@
 //! `dirty_dirs`, briefly), so holding it across the fsyncs makes no other path wait.
 
 use super::{ListEntry, Storage, StorageError, StorageResult};
+use crate::perms::Modes;
 use parking_lot::Mutex;
 use std::collections::HashSet;
 use std::fs::{self, File, OpenOptions};
@@ -26,16 +27,24 @@ pub struct FileStorage {
     /// Serialises `sync()` calls (see the module comment).
     sync_lock: Mutex<()>,
     counter: AtomicU64,
+    /// Modes of new objects and directories (owner-only unless configured).
+    modes: Modes,
     /// Test hook run before each directory fsync (to make one slow on demand).
     #[cfg(test)]
     before_dir_fsync: Mutex<Option<std::sync::Arc<dyn Fn(&Path) + Send + Sync>>>,
 }
 
 impl FileStorage {
-    /// Opens (creating when missing) a file storage rooted at `root`.
+    /// Opens (creating when missing) a file storage rooted at `root`; what it creates is
+    /// owner-only.
     pub fn open(name: &str, root: &Path) -> StorageResult<FileStorage> {
+        FileStorage::open_with_modes(name, root, Modes::PRIVATE)
+    }
+
+    /// Opens a file storage whose new directories and objects get `modes`.
+    pub fn open_with_modes(name: &str, root: &Path, modes: Modes) -> StorageResult<FileStorage> {
         let tmp = root.join("tmp");
-        fs::create_dir_all(&tmp).map_err(|e| StorageError::Io {
+        modes.create_dir_all(&tmp).map_err(|e| StorageError::Io {
             storage: name.to_string(),
             op: "create directory",
             key: tmp.display().to_string(),
@@ -48,6 +57,7 @@ impl FileStorage {
             dirty_dirs: Mutex::new(HashSet::new()),
             sync_lock: Mutex::new(()),
             counter: AtomicU64::new(0),
+            modes,
             #[cfg(test)]
             before_dir_fsync: Mutex::new(None),
         })
@@ -75,7 +85,9 @@ impl FileStorage {
     fn write_temp(&self, key: &str, data: &[u8]) -> StorageResult<PathBuf> {
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
         let tmp = self.tmp.join(format!("{}.{}.{}", std::process::id(), n, key.replace('/', "_")));
-        let mut f = OpenOptions::new()
+        let mut f = self
+            .modes
+            .options()
             .write(true)
             .create_new(true)
             .open(&tmp)
@@ -145,7 +157,7 @@ impl Storage for FileStorage {
         let dir = path.parent().unwrap_or(&self.root).to_path_buf();
         let renamed = fs::rename(&tmp, &path).or_else(|e| {
             if e.kind() == io::ErrorKind::NotFound {
-                fs::create_dir_all(&dir)?;
+                self.modes.create_dir_all(&dir)?;
                 // New directories must reach the disk too: remember every new level.
                 let mut dirty = self.dirty_dirs.lock();
                 let mut d = dir.as_path();

@@ -736,7 +736,10 @@ impl Repository {
             if owner.is_some_and(|o| o != session && live.contains(&o)) {
                 return Ok(false);
             }
-            tx.execute("UPDATE versions SET session_id=?2 WHERE uid=?1", rusqlite::params![uid.0 as i64, session])?;
+            tx.execute(
+                "UPDATE versions SET session_id=?2, active_ms=?3 WHERE uid=?1",
+                rusqlite::params![uid.0 as i64, session, crate::db::now_ms()],
+            )?;
             Ok(true)
         })?;
         if !taken {

@@ -18,6 +18,10 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::SystemTime;
 
+/// A test hook run before a directory fsync.
+#[cfg(test)]
+type FsyncHook = std::sync::Arc<dyn Fn(&Path) + Send + Sync>;
+
 pub struct FileStorage {
     name: String,
     root: PathBuf,
@@ -31,7 +35,7 @@ pub struct FileStorage {
     modes: Modes,
     /// Test hook run before each directory fsync (to make one slow on demand).
     #[cfg(test)]
-    before_dir_fsync: Mutex<Option<std::sync::Arc<dyn Fn(&Path) + Send + Sync>>>,
+    before_dir_fsync: Mutex<Option<FsyncHook>>,
 }
 
 impl FileStorage {

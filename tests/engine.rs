@@ -281,3 +281,19 @@ fn cleanup_spares_what_backup_continue_will_use() {
     assert_eq!(count_files(&storage.join("blocks")), 12);
     assert!(restore_to(&repo, uid, &out).bad_blocks.is_empty());
 }
+
+/// An image with more blocks than a version's index can hold (one database value of at
+/// most 10^9 bytes) is refused at the start, naming the way out, with nothing created.
+#[test]
+fn an_image_with_too_many_blocks_is_refused_before_anything_is_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let (repo, _) = open(dir.path());
+    let o = BackupOptions { name: "huge".into(), block_size: Some(4096), ..Default::default() };
+    let err = repo.backup(&Url::Null(1 << 40), &o, &Silent).unwrap_err();
+    assert_eq!(err.exit_code(), 2, "{err}");
+    let msg = err.to_string();
+    assert!(msg.contains("268435456 blocks") && msg.contains("use a larger block size"), "{msg}");
+    assert!(repo.list(None).unwrap().is_empty(), "no version was created");
+    // The same size at 4 MiB blocks is 262,144 blocks: well within the bound.
+    assert!(keepfs::index::check_block_count(1 << 40, 4 << 20).is_ok());
+}

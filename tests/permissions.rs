@@ -114,3 +114,33 @@ fn spool_and_read_cache_files_are_owner_only() {
     draft.commit().unwrap();
     assert_owner_only(&dir.path().join("home"), &["storage/versions/V0000000002"]);
 }
+
+/// A repository a group shares: `file_mode = "0660"` makes files 0660 and directories
+/// 0770 (under a umask of 002, which lets both through).
+#[test]
+fn file_mode_shares_a_repository_with_a_group() {
+    use std::os::unix::process::CommandExt;
+    let repo = Repo::new();
+    let home = repo.home();
+    let config = repo.path("keepfs.toml");
+    std::fs::write(&config, format!("home = \"{}\"\nfile_mode = \"0660\"\n", home.display())).unwrap();
+    std::fs::write(repo.path("img"), mixed_image(8, 6, BS as usize, 0)).unwrap();
+    let url = repo.url("img");
+    let mut cmd = std::process::Command::new(KEEPFS);
+    cmd.args(["--config", config.to_str().unwrap(), "backup", "-b", "64k", &url, "shared"]);
+    // SAFETY: umask is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::umask(0o002);
+            Ok(())
+        });
+    }
+    let out = output_within(cmd, COMMAND_LIMIT, "keepfs backup");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let all = tree(&home);
+    assert!(all.len() > 5, "{all:?}");
+    for (p, mode) in &all {
+        let want = if p.is_dir() { 0o770 } else { 0o660 };
+        assert_eq!(*mode, want, "{:04o} {}", mode, p.display());
+    }
+}

@@ -326,7 +326,14 @@ fn worker(
             }
             Job::Encode { idx, id, block, under_lock } => {
                 let data = block.data();
-                let bytes = codec.encode(ObjectKind::Block, &id.0, data, level);
+                let bytes = match codec.encode(ObjectKind::Block, &id.0, data, level) {
+                    Ok(b) => b,
+                    Err(e) => {
+                        let _ = pool.send(block.buf);
+                        let _ = done.send(Done::Failed(Error::Object { context: format!("block {id}"), source: e }));
+                        continue;
+                    }
+                };
                 let put = Put { idx, id, plain_len: data.len() as u64, bytes };
                 let _ = pool.send(block.buf);
                 if under_lock {
@@ -616,6 +623,7 @@ impl Repository {
         let storage = opts.storage.clone().unwrap_or_else(|| self.config.default_storage.clone());
         self.storage(&storage)?;
         let bs = opts.block_size.unwrap_or(self.config.block_size);
+        crate::index::check_block_count(size, bs)?;
         let uid =
             self.db.lock().create_version(&opts.name, &opts.snapshot, size, bs, &storage, &opts.labels, session)?;
         // The storage knows this uid already: the database is older than the storage (a
@@ -742,7 +750,10 @@ impl Repository {
             if owner.is_some_and(|o| o != session && live.contains(&o)) {
                 return Ok(false);
             }
-            tx.execute("UPDATE versions SET session_id=?2 WHERE uid=?1", rusqlite::params![uid.0 as i64, session])?;
+            tx.execute(
+                "UPDATE versions SET session_id=?2, active_ms=?3 WHERE uid=?1",
+                rusqlite::params![uid.0 as i64, session, crate::db::now_ms()],
+            )?;
             Ok(true)
         })?;
         if !taken {

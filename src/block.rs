@@ -97,6 +97,30 @@ pub const OBJECT_FORMAT_VERSION: u16 = 1;
 /// Length of the fixed part of an object header.
 pub const OBJECT_HEADER_LEN: usize = 72;
 
+/// The largest block (the largest block size a version may have, see
+/// [`crate::units::check_block_size`]).
+pub const MAX_BLOCK_LEN: u64 = 32 << 20;
+/// The most blocks one version may have. Its index (80 + 32 bytes a block) must fit in
+/// one SQLite value, whose default limit (`SQLITE_MAX_LENGTH`) is 10^9 bytes: 30 million
+/// blocks are 114 TiB at 4 MiB blocks, 114 GiB at 4 KiB, 915 TiB at 32 MiB.
+pub const MAX_BLOCKS_PER_VERSION: u64 = 30_000_000;
+/// The longest metadata JSON of a version object (its fields and labels).
+pub const MAX_VERSION_JSON_LEN: u64 = 16 << 20;
+/// The longest plaintext of a version object: its 16-byte header, metadata JSON and
+/// block index (see docs/format.md).
+pub const MAX_VERSION_PLAIN_LEN: u64 =
+    16 + MAX_VERSION_JSON_LEN + crate::index::INDEX_HEADER_LEN as u64 + ID_LEN as u64 * MAX_BLOCKS_PER_VERSION;
+
+/// The longest plaintext an object of `kind` (its raw header value) may claim; `None`
+/// for a kind this build does not know.
+pub fn max_plain_len(kind: u16) -> Option<u64> {
+    match kind {
+        k if k == ObjectKind::Block as u16 => Some(MAX_BLOCK_LEN),
+        k if k == ObjectKind::Version as u16 => Some(MAX_VERSION_PLAIN_LEN),
+        _ => None,
+    }
+}
+
 /// Transform flag: the payload is zstd-compressed.
 pub const FLAG_ZSTD: u16 = 1 << 0;
 /// Transform flag: the payload is AES-256-GCM sealed (ciphertext followed by its 16-byte
@@ -134,6 +158,14 @@ pub enum ObjectError {
     NotEncrypted,
     #[error("object fails authentication ({0}): it was altered or belongs to another object")]
     Authentication(&'static str),
+    #[error(
+        "object header claims {claimed} bytes of plaintext, more than an object of kind {kind} can hold ({max}): header damaged"
+    )]
+    TooLarge { kind: u16, claimed: u64, max: u64 },
+    /// Not damage: building an object failed (its plaintext is over the bound of its
+    /// kind, or AES-GCM refused to seal it). Nothing is written.
+    #[error("cannot build an object of {len} bytes: {reason}")]
+    Encode { len: u64, reason: String },
     #[error("decoded object is {found} bytes, its header says {expected}")]
     PlainLength { expected: u64, found: u64 },
     #[error("object content does not match its id (expected {expected}, got {found})")]
@@ -159,6 +191,7 @@ impl From<aes::OpenError> for ObjectError {
             aes::OpenError::DataKey => ObjectError::Authentication("wrapped data key"),
             aes::OpenError::Payload => ObjectError::Authentication("payload"),
             aes::OpenError::Envelope => ObjectError::Authentication("envelope length"),
+            aes::OpenError::Seal(e) => ObjectError::Encode { len: aes::KEY_LEN as u64, reason: e.to_string() },
         }
     }
 }
@@ -171,8 +204,9 @@ fn header_crc(bytes: &[u8], header_len: usize) -> u32 {
 }
 
 /// Builds an unencrypted object: header followed by the payload (`plain` compressed with
-/// zstd at `level` when that makes it smaller; level 0 stores it as is).
-pub fn encode_object(kind: ObjectKind, id: &[u8; ID_LEN], plain: &[u8], level: i32) -> Vec<u8> {
+/// zstd at `level` when that makes it smaller; level 0 stores it as is). A plaintext over
+/// the bound of its kind ([`max_plain_len`]) is refused: no reader would accept it.
+pub fn encode_object(kind: ObjectKind, id: &[u8; ID_LEN], plain: &[u8], level: i32) -> Result<Vec<u8>, ObjectError> {
     encode_with(Codec::plain(), kind, id, plain, level)
 }
 
@@ -185,7 +219,20 @@ fn sealing_aad(header: &[u8]) -> [u8; 24 + ID_LEN] {
     aad
 }
 
-pub(crate) fn encode_with(codec: &Codec, kind: ObjectKind, id: &[u8; ID_LEN], plain: &[u8], level: i32) -> Vec<u8> {
+pub(crate) fn encode_with(
+    codec: &Codec,
+    kind: ObjectKind,
+    id: &[u8; ID_LEN],
+    plain: &[u8],
+    level: i32,
+) -> Result<Vec<u8>, ObjectError> {
+    let max = max_plain_len(kind as u16).unwrap_or(0);
+    if plain.len() as u64 > max {
+        return Err(ObjectError::Encode {
+            len: plain.len() as u64,
+            reason: format!("more than an object of kind {} may hold ({max} bytes)", kind as u16),
+        });
+    }
     let compressed =
         if level > 0 { transform::zstd::compress(plain, level).filter(|c| c.len() < plain.len()) } else { None };
     let (mut flags, payload): (u16, &[u8]) = match &compressed {
@@ -218,7 +265,8 @@ pub(crate) fn encode_with(codec: &Codec, kind: ObjectKind, id: &[u8; ID_LEN], pl
     out.extend_from_slice(payload);
     if let Some(master) = master {
         let aad = sealing_aad(&out);
-        let (envelope, tag) = aes::seal(master, id, &aad, &mut out[header_len..]);
+        let (envelope, tag) = aes::seal(master, id, &aad, &mut out[header_len..])
+            .map_err(|e| ObjectError::Encode { len: plain.len() as u64, reason: e.to_string() })?;
         out[OBJECT_HEADER_LEN..header_len].copy_from_slice(&envelope);
         out.extend_from_slice(&tag);
     }
@@ -226,7 +274,7 @@ pub(crate) fn encode_with(codec: &Codec, kind: ObjectKind, id: &[u8; ID_LEN], pl
     out[32..36].copy_from_slice(&payload_crc.to_le_bytes());
     let crc = header_crc(&out, header_len);
     out[36..40].copy_from_slice(&crc.to_le_bytes());
-    out
+    Ok(out)
 }
 
 fn u16_at(b: &[u8], at: usize) -> u16 {
@@ -266,13 +314,22 @@ pub fn parse_header(bytes: &[u8]) -> Result<(ObjectHeader, usize), ObjectError> 
     if flags & !KNOWN_FLAGS != 0 {
         return Err(ObjectError::UnknownFlags(flags));
     }
+    // A length decides an allocation when the object is decoded: one no object of its
+    // kind can have is damage, found before anything is allocated.
+    let kind = u16_at(bytes, 10);
+    let plain_len = u64_at(bytes, 16);
+    if let Some(max) = max_plain_len(kind)
+        && plain_len > max
+    {
+        return Err(ObjectError::TooLarge { kind, claimed: plain_len, max });
+    }
     let mut id = [0u8; ID_LEN];
     id.copy_from_slice(&bytes[40..72]);
     Ok((
         ObjectHeader {
-            kind: u16_at(bytes, 10),
+            kind,
             flags,
-            plain_len: u64_at(bytes, 16),
+            plain_len,
             payload_len: u64_at(bytes, 24),
             payload_crc: u32_at(bytes, 32),
             id,
@@ -388,7 +445,16 @@ pub(crate) fn decode_with(
     kind: ObjectKind,
 ) -> Result<(ObjectHeader, Vec<u8>), ObjectError> {
     let (header, payload) = checked_payload(bytes, kind)?;
-    let mut plain = vec![0u8; header.plain_len.min(1 << 36) as usize];
+    // The header's plaintext length is within its kind's bound (parse_header); an
+    // uncompressed payload must be exactly that long, which is checked before allocating.
+    if header.flags & FLAG_ZSTD == 0 {
+        let tag = if header.flags & FLAG_AES256GCM != 0 { aes::TAG_LEN as u64 } else { 0 };
+        let found = (payload.len() as u64).saturating_sub(tag);
+        if found != header.plain_len {
+            return Err(ObjectError::PlainLength { expected: header.plain_len, found });
+        }
+    }
+    let mut plain = vec![0u8; header.plain_len as usize];
     untransform(codec, bytes, &header, payload, &mut plain)?;
     Ok((header, plain))
 }
@@ -461,7 +527,7 @@ mod tests {
     fn object_roundtrip_compressible_and_random() {
         let compressible = vec![b'a'; 100_000];
         let id = BlockId::of(&compressible);
-        let obj = encode_object(ObjectKind::Block, &id.0, &compressible, 1);
+        let obj = encode_object(ObjectKind::Block, &id.0, &compressible, 1).unwrap();
         assert!(obj.len() < 10_000, "compressible data must be compressed");
         assert_eq!(decode_block(&obj, &id).unwrap(), compressible);
 
@@ -475,7 +541,7 @@ mod tests {
             })
             .collect();
         let id = BlockId::of(&random);
-        let obj = encode_object(ObjectKind::Block, &id.0, &random, 3);
+        let obj = encode_object(ObjectKind::Block, &id.0, &random, 3).unwrap();
         assert_eq!(obj.len(), OBJECT_HEADER_LEN + random.len(), "incompressible data is stored as is");
         assert_eq!(decode_block(&obj, &id).unwrap(), random);
     }
@@ -484,7 +550,7 @@ mod tests {
     fn damage_is_detected() {
         let data = vec![b'x'; 5000];
         let id = BlockId::of(&data);
-        let obj = encode_object(ObjectKind::Block, &id.0, &data, 1);
+        let obj = encode_object(ObjectKind::Block, &id.0, &data, 1).unwrap();
         let mut bad = obj.clone();
         let last = bad.len() - 1;
         bad[last] ^= 1;
@@ -497,6 +563,69 @@ mod tests {
         let other = BlockId::of(b"other");
         assert!(matches!(decode_block(&obj, &other), Err(ObjectError::ContentMismatch { .. })));
         assert!(matches!(decode_object(&obj, ObjectKind::Version), Err(ObjectError::WrongKind { .. })));
+    }
+
+    /// An object whose header claims `plain_len`, its header checksum made to match (as
+    /// damage could, or anyone who can write to the storage).
+    fn claiming(kind: ObjectKind, plain_len: u64) -> Vec<u8> {
+        let data = vec![b'y'; 5000];
+        let mut obj = encode_object(kind, &BlockId::of(&data).0, &data, 1).unwrap();
+        obj[16..24].copy_from_slice(&plain_len.to_le_bytes());
+        let crc = header_crc(&obj, OBJECT_HEADER_LEN);
+        obj[36..40].copy_from_slice(&crc.to_le_bytes());
+        obj
+    }
+
+    #[test]
+    fn a_header_claiming_a_huge_plaintext_is_damage_before_any_allocation() {
+        // 64 GiB: decoding allocated this much before reading anything else.
+        let obj = claiming(ObjectKind::Block, 1 << 36);
+        let err = decode_object(&obj, ObjectKind::Block).unwrap_err();
+        assert_eq!(err, ObjectError::TooLarge { kind: 1, claimed: 1 << 36, max: MAX_BLOCK_LEN });
+        assert!(err.to_string().contains("header damaged"), "{err}");
+        // The light scrub's check (the header alone) sees it too.
+        assert!(matches!(parse_header(&obj), Err(ObjectError::TooLarge { .. })));
+        // Just over the largest block; a version object has its own, larger bound.
+        assert!(matches!(
+            decode_object(&claiming(ObjectKind::Block, MAX_BLOCK_LEN + 1), ObjectKind::Block),
+            Err(ObjectError::TooLarge { .. })
+        ));
+        assert!(matches!(
+            decode_object(&claiming(ObjectKind::Version, MAX_VERSION_PLAIN_LEN + 1), ObjectKind::Version),
+            Err(ObjectError::TooLarge { kind: 2, .. })
+        ));
+        // Within the bound, but an uncompressed payload of another length: refused before
+        // allocating what the header claims.
+        let data = common_random(5000);
+        let mut obj = encode_object(ObjectKind::Block, &BlockId::of(&data).0, &data, 1).unwrap();
+        assert_eq!(obj[12] as u16 & FLAG_ZSTD, 0);
+        obj[16..24].copy_from_slice(&(MAX_BLOCK_LEN).to_le_bytes());
+        let crc = header_crc(&obj, OBJECT_HEADER_LEN);
+        obj[36..40].copy_from_slice(&crc.to_le_bytes());
+        assert_eq!(
+            decode_object(&obj, ObjectKind::Block).unwrap_err(),
+            ObjectError::PlainLength { expected: MAX_BLOCK_LEN, found: 5000 }
+        );
+    }
+
+    fn common_random(n: usize) -> Vec<u8> {
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
+    #[test]
+    fn an_object_over_its_kinds_bound_is_not_built() {
+        let big = vec![1u8; MAX_BLOCK_LEN as usize + 1];
+        let err = encode_object(ObjectKind::Block, &[0u8; 32], &big, 0).unwrap_err();
+        assert!(matches!(err, ObjectError::Encode { len, .. } if len == MAX_BLOCK_LEN + 1), "{err}");
+        assert!(encode_object(ObjectKind::Block, &[0u8; 32], &big[..MAX_BLOCK_LEN as usize], 0).is_ok());
     }
 
     #[test]

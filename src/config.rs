@@ -3,7 +3,7 @@
 //! `$KEEPFS_CONFIG` or `/etc/keepfs/keepfs.toml`. Every key is in docs/configuration.md.
 
 use crate::error::{Error, Result};
-use crate::units::{check_block_size, parse_size};
+use crate::units::{check_block_size, parse_duration, parse_size};
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 
@@ -94,6 +94,11 @@ pub struct Config {
     /// Schedulers for `due` and `sla` (the built-in hourly, daily, weekly and monthly
     /// ones, replaced or extended by `[[scheduler]]` entries).
     pub schedulers: Vec<crate::schedule::Scheduler>,
+    /// Modes of the files and directories keepfs creates (owner-only by default).
+    pub modes: crate::perms::Modes,
+    /// How long the objects of an incomplete version are kept for `backup --continue`
+    /// after its backup stopped (cleanup spares them until then).
+    pub incomplete_grace: chrono::Duration,
     /// Where the configuration came from, for messages.
     pub origin: String,
 }
@@ -122,6 +127,8 @@ struct FileConfig {
     key_file: Option<PathBuf>,
     passphrase_file: Option<PathBuf>,
     require_encryption: Option<bool>,
+    file_mode: Option<toml::Value>,
+    incomplete_grace: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -267,6 +274,8 @@ impl Config {
             spool_memory_bytes: 32 << 20,
             spool_bytes: 1 << 30,
             schedulers: crate::schedule::builtin(),
+            modes: crate::perms::Modes::PRIVATE,
+            incomplete_grace: chrono::Duration::days(1),
             origin: format!("embedded default (home {})", home.display()),
             home,
         }
@@ -407,6 +416,22 @@ impl Config {
             }
             c.rm_min_age_days = d;
         }
+        if let Some(v) = &f.file_mode {
+            let mode = match v {
+                toml::Value::String(s) => u32::from_str_radix(s.trim_start_matches("0o"), 8)
+                    .map_err(|_| bad(format!("file_mode must be octal like \"0640\", not \"{s}\"")))?,
+                toml::Value::Integer(i) if (0..=0o7777).contains(i) => *i as u32,
+                other => return Err(bad(format!("file_mode must be octal like \"0640\", not {other}"))),
+            };
+            c.modes = crate::perms::Modes::from_file_mode(mode).map_err(bad)?;
+        }
+        if let Some(g) = &f.incomplete_grace {
+            c.incomplete_grace = if g.trim() == "0" {
+                chrono::Duration::zero()
+            } else {
+                parse_duration(g).map_err(|e| bad(format!("incomplete_grace: {e}")))?
+            };
+        }
         if let Some(m) = f.mmap_sources {
             c.mmap_sources = m;
         }
@@ -490,6 +515,25 @@ fn location(text: &str, span: Option<std::ops::Range<usize>>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn file_mode_and_incomplete_grace() {
+        let c = Config::parse("home = \"/h\"\n", "t").unwrap();
+        assert_eq!(c.modes, crate::perms::Modes::PRIVATE);
+        assert_eq!(c.incomplete_grace, chrono::Duration::days(1));
+        let c = Config::parse("file_mode = \"0640\"\nincomplete_grace = \"6h\"\n", "t").unwrap();
+        assert_eq!(c.modes, crate::perms::Modes { file: 0o640, dir: 0o750 });
+        assert_eq!(c.incomplete_grace, chrono::Duration::hours(6));
+        assert_eq!(Config::parse("file_mode = 0o660\nincomplete_grace = \"0\"\n", "t").unwrap().modes.dir, 0o770);
+        assert_eq!(
+            Config::parse("incomplete_grace = \"0\"\n", "t").unwrap().incomplete_grace,
+            chrono::Duration::zero()
+        );
+        let e = Config::parse("file_mode = \"0755\"\n", "t").unwrap_err().to_string();
+        assert!(e.contains("file_mode 0755 is not allowed"), "{e}");
+        let e = Config::parse("incomplete_grace = \"soon\"\n", "t").unwrap_err().to_string();
+        assert!(e.contains("incomplete_grace"), "{e}");
+    }
 
     #[test]
     fn parses_full_file() {

@@ -78,6 +78,11 @@ CREATE TABLE version_locks (
 ALTER TABLE storages ADD COLUMN encrypted INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE objects ADD COLUMN key_id INTEGER;
 "#,
+    // The last sign of life of an incomplete version's backup (its creation, its
+    // heartbeats): cleanup spares its objects for `incomplete_grace` after it.
+    r#"
+ALTER TABLE versions ADD COLUMN active_ms INTEGER;
+"#,
 ];
 
 /// Object states: present, or marked for deletion by a cleanup (a tombstone).
@@ -160,6 +165,15 @@ pub struct Session {
 /// Sessions on other hosts count as alive while their heartbeat is younger than this.
 const REMOTE_SESSION_TTL_MS: i64 = 10 * 60 * 1000;
 
+/// An incomplete version as cleanup sees it (see [`Db::incomplete_versions`]).
+#[derive(Clone, Debug)]
+pub struct IncompleteVersion {
+    pub uid: VersionUid,
+    pub started_ms: i64,
+    pub active_ms: i64,
+    pub session: Option<i64>,
+}
+
 /// What a cleanup needs to know of one object row.
 pub struct ObjectRow {
     pub id: BlockId,
@@ -214,10 +228,26 @@ pub struct Db {
 }
 
 impl Db {
+    /// Opens (creating when missing) the database at `path`, owner-only when new.
     pub fn open(path: &Path) -> Result<Db> {
+        Db::open_with_modes(path, crate::perms::Modes::PRIVATE)
+    }
+
+    /// Opens the database; a new one (and its directory) is created with `modes`. SQLite
+    /// gives the `-wal` and `-shm` files the mode of the database file.
+    pub fn open_with_modes(path: &Path, modes: crate::perms::Modes) -> Result<Db> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|e| Error::io(format!("cannot create {}", dir.display()), e))?;
+            modes.create_dir_all(dir).map_err(|e| Error::io(format!("cannot create {}", dir.display()), e))?;
         }
+        // Created here (SQLite would make it 0644 less the umask); an existing file is
+        // opened as it is.
+        modes
+            .options()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .map_err(|e| Error::io(format!("cannot open the metadata database {}", path.display()), e))?;
         let conn = Connection::open(path)
             .map_err(|e| Error::Other(format!("cannot open the metadata database {}: {e}", path.display())))?;
         conn.busy_timeout(BUSY_TIMEOUT)?;
@@ -321,8 +351,15 @@ impl Db {
         Ok(self.conn.last_insert_rowid())
     }
 
+    /// Refreshes a session's heartbeat, and the last sign of life of the incomplete
+    /// version it writes, if any.
     pub fn heartbeat(&self, session: i64) -> Result<()> {
-        self.conn.execute("UPDATE sessions SET heartbeat_ms = ?1 WHERE id = ?2", params![now_ms(), session])?;
+        let now = now_ms();
+        self.conn.execute("UPDATE sessions SET heartbeat_ms = ?1 WHERE id = ?2", params![now, session])?;
+        self.conn.execute(
+            "UPDATE versions SET active_ms = ?1 WHERE session_id = ?2 AND status = 'incomplete'",
+            params![now, session],
+        )?;
         Ok(())
     }
 
@@ -399,8 +436,8 @@ impl Db {
         let storage_id = self.storage_id(storage)?;
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         tx.execute(
-            "INSERT INTO versions(name, snapshot, date, size, block_size, status, storage_id, session_id) VALUES (?1,?2,?3,?4,?5,'incomplete',?6,?7)",
-            params![name, snapshot, date_text(&Utc::now()), size as i64, block_size, storage_id, session],
+            "INSERT INTO versions(name, snapshot, date, size, block_size, status, storage_id, session_id, active_ms) VALUES (?1,?2,?3,?4,?5,'incomplete',?6,?7,?8)",
+            params![name, snapshot, date_text(&Utc::now()), size as i64, block_size, storage_id, session, now_ms()],
         )?;
         let uid = tx.last_insert_rowid();
         for (k, v) in labels {
@@ -579,6 +616,25 @@ impl Db {
             .query_row("SELECT session_id FROM versions WHERE uid=?1", [uid.0 as i64], |r| r.get(0))
             .optional()?
             .flatten())
+    }
+
+    /// The incomplete versions of a storage, for cleanup: uid, start date (ms), last sign
+    /// of life of its backup (ms; the start when never recorded) and writing session.
+    pub fn incomplete_versions(&self, storage_id: i64) -> Result<Vec<IncompleteVersion>> {
+        let mut st = self.conn.prepare(
+            "SELECT uid, date, active_ms, session_id FROM versions WHERE storage_id=?1 AND status='incomplete' ORDER BY uid",
+        )?;
+        let rows = st.query_map([storage_id], |r| {
+            let date: String = r.get(1)?;
+            let started_ms = DateTime::parse_from_rfc3339(&date).map(|d| d.timestamp_millis()).unwrap_or(0);
+            Ok(IncompleteVersion {
+                uid: VersionUid(r.get::<_, i64>(0)? as u64),
+                started_ms,
+                active_ms: r.get::<_, Option<i64>>(2)?.unwrap_or(started_ms),
+                session: r.get(3)?,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
     pub fn load_index(&self, uid: VersionUid) -> Result<Option<Vec<u8>>> {

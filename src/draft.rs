@@ -18,7 +18,7 @@ use crate::repo::{Repository, SessionGuard};
 use crate::version::{Version, VersionUid};
 use lru::LruCache;
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::PathBuf;
@@ -59,15 +59,19 @@ struct Spool {
     /// block written from start to end is never zero-filled first.
     stale: HashMap<u64, Vec<(usize, usize)>>,
     bs: usize,
+    /// Modes of the spool directory and file (owner-only unless configured).
+    modes: crate::perms::Modes,
 }
 
 impl Spool {
     fn file(&mut self) -> Result<&File> {
         if self.file.is_none() {
             if let Some(dir) = self.path.parent() {
-                std::fs::create_dir_all(dir).map_err(|e| Error::io(format!("cannot create {}", dir.display()), e))?;
+                self.modes.create_dir_all(dir).map_err(|e| Error::io(format!("cannot create {}", dir.display()), e))?;
             }
-            let f = OpenOptions::new()
+            let f = self
+                .modes
+                .options()
                 .read(true)
                 .write(true)
                 .create(true)
@@ -277,6 +281,7 @@ impl Draft {
             on_disk: HashSet::new(),
             stale: HashMap::new(),
             bs: bs as usize,
+            modes: repo.config.modes,
         };
         Ok(Draft {
             uid,

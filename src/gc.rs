@@ -5,6 +5,11 @@
 //! against in the same transaction in which it finds it, so nothing it relies on is older
 //! than its own start. Deletion goes through a tombstone state so a crash mid-sweep never
 //! leaves a row that names a deleted file.
+//!
+//! The objects of an `incomplete` version are referenced by no index, yet `backup
+//! --continue` reuses them: while its backup runs, and for `incomplete_grace` after its
+//! last sign of life (the version's `active_ms`), the cutoff moves back to the version's
+//! start, so nothing written or touched since then is swept.
 
 use crate::block::BlockId;
 use crate::db::{OBJECT_DELETING, OBJECT_PRESENT, now_ms};
@@ -28,11 +33,61 @@ pub struct CleanupPlan {
     /// Unreferenced objects kept because a running backup may still use them.
     pub kept_recent: u64,
     pub referenced: u64,
+    /// Incomplete versions whose objects are spared for `backup --continue`.
+    pub spared: Vec<SparedVersion>,
+    /// Unreferenced objects and orphaned files kept for those versions only (they would
+    /// go without them): count and stored bytes.
+    pub kept_for_continue: u64,
+    pub kept_for_continue_bytes: u64,
+}
+
+/// An incomplete version whose objects a cleanup spares.
+#[derive(Clone, Debug)]
+pub struct SparedVersion {
+    pub uid: VersionUid,
+    /// Its backup still runs.
+    pub running: bool,
+    /// The last sign of life of its backup (ms since the epoch).
+    pub active_ms: i64,
+    /// Until when its objects are spared (ms), unless it is running.
+    pub until_ms: i64,
 }
 
 impl CleanupPlan {
     pub fn bytes(&self) -> u64 {
         self.objects.iter().map(|o| o.1).sum::<u64>() + self.orphans.iter().map(|o| o.1).sum::<u64>()
+    }
+
+    /// What the plan spares for `backup --continue`, and until when, for people.
+    pub fn spared_lines(&self) -> Vec<String> {
+        if self.spared.is_empty() {
+            return Vec::new();
+        }
+        let when = |ms: i64| {
+            chrono::DateTime::from_timestamp_millis(ms)
+                .map(|d| d.format("%Y-%m-%d %H:%M:%S UTC").to_string())
+                .unwrap_or_else(|| ms.to_string())
+        };
+        let mut lines = vec![format!(
+            "storage {}: sparing {} unreferenced object(s) and file(s), {}, that `keepfs backup --continue` may still use:",
+            self.storage,
+            self.kept_for_continue,
+            crate::units::format_size(self.kept_for_continue_bytes)
+        )];
+        for v in &self.spared {
+            lines.push(if v.running {
+                format!("  {}: its backup is running", v.uid)
+            } else {
+                format!(
+                    "  {}: its backup stopped at {}; spared until {} (incomplete_grace), or `keepfs rm {}` now",
+                    v.uid,
+                    when(v.active_ms),
+                    when(v.until_ms),
+                    v.uid
+                )
+            });
+        }
+        lines
     }
 }
 
@@ -75,7 +130,8 @@ impl Repository {
             .iter()
             .filter_map(|e| e.key.strip_prefix("versions/").and_then(|u| VersionUid::parse(u).ok()))
             .collect();
-        let cutoff_ms = self.cleanup_cutoff()?;
+        let running_cutoff = self.cleanup_cutoff()?;
+        let (cutoff_ms, spared) = self.spare_incomplete(storage, running_cutoff)?;
         let db = self.db();
         let known: HashSet<VersionUid> = db.list_versions()?.into_iter().map(|v| v.uid).collect();
         let unknown: Vec<String> = in_storage.iter().filter(|u| !known.contains(u)).map(|u| u.to_string()).collect();
@@ -108,6 +164,9 @@ impl Repository {
             orphans: Vec::new(),
             kept_recent: 0,
             referenced: marked.len() as u64,
+            spared,
+            kept_for_continue: 0,
+            kept_for_continue_bytes: 0,
         };
         let mut known: HashSet<BlockId> = HashSet::new();
         db.for_each_object(storage_id, |row| {
@@ -117,22 +176,54 @@ impl Repository {
             }
             if row.state == OBJECT_DELETING || row.touched_ms < cutoff_ms {
                 plan.objects.push((row.id, row.stored_size));
+            } else if row.touched_ms < running_cutoff {
+                plan.kept_for_continue += 1;
+                plan.kept_for_continue_bytes += row.stored_size;
             } else {
                 plan.kept_recent += 1;
             }
         })?;
         drop(db);
         let cutoff_time = file_cutoff(cutoff_ms);
+        let running_time = file_cutoff(running_cutoff);
         for e in st.list("blocks/")? {
             if let Some(id) = BlockId::from_storage_key(&e.key)
                 && !known.contains(&id)
                 && !marked.contains(&id)
-                && e.modified < cutoff_time
             {
-                plan.orphans.push((e.key, e.size));
+                if e.modified < cutoff_time {
+                    plan.orphans.push((e.key, e.size));
+                } else if e.modified < running_time {
+                    plan.kept_for_continue += 1;
+                    plan.kept_for_continue_bytes += e.size;
+                }
             }
         }
         Ok(plan)
+    }
+
+    /// The incomplete versions of `storage` whose objects are spared (running, or
+    /// stopped less than `incomplete_grace` ago), and the cutoff that spares them: the
+    /// earliest start among them, or `cutoff` when there are none. A backup records and
+    /// touches every object it writes or reuses after its version's start, so nothing it
+    /// (or a `--continue` of it) relies on is older than that.
+    fn spare_incomplete(&self, storage: &str, cutoff: i64) -> Result<(i64, Vec<SparedVersion>)> {
+        let now = now_ms();
+        let grace = self.config.incomplete_grace.num_milliseconds().max(0);
+        let db = self.db();
+        let live: HashSet<i64> = db.live_sessions()?.into_iter().map(|s| s.id).collect();
+        let sid = db.storage_id(storage)?;
+        let mut spared = Vec::new();
+        let mut from = cutoff;
+        for v in db.incomplete_versions(sid)? {
+            let running = v.session.is_some_and(|s| live.contains(&s));
+            let until_ms = v.active_ms.saturating_add(grace);
+            if running || now < until_ms {
+                from = from.min(v.started_ms);
+                spared.push(SparedVersion { uid: v.uid, running, active_ms: v.active_ms, until_ms });
+            }
+        }
+        Ok((from, spared))
     }
 
     /// Carries out a plan. Every deletion is checked again against the database at the

@@ -31,6 +31,19 @@ pub fn block_count(size: u64, block_size: u32) -> u64 {
     size.div_ceil(block_size as u64)
 }
 
+/// Refuses an image with more blocks than a version may have
+/// ([`crate::block::MAX_BLOCKS_PER_VERSION`]: its index must fit in one database value).
+pub fn check_block_count(size: u64, block_size: u32) -> crate::error::Result<()> {
+    let n = block_count(size, block_size.max(1));
+    if n > crate::block::MAX_BLOCKS_PER_VERSION {
+        return Err(crate::error::Error::Invalid(format!(
+            "an image of {size} bytes in blocks of {block_size} has {n} blocks, more than a version may have ({}): use a larger block size (-b)",
+            crate::block::MAX_BLOCKS_PER_VERSION
+        )));
+    }
+    Ok(())
+}
+
 /// A version's block map.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BlockIndex {

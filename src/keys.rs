@@ -135,13 +135,14 @@ impl Bag {
     }
 
     /// Seals the bag with `key` into `entry`'s nonce and sealed_bag.
-    fn seal_into(&self, key: &MasterKey, entry_id: &str) -> (String, String) {
+    fn seal_into(&self, key: &MasterKey, entry_id: &str) -> Result<(String, String)> {
         let mut bytes = self.secret.to_vec();
         for m in &self.masters {
             bytes.extend_from_slice(m);
         }
-        let (nonce, sealed) = key.wrap(&bytes, &bag_aad(entry_id));
-        (hex::encode(nonce), hex::encode(sealed))
+        let (nonce, sealed) =
+            key.wrap(&bytes, &bag_aad(entry_id)).map_err(|e| Error::Other(format!("cannot seal the keyring: {e}")))?;
+        Ok((hex::encode(nonce), hex::encode(sealed)))
     }
 }
 
@@ -242,7 +243,7 @@ impl Keyring {
         }
         let mut masters: Vec<[u8; KEY_LEN]> = known.iter().filter(|k| **k != master).copied().collect();
         masters.push(master);
-        let (nonce, sealed_bag) = Bag { secret: *secret, masters }.seal_into(&key, &id.to_hex());
+        let (nonce, sealed_bag) = Bag { secret: *secret, masters }.seal_into(&key, &id.to_hex())?;
         self.keys.push(Entry { id: id.to_hex(), created: chrono::Utc::now(), kdf, nonce, sealed_bag });
         Ok((id, master))
     }
@@ -319,7 +320,7 @@ impl Keyring {
             let key = MasterKey::new(master);
             let Some(mut bag) = Bag::open(&key, e) else { continue };
             bag.masters.retain(|m| MasterKey::new(m).id() != id);
-            (e.nonce, e.sealed_bag) = bag.seal_into(&key, &e.id);
+            (e.nonce, e.sealed_bag) = bag.seal_into(&key, &e.id)?;
         }
         Ok(())
     }

@@ -19,6 +19,7 @@ pub mod image;
 pub mod index;
 pub mod keys;
 pub mod metadata;
+pub mod perms;
 pub mod progress;
 pub mod repo;
 pub mod restore;

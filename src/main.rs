@@ -1004,6 +1004,9 @@ fn run(cli: Cli) -> Result<i32> {
                     plan.referenced,
                     plan.kept_recent
                 );
+                for line in plan.spared_lines() {
+                    println!("{line}");
+                }
                 if dry_run {
                     for (id, size) in &plan.objects {
                         println!("  object {id} ({size} bytes)");

@@ -43,6 +43,15 @@ const VERSION_OBJECT_FORMAT: u16 = 1;
 /// fields and labels (JSON) followed by its block index. Layout in docs/format.md.
 pub fn encode_version_object(codec: &Codec, version: &Version, index: &BlockIndex) -> Result<Vec<u8>> {
     let json = serde_json::to_vec(version).map_err(|e| Error::Other(format!("cannot encode version metadata: {e}")))?;
+    if json.len() as u64 > crate::block::MAX_VERSION_JSON_LEN {
+        return Err(Error::Invalid(format!(
+            "the metadata of version {} is {} bytes, more than a version may carry ({}): use fewer or shorter labels",
+            version.uid,
+            json.len(),
+            crate::block::MAX_VERSION_JSON_LEN
+        )));
+    }
+    crate::index::check_block_count(index.size, index.block_size)?;
     let index_bytes = index.encode();
     let mut plain = Vec::with_capacity(16 + json.len() + index_bytes.len());
     plain.extend_from_slice(&VERSION_OBJECT_MAGIC);
@@ -52,7 +61,9 @@ pub fn encode_version_object(codec: &Codec, version: &Version, index: &BlockInde
     plain.extend_from_slice(&json);
     plain.extend_from_slice(&index_bytes);
     let id = codec.id_of(&plain);
-    Ok(codec.encode(ObjectKind::Version, &id.0, &plain, 3))
+    codec
+        .encode(ObjectKind::Version, &id.0, &plain, 3)
+        .map_err(|e| Error::Object { context: format!("version object of {}", version.uid), source: e })
 }
 
 /// Reads a version object back (the inverse of [`encode_version_object`]).
@@ -82,13 +93,15 @@ pub fn decode_version_object(codec: &Codec, bytes: &[u8]) -> Result<(Version, Bl
 impl Repository {
     /// Opens the repository a configuration describes, creating what is missing.
     pub fn open(config: Config) -> Result<Repository> {
-        std::fs::create_dir_all(&config.home)
+        config
+            .modes
+            .create_dir_all(&config.home)
             .map_err(|e| Error::io(format!("cannot create the keepfs home {}", config.home.display()), e))?;
-        let db = Db::open(&config.database)?;
+        let db = Db::open_with_modes(&config.database, config.modes)?;
         let mut storages: HashMap<String, StorageSlot> = HashMap::new();
         for s in &config.storages {
             let mut st: SharedStorage = match &s.kind {
-                StorageKind::File { path } => Arc::new(FileStorage::open(&s.name, path)?),
+                StorageKind::File { path } => Arc::new(FileStorage::open_with_modes(&s.name, path, config.modes)?),
                 StorageKind::Null => Arc::new(NullStorage::new(&s.name)),
                 StorageKind::S3(c) => Arc::new(crate::storage::s3::S3Storage::open(&s.name, c)?),
             };
@@ -97,7 +110,10 @@ impl Repository {
             }
             // Above the throttle (a hit costs no bandwidth), below the codec (copies stay sealed).
             if let Some(rc) = &s.read_cache {
-                st = Arc::new(crate::storage::disk_cache::DiskCache::new(st, rc.dir.join(&s.name), rc.max_bytes));
+                st = Arc::new(
+                    crate::storage::disk_cache::DiskCache::new(st, rc.dir.join(&s.name), rc.max_bytes)
+                        .with_modes(config.modes),
+                );
             }
             storages.insert(s.name.clone(), StorageSlot { raw: st, ready: None });
         }

@@ -57,7 +57,7 @@ pub fn format_size(n: u64) -> String {
 
 /// Checks a block size: a power of two from 4 KiB to 32 MiB.
 pub fn check_block_size(bs: u64) -> Result<u32, String> {
-    if !(4096..=32 << 20).contains(&bs) || !bs.is_power_of_two() {
+    if !(4096..=crate::block::MAX_BLOCK_LEN).contains(&bs) || !bs.is_power_of_two() {
         return Err(format!(
             "block size {bs} is not allowed: use a power of two from 4k to 32M (e.g. 4M, the default)"
         ));

@@ -212,7 +212,7 @@ fn tampering_is_detected_on_restore_and_deep_scrub() {
         assert_eq!(repo.version(&v)["status"], "valid", "{what}");
     }
     // A plaintext object planted in an encrypted storage is refused.
-    let plain = keepfs::block::encode_object(keepfs::block::ObjectKind::Block, &[0u8; 32], &img[..BS], 0);
+    let plain = keepfs::block::encode_object(keepfs::block::ObjectKind::Block, &[0u8; 32], &img[..BS], 0).unwrap();
     fs::write(&objects[2], plain).unwrap();
     let r = e.run(&["deep-scrub", &v]);
     assert_eq!(r.code, 3);

@@ -198,3 +198,102 @@ fn an_object_file_without_a_row_is_swept_only_when_old() {
     assert_eq!(repo.apply_cleanup(&plan).unwrap().orphans_deleted, 1);
     assert!(!path.exists());
 }
+
+/// An image of `blocks` distinct random blocks (nothing zero, nothing repeated).
+fn distinct_blocks(seed: u64, blocks: usize) -> Vec<u8> {
+    (0..blocks).flat_map(|i| random_bytes(seed * 1000 + i as u64, BS as usize)).collect()
+}
+
+/// A storage outage stops a backup halfway; a retention job's cleanup runs before the
+/// storage is back. The objects the backup stored are spared (for `incomplete_grace`,
+/// a day by default), so `backup --continue` uploads only the blocks still missing.
+/// With a grace of 0 a cleanup takes the objects of an incomplete version at once.
+#[test]
+fn cleanup_spares_what_backup_continue_will_use() {
+    let dir = tempfile::tempdir().unwrap();
+    let (repo, faults) = open(dir.path());
+    let storage = dir.path().join("home/storage");
+    let img = dir.path().join("img");
+    fs::write(&img, distinct_blocks(61, 12)).unwrap();
+    faults.die_after_puts(5);
+    let err = repo.backup(&Url::File(img.clone()), &opts("vm"), &Silent).unwrap_err().to_string();
+    assert!(err.contains("left incomplete"), "{err}");
+    let uid = repo.list(None).unwrap()[0].uid;
+    assert_eq!(count_files(&storage.join("blocks")), 5, "the blocks stored before the outage");
+
+    let plan = repo.plan_cleanup("default").unwrap();
+    assert!(plan.objects.is_empty() && plan.orphans.is_empty(), "planned: {:?} {:?}", plan.objects, plan.orphans);
+    assert_eq!(plan.kept_for_continue, 5);
+    assert_eq!(plan.spared.len(), 1);
+    assert_eq!(plan.spared[0].uid, uid);
+    assert!(!plan.spared[0].running);
+    let day = plan.spared[0].until_ms - plan.spared[0].active_ms;
+    assert_eq!(day, 24 * 3600 * 1000, "spared for the default grace, a day");
+    let lines = plan.spared_lines().join("\n");
+    assert!(lines.contains("sparing 5 unreferenced object(s)"), "{lines}");
+    assert!(lines.contains(&format!("{uid}: its backup stopped at ")) && lines.contains("spared until "), "{lines}");
+    let report = repo.apply_cleanup(&plan).unwrap();
+    assert_eq!((report.objects_deleted, report.orphans_deleted), (0, 0));
+    assert_eq!(count_files(&storage.join("blocks")), 5);
+
+    // The storage is back: the continuation sends only the 7 missing blocks (and the
+    // version object).
+    faults.revive();
+    let before = faults.puts_done();
+    let cont = BackupOptions { continue_uid: Some(uid), ..opts("vm") };
+    let v = repo.backup(&Url::File(img.clone()), &cont, &Silent).unwrap();
+    assert_eq!((v.uid, v.status), (uid, Status::Valid));
+    assert_eq!(faults.puts_done() - before, 7 + 1, "puts of the continuation");
+    assert_eq!(v.stats.bytes_written, 7 * BS as u64);
+    assert_eq!(v.stats.bytes_deduplicated, 5 * BS as u64);
+    let out = dir.path().join("out");
+    assert!(restore_to(&repo, uid, &out).bad_blocks.is_empty());
+    assert_eq!(sha256_file(&out), sha256_file(&img));
+
+    // A second outage leaves another incomplete version; `cleanup --dry-run` says what it
+    // spares and until when.
+    let img2 = dir.path().join("img2");
+    fs::write(&img2, distinct_blocks(62, 6)).unwrap();
+    faults.die_after_puts(3);
+    repo.backup(&Url::File(img2.clone()), &opts("vm2"), &Silent).unwrap_err();
+    faults.revive();
+    let uid2 = repo.list(None).unwrap().into_iter().find(|v| v.status == Status::Incomplete).unwrap().uid;
+    let dry = std::process::Command::new(KEEPFS)
+        .args(["cleanup", "--dry-run"])
+        .env("KEEPFS_HOME", dir.path().join("home"))
+        .env_remove("KEEPFS_CONFIG")
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&dry.stdout);
+    assert!(dry.status.success(), "{said} {}", String::from_utf8_lossy(&dry.stderr));
+    assert!(said.contains("would delete 0 unreferenced object(s)"), "{said}");
+    assert!(said.contains("sparing 3 unreferenced object(s)"), "{said}");
+    assert!(said.contains(&format!("{uid2}: its backup stopped at ")) && said.contains("spared until "), "{said}");
+
+    // With no grace (as a day later), cleanup takes them; the valid version keeps its 12.
+    let mut config = Config::embedded(dir.path().join("home"));
+    config.incomplete_grace = chrono::Duration::zero();
+    let impatient = Repository::open(config).unwrap();
+    let plan = impatient.plan_cleanup("default").unwrap();
+    assert!(plan.spared.is_empty());
+    assert_eq!(plan.objects.len(), 3);
+    assert_eq!(impatient.apply_cleanup(&plan).unwrap().objects_deleted, 3);
+    assert_eq!(count_files(&storage.join("blocks")), 12);
+    assert!(restore_to(&repo, uid, &out).bad_blocks.is_empty());
+}
+
+/// An image with more blocks than a version's index can hold (one database value of at
+/// most 10^9 bytes) is refused at the start, naming the way out, with nothing created.
+#[test]
+fn an_image_with_too_many_blocks_is_refused_before_anything_is_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let (repo, _) = open(dir.path());
+    let o = BackupOptions { name: "huge".into(), block_size: Some(4096), ..Default::default() };
+    let err = repo.backup(&Url::Null(1 << 40), &o, &Silent).unwrap_err();
+    assert_eq!(err.exit_code(), 2, "{err}");
+    let msg = err.to_string();
+    assert!(msg.contains("268435456 blocks") && msg.contains("use a larger block size"), "{msg}");
+    assert!(repo.list(None).unwrap().is_empty(), "no version was created");
+    // The same size at 4 MiB blocks is 262,144 blocks: well within the bound.
+    assert!(keepfs::index::check_block_count(1 << 40, 4 << 20).is_ok());
+}

@@ -54,11 +54,17 @@ fn committed_samples_decode() {
     let (version, index) = sample_version();
     if std::env::var_os("KEEPFS_WRITE_SAMPLES").is_some() {
         let text = text_block();
-        std::fs::write(data("block-zstd.obj"), encode_object(ObjectKind::Block, &BlockId::of(&text).0, &text, 3))
-            .unwrap();
+        std::fs::write(
+            data("block-zstd.obj"),
+            encode_object(ObjectKind::Block, &BlockId::of(&text).0, &text, 3).unwrap(),
+        )
+        .unwrap();
         let rnd = random_block();
-        std::fs::write(data("block-plain.obj"), encode_object(ObjectKind::Block, &BlockId::of(&rnd).0, &rnd, 3))
-            .unwrap();
+        std::fs::write(
+            data("block-plain.obj"),
+            encode_object(ObjectKind::Block, &BlockId::of(&rnd).0, &rnd, 3).unwrap(),
+        )
+        .unwrap();
         std::fs::write(data("index.kfi"), index.encode()).unwrap();
         std::fs::write(
             data("version.obj"),
@@ -82,7 +88,7 @@ fn committed_samples_decode() {
     // An incompressible block is stored as is, byte for byte what this build writes.
     let obj = std::fs::read(data("block-plain.obj")).unwrap();
     let rnd = random_block();
-    assert_eq!(obj, encode_object(ObjectKind::Block, &BlockId::of(&rnd).0, &rnd, 3));
+    assert_eq!(obj, encode_object(ObjectKind::Block, &BlockId::of(&rnd).0, &rnd, 3).unwrap());
     assert_eq!(&obj[72..], &rnd[..]);
     assert_eq!(decode_block(&obj, &BlockId::of(&rnd)).unwrap(), rnd);
 
@@ -113,8 +119,11 @@ fn committed_encrypted_samples_decode() {
         std::fs::write(data("keyring.json"), ring.to_bytes()).unwrap();
         let codec = Codec::sealed(&u.secret, u.master_keys(), u.opened_with).unwrap();
         let text = text_block();
-        std::fs::write(data("block-sealed.obj"), codec.encode(ObjectKind::Block, &codec.id_of(&text).0, &text, 3))
-            .unwrap();
+        std::fs::write(
+            data("block-sealed.obj"),
+            codec.encode(ObjectKind::Block, &codec.id_of(&text).0, &text, 3).unwrap(),
+        )
+        .unwrap();
     }
     let ring = Keyring::parse(&std::fs::read(data("keyring.json")).unwrap(), "sample").unwrap();
     assert_eq!(ring.format, "keepfs-keyring");

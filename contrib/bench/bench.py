@@ -13,12 +13,17 @@ run: an encrypted file storage (AES-256-GCM, keyed ids) and, when `garage` is in
 a local Garage S3 server (plain and encrypted; the plain one restored a second time from
 the local read cache), next to the plain file storage.
 
+With nbdcopy installed (libnbd-bin), the same version is also served by `keepfs nbd`:
+`nbdcopy` of the export to null: next to `keepfs restore` to /dev/null in the same run,
+and random 4 KiB reads (fio's nbd engine, queue depth 1 and 16) next to the same reads
+of the mounted `data` file.
+
 With --fuse (default when run as root with /dev/fuse), the same image is also read
 and written through `keepfs mount`: restore to /dev/null next to `dd` of the mounted
 `data` file (cold and warm page cache), random 4 KiB reads (fio), and `cp` into
 `incoming/` next to `keepfs backup` of the same file into an equally fresh repository.
 
-usage: contrib/bench/bench.py [--size-mib N] [--workdir DIR] [--keepfs PATH] [--no-fuse] [--no-storages]
+usage: contrib/bench/bench.py [--size-mib N] [--workdir DIR] [--keepfs PATH] [--no-fuse] [--no-nbd] [--no-storages]
 """
 import argparse
 import os
@@ -195,6 +200,67 @@ def fuse_bench(keepfs, env, img, size, uid, backup_mbs, workdir):
         print(f"random 4 KiB reads of mounted data (fio, 1 job, cold cache): {rand} IOPS")
 
 
+def start_nbd(keepfs, env, args=()):
+    """Starts `keepfs nbd` on a port the kernel picks; returns (process, host:port)."""
+    p = subprocess.Popen([keepfs, "nbd", "--listen", "127.0.0.1:0", *args], env=env,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    line = p.stderr.readline()
+    if not line.startswith("keepfs: serving NBD on "):
+        sys.exit(f"keepfs nbd did not start: {line}")
+    return p, line.split()[4]
+
+
+def fio_iops(args):
+    out = subprocess.run(["fio", "--name=rand", "--rw=randread", "--bs=4k", "--runtime=10", "--time_based",
+                          "--readonly", "--output-format=terse", "--terse-version=3", *args],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if out.returncode != 0:
+        return None
+    return sum(int(line.split(";")[7]) for line in out.stdout.splitlines() if line.count(";") > 10)
+
+
+def nbd_bench(keepfs, env, size, uid, workdir):
+    """nbdcopy of the export next to keepfs restore of the same version, same run; random
+    4 KiB reads through NBD next to the same through the mount."""
+    rows = []
+    drop_caches()
+    dt, _, _ = timed([keepfs, "restore", "--force", uid, "file:///dev/null"], env)
+    restore = size / dt / 1e6
+    rows.append(("keepfs restore to /dev/null (reference)", dt, restore))
+    p, addr = start_nbd(keepfs, env, ["--read-only"])
+    rand = {}
+    try:
+        drop_caches()
+        dt, _, _ = timed(["nbdcopy", f"nbd://{addr}/{uid}", "null:"])
+        rows.append(("nbdcopy nbd://…/uid null: (cold)", dt, size / dt / 1e6))
+        dt, _, _ = timed(["nbdcopy", f"nbd://{addr}/{uid}", "null:"])
+        rows.append(("nbdcopy nbd://…/uid null: (warm block cache)", dt, size / dt / 1e6))
+        if shutil.which("fio"):
+            for qd in (1, 16):
+                drop_caches()
+                rand[f"nbd QD{qd}"] = fio_iops(["--ioengine=nbd", f"--uri=nbd://{addr}/{uid}", f"--iodepth={qd}"])
+    finally:
+        p.terminate()
+        p.wait(timeout=60)
+    if shutil.which("fio") and os.geteuid() == 0 and os.path.exists("/dev/fuse"):
+        mnt = os.path.join(workdir, "mnt")
+        m = start_mount(keepfs, env, mnt, os.path.join(workdir, "mount.log"))
+        try:
+            data = os.path.join(mnt, "by_version", uid, "data")
+            for jobs in (1, 16):
+                drop_caches()
+                rand[f"mount {jobs} job(s)"] = fio_iops([f"--filename={data}", f"--numjobs={jobs}", "--ioengine=psync"])
+        finally:
+            stop_mount(m, mnt)
+    print()
+    print("through NBD (same version):")
+    print(f"{'step':44} {'seconds':>8} {'MB/s':>8} {'vs ref':>7}")
+    for label, dt, mbs in rows:
+        print(f"{label:44} {dt:8.2f} {mbs:8.0f} {mbs / restore:7.2f}")
+    if rand:
+        print("random 4 KiB reads, cold cache, IOPS: " + ", ".join(f"{k} {v}" for k, v in rand.items()))
+
+
 def storage_bench(keepfs, root, img, size, workdir):
     """Initial backup and restore of the same image into other kinds of storage."""
     key = os.path.join(workdir, "bench.key")
@@ -300,6 +366,7 @@ def main():
     ap.add_argument("--skip-null", action="store_true")
     ap.add_argument("--skip-sparse", action="store_true")
     ap.add_argument("--no-fuse", action="store_true")
+    ap.add_argument("--no-nbd", action="store_true")
     ap.add_argument("--no-storages", action="store_true", help="skip the encrypted and S3 storage rows")
     ap.add_argument("--many", type=int, default=100, help="versions of null://1T for the metadata scale test")
     a = ap.parse_args()
@@ -353,6 +420,9 @@ def main():
 
     if not a.no_fuse and os.geteuid() == 0 and os.path.exists("/dev/fuse"):
         fuse_bench(keepfs, env, img, size, uid, rows[1][2], a.workdir)
+
+    if not a.no_nbd and shutil.which("nbdcopy"):
+        nbd_bench(keepfs, env, size, uid, a.workdir)
 
     if not a.skip_sparse:
         same = sparse_bench(keepfs, env, a.workdir) and same

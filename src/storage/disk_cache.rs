@@ -40,6 +40,8 @@ pub struct DiskCache {
     /// directory has been scanned.
     known: Mutex<Option<Known>>,
     temp_counter: AtomicU64,
+    /// Modes of new copies and directories (owner-only unless configured).
+    modes: crate::perms::Modes,
 }
 
 struct Known {
@@ -64,7 +66,20 @@ impl DiskCache {
     /// Keeps copies of `inner`'s blocks under `dir` (created when missing), at most
     /// `max_bytes` of them.
     pub fn new(inner: SharedStorage, dir: PathBuf, max_bytes: u64) -> DiskCache {
-        DiskCache { inner, dir, max_bytes, known: Mutex::new(None), temp_counter: AtomicU64::new(0) }
+        DiskCache {
+            inner,
+            dir,
+            max_bytes,
+            known: Mutex::new(None),
+            temp_counter: AtomicU64::new(0),
+            modes: crate::perms::Modes::PRIVATE,
+        }
+    }
+
+    /// New copies and directories get `modes` (owner-only by default).
+    pub fn with_modes(mut self, modes: crate::perms::Modes) -> DiskCache {
+        self.modes = modes;
+        self
     }
 
     fn path_of(&self, key: &str) -> PathBuf {
@@ -181,14 +196,14 @@ impl DiskCache {
     fn try_write_copy(&self, key: &str, data: &[u8]) -> std::io::Result<()> {
         let final_path = self.path_of(key);
         let tmp_dir = self.dir.join("tmp");
-        fs::create_dir_all(&tmp_dir)?;
+        self.modes.create_dir_all(&tmp_dir)?;
         if let Some(parent) = final_path.parent() {
-            fs::create_dir_all(parent)?;
+            self.modes.create_dir_all(parent)?;
         }
         let n = self.temp_counter.fetch_add(1, Ordering::Relaxed);
         let tmp = tmp_dir.join(format!("{}-{n}", std::process::id()));
         let written = (|| {
-            let mut f = fs::File::create(&tmp)?;
+            let mut f = self.modes.options().write(true).create(true).truncate(true).open(&tmp)?;
             f.write_all(data)?;
             f.write_all(&crc32fast::hash(data).to_le_bytes())?;
             f.write_all(&TRAILER_MAGIC)?;

@@ -16,6 +16,10 @@ struct Faults {
     delay: Duration,
     /// Gets that still succeed before the storage "dies" (every later get fails).
     gets_before_death: Option<u32>,
+    /// Puts that still succeed before writes "die" (every later put fails).
+    puts_before_death: Option<u32>,
+    /// Puts that succeeded.
+    puts_done: u64,
 }
 
 pub struct FaultyStorage {
@@ -48,9 +52,20 @@ impl FaultyStorage {
     pub fn die_after_gets(&self, n: u32) {
         self.faults.lock().gets_before_death = Some(n);
     }
-    /// Undoes [`FaultyStorage::die_after_gets`].
+    /// After `n` more successful puts every put fails until [`FaultyStorage::revive`]:
+    /// a storage outage in the middle of a backup.
+    pub fn die_after_puts(&self, n: u32) {
+        self.faults.lock().puts_before_death = Some(n);
+    }
+    /// Undoes [`FaultyStorage::die_after_gets`] and [`FaultyStorage::die_after_puts`].
     pub fn revive(&self) {
-        self.faults.lock().gets_before_death = None;
+        let mut f = self.faults.lock();
+        f.gets_before_death = None;
+        f.puts_before_death = None;
+    }
+    /// How many puts have succeeded so far.
+    pub fn puts_done(&self) -> u64 {
+        self.faults.lock().puts_done
     }
     /// Every call sleeps this long first.
     pub fn set_delay(&self, d: Duration) {
@@ -76,10 +91,27 @@ impl Storage for FaultyStorage {
     super::pass_to_inner!(name, list, sync, purge_temporary, codec, delete_many);
     fn put(&self, key: &str, data: &[u8]) -> StorageResult<()> {
         self.pause();
-        if Self::take(&mut self.faults.lock().fail_puts) {
-            return Err(StorageError::Injected { storage: self.name().to_string(), op: "put", key: key.to_string() });
+        {
+            let mut f = self.faults.lock();
+            let dead = match &mut f.puts_before_death {
+                Some(0) => true,
+                Some(n) => {
+                    *n -= 1;
+                    false
+                }
+                None => false,
+            };
+            if dead || Self::take(&mut f.fail_puts) {
+                return Err(StorageError::Injected {
+                    storage: self.name().to_string(),
+                    op: "put",
+                    key: key.to_string(),
+                });
+            }
         }
-        self.inner.put(key, data)
+        self.inner.put(key, data)?;
+        self.faults.lock().puts_done += 1;
+        Ok(())
     }
     fn get(&self, key: &str) -> StorageResult<Vec<u8>> {
         self.faulty_get(key, false)

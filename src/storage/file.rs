@@ -1,8 +1,15 @@
 //! A storage in a local directory. Objects are written to `tmp/` under a unique name,
 //! fsynced, renamed into place; the directories that received new names are fsynced in
 //! one batch by `sync()`, before any version references the objects.
+//!
+//! Syncs are serialised by `sync_lock`, held across draining the dirty set and fsyncing
+//! what was drained: a `sync()` that finds the set emptied by another one still running
+//! waits for that one's fsyncs, so it never reports as durable a directory entry that is
+//! not yet on disk. `sync_lock` is taken by nothing but `sync()` (puts only take
+//! `dirty_dirs`, briefly), so holding it across the fsyncs makes no other path wait.
 
 use super::{ListEntry, Storage, StorageError, StorageResult};
+use crate::perms::Modes;
 use parking_lot::Mutex;
 use std::collections::HashSet;
 use std::fs::{self, File, OpenOptions};
@@ -11,20 +18,37 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::SystemTime;
 
+/// A test hook run before a directory fsync.
+#[cfg(test)]
+type FsyncHook = std::sync::Arc<dyn Fn(&Path) + Send + Sync>;
+
 pub struct FileStorage {
     name: String,
     root: PathBuf,
     tmp: PathBuf,
     /// Directories that got new entries since the last `sync()`.
     dirty_dirs: Mutex<HashSet<PathBuf>>,
+    /// Serialises `sync()` calls (see the module comment).
+    sync_lock: Mutex<()>,
     counter: AtomicU64,
+    /// Modes of new objects and directories (owner-only unless configured).
+    modes: Modes,
+    /// Test hook run before each directory fsync (to make one slow on demand).
+    #[cfg(test)]
+    before_dir_fsync: Mutex<Option<FsyncHook>>,
 }
 
 impl FileStorage {
-    /// Opens (creating when missing) a file storage rooted at `root`.
+    /// Opens (creating when missing) a file storage rooted at `root`; what it creates is
+    /// owner-only.
     pub fn open(name: &str, root: &Path) -> StorageResult<FileStorage> {
+        FileStorage::open_with_modes(name, root, Modes::PRIVATE)
+    }
+
+    /// Opens a file storage whose new directories and objects get `modes`.
+    pub fn open_with_modes(name: &str, root: &Path, modes: Modes) -> StorageResult<FileStorage> {
         let tmp = root.join("tmp");
-        fs::create_dir_all(&tmp).map_err(|e| StorageError::Io {
+        modes.create_dir_all(&tmp).map_err(|e| StorageError::Io {
             storage: name.to_string(),
             op: "create directory",
             key: tmp.display().to_string(),
@@ -35,7 +59,11 @@ impl FileStorage {
             root: root.to_path_buf(),
             tmp,
             dirty_dirs: Mutex::new(HashSet::new()),
+            sync_lock: Mutex::new(()),
             counter: AtomicU64::new(0),
+            modes,
+            #[cfg(test)]
+            before_dir_fsync: Mutex::new(None),
         })
     }
 
@@ -61,7 +89,9 @@ impl FileStorage {
     fn write_temp(&self, key: &str, data: &[u8]) -> StorageResult<PathBuf> {
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
         let tmp = self.tmp.join(format!("{}.{}.{}", std::process::id(), n, key.replace('/', "_")));
-        let mut f = OpenOptions::new()
+        let mut f = self
+            .modes
+            .options()
             .write(true)
             .create_new(true)
             .open(&tmp)
@@ -131,7 +161,7 @@ impl Storage for FileStorage {
         let dir = path.parent().unwrap_or(&self.root).to_path_buf();
         let renamed = fs::rename(&tmp, &path).or_else(|e| {
             if e.kind() == io::ErrorKind::NotFound {
-                fs::create_dir_all(&dir)?;
+                self.modes.create_dir_all(&dir)?;
                 // New directories must reach the disk too: remember every new level.
                 let mut dirty = self.dirty_dirs.lock();
                 let mut d = dir.as_path();
@@ -229,8 +259,15 @@ impl Storage for FileStorage {
     }
 
     fn sync(&self) -> StorageResult<()> {
+        // Held until the drained directories are on disk: a concurrent sync whose puts'
+        // directories this one drained waits here for them (module comment).
+        let _serial = self.sync_lock.lock();
         let dirs: Vec<PathBuf> = self.dirty_dirs.lock().drain().collect();
         for d in &dirs {
+            #[cfg(test)]
+            if let Some(hook) = self.before_dir_fsync.lock().clone() {
+                hook(d);
+            }
             if let Err(e) = fsync_dir(d) {
                 // Put them back: the next sync must try again.
                 self.dirty_dirs.lock().extend(dirs.iter().cloned());
@@ -274,5 +311,55 @@ mod tests {
         assert!(matches!(s.get("blocks/aa/bb/x1"), Err(StorageError::NotFound { .. })));
         assert!(s.put("../escape", b"x").is_err());
         assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0, "no temporary files left");
+    }
+
+    /// Two writers put objects into one directory; the first to call `sync()` drains the
+    /// directory and is stuck in its fsync. The second writer's `sync()` must not return
+    /// (and let it record its object as durable) before that fsync is done.
+    #[test]
+    fn a_sync_waits_for_a_running_sync_that_took_its_directories() {
+        use std::sync::{Arc, mpsc};
+        let dir = tempfile::tempdir().unwrap();
+        let s = Arc::new(FileStorage::open("t", dir.path()).unwrap());
+        s.put("blocks/aa/bb/first", b"1").unwrap();
+        s.put("blocks/aa/bb/second", b"2").unwrap();
+        let log = Arc::new(Mutex::new(Vec::<&'static str>::new()));
+        let (entered_tx, entered) = mpsc::channel::<()>();
+        let (release, release_rx) = mpsc::channel::<()>();
+        let release_rx = Mutex::new(Some(release_rx));
+        let hook_log = log.clone();
+        let entered_tx = Mutex::new(entered_tx);
+        *s.before_dir_fsync.lock() = Some(Arc::new(move |_d: &Path| {
+            // Only the first fsync is slow: it waits until the test releases it.
+            if let Some(rx) = release_rx.lock().take() {
+                let _ = entered_tx.lock().send(());
+                let _ = rx.recv();
+                hook_log.lock().push("first sync's fsync released");
+            }
+        }));
+        let first = {
+            let s = s.clone();
+            std::thread::spawn(move || s.sync())
+        };
+        entered.recv().unwrap();
+        // The first sync has drained the directory and sits in its fsync.
+        let (done_tx, done) = mpsc::channel();
+        let second = {
+            let (s, log) = (s.clone(), log.clone());
+            std::thread::spawn(move || {
+                let r = s.sync();
+                log.lock().push("second sync returned");
+                let _ = done_tx.send(());
+                r
+            })
+        };
+        // Give the second sync the chance to return early (it did, at once, before the
+        // fix); a correct one stays blocked however long this waits.
+        let returned_early = done.recv_timeout(std::time::Duration::from_millis(500)).is_ok();
+        release.send(()).unwrap();
+        first.join().unwrap().unwrap();
+        second.join().unwrap().unwrap();
+        assert!(!returned_early, "the second sync returned while the first was still fsyncing");
+        assert_eq!(*log.lock(), vec!["first sync's fsync released", "second sync returned"]);
     }
 }

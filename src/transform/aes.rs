@@ -6,7 +6,7 @@
 //! and the wrap's binds the data key to the object id, so a body or an envelope moved to
 //! another object fails authentication. Rotating the master key only rewraps envelopes.
 
-use aws_lc_rs::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
+use aws_lc_rs::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, Tag, UnboundKey};
 use sha2::{Digest, Sha256};
 
 pub const KEY_LEN: usize = 32;
@@ -50,6 +50,19 @@ impl std::fmt::Debug for KeyId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "KeyId({})", self.to_hex())
     }
+}
+
+/// Sealing failed: AES-GCM refused the message (only beyond its 64 GiB limit, which
+/// objects never reach as they are bounded far below it). Nothing sealed may be written.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("AES-256-GCM sealing failed (message of {0} bytes refused)")]
+pub struct SealError(pub usize);
+
+/// The tag of a seal, or the error that stops the object from being written: never a
+/// zero tag in its place.
+fn sealed_tag(r: Result<Tag, aws_lc_rs::error::Unspecified>, len: usize) -> Result<[u8; TAG_LEN], SealError> {
+    let tag = r.map_err(|_| SealError(len))?;
+    <[u8; TAG_LEN]>::try_from(tag.as_ref()).map_err(|_| SealError(len))
 }
 
 /// Random bytes from the operating system. Failing to get them is not something to
@@ -96,14 +109,12 @@ impl MasterKey {
     }
 
     /// Seals a short secret: returns nonce and ciphertext with its tag.
-    pub fn wrap(&self, secret: &[u8], aad: &[u8]) -> ([u8; NONCE_LEN], Vec<u8>) {
+    pub fn wrap(&self, secret: &[u8], aad: &[u8]) -> Result<([u8; NONCE_LEN], Vec<u8>), SealError> {
         let n = random::<NONCE_LEN>();
         let mut buf = secret.to_vec();
-        // Sealing only fails beyond GCM's message size limit (these are a few bytes).
-        if let Ok(tag) = self.cipher.seal_in_place_separate_tag(nonce(&n), Aad::from(aad), &mut buf) {
-            buf.extend_from_slice(tag.as_ref());
-        }
-        (n, buf)
+        let tag = sealed_tag(self.cipher.seal_in_place_separate_tag(nonce(&n), Aad::from(aad), &mut buf), buf.len())?;
+        buf.extend_from_slice(&tag);
+        Ok((n, buf))
     }
 
     /// Opens what [`MasterKey::wrap`] sealed; `None` when it does not authenticate.
@@ -126,6 +137,8 @@ pub enum OpenError {
     DataKey,
     /// The payload does not authenticate under its data key and header.
     Payload,
+    /// Sealing the rewrapped data key failed.
+    Seal(SealError),
     /// The envelope has the wrong length.
     Envelope,
 }
@@ -139,33 +152,37 @@ fn wrap_aad(key: KeyId, object_id: &[u8; 32]) -> [u8; 9 + KEY_ID_LEN + 32] {
 }
 
 /// Encrypts `payload` in place under a fresh data key wrapped by `master`; returns the
-/// envelope for the object's header and the tag that follows the ciphertext.
+/// envelope for the object's header and the tag that follows the ciphertext. A seal
+/// that fails is an error (the object must not be written), never a zero tag.
 pub fn seal(
     master: &MasterKey,
     object_id: &[u8; 32],
     aad: &[u8],
     payload: &mut [u8],
-) -> ([u8; ENVELOPE_LEN], [u8; TAG_LEN]) {
+) -> Result<([u8; ENVELOPE_LEN], [u8; TAG_LEN]), SealError> {
     let data_key = random::<KEY_LEN>();
     let n = random::<NONCE_LEN>();
-    let mut t = [0u8; TAG_LEN];
-    // Sealing only fails beyond GCM's 64 GiB message limit (objects are far smaller).
-    if let Ok(tag) = cipher(&data_key).seal_in_place_separate_tag(nonce(&n), Aad::from(aad), payload) {
-        t.copy_from_slice(tag.as_ref());
-    }
+    let len = payload.len();
+    let t = sealed_tag(cipher(&data_key).seal_in_place_separate_tag(nonce(&n), Aad::from(aad), payload), len)?;
     let mut env = [0u8; ENVELOPE_LEN];
     env[ENVELOPE_LEN - NONCE_LEN..].copy_from_slice(&n);
-    wrap_into(&mut env, master, &data_key, object_id);
-    (env, t)
+    wrap_into(&mut env, master, &data_key, object_id)?;
+    Ok((env, t))
 }
 
 /// Writes the key id, wrap nonce and the data key wrapped by `master` into `env` (the
 /// payload nonce at its end stays).
-fn wrap_into(env: &mut [u8; ENVELOPE_LEN], master: &MasterKey, data_key: &[u8; KEY_LEN], object_id: &[u8; 32]) {
-    let (wrap_nonce, wrapped) = master.wrap(data_key, &wrap_aad(master.id(), object_id));
+fn wrap_into(
+    env: &mut [u8; ENVELOPE_LEN],
+    master: &MasterKey,
+    data_key: &[u8; KEY_LEN],
+    object_id: &[u8; 32],
+) -> Result<(), SealError> {
+    let (wrap_nonce, wrapped) = master.wrap(data_key, &wrap_aad(master.id(), object_id))?;
     env[..KEY_ID_LEN].copy_from_slice(&master.id().0);
     env[KEY_ID_LEN..KEY_ID_LEN + NONCE_LEN].copy_from_slice(&wrap_nonce);
     env[KEY_ID_LEN + NONCE_LEN..KEY_ID_LEN + NONCE_LEN + KEY_LEN + TAG_LEN].copy_from_slice(&wrapped);
+    Ok(())
 }
 
 /// The master key id an envelope names.
@@ -222,7 +239,7 @@ pub fn rewrap<'a>(
     let dk = data_key(find, envelope, object_id)?;
     let mut env = [0u8; ENVELOPE_LEN];
     env.copy_from_slice(envelope);
-    wrap_into(&mut env, new, &dk, object_id);
+    wrap_into(&mut env, new, &dk, object_id).map_err(OpenError::Seal)?;
     Ok(env)
 }
 
@@ -237,7 +254,7 @@ mod tests {
         assert_ne!(k1.id(), k2.id());
         let id = [9u8; 32];
         let mut buf = b"attack at dawn".to_vec();
-        let (env, tag) = seal(&k1, &id, b"hdr", &mut buf);
+        let (env, tag) = seal(&k1, &id, b"hdr", &mut buf).unwrap();
         assert_ne!(&buf[..], b"attack at dawn");
         let find1 = |k: KeyId| (k == k1.id()).then_some(&k1);
         let mut out = vec![0u8; buf.len()];
@@ -255,5 +272,15 @@ mod tests {
         assert_eq!(open(find1, &env2, &id, b"hdr", &buf, &tag, &mut out), Err(OpenError::UnknownKey(k2.id())));
         let find2 = |k: KeyId| (k == k2.id()).then_some(&k2);
         assert_eq!(open(find2, &env2, &id, b"hdr", &buf, &tag, &mut out), Ok(()));
+    }
+
+    /// AES-GCM refusing a message (it does beyond 64 GiB) is an error, not a zero tag.
+    #[test]
+    fn a_refused_seal_is_an_error() {
+        assert_eq!(sealed_tag(Err(aws_lc_rs::error::Unspecified), 7), Err(SealError(7)));
+        let k = MasterKey::new(&[3u8; 32]);
+        let (_, sealed) = k.wrap(b"secret", b"aad").unwrap();
+        assert_eq!(sealed.len(), 6 + TAG_LEN);
+        assert_ne!(&sealed[6..], &[0u8; TAG_LEN], "a real tag");
     }
 }

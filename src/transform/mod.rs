@@ -76,7 +76,15 @@ impl Codec {
     }
 
     /// Builds an object (compressed at `level` when that helps, sealed when encrypted).
-    pub fn encode(&self, kind: ObjectKind, id: &[u8; ID_LEN], plain: &[u8], level: i32) -> Vec<u8> {
+    /// Fails (and nothing may be written) when the plaintext is over its kind's bound or
+    /// sealing fails.
+    pub fn encode(
+        &self,
+        kind: ObjectKind,
+        id: &[u8; ID_LEN],
+        plain: &[u8],
+        level: i32,
+    ) -> Result<Vec<u8>, ObjectError> {
         crate::block::encode_with(self, kind, id, plain, level)
     }
 

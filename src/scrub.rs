@@ -5,6 +5,10 @@
 //! share of the blocks. A damaged object marks every version referencing it invalid (never
 //! deleted); a complete deep scrub that finds a version's blocks all good makes it valid
 //! again. The next backup stores blocks marked damaged again, whatever it finds stored.
+//! Every scrub also checks the version's metadata: its block index in the database and
+//! its version object in the storage (what a database rebuild reads), which must decode
+//! and say what the database says; damage there is reported with the command that
+//! repairs it.
 
 use crate::block::{BlockId, ObjectKind, parse_header};
 use crate::cache::{FetchError, Read, fetch_block, fetch_verified};

@@ -83,7 +83,17 @@ ALTER TABLE objects ADD COLUMN key_id INTEGER;
     r#"
 ALTER TABLE versions ADD COLUMN active_ms INTEGER;
 "#,
+    // Work on the repository that must be finished before it is used as usual (a
+    // rebuild that did not end cleanly).
+    r#"
+CREATE TABLE repository_state (name TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+"#,
 ];
+
+/// `repository_state` row present while a `database rebuild` has not finished cleanly
+/// (interrupted, or damaged version objects skipped): another rebuild may then add to
+/// the versions this database holds.
+const REBUILD_UNFINISHED: &str = "rebuild_unfinished";
 
 /// Object states: present, or marked for deletion by a cleanup (a tombstone).
 pub const OBJECT_PRESENT: i64 = 0;
@@ -227,6 +237,54 @@ pub struct Db {
     conn: Connection,
 }
 
+/// Checks the database file at `path` with SQLite's `quick_check` (every page read, the
+/// structure of every table and index checked). `None`: intact, or no file there;
+/// `Some(reason)`: damaged.
+pub fn check_file(path: &Path) -> Result<Option<String>> {
+    if !path.exists() {
+        return Ok(None);
+    }
+    let conn = Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE)
+        .map_err(|e| Error::Other(format!("cannot open the metadata database {}: {e}", path.display())))?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    let rows: rusqlite::Result<Vec<String>> =
+        conn.prepare("PRAGMA quick_check(1)").and_then(|mut st| st.query_map([], |r| r.get(0))?.collect());
+    match rows {
+        Ok(rows) if rows.iter().all(|r| r == "ok") => Ok(None),
+        Ok(rows) => Ok(Some(rows.join("; "))),
+        Err(e) if crate::error::database_damaged(&e) => Ok(Some(e.to_string())),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Moves a damaged database file (and its WAL and shared-memory files) aside, to
+/// `<name>.damaged-<UTC time>`, so that a rebuild can make a new one. An intact file is
+/// left where it is. Returns where the damaged one went and what is wrong with it.
+pub fn set_aside_if_damaged(path: &Path) -> Result<Option<(std::path::PathBuf, String)>> {
+    let Some(reason) = check_file(path)? else {
+        return Ok(None);
+    };
+    let stamp = Utc::now().format("%Y%m%dT%H%M%SZ");
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "keepfs.sqlite".into());
+    let aside = path.with_file_name(format!("{name}.damaged-{stamp}"));
+    if aside.exists() {
+        return Err(Error::Refused(format!("{} exists already; try again in a second", aside.display())));
+    }
+    let with_suffix = |p: &Path, suffix: &str| std::path::PathBuf::from(format!("{}{suffix}", p.display()));
+    // The WAL first: the main file must never sit next to a WAL that is not its own.
+    for suffix in ["-wal", "-shm", ""] {
+        let from = with_suffix(path, suffix);
+        match std::fs::rename(&from, with_suffix(&aside, suffix)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(Error::io(format!("cannot move the damaged database file {} aside", from.display()), e));
+            }
+        }
+    }
+    Ok(Some((aside, reason)))
+}
+
 impl Db {
     /// Opens (creating when missing) the database at `path`, owner-only when new.
     pub fn open(path: &Path) -> Result<Db> {
@@ -270,11 +328,34 @@ impl Db {
                 MIGRATIONS.len()
             )));
         }
+        if current == MIGRATIONS.len() {
+            // Nothing to write: a command that only reads leaves the file as it was.
+            return Ok(());
+        }
         for sql in &MIGRATIONS[current..] {
             tx.execute_batch(sql)?;
         }
         tx.pragma_update(None, "user_version", MIGRATIONS.len() as i64)?;
         tx.commit()?;
+        Ok(())
+    }
+
+    /// Whether this database was made by a `database rebuild` that has not finished cleanly.
+    pub fn rebuild_unfinished(&self) -> Result<bool> {
+        Ok(self.conn.query_row("SELECT COUNT(*) FROM repository_state WHERE name=?1", [REBUILD_UNFINISHED], |r| {
+            r.get::<_, i64>(0)
+        })? > 0)
+    }
+
+    pub fn set_rebuild_unfinished(&self, unfinished: bool) -> Result<()> {
+        if unfinished {
+            self.conn.execute(
+                "INSERT OR REPLACE INTO repository_state(name, value) VALUES (?1, ?2)",
+                params![REBUILD_UNFINISHED, date_text(&Utc::now())],
+            )?;
+        } else {
+            self.conn.execute("DELETE FROM repository_state WHERE name=?1", [REBUILD_UNFINISHED])?;
+        }
         Ok(())
     }
 
@@ -503,6 +584,47 @@ impl Db {
         Ok(())
     }
 
+    /// Replaces the fields, labels and index of a version the database holds with those
+    /// recorded elsewhere (its version object: `metadata restore --force`), in one
+    /// transaction.
+    pub fn replace_version_record(&mut self, v: &Version, index: &[u8]) -> Result<()> {
+        let storage_id = self.storage_id(&v.storage)?;
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let n = tx.execute(
+            "UPDATE versions SET name=?2, snapshot=?3, date=?4, size=?5, block_size=?6, status=?7, protected=?8, \
+             storage_id=?9, expire=?10, bytes_read=?11, bytes_written=?12, bytes_stored=?13, bytes_deduplicated=?14, \
+             bytes_sparse=?15, duration_ms=?16 WHERE uid=?1",
+            params![
+                v.uid.0 as i64,
+                v.name,
+                v.snapshot,
+                date_text(&v.date),
+                v.size as i64,
+                v.block_size,
+                v.status.as_str(),
+                v.protected,
+                storage_id,
+                v.expire.as_ref().map(date_text),
+                v.stats.bytes_read as i64,
+                v.stats.bytes_written as i64,
+                v.stats.bytes_stored as i64,
+                v.stats.bytes_deduplicated as i64,
+                v.stats.bytes_sparse as i64,
+                v.stats.duration_ms as i64
+            ],
+        )?;
+        if n == 0 {
+            return Err(Error::VersionNotFound(v.uid.to_string()));
+        }
+        tx.execute("DELETE FROM labels WHERE uid=?1", [v.uid.0 as i64])?;
+        for (k, val) in &v.labels {
+            tx.execute("INSERT INTO labels(uid, name, value) VALUES (?1,?2,?3)", params![v.uid.0 as i64, k, val])?;
+        }
+        tx.execute("INSERT OR REPLACE INTO version_index(uid, data) VALUES (?1, ?2)", params![v.uid.0 as i64, index])?;
+        tx.commit()?;
+        Ok(())
+    }
+
     pub fn set_status(&self, uid: VersionUid, status: Status) -> Result<()> {
         self.conn.execute("UPDATE versions SET status=?2 WHERE uid=?1", params![uid.0 as i64, status.as_str()])?;
         Ok(())
@@ -722,6 +844,25 @@ impl Db {
     ) -> Result<()> {
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         upsert_objects(&tx, storage_id, objects, key)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Records objects found in a storage (by a rebuild or a metadata restore) as present
+    /// and just touched, keeping what the database knows of those it has rows for: an
+    /// object a scrub found damaged stays invalid.
+    pub fn insert_found_objects(&mut self, storage_id: i64, objects: &[(BlockId, u64)]) -> Result<()> {
+        let now = now_ms();
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        {
+            let mut st = tx.prepare_cached(
+                "INSERT INTO objects(storage_id, id, stored_size, plain_size, state, valid, touched_ms) VALUES (?1,?2,?3,0,0,1,?4) \
+                 ON CONFLICT(storage_id, id) DO UPDATE SET state=0, touched_ms=?4",
+            )?;
+            for (id, stored) in objects {
+                st.execute(params![storage_id, &id.0[..], *stored as i64, now])?;
+            }
+        }
         tx.commit()?;
         Ok(())
     }

@@ -37,7 +37,7 @@ pub enum Error {
     },
     #[error(transparent)]
     Storage(#[from] StorageError),
-    #[error("metadata database: {0}")]
+    #[error("metadata database: {0}{hint}", hint = damaged_database_hint(.0))]
     Database(#[from] rusqlite::Error),
     #[error("{context}: {source}")]
     Object {
@@ -70,6 +70,7 @@ impl Error {
             Error::Invalid(_) | Error::VersionNotFound(_) | Error::Config(_) => exit::USAGE,
             Error::Refused(_) => exit::REFUSED,
             Error::Damaged(_) => exit::DATA_DAMAGED,
+            Error::Database(e) if database_damaged(e) => exit::DATA_DAMAGED,
             _ => exit::FAILURE,
         }
     }
@@ -108,6 +109,21 @@ fn space_errno(e: &(dyn std::error::Error + 'static)) -> Option<i32> {
         cause = c.source();
     }
     None
+}
+
+/// Whether SQLite says the database file itself is damaged (overwritten pages, not a
+/// database at all).
+pub fn database_damaged(e: &rusqlite::Error) -> bool {
+    matches!(e.sqlite_error_code(), Some(rusqlite::ErrorCode::DatabaseCorrupt | rusqlite::ErrorCode::NotADatabase))
+}
+
+/// What to do about a damaged database file, for its error line.
+fn damaged_database_hint(e: &rusqlite::Error) -> &'static str {
+    if database_damaged(e) {
+        " (the database file is damaged: `keepfs database rebuild --replace-damaged` moves it aside, keeping it, and rebuilds it from the storage)"
+    } else {
+        ""
+    }
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -149,14 +149,24 @@ impl Repository {
         let in_this: HashSet<u64> =
             versions.iter().filter(|v| storage_ids.get(&v.storage) == Some(&storage_id)).map(|v| v.uid.0).collect();
         let mut marked: HashSet<BlockId> = HashSet::new();
+        let mut damaged = None;
         db.for_each_index(|uid, bytes| {
             if in_this.contains(&uid.0) {
-                let idx = BlockIndex::decode(bytes)
-                    .map_err(|e| Error::Index { context: format!("block index of {uid}"), source: e })?;
-                marked.extend(idx.entries.into_iter().filter(|e| !e.is_sparse()));
+                match BlockIndex::decode(bytes) {
+                    Ok(idx) => marked.extend(idx.entries.into_iter().filter(|e| !e.is_sparse())),
+                    Err(e) => {
+                        damaged.get_or_insert((uid, e));
+                    }
+                }
             }
             Ok(())
         })?;
+        // A damaged index hides which blocks it references: sweeping now could delete them.
+        if let Some((uid, e)) = damaged {
+            drop(db);
+            let err = self.index_damaged(uid, &e);
+            return Err(Error::Damaged(format!("cleanup of storage '{storage}' refused: {err}")));
+        }
         let mut plan = CleanupPlan {
             storage: storage.to_string(),
             cutoff_ms,

@@ -24,6 +24,8 @@ pub enum IndexError {
     EntryCount { size: u64, block_size: u32, expected: u64, found: u64 },
     #[error("index checksum mismatch (index damaged)")]
     Checksum,
+    #[error("index belongs to another version or does not match the version's size and block size")]
+    Foreign,
 }
 
 /// Number of blocks an image of `size` bytes has at `block_size` (the last may be short).

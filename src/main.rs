@@ -274,6 +274,10 @@ enum MetadataAction {
     Restore {
         #[arg(required = true)]
         uids: Vec<String>,
+        /// Replace the metadata of versions the database holds (a damaged block index)
+        /// with their storage's copy
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -329,7 +333,12 @@ enum KeyAction {
 #[derive(Subcommand)]
 enum DatabaseAction {
     /// Recreate a lost database from the version and block objects in the storages
-    Rebuild,
+    Rebuild {
+        /// If the database file is damaged ("database disk image is malformed"), move it
+        /// aside (kept as <name>.damaged-<time>) and rebuild a new one
+        #[arg(long)]
+        replace_damaged: bool,
+    },
 }
 
 /// Progress on stderr: a bar on a terminal, a line every 10 s otherwise, and the
@@ -465,10 +474,16 @@ fn scrub_versions(repo: &Repository, uids: &[VersionUid], opts: &ScrubOptions) -
         for b in &r.bad {
             report_damaged(&format!("{uid} "), b);
         }
+        for m in &r.metadata {
+            eprintln!("keepfs: damaged: {m}");
+        }
         let what = if opts.deep { "deep-scrubbed" } else { "scrubbed" };
-        if r.bad.is_empty() {
+        if !r.damaged() {
             let again = if r.revalidated { "; it is valid again" } else { "" };
             eprintln!("{what} {uid}: {} object(s) ({}% of blocks), all good{again}", r.objects, opts.percent);
+        } else if r.bad.is_empty() {
+            eprintln!("keepfs: error: {what} {uid}: its metadata is damaged (see above)");
+            damaged += 1;
         } else {
             eprintln!(
                 "keepfs: error: {what} {uid}: {} damaged block(s); {uid} and every version sharing them are marked invalid",
@@ -559,6 +574,16 @@ fn run(cli: Cli) -> Result<i32> {
         return Ok(exit::OK);
     }
     let config = Config::discover(cli.config.as_deref())?;
+    // Before the repository opens it: a damaged database may fail to open at all.
+    if let Command::Database { action: DatabaseAction::Rebuild { replace_damaged: true } } = &cli.command
+        && let Some((aside, reason)) = keepfs::db::set_aside_if_damaged(&config.database)?
+    {
+        eprintln!(
+            "keepfs: the metadata database {} is damaged ({reason}); moved it to {}",
+            config.database.display(),
+            aside.display()
+        );
+    }
     let repo = Repository::open(config)?;
     match cli.command {
         Command::Backup {
@@ -898,16 +923,35 @@ fn run(cli: Cli) -> Result<i32> {
             eprintln!("wrote the metadata of {n} version(s) to their storages");
             Ok(exit::OK)
         }
-        Command::Metadata { action: MetadataAction::Restore { uids } } => {
-            for uid in repo.restore_metadata(&parse_uids(&uids)?)? {
+        Command::Metadata { action: MetadataAction::Restore { uids, force } } => {
+            for uid in repo.restore_metadata(&parse_uids(&uids)?, force)? {
                 println!("{uid}");
             }
             Ok(exit::OK)
         }
-        Command::Database { action: DatabaseAction::Rebuild } => {
-            let (versions, objects) = repo.rebuild_database()?;
-            eprintln!("rebuilt {}: {versions} version(s), {objects} object(s)", repo.config.database.display());
-            Ok(exit::OK)
+        Command::Database { action: DatabaseAction::Rebuild { .. } } => {
+            let r = repo.rebuild_database()?;
+            let already = if r.already > 0 { format!(" ({} there already)", r.already) } else { String::new() };
+            eprintln!(
+                "rebuilt {}: {} version(s){already}, {} object(s)",
+                repo.config.database.display(),
+                r.versions,
+                r.objects
+            );
+            if r.damaged.is_empty() {
+                return Ok(exit::OK);
+            }
+            for d in &r.damaged {
+                eprintln!("keepfs: damaged: storage '{}' object {}: {}", d.storage, d.key, d.reason);
+            }
+            let names: Vec<&str> = r.damaged.iter().map(|d| d.key.trim_start_matches("versions/")).collect();
+            let filter = names.iter().map(|u| format!("uid == \"{u}\"")).collect::<Vec<_>>().join(" or ");
+            eprintln!(
+                "keepfs: error: skipped {} damaged version object(s) ({}); everything else is rebuilt. To recover them, run `keepfs metadata backup '{filter}'` with a database that still holds them (an older copy, named in a --config), then `keepfs database rebuild` again",
+                r.damaged.len(),
+                names.join(", ")
+            );
+            Ok(exit::DATA_DAMAGED)
         }
         Command::Label { uid, changes } => {
             repo.change_labels(VersionUid::parse(&uid)?, &changes)?;

@@ -87,21 +87,54 @@ impl Repository {
     /// Brings versions back into the database from their metadata objects in storage
     /// (`keepfs metadata restore`), e.g. after an `rm` that should not have happened or
     /// from a database backup that is older than the storage. Each uid is looked for in
-    /// every configured storage; one that exists in the database is refused.
-    pub fn restore_metadata(&self, uids: &[VersionUid]) -> Result<Vec<VersionUid>> {
+    /// every configured storage. One that exists in the database is refused unless
+    /// `replace` (`--force`): then its fields, labels and block index are replaced by its
+    /// storage's copy (the repair of a damaged index), and it is `valid` if every object
+    /// it names is in the storage and none is known damaged, else `invalid`.
+    pub fn restore_metadata(&self, uids: &[VersionUid], replace: bool) -> Result<Vec<VersionUid>> {
         let mut found = Vec::new();
+        let mut replaced = Vec::new();
         for &uid in uids {
-            if self.version(uid).is_ok() {
-                return Err(Error::Invalid(format!("version {uid} is in the database already; nothing was restored")));
+            let existing = match self.version(uid) {
+                Ok(v) => Some(v),
+                Err(Error::VersionNotFound(_)) => None,
+                Err(e) => return Err(e),
+            };
+            if let Some(v) = &existing {
+                if !replace {
+                    return Err(Error::Invalid(format!(
+                        "version {uid} is in the database already; nothing was restored (`keepfs metadata restore --force {uid}` replaces its metadata with the copy in its storage)"
+                    )));
+                }
+                if v.status == Status::Incomplete {
+                    return Err(Error::Refused(format!(
+                        "version {uid} is incomplete (being written, or its backup died); it has no metadata in storage to restore"
+                    )));
+                }
             }
+            // A version the database holds is looked for in its own storage only.
+            let storages: Vec<String> = match &existing {
+                Some(v) => vec![v.storage.clone()],
+                None => self.config.storages.iter().map(|s| s.name.clone()).collect(),
+            };
             let mut hit = None;
-            for sc in &self.config.storages {
-                let storage = self.storage(&sc.name)?;
-                match crate::storage::retry(4, || storage.get(&crate::repo::version_key(uid))) {
+            for name in &storages {
+                let storage = self.storage(name)?;
+                match crate::storage::retry(4, || storage.get_fresh(&crate::repo::version_key(uid))) {
                     Ok(bytes) => {
-                        let (mut v, index) = crate::repo::decode_version_object(storage.codec(), &bytes)
-                            .map_err(|e| Error::Other(format!("storage '{}' metadata of {uid}: {e}", sc.name)))?;
-                        v.storage = sc.name.clone();
+                        let (mut v, index) =
+                            crate::repo::decode_version_object(storage.codec(), &bytes).map_err(|e| {
+                                Error::Damaged(format!(
+                                    "the metadata of {uid} in storage '{name}' is damaged: {e}; nothing was restored"
+                                ))
+                            })?;
+                        if v.uid != uid || index.uid != uid.0 {
+                            return Err(Error::Damaged(format!(
+                                "the object versions/{uid} in storage '{name}' holds the metadata of {}; nothing was restored",
+                                v.uid
+                            )));
+                        }
+                        v.storage = name.clone();
                         hit = Some((v, index));
                         break;
                     }
@@ -109,40 +142,63 @@ impl Repository {
                     Err(e) => return Err(e.into()),
                 }
             }
-            let names: Vec<&str> = self.config.storages.iter().map(|s| s.name.as_str()).collect();
-            found.push(hit.ok_or_else(|| {
+            let hit = hit.ok_or_else(|| {
                 Error::Invalid(format!(
                     "no storage holds metadata of version {uid} (looked in: {}); nothing was restored",
-                    names.join(", ")
+                    storages.join(", ")
                 ))
-            })?);
+            })?;
+            match existing {
+                Some(_) => replaced.push(hit),
+                None => found.push(hit),
+            }
         }
-        self.insert_recovered(found)
+        let mut done = Vec::new();
+        for (mut v, index) in replaced {
+            let (_, missing, damaged) = self.objects_in_storage(&v.storage, &index)?;
+            v.status =
+                if missing > 0 || damaged > 0 || v.status != Status::Valid { Status::Invalid } else { Status::Valid };
+            self.db().replace_version_record(&v, &index.encode())?;
+            done.push(v.uid);
+        }
+        done.extend(self.insert_recovered(found)?);
+        Ok(done)
+    }
+
+    /// The distinct objects `index` names that its storage holds (recorded in the
+    /// database as found), and how many are missing and how many known damaged.
+    fn objects_in_storage(&self, storage_name: &str, index: &BlockIndex) -> Result<(usize, usize, usize)> {
+        let storage = self.storage(storage_name)?;
+        let sid = self.storage_id(storage_name)?;
+        let known_bad = self.db().invalid_objects(sid)?;
+        let mut present = Vec::new();
+        let (mut missing, mut damaged) = (0usize, 0usize);
+        let mut seen = std::collections::HashSet::new();
+        for id in index.entries.iter().filter(|e| !e.is_sparse()) {
+            if !seen.insert(*id) {
+                continue;
+            }
+            match storage.exists(&id.storage_key())? {
+                true => {
+                    present.push((*id, 0u64));
+                    damaged += known_bad.contains(id) as usize;
+                }
+                false => missing += 1,
+            }
+        }
+        self.db().insert_found_objects(sid, &present)?;
+        Ok((present.len(), missing, damaged))
     }
 
     /// Inserts checked versions: objects found in storage are recorded; a version whose
-    /// objects are not all there comes back `invalid`.
+    /// objects are not all there (or known damaged) comes back `invalid`.
     fn insert_recovered(&self, checked: Vec<(Version, BlockIndex)>) -> Result<Vec<VersionUid>> {
         let mut imported = Vec::new();
         for (mut v, index) in checked {
-            let storage = self.storage(&v.storage)?;
-            let mut present = Vec::new();
-            let mut missing = 0usize;
-            let mut seen = std::collections::HashSet::new();
-            for id in index.entries.iter().filter(|e| !e.is_sparse()) {
-                if !seen.insert(*id) {
-                    continue;
-                }
-                match storage.exists(&id.storage_key())? {
-                    true => present.push((*id, 0u64, 0u64)),
-                    false => missing += 1,
-                }
-            }
-            if missing > 0 || v.status == Status::Incomplete {
+            let (_, missing, damaged) = self.objects_in_storage(&v.storage, &index)?;
+            if missing > 0 || damaged > 0 || v.status == Status::Incomplete {
                 v.status = Status::Invalid;
             }
-            let sid = self.storage_id(&v.storage)?;
-            self.db().insert_objects(sid, &present, None)?;
             self.db().insert_version_record(&v, &index.encode())?;
             self.refresh_version_object(v.uid)?;
             imported.push(v.uid);

@@ -6,7 +6,7 @@ use crate::config::{Config, StorageKind};
 use crate::db::Db;
 use crate::error::{Error, Result};
 use crate::filter::Filter;
-use crate::index::BlockIndex;
+use crate::index::{BlockIndex, IndexError};
 use crate::storage::{SharedStorage, file::FileStorage, null::NullStorage};
 use crate::transform::Codec;
 use crate::version::{Status, Version, VersionUid};
@@ -29,6 +29,13 @@ pub struct Repository {
 struct StorageSlot {
     raw: SharedStorage,
     ready: Option<SharedStorage>,
+}
+
+/// What to say about a version whose block index in the database is damaged.
+pub(crate) fn damaged_index_message(uid: VersionUid, e: &IndexError) -> String {
+    format!(
+        "the block index of {uid} in the metadata database is damaged ({e}); {uid} is marked invalid: `keepfs metadata restore --force {uid}` replaces its metadata with the copy in its storage"
+    )
 }
 
 /// The storage key of a version's metadata object.
@@ -198,8 +205,15 @@ impl Repository {
         self.db.lock().version(uid)
     }
 
-    /// The block index of a committed version.
+    /// The block index of a committed version. An index the database holds damaged
+    /// marks the version invalid and is a [`Error::Damaged`] naming the repair.
     pub fn index(&self, uid: VersionUid) -> Result<BlockIndex> {
+        self.index_or_damage(uid)?.map_err(|e| self.index_damaged(uid, &e))
+    }
+
+    /// The block index of a committed version, or what is wrong with the database's copy
+    /// of it (the outer error is for a missing version or a failing database).
+    pub(crate) fn index_or_damage(&self, uid: VersionUid) -> Result<std::result::Result<BlockIndex, IndexError>> {
         let v = self.version(uid)?;
         let bytes = self.db.lock().load_index(uid)?.ok_or_else(|| {
             Error::Invalid(format!(
@@ -207,7 +221,22 @@ impl Repository {
                 v.status.as_str()
             ))
         })?;
-        BlockIndex::decode(&bytes).map_err(|e| Error::Index { context: format!("block index of {uid}"), source: e })
+        Ok(BlockIndex::decode(&bytes).and_then(|ix| {
+            // A valid checksum over another version's index (a row swapped by hand) is damage too.
+            if ix.uid != uid.0 || ix.size != v.size || ix.block_size != v.block_size {
+                Err(IndexError::Foreign)
+            } else {
+                Ok(ix)
+            }
+        }))
+    }
+
+    /// Records that the database's index of `uid` is damaged (the version becomes
+    /// invalid: it cannot be restored until the index is repaired) and says how to repair
+    /// it. Marking is best effort: the error is what the caller must see.
+    pub(crate) fn index_damaged(&self, uid: VersionUid, e: &IndexError) -> Error {
+        let _ = self.db.lock().set_status(uid, Status::Invalid);
+        Error::Damaged(damaged_index_message(uid, e))
     }
 
     /// Replaces the snapshot name and labels of a version still being written.
@@ -302,44 +331,80 @@ impl Repository {
     }
 
     /// Recreates the metadata database from what the storages hold: every version object
-    /// (fields, labels, index) and every block object. Refuses a database that already
-    /// holds versions. Incomplete versions were never written to a storage and do not
-    /// come back; a version marked invalid by a scrub comes back as it was last written
-    /// (a scrub finds the damage again).
-    pub fn rebuild_database(&self) -> Result<(u64, u64)> {
+    /// (fields, labels, index) and every block object. Refuses a database that holds
+    /// versions, unless it was made by a rebuild that did not finish (interrupted, or
+    /// damaged version objects skipped): a rebuild can be run again, and adds what is
+    /// not there yet. A damaged version object is skipped and named in the report;
+    /// everything else is rebuilt. Incomplete versions were never written to a storage
+    /// and do not come back; a version marked invalid by a scrub comes back as it was
+    /// last written (a scrub finds the damage again).
+    pub fn rebuild_database(&self) -> Result<RebuildReport> {
         let existing = self.db.lock().list_versions()?.len();
-        if existing > 0 {
+        if existing > 0 && !self.db.lock().rebuild_unfinished()? {
             return Err(Error::Refused(format!(
                 "the metadata database {} holds {existing} version(s); rebuild recreates a lost database: move this one away first",
                 self.config.database.display()
             )));
         }
-        let (mut versions, mut objects) = (0u64, 0u64);
+        self.db.lock().set_rebuild_unfinished(true)?;
+        let stopped = |e: Error| {
+            Error::Other(format!(
+                "database rebuild stopped: {e}; run `keepfs database rebuild` again to go on (what was rebuilt is kept)"
+            ))
+        };
+        let mut report = RebuildReport::default();
         for sc in &self.config.storages {
-            let storage = self.storage(&sc.name)?;
-            for entry in storage.list("versions/")? {
-                let bytes = crate::storage::retry(4, || storage.get(&entry.key))?;
-                let (mut v, index) = decode_version_object(storage.codec(), &bytes)
-                    .map_err(|e| Error::Other(format!("storage '{}' object {}: {e}", sc.name, entry.key)))?;
+            let storage = self.storage(&sc.name).map_err(stopped)?;
+            for entry in storage.list("versions/").map_err(|e| stopped(e.into()))? {
+                let damaged =
+                    |reason: String| DamagedVersionObject { storage: sc.name.clone(), key: entry.key.clone(), reason };
+                // Not named like a version (as cleanup, which ignores such files too).
+                let Some(uid) = entry.key.strip_prefix("versions/").and_then(|u| VersionUid::parse(u).ok()) else {
+                    continue;
+                };
+                if self.version(uid).is_ok() {
+                    report.already += 1;
+                    continue;
+                }
+                let bytes = match crate::storage::retry(4, || storage.get_fresh(&entry.key)) {
+                    Ok(bytes) => bytes,
+                    // Removed since the listing (`rm` in another process).
+                    Err(crate::storage::StorageError::NotFound { .. }) => continue,
+                    Err(e) => return Err(stopped(e.into())),
+                };
+                let (mut v, index) = match decode_version_object(storage.codec(), &bytes) {
+                    Ok(decoded) => decoded,
+                    Err(e) => {
+                        report.damaged.push(damaged(e.to_string()));
+                        continue;
+                    }
+                };
+                if v.uid != uid || index.uid != uid.0 {
+                    report.damaged.push(damaged(format!("it holds the metadata of {}", v.uid)));
+                    continue;
+                }
                 v.storage = sc.name.clone();
-                self.db.lock().insert_version_record(&v, &index.encode())?;
-                versions += 1;
+                self.db.lock().insert_version_record(&v, &index.encode()).map_err(stopped)?;
+                report.versions += 1;
             }
-            let sid = self.storage_id(&sc.name)?;
+            let sid = self.storage_id(&sc.name).map_err(stopped)?;
             let mut batch = Vec::new();
-            for entry in storage.list("blocks/")? {
+            for entry in storage.list("blocks/").map_err(|e| stopped(e.into()))? {
                 if let Some(id) = crate::block::BlockId::from_storage_key(&entry.key) {
-                    batch.push((id, entry.size, 0u64));
+                    batch.push((id, entry.size));
                 }
                 if batch.len() >= 1000 {
-                    objects += batch.len() as u64;
-                    self.db.lock().insert_objects(sid, &std::mem::take(&mut batch), None)?;
+                    report.objects += batch.len() as u64;
+                    self.db.lock().insert_found_objects(sid, &std::mem::take(&mut batch)).map_err(stopped)?;
                 }
             }
-            objects += batch.len() as u64;
-            self.db.lock().insert_objects(sid, &batch, None)?;
+            report.objects += batch.len() as u64;
+            self.db.lock().insert_found_objects(sid, &batch).map_err(stopped)?;
         }
-        Ok((versions, objects))
+        if report.damaged.is_empty() {
+            self.db.lock().set_rebuild_unfinished(false)?;
+        }
+        Ok(report)
     }
 
     pub fn set_status(&self, uid: VersionUid, status: Status) -> Result<()> {
@@ -439,6 +504,26 @@ impl Repository {
         let id = db.storage_id(name)?;
         db.object_totals(id)
     }
+}
+
+/// What `database rebuild` did.
+#[derive(Clone, Debug, Default)]
+pub struct RebuildReport {
+    /// Versions added to the database.
+    pub versions: u64,
+    /// Versions the database held already (from an earlier, unfinished rebuild).
+    pub already: u64,
+    /// Block objects found.
+    pub objects: u64,
+    /// Version objects that could not be read back; their versions are not in the database.
+    pub damaged: Vec<DamagedVersionObject>,
+}
+
+#[derive(Clone, Debug)]
+pub struct DamagedVersionObject {
+    pub storage: String,
+    pub key: String,
+    pub reason: String,
 }
 
 #[derive(Clone, Debug, serde::Serialize)]

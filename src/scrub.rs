@@ -5,6 +5,10 @@
 //! share of the blocks. A damaged object marks every version referencing it invalid (never
 //! deleted); a complete deep scrub that finds a version's blocks all good makes it valid
 //! again. The next backup stores blocks marked damaged again, whatever it finds stored.
+//! Every scrub also checks the version's metadata: its block index in the database and
+//! its version object in the storage (what a database rebuild reads), which must decode
+//! and say what the database says; damage there is reported with the command that
+//! repairs it.
 
 use crate::block::{BlockId, ObjectKind, parse_header};
 use crate::cache::{FetchError, Read, fetch_block, fetch_verified};
@@ -14,7 +18,7 @@ use crate::progress::Progress;
 use crate::repo::Repository;
 use crate::restore::BadBlock;
 use crate::source::{Url, open_source};
-use crate::version::{Status, VersionUid};
+use crate::version::{Status, Version, VersionUid};
 use crossbeam_channel::bounded;
 use std::collections::{HashMap, HashSet};
 
@@ -36,6 +40,17 @@ pub struct ScrubReport {
     pub bad: Vec<BadBlock>,
     /// The version was invalid and is valid again.
     pub revalidated: bool,
+    /// Damage found in the version's metadata: its block index in the database, or its
+    /// version object in the storage (missing, failing its checks, or saying something
+    /// other than the database). Each names the repair.
+    pub metadata: Vec<String>,
+}
+
+impl ScrubReport {
+    /// Whether the scrub found anything damaged.
+    pub fn damaged(&self) -> bool {
+        !self.bad.is_empty() || !self.metadata.is_empty()
+    }
 }
 
 /// The reason given for a block whose stored copy is fine but differs from the source.
@@ -75,7 +90,89 @@ pub(crate) fn sampled(seed: u64, idx: u64, percent: u8) -> bool {
     x % 100 < percent as u64
 }
 
+/// The fields of a version its version object must carry as the database has them (the
+/// status is not among them: scrubs and restores change it in the database only).
+fn differing_fields(db: &Version, stored: &Version) -> Vec<&'static str> {
+    let mut out = Vec::new();
+    let mut differ = |same: bool, name| {
+        if !same {
+            out.push(name)
+        }
+    };
+    differ(db.uid == stored.uid, "uid");
+    differ(db.date == stored.date, "date");
+    differ(db.name == stored.name, "name");
+    differ(db.snapshot == stored.snapshot, "snapshot");
+    differ(db.size == stored.size, "size");
+    differ(db.block_size == stored.block_size, "block size");
+    differ(db.protected == stored.protected, "protection");
+    differ(db.labels == stored.labels, "labels");
+    differ(db.expire == stored.expire, "expiry date");
+    out
+}
+
 impl Repository {
+    /// Checks a version's own object in its storage (`versions/<uid>`, what `database
+    /// rebuild` and `metadata restore` read): present, passing the codec's checks (header,
+    /// seal, payload checksum), decodable, and holding the fields and, when given, the
+    /// block index the database holds. `Ok(Some(problem))` names the damage and the
+    /// repair; an error means the storage did not answer.
+    pub(crate) fn check_version_object(&self, version: &Version, index: Option<&BlockIndex>) -> Result<Option<String>> {
+        let uid = version.uid;
+        let key = crate::repo::version_key(uid);
+        let storage = self.storage(&version.storage)?;
+        let repair = match index {
+            Some(_) => format!(
+                "the database's copy is intact: `keepfs metadata backup 'uid == \"{uid}\"'` writes it again"
+            ),
+            None => "the database's copy is damaged too: import a metadata export of it (`keepfs metadata import`) if you have one".to_string(),
+        };
+        let mut mismatch = None;
+        // A label or expiry change rewrites the object after the database: look twice
+        // before calling a difference damage.
+        for _ in 0..2 {
+            let bytes = match crate::storage::retry(4, || storage.get_fresh(&key)) {
+                Ok(bytes) => bytes,
+                Err(crate::storage::StorageError::NotFound { .. }) => {
+                    return Ok(Some(format!(
+                        "{uid}: its version object {key} is missing from storage '{}'; {repair}",
+                        version.storage
+                    )));
+                }
+                Err(crate::storage::StorageError::Discarding { .. }) => return Ok(None),
+                Err(e) => {
+                    return Err(Error::Other(format!(
+                        "scrub of {uid} stopped: {e}; nothing was marked damaged, run it again when the storage is back"
+                    )));
+                }
+            };
+            let (stored, stored_index) = match crate::repo::decode_version_object(storage.codec(), &bytes) {
+                Ok(decoded) => decoded,
+                Err(e) => {
+                    return Ok(Some(format!(
+                        "{uid}: its version object {key} in storage '{}' is damaged ({e}); {repair}",
+                        version.storage
+                    )));
+                }
+            };
+            let db_version = self.version(uid)?;
+            let mut fields = differing_fields(&db_version, &stored);
+            if index.is_some_and(|ix| *ix != stored_index) {
+                fields.push("block index");
+            }
+            if fields.is_empty() {
+                return Ok(None);
+            }
+            mismatch = Some(fields.join(", "));
+        }
+        Ok(mismatch.map(|fields| {
+            format!(
+                "{uid}: its version object {key} in storage '{}' differs from the database in: {fields}; {repair}",
+                version.storage
+            )
+        }))
+    }
+
     /// Records objects found damaged (by a scrub or a restore): the objects are marked
     /// invalid, and so is every version of that storage whose index names one of them
     /// (never deleted: they stay restorable, with zeros for the damaged blocks). The next
@@ -114,9 +211,22 @@ impl Repository {
             return Err(Error::Invalid("--source compares contents: use it with deep-scrub".into()));
         }
         let version = self.version(uid)?;
-        let index = self.index(uid)?;
         let session = self.session(&format!("scrub {uid}"), false)?;
         session.lock_version(uid, "scrub")?;
+        let index = match self.index_or_damage(uid)? {
+            Ok(index) => index,
+            Err(e) => {
+                // Without its index nothing of the version can be checked (or restored).
+                let mut report = ScrubReport::default();
+                report.metadata.push(self.index_damaged(uid, &e).to_string());
+                if let Some(problem) = self.check_version_object(&version, None)? {
+                    report.metadata.push(problem);
+                }
+                return Ok(report);
+            }
+        };
+        let mut metadata = Vec::new();
+        metadata.extend(self.check_version_object(&version, Some(&index))?);
         let storage = self.storage(&version.storage)?;
         let source = match &opts.source {
             Some(url) => {
@@ -155,7 +265,7 @@ impl Repository {
         let total: u64 = jobs.iter().map(|j| j.1.len() as u64 * index.block_size as u64).sum();
         progress.begin(&format!("{} {uid}", if opts.deep { "deep-scrub" } else { "scrub" }), total);
         let bs = index.block_size as u64;
-        let mut report = ScrubReport { objects: jobs.len() as u64, ..Default::default() };
+        let mut report = ScrubReport { objects: jobs.len() as u64, metadata, ..Default::default() };
         let mut unavailable: Option<String> = None;
         let threads = self.config.readers_for(&version.storage)?;
         let (job_tx, job_rx) = bounded::<(BlockId, Vec<u64>)>(threads * 2);
@@ -238,7 +348,7 @@ impl Repository {
             if opts.deep && opts.percent == 100 {
                 let ids: Vec<BlockId> = index.entries.iter().filter(|e| !e.is_sparse()).copied().collect();
                 db.set_objects_valid(sid, &ids, true)?;
-                if version.status == Status::Invalid {
+                if version.status == Status::Invalid && report.metadata.is_empty() {
                     db.set_status(uid, Status::Valid)?;
                     report.revalidated = true;
                 }

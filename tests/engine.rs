@@ -297,3 +297,39 @@ fn an_image_with_too_many_blocks_is_refused_before_anything_is_written() {
     // The same size at 4 MiB blocks is 262,144 blocks: well within the bound.
     assert!(keepfs::index::check_block_count(1 << 40, 4 << 20).is_ok());
 }
+
+/// A rebuild the storage interrupts (it dies after the first version object) keeps what
+/// it rebuilt, says to run it again, and the next run adds the rest.
+#[test]
+fn an_interrupted_database_rebuild_goes_on_when_run_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut images = Vec::new();
+    {
+        let (repo, _) = open(dir.path());
+        for i in 0..3u64 {
+            let img = dir.path().join(format!("img{i}"));
+            fs::write(&img, mixed_image(61 + i, 6, BS as usize, 0)).unwrap();
+            let v = repo.backup(&Url::File(img.clone()), &opts(&format!("n{i}")), &Silent).unwrap();
+            images.push((v.uid, img));
+        }
+    }
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = fs::remove_file(dir.path().join(format!("home/keepfs.sqlite{suffix}")));
+    }
+    let (repo, faults) = open(dir.path());
+    repo.storage("default").unwrap(); // its keyring (none) is read before the first use
+    faults.die_after_gets(1);
+    let err = repo.rebuild_database().unwrap_err().to_string();
+    assert!(err.contains("database rebuild stopped") && err.contains("run `keepfs database rebuild` again"), "{err}");
+    assert_eq!(repo.list(None).unwrap().len(), 1, "what was rebuilt stays");
+    faults.revive();
+    let report = repo.rebuild_database().unwrap();
+    assert_eq!((report.versions, report.already, report.damaged.len()), (2, 1, 0));
+    for (uid, img) in &images {
+        let out = dir.path().join("out");
+        assert!(restore_to(&repo, *uid, &out).bad_blocks.is_empty());
+        assert_eq!(sha256_file(&out), sha256_file(img), "{uid}");
+    }
+    // Finished cleanly: the database is a live one again.
+    assert!(matches!(repo.rebuild_database(), Err(keepfs::error::Error::Refused(_))));
+}

@@ -226,3 +226,114 @@ fn metadata_backup_and_restore_through_the_storage() {
         assert!(r.error_line().contains(needle), "{args:?}: {}", r.stderr);
     }
 }
+
+/// The database is lost and one version object in the storage has a flipped bit: the
+/// rebuild skips that one (naming it, exit 3), rebuilds every other version, can be run
+/// again, and once the object is written again from a database that still holds it
+/// (`metadata backup` with an older copy), a last rebuild brings the version back.
+#[test]
+fn a_rebuild_skips_a_damaged_version_object_and_can_be_run_again() {
+    let repo = Repo::new();
+    let bs = 64 * 1024;
+    let mut uids = Vec::new();
+    for i in 0..3u64 {
+        fs::write(repo.path(&format!("img{i}")), mixed_image(441 + i, 10, bs, 5)).unwrap();
+        uids.push(repo.backup(&format!("img{i}"), &format!("vm{i}"), &["-b", "64k", "-l", &format!("n={i}")]));
+    }
+    let (a, b, c) = (&uids[0], &uids[1], &uids[2]);
+    let db = repo.db_file();
+    let saved = repo.path("saved.sqlite");
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    conn.execute("VACUUM INTO ?1", [saved.to_str().unwrap()]).unwrap();
+    drop(conn);
+    let objects = repo.block_objects();
+
+    let object = repo.storage().join("versions").join(b);
+    flip_bit(&object, fs::metadata(&object).unwrap().len() / 2, 0x01);
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = fs::remove_file(format!("{}{suffix}", db.display()));
+    }
+
+    let r = repo.run(&["database", "rebuild"]);
+    assert_eq!(r.code, 3, "{}", r.stderr);
+    assert!(r.stderr.contains("2 version(s)"), "{}", r.stderr);
+    assert!(r.stderr.contains(&format!("keepfs: damaged: storage 'default' object versions/{b}: ")), "{}", r.stderr);
+    assert!(r.error_line().contains(&format!("keepfs metadata backup 'uid == \"{b}\"'")), "{}", r.stderr);
+    let listed: Vec<String> =
+        repo.ls_json(None).as_array().unwrap().iter().map(|v| v["uid"].as_str().unwrap().to_string()).collect();
+    assert_eq!(listed, vec![a.clone(), c.clone()]);
+    assert_eq!(repo.restore_sha(a, "o"), sha256_file(&repo.path("img0")));
+    assert_eq!(repo.restore_sha(c, "o"), sha256_file(&repo.path("img2")));
+
+    // Run again: what is there stays, the damaged one is named again.
+    let r = repo.run(&["database", "rebuild"]);
+    assert_eq!(r.code, 3, "{}", r.stderr);
+    assert!(r.stderr.contains("0 version(s) (2 there already)"), "{}", r.stderr);
+    // Cleanup will not delete the blocks only the damaged version names.
+    let r = repo.run(&["cleanup"]);
+    assert_eq!(r.code, 4, "{}", r.stderr);
+    assert!(r.error_line().contains(b.as_str()), "{}", r.stderr);
+    assert_eq!(repo.block_objects(), objects);
+
+    // The repair the message names, with the saved copy of the database.
+    let config = repo.path("old.toml");
+    fs::write(&config, format!("home = {:?}\ndatabase = {:?}\n", repo.home(), saved)).unwrap();
+    repo.ok(&["--config", config.to_str().unwrap(), "metadata", "backup", &format!("uid == \"{b}\"")]);
+    let r = repo.run(&["database", "rebuild"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stderr.contains("1 version(s) (2 there already)"), "{}", r.stderr);
+    assert_eq!(repo.version(b)["labels"]["n"], "1");
+    assert_eq!(repo.restore_sha(b, "o"), sha256_file(&repo.path("img1")));
+    // Finished cleanly: the database is a live one again, and a rebuild refuses it.
+    assert_eq!(repo.run(&["database", "rebuild"]).code, 4);
+    assert!(repo.ok(&["cleanup"]).contains("deleted 0 object(s)"));
+}
+
+/// Pages of the SQLite file overwritten (a stray `dd`, a failing disk): every command
+/// says so in one line and names the way out; `database rebuild --replace-damaged` keeps
+/// the damaged file under a new name and rebuilds the database from the storage.
+#[test]
+fn a_damaged_database_file_is_moved_aside_and_rebuilt() {
+    let repo = Repo::new();
+    let bs = 64 * 1024;
+    let mut uids = Vec::new();
+    for i in 0..2u64 {
+        fs::write(repo.path(&format!("img{i}")), mixed_image(451 + i, 10, bs, 0)).unwrap();
+        uids.push(repo.backup(&format!("img{i}"), &format!("vm{i}"), &["-b", "64k"]));
+    }
+    repo.checkpoint_db();
+    let db = repo.db_file();
+    let mut bytes = fs::read(&db).unwrap();
+    let page = u16::from_be_bytes([bytes[16], bytes[17]]) as usize;
+    assert!(bytes.len() > 2 * page, "more than one page");
+    // Every page after the first (the header and the schema's root stay).
+    let garbage = random_bytes(9, bytes.len() - page);
+    bytes[page..].copy_from_slice(&garbage);
+    fs::write(&db, &bytes).unwrap();
+    let damaged_sha = sha256_file(&db);
+
+    for args in [vec!["ls"], vec!["backup", "null://1M", "x"], vec!["database", "rebuild"]] {
+        let r = repo.run(&args);
+        assert_eq!(r.code, 3, "{args:?}: {}", r.stderr);
+        assert_eq!(r.stderr.lines().count(), 1, "{args:?}: {}", r.stderr);
+        assert!(r.error_line().contains("keepfs database rebuild --replace-damaged"), "{args:?}: {}", r.stderr);
+    }
+
+    let r = repo.run(&["database", "rebuild", "--replace-damaged"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stderr.contains("is damaged") && r.stderr.contains("moved it to"), "{}", r.stderr);
+    assert!(r.stderr.contains("2 version(s)"), "{}", r.stderr);
+    let aside: Vec<_> = files_under(&repo.home())
+        .into_iter()
+        .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with("keepfs.sqlite.damaged-"))
+        .collect();
+    assert_eq!(aside.len(), 1, "{aside:?}");
+    assert_eq!(sha256_file(&aside[0]), damaged_sha, "the damaged file is kept as it was");
+    for (i, uid) in uids.iter().enumerate() {
+        assert_eq!(repo.restore_sha(uid, "o"), sha256_file(&repo.path(&format!("img{i}"))), "{uid}");
+    }
+    // An intact database is never moved: the flag changes nothing, the rebuild refuses.
+    let r = repo.run(&["database", "rebuild", "--replace-damaged"]);
+    assert_eq!(r.code, 4, "{}", r.stderr);
+    assert_eq!(files_under(&repo.home()).iter().filter(|p| p.to_string_lossy().contains(".damaged-")).count(), 1);
+}

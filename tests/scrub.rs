@@ -96,3 +96,124 @@ fn deep_scrub_against_the_source_and_percentages() {
     // --source belongs to deep-scrub only (a usage error from the argument parser).
     assert_eq!(repo.run(&["scrub", &uid, "--source", &src]).code, 2);
 }
+
+/// Three versions of different images; returns their uids.
+fn three_versions(repo: &Repo, seed: u64) -> Vec<String> {
+    (0..3)
+        .map(|i| {
+            fs::write(repo.path(&format!("img{i}")), mixed_image(seed + i, 12, BS, 100)).unwrap();
+            repo.backup(&format!("img{i}"), &format!("vm{i}"), &["-b", "64k"])
+        })
+        .collect()
+}
+
+/// A bit flipped in a version's own object in the storage (`versions/<uid>`, what a
+/// database rebuild reads) is damage every scrub finds, names and says how to repair;
+/// the batch goes on, and `metadata backup` writes the object again from the database.
+#[test]
+fn scrubs_check_the_version_object_in_the_storage() {
+    let repo = Repo::new();
+    let uids = three_versions(&repo, 311);
+    let (a, b, c) = (&uids[0], &uids[1], &uids[2]);
+    let object = repo.storage().join("versions").join(b);
+    let intact = fs::read(&object).unwrap();
+    flip_bit(&object, intact.len() as u64 / 2, 0x04);
+
+    for cmd in ["scrub", "deep-scrub"] {
+        let r = repo.run(&[cmd, b]);
+        assert_eq!(r.code, 3, "{cmd}: {}", r.stderr);
+        assert!(!r.stderr.contains("all good"), "{cmd}: {}", r.stderr);
+        let line = r.stderr.lines().find(|l| l.starts_with("keepfs: damaged:")).unwrap_or_default();
+        assert!(line.contains(&format!("versions/{b}")) && line.contains("damaged"), "{cmd}: {}", r.stderr);
+        assert!(line.contains(&format!("keepfs metadata backup 'uid == \"{b}\"'")), "{cmd}: {}", r.stderr);
+    }
+    for cmd in ["batch-scrub", "batch-deep-scrub"] {
+        let r = repo.run(&[cmd]);
+        assert_eq!(r.code, 3, "{cmd}: {}", r.stderr);
+        for good in [a, c] {
+            assert!(r.stderr.contains(&format!("scrubbed {good}: ")), "{cmd} goes on past {b}: {}", r.stderr);
+        }
+        assert_eq!(r.stderr.matches("all good").count(), 2, "{cmd}: {}", r.stderr);
+    }
+    // The blocks and the database's metadata are intact: the version restores as it was.
+    assert_eq!(repo.restore_sha(b, "o"), sha256_file(&repo.path("img1")));
+
+    // The repair the message names.
+    repo.ok(&["metadata", "backup", &format!("uid == \"{b}\"")]);
+    let r = repo.run(&["deep-scrub", b]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stderr.contains("all good"), "{}", r.stderr);
+
+    // An intact object that says something other than the database is damage too: here
+    // another version's object in its place (a misplaced file, a restore of the wrong key).
+    fs::copy(repo.storage().join("versions").join(a), &object).unwrap();
+    let r = repo.run(&["scrub", b]);
+    assert_eq!(r.code, 3, "{}", r.stderr);
+    assert!(r.stderr.contains("differs from the database in: uid"), "{}", r.stderr);
+    // And a missing one.
+    fs::remove_file(&object).unwrap();
+    let r = repo.run(&["scrub", b]);
+    assert_eq!(r.code, 3, "{}", r.stderr);
+    assert!(r.stderr.contains(&format!("versions/{b} is missing")), "{}", r.stderr);
+    repo.ok(&["metadata", "backup"]);
+    assert_eq!(fs::read(&object).unwrap().len(), intact.len());
+    assert_eq!(repo.run(&["batch-deep-scrub"]).code, 0);
+}
+
+/// A bit flipped in a version's block index inside the database file: found on use and
+/// by scrubs (exit 3, the version marked invalid, the batch goes on), cleanup refuses to
+/// guess what the index referenced, and `metadata restore --force` repairs it from the
+/// copy in the storage.
+#[test]
+fn a_damaged_index_in_the_database_is_damage_and_is_repaired_from_the_storage() {
+    let repo = Repo::new();
+    let uids = three_versions(&repo, 321);
+    let (a, b, c) = (&uids[0], &uids[1], &uids[2]);
+    let objects = repo.block_objects();
+
+    // Flip a bit of b's index where SQLite keeps it in the database file.
+    repo.checkpoint_db();
+    let blob: Vec<u8> = {
+        let conn = rusqlite::Connection::open(repo.db_file()).unwrap();
+        let n: i64 = b[1..].parse().unwrap();
+        conn.query_row("SELECT data FROM version_index WHERE uid = ?1", [n], |r| r.get(0)).unwrap()
+    };
+    let file = fs::read(repo.db_file()).unwrap();
+    let places: Vec<usize> = file.windows(blob.len()).enumerate().filter(|(_, w)| *w == blob).map(|(i, _)| i).collect();
+    assert!(!places.is_empty(), "the index is in the database file");
+    for at in places {
+        flip_bit(&repo.db_file(), (at + 80 + 5 * 32 + 3) as u64, 0x20); // block 5's id
+    }
+
+    let r = repo.run(&["restore", b, &repo.url("out")]);
+    assert_eq!(r.code, 3, "{}", r.stderr);
+    assert_eq!(r.stderr.lines().count(), 1, "{}", r.stderr);
+    assert!(r.error_line().contains("index checksum mismatch"), "{}", r.stderr);
+    assert!(r.error_line().contains(&format!("keepfs metadata restore --force {b}")), "{}", r.stderr);
+    assert_eq!(repo.version(b)["status"], "invalid");
+
+    let r = repo.run(&["batch-deep-scrub"]);
+    assert_eq!(r.code, 3, "{}", r.stderr);
+    for good in [a, c] {
+        assert!(r.stderr.contains(&format!("deep-scrubbed {good}: ")), "the batch goes on: {}", r.stderr);
+    }
+    assert!(r.stderr.contains(&format!("deep-scrubbed {b}: its metadata is damaged")), "{}", r.stderr);
+
+    // Cleanup cannot know what the damaged index references: it deletes nothing.
+    let r = repo.run(&["cleanup"]);
+    assert_eq!(r.code, 3, "{}", r.stderr);
+    assert!(r.error_line().contains("index checksum mismatch"), "{}", r.stderr);
+    assert_eq!(repo.block_objects(), objects);
+
+    // Without --force the existing record is kept; the error names the flag.
+    let r = repo.run(&["metadata", "restore", b]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.error_line().contains("--force"), "{}", r.stderr);
+    assert_eq!(repo.ok(&["metadata", "restore", "--force", b]).trim(), b.as_str());
+    assert_eq!(repo.version(b)["status"], "valid", "every block it names is there and none known damaged");
+    let r = repo.run(&["deep-scrub", b]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stderr.contains("all good"), "{}", r.stderr);
+    assert_eq!(repo.restore_sha(b, "o"), sha256_file(&repo.path("img1")));
+    assert!(repo.ok(&["cleanup"]).contains("deleted 0 object(s)"));
+}

@@ -234,3 +234,27 @@ pub mod garage;
 pub mod mount;
 pub mod nbd;
 pub mod s3fault;
+
+/// Flips one bit of a file in place, the way a failing disk does.
+pub fn flip_bit(path: &Path, offset: u64, mask: u8) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new().read(true).write(true).open(path).expect("open to damage");
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, offset).expect("read the byte to damage");
+    b[0] ^= mask;
+    f.write_all_at(&b, offset).expect("write the damaged byte");
+}
+
+impl Repo {
+    /// The metadata database file of the embedded default repository.
+    pub fn db_file(&self) -> PathBuf {
+        self.home().join("keepfs.sqlite")
+    }
+
+    /// Moves everything from the database's WAL into its main file, so that damage done
+    /// to the main file is what SQLite reads (no keepfs command runs meanwhile).
+    pub fn checkpoint_db(&self) {
+        let conn = rusqlite::Connection::open(self.db_file()).expect("open the database");
+        conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get::<_, i64>(0)).expect("checkpoint");
+    }
+}

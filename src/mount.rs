@@ -26,8 +26,15 @@ pub fn to_io(e: Error) -> io::Error {
         Error::Io { source, .. } if source.raw_os_error() == Some(libc::ENOSPC) => libc::ENOSPC,
         _ => libc::EIO,
     };
-    eprintln!("keepfs: error: {e}");
+    log(format_args!("keepfs: error: {e}"));
     io::Error::from_raw_os_error(errno)
+}
+
+/// A line on the mount's stderr (its log). `eprintln!` would panic a worker thread when
+/// the log cannot be written (a full disk); a lost log line must not fail a request.
+fn log(args: std::fmt::Arguments) {
+    use std::io::Write;
+    let _ = writeln!(io::stderr().lock(), "{args}");
 }
 
 pub struct EngineBackend {
@@ -140,11 +147,11 @@ impl DraftHandle for DraftAdapter {
     fn commit(mut self: Box<Self>) -> io::Result<String> {
         let d = self.draft.take().ok_or_else(|| io::Error::from_raw_os_error(libc::EIO))?;
         let v = d.commit().map_err(to_io)?;
-        eprintln!("keepfs: committed {} as {} ({} bytes)", v.name, v.uid, v.size);
+        log(format_args!("keepfs: committed {} as {} ({} bytes)", v.name, v.uid, v.size));
         if let Some(old) = self.replaces {
             // The draft (and its read lock on `old`) is gone: drop the superseded version.
             self.repo.remove_superseded(old).map_err(to_io)?;
-            eprintln!("keepfs: {} replaces {old}, which it continued", v.uid);
+            log(format_args!("keepfs: {} replaces {old}, which it continued", v.uid));
         }
         Ok(v.uid.to_string())
     }

@@ -12,17 +12,27 @@ use std::fmt;
 pub struct VersionUid(pub u64);
 
 impl VersionUid {
+    /// Parses the one written form of a uid, `V` and 10 digits (as `keepfs ls` shows it).
+    /// Short forms (`1`, `v1`, `V1`) are refused, naming the uid they may have meant, so
+    /// that a uid in a script or a path means the same everywhere.
     pub fn parse(s: &str) -> Result<VersionUid> {
-        let digits = s.strip_prefix('V').or_else(|| s.strip_prefix('v')).unwrap_or(s);
-        if digits.is_empty() || digits.len() > 10 || !digits.bytes().all(|b| b.is_ascii_digit()) {
-            return Err(Error::Invalid(format!("'{s}' is not a version uid (they look like V0000000001)")));
+        let canonical = |d: &str| d.len() == 10 && d.bytes().all(|b| b.is_ascii_digit());
+        match s.strip_prefix('V').filter(|d| canonical(d)).and_then(|d| d.parse::<u64>().ok()) {
+            Some(n) if n > 0 => Ok(VersionUid(n)),
+            _ => {
+                let digits = s.strip_prefix(['V', 'v']).unwrap_or(s);
+                let meant = Some(digits)
+                    .filter(|d| !d.is_empty() && d.len() <= 10 && d.bytes().all(|b| b.is_ascii_digit()))
+                    .and_then(|d| d.parse::<u64>().ok())
+                    .filter(|n| *n > 0)
+                    .map(|n| format!("; did you mean {}?", VersionUid(n)))
+                    .unwrap_or_default();
+                Err(Error::Invalid(format!(
+                    "'{}' is not a version uid: write it as V and 10 digits, like V0000000001{meant}",
+                    s.escape_debug()
+                )))
+            }
         }
-        digits
-            .parse::<u64>()
-            .ok()
-            .filter(|n| *n > 0)
-            .map(VersionUid)
-            .ok_or_else(|| Error::Invalid(format!("'{s}' is not a version uid (they look like V0000000001)")))
     }
 }
 
@@ -169,7 +179,12 @@ mod tests {
     fn uids() {
         assert_eq!(VersionUid(42).to_string(), "V0000000042");
         assert_eq!(VersionUid::parse("V0000000042").unwrap(), VersionUid(42));
-        assert_eq!(VersionUid::parse("42").unwrap(), VersionUid(42));
+        // Only the canonical form: a short one names the uid it may mean.
+        for short in ["42", "v0000000042", "V42"] {
+            let e = VersionUid::parse(short).unwrap_err().to_string();
+            assert!(e.contains("did you mean V0000000042?"), "{short}: {e}");
+        }
+        assert!(VersionUid::parse("V0000000000").is_err());
         assert!(VersionUid::parse("V").is_err());
         assert!(VersionUid::parse("V0").is_err());
         assert!(VersionUid::parse("Vabc").is_err());

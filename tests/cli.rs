@@ -479,3 +479,126 @@ fn backy2_automatic_tags() {
     let tagged = repo.ls_json(Some("labels[\"b_weekly\"] == \"\""));
     assert_eq!(tagged.as_array().unwrap().len(), 1);
 }
+
+/// Where a command's standard output or error goes in the tests of broken outputs.
+enum Out {
+    /// A pipe whose reader has already gone (every write fails with EPIPE).
+    ClosedPipe,
+    /// /dev/full: every write fails with ENOSPC.
+    Full,
+    /// Captured, to be read.
+    Piped,
+}
+
+/// Runs keepfs with stdout and stderr going to `stdout` and `stderr`; returns the exit
+/// code and what was captured on stderr (empty unless `stderr` is `Piped`).
+fn run_into(repo: &Repo, args: &[&str], stdout: Out, stderr: Out) -> (i32, String) {
+    use std::process::Stdio;
+    let to = |o: Out| -> Stdio {
+        match o {
+            Out::ClosedPipe => {
+                let (reader, writer) = std::io::pipe().expect("pipe");
+                drop(reader);
+                writer.into()
+            }
+            Out::Full => fs::OpenOptions::new().write(true).open("/dev/full").expect("/dev/full").into(),
+            Out::Piped => Stdio::piped(),
+        }
+    };
+    let mut c = repo.command(args);
+    c.stdin(Stdio::null()).stdout(to(stdout)).stderr(to(stderr));
+    let out = c.spawn().expect("start keepfs").wait_with_output().expect("wait for keepfs");
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// println! panicked (exit 101) on a closed pipe or a full disk, even after a backup had
+/// committed its version. A reader that leaves ends the output quietly (exit 0); a
+/// failed write is a one-line error (exit 1); work that was done is never reported as
+/// failed, and a lost uid is quoted on stderr.
+#[test]
+fn closed_pipes_and_full_disks_never_panic_and_never_hide_done_work() {
+    let repo = Repo::new();
+    fs::write(repo.path("img"), random_bytes(20, 3 * BS)).unwrap();
+    let uid = repo.backup("img", "vm", &["-b", "64k"]);
+    repo.backup("img", "vm", &["-b", "64k"]);
+    let listings: Vec<Vec<&str>> = vec![
+        vec!["ls"],
+        vec!["ls", "--format", "json"],
+        vec!["due"],
+        vec!["sla"],
+        vec!["storage", "list"],
+        vec!["cleanup", "--dry-run"],
+        vec!["rm", "--dry-run", "--force", &uid],
+        vec!["enforce", "latest1", "--dry-run"],
+        vec!["metadata", "export", &uid, "-"],
+    ];
+    for args in &listings {
+        let (code, err) = run_into(&repo, args, Out::ClosedPipe, Out::Piped);
+        assert_eq!((code, err.as_str()), (0, ""), "{args:?} into a closed pipe");
+        let (code, err) = run_into(&repo, args, Out::Full, Out::Piped);
+        assert_eq!(code, 1, "{args:?} into /dev/full: {err}");
+        assert_eq!(
+            err,
+            "keepfs: error: cannot write to standard output: No space left on device (os error 28)\n",
+            "{args:?}"
+        );
+        // Messages on a stderr that cannot be written are dropped, not a panic.
+        let (code, _) = run_into(&repo, args, Out::Piped, Out::ClosedPipe);
+        assert_eq!(code, 0, "{args:?} with a closed stderr");
+    }
+    // Scrubs report on stderr; `keepfs batch-scrub |& head` closes it.
+    assert_eq!(run_into(&repo, &["batch-scrub"], Out::Piped, Out::ClosedPipe).0, 0);
+    assert_eq!(run_into(&repo, &["batch-scrub"], Out::Piped, Out::Full).0, 0);
+    // An error still has its exit code when it cannot be printed.
+    assert_eq!(run_into(&repo, &["ls", "name = 'x'"], Out::Piped, Out::Full).0, 2);
+
+    // A backup whose uid cannot be printed has still committed its version: exit 0, and
+    // the uid is on stderr.
+    let url = repo.url("img");
+    let (code, err) = run_into(&repo, &["backup", &url, "full"], Out::Full, Out::Piped);
+    assert_eq!(code, 0, "{err}");
+    let made = repo.ls_json(Some("name == 'full'"));
+    let made = made[0]["uid"].as_str().unwrap();
+    assert_eq!(repo.version(made)["status"], "valid");
+    let warning = err.lines().last().unwrap();
+    assert!(
+        warning.starts_with("keepfs: warning: ") && warning.ends_with(made) && warning.contains("No space left"),
+        "{err}"
+    );
+    let (code, err) = run_into(&repo, &["backup", &url, "gone"], Out::ClosedPipe, Out::Piped);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(repo.ls_json(Some("name == 'gone'"))[0]["status"], "valid");
+    assert!(!err.contains("warning"), "a reader that left is not worth a warning: {err}");
+    // A removal goes on whatever becomes of its list.
+    let (code, err) = run_into(&repo, &["rm", "--force", made], Out::Full, Out::Piped);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("keepfs: warning: ") && err.contains(&format!("removing {made}")), "{err}");
+    assert!(repo.ls_json(Some("name == 'full'")).as_array().unwrap().is_empty(), "removed");
+}
+
+/// `keepfs cleanup --dry-run | head -c1`: a real reader that reads one byte and leaves
+/// while keepfs still has more than a pipe's buffer (64 KiB) to write.
+#[test]
+fn a_reader_that_leaves_early_ends_the_output_quietly() {
+    let repo = Repo::new();
+    // 1024 distinct 4 KiB blocks: a dry-run cleanup lists ~90 KiB of object lines.
+    fs::write(repo.path("img"), random_bytes(21, 1024 * 4096)).unwrap();
+    let uid = repo.backup("img", "vm", &["-b", "4k"]);
+    repo.ok(&["rm", "--force", &uid]);
+    let mut child = repo
+        .command(&["cleanup", "--dry-run"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let mut one = [0u8; 1];
+    use std::io::Read;
+    stdout.read_exact(&mut one).unwrap();
+    drop(stdout);
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!((out.status.code(), err.as_ref()), (Some(0), ""));
+    assert_eq!(repo.block_objects(), 1024, "a dry run deletes nothing");
+}

@@ -652,13 +652,7 @@ impl Repository {
     /// Backs up the image at `url` as a new version.
     pub fn backup(&self, url: &Url, opts: &BackupOptions, progress: &dyn Progress) -> Result<Version> {
         let started = Instant::now();
-        let source = open_source(url, self.config.mmap_sources).map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => Error::Invalid(format!("source {url} does not exist")),
-            std::io::ErrorKind::PermissionDenied => {
-                Error::Invalid(format!("source {url} is not readable (permission denied)"))
-            }
-            _ => Error::io(format!("cannot open source {url}"), e),
-        })?;
+        let source = open_source(url, self.config.mmap_sources)?;
         let size = source.size();
         let session = self.session(&format!("backup {}", opts.name), true)?;
         let mut opts = opts.clone();

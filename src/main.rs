@@ -476,6 +476,16 @@ fn parse_uids(uids: &[String]) -> Result<Vec<VersionUid>> {
     uids.iter().map(|u| VersionUid::parse(u)).collect()
 }
 
+/// Parses uids and checks that every one exists before a command changes any of them
+/// (`protect A B` with B unknown must not protect A and then fail).
+fn existing_uids(repo: &Repository, uids: &[String]) -> Result<Vec<VersionUid>> {
+    let uids = parse_uids(uids)?;
+    for &uid in &uids {
+        repo.version(uid)?;
+    }
+    Ok(uids)
+}
+
 fn labels_text(v: &Version) -> String {
     v.labels
         .iter()
@@ -656,7 +666,7 @@ fn run(cli: Cli) -> Result<i32> {
             Ok(exit::OK)
         }
         Command::Rm { uids, force, dry_run } => {
-            let uids = parse_uids(&uids)?;
+            let uids = existing_uids(&repo, &uids)?;
             let plan = repo.plan_remove(&uids, force)?;
             for v in &plan {
                 let line = format!("{} {} ({}, {})", v.uid, v.name, when(&v.date), format_size(v.size));
@@ -907,13 +917,13 @@ fn run(cli: Cli) -> Result<i32> {
             Ok(exit::OK)
         }
         Command::Protect { uids } => {
-            for uid in parse_uids(&uids)? {
+            for uid in existing_uids(&repo, &uids)? {
                 repo.set_protected(uid, true)?;
             }
             Ok(exit::OK)
         }
         Command::Unprotect { uids } => {
-            for uid in parse_uids(&uids)? {
+            for uid in existing_uids(&repo, &uids)? {
                 repo.set_protected(uid, false)?;
             }
             Ok(exit::OK)

@@ -7,7 +7,7 @@ use crate::draft::{Draft, DraftOptions};
 use crate::error::Error;
 use crate::image::{Image, Prefetcher};
 use crate::repo::Repository;
-use crate::version::{Status, VersionUid, check_name};
+use crate::version::{Status, VersionUid, check_label, check_name, check_snapshot};
 use keepfs_fs::{Backend, DraftHandle, ImageHandle, ReadRef, VersionEntry};
 use std::collections::BTreeMap;
 use std::io;
@@ -132,6 +132,7 @@ impl DraftHandle for DraftAdapter {
             .unwrap_or_default()
     }
     fn set_label(&mut self, name: &str, value: &str) -> io::Result<()> {
+        check_label(name, value).map_err(to_io)?;
         self.d()?.set_label(name, value).map_err(to_io)
     }
     fn remove_label(&mut self, name: &str) -> bool {
@@ -141,6 +142,7 @@ impl DraftHandle for DraftAdapter {
         self.draft.as_ref().map(|d| d.snapshot().to_string()).unwrap_or_default()
     }
     fn set_snapshot(&mut self, snapshot: &str) -> io::Result<()> {
+        check_snapshot(snapshot).map_err(to_io)?;
         self.d()?.set_snapshot(snapshot);
         Ok(())
     }
@@ -191,6 +193,8 @@ impl Backend for EngineBackend {
     }
 
     fn new_incoming(&self, name: &str) -> io::Result<Box<dyn DraftHandle>> {
+        // EINVAL before a draft exists (the engine would refuse the name at its start too).
+        check_name(name).map_err(to_io)?;
         let backup = BackupOptions { name: name.to_string(), ..Default::default() };
         self.draft(self.draft_options(backup, None, true), None)
     }

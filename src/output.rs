@@ -75,6 +75,8 @@ pub fn finish() {
         && e.kind() != io::ErrorKind::BrokenPipe
     {
         let first = line.lines().next().unwrap_or_default();
-        note!("keepfs: warning: the work is done, but standard output could not be written ({e}); its first lost line: {first}");
+        note!(
+            "keepfs: warning: the work is done, but standard output could not be written ({e}); its first lost line: {first}"
+        );
     }
 }

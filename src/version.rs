@@ -117,13 +117,43 @@ pub struct Version {
     pub expire: Option<DateTime<Utc>>,
 }
 
-/// Checks a backup name: not empty, no control characters, at most 255 bytes.
+/// Checks a backup name. A name is one path component of the mount (`by_name/<name>`)
+/// and one cell of `keepfs ls`: 1 to 255 bytes, no `/`, no control characters (a newline
+/// would break the table), and not `.` or `..` (they name directories, not versions).
+/// The CLI, the engine and the mount all check names here.
 pub fn check_name(name: &str) -> Result<()> {
-    if name.is_empty() || name.len() > 255 || name.chars().any(|c| c.is_control()) || name.contains('/') {
+    if name.is_empty()
+        || name.len() > 255
+        || name.chars().any(|c| c.is_control())
+        || name.contains('/')
+        || name == "."
+        || name == ".."
+    {
         return Err(Error::Invalid(format!(
-            "'{}' is not a usable backup name: use 1 to 255 printable characters without '/'",
+            "'{}' is not a usable backup name: use 1 to 255 bytes of printable characters, without '/', other than '.' and '..'",
             name.escape_debug()
         )));
+    }
+    Ok(())
+}
+
+/// Checks a snapshot name: it may be empty; no control characters, at most 255 bytes.
+pub fn check_snapshot(snapshot: &str) -> Result<()> {
+    if snapshot.len() > 255 || snapshot.chars().any(|c| c.is_control()) {
+        return Err(Error::Invalid(format!(
+            "'{}' is not a usable snapshot name: use at most 255 bytes of printable characters",
+            snapshot.escape_debug()
+        )));
+    }
+    Ok(())
+}
+
+/// Checks a label: its name (see [`check_label_name`]) and a value without control
+/// characters.
+pub fn check_label(name: &str, value: &str) -> Result<()> {
+    check_label_name(name)?;
+    if value.chars().any(|c| c.is_control()) {
+        return Err(Error::Invalid(format!("label '{name}': the value contains control characters")));
     }
     Ok(())
 }
@@ -144,10 +174,7 @@ pub fn check_label_name(name: &str) -> Result<()> {
 /// Parses `k=v` (or a bare `k`, meaning an empty value) into a label.
 pub fn parse_label(s: &str) -> Result<(String, String)> {
     let (k, v) = s.split_once('=').unwrap_or((s, ""));
-    check_label_name(k)?;
-    if v.chars().any(|c| c.is_control()) {
-        return Err(Error::Invalid(format!("label '{k}': the value contains control characters")));
-    }
+    check_label(k, v)?;
     Ok((k.to_string(), v.to_string()))
 }
 
@@ -201,5 +228,13 @@ mod tests {
         assert!(check_name("db").is_ok());
         assert!(check_name("").is_err());
         assert!(check_name("a/b").is_err());
+        for bad in [".", "..", "a\nb", "tab\there", "\u{7f}", &"x".repeat(256)] {
+            let e = check_name(bad).unwrap_err().to_string();
+            assert!(e.contains("not a usable backup name") && !e.contains('\n'), "{bad:?}: {e}");
+        }
+        assert!(check_name("...").is_ok() && check_name(".hidden").is_ok() && check_name(&"é".repeat(127)).is_ok());
+        assert!(check_snapshot("").is_ok() && check_snapshot("snap-2026").is_ok());
+        assert!(check_snapshot("a\nb").is_err() && check_snapshot(&"s".repeat(256)).is_err());
+        assert!(check_label("env", "a\rb").is_err() && check_label("env", "prod").is_ok());
     }
 }

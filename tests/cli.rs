@@ -191,7 +191,39 @@ fn user_mistakes_give_one_line_errors() {
     let uid = repo.backup("img", "x", &["-b", "64k"]);
     let existing = repo.url("img");
     let missing = repo.url("nope");
+    // Sources that are not images: a FIFO nobody writes to (opening it used to block
+    // forever), a socket, a directory (exit 1 before), a character device (/dev/zero
+    // made a valid empty version).
+    let fifo = repo.path("fifo");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let _socket = std::os::unix::net::UnixListener::bind(repo.path("socket")).unwrap();
+    fs::create_dir(repo.path("dir")).unwrap();
+    let (fifo, socket, dir) = (repo.url("fifo"), repo.url("socket"), repo.url("dir"));
+    let long_name = "n".repeat(256);
+    let deep_filter = format!("{}name == 'x'{}", "(".repeat(7000), ")".repeat(7000));
     let cases: Vec<(Vec<&str>, i32, &str)> = vec![
+        (vec!["backup", "file:///dev/zero", "x"], 2, "is a character device, not an image"),
+        (vec!["backup", &fifo, "x"], 2, "is a FIFO (named pipe), not an image"),
+        (vec!["backup", &socket, "x"], 2, "is a socket, not an image"),
+        (vec!["backup", &dir, "x"], 2, "is a directory, not an image"),
+        (vec!["deep-scrub", &uid, "--source", &fifo], 2, "is a FIFO"),
+        (vec!["backup", &existing, "."], 2, "not a usable backup name"),
+        (vec!["backup", &existing, ".."], 2, "not a usable backup name"),
+        (vec!["backup", &existing, "a/b"], 2, "not a usable backup name"),
+        (vec!["backup", &existing, "two\nlines"], 2, "not a usable backup name"),
+        (vec!["backup", &existing, &long_name], 2, "not a usable backup name"),
+        (vec!["backup", &existing, "x", "-s", "snap\nshot"], 2, "not a usable snapshot name"),
+        (vec!["backup", &existing, "x", "-l", "env=a\tb"], 2, "control characters"),
+        (vec!["label", &uid, "env=a\nb"], 2, "control characters"),
+        (vec!["protect", "1"], 2, "did you mean V0000000001?"),
+        (vec!["restore", "v0000000001", "file:///tmp/keepfs-never"], 2, "not a version uid"),
+        (vec!["rm", "V1"], 2, "not a version uid"),
+        (vec!["protect", &uid, "V0000000042"], 2, "V0000000042 does not exist"),
+        (vec!["unprotect", &uid, "V0000000042"], 2, "V0000000042 does not exist"),
+        (vec!["rm", &uid, "V0000000042"], 2, "V0000000042 does not exist"),
+        (vec!["ls", &deep_filter], 2, "nested"),
         (vec!["restore", &uid, &existing], 4, "pass --force"),
         (vec!["backup", "/tmp/plain/path", "x"], 2, "not a URL"),
         (vec!["backup", "rbd://pool/img", "x"], 2, "unsupported scheme"),
@@ -217,9 +249,11 @@ fn user_mistakes_give_one_line_errors() {
         assert!(r.stderr.starts_with("keepfs: error: ") && r.stderr.contains(needle), "{args:?}: {}", r.stderr);
         assert!(r.stdout.is_empty(), "{args:?} printed to stdout: {}", r.stdout);
     }
-    // Failed backups left nothing looking valid.
+    // Failed backups left nothing looking valid; failed commands changed nothing.
     let versions = repo.ls_json(None);
     assert_eq!(versions.as_array().unwrap().len(), 1);
+    assert_eq!(versions[0]["protected"], false, "`protect {uid} V0000000042` protected nothing");
+    assert!(versions[0]["labels"].as_object().unwrap().is_empty(), "{versions}");
     // A bad config file is one line too.
     fs::write(repo.path("bad.toml"), "block_size = \"3M\"\n").unwrap();
     let cfg = repo.path("bad.toml");
@@ -497,7 +531,12 @@ fn run_into(repo: &Repo, args: &[&str], stdout: Out, stderr: Out) -> (i32, Strin
     let to = |o: Out| -> Stdio {
         match o {
             Out::ClosedPipe => {
-                let (reader, writer) = std::io::pipe().expect("pipe");
+                use std::os::fd::{FromRawFd, OwnedFd};
+                let mut fds = [0; 2];
+                // SAFETY: pipe(2) fills two descriptors that are then owned here.
+                assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+                // SAFETY: the two descriptors pipe2 just made, owned by nothing else.
+                let (reader, writer) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
                 drop(reader);
                 writer.into()
             }
@@ -538,8 +577,7 @@ fn closed_pipes_and_full_disks_never_panic_and_never_hide_done_work() {
         let (code, err) = run_into(&repo, args, Out::Full, Out::Piped);
         assert_eq!(code, 1, "{args:?} into /dev/full: {err}");
         assert_eq!(
-            err,
-            "keepfs: error: cannot write to standard output: No space left on device (os error 28)\n",
+            err, "keepfs: error: cannot write to standard output: No space left on device (os error 28)\n",
             "{args:?}"
         );
         // Messages on a stderr that cannot be written are dropped, not a panic.

@@ -209,6 +209,8 @@ fn user_mistakes_give_one_line_errors() {
         (vec!["backup", &socket, "x"], 2, "is a socket, not an image"),
         (vec!["backup", &dir, "x"], 2, "is a directory, not an image"),
         (vec!["deep-scrub", &uid, "--source", &fifo], 2, "is a FIFO"),
+        (vec!["restore", &uid, &fifo], 2, "is a pipe or socket"),
+        (vec!["restore", &uid, "file:///dev/null"], 4, "exists (character device); pass --force"),
         (vec!["backup", &existing, "."], 2, "not a usable backup name"),
         (vec!["backup", &existing, ".."], 2, "not a usable backup name"),
         (vec!["backup", &existing, "a/b"], 2, "not a usable backup name"),
@@ -249,6 +251,9 @@ fn user_mistakes_give_one_line_errors() {
         assert!(r.stderr.starts_with("keepfs: error: ") && r.stderr.contains(needle), "{args:?}: {}", r.stderr);
         assert!(r.stdout.is_empty(), "{args:?} printed to stdout: {}", r.stdout);
     }
+    // /dev/null stays a target (the README's restore benchmark).
+    let r = repo.run(&["restore", "--force", &uid, "file:///dev/null"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
     // Failed backups left nothing looking valid; failed commands changed nothing.
     let versions = repo.ls_json(None);
     assert_eq!(versions.as_array().unwrap().len(), 1);

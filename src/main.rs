@@ -1,5 +1,7 @@
 //! The `keepfs` command: parses arguments, calls the engine, prints results. Errors become
-//! one line on stderr and an exit code (see `keepfs::error::exit`).
+//! one line on stderr and an exit code (see `keepfs::error::exit`). Every line goes out
+//! through `output` (`out!`, `report!`, `note!`), never `println!`, which panics when a
+//! write fails.
 
 #[macro_use]
 mod output;

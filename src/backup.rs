@@ -14,7 +14,7 @@ use crate::repo::{Repository, encode_version_object, version_key};
 use crate::source::file::{WINDOW_BYTES, Window};
 use crate::source::{Source, Url, open_source};
 use crate::storage::{SharedStorage, retry};
-use crate::version::{Stats, Version, VersionUid, check_name};
+use crate::version::{Stats, Version, VersionUid, check_label, check_name, check_snapshot};
 use crossbeam_channel::{Receiver, Sender, TryRecvError, bounded, unbounded};
 use parking_lot::{Condvar, Mutex};
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -619,7 +619,7 @@ impl Repository {
 
     /// Starts a new `incomplete` version for a writer registered as `session`.
     pub fn begin_version(&self, opts: &BackupOptions, size: u64, session: i64) -> Result<(VersionUid, String, u32)> {
-        check_name(&opts.name)?;
+        check_fields(opts)?;
         let storage = opts.storage.clone().unwrap_or_else(|| self.config.default_storage.clone());
         self.storage(&storage)?;
         let bs = opts.block_size.unwrap_or(self.config.block_size);
@@ -674,13 +674,8 @@ impl Repository {
     /// Backs up the image at `url` as a new version.
     pub fn backup(&self, url: &Url, opts: &BackupOptions, progress: &dyn Progress) -> Result<Version> {
         let started = Instant::now();
-        let source = open_source(url, self.config.mmap_sources).map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => Error::Invalid(format!("source {url} does not exist")),
-            std::io::ErrorKind::PermissionDenied => {
-                Error::Invalid(format!("source {url} is not readable (permission denied)"))
-            }
-            _ => Error::io(format!("cannot open source {url}"), e),
-        })?;
+        check_fields(opts)?;
+        let source = open_source(url, self.config.mmap_sources)?;
         let size = source.size();
         let session = self.session(&format!("backup {}", opts.name), true)?;
         let mut opts = opts.clone();
@@ -1014,6 +1009,14 @@ impl Repository {
         }
         Ok(Some(Differential { wanted, base: Some(base) }))
     }
+}
+
+/// The name, snapshot name and labels a new version gets, checked before anything is
+/// written (see [`check_name`]).
+fn check_fields(opts: &BackupOptions) -> Result<()> {
+    check_name(&opts.name)?;
+    check_snapshot(&opts.snapshot)?;
+    opts.labels.iter().try_for_each(|(k, v)| check_label(k, v))
 }
 
 #[cfg(test)]

@@ -317,7 +317,7 @@ impl Draft {
         &self.labels
     }
     pub fn set_label(&mut self, k: &str, v: &str) -> Result<()> {
-        crate::version::check_label_name(k)?;
+        crate::version::check_label(k, v)?;
         self.labels.insert(k.to_string(), v.to_string());
         Ok(())
     }

@@ -142,10 +142,16 @@ fn lex(src: &str) -> Result<Vec<(Tok, usize)>> {
     Ok(out)
 }
 
+/// How deeply parentheses and `not` may nest. The parser and evaluation recurse once per
+/// level; without a bound, a few thousand `(` overflow the stack and abort the process.
+pub const MAX_DEPTH: usize = 64;
+
 struct Parser<'a> {
     src: &'a str,
     toks: Vec<(Tok, usize)>,
     pos: usize,
+    /// Parentheses and `not`s open around the current token.
+    depth: usize,
 }
 
 impl Parser<'_> {
@@ -174,21 +180,38 @@ impl Parser<'_> {
         }
         Ok(e)
     }
+    /// Enters one more level of nesting, refusing to go past [`MAX_DEPTH`].
+    fn deeper(&mut self) -> Result<()> {
+        if self.depth >= MAX_DEPTH {
+            return Err(err(
+                self.src,
+                self.col(),
+                &format!("more than {MAX_DEPTH} nested parentheses or 'not's; simplify the expression"),
+            ));
+        }
+        self.depth += 1;
+        Ok(())
+    }
     fn not(&mut self) -> Result<Expr> {
         if self.keyword("not") {
+            self.deeper()?;
             self.pos += 1;
-            return Ok(Expr::Not(Box::new(self.not()?)));
+            let e = Expr::Not(Box::new(self.not()?));
+            self.depth -= 1;
+            return Ok(e);
         }
         self.primary()
     }
     fn primary(&mut self) -> Result<Expr> {
         if self.peek() == Some(&Tok::LParen) {
+            self.deeper()?;
             self.pos += 1;
             let e = self.or()?;
             if self.peek() != Some(&Tok::RParen) {
                 return Err(err(self.src, self.col(), "expected ')'"));
             }
             self.pos += 1;
+            self.depth -= 1;
             return Ok(e);
         }
         let left_col = self.col();
@@ -355,7 +378,7 @@ impl Filter {
         if toks.is_empty() {
             return Err(err(src, 0, "the expression is empty"));
         }
-        let mut p = Parser { src, toks, pos: 0 };
+        let mut p = Parser { src, toks, pos: 0, depth: 0 };
         let expr = p.or()?;
         if p.pos < p.toks.len() {
             return Err(err(src, p.col(), "expected 'and', 'or' or the end"));
@@ -429,12 +452,29 @@ mod tests {
         assert!(m("protected == true", &b));
         assert!(m("not protected == true", &a));
         assert!(m("uid > V0000000001 or name == 'db'", &b));
-        assert!(m("uid >= 2 and uid <= 2", &b));
+        assert!(m("uid >= V0000000002 and uid <= 'V0000000002'", &b));
         assert!(m("size >= 10G and block_size == 4M", &a));
         assert!(m(r#"date < "2026-11-21" and date >= "2026-11-20T10:00:00Z""#, &a));
         assert!(m(r#"(name == "x" or name == "db") and status == "valid""#, &a));
         assert!(m(r#""db" == name"#, &a));
         assert!(m("5G < size", &a));
+    }
+
+    /// A filter nested thousands deep used to overflow the stack (abort, exit 134).
+    #[test]
+    fn nesting_is_bounded_and_long_chains_work() {
+        let a = v(1, "db", None);
+        let nested = |n: usize| format!("{}name == 'db'{}", "(".repeat(n), ")".repeat(n));
+        assert!(m(&nested(MAX_DEPTH), &a));
+        for n in [MAX_DEPTH + 1, 7000] {
+            let e = Filter::parse(&nested(n)).unwrap_err().to_string();
+            assert!(e.contains("nested") && e.contains(&format!("column {}", MAX_DEPTH + 1)), "{e}");
+        }
+        let nots = format!("{}name == 'db'", "not ".repeat(7000));
+        assert!(Filter::parse(&nots).unwrap_err().to_string().contains("nested"));
+        // As long as a command line allows (128 KiB), a flat chain is no nesting.
+        let chain = vec!["name == 'x'"; 10_000].join(" or ") + " or name == 'db'";
+        assert!(m(&chain, &a));
     }
 
     #[test]
@@ -456,6 +496,7 @@ mod tests {
             "protected < true",
             "'a' == 'b'",
             "name == \"x",
+            "uid == 2",
         ] {
             let e = Filter::parse(bad).unwrap_err().to_string();
             assert!(e.starts_with("filter: ") && !e.contains('\n'), "{bad}: {e}");

@@ -1,5 +1,10 @@
 //! The `keepfs` command: parses arguments, calls the engine, prints results. Errors become
-//! one line on stderr and an exit code (see `keepfs::error::exit`).
+//! one line on stderr and an exit code (see `keepfs::error::exit`). Every line goes out
+//! through `output` (`out!`, `report!`, `note!`), never `println!`, which panics when a
+//! write fails.
+
+#[macro_use]
+mod output;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use keepfs::Repository;
@@ -395,7 +400,7 @@ impl Progress for CliProgress {
             set_process_title(&format!("keepfs {pct}%"));
             if self.bar.is_none() && (s.1.elapsed().as_secs() >= 10) {
                 let secs = s.0.elapsed().as_secs_f64().max(0.001);
-                eprintln!(
+                note!(
                     "{}: {pct}% ({} of {}, {:.0} MB/s)",
                     s.2,
                     format_size(done),
@@ -411,7 +416,7 @@ impl Progress for CliProgress {
     fn warn(&self, msg: &str) {
         match &self.bar {
             Some(bar) => bar.println(format!("keepfs: warning: {msg}")),
-            None => eprintln!("keepfs: warning: {msg}"),
+            None => note!("keepfs: warning: {msg}"),
         }
     }
     fn end(&self) {
@@ -455,7 +460,7 @@ fn batch_scrub(repo: &Repository, filter: Option<&str>, percent: u8, deep: bool)
 
 /// One line per damaged block: where it is in the image and which object holds it.
 fn report_damaged(prefix: &str, b: &keepfs::restore::BadBlock) {
-    eprintln!(
+    note!(
         "keepfs: damaged: {prefix}block {} (bytes {}..{}) object {}: {}",
         b.index,
         b.offset,
@@ -475,17 +480,17 @@ fn scrub_versions(repo: &Repository, uids: &[VersionUid], opts: &ScrubOptions) -
             report_damaged(&format!("{uid} "), b);
         }
         for m in &r.metadata {
-            eprintln!("keepfs: damaged: {m}");
+            note!("keepfs: damaged: {m}");
         }
         let what = if opts.deep { "deep-scrubbed" } else { "scrubbed" };
         if !r.damaged() {
             let again = if r.revalidated { "; it is valid again" } else { "" };
-            eprintln!("{what} {uid}: {} object(s) ({}% of blocks), all good{again}", r.objects, opts.percent);
+            note!("{what} {uid}: {} object(s) ({}% of blocks), all good{again}", r.objects, opts.percent);
         } else if r.bad.is_empty() {
-            eprintln!("keepfs: error: {what} {uid}: its metadata is damaged (see above)");
+            note!("keepfs: error: {what} {uid}: its metadata is damaged (see above)");
             damaged += 1;
         } else {
-            eprintln!(
+            note!(
                 "keepfs: error: {what} {uid}: {} damaged block(s); {uid} and every version sharing them are marked invalid",
                 r.bad.len()
             );
@@ -501,6 +506,16 @@ fn parse_expire(s: &str) -> Result<chrono::DateTime<chrono::Utc>> {
 
 fn parse_uids(uids: &[String]) -> Result<Vec<VersionUid>> {
     uids.iter().map(|u| VersionUid::parse(u)).collect()
+}
+
+/// Parses uids and checks that every one exists before a command changes any of them
+/// (`protect A B` with B unknown must not protect A and then fail).
+fn existing_uids(repo: &Repository, uids: &[String]) -> Result<Vec<VersionUid>> {
+    let uids = parse_uids(uids)?;
+    for &uid in &uids {
+        repo.version(uid)?;
+    }
+    Ok(uids)
 }
 
 fn labels_text(v: &Version) -> String {
@@ -525,7 +540,7 @@ fn to_json<T: serde::Serialize>(value: &T) -> Result<String> {
 }
 
 /// A plain table: a header line, then one line per row, columns padded to their widest cell.
-fn print_rows(header: &[&str], rows: Vec<Vec<String>>) {
+fn print_rows(header: &[&str], rows: Vec<Vec<String>>) -> Result<()> {
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for r in &rows {
         for (w, c) in widths.iter_mut().zip(r.iter()) {
@@ -534,15 +549,16 @@ fn print_rows(header: &[&str], rows: Vec<Vec<String>>) {
     }
     let line = |cells: Vec<&str>| {
         let parts: Vec<String> = cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
-        println!("{}", parts.join("  ").trim_end());
+        out!("{}", parts.join("  ").trim_end())
     };
-    line(header.to_vec());
+    line(header.to_vec())?;
     for r in &rows {
-        line(r.iter().map(|s| s.as_str()).collect());
+        line(r.iter().map(|s| s.as_str()).collect())?;
     }
+    Ok(())
 }
 
-fn print_table(versions: &[Version]) {
+fn print_table(versions: &[Version]) -> Result<()> {
     let header =
         ["uid", "date", "name", "snapshot", "size", "block_size", "status", "protected", "storage", "expire", "labels"];
     let rows: Vec<Vec<String>> = versions
@@ -563,14 +579,14 @@ fn print_table(versions: &[Version]) {
             ]
         })
         .collect();
-    print_rows(&header, rows);
+    print_rows(&header, rows)
 }
 
 fn run(cli: Cli) -> Result<i32> {
     // A key file is made without a repository.
     if let Command::Key { action: KeyAction::New { file } } = &cli.command {
         let id = keepfs::keys::write_new_key_file(file)?;
-        eprintln!("wrote key {id} to {}; keep a copy somewhere safe", file.display());
+        note!("wrote key {id} to {}; keep a copy somewhere safe", file.display());
         return Ok(exit::OK);
     }
     let config = Config::discover(cli.config.as_deref())?;
@@ -578,7 +594,7 @@ fn run(cli: Cli) -> Result<i32> {
     if let Command::Database { action: DatabaseAction::Rebuild { replace_damaged: true } } = &cli.command
         && let Some((aside, reason)) = keepfs::db::set_aside_if_damaged(&config.database)?
     {
-        eprintln!(
+        note!(
             "keepfs: the metadata database {} is damaged ({reason}); moved it to {}",
             config.database.display(),
             aside.display()
@@ -636,7 +652,7 @@ fn run(cli: Cli) -> Result<i32> {
             let v = repo.backup(&url, &opts, &p)?;
             let s = &v.stats;
             let secs = (s.duration_ms as f64 / 1000.0).max(0.001);
-            eprintln!(
+            note!(
                 "backed up {} as {}: {} in {secs:.2}s ({:.0} MB/s), {} read, {} new ({} stored), {} deduplicated, {} sparse",
                 url,
                 v.uid,
@@ -648,7 +664,7 @@ fn run(cli: Cli) -> Result<i32> {
                 format_size(s.bytes_deduplicated),
                 format_size(s.bytes_sparse)
             );
-            println!("{}", v.uid);
+            report!("{}", v.uid);
             Ok(exit::OK)
         }
         Command::Restore { uid, target, force, sparse, resume } => {
@@ -661,7 +677,7 @@ fn run(cli: Cli) -> Result<i32> {
             if report.bad_blocks.is_empty() {
                 let kept =
                     if resume { format!(", {} block(s) already there", report.blocks_kept) } else { String::new() };
-                eprintln!(
+                note!(
                     "restored {uid} to {url}: {} in {secs:.2}s ({:.0} MB/s){kept}",
                     format_size(report.bytes),
                     report.bytes as f64 / secs / 1e6
@@ -671,7 +687,7 @@ fn run(cli: Cli) -> Result<i32> {
                 for b in &report.bad_blocks {
                     report_damaged("", b);
                 }
-                eprintln!(
+                note!(
                     "keepfs: error: restored {uid} to {url} with {} damaged block(s) written as zeros; {uid} is now marked invalid",
                     report.bad_blocks.len()
                 );
@@ -686,27 +702,26 @@ fn run(cli: Cli) -> Result<i32> {
                 versions.retain(|v| v.expire.is_some_and(|e| e < now));
             }
             match format {
-                Format::Table => print_table(&versions),
-                Format::Json => println!("{}", to_json(&versions)?),
+                Format::Table => print_table(&versions)?,
+                Format::Json => out!("{}", to_json(&versions)?)?,
             }
             Ok(exit::OK)
         }
         Command::Rm { uids, force, dry_run } => {
-            let uids = parse_uids(&uids)?;
+            let uids = existing_uids(&repo, &uids)?;
             let plan = repo.plan_remove(&uids, force)?;
             for v in &plan {
-                println!(
-                    "{} {} {} ({}, {})",
-                    if dry_run { "would remove" } else { "removing" },
-                    v.uid,
-                    v.name,
-                    when(&v.date),
-                    format_size(v.size)
-                );
+                let line = format!("{} {} ({}, {})", v.uid, v.name, when(&v.date), format_size(v.size));
+                // A dry run's list is its result; a removal goes on whatever becomes of its list.
+                if dry_run {
+                    out!("would remove {line}")?;
+                } else {
+                    report!("removing {line}");
+                }
             }
             if !dry_run {
                 repo.apply_remove(&plan)?;
-                eprintln!("removed {} version(s); run `keepfs cleanup` to free their blocks", plan.len());
+                note!("removed {} version(s); run `keepfs cleanup` to free their blocks", plan.len());
             }
             Ok(exit::OK)
         }
@@ -730,14 +745,14 @@ fn run(cli: Cli) -> Result<i32> {
                 let (name, date) = v.unwrap_or_default();
                 let when = when(&date);
                 if dry_run {
-                    println!("would remove {uid} {name} ({when})");
+                    out!("would remove {uid} {name} ({when})")?;
                     continue;
                 }
                 // The rules decide about age; locks (a restore, a mount) still win.
                 match repo.plan_remove(&[uid], true).and_then(|plan| repo.apply_remove(&plan)) {
-                    Ok(()) => println!("removed {uid} {name} ({when})"),
+                    Ok(()) => report!("removed {uid} {name} ({when})"),
                     Err(e) => {
-                        eprintln!("keepfs: warning: kept {uid}: {e}");
+                        note!("keepfs: warning: kept {uid}: {e}");
                         refused += 1;
                     }
                 }
@@ -749,7 +764,7 @@ fn run(cli: Cli) -> Result<i32> {
             let sc = repo.config.storage(&name)?.clone();
             if !encrypt {
                 repo.storage(&name)?;
-                eprintln!("storage '{name}' is ready ({})", repo.config.origin);
+                note!("storage '{name}' is ready ({})", repo.config.origin);
                 return Ok(exit::OK);
             }
             let source = match keepfs::keys::key_source(&sc, "")? {
@@ -757,7 +772,7 @@ fn run(cli: Cli) -> Result<i32> {
                 None => keepfs::keys::new_key_source(None, None)?,
             };
             let id = repo.init_encryption(&name, &source)?;
-            eprintln!(
+            note!(
                 "storage '{name}' is encrypted with key {id} ({}); keep that key safe: without it nothing can be restored",
                 source.describe()
             );
@@ -766,7 +781,7 @@ fn run(cli: Cli) -> Result<i32> {
         Command::Storage { action } => {
             let infos = repo.storage_infos()?;
             match action {
-                StorageAction::List { format: Format::Json } => println!("{}", to_json(&infos)?),
+                StorageAction::List { format: Format::Json } => out!("{}", to_json(&infos)?)?,
                 StorageAction::List { format: Format::Table } => print_rows(
                     &["name", "kind", "default", "encrypted", "versions", "location"],
                     infos
@@ -782,14 +797,14 @@ fn run(cli: Cli) -> Result<i32> {
                             ]
                         })
                         .collect(),
-                ),
+                )?,
                 StorageAction::Stats { name, format } => {
                     repo.config.storage(&name)?;
                     let Some(i) = infos.into_iter().find(|i| i.name == name) else {
                         return Err(Error::Invalid(format!("no storage named '{name}'")));
                     };
                     match format {
-                        Format::Json => println!("{}", to_json(&i)?),
+                        Format::Json => out!("{}", to_json(&i)?)?,
                         Format::Table => {
                             let ratio = if i.stored_bytes > 0 {
                                 format!("{:.2}", i.image_bytes as f64 / i.stored_bytes as f64)
@@ -806,7 +821,7 @@ fn run(cli: Cli) -> Result<i32> {
                                     format_size(i.image_bytes),
                                     ratio,
                                 ]],
-                            )
+                            )?
                         }
                     }
                 }
@@ -820,12 +835,12 @@ fn run(cli: Cli) -> Result<i32> {
                 KeyAction::List { storage, format } => {
                     let (keys, unrecorded) = repo.list_keys(&storage_name(storage))?;
                     if unrecorded > 0 {
-                        eprintln!(
+                        note!(
                             "keepfs: {unrecorded} object(s) have no key recorded (a rebuilt database); `keepfs key rekey` records them"
                         );
                     }
                     match format {
-                        Format::Json => println!("{}", to_json(&keys)?),
+                        Format::Json => out!("{}", to_json(&keys)?)?,
                         Format::Table => print_rows(
                             &["id", "created", "kind", "current", "objects"],
                             keys.iter()
@@ -839,21 +854,21 @@ fn run(cli: Cli) -> Result<i32> {
                                     ]
                                 })
                                 .collect(),
-                        ),
+                        )?,
                     }
                 }
                 KeyAction::Rotate { storage, new_key_file, new_passphrase_file } => {
                     let name = storage_name(storage);
                     let new = keepfs::keys::new_key_source(new_key_file.as_deref(), new_passphrase_file.as_deref())?;
                     let id = repo.rotate_key(&name, &new)?;
-                    eprintln!(
+                    note!(
                         "storage '{name}': key {id} is current; run `keepfs key rekey` to move existing objects to it"
                     );
                 }
                 KeyAction::Rekey { storage } => {
                     let name = storage_name(storage);
                     let (done, already) = repo.rekey(&name)?;
-                    eprintln!("storage '{name}': rewrapped {done} object(s); {already} had the current key already");
+                    note!("storage '{name}': rewrapped {done} object(s); {already} had the current key already");
                 }
                 KeyAction::Remove { id, storage } => {
                     let name = storage_name(storage);
@@ -861,7 +876,7 @@ fn run(cli: Cli) -> Result<i32> {
                         Error::Invalid(format!("'{id}' is not a key id (16 hex digits, see `keepfs key list`)"))
                     })?;
                     repo.remove_key(&name, kid)?;
-                    eprintln!("storage '{name}': key {kid} removed");
+                    note!("storage '{name}': key {kid} removed");
                 }
             }
             Ok(exit::OK)
@@ -870,13 +885,13 @@ fn run(cli: Cli) -> Result<i32> {
             let chosen = keepfs::schedule::select(&repo.config.schedulers, &schedulers)?;
             let rows = keepfs::schedule::due(&chosen, &repo.list(None)?, name.as_deref(), chrono::Utc::now());
             match format {
-                Format::Json => println!("{}", to_json(&rows)?),
+                Format::Json => out!("{}", to_json(&rows)?)?,
                 Format::Table => print_rows(
                     &["name", "schedulers", "expire_date", "due_since"],
                     rows.iter()
                         .map(|r| vec![r.name.clone(), r.schedulers.join(","), when(&r.expire_date), when(&r.due_since)])
                         .collect(),
-                ),
+                )?,
             }
             Ok(exit::OK)
         }
@@ -884,11 +899,11 @@ fn run(cli: Cli) -> Result<i32> {
             let chosen = keepfs::schedule::select(&repo.config.schedulers, &schedulers)?;
             let rows = keepfs::schedule::sla(&chosen, &repo.list(None)?, name.as_deref(), chrono::Utc::now());
             match format {
-                Format::Json => println!("{}", to_json(&rows)?),
+                Format::Json => out!("{}", to_json(&rows)?)?,
                 Format::Table => print_rows(
                     &["name", "breach"],
                     rows.iter().map(|r| vec![r.name.clone(), r.breach.clone()]).collect(),
-                ),
+                )?,
             }
             Ok(exit::OK)
         }
@@ -898,7 +913,7 @@ fn run(cli: Cli) -> Result<i32> {
             let uids = args;
             let json = repo.export_metadata(&parse_uids(&uids)?)?;
             if file.as_os_str() == "-" {
-                println!("{json}");
+                out!("{json}")?;
             } else {
                 let tmp = file.with_extension("keepfs-tmp");
                 std::fs::write(&tmp, json.as_bytes())
@@ -914,25 +929,25 @@ fn run(cli: Cli) -> Result<i32> {
                 std::fs::read_to_string(&file).map_err(|e| Error::io(format!("cannot read {}", file.display()), e))?
             };
             for uid in repo.import_metadata(&json)? {
-                println!("{uid}");
+                report!("{uid}");
             }
             Ok(exit::OK)
         }
         Command::Metadata { action: MetadataAction::Backup { filter } } => {
             let n = repo.backup_metadata(&committed_uids(&repo, filter.as_deref())?)?;
-            eprintln!("wrote the metadata of {n} version(s) to their storages");
+            note!("wrote the metadata of {n} version(s) to their storages");
             Ok(exit::OK)
         }
         Command::Metadata { action: MetadataAction::Restore { uids, force } } => {
             for uid in repo.restore_metadata(&parse_uids(&uids)?, force)? {
-                println!("{uid}");
+                report!("{uid}");
             }
             Ok(exit::OK)
         }
         Command::Database { action: DatabaseAction::Rebuild { .. } } => {
             let r = repo.rebuild_database()?;
             let already = if r.already > 0 { format!(" ({} there already)", r.already) } else { String::new() };
-            eprintln!(
+            note!(
                 "rebuilt {}: {} version(s){already}, {} object(s)",
                 repo.config.database.display(),
                 r.versions,
@@ -942,11 +957,11 @@ fn run(cli: Cli) -> Result<i32> {
                 return Ok(exit::OK);
             }
             for d in &r.damaged {
-                eprintln!("keepfs: damaged: storage '{}' object {}: {}", d.storage, d.key, d.reason);
+                note!("keepfs: damaged: storage '{}' object {}: {}", d.storage, d.key, d.reason);
             }
             let names: Vec<&str> = r.damaged.iter().map(|d| d.key.trim_start_matches("versions/")).collect();
             let filter = names.iter().map(|u| format!("uid == \"{u}\"")).collect::<Vec<_>>().join(" or ");
-            eprintln!(
+            note!(
                 "keepfs: error: skipped {} damaged version object(s) ({}); everything else is rebuilt. To recover them, run `keepfs metadata backup '{filter}'` with a database that still holds them (an older copy, named in a --config), then `keepfs database rebuild` again",
                 r.damaged.len(),
                 names.join(", ")
@@ -963,13 +978,13 @@ fn run(cli: Cli) -> Result<i32> {
             Ok(exit::OK)
         }
         Command::Protect { uids } => {
-            for uid in parse_uids(&uids)? {
+            for uid in existing_uids(&repo, &uids)? {
                 repo.set_protected(uid, true)?;
             }
             Ok(exit::OK)
         }
         Command::Unprotect { uids } => {
-            for uid in parse_uids(&uids)? {
+            for uid in existing_uids(&repo, &uids)? {
                 repo.set_protected(uid, false)?;
             }
             Ok(exit::OK)
@@ -1000,7 +1015,7 @@ fn run(cli: Cli) -> Result<i32> {
             let at = mountpoint.clone();
             keepfs_fs::mount(sessions, &mountpoint, opts, move || {
                 raise_read_ahead(&at, read_ahead_kb);
-                eprintln!("keepfs: mounted at {shown}; unmount with `fusermount3 -u {shown}`")
+                note!("keepfs: mounted at {shown}; unmount with `fusermount3 -u {shown}`")
             })
             .map_err(|e| Error::io(format!("cannot mount at {}", mountpoint.display()), e))?;
             Ok(exit::OK)
@@ -1027,7 +1042,7 @@ fn run(cli: Cli) -> Result<i32> {
                     ..Default::default()
                 },
             ));
-            eprintln!("keepfs: serving NBD on {} (exports: version uids and NAME@latest)", listener.describe());
+            note!("keepfs: serving NBD on {} (exports: version uids and NAME@latest)", listener.describe());
             keepfs_nbd::serve(sessions, listener, keepfs_nbd::NbdOptions { read_only })
                 .map_err(|e| Error::io("the NBD server stopped", e))?;
             Ok(exit::OK)
@@ -1040,7 +1055,7 @@ fn run(cli: Cli) -> Result<i32> {
             for name in names {
                 let plan = repo.plan_cleanup(&name)?;
                 let verb = if dry_run { "would delete" } else { "deleting" };
-                println!(
+                let summary = format!(
                     "storage {name}: {verb} {} unreferenced object(s) and {} orphaned file(s), {}; {} referenced, {} kept (newer than the oldest running backup)",
                     plan.objects.len(),
                     plan.orphans.len(),
@@ -1049,18 +1064,27 @@ fn run(cli: Cli) -> Result<i32> {
                     plan.kept_recent
                 );
                 for line in plan.spared_lines() {
-                    println!("{line}");
+                    if dry_run {
+                        out!("{line}")?;
+                    } else {
+                        report!("{line}");
+                    }
+                }
+                if dry_run {
+                    out!("{summary}")?;
+                } else {
+                    report!("{summary}");
                 }
                 if dry_run {
                     for (id, size) in &plan.objects {
-                        println!("  object {id} ({size} bytes)");
+                        out!("  object {id} ({size} bytes)")?;
                     }
                     for (key, size) in &plan.orphans {
-                        println!("  orphan {key} ({size} bytes)");
+                        out!("  orphan {key} ({size} bytes)")?;
                     }
                 } else {
                     let r = repo.apply_cleanup(&plan)?;
-                    println!(
+                    report!(
                         "storage {name}: deleted {} object(s) and {} orphaned file(s), freed {}",
                         r.objects_deleted,
                         r.orphans_deleted,
@@ -1117,7 +1141,7 @@ fn prepare_mountpoint(dir: &std::path::Path) -> Result<()> {
                     dir.display()
                 )));
             }
-            eprintln!("keepfs: detached the dead mount left at {}", dir.display());
+            note!("keepfs: detached the dead mount left at {}", dir.display());
             Ok(())
         }
         Err(e) => Err(Error::io(format!("cannot use mount point {}", dir.display()), e)),
@@ -1156,7 +1180,7 @@ fn unmount_on_signal(dir: &std::path::Path) {
         let mut sig: libc::c_int = 0;
         // SAFETY: waits on the signals blocked above.
         unsafe { libc::sigwait(&set, &mut sig) };
-        eprintln!("keepfs: signal {sig}: unmounting {}", dir.display());
+        note!("keepfs: signal {sig}: unmounting {}", dir.display());
         let _ = std::process::Command::new("fusermount3").arg("-u").arg("-z").arg(&dir).status();
     });
 }
@@ -1177,7 +1201,7 @@ fn stop_on_signal(stopper: keepfs_nbd::Stopper) {
         let mut sig: libc::c_int = 0;
         // SAFETY: waits on the signals blocked above.
         unsafe { libc::sigwait(&set, &mut sig) };
-        eprintln!("keepfs: signal {sig}: stopping the NBD server");
+        note!("keepfs: signal {sig}: stopping the NBD server");
         stopper.stop();
     });
 }
@@ -1209,8 +1233,8 @@ fn mount_daemon(dir: &std::path::Path, log: &std::path::Path) -> Result<i32> {
             return Err(Error::Other(format!("the mount process exited ({status}) before mounting {}", dir.display())));
         }
         if is_mounted(dir) {
-            eprintln!("keepfs: mounted at {} (server pid {}, log {})", dir.display(), child.id(), log.display());
-            println!("{}", child.id());
+            note!("keepfs: mounted at {} (server pid {}, log {})", dir.display(), child.id(), log.display());
+            report!("{}", child.id());
             return Ok(exit::OK);
         }
         std::thread::sleep(std::time::Duration::from_millis(50));
@@ -1243,10 +1267,13 @@ fn main() {
     let cli = Cli::parse();
     let code = match run(cli) {
         Ok(code) => code,
+        // The reader of a listing stopped reading (`keepfs ls | head -1`): not a failure.
+        Err(e) if output::is_reader_gone(&e) => exit::OK,
         Err(e) => {
-            eprintln!("keepfs: error: {e}");
+            note!("keepfs: error: {e}");
             e.exit_code()
         }
     };
+    output::finish();
     std::process::exit(code);
 }

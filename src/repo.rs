@@ -261,6 +261,7 @@ impl Repository {
 
     /// Renames a version that is still being written (an incoming file renamed).
     pub fn rename_version(&self, uid: VersionUid, name: &str) -> Result<()> {
+        crate::version::check_name(name)?;
         self.db.lock().with_write_lock(|tx| {
             tx.execute("UPDATE versions SET name=?2 WHERE uid=?1", rusqlite::params![uid.0 as i64, name])?;
             Ok(())

@@ -146,7 +146,14 @@ fn open_target(path: &Path, uid: VersionUid, size: u64, opts: &RestoreOptions) -
             // A device (or FIFO, /dev/null) is written in place; --continue implies that
             // writing into it is wanted.
             if !opts.force && !opts.resume {
-                let what = if m.file_type().is_block_device() { "block device" } else { "file" };
+                let t = m.file_type();
+                let what = if t.is_block_device() {
+                    "block device"
+                } else if t.is_char_device() {
+                    "character device"
+                } else {
+                    "file"
+                };
                 return Err(Error::Refused(format!(
                     "restore target {} exists ({what}); pass --force to overwrite it",
                     path.display()

@@ -230,7 +230,7 @@ impl Repository {
         let storage = self.storage(&version.storage)?;
         let source = match &opts.source {
             Some(url) => {
-                let s = open_source(url, false).map_err(|e| Error::io(format!("cannot open source {url}"), e))?;
+                let s = open_source(url, false)?;
                 if s.size() != index.size {
                     return Err(Error::Invalid(format!(
                         "source {url} holds {} bytes, version {uid} {}; compare a source of the same size",

@@ -41,7 +41,7 @@ use crate::draft::{Draft, DraftOptions};
 use crate::error::Error;
 use crate::image::{Image, Prefetcher};
 use crate::repo::Repository;
-use crate::version::{Status, VersionUid, check_name};
+use crate::version::{Status, VersionUid, check_label, check_name, check_snapshot};
 use keepfs_face::{Extent, Fh, Opened, Opener, ReadRef, Sessions, VersionEntry};
 use parking_lot::Mutex;
 use std::collections::{BTreeMap, HashMap};
@@ -60,8 +60,15 @@ const CONTINUE_GRACE: Duration = Duration::from_secs(5);
 /// [`Error::errno`]), after logging the full message on stderr: the process that gets
 /// the errno cannot see it.
 pub fn to_io(e: Error) -> io::Error {
-    eprintln!("keepfs: error: {e}");
+    log(format_args!("keepfs: error: {e}"));
     io::Error::from_raw_os_error(e.errno())
+}
+
+/// A line on the face's stderr (its log). `eprintln!` would panic a worker thread when
+/// the log cannot be written (a full disk); a lost log line must not fail a request.
+fn log(args: std::fmt::Arguments) {
+    use std::io::Write;
+    let _ = writeln!(io::stderr().lock(), "{args}");
 }
 
 fn errno(n: i32) -> io::Error {
@@ -113,19 +120,19 @@ impl WriteDraft {
                 // version behind looking like a backup (its stored blocks go at `cleanup`).
                 let e = to_io(e);
                 match repo.remove_incomplete(uid) {
-                    Ok(()) => eprintln!("keepfs: the incomplete version {uid} was removed"),
-                    Err(r) => eprintln!(
+                    Ok(()) => log(format_args!("keepfs: the incomplete version {uid} was removed")),
+                    Err(r) => log(format_args!(
                         "keepfs: error: the incomplete version {uid} could not be removed ({r}); remove it with `keepfs rm {uid}`"
-                    ),
+                    )),
                 }
                 return Err(e);
             }
         };
-        eprintln!("keepfs: committed {} as {} ({} bytes)", v.name, v.uid, v.size);
+        log(format_args!("keepfs: committed {} as {} ({} bytes)", v.name, v.uid, v.size));
         if let Some(old) = self.replaces {
             // The draft (and its read lock on `old`) is gone: drop the superseded version.
             repo.remove_superseded(old).map_err(to_io)?;
-            eprintln!("keepfs: {} replaces {old}, which it continued", v.uid);
+            log(format_args!("keepfs: {} replaces {old}, which it continued", v.uid));
         }
         Ok(v.uid.to_string())
     }
@@ -378,7 +385,7 @@ impl SessionService {
 
     fn discard(&self, d: WriteDraft) {
         if let Err(e) = d.discard(&self.repo) {
-            eprintln!("keepfs: error: discarding an unused draft failed ({e})");
+            log(format_args!("keepfs: error: discarding an unused draft failed ({e})"));
         }
     }
 
@@ -728,6 +735,7 @@ impl Sessions for SessionService {
     }
 
     fn set_incoming_label(&self, name: &str, label: &str, value: &str) -> io::Result<()> {
+        check_label(label, value).map_err(to_io)?;
         self.incoming_draft(name, |_, d| d.set_label(label, value).map_err(to_io))
     }
 
@@ -740,6 +748,7 @@ impl Sessions for SessionService {
     }
 
     fn set_incoming_snapshot(&self, name: &str, snapshot: &str) -> io::Result<()> {
+        check_snapshot(snapshot).map_err(to_io)?;
         self.incoming_draft(name, |_, d| {
             d.set_snapshot(snapshot);
             Ok(())

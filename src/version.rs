@@ -12,17 +12,27 @@ use std::fmt;
 pub struct VersionUid(pub u64);
 
 impl VersionUid {
+    /// Parses the one written form of a uid, `V` and 10 digits (as `keepfs ls` shows it).
+    /// Short forms (`1`, `v1`, `V1`) are refused, naming the uid they may have meant, so
+    /// that a uid in a script or a path means the same everywhere.
     pub fn parse(s: &str) -> Result<VersionUid> {
-        let digits = s.strip_prefix('V').or_else(|| s.strip_prefix('v')).unwrap_or(s);
-        if digits.is_empty() || digits.len() > 10 || !digits.bytes().all(|b| b.is_ascii_digit()) {
-            return Err(Error::Invalid(format!("'{s}' is not a version uid (they look like V0000000001)")));
+        let canonical = |d: &str| d.len() == 10 && d.bytes().all(|b| b.is_ascii_digit());
+        match s.strip_prefix('V').filter(|d| canonical(d)).and_then(|d| d.parse::<u64>().ok()) {
+            Some(n) if n > 0 => Ok(VersionUid(n)),
+            _ => {
+                let digits = s.strip_prefix(['V', 'v']).unwrap_or(s);
+                let meant = Some(digits)
+                    .filter(|d| !d.is_empty() && d.len() <= 10 && d.bytes().all(|b| b.is_ascii_digit()))
+                    .and_then(|d| d.parse::<u64>().ok())
+                    .filter(|n| *n > 0)
+                    .map(|n| format!("; did you mean {}?", VersionUid(n)))
+                    .unwrap_or_default();
+                Err(Error::Invalid(format!(
+                    "'{}' is not a version uid: write it as V and 10 digits, like V0000000001{meant}",
+                    s.escape_debug()
+                )))
+            }
         }
-        digits
-            .parse::<u64>()
-            .ok()
-            .filter(|n| *n > 0)
-            .map(VersionUid)
-            .ok_or_else(|| Error::Invalid(format!("'{s}' is not a version uid (they look like V0000000001)")))
     }
 }
 
@@ -107,13 +117,43 @@ pub struct Version {
     pub expire: Option<DateTime<Utc>>,
 }
 
-/// Checks a backup name: not empty, no control characters, at most 255 bytes.
+/// Checks a backup name. A name is one path component of the mount (`by_name/<name>`)
+/// and one cell of `keepfs ls`: 1 to 255 bytes, no `/`, no control characters (a newline
+/// would break the table), and not `.` or `..` (they name directories, not versions).
+/// The CLI, the engine and the mount all check names here.
 pub fn check_name(name: &str) -> Result<()> {
-    if name.is_empty() || name.len() > 255 || name.chars().any(|c| c.is_control()) || name.contains('/') {
+    if name.is_empty()
+        || name.len() > 255
+        || name.chars().any(|c| c.is_control())
+        || name.contains('/')
+        || name == "."
+        || name == ".."
+    {
         return Err(Error::Invalid(format!(
-            "'{}' is not a usable backup name: use 1 to 255 printable characters without '/'",
+            "'{}' is not a usable backup name: use 1 to 255 bytes of printable characters, without '/', other than '.' and '..'",
             name.escape_debug()
         )));
+    }
+    Ok(())
+}
+
+/// Checks a snapshot name: it may be empty; no control characters, at most 255 bytes.
+pub fn check_snapshot(snapshot: &str) -> Result<()> {
+    if snapshot.len() > 255 || snapshot.chars().any(|c| c.is_control()) {
+        return Err(Error::Invalid(format!(
+            "'{}' is not a usable snapshot name: use at most 255 bytes of printable characters",
+            snapshot.escape_debug()
+        )));
+    }
+    Ok(())
+}
+
+/// Checks a label: its name (see [`check_label_name`]) and a value without control
+/// characters.
+pub fn check_label(name: &str, value: &str) -> Result<()> {
+    check_label_name(name)?;
+    if value.chars().any(|c| c.is_control()) {
+        return Err(Error::Invalid(format!("label '{name}': the value contains control characters")));
     }
     Ok(())
 }
@@ -134,10 +174,7 @@ pub fn check_label_name(name: &str) -> Result<()> {
 /// Parses `k=v` (or a bare `k`, meaning an empty value) into a label.
 pub fn parse_label(s: &str) -> Result<(String, String)> {
     let (k, v) = s.split_once('=').unwrap_or((s, ""));
-    check_label_name(k)?;
-    if v.chars().any(|c| c.is_control()) {
-        return Err(Error::Invalid(format!("label '{k}': the value contains control characters")));
-    }
+    check_label(k, v)?;
     Ok((k.to_string(), v.to_string()))
 }
 
@@ -169,7 +206,12 @@ mod tests {
     fn uids() {
         assert_eq!(VersionUid(42).to_string(), "V0000000042");
         assert_eq!(VersionUid::parse("V0000000042").unwrap(), VersionUid(42));
-        assert_eq!(VersionUid::parse("42").unwrap(), VersionUid(42));
+        // Only the canonical form: a short one names the uid it may mean.
+        for short in ["42", "v0000000042", "V42"] {
+            let e = VersionUid::parse(short).unwrap_err().to_string();
+            assert!(e.contains("did you mean V0000000042?"), "{short}: {e}");
+        }
+        assert!(VersionUid::parse("V0000000000").is_err());
         assert!(VersionUid::parse("V").is_err());
         assert!(VersionUid::parse("V0").is_err());
         assert!(VersionUid::parse("Vabc").is_err());
@@ -186,5 +228,13 @@ mod tests {
         assert!(check_name("db").is_ok());
         assert!(check_name("").is_err());
         assert!(check_name("a/b").is_err());
+        for bad in [".", "..", "a\nb", "tab\there", "\u{7f}", &"x".repeat(256)] {
+            let e = check_name(bad).unwrap_err().to_string();
+            assert!(e.contains("not a usable backup name") && !e.contains('\n'), "{bad:?}: {e}");
+        }
+        assert!(check_name("...").is_ok() && check_name(".hidden").is_ok() && check_name(&"é".repeat(127)).is_ok());
+        assert!(check_snapshot("").is_ok() && check_snapshot("snap-2026").is_ok());
+        assert!(check_snapshot("a\nb").is_err() && check_snapshot(&"s".repeat(256)).is_err());
+        assert!(check_label("env", "a\rb").is_err() && check_label("env", "prod").is_ok());
     }
 }

@@ -191,7 +191,41 @@ fn user_mistakes_give_one_line_errors() {
     let uid = repo.backup("img", "x", &["-b", "64k"]);
     let existing = repo.url("img");
     let missing = repo.url("nope");
+    // Sources that are not images: a FIFO nobody writes to (opening it used to block
+    // forever), a socket, a directory (exit 1 before), a character device (/dev/zero
+    // made a valid empty version).
+    let fifo = repo.path("fifo");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let _socket = std::os::unix::net::UnixListener::bind(repo.path("socket")).unwrap();
+    fs::create_dir(repo.path("dir")).unwrap();
+    let (fifo, socket, dir) = (repo.url("fifo"), repo.url("socket"), repo.url("dir"));
+    let long_name = "n".repeat(256);
+    let deep_filter = format!("{}name == 'x'{}", "(".repeat(7000), ")".repeat(7000));
     let cases: Vec<(Vec<&str>, i32, &str)> = vec![
+        (vec!["backup", "file:///dev/zero", "x"], 2, "is a character device, not an image"),
+        (vec!["backup", &fifo, "x"], 2, "is a FIFO (named pipe), not an image"),
+        (vec!["backup", &socket, "x"], 2, "is a socket, not an image"),
+        (vec!["backup", &dir, "x"], 2, "is a directory, not an image"),
+        (vec!["deep-scrub", &uid, "--source", &fifo], 2, "is a FIFO"),
+        (vec!["restore", &uid, &fifo], 2, "is a pipe or socket"),
+        (vec!["restore", &uid, "file:///dev/null"], 4, "exists (character device); pass --force"),
+        (vec!["backup", &existing, "."], 2, "not a usable backup name"),
+        (vec!["backup", &existing, ".."], 2, "not a usable backup name"),
+        (vec!["backup", &existing, "a/b"], 2, "not a usable backup name"),
+        (vec!["backup", &existing, "two\nlines"], 2, "not a usable backup name"),
+        (vec!["backup", &existing, &long_name], 2, "not a usable backup name"),
+        (vec!["backup", &existing, "x", "-s", "snap\nshot"], 2, "not a usable snapshot name"),
+        (vec!["backup", &existing, "x", "-l", "env=a\tb"], 2, "control characters"),
+        (vec!["label", &uid, "env=a\nb"], 2, "control characters"),
+        (vec!["protect", "1"], 2, "did you mean V0000000001?"),
+        (vec!["restore", "v0000000001", "file:///tmp/keepfs-never"], 2, "not a version uid"),
+        (vec!["rm", "V1"], 2, "not a version uid"),
+        (vec!["protect", &uid, "V0000000042"], 2, "V0000000042 does not exist"),
+        (vec!["unprotect", &uid, "V0000000042"], 2, "V0000000042 does not exist"),
+        (vec!["rm", &uid, "V0000000042"], 2, "V0000000042 does not exist"),
+        (vec!["ls", &deep_filter], 2, "nested"),
         (vec!["restore", &uid, &existing], 4, "pass --force"),
         (vec!["backup", "/tmp/plain/path", "x"], 2, "not a URL"),
         (vec!["backup", "rbd://pool/img", "x"], 2, "unsupported scheme"),
@@ -217,9 +251,14 @@ fn user_mistakes_give_one_line_errors() {
         assert!(r.stderr.starts_with("keepfs: error: ") && r.stderr.contains(needle), "{args:?}: {}", r.stderr);
         assert!(r.stdout.is_empty(), "{args:?} printed to stdout: {}", r.stdout);
     }
-    // Failed backups left nothing looking valid.
+    // /dev/null stays a target (the README's restore benchmark).
+    let r = repo.run(&["restore", "--force", &uid, "file:///dev/null"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    // Failed backups left nothing looking valid; failed commands changed nothing.
     let versions = repo.ls_json(None);
     assert_eq!(versions.as_array().unwrap().len(), 1);
+    assert_eq!(versions[0]["protected"], false, "`protect {uid} V0000000042` protected nothing");
+    assert!(versions[0]["labels"].as_object().unwrap().is_empty(), "{versions}");
     // A bad config file is one line too.
     fs::write(repo.path("bad.toml"), "block_size = \"3M\"\n").unwrap();
     let cfg = repo.path("bad.toml");
@@ -478,4 +517,131 @@ fn backy2_automatic_tags() {
     assert_eq!(labels(&plain), serde_json::json!({}));
     let tagged = repo.ls_json(Some("labels[\"b_weekly\"] == \"\""));
     assert_eq!(tagged.as_array().unwrap().len(), 1);
+}
+
+/// Where a command's standard output or error goes in the tests of broken outputs.
+enum Out {
+    /// A pipe whose reader has already gone (every write fails with EPIPE).
+    ClosedPipe,
+    /// /dev/full: every write fails with ENOSPC.
+    Full,
+    /// Captured, to be read.
+    Piped,
+}
+
+/// Runs keepfs with stdout and stderr going to `stdout` and `stderr`; returns the exit
+/// code and what was captured on stderr (empty unless `stderr` is `Piped`).
+fn run_into(repo: &Repo, args: &[&str], stdout: Out, stderr: Out) -> (i32, String) {
+    use std::process::Stdio;
+    let to = |o: Out| -> Stdio {
+        match o {
+            Out::ClosedPipe => {
+                use std::os::fd::{FromRawFd, OwnedFd};
+                let mut fds = [0; 2];
+                // SAFETY: pipe(2) fills two descriptors that are then owned here.
+                assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+                // SAFETY: the two descriptors pipe2 just made, owned by nothing else.
+                let (reader, writer) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+                drop(reader);
+                writer.into()
+            }
+            Out::Full => fs::OpenOptions::new().write(true).open("/dev/full").expect("/dev/full").into(),
+            Out::Piped => Stdio::piped(),
+        }
+    };
+    let mut c = repo.command(args);
+    c.stdin(Stdio::null()).stdout(to(stdout)).stderr(to(stderr));
+    let out = c.spawn().expect("start keepfs").wait_with_output().expect("wait for keepfs");
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// println! panicked (exit 101) on a closed pipe or a full disk, even after a backup had
+/// committed its version. A reader that leaves ends the output quietly (exit 0); a
+/// failed write is a one-line error (exit 1); work that was done is never reported as
+/// failed, and a lost uid is quoted on stderr.
+#[test]
+fn closed_pipes_and_full_disks_never_panic_and_never_hide_done_work() {
+    let repo = Repo::new();
+    fs::write(repo.path("img"), random_bytes(20, 3 * BS)).unwrap();
+    let uid = repo.backup("img", "vm", &["-b", "64k"]);
+    repo.backup("img", "vm", &["-b", "64k"]);
+    let listings: Vec<Vec<&str>> = vec![
+        vec!["ls"],
+        vec!["ls", "--format", "json"],
+        vec!["due"],
+        vec!["sla"],
+        vec!["storage", "list"],
+        vec!["cleanup", "--dry-run"],
+        vec!["rm", "--dry-run", "--force", &uid],
+        vec!["enforce", "latest1", "--dry-run"],
+        vec!["metadata", "export", &uid, "-"],
+    ];
+    for args in &listings {
+        let (code, err) = run_into(&repo, args, Out::ClosedPipe, Out::Piped);
+        assert_eq!((code, err.as_str()), (0, ""), "{args:?} into a closed pipe");
+        let (code, err) = run_into(&repo, args, Out::Full, Out::Piped);
+        assert_eq!(code, 1, "{args:?} into /dev/full: {err}");
+        assert_eq!(
+            err, "keepfs: error: cannot write to standard output: No space left on device (os error 28)\n",
+            "{args:?}"
+        );
+        // Messages on a stderr that cannot be written are dropped, not a panic.
+        let (code, _) = run_into(&repo, args, Out::Piped, Out::ClosedPipe);
+        assert_eq!(code, 0, "{args:?} with a closed stderr");
+    }
+    // Scrubs report on stderr; `keepfs batch-scrub |& head` closes it.
+    assert_eq!(run_into(&repo, &["batch-scrub"], Out::Piped, Out::ClosedPipe).0, 0);
+    assert_eq!(run_into(&repo, &["batch-scrub"], Out::Piped, Out::Full).0, 0);
+    // An error still has its exit code when it cannot be printed.
+    assert_eq!(run_into(&repo, &["ls", "name = 'x'"], Out::Piped, Out::Full).0, 2);
+
+    // A backup whose uid cannot be printed has still committed its version: exit 0, and
+    // the uid is on stderr.
+    let url = repo.url("img");
+    let (code, err) = run_into(&repo, &["backup", &url, "full"], Out::Full, Out::Piped);
+    assert_eq!(code, 0, "{err}");
+    let made = repo.ls_json(Some("name == 'full'"));
+    let made = made[0]["uid"].as_str().unwrap();
+    assert_eq!(repo.version(made)["status"], "valid");
+    let warning = err.lines().last().unwrap();
+    assert!(
+        warning.starts_with("keepfs: warning: ") && warning.ends_with(made) && warning.contains("No space left"),
+        "{err}"
+    );
+    let (code, err) = run_into(&repo, &["backup", &url, "gone"], Out::ClosedPipe, Out::Piped);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(repo.ls_json(Some("name == 'gone'"))[0]["status"], "valid");
+    assert!(!err.contains("warning"), "a reader that left is not worth a warning: {err}");
+    // A removal goes on whatever becomes of its list.
+    let (code, err) = run_into(&repo, &["rm", "--force", made], Out::Full, Out::Piped);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("keepfs: warning: ") && err.contains(&format!("removing {made}")), "{err}");
+    assert!(repo.ls_json(Some("name == 'full'")).as_array().unwrap().is_empty(), "removed");
+}
+
+/// `keepfs cleanup --dry-run | head -c1`: a real reader that reads one byte and leaves
+/// while keepfs still has more than a pipe's buffer (64 KiB) to write.
+#[test]
+fn a_reader_that_leaves_early_ends_the_output_quietly() {
+    let repo = Repo::new();
+    // 1024 distinct 4 KiB blocks: a dry-run cleanup lists ~90 KiB of object lines.
+    fs::write(repo.path("img"), random_bytes(21, 1024 * 4096)).unwrap();
+    let uid = repo.backup("img", "vm", &["-b", "4k"]);
+    repo.ok(&["rm", "--force", &uid]);
+    let mut child = repo
+        .command(&["cleanup", "--dry-run"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let mut one = [0u8; 1];
+    use std::io::Read;
+    stdout.read_exact(&mut one).unwrap();
+    drop(stdout);
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!((out.status.code(), err.as_ref()), (Some(0), ""));
+    assert_eq!(repo.block_objects(), 1024, "a dry run deletes nothing");
 }

@@ -47,10 +47,19 @@ fn versions_in_use_cannot_be_removed_and_dead_holders_release_them() {
             let opts = keepfs::restore::RestoreOptions::default();
             engine.restore(vuid, &keepfs::source::Url::File(out.clone()), &opts, &keepfs::progress::Silent)
         });
-        // Another process deep-scrubs w, waiting to open its source.
-        let src = repo.path("src");
-        mkfifo(&src);
-        let mut scrub = repo.command(&["deep-scrub", &w, "--source", &repo.url("src")]).spawn().unwrap();
+        // Another process deep-scrubs w through a storage throttled to 4 kB/s (a 64 KiB
+        // block takes 16 s). (It used to wait on a FIFO as its source; keepfs now refuses
+        // FIFOs as sources instead of blocking on them.)
+        let slow_config = repo.path("slow.toml");
+        fs::write(
+            &slow_config,
+            format!(
+                "home = \"{home}\"\n[[storage]]\nname = \"default\"\nkind = \"file\"\npath = \"{home}/storage\"\nread_bandwidth = \"4k\"\n",
+                home = repo.home().display()
+            ),
+        )
+        .unwrap();
+        let mut scrub = repo.command(&["--config", slow_config.to_str().unwrap(), "deep-scrub", &w]).spawn().unwrap();
         wait_until("both versions to be locked", Duration::from_secs(30), || {
             repo.run(&["rm", "--force", "--dry-run", &v]).code == 4
                 && repo.run(&["rm", "--force", "--dry-run", &w]).code == 4
@@ -78,6 +87,7 @@ fn versions_in_use_cannot_be_removed_and_dead_holders_release_them() {
     });
     assert_eq!(sha256_file(&out), sha256_file(&repo.path("a")));
     repo.ok(&["rm", "--force", &v, &w]);
+    mkfifo(&repo.path("src"));
     let r = repo.run(&["restore", "--force", &newer, &repo.url("src")]);
     assert_eq!(r.code, 2);
     assert!(r.error_line().contains("is a pipe or socket"), "{}", r.stderr);

@@ -514,3 +514,37 @@ fn daemon_mode_detaches_and_unmounts_cleanly() {
         !common::mount::is_mounted(&dir) && !std::path::Path::new(&format!("/proc/{pid}")).exists()
     });
 }
+
+/// Sets an extended attribute, returning the errno (0 on success).
+fn setxattr(path: &std::path::Path, name: &str, value: &[u8]) -> i32 {
+    use std::os::unix::ffi::OsStrExt;
+    let p = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+    let n = std::ffi::CString::new(name).unwrap();
+    // SAFETY: valid NUL-terminated strings and a buffer of the given length.
+    let r = unsafe { libc::setxattr(p.as_ptr(), n.as_ptr(), value.as_ptr().cast(), value.len(), 0) };
+    if r == 0 { 0 } else { std::io::Error::last_os_error().raw_os_error().unwrap_or(-1) }
+}
+
+/// Names, snapshot names and labels go through the engine's one check in the mount as
+/// on the command line: a newline or a tab in any of them is EINVAL, and the version
+/// keeps what it had (a newline in a snapshot name used to break `keepfs ls`).
+#[test]
+fn unusable_names_and_labels_are_einval_in_incoming() {
+    let repo = Repo::new();
+    let m = Mount::new(&repo, &[]);
+    assert_eq!(errno_of(fs::File::create(m.p("incoming/bad\nname"))), libc::EINVAL);
+    let path = m.p("incoming/good");
+    let mut f = fs::File::create(&path).unwrap();
+    f.write_all(&random_bytes(102, 100_000)).unwrap();
+    assert_eq!(setxattr(&path, "user.keepfs.snapshot", b"snap\nshot"), libc::EINVAL);
+    assert_eq!(setxattr(&path, "user.keepfs.label.env", b"pr\rod"), libc::EINVAL);
+    assert_eq!(setxattr(&path, "user.keepfs.label.bad label", b"x"), libc::EINVAL);
+    assert_eq!(errno_of(fs::rename(&path, m.p("incoming/tab\there"))), libc::EINVAL);
+    assert_eq!(setxattr(&path, "user.keepfs.snapshot", b"snap-1"), 0);
+    assert_eq!(setxattr(&path, "user.keepfs.label.env", b"prod"), 0);
+    drop(f);
+    let uid = version_named(&repo, "good");
+    let v = repo.version(&uid);
+    assert_eq!((v["snapshot"].as_str(), v["labels"]["env"].as_str()), (Some("snap-1"), Some("prod")), "{v}");
+    assert_eq!(repo.ls_json(None).as_array().unwrap().len(), 1, "nothing else was made: {}", repo.ok(&["ls"]));
+}

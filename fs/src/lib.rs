@@ -19,6 +19,15 @@
 
 pub use keepfs_face::{Opened, ReadRef, Sessions, VersionEntry};
 
+/// A line on stderr (the log), ignoring a failure: `eprintln!` would panic a worker
+/// thread when the log cannot be written, and a lost log line must not fail a request.
+macro_rules! log {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr().lock(), $($t)*);
+    }};
+}
+
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, KernelConfig, LockOwner,
     OpenAccMode, OpenFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLseek,
@@ -718,7 +727,7 @@ impl<S: Sessions> Filesystem for KeepFs<S> {
             self.statics.lock().remove(&fh);
         } else if let Err(e) = self.sessions.release(fh) {
             // Nobody waits for a release: the log is the only place to say it.
-            eprintln!("keepfs: error: the last close failed ({e})");
+            log!("keepfs: error: the last close failed ({e})");
         }
         reply.ok();
     }

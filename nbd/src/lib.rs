@@ -20,6 +20,15 @@
 
 pub mod proto;
 
+/// A line on stderr (the log), ignoring a failure: `eprintln!` would panic a worker
+/// thread when the log cannot be written, and a lost log line must not fail a request.
+macro_rules! log {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr().lock(), $($t)*);
+    }};
+}
+
 use keepfs_face::{Fh, Opener, Sessions, VersionEntry};
 use proto::*;
 use std::io::{self, BufReader, Read, Write};
@@ -218,7 +227,7 @@ pub fn serve<S: Sessions>(sessions: Arc<S>, listener: Listener, opts: NbdOptions
             Ok(s) => s,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ECONNABORTED)) => {
-                eprintln!("keepfs: nbd: accepting a connection failed ({e})");
+                log!("keepfs: nbd: accepting a connection failed ({e})");
                 continue;
             }
             Err(e) => break Err(e),
@@ -238,7 +247,7 @@ pub fn serve<S: Sessions>(sessions: Arc<S>, listener: Listener, opts: NbdOptions
             if let Err(e) = connection(sessions, stream, &opts, opener)
                 && e.kind() != io::ErrorKind::UnexpectedEof
             {
-                eprintln!("keepfs: nbd: connection {opener:#x} ended: {e}");
+                log!("keepfs: nbd: connection {opener:#x} ended: {e}");
             }
             state.conns.lock().unwrap_or_else(|p| p.into_inner()).remove(&opener);
             live.fetch_sub(1, Ordering::SeqCst);
@@ -748,7 +757,7 @@ fn connection<S: Sessions>(sessions: Arc<S>, stream: Stream, opts: &NbdOptions, 
     if let Writable::Open(fh) = writable {
         let done = sessions.flush(fh, opener).and_then(|_| sessions.release(fh));
         if let Err(e) = done {
-            eprintln!("keepfs: nbd: the writes of connection {opener:#x} could not become a version: {e}");
+            log!("keepfs: nbd: the writes of connection {opener:#x} could not become a version: {e}");
         }
     }
     let _ = sessions.release(read_fh);

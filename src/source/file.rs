@@ -60,11 +60,26 @@ impl Drop for Window {
 
 impl FileSource {
     /// Opens a source. `mmap` allows reading a regular file through mappings.
+    ///
+    /// Only regular files and block devices are images: anything else is refused with an
+    /// `InvalidInput` error saying what it is. A character device (`/dev/zero`) would
+    /// seek to 0 and make a valid empty version; a FIFO without a writer would block
+    /// `open` forever, so the file is opened non-blocking and checked before any read.
     pub fn open(path: &Path, mmap: bool) -> io::Result<FileSource> {
-        let mut file = File::open(path)?;
+        use std::os::unix::fs::OpenOptionsExt;
+        // A first look gives a clear answer for a directory or a socket (which cannot
+        // be opened at all); the check on the opened file below is the one that counts.
+        check_kind(&std::fs::metadata(path)?)?;
+        let mut file = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(path)?;
         let meta = file.metadata()?;
-        if meta.is_dir() {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, "is a directory, not an image"));
+        check_kind(&meta)?;
+        // Back to blocking reads (O_NONBLOCK only guarded the open).
+        // SAFETY: fcntl on a valid descriptor.
+        unsafe {
+            let flags = libc::fcntl(file.as_raw_fd(), libc::F_GETFL);
+            if flags < 0 || libc::fcntl(file.as_raw_fd(), libc::F_SETFL, flags & !libc::O_NONBLOCK) < 0 {
+                return Err(io::Error::last_os_error());
+            }
         }
         let size = file.seek(SeekFrom::End(0))?;
         // SAFETY: plain advisory syscall on a valid descriptor.
@@ -99,6 +114,29 @@ impl FileSource {
             format!("the source shrank while being read (it is now {now} bytes, it was {})", self.size),
         )
     }
+}
+
+/// Refuses what is neither a regular file nor a block device, saying what it is.
+fn check_kind(meta: &std::fs::Metadata) -> io::Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    let t = meta.file_type();
+    let what = if t.is_file() || t.is_block_device() {
+        return Ok(());
+    } else if t.is_dir() {
+        "a directory"
+    } else if t.is_char_device() {
+        "a character device"
+    } else if t.is_fifo() {
+        "a FIFO (named pipe)"
+    } else if t.is_socket() {
+        "a socket"
+    } else {
+        "not a regular file"
+    };
+    Err(io::Error::new(
+        io::ErrorKind::InvalidInput,
+        format!("is {what}, not an image: back up a regular file or a block device"),
+    ))
 }
 
 impl Source for FileSource {

@@ -66,10 +66,19 @@ pub trait Source: Send + Sync {
 }
 
 /// Opens a source for reading; `mmap` allows reading regular files through mappings.
-pub fn open_source(url: &Url, mmap: bool) -> Result<Box<dyn Source>, io::Error> {
-    Ok(match url {
-        Url::File(p) => Box::new(file::FileSource::open(p, mmap)?),
-        Url::Null(n) => Box::new(null::NullSource::new(*n)),
+/// A source that is missing, unreadable or not an image (a directory, a character
+/// device, a FIFO) is the user's input error (exit 2); other failures are I/O errors.
+pub fn open_source(url: &Url, mmap: bool) -> crate::error::Result<Box<dyn Source>> {
+    use crate::error::Error;
+    let opened: io::Result<Box<dyn Source>> = match url {
+        Url::File(p) => file::FileSource::open(p, mmap).map(|s| Box::new(s) as Box<dyn Source>),
+        Url::Null(n) => Ok(Box::new(null::NullSource::new(*n))),
+    };
+    opened.map_err(|e| match e.kind() {
+        io::ErrorKind::NotFound => Error::Invalid(format!("source {url} does not exist")),
+        io::ErrorKind::PermissionDenied => Error::Invalid(format!("source {url} is not readable (permission denied)")),
+        io::ErrorKind::InvalidInput => Error::Invalid(format!("source {url} {e}")),
+        _ => Error::io(format!("cannot open source {url}"), e),
     })
 }
 

@@ -198,3 +198,48 @@ fn an_object_file_without_a_row_is_swept_only_when_old() {
     assert_eq!(repo.apply_cleanup(&plan).unwrap().orphans_deleted, 1);
     assert!(!path.exists());
 }
+
+/// A source that changes while it is backed up (a live VM disk, a file being written) is
+/// read through a mapping: the bytes of a block must be read once, so that the object
+/// stored under an id holds the bytes that id was computed from. The hook rewrites block 3
+/// of the image right after its id is computed and before it is compressed and stored.
+#[test]
+fn a_block_that_changes_after_it_was_hashed_is_stored_as_hashed() {
+    use std::os::unix::fs::FileExt;
+    let dir = tempfile::tempdir().unwrap();
+    let (mut repo, _) = open(dir.path());
+    assert!(repo.config.mmap_sources, "the embedded configuration maps sources");
+    let img = dir.path().join("img");
+    let original = random_bytes(61, 8 * BS as usize);
+    fs::write(&img, &original).unwrap();
+    let writer = fs::OpenOptions::new().write(true).open(&img).unwrap();
+    let changed_block = random_bytes(62, BS as usize);
+    let once = std::sync::Once::new();
+    let hook_block = changed_block.clone();
+    repo.after_hash = Some(Arc::new(move |idx| {
+        if idx == 3 {
+            once.call_once(|| writer.write_all_at(&hook_block, 3 * BS as u64).unwrap());
+        }
+    }));
+    let v = repo.backup(&Url::File(img.clone()), &opts("live"), &Silent).unwrap();
+    assert_eq!(v.status, Status::Valid);
+    assert_eq!(&fs::read(&img).unwrap()[3 * BS as usize..4 * BS as usize], &changed_block[..], "the hook ran");
+
+    // Every stored object matches its id, and the version holds the image as read: block
+    // 3 as it was when it was hashed.
+    let deep = keepfs::scrub::ScrubOptions { deep: true, percent: 100, source: None };
+    let report = repo.scrub(v.uid, &deep, &Silent).unwrap();
+    assert!(report.bad.is_empty(), "{:?}", report.bad);
+    let out = dir.path().join("out");
+    assert!(restore_to(&repo, v.uid, &out).bad_blocks.is_empty());
+    fs::write(dir.path().join("as-hashed"), &original).unwrap();
+    assert_eq!(sha256_file(&out), sha256_file(&dir.path().join("as-hashed")));
+
+    // The next backup sees the new bytes, deduplicates the rest onto verified objects,
+    // and restores byte-identical.
+    repo.after_hash = None;
+    let next = repo.backup(&Url::File(img.clone()), &opts("live"), &Silent).unwrap();
+    assert!(repo.scrub(next.uid, &deep, &Silent).unwrap().bad.is_empty());
+    assert!(restore_to(&repo, next.uid, &out).bad_blocks.is_empty());
+    assert_eq!(sha256_file(&out), sha256_file(&img));
+}

@@ -113,6 +113,13 @@ impl Garage {
         self.child = Some(child);
         let t = Instant::now();
         loop {
+            // A port taken meanwhile: the server exits, or logs it and lingers.
+            let in_use = std::fs::read_to_string(self.dir.path().join("server.log"))
+                .is_ok_and(|l| l.to_lowercase().contains("address already in use"));
+            if in_use {
+                self.kill();
+                return false;
+            }
             if let Some(c) = self.child.as_mut()
                 && let Ok(Some(_)) = c.try_wait()
             {

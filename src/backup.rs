@@ -14,6 +14,7 @@ use crate::repo::{Repository, encode_version_object, version_key};
 use crate::source::file::{WINDOW_BYTES, Window};
 use crate::source::{Source, Url, open_source};
 use crate::storage::{SharedStorage, retry};
+use crate::transform::Codec;
 use crate::version::{Stats, Version, VersionUid, check_label, check_name, check_snapshot};
 use crossbeam_channel::{Receiver, Sender, TryRecvError, bounded, unbounded};
 use parking_lot::{Condvar, Mutex};
@@ -30,9 +31,10 @@ const INSERT_BATCH: usize = 128;
 const POOL_BYTES: usize = 64 << 20;
 const STORAGE_ATTEMPTS: u32 = 4;
 
-/// One block on its way through the pipeline. Its bytes are in a pooled buffer, or in a
-/// mapped window of the source; then the buffer is only a token from the pool, which is
-/// what bounds the number of blocks in flight either way.
+/// One block on its way through the pipeline. Its bytes are in a pooled buffer, or, until
+/// a worker inspects it, in a mapped window of the source; the buffer is then a token
+/// from the pool (what bounds the number of blocks in flight either way) that a non-zero
+/// block's bytes are copied into before they are hashed (see [`Block::own_and_id`]).
 struct Block {
     buf: Vec<u8>,
     mapped: Option<(Arc<Window>, usize, usize)>,
@@ -45,7 +47,27 @@ impl Block {
             None => &self.buf,
         }
     }
+
+    /// The block's id, from bytes that are the block's own: a mapped block is copied into
+    /// its buffer (hashed while it is copied) and lets go of the mapping. A mapped source
+    /// can change under the mapping (a live disk, a file being written); the bytes that
+    /// are hashed must be the bytes that are compressed and stored, so a block is read
+    /// once and everything after reads the copy.
+    fn own_and_id(&mut self, codec: &Codec) -> BlockId {
+        match self.mapped.take() {
+            Some((w, start, len)) => {
+                self.buf.clear();
+                codec.copy_and_id(w.slice(start, len), &mut self.buf)
+            }
+            None => codec.id_of(&self.buf),
+        }
+    }
 }
+
+/// Test instrumentation, not an API: called by a worker with a block's index right after
+/// the block's id was computed, before it is looked up, compressed or stored.
+#[doc(hidden)]
+pub type HashedHook = Arc<dyn Fn(u64) + Send + Sync>;
 
 enum Job {
     /// Zero check and hash.
@@ -102,6 +124,8 @@ pub struct IngestContext {
     pub session: i64,
     /// Publish each block's id as it completes (see [`Ingest::wait_completed`]).
     pub publish: bool,
+    #[doc(hidden)]
+    pub after_hash: Option<HashedHook>,
 }
 
 /// What an ingest produced: the id of every block by index (sparse where none was
@@ -150,8 +174,8 @@ impl Ingest {
         let mut threads = Vec::new();
         for _ in 0..ctx.workers.max(1) {
             let (job_rx, done_tx, pool_tx, put_tx) = (job_rx.clone(), done_tx.clone(), pool_tx.clone(), put_tx.clone());
-            let (level, storage) = (ctx.compression_level, ctx.storage.clone());
-            threads.push(std::thread::spawn(move || worker(job_rx, done_tx, pool_tx, put_tx, level, storage)));
+            let (level, storage, hook) = (ctx.compression_level, ctx.storage.clone(), ctx.after_hash.clone());
+            threads.push(std::thread::spawn(move || worker(job_rx, done_tx, pool_tx, put_tx, level, storage, hook)));
         }
         drop(put_tx);
         for _ in 0..ctx.writers.max(1) {
@@ -309,18 +333,25 @@ fn worker(
     puts: Sender<Put>,
     level: i32,
     storage: SharedStorage,
+    after_hash: Option<HashedHook>,
 ) {
     let codec = storage.codec();
     for job in jobs {
         match job {
-            Job::Inspect { idx, block } => {
+            Job::Inspect { idx, mut block } => {
                 let data = block.data();
                 if is_zero(data) {
                     let len = data.len() as u64;
                     let _ = pool.send(block.buf);
                     let _ = done.send(Done::Zero { idx, len, read: true });
                 } else {
-                    let id = codec.id_of(data);
+                    // Zero or not was decided on what was read then (a block that turns
+                    // non-zero later is simply the older state); the id and the stored
+                    // object both come from one copy.
+                    let id = block.own_and_id(codec);
+                    if let Some(hook) = &after_hash {
+                        hook(idx);
+                    }
                     let _ = done.send(Done::Hashed { idx, id, block });
                 }
             }
@@ -614,6 +645,7 @@ impl Repository {
             writers: self.config.writers_for(storage)?,
             session,
             publish: false,
+            after_hash: self.after_hash.clone(),
         })
     }
 

@@ -1242,28 +1242,8 @@ fn mount_daemon(dir: &std::path::Path, log: &std::path::Path) -> Result<i32> {
     Err(Error::Other(format!("{} was not mounted within 30 s", dir.display())))
 }
 
-/// A source file truncated while keepfs reads it through a mapping raises SIGBUS. Say so in
-/// one line and exit; the version being written stays `incomplete` (the database only ever
-/// sees whole transactions), so nothing half-written looks valid.
-extern "C" fn on_sigbus(_: libc::c_int) {
-    const MSG: &[u8] =
-        b"keepfs: error: the source shrank or failed while being read (SIGBUS on its mapping); the version is left incomplete\n";
-    // Several threads may fault at once: only the first one says so.
-    static SAID: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-    // SAFETY: an atomic swap, write(2) and _exit(2) are async-signal-safe.
-    unsafe {
-        if !SAID.swap(true, std::sync::atomic::Ordering::SeqCst) {
-            libc::write(2, MSG.as_ptr() as *const libc::c_void, MSG.len());
-        }
-        libc::_exit(exit::FAILURE);
-    }
-}
-
 fn main() {
-    // SAFETY: installs a handler that only calls async-signal-safe functions.
-    unsafe {
-        libc::signal(libc::SIGBUS, on_sigbus as *const () as libc::sighandler_t);
-    }
+    // A source truncated while mapped is caught by the library (keepfs::source::sigbus).
     let cli = Cli::parse();
     let code = match run(cli) {
         Ok(code) => code,

@@ -22,6 +22,9 @@ pub struct Repository {
     /// Held while a storage is unlocked, so that threads asking at once (the mount's)
     /// unlock it once (one prompt, one key derivation).
     unlocking: Mutex<()>,
+    /// Test instrumentation: see [`crate::backup::HashedHook`].
+    #[doc(hidden)]
+    pub after_hash: Option<crate::backup::HashedHook>,
 }
 
 /// A configured storage: as opened, and once its keyring (if any) is unlocked, with its
@@ -129,6 +132,7 @@ impl Repository {
             db: Arc::new(Mutex::new(db)),
             storages: Mutex::new(storages),
             unlocking: Mutex::new(()),
+            after_hash: None,
         })
     }
 

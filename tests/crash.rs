@@ -1,11 +1,11 @@
 //! Real processes, real faults: a backup killed with SIGKILL, and cleanups racing a
-//! running backup that deduplicates against objects no version references.
+//! running backup that deduplicates against objects no version references. A backup is
+//! stopped in the state a test needs ([`Repo::freeze_backup`]) instead of being raced
+//! against: on a loaded machine it is slower, on a fast one faster, never in between.
 
 mod common;
-use common::mount::wait_until;
 use common::*;
 use std::fs;
-use std::time::Duration;
 
 #[test]
 fn kill_9_during_backup_leaves_an_incomplete_version_and_a_consistent_repository() {
@@ -15,8 +15,11 @@ fn kill_9_during_backup_leaves_an_incomplete_version_and_a_consistent_repository
     fs::write(repo.path("img"), random_bytes(21, 48 << 20)).unwrap();
     let url = repo.url("img");
     let mut child = repo.command(&["backup", &url, "victim", "-b", "4k"]).spawn().unwrap();
-    wait_until("objects to be written", Duration::from_secs(60), || repo.block_objects() >= 300);
-    child.kill().unwrap(); // SIGKILL
+    let frozen = repo.freeze_backup(&child, "objects to be written and some recorded", |s| {
+        s.status.as_deref() == Some("incomplete") && s.stored >= 300 && s.recorded > 0
+    });
+    child.kill().unwrap(); // SIGKILL, mid-backup
+    frozen.resume();
     child.wait().unwrap();
 
     let versions = repo.ls_json(None);
@@ -64,12 +67,23 @@ fn cleanup_running_during_a_backup_never_deletes_what_the_backup_uses() {
     new.extend_from_slice(&random_bytes(33, 2 << 20));
     fs::write(repo.path("new"), &new).unwrap();
     let url = repo.url("new");
-    let child = repo.command(&["backup", &url, "vm", "-b", "4k"]).stdout(std::process::Stdio::piped()).spawn().unwrap();
+    let unreferenced = repo.block_objects();
+    let mut child =
+        repo.command(&["backup", &url, "vm", "-b", "4k"]).stdout(std::process::Stdio::piped()).spawn().unwrap();
     let mut cleanups = 0;
     let mut deleted_during_backup = 0u64;
-    let mut child = child;
+    // The first cleanup runs while the backup is stopped early in the new data before
+    // `old` (one reader goes through the image in order, at most 256 blocks ahead of what
+    // it stored): the objects of `old` are unreferenced and not yet deduplicated against.
+    let mut frozen = Some(repo.freeze_backup(&child, "the backup to store its first objects", |s| {
+        let new_objects = s.stored.saturating_sub(unreferenced);
+        s.status.as_deref() == Some("incomplete") && (1..1000).contains(&new_objects)
+    }));
     loop {
         let r = repo.run(&["cleanup"]);
+        if let Some(f) = frozen.take() {
+            f.resume();
+        }
         assert_eq!(r.code, 0, "{}", r.stderr);
         cleanups += 1;
         deleted_during_backup += r
@@ -98,16 +112,17 @@ fn ls_works_while_a_backup_holds_the_database() {
     fs::write(repo.path("img"), random_bytes(41, 24 << 20)).unwrap();
     let url = repo.url("img");
     let mut child = repo.command(&["backup", &url, "busy", "-b", "4k"]).spawn().unwrap();
-    wait_until("the backup to start", Duration::from_secs(30), || repo.block_objects() > 10);
+    let frozen = repo.freeze_backup(&child, "the backup to store objects", |s| {
+        s.status.as_deref() == Some("incomplete") && s.stored > 10
+    });
     let listed = repo.ls_json(None);
     assert_eq!(listed[0]["status"], "incomplete");
     // A running backup's version cannot be removed, even with --force.
     let uid = listed[0]["uid"].as_str().unwrap().to_string();
     let r = repo.run(&["rm", "--force", &uid]);
-    if child.try_wait().unwrap().is_none() {
-        assert_eq!(r.code, 4, "{}", r.stderr);
-        assert!(r.error_line().contains("being backed up"), "{}", r.stderr);
-    }
+    assert_eq!(r.code, 4, "{}", r.stderr);
+    assert!(r.error_line().contains("being backed up"), "{}", r.stderr);
+    frozen.resume();
     assert!(child.wait().unwrap().success());
     assert_eq!(repo.version(&uid)["status"], "valid");
 }
@@ -115,19 +130,22 @@ fn ls_works_while_a_backup_holds_the_database() {
 #[test]
 fn a_source_truncated_during_the_backup_gives_a_clear_error_and_no_valid_version() {
     let repo = Repo::new();
-    // A large sparse file with a byte of data in every 4 MiB block (holes alone are not
-    // read at all): every block is mapped and hashed, long enough to truncate while the
-    // backup is still running, and little disk space.
+    // A large sparse file with a few bytes of data in every 4 MiB block, different in
+    // each (holes alone are not read at all): every block is mapped, hashed and stored,
+    // so the objects stored tell how far the backup is; little disk space.
     let img = repo.path("shrinking");
-    let bytes: Vec<(u64, &[u8])> = (0..(16u64 << 30) / (4 << 20)).map(|block| (block * (4 << 20), &b"x"[..])).collect();
+    let blocks = (16u64 << 30) / (4 << 20);
+    let marks: Vec<[u8; 8]> = (0..blocks).map(|b| b.to_le_bytes()).collect();
+    let bytes: Vec<(u64, &[u8])> = marks.iter().enumerate().map(|(b, m)| (b as u64 * (4 << 20), &m[..])).collect();
     let f = sparse_file(&img, 16 << 30, &bytes);
     let url = repo.url("shrinking");
     let child = repo.command(&["backup", &url, "shrinks"]).stderr(std::process::Stdio::piped()).spawn().unwrap();
-    wait_until("the backup to start", Duration::from_secs(30), || {
-        repo.ls_json(None).as_array().is_some_and(|a| !a.is_empty())
+    // Stopped with most of the image still to read, truncated, continued.
+    let frozen = repo.freeze_backup(&child, "the backup to be reading", |s| {
+        s.status.as_deref() == Some("incomplete") && s.stored >= 1 && (s.stored as u64) < blocks / 2
     });
-    std::thread::sleep(Duration::from_millis(200));
     f.set_len(1 << 20).unwrap();
+    frozen.resume();
     let out = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
@@ -142,8 +160,11 @@ fn a_killed_backup_is_continued() {
     fs::write(repo.path("img"), random_bytes(51, 40 << 20)).unwrap();
     let url = repo.url("img");
     let mut child = repo.command(&["backup", &url, "cont", "-b", "4k", "-l", "k=v"]).spawn().unwrap();
-    wait_until("objects to be written", Duration::from_secs(60), || repo.block_objects() >= 400);
+    let frozen = repo.freeze_backup(&child, "objects to be written and some recorded", |s| {
+        s.status.as_deref() == Some("incomplete") && s.stored >= 400 && s.recorded > 0
+    });
     child.kill().unwrap();
+    frozen.resume();
     child.wait().unwrap();
     let uid = repo.ls_json(None)[0]["uid"].as_str().unwrap().to_string();
     let stored_before = repo.block_objects();
@@ -163,17 +184,18 @@ fn a_killed_backup_is_continued() {
     assert_eq!(repo.version(&uid)["status"], "incomplete");
 
     // Two continuations of one version at once: the second is refused.
-    let mut first = repo
+    let first = repo
         .command(&["backup", "--continue", &uid, &url, "cont"])
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    let frozen = repo.freeze_backup(&first, "the first continuation to take the version over", |s| {
+        s.status.as_deref() == Some("incomplete") && s.owner_pid == Some(first.id())
+    });
     let second = repo.run(&["backup", "--continue", &uid, &url, "cont"]);
-    if first.try_wait().unwrap().is_none() {
-        assert_eq!(second.code, 4, "{}", second.stderr);
-        assert!(second.error_line().contains("being written by another running backup"), "{}", second.stderr);
-    }
+    assert_eq!(second.code, 4, "{}", second.stderr);
+    assert!(second.error_line().contains("being written by another running backup"), "{}", second.stderr);
+    frozen.resume();
     let out = first.wait_with_output().unwrap();
     assert!(out.status.success());
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), uid, "the same version is finished");

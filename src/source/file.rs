@@ -1,6 +1,7 @@
 //! Regular files and block devices as backup sources. Sizes come from seeking to the end
 //! (which works for block devices). Regular files can be read through read-only mappings
-//! in windows, so that workers hash straight from the page cache without a copy; every
+//! in windows, so that workers copy each block once straight from the page cache (no
+//! read(2) per block); a truncated mapped file is caught by [`super::sigbus`]; every
 //! processed range is dropped from the page cache (posix_fadvise DONTNEED) so that a
 //! backup does not evict the host's working set. The holes of a sparse regular file are
 //! found with `lseek(SEEK_DATA/SEEK_HOLE)` and never read.
@@ -34,6 +35,8 @@ pub struct Window {
     map: Option<memmap2::Mmap>,
     file: Arc<File>,
     offset: u64,
+    /// The mapping as the SIGBUS handler knows it.
+    guarded: Option<super::sigbus::Registration>,
 }
 
 impl Window {
@@ -49,6 +52,9 @@ impl Drop for Window {
     fn drop(&mut self) {
         if let Some(m) = self.map.take() {
             let len = m.len();
+            if let Some(r) = self.guarded.take() {
+                super::sigbus::unregister(r);
+            }
             drop(m);
             // SAFETY: advisory syscall on a valid descriptor.
             unsafe {
@@ -187,11 +193,14 @@ impl Source for FileSource {
             return None;
         }
         // SAFETY: the mapping is read-only and private to this process. If the file is
-        // truncated while mapped, access raises SIGBUS, which the keepfs command turns
-        // into a one-line error (the version stays incomplete); see main.rs.
+        // truncated while mapped, access raises SIGBUS, which the handler registered here
+        // turns into a one-line error (the version stays incomplete); see sigbus.rs.
         let map = unsafe { memmap2::MmapOptions::new().offset(offset).len(len as usize).populate().map(&*self.file) };
         match map {
-            Ok(m) => Some(Ok(Arc::new(Window { map: Some(m), file: self.file.clone(), offset }))),
+            Ok(m) => {
+                let guarded = Some(super::sigbus::register(m.as_ptr(), m.len()));
+                Some(Ok(Arc::new(Window { map: Some(m), file: self.file.clone(), offset, guarded })))
+            }
             Err(e) if matches!(e.raw_os_error(), Some(libc::ENODEV | libc::EACCES | libc::EINVAL)) => {
                 self.mappable.store(false, Ordering::Relaxed);
                 None

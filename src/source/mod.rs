@@ -3,6 +3,7 @@
 
 pub mod file;
 pub mod null;
+pub mod sigbus;
 
 use crate::units::parse_size;
 use std::io;

@@ -72,9 +72,16 @@ fn garage_binary() -> PathBuf {
     })
 }
 
+/// A port free right now. Garage cannot be told to bind port 0 and report it, so its
+/// ports are picked here and released before it binds them; another process may take
+/// one meanwhile, and then the server exits at once and is started again on new ports
+/// (see [`Garage::start_garage`]).
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
+
+/// Attempts at starting the tests' Garage on newly picked ports.
+const START_ATTEMPTS: usize = 5;
 
 impl Garage {
     fn cli(&self, args: &[&str]) -> String {
@@ -88,7 +95,9 @@ impl Garage {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
-    fn spawn(&mut self) {
+    /// Starts the server and waits until it answers; false when it exited instead (a
+    /// port it was given is taken).
+    fn spawn(&mut self) -> bool {
         let log = std::fs::File::create(self.dir.path().join("server.log")).unwrap();
         let child = Command::new(garage_binary())
             .arg("-c")
@@ -104,6 +113,20 @@ impl Garage {
         self.child = Some(child);
         let t = Instant::now();
         loop {
+            // A port taken meanwhile: the server exits, or logs it and lingers.
+            let in_use = std::fs::read_to_string(self.dir.path().join("server.log"))
+                .is_ok_and(|l| l.to_lowercase().contains("address already in use"));
+            if in_use {
+                self.kill();
+                return false;
+            }
+            if let Some(c) = self.child.as_mut()
+                && let Ok(Some(_)) = c.try_wait()
+            {
+                self.child = None;
+                remember_at_exit(|left| left.0.retain(|&p| p != pid));
+                return false;
+            }
             let ok = Command::new(garage_binary())
                 .arg("-c")
                 .arg(self.dir.path().join("garage.toml"))
@@ -112,7 +135,7 @@ impl Garage {
                 .map(|o| o.status.success())
                 .unwrap_or(false);
             if ok && std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
-                return;
+                return true;
             }
             assert!(t.elapsed() < Duration::from_secs(60), "garage did not start; see its server.log");
             std::thread::sleep(Duration::from_millis(100));
@@ -182,31 +205,21 @@ impl Garage {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().to_path_buf();
         remember_at_exit(|left| left.1.push(path));
-        let (port, rpc, admin) = (free_port(), free_port(), free_port());
-        let secret: String =
-            super::random_bytes(rpc as u64 * 7 + port as u64, 32).iter().map(|b| format!("{b:02x}")).collect();
-        std::fs::write(
-            dir.path().join("garage.toml"),
-            format!(
-                "metadata_dir = \"{d}/meta\"\ndata_dir = \"{d}/data\"\ndb_engine = \"sqlite\"\nreplication_factor = 1\n\
-                 rpc_bind_addr = \"127.0.0.1:{rpc}\"\nrpc_public_addr = \"127.0.0.1:{rpc}\"\nrpc_secret = \"{secret}\"\n\
-                 [s3_api]\ns3_region = \"garage\"\napi_bind_addr = \"127.0.0.1:{port}\"\nroot_domain = \".s3.garage.localhost\"\n\
-                 [admin]\napi_bind_addr = \"127.0.0.1:{admin}\"\n",
-                d = dir.path().display()
-            ),
-        )
-        .unwrap();
         let mut g = Garage {
             dir,
             child: None,
-            port,
+            port: 0,
             key_id: String::new(),
             secret: String::new(),
             bucket: "keepfs-test".into(),
             region: "garage".into(),
             external: None,
         };
-        g.spawn();
+        let started = (0..START_ATTEMPTS).any(|_| {
+            g.configure();
+            g.spawn()
+        });
+        assert!(started, "garage exited at start {START_ATTEMPTS} times; see its server.log");
         let node = g.cli(&["node", "id", "-q"]);
         let node = node.trim().split('@').next().unwrap().to_string();
         g.cli(&["layout", "assign", "-z", "dc1", "-c", "2G", &node]);
@@ -220,6 +233,26 @@ impl Garage {
         g.cli(&["bucket", "create", "keepfs-test"]);
         g.cli(&["bucket", "allow", "--read", "--write", "--owner", "keepfs-test", "--key", "keepfs-test"]);
         g
+    }
+
+    /// Writes a configuration on newly picked ports.
+    fn configure(&mut self) {
+        let (port, rpc, admin) = (free_port(), free_port(), free_port());
+        let secret: String =
+            super::random_bytes(rpc as u64 * 7 + port as u64, 32).iter().map(|b| format!("{b:02x}")).collect();
+        let d = self.dir.path();
+        std::fs::write(
+            d.join("garage.toml"),
+            format!(
+                "metadata_dir = \"{d}/meta\"\ndata_dir = \"{d}/data\"\ndb_engine = \"sqlite\"\nreplication_factor = 1\n\
+                 rpc_bind_addr = \"127.0.0.1:{rpc}\"\nrpc_public_addr = \"127.0.0.1:{rpc}\"\nrpc_secret = \"{secret}\"\n\
+                 [s3_api]\ns3_region = \"garage\"\napi_bind_addr = \"127.0.0.1:{port}\"\nroot_domain = \".s3.garage.localhost\"\n\
+                 [admin]\napi_bind_addr = \"127.0.0.1:{admin}\"\n",
+                d = d.display()
+            ),
+        )
+        .unwrap();
+        self.port = port;
     }
 
     pub fn endpoint(&self) -> String {
@@ -253,14 +286,14 @@ impl Garage {
     /// Restarts the server if an earlier test left it stopped.
     pub fn ensure_running(&mut self) {
         if self.child.is_none() && self.external.is_none() {
-            self.spawn();
+            assert!(self.spawn(), "garage did not start again; see its server.log");
         }
     }
 
     /// Starts the server again on the same data.
     pub fn restart(&mut self) {
         self.kill();
-        self.spawn();
+        assert!(self.spawn(), "garage did not start again; see its server.log");
     }
 }
 

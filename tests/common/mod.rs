@@ -151,6 +151,94 @@ impl Repo {
     }
 }
 
+/// What a running backup has done so far, as its repository records it.
+#[derive(Debug)]
+pub struct BackupState {
+    /// The newest version's status, once it exists.
+    pub status: Option<String>,
+    /// The pid of the process writing the newest version, while it lives.
+    pub owner_pid: Option<u32>,
+    /// Block objects recorded in the database.
+    pub recorded: u64,
+    /// Block object files in the storage.
+    pub stored: usize,
+}
+
+/// A process stopped with SIGSTOP; it continues (SIGCONT) when this is dropped, also when
+/// the test fails, so that no stopped process is left behind.
+pub struct Frozen {
+    pid: i32,
+}
+
+impl Frozen {
+    pub fn resume(self) {}
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on the pid of a child this test started and has not waited for.
+        unsafe {
+            libc::kill(self.pid, libc::SIGCONT);
+        }
+    }
+}
+
+impl Repo {
+    /// Waits until the backup `child` reaches a state where `ready` holds, and stops it
+    /// there. The state is read while the test holds the database's write lock, and the
+    /// process is stopped before the lock is let go: the backup can neither record
+    /// objects nor commit its version meanwhile, so it is stopped in the state `ready`
+    /// saw, holding no database lock. Events are ordered by states, never by sleeping.
+    pub fn freeze_backup(
+        &self,
+        child: &std::process::Child,
+        what: &str,
+        mut ready: impl FnMut(&BackupState) -> bool,
+    ) -> Frozen {
+        let db = self.home().join("keepfs.sqlite");
+        let limit = std::time::Duration::from_secs(120);
+        let started = std::time::Instant::now();
+        let mut last = None;
+        loop {
+            assert!(started.elapsed() < limit, "timed out after {limit:?} waiting for {what}; last seen {last:?}");
+            if db.exists() {
+                let mut conn = rusqlite::Connection::open(&db).expect("open the database");
+                conn.busy_timeout(limit).unwrap();
+                let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).expect("write lock");
+                let newest = tx
+                    .query_row(
+                        "SELECT v.status, s.pid FROM versions v LEFT JOIN sessions s ON s.id = v.session_id \
+                         ORDER BY v.uid DESC LIMIT 1",
+                        [],
+                        |r| Ok((r.get::<_, String>(0)?, r.get::<_, Option<i64>>(1)?)),
+                    )
+                    .ok();
+                let recorded: i64 = tx.query_row("SELECT count(*) FROM objects", [], |r| r.get(0)).unwrap_or(0);
+                let state = BackupState {
+                    status: newest.as_ref().map(|n| n.0.clone()),
+                    owner_pid: newest.and_then(|n| n.1).map(|p| p as u32),
+                    recorded: recorded as u64,
+                    stored: self.block_objects(),
+                };
+                if ready(&state) {
+                    let pid = child.id() as i32;
+                    // SAFETY: kill(2) on the pid of a running child of this test.
+                    assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0, "stop the backup");
+                    // A stopped process has stopped when waitpid says so (WUNTRACED).
+                    let mut status = 0;
+                    // SAFETY: waitpid for a child of this process; WUNTRACED returns once it stopped.
+                    let r = unsafe { libc::waitpid(pid, &mut status, libc::WUNTRACED) };
+                    assert!(r == pid && libc::WIFSTOPPED(status), "the backup did not stop: {status:#x}");
+                    drop(tx);
+                    return Frozen { pid };
+                }
+                last = Some(state);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(25));
+        }
+    }
+}
+
 pub fn count_files(dir: &Path) -> usize {
     files_under(dir).len()
 }

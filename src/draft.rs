@@ -336,6 +336,18 @@ impl Draft {
     }
 
     /// The base's id for block `idx`, if the block still comes from the base.
+    /// The base image, when the bytes at `offset..offset + len` (inside one block) are
+    /// still the base's: nothing written or cut there. A reader then takes them from the
+    /// base's cached block without a copy and without waiting for the draft.
+    pub fn untouched_base(&self, offset: u64, len: usize) -> Option<Arc<Image>> {
+        let base = self.base.as_ref()?;
+        let idx = offset / self.bs;
+        let end = offset.checked_add(len as u64)?;
+        let inside_block = (offset % self.bs) + len as u64 <= self.bs;
+        let untouched = !self.slots.contains_key(&idx) && idx < self.base_cut;
+        (inside_block && untouched && end <= self.size && end <= base.size()).then(|| base.clone())
+    }
+
     fn base_id(&self, idx: u64) -> BlockId {
         match &self.base {
             Some(b) if idx < self.base_cut => b.index().entries.get(idx as usize).copied().unwrap_or(BlockId::SPARSE),

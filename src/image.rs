@@ -16,6 +16,8 @@ use std::sync::Arc;
 /// Fetches blocks into the cache in the background.
 pub struct Prefetcher {
     tx: Sender<(SharedStorage, BlockId)>,
+    /// Blocks asked for so far (for tests and statistics).
+    requested: std::sync::atomic::AtomicU64,
 }
 
 impl Prefetcher {
@@ -31,7 +33,12 @@ impl Prefetcher {
                 }
             });
         }
-        Prefetcher { tx }
+        Prefetcher { tx, requested: Default::default() }
+    }
+
+    /// How many blocks readers have asked to be fetched ahead of them.
+    pub fn requested(&self) -> u64 {
+        self.requested.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 
@@ -42,8 +49,8 @@ pub struct Image {
     storage: SharedStorage,
     cache: Arc<BlockCache>,
     prefetch: Option<Arc<Prefetcher>>,
-    /// Where the last read ended and how far ahead has been requested.
-    cursor: Mutex<(u64, u64)>,
+    /// The stream a sequential reader is on, for read-ahead.
+    cursor: Mutex<Cursor>,
     _session: SessionGuard,
 }
 
@@ -137,27 +144,53 @@ impl Image {
         }
     }
 
+    /// Fetches blocks ahead of a reader that streams, the way the kernel reads ahead:
+    /// only after it has read a block's worth in order (a VM's scattered small reads
+    /// never trigger it, so they do not churn the block cache), and then further ahead
+    /// the longer the stream goes on (up to [`READ_AHEAD_BLOCKS`]). Requests that a
+    /// client serves in parallel arrive a little out of order: a read within
+    /// [`STREAM_SLACK`] of where the stream stands still continues it.
     fn read_ahead(&self, offset: u64, len: u64) {
         let Some(p) = &self.prefetch else { return };
         let bs = self.index.block_size as u64;
         let mut c = self.cursor.lock();
-        let sequential = offset == c.0 || (offset > c.0.saturating_sub(bs) && offset <= c.0 + bs);
-        c.0 = offset + len;
-        if !sequential {
-            c.1 = 0;
+        let in_stream = offset + STREAM_SLACK >= c.end && offset <= c.end + STREAM_SLACK;
+        if !in_stream {
+            *c = Cursor { end: offset + len, streamed: len, ahead: 0 };
             return;
         }
-        let next = (offset + len).div_ceil(bs);
-        let last = (next + READ_AHEAD_BLOCKS).min(self.index.entries.len() as u64);
-        for idx in next.max(c.1)..last {
+        c.end = c.end.max(offset + len);
+        c.streamed += len;
+        let window = (c.streamed / bs).min(READ_AHEAD_BLOCKS);
+        if window == 0 {
+            return;
+        }
+        let next = c.end.div_ceil(bs);
+        let last = (next + window).min(self.index.entries.len() as u64);
+        for idx in next.max(c.ahead)..last {
             let id = self.index.entries[idx as usize];
             if !id.is_sparse() {
+                p.requested.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let _ = p.tx.send((self.storage.clone(), id));
             }
         }
-        c.1 = c.1.max(last);
+        c.ahead = c.ahead.max(last);
     }
 }
+
+/// Where a reader's stream stands (see [`Image::read_ahead`]).
+#[derive(Default)]
+struct Cursor {
+    /// The end of the furthest read of the stream.
+    end: u64,
+    /// Bytes read in the stream so far.
+    streamed: u64,
+    /// Blocks before this one have been asked for.
+    ahead: u64,
+}
+
+/// How far out of order a read may come and still continue a stream.
+const STREAM_SLACK: u64 = 2 << 20;
 
 impl Repository {
     /// Opens a committed version for random-access reading; it cannot be removed while
@@ -173,6 +206,6 @@ impl Repository {
         session.lock_version(uid, "read")?;
         let index = self.index(uid)?;
         let storage = self.storage(&version.storage)?;
-        Ok(Image { version, index, storage, cache, prefetch, cursor: Mutex::new((0, 0)), _session: session })
+        Ok(Image { version, index, storage, cache, prefetch, cursor: Mutex::new(Cursor::default()), _session: session })
     }
 }

@@ -773,7 +773,18 @@ impl Sessions for SessionService {
 
     fn read_ref(&self, fh: Fh, offset: u64, len: usize) -> io::Result<Option<ReadRef>> {
         let h = self.handle(fh)?;
-        let Handle::Image(img) = &*h else { return Ok(None) };
+        let img = match &*h {
+            Handle::Image(img) => img.clone(),
+            // Through an overlay: where it holds nothing for the range, straight from the
+            // base version's cached block (found under the slot's lock, read without it).
+            Handle::Overlay { slot, .. } | Handle::Incoming { slot, .. } => {
+                let base = slot.state.lock().draft.as_ref().and_then(|d| d.draft.untouched_base(offset, len));
+                match base {
+                    Some(img) => img,
+                    None => return Ok(None),
+                }
+            }
+        };
         Ok(img.read_ref(offset, len).map_err(to_io)?.map(|(block, range)| match block {
             Some(b) => ReadRef::Shared(b, range),
             None => ReadRef::Zeros(range.len()),

@@ -423,3 +423,40 @@ fn a_source_truncated_while_mapped_is_a_one_line_error_not_a_crash() {
     assert_eq!(versions.len(), 1);
     assert_eq!(versions[0].status, Status::Incomplete);
 }
+
+/// Read-ahead serves streams, not scattered reads: a VM's random 4 KiB reads ask for no
+/// block ahead (they would churn the block cache), a sequential reader, even one whose
+/// requests arrive a little out of order, gets the blocks ahead of it fetched.
+#[test]
+fn read_ahead_follows_streams_and_ignores_scattered_reads() {
+    use keepfs::cache::BlockCache;
+    use keepfs::image::Prefetcher;
+    let dir = tempfile::tempdir().unwrap();
+    let (repo, _) = open(dir.path());
+    let img = dir.path().join("img");
+    fs::write(&img, distinct_blocks(71, 256)).unwrap();
+    let uid = repo.backup(&Url::File(img.clone()), &opts("vm"), &Silent).unwrap().uid;
+    let cache = Arc::new(BlockCache::new(64 << 20));
+    let prefetch = Arc::new(Prefetcher::start(cache.clone(), 2));
+    let image = repo.open_image(uid, cache.clone(), Some(prefetch.clone())).unwrap();
+    let mut buf = vec![0u8; 4096];
+    let size = 256 * BS as u64;
+    for i in 0..200u64 {
+        // Scattered: each read far from the one before.
+        let off = (i * 7_919 * 4096 + (i % 2) * size / 2) % (size - 4096);
+        image.read_at(off, &mut buf).unwrap();
+    }
+    assert_eq!(prefetch.requested(), 0, "no read-ahead for scattered reads");
+    let mut chunk = vec![0u8; 32 * 1024];
+    for pair in 0..64u64 {
+        // Sequential 32 KiB requests, each pair served out of order.
+        for off in [pair * 65536 + 32768, pair * 65536] {
+            image.read_at(off, &mut chunk).unwrap();
+        }
+    }
+    let asked = prefetch.requested();
+    assert!(asked >= 32, "a stream is read ahead: {asked} blocks asked for");
+    let want = fs::read(&img).unwrap();
+    image.read_at(100_000, &mut chunk).unwrap();
+    assert_eq!(&chunk[..], &want[100_000..100_000 + chunk.len()]);
+}

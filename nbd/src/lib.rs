@@ -29,7 +29,7 @@ macro_rules! log {
     }};
 }
 
-use keepfs_face::{Fh, Opener, Sessions, VersionEntry};
+use keepfs_face::{Fh, Opener, ReadRef, Sessions, VersionEntry};
 use proto::*;
 use std::io::{self, BufReader, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -621,14 +621,25 @@ impl<S: Sessions> Conn<S> {
             match ext.data {
                 Some(d) if d.start <= pos => {
                     let n = (d.end.min(end) - pos) as usize;
+                    let h = |len: usize| chunk_header(0, REPLY_TYPE_OFFSET_DATA, req.cookie, 8 + len as u32);
+                    // Inside one cached block: sent straight from it, without a copy.
+                    match self.sessions.read_ref(fh, pos, n) {
+                        Ok(Some(ReadRef::Shared(block, range))) if !range.is_empty() => {
+                            let bytes = &(*block).as_ref()[range];
+                            self.send(&[&h(bytes.len()), &pos.to_be_bytes(), bytes]);
+                            pos += bytes.len() as u64;
+                            continue;
+                        }
+                        Err(e) => return self.reply_error(req, nbd_error(e.raw_os_error()), &e.to_string()),
+                        _ => {}
+                    }
                     let mut buf = vec![0u8; n];
                     match self.sessions.read(fh, pos, &mut buf) {
                         Ok(got) if got == n => {}
                         Ok(_) => return self.reply_error(req, EIO, "short read"),
                         Err(e) => return self.reply_error(req, nbd_error(e.raw_os_error()), &e.to_string()),
                     }
-                    let h = chunk_header(0, REPLY_TYPE_OFFSET_DATA, req.cookie, 8 + n as u32);
-                    self.send(&[&h, &pos.to_be_bytes(), &buf]);
+                    self.send(&[&h(n), &pos.to_be_bytes(), &buf]);
                     pos += n as u64;
                 }
                 next => {

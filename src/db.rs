@@ -106,6 +106,32 @@ pub fn now_ms() -> i64 {
     Utc::now().timestamp_millis()
 }
 
+/// A version's 16 columns as `record_version` and `replace_version_record` write them:
+/// uid, name, snapshot, date, size, block_size, status, protected, storage_id, expire,
+/// then the six statistics.
+fn version_row(v: &Version, storage_id: i64) -> [rusqlite::types::Value; 16] {
+    use rusqlite::types::Value;
+    let int = |n: u64| Value::Integer(n as i64);
+    [
+        int(v.uid.0),
+        Value::Text(v.name.clone()),
+        Value::Text(v.snapshot.clone()),
+        Value::Text(date_text(&v.date)),
+        int(v.size),
+        int(v.block_size as u64),
+        Value::Text(v.status.as_str().to_string()),
+        Value::Integer(i64::from(v.protected)),
+        Value::Integer(storage_id),
+        v.expire.as_ref().map_or(Value::Null, |d| Value::Text(date_text(d))),
+        int(v.stats.bytes_read),
+        int(v.stats.bytes_written),
+        int(v.stats.bytes_stored),
+        int(v.stats.bytes_deduplicated),
+        int(v.stats.bytes_sparse),
+        int(v.stats.duration_ms),
+    ]
+}
+
 fn date_text(d: &DateTime<Utc>) -> String {
     d.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
 }
@@ -557,24 +583,7 @@ impl Db {
             "INSERT INTO versions(uid, name, snapshot, date, size, block_size, status, protected, storage_id, expire, \
              bytes_read, bytes_written, bytes_stored, bytes_deduplicated, bytes_sparse, duration_ms) \
              VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16)",
-            params![
-                v.uid.0 as i64,
-                v.name,
-                v.snapshot,
-                date_text(&v.date),
-                v.size as i64,
-                v.block_size,
-                v.status.as_str(),
-                v.protected,
-                storage_id,
-                v.expire.as_ref().map(date_text),
-                v.stats.bytes_read as i64,
-                v.stats.bytes_written as i64,
-                v.stats.bytes_stored as i64,
-                v.stats.bytes_deduplicated as i64,
-                v.stats.bytes_sparse as i64,
-                v.stats.duration_ms as i64
-            ],
+            rusqlite::params_from_iter(version_row(v, storage_id)),
         )?;
         for (k, val) in &v.labels {
             tx.execute("INSERT INTO labels(uid, name, value) VALUES (?1,?2,?3)", params![v.uid.0 as i64, k, val])?;
@@ -594,24 +603,7 @@ impl Db {
             "UPDATE versions SET name=?2, snapshot=?3, date=?4, size=?5, block_size=?6, status=?7, protected=?8, \
              storage_id=?9, expire=?10, bytes_read=?11, bytes_written=?12, bytes_stored=?13, bytes_deduplicated=?14, \
              bytes_sparse=?15, duration_ms=?16 WHERE uid=?1",
-            params![
-                v.uid.0 as i64,
-                v.name,
-                v.snapshot,
-                date_text(&v.date),
-                v.size as i64,
-                v.block_size,
-                v.status.as_str(),
-                v.protected,
-                storage_id,
-                v.expire.as_ref().map(date_text),
-                v.stats.bytes_read as i64,
-                v.stats.bytes_written as i64,
-                v.stats.bytes_stored as i64,
-                v.stats.bytes_deduplicated as i64,
-                v.stats.bytes_sparse as i64,
-                v.stats.duration_ms as i64
-            ],
+            rusqlite::params_from_iter(version_row(v, storage_id)),
         )?;
         if n == 0 {
             return Err(Error::VersionNotFound(v.uid.to_string()));

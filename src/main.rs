@@ -1167,19 +1167,7 @@ fn raise_read_ahead(mountpoint: &std::path::Path, kb: u32) {
 /// SIGINT and SIGTERM unmount cleanly (the session then ends and `mount` returns).
 fn unmount_on_signal(dir: &std::path::Path) {
     let dir = dir.to_path_buf();
-    // SAFETY: signal mask calls on a zeroed, then filled sigset.
-    let set = unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGINT);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-        set
-    };
-    std::thread::spawn(move || {
-        let mut sig: libc::c_int = 0;
-        // SAFETY: waits on the signals blocked above.
-        unsafe { libc::sigwait(&set, &mut sig) };
+    on_signal(move |sig| {
         note!("keepfs: signal {sig}: unmounting {}", dir.display());
         let _ = std::process::Command::new("fusermount3").arg("-u").arg("-z").arg(&dir).status();
     });
@@ -1188,6 +1176,16 @@ fn unmount_on_signal(dir: &std::path::Path) {
 /// On SIGINT or SIGTERM the NBD server stops: no new clients, every connection ends, and
 /// what each wrote becomes a version (as at a disconnect) before the process exits.
 fn stop_on_signal(stopper: keepfs_nbd::Stopper) {
+    on_signal(move |sig| {
+        note!("keepfs: signal {sig}: stopping the NBD server");
+        stopper.stop();
+    });
+}
+
+/// Blocks SIGINT and SIGTERM in this thread (and so in every thread started after it)
+/// and runs `then` on a thread of its own when one arrives. Call it before any thread
+/// exists.
+fn on_signal(then: impl FnOnce(libc::c_int) + Send + 'static) {
     // SAFETY: signal mask calls on a zeroed, then filled sigset.
     let set = unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
@@ -1201,8 +1199,7 @@ fn stop_on_signal(stopper: keepfs_nbd::Stopper) {
         let mut sig: libc::c_int = 0;
         // SAFETY: waits on the signals blocked above.
         unsafe { libc::sigwait(&set, &mut sig) };
-        note!("keepfs: signal {sig}: stopping the NBD server");
-        stopper.stop();
+        then(sig);
     });
 }
 

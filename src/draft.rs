@@ -244,6 +244,13 @@ pub struct Draft {
     _session: SessionGuard,
 }
 
+fn too_large(size: u64) -> Error {
+    Error::Io {
+        context: format!("an image of {size} bytes is larger than a version may be"),
+        source: std::io::Error::from_raw_os_error(libc::EFBIG),
+    }
+}
+
 fn add_range(r: &mut Vec<(usize, usize)>, start: usize, end: usize) {
     r.push((start, end));
     r.sort_unstable();
@@ -336,6 +343,33 @@ impl Draft {
     }
 
     /// The base's id for block `idx`, if the block still comes from the base.
+    /// The first range at or after `offset` that may hold data (written blocks, and the
+    /// base's stored blocks where nothing was written or cut), `None` when the rest is a
+    /// hole: SEEK_DATA/SEEK_HOLE and NBD block status of a file being written.
+    pub fn next_data(&self, offset: u64) -> Option<std::ops::Range<u64>> {
+        if offset >= self.size {
+            return None;
+        }
+        let blocks = self.size.div_ceil(self.bs);
+        let is_data = |idx: u64| match self.slots.get(&idx) {
+            Some(Slot::Zero) => false,
+            Some(_) => true,
+            None => !self.base_id(idx).is_sparse(),
+        };
+        let first = (offset / self.bs..blocks).find(|&i| is_data(i))?;
+        let end = (first..blocks).find(|&i| !is_data(i)).unwrap_or(blocks);
+        Some((first * self.bs).max(offset)..(end * self.bs).min(self.size))
+    }
+
+    /// Refuses a size past what a version may hold (EFBIG), before anything is allocated
+    /// for it: `truncate -s 1E` must not take the mount down.
+    fn check_size(&self, size: u64) -> Result<()> {
+        if crate::index::check_block_count(size, self.bs as u32).is_err() {
+            return Err(too_large(size));
+        }
+        Ok(())
+    }
+
     /// The base image, when the bytes at `offset..offset + len` (inside one block) are
     /// still the base's: nothing written or cut there. A reader then takes them from the
     /// base's cached block without a copy and without waiting for the draft.
@@ -432,8 +466,9 @@ impl Draft {
 
     pub fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<()> {
         let bs = self.bs as usize;
-        let end = offset + data.len() as u64;
+        let end = offset.checked_add(data.len() as u64).ok_or_else(|| too_large(u64::MAX))?;
         if end > self.size {
+            self.check_size(end)?;
             self.size = end;
         }
         let mut done = 0usize;
@@ -482,10 +517,14 @@ impl Draft {
 
     /// Truncates or extends the image; cut-off bytes read as zeros if it grows again.
     pub fn set_size(&mut self, new: u64) -> Result<()> {
+        self.check_size(new)?;
         if new < self.size {
             let first_gone = new.div_ceil(self.bs);
-            let old_blocks = self.size.div_ceil(self.bs);
-            for idx in first_gone..old_blocks {
+            // Only blocks the draft holds need work (the base's are cut by `base_cut`):
+            // a truncate costs what was written, not the size cut off.
+            let mut held: Vec<u64> = self.slots.keys().copied().filter(|&i| i >= first_gone).collect();
+            held.sort_unstable();
+            for idx in held {
                 match self.slots.get(&idx).copied() {
                     Some(Slot::Spooled) => {
                         let ingest =

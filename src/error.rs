@@ -89,13 +89,14 @@ impl Error {
     }
 }
 
-/// ENOSPC or EDQUOT when `e` or any of its causes is a full disk or an exceeded quota.
+/// ENOSPC or EDQUOT when `e` or any of its causes is a full disk or an exceeded quota
+/// (EFBIG for an image larger than a version may be).
 fn space_errno(e: &(dyn std::error::Error + 'static)) -> Option<i32> {
     let mut cause = Some(e);
     while let Some(c) = cause {
         if let Some(io) = c.downcast_ref::<io::Error>() {
             match (io.raw_os_error(), io.kind()) {
-                (Some(n @ (libc::ENOSPC | libc::EDQUOT)), _) => return Some(n),
+                (Some(n @ (libc::ENOSPC | libc::EDQUOT | libc::EFBIG)), _) => return Some(n),
                 (_, io::ErrorKind::StorageFull) => return Some(libc::ENOSPC),
                 (_, io::ErrorKind::QuotaExceeded) => return Some(libc::EDQUOT),
                 _ => {}

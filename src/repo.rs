@@ -272,12 +272,18 @@ impl Repository {
         })
     }
 
-    /// Removes a version that a continuation of the same incoming backup replaced: its
-    /// metadata object, then its rows (its blocks stay until `cleanup`).
-    pub fn remove_superseded(&self, uid: VersionUid) -> Result<()> {
+    /// Removes a version that a continuation of the same backup replaced: its metadata
+    /// object, then its rows (its blocks stay until `cleanup`). A version someone still
+    /// reads (its locks name live sessions: another handle, another process) is kept:
+    /// returns false, and `keepfs rm` removes it later.
+    pub fn remove_superseded(&self, uid: VersionUid) -> Result<bool> {
         let v = self.version(uid)?;
+        if !self.db.lock().version_lock_holders(uid)?.is_empty() {
+            return Ok(false);
+        }
         self.storage(&v.storage)?.delete(&version_key(uid))?;
-        self.db.lock().remove_version(uid)
+        self.db.lock().remove_version(uid)?;
+        Ok(true)
     }
 
     /// Removes an `incomplete` version that its writer abandons (a discarded draft).

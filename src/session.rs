@@ -130,9 +130,20 @@ impl WriteDraft {
         };
         log(format_args!("keepfs: committed {} as {} ({} bytes)", v.name, v.uid, v.size));
         if let Some(old) = self.replaces {
-            // The draft (and its read lock on `old`) is gone: drop the superseded version.
-            repo.remove_superseded(old).map_err(to_io)?;
-            log(format_args!("keepfs: {} replaces {old}, which it continued", v.uid));
+            // The draft (and its read lock on `old`) is gone: drop the superseded version,
+            // unless someone still reads it. The new version exists either way, so a
+            // failure here is logged, not answered.
+            match repo.remove_superseded(old) {
+                Ok(true) => log(format_args!("keepfs: {} replaces {old}, which it continued", v.uid)),
+                Ok(false) => log(format_args!(
+                    "keepfs: {} continues {old}, which is kept while it is read; remove it later with `keepfs rm {old}`",
+                    v.uid
+                )),
+                Err(e) => log(format_args!(
+                    "keepfs: error: {} continues {old}, which could not be removed ({e}); remove it with `keepfs rm {old}`",
+                    v.uid
+                )),
+            }
         }
         Ok(v.uid.to_string())
     }
@@ -156,8 +167,13 @@ struct Shared {
     /// only then, since tools such as qemu-img create and size the file, close it, and
     /// reopen it to write.
     written: bool,
-    /// A continuation of a just-committed incoming backup (dropped if never written).
+    /// A continuation of a just-committed incoming backup (dropped if never written),
+    /// and the opener it belongs to: nobody else may attach to it.
     continues: bool,
+    continuer: Option<Opener>,
+    /// The draft is being committed: a write through a handle that shared it waits for
+    /// the version it becomes, so that it continues that one.
+    committing: bool,
     /// The errno of a write or truncate that failed: the draft is then never committed
     /// (it would hold what the writer failed to write), only discarded.
     failed: Option<i32>,
@@ -171,11 +187,21 @@ struct Shared {
     image: Option<Arc<Image>>,
 }
 
+impl Shared {
+    /// An unwritten continuation is its tool's only: to everyone else the name is free,
+    /// as after any commit.
+    fn visible_to(&self, opener: Option<Opener>) -> bool {
+        !self.continues || self.written || self.continuer == opener
+    }
+}
+
 /// A draft shared by every handle that writes to the same image.
 struct Slot {
     /// The draft's size, for `stat` without waiting for a writer.
     size: AtomicU64,
     state: Mutex<Shared>,
+    /// Signalled when a commit of the draft ends (see [`Shared::committing`]).
+    committed: parking_lot::Condvar,
 }
 
 type SlotRef = Arc<Slot>;
@@ -192,12 +218,15 @@ impl Slot {
                 dirty: false,
                 written: false,
                 continues: false,
+                continuer: None,
+                committing: false,
                 failed: None,
                 name: name.to_string(),
                 created: Instant::now(),
                 committed_as: None,
                 image: None,
             }),
+            committed: parking_lot::Condvar::new(),
         })
     }
 
@@ -226,7 +255,11 @@ impl Slot {
             }
             Err(e) => {
                 let e = to_io(e);
-                s.failed = e.raw_os_error();
+                // A size refused up front changed nothing; anything else may have left
+                // the draft short of what its writer wrote.
+                if e.raw_os_error() != Some(libc::EFBIG) {
+                    s.failed = e.raw_os_error();
+                }
                 Err(e)
             }
         }
@@ -238,10 +271,11 @@ impl Slot {
         if s.draft.is_some() && pick(&mut s) { s.draft.take() } else { None }
     }
 
-    /// Counts one more handle on the slot; false when its draft is gone.
-    fn attach(&self, writes: bool) -> bool {
+    /// Counts one more handle of `opener` on the slot; false when its draft is gone, or
+    /// it is another opener's unwritten continuation.
+    fn attach(&self, writes: bool, opener: Opener) -> bool {
         let mut s = self.state.lock();
-        if s.draft.is_none() {
+        if s.draft.is_none() || !s.visible_to(Some(opener)) {
             return false;
         }
         s.opens += 1;
@@ -424,7 +458,11 @@ impl SessionService {
     fn continue_recent(&self, name: &str, opener: Option<Opener>) -> io::Result<()> {
         let uid = Self::recently_committed(&self.recent, name, opener).ok_or_else(|| errno(libc::ENOENT))?;
         let slot = Slot::new(self.draft_over(&uid, true, true)?, name, 0, 0);
-        slot.state.lock().continues = true;
+        {
+            let mut s = slot.state.lock();
+            s.continues = true;
+            s.continuer = opener;
+        }
         if list_if_free(&self.incoming, name, &slot) {
             self.recent.lock().remove(name);
         } else if let Some(d) = slot.take_if(|_| true) {
@@ -465,7 +503,8 @@ impl SessionService {
     }
 
     /// Commits a draft when its last writer goes (see the module's rules). `flusher` is
-    /// the opener of a close, `None` at the handle's last release.
+    /// the opener of a close, `None` at the handle's last release, which also counts the
+    /// handle out (a writer's; readers and kept overlays are counted out by `release`).
     fn finish_writer(&self, h: &Handle, flusher: Option<Opener>) -> io::Result<()> {
         let at_release = flusher.is_none();
         let (slot, opener, overlay_of) = match h {
@@ -479,18 +518,29 @@ impl SessionService {
         };
         let closing = at_release || flusher == Some(opener);
         let (mut failed, mut commit, mut name) = (None, false, String::new());
-        let taken = slot.take_if(|s| {
-            if s.writers != 1 {
-                return false;
+        let taken = {
+            let mut s = slot.state.lock();
+            // At a release this handle goes in the same step as the decision, so that two
+            // last releases at once cannot both see the other as still writing.
+            if at_release {
+                s.opens = s.opens.saturating_sub(1);
+                s.writers = s.writers.saturating_sub(1);
             }
-            name = s.name.clone();
-            failed = s.failed;
-            let keep = overlay_of.is_none() || self.opts.overlays == Overlays::Commit;
-            commit = keep && closing && failed.is_none() && if overlay_of.is_some() { s.dirty } else { s.written };
-            // A written draft goes at the closing flush; one whose write failed, or an
-            // overlay never written, at the last close.
-            commit || (closing && failed.is_some()) || (at_release && overlay_of.is_some())
-        });
+            let last = if at_release { s.writers == 0 } else { s.writers == 1 };
+            if s.draft.is_none() || !last {
+                None
+            } else {
+                name = s.name.clone();
+                failed = s.failed;
+                let keep = overlay_of.is_none() || self.opts.overlays == Overlays::Commit;
+                commit = keep && closing && failed.is_none() && if overlay_of.is_some() { s.dirty } else { s.written };
+                // A written draft goes at the closing flush; one whose write failed, or an
+                // overlay never written, at the last close.
+                let go = commit || (closing && failed.is_some()) || (at_release && overlay_of.is_some());
+                s.committing = go && commit;
+                if go { s.draft.take() } else { None }
+            }
+        };
         let Some(d) = taken else { return Ok(()) };
         unlist(if overlay_of.is_some() { &self.overlays } else { &self.incoming }, slot);
         if !commit {
@@ -499,12 +549,16 @@ impl SessionService {
         }
         let r = d.commit(&self.repo);
         self.forget_versions();
-        let new_uid = r?;
         {
             let mut s = slot.state.lock();
-            s.committed_as = Some(new_uid.clone());
+            s.committing = false;
+            if let Ok(new_uid) = &r {
+                s.committed_as = Some(new_uid.clone());
+            }
             s.image = None;
         }
+        slot.committed.notify_all();
+        let new_uid = r?;
         let (map, key) = match overlay_of {
             Some(uid) => (&self.recent_overlays, uid.clone()),
             None => (&self.recent, name),
@@ -581,7 +635,7 @@ impl Sessions for SessionService {
         // openers make it go round more than twice.
         for _ in 0..64 {
             if let Some(slot) = self.overlay_slot(uid) {
-                if slot.attach(writes) {
+                if slot.attach(writes, opener) {
                     return Ok(overlay(slot));
                 }
                 // Committed or discarded a moment ago: on its way out of the map.
@@ -622,8 +676,15 @@ impl Sessions for SessionService {
     fn create_incoming(&self, name: &str, writes: bool, opener: Opener) -> io::Result<Fh> {
         self.check_writable()?;
         check_name(name).map_err(to_io)?;
-        if self.incoming_slot(name).is_some() {
-            return Err(errno(libc::EEXIST));
+        if let Some(slot) = self.incoming_slot(name) {
+            // Another tool's unwritten continuation holds the name only for that tool.
+            match slot.take_if(|s| !s.visible_to(Some(opener)) && s.opens == 0) {
+                Some(d) => {
+                    unlist(&self.incoming, &slot);
+                    self.discard(d);
+                }
+                None => return Err(errno(libc::EEXIST)),
+            }
         }
         // The draft starts with no lock held; a racing create of the same name that
         // lists its draft first wins, and this one is dropped.
@@ -646,14 +707,18 @@ impl Sessions for SessionService {
             return Err(errno(libc::ENOENT));
         }
         let slot = self.incoming_slot(name).ok_or_else(|| errno(libc::ENOENT))?;
-        if !slot.attach(writes) {
+        if !slot.attach(writes, opener) {
             return Err(errno(libc::ENOENT));
         }
         Ok(self.add_handle(Handle::Incoming { slot, writes, opener }))
     }
 
     fn incoming_exists(&self, name: &str, opener: Option<Opener>) -> bool {
-        self.incoming_slot(name).is_some() || self.continue_recent(name, opener).is_ok()
+        self.prune_continuations();
+        match self.incoming_slot(name) {
+            Some(slot) => slot.state.lock().visible_to(opener),
+            None => self.continue_recent(name, opener).is_ok(),
+        }
     }
 
     fn incoming_size(&self, name: &str) -> Option<u64> {
@@ -796,8 +861,12 @@ impl Sessions for SessionService {
         let img = match &*h {
             Handle::Image(img) => img.clone(),
             Handle::Overlay { slot, .. } | Handle::Incoming { slot, .. } if slot.is_live() => {
-                let size = slot.size();
-                return Ok(Extent { size, data: (offset < size).then_some(offset..size) });
+                let s = slot.state.lock();
+                if let Some(d) = &s.draft {
+                    return Ok(Extent { size: d.draft.size(), data: d.draft.next_data(offset) });
+                }
+                drop(s);
+                return self.extent(fh, offset);
             }
             Handle::Overlay { uid, slot, .. } => self.after_draft(slot, Some(uid))?,
             Handle::Incoming { slot, .. } => self.after_draft(slot, None)?,
@@ -816,6 +885,11 @@ impl Sessions for SessionService {
             Handle::Overlay { uid, slot, writes: true, .. } => {
                 let relist = {
                     let mut s = slot.state.lock();
+                    // A commit of this overlay is under way (a close through another
+                    // descriptor): continue the version it makes, not the original.
+                    while s.committing {
+                        slot.committed.wait(&mut s);
+                    }
                     if s.draft.is_none() {
                         // Written again after its overlay became a version: that version
                         // is continued (and replaced), so no write is lost.
@@ -845,13 +919,19 @@ impl Sessions for SessionService {
 
     fn release(&self, fh: Fh) -> io::Result<()> {
         let Some(h) = self.handles.lock().remove(&fh) else { return Err(errno(libc::EBADF)) };
-        // A writer that never flushed (it was killed) still commits what it wrote, only
-        // when it was the last one; otherwise the draft waits for the others.
-        let r = self.finish_writer(&h, None);
-        if let Handle::Overlay { slot, writes, .. } | Handle::Incoming { slot, writes, .. } = &*h {
-            slot.detach(*writes);
+        match &*h {
+            Handle::Image(_) => Ok(()),
+            Handle::Overlay { slot, writes, .. } | Handle::Incoming { slot, writes, .. } => {
+                let kept = matches!(&*h, Handle::Overlay { .. }) && self.opts.overlays == Overlays::KeepUntilShutdown;
+                if !*writes || kept {
+                    slot.detach(*writes);
+                    return Ok(());
+                }
+                // A writer that never flushed (it was killed) still commits what it wrote,
+                // when it was the last one; otherwise the draft waits for the others.
+                self.finish_writer(&h, None)
+            }
         }
-        r
     }
 
     fn shutdown(&self) {

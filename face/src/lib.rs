@@ -112,7 +112,8 @@ pub trait Sessions: Send + Sync + 'static {
     /// them so (a range inside one block of a version); `None` otherwise.
     fn read_ref(&self, fh: Fh, offset: u64, len: usize) -> io::Result<Option<ReadRef>>;
     /// Where the handle's data lies from `offset` on (SEEK_DATA/SEEK_HOLE, NBD block
-    /// status): a version's sparse blocks are holes; a draft is all data.
+    /// status): a version's sparse blocks are holes, and so are the blocks of a draft
+    /// that nothing was written to and its base does not store.
     fn extent(&self, fh: Fh, offset: u64) -> io::Result<Extent>;
     fn write(&self, fh: Fh, offset: u64, data: &[u8]) -> io::Result<()>;
     /// A close by `opener` (close(2) on the filesystem): commits a written draft when

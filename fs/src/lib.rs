@@ -592,8 +592,14 @@ impl<S: Sessions> Filesystem for KeepFs<S> {
             let name = name.to_str().ok_or(Errno::EINVAL)?;
             Self::valid_new_name(name)?;
             let fh = self.sessions.create_incoming(name, is_write(OpenFlags(flags)), req.pid()).map_err(err)?;
-            let attr = self.getattr_node(&Node::IncomingFile(name.to_string()))?;
-            Ok((attr, fh))
+            match self.getattr_node(&Node::IncomingFile(name.to_string())) {
+                Ok(attr) => Ok((attr, fh)),
+                Err(e) => {
+                    // Renamed away meanwhile: the kernel gets no handle, so let it go.
+                    let _ = self.sessions.release(fh);
+                    Err(e)
+                }
+            }
         })();
         match r {
             Ok((attr, fh)) => {
@@ -605,7 +611,8 @@ impl<S: Sessions> Filesystem for KeepFs<S> {
 
     /// SEEK_DATA / SEEK_HOLE (the kernel answers the other kinds itself): a version's
     /// image reports its sparse blocks as holes, so `cp`, `qemu-img convert` and a keepfs
-    /// backup of a mounted image skip them; a file being written is all data.
+    /// backup of a mounted image skip them; so are the blocks of a file being
+    /// written that nothing was written to.
     fn lseek(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: i64, whence: i32, reply: ReplyLseek) {
         let r = (|| -> Result<i64, Errno> {
             let offset = u64::try_from(offset).map_err(|_| Errno::ENXIO)?;

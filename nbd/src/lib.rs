@@ -43,6 +43,8 @@ use std::time::Duration;
 pub const MAX_IN_FLIGHT: u64 = 64 << 20;
 /// A client that does not take a reply within this time is disconnected.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(60);
+/// A client must finish the handshake within this time.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Requests of one connection served at once.
 const WORKERS: usize = 4;
 /// Connections served at once; more are refused (closed at once).
@@ -140,6 +142,12 @@ impl Stream {
         match self {
             Stream::Tcp(s) => s.set_write_timeout(Some(t)),
             Stream::Unix(s) => s.set_write_timeout(Some(t)),
+        }
+    }
+    fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.set_read_timeout(t),
+            Stream::Unix(s) => s.set_read_timeout(t),
         }
     }
     fn shutdown(&self) {
@@ -571,7 +579,10 @@ impl<S: Sessions> Conn<S> {
                 let r = self.write_fh().and_then(|fh| self.sessions.write(fh, req.offset, &job.payload));
                 self.answer(&req, r);
             }
-            CMD_TRIM | CMD_WRITE_ZEROES => {
+            // A trim only says the client no longer needs the bytes: acknowledged as is
+            // (zeroing a whole device's worth through the overlay would take minutes).
+            CMD_TRIM => self.reply_ok(&req),
+            CMD_WRITE_ZEROES => {
                 let r = self.write_fh().and_then(|fh| {
                     let (mut pos, end) = (req.offset, req.offset + req.length as u64);
                     while pos < end {
@@ -719,11 +730,19 @@ fn check<S: Sessions>(c: &Conn<S>, req: &Request) -> Option<(u32, &'static str)>
 
 fn connection<S: Sessions>(sessions: Arc<S>, stream: Stream, opts: &NbdOptions, opener: Opener) -> io::Result<()> {
     stream.set_write_timeout(WRITE_TIMEOUT)?;
+    // A client that opens a connection and says nothing does not hold a slot for long.
+    stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
     let mut r = BufReader::with_capacity(256 << 10, stream.try_clone()?);
     let mut w = stream.try_clone()?;
     let Some(agreed) = handshake(&*sessions, &mut r, &mut w, opts)? else { return Ok(()) };
+    stream.set_read_timeout(None)?;
     let uid = agreed.version.uid.clone();
-    let read_fh = sessions.open_version(&uid, false, opener)?.fh;
+    // A writable export is opened for writing at once: the connection then shares a live
+    // overlay from its first read on, and a write can never start a fresh overlay over
+    // the original after it has read another connection's committed writes (an overlay
+    // never written is dropped at the disconnect).
+    let opened = sessions.open_version(&uid, !opts.read_only, opener)?;
+    let read_fh = opened.fh;
     let conn = Arc::new(Conn {
         sessions: sessions.clone(),
         uid,
@@ -733,7 +752,7 @@ fn connection<S: Sessions>(sessions: Arc<S>, stream: Stream, opts: &NbdOptions, 
         structured: agreed.structured,
         allocation: agreed.allocation,
         read_fh,
-        writable: Mutex::new(Writable::No),
+        writable: Mutex::new(if opts.read_only { Writable::No } else { Writable::Open(read_fh) }),
         opened: Condvar::new(),
         reply: Mutex::new(w),
         budget: Mutex::new(0),
@@ -770,8 +789,12 @@ fn connection<S: Sessions>(sessions: Arc<S>, stream: Stream, opts: &NbdOptions, 
         if let Err(e) = done {
             log!("keepfs: nbd: the writes of connection {opener:#x} could not become a version: {e}");
         }
+        if fh != read_fh {
+            let _ = sessions.release(read_fh);
+        }
+    } else {
+        let _ = sessions.release(read_fh);
     }
-    let _ = sessions.release(read_fh);
     if let Ok(w) = conn.reply.lock() {
         w.shutdown();
     }

@@ -251,6 +251,12 @@ enum Command {
         /// Drop a connection's writes when it disconnects instead of making a version
         #[arg(long)]
         discard_writes: bool,
+        /// Require TLS (NBD_OPT_STARTTLS) with this PEM certificate chain
+        #[arg(long, value_name = "FILE", requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// The PEM private key of --tls-cert
+        #[arg(long, value_name = "FILE", requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
     },
     /// Delete stored objects that no version references
     Cleanup {
@@ -1020,7 +1026,14 @@ fn run(cli: Cli) -> Result<i32> {
             .map_err(|e| Error::io(format!("cannot mount at {}", mountpoint.display()), e))?;
             Ok(exit::OK)
         }
-        Command::Nbd { listen, socket, read_only, discard_writes } => {
+        Command::Nbd { listen, socket, read_only, discard_writes, tls_cert, tls_key } => {
+            let tls = match (&tls_cert, &tls_key) {
+                (Some(cert), Some(key)) => Some(
+                    keepfs_nbd::tls_config(cert, key)
+                        .map_err(|e| Error::Invalid(format!("cannot use the TLS certificate and key: {e}")))?,
+                ),
+                _ => None,
+            };
             let listener = match &socket {
                 Some(path) => keepfs_nbd::Listener::unix(path.clone())
                     .map_err(|e| Error::io(format!("cannot listen on {}", path.display()), e))?,
@@ -1043,7 +1056,7 @@ fn run(cli: Cli) -> Result<i32> {
                 },
             ));
             note!("keepfs: serving NBD on {} (exports: version uids and NAME@latest)", listener.describe());
-            keepfs_nbd::serve(sessions, listener, keepfs_nbd::NbdOptions { read_only })
+            keepfs_nbd::serve(sessions, listener, keepfs_nbd::NbdOptions { read_only, tls })
                 .map_err(|e| Error::io("the NBD server stopped", e))?;
             Ok(exit::OK)
         }

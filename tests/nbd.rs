@@ -327,3 +327,55 @@ fn sigterm_ends_connections_and_keeps_what_they_wrote() {
     repo.ok(&["restore", &v[0], &format!("file://{}", out.display())]);
     assert_eq!(std::fs::read(&out).unwrap(), want);
 }
+
+/// With a certificate the server requires TLS (the protocol's FORCEDTLS mode): libnbd's
+/// tools and qemu connect through NBD_OPT_STARTTLS with a self-signed certificate, a
+/// plain client is refused, and writes through TLS become a version as ever.
+#[test]
+fn tls_with_a_self_signed_certificate() {
+    let repo = Repo::new();
+    let (uid, img) = sparse_vm(&repo);
+    let certs = repo.path("certs");
+    std::fs::create_dir_all(&certs).unwrap();
+    let (cert, key) = (certs.join("ca-cert.pem"), repo.path("key.pem"));
+    run(Command::new("openssl").args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2"]).args([
+        "-subj",
+        "/CN=localhost",
+        "-addext",
+        "subjectAltName=IP:127.0.0.1,DNS:localhost",
+        "-keyout",
+        key.to_str().unwrap(),
+        "-out",
+        cert.to_str().unwrap(),
+    ]));
+    let srv = Server::start(&repo, &["--tls-cert", cert.to_str().unwrap(), "--tls-key", key.to_str().unwrap()]);
+    let port = srv.addr.rsplit(':').next().unwrap().to_string();
+    let url = |export: &str| format!("nbds://localhost:{port}/{export}?tls-certificates={}", certs.display());
+
+    let info = run(Command::new("nbdinfo").arg(url(&uid)));
+    assert!(info.contains("with TLS"), "{info}");
+    let copy = repo.path("tls-copy.img");
+    run(Command::new("nbdcopy").args([&url(&uid), copy.to_str().unwrap()]));
+    assert_eq!(sha256_file(&copy), sha256_file(&img));
+
+    let plain = Command::new("nbdinfo").arg(srv.url(&uid)).output().unwrap();
+    assert!(!plain.status.success(), "a client without TLS is refused");
+
+    let creds = format!("tls-creds-x509,id=tls0,dir={},endpoint=client", certs.display());
+    let opts =
+        format!("driver=nbd,server.type=inet,server.host=localhost,server.port={port},export={uid},tls-creds=tls0");
+    run(Command::new("qemu-io").args(["--object", &creds, "--image-opts", &opts, "-c", "write -P 0x77 0 64k"]));
+    wait_until("the version written through TLS", LIMIT, || !cow_versions(&repo, &uid).is_empty());
+    let out = repo.path("tls-new.img");
+    repo.ok(&["restore", &cow_versions(&repo, &uid)[0], &format!("file://{}", out.display())]);
+    let mut want = std::fs::read(&img).unwrap();
+    want[..65536].fill(0x77);
+    assert_eq!(std::fs::read(&out).unwrap(), want);
+
+    // A certificate that is not one is a one-line error at the start.
+    let bad = repo.run(&["nbd", "--tls-cert", key.to_str().unwrap(), "--tls-key", key.to_str().unwrap()]);
+    assert_eq!(bad.code, 2, "{}", bad.stderr);
+    assert!(bad.error_line().contains("TLS certificate"), "{}", bad.stderr);
+    let (status, log) = srv.stop();
+    assert!(status.success(), "{log}");
+}

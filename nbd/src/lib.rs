@@ -60,6 +60,31 @@ pub struct NbdOptions {
     /// Every export is read-only (writes fail with EPERM); clients may use several
     /// connections at once (NBD_FLAG_CAN_MULTI_CONN).
     pub read_only: bool,
+    /// TLS is required (the protocol's FORCEDTLS mode): every client must upgrade with
+    /// NBD_OPT_STARTTLS before anything else. See [`tls_config`].
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+}
+
+/// A TLS configuration from a PEM certificate chain and its PEM private key; the error
+/// says which file is wrong.
+pub fn tls_config(cert: &std::path::Path, key: &std::path::Path) -> io::Result<Arc<rustls::ServerConfig>> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let bad = |what: &std::path::Path, e: &dyn std::fmt::Display| {
+        io::Error::new(io::ErrorKind::InvalidInput, format!("{}: {e}", what.display()))
+    };
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .map_err(|e| bad(cert, &e))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| bad(cert, &e))?;
+    if certs.is_empty() {
+        return Err(bad(cert, &"no certificate in it"));
+    }
+    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| bad(key, &e))?;
+    let config = rustls::ServerConfig::builder().with_no_client_auth().with_single_cert(certs, key).map_err(|e| {
+        io::Error::new(io::ErrorKind::InvalidInput, format!("the certificate and key do not go together: {e}"))
+    })?;
+    Ok(Arc::new(config))
 }
 
 /// Where the server listens.
@@ -129,6 +154,10 @@ impl Drop for Listener {
 enum Stream {
     Tcp(TcpStream),
     Unix(UnixStream),
+    /// A TLS session over a socket (after NBD_OPT_STARTTLS), and that socket, for
+    /// timeouts and shutdown. Its requests are served one after the other on the
+    /// connection's thread, which alone reads and writes it.
+    Tls(Arc<Mutex<rustls::StreamOwned<rustls::ServerConnection, Stream>>>, Box<Stream>),
 }
 
 impl Stream {
@@ -136,26 +165,40 @@ impl Stream {
         Ok(match self {
             Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
             Stream::Unix(s) => Stream::Unix(s.try_clone()?),
+            Stream::Tls(t, raw) => Stream::Tls(t.clone(), Box::new(raw.try_clone()?)),
         })
     }
     fn set_write_timeout(&self, t: Duration) -> io::Result<()> {
         match self {
             Stream::Tcp(s) => s.set_write_timeout(Some(t)),
             Stream::Unix(s) => s.set_write_timeout(Some(t)),
+            Stream::Tls(_, raw) => raw.set_write_timeout(t),
         }
     }
     fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
         match self {
             Stream::Tcp(s) => s.set_read_timeout(t),
             Stream::Unix(s) => s.set_read_timeout(t),
+            Stream::Tls(_, raw) => raw.set_read_timeout(t),
         }
     }
     fn shutdown(&self) {
         let _ = match self {
             Stream::Tcp(s) => s.shutdown(Shutdown::Both),
             Stream::Unix(s) => s.shutdown(Shutdown::Both),
+            Stream::Tls(_, raw) => {
+                raw.shutdown();
+                Ok(())
+            }
         };
     }
+    fn is_tls(&self) -> bool {
+        matches!(self, Stream::Tls(..))
+    }
+}
+
+fn lock_tls<T>(t: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    t.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Read for Stream {
@@ -163,6 +206,7 @@ impl Read for Stream {
         match self {
             Stream::Tcp(s) => s.read(buf),
             Stream::Unix(s) => s.read(buf),
+            Stream::Tls(t, _) => lock_tls(t).read(buf),
         }
     }
 }
@@ -172,12 +216,14 @@ impl Write for Stream {
         match self {
             Stream::Tcp(s) => s.write(buf),
             Stream::Unix(s) => s.write(buf),
+            Stream::Tls(t, _) => lock_tls(t).write(buf),
         }
     }
     fn flush(&mut self) -> io::Result<()> {
         match self {
             Stream::Tcp(s) => s.flush(),
             Stream::Unix(s) => s.flush(),
+            Stream::Tls(t, _) => lock_tls(t).flush(),
         }
     }
 }
@@ -314,13 +360,19 @@ fn description(v: &VersionEntry) -> String {
     format!("{} {}", v.name, v.date_text)
 }
 
-/// The fixed-newstyle handshake; `None` when the client ended it (NBD_OPT_ABORT).
-fn handshake<S: Sessions>(
-    sessions: &S,
-    r: &mut impl Read,
-    w: &mut impl Write,
-    opts: &NbdOptions,
-) -> io::Result<Option<Agreed>> {
+/// How option haggling ended.
+enum Outcome {
+    /// NBD_OPT_ABORT.
+    Abort,
+    /// Transmission on this export.
+    Go(Agreed),
+    /// NBD_OPT_STARTTLS was acknowledged: the haggling starts over inside TLS.
+    StartTls,
+}
+
+/// The fixed-newstyle handshake's greeting; returns whether the client asked for no
+/// zeroes after NBD_OPT_EXPORT_NAME.
+fn greet(r: &mut impl Read, w: &mut impl Write) -> io::Result<bool> {
     let mut hello = Vec::with_capacity(18);
     hello.extend_from_slice(&NBDMAGIC.to_be_bytes());
     hello.extend_from_slice(&IHAVEOPT.to_be_bytes());
@@ -330,8 +382,22 @@ fn handshake<S: Sessions>(
     if client & !(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES) != 0 {
         return Err(invalid("unknown client flags"));
     }
-    let no_zeroes = client & FLAG_C_NO_ZEROES != 0;
+    Ok(client & FLAG_C_NO_ZEROES != 0)
+}
+
+/// Option haggling. With TLS configured and not yet started, only NBD_OPT_STARTTLS and
+/// NBD_OPT_ABORT are served (NBD_REP_ERR_TLS_REQD for the rest, a closed connection for
+/// NBD_OPT_EXPORT_NAME): the protocol's FORCEDTLS mode.
+fn handshake<S: Sessions>(
+    sessions: &S,
+    r: &mut impl Read,
+    w: &mut impl Write,
+    opts: &NbdOptions,
+    no_zeroes: bool,
+    in_tls: bool,
+) -> io::Result<Outcome> {
     let (mut structured, mut allocation) = (false, false);
+    let tls_required = opts.tls.is_some() && !in_tls;
     loop {
         if read_u64(r)? != IHAVEOPT {
             return Err(invalid("bad option magic"));
@@ -349,6 +415,13 @@ fn handshake<S: Sessions>(
         let mut data = vec![0u8; len as usize];
         r.read_exact(&mut data)?;
         let reply = |w: &mut dyn Write, kind: u32, data: &[u8]| w.write_all(&option_reply(option, kind, data));
+        if tls_required && !matches!(option, OPT_STARTTLS | OPT_ABORT) {
+            if option == OPT_EXPORT_NAME {
+                return Err(invalid("NBD_OPT_EXPORT_NAME without TLS"));
+            }
+            reply(w, REP_ERR_TLS_REQD, b"this server requires TLS: use NBD_OPT_STARTTLS")?;
+            continue;
+        }
         match option {
             OPT_EXPORT_NAME => {
                 let name = String::from_utf8_lossy(&data);
@@ -361,11 +434,11 @@ fn handshake<S: Sessions>(
                     out.extend_from_slice(&[0u8; 124]);
                 }
                 w.write_all(&out)?;
-                return Ok(Some(Agreed { version: v, structured, allocation }));
+                return Ok(Outcome::Go(Agreed { version: v, structured, allocation }));
             }
             OPT_ABORT => {
                 reply(w, REP_ACK, &[])?;
-                return Ok(None);
+                return Ok(Outcome::Abort);
             }
             OPT_LIST => {
                 if !data.is_empty() {
@@ -381,7 +454,15 @@ fn handshake<S: Sessions>(
                 }
                 reply(w, REP_ACK, &[])?;
             }
-            OPT_STARTTLS => reply(w, REP_ERR_UNSUP, b"TLS is not configured on this server")?,
+            OPT_STARTTLS => match (&opts.tls, in_tls) {
+                (None, _) => reply(w, REP_ERR_UNSUP, b"TLS is not configured on this server")?,
+                (Some(_), true) => reply(w, REP_ERR_INVALID, b"TLS is already on")?,
+                (Some(_), false) if !data.is_empty() => reply(w, REP_ERR_INVALID, b"NBD_OPT_STARTTLS takes no data")?,
+                (Some(_), false) => {
+                    reply(w, REP_ACK, &[])?;
+                    return Ok(Outcome::StartTls);
+                }
+            },
             OPT_INFO | OPT_GO => {
                 let Some(req) = parse_info(&data) else {
                     reply(w, REP_ERR_INVALID, b"malformed NBD_OPT_INFO/GO")?;
@@ -414,7 +495,7 @@ fn handshake<S: Sessions>(
                 reply(w, REP_INFO, &d)?;
                 reply(w, REP_ACK, &[])?;
                 if option == OPT_GO {
-                    return Ok(Some(Agreed { version: v, structured, allocation }));
+                    return Ok(Outcome::Go(Agreed { version: v, structured, allocation }));
                 }
             }
             OPT_STRUCTURED_REPLY => {
@@ -734,8 +815,31 @@ fn connection<S: Sessions>(sessions: Arc<S>, stream: Stream, opts: &NbdOptions, 
     stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
     let mut r = BufReader::with_capacity(256 << 10, stream.try_clone()?);
     let mut w = stream.try_clone()?;
-    let Some(agreed) = handshake(&*sessions, &mut r, &mut w, opts)? else { return Ok(()) };
+    let no_zeroes = greet(&mut r, &mut w)?;
+    let agreed = match handshake(&*sessions, &mut r, &mut w, opts, no_zeroes, false)? {
+        Outcome::Abort => return Ok(()),
+        Outcome::Go(a) => a,
+        Outcome::StartTls => {
+            // The client waits for our ACK before it starts TLS: nothing may be buffered.
+            if !r.buffer().is_empty() {
+                return Err(invalid("data after NBD_OPT_STARTTLS"));
+            }
+            let config = opts.tls.clone().ok_or_else(|| invalid("TLS is not configured"))?;
+            let session = rustls::ServerConnection::new(config).map_err(io::Error::other)?;
+            let tls = Stream::Tls(
+                Arc::new(Mutex::new(rustls::StreamOwned::new(session, stream.try_clone()?))),
+                Box::new(stream.try_clone()?),
+            );
+            r = BufReader::with_capacity(256 << 10, tls.try_clone()?);
+            w = tls;
+            match handshake(&*sessions, &mut r, &mut w, opts, no_zeroes, true)? {
+                Outcome::Go(a) => a,
+                _ => return Ok(()),
+            }
+        }
+    };
     stream.set_read_timeout(None)?;
+    let tls = w.is_tls();
     let uid = agreed.version.uid.clone();
     // A writable export is opened for writing at once: the connection then shares a live
     // overlay from its first read on, and a write can never start a fresh overlay over
@@ -761,7 +865,9 @@ fn connection<S: Sessions>(sessions: Arc<S>, stream: Stream, opts: &NbdOptions, 
     });
     let (tx, rx) = std::sync::mpsc::sync_channel::<Job>(WORKERS * 2);
     let rx = Arc::new(Mutex::new(rx));
-    let workers: Vec<_> = (0..WORKERS)
+    // A TLS session has one state for both directions: its requests are served on this
+    // thread, one after the other.
+    let workers: Vec<_> = (0..if tls { 0 } else { WORKERS })
         .map(|_| {
             let (conn, rx) = (conn.clone(), rx.clone());
             std::thread::spawn(move || {
@@ -776,7 +882,7 @@ fn connection<S: Sessions>(sessions: Arc<S>, stream: Stream, opts: &NbdOptions, 
             })
         })
         .collect();
-    let result = requests(&conn, &mut r, &tx);
+    let result = requests(&conn, &mut r, (!tls).then_some(&tx));
     drop(tx);
     for t in workers {
         let _ = t.join();
@@ -805,7 +911,7 @@ fn connection<S: Sessions>(sessions: Arc<S>, stream: Stream, opts: &NbdOptions, 
 fn requests<S: Sessions>(
     conn: &Arc<Conn<S>>,
     r: &mut impl Read,
-    tx: &std::sync::mpsc::SyncSender<Job>,
+    tx: Option<&std::sync::mpsc::SyncSender<Job>>,
 ) -> io::Result<()> {
     let mut header = [0u8; REQUEST_LEN];
     loop {
@@ -842,8 +948,17 @@ fn requests<S: Sessions>(
             conn.give_budget(cost);
             continue;
         }
-        if tx.send(Job { req, payload, cost }).is_err() {
-            return Ok(());
+        let job = Job { req, payload, cost };
+        match tx {
+            Some(tx) => {
+                if tx.send(job).is_err() {
+                    return Ok(());
+                }
+            }
+            None => {
+                conn.serve(job);
+                conn.give_budget(cost);
+            }
         }
     }
 }

@@ -962,3 +962,235 @@ fn requests<S: Sessions>(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The whole connection (handshake, option haggling, requests) fed arbitrary byte
+    //! streams, each built from real protocol pieces mixed with noise: it must end (no
+    //! hang, within a deadline) and never panic. The engine is replaced by a 1 MiB image
+    //! of zeros held in memory, since only the protocol is under test here.
+    use super::*;
+    use std::time::SystemTime;
+
+    struct Zeros;
+
+    fn unsupported<T>() -> io::Result<T> {
+        Err(io::Error::from_raw_os_error(libc::ENOTSUP))
+    }
+
+    impl Sessions for Zeros {
+        fn versions(&self) -> io::Result<Arc<Vec<VersionEntry>>> {
+            Ok(Arc::new(vec![VersionEntry {
+                uid: "V0000000001".into(),
+                name: "vm".into(),
+                snapshot: String::new(),
+                date: SystemTime::UNIX_EPOCH,
+                date_text: "1970-01-01T00:00:00Z".into(),
+                size: 1 << 20,
+                block_size: 65536,
+                status: "valid".into(),
+                protected: false,
+                labels: Vec::new(),
+            }]))
+        }
+        fn data_bytes(&self, _: &str) -> io::Result<u64> {
+            Ok(0)
+        }
+        fn open_version(&self, _: &str, _: bool, _: Opener) -> io::Result<keepfs_face::Opened> {
+            Ok(keepfs_face::Opened { fh: 1, volatile: false })
+        }
+        fn overlay_size(&self, _: &str) -> Option<u64> {
+            None
+        }
+        fn resize_overlay(&self, _: &str, _: u64) -> io::Result<()> {
+            unsupported()
+        }
+        fn create_incoming(&self, _: &str, _: bool, _: Opener) -> io::Result<Fh> {
+            unsupported()
+        }
+        fn open_incoming(&self, _: &str, _: bool, _: Opener) -> io::Result<Fh> {
+            unsupported()
+        }
+        fn incoming_exists(&self, _: &str, _: Option<Opener>) -> bool {
+            false
+        }
+        fn incoming_size(&self, _: &str) -> Option<u64> {
+            None
+        }
+        fn incoming_names(&self) -> Vec<String> {
+            Vec::new()
+        }
+        fn resize_incoming(&self, _: &str, _: u64) -> io::Result<()> {
+            unsupported()
+        }
+        fn rename_incoming(&self, _: &str, _: &str) -> io::Result<()> {
+            unsupported()
+        }
+        fn remove_incoming(&self, _: &str) -> io::Result<()> {
+            unsupported()
+        }
+        fn incoming_labels(&self, _: &str) -> io::Result<Vec<(String, String)>> {
+            unsupported()
+        }
+        fn set_incoming_label(&self, _: &str, _: &str, _: &str) -> io::Result<()> {
+            unsupported()
+        }
+        fn remove_incoming_label(&self, _: &str, _: &str) -> io::Result<bool> {
+            unsupported()
+        }
+        fn incoming_snapshot(&self, _: &str) -> io::Result<String> {
+            unsupported()
+        }
+        fn set_incoming_snapshot(&self, _: &str, _: &str) -> io::Result<()> {
+            unsupported()
+        }
+        fn read(&self, _: Fh, offset: u64, buf: &mut [u8]) -> io::Result<usize> {
+            let n = buf.len().min((1u64 << 20).saturating_sub(offset) as usize);
+            buf[..n].fill(0);
+            Ok(n)
+        }
+        fn read_ref(&self, _: Fh, _: u64, _: usize) -> io::Result<Option<ReadRef>> {
+            Ok(None)
+        }
+        fn extent(&self, _: Fh, offset: u64) -> io::Result<keepfs_face::Extent> {
+            Ok(keepfs_face::Extent { size: 1 << 20, data: (offset < 4096).then_some(offset..4096) })
+        }
+        fn write(&self, _: Fh, _: u64, _: &[u8]) -> io::Result<()> {
+            Ok(())
+        }
+        fn flush(&self, _: Fh, _: Opener) -> io::Result<()> {
+            Ok(())
+        }
+        fn release(&self, _: Fh) -> io::Result<()> {
+            Ok(())
+        }
+        fn shutdown(&self) {}
+    }
+
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+        fn below(&mut self, n: u64) -> u64 {
+            self.next() % n.max(1)
+        }
+    }
+
+    /// A client's bytes: real pieces (flags, options, requests) with random fields, and
+    /// now and then plain noise or a cut.
+    fn stream(rng: &mut Rng) -> Vec<u8> {
+        let mut b = Vec::new();
+        b.extend_from_slice(&(rng.below(4) as u32).to_be_bytes());
+        for _ in 0..rng.below(6) {
+            let opt =
+                [OPT_LIST, OPT_INFO, OPT_GO, OPT_STRUCTURED_REPLY, OPT_SET_META_CONTEXT, OPT_LIST_META_CONTEXT, 99]
+                    [rng.below(7) as usize];
+            let mut data = Vec::new();
+            match opt {
+                OPT_INFO | OPT_GO => {
+                    let name: &[u8] = if rng.below(2) == 0 { b"V0000000001" } else { b"vm@latest" };
+                    data.extend_from_slice(&(name.len() as u32).to_be_bytes());
+                    data.extend_from_slice(name);
+                    let infos = rng.below(3) as u16;
+                    data.extend_from_slice(&infos.to_be_bytes());
+                    for _ in 0..infos {
+                        data.extend_from_slice(&(rng.below(5) as u16).to_be_bytes());
+                    }
+                }
+                OPT_SET_META_CONTEXT | OPT_LIST_META_CONTEXT => {
+                    data.extend_from_slice(&11u32.to_be_bytes());
+                    data.extend_from_slice(b"V0000000001");
+                    data.extend_from_slice(&1u32.to_be_bytes());
+                    data.extend_from_slice(&(BASE_ALLOCATION.len() as u32).to_be_bytes());
+                    data.extend_from_slice(BASE_ALLOCATION.as_bytes());
+                }
+                _ => {}
+            }
+            if rng.below(5) == 0 {
+                let at = rng.below(data.len() as u64 + 1) as usize;
+                data.truncate(at);
+            }
+            b.extend_from_slice(&IHAVEOPT.to_be_bytes());
+            b.extend_from_slice(&opt.to_be_bytes());
+            let len = if rng.below(8) == 0 { rng.next() as u32 } else { data.len() as u32 };
+            b.extend_from_slice(&len.to_be_bytes());
+            b.extend_from_slice(&data);
+        }
+        if rng.below(4) != 0 {
+            // Mostly, then, a well-formed NBD_OPT_GO into transmission.
+            let mut go = 11u32.to_be_bytes().to_vec();
+            go.extend_from_slice(b"V0000000001");
+            go.extend_from_slice(&0u16.to_be_bytes());
+            b.extend_from_slice(&IHAVEOPT.to_be_bytes());
+            b.extend_from_slice(&OPT_GO.to_be_bytes());
+            b.extend_from_slice(&(go.len() as u32).to_be_bytes());
+            b.extend_from_slice(&go);
+        }
+        for _ in 0..rng.below(8) {
+            let kind = rng.below(10) as u16;
+            let flags = if rng.below(4) == 0 { rng.next() as u16 } else { 0 };
+            let offset = if rng.below(4) == 0 { rng.next() } else { rng.below(1 << 20) };
+            let len = if rng.below(4) == 0 { rng.next() as u32 } else { rng.below(70_000) as u32 };
+            b.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
+            b.extend_from_slice(&flags.to_be_bytes());
+            b.extend_from_slice(&kind.to_be_bytes());
+            b.extend_from_slice(&rng.next().to_be_bytes());
+            b.extend_from_slice(&offset.to_be_bytes());
+            b.extend_from_slice(&len.to_be_bytes());
+            if kind == CMD_WRITE {
+                let n = (len as u64).min(rng.below(80_000)) as usize;
+                b.extend(std::iter::repeat_n(0xa5, n));
+            }
+        }
+        if rng.below(4) == 0 {
+            let noise = rng.below(64) as usize;
+            let at = rng.below(b.len() as u64 + 1) as usize;
+            b.splice(at..at, (0..noise).map(|_| rng.next() as u8));
+        }
+        if rng.below(4) == 0 {
+            let at = rng.below(b.len() as u64 + 1) as usize;
+            b.truncate(at);
+        }
+        b
+    }
+
+    #[test]
+    fn arbitrary_client_bytes_end_the_connection_without_a_panic_or_a_hang() {
+        let sessions = Arc::new(Zeros);
+        let mut rng = Rng(0x2545_f491_4f6c_dd1d);
+        let opts = NbdOptions::default();
+        let mut served = 0;
+        for round in 0..1500 {
+            let bytes = stream(&mut rng);
+            let (ours, theirs) = UnixStream::pair().unwrap();
+            let (sessions, opts) = (sessions.clone(), opts.clone());
+            let (done_tx, done_rx) = std::sync::mpsc::channel();
+            let server = std::thread::spawn(move || {
+                let _ = connection(sessions, Stream::Unix(theirs), &opts, round);
+                let _ = done_tx.send(());
+            });
+            // The client writes everything, closes its side, and takes every reply.
+            let mut writer = ours.try_clone().unwrap();
+            let feeder = std::thread::spawn(move || {
+                let _ = writer.write_all(&bytes);
+                let _ = writer.shutdown(Shutdown::Write);
+            });
+            let mut sink = Vec::new();
+            let mut reader = ours;
+            reader.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+            let _ = reader.read_to_end(&mut sink);
+            done_rx.recv_timeout(Duration::from_secs(20)).unwrap_or_else(|_| panic!("round {round} hung"));
+            server.join().unwrap_or_else(|_| panic!("round {round} panicked"));
+            feeder.join().unwrap();
+            let replied = |magic: u32| sink.windows(4).any(|w| w == magic.to_be_bytes());
+            if replied(SIMPLE_REPLY_MAGIC) || replied(STRUCTURED_REPLY_MAGIC) {
+                served += 1;
+            }
+        }
+        assert!(served >= 100, "only {served} streams reached the transmission phase");
+    }
+}

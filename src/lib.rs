@@ -10,6 +10,7 @@ pub mod block;
 pub mod cache;
 pub mod config;
 pub mod db;
+pub mod diff;
 pub mod draft;
 pub mod error;
 pub mod filter;

@@ -237,6 +237,26 @@ enum Command {
         #[arg(long)]
         page_cache: bool,
     },
+    /// The byte ranges that differ between two versions, from their indexes (no data read)
+    #[command(
+        after_help = "--format json prints rbd diff's shape, usable as `backup --hints`.\n\nExamples:\n  keepfs diff V0000000001 V0000000002\n  keepfs diff --format json V0000000001 V0000000002 > changes.json\n  keepfs backup --hints changes.json --base V0000000001 file:///dev/vg0/snap vm1"
+    )]
+    Diff {
+        /// The older version
+        old: String,
+        /// The newer version
+        new: String,
+        #[arg(long, value_enum, default_value = "table")]
+        format: Format,
+    },
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell)
+    #[command(
+        after_help = "Examples:\n  keepfs completion bash > /etc/bash_completion.d/keepfs\n  keepfs completion zsh > ~/.zfunc/_keepfs"
+    )]
+    Completion { shell: clap_complete::Shell },
+    /// Write man pages for keepfs and each of its commands into DIR
+    #[command(after_help = "Example:\n  keepfs man /usr/local/share/man/man1 && man keepfs-backup")]
+    Man { dir: PathBuf },
     /// Serve versions as network block devices (exports: version uids and NAME@latest)
     Nbd {
         /// Address to listen on (anything but loopback is an explicit choice)
@@ -594,6 +614,21 @@ fn run(cli: Cli) -> Result<i32> {
         let id = keepfs::keys::write_new_key_file(file)?;
         note!("wrote key {id} to {}; keep a copy somewhere safe", file.display());
         return Ok(exit::OK);
+    }
+    // Completions and man pages come from the command definitions alone.
+    match &cli.command {
+        Command::Completion { shell } => {
+            let mut script = Vec::new();
+            clap_complete::generate(*shell, &mut <Cli as clap::CommandFactory>::command(), "keepfs", &mut script);
+            out!("{}", String::from_utf8_lossy(&script).trim_end())?;
+            return Ok(exit::OK);
+        }
+        Command::Man { dir } => {
+            let n = write_man_pages(dir)?;
+            note!("wrote {n} man pages to {}", dir.display());
+            return Ok(exit::OK);
+        }
+        _ => {}
     }
     let config = Config::discover(cli.config.as_deref())?;
     // Before the repository opens it: a damaged database may fail to open at all.
@@ -1026,6 +1061,30 @@ fn run(cli: Cli) -> Result<i32> {
             .map_err(|e| Error::io(format!("cannot mount at {}", mountpoint.display()), e))?;
             Ok(exit::OK)
         }
+        Command::Completion { .. } | Command::Man { .. } => Ok(exit::OK),
+        Command::Diff { old, new, format } => {
+            let (old, new) = (VersionUid::parse(&old)?, VersionUid::parse(&new)?);
+            let changes = keepfs::diff::diff(&repo.index(old)?, &repo.index(new)?)?;
+            match format {
+                Format::Json => out!("{}", serde_json::to_string(&changes).map_err(|e| Error::Other(e.to_string()))?)?,
+                Format::Table => {
+                    let rows = changes
+                        .iter()
+                        .map(|c| {
+                            vec![
+                                c.offset.to_string(),
+                                c.length.to_string(),
+                                if c.exists { "data" } else { "zero" }.to_string(),
+                            ]
+                        })
+                        .collect();
+                    print_rows(&["offset", "length", "now"], rows)?;
+                    let total: u64 = changes.iter().map(|c| c.length).sum();
+                    note!("{} range(s), {} changed from {old} to {new}", changes.len(), format_size(total));
+                }
+            }
+            Ok(exit::OK)
+        }
         Command::Nbd { listen, socket, read_only, discard_writes, tls_cert, tls_key } => {
             let tls = match (&tls_cert, &tls_key) {
                 (Some(cert), Some(key)) => Some(
@@ -1184,6 +1243,29 @@ fn unmount_on_signal(dir: &std::path::Path) {
         note!("keepfs: signal {sig}: unmounting {}", dir.display());
         let _ = std::process::Command::new("fusermount3").arg("-u").arg("-z").arg(&dir).status();
     });
+}
+
+/// Renders `keepfs.1` and `keepfs-<command>.1` (and nested ones) into `dir`.
+fn write_man_pages(dir: &std::path::Path) -> Result<usize> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(format!("cannot create {}", dir.display()), e))?;
+    fn render(cmd: clap::Command, name: String, dir: &std::path::Path, n: &mut usize) -> Result<()> {
+        let path = dir.join(format!("{name}.1"));
+        let mut page = Vec::new();
+        clap_mangen::Man::new(cmd.clone().name(name.clone()))
+            .render(&mut page)
+            .map_err(|e| Error::io(format!("cannot render {}", path.display()), e))?;
+        std::fs::write(&path, page).map_err(|e| Error::io(format!("cannot write {}", path.display()), e))?;
+        *n += 1;
+        for sub in cmd.get_subcommands().filter(|s| s.get_name() != "help") {
+            render(sub.clone(), format!("{name}-{}", sub.get_name()), dir, n)?;
+        }
+        Ok(())
+    }
+    let mut n = 0;
+    let mut cmd = <Cli as clap::CommandFactory>::command();
+    cmd.build();
+    render(cmd, "keepfs".into(), dir, &mut n)?;
+    Ok(n)
 }
 
 /// On SIGINT or SIGTERM the NBD server stops: no new clients, every connection ends, and

@@ -119,3 +119,59 @@ fn hint_and_base_mistakes_are_one_line_errors() {
     }
     assert_eq!(repo.ls_json(None).as_array().unwrap().len(), 1, "no failed attempt left a version");
 }
+
+/// `keepfs diff` reads two versions' indexes and prints what changed, in rbd diff's JSON:
+/// fed back as `--hints` over the older version it makes the newer image again while
+/// reading only the changed blocks.
+#[test]
+fn diff_of_two_versions_is_usable_as_hints() {
+    let repo = Repo::new();
+    let a = mixed_image(601, 16, BS, 0);
+    fs::write(repo.path("a"), &a).unwrap();
+    let va = repo.backup("a", "vm", &["-b", "64k"]);
+    let mut b = a.clone();
+    b[3 * BS + 7] ^= 0xff; // block 3 changes
+    b[4 * BS..5 * BS].fill(0xab); // block 4 too (adjacent: one range)
+    b[9 * BS..10 * BS].fill(0); // block 9 becomes zeros
+    b.extend_from_slice(&random_bytes(602, BS / 2)); // and it grows by half a block
+    fs::write(repo.path("b"), &b).unwrap();
+    let vb = repo.backup("b", "vm", &["-b", "64k"]);
+
+    let table = repo.ok(&["diff", &va, &vb]);
+    assert!(table.lines().next().unwrap().starts_with("offset"), "{table}");
+    let json: serde_json::Value = serde_json::from_str(&repo.ok(&["diff", "--format", "json", &va, &vb])).unwrap();
+    let mut want = vec![
+        serde_json::json!({"offset": 3 * BS, "length": 2 * BS, "exists": "true"}),
+        serde_json::json!({"offset": 16 * BS, "length": BS / 2, "exists": "true"}),
+    ];
+    if a[9 * BS..10 * BS].iter().any(|&x| x != 0) {
+        want.insert(1, serde_json::json!({"offset": 9 * BS, "length": BS, "exists": "false"}));
+    }
+    assert_eq!(json, serde_json::Value::Array(want), "{json}");
+    assert_eq!(repo.ok(&["diff", "--format", "json", &va, &va]).trim(), "[]");
+
+    // As hints for a backup of b over a: only the changed blocks are read.
+    fs::write(repo.path("changes.json"), repo.ok(&["diff", "--format", "json", &va, &vb])).unwrap();
+    let hints = repo.path("changes.json");
+    let vc = repo.backup("b", "vm", &["-b", "64k", "--hints", hints.to_str().unwrap(), "--base", &va]);
+    assert_eq!(repo.restore_sha(&vc, "c.out"), sha256_file(&repo.path("b")));
+    assert!(repo.version(&vc)["stats"]["bytes_read"].as_u64().unwrap() < (6 * BS) as u64);
+    assert_eq!(repo.ok(&["diff", "--format", "json", &vb, &vc]).trim(), "[]", "the same image");
+}
+
+/// Shell completions and man pages come from the command definitions.
+#[test]
+fn completions_and_man_pages_are_generated() {
+    let repo = Repo::new();
+    let bash = repo.ok(&["completion", "bash"]);
+    assert!(bash.contains("keepfs") && bash.contains("deep-scrub") && bash.contains("nbd"), "{bash}");
+    for shell in ["zsh", "fish"] {
+        assert!(repo.ok(&["completion", shell]).contains("backup"), "{shell}");
+    }
+    let dir = repo.path("man");
+    repo.ok(&["man", dir.to_str().unwrap()]);
+    let page = fs::read_to_string(dir.join("keepfs-diff.1")).unwrap();
+    assert!(page.contains(".TH") && page.contains("rbd diff"), "{page}");
+    assert!(dir.join("keepfs.1").exists() && dir.join("keepfs-database-rebuild.1").exists());
+    assert!(!repo.home().exists(), "no repository was made for this");
+}

@@ -237,6 +237,14 @@ enum Command {
         #[arg(long)]
         page_cache: bool,
     },
+    /// Per backup: bytes read, written, stored, deduplicated and sparse, duration, throughput
+    #[command(after_help = "Examples:\n  keepfs stats\n  keepfs stats 'name == \"db\"' --format json")]
+    Stats {
+        /// Which versions (a filter, as for ls; default all)
+        filter: Option<String>,
+        #[arg(long, value_enum, default_value = "table")]
+        format: Format,
+    },
     /// The byte ranges that differ between two versions, from their indexes (no data read)
     #[command(
         after_help = "--format json prints rbd diff's shape, usable as `backup --hints`.\n\nExamples:\n  keepfs diff V0000000001 V0000000002\n  keepfs diff --format json V0000000001 V0000000002 > changes.json\n  keepfs backup --hints changes.json --base V0000000001 file:///dev/vg0/snap vm1"
@@ -1062,6 +1070,62 @@ fn run(cli: Cli) -> Result<i32> {
             Ok(exit::OK)
         }
         Command::Completion { .. } | Command::Man { .. } => Ok(exit::OK),
+        Command::Stats { filter, format } => {
+            let filter = filter.as_deref().map(Filter::parse).transpose()?;
+            let versions = repo.list(filter.as_ref())?;
+            // Image bytes per second: what the backup covered, holes included.
+            let rate = |v: &Version| (v.size as f64 / (v.stats.duration_ms.max(1) as f64 / 1000.0)) as u64;
+            match format {
+                Format::Json => {
+                    let rows: Vec<serde_json::Value> = versions
+                        .iter()
+                        .map(|v| {
+                            serde_json::json!({
+                                "uid": v.uid.to_string(), "name": v.name, "date": v.date, "size": v.size,
+                                "status": v.status.as_str(), "stats": v.stats, "bytes_per_second": rate(v),
+                            })
+                        })
+                        .collect();
+                    out!("{}", to_json(&rows)?)?;
+                }
+                Format::Table => {
+                    let header = [
+                        "uid",
+                        "name",
+                        "date",
+                        "size",
+                        "read",
+                        "written",
+                        "stored",
+                        "deduplicated",
+                        "sparse",
+                        "seconds",
+                        "MB/s",
+                    ];
+                    let rows = versions
+                        .iter()
+                        .map(|v| {
+                            let s = &v.stats;
+                            vec![
+                                v.uid.to_string(),
+                                v.name.clone(),
+                                when(&v.date),
+                                format_size(v.size),
+                                format_size(s.bytes_read),
+                                format_size(s.bytes_written),
+                                format_size(s.bytes_stored),
+                                format_size(s.bytes_deduplicated),
+                                format_size(s.bytes_sparse),
+                                format!("{:.1}", s.duration_ms as f64 / 1000.0),
+                                format!("{:.0}", rate(v) as f64 / 1e6),
+                            ]
+                        })
+                        .collect();
+                    print_rows(&header, rows)?;
+                }
+            }
+            Ok(exit::OK)
+        }
         Command::Diff { old, new, format } => {
             let (old, new) = (VersionUid::parse(&old)?, VersionUid::parse(&new)?);
             let changes = keepfs::diff::diff(&repo.index(old)?, &repo.index(new)?)?;

@@ -227,7 +227,8 @@ fn user_mistakes_give_one_line_errors() {
         (vec!["rm", &uid, "V0000000042"], 2, "V0000000042 does not exist"),
         (vec!["ls", &deep_filter], 2, "nested"),
         (vec!["restore", &uid, &existing], 4, "pass --force"),
-        (vec!["backup", "/tmp/plain/path", "x"], 2, "not a URL"),
+        (vec!["backup", "/tmp/keepfs-plain-never", "x"], 2, "does not exist"),
+        (vec!["backup", "file://relative.img", "x"], 2, "is a relative path in a URL: use file:///"),
         (vec!["backup", "rbd://pool/img", "x"], 2, "unsupported scheme"),
         (vec!["backup", &missing, "x"], 2, "does not exist"),
         (vec!["backup", "null://12Q", "x"], 2, "unknown unit"),
@@ -644,4 +645,36 @@ fn a_reader_that_leaves_early_ends_the_output_quietly() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!((out.status.code(), err.as_ref()), (Some(0), ""));
     assert_eq!(repo.block_objects(), 1024, "a dry run deletes nothing");
+}
+
+/// A bare path names the file it says (a relative one in the working directory), for
+/// backup and restore alike; `keepfs stats` then reports what each backup did.
+#[test]
+fn bare_paths_name_files_and_stats_report_each_backup() {
+    let repo = Repo::new();
+    let img = mixed_image(811, 12, 64 * 1024, 100);
+    std::fs::write(repo.path("disk.img"), &img).unwrap();
+    let here = |args: &[&str]| {
+        let out = repo.command(args).current_dir(repo.dir.path()).output().unwrap();
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let uid = here(&["backup", "disk.img", "vm", "-b", "64k"]);
+    here(&["restore", &uid, "restored.img"]);
+    assert_eq!(sha256_file(&repo.path("restored.img")), sha256_file(&repo.path("disk.img")));
+    let again = here(&["backup", &repo.path("disk.img").display().to_string(), "vm", "-b", "64k"]);
+
+    let stats: serde_json::Value = serde_json::from_str(&repo.ok(&["stats", "--format", "json"])).unwrap();
+    let rows = stats.as_array().unwrap();
+    assert_eq!(rows.len(), 2);
+    let first = &rows[0];
+    assert_eq!(first["uid"], uid.as_str());
+    assert_eq!(first["size"], img.len() as u64);
+    let s = &first["stats"];
+    let (written, sparse) = (s["bytes_written"].as_u64().unwrap(), s["bytes_sparse"].as_u64().unwrap());
+    assert_eq!(written + sparse + s["bytes_deduplicated"].as_u64().unwrap(), img.len() as u64, "{s}");
+    assert_eq!(rows[1]["uid"], again.as_str());
+    assert_eq!(rows[1]["stats"]["bytes_written"], 0, "the second backup stored nothing new");
+    let table = repo.ok(&["stats", "name == \"vm\""]);
+    assert!(table.starts_with("uid") && table.contains(&uid) && table.contains("MB/s"), "{table}");
 }

@@ -19,10 +19,19 @@ pub enum Url {
 }
 
 impl Url {
+    /// Parses `file:///path`, `null://SIZE`, or a bare path, which names that file (a
+    /// relative one against the working directory). `file://` needs an absolute path:
+    /// `file://disk.img` would silently name `/disk.img` in other tools.
     pub fn parse(s: &str) -> Result<Url, String> {
         if let Some(path) = s.strip_prefix("file://") {
             if path.is_empty() {
                 return Err(format!("'{s}' names no file: use file:///absolute/path"));
+            }
+            if !path.starts_with('/') {
+                return Err(format!(
+                    "'{s}' is a relative path in a URL: use {} (or just the path)",
+                    Url::File(absolute(path)?)
+                ));
             }
             return Ok(Url::File(PathBuf::from(path)));
         }
@@ -31,10 +40,18 @@ impl Url {
         }
         if s.contains("://") {
             let scheme = s.split("://").next().unwrap_or("");
-            return Err(format!("'{s}': unsupported scheme '{scheme}' (use file:///path or null://SIZE)"));
+            return Err(format!("'{s}': unsupported scheme '{scheme}' (use a path, file:///path or null://SIZE)"));
         }
-        Err(format!("'{s}' is not a URL: use file://{}{s} or null://SIZE", if s.starts_with('/') { "" } else { "/" }))
+        if s.is_empty() {
+            return Err("an empty source or target: give a path, file:///path or null://SIZE".into());
+        }
+        Ok(Url::File(absolute(s)?))
     }
+}
+
+/// `path` made absolute against the working directory.
+fn absolute(path: &str) -> Result<PathBuf, String> {
+    std::path::absolute(path).map_err(|e| format!("cannot resolve '{path}' against the working directory: {e}"))
 }
 
 impl std::fmt::Display for Url {

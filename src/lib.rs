@@ -32,6 +32,7 @@ pub mod source;
 pub mod storage;
 pub mod transform;
 pub mod units;
+pub mod usage;
 pub mod version;
 
 pub use error::{Error, Result};

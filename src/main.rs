@@ -237,6 +237,17 @@ enum Command {
         #[arg(long)]
         page_cache: bool,
     },
+    /// Per version: size, sparse, shared and exclusive bytes, stored bytes, and what rm + cleanup would free
+    #[command(
+        name = "storage-usage",
+        after_help = "Shared blocks are referenced by another version of the same storage too; the\nexclusive ones are what `keepfs rm` of the version and then `keepfs cleanup` free.\n\nExamples:\n  keepfs storage-usage\n  keepfs storage-usage 'name == \"db\"' --format json"
+    )]
+    StorageUsage {
+        /// Which versions (a filter, as for ls; default all)
+        filter: Option<String>,
+        #[arg(long, value_enum, default_value = "table")]
+        format: Format,
+    },
     /// Per backup: bytes read, written, stored, deduplicated and sparse, duration, throughput
     #[command(after_help = "Examples:\n  keepfs stats\n  keepfs stats 'name == \"db\"' --format json")]
     Stats {
@@ -1070,6 +1081,46 @@ fn run(cli: Cli) -> Result<i32> {
             Ok(exit::OK)
         }
         Command::Completion { .. } | Command::Man { .. } => Ok(exit::OK),
+        Command::StorageUsage { filter, format } => {
+            let filter = filter.as_deref().map(Filter::parse).transpose()?;
+            let usage = keepfs::usage::storage_usage(&repo, &repo.list(filter.as_ref())?)?;
+            match format {
+                Format::Json => out!("{}", to_json(&usage)?)?,
+                Format::Table => {
+                    let header = ["uid", "name", "storage", "size", "sparse", "shared", "exclusive", "stored", "frees"];
+                    let mut rows: Vec<Vec<String>> = usage
+                        .iter()
+                        .map(|u| {
+                            vec![
+                                u.uid.clone(),
+                                u.name.clone(),
+                                u.storage.clone(),
+                                format_size(u.size),
+                                format_size(u.sparse),
+                                format_size(u.shared),
+                                format_size(u.exclusive),
+                                format_size(u.stored),
+                                format_size(u.exclusive_stored),
+                            ]
+                        })
+                        .collect();
+                    let sum = |f: fn(&keepfs::usage::Usage) -> u64| format_size(usage.iter().map(f).sum());
+                    rows.push(vec![
+                        "total".into(),
+                        String::new(),
+                        String::new(),
+                        sum(|u| u.size),
+                        sum(|u| u.sparse),
+                        sum(|u| u.shared),
+                        sum(|u| u.exclusive),
+                        String::new(),
+                        sum(|u| u.exclusive_stored),
+                    ]);
+                    print_rows(&header, rows)?;
+                }
+            }
+            Ok(exit::OK)
+        }
         Command::Stats { filter, format } => {
             let filter = filter.as_deref().map(Filter::parse).transpose()?;
             let versions = repo.list(filter.as_ref())?;

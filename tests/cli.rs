@@ -678,3 +678,48 @@ fn bare_paths_name_files_and_stats_report_each_backup() {
     let table = repo.ok(&["stats", "name == \"vm\""]);
     assert!(table.starts_with("uid") && table.contains(&uid) && table.contains("MB/s"), "{table}");
 }
+
+/// storage-usage tells shared from exclusive blocks, and the exclusive ones are exactly
+/// what `rm` and `cleanup` then free.
+#[test]
+fn storage_usage_says_what_rm_and_cleanup_free() {
+    const B: usize = 64 * 1024;
+    let repo = Repo::new();
+    let (x, y, z, w) = (random_bytes(1, B), random_bytes(2, B), random_bytes(3, B), random_bytes(4, B));
+    let zero = vec![0u8; B];
+    let image = |name: &str, blocks: &[&Vec<u8>]| {
+        std::fs::write(repo.path(name), blocks.iter().flat_map(|b| b.iter().copied()).collect::<Vec<u8>>()).unwrap();
+    };
+    image("a", &[&x, &y, &z, &zero]);
+    image("b", &[&x, &y, &w, &zero]);
+    image("c", &[&x, &zero, &zero, &zero]);
+    let a = repo.backup("a", "a", &["-b", "64k"]);
+    let b = repo.backup("b", "b", &["-b", "64k"]);
+    let c = repo.backup("c", "c", &["-b", "64k"]);
+    let usage: serde_json::Value = serde_json::from_str(&repo.ok(&["storage-usage", "--format", "json"])).unwrap();
+    let row = |uid: &str| usage.as_array().unwrap().iter().find(|u| u["uid"] == uid).unwrap().clone();
+    let b64 = B as u64;
+    let (ua, ub, uc) = (row(&a), row(&b), row(&c));
+    assert_eq!(
+        (ua["shared"].as_u64(), ua["exclusive"].as_u64(), ua["sparse"].as_u64()),
+        (Some(2 * b64), Some(b64), Some(b64))
+    );
+    assert_eq!((ub["shared"].as_u64(), ub["exclusive"].as_u64()), (Some(2 * b64), Some(b64)));
+    assert_eq!(
+        (uc["shared"].as_u64(), uc["exclusive"].as_u64(), uc["sparse"].as_u64()),
+        (Some(b64), Some(0), Some(3 * b64))
+    );
+    assert!(ua["exclusive_stored"].as_u64().unwrap() > 0);
+    assert_eq!(uc["exclusive_stored"], 0, "c frees nothing");
+    let table = repo.ok(&["storage-usage", "name == \"a\""]);
+    assert!(table.contains(&a) && table.lines().last().unwrap().starts_with("total"), "{table}");
+
+    let before = repo.block_objects();
+    let size_before: u64 =
+        files_under(&repo.storage().join("blocks")).iter().map(|p| p.metadata().unwrap().len()).sum();
+    repo.ok(&["rm", "--force", &a]);
+    repo.ok(&["cleanup"]);
+    assert_eq!(repo.block_objects(), before - 1, "only a's exclusive block went");
+    let size_after: u64 = files_under(&repo.storage().join("blocks")).iter().map(|p| p.metadata().unwrap().len()).sum();
+    assert_eq!(size_before - size_after, ua["exclusive_stored"].as_u64().unwrap(), "freed what storage-usage said");
+}

@@ -195,6 +195,11 @@ enum Command {
         #[command(subcommand)]
         action: DatabaseAction,
     },
+    /// Check the configuration and show what it resolves to
+    Config {
+        #[command(subcommand)]
+        action: ConfigAction,
+    },
     /// Set a version's expiry date (ISO 8601), or clear it with ''
     Expire { uid: String, date: String },
     /// Remove versions (their blocks are freed by `cleanup`)
@@ -378,6 +383,15 @@ enum KeyAction {
         #[arg(short = 'S', long)]
         storage: Option<String>,
     },
+}
+
+#[derive(Subcommand)]
+enum ConfigAction {
+    /// Validate the configuration (--config, $KEEPFS_CONFIG, /etc/keepfs/keepfs.toml, or the
+    /// embedded default) and print what it resolved: paths, storages, key sources. Never
+    /// prints a secret; touches no repository.
+    #[command(after_help = "Examples:\n  keepfs config check\n  keepfs --config /etc/keepfs/keepfs.toml config check")]
+    Check,
 }
 
 #[derive(Subcommand)]
@@ -650,6 +664,10 @@ fn run(cli: Cli) -> Result<i32> {
         _ => {}
     }
     let config = Config::discover(cli.config.as_deref())?;
+    if let Command::Config { action: ConfigAction::Check } = &cli.command {
+        print_config(&config)?;
+        return Ok(exit::OK);
+    }
     // Before the repository opens it: a damaged database may fail to open at all.
     if let Command::Database { action: DatabaseAction::Rebuild { replace_damaged: true } } = &cli.command
         && let Some((aside, reason)) = keepfs::db::set_aside_if_damaged(&config.database)?
@@ -1080,7 +1098,7 @@ fn run(cli: Cli) -> Result<i32> {
             .map_err(|e| Error::io(format!("cannot mount at {}", mountpoint.display()), e))?;
             Ok(exit::OK)
         }
-        Command::Completion { .. } | Command::Man { .. } => Ok(exit::OK),
+        Command::Completion { .. } | Command::Man { .. } | Command::Config { .. } => Ok(exit::OK),
         Command::StorageUsage { filter, format } => {
             let filter = filter.as_deref().map(Filter::parse).transpose()?;
             let usage = keepfs::usage::storage_usage(&repo, &repo.list(filter.as_ref())?)?;
@@ -1358,6 +1376,67 @@ fn unmount_on_signal(dir: &std::path::Path) {
         note!("keepfs: signal {sig}: unmounting {}", dir.display());
         let _ = std::process::Command::new("fusermount3").arg("-u").arg("-z").arg(&dir).status();
     });
+}
+
+/// What `config check` prints: every resolved path and storage, and where each key would
+/// come from, but no secret (no key, passphrase or S3 secret, and no access key).
+fn print_config(c: &Config) -> Result<()> {
+    use keepfs::config::StorageKind;
+    out!("configuration: {}", c.origin)?;
+    out!("home: {}", c.home.display())?;
+    out!("database: {}", c.database.display())?;
+    out!("default storage: {}", c.default_storage)?;
+    out!(
+        "block size: {}; compression level {}; workers {}; storage writers {}; storage readers {}; source readers {}",
+        format_size(c.block_size as u64),
+        c.compression_level,
+        c.workers,
+        c.storage_writers,
+        c.storage_readers,
+        c.source_readers
+    )?;
+    out!(
+        "file mode: {:04o} (directories {:04o}); incomplete grace: {}s",
+        c.modes.file,
+        c.modes.dir,
+        c.incomplete_grace.num_seconds()
+    )?;
+    let env_key = |var: &str| std::env::var_os(var).filter(|v| !v.is_empty()).map(|_| format!("${var}"));
+    for s in &c.storages {
+        let kind = match &s.kind {
+            StorageKind::File { path } => format!("file {}", path.display()),
+            StorageKind::Null => "null (discards everything)".into(),
+            StorageKind::S3(s3) => format!(
+                "s3 {} region {} bucket {} prefix '{}' ({} addressing; credentials {})",
+                s3.endpoint,
+                s3.region,
+                s3.bucket,
+                s3.prefix,
+                if s3.path_style { "path" } else { "virtual-host" },
+                if s3.access_key.is_empty() { "missing" } else { "set" }
+            ),
+        };
+        let key = match (&s.key_file, &s.passphrase_file) {
+            (Some(f), _) => format!("key file {}", f.display()),
+            (None, Some(f)) => format!("passphrase file {}", f.display()),
+            _ => env_key("KEEPFS_KEY_FILE")
+                .or_else(|| env_key("KEEPFS_PASSPHRASE"))
+                .unwrap_or_else(|| "none (fine for an unencrypted storage)".into()),
+        };
+        let cache = s
+            .read_cache
+            .as_ref()
+            .map(|r| format!("; read cache {} up to {}", r.dir.display(), format_size(r.max_bytes)));
+        out!(
+            "storage {}: {kind}; key: {key}; encryption required: {}{}",
+            s.name,
+            if s.require_encryption { "yes" } else { "no" },
+            cache.unwrap_or_default()
+        )?;
+    }
+    let names: Vec<&str> = c.schedulers.iter().map(|s| s.name.as_str()).collect();
+    out!("schedulers: {}", names.join(", "))?;
+    Ok(())
 }
 
 /// Renders `keepfs.1` and `keepfs-<command>.1` (and nested ones) into `dir`.

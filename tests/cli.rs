@@ -723,3 +723,31 @@ fn storage_usage_says_what_rm_and_cleanup_free() {
     let size_after: u64 = files_under(&repo.storage().join("blocks")).iter().map(|p| p.metadata().unwrap().len()).sum();
     assert_eq!(size_before - size_after, ua["exclusive_stored"].as_u64().unwrap(), "freed what storage-usage said");
 }
+
+/// `config check` shows what a configuration resolves to, never a secret, and makes no
+/// repository; a wrong file is a one-line error with exit 2.
+#[test]
+fn config_check_shows_what_it_resolved_and_no_secret() {
+    let repo = Repo::new();
+    let cfg = repo.path("k.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "home = \"{}\"\n[[storage]]\nname = \"s3\"\nkind = \"s3\"\nendpoint = \"http://127.0.0.1:3900\"\n\
+             region = \"garage\"\nbucket = \"backups\"\naccess_key = \"AKIDEXAMPLE\"\nsecret_key = \"SUPERSECRET\"\n\
+             addressing = \"path\"\nkey_file = \"/root/k.key\"\n",
+            repo.home().display()
+        ),
+    )
+    .unwrap();
+    let shown = repo.ok(&["--config", cfg.to_str().unwrap(), "config", "check"]);
+    assert!(shown.contains("bucket backups") && shown.contains("key file /root/k.key"), "{shown}");
+    assert!(!shown.contains("SUPERSECRET") && !shown.contains("AKIDEXAMPLE"), "{shown}");
+    let embedded = repo.ok(&["config", "check"]);
+    assert!(embedded.contains("embedded default") && embedded.contains("storage default: file"), "{embedded}");
+    assert!(!repo.home().exists(), "checking made no repository");
+    std::fs::write(&cfg, "bogus = 1\n").unwrap();
+    let bad = repo.run(&["--config", cfg.to_str().unwrap(), "config", "check"]);
+    assert_eq!(bad.code, 2);
+    assert!(bad.error_line().contains("unknown field `bogus`"), "{}", bad.stderr);
+}

@@ -241,6 +241,18 @@ enum Command {
         /// Keep what is read from data in the kernel's page cache (fast re-reads, mmap)
         #[arg(long)]
         page_cache: bool,
+        /// Let other users in (e.g. libvirt's qemu); the kernel checks --uid/--gid/--mode
+        #[arg(long)]
+        allow_other: bool,
+        /// Owner of the files (a number; default: the mount's user)
+        #[arg(long, requires = "allow_other")]
+        uid: Option<u32>,
+        /// Group of the files (a number; default: the mount's group)
+        #[arg(long, requires = "allow_other")]
+        gid: Option<u32>,
+        /// Mode of the files, octal (e.g. 0640; directories get x where readable)
+        #[arg(long, requires = "allow_other", value_parser = parse_mode)]
+        mode: Option<u16>,
     },
     /// Per version: size, sparse, shared and exclusive bytes, stored bytes, and what rm + cleanup would free
     #[command(
@@ -1067,7 +1079,18 @@ fn run(cli: Cli) -> Result<i32> {
             }
             Ok(exit::OK)
         }
-        Command::Mount { mountpoint, read_only, discard_writes, daemon, threads, page_cache } => {
+        Command::Mount {
+            mountpoint,
+            read_only,
+            discard_writes,
+            daemon,
+            threads,
+            page_cache,
+            allow_other,
+            uid,
+            gid,
+            mode,
+        } => {
             if daemon {
                 return mount_daemon(&mountpoint, &repo.config.home.join("mount.log"));
             }
@@ -1075,7 +1098,16 @@ fn run(cli: Cli) -> Result<i32> {
             let config_block_size = repo.config.block_size;
             // Before any thread exists, so that every thread has the signals blocked.
             unmount_on_signal(&mountpoint);
-            let opts = keepfs_fs::MountOptions { read_only, threads, page_cache, ..Default::default() };
+            let opts = keepfs_fs::MountOptions {
+                read_only,
+                threads,
+                page_cache,
+                allow_other,
+                uid,
+                gid,
+                mode,
+                ..Default::default()
+            };
             let sessions = std::sync::Arc::new(keepfs::session::SessionService::new(
                 std::sync::Arc::new(repo),
                 keepfs::session::SessionOptions {
@@ -1376,6 +1408,18 @@ fn unmount_on_signal(dir: &std::path::Path) {
         note!("keepfs: signal {sig}: unmounting {}", dir.display());
         let _ = std::process::Command::new("fusermount3").arg("-u").arg("-z").arg(&dir).status();
     });
+}
+
+/// An octal file mode for `mount --mode` (read and write bits only).
+fn parse_mode(s: &str) -> std::result::Result<u16, String> {
+    let m = u16::from_str_radix(s.trim_start_matches("0o"), 8)
+        .map_err(|_| format!("'{s}' is not an octal mode (e.g. 0640)"))?;
+    if m & !0o666 != 0 {
+        return Err(format!(
+            "'{s}': give read and write bits only (e.g. 0640); directories get search bits by themselves"
+        ));
+    }
+    Ok(m)
 }
 
 /// What `config check` prints: every resolved path and storage, and where each key would

@@ -285,3 +285,32 @@ fn a_full_disk_through_the_mount_is_enospc_and_leaves_nothing_half_made() {
     let uid = repo.backup("small.img", "small", &[]);
     assert_eq!(repo.restore_sha(&uid, "small.out"), sha256_file(&repo.path("small.img")));
 }
+
+/// `mount --allow-other --uid U --gid G --mode 0640` opens the mount to one service user
+/// (libvirt's qemu) and to nobody else: the kernel checks the owner and modes given.
+#[test]
+fn allow_other_lets_the_named_user_in_and_nobody_else() {
+    let repo = Repo::new();
+    fs::write(repo.path("vm.img"), random_bytes(21, 3 << 20)).unwrap();
+    let uid = repo.backup("vm.img", "vm", &[]);
+    // The test's own temporary directory must be passable for the other users.
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(repo.dir.path(), fs::Permissions::from_mode(0o711)).unwrap();
+    let m = Mount::new(&repo, &["--allow-other", "--uid", "65534", "--gid", "65534", "--mode", "0640"]);
+    let data = m.p(&format!("by_version/{uid}/data"));
+    let meta = fs::metadata(&data).unwrap();
+    assert_eq!((meta.uid(), meta.gid(), meta.mode() & 0o777), (65534, 65534, 0o640));
+    assert_eq!(fs::metadata(m.p("by_version")).unwrap().mode() & 0o777, 0o550);
+    let as_user = |uid: u32, cmd: &str| {
+        Command::new("setpriv")
+            .args([&format!("--reuid={uid}"), &format!("--regid={uid}"), "--clear-groups", "sh", "-c", cmd])
+            .output()
+            .unwrap()
+    };
+    let read = as_user(65534, &format!("sha256sum < {}", data.display()));
+    assert!(read.status.success(), "{}", String::from_utf8_lossy(&read.stderr));
+    assert!(String::from_utf8_lossy(&read.stdout).starts_with(&sha256_file(&repo.path("vm.img"))));
+    let other = as_user(12345, &format!("cat {} > /dev/null", data.display()));
+    assert!(!other.status.success(), "another user was let in");
+    assert!(String::from_utf8_lossy(&other.stderr).contains("Permission denied"), "{:?}", other);
+}

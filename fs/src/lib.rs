@@ -56,11 +56,28 @@ pub struct MountOptions {
     /// re-reads, mmap). Off: reads are direct (no double caching under loop devices
     /// and VMs, which cache for themselves; large reads are served concurrently).
     pub page_cache: bool,
+    /// Let other users than the mount's owner in (FUSE `allow_other`); the kernel then
+    /// checks the owner and modes below (`default_permissions`).
+    pub allow_other: bool,
+    /// Owner, group and mode of the files (directories get search permission where
+    /// they are readable); `None`: the mount process's owner, 0644 / 0755.
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub mode: Option<u16>,
 }
 
 impl Default for MountOptions {
     fn default() -> Self {
-        MountOptions { read_only: false, threads: 4, ttl: Duration::from_secs(1), page_cache: false }
+        MountOptions {
+            read_only: false,
+            allow_other: false,
+            uid: None,
+            gid: None,
+            mode: None,
+            threads: 4,
+            ttl: Duration::from_secs(1),
+            page_cache: false,
+        }
     }
 }
 
@@ -163,7 +180,8 @@ fn is_write(flags: OpenFlags) -> bool {
 impl<S: Sessions> KeepFs<S> {
     pub fn new(sessions: Arc<S>, opts: MountOptions) -> KeepFs<S> {
         // SAFETY: getuid/getgid cannot fail.
-        let owner = unsafe { (libc::getuid(), libc::getgid()) };
+        let me = unsafe { (libc::getuid(), libc::getgid()) };
+        let owner = (opts.uid.unwrap_or(me.0), opts.gid.unwrap_or(me.1));
         KeepFs {
             sessions,
             opts,
@@ -235,19 +253,29 @@ impl<S: Sessions> KeepFs<S> {
         format!("{s}\n").into_bytes()
     }
 
+    /// Modes: (writable file, read-only file, writable directory, read-only directory),
+    /// from `--mode` (directories searchable where readable) or 0644 / 0755; a read-only
+    /// mount has no write bits.
+    fn modes(&self) -> (u16, u16, u16, u16) {
+        let file = self.opts.mode.unwrap_or(0o644) & 0o666;
+        let dir = file | ((file & 0o444) >> 2);
+        let ro = |m: u16| m & !0o222;
+        if self.opts.read_only { (ro(file), ro(file), ro(dir), ro(dir)) } else { (file, ro(file), dir, ro(dir)) }
+    }
+
     fn getattr_node(&self, node: &Node) -> Result<FileAttr, Errno> {
         let ino = self.ino(node);
-        let dir_perm = if self.opts.read_only { 0o555 } else { 0o755 };
+        let (file_perm, ro_file, dir_perm, ro_dir) = self.modes();
         Ok(match node {
-            Node::Root | Node::ByVersion | Node::ByName => self.attr(ino, FileType::Directory, 0, 0o555, self.started),
+            Node::Root | Node::ByVersion | Node::ByName => self.attr(ino, FileType::Directory, 0, ro_dir, self.started),
             Node::Incoming => self.attr(ino, FileType::Directory, 0, dir_perm, self.started),
             Node::VersionDir(uid) => {
                 let v = self.version(uid)?;
-                self.attr(ino, FileType::Directory, 0, 0o555, v.date)
+                self.attr(ino, FileType::Directory, 0, ro_dir, v.date)
             }
             Node::VersionFile(uid, Field::Data) => {
                 let v = self.version(uid)?;
-                let perm = if self.opts.read_only { 0o444 } else { 0o644 };
+                let perm = file_perm;
                 match self.sessions.overlay_size(uid) {
                     // An overlay's blocks are all counted as data.
                     Some(size) => self.attr(ino, FileType::RegularFile, size, perm, v.date),
@@ -262,12 +290,12 @@ impl<S: Sessions> KeepFs<S> {
             }
             Node::VersionFile(uid, f) => {
                 let v = self.version(uid)?;
-                self.attr(ino, FileType::RegularFile, Self::field_text(&v, *f).len() as u64, 0o444, v.date)
+                self.attr(ino, FileType::RegularFile, Self::field_text(&v, *f).len() as u64, ro_file, v.date)
             }
             Node::NameDir(name) => {
                 let vs = self.versions()?;
                 let last = vs.iter().rev().find(|v| &v.name == name).ok_or(Errno::ENOENT)?;
-                self.attr(ino, FileType::Directory, 0, 0o555, last.date)
+                self.attr(ino, FileType::Directory, 0, ro_dir, last.date)
             }
             Node::NameLink(name, uid) => {
                 let v = self.version(uid)?;
@@ -283,7 +311,7 @@ impl<S: Sessions> KeepFs<S> {
             }
             Node::IncomingFile(name) => {
                 let size = self.sessions.incoming_size(name).ok_or(Errno::ENOENT)?;
-                self.attr(ino, FileType::RegularFile, size, 0o644, SystemTime::now())
+                self.attr(ino, FileType::RegularFile, size, file_perm, SystemTime::now())
             }
         })
     }
@@ -873,6 +901,10 @@ fn fuse_config(opts: &MountOptions) -> fuser::Config {
     ];
     if opts.read_only {
         config.mount_options.push(fuser::MountOption::RO);
+    }
+    if opts.allow_other {
+        config.acl = fuser::SessionACL::All;
+        config.mount_options.push(fuser::MountOption::DefaultPermissions);
     }
     config.n_threads = Some(opts.threads.max(1));
     config.clone_fd = true;

@@ -1,5 +1,6 @@
 //! Configuration: an embedded default (a repository under `$KEEPFS_HOME`, default
-//! `~/.local/share/keepfs`) that needs no file, or a TOML file found through `--config`,
+//! `/var/lib/keepfs` for root and `~/.local/share/keepfs` for other users) that needs no
+//! file, or a TOML file found through `--config`,
 //! `$KEEPFS_CONFIG` or `/etc/keepfs/keepfs.toml`. Every key is in docs/configuration.md.
 
 use crate::error::{Error, Result};
@@ -246,13 +247,23 @@ fn cpus() -> usize {
     std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2)
 }
 
-/// `$KEEPFS_HOME`, or `~/.local/share/keepfs`.
+/// The system tool's place for the embedded default repository when run as root.
+pub const SYSTEM_HOME: &str = "/var/lib/keepfs";
+
+/// `$KEEPFS_HOME`; else, for root, `/var/lib/keepfs` (unless a repository made by an
+/// earlier keepfs already sits in root's `~/.local/share/keepfs`: it stays in use); else
+/// `~/.local/share/keepfs`.
 pub fn default_home() -> PathBuf {
     if let Some(h) = std::env::var_os("KEEPFS_HOME").filter(|h| !h.is_empty()) {
         return PathBuf::from(h);
     }
     let base = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/root"));
-    base.join(".local/share/keepfs")
+    let user_home = base.join(".local/share/keepfs");
+    // SAFETY: geteuid cannot fail.
+    if unsafe { libc::geteuid() } == 0 && !user_home.exists() {
+        return PathBuf::from(SYSTEM_HOME);
+    }
+    user_home
 }
 
 impl Config {

@@ -28,7 +28,7 @@ use std::time::Instant;
 #[command(name = "keepfs", version, about = "Block-level deduplicating backups of disk images and block devices")]
 struct Cli {
     /// Configuration file (default: $KEEPFS_CONFIG, then /etc/keepfs/keepfs.toml, else the
-    /// embedded default repository under $KEEPFS_HOME or ~/.local/share/keepfs)
+    /// embedded default repository under $KEEPFS_HOME, /var/lib/keepfs as root, or ~/.local/share/keepfs)
     #[arg(long, global = true, value_name = "FILE")]
     config: Option<PathBuf>,
     #[command(subcommand)]

@@ -751,3 +751,33 @@ fn config_check_shows_what_it_resolved_and_no_secret() {
     assert_eq!(bad.code, 2);
     assert!(bad.error_line().contains("unknown field `bogus`"), "{}", bad.stderr);
 }
+
+/// With no configuration, root's repository is /var/lib/keepfs (a system tool's place),
+/// unless an earlier keepfs left one in root's ~/.local/share/keepfs, which stays in use.
+#[test]
+fn root_uses_var_lib_keepfs_unless_it_already_has_a_repository_at_home() {
+    let repo = Repo::new();
+    let home_dir = repo.path("roothome");
+    std::fs::create_dir_all(&home_dir).unwrap();
+    let check = || {
+        let out = std::process::Command::new(KEEPFS)
+            .args(["config", "check"])
+            .env_remove("KEEPFS_HOME")
+            .env_remove("KEEPFS_CONFIG")
+            .env("HOME", &home_dir)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).lines().find(|l| l.starts_with("home: ")).unwrap().to_string()
+    };
+    let user_home = home_dir.join(".local/share/keepfs");
+    // SAFETY: geteuid cannot fail.
+    let root = unsafe { libc::geteuid() } == 0;
+    if root {
+        assert_eq!(check(), "home: /var/lib/keepfs");
+    } else {
+        assert_eq!(check(), format!("home: {}", user_home.display()));
+    }
+    std::fs::create_dir_all(&user_home).unwrap();
+    assert_eq!(check(), format!("home: {}", user_home.display()), "an existing repository stays in use");
+}

@@ -108,7 +108,15 @@ mod tests {
     fn urls() {
         assert_eq!(Url::parse("file:///tmp/x").unwrap(), Url::File("/tmp/x".into()));
         assert_eq!(Url::parse("null://200G").unwrap(), Url::Null(200 << 30));
-        assert!(Url::parse("/tmp/x").unwrap_err().contains("file:///tmp/x"));
+        assert_eq!(Url::parse("/tmp/x").unwrap(), Url::File("/tmp/x".into()), "a bare path is that file");
+        let cwd = std::env::current_dir().unwrap();
+        assert_eq!(Url::parse("disk.img").unwrap(), Url::File(cwd.join("disk.img")));
+        let e = Url::parse("file://disk.img").unwrap_err();
+        assert!(
+            e.contains("relative path") && e.contains(&format!("file://{}", cwd.join("disk.img").display())),
+            "{e}"
+        );
+        assert!(Url::parse("").is_err());
         assert!(Url::parse("rbd://pool/img").unwrap_err().contains("unsupported scheme 'rbd'"));
         assert!(Url::parse("null://abc").is_err());
         assert!(Url::parse("file://").is_err());

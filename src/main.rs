@@ -15,6 +15,7 @@ use keepfs::filter::Filter;
 use keepfs::progress::Progress;
 use keepfs::restore::RestoreOptions;
 use keepfs::scrub::ScrubOptions;
+use keepfs::session::{Overlays, SessionService};
 use keepfs::source::Url;
 use keepfs::units::{check_block_size, format_size, parse_size};
 use keepfs::version::{Version, VersionUid, parse_label};
@@ -1108,18 +1109,8 @@ fn run(cli: Cli) -> Result<i32> {
                 mode,
                 ..Default::default()
             };
-            let sessions = std::sync::Arc::new(keepfs::session::SessionService::new(
-                std::sync::Arc::new(repo),
-                keepfs::session::SessionOptions {
-                    read_only,
-                    overlays: if discard_writes {
-                        keepfs::session::Overlays::KeepUntilShutdown
-                    } else {
-                        keepfs::session::Overlays::Commit
-                    },
-                    list_ttl: opts.ttl,
-                },
-            ));
+            // --discard-writes keeps overlays for the life of the mount (a VM may reopen).
+            let sessions = session_service(repo, read_only, discard_writes, Overlays::KeepUntilShutdown, opts.ttl);
             let shown = mountpoint.display().to_string();
             let read_ahead_kb = (config_block_size / 1024).max(1024);
             let at = mountpoint.clone();
@@ -1267,18 +1258,9 @@ fn run(cli: Cli) -> Result<i32> {
             // Before any thread exists (the session service starts readers), so that
             // every thread has the signals blocked.
             stop_on_signal(listener.stopper());
-            let sessions = std::sync::Arc::new(keepfs::session::SessionService::new(
-                std::sync::Arc::new(repo),
-                keepfs::session::SessionOptions {
-                    read_only,
-                    overlays: if discard_writes {
-                        keepfs::session::Overlays::DropAtLastClose
-                    } else {
-                        keepfs::session::Overlays::Commit
-                    },
-                    ..Default::default()
-                },
-            ));
+            // --discard-writes drops a connection's writes when it disconnects.
+            let ttl = keepfs::session::SessionOptions::default().list_ttl;
+            let sessions = session_service(repo, read_only, discard_writes, Overlays::DropAtLastClose, ttl);
             note!("keepfs: serving NBD on {} (exports: version uids and NAME@latest)", listener.describe());
             keepfs_nbd::serve(sessions, listener, keepfs_nbd::NbdOptions { read_only, tls })
                 .map_err(|e| Error::io("the NBD server stopped", e))?;
@@ -1408,6 +1390,20 @@ fn unmount_on_signal(dir: &std::path::Path) {
         note!("keepfs: signal {sig}: unmounting {}", dir.display());
         let _ = std::process::Command::new("fusermount3").arg("-u").arg("-z").arg(&dir).status();
     });
+}
+
+/// The session service a face (the mount, the NBD server) serves: overlays become
+/// versions, or with `discard` meet the face's `discarded` fate.
+fn session_service(
+    repo: Repository,
+    read_only: bool,
+    discard: bool,
+    discarded: Overlays,
+    list_ttl: std::time::Duration,
+) -> std::sync::Arc<SessionService> {
+    let overlays = if discard { discarded } else { Overlays::Commit };
+    let opts = keepfs::session::SessionOptions { read_only, overlays, list_ttl };
+    std::sync::Arc::new(SessionService::new(std::sync::Arc::new(repo), opts))
 }
 
 /// An octal file mode for `mount --mode` (read and write bits only).

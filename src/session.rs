@@ -383,7 +383,6 @@ impl SessionService {
     }
 
     fn draft(&self, backup: BackupOptions, base: Option<Arc<Image>>, streaming: bool) -> io::Result<WriteDraft> {
-        let replaces = None;
         let bs = base.as_ref().map(|b| b.block_size()).unwrap_or(self.repo.config.block_size) as u64;
         let opts = DraftOptions {
             backup,
@@ -392,11 +391,12 @@ impl SessionService {
             memory_blocks: ((self.repo.config.spool_memory_bytes / bs) as usize).max(2),
             spool_blocks: ((self.repo.config.spool_bytes / bs) as usize).max(4),
         };
-        Ok(WriteDraft { draft: Draft::start(self.repo.clone(), opts).map_err(to_io)?, replaces })
+        Ok(WriteDraft { draft: Draft::start(self.repo.clone(), opts).map_err(to_io)?, replaces: None })
     }
 
-    /// A draft over version `uid` with its name, snapshot name and labels (plus `extra`
-    /// labels); when `continues`, it replaces `uid` when committed.
+    /// A draft over version `uid` with its name, snapshot name and labels; when
+    /// `continues`, it replaces `uid` when committed, else it is labelled a copy-on-write
+    /// of `uid`.
     fn draft_over(&self, uid: &str, streaming: bool, continues: bool) -> io::Result<WriteDraft> {
         let base = self.image(uid)?;
         let mut labels: BTreeMap<String, String> = base.version.labels.clone();
@@ -415,6 +415,15 @@ impl SessionService {
             d.replaces = Some(old);
         }
         Ok(d)
+    }
+
+    /// An overlay of version `uid`: the continuation of `continued` (the version an
+    /// earlier overlay of `uid` became) where there is one, else a new copy-on-write.
+    fn overlay_draft(&self, uid: &str, continued: Option<&str>) -> io::Result<WriteDraft> {
+        match continued {
+            Some(v) => self.draft_over(v, false, true),
+            None => self.draft_over(uid, false, false),
+        }
     }
 
     fn discard(&self, d: WriteDraft) {
@@ -648,11 +657,7 @@ impl Sessions for SessionService {
                 let volatile = continued.is_some();
                 return Ok(Opened { fh: self.add_handle(Handle::Image(img)), volatile });
             }
-            let d = match &continued {
-                Some(v) => self.draft_over(v, false, true)?,
-                None => self.draft_over(uid, false, false)?,
-            };
-            let slot = Slot::new(d, "", 1, 1);
+            let slot = Slot::new(self.overlay_draft(uid, continued.as_deref())?, "", 1, 1);
             slot.state.lock().committed_as = continued;
             if list_if_free(&self.overlays, uid, &slot) {
                 return Ok(overlay(slot));
@@ -858,19 +863,15 @@ impl Sessions for SessionService {
 
     fn extent(&self, fh: Fh, offset: u64) -> io::Result<Extent> {
         let h = self.handle(fh)?;
-        let img = match &*h {
-            Handle::Image(img) => img.clone(),
-            Handle::Overlay { slot, .. } | Handle::Incoming { slot, .. } if slot.is_live() => {
-                let s = slot.state.lock();
-                if let Some(d) = &s.draft {
-                    return Ok(Extent { size: d.draft.size(), data: d.draft.next_data(offset) });
-                }
-                drop(s);
-                return self.extent(fh, offset);
-            }
-            Handle::Overlay { uid, slot, .. } => self.after_draft(slot, Some(uid))?,
-            Handle::Incoming { slot, .. } => self.after_draft(slot, None)?,
+        let (slot, original) = match &*h {
+            Handle::Image(img) => return Ok(Extent { size: img.size(), data: img.index().next_data(offset) }),
+            Handle::Overlay { uid, slot, .. } => (slot, Some(uid)),
+            Handle::Incoming { slot, .. } => (slot, None),
         };
+        if let Some(d) = &slot.state.lock().draft {
+            return Ok(Extent { size: d.draft.size(), data: d.draft.next_data(offset) });
+        }
+        let img = self.after_draft(slot, original)?;
         Ok(Extent { size: img.size(), data: img.index().next_data(offset) })
     }
 
@@ -893,11 +894,7 @@ impl Sessions for SessionService {
                     if s.draft.is_none() {
                         // Written again after its overlay became a version: that version
                         // is continued (and replaced), so no write is lost.
-                        let d = match &s.committed_as {
-                            Some(v) => self.draft_over(v, false, true)?,
-                            None => self.draft_over(uid, false, false)?,
-                        };
-                        s.draft = Some(d);
+                        s.draft = Some(self.overlay_draft(uid, s.committed_as.as_deref())?);
                         s.image = None;
                         true
                     } else {

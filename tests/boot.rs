@@ -75,8 +75,7 @@ fn boot(drive: &str) {
 /// The marker is in the one copy-on-write version only; the original is unchanged.
 fn check_versions_after_boot(repo: &Repo, uid: &str, original_sha: &str) {
     wait_until("the copy-on-write version", Duration::from_secs(30), || {
-        repo.ls_json(Some("name == \"bootvm\"")).as_array().unwrap().iter().filter(|v| v["status"] == "valid").count()
-            == 2
+        repo.valid_uids("name == \"bootvm\"").len() == 2
     });
     let versions = repo.ls_json(Some("name == \"bootvm\""));
     let cow = versions.as_array().unwrap().iter().find(|v| v["uid"] != uid).unwrap().clone();

@@ -16,16 +16,6 @@ use std::time::Duration;
 
 const LIMIT: Duration = Duration::from_secs(60);
 
-fn valid_uids(repo: &Repo, filter: &str) -> Vec<String> {
-    repo.ls_json(Some(filter))
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|v| v["status"] == "valid")
-        .map(|v| v["uid"].as_str().unwrap().to_string())
-        .collect()
-}
-
 /// A configuration whose storage writes at most 4 MB/s: every commit of a few MiB takes
 /// long enough for the other threads to run into it.
 fn slow_commit_config(repo: &Repo) -> String {
@@ -157,13 +147,13 @@ fn listing_renaming_and_stat_while_writers_commit_never_wedge_the_mount() {
     assert!(hammered.load(Ordering::Relaxed) >= rounds as usize * 3, "the other threads ran");
     drop(m);
     for (name, sha) in &expected {
-        let uids = valid_uids(&repo, &format!("name == \"{name}\""));
+        let uids = repo.valid_uids(&format!("name == \"{name}\""));
         assert_eq!(uids.len(), 1, "{name}: {uids:?}");
         assert_eq!(&repo.restore_sha(&uids[0], &format!("{name}.out")), sha, "{name}");
     }
-    let cows = valid_uids(&repo, &format!("labels[\"keepfs.cow-of\"] == \"{base}\""));
+    let cows = repo.cow_versions(&base);
     assert_eq!(cows.len(), rounds as usize, "one copy-on-write version per round: {cows:?}");
-    assert!(valid_uids(&repo, "name == \"tmp0\"").is_empty(), "unwritten files are no versions");
+    assert!(repo.valid_uids("name == \"tmp0\"").is_empty(), "unwritten files are no versions");
 }
 
 /// Issue 9.2: fio writes a version's data, closes it, reopens it in the same process and
@@ -210,7 +200,7 @@ fn fio_write_then_verify_on_a_versions_data() {
     // fio's range are the original's.
     let before = sha256_file(&repo.path("vm.img"));
     assert_eq!(sha256_file(&data), before, "by_version/{uid}/data is the original again");
-    let cows = valid_uids(&repo, &format!("labels[\"keepfs.cow-of\"] == \"{uid}\""));
+    let cows = repo.cow_versions(&uid);
     assert!(!cows.is_empty() && cows.len() <= 2, "one version per fio job at most: {cows:?}");
     let last = cows.last().unwrap();
     let out = repo.path("last.img");

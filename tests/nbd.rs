@@ -33,16 +33,6 @@ fn sparse_vm(repo: &Repo) -> (String, std::path::PathBuf) {
     (repo.backup("vm.img", "vm", &["-b", "1M"]), img)
 }
 
-fn cow_versions(repo: &Repo, of: &str) -> Vec<String> {
-    repo.ls_json(Some(&format!("labels[\"keepfs.cow-of\"] == \"{of}\"")))
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|v| v["status"] == "valid")
-        .map(|v| v["uid"].as_str().unwrap().to_string())
-        .collect()
-}
-
 #[test]
 fn list_map_copy_and_compare_a_sparse_version() {
     let repo = Repo::new();
@@ -101,8 +91,8 @@ fn writes_become_a_copy_on_write_version_and_the_original_stays() {
         "read -P 0xab 1M 64k",
         &srv.url(&uid),
     ]));
-    wait_until("the copy-on-write version", LIMIT, || !cow_versions(&repo, &uid).is_empty());
-    let new = cow_versions(&repo, &uid).remove(0);
+    wait_until("the copy-on-write version", LIMIT, || !repo.cow_versions(&uid).is_empty());
+    let new = repo.cow_versions(&uid).remove(0);
     // The served version never changes; the new one holds the writes.
     let copy = repo.path("orig.img");
     run(Command::new("nbdcopy").args([&srv.url(&uid), copy.to_str().unwrap()]));
@@ -134,7 +124,7 @@ fn read_only_exports_refuse_writes_and_unix_sockets_serve() {
     let copy = repo.path("c.img");
     run(Command::new("nbdcopy").args([&url, copy.to_str().unwrap()]));
     assert_eq!(sha256_file(&copy), sha256_file(&img));
-    assert!(cow_versions(&repo, &uid).is_empty());
+    assert!(repo.cow_versions(&uid).is_empty());
     assert!(srv.stop().0.success());
     assert!(!sock.exists(), "the socket file goes with the server");
 }
@@ -222,10 +212,10 @@ fn two_writers_share_one_overlay_and_make_one_version() {
     a.disconnect();
     // B still writes after A has gone: still the same overlay, no version yet.
     b.write(3, 9 << 20, &[0x33; 4096]);
-    assert!(cow_versions(&repo, &uid).is_empty(), "no version while a writer is connected");
+    assert!(repo.cow_versions(&uid).is_empty(), "no version while a writer is connected");
     b.disconnect();
-    wait_until("the shared overlay's version", LIMIT, || !cow_versions(&repo, &uid).is_empty());
-    let v = cow_versions(&repo, &uid);
+    wait_until("the shared overlay's version", LIMIT, || !repo.cow_versions(&uid).is_empty());
+    let v = repo.cow_versions(&uid);
     assert_eq!(v.len(), 1, "{v:?}");
     let mut want = std::fs::read(&img).unwrap();
     want[..4096].fill(0x11);
@@ -303,7 +293,7 @@ fn hostile_clients_get_errors_or_a_closed_connection_and_others_are_still_served
     drop(stuck);
 
     // The dead writers' overlays made no versions (nothing was written whole).
-    wait_until("the server to settle", LIMIT, || cow_versions(&repo, &uid).len() <= 1);
+    wait_until("the server to settle", LIMIT, || repo.cow_versions(&uid).len() <= 1);
     let list = run(Command::new("nbdinfo").args(["--list", &format!("nbd://{}", srv.addr)]));
     assert!(list.contains(&uid), "still serving: {list}");
 }
@@ -319,7 +309,7 @@ fn sigterm_ends_connections_and_keeps_what_they_wrote() {
     let (status, log) = srv.stop();
     assert!(status.success(), "a clean stop: {log}");
     assert!(c.closed(), "the client was disconnected");
-    let v = cow_versions(&repo, &uid);
+    let v = repo.cow_versions(&uid);
     assert_eq!(v.len(), 1, "the connected writer's overlay became a version: {v:?}");
     let mut want = std::fs::read(&img).unwrap();
     want[4096..8192].fill(0x5a);
@@ -365,9 +355,9 @@ fn tls_with_a_self_signed_certificate() {
     let opts =
         format!("driver=nbd,server.type=inet,server.host=localhost,server.port={port},export={uid},tls-creds=tls0");
     run(Command::new("qemu-io").args(["--object", &creds, "--image-opts", &opts, "-c", "write -P 0x77 0 64k"]));
-    wait_until("the version written through TLS", LIMIT, || !cow_versions(&repo, &uid).is_empty());
+    wait_until("the version written through TLS", LIMIT, || !repo.cow_versions(&uid).is_empty());
     let out = repo.path("tls-new.img");
-    repo.ok(&["restore", &cow_versions(&repo, &uid)[0], &format!("file://{}", out.display())]);
+    repo.ok(&["restore", &repo.cow_versions(&uid)[0], &format!("file://{}", out.display())]);
     let mut want = std::fs::read(&img).unwrap();
     want[..65536].fill(0x77);
     assert_eq!(std::fs::read(&out).unwrap(), want);

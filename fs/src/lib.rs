@@ -411,14 +411,6 @@ impl<S: Sessions> KeepFs<S> {
         fh
     }
 
-    /// Names a user may give an `incoming/` file (the engine checks the rest).
-    fn valid_new_name(name: &str) -> Result<(), Errno> {
-        if name.is_empty() || name.len() > 255 || name.starts_with('.') && name.len() <= 2 {
-            return Err(Errno::EINVAL);
-        }
-        Ok(())
-    }
-
     fn refuse_write(&self) -> Errno {
         if self.opts.read_only { Errno::EROFS } else { Errno::EPERM }
     }
@@ -558,8 +550,8 @@ impl<S: Sessions> Filesystem for KeepFs<S> {
             if p != Node::Incoming || np != Node::Incoming {
                 return Err(self.refuse_write());
             }
+            // The session service checks the new name (the engine's one rule for names).
             let (from, to) = (name.to_str().ok_or(Errno::ENOENT)?, newname.to_str().ok_or(Errno::EINVAL)?);
-            Self::valid_new_name(to)?;
             self.sessions.rename_incoming(from, to).map_err(err)
         })();
         match r {
@@ -618,7 +610,6 @@ impl<S: Sessions> Filesystem for KeepFs<S> {
                 return Err(self.refuse_write());
             }
             let name = name.to_str().ok_or(Errno::EINVAL)?;
-            Self::valid_new_name(name)?;
             let fh = self.sessions.create_incoming(name, is_write(OpenFlags(flags)), req.pid()).map_err(err)?;
             match self.getattr_node(&Node::IncomingFile(name.to_string())) {
                 Ok(attr) => Ok((attr, fh)),

@@ -13,10 +13,10 @@
 //! held up by one.
 //!
 //! ## Locks
-//! `Conn::reply` (the socket's writing half), `Conn::budget` and `Conn::writable` are
-//! leaf locks: nothing else is taken while one is held, and only `reply` is held across
-//! I/O (one reply's bytes go out together). Opening the overlay happens with no lock
-//! held; other workers wait for it on a condition variable.
+//! `Conn::reply` (the socket's writing half) and `Conn::budget` are leaf locks: nothing
+//! else is taken while one is held, and only `reply` is held across I/O (one reply's
+//! bytes go out together). A TLS session's own lock (`Stream::Tls`) is taken only by the
+//! connection's thread, which serves TLS requests itself.
 
 pub mod proto;
 
@@ -537,25 +537,15 @@ fn handshake<S: Sessions>(
     }
 }
 
-/// The overlay a connection writes to, opened at its first write.
-enum Writable {
-    No,
-    Opening,
-    Open(Fh),
-    Failed(i32),
-}
-
 struct Conn<S: Sessions> {
     sessions: Arc<S>,
-    uid: String,
     size: u64,
-    opener: Opener,
     read_only: bool,
     structured: bool,
     allocation: bool,
-    read_fh: Fh,
-    writable: Mutex<Writable>,
-    opened: Condvar,
+    /// The connection's handle: on a writable export an overlay, opened at the
+    /// handshake (see `connection`), through which reads go too.
+    fh: Fh,
     reply: Mutex<Stream>,
     /// Bytes of requests in flight.
     budget: Mutex<u64>,
@@ -600,39 +590,9 @@ impl<S: Sessions> Conn<S> {
         self.send(&[&simple_reply(0, req.cookie)]);
     }
 
-    /// The handle reads go through: the overlay once this connection writes.
-    fn fh(&self) -> Fh {
-        match *self.writable.lock().unwrap_or_else(|p| p.into_inner()) {
-            Writable::Open(fh) => fh,
-            _ => self.read_fh,
-        }
-    }
-
-    /// The overlay handle, opened at the first write (with no lock held meanwhile).
+    /// The handle writes go to: EPERM on a read-only export.
     fn write_fh(&self) -> io::Result<Fh> {
-        if self.read_only {
-            return Err(io::Error::from_raw_os_error(libc::EPERM));
-        }
-        let mut w = self.writable.lock().unwrap_or_else(|p| p.into_inner());
-        loop {
-            match *w {
-                Writable::Open(fh) => return Ok(fh),
-                Writable::Failed(e) => return Err(io::Error::from_raw_os_error(e)),
-                Writable::Opening => w = self.opened.wait(w).unwrap_or_else(|p| p.into_inner()),
-                Writable::No => break,
-            }
-        }
-        *w = Writable::Opening;
-        drop(w);
-        let r = self.sessions.open_version(&self.uid, true, self.opener);
-        let mut w = self.writable.lock().unwrap_or_else(|p| p.into_inner());
-        *w = match &r {
-            Ok(o) => Writable::Open(o.fh),
-            Err(e) => Writable::Failed(e.raw_os_error().unwrap_or(libc::EIO)),
-        };
-        drop(w);
-        self.opened.notify_all();
-        r.map(|o| o.fh)
+        if self.read_only { Err(io::Error::from_raw_os_error(libc::EPERM)) } else { Ok(self.fh) }
     }
 
     fn take_budget(&self, cost: u64) {
@@ -691,7 +651,7 @@ impl<S: Sessions> Conn<S> {
     }
 
     fn read(&self, req: &Request) {
-        let fh = self.fh();
+        let fh = self.fh;
         let (start, end) = (req.offset, req.offset + req.length as u64);
         if !self.structured {
             let mut buf = vec![0u8; req.length as usize];
@@ -752,7 +712,7 @@ impl<S: Sessions> Conn<S> {
         if !self.allocation {
             return self.reply_error(req, EINVAL, "no metadata context was negotiated");
         }
-        let fh = self.fh();
+        let fh = self.fh;
         let end = req.offset + req.length as u64;
         let one = req.flags & CMD_FLAG_REQ_ONE != 0;
         let mut extents: Vec<(u32, u32)> = Vec::new();
@@ -845,19 +805,14 @@ fn connection<S: Sessions>(sessions: Arc<S>, stream: Stream, opts: &NbdOptions, 
     // overlay from its first read on, and a write can never start a fresh overlay over
     // the original after it has read another connection's committed writes (an overlay
     // never written is dropped at the disconnect).
-    let opened = sessions.open_version(&uid, !opts.read_only, opener)?;
-    let read_fh = opened.fh;
+    let fh = sessions.open_version(&uid, !opts.read_only, opener)?.fh;
     let conn = Arc::new(Conn {
         sessions: sessions.clone(),
-        uid,
         size: agreed.version.size,
-        opener,
         read_only: opts.read_only,
         structured: agreed.structured,
         allocation: agreed.allocation,
-        read_fh,
-        writable: Mutex::new(if opts.read_only { Writable::No } else { Writable::Open(read_fh) }),
-        opened: Condvar::new(),
+        fh,
         reply: Mutex::new(w),
         budget: Mutex::new(0),
         freed: Condvar::new(),
@@ -889,17 +844,9 @@ fn connection<S: Sessions>(sessions: Arc<S>, stream: Stream, opts: &NbdOptions, 
     }
     // The last writer to go makes the overlay a version (or drops it, by the service's
     // policy); a failure is logged, since the client is gone.
-    let writable = std::mem::replace(&mut *conn.writable.lock().unwrap_or_else(|p| p.into_inner()), Writable::No);
-    if let Writable::Open(fh) = writable {
-        let done = sessions.flush(fh, opener).and_then(|_| sessions.release(fh));
-        if let Err(e) = done {
-            log!("keepfs: nbd: the writes of connection {opener:#x} could not become a version: {e}");
-        }
-        if fh != read_fh {
-            let _ = sessions.release(read_fh);
-        }
-    } else {
-        let _ = sessions.release(read_fh);
+    let done = sessions.flush(fh, opener).and_then(|_| sessions.release(fh));
+    if let Err(e) = done {
+        log!("keepfs: nbd: the writes of connection {opener:#x} could not become a version: {e}");
     }
     if let Ok(w) = conn.reply.lock() {
         w.shutdown();
@@ -1067,18 +1014,7 @@ mod tests {
         fn shutdown(&self) {}
     }
 
-    struct Rng(u64);
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            self.0
-        }
-        fn below(&mut self, n: u64) -> u64 {
-            self.next() % n.max(1)
-        }
-    }
+    use crate::proto::tests::Rng;
 
     /// A client's bytes: real pieces (flags, options, requests) with random fields, and
     /// now and then plain noise or a cut.

@@ -239,21 +239,25 @@ pub fn chunk_header(flags: u16, kind: u16, cookie: u64, len: u32) -> [u8; 20] {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    /// A small deterministic generator: the parsers must take any bytes without a panic,
-    /// and read nothing past what they were given.
-    struct Rng(u64);
+    /// A small deterministic generator (xorshift) for the property tests of this crate.
+    pub(crate) struct Rng(pub(crate) u64);
     impl Rng {
-        fn next(&mut self) -> u64 {
+        pub(crate) fn next(&mut self) -> u64 {
             self.0 ^= self.0 << 13;
             self.0 ^= self.0 >> 7;
             self.0 ^= self.0 << 17;
             self.0
         }
+        pub(crate) fn below(&mut self, n: u64) -> u64 {
+            self.next() % n.max(1)
+        }
     }
 
+    /// The parsers must take any bytes without a panic, and read nothing past what they
+    /// were given.
     #[test]
     fn parsers_take_arbitrary_bytes_without_panicking() {
         let mut rng = Rng(0x9e37_79b9_7f4a_7c15);

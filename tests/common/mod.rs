@@ -145,6 +145,22 @@ impl Repo {
         serde_json::from_str(&self.ok(&args)).expect("ls json")
     }
 
+    /// The uids of the valid versions a filter selects, oldest first.
+    pub fn valid_uids(&self, filter: &str) -> Vec<String> {
+        self.ls_json(Some(filter))
+            .as_array()
+            .expect("ls json is a list")
+            .iter()
+            .filter(|v| v["status"] == "valid")
+            .map(|v| v["uid"].as_str().expect("uid").to_string())
+            .collect()
+    }
+
+    /// The valid copy-on-write versions made of `uid`.
+    pub fn cow_versions(&self, uid: &str) -> Vec<String> {
+        self.valid_uids(&format!("labels[\"keepfs.cow-of\"] == \"{uid}\""))
+    }
+
     pub fn version(&self, uid: &str) -> serde_json::Value {
         let all = self.ls_json(None);
         all.as_array().unwrap().iter().find(|v| v["uid"] == uid).cloned().expect("version listed")

@@ -51,15 +51,13 @@ impl Server {
     /// exit status and what it logged.
     pub fn stop(mut self) -> (std::process::ExitStatus, String) {
         let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
-        let t = std::time::Instant::now();
-        loop {
-            if let Ok(Some(st)) = self.child.try_wait() {
-                let log = self.log.take().map(|t| t.join().unwrap()).unwrap_or_default();
-                return (st, log);
-            }
-            assert!(t.elapsed() < LIMIT, "the NBD server did not stop on SIGTERM");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let mut status = None;
+        super::mount::wait_until("the NBD server to stop on SIGTERM", LIMIT, || {
+            status = self.child.try_wait().ok().flatten();
+            status.is_some()
+        });
+        let log = self.log.take().map(|t| t.join().unwrap()).unwrap_or_default();
+        (status.expect("exited"), log)
     }
 }
 

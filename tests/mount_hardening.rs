@@ -161,6 +161,17 @@ fn listing_renaming_and_stat_while_writers_commit_never_wedge_the_mount() {
 /// and a job that writes again replaces the version its first close made.
 #[test]
 fn fio_write_then_verify_on_a_versions_data() {
+    fio_write_then_verify(&[]);
+}
+
+/// The same through the page cache: the writer's handle is cached (it is the file's only
+/// handle), and afterwards the file shows the original, not the overlay's cached pages.
+#[test]
+fn fio_write_then_verify_through_the_page_cache() {
+    fio_write_then_verify(&["--page-cache"]);
+}
+
+fn fio_write_then_verify(mount_args: &[&str]) {
     if Command::new("fio").arg("--version").output().is_err() {
         panic!("fio is not installed (apt-get install fio; .ci/run installs it)");
     }
@@ -168,7 +179,7 @@ fn fio_write_then_verify_on_a_versions_data() {
     let img = mixed_image(9, 16, 1 << 20, 0);
     fs::write(repo.path("vm.img"), &img).unwrap();
     let uid = repo.backup("vm.img", "vm", &["-b", "1M"]);
-    let m = Mount::new(&repo, &[]);
+    let m = Mount::new(&repo, mount_args);
     let data = m.p(&format!("by_version/{uid}/data"));
     for (job, rw) in [("seq", "write"), ("rand", "randwrite")] {
         let out = Command::new("fio")
@@ -303,4 +314,74 @@ fn allow_other_lets_the_named_user_in_and_nobody_else() {
     let other = as_user(12345, &format!("cat {} > /dev/null", data.display()));
     assert!(!other.status.success(), "another user was let in");
     assert!(String::from_utf8_lossy(&other.stderr).contains("Permission denied"), "{:?}", other);
+}
+
+/// `--page-cache` with a writer: the writer reads its own writes back (from the page cache,
+/// over pages of the original cached before), and after the writer's close no handle of
+/// the original ever sees the overlay's pages.
+#[test]
+fn page_cache_never_shows_an_overlays_bytes_to_readers_of_the_original() {
+    use std::os::unix::fs::FileExt;
+    let repo = Repo::new();
+    let img = mixed_image(31, 8, 1 << 20, 0);
+    fs::write(repo.path("vm.img"), &img).unwrap();
+    let uid = repo.backup("vm.img", "vm", &["-b", "1M"]);
+    let m = Mount::new(&repo, &["--page-cache"]);
+    let data = m.p(&format!("by_version/{uid}/data"));
+    let at = 1 << 20;
+    let mut buf = vec![0u8; 65536];
+    {
+        // Warm the page cache with the original first.
+        let r = fs::File::open(&data).unwrap();
+        r.read_exact_at(&mut buf, at).unwrap();
+        assert_eq!(buf, img[at as usize..at as usize + 65536]);
+    }
+    let w = fs::OpenOptions::new().read(true).write(true).open(&data).unwrap();
+    w.write_all_at(&[0x55; 65536], at).unwrap();
+    w.read_exact_at(&mut buf, at).unwrap();
+    assert!(buf.iter().all(|&b| b == 0x55), "the writer reads its own writes");
+    w.read_exact_at(&mut buf, 3 << 20).unwrap();
+    assert_eq!(buf, img[3 << 20..(3 << 20) + 65536], "and the original where it did not write");
+    // A cached handle can be mapped shared and written through the mapping (a direct
+    // I/O handle cannot: the kernel refuses the mmap).
+    {
+        use std::os::fd::AsRawFd;
+        let len = 4 << 20;
+        // SAFETY: a fresh shared mapping of the open file, used only inside this block.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                w.as_raw_fd(),
+                0,
+            )
+        };
+        assert_ne!(p, libc::MAP_FAILED, "mmap of a writer's handle: {}", std::io::Error::last_os_error());
+        // SAFETY: the range lies inside the mapping of `len` bytes.
+        unsafe {
+            std::ptr::write_bytes((p as *mut u8).add(2 << 20), 0x66, 4096);
+            assert_eq!(libc::msync(p, len, libc::MS_SYNC), 0, "{}", std::io::Error::last_os_error());
+            libc::munmap(p, len);
+        }
+    }
+    // A reader opened meanwhile shares the overlay, as on any filesystem (and reads it
+    // directly: the writer's handle is no longer the only one).
+    let r = fs::File::open(&data).unwrap();
+    r.read_exact_at(&mut buf, at).unwrap();
+    assert!(buf.iter().all(|&b| b == 0x55), "a reader opened meanwhile shares the overlay");
+    drop(r);
+    drop(w);
+    wait_until("the copy-on-write version", LIMIT, || repo.cow_versions(&uid).len() == 1);
+    // Read by another process: the writer's own process would get its new version back
+    // for a few seconds (the reopen continuation of tools that close and reopen).
+    let out = Command::new("sha256sum").arg(&data).output().unwrap();
+    let shown = String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap_or_default().to_string();
+    assert_eq!(shown, sha256_file(&repo.path("vm.img")), "the original again, not cached overlay pages");
+    let mut want = img.clone();
+    want[at as usize..at as usize + 65536].fill(0x55);
+    want[2 << 20..(2 << 20) + 4096].fill(0x66);
+    let cow = repo.cow_versions(&uid)[0].clone();
+    assert_eq!(fs::read(m.p(&format!("by_version/{cow}/data"))).unwrap(), want);
 }

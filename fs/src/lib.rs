@@ -14,8 +14,8 @@
 //! and docs/fuse.md). This crate only maps FUSE requests and inodes to it.
 //!
 //! ## Locks
-//! `inodes` and `statics` are leaf locks: taken, used and let go before anything else is
-//! taken or called. The session service takes its own locks the same way.
+//! `inodes`, `statics` and `cache` are leaf locks: taken, used and let go before anything
+//! else is taken or called. The session service takes its own locks the same way.
 
 pub use keepfs_face::{Opened, ReadRef, Sessions, VersionEntry};
 
@@ -53,8 +53,9 @@ pub struct MountOptions {
     /// by other processes show within this time.
     pub ttl: Duration,
     /// Let the kernel's page cache keep what is read from versions' `data` (fast
-    /// re-reads, mmap). Off: reads are direct (no double caching under loop devices
-    /// and VMs, which cache for themselves; large reads are served concurrently).
+    /// re-reads, mmap), for writers' handles too where no other handle could see their
+    /// pages (`CachePolicy`). Off: reads are direct (no double caching under loop
+    /// devices and VMs, which cache for themselves; large reads are served concurrently).
     pub page_cache: bool,
     /// Let other users than the mount's owner in (FUSE `allow_other`); the kernel then
     /// checks the owner and modes below (`default_permissions`).
@@ -158,6 +159,69 @@ impl Inodes {
 /// Handles of metadata files have this bit set; all others are the session service's.
 const STATIC_FH: u64 = 1 << 63;
 
+/// With `--page-cache`, which open of a version's `data` may use the kernel's page cache.
+/// The page cache belongs to the inode, which every handle of the file shares, while an
+/// overlay's bytes are only its writers' view. So:
+/// - an overlay handle (a writer, or a continuation) uses the page cache only when it is
+///   the file's only open handle; every handle opened while it is open reads directly;
+/// - once an overlay handle has used the page cache, the inode's pages are *stale* for
+///   the original: the next handle that uses the cache opens without FOPEN_KEEP_CACHE,
+///   which makes the kernel drop them;
+/// - otherwise read-only handles keep the cache across opens (FOPEN_KEEP_CACHE).
+#[derive(Default)]
+struct CachePolicy {
+    by_uid: HashMap<String, CacheUse>,
+    /// Open handles of `data`: their version and whether they are cached overlay handles.
+    by_fh: HashMap<u64, (String, bool)>,
+}
+
+#[derive(Default)]
+struct CacheUse {
+    open: usize,
+    cached_overlays: usize,
+    stale: bool,
+}
+
+impl CachePolicy {
+    fn open(&mut self, uid: &str, fh: u64, overlay: bool) -> FopenFlags {
+        let u = self.by_uid.entry(uid.to_string()).or_default();
+        let mut cached_overlay = false;
+        let flags = if overlay {
+            if u.open == 0 {
+                cached_overlay = true;
+                u.cached_overlays += 1;
+                u.stale = true;
+                FopenFlags::empty()
+            } else {
+                FopenFlags::FOPEN_DIRECT_IO
+            }
+        } else if u.cached_overlays > 0 {
+            FopenFlags::FOPEN_DIRECT_IO
+        } else if u.stale {
+            u.stale = false;
+            FopenFlags::empty()
+        } else {
+            FopenFlags::FOPEN_KEEP_CACHE
+        };
+        u.open += 1;
+        self.by_fh.insert(fh, (uid.to_string(), cached_overlay));
+        flags
+    }
+
+    fn release(&mut self, fh: u64) {
+        let Some((uid, cached_overlay)) = self.by_fh.remove(&fh) else { return };
+        if let Some(u) = self.by_uid.get_mut(&uid) {
+            u.open = u.open.saturating_sub(1);
+            if cached_overlay {
+                u.cached_overlays = u.cached_overlays.saturating_sub(1);
+            }
+            if u.open == 0 && !u.stale {
+                self.by_uid.remove(&uid);
+            }
+        }
+    }
+}
+
 pub struct KeepFs<S: Sessions> {
     sessions: Arc<S>,
     opts: MountOptions,
@@ -165,6 +229,8 @@ pub struct KeepFs<S: Sessions> {
     /// Open metadata files (`name`, `size`, …): their bytes, fixed at open.
     statics: Mutex<HashMap<u64, Vec<u8>>>,
     next_static: AtomicU64,
+    /// With `--page-cache`: which handles of each version's `data` may use the page cache.
+    cache: Mutex<CachePolicy>,
     owner: (u32, u32),
     started: SystemTime,
 }
@@ -188,6 +254,7 @@ impl<S: Sessions> KeepFs<S> {
             inodes: Mutex::new(Inodes::default()),
             statics: Mutex::new(HashMap::new()),
             next_static: AtomicU64::new(1),
+            cache: Mutex::new(CachePolicy::default()),
             owner,
             started: SystemTime::now(),
         }
@@ -566,10 +633,10 @@ impl<S: Sessions> Filesystem for KeepFs<S> {
         let r = self.node(ino).and_then(|node| match node {
             Node::VersionFile(uid, Field::Data) => {
                 let o = self.sessions.open_version(&uid, writes, opener).map_err(err)?;
-                // An overlay's bytes must never sit in the page cache of this inode: once
-                // the overlay becomes a version, the file is the original again.
-                let flags = if self.opts.page_cache && !o.volatile {
-                    FopenFlags::FOPEN_KEEP_CACHE
+                // An overlay's bytes must never be seen from the page cache by a handle
+                // of the original: see `CachePolicy`.
+                let flags = if self.opts.page_cache {
+                    self.cache.lock().open(&uid, o.fh, writes || o.volatile)
                 } else {
                     FopenFlags::FOPEN_DIRECT_IO
                 };
@@ -751,7 +818,11 @@ impl<S: Sessions> Filesystem for KeepFs<S> {
         let fh = u64::from(fh);
         if fh & STATIC_FH != 0 {
             self.statics.lock().remove(&fh);
-        } else if let Err(e) = self.sessions.release(fh) {
+            reply.ok();
+            return;
+        }
+        self.cache.lock().release(fh);
+        if let Err(e) = self.sessions.release(fh) {
             // Nobody waits for a release: the log is the only place to say it.
             log!("keepfs: error: the last close failed ({e})");
         }

@@ -53,8 +53,8 @@ pub struct MountOptions {
     /// by other processes show within this time.
     pub ttl: Duration,
     /// Let the kernel's page cache keep what is read from versions' `data` (fast
-    /// re-reads, mmap), for writers' handles too where no other handle could see their
-    /// pages (`CachePolicy`). Off: reads are direct (no double caching under loop
+    /// re-reads, mmap) by read-only handles; writers' handles stay direct
+    /// (`CachePolicy`). Off: reads are direct (no double caching under loop
     /// devices and VMs, which cache for themselves; large reads are served concurrently).
     pub page_cache: bool,
     /// Let other users than the mount's owner in (FUSE `allow_other`); the kernel then
@@ -161,63 +161,34 @@ const STATIC_FH: u64 = 1 << 63;
 
 /// With `--page-cache`, which open of a version's `data` may use the kernel's page cache.
 /// The page cache belongs to the inode, which every handle of the file shares, while an
-/// overlay's bytes are only its writers' view. So:
-/// - an overlay handle (a writer, or a continuation) uses the page cache only when it is
-///   the file's only open handle; every handle opened while it is open reads directly;
-/// - once an overlay handle has used the page cache, the inode's pages are *stale* for
-///   the original: the next handle that uses the cache opens without FOPEN_KEEP_CACHE,
-///   which makes the kernel drop them;
-/// - otherwise read-only handles keep the cache across opens (FOPEN_KEEP_CACHE).
+/// overlay's bytes are only its writers' view. So overlay handles (writers, handles that
+/// attach to an open overlay, continuations) always read and write directly. They can
+/// still bring overlay bytes into the inode's pages (a `MAP_PRIVATE` mapping of a direct
+/// I/O handle is read through the page cache), so once a version has had an overlay, it
+/// is *stale*: every later read-only open of it goes without FOPEN_KEEP_CACHE, which makes
+/// the kernel drop the inode's pages before that handle's first read. Only versions that
+/// never had an overlay keep their pages across opens (FOPEN_KEEP_CACHE).
+///
+/// A writer's handle is not cached even when it is the file's only handle: a second
+/// handle attaching to the overlay would read and write directly, and on the kernels
+/// keepfs runs on (Debian 12's 6.1) a direct write neither invalidates nor writes back
+/// the first handle's cached pages, so one would read stale bytes and a dirty mapped page
+/// could overwrite the other's write. Dropping those pages from the daemon
+/// (FUSE_NOTIFY_INVAL_INODE) inside a request can wait on the very workers that serve it.
 #[derive(Default)]
 struct CachePolicy {
-    by_uid: HashMap<String, CacheUse>,
-    /// Open handles of `data`: their version and whether they are cached overlay handles.
-    by_fh: HashMap<u64, (String, bool)>,
-}
-
-#[derive(Default)]
-struct CacheUse {
-    open: usize,
-    cached_overlays: usize,
-    stale: bool,
+    stale: std::collections::HashSet<String>,
 }
 
 impl CachePolicy {
-    fn open(&mut self, uid: &str, fh: u64, overlay: bool) -> FopenFlags {
-        let u = self.by_uid.entry(uid.to_string()).or_default();
-        let mut cached_overlay = false;
-        let flags = if overlay {
-            if u.open == 0 {
-                cached_overlay = true;
-                u.cached_overlays += 1;
-                u.stale = true;
-                FopenFlags::empty()
-            } else {
-                FopenFlags::FOPEN_DIRECT_IO
-            }
-        } else if u.cached_overlays > 0 {
+    fn open(&mut self, uid: &str, overlay: bool) -> FopenFlags {
+        if overlay {
+            self.stale.insert(uid.to_string());
             FopenFlags::FOPEN_DIRECT_IO
-        } else if u.stale {
-            u.stale = false;
+        } else if self.stale.contains(uid) {
             FopenFlags::empty()
         } else {
             FopenFlags::FOPEN_KEEP_CACHE
-        };
-        u.open += 1;
-        self.by_fh.insert(fh, (uid.to_string(), cached_overlay));
-        flags
-    }
-
-    fn release(&mut self, fh: u64) {
-        let Some((uid, cached_overlay)) = self.by_fh.remove(&fh) else { return };
-        if let Some(u) = self.by_uid.get_mut(&uid) {
-            u.open = u.open.saturating_sub(1);
-            if cached_overlay {
-                u.cached_overlays = u.cached_overlays.saturating_sub(1);
-            }
-            if u.open == 0 && !u.stale {
-                self.by_uid.remove(&uid);
-            }
         }
     }
 }
@@ -229,7 +200,7 @@ pub struct KeepFs<S: Sessions> {
     /// Open metadata files (`name`, `size`, …): their bytes, fixed at open.
     statics: Mutex<HashMap<u64, Vec<u8>>>,
     next_static: AtomicU64,
-    /// With `--page-cache`: which handles of each version's `data` may use the page cache.
+    /// With `--page-cache`: which versions' `data` may keep pages across opens.
     cache: Mutex<CachePolicy>,
     owner: (u32, u32),
     started: SystemTime,
@@ -636,7 +607,7 @@ impl<S: Sessions> Filesystem for KeepFs<S> {
                 // An overlay's bytes must never be seen from the page cache by a handle
                 // of the original: see `CachePolicy`.
                 let flags = if self.opts.page_cache {
-                    self.cache.lock().open(&uid, o.fh, writes || o.volatile)
+                    self.cache.lock().open(&uid, writes || o.volatile)
                 } else {
                     FopenFlags::FOPEN_DIRECT_IO
                 };
@@ -818,11 +789,7 @@ impl<S: Sessions> Filesystem for KeepFs<S> {
         let fh = u64::from(fh);
         if fh & STATIC_FH != 0 {
             self.statics.lock().remove(&fh);
-            reply.ok();
-            return;
-        }
-        self.cache.lock().release(fh);
-        if let Err(e) = self.sessions.release(fh) {
+        } else if let Err(e) = self.sessions.release(fh) {
             // Nobody waits for a release: the log is the only place to say it.
             log!("keepfs: error: the last close failed ({e})");
         }

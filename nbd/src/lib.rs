@@ -163,6 +163,9 @@ enum Stream {
     Tls(Tls),
 }
 
+/// How much of a reply is encrypted at once.
+const TLS_PIECE: usize = 256 << 10;
+
 /// One side of a TLS session: the shared session state, this side's socket handle, and
 /// (for the reading side) ciphertext read from the socket that the session has not yet
 /// taken in.
@@ -227,24 +230,31 @@ impl Tls {
         }
     }
 
-    /// Encrypts `buf` under the session's lock, then sends it with the lock released.
+    /// Encrypts `buf` under the session's lock, then sends it with the lock released, a
+    /// piece at a time, so a 32 MiB reply neither holds the reader up for long nor is
+    /// held twice in memory.
     fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
-        let mut out = Vec::with_capacity(buf.len() + 256);
-        {
-            let mut s = lock_tls(&self.session);
-            let mut rest = buf;
-            while !rest.is_empty() {
-                let n = s.writer().write(rest)?;
-                rest = &rest[n..];
-                while s.wants_write() {
-                    s.write_tls(&mut out)?;
-                }
-                if n == 0 && !rest.is_empty() {
-                    return Err(io::Error::new(io::ErrorKind::WriteZero, "the TLS session takes no more data"));
+        let mut out = Vec::with_capacity(TLS_PIECE + 1024);
+        for piece in buf.chunks(TLS_PIECE) {
+            out.clear();
+            {
+                let mut s = lock_tls(&self.session);
+                let mut rest = piece;
+                while !rest.is_empty() {
+                    let n = s.writer().write(rest)?;
+                    rest = &rest[n..];
+                    let mut drained = 0;
+                    while s.wants_write() {
+                        drained += s.write_tls(&mut out)?;
+                    }
+                    if n == 0 && drained == 0 {
+                        return Err(io::Error::new(io::ErrorKind::WriteZero, "the TLS session takes no more data"));
+                    }
                 }
             }
+            self.raw.write_all(&out)?;
         }
-        self.raw.write_all(&out)
+        Ok(())
     }
 }
 

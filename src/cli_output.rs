@@ -121,3 +121,18 @@ pub fn error_json(e: &Error) {
     let v = serde_json::json!({ "error": e.to_string(), "exit_code": e.exit_code() });
     let _ = crate::output::stdout_line(format_args!("{v}"));
 }
+
+/// A command line clap refused, as JSON on standard output when the arguments ask for
+/// `--format json` (clap's own message still goes to standard error, exit 2).
+pub fn usage_error_json(e: &clap::Error) {
+    let args: Vec<String> = std::env::args().collect();
+    let asked =
+        args.windows(2).any(|w| w[0] == "--format" && w[1] == "json") || args.iter().any(|a| a == "--format=json");
+    if !asked || !e.use_stderr() {
+        return;
+    }
+    let text = e.to_string();
+    let first = text.lines().next().unwrap_or_default().trim_start_matches("error: ").to_string();
+    let v = serde_json::json!({ "error": first, "exit_code": e.exit_code() });
+    let _ = crate::output::stdout_line(format_args!("{v}"));
+}

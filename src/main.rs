@@ -1819,7 +1819,10 @@ fn main() {
     // First, before any thread exists (it moves the environment strings; see title).
     title::init();
     // A source truncated while mapped is caught by the library (keepfs::source::sigbus).
-    let matches = cli_command().try_get_matches().unwrap_or_else(|e| e.exit());
+    let matches = cli_command().try_get_matches().unwrap_or_else(|e| {
+        cli_output::usage_error_json(&e);
+        e.exit()
+    });
     let cli = <Cli as clap::FromArgMatches>::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     cli_output::set_json(cli_output::wants_json(&matches));
     cli_output::set_table_style(cli.machine_output, cli.skip_header);

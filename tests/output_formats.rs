@@ -106,6 +106,12 @@ fn errors_are_json_too_with_the_same_exit_codes() {
     let r = repo.run(&["ls", "--format", "json", "name =="]);
     assert_eq!(r.code, 2, "{}", r.stderr);
     assert_eq!(one_object(&r.stdout)["exit_code"], 2);
+    // A command line that clap refuses (a missing argument), asked for JSON.
+    let r = repo.run(&["restore", "--format", "json", &uid]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    let e = one_object(&r.stdout);
+    assert_eq!(e["exit_code"], 2);
+    assert!(e["error"].as_str().unwrap().contains("required"), "{e}");
     // Without --format json, errors stay off stdout.
     let r = repo.run(&["ls", "name =="]);
     assert_eq!(r.code, 2);

@@ -201,3 +201,28 @@ fn a_closed_pipe_is_not_a_crash() {
         assert!(!stderr.contains("error"), "{stderr}");
     }
 }
+
+/// Damage keeps its exit code (3) with --format json, and the object lists it.
+#[test]
+fn damage_found_is_listed_in_the_json_with_exit_3() {
+    let repo = Repo::new();
+    let img = random_bytes(541, 4 * BS);
+    fs::write(repo.path("img"), &img).unwrap();
+    let uid = repo.backup("img", "vm1", &["-b", "64k"]);
+    let object = repo.object_file(&img[2 * BS..3 * BS]);
+    let len = fs::metadata(&object).unwrap().len();
+    flip_bit(&object, len - 10, 0x01);
+
+    let r = repo.run(&["deep-scrub", "--format", "json", &uid]);
+    assert_eq!(r.code, 3, "{}", r.stderr);
+    let s = one_object(&r.stdout);
+    assert_eq!(s["damaged_versions"], 1);
+    assert_eq!(s["versions"][0]["ok"], false);
+    assert_eq!(s["versions"][0]["damaged_blocks"][0]["index"], 2, "{s}");
+    assert_eq!(s["versions"][0]["damaged_blocks"][0]["offset"], 2 * BS as u64, "{s}");
+
+    let r = repo.run(&["restore", "--format", "json", &uid, &repo.url("out")]);
+    assert_eq!(r.code, 3, "{}", r.stderr);
+    let j = one_object(&r.stdout);
+    assert_eq!(j["damaged_blocks"][0]["index"], 2, "{j}");
+}

@@ -288,7 +288,8 @@ enum Command {
         #[arg(required = true)]
         uids: Vec<String>,
     },
-    /// Mount the repository as a filesystem (by_version/, by_name/, incoming/)
+    /// Mount the repository as a filesystem (by_version/, by_name/, incoming/), in the
+    /// foreground until `fusermount3 -u DIR`
     ///
     /// Runs in the foreground until the filesystem is unmounted: `fusermount3 -u DIR` (or
     /// `umount DIR` as root), Ctrl-C or SIGTERM unmount it cleanly. With --daemon it

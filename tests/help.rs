@@ -92,6 +92,8 @@ fn defaults_and_the_mounts_foreground_are_spelled_out() {
     let daemon =
         mount.lines().skip_while(|l| !l.trim_start().starts_with("--daemon")).take(4).collect::<Vec<_>>().join(" ");
     assert!(daemon.contains("mount.log"), "{daemon}");
+    let short = repo.ok(&["mount", "-h"]);
+    assert!(short.contains("foreground") && short.contains("fusermount3 -u"), "{short}");
     // The short help (-h) shows the examples too.
     assert!(repo.ok(&["restore", "-h"]).contains("keepfs restore --delta-from"));
 }

@@ -2,7 +2,6 @@
 //! is read): the byte ranges whose content differs, as `rbd diff` reports them, so that
 //! `keepfs diff A B --format json` can serve as `backup --hints` of B over A.
 
-use crate::block::BlockId;
 use crate::error::{Error, Result};
 use crate::index::BlockIndex;
 use serde::Serialize;
@@ -34,13 +33,19 @@ pub fn diff(old: &BlockIndex, new: &BlockIndex) -> Result<Vec<Change>> {
     }
     let bs = new.block_size as u64;
     let mut out: Vec<Change> = Vec::new();
-    for (idx, &id) in new.entries.iter().enumerate() {
-        let before = old.entries.get(idx).copied().unwrap_or(BlockId::SPARSE);
-        let same_len = idx < old.entries.len() && old.block_len(idx) == new.block_len(idx);
+    // Only a block that holds data in either version can differ: walk those, in order.
+    let n = new.entries.len();
+    let candidates: std::collections::BTreeSet<u64> =
+        new.entries.data().map(|(i, _)| i).chain(old.entries.data_in(0..n).map(|(i, _)| i)).collect();
+    for idx in candidates {
+        let id = new.entries.get(idx);
+        let before = old.entries.get(idx);
+        let i = idx as usize;
+        let same_len = idx < old.entries.len() && old.block_len(i) == new.block_len(i);
         if id == before && (same_len || id.is_sparse()) {
             continue;
         }
-        let (offset, length, exists) = (idx as u64 * bs, new.block_len(idx) as u64, !id.is_sparse());
+        let (offset, length, exists) = (idx * bs, new.block_len(i) as u64, !id.is_sparse());
         match out.last_mut() {
             Some(last) if last.exists == exists && last.offset + last.length == offset => last.length += length,
             _ => out.push(Change { offset, length, exists }),
@@ -52,13 +57,14 @@ pub fn diff(old: &BlockIndex, new: &BlockIndex) -> Result<Vec<Change>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::block::BlockId;
 
     fn id(n: u8) -> BlockId {
         BlockId([n; 32])
     }
 
     fn index(size: u64, entries: Vec<BlockId>) -> BlockIndex {
-        BlockIndex { uid: 1, size, block_size: 4096, entries }
+        BlockIndex { uid: 1, size, block_size: 4096, entries: entries.into_iter().collect() }
     }
 
     #[test]

@@ -1311,6 +1311,14 @@ fn run(cli: Cli) -> Result<i32> {
                     );
                 }
             }
+            if !dry_run {
+                // The catalog's pages of removed versions go back to the filesystem too.
+                match repo.reclaim_catalog_space() {
+                    Ok(0) => {}
+                    Ok(n) => report!("database: returned {} to the filesystem", format_size(n)),
+                    Err(e) => note!("keepfs: warning: could not shrink the database file: {e}"),
+                }
+            }
             Ok(exit::OK)
         }
     }

@@ -20,6 +20,7 @@ use crossbeam_channel::{Receiver, Sender, TryRecvError, bounded, unbounded};
 use parking_lot::{Condvar, Mutex};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -832,21 +833,32 @@ impl Repository {
         // Readers take whole windows in turn; a window is mapped when the source allows
         // it (workers then hash straight from the page cache) and read block by block
         // into pooled buffers otherwise.
+        // Readers claim windows in order; a reader that meets a hole claims every later
+        // window the hole covers too (see `skip_hole`).
         let window_bytes = WINDOW_BYTES.max(bs as u64);
         let windows = size.div_ceil(window_bytes);
+        let next_window = AtomicU64::new(0);
         std::thread::scope(|s| {
-            for r in 0..readers {
-                let (ingest, read_error) = (&ingest, &read_error);
+            for _ in 0..readers {
+                let (ingest, read_error, next_window) = (&ingest, &read_error, &next_window);
                 s.spawn(move || {
-                    let mut w = r;
-                    while w < windows {
+                    loop {
+                        let w = next_window.fetch_add(1, Ordering::AcqRel);
+                        if w >= windows || read_error.lock().is_some() {
+                            return;
+                        }
                         let woff = w * window_bytes;
                         let wlen = (size - woff).min(window_bytes);
-                        if let Err(e) = read_window(source, url, ingest, woff, wlen, bs, wanted, read_error, progress) {
+                        let hole = Windows { next: next_window, count: windows, bytes: window_bytes, size };
+                        let r = match skip_hole(source, url, ingest, &hole, w, bs, wanted, progress) {
+                            Ok(true) => Ok(()),
+                            Ok(false) => read_window(source, url, ingest, woff, wlen, bs, wanted, read_error, progress),
+                            Err(e) => Err(e),
+                        };
+                        if let Err(e) = r {
                             read_error.lock().get_or_insert(e);
                             return;
                         }
-                        w += readers;
                     }
                 });
             }
@@ -862,6 +874,53 @@ impl Repository {
         let r = ingest.finish()?;
         Ok((r.entries, r.stats))
     }
+}
+
+/// The windows of a source that readers claim in order.
+struct Windows<'a> {
+    next: &'a AtomicU64,
+    count: u64,
+    bytes: u64,
+    size: u64,
+}
+
+/// When window `w` lies wholly in a hole of the source (all of null://), records it and
+/// every later window the hole covers wholly, claimed from the other readers at once, as
+/// one run of sparse blocks: one SEEK_DATA and one message for a hole of any length, so
+/// a 200 TB image of holes is not walked window by window. `false`: window `w` may hold
+/// data (or only some of its blocks are wanted), and is read as usual.
+#[allow(clippy::too_many_arguments)]
+fn skip_hole(
+    source: &dyn Source,
+    url: &Url,
+    ingest: &Mutex<Ingest>,
+    windows: &Windows,
+    w: u64,
+    bs: u32,
+    wanted: Option<&[bool]>,
+    progress: &dyn Progress,
+) -> Result<bool> {
+    if wanted.is_some() {
+        return Ok(false);
+    }
+    let woff = w * windows.bytes;
+    let data = source.next_data(woff).map_err(|e| Error::io(format!("cannot read {url} at byte {woff}"), e))?;
+    if data.start < (woff + windows.bytes).min(windows.size) {
+        return Ok(false);
+    }
+    // Later windows that end at or before the data (or the image's end) are hole too.
+    let last = if data.start >= windows.size { windows.count } else { data.start / windows.bytes };
+    let end = if last > w + 1 && windows.next.compare_exchange(w + 1, last, Ordering::AcqRel, Ordering::Acquire).is_ok()
+    {
+        last
+    } else {
+        w + 1
+    };
+    let to = (end * windows.bytes).min(windows.size);
+    let bs = bs as u64;
+    ingest.lock().submit_zero_run(woff / bs, (to - woff).div_ceil(bs), to - woff)?;
+    progress.advance(to - woff);
+    Ok(true)
 }
 
 /// Feeds the blocks of one window of the source into the ingest.

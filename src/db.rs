@@ -969,7 +969,10 @@ impl Db {
             self.conn.pragma_update(None, "auto_vacuum", "INCREMENTAL")?;
             self.conn.execute_batch("VACUUM")?;
         } else {
-            self.conn.execute_batch("PRAGMA incremental_vacuum")?;
+            // Each step of the statement frees one page: run it to its end.
+            let mut st = self.conn.prepare("PRAGMA incremental_vacuum")?;
+            let mut rows = st.query([])?;
+            while rows.next()?.is_some() {}
         }
         let _: i64 = self.conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get(0))?;
         let after = pages(&self.conn)?;

@@ -122,7 +122,7 @@ def main():
         after_new = db_bytes(old_16t_home)
         print(f"\nold 16T repository after rm: database {mib(before)}; old cleanup leaves {mib(after_old)}; "
               f"new cleanup (one-time VACUUM conversion) {dt:.1f} s, {rss:.0f} MiB RSS, leaves {mib(after_new)}"
-              f" ({err.strip().splitlines()[-1] if err.strip() else ''})")
+              f" ({'; '.join(l for l in out.splitlines() if l.startswith('database:'))})")
 
 
 if __name__ == "__main__":

@@ -336,8 +336,11 @@ impl Db {
             .map_err(|e| Error::Other(format!("cannot open the metadata database {}: {e}", path.display())))?;
         conn.busy_timeout(BUSY_TIMEOUT)?;
         // A new database gives freed pages back to the filesystem on request (see
-        // `reclaim_space`); on an existing one this changes nothing until a VACUUM.
-        conn.pragma_update(None, "auto_vacuum", "INCREMENTAL")?;
+        // `reclaim_space`). Only a new one: on an existing file the pragma may write.
+        let pages: i64 = conn.pragma_query_value(None, "page_count", |r| r.get(0))?;
+        if pages == 0 {
+            conn.pragma_update(None, "auto_vacuum", "INCREMENTAL")?;
+        }
         // WAL lets readers (ls, a mount) run while a backup writes; FULL makes every
         // commit durable, so "valid" in the database is never lost after it is printed.
         switch_to_wal(&conn)?;

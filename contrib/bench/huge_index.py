@@ -13,7 +13,7 @@ reference; a step the baseline refuses is printed as such. Finally the new binar
 first `cleanup` on the baseline's 16 TiB repository (rm'd version) shows the one-time
 conversion of an old database (VACUUM) and what it gives back.
 
-usage: contrib/bench/huge_index.py --new target/release/keepfs [--old OLD] [--sizes 1T,16T,200T]
+usage: contrib/bench/huge_index.py --new target/release/keepfs [--old OLD] [--sizes 1T,16T,200T,200T@8M]
        [--workdir DIR] [--tmpfs /dev/shm]
 """
 import argparse
@@ -53,13 +53,15 @@ def mib(n):
 
 
 def bench(binary, label, size, workdir, tmpfs, keep=False):
-    home = os.path.join(workdir, f"{label}-{size}")
+    home = os.path.join(workdir, f"{label}-{size.replace('@', '-')}")
     shutil.rmtree(home, ignore_errors=True)
     os.makedirs(home)
     env = dict(os.environ, KEEPFS_HOME=home)
     env.pop("KEEPFS_CONFIG", None)
     row = {"binary": label, "size": size}
-    ok, dt, rss, out, err = timed([binary, "backup", f"null://{size}", "huge"], env)
+    image, _, bs = size.partition("@")
+    extra = ["-b", bs] if bs else []
+    ok, dt, rss, out, err = timed([binary, "backup", *extra, f"null://{image}", "huge"], env)
     if not ok:
         row["backup"] = "refused: " + err.strip().splitlines()[-1][:150]
         return row, home
@@ -67,7 +69,7 @@ def bench(binary, label, size, workdir, tmpfs, keep=False):
     row["backup"] = f"{dt:6.1f} s {rss:6.0f} MiB"
     row["index"] = mib(index_bytes(home, uid))
     row["object"] = mib(os.path.getsize(os.path.join(home, "storage", "versions", uid)))
-    target = os.path.join(tmpfs, f"keepfs-huge-{label}-{size}.img")
+    target = os.path.join(tmpfs, f"keepfs-huge-{label}-{size.replace('@', '-')}.img")
     ok, dt, rss, _, err = timed([binary, "restore", "--force", uid, f"file://{target}"], env)
     row["restore"] = f"{dt:6.1f} s {rss:6.0f} MiB" if ok else "failed: " + err.strip()[-150:]
     if os.path.exists(target):
@@ -89,7 +91,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--new", required=True, help="the keepfs binary to measure")
     ap.add_argument("--old", help="the baseline binary (e.g. built from main 5f2c975)")
-    ap.add_argument("--sizes", default="1T,16T,200T")
+    ap.add_argument("--sizes", default="1T,16T,200T,200T@8M",
+                    help="image sizes, SIZE@BS for another block size (the old binary refuses 200T at 4M)")
     ap.add_argument("--workdir", default="/tmp/keepfs-huge-bench")
     ap.add_argument("--tmpfs", default="/dev/shm")
     a = ap.parse_args()

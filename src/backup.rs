@@ -8,7 +8,7 @@
 use crate::block::{BlockId, ObjectKind, is_zero};
 use crate::db::Db;
 use crate::error::{Error, Result};
-use crate::index::{BlockIndex, block_count};
+use crate::index::{BlockIndex, Entries, MAX_DATA_BLOCKS_PER_VERSION, block_count, too_much_data};
 use crate::progress::Progress;
 use crate::repo::{Repository, encode_version_object, version_key};
 use crate::source::file::{WINDOW_BYTES, Window};
@@ -20,6 +20,7 @@ use crossbeam_channel::{Receiver, Sender, TryRecvError, bounded, unbounded};
 use parking_lot::{Condvar, Mutex};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -106,6 +107,12 @@ enum Done {
     /// holds the database's write lock.
     Encoded(Put),
     Failed(Error),
+    /// Blocks `first..first + count`, `bytes` long in all, are a hole of the source.
+    ZeroRun {
+        first: u64,
+        count: u64,
+        bytes: u64,
+    },
     /// No more blocks will be submitted; `count` were.
     Finish {
         count: u64,
@@ -131,7 +138,7 @@ pub struct IngestContext {
 /// What an ingest produced: the id of every block by index (sparse where none was
 /// submitted) and the statistics.
 pub struct IngestResult {
-    pub entries: Vec<BlockId>,
+    pub entries: Entries,
     pub stats: Stats,
 }
 
@@ -267,6 +274,15 @@ impl Ingest {
             .map_err(|_| Error::Other("the backup pipeline stopped".into()))
     }
 
+    /// Records blocks `first..first + count` (`bytes` long in all) as all zeros without
+    /// reading them: a hole of the source, one message however long.
+    pub fn submit_zero_run(&mut self, first: u64, count: u64, bytes: u64) -> Result<()> {
+        self.submitted += count;
+        self.done_tx
+            .send(Done::ZeroRun { first, count, bytes })
+            .map_err(|_| Error::Other("the backup pipeline stopped".into()))
+    }
+
     /// Returns a buffer from [`Ingest::take_buffer`] that will not be submitted.
     pub fn give_back(&self, buf: Vec<u8>) {
         let _ = self.pool_tx.send(buf);
@@ -392,7 +408,7 @@ struct Coordinator {
     ctx: IngestContext,
     job_tx: Sender<Job>,
     pool_tx: Sender<Vec<u8>>,
-    entries: Vec<BlockId>,
+    entries: Entries,
     stats: Stats,
     /// Ids stored (or being stored) by this ingest: later copies only reference them.
     seen: HashSet<BlockId>,
@@ -405,16 +421,17 @@ struct Coordinator {
 }
 
 impl Coordinator {
-    fn set(&mut self, idx: u64, id: BlockId) {
-        let i = idx as usize;
-        if i >= self.entries.len() {
-            self.entries.resize(i + 1, BlockId::SPARSE);
+    fn set(&mut self, idx: u64, id: BlockId) -> Result<()> {
+        self.entries.set(idx, id);
+        // Refused as soon as it is known, not after the rest of the image was read.
+        if self.entries.data_count() > MAX_DATA_BLOCKS_PER_VERSION {
+            return Err(too_much_data(self.entries.data_count(), self.ctx.block_size));
         }
-        self.entries[i] = id;
         if let Some(c) = &self.completions {
             c.done.lock().insert(idx, id);
             c.changed.notify_all();
         }
+        Ok(())
     }
 
     fn flush_lookups(&mut self) -> Result<()> {
@@ -432,7 +449,7 @@ impl Coordinator {
             let len = block.data().len() as u64;
             if self.seen.contains(&id) || present.contains(&id) {
                 self.stats.bytes_deduplicated += len;
-                self.set(idx, id);
+                self.set(idx, id)?;
                 self.completed += 1;
                 let _ = self.pool_tx.send(block.buf);
             } else {
@@ -461,7 +478,7 @@ impl Coordinator {
     fn stored(&mut self, idx: u64, id: BlockId, plain_len: u64, stored_len: u64) -> Result<()> {
         self.stats.bytes_written += plain_len;
         self.stats.bytes_stored += stored_len;
-        self.set(idx, id);
+        self.set(idx, id)?;
         self.completed += 1;
         self.in_store -= 1;
         self.pending_insert.push((id, stored_len, plain_len));
@@ -478,8 +495,21 @@ impl Coordinator {
                 if read {
                     self.stats.bytes_read += len;
                 }
-                self.set(idx, BlockId::SPARSE);
+                self.set(idx, BlockId::SPARSE)?;
                 self.completed += 1;
+            }
+            Done::ZeroRun { first, count, bytes } => {
+                // A hole of the source: one message, however many blocks.
+                self.stats.bytes_sparse += bytes;
+                if let Some(last) = (first + count).checked_sub(1) {
+                    self.set(last, BlockId::SPARSE)?;
+                }
+                if self.completions.is_some() {
+                    for idx in first..first + count {
+                        self.set(idx, BlockId::SPARSE)?;
+                    }
+                }
+                self.completed += count;
             }
             Done::Hashed { idx, id, block } => {
                 self.stats.bytes_read += block.data().len() as u64;
@@ -500,7 +530,7 @@ impl Coordinator {
                 })?;
                 self.stats.bytes_written += p.plain_len;
                 self.stats.bytes_stored += p.bytes.len() as u64;
-                self.set(p.idx, p.id);
+                self.set(p.idx, p.id)?;
                 self.completed += 1;
                 self.in_store -= 1;
             }
@@ -526,7 +556,7 @@ fn coordinate(
         ctx,
         job_tx,
         pool_tx,
-        entries: Vec::new(),
+        entries: Entries::default(),
         stats: Stats::default(),
         seen: HashSet::new(),
         pending_lookup: Vec::new(),
@@ -675,16 +705,10 @@ impl Repository {
 
     /// Commits a version whose blocks are all durable: writes its metadata object to the
     /// storage, then marks it valid in the database.
-    pub fn commit_version(
-        &self,
-        uid: VersionUid,
-        size: u64,
-        mut entries: Vec<BlockId>,
-        stats: Stats,
-    ) -> Result<Version> {
+    pub fn commit_version(&self, uid: VersionUid, size: u64, mut entries: Entries, stats: Stats) -> Result<Version> {
         let mut v = self.version(uid)?;
         let bs = v.block_size;
-        entries.resize(block_count(size, bs) as usize, BlockId::SPARSE);
+        entries.resize(block_count(size, bs));
         let index = BlockIndex { uid: uid.0, size, block_size: bs, entries };
         if size != v.size {
             self.db.lock().with_write_lock(|tx| {
@@ -696,10 +720,12 @@ impl Repository {
         v.status = crate::version::Status::Valid;
         v.stats = stats;
         let storage = self.storage(&v.storage)?;
+        let encoded = index.encode()?;
         let object = encode_version_object(storage.codec(), &v, &index)?;
         retry(STORAGE_ATTEMPTS, || storage.put(&version_key(uid), &object))?;
         retry(STORAGE_ATTEMPTS, || storage.sync())?;
-        self.db.lock().commit_version(uid, &index.encode(), &stats)?;
+        drop(object);
+        self.db.lock().commit_version(uid, &encoded, &stats)?;
         Ok(v)
     }
 
@@ -799,7 +825,7 @@ impl Repository {
         session: i64,
         wanted: Option<&[bool]>,
         progress: &dyn Progress,
-    ) -> Result<(Vec<BlockId>, Stats)> {
+    ) -> Result<(Entries, Stats)> {
         let size = source.size();
         let ingest = Mutex::new(Ingest::start(self.ingest_context(storage, bs, session)?));
         let readers = self.config.source_readers.max(1) as u64;
@@ -807,21 +833,32 @@ impl Repository {
         // Readers take whole windows in turn; a window is mapped when the source allows
         // it (workers then hash straight from the page cache) and read block by block
         // into pooled buffers otherwise.
+        // Readers claim windows in order; a reader that meets a hole claims every later
+        // window the hole covers too (see `skip_hole`).
         let window_bytes = WINDOW_BYTES.max(bs as u64);
         let windows = size.div_ceil(window_bytes);
+        let next_window = AtomicU64::new(0);
         std::thread::scope(|s| {
-            for r in 0..readers {
-                let (ingest, read_error) = (&ingest, &read_error);
+            for _ in 0..readers {
+                let (ingest, read_error, next_window) = (&ingest, &read_error, &next_window);
                 s.spawn(move || {
-                    let mut w = r;
-                    while w < windows {
+                    loop {
+                        let w = next_window.fetch_add(1, Ordering::AcqRel);
+                        if w >= windows || read_error.lock().is_some() {
+                            return;
+                        }
                         let woff = w * window_bytes;
                         let wlen = (size - woff).min(window_bytes);
-                        if let Err(e) = read_window(source, url, ingest, woff, wlen, bs, wanted, read_error, progress) {
+                        let hole = Windows { next: next_window, count: windows, bytes: window_bytes, size };
+                        let r = match skip_hole(source, url, ingest, &hole, w, bs, wanted, progress) {
+                            Ok(true) => Ok(()),
+                            Ok(false) => read_window(source, url, ingest, woff, wlen, bs, wanted, read_error, progress),
+                            Err(e) => Err(e),
+                        };
+                        if let Err(e) = r {
                             read_error.lock().get_or_insert(e);
                             return;
                         }
-                        w += readers;
                     }
                 });
             }
@@ -837,6 +874,53 @@ impl Repository {
         let r = ingest.finish()?;
         Ok((r.entries, r.stats))
     }
+}
+
+/// The windows of a source that readers claim in order.
+struct Windows<'a> {
+    next: &'a AtomicU64,
+    count: u64,
+    bytes: u64,
+    size: u64,
+}
+
+/// When window `w` lies wholly in a hole of the source (all of null://), records it and
+/// every later window the hole covers wholly, claimed from the other readers at once, as
+/// one run of sparse blocks: one SEEK_DATA and one message for a hole of any length, so
+/// a 200 TB image of holes is not walked window by window. `false`: window `w` may hold
+/// data (or only some of its blocks are wanted), and is read as usual.
+#[allow(clippy::too_many_arguments)]
+fn skip_hole(
+    source: &dyn Source,
+    url: &Url,
+    ingest: &Mutex<Ingest>,
+    windows: &Windows,
+    w: u64,
+    bs: u32,
+    wanted: Option<&[bool]>,
+    progress: &dyn Progress,
+) -> Result<bool> {
+    if wanted.is_some() {
+        return Ok(false);
+    }
+    let woff = w * windows.bytes;
+    let data = source.next_data(woff).map_err(|e| Error::io(format!("cannot read {url} at byte {woff}"), e))?;
+    if data.start < (woff + windows.bytes).min(windows.size) {
+        return Ok(false);
+    }
+    // Later windows that end at or before the data (or the image's end) are hole too.
+    let last = if data.start >= windows.size { windows.count } else { data.start / windows.bytes };
+    let end = if last > w + 1 && windows.next.compare_exchange(w + 1, last, Ordering::AcqRel, Ordering::Acquire).is_ok()
+    {
+        last
+    } else {
+        w + 1
+    };
+    let to = (end * windows.bytes).min(windows.size);
+    let bs = bs as u64;
+    ingest.lock().submit_zero_run(woff / bs, (to - woff).div_ceil(bs), to - woff)?;
+    progress.advance(to - woff);
+    Ok(true)
 }
 
 /// Feeds the blocks of one window of the source into the ingest.
@@ -866,6 +950,11 @@ fn read_window(
     let next_data =
         |off: u64| source.next_data(off).map_err(|e| Error::io(format!("cannot read {url} at byte {off}"), e));
     let mut data = next_data(woff)?;
+    if data.start >= woff + wlen && (first..first + blocks).all(want) {
+        ingest.lock().submit_zero_run(first, blocks, wlen)?;
+        progress.advance(wlen);
+        return Ok(());
+    }
     let window = if data.start >= woff + wlen {
         None
     } else {
@@ -904,16 +993,16 @@ fn read_window(
 
 /// Fills the blocks a differential backup did not read: from the base where it has them,
 /// sparse past its end (rbd diff reports growth as changed regions).
-fn merge_base(entries: &mut Vec<BlockId>, d: &Differential, size: u64, bs: u32, stats: &mut Stats) {
-    let n = block_count(size, bs) as usize;
-    entries.resize(n, BlockId::SPARSE);
-    for (idx, entry) in entries.iter_mut().enumerate() {
-        if d.wanted[idx] {
+fn merge_base(entries: &mut Entries, d: &Differential, size: u64, bs: u32, stats: &mut Stats) {
+    let n = block_count(size, bs);
+    entries.resize(n);
+    for idx in 0..n {
+        if d.wanted[idx as usize] {
             continue;
         }
-        let len = (size - idx as u64 * bs as u64).min(bs as u64);
-        let id = d.base.as_ref().and_then(|b| b.entries.get(idx).copied()).unwrap_or(BlockId::SPARSE);
-        *entry = id;
+        let len = (size - idx * bs as u64).min(bs as u64);
+        let id = d.base.as_ref().map_or(BlockId::SPARSE, |b| b.entries.get(idx));
+        entries.set(idx, id);
         if id.is_sparse() {
             stats.bytes_sparse += len;
         } else {
@@ -985,7 +1074,7 @@ impl Repository {
             return Ok(Some(Differential { wanted, base: None }));
         };
         let n = wanted.len();
-        let base_len = base.entries.len();
+        let base_len = base.entries.len() as usize;
         // Blocks whose length changed (the base's last, the new last) are read whole.
         for idx in [base_len.saturating_sub(1), n.saturating_sub(1)] {
             if idx < n
@@ -1000,23 +1089,24 @@ impl Repository {
         let base_storage_id = self.storage_id(&base_storage_name)?;
         let damaged = self.db().invalid_objects(base_storage_id)?;
         if !damaged.is_empty() {
-            for (idx, id) in base.entries.iter().enumerate() {
-                if idx < n && damaged.contains(id) {
-                    wanted[idx] = true;
+            for (idx, id) in base.entries.data() {
+                if (idx as usize) < n && damaged.contains(&id) {
+                    wanted[idx as usize] = true;
                 }
             }
         }
         // Trust, but verify: a sample of the blocks the hints call unchanged must match.
         let percent = opts.hints_check_percent.unwrap_or(1).min(100);
-        let unchanged: Vec<usize> = (0..n.min(base_len)).filter(|&i| !wanted[i]).collect();
+        // Found without a list of every unchanged block (that would be 8 bytes a block).
+        let unchanged = || (0..n.min(base_len)).filter(|&i| !wanted[i]);
         let seed = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos() as u64)
             .unwrap_or(7);
-        let mut sample: Vec<usize> =
-            unchanged.iter().copied().filter(|&i| crate::scrub::sampled(seed, i as u64, percent)).collect();
-        if sample.is_empty() && percent > 0 && !unchanged.is_empty() {
-            sample.push(unchanged[(seed % unchanged.len() as u64) as usize]);
+        let mut sample: Vec<usize> = unchanged().filter(|&i| crate::scrub::sampled(seed, i as u64, percent)).collect();
+        let unchanged_count = unchanged().count() as u64;
+        if sample.is_empty() && percent > 0 && unchanged_count > 0 {
+            sample.extend(unchanged().nth((seed % unchanged_count) as usize));
         }
         let base_storage = self.storage(&base_storage_name)?;
         let mut buf = vec![0u8; bs as usize];
@@ -1031,7 +1121,7 @@ impl Repository {
             } else {
                 base_storage.codec().id_of(&buf[..len])
             };
-            if id != base.entries[idx] {
+            if id != base.entries.get(idx as u64) {
                 return Err(Error::Invalid(format!(
                     "the hints are wrong: block {idx} (bytes {off}..{}) of {url} differs from base {} although the hints call it unchanged; back up without --base/--hints or with fresh hints",
                     off + len as u64,

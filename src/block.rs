@@ -100,16 +100,11 @@ pub const OBJECT_HEADER_LEN: usize = 72;
 /// The largest block (the largest block size a version may have, see
 /// [`crate::units::check_block_size`]).
 pub const MAX_BLOCK_LEN: u64 = 32 << 20;
-/// The most blocks one version may have. Its index (80 + 32 bytes a block) must fit in
-/// one SQLite value, whose default limit (`SQLITE_MAX_LENGTH`) is 10^9 bytes: 30 million
-/// blocks are 114 TiB at 4 MiB blocks, 114 GiB at 4 KiB, 915 TiB at 32 MiB.
-pub const MAX_BLOCKS_PER_VERSION: u64 = 30_000_000;
 /// The longest metadata JSON of a version object (its fields and labels).
 pub const MAX_VERSION_JSON_LEN: u64 = 16 << 20;
 /// The longest plaintext of a version object: its 16-byte header, metadata JSON and
 /// block index (see docs/format.md).
-pub const MAX_VERSION_PLAIN_LEN: u64 =
-    16 + MAX_VERSION_JSON_LEN + crate::index::INDEX_HEADER_LEN as u64 + ID_LEN as u64 * MAX_BLOCKS_PER_VERSION;
+pub const MAX_VERSION_PLAIN_LEN: u64 = 16 + MAX_VERSION_JSON_LEN + crate::index::MAX_INDEX_LEN;
 
 /// The longest plaintext an object of `kind` (its raw header value) may claim; `None`
 /// for a kind this build does not know.

@@ -335,6 +335,12 @@ impl Db {
         let conn = Connection::open(path)
             .map_err(|e| Error::Other(format!("cannot open the metadata database {}: {e}", path.display())))?;
         conn.busy_timeout(BUSY_TIMEOUT)?;
+        // A new database gives freed pages back to the filesystem on request (see
+        // `reclaim_space`). Only a new one: on an existing file the pragma may write.
+        let pages: i64 = conn.pragma_query_value(None, "page_count", |r| r.get(0))?;
+        if pages == 0 {
+            conn.pragma_update(None, "auto_vacuum", "INCREMENTAL")?;
+        }
         // WAL lets readers (ls, a mount) run while a backup writes; FULL makes every
         // commit durable, so "valid" in the database is never lost after it is printed.
         switch_to_wal(&conn)?;
@@ -937,6 +943,49 @@ impl Db {
     pub fn storage_names(&self) -> Result<Vec<(i64, String)>> {
         let mut st = self.conn.prepare("SELECT id, name FROM storages ORDER BY id")?;
         Ok(st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<rusqlite::Result<_>>()?)
+    }
+}
+
+// ---- Catalog space (issue 13, "Images of 200 TB"): kept apart from the SQL above so
+// that it moves as one piece. Removed versions leave free pages in the file; these give
+// them back to the filesystem.
+
+/// `PRAGMA auto_vacuum` value of a database that can give free pages back on request.
+const AUTO_VACUUM_INCREMENTAL: i64 = 2;
+
+impl Db {
+    /// Gives the database file's free pages back to the filesystem and returns how many
+    /// bytes the file shrank. A database made before keepfs did this (`auto_vacuum`
+    /// off) is converted once, by a full `VACUUM` (it rewrites the file, needing that
+    /// much free space for a moment); later calls only move the free pages out
+    /// (`incremental_vacuum`). Then the WAL is checkpointed so the file itself shrinks
+    /// (as far as readers allow: a reader keeps the pages it reads until it ends).
+    pub fn reclaim_space(&self) -> Result<u64> {
+        let pages = |c: &Connection| -> Result<i64> {
+            let n: i64 = c.pragma_query_value(None, "page_count", |r| r.get(0))?;
+            let size: i64 = c.pragma_query_value(None, "page_size", |r| r.get(0))?;
+            Ok(n * size)
+        };
+        let before = pages(&self.conn)?;
+        let mode: i64 = self.conn.pragma_query_value(None, "auto_vacuum", |r| r.get(0))?;
+        if mode != AUTO_VACUUM_INCREMENTAL {
+            self.conn.pragma_update(None, "auto_vacuum", "INCREMENTAL")?;
+            self.conn.execute_batch("VACUUM")?;
+        } else {
+            // Each step of the statement frees one page: run it to its end.
+            let mut st = self.conn.prepare("PRAGMA incremental_vacuum")?;
+            let mut rows = st.query([])?;
+            while rows.next()?.is_some() {}
+        }
+        let _: i64 = self.conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get(0))?;
+        let after = pages(&self.conn)?;
+        Ok(before.saturating_sub(after) as u64)
+    }
+
+    /// Whether the database can give free pages back without a full rewrite.
+    pub fn incremental_vacuum_enabled(&self) -> Result<bool> {
+        let mode: i64 = self.conn.pragma_query_value(None, "auto_vacuum", |r| r.get(0))?;
+        Ok(mode == AUTO_VACUUM_INCREMENTAL)
     }
 }
 

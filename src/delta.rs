@@ -93,34 +93,45 @@ impl Repository {
         let changed = crate::diff::changed_blocks(&old, &new, !target.is_device)?;
         let bs = new.block_size as usize;
 
-        // The target must hold `from`: a sample of the blocks that stay is read back.
-        let mut is_changed = vec![false; new.entries.len()];
-        for &i in &changed {
-            is_changed[i] = true;
-        }
-        let unchanged: Vec<usize> = (0..new.entries.len().min(old.entries.len())).filter(|&i| !is_changed[i]).collect();
+        // The target must hold `from`: a sample of the blocks that stay is read back. Data
+        // blocks are sampled at the given share; zero blocks too, but at most
+        // MAX_ZERO_SAMPLES of them (a huge sparse image would otherwise mean reading
+        // terabytes of zeros); at least one block when any stays.
+        const MAX_ZERO_SAMPLES: usize = 1024;
+        let is_changed = |i: u64| changed.binary_search(&i).is_ok();
+        let common = new.entries.len().min(old.entries.len());
+        let unchanged: Vec<u64> = old.entries.data_in(0..common).map(|(i, _)| i).filter(|&i| !is_changed(i)).collect();
         let seed = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos() as u64)
             .unwrap_or(7);
         let percent = opts.check_percent.min(100);
-        let mut sample: Vec<usize> =
-            unchanged.iter().copied().filter(|&i| crate::scrub::sampled(seed, i as u64, percent)).collect();
-        if sample.is_empty() && percent > 0 && !unchanged.is_empty() {
-            sample.push(unchanged[(seed % unchanged.len() as u64) as usize]);
+        let mut sample: Vec<u64> =
+            unchanged.iter().copied().filter(|&i| crate::scrub::sampled(seed, i, percent)).collect();
+        if percent > 0 {
+            let zeros = old.entries.sparse_runs().flat_map(|r| r.start.min(common)..r.end.min(common));
+            let mut zeros = zeros.filter(|&i| !is_changed(i)).peekable();
+            let first_zero = zeros.peek().copied();
+            sample.extend(zeros.filter(|&i| crate::scrub::sampled(seed, i, percent)).take(MAX_ZERO_SAMPLES));
+            if sample.is_empty() {
+                match unchanged.get((seed % unchanged.len().max(1) as u64) as usize) {
+                    Some(&i) => sample.push(i),
+                    None => sample.extend(first_zero),
+                }
+            }
         }
         let mut buf = vec![0u8; bs];
-        let mut report = DeltaReport { bytes: new_v.size, blocks: new.entries.len() as u64, ..Default::default() };
+        let mut report = DeltaReport { bytes: new_v.size, blocks: new.entries.len(), ..Default::default() };
         for &idx in &sample {
-            let off = idx as u64 * bs as u64;
-            let len = old.block_len(idx);
+            let off = idx * bs as u64;
+            let len = old.block_len(idx as usize);
             target
                 .file
                 .read_exact_at(&mut buf[..len], off)
                 .map_err(|e| Error::io(format!("cannot read restore target {} at byte {off}", path.display()), e))?;
             let id =
                 if crate::block::is_zero(&buf[..len]) { BlockId::SPARSE } else { storage.codec().id_of(&buf[..len]) };
-            if id != old.entries[idx] {
+            if id != old.entries.get(idx) {
                 return Err(Error::Refused(format!(
                     "{} does not hold {from}: its block {idx} (bytes {off}..{}) differs; restore {to} in full (`keepfs restore --force {to} {url}`)",
                     path.display(),
@@ -137,7 +148,7 @@ impl Repository {
                 .map_err(|e| Error::io(format!("cannot resize restore target {}", path.display()), e))?;
             report.resized = true;
         }
-        let total: u64 = changed.iter().map(|&i| new.block_len(i) as u64).sum();
+        let total: u64 = changed.iter().map(|&i| new.block_len(i as usize) as u64).sum();
         progress.begin(&format!("restore {from}..{to} ({})", new_v.name), total);
 
         let fetchers = self.config.readers_for(&new_v.storage)?;
@@ -149,7 +160,7 @@ impl Repository {
             stop.store(true, Ordering::Relaxed);
             failure.lock().get_or_insert(e);
         };
-        let (job_tx, job_rx) = bounded::<usize>(fetchers * 2);
+        let (job_tx, job_rx) = bounded::<u64>(fetchers * 2);
         let storage_name = &new_v.storage;
         std::thread::scope(|s| {
             for _ in 0..fetchers {
@@ -162,8 +173,8 @@ impl Repository {
                         if stop.load(Ordering::Relaxed) {
                             continue;
                         }
-                        let (id, len) = (new.entries[idx], new.block_len(idx));
-                        let off = idx as u64 * bs as u64;
+                        let (id, len) = (new.entries.get(idx), new.block_len(idx as usize));
+                        let off = idx * bs as u64;
                         if id.is_sparse() {
                             buf[..len].fill(0);
                         } else {
@@ -225,9 +236,9 @@ impl Repository {
     }
 }
 
-fn damaged(progress: &dyn Progress, idx: usize, off: u64, len: usize, id: BlockId, reason: &str) -> BadBlock {
+fn damaged(progress: &dyn Progress, idx: u64, off: u64, len: usize, id: BlockId, reason: &str) -> BadBlock {
     progress.warn(&format!("block {idx} (bytes {off}..{}) object {id}: {reason}; writing zeros", off + len as u64));
-    BadBlock { index: idx as u64, offset: off, len: len as u64, object: id, reason: reason.to_string() }
+    BadBlock { index: idx, offset: off, len: len as u64, object: id, reason: reason.to_string() }
 }
 
 struct Target {

@@ -2,7 +2,6 @@
 //! is read): the byte ranges whose content differs, as `rbd diff` reports them, so that
 //! `keepfs diff A B --format json` can serve as `backup --hints` of B over A.
 
-use crate::block::BlockId;
 use crate::error::{Error, Result};
 use crate::index::BlockIndex;
 use serde::Serialize;
@@ -34,13 +33,19 @@ pub fn diff(old: &BlockIndex, new: &BlockIndex) -> Result<Vec<Change>> {
     }
     let bs = new.block_size as u64;
     let mut out: Vec<Change> = Vec::new();
-    for (idx, &id) in new.entries.iter().enumerate() {
-        let before = old.entries.get(idx).copied().unwrap_or(BlockId::SPARSE);
-        let same_len = idx < old.entries.len() && old.block_len(idx) == new.block_len(idx);
+    // Only a block that holds data in either version can differ: walk those, in order.
+    let n = new.entries.len();
+    let candidates: std::collections::BTreeSet<u64> =
+        new.entries.data().map(|(i, _)| i).chain(old.entries.data_in(0..n).map(|(i, _)| i)).collect();
+    for idx in candidates {
+        let id = new.entries.get(idx);
+        let before = old.entries.get(idx);
+        let i = idx as usize;
+        let same_len = idx < old.entries.len() && old.block_len(i) == new.block_len(i);
         if id == before && (same_len || id.is_sparse()) {
             continue;
         }
-        let (offset, length, exists) = (idx as u64 * bs, new.block_len(idx) as u64, !id.is_sparse());
+        let (offset, length, exists) = (idx * bs, new.block_len(i) as u64, !id.is_sparse());
         match out.last_mut() {
             Some(last) if last.exists == exists && last.offset + last.length == offset => last.length += length,
             _ => out.push(Change { offset, length, exists }),
@@ -53,41 +58,48 @@ pub fn diff(old: &BlockIndex, new: &BlockIndex) -> Result<Vec<Change>> {
 /// whose content id or length differs. Blocks past the end of `old` are changed, except
 /// zero blocks when `zeros_past_old` (a file grown with `set_len` reads zeros there; a
 /// block device may hold anything).
-pub fn changed_blocks(old: &BlockIndex, new: &BlockIndex, zeros_past_old: bool) -> Result<Vec<usize>> {
+pub fn changed_blocks(old: &BlockIndex, new: &BlockIndex, zeros_past_old: bool) -> Result<Vec<u64>> {
     if old.block_size != new.block_size {
         return Err(Error::Invalid(format!(
             "the versions have different block sizes ({} and {}): a delta restore needs versions of one image",
             old.block_size, new.block_size
         )));
     }
-    let old_size = old.size;
-    let bs = new.block_size as u64;
-    Ok(new
-        .entries
-        .iter()
-        .enumerate()
-        .filter(|&(idx, id)| match old.entries.get(idx) {
-            Some(before) if before == id && old.block_len(idx) == new.block_len(idx) => false,
-            // Zeros past the old end of a file that is grown (or kept) read as zeros.
-            _ if zeros_past_old && id.is_sparse() && (idx as u64 * bs >= old_size || old.entries[idx].is_sparse()) => {
-                false
+    let (n, old_n) = (new.entries.len(), old.entries.len());
+    // Only a block that holds data in either version, the old last block (it may be
+    // shorter), or a block past the old end of a device can differ: walk those, in order.
+    let mut candidates: std::collections::BTreeSet<u64> =
+        new.entries.data().map(|(i, _)| i).chain(old.entries.data_in(0..n).map(|(i, _)| i)).collect();
+    if old_n > 0 && old_n - 1 < n {
+        candidates.insert(old_n - 1);
+    }
+    if !zeros_past_old {
+        candidates.extend(old_n.min(n)..n);
+    }
+    Ok(candidates
+        .into_iter()
+        .filter(|&idx| {
+            let (id, i) = (new.entries.get(idx), idx as usize);
+            if idx < old_n && old.entries.get(idx) == id && old.block_len(i) == new.block_len(i) {
+                return false;
             }
-            _ => true,
+            // Zeros past the old end of a file that is grown (or kept) read as zeros.
+            !(zeros_past_old && id.is_sparse() && (idx >= old_n || old.entries.get(idx).is_sparse()))
         })
-        .map(|(idx, _)| idx)
         .collect())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::block::BlockId;
 
     fn id(n: u8) -> BlockId {
         BlockId([n; 32])
     }
 
     fn index(size: u64, entries: Vec<BlockId>) -> BlockIndex {
-        BlockIndex { uid: 1, size, block_size: 4096, entries }
+        BlockIndex { uid: 1, size, block_size: 4096, entries: entries.into_iter().collect() }
     }
 
     #[test]

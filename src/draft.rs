@@ -384,7 +384,7 @@ impl Draft {
 
     fn base_id(&self, idx: u64) -> BlockId {
         match &self.base {
-            Some(b) if idx < self.base_cut => b.index().entries.get(idx as usize).copied().unwrap_or(BlockId::SPARSE),
+            Some(b) if idx < self.base_cut => b.index().entries.get(idx),
             _ => BlockId::SPARSE,
         }
     }
@@ -572,7 +572,7 @@ impl Draft {
         // A base block that was the base's short last block, or that is now longer or
         // shorter than in the base, must be stored again at its new length.
         if let Some(base) = self.base.clone() {
-            let base_blocks = base.index().entries.len() as u64;
+            let base_blocks = base.index().entries.len();
             for idx in [base_blocks.saturating_sub(1), n.saturating_sub(1)] {
                 if idx < n && idx < base_blocks && !self.slots.contains_key(&idx) && !self.base_id(idx).is_sparse() {
                     let new_len = (self.size - idx * self.bs).min(self.bs);
@@ -585,14 +585,14 @@ impl Draft {
         }
         let ingest = self.ingest.take().ok_or_else(|| Error::Other("draft already committed".into()))?;
         let result = ingest.finish()?;
-        let mut entries = Vec::with_capacity(n as usize);
+        let mut entries = crate::index::Entries::sparse(n);
         for idx in 0..n {
             let id = match self.slots.get(&idx) {
-                Some(Slot::Submitted) => result.entries.get(idx as usize).copied().unwrap_or(BlockId::SPARSE),
+                Some(Slot::Submitted) => result.entries.get(idx),
                 Some(_) => BlockId::SPARSE,
                 None => self.base_id(idx),
             };
-            entries.push(id);
+            entries.set(idx, id);
         }
         let mut stats = result.stats;
         stats.duration_ms = self.started.elapsed().as_millis() as u64;

@@ -153,7 +153,7 @@ impl Repository {
         db.for_each_index(|uid, bytes| {
             if in_this.contains(&uid.0) {
                 match BlockIndex::decode(bytes) {
-                    Ok(idx) => marked.extend(idx.entries.into_iter().filter(|e| !e.is_sparse())),
+                    Ok(idx) => marked.extend(idx.entries.data().map(|(_, id)| id)),
                     Err(e) => {
                         damaged.get_or_insert((uid, e));
                     }
@@ -308,5 +308,13 @@ impl Repository {
         let cutoff_time = file_cutoff(cutoff);
         report.temporaries_deleted = storage.purge_temporary(cutoff_time.min(SystemTime::now()))?;
         Ok(report)
+    }
+}
+
+impl Repository {
+    /// After a cleanup: gives the database pages of removed versions and objects back to
+    /// the filesystem; returns how many bytes the database file shrank.
+    pub fn reclaim_catalog_space(&self) -> Result<u64> {
+        self.db().reclaim_space()
     }
 }

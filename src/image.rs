@@ -80,7 +80,7 @@ impl Image {
 
     /// The plaintext of block `idx` (`None` for a sparse block).
     pub fn block(&self, idx: usize) -> Result<Option<BlockData>> {
-        let id = self.index.entries.get(idx).copied().unwrap_or(BlockId::SPARSE);
+        let id = self.index.entries.get(idx as u64);
         if id.is_sparse() {
             return Ok(None);
         }
@@ -166,13 +166,10 @@ impl Image {
             return;
         }
         let next = c.end.div_ceil(bs);
-        let last = (next + window).min(self.index.entries.len() as u64);
-        for idx in next.max(c.ahead)..last {
-            let id = self.index.entries[idx as usize];
-            if !id.is_sparse() {
-                p.requested.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let _ = p.tx.send((self.storage.clone(), id));
-            }
+        let last = (next + window).min(self.index.entries.len());
+        for (_, id) in self.index.entries.data_in(next.max(c.ahead)..last) {
+            p.requested.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let _ = p.tx.send((self.storage.clone(), id));
         }
         c.ahead = c.ahead.max(last);
     }

@@ -1,14 +1,37 @@
-//! The block index of a version: which object holds each block of the image. A fixed
-//! header followed by one fixed-width entry (a content id) per block, in the spirit of
-//! Proxmox Backup's fixed index. It is what makes a 1 TiB version one 8 MiB value instead
-//! of 262,144 SQL rows. Layout in docs/format.md.
+//! The block index of a version: which object holds each block of the image, and its
+//! stored encoding. In memory an index holds only its non-sparse entries (a sorted map
+//! from block number to content id) and the block count, so a run of sparse blocks
+//! costs nothing however long it is: a 200 TB image of zeros is a few bytes, in memory
+//! and stored. Stored (format 2) it is a fixed header followed by one zstd frame of
+//! runs (so many sparse blocks, so many ids); format 1 (a 32-byte id for every block,
+//! sparse or not) is still read. Layouts in docs/format.md.
 
 use crate::block::{BlockId, ID_LEN};
 use sha2::{Digest, Sha256};
+use std::collections::{BTreeMap, HashMap};
+use std::io::{Read, Write};
+use std::ops::Range;
 
 pub const INDEX_MAGIC: [u8; 8] = *b"KEEPFSIX";
-pub const INDEX_FORMAT_VERSION: u16 = 1;
+/// The format this build writes.
+pub const INDEX_FORMAT_VERSION: u16 = 2;
+/// The first format (one 32-byte entry per block): read, never written.
+pub const INDEX_FORMAT_V1: u16 = 1;
 pub const INDEX_HEADER_LEN: usize = 80;
+/// Most blocks a version may have: 16 PiB at 4 MiB blocks, 16 TiB at 4 KiB. Nothing is
+/// held per block, sparse or not, so the bound is only what keeps block numbers and
+/// offsets far from overflowing.
+pub const MAX_BLOCKS_PER_VERSION: u64 = 1 << 32;
+/// Most non-sparse blocks a version may have: each takes 32 bytes in the stored index,
+/// which must fit in one SQLite value (whose default limit is 10^9 bytes). 114 TiB of
+/// data at 4 MiB blocks, 114 GiB at 4 KiB, 915 TiB at 32 MiB.
+pub const MAX_DATA_BLOCKS_PER_VERSION: u64 = 30_000_000;
+/// The longest stored index (either format): the header and 32 bytes per data block.
+pub const MAX_INDEX_LEN: u64 = INDEX_HEADER_LEN as u64 + ID_LEN as u64 * MAX_DATA_BLOCKS_PER_VERSION;
+/// zstd level of the stored index (ids do not compress; runs and their lengths do).
+const INDEX_ZSTD_LEVEL: i32 = 3;
+/// Bytes of a run's header in the body: sparse blocks, then data blocks (u64 each).
+const RUN_HEADER_LEN: u64 = 16;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum IndexError {
@@ -16,7 +39,7 @@ pub enum IndexError {
     TooShort(usize),
     #[error("index does not start with the keepfs index magic number")]
     BadMagic,
-    #[error("index format version {0} is not supported (this keepfs reads version 1)")]
+    #[error("index format version {0} is not supported (this keepfs reads versions 1 and 2)")]
     UnsupportedVersion(u16),
     #[error("index entry size {0} is not supported")]
     EntrySize(u16),
@@ -24,6 +47,8 @@ pub enum IndexError {
     EntryCount { size: u64, block_size: u32, expected: u64, found: u64 },
     #[error("index checksum mismatch (index damaged)")]
     Checksum,
+    #[error("index body is malformed: {0}")]
+    Malformed(String),
     #[error("index belongs to another version or does not match the version's size and block size")]
     Foreign,
 }
@@ -33,17 +58,130 @@ pub fn block_count(size: u64, block_size: u32) -> u64 {
     size.div_ceil(block_size as u64)
 }
 
-/// Refuses an image with more blocks than a version may have
-/// ([`crate::block::MAX_BLOCKS_PER_VERSION`]: its index must fit in one database value).
+/// Refuses an image with more blocks than a version may have ([`MAX_BLOCKS_PER_VERSION`]).
 pub fn check_block_count(size: u64, block_size: u32) -> crate::error::Result<()> {
     let n = block_count(size, block_size.max(1));
-    if n > crate::block::MAX_BLOCKS_PER_VERSION {
+    if n > MAX_BLOCKS_PER_VERSION {
         return Err(crate::error::Error::Invalid(format!(
-            "an image of {size} bytes in blocks of {block_size} has {n} blocks, more than a version may have ({}): use a larger block size (-b)",
-            crate::block::MAX_BLOCKS_PER_VERSION
+            "an image of {size} bytes in blocks of {block_size} has {n} blocks, more than a version may have ({MAX_BLOCKS_PER_VERSION}): use a larger block size (-b)"
         )));
     }
     Ok(())
+}
+
+/// The error for a version with more non-sparse blocks than its index may hold.
+pub fn too_much_data(data_blocks: u64, block_size: u32) -> crate::error::Error {
+    crate::error::Error::Invalid(format!(
+        "the image holds more than {MAX_DATA_BLOCKS_PER_VERSION} non-zero blocks of {block_size} bytes ({data_blocks} so far), more than one version's index may hold: use a larger block size (-b)"
+    ))
+}
+
+/// The entries of an index: a content id for each of `len` blocks, all sparse except
+/// those in the map. Memory is proportional to the non-sparse blocks only.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Entries {
+    len: u64,
+    data: BTreeMap<u64, BlockId>,
+}
+
+impl Entries {
+    /// `len` sparse blocks.
+    pub fn sparse(len: u64) -> Entries {
+        Entries { len, data: BTreeMap::new() }
+    }
+
+    /// Number of blocks, sparse ones included.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The id of block `idx` (sparse for a sparse block and past the end).
+    pub fn get(&self, idx: u64) -> BlockId {
+        self.data.get(&idx).copied().unwrap_or(BlockId::SPARSE)
+    }
+
+    /// Sets block `idx`, growing the entries (with sparse blocks) to reach it.
+    pub fn set(&mut self, idx: u64, id: BlockId) {
+        if idx >= self.len {
+            self.len = idx + 1;
+        }
+        if id.is_sparse() {
+            self.data.remove(&idx);
+        } else {
+            self.data.insert(idx, id);
+        }
+    }
+
+    /// Grows (with sparse blocks) or cuts the entries to `len` blocks.
+    pub fn resize(&mut self, len: u64) {
+        if len < self.len {
+            let _ = self.data.split_off(&len);
+        }
+        self.len = len;
+    }
+
+    /// Number of non-sparse blocks.
+    pub fn data_count(&self) -> u64 {
+        self.data.len() as u64
+    }
+
+    /// The non-sparse blocks, in order: (block number, id).
+    pub fn data(&self) -> impl DoubleEndedIterator<Item = (u64, BlockId)> + '_ {
+        self.data.iter().map(|(&i, &id)| (i, id))
+    }
+
+    /// The non-sparse blocks among blocks `range`, in order.
+    pub fn data_in(&self, range: Range<u64>) -> impl Iterator<Item = (u64, BlockId)> + '_ {
+        let range = range.start..range.end.max(range.start);
+        self.data.range(range).map(|(&i, &id)| (i, id))
+    }
+
+    /// Every block's id, sparse ones included (one step per block: for small images).
+    pub fn iter(&self) -> impl Iterator<Item = BlockId> + '_ {
+        (0..self.len).map(|i| self.get(i))
+    }
+
+    /// The runs of sparse blocks, in order, as ranges of block numbers.
+    pub fn sparse_runs(&self) -> impl Iterator<Item = Range<u64>> + '_ {
+        let mut next = 0u64;
+        let mut data = self.data.keys().copied();
+        let mut done = false;
+        std::iter::from_fn(move || {
+            while !done {
+                match data.next() {
+                    Some(i) => {
+                        let run = next..i;
+                        next = i + 1;
+                        if !run.is_empty() {
+                            return Some(run);
+                        }
+                    }
+                    None => {
+                        done = true;
+                        let run = next..self.len;
+                        if !run.is_empty() {
+                            return Some(run);
+                        }
+                    }
+                }
+            }
+            None
+        })
+    }
+}
+
+impl FromIterator<BlockId> for Entries {
+    fn from_iter<T: IntoIterator<Item = BlockId>>(iter: T) -> Entries {
+        let mut e = Entries::default();
+        for (i, id) in iter.into_iter().enumerate() {
+            e.set(i as u64, id);
+        }
+        e
+    }
 }
 
 /// A version's block map.
@@ -52,14 +190,30 @@ pub struct BlockIndex {
     pub uid: u64,
     pub size: u64,
     pub block_size: u32,
-    pub entries: Vec<BlockId>,
+    pub entries: Entries,
+}
+
+/// Counts what goes through it, so the encoder knows the uncompressed body length.
+struct Counted<W> {
+    inner: W,
+    n: u64,
+}
+
+impl<W: Write> Write for Counted<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.n += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
 }
 
 impl BlockIndex {
     /// A map with every block sparse.
     pub fn new_sparse(uid: u64, size: u64, block_size: u32) -> BlockIndex {
-        let n = block_count(size, block_size) as usize;
-        BlockIndex { uid, size, block_size, entries: vec![BlockId::SPARSE; n] }
+        BlockIndex { uid, size, block_size, entries: Entries::sparse(block_count(size, block_size)) }
     }
 
     /// Plaintext length of block `idx` (only the last block may be short).
@@ -71,62 +225,121 @@ impl BlockIndex {
     /// Bytes of the image that non-sparse blocks hold: what the version occupies as a
     /// file (`st_blocks` of a mounted `data`), however large it looks.
     pub fn data_bytes(&self) -> u64 {
-        (0..self.entries.len()).filter(|&i| !self.entries[i].is_sparse()).map(|i| self.block_len(i) as u64).sum()
+        self.entries.data().map(|(i, _)| self.block_len(i as usize) as u64).sum()
     }
 
     /// The first range at or after `offset` that holds non-sparse blocks (clipped to
     /// start at `offset`), or `None` when the rest of the image is sparse. Answers
-    /// SEEK_DATA/SEEK_HOLE on a mounted image. Scans from `offset` on only, so a reader
-    /// walking the image extent by extent costs one pass over the index.
-    pub fn next_data(&self, offset: u64) -> Option<std::ops::Range<u64>> {
+    /// SEEK_DATA/SEEK_HOLE on a mounted image. Walks the data blocks from `offset` on
+    /// only, so a reader walking the image extent by extent costs one pass over them.
+    pub fn next_data(&self, offset: u64) -> Option<Range<u64>> {
         if offset >= self.size {
             return None;
         }
         let bs = self.block_size as u64;
-        let from = usize::try_from(offset / bs).ok()?;
-        let first = from + self.entries.get(from..)?.iter().position(|e| !e.is_sparse())?;
-        let end =
-            first + self.entries[first..].iter().position(|e| e.is_sparse()).unwrap_or(self.entries.len() - first);
-        Some((first as u64 * bs).max(offset)..(end as u64 * bs).min(self.size))
+        let mut run = self.entries.data_in(offset / bs..u64::MAX).map(|(i, _)| i);
+        let first = run.next()?;
+        let mut end = first + 1;
+        for i in run {
+            if i != end {
+                break;
+            }
+            end += 1;
+        }
+        Some((first * bs).max(offset)..(end * bs).min(self.size))
     }
 
-    /// For each block, the index of the earlier block with the same content, if there is
-    /// one (sparse blocks have none): a restore fetches such a block once.
-    pub fn repeats(&self) -> Vec<Option<u64>> {
-        let mut first: std::collections::HashMap<BlockId, u64> = std::collections::HashMap::new();
-        self.entries
-            .iter()
-            .enumerate()
-            .map(|(idx, id)| {
-                if id.is_sparse() {
-                    return None;
-                }
-                let first = *first.entry(*id).or_insert(idx as u64);
-                (first != idx as u64).then_some(first)
-            })
-            .collect()
+    /// The blocks whose content an earlier block of the image has too, each with the
+    /// number of the first such block (sparse blocks have none): a restore fetches such
+    /// a block once.
+    pub fn repeats(&self) -> HashMap<u64, u64> {
+        let mut first: HashMap<BlockId, u64> = HashMap::new();
+        let mut out = HashMap::new();
+        for (idx, id) in self.entries.data() {
+            let f = *first.entry(id).or_insert(idx);
+            if f != idx {
+                out.insert(idx, f);
+            }
+        }
+        out
     }
 
-    pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(INDEX_HEADER_LEN + self.entries.len() * ID_LEN);
+    fn header(&self, version: u16, tail: u64) -> Vec<u8> {
+        let mut out = Vec::with_capacity(INDEX_HEADER_LEN);
         out.extend_from_slice(&INDEX_MAGIC);
-        out.extend_from_slice(&INDEX_FORMAT_VERSION.to_le_bytes());
+        out.extend_from_slice(&version.to_le_bytes());
         out.extend_from_slice(&(ID_LEN as u16).to_le_bytes());
         out.extend_from_slice(&self.block_size.to_le_bytes());
         out.extend_from_slice(&self.uid.to_le_bytes());
         out.extend_from_slice(&self.size.to_le_bytes());
-        out.extend_from_slice(&(self.entries.len() as u64).to_le_bytes());
-        out.extend_from_slice(&[0u8; 32]); // checksum, filled below
-        out.extend_from_slice(&[0u8; 8]); // reserved
+        out.extend_from_slice(&self.entries.len().to_le_bytes());
+        out.extend_from_slice(&[0u8; 32]); // checksum, filled in last
+        out.extend_from_slice(&tail.to_le_bytes());
         debug_assert_eq!(out.len(), INDEX_HEADER_LEN);
-        for e in &self.entries {
-            out.extend_from_slice(&e.0);
+        out
+    }
+
+    /// The stored form (format 2): the header, then one zstd frame of runs, each a
+    /// count of sparse blocks, a count of data blocks and their ids. Refused (nothing
+    /// is written) when it would be longer than [`MAX_INDEX_LEN`].
+    pub fn encode(&self) -> crate::error::Result<Vec<u8>> {
+        use crate::error::Error;
+        if self.entries.data_count() > MAX_DATA_BLOCKS_PER_VERSION {
+            return Err(too_much_data(self.entries.data_count(), self.block_size));
+        }
+        let io_err = |e: std::io::Error| Error::Other(format!("cannot compress the block index: {e}"));
+        let mut z = zstd::stream::write::Encoder::new(Vec::new(), INDEX_ZSTD_LEVEL).map_err(io_err)?;
+        let mut body = Counted { inner: &mut z, n: 0 };
+        let mut keys = self.entries.data.keys().copied().peekable();
+        let mut end = 0u64; // the block after the last one written
+        while let Some(start) = keys.next() {
+            let mut stop = start + 1;
+            while keys.next_if_eq(&stop).is_some() {
+                stop += 1;
+            }
+            body.write_all(&(start - end).to_le_bytes()).map_err(io_err)?;
+            body.write_all(&(stop - start).to_le_bytes()).map_err(io_err)?;
+            for (_, id) in self.entries.data.range(start..stop) {
+                body.write_all(&id.0).map_err(io_err)?;
+            }
+            end = stop;
+        }
+        if end < self.entries.len() {
+            body.write_all(&(self.entries.len() - end).to_le_bytes()).map_err(io_err)?;
+            body.write_all(&0u64.to_le_bytes()).map_err(io_err)?;
+        }
+        let body_len = body.n;
+        let frame = z.finish().map_err(io_err)?;
+        let mut out = self.header(INDEX_FORMAT_VERSION, body_len);
+        if (out.len() + frame.len()) as u64 > MAX_INDEX_LEN {
+            return Err(Error::Invalid(format!(
+                "the block index of version {} would take {} bytes, more than one version's index may ({MAX_INDEX_LEN}): use a larger block size (-b)",
+                crate::version::VersionUid(self.uid),
+                out.len() + frame.len()
+            )));
+        }
+        out.extend_from_slice(&frame);
+        let sum = Sha256::digest(&out);
+        out[40..72].copy_from_slice(&sum);
+        Ok(out)
+    }
+
+    /// The first format (one 32-byte entry per block). Not written by keepfs any more:
+    /// kept to make samples of old repositories in tests.
+    #[doc(hidden)]
+    pub fn encode_v1(&self) -> Vec<u8> {
+        let mut out = self.header(INDEX_FORMAT_V1, 0);
+        out.reserve(self.entries.len() as usize * ID_LEN);
+        for id in self.entries.iter() {
+            out.extend_from_slice(&id.0);
         }
         let sum = Sha256::digest(&out);
         out[40..72].copy_from_slice(&sum);
         out
     }
 
+    /// Reads a stored index of either format, checking everything before trusting it:
+    /// memory is bounded by the data blocks it names, never by what a header claims.
     pub fn decode(bytes: &[u8]) -> Result<BlockIndex, IndexError> {
         if bytes.len() < INDEX_HEADER_LEN {
             return Err(IndexError::TooShort(bytes.len()));
@@ -135,7 +348,7 @@ impl BlockIndex {
             return Err(IndexError::BadMagic);
         }
         let version = u16::from_le_bytes([bytes[8], bytes[9]]);
-        if version != INDEX_FORMAT_VERSION {
+        if version != INDEX_FORMAT_VERSION && version != INDEX_FORMAT_V1 {
             return Err(IndexError::UnsupportedVersion(version));
         }
         let entry_size = u16::from_le_bytes([bytes[10], bytes[11]]);
@@ -148,10 +361,15 @@ impl BlockIndex {
         let uid = le64(16);
         let size = le64(24);
         let count = le64(32);
+        let tail = le64(72);
         let expected = if block_size == 0 { u64::MAX } else { block_count(size, block_size) };
         let body = &bytes[INDEX_HEADER_LEN..];
-        if count != expected || body.len() as u64 != count.saturating_mul(ID_LEN as u64) {
-            return Err(IndexError::EntryCount { size, block_size, expected, found: count });
+        let count_error = IndexError::EntryCount { size, block_size, expected, found: count };
+        if count != expected || count > MAX_BLOCKS_PER_VERSION {
+            return Err(count_error);
+        }
+        if version == INDEX_FORMAT_V1 && body.len() as u64 != count.saturating_mul(ID_LEN as u64) {
+            return Err(count_error);
         }
         let mut hasher = Sha256::new();
         hasher.update(&bytes[0..40]);
@@ -160,28 +378,96 @@ impl BlockIndex {
         if hasher.finalize().as_slice() != &bytes[40..72] {
             return Err(IndexError::Checksum);
         }
-        let entries = body.chunks_exact(ID_LEN).map(|c| BlockId::from_slice(c).unwrap_or(BlockId::SPARSE)).collect();
+        let mut entries = Entries::sparse(count);
+        if version == INDEX_FORMAT_V1 {
+            for (i, c) in body.chunks_exact(ID_LEN).enumerate() {
+                entries.set(i as u64, BlockId::from_slice(c).unwrap_or(BlockId::SPARSE));
+            }
+        } else {
+            decode_runs(body, tail, &mut entries)?;
+        }
         Ok(BlockIndex { uid, size, block_size, entries })
     }
+}
+
+/// Reads the runs of a format 2 body (one zstd frame of `body_len` bytes) into `entries`,
+/// checking that they cover exactly its blocks and that the frame holds nothing more.
+fn decode_runs(frame: &[u8], body_len: u64, entries: &mut Entries) -> Result<(), IndexError> {
+    let bad = |m: &str| IndexError::Malformed(m.to_string());
+    let z = zstd::stream::read::Decoder::with_buffer(frame).map_err(|e| bad(&format!("cannot decompress: {e}")))?;
+    let mut body = z.single_frame().take(body_len);
+    let read = |body: &mut dyn Read, buf: &mut [u8]| {
+        body.read_exact(buf).map_err(|e| match e.kind() {
+            std::io::ErrorKind::UnexpectedEof => bad("shorter than its header says"),
+            _ => bad(&format!("cannot decompress: {e}")),
+        })
+    };
+    let count = entries.len();
+    let (mut at, mut consumed, mut data) = (0u64, 0u64, 0u64);
+    let mut run = [0u8; RUN_HEADER_LEN as usize];
+    let mut id = [0u8; ID_LEN];
+    while at < count {
+        read(&mut body, &mut run)?;
+        let sparse = u64::from_le_bytes(run[0..8].try_into().unwrap_or([0; 8]));
+        let n = u64::from_le_bytes(run[8..16].try_into().unwrap_or([0; 8]));
+        at = at
+            .checked_add(sparse)
+            .filter(|&a| a <= count)
+            .ok_or_else(|| bad("a run of sparse blocks passes the end"))?;
+        if at.checked_add(n).is_none_or(|end| end > count) {
+            return Err(bad("a run of data blocks passes the end"));
+        }
+        if sparse == 0 && n == 0 {
+            return Err(bad("an empty run"));
+        }
+        data += n;
+        if data > MAX_DATA_BLOCKS_PER_VERSION {
+            return Err(bad(&format!("more than {MAX_DATA_BLOCKS_PER_VERSION} data blocks")));
+        }
+        for _ in 0..n {
+            read(&mut body, &mut id)?;
+            if id == [0u8; ID_LEN] {
+                return Err(bad("a data block with the sparse id"));
+            }
+            entries.set(at, BlockId(id));
+            at += 1;
+        }
+        consumed += RUN_HEADER_LEN + n * ID_LEN as u64;
+    }
+    if consumed != body_len {
+        return Err(bad("longer than its runs"));
+    }
+    // Nothing may follow the body in the frame, nor the frame in the index.
+    let mut rest = body.into_inner();
+    match rest.read(&mut [0u8; 1]) {
+        Ok(0) => {}
+        Ok(_) => return Err(bad("longer than its header says")),
+        Err(e) => return Err(bad(&format!("cannot decompress: {e}"))),
+    }
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn id(n: u8) -> BlockId {
+        BlockId([n; ID_LEN])
+    }
+
     #[test]
     fn data_ranges_for_seek_data_and_seek_hole() {
         // 11 blocks of 4096, the last 5 bytes long; data in blocks 2-3 and 10.
         let mut idx = BlockIndex::new_sparse(1, 10 * 4096 + 5, 4096);
         for i in [2, 3, 10] {
-            idx.entries[i] = BlockId::of(&[i as u8]);
+            idx.entries.set(i, BlockId::of(&[i as u8]));
         }
         assert_eq!(idx.next_data(0), Some(8192..16384));
         assert_eq!(idx.next_data(9000), Some(9000..16384), "inside data: from the offset on");
         assert_eq!(idx.next_data(16384), Some(40960..40965), "the short last block");
         assert_eq!(idx.next_data(40964), Some(40964..40965));
         assert_eq!(idx.next_data(40965), None, "past the end");
-        idx.entries[10] = BlockId::SPARSE;
+        idx.entries.set(10, BlockId::SPARSE);
         assert_eq!(idx.next_data(16384), None, "sparse to the end");
         assert_eq!(BlockIndex::new_sparse(1, 0, 4096).next_data(0), None);
     }
@@ -192,33 +478,117 @@ mod tests {
         assert_eq!(idx.entries.len(), 11);
         assert_eq!(idx.block_len(10), 5);
         assert_eq!(idx.block_len(9), 4096);
-        idx.entries[3] = BlockId::of(b"three");
-        let bytes = idx.encode();
+        idx.entries.set(3, BlockId::of(b"three"));
+        let bytes = idx.encode().unwrap();
+        assert_eq!(BlockIndex::decode(&bytes).unwrap(), idx);
+        let mut bad = bytes.clone();
+        let last = bad.len() - 1;
+        bad[last] ^= 0x80;
+        assert_eq!(BlockIndex::decode(&bad), Err(IndexError::Checksum));
+        assert_eq!(BlockIndex::decode(&bytes[..bytes.len() - 1]), Err(IndexError::Checksum));
+        assert_eq!(BlockIndex::decode(b"short"), Err(IndexError::TooShort(5)));
+        let mut future = bytes.clone();
+        future[8] = 3;
+        assert_eq!(BlockIndex::decode(&future), Err(IndexError::UnsupportedVersion(3)));
+    }
+
+    #[test]
+    fn format_1_still_reads() {
+        let mut idx = BlockIndex::new_sparse(7, 10 * 4096 + 5, 4096);
+        idx.entries.set(3, BlockId::of(b"three"));
+        let bytes = idx.encode_v1();
         assert_eq!(bytes.len(), INDEX_HEADER_LEN + 11 * 32);
         assert_eq!(BlockIndex::decode(&bytes).unwrap(), idx);
         let mut bad = bytes.clone();
         bad[INDEX_HEADER_LEN + 3 * 32] ^= 0x80;
         assert_eq!(BlockIndex::decode(&bad), Err(IndexError::Checksum));
         assert!(matches!(BlockIndex::decode(&bytes[..bytes.len() - 32]), Err(IndexError::EntryCount { .. })));
-        assert_eq!(BlockIndex::decode(b"short"), Err(IndexError::TooShort(5)));
+    }
+
+    /// Re-signs a format 2 index whose body was replaced, as a writer with a bug would.
+    fn forged(idx: &BlockIndex, body: &[u8], claimed_len: u64) -> Vec<u8> {
+        let mut out = idx.header(INDEX_FORMAT_VERSION, claimed_len);
+        out.extend_from_slice(&zstd::bulk::compress(body, 3).unwrap());
+        let sum = Sha256::digest(&out);
+        out[40..72].copy_from_slice(&sum);
+        out
+    }
+
+    #[test]
+    fn malformed_runs_are_refused_even_with_a_good_checksum() {
+        let idx = BlockIndex::new_sparse(1, 10 * 4096, 4096);
+        let run = |sparse: u64, ids: &[BlockId]| {
+            let mut b = Vec::new();
+            b.extend_from_slice(&sparse.to_le_bytes());
+            b.extend_from_slice(&(ids.len() as u64).to_le_bytes());
+            ids.iter().for_each(|i| b.extend_from_slice(&i.0));
+            b
+        };
+        let ok = run(10, &[]);
+        assert_eq!(BlockIndex::decode(&forged(&idx, &ok, 16)).unwrap(), idx);
+        let too_long = run(11, &[]);
+        assert!(matches!(BlockIndex::decode(&forged(&idx, &too_long, 16)), Err(IndexError::Malformed(_))));
+        let short = run(5, &[]);
+        assert!(matches!(BlockIndex::decode(&forged(&idx, &short, 16)), Err(IndexError::Malformed(_))));
+        let zero_id = run(9, &[BlockId::SPARSE]);
+        assert!(matches!(BlockIndex::decode(&forged(&idx, &zero_id, 48)), Err(IndexError::Malformed(_))));
+        let trailing = [ok.clone(), vec![0u8; 4]].concat();
+        assert!(matches!(BlockIndex::decode(&forged(&idx, &trailing, 16)), Err(IndexError::Malformed(_))));
+        assert!(matches!(BlockIndex::decode(&forged(&idx, &trailing, 20)), Err(IndexError::Malformed(_))));
+        assert!(matches!(BlockIndex::decode(&forged(&idx, &ok, 1 << 40)), Err(IndexError::Malformed(_))));
+    }
+
+    #[test]
+    fn sparse_runs_take_no_space() {
+        // 200 TB at 4 MiB blocks: 47.7 million blocks, two of them data.
+        let size = 200_000_000_000_000u64;
+        let mut idx = BlockIndex::new_sparse(9, size, 4 << 20);
+        idx.entries.set(5, id(1));
+        idx.entries.set(40_000_000, id(2));
+        let bytes = idx.encode().unwrap();
+        assert!(bytes.len() < 300, "{} bytes", bytes.len());
+        let back = BlockIndex::decode(&bytes).unwrap();
+        assert_eq!(back, idx);
+        assert_eq!(back.entries.data_count(), 2);
+        assert_eq!(back.data_bytes(), 8 << 20);
+        let runs: Vec<_> = back.entries.sparse_runs().collect();
+        assert_eq!(runs, vec![0..5, 6..40_000_000, 40_000_001..back.entries.len()]);
+        assert_eq!(back.next_data(0), Some((5 << 22)..(6 << 22)));
+    }
+
+    #[test]
+    fn entries_grow_and_shrink() {
+        let mut e = Entries::default();
+        e.set(3, id(3));
+        e.set(1, id(1));
+        assert_eq!(e.len(), 4);
+        assert_eq!(e.iter().collect::<Vec<_>>(), vec![BlockId::SPARSE, id(1), BlockId::SPARSE, id(3)]);
+        e.resize(2);
+        assert_eq!(e.data().collect::<Vec<_>>(), vec![(1, id(1))]);
+        e.resize(5);
+        assert_eq!(e.sparse_runs().collect::<Vec<_>>(), vec![0..1, 2..5]);
+        e.set(1, BlockId::SPARSE);
+        assert_eq!(e.data_count(), 0);
+        assert_eq!(e.sparse_runs().collect::<Vec<_>>(), vec![0..5]);
     }
 
     #[test]
     fn repeats_point_at_the_first_occurrence() {
-        let (a, b) = (BlockId([1; ID_LEN]), BlockId([2; ID_LEN]));
+        let (a, b) = (id(1), id(2));
         let ix = BlockIndex {
             uid: 1,
             size: 6 * 4096,
             block_size: 4096,
-            entries: vec![a, b, BlockId::SPARSE, a, BlockId::SPARSE, b],
+            entries: [a, b, BlockId::SPARSE, a, BlockId::SPARSE, b].into_iter().collect(),
         };
-        assert_eq!(ix.repeats(), vec![None, None, None, Some(0), None, Some(1)]);
+        assert_eq!(ix.repeats(), HashMap::from([(3, 0), (5, 1)]));
     }
 
     #[test]
     fn empty_image_has_no_entries() {
         let idx = BlockIndex::new_sparse(1, 0, 4 << 20);
         assert!(idx.entries.is_empty());
-        assert_eq!(BlockIndex::decode(&idx.encode()).unwrap(), idx);
+        assert_eq!(BlockIndex::decode(&idx.encode().unwrap()).unwrap(), idx);
+        assert_eq!(BlockIndex::decode(&idx.encode_v1()).unwrap(), idx);
     }
 }

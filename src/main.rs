@@ -1508,8 +1508,20 @@ fn run(cli: Cli) -> Result<i32> {
                     }
                     storages.push(j);
                 }
+                let mut database_bytes_returned = 0;
+                if !dry_run {
+                    match repo.reclaim_catalog_space() {
+                        Ok(n) => database_bytes_returned = n,
+                        Err(e) => note!("keepfs: warning: could not shrink the database file: {e}"),
+                    }
+                }
                 title::reset();
-                report!("{}", to_json(&serde_json::json!({ "dry_run": dry_run, "storages": storages }))?);
+                report!(
+                    "{}",
+                    to_json(&serde_json::json!({
+                        "dry_run": dry_run, "storages": storages, "database_bytes_returned": database_bytes_returned,
+                    }))?
+                );
                 return Ok(exit::OK);
             }
             for name in names {
@@ -1551,6 +1563,14 @@ fn run(cli: Cli) -> Result<i32> {
                         r.orphans_deleted,
                         format_size(r.bytes_freed)
                     );
+                }
+            }
+            if !dry_run {
+                // The catalog's pages of removed versions go back to the filesystem too.
+                match repo.reclaim_catalog_space() {
+                    Ok(0) => {}
+                    Ok(n) => report!("database: returned {} to the filesystem", format_size(n)),
+                    Err(e) => note!("keepfs: warning: could not shrink the database file: {e}"),
                 }
             }
             title::reset();

@@ -32,7 +32,7 @@ impl Repository {
         for &uid in uids {
             let version = self.version(uid)?;
             let index = self.index(uid)?;
-            versions.push(Entry { version, index: hex::encode(index.encode()) });
+            versions.push(Entry { version, index: hex::encode(index.encode()?) });
         }
         let doc = Document { format: FORMAT.into(), format_version: FORMAT_VERSION, versions };
         serde_json::to_string_pretty(&doc).map_err(|e| Error::Other(format!("cannot write metadata JSON: {e}")))
@@ -158,7 +158,7 @@ impl Repository {
             let (_, missing, damaged) = self.objects_in_storage(&v.storage, &index)?;
             v.status =
                 if missing > 0 || damaged > 0 || v.status != Status::Valid { Status::Invalid } else { Status::Valid };
-            self.db().replace_version_record(&v, &index.encode())?;
+            self.db().replace_version_record(&v, &index.encode()?)?;
             done.push(v.uid);
         }
         done.extend(self.insert_recovered(found)?);
@@ -174,7 +174,8 @@ impl Repository {
         let mut present = Vec::new();
         let (mut missing, mut damaged) = (0usize, 0usize);
         let mut seen = std::collections::HashSet::new();
-        for id in index.entries.iter().filter(|e| !e.is_sparse()) {
+        for (_, id) in index.entries.data() {
+            let id = &id;
             if !seen.insert(*id) {
                 continue;
             }
@@ -199,7 +200,7 @@ impl Repository {
             if missing > 0 || damaged > 0 || v.status == Status::Incomplete {
                 v.status = Status::Invalid;
             }
-            self.db().insert_version_record(&v, &index.encode())?;
+            self.db().insert_version_record(&v, &index.encode()?)?;
             self.refresh_version_object(v.uid)?;
             imported.push(v.uid);
         }

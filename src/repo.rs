@@ -62,7 +62,7 @@ pub fn encode_version_object(codec: &Codec, version: &Version, index: &BlockInde
         )));
     }
     crate::index::check_block_count(index.size, index.block_size)?;
-    let index_bytes = index.encode();
+    let index_bytes = index.encode()?;
     let mut plain = Vec::with_capacity(16 + json.len() + index_bytes.len());
     plain.extend_from_slice(&VERSION_OBJECT_MAGIC);
     plain.extend_from_slice(&VERSION_OBJECT_FORMAT.to_le_bytes());
@@ -395,7 +395,8 @@ impl Repository {
                     continue;
                 }
                 v.storage = sc.name.clone();
-                self.db.lock().insert_version_record(&v, &index.encode()).map_err(stopped)?;
+                let encoded = index.encode().map_err(stopped)?;
+                self.db.lock().insert_version_record(&v, &encoded).map_err(stopped)?;
                 report.versions += 1;
             }
             let sid = self.storage_id(&sc.name).map_err(stopped)?;

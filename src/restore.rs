@@ -303,8 +303,8 @@ impl Repository {
         // later occurrences are copied from where the first was written, at the end
         // (one request per distinct object, which matters on S3). Not when the target
         // cannot be read back (/dev/null): those are fetched like any other.
-        let repeat_of = if target.readable { index.repeats() } else { Vec::new() };
-        let is_repeat = |idx: usize| repeat_of.get(idx).is_some_and(Option::is_some);
+        let repeat_of = if target.readable { index.repeats() } else { Default::default() };
+        let is_repeat = |idx: u64| repeat_of.contains_key(&idx);
 
         let (pool_tx, pool_rx) = bounded::<OutBuf>(fetchers * 2 + 2);
         for _ in 0..fetchers * 2 + 2 {
@@ -365,26 +365,30 @@ impl Repository {
             let entries = &index.entries;
             let is_repeat = &is_repeat;
             s.spawn(move || {
-                for (idx, id) in entries.iter().enumerate() {
+                for (idx, id) in entries.data() {
                     if stop.load(Ordering::Relaxed) {
                         return;
                     }
-                    if !id.is_sparse() && !is_repeat(idx) && job_tx.send((idx as u64, *id)).is_err() {
+                    if !is_repeat(idx) && job_tx.send((idx, id)).is_err() {
                         return;
                     }
                 }
             });
-            // Zero blocks need no storage: write (or skip) them here first.
-            for (idx, id) in index.entries.iter().enumerate() {
-                if id.is_sparse() {
-                    let len = index.block_len(idx);
-                    if write_zeros && write_error.is_none() {
-                        let off = (idx * bs) as u64;
-                        note_write(target.write_at(zeros.bytes(len), off), off, &mut write_error);
+            // Zero blocks need no storage: write (or skip) them here first, a run at a
+            // time (a device gets real zeros; a new file is all holes already).
+            for run in index.entries.sparse_runs() {
+                let bytes = (run.end * bs as u64).min(index.size) - run.start * bs as u64;
+                if write_zeros {
+                    for idx in run {
+                        let len = index.block_len(idx as usize);
+                        if write_error.is_none() {
+                            let off = idx * bs as u64;
+                            note_write(target.write_at(zeros.bytes(len), off), off, &mut write_error);
+                        }
                     }
-                    progress.advance(len as u64);
-                    report.bytes += len as u64;
                 }
+                progress.advance(bytes);
+                report.bytes += bytes;
             }
             for (idx, id, buf, r) in res_rx {
                 let off = idx * bs as u64;
@@ -430,9 +434,11 @@ impl Repository {
             let damaged: std::collections::HashMap<u64, String> =
                 report.bad_blocks.iter().map(|b| (b.index, b.reason.clone())).collect();
             let mut buf = OutBuf::new(bs);
-            for (idx, first) in repeat_of.iter().enumerate().filter_map(|(i, f)| f.map(|f| (i as u64, f))) {
+            let mut repeats: Vec<(u64, u64)> = repeat_of.iter().map(|(&i, &f)| (i, f)).collect();
+            repeats.sort_unstable();
+            for (idx, first) in repeats {
                 let (off, len) = (idx * bs as u64, index.block_len(idx as usize));
-                let id = index.entries[idx as usize];
+                let id = index.entries.get(idx);
                 let data = if let Some(reason) = damaged.get(&first) {
                     report.bad_blocks.push(bad_block(progress, idx, off, len, id, reason));
                     zeros.bytes(len)

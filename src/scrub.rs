@@ -191,7 +191,7 @@ impl Repository {
         db.for_each_index(|vuid, bytes| {
             if in_storage.contains(&vuid.0)
                 && let Ok(ix) = BlockIndex::decode(bytes)
-                && ix.entries.iter().any(|e| damaged.contains(e))
+                && ix.entries.data().any(|(_, e)| damaged.contains(&e))
             {
                 tainted.push(vuid);
             }
@@ -250,15 +250,15 @@ impl Repository {
         // One check per distinct object (with --source, per block: contents may differ by place).
         let mut jobs: Vec<(BlockId, Vec<u64>)> = Vec::new();
         let mut at: HashMap<BlockId, usize> = HashMap::new();
-        for (i, id) in index.entries.iter().enumerate() {
-            if id.is_sparse() || !sampled(seed, i as u64, opts.percent) {
+        for (i, id) in index.entries.data() {
+            if !sampled(seed, i, opts.percent) {
                 continue;
             }
-            match at.get(id) {
-                Some(&j) if source.is_none() => jobs[j].1.push(i as u64),
+            match at.get(&id) {
+                Some(&j) if source.is_none() => jobs[j].1.push(i),
                 _ => {
-                    at.insert(*id, jobs.len());
-                    jobs.push((*id, vec![i as u64]));
+                    at.insert(id, jobs.len());
+                    jobs.push((id, vec![i]));
                 }
             }
         }
@@ -346,7 +346,7 @@ impl Repository {
         let sid = db.storage_id(&version.storage)?;
         if report.bad.is_empty() {
             if opts.deep && opts.percent == 100 {
-                let ids: Vec<BlockId> = index.entries.iter().filter(|e| !e.is_sparse()).copied().collect();
+                let ids: Vec<BlockId> = index.entries.data().map(|(_, id)| id).collect();
                 db.set_objects_valid(sid, &ids, true)?;
                 if version.status == Status::Invalid && report.metadata.is_empty() {
                     db.set_status(uid, Status::Valid)?;

@@ -45,7 +45,7 @@ pub fn storage_usage(repo: &Repository, selected: &[Version]) -> Result<Vec<Usag
         let mut refs: HashMap<BlockId, u32> = HashMap::new();
         for v in all.iter().filter(|v| v.storage == storage && v.status != Status::Incomplete) {
             let Ok(index) = repo.index(v.uid) else { continue };
-            let distinct: HashSet<BlockId> = index.entries.iter().copied().filter(|id| !id.is_sparse()).collect();
+            let distinct: HashSet<BlockId> = index.entries.data().map(|(_, id)| id).collect();
             for id in distinct {
                 *refs.entry(id).or_default() += 1;
             }
@@ -65,20 +65,17 @@ pub fn storage_usage(repo: &Repository, selected: &[Version]) -> Result<Vec<Usag
                 ..Default::default()
             };
             let mut seen = HashSet::new();
-            for (i, id) in index.entries.iter().enumerate() {
-                let len = index.block_len(i) as u64;
-                if id.is_sparse() {
-                    u.sparse += len;
-                    continue;
-                }
-                let only_here = refs.get(id).copied().unwrap_or(0) <= 1;
+            u.sparse = index.size - index.data_bytes();
+            for (i, id) in index.entries.data() {
+                let len = index.block_len(i as usize) as u64;
+                let only_here = refs.get(&id).copied().unwrap_or(0) <= 1;
                 if only_here {
                     u.exclusive += len;
                 } else {
                     u.shared += len;
                 }
-                if seen.insert(*id) {
-                    let stored = sizes.get(id).copied().unwrap_or(0);
+                if seen.insert(id) {
+                    let stored = sizes.get(&id).copied().unwrap_or(0);
                     u.stored += stored;
                     if only_here {
                         u.exclusive_stored += stored;

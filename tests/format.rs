@@ -23,8 +23,8 @@ fn random_block() -> Vec<u8> {
 
 fn sample_version() -> (Version, BlockIndex) {
     let mut index = BlockIndex::new_sparse(7, 3 * 4096 + 100, 4096);
-    index.entries[0] = BlockId::of(&text_block());
-    index.entries[2] = BlockId::of(&random_block());
+    index.entries.set(0, BlockId::of(&text_block()));
+    index.entries.set(2, BlockId::of(&random_block()));
     let v = Version {
         uid: VersionUid(7),
         date: keepfs::filter::parse_date("2026-11-22T12:00:00Z").unwrap(),
@@ -65,9 +65,11 @@ fn committed_samples_decode() {
             encode_object(ObjectKind::Block, &BlockId::of(&rnd).0, &rnd, 3).unwrap(),
         )
         .unwrap();
-        std::fs::write(data("index.kfi"), index.encode()).unwrap();
+        // index.kfi and version.obj are format 1 samples, written by keepfs before format
+        // 2: frozen, never regenerated (this build cannot write a format 1 version object).
+        std::fs::write(data("index-v2.kfi"), index.encode().unwrap()).unwrap();
         std::fs::write(
-            data("version.obj"),
+            data("version-v2.obj"),
             encode_version_object(keepfs::transform::Codec::plain(), &version, &index).unwrap(),
         )
         .unwrap();
@@ -92,14 +94,50 @@ fn committed_samples_decode() {
     assert_eq!(&obj[72..], &rnd[..]);
     assert_eq!(decode_block(&obj, &BlockId::of(&rnd)).unwrap(), rnd);
 
-    // The index: byte for byte.
+    // The index, format 2: the header fields at their documented offsets, and a body
+    // that is, once decompressed, exactly the runs docs/format.md describes.
+    let idx = std::fs::read(data("index-v2.kfi")).unwrap();
+    assert_eq!(&idx[0..8], b"KEEPFSIX");
+    let le64 = |at: usize| u64::from_le_bytes(idx[at..at + 8].try_into().unwrap());
+    assert_eq!(u16::from_le_bytes([idx[8], idx[9]]), 2, "format version");
+    assert_eq!(u16::from_le_bytes([idx[10], idx[11]]), 32, "entry size");
+    assert_eq!(u32::from_le_bytes(idx[12..16].try_into().unwrap()), 4096, "block size");
+    assert_eq!((le64(16), le64(24), le64(32)), (7, 3 * 4096 + 100, 4), "uid, size, blocks");
+    let run = |sparse: u64, ids: &[BlockId]| {
+        let mut b = [sparse.to_le_bytes(), (ids.len() as u64).to_le_bytes()].concat();
+        ids.iter().for_each(|i| b.extend_from_slice(&i.0));
+        b
+    };
+    let body = [
+        run(0, &[BlockId::of(&text_block())]),
+        run(1, &[BlockId::of(&random_block())]),
+        run(1, &[]), // the sparse last block
+    ]
+    .concat();
+    assert_eq!(le64(72), body.len() as u64, "body length");
+    assert_eq!(zstd::decode_all(&idx[80..]).unwrap(), body);
+    assert_eq!(BlockIndex::decode(&idx).unwrap(), index);
+    assert_eq!(BlockIndex::decode(&index.encode().unwrap()).unwrap(), index);
+
+    // The version object (format 2 index): fields, labels and index come back.
+    let obj = std::fs::read(data("version-v2.obj")).unwrap();
+    let (v, i) = decode_version_object(keepfs::transform::Codec::plain(), &obj).unwrap();
+    assert_eq!(v, version);
+    assert_eq!(i, index);
+}
+
+/// Repositories made before index format 2 keep reading: the committed format 1 samples
+/// (one 32-byte entry per block) decode to the same version and index, byte for byte
+/// what that format is.
+#[test]
+fn format_1_samples_still_decode() {
+    let (version, index) = sample_version();
     let idx = std::fs::read(data("index.kfi")).unwrap();
     assert_eq!(&idx[0..8], b"KEEPFSIX");
+    assert_eq!(u16::from_le_bytes([idx[8], idx[9]]), 1, "format version");
     assert_eq!(idx.len(), 80 + 4 * 32);
-    assert_eq!(idx, index.encode());
+    assert_eq!(idx, index.encode_v1());
     assert_eq!(BlockIndex::decode(&idx).unwrap(), index);
-
-    // The version object: fields, labels and index come back.
     let obj = std::fs::read(data("version.obj")).unwrap();
     let (v, i) = decode_version_object(keepfs::transform::Codec::plain(), &obj).unwrap();
     assert_eq!(v, version);

@@ -169,7 +169,7 @@ fn iso(secs: i64) -> serde_json::Value {
 fn reindex(hex_index: &str, uid: u64) -> String {
     let mut index = keepfs::index::BlockIndex::decode(&hex::decode(hex_index).unwrap()).unwrap();
     index.uid = uid;
-    hex::encode(index.encode())
+    hex::encode(index.encode().unwrap())
 }
 
 /// `metadata backup` writes lost metadata objects again; `metadata restore` brings

@@ -1,0 +1,398 @@
+//! Ceph RBD as a source and a restore target, against a real one-node cluster: the one
+//! named by `KEEPFS_TEST_CEPH_CONF` (a ceph.conf; CI passes the cluster it starts), or
+//! else one this binary starts with contrib/ceph/start-ceph.sh under
+//! /tmp/keepfs-rbd-ceph-test (mon ports 3321/6821) and stops when it exits. Without a
+//! cluster every test fails with the reason. The tests share the cluster; each uses its
+//! own image names. Everything is checked with the real `rbd` CLI (`rbd export`, `rbd diff`).
+#![cfg(feature = "rbd")]
+
+mod common;
+use common::*;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+const TEST_DIR: &str = "/tmp/keepfs-rbd-ceph-test";
+
+struct Ceph {
+    conf: String,
+    keyring: String,
+}
+
+fn script(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("contrib/ceph").join(name)
+}
+
+extern "C" fn stop_cluster() {
+    let _ = Command::new("bash")
+        .arg(script("stop-ceph.sh"))
+        .env("CEPH_DEV_DIR", TEST_DIR)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status();
+}
+
+fn start() -> Result<Ceph, String> {
+    let conf = match std::env::var("KEEPFS_TEST_CEPH_CONF") {
+        Ok(conf) if !conf.is_empty() => conf,
+        _ => {
+            let mut c = Command::new("bash");
+            c.arg(script("start-ceph.sh"))
+                .env("CEPH_DEV_DIR", TEST_DIR)
+                .env("CEPH_DEV_MON_PORT", "3321")
+                .env("CEPH_DEV_MON_V1_PORT", "6821")
+                .env("CEPH_DEV_OSD_PORTS", "6830 6899")
+                .env("CEPH_DEV_RGW", "0")
+                .env("CEPH_DEV_OSD_SIZE", "10G");
+            let out = output_within(c, std::time::Duration::from_secs(900), "contrib/ceph/start-ceph.sh");
+            // Stopped when this test binary exits, whatever the tests did.
+            // SAFETY: registers a plain function.
+            unsafe { libc::atexit(stop_cluster) };
+            if !out.status.success() {
+                let log = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+                let tail: Vec<&str> = log.lines().rev().take(15).collect();
+                return Err(format!(
+                    "contrib/ceph/start-ceph.sh failed ({}):\n{}",
+                    out.status,
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                ));
+            }
+            format!("{TEST_DIR}/ceph.conf")
+        }
+    };
+    let text = std::fs::read_to_string(&conf).map_err(|e| format!("cannot read {conf}: {e}"))?;
+    let keyring = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("keyring = ").filter(|k| !k.contains('$')).map(String::from))
+        .ok_or_else(|| format!("{conf} names no client keyring"))?;
+    Ok(Ceph { conf, keyring })
+}
+
+fn ceph() -> &'static Ceph {
+    static CEPH: OnceLock<Result<Ceph, String>> = OnceLock::new();
+    match CEPH.get_or_init(start) {
+        Ok(c) => c,
+        Err(e) => panic!("no Ceph cluster for the RBD tests (set KEEPFS_TEST_CEPH_CONF or let them start one): {e}"),
+    }
+}
+
+/// Runs the real rbd CLI; it must succeed.
+fn rbd(args: &[&str]) -> String {
+    let mut c = Command::new("rbd");
+    c.arg("--conf").arg(&ceph().conf).args(args);
+    let out = output_within(c, COMMAND_LIMIT, &format!("rbd {args:?}"));
+    assert!(out.status.success(), "rbd {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A unique image name for this run of this test.
+fn image(name: &str) -> String {
+    format!("k{}-{name}", std::process::id())
+}
+
+/// sha256 of `rbd export SPEC` (the reference).
+fn export_sha(repo: &Repo, spec: &str) -> String {
+    let out = repo.path("export.img");
+    let _ = std::fs::remove_file(&out);
+    rbd(&["export", "--no-progress", spec, &out.to_string_lossy()]);
+    let s = sha256_file(&out);
+    std::fs::remove_file(&out).unwrap();
+    s
+}
+
+fn kf(repo: &Repo, args: &[&str]) -> Run {
+    repo.run_env(args, &[("CEPH_CONF", &ceph().conf)])
+}
+
+fn kf_ok(repo: &Repo, args: &[&str]) -> String {
+    let r = kf(repo, args);
+    assert_eq!(r.code, 0, "keepfs {args:?} failed:\n{}\n{}", r.stdout, r.stderr);
+    r.stdout.trim().to_string()
+}
+
+/// Imports `data` as image `name` in pool rbd.
+fn import(repo: &Repo, name: &str, data: &[u8]) {
+    let f = repo.path("import.img");
+    std::fs::write(&f, data).unwrap();
+    rbd(&["import", "--no-progress", &f.to_string_lossy(), &format!("rbd/{name}")]);
+    std::fs::remove_file(&f).unwrap();
+}
+
+/// Changes some 4 KiB pieces of the image with the rbd CLI's own writer.
+fn write_some(name: &str) {
+    rbd(&[
+        "bench",
+        "--io-type",
+        "write",
+        "--io-size",
+        "4K",
+        "--io-total",
+        "32K",
+        "--io-pattern",
+        "rand",
+        &format!("rbd/{name}"),
+    ]);
+}
+
+fn bytes_read(repo: &Repo, uid: &str) -> u64 {
+    repo.version(uid)["stats"]["bytes_read"].as_u64().unwrap()
+}
+
+#[test]
+fn snapshots_back_up_initially_and_differentially_and_restore_to_images_and_files() {
+    let repo = Repo::new();
+    let img = image("vm1");
+    const MB: usize = 1 << 20;
+    // 40 MiB: 24 MiB of mixed data, the rest never written (unallocated).
+    let mut data = mixed_image(1101, 24, MB, 0);
+    data.resize(40 * MB, 0);
+    import(&repo, &img, &data);
+    rbd(&["snap", "create", "--no-progress", &format!("rbd/{img}@s1")]);
+
+    // Initial backup: unallocated objects are not read.
+    let v1 = kf_ok(&repo, &["backup", "-b", "1M", &format!("rbd:rbd/{img}@s1"), "vm1"]);
+    assert_eq!(repo.version(&v1)["snapshot"], "s1", "the snapshot name comes from the URL");
+    assert!(bytes_read(&repo, &v1) <= 24 * MB as u64, "{}", repo.version(&v1)["stats"]);
+    let s1 = export_sha(&repo, &format!("rbd/{img}@s1"));
+
+    // Differential with --diff-from: only what librbd says changed is read.
+    write_some(&img);
+    rbd(&["snap", "create", "--no-progress", &format!("rbd/{img}@s2")]);
+    let v2 = kf_ok(
+        &repo,
+        &["backup", "--diff-from", "s1", "--base", &v1, "--hints-check", "100", &format!("rbd:rbd/{img}@s2"), "vm1"],
+    );
+    assert!(bytes_read(&repo, &v2) <= 8 * MB as u64, "8 writes of 4K: {}", repo.version(&v2)["stats"]);
+    let s2 = export_sha(&repo, &format!("rbd/{img}@s2"));
+
+    // The same with --whole-object, and with --hints from `rbd diff --format=json`
+    // (backy2's form of the URL, and a namespace-less pool).
+    write_some(&img);
+    rbd(&["snap", "create", "--no-progress", &format!("rbd/{img}@s3")]);
+    let v3 = kf_ok(
+        &repo,
+        &["backup", "--diff-from", "s2", "--whole-object", "--base", &v2, &format!("rbd:rbd/{img}@s3"), "vm1"],
+    );
+    let json = rbd(&["diff", "--from-snap", "s2", &format!("rbd/{img}@s3"), "--format=json"]);
+    std::fs::write(repo.path("vm1.diff"), &json).unwrap();
+    let v3h = kf_ok(
+        &repo,
+        &[
+            "backup",
+            "--hints",
+            &repo.path("vm1.diff").to_string_lossy(),
+            "--base",
+            &v2,
+            &format!("rbd://rbd/{img}@s3"),
+            "vm1",
+        ],
+    );
+    let s3 = export_sha(&repo, &format!("rbd/{img}@s3"));
+
+    // Every version restores to a new image and to a file, equal to rbd export.
+    for (uid, sha) in [(&v1, &s1), (&v2, &s2), (&v3, &s3), (&v3h, &s3)] {
+        let target = format!("{img}-r{uid}");
+        kf_ok(&repo, &["restore", uid, &format!("rbd:rbd/{target}")]);
+        assert_eq!(&export_sha(&repo, &format!("rbd/{target}")), sha, "{uid} restored to an image");
+        assert_eq!(&repo.restore_sha(uid, "out.img"), sha, "{uid} restored to a file");
+    }
+    // The created image has the version's size and the default features.
+    let info: serde_json::Value =
+        serde_json::from_str(&rbd(&["info", "--format", "json", &format!("rbd/{img}-r{v1}")])).unwrap();
+    assert_eq!(info["size"], 40 * MB as u64);
+    assert_eq!(
+        info["features"],
+        serde_json::json!(["layering", "exclusive-lock", "object-map", "fast-diff", "deep-flatten"])
+    );
+    // No temporary image is left behind.
+    let images = rbd(&["ls", "rbd"]);
+    assert!(!images.contains(".keepfs-restore."), "{images}");
+
+    // deep-scrub compares with the snapshot; a different snapshot is found different.
+    kf_ok(&repo, &["deep-scrub", "--source", &format!("rbd:rbd/{img}@s2"), &v2]);
+    let r = kf(&repo, &["deep-scrub", "--source", &format!("rbd:rbd/{img}@s1"), &v2]);
+    assert_eq!(r.code, 3, "s1 differs from the version of s2: {}", r.stderr);
+}
+
+#[test]
+fn a_lying_diff_is_refused_before_any_version_exists() {
+    let repo = Repo::new();
+    let img = image("liar");
+    import(&repo, &img, &random_bytes(1201, 8 << 20));
+    rbd(&["snap", "create", "--no-progress", &format!("rbd/{img}@a")]);
+    let v1 = kf_ok(&repo, &["backup", "-b", "1M", &format!("rbd:rbd/{img}@a"), "liar"]);
+    // Overwrite everything so that any sampled block differs.
+    import_over(&repo, &img, &random_bytes(1202, 8 << 20));
+    rbd(&["snap", "create", "--no-progress", &format!("rbd/{img}@b")]);
+    let before = repo.ls_json(None).as_array().unwrap().len();
+    // Hints that say nothing changed.
+    std::fs::write(repo.path("empty.diff"), "[]").unwrap();
+    let r = kf(
+        &repo,
+        &[
+            "backup",
+            "--hints",
+            &repo.path("empty.diff").to_string_lossy(),
+            "--base",
+            &v1,
+            "--hints-check",
+            "100",
+            &format!("rbd:rbd/{img}@b"),
+            "liar",
+        ],
+    );
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.error_line().contains("the hints are wrong"), "{}", r.stderr);
+    // A diff from the wrong snapshot (b to b: nothing changed) against the version of a.
+    let r = kf(
+        &repo,
+        &["backup", "--diff-from", "b", "--base", &v1, "--hints-check", "100", &format!("rbd:rbd/{img}@b"), "liar"],
+    );
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.error_line().contains("the diff from snapshot b is wrong"), "{}", r.stderr);
+    assert_eq!(r.stderr.trim().lines().count(), 1, "one line: {}", r.stderr);
+    assert_eq!(repo.ls_json(None).as_array().unwrap().len(), before, "no version was created");
+}
+
+/// Rewrites the content of an existing image with the rbd CLI: `data` is imported as
+/// another image, whose `export-diff` is applied with `import-diff`.
+fn import_over(repo: &Repo, name: &str, data: &[u8]) {
+    let tmp = format!("{name}-src-{}", data.len() ^ data[0] as usize);
+    import(repo, &tmp, data);
+    rbd(&["snap", "create", "--no-progress", &format!("rbd/{tmp}@x")]);
+    let diff = repo.path("over.diff");
+    let _ = std::fs::remove_file(&diff);
+    rbd(&["export-diff", "--no-progress", &format!("rbd/{tmp}@x"), &diff.to_string_lossy()]);
+    rbd(&["import-diff", "--no-progress", &diff.to_string_lossy(), &format!("rbd/{name}")]);
+    std::fs::remove_file(&diff).unwrap();
+}
+
+#[test]
+fn rbd_backup_runs_the_nightly_routine() {
+    let repo = Repo::new();
+    let img = image("night");
+    import(&repo, &img, &mixed_image(1301, 12, 1 << 20, 0));
+    rbd(&["snap", "create", "--no-progress", &format!("rbd/{img}@keep-me")]);
+    let spec = format!("rbd/{img}");
+    let mut uids = Vec::new();
+    for run in 0..3 {
+        if run > 0 {
+            write_some(&img);
+        }
+        let r = kf(&repo, &["rbd-backup", &spec]);
+        assert_eq!(r.code, 0, "run {run}: {}", r.stderr);
+        let uid = r.stdout.trim().to_string();
+        let how = if run == 0 { "initial" } else { "differential from b-" };
+        assert!(r.stderr.contains(how), "run {run}: {}", r.stderr);
+        let snaps: serde_json::Value = serde_json::from_str(&rbd(&["snap", "ls", "--format", "json", &spec])).unwrap();
+        let names: Vec<&str> = snaps.as_array().unwrap().iter().map(|s| s["name"].as_str().unwrap()).collect();
+        let b: Vec<&&str> = names.iter().filter(|n| n.starts_with("b-")).collect();
+        assert_eq!(b.len(), 1, "one b- snapshot left after run {run}: {names:?}");
+        assert!(names.contains(&"keep-me"), "other snapshots untouched: {names:?}");
+        let v = repo.version(&uid);
+        assert_eq!(v["name"], img.as_str());
+        assert_eq!(&v["snapshot"], b[0], "the version records its snapshot");
+        assert_eq!(repo.restore_sha(&uid, "out.img"), export_sha(&repo, &format!("{spec}@{}", b[0])));
+        uids.push(uid);
+    }
+    assert!(bytes_read(&repo, &uids[2]) < 12 << 20, "differential: {}", repo.version(&uids[2])["stats"]);
+
+    // --all: every image of the pool, with a summary; one that cannot be backed up
+    // (an image name that is not a valid backup name cannot happen; a missing pool can).
+    let r = kf(&repo, &["rbd-backup", "--all", "no-such-pool"]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.error_line().contains("pool 'no-such-pool' does not exist"), "{}", r.stderr);
+}
+
+#[test]
+fn restore_into_an_existing_image_needs_force_and_sparse_discards() {
+    let repo = Repo::new();
+    let img = image("exist");
+    const MB: usize = 1 << 20;
+    // The version: data, then 8 MiB of zeros, then data.
+    let mut data = mixed_image(1401, 4, MB, 0);
+    data.extend(vec![0u8; 8 * MB]);
+    data.extend(random_bytes(1402, 4 * MB));
+    import(&repo, &img, &data);
+    rbd(&["snap", "create", "--no-progress", &format!("rbd/{img}@s")]);
+    let v = kf_ok(&repo, &["backup", "-b", "1M", &format!("rbd:rbd/{img}@s"), "exist"]);
+    let want = export_sha(&repo, &format!("rbd/{img}@s"));
+
+    // Another image full of other data: refused without --force (exit 4), untouched.
+    let other = image("exist-target");
+    import(&repo, &other, &random_bytes(1403, 16 * MB));
+    let before = export_sha(&repo, &format!("rbd/{other}"));
+    let r = kf(&repo, &["restore", &v, &format!("rbd:rbd/{other}")]);
+    assert_eq!(r.code, 4, "{}", r.stderr);
+    assert!(r.error_line().contains("exists") && r.error_line().contains("--force"), "{}", r.stderr);
+    assert_eq!(export_sha(&repo, &format!("rbd/{other}")), before, "untouched");
+
+    // --sparse --force: the zero blocks are discarded, so the image equals the version.
+    kf_ok(&repo, &["restore", "--sparse", "--force", &v, &format!("rbd:rbd/{other}")]);
+    assert_eq!(export_sha(&repo, &format!("rbd/{other}")), want);
+    // --force without --sparse writes the zeros.
+    import_over(&repo, &other, &random_bytes(1404, 16 * MB));
+    kf_ok(&repo, &["restore", "--force", &v, &format!("rbd:rbd/{other}")]);
+    assert_eq!(export_sha(&repo, &format!("rbd/{other}")), want);
+
+    // --continue finishes a restore whose temporary image exists (here: empty).
+    let cont = image("cont");
+    rbd(&["create", "--size", "16M", &format!("rbd/{cont}.keepfs-restore.{v}")]);
+    kf_ok(&repo, &["restore", "--continue", &v, &format!("rbd:rbd/{cont}")]);
+    assert_eq!(export_sha(&repo, &format!("rbd/{cont}")), want);
+    let r = kf(&repo, &["restore", "--continue", &v, &format!("rbd:rbd/{}", image("nothing"))]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.error_line().contains("no interrupted restore"), "{}", r.stderr);
+}
+
+#[test]
+fn missing_things_unreachable_clusters_and_wrong_credentials_are_one_line_errors() {
+    let repo = Repo::new();
+    let img = image("err");
+    import(&repo, &img, &random_bytes(1501, 1 << 20));
+    rbd(&["snap", "create", "--no-progress", &format!("rbd/{img}@s")]);
+    let cases = [
+        (format!("rbd:nopool/{img}@s"), "Ceph pool 'nopool' does not exist"),
+        (format!("rbd:rbd/{img}-missing@s"), "does not exist (`rbd ls rbd`"),
+        (format!("rbd:rbd/{img}@missing"), "snapshot 'missing' of RBD image"),
+    ];
+    for (url, want) in &cases {
+        let r = kf(&repo, &["backup", url, "x"]);
+        assert_eq!(r.code, 2, "{url}: {}", r.stderr);
+        assert!(r.error_line().contains(want), "{url}: {}", r.stderr);
+        assert_eq!(r.stderr.trim().lines().count(), 1, "one line: {}", r.stderr);
+    }
+    let r = kf(&repo, &["backup", "--diff-from", "nosnap", "--base", "V0000000001", &format!("rbd:rbd/{img}@s"), "x"]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+
+    // A cluster nobody answers for: a timeout (3 s), not a hang.
+    let conf = repo.path("dead.conf");
+    std::fs::write(&conf, format!("[global]\nmon host = v2:127.0.0.1:3329\nkeyring = {}\n", ceph().keyring)).unwrap();
+    let cfg = repo.path("dead.toml");
+    std::fs::write(
+        &cfg,
+        format!("home = \"{}\"\n[rbd]\nconf = \"{}\"\ntimeout = 3\n", repo.home().display(), conf.display()),
+    )
+    .unwrap();
+    let r = repo.run_env(&["backup", &format!("rbd:rbd/{img}@s"), "x"], &[("KEEPFS_CONFIG", &cfg.to_string_lossy())]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(r.error_line().contains("cannot reach the Ceph cluster") && r.error_line().contains("3 s"), "{}", r.stderr);
+
+    // Wrong credentials: a keyring with another key for client.admin.
+    let keyring = repo.path("wrong.keyring");
+    std::fs::write(&keyring, "[client.admin]\n\tkey = AQBvaBFZAAAAABAA9VHgwCg3rWn8fMaX8KL01A==\n").unwrap();
+    std::fs::write(
+        &cfg,
+        format!(
+            "home = \"{}\"\n[rbd]\nconf = \"{}\"\nkeyring = \"{}\"\ntimeout = 10\n",
+            repo.home().display(),
+            ceph().conf,
+            keyring.display()
+        ),
+    )
+    .unwrap();
+    let r = repo.run_env(&["backup", &format!("rbd:rbd/{img}@s"), "x"], &[("KEEPFS_CONFIG", &cfg.to_string_lossy())]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.error_line().contains("refused client.admin"), "{}", r.stderr);
+    assert!(repo.ls_json(None).as_array().unwrap().is_empty(), "nothing was created");
+}

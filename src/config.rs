@@ -605,6 +605,27 @@ mod tests {
     use super::*;
 
     #[test]
+    fn rbd_section() {
+        let c = Config::parse("home = \"/h\"\n", "t").unwrap();
+        assert_eq!(c.rbd, RbdConfig::default());
+        assert_eq!(c.rbd.features.join(","), "layering,exclusive-lock,object-map,fast-diff,deep-flatten");
+        let c = Config::parse(
+            "[rbd]\nconf = \"/c/ceph.conf\"\nclient_id = \"backup\"\nkeyring = \"/k\"\nfeatures = \"layering, exclusive-lock\"\ntimeout = 5\nin_flight = 3\n",
+            "t",
+        )
+        .unwrap();
+        assert_eq!(c.rbd.conf.as_deref(), Some(Path::new("/c/ceph.conf")));
+        assert_eq!((c.rbd.client_id.as_deref(), c.rbd.timeout_secs, c.rbd.in_flight), (Some("backup"), 5, 3));
+        assert_eq!(c.rbd.features, vec!["layering", "exclusive-lock"]);
+        let c = Config::parse("[rbd]\nfeatures = [\"layering\"]\n", "t").unwrap();
+        assert_eq!(c.rbd.features, vec!["layering"]);
+        for bad in ["[rbd]\ntimeout = 0\n", "[rbd]\nin_flight = 0\n", "[rbd]\nfeatures = 3\n", "[rbd]\npool = \"x\"\n"]
+        {
+            assert!(Config::parse(bad, "t").is_err(), "{bad}");
+        }
+    }
+
+    #[test]
     fn file_mode_and_incomplete_grace() {
         let c = Config::parse("home = \"/h\"\n", "t").unwrap();
         assert_eq!(c.modes, crate::perms::Modes::PRIVATE);

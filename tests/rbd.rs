@@ -118,20 +118,20 @@ fn import(repo: &Repo, name: &str, data: &[u8]) {
     std::fs::remove_file(&f).unwrap();
 }
 
-/// Changes some 4 KiB pieces of the image with the rbd CLI's own writer.
-fn write_some(name: &str) {
-    rbd(&[
-        "bench",
-        "--io-type",
-        "write",
-        "--io-size",
-        "4K",
-        "--io-total",
-        "32K",
-        "--io-pattern",
-        "rand",
-        &format!("rbd/{name}"),
-    ]);
+/// Writes `data` at `offset` into image `name` through librbd's Python binding (Debian's
+/// python3-rbd, installed with the cluster), as another program using the image would.
+fn write_at(repo: &Repo, name: &str, offset: usize, data: &[u8]) {
+    let f = repo.path("write.bin");
+    std::fs::write(&f, data).unwrap();
+    let script = "import sys, rados, rbd\n\
+        c = rados.Rados(conffile=sys.argv[1]); c.connect(timeout=60)\n\
+        io = c.open_ioctx('rbd'); img = rbd.Image(io, sys.argv[2])\n\
+        img.write(open(sys.argv[4], 'rb').read(), int(sys.argv[3])); img.flush(); img.close()\n\
+        io.close(); c.shutdown()\n";
+    let mut c = Command::new("/usr/bin/python3");
+    c.arg("-c").arg(script).arg(&ceph().conf).arg(name).arg(offset.to_string()).arg(&f);
+    let out = output_within(c, COMMAND_LIMIT, "python3-rbd write");
+    assert!(out.status.success(), "python3-rbd write: {}", String::from_utf8_lossy(&out.stderr));
 }
 
 fn bytes_read(repo: &Repo, uid: &str) -> u64 {
@@ -155,19 +155,21 @@ fn snapshots_back_up_initially_and_differentially_and_restore_to_images_and_file
     assert!(bytes_read(&repo, &v1) <= 24 * MB as u64, "{}", repo.version(&v1)["stats"]);
     let s1 = export_sha(&repo, &format!("rbd/{img}@s1"));
 
-    // Differential with --diff-from: only what librbd says changed is read.
-    write_some(&img);
+    // Differential with --diff-from: only what librbd says changed is read (4 KiB in
+    // block 2, 8 KiB across the border of blocks 9 and 10).
+    write_at(&repo, &img, 2 * MB + 4096, &random_bytes(1102, 4096));
+    write_at(&repo, &img, 10 * MB - 4096, &random_bytes(1103, 8192));
     rbd(&["snap", "create", "--no-progress", &format!("rbd/{img}@s2")]);
     let v2 = kf_ok(
         &repo,
         &["backup", "--diff-from", "s1", "--base", &v1, "--hints-check", "100", &format!("rbd:rbd/{img}@s2"), "vm1"],
     );
-    assert!(bytes_read(&repo, &v2) <= 8 * MB as u64, "8 writes of 4K: {}", repo.version(&v2)["stats"]);
+    assert_eq!(bytes_read(&repo, &v2), 3 * MB as u64, "blocks 2, 9, 10: {}", repo.version(&v2)["stats"]);
     let s2 = export_sha(&repo, &format!("rbd/{img}@s2"));
 
     // The same with --whole-object, and with --hints from `rbd diff --format=json`
     // (backy2's form of the URL, and a namespace-less pool).
-    write_some(&img);
+    write_at(&repo, &img, 30 * MB, &random_bytes(1104, 4096));
     rbd(&["snap", "create", "--no-progress", &format!("rbd/{img}@s3")]);
     let v3 = kf_ok(
         &repo,
@@ -257,27 +259,30 @@ fn a_lying_diff_is_refused_before_any_version_exists() {
 /// Rewrites the content of an existing image with the rbd CLI: `data` is imported as
 /// another image, whose `export-diff` is applied with `import-diff`.
 fn import_over(repo: &Repo, name: &str, data: &[u8]) {
-    let tmp = format!("{name}-src-{}", data.len() ^ data[0] as usize);
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let tmp = format!("{name}-src-{}", N.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
     import(repo, &tmp, data);
-    rbd(&["snap", "create", "--no-progress", &format!("rbd/{tmp}@x")]);
     let diff = repo.path("over.diff");
     let _ = std::fs::remove_file(&diff);
-    rbd(&["export-diff", "--no-progress", &format!("rbd/{tmp}@x"), &diff.to_string_lossy()]);
+    // Of the image itself, not a snapshot: import-diff then creates no snapshot either.
+    rbd(&["export-diff", "--no-progress", &format!("rbd/{tmp}"), &diff.to_string_lossy()]);
     rbd(&["import-diff", "--no-progress", &diff.to_string_lossy(), &format!("rbd/{name}")]);
     std::fs::remove_file(&diff).unwrap();
+    rbd(&["rm", "--no-progress", &format!("rbd/{tmp}")]);
 }
 
 #[test]
 fn rbd_backup_runs_the_nightly_routine() {
     let repo = Repo::new();
     let img = image("night");
-    import(&repo, &img, &mixed_image(1301, 12, 1 << 20, 0));
+    const MB: usize = 1 << 20;
+    import(&repo, &img, &mixed_image(1301, 16, MB, 0));
     rbd(&["snap", "create", "--no-progress", &format!("rbd/{img}@keep-me")]);
     let spec = format!("rbd/{img}");
     let mut uids = Vec::new();
     for run in 0..3 {
         if run > 0 {
-            write_some(&img);
+            write_at(&repo, &img, run * 5 * MB, &random_bytes(1302 + run as u64, 4096));
         }
         let r = kf(&repo, &["rbd-backup", &spec]);
         assert_eq!(r.code, 0, "run {run}: {}", r.stderr);
@@ -295,7 +300,9 @@ fn rbd_backup_runs_the_nightly_routine() {
         assert_eq!(repo.restore_sha(&uid, "out.img"), export_sha(&repo, &format!("{spec}@{}", b[0])));
         uids.push(uid);
     }
-    assert!(bytes_read(&repo, &uids[2]) < 12 << 20, "differential: {}", repo.version(&uids[2])["stats"]);
+    for uid in &uids[1..] {
+        assert_eq!(bytes_read(&repo, uid), 4 * MB as u64, "one 4 MiB block changed: {}", repo.version(uid)["stats"]);
+    }
 
     // --all: every image of the pool, with a summary; one that cannot be backed up
     // (an image name that is not a valid backup name cannot happen; a missing pool can).
@@ -395,4 +402,34 @@ fn missing_things_unreachable_clusters_and_wrong_credentials_are_one_line_errors
     assert_eq!(r.code, 2, "{}", r.stderr);
     assert!(r.error_line().contains("refused client.admin"), "{}", r.stderr);
     assert!(repo.ls_json(None).as_array().unwrap().is_empty(), "nothing was created");
+}
+
+#[test]
+fn an_image_that_grew_is_backed_up_differentially_and_one_that_shrank_is_refused() {
+    let repo = Repo::new();
+    let img = image("resize");
+    const MB: usize = 1 << 20;
+    import(&repo, &img, &random_bytes(1601, 5 * MB + 4096));
+    rbd(&["snap", "create", "--no-progress", &format!("rbd/{img}@a")]);
+    let v1 = kf_ok(&repo, &["backup", "-b", "1M", &format!("rbd:rbd/{img}@a"), "resize"]);
+    // Grown at the end (the old last block was partial), with data written past the old end.
+    rbd(&["resize", "--no-progress", "--size", "12M", &format!("rbd/{img}")]);
+    import_over(
+        &repo,
+        &img,
+        &[random_bytes(1601, 5 * MB + 4096), vec![0; 3 * MB], random_bytes(1602, 4 * MB - 4096)].concat(),
+    );
+    rbd(&["snap", "create", "--no-progress", &format!("rbd/{img}@b")]);
+    let v2 = kf_ok(
+        &repo,
+        &["backup", "--diff-from", "a", "--base", &v1, "--hints-check", "100", &format!("rbd:rbd/{img}@b"), "resize"],
+    );
+    assert_eq!(repo.version(&v2)["size"], 12 * MB as u64);
+    assert_eq!(repo.restore_sha(&v2, "out.img"), export_sha(&repo, &format!("rbd/{img}@b")));
+    // Shrunk below the base: refused, one line.
+    rbd(&["resize", "--no-progress", "--allow-shrink", "--size", "2M", &format!("rbd/{img}")]);
+    rbd(&["snap", "create", "--no-progress", &format!("rbd/{img}@c")]);
+    let r = kf(&repo, &["backup", "--diff-from", "b", "--base", &v2, &format!("rbd:rbd/{img}@c"), "resize"]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.error_line().contains("shrank since the base"), "{}", r.stderr);
 }

@@ -304,8 +304,30 @@ fn rbd_backup_runs_the_nightly_routine() {
         assert_eq!(bytes_read(&repo, uid), 4 * MB as u64, "one 4 MiB block changed: {}", repo.version(uid)["stats"]);
     }
 
-    // --all: every image of the pool, with a summary; one that cannot be backed up
-    // (an image name that is not a valid backup name cannot happen; a missing pool can).
+    // --all: every image of a pool (here a namespace of its own), with a summary.
+    let ns = image("ns");
+    rbd(&["namespace", "create", &format!("rbd/{ns}")]);
+    let f = repo.path("ns.img");
+    for (i, name) in ["a", "b"].iter().enumerate() {
+        std::fs::write(&f, random_bytes(1310 + i as u64, 2 * MB)).unwrap();
+        rbd(&["import", "--no-progress", &f.to_string_lossy(), &format!("rbd/{ns}/{name}")]);
+    }
+    for run in 0..2 {
+        let r = kf(&repo, &["rbd-backup", "--all", &format!("rbd/{ns}")]);
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        assert!(r.stderr.contains("2 image(s), 2 backed up, 0 failed"), "{}", r.stderr);
+        assert_eq!(r.stdout.lines().count(), 2, "one uid per image: {}", r.stdout);
+        let how = if run == 0 { "initial" } else { "differential" };
+        assert_eq!(r.stderr.matches(how).count(), 2, "run {run}: {}", r.stderr);
+    }
+    let b = repo.valid_uids("name == \"b\"");
+    assert_eq!(b.len(), 2);
+    let snaps: serde_json::Value =
+        serde_json::from_str(&rbd(&["snap", "ls", "--format", "json", &format!("rbd/{ns}/b")])).unwrap();
+    let snap = snaps[0]["name"].as_str().unwrap();
+    assert_eq!(repo.restore_sha(&b[1], "out.img"), export_sha(&repo, &format!("rbd/{ns}/b@{snap}")));
+
+    // A pool that does not exist: one line, exit 2.
     let r = kf(&repo, &["rbd-backup", "--all", "no-such-pool"]);
     assert_eq!(r.code, 2, "{}", r.stderr);
     assert!(r.error_line().contains("pool 'no-such-pool' does not exist"), "{}", r.stderr);

@@ -19,7 +19,9 @@ WORK=$(mktemp -d /tmp/keepfs-rbd-bench.XXXXXX)
 started=""
 cleanup() {
     rbd --conf "$CEPH_CONF" snap purge --no-progress "rbd/$IMG" >/dev/null 2>&1 || true
-    rbd --conf "$CEPH_CONF" rm --no-progress "rbd/$IMG" >/dev/null 2>&1 || true
+    for i in "$IMG" "$IMG-import" "$IMG-restore"; do
+        rbd --conf "$CEPH_CONF" rm --no-progress "rbd/$i" >/dev/null 2>&1 || true
+    done
     [ -z "$started" ] || CEPH_DEV_DIR=$started bash contrib/ceph/stop-ceph.sh >/dev/null 2>&1 || true
     rm -rf "$WORK"
 }
@@ -59,6 +61,13 @@ for round in 1 2; do
     best_export=$(awk -v a="$best_export" -v b="$e" 'BEGIN{print (b<a)?b:a}')
     best_keepfs=$(awk -v a="$best_keepfs" -v b="$k" 'BEGIN{print (b<a)?b:a}')
 done
+# Restore of the last version into a new image next to `rbd import` of the same bytes.
+t0=$(now); RBD import --no-progress "$WORK/image" "rbd/$IMG-import"; t1=$(now)
+ri=$(awk -v a="$t0" -v b="$t1" 'BEGIN{print b-a}')
+t0=$(now); "$KEEPFS" restore V0000000001 "rbd:rbd/$IMG-restore" 2>>"$WORK/keepfs.log"; t1=$(now)
+rr=$(awk -v a="$t0" -v b="$t1" 'BEGIN{print b-a}')
+[ "$(RBD export --no-progress "rbd/$IMG-restore" - | sha256sum)" = "$(sha256sum <"$WORK/image")" ] \
+    || { echo "restored image differs" >&2; exit 1; }
 export KEEPFS_HOME=$WORK/home-file
 t0=$(now); "$KEEPFS" backup "$WORK/image" bench >/dev/null 2>>"$WORK/keepfs.log"; t1=$(now)
 f=$(awk -v a="$t0" -v b="$t1" 'BEGIN{print b-a}')
@@ -77,4 +86,7 @@ printf '%-40s %8.2f %8s %8.2f\n' "keepfs backup of the same bytes (file)" "$f" "
     "$(awk -v a="$best_export" -v b="$f" 'BEGIN{print a/b}')"
 printf '%-40s %8.2f %8s %8.2f\n' "keepfs backup rbd:…@snap, null storage" "$n" "$(mbps $BYTES "$n")" \
     "$(awk -v a="$best_export" -v b="$n" 'BEGIN{print a/b}')"
+printf '%-40s %8.2f %8s %8s\n' "rbd import of the same bytes (baseline)" "$ri" "$(mbps $BYTES "$ri")" 1.00
+printf '%-40s %8.2f %8s %8.2f\n' "keepfs restore to a new image" "$rr" "$(mbps $BYTES "$rr")" \
+    "$(awk -v a="$ri" -v b="$rr" 'BEGIN{print a/b}')"
 echo "(ratio = baseline time / time: above 1 is faster than rbd export; best of the runs)"

@@ -621,6 +621,10 @@ pub struct BackupOptions {
     /// Share of the blocks the hints call unchanged that are checked against the base
     /// before the backup starts (default 1%).
     pub hints_check_percent: Option<u8>,
+    /// Ask the source (RBD) which extents changed since this snapshot, instead of hints.
+    pub diff_from: Option<String>,
+    /// With `diff_from`: whole objects (librbd's fast diff) instead of exact extents.
+    pub whole_object: bool,
     /// backy2's automatic tags: `b_daily`, `b_weekly`, `b_monthly` labels for the first
     /// backup of this name in a day, ISO week, month (see [`auto_tags`]).
     pub auto_tags: bool,
@@ -733,7 +737,7 @@ impl Repository {
     pub fn backup(&self, url: &Url, opts: &BackupOptions, progress: &dyn Progress) -> Result<Version> {
         let started = Instant::now();
         check_fields(opts)?;
-        let source = open_source(url, self.config.mmap_sources)?;
+        let source = open_source(url, self.config.mmap_sources, &self.config)?;
         let size = source.size();
         let session = self.session(&format!("backup {}", opts.name), true)?;
         let mut opts = opts.clone();
@@ -828,7 +832,7 @@ impl Repository {
     ) -> Result<(Entries, Stats)> {
         let size = source.size();
         let ingest = Mutex::new(Ingest::start(self.ingest_context(storage, bs, session)?));
-        let readers = self.config.source_readers.max(1) as u64;
+        let readers = self.config.source_readers.max(source.parallel_reads()).max(1) as u64;
         let read_error: Mutex<Option<Error>> = Mutex::new(None);
         // Readers take whole windows in turn; a window is mapped when the source allows
         // it (workers then hash straight from the page cache) and read block by block
@@ -1060,16 +1064,36 @@ impl Repository {
                 Some(self.index(buid)?)
             }
         };
-        let Some(json) = opts.hints.as_deref() else {
-            if base.is_some() {
-                return Err(Error::Invalid(
-                    "--base needs --hints (a backup without hints reads everything anyway)".into(),
-                ));
-            }
-            return Ok(None);
-        };
         let bs = opts.block_size.unwrap_or(self.config.block_size);
-        let mut wanted = crate::hints::parse_hints(json, size, bs)?;
+        let mut wanted = match (opts.hints.as_deref(), opts.diff_from.as_deref()) {
+            (Some(_), Some(_)) => {
+                return Err(Error::Invalid("give --hints or --diff-from, not both".into()));
+            }
+            (None, Some(snap)) => {
+                let Some(b) = &base else {
+                    return Err(Error::Invalid(format!(
+                        "--diff-from {snap} needs --base UID (the version of snapshot {snap})"
+                    )));
+                };
+                if size < b.size {
+                    return Err(Error::Invalid(format!(
+                        "{url} holds {size} bytes, base {} {}: the image shrank since the base; back up without --base/--diff-from (an initial backup)",
+                        VersionUid(b.uid),
+                        b.size
+                    )));
+                }
+                crate::hints::wanted_blocks(source.changed_since(snap, opts.whole_object)?, size, bs)?
+            }
+            (Some(json), None) => crate::hints::parse_hints(json, size, bs)?,
+            (None, None) => {
+                if base.is_some() {
+                    return Err(Error::Invalid(
+                        "--base needs --hints or --diff-from (a backup without them reads everything anyway)".into(),
+                    ));
+                }
+                return Ok(None);
+            }
+        };
         let Some(base) = base else {
             return Ok(Some(Differential { wanted, base: None }));
         };
@@ -1122,6 +1146,14 @@ impl Repository {
                 base_storage.codec().id_of(&buf[..len])
             };
             if id != base.entries.get(idx as u64) {
+                if let Some(snap) = &opts.diff_from {
+                    return Err(Error::Invalid(format!(
+                        "the diff from snapshot {snap} is wrong: block {idx} (bytes {off}..{}) of {url} differs from base {} although librbd calls it unchanged; is {} really the version of snapshot {snap}? Back up without --base/--diff-from",
+                        off + len as u64,
+                        VersionUid(base.uid),
+                        VersionUid(base.uid)
+                    )));
+                }
                 return Err(Error::Invalid(format!(
                     "the hints are wrong: block {idx} (bytes {off}..{}) of {url} differs from base {} although the hints call it unchanged; back up without --base/--hints or with fresh hints",
                     off + len as u64,

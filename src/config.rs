@@ -100,8 +100,53 @@ pub struct Config {
     /// How long the objects of an incomplete version are kept for `backup --continue`
     /// after its backup stopped (cleanup spares them until then).
     pub incomplete_grace: chrono::Duration,
+    /// Ceph RBD sources and targets (`[rbd]`).
+    pub rbd: RbdConfig,
     /// Where the configuration came from, for messages.
     pub origin: String,
+}
+
+/// How keepfs reaches a Ceph cluster for `rbd:` sources and targets (`[rbd]`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RbdConfig {
+    /// ceph.conf; default `$CEPH_CONF`, then /etc/ceph/ceph.conf.
+    pub conf: Option<PathBuf>,
+    /// The client's id (`admin` for client.admin, the default).
+    pub client_id: Option<String>,
+    /// Its keyring; default what ceph.conf says.
+    pub keyring: Option<PathBuf>,
+    /// Features of images a restore creates.
+    pub features: Vec<String>,
+    /// Seconds to wait for the monitors (connecting included) and for each OSD operation.
+    pub timeout_secs: u64,
+    /// Reads (backup) and writes (restore) in flight at once.
+    pub in_flight: usize,
+}
+
+impl Default for RbdConfig {
+    fn default() -> RbdConfig {
+        RbdConfig {
+            conf: None,
+            client_id: None,
+            keyring: None,
+            features: ["layering", "exclusive-lock", "object-map", "fast-diff", "deep-flatten"]
+                .map(String::from)
+                .to_vec(),
+            timeout_secs: 60,
+            in_flight: 8,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileRbdConfig {
+    conf: Option<PathBuf>,
+    client_id: Option<String>,
+    keyring: Option<PathBuf>,
+    features: Option<toml::Value>,
+    timeout: Option<u64>,
+    in_flight: Option<usize>,
 }
 
 #[derive(Deserialize)]
@@ -130,6 +175,7 @@ struct FileConfig {
     require_encryption: Option<bool>,
     file_mode: Option<toml::Value>,
     incomplete_grace: Option<String>,
+    rbd: Option<FileRbdConfig>,
 }
 
 #[derive(Deserialize)]
@@ -287,6 +333,7 @@ impl Config {
             schedulers: crate::schedule::builtin(),
             modes: crate::perms::Modes::PRIVATE,
             incomplete_grace: chrono::Duration::days(1),
+            rbd: RbdConfig::default(),
             origin: format!("embedded default (home {})", home.display()),
             home,
         }
@@ -418,6 +465,36 @@ impl Config {
             None => Ok(default),
         };
         c.source_readers = threads("source_readers", f.source_readers, c.source_readers)?;
+        if let Some(r) = f.rbd {
+            c.rbd.conf = r.conf;
+            c.rbd.client_id = r.client_id;
+            c.rbd.keyring = r.keyring;
+            match r.features {
+                None => {}
+                Some(toml::Value::String(s)) => {
+                    c.rbd.features = s.split(',').map(|f| f.trim().to_string()).filter(|f| !f.is_empty()).collect()
+                }
+                Some(toml::Value::Array(a)) => {
+                    c.rbd.features = a
+                        .iter()
+                        .map(|v| v.as_str().map(String::from))
+                        .collect::<Option<_>>()
+                        .ok_or_else(|| bad("[rbd] features must be names like \"layering\"".to_string()))?
+                }
+                Some(other) => {
+                    return Err(bad(format!(
+                        "[rbd] features must be a list like \"layering,exclusive-lock\", not {other}"
+                    )));
+                }
+            }
+            if let Some(t) = r.timeout {
+                if t == 0 {
+                    return Err(bad("[rbd] timeout must be at least 1 second".to_string()));
+                }
+                c.rbd.timeout_secs = t;
+            }
+            c.rbd.in_flight = threads("[rbd] in_flight", r.in_flight, c.rbd.in_flight)?;
+        }
         c.workers = threads("workers", f.workers, c.workers)?;
         c.storage_writers = threads("storage_writers", f.storage_writers, c.storage_writers)?;
         c.storage_readers = threads("storage_readers", f.storage_readers, c.storage_readers)?;
@@ -526,6 +603,27 @@ fn location(text: &str, span: Option<std::ops::Range<usize>>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rbd_section() {
+        let c = Config::parse("home = \"/h\"\n", "t").unwrap();
+        assert_eq!(c.rbd, RbdConfig::default());
+        assert_eq!(c.rbd.features.join(","), "layering,exclusive-lock,object-map,fast-diff,deep-flatten");
+        let c = Config::parse(
+            "[rbd]\nconf = \"/c/ceph.conf\"\nclient_id = \"backup\"\nkeyring = \"/k\"\nfeatures = \"layering, exclusive-lock\"\ntimeout = 5\nin_flight = 3\n",
+            "t",
+        )
+        .unwrap();
+        assert_eq!(c.rbd.conf.as_deref(), Some(Path::new("/c/ceph.conf")));
+        assert_eq!((c.rbd.client_id.as_deref(), c.rbd.timeout_secs, c.rbd.in_flight), (Some("backup"), 5, 3));
+        assert_eq!(c.rbd.features, vec!["layering", "exclusive-lock"]);
+        let c = Config::parse("[rbd]\nfeatures = [\"layering\"]\n", "t").unwrap();
+        assert_eq!(c.rbd.features, vec!["layering"]);
+        for bad in ["[rbd]\ntimeout = 0\n", "[rbd]\nin_flight = 0\n", "[rbd]\nfeatures = 3\n", "[rbd]\npool = \"x\"\n"]
+        {
+            assert!(Config::parse(bad, "t").is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn file_mode_and_incomplete_grace() {

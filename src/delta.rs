@@ -72,7 +72,11 @@ impl Repository {
     ) -> Result<DeltaReport> {
         let path = match url {
             Url::File(p) => p.clone(),
-            Url::Null(_) => return Err(Error::Invalid(format!("cannot restore to {url}: use file:///path"))),
+            Url::Null(_) | Url::Rbd(_) => {
+                return Err(Error::Invalid(format!(
+                    "a delta restore writes to a file or block device, not {url}: use file:///path (or a kernel-mapped /dev/rbdN)"
+                )));
+            }
         };
         let (old_v, new_v) = (self.version(from)?, self.version(to)?);
         if old_v.storage != new_v.storage {

@@ -51,6 +51,8 @@ pub enum Error {
         #[source]
         source: IndexError,
     },
+    #[error(transparent)]
+    Rbd(#[from] crate::rbd::RbdError),
     #[error("configuration: {0}")]
     Config(String),
     /// The work finished but found damaged data; the message lists what.
@@ -71,6 +73,14 @@ impl Error {
             Error::Refused(_) => exit::REFUSED,
             Error::Damaged(_) => exit::DATA_DAMAGED,
             Error::Database(e) if database_damaged(e) => exit::DATA_DAMAGED,
+            Error::Rbd(e) => {
+                use crate::rbd::RbdErrorKind as K;
+                match e.kind {
+                    K::NotFound | K::Config | K::Invalid | K::Unsupported => exit::USAGE,
+                    K::Exists => exit::REFUSED,
+                    K::Failed => exit::FAILURE,
+                }
+            }
             _ => exit::FAILURE,
         }
     }

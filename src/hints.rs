@@ -23,20 +23,25 @@ pub fn parse_hints(json: &str, size: u64, block_size: u32) -> Result<Vec<bool>> 
     let extents: Vec<Extent> = serde_json::from_str(json).map_err(|e| {
         Error::Invalid(format!("hints are not rbd diff JSON ([{{\"offset\":..,\"length\":..,\"exists\":..}}]): {e}"))
     })?;
+    wanted_blocks(extents.iter().map(|e| (e.offset, e.length)), size, block_size)
+}
+
+/// The blocks that changed extents `(offset, length)` touch (from hints, or from librbd
+/// for `--diff-from`).
+pub fn wanted_blocks(extents: impl IntoIterator<Item = (u64, u64)>, size: u64, block_size: u32) -> Result<Vec<bool>> {
     let bs = block_size as u64;
     let mut wanted = vec![false; size.div_ceil(bs) as usize];
-    for e in extents {
-        let end = e.offset.checked_add(e.length).ok_or_else(|| Error::Invalid("hints: an extent overflows".into()))?;
+    for (offset, length) in extents {
+        let end = offset.checked_add(length).ok_or_else(|| Error::Invalid("hints: an extent overflows".into()))?;
         if end > size {
             return Err(Error::Invalid(format!(
-                "hints: extent at {} of {} bytes ends past the image ({size} bytes); were they made for another image?",
-                e.offset, e.length
+                "hints: extent at {offset} of {length} bytes ends past the image ({size} bytes); were they made for another image?"
             )));
         }
-        if e.length == 0 {
+        if length == 0 {
             continue;
         }
-        for idx in e.offset / bs..end.div_ceil(bs) {
+        for idx in offset / bs..end.div_ceil(bs) {
             wanted[idx as usize] = true;
         }
     }

@@ -24,6 +24,7 @@ pub mod keys;
 pub mod metadata;
 pub mod perms;
 pub mod progress;
+pub mod rbd;
 pub mod repo;
 pub mod restore;
 pub mod retention;

@@ -53,15 +53,15 @@ enum Format {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Back up an image (file:///path or null://SIZE) as a new version of NAME
+    /// Back up an image (file:///path, null://SIZE or rbd:POOL[/NS]/IMAGE[@SNAP]) as a new version of NAME
     Backup {
         /// The image: a path (disk.img, /dev/vg0/snap), file:///path, or null://SIZE
         source: String,
         /// The backup's name (versions of one image share it), e.g. vm1
         name: String,
-        /// Snapshot name to record with the version
-        #[arg(short, long, default_value = "")]
-        snapshot: String,
+        /// Snapshot name to record with the version (default: an rbd: source's @SNAP)
+        #[arg(short, long)]
+        snapshot: Option<String>,
         /// Label k=v (or k for an empty value); repeatable
         #[arg(short, long = "label", value_name = "K=V")]
         labels: Vec<String>,
@@ -87,6 +87,12 @@ enum Command {
         /// (at least one block)
         #[arg(long, value_name = "PERCENT", default_value_t = 1, value_parser = clap::value_parser!(u8).range(0..=100))]
         hints_check: u8,
+        /// RBD: read only what librbd says changed since this snapshot (needs --base)
+        #[arg(long, value_name = "SNAP", conflicts_with = "hints")]
+        diff_from: Option<String>,
+        /// With --diff-from: whole objects (librbd's fast diff) instead of exact extents
+        #[arg(long, requires = "diff_from")]
+        whole_object: bool,
         /// Add backy2's b_daily / b_weekly / b_monthly labels to the first backup of the
         /// name in each day / ISO week / month
         #[arg(long)]
@@ -95,7 +101,28 @@ enum Command {
         #[arg(long, value_enum, default_value = "table")]
         format: Format,
     },
-    /// Restore a version to a file or block device (file:///path)
+    /// Ceph RBD's nightly routine: snapshot, back up (differentially when possible), drop old snapshots
+    #[command(
+        after_help = "Examples:\n  keepfs rbd-backup pool/vm1\n  keepfs rbd-backup --prefix nightly- --keep-snapshots 2 pool/ns/vm1\n  keepfs rbd-backup --all pool"
+    )]
+    RbdBackup {
+        /// POOL[/NAMESPACE]/IMAGE
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        image: Option<String>,
+        /// Every image of POOL[/NAMESPACE], one after the other
+        #[arg(long, value_name = "POOL")]
+        all: Option<String>,
+        /// Snapshots made and removed by this routine start with this
+        #[arg(long, default_value = "b-")]
+        prefix: String,
+        /// Prefixed snapshots to keep after a successful backup (the newest)
+        #[arg(long, default_value_t = 1)]
+        keep_snapshots: usize,
+        /// Storage to write initial backups to (default: default_storage)
+        #[arg(short = 'S', long)]
+        storage: Option<String>,
+    },
+    /// Restore a version to a file, block device (file:///path) or RBD image (rbd:POOL/IMAGE)
     Restore {
         /// The version to restore (with --delta-from: the version the target gets, UID2)
         uid: String,
@@ -831,6 +858,8 @@ fn run(cli: Cli) -> Result<i32> {
             hints,
             base,
             hints_check,
+            diff_from,
+            whole_object,
             auto_tags,
             ..
         } => {
@@ -844,6 +873,11 @@ fn run(cli: Cli) -> Result<i32> {
             let continue_uid = continue_uid.as_deref().map(VersionUid::parse).transpose()?;
             let expire = expire.as_deref().map(parse_expire).transpose()?;
             let url = Url::parse(&source).map_err(Error::Invalid)?;
+            let snapshot = match (&url, snapshot) {
+                (_, Some(s)) => s,
+                (Url::Rbd(spec), None) => spec.snap.clone().unwrap_or_default(),
+                (_, None) => String::new(),
+            };
             let block_size = match block_size {
                 Some(b) => Some(check_block_size(parse_size(&b).map_err(Error::Invalid)?).map_err(Error::Invalid)?),
                 None => None,
@@ -864,6 +898,8 @@ fn run(cli: Cli) -> Result<i32> {
                 hints,
                 base,
                 hints_check_percent: Some(hints_check),
+                diff_from,
+                whole_object,
                 auto_tags,
             };
             let p = progress(format!("backing up {}", opts.name));
@@ -960,6 +996,12 @@ fn run(cli: Cli) -> Result<i32> {
                 Ok(exit::DATA_DAMAGED)
             }
         }
+        Command::RbdBackup { image, all, prefix, keep_snapshots, storage } => rbd_backup(
+            &repo,
+            image.as_deref(),
+            all.as_deref(),
+            keepfs::rbd::RoutineOptions { prefix, keep_snapshots, storage, labels: BTreeMap::new() },
+        ),
         Command::Ls { filter, format, expired } => {
             let filter = filter.as_deref().map(Filter::parse).transpose()?;
             let mut versions = repo.list(filter.as_ref())?;
@@ -1834,6 +1876,56 @@ fn mount_daemon(dir: &std::path::Path, log: &std::path::Path) -> Result<i32> {
 /// The command line's definition, with each command's examples (see `help`).
 fn cli_command() -> clap::Command {
     help::with_examples(<Cli as clap::CommandFactory>::command())
+}
+
+/// `keepfs rbd-backup`: one image, or every image of a pool with a summary (exit 1 when
+/// any failed).
+fn rbd_backup(
+    repo: &Repository,
+    image: Option<&str>,
+    all: Option<&str>,
+    opts: keepfs::rbd::RoutineOptions,
+) -> keepfs::Result<i32> {
+    let one = |spec: &keepfs::rbd::Spec| -> keepfs::Result<()> {
+        let p = progress(format!("backing up {}", spec.image_path()));
+        let o = keepfs::rbd::backup_image(repo, spec, &opts, &p)?;
+        for w in &o.warnings {
+            note!("keepfs: warning: {w}");
+        }
+        let how = match &o.from {
+            Some((snap, uid)) => format!("differential from {snap} ({uid})"),
+            None => "initial".to_string(),
+        };
+        let removed = if o.removed_snapshots.is_empty() {
+            String::new()
+        } else {
+            format!("; removed snapshot(s) {}", o.removed_snapshots.join(", "))
+        };
+        note!("backed up {}@{} as {}: {how}{removed}", spec.image_path(), o.snapshot, o.version.uid);
+        report!("{}", o.version.uid);
+        Ok(())
+    };
+    let Some(pool) = all else {
+        let spec = keepfs::rbd::parse_image(image.unwrap_or_default())?;
+        one(&spec)?;
+        return Ok(exit::OK);
+    };
+    let images = keepfs::rbd::images_of(pool, repo)?;
+    let mut failed = Vec::new();
+    for spec in &images {
+        if let Err(e) = one(spec) {
+            note!("keepfs: error: {}: {e}", spec.image_path());
+            failed.push(spec.image_path());
+        }
+    }
+    note!(
+        "rbd-backup --all {pool}: {} image(s), {} backed up, {} failed{}",
+        images.len(),
+        images.len() - failed.len(),
+        failed.len(),
+        if failed.is_empty() { String::new() } else { format!(": {}", failed.join(", ")) }
+    );
+    Ok(if failed.is_empty() { exit::OK } else { exit::FAILURE })
 }
 
 fn main() {

@@ -1,4 +1,5 @@
-//! Restoring a version to a file or block device. Objects are fetched and verified by a
+//! Restoring a version to a file, a block device or an RBD image (through
+//! [`crate::source::BlockTarget`]). Objects are fetched and verified by a
 //! pool of threads and written at their offsets; a block that stays unreadable or fails
 //! its checksum does not abort the restore: it is written as zeros, reported, and the
 //! version is marked invalid.
@@ -75,14 +76,22 @@ impl OutBuf {
 /// direct one used for aligned whole blocks (the restored image does not pass through
 /// and evict the page cache, and costs far less CPU).
 struct Target {
-    buffered: File,
-    direct: Option<File>,
+    io: TargetIo,
     /// (temporary name, final name) for a regular file, renamed into place at the end.
     rename: Option<(PathBuf, PathBuf)>,
+    /// Written in place over what it held (a device, an existing image): zero blocks
+    /// must be written, or discarded.
     is_device: bool,
     /// Whether what was written can be read back (a regular file, a block device opened
     /// for reading; not /dev/null).
     readable: bool,
+    /// Zero blocks are discarded instead of skipped (`--sparse` into an existing image).
+    discard_zeros: bool,
+}
+
+enum TargetIo {
+    File { buffered: File, direct: Option<File> },
+    Image(Box<dyn crate::source::BlockTarget>),
 }
 
 /// The name of the file a restore of `uid` to `path` writes before renaming it into
@@ -110,7 +119,11 @@ pub(crate) fn lock_exclusive(file: &File, path: &Path) -> Result<()> {
 
 impl Target {
     fn write_at(&self, data: &[u8], off: u64) -> io::Result<()> {
-        if let Some(d) = &self.direct
+        let (buffered, direct) = match &self.io {
+            TargetIo::File { buffered, direct } => (buffered, direct),
+            TargetIo::Image(t) => return t.write_at(data, off),
+        };
+        if let Some(d) = direct
             && data.as_ptr() as usize % ALIGN == 0
             && off % ALIGN as u64 == 0
         {
@@ -118,13 +131,43 @@ impl Target {
             if full > 0 {
                 match d.write_all_at(&data[..full], off) {
                     Ok(()) => {}
-                    Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return self.buffered.write_all_at(data, off),
+                    Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return buffered.write_all_at(data, off),
                     Err(e) => return Err(e),
                 }
             }
-            return self.buffered.write_all_at(&data[full..], off + full as u64);
+            return buffered.write_all_at(&data[full..], off + full as u64);
         }
-        self.buffered.write_all_at(data, off)
+        buffered.write_all_at(data, off)
+    }
+
+    fn discard(&self, off: u64, len: u64) -> io::Result<()> {
+        match &self.io {
+            TargetIo::Image(t) => t.discard(off, len),
+            TargetIo::File { .. } => Ok(()),
+        }
+    }
+
+    fn read_back(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
+        match &self.io {
+            TargetIo::File { buffered, .. } => buffered.read_exact_at(buf, off),
+            TargetIo::Image(t) => t.read_at(buf, off),
+        }
+    }
+
+    /// Waits for queued writes (before reading back what they wrote).
+    fn settle(&self) -> io::Result<()> {
+        match &self.io {
+            TargetIo::File { .. } => Ok(()),
+            TargetIo::Image(t) => t.settle(),
+        }
+    }
+
+    /// Makes what was written durable, keeping it where it is (for --continue).
+    fn sync(&self) -> io::Result<()> {
+        match &self.io {
+            TargetIo::File { buffered, .. } => buffered.sync_all(),
+            TargetIo::Image(t) => t.settle(),
+        }
     }
 }
 
@@ -174,7 +217,13 @@ fn open_target(path: &Path, uid: VersionUid, size: u64, opts: &RestoreOptions) -
                 }
             }
             let direct = if is_device { open_direct(path) } else { None };
-            Ok(Target { buffered: file, direct, rename: None, is_device: true, readable: opened_rw && is_device })
+            Ok(Target {
+                io: TargetIo::File { buffered: file, direct },
+                rename: None,
+                is_device: true,
+                readable: opened_rw && is_device,
+                discard_zeros: false,
+            })
         }
         Ok(_) if !opts.force && !opts.resume => Err(Error::Refused(format!(
             "restore target {} exists (file); pass --force to overwrite it",
@@ -211,11 +260,11 @@ fn open_target(path: &Path, uid: VersionUid, size: u64, opts: &RestoreOptions) -
                 }
                 let direct = open_direct(&partial);
                 return Ok(Target {
-                    buffered: file,
-                    direct,
+                    io: TargetIo::File { buffered: file, direct },
                     rename: Some((partial, path.to_path_buf())),
                     is_device: false,
                     readable: true,
+                    discard_zeros: false,
                 });
             }
             let file = OpenOptions::new()
@@ -229,11 +278,11 @@ fn open_target(path: &Path, uid: VersionUid, size: u64, opts: &RestoreOptions) -
             file.set_len(0).and_then(|_| file.set_len(size)).map_err(|e| Error::io(ctx("size"), e))?;
             let direct = open_direct(&partial);
             Ok(Target {
-                buffered: file,
-                direct,
+                io: TargetIo::File { buffered: file, direct },
                 rename: Some((partial, path.to_path_buf())),
                 is_device: false,
                 readable: true,
+                discard_zeros: false,
             })
         }
     }
@@ -280,9 +329,12 @@ impl Repository {
         opts: &RestoreOptions,
         progress: &dyn Progress,
     ) -> Result<RestoreReport> {
+        if let Url::Null(_) = url {
+            return Err(Error::Invalid(format!("cannot restore to {url}: use file:///path or rbd:POOL/IMAGE")));
+        }
         let path = match url {
-            Url::File(p) => p.clone(),
-            Url::Null(_) => return Err(Error::Invalid(format!("cannot restore to {url}: use file:///path"))),
+            Url::File(p) => p.display().to_string(),
+            other => other.to_string(),
         };
         let version = self.version(uid)?;
         let index = self.index(uid)?;
@@ -292,8 +344,22 @@ impl Repository {
         let session = self.session(&format!("restore {uid}"), false)?;
         session.lock_version(uid, "restore")?;
         let storage = self.storage(&version.storage)?;
-        let target = open_target(&path, uid, version.size, opts)?;
-        // A device must get real zeros; a fresh file already reads as zeros.
+        let target = match url {
+            Url::Rbd(spec) => {
+                let (t, existing) = crate::rbd::open_target(spec, uid, version.size, opts, &self.config.rbd)?;
+                Target {
+                    io: TargetIo::Image(t),
+                    rename: None,
+                    is_device: existing,
+                    readable: true,
+                    discard_zeros: existing && opts.sparse,
+                }
+            }
+            Url::File(p) => open_target(p, uid, version.size, opts)?,
+            Url::Null(_) => unreachable!("refused above"),
+        };
+        // A device must get real zeros; a fresh file already reads as zeros. An existing
+        // RBD image restored with --sparse gets discards.
         let write_zeros = !opts.sparse && target.is_device;
         let bs = index.block_size as usize;
         progress.begin(&format!("restore {uid} ({})", version.name), version.size);
@@ -323,7 +389,7 @@ impl Repository {
             if let Err(e) = r
                 && write_error.is_none()
             {
-                *write_error = Some(Error::io(format!("cannot write to {} at byte {off}", path.display()), e));
+                *write_error = Some(Error::io(format!("cannot write to {} at byte {off}", path), e));
             }
         };
 
@@ -344,7 +410,7 @@ impl Repository {
                         }
                         let len = index.block_len(idx as usize);
                         let kept = opts.resume
-                            && target_ref.buffered.read_exact_at(&mut buf.window()[..len], idx * bs as u64).is_ok()
+                            && target_ref.read_back(&mut buf.window()[..len], idx * bs as u64).is_ok()
                             && storage.codec().id_of(buf.bytes(len)) == id;
                         let r = if kept {
                             Outcome::Kept
@@ -374,10 +440,12 @@ impl Repository {
                     }
                 }
             });
-            // Zero blocks need no storage: write (or skip) them here first, a run at a
-            // time (a device gets real zeros; a new file is all holes already).
+            // Zero blocks need no storage: write, discard (an RBD image with --sparse) or
+            // skip them here first, a run at a time (a device gets real zeros; a new file
+            // is all holes already).
             for run in index.entries.sparse_runs() {
-                let bytes = (run.end * bs as u64).min(index.size) - run.start * bs as u64;
+                let start = run.start * bs as u64;
+                let bytes = (run.end * bs as u64).min(index.size) - start;
                 if write_zeros {
                     for idx in run {
                         let len = index.block_len(idx as usize);
@@ -386,6 +454,8 @@ impl Repository {
                             note_write(target.write_at(zeros.bytes(len), off), off, &mut write_error);
                         }
                     }
+                } else if target.discard_zeros && write_error.is_none() {
+                    note_write(target.discard(start, bytes), start, &mut write_error);
                 }
                 progress.advance(bytes);
                 report.bytes += bytes;
@@ -430,6 +500,13 @@ impl Repository {
             }
         });
         // The repeats, copied from their first occurrence (zeros where that was damaged).
+        if write_error.is_none()
+            && unavailable.is_none()
+            && !repeat_of.is_empty()
+            && let Err(e) = target.settle()
+        {
+            write_error = Some(Error::io(format!("cannot write to {path}"), e));
+        }
         if write_error.is_none() && unavailable.is_none() {
             let damaged: std::collections::HashMap<u64, String> =
                 report.bad_blocks.iter().map(|b| (b.index, b.reason.clone())).collect();
@@ -443,12 +520,10 @@ impl Repository {
                     report.bad_blocks.push(bad_block(progress, idx, off, len, id, reason));
                     zeros.bytes(len)
                 } else {
-                    let r = target.buffered.read_exact_at(&mut buf.window()[..len], first * bs as u64);
+                    let r = target.read_back(&mut buf.window()[..len], first * bs as u64);
                     if let Err(e) = r {
-                        write_error = Some(Error::io(
-                            format!("cannot read back {} at byte {}", path.display(), first * bs as u64),
-                            e,
-                        ));
+                        write_error =
+                            Some(Error::io(format!("cannot read back {} at byte {}", path, first * bs as u64), e));
                         break;
                     }
                     buf.bytes(len)
@@ -465,22 +540,26 @@ impl Repository {
         let again = format!("run `keepfs restore --continue {uid} {url}` to finish it");
         if let Some(e) = write_error {
             // What was written stays (it is verified block by block by --continue).
-            let _ = target.buffered.sync_all();
+            let _ = target.sync();
             return Err(Error::Other(format!("{e}; the restore is incomplete: {again}")));
         }
         if let Some(reason) = unavailable {
-            let _ = target.buffered.sync_all();
+            let _ = target.sync();
             return Err(Error::Other(format!(
                 "restore of {uid} stopped: storage '{}' is not available ({reason}); nothing was marked damaged: {again} when it is back",
                 version.storage
             )));
         }
-        match target.buffered.sync_all() {
-            // A character device (/dev/null) has nothing to make durable.
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) && target.is_device => {}
-            r => r.map_err(|e| Error::io(format!("cannot flush {}", path.display()), e))?,
+        let Target { io, rename, is_device, .. } = target;
+        match io {
+            TargetIo::Image(t) => t.finish()?,
+            TargetIo::File { buffered, .. } => match buffered.sync_all() {
+                // A character device (/dev/null) has nothing to make durable.
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) && is_device => {}
+                r => r.map_err(|e| Error::io(format!("cannot flush {}", path), e))?,
+            },
         }
-        if let Some((temp, path)) = &target.rename {
+        if let Some((temp, path)) = &rename {
             std::fs::rename(temp, path)
                 .map_err(|e| Error::io(format!("cannot move the restored image to {}", path.display()), e))?;
             if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {

@@ -230,7 +230,7 @@ impl Repository {
         let storage = self.storage(&version.storage)?;
         let source = match &opts.source {
             Some(url) => {
-                let s = open_source(url, false)?;
+                let s = open_source(url, false, &self.config)?;
                 if s.size() != index.size {
                     return Err(Error::Invalid(format!(
                         "source {url} holds {} bytes, version {uid} {}; compare a source of the same size",

@@ -203,7 +203,8 @@ fn user_mistakes_give_one_line_errors() {
     let (fifo, socket, dir) = (repo.url("fifo"), repo.url("socket"), repo.url("dir"));
     let long_name = "n".repeat(256);
     let deep_filter = format!("{}name == 'x'{}", "(".repeat(7000), ")".repeat(7000));
-    let cases: Vec<(Vec<&str>, i32, &str)> = vec![
+    #[allow(unused_mut)]
+    let mut cases: Vec<(Vec<&str>, i32, &str)> = vec![
         (vec!["backup", "file:///dev/zero", "x"], 2, "is a character device, not an image"),
         (vec!["backup", &fifo, "x"], 2, "is a FIFO (named pipe), not an image"),
         (vec!["backup", &socket, "x"], 2, "is a socket, not an image"),
@@ -229,7 +230,8 @@ fn user_mistakes_give_one_line_errors() {
         (vec!["restore", &uid, &existing], 4, "pass --force"),
         (vec!["backup", "/tmp/keepfs-plain-never", "x"], 2, "does not exist"),
         (vec!["backup", "file://relative.img", "x"], 2, "is a relative path in a URL: use file:///"),
-        (vec!["backup", "rbd://pool/img", "x"], 2, "unsupported scheme"),
+        (vec!["backup", "s3://pool/img", "x"], 2, "unsupported scheme"),
+        (vec!["backup", "rbd:img", "x"], 2, "rbd:POOL[/NAMESPACE]/IMAGE[@SNAP]"),
         (vec!["backup", &missing, "x"], 2, "does not exist"),
         (vec!["backup", "null://12Q", "x"], 2, "unknown unit"),
         (vec!["backup", &existing, "x", "-b", "3M"], 2, "power of two"),
@@ -245,6 +247,9 @@ fn user_mistakes_give_one_line_errors() {
         (vec!["ls", "size > true"], 2, "filter:"),
         (vec!["protect", "V0000000042"], 2, "does not exist"),
     ];
+    // A keepfs built without the rbd feature says how to get one (with it: tests/rbd.rs).
+    #[cfg(not(feature = "rbd"))]
+    cases.push((vec!["backup", "rbd://pool/img@s", "x"], 2, "built without Ceph RBD support"));
     for (args, code, needle) in cases {
         let r = repo.run(&args);
         assert_eq!(r.code, code, "{args:?}: {}", r.stderr);

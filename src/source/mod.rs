@@ -1,8 +1,12 @@
 //! Where backups read from and restores write to, named by URL: `file:///path` (a regular
-//! file or a block device) and `null://SIZE` (zeros, for tests and benchmarks).
+//! file or a block device), `null://SIZE` (zeros, for tests and benchmarks) and
+//! `rbd:POOL[/NAMESPACE]/IMAGE[@SNAP]` (Ceph RBD, with cargo feature `rbd`; see
+//! [`crate::rbd`]).
 
 pub mod file;
 pub mod null;
+#[cfg(feature = "rbd")]
+pub mod rbd;
 pub mod sigbus;
 
 use crate::units::parse_size;
@@ -16,6 +20,7 @@ use std::sync::Arc;
 pub enum Url {
     File(PathBuf),
     Null(u64),
+    Rbd(crate::rbd::Spec),
 }
 
 impl Url {
@@ -35,12 +40,17 @@ impl Url {
             }
             return Ok(Url::File(PathBuf::from(path)));
         }
+        if let Some(body) = s.strip_prefix("rbd://").or_else(|| s.strip_prefix("rbd:")) {
+            return crate::rbd::Spec::parse(body, s).map(Url::Rbd);
+        }
         if let Some(size) = s.strip_prefix("null://") {
             return parse_size(size).map(Url::Null).map_err(|e| format!("'{s}': {e}"));
         }
         if s.contains("://") {
             let scheme = s.split("://").next().unwrap_or("");
-            return Err(format!("'{s}': unsupported scheme '{scheme}' (use a path, file:///path or null://SIZE)"));
+            return Err(format!(
+                "'{s}': unsupported scheme '{scheme}' (use a path, file:///path, null://SIZE or rbd:POOL/IMAGE[@SNAP])"
+            ));
         }
         if s.is_empty() {
             return Err("an empty source or target: give a path, file:///path or null://SIZE".into());
@@ -59,6 +69,7 @@ impl std::fmt::Display for Url {
         match self {
             Url::File(p) => write!(f, "file://{}", p.display()),
             Url::Null(n) => write!(f, "null://{n}"),
+            Url::Rbd(spec) => write!(f, "{spec}"),
         }
     }
 }
@@ -81,16 +92,43 @@ pub trait Source: Send + Sync {
     fn window(&self, _offset: u64, _len: u64) -> Option<io::Result<Arc<file::Window>>> {
         None
     }
+    /// The extents `(offset, length)` changed since snapshot `snap` of this source, for
+    /// `backup --diff-from`; only sources with snapshots (RBD) can answer.
+    fn changed_since(&self, _snap: &str, _whole_object: bool) -> crate::error::Result<Vec<(u64, u64)>> {
+        Err(crate::error::Error::Invalid(
+            "--diff-from needs an RBD source (rbd:POOL/IMAGE@SNAP); for other sources use --hints".into(),
+        ))
+    }
+    /// How many reads the source serves well at once (network sources more than the
+    /// configured `source_readers`); 0 leaves the configuration's number.
+    fn parallel_reads(&self) -> usize {
+        0
+    }
+}
+
+/// A restore target that is not a file: an RBD image. Writes may be queued; errors of
+/// queued writes come back from a later call.
+pub trait BlockTarget: Send + Sync {
+    fn write_at(&self, data: &[u8], offset: u64) -> io::Result<()>;
+    /// Makes the range read as zeros without writing them (`restore --sparse`).
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()>;
+    /// Reads back what the target holds (after [`BlockTarget::settle`] for written data).
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    /// Waits for every queued write.
+    fn settle(&self) -> io::Result<()>;
+    /// Makes everything durable and puts the image in place under its final name.
+    fn finish(self: Box<Self>) -> crate::error::Result<()>;
 }
 
 /// Opens a source for reading; `mmap` allows reading regular files through mappings.
 /// A source that is missing, unreadable or not an image (a directory, a character
 /// device, a FIFO) is the user's input error (exit 2); other failures are I/O errors.
-pub fn open_source(url: &Url, mmap: bool) -> crate::error::Result<Box<dyn Source>> {
+pub fn open_source(url: &Url, mmap: bool, config: &crate::config::Config) -> crate::error::Result<Box<dyn Source>> {
     use crate::error::Error;
     let opened: io::Result<Box<dyn Source>> = match url {
         Url::File(p) => file::FileSource::open(p, mmap).map(|s| Box::new(s) as Box<dyn Source>),
         Url::Null(n) => Ok(Box::new(null::NullSource::new(*n))),
+        Url::Rbd(spec) => return Ok(crate::rbd::open_source(spec, &config.rbd)?),
     };
     opened.map_err(|e| match e.kind() {
         io::ErrorKind::NotFound => Error::Invalid(format!("source {url} does not exist")),
@@ -117,7 +155,11 @@ mod tests {
             "{e}"
         );
         assert!(Url::parse("").is_err());
-        assert!(Url::parse("rbd://pool/img").unwrap_err().contains("unsupported scheme 'rbd'"));
+        assert!(Url::parse("s3://pool/img").unwrap_err().contains("unsupported scheme 's3'"));
+        let rbd = crate::rbd::Spec::parse("pool/img@s", "").unwrap();
+        assert_eq!(Url::parse("rbd://pool/img@s").unwrap(), Url::Rbd(rbd.clone()), "backy2's form");
+        assert_eq!(Url::parse("rbd:pool/img@s").unwrap(), Url::Rbd(rbd), "Benji's form");
+        assert!(Url::parse("rbd:img").unwrap_err().contains("rbd:POOL[/NAMESPACE]/IMAGE[@SNAP]"));
         assert!(Url::parse("null://abc").is_err());
         assert!(Url::parse("file://").is_err());
     }

@@ -5,6 +5,7 @@
 
 #[macro_use]
 mod output;
+mod mount_options;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use keepfs::Repository;
@@ -32,6 +33,14 @@ struct Cli {
     /// embedded default repository under $KEEPFS_HOME, /var/lib/keepfs as root, or ~/.local/share/keepfs)
     #[arg(long, global = true, value_name = "FILE")]
     config: Option<PathBuf>,
+    /// After the command, push the repository's metrics to this Prometheus Pushgateway
+    /// (http://HOST:9091; group job=keepfs unless the URL names one)
+    #[arg(long, global = true, value_name = "URL")]
+    pushgateway: Option<String>,
+    /// After the command, write the repository's metrics to this file, atomically (for
+    /// node-exporter's textfile collector: a NAME.prom in its directory)
+    #[arg(long, global = true, value_name = "PATH")]
+    metrics_file: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -254,6 +263,9 @@ enum Command {
         /// Mode of the files, octal (e.g. 0640; directories get x where readable)
         #[arg(long, requires = "allow_other", value_parser = parse_mode)]
         mode: Option<u16>,
+        /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9198)
+        #[arg(long, value_name = "ADDR")]
+        metrics: Option<String>,
     },
     /// Per version: size, sparse, shared and exclusive bytes, stored bytes, and what rm + cleanup would free
     #[command(
@@ -314,6 +326,9 @@ enum Command {
         /// The PEM private key of --tls-cert
         #[arg(long, value_name = "FILE", requires = "tls_cert")]
         tls_key: Option<PathBuf>,
+        /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9198)
+        #[arg(long, value_name = "ADDR")]
+        metrics: Option<String>,
     },
     /// Delete stored objects that no version references
     Cleanup {
@@ -1091,6 +1106,7 @@ fn run(cli: Cli) -> Result<i32> {
             uid,
             gid,
             mode,
+            metrics,
         } => {
             if daemon {
                 return mount_daemon(&mountpoint, &repo.config.home.join("mount.log"));
@@ -1099,6 +1115,7 @@ fn run(cli: Cli) -> Result<i32> {
             let config_block_size = repo.config.block_size;
             // Before any thread exists, so that every thread has the signals blocked.
             unmount_on_signal(&mountpoint);
+            serve_metrics(metrics.as_deref(), &repo.config)?;
             let opts = keepfs_fs::MountOptions {
                 read_only,
                 threads,
@@ -1241,7 +1258,7 @@ fn run(cli: Cli) -> Result<i32> {
             }
             Ok(exit::OK)
         }
-        Command::Nbd { listen, socket, read_only, discard_writes, tls_cert, tls_key } => {
+        Command::Nbd { listen, socket, read_only, discard_writes, tls_cert, tls_key, metrics } => {
             let tls = match (&tls_cert, &tls_key) {
                 (Some(cert), Some(key)) => Some(
                     keepfs_nbd::tls_config(cert, key)
@@ -1260,8 +1277,10 @@ fn run(cli: Cli) -> Result<i32> {
             stop_on_signal(listener.stopper());
             // --discard-writes drops a connection's writes when it disconnects.
             let ttl = keepfs::session::SessionOptions::default().list_ttl;
+            let config_for_metrics = repo.config.clone();
             let sessions = session_service(repo, read_only, discard_writes, Overlays::DropAtLastClose, ttl);
             note!("keepfs: serving NBD on {} (exports: version uids and NAME@latest)", listener.describe());
+            serve_metrics(metrics.as_deref(), &config_for_metrics)?;
             keepfs_nbd::serve(sessions, listener, keepfs_nbd::NbdOptions { read_only, tls })
                 .map_err(|e| Error::io("the NBD server stopped", e))?;
             Ok(exit::OK)
@@ -1502,6 +1521,31 @@ fn write_man_pages(dir: &std::path::Path) -> Result<usize> {
     Ok(n)
 }
 
+/// `--pushgateway` / `--metrics-file`: after any command (whatever its outcome), the
+/// repository's metrics, gathered from its catalog (keepfs::metrics).
+fn emit_metrics((push, file, config): (Option<String>, Option<PathBuf>, Option<PathBuf>)) -> Result<()> {
+    if push.is_none() && file.is_none() {
+        return Ok(());
+    }
+    let text = keepfs::metrics::gather(&Config::discover(config.as_deref())?)?;
+    if let Some(path) = &file {
+        keepfs::metrics::write_file(path, &text)?;
+    }
+    if let Some(url) = &push {
+        keepfs::metrics::push(url, &text)?;
+    }
+    Ok(())
+}
+
+/// `mount --metrics ADDR`, `nbd --metrics ADDR`: /metrics on a thread of its own.
+fn serve_metrics(addr: Option<&str>, config: &Config) -> Result<()> {
+    if let Some(addr) = addr {
+        let at = keepfs::metrics::serve(addr, config.clone())?;
+        note!("keepfs: metrics at http://{at}/metrics");
+    }
+    Ok(())
+}
+
 /// On SIGINT or SIGTERM the NBD server stops: no new clients, every connection ends, and
 /// what each wrote becomes a version (as at a disconnect) before the process exits.
 fn stop_on_signal(stopper: keepfs_nbd::Stopper) {
@@ -1537,7 +1581,7 @@ fn on_signal(then: impl FnOnce(libc::c_int) + Send + 'static) {
 fn mount_daemon(dir: &std::path::Path, log: &std::path::Path) -> Result<i32> {
     use std::os::unix::process::CommandExt;
     let exe = std::env::current_exe().map_err(|e| Error::io("cannot find the keepfs executable", e))?;
-    let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--daemon").collect();
+    let args: Vec<String> = mount_options::effective_args().into_iter().skip(1).filter(|a| a != "--daemon").collect();
     let mut cmd = std::process::Command::new(exe);
     let logf = std::fs::OpenOptions::new()
         .create(true)
@@ -1570,8 +1614,18 @@ fn mount_daemon(dir: &std::path::Path, log: &std::path::Path) -> Result<i32> {
 
 fn main() {
     // A source truncated while mapped is caught by the library (keepfs::source::sigbus).
-    let cli = Cli::parse();
-    let code = match run(cli) {
+    // `keepfs mount DIR -o OPTIONS` (mount(8) through mount.fuse3, from /etc/fstab).
+    let args = match mount_options::translate(std::env::args().collect()) {
+        Ok(args) => args,
+        Err(e) => {
+            note!("keepfs: error: {e}");
+            output::finish();
+            std::process::exit(exit::USAGE);
+        }
+    };
+    let cli = Cli::parse_from(args);
+    let metrics_out = (cli.pushgateway.clone(), cli.metrics_file.clone(), cli.config.clone());
+    let mut code = match run(cli) {
         Ok(code) => code,
         // The reader of a listing stopped reading (`keepfs ls | head -1`): not a failure.
         Err(e) if output::is_reader_gone(&e) => exit::OK,
@@ -1580,6 +1634,12 @@ fn main() {
             e.exit_code()
         }
     };
+    if let Err(e) = emit_metrics(metrics_out) {
+        note!("keepfs: error: metrics: {e}");
+        if code == exit::OK {
+            code = e.exit_code();
+        }
+    }
     output::finish();
     std::process::exit(code);
 }

@@ -16,5 +16,5 @@ gzip -9n "$gen"/man/*.1
 "$bin" completion bash >"$gen/completions/keepfs"
 "$bin" completion zsh >"$gen/completions/_keepfs"
 "$bin" completion fish >"$gen/completions/keepfs.fish"
-cargo deb --no-build --output "$target/debian/" >/dev/null
+cargo deb --no-build --strip --output "$target/debian/" >/dev/null
 ls -t "$target"/debian/keepfs_*.deb | head -n 1

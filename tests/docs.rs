@@ -82,6 +82,11 @@ fn encryption_runs() {
 }
 
 #[test]
+fn performance_runs() {
+    run_guide("performance.md");
+}
+
+#[test]
 fn blocks_are_found() {
     let md = "a\n```sh\necho 1\n```\n```text\nno\n```\n  ```sh\necho 2\necho 3\n  ```\n";
     assert_eq!(sh_blocks(md), ["echo 1\n", "echo 2\necho 3\n"]);

@@ -1634,7 +1634,10 @@ fn main() {
             e.exit_code()
         }
     };
-    if let Err(e) = emit_metrics(metrics_out) {
+    // A command refused as bad input changed nothing: one error line, no metrics.
+    if code != exit::USAGE
+        && let Err(e) = emit_metrics(metrics_out)
+    {
         note!("keepfs: error: metrics: {e}");
         if code == exit::OK {
             code = e.exit_code();

@@ -111,6 +111,12 @@ fn metrics_options_fail_with_one_line() {
         r.stderr
     );
     assert_eq!(repo.valid_uids("name == \"z\"").len(), 2);
+    // A command refused as bad input changed nothing: its one error line, no metrics.
+    let prom = repo.path("k.prom");
+    let r = repo.run(&["backup", "null://1M", "bad/name", "--metrics-file", prom.to_str().unwrap()]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert_eq!(r.stderr.lines().count(), 1, "{}", r.stderr);
+    assert!(!prom.exists());
     let r = repo.run(&["ls", "--metrics-file", repo.path("no/such/dir/k.prom").to_str().unwrap()]);
     assert_eq!(r.code, 1, "{}", r.stderr);
     assert!(r.error_line().contains("cannot write the metrics file"), "{}", r.stderr);

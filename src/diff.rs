@@ -49,6 +49,35 @@ pub fn diff(old: &BlockIndex, new: &BlockIndex) -> Result<Vec<Change>> {
     Ok(out)
 }
 
+/// The blocks of `new` a target holding `old` must have written to hold `new`: those
+/// whose content id or length differs. Blocks past the end of `old` are changed, except
+/// zero blocks when `zeros_past_old` (a file grown with `set_len` reads zeros there; a
+/// block device may hold anything).
+pub fn changed_blocks(old: &BlockIndex, new: &BlockIndex, zeros_past_old: bool) -> Result<Vec<usize>> {
+    if old.block_size != new.block_size {
+        return Err(Error::Invalid(format!(
+            "the versions have different block sizes ({} and {}): a delta restore needs versions of one image",
+            old.block_size, new.block_size
+        )));
+    }
+    let old_size = old.size;
+    let bs = new.block_size as u64;
+    Ok(new
+        .entries
+        .iter()
+        .enumerate()
+        .filter(|&(idx, id)| match old.entries.get(idx) {
+            Some(before) if before == id && old.block_len(idx) == new.block_len(idx) => false,
+            // Zeros past the old end of a file that is grown (or kept) read as zeros.
+            _ if zeros_past_old && id.is_sparse() && (idx as u64 * bs >= old_size || old.entries[idx].is_sparse()) => {
+                false
+            }
+            _ => true,
+        })
+        .map(|(idx, _)| idx)
+        .collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -77,5 +106,16 @@ mod tests {
         assert!(diff(&old, &old).unwrap().is_empty());
         let other = BlockIndex { block_size: 8192, ..index(4096, vec![id(1)]) };
         assert!(diff(&old, &other).unwrap_err().to_string().contains("different block sizes"));
+    }
+
+    #[test]
+    fn changed_blocks_of_a_file_and_of_a_device() {
+        let s = BlockId::SPARSE;
+        let old = index(3 * 4096 - 10, vec![id(1), id(2), s]);
+        let new = index(6 * 4096, vec![id(1), id(3), s, id(4), s, s]);
+        // Block 2 grows from 4086 zero bytes to 4096: a file reads zeros there.
+        assert_eq!(changed_blocks(&old, &new, true).unwrap(), vec![1, 3]);
+        assert_eq!(changed_blocks(&old, &new, false).unwrap(), vec![1, 2, 3, 4, 5]);
+        assert!(changed_blocks(&old, &old, false).unwrap().is_empty());
     }
 }

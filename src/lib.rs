@@ -6,10 +6,12 @@
 //! crate keepfs-face. The engine depends on no face.
 
 pub mod backup;
+pub mod bench;
 pub mod block;
 pub mod cache;
 pub mod config;
 pub mod db;
+pub mod delta;
 pub mod diff;
 pub mod draft;
 pub mod error;

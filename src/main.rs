@@ -5,7 +5,10 @@
 
 #[macro_use]
 mod output;
+mod cli_output;
+mod help;
 mod mount_options;
+mod title;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use keepfs::Repository;
@@ -41,6 +44,12 @@ struct Cli {
     /// node-exporter's textfile collector: a NAME.prom in its directory)
     #[arg(long, global = true, value_name = "PATH")]
     metrics_file: Option<PathBuf>,
+    /// Machine-readable tables (backy2's -m): cells separated by '|', sizes in bytes
+    #[arg(short = 'm', long)]
+    machine_output: bool,
+    /// Tables without their header line (backy2's -s)
+    #[arg(short = 's', long)]
+    skip_header: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -55,7 +64,9 @@ enum Format {
 enum Command {
     /// Back up an image (file:///path or null://SIZE) as a new version of NAME
     Backup {
+        /// The image: a path (disk.img, /dev/vg0/snap), file:///path, or null://SIZE
         source: String,
+        /// The backup's name (versions of one image share it), e.g. vm1
         name: String,
         /// Snapshot name to record with the version
         #[arg(short, long, default_value = "")]
@@ -82,16 +93,22 @@ enum Command {
         #[arg(long, value_name = "UID")]
         base: Option<String>,
         /// Percent of the blocks the hints call unchanged to check against the base first
-        #[arg(long, value_name = "PERCENT")]
-        hints_check: Option<u8>,
+        /// (at least one block)
+        #[arg(long, value_name = "PERCENT", default_value_t = 1, value_parser = clap::value_parser!(u8).range(0..=100))]
+        hints_check: u8,
         /// Add backy2's b_daily / b_weekly / b_monthly labels to the first backup of the
         /// name in each day / ISO week / month
         #[arg(long)]
         auto_tags: bool,
+        /// Output: table (lines for people) or json (one object on stdout, errors too)
+        #[arg(long, value_enum, default_value = "table")]
+        format: Format,
     },
     /// Restore a version to a file or block device (file:///path)
     Restore {
+        /// The version to restore (with --delta-from: the version the target gets, UID2)
         uid: String,
+        /// A file (created; an existing one needs --force) or a block device, as a path or file:///path
         target: String,
         /// Overwrite an existing target
         #[arg(long)]
@@ -102,9 +119,21 @@ enum Command {
         /// Finish an interrupted restore: blocks already written and correct are kept
         #[arg(short, long = "continue")]
         resume: bool,
+        /// The target holds this version (checked by sampling): write only the blocks
+        /// that differ from it (a file is resized; a smaller block device is refused)
+        #[arg(long, value_name = "UID1", conflicts_with_all = ["force", "sparse", "resume"])]
+        delta_from: Option<String>,
+        /// With --delta-from: percent of the unchanged blocks to compare with UID1 first
+        /// (at least one block; 0 skips the check)
+        #[arg(long, value_name = "PERCENT", default_value_t = keepfs::delta::DEFAULT_CHECK_PERCENT, value_parser = clap::value_parser!(u8).range(0..=100))]
+        delta_check: u8,
+        /// Output: table (lines for people) or json (one object on stdout, errors too)
+        #[arg(long, value_enum, default_value = "table")]
+        format: Format,
     },
     /// List versions, optionally filtered: 'name == "db" and labels["env"] == "prod"'
     Ls {
+        /// Which versions, e.g. 'name == "db" and labels["env"] == "prod"' (default all)
         filter: Option<String>,
         #[arg(long, value_enum, default_value = "table")]
         format: Format,
@@ -114,37 +143,58 @@ enum Command {
     },
     /// Change labels: k=v sets, k= (or k) sets an empty value, k- removes
     Label {
+        /// The version
         uid: String,
+        /// k=v sets a label, k= (or k) sets it empty, k- removes it
         #[arg(required = true, value_name = "CHANGE")]
         changes: Vec<String>,
     },
     /// Check that every object of a version is there and well-formed (light)
     Scrub {
+        /// The version to check
         uid: String,
         /// Check a random N% of the blocks
         #[arg(short, long, default_value_t = 100)]
         percent: u8,
+        /// Output: table (lines for people) or json (one object on stdout, errors too)
+        #[arg(long, value_enum, default_value = "table")]
+        format: Format,
     },
     /// Decode every block of a version and verify its checksum (and against --source)
     DeepScrub {
+        /// The version to check
         uid: String,
+        /// Check a random N% of the blocks
         #[arg(short, long, default_value_t = 100)]
         percent: u8,
         /// Compare with the original image too (backy2's scrub -s)
         #[arg(short, long)]
         source: Option<String>,
+        /// Output: table (lines for people) or json (one object on stdout, errors too)
+        #[arg(long, value_enum, default_value = "table")]
+        format: Format,
     },
     /// Light scrub of every version a filter selects
     BatchScrub {
+        /// Which versions (a filter, as for ls; default all)
         filter: Option<String>,
+        /// Check a random N% of the blocks of each
         #[arg(short, long, default_value_t = 100)]
         percent: u8,
+        /// Output: table (lines for people) or json (one object on stdout, errors too)
+        #[arg(long, value_enum, default_value = "table")]
+        format: Format,
     },
     /// Deep scrub of every version a filter selects
     BatchDeepScrub {
+        /// Which versions (a filter, as for ls; default all)
         filter: Option<String>,
+        /// Check a random N% of the blocks of each
         #[arg(short, long, default_value_t = 100)]
         percent: u8,
+        /// Output: table (lines for people) or json (one object on stdout, errors too)
+        #[arg(long, value_enum, default_value = "table")]
+        format: Format,
     },
     /// Remove the versions retention rules do not keep (per name; never protected ones)
     Enforce {
@@ -155,6 +205,9 @@ enum Command {
         /// Print what would be removed, remove nothing
         #[arg(long)]
         dry_run: bool,
+        /// Output: table (lines for people) or json (one object on stdout, errors too)
+        #[arg(long, value_enum, default_value = "table")]
+        format: Format,
     },
     /// Which backups are due now, per name (backy2's due): schedulers, expiry date, due since
     Due {
@@ -211,9 +264,15 @@ enum Command {
         action: ConfigAction,
     },
     /// Set a version's expiry date (ISO 8601), or clear it with ''
-    Expire { uid: String, date: String },
+    Expire {
+        /// The version
+        uid: String,
+        /// The new expiry date (ISO 8601, e.g. 2027-01-31), or '' to clear it
+        date: String,
+    },
     /// Remove versions (their blocks are freed by `cleanup`)
     Rm {
+        /// The versions to remove
         #[arg(required = true)]
         uids: Vec<String>,
         /// Remove even protected versions and versions younger than rm_min_age_days
@@ -222,19 +281,30 @@ enum Command {
         /// Print what would be removed, remove nothing
         #[arg(long)]
         dry_run: bool,
+        /// Output: table (lines for people) or json (one object on stdout, errors too)
+        #[arg(long, value_enum, default_value = "table")]
+        format: Format,
     },
     /// Protect versions from removal
     Protect {
+        /// The versions to protect
         #[arg(required = true)]
         uids: Vec<String>,
     },
     /// Allow versions to be removed again
     Unprotect {
+        /// The versions to unprotect
         #[arg(required = true)]
         uids: Vec<String>,
     },
-    /// Mount the repository as a filesystem (by_version/, by_name/, incoming/)
+    /// Mount the repository as a filesystem (by_version/, by_name/, incoming/), in the
+    /// foreground until `fusermount3 -u DIR`
+    ///
+    /// Runs in the foreground until the filesystem is unmounted: `fusermount3 -u DIR` (or
+    /// `umount DIR` as root), Ctrl-C or SIGTERM unmount it cleanly. With --daemon it
+    /// detaches once mounted and prints the server's pid.
     Mount {
+        /// An empty directory to mount on
         mountpoint: PathBuf,
         /// Refuse all writes (EROFS)
         #[arg(long)]
@@ -242,7 +312,8 @@ enum Command {
         /// Keep writes to versions' data only while mounted (throw-away VM boots)
         #[arg(long)]
         discard_writes: bool,
-        /// Detach and run in the background once mounted
+        /// Detach and run in the background once mounted; its messages go to mount.log in
+        /// the keepfs home ($KEEPFS_HOME, /var/lib/keepfs as root, else ~/.local/share/keepfs)
         #[arg(long)]
         daemon: bool,
         /// FUSE worker threads
@@ -299,13 +370,15 @@ enum Command {
         format: Format,
     },
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell)
-    #[command(
-        after_help = "Examples:\n  keepfs completion bash > /etc/bash_completion.d/keepfs\n  keepfs completion zsh > ~/.zfunc/_keepfs"
-    )]
-    Completion { shell: clap_complete::Shell },
+    Completion {
+        /// The shell to complete for
+        shell: clap_complete::Shell,
+    },
     /// Write man pages for keepfs and each of its commands into DIR
-    #[command(after_help = "Example:\n  keepfs man /usr/local/share/man/man1 && man keepfs-backup")]
-    Man { dir: PathBuf },
+    Man {
+        /// The directory to write into (created if missing)
+        dir: PathBuf,
+    },
     /// Serve versions as network block devices (exports: version uids and NAME@latest)
     Nbd {
         /// Address to listen on (anything but loopback is an explicit choice)
@@ -330,6 +403,24 @@ enum Command {
         #[arg(long, value_name = "ADDR")]
         metrics: Option<String>,
     },
+    /// How fast this host hashes, compresses and encrypts, and each storage writes and
+    /// reads, next to a reference (as Proxmox Backup's benchmark)
+    Bench {
+        /// Only this storage (repeatable; default: every configured storage)
+        #[arg(short = 'S', long = "storage", value_name = "NAME")]
+        storages: Vec<String>,
+        /// Bytes to write to and read from each storage (rounded up to whole blocks)
+        #[arg(long, default_value = "64M")]
+        size: String,
+        /// Seconds each CPU test runs
+        #[arg(long, default_value_t = 1.0)]
+        seconds: f64,
+        /// Only the CPU tests (no storage is touched)
+        #[arg(long)]
+        cpu_only: bool,
+        #[arg(long, value_enum, default_value = "table")]
+        format: Format,
+    },
     /// Delete stored objects that no version references
     Cleanup {
         /// Print what would be deleted, delete nothing
@@ -338,6 +429,9 @@ enum Command {
         /// Only this storage (default: every configured storage)
         #[arg(short = 'S', long)]
         storage: Option<String>,
+        /// Output: table (lines for people) or json (one object on stdout, errors too)
+        #[arg(long, value_enum, default_value = "table")]
+        format: Format,
     },
 }
 
@@ -350,11 +444,18 @@ enum MetadataAction {
         args: Vec<String>,
     },
     /// Import versions from a file written by export ('-' for standard input)
-    Import { file: PathBuf },
+    Import {
+        /// A file written by `metadata export`, or '-' for standard input
+        file: PathBuf,
+    },
     /// Write the metadata objects of versions to their storage again (all when no filter)
-    Backup { filter: Option<String> },
+    Backup {
+        /// Which versions (a filter, as for ls; default all)
+        filter: Option<String>,
+    },
     /// Bring versions back into the database from their metadata objects in storage
     Restore {
+        /// The versions to bring back
         #[arg(required = true)]
         uids: Vec<String>,
         /// Replace the metadata of versions the database holds (a damaged block index)
@@ -373,6 +474,7 @@ enum StorageAction {
     },
     /// Objects and bytes of one storage (from the database)
     Stats {
+        /// The storage (as in `keepfs storage list`)
         name: String,
         #[arg(long, value_enum, default_value = "table")]
         format: Format,
@@ -382,7 +484,10 @@ enum StorageAction {
 #[derive(Subcommand)]
 enum KeyAction {
     /// Write a new random key (32 bytes, hex) to FILE, readable by its owner only
-    New { file: PathBuf },
+    New {
+        /// Where to write the key (refused if it exists)
+        file: PathBuf,
+    },
     /// The keys in a storage's keyring and how many objects each protects
     List {
         #[arg(short = 'S', long)]
@@ -407,6 +512,7 @@ enum KeyAction {
     },
     /// Remove an old key from the keyring (after `rekey`)
     Remove {
+        /// The key's id (16 hex digits, from `keepfs key list`)
         id: String,
         #[arg(short = 'S', long)]
         storage: Option<String>,
@@ -434,33 +540,26 @@ enum DatabaseAction {
 }
 
 /// Progress on stderr: a bar on a terminal, a line every 10 s otherwise, and the
-/// percentage in the process title (`ps -o comm`, top) either way.
+/// progress in the process title (`ps axfu`: `keepfs [backing up vm1 43% 850 MB/s ETA 2m]`,
+/// see `title`) either way.
 struct CliProgress {
     bar: Option<indicatif::ProgressBar>,
+    /// What the title calls the work ("backing up vm1").
+    label: String,
     total: AtomicU64,
     done: AtomicU64,
     started: parking_lot::Mutex<(Instant, Instant, String)>,
 }
 
 impl CliProgress {
-    fn new() -> CliProgress {
+    fn new(label: String) -> CliProgress {
         CliProgress {
             bar: None,
+            label,
             total: AtomicU64::new(0),
             done: AtomicU64::new(0),
             started: parking_lot::Mutex::new((Instant::now(), Instant::now(), String::new())),
         }
-    }
-}
-
-fn set_process_title(title: &str) {
-    let mut name = [0u8; 16];
-    let b = title.as_bytes();
-    let n = b.len().min(15);
-    name[..n].copy_from_slice(&b[..n]);
-    // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes.
-    unsafe {
-        libc::prctl(libc::PR_SET_NAME, name.as_ptr() as libc::c_ulong, 0, 0, 0);
     }
 }
 
@@ -469,6 +568,7 @@ impl Progress for CliProgress {
         self.total.store(total, Ordering::Relaxed);
         self.done.store(0, Ordering::Relaxed);
         *self.started.lock() = (Instant::now(), Instant::now(), what.to_string());
+        title::set(&title::progress_title(&self.label, 0, total, 0.0));
         if let Some(bar) = &self.bar {
             bar.set_length(total);
             bar.set_position(0);
@@ -484,9 +584,9 @@ impl Progress for CliProgress {
         let mut s = self.started.lock();
         if s.1.elapsed().as_millis() >= 1000 || done >= total {
             let pct = done * 100 / total;
-            set_process_title(&format!("keepfs {pct}%"));
+            let secs = s.0.elapsed().as_secs_f64().max(0.001);
+            title::set(&title::progress_title(&self.label, done, total, secs));
             if self.bar.is_none() && (s.1.elapsed().as_secs() >= 10) {
-                let secs = s.0.elapsed().as_secs_f64().max(0.001);
                 note!(
                     "{}: {pct}% ({} of {}, {:.0} MB/s)",
                     s.2,
@@ -510,12 +610,13 @@ impl Progress for CliProgress {
         if let Some(bar) = &self.bar {
             bar.finish_and_clear();
         }
-        set_process_title("keepfs");
+        title::reset();
     }
 }
 
-fn progress() -> CliProgress {
-    let mut p = CliProgress::new();
+/// The progress of a long operation; `label` names it in the process title.
+fn progress(label: impl Into<String>) -> CliProgress {
+    let mut p = CliProgress::new(label.into());
     if std::io::stderr().is_terminal() {
         let bar = indicatif::ProgressBar::new(0);
         if let Ok(style) =
@@ -560,8 +661,9 @@ fn report_damaged(prefix: &str, b: &keepfs::restore::BadBlock) {
 /// Scrubs versions one after the other; exit 3 when any damage was found.
 fn scrub_versions(repo: &Repository, uids: &[VersionUid], opts: &ScrubOptions) -> Result<i32> {
     let mut damaged = 0usize;
+    let mut results = Vec::new();
     for &uid in uids {
-        let p = progress();
+        let p = progress(format!("{} {uid}", if opts.deep { "deep-scrubbing" } else { "scrubbing" }));
         let r = repo.scrub(uid, opts, &p)?;
         for b in &r.bad {
             report_damaged(&format!("{uid} "), b);
@@ -569,6 +671,11 @@ fn scrub_versions(repo: &Repository, uids: &[VersionUid], opts: &ScrubOptions) -
         for m in &r.metadata {
             note!("keepfs: damaged: {m}");
         }
+        results.push(serde_json::json!({
+            "uid": uid.to_string(), "deep": opts.deep, "percent": opts.percent, "objects": r.objects,
+            "ok": !r.damaged(), "revalidated": r.revalidated,
+            "damaged_blocks": cli_output::bad_blocks_json(&r.bad), "metadata_damage": r.metadata,
+        }));
         let what = if opts.deep { "deep-scrubbed" } else { "scrubbed" };
         if !r.damaged() {
             let again = if r.revalidated { "; it is valid again" } else { "" };
@@ -583,6 +690,9 @@ fn scrub_versions(repo: &Repository, uids: &[VersionUid], opts: &ScrubOptions) -
             );
             damaged += 1;
         }
+    }
+    if cli_output::json() {
+        report!("{}", to_json(&serde_json::json!({ "versions": results, "damaged_versions": damaged }))?);
     }
     Ok(if damaged > 0 { exit::DATA_DAMAGED } else { exit::OK })
 }
@@ -628,6 +738,9 @@ fn to_json<T: serde::Serialize>(value: &T) -> Result<String> {
 
 /// A plain table: a header line, then one line per row, columns padded to their widest cell.
 fn print_rows(header: &[&str], rows: Vec<Vec<String>>) -> Result<()> {
+    if cli_output::machine() {
+        return cli_output::print_machine(header, &rows);
+    }
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for r in &rows {
         for (w, c) in widths.iter_mut().zip(r.iter()) {
@@ -638,7 +751,9 @@ fn print_rows(header: &[&str], rows: Vec<Vec<String>>) -> Result<()> {
         let parts: Vec<String> = cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
         out!("{}", parts.join("  ").trim_end())
     };
-    line(header.to_vec())?;
+    if !cli_output::skip_header() {
+        line(header.to_vec())?;
+    }
     for r in &rows {
         line(r.iter().map(|s| s.as_str()).collect())?;
     }
@@ -646,8 +761,19 @@ fn print_rows(header: &[&str], rows: Vec<Vec<String>>) -> Result<()> {
 }
 
 fn print_table(versions: &[Version]) -> Result<()> {
-    let header =
-        ["uid", "date", "name", "snapshot", "size", "block_size", "status", "protected", "storage", "expire", "labels"];
+    let header = [
+        "uid",
+        "date (UTC)",
+        "name",
+        "snapshot",
+        "size",
+        "block_size",
+        "status",
+        "protected",
+        "storage",
+        "expire (UTC)",
+        "labels",
+    ];
     let rows: Vec<Vec<String>> = versions
         .iter()
         .map(|v| {
@@ -680,7 +806,7 @@ fn run(cli: Cli) -> Result<i32> {
     match &cli.command {
         Command::Completion { shell } => {
             let mut script = Vec::new();
-            clap_complete::generate(*shell, &mut <Cli as clap::CommandFactory>::command(), "keepfs", &mut script);
+            clap_complete::generate(*shell, &mut cli_command(), "keepfs", &mut script);
             out!("{}", String::from_utf8_lossy(&script).trim_end())?;
             return Ok(exit::OK);
         }
@@ -721,6 +847,7 @@ fn run(cli: Cli) -> Result<i32> {
             base,
             hints_check,
             auto_tags,
+            ..
         } => {
             let hints = hints
                 .map(|f| {
@@ -751,10 +878,10 @@ fn run(cli: Cli) -> Result<i32> {
                 continue_uid,
                 hints,
                 base,
-                hints_check_percent: hints_check,
+                hints_check_percent: Some(hints_check),
                 auto_tags,
             };
-            let p = progress();
+            let p = progress(format!("backing up {}", opts.name));
             let v = repo.backup(&url, &opts, &p)?;
             let s = &v.stats;
             let secs = (s.duration_ms as f64 / 1000.0).max(0.001);
@@ -770,16 +897,64 @@ fn run(cli: Cli) -> Result<i32> {
                 format_size(s.bytes_deduplicated),
                 format_size(s.bytes_sparse)
             );
-            report!("{}", v.uid);
+            if cli_output::json() {
+                report!("{}", to_json(&v)?);
+            } else {
+                report!("{}", v.uid);
+            }
             Ok(exit::OK)
         }
-        Command::Restore { uid, target, force, sparse, resume } => {
+        Command::Restore { uid, target, force, sparse, resume, delta_from, delta_check, .. } => {
             let uid = VersionUid::parse(&uid)?;
             let url = Url::parse(&target).map_err(Error::Invalid)?;
-            let p = progress();
+            let p = progress(format!("restoring {uid}"));
+            if let Some(from) = delta_from {
+                let from = VersionUid::parse(&from)?;
+                let opts = keepfs::delta::DeltaOptions { check_percent: delta_check };
+                let started = Instant::now();
+                let r = repo.restore_delta(from, uid, &url, &opts, &p)?;
+                let secs = started.elapsed().as_secs_f64().max(0.001);
+                for b in &r.bad_blocks {
+                    report_damaged("", b);
+                }
+                note!(
+                    "updated {url} from {from} to {uid}: wrote {} of {} block(s), {} in {secs:.2}s; {} unchanged block(s) checked{}",
+                    r.blocks_written,
+                    r.blocks,
+                    format_size(r.bytes_written),
+                    r.blocks_checked,
+                    if r.resized { format!("; resized to {}", format_size(r.bytes)) } else { String::new() }
+                );
+                if cli_output::json() {
+                    let mut j = serde_json::to_value(&r).map_err(|e| Error::Other(e.to_string()))?;
+                    j["uid"] = uid.to_string().into();
+                    j["from"] = from.to_string().into();
+                    j["target"] = url.to_string().into();
+                    j["seconds"] = secs.into();
+                    j["damaged_blocks"] = cli_output::bad_blocks_json(&r.bad_blocks);
+                    report!("{}", to_json(&j)?);
+                }
+                if !r.bad_blocks.is_empty() {
+                    note!(
+                        "keepfs: error: {} damaged block(s) written as zeros; {uid} is now marked invalid",
+                        r.bad_blocks.len()
+                    );
+                    return Ok(exit::DATA_DAMAGED);
+                }
+                return Ok(exit::OK);
+            }
             let started = Instant::now();
             let report = repo.restore(uid, &url, &RestoreOptions { force, sparse, resume }, &p)?;
             let secs = started.elapsed().as_secs_f64().max(0.001);
+            if cli_output::json() {
+                report!(
+                    "{}",
+                    to_json(&serde_json::json!({
+                        "uid": uid.to_string(), "target": url.to_string(), "bytes": report.bytes, "seconds": secs,
+                        "blocks_kept": report.blocks_kept, "damaged_blocks": cli_output::bad_blocks_json(&report.bad_blocks),
+                    }))?
+                );
+            }
             if report.bad_blocks.is_empty() {
                 let kept =
                     if resume { format!(", {} block(s) already there", report.blocks_kept) } else { String::new() };
@@ -813,9 +988,17 @@ fn run(cli: Cli) -> Result<i32> {
             }
             Ok(exit::OK)
         }
-        Command::Rm { uids, force, dry_run } => {
+        Command::Rm { uids, force, dry_run, .. } => {
             let uids = existing_uids(&repo, &uids)?;
             let plan = repo.plan_remove(&uids, force)?;
+            if cli_output::json() {
+                if !dry_run {
+                    repo.apply_remove(&plan)?;
+                }
+                let versions: Vec<serde_json::Value> = plan.iter().map(cli_output::version_brief).collect();
+                report!("{}", to_json(&serde_json::json!({ "dry_run": dry_run, "removed": versions }))?);
+                return Ok(exit::OK);
+            }
             for v in &plan {
                 let line = format!("{} {} ({}, {})", v.uid, v.name, when(&v.date), format_size(v.size));
                 // A dry run's list is its result; a removal goes on whatever becomes of its list.
@@ -831,21 +1014,41 @@ fn run(cli: Cli) -> Result<i32> {
             }
             Ok(exit::OK)
         }
-        Command::Scrub { uid, percent } => {
+        Command::Scrub { uid, percent, .. } => {
             scrub_versions(&repo, &[VersionUid::parse(&uid)?], &ScrubOptions { deep: false, percent, source: None })
         }
-        Command::DeepScrub { uid, percent, source } => {
+        Command::DeepScrub { uid, percent, source, .. } => {
             let source = source.as_deref().map(|s| Url::parse(s).map_err(Error::Invalid)).transpose()?;
             scrub_versions(&repo, &[VersionUid::parse(&uid)?], &ScrubOptions { deep: true, percent, source })
         }
-        Command::BatchScrub { filter, percent } => batch_scrub(&repo, filter.as_deref(), percent, false),
-        Command::BatchDeepScrub { filter, percent } => batch_scrub(&repo, filter.as_deref(), percent, true),
-        Command::Enforce { rules, filter, dry_run } => {
+        Command::BatchScrub { filter, percent, .. } => batch_scrub(&repo, filter.as_deref(), percent, false),
+        Command::BatchDeepScrub { filter, percent, .. } => batch_scrub(&repo, filter.as_deref(), percent, true),
+        Command::Enforce { rules, filter, dry_run, .. } => {
             let rules = keepfs::retention::parse_rules(&rules)?;
             let filter = filter.as_deref().map(Filter::parse).transpose()?;
             let versions = repo.list(filter.as_ref())?;
             let doomed = keepfs::retention::plan(&rules, &versions, chrono::Utc::now());
             let mut refused = 0;
+            if cli_output::json() {
+                let (mut removed, mut kept) = (Vec::new(), Vec::new());
+                for uid in doomed {
+                    let Some(v) = versions.iter().find(|v| v.uid == uid) else { continue };
+                    if dry_run {
+                        removed.push(cli_output::version_brief(v));
+                        continue;
+                    }
+                    match repo.plan_remove(&[uid], true).and_then(|plan| repo.apply_remove(&plan)) {
+                        Ok(()) => removed.push(cli_output::version_brief(v)),
+                        Err(e) => {
+                            note!("keepfs: warning: kept {uid}: {e}");
+                            kept.push(serde_json::json!({ "uid": uid.to_string(), "reason": e.to_string() }));
+                        }
+                    }
+                }
+                let code = if kept.is_empty() { exit::OK } else { exit::REFUSED };
+                report!("{}", to_json(&serde_json::json!({ "dry_run": dry_run, "removed": removed, "kept": kept }))?);
+                return Ok(code);
+            }
             for uid in doomed {
                 let v = versions.iter().find(|v| v.uid == uid).map(|v| (v.name.clone(), v.date));
                 let (name, date) = v.unwrap_or_default();
@@ -923,8 +1126,8 @@ fn run(cli: Cli) -> Result<i32> {
                                     i.name.clone(),
                                     i.versions.to_string(),
                                     i.objects.to_string(),
-                                    format_size(i.stored_bytes),
-                                    format_size(i.image_bytes),
+                                    cli_output::size_cell(i.stored_bytes),
+                                    cli_output::size_cell(i.image_bytes),
                                     ratio,
                                 ]],
                             )?
@@ -948,7 +1151,7 @@ fn run(cli: Cli) -> Result<i32> {
                     match format {
                         Format::Json => out!("{}", to_json(&keys)?)?,
                         Format::Table => print_rows(
-                            &["id", "created", "kind", "current", "objects"],
+                            &["id", "created (UTC)", "kind", "current", "objects"],
                             keys.iter()
                                 .map(|k| {
                                     vec![
@@ -993,7 +1196,7 @@ fn run(cli: Cli) -> Result<i32> {
             match format {
                 Format::Json => out!("{}", to_json(&rows)?)?,
                 Format::Table => print_rows(
-                    &["name", "schedulers", "expire_date", "due_since"],
+                    &["name", "schedulers", "expire_date (UTC)", "due_since (UTC)"],
                     rows.iter()
                         .map(|r| vec![r.name.clone(), r.schedulers.join(","), when(&r.expire_date), when(&r.due_since)])
                         .collect(),
@@ -1153,16 +1356,16 @@ fn run(cli: Cli) -> Result<i32> {
                                 u.uid.clone(),
                                 u.name.clone(),
                                 u.storage.clone(),
-                                format_size(u.size),
-                                format_size(u.sparse),
-                                format_size(u.shared),
-                                format_size(u.exclusive),
-                                format_size(u.stored),
-                                format_size(u.exclusive_stored),
+                                cli_output::size_cell(u.size),
+                                cli_output::size_cell(u.sparse),
+                                cli_output::size_cell(u.shared),
+                                cli_output::size_cell(u.exclusive),
+                                cli_output::size_cell(u.stored),
+                                cli_output::size_cell(u.exclusive_stored),
                             ]
                         })
                         .collect();
-                    let sum = |f: fn(&keepfs::usage::Usage) -> u64| format_size(usage.iter().map(f).sum());
+                    let sum = |f: fn(&keepfs::usage::Usage) -> u64| cli_output::size_cell(usage.iter().map(f).sum());
                     rows.push(vec![
                         "total".into(),
                         String::new(),
@@ -1201,7 +1404,7 @@ fn run(cli: Cli) -> Result<i32> {
                     let header = [
                         "uid",
                         "name",
-                        "date",
+                        "date (UTC)",
                         "size",
                         "read",
                         "written",
@@ -1219,12 +1422,12 @@ fn run(cli: Cli) -> Result<i32> {
                                 v.uid.to_string(),
                                 v.name.clone(),
                                 when(&v.date),
-                                format_size(v.size),
-                                format_size(s.bytes_read),
-                                format_size(s.bytes_written),
-                                format_size(s.bytes_stored),
-                                format_size(s.bytes_deduplicated),
-                                format_size(s.bytes_sparse),
+                                cli_output::size_cell(v.size),
+                                cli_output::size_cell(s.bytes_read),
+                                cli_output::size_cell(s.bytes_written),
+                                cli_output::size_cell(s.bytes_stored),
+                                cli_output::size_cell(s.bytes_deduplicated),
+                                cli_output::size_cell(s.bytes_sparse),
                                 format!("{:.1}", s.duration_ms as f64 / 1000.0),
                                 format!("{:.0}", rate(v) as f64 / 1e6),
                             ]
@@ -1285,12 +1488,51 @@ fn run(cli: Cli) -> Result<i32> {
                 .map_err(|e| Error::io("the NBD server stopped", e))?;
             Ok(exit::OK)
         }
-        Command::Cleanup { dry_run, storage } => {
+        Command::Bench { storages, size, seconds, cpu_only, format } => {
+            if !(seconds > 0.0 && seconds <= 600.0) {
+                return Err(Error::Invalid(format!("--seconds {seconds}: give a duration from 0 to 600 seconds")));
+            }
+            let opts = keepfs::bench::BenchOptions {
+                duration: std::time::Duration::from_secs_f64(seconds),
+                storage_bytes: parse_size(&size).map_err(Error::Invalid)?,
+                storages,
+                cpu_only,
+            };
+            title::set("keepfs [benchmarking]");
+            let rows = keepfs::bench::run(&repo, &opts);
+            title::reset();
+            cli_output::print_bench(&rows?, format)?;
+            Ok(exit::OK)
+        }
+        Command::Cleanup { dry_run, storage, .. } => {
             let names: Vec<String> = match storage {
                 Some(s) => vec![s],
                 None => repo.config.storages.iter().map(|s| s.name.clone()).collect(),
             };
+            if cli_output::json() {
+                let mut storages = Vec::new();
+                for name in names {
+                    title::set(&format!("keepfs [cleaning up storage {name}]"));
+                    let plan = repo.plan_cleanup(&name)?;
+                    let mut j = serde_json::json!({
+                        "storage": name, "objects": plan.objects.len(), "orphans": plan.orphans.len(),
+                        "bytes": plan.bytes(), "referenced": plan.referenced, "kept_recent": plan.kept_recent,
+                        "spared": plan.spared_lines(),
+                    });
+                    if !dry_run {
+                        let r = repo.apply_cleanup(&plan)?;
+                        j["objects_deleted"] = r.objects_deleted.into();
+                        j["orphans_deleted"] = r.orphans_deleted.into();
+                        j["bytes_freed"] = r.bytes_freed.into();
+                    }
+                    storages.push(j);
+                }
+                title::reset();
+                report!("{}", to_json(&serde_json::json!({ "dry_run": dry_run, "storages": storages }))?);
+                return Ok(exit::OK);
+            }
             for name in names {
+                title::set(&format!("keepfs [cleaning up storage {name}]"));
                 let plan = repo.plan_cleanup(&name)?;
                 let verb = if dry_run { "would delete" } else { "deleting" };
                 let summary = format!(
@@ -1330,6 +1572,7 @@ fn run(cli: Cli) -> Result<i32> {
                     );
                 }
             }
+            title::reset();
             Ok(exit::OK)
         }
     }
@@ -1515,7 +1758,7 @@ fn write_man_pages(dir: &std::path::Path) -> Result<usize> {
         Ok(())
     }
     let mut n = 0;
-    let mut cmd = <Cli as clap::CommandFactory>::command();
+    let mut cmd = cli_command();
     cmd.build();
     render(cmd, "keepfs".into(), dir, &mut n)?;
     Ok(n)
@@ -1612,7 +1855,14 @@ fn mount_daemon(dir: &std::path::Path, log: &std::path::Path) -> Result<i32> {
     Err(Error::Other(format!("{} was not mounted within 30 s", dir.display())))
 }
 
+/// The command line's definition, with each command's examples (see `help`).
+fn cli_command() -> clap::Command {
+    help::with_examples(<Cli as clap::CommandFactory>::command())
+}
+
 fn main() {
+    // First, before any thread exists (it moves the environment strings; see title).
+    title::init();
     // A source truncated while mapped is caught by the library (keepfs::source::sigbus).
     // `keepfs mount DIR -o OPTIONS` (mount(8) through mount.fuse3, from /etc/fstab).
     let args = match mount_options::translate(std::env::args().collect()) {
@@ -1623,7 +1873,13 @@ fn main() {
             std::process::exit(exit::USAGE);
         }
     };
-    let cli = Cli::parse_from(args);
+    let matches = cli_command().try_get_matches_from(args).unwrap_or_else(|e| {
+        cli_output::usage_error_json(&e);
+        e.exit()
+    });
+    let cli = <Cli as clap::FromArgMatches>::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    cli_output::set_json(cli_output::wants_json(&matches));
+    cli_output::set_table_style(cli.machine_output, cli.skip_header);
     let metrics_out = (cli.pushgateway.clone(), cli.metrics_file.clone(), cli.config.clone());
     let mut code = match run(cli) {
         Ok(code) => code,
@@ -1631,6 +1887,9 @@ fn main() {
         Err(e) if output::is_reader_gone(&e) => exit::OK,
         Err(e) => {
             note!("keepfs: error: {e}");
+            if cli_output::json() {
+                cli_output::error_json(&e);
+            }
             e.exit_code()
         }
     };

@@ -68,6 +68,11 @@ pub fn is_reader_gone(e: &Error) -> bool {
     matches!(e, Error::Io { context, source } if context == STDOUT && source.kind() == io::ErrorKind::BrokenPipe)
 }
 
+/// Whether `e` is a failed write to standard output (where an error cannot be reported).
+pub fn is_stdout_error(e: &Error) -> bool {
+    matches!(e, Error::Io { context, .. } if context == STDOUT)
+}
+
 /// Says, once, that report lines were lost (unless only because the reader left).
 pub fn finish() {
     let lost = LOST.lock().unwrap_or_else(|p| p.into_inner()).take();

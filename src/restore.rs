@@ -96,7 +96,7 @@ pub fn partial_path(path: &Path, uid: VersionUid) -> PathBuf {
 
 /// Takes an exclusive lock on a file being restored, so that two restores never write
 /// the same file; the kernel drops it when the process dies.
-fn lock_exclusive(file: &File, path: &Path) -> Result<()> {
+pub(crate) fn lock_exclusive(file: &File, path: &Path) -> Result<()> {
     use std::os::fd::AsRawFd;
     // SAFETY: flock on a descriptor this function borrows.
     if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
@@ -239,14 +239,14 @@ fn open_target(path: &Path, uid: VersionUid, size: u64, opts: &RestoreOptions) -
     }
 }
 
-fn device_size(f: &File) -> io::Result<u64> {
+pub(crate) fn device_size(f: &File) -> io::Result<u64> {
     use std::io::{Seek, SeekFrom};
     let mut f = f.try_clone()?;
     f.seek(SeekFrom::End(0))
 }
 
 /// Fetches and verifies one block into `out`.
-fn fetch_block_into(
+pub(crate) fn fetch_block_into(
     storage: &dyn crate::storage::Storage,
     id: &BlockId,
     out: &mut [u8],

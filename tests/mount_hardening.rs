@@ -161,6 +161,17 @@ fn listing_renaming_and_stat_while_writers_commit_never_wedge_the_mount() {
 /// and a job that writes again replaces the version its first close made.
 #[test]
 fn fio_write_then_verify_on_a_versions_data() {
+    fio_write_then_verify(&[]);
+}
+
+/// The same through the page cache: the writer's handle is cached (it is the file's only
+/// handle), and afterwards the file shows the original, not the overlay's cached pages.
+#[test]
+fn fio_write_then_verify_through_the_page_cache() {
+    fio_write_then_verify(&["--page-cache"]);
+}
+
+fn fio_write_then_verify(mount_args: &[&str]) {
     if Command::new("fio").arg("--version").output().is_err() {
         panic!("fio is not installed (apt-get install fio; .ci/run installs it)");
     }
@@ -168,7 +179,7 @@ fn fio_write_then_verify_on_a_versions_data() {
     let img = mixed_image(9, 16, 1 << 20, 0);
     fs::write(repo.path("vm.img"), &img).unwrap();
     let uid = repo.backup("vm.img", "vm", &["-b", "1M"]);
-    let m = Mount::new(&repo, &[]);
+    let m = Mount::new(&repo, mount_args);
     let data = m.p(&format!("by_version/{uid}/data"));
     for (job, rw) in [("seq", "write"), ("rand", "randwrite")] {
         let out = Command::new("fio")
@@ -303,4 +314,98 @@ fn allow_other_lets_the_named_user_in_and_nobody_else() {
     let other = as_user(12345, &format!("cat {} > /dev/null", data.display()));
     assert!(!other.status.success(), "another user was let in");
     assert!(String::from_utf8_lossy(&other.stderr).contains("Permission denied"), "{:?}", other);
+}
+
+/// `--page-cache` with writers. A writer that is the file's only handle is cached: it
+/// reads its writes back from memory and can write through a shared mapping, and a
+/// handle that attaches to its overlay shares that view. After its close no handle of the
+/// original reads the overlay's pages. A reader of the original that was open before a
+/// writer keeps reading the original (the writer then reads and writes directly).
+#[test]
+fn page_cache_never_shows_an_overlays_bytes_to_readers_of_the_original() {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::FileExt;
+    let repo = Repo::new();
+    let img = mixed_image(31, 8, 1 << 20, 0);
+    fs::write(repo.path("vm.img"), &img).unwrap();
+    let original = sha256_file(&repo.path("vm.img"));
+    let uid = repo.backup("vm.img", "vm", &["-b", "1M"]);
+    let m = Mount::new(&repo, &["--page-cache"]);
+    let data = m.p(&format!("by_version/{uid}/data"));
+    let at = 1usize << 20;
+    // Another process warms the page cache with the original.
+    assert_eq!(sha256_of(&data), original);
+
+    let w = fs::OpenOptions::new().read(true).write(true).open(&data).unwrap();
+    w.write_all_at(&[0x55; 65536], at as u64).unwrap();
+    let mut buf = vec![0u8; 65536];
+    w.read_exact_at(&mut buf, at as u64).unwrap();
+    assert!(buf.iter().all(|&b| b == 0x55), "the writer reads its own writes");
+    let len = 4 << 20;
+    // SAFETY: a fresh shared mapping of the open file, unmapped below; the offsets lie
+    // inside its `len` bytes.
+    unsafe {
+        let p = libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            w.as_raw_fd(),
+            0,
+        );
+        assert_ne!(
+            p,
+            libc::MAP_FAILED,
+            "a shared mapping of the only writer's handle: {}",
+            std::io::Error::last_os_error()
+        );
+        assert_eq!(*(p as *const u8).add(at), 0x55, "the mapping shows the overlay");
+        std::ptr::write_bytes((p as *mut u8).add(2 << 20), 0x66, 4096);
+        assert_eq!(libc::msync(p, len, libc::MS_SYNC), 0, "{}", std::io::Error::last_os_error());
+        libc::munmap(p, len);
+    }
+    // Another process opening the file meanwhile shares the overlay, mapped writes too.
+    let out = Command::new("dd")
+        .args([&format!("if={}", data.display()), "bs=4096", "skip=512", "count=1", "status=none"])
+        .output()
+        .unwrap();
+    assert_eq!(out.stdout, vec![0x66; 4096], "{}", String::from_utf8_lossy(&out.stderr));
+    drop(w);
+    wait_until("the copy-on-write version", LIMIT, || repo.cow_versions(&uid).len() == 1);
+    // Read by another process: the writer's own process would get its new version back
+    // for a few seconds (the reopen continuation of tools that close and reopen).
+    assert_eq!(sha256_of(&data), original, "the original, not the overlay's pages");
+    let mut want = img.clone();
+    want[at..at + 65536].fill(0x55);
+    want[2 << 20..(2 << 20) + 4096].fill(0x66);
+    let cow = repo.cow_versions(&uid)[0].clone();
+    assert!(fs::read(m.p(&format!("by_version/{cow}/data"))).unwrap() == want, "the new version holds both writes");
+
+    // A reader of the original open before a writer of another version's file: it keeps
+    // reading the original while the writer writes (directly) and after.
+    let cow_data = m.p(&format!("by_version/{cow}/data"));
+    let r = fs::File::open(&cow_data).unwrap();
+    r.read_exact_at(&mut buf, at as u64).unwrap();
+    assert!(buf.iter().all(|&b| b == 0x55));
+    let w = fs::OpenOptions::new().write(true).open(&cow_data).unwrap();
+    w.write_all_at(&[0x77; 65536], at as u64).unwrap();
+    r.read_exact_at(&mut buf, at as u64).unwrap();
+    assert!(buf.iter().all(|&b| b == 0x55), "the earlier reader still reads the original");
+    drop(w);
+    wait_until("the second copy-on-write version", LIMIT, || repo.cow_versions(&cow).len() == 1);
+    r.read_exact_at(&mut buf, at as u64).unwrap();
+    assert!(buf.iter().all(|&b| b == 0x55), "and after the writer's version was made");
+    drop(r);
+    let want_sha = {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(&want))
+    };
+    assert_eq!(sha256_of(&cow_data), want_sha, "the file is still the version it names");
+}
+
+/// sha256 of a file as another process (coreutils) reads it.
+fn sha256_of(path: &std::path::Path) -> String {
+    let out = Command::new("sha256sum").arg(path).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap_or_default().to_string()
 }

@@ -14,8 +14,8 @@
 //! and docs/fuse.md). This crate only maps FUSE requests and inodes to it.
 //!
 //! ## Locks
-//! `inodes` and `statics` are leaf locks: taken, used and let go before anything else is
-//! taken or called. The session service takes its own locks the same way.
+//! `inodes`, `statics` and `cache` are leaf locks: taken, used and let go before anything
+//! else is taken or called. The session service takes its own locks the same way.
 
 pub use keepfs_face::{Opened, ReadRef, Sessions, VersionEntry};
 
@@ -53,8 +53,9 @@ pub struct MountOptions {
     /// by other processes show within this time.
     pub ttl: Duration,
     /// Let the kernel's page cache keep what is read from versions' `data` (fast
-    /// re-reads, mmap). Off: reads are direct (no double caching under loop devices
-    /// and VMs, which cache for themselves; large reads are served concurrently).
+    /// re-reads, mmap), writers' handles included where no reader of the original could
+    /// see their pages (`CachePolicy`). Off: reads are direct (no double caching under loop
+    /// devices and VMs, which cache for themselves; large reads are served concurrently).
     pub page_cache: bool,
     /// Let other users than the mount's owner in (FUSE `allow_other`); the kernel then
     /// checks the owner and modes below (`default_permissions`).
@@ -158,6 +159,82 @@ impl Inodes {
 /// Handles of metadata files have this bit set; all others are the session service's.
 const STATIC_FH: u64 = 1 << 63;
 
+/// With `--page-cache`, which open of a version's `data` may use the kernel's page cache.
+///
+/// The page cache belongs to the inode, which every handle of the file shares, while an
+/// overlay's bytes are only its handles' view (writers, and every handle opened while an
+/// overlay is open, which the session service attaches to it). Two rules keep every
+/// handle's view right:
+/// - **Never mix cached and direct handles of one overlay.** On Linux 6.1 a direct write
+///   neither invalidates nor writes back another handle's cached pages. So the first
+///   handle of an overlay decides for all its handles: cached when no handle of the
+///   original is open (the original's readers would otherwise read the overlay's pages),
+///   direct otherwise. While a cached overlay is open, a handle of the original (another
+///   process than a continuation's owner) reads directly.
+/// - **Once a version has had an overlay, its pages are stale** for the original (a
+///   cached overlay filled them; a private mapping of a direct overlay handle reads
+///   through them too), so every later cached open of the original goes without
+///   FOPEN_KEEP_CACHE, which makes the kernel drop the inode's pages before that handle's
+///   first read. Versions that never had an overlay keep their pages (FOPEN_KEEP_CACHE).
+///
+/// A release may reach the daemon after the next open; until it does, the handle counts as
+/// open, which only makes the next decision more cautious.
+#[derive(Default)]
+struct CachePolicy {
+    by_uid: HashMap<String, CacheUse>,
+    /// Open handles of `data`: their version and whether they are overlay handles.
+    by_fh: HashMap<u64, (String, bool)>,
+}
+
+#[derive(Default)]
+struct CacheUse {
+    /// Open handles of the original.
+    plain: usize,
+    /// Open overlay handles, and whether they use the page cache.
+    overlay: usize,
+    overlay_cached: bool,
+    stale: bool,
+}
+
+impl CachePolicy {
+    fn open(&mut self, uid: &str, fh: u64, overlay: bool) -> FopenFlags {
+        let u = self.by_uid.entry(uid.to_string()).or_default();
+        let flags = if overlay {
+            if u.overlay == 0 {
+                u.overlay_cached = u.plain == 0;
+            }
+            u.overlay += 1;
+            u.stale = true;
+            if u.overlay_cached { FopenFlags::empty() } else { FopenFlags::FOPEN_DIRECT_IO }
+        } else {
+            u.plain += 1;
+            if u.overlay > 0 && u.overlay_cached {
+                FopenFlags::FOPEN_DIRECT_IO
+            } else if u.stale {
+                FopenFlags::empty()
+            } else {
+                FopenFlags::FOPEN_KEEP_CACHE
+            }
+        };
+        self.by_fh.insert(fh, (uid.to_string(), overlay));
+        flags
+    }
+
+    fn release(&mut self, fh: u64) {
+        let Some((uid, overlay)) = self.by_fh.remove(&fh) else { return };
+        if let Some(u) = self.by_uid.get_mut(&uid) {
+            if overlay {
+                u.overlay = u.overlay.saturating_sub(1);
+            } else {
+                u.plain = u.plain.saturating_sub(1);
+            }
+            if u.plain == 0 && u.overlay == 0 && !u.stale {
+                self.by_uid.remove(&uid);
+            }
+        }
+    }
+}
+
 pub struct KeepFs<S: Sessions> {
     sessions: Arc<S>,
     opts: MountOptions,
@@ -165,6 +242,8 @@ pub struct KeepFs<S: Sessions> {
     /// Open metadata files (`name`, `size`, …): their bytes, fixed at open.
     statics: Mutex<HashMap<u64, Vec<u8>>>,
     next_static: AtomicU64,
+    /// With `--page-cache`: which handles of each version's `data` use the page cache.
+    cache: Mutex<CachePolicy>,
     owner: (u32, u32),
     started: SystemTime,
 }
@@ -188,6 +267,7 @@ impl<S: Sessions> KeepFs<S> {
             inodes: Mutex::new(Inodes::default()),
             statics: Mutex::new(HashMap::new()),
             next_static: AtomicU64::new(1),
+            cache: Mutex::new(CachePolicy::default()),
             owner,
             started: SystemTime::now(),
         }
@@ -566,10 +646,10 @@ impl<S: Sessions> Filesystem for KeepFs<S> {
         let r = self.node(ino).and_then(|node| match node {
             Node::VersionFile(uid, Field::Data) => {
                 let o = self.sessions.open_version(&uid, writes, opener).map_err(err)?;
-                // An overlay's bytes must never sit in the page cache of this inode: once
-                // the overlay becomes a version, the file is the original again.
-                let flags = if self.opts.page_cache && !o.volatile {
-                    FopenFlags::FOPEN_KEEP_CACHE
+                // An overlay's bytes must never be seen from the page cache by a handle
+                // of the original: see `CachePolicy`.
+                let flags = if self.opts.page_cache {
+                    self.cache.lock().open(&uid, o.fh, writes || o.volatile)
                 } else {
                     FopenFlags::FOPEN_DIRECT_IO
                 };
@@ -751,7 +831,11 @@ impl<S: Sessions> Filesystem for KeepFs<S> {
         let fh = u64::from(fh);
         if fh & STATIC_FH != 0 {
             self.statics.lock().remove(&fh);
-        } else if let Err(e) = self.sessions.release(fh) {
+            reply.ok();
+            return;
+        }
+        self.cache.lock().release(fh);
+        if let Err(e) = self.sessions.release(fh) {
             // Nobody waits for a release: the log is the only place to say it.
             log!("keepfs: error: the last close failed ({e})");
         }

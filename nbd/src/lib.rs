@@ -15,8 +15,11 @@
 //! ## Locks
 //! `Conn::reply` (the socket's writing half) and `Conn::budget` are leaf locks: nothing
 //! else is taken while one is held, and only `reply` is held across I/O (one reply's
-//! bytes go out together). A TLS session's own lock (`Stream::Tls`) is taken only by the
-//! connection's thread, which serves TLS requests itself.
+//! bytes go out together). A TLS session's state (`Tls::session`) is a leaf lock too, held
+//! only for in-memory work (decrypting what the socket gave, encrypting a reply), never
+//! across socket I/O: the reading thread reads the socket without it, and a reply is
+//! encrypted under it and then sent under `reply` alone. Order where both are held:
+//! `reply`, then `session`.
 
 pub mod proto;
 
@@ -154,10 +157,105 @@ impl Drop for Listener {
 enum Stream {
     Tcp(TcpStream),
     Unix(UnixStream),
-    /// A TLS session over a socket (after NBD_OPT_STARTTLS), and that socket, for
-    /// timeouts and shutdown. Its requests are served one after the other on the
-    /// connection's thread, which alone reads and writes it.
-    Tls(Arc<Mutex<rustls::StreamOwned<rustls::ServerConnection, Stream>>>, Box<Stream>),
+    /// A TLS session over a socket (after NBD_OPT_STARTTLS). Each clone has its own
+    /// handle of the socket and shares the session, so one thread can read requests while
+    /// workers send replies, as on a plain socket.
+    Tls(Tls),
+}
+
+/// How much of a reply is encrypted at once.
+const TLS_PIECE: usize = 256 << 10;
+
+/// One side of a TLS session: the shared session state, this side's socket handle, and
+/// (for the reading side) ciphertext read from the socket that the session has not yet
+/// taken in.
+struct Tls {
+    session: Arc<Mutex<rustls::ServerConnection>>,
+    raw: Box<Stream>,
+    pending: Vec<u8>,
+    eof: bool,
+}
+
+impl Tls {
+    /// Runs the TLS handshake on `raw` (nothing else uses the socket yet).
+    fn accept(config: Arc<rustls::ServerConfig>, raw: &Stream) -> io::Result<Tls> {
+        let mut session = rustls::ServerConnection::new(config).map_err(io::Error::other)?;
+        let mut sock = raw.try_clone()?;
+        while session.is_handshaking() {
+            let (rd, wr) = session.complete_io(&mut sock)?;
+            if rd == 0 && wr == 0 {
+                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the client left during the TLS handshake"));
+            }
+        }
+        while session.wants_write() {
+            session.write_tls(&mut sock)?;
+        }
+        Ok(Tls { session: Arc::new(Mutex::new(session)), raw: Box::new(sock), pending: Vec::new(), eof: false })
+    }
+
+    fn try_clone(&self) -> io::Result<Tls> {
+        Ok(Tls { session: self.session.clone(), raw: Box::new(self.raw.try_clone()?), pending: Vec::new(), eof: false })
+    }
+
+    /// Plaintext from the session; the socket is read with no lock held.
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            {
+                let mut s = lock_tls(&self.session);
+                match s.reader().read(buf) {
+                    Ok(n) => return Ok(n),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Err(e),
+                }
+                if !self.pending.is_empty() {
+                    let took = s.read_tls(&mut &self.pending[..])?;
+                    self.pending.drain(..took);
+                    s.process_new_packets().map_err(io::Error::other)?;
+                    continue;
+                }
+                if self.eof {
+                    // The socket ended without the client's close_notify.
+                    return Ok(0);
+                }
+            }
+            let mut chunk = [0u8; 16 << 10];
+            let n = self.raw.read(&mut chunk)?;
+            if n == 0 {
+                self.eof = true;
+                let mut s = lock_tls(&self.session);
+                s.read_tls(&mut &[][..])?;
+                let _ = s.process_new_packets();
+            }
+            self.pending.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    /// Encrypts `buf` under the session's lock, then sends it with the lock released, a
+    /// piece at a time, so a 32 MiB reply neither holds the reader up for long nor is
+    /// held twice in memory.
+    fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
+        let mut out = Vec::with_capacity(TLS_PIECE + 1024);
+        for piece in buf.chunks(TLS_PIECE) {
+            out.clear();
+            {
+                let mut s = lock_tls(&self.session);
+                let mut rest = piece;
+                while !rest.is_empty() {
+                    let n = s.writer().write(rest)?;
+                    rest = &rest[n..];
+                    let mut drained = 0;
+                    while s.wants_write() {
+                        drained += s.write_tls(&mut out)?;
+                    }
+                    if n == 0 && drained == 0 {
+                        return Err(io::Error::new(io::ErrorKind::WriteZero, "the TLS session takes no more data"));
+                    }
+                }
+            }
+            self.raw.write_all(&out)?;
+        }
+        Ok(())
+    }
 }
 
 impl Stream {
@@ -165,35 +263,32 @@ impl Stream {
         Ok(match self {
             Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
             Stream::Unix(s) => Stream::Unix(s.try_clone()?),
-            Stream::Tls(t, raw) => Stream::Tls(t.clone(), Box::new(raw.try_clone()?)),
+            Stream::Tls(t) => Stream::Tls(t.try_clone()?),
         })
     }
     fn set_write_timeout(&self, t: Duration) -> io::Result<()> {
         match self {
             Stream::Tcp(s) => s.set_write_timeout(Some(t)),
             Stream::Unix(s) => s.set_write_timeout(Some(t)),
-            Stream::Tls(_, raw) => raw.set_write_timeout(t),
+            Stream::Tls(tls) => tls.raw.set_write_timeout(t),
         }
     }
     fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
         match self {
             Stream::Tcp(s) => s.set_read_timeout(t),
             Stream::Unix(s) => s.set_read_timeout(t),
-            Stream::Tls(_, raw) => raw.set_read_timeout(t),
+            Stream::Tls(tls) => tls.raw.set_read_timeout(t),
         }
     }
     fn shutdown(&self) {
         let _ = match self {
             Stream::Tcp(s) => s.shutdown(Shutdown::Both),
             Stream::Unix(s) => s.shutdown(Shutdown::Both),
-            Stream::Tls(_, raw) => {
-                raw.shutdown();
+            Stream::Tls(t) => {
+                t.raw.shutdown();
                 Ok(())
             }
         };
-    }
-    fn is_tls(&self) -> bool {
-        matches!(self, Stream::Tls(..))
     }
 }
 
@@ -206,7 +301,7 @@ impl Read for Stream {
         match self {
             Stream::Tcp(s) => s.read(buf),
             Stream::Unix(s) => s.read(buf),
-            Stream::Tls(t, _) => lock_tls(t).read(buf),
+            Stream::Tls(t) => t.read(buf),
         }
     }
 }
@@ -216,14 +311,14 @@ impl Write for Stream {
         match self {
             Stream::Tcp(s) => s.write(buf),
             Stream::Unix(s) => s.write(buf),
-            Stream::Tls(t, _) => lock_tls(t).write(buf),
+            Stream::Tls(t) => t.write_all(buf).map(|()| buf.len()),
         }
     }
     fn flush(&mut self) -> io::Result<()> {
         match self {
             Stream::Tcp(s) => s.flush(),
             Stream::Unix(s) => s.flush(),
-            Stream::Tls(t, _) => lock_tls(t).flush(),
+            Stream::Tls(t) => t.raw.flush(),
         }
     }
 }
@@ -785,11 +880,7 @@ fn connection<S: Sessions>(sessions: Arc<S>, stream: Stream, opts: &NbdOptions, 
                 return Err(invalid("data after NBD_OPT_STARTTLS"));
             }
             let config = opts.tls.clone().ok_or_else(|| invalid("TLS is not configured"))?;
-            let session = rustls::ServerConnection::new(config).map_err(io::Error::other)?;
-            let tls = Stream::Tls(
-                Arc::new(Mutex::new(rustls::StreamOwned::new(session, stream.try_clone()?))),
-                Box::new(stream.try_clone()?),
-            );
+            let tls = Stream::Tls(Tls::accept(config, &stream)?);
             r = BufReader::with_capacity(256 << 10, tls.try_clone()?);
             w = tls;
             match handshake(&*sessions, &mut r, &mut w, opts, no_zeroes, true)? {
@@ -799,7 +890,6 @@ fn connection<S: Sessions>(sessions: Arc<S>, stream: Stream, opts: &NbdOptions, 
         }
     };
     stream.set_read_timeout(None)?;
-    let tls = w.is_tls();
     let uid = agreed.version.uid.clone();
     // A writable export is opened for writing at once: the connection then shares a live
     // overlay from its first read on, and a write can never start a fresh overlay over
@@ -820,9 +910,7 @@ fn connection<S: Sessions>(sessions: Arc<S>, stream: Stream, opts: &NbdOptions, 
     });
     let (tx, rx) = std::sync::mpsc::sync_channel::<Job>(WORKERS * 2);
     let rx = Arc::new(Mutex::new(rx));
-    // A TLS session has one state for both directions: its requests are served on this
-    // thread, one after the other.
-    let workers: Vec<_> = (0..if tls { 0 } else { WORKERS })
+    let workers: Vec<_> = (0..WORKERS)
         .map(|_| {
             let (conn, rx) = (conn.clone(), rx.clone());
             std::thread::spawn(move || {
@@ -837,7 +925,7 @@ fn connection<S: Sessions>(sessions: Arc<S>, stream: Stream, opts: &NbdOptions, 
             })
         })
         .collect();
-    let result = requests(&conn, &mut r, (!tls).then_some(&tx));
+    let result = requests(&conn, &mut r, &tx);
     drop(tx);
     for t in workers {
         let _ = t.join();
@@ -858,7 +946,7 @@ fn connection<S: Sessions>(sessions: Arc<S>, stream: Stream, opts: &NbdOptions, 
 fn requests<S: Sessions>(
     conn: &Arc<Conn<S>>,
     r: &mut impl Read,
-    tx: Option<&std::sync::mpsc::SyncSender<Job>>,
+    tx: &std::sync::mpsc::SyncSender<Job>,
 ) -> io::Result<()> {
     let mut header = [0u8; REQUEST_LEN];
     loop {
@@ -896,16 +984,8 @@ fn requests<S: Sessions>(
             continue;
         }
         let job = Job { req, payload, cost };
-        match tx {
-            Some(tx) => {
-                if tx.send(job).is_err() {
-                    return Ok(());
-                }
-            }
-            None => {
-                conn.serve(job);
-                conn.give_budget(cost);
-            }
+        if tx.send(job).is_err() {
+            return Ok(());
         }
     }
 }

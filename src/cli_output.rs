@@ -1,0 +1,138 @@
+//! How the `keepfs` command shows results besides plain tables (part of the binary): the
+//! benchmark's table, and the machine-readable forms.
+
+use crate::Format;
+use keepfs::bench::BenchRow;
+use keepfs::error::{Error, Result};
+
+/// `keepfs bench`: a table of measured figure, reference figure and percentage, or the
+/// rows as one JSON object (`{"results": [...]}`).
+pub fn print_bench(rows: &[BenchRow], format: Format) -> Result<()> {
+    match format {
+        Format::Json => {
+            let v = serde_json::json!({ "results": rows });
+            out!("{}", serde_json::to_string_pretty(&v).map_err(|e| Error::Other(format!("cannot write JSON: {e}")))?)
+        }
+        Format::Table => {
+            let mb = |b: f64| format!("{:.2} MB/s", b / 1e6);
+            let rows: Vec<Vec<String>> = rows
+                .iter()
+                .map(|r| {
+                    vec![
+                        r.description.clone(),
+                        mb(r.bytes_per_second),
+                        r.reference_bytes_per_second.map(mb).unwrap_or_else(|| "-".into()),
+                        r.percent_of_reference.map(|p| format!("{p:.0}%")).unwrap_or_else(|| "-".into()),
+                    ]
+                })
+                .collect();
+            crate::print_rows(&["test", "this host", "reference", "of reference"], rows)?;
+            note!(
+                "reference: Proxmox Backup's 2020 top figures (AMD Ryzen 7 2700X); a storage is compared with this host's SHA-256 speed"
+            );
+            Ok(())
+        }
+    }
+}
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+static JSON: AtomicBool = AtomicBool::new(false);
+static MACHINE: AtomicBool = AtomicBool::new(false);
+static SKIP_HEADER: AtomicBool = AtomicBool::new(false);
+
+/// Whether the command line asked for `--format json` (on any level of subcommand).
+pub fn wants_json(m: &clap::ArgMatches) -> bool {
+    let mut m = Some(m);
+    while let Some(cur) = m {
+        if let Ok(Some(Format::Json)) = cur.try_get_one::<Format>("format") {
+            return true;
+        }
+        m = cur.subcommand().map(|(_, sub)| sub);
+    }
+    false
+}
+
+pub fn set_json(on: bool) {
+    JSON.store(on, Ordering::Relaxed);
+}
+
+/// Whether results (and errors) are one JSON object on standard output.
+pub fn json() -> bool {
+    JSON.load(Ordering::Relaxed)
+}
+
+/// backy2's `-m` (cells separated by '|', sizes in bytes) and `-s` (no header line).
+pub fn set_table_style(machine: bool, skip_header: bool) {
+    MACHINE.store(machine, Ordering::Relaxed);
+    SKIP_HEADER.store(skip_header, Ordering::Relaxed);
+}
+
+pub fn machine() -> bool {
+    MACHINE.load(Ordering::Relaxed)
+}
+
+pub fn skip_header() -> bool {
+    SKIP_HEADER.load(Ordering::Relaxed)
+}
+
+/// A size in a table: "1.5 MiB" for people, the number of bytes with `-m`.
+pub fn size_cell(bytes: u64) -> String {
+    if machine() { bytes.to_string() } else { keepfs::units::format_size(bytes) }
+}
+
+/// A table as `-m` prints it: one line per row, cells joined by '|' (a '|' or '\' inside
+/// a cell is escaped with '\'), the header first unless `-s`.
+pub fn print_machine(header: &[&str], rows: &[Vec<String>]) -> Result<()> {
+    let esc = |c: &str| c.replace('\\', "\\\\").replace('|', "\\|");
+    if !skip_header() {
+        out!("{}", header.iter().map(|h| esc(h)).collect::<Vec<_>>().join("|"))?;
+    }
+    for r in rows {
+        out!("{}", r.iter().map(|c| esc(c)).collect::<Vec<_>>().join("|"))?;
+    }
+    Ok(())
+}
+
+/// Damaged blocks of a restore or scrub, for JSON.
+pub fn bad_blocks_json(bad: &[keepfs::restore::BadBlock]) -> serde_json::Value {
+    bad.iter()
+        .map(|b| {
+            serde_json::json!({
+                "index": b.index, "offset": b.offset, "length": b.len,
+                "object": b.object.to_string(), "reason": b.reason,
+            })
+        })
+        .collect()
+}
+
+/// A version as `rm` and `enforce` report it in JSON.
+pub fn version_brief(v: &keepfs::version::Version) -> serde_json::Value {
+    serde_json::json!({ "uid": v.uid.to_string(), "name": v.name, "date": v.date, "size": v.size })
+}
+
+/// An error as `--format json` reports it: `{"error": "...", "exit_code": N}` on standard
+/// output (the one-line error goes to standard error as always). Not when standard output
+/// itself failed; a failure to write it changes nothing (the exit code tells).
+pub fn error_json(e: &Error) {
+    if crate::output::is_stdout_error(e) {
+        return;
+    }
+    let v = serde_json::json!({ "error": e.to_string(), "exit_code": e.exit_code() });
+    let _ = crate::output::stdout_line(format_args!("{v}"));
+}
+
+/// A command line clap refused, as JSON on standard output when the arguments ask for
+/// `--format json` (clap's own message still goes to standard error, exit 2).
+pub fn usage_error_json(e: &clap::Error) {
+    let args: Vec<String> = std::env::args().collect();
+    let asked =
+        args.windows(2).any(|w| w[0] == "--format" && w[1] == "json") || args.iter().any(|a| a == "--format=json");
+    if !asked || !e.use_stderr() {
+        return;
+    }
+    let text = e.to_string();
+    let first = text.lines().next().unwrap_or_default().trim_start_matches("error: ").to_string();
+    let v = serde_json::json!({ "error": first, "exit_code": e.exit_code() });
+    let _ = crate::output::stdout_line(format_args!("{v}"));
+}

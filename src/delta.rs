@@ -1,0 +1,286 @@
+//! Delta restores: bringing a target that holds one version of an image (a standby copy,
+//! last night's restore) to another version by writing only the blocks that differ
+//! between the two, as their block indexes say (no block of the unchanged part is read
+//! from the storage or written). Before anything is written, a random share of the
+//! unchanged blocks is read back from the target and compared by checksum with the older
+//! version (as `backup --hints` checks its base): a target that does not hold the older
+//! version is refused. A file target is resized to the newer version's size; a block
+//! device too small for it is refused.
+//!
+//! The target is updated in place, so an interrupted delta restore leaves a mix of the
+//! two versions; running the same command again finishes it (the unchanged blocks are
+//! still the older version's, the changed ones are all written again).
+
+use crate::block::BlockId;
+use crate::cache::FetchError;
+use crate::error::{Error, Result};
+use crate::progress::Progress;
+use crate::repo::Repository;
+use crate::restore::BadBlock;
+use crate::source::Url;
+use crate::version::{Status, VersionUid};
+use crossbeam_channel::bounded;
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+#[derive(Clone, Debug)]
+pub struct DeltaOptions {
+    /// Percent of the unchanged blocks to read back from the target and compare with the
+    /// older version first (at least one block unless 0; 0 skips the check).
+    pub check_percent: u8,
+}
+
+impl Default for DeltaOptions {
+    fn default() -> DeltaOptions {
+        DeltaOptions { check_percent: DEFAULT_CHECK_PERCENT }
+    }
+}
+
+/// The default share of unchanged blocks checked (`restore --delta-check`).
+pub const DEFAULT_CHECK_PERCENT: u8 = 1;
+
+/// What a delta restore did.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct DeltaReport {
+    /// The newer version's size (what the target now holds).
+    pub bytes: u64,
+    /// Blocks of the newer version.
+    pub blocks: u64,
+    /// Blocks that differ and were written (zero blocks included).
+    pub blocks_written: u64,
+    /// Bytes written to the target.
+    pub bytes_written: u64,
+    /// Unchanged blocks read back from the target and found to be the older version's.
+    pub blocks_checked: u64,
+    /// Whether the target file's size was changed.
+    pub resized: bool,
+    #[serde(skip)]
+    pub bad_blocks: Vec<BadBlock>,
+}
+
+impl Repository {
+    /// Updates `url`, which holds version `from`, to hold version `to`.
+    pub fn restore_delta(
+        &self,
+        from: VersionUid,
+        to: VersionUid,
+        url: &Url,
+        opts: &DeltaOptions,
+        progress: &dyn Progress,
+    ) -> Result<DeltaReport> {
+        let path = match url {
+            Url::File(p) => p.clone(),
+            Url::Null(_) => return Err(Error::Invalid(format!("cannot restore to {url}: use file:///path"))),
+        };
+        let (old_v, new_v) = (self.version(from)?, self.version(to)?);
+        if old_v.storage != new_v.storage {
+            return Err(Error::Invalid(format!(
+                "{from} is in storage '{}' and {to} in '{}': a delta restore compares blocks of one storage; restore {to} in full",
+                old_v.storage, new_v.storage
+            )));
+        }
+        let (old, new) = (self.index(from)?, self.index(to)?);
+        if new_v.status == Status::Invalid {
+            progress.warn(&format!("version {to} is marked invalid: damaged blocks will be restored as zeros"));
+        }
+        let session = self.session(&format!("restore {from}..{to}"), false)?;
+        session.lock_version(from, "restore")?;
+        session.lock_version(to, "restore")?;
+        let storage = self.storage(&new_v.storage)?;
+        let target = open_target(&path, from, to, old_v.size, new_v.size)?;
+        let changed = crate::diff::changed_blocks(&old, &new, !target.is_device)?;
+        let bs = new.block_size as usize;
+
+        // The target must hold `from`: a sample of the blocks that stay is read back.
+        let mut is_changed = vec![false; new.entries.len()];
+        for &i in &changed {
+            is_changed[i] = true;
+        }
+        let unchanged: Vec<usize> = (0..new.entries.len().min(old.entries.len())).filter(|&i| !is_changed[i]).collect();
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(7);
+        let percent = opts.check_percent.min(100);
+        let mut sample: Vec<usize> =
+            unchanged.iter().copied().filter(|&i| crate::scrub::sampled(seed, i as u64, percent)).collect();
+        if sample.is_empty() && percent > 0 && !unchanged.is_empty() {
+            sample.push(unchanged[(seed % unchanged.len() as u64) as usize]);
+        }
+        let mut buf = vec![0u8; bs];
+        let mut report = DeltaReport { bytes: new_v.size, blocks: new.entries.len() as u64, ..Default::default() };
+        for &idx in &sample {
+            let off = idx as u64 * bs as u64;
+            let len = old.block_len(idx);
+            target
+                .file
+                .read_exact_at(&mut buf[..len], off)
+                .map_err(|e| Error::io(format!("cannot read restore target {} at byte {off}", path.display()), e))?;
+            let id =
+                if crate::block::is_zero(&buf[..len]) { BlockId::SPARSE } else { storage.codec().id_of(&buf[..len]) };
+            if id != old.entries[idx] {
+                return Err(Error::Refused(format!(
+                    "{} does not hold {from}: its block {idx} (bytes {off}..{}) differs; restore {to} in full (`keepfs restore --force {to} {url}`)",
+                    path.display(),
+                    off + len as u64
+                )));
+            }
+            report.blocks_checked += 1;
+        }
+
+        if !target.is_device && target.size != new_v.size {
+            target
+                .file
+                .set_len(new_v.size)
+                .map_err(|e| Error::io(format!("cannot resize restore target {}", path.display()), e))?;
+            report.resized = true;
+        }
+        let total: u64 = changed.iter().map(|&i| new.block_len(i) as u64).sum();
+        progress.begin(&format!("restore {from}..{to} ({})", new_v.name), total);
+
+        let fetchers = self.config.readers_for(&new_v.storage)?;
+        let stop = AtomicBool::new(false);
+        let written = AtomicU64::new(0);
+        let bad = parking_lot::Mutex::new(Vec::<BadBlock>::new());
+        let failure = parking_lot::Mutex::new(None::<Error>);
+        let fail = |e: Error| {
+            stop.store(true, Ordering::Relaxed);
+            failure.lock().get_or_insert(e);
+        };
+        let (job_tx, job_rx) = bounded::<usize>(fetchers * 2);
+        let storage_name = &new_v.storage;
+        std::thread::scope(|s| {
+            for _ in 0..fetchers {
+                let (job_rx, storage) = (job_rx.clone(), storage.clone());
+                let (new, target, path, stop, written, bad, fail) =
+                    (&new, &target, &path, &stop, &written, &bad, &fail);
+                s.spawn(move || {
+                    let mut buf = vec![0u8; bs];
+                    for idx in job_rx {
+                        if stop.load(Ordering::Relaxed) {
+                            continue;
+                        }
+                        let (id, len) = (new.entries[idx], new.block_len(idx));
+                        let off = idx as u64 * bs as u64;
+                        if id.is_sparse() {
+                            buf[..len].fill(0);
+                        } else {
+                            match crate::restore::fetch_block_into(storage.as_ref(), &id, &mut buf) {
+                                Ok(n) if n == len => {}
+                                Ok(n) => {
+                                    let reason = format!("object holds {n} bytes, the block needs {len}");
+                                    bad.lock().push(damaged(progress, idx, off, len, id, &reason));
+                                    buf[..len].fill(0);
+                                }
+                                Err(FetchError::Damaged(reason)) => {
+                                    bad.lock().push(damaged(progress, idx, off, len, id, &reason));
+                                    buf[..len].fill(0);
+                                }
+                                Err(FetchError::Unavailable(reason)) => {
+                                    fail(Error::Other(format!(
+                                        "storage '{storage_name}' is not available (block {idx}: {reason})"
+                                    )));
+                                    continue;
+                                }
+                            }
+                        }
+                        if let Err(e) = target.file.write_all_at(&buf[..len], off) {
+                            fail(Error::io(format!("cannot write to {} at byte {off}", path.display()), e));
+                            continue;
+                        }
+                        written.fetch_add(len as u64, Ordering::Relaxed);
+                        progress.advance(len as u64);
+                    }
+                });
+            }
+            drop(job_rx);
+            for &idx in &changed {
+                if stop.load(Ordering::Relaxed) || job_tx.send(idx).is_err() {
+                    break;
+                }
+            }
+            drop(job_tx);
+        });
+        progress.end();
+        let again = format!(
+            "the target now holds parts of both versions: run the same `keepfs restore --delta-from {from} {to} {url}` again to finish it"
+        );
+        if let Some(e) = failure.into_inner() {
+            let _ = target.file.sync_all();
+            return Err(Error::Other(format!("{e}; {again}")));
+        }
+        target.file.sync_all().map_err(|e| Error::io(format!("cannot flush {}", path.display()), e))?;
+        report.bytes_written = written.into_inner();
+        report.blocks_written = changed.len() as u64;
+        report.bad_blocks = bad.into_inner();
+        if !report.bad_blocks.is_empty() {
+            report.bad_blocks.sort_by_key(|b| b.index);
+            let ids: Vec<BlockId> = report.bad_blocks.iter().map(|b| b.object).collect();
+            self.mark_damaged(&new_v.storage, &ids)?;
+            self.set_status(to, Status::Invalid)?;
+        }
+        Ok(report)
+    }
+}
+
+fn damaged(progress: &dyn Progress, idx: usize, off: u64, len: usize, id: BlockId, reason: &str) -> BadBlock {
+    progress.warn(&format!("block {idx} (bytes {off}..{}) object {id}: {reason}; writing zeros", off + len as u64));
+    BadBlock { index: idx as u64, offset: off, len: len as u64, object: id, reason: reason.to_string() }
+}
+
+struct Target {
+    file: File,
+    is_device: bool,
+    /// Its size before the restore.
+    size: u64,
+}
+
+/// Opens an existing file or block device for reading and writing. A file must have the
+/// size of `from` (or of `to`: a delta restore that was interrupted after resizing it); a
+/// block device must be large enough for `to`.
+fn open_target(path: &Path, from: VersionUid, to: VersionUid, from_size: u64, to_size: u64) -> Result<Target> {
+    let m = std::fs::metadata(path).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            Error::Invalid(format!(
+                "restore target {} does not exist; a delta restore updates a target that holds {from}: restore {to} in full instead",
+                path.display()
+            ))
+        } else {
+            Error::io(format!("cannot use restore target {}", path.display()), e)
+        }
+    })?;
+    let t = m.file_type();
+    if !m.is_file() && !t.is_block_device() {
+        return Err(Error::Invalid(format!(
+            "restore target {} is not a file or a block device; a delta restore updates one in place",
+            path.display()
+        )));
+    }
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(|e| Error::io(format!("cannot open restore target {}", path.display()), e))?;
+    crate::restore::lock_exclusive(&file, path)?;
+    if t.is_block_device() {
+        let size = crate::restore::device_size(&file)
+            .map_err(|e| Error::io(format!("cannot size restore target {}", path.display()), e))?;
+        if size < to_size {
+            return Err(Error::Refused(format!(
+                "block device {} holds {size} bytes, version {to} needs {to_size}; grow it first",
+                path.display()
+            )));
+        }
+        return Ok(Target { file, is_device: true, size });
+    }
+    let size = m.len();
+    if size != from_size && size != to_size {
+        return Err(Error::Refused(format!(
+            "{} does not hold {from}: it has {size} bytes, {from} has {from_size}; restore {to} in full (`keepfs restore --force`)",
+            path.display()
+        )));
+    }
+    Ok(Target { file, is_device: false, size })
+}

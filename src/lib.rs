@@ -22,6 +22,7 @@ pub mod image;
 pub mod index;
 pub mod keys;
 pub mod metadata;
+pub mod metrics;
 pub mod perms;
 pub mod progress;
 pub mod rbd;

@@ -7,6 +7,7 @@
 mod output;
 mod cli_output;
 mod help;
+mod mount_options;
 mod title;
 
 use clap::{Parser, Subcommand, ValueEnum};
@@ -35,6 +36,14 @@ struct Cli {
     /// embedded default repository under $KEEPFS_HOME, /var/lib/keepfs as root, or ~/.local/share/keepfs)
     #[arg(long, global = true, value_name = "FILE")]
     config: Option<PathBuf>,
+    /// After the command, push the repository's metrics to this Prometheus Pushgateway
+    /// (http://HOST:9091; group job=keepfs unless the URL names one)
+    #[arg(long, global = true, value_name = "URL")]
+    pushgateway: Option<String>,
+    /// After the command, write the repository's metrics to this file, atomically (for
+    /// node-exporter's textfile collector: a NAME.prom in its directory)
+    #[arg(long, global = true, value_name = "PATH")]
+    metrics_file: Option<PathBuf>,
     /// Machine-readable tables (backy2's -m): cells separated by '|', sizes in bytes
     #[arg(short = 'm', long)]
     machine_output: bool,
@@ -352,6 +361,9 @@ enum Command {
         /// Mode of the files, octal (e.g. 0640; directories get x where readable)
         #[arg(long, requires = "allow_other", value_parser = parse_mode)]
         mode: Option<u16>,
+        /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9198)
+        #[arg(long, value_name = "ADDR")]
+        metrics: Option<String>,
     },
     /// Per version: size, sparse, shared and exclusive bytes, stored bytes, and what rm + cleanup would free
     #[command(
@@ -414,6 +426,9 @@ enum Command {
         /// The PEM private key of --tls-cert
         #[arg(long, value_name = "FILE", requires = "tls_cert")]
         tls_key: Option<PathBuf>,
+        /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9198)
+        #[arg(long, value_name = "ADDR")]
+        metrics: Option<String>,
     },
     /// How fast this host hashes, compresses and encrypts, and each storage writes and
     /// reads, next to a reference (as Proxmox Backup's benchmark)
@@ -1336,6 +1351,7 @@ fn run(cli: Cli) -> Result<i32> {
             uid,
             gid,
             mode,
+            metrics,
         } => {
             if daemon {
                 return mount_daemon(&mountpoint, &repo.config.home.join("mount.log"));
@@ -1344,6 +1360,7 @@ fn run(cli: Cli) -> Result<i32> {
             let config_block_size = repo.config.block_size;
             // Before any thread exists, so that every thread has the signals blocked.
             unmount_on_signal(&mountpoint);
+            serve_metrics(metrics.as_deref(), &repo.config)?;
             let opts = keepfs_fs::MountOptions {
                 read_only,
                 threads,
@@ -1486,7 +1503,7 @@ fn run(cli: Cli) -> Result<i32> {
             }
             Ok(exit::OK)
         }
-        Command::Nbd { listen, socket, read_only, discard_writes, tls_cert, tls_key } => {
+        Command::Nbd { listen, socket, read_only, discard_writes, tls_cert, tls_key, metrics } => {
             let tls = match (&tls_cert, &tls_key) {
                 (Some(cert), Some(key)) => Some(
                     keepfs_nbd::tls_config(cert, key)
@@ -1505,8 +1522,10 @@ fn run(cli: Cli) -> Result<i32> {
             stop_on_signal(listener.stopper());
             // --discard-writes drops a connection's writes when it disconnects.
             let ttl = keepfs::session::SessionOptions::default().list_ttl;
+            let config_for_metrics = repo.config.clone();
             let sessions = session_service(repo, read_only, discard_writes, Overlays::DropAtLastClose, ttl);
             note!("keepfs: serving NBD on {} (exports: version uids and NAME@latest)", listener.describe());
+            serve_metrics(metrics.as_deref(), &config_for_metrics)?;
             keepfs_nbd::serve(sessions, listener, keepfs_nbd::NbdOptions { read_only, tls })
                 .map_err(|e| Error::io("the NBD server stopped", e))?;
             Ok(exit::OK)
@@ -1807,6 +1826,31 @@ fn write_man_pages(dir: &std::path::Path) -> Result<usize> {
     Ok(n)
 }
 
+/// `--pushgateway` / `--metrics-file`: after any command (whatever its outcome), the
+/// repository's metrics, gathered from its catalog (keepfs::metrics).
+fn emit_metrics((push, file, config): (Option<String>, Option<PathBuf>, Option<PathBuf>)) -> Result<()> {
+    if push.is_none() && file.is_none() {
+        return Ok(());
+    }
+    let text = keepfs::metrics::gather(&Config::discover(config.as_deref())?)?;
+    if let Some(path) = &file {
+        keepfs::metrics::write_file(path, &text)?;
+    }
+    if let Some(url) = &push {
+        keepfs::metrics::push(url, &text)?;
+    }
+    Ok(())
+}
+
+/// `mount --metrics ADDR`, `nbd --metrics ADDR`: /metrics on a thread of its own.
+fn serve_metrics(addr: Option<&str>, config: &Config) -> Result<()> {
+    if let Some(addr) = addr {
+        let at = keepfs::metrics::serve(addr, config.clone())?;
+        note!("keepfs: metrics at http://{at}/metrics");
+    }
+    Ok(())
+}
+
 /// On SIGINT or SIGTERM the NBD server stops: no new clients, every connection ends, and
 /// what each wrote becomes a version (as at a disconnect) before the process exits.
 fn stop_on_signal(stopper: keepfs_nbd::Stopper) {
@@ -1842,7 +1886,7 @@ fn on_signal(then: impl FnOnce(libc::c_int) + Send + 'static) {
 fn mount_daemon(dir: &std::path::Path, log: &std::path::Path) -> Result<i32> {
     use std::os::unix::process::CommandExt;
     let exe = std::env::current_exe().map_err(|e| Error::io("cannot find the keepfs executable", e))?;
-    let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--daemon").collect();
+    let args: Vec<String> = mount_options::effective_args().into_iter().skip(1).filter(|a| a != "--daemon").collect();
     let mut cmd = std::process::Command::new(exe);
     let logf = std::fs::OpenOptions::new()
         .create(true)
@@ -1932,14 +1976,24 @@ fn main() {
     // First, before any thread exists (it moves the environment strings; see title).
     title::init();
     // A source truncated while mapped is caught by the library (keepfs::source::sigbus).
-    let matches = cli_command().try_get_matches().unwrap_or_else(|e| {
+    // `keepfs mount DIR -o OPTIONS` (mount(8) through mount.fuse3, from /etc/fstab).
+    let args = match mount_options::translate(std::env::args().collect()) {
+        Ok(args) => args,
+        Err(e) => {
+            note!("keepfs: error: {e}");
+            output::finish();
+            std::process::exit(exit::USAGE);
+        }
+    };
+    let matches = cli_command().try_get_matches_from(args).unwrap_or_else(|e| {
         cli_output::usage_error_json(&e);
         e.exit()
     });
     let cli = <Cli as clap::FromArgMatches>::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     cli_output::set_json(cli_output::wants_json(&matches));
     cli_output::set_table_style(cli.machine_output, cli.skip_header);
-    let code = match run(cli) {
+    let metrics_out = (cli.pushgateway.clone(), cli.metrics_file.clone(), cli.config.clone());
+    let mut code = match run(cli) {
         Ok(code) => code,
         // The reader of a listing stopped reading (`keepfs ls | head -1`): not a failure.
         Err(e) if output::is_reader_gone(&e) => exit::OK,
@@ -1951,6 +2005,15 @@ fn main() {
             e.exit_code()
         }
     };
+    // A command refused as bad input changed nothing: one error line, no metrics.
+    if code != exit::USAGE
+        && let Err(e) = emit_metrics(metrics_out)
+    {
+        note!("keepfs: error: metrics: {e}");
+        if code == exit::OK {
+            code = e.exit_code();
+        }
+    }
     output::finish();
     std::process::exit(code);
 }

@@ -8,8 +8,8 @@
 pub mod backup;
 pub mod block;
 pub mod cache;
+pub mod catalog;
 pub mod config;
-pub mod db;
 pub mod diff;
 pub mod draft;
 pub mod error;

@@ -100,7 +100,7 @@ CREATE TABLE repository_state (name TEXT PRIMARY KEY, value TEXT NOT NULL);
 ];
 
 /// The advisory lock that stands for SQLite's write lock (see the module comment).
-const WRITE_LOCK: i64 = 0x6b65_6570_6673; // "keepfs"
+pub const WRITE_LOCK: i64 = 0x6b65_6570_6673; // "keepfs"
 
 /// How long a connection attempt may take when the URL does not say (`connect_timeout`).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -590,6 +590,7 @@ impl Catalog for PostgresCatalog {
         let storage_id = self.storage_id(storage)?;
         let mut client = self.client()?;
         let mut tx = client.transaction()?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&WRITE_LOCK])?;
         let uid: i64 = tx
             .query_one(
                 "INSERT INTO versions(name, snapshot, date, size, block_size, status, storage_id, session_id, active_ms) \
@@ -608,6 +609,7 @@ impl Catalog for PostgresCatalog {
         let uid = uid.0 as i64;
         let mut client = self.client()?;
         let mut tx = client.transaction()?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&WRITE_LOCK])?;
         tx.execute(
             "INSERT INTO version_index(uid, data) VALUES ($1, $2) ON CONFLICT (uid) DO UPDATE SET data = $2",
             &[&uid, &index],
@@ -814,6 +816,7 @@ impl Catalog for PostgresCatalog {
         let uid = uid.0 as i64;
         let mut client = self.client()?;
         let mut tx = client.transaction()?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&WRITE_LOCK])?;
         tx.execute("DELETE FROM version_locks WHERE uid=$1", &[&uid])?;
         tx.execute("DELETE FROM versions WHERE uid=$1", &[&uid])?;
         tx.commit()?;

@@ -112,7 +112,42 @@ fn file_cutoff(cutoff_ms: i64) -> SystemTime {
     t.checked_sub(FILE_TIME_SLACK).unwrap_or(UNIX_EPOCH)
 }
 
+/// The one cleanup of a storage that may run at a time (see [`Repository::claim_cleanup`]);
+/// let go when dropped.
+pub struct CleanupClaim {
+    session: crate::repo::SessionGuard,
+    name: String,
+}
+
+impl Drop for CleanupClaim {
+    fn drop(&mut self) {
+        let _ = self.session.release(&self.name);
+    }
+}
+
 impl Repository {
+    /// Makes this process the one that cleans up `storage` (a lease in the catalog held by
+    /// a session of its own), for as long as the claim lives. A second cleanup of the same
+    /// storage, from any process or host, is refused while a live one holds it; the claim
+    /// of a process that died is taken over.
+    pub fn claim_cleanup(&self, storage: &str) -> Result<CleanupClaim> {
+        let session = self.session("cleanup", false)?;
+        let name = format!("cleanup/{storage}");
+        let live = self.db().live_sessions()?;
+        let ids: Vec<i64> = live.iter().map(|s| s.id).collect();
+        if let Some(holder) = self.db().claim(&name, session.id, &ids)? {
+            let who = live
+                .iter()
+                .find(|s| s.id == holder)
+                .map(|s| format!("pid {} on {}", s.process.pid, s.process.host))
+                .unwrap_or_else(|| format!("session {holder}"));
+            return Err(Error::Refused(format!(
+                "a cleanup of storage '{storage}' is running ({who}); only one runs at a time: wait for it to finish"
+            )));
+        }
+        Ok(CleanupClaim { session, name })
+    }
+
     /// The cutoff below which unreferenced objects may go: the start of the oldest live
     /// writing session, or now.
     fn cleanup_cutoff(&self) -> Result<i64> {
@@ -240,6 +275,7 @@ impl Repository {
     /// moment it happens, so a plan that has aged only ever deletes less.
     pub fn apply_cleanup(&self, plan: &CleanupPlan) -> Result<CleanupReport> {
         let storage = self.storage_to_delete_from(&plan.storage)?;
+        let _claim = self.claim_cleanup(&plan.storage)?;
         let mut report = CleanupReport::default();
         let sid = self.storage_id(&plan.storage)?;
         let cutoff = plan.cutoff_ms;

@@ -553,6 +553,11 @@ impl SessionGuard {
     pub fn lock_version(&self, uid: VersionUid, purpose: &str) -> Result<()> {
         self.db.lock().lock_version(uid, self.id, purpose)
     }
+
+    /// Lets go of the catalog lease `name` if this session holds it.
+    pub fn release(&self, name: &str) -> Result<()> {
+        self.db.lock().release(name, self.id)
+    }
 }
 
 impl Drop for SessionGuard {

@@ -279,3 +279,26 @@ fn a_restarted_server_is_met_with_a_new_connection() {
     assert_eq!(ls[0]["uid"], v1.as_str());
     assert_eq!(ls[0]["status"], "valid");
 }
+
+/// One cleanup per storage at a time, on either catalog: while this process holds the
+/// claim, `keepfs cleanup` is refused with one line naming the holder (exit 4) and
+/// deletes nothing (a dry run still plans); once the claim is let go, cleanup runs.
+#[test]
+fn only_one_cleanup_runs_per_storage_at_a_time() {
+    let repo = Repo::new();
+    std::fs::write(repo.path("img"), random_bytes(9, 4 * BS)).unwrap();
+    let v = repo.backup("img", "vm", &["-b", "64k"]);
+    repo.ok(&["rm", "--force", &v]);
+    let engine = keepfs::Repository::open(repo.engine_config()).unwrap();
+    let claim = engine.claim_cleanup("default").unwrap();
+    let r = repo.run(&["cleanup"]);
+    assert_eq!(r.code, 4, "{}", r.stderr);
+    let me = format!("a cleanup of storage 'default' is running (pid {} on ", std::process::id());
+    assert!(r.error_line().contains(&me) && r.error_line().contains("wait for it to finish"), "{}", r.stderr);
+    assert_eq!(repo.block_objects(), 4, "the refused cleanup deleted nothing");
+    assert!(repo.ok(&["cleanup", "--dry-run"]).contains("would delete 4 unreferenced object(s)"));
+    drop(claim);
+    let done = repo.ok(&["cleanup"]);
+    assert!(done.contains("deleted 4 object(s)"), "{done}");
+    assert_eq!(repo.block_objects(), 0);
+}

@@ -239,6 +239,12 @@ pub trait Catalog: Send {
     /// A named value of the repository's state (`repository_state`), if set.
     fn repository_state(&self, name: &str) -> Result<Option<String>>;
     fn set_repository_state(&self, name: &str, value: &str) -> Result<()>;
+    /// Takes the lease `name` (a `repository_state` row naming the session that holds
+    /// it) for `session`, unless another of the `live` sessions holds it: then returns
+    /// that session. A lease of a session that died is taken over.
+    fn claim(&mut self, name: &str, session: i64, live: &[i64]) -> Result<Option<i64>>;
+    /// Lets go of the lease `name` if `session` holds it.
+    fn release(&self, name: &str, session: i64) -> Result<()>;
 
     // ---- storages -------------------------------------------------------------------
 

@@ -486,6 +486,27 @@ impl Catalog for PostgresCatalog {
         Ok(())
     }
 
+    fn claim(&mut self, name: &str, session: i64, live: &[i64]) -> Result<Option<i64>> {
+        self.write(|tx| {
+            let holder: Option<i64> = tx
+                .query_opt("SELECT value FROM repository_state WHERE name=$1", &[&name])?
+                .and_then(|r| r.get::<_, String>(0).parse().ok());
+            if let Some(h) = holder.filter(|h| *h != session && live.contains(h)) {
+                return Ok(Some(h));
+            }
+            tx.execute(
+                "INSERT INTO repository_state(name, value) VALUES ($1, $2) ON CONFLICT (name) DO UPDATE SET value = $2",
+                &[&name, &session.to_string()],
+            )?;
+            Ok(None)
+        })
+    }
+
+    fn release(&self, name: &str, session: i64) -> Result<()> {
+        self.execute("DELETE FROM repository_state WHERE name=$1 AND value=$2", &[&name, &session.to_string()])?;
+        Ok(())
+    }
+
     fn storage_id(&self, name: &str) -> Result<i64> {
         self.execute("INSERT INTO storages(name) VALUES ($1) ON CONFLICT (name) DO NOTHING", &[&name])?;
         Ok(self.query("SELECT id FROM storages WHERE name = $1", &[&name])?[0].get(0))

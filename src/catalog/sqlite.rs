@@ -315,6 +315,29 @@ impl Catalog for SqliteCatalog {
         Ok(())
     }
 
+    fn claim(&mut self, name: &str, session: i64, live: &[i64]) -> Result<Option<i64>> {
+        self.write(|tx| {
+            let holder: Option<i64> = tx
+                .query_row("SELECT value FROM repository_state WHERE name=?1", [name], |r| r.get::<_, String>(0))
+                .optional()?
+                .and_then(|v| v.parse().ok());
+            if let Some(h) = holder.filter(|h| *h != session && live.contains(h)) {
+                return Ok(Some(h));
+            }
+            tx.execute(
+                "INSERT OR REPLACE INTO repository_state(name, value) VALUES (?1, ?2)",
+                params![name, session.to_string()],
+            )?;
+            Ok(None)
+        })
+    }
+
+    fn release(&self, name: &str, session: i64) -> Result<()> {
+        self.conn
+            .execute("DELETE FROM repository_state WHERE name=?1 AND value=?2", params![name, session.to_string()])?;
+        Ok(())
+    }
+
     fn schema_version(&self) -> Result<i64> {
         Ok(self.conn.pragma_query_value(None, "user_version", |r| r.get(0))?)
     }

@@ -381,6 +381,11 @@ fn connect(config: &postgres::Config, name: &str) -> Result<Client> {
     })
 }
 
+/// The first row of an answer that always has one (an aggregate, RETURNING).
+fn first(rows: Vec<Row>) -> Result<Row> {
+    rows.into_iter().next().ok_or_else(|| Error::Catalog("the server answered no row where one was due".into()))
+}
+
 fn id_of(r: &Row, i: usize) -> Option<BlockId> {
     BlockId::from_slice(r.get::<_, &[u8]>(i))
 }
@@ -508,13 +513,17 @@ impl Catalog for PostgresCatalog {
     }
 
     fn storage_id(&self, name: &str) -> Result<i64> {
+        // Looked up first: the insert would take a sequence number (and a write) each time.
+        if let Some(r) = self.query("SELECT id FROM storages WHERE name = $1", &[&name])?.first() {
+            return Ok(r.get(0));
+        }
         self.execute("INSERT INTO storages(name) VALUES ($1) ON CONFLICT (name) DO NOTHING", &[&name])?;
-        Ok(self.query("SELECT id FROM storages WHERE name = $1", &[&name])?[0].get(0))
+        Ok(first(self.query("SELECT id FROM storages WHERE name = $1", &[&name])?)?.get(0))
     }
 
     fn storage_encrypted(&self, name: &str) -> Result<bool> {
         let id = self.storage_id(name)?;
-        Ok(self.query("SELECT encrypted FROM storages WHERE id = $1", &[&id])?[0].get(0))
+        Ok(first(self.query("SELECT encrypted FROM storages WHERE id = $1", &[&id])?)?.get(0))
     }
 
     fn set_storage_encrypted(&self, name: &str) -> Result<()> {
@@ -530,10 +539,10 @@ impl Catalog for PostgresCatalog {
     fn register_session(&self, purpose: &str, writes: bool) -> Result<i64> {
         let p = super::ProcessId::current();
         let now = now_ms();
-        Ok(self.query(
+        Ok(first(self.query(
             "INSERT INTO sessions(pid, host, proc_start, started_ms, heartbeat_ms, purpose, writes) VALUES ($1,$2,$3,$4,$4,$5,$6) RETURNING id",
             &[&(p.pid as i64), &p.host, &(p.start as i64), &now, &purpose, &writes],
-        )?[0]
+        )?)?
             .get(0))
     }
 
@@ -989,10 +998,10 @@ impl Catalog for PostgresCatalog {
     }
 
     fn object_totals(&self, storage_id: i64) -> Result<(u64, u64)> {
-        let r = &self.query(
+        let r = first(self.query(
             "SELECT COUNT(*), COALESCE(SUM(stored_size),0)::BIGINT FROM objects WHERE storage_id=$1 AND state=0",
             &[&storage_id],
-        )?[0];
+        )?)?;
         Ok((r.get::<_, i64>(0) as u64, r.get::<_, i64>(1) as u64))
     }
 
@@ -1069,10 +1078,10 @@ impl Catalog for PostgresCatalog {
     }
 
     fn is_empty(&self) -> Result<bool> {
-        let r = &self.query(
+        let r = first(self.query(
             "SELECT (SELECT COUNT(*) FROM storages) + (SELECT COUNT(*) FROM versions) + (SELECT COUNT(*) FROM objects)",
             &[],
-        )?[0];
+        )?)?;
         Ok(r.get::<_, i64>(0) == 0)
     }
 

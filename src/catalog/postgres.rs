@@ -102,6 +102,9 @@ CREATE TABLE repository_state (name TEXT PRIMARY KEY, value TEXT NOT NULL);
 /// The advisory lock that stands for SQLite's write lock (see the module comment).
 pub const WRITE_LOCK: i64 = 0x6b65_6570_6673; // "keepfs"
 
+/// How long a statement waits for a lock another session holds (SQLite's busy timeout).
+const LOCK_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// How long a connection attempt may take when the URL does not say (`connect_timeout`).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -199,6 +202,13 @@ impl PostgresCatalog {
             config.connect_timeout(CONNECT_TIMEOUT);
         }
         config.keepalives(true).keepalives_idle(Duration::from_secs(30)).tcp_user_timeout(Duration::from_secs(120));
+        // A lock held by a process that hangs mid-transaction (stopped, stuck) makes the
+        // others give up after this long, as SQLite's busy timeout does, instead of waiting
+        // for ever.
+        let options = config.get_options().map(str::to_string).unwrap_or_default();
+        if !options.contains("lock_timeout") {
+            config.options(format!("{options} -c lock_timeout={}", LOCK_TIMEOUT.as_millis()).trim());
+        }
         if config.get_application_name().is_none() {
             config.application_name("keepfs");
         }

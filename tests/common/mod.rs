@@ -366,7 +366,18 @@ impl Repo {
                     recorded: recorded as u64,
                     stored: self.block_objects(),
                 };
-                if ready(&state) {
+                // Unlike SQLite's, a PostgreSQL lock a client waits for is granted by the
+                // server even while the client is stopped: a backup stopped while waiting
+                // would then hold the write lock. Stop it only when nobody waits.
+                let waiting: i64 = tx
+                    .query_one(
+                        "SELECT count(*) FROM pg_locks l JOIN pg_database d ON d.oid = l.database \
+                         WHERE l.locktype = 'advisory' AND NOT l.granted AND d.datname = current_database()",
+                        &[],
+                    )
+                    .map(|r| r.get(0))
+                    .unwrap_or(0);
+                if waiting == 0 && ready(&state) {
                     let pid = child.id() as i32;
                     // SAFETY: kill(2) on the pid of a running child of this test.
                     assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0, "stop the backup");

@@ -302,3 +302,60 @@ fn only_one_cleanup_runs_per_storage_at_a_time() {
     assert!(done.contains("deleted 4 object(s)"), "{done}");
     assert_eq!(repo.block_objects(), 0);
 }
+
+/// PostgreSQL restarts while a backup runs (the server ends every session): the backup
+/// fails with one line and leaves an incomplete version, nothing half-committed, and
+/// `backup --continue` finishes it into a version that restores byte-identical. (A
+/// backup that finishes before the restart has nothing to continue.)
+#[test]
+fn a_backup_in_flight_when_the_server_restarts_is_finished_by_continue() {
+    let pg = PgServer::start();
+    let db = pg.create_db("inflight");
+    let repo = config_repo(&pg.url(&db));
+    std::fs::write(repo.path("img"), random_bytes(61, 24 << 20)).unwrap();
+    let url = repo.url("img");
+    let cfg = repo.path("keepfs.toml");
+    let cfg = cfg.to_str().unwrap().to_string();
+    let child = repo
+        .command(&["--config", &cfg, "backup", &url, "vm", "-b", "4k"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait for a state: the version exists and objects are being recorded.
+    let started = std::time::Instant::now();
+    let mut watch = postgres::Client::connect(&pg.url(&db), postgres::NoTls).unwrap();
+    loop {
+        assert!(started.elapsed() < std::time::Duration::from_secs(120), "the backup never started recording");
+        // An error: the tables are not made yet.
+        let recorded = watch.query_one("SELECT count(*) FROM objects", &[]).map(|r| r.get::<_, i64>(0)).unwrap_or(0);
+        if recorded > 0 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    drop(watch);
+    pg.restart();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let uid = match out.status.code() {
+        Some(0) => String::from_utf8_lossy(&out.stdout).trim().to_string(),
+        Some(1) => {
+            let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("keepfs: error:")).collect();
+            assert_eq!(errors.len(), 1, "{stderr}");
+            let ls: serde_json::Value = serde_json::from_str(&ok_cfg(&repo, &["ls", "--format", "json"])).unwrap();
+            assert_eq!(ls[0]["status"], "incomplete", "nothing half-committed: {ls}");
+            let uid = ls[0]["uid"].as_str().unwrap().to_string();
+            let done = ok_cfg(&repo, &["backup", "--continue", &uid, &url, "vm"]);
+            assert_eq!(done.trim(), uid);
+            uid
+        }
+        other => panic!("backup ended with {other:?}: {stderr}"),
+    };
+    let ls: serde_json::Value = serde_json::from_str(&ok_cfg(&repo, &["ls", "--format", "json"])).unwrap();
+    assert_eq!(ls.as_array().unwrap().len(), 1);
+    assert_eq!(ls[0]["status"], "valid");
+    let restored = repo.path("out");
+    ok_cfg(&repo, &["restore", &uid, &format!("file://{}", restored.display())]);
+    assert_eq!(sha256_file(&restored), sha256_file(&repo.path("img")));
+}

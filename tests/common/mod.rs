@@ -58,6 +58,15 @@ impl TestDatabase {
     }
 }
 
+impl TestDatabase {
+    /// Drops the database and makes it again, empty: a lost catalog.
+    pub fn recreate(&self) {
+        let mut admin = postgres::Client::connect(&format!("{}/postgres", self.base), postgres::NoTls).unwrap();
+        admin.batch_execute(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name)).unwrap();
+        admin.batch_execute(&format!("CREATE DATABASE {}", self.name)).unwrap();
+    }
+}
+
 impl Drop for TestDatabase {
     fn drop(&mut self) {
         if let Ok(mut admin) = postgres::Client::connect(&format!("{}/postgres", self.base), postgres::NoTls) {
@@ -392,6 +401,20 @@ impl Repo {
             }
             drop(tx);
             std::thread::sleep(std::time::Duration::from_millis(25));
+        }
+    }
+
+    /// Loses the catalog, as a dead disk or a dropped database does: the SQLite file
+    /// (with its WAL and shared-memory files), or the PostgreSQL database (made again,
+    /// empty).
+    pub fn lose_catalog(&self) {
+        match &self.catalog {
+            Some(db) => db.recreate(),
+            None => {
+                for suffix in ["", "-wal", "-shm"] {
+                    let _ = std::fs::remove_file(format!("{}{suffix}", self.home().join("keepfs.sqlite").display()));
+                }
+            }
         }
     }
 

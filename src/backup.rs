@@ -6,7 +6,7 @@
 //! `backup` and the FUSE `incoming/` directory both feed it.
 
 use crate::block::{BlockId, ObjectKind, is_zero};
-use crate::db::Db;
+use crate::catalog::SharedCatalog;
 use crate::error::{Error, Result};
 use crate::index::{BlockIndex, Entries, MAX_DATA_BLOCKS_PER_VERSION, block_count, too_much_data};
 use crate::progress::Progress;
@@ -121,7 +121,7 @@ enum Done {
 
 /// Everything an ingest needs, cloneable into its threads.
 pub struct IngestContext {
-    pub db: Arc<Mutex<Db>>,
+    pub db: SharedCatalog,
     pub storage: SharedStorage,
     pub storage_id: i64,
     pub block_size: u32,
@@ -523,11 +523,15 @@ impl Coordinator {
                 let storage = self.ctx.storage.clone();
                 let (sid, key) = (self.ctx.storage_id, p.id.storage_key());
                 let sealed_by = storage.codec().current_key();
-                self.ctx.db.lock().with_write_lock(|tx| {
-                    retry(STORAGE_ATTEMPTS, || storage.put(&key, &p.bytes))?;
-                    retry(STORAGE_ATTEMPTS, || storage.sync())?;
-                    crate::db::upsert_objects(tx, sid, &[(p.id, p.bytes.len() as u64, p.plain_len)], sealed_by)
-                })?;
+                self.ctx.db.lock().store_over_tombstone(
+                    sid,
+                    (p.id, p.bytes.len() as u64, p.plain_len),
+                    sealed_by,
+                    &mut || {
+                        retry(STORAGE_ATTEMPTS, || storage.put(&key, &p.bytes))?;
+                        Ok(retry(STORAGE_ATTEMPTS, || storage.sync())?)
+                    },
+                )?;
                 self.stats.bytes_written += p.plain_len;
                 self.stats.bytes_stored += p.bytes.len() as u64;
                 self.set(p.idx, p.id)?;
@@ -715,10 +719,7 @@ impl Repository {
         entries.resize(block_count(size, bs));
         let index = BlockIndex { uid: uid.0, size, block_size: bs, entries };
         if size != v.size {
-            self.db.lock().with_write_lock(|tx| {
-                tx.execute("UPDATE versions SET size=?2 WHERE uid=?1", rusqlite::params![uid.0 as i64, size as i64])?;
-                Ok(())
-            })?;
+            self.db.lock().set_size(uid, size)?;
             v.size = size;
         }
         v.status = crate::version::Status::Valid;
@@ -801,18 +802,7 @@ impl Repository {
             )));
         }
         let live: Vec<i64> = self.db.lock().live_sessions()?.into_iter().map(|s| s.id).collect();
-        let taken = self.db.lock().with_write_lock(|tx| {
-            let owner: Option<i64> =
-                tx.query_row("SELECT session_id FROM versions WHERE uid=?1", [uid.0 as i64], |r| r.get(0))?;
-            if owner.is_some_and(|o| o != session && live.contains(&o)) {
-                return Ok(false);
-            }
-            tx.execute(
-                "UPDATE versions SET session_id=?2, active_ms=?3 WHERE uid=?1",
-                rusqlite::params![uid.0 as i64, session, crate::db::now_ms()],
-            )?;
-            Ok(true)
-        })?;
+        let taken = self.db.lock().take_incomplete(uid, session, &live)?;
         if !taken {
             return Err(Error::Refused(format!("version {uid} is being written by another running backup")));
         }

@@ -67,7 +67,12 @@ impl StorageConfig {
 pub struct Config {
     /// The repository's own directory: lock-free spool and scratch space live here.
     pub home: PathBuf,
+    /// The SQLite catalog file (unless `database_url` names a PostgreSQL one).
     pub database: PathBuf,
+    /// A PostgreSQL catalog (`database = "postgresql://…"`), instead of the SQLite file.
+    pub database_url: Option<String>,
+    /// A file holding the PostgreSQL catalog's password (`database_password_file`).
+    pub database_password_file: Option<PathBuf>,
     pub storages: Vec<StorageConfig>,
     pub default_storage: String,
     pub block_size: u32,
@@ -153,7 +158,8 @@ struct FileRbdConfig {
 #[serde(deny_unknown_fields)]
 struct FileConfig {
     home: Option<PathBuf>,
-    database: Option<PathBuf>,
+    database: Option<String>,
+    database_password_file: Option<PathBuf>,
     default_storage: Option<String>,
     block_size: Option<toml::Value>,
     compression_level: Option<i32>,
@@ -313,10 +319,24 @@ pub fn default_home() -> PathBuf {
 }
 
 impl Config {
+    /// Where the catalog lives: the PostgreSQL database when one is configured, else the
+    /// SQLite file.
+    pub fn catalog_location(&self) -> crate::catalog::Location {
+        match &self.database_url {
+            Some(url) => crate::catalog::Location::Postgres {
+                url: url.clone(),
+                password_file: self.database_password_file.clone(),
+            },
+            None => crate::catalog::Location::Sqlite(self.database.clone()),
+        }
+    }
+
     /// The embedded default: everything under `home`.
     pub fn embedded(home: PathBuf) -> Config {
         Config {
             database: home.join("keepfs.sqlite"),
+            database_url: None,
+            database_password_file: None,
             storages: vec![StorageConfig::new(DEFAULT_STORAGE, StorageKind::File { path: home.join("storage") })],
             default_storage: DEFAULT_STORAGE.to_string(),
             block_size: DEFAULT_BLOCK_SIZE,
@@ -342,6 +362,12 @@ impl Config {
     /// Finds and loads the configuration: `explicit` (--config), then `$KEEPFS_CONFIG`, then
     /// the system file; with none of them, the embedded default.
     pub fn discover(explicit: Option<&Path>) -> Result<Config> {
+        let mut c = Config::discover_file(explicit)?;
+        c.apply_database_env()?;
+        Ok(c)
+    }
+
+    fn discover_file(explicit: Option<&Path>) -> Result<Config> {
         if let Some(p) = explicit {
             return Config::load(p);
         }
@@ -353,6 +379,26 @@ impl Config {
             return Config::load(system);
         }
         Ok(Config::embedded(default_home()))
+    }
+
+    /// `$KEEPFS_DATABASE` (a path or a postgresql:// URL) replaces the configured
+    /// `database`: one catalog for one command without editing the configuration.
+    fn apply_database_env(&mut self) -> Result<()> {
+        let Some(db) = std::env::var("KEEPFS_DATABASE").ok().filter(|d| !d.is_empty()) else {
+            return Ok(());
+        };
+        if crate::catalog::Location::is_postgres_url(&db) {
+            self.database_url = Some(db);
+        } else if db.contains("://") {
+            return Err(Error::Config(format!(
+                "KEEPFS_DATABASE '{db}': use a path (SQLite) or a postgresql://user@host:port/name URL"
+            )));
+        } else {
+            self.database = PathBuf::from(db);
+            self.database_url = None;
+        }
+        self.origin = format!("{} (database from KEEPFS_DATABASE)", self.origin);
+        Ok(())
     }
 
     pub fn load(path: &Path) -> Result<Config> {
@@ -369,8 +415,17 @@ impl Config {
         let mut c = Config::embedded(home.clone());
         c.origin = origin.to_string();
         if let Some(db) = f.database {
-            c.database = db;
+            if crate::catalog::Location::is_postgres_url(&db) {
+                c.database_url = Some(db);
+            } else if db.contains("://") {
+                return Err(bad(format!(
+                    "database '{db}': use a path (SQLite) or a postgresql://user@host:port/name URL"
+                )));
+            } else {
+                c.database = PathBuf::from(db);
+            }
         }
+        c.database_password_file = f.database_password_file;
         if !f.storage.is_empty() {
             c.storages.clear();
             for s in f.storage {

@@ -39,6 +39,9 @@ pub enum Error {
     Storage(#[from] StorageError),
     #[error("metadata database: {0}{hint}", hint = damaged_database_hint(.0))]
     Database(#[from] rusqlite::Error),
+    /// The PostgreSQL catalog failed (connection lost or refused, a statement failed).
+    #[error("catalog: {0}")]
+    Catalog(String),
     #[error("{context}: {source}")]
     Object {
         context: String,

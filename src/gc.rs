@@ -12,7 +12,7 @@
 //! start, so nothing written or touched since then is swept.
 
 use crate::block::BlockId;
-use crate::db::{OBJECT_DELETING, OBJECT_PRESENT, now_ms};
+use crate::catalog::{OBJECT_DELETING, now_ms};
 use crate::error::{Error, Result};
 use crate::index::BlockIndex;
 use crate::repo::Repository;
@@ -112,7 +112,42 @@ fn file_cutoff(cutoff_ms: i64) -> SystemTime {
     t.checked_sub(FILE_TIME_SLACK).unwrap_or(UNIX_EPOCH)
 }
 
+/// The one cleanup of a storage that may run at a time (see [`Repository::claim_cleanup`]);
+/// let go when dropped.
+pub struct CleanupClaim {
+    session: crate::repo::SessionGuard,
+    name: String,
+}
+
+impl Drop for CleanupClaim {
+    fn drop(&mut self) {
+        let _ = self.session.release(&self.name);
+    }
+}
+
 impl Repository {
+    /// Makes this process the one that cleans up `storage` (a lease in the catalog held by
+    /// a session of its own), for as long as the claim lives. A second cleanup of the same
+    /// storage, from any process or host, is refused while a live one holds it; the claim
+    /// of a process that died is taken over.
+    pub fn claim_cleanup(&self, storage: &str) -> Result<CleanupClaim> {
+        let session = self.session("cleanup", false)?;
+        let name = format!("cleanup/{storage}");
+        let live = self.db().live_sessions()?;
+        let ids: Vec<i64> = live.iter().map(|s| s.id).collect();
+        if let Some(holder) = self.db().claim(&name, session.id, &ids)? {
+            let who = live
+                .iter()
+                .find(|s| s.id == holder)
+                .map(|s| format!("pid {} on {}", s.process.pid, s.process.host))
+                .unwrap_or_else(|| format!("session {holder}"));
+            return Err(Error::Refused(format!(
+                "a cleanup of storage '{storage}' is running ({who}); only one runs at a time: wait for it to finish"
+            )));
+        }
+        Ok(CleanupClaim { session, name })
+    }
+
     /// The cutoff below which unreferenced objects may go: the start of the oldest live
     /// writing session, or now.
     fn cleanup_cutoff(&self) -> Result<i64> {
@@ -150,7 +185,7 @@ impl Repository {
             versions.iter().filter(|v| storage_ids.get(&v.storage) == Some(&storage_id)).map(|v| v.uid.0).collect();
         let mut marked: HashSet<BlockId> = HashSet::new();
         let mut damaged = None;
-        db.for_each_index(|uid, bytes| {
+        db.for_each_index(&mut |uid, bytes| {
             if in_this.contains(&uid.0) {
                 match BlockIndex::decode(bytes) {
                     Ok(idx) => marked.extend(idx.entries.data().map(|(_, id)| id)),
@@ -179,7 +214,7 @@ impl Repository {
             kept_for_continue_bytes: 0,
         };
         let mut known: HashSet<BlockId> = HashSet::new();
-        db.for_each_object(storage_id, |row| {
+        db.for_each_object(storage_id, &mut |row| {
             known.insert(row.id);
             if marked.contains(&row.id) {
                 return;
@@ -240,67 +275,39 @@ impl Repository {
     /// moment it happens, so a plan that has aged only ever deletes less.
     pub fn apply_cleanup(&self, plan: &CleanupPlan) -> Result<CleanupReport> {
         let storage = self.storage_to_delete_from(&plan.storage)?;
+        let _claim = self.claim_cleanup(&plan.storage)?;
         let mut report = CleanupReport::default();
         let sid = self.storage_id(&plan.storage)?;
         let cutoff = plan.cutoff_ms;
         for chunk in plan.objects.chunks(SWEEP_BATCH) {
+            let ids: Vec<BlockId> = chunk.iter().map(|(id, _)| *id).collect();
             // 1. Tombstone the rows that are still untouched since the cutoff (committed
             //    before any file goes, so a crash leaves tombstones, not dangling rows).
-            self.db().with_write_lock(|tx| {
-                let mut st = tx.prepare_cached(
-                    "UPDATE objects SET state=?1 WHERE storage_id=?2 AND id=?3 AND (state=?1 OR (state=?4 AND touched_ms < ?5))",
-                )?;
-                for (id, _) in chunk {
-                    st.execute(rusqlite::params![OBJECT_DELETING, sid, &id.0[..], OBJECT_PRESENT, cutoff])?;
-                }
-                Ok(())
-            })?;
-            // 2. With the write lock held (no backup can revive a tombstone meanwhile),
-            //    delete the files of rows that are still tombstones, then the rows.
-            let (n, bytes) = self.db().with_write_lock(|tx| {
-                let mut check =
-                    tx.prepare_cached("SELECT stored_size FROM objects WHERE storage_id=?1 AND id=?2 AND state=?3")?;
-                let mut del = tx.prepare_cached("DELETE FROM objects WHERE storage_id=?1 AND id=?2")?;
-                let (mut n, mut bytes) = (0u64, 0u64);
-                let mut doomed = Vec::new();
-                for (id, _) in chunk {
-                    let size: Option<i64> =
-                        check.query_row(rusqlite::params![sid, &id.0[..], OBJECT_DELETING], |r| r.get(0)).ok();
-                    if let Some(size) = size {
-                        doomed.push(*id);
-                        bytes += size as u64;
-                    }
-                }
+            self.db().tombstone_objects(sid, &ids, cutoff)?;
+            // 2. With the object write lock held (no backup can revive a tombstone
+            //    meanwhile), delete the files of rows that are still tombstones, then the rows.
+            let (n, bytes) = self.db().sweep_tombstoned(sid, &ids, &mut |doomed| {
                 // One request per batch where the storage has one (S3's DeleteObjects).
                 let keys: Vec<String> = doomed.iter().map(|id| id.storage_key()).collect();
-                retry(4, || storage.delete_many(&keys))?;
-                for id in &doomed {
-                    del.execute(rusqlite::params![sid, &id.0[..]])?;
-                    n += 1;
-                }
-                Ok((n, bytes))
+                Ok(retry(4, || storage.delete_many(&keys))?)
             })?;
             report.objects_deleted += n;
             report.bytes_freed += bytes;
         }
         for chunk in plan.orphans.chunks(SWEEP_BATCH) {
-            let (n, bytes) = self.db().with_write_lock(|tx| {
-                let mut known = tx.prepare_cached("SELECT 1 FROM objects WHERE storage_id=?1 AND id=?2")?;
-                let (mut n, mut bytes) = (0u64, 0u64);
-                let mut keys = Vec::new();
-                for (key, size) in chunk {
-                    let Some(id) = BlockId::from_storage_key(key) else {
-                        continue;
-                    };
-                    if known.exists(rusqlite::params![sid, &id.0[..]])? {
-                        continue;
-                    }
-                    keys.push(key.clone());
-                    n += 1;
-                    bytes += size;
-                }
-                retry(4, || storage.delete_many(&keys))?;
-                Ok((n, bytes))
+            let candidates: Vec<(BlockId, &String, u64)> = chunk
+                .iter()
+                .filter_map(|(key, size)| BlockId::from_storage_key(key).map(|id| (id, key, *size)))
+                .collect();
+            let ids: Vec<BlockId> = candidates.iter().map(|c| c.0).collect();
+            let (mut n, mut bytes) = (0u64, 0u64);
+            self.db().sweep_unknown(sid, &ids, &mut |unknown| {
+                let unknown: HashSet<&BlockId> = unknown.iter().collect();
+                let keys: Vec<String> =
+                    candidates.iter().filter(|c| unknown.contains(&c.0)).map(|c| c.1.clone()).collect();
+                n = keys.len() as u64;
+                bytes = candidates.iter().filter(|c| unknown.contains(&c.0)).map(|c| c.2).sum();
+                Ok(retry(4, || storage.delete_many(&keys))?)
             })?;
             report.orphans_deleted += n;
             report.bytes_freed += bytes;

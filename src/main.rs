@@ -564,6 +564,15 @@ enum DatabaseAction {
         #[arg(long)]
         replace_damaged: bool,
     },
+    /// Copy the catalog into a new, empty one (SQLite to PostgreSQL or back) and check the copy
+    #[command(
+        after_help = "Examples:\n  keepfs database migrate --to postgresql://keepfs@db.example:5432/keepfs\n  keepfs database migrate --to /var/lib/keepfs/keepfs.sqlite\n\nThen set `database` in the configuration to the new catalog."
+    )]
+    Migrate {
+        /// The new catalog: a postgresql://user@host:port/name URL or a new SQLite file path
+        #[arg(long)]
+        to: String,
+    },
 }
 
 /// Progress on stderr: a bar on a terminal, a line every 10 s otherwise, and the
@@ -851,7 +860,8 @@ fn run(cli: Cli) -> Result<i32> {
     }
     // Before the repository opens it: a damaged database may fail to open at all.
     if let Command::Database { action: DatabaseAction::Rebuild { replace_damaged: true } } = &cli.command
-        && let Some((aside, reason)) = keepfs::db::set_aside_if_damaged(&config.database)?
+        && config.database_url.is_none()
+        && let Some((aside, reason)) = keepfs::catalog::set_aside_if_damaged(&config.database)?
     {
         note!(
             "keepfs: the metadata database {} is damaged ({reason}); moved it to {}",
@@ -1300,7 +1310,7 @@ fn run(cli: Cli) -> Result<i32> {
             let already = if r.already > 0 { format!(" ({} there already)", r.already) } else { String::new() };
             note!(
                 "rebuilt {}: {} version(s){already}, {} object(s)",
-                repo.config.database.display(),
+                repo.config.catalog_location().display(),
                 r.versions,
                 r.objects
             );
@@ -1318,6 +1328,18 @@ fn run(cli: Cli) -> Result<i32> {
                 names.join(", ")
             );
             Ok(exit::DATA_DAMAGED)
+        }
+        Command::Database { action: DatabaseAction::Migrate { to } } => {
+            let (to, r) = repo.migrate_catalog(&to)?;
+            note!(
+                "copied the catalog into {}: {} version(s), {} index(es), {} object(s) of {} storage(s); checked. Set `database` in the configuration to it",
+                to.display(),
+                r.versions,
+                r.indexes,
+                r.objects,
+                r.storages
+            );
+            Ok(exit::OK)
         }
         Command::Label { uid, changes } => {
             repo.change_labels(VersionUid::parse(&uid)?, &changes)?;
@@ -1748,7 +1770,7 @@ fn print_config(c: &Config) -> Result<()> {
     use keepfs::config::StorageKind;
     out!("configuration: {}", c.origin)?;
     out!("home: {}", c.home.display())?;
-    out!("database: {}", c.database.display())?;
+    out!("database: {}", c.catalog_location().display())?;
     out!("default storage: {}", c.default_storage)?;
     out!(
         "block size: {}; compression level {}; workers {}; storage writers {}; storage readers {}; source readers {}",

@@ -11,7 +11,6 @@
 //! connection.
 
 use crate::config::Config;
-use crate::db::Db;
 use crate::error::{Error, Result};
 use crate::schedule::{Scheduler, sla};
 use crate::version::{Status, Version};
@@ -38,7 +37,7 @@ fn labels(pairs: &[(&str, &str)]) -> Labels {
 
 /// The metrics of the repository `config` names, read from its database now.
 pub fn gather(config: &Config) -> Result<String> {
-    let db = Db::open_with_modes(&config.database, config.modes)?;
+    let db = crate::catalog::open(&config.catalog_location(), config.modes)?;
     let versions = db.list_versions()?;
     let mut storages = Vec::new();
     for (id, name) in db.storage_names()? {

@@ -2,8 +2,8 @@
 //! This is the engine's front door; the CLI and the FUSE filesystem only talk to it.
 
 use crate::block::ObjectKind;
+use crate::catalog::SharedCatalog;
 use crate::config::{Config, StorageKind};
-use crate::db::Db;
 use crate::error::{Error, Result};
 use crate::filter::Filter;
 use crate::index::{BlockIndex, IndexError};
@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 pub struct Repository {
     pub config: Config,
-    pub(crate) db: Arc<Mutex<Db>>,
+    pub(crate) db: SharedCatalog,
     storages: Mutex<HashMap<String, StorageSlot>>,
     /// Held while a storage is unlocked, so that threads asking at once (the mount's)
     /// unlock it once (one prompt, one key derivation).
@@ -107,7 +107,10 @@ impl Repository {
             .modes
             .create_dir_all(&config.home)
             .map_err(|e| Error::io(format!("cannot create the keepfs home {}", config.home.display()), e))?;
-        let db = Db::open_with_modes(&config.database, config.modes)?;
+        let db = crate::catalog::open(&config.catalog_location(), config.modes)?;
+        if db.engine() != "sqlite" {
+            crate::catalog::check_owner(db.as_ref(), &config)?;
+        }
         let mut storages: HashMap<String, StorageSlot> = HashMap::new();
         for s in &config.storages {
             let mut st: SharedStorage = match &s.kind {
@@ -250,26 +253,13 @@ impl Repository {
         snapshot: &str,
         labels: &std::collections::BTreeMap<String, String>,
     ) -> Result<()> {
-        self.db.lock().with_write_lock(|tx| {
-            tx.execute("UPDATE versions SET snapshot=?2 WHERE uid=?1", rusqlite::params![uid.0 as i64, snapshot])?;
-            tx.execute("DELETE FROM labels WHERE uid=?1", [uid.0 as i64])?;
-            for (k, v) in labels {
-                tx.execute(
-                    "INSERT INTO labels(uid, name, value) VALUES (?1,?2,?3)",
-                    rusqlite::params![uid.0 as i64, k, v],
-                )?;
-            }
-            Ok(())
-        })
+        self.db.lock().set_snapshot_and_labels(uid, snapshot, labels)
     }
 
     /// Renames a version that is still being written (an incoming file renamed).
     pub fn rename_version(&self, uid: VersionUid, name: &str) -> Result<()> {
         crate::version::check_name(name)?;
-        self.db.lock().with_write_lock(|tx| {
-            tx.execute("UPDATE versions SET name=?2 WHERE uid=?1", rusqlite::params![uid.0 as i64, name])?;
-            Ok(())
-        })
+        self.db.lock().rename_version(uid, name)
     }
 
     /// Removes a version that a continuation of the same backup replaced: its metadata
@@ -354,7 +344,7 @@ impl Repository {
         if existing > 0 && !self.db.lock().rebuild_unfinished()? {
             return Err(Error::Refused(format!(
                 "the metadata database {} holds {existing} version(s); rebuild recreates a lost database: move this one away first",
-                self.config.database.display()
+                self.config.catalog_location().display()
             )));
         }
         self.db.lock().set_rebuild_unfinished(true)?;
@@ -478,7 +468,7 @@ impl Repository {
         Ok(SessionGuard { db: self.db.clone(), id })
     }
 
-    pub(crate) fn db(&self) -> parking_lot::MutexGuard<'_, Db> {
+    pub(crate) fn db(&self) -> parking_lot::MutexGuard<'_, Box<dyn crate::catalog::Catalog>> {
         self.db.lock()
     }
 
@@ -556,13 +546,18 @@ pub struct StorageInfo {
 
 /// A registered session; ends (and releases its version locks) when dropped.
 pub struct SessionGuard {
-    db: Arc<Mutex<Db>>,
+    db: SharedCatalog,
     pub id: i64,
 }
 
 impl SessionGuard {
     pub fn lock_version(&self, uid: VersionUid, purpose: &str) -> Result<()> {
         self.db.lock().lock_version(uid, self.id, purpose)
+    }
+
+    /// Lets go of the catalog lease `name` if this session holds it.
+    pub fn release(&self, name: &str) -> Result<()> {
+        self.db.lock().release(name, self.id)
     }
 }
 

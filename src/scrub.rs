@@ -188,7 +188,7 @@ impl Repository {
         let in_storage: HashSet<u64> =
             db.list_versions()?.into_iter().filter(|v| v.storage == storage).map(|v| v.uid.0).collect();
         let mut tainted = Vec::new();
-        db.for_each_index(|vuid, bytes| {
+        db.for_each_index(&mut |vuid, bytes| {
             if in_storage.contains(&vuid.0)
                 && let Ok(ix) = BlockIndex::decode(bytes)
                 && ix.entries.data().any(|(_, e)| damaged.contains(&e))

@@ -30,7 +30,7 @@ fn versions_in_use_cannot_be_removed_and_dead_holders_release_them() {
     let newer = repo.backup("a", "db", &["-b", "64k"]);
 
     // This process restores v through a storage that takes 50 ms per object.
-    let mut engine = keepfs::Repository::open(keepfs::config::Config::embedded(repo.home())).unwrap();
+    let mut engine = keepfs::Repository::open(repo.engine_config()).unwrap();
     let mut slow = None;
     engine
         .wrap_storage("default", |inner| {

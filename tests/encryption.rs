@@ -103,9 +103,7 @@ fn an_encrypted_repository_round_trips_and_shows_the_storage_nothing() {
     // Light and deep scrub pass; the database can be rebuilt from the sealed objects.
     e.ok(&["scrub", &v1]);
     e.ok(&["deep-scrub", &v1]);
-    for suffix in ["", "-wal", "-shm"] {
-        let _ = fs::remove_file(format!("{}{suffix}", repo.home().join("keepfs.sqlite").display()));
-    }
+    repo.lose_catalog();
     e.ok(&["database", "rebuild"]);
     assert_eq!(e.restore_sha(&v2), sha256_file(&repo.path("a")));
 
@@ -365,8 +363,9 @@ fn the_passphrase_is_asked_for_on_a_terminal() {
     };
     with_pw(&["init", "--encrypt"]);
     let v = with_pw(&["backup", &repo.url("a"), "tty", "-b", "64k"]);
+    let catalog = repo.catalog.as_ref().map(|d| format!("KEEPFS_DATABASE={}", d.url)).unwrap_or_default();
     let cmd = format!(
-        "env -u KEEPFS_PASSPHRASE -u KEEPFS_KEY_FILE -u KEEPFS_CONFIG KEEPFS_HOME={} {} restore {v} {}",
+        "env -u KEEPFS_PASSPHRASE -u KEEPFS_KEY_FILE -u KEEPFS_CONFIG {catalog} KEEPFS_HOME={} {} restore {v} {}",
         repo.home().display(),
         KEEPFS,
         repo.url("o")

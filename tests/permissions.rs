@@ -62,7 +62,7 @@ fn a_new_repository_is_readable_by_its_owner_only() {
     let repo = Repo::new();
     std::fs::write(repo.path("img"), mixed_image(5, 9, BS as usize, 100)).unwrap();
     let uid = repo.backup("img", "vm", &["-b", "64k"]);
-    let db = keepfs::db::Db::open(&repo.home().join("keepfs.sqlite")).unwrap();
+    let db = keepfs::catalog::SqliteCatalog::open(&repo.home().join("keepfs.sqlite")).unwrap();
     std::fs::write(repo.path("img2"), mixed_image(6, 9, BS as usize, 0)).unwrap();
     repo.backup("img2", "vm2", &["-b", "64k"]);
     assert_owner_only(

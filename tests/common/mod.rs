@@ -10,6 +10,80 @@ pub const KEEPFS: &str = env!("CARGO_BIN_EXE_keepfs");
 
 pub struct Repo {
     pub dir: tempfile::TempDir,
+    /// The PostgreSQL catalog of this repository when the tests run against PostgreSQL
+    /// (see [`TestDatabase`]); None: the embedded SQLite file.
+    pub catalog: Option<TestDatabase>,
+}
+
+/// The test-only switch: with `KEEPFS_TEST_POSTGRES=postgresql://user:pw@host:port/`
+/// set, every test repository gets a fresh PostgreSQL database of its own as its
+/// catalog (created here, dropped when the test ends) instead of the SQLite file.
+pub const TEST_POSTGRES: &str = "KEEPFS_TEST_POSTGRES";
+
+/// Whether the tests run against PostgreSQL catalogs.
+pub fn postgres_mode() -> bool {
+    std::env::var(TEST_POSTGRES).is_ok_and(|v| !v.is_empty())
+}
+
+/// For tests that look into the SQLite file itself (damage it, hold its write lock):
+/// true, after saying so, when the catalog is PostgreSQL, where they do not apply.
+pub fn sqlite_only(what: &str) -> bool {
+    if postgres_mode() {
+        eprintln!("not run against PostgreSQL: {what} is about the SQLite catalog file");
+        return true;
+    }
+    false
+}
+
+/// A PostgreSQL database made for one test repository; dropped with it.
+pub struct TestDatabase {
+    pub url: String,
+    base: String,
+    name: String,
+}
+
+impl TestDatabase {
+    /// A new, empty database on the server `KEEPFS_TEST_POSTGRES` names; None when unset.
+    pub fn create() -> Option<TestDatabase> {
+        let base = std::env::var(TEST_POSTGRES).ok().filter(|v| !v.is_empty())?;
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
+        let name = format!("keepfs_test_{}_{n}_{nanos}", std::process::id());
+        let base = base.trim_end_matches('/').to_string();
+        let mut admin = postgres::Client::connect(&format!("{base}/postgres"), postgres::NoTls)
+            .unwrap_or_else(|e| panic!("{TEST_POSTGRES}={base}: cannot connect: {e}"));
+        admin.batch_execute(&format!("CREATE DATABASE {name}")).expect("create the test database");
+        Some(TestDatabase { url: format!("{base}/{name}"), base, name })
+    }
+}
+
+impl TestDatabase {
+    /// Drops the database and makes it again, empty: a lost catalog.
+    pub fn recreate(&self) {
+        let mut admin = postgres::Client::connect(&format!("{}/postgres", self.base), postgres::NoTls).unwrap();
+        admin.batch_execute(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name)).unwrap();
+        admin.batch_execute(&format!("CREATE DATABASE {}", self.name)).unwrap();
+    }
+}
+
+impl Drop for TestDatabase {
+    fn drop(&mut self) {
+        if let Ok(mut admin) = postgres::Client::connect(&format!("{}/postgres", self.base), postgres::NoTls) {
+            let _ = admin.batch_execute(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name));
+        }
+    }
+}
+
+/// The embedded configuration for a repository under `home`, with its own PostgreSQL
+/// catalog when the tests run against PostgreSQL (keep the database while it is used).
+pub fn embedded_config(home: PathBuf) -> (keepfs::config::Config, Option<TestDatabase>) {
+    let mut c = keepfs::config::Config::embedded(home);
+    let db = TestDatabase::create();
+    if let Some(db) = &db {
+        c.database_url = Some(db.url.clone());
+    }
+    (c, db)
 }
 
 pub struct Run {
@@ -57,7 +131,7 @@ pub fn output_within(mut cmd: Command, limit: std::time::Duration, what: &str) -
 
 impl Repo {
     pub fn new() -> Repo {
-        Repo { dir: tempfile::tempdir().expect("temp dir") }
+        Repo { dir: tempfile::tempdir().expect("temp dir"), catalog: TestDatabase::create() }
     }
 
     pub fn home(&self) -> PathBuf {
@@ -78,7 +152,10 @@ impl Repo {
 
     pub fn command(&self, args: &[&str]) -> Command {
         let mut c = Command::new(KEEPFS);
-        c.args(args).env("KEEPFS_HOME", self.home()).env_remove("KEEPFS_CONFIG");
+        c.args(args).env("KEEPFS_HOME", self.home()).env_remove("KEEPFS_CONFIG").env_remove("KEEPFS_DATABASE");
+        if let Some(db) = &self.catalog {
+            c.env("KEEPFS_DATABASE", &db.url);
+        }
         c
     }
 
@@ -211,6 +288,9 @@ impl Repo {
         what: &str,
         mut ready: impl FnMut(&BackupState) -> bool,
     ) -> Frozen {
+        if let Some(catalog) = &self.catalog {
+            return self.freeze_backup_pg(&catalog.url, child, what, ready);
+        }
         let db = self.home().join("keepfs.sqlite");
         let limit = std::time::Duration::from_secs(120);
         let started = std::time::Instant::now();
@@ -252,6 +332,98 @@ impl Repo {
             }
             std::thread::sleep(std::time::Duration::from_millis(25));
         }
+    }
+
+    /// [`Repo::freeze_backup`] on a PostgreSQL catalog: the catalog's write lock is its
+    /// advisory lock, held in a transaction while the state is read and the process stopped.
+    fn freeze_backup_pg(
+        &self,
+        url: &str,
+        child: &std::process::Child,
+        what: &str,
+        mut ready: impl FnMut(&BackupState) -> bool,
+    ) -> Frozen {
+        let limit = std::time::Duration::from_secs(120);
+        let started = std::time::Instant::now();
+        let mut last = None;
+        let mut client = postgres::Client::connect(url, postgres::NoTls).expect("connect to the test database");
+        loop {
+            assert!(started.elapsed() < limit, "timed out after {limit:?} waiting for {what}; last seen {last:?}");
+            let mut tx = client.transaction().expect("transaction");
+            tx.execute("SELECT pg_advisory_xact_lock($1)", &[&keepfs::catalog::postgres::WRITE_LOCK])
+                .expect("write lock");
+            let has_tables = tx
+                .query_one(
+                    "SELECT to_regclass('public.versions') IS NOT NULL AND to_regclass('public.objects') IS NOT NULL",
+                    &[],
+                )
+                .map(|r| r.get::<_, bool>(0))
+                .unwrap_or(false);
+            if has_tables {
+                let newest = tx
+                    .query_opt(
+                        "SELECT v.status, s.pid FROM versions v LEFT JOIN sessions s ON s.id = v.session_id \
+                         ORDER BY v.uid DESC LIMIT 1",
+                        &[],
+                    )
+                    .expect("read the newest version")
+                    .map(|r| (r.get::<_, String>(0), r.get::<_, Option<i64>>(1)));
+                let recorded: i64 = tx.query_one("SELECT count(*) FROM objects", &[]).map(|r| r.get(0)).unwrap_or(0);
+                let state = BackupState {
+                    status: newest.as_ref().map(|n| n.0.clone()),
+                    owner_pid: newest.and_then(|n| n.1).map(|p| p as u32),
+                    recorded: recorded as u64,
+                    stored: self.block_objects(),
+                };
+                // Unlike SQLite's, a PostgreSQL lock a client waits for is granted by the
+                // server even while the client is stopped: a backup stopped while waiting
+                // would then hold the write lock. Stop it only when nobody waits.
+                let waiting: i64 = tx
+                    .query_one(
+                        "SELECT count(*) FROM pg_locks l JOIN pg_database d ON d.oid = l.database \
+                         WHERE l.locktype = 'advisory' AND NOT l.granted AND d.datname = current_database()",
+                        &[],
+                    )
+                    .map(|r| r.get(0))
+                    .unwrap_or(0);
+                if waiting == 0 && ready(&state) {
+                    let pid = child.id() as i32;
+                    // SAFETY: kill(2) on the pid of a running child of this test.
+                    assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0, "stop the backup");
+                    let mut status = 0;
+                    // SAFETY: waitpid for a child of this process; WUNTRACED returns once it stopped.
+                    let r = unsafe { libc::waitpid(pid, &mut status, libc::WUNTRACED) };
+                    assert!(r == pid && libc::WIFSTOPPED(status), "the backup did not stop: {status:#x}");
+                    drop(tx);
+                    return Frozen { pid };
+                }
+                last = Some(state);
+            }
+            drop(tx);
+            std::thread::sleep(std::time::Duration::from_millis(25));
+        }
+    }
+
+    /// Loses the catalog, as a dead disk or a dropped database does: the SQLite file
+    /// (with its WAL and shared-memory files), or the PostgreSQL database (made again,
+    /// empty).
+    pub fn lose_catalog(&self) {
+        match &self.catalog {
+            Some(db) => db.recreate(),
+            None => {
+                for suffix in ["", "-wal", "-shm"] {
+                    let _ = std::fs::remove_file(format!("{}{suffix}", self.home().join("keepfs.sqlite").display()));
+                }
+            }
+        }
+    }
+
+    /// The configuration of this repository for tests that open it with the engine
+    /// (the embedded default, on the test's PostgreSQL catalog when there is one).
+    pub fn engine_config(&self) -> keepfs::config::Config {
+        let mut c = keepfs::config::Config::embedded(self.home());
+        c.database_url = self.catalog.as_ref().map(|d| d.url.clone());
+        c
     }
 }
 
@@ -337,6 +509,7 @@ pub fn files_under(dir: &Path) -> Vec<PathBuf> {
 pub mod garage;
 pub mod mount;
 pub mod nbd;
+pub mod pg;
 pub mod s3fault;
 
 /// Flips one bit of a file in place, the way a failing disk does.

@@ -1,8 +1,13 @@
-//! The metadata database (SQLite): versions, labels, block indexes, the objects each
-//! storage holds, and the sessions and version locks that let several keepfs processes
-//! share a repository. Only what must be queried is here; a version's block map is one
-//! index blob, never a row per block. Schema changes are numbered migrations.
+//! The embedded catalog: one SQLite file (the default). Versions, labels, block indexes,
+//! the objects each storage holds, and the sessions and version locks that let several
+//! keepfs processes on this host share a repository. Only what must be queried is here;
+//! a version's block map is one index blob, never a row per block. Schema changes are
+//! numbered migrations; the schema version is SQLite's `user_version`.
 
+use super::{
+    Catalog, IncompleteVersion, OBJECT_DELETING, OBJECT_PRESENT, ObjectRecord, ObjectRow, REBUILD_UNFINISHED, Session,
+    StorageRecord, date_text, now_ms,
+};
 use crate::block::BlockId;
 use crate::error::{Error, Result};
 use crate::transform::aes::KeyId;
@@ -14,7 +19,7 @@ use std::path::Path;
 use std::time::Duration;
 
 /// Schema migrations; entry N brings the schema from version N to N+1.
-const MIGRATIONS: &[&str] = &[
+pub(crate) const MIGRATIONS: &[&str] = &[
     r#"
 CREATE TABLE storages (id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE);
 CREATE TABLE sessions (
@@ -90,25 +95,12 @@ CREATE TABLE repository_state (name TEXT PRIMARY KEY, value TEXT NOT NULL) WITHO
 "#,
 ];
 
-/// `repository_state` row present while a `database rebuild` has not finished cleanly
-/// (interrupted, or damaged version objects skipped): another rebuild may then add to
-/// the versions this database holds.
-const REBUILD_UNFINISHED: &str = "rebuild_unfinished";
-
-/// Object states: present, or marked for deletion by a cleanup (a tombstone).
-pub const OBJECT_PRESENT: i64 = 0;
-pub const OBJECT_DELETING: i64 = 1;
-
 /// Most ids per SQL statement in batched lookups.
 const BATCH: usize = 400;
 
-pub fn now_ms() -> i64 {
-    Utc::now().timestamp_millis()
-}
-
-/// A version's 16 columns as `record_version` and `replace_version_record` write them:
-/// uid, name, snapshot, date, size, block_size, status, protected, storage_id, expire,
-/// then the six statistics.
+/// A version's 16 columns as `insert_version_record` and `replace_version_record` write
+/// them: uid, name, snapshot, date, size, block_size, status, protected, storage_id,
+/// expire, then the six statistics.
 fn version_row(v: &Version, storage_id: i64) -> [rusqlite::types::Value; 16] {
     use rusqlite::types::Value;
     let int = |n: u64| Value::Integer(n as i64);
@@ -132,95 +124,17 @@ fn version_row(v: &Version, storage_id: i64) -> [rusqlite::types::Value; 16] {
     ]
 }
 
-fn date_text(d: &DateTime<Utc>) -> String {
-    d.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
-}
-
 fn placeholders(n: usize) -> String {
-    let mut s = String::with_capacity(n * 2);
-    for i in 0..n {
-        if i > 0 {
-            s.push(',');
-        }
-        s.push('?');
-    }
-    s
+    vec!["?"; n].join(",")
 }
 
-/// A process's identity on this host: pid, host name and kernel start time (so that a
-/// reused pid is not taken for the process that died).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ProcessId {
-    pub pid: u32,
-    pub host: String,
-    pub start: u64,
-}
-
-impl ProcessId {
-    pub fn current() -> ProcessId {
-        let pid = std::process::id();
-        ProcessId { pid, host: hostname(), start: proc_start_time(pid).unwrap_or(0) }
-    }
-
-    /// Whether this process still runs. A process on another host counts as alive while
-    /// its heartbeat is recent (see [`Db::live_sessions`]).
-    pub fn alive_here(&self) -> bool {
-        proc_start_time(self.pid) == Some(self.start)
-    }
-}
-
-fn hostname() -> String {
-    let mut buf = [0u8; 256];
-    // SAFETY: the buffer is valid for its length; gethostname NUL-terminates on success.
-    let r = unsafe { libc::gethostname(buf.as_mut_ptr() as *mut libc::c_char, buf.len()) };
-    if r != 0 {
-        return "localhost".into();
-    }
-    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
-    String::from_utf8_lossy(&buf[..end]).into_owned()
-}
-
-fn proc_start_time(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Field 22 (starttime); the command name (field 2) may contain spaces, so count from ')'.
-    let after = &stat[stat.rfind(')')? + 2..];
-    after.split_whitespace().nth(19)?.parse().ok()
-}
-
-/// A registered session (a process working on the repository).
-#[derive(Clone, Debug)]
-pub struct Session {
-    pub id: i64,
-    pub process: ProcessId,
-    pub started_ms: i64,
-    pub heartbeat_ms: i64,
-    pub purpose: String,
-    pub writes: bool,
-}
-
-/// Sessions on other hosts count as alive while their heartbeat is younger than this.
-const REMOTE_SESSION_TTL_MS: i64 = 10 * 60 * 1000;
-
-/// An incomplete version as cleanup sees it (see [`Db::incomplete_versions`]).
-#[derive(Clone, Debug)]
-pub struct IncompleteVersion {
-    pub uid: VersionUid,
-    pub started_ms: i64,
-    pub active_ms: i64,
-    pub session: Option<i64>,
-}
-
-/// What a cleanup needs to know of one object row.
-pub struct ObjectRow {
-    pub id: BlockId,
-    pub stored_size: u64,
-    pub state: i64,
-    pub touched_ms: i64,
+fn blob_id(r: &rusqlite::Row, i: usize) -> rusqlite::Result<Option<BlockId>> {
+    Ok(BlockId::from_slice(r.get_ref(i)?.as_blob().map_err(rusqlite::Error::from)?))
 }
 
 /// Records objects as present, valid and just touched, inside the caller's transaction.
 /// `key` is the master key that sealed the objects (None: plain, or not known).
-pub fn upsert_objects(
+fn upsert_objects(
     tx: &rusqlite::Transaction,
     storage_id: i64,
     objects: &[(BlockId, u64, u64)],
@@ -259,7 +173,7 @@ fn switch_to_wal(conn: &Connection) -> Result<()> {
     }
 }
 
-pub struct Db {
+pub struct SqliteCatalog {
     conn: Connection,
 }
 
@@ -311,15 +225,15 @@ pub fn set_aside_if_damaged(path: &Path) -> Result<Option<(std::path::PathBuf, S
     Ok(Some((aside, reason)))
 }
 
-impl Db {
+impl SqliteCatalog {
     /// Opens (creating when missing) the database at `path`, owner-only when new.
-    pub fn open(path: &Path) -> Result<Db> {
-        Db::open_with_modes(path, crate::perms::Modes::PRIVATE)
+    pub fn open(path: &Path) -> Result<SqliteCatalog> {
+        SqliteCatalog::open_with_modes(path, crate::perms::Modes::PRIVATE)
     }
 
     /// Opens the database; a new one (and its directory) is created with `modes`. SQLite
     /// gives the `-wal` and `-shm` files the mode of the database file.
-    pub fn open_with_modes(path: &Path, modes: crate::perms::Modes) -> Result<Db> {
+    pub fn open_with_modes(path: &Path, modes: crate::perms::Modes) -> Result<SqliteCatalog> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             modes.create_dir_all(dir).map_err(|e| Error::io(format!("cannot create {}", dir.display()), e))?;
         }
@@ -346,7 +260,7 @@ impl Db {
         switch_to_wal(&conn)?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
-        let mut db = Db { conn };
+        let mut db = SqliteCatalog { conn };
         db.migrate()?;
         Ok(db)
     }
@@ -371,15 +285,21 @@ impl Db {
         tx.commit()?;
         Ok(())
     }
+}
+
+impl Catalog for SqliteCatalog {
+    fn engine(&self) -> &'static str {
+        "sqlite"
+    }
 
     /// Whether this database was made by a `database rebuild` that has not finished cleanly.
-    pub fn rebuild_unfinished(&self) -> Result<bool> {
+    fn rebuild_unfinished(&self) -> Result<bool> {
         Ok(self.conn.query_row("SELECT COUNT(*) FROM repository_state WHERE name=?1", [REBUILD_UNFINISHED], |r| {
             r.get::<_, i64>(0)
         })? > 0)
     }
 
-    pub fn set_rebuild_unfinished(&self, unfinished: bool) -> Result<()> {
+    fn set_rebuild_unfinished(&self, unfinished: bool) -> Result<()> {
         if unfinished {
             self.conn.execute(
                 "INSERT OR REPLACE INTO repository_state(name, value) VALUES (?1, ?2)",
@@ -391,33 +311,66 @@ impl Db {
         Ok(())
     }
 
-    pub fn schema_version(&self) -> Result<i64> {
+    fn repository_state(&self, name: &str) -> Result<Option<String>> {
+        Ok(self.conn.query_row("SELECT value FROM repository_state WHERE name=?1", [name], |r| r.get(0)).optional()?)
+    }
+
+    fn set_repository_state(&self, name: &str, value: &str) -> Result<()> {
+        self.conn
+            .execute("INSERT OR REPLACE INTO repository_state(name, value) VALUES (?1, ?2)", params![name, value])?;
+        Ok(())
+    }
+
+    fn claim(&mut self, name: &str, session: i64, live: &[i64]) -> Result<Option<i64>> {
+        self.write(|tx| {
+            let holder: Option<i64> = tx
+                .query_row("SELECT value FROM repository_state WHERE name=?1", [name], |r| r.get::<_, String>(0))
+                .optional()?
+                .and_then(|v| v.parse().ok());
+            if let Some(h) = holder.filter(|h| *h != session && live.contains(h)) {
+                return Ok(Some(h));
+            }
+            tx.execute(
+                "INSERT OR REPLACE INTO repository_state(name, value) VALUES (?1, ?2)",
+                params![name, session.to_string()],
+            )?;
+            Ok(None)
+        })
+    }
+
+    fn release(&self, name: &str, session: i64) -> Result<()> {
+        self.conn
+            .execute("DELETE FROM repository_state WHERE name=?1 AND value=?2", params![name, session.to_string()])?;
+        Ok(())
+    }
+
+    fn schema_version(&self) -> Result<i64> {
         Ok(self.conn.pragma_query_value(None, "user_version", |r| r.get(0))?)
     }
 
     // ---- storages -------------------------------------------------------------------
 
     /// The numeric id of a storage name, created on first use.
-    pub fn storage_id(&self, name: &str) -> Result<i64> {
+    fn storage_id(&self, name: &str) -> Result<i64> {
         self.conn.execute("INSERT OR IGNORE INTO storages(name) VALUES (?1)", [name])?;
         Ok(self.conn.query_row("SELECT id FROM storages WHERE name = ?1", [name], |r| r.get(0))?)
     }
 
     /// Whether a storage was initialised for encryption (then it must never be written
     /// in plaintext, whatever its keyring object looks like).
-    pub fn storage_encrypted(&self, name: &str) -> Result<bool> {
+    fn storage_encrypted(&self, name: &str) -> Result<bool> {
         let id = self.storage_id(name)?;
         Ok(self.conn.query_row("SELECT encrypted FROM storages WHERE id = ?1", [id], |r| r.get(0))?)
     }
 
-    pub fn set_storage_encrypted(&self, name: &str) -> Result<()> {
+    fn set_storage_encrypted(&self, name: &str) -> Result<()> {
         let id = self.storage_id(name)?;
         self.conn.execute("UPDATE storages SET encrypted = 1 WHERE id = ?1", [id])?;
         Ok(())
     }
 
     /// Objects per master key (None: not recorded, e.g. after a database rebuild).
-    pub fn objects_per_key(&self, storage_id: i64) -> Result<Vec<(Option<KeyId>, u64)>> {
+    fn objects_per_key(&self, storage_id: i64) -> Result<Vec<(Option<KeyId>, u64)>> {
         let mut st = self.conn.prepare("SELECT key_id, COUNT(*) FROM objects WHERE storage_id=?1 GROUP BY key_id")?;
         let rows = st.query_map([storage_id], |r| {
             Ok((r.get::<_, Option<i64>>(0)?.map(KeyId::from_i64), r.get::<_, i64>(1)? as u64))
@@ -426,7 +379,7 @@ impl Db {
     }
 
     /// The stored size of every present object of a storage (space accounting).
-    pub fn object_sizes(&self, storage_id: i64) -> Result<HashMap<BlockId, u64>> {
+    fn object_sizes(&self, storage_id: i64) -> Result<HashMap<BlockId, u64>> {
         let mut st = self.conn.prepare("SELECT id, stored_size FROM objects WHERE storage_id=?1 AND state=0")?;
         let rows = st.query_map([storage_id], |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, i64>(1)?)))?;
         let mut out = HashMap::new();
@@ -440,7 +393,7 @@ impl Db {
     }
 
     /// Objects not recorded as sealed by `key`.
-    pub fn objects_not_under(&self, storage_id: i64, key: KeyId) -> Result<Vec<BlockId>> {
+    fn objects_not_under(&self, storage_id: i64, key: KeyId) -> Result<Vec<BlockId>> {
         let mut st = self
             .conn
             .prepare("SELECT id FROM objects WHERE storage_id=?1 AND state=0 AND (key_id IS NULL OR key_id != ?2)")?;
@@ -454,7 +407,7 @@ impl Db {
         Ok(out)
     }
 
-    pub fn set_object_keys(&self, storage_id: i64, ids: &[BlockId], key: KeyId) -> Result<()> {
+    fn set_object_keys(&self, storage_id: i64, ids: &[BlockId], key: KeyId) -> Result<()> {
         let tx = self.conn.unchecked_transaction()?;
         {
             let mut st = tx.prepare_cached("UPDATE objects SET key_id=?3 WHERE storage_id=?1 AND id=?2")?;
@@ -468,8 +421,8 @@ impl Db {
 
     // ---- sessions -------------------------------------------------------------------
 
-    pub fn register_session(&self, purpose: &str, writes: bool) -> Result<i64> {
-        let p = ProcessId::current();
+    fn register_session(&self, purpose: &str, writes: bool) -> Result<i64> {
+        let p = super::ProcessId::current();
         let now = now_ms();
         self.conn.execute(
             "INSERT INTO sessions(pid, host, proc_start, started_ms, heartbeat_ms, purpose, writes) VALUES (?1,?2,?3,?4,?4,?5,?6)",
@@ -480,7 +433,7 @@ impl Db {
 
     /// Refreshes a session's heartbeat, and the last sign of life of the incomplete
     /// version it writes, if any.
-    pub fn heartbeat(&self, session: i64) -> Result<()> {
+    fn heartbeat(&self, session: i64) -> Result<()> {
         let now = now_ms();
         self.conn.execute("UPDATE sessions SET heartbeat_ms = ?1 WHERE id = ?2", params![now, session])?;
         self.conn.execute(
@@ -490,16 +443,14 @@ impl Db {
         Ok(())
     }
 
-    pub fn end_session(&self, session: i64) -> Result<()> {
+    fn end_session(&self, session: i64) -> Result<()> {
         self.conn.execute("DELETE FROM sessions WHERE id = ?1", [session])?;
         Ok(())
     }
 
     /// Sessions whose process still runs. Sessions of dead processes are removed here
     /// (with their version locks), so a crash never leaves a repository locked.
-    pub fn live_sessions(&self) -> Result<Vec<Session>> {
-        let me = hostname();
-        let now = now_ms();
+    fn live_sessions(&self) -> Result<Vec<Session>> {
         let all: Vec<Session> = {
             let mut st = self
                 .conn
@@ -507,7 +458,7 @@ impl Db {
             st.query_map([], |r| {
                 Ok(Session {
                     id: r.get(0)?,
-                    process: ProcessId { pid: r.get(1)?, host: r.get(2)?, start: r.get::<_, i64>(3)? as u64 },
+                    process: super::ProcessId { pid: r.get(1)?, host: r.get(2)?, start: r.get::<_, i64>(3)? as u64 },
                     started_ms: r.get(4)?,
                     heartbeat_ms: r.get(5)?,
                     purpose: r.get(6)?,
@@ -516,9 +467,7 @@ impl Db {
             })?
             .collect::<rusqlite::Result<_>>()?
         };
-        let (live, dead): (Vec<Session>, Vec<Session>) = all.into_iter().partition(|s| {
-            if s.process.host == me { s.process.alive_here() } else { now - s.heartbeat_ms < REMOTE_SESSION_TTL_MS }
-        });
+        let (live, dead) = super::partition_live(all);
         for s in dead {
             self.conn.execute("DELETE FROM sessions WHERE id = ?1", [s.id])?;
         }
@@ -526,7 +475,7 @@ impl Db {
     }
 
     /// Locks a version against removal for as long as `session` lives.
-    pub fn lock_version(&self, uid: VersionUid, session: i64, purpose: &str) -> Result<()> {
+    fn lock_version(&self, uid: VersionUid, session: i64, purpose: &str) -> Result<()> {
         self.conn.execute(
             "INSERT OR REPLACE INTO version_locks(uid, session_id, purpose) VALUES (?1, ?2, ?3)",
             params![uid.0 as i64, session, purpose],
@@ -535,7 +484,7 @@ impl Db {
     }
 
     /// Live holders of locks on `uid`: (purpose, pid, host).
-    pub fn version_lock_holders(&self, uid: VersionUid) -> Result<Vec<(String, u32, String)>> {
+    fn version_lock_holders(&self, uid: VersionUid) -> Result<Vec<(String, u32, String)>> {
         let live: HashMap<i64, Session> = self.live_sessions()?.into_iter().map(|s| (s.id, s)).collect();
         let mut st = self.conn.prepare("SELECT session_id, purpose FROM version_locks WHERE uid = ?1")?;
         let rows: Vec<(i64, String)> =
@@ -550,7 +499,7 @@ impl Db {
 
     /// Creates an `incomplete` version owned by `session` and returns its uid.
     #[allow(clippy::too_many_arguments)]
-    pub fn create_version(
+    fn create_version(
         &mut self,
         name: &str,
         snapshot: &str,
@@ -575,7 +524,7 @@ impl Db {
     }
 
     /// Stores the index and statistics of a version and marks it valid, in one transaction.
-    pub fn commit_version(&mut self, uid: VersionUid, index: &[u8], stats: &Stats) -> Result<()> {
+    fn commit_version(&mut self, uid: VersionUid, index: &[u8], stats: &Stats) -> Result<()> {
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         tx.execute("INSERT OR REPLACE INTO version_index(uid, data) VALUES (?1, ?2)", params![uid.0 as i64, index])?;
         tx.execute(
@@ -596,7 +545,7 @@ impl Db {
 
     /// Inserts a version as recorded elsewhere (a storage's version object), keeping its
     /// uid; the uid sequence moves past it, so new uids stay increasing.
-    pub fn insert_version_record(&mut self, v: &Version, index: &[u8]) -> Result<()> {
+    fn insert_version_record(&mut self, v: &Version, index: &[u8]) -> Result<()> {
         let storage_id = self.storage_id(&v.storage)?;
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         tx.execute(
@@ -616,7 +565,7 @@ impl Db {
     /// Replaces the fields, labels and index of a version the database holds with those
     /// recorded elsewhere (its version object: `metadata restore --force`), in one
     /// transaction.
-    pub fn replace_version_record(&mut self, v: &Version, index: &[u8]) -> Result<()> {
+    fn replace_version_record(&mut self, v: &Version, index: &[u8]) -> Result<()> {
         let storage_id = self.storage_id(&v.storage)?;
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let n = tx.execute(
@@ -637,12 +586,12 @@ impl Db {
         Ok(())
     }
 
-    pub fn set_status(&self, uid: VersionUid, status: Status) -> Result<()> {
+    fn set_status(&self, uid: VersionUid, status: Status) -> Result<()> {
         self.conn.execute("UPDATE versions SET status=?2 WHERE uid=?1", params![uid.0 as i64, status.as_str()])?;
         Ok(())
     }
 
-    pub fn set_expire(&self, uid: VersionUid, expire: Option<&DateTime<Utc>>) -> Result<()> {
+    fn set_expire(&self, uid: VersionUid, expire: Option<&DateTime<Utc>>) -> Result<()> {
         let n = self
             .conn
             .execute("UPDATE versions SET expire=?2 WHERE uid=?1", params![uid.0 as i64, expire.map(date_text)])?;
@@ -653,7 +602,7 @@ impl Db {
     }
 
     /// Sets and removes labels of a version in one transaction.
-    pub fn change_labels(&mut self, uid: VersionUid, set: &[(String, String)], remove: &[String]) -> Result<()> {
+    fn change_labels(&mut self, uid: VersionUid, set: &[(String, String)], remove: &[String]) -> Result<()> {
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let exists: bool =
             tx.query_row("SELECT COUNT(*) FROM versions WHERE uid=?1", [uid.0 as i64], |r| r.get::<_, i64>(0))? > 0;
@@ -673,7 +622,7 @@ impl Db {
         Ok(())
     }
 
-    pub fn set_protected(&self, uid: VersionUid, protected: bool) -> Result<()> {
+    fn set_protected(&self, uid: VersionUid, protected: bool) -> Result<()> {
         let n = self.conn.execute("UPDATE versions SET protected=?2 WHERE uid=?1", params![uid.0 as i64, protected])?;
         if n == 0 {
             return Err(Error::VersionNotFound(uid.to_string()));
@@ -681,70 +630,18 @@ impl Db {
         Ok(())
     }
 
-    fn versions_where(&self, clause: &str, args: &[&dyn rusqlite::ToSql]) -> Result<Vec<Version>> {
-        let sql = format!(
-            "SELECT v.uid, v.date, v.name, v.snapshot, v.size, v.block_size, v.status, v.protected, s.name, \
-             v.bytes_read, v.bytes_written, v.bytes_stored, v.bytes_deduplicated, v.bytes_sparse, v.duration_ms, v.expire \
-             FROM versions v JOIN storages s ON s.id = v.storage_id {clause} ORDER BY v.uid"
-        );
-        let mut st = self.conn.prepare(&sql)?;
-        let mut versions: Vec<Version> = st
-            .query_map(args, |r| {
-                let date: String = r.get(1)?;
-                let status: String = r.get(6)?;
-                Ok(Version {
-                    uid: VersionUid(r.get::<_, i64>(0)? as u64),
-                    date: DateTime::parse_from_rfc3339(&date).map(|d| d.with_timezone(&Utc)).unwrap_or_default(),
-                    name: r.get(2)?,
-                    snapshot: r.get(3)?,
-                    size: r.get::<_, i64>(4)? as u64,
-                    block_size: r.get(5)?,
-                    status: Status::parse(&status).unwrap_or(Status::Invalid),
-                    protected: r.get(7)?,
-                    storage: r.get(8)?,
-                    labels: BTreeMap::new(),
-                    stats: Stats {
-                        bytes_read: r.get::<_, i64>(9)? as u64,
-                        bytes_written: r.get::<_, i64>(10)? as u64,
-                        bytes_stored: r.get::<_, i64>(11)? as u64,
-                        bytes_deduplicated: r.get::<_, i64>(12)? as u64,
-                        bytes_sparse: r.get::<_, i64>(13)? as u64,
-                        duration_ms: r.get::<_, i64>(14)? as u64,
-                    },
-                    expire: r
-                        .get::<_, Option<String>>(15)?
-                        .and_then(|d| DateTime::parse_from_rfc3339(&d).ok())
-                        .map(|d| d.with_timezone(&Utc)),
-                })
-            })?
-            .collect::<rusqlite::Result<_>>()?;
-        if versions.is_empty() {
-            return Ok(versions);
-        }
-        let pos: HashMap<u64, usize> = versions.iter().enumerate().map(|(i, v)| (v.uid.0, i)).collect();
-        let mut st = self.conn.prepare("SELECT uid, name, value FROM labels")?;
-        let mut rows = st.query([])?;
-        while let Some(r) = rows.next()? {
-            let uid = r.get::<_, i64>(0)? as u64;
-            if let Some(&i) = pos.get(&uid) {
-                versions[i].labels.insert(r.get(1)?, r.get(2)?);
-            }
-        }
-        Ok(versions)
+    fn list_versions(&self) -> Result<Vec<Version>> {
+        versions_where(&self.conn, "", &[])
     }
 
-    pub fn list_versions(&self) -> Result<Vec<Version>> {
-        self.versions_where("", &[])
-    }
-
-    pub fn version(&self, uid: VersionUid) -> Result<Version> {
-        self.versions_where("WHERE v.uid = ?1", &[&(uid.0 as i64)])?
+    fn version(&self, uid: VersionUid) -> Result<Version> {
+        versions_where(&self.conn, "WHERE v.uid = ?1", &[&(uid.0 as i64)])?
             .pop()
             .ok_or_else(|| Error::VersionNotFound(uid.to_string()))
     }
 
     /// The session that is writing an incomplete version, if any.
-    pub fn version_session(&self, uid: VersionUid) -> Result<Option<i64>> {
+    fn version_session(&self, uid: VersionUid) -> Result<Option<i64>> {
         Ok(self
             .conn
             .query_row("SELECT session_id FROM versions WHERE uid=?1", [uid.0 as i64], |r| r.get(0))
@@ -754,7 +651,7 @@ impl Db {
 
     /// The incomplete versions of a storage, for cleanup: uid, start date (ms), last sign
     /// of life of its backup (ms; the start when never recorded) and writing session.
-    pub fn incomplete_versions(&self, storage_id: i64) -> Result<Vec<IncompleteVersion>> {
+    fn incomplete_versions(&self, storage_id: i64) -> Result<Vec<IncompleteVersion>> {
         let mut st = self.conn.prepare(
             "SELECT uid, date, active_ms, session_id FROM versions WHERE storage_id=?1 AND status='incomplete' ORDER BY uid",
         )?;
@@ -771,7 +668,7 @@ impl Db {
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
-    pub fn load_index(&self, uid: VersionUid) -> Result<Option<Vec<u8>>> {
+    fn load_index(&self, uid: VersionUid) -> Result<Option<Vec<u8>>> {
         Ok(self
             .conn
             .query_row("SELECT data FROM version_index WHERE uid=?1", [uid.0 as i64], |r| r.get(0))
@@ -779,7 +676,7 @@ impl Db {
     }
 
     /// Visits every stored index (for cleanup's mark phase), one at a time.
-    pub fn for_each_index(&self, mut f: impl FnMut(VersionUid, &[u8]) -> Result<()>) -> Result<()> {
+    fn for_each_index(&self, f: &mut dyn FnMut(VersionUid, &[u8]) -> Result<()>) -> Result<()> {
         let mut st = self.conn.prepare("SELECT uid, data FROM version_index")?;
         let mut rows = st.query([])?;
         while let Some(r) = rows.next()? {
@@ -790,7 +687,7 @@ impl Db {
         Ok(())
     }
 
-    pub fn remove_version(&mut self, uid: VersionUid) -> Result<()> {
+    fn remove_version(&mut self, uid: VersionUid) -> Result<()> {
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         tx.execute("DELETE FROM version_locks WHERE uid=?1", [uid.0 as i64])?;
         tx.execute("DELETE FROM versions WHERE uid=?1", [uid.0 as i64])?;
@@ -803,11 +700,7 @@ impl Db {
     /// For a batch of ids: which are stored (present) and which carry a cleanup's
     /// tombstone. Present ones are touched in the same transaction, so that a cleanup
     /// running now cannot sweep them (see docs/format.md, "Cleanup").
-    pub fn lookup_and_touch(
-        &mut self,
-        storage_id: i64,
-        ids: &[BlockId],
-    ) -> Result<(HashSet<BlockId>, HashSet<BlockId>)> {
+    fn lookup_and_touch(&mut self, storage_id: i64, ids: &[BlockId]) -> Result<(HashSet<BlockId>, HashSet<BlockId>)> {
         let mut present = HashSet::new();
         let mut tombstoned = HashSet::new();
         let now = now_ms();
@@ -848,12 +741,7 @@ impl Db {
     }
 
     /// Records durably stored objects (id, stored size, plaintext size) as present.
-    pub fn insert_objects(
-        &mut self,
-        storage_id: i64,
-        objects: &[(BlockId, u64, u64)],
-        key: Option<KeyId>,
-    ) -> Result<()> {
+    fn insert_objects(&mut self, storage_id: i64, objects: &[(BlockId, u64, u64)], key: Option<KeyId>) -> Result<()> {
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         upsert_objects(&tx, storage_id, objects, key)?;
         tx.commit()?;
@@ -863,7 +751,7 @@ impl Db {
     /// Records objects found in a storage (by a rebuild or a metadata restore) as present
     /// and just touched, keeping what the database knows of those it has rows for: an
     /// object a scrub found damaged stays invalid.
-    pub fn insert_found_objects(&mut self, storage_id: i64, objects: &[(BlockId, u64)]) -> Result<()> {
+    fn insert_found_objects(&mut self, storage_id: i64, objects: &[(BlockId, u64)]) -> Result<()> {
         let now = now_ms();
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         {
@@ -879,18 +767,8 @@ impl Db {
         Ok(())
     }
 
-    /// Runs `f` inside an immediate (write-locked) transaction: nothing else writes to the
-    /// database meanwhile. Cleanup deletes files inside such a transaction, and a backup
-    /// re-writes a tombstoned object inside one, so the two never interleave.
-    pub fn with_write_lock<T>(&mut self, f: impl FnOnce(&rusqlite::Transaction) -> Result<T>) -> Result<T> {
-        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let out = f(&tx)?;
-        tx.commit()?;
-        Ok(out)
-    }
-
     /// The objects of a storage a scrub or restore found damaged.
-    pub fn invalid_objects(&self, storage_id: i64) -> Result<HashSet<BlockId>> {
+    fn invalid_objects(&self, storage_id: i64) -> Result<HashSet<BlockId>> {
         let mut st = self.conn.prepare("SELECT id FROM objects WHERE storage_id=?1 AND valid=0")?;
         let mut rows = st.query([storage_id])?;
         let mut out = HashSet::new();
@@ -902,11 +780,7 @@ impl Db {
         Ok(out)
     }
 
-    pub fn mark_objects_invalid(&self, storage_id: i64, ids: &[BlockId]) -> Result<()> {
-        self.set_objects_valid(storage_id, ids, false)
-    }
-
-    pub fn set_objects_valid(&self, storage_id: i64, ids: &[BlockId], valid: bool) -> Result<()> {
+    fn set_objects_valid(&self, storage_id: i64, ids: &[BlockId], valid: bool) -> Result<()> {
         let tx = self.conn.unchecked_transaction()?;
         {
             let mut st = tx.prepare_cached("UPDATE objects SET valid=?3 WHERE storage_id=?1 AND id=?2")?;
@@ -919,7 +793,7 @@ impl Db {
     }
 
     /// Visits every object row of a storage.
-    pub fn for_each_object(&self, storage_id: i64, mut f: impl FnMut(ObjectRow)) -> Result<()> {
+    fn for_each_object(&self, storage_id: i64, f: &mut dyn FnMut(ObjectRow)) -> Result<()> {
         let mut st = self.conn.prepare("SELECT id, stored_size, state, touched_ms FROM objects WHERE storage_id=?1")?;
         let mut rows = st.query([storage_id])?;
         while let Some(r) = rows.next()? {
@@ -932,7 +806,7 @@ impl Db {
     }
 
     /// (count, stored bytes) of the objects a storage holds.
-    pub fn object_totals(&self, storage_id: i64) -> Result<(u64, u64)> {
+    fn object_totals(&self, storage_id: i64) -> Result<(u64, u64)> {
         Ok(self.conn.query_row(
             "SELECT COUNT(*), COALESCE(SUM(stored_size),0) FROM objects WHERE storage_id=?1 AND state=0",
             [storage_id],
@@ -940,10 +814,283 @@ impl Db {
         )?)
     }
 
-    pub fn storage_names(&self) -> Result<Vec<(i64, String)>> {
+    fn storage_names(&self) -> Result<Vec<(i64, String)>> {
         let mut st = self.conn.prepare("SELECT id, name FROM storages ORDER BY id")?;
         Ok(st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<rusqlite::Result<_>>()?)
     }
+
+    fn set_size(&mut self, uid: VersionUid, size: u64) -> Result<()> {
+        self.write(|tx| {
+            tx.execute("UPDATE versions SET size=?2 WHERE uid=?1", params![uid.0 as i64, size as i64])?;
+            Ok(())
+        })
+    }
+
+    fn set_snapshot_and_labels(
+        &mut self,
+        uid: VersionUid,
+        snapshot: &str,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<()> {
+        self.write(|tx| {
+            tx.execute("UPDATE versions SET snapshot=?2 WHERE uid=?1", params![uid.0 as i64, snapshot])?;
+            tx.execute("DELETE FROM labels WHERE uid=?1", [uid.0 as i64])?;
+            for (k, v) in labels {
+                tx.execute("INSERT INTO labels(uid, name, value) VALUES (?1,?2,?3)", params![uid.0 as i64, k, v])?;
+            }
+            Ok(())
+        })
+    }
+
+    fn rename_version(&mut self, uid: VersionUid, name: &str) -> Result<()> {
+        self.write(|tx| {
+            tx.execute("UPDATE versions SET name=?2 WHERE uid=?1", params![uid.0 as i64, name])?;
+            Ok(())
+        })
+    }
+
+    fn take_incomplete(&mut self, uid: VersionUid, session: i64, live: &[i64]) -> Result<bool> {
+        self.write(|tx| {
+            let owner: Option<i64> =
+                tx.query_row("SELECT session_id FROM versions WHERE uid=?1", [uid.0 as i64], |r| r.get(0))?;
+            if owner.is_some_and(|o| o != session && live.contains(&o)) {
+                return Ok(false);
+            }
+            tx.execute(
+                "UPDATE versions SET session_id=?2, active_ms=?3 WHERE uid=?1",
+                params![uid.0 as i64, session, now_ms()],
+            )?;
+            Ok(true)
+        })
+    }
+
+    fn store_over_tombstone(
+        &mut self,
+        storage_id: i64,
+        object: (BlockId, u64, u64),
+        key: Option<KeyId>,
+        write: &mut dyn FnMut() -> Result<()>,
+    ) -> Result<()> {
+        self.write(|tx| {
+            write()?;
+            upsert_objects(tx, storage_id, &[object], key)
+        })
+    }
+
+    fn tombstone_objects(&mut self, storage_id: i64, ids: &[BlockId], cutoff_ms: i64) -> Result<()> {
+        self.write(|tx| {
+            let mut st = tx.prepare_cached(
+                "UPDATE objects SET state=?1 WHERE storage_id=?2 AND id=?3 AND (state=?1 OR (state=?4 AND touched_ms < ?5))",
+            )?;
+            for id in ids {
+                st.execute(params![OBJECT_DELETING, storage_id, &id.0[..], OBJECT_PRESENT, cutoff_ms])?;
+            }
+            Ok(())
+        })
+    }
+
+    fn sweep_tombstoned(
+        &mut self,
+        storage_id: i64,
+        ids: &[BlockId],
+        delete: &mut dyn FnMut(&[BlockId]) -> Result<()>,
+    ) -> Result<(u64, u64)> {
+        self.write(|tx| {
+            let mut check =
+                tx.prepare_cached("SELECT stored_size FROM objects WHERE storage_id=?1 AND id=?2 AND state=?3")?;
+            let mut del = tx.prepare_cached("DELETE FROM objects WHERE storage_id=?1 AND id=?2")?;
+            let (mut n, mut bytes) = (0u64, 0u64);
+            let mut doomed = Vec::new();
+            for id in ids {
+                let size: Option<i64> =
+                    check.query_row(params![storage_id, &id.0[..], OBJECT_DELETING], |r| r.get(0)).optional()?;
+                if let Some(size) = size {
+                    doomed.push(*id);
+                    bytes += size as u64;
+                }
+            }
+            delete(&doomed)?;
+            for id in &doomed {
+                del.execute(params![storage_id, &id.0[..]])?;
+                n += 1;
+            }
+            Ok((n, bytes))
+        })
+    }
+
+    fn sweep_unknown(
+        &mut self,
+        storage_id: i64,
+        ids: &[BlockId],
+        delete: &mut dyn FnMut(&[BlockId]) -> Result<()>,
+    ) -> Result<()> {
+        self.write(|tx| {
+            let mut known = tx.prepare_cached("SELECT 1 FROM objects WHERE storage_id=?1 AND id=?2")?;
+            let mut unknown = Vec::new();
+            for id in ids {
+                if !known.exists(params![storage_id, &id.0[..]])? {
+                    unknown.push(*id);
+                }
+            }
+            delete(&unknown)
+        })
+    }
+
+    fn storage_records(&self) -> Result<Vec<StorageRecord>> {
+        let mut st = self.conn.prepare("SELECT id, name, encrypted FROM storages ORDER BY id")?;
+        Ok(st
+            .query_map([], |r| Ok(StorageRecord { id: r.get(0)?, name: r.get(1)?, encrypted: r.get(2)? }))?
+            .collect::<rusqlite::Result<_>>()?)
+    }
+
+    fn for_each_object_record(&self, storage_id: i64, f: &mut dyn FnMut(ObjectRecord) -> Result<()>) -> Result<()> {
+        let mut st = self.conn.prepare(
+            "SELECT id, stored_size, plain_size, state, valid, touched_ms, key_id FROM objects WHERE storage_id=?1 ORDER BY id",
+        )?;
+        let mut rows = st.query([storage_id])?;
+        while let Some(r) = rows.next()? {
+            let Some(id) = blob_id(r, 0)? else {
+                continue;
+            };
+            f(ObjectRecord {
+                id,
+                stored_size: r.get::<_, i64>(1)? as u64,
+                plain_size: r.get::<_, i64>(2)? as u64,
+                state: r.get(3)?,
+                valid: r.get(4)?,
+                touched_ms: r.get(5)?,
+                key: r.get::<_, Option<i64>>(6)?.map(KeyId::from_i64),
+            })?;
+        }
+        Ok(())
+    }
+
+    fn is_empty(&self) -> Result<bool> {
+        Ok(self.conn.query_row(
+            "SELECT (SELECT COUNT(*) FROM storages) + (SELECT COUNT(*) FROM versions) + (SELECT COUNT(*) FROM objects)",
+            [],
+            |r| r.get::<_, i64>(0),
+        )? == 0)
+    }
+
+    fn import_storages(&mut self, storages: &[StorageRecord]) -> Result<()> {
+        self.write(|tx| {
+            for s in storages {
+                tx.execute(
+                    "INSERT INTO storages(id, name, encrypted) VALUES (?1,?2,?3)",
+                    params![s.id, s.name, s.encrypted],
+                )?;
+            }
+            Ok(())
+        })
+    }
+
+    fn import_objects(&mut self, storage_id: i64, objects: &[ObjectRecord]) -> Result<()> {
+        self.write(|tx| {
+            let mut st = tx.prepare_cached(
+                "INSERT INTO objects(storage_id, id, stored_size, plain_size, state, valid, touched_ms, key_id) VALUES (?1,?2,?3,?4,?5,?6,?7,?8)",
+            )?;
+            for o in objects {
+                st.execute(params![
+                    storage_id,
+                    &o.id.0[..],
+                    o.stored_size as i64,
+                    o.plain_size as i64,
+                    o.state,
+                    o.valid,
+                    o.touched_ms,
+                    o.key.map(|k| k.as_i64())
+                ])?;
+            }
+            Ok(())
+        })
+    }
+
+    fn import_version(&mut self, v: &Version, index: Option<&[u8]>) -> Result<()> {
+        let storage_id = self.storage_id(&v.storage)?;
+        self.write(|tx| {
+            tx.execute(
+                "INSERT INTO versions(uid, name, snapshot, date, size, block_size, status, protected, storage_id, expire, \
+                 bytes_read, bytes_written, bytes_stored, bytes_deduplicated, bytes_sparse, duration_ms) \
+                 VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16)",
+                rusqlite::params_from_iter(version_row(v, storage_id)),
+            )?;
+            for (k, val) in &v.labels {
+                tx.execute("INSERT INTO labels(uid, name, value) VALUES (?1,?2,?3)", params![v.uid.0 as i64, k, val])?;
+            }
+            if let Some(index) = index {
+                tx.execute("INSERT INTO version_index(uid, data) VALUES (?1, ?2)", params![v.uid.0 as i64, index])?;
+            }
+            Ok(())
+        })
+    }
+
+    fn reclaim_space(&mut self) -> Result<u64> {
+        self.reclaim_free_pages()
+    }
+}
+
+impl SqliteCatalog {
+    /// Runs `f` inside an immediate (write-locked) transaction: nothing else writes to the
+    /// database meanwhile.
+    fn write<T>(&mut self, f: impl FnOnce(&rusqlite::Transaction) -> Result<T>) -> Result<T> {
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let out = f(&tx)?;
+        tx.commit()?;
+        Ok(out)
+    }
+}
+
+fn versions_where(conn: &Connection, clause: &str, args: &[&dyn rusqlite::ToSql]) -> Result<Vec<Version>> {
+    let sql = format!(
+        "SELECT v.uid, v.date, v.name, v.snapshot, v.size, v.block_size, v.status, v.protected, s.name, \
+         v.bytes_read, v.bytes_written, v.bytes_stored, v.bytes_deduplicated, v.bytes_sparse, v.duration_ms, v.expire \
+         FROM versions v JOIN storages s ON s.id = v.storage_id {clause} ORDER BY v.uid"
+    );
+    let mut st = conn.prepare(&sql)?;
+    let mut versions: Vec<Version> = st
+        .query_map(args, |r| {
+            let date: String = r.get(1)?;
+            let status: String = r.get(6)?;
+            Ok(Version {
+                uid: VersionUid(r.get::<_, i64>(0)? as u64),
+                date: DateTime::parse_from_rfc3339(&date).map(|d| d.with_timezone(&Utc)).unwrap_or_default(),
+                name: r.get(2)?,
+                snapshot: r.get(3)?,
+                size: r.get::<_, i64>(4)? as u64,
+                block_size: r.get(5)?,
+                status: Status::parse(&status).unwrap_or(Status::Invalid),
+                protected: r.get(7)?,
+                storage: r.get(8)?,
+                labels: BTreeMap::new(),
+                stats: Stats {
+                    bytes_read: r.get::<_, i64>(9)? as u64,
+                    bytes_written: r.get::<_, i64>(10)? as u64,
+                    bytes_stored: r.get::<_, i64>(11)? as u64,
+                    bytes_deduplicated: r.get::<_, i64>(12)? as u64,
+                    bytes_sparse: r.get::<_, i64>(13)? as u64,
+                    duration_ms: r.get::<_, i64>(14)? as u64,
+                },
+                expire: r
+                    .get::<_, Option<String>>(15)?
+                    .and_then(|d| DateTime::parse_from_rfc3339(&d).ok())
+                    .map(|d| d.with_timezone(&Utc)),
+            })
+        })?
+        .collect::<rusqlite::Result<_>>()?;
+    if versions.is_empty() {
+        return Ok(versions);
+    }
+    let pos: HashMap<u64, usize> = versions.iter().enumerate().map(|(i, v)| (v.uid.0, i)).collect();
+    let mut st = conn.prepare("SELECT uid, name, value FROM labels")?;
+    let mut rows = st.query([])?;
+    while let Some(r) = rows.next()? {
+        let uid = r.get::<_, i64>(0)? as u64;
+        if let Some(&i) = pos.get(&uid) {
+            versions[i].labels.insert(r.get(1)?, r.get(2)?);
+        }
+    }
+    Ok(versions)
 }
 
 // ---- Catalog space (issue 13, "Images of 200 TB"): kept apart from the SQL above so
@@ -953,14 +1100,14 @@ impl Db {
 /// `PRAGMA auto_vacuum` value of a database that can give free pages back on request.
 const AUTO_VACUUM_INCREMENTAL: i64 = 2;
 
-impl Db {
+impl SqliteCatalog {
     /// Gives the database file's free pages back to the filesystem and returns how many
     /// bytes the file shrank. A database made before keepfs did this (`auto_vacuum`
     /// off) is converted once, by a full `VACUUM` (it rewrites the file, needing that
     /// much free space for a moment); later calls only move the free pages out
     /// (`incremental_vacuum`). Then the WAL is checkpointed so the file itself shrinks
     /// (as far as readers allow: a reader keeps the pages it reads until it ends).
-    pub fn reclaim_space(&self) -> Result<u64> {
+    fn reclaim_free_pages(&self) -> Result<u64> {
         let pages = |c: &Connection| -> Result<i64> {
             let n: i64 = c.pragma_query_value(None, "page_count", |r| r.get(0))?;
             let size: i64 = c.pragma_query_value(None, "page_size", |r| r.get(0))?;
@@ -981,12 +1128,6 @@ impl Db {
         let after = pages(&self.conn)?;
         Ok(before.saturating_sub(after) as u64)
     }
-
-    /// Whether the database can give free pages back without a full rewrite.
-    pub fn incremental_vacuum_enabled(&self) -> Result<bool> {
-        let mode: i64 = self.conn.pragma_query_value(None, "auto_vacuum", |r| r.get(0))?;
-        Ok(mode == AUTO_VACUUM_INCREMENTAL)
-    }
 }
 
 #[cfg(test)]
@@ -1006,7 +1147,7 @@ mod tests {
                     let (path, barrier) = (path.clone(), barrier.clone());
                     std::thread::spawn(move || {
                         barrier.wait();
-                        Db::open(&path).map(|db| db.schema_version().unwrap())
+                        SqliteCatalog::open(&path).map(|db| db.schema_version().unwrap())
                     })
                 })
                 .collect();

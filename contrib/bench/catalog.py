@@ -1,0 +1,102 @@
+#!/usr/bin/env python3
+"""The catalog benchmark: the same work with the SQLite catalog (the same-run baseline)
+and with a PostgreSQL catalog, reported as ratios.
+
+Makes a deterministic image of random and zero blocks (64 KiB blocks, so that the
+catalog work per byte is high), then with each catalog: an initial backup, an unchanged
+re-backup (every block looked up and touched), --versions more re-backups, `ls --format
+json`, a restore to /dev/null, `rm` of all but the newest version and `cleanup`. Prints
+seconds per step, PostgreSQL / SQLite, and the catalog's size afterwards.
+
+usage: contrib/bench/catalog.py --postgres postgresql://user:pw@127.0.0.1:5432/
+       [--size-mib 256] [--versions 20] [--keepfs target/release/keepfs] [--workdir DIR]
+The PostgreSQL user must be allowed to create databases; the benchmark's database is
+dropped at the end.
+"""
+import argparse
+import json
+import os
+import random
+import shutil
+import subprocess
+import tempfile
+import time
+
+BS = 64 * 1024
+
+
+def run(keepfs, env, *args):
+    t = time.monotonic()
+    out = subprocess.run([keepfs, *args], env=env, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"keepfs {' '.join(args)} failed ({out.returncode}): {out.stderr.strip()}")
+    return time.monotonic() - t, out.stdout
+
+
+def psql(base, db, sql):
+    subprocess.run(["psql", "-X", "-q", "-A", "-t", f"{base.rstrip('/')}/{db}", "-c", sql], check=True,
+                   capture_output=True)
+
+
+def pg_size(base, db):
+    out = subprocess.run(["psql", "-X", "-A", "-t", f"{base.rstrip('/')}/{db}", "-c",
+                          f"SELECT pg_database_size('{db}')"], check=True, capture_output=True, text=True)
+    return int(out.stdout.strip())
+
+
+def work(keepfs, home, database, image, versions):
+    env = dict(os.environ, KEEPFS_HOME=home, KEEPFS_DATABASE=database)
+    env.pop("KEEPFS_CONFIG", None)
+    src = f"file://{image}"
+    t = {}
+    t["initial backup"], _ = run(keepfs, env, "backup", src, "vm", "-b", "64k")
+    t["unchanged backup"], _ = run(keepfs, env, "backup", src, "vm", "-b", "64k")
+    start = time.monotonic()
+    for _ in range(versions):
+        run(keepfs, env, "backup", src, "vm", "-b", "64k")
+    t[f"{versions} more backups"] = time.monotonic() - start
+    t["ls --format json"], out = run(keepfs, env, "ls", "--format", "json")
+    uids = [v["uid"] for v in json.loads(out)]
+    t["restore"], _ = run(keepfs, env, "restore", uids[-1], "file:///dev/null", "--force")
+    start = time.monotonic()
+    for uid in uids[:-1]:
+        run(keepfs, env, "rm", "--force", uid)
+    t["rm all but one"] = time.monotonic() - start
+    t["cleanup"], _ = run(keepfs, env, "cleanup")
+    return t
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--postgres", required=True)
+    ap.add_argument("--size-mib", type=int, default=256)
+    ap.add_argument("--versions", type=int, default=20)
+    ap.add_argument("--keepfs", default="target/release/keepfs")
+    ap.add_argument("--workdir")
+    a = ap.parse_args()
+    work_dir = tempfile.mkdtemp(prefix="keepfs-catalog-bench-", dir=a.workdir)
+    try:
+        rnd = random.Random(7)
+        image = os.path.join(work_dir, "image")
+        with open(image, "wb") as f:
+            for i in range(a.size_mib * 1024 * 1024 // BS):
+                f.write(bytes(BS) if i % 5 == 0 else rnd.randbytes(BS))
+        db = f"keepfs_bench_{os.getpid()}"
+        psql(a.postgres, "postgres", f"CREATE DATABASE {db}")
+        try:
+            sqlite_path = os.path.join(work_dir, "s", "keepfs.sqlite")
+            base = work(a.keepfs, os.path.join(work_dir, "s"), sqlite_path, image, a.versions)
+            pg = work(a.keepfs, os.path.join(work_dir, "p"), f"{a.postgres.rstrip('/')}/{db}", image, a.versions)
+            print(f"image {a.size_mib} MiB, 64 KiB blocks; seconds, SQLite (baseline) vs PostgreSQL")
+            for k in base:
+                print(f"  {k:22} {base[k]:8.2f} {pg[k]:8.2f}   x{pg[k] / max(base[k], 1e-9):.2f}")
+            print(f"  catalog size after cleanup: SQLite {os.path.getsize(sqlite_path) >> 10} KiB, "
+                  f"PostgreSQL {pg_size(a.postgres, db) >> 10} KiB (database, with its fixed overhead)")
+        finally:
+            psql(a.postgres, "postgres", f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
+    finally:
+        shutil.rmtree(work_dir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

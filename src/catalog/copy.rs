@@ -1,0 +1,144 @@
+//! `keepfs database migrate`: copies a whole catalog into another, empty one (SQLite to
+//! PostgreSQL or back) through the [`Catalog`] interface, then checks the copy: the
+//! same versions with the same fields and labels, byte-identical indexes, the same
+//! object rows. Sessions and version locks are not copied; a catalog with running
+//! sessions is refused.
+
+use super::{Catalog, ObjectRecord};
+use crate::error::{Error, Result};
+
+/// Object rows per insert transaction.
+const OBJECT_BATCH: usize = 10_000;
+
+/// What a copy moved (and checked).
+#[derive(Clone, Debug, Default)]
+pub struct CopyReport {
+    pub storages: u64,
+    pub versions: u64,
+    pub indexes: u64,
+    pub objects: u64,
+}
+
+/// Copies `from` into the empty catalog `to` and checks the result.
+pub fn copy(from: &dyn Catalog, to: &mut dyn Catalog) -> Result<CopyReport> {
+    let running = from.live_sessions()?;
+    if let Some(s) = running.first() {
+        return Err(Error::Refused(format!(
+            "{} session(s) are using the repository (e.g. {} by pid {} on {}); stop them, then migrate",
+            running.len(),
+            s.purpose,
+            s.process.pid,
+            s.process.host
+        )));
+    }
+    if !to.is_empty()? {
+        return Err(Error::Refused(
+            "the target catalog is not empty; migrate into a new database (or a new SQLite file)".into(),
+        ));
+    }
+    let mut report = CopyReport::default();
+    let storages = from.storage_records()?;
+    to.import_storages(&storages)?;
+    report.storages = storages.len() as u64;
+    for s in &storages {
+        let mut batch: Vec<ObjectRecord> = Vec::with_capacity(OBJECT_BATCH);
+        let mut failed = None;
+        from.for_each_object_record(s.id, &mut |o| {
+            batch.push(o);
+            if batch.len() >= OBJECT_BATCH {
+                if let Err(e) = to.import_objects(s.id, &batch) {
+                    failed = Some(e);
+                    return Err(Error::Other("copy stopped".into()));
+                }
+                report.objects += batch.len() as u64;
+                batch.clear();
+            }
+            Ok(())
+        })
+        .map_err(|e| failed.take().unwrap_or(e))?;
+        to.import_objects(s.id, &batch)?;
+        report.objects += batch.len() as u64;
+    }
+    for v in from.list_versions()? {
+        let index = from.load_index(v.uid)?;
+        to.import_version(&v, index.as_deref())?;
+        report.versions += 1;
+        report.indexes += u64::from(index.is_some());
+    }
+    verify(from, to)?;
+    Ok(report)
+}
+
+/// Checks that `to` holds what `from` holds: versions (all fields, labels), indexes
+/// byte for byte, object rows.
+pub fn verify(from: &dyn Catalog, to: &dyn Catalog) -> Result<()> {
+    let differ = |what: String| Err(Error::Other(format!("the copied catalog differs from the original: {what}")));
+    let (a, b) = (from.list_versions()?, to.list_versions()?);
+    if a.len() != b.len() {
+        return differ(format!("{} versions, not {}", b.len(), a.len()));
+    }
+    for (x, y) in a.iter().zip(&b) {
+        let (jx, jy) = (serde_json::to_string(x).unwrap_or_default(), serde_json::to_string(y).unwrap_or_default());
+        if jx != jy {
+            return differ(format!("version {}", x.uid));
+        }
+        if from.load_index(x.uid)? != to.load_index(y.uid)? {
+            return differ(format!("the index of version {}", x.uid));
+        }
+    }
+    let (sa, sb) = (from.storage_records()?, to.storage_records()?);
+    if sa != sb {
+        return differ("the storages".into());
+    }
+    for s in &sa {
+        let mut rows = Vec::new();
+        from.for_each_object_record(s.id, &mut |o| {
+            rows.push(o);
+            Ok(())
+        })?;
+        let mut i = 0usize;
+        let mut mismatch = false;
+        to.for_each_object_record(s.id, &mut |o| {
+            if rows.get(i) != Some(&o) {
+                mismatch = true;
+            }
+            i += 1;
+            Ok(())
+        })?;
+        if mismatch || i != rows.len() {
+            return differ(format!("the objects of storage '{}'", s.name));
+        }
+    }
+    Ok(())
+}
+
+impl crate::Repository {
+    /// `keepfs database migrate --to TARGET`: copies this repository's catalog into the
+    /// new, empty catalog `target` (a postgresql:// URL or an SQLite file path) and
+    /// checks the copy. The configuration is not changed: point `database` at the
+    /// target afterwards.
+    pub fn migrate_catalog(&self, target: &str) -> Result<(super::Location, CopyReport)> {
+        let location = if super::Location::is_postgres_url(target) {
+            super::Location::Postgres { url: target.to_string(), password_file: None }
+        } else if target.contains("://") {
+            return Err(Error::Invalid(format!(
+                "--to {target}: use a postgresql://user@host:port/name URL or the path of a new SQLite file"
+            )));
+        } else {
+            let path = std::path::PathBuf::from(target);
+            if path.exists() && std::fs::metadata(&path).map(|m| m.len() > 0).unwrap_or(true) {
+                return Err(Error::Refused(format!("--to {target}: the file exists; migrate into a new SQLite file")));
+            }
+            super::Location::Sqlite(path)
+        };
+        if location == self.config.catalog_location() {
+            return Err(Error::Invalid(format!("--to {}: that is this repository's own catalog", location.display())));
+        }
+        let mut to = super::open(&location, self.config.modes)?;
+        let report = copy(self.db().as_ref(), to.as_mut())?;
+        if to.engine() != "sqlite" {
+            super::check_owner(to.as_ref(), &self.config)?;
+        }
+        Ok((location, report))
+    }
+}

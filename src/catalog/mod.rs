@@ -1,0 +1,403 @@
+//! The catalog: everything the engine records about a repository besides the objects
+//! in its storages — versions, labels, block indexes (opaque bytes), the objects each
+//! storage holds and their states, the sessions and version locks that let several
+//! keepfs processes share a repository, and the repository's own state. This module
+//! tree owns every SQL statement of keepfs; the engine talks to it only through the
+//! [`Catalog`] trait. Two implementations: [`sqlite`] (the embedded default, one file)
+//! and [`postgres`] (a PostgreSQL database, selected by a `postgresql://` URL as the
+//! configuration's `database`). Schema changes are numbered migrations, the same
+//! numbering for both, each applied in a transaction.
+
+pub mod copy;
+pub mod postgres;
+pub mod sqlite;
+
+use crate::block::BlockId;
+use crate::error::Result;
+use crate::transform::aes::KeyId;
+use crate::version::{Stats, Status, Version, VersionUid};
+use chrono::{DateTime, Utc};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+
+pub use sqlite::{SqliteCatalog, check_file, set_aside_if_damaged};
+
+/// The catalog as the engine shares it between threads.
+pub type SharedCatalog = Arc<parking_lot::Mutex<Box<dyn Catalog>>>;
+
+/// Object states: present, or marked for deletion by a cleanup (a tombstone).
+pub const OBJECT_PRESENT: i64 = 0;
+pub const OBJECT_DELETING: i64 = 1;
+
+/// Sessions on other hosts count as alive while their heartbeat is younger than this.
+pub(crate) const REMOTE_SESSION_TTL_MS: i64 = 10 * 60 * 1000;
+
+/// `repository_state` row present while a `database rebuild` has not finished cleanly
+/// (interrupted, or damaged version objects skipped): another rebuild may then add to
+/// the versions this catalog holds.
+pub(crate) const REBUILD_UNFINISHED: &str = "rebuild_unfinished";
+
+pub fn now_ms() -> i64 {
+    Utc::now().timestamp_millis()
+}
+
+pub(crate) fn date_text(d: &DateTime<Utc>) -> String {
+    d.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+}
+
+pub(crate) fn parse_date(s: &str) -> Option<DateTime<Utc>> {
+    DateTime::parse_from_rfc3339(s).ok().map(|d| d.with_timezone(&Utc))
+}
+
+/// Where the catalog lives, as the configuration names it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Location {
+    /// An SQLite file.
+    Sqlite(std::path::PathBuf),
+    /// A PostgreSQL database (`postgresql://user@host:port/db`), with a file holding its
+    /// password when one is configured.
+    Postgres { url: String, password_file: Option<std::path::PathBuf> },
+}
+
+impl Location {
+    /// What to call it in messages: the path, or the URL without its password.
+    pub fn display(&self) -> String {
+        match self {
+            Location::Sqlite(p) => p.display().to_string(),
+            Location::Postgres { url, .. } => postgres::redact(url),
+        }
+    }
+
+    /// Whether a configured `database` value names a PostgreSQL database.
+    pub fn is_postgres_url(s: &str) -> bool {
+        s.starts_with("postgresql://") || s.starts_with("postgres://")
+    }
+}
+
+/// Opens (creating when missing, migrating when older) the catalog at `location`.
+pub fn open(location: &Location, modes: crate::perms::Modes) -> Result<Box<dyn Catalog>> {
+    Ok(match location {
+        Location::Sqlite(path) => Box::new(SqliteCatalog::open_with_modes(path, modes)?),
+        Location::Postgres { url, password_file } => {
+            Box::new(postgres::PostgresCatalog::open(url, password_file.as_deref())?)
+        }
+    })
+}
+
+/// `repository_state` row naming the repository a shared catalog belongs to: the
+/// location of its default storage when the catalog was made.
+pub(crate) const REPOSITORY: &str = "repository";
+
+/// Where a configured storage is, as a catalog records its owner.
+pub fn storage_identity(s: &crate::config::StorageConfig) -> String {
+    use crate::config::StorageKind;
+    match &s.kind {
+        StorageKind::File { path } => format!("file:{}", path.display()),
+        StorageKind::Null => format!("null:{}", s.name),
+        StorageKind::S3(c) => format!("s3:{}/{}/{}", c.endpoint.trim_end_matches('/'), c.bucket, c.prefix),
+    }
+}
+
+/// Refuses a shared catalog that belongs to another repository (none of the configured
+/// storages is the one it was made for); a new catalog is claimed for this one.
+pub fn check_owner(db: &dyn Catalog, config: &crate::config::Config) -> Result<()> {
+    let mine: Vec<String> = config.storages.iter().map(storage_identity).collect();
+    match db.repository_state(REPOSITORY)? {
+        Some(owner) if mine.contains(&owner) => Ok(()),
+        Some(owner) => Err(crate::Error::Refused(format!(
+            "the catalog {} belongs to another repository (storage {owner}), not to this configuration's ({}); \
+             give this repository a database of its own",
+            config.catalog_location().display(),
+            mine.join(", ")
+        ))),
+        None => {
+            let default = config
+                .storages
+                .iter()
+                .find(|s| s.name == config.default_storage)
+                .or(config.storages.first())
+                .map(storage_identity)
+                .unwrap_or_default();
+            db.set_repository_state(REPOSITORY, &default)
+        }
+    }
+}
+
+/// A process's identity on this host: pid, host name and kernel start time (so that a
+/// reused pid is not taken for the process that died).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProcessId {
+    pub pid: u32,
+    pub host: String,
+    pub start: u64,
+}
+
+impl ProcessId {
+    pub fn current() -> ProcessId {
+        let pid = std::process::id();
+        ProcessId { pid, host: hostname(), start: proc_start_time(pid).unwrap_or(0) }
+    }
+
+    /// Whether this process still runs. A process on another host counts as alive while
+    /// its heartbeat is recent (see [`Catalog::live_sessions`]).
+    pub fn alive_here(&self) -> bool {
+        proc_start_time(self.pid) == Some(self.start)
+    }
+}
+
+pub(crate) fn hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is valid for its length; gethostname NUL-terminates on success.
+    let r = unsafe { libc::gethostname(buf.as_mut_ptr() as *mut libc::c_char, buf.len()) };
+    if r != 0 {
+        return "localhost".into();
+    }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..end]).into_owned()
+}
+
+fn proc_start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Field 22 (starttime); the command name (field 2) may contain spaces, so count from ')'.
+    let after = &stat[stat.rfind(')')? + 2..];
+    after.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Splits sessions into live and dead ones: a session of this host lives while its
+/// process runs, one of another host while its heartbeat is recent.
+pub(crate) fn partition_live(all: Vec<Session>) -> (Vec<Session>, Vec<Session>) {
+    let me = hostname();
+    let now = now_ms();
+    all.into_iter().partition(|s| {
+        if s.process.host == me { s.process.alive_here() } else { now - s.heartbeat_ms < REMOTE_SESSION_TTL_MS }
+    })
+}
+
+/// A registered session (a process working on the repository).
+#[derive(Clone, Debug)]
+pub struct Session {
+    pub id: i64,
+    pub process: ProcessId,
+    pub started_ms: i64,
+    pub heartbeat_ms: i64,
+    pub purpose: String,
+    pub writes: bool,
+}
+
+/// An incomplete version as cleanup sees it (see [`Catalog::incomplete_versions`]).
+#[derive(Clone, Debug)]
+pub struct IncompleteVersion {
+    pub uid: VersionUid,
+    pub started_ms: i64,
+    pub active_ms: i64,
+    pub session: Option<i64>,
+}
+
+/// What a cleanup needs to know of one object row.
+pub struct ObjectRow {
+    pub id: BlockId,
+    pub stored_size: u64,
+    pub state: i64,
+    pub touched_ms: i64,
+}
+
+/// One object row as a catalog copy (`database migrate`) moves it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ObjectRecord {
+    pub id: BlockId,
+    pub stored_size: u64,
+    pub plain_size: u64,
+    pub state: i64,
+    pub valid: bool,
+    pub touched_ms: i64,
+    pub key: Option<KeyId>,
+}
+
+/// One storage row as a catalog copy moves it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StorageRecord {
+    pub id: i64,
+    pub name: String,
+    pub encrypted: bool,
+}
+
+/// Everything the engine records, behind one interface. Methods that take `&self` may
+/// still write (each is its own short transaction); methods that take `&mut self` group
+/// several statements in one transaction. Indexes are opaque bytes here (their encoding
+/// is [`crate::index`]'s business).
+pub trait Catalog: Send {
+    /// Which engine this is, for messages ("sqlite", "postgresql").
+    fn engine(&self) -> &'static str;
+
+    // ---- repository state -----------------------------------------------------------
+
+    /// The schema version (the number of migrations applied).
+    fn schema_version(&self) -> Result<i64>;
+    /// Whether this catalog was made by a `database rebuild` that has not finished cleanly.
+    fn rebuild_unfinished(&self) -> Result<bool>;
+    fn set_rebuild_unfinished(&self, unfinished: bool) -> Result<()>;
+    /// A named value of the repository's state (`repository_state`), if set.
+    fn repository_state(&self, name: &str) -> Result<Option<String>>;
+    fn set_repository_state(&self, name: &str, value: &str) -> Result<()>;
+    /// Takes the lease `name` (a `repository_state` row naming the session that holds
+    /// it) for `session`, unless another of the `live` sessions holds it: then returns
+    /// that session. A lease of a session that died is taken over.
+    fn claim(&mut self, name: &str, session: i64, live: &[i64]) -> Result<Option<i64>>;
+    /// Lets go of the lease `name` if `session` holds it.
+    fn release(&self, name: &str, session: i64) -> Result<()>;
+
+    // ---- storages -------------------------------------------------------------------
+
+    /// The numeric id of a storage name, created on first use.
+    fn storage_id(&self, name: &str) -> Result<i64>;
+    /// Whether a storage was initialised for encryption (then it must never be written
+    /// in plaintext, whatever its keyring object looks like).
+    fn storage_encrypted(&self, name: &str) -> Result<bool>;
+    fn set_storage_encrypted(&self, name: &str) -> Result<()>;
+    fn storage_names(&self) -> Result<Vec<(i64, String)>>;
+
+    // ---- sessions and locks ---------------------------------------------------------
+
+    fn register_session(&self, purpose: &str, writes: bool) -> Result<i64>;
+    /// Refreshes a session's heartbeat, and the last sign of life of the incomplete
+    /// version it writes, if any.
+    fn heartbeat(&self, session: i64) -> Result<()>;
+    fn end_session(&self, session: i64) -> Result<()>;
+    /// Sessions whose process still runs. Sessions of dead processes are removed here
+    /// (with their version locks), so a crash never leaves a repository locked.
+    fn live_sessions(&self) -> Result<Vec<Session>>;
+    /// Locks a version against removal for as long as `session` lives.
+    fn lock_version(&self, uid: VersionUid, session: i64, purpose: &str) -> Result<()>;
+    /// Live holders of locks on `uid`: (purpose, pid, host).
+    fn version_lock_holders(&self, uid: VersionUid) -> Result<Vec<(String, u32, String)>>;
+
+    // ---- versions -------------------------------------------------------------------
+
+    /// Creates an `incomplete` version owned by `session` and returns its uid.
+    #[allow(clippy::too_many_arguments)]
+    fn create_version(
+        &mut self,
+        name: &str,
+        snapshot: &str,
+        size: u64,
+        block_size: u32,
+        storage: &str,
+        labels: &BTreeMap<String, String>,
+        session: i64,
+    ) -> Result<VersionUid>;
+    /// Stores the index and statistics of a version and marks it valid, in one transaction.
+    fn commit_version(&mut self, uid: VersionUid, index: &[u8], stats: &Stats) -> Result<()>;
+    /// Inserts a version as recorded elsewhere (a storage's version object), keeping its
+    /// uid; the uid sequence moves past it, so new uids stay increasing.
+    fn insert_version_record(&mut self, v: &Version, index: &[u8]) -> Result<()>;
+    /// Replaces the fields, labels and index of a version the catalog holds with those
+    /// recorded elsewhere, in one transaction.
+    fn replace_version_record(&mut self, v: &Version, index: &[u8]) -> Result<()>;
+    fn set_status(&self, uid: VersionUid, status: Status) -> Result<()>;
+    fn set_expire(&self, uid: VersionUid, expire: Option<&DateTime<Utc>>) -> Result<()>;
+    fn set_protected(&self, uid: VersionUid, protected: bool) -> Result<()>;
+    /// Sets a version's size (a backup whose source turned out shorter or longer).
+    fn set_size(&mut self, uid: VersionUid, size: u64) -> Result<()>;
+    /// Sets and removes labels of a version in one transaction.
+    fn change_labels(&mut self, uid: VersionUid, set: &[(String, String)], remove: &[String]) -> Result<()>;
+    /// Replaces the snapshot name and all labels of a version, in one transaction.
+    fn set_snapshot_and_labels(
+        &mut self,
+        uid: VersionUid,
+        snapshot: &str,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<()>;
+    fn rename_version(&mut self, uid: VersionUid, name: &str) -> Result<()>;
+    /// Makes `session` the writer of an incomplete version unless another of the `live`
+    /// sessions writes it; false when one does.
+    fn take_incomplete(&mut self, uid: VersionUid, session: i64, live: &[i64]) -> Result<bool>;
+    fn list_versions(&self) -> Result<Vec<Version>>;
+    fn version(&self, uid: VersionUid) -> Result<Version>;
+    /// The session that is writing an incomplete version, if any.
+    fn version_session(&self, uid: VersionUid) -> Result<Option<i64>>;
+    /// The incomplete versions of a storage, for cleanup.
+    fn incomplete_versions(&self, storage_id: i64) -> Result<Vec<IncompleteVersion>>;
+    fn load_index(&self, uid: VersionUid) -> Result<Option<Vec<u8>>>;
+    /// Visits every stored index (for cleanup's mark phase), one at a time.
+    fn for_each_index(&self, f: &mut dyn FnMut(VersionUid, &[u8]) -> Result<()>) -> Result<()>;
+    fn remove_version(&mut self, uid: VersionUid) -> Result<()>;
+
+    // ---- objects --------------------------------------------------------------------
+
+    /// For a batch of ids: which are stored (present) and which carry a cleanup's
+    /// tombstone. Present ones are touched in the same transaction, so that a cleanup
+    /// running now cannot sweep them (see docs/format.md, "Cleanup").
+    fn lookup_and_touch(&mut self, storage_id: i64, ids: &[BlockId]) -> Result<(HashSet<BlockId>, HashSet<BlockId>)>;
+    /// Records durably stored objects (id, stored size, plaintext size) as present.
+    fn insert_objects(&mut self, storage_id: i64, objects: &[(BlockId, u64, u64)], key: Option<KeyId>) -> Result<()>;
+    /// Writes an object that carries a tombstone again (`write` puts it durably in the
+    /// storage) and records it as present, with the object write lock held throughout,
+    /// so that a cleanup's sweep and this never interleave.
+    fn store_over_tombstone(
+        &mut self,
+        storage_id: i64,
+        object: (BlockId, u64, u64),
+        key: Option<KeyId>,
+        write: &mut dyn FnMut() -> Result<()>,
+    ) -> Result<()>;
+    /// Records objects found in a storage (by a rebuild or a metadata restore) as present
+    /// and just touched, keeping what the catalog knows of those it has rows for: an
+    /// object a scrub found damaged stays invalid.
+    fn insert_found_objects(&mut self, storage_id: i64, objects: &[(BlockId, u64)]) -> Result<()>;
+    /// Cleanup, step 1: tombstones those of `ids` that are still untouched since
+    /// `cutoff_ms` (or tombstoned already).
+    fn tombstone_objects(&mut self, storage_id: i64, ids: &[BlockId], cutoff_ms: i64) -> Result<()>;
+    /// Cleanup, step 2: with the object write lock held, calls `delete` with those of
+    /// `ids` that still carry a tombstone, then removes their rows. Returns (objects,
+    /// stored bytes) removed.
+    fn sweep_tombstoned(
+        &mut self,
+        storage_id: i64,
+        ids: &[BlockId],
+        delete: &mut dyn FnMut(&[BlockId]) -> Result<()>,
+    ) -> Result<(u64, u64)>;
+    /// With the object write lock held, calls `delete` with those of `ids` the catalog
+    /// has no row for (orphaned files).
+    fn sweep_unknown(
+        &mut self,
+        storage_id: i64,
+        ids: &[BlockId],
+        delete: &mut dyn FnMut(&[BlockId]) -> Result<()>,
+    ) -> Result<()>;
+    /// The objects of a storage a scrub or restore found damaged.
+    fn invalid_objects(&self, storage_id: i64) -> Result<HashSet<BlockId>>;
+    fn mark_objects_invalid(&self, storage_id: i64, ids: &[BlockId]) -> Result<()> {
+        self.set_objects_valid(storage_id, ids, false)
+    }
+    fn set_objects_valid(&self, storage_id: i64, ids: &[BlockId], valid: bool) -> Result<()>;
+    /// Visits every object row of a storage.
+    fn for_each_object(&self, storage_id: i64, f: &mut dyn FnMut(ObjectRow)) -> Result<()>;
+    /// (count, stored bytes) of the objects a storage holds.
+    fn object_totals(&self, storage_id: i64) -> Result<(u64, u64)>;
+    /// Objects per master key (None: not recorded, e.g. after a database rebuild).
+    fn objects_per_key(&self, storage_id: i64) -> Result<Vec<(Option<KeyId>, u64)>>;
+    /// The stored size of every present object of a storage (space accounting).
+    fn object_sizes(&self, storage_id: i64) -> Result<HashMap<BlockId, u64>>;
+    /// Objects not recorded as sealed by `key`.
+    fn objects_not_under(&self, storage_id: i64, key: KeyId) -> Result<Vec<BlockId>>;
+    fn set_object_keys(&self, storage_id: i64, ids: &[BlockId], key: KeyId) -> Result<()>;
+
+    // ---- copying a whole catalog (`database migrate`) -------------------------------
+
+    /// The storage rows, in id order.
+    fn storage_records(&self) -> Result<Vec<StorageRecord>>;
+    /// Visits every object row of a storage, with all its fields.
+    fn for_each_object_record(&self, storage_id: i64, f: &mut dyn FnMut(ObjectRecord) -> Result<()>) -> Result<()>;
+    /// Whether the catalog holds nothing yet (no storage, version or object rows).
+    fn is_empty(&self) -> Result<bool>;
+    /// Adds storage rows (keeping their ids), in one transaction; for an empty catalog.
+    fn import_storages(&mut self, storages: &[StorageRecord]) -> Result<()>;
+    /// Adds object rows as they are, in one transaction; for an empty catalog.
+    fn import_objects(&mut self, storage_id: i64, objects: &[ObjectRecord]) -> Result<()>;
+    /// Adds a version as it is (status, statistics, labels; `index` when it has one).
+    fn import_version(&mut self, v: &Version, index: Option<&[u8]>) -> Result<()>;
+    /// Gives the catalog's free space (pages of removed versions and objects) back to the
+    /// filesystem after a cleanup; returns how many bytes the catalog shrank (0 where
+    /// the engine reclaims space by itself).
+    fn reclaim_space(&mut self) -> Result<u64>;
+}

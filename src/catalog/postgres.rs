@@ -1,0 +1,1148 @@
+//! The shared catalog: a PostgreSQL database (`database = "postgresql://user@host/db"`),
+//! which every host of a cluster can use at once. Same tables, same numbered migrations
+//! as the SQLite catalog (the schema version lives in `keepfs_schema`), in plain SQL
+//! that PostgreSQL-protocol databases understand. Writes that SQLite serialises with
+//! its database-wide write lock (object lookups and touches, tombstones, sweeps) take a
+//! transaction-scoped advisory lock here, so the cleanup protocol of docs/format.md
+//! holds unchanged. Connections time out (`connect_timeout`, TCP keepalives) instead of
+//! hanging; a lost connection is opened again on the next call (the transaction it was
+//! in is rolled back by the server, so nothing is half-committed).
+
+use super::{
+    Catalog, IncompleteVersion, OBJECT_DELETING, OBJECT_PRESENT, ObjectRecord, ObjectRow, REBUILD_UNFINISHED, Session,
+    StorageRecord, date_text, now_ms, parse_date,
+};
+use crate::block::BlockId;
+use crate::error::{Error, Result};
+use crate::transform::aes::KeyId;
+use crate::version::{Stats, Status, Version, VersionUid};
+use chrono::{DateTime, Utc};
+use postgres::fallible_iterator::FallibleIterator;
+use postgres::types::ToSql;
+use postgres::{Client, NoTls, Row, Transaction};
+use std::cell::RefCell;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::Path;
+use std::time::Duration;
+
+/// Schema migrations; entry N brings the schema from version N to N+1. The same
+/// numbering as the SQLite catalog's (`sqlite::MIGRATIONS`).
+pub(crate) const MIGRATIONS: &[&str] = &[
+    r#"
+CREATE TABLE storages (id BIGSERIAL PRIMARY KEY, name TEXT NOT NULL UNIQUE);
+CREATE TABLE sessions (
+    id BIGSERIAL PRIMARY KEY,
+    pid BIGINT NOT NULL,
+    host TEXT NOT NULL,
+    proc_start BIGINT NOT NULL,
+    started_ms BIGINT NOT NULL,
+    heartbeat_ms BIGINT NOT NULL,
+    purpose TEXT NOT NULL,
+    writes BOOLEAN NOT NULL
+);
+CREATE TABLE versions (
+    uid BIGSERIAL PRIMARY KEY,
+    name TEXT NOT NULL,
+    snapshot TEXT NOT NULL,
+    date TEXT NOT NULL,
+    size BIGINT NOT NULL,
+    block_size BIGINT NOT NULL,
+    status TEXT NOT NULL,
+    protected BOOLEAN NOT NULL DEFAULT FALSE,
+    storage_id BIGINT NOT NULL REFERENCES storages(id),
+    session_id BIGINT,
+    expire TEXT,
+    bytes_read BIGINT NOT NULL DEFAULT 0,
+    bytes_written BIGINT NOT NULL DEFAULT 0,
+    bytes_stored BIGINT NOT NULL DEFAULT 0,
+    bytes_deduplicated BIGINT NOT NULL DEFAULT 0,
+    bytes_sparse BIGINT NOT NULL DEFAULT 0,
+    duration_ms BIGINT NOT NULL DEFAULT 0
+);
+CREATE INDEX versions_by_name ON versions(name);
+CREATE TABLE labels (
+    uid BIGINT NOT NULL REFERENCES versions(uid) ON DELETE CASCADE,
+    name TEXT NOT NULL,
+    value TEXT NOT NULL,
+    PRIMARY KEY (uid, name)
+);
+CREATE TABLE version_index (
+    uid BIGINT PRIMARY KEY REFERENCES versions(uid) ON DELETE CASCADE,
+    data BYTEA NOT NULL
+);
+CREATE TABLE objects (
+    storage_id BIGINT NOT NULL,
+    id BYTEA NOT NULL,
+    stored_size BIGINT NOT NULL,
+    plain_size BIGINT NOT NULL,
+    state BIGINT NOT NULL DEFAULT 0,
+    valid BOOLEAN NOT NULL DEFAULT TRUE,
+    touched_ms BIGINT NOT NULL,
+    PRIMARY KEY (storage_id, id)
+);
+CREATE TABLE version_locks (
+    uid BIGINT NOT NULL,
+    session_id BIGINT NOT NULL REFERENCES sessions(id) ON DELETE CASCADE,
+    purpose TEXT NOT NULL,
+    PRIMARY KEY (uid, session_id)
+);
+"#,
+    r#"
+ALTER TABLE storages ADD COLUMN encrypted BOOLEAN NOT NULL DEFAULT FALSE;
+ALTER TABLE objects ADD COLUMN key_id BIGINT;
+"#,
+    r#"
+ALTER TABLE versions ADD COLUMN active_ms BIGINT;
+"#,
+    r#"
+CREATE TABLE repository_state (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+"#,
+];
+
+/// The advisory lock that stands for SQLite's write lock (see the module comment).
+pub const WRITE_LOCK: i64 = 0x6b65_6570_6673; // "keepfs"
+
+/// How long a statement waits for a lock another session holds (SQLite's busy timeout).
+const LOCK_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How long a connection attempt may take when the URL does not say (`connect_timeout`).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The URL without its password, for messages.
+pub fn redact(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("***"));
+            u.to_string()
+        }
+        _ => url.to_string(),
+    }
+}
+
+/// A PostgreSQL error as one line: the server's message (and what to do), or the
+/// client's (a refused or timed-out connection).
+fn describe(e: &postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        return format!("{} ({})", db.message(), db.code().code());
+    }
+    let mut msg = e.to_string();
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        let s = c.to_string();
+        if !msg.contains(&s) {
+            msg = format!("{msg}: {s}");
+        }
+        cause = c.source();
+    }
+    msg.replace('\n', " ")
+}
+
+impl From<postgres::Error> for Error {
+    fn from(e: postgres::Error) -> Error {
+        Error::Catalog(describe(&e))
+    }
+}
+
+/// The password `~/.pgpass` (or the file `PGPASSFILE` names) holds for this connection.
+fn pgpass_password(host: &str, port: u16, db: &str, user: &str) -> Option<String> {
+    let file = std::env::var_os("PGPASSFILE")
+        .map(std::path::PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".pgpass")))?;
+    let text = std::fs::read_to_string(file).ok()?;
+    let port = port.to_string();
+    for line in text.lines() {
+        if line.starts_with('#') || line.trim().is_empty() {
+            continue;
+        }
+        // Fields are separated by ':'; '\:' and '\\' are a literal colon and backslash.
+        let mut fields = vec![String::new()];
+        let mut chars = line.chars();
+        while let Some(c) = chars.next() {
+            match c {
+                '\\' => {
+                    if let Some(n) = chars.next() {
+                        fields.last_mut()?.push(n);
+                    }
+                }
+                ':' if fields.len() < 5 => fields.push(String::new()),
+                c => fields.last_mut()?.push(c),
+            }
+        }
+        if fields.len() != 5 {
+            continue;
+        }
+        let matches = |f: &str, v: &str| f == "*" || f == v;
+        if matches(&fields[0], host)
+            && matches(&fields[1], &port)
+            && matches(&fields[2], db)
+            && matches(&fields[3], user)
+        {
+            return fields.pop();
+        }
+    }
+    None
+}
+
+pub struct PostgresCatalog {
+    config: postgres::Config,
+    /// What to call the database in messages (the URL without its password).
+    name: String,
+    client: RefCell<Client>,
+}
+
+impl PostgresCatalog {
+    /// Connects to the database `url` names (creating its tables when missing, migrating
+    /// them when older). The password comes from the URL, else `password_file`, else
+    /// `PGPASSFILE` / `~/.pgpass`.
+    pub fn open(url: &str, password_file: Option<&Path>) -> Result<PostgresCatalog> {
+        let name = redact(url);
+        let mut config: postgres::Config =
+            url.parse().map_err(|e| Error::Config(format!("database {name}: not a PostgreSQL URL: {e}")))?;
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(CONNECT_TIMEOUT);
+        }
+        config.keepalives(true).keepalives_idle(Duration::from_secs(30)).tcp_user_timeout(Duration::from_secs(120));
+        // A lock held by a process that hangs mid-transaction (stopped, stuck) makes the
+        // others give up after this long, as SQLite's busy timeout does, instead of waiting
+        // for ever.
+        let options = config.get_options().map(str::to_string).unwrap_or_default();
+        if !options.contains("lock_timeout") {
+            config.options(format!("{options} -c lock_timeout={}", LOCK_TIMEOUT.as_millis()).trim());
+        }
+        if config.get_application_name().is_none() {
+            config.application_name("keepfs");
+        }
+        if config.get_password().is_none() {
+            if let Some(file) = password_file {
+                let pw = std::fs::read_to_string(file).map_err(|e| {
+                    Error::Config(format!("database_password_file {}: cannot read it: {e}", file.display()))
+                })?;
+                config.password(pw.trim_end_matches(['\n', '\r']));
+            } else {
+                let host = match config.get_hosts().first() {
+                    Some(postgres::config::Host::Tcp(h)) => h.clone(),
+                    Some(postgres::config::Host::Unix(p)) => p.display().to_string(),
+                    None => "localhost".into(),
+                };
+                let port = config.get_ports().first().copied().unwrap_or(5432);
+                let user =
+                    config.get_user().map(str::to_string).unwrap_or_else(|| std::env::var("USER").unwrap_or_default());
+                let db = config.get_dbname().map(str::to_string).unwrap_or_else(|| user.clone());
+                if let Some(pw) = pgpass_password(&host, port, &db, &user) {
+                    config.password(pw);
+                }
+            }
+        }
+        let client = connect(&config, &name)?;
+        let mut cat = PostgresCatalog { config, name, client: RefCell::new(client) };
+        cat.migrate()?;
+        Ok(cat)
+    }
+
+    fn migrate(&mut self) -> Result<()> {
+        let name = self.name.clone();
+        let client = self.client.get_mut();
+        let mut tx = client.transaction()?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&WRITE_LOCK])?;
+        tx.batch_execute("CREATE TABLE IF NOT EXISTS keepfs_schema (version BIGINT NOT NULL)")?;
+        let current: i64 = match tx.query_opt("SELECT version FROM keepfs_schema", &[])? {
+            Some(r) => r.get(0),
+            None => {
+                tx.execute("INSERT INTO keepfs_schema(version) VALUES (0)", &[])?;
+                0
+            }
+        };
+        let current = current.max(0) as usize;
+        if current > MIGRATIONS.len() {
+            return Err(Error::Other(format!(
+                "the catalog {name} has schema version {current}, newer than this keepfs knows ({}); upgrade keepfs",
+                MIGRATIONS.len()
+            )));
+        }
+        if current == MIGRATIONS.len() {
+            return Ok(());
+        }
+        for sql in &MIGRATIONS[current..] {
+            tx.batch_execute(sql)?;
+        }
+        tx.execute("UPDATE keepfs_schema SET version = $1", &[&(MIGRATIONS.len() as i64)])?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// The client, connected again when the server closed the last connection (a
+    /// restart): the statement that failed is not retried, the next call just works.
+    fn client(&self) -> Result<std::cell::RefMut<'_, Client>> {
+        let mut c = self
+            .client
+            .try_borrow_mut()
+            .map_err(|_| Error::Other("internal: catalog used while it is being iterated".into()))?;
+        if c.is_closed() {
+            *c = connect(&self.config, &self.name)?;
+        }
+        Ok(c)
+    }
+
+    /// Runs `f` in a transaction that holds the write lock (see the module comment).
+    fn write<T>(&self, f: impl FnOnce(&mut Transaction) -> Result<T>) -> Result<T> {
+        let mut client = self.client()?;
+        let mut tx = client.transaction()?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&WRITE_LOCK])?;
+        let out = f(&mut tx)?;
+        tx.commit()?;
+        Ok(out)
+    }
+
+    fn execute(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<u64> {
+        Ok(self.client()?.execute(sql, params)?)
+    }
+
+    fn query(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>> {
+        Ok(self.client()?.query(sql, params)?)
+    }
+
+    fn versions_where(&self, clause: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Version>> {
+        let sql = format!(
+            "SELECT v.uid, v.date, v.name, v.snapshot, v.size, v.block_size, v.status, v.protected, s.name, \
+             v.bytes_read, v.bytes_written, v.bytes_stored, v.bytes_deduplicated, v.bytes_sparse, v.duration_ms, v.expire \
+             FROM versions v JOIN storages s ON s.id = v.storage_id {clause} ORDER BY v.uid"
+        );
+        let rows = self.query(&sql, params)?;
+        let mut versions: Vec<Version> = rows
+            .iter()
+            .map(|r| {
+                let date: String = r.get(1);
+                let status: String = r.get(6);
+                Version {
+                    uid: VersionUid(r.get::<_, i64>(0) as u64),
+                    date: parse_date(&date).unwrap_or_default(),
+                    name: r.get(2),
+                    snapshot: r.get(3),
+                    size: r.get::<_, i64>(4) as u64,
+                    block_size: r.get::<_, i64>(5) as u32,
+                    status: Status::parse(&status).unwrap_or(Status::Invalid),
+                    protected: r.get(7),
+                    storage: r.get(8),
+                    labels: BTreeMap::new(),
+                    stats: Stats {
+                        bytes_read: r.get::<_, i64>(9) as u64,
+                        bytes_written: r.get::<_, i64>(10) as u64,
+                        bytes_stored: r.get::<_, i64>(11) as u64,
+                        bytes_deduplicated: r.get::<_, i64>(12) as u64,
+                        bytes_sparse: r.get::<_, i64>(13) as u64,
+                        duration_ms: r.get::<_, i64>(14) as u64,
+                    },
+                    expire: r.get::<_, Option<String>>(15).and_then(|d| parse_date(&d)),
+                }
+            })
+            .collect();
+        if versions.is_empty() {
+            return Ok(versions);
+        }
+        let pos: HashMap<u64, usize> = versions.iter().enumerate().map(|(i, v)| (v.uid.0, i)).collect();
+        let labels = if versions.len() == 1 {
+            self.query("SELECT uid, name, value FROM labels WHERE uid = $1", &[&(versions[0].uid.0 as i64)])?
+        } else {
+            self.query("SELECT uid, name, value FROM labels", &[])?
+        };
+        for r in labels {
+            if let Some(&i) = pos.get(&(r.get::<_, i64>(0) as u64)) {
+                versions[i].labels.insert(r.get(1), r.get(2));
+            }
+        }
+        Ok(versions)
+    }
+}
+
+/// Connects, giving up after the connect timeout (plus a little): `connect_timeout`
+/// covers opening the socket only, and a server that accepts but never answers (a hung
+/// host, a wrong port) would otherwise hold the command for ever.
+fn connect(config: &postgres::Config, name: &str) -> Result<Client> {
+    let limit = config.get_connect_timeout().copied().unwrap_or(CONNECT_TIMEOUT) + Duration::from_secs(2);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let cfg = config.clone();
+    std::thread::Builder::new()
+        .name("catalog-connect".into())
+        .spawn(move || {
+            let _ = tx.send(cfg.connect(NoTls));
+        })
+        .map_err(|e| Error::io("cannot start a thread", e))?;
+    let result = rx.recv_timeout(limit).map_err(|_| {
+        Error::Catalog(format!(
+            "cannot connect to {name}: no answer within {} s (is the server running and the host and port right?)",
+            limit.as_secs()
+        ))
+    })?;
+    result.map_err(|e| {
+        let what = describe(&e);
+        match e.as_db_error().map(|d| d.code().code()) {
+            // invalid_password, invalid_authorization_specification
+            Some("28P01" | "28000") => Error::Config(format!(
+                "database {name}: {what}; check the password (in the URL, database_password_file or PGPASSFILE)"
+            )),
+            // invalid_catalog_name: the database does not exist
+            Some("3D000") => Error::Config(format!("database {name}: {what}; create it first (createdb)")),
+            _ if what.contains("password missing") => Error::Config(format!(
+                "database {name}: the server asks for a password and none is configured; put it in the URL, \
+                 database_password_file or PGPASSFILE"
+            )),
+            _ => Error::Catalog(format!("cannot connect to {name}: {what}")),
+        }
+    })
+}
+
+/// The first row of an answer that always has one (an aggregate, RETURNING).
+fn first(rows: Vec<Row>) -> Result<Row> {
+    rows.into_iter().next().ok_or_else(|| Error::Catalog("the server answered no row where one was due".into()))
+}
+
+fn id_of(r: &Row, i: usize) -> Option<BlockId> {
+    BlockId::from_slice(r.get::<_, &[u8]>(i))
+}
+
+fn ids_param(ids: &[BlockId]) -> Vec<&[u8]> {
+    ids.iter().map(|id| &id.0[..]).collect()
+}
+
+/// Records objects as present, valid and just touched, inside the caller's transaction.
+fn upsert_objects(
+    tx: &mut Transaction,
+    storage_id: i64,
+    objects: &[(BlockId, u64, u64)],
+    key: Option<KeyId>,
+) -> Result<()> {
+    let now = now_ms();
+    let st = tx.prepare(
+        "INSERT INTO objects(storage_id, id, stored_size, plain_size, state, valid, touched_ms, key_id) VALUES ($1,$2,$3,$4,0,TRUE,$5,$6) \
+         ON CONFLICT(storage_id, id) DO UPDATE SET state=0, valid=TRUE, touched_ms=$5, stored_size=$3, key_id=COALESCE($6, objects.key_id)",
+    )?;
+    let key = key.map(|k| k.as_i64());
+    for (id, stored, plain) in objects {
+        tx.execute(&st, &[&storage_id, &&id.0[..], &(*stored as i64), &(*plain as i64), &now, &key])?;
+    }
+    Ok(())
+}
+
+/// Inserts a version row (keeping its uid), its labels and, when given, its index;
+/// moves the uid sequence past it.
+fn insert_version(tx: &mut Transaction, v: &Version, storage_id: i64, index: Option<&[u8]>) -> Result<()> {
+    let uid = v.uid.0 as i64;
+    let expire = v.expire.as_ref().map(date_text);
+    tx.execute(
+        "INSERT INTO versions(uid, name, snapshot, date, size, block_size, status, protected, storage_id, expire, \
+         bytes_read, bytes_written, bytes_stored, bytes_deduplicated, bytes_sparse, duration_ms) \
+         VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16)",
+        &[
+            &uid,
+            &v.name,
+            &v.snapshot,
+            &date_text(&v.date),
+            &(v.size as i64),
+            &(v.block_size as i64),
+            &v.status.as_str(),
+            &v.protected,
+            &storage_id,
+            &expire,
+            &(v.stats.bytes_read as i64),
+            &(v.stats.bytes_written as i64),
+            &(v.stats.bytes_stored as i64),
+            &(v.stats.bytes_deduplicated as i64),
+            &(v.stats.bytes_sparse as i64),
+            &(v.stats.duration_ms as i64),
+        ],
+    )?;
+    for (k, val) in &v.labels {
+        tx.execute("INSERT INTO labels(uid, name, value) VALUES ($1,$2,$3)", &[&uid, k, val])?;
+    }
+    if let Some(index) = index {
+        tx.execute("INSERT INTO version_index(uid, data) VALUES ($1, $2)", &[&uid, &index])?;
+    }
+    tx.execute(
+        "SELECT setval(pg_get_serial_sequence('versions', 'uid'), GREATEST((SELECT MAX(uid) FROM versions), 1))",
+        &[],
+    )?;
+    Ok(())
+}
+
+impl Catalog for PostgresCatalog {
+    fn engine(&self) -> &'static str {
+        "postgresql"
+    }
+
+    fn schema_version(&self) -> Result<i64> {
+        Ok(self.query("SELECT version FROM keepfs_schema", &[])?.first().map(|r| r.get(0)).unwrap_or(0))
+    }
+
+    fn rebuild_unfinished(&self) -> Result<bool> {
+        Ok(!self.query("SELECT 1 FROM repository_state WHERE name=$1", &[&REBUILD_UNFINISHED])?.is_empty())
+    }
+
+    fn set_rebuild_unfinished(&self, unfinished: bool) -> Result<()> {
+        if unfinished {
+            self.execute(
+                "INSERT INTO repository_state(name, value) VALUES ($1, $2) ON CONFLICT (name) DO UPDATE SET value = $2",
+                &[&REBUILD_UNFINISHED, &date_text(&Utc::now())],
+            )?;
+        } else {
+            self.execute("DELETE FROM repository_state WHERE name=$1", &[&REBUILD_UNFINISHED])?;
+        }
+        Ok(())
+    }
+
+    fn repository_state(&self, name: &str) -> Result<Option<String>> {
+        Ok(self.query("SELECT value FROM repository_state WHERE name=$1", &[&name])?.first().map(|r| r.get(0)))
+    }
+
+    fn set_repository_state(&self, name: &str, value: &str) -> Result<()> {
+        self.execute(
+            "INSERT INTO repository_state(name, value) VALUES ($1, $2) ON CONFLICT (name) DO UPDATE SET value = $2",
+            &[&name, &value],
+        )?;
+        Ok(())
+    }
+
+    fn claim(&mut self, name: &str, session: i64, live: &[i64]) -> Result<Option<i64>> {
+        self.write(|tx| {
+            let holder: Option<i64> = tx
+                .query_opt("SELECT value FROM repository_state WHERE name=$1", &[&name])?
+                .and_then(|r| r.get::<_, String>(0).parse().ok());
+            if let Some(h) = holder.filter(|h| *h != session && live.contains(h)) {
+                return Ok(Some(h));
+            }
+            tx.execute(
+                "INSERT INTO repository_state(name, value) VALUES ($1, $2) ON CONFLICT (name) DO UPDATE SET value = $2",
+                &[&name, &session.to_string()],
+            )?;
+            Ok(None)
+        })
+    }
+
+    fn release(&self, name: &str, session: i64) -> Result<()> {
+        self.execute("DELETE FROM repository_state WHERE name=$1 AND value=$2", &[&name, &session.to_string()])?;
+        Ok(())
+    }
+
+    fn storage_id(&self, name: &str) -> Result<i64> {
+        // Looked up first: the insert would take a sequence number (and a write) each time.
+        if let Some(r) = self.query("SELECT id FROM storages WHERE name = $1", &[&name])?.first() {
+            return Ok(r.get(0));
+        }
+        self.execute("INSERT INTO storages(name) VALUES ($1) ON CONFLICT (name) DO NOTHING", &[&name])?;
+        Ok(first(self.query("SELECT id FROM storages WHERE name = $1", &[&name])?)?.get(0))
+    }
+
+    fn storage_encrypted(&self, name: &str) -> Result<bool> {
+        let id = self.storage_id(name)?;
+        Ok(first(self.query("SELECT encrypted FROM storages WHERE id = $1", &[&id])?)?.get(0))
+    }
+
+    fn set_storage_encrypted(&self, name: &str) -> Result<()> {
+        let id = self.storage_id(name)?;
+        self.execute("UPDATE storages SET encrypted = TRUE WHERE id = $1", &[&id])?;
+        Ok(())
+    }
+
+    fn storage_names(&self) -> Result<Vec<(i64, String)>> {
+        Ok(self.query("SELECT id, name FROM storages ORDER BY id", &[])?.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
+    fn register_session(&self, purpose: &str, writes: bool) -> Result<i64> {
+        let p = super::ProcessId::current();
+        let now = now_ms();
+        Ok(first(self.query(
+            "INSERT INTO sessions(pid, host, proc_start, started_ms, heartbeat_ms, purpose, writes) VALUES ($1,$2,$3,$4,$4,$5,$6) RETURNING id",
+            &[&(p.pid as i64), &p.host, &(p.start as i64), &now, &purpose, &writes],
+        )?)?
+            .get(0))
+    }
+
+    fn heartbeat(&self, session: i64) -> Result<()> {
+        let now = now_ms();
+        self.execute("UPDATE sessions SET heartbeat_ms = $1 WHERE id = $2", &[&now, &session])?;
+        self.execute(
+            "UPDATE versions SET active_ms = $1 WHERE session_id = $2 AND status = 'incomplete'",
+            &[&now, &session],
+        )?;
+        Ok(())
+    }
+
+    fn end_session(&self, session: i64) -> Result<()> {
+        self.execute("DELETE FROM sessions WHERE id = $1", &[&session])?;
+        Ok(())
+    }
+
+    fn live_sessions(&self) -> Result<Vec<Session>> {
+        let all: Vec<Session> = self
+            .query("SELECT id, pid, host, proc_start, started_ms, heartbeat_ms, purpose, writes FROM sessions", &[])?
+            .iter()
+            .map(|r| Session {
+                id: r.get(0),
+                process: super::ProcessId {
+                    pid: r.get::<_, i64>(1) as u32,
+                    host: r.get(2),
+                    start: r.get::<_, i64>(3) as u64,
+                },
+                started_ms: r.get(4),
+                heartbeat_ms: r.get(5),
+                purpose: r.get(6),
+                writes: r.get(7),
+            })
+            .collect();
+        let (live, dead) = super::partition_live(all);
+        if !dead.is_empty() {
+            let ids: Vec<i64> = dead.iter().map(|s| s.id).collect();
+            self.execute("DELETE FROM sessions WHERE id = ANY($1)", &[&ids])?;
+        }
+        Ok(live)
+    }
+
+    fn lock_version(&self, uid: VersionUid, session: i64, purpose: &str) -> Result<()> {
+        self.execute(
+            "INSERT INTO version_locks(uid, session_id, purpose) VALUES ($1, $2, $3) \
+             ON CONFLICT (uid, session_id) DO UPDATE SET purpose = $3",
+            &[&(uid.0 as i64), &session, &purpose],
+        )?;
+        Ok(())
+    }
+
+    fn version_lock_holders(&self, uid: VersionUid) -> Result<Vec<(String, u32, String)>> {
+        let live: HashMap<i64, Session> = self.live_sessions()?.into_iter().map(|s| (s.id, s)).collect();
+        let rows = self.query("SELECT session_id, purpose FROM version_locks WHERE uid = $1", &[&(uid.0 as i64)])?;
+        Ok(rows
+            .iter()
+            .filter_map(|r| {
+                let sid: i64 = r.get(0);
+                live.get(&sid).map(|s| (r.get::<_, String>(1), s.process.pid, s.process.host.clone()))
+            })
+            .collect())
+    }
+
+    fn create_version(
+        &mut self,
+        name: &str,
+        snapshot: &str,
+        size: u64,
+        block_size: u32,
+        storage: &str,
+        labels: &BTreeMap<String, String>,
+        session: i64,
+    ) -> Result<VersionUid> {
+        let storage_id = self.storage_id(storage)?;
+        let mut client = self.client()?;
+        let mut tx = client.transaction()?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&WRITE_LOCK])?;
+        let uid: i64 = tx
+            .query_one(
+                "INSERT INTO versions(name, snapshot, date, size, block_size, status, storage_id, session_id, active_ms) \
+                 VALUES ($1,$2,$3,$4,$5,'incomplete',$6,$7,$8) RETURNING uid",
+                &[&name, &snapshot, &date_text(&Utc::now()), &(size as i64), &(block_size as i64), &storage_id, &session, &now_ms()],
+            )?
+            .get(0);
+        for (k, v) in labels {
+            tx.execute("INSERT INTO labels(uid, name, value) VALUES ($1,$2,$3)", &[&uid, k, v])?;
+        }
+        tx.commit()?;
+        Ok(VersionUid(uid as u64))
+    }
+
+    fn commit_version(&mut self, uid: VersionUid, index: &[u8], stats: &Stats) -> Result<()> {
+        let uid = uid.0 as i64;
+        let mut client = self.client()?;
+        let mut tx = client.transaction()?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&WRITE_LOCK])?;
+        tx.execute(
+            "INSERT INTO version_index(uid, data) VALUES ($1, $2) ON CONFLICT (uid) DO UPDATE SET data = $2",
+            &[&uid, &index],
+        )?;
+        tx.execute(
+            "UPDATE versions SET status='valid', session_id=NULL, bytes_read=$2, bytes_written=$3, bytes_stored=$4, \
+             bytes_deduplicated=$5, bytes_sparse=$6, duration_ms=$7 WHERE uid=$1",
+            &[
+                &uid,
+                &(stats.bytes_read as i64),
+                &(stats.bytes_written as i64),
+                &(stats.bytes_stored as i64),
+                &(stats.bytes_deduplicated as i64),
+                &(stats.bytes_sparse as i64),
+                &(stats.duration_ms as i64),
+            ],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn insert_version_record(&mut self, v: &Version, index: &[u8]) -> Result<()> {
+        let storage_id = self.storage_id(&v.storage)?;
+        self.write(|tx| insert_version(tx, v, storage_id, Some(index)))
+    }
+
+    fn replace_version_record(&mut self, v: &Version, index: &[u8]) -> Result<()> {
+        let storage_id = self.storage_id(&v.storage)?;
+        self.write(|tx| {
+            let uid = v.uid.0 as i64;
+            let expire = v.expire.as_ref().map(date_text);
+            let n = tx.execute(
+                "UPDATE versions SET name=$2, snapshot=$3, date=$4, size=$5, block_size=$6, status=$7, protected=$8, \
+                 storage_id=$9, expire=$10, bytes_read=$11, bytes_written=$12, bytes_stored=$13, bytes_deduplicated=$14, \
+                 bytes_sparse=$15, duration_ms=$16 WHERE uid=$1",
+                &[
+                    &uid,
+                    &v.name,
+                    &v.snapshot,
+                    &date_text(&v.date),
+                    &(v.size as i64),
+                    &(v.block_size as i64),
+                    &v.status.as_str(),
+                    &v.protected,
+                    &storage_id,
+                    &expire,
+                    &(v.stats.bytes_read as i64),
+                    &(v.stats.bytes_written as i64),
+                    &(v.stats.bytes_stored as i64),
+                    &(v.stats.bytes_deduplicated as i64),
+                    &(v.stats.bytes_sparse as i64),
+                    &(v.stats.duration_ms as i64),
+                ],
+            )?;
+            if n == 0 {
+                return Err(Error::VersionNotFound(v.uid.to_string()));
+            }
+            tx.execute("DELETE FROM labels WHERE uid=$1", &[&uid])?;
+            for (k, val) in &v.labels {
+                tx.execute("INSERT INTO labels(uid, name, value) VALUES ($1,$2,$3)", &[&uid, k, val])?;
+            }
+            tx.execute(
+                "INSERT INTO version_index(uid, data) VALUES ($1, $2) ON CONFLICT (uid) DO UPDATE SET data = $2",
+                &[&uid, &index],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn set_status(&self, uid: VersionUid, status: Status) -> Result<()> {
+        self.execute("UPDATE versions SET status=$2 WHERE uid=$1", &[&(uid.0 as i64), &status.as_str()])?;
+        Ok(())
+    }
+
+    fn set_expire(&self, uid: VersionUid, expire: Option<&DateTime<Utc>>) -> Result<()> {
+        let n =
+            self.execute("UPDATE versions SET expire=$2 WHERE uid=$1", &[&(uid.0 as i64), &expire.map(date_text)])?;
+        if n == 0 {
+            return Err(Error::VersionNotFound(uid.to_string()));
+        }
+        Ok(())
+    }
+
+    fn set_protected(&self, uid: VersionUid, protected: bool) -> Result<()> {
+        let n = self.execute("UPDATE versions SET protected=$2 WHERE uid=$1", &[&(uid.0 as i64), &protected])?;
+        if n == 0 {
+            return Err(Error::VersionNotFound(uid.to_string()));
+        }
+        Ok(())
+    }
+
+    fn set_size(&mut self, uid: VersionUid, size: u64) -> Result<()> {
+        self.execute("UPDATE versions SET size=$2 WHERE uid=$1", &[&(uid.0 as i64), &(size as i64)])?;
+        Ok(())
+    }
+
+    fn change_labels(&mut self, uid: VersionUid, set: &[(String, String)], remove: &[String]) -> Result<()> {
+        let uid_i = uid.0 as i64;
+        self.write(|tx| {
+            if tx.query_opt("SELECT 1 FROM versions WHERE uid=$1", &[&uid_i])?.is_none() {
+                return Err(Error::VersionNotFound(uid.to_string()));
+            }
+            for (k, v) in set {
+                tx.execute(
+                    "INSERT INTO labels(uid, name, value) VALUES ($1,$2,$3) ON CONFLICT (uid, name) DO UPDATE SET value = $3",
+                    &[&uid_i, k, v],
+                )?;
+            }
+            for k in remove {
+                tx.execute("DELETE FROM labels WHERE uid=$1 AND name=$2", &[&uid_i, k])?;
+            }
+            Ok(())
+        })
+    }
+
+    fn set_snapshot_and_labels(
+        &mut self,
+        uid: VersionUid,
+        snapshot: &str,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<()> {
+        let uid = uid.0 as i64;
+        self.write(|tx| {
+            tx.execute("UPDATE versions SET snapshot=$2 WHERE uid=$1", &[&uid, &snapshot])?;
+            tx.execute("DELETE FROM labels WHERE uid=$1", &[&uid])?;
+            for (k, v) in labels {
+                tx.execute("INSERT INTO labels(uid, name, value) VALUES ($1,$2,$3)", &[&uid, k, v])?;
+            }
+            Ok(())
+        })
+    }
+
+    fn rename_version(&mut self, uid: VersionUid, name: &str) -> Result<()> {
+        self.execute("UPDATE versions SET name=$2 WHERE uid=$1", &[&(uid.0 as i64), &name])?;
+        Ok(())
+    }
+
+    fn take_incomplete(&mut self, uid: VersionUid, session: i64, live: &[i64]) -> Result<bool> {
+        let uid = uid.0 as i64;
+        self.write(|tx| {
+            let owner: Option<i64> = tx
+                .query_opt("SELECT session_id FROM versions WHERE uid=$1 FOR UPDATE", &[&uid])?
+                .and_then(|r| r.get(0));
+            if owner.is_some_and(|o| o != session && live.contains(&o)) {
+                return Ok(false);
+            }
+            tx.execute("UPDATE versions SET session_id=$2, active_ms=$3 WHERE uid=$1", &[&uid, &session, &now_ms()])?;
+            Ok(true)
+        })
+    }
+
+    fn list_versions(&self) -> Result<Vec<Version>> {
+        self.versions_where("", &[])
+    }
+
+    fn version(&self, uid: VersionUid) -> Result<Version> {
+        self.versions_where("WHERE v.uid = $1", &[&(uid.0 as i64)])?
+            .pop()
+            .ok_or_else(|| Error::VersionNotFound(uid.to_string()))
+    }
+
+    fn version_session(&self, uid: VersionUid) -> Result<Option<i64>> {
+        Ok(self
+            .query("SELECT session_id FROM versions WHERE uid=$1", &[&(uid.0 as i64)])?
+            .first()
+            .and_then(|r| r.get::<_, Option<i64>>(0)))
+    }
+
+    fn incomplete_versions(&self, storage_id: i64) -> Result<Vec<IncompleteVersion>> {
+        let rows = self.query(
+            "SELECT uid, date, active_ms, session_id FROM versions WHERE storage_id=$1 AND status='incomplete' ORDER BY uid",
+            &[&storage_id],
+        )?;
+        Ok(rows
+            .iter()
+            .map(|r| {
+                let date: String = r.get(1);
+                let started_ms = parse_date(&date).map(|d| d.timestamp_millis()).unwrap_or(0);
+                IncompleteVersion {
+                    uid: VersionUid(r.get::<_, i64>(0) as u64),
+                    started_ms,
+                    active_ms: r.get::<_, Option<i64>>(2).unwrap_or(started_ms),
+                    session: r.get(3),
+                }
+            })
+            .collect())
+    }
+
+    fn load_index(&self, uid: VersionUid) -> Result<Option<Vec<u8>>> {
+        Ok(self.query("SELECT data FROM version_index WHERE uid=$1", &[&(uid.0 as i64)])?.first().map(|r| r.get(0)))
+    }
+
+    fn for_each_index(&self, f: &mut dyn FnMut(VersionUid, &[u8]) -> Result<()>) -> Result<()> {
+        // Streamed row by row: one index in memory at a time.
+        let mut client = self.client()?;
+        let mut rows = client.query_raw("SELECT uid, data FROM version_index", std::iter::empty::<i64>())?;
+        while let Some(r) = rows.next()? {
+            f(VersionUid(r.get::<_, i64>(0) as u64), r.get::<_, &[u8]>(1))?;
+        }
+        Ok(())
+    }
+
+    fn remove_version(&mut self, uid: VersionUid) -> Result<()> {
+        let uid = uid.0 as i64;
+        let mut client = self.client()?;
+        let mut tx = client.transaction()?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&WRITE_LOCK])?;
+        tx.execute("DELETE FROM version_locks WHERE uid=$1", &[&uid])?;
+        tx.execute("DELETE FROM versions WHERE uid=$1", &[&uid])?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn lookup_and_touch(&mut self, storage_id: i64, ids: &[BlockId]) -> Result<(HashSet<BlockId>, HashSet<BlockId>)> {
+        let now = now_ms();
+        self.write(|tx| {
+            let mut present = HashSet::new();
+            let mut tombstoned = HashSet::new();
+            let param = ids_param(ids);
+            for r in tx.query(
+                "SELECT id, state, valid FROM objects WHERE storage_id=$1 AND id = ANY($2)",
+                &[&storage_id, &param],
+            )? {
+                let Some(id) = id_of(&r, 0) else {
+                    continue;
+                };
+                if r.get::<_, i64>(1) != OBJECT_PRESENT {
+                    tombstoned.insert(id);
+                } else if r.get::<_, bool>(2) {
+                    present.insert(id);
+                }
+            }
+            tx.execute(
+                "UPDATE objects SET touched_ms=$1 WHERE storage_id=$2 AND state=0 AND id = ANY($3)",
+                &[&now, &storage_id, &param],
+            )?;
+            Ok((present, tombstoned))
+        })
+    }
+
+    fn insert_objects(&mut self, storage_id: i64, objects: &[(BlockId, u64, u64)], key: Option<KeyId>) -> Result<()> {
+        self.write(|tx| upsert_objects(tx, storage_id, objects, key))
+    }
+
+    fn store_over_tombstone(
+        &mut self,
+        storage_id: i64,
+        object: (BlockId, u64, u64),
+        key: Option<KeyId>,
+        write: &mut dyn FnMut() -> Result<()>,
+    ) -> Result<()> {
+        self.write(|tx| {
+            write()?;
+            upsert_objects(tx, storage_id, &[object], key)
+        })
+    }
+
+    fn insert_found_objects(&mut self, storage_id: i64, objects: &[(BlockId, u64)]) -> Result<()> {
+        let now = now_ms();
+        self.write(|tx| {
+            let st = tx.prepare(
+                "INSERT INTO objects(storage_id, id, stored_size, plain_size, state, valid, touched_ms) VALUES ($1,$2,$3,0,0,TRUE,$4) \
+                 ON CONFLICT(storage_id, id) DO UPDATE SET state=0, touched_ms=$4",
+            )?;
+            for (id, stored) in objects {
+                tx.execute(&st, &[&storage_id, &&id.0[..], &(*stored as i64), &now])?;
+            }
+            Ok(())
+        })
+    }
+
+    fn tombstone_objects(&mut self, storage_id: i64, ids: &[BlockId], cutoff_ms: i64) -> Result<()> {
+        let param = ids_param(ids);
+        self.write(|tx| {
+            tx.execute(
+                "UPDATE objects SET state=$1 WHERE storage_id=$2 AND id = ANY($3) AND (state=$1 OR (state=$4 AND touched_ms < $5))",
+                &[&OBJECT_DELETING, &storage_id, &param, &OBJECT_PRESENT, &cutoff_ms],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn sweep_tombstoned(
+        &mut self,
+        storage_id: i64,
+        ids: &[BlockId],
+        delete: &mut dyn FnMut(&[BlockId]) -> Result<()>,
+    ) -> Result<(u64, u64)> {
+        let param = ids_param(ids);
+        self.write(|tx| {
+            let rows = tx.query(
+                "SELECT id, stored_size FROM objects WHERE storage_id=$1 AND id = ANY($2) AND state=$3",
+                &[&storage_id, &param, &OBJECT_DELETING],
+            )?;
+            let mut doomed = Vec::new();
+            let mut bytes = 0u64;
+            for r in &rows {
+                if let Some(id) = id_of(r, 0) {
+                    doomed.push(id);
+                    bytes += r.get::<_, i64>(1) as u64;
+                }
+            }
+            delete(&doomed)?;
+            let gone = ids_param(&doomed);
+            tx.execute("DELETE FROM objects WHERE storage_id=$1 AND id = ANY($2)", &[&storage_id, &gone])?;
+            Ok((doomed.len() as u64, bytes))
+        })
+    }
+
+    fn sweep_unknown(
+        &mut self,
+        storage_id: i64,
+        ids: &[BlockId],
+        delete: &mut dyn FnMut(&[BlockId]) -> Result<()>,
+    ) -> Result<()> {
+        let param = ids_param(ids);
+        self.write(|tx| {
+            let known: HashSet<BlockId> = tx
+                .query("SELECT id FROM objects WHERE storage_id=$1 AND id = ANY($2)", &[&storage_id, &param])?
+                .iter()
+                .filter_map(|r| id_of(r, 0))
+                .collect();
+            let unknown: Vec<BlockId> = ids.iter().filter(|id| !known.contains(id)).copied().collect();
+            delete(&unknown)
+        })
+    }
+
+    fn invalid_objects(&self, storage_id: i64) -> Result<HashSet<BlockId>> {
+        Ok(self
+            .query("SELECT id FROM objects WHERE storage_id=$1 AND valid=FALSE", &[&storage_id])?
+            .iter()
+            .filter_map(|r| id_of(r, 0))
+            .collect())
+    }
+
+    fn set_objects_valid(&self, storage_id: i64, ids: &[BlockId], valid: bool) -> Result<()> {
+        let param = ids_param(ids);
+        self.execute(
+            "UPDATE objects SET valid=$3 WHERE storage_id=$1 AND id = ANY($2)",
+            &[&storage_id, &param, &valid],
+        )?;
+        Ok(())
+    }
+
+    fn for_each_object(&self, storage_id: i64, f: &mut dyn FnMut(ObjectRow)) -> Result<()> {
+        let mut client = self.client()?;
+        let mut rows = client
+            .query_raw("SELECT id, stored_size, state, touched_ms FROM objects WHERE storage_id=$1", [storage_id])?;
+        while let Some(r) = rows.next()? {
+            let Some(id) = id_of(&r, 0) else {
+                continue;
+            };
+            f(ObjectRow { id, stored_size: r.get::<_, i64>(1) as u64, state: r.get(2), touched_ms: r.get(3) });
+        }
+        Ok(())
+    }
+
+    fn object_totals(&self, storage_id: i64) -> Result<(u64, u64)> {
+        let r = first(self.query(
+            "SELECT COUNT(*), COALESCE(SUM(stored_size),0)::BIGINT FROM objects WHERE storage_id=$1 AND state=0",
+            &[&storage_id],
+        )?)?;
+        Ok((r.get::<_, i64>(0) as u64, r.get::<_, i64>(1) as u64))
+    }
+
+    fn objects_per_key(&self, storage_id: i64) -> Result<Vec<(Option<KeyId>, u64)>> {
+        Ok(self
+            .query("SELECT key_id, COUNT(*) FROM objects WHERE storage_id=$1 GROUP BY key_id", &[&storage_id])?
+            .iter()
+            .map(|r| (r.get::<_, Option<i64>>(0).map(KeyId::from_i64), r.get::<_, i64>(1) as u64))
+            .collect())
+    }
+
+    fn object_sizes(&self, storage_id: i64) -> Result<HashMap<BlockId, u64>> {
+        let mut out = HashMap::new();
+        let mut client = self.client()?;
+        let mut rows =
+            client.query_raw("SELECT id, stored_size FROM objects WHERE storage_id=$1 AND state=0", [storage_id])?;
+        while let Some(r) = rows.next()? {
+            if let Some(id) = id_of(&r, 0) {
+                out.insert(id, r.get::<_, i64>(1) as u64);
+            }
+        }
+        Ok(out)
+    }
+
+    fn objects_not_under(&self, storage_id: i64, key: KeyId) -> Result<Vec<BlockId>> {
+        Ok(self
+            .query(
+                "SELECT id FROM objects WHERE storage_id=$1 AND state=0 AND (key_id IS NULL OR key_id != $2)",
+                &[&storage_id, &key.as_i64()],
+            )?
+            .iter()
+            .filter_map(|r| id_of(r, 0))
+            .collect())
+    }
+
+    fn set_object_keys(&self, storage_id: i64, ids: &[BlockId], key: KeyId) -> Result<()> {
+        let param = ids_param(ids);
+        self.execute(
+            "UPDATE objects SET key_id=$3 WHERE storage_id=$1 AND id = ANY($2)",
+            &[&storage_id, &param, &key.as_i64()],
+        )?;
+        Ok(())
+    }
+
+    fn storage_records(&self) -> Result<Vec<StorageRecord>> {
+        Ok(self
+            .query("SELECT id, name, encrypted FROM storages ORDER BY id", &[])?
+            .iter()
+            .map(|r| StorageRecord { id: r.get(0), name: r.get(1), encrypted: r.get(2) })
+            .collect())
+    }
+
+    fn for_each_object_record(&self, storage_id: i64, f: &mut dyn FnMut(ObjectRecord) -> Result<()>) -> Result<()> {
+        let mut client = self.client()?;
+        let mut rows = client.query_raw(
+            "SELECT id, stored_size, plain_size, state, valid, touched_ms, key_id FROM objects WHERE storage_id=$1 ORDER BY id",
+            [storage_id],
+        )?;
+        while let Some(r) = rows.next()? {
+            let Some(id) = id_of(&r, 0) else {
+                continue;
+            };
+            f(ObjectRecord {
+                id,
+                stored_size: r.get::<_, i64>(1) as u64,
+                plain_size: r.get::<_, i64>(2) as u64,
+                state: r.get(3),
+                valid: r.get(4),
+                touched_ms: r.get(5),
+                key: r.get::<_, Option<i64>>(6).map(KeyId::from_i64),
+            })?;
+        }
+        Ok(())
+    }
+
+    fn is_empty(&self) -> Result<bool> {
+        let r = first(self.query(
+            "SELECT (SELECT COUNT(*) FROM storages) + (SELECT COUNT(*) FROM versions) + (SELECT COUNT(*) FROM objects)",
+            &[],
+        )?)?;
+        Ok(r.get::<_, i64>(0) == 0)
+    }
+
+    fn import_storages(&mut self, storages: &[StorageRecord]) -> Result<()> {
+        self.write(|tx| {
+            for s in storages {
+                tx.execute(
+                    "INSERT INTO storages(id, name, encrypted) VALUES ($1,$2,$3)",
+                    &[&s.id, &s.name, &s.encrypted],
+                )?;
+            }
+            tx.execute(
+                "SELECT setval(pg_get_serial_sequence('storages', 'id'), GREATEST((SELECT MAX(id) FROM storages), 1))",
+                &[],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn import_objects(&mut self, storage_id: i64, objects: &[ObjectRecord]) -> Result<()> {
+        self.write(|tx| {
+            let st = tx.prepare(
+                "INSERT INTO objects(storage_id, id, stored_size, plain_size, state, valid, touched_ms, key_id) VALUES ($1,$2,$3,$4,$5,$6,$7,$8)",
+            )?;
+            for o in objects {
+                tx.execute(
+                    &st,
+                    &[
+                        &storage_id,
+                        &&o.id.0[..],
+                        &(o.stored_size as i64),
+                        &(o.plain_size as i64),
+                        &o.state,
+                        &o.valid,
+                        &o.touched_ms,
+                        &o.key.map(|k| k.as_i64()),
+                    ],
+                )?;
+            }
+            Ok(())
+        })
+    }
+
+    fn import_version(&mut self, v: &Version, index: Option<&[u8]>) -> Result<()> {
+        let storage_id = self.storage_id(&v.storage)?;
+        self.write(|tx| insert_version(tx, v, storage_id, index))
+    }
+
+    /// PostgreSQL's autovacuum makes the space of deleted rows reusable by itself; giving
+    /// it back to the filesystem (VACUUM FULL) would lock the tables every host uses.
+    fn reclaim_space(&mut self) -> Result<u64> {
+        Ok(0)
+    }
+}

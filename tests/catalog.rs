@@ -1,0 +1,361 @@
+//! The PostgreSQL catalog, as a user meets it: a repository whose `database` is a
+//! postgresql:// URL on a real PostgreSQL server (started by the test), moving a
+//! repository's catalog from SQLite to PostgreSQL and back (`database migrate`),
+//! rebuilding into PostgreSQL, and the ways it is misconfigured or fails: a wrong
+//! password, an unreachable server, a database of another repository, a catalog newer
+//! than the binary, a server restarted under a repository in use.
+
+mod common;
+use common::pg::PgServer;
+use common::*;
+
+const BS: usize = 64 * 1024;
+
+/// A repository in a temporary directory whose catalog is `database` (a URL or a path),
+/// through a configuration file, as a user sets it up.
+fn config_repo(database: &str) -> Repo {
+    let repo = Repo { dir: tempfile::tempdir().unwrap(), catalog: None };
+    let config = format!(
+        "home = \"{home}\"\ndatabase = \"{database}\"\n[[storage]]\nname = \"default\"\nkind = \"file\"\npath = \"{home}/storage\"\n",
+        home = repo.home().display()
+    );
+    std::fs::write(repo.path("keepfs.toml"), config).unwrap();
+    repo
+}
+
+fn run_cfg(repo: &Repo, args: &[&str]) -> Run {
+    let cfg = repo.path("keepfs.toml");
+    let cfg = cfg.to_str().unwrap();
+    let mut all = vec!["--config", cfg];
+    all.extend_from_slice(args);
+    repo.run(&all)
+}
+
+fn ok_cfg(repo: &Repo, args: &[&str]) -> String {
+    let r = run_cfg(repo, args);
+    assert_eq!(r.code, 0, "keepfs {args:?} failed:\n{}\n{}", r.stdout, r.stderr);
+    r.stdout
+}
+
+/// Every version's stored index, read straight from each catalog.
+fn sqlite_indexes(path: &std::path::Path) -> Vec<(i64, Vec<u8>)> {
+    let conn = rusqlite::Connection::open(path).unwrap();
+    let mut st = conn.prepare("SELECT uid, data FROM version_index ORDER BY uid").unwrap();
+    st.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).unwrap().collect::<Result<_, _>>().unwrap()
+}
+
+fn pg_indexes(url: &str) -> Vec<(i64, Vec<u8>)> {
+    let mut c = postgres::Client::connect(url, postgres::NoTls).unwrap();
+    c.query("SELECT uid, data FROM version_index ORDER BY uid", &[])
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+}
+
+fn ls_json(repo: &Repo, env: &[(&str, &str)]) -> serde_json::Value {
+    let r = repo.run_env(&["ls", "--format", "json"], env);
+    assert_eq!(r.code, 0, "ls: {}", r.stderr);
+    serde_json::from_str(&r.stdout).unwrap()
+}
+
+/// A user's session on a PostgreSQL catalog: backups (the second deduplicated against
+/// the first), labels, restore byte-identical, rm + cleanup freeing the blocks only the
+/// removed version had, all through the server.
+#[test]
+fn a_repository_on_postgresql_backs_up_restores_and_cleans_up() {
+    let pg = PgServer::start();
+    let url = pg.url(&pg.create_db("session"));
+    let repo = config_repo(&url);
+    // Distinct random blocks: the first one is only in the first version.
+    let img = random_bytes(1, 12 * BS + 100);
+    std::fs::write(repo.path("img"), &img).unwrap();
+    let src = repo.url("img");
+    let v1 = ok_cfg(&repo, &["backup", &src, "vm", "-b", "64k", "-l", "tier=gold"]).trim().to_string();
+    let mut img2 = img.clone();
+    img2[..BS].copy_from_slice(&random_bytes(77, BS));
+    std::fs::write(repo.path("img"), &img2).unwrap();
+    let v2 = ok_cfg(&repo, &["backup", &src, "vm", "-b", "64k"]).trim().to_string();
+    let stored_before = repo.block_objects();
+
+    let out = repo.path("out").display().to_string();
+    ok_cfg(&repo, &["restore", &v1, &format!("file://{out}")]);
+    assert_eq!(sha256_file(&repo.path("out")), sha256_file_bytes(&img));
+    let ls: serde_json::Value = serde_json::from_str(&ok_cfg(&repo, &["ls", "--format", "json"])).unwrap();
+    let versions = ls.as_array().unwrap();
+    assert_eq!(versions.len(), 2);
+    assert_eq!(versions[0]["labels"]["tier"], "gold");
+    assert_eq!(
+        versions[1]["stats"]["bytes_written"].as_u64(),
+        Some(BS as u64),
+        "the second backup wrote one new block"
+    );
+
+    ok_cfg(&repo, &["rm", "--force", &v1]);
+    let done = ok_cfg(&repo, &["cleanup"]);
+    assert!(done.contains("deleted 1 object(s)"), "{done}");
+    assert_eq!(repo.block_objects(), stored_before - 1, "only the block no other version has is gone");
+    std::fs::remove_file(repo.path("out")).unwrap();
+    ok_cfg(&repo, &["restore", &v2, &format!("file://{out}")]);
+    assert_eq!(sha256_file(&repo.path("out")), sha256_file_bytes(&img2));
+    assert_eq!(pg.psql_in("session", "SELECT COUNT(*) FROM versions"), "1");
+}
+
+fn sha256_file_bytes(b: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(b))
+}
+
+#[test]
+fn a_wrong_password_is_a_one_line_error_with_exit_code_2() {
+    let pg = PgServer::start();
+    let url = pg.url_with(&pg.create_db("pw"), "not-the-password");
+    let repo = config_repo(&url);
+    let r = run_cfg(&repo, &["ls"]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    let line = r.error_line();
+    assert!(line.contains("password authentication failed") && line.contains("check the password"), "{line}");
+    assert!(!line.contains("not-the-password"), "the password is never printed: {line}");
+    assert_eq!(r.stderr.trim().lines().count(), 1, "one line: {}", r.stderr);
+}
+
+/// The password from a `database_password_file`, then from PGPASSFILE.
+#[test]
+fn the_password_comes_from_a_file_or_pgpass() {
+    let pg = PgServer::start();
+    let db = pg.create_db("pwfile");
+    let bare = format!("postgresql://{}@127.0.0.1:{}/{db}", common::pg::USER, pg.port);
+    let repo = config_repo(&bare);
+    std::fs::write(repo.path("pw"), format!("{}\n", common::pg::PASSWORD)).unwrap();
+    // Keys come before the first table of the file: the new key goes on top.
+    let text = std::fs::read_to_string(repo.path("keepfs.toml")).unwrap();
+    let key = format!("database_password_file = \"{}\"\n", repo.path("pw").display());
+    std::fs::write(repo.path("keepfs.toml"), key + &text).unwrap();
+    assert_eq!(run_cfg(&repo, &["ls"]).code, 0);
+
+    let other = config_repo(&bare);
+    let no_pw = other
+        .run_env(&["--config", other.path("keepfs.toml").to_str().unwrap(), "ls"], &[("PGPASSFILE", "/nonexistent")]);
+    assert_eq!(no_pw.code, 2, "{}", no_pw.stderr);
+    assert!(no_pw.error_line().contains("none is configured"), "{}", no_pw.stderr);
+    std::fs::write(
+        other.path("pgpass"),
+        format!("127.0.0.1:{}:{db}:{}:{}\n", pg.port, common::pg::USER, common::pg::PASSWORD),
+    )
+    .unwrap();
+    let pgpass = other.path("pgpass");
+    let r = other.run_env(
+        &["--config", other.path("keepfs.toml").to_str().unwrap(), "ls"],
+        &[("PGPASSFILE", pgpass.to_str().unwrap())],
+    );
+    // The same database, another repository's storage: refused, so the password worked.
+    assert_eq!(r.code, 4, "{}", r.stderr);
+}
+
+/// A server that accepts connections but never answers: the command gives up after the
+/// connect timeout with one line (exit 1) instead of hanging.
+#[test]
+fn an_unreachable_database_times_out_instead_of_hanging() {
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = silent.local_addr().unwrap().port();
+    let repo = config_repo(&format!("postgresql://keepfs:x@127.0.0.1:{port}/keepfs?connect_timeout=2"));
+    let r = run_cfg(&repo, &["ls"]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(r.error_line().contains("no answer within"), "{}", r.stderr);
+    drop(silent);
+    // Nobody listening at all: refused at once, one line, exit 1.
+    let r = run_cfg(&repo, &["ls"]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(r.error_line().contains("cannot connect to postgresql://keepfs:***@127.0.0.1"), "{}", r.stderr);
+}
+
+#[test]
+fn a_database_of_another_repository_is_refused_and_a_newer_catalog_too() {
+    let pg = PgServer::start();
+    let url = pg.url(&pg.create_db("shared"));
+    let first = config_repo(&url);
+    std::fs::write(first.path("img"), mixed_image(2, 4, BS, 0)).unwrap();
+    ok_cfg(&first, &["backup", &first.url("img"), "vm", "-b", "64k"]);
+    let second = config_repo(&url);
+    let r = run_cfg(&second, &["ls"]);
+    assert_eq!(r.code, 4, "{}", r.stderr);
+    assert!(r.error_line().contains("belongs to another repository"), "{}", r.stderr);
+
+    pg.psql_in("shared", "UPDATE keepfs_schema SET version = 99");
+    let r = run_cfg(&first, &["ls"]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(
+        r.error_line().contains("newer than this keepfs knows") && r.error_line().contains("upgrade keepfs"),
+        "{}",
+        r.stderr
+    );
+}
+
+/// SQLite → PostgreSQL → a new SQLite file: `ls --format json` and every version's
+/// index are the same in all three, and the repository works on the new catalog (a
+/// backup deduplicates against blocks recorded before the move, restores match).
+#[test]
+fn database_migrate_copies_the_catalog_to_postgresql_and_back() {
+    let pg = PgServer::start();
+    let url = pg.url(&pg.create_db("moved"));
+    let repo = Repo { dir: tempfile::tempdir().unwrap(), catalog: None };
+    let img = mixed_image(3, 10, BS, 0);
+    std::fs::write(repo.path("img"), &img).unwrap();
+    let v1 = repo.backup("img", "vm", &["-b", "64k", "-l", "app=db"]);
+    let v2 = repo.backup("img", "other", &["-b", "64k"]);
+    repo.ok(&["protect", &v2]);
+    let sqlite = repo.db_file();
+    let before = ls_json(&repo, &[]);
+
+    let r = repo.run(&["database", "migrate", "--to", &url]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stderr.contains("2 version(s)") && r.stderr.contains("checked"), "{}", r.stderr);
+    assert!(!r.stderr.contains(common::pg::PASSWORD), "no password in messages: {}", r.stderr);
+    let on_pg = ls_json(&repo, &[("KEEPFS_DATABASE", &url)]);
+    assert_eq!(on_pg, before);
+    assert_eq!(pg_indexes(&url), sqlite_indexes(&sqlite));
+
+    // Into a catalog that holds something: refused.
+    let again = repo.run(&["database", "migrate", "--to", &url]);
+    assert_eq!(again.code, 4, "{}", again.stderr);
+
+    // The repository goes on on PostgreSQL: a backup of the same image stores nothing new.
+    let blocks = repo.block_objects();
+    let v3 = repo
+        .run_env(&["backup", &repo.url("img"), "vm", "-b", "64k"], &[("KEEPFS_DATABASE", &url)])
+        .stdout
+        .trim()
+        .to_string();
+    assert!(v3.starts_with('V'), "backup on PostgreSQL: {v3}");
+    assert_eq!(repo.block_objects(), blocks, "deduplicated against objects recorded before the move");
+    let out = repo.path("out");
+    let r = repo.run_env(&["restore", &v1, &format!("file://{}", out.display())], &[("KEEPFS_DATABASE", &url)]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(sha256_file(&out), sha256_file(&repo.path("img")));
+
+    // And back into a new SQLite file.
+    let back = repo.path("back.sqlite");
+    let r = repo.run_env(&["database", "migrate", "--to", back.to_str().unwrap()], &[("KEEPFS_DATABASE", &url)]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let on_pg = ls_json(&repo, &[("KEEPFS_DATABASE", &url)]);
+    assert_eq!(ls_json(&repo, &[("KEEPFS_DATABASE", back.to_str().unwrap())]), on_pg);
+    assert_eq!(sqlite_indexes(&back), pg_indexes(&url));
+    assert_eq!(on_pg.as_array().unwrap().len(), 3);
+}
+
+/// `database rebuild` into an empty PostgreSQL database recreates what the SQLite
+/// catalog held, from the storage alone.
+#[test]
+fn database_rebuild_works_into_postgresql() {
+    let pg = PgServer::start();
+    let url = pg.url(&pg.create_db("rebuilt"));
+    let repo = Repo { dir: tempfile::tempdir().unwrap(), catalog: None };
+    std::fs::write(repo.path("img"), mixed_image(4, 8, BS, 10)).unwrap();
+    let v1 = repo.backup("img", "vm", &["-b", "64k", "-l", "k=v"]);
+    repo.backup("img", "vm", &["-b", "64k"]);
+    let before = ls_json(&repo, &[]);
+    let r = repo.run_env(&["database", "rebuild"], &[("KEEPFS_DATABASE", &url)]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(ls_json(&repo, &[("KEEPFS_DATABASE", &url)]), before);
+    let out = repo.path("out");
+    let r = repo.run_env(&["restore", &v1, &format!("file://{}", out.display())], &[("KEEPFS_DATABASE", &url)]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(sha256_file(&out), sha256_file(&repo.path("img")));
+    let scrub = repo.run_env(&["deep-scrub", &v1], &[("KEEPFS_DATABASE", &url)]);
+    assert_eq!(scrub.code, 0, "{}", scrub.stderr);
+}
+
+/// The server restarts between commands of a repository in use: the next command
+/// connects again and finds everything as it was.
+#[test]
+fn a_restarted_server_is_met_with_a_new_connection() {
+    let pg = PgServer::start();
+    let url = pg.url(&pg.create_db("restart"));
+    let repo = config_repo(&url);
+    std::fs::write(repo.path("img"), mixed_image(5, 6, BS, 0)).unwrap();
+    let v1 = ok_cfg(&repo, &["backup", &repo.url("img"), "vm", "-b", "64k"]).trim().to_string();
+    pg.restart();
+    let ls: serde_json::Value = serde_json::from_str(&ok_cfg(&repo, &["ls", "--format", "json"])).unwrap();
+    assert_eq!(ls[0]["uid"], v1.as_str());
+    assert_eq!(ls[0]["status"], "valid");
+}
+
+/// One cleanup per storage at a time, on either catalog: while this process holds the
+/// claim, `keepfs cleanup` is refused with one line naming the holder (exit 4) and
+/// deletes nothing (a dry run still plans); once the claim is let go, cleanup runs.
+#[test]
+fn only_one_cleanup_runs_per_storage_at_a_time() {
+    let repo = Repo::new();
+    std::fs::write(repo.path("img"), random_bytes(9, 4 * BS)).unwrap();
+    let v = repo.backup("img", "vm", &["-b", "64k"]);
+    repo.ok(&["rm", "--force", &v]);
+    let engine = keepfs::Repository::open(repo.engine_config()).unwrap();
+    let claim = engine.claim_cleanup("default").unwrap();
+    let r = repo.run(&["cleanup"]);
+    assert_eq!(r.code, 4, "{}", r.stderr);
+    let me = format!("a cleanup of storage 'default' is running (pid {} on ", std::process::id());
+    assert!(r.error_line().contains(&me) && r.error_line().contains("wait for it to finish"), "{}", r.stderr);
+    assert_eq!(repo.block_objects(), 4, "the refused cleanup deleted nothing");
+    assert!(repo.ok(&["cleanup", "--dry-run"]).contains("would delete 4 unreferenced object(s)"));
+    drop(claim);
+    let done = repo.ok(&["cleanup"]);
+    assert!(done.contains("deleted 4 object(s)"), "{done}");
+    assert_eq!(repo.block_objects(), 0);
+}
+
+/// PostgreSQL restarts while a backup runs (the server ends every session): the backup
+/// fails with one line and leaves an incomplete version, nothing half-committed, and
+/// `backup --continue` finishes it into a version that restores byte-identical. (A
+/// backup that finishes before the restart has nothing to continue.)
+#[test]
+fn a_backup_in_flight_when_the_server_restarts_is_finished_by_continue() {
+    let pg = PgServer::start();
+    let db = pg.create_db("inflight");
+    let repo = config_repo(&pg.url(&db));
+    std::fs::write(repo.path("img"), random_bytes(61, 24 << 20)).unwrap();
+    let url = repo.url("img");
+    let cfg = repo.path("keepfs.toml");
+    let cfg = cfg.to_str().unwrap().to_string();
+    let child = repo
+        .command(&["--config", &cfg, "backup", &url, "vm", "-b", "4k"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait for a state: the version exists and objects are being recorded.
+    let started = std::time::Instant::now();
+    let mut watch = postgres::Client::connect(&pg.url(&db), postgres::NoTls).unwrap();
+    loop {
+        assert!(started.elapsed() < std::time::Duration::from_secs(120), "the backup never started recording");
+        // An error: the tables are not made yet.
+        let recorded = watch.query_one("SELECT count(*) FROM objects", &[]).map(|r| r.get::<_, i64>(0)).unwrap_or(0);
+        if recorded > 0 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    drop(watch);
+    pg.restart();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let uid = match out.status.code() {
+        Some(0) => String::from_utf8_lossy(&out.stdout).trim().to_string(),
+        Some(1) => {
+            let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("keepfs: error:")).collect();
+            assert_eq!(errors.len(), 1, "{stderr}");
+            let ls: serde_json::Value = serde_json::from_str(&ok_cfg(&repo, &["ls", "--format", "json"])).unwrap();
+            assert_eq!(ls[0]["status"], "incomplete", "nothing half-committed: {ls}");
+            let uid = ls[0]["uid"].as_str().unwrap().to_string();
+            let done = ok_cfg(&repo, &["backup", "--continue", &uid, &url, "vm"]);
+            assert_eq!(done.trim(), uid);
+            uid
+        }
+        other => panic!("backup ended with {other:?}: {stderr}"),
+    };
+    let ls: serde_json::Value = serde_json::from_str(&ok_cfg(&repo, &["ls", "--format", "json"])).unwrap();
+    assert_eq!(ls.as_array().unwrap().len(), 1);
+    assert_eq!(ls[0]["status"], "valid");
+    let restored = repo.path("out");
+    ok_cfg(&repo, &["restore", &uid, &format!("file://{}", restored.display())]);
+    assert_eq!(sha256_file(&restored), sha256_file(&repo.path("img")));
+}

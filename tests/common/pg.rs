@@ -1,0 +1,145 @@
+//! A real PostgreSQL server for the tests of the PostgreSQL catalog: Debian's server
+//! binaries (`/usr/lib/postgresql/*/bin`), a data directory in a temporary directory,
+//! a free port on 127.0.0.1, password (scram-sha-256) authentication for user `keepfs`.
+//! Stopped and removed when dropped. As root the server runs as the `postgres` user.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+pub const USER: &str = "keepfs";
+pub const PASSWORD: &str = "keepfs-test";
+
+pub struct PgServer {
+    pub dir: tempfile::TempDir,
+    pub port: u16,
+    bin: PathBuf,
+}
+
+fn server_bin() -> PathBuf {
+    let mut found: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .map(|d| d.filter_map(|e| e.ok()).map(|e| e.path().join("bin")).filter(|b| b.join("pg_ctl").exists()).collect())
+        .unwrap_or_default();
+    found.sort();
+    found.pop().expect("no PostgreSQL server in /usr/lib/postgresql (apt-get install postgresql)")
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+impl PgServer {
+    fn as_server(&self, tool: &str) -> Command {
+        let mut c = if is_root() {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(self.bin.join(tool));
+            c
+        } else {
+            Command::new(self.bin.join(tool))
+        };
+        c.current_dir(self.dir.path());
+        c
+    }
+
+    fn run(&self, tool: &str, args: &[&str]) {
+        let out = self.as_server(tool).args(args).output().unwrap_or_else(|e| panic!("{tool}: {e}"));
+        assert!(
+            out.status.success(),
+            "{tool} {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    fn data(&self) -> String {
+        self.dir.path().join("data").display().to_string()
+    }
+
+    /// Starts a new server and makes the `keepfs` role (allowed to create databases).
+    pub fn start() -> PgServer {
+        let dir = tempfile::tempdir().expect("temp dir");
+        if is_root() {
+            let ok = Command::new("chown").arg("postgres").arg(dir.path()).status().unwrap().success();
+            assert!(ok, "chown postgres {}", dir.path().display());
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let s = PgServer { dir, port, bin: server_bin() };
+        s.run("initdb", &["-D", &s.data(), "-U", "postgres", "-A", "trust"]);
+        std::fs::write(
+            s.dir.path().join("data/pg_hba.conf"),
+            "local all all trust\nhost all all 127.0.0.1/32 scram-sha-256\n",
+        )
+        .unwrap();
+        s.pg_ctl_start();
+        s.psql(&format!("CREATE ROLE {USER} LOGIN CREATEDB PASSWORD '{PASSWORD}'"));
+        s
+    }
+
+    fn pg_ctl_start(&self) {
+        let opts = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=100",
+            self.port,
+            self.dir.path().display()
+        );
+        let log = self.dir.path().join("log").display().to_string();
+        self.run("pg_ctl", &["-D", &self.data(), "-l", &log, "-w", "-t", "120", "-o", &opts, "start"]);
+    }
+
+    /// Runs SQL as the superuser over the local socket.
+    pub fn psql(&self, sql: &str) -> String {
+        self.psql_in("postgres", sql)
+    }
+
+    pub fn psql_in(&self, db: &str, sql: &str) -> String {
+        let sock = self.dir.path().display().to_string();
+        let out = self
+            .as_server("psql")
+            .args([
+                "-X",
+                "-q",
+                "-A",
+                "-t",
+                "-h",
+                &sock,
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "postgres",
+                "-d",
+                db,
+                "-c",
+                sql,
+            ])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "psql {sql}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    /// A new, empty database owned by `keepfs`; returns its name.
+    pub fn create_db(&self, name: &str) -> String {
+        self.psql(&format!("CREATE DATABASE {name} OWNER {USER}"));
+        name.to_string()
+    }
+
+    /// The URL of database `db` for user `keepfs` with `password`.
+    pub fn url_with(&self, db: &str, password: &str) -> String {
+        format!("postgresql://{USER}:{password}@127.0.0.1:{}/{db}", self.port)
+    }
+
+    pub fn url(&self, db: &str) -> String {
+        self.url_with(db, PASSWORD)
+    }
+
+    /// Stops the server (fast: sessions are disconnected) and starts it again.
+    pub fn restart(&self) {
+        self.run("pg_ctl", &["-D", &self.data(), "-m", "fast", "-w", "stop"]);
+        self.pg_ctl_start();
+    }
+}
+
+impl Drop for PgServer {
+    fn drop(&mut self) {
+        let _ = self.as_server("pg_ctl").args(["-D", &self.data(), "-m", "immediate", "-w", "stop"]).output();
+    }
+}

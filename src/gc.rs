@@ -12,7 +12,7 @@
 //! start, so nothing written or touched since then is swept.
 
 use crate::block::BlockId;
-use crate::catalog::{OBJECT_DELETING, now_ms};
+use crate::catalog::OBJECT_DELETING;
 use crate::error::{Error, Result};
 use crate::index::BlockIndex;
 use crate::repo::Repository;
@@ -151,7 +151,7 @@ impl Repository {
     /// The cutoff below which unreferenced objects may go: the start of the oldest live
     /// writing session, or now.
     fn cleanup_cutoff(&self) -> Result<i64> {
-        let now = now_ms();
+        let now = self.db().now_ms()?;
         let live = self.db().live_sessions()?;
         Ok(live.iter().filter(|s| s.writes).map(|s| s.started_ms).min().unwrap_or(now).min(now))
     }
@@ -253,7 +253,7 @@ impl Repository {
     /// touches every object it writes or reuses after its version's start, so nothing it
     /// (or a `--continue` of it) relies on is older than that.
     fn spare_incomplete(&self, storage: &str, cutoff: i64) -> Result<(i64, Vec<SparedVersion>)> {
-        let now = now_ms();
+        let now = self.db().now_ms()?;
         let grace = self.config.incomplete_grace.num_milliseconds().max(0);
         let db = self.db();
         let live: HashSet<i64> = db.live_sessions()?.into_iter().map(|s| s.id).collect();

@@ -359,3 +359,82 @@ fn a_backup_in_flight_when_the_server_restarts_is_finished_by_continue() {
     ok_cfg(&repo, &["restore", &uid, &format!("file://{}", restored.display())]);
     assert_eq!(sha256_file(&restored), sha256_file(&repo.path("img")));
 }
+
+/// Two hosts share a catalog, and one host's clock is two days behind (a real clock,
+/// shifted by libfaketime). Its backup runs while the other host cleans up: the cleanup
+/// must judge the backup by the catalog's clock, see it running and spare everything it
+/// wrote, so the version it commits restores byte-identical. (Judged by the hosts'
+/// clocks, its session looked two days dead and its objects two days old: the cleanup
+/// deleted them under it.)
+#[test]
+fn a_host_with_a_wrong_clock_keeps_its_running_backup_safe_from_another_hosts_cleanup() {
+    assert!(
+        std::process::Command::new("faketime").arg("--version").output().is_ok(),
+        "faketime is not installed (apt-get install faketime; .ci/run installs it)"
+    );
+    let pg = PgServer::start();
+    let db = pg.create_db("clocks");
+    let repo = Repo { dir: tempfile::tempdir().unwrap(), catalog: None };
+    let config = format!(
+        "home = \"{home}\"\ndatabase = \"{url}\"\n[[storage]]\nname = \"default\"\nkind = \"file\"\npath = \"{home}/storage\"\nwrite_bandwidth = \"256k\"\n",
+        home = repo.home().display(),
+        url = pg.url(&db)
+    );
+    std::fs::write(repo.path("keepfs.toml"), config).unwrap();
+    let cfg = repo.path("keepfs.toml").to_str().unwrap().to_string();
+    std::fs::write(repo.path("img"), random_bytes(71, 2 << 20)).unwrap();
+    let url = repo.url("img");
+
+    let behind = std::process::Command::new("faketime")
+        .args(["-f", "-2d", KEEPFS, "--config", &cfg, "backup", &url, "vm", "-b", "64k"])
+        .env("KEEPFS_HOST", "behind")
+        .env_remove("KEEPFS_DATABASE")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait for a state: the backup has recorded objects.
+    let mut watch = postgres::Client::connect(&pg.url(&db), postgres::NoTls).unwrap();
+    let started = std::time::Instant::now();
+    loop {
+        assert!(started.elapsed() < std::time::Duration::from_secs(120), "the backup never started recording");
+        let recorded = watch.query_one("SELECT count(*) FROM objects", &[]).map(|r| r.get::<_, i64>(0)).unwrap_or(0);
+        if recorded > 0 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // The backup's session and version carry the catalog's time, not its host's.
+    let skew: i64 = watch
+        .query_one(
+            "SELECT max(abs((extract(epoch from clock_timestamp()) * 1000)::bigint - started_ms)) FROM sessions WHERE host = 'behind'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert!(skew < 3_600_000, "the session's start is the catalog's time, not the host's (off by {skew} ms)");
+
+    let cleanup = repo
+        .command(&["--config", &cfg, "cleanup"])
+        .env("KEEPFS_HOST", "ahead")
+        .env_remove("KEEPFS_DATABASE")
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&cleanup.stdout).to_string() + &String::from_utf8_lossy(&cleanup.stderr);
+    assert!(cleanup.status.success(), "{said}");
+    assert!(said.contains("its backup is running"), "the other host's backup is seen running: {said}");
+    assert!(said.contains("deleted 0 object(s)"), "{said}");
+
+    let out = behind.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let uid = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let ls: serde_json::Value = serde_json::from_str(&ok_cfg(&repo, &["ls", "--format", "json"])).unwrap();
+    let date = ls[0]["date"].as_str().unwrap_or_default().to_string();
+    let today = chrono::Utc::now().format("%Y-%m-%d").to_string();
+    assert!(date.starts_with(&today), "the version is dated by the catalog's clock: {date}");
+    let deep = run_cfg(&repo, &["deep-scrub", &uid]);
+    assert_eq!(deep.code, 0, "{}", deep.stderr);
+    let restored = repo.path("out");
+    ok_cfg(&repo, &["restore", &uid, &format!("file://{}", restored.display())]);
+    assert_eq!(sha256_file(&restored), sha256_file(&repo.path("img")));
+}

@@ -438,3 +438,56 @@ fn a_host_with_a_wrong_clock_keeps_its_running_backup_safe_from_another_hosts_cl
     ok_cfg(&repo, &["restore", &uid, &format!("file://{}", restored.display())]);
     assert_eq!(sha256_file(&restored), sha256_file(&repo.path("img")));
 }
+
+/// The misconfiguration a shared catalog replaces: two hosts, each with a SQLite catalog
+/// of its own, back up into one storage. The second host's first backup is refused (its
+/// uid is taken), naming the fixes; a catalog that knows only some of the storage's
+/// versions warns at each backup, and its cleanup refuses (it would delete the other
+/// versions' blocks), saying what to do; once it knows them all, cleanup keeps every
+/// version whole.
+#[test]
+fn two_catalogs_on_one_storage_are_warned_about_and_cleanup_refuses() {
+    let shared = tempfile::tempdir().unwrap();
+    let host = |seed: u64| {
+        let repo = Repo { dir: tempfile::tempdir().unwrap(), catalog: None };
+        let config = format!(
+            "home = \"{home}\"\n[[storage]]\nname = \"default\"\nkind = \"file\"\npath = \"{storage}\"\n",
+            home = repo.home().display(),
+            storage = shared.path().display()
+        );
+        std::fs::write(repo.path("keepfs.toml"), config).unwrap();
+        std::fs::write(repo.path("img"), random_bytes(seed, 8 * BS)).unwrap();
+        repo
+    };
+    let (a, b) = (host(7), host(14));
+    let v1 = ok_cfg(&a, &["backup", &a.url("img"), "vm-a", "-b", "64k"]).trim().to_string();
+    let v2 = ok_cfg(&a, &["backup", &a.url("img"), "vm-a", "-b", "64k"]).trim().to_string();
+
+    let r = run_cfg(&b, &["backup", &b.url("img"), "vm-b", "-b", "64k"]);
+    assert_eq!(r.code, 4, "{}", r.stderr);
+    assert!(r.error_line().contains(&format!("already holds version {v1}")), "{}", r.stderr);
+    assert!(r.error_line().contains("one shared catalog"), "{}", r.stderr);
+
+    // A catalog that knows the newer version only (an older copy, say).
+    ok_cfg(&b, &["metadata", "restore", &v2]);
+    let r = run_cfg(&b, &["backup", &b.url("img"), "vm-b", "-b", "64k"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let v3 = r.stdout.trim().to_string();
+    let warning = r.stderr.lines().find(|l| l.starts_with("keepfs: warning:")).unwrap_or_default();
+    assert!(warning.contains(&format!("1 version(s) this catalog does not know ({v1})")), "{}", r.stderr);
+    assert!(warning.contains("postgresql://"), "{warning}");
+
+    let c = run_cfg(&b, &["cleanup"]);
+    assert_eq!(c.code, 4, "{}", c.stderr);
+    assert!(c.error_line().contains(&format!("keepfs metadata restore {v1}")), "{}", c.stderr);
+    assert!(c.error_line().contains("one shared catalog"), "{}", c.stderr);
+
+    ok_cfg(&b, &["metadata", "restore", &v1]);
+    ok_cfg(&b, &["cleanup"]);
+    for (repo, uid) in [(&b, &v1), (&b, &v2), (&b, &v3)] {
+        let out = repo.path("out");
+        ok_cfg(repo, &["restore", "--force", uid, &format!("file://{}", out.display())]);
+        let want = if uid == &v3 { b.path("img") } else { a.path("img") };
+        assert_eq!(sha256_file(&out), sha256_file(&want), "{uid}");
+    }
+}

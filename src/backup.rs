@@ -702,7 +702,7 @@ impl Repository {
         if retry(STORAGE_ATTEMPTS, || st.exists(&version_key(uid)))? {
             self.db.lock().remove_version(uid)?;
             return Err(Error::Refused(format!(
-                "storage '{storage}' already holds version {uid}, which this database does not know (an older copy of the database?); run `keepfs metadata restore {uid}` (and any later uids) or `keepfs database rebuild` first"
+                "storage '{storage}' already holds version {uid}, which this database does not know (an older copy of the database, or another host writing here with a catalog of its own); run `keepfs metadata restore {uid}` (and any later uids) or `keepfs database rebuild` first, or give every host that writes here one shared catalog (database = \"postgresql://…\", docs/scale-out.md)"
             )));
         }
         if let Some(e) = &opts.expire {

@@ -73,6 +73,9 @@ pub struct Config {
     pub database_url: Option<String>,
     /// A file holding the PostgreSQL catalog's password (`database_password_file`).
     pub database_password_file: Option<PathBuf>,
+    /// This host's name on sessions and locks in a shared catalog (`host`; `KEEPFS_HOST`
+    /// overrides it; default: the system's host name).
+    pub host: Option<String>,
     pub storages: Vec<StorageConfig>,
     pub default_storage: String,
     pub block_size: u32,
@@ -160,6 +163,7 @@ struct FileConfig {
     home: Option<PathBuf>,
     database: Option<String>,
     database_password_file: Option<PathBuf>,
+    host: Option<String>,
     default_storage: Option<String>,
     block_size: Option<toml::Value>,
     compression_level: Option<i32>,
@@ -337,6 +341,7 @@ impl Config {
             database: home.join("keepfs.sqlite"),
             database_url: None,
             database_password_file: None,
+            host: None,
             storages: vec![StorageConfig::new(DEFAULT_STORAGE, StorageKind::File { path: home.join("storage") })],
             default_storage: DEFAULT_STORAGE.to_string(),
             block_size: DEFAULT_BLOCK_SIZE,
@@ -426,6 +431,14 @@ impl Config {
             }
         }
         c.database_password_file = f.database_password_file;
+        if let Some(h) = f.host {
+            if h.trim().is_empty() || h.contains(char::is_whitespace) {
+                return Err(bad(format!(
+                    "host '{h}': a name without spaces, different for every host sharing a catalog"
+                )));
+            }
+            c.host = Some(h);
+        }
         if !f.storage.is_empty() {
             c.storages.clear();
             for s in f.storage {

@@ -12,7 +12,7 @@
 //! start, so nothing written or touched since then is swept.
 
 use crate::block::BlockId;
-use crate::catalog::{OBJECT_DELETING, now_ms};
+use crate::catalog::OBJECT_DELETING;
 use crate::error::{Error, Result};
 use crate::index::BlockIndex;
 use crate::repo::Repository;
@@ -151,7 +151,7 @@ impl Repository {
     /// The cutoff below which unreferenced objects may go: the start of the oldest live
     /// writing session, or now.
     fn cleanup_cutoff(&self) -> Result<i64> {
-        let now = now_ms();
+        let now = self.db().now_ms()?;
         let live = self.db().live_sessions()?;
         Ok(live.iter().filter(|s| s.writes).map(|s| s.started_ms).min().unwrap_or(now).min(now))
     }
@@ -160,11 +160,7 @@ impl Repository {
         let st = self.storage_to_delete_from(storage)?;
         // A version object the database does not know means the database is older than
         // the storage (a restored copy): its blocks would look unreferenced. Refuse.
-        let in_storage: Vec<VersionUid> = st
-            .list("versions/")?
-            .iter()
-            .filter_map(|e| e.key.strip_prefix("versions/").and_then(|u| VersionUid::parse(u).ok()))
-            .collect();
+        let in_storage = version_objects(st.as_ref())?;
         let running_cutoff = self.cleanup_cutoff()?;
         let (cutoff_ms, spared) = self.spare_incomplete(storage, running_cutoff)?;
         let db = self.db();
@@ -172,7 +168,7 @@ impl Repository {
         let unknown: Vec<String> = in_storage.iter().filter(|u| !known.contains(u)).map(|u| u.to_string()).collect();
         if !unknown.is_empty() {
             return Err(Error::Refused(format!(
-                "storage '{storage}' holds version(s) {} that the database does not know (an older copy of the database?); run `keepfs metadata restore {}` first — cleanup would delete their blocks",
+                "storage '{storage}' holds version(s) {} that the database does not know (an older copy of the database, or another host writing here with a catalog of its own); cleanup would delete their blocks: run `keepfs metadata restore {}` to take them in, or give every host that writes here one shared catalog (database = \"postgresql://…\", docs/scale-out.md)",
                 unknown.join(", "),
                 unknown.join(" ")
             )));
@@ -253,7 +249,7 @@ impl Repository {
     /// touches every object it writes or reuses after its version's start, so nothing it
     /// (or a `--continue` of it) relies on is older than that.
     fn spare_incomplete(&self, storage: &str, cutoff: i64) -> Result<(i64, Vec<SparedVersion>)> {
-        let now = now_ms();
+        let now = self.db().now_ms()?;
         let grace = self.config.incomplete_grace.num_milliseconds().max(0);
         let db = self.db();
         let live: HashSet<i64> = db.live_sessions()?.into_iter().map(|s| s.id).collect();
@@ -318,7 +314,25 @@ impl Repository {
     }
 }
 
+/// The uids of the version objects a storage holds.
+fn version_objects(st: &dyn crate::storage::Storage) -> Result<Vec<VersionUid>> {
+    Ok(st
+        .list("versions/")?
+        .iter()
+        .filter_map(|e| e.key.strip_prefix("versions/").and_then(|u| VersionUid::parse(u).ok()))
+        .collect())
+}
+
 impl Repository {
+    /// Version objects in `storage` that this catalog does not know: another catalog
+    /// (another host with a database of its own) writes to the storage, or this catalog
+    /// is an older copy. A backup warns about them; cleanup refuses while there are any.
+    pub fn unknown_versions(&self, storage: &str) -> Result<Vec<VersionUid>> {
+        let in_storage = version_objects(self.storage_to_delete_from(storage)?.as_ref())?;
+        let known: HashSet<VersionUid> = self.db().list_versions()?.into_iter().map(|v| v.uid).collect();
+        Ok(in_storage.into_iter().filter(|u| !known.contains(u)).collect())
+    }
+
     /// After a cleanup: gives the database pages of removed versions and objects back to
     /// the filesystem; returns how many bytes the database file shrank.
     pub fn reclaim_catalog_space(&self) -> Result<u64> {

@@ -943,6 +943,23 @@ fn run(cli: Cli) -> Result<i32> {
                 format_size(s.bytes_deduplicated),
                 format_size(s.bytes_sparse)
             );
+            // Another catalog writing to this storage (a host with a database of its own)
+            // shows as version objects this catalog does not know: say so now, not only
+            // when a cleanup refuses. A failure to look is not the backup's failure.
+            match repo.unknown_versions(&v.storage) {
+                Ok(unknown) if !unknown.is_empty() => {
+                    let shown: Vec<String> = unknown.iter().take(5).map(|u| u.to_string()).collect();
+                    note!(
+                        "keepfs: warning: storage '{}' holds {} version(s) this catalog does not know ({}{}): another host with a catalog of its own writes here? Share one catalog (database = \"postgresql://…\", docs/scale-out.md) or take them in with `keepfs metadata restore`; cleanup refuses until then",
+                        v.storage,
+                        unknown.len(),
+                        shown.join(", "),
+                        if unknown.len() > shown.len() { ", …" } else { "" }
+                    );
+                }
+                Ok(_) => {}
+                Err(e) => note!("keepfs: warning: could not list the storage's versions: {e}"),
+            }
             if cli_output::json() {
                 report!("{}", to_json(&v)?);
             } else {

@@ -107,6 +107,9 @@ impl Repository {
             .modes
             .create_dir_all(&config.home)
             .map_err(|e| Error::io(format!("cannot create the keepfs home {}", config.home.display()), e))?;
+        if let Some(h) = &config.host {
+            crate::catalog::set_host(h);
+        }
         let db = crate::catalog::open(&config.catalog_location(), config.modes)?;
         if db.engine() != "sqlite" {
             crate::catalog::check_owner(db.as_ref(), &config)?;

@@ -359,3 +359,135 @@ fn a_backup_in_flight_when_the_server_restarts_is_finished_by_continue() {
     ok_cfg(&repo, &["restore", &uid, &format!("file://{}", restored.display())]);
     assert_eq!(sha256_file(&restored), sha256_file(&repo.path("img")));
 }
+
+/// Two hosts share a catalog, and one host's clock is two days behind (a real clock,
+/// shifted by libfaketime). Its backup runs while the other host cleans up: the cleanup
+/// must judge the backup by the catalog's clock, see it running and spare everything it
+/// wrote, so the version it commits restores byte-identical. (Judged by the hosts'
+/// clocks, its session looked two days dead and its objects two days old: the cleanup
+/// deleted them under it.)
+#[test]
+fn a_host_with_a_wrong_clock_keeps_its_running_backup_safe_from_another_hosts_cleanup() {
+    assert!(
+        std::process::Command::new("faketime").arg("--version").output().is_ok(),
+        "faketime is not installed (apt-get install faketime; .ci/run installs it)"
+    );
+    let pg = PgServer::start();
+    let db = pg.create_db("clocks");
+    let repo = Repo { dir: tempfile::tempdir().unwrap(), catalog: None };
+    let config = format!(
+        "home = \"{home}\"\ndatabase = \"{url}\"\n[[storage]]\nname = \"default\"\nkind = \"file\"\npath = \"{home}/storage\"\nwrite_bandwidth = \"256k\"\n",
+        home = repo.home().display(),
+        url = pg.url(&db)
+    );
+    std::fs::write(repo.path("keepfs.toml"), config).unwrap();
+    let cfg = repo.path("keepfs.toml").to_str().unwrap().to_string();
+    std::fs::write(repo.path("img"), random_bytes(71, 2 << 20)).unwrap();
+    let url = repo.url("img");
+
+    let behind = std::process::Command::new("faketime")
+        .args(["-f", "-2d", KEEPFS, "--config", &cfg, "backup", &url, "vm", "-b", "64k"])
+        .env("KEEPFS_HOST", "behind")
+        .env_remove("KEEPFS_DATABASE")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait for a state: the backup has recorded objects.
+    let mut watch = postgres::Client::connect(&pg.url(&db), postgres::NoTls).unwrap();
+    let started = std::time::Instant::now();
+    loop {
+        assert!(started.elapsed() < std::time::Duration::from_secs(120), "the backup never started recording");
+        let recorded = watch.query_one("SELECT count(*) FROM objects", &[]).map(|r| r.get::<_, i64>(0)).unwrap_or(0);
+        if recorded > 0 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // The backup's session and version carry the catalog's time, not its host's.
+    let skew: i64 = watch
+        .query_one(
+            "SELECT max(abs((extract(epoch from clock_timestamp()) * 1000)::bigint - started_ms)) FROM sessions WHERE host = 'behind'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert!(skew < 3_600_000, "the session's start is the catalog's time, not the host's (off by {skew} ms)");
+
+    let cleanup = repo
+        .command(&["--config", &cfg, "cleanup"])
+        .env("KEEPFS_HOST", "ahead")
+        .env_remove("KEEPFS_DATABASE")
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&cleanup.stdout).to_string() + &String::from_utf8_lossy(&cleanup.stderr);
+    assert!(cleanup.status.success(), "{said}");
+    assert!(said.contains("its backup is running"), "the other host's backup is seen running: {said}");
+    assert!(said.contains("deleted 0 object(s)"), "{said}");
+
+    let out = behind.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let uid = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let ls: serde_json::Value = serde_json::from_str(&ok_cfg(&repo, &["ls", "--format", "json"])).unwrap();
+    let date = ls[0]["date"].as_str().unwrap_or_default().to_string();
+    let today = chrono::Utc::now().format("%Y-%m-%d").to_string();
+    assert!(date.starts_with(&today), "the version is dated by the catalog's clock: {date}");
+    let deep = run_cfg(&repo, &["deep-scrub", &uid]);
+    assert_eq!(deep.code, 0, "{}", deep.stderr);
+    let restored = repo.path("out");
+    ok_cfg(&repo, &["restore", &uid, &format!("file://{}", restored.display())]);
+    assert_eq!(sha256_file(&restored), sha256_file(&repo.path("img")));
+}
+
+/// The misconfiguration a shared catalog replaces: two hosts, each with a SQLite catalog
+/// of its own, back up into one storage. The second host's first backup is refused (its
+/// uid is taken), naming the fixes; a catalog that knows only some of the storage's
+/// versions warns at each backup, and its cleanup refuses (it would delete the other
+/// versions' blocks), saying what to do; once it knows them all, cleanup keeps every
+/// version whole.
+#[test]
+fn two_catalogs_on_one_storage_are_warned_about_and_cleanup_refuses() {
+    let shared = tempfile::tempdir().unwrap();
+    let host = |seed: u64| {
+        let repo = Repo { dir: tempfile::tempdir().unwrap(), catalog: None };
+        let config = format!(
+            "home = \"{home}\"\n[[storage]]\nname = \"default\"\nkind = \"file\"\npath = \"{storage}\"\n",
+            home = repo.home().display(),
+            storage = shared.path().display()
+        );
+        std::fs::write(repo.path("keepfs.toml"), config).unwrap();
+        std::fs::write(repo.path("img"), random_bytes(seed, 8 * BS)).unwrap();
+        repo
+    };
+    let (a, b) = (host(7), host(14));
+    let v1 = ok_cfg(&a, &["backup", &a.url("img"), "vm-a", "-b", "64k"]).trim().to_string();
+    let v2 = ok_cfg(&a, &["backup", &a.url("img"), "vm-a", "-b", "64k"]).trim().to_string();
+
+    let r = run_cfg(&b, &["backup", &b.url("img"), "vm-b", "-b", "64k"]);
+    assert_eq!(r.code, 4, "{}", r.stderr);
+    assert!(r.error_line().contains(&format!("already holds version {v1}")), "{}", r.stderr);
+    assert!(r.error_line().contains("one shared catalog"), "{}", r.stderr);
+
+    // A catalog that knows the newer version only (an older copy, say).
+    ok_cfg(&b, &["metadata", "restore", &v2]);
+    let r = run_cfg(&b, &["backup", &b.url("img"), "vm-b", "-b", "64k"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let v3 = r.stdout.trim().to_string();
+    let warning = r.stderr.lines().find(|l| l.starts_with("keepfs: warning:")).unwrap_or_default();
+    assert!(warning.contains(&format!("1 version(s) this catalog does not know ({v1})")), "{}", r.stderr);
+    assert!(warning.contains("postgresql://"), "{warning}");
+
+    let c = run_cfg(&b, &["cleanup"]);
+    assert_eq!(c.code, 4, "{}", c.stderr);
+    assert!(c.error_line().contains(&format!("keepfs metadata restore {v1}")), "{}", c.stderr);
+    assert!(c.error_line().contains("one shared catalog"), "{}", c.stderr);
+
+    ok_cfg(&b, &["metadata", "restore", &v1]);
+    ok_cfg(&b, &["cleanup"]);
+    for (repo, uid) in [(&b, &v1), (&b, &v2), (&b, &v3)] {
+        let out = repo.path("out");
+        ok_cfg(repo, &["restore", "--force", uid, &format!("file://{}", out.display())]);
+        let want = if uid == &v3 { b.path("img") } else { a.path("img") };
+        assert_eq!(sha256_file(&out), sha256_file(&want), "{uid}");
+    }
+}

@@ -145,7 +145,27 @@ impl ProcessId {
     }
 }
 
+static CONFIGURED_HOST: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// Sets this process's host name from the configuration (`host`); the first one set
+/// stays (one process, one host).
+pub fn set_host(name: &str) {
+    let _ = CONFIGURED_HOST.set(name.to_string());
+}
+
+/// This host's identity on sessions and locks: `KEEPFS_HOST` (or the configuration's
+/// `host`, which sets it), else the system's host name. Hosts sharing a catalog must have
+/// different ones: a session of this host is judged by its process, others' by their
+/// heartbeats.
 pub(crate) fn hostname() -> String {
+    if let Ok(h) = std::env::var("KEEPFS_HOST")
+        && !h.trim().is_empty()
+    {
+        return h.trim().to_string();
+    }
+    if let Some(h) = CONFIGURED_HOST.get() {
+        return h.clone();
+    }
     let mut buf = [0u8; 256];
     // SAFETY: the buffer is valid for its length; gethostname NUL-terminates on success.
     let r = unsafe { libc::gethostname(buf.as_mut_ptr() as *mut libc::c_char, buf.len()) };
@@ -164,10 +184,10 @@ fn proc_start_time(pid: u32) -> Option<u64> {
 }
 
 /// Splits sessions into live and dead ones: a session of this host lives while its
-/// process runs, one of another host while its heartbeat is recent.
-pub(crate) fn partition_live(all: Vec<Session>) -> (Vec<Session>, Vec<Session>) {
+/// process runs, one of another host while its heartbeat is recent (`now` and the
+/// heartbeats are the catalog's clock).
+pub(crate) fn partition_live(all: Vec<Session>, now: i64) -> (Vec<Session>, Vec<Session>) {
     let me = hostname();
-    let now = now_ms();
     all.into_iter().partition(|s| {
         if s.process.host == me { s.process.alive_here() } else { now - s.heartbeat_ms < REMOTE_SESSION_TTL_MS }
     })
@@ -400,4 +420,8 @@ pub trait Catalog: Send {
     /// filesystem after a cleanup; returns how many bytes the catalog shrank (0 where
     /// the engine reclaims space by itself).
     fn reclaim_space(&mut self) -> Result<u64>;
+    /// The catalog's clock (ms since the epoch), which sessions, heartbeats, touches and
+    /// cleanup cutoffs are measured with: the database server's for a shared catalog
+    /// (hosts' clocks are never compared), this host's for SQLite.
+    fn now_ms(&self) -> Result<i64>;
 }

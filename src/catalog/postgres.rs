@@ -10,7 +10,7 @@
 
 use super::{
     Catalog, IncompleteVersion, OBJECT_DELETING, OBJECT_PRESENT, ObjectRecord, ObjectRow, REBUILD_UNFINISHED, Session,
-    StorageRecord, date_text, now_ms, parse_date,
+    StorageRecord, date_text, parse_date,
 };
 use crate::block::BlockId;
 use crate::error::{Error, Result};
@@ -183,6 +183,11 @@ fn pgpass_password(host: &str, port: u16, db: &str, user: &str) -> Option<String
     None
 }
 
+/// The database server's clock in ms since the epoch (`clock_timestamp()`: the time of
+/// the statement, not of the transaction's start).
+const CLOCK_MS: &str = "(extract(epoch from clock_timestamp()) * 1000)::bigint";
+const CLOCK_SELECT: &str = "SELECT (extract(epoch from clock_timestamp()) * 1000)::bigint";
+
 pub struct PostgresCatalog {
     config: postgres::Config,
     /// What to call the database in messages (the URL without its password).
@@ -291,6 +296,12 @@ impl PostgresCatalog {
         let out = f(&mut tx)?;
         tx.commit()?;
         Ok(out)
+    }
+
+    /// The catalog's clock (ms since the epoch): every host stamps sessions, heartbeats,
+    /// touches and version starts with it, so no host's clock is compared with another's.
+    fn clock_ms(&self) -> Result<i64> {
+        Ok(self.client()?.query_one(CLOCK_SELECT, &[])?.get(0))
     }
 
     fn execute(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<u64> {
@@ -411,7 +422,7 @@ fn upsert_objects(
     objects: &[(BlockId, u64, u64)],
     key: Option<KeyId>,
 ) -> Result<()> {
-    let now = now_ms();
+    let now: i64 = tx.query_one(CLOCK_SELECT, &[])?.get(0);
     let st = tx.prepare(
         "INSERT INTO objects(storage_id, id, stored_size, plain_size, state, valid, touched_ms, key_id) VALUES ($1,$2,$3,$4,0,TRUE,$5,$6) \
          ON CONFLICT(storage_id, id) DO UPDATE SET state=0, valid=TRUE, touched_ms=$5, stored_size=$3, key_id=COALESCE($6, objects.key_id)",
@@ -548,20 +559,21 @@ impl Catalog for PostgresCatalog {
 
     fn register_session(&self, purpose: &str, writes: bool) -> Result<i64> {
         let p = super::ProcessId::current();
-        let now = now_ms();
         Ok(first(self.query(
-            "INSERT INTO sessions(pid, host, proc_start, started_ms, heartbeat_ms, purpose, writes) VALUES ($1,$2,$3,$4,$4,$5,$6) RETURNING id",
-            &[&(p.pid as i64), &p.host, &(p.start as i64), &now, &purpose, &writes],
+            &format!(
+                "INSERT INTO sessions(pid, host, proc_start, started_ms, heartbeat_ms, purpose, writes) \
+                 VALUES ($1,$2,$3,{CLOCK_MS},{CLOCK_MS},$4,$5) RETURNING id"
+            ),
+            &[&(p.pid as i64), &p.host, &(p.start as i64), &purpose, &writes],
         )?)?
-            .get(0))
+        .get(0))
     }
 
     fn heartbeat(&self, session: i64) -> Result<()> {
-        let now = now_ms();
-        self.execute("UPDATE sessions SET heartbeat_ms = $1 WHERE id = $2", &[&now, &session])?;
+        self.execute(&format!("UPDATE sessions SET heartbeat_ms = {CLOCK_MS} WHERE id = $1"), &[&session])?;
         self.execute(
-            "UPDATE versions SET active_ms = $1 WHERE session_id = $2 AND status = 'incomplete'",
-            &[&now, &session],
+            &format!("UPDATE versions SET active_ms = {CLOCK_MS} WHERE session_id = $1 AND status = 'incomplete'"),
+            &[&session],
         )?;
         Ok(())
     }
@@ -588,7 +600,7 @@ impl Catalog for PostgresCatalog {
                 writes: r.get(7),
             })
             .collect();
-        let (live, dead) = super::partition_live(all);
+        let (live, dead) = super::partition_live(all, self.clock_ms()?);
         if !dead.is_empty() {
             let ids: Vec<i64> = dead.iter().map(|s| s.id).collect();
             self.execute("DELETE FROM sessions WHERE id = ANY($1)", &[&ids])?;
@@ -631,11 +643,15 @@ impl Catalog for PostgresCatalog {
         let mut client = self.client()?;
         let mut tx = client.transaction()?;
         tx.execute("SELECT pg_advisory_xact_lock($1)", &[&WRITE_LOCK])?;
+        // The version's date is the catalog's time too: cleanup spares an incomplete
+        // version's objects from its start, which must not depend on a host's clock.
+        let now: i64 = tx.query_one(CLOCK_SELECT, &[])?.get(0);
+        let date = chrono::DateTime::from_timestamp_millis(now).unwrap_or_else(Utc::now);
         let uid: i64 = tx
             .query_one(
                 "INSERT INTO versions(name, snapshot, date, size, block_size, status, storage_id, session_id, active_ms) \
                  VALUES ($1,$2,$3,$4,$5,'incomplete',$6,$7,$8) RETURNING uid",
-                &[&name, &snapshot, &date_text(&Utc::now()), &(size as i64), &(block_size as i64), &storage_id, &session, &now_ms()],
+                &[&name, &snapshot, &date_text(&date), &(size as i64), &(block_size as i64), &storage_id, &session, &now],
             )?
             .get(0);
         for (k, v) in labels {
@@ -796,7 +812,10 @@ impl Catalog for PostgresCatalog {
             if owner.is_some_and(|o| o != session && live.contains(&o)) {
                 return Ok(false);
             }
-            tx.execute("UPDATE versions SET session_id=$2, active_ms=$3 WHERE uid=$1", &[&uid, &session, &now_ms()])?;
+            tx.execute(
+                &format!("UPDATE versions SET session_id=$2, active_ms={CLOCK_MS} WHERE uid=$1"),
+                &[&uid, &session],
+            )?;
             Ok(true)
         })
     }
@@ -864,7 +883,7 @@ impl Catalog for PostgresCatalog {
     }
 
     fn lookup_and_touch(&mut self, storage_id: i64, ids: &[BlockId]) -> Result<(HashSet<BlockId>, HashSet<BlockId>)> {
-        let now = now_ms();
+        let now = self.clock_ms()?;
         self.write(|tx| {
             let mut present = HashSet::new();
             let mut tombstoned = HashSet::new();
@@ -908,7 +927,7 @@ impl Catalog for PostgresCatalog {
     }
 
     fn insert_found_objects(&mut self, storage_id: i64, objects: &[(BlockId, u64)]) -> Result<()> {
-        let now = now_ms();
+        let now = self.clock_ms()?;
         self.write(|tx| {
             let st = tx.prepare(
                 "INSERT INTO objects(storage_id, id, stored_size, plain_size, state, valid, touched_ms) VALUES ($1,$2,$3,0,0,TRUE,$4) \
@@ -1144,5 +1163,9 @@ impl Catalog for PostgresCatalog {
     /// it back to the filesystem (VACUUM FULL) would lock the tables every host uses.
     fn reclaim_space(&mut self) -> Result<u64> {
         Ok(0)
+    }
+
+    fn now_ms(&self) -> Result<i64> {
+        self.clock_ms()
     }
 }

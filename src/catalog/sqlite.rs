@@ -467,7 +467,7 @@ impl Catalog for SqliteCatalog {
             })?
             .collect::<rusqlite::Result<_>>()?
         };
-        let (live, dead) = super::partition_live(all);
+        let (live, dead) = super::partition_live(all, now_ms());
         for s in dead {
             self.conn.execute("DELETE FROM sessions WHERE id = ?1", [s.id])?;
         }
@@ -1027,6 +1027,10 @@ impl Catalog for SqliteCatalog {
 
     fn reclaim_space(&mut self) -> Result<u64> {
         self.reclaim_free_pages()
+    }
+
+    fn now_ms(&self) -> Result<i64> {
+        Ok(now_ms())
     }
 }
 

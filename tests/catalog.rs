@@ -323,17 +323,11 @@ fn a_backup_in_flight_when_the_server_restarts_is_finished_by_continue() {
         .spawn()
         .unwrap();
     // Wait for a state: the version exists and objects are being recorded.
-    let started = std::time::Instant::now();
     let mut watch = postgres::Client::connect(&pg.url(&db), postgres::NoTls).unwrap();
-    loop {
-        assert!(started.elapsed() < std::time::Duration::from_secs(120), "the backup never started recording");
-        // An error: the tables are not made yet.
-        let recorded = watch.query_one("SELECT count(*) FROM objects", &[]).map(|r| r.get::<_, i64>(0)).unwrap_or(0);
-        if recorded > 0 {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    // An error: the tables are not made yet.
+    common::mount::wait_until("the backup to record objects", std::time::Duration::from_secs(120), || {
+        watch.query_one("SELECT count(*) FROM objects", &[]).map(|r| r.get::<_, i64>(0)).unwrap_or(0) > 0
+    });
     drop(watch);
     pg.restart();
     let out = child.wait_with_output().unwrap();
@@ -395,15 +389,9 @@ fn a_host_with_a_wrong_clock_keeps_its_running_backup_safe_from_another_hosts_cl
         .unwrap();
     // Wait for a state: the backup has recorded objects.
     let mut watch = postgres::Client::connect(&pg.url(&db), postgres::NoTls).unwrap();
-    let started = std::time::Instant::now();
-    loop {
-        assert!(started.elapsed() < std::time::Duration::from_secs(120), "the backup never started recording");
-        let recorded = watch.query_one("SELECT count(*) FROM objects", &[]).map(|r| r.get::<_, i64>(0)).unwrap_or(0);
-        if recorded > 0 {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    common::mount::wait_until("the backup to record objects", std::time::Duration::from_secs(120), || {
+        watch.query_one("SELECT count(*) FROM objects", &[]).map(|r| r.get::<_, i64>(0)).unwrap_or(0) > 0
+    });
     // The backup's session and version carry the catalog's time, not its host's.
     let skew: i64 = watch
         .query_one(

@@ -257,6 +257,40 @@ pub struct BackupState {
     pub stored: usize,
 }
 
+/// How long a test waits for a state before it fails.
+pub const POLL_LIMIT: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// Waits for a state: asks `f` until it answers, every 25 ms, for at most [`POLL_LIMIT`]
+/// (then `None`). The one polling loop of the tests ([`mount::wait_until`] uses it).
+pub fn poll<T>(f: impl FnMut() -> Option<T>) -> Option<T> {
+    poll_for(POLL_LIMIT, f)
+}
+
+pub fn poll_for<T>(limit: std::time::Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let started = std::time::Instant::now();
+    loop {
+        if let Some(t) = f() {
+            return Some(t);
+        }
+        if started.elapsed() >= limit {
+            return None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(25));
+    }
+}
+
+/// Stops a running child (SIGSTOP) and returns once the kernel says it has stopped.
+fn stop(child: &std::process::Child) -> Frozen {
+    let pid = child.id() as i32;
+    // SAFETY: kill(2) on the pid of a running child of this test.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0, "stop the backup");
+    let mut status = 0;
+    // SAFETY: waitpid for a child of this process; WUNTRACED returns once it stopped.
+    let r = unsafe { libc::waitpid(pid, &mut status, libc::WUNTRACED) };
+    assert!(r == pid && libc::WIFSTOPPED(status), "the backup did not stop: {status:#x}");
+    Frozen { pid }
+}
+
 /// A process stopped with SIGSTOP; it continues (SIGCONT) when this is dropped, also when
 /// the test fails, so that no stopped process is left behind.
 pub struct Frozen {
@@ -292,46 +326,30 @@ impl Repo {
             return self.freeze_backup_pg(&catalog.url, child, what, ready);
         }
         let db = self.home().join("keepfs.sqlite");
-        let limit = std::time::Duration::from_secs(120);
-        let started = std::time::Instant::now();
         let mut last = None;
-        loop {
-            assert!(started.elapsed() < limit, "timed out after {limit:?} waiting for {what}; last seen {last:?}");
-            if db.exists() {
-                let mut conn = rusqlite::Connection::open(&db).expect("open the database");
-                conn.busy_timeout(limit).unwrap();
-                let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).expect("write lock");
-                let newest = tx
-                    .query_row(
-                        "SELECT v.status, s.pid FROM versions v LEFT JOIN sessions s ON s.id = v.session_id \
-                         ORDER BY v.uid DESC LIMIT 1",
-                        [],
-                        |r| Ok((r.get::<_, String>(0)?, r.get::<_, Option<i64>>(1)?)),
-                    )
-                    .ok();
-                let recorded: i64 = tx.query_row("SELECT count(*) FROM objects", [], |r| r.get(0)).unwrap_or(0);
-                let state = BackupState {
-                    status: newest.as_ref().map(|n| n.0.clone()),
-                    owner_pid: newest.and_then(|n| n.1).map(|p| p as u32),
-                    recorded: recorded as u64,
-                    stored: self.block_objects(),
-                };
-                if ready(&state) {
-                    let pid = child.id() as i32;
-                    // SAFETY: kill(2) on the pid of a running child of this test.
-                    assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0, "stop the backup");
-                    // A stopped process has stopped when waitpid says so (WUNTRACED).
-                    let mut status = 0;
-                    // SAFETY: waitpid for a child of this process; WUNTRACED returns once it stopped.
-                    let r = unsafe { libc::waitpid(pid, &mut status, libc::WUNTRACED) };
-                    assert!(r == pid && libc::WIFSTOPPED(status), "the backup did not stop: {status:#x}");
-                    drop(tx);
-                    return Frozen { pid };
-                }
-                last = Some(state);
+        poll(|| {
+            if !db.exists() {
+                return None;
             }
-            std::thread::sleep(std::time::Duration::from_millis(25));
-        }
+            let mut conn = rusqlite::Connection::open(&db).expect("open the database");
+            conn.busy_timeout(POLL_LIMIT).unwrap();
+            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).expect("write lock");
+            let newest = tx
+                .query_row(
+                    "SELECT v.status, s.pid FROM versions v LEFT JOIN sessions s ON s.id = v.session_id \
+                     ORDER BY v.uid DESC LIMIT 1",
+                    [],
+                    |r| Ok((r.get::<_, String>(0)?, r.get::<_, Option<i64>>(1)?)),
+                )
+                .ok();
+            let recorded: i64 = tx.query_row("SELECT count(*) FROM objects", [], |r| r.get(0)).unwrap_or(0);
+            let state = self.backup_state(newest, recorded);
+            // Stopped while the test holds the write lock, which goes with `tx` after.
+            let frozen = ready(&state).then(|| stop(child));
+            last = Some(state);
+            frozen
+        })
+        .unwrap_or_else(|| panic!("the backup never reached {what}; last seen {last:?}"))
     }
 
     /// [`Repo::freeze_backup`] on a PostgreSQL catalog: the catalog's write lock is its
@@ -343,12 +361,9 @@ impl Repo {
         what: &str,
         mut ready: impl FnMut(&BackupState) -> bool,
     ) -> Frozen {
-        let limit = std::time::Duration::from_secs(120);
-        let started = std::time::Instant::now();
         let mut last = None;
         let mut client = postgres::Client::connect(url, postgres::NoTls).expect("connect to the test database");
-        loop {
-            assert!(started.elapsed() < limit, "timed out after {limit:?} waiting for {what}; last seen {last:?}");
+        poll(|| {
             let mut tx = client.transaction().expect("transaction");
             tx.execute("SELECT pg_advisory_xact_lock($1)", &[&keepfs::catalog::postgres::WRITE_LOCK])
                 .expect("write lock");
@@ -359,48 +374,45 @@ impl Repo {
                 )
                 .map(|r| r.get::<_, bool>(0))
                 .unwrap_or(false);
-            if has_tables {
-                let newest = tx
-                    .query_opt(
-                        "SELECT v.status, s.pid FROM versions v LEFT JOIN sessions s ON s.id = v.session_id \
-                         ORDER BY v.uid DESC LIMIT 1",
-                        &[],
-                    )
-                    .expect("read the newest version")
-                    .map(|r| (r.get::<_, String>(0), r.get::<_, Option<i64>>(1)));
-                let recorded: i64 = tx.query_one("SELECT count(*) FROM objects", &[]).map(|r| r.get(0)).unwrap_or(0);
-                let state = BackupState {
-                    status: newest.as_ref().map(|n| n.0.clone()),
-                    owner_pid: newest.and_then(|n| n.1).map(|p| p as u32),
-                    recorded: recorded as u64,
-                    stored: self.block_objects(),
-                };
-                // Unlike SQLite's, a PostgreSQL lock a client waits for is granted by the
-                // server even while the client is stopped: a backup stopped while waiting
-                // would then hold the write lock. Stop it only when nobody waits.
-                let waiting: i64 = tx
-                    .query_one(
-                        "SELECT count(*) FROM pg_locks l JOIN pg_database d ON d.oid = l.database \
-                         WHERE l.locktype = 'advisory' AND NOT l.granted AND d.datname = current_database()",
-                        &[],
-                    )
-                    .map(|r| r.get(0))
-                    .unwrap_or(0);
-                if waiting == 0 && ready(&state) {
-                    let pid = child.id() as i32;
-                    // SAFETY: kill(2) on the pid of a running child of this test.
-                    assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0, "stop the backup");
-                    let mut status = 0;
-                    // SAFETY: waitpid for a child of this process; WUNTRACED returns once it stopped.
-                    let r = unsafe { libc::waitpid(pid, &mut status, libc::WUNTRACED) };
-                    assert!(r == pid && libc::WIFSTOPPED(status), "the backup did not stop: {status:#x}");
-                    drop(tx);
-                    return Frozen { pid };
-                }
-                last = Some(state);
+            if !has_tables {
+                return None;
             }
-            drop(tx);
-            std::thread::sleep(std::time::Duration::from_millis(25));
+            let newest = tx
+                .query_opt(
+                    "SELECT v.status, s.pid FROM versions v LEFT JOIN sessions s ON s.id = v.session_id \
+                     ORDER BY v.uid DESC LIMIT 1",
+                    &[],
+                )
+                .expect("read the newest version")
+                .map(|r| (r.get::<_, String>(0), r.get::<_, Option<i64>>(1)));
+            let recorded: i64 = tx.query_one("SELECT count(*) FROM objects", &[]).map(|r| r.get(0)).unwrap_or(0);
+            let state = self.backup_state(newest, recorded);
+            // Unlike SQLite's, a PostgreSQL lock a client waits for is granted by the
+            // server even while the client is stopped: a backup stopped while waiting
+            // would then hold the write lock. Stop it only when nobody waits.
+            let waiting: i64 = tx
+                .query_one(
+                    "SELECT count(*) FROM pg_locks l JOIN pg_database d ON d.oid = l.database \
+                     WHERE l.locktype = 'advisory' AND NOT l.granted AND d.datname = current_database()",
+                    &[],
+                )
+                .map(|r| r.get(0))
+                .unwrap_or(0);
+            let frozen = (waiting == 0 && ready(&state)).then(|| stop(child));
+            last = Some(state);
+            frozen
+        })
+        .unwrap_or_else(|| panic!("the backup never reached {what}; last seen {last:?}"))
+    }
+
+    /// What [`Repo::freeze_backup`] sees: the newest version's status and owner's pid, the
+    /// objects recorded in the catalog and those stored.
+    fn backup_state(&self, newest: Option<(String, Option<i64>)>, recorded: i64) -> BackupState {
+        BackupState {
+            status: newest.as_ref().map(|n| n.0.clone()),
+            owner_pid: newest.and_then(|n| n.1).map(|p| p as u32),
+            recorded: recorded as u64,
+            stored: self.block_objects(),
         }
     }
 

@@ -21,11 +21,8 @@ pub fn is_mounted(dir: &Path) -> bool {
 }
 
 pub fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
-    let t = Instant::now();
-    while !f() {
-        assert!(t.elapsed() < limit, "timed out after {limit:?} waiting for {what}");
-        std::thread::sleep(Duration::from_millis(25));
-    }
+    let reached = super::poll_for(limit, || f().then_some(()));
+    assert!(reached.is_some(), "timed out after {limit:?} waiting for {what}");
 }
 
 impl Mount {

@@ -434,33 +434,74 @@ fn upsert_objects(
     Ok(())
 }
 
+/// The 16 columns of a version row, in the order `insert_version` and
+/// `replace_version_record` name them ($1..$16).
+struct VersionRow {
+    uid: i64,
+    name: String,
+    snapshot: String,
+    date: String,
+    size: i64,
+    block_size: i64,
+    status: &'static str,
+    protected: bool,
+    storage_id: i64,
+    expire: Option<String>,
+    stats: [i64; 6],
+}
+
+impl VersionRow {
+    fn new(v: &Version, storage_id: i64) -> VersionRow {
+        let s = &v.stats;
+        VersionRow {
+            uid: v.uid.0 as i64,
+            name: v.name.clone(),
+            snapshot: v.snapshot.clone(),
+            date: date_text(&v.date),
+            size: v.size as i64,
+            block_size: v.block_size as i64,
+            status: v.status.as_str(),
+            protected: v.protected,
+            storage_id,
+            expire: v.expire.as_ref().map(date_text),
+            stats: [s.bytes_read, s.bytes_written, s.bytes_stored, s.bytes_deduplicated, s.bytes_sparse, s.duration_ms]
+                .map(|n| n as i64),
+        }
+    }
+
+    fn params(&self) -> [&(dyn ToSql + Sync); 16] {
+        let st = &self.stats;
+        [
+            &self.uid,
+            &self.name,
+            &self.snapshot,
+            &self.date,
+            &self.size,
+            &self.block_size,
+            &self.status,
+            &self.protected,
+            &self.storage_id,
+            &self.expire,
+            &st[0],
+            &st[1],
+            &st[2],
+            &st[3],
+            &st[4],
+            &st[5],
+        ]
+    }
+}
+
 /// Inserts a version row (keeping its uid), its labels and, when given, its index;
 /// moves the uid sequence past it.
 fn insert_version(tx: &mut Transaction, v: &Version, storage_id: i64, index: Option<&[u8]>) -> Result<()> {
-    let uid = v.uid.0 as i64;
-    let expire = v.expire.as_ref().map(date_text);
+    let row = VersionRow::new(v, storage_id);
+    let uid = row.uid;
     tx.execute(
         "INSERT INTO versions(uid, name, snapshot, date, size, block_size, status, protected, storage_id, expire, \
          bytes_read, bytes_written, bytes_stored, bytes_deduplicated, bytes_sparse, duration_ms) \
          VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16)",
-        &[
-            &uid,
-            &v.name,
-            &v.snapshot,
-            &date_text(&v.date),
-            &(v.size as i64),
-            &(v.block_size as i64),
-            &v.status.as_str(),
-            &v.protected,
-            &storage_id,
-            &expire,
-            &(v.stats.bytes_read as i64),
-            &(v.stats.bytes_written as i64),
-            &(v.stats.bytes_stored as i64),
-            &(v.stats.bytes_deduplicated as i64),
-            &(v.stats.bytes_sparse as i64),
-            &(v.stats.duration_ms as i64),
-        ],
+        &row.params(),
     )?;
     for (k, val) in &v.labels {
         tx.execute("INSERT INTO labels(uid, name, value) VALUES ($1,$2,$3)", &[&uid, k, val])?;
@@ -695,30 +736,13 @@ impl Catalog for PostgresCatalog {
     fn replace_version_record(&mut self, v: &Version, index: &[u8]) -> Result<()> {
         let storage_id = self.storage_id(&v.storage)?;
         self.write(|tx| {
-            let uid = v.uid.0 as i64;
-            let expire = v.expire.as_ref().map(date_text);
+            let row = VersionRow::new(v, storage_id);
+            let uid = row.uid;
             let n = tx.execute(
                 "UPDATE versions SET name=$2, snapshot=$3, date=$4, size=$5, block_size=$6, status=$7, protected=$8, \
                  storage_id=$9, expire=$10, bytes_read=$11, bytes_written=$12, bytes_stored=$13, bytes_deduplicated=$14, \
                  bytes_sparse=$15, duration_ms=$16 WHERE uid=$1",
-                &[
-                    &uid,
-                    &v.name,
-                    &v.snapshot,
-                    &date_text(&v.date),
-                    &(v.size as i64),
-                    &(v.block_size as i64),
-                    &v.status.as_str(),
-                    &v.protected,
-                    &storage_id,
-                    &expire,
-                    &(v.stats.bytes_read as i64),
-                    &(v.stats.bytes_written as i64),
-                    &(v.stats.bytes_stored as i64),
-                    &(v.stats.bytes_deduplicated as i64),
-                    &(v.stats.bytes_sparse as i64),
-                    &(v.stats.duration_ms as i64),
-                ],
+                &row.params(),
             )?;
             if n == 0 {
                 return Err(Error::VersionNotFound(v.uid.to_string()));

@@ -52,6 +52,13 @@ const VERSION_OBJECT_FORMAT: u16 = 1;
 /// Builds the storage object that makes a version restorable from the storage alone: its
 /// fields and labels (JSON) followed by its block index. Layout in docs/format.md.
 pub fn encode_version_object(codec: &Codec, version: &Version, index: &BlockIndex) -> Result<Vec<u8>> {
+    crate::index::check_block_count(index.size, index.block_size)?;
+    encode_version_object_with(codec, version, &index.encode()?)
+}
+
+/// [`encode_version_object`] with the index already encoded ([`BlockIndex::encode`]), for
+/// a caller that stores the same bytes in the catalog too.
+pub fn encode_version_object_with(codec: &Codec, version: &Version, index_bytes: &[u8]) -> Result<Vec<u8>> {
     let json = serde_json::to_vec(version).map_err(|e| Error::Other(format!("cannot encode version metadata: {e}")))?;
     if json.len() as u64 > crate::block::MAX_VERSION_JSON_LEN {
         return Err(Error::Invalid(format!(
@@ -61,15 +68,13 @@ pub fn encode_version_object(codec: &Codec, version: &Version, index: &BlockInde
             crate::block::MAX_VERSION_JSON_LEN
         )));
     }
-    crate::index::check_block_count(index.size, index.block_size)?;
-    let index_bytes = index.encode()?;
     let mut plain = Vec::with_capacity(16 + json.len() + index_bytes.len());
     plain.extend_from_slice(&VERSION_OBJECT_MAGIC);
     plain.extend_from_slice(&VERSION_OBJECT_FORMAT.to_le_bytes());
     plain.extend_from_slice(&0u16.to_le_bytes());
     plain.extend_from_slice(&(json.len() as u32).to_le_bytes());
     plain.extend_from_slice(&json);
-    plain.extend_from_slice(&index_bytes);
+    plain.extend_from_slice(index_bytes);
     let id = codec.id_of(&plain);
     codec
         .encode(ObjectKind::Version, &id.0, &plain, 3)

@@ -415,22 +415,40 @@ fn ids_param(ids: &[BlockId]) -> Vec<&[u8]> {
     ids.iter().map(|id| &id.0[..]).collect()
 }
 
-/// Records objects as present, valid and just touched, inside the caller's transaction.
+/// Records objects as present, valid and just touched, inside the caller's transaction:
+/// one statement for the whole batch (arrays), touched at the catalog's clock. An id
+/// named twice counts once, with its last sizes (PostgreSQL's upsert may not touch a row
+/// twice in one statement).
 fn upsert_objects(
     tx: &mut Transaction,
     storage_id: i64,
     objects: &[(BlockId, u64, u64)],
     key: Option<KeyId>,
 ) -> Result<()> {
-    let now: i64 = tx.query_one(CLOCK_SELECT, &[])?.get(0);
-    let st = tx.prepare(
-        "INSERT INTO objects(storage_id, id, stored_size, plain_size, state, valid, touched_ms, key_id) VALUES ($1,$2,$3,$4,0,TRUE,$5,$6) \
-         ON CONFLICT(storage_id, id) DO UPDATE SET state=0, valid=TRUE, touched_ms=$5, stored_size=$3, key_id=COALESCE($6, objects.key_id)",
-    )?;
-    let key = key.map(|k| k.as_i64());
-    for (id, stored, plain) in objects {
-        tx.execute(&st, &[&storage_id, &&id.0[..], &(*stored as i64), &(*plain as i64), &now, &key])?;
+    let mut at: HashMap<&[u8], usize> = HashMap::with_capacity(objects.len());
+    let (mut ids, mut stored, mut plain) = (Vec::new(), Vec::new(), Vec::new());
+    for (id, s, p) in objects {
+        match at.get(&id.0[..]) {
+            Some(&k) => (stored[k], plain[k]) = (*s as i64, *p as i64),
+            None => {
+                at.insert(&id.0[..], ids.len());
+                ids.push(&id.0[..]);
+                stored.push(*s as i64);
+                plain.push(*p as i64);
+            }
+        }
     }
+    let key = key.map(|k| k.as_i64());
+    tx.execute(
+        &format!(
+            "INSERT INTO objects(storage_id, id, stored_size, plain_size, state, valid, touched_ms, key_id) \
+             SELECT $1, u.id, u.stored, u.plain, 0, TRUE, {CLOCK_MS}, $5 \
+             FROM UNNEST($2::bytea[], $3::int8[], $4::int8[]) AS u(id, stored, plain) \
+             ON CONFLICT(storage_id, id) DO UPDATE SET state=0, valid=TRUE, touched_ms=EXCLUDED.touched_ms, \
+             stored_size=EXCLUDED.stored_size, key_id=COALESCE($5, objects.key_id)"
+        ),
+        &[&storage_id, &ids, &stored, &plain, &key],
+    )?;
     Ok(())
 }
 
@@ -907,7 +925,6 @@ impl Catalog for PostgresCatalog {
     }
 
     fn lookup_and_touch(&mut self, storage_id: i64, ids: &[BlockId]) -> Result<(HashSet<BlockId>, HashSet<BlockId>)> {
-        let now = self.clock_ms()?;
         self.write(|tx| {
             let mut present = HashSet::new();
             let mut tombstoned = HashSet::new();
@@ -926,8 +943,8 @@ impl Catalog for PostgresCatalog {
                 }
             }
             tx.execute(
-                "UPDATE objects SET touched_ms=$1 WHERE storage_id=$2 AND state=0 AND id = ANY($3)",
-                &[&now, &storage_id, &param],
+                &format!("UPDATE objects SET touched_ms={CLOCK_MS} WHERE storage_id=$1 AND state=0 AND id = ANY($2)"),
+                &[&storage_id, &param],
             )?;
             Ok((present, tombstoned))
         })
@@ -951,15 +968,28 @@ impl Catalog for PostgresCatalog {
     }
 
     fn insert_found_objects(&mut self, storage_id: i64, objects: &[(BlockId, u64)]) -> Result<()> {
-        let now = self.clock_ms()?;
-        self.write(|tx| {
-            let st = tx.prepare(
-                "INSERT INTO objects(storage_id, id, stored_size, plain_size, state, valid, touched_ms) VALUES ($1,$2,$3,0,0,TRUE,$4) \
-                 ON CONFLICT(storage_id, id) DO UPDATE SET state=0, touched_ms=$4",
-            )?;
-            for (id, stored) in objects {
-                tx.execute(&st, &[&storage_id, &&id.0[..], &(*stored as i64), &now])?;
+        let mut at: HashMap<&[u8], usize> = HashMap::with_capacity(objects.len());
+        let (mut ids, mut sizes) = (Vec::new(), Vec::new());
+        for (id, stored) in objects {
+            match at.get(&id.0[..]) {
+                Some(&k) => sizes[k] = *stored as i64,
+                None => {
+                    at.insert(&id.0[..], ids.len());
+                    ids.push(&id.0[..]);
+                    sizes.push(*stored as i64);
+                }
             }
+        }
+        self.write(|tx| {
+            tx.execute(
+                &format!(
+                    "INSERT INTO objects(storage_id, id, stored_size, plain_size, state, valid, touched_ms) \
+                     SELECT $1, u.id, u.stored, 0, 0, TRUE, {CLOCK_MS} \
+                     FROM UNNEST($2::bytea[], $3::int8[]) AS u(id, stored) \
+                     ON CONFLICT(storage_id, id) DO UPDATE SET state=0, touched_ms=EXCLUDED.touched_ms"
+                ),
+                &[&storage_id, &ids, &sizes],
+            )?;
             Ok(())
         })
     }

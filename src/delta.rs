@@ -186,11 +186,11 @@ impl Repository {
                                 Ok(n) if n == len => {}
                                 Ok(n) => {
                                     let reason = format!("object holds {n} bytes, the block needs {len}");
-                                    bad.lock().push(damaged(progress, idx, off, len, id, &reason));
+                                    bad.lock().push(crate::restore::bad_block(progress, idx, off, len, id, &reason));
                                     buf[..len].fill(0);
                                 }
                                 Err(FetchError::Damaged(reason)) => {
-                                    bad.lock().push(damaged(progress, idx, off, len, id, &reason));
+                                    bad.lock().push(crate::restore::bad_block(progress, idx, off, len, id, &reason));
                                     buf[..len].fill(0);
                                 }
                                 Err(FetchError::Unavailable(reason)) => {
@@ -238,11 +238,6 @@ impl Repository {
         }
         Ok(report)
     }
-}
-
-fn damaged(progress: &dyn Progress, idx: u64, off: u64, len: usize, id: BlockId, reason: &str) -> BadBlock {
-    progress.warn(&format!("block {idx} (bytes {off}..{}) object {id}: {reason}; writing zeros", off + len as u64));
-    BadBlock { index: idx, offset: off, len: len as u64, object: id, reason: reason.to_string() }
 }
 
 struct Target {

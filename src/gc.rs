@@ -164,8 +164,8 @@ impl Repository {
         let running_cutoff = self.cleanup_cutoff()?;
         let (cutoff_ms, spared) = self.spare_incomplete(storage, running_cutoff)?;
         let db = self.db();
-        let known: HashSet<VersionUid> = db.list_versions()?.into_iter().map(|v| v.uid).collect();
-        let unknown: Vec<String> = in_storage.iter().filter(|u| !known.contains(u)).map(|u| u.to_string()).collect();
+        let versions = db.list_versions()?;
+        let unknown: Vec<String> = unknown_in(in_storage, &versions).iter().map(|u| u.to_string()).collect();
         if !unknown.is_empty() {
             return Err(Error::Refused(format!(
                 "storage '{storage}' holds version(s) {} that the database does not know (an older copy of the database, or another host writing here with a catalog of its own); cleanup would delete their blocks: run `keepfs metadata restore {}` to take them in, or give every host that writes here one shared catalog (database = \"postgresql://…\", docs/scale-out.md)",
@@ -176,7 +176,6 @@ impl Repository {
         let storage_id = db.storage_id(storage)?;
         let storage_ids: std::collections::HashMap<String, i64> =
             db.storage_names()?.into_iter().map(|(id, n)| (n, id)).collect();
-        let versions = db.list_versions()?;
         let in_this: HashSet<u64> =
             versions.iter().filter(|v| storage_ids.get(&v.storage) == Some(&storage_id)).map(|v| v.uid.0).collect();
         let mut marked: HashSet<BlockId> = HashSet::new();
@@ -323,14 +322,19 @@ fn version_objects(st: &dyn crate::storage::Storage) -> Result<Vec<VersionUid>> 
         .collect())
 }
 
+/// The version objects of `in_storage` that are not among the catalog's `versions`.
+fn unknown_in(in_storage: Vec<VersionUid>, versions: &[crate::version::Version]) -> Vec<VersionUid> {
+    let known: HashSet<VersionUid> = versions.iter().map(|v| v.uid).collect();
+    in_storage.into_iter().filter(|u| !known.contains(u)).collect()
+}
+
 impl Repository {
     /// Version objects in `storage` that this catalog does not know: another catalog
     /// (another host with a database of its own) writes to the storage, or this catalog
     /// is an older copy. A backup warns about them; cleanup refuses while there are any.
     pub fn unknown_versions(&self, storage: &str) -> Result<Vec<VersionUid>> {
         let in_storage = version_objects(self.storage_to_delete_from(storage)?.as_ref())?;
-        let known: HashSet<VersionUid> = self.db().list_versions()?.into_iter().map(|v| v.uid).collect();
-        Ok(in_storage.into_iter().filter(|u| !known.contains(u)).collect())
+        Ok(unknown_in(in_storage, &self.db().list_versions()?))
     }
 
     /// After a cleanup: gives the database pages of removed versions and objects back to

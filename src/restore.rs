@@ -306,7 +306,14 @@ pub(crate) fn fetch_block_into(
 }
 
 /// Reports a block whose object is damaged; the restore writes zeros in its place.
-fn bad_block(progress: &dyn Progress, idx: u64, off: u64, len: usize, id: BlockId, reason: &str) -> BadBlock {
+pub(crate) fn bad_block(
+    progress: &dyn Progress,
+    idx: u64,
+    off: u64,
+    len: usize,
+    id: BlockId,
+    reason: &str,
+) -> BadBlock {
     progress.warn(&format!("block {idx} (bytes {off}..{}) object {id}: {reason}; writing zeros", off + len as u64));
     BadBlock { index: idx, offset: off, len: len as u64, object: id, reason: reason.to_string() }
 }

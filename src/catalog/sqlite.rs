@@ -408,15 +408,7 @@ impl Catalog for SqliteCatalog {
     }
 
     fn set_object_keys(&self, storage_id: i64, ids: &[BlockId], key: KeyId) -> Result<()> {
-        let tx = self.conn.unchecked_transaction()?;
-        {
-            let mut st = tx.prepare_cached("UPDATE objects SET key_id=?3 WHERE storage_id=?1 AND id=?2")?;
-            for id in ids {
-                st.execute(params![storage_id, &id.0[..], key.as_i64()])?;
-            }
-        }
-        tx.commit()?;
-        Ok(())
+        self.update_each("UPDATE objects SET key_id=?3 WHERE storage_id=?1 AND id=?2", storage_id, ids, &key.as_i64())
     }
 
     // ---- sessions -------------------------------------------------------------------
@@ -546,20 +538,7 @@ impl Catalog for SqliteCatalog {
     /// Inserts a version as recorded elsewhere (a storage's version object), keeping its
     /// uid; the uid sequence moves past it, so new uids stay increasing.
     fn insert_version_record(&mut self, v: &Version, index: &[u8]) -> Result<()> {
-        let storage_id = self.storage_id(&v.storage)?;
-        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        tx.execute(
-            "INSERT INTO versions(uid, name, snapshot, date, size, block_size, status, protected, storage_id, expire, \
-             bytes_read, bytes_written, bytes_stored, bytes_deduplicated, bytes_sparse, duration_ms) \
-             VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16)",
-            rusqlite::params_from_iter(version_row(v, storage_id)),
-        )?;
-        for (k, val) in &v.labels {
-            tx.execute("INSERT INTO labels(uid, name, value) VALUES (?1,?2,?3)", params![v.uid.0 as i64, k, val])?;
-        }
-        tx.execute("INSERT INTO version_index(uid, data) VALUES (?1, ?2)", params![v.uid.0 as i64, index])?;
-        tx.commit()?;
-        Ok(())
+        self.import_version(v, Some(index))
     }
 
     /// Replaces the fields, labels and index of a version the database holds with those
@@ -781,15 +760,7 @@ impl Catalog for SqliteCatalog {
     }
 
     fn set_objects_valid(&self, storage_id: i64, ids: &[BlockId], valid: bool) -> Result<()> {
-        let tx = self.conn.unchecked_transaction()?;
-        {
-            let mut st = tx.prepare_cached("UPDATE objects SET valid=?3 WHERE storage_id=?1 AND id=?2")?;
-            for id in ids {
-                st.execute(params![storage_id, &id.0[..], valid])?;
-            }
-        }
-        tx.commit()?;
-        Ok(())
+        self.update_each("UPDATE objects SET valid=?3 WHERE storage_id=?1 AND id=?2", storage_id, ids, &valid)
     }
 
     /// Visits every object row of a storage.
@@ -1035,6 +1006,20 @@ impl Catalog for SqliteCatalog {
 }
 
 impl SqliteCatalog {
+    /// Runs `sql` (`?1` storage, `?2` object id, `?3` value) for each of `ids`, in one
+    /// transaction.
+    fn update_each(&self, sql: &str, storage_id: i64, ids: &[BlockId], value: &dyn rusqlite::ToSql) -> Result<()> {
+        let tx = self.conn.unchecked_transaction()?;
+        {
+            let mut st = tx.prepare_cached(sql)?;
+            for id in ids {
+                st.execute(params![storage_id, &id.0[..], value])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
     /// Runs `f` inside an immediate (write-locked) transaction: nothing else writes to the
     /// database meanwhile.
     fn write<T>(&mut self, f: impl FnOnce(&rusqlite::Transaction) -> Result<T>) -> Result<T> {

@@ -584,7 +584,8 @@ struct CliProgress {
     label: String,
     total: AtomicU64,
     done: AtomicU64,
-    started: parking_lot::Mutex<(Instant, Instant, String)>,
+    /// Start, last progress line (no bar), last title update, and what is in progress.
+    started: parking_lot::Mutex<(Instant, Instant, Instant, String)>,
 }
 
 impl CliProgress {
@@ -594,7 +595,7 @@ impl CliProgress {
             label,
             total: AtomicU64::new(0),
             done: AtomicU64::new(0),
-            started: parking_lot::Mutex::new((Instant::now(), Instant::now(), String::new())),
+            started: parking_lot::Mutex::new((Instant::now(), Instant::now(), Instant::now(), String::new())),
         }
     }
 }
@@ -603,7 +604,7 @@ impl Progress for CliProgress {
     fn begin(&self, what: &str, total: u64) {
         self.total.store(total, Ordering::Relaxed);
         self.done.store(0, Ordering::Relaxed);
-        *self.started.lock() = (Instant::now(), Instant::now(), what.to_string());
+        *self.started.lock() = (Instant::now(), Instant::now(), Instant::now(), what.to_string());
         title::set(&title::progress_title(&self.label, 0, total, 0.0));
         if let Some(bar) = &self.bar {
             bar.set_length(total);
@@ -617,21 +618,22 @@ impl Progress for CliProgress {
         if let Some(bar) = &self.bar {
             bar.inc(bytes);
         }
+        // The title at most once a second (and at the end); without a bar, a progress
+        // line every 10 seconds.
         let mut s = self.started.lock();
-        if s.1.elapsed().as_millis() >= 1000 || done >= total {
-            let pct = done * 100 / total;
+        if s.2.elapsed().as_millis() >= 1000 || done >= total {
             let secs = s.0.elapsed().as_secs_f64().max(0.001);
             title::set(&title::progress_title(&self.label, done, total, secs));
-            if self.bar.is_none() && (s.1.elapsed().as_secs() >= 10) {
+            s.2 = Instant::now();
+            if self.bar.is_none() && s.1.elapsed().as_secs() >= 10 {
                 note!(
-                    "{}: {pct}% ({} of {}, {:.0} MB/s)",
-                    s.2,
+                    "{}: {}% ({} of {}, {:.0} MB/s)",
+                    s.3,
+                    done * 100 / total,
                     format_size(done),
                     format_size(total),
                     done as f64 / secs / 1e6
                 );
-                s.1 = Instant::now();
-            } else if self.bar.is_some() {
                 s.1 = Instant::now();
             }
         }

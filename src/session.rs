@@ -239,8 +239,10 @@ impl Slot {
     }
 
     /// Runs a change on the live draft and records its outcome: the new size, and a
-    /// failure that forbids the draft to become a version.
-    fn change(&self, f: impl FnOnce(&mut Draft) -> crate::error::Result<()>) -> io::Result<()> {
+    /// failure that forbids the draft to become a version. On success the draft is dirty,
+    /// and `written` (an incoming file's write, not a resize) marks it written too, under
+    /// the same lock.
+    fn change(&self, written: bool, f: impl FnOnce(&mut Draft) -> crate::error::Result<()>) -> io::Result<()> {
         let mut s = self.state.lock();
         if let Some(e) = s.failed {
             return Err(errno(e));
@@ -251,6 +253,7 @@ impl Slot {
         match r {
             Ok(()) => {
                 s.dirty = true;
+                s.written |= written;
                 Ok(())
             }
             Err(e) => {
@@ -675,7 +678,7 @@ impl Sessions for SessionService {
 
     fn resize_overlay(&self, uid: &str, size: u64) -> io::Result<()> {
         self.check_writable()?;
-        self.overlay_slot(uid).ok_or_else(|| errno(libc::EPERM))?.change(|d| d.set_size(size))
+        self.overlay_slot(uid).ok_or_else(|| errno(libc::EPERM))?.change(false, |d| d.set_size(size))
     }
 
     fn create_incoming(&self, name: &str, writes: bool, opener: Opener) -> io::Result<Fh> {
@@ -739,7 +742,7 @@ impl Sessions for SessionService {
 
     fn resize_incoming(&self, name: &str, size: u64) -> io::Result<()> {
         self.check_writable()?;
-        self.incoming_slot(name).ok_or_else(|| errno(libc::ENOENT))?.change(|d| d.set_size(size))
+        self.incoming_slot(name).ok_or_else(|| errno(libc::ENOENT))?.change(false, |d| d.set_size(size))
     }
 
     fn rename_incoming(&self, from: &str, to: &str) -> io::Result<()> {
@@ -879,8 +882,7 @@ impl Sessions for SessionService {
         let h = self.handle(fh)?;
         match &*h {
             Handle::Incoming { slot, writes: true, .. } => {
-                slot.change(|d| d.write_at(offset, data))?;
-                slot.state.lock().written = true;
+                slot.change(true, |d| d.write_at(offset, data))?;
                 Ok(())
             }
             Handle::Overlay { uid, slot, writes: true, .. } => {
@@ -904,7 +906,7 @@ impl Sessions for SessionService {
                 if relist {
                     self.overlays.lock().entry(uid.clone()).or_insert_with(|| slot.clone());
                 }
-                slot.change(|d| d.write_at(offset, data))
+                slot.change(false, |d| d.write_at(offset, data))
             }
             _ => Err(errno(libc::EBADF)),
         }

@@ -60,15 +60,8 @@ const CONTINUE_GRACE: Duration = Duration::from_secs(5);
 /// [`Error::errno`]), after logging the full message on stderr: the process that gets
 /// the errno cannot see it.
 pub fn to_io(e: Error) -> io::Error {
-    log(format_args!("keepfs: error: {e}"));
+    keepfs_face::log!("keepfs: error: {e}");
     io::Error::from_raw_os_error(e.errno())
-}
-
-/// A line on the face's stderr (its log). `eprintln!` would panic a worker thread when
-/// the log cannot be written (a full disk); a lost log line must not fail a request.
-fn log(args: std::fmt::Arguments) {
-    use std::io::Write;
-    let _ = writeln!(io::stderr().lock(), "{args}");
 }
 
 fn errno(n: i32) -> io::Error {
@@ -120,29 +113,29 @@ impl WriteDraft {
                 // version behind looking like a backup (its stored blocks go at `cleanup`).
                 let e = to_io(e);
                 match repo.remove_incomplete(uid) {
-                    Ok(()) => log(format_args!("keepfs: the incomplete version {uid} was removed")),
-                    Err(r) => log(format_args!(
+                    Ok(()) => keepfs_face::log!("keepfs: the incomplete version {uid} was removed"),
+                    Err(r) => keepfs_face::log!(
                         "keepfs: error: the incomplete version {uid} could not be removed ({r}); remove it with `keepfs rm {uid}`"
-                    )),
+                    ),
                 }
                 return Err(e);
             }
         };
-        log(format_args!("keepfs: committed {} as {} ({} bytes)", v.name, v.uid, v.size));
+        keepfs_face::log!("keepfs: committed {} as {} ({} bytes)", v.name, v.uid, v.size);
         if let Some(old) = self.replaces {
             // The draft (and its read lock on `old`) is gone: drop the superseded version,
             // unless someone still reads it. The new version exists either way, so a
             // failure here is logged, not answered.
             match repo.remove_superseded(old) {
-                Ok(true) => log(format_args!("keepfs: {} replaces {old}, which it continued", v.uid)),
-                Ok(false) => log(format_args!(
+                Ok(true) => keepfs_face::log!("keepfs: {} replaces {old}, which it continued", v.uid),
+                Ok(false) => keepfs_face::log!(
                     "keepfs: {} continues {old}, which is kept while it is read; remove it later with `keepfs rm {old}`",
                     v.uid
-                )),
-                Err(e) => log(format_args!(
+                ),
+                Err(e) => keepfs_face::log!(
                     "keepfs: error: {} continues {old}, which could not be removed ({e}); remove it with `keepfs rm {old}`",
                     v.uid
-                )),
+                ),
             }
         }
         Ok(v.uid.to_string())
@@ -431,7 +424,7 @@ impl SessionService {
 
     fn discard(&self, d: WriteDraft) {
         if let Err(e) = d.discard(&self.repo) {
-            log(format_args!("keepfs: error: discarding an unused draft failed ({e})"));
+            keepfs_face::log!("keepfs: error: discarding an unused draft failed ({e})");
         }
     }
 

@@ -126,3 +126,14 @@ pub trait Sessions: Send + Sync + 'static {
     /// under `--discard-writes`.
     fn shutdown(&self);
 }
+
+/// A line on stderr (the log), ignoring a failure: `eprintln!` would panic a worker
+/// thread when the log cannot be written, and a lost log line must not fail a request.
+/// Shared by the session service and every face.
+#[macro_export]
+macro_rules! log {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr().lock(), $($t)*);
+    }};
+}

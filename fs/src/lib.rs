@@ -19,14 +19,7 @@
 
 pub use keepfs_face::{Opened, ReadRef, Sessions, VersionEntry};
 
-/// A line on stderr (the log), ignoring a failure: `eprintln!` would panic a worker
-/// thread when the log cannot be written, and a lost log line must not fail a request.
-macro_rules! log {
-    ($($t:tt)*) => {{
-        use std::io::Write as _;
-        let _ = writeln!(std::io::stderr().lock(), $($t)*);
-    }};
-}
+use keepfs_face::log;
 
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, KernelConfig, LockOwner,

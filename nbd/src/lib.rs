@@ -23,14 +23,7 @@
 
 pub mod proto;
 
-/// A line on stderr (the log), ignoring a failure: `eprintln!` would panic a worker
-/// thread when the log cannot be written, and a lost log line must not fail a request.
-macro_rules! log {
-    ($($t:tt)*) => {{
-        use std::io::Write as _;
-        let _ = writeln!(std::io::stderr().lock(), $($t)*);
-    }};
-}
+use keepfs_face::log;
 
 use keepfs_face::{Fh, Opener, ReadRef, Sessions, VersionEntry};
 use proto::*;

@@ -7,11 +7,16 @@ use keepfs::error::{Error, Result};
 
 /// `keepfs bench`: a table of measured figure, reference figure and percentage, or the
 /// rows as one JSON object (`{"results": [...]}`).
+/// A value as the pretty JSON every `--format json` prints.
+pub fn to_json<T: serde::Serialize>(value: &T) -> Result<String> {
+    serde_json::to_string_pretty(value).map_err(|e| Error::Other(format!("cannot write JSON: {e}")))
+}
+
 pub fn print_bench(rows: &[BenchRow], format: Format) -> Result<()> {
     match format {
         Format::Json => {
             let v = serde_json::json!({ "results": rows });
-            out!("{}", serde_json::to_string_pretty(&v).map_err(|e| Error::Other(format!("cannot write JSON: {e}")))?)
+            out!("{}", to_json(&v)?)
         }
         Format::Table => {
             let mb = |b: f64| format!("{:.2} MB/s", b / 1e6);

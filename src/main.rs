@@ -11,6 +11,7 @@ mod mount_options;
 mod title;
 
 use clap::{Parser, Subcommand, ValueEnum};
+use cli_output::to_json;
 use keepfs::Repository;
 use keepfs::backup::BackupOptions;
 use keepfs::config::Config;
@@ -768,10 +769,6 @@ fn when(d: &chrono::DateTime<chrono::Utc>) -> String {
 
 fn yes_no(b: bool) -> String {
     if b { "yes" } else { "no" }.to_string()
-}
-
-fn to_json<T: serde::Serialize>(value: &T) -> Result<String> {
-    serde_json::to_string_pretty(value).map_err(|e| Error::Other(format!("cannot write JSON: {e}")))
 }
 
 /// A plain table: a header line, then one line per row, columns padded to their widest cell.

@@ -1589,90 +1589,80 @@ fn run(cli: Cli) -> Result<i32> {
                 Some(s) => vec![s],
                 None => repo.config.storages.iter().map(|s| s.name.clone()).collect(),
             };
-            if cli_output::json() {
-                let mut storages = Vec::new();
-                for name in names {
-                    title::set(&format!("keepfs [cleaning up storage {name}]"));
-                    let plan = repo.plan_cleanup(&name)?;
-                    let mut j = serde_json::json!({
-                        "storage": name, "objects": plan.objects.len(), "orphans": plan.orphans.len(),
-                        "bytes": plan.bytes(), "referenced": plan.referenced, "kept_recent": plan.kept_recent,
-                        "spared": plan.spared_lines(),
-                    });
-                    if !dry_run {
-                        let r = repo.apply_cleanup(&plan)?;
-                        j["objects_deleted"] = r.objects_deleted.into();
-                        j["orphans_deleted"] = r.orphans_deleted.into();
-                        j["bytes_freed"] = r.bytes_freed.into();
-                    }
-                    storages.push(j);
+            // One loop for both outputs: lines for people as it goes (what a dry run
+            // would do is a result, on stdout; what a cleanup did is a report), or one
+            // JSON object at the end.
+            let json = cli_output::json();
+            let say = |line: String| -> Result<()> {
+                match (json, dry_run) {
+                    (true, _) => {}
+                    (false, true) => out!("{line}")?,
+                    (false, false) => report!("{line}"),
                 }
-                let mut database_bytes_returned = 0;
-                if !dry_run {
-                    match repo.reclaim_catalog_space() {
-                        Ok(n) => database_bytes_returned = n,
-                        Err(e) => note!("keepfs: warning: could not shrink the database file: {e}"),
-                    }
-                }
-                title::reset();
-                report!(
-                    "{}",
-                    to_json(&serde_json::json!({
-                        "dry_run": dry_run, "storages": storages, "database_bytes_returned": database_bytes_returned,
-                    }))?
-                );
-                return Ok(exit::OK);
-            }
+                Ok(())
+            };
+            let mut storages = Vec::new();
             for name in names {
                 title::set(&format!("keepfs [cleaning up storage {name}]"));
                 let plan = repo.plan_cleanup(&name)?;
+                let mut j = serde_json::json!({
+                    "storage": name, "objects": plan.objects.len(), "orphans": plan.orphans.len(),
+                    "bytes": plan.bytes(), "referenced": plan.referenced, "kept_recent": plan.kept_recent,
+                    "spared": plan.spared_lines(),
+                });
+                for line in plan.spared_lines() {
+                    say(line)?;
+                }
                 let verb = if dry_run { "would delete" } else { "deleting" };
-                let summary = format!(
+                say(format!(
                     "storage {name}: {verb} {} unreferenced object(s) and {} orphaned file(s), {}; {} referenced, {} kept (newer than the oldest running backup)",
                     plan.objects.len(),
                     plan.orphans.len(),
                     format_size(plan.bytes()),
                     plan.referenced,
                     plan.kept_recent
-                );
-                for line in plan.spared_lines() {
-                    if dry_run {
-                        out!("{line}")?;
-                    } else {
-                        report!("{line}");
-                    }
-                }
-                if dry_run {
-                    out!("{summary}")?;
-                } else {
-                    report!("{summary}");
-                }
+                ))?;
                 if dry_run {
                     for (id, size) in &plan.objects {
-                        out!("  object {id} ({size} bytes)")?;
+                        say(format!("  object {id} ({size} bytes)"))?;
                     }
                     for (key, size) in &plan.orphans {
-                        out!("  orphan {key} ({size} bytes)")?;
+                        say(format!("  orphan {key} ({size} bytes)"))?;
                     }
                 } else {
                     let r = repo.apply_cleanup(&plan)?;
-                    report!(
+                    say(format!(
                         "storage {name}: deleted {} object(s) and {} orphaned file(s), freed {}",
                         r.objects_deleted,
                         r.orphans_deleted,
                         format_size(r.bytes_freed)
-                    );
+                    ))?;
+                    j["objects_deleted"] = r.objects_deleted.into();
+                    j["orphans_deleted"] = r.orphans_deleted.into();
+                    j["bytes_freed"] = r.bytes_freed.into();
                 }
+                storages.push(j);
             }
+            // The catalog's pages of removed versions go back to the filesystem too.
+            let mut database_bytes_returned = 0;
             if !dry_run {
-                // The catalog's pages of removed versions go back to the filesystem too.
                 match repo.reclaim_catalog_space() {
-                    Ok(0) => {}
-                    Ok(n) => report!("database: returned {} to the filesystem", format_size(n)),
+                    Ok(n) => database_bytes_returned = n,
                     Err(e) => note!("keepfs: warning: could not shrink the database file: {e}"),
+                }
+                if database_bytes_returned > 0 {
+                    say(format!("database: returned {} to the filesystem", format_size(database_bytes_returned)))?;
                 }
             }
             title::reset();
+            if json {
+                report!(
+                    "{}",
+                    to_json(&serde_json::json!({
+                        "dry_run": dry_run, "storages": storages, "database_bytes_returned": database_bytes_returned,
+                    }))?
+                );
+            }
             Ok(exit::OK)
         }
     }

@@ -1096,45 +1096,34 @@ fn run(cli: Cli) -> Result<i32> {
             let filter = filter.as_deref().map(Filter::parse).transpose()?;
             let versions = repo.list(filter.as_ref())?;
             let doomed = keepfs::retention::plan(&rules, &versions, chrono::Utc::now());
-            let mut refused = 0;
-            if cli_output::json() {
-                let (mut removed, mut kept) = (Vec::new(), Vec::new());
-                for uid in doomed {
-                    let Some(v) = versions.iter().find(|v| v.uid == uid) else { continue };
-                    if dry_run {
-                        removed.push(cli_output::version_brief(v));
-                        continue;
-                    }
-                    match repo.plan_remove(&[uid], true).and_then(|plan| repo.apply_remove(&plan)) {
-                        Ok(()) => removed.push(cli_output::version_brief(v)),
-                        Err(e) => {
-                            note!("keepfs: warning: kept {uid}: {e}");
-                            kept.push(serde_json::json!({ "uid": uid.to_string(), "reason": e.to_string() }));
-                        }
-                    }
-                }
-                let code = if kept.is_empty() { exit::OK } else { exit::REFUSED };
-                report!("{}", to_json(&serde_json::json!({ "dry_run": dry_run, "removed": removed, "kept": kept }))?);
-                return Ok(code);
-            }
+            // One loop for both outputs: a line per version as it goes, or one JSON object.
+            let json = cli_output::json();
+            let (mut removed, mut kept) = (Vec::new(), Vec::new());
             for uid in doomed {
-                let v = versions.iter().find(|v| v.uid == uid).map(|v| (v.name.clone(), v.date));
-                let (name, date) = v.unwrap_or_default();
-                let when = when(&date);
+                let Some(v) = versions.iter().find(|v| v.uid == uid) else { continue };
+                let line = |verb: &str| format!("{verb} {uid} {} ({})", v.name, when(&v.date));
                 if dry_run {
-                    out!("would remove {uid} {name} ({when})")?;
+                    if json {
+                        removed.push(cli_output::version_brief(v));
+                    } else {
+                        out!("{}", line("would remove"))?;
+                    }
                     continue;
                 }
                 // The rules decide about age; locks (a restore, a mount) still win.
                 match repo.plan_remove(&[uid], true).and_then(|plan| repo.apply_remove(&plan)) {
-                    Ok(()) => report!("removed {uid} {name} ({when})"),
+                    Ok(()) if json => removed.push(cli_output::version_brief(v)),
+                    Ok(()) => report!("{}", line("removed")),
                     Err(e) => {
                         note!("keepfs: warning: kept {uid}: {e}");
-                        refused += 1;
+                        kept.push(serde_json::json!({ "uid": uid.to_string(), "reason": e.to_string() }));
                     }
                 }
             }
-            Ok(if refused > 0 { exit::REFUSED } else { exit::OK })
+            if json {
+                report!("{}", to_json(&serde_json::json!({ "dry_run": dry_run, "removed": removed, "kept": kept }))?);
+            }
+            Ok(if kept.is_empty() { exit::OK } else { exit::REFUSED })
         }
         Command::Init { encrypt, storage } => {
             let name = storage.unwrap_or_else(|| repo.config.default_storage.clone());

@@ -29,10 +29,11 @@ pub fn partial_name(image: &str, uid: VersionUid) -> String {
     format!("{image}.keepfs-restore.{uid}")
 }
 
-fn exists(pool: &Arc<Pool>, spec: &Spec) -> Result<bool, RbdError> {
-    match Image::open(pool, spec, true) {
-        Ok(_) => Ok(true),
-        Err(e) if e.kind == RbdErrorKind::NotFound => Ok(false),
+/// The image `spec` names, opened read-only or for writing, or `None` when it does not exist.
+fn open_if_any(pool: &Arc<Pool>, spec: &Spec, read_only: bool) -> Result<Option<Image>, RbdError> {
+    match Image::open(pool, spec, read_only) {
+        Ok(image) => Ok(Some(image)),
+        Err(e) if e.kind == RbdErrorKind::NotFound => Ok(None),
         Err(e) => Err(e),
     }
 }
@@ -60,21 +61,23 @@ pub fn open_target(
     let pool = cluster.pool(&spec.pool, &spec.namespace)?;
     let partial = Spec { image: partial_name(&spec.image, uid), ..spec.clone() };
     let in_flight = cfg.in_flight.max(1);
-    if exists(&pool, spec)? {
-        if !opts.force && !opts.resume {
-            return Err(RbdError::new(
-                RbdErrorKind::Exists,
-                format!("restore target {spec} exists (RBD image); pass --force to overwrite it"),
-            ));
+    // Each image is opened once: for writing where it will be written, read-only where
+    // its existence only decides a refusal (a client with read-only caps still gets it).
+    if opts.force || opts.resume {
+        if let Some(mut image) = open_if_any(&pool, spec, false)? {
+            if image.size != size {
+                image.resize(size)?;
+            }
+            return Ok(Opened { target: Box::new(RbdTarget::new(image, in_flight, None)), existing: true });
         }
-        let mut image = Image::open(&pool, spec, false)?;
-        if image.size != size {
-            image.resize(size)?;
-        }
-        return Ok(Opened { target: Box::new(RbdTarget::new(image, in_flight, None)), existing: true });
+    } else if open_if_any(&pool, spec, true)?.is_some() {
+        return Err(RbdError::new(
+            RbdErrorKind::Exists,
+            format!("restore target {spec} exists (RBD image); pass --force to overwrite it"),
+        ));
     }
     if opts.resume {
-        if !exists(&pool, &partial)? {
+        let Some(image) = open_if_any(&pool, &partial, false)? else {
             return Err(RbdError::new(
                 RbdErrorKind::Invalid,
                 format!(
@@ -82,8 +85,7 @@ pub fn open_target(
                     partial.image_path()
                 ),
             ));
-        }
-        let image = Image::open(&pool, &partial, false)?;
+        };
         if image.size != size {
             return Err(RbdError::new(
                 RbdErrorKind::Invalid,

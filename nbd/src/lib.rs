@@ -678,11 +678,6 @@ impl<S: Sessions> Conn<S> {
         self.send(&[&simple_reply(0, req.cookie)]);
     }
 
-    /// The handle writes go to: EPERM on a read-only export.
-    fn write_fh(&self) -> io::Result<Fh> {
-        if self.read_only { Err(io::Error::from_raw_os_error(libc::EPERM)) } else { Ok(self.fh) }
-    }
-
     fn take_budget(&self, cost: u64) {
         let mut used = self.budget.lock().unwrap_or_else(|p| p.into_inner());
         while *used > 0 && *used + cost > MAX_IN_FLIGHT {
@@ -700,27 +695,29 @@ impl<S: Sessions> Conn<S> {
         req.offset.checked_add(req.length as u64).is_some_and(|end| end <= self.size)
     }
 
+    /// Serves a request [`check`] has admitted (a write only on a writable export, block
+    /// status only with `base:allocation` negotiated).
     fn serve(&self, job: Job) {
         let req = job.req;
         match req.kind {
             CMD_READ => self.read(&req),
             CMD_WRITE => {
-                let r = self.write_fh().and_then(|fh| self.sessions.write(fh, req.offset, &job.payload));
+                let r = self.sessions.write(self.fh, req.offset, &job.payload);
                 self.answer(&req, r);
             }
             // A trim only says the client no longer needs the bytes: acknowledged as is
             // (zeroing a whole device's worth through the overlay would take minutes).
             CMD_TRIM => self.reply_ok(&req),
             CMD_WRITE_ZEROES => {
-                let r = self.write_fh().and_then(|fh| {
+                let r = (|| {
                     let (mut pos, end) = (req.offset, req.offset + req.length as u64);
                     while pos < end {
                         let n = (end - pos).min(ZEROS.len() as u64) as usize;
-                        self.sessions.write(fh, pos, &ZEROS[..n])?;
+                        self.sessions.write(self.fh, pos, &ZEROS[..n])?;
                         pos += n as u64;
                     }
                     Ok(())
-                });
+                })();
                 self.answer(&req, r);
             }
             // Writes become durable, as a version, when the last writer disconnects;
@@ -797,9 +794,6 @@ impl<S: Sessions> Conn<S> {
     }
 
     fn block_status(&self, req: &Request) {
-        if !self.allocation {
-            return self.reply_error(req, EINVAL, "no metadata context was negotiated");
-        }
         let fh = self.fh;
         let end = req.offset + req.length as u64;
         let one = req.flags & CMD_FLAG_REQ_ONE != 0;

@@ -846,8 +846,10 @@ impl Repository {
                         let wlen = (size - woff).min(window_bytes);
                         let hole = Windows { next: next_window, count: windows, bytes: window_bytes, size };
                         let r = match skip_hole(source, url, ingest, &hole, w, bs, wanted, progress) {
-                            Ok(true) => Ok(()),
-                            Ok(false) => read_window(source, url, ingest, woff, wlen, bs, wanted, read_error, progress),
+                            Ok(WindowPlan::Skipped) => Ok(()),
+                            Ok(WindowPlan::Read(data)) => {
+                                read_window(source, url, ingest, woff, wlen, data, bs, wanted, read_error, progress)
+                            }
                             Err(e) => Err(e),
                         };
                         if let Err(e) = r {
@@ -894,14 +896,14 @@ fn skip_hole(
     bs: u32,
     wanted: Option<&[bool]>,
     progress: &dyn Progress,
-) -> Result<bool> {
+) -> Result<WindowPlan> {
     if wanted.is_some() {
-        return Ok(false);
+        return Ok(WindowPlan::Read(None));
     }
     let woff = w * windows.bytes;
     let data = source.next_data(woff).map_err(|e| Error::io(format!("cannot read {url} at byte {woff}"), e))?;
     if data.start < (woff + windows.bytes).min(windows.size) {
-        return Ok(false);
+        return Ok(WindowPlan::Read(Some(data)));
     }
     // Later windows that end at or before the data (or the image's end) are hole too.
     let last = if data.start >= windows.size { windows.count } else { data.start / windows.bytes };
@@ -915,10 +917,18 @@ fn skip_hole(
     let bs = bs as u64;
     ingest.lock().submit_zero_run(woff / bs, (to - woff).div_ceil(bs), to - woff)?;
     progress.advance(to - woff);
-    Ok(true)
+    Ok(WindowPlan::Skipped)
 }
 
-/// Feeds the blocks of one window of the source into the ingest.
+/// What [`skip_hole`] made of a window: recorded as a hole, or to be read, with the
+/// next range that may hold data when it already asked the source.
+enum WindowPlan {
+    Skipped,
+    Read(Option<std::ops::Range<u64>>),
+}
+
+/// Feeds the blocks of one window of the source into the ingest. `data`: the next
+/// range from `woff` that may hold data, if known already.
 #[allow(clippy::too_many_arguments)]
 fn read_window(
     source: &dyn Source,
@@ -926,6 +936,7 @@ fn read_window(
     ingest: &Mutex<Ingest>,
     woff: u64,
     wlen: u64,
+    data: Option<std::ops::Range<u64>>,
     bs: u32,
     wanted: Option<&[bool]>,
     read_error: &Mutex<Option<Error>>,
@@ -944,7 +955,10 @@ fn read_window(
     // (with no data left it is `size..size`, which no block passes).
     let next_data =
         |off: u64| source.next_data(off).map_err(|e| Error::io(format!("cannot read {url} at byte {off}"), e));
-    let mut data = next_data(woff)?;
+    let mut data = match data {
+        Some(d) => d,
+        None => next_data(woff)?,
+    };
     if data.start >= woff + wlen && (first..first + blocks).all(want) {
         ingest.lock().submit_zero_run(first, blocks, wlen)?;
         progress.advance(wlen);

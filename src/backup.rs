@@ -31,6 +31,9 @@ const INSERT_BATCH: usize = 128;
 /// Memory for block buffers in flight.
 const POOL_BYTES: usize = 64 << 20;
 const STORAGE_ATTEMPTS: u32 = 4;
+/// How long a backup waits for a live cleanup to finish deleting blocks the backup needs
+/// (normally one delete request); a cleanup gives up on a batch well before this.
+const BLOCKED_BY_CLEANUP_LIMIT: Duration = Duration::from_millis(crate::catalog::REMOTE_SESSION_TTL_MS as u64);
 
 /// One block on its way through the pipeline. Its bytes are in a pooled buffer, or, until
 /// a worker inspects it, in a mapped window of the source; the buffer is then a token
@@ -74,7 +77,7 @@ enum Job {
     /// Zero check and hash.
     Inspect { idx: u64, block: Block },
     /// Compress and hand to a writer.
-    Encode { idx: u64, id: BlockId, block: Block, under_lock: bool },
+    Encode { idx: u64, id: BlockId, block: Block },
 }
 
 struct Put {
@@ -103,9 +106,6 @@ enum Done {
         plain_len: u64,
         stored_len: u64,
     },
-    /// An object whose id carried a cleanup tombstone: stored by the coordinator while it
-    /// holds the database's write lock.
-    Encoded(Put),
     Failed(Error),
     /// Blocks `first..first + count`, `bytes` long in all, are a hole of the source.
     ZeroRun {
@@ -371,7 +371,7 @@ fn worker(
                     let _ = done.send(Done::Hashed { idx, id, block });
                 }
             }
-            Job::Encode { idx, id, block, under_lock } => {
+            Job::Encode { idx, id, block } => {
                 let data = block.data();
                 let bytes = match codec.encode(ObjectKind::Block, &id.0, data, level) {
                     Ok(b) => b,
@@ -383,9 +383,7 @@ fn worker(
                 };
                 let put = Put { idx, id, plain_len: data.len() as u64, bytes };
                 let _ = pool.send(block.buf);
-                if under_lock {
-                    let _ = done.send(Done::Encoded(put));
-                } else if puts.send(put).is_err() {
+                if puts.send(put).is_err() {
                     return;
                 }
             }
@@ -439,12 +437,10 @@ impl Coordinator {
             return Ok(());
         }
         let batch = std::mem::take(&mut self.pending_lookup);
-        let ids: Vec<BlockId> = batch.iter().filter(|(_, id, _)| !self.seen.contains(id)).map(|b| b.1).collect();
-        let (present, tombstoned) = if ids.is_empty() {
-            Default::default()
-        } else {
-            self.ctx.db.lock().lookup_and_touch(self.ctx.storage_id, &ids)?
-        };
+        let mut ids: Vec<BlockId> = batch.iter().filter(|(_, id, _)| !self.seen.contains(id)).map(|b| b.1).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let present = if ids.is_empty() { HashSet::new() } else { self.look_up(&ids)? };
         for (idx, id, block) in batch {
             let len = block.data().len() as u64;
             if self.seen.contains(&id) || present.contains(&id) {
@@ -455,13 +451,57 @@ impl Coordinator {
             } else {
                 self.seen.insert(id);
                 self.in_store += 1;
-                let under_lock = tombstoned.contains(&id);
                 self.job_tx
-                    .send(Job::Encode { idx, id, block, under_lock })
+                    .send(Job::Encode { idx, id, block })
                     .map_err(|_| Error::Other("backup workers stopped".into()))?;
             }
         }
         Ok(())
+    }
+
+    /// Looks `ids` up for writing (docs/format.md, "Cleanup"): returns those stored, which
+    /// are now touched; the others are now rows in state `writing`, for this backup to
+    /// store. An id a live cleanup is deleting is waited for: once that cleanup has
+    /// deleted it (or died), it is looked up again and stored anew.
+    fn look_up(&mut self, ids: &[BlockId]) -> Result<HashSet<BlockId>> {
+        let mut present = HashSet::new();
+        let mut todo = ids.to_vec();
+        let mut dead: Vec<i64> = Vec::new();
+        let started = Instant::now();
+        let mut pause = Duration::from_millis(20);
+        loop {
+            let found = self.ctx.db.lock().lookup_for_write(self.ctx.storage_id, &todo, &dead)?;
+            present.extend(found.present);
+            if found.blocked.is_empty() {
+                return Ok(present);
+            }
+            todo = found.blocked.iter().map(|b| b.0).collect();
+            let live: HashSet<i64> = self.ctx.db.lock().live_sessions()?.into_iter().map(|s| s.id).collect();
+            let newly_dead: Vec<i64> = found.blocked.iter().map(|b| b.1).filter(|d| !live.contains(d)).collect();
+            if !newly_dead.is_empty() {
+                // The cleanup that marked them is gone: they are this backup's to write.
+                dead.extend(newly_dead);
+                continue;
+            }
+            if dead.is_empty() && pause == Duration::from_millis(20) {
+                keepfs_face::log!(
+                    "keepfs: waiting for a cleanup (session {}) to finish deleting {} block(s) this backup needs; they are stored again then",
+                    found.blocked[0].1,
+                    todo.len()
+                );
+            }
+            if started.elapsed() > BLOCKED_BY_CLEANUP_LIMIT {
+                return Err(Error::Other(format!(
+                    "{} block(s) of this backup are being deleted by a cleanup (session {}) that has not finished with them in {} s; run the backup again when it is done",
+                    todo.len(),
+                    found.blocked[0].1,
+                    BLOCKED_BY_CLEANUP_LIMIT.as_secs()
+                )));
+            }
+            // A cleanup holds a batch for one delete request and two short transactions.
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_secs(1));
+        }
     }
 
     fn flush_inserts(&mut self) -> Result<()> {
@@ -471,7 +511,17 @@ impl Coordinator {
         // Durable first, recorded second: no row ever names an object that may be lost.
         retry(STORAGE_ATTEMPTS, || self.ctx.storage.sync())?;
         let batch = std::mem::take(&mut self.pending_insert);
-        self.ctx.db.lock().insert_objects(self.ctx.storage_id, &batch, self.ctx.storage.codec().current_key())?;
+        let refused =
+            self.ctx.db.lock().insert_objects(self.ctx.storage_id, &batch, self.ctx.storage.codec().current_key())?;
+        if let Some(id) = refused.first() {
+            // Only when this process was silent so long that another host took it for
+            // dead and a cleanup marked what it was writing.
+            return Err(Error::Other(format!(
+                "block {id} and {} more were marked for deletion by a cleanup while this backup stored them (this process was taken for dead: no heartbeat for {} s); run the backup again (`--continue` keeps what is stored)",
+                refused.len() - 1,
+                crate::catalog::REMOTE_SESSION_TTL_MS / 1000
+            )));
+        }
         Ok(())
     }
 
@@ -519,25 +569,6 @@ impl Coordinator {
                 }
             }
             Done::Stored { idx, id, plain_len, stored_len } => self.stored(idx, id, plain_len, stored_len)?,
-            Done::Encoded(p) => {
-                let storage = self.ctx.storage.clone();
-                let (sid, key) = (self.ctx.storage_id, p.id.storage_key());
-                let sealed_by = storage.codec().current_key();
-                self.ctx.db.lock().store_over_tombstone(
-                    sid,
-                    (p.id, p.bytes.len() as u64, p.plain_len),
-                    sealed_by,
-                    &mut || {
-                        retry(STORAGE_ATTEMPTS, || storage.put(&key, &p.bytes))?;
-                        Ok(retry(STORAGE_ATTEMPTS, || storage.sync())?)
-                    },
-                )?;
-                self.stats.bytes_written += p.plain_len;
-                self.stats.bytes_stored += p.bytes.len() as u64;
-                self.set(p.idx, p.id)?;
-                self.completed += 1;
-                self.in_store -= 1;
-            }
             Done::Failed(e) => return Err(e),
             Done::Finish { count } => *finish = Some(count),
         }

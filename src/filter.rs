@@ -434,6 +434,7 @@ mod tests {
             labels: env.map(|e| [("env".to_string(), e.to_string())].into()).unwrap_or_default(),
             stats: Stats::default(),
             expire: None,
+            host: None,
         }
     }
 

@@ -12,14 +12,14 @@
 //! start, so nothing written or touched since then is swept.
 
 use crate::block::BlockId;
-use crate::catalog::OBJECT_DELETING;
+use crate::catalog::{OBJECT_DELETING, OBJECT_WRITING};
 use crate::error::{Error, Result};
 use crate::index::BlockIndex;
 use crate::repo::Repository;
 use crate::storage::retry;
 use crate::version::VersionUid;
 use std::collections::HashSet;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// What a cleanup of one storage would delete.
 #[derive(Clone, Debug)]
@@ -28,6 +28,9 @@ pub struct CleanupPlan {
     pub cutoff_ms: i64,
     /// Objects with a row that no version references: (id, stored bytes).
     pub objects: Vec<(BlockId, u64)>,
+    /// `writing` rows of backups that stopped before storing (or recording) the object:
+    /// their file, if any, goes with the row. Not counted as objects.
+    pub unfinished: Vec<BlockId>,
     /// Object files the database does not know (left by interrupted backups).
     pub orphans: Vec<(String, u64)>,
     /// Unreferenced objects kept because a running backup may still use them.
@@ -100,6 +103,10 @@ pub struct CleanupReport {
 }
 
 const SWEEP_BATCH: usize = 256;
+
+/// How long after marking a batch a cleanup may still delete its files: half the time
+/// after which hosts take a silent session for dead (and may write the objects again).
+const DELETE_WINDOW: Duration = Duration::from_millis(crate::catalog::REMOTE_SESSION_TTL_MS as u64 / 2);
 
 /// File times come from the kernel's coarse clock, which lags the clock sessions and the
 /// cutoff are read from by up to a tick: a backup that starts just after a cleanup took
@@ -201,6 +208,7 @@ impl Repository {
             storage: storage.to_string(),
             cutoff_ms,
             objects: Vec::new(),
+            unfinished: Vec::new(),
             orphans: Vec::new(),
             kept_recent: 0,
             referenced: marked.len() as u64,
@@ -212,6 +220,13 @@ impl Repository {
         db.for_each_object(storage_id, &mut |row| {
             known.insert(row.id);
             if marked.contains(&row.id) {
+                return;
+            }
+            if row.state == OBJECT_WRITING {
+                // A backup's placeholder: its backup runs (or may be continued), or it died.
+                if row.touched_ms < cutoff_ms {
+                    plan.unfinished.push(row.id);
+                }
                 return;
             }
             if row.state == OBJECT_DELETING || row.touched_ms < cutoff_ms {
@@ -266,46 +281,74 @@ impl Repository {
         Ok((from, spared))
     }
 
-    /// Carries out a plan. Every deletion is checked again against the database at the
-    /// moment it happens, so a plan that has aged only ever deletes less.
+    /// Carries out a plan. Every deletion is checked again against the catalog at the
+    /// moment it is decided, so a plan that has aged only ever deletes less. Per batch:
+    /// mark (one short transaction), delete the files (no transaction open), forget the
+    /// rows (one short transaction); see docs/format.md, "Cleanup".
     pub fn apply_cleanup(&self, plan: &CleanupPlan) -> Result<CleanupReport> {
         let storage = self.storage_to_delete_from(&plan.storage)?;
-        let _claim = self.claim_cleanup(&plan.storage)?;
+        let claim = self.claim_cleanup(&plan.storage)?;
+        let me = claim.session.id;
         let mut report = CleanupReport::default();
         let sid = self.storage_id(&plan.storage)?;
         let cutoff = plan.cutoff_ms;
-        for chunk in plan.objects.chunks(SWEEP_BATCH) {
-            let ids: Vec<BlockId> = chunk.iter().map(|(id, _)| *id).collect();
-            // 1. Tombstone the rows that are still untouched since the cutoff (committed
-            //    before any file goes, so a crash leaves tombstones, not dangling rows).
-            self.db().tombstone_objects(sid, &ids, cutoff)?;
-            // 2. With the object write lock held (no backup can revive a tombstone
-            //    meanwhile), delete the files of rows that are still tombstones, then the rows.
-            let (n, bytes) = self.db().sweep_tombstoned(sid, &ids, &mut |doomed| {
-                // One request per batch where the storage has one (S3's DeleteObjects).
-                let keys: Vec<String> = doomed.iter().map(|id| id.storage_key()).collect();
-                Ok(retry(4, || storage.delete_many(&keys))?)
+        let orphans: Vec<(BlockId, u64)> = plan
+            .orphans
+            .iter()
+            .filter_map(|(key, size)| BlockId::from_storage_key(key).map(|id| (id, *size)))
+            .collect();
+        let orphan_ids: HashSet<BlockId> = orphans.iter().map(|o| o.0).collect();
+        let unfinished: HashSet<BlockId> = plan.unfinished.iter().copied().collect();
+        let candidates: Vec<BlockId> =
+            plan.objects.iter().map(|o| o.0).chain(plan.unfinished.iter().copied()).collect();
+        let mut rows = candidates.chunks(SWEEP_BATCH);
+        let mut files = orphans.chunks(SWEEP_BATCH);
+        loop {
+            let (ids, found): (Vec<BlockId>, &[(BlockId, u64)]) = match (rows.next(), files.next()) {
+                (None, None) => break,
+                (r, f) => (r.unwrap_or_default().to_vec(), f.unwrap_or_default()),
+            };
+            // Signs of life first: hosts that judge this cleanup by its heartbeat must not
+            // take it for dead while it deletes (a session that was ended fails here).
+            self.db().heartbeat(me)?;
+            // 1. Mark: only what is still unreferenced-and-untouched becomes this
+            //    cleanup's to delete; a backup that meets a mark waits for step 3.
+            let held = self.db().mark_for_deletion(sid, &ids, found, cutoff, me)?;
+            if held.is_empty() {
+                continue;
+            }
+            let marked_at = Instant::now();
+            // 2. Delete the files, no transaction open. Past half the time after which
+            //    other hosts take a silent session for dead, stop instead: a backup could
+            //    then be writing these objects again.
+            let keys: Vec<String> = held.iter().map(|h| h.0.storage_key()).collect();
+            let in_time = retry(4, || {
+                if marked_at.elapsed() > DELETE_WINDOW {
+                    return Ok(false);
+                }
+                storage.delete_many(&keys).map(|()| true)
             })?;
-            report.objects_deleted += n;
-            report.bytes_freed += bytes;
-        }
-        for chunk in plan.orphans.chunks(SWEEP_BATCH) {
-            let candidates: Vec<(BlockId, &String, u64)> = chunk
-                .iter()
-                .filter_map(|(key, size)| BlockId::from_storage_key(key).map(|id| (id, key, *size)))
-                .collect();
-            let ids: Vec<BlockId> = candidates.iter().map(|c| c.0).collect();
-            let (mut n, mut bytes) = (0u64, 0u64);
-            self.db().sweep_unknown(sid, &ids, &mut |unknown| {
-                let unknown: HashSet<&BlockId> = unknown.iter().collect();
-                let keys: Vec<String> =
-                    candidates.iter().filter(|c| unknown.contains(&c.0)).map(|c| c.1.clone()).collect();
-                n = keys.len() as u64;
-                bytes = candidates.iter().filter(|c| unknown.contains(&c.0)).map(|c| c.2).sum();
-                Ok(retry(4, || storage.delete_many(&keys))?)
-            })?;
-            report.orphans_deleted += n;
-            report.bytes_freed += bytes;
+            if !in_time {
+                return Err(Error::Other(format!(
+                    "cleanup of storage '{}' stopped: deleting a batch took longer than {} s; what it marked is finished by the next cleanup",
+                    plan.storage,
+                    DELETE_WINDOW.as_secs()
+                )));
+            }
+            // 3. Forget the rows: the objects are gone; a backup waiting for them writes
+            //    them anew.
+            let ids: Vec<BlockId> = held.iter().map(|h| h.0).collect();
+            self.db().forget_deleted(sid, &ids, me)?;
+            for (id, size) in &held {
+                if orphan_ids.contains(id) {
+                    report.orphans_deleted += 1;
+                } else if unfinished.contains(id) {
+                    continue;
+                } else {
+                    report.objects_deleted += 1;
+                }
+                report.bytes_freed += size;
+            }
         }
         let cutoff_time = file_cutoff(cutoff);
         report.temporaries_deleted = storage.purge_temporary(cutoff_time.min(SystemTime::now()))?;

@@ -292,6 +292,7 @@ mod tests {
             labels: label.map(|l| (l.to_string(), String::new())).into_iter().collect(),
             stats: Stats { bytes_read: 1000, duration_ms: 2500, ..Default::default() },
             expire: None,
+            host: None,
         }
     }
 

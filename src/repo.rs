@@ -472,8 +472,14 @@ impl Repository {
 
     /// Registers this process as working on the repository (see docs/format.md, "Sessions").
     pub fn session(&self, purpose: &str, writes: bool) -> Result<SessionGuard> {
-        let id = self.db.lock().register_session(purpose, writes)?;
-        Ok(SessionGuard { db: self.db.clone(), id })
+        let (id, shared) = {
+            let db = self.db.lock();
+            (db.register_session(purpose, writes)?, db.engine() == "postgresql")
+        };
+        // Other hosts judge this session by its heartbeat (a shared catalog): keep it fresh
+        // for as long as the session lives, whatever the process is busy with.
+        let stop = shared.then(|| heartbeat_thread(self.db.clone(), id));
+        Ok(SessionGuard { db: self.db.clone(), id, _stop_heartbeat: stop })
     }
 
     pub(crate) fn db(&self) -> parking_lot::MutexGuard<'_, Box<dyn crate::catalog::Catalog>> {
@@ -556,6 +562,32 @@ pub struct StorageInfo {
 pub struct SessionGuard {
     db: SharedCatalog,
     pub id: i64,
+    /// Dropped with the guard, which ends the heartbeat thread.
+    _stop_heartbeat: Option<std::sync::mpsc::Sender<()>>,
+}
+
+/// How often a session on a shared catalog beats (other hosts take it for dead after
+/// `catalog::REMOTE_SESSION_TTL_MS` without one).
+const HEARTBEAT_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Starts a thread that heartbeats `session` until the returned sender is dropped, or
+/// until the session turns out to have been ended by another process.
+fn heartbeat_thread(db: SharedCatalog, session: i64) -> std::sync::mpsc::Sender<()> {
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let spawned = std::thread::Builder::new().name("keepfs-heartbeat".into()).spawn(move || {
+        while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(HEARTBEAT_EVERY) {
+            if let Err(e) = db.lock().heartbeat(session) {
+                keepfs_face::log!("keepfs: warning: {e}");
+                if matches!(e, crate::error::Error::Other(_)) {
+                    return;
+                }
+            }
+        }
+    });
+    if let Err(e) = spawned {
+        keepfs_face::log!("keepfs: warning: cannot start the session heartbeat: {e}");
+    }
+    tx
 }
 
 impl SessionGuard {

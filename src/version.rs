@@ -115,6 +115,10 @@ pub struct Version {
     /// When the version may go (backy2's expiry; `ls --expired` lists those past it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expire: Option<DateTime<Utc>>,
+    /// The host the version was made on (`host` in the configuration, `KEEPFS_HOST`, or
+    /// the host name); none for versions made before it was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
 }
 
 /// Checks a backup name. A name is one path component of the mount (`by_name/<name>`)
@@ -195,6 +199,7 @@ pub(crate) fn test_version(uid: u64, name: &str, date: DateTime<Utc>) -> Version
         labels: BTreeMap::new(),
         stats: Stats::default(),
         expire: None,
+        host: None,
     }
 }
 

@@ -216,3 +216,76 @@ fn a_killed_backup_is_continued() {
     assert_eq!(r.code, 2);
     assert!(r.error_line().contains("only an incomplete version can be continued"), "{}", r.stderr);
 }
+
+/// A cleanup stopped right after it marked a batch of objects for deletion (its mark
+/// committed, its deletes not yet done or under way) holds those objects; a backup that
+/// needs the same blocks meets the marks. Whether the cleanup then goes on or is killed
+/// with SIGKILL, the backup stores the blocks anew, its version restores byte-identical,
+/// and later cleanups delete nothing it needs.
+fn backup_meets_blocks_a_cleanup_is_deleting(kill_cleanup: bool) {
+    let repo = Repo::new();
+    // 1,024 objects of 4 KiB: four batches of the cleanup's 256.
+    fs::write(repo.path("img"), random_bytes(41, 4 << 20)).unwrap();
+    let gone = repo.backup("img", "vm", &["-b", "4k"]);
+    repo.ok(&["rm", "--force", &gone]);
+
+    let mut cleanup = repo.command(&["cleanup"]).stdout(std::process::Stdio::null()).spawn().unwrap();
+    let stopped = repo.freeze_backup(&cleanup, "the cleanup to mark its first batch", |s| s.deleting > 0);
+
+    let url = repo.url("img");
+    let mut backup = repo
+        .command(&["backup", &url, "vm", "-b", "4k"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The backup looks its blocks up and meets the marks: it says that it waits.
+    let (said_tx, said) = std::sync::mpsc::channel();
+    let stderr = backup.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        use std::io::BufRead;
+        let mut all = String::new();
+        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.contains("waiting for a cleanup") {
+                let _ = said_tx.send(());
+            }
+            all.push_str(&line);
+            all.push('\n');
+        }
+        all
+    });
+    said.recv_timeout(POLL_LIMIT).expect("the backup never said it waits for the cleanup");
+    // While the cleanup is stopped, what it marked stays marked: the backup writes none of it.
+    let marked = repo.deleting_objects();
+    assert!(marked > 0, "the cleanup's marks are gone while it is stopped");
+    assert!(backup.try_wait().unwrap().is_none(), "the backup finished while the cleanup held its blocks");
+    if kill_cleanup {
+        cleanup.kill().unwrap(); // SIGKILL while stopped: its marks stay, its session dies
+    }
+    stopped.resume();
+    let status = cleanup.wait().unwrap();
+    assert_eq!(status.success(), !kill_cleanup, "cleanup: {status:?}");
+
+    let out = backup.wait_with_output().unwrap();
+    let stderr = reader.join().unwrap();
+    assert!(out.status.success(), "backup: {stderr}");
+    let uid = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    assert_eq!(repo.restore_sha(&uid, "out"), sha256_file(&repo.path("img")));
+
+    // The next cleanup finishes what a killed one left and deletes nothing referenced.
+    repo.ok(&["cleanup"]);
+    assert_eq!(repo.block_objects(), 1024, "exactly the version's objects are left");
+    assert_eq!(repo.restore_sha(&uid, "out"), sha256_file(&repo.path("img")));
+    let r = repo.run(&["deep-scrub", &uid]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+}
+
+#[test]
+fn a_backup_waits_for_a_cleanup_that_is_deleting_its_blocks() {
+    backup_meets_blocks_a_cleanup_is_deleting(false);
+}
+
+#[test]
+fn a_cleanup_killed_after_marking_leaves_marks_that_a_backup_and_the_next_cleanup_finish() {
+    backup_meets_blocks_a_cleanup_is_deleting(true);
+}

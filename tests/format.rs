@@ -45,6 +45,7 @@ fn sample_version() -> (Version, BlockIndex) {
             duration_ms: 3,
         },
         expire: None,
+        host: None,
     };
     (v, index)
 }

@@ -25,12 +25,37 @@ pub use sqlite::{SqliteCatalog, check_file, set_aside_if_damaged};
 /// The catalog as the engine shares it between threads.
 pub type SharedCatalog = Arc<parking_lot::Mutex<Box<dyn Catalog>>>;
 
-/// Object states: present, or marked for deletion by a cleanup (a tombstone).
+/// Object states (docs/format.md, "Cleanup"): `present` (stored and durable), `deleting`
+/// (marked by the cleanup session named in the row's `deleter`, whose file may be gone
+/// at any moment), `writing` (a backup is about to store it: the row exists before the
+/// file, so a cleanup never takes a file being written for an orphan).
 pub const OBJECT_PRESENT: i64 = 0;
 pub const OBJECT_DELETING: i64 = 1;
+pub const OBJECT_WRITING: i64 = 2;
+
+/// What a backup may do with each id of a batch it looked up ([`Catalog::lookup_for_write`]).
+#[derive(Debug, Default)]
+pub struct Lookup {
+    /// Stored, valid and now touched: reference them.
+    pub present: HashSet<BlockId>,
+    /// Now in state `writing` (and touched): the caller stores them, then records them.
+    pub write: HashSet<BlockId>,
+    /// Being deleted by a cleanup that is alive (the deleter's session id): wait until
+    /// it is done with them, then look them up again.
+    pub blocked: Vec<(BlockId, i64)>,
+}
 
 /// Sessions on other hosts count as alive while their heartbeat is younger than this.
 pub(crate) const REMOTE_SESSION_TTL_MS: i64 = 10 * 60 * 1000;
+
+/// The error of a process whose session is no longer registered: another process (on
+/// another host) took it for dead, so a cleanup may have deleted what it was relying on.
+pub(crate) fn session_ended(session: i64) -> crate::error::Error {
+    crate::error::Error::Other(format!(
+        "this process's session {session} was ended by another keepfs process that took it for dead (no heartbeat for {} s); what it was doing must be done again (a backup: `keepfs backup --continue UID`)",
+        REMOTE_SESSION_TTL_MS / 1000
+    ))
+}
 
 /// `repository_state` row present while a `database rebuild` has not finished cleanly
 /// (interrupted, or damaged version objects skipped): another rebuild may then add to
@@ -344,46 +369,42 @@ pub trait Catalog: Send {
 
     // ---- objects --------------------------------------------------------------------
 
-    /// For a batch of ids: which are stored (present) and which carry a cleanup's
-    /// tombstone. Present ones are touched in the same transaction, so that a cleanup
-    /// running now cannot sweep them (see docs/format.md, "Cleanup").
-    fn lookup_and_touch(&mut self, storage_id: i64, ids: &[BlockId]) -> Result<(HashSet<BlockId>, HashSet<BlockId>)>;
-    /// Records durably stored objects (id, stored size, plaintext size) as present.
-    fn insert_objects(&mut self, storage_id: i64, objects: &[(BlockId, u64, u64)], key: Option<KeyId>) -> Result<()>;
-    /// Writes an object that carries a tombstone again (`write` puts it durably in the
-    /// storage) and records it as present, with the object write lock held throughout,
-    /// so that a cleanup's sweep and this never interleave.
-    fn store_over_tombstone(
+    /// A backup's lookup of a batch of ids, in one transaction (docs/format.md,
+    /// "Cleanup"): present and valid rows are touched and reported present; ids without a
+    /// row get one in state `writing`; `writing` rows, present rows a scrub found damaged,
+    /// and `deleting` rows whose deleter is among `dead_deleters` (sessions the caller
+    /// found dead) become `writing` and are reported to write; every one of those is
+    /// touched. `deleting` rows of any other deleter are reported blocked.
+    fn lookup_for_write(&mut self, storage_id: i64, ids: &[BlockId], dead_deleters: &[i64]) -> Result<Lookup>;
+    /// Records durably stored objects (id, stored size, plaintext size) as present. An
+    /// object a cleanup marked meanwhile (only possible when this process was taken for
+    /// dead) is not recorded: returns the ids that were not.
+    fn insert_objects(
         &mut self,
         storage_id: i64,
-        object: (BlockId, u64, u64),
+        objects: &[(BlockId, u64, u64)],
         key: Option<KeyId>,
-        write: &mut dyn FnMut() -> Result<()>,
-    ) -> Result<()>;
+    ) -> Result<Vec<BlockId>>;
     /// Records objects found in a storage (by a rebuild or a metadata restore) as present
     /// and just touched, keeping what the catalog knows of those it has rows for: an
     /// object a scrub found damaged stays invalid.
     fn insert_found_objects(&mut self, storage_id: i64, objects: &[(BlockId, u64)]) -> Result<()>;
-    /// Cleanup, step 1: tombstones those of `ids` that are still untouched since
-    /// `cutoff_ms` (or tombstoned already).
-    fn tombstone_objects(&mut self, storage_id: i64, ids: &[BlockId], cutoff_ms: i64) -> Result<()>;
-    /// Cleanup, step 2: with the object write lock held, calls `delete` with those of
-    /// `ids` that still carry a tombstone, then removes their rows. Returns (objects,
-    /// stored bytes) removed.
-    fn sweep_tombstoned(
+    /// Cleanup, step 1 (one short transaction): marks for deletion by the cleanup
+    /// session `cleaner` the rows of `ids` that are `deleting` already or untouched since
+    /// `cutoff_ms`, and gives each of `orphans` (files without a row: id, stored size) a
+    /// `deleting` row unless it has a row by now. Returns the (id, stored size) of every
+    /// object this cleaner now holds: only those may it delete.
+    fn mark_for_deletion(
         &mut self,
         storage_id: i64,
         ids: &[BlockId],
-        delete: &mut dyn FnMut(&[BlockId]) -> Result<()>,
-    ) -> Result<(u64, u64)>;
-    /// With the object write lock held, calls `delete` with those of `ids` the catalog
-    /// has no row for (orphaned files).
-    fn sweep_unknown(
-        &mut self,
-        storage_id: i64,
-        ids: &[BlockId],
-        delete: &mut dyn FnMut(&[BlockId]) -> Result<()>,
-    ) -> Result<()>;
+        orphans: &[(BlockId, u64)],
+        cutoff_ms: i64,
+        cleaner: i64,
+    ) -> Result<Vec<(BlockId, u64)>>;
+    /// Cleanup, step 3 (after the files are deleted): removes the rows of `ids` that are
+    /// still `deleting` by `cleaner`. Returns how many.
+    fn forget_deleted(&mut self, storage_id: i64, ids: &[BlockId], cleaner: i64) -> Result<u64>;
     /// The objects of a storage a scrub or restore found damaged.
     fn invalid_objects(&self, storage_id: i64) -> Result<HashSet<BlockId>>;
     fn mark_objects_invalid(&self, storage_id: i64, ids: &[BlockId]) -> Result<()> {

@@ -9,8 +9,8 @@
 //! in is rolled back by the server, so nothing is half-committed).
 
 use super::{
-    Catalog, IncompleteVersion, OBJECT_DELETING, OBJECT_PRESENT, ObjectRecord, ObjectRow, REBUILD_UNFINISHED, Session,
-    StorageRecord, date_text, parse_date,
+    Catalog, IncompleteVersion, Lookup, OBJECT_DELETING, OBJECT_PRESENT, OBJECT_WRITING, ObjectRecord, ObjectRow,
+    REBUILD_UNFINISHED, Session, StorageRecord, date_text, parse_date,
 };
 use crate::block::BlockId;
 use crate::error::{Error, Result};
@@ -96,6 +96,10 @@ ALTER TABLE versions ADD COLUMN active_ms BIGINT;
 "#,
     r#"
 CREATE TABLE repository_state (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+"#,
+    r#"
+ALTER TABLE objects ADD COLUMN deleter BIGINT;
+ALTER TABLE versions ADD COLUMN host TEXT;
 "#,
 ];
 
@@ -315,7 +319,7 @@ impl PostgresCatalog {
     fn versions_where(&self, clause: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Version>> {
         let sql = format!(
             "SELECT v.uid, v.date, v.name, v.snapshot, v.size, v.block_size, v.status, v.protected, s.name, \
-             v.bytes_read, v.bytes_written, v.bytes_stored, v.bytes_deduplicated, v.bytes_sparse, v.duration_ms, v.expire \
+             v.bytes_read, v.bytes_written, v.bytes_stored, v.bytes_deduplicated, v.bytes_sparse, v.duration_ms, v.expire, v.host \
              FROM versions v JOIN storages s ON s.id = v.storage_id {clause} ORDER BY v.uid"
         );
         let rows = self.query(&sql, params)?;
@@ -344,6 +348,7 @@ impl PostgresCatalog {
                         duration_ms: r.get::<_, i64>(14) as u64,
                     },
                     expire: r.get::<_, Option<String>>(15).and_then(|d| parse_date(&d)),
+                    host: r.get(16),
                 }
             })
             .collect();
@@ -424,7 +429,7 @@ fn upsert_objects(
     storage_id: i64,
     objects: &[(BlockId, u64, u64)],
     key: Option<KeyId>,
-) -> Result<()> {
+) -> Result<Vec<BlockId>> {
     let mut at: HashMap<&[u8], usize> = HashMap::with_capacity(objects.len());
     let (mut ids, mut stored, mut plain) = (Vec::new(), Vec::new(), Vec::new());
     for (id, s, p) in objects {
@@ -439,17 +444,22 @@ fn upsert_objects(
         }
     }
     let key = key.map(|k| k.as_i64());
-    tx.execute(
-        &format!(
-            "INSERT INTO objects(storage_id, id, stored_size, plain_size, state, valid, touched_ms, key_id) \
-             SELECT $1, u.id, u.stored, u.plain, 0, TRUE, {CLOCK_MS}, $5 \
-             FROM UNNEST($2::bytea[], $3::int8[], $4::int8[]) AS u(id, stored, plain) \
-             ON CONFLICT(storage_id, id) DO UPDATE SET state=0, valid=TRUE, touched_ms=EXCLUDED.touched_ms, \
-             stored_size=EXCLUDED.stored_size, key_id=COALESCE($5, objects.key_id)"
-        ),
-        &[&storage_id, &ids, &stored, &plain, &key],
-    )?;
-    Ok(())
+    let recorded: HashSet<BlockId> = tx
+        .query(
+            &format!(
+                "INSERT INTO objects(storage_id, id, stored_size, plain_size, state, valid, touched_ms, key_id) \
+                 SELECT $1, u.id, u.stored, u.plain, 0, TRUE, {CLOCK_MS}, $5 \
+                 FROM UNNEST($2::bytea[], $3::int8[], $4::int8[]) AS u(id, stored, plain) \
+                 ON CONFLICT(storage_id, id) DO UPDATE SET state=0, valid=TRUE, touched_ms=EXCLUDED.touched_ms, \
+                 stored_size=EXCLUDED.stored_size, plain_size=EXCLUDED.plain_size, \
+                 key_id=COALESCE($5, objects.key_id) WHERE objects.state <> $6 RETURNING id"
+            ),
+            &[&storage_id, &ids, &stored, &plain, &key, &OBJECT_DELETING],
+        )?
+        .iter()
+        .filter_map(|r| id_of(r, 0))
+        .collect();
+    Ok(objects.iter().map(|o| o.0).filter(|id| !recorded.contains(id)).collect())
 }
 
 /// The 16 columns of a version row, in the order `insert_version` and
@@ -521,6 +531,7 @@ fn insert_version(tx: &mut Transaction, v: &Version, storage_id: i64, index: Opt
          VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16)",
         &row.params(),
     )?;
+    tx.execute("UPDATE versions SET host=$2 WHERE uid=$1", &[&uid, &v.host])?;
     for (k, val) in &v.labels {
         tx.execute("INSERT INTO labels(uid, name, value) VALUES ($1,$2,$3)", &[&uid, k, val])?;
     }
@@ -629,7 +640,9 @@ impl Catalog for PostgresCatalog {
     }
 
     fn heartbeat(&self, session: i64) -> Result<()> {
-        self.execute(&format!("UPDATE sessions SET heartbeat_ms = {CLOCK_MS} WHERE id = $1"), &[&session])?;
+        if self.execute(&format!("UPDATE sessions SET heartbeat_ms = {CLOCK_MS} WHERE id = $1"), &[&session])? == 0 {
+            return Err(super::session_ended(session));
+        }
         self.execute(
             &format!("UPDATE versions SET active_ms = {CLOCK_MS} WHERE session_id = $1 AND status = 'incomplete'"),
             &[&session],
@@ -708,9 +721,19 @@ impl Catalog for PostgresCatalog {
         let date = chrono::DateTime::from_timestamp_millis(now).unwrap_or_else(Utc::now);
         let uid: i64 = tx
             .query_one(
-                "INSERT INTO versions(name, snapshot, date, size, block_size, status, storage_id, session_id, active_ms) \
-                 VALUES ($1,$2,$3,$4,$5,'incomplete',$6,$7,$8) RETURNING uid",
-                &[&name, &snapshot, &date_text(&date), &(size as i64), &(block_size as i64), &storage_id, &session, &now],
+                "INSERT INTO versions(name, snapshot, date, size, block_size, status, storage_id, session_id, active_ms, host) \
+                 VALUES ($1,$2,$3,$4,$5,'incomplete',$6,$7,$8,$9) RETURNING uid",
+                &[
+                    &name,
+                    &snapshot,
+                    &date_text(&date),
+                    &(size as i64),
+                    &(block_size as i64),
+                    &storage_id,
+                    &session,
+                    &now,
+                    &super::hostname(),
+                ],
             )?
             .get(0);
         for (k, v) in labels {
@@ -725,6 +748,18 @@ impl Catalog for PostgresCatalog {
         let mut client = self.client()?;
         let mut tx = client.transaction()?;
         tx.execute("SELECT pg_advisory_xact_lock($1)", &[&WRITE_LOCK])?;
+        // A backup taken for dead (its session ended by another host) may have lost
+        // objects to a cleanup meanwhile: it must not become valid.
+        let orphaned: Option<i64> = tx
+            .query_opt(
+                "SELECT v.session_id FROM versions v WHERE v.uid=$1 AND v.session_id IS NOT NULL \
+                 AND NOT EXISTS (SELECT 1 FROM sessions s WHERE s.id = v.session_id)",
+                &[&uid],
+            )?
+            .map(|r| r.get(0));
+        if let Some(session) = orphaned {
+            return Err(super::session_ended(session));
+        }
         tx.execute(
             "INSERT INTO version_index(uid, data) VALUES ($1, $2) ON CONFLICT (uid) DO UPDATE SET data = $2",
             &[&uid, &index],
@@ -765,6 +800,7 @@ impl Catalog for PostgresCatalog {
             if n == 0 {
                 return Err(Error::VersionNotFound(v.uid.to_string()));
             }
+            tx.execute("UPDATE versions SET host=$2 WHERE uid=$1", &[&uid, &v.host])?;
             tx.execute("DELETE FROM labels WHERE uid=$1", &[&uid])?;
             for (k, val) in &v.labels {
                 tx.execute("INSERT INTO labels(uid, name, value) VALUES ($1,$2,$3)", &[&uid, k, val])?;
@@ -924,47 +960,76 @@ impl Catalog for PostgresCatalog {
         Ok(())
     }
 
-    fn lookup_and_touch(&mut self, storage_id: i64, ids: &[BlockId]) -> Result<(HashSet<BlockId>, HashSet<BlockId>)> {
+    fn lookup_for_write(&mut self, storage_id: i64, ids: &[BlockId], dead_deleters: &[i64]) -> Result<Lookup> {
+        let param = ids_param(ids);
         self.write(|tx| {
-            let mut present = HashSet::new();
-            let mut tombstoned = HashSet::new();
-            let param = ids_param(ids);
+            let mut out = Lookup::default();
+            let (mut touch, mut revive) = (Vec::new(), Vec::new());
+            let mut seen = HashSet::new();
             for r in tx.query(
-                "SELECT id, state, valid FROM objects WHERE storage_id=$1 AND id = ANY($2)",
+                "SELECT id, state, valid, deleter FROM objects WHERE storage_id=$1 AND id = ANY($2)",
                 &[&storage_id, &param],
             )? {
                 let Some(id) = id_of(&r, 0) else {
                     continue;
                 };
-                if r.get::<_, i64>(1) != OBJECT_PRESENT {
-                    tombstoned.insert(id);
-                } else if r.get::<_, bool>(2) {
-                    present.insert(id);
+                seen.insert(id);
+                let (state, valid, deleter) = (r.get::<_, i64>(1), r.get::<_, bool>(2), r.get::<_, Option<i64>>(3));
+                match (state, deleter) {
+                    (OBJECT_PRESENT, _) => {
+                        touch.push(id);
+                        // A present object a scrub found damaged counts as absent: the
+                        // backup stores it again, which replaces the file and marks it valid.
+                        if valid {
+                            out.present.insert(id);
+                        } else {
+                            out.write.insert(id);
+                        }
+                    }
+                    (OBJECT_DELETING, Some(d)) if !dead_deleters.contains(&d) => out.blocked.push((id, d)),
+                    _ => {
+                        revive.push(id);
+                        out.write.insert(id);
+                    }
                 }
             }
-            tx.execute(
-                &format!("UPDATE objects SET touched_ms={CLOCK_MS} WHERE storage_id=$1 AND state=0 AND id = ANY($2)"),
-                &[&storage_id, &param],
-            )?;
-            Ok((present, tombstoned))
+            let new: Vec<&[u8]> = ids.iter().filter(|id| !seen.contains(id)).map(|id| &id.0[..]).collect();
+            out.write.extend(ids.iter().filter(|id| !seen.contains(id)));
+            if !touch.is_empty() {
+                tx.execute(
+                    &format!("UPDATE objects SET touched_ms={CLOCK_MS} WHERE storage_id=$1 AND id = ANY($2)"),
+                    &[&storage_id, &ids_param(&touch)],
+                )?;
+            }
+            if !revive.is_empty() {
+                tx.execute(
+                    &format!(
+                        "UPDATE objects SET state=$3, deleter=NULL, touched_ms={CLOCK_MS} WHERE storage_id=$1 AND id = ANY($2)"
+                    ),
+                    &[&storage_id, &ids_param(&revive), &OBJECT_WRITING],
+                )?;
+            }
+            if !new.is_empty() {
+                tx.execute(
+                    &format!(
+                        "INSERT INTO objects(storage_id, id, stored_size, plain_size, state, valid, touched_ms) \
+                         SELECT DISTINCT $1::int8, u.id, 0::int8, 0::int8, $3::int8, TRUE, {CLOCK_MS} FROM UNNEST($2::bytea[]) AS u(id) \
+                         ON CONFLICT(storage_id, id) DO NOTHING"
+                    ),
+                    &[&storage_id, &new, &OBJECT_WRITING],
+                )?;
+            }
+            Ok(out)
         })
     }
 
-    fn insert_objects(&mut self, storage_id: i64, objects: &[(BlockId, u64, u64)], key: Option<KeyId>) -> Result<()> {
-        self.write(|tx| upsert_objects(tx, storage_id, objects, key))
-    }
-
-    fn store_over_tombstone(
+    fn insert_objects(
         &mut self,
         storage_id: i64,
-        object: (BlockId, u64, u64),
+        objects: &[(BlockId, u64, u64)],
         key: Option<KeyId>,
-        write: &mut dyn FnMut() -> Result<()>,
-    ) -> Result<()> {
-        self.write(|tx| {
-            write()?;
-            upsert_objects(tx, storage_id, &[object], key)
-        })
+    ) -> Result<Vec<BlockId>> {
+        self.write(|tx| upsert_objects(tx, storage_id, objects, key))
     }
 
     fn insert_found_objects(&mut self, storage_id: i64, objects: &[(BlockId, u64)]) -> Result<()> {
@@ -986,7 +1051,7 @@ impl Catalog for PostgresCatalog {
                     "INSERT INTO objects(storage_id, id, stored_size, plain_size, state, valid, touched_ms) \
                      SELECT $1, u.id, u.stored, 0, 0, TRUE, {CLOCK_MS} \
                      FROM UNNEST($2::bytea[], $3::int8[]) AS u(id, stored) \
-                     ON CONFLICT(storage_id, id) DO UPDATE SET state=0, touched_ms=EXCLUDED.touched_ms"
+                     ON CONFLICT(storage_id, id) DO UPDATE SET state=0, touched_ms=EXCLUDED.touched_ms WHERE objects.state <> 1"
                 ),
                 &[&storage_id, &ids, &sizes],
             )?;
@@ -994,59 +1059,46 @@ impl Catalog for PostgresCatalog {
         })
     }
 
-    fn tombstone_objects(&mut self, storage_id: i64, ids: &[BlockId], cutoff_ms: i64) -> Result<()> {
-        let param = ids_param(ids);
-        self.write(|tx| {
-            tx.execute(
-                "UPDATE objects SET state=$1 WHERE storage_id=$2 AND id = ANY($3) AND (state=$1 OR (state=$4 AND touched_ms < $5))",
-                &[&OBJECT_DELETING, &storage_id, &param, &OBJECT_PRESENT, &cutoff_ms],
-            )?;
-            Ok(())
-        })
-    }
-
-    fn sweep_tombstoned(
+    fn mark_for_deletion(
         &mut self,
         storage_id: i64,
         ids: &[BlockId],
-        delete: &mut dyn FnMut(&[BlockId]) -> Result<()>,
-    ) -> Result<(u64, u64)> {
+        orphans: &[(BlockId, u64)],
+        cutoff_ms: i64,
+        cleaner: i64,
+    ) -> Result<Vec<(BlockId, u64)>> {
         let param = ids_param(ids);
+        let orphan_blocks: Vec<BlockId> = orphans.iter().map(|o| o.0).collect();
+        let orphan_ids = ids_param(&orphan_blocks);
+        let orphan_sizes: Vec<i64> = orphans.iter().map(|o| o.1 as i64).collect();
         self.write(|tx| {
+            let mut held = Vec::new();
             let rows = tx.query(
-                "SELECT id, stored_size FROM objects WHERE storage_id=$1 AND id = ANY($2) AND state=$3",
-                &[&storage_id, &param, &OBJECT_DELETING],
+                "UPDATE objects SET state=$1, deleter=$4 WHERE storage_id=$2 AND id = ANY($3) \
+                 AND (state=$1 OR touched_ms < $5) RETURNING id, stored_size",
+                &[&OBJECT_DELETING, &storage_id, &param, &cleaner, &cutoff_ms],
             )?;
-            let mut doomed = Vec::new();
-            let mut bytes = 0u64;
-            for r in &rows {
-                if let Some(id) = id_of(r, 0) {
-                    doomed.push(id);
-                    bytes += r.get::<_, i64>(1) as u64;
-                }
+            held.extend(rows.iter().filter_map(|r| Some((id_of(r, 0)?, r.get::<_, i64>(1) as u64))));
+            if !orphans.is_empty() {
+                let rows = tx.query(
+                    "INSERT INTO objects(storage_id, id, stored_size, plain_size, state, valid, touched_ms, deleter) \
+                     SELECT $1, u.id, u.size, 0, $4, TRUE, 0, $5 FROM UNNEST($2::bytea[], $3::int8[]) AS u(id, size) \
+                     ON CONFLICT(storage_id, id) DO NOTHING RETURNING id, stored_size",
+                    &[&storage_id, &orphan_ids, &orphan_sizes, &OBJECT_DELETING, &cleaner],
+                )?;
+                held.extend(rows.iter().filter_map(|r| Some((id_of(r, 0)?, r.get::<_, i64>(1) as u64))));
             }
-            delete(&doomed)?;
-            let gone = ids_param(&doomed);
-            tx.execute("DELETE FROM objects WHERE storage_id=$1 AND id = ANY($2)", &[&storage_id, &gone])?;
-            Ok((doomed.len() as u64, bytes))
+            Ok(held)
         })
     }
 
-    fn sweep_unknown(
-        &mut self,
-        storage_id: i64,
-        ids: &[BlockId],
-        delete: &mut dyn FnMut(&[BlockId]) -> Result<()>,
-    ) -> Result<()> {
+    fn forget_deleted(&mut self, storage_id: i64, ids: &[BlockId], cleaner: i64) -> Result<u64> {
         let param = ids_param(ids);
         self.write(|tx| {
-            let known: HashSet<BlockId> = tx
-                .query("SELECT id FROM objects WHERE storage_id=$1 AND id = ANY($2)", &[&storage_id, &param])?
-                .iter()
-                .filter_map(|r| id_of(r, 0))
-                .collect();
-            let unknown: Vec<BlockId> = ids.iter().filter(|id| !known.contains(id)).copied().collect();
-            delete(&unknown)
+            Ok(tx.execute(
+                "DELETE FROM objects WHERE storage_id=$1 AND id = ANY($2) AND state=$3 AND deleter=$4",
+                &[&storage_id, &param, &OBJECT_DELETING, &cleaner],
+            )?)
         })
     }
 

@@ -5,8 +5,8 @@
 //! numbered migrations; the schema version is SQLite's `user_version`.
 
 use super::{
-    Catalog, IncompleteVersion, OBJECT_DELETING, OBJECT_PRESENT, ObjectRecord, ObjectRow, REBUILD_UNFINISHED, Session,
-    StorageRecord, date_text, now_ms,
+    Catalog, IncompleteVersion, Lookup, OBJECT_DELETING, OBJECT_PRESENT, OBJECT_WRITING, ObjectRecord, ObjectRow,
+    REBUILD_UNFINISHED, Session, StorageRecord, date_text, now_ms,
 };
 use crate::block::BlockId;
 use crate::error::{Error, Result};
@@ -93,10 +93,13 @@ ALTER TABLE versions ADD COLUMN active_ms INTEGER;
     r#"
 CREATE TABLE repository_state (name TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
 "#,
+    // The cleanup session that marked an object `deleting` (cleanup without a database
+    // transaction held across storage deletes), and the host a version was made on.
+    r#"
+ALTER TABLE objects ADD COLUMN deleter INTEGER;
+ALTER TABLE versions ADD COLUMN host TEXT;
+"#,
 ];
-
-/// Most ids per SQL statement in batched lookups.
-const BATCH: usize = 400;
 
 /// A version's 16 columns as `insert_version_record` and `replace_version_record` write
 /// them: uid, name, snapshot, date, size, block_size, status, protected, storage_id,
@@ -124,32 +127,33 @@ fn version_row(v: &Version, storage_id: i64) -> [rusqlite::types::Value; 16] {
     ]
 }
 
-fn placeholders(n: usize) -> String {
-    vec!["?"; n].join(",")
-}
-
 fn blob_id(r: &rusqlite::Row, i: usize) -> rusqlite::Result<Option<BlockId>> {
     Ok(BlockId::from_slice(r.get_ref(i)?.as_blob().map_err(rusqlite::Error::from)?))
 }
 
 /// Records objects as present, valid and just touched, inside the caller's transaction.
-/// `key` is the master key that sealed the objects (None: plain, or not known).
+/// `key` is the master key that sealed the objects (None: plain, or not known). A row a
+/// cleanup marked `deleting` is left alone: returns those ids.
 fn upsert_objects(
     tx: &rusqlite::Transaction,
     storage_id: i64,
     objects: &[(BlockId, u64, u64)],
     key: Option<KeyId>,
-) -> Result<()> {
+) -> Result<Vec<BlockId>> {
     let now = now_ms();
     let mut st = tx.prepare_cached(
         "INSERT INTO objects(storage_id, id, stored_size, plain_size, state, valid, touched_ms, key_id) VALUES (?1,?2,?3,?4,0,1,?5,?6) \
-         ON CONFLICT(storage_id, id) DO UPDATE SET state=0, valid=1, touched_ms=?5, stored_size=?3, key_id=COALESCE(?6, key_id)",
+         ON CONFLICT(storage_id, id) DO UPDATE SET state=0, valid=1, touched_ms=?5, stored_size=?3, plain_size=?4, \
+         key_id=COALESCE(?6, key_id) WHERE state<>?7",
     )?;
     let key = key.map(|k| k.as_i64());
+    let mut refused = Vec::new();
     for (id, stored, plain) in objects {
-        st.execute(params![storage_id, &id.0[..], *stored as i64, *plain as i64, now, key])?;
+        if st.execute(params![storage_id, &id.0[..], *stored as i64, *plain as i64, now, key, OBJECT_DELETING])? == 0 {
+            refused.push(*id);
+        }
     }
-    Ok(())
+    Ok(refused)
 }
 
 /// How long a statement waits for another process's lock before "database is locked".
@@ -427,7 +431,9 @@ impl Catalog for SqliteCatalog {
     /// version it writes, if any.
     fn heartbeat(&self, session: i64) -> Result<()> {
         let now = now_ms();
-        self.conn.execute("UPDATE sessions SET heartbeat_ms = ?1 WHERE id = ?2", params![now, session])?;
+        if self.conn.execute("UPDATE sessions SET heartbeat_ms = ?1 WHERE id = ?2", params![now, session])? == 0 {
+            return Err(super::session_ended(session));
+        }
         self.conn.execute(
             "UPDATE versions SET active_ms = ?1 WHERE session_id = ?2 AND status = 'incomplete'",
             params![now, session],
@@ -504,8 +510,8 @@ impl Catalog for SqliteCatalog {
         let storage_id = self.storage_id(storage)?;
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         tx.execute(
-            "INSERT INTO versions(name, snapshot, date, size, block_size, status, storage_id, session_id, active_ms) VALUES (?1,?2,?3,?4,?5,'incomplete',?6,?7,?8)",
-            params![name, snapshot, date_text(&Utc::now()), size as i64, block_size, storage_id, session, now_ms()],
+            "INSERT INTO versions(name, snapshot, date, size, block_size, status, storage_id, session_id, active_ms, host) VALUES (?1,?2,?3,?4,?5,'incomplete',?6,?7,?8,?9)",
+            params![name, snapshot, date_text(&Utc::now()), size as i64, block_size, storage_id, session, now_ms(), super::hostname()],
         )?;
         let uid = tx.last_insert_rowid();
         for (k, v) in labels {
@@ -518,6 +524,17 @@ impl Catalog for SqliteCatalog {
     /// Stores the index and statistics of a version and marks it valid, in one transaction.
     fn commit_version(&mut self, uid: VersionUid, index: &[u8], stats: &Stats) -> Result<()> {
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        // A backup taken for dead (its session ended by another process) may have lost
+        // objects to a cleanup meanwhile: it must not become valid.
+        let owner: Option<i64> = tx
+            .query_row("SELECT session_id FROM versions WHERE uid=?1", [uid.0 as i64], |r| r.get(0))
+            .optional()?
+            .flatten();
+        if let Some(session) = owner
+            && !tx.query_row("SELECT EXISTS(SELECT 1 FROM sessions WHERE id=?1)", [session], |r| r.get::<_, bool>(0))?
+        {
+            return Err(super::session_ended(session));
+        }
         tx.execute("INSERT OR REPLACE INTO version_index(uid, data) VALUES (?1, ?2)", params![uid.0 as i64, index])?;
         tx.execute(
             "UPDATE versions SET status='valid', session_id=NULL, bytes_read=?2, bytes_written=?3, bytes_stored=?4, bytes_deduplicated=?5, bytes_sparse=?6, duration_ms=?7 WHERE uid=?1",
@@ -556,6 +573,7 @@ impl Catalog for SqliteCatalog {
         if n == 0 {
             return Err(Error::VersionNotFound(v.uid.to_string()));
         }
+        tx.execute("UPDATE versions SET host=?2 WHERE uid=?1", params![v.uid.0 as i64, v.host])?;
         tx.execute("DELETE FROM labels WHERE uid=?1", [v.uid.0 as i64])?;
         for (k, val) in &v.labels {
             tx.execute("INSERT INTO labels(uid, name, value) VALUES (?1,?2,?3)", params![v.uid.0 as i64, k, val])?;
@@ -676,55 +694,62 @@ impl Catalog for SqliteCatalog {
 
     // ---- objects --------------------------------------------------------------------
 
-    /// For a batch of ids: which are stored (present) and which carry a cleanup's
-    /// tombstone. Present ones are touched in the same transaction, so that a cleanup
-    /// running now cannot sweep them (see docs/format.md, "Cleanup").
-    fn lookup_and_touch(&mut self, storage_id: i64, ids: &[BlockId]) -> Result<(HashSet<BlockId>, HashSet<BlockId>)> {
-        let mut present = HashSet::new();
-        let mut tombstoned = HashSet::new();
+    fn lookup_for_write(&mut self, storage_id: i64, ids: &[BlockId], dead_deleters: &[i64]) -> Result<Lookup> {
+        let mut out = Lookup::default();
         let now = now_ms();
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        for chunk in ids.chunks(BATCH) {
-            let ph = placeholders(chunk.len());
-            let mut args: Vec<&dyn rusqlite::ToSql> = vec![&storage_id];
-            let blobs: Vec<&[u8]> = chunk.iter().map(|id| &id.0[..]).collect();
-            for b in &blobs {
-                args.push(b);
-            }
-            {
-                let mut st =
-                    tx.prepare(&format!("SELECT id, state, valid FROM objects WHERE storage_id=? AND id IN ({ph})"))?;
-                let mut rows = st.query(args.as_slice())?;
-                while let Some(r) = rows.next()? {
-                    let Some(id) = BlockId::from_slice(r.get_ref(0)?.as_blob().map_err(rusqlite::Error::from)?) else {
-                        continue;
-                    };
-                    if r.get::<_, i64>(1)? != OBJECT_PRESENT {
-                        tombstoned.insert(id);
-                    } else if r.get::<_, bool>(2)? {
-                        present.insert(id);
+        {
+            let mut get =
+                tx.prepare_cached("SELECT state, valid, deleter FROM objects WHERE storage_id=?1 AND id=?2")?;
+            let mut touch = tx.prepare_cached("UPDATE objects SET touched_ms=?3 WHERE storage_id=?1 AND id=?2")?;
+            let mut to_write = tx.prepare_cached(
+                "UPDATE objects SET state=?3, deleter=NULL, touched_ms=?4 WHERE storage_id=?1 AND id=?2",
+            )?;
+            let mut insert = tx.prepare_cached(
+                "INSERT INTO objects(storage_id, id, stored_size, plain_size, state, valid, touched_ms) VALUES (?1,?2,0,0,?3,1,?4)",
+            )?;
+            for id in ids {
+                let row: Option<(i64, bool, Option<i64>)> = get
+                    .query_row(params![storage_id, &id.0[..]], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                    .optional()?;
+                match row {
+                    None => {
+                        insert.execute(params![storage_id, &id.0[..], OBJECT_WRITING, now])?;
+                        out.write.insert(*id);
+                    }
+                    Some((OBJECT_PRESENT, true, _)) => {
+                        touch.execute(params![storage_id, &id.0[..], now])?;
+                        out.present.insert(*id);
                     }
                     // A present object a scrub found damaged counts as absent: the backup
                     // stores it again, which replaces the damaged file and marks it valid.
+                    Some((OBJECT_PRESENT, false, _)) => {
+                        touch.execute(params![storage_id, &id.0[..], now])?;
+                        out.write.insert(*id);
+                    }
+                    Some((OBJECT_DELETING, _, Some(d))) if !dead_deleters.contains(&d) => out.blocked.push((*id, d)),
+                    Some(_) => {
+                        to_write.execute(params![storage_id, &id.0[..], OBJECT_WRITING, now])?;
+                        out.write.insert(*id);
+                    }
                 }
             }
-            let mut args2: Vec<&dyn rusqlite::ToSql> = vec![&now, &storage_id];
-            args2.extend(blobs.iter().map(|b| b as &dyn rusqlite::ToSql));
-            tx.execute(
-                &format!("UPDATE objects SET touched_ms=? WHERE storage_id=? AND state=0 AND id IN ({ph})"),
-                args2.as_slice(),
-            )?;
         }
         tx.commit()?;
-        Ok((present, tombstoned))
+        Ok(out)
     }
 
     /// Records durably stored objects (id, stored size, plaintext size) as present.
-    fn insert_objects(&mut self, storage_id: i64, objects: &[(BlockId, u64, u64)], key: Option<KeyId>) -> Result<()> {
+    fn insert_objects(
+        &mut self,
+        storage_id: i64,
+        objects: &[(BlockId, u64, u64)],
+        key: Option<KeyId>,
+    ) -> Result<Vec<BlockId>> {
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        upsert_objects(&tx, storage_id, objects, key)?;
+        let refused = upsert_objects(&tx, storage_id, objects, key)?;
         tx.commit()?;
-        Ok(())
+        Ok(refused)
     }
 
     /// Records objects found in a storage (by a rebuild or a metadata restore) as present
@@ -736,7 +761,7 @@ impl Catalog for SqliteCatalog {
         {
             let mut st = tx.prepare_cached(
                 "INSERT INTO objects(storage_id, id, stored_size, plain_size, state, valid, touched_ms) VALUES (?1,?2,?3,0,0,1,?4) \
-                 ON CONFLICT(storage_id, id) DO UPDATE SET state=0, touched_ms=?4",
+                 ON CONFLICT(storage_id, id) DO UPDATE SET state=0, touched_ms=?4 WHERE state <> 1",
             )?;
             for (id, stored) in objects {
                 st.execute(params![storage_id, &id.0[..], *stored as i64, now])?;
@@ -835,75 +860,50 @@ impl Catalog for SqliteCatalog {
         })
     }
 
-    fn store_over_tombstone(
+    fn mark_for_deletion(
         &mut self,
         storage_id: i64,
-        object: (BlockId, u64, u64),
-        key: Option<KeyId>,
-        write: &mut dyn FnMut() -> Result<()>,
-    ) -> Result<()> {
+        ids: &[BlockId],
+        orphans: &[(BlockId, u64)],
+        cutoff_ms: i64,
+        cleaner: i64,
+    ) -> Result<Vec<(BlockId, u64)>> {
         self.write(|tx| {
-            write()?;
-            upsert_objects(tx, storage_id, &[object], key)
-        })
-    }
-
-    fn tombstone_objects(&mut self, storage_id: i64, ids: &[BlockId], cutoff_ms: i64) -> Result<()> {
-        self.write(|tx| {
-            let mut st = tx.prepare_cached(
-                "UPDATE objects SET state=?1 WHERE storage_id=?2 AND id=?3 AND (state=?1 OR (state=?4 AND touched_ms < ?5))",
+            let mut mark = tx.prepare_cached(
+                "UPDATE objects SET state=?1, deleter=?4 WHERE storage_id=?2 AND id=?3 \
+                 AND (state=?1 OR touched_ms < ?5) RETURNING stored_size",
             )?;
+            let mut adopt = tx.prepare_cached(
+                "INSERT INTO objects(storage_id, id, stored_size, plain_size, state, valid, touched_ms, deleter) \
+                 VALUES (?1,?2,?3,0,?4,1,0,?5) ON CONFLICT(storage_id, id) DO NOTHING",
+            )?;
+            let mut held = Vec::new();
             for id in ids {
-                st.execute(params![OBJECT_DELETING, storage_id, &id.0[..], OBJECT_PRESENT, cutoff_ms])?;
-            }
-            Ok(())
-        })
-    }
-
-    fn sweep_tombstoned(
-        &mut self,
-        storage_id: i64,
-        ids: &[BlockId],
-        delete: &mut dyn FnMut(&[BlockId]) -> Result<()>,
-    ) -> Result<(u64, u64)> {
-        self.write(|tx| {
-            let mut check =
-                tx.prepare_cached("SELECT stored_size FROM objects WHERE storage_id=?1 AND id=?2 AND state=?3")?;
-            let mut del = tx.prepare_cached("DELETE FROM objects WHERE storage_id=?1 AND id=?2")?;
-            let (mut n, mut bytes) = (0u64, 0u64);
-            let mut doomed = Vec::new();
-            for id in ids {
-                let size: Option<i64> =
-                    check.query_row(params![storage_id, &id.0[..], OBJECT_DELETING], |r| r.get(0)).optional()?;
+                let size: Option<i64> = mark
+                    .query_row(params![OBJECT_DELETING, storage_id, &id.0[..], cleaner, cutoff_ms], |r| r.get(0))
+                    .optional()?;
                 if let Some(size) = size {
-                    doomed.push(*id);
-                    bytes += size as u64;
+                    held.push((*id, size as u64));
                 }
             }
-            delete(&doomed)?;
-            for id in &doomed {
-                del.execute(params![storage_id, &id.0[..]])?;
-                n += 1;
+            for (id, size) in orphans {
+                if adopt.execute(params![storage_id, &id.0[..], *size as i64, OBJECT_DELETING, cleaner])? == 1 {
+                    held.push((*id, *size));
+                }
             }
-            Ok((n, bytes))
+            Ok(held)
         })
     }
 
-    fn sweep_unknown(
-        &mut self,
-        storage_id: i64,
-        ids: &[BlockId],
-        delete: &mut dyn FnMut(&[BlockId]) -> Result<()>,
-    ) -> Result<()> {
+    fn forget_deleted(&mut self, storage_id: i64, ids: &[BlockId], cleaner: i64) -> Result<u64> {
         self.write(|tx| {
-            let mut known = tx.prepare_cached("SELECT 1 FROM objects WHERE storage_id=?1 AND id=?2")?;
-            let mut unknown = Vec::new();
+            let mut del =
+                tx.prepare_cached("DELETE FROM objects WHERE storage_id=?1 AND id=?2 AND state=?3 AND deleter=?4")?;
+            let mut n = 0;
             for id in ids {
-                if !known.exists(params![storage_id, &id.0[..]])? {
-                    unknown.push(*id);
-                }
+                n += del.execute(params![storage_id, &id.0[..], OBJECT_DELETING, cleaner])? as u64;
             }
-            delete(&unknown)
+            Ok(n)
         })
     }
 
@@ -986,6 +986,7 @@ impl Catalog for SqliteCatalog {
                  VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16)",
                 rusqlite::params_from_iter(version_row(v, storage_id)),
             )?;
+            tx.execute("UPDATE versions SET host=?2 WHERE uid=?1", params![v.uid.0 as i64, v.host])?;
             for (k, val) in &v.labels {
                 tx.execute("INSERT INTO labels(uid, name, value) VALUES (?1,?2,?3)", params![v.uid.0 as i64, k, val])?;
             }
@@ -1033,7 +1034,7 @@ impl SqliteCatalog {
 fn versions_where(conn: &Connection, clause: &str, args: &[&dyn rusqlite::ToSql]) -> Result<Vec<Version>> {
     let sql = format!(
         "SELECT v.uid, v.date, v.name, v.snapshot, v.size, v.block_size, v.status, v.protected, s.name, \
-         v.bytes_read, v.bytes_written, v.bytes_stored, v.bytes_deduplicated, v.bytes_sparse, v.duration_ms, v.expire \
+         v.bytes_read, v.bytes_written, v.bytes_stored, v.bytes_deduplicated, v.bytes_sparse, v.duration_ms, v.expire, v.host \
          FROM versions v JOIN storages s ON s.id = v.storage_id {clause} ORDER BY v.uid"
     );
     let mut st = conn.prepare(&sql)?;
@@ -1064,6 +1065,7 @@ fn versions_where(conn: &Connection, clause: &str, args: &[&dyn rusqlite::ToSql]
                     .get::<_, Option<String>>(15)?
                     .and_then(|d| DateTime::parse_from_rfc3339(&d).ok())
                     .map(|d| d.with_timezone(&Utc)),
+                host: r.get(16)?,
             })
         })?
         .collect::<rusqlite::Result<_>>()?;

@@ -214,6 +214,22 @@ impl Repo {
         count_files(&self.storage().join("blocks"))
     }
 
+    /// Object rows a cleanup holds (`deleting`), read from the catalog directly.
+    pub fn deleting_objects(&self) -> i64 {
+        let sql = "SELECT count(*) FROM objects WHERE state = 1";
+        match &self.catalog {
+            Some(db) => postgres::Client::connect(&db.url, postgres::NoTls)
+                .expect("connect to the test database")
+                .query_one(sql, &[])
+                .expect("count deleting objects")
+                .get(0),
+            None => rusqlite::Connection::open(self.home().join("keepfs.sqlite"))
+                .expect("open the database")
+                .query_row(sql, [], |r| r.get(0))
+                .expect("count deleting objects"),
+        }
+    }
+
     pub fn ls_json(&self, filter: Option<&str>) -> serde_json::Value {
         let mut args = vec!["ls", "--format", "json"];
         if let Some(f) = filter {
@@ -255,6 +271,8 @@ pub struct BackupState {
     pub recorded: u64,
     /// Block object files in the storage.
     pub stored: usize,
+    /// Object rows a cleanup has marked `deleting`.
+    pub deleting: u64,
 }
 
 /// How long a test waits for a state before it fails.
@@ -343,7 +361,9 @@ impl Repo {
                 )
                 .ok();
             let recorded: i64 = tx.query_row("SELECT count(*) FROM objects", [], |r| r.get(0)).unwrap_or(0);
-            let state = self.backup_state(newest, recorded);
+            let deleting: i64 =
+                tx.query_row("SELECT count(*) FROM objects WHERE state=1", [], |r| r.get(0)).unwrap_or(0);
+            let state = self.backup_state(newest, recorded, deleting);
             // Stopped while the test holds the write lock, which goes with `tx` after.
             let frozen = ready(&state).then(|| stop(child));
             last = Some(state);
@@ -386,7 +406,9 @@ impl Repo {
                 .expect("read the newest version")
                 .map(|r| (r.get::<_, String>(0), r.get::<_, Option<i64>>(1)));
             let recorded: i64 = tx.query_one("SELECT count(*) FROM objects", &[]).map(|r| r.get(0)).unwrap_or(0);
-            let state = self.backup_state(newest, recorded);
+            let deleting: i64 =
+                tx.query_one("SELECT count(*) FROM objects WHERE state=1", &[]).map(|r| r.get(0)).unwrap_or(0);
+            let state = self.backup_state(newest, recorded, deleting);
             // Unlike SQLite's, a PostgreSQL lock a client waits for is granted by the
             // server even while the client is stopped: a backup stopped while waiting
             // would then hold the write lock. Stop it only when nobody waits.
@@ -407,8 +429,9 @@ impl Repo {
 
     /// What [`Repo::freeze_backup`] sees: the newest version's status and owner's pid, the
     /// objects recorded in the catalog and those stored.
-    fn backup_state(&self, newest: Option<(String, Option<i64>)>, recorded: i64) -> BackupState {
+    fn backup_state(&self, newest: Option<(String, Option<i64>)>, recorded: i64, deleting: i64) -> BackupState {
         BackupState {
+            deleting: deleting as u64,
             status: newest.as_ref().map(|n| n.0.clone()),
             owner_pid: newest.and_then(|n| n.1).map(|p| p as u32),
             recorded: recorded as u64,

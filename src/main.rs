@@ -1599,8 +1599,15 @@ fn run(cli: Cli) -> Result<i32> {
                     "bytes": plan.bytes(), "referenced": plan.referenced, "kept_recent": plan.kept_recent,
                     "spared": plan.spared_lines(),
                 });
+                j["unfinished"] = plan.unfinished.len().into();
                 for line in plan.spared_lines() {
                     say(line)?;
+                }
+                if !plan.unfinished.is_empty() {
+                    say(format!(
+                        "storage {name}: {} block(s) of stopped backups were never recorded; their files (if any) go too",
+                        plan.unfinished.len()
+                    ))?;
                 }
                 let verb = if dry_run { "would delete" } else { "deleting" };
                 say(format!(

@@ -420,6 +420,11 @@ fn a_host_with_a_wrong_clock_keeps_its_running_backup_safe_from_another_hosts_cl
     let date = ls[0]["date"].as_str().unwrap_or_default().to_string();
     let today = chrono::Utc::now().format("%Y-%m-%d").to_string();
     assert!(date.starts_with(&today), "the version is dated by the catalog's clock: {date}");
+    assert_eq!(ls[0]["host"], "behind", "the version records the host it was made on");
+    // So does its version object: a catalog rebuilt from the storage knows the host too.
+    let obj = std::fs::read(repo.home().join("storage/versions").join(&uid)).unwrap();
+    let (v, _) = keepfs::repo::decode_version_object(keepfs::transform::Codec::plain(), &obj).unwrap();
+    assert_eq!(v.host.as_deref(), Some("behind"));
     let deep = run_cfg(&repo, &["deep-scrub", &uid]);
     assert_eq!(deep.code, 0, "{}", deep.stderr);
     let restored = repo.path("out");

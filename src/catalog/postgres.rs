@@ -1142,7 +1142,10 @@ impl Catalog for PostgresCatalog {
 
     fn objects_per_key(&self, storage_id: i64) -> Result<Vec<(Option<KeyId>, u64)>> {
         Ok(self
-            .query("SELECT key_id, COUNT(*) FROM objects WHERE storage_id=$1 GROUP BY key_id", &[&storage_id])?
+            .query(
+                "SELECT key_id, COUNT(*) FROM objects WHERE storage_id=$1 AND state=0 GROUP BY key_id",
+                &[&storage_id],
+            )?
             .iter()
             .map(|r| (r.get::<_, Option<i64>>(0).map(KeyId::from_i64), r.get::<_, i64>(1) as u64))
             .collect())

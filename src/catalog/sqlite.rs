@@ -375,7 +375,9 @@ impl Catalog for SqliteCatalog {
 
     /// Objects per master key (None: not recorded, e.g. after a database rebuild).
     fn objects_per_key(&self, storage_id: i64) -> Result<Vec<(Option<KeyId>, u64)>> {
-        let mut st = self.conn.prepare("SELECT key_id, COUNT(*) FROM objects WHERE storage_id=?1 GROUP BY key_id")?;
+        let mut st = self
+            .conn
+            .prepare("SELECT key_id, COUNT(*) FROM objects WHERE storage_id=?1 AND state=0 GROUP BY key_id")?;
         let rows = st.query_map([storage_id], |r| {
             Ok((r.get::<_, Option<i64>>(0)?.map(KeyId::from_i64), r.get::<_, i64>(1)? as u64))
         })?;

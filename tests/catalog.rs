@@ -484,3 +484,69 @@ fn two_catalogs_on_one_storage_are_warned_about_and_cleanup_refuses() {
         assert_eq!(sha256_file(&out), sha256_file(&want), "{uid}");
     }
 }
+
+/// A host that goes silent for longer than other hosts wait for (a paused VM, a stopped
+/// process) is taken for dead: another host's cleanup removes its session and, with no
+/// grace for incomplete versions, deletes the objects its backup had stored. When the
+/// silent host wakes up, its backup must not commit a version that names deleted
+/// objects: it fails with one line saying what happened, the version stays incomplete,
+/// and `backup --continue` stores what is missing; the result restores byte-identical.
+/// Ten minutes of silence are simulated by ageing the session's heartbeat in the
+/// catalog (time passing is the one fault this test cannot wait for).
+#[test]
+fn a_host_taken_for_dead_cannot_commit_what_a_cleanup_took_from_under_it() {
+    let pg = PgServer::start();
+    let db = pg.create_db("silent");
+    let url = pg.url(&db);
+    let repo = Repo { dir: tempfile::tempdir().unwrap(), catalog: None };
+    let config = format!(
+        "home = \"{home}\"\ndatabase = \"{url}\"\nincomplete_grace = \"0\"\n[[storage]]\nname = \"default\"\nkind = \"file\"\npath = \"{home}/storage\"\nwrite_bandwidth = \"256k\"\n",
+        home = repo.home().display(),
+    );
+    std::fs::write(repo.path("keepfs.toml"), config).unwrap();
+    let cfg = repo.path("keepfs.toml").to_str().unwrap().to_string();
+    std::fs::write(repo.path("img"), random_bytes(81, 2 << 20)).unwrap();
+    let img = repo.url("img");
+
+    let silent = repo
+        .command(&["--config", &cfg, "backup", &img, "vm", "-b", "64k"])
+        .env("KEEPFS_HOST", "silent")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let frozen = repo.freeze_backup_pg(&url, &silent, "the backup to record objects", |s| {
+        s.status.as_deref() == Some("incomplete") && s.recorded > 0
+    });
+    let mut catalog = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+    let aged = catalog
+        .execute("UPDATE sessions SET heartbeat_ms = heartbeat_ms - 11 * 60 * 1000 WHERE host = 'silent'", &[])
+        .unwrap();
+    assert_eq!(aged, 1, "the silent host's one session");
+
+    let cleanup = repo.command(&["--config", &cfg, "cleanup"]).env("KEEPFS_HOST", "cleaner").output().unwrap();
+    let said = String::from_utf8_lossy(&cleanup.stdout).to_string() + &String::from_utf8_lossy(&cleanup.stderr);
+    assert!(cleanup.status.success(), "{said}");
+    assert!(!said.contains("deleted 0 object(s)"), "the silent host's objects were taken: {said}");
+
+    frozen.resume();
+    let out = silent.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "the silent host's backup must fail: {stderr}");
+    assert!(stderr.contains("took it for dead"), "{stderr}");
+    let ls: serde_json::Value = serde_json::from_str(&ok_cfg(&repo, &["ls", "--format", "json"])).unwrap();
+    assert_eq!(ls[0]["status"], "incomplete", "nothing committed: {ls}");
+    let uid = ls[0]["uid"].as_str().unwrap().to_string();
+
+    let done = repo
+        .command(&["--config", &cfg, "backup", "--continue", &uid, &img, "vm"])
+        .env("KEEPFS_HOST", "silent")
+        .output()
+        .unwrap();
+    assert!(done.status.success(), "{}", String::from_utf8_lossy(&done.stderr));
+    let deep = run_cfg(&repo, &["deep-scrub", &uid]);
+    assert_eq!(deep.code, 0, "{}", deep.stderr);
+    let restored = repo.path("out");
+    ok_cfg(&repo, &["restore", &uid, &format!("file://{}", restored.display())]);
+    assert_eq!(sha256_file(&restored), sha256_file(&repo.path("img")));
+}

@@ -267,7 +267,7 @@ pub struct BackupState {
     pub status: Option<String>,
     /// The pid of the process writing the newest version, while it lives.
     pub owner_pid: Option<u32>,
-    /// Block objects recorded in the database.
+    /// Block objects recorded in the database (present: stored and durable).
     pub recorded: u64,
     /// Block object files in the storage.
     pub stored: usize,
@@ -360,7 +360,8 @@ impl Repo {
                     |r| Ok((r.get::<_, String>(0)?, r.get::<_, Option<i64>>(1)?)),
                 )
                 .ok();
-            let recorded: i64 = tx.query_row("SELECT count(*) FROM objects", [], |r| r.get(0)).unwrap_or(0);
+            let recorded: i64 =
+                tx.query_row("SELECT count(*) FROM objects WHERE state = 0", [], |r| r.get(0)).unwrap_or(0);
             let deleting: i64 =
                 tx.query_row("SELECT count(*) FROM objects WHERE state=1", [], |r| r.get(0)).unwrap_or(0);
             let state = self.backup_state(newest, recorded, deleting);
@@ -374,7 +375,7 @@ impl Repo {
 
     /// [`Repo::freeze_backup`] on a PostgreSQL catalog: the catalog's write lock is its
     /// advisory lock, held in a transaction while the state is read and the process stopped.
-    fn freeze_backup_pg(
+    pub fn freeze_backup_pg(
         &self,
         url: &str,
         child: &std::process::Child,
@@ -405,7 +406,8 @@ impl Repo {
                 )
                 .expect("read the newest version")
                 .map(|r| (r.get::<_, String>(0), r.get::<_, Option<i64>>(1)));
-            let recorded: i64 = tx.query_one("SELECT count(*) FROM objects", &[]).map(|r| r.get(0)).unwrap_or(0);
+            let recorded: i64 =
+                tx.query_one("SELECT count(*) FROM objects WHERE state = 0", &[]).map(|r| r.get(0)).unwrap_or(0);
             let deleting: i64 =
                 tx.query_one("SELECT count(*) FROM objects WHERE state=1", &[]).map(|r| r.get(0)).unwrap_or(0);
             let state = self.backup_state(newest, recorded, deleting);

@@ -25,6 +25,8 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 use std::time::Duration;
 
+mod tls;
+
 /// Schema migrations; entry N brings the schema from version N to N+1. The same
 /// numbering as the SQLite catalog's (`sqlite::MIGRATIONS`).
 pub(crate) const MIGRATIONS: &[&str] = &[
@@ -192,6 +194,8 @@ pub struct PostgresCatalog {
     config: postgres::Config,
     /// What to call the database in messages (the URL without its password).
     name: String,
+    /// TLS as the URL's `sslmode` / `sslrootcert` say (see `tls`).
+    tls: tls::Tls,
     client: RefCell<Client>,
 }
 
@@ -201,6 +205,7 @@ impl PostgresCatalog {
     /// `PGPASSFILE` / `~/.pgpass`.
     pub fn open(url: &str, password_file: Option<&Path>) -> Result<PostgresCatalog> {
         let name = redact(url);
+        let (url, tls) = tls::from_url(url, &name)?;
         let mut config: postgres::Config =
             url.parse().map_err(|e| Error::Config(format!("database {name}: not a PostgreSQL URL: {e}")))?;
         if config.get_connect_timeout().is_none() {
@@ -238,8 +243,9 @@ impl PostgresCatalog {
                 }
             }
         }
-        let client = connect(&config, &name)?;
-        let mut cat = PostgresCatalog { config, name, client: RefCell::new(client) };
+        config.ssl_mode(tls.client_mode());
+        let client = connect(&config, &tls, &name)?;
+        let mut cat = PostgresCatalog { config, name, tls, client: RefCell::new(client) };
         cat.migrate()?;
         Ok(cat)
     }
@@ -283,7 +289,7 @@ impl PostgresCatalog {
             .try_borrow_mut()
             .map_err(|_| Error::Other("internal: catalog used while it is being iterated".into()))?;
         if c.is_closed() {
-            *c = connect(&self.config, &self.name)?;
+            *c = connect(&self.config, &self.tls, &self.name)?;
         }
         Ok(c)
     }
@@ -368,14 +374,18 @@ impl PostgresCatalog {
 /// Connects, giving up after the connect timeout (plus a little): `connect_timeout`
 /// covers opening the socket only, and a server that accepts but never answers (a hung
 /// host, a wrong port) would otherwise hold the command for ever.
-fn connect(config: &postgres::Config, name: &str) -> Result<Client> {
+fn connect(config: &postgres::Config, tls: &tls::Tls, name: &str) -> Result<Client> {
     let limit = config.get_connect_timeout().copied().unwrap_or(CONNECT_TIMEOUT) + Duration::from_secs(2);
     let (tx, rx) = std::sync::mpsc::channel();
     let cfg = config.clone();
+    let connector = tls.connector();
     std::thread::Builder::new()
         .name("catalog-connect".into())
         .spawn(move || {
-            let _ = tx.send(cfg.connect(NoTls));
+            let _ = tx.send(match connector {
+                Some(c) => cfg.connect(c),
+                None => cfg.connect(NoTls),
+            });
         })
         .map_err(|e| Error::io("cannot start a thread", e))?;
     let result = rx.recv_timeout(limit).map_err(|_| {
@@ -387,6 +397,13 @@ fn connect(config: &postgres::Config, name: &str) -> Result<Client> {
     result.map_err(|e| {
         let what = describe(&e);
         match e.as_db_error().map(|d| d.code().code()) {
+            // pg_hba.conf has no line for a connection without TLS (`hostssl` only).
+            Some("28000") if what.contains("no encryption") && tls.mode == tls::SslMode::Disable => {
+                Error::Config(format!(
+                    "database {name}: {what}; the server takes this connection only over TLS: use \
+                     sslmode=require, or verify-full with sslrootcert=FILE"
+                ))
+            }
             // invalid_password, invalid_authorization_specification
             Some("28P01" | "28000") => Error::Config(format!(
                 "database {name}: {what}; check the password (in the URL, database_password_file or PGPASSFILE)"
@@ -397,7 +414,12 @@ fn connect(config: &postgres::Config, name: &str) -> Result<Client> {
                 "database {name}: the server asks for a password and none is configured; put it in the URL, \
                  database_password_file or PGPASSFILE"
             )),
-            _ => Error::Catalog(format!("cannot connect to {name}: {what}")),
+            // A TLS failure (no TLS at the server, an untrusted or misnamed certificate)
+            // is the configuration's to fix, as a wrong password is.
+            _ => match tls.explain(&e, &what) {
+                Some(why) => Error::Config(format!("database {name}: {why}")),
+                None => Error::Catalog(format!("cannot connect to {name}: {what}")),
+            },
         }
     })
 }

@@ -158,3 +158,24 @@ fn sslmode_require_against_a_server_without_tls_is_refused_in_one_line() {
     let (code, line) = ls_with(&repo, &format!("{url}?sslmode=prefer"));
     assert_eq!(code, 0, "{line}");
 }
+
+/// A server that offers TLS but whose pg_hba.conf takes this client only without it
+/// (`hostnossl`): the default, `prefer`, connects in plain as psql does (tries TLS, is
+/// refused, tries again without), so a repository that worked before keeps working;
+/// `require` is refused in one line (exit 2) that names both ways out.
+#[test]
+fn prefer_falls_back_to_plain_where_the_server_refuses_tls_for_this_client() {
+    let pg = PgServer::start_tls_with_hba("hostnossl all all 127.0.0.1/32 scram-sha-256");
+    let url = pg.url(&pg.create_db("nossl"));
+    let repo = config_repo(&url);
+    std::fs::write(repo.path("img"), random_bytes(4, 3 * BS + 5)).unwrap();
+    let v = ok_cfg(&repo, &["backup", &repo.url("img"), "vm", "-b", "64k"]).trim().to_string();
+    let out = repo.path("out").display().to_string();
+    ok_cfg(&repo, &["restore", &v, &format!("file://{out}")]);
+    assert_eq!(sha256_file(&repo.path("out")), sha256_file(&repo.path("img")));
+    let (code, line) = ls_with(&repo, &format!("{url}?sslmode=prefer"));
+    assert_eq!(code, 0, "{line}");
+    let (code, line) = ls_with(&repo, &format!("{url}?sslmode=require"));
+    assert_eq!(code, 2, "{line}");
+    assert!(line.contains("only without TLS") && line.contains("hostssl"), "{line}");
+}

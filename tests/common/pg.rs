@@ -67,7 +67,7 @@ impl PgServer {
 
     /// Starts a new server and makes the `keepfs` role (allowed to create databases).
     pub fn start() -> PgServer {
-        Self::start_with(false)
+        Self::start_with(false, "host all all 127.0.0.1/32 scram-sha-256")
     }
 
     /// As [`PgServer::start`], with TLS: a CA (`ca.pem` in `dir`) signs the server's
@@ -75,7 +75,13 @@ impl PgServer {
     /// 127.0.0.2 (a host its certificate does not name) and its pg_hba.conf has only
     /// `hostssl` lines, so a connection without TLS is rejected.
     pub fn start_tls() -> PgServer {
-        Self::start_with(true)
+        Self::start_with(true, "hostssl all all 127.0.0.0/8 scram-sha-256")
+    }
+
+    /// As [`PgServer::start_tls`], with `hba` as pg_hba.conf's TCP line instead of the
+    /// `hostssl` one (e.g. `hostnossl …`: TLS offered, but refused for this client).
+    pub fn start_tls_with_hba(hba: &str) -> PgServer {
+        Self::start_with(true, hba)
     }
 
     /// A CA of its own (`NAME.pem`, `NAME.key` in `dir`), unrelated to any other.
@@ -159,7 +165,7 @@ impl PgServer {
         }
     }
 
-    fn start_with(ssl: bool) -> PgServer {
+    fn start_with(ssl: bool, hba: &str) -> PgServer {
         let dir = tempfile::tempdir().expect("temp dir");
         if is_root() {
             let ok = Command::new("chown").arg("postgres").arg(dir.path()).status().unwrap().success();
@@ -168,12 +174,10 @@ impl PgServer {
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let s = PgServer { dir, port, bin: server_bin(), ssl };
         s.run("initdb", &["-D", &s.data(), "-U", "postgres", "-A", "trust"]);
-        let hba = if ssl {
+        if ssl {
             s.make_server_cert();
-            "local all all trust\nhostssl all all 127.0.0.0/8 scram-sha-256\n"
-        } else {
-            "local all all trust\nhost all all 127.0.0.1/32 scram-sha-256\n"
-        };
+        }
+        let hba = format!("local all all trust\n{hba}\n");
         std::fs::write(s.dir.path().join("data/pg_hba.conf"), hba).unwrap();
         s.pg_ctl_start();
         s.psql(&format!("CREATE ROLE {USER} LOGIN CREATEDB PASSWORD '{PASSWORD}'"));

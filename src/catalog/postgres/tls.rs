@@ -7,7 +7,9 @@
 //!
 //! - `disable`: plain TCP.
 //! - `prefer` (the default, as libpq's): TLS when the server offers it, plain when it
-//!   does not; the certificate is not checked (libpq does not check it either).
+//!   does not, and plain again when a connection over TLS failed (a handshake error, a
+//!   `hostnossl` line refusing it: `super::connect` retries); the certificate is not
+//!   checked (libpq does not check it either).
 //! - `require`: TLS or nothing, the certificate not checked, unless `sslrootcert` is
 //!   given, which makes it `verify-ca` (as libpq does).
 //! - `verify-ca`: the certificate must chain to `sslrootcert` (default
@@ -16,6 +18,8 @@
 //!   (a DNS name or an IP address in its subjectAltName).
 
 use crate::error::{Error, Result};
+use postgres::Socket;
+use postgres::tls::{MakeTlsConnect, TlsConnect};
 use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
@@ -24,6 +28,7 @@ use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{CertificateError, DigitallySignedStruct, RootCertStore, SignatureScheme};
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// libpq's `sslmode`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -78,9 +83,14 @@ impl Tls {
         }
     }
 
-    /// The connector to hand `postgres::Config::connect` (None: plain, `NoTls`).
-    pub fn connector(&self) -> Option<tokio_postgres_rustls::MakeRustlsConnect> {
-        self.config.as_ref().map(|c| tokio_postgres_rustls::MakeRustlsConnect::new((**c).clone()))
+    /// The connector to hand `postgres::Config::connect` (None: plain, `NoTls`). Its
+    /// `started` flag tells afterwards whether the server agreed to TLS (a handshake
+    /// began), so that `prefer` retries without TLS only what TLS may have caused.
+    pub fn connector(&self) -> Option<Watched> {
+        self.config.as_ref().map(|c| Watched {
+            inner: tokio_postgres_rustls::MakeRustlsConnect::new((**c).clone()),
+            started: Arc::new(AtomicBool::new(false)),
+        })
     }
 
     /// What to do about a connection that failed with `what` (the client's message), for
@@ -119,6 +129,41 @@ impl Tls {
             )),
             r => Some(format!("TLS failed ({r}, sslmode={mode})")),
         }
+    }
+}
+
+/// The rustls connector, noting whether a TLS handshake began: the client calls
+/// `TlsConnect::connect` only once the server answered yes to its TLS request.
+#[derive(Clone)]
+pub struct Watched {
+    inner: tokio_postgres_rustls::MakeRustlsConnect,
+    pub started: Arc<AtomicBool>,
+}
+
+impl MakeTlsConnect<Socket> for Watched {
+    type Stream = <tokio_postgres_rustls::MakeRustlsConnect as MakeTlsConnect<Socket>>::Stream;
+    type TlsConnect = WatchedConnect<<tokio_postgres_rustls::MakeRustlsConnect as MakeTlsConnect<Socket>>::TlsConnect>;
+    type Error = <tokio_postgres_rustls::MakeRustlsConnect as MakeTlsConnect<Socket>>::Error;
+
+    fn make_tls_connect(&mut self, domain: &str) -> std::result::Result<Self::TlsConnect, Self::Error> {
+        let inner = <tokio_postgres_rustls::MakeRustlsConnect as MakeTlsConnect<Socket>>::make_tls_connect(
+            &mut self.inner,
+            domain,
+        )?;
+        Ok(WatchedConnect(inner, self.started.clone()))
+    }
+}
+
+pub struct WatchedConnect<T>(T, Arc<AtomicBool>);
+
+impl<T: TlsConnect<Socket>> TlsConnect<Socket> for WatchedConnect<T> {
+    type Stream = T::Stream;
+    type Error = T::Error;
+    type Future = T::Future;
+
+    fn connect(self, stream: Socket) -> T::Future {
+        self.1.store(true, Ordering::SeqCst);
+        self.0.connect(stream)
     }
 }
 

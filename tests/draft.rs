@@ -2,13 +2,13 @@
 //! random writes, truncates, extensions and reads, with spool limits so small that
 //! spilling, reading back and handing blocks over again all happen; the committed
 //! version must restore to exactly the model, and a base version must not change.
+//! On the test's own PostgreSQL catalog when `KEEPFS_TEST_POSTGRES` is set.
 
 mod common;
 use common::*;
 use keepfs::Repository;
 use keepfs::backup::BackupOptions;
 use keepfs::cache::BlockCache;
-use keepfs::config::Config;
 use keepfs::draft::{Draft, DraftOptions};
 use keepfs::progress::Silent;
 use keepfs::restore::RestoreOptions;
@@ -39,7 +39,8 @@ fn restore(repo: &Repository, dir: &std::path::Path, uid: keepfs::version::Versi
 
 fn exercise(seed: u64, base: Option<Vec<u8>>, streaming: bool) {
     let dir = tempfile::tempdir().unwrap();
-    let repo = Arc::new(Repository::open(Config::embedded(dir.path().join("home"))).unwrap());
+    let (config, _db) = embedded_config(dir.path().join("home"));
+    let repo = Arc::new(Repository::open(config).unwrap());
     let cache = Arc::new(BlockCache::new(1 << 20));
     let mut model = base.clone().unwrap_or_default();
     let base_image = base.as_ref().map(|b| {

@@ -1,6 +1,7 @@
 //! The engine through its library API, with faults a real storage cannot be made to show
 //! on demand: failing and truncated transfers (the fault-injecting storage decorator) and
-//! the states a crashed cleanup leaves behind.
+//! the states a crashed cleanup leaves behind. Each test's repository is a `Repo` of
+//! tests/common: on the test's own PostgreSQL catalog when `KEEPFS_TEST_POSTGRES` is set.
 
 mod common;
 use common::*;
@@ -17,8 +18,8 @@ use std::sync::Arc;
 
 const BS: u32 = 64 * 1024;
 
-fn open(dir: &std::path::Path) -> (Repository, Arc<FaultyStorage>) {
-    let mut repo = Repository::open(Config::embedded(dir.join("home"))).unwrap();
+fn open(t: &Repo) -> (Repository, Arc<FaultyStorage>) {
+    let mut repo = Repository::open(t.engine_config()).unwrap();
     let mut faulty = None;
     repo.wrap_storage("default", |inner| {
         let f = Arc::new(FaultyStorage::new(inner));
@@ -27,6 +28,23 @@ fn open(dir: &std::path::Path) -> (Repository, Arc<FaultyStorage>) {
     })
     .unwrap();
     (repo, faulty.unwrap())
+}
+
+/// Runs one statement on the repository's catalog (the SQLite file, or the test's
+/// PostgreSQL database): the first column of its first row, when it returns one.
+fn catalog_sql(t: &Repo, sql: &str) -> Option<i64> {
+    match &t.catalog {
+        Some(db) => {
+            let mut c = postgres::Client::connect(&db.url, postgres::NoTls).unwrap();
+            c.query(sql, &[]).unwrap().first().map(|r| r.get(0))
+        }
+        None => {
+            let conn = rusqlite::Connection::open(t.home().join("keepfs.sqlite")).unwrap();
+            let mut st = conn.prepare(sql).unwrap();
+            let mut rows = st.query([]).unwrap();
+            rows.next().unwrap().map(|r| r.get(0).unwrap())
+        }
+    }
 }
 
 fn opts(name: &str) -> BackupOptions {
@@ -44,8 +62,9 @@ fn restore_to(
 
 #[test]
 fn transient_write_failures_are_retried() {
-    let dir = tempfile::tempdir().unwrap();
-    let (repo, faults) = open(dir.path());
+    let t = Repo::new();
+    let dir = &t.dir;
+    let (repo, faults) = open(&t);
     let img = dir.path().join("img");
     fs::write(&img, mixed_image(51, 12, BS as usize, 5)).unwrap();
     faults.fail_next_puts(2);
@@ -58,8 +77,9 @@ fn transient_write_failures_are_retried() {
 
 #[test]
 fn a_storage_that_keeps_failing_leaves_an_incomplete_version_and_a_clear_error() {
-    let dir = tempfile::tempdir().unwrap();
-    let (repo, faults) = open(dir.path());
+    let t = Repo::new();
+    let dir = &t.dir;
+    let (repo, faults) = open(&t);
     let img = dir.path().join("img");
     fs::write(&img, mixed_image(52, 12, BS as usize, 0)).unwrap();
     faults.fail_next_puts(1000);
@@ -78,8 +98,9 @@ fn a_storage_that_keeps_failing_leaves_an_incomplete_version_and_a_clear_error()
 
 #[test]
 fn truncated_and_failed_reads_are_fetched_again() {
-    let dir = tempfile::tempdir().unwrap();
-    let (repo, faults) = open(dir.path());
+    let t = Repo::new();
+    let dir = &t.dir;
+    let (repo, faults) = open(&t);
     let img = dir.path().join("img");
     fs::write(&img, mixed_image(53, 15, BS as usize, 0)).unwrap();
     let v = repo.backup(&Url::File(img.clone()), &opts("t"), &Silent).unwrap();
@@ -93,8 +114,9 @@ fn truncated_and_failed_reads_are_fetched_again() {
 
 #[test]
 fn persistent_corruption_becomes_named_zero_blocks_and_an_invalid_version() {
-    let dir = tempfile::tempdir().unwrap();
-    let (repo, faults) = open(dir.path());
+    let t = Repo::new();
+    let dir = &t.dir;
+    let (repo, faults) = open(&t);
     let img = dir.path().join("img");
     let data = mixed_image(54, 10, BS as usize, 0);
     fs::write(&img, &data).unwrap();
@@ -111,8 +133,9 @@ fn persistent_corruption_becomes_named_zero_blocks_and_an_invalid_version() {
 
 #[test]
 fn a_restore_stopped_by_a_dead_storage_marks_nothing_and_continues() {
-    let dir = tempfile::tempdir().unwrap();
-    let (repo, faults) = open(dir.path());
+    let t = Repo::new();
+    let dir = &t.dir;
+    let (repo, faults) = open(&t);
     let img = dir.path().join("img");
     let data: Vec<u8> = (0..40u64).flat_map(|i| random_bytes(5500 + i, BS as usize)).collect();
     fs::write(&img, &data).unwrap();
@@ -143,8 +166,9 @@ fn a_restore_stopped_by_a_dead_storage_marks_nothing_and_continues() {
 /// the next backup must store those blocks again instead of trusting the rows.
 #[test]
 fn tombstones_left_by_a_crashed_cleanup_are_never_trusted() {
-    let dir = tempfile::tempdir().unwrap();
-    let (repo, _) = open(dir.path());
+    let t = Repo::new();
+    let dir = &t.dir;
+    let (repo, _) = open(&t);
     let img = dir.path().join("img");
     fs::write(&img, mixed_image(55, 20, BS as usize, 0)).unwrap();
     let first = repo.backup(&Url::File(img.clone()), &opts("x"), &Silent).unwrap();
@@ -153,8 +177,7 @@ fn tombstones_left_by_a_crashed_cleanup_are_never_trusted() {
     repo.apply_remove(&plan).unwrap();
 
     // Simulate the crash: every row tombstoned, half the files already deleted.
-    let conn = rusqlite::Connection::open(&repo.config.database).unwrap();
-    conn.execute("UPDATE objects SET state = 1", []).unwrap();
+    catalog_sql(&t, "UPDATE objects SET state = 1");
     let storage = dir.path().join("home/storage");
     for id in ids.iter().step_by(2) {
         fs::remove_file(storage.join(id.storage_key())).unwrap();
@@ -164,7 +187,7 @@ fn tombstones_left_by_a_crashed_cleanup_are_never_trusted() {
     for id in &ids {
         assert!(storage.join(id.storage_key()).exists(), "object {id} was not stored again");
     }
-    let live: i64 = conn.query_row("SELECT COUNT(*) FROM objects WHERE state = 0", [], |r| r.get(0)).unwrap();
+    let live = catalog_sql(&t, "SELECT COUNT(*) FROM objects WHERE state = 0").unwrap();
     assert_eq!(live as usize, ids.iter().collect::<std::collections::HashSet<_>>().len());
     // The next cleanup deletes nothing the new version needs.
     let plan = repo.plan_cleanup("default").unwrap();
@@ -177,8 +200,9 @@ fn tombstones_left_by_a_crashed_cleanup_are_never_trusted() {
 
 #[test]
 fn an_object_file_without_a_row_is_swept_only_when_old() {
-    let dir = tempfile::tempdir().unwrap();
-    let (repo, _) = open(dir.path());
+    let t = Repo::new();
+    let dir = &t.dir;
+    let (repo, _) = open(&t);
     let storage = dir.path().join("home/storage");
     let orphan = keepfs::block::BlockId::of(b"orphan");
     let path = storage.join(orphan.storage_key());
@@ -210,8 +234,9 @@ fn distinct_blocks(seed: u64, blocks: usize) -> Vec<u8> {
 /// With a grace of 0 a cleanup takes the objects of an incomplete version at once.
 #[test]
 fn cleanup_spares_what_backup_continue_will_use() {
-    let dir = tempfile::tempdir().unwrap();
-    let (repo, faults) = open(dir.path());
+    let t = Repo::new();
+    let dir = &t.dir;
+    let (repo, faults) = open(&t);
     let storage = dir.path().join("home/storage");
     let img = dir.path().join("img");
     fs::write(&img, distinct_blocks(61, 12)).unwrap();
@@ -258,12 +283,7 @@ fn cleanup_spares_what_backup_continue_will_use() {
     repo.backup(&Url::File(img2.clone()), &opts("vm2"), &Silent).unwrap_err();
     faults.revive();
     let uid2 = repo.list(None).unwrap().into_iter().find(|v| v.status == Status::Incomplete).unwrap().uid;
-    let dry = std::process::Command::new(KEEPFS)
-        .args(["cleanup", "--dry-run"])
-        .env("KEEPFS_HOME", dir.path().join("home"))
-        .env_remove("KEEPFS_CONFIG")
-        .output()
-        .unwrap();
+    let dry = t.command(&["cleanup", "--dry-run"]).output().unwrap();
     let said = String::from_utf8_lossy(&dry.stdout);
     assert!(dry.status.success(), "{said} {}", String::from_utf8_lossy(&dry.stderr));
     assert!(said.contains("would delete 0 unreferenced object(s)"), "{said}");
@@ -271,7 +291,7 @@ fn cleanup_spares_what_backup_continue_will_use() {
     assert!(said.contains(&format!("{uid2}: its backup stopped at ")) && said.contains("spared until "), "{said}");
 
     // With no grace (as a day later), cleanup takes them; the valid version keeps its 12.
-    let mut config = Config::embedded(dir.path().join("home"));
+    let mut config = t.engine_config();
     config.incomplete_grace = chrono::Duration::zero();
     let impatient = Repository::open(config).unwrap();
     let plan = impatient.plan_cleanup("default").unwrap();
@@ -286,8 +306,8 @@ fn cleanup_spares_what_backup_continue_will_use() {
 /// naming the way out, with nothing created.
 #[test]
 fn an_image_with_too_many_blocks_is_refused_before_anything_is_written() {
-    let dir = tempfile::tempdir().unwrap();
-    let (repo, _) = open(dir.path());
+    let t = Repo::new();
+    let (repo, _) = open(&t);
     let o = BackupOptions { name: "huge".into(), block_size: Some(4096), ..Default::default() };
     let err = repo.backup(&Url::Null(1 << 45), &o, &Silent).unwrap_err();
     assert_eq!(err.exit_code(), 2, "{err}");
@@ -302,10 +322,11 @@ fn an_image_with_too_many_blocks_is_refused_before_anything_is_written() {
 /// it rebuilt, says to run it again, and the next run adds the rest.
 #[test]
 fn an_interrupted_database_rebuild_goes_on_when_run_again() {
-    let dir = tempfile::tempdir().unwrap();
+    let t = Repo::new();
+    let dir = &t.dir;
     let mut images = Vec::new();
     {
-        let (repo, _) = open(dir.path());
+        let (repo, _) = open(&t);
         for i in 0..3u64 {
             let img = dir.path().join(format!("img{i}"));
             fs::write(&img, mixed_image(61 + i, 6, BS as usize, 0)).unwrap();
@@ -313,10 +334,8 @@ fn an_interrupted_database_rebuild_goes_on_when_run_again() {
             images.push((v.uid, img));
         }
     }
-    for suffix in ["", "-wal", "-shm"] {
-        let _ = fs::remove_file(dir.path().join(format!("home/keepfs.sqlite{suffix}")));
-    }
-    let (repo, faults) = open(dir.path());
+    t.lose_catalog();
+    let (repo, faults) = open(&t);
     repo.storage("default").unwrap(); // its keyring (none) is read before the first use
     faults.die_after_gets(1);
     let err = repo.rebuild_database().unwrap_err().to_string();
@@ -341,8 +360,9 @@ fn an_interrupted_database_rebuild_goes_on_when_run_again() {
 #[test]
 fn a_block_that_changes_after_it_was_hashed_is_stored_as_hashed() {
     use std::os::unix::fs::FileExt;
-    let dir = tempfile::tempdir().unwrap();
-    let (mut repo, _) = open(dir.path());
+    let t = Repo::new();
+    let dir = &t.dir;
+    let (mut repo, _) = open(&t);
     assert!(repo.config.mmap_sources, "the embedded configuration maps sources");
     let img = dir.path().join("img");
     let original = random_bytes(61, 8 * BS as usize);
@@ -388,7 +408,10 @@ const TRUNCATE_SCENARIO: &str = "KEEPFS_TEST_TRUNCATE_MAPPED_SOURCE";
 fn scenario_truncate_a_mapped_source_mid_backup() {
     let Some(dir) = std::env::var_os(TRUNCATE_SCENARIO) else { return };
     let dir = std::path::PathBuf::from(dir);
-    let mut repo = Repository::open(Config::embedded(dir.join("home"))).unwrap();
+    let mut config = Config::embedded(dir.join("home"));
+    // The parent's test catalog, when it has one.
+    config.database_url = std::env::var("KEEPFS_DATABASE").ok();
+    let mut repo = Repository::open(config).unwrap();
     let img = dir.join("img");
     let file = fs::OpenOptions::new().write(true).open(&img).unwrap();
     // The first block hashed truncates the image. Until then no block has finished, so at
@@ -406,19 +429,24 @@ fn scenario_truncate_a_mapped_source_mid_backup() {
 /// one-line error and exit status 1, and the version stays incomplete.
 #[test]
 fn a_source_truncated_while_mapped_is_a_one_line_error_not_a_crash() {
-    let dir = tempfile::tempdir().unwrap();
+    let t = Repo::new();
+    let dir = &t.dir;
     fs::write(dir.path().join("img"), random_bytes(71, 512 * BS as usize)).unwrap();
     let mut child = std::process::Command::new(std::env::current_exe().unwrap());
     child
         .args(["--exact", "scenario_truncate_a_mapped_source_mid_backup", "--ignored", "--test-threads=1"])
-        .env(TRUNCATE_SCENARIO, dir.path());
+        .env(TRUNCATE_SCENARIO, dir.path())
+        .env_remove("KEEPFS_DATABASE");
+    if let Some(db) = &t.catalog {
+        child.env("KEEPFS_DATABASE", &db.url);
+    }
     let out = output_within(child, COMMAND_LIMIT, "the truncation scenario");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{:?}: {stderr}", out.status);
     let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("keepfs: error:")).collect();
     assert_eq!(errors.len(), 1, "{stderr}");
     assert!(errors[0].contains("the source shrank"), "{stderr}");
-    let repo = Repository::open(Config::embedded(dir.path().join("home"))).unwrap();
+    let repo = Repository::open(t.engine_config()).unwrap();
     let versions = repo.list(None).unwrap();
     assert_eq!(versions.len(), 1);
     assert_eq!(versions[0].status, Status::Incomplete);
@@ -431,8 +459,9 @@ fn a_source_truncated_while_mapped_is_a_one_line_error_not_a_crash() {
 fn read_ahead_follows_streams_and_ignores_scattered_reads() {
     use keepfs::cache::BlockCache;
     use keepfs::image::Prefetcher;
-    let dir = tempfile::tempdir().unwrap();
-    let (repo, _) = open(dir.path());
+    let t = Repo::new();
+    let dir = &t.dir;
+    let (repo, _) = open(&t);
     let img = dir.path().join("img");
     fs::write(&img, distinct_blocks(71, 256)).unwrap();
     let uid = repo.backup(&Url::File(img.clone()), &opts("vm"), &Silent).unwrap().uid;

@@ -1,13 +1,14 @@
 //! Who can read a repository: everything keepfs creates (home, database with its -wal
 //! and -shm files, storage directories and objects, spool files, read cache copies) is
-//! its owner's alone, whatever the umask lets through.
+//! its owner's alone, whatever the umask lets through. With `KEEPFS_TEST_POSTGRES` set the
+//! catalog is a PostgreSQL database and the same holds for every file keepfs still makes.
 
 mod common;
 use common::*;
 use keepfs::Repository;
 use keepfs::backup::BackupOptions;
 use keepfs::cache::BlockCache;
-use keepfs::config::{Config, ReadCacheConfig};
+use keepfs::config::ReadCacheConfig;
 use keepfs::draft::{Draft, DraftOptions};
 use keepfs::progress::Silent;
 use keepfs::restore::RestoreOptions;
@@ -56,24 +57,25 @@ fn assert_owner_only(root: &Path, must_have: &[&str]) {
 /// The embedded default, as a new user gets it: a backup, a second one while another
 /// connection holds the database open (so its -wal and -shm files exist), a restore,
 /// and a cleanup. The process umask is the usual 022, which let everything be
-/// world-readable before.
+/// world-readable before. (On a PostgreSQL catalog there is no database file to check,
+/// and the rest holds the same.)
 #[test]
 fn a_new_repository_is_readable_by_its_owner_only() {
     let repo = Repo::new();
+    let sqlite = repo.catalog.is_none();
     std::fs::write(repo.path("img"), mixed_image(5, 9, BS as usize, 100)).unwrap();
     let uid = repo.backup("img", "vm", &["-b", "64k"]);
-    let db = keepfs::catalog::SqliteCatalog::open(&repo.home().join("keepfs.sqlite")).unwrap();
+    let db = sqlite.then(|| keepfs::catalog::SqliteCatalog::open(&repo.home().join("keepfs.sqlite")).unwrap());
     std::fs::write(repo.path("img2"), mixed_image(6, 9, BS as usize, 0)).unwrap();
     repo.backup("img2", "vm2", &["-b", "64k"]);
-    assert_owner_only(
-        &repo.home(),
-        &["keepfs.sqlite-wal", "keepfs.sqlite-shm", "storage/blocks/", "storage/versions/V"],
-    );
+    let db_files: &[&str] = if sqlite { &["keepfs.sqlite-wal", "keepfs.sqlite-shm"] } else { &[] };
+    assert_owner_only(&repo.home(), &[db_files, &["storage/blocks/", "storage/versions/V"]].concat());
     drop(db);
     assert_eq!(repo.restore_sha(&uid, "out"), sha256_file(&repo.path("img")));
     repo.ok(&["rm", "--force", &uid]);
     repo.ok(&["cleanup"]);
-    assert_owner_only(&repo.home(), &["keepfs.sqlite", "storage/tmp"]);
+    let db_files: &[&str] = if sqlite { &["keepfs.sqlite"] } else { &[] };
+    assert_owner_only(&repo.home(), &[db_files, &["storage/tmp"]].concat());
 }
 
 /// What the engine writes besides the storage: a draft's spool file (blocks written
@@ -81,7 +83,7 @@ fn a_new_repository_is_readable_by_its_owner_only() {
 #[test]
 fn spool_and_read_cache_files_are_owner_only() {
     let dir = tempfile::tempdir().unwrap();
-    let mut config = Config::embedded(dir.path().join("home"));
+    let (mut config, _db) = embedded_config(dir.path().join("home"));
     let cache_dir = dir.path().join("cache");
     config.storages[0].read_cache = Some(ReadCacheConfig { dir: cache_dir.clone(), max_bytes: 64 << 20 });
     let repo = Arc::new(Repository::open(config).unwrap());

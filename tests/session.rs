@@ -2,12 +2,13 @@
 //! (and commit) while other threads list, rename, stat and open overlays of the same
 //! versions, many rounds, under a deadline; then every committed version restores to
 //! exactly what its writer wrote. No lock order can deadlock it: each lock is a leaf.
+//! Each test's repository is on its own PostgreSQL catalog when `KEEPFS_TEST_POSTGRES`
+//! is set (`embedded_config` of tests/common).
 
 mod common;
 use common::*;
 use keepfs::Repository;
 use keepfs::backup::BackupOptions;
-use keepfs::config::Config;
 use keepfs::progress::Silent;
 use keepfs::restore::RestoreOptions;
 use keepfs::session::{COW_LABEL, SessionOptions, SessionService};
@@ -28,7 +29,7 @@ fn sha(b: &[u8]) -> String {
 #[test]
 fn writers_commit_while_others_list_rename_stat_and_open_overlays() {
     let dir = tempfile::tempdir().unwrap();
-    let mut config = Config::embedded(dir.path().join("home"));
+    let (mut config, _db) = embedded_config(dir.path().join("home"));
     config.block_size = BS;
     let repo = Arc::new(Repository::open(config).unwrap());
     let img = dir.path().join("base");
@@ -135,11 +136,12 @@ fn writers_commit_while_others_list_rename_stat_and_open_overlays() {
     assert_eq!(std::fs::read(out).unwrap(), base_bytes, "the original never changes");
 }
 
-fn service(dir: &std::path::Path) -> (Arc<Repository>, SessionService) {
-    let mut config = Config::embedded(dir.join("home"));
+/// The repository, its session service, and its test catalog (keep it while they are used).
+fn service(dir: &std::path::Path) -> (Arc<Repository>, SessionService, Option<TestDatabase>) {
+    let (mut config, db) = embedded_config(dir.join("home"));
     config.block_size = BS;
     let repo = Arc::new(Repository::open(config).unwrap());
-    (repo.clone(), SessionService::new(repo, SessionOptions::default()))
+    (repo.clone(), SessionService::new(repo, SessionOptions::default()), db)
 }
 
 fn write_incoming(s: &SessionService, name: &str, opener: u32, data: &[u8]) -> std::io::Result<()> {
@@ -158,7 +160,7 @@ fn valid_named(repo: &Repository, name: &str) -> Vec<keepfs::version::Version> {
 #[test]
 fn another_process_never_attaches_to_a_continuation() {
     let dir = tempfile::tempdir().unwrap();
-    let (repo, s) = service(dir.path());
+    let (repo, s, _db) = service(dir.path());
     write_incoming(&s, "vm", 1, &random_bytes(1, 100_000)).unwrap();
     assert!(s.incoming_exists("vm", Some(1)), "the committer looks again: a continuation");
     assert!(!s.incoming_exists("vm", Some(2)), "to anyone else the name is free");
@@ -171,7 +173,7 @@ fn another_process_never_attaches_to_a_continuation() {
 #[test]
 fn a_replaced_version_that_is_being_read_is_kept() {
     let dir = tempfile::tempdir().unwrap();
-    let (repo, s) = service(dir.path());
+    let (repo, s, _db) = service(dir.path());
     let first = random_bytes(3, 100_000);
     write_incoming(&s, "vm", 1, &first).unwrap();
     let v1 = valid_named(&repo, "vm")[0].uid.to_string();
@@ -192,7 +194,7 @@ fn a_replaced_version_that_is_being_read_is_kept() {
 #[test]
 fn an_impossible_size_is_efbig() {
     let dir = tempfile::tempdir().unwrap();
-    let (repo, s) = service(dir.path());
+    let (repo, s, _db) = service(dir.path());
     let fh = s.create_incoming("big", true, 1).unwrap();
     assert_eq!(s.resize_incoming("big", 1 << 60).unwrap_err().raw_os_error(), Some(libc::EFBIG));
     assert_eq!(s.write(fh, u64::MAX - 10, b"0123456789ab").unwrap_err().raw_os_error(), Some(libc::EFBIG));
@@ -210,7 +212,7 @@ fn an_impossible_size_is_efbig() {
 #[test]
 fn simultaneous_last_closes_still_commit() {
     let dir = tempfile::tempdir().unwrap();
-    let (repo, s) = service(dir.path());
+    let (repo, s, _db) = service(dir.path());
     let base = write_base(&repo, dir.path());
     let s = Arc::new(s);
     let rounds = 40u32;

@@ -8,8 +8,16 @@ re-backup (every block looked up and touched), --versions more re-backups, `ls -
 json`, a restore to /dev/null, `rm` of all but the newest version and `cleanup`. Prints
 seconds per step, PostgreSQL / SQLite, and the catalog's size afterwards.
 
+With --tls-rootcert CA.pem, a third run on the same server over TLS
+(`?sslmode=verify-full&sslrootcert=CA.pem`, a database of its own), reported against
+the PostgreSQL run of the same invocation, which is then plain (`sslmode=disable`): the
+cost of TLS. The server must have
+`ssl = on` with a certificate CA.pem signed for the URL's host, and `host` (not only
+`hostssl`) lines in pg_hba.conf so that the plain run connects too.
+
 usage: contrib/bench/catalog.py --postgres postgresql://user:pw@127.0.0.1:5432/
        [--size-mib 256] [--versions 20] [--keepfs target/release/keepfs] [--workdir DIR]
+       [--tls-rootcert CA.pem]
 The PostgreSQL user must be allowed to create databases; the benchmark's database is
 dropped at the end.
 """
@@ -73,6 +81,7 @@ def main():
     ap.add_argument("--versions", type=int, default=20)
     ap.add_argument("--keepfs", default="target/release/keepfs")
     ap.add_argument("--workdir")
+    ap.add_argument("--tls-rootcert")
     a = ap.parse_args()
     work_dir = tempfile.mkdtemp(prefix="keepfs-catalog-bench-", dir=a.workdir)
     try:
@@ -86,14 +95,26 @@ def main():
         try:
             sqlite_path = os.path.join(work_dir, "s", "keepfs.sqlite")
             base = work(a.keepfs, os.path.join(work_dir, "s"), sqlite_path, image, a.versions)
-            pg = work(a.keepfs, os.path.join(work_dir, "p"), f"{a.postgres.rstrip('/')}/{db}", image, a.versions)
+            # With a TLS run to compare with, the PostgreSQL run is plain for sure (the
+            # default, sslmode=prefer, would encrypt on a server with TLS on).
+            plain = "?sslmode=disable" if a.tls_rootcert else ""
+            pg = work(a.keepfs, os.path.join(work_dir, "p"), f"{a.postgres.rstrip('/')}/{db}{plain}", image,
+                      a.versions)
             print(f"image {a.size_mib} MiB, 64 KiB blocks; seconds, SQLite (baseline) vs PostgreSQL")
             for k in base:
                 print(f"  {k:22} {base[k]:8.2f} {pg[k]:8.2f}   x{pg[k] / max(base[k], 1e-9):.2f}")
             print(f"  catalog size after cleanup: SQLite {os.path.getsize(sqlite_path) >> 10} KiB, "
                   f"PostgreSQL {pg_size(a.postgres, db) >> 10} KiB (database, with its fixed overhead)")
+            if a.tls_rootcert:
+                psql(a.postgres, "postgres", f"CREATE DATABASE {db}_tls")
+                url = f"{a.postgres.rstrip('/')}/{db}_tls?sslmode=verify-full&sslrootcert={a.tls_rootcert}"
+                tls = work(a.keepfs, os.path.join(work_dir, "t"), url, image, a.versions)
+                print("seconds, PostgreSQL plain (baseline) vs PostgreSQL over TLS (verify-full)")
+                for k in pg:
+                    print(f"  {k:22} {pg[k]:8.2f} {tls[k]:8.2f}   x{tls[k] / max(pg[k], 1e-9):.2f}")
         finally:
             psql(a.postgres, "postgres", f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
+            psql(a.postgres, "postgres", f"DROP DATABASE IF EXISTS {db}_tls WITH (FORCE)")
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
 

@@ -25,6 +25,8 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 use std::time::Duration;
 
+mod tls;
+
 /// Schema migrations; entry N brings the schema from version N to N+1. The same
 /// numbering as the SQLite catalog's (`sqlite::MIGRATIONS`).
 pub(crate) const MIGRATIONS: &[&str] = &[
@@ -196,6 +198,8 @@ pub struct PostgresCatalog {
     config: postgres::Config,
     /// What to call the database in messages (the URL without its password).
     name: String,
+    /// TLS as the URL's `sslmode` / `sslrootcert` say (see `tls`).
+    tls: tls::Tls,
     client: RefCell<Client>,
 }
 
@@ -205,6 +209,7 @@ impl PostgresCatalog {
     /// `PGPASSFILE` / `~/.pgpass`.
     pub fn open(url: &str, password_file: Option<&Path>) -> Result<PostgresCatalog> {
         let name = redact(url);
+        let (url, tls) = tls::from_url(url, &name)?;
         let mut config: postgres::Config =
             url.parse().map_err(|e| Error::Config(format!("database {name}: not a PostgreSQL URL: {e}")))?;
         if config.get_connect_timeout().is_none() {
@@ -242,8 +247,9 @@ impl PostgresCatalog {
                 }
             }
         }
-        let client = connect(&config, &name)?;
-        let mut cat = PostgresCatalog { config, name, client: RefCell::new(client) };
+        config.ssl_mode(tls.client_mode());
+        let client = connect(&config, &tls, &name)?;
+        let mut cat = PostgresCatalog { config, name, tls, client: RefCell::new(client) };
         cat.migrate()?;
         Ok(cat)
     }
@@ -287,7 +293,7 @@ impl PostgresCatalog {
             .try_borrow_mut()
             .map_err(|_| Error::Other("internal: catalog used while it is being iterated".into()))?;
         if c.is_closed() {
-            *c = connect(&self.config, &self.name)?;
+            *c = connect(&self.config, &self.tls, &self.name)?;
         }
         Ok(c)
     }
@@ -372,39 +378,89 @@ impl PostgresCatalog {
 
 /// Connects, giving up after the connect timeout (plus a little): `connect_timeout`
 /// covers opening the socket only, and a server that accepts but never answers (a hung
-/// host, a wrong port) would otherwise hold the command for ever.
-fn connect(config: &postgres::Config, name: &str) -> Result<Client> {
+/// host, a wrong port) would otherwise hold the command for ever. Under `sslmode=prefer`
+/// a connection that TLS did not get through (a failed handshake, or a server whose
+/// pg_hba.conf takes this client only without TLS, `hostnossl`) is tried once more
+/// without TLS, as libpq does.
+fn connect(config: &postgres::Config, tls: &tls::Tls, name: &str) -> Result<Client> {
+    let connector = tls.connector();
+    let started = connector.as_ref().map(|c| c.started.clone());
+    let e = match attempt(config, connector, name)? {
+        Ok(client) => return Ok(client),
+        Err(e) => e,
+    };
+    let what = describe(&e);
+    let over_tls = started.is_some_and(|s| s.load(std::sync::atomic::Ordering::SeqCst));
+    if tls.mode != tls::SslMode::Prefer || !over_tls {
+        return Err(connect_error(&e, &what, tls, name));
+    }
+    let mut plain = config.clone();
+    plain.ssl_mode(postgres::config::SslMode::Disable);
+    match attempt(&plain, None, name)? {
+        Ok(client) => Ok(client),
+        // The server wants TLS from this client: what went wrong with TLS is the story.
+        Err(e2) if describe(&e2).contains("no encryption") => Err(connect_error(&e, &what, tls, name)),
+        Err(e2) => Err(connect_error(&e2, &describe(&e2), tls, name)),
+    }
+}
+
+/// One connection attempt in a thread of its own, given up after the connect timeout
+/// (the outer error); the inner result is the client's.
+fn attempt(
+    config: &postgres::Config,
+    connector: Option<tls::Watched>,
+    name: &str,
+) -> Result<std::result::Result<Client, postgres::Error>> {
     let limit = config.get_connect_timeout().copied().unwrap_or(CONNECT_TIMEOUT) + Duration::from_secs(2);
     let (tx, rx) = std::sync::mpsc::channel();
     let cfg = config.clone();
     std::thread::Builder::new()
         .name("catalog-connect".into())
         .spawn(move || {
-            let _ = tx.send(cfg.connect(NoTls));
+            let _ = tx.send(match connector {
+                Some(c) => cfg.connect(c),
+                None => cfg.connect(NoTls),
+            });
         })
         .map_err(|e| Error::io("cannot start a thread", e))?;
-    let result = rx.recv_timeout(limit).map_err(|_| {
+    rx.recv_timeout(limit).map_err(|_| {
         Error::Catalog(format!(
             "cannot connect to {name}: no answer within {} s (is the server running and the host and port right?)",
             limit.as_secs()
         ))
-    })?;
-    result.map_err(|e| {
-        let what = describe(&e);
-        match e.as_db_error().map(|d| d.code().code()) {
-            // invalid_password, invalid_authorization_specification
-            Some("28P01" | "28000") => Error::Config(format!(
-                "database {name}: {what}; check the password (in the URL, database_password_file or PGPASSFILE)"
-            )),
-            // invalid_catalog_name: the database does not exist
-            Some("3D000") => Error::Config(format!("database {name}: {what}; create it first (createdb)")),
-            _ if what.contains("password missing") => Error::Config(format!(
-                "database {name}: the server asks for a password and none is configured; put it in the URL, \
-                 database_password_file or PGPASSFILE"
-            )),
-            _ => Error::Catalog(format!("cannot connect to {name}: {what}")),
-        }
     })
+}
+
+/// A failed connection as one line that says what to do; `what` is `describe(e)`.
+fn connect_error(e: &postgres::Error, what: &str, tls: &tls::Tls, name: &str) -> Error {
+    match e.as_db_error().map(|d| d.code().code()) {
+        // pg_hba.conf has no line for a connection without TLS (`hostssl` only).
+        Some("28000") if what.contains("no encryption") => Error::Config(format!(
+            "database {name}: {what}; the server takes this connection only over TLS: use sslmode=require, or \
+             verify-full with sslrootcert=FILE"
+        )),
+        // ... or none for one over TLS (`hostnossl` only).
+        Some("28000") if what.contains("SSL encryption") => Error::Config(format!(
+            "database {name}: {what}; the server takes this connection only without TLS: use sslmode=prefer or \
+             disable, or add a hostssl line to its pg_hba.conf"
+        )),
+        // invalid_password, invalid_authorization_specification
+        Some("28P01" | "28000") => Error::Config(format!(
+            "database {name}: {what}; check the password (in the URL, database_password_file or PGPASSFILE)"
+        )),
+        // invalid_catalog_name: the database does not exist
+        Some("3D000") => Error::Config(format!("database {name}: {what}; create it first (createdb)")),
+        _ if what.contains("password missing") => Error::Config(format!(
+            "database {name}: the server asks for a password and none is configured; put it in the URL, \
+             database_password_file or PGPASSFILE"
+        )),
+        // A TLS failure (no TLS at the server, an untrusted or misnamed certificate) is
+        // the configuration's to fix, as a wrong password is.
+        _ => match tls.explain(e, what) {
+            Some(why) => Error::Config(format!("database {name}: {why}")),
+            None => Error::Catalog(format!("cannot connect to {name}: {what}")),
+        },
+    }
 }
 
 /// The first row of an answer that always has one (an aggregate, RETURNING).

@@ -2,6 +2,8 @@
 //! binaries (`/usr/lib/postgresql/*/bin`), a data directory in a temporary directory,
 //! a free port on 127.0.0.1, password (scram-sha-256) authentication for user `keepfs`.
 //! Stopped and removed when dropped. As root the server runs as the `postgres` user.
+//! [`PgServer::start_tls`] starts one that accepts TCP connections only over TLS, with a
+//! certificate from a CA the test makes with `openssl` in the server's directory.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -13,6 +15,8 @@ pub struct PgServer {
     pub dir: tempfile::TempDir,
     pub port: u16,
     bin: PathBuf,
+    /// TLS on (`ssl=on`, server.crt/server.key in `dir`).
+    ssl: bool,
 }
 
 fn server_bin() -> PathBuf {
@@ -21,6 +25,12 @@ fn server_bin() -> PathBuf {
         .unwrap_or_default();
     found.sort();
     found.pop().expect("no PostgreSQL server in /usr/lib/postgresql (apt-get install postgresql)")
+}
+
+/// Runs `openssl ARGS` in `dir`, failing the test with its output when it fails.
+fn openssl(dir: &std::path::Path, args: &[&str]) {
+    let out = Command::new("openssl").args(args).current_dir(dir).output().expect("openssl (apt-get install openssl)");
+    assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
 }
 
 fn is_root() -> bool {
@@ -57,30 +67,134 @@ impl PgServer {
 
     /// Starts a new server and makes the `keepfs` role (allowed to create databases).
     pub fn start() -> PgServer {
+        Self::start_with(false, "host all all 127.0.0.1/32 scram-sha-256")
+    }
+
+    /// As [`PgServer::start`], with TLS: a CA (`ca.pem` in `dir`) signs the server's
+    /// certificate for 127.0.0.1 and localhost; the server listens on 127.0.0.1 and
+    /// 127.0.0.2 (a host its certificate does not name) and its pg_hba.conf has only
+    /// `hostssl` lines, so a connection without TLS is rejected.
+    pub fn start_tls() -> PgServer {
+        Self::start_with(true, "hostssl all all 127.0.0.0/8 scram-sha-256")
+    }
+
+    /// As [`PgServer::start_tls`], with `hba` as pg_hba.conf's TCP line instead of the
+    /// `hostssl` one (e.g. `hostnossl …`: TLS offered, but refused for this client).
+    pub fn start_tls_with_hba(hba: &str) -> PgServer {
+        Self::start_with(true, hba)
+    }
+
+    /// A CA of its own (`NAME.pem`, `NAME.key` in `dir`), unrelated to any other.
+    pub fn make_ca(&self, name: &str) -> PathBuf {
+        let d = self.dir.path();
+        openssl(
+            d,
+            &[
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+                "-nodes",
+                "-days",
+                "2",
+                "-subj",
+                &format!("/CN=keepfs test {name}"),
+                "-keyout",
+                &format!("{name}.key"),
+                "-out",
+                &format!("{name}.pem"),
+            ],
+        );
+        d.join(format!("{name}.pem"))
+    }
+
+    fn make_server_cert(&self) {
+        let d = self.dir.path();
+        self.make_ca("ca");
+        std::fs::write(
+            d.join("server.ext"),
+            "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n\
+             keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n",
+        )
+        .unwrap();
+        openssl(
+            d,
+            &[
+                "req",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+                "-nodes",
+                "-subj",
+                "/CN=127.0.0.1",
+                "-keyout",
+                "server.key",
+                "-out",
+                "server.csr",
+            ],
+        );
+        openssl(
+            d,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                "server.csr",
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-days",
+                "2",
+                "-extfile",
+                "server.ext",
+                "-out",
+                "server.crt",
+            ],
+        );
+        // The server refuses a key others can read, or one it does not own.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(d.join("server.key"), std::fs::Permissions::from_mode(0o600)).unwrap();
+        if is_root() {
+            let ok = Command::new("chown").arg("postgres").arg(d.join("server.key")).status().unwrap().success();
+            assert!(ok, "chown postgres server.key");
+        }
+    }
+
+    fn start_with(ssl: bool, hba: &str) -> PgServer {
         let dir = tempfile::tempdir().expect("temp dir");
         if is_root() {
             let ok = Command::new("chown").arg("postgres").arg(dir.path()).status().unwrap().success();
             assert!(ok, "chown postgres {}", dir.path().display());
         }
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let s = PgServer { dir, port, bin: server_bin() };
+        let s = PgServer { dir, port, bin: server_bin(), ssl };
         s.run("initdb", &["-D", &s.data(), "-U", "postgres", "-A", "trust"]);
-        std::fs::write(
-            s.dir.path().join("data/pg_hba.conf"),
-            "local all all trust\nhost all all 127.0.0.1/32 scram-sha-256\n",
-        )
-        .unwrap();
+        if ssl {
+            s.make_server_cert();
+        }
+        let hba = format!("local all all trust\n{hba}\n");
+        std::fs::write(s.dir.path().join("data/pg_hba.conf"), hba).unwrap();
         s.pg_ctl_start();
         s.psql(&format!("CREATE ROLE {USER} LOGIN CREATEDB PASSWORD '{PASSWORD}'"));
         s
     }
 
     fn pg_ctl_start(&self) {
-        let opts = format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=100",
-            self.port,
-            self.dir.path().display()
-        );
+        let d = self.dir.path().display();
+        let opts = if self.ssl {
+            format!(
+                "-p {} -k {d} -c listen_addresses=127.0.0.1,127.0.0.2 -c fsync=off -c max_connections=100 \
+                 -c ssl=on -c ssl_cert_file={d}/server.crt -c ssl_key_file={d}/server.key",
+                self.port
+            )
+        } else {
+            format!("-p {} -k {d} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=100", self.port)
+        };
         let log = self.dir.path().join("log").display().to_string();
         self.run("pg_ctl", &["-D", &self.data(), "-l", &log, "-w", "-t", "120", "-o", &opts, "start"]);
     }

@@ -1,0 +1,381 @@
+//! TLS to the PostgreSQL catalog, as libpq does it: `sslmode` (`disable`, `prefer`,
+//! `require`, `verify-ca`, `verify-full`) and `sslrootcert=FILE` in the URL, else
+//! `PGSSLMODE` / `PGSSLROOTCERT`. The `postgres` client itself knows only `disable`,
+//! `prefer` and `require` and no `sslrootcert`, so this module takes both out of the
+//! URL, decides what to verify, and hands the client a rustls connector
+//! (`tokio-postgres-rustls`) that verifies exactly that:
+//!
+//! - `disable`: plain TCP.
+//! - `prefer` (the default, as libpq's): TLS when the server offers it, plain when it
+//!   does not, and plain again when a connection over TLS failed (a handshake error, a
+//!   `hostnossl` line refusing it: `super::connect` retries); the certificate is not
+//!   checked (libpq does not check it either).
+//! - `require`: TLS or nothing, the certificate not checked, unless `sslrootcert` is
+//!   given, which makes it `verify-ca` (as libpq does).
+//! - `verify-ca`: the certificate must chain to `sslrootcert` (default
+//!   `~/.postgresql/root.crt`); its names are not compared with the host.
+//! - `verify-full`: as `verify-ca`, and the certificate must name the host of the URL
+//!   (a DNS name or an IP address in its subjectAltName).
+
+use crate::error::{Error, Result};
+use postgres::Socket;
+use postgres::tls::{MakeTlsConnect, TlsConnect};
+use rustls::client::WebPkiServerVerifier;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{CertificateError, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// libpq's `sslmode`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SslMode {
+    Disable,
+    Prefer,
+    Require,
+    VerifyCa,
+    VerifyFull,
+}
+
+impl SslMode {
+    fn parse(s: &str) -> Option<SslMode> {
+        Some(match s {
+            "disable" => SslMode::Disable,
+            "prefer" => SslMode::Prefer,
+            "require" => SslMode::Require,
+            "verify-ca" => SslMode::VerifyCa,
+            "verify-full" => SslMode::VerifyFull,
+            _ => return None,
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            SslMode::Disable => "disable",
+            SslMode::Prefer => "prefer",
+            SslMode::Require => "require",
+            SslMode::VerifyCa => "verify-ca",
+            SslMode::VerifyFull => "verify-full",
+        }
+    }
+}
+
+/// What the connection does about TLS.
+#[derive(Clone)]
+pub struct Tls {
+    pub mode: SslMode,
+    /// The CA certificates (PEM) the server's certificate must chain to.
+    pub root_cert: Option<PathBuf>,
+    /// The rustls client configuration (None for `disable`), built once.
+    config: Option<Arc<rustls::ClientConfig>>,
+}
+
+impl Tls {
+    /// The client's `ssl_mode`: what it does when the server does not offer TLS.
+    pub fn client_mode(&self) -> postgres::config::SslMode {
+        match self.mode {
+            SslMode::Disable => postgres::config::SslMode::Disable,
+            SslMode::Prefer => postgres::config::SslMode::Prefer,
+            _ => postgres::config::SslMode::Require,
+        }
+    }
+
+    /// The connector to hand `postgres::Config::connect` (None: plain, `NoTls`). Its
+    /// `started` flag tells afterwards whether the server agreed to TLS (a handshake
+    /// began), so that `prefer` retries without TLS only what TLS may have caused.
+    pub fn connector(&self) -> Option<Watched> {
+        self.config.as_ref().map(|c| Watched {
+            inner: tokio_postgres_rustls::MakeRustlsConnect::new((**c).clone()),
+            started: Arc::new(AtomicBool::new(false)),
+        })
+    }
+
+    /// What to do about a connection that failed with `what` (the client's message), for
+    /// failures TLS explains; None when TLS has nothing to say about it.
+    pub fn explain(&self, e: &postgres::Error, what: &str) -> Option<String> {
+        let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
+        let mut rustls_error = None;
+        while let Some(c) = cause {
+            if let Some(r) = c.downcast_ref::<rustls::Error>() {
+                rustls_error = Some(r.clone());
+            }
+            if let Some(io) = c.downcast_ref::<std::io::Error>()
+                && let Some(r) = io.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>())
+            {
+                rustls_error = Some(r.clone());
+            }
+            cause = c.source();
+        }
+        let root = self.root_cert.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
+        let mode = self.mode.name();
+        if what.contains("server does not support TLS") {
+            return Some(format!(
+                "the server does not offer TLS and sslmode={mode} requires it; turn TLS on at the server \
+                 (ssl = on in postgresql.conf) or use sslmode=prefer"
+            ));
+        }
+        match rustls_error? {
+            rustls::Error::InvalidCertificate(CertificateError::NotValidForName)
+            | rustls::Error::InvalidCertificate(CertificateError::NotValidForNameContext { .. }) => Some(format!(
+                "the server's certificate does not name the host of the URL (sslmode={mode}); connect by a name \
+                 its certificate holds, or use sslmode=verify-ca to check only that {root} signed it"
+            )),
+            rustls::Error::InvalidCertificate(c) => Some(format!(
+                "the server's certificate is not trusted ({c:?}, sslmode={mode}): sslrootcert={root} must hold the \
+                 CA certificate that signed the server's"
+            )),
+            r => Some(format!("TLS failed ({r}, sslmode={mode})")),
+        }
+    }
+}
+
+/// The rustls connector, noting whether a TLS handshake began: the client calls
+/// `TlsConnect::connect` only once the server answered yes to its TLS request.
+#[derive(Clone)]
+pub struct Watched {
+    inner: tokio_postgres_rustls::MakeRustlsConnect,
+    pub started: Arc<AtomicBool>,
+}
+
+impl MakeTlsConnect<Socket> for Watched {
+    type Stream = <tokio_postgres_rustls::MakeRustlsConnect as MakeTlsConnect<Socket>>::Stream;
+    type TlsConnect = WatchedConnect<<tokio_postgres_rustls::MakeRustlsConnect as MakeTlsConnect<Socket>>::TlsConnect>;
+    type Error = <tokio_postgres_rustls::MakeRustlsConnect as MakeTlsConnect<Socket>>::Error;
+
+    fn make_tls_connect(&mut self, domain: &str) -> std::result::Result<Self::TlsConnect, Self::Error> {
+        let inner = <tokio_postgres_rustls::MakeRustlsConnect as MakeTlsConnect<Socket>>::make_tls_connect(
+            &mut self.inner,
+            domain,
+        )?;
+        Ok(WatchedConnect(inner, self.started.clone()))
+    }
+}
+
+pub struct WatchedConnect<T>(T, Arc<AtomicBool>);
+
+impl<T: TlsConnect<Socket>> TlsConnect<Socket> for WatchedConnect<T> {
+    type Stream = T::Stream;
+    type Error = T::Error;
+    type Future = T::Future;
+
+    fn connect(self, stream: Socket) -> T::Future {
+        self.1.store(true, Ordering::SeqCst);
+        self.0.connect(stream)
+    }
+}
+
+/// Takes `sslmode` and `sslrootcert` out of `url` (the client does not know
+/// `verify-ca`, `verify-full` nor `sslrootcert`); returns the URL left and what the
+/// connection does about TLS. `PGSSLMODE` and `PGSSLROOTCERT` apply when the URL says
+/// nothing. `name` is the URL without its password, for messages.
+pub fn from_url(url: &str, name: &str) -> Result<(String, Tls)> {
+    let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+    let mut mode_text = None;
+    let mut root = None;
+    let mut rest = url.to_string();
+    if let Ok(mut u) = url::Url::parse(url)
+        && u.query().is_some()
+    {
+        let mut kept = Vec::new();
+        for (k, v) in u.query_pairs() {
+            match &*k {
+                "sslmode" => mode_text = Some(v.into_owned()),
+                "sslrootcert" => root = Some(v.into_owned()),
+                _ => kept.push((k.into_owned(), v.into_owned())),
+            }
+        }
+        if kept.is_empty() {
+            u.set_query(None);
+        } else {
+            u.query_pairs_mut().clear().extend_pairs(kept);
+        }
+        rest = u.to_string();
+    }
+    let mode_text = mode_text.or_else(|| env("PGSSLMODE"));
+    let mode = match &mode_text {
+        None => SslMode::Prefer,
+        Some(m) => SslMode::parse(m).ok_or_else(|| {
+            Error::Config(format!(
+                "database {name}: sslmode={m} is not a mode keepfs knows; use disable, prefer, require, verify-ca \
+                 or verify-full"
+            ))
+        })?,
+    };
+    let root = root.or_else(|| env("PGSSLROOTCERT")).map(PathBuf::from);
+    // libpq: `require` with a root certificate named verifies the chain (verify-ca);
+    // verify-ca and verify-full without one use ~/.postgresql/root.crt.
+    let (mode, root) = match (mode, root) {
+        (SslMode::Require, Some(r)) => (SslMode::VerifyCa, Some(r)),
+        (SslMode::VerifyCa | SslMode::VerifyFull, None) => {
+            let default = std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".postgresql/root.crt"));
+            match default.filter(|p| p.exists()) {
+                Some(p) => (mode, Some(p)),
+                None => {
+                    return Err(Error::Config(format!(
+                        "database {name}: sslmode={} checks the server's certificate, and no CA certificate is \
+                         named; add sslrootcert=/path/ca.pem to the URL (or PGSSLROOTCERT, or put it in \
+                         ~/.postgresql/root.crt)",
+                        mode.name()
+                    )));
+                }
+            }
+        }
+        (m, r) => (m, r),
+    };
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let verifier: Option<Arc<dyn ServerCertVerifier>> = match mode {
+        SslMode::Disable => None,
+        SslMode::Prefer | SslMode::Require => Some(Arc::new(NoCheck(provider.clone()))),
+        SslMode::VerifyCa | SslMode::VerifyFull => {
+            let file = root.as_ref().ok_or_else(|| Error::Other("internal: verify without a root".into()))?;
+            let mut store = RootCertStore::empty();
+            let certs = CertificateDer::pem_file_iter(file)
+                .and_then(|it| it.collect::<std::result::Result<Vec<_>, _>>())
+                .map_err(|e| {
+                    Error::Config(format!(
+                        "database {name}: sslrootcert {}: cannot read CA certificates from it ({e}); name a PEM \
+                         file holding the CA that signed the server's certificate",
+                        file.display()
+                    ))
+                })?;
+            let (added, _) = store.add_parsable_certificates(certs);
+            if added == 0 {
+                return Err(Error::Config(format!(
+                    "database {name}: sslrootcert {} holds no usable CA certificate; name a PEM file holding the \
+                     CA that signed the server's certificate",
+                    file.display()
+                )));
+            }
+            let webpki = WebPkiServerVerifier::builder_with_provider(Arc::new(store), provider.clone())
+                .build()
+                .map_err(|e| Error::Config(format!("database {name}: sslrootcert {}: {e}", file.display())))?;
+            Some(if mode == SslMode::VerifyCa { Arc::new(ChainOnly(webpki)) } else { webpki })
+        }
+    };
+    let config = match verifier {
+        None => None,
+        Some(v) => Some(Arc::new(
+            rustls::ClientConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()
+                .map_err(|e| Error::Other(format!("TLS for the catalog: {e}")))?
+                .dangerous()
+                .with_custom_certificate_verifier(v)
+                .with_no_client_auth(),
+        )),
+    };
+    Ok((rest, Tls { mode, root_cert: root, config }))
+}
+
+/// `prefer` and `require`: encrypt, check nothing about the certificate (the handshake's
+/// signatures are still verified, so the session key belongs to whoever holds it).
+#[derive(Debug)]
+struct NoCheck(Arc<CryptoProvider>);
+
+impl ServerCertVerifier for NoCheck {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> std::result::Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// `verify-ca`: the full WebPKI check (chain to the root, validity dates, usage) except
+/// the comparison of the certificate's names with the host, which WebPKI makes last.
+#[derive(Debug)]
+struct ChainOnly(Arc<WebPkiServerVerifier>);
+
+impl ServerCertVerifier for ChainOnly {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> std::result::Result<ServerCertVerified, rustls::Error> {
+        match self.0.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now) {
+            Err(rustls::Error::InvalidCertificate(
+                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+            )) => Ok(ServerCertVerified::assertion()),
+            other => other,
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.supported_verify_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sslmode_and_sslrootcert_leave_the_url_and_other_options_stay() {
+        let dir = tempfile::tempdir().unwrap();
+        let (rest, tls) = from_url("postgresql://u:p@h:5/db?sslmode=require&connect_timeout=3", "x").unwrap();
+        assert_eq!(rest, "postgresql://u:p@h:5/db?connect_timeout=3");
+        assert_eq!(tls.mode, SslMode::Require);
+        assert!(tls.connector().is_some());
+        let (rest, tls) = from_url("postgresql://h/db?sslmode=disable", "x").unwrap();
+        assert_eq!(rest, "postgresql://h/db");
+        assert_eq!(tls.mode, SslMode::Disable);
+        assert!(tls.connector().is_none());
+        let e = from_url("postgresql://h/db?sslmode=verify", "x").err().unwrap();
+        assert!(e.to_string().contains("sslmode=verify is not a mode"), "{e}");
+        let missing = dir.path().join("none.pem");
+        let e = from_url(&format!("postgresql://h/db?sslmode=verify-full&sslrootcert={}", missing.display()), "x")
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("cannot read CA certificates"), "{e}");
+        assert_eq!(e.exit_code(), crate::error::exit::USAGE);
+    }
+}

@@ -1,0 +1,181 @@
+//! TLS to the PostgreSQL catalog, as a user meets it: a repository whose `database` URL
+//! says `sslmode=verify-full&sslrootcert=ca.pem`, on a real PostgreSQL server that
+//! accepts TCP connections only over TLS (`hostssl` lines alone in pg_hba.conf, so a
+//! connection that works was encrypted), and the ways it is misconfigured: a CA that did
+//! not sign the server's certificate, a host the certificate does not name, a server
+//! without TLS under `sslmode=require`, a mode keepfs does not know.
+
+mod common;
+use common::pg::PgServer;
+use common::*;
+
+const BS: usize = 64 * 1024;
+
+/// A repository in a temporary directory whose catalog is `database`, through a
+/// configuration file, as a user sets it up.
+fn config_repo(database: &str) -> Repo {
+    let repo = Repo { dir: tempfile::tempdir().unwrap(), catalog: None };
+    set_database(&repo, database);
+    repo
+}
+
+/// Names `database` as the repository's catalog in its configuration file.
+fn set_database(repo: &Repo, database: &str) {
+    let config = format!(
+        "home = \"{home}\"\ndatabase = \"{database}\"\n[[storage]]\nname = \"default\"\nkind = \"file\"\npath = \"{home}/storage\"\n",
+        home = repo.home().display()
+    );
+    std::fs::write(repo.path("keepfs.toml"), config).unwrap();
+}
+
+fn run_cfg(repo: &Repo, args: &[&str]) -> Run {
+    let cfg = repo.path("keepfs.toml");
+    let cfg = cfg.to_str().unwrap();
+    let mut all = vec!["--config", cfg];
+    all.extend_from_slice(args);
+    repo.run(&all)
+}
+
+fn ok_cfg(repo: &Repo, args: &[&str]) -> String {
+    let r = run_cfg(repo, args);
+    assert_eq!(r.code, 0, "keepfs {args:?} failed:\n{}\n{}", r.stdout, r.stderr);
+    r.stdout
+}
+
+/// `keepfs ls` of `repo` with `database` as its catalog: the exit code and the one
+/// error line (checked to be the only line on stderr when it fails).
+fn ls_with(repo: &Repo, database: &str) -> (i32, String) {
+    set_database(repo, database);
+    let r = run_cfg(repo, &["ls"]);
+    eprintln!("keepfs ls on {database}: exit {}: {}", r.code, r.error_line());
+    if r.code != 0 {
+        assert_eq!(r.stderr.trim().lines().count(), 1, "one line: {}", r.stderr);
+    }
+    (r.code, r.error_line().to_string())
+}
+
+fn sha256_bytes(b: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(b))
+}
+
+/// A user's session over verified TLS: backups (the second deduplicated against the
+/// first), restore byte-identical, rm + cleanup, all through a server that takes no
+/// connection without TLS; the same URL with `sslmode=disable` is rejected by that
+/// server, and a URL without `sslmode` (libpq's default, `prefer`) gets TLS.
+#[test]
+fn a_repository_on_postgresql_over_verified_tls_backs_up_restores_and_cleans_up() {
+    let pg = PgServer::start_tls();
+    let ca = pg.dir.path().join("ca.pem");
+    let plain_url = pg.url(&pg.create_db("tls"));
+    let url = format!("{plain_url}?sslmode=verify-full&sslrootcert={}", ca.display());
+    let repo = config_repo(&url);
+    let img = random_bytes(3, 12 * BS + 100);
+    std::fs::write(repo.path("img"), &img).unwrap();
+    let src = repo.url("img");
+    let v1 = ok_cfg(&repo, &["backup", &src, "vm", "-b", "64k"]).trim().to_string();
+    let mut img2 = img.clone();
+    img2[..BS].copy_from_slice(&random_bytes(78, BS));
+    std::fs::write(repo.path("img"), &img2).unwrap();
+    let v2 = ok_cfg(&repo, &["backup", &src, "vm", "-b", "64k"]).trim().to_string();
+    let stored = repo.block_objects();
+
+    let out = repo.path("out").display().to_string();
+    ok_cfg(&repo, &["restore", &v1, &format!("file://{out}")]);
+    assert_eq!(sha256_file(&repo.path("out")), sha256_bytes(&img));
+    ok_cfg(&repo, &["rm", "--force", &v1]);
+    let done = ok_cfg(&repo, &["cleanup"]);
+    assert!(done.contains("deleted 1 object(s)"), "{done}");
+    assert_eq!(repo.block_objects(), stored - 1, "only the block no other version has is gone");
+    std::fs::remove_file(repo.path("out")).unwrap();
+    ok_cfg(&repo, &["restore", &v2, &format!("file://{out}")]);
+    assert_eq!(sha256_file(&repo.path("out")), sha256_bytes(&img2));
+    assert_eq!(pg.psql_in("tls", "SELECT COUNT(*) FROM versions"), "1");
+
+    // The server takes TCP connections only over TLS: the same database without TLS is
+    // refused, so the connections above were encrypted.
+    let (code, line) = ls_with(&repo, &format!("{plain_url}?sslmode=disable"));
+    assert_eq!(code, 2, "{line}");
+    assert!(line.contains("no encryption") && line.contains("sslmode=require"), "{line}");
+    // No sslmode: `prefer`, as psql does; this server offers TLS, so it is used.
+    let (code, line) = ls_with(&repo, &plain_url);
+    assert_eq!(code, 0, "{line}");
+}
+
+/// The certificate checks: a CA that did not sign the server's certificate is refused,
+/// a host the certificate does not name is refused under `verify-full` and accepted
+/// under `verify-ca` (which checks the chain only), each failure one line with exit
+/// code 2 (the configuration is to fix) saying what to do.
+#[test]
+fn a_certificate_from_another_ca_or_for_another_host_is_refused_in_one_line() {
+    let pg = PgServer::start_tls();
+    let ca = pg.dir.path().join("ca.pem");
+    let other_ca = pg.make_ca("other-ca");
+    let db = pg.create_db("certs");
+    let url = pg.url(&db);
+    let repo = config_repo(&url);
+
+    let (code, line) = ls_with(&repo, &format!("{url}?sslmode=verify-full&sslrootcert={}", other_ca.display()));
+    assert_eq!(code, 2, "{line}");
+    assert!(line.contains("not trusted") && line.contains("sslrootcert="), "{line}");
+    assert!(!line.contains(common::pg::PASSWORD), "the password is never printed: {line}");
+
+    // 127.0.0.2 reaches the same server; its certificate names 127.0.0.1 and localhost.
+    let other_host = url.replace("127.0.0.1", "127.0.0.2");
+    let (code, line) = ls_with(&repo, &format!("{other_host}?sslmode=verify-full&sslrootcert={}", ca.display()));
+    assert_eq!(code, 2, "{line}");
+    assert!(line.contains("does not name the host") && line.contains("verify-ca"), "{line}");
+    let (code, line) = ls_with(&repo, &format!("{other_host}?sslmode=verify-ca&sslrootcert={}", ca.display()));
+    assert_eq!(code, 0, "verify-ca checks the chain, not the name: {line}");
+    // verify-ca still checks the chain.
+    let (code, line) = ls_with(&repo, &format!("{other_host}?sslmode=verify-ca&sslrootcert={}", other_ca.display()));
+    assert_eq!(code, 2, "{line}");
+    assert!(line.contains("not trusted"), "{line}");
+    // `require` encrypts without checking, as libpq's.
+    let (code, line) = ls_with(&repo, &format!("{other_host}?sslmode=require"));
+    assert_eq!(code, 0, "{line}");
+
+    // Verifying needs a CA to verify with; a mode keepfs does not know is named.
+    let (code, line) = ls_with(&repo, &format!("{url}?sslmode=verify-full"));
+    assert_eq!(code, 2, "{line}");
+    assert!(line.contains("sslrootcert="), "{line}");
+    let (code, line) = ls_with(&repo, &format!("{url}?sslmode=verify"));
+    assert_eq!(code, 2, "{line}");
+    assert!(line.contains("sslmode=verify is not a mode") && line.contains("verify-full"), "{line}");
+    assert_eq!(pg.psql_in(&db, "SELECT COUNT(*) FROM information_schema.tables WHERE table_name = 'versions'"), "1");
+}
+
+/// `sslmode=require` against a server without TLS: refused in one line (exit 2) that says
+/// to turn TLS on at the server or to use `prefer`; `prefer` then works in plain.
+#[test]
+fn sslmode_require_against_a_server_without_tls_is_refused_in_one_line() {
+    let pg = PgServer::start();
+    let url = pg.url(&pg.create_db("plain"));
+    let repo = config_repo(&url);
+    let (code, line) = ls_with(&repo, &format!("{url}?sslmode=require"));
+    assert_eq!(code, 2, "{line}");
+    assert!(line.contains("does not offer TLS") && line.contains("sslmode=prefer"), "{line}");
+    let (code, line) = ls_with(&repo, &format!("{url}?sslmode=prefer"));
+    assert_eq!(code, 0, "{line}");
+}
+
+/// A server that offers TLS but whose pg_hba.conf takes this client only without it
+/// (`hostnossl`): the default, `prefer`, connects in plain as psql does (tries TLS, is
+/// refused, tries again without), so a repository that worked before keeps working;
+/// `require` is refused in one line (exit 2) that names both ways out.
+#[test]
+fn prefer_falls_back_to_plain_where_the_server_refuses_tls_for_this_client() {
+    let pg = PgServer::start_tls_with_hba("hostnossl all all 127.0.0.1/32 scram-sha-256");
+    let url = pg.url(&pg.create_db("nossl"));
+    let repo = config_repo(&url);
+    std::fs::write(repo.path("img"), random_bytes(4, 3 * BS + 5)).unwrap();
+    let v = ok_cfg(&repo, &["backup", &repo.url("img"), "vm", "-b", "64k"]).trim().to_string();
+    let out = repo.path("out").display().to_string();
+    ok_cfg(&repo, &["restore", &v, &format!("file://{out}")]);
+    assert_eq!(sha256_file(&repo.path("out")), sha256_file(&repo.path("img")));
+    let (code, line) = ls_with(&repo, &format!("{url}?sslmode=prefer"));
+    assert_eq!(code, 0, "{line}");
+    let (code, line) = ls_with(&repo, &format!("{url}?sslmode=require"));
+    assert_eq!(code, 2, "{line}");
+    assert!(line.contains("only without TLS") && line.contains("hostssl"), "{line}");
+}

@@ -744,7 +744,16 @@ impl Repository {
 
     /// Commits a version whose blocks are all durable: writes its metadata object to the
     /// storage, then marks it valid in the database.
-    pub fn commit_version(&self, uid: VersionUid, size: u64, mut entries: Entries, stats: Stats) -> Result<Version> {
+    /// `session` is the committing process's: a session another process ended (took for
+    /// dead) cannot commit, as a cleanup may have taken the version's objects meanwhile.
+    pub fn commit_version(
+        &self,
+        uid: VersionUid,
+        session: i64,
+        size: u64,
+        mut entries: Entries,
+        stats: Stats,
+    ) -> Result<Version> {
         let mut v = self.version(uid)?;
         let bs = v.block_size;
         entries.resize(block_count(size, bs));
@@ -759,10 +768,13 @@ impl Repository {
         crate::index::check_block_count(index.size, index.block_size)?;
         let encoded = index.encode()?;
         let object = encode_version_object_with(storage.codec(), &v, &encoded)?;
+        // Still alive in the catalog's eyes (this fails if another process ended the
+        // session), before a valid-looking version object goes to the storage.
+        self.db.lock().heartbeat(session)?;
         retry(STORAGE_ATTEMPTS, || storage.put(&version_key(uid), &object))?;
         retry(STORAGE_ATTEMPTS, || storage.sync())?;
         drop(object);
-        self.db.lock().commit_version(uid, &encoded, &stats)?;
+        self.db.lock().commit_version(uid, session, &encoded, &stats)?;
         Ok(v)
     }
 
@@ -795,7 +807,7 @@ impl Repository {
                     merge_base(&mut entries, d, size, bs, &mut stats);
                 }
                 stats.duration_ms = started.elapsed().as_millis() as u64;
-                self.commit_version(uid, size, entries, stats)
+                self.commit_version(uid, session.id, size, entries, stats)
             }
             Err(e) => Err(Error::Other(format!(
                 "backup of {url} failed, version {uid} is left incomplete (`keepfs backup --continue {uid} ...` \

@@ -598,6 +598,6 @@ impl Draft {
         stats.duration_ms = self.started.elapsed().as_millis() as u64;
         stats.bytes_read = self.size;
         self.repo.update_draft_fields(self.uid, &self.snapshot, &self.labels)?;
-        self.repo.commit_version(self.uid, self.size, entries, stats)
+        self.repo.commit_version(self.uid, self._session.id, self.size, entries, stats)
     }
 }

@@ -1,10 +1,12 @@
-//! Cleanup: deleting objects that no version references. Safe while backups run, by
-//! construction (docs/format.md, "Cleanup"): mark every id that a committed index names;
-//! sweep only unmarked objects last touched before the cutoff, which is the start of the
-//! oldest live writing session (or now). A backup touches every object it deduplicates
-//! against in the same transaction in which it finds it, so nothing it relies on is older
-//! than its own start. Deletion goes through a tombstone state so a crash mid-sweep never
-//! leaves a row that names a deleted file.
+//! Cleanup: deleting objects that no version references. Safe while backups on any number
+//! of hosts run, by construction (docs/format.md, "Cleanup"): collect every id that a
+//! committed index names; delete only other objects last touched before the cutoff, which
+//! is the start of the oldest live writing session (or now). A backup touches every object
+//! it deduplicates against in the same transaction in which it finds it, so nothing it
+//! relies on is older than its own start. Each batch is marked `deleting` (by this
+//! cleanup's session) in one short transaction, deleted from the storage with no
+//! transaction open, and forgotten in another: a crash at any point leaves rows that a
+//! backup or the next cleanup finishes, never a row that names a deleted file.
 //!
 //! The objects of an `incomplete` version are referenced by no index, yet `backup
 //! --continue` reuses them: while its backup runs, and for `incomplete_grace` after its
@@ -19,7 +21,7 @@ use crate::repo::Repository;
 use crate::storage::retry;
 use crate::version::VersionUid;
 use std::collections::HashSet;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// What a cleanup of one storage would delete.
 #[derive(Clone, Debug)]
@@ -103,10 +105,6 @@ pub struct CleanupReport {
 }
 
 const SWEEP_BATCH: usize = 256;
-
-/// How long after marking a batch a cleanup may still delete its files: half the time
-/// after which hosts take a silent session for dead (and may write the objects again).
-const DELETE_WINDOW: Duration = Duration::from_millis(crate::catalog::REMOTE_SESSION_TTL_MS as u64 / 2);
 
 /// File times come from the kernel's coarse clock, which lags the clock sessions and the
 /// cutoff are read from by up to a tick: a backup that starts just after a cleanup took
@@ -308,33 +306,27 @@ impl Repository {
                 (None, None) => break,
                 (r, f) => (r.unwrap_or_default().to_vec(), f.unwrap_or_default()),
             };
-            // Signs of life first: hosts that judge this cleanup by its heartbeat must not
-            // take it for dead while it deletes (a session that was ended fails here).
-            self.db().heartbeat(me)?;
-            // 1. Mark: only what is still unreferenced-and-untouched becomes this
-            //    cleanup's to delete; a backup that meets a mark waits for step 3.
+            // 1. Mark (the transaction also heartbeats this cleanup's session and fails if
+            //    another process ended it): only what is still unreferenced-and-untouched
+            //    becomes this cleanup's to delete; a backup that meets a mark waits.
             let held = self.db().mark_for_deletion(sid, &ids, found, cutoff, me)?;
             if held.is_empty() {
                 continue;
             }
-            let marked_at = Instant::now();
-            // 2. Delete the files, no transaction open. Past half the time after which
-            //    other hosts take a silent session for dead, stop instead: a backup could
-            //    then be writing these objects again.
+            // 2. Delete the files, no transaction open. Each attempt is preceded by a
+            //    heartbeat that fails if another process took this cleanup for dead (and
+            //    so may be writing these objects again); after one, other hosts wait
+            //    `REMOTE_SESSION_TTL_MS` before they could.
             let keys: Vec<String> = held.iter().map(|h| h.0.storage_key()).collect();
-            let in_time = retry(4, || {
-                if marked_at.elapsed() > DELETE_WINDOW {
-                    return Ok(false);
+            let mut alive = Ok(());
+            retry(4, || {
+                alive = self.db().heartbeat(me);
+                if alive.is_err() {
+                    return Ok(());
                 }
-                storage.delete_many(&keys).map(|()| true)
+                storage.delete_many(&keys)
             })?;
-            if !in_time {
-                return Err(Error::Other(format!(
-                    "cleanup of storage '{}' stopped: deleting a batch took longer than {} s; what it marked is finished by the next cleanup",
-                    plan.storage,
-                    DELETE_WINDOW.as_secs()
-                )));
-            }
+            alive?;
             // 3. Forget the rows: the objects are gone; a backup waiting for them writes
             //    them anew.
             let ids: Vec<BlockId> = held.iter().map(|h| h.0).collect();

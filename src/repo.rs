@@ -363,6 +363,9 @@ impl Repository {
         };
         let mut report = RebuildReport::default();
         for sc in &self.config.storages {
+            // No cleanup of this storage meanwhile: the objects found are recorded after
+            // the versions, and until then would look like orphans to it.
+            let _no_cleanup = self.claim_cleanup(&sc.name)?;
             let storage = self.storage(&sc.name).map_err(stopped)?;
             for entry in storage.list("versions/").map_err(|e| stopped(e.into()))? {
                 let damaged =
@@ -472,14 +475,11 @@ impl Repository {
 
     /// Registers this process as working on the repository (see docs/format.md, "Sessions").
     pub fn session(&self, purpose: &str, writes: bool) -> Result<SessionGuard> {
-        let (id, shared) = {
-            let db = self.db.lock();
-            (db.register_session(purpose, writes)?, db.engine() == "postgresql")
-        };
-        // Other hosts judge this session by its heartbeat (a shared catalog): keep it fresh
-        // for as long as the session lives, whatever the process is busy with.
-        let stop = shared.then(|| heartbeat_thread(self.db.clone(), id));
-        Ok(SessionGuard { db: self.db.clone(), id, _stop_heartbeat: stop })
+        let id = self.db.lock().register_session(purpose, writes)?;
+        // Processes of other hosts judge this session by its heartbeat: keep it fresh for
+        // as long as the session lives, whatever the process is busy with.
+        let stop = Some(heartbeat_thread(self.db.clone(), id));
+        Ok(SessionGuard { db: self.db.clone(), id, stop_heartbeat: stop })
     }
 
     pub(crate) fn db(&self) -> parking_lot::MutexGuard<'_, Box<dyn crate::catalog::Catalog>> {
@@ -562,8 +562,8 @@ pub struct StorageInfo {
 pub struct SessionGuard {
     db: SharedCatalog,
     pub id: i64,
-    /// Dropped with the guard, which ends the heartbeat thread.
-    _stop_heartbeat: Option<std::sync::mpsc::Sender<()>>,
+    /// Dropped first when the guard goes, which ends the heartbeat thread.
+    stop_heartbeat: Option<std::sync::mpsc::Sender<()>>,
 }
 
 /// How often a session on a shared catalog beats (other hosts take it for dead after
@@ -603,6 +603,8 @@ impl SessionGuard {
 
 impl Drop for SessionGuard {
     fn drop(&mut self) {
+        // The heartbeat thread first, so it never beats for a session that has ended.
+        drop(self.stop_heartbeat.take());
         let _ = self.db.lock().end_session(self.id);
     }
 }

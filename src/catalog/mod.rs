@@ -331,7 +331,10 @@ pub trait Catalog: Send {
         session: i64,
     ) -> Result<VersionUid>;
     /// Stores the index and statistics of a version and marks it valid, in one transaction.
-    fn commit_version(&mut self, uid: VersionUid, index: &[u8], stats: &Stats) -> Result<()>;
+    /// Makes an incomplete version valid with its index, in one transaction that first
+    /// checks that `session` (the committing process's) still owns the version and is
+    /// still registered: a session another process ended (took for dead) cannot commit.
+    fn commit_version(&mut self, uid: VersionUid, session: i64, index: &[u8], stats: &Stats) -> Result<()>;
     /// Inserts a version as recorded elsewhere (a storage's version object), keeping its
     /// uid; the uid sequence moves past it, so new uids stay increasing.
     fn insert_version_record(&mut self, v: &Version, index: &[u8]) -> Result<()>;
@@ -376,9 +379,10 @@ pub trait Catalog: Send {
     /// found dead) become `writing` and are reported to write; every one of those is
     /// touched. `deleting` rows of any other deleter are reported blocked.
     fn lookup_for_write(&mut self, storage_id: i64, ids: &[BlockId], dead_deleters: &[i64]) -> Result<Lookup>;
-    /// Records durably stored objects (id, stored size, plaintext size) as present. An
-    /// object a cleanup marked meanwhile (only possible when this process was taken for
-    /// dead) is not recorded: returns the ids that were not.
+    /// Records durably stored objects (id, stored size, plaintext size) as present: only
+    /// rows in state `writing` or `present` (made by this backup's lookup) are updated. A
+    /// row a cleanup marked or removed meanwhile (only possible when this process was
+    /// taken for dead) is not recorded, nor made again: returns the ids that were not.
     fn insert_objects(
         &mut self,
         storage_id: i64,

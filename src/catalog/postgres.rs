@@ -477,10 +477,11 @@ fn ids_param(ids: &[BlockId]) -> Vec<&[u8]> {
 }
 
 /// Records objects as present, valid and just touched, inside the caller's transaction:
-/// one statement for the whole batch (arrays), touched at the catalog's clock. An id
-/// named twice counts once, with its last sizes (PostgreSQL's upsert may not touch a row
-/// twice in one statement).
-fn upsert_objects(
+/// only rows a backup's lookup made (`writing`) or found (`present`); one statement for
+/// the whole batch (arrays), touched at the catalog's clock. An id named twice counts
+/// once, with its last sizes. Returns the ids that have no such row (marked or removed by
+/// a cleanup meanwhile).
+fn record_objects(
     tx: &mut Transaction,
     storage_id: i64,
     objects: &[(BlockId, u64, u64)],
@@ -503,14 +504,12 @@ fn upsert_objects(
     let recorded: HashSet<BlockId> = tx
         .query(
             &format!(
-                "INSERT INTO objects(storage_id, id, stored_size, plain_size, state, valid, touched_ms, key_id) \
-                 SELECT $1, u.id, u.stored, u.plain, 0, TRUE, {CLOCK_MS}, $5 \
+                "UPDATE objects o SET state=$6, valid=TRUE, touched_ms={CLOCK_MS}, stored_size=u.stored, \
+                 plain_size=u.plain, key_id=COALESCE($5, o.key_id) \
                  FROM UNNEST($2::bytea[], $3::int8[], $4::int8[]) AS u(id, stored, plain) \
-                 ON CONFLICT(storage_id, id) DO UPDATE SET state=0, valid=TRUE, touched_ms=EXCLUDED.touched_ms, \
-                 stored_size=EXCLUDED.stored_size, plain_size=EXCLUDED.plain_size, \
-                 key_id=COALESCE($5, objects.key_id) WHERE objects.state <> $6 RETURNING id"
+                 WHERE o.storage_id=$1 AND o.id=u.id AND o.state IN ($6, $7) RETURNING o.id"
             ),
-            &[&storage_id, &ids, &stored, &plain, &key, &OBJECT_DELETING],
+            &[&storage_id, &ids, &stored, &plain, &key, &OBJECT_PRESENT, &OBJECT_WRITING],
         )?
         .iter()
         .filter_map(|r| id_of(r, 0))
@@ -799,21 +798,21 @@ impl Catalog for PostgresCatalog {
         Ok(VersionUid(uid as u64))
     }
 
-    fn commit_version(&mut self, uid: VersionUid, index: &[u8], stats: &Stats) -> Result<()> {
+    fn commit_version(&mut self, uid: VersionUid, session: i64, index: &[u8], stats: &Stats) -> Result<()> {
         let uid = uid.0 as i64;
         let mut client = self.client()?;
         let mut tx = client.transaction()?;
         tx.execute("SELECT pg_advisory_xact_lock($1)", &[&WRITE_LOCK])?;
-        // A backup taken for dead (its session ended by another host) may have lost
-        // objects to a cleanup meanwhile: it must not become valid.
-        let orphaned: Option<i64> = tx
-            .query_opt(
-                "SELECT v.session_id FROM versions v WHERE v.uid=$1 AND v.session_id IS NOT NULL \
-                 AND NOT EXISTS (SELECT 1 FROM sessions s WHERE s.id = v.session_id)",
-                &[&uid],
+        // A backup taken for dead (its session ended by another host, or the version
+        // taken over by a `--continue`) may have lost objects to a cleanup meanwhile: it
+        // must not become valid.
+        let owned: bool = tx
+            .query_one(
+                "SELECT EXISTS(SELECT 1 FROM versions v JOIN sessions s ON s.id = v.session_id WHERE v.uid=$1 AND s.id=$2)",
+                &[&uid, &session],
             )?
-            .map(|r| r.get(0));
-        if let Some(session) = orphaned {
+            .get(0);
+        if !owned {
             return Err(super::session_ended(session));
         }
         tx.execute(
@@ -1085,7 +1084,7 @@ impl Catalog for PostgresCatalog {
         objects: &[(BlockId, u64, u64)],
         key: Option<KeyId>,
     ) -> Result<Vec<BlockId>> {
-        self.write(|tx| upsert_objects(tx, storage_id, objects, key))
+        self.write(|tx| record_objects(tx, storage_id, objects, key))
     }
 
     fn insert_found_objects(&mut self, storage_id: i64, objects: &[(BlockId, u64)]) -> Result<()> {
@@ -1128,6 +1127,10 @@ impl Catalog for PostgresCatalog {
         let orphan_ids = ids_param(&orphan_blocks);
         let orphan_sizes: Vec<i64> = orphans.iter().map(|o| o.1 as i64).collect();
         self.write(|tx| {
+            // The cleaner is alive (its heartbeat refreshed) or it may not mark anything.
+            if tx.execute(&format!("UPDATE sessions SET heartbeat_ms={CLOCK_MS} WHERE id=$1"), &[&cleaner])? == 0 {
+                return Err(super::session_ended(cleaner));
+            }
             let mut held = Vec::new();
             let rows = tx.query(
                 "UPDATE objects SET state=$1, deleter=$4 WHERE storage_id=$2 AND id = ANY($3) \

@@ -131,10 +131,11 @@ fn blob_id(r: &rusqlite::Row, i: usize) -> rusqlite::Result<Option<BlockId>> {
     Ok(BlockId::from_slice(r.get_ref(i)?.as_blob().map_err(rusqlite::Error::from)?))
 }
 
-/// Records objects as present, valid and just touched, inside the caller's transaction.
-/// `key` is the master key that sealed the objects (None: plain, or not known). A row a
-/// cleanup marked `deleting` is left alone: returns those ids.
-fn upsert_objects(
+/// Records objects as present, valid and just touched, inside the caller's transaction:
+/// only rows a backup's lookup made (`writing`) or found (`present`). `key` is the master
+/// key that sealed the objects (None: plain, or not known). Returns the ids that have no
+/// such row (marked or removed by a cleanup meanwhile).
+fn record_objects(
     tx: &rusqlite::Transaction,
     storage_id: i64,
     objects: &[(BlockId, u64, u64)],
@@ -142,14 +143,23 @@ fn upsert_objects(
 ) -> Result<Vec<BlockId>> {
     let now = now_ms();
     let mut st = tx.prepare_cached(
-        "INSERT INTO objects(storage_id, id, stored_size, plain_size, state, valid, touched_ms, key_id) VALUES (?1,?2,?3,?4,0,1,?5,?6) \
-         ON CONFLICT(storage_id, id) DO UPDATE SET state=0, valid=1, touched_ms=?5, stored_size=?3, plain_size=?4, \
-         key_id=COALESCE(?6, key_id) WHERE state<>?7",
+        "UPDATE objects SET state=?7, valid=1, touched_ms=?5, stored_size=?3, plain_size=?4, key_id=COALESCE(?6, key_id) \
+         WHERE storage_id=?1 AND id=?2 AND state IN (?7, ?8)",
     )?;
     let key = key.map(|k| k.as_i64());
     let mut refused = Vec::new();
     for (id, stored, plain) in objects {
-        if st.execute(params![storage_id, &id.0[..], *stored as i64, *plain as i64, now, key, OBJECT_DELETING])? == 0 {
+        let n = st.execute(params![
+            storage_id,
+            &id.0[..],
+            *stored as i64,
+            *plain as i64,
+            now,
+            key,
+            OBJECT_PRESENT,
+            OBJECT_WRITING
+        ])?;
+        if n == 0 {
             refused.push(*id);
         }
     }
@@ -524,17 +534,17 @@ impl Catalog for SqliteCatalog {
     }
 
     /// Stores the index and statistics of a version and marks it valid, in one transaction.
-    fn commit_version(&mut self, uid: VersionUid, index: &[u8], stats: &Stats) -> Result<()> {
+    fn commit_version(&mut self, uid: VersionUid, session: i64, index: &[u8], stats: &Stats) -> Result<()> {
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        // A backup taken for dead (its session ended by another process) may have lost
-        // objects to a cleanup meanwhile: it must not become valid.
-        let owner: Option<i64> = tx
-            .query_row("SELECT session_id FROM versions WHERE uid=?1", [uid.0 as i64], |r| r.get(0))
-            .optional()?
-            .flatten();
-        if let Some(session) = owner
-            && !tx.query_row("SELECT EXISTS(SELECT 1 FROM sessions WHERE id=?1)", [session], |r| r.get::<_, bool>(0))?
-        {
+        // A backup taken for dead (its session ended by another process, or the version
+        // taken over by a `--continue`) may have lost objects to a cleanup meanwhile: it
+        // must not become valid.
+        let owned: bool = tx.query_row(
+            "SELECT EXISTS(SELECT 1 FROM versions v JOIN sessions s ON s.id = v.session_id WHERE v.uid=?1 AND s.id=?2)",
+            params![uid.0 as i64, session],
+            |r| r.get(0),
+        )?;
+        if !owned {
             return Err(super::session_ended(session));
         }
         tx.execute("INSERT OR REPLACE INTO version_index(uid, data) VALUES (?1, ?2)", params![uid.0 as i64, index])?;
@@ -749,7 +759,7 @@ impl Catalog for SqliteCatalog {
         key: Option<KeyId>,
     ) -> Result<Vec<BlockId>> {
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let refused = upsert_objects(&tx, storage_id, objects, key)?;
+        let refused = record_objects(&tx, storage_id, objects, key)?;
         tx.commit()?;
         Ok(refused)
     }
@@ -871,6 +881,10 @@ impl Catalog for SqliteCatalog {
         cleaner: i64,
     ) -> Result<Vec<(BlockId, u64)>> {
         self.write(|tx| {
+            // The cleaner is alive (its heartbeat refreshed) or it may not mark anything.
+            if tx.execute("UPDATE sessions SET heartbeat_ms=?1 WHERE id=?2", params![now_ms(), cleaner])? == 0 {
+                return Err(super::session_ended(cleaner));
+            }
             let mut mark = tx.prepare_cached(
                 "UPDATE objects SET state=?1, deleter=?4 WHERE storage_id=?2 AND id=?3 \
                  AND (state=?1 OR touched_ms < ?5) RETURNING stored_size",

@@ -519,9 +519,10 @@ fn cleaner(sh: &Shared, seed: u64) {
                 sh.count("removed", doomed.len() as u64);
                 sh.removed.lock().unwrap().extend(doomed);
             } else if expect_failure(sh, &o, false) {
-                // Refused as a whole, or stopped part way (killed, or a version locked by a
-                // reader since the plan): what is gone was removed.
-                let Some(all) = ls(sh, CLEANER, h, None) else { continue };
+                // Refused as a whole, or stopped part way (the restart, or a version locked
+                // by a reader since the plan): what is gone was removed. (Only the cleaner
+                // removes valid versions, so asking until the catalog answers is exact.)
+                let all = poll(|| ls(sh, CLEANER, h, None)).expect("the catalog answers again");
                 let left: BTreeSet<String> = all.iter().map(uid_of).collect();
                 sh.removed.lock().unwrap().extend(doomed.into_iter().filter(|u| !left.contains(u)));
             }
@@ -797,11 +798,19 @@ fn drill(kind: &str, make_store: impl FnOnce(&Path) -> Store) {
     }
     let objects = store.version_objects(&sh.dir);
     assert_eq!(objects.keys().cloned().collect::<BTreeSet<_>>(), listed, "the storage's versions are those listed");
+    // Which hosts' versions name each block: blocks shared across hosts are what a
+    // cleanup must keep for one host after it removed another's versions.
+    let mut hosts_of: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     for (uid, object) in &objects {
-        let (_, index) = keepfs::repo::decode_version_object(keepfs::transform::Codec::plain(), object)
+        let (version, index) = keepfs::repo::decode_version_object(keepfs::transform::Codec::plain(), object)
             .unwrap_or_else(|e| panic!("version object {uid}: {e}"));
-        expected_keys.extend(index.entries.data().map(|(_, id)| id.storage_key()));
+        for (_, id) in index.entries.data() {
+            hosts_of.entry(id.storage_key()).or_default().insert(version.name.clone());
+        }
     }
+    let cross_host = hosts_of.values().filter(|h| h.len() > 1).count();
+    assert!(cross_host > 0, "no block is shared between hosts: cross-host deduplication was not exercised");
+    expected_keys.extend(hosts_of.into_keys());
     let stored = store.block_keys();
     let missing: Vec<&String> = expected_keys.difference(&stored).collect();
     let extra: Vec<&String> = stored.difference(&expected_keys).collect();
@@ -822,7 +831,7 @@ fn drill(kind: &str, make_store: impl FnOnce(&Path) -> Store) {
     assert!(counts.get("backups").copied().unwrap_or(0) >= WRITERS as u64, "{counts:?}");
     assert!(counts.get("cleanups").copied().unwrap_or(0) >= 1, "{counts:?}");
     eprintln!(
-        "drill on {kind} (seed {seed}): {} versions checked, {} block objects, {} versions recorded, {} removed; {:?} in all",
+        "drill on {kind} (seed {seed}): {} versions checked, {} block objects ({cross_host} shared between hosts), {} versions recorded, {} removed; {:?} in all",
         versions.len(),
         stored.len(),
         recorded.len(),

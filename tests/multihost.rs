@@ -159,6 +159,12 @@ struct Shared {
     recorded: Mutex<BTreeMap<String, String>>,
     /// uids the cleaner removed.
     removed: Mutex<BTreeSet<String>>,
+    /// Versions an `rm` cut off by the PostgreSQL restart may have left half-removed (its
+    /// version object deleted, its rows not yet): see [`cleaner`].
+    cut_off_rm: Mutex<BTreeSet<String>>,
+    /// Deep scrubs that found only a version object missing, judged once the run is over
+    /// (against `cut_off_rm`).
+    object_missing: Mutex<Vec<(String, String)>>,
     /// Errors of unexpected kinds: the test fails with them.
     problems: Mutex<Vec<String>>,
     /// Expected errors met, for the summary.
@@ -506,15 +512,16 @@ fn cleaner(sh: &Shared, seed: u64) {
         for v in all.iter().filter(|v| v["status"] == "valid") {
             by_name.entry(v["name"].as_str().unwrap_or_default().to_string()).or_default().push(uid_of(v));
         }
-        // One `rm` of three in four of each host's older versions (the newest stays),
-        // so that the versions left stay few while the writers go on.
-        let mut doomed = Vec::new();
+        // Per host, one `rm` of three in four of its older versions (the newest stays),
+        // so that the versions left stay few while the writers go on. (Per host: a
+        // version the checker holds makes the whole `rm` refuse.)
         for uids in by_name.values_mut() {
             uids.sort();
             uids.pop();
-            doomed.extend(uids.drain(..).filter(|_| rng.u8(0..4) > 0));
-        }
-        if !doomed.is_empty() {
+            let doomed: Vec<String> = uids.drain(..).filter(|_| rng.u8(0..4) > 0).collect();
+            if doomed.is_empty() {
+                continue;
+            }
             let mut args = vec!["rm", "--force"];
             args.extend(doomed.iter().map(String::as_str));
             let o = run(sh, CLEANER, h, &args);
@@ -527,7 +534,30 @@ fn cleaner(sh: &Shared, seed: u64) {
                 // removes valid versions, so asking until the catalog answers is exact.)
                 let all = poll(|| ls(sh, CLEANER, h, None)).expect("the catalog answers again");
                 let left: BTreeSet<String> = all.iter().map(uid_of).collect();
-                sh.removed.lock().unwrap().extend(doomed.into_iter().filter(|u| !left.contains(u)));
+                let (gone, kept): (Vec<String>, Vec<String>) = doomed.into_iter().partition(|u| !left.contains(u));
+                sh.removed.lock().unwrap().extend(gone);
+                // KNOWN (keepfs, not the drill): `rm` deletes a version's object, then its
+                // rows. Cut off by the restart in between, it leaves a version that `ls`
+                // shows valid without its version object, and a deep scrub of it reports
+                // damage (exit 3) until `rm` is run again, as a retention job would: so
+                // does the cleaner, at once.
+                if o.met_restart && !kept.is_empty() {
+                    sh.cut_off_rm.lock().unwrap().extend(kept.iter().cloned());
+                    let done = poll(|| {
+                        // Of those, the ones still there (an rm refused part way removed some).
+                        let listed: BTreeSet<String> = ls(sh, CLEANER, h, None)?.iter().map(uid_of).collect();
+                        let mut again = vec!["rm", "--force"];
+                        again.extend(kept.iter().filter(|u| listed.contains(*u)).map(String::as_str));
+                        if again.len() == 2 {
+                            return Some(());
+                        }
+                        let o = run(sh, CLEANER, h, &again);
+                        (o.ok() || !expect_failure(sh, &o, false)).then_some(())
+                    });
+                    if done.is_some() {
+                        sh.removed.lock().unwrap().extend(kept);
+                    }
+                }
             }
         }
         let o = run(sh, CLEANER, h, &["cleanup"]);
@@ -588,8 +618,14 @@ fn checker(sh: &Shared, seed: u64) {
         let v = valid[rng.usize(0..valid.len())];
         let uid = uid_of(v);
         let o = run(sh, CHECKER, h, &["deep-scrub", &uid]);
+        let damage: Vec<&str> = o.stderr.lines().filter(|l| l.starts_with("keepfs: damaged:")).collect();
         if o.ok() {
             sh.count("deep scrubs", 1);
+        } else if o.code == Some(3)
+            && damage.len() == 1
+            && damage[0].contains(&format!("its version object versions/{uid} is missing"))
+        {
+            sh.object_missing.lock().unwrap().push((uid, o.describe()));
         } else {
             let removed = gone(sh, &uid);
             expect_failure(sh, &o, removed);
@@ -686,6 +722,8 @@ fn drill(kind: &str, make_store: impl FnOnce(&Path) -> Store) {
         running: (0..WRITERS + 2).map(|_| Mutex::new(None)).collect(),
         recorded: Mutex::new(BTreeMap::new()),
         removed: Mutex::new(BTreeSet::new()),
+        cut_off_rm: Mutex::new(BTreeSet::new()),
+        object_missing: Mutex::new(Vec::new()),
         problems: Mutex::new(Vec::new()),
         expected: Mutex::new(Vec::new()),
         counts: Mutex::new(BTreeMap::new()),
@@ -748,6 +786,16 @@ fn drill(kind: &str, make_store: impl FnOnce(&Path) -> Store) {
     let list = |host: &str| -> Vec<serde_json::Value> {
         serde_json::from_str(&final_run(host, &["ls", "--format", "json"]).stdout).expect("ls json")
     };
+    // A version object found missing is a half-removed version, and only an `rm` the
+    // restart cut off may leave one (see `cut_off_rm`).
+    let cut_off = sh.cut_off_rm.lock().unwrap().clone();
+    for (uid, what) in sh.object_missing.lock().unwrap().iter() {
+        if cut_off.contains(uid) {
+            sh.count("deep scrubs of a version an rm cut off by the restart left half-removed", 1);
+        } else {
+            sh.problem(format!("a version object missing, not left by an rm the restart cut off: {what}"));
+        }
+    }
     let counts = sh.counts.lock().unwrap().clone();
     eprintln!("drill on {kind} (seed {seed}): {counts:?}");
     for e in sh.expected.lock().unwrap().iter() {

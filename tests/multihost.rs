@@ -34,6 +34,18 @@
 //!
 //! The loops run until a deadline (a bound, not synchronisation); the kills and the
 //! restart wait for a state (the victim runs the command to hit) before they strike.
+//!
+//! Found by this drill (the seeds are in the commit messages):
+//! - a restore or deep scrub that began while `rm` removed its version read a
+//!   half-removed version: a false "version object missing" (exit 3), or "has no block
+//!   index (its backup did not finish)". Fixed (src/repo.rs: both sides write their
+//!   version lock, then check the other's).
+//! - known, tolerated here: `rm` deletes a version's object before its rows, so an `rm`
+//!   cut off by a lost catalog connection in between leaves a version `ls` shows valid
+//!   without its version object (deep scrub: damage, exit 3) until `rm` runs again. The
+//!   cleaner runs such an `rm` again at once, and a missing version object is accepted
+//!   only for a version of an `rm` the restart cut off. A catalog state "removing",
+//!   written before the object is deleted, would make `rm` resumable.
 
 mod common;
 use common::garage::Garage;

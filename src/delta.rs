@@ -86,12 +86,13 @@ impl Repository {
             )));
         }
         let (old, new) = (self.index(from)?, self.index(to)?);
-        if new_v.status == Status::Invalid {
-            progress.warn(&format!("version {to} is marked invalid: damaged blocks will be restored as zeros"));
-        }
         let session = self.session(&format!("restore {from}..{to}"), false)?;
         session.lock_version(from, "restore")?;
         session.lock_version(to, "restore")?;
+        // Warned once the versions are ours to read (an `rm` marks a version invalid first).
+        if new_v.status == Status::Invalid {
+            progress.warn(&format!("version {to} is marked invalid: damaged blocks will be restored as zeros"));
+        }
         let storage = self.storage(&new_v.storage)?;
         let target = open_target(&path, from, to, old_v.size, new_v.size)?;
         let changed = crate::diff::changed_blocks(&old, &new, !target.is_device)?;

@@ -474,6 +474,10 @@ impl Repository {
         let session = self.session("rm", false)?;
         for v in plan {
             session.lock_for_removal(v.uid)?;
+            // Invalid first: an rm cut off before its rows go (a lost database connection,
+            // a kill) leaves an invalid version that `rm` removes, never a valid-looking
+            // one whose version object is gone.
+            self.db.lock().set_status(v.uid, crate::version::Status::Invalid)?;
             self.storage_to_delete_from(&v.storage)?.delete(&version_key(v.uid))?;
             self.db.lock().remove_version(v.uid)?;
         }

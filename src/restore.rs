@@ -345,11 +345,12 @@ impl Repository {
         };
         let version = self.version(uid)?;
         let index = self.index(uid)?;
+        let session = self.session(&format!("restore {uid}"), false)?;
+        session.lock_version(uid, "restore")?;
+        // Warned once the version is ours to read (an `rm` marks it invalid first).
         if version.status == Status::Invalid {
             progress.warn(&format!("version {uid} is marked invalid: damaged blocks will be restored as zeros"));
         }
-        let session = self.session(&format!("restore {uid}"), false)?;
-        session.lock_version(uid, "restore")?;
         let storage = self.storage(&version.storage)?;
         let target = match url {
             Url::Rbd(spec) => {

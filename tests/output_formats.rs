@@ -193,6 +193,9 @@ fn a_closed_pipe_is_not_a_crash() {
         let script = format!("'{KEEPFS}' {listing} | head -c 10 >/dev/null; echo \"${{PIPESTATUS[0]}}\"");
         let mut cmd = std::process::Command::new("bash");
         cmd.args(["-c", &script]).env("KEEPFS_HOME", repo.home()).env_remove("KEEPFS_CONFIG");
+        if let Some(db) = &repo.catalog {
+            cmd.env("KEEPFS_DATABASE", &db.url);
+        }
         let out = output_within(cmd, COMMAND_LIMIT, &listing);
         let stdout = String::from_utf8_lossy(&out.stdout);
         let stderr = String::from_utf8_lossy(&out.stderr);

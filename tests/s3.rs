@@ -122,9 +122,7 @@ fn backup_restore_dedup_and_cleanup_on_s3() {
     assert_eq!(sha256_file(&r.repo.path("o")), sha256_file(&r.repo.path("b")));
 
     // The storage alone is enough: a lost database comes back from the bucket.
-    for suffix in ["", "-wal", "-shm"] {
-        let _ = fs::remove_file(format!("{}{suffix}", r.repo.home().join("keepfs.sqlite").display()));
-    }
+    r.repo.lose_catalog();
     r.ok(&["database", "rebuild"]);
     assert_eq!(r.ls().as_array().unwrap().len(), 1);
 }
@@ -221,9 +219,8 @@ fn the_server_dying_mid_backup_and_mid_restore() {
 fn wrong_credentials_and_a_missing_bucket_are_one_line_errors() {
     let g = server();
     fs::write(std::env::temp_dir().join("keepfs-s3-unused"), b"").ok();
-    let repo = Repo::new();
-    fs::write(repo.path("a"), mixed_image(94, 3, 64 * 1024, 0)).unwrap();
-    let good = g.keepfs_config(&repo.home(), "errs", "");
+    let base = Repo::new();
+    let good = g.keepfs_config(&base.home(), "errs", "");
     for (config, needle) in [
         (good.replace(&g.secret, &"0".repeat(64)), "access denied by"),
         (
@@ -232,15 +229,18 @@ fn wrong_credentials_and_a_missing_bucket_are_one_line_errors() {
         ),
         (good.replace(&format!(":{}", g.port), ":1"), "cannot connect"),
     ] {
+        // A repository each: a shared test catalog would belong to the first one.
+        let repo = Repo::new();
+        let config = config.replace(&base.home().display().to_string(), &repo.home().display().to_string());
+        fs::write(repo.path("a"), mixed_image(94, 3, 64 * 1024, 0)).unwrap();
         fs::write(repo.path("k.toml"), config).unwrap();
         let r = repo.run(&["--config", repo.path("k.toml").to_str().unwrap(), "backup", &repo.url("a"), "x"]);
         assert_eq!(r.code, 1, "{}", r.stderr);
         assert!(r.error_line().starts_with("keepfs: error:") && r.error_line().contains(needle), "{}", r.stderr);
         assert_eq!(r.stderr.lines().count(), 1, "{}", r.stderr);
+        let ls = repo.run(&["--config", repo.path("k.toml").to_str().unwrap(), "ls", "--format", "json"]);
+        assert_eq!(ls.stdout.trim(), "[]", "a refused backup leaves no version behind: {}", ls.stderr);
     }
-    fs::write(repo.path("k.toml"), &good).unwrap();
-    let ls = repo.run(&["--config", repo.path("k.toml").to_str().unwrap(), "ls", "--format", "json"]);
-    assert_eq!(ls.stdout.trim(), "[]", "a refused backup leaves no version behind");
 }
 
 #[test]
@@ -292,9 +292,7 @@ fn listings_page_through_more_than_a_thousand_objects() {
     let r = S3Repo::new(&g, "many", "");
     fs::write(r.repo.path("a"), random_bytes(96, 1300 * 4096)).unwrap();
     let v = r.ok(&["backup", &r.repo.url("a"), "many", "-b", "4k"]).trim().to_string();
-    for suffix in ["", "-wal", "-shm"] {
-        let _ = fs::remove_file(format!("{}{suffix}", r.repo.home().join("keepfs.sqlite").display()));
-    }
+    r.repo.lose_catalog();
     let out = r.run(&["database", "rebuild"]);
     assert!(out.stderr.contains("1 version(s), 1300 object(s)"), "{}", out.stderr);
     r.ok(&["restore", &v, &r.repo.url("o")]);

@@ -117,6 +117,16 @@ fn file_cutoff(cutoff_ms: i64) -> SystemTime {
     t.checked_sub(FILE_TIME_SLACK).unwrap_or(UNIX_EPOCH)
 }
 
+/// Test builds only: `KEEPFS_TEST_CLEANUP_STALL_MS` stalls a cleanup after each mark, the
+/// state of a cleanup that stopped between marking and deleting (a fault no real part
+/// shows on demand: tests/crash.rs stops the process there, without racing it).
+fn stall_after_mark() {
+    #[cfg(debug_assertions)]
+    if let Some(ms) = std::env::var("KEEPFS_TEST_CLEANUP_STALL_MS").ok().and_then(|v| v.parse::<u64>().ok()) {
+        std::thread::sleep(Duration::from_millis(ms));
+    }
+}
+
 /// The one cleanup of a storage that may run at a time (see [`Repository::claim_cleanup`]);
 /// let go when dropped.
 pub struct CleanupClaim {
@@ -313,6 +323,7 @@ impl Repository {
             if held.is_empty() {
                 continue;
             }
+            stall_after_mark();
             // 2. Delete the files, no transaction open. Each attempt is preceded by a
             //    heartbeat that fails if another process took this cleanup for dead (and
             //    so may be writing these objects again); after one, other hosts wait

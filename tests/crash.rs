@@ -229,7 +229,14 @@ fn backup_meets_blocks_a_cleanup_is_deleting(kill_cleanup: bool) {
     let gone = repo.backup("img", "vm", &["-b", "4k"]);
     repo.ok(&["rm", "--force", &gone]);
 
-    let mut cleanup = repo.command(&["cleanup"]).stdout(std::process::Stdio::null()).spawn().unwrap();
+    // The cleanup stalls for a while after each mark (a test build's fault point), so that
+    // it is stopped there, not raced.
+    let mut cleanup = repo
+        .command(&["cleanup"])
+        .env("KEEPFS_TEST_CLEANUP_STALL_MS", "3000")
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
     let stopped = repo.freeze_backup(&cleanup, "the cleanup to mark its first batch", |s| s.deleting > 0);
 
     let url = repo.url("img");

@@ -469,6 +469,7 @@ impl Coordinator {
         let mut dead: Vec<i64> = Vec::new();
         let started = Instant::now();
         let mut pause = Duration::from_millis(20);
+        let mut said = false;
         loop {
             let found = self.ctx.db.lock().lookup_for_write(self.ctx.storage_id, &todo, &dead)?;
             present.extend(found.present);
@@ -483,7 +484,8 @@ impl Coordinator {
                 dead.extend(newly_dead);
                 continue;
             }
-            if dead.is_empty() && pause == Duration::from_millis(20) {
+            if !said {
+                said = true;
                 keepfs_face::log!(
                     "keepfs: waiting for a cleanup (session {}) to finish deleting {} block(s) this backup needs; they are stored again then",
                     found.blocked[0].1,

@@ -14,27 +14,17 @@ const BS: usize = 64 * 1024;
 /// A repository in a temporary directory whose catalog is `database` (a URL or a path),
 /// through a configuration file, as a user sets it up.
 fn config_repo(database: &str) -> Repo {
-    let repo = Repo { dir: tempfile::tempdir().unwrap(), catalog: None };
-    let config = format!(
-        "home = \"{home}\"\ndatabase = \"{database}\"\n[[storage]]\nname = \"default\"\nkind = \"file\"\npath = \"{home}/storage\"\n",
-        home = repo.home().display()
-    );
-    std::fs::write(repo.path("keepfs.toml"), config).unwrap();
-    repo
+    Repo::with_database(database, "", "")
 }
 
-fn run_cfg(repo: &Repo, args: &[&str]) -> Run {
-    let cfg = repo.path("keepfs.toml");
-    let cfg = cfg.to_str().unwrap();
-    let mut all = vec!["--config", cfg];
-    all.extend_from_slice(args);
-    repo.run(&all)
-}
-
-fn ok_cfg(repo: &Repo, args: &[&str]) -> String {
-    let r = run_cfg(repo, args);
-    assert_eq!(r.code, 0, "keepfs {args:?} failed:\n{}\n{}", r.stdout, r.stderr);
-    r.stdout
+/// Waits until the catalog at `url` holds object rows (a backup is under way; until its
+/// tables exist the query fails, which counts as none); returns the watching connection.
+fn wait_for_recorded_objects(url: &str) -> postgres::Client {
+    let mut watch = postgres::Client::connect(url, postgres::NoTls).unwrap();
+    common::mount::wait_until("the backup to record objects", std::time::Duration::from_secs(120), || {
+        watch.query_one("SELECT count(*) FROM objects", &[]).map(|r| r.get::<_, i64>(0)).unwrap_or(0) > 0
+    });
+    watch
 }
 
 /// Every version's stored index, read straight from each catalog.
@@ -71,17 +61,17 @@ fn a_repository_on_postgresql_backs_up_restores_and_cleans_up() {
     let img = random_bytes(1, 12 * BS + 100);
     std::fs::write(repo.path("img"), &img).unwrap();
     let src = repo.url("img");
-    let v1 = ok_cfg(&repo, &["backup", &src, "vm", "-b", "64k", "-l", "tier=gold"]).trim().to_string();
+    let v1 = repo.ok_cfg(&["backup", &src, "vm", "-b", "64k", "-l", "tier=gold"]).trim().to_string();
     let mut img2 = img.clone();
     img2[..BS].copy_from_slice(&random_bytes(77, BS));
     std::fs::write(repo.path("img"), &img2).unwrap();
-    let v2 = ok_cfg(&repo, &["backup", &src, "vm", "-b", "64k"]).trim().to_string();
+    let v2 = repo.ok_cfg(&["backup", &src, "vm", "-b", "64k"]).trim().to_string();
     let stored_before = repo.block_objects();
 
     let out = repo.path("out").display().to_string();
-    ok_cfg(&repo, &["restore", &v1, &format!("file://{out}")]);
+    repo.ok_cfg(&["restore", &v1, &format!("file://{out}")]);
     assert_eq!(sha256_file(&repo.path("out")), sha256_file_bytes(&img));
-    let ls: serde_json::Value = serde_json::from_str(&ok_cfg(&repo, &["ls", "--format", "json"])).unwrap();
+    let ls: serde_json::Value = serde_json::from_str(&repo.ok_cfg(&["ls", "--format", "json"])).unwrap();
     let versions = ls.as_array().unwrap();
     assert_eq!(versions.len(), 2);
     assert_eq!(versions[0]["labels"]["tier"], "gold");
@@ -91,12 +81,12 @@ fn a_repository_on_postgresql_backs_up_restores_and_cleans_up() {
         "the second backup wrote one new block"
     );
 
-    ok_cfg(&repo, &["rm", "--force", &v1]);
-    let done = ok_cfg(&repo, &["cleanup"]);
+    repo.ok_cfg(&["rm", "--force", &v1]);
+    let done = repo.ok_cfg(&["cleanup"]);
     assert!(done.contains("deleted 1 object(s)"), "{done}");
     assert_eq!(repo.block_objects(), stored_before - 1, "only the block no other version has is gone");
     std::fs::remove_file(repo.path("out")).unwrap();
-    ok_cfg(&repo, &["restore", &v2, &format!("file://{out}")]);
+    repo.ok_cfg(&["restore", &v2, &format!("file://{out}")]);
     assert_eq!(sha256_file(&repo.path("out")), sha256_file_bytes(&img2));
     assert_eq!(pg.psql_in("session", "SELECT COUNT(*) FROM versions"), "1");
 }
@@ -111,7 +101,7 @@ fn a_wrong_password_is_a_one_line_error_with_exit_code_2() {
     let pg = PgServer::start();
     let url = pg.url_with(&pg.create_db("pw"), "not-the-password");
     let repo = config_repo(&url);
-    let r = run_cfg(&repo, &["ls"]);
+    let r = repo.run_cfg(&["ls"]);
     assert_eq!(r.code, 2, "{}", r.stderr);
     let line = r.error_line();
     assert!(line.contains("password authentication failed") && line.contains("check the password"), "{line}");
@@ -131,7 +121,7 @@ fn the_password_comes_from_a_file_or_pgpass() {
     let text = std::fs::read_to_string(repo.path("keepfs.toml")).unwrap();
     let key = format!("database_password_file = \"{}\"\n", repo.path("pw").display());
     std::fs::write(repo.path("keepfs.toml"), key + &text).unwrap();
-    assert_eq!(run_cfg(&repo, &["ls"]).code, 0);
+    assert_eq!(repo.run_cfg(&["ls"]).code, 0);
 
     let other = config_repo(&bare);
     let no_pw = other
@@ -159,12 +149,12 @@ fn an_unreachable_database_times_out_instead_of_hanging() {
     let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = silent.local_addr().unwrap().port();
     let repo = config_repo(&format!("postgresql://keepfs:x@127.0.0.1:{port}/keepfs?connect_timeout=2"));
-    let r = run_cfg(&repo, &["ls"]);
+    let r = repo.run_cfg(&["ls"]);
     assert_eq!(r.code, 1, "{}", r.stderr);
     assert!(r.error_line().contains("no answer within"), "{}", r.stderr);
     drop(silent);
     // Nobody listening at all: refused at once, one line, exit 1.
-    let r = run_cfg(&repo, &["ls"]);
+    let r = repo.run_cfg(&["ls"]);
     assert_eq!(r.code, 1, "{}", r.stderr);
     assert!(r.error_line().contains("cannot connect to postgresql://keepfs:***@127.0.0.1"), "{}", r.stderr);
 }
@@ -175,14 +165,14 @@ fn a_database_of_another_repository_is_refused_and_a_newer_catalog_too() {
     let url = pg.url(&pg.create_db("shared"));
     let first = config_repo(&url);
     std::fs::write(first.path("img"), mixed_image(2, 4, BS, 0)).unwrap();
-    ok_cfg(&first, &["backup", &first.url("img"), "vm", "-b", "64k"]);
+    first.ok_cfg(&["backup", &first.url("img"), "vm", "-b", "64k"]);
     let second = config_repo(&url);
-    let r = run_cfg(&second, &["ls"]);
+    let r = second.run_cfg(&["ls"]);
     assert_eq!(r.code, 4, "{}", r.stderr);
     assert!(r.error_line().contains("belongs to another repository"), "{}", r.stderr);
 
     pg.psql_in("shared", "UPDATE keepfs_schema SET version = 99");
-    let r = run_cfg(&first, &["ls"]);
+    let r = first.run_cfg(&["ls"]);
     assert_eq!(r.code, 1, "{}", r.stderr);
     assert!(
         r.error_line().contains("newer than this keepfs knows") && r.error_line().contains("upgrade keepfs"),
@@ -273,9 +263,9 @@ fn a_restarted_server_is_met_with_a_new_connection() {
     let url = pg.url(&pg.create_db("restart"));
     let repo = config_repo(&url);
     std::fs::write(repo.path("img"), mixed_image(5, 6, BS, 0)).unwrap();
-    let v1 = ok_cfg(&repo, &["backup", &repo.url("img"), "vm", "-b", "64k"]).trim().to_string();
+    let v1 = repo.ok_cfg(&["backup", &repo.url("img"), "vm", "-b", "64k"]).trim().to_string();
     pg.restart();
-    let ls: serde_json::Value = serde_json::from_str(&ok_cfg(&repo, &["ls", "--format", "json"])).unwrap();
+    let ls: serde_json::Value = serde_json::from_str(&repo.ok_cfg(&["ls", "--format", "json"])).unwrap();
     assert_eq!(ls[0]["uid"], v1.as_str());
     assert_eq!(ls[0]["status"], "valid");
 }
@@ -314,8 +304,7 @@ fn a_backup_in_flight_when_the_server_restarts_is_finished_by_continue() {
     let repo = config_repo(&pg.url(&db));
     std::fs::write(repo.path("img"), random_bytes(61, 24 << 20)).unwrap();
     let url = repo.url("img");
-    let cfg = repo.path("keepfs.toml");
-    let cfg = cfg.to_str().unwrap().to_string();
+    let cfg = repo.config_file();
     let child = repo
         .command(&["--config", &cfg, "backup", &url, "vm", "-b", "4k"])
         .stdout(std::process::Stdio::piped())
@@ -323,12 +312,7 @@ fn a_backup_in_flight_when_the_server_restarts_is_finished_by_continue() {
         .spawn()
         .unwrap();
     // Wait for a state: the version exists and objects are being recorded.
-    let mut watch = postgres::Client::connect(&pg.url(&db), postgres::NoTls).unwrap();
-    // An error: the tables are not made yet.
-    common::mount::wait_until("the backup to record objects", std::time::Duration::from_secs(120), || {
-        watch.query_one("SELECT count(*) FROM objects", &[]).map(|r| r.get::<_, i64>(0)).unwrap_or(0) > 0
-    });
-    drop(watch);
+    drop(wait_for_recorded_objects(&pg.url(&db)));
     pg.restart();
     let out = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -337,20 +321,20 @@ fn a_backup_in_flight_when_the_server_restarts_is_finished_by_continue() {
         Some(1) => {
             let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("keepfs: error:")).collect();
             assert_eq!(errors.len(), 1, "{stderr}");
-            let ls: serde_json::Value = serde_json::from_str(&ok_cfg(&repo, &["ls", "--format", "json"])).unwrap();
+            let ls: serde_json::Value = serde_json::from_str(&repo.ok_cfg(&["ls", "--format", "json"])).unwrap();
             assert_eq!(ls[0]["status"], "incomplete", "nothing half-committed: {ls}");
             let uid = ls[0]["uid"].as_str().unwrap().to_string();
-            let done = ok_cfg(&repo, &["backup", "--continue", &uid, &url, "vm"]);
+            let done = repo.ok_cfg(&["backup", "--continue", &uid, &url, "vm"]);
             assert_eq!(done.trim(), uid);
             uid
         }
         other => panic!("backup ended with {other:?}: {stderr}"),
     };
-    let ls: serde_json::Value = serde_json::from_str(&ok_cfg(&repo, &["ls", "--format", "json"])).unwrap();
+    let ls: serde_json::Value = serde_json::from_str(&repo.ok_cfg(&["ls", "--format", "json"])).unwrap();
     assert_eq!(ls.as_array().unwrap().len(), 1);
     assert_eq!(ls[0]["status"], "valid");
     let restored = repo.path("out");
-    ok_cfg(&repo, &["restore", &uid, &format!("file://{}", restored.display())]);
+    repo.ok_cfg(&["restore", &uid, &format!("file://{}", restored.display())]);
     assert_eq!(sha256_file(&restored), sha256_file(&repo.path("img")));
 }
 
@@ -368,14 +352,8 @@ fn a_host_with_a_wrong_clock_keeps_its_running_backup_safe_from_another_hosts_cl
     );
     let pg = PgServer::start();
     let db = pg.create_db("clocks");
-    let repo = Repo { dir: tempfile::tempdir().unwrap(), catalog: None };
-    let config = format!(
-        "home = \"{home}\"\ndatabase = \"{url}\"\n[[storage]]\nname = \"default\"\nkind = \"file\"\npath = \"{home}/storage\"\nwrite_bandwidth = \"256k\"\n",
-        home = repo.home().display(),
-        url = pg.url(&db)
-    );
-    std::fs::write(repo.path("keepfs.toml"), config).unwrap();
-    let cfg = repo.path("keepfs.toml").to_str().unwrap().to_string();
+    let repo = Repo::with_database(&pg.url(&db), "", "write_bandwidth = \"256k\"\n");
+    let cfg = repo.config_file();
     std::fs::write(repo.path("img"), random_bytes(71, 2 << 20)).unwrap();
     let url = repo.url("img");
 
@@ -388,10 +366,7 @@ fn a_host_with_a_wrong_clock_keeps_its_running_backup_safe_from_another_hosts_cl
         .spawn()
         .unwrap();
     // Wait for a state: the backup has recorded objects.
-    let mut watch = postgres::Client::connect(&pg.url(&db), postgres::NoTls).unwrap();
-    common::mount::wait_until("the backup to record objects", std::time::Duration::from_secs(120), || {
-        watch.query_one("SELECT count(*) FROM objects", &[]).map(|r| r.get::<_, i64>(0)).unwrap_or(0) > 0
-    });
+    let mut watch = wait_for_recorded_objects(&pg.url(&db));
     // The backup's session and version carry the catalog's time, not its host's.
     let skew: i64 = watch
         .query_one(
@@ -416,7 +391,7 @@ fn a_host_with_a_wrong_clock_keeps_its_running_backup_safe_from_another_hosts_cl
     let out = behind.wait_with_output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let uid = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    let ls: serde_json::Value = serde_json::from_str(&ok_cfg(&repo, &["ls", "--format", "json"])).unwrap();
+    let ls: serde_json::Value = serde_json::from_str(&repo.ok_cfg(&["ls", "--format", "json"])).unwrap();
     let date = ls[0]["date"].as_str().unwrap_or_default().to_string();
     let today = chrono::Utc::now().format("%Y-%m-%d").to_string();
     assert!(date.starts_with(&today), "the version is dated by the catalog's clock: {date}");
@@ -425,10 +400,10 @@ fn a_host_with_a_wrong_clock_keeps_its_running_backup_safe_from_another_hosts_cl
     let obj = std::fs::read(repo.home().join("storage/versions").join(&uid)).unwrap();
     let (v, _) = keepfs::repo::decode_version_object(keepfs::transform::Codec::plain(), &obj).unwrap();
     assert_eq!(v.host.as_deref(), Some("behind"));
-    let deep = run_cfg(&repo, &["deep-scrub", &uid]);
+    let deep = repo.run_cfg(&["deep-scrub", &uid]);
     assert_eq!(deep.code, 0, "{}", deep.stderr);
     let restored = repo.path("out");
-    ok_cfg(&repo, &["restore", &uid, &format!("file://{}", restored.display())]);
+    repo.ok_cfg(&["restore", &uid, &format!("file://{}", restored.display())]);
     assert_eq!(sha256_file(&restored), sha256_file(&repo.path("img")));
 }
 
@@ -453,33 +428,33 @@ fn two_catalogs_on_one_storage_are_warned_about_and_cleanup_refuses() {
         repo
     };
     let (a, b) = (host(7), host(14));
-    let v1 = ok_cfg(&a, &["backup", &a.url("img"), "vm-a", "-b", "64k"]).trim().to_string();
-    let v2 = ok_cfg(&a, &["backup", &a.url("img"), "vm-a", "-b", "64k"]).trim().to_string();
+    let v1 = a.ok_cfg(&["backup", &a.url("img"), "vm-a", "-b", "64k"]).trim().to_string();
+    let v2 = a.ok_cfg(&["backup", &a.url("img"), "vm-a", "-b", "64k"]).trim().to_string();
 
-    let r = run_cfg(&b, &["backup", &b.url("img"), "vm-b", "-b", "64k"]);
+    let r = b.run_cfg(&["backup", &b.url("img"), "vm-b", "-b", "64k"]);
     assert_eq!(r.code, 4, "{}", r.stderr);
     assert!(r.error_line().contains(&format!("already holds version {v1}")), "{}", r.stderr);
     assert!(r.error_line().contains("one shared catalog"), "{}", r.stderr);
 
     // A catalog that knows the newer version only (an older copy, say).
-    ok_cfg(&b, &["metadata", "restore", &v2]);
-    let r = run_cfg(&b, &["backup", &b.url("img"), "vm-b", "-b", "64k"]);
+    b.ok_cfg(&["metadata", "restore", &v2]);
+    let r = b.run_cfg(&["backup", &b.url("img"), "vm-b", "-b", "64k"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     let v3 = r.stdout.trim().to_string();
     let warning = r.stderr.lines().find(|l| l.starts_with("keepfs: warning:")).unwrap_or_default();
     assert!(warning.contains(&format!("1 version(s) this catalog does not know ({v1})")), "{}", r.stderr);
     assert!(warning.contains("postgresql://"), "{warning}");
 
-    let c = run_cfg(&b, &["cleanup"]);
+    let c = b.run_cfg(&["cleanup"]);
     assert_eq!(c.code, 4, "{}", c.stderr);
     assert!(c.error_line().contains(&format!("keepfs metadata restore {v1}")), "{}", c.stderr);
     assert!(c.error_line().contains("one shared catalog"), "{}", c.stderr);
 
-    ok_cfg(&b, &["metadata", "restore", &v1]);
-    ok_cfg(&b, &["cleanup"]);
+    b.ok_cfg(&["metadata", "restore", &v1]);
+    b.ok_cfg(&["cleanup"]);
     for (repo, uid) in [(&b, &v1), (&b, &v2), (&b, &v3)] {
         let out = repo.path("out");
-        ok_cfg(repo, &["restore", "--force", uid, &format!("file://{}", out.display())]);
+        repo.ok_cfg(&["restore", "--force", uid, &format!("file://{}", out.display())]);
         let want = if uid == &v3 { b.path("img") } else { a.path("img") };
         assert_eq!(sha256_file(&out), sha256_file(&want), "{uid}");
     }
@@ -500,13 +475,8 @@ fn a_host_taken_for_dead_cannot_commit_what_a_cleanup_took_from_under_it() {
     let pg = PgServer::start();
     let db = pg.create_db("silent");
     let url = pg.url(&db);
-    let repo = Repo { dir: tempfile::tempdir().unwrap(), catalog: None };
-    let config = format!(
-        "home = \"{home}\"\ndatabase = \"{url}\"\nincomplete_grace = \"0\"\n[[storage]]\nname = \"default\"\nkind = \"file\"\npath = \"{home}/storage\"\nwrite_bandwidth = \"1m\"\n",
-        home = repo.home().display(),
-    );
-    std::fs::write(repo.path("keepfs.toml"), config).unwrap();
-    let cfg = repo.path("keepfs.toml").to_str().unwrap().to_string();
+    let repo = Repo::with_database(&url, "incomplete_grace = \"0\"\n", "write_bandwidth = \"1m\"\n");
+    let cfg = repo.config_file();
     // 1,024 blocks of 4 KiB: recorded in batches of 128, so some are recorded and some
     // stored but not yet recorded when the host goes silent.
     std::fs::write(repo.path("img"), random_bytes(81, 4 << 20)).unwrap();
@@ -545,7 +515,7 @@ fn a_host_taken_for_dead_cannot_commit_what_a_cleanup_took_from_under_it() {
         let file = repo.home().join("storage").join(id.storage_key());
         assert!(file.exists(), "the catalog says {id} is present, its file is gone");
     }
-    let ls: serde_json::Value = serde_json::from_str(&ok_cfg(&repo, &["ls", "--format", "json"])).unwrap();
+    let ls: serde_json::Value = serde_json::from_str(&repo.ok_cfg(&["ls", "--format", "json"])).unwrap();
     assert_eq!(ls[0]["status"], "incomplete", "nothing committed: {ls}");
     let uid = ls[0]["uid"].as_str().unwrap().to_string();
 
@@ -555,9 +525,9 @@ fn a_host_taken_for_dead_cannot_commit_what_a_cleanup_took_from_under_it() {
         .output()
         .unwrap();
     assert!(done.status.success(), "{}", String::from_utf8_lossy(&done.stderr));
-    let deep = run_cfg(&repo, &["deep-scrub", &uid]);
+    let deep = repo.run_cfg(&["deep-scrub", &uid]);
     assert_eq!(deep.code, 0, "{}", deep.stderr);
     let restored = repo.path("out");
-    ok_cfg(&repo, &["restore", &uid, &format!("file://{}", restored.display())]);
+    repo.ok_cfg(&["restore", &uid, &format!("file://{}", restored.display())]);
     assert_eq!(sha256_file(&restored), sha256_file(&repo.path("img")));
 }

@@ -14,39 +14,14 @@ const BS: usize = 64 * 1024;
 /// A repository in a temporary directory whose catalog is `database`, through a
 /// configuration file, as a user sets it up.
 fn config_repo(database: &str) -> Repo {
-    let repo = Repo { dir: tempfile::tempdir().unwrap(), catalog: None };
-    set_database(&repo, database);
-    repo
-}
-
-/// Names `database` as the repository's catalog in its configuration file.
-fn set_database(repo: &Repo, database: &str) {
-    let config = format!(
-        "home = \"{home}\"\ndatabase = \"{database}\"\n[[storage]]\nname = \"default\"\nkind = \"file\"\npath = \"{home}/storage\"\n",
-        home = repo.home().display()
-    );
-    std::fs::write(repo.path("keepfs.toml"), config).unwrap();
-}
-
-fn run_cfg(repo: &Repo, args: &[&str]) -> Run {
-    let cfg = repo.path("keepfs.toml");
-    let cfg = cfg.to_str().unwrap();
-    let mut all = vec!["--config", cfg];
-    all.extend_from_slice(args);
-    repo.run(&all)
-}
-
-fn ok_cfg(repo: &Repo, args: &[&str]) -> String {
-    let r = run_cfg(repo, args);
-    assert_eq!(r.code, 0, "keepfs {args:?} failed:\n{}\n{}", r.stdout, r.stderr);
-    r.stdout
+    Repo::with_database(database, "", "")
 }
 
 /// `keepfs ls` of `repo` with `database` as its catalog: the exit code and the one
 /// error line (checked to be the only line on stderr when it fails).
 fn ls_with(repo: &Repo, database: &str) -> (i32, String) {
-    set_database(repo, database);
-    let r = run_cfg(repo, &["ls"]);
+    repo.set_database(database, "", "");
+    let r = repo.run_cfg(&["ls"]);
     eprintln!("keepfs ls on {database}: exit {}: {}", r.code, r.error_line());
     if r.code != 0 {
         assert_eq!(r.stderr.trim().lines().count(), 1, "one line: {}", r.stderr);
@@ -73,22 +48,22 @@ fn a_repository_on_postgresql_over_verified_tls_backs_up_restores_and_cleans_up(
     let img = random_bytes(3, 12 * BS + 100);
     std::fs::write(repo.path("img"), &img).unwrap();
     let src = repo.url("img");
-    let v1 = ok_cfg(&repo, &["backup", &src, "vm", "-b", "64k"]).trim().to_string();
+    let v1 = repo.ok_cfg(&["backup", &src, "vm", "-b", "64k"]).trim().to_string();
     let mut img2 = img.clone();
     img2[..BS].copy_from_slice(&random_bytes(78, BS));
     std::fs::write(repo.path("img"), &img2).unwrap();
-    let v2 = ok_cfg(&repo, &["backup", &src, "vm", "-b", "64k"]).trim().to_string();
+    let v2 = repo.ok_cfg(&["backup", &src, "vm", "-b", "64k"]).trim().to_string();
     let stored = repo.block_objects();
 
     let out = repo.path("out").display().to_string();
-    ok_cfg(&repo, &["restore", &v1, &format!("file://{out}")]);
+    repo.ok_cfg(&["restore", &v1, &format!("file://{out}")]);
     assert_eq!(sha256_file(&repo.path("out")), sha256_bytes(&img));
-    ok_cfg(&repo, &["rm", "--force", &v1]);
-    let done = ok_cfg(&repo, &["cleanup"]);
+    repo.ok_cfg(&["rm", "--force", &v1]);
+    let done = repo.ok_cfg(&["cleanup"]);
     assert!(done.contains("deleted 1 object(s)"), "{done}");
     assert_eq!(repo.block_objects(), stored - 1, "only the block no other version has is gone");
     std::fs::remove_file(repo.path("out")).unwrap();
-    ok_cfg(&repo, &["restore", &v2, &format!("file://{out}")]);
+    repo.ok_cfg(&["restore", &v2, &format!("file://{out}")]);
     assert_eq!(sha256_file(&repo.path("out")), sha256_bytes(&img2));
     assert_eq!(pg.psql_in("tls", "SELECT COUNT(*) FROM versions"), "1");
 
@@ -169,9 +144,9 @@ fn prefer_falls_back_to_plain_where_the_server_refuses_tls_for_this_client() {
     let url = pg.url(&pg.create_db("nossl"));
     let repo = config_repo(&url);
     std::fs::write(repo.path("img"), random_bytes(4, 3 * BS + 5)).unwrap();
-    let v = ok_cfg(&repo, &["backup", &repo.url("img"), "vm", "-b", "64k"]).trim().to_string();
+    let v = repo.ok_cfg(&["backup", &repo.url("img"), "vm", "-b", "64k"]).trim().to_string();
     let out = repo.path("out").display().to_string();
-    ok_cfg(&repo, &["restore", &v, &format!("file://{out}")]);
+    repo.ok_cfg(&["restore", &v, &format!("file://{out}")]);
     assert_eq!(sha256_file(&repo.path("out")), sha256_file(&repo.path("img")));
     let (code, line) = ls_with(&repo, &format!("{url}?sslmode=prefer"));
     assert_eq!(code, 0, "{line}");

@@ -36,10 +36,9 @@ pub const OBJECT_WRITING: i64 = 2;
 /// What a backup may do with each id of a batch it looked up ([`Catalog::lookup_for_write`]).
 #[derive(Debug, Default)]
 pub struct Lookup {
-    /// Stored, valid and now touched: reference them.
+    /// Stored, valid and now touched: reference them. Every other id not `blocked` is
+    /// now a row in state `writing` (or a damaged `present` one): the caller stores it.
     pub present: HashSet<BlockId>,
-    /// Now in state `writing` (and touched): the caller stores them, then records them.
-    pub write: HashSet<BlockId>,
     /// Being deleted by a cleanup that is alive (the deleter's session id): wait until
     /// it is done with them, then look them up again.
     pub blocked: Vec<(BlockId, i64)>,
@@ -373,11 +372,11 @@ pub trait Catalog: Send {
     // ---- objects --------------------------------------------------------------------
 
     /// A backup's lookup of a batch of ids, in one transaction (docs/format.md,
-    /// "Cleanup"): present and valid rows are touched and reported present; ids without a
-    /// row get one in state `writing`; `writing` rows, present rows a scrub found damaged,
-    /// and `deleting` rows whose deleter is among `dead_deleters` (sessions the caller
-    /// found dead) become `writing` and are reported to write; every one of those is
-    /// touched. `deleting` rows of any other deleter are reported blocked.
+    /// "Cleanup"): present and valid rows are touched and reported present; present rows
+    /// a scrub found damaged are touched (the caller stores them again); ids without a row
+    /// get one in state `writing`; `writing` rows and `deleting` rows whose deleter is
+    /// among `dead_deleters` (sessions the caller found dead) become `writing`, touched.
+    /// `deleting` rows of any other deleter are reported blocked.
     fn lookup_for_write(&mut self, storage_id: i64, ids: &[BlockId], dead_deleters: &[i64]) -> Result<Lookup>;
     /// Records durably stored objects (id, stored size, plaintext size) as present: only
     /// rows in state `writing` or `present` (made by this backup's lookup) are updated. A

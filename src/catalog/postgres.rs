@@ -1037,19 +1037,13 @@ impl Catalog for PostgresCatalog {
                         // backup stores it again, which replaces the file and marks it valid.
                         if valid {
                             out.present.insert(id);
-                        } else {
-                            out.write.insert(id);
                         }
                     }
                     (OBJECT_DELETING, Some(d)) if !dead_deleters.contains(&d) => out.blocked.push((id, d)),
-                    _ => {
-                        revive.push(id);
-                        out.write.insert(id);
-                    }
+                    _ => revive.push(id),
                 }
             }
             let new: Vec<&[u8]> = ids.iter().filter(|id| !seen.contains(id)).map(|id| &id.0[..]).collect();
-            out.write.extend(ids.iter().filter(|id| !seen.contains(id)));
             if !touch.is_empty() {
                 tx.execute(
                     &format!("UPDATE objects SET touched_ms={CLOCK_MS} WHERE storage_id=$1 AND id = ANY($2)"),

@@ -727,7 +727,6 @@ impl Catalog for SqliteCatalog {
                 match row {
                     None => {
                         insert.execute(params![storage_id, &id.0[..], OBJECT_WRITING, now])?;
-                        out.write.insert(*id);
                     }
                     Some((OBJECT_PRESENT, true, _)) => {
                         touch.execute(params![storage_id, &id.0[..], now])?;
@@ -737,12 +736,10 @@ impl Catalog for SqliteCatalog {
                     // stores it again, which replaces the damaged file and marks it valid.
                     Some((OBJECT_PRESENT, false, _)) => {
                         touch.execute(params![storage_id, &id.0[..], now])?;
-                        out.write.insert(*id);
                     }
                     Some((OBJECT_DELETING, _, Some(d))) if !dead_deleters.contains(&d) => out.blocked.push((*id, d)),
                     Some(_) => {
                         to_write.execute(params![storage_id, &id.0[..], OBJECT_WRITING, now])?;
-                        out.write.insert(*id);
                     }
                 }
             }

@@ -214,6 +214,44 @@ impl Repo {
         count_files(&self.storage().join("blocks"))
     }
 
+    /// A repository in a temporary directory whose catalog is `database` (a URL or a
+    /// path), named in a configuration file as a user sets it up (see [`Repo::set_database`]).
+    pub fn with_database(database: &str, top: &str, storage: &str) -> Repo {
+        let repo = Repo { dir: tempfile::tempdir().unwrap(), catalog: None };
+        repo.set_database(database, top, storage);
+        repo
+    }
+
+    /// Writes `keepfs.toml`: `database` as the catalog, `top` (whole lines) at the top
+    /// level, and one file storage under the home with `storage` (whole lines) in it.
+    pub fn set_database(&self, database: &str, top: &str, storage: &str) {
+        let config = format!(
+            "home = \"{home}\"\ndatabase = \"{database}\"\n{top}[[storage]]\nname = \"default\"\nkind = \"file\"\npath = \"{home}/storage\"\n{storage}",
+            home = self.home().display()
+        );
+        std::fs::write(self.path("keepfs.toml"), config).unwrap();
+    }
+
+    /// The configuration file [`Repo::set_database`] writes.
+    pub fn config_file(&self) -> String {
+        self.path("keepfs.toml").to_str().unwrap().to_string()
+    }
+
+    /// Runs keepfs with the configuration file [`Repo::set_database`] writes.
+    pub fn run_cfg(&self, args: &[&str]) -> Run {
+        let cfg = self.config_file();
+        let mut all = vec!["--config", cfg.as_str()];
+        all.extend_from_slice(args);
+        self.run(&all)
+    }
+
+    /// [`Repo::run_cfg`] that must succeed; its standard output.
+    pub fn ok_cfg(&self, args: &[&str]) -> String {
+        let r = self.run_cfg(args);
+        assert_eq!(r.code, 0, "keepfs {args:?} failed:\n{}\n{}", r.stdout, r.stderr);
+        r.stdout
+    }
+
     /// Object rows a cleanup holds (`deleting`), read from the catalog directly.
     pub fn deleting_objects(&self) -> i64 {
         let sql = "SELECT count(*) FROM objects WHERE state = 1";

@@ -246,9 +246,18 @@ impl Outcome {
 /// not there (yet) or shutting down.
 fn connection_lost(line: &str) -> bool {
     let l = line.to_lowercase();
-    ["connection", "database system is", "server closed", "terminating", "shutting down", "starting up"]
-        .iter()
-        .any(|w| l.contains(w))
+    [
+        "connection",
+        "cannot connect",
+        "communicating with the server",
+        "database system is",
+        "server closed",
+        "terminating",
+        "shutting down",
+        "starting up",
+    ]
+    .iter()
+    .any(|w| l.contains(w))
 }
 
 /// What no run may ever print, whatever else happened.
@@ -594,9 +603,10 @@ fn deleted(o: &Outcome) -> u64 {
         .sum()
 }
 
-/// Whether version `uid` is gone from the catalog (removed), as host6 sees it.
+/// Whether version `uid` is gone from the catalog (removed), as host6 sees it once the
+/// catalog answers (it may be restarting: asked again until it does).
 fn gone(sh: &Shared, uid: &str) -> bool {
-    ls(sh, CHECKER, "host6", None).is_some_and(|all| !all.iter().any(|v| uid_of(v) == uid))
+    poll(|| ls(sh, CHECKER, "host6", None)).is_some_and(|all| !all.iter().any(|v| uid_of(v) == uid))
 }
 
 /// The checker (host6): restore a random valid version and compare, deep-scrub another.

@@ -1,6 +1,6 @@
 //! The block index of a version: which object holds each block of the image, and its
-//! stored encoding. In memory an index holds only its non-sparse entries (a sorted map
-//! from block number to content id) and the block count, so a run of sparse blocks
+//! stored encoding. In memory an index holds only its non-sparse entries (about 33
+//! bytes each, see [`Entries`]) and the block count, so a run of sparse blocks
 //! costs nothing however long it is: a 200 TB image of zeros is a few bytes, in memory
 //! and stored. Stored (format 2) it is a fixed header followed by one zstd frame of
 //! runs (so many sparse blocks, so many ids); format 1 (a 32-byte id for every block,
@@ -8,9 +8,12 @@
 
 use crate::block::{BlockId, ID_LEN};
 use sha2::{Digest, Sha256};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::ops::Range;
+
+mod entries;
+pub use entries::Entries;
 
 pub const INDEX_MAGIC: [u8; 8] = *b"KEEPFSIX";
 /// The format this build writes.
@@ -74,114 +77,6 @@ pub fn too_much_data(data_blocks: u64, block_size: u32) -> crate::error::Error {
     crate::error::Error::Invalid(format!(
         "the image holds more than {MAX_DATA_BLOCKS_PER_VERSION} non-zero blocks of {block_size} bytes ({data_blocks} so far), more than one version's index may hold: use a larger block size (-b)"
     ))
-}
-
-/// The entries of an index: a content id for each of `len` blocks, all sparse except
-/// those in the map. Memory is proportional to the non-sparse blocks only.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Entries {
-    len: u64,
-    data: BTreeMap<u64, BlockId>,
-}
-
-impl Entries {
-    /// `len` sparse blocks.
-    pub fn sparse(len: u64) -> Entries {
-        Entries { len, data: BTreeMap::new() }
-    }
-
-    /// Number of blocks, sparse ones included.
-    pub fn len(&self) -> u64 {
-        self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    /// The id of block `idx` (sparse for a sparse block and past the end).
-    pub fn get(&self, idx: u64) -> BlockId {
-        self.data.get(&idx).copied().unwrap_or(BlockId::SPARSE)
-    }
-
-    /// Sets block `idx`, growing the entries (with sparse blocks) to reach it.
-    pub fn set(&mut self, idx: u64, id: BlockId) {
-        if idx >= self.len {
-            self.len = idx + 1;
-        }
-        if id.is_sparse() {
-            self.data.remove(&idx);
-        } else {
-            self.data.insert(idx, id);
-        }
-    }
-
-    /// Grows (with sparse blocks) or cuts the entries to `len` blocks.
-    pub fn resize(&mut self, len: u64) {
-        if len < self.len {
-            let _ = self.data.split_off(&len);
-        }
-        self.len = len;
-    }
-
-    /// Number of non-sparse blocks.
-    pub fn data_count(&self) -> u64 {
-        self.data.len() as u64
-    }
-
-    /// The non-sparse blocks, in order: (block number, id).
-    pub fn data(&self) -> impl DoubleEndedIterator<Item = (u64, BlockId)> + '_ {
-        self.data.iter().map(|(&i, &id)| (i, id))
-    }
-
-    /// The non-sparse blocks among blocks `range`, in order.
-    pub fn data_in(&self, range: Range<u64>) -> impl Iterator<Item = (u64, BlockId)> + '_ {
-        let range = range.start..range.end.max(range.start);
-        self.data.range(range).map(|(&i, &id)| (i, id))
-    }
-
-    /// Every block's id, sparse ones included (one step per block: for small images).
-    pub fn iter(&self) -> impl Iterator<Item = BlockId> + '_ {
-        (0..self.len).map(|i| self.get(i))
-    }
-
-    /// The runs of sparse blocks, in order, as ranges of block numbers.
-    pub fn sparse_runs(&self) -> impl Iterator<Item = Range<u64>> + '_ {
-        let mut next = 0u64;
-        let mut data = self.data.keys().copied();
-        let mut done = false;
-        std::iter::from_fn(move || {
-            while !done {
-                match data.next() {
-                    Some(i) => {
-                        let run = next..i;
-                        next = i + 1;
-                        if !run.is_empty() {
-                            return Some(run);
-                        }
-                    }
-                    None => {
-                        done = true;
-                        let run = next..self.len;
-                        if !run.is_empty() {
-                            return Some(run);
-                        }
-                    }
-                }
-            }
-            None
-        })
-    }
-}
-
-impl FromIterator<BlockId> for Entries {
-    fn from_iter<T: IntoIterator<Item = BlockId>>(iter: T) -> Entries {
-        let mut e = Entries::default();
-        for (i, id) in iter.into_iter().enumerate() {
-            e.set(i as u64, id);
-        }
-        e
-    }
 }
 
 /// A version's block map.
@@ -253,12 +148,24 @@ impl BlockIndex {
     /// number of the first such block (sparse blocks have none): a restore fetches such
     /// a block once.
     pub fn repeats(&self) -> HashMap<u64, u64> {
-        let mut first: HashMap<BlockId, u64> = HashMap::new();
+        self.repeats_among(|_| true)
+    }
+
+    /// [`BlockIndex::repeats`] among the data blocks `pick` chooses only. Holds 16 bytes
+    /// a chosen block while it works (the first 8 bytes of its id and its number,
+    /// sorted; full ids are compared only where those collide), then the repeats.
+    pub fn repeats_among(&self, pick: impl Fn(u64) -> bool) -> HashMap<u64, u64> {
+        let prefix = |id: &BlockId| u64::from_le_bytes(id.0[..8].try_into().unwrap_or([0; 8]));
+        let mut keyed: Vec<(u64, u64)> =
+            self.entries.data().filter(|&(i, _)| pick(i)).map(|(i, id)| (prefix(&id), i)).collect();
+        keyed.sort_unstable();
         let mut out = HashMap::new();
-        for (idx, id) in self.entries.data() {
-            let f = *first.entry(id).or_insert(idx);
-            if f != idx {
-                out.insert(idx, f);
+        for group in keyed.chunk_by(|a, b| a.0 == b.0).filter(|g| g.len() > 1) {
+            let mut ids: Vec<(BlockId, u64)> = group.iter().map(|&(_, i)| (self.entries.get(i), i)).collect();
+            ids.sort_unstable();
+            for same in ids.chunk_by(|a, b| a.0 == b.0) {
+                let first = same[0].1;
+                out.extend(same[1..].iter().map(|&(_, i)| (i, first)));
             }
         }
         out
@@ -283,45 +190,60 @@ impl BlockIndex {
     /// count of sparse blocks, a count of data blocks and their ids. Refused (nothing
     /// is written) when it would be longer than [`MAX_INDEX_LEN`].
     pub fn encode(&self) -> crate::error::Result<Vec<u8>> {
+        let mut out = Vec::new();
+        self.encode_into(&mut out)?;
+        Ok(out)
+    }
+
+    /// [`BlockIndex::encode`] appended to `out` (the frame is compressed straight into
+    /// it: no second copy of a large index). On an error `out` is as it was.
+    pub fn encode_into(&self, out: &mut Vec<u8>) -> crate::error::Result<()> {
         use crate::error::Error;
         if self.entries.data_count() > MAX_DATA_BLOCKS_PER_VERSION {
             return Err(too_much_data(self.entries.data_count(), self.block_size));
         }
+        let start = out.len();
+        out.extend_from_slice(&self.header(INDEX_FORMAT_VERSION, 0));
         let io_err = |e: std::io::Error| Error::Other(format!("cannot compress the block index: {e}"));
-        let mut z = zstd::stream::write::Encoder::new(Vec::new(), INDEX_ZSTD_LEVEL).map_err(io_err)?;
-        let mut body = Counted { inner: &mut z, n: 0 };
-        let mut keys = self.entries.data.keys().copied().peekable();
-        let mut end = 0u64; // the block after the last one written
-        while let Some(start) = keys.next() {
-            let mut stop = start + 1;
-            while keys.next_if_eq(&stop).is_some() {
-                stop += 1;
+        let written = (|| -> std::io::Result<u64> {
+            let mut z = zstd::stream::write::Encoder::new(&mut *out, INDEX_ZSTD_LEVEL)?;
+            let mut body = Counted { inner: &mut z, n: 0 };
+            let mut end = 0u64; // the block after the last one written
+            for Range { start, end: stop } in self.entries.data_runs() {
+                body.write_all(&(start - end).to_le_bytes())?;
+                body.write_all(&(stop - start).to_le_bytes())?;
+                for (_, id) in self.entries.data_in(start..stop) {
+                    body.write_all(&id.0)?;
+                }
+                end = stop;
             }
-            body.write_all(&(start - end).to_le_bytes()).map_err(io_err)?;
-            body.write_all(&(stop - start).to_le_bytes()).map_err(io_err)?;
-            for (_, id) in self.entries.data.range(start..stop) {
-                body.write_all(&id.0).map_err(io_err)?;
+            if end < self.entries.len() {
+                body.write_all(&(self.entries.len() - end).to_le_bytes())?;
+                body.write_all(&0u64.to_le_bytes())?;
             }
-            end = stop;
-        }
-        if end < self.entries.len() {
-            body.write_all(&(self.entries.len() - end).to_le_bytes()).map_err(io_err)?;
-            body.write_all(&0u64.to_le_bytes()).map_err(io_err)?;
-        }
-        let body_len = body.n;
-        let frame = z.finish().map_err(io_err)?;
-        let mut out = self.header(INDEX_FORMAT_VERSION, body_len);
-        if (out.len() + frame.len()) as u64 > MAX_INDEX_LEN {
+            let n = body.n;
+            z.finish()?;
+            Ok(n)
+        })();
+        let body_len = match written {
+            Ok(n) => n,
+            Err(e) => {
+                out.truncate(start);
+                return Err(io_err(e));
+            }
+        };
+        let len = out.len() - start;
+        if len as u64 > MAX_INDEX_LEN {
+            out.truncate(start);
             return Err(Error::Invalid(format!(
-                "the block index of version {} would take {} bytes, more than one version's index may ({MAX_INDEX_LEN}): use a larger block size (-b)",
+                "the block index of version {} would take {len} bytes, more than one version's index may ({MAX_INDEX_LEN}): use a larger block size (-b)",
                 crate::version::VersionUid(self.uid),
-                out.len() + frame.len()
             )));
         }
-        out.extend_from_slice(&frame);
-        let sum = Sha256::digest(&out);
-        out[40..72].copy_from_slice(&sum);
-        Ok(out)
+        out[start + 72..start + 80].copy_from_slice(&body_len.to_le_bytes());
+        let sum = Sha256::digest(&out[start..]);
+        out[start + 40..start + 72].copy_from_slice(&sum);
+        Ok(())
     }
 
     /// The first format (one 32-byte entry per block). Not written by keepfs any more:
@@ -341,6 +263,34 @@ impl BlockIndex {
     /// Reads a stored index of either format, checking everything before trusting it:
     /// memory is bounded by the data blocks it names, never by what a header claims.
     pub fn decode(bytes: &[u8]) -> Result<BlockIndex, IndexError> {
+        let mut entries = Entries::default();
+        let head = Self::visit(bytes, |idx, id| entries.set(idx, id))?;
+        entries.resize(head.count);
+        Ok(BlockIndex { uid: head.uid, size: head.size, block_size: head.block_size, entries })
+    }
+
+    /// Whether `stored` (checked as [`BlockIndex::decode`] does) is this index, compared
+    /// block by block without decoding it into a second map.
+    pub fn matches_stored(&self, stored: &[u8]) -> Result<bool, IndexError> {
+        let mut mine = self.entries.data();
+        let mut same = true;
+        let head = Self::visit(stored, |i, id| same = same && mine.next() == Some((i, id)))?;
+        Ok(same
+            && mine.next().is_none()
+            && head
+                == IndexHeader {
+                    uid: self.uid,
+                    size: self.size,
+                    block_size: self.block_size,
+                    count: self.entries.len(),
+                })
+    }
+
+    /// Checks a stored index as [`BlockIndex::decode`] does, handing each data block
+    /// (block number, id) to `each` in block order instead of keeping them: what a
+    /// reader that needs no map (a comparison, a count) uses, in constant memory.
+    /// Blocks are handed over while the body is checked: on an error, discard them.
+    pub fn visit(bytes: &[u8], mut each: impl FnMut(u64, BlockId)) -> Result<IndexHeader, IndexError> {
         if bytes.len() < INDEX_HEADER_LEN {
             return Err(IndexError::TooShort(bytes.len()));
         }
@@ -378,21 +328,33 @@ impl BlockIndex {
         if hasher.finalize().as_slice() != &bytes[40..72] {
             return Err(IndexError::Checksum);
         }
-        let mut entries = Entries::sparse(count);
         if version == INDEX_FORMAT_V1 {
             for (i, c) in body.chunks_exact(ID_LEN).enumerate() {
-                entries.set(i as u64, BlockId::from_slice(c).unwrap_or(BlockId::SPARSE));
+                let id = BlockId::from_slice(c).unwrap_or(BlockId::SPARSE);
+                if !id.is_sparse() {
+                    each(i as u64, id);
+                }
             }
         } else {
-            decode_runs(body, tail, &mut entries)?;
+            decode_runs(body, tail, count, &mut each)?;
         }
-        Ok(BlockIndex { uid, size, block_size, entries })
+        Ok(IndexHeader { uid, size, block_size, count })
     }
 }
 
-/// Reads the runs of a format 2 body (one zstd frame of `body_len` bytes) into `entries`,
-/// checking that they cover exactly its blocks and that the frame holds nothing more.
-fn decode_runs(frame: &[u8], body_len: u64, entries: &mut Entries) -> Result<(), IndexError> {
+/// What the header of a stored index says (once checked).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IndexHeader {
+    pub uid: u64,
+    pub size: u64,
+    pub block_size: u32,
+    pub count: u64,
+}
+
+/// Reads the runs of a format 2 body (one zstd frame of `body_len` bytes) of `count`
+/// blocks, handing each data block to `each`, checking that they cover exactly its
+/// blocks and that the frame holds nothing more.
+fn decode_runs(frame: &[u8], body_len: u64, count: u64, each: &mut impl FnMut(u64, BlockId)) -> Result<(), IndexError> {
     let bad = |m: &str| IndexError::Malformed(m.to_string());
     let z = zstd::stream::read::Decoder::with_buffer(frame).map_err(|e| bad(&format!("cannot decompress: {e}")))?;
     let mut body = z.single_frame().take(body_len);
@@ -402,7 +364,6 @@ fn decode_runs(frame: &[u8], body_len: u64, entries: &mut Entries) -> Result<(),
             _ => bad(&format!("cannot decompress: {e}")),
         })
     };
-    let count = entries.len();
     let (mut at, mut consumed, mut data) = (0u64, 0u64, 0u64);
     let mut run = [0u8; RUN_HEADER_LEN as usize];
     let mut id = [0u8; ID_LEN];
@@ -429,7 +390,7 @@ fn decode_runs(frame: &[u8], body_len: u64, entries: &mut Entries) -> Result<(),
             if id == [0u8; ID_LEN] {
                 return Err(bad("a data block with the sparse id"));
             }
-            entries.set(at, BlockId(id));
+            each(at, BlockId(id));
             at += 1;
         }
         consumed += RUN_HEADER_LEN + n * ID_LEN as u64;
@@ -582,6 +543,25 @@ mod tests {
             entries: [a, b, BlockId::SPARSE, a, BlockId::SPARSE, b].into_iter().collect(),
         };
         assert_eq!(ix.repeats(), HashMap::from([(3, 0), (5, 1)]));
+        assert_eq!(ix.repeats_among(|i| i != 0), HashMap::from([(5, 1)]), "block 3 is the first chosen copy");
+    }
+
+    #[test]
+    fn repeats_tell_ids_apart_that_share_their_first_bytes() {
+        // Ids that agree in the 8 bytes the sort uses, and differ after them.
+        let twin = |n: u8| {
+            let mut b = [7u8; ID_LEN];
+            b[31] = n;
+            BlockId(b)
+        };
+        let (a, b) = (twin(1), twin(2));
+        let ix = BlockIndex {
+            uid: 1,
+            size: 6 * 4096,
+            block_size: 4096,
+            entries: [b, a, b, a, a, id(9)].into_iter().collect(),
+        };
+        assert_eq!(ix.repeats(), HashMap::from([(2, 0), (3, 1), (4, 1)]));
     }
 
     #[test]

@@ -10,7 +10,7 @@ use crate::catalog::SharedCatalog;
 use crate::error::{Error, Result};
 use crate::index::{BlockIndex, Entries, MAX_DATA_BLOCKS_PER_VERSION, block_count, too_much_data};
 use crate::progress::Progress;
-use crate::repo::{Repository, encode_version_object_with, version_key};
+use crate::repo::{Repository, seal_version_object, version_key, version_object_plain};
 use crate::source::file::{WINDOW_BYTES, Window};
 use crate::source::{Source, Url, open_source};
 use crate::storage::{SharedStorage, retry};
@@ -408,7 +408,8 @@ struct Coordinator {
     pool_tx: Sender<Vec<u8>>,
     entries: Entries,
     stats: Stats,
-    /// Ids stored (or being stored) by this ingest: later copies only reference them.
+    /// Ids this ingest is storing and has not recorded yet: later copies only reference
+    /// them (once recorded, the catalog's lookup finds them).
     seen: HashSet<BlockId>,
     pending_lookup: Vec<(u64, BlockId, Block)>,
     pending_insert: Vec<(BlockId, u64, u64)>,
@@ -515,6 +516,11 @@ impl Coordinator {
         let batch = std::mem::take(&mut self.pending_insert);
         let refused =
             self.ctx.db.lock().insert_objects(self.ctx.storage_id, &batch, self.ctx.storage.codec().current_key())?;
+        // Recorded rows are found by the lookup from now on: `seen` keeps only what is in
+        // flight, so it stays small however many blocks the image has.
+        for (id, _, _) in &batch {
+            self.seen.remove(id);
+        }
         if let Some(id) = refused.first() {
             // Only when this process was silent so long that another host took it for
             // dead and a cleanup marked what it was writing.
@@ -767,16 +773,18 @@ impl Repository {
         v.status = crate::version::Status::Valid;
         v.stats = stats;
         let storage = self.storage(&v.storage)?;
-        crate::index::check_block_count(index.size, index.block_size)?;
-        let encoded = index.encode()?;
-        let object = encode_version_object_with(storage.codec(), &v, &encoded)?;
+        // The map is stored form from here on, encoded once into the version object's
+        // plaintext: with the sealed object, two copies of a large index at most.
+        let (plain, at) = version_object_plain(&v, &index)?;
+        drop(index);
+        let object = seal_version_object(storage.codec(), &v, &plain)?;
         // Still alive in the catalog's eyes (this fails if another process ended the
         // session), before a valid-looking version object goes to the storage.
         self.db.lock().heartbeat(session)?;
         retry(STORAGE_ATTEMPTS, || storage.put(&version_key(uid), &object))?;
         retry(STORAGE_ATTEMPTS, || storage.sync())?;
         drop(object);
-        self.db.lock().commit_version(uid, session, &encoded, &stats)?;
+        self.db.lock().commit_version(uid, session, &plain[at..], &stats)?;
         Ok(v)
     }
 

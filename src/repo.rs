@@ -52,13 +52,23 @@ const VERSION_OBJECT_FORMAT: u16 = 1;
 /// Builds the storage object that makes a version restorable from the storage alone: its
 /// fields and labels (JSON) followed by its block index. Layout in docs/format.md.
 pub fn encode_version_object(codec: &Codec, version: &Version, index: &BlockIndex) -> Result<Vec<u8>> {
-    crate::index::check_block_count(index.size, index.block_size)?;
-    encode_version_object_with(codec, version, &index.encode()?)
+    let (plain, _) = version_object_plain(version, index)?;
+    seal_version_object(codec, version, &plain)
 }
 
-/// [`encode_version_object`] with the index already encoded ([`BlockIndex::encode`]), for
-/// a caller that stores the same bytes in the catalog too.
-pub fn encode_version_object_with(codec: &Codec, version: &Version, index_bytes: &[u8]) -> Result<Vec<u8>> {
+/// The plaintext of a version object, with the index encoded straight into it, and where
+/// the index starts: a caller that stores the same index bytes in the catalog takes
+/// them from there (one copy of a large index, not three).
+pub fn version_object_plain(version: &Version, index: &BlockIndex) -> Result<(Vec<u8>, usize)> {
+    crate::index::check_block_count(index.size, index.block_size)?;
+    let mut plain = version_object_head(version)?;
+    let at = plain.len();
+    index.encode_into(&mut plain)?;
+    Ok((plain, at))
+}
+
+/// The start of a version object's plaintext: magic, format, its fields as JSON.
+fn version_object_head(version: &Version) -> Result<Vec<u8>> {
     let json = serde_json::to_vec(version).map_err(|e| Error::Other(format!("cannot encode version metadata: {e}")))?;
     if json.len() as u64 > crate::block::MAX_VERSION_JSON_LEN {
         return Err(Error::Invalid(format!(
@@ -68,21 +78,28 @@ pub fn encode_version_object_with(codec: &Codec, version: &Version, index_bytes:
             crate::block::MAX_VERSION_JSON_LEN
         )));
     }
-    let mut plain = Vec::with_capacity(16 + json.len() + index_bytes.len());
+    let mut plain = Vec::with_capacity(16 + json.len() + crate::index::INDEX_HEADER_LEN);
     plain.extend_from_slice(&VERSION_OBJECT_MAGIC);
     plain.extend_from_slice(&VERSION_OBJECT_FORMAT.to_le_bytes());
     plain.extend_from_slice(&0u16.to_le_bytes());
     plain.extend_from_slice(&(json.len() as u32).to_le_bytes());
     plain.extend_from_slice(&json);
-    plain.extend_from_slice(index_bytes);
-    let id = codec.id_of(&plain);
+    Ok(plain)
+}
+
+/// The version object of a plaintext made by [`version_object_plain`] (compressed, and
+/// sealed if the storage is encrypted).
+pub fn seal_version_object(codec: &Codec, version: &Version, plain: &[u8]) -> Result<Vec<u8>> {
+    let id = codec.id_of(plain);
     codec
-        .encode(ObjectKind::Version, &id.0, &plain, 3)
+        .encode(ObjectKind::Version, &id.0, plain, 3)
         .map_err(|e| Error::Object { context: format!("version object of {}", version.uid), source: e })
 }
 
-/// Reads a version object back (the inverse of [`encode_version_object`]).
-pub fn decode_version_object(codec: &Codec, bytes: &[u8]) -> Result<(Version, BlockIndex)> {
+/// Reads a version object back but its block index: the version, the plaintext, and
+/// where in it the stored index starts (not checked yet: `BlockIndex::decode` or
+/// `BlockIndex::visit` does that).
+pub fn decode_version_object_parts(codec: &Codec, bytes: &[u8]) -> Result<(Version, Vec<u8>, usize)> {
     let ctx = |m: &str| Error::Other(format!("version object: {m}"));
     let (header, plain) = codec
         .decode(bytes, ObjectKind::Version)
@@ -100,7 +117,13 @@ pub fn decode_version_object(codec: &Codec, bytes: &[u8]) -> Result<(Version, Bl
     let json_len = u32::from_le_bytes([plain[12], plain[13], plain[14], plain[15]]) as usize;
     let json = plain.get(16..16 + json_len).ok_or_else(|| ctx("truncated metadata"))?;
     let version: Version = serde_json::from_slice(json).map_err(|e| ctx(&format!("bad metadata: {e}")))?;
-    let index = BlockIndex::decode(&plain[16 + json_len..])
+    Ok((version, plain, 16 + json_len))
+}
+
+/// Reads a version object back (the inverse of [`encode_version_object`]).
+pub fn decode_version_object(codec: &Codec, bytes: &[u8]) -> Result<(Version, BlockIndex)> {
+    let (version, plain, at) = decode_version_object_parts(codec, bytes)?;
+    let index = BlockIndex::decode(&plain[at..])
         .map_err(|e| Error::Index { context: format!("index of {}", version.uid), source: e })?;
     Ok((version, index))
 }

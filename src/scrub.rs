@@ -22,6 +22,9 @@ use crate::version::{Status, Version, VersionUid};
 use crossbeam_channel::bounded;
 use std::collections::{HashMap, HashSet};
 
+/// Objects marked valid again per catalog call after a clean deep scrub.
+const VALID_BATCH: usize = 10_000;
+
 #[derive(Clone, Debug)]
 pub struct ScrubOptions {
     /// Decode and verify every block (deep) instead of checking headers (light).
@@ -146,18 +149,30 @@ impl Repository {
                     )));
                 }
             };
-            let (stored, stored_index) = match crate::repo::decode_version_object(storage.codec(), &bytes) {
+            let damaged = |e: &dyn std::fmt::Display| {
+                format!("{uid}: its version object {key} in storage '{}' is damaged ({e}); {repair}", version.storage)
+            };
+            let (stored, plain, at) = match crate::repo::decode_version_object_parts(storage.codec(), &bytes) {
                 Ok(decoded) => decoded,
+                Err(e) => return Ok(Some(damaged(&e))),
+            };
+            drop(bytes);
+            // Compared as a stream: no second map of a large index is built.
+            let same_index = match index {
+                Some(ix) => ix.matches_stored(&plain[at..]),
+                None => BlockIndex::visit(&plain[at..], |_, _| {}).map(|_| true),
+            };
+            let same_index = match same_index {
+                Ok(same) => same,
                 Err(e) => {
-                    return Ok(Some(format!(
-                        "{uid}: its version object {key} in storage '{}' is damaged ({e}); {repair}",
-                        version.storage
-                    )));
+                    let e = Error::Index { context: format!("index of {}", stored.uid), source: e };
+                    return Ok(Some(damaged(&e)));
                 }
             };
+            drop(plain);
             let db_version = self.version(uid)?;
             let mut fields = differing_fields(&db_version, &stored);
-            if index.is_some_and(|ix| *ix != stored_index) {
+            if !same_index {
                 fields.push("block index");
             }
             if fields.is_empty() {
@@ -247,43 +262,35 @@ impl Repository {
             .map(|d| d.as_nanos() as u64)
             .unwrap_or(1)
             ^ std::process::id() as u64;
-        // One check per distinct object (with --source, per block: contents may differ by place).
-        let mut jobs: Vec<(BlockId, Vec<u64>)> = Vec::new();
-        let mut at: HashMap<BlockId, usize> = HashMap::new();
-        for (i, id) in index.entries.data() {
-            if !sampled(seed, i, opts.percent) {
-                continue;
-            }
-            match at.get(&id) {
-                Some(&j) if source.is_none() => jobs[j].1.push(i),
-                _ => {
-                    at.insert(id, jobs.len());
-                    jobs.push((id, vec![i]));
-                }
-            }
-        }
-        let total: u64 = jobs.iter().map(|j| j.1.len() as u64 * index.block_size as u64).sum();
+        // One check per distinct object (with --source, per block: contents may differ by
+        // place). The chosen blocks whose object an earlier chosen block has are found
+        // first (a few bytes a block while sorting); the objects then go to the checkers
+        // straight from the index, so nothing is held per block while they work.
+        let chosen = |i: u64| sampled(seed, i, opts.percent);
+        let copies: HashMap<u64, u64> = if source.is_none() { index.repeats_among(chosen) } else { HashMap::new() };
+        let chosen_blocks = index.entries.data().filter(|&(i, _)| chosen(i)).count() as u64;
+        let total = chosen_blocks * index.block_size as u64;
         progress.begin(&format!("{} {uid}", if opts.deep { "deep-scrub" } else { "scrub" }), total);
         let bs = index.block_size as u64;
-        let mut report = ScrubReport { objects: jobs.len() as u64, metadata, ..Default::default() };
+        let mut report = ScrubReport { objects: chosen_blocks - copies.len() as u64, metadata, ..Default::default() };
         let mut unavailable: Option<String> = None;
         let threads = self.config.readers_for(&version.storage)?;
-        let (job_tx, job_rx) = bounded::<(BlockId, Vec<u64>)>(threads * 2);
-        let (res_tx, res_rx) = bounded::<(BlockId, Vec<u64>, std::result::Result<(), FetchError>)>(threads * 2);
+        let (job_tx, job_rx) = bounded::<(BlockId, u64)>(threads * 2);
+        let (res_tx, res_rx) = bounded::<(BlockId, u64, std::result::Result<(), FetchError>)>(threads * 2);
         let source_ref = source.as_deref();
         let index_ref: &BlockIndex = &index;
+        let copies_ref = &copies;
         std::thread::scope(|s| {
             for _ in 0..threads {
                 let (job_rx, res_tx, storage) = (job_rx.clone(), res_tx.clone(), storage.clone());
                 s.spawn(move || {
-                    for (id, idxs) in job_rx {
+                    for (id, idx) in job_rx {
                         let r = if !opts.deep {
                             fetch_verified(storage.as_ref(), &id, Read::Fresh, |b| light_check(storage.codec(), b, &id))
                         } else {
                             fetch_block(storage.as_ref(), &id, Read::Fresh).and_then(|data| match source_ref {
                                 None => Ok(()),
                                 Some(src) => {
-                                    let idx = idxs[0];
                                     let mut want = vec![0u8; index_ref.block_len(idx as usize)];
                                     src.read_at(idx * bs, &mut want).map_err(|e| {
                                         FetchError::Unavailable(format!(
@@ -299,7 +306,7 @@ impl Repository {
                                 }
                             })
                         };
-                        if res_tx.send((id, idxs, r)).is_err() {
+                        if res_tx.send((id, idx, r)).is_err() {
                             return;
                         }
                     }
@@ -308,32 +315,49 @@ impl Repository {
             drop(res_tx);
             drop(job_rx);
             s.spawn(move || {
-                for j in jobs {
-                    if job_tx.send(j).is_err() {
+                for (i, id) in index_ref.entries.data() {
+                    if chosen(i) && !copies_ref.contains_key(&i) && job_tx.send((id, i)).is_err() {
                         return;
                     }
                 }
             });
-            for (id, idxs, r) in res_rx {
+            for (id, i, r) in res_rx {
                 if let Err(FetchError::Unavailable(reason)) = &r {
                     unavailable.get_or_insert_with(|| reason.clone());
                     continue;
                 }
-                for &i in &idxs {
-                    progress.advance(index_ref.block_len(i as usize) as u64);
-                    if let Err(FetchError::Damaged(reason)) = &r {
-                        let off = i * bs;
-                        report.bad.push(BadBlock {
-                            index: i,
-                            offset: off,
-                            len: index_ref.block_len(i as usize) as u64,
-                            object: id,
-                            reason: reason.clone(),
-                        });
-                    }
+                progress.advance(index_ref.block_len(i as usize) as u64);
+                if let Err(FetchError::Damaged(reason)) = &r {
+                    report.bad.push(BadBlock {
+                        index: i,
+                        offset: i * bs,
+                        len: index_ref.block_len(i as usize) as u64,
+                        object: id,
+                        reason: reason.clone(),
+                    });
                 }
             }
         });
+        // The copies share their first block's object, and its verdict.
+        if unavailable.is_none() {
+            let bad_at: HashMap<u64, usize> = report.bad.iter().enumerate().map(|(n, b)| (b.index, n)).collect();
+            let mut copies_bad = Vec::new();
+            for (&i, first) in &copies {
+                let len = index.block_len(i as usize) as u64;
+                progress.advance(len);
+                if let Some(&n) = bad_at.get(first) {
+                    let b = &report.bad[n];
+                    copies_bad.push(BadBlock {
+                        index: i,
+                        offset: i * bs,
+                        len,
+                        object: b.object,
+                        reason: b.reason.clone(),
+                    });
+                }
+            }
+            report.bad.extend(copies_bad);
+        }
         progress.end();
         if let Some(reason) = unavailable {
             return Err(Error::Other(format!(
@@ -346,8 +370,12 @@ impl Repository {
         let sid = db.storage_id(&version.storage)?;
         if report.bad.is_empty() {
             if opts.deep && opts.percent == 100 {
-                let ids: Vec<BlockId> = index.entries.data().map(|(_, id)| id).collect();
-                db.set_objects_valid(sid, &ids, true)?;
+                // In batches: a dense image's ids are not gathered in one list.
+                let mut data = index.entries.data().map(|(_, id)| id).peekable();
+                while data.peek().is_some() {
+                    let ids: Vec<BlockId> = data.by_ref().take(VALID_BATCH).collect();
+                    db.set_objects_valid(sid, &ids, true)?;
+                }
                 if version.status == Status::Invalid && report.metadata.is_empty() {
                     db.set_status(uid, Status::Valid)?;
                     report.revalidated = true;

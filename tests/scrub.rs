@@ -46,6 +46,47 @@ fn damage_is_found_marked_and_repaired() {
     assert_eq!(repo.version(&b)["status"], "valid");
 }
 
+/// An image whose blocks repeat: each object is checked once, and a damaged one is
+/// reported at every block that holds it (the copies share their first block's verdict).
+#[test]
+fn a_damaged_object_is_reported_at_every_block_that_repeats_it() {
+    let repo = Repo::new();
+    let a = random_bytes(311, BS);
+    let b = random_bytes(312, BS);
+    let c = random_bytes(313, BS);
+    let zero = vec![0u8; BS];
+    // Blocks: a b a 0 c a b  (a at 0, 2, 5; b at 1, 6)
+    let img = [&a[..], &b, &a, &zero, &c, &a, &b].concat();
+    fs::write(repo.path("img"), &img).unwrap();
+    let uid = repo.backup("img", "r", &["-b", "64k"]);
+    let r = repo.run(&["deep-scrub", &uid]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stderr.contains(": 3 object(s)"), "three distinct objects are checked: {}", r.stderr);
+
+    let obj = repo.object_file(&a);
+    let mut bytes = fs::read(&obj).unwrap();
+    let n = bytes.len();
+    bytes[n - 7] ^= 0x10;
+    fs::write(&obj, &bytes).unwrap();
+    let r = repo.run(&["deep-scrub", &uid]);
+    assert_eq!(r.code, 3, "{}", r.stderr);
+    for blk in [0, 2, 5] {
+        let at = format!("{uid} block {blk} (bytes {}..{})", blk * BS, (blk + 1) * BS);
+        assert!(r.stderr.contains(&at), "block {blk} holds the damaged object: {}", r.stderr);
+    }
+    for blk in [1, 3, 4, 6] {
+        assert!(!r.stderr.contains(&format!("{uid} block {blk} ")), "block {blk} is intact: {}", r.stderr);
+    }
+    // A sample reports only blocks of the damaged object, and fails exactly when it
+    // reports one.
+    for _ in 0..4 {
+        let r = repo.run(&["deep-scrub", &uid, "-p", "50"]);
+        let reported: Vec<usize> = (0..7).filter(|b| r.stderr.contains(&format!("{uid} block {b} "))).collect();
+        assert!(reported.iter().all(|b| [0, 2, 5].contains(b)), "{reported:?}: {}", r.stderr);
+        assert_eq!(r.code, if reported.is_empty() { 0 } else { 3 }, "{}", r.stderr);
+    }
+}
+
 #[test]
 fn light_scrub_finds_truncated_and_missing_objects() {
     let repo = Repo::new();

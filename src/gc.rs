@@ -23,6 +23,13 @@ use crate::version::VersionUid;
 use std::collections::HashSet;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+/// The first 8 bytes of an id: what the mark phase keeps of each (8 bytes instead of 32,
+/// so a repository of many millions of blocks is marked in a small set). Two ids that
+/// share them are told apart by nothing here, which only ever keeps an object.
+fn short_id(id: &BlockId) -> u64 {
+    u64::from_le_bytes(id.0[..8].try_into().unwrap_or([0; 8]))
+}
+
 /// What a cleanup of one storage would delete.
 #[derive(Clone, Debug)]
 pub struct CleanupPlan {
@@ -193,12 +200,18 @@ impl Repository {
             db.storage_names()?.into_iter().map(|(id, n)| (n, id)).collect();
         let in_this: HashSet<u64> =
             versions.iter().filter(|v| storage_ids.get(&v.storage) == Some(&storage_id)).map(|v| v.uid.0).collect();
-        let mut marked: HashSet<BlockId> = HashSet::new();
+        // Ids are kept by their first 8 bytes (docs/format.md, "Cleanup"): an object whose
+        // short id a referenced one shares is kept, never the other way round.
+        let mut marked: HashSet<u64> = HashSet::new();
         let mut damaged = None;
         db.for_each_index(&mut |uid, bytes| {
             if in_this.contains(&uid.0) {
-                match BlockIndex::decode(bytes) {
-                    Ok(idx) => marked.extend(idx.entries.data().map(|(_, id)| id)),
+                // Read as a stream: no map of the index is built. (A damaged index
+                // refuses the whole cleanup, so what it marked before the damage is moot.)
+                match BlockIndex::visit(bytes, |_, id| {
+                    marked.insert(short_id(&id));
+                }) {
+                    Ok(_) => {}
                     Err(e) => {
                         damaged.get_or_insert((uid, e));
                     }
@@ -224,10 +237,10 @@ impl Repository {
             kept_for_continue: 0,
             kept_for_continue_bytes: 0,
         };
-        let mut known: HashSet<BlockId> = HashSet::new();
+        let mut known: HashSet<u64> = HashSet::new();
         db.for_each_object(storage_id, &mut |row| {
-            known.insert(row.id);
-            if marked.contains(&row.id) {
+            known.insert(short_id(&row.id));
+            if marked.contains(&short_id(&row.id)) {
                 return;
             }
             if row.state == OBJECT_WRITING {
@@ -249,10 +262,10 @@ impl Repository {
         drop(db);
         let cutoff_time = file_cutoff(cutoff_ms);
         let running_time = file_cutoff(running_cutoff);
-        for e in st.list("blocks/")? {
+        st.list_each("blocks/", &mut |e| {
             if let Some(id) = BlockId::from_storage_key(&e.key)
-                && !known.contains(&id)
-                && !marked.contains(&id)
+                && !known.contains(&short_id(&id))
+                && !marked.contains(&short_id(&id))
             {
                 if e.modified < cutoff_time {
                     plan.orphans.push((e.key, e.size));
@@ -261,7 +274,8 @@ impl Repository {
                     plan.kept_for_continue_bytes += e.size;
                 }
             }
-        }
+        })?;
+        plan.orphans.sort();
         Ok(plan)
     }
 

@@ -88,7 +88,7 @@ impl FaultyStorage {
 }
 
 impl Storage for FaultyStorage {
-    super::pass_to_inner!(name, list, sync, purge_temporary, codec, delete_many);
+    super::pass_to_inner!(name, list_each, sync, purge_temporary, codec, delete_many);
     fn put(&self, key: &str, data: &[u8]) -> StorageResult<()> {
         self.pause();
         {

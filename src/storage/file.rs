@@ -12,7 +12,7 @@ use super::{ListEntry, Storage, StorageError, StorageResult};
 use crate::perms::Modes;
 use parking_lot::Mutex;
 use std::collections::HashSet;
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -129,27 +129,33 @@ impl Storage for FileStorage {
     /// (`copy_file_range`, a reflink where the filesystem has them), the header written
     /// over the copy, and the copy fsynced and renamed into place. Never a partial
     /// in-place write: a crash leaves the old object or the new one.
-    fn replace_prefix(&self, key: &str, _object: &[u8], prefix: &[u8]) -> StorageResult<()> {
+    /// Writes `object` as the caller read it, with the new prefix, in place of the file
+    /// (temp + rename): never the file's current bytes under a header computed from
+    /// another copy. An object deleted and stored again (with another data key) since
+    /// the caller read it is so replaced by the caller's copy: the same content under
+    /// the same id, sealed by the current key. A missing file stays missing.
+    fn replace_prefix(&self, key: &str, object: &[u8], prefix: &[u8]) -> StorageResult<()> {
         let path = self.path_of(key)?;
-        let n = self.counter.fetch_add(1, Ordering::Relaxed);
-        let tmp = self.tmp.join(format!("{}.{}.{}", std::process::id(), n, key.replace('/', "_")));
-        let r = (|| -> io::Result<()> {
-            fs::copy(&path, &tmp)?;
-            let f = OpenOptions::new().write(true).open(&tmp)?;
-            if f.metadata()?.len() < prefix.len() as u64 {
-                return Err(io::Error::new(io::ErrorKind::InvalidData, "object shorter than its new header"));
+        if object.len() < prefix.len() {
+            return Err(self.err(
+                "rewrite header of",
+                key,
+                io::Error::new(io::ErrorKind::InvalidData, "object shorter than its new header"),
+            ));
+        }
+        match fs::symlink_metadata(&path) {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(StorageError::NotFound { storage: self.name.clone(), key: key.to_string() });
             }
-            std::os::unix::fs::FileExt::write_all_at(&f, prefix, 0)?;
-            f.sync_data()?;
-            fs::rename(&tmp, &path)
-        })();
-        if let Err(e) = r {
+            Err(e) => return Err(self.err("rewrite header of", key, e)),
+        }
+        let mut data = object.to_vec();
+        data[..prefix.len()].copy_from_slice(prefix);
+        let tmp = self.write_temp(key, &data)?;
+        if let Err(e) = fs::rename(&tmp, &path) {
             let _ = fs::remove_file(&tmp);
-            return Err(if e.kind() == io::ErrorKind::NotFound {
-                StorageError::NotFound { storage: self.name.clone(), key: key.to_string() }
-            } else {
-                self.err("rewrite header of", key, e)
-            });
+            return Err(self.err("rewrite header of", key, e));
         }
         self.dirty_dirs.lock().insert(path.parent().unwrap_or(&self.root).to_path_buf());
         Ok(())
@@ -218,11 +224,10 @@ impl Storage for FileStorage {
         }
     }
 
-    fn list(&self, prefix: &str) -> StorageResult<Vec<ListEntry>> {
+    fn list_each(&self, prefix: &str, each: &mut dyn FnMut(ListEntry)) -> StorageResult<()> {
         // Walk only the top-level directory the prefix names, then filter by prefix.
         let top = prefix.split('/').next().unwrap_or("");
         let start = if top.is_empty() { self.root.clone() } else { self.root.join(top) };
-        let mut out = Vec::new();
         let mut stack = vec![start];
         while let Some(dir) = stack.pop() {
             let rd = match fs::read_dir(&dir) {
@@ -246,7 +251,7 @@ impl Storage for FileStorage {
                 };
                 let key = rel.to_string_lossy().into_owned();
                 if key.starts_with(prefix) {
-                    out.push(ListEntry {
+                    each(ListEntry {
                         key,
                         size: meta.len(),
                         modified: meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
@@ -254,8 +259,7 @@ impl Storage for FileStorage {
                 }
             }
         }
-        out.sort_by(|a, b| a.key.cmp(&b.key));
-        Ok(out)
+        Ok(())
     }
 
     fn sync(&self) -> StorageResult<()> {
@@ -310,6 +314,28 @@ mod tests {
         s.delete("blocks/aa/bb/x1").unwrap();
         assert!(matches!(s.get("blocks/aa/bb/x1"), Err(StorageError::NotFound { .. })));
         assert!(s.put("../escape", b"x").is_err());
+        assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0, "no temporary files left");
+    }
+
+    /// Key rotation read an object, and a cleanup and a backup replaced it (same content,
+    /// another data key) before the new header was written: the header must go with the
+    /// copy it was computed from, never onto the bytes now in the file.
+    #[test]
+    fn a_new_header_goes_with_the_copy_it_was_computed_from() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = FileStorage::open("t", dir.path()).unwrap();
+        let key = "blocks/aa/bb/obj";
+        s.put(key, b"HEAD-1|payload sealed by data key 1").unwrap();
+        let read = s.get_fresh(key).unwrap();
+        s.put(key, b"HEAD-2|payload sealed by data key 2").unwrap();
+        s.replace_prefix(key, &read, b"HEAD-R").unwrap();
+        s.sync().unwrap();
+        assert_eq!(s.get_fresh(key).unwrap(), b"HEAD-R|payload sealed by data key 1");
+
+        s.delete(key).unwrap();
+        assert!(matches!(s.replace_prefix(key, &read, b"HEAD-R"), Err(StorageError::NotFound { .. })));
+        assert!(!s.exists(key).unwrap(), "a deleted object is not brought back");
+        assert!(s.replace_prefix("blocks/aa/bb/x", b"abc", b"abcd").is_err(), "a header longer than the object");
         assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0, "no temporary files left");
     }
 

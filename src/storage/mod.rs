@@ -41,9 +41,13 @@ macro_rules! pass_to_inner {
             self.inner.delete_many(keys)
         }
     };
-    (@ list) => {
-        fn list(&self, prefix: &str) -> $crate::storage::StorageResult<Vec<$crate::storage::ListEntry>> {
-            self.inner.list(prefix)
+    (@ list_each) => {
+        fn list_each(
+            &self,
+            prefix: &str,
+            each: &mut dyn FnMut($crate::storage::ListEntry),
+        ) -> $crate::storage::StorageResult<()> {
+            self.inner.list_each(prefix, each)
         }
     };
     (@ sync) => {
@@ -148,8 +152,17 @@ pub trait Storage: Send + Sync {
     fn exists(&self, key: &str) -> StorageResult<bool>;
     /// Deletes `key`; deleting a missing object is not an error.
     fn delete(&self, key: &str) -> StorageResult<()>;
-    /// Every object whose key starts with `prefix`.
-    fn list(&self, prefix: &str) -> StorageResult<Vec<ListEntry>>;
+    /// Hands every object whose key starts with `prefix` to `each`, in no particular
+    /// order, as the listing goes: what walks a storage of millions of objects without
+    /// holding their names (cleanup).
+    fn list_each(&self, prefix: &str, each: &mut dyn FnMut(ListEntry)) -> StorageResult<()>;
+    /// Every object whose key starts with `prefix`, by key.
+    fn list(&self, prefix: &str) -> StorageResult<Vec<ListEntry>> {
+        let mut out = Vec::new();
+        self.list_each(prefix, &mut |e| out.push(e))?;
+        out.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(out)
+    }
     /// Makes every `put` that has returned durable (directory fsyncs for a file storage).
     /// A version is committed only after this returns.
     fn sync(&self) -> StorageResult<()>;

@@ -35,8 +35,8 @@ impl Storage for NullStorage {
     fn delete(&self, _key: &str) -> StorageResult<()> {
         Ok(())
     }
-    fn list(&self, _prefix: &str) -> StorageResult<Vec<ListEntry>> {
-        Ok(Vec::new())
+    fn list_each(&self, _prefix: &str, _each: &mut dyn FnMut(ListEntry)) -> StorageResult<()> {
+        Ok(())
     }
     fn sync(&self) -> StorageResult<()> {
         Ok(())

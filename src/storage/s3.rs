@@ -347,10 +347,9 @@ impl Storage for S3Storage {
         Ok(())
     }
 
-    fn list(&self, prefix: &str) -> StorageResult<Vec<ListEntry>> {
+    fn list_each(&self, prefix: &str, each: &mut dyn FnMut(ListEntry)) -> StorageResult<()> {
         let _slot = self.reads.take();
         let full = self.full_key(prefix);
-        let mut out = Vec::new();
         let mut token: Option<String> = None;
         loop {
             let resp = self.send(
@@ -375,14 +374,14 @@ impl Storage for S3Storage {
             })?;
             for c in page.contents {
                 let key = c.key.strip_prefix(&self.config.prefix).unwrap_or(&c.key).to_string();
-                out.push(ListEntry { key, size: c.size, modified: Self::timestamp(&c.last_modified) });
+                each(ListEntry { key, size: c.size, modified: Self::timestamp(&c.last_modified) });
             }
             match page.next_continuation_token {
                 Some(t) => token = Some(t),
                 None => break,
             }
         }
-        Ok(out)
+        Ok(())
     }
 
     /// A PUT that returned 200 is durable on the server: nothing to flush.

@@ -23,7 +23,7 @@ impl Storage for SealedStorage {
         get_fresh,
         exists,
         delete,
-        list,
+        list_each,
         sync,
         purge_temporary,
         delete_many,

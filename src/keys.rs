@@ -589,16 +589,23 @@ impl Repository {
         // Bounded batches: a batch is made durable, then recorded, before the next.
         for (chunk_keys, chunk_no) in keys.chunks(256).zip(0..) {
             for key in chunk_keys {
-                // What the storage holds, not a local copy (and none is made).
-                let bytes = retry(4, || storage.get_fresh(key))?;
+                // What the storage holds, not a local copy (and none is made). An object
+                // a cleanup (or `rm`) deleted since the list was made needs no new key.
+                let bytes = match retry(4, || storage.get_fresh(key)) {
+                    Err(crate::storage::StorageError::NotFound { .. }) => continue,
+                    other => other?,
+                };
                 match codec
                     .rewrap_header(&bytes)
                     .map_err(|e| Error::Object { context: format!("object {key}"), source: e })?
                 {
-                    Some(prefix) => {
-                        retry(4, || storage.replace_prefix(key, &bytes, &prefix))?;
-                        rewrapped += 1;
-                    }
+                    Some(prefix) => match retry(4, || storage.replace_prefix(key, &bytes, &prefix)) {
+                        Err(crate::storage::StorageError::NotFound { .. }) => {}
+                        other => {
+                            other?;
+                            rewrapped += 1;
+                        }
+                    },
                     None => already += 1,
                 }
             }

@@ -16,7 +16,7 @@ use crate::source::{Source, Url, open_source};
 use crate::storage::{SharedStorage, retry};
 use crate::transform::Codec;
 use crate::version::{Stats, Version, VersionUid, check_label, check_name, check_snapshot};
-use crossbeam_channel::{Receiver, Sender, TryRecvError, bounded, unbounded};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError, bounded, unbounded};
 use parking_lot::{Condvar, Mutex};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -26,6 +26,12 @@ use std::time::{Duration, Instant};
 
 /// Lookups are gathered into batches of up to this many ids (one transaction each).
 const LOOKUP_BATCH: usize = 64;
+/// How long a lookup waits for others to share its transaction when no block is ready:
+/// a round trip to a catalog across a network costs more than a block takes to hash.
+const LOOKUP_LINGER: Duration = Duration::from_millis(20);
+/// Lookups are sent at once when their blocks hold this share of the buffer pool, so
+/// that the reader never waits for a buffer that a waiting lookup holds.
+const LOOKUP_POOL_SHARE: usize = 4;
 /// New objects are recorded in the database in batches of up to this many.
 const INSERT_BATCH: usize = 128;
 /// Memory for block buffers in flight.
@@ -412,6 +418,8 @@ struct Coordinator {
     /// them (once recorded, the catalog's lookup finds them).
     seen: HashSet<BlockId>,
     pending_lookup: Vec<(u64, BlockId, Block)>,
+    /// When the oldest pending lookup arrived.
+    pending_since: Option<Instant>,
     pending_insert: Vec<(BlockId, u64, u64)>,
     completions: Option<Arc<Completions>>,
     completed: u64,
@@ -433,7 +441,18 @@ impl Coordinator {
         Ok(())
     }
 
+    /// How much longer the pending lookups may wait for others, if at all.
+    fn linger_left(&self) -> Option<Duration> {
+        let since = self.pending_since?;
+        let held = self.pending_lookup.len() * self.ctx.block_size as usize;
+        if held * LOOKUP_POOL_SHARE >= POOL_BYTES {
+            return None;
+        }
+        Some(LOOKUP_LINGER.saturating_sub(since.elapsed())).filter(|d| !d.is_zero())
+    }
+
     fn flush_lookups(&mut self) -> Result<()> {
+        self.pending_since = None;
         if self.pending_lookup.is_empty() {
             return Ok(());
         }
@@ -571,6 +590,7 @@ impl Coordinator {
             }
             Done::Hashed { idx, id, block } => {
                 self.stats.bytes_read += block.data().len() as u64;
+                self.pending_since.get_or_insert_with(Instant::now);
                 self.pending_lookup.push((idx, id, block));
                 if self.pending_lookup.len() >= LOOKUP_BATCH {
                     self.flush_lookups()?;
@@ -603,6 +623,7 @@ fn coordinate(
         stats: Stats::default(),
         seen: HashSet::new(),
         pending_lookup: Vec::new(),
+        pending_since: None,
         pending_insert: Vec::new(),
         completions,
         completed: 0,
@@ -618,7 +639,21 @@ fn coordinate(
             let msg = match done.try_recv() {
                 Ok(m) => m,
                 Err(TryRecvError::Empty) => {
-                    // Nothing waiting: resolve the lookups now rather than sit on buffers.
+                    // Nothing waiting. Lookups linger a moment for company (one catalog
+                    // transaction for several blocks), unless they hold a good share of
+                    // the buffers; then, or after the linger, they are resolved.
+                    if let Some(left) = c.linger_left() {
+                        match done.recv_timeout(left) {
+                            Ok(m) => {
+                                c.handle(m, &mut finish)?;
+                                continue;
+                            }
+                            Err(RecvTimeoutError::Timeout) => {}
+                            Err(RecvTimeoutError::Disconnected) => {
+                                return Err(Error::Other("backup pipeline ended early".into()));
+                            }
+                        }
+                    }
                     c.flush_lookups()?;
                     if finish.is_some_and(|n| c.completed >= n) {
                         return Ok(());

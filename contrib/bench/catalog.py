@@ -6,7 +6,9 @@ Makes a deterministic image of random and zero blocks (64 KiB blocks, so that th
 catalog work per byte is high), then with each catalog: an initial backup, an unchanged
 re-backup (every block looked up and touched), --versions more re-backups, `ls --format
 json`, a restore to /dev/null, `rm` of all but the newest version and `cleanup`. Prints
-seconds per step, PostgreSQL / SQLite, and the catalog's size afterwards.
+seconds per step, PostgreSQL / SQLite, the catalog's size afterwards, and how many
+transactions the unchanged re-backup took on PostgreSQL (its lookups are batched: this is
+the number of round trips that grows with the image).
 
 With --tls-rootcert CA.pem, a third run on the same server over TLS
 (`?sslmode=verify-full&sslrootcert=CA.pem`, a database of its own), reported against
@@ -52,13 +54,33 @@ def pg_size(base, db):
     return int(out.stdout.strip())
 
 
-def work(keepfs, home, database, image, versions):
+def xacts(base, db):
+    """Transactions the server has counted for db, once every finished client's are in
+    (a backend reports its counts as it exits, a moment after its client)."""
+    last = None
+    while True:
+        out = subprocess.run(["psql", "-X", "-A", "-t", f"{base.rstrip('/')}/postgres", "-c",
+                              f"SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = '{db}'"],
+                             check=True, capture_output=True, text=True)
+        n = int(out.stdout.strip() or 0)
+        if n == last:
+            return n
+        last = n
+        time.sleep(0.3)
+
+
+def work(keepfs, home, database, image, versions, counter=None):
     env = dict(os.environ, KEEPFS_HOME=home, KEEPFS_DATABASE=database)
     env.pop("KEEPFS_CONFIG", None)
     src = f"file://{image}"
     t = {}
     t["initial backup"], _ = run(keepfs, env, "backup", src, "vm", "-b", "64k")
-    t["unchanged backup"], _ = run(keepfs, env, "backup", src, "vm", "-b", "64k")
+    if counter:
+        before = counter()
+        t["unchanged backup"], _ = run(keepfs, env, "backup", src, "vm", "-b", "64k")
+        t["transactions of the unchanged backup"] = counter() - before
+    else:
+        t["unchanged backup"], _ = run(keepfs, env, "backup", src, "vm", "-b", "64k")
     start = time.monotonic()
     for _ in range(versions):
         run(keepfs, env, "backup", src, "vm", "-b", "64k")
@@ -99,10 +121,14 @@ def main():
             # default, sslmode=prefer, would encrypt on a server with TLS on).
             plain = "?sslmode=disable" if a.tls_rootcert else ""
             pg = work(a.keepfs, os.path.join(work_dir, "p"), f"{a.postgres.rstrip('/')}/{db}{plain}", image,
-                      a.versions)
+                      a.versions, counter=lambda: xacts(a.postgres, db))
             print(f"image {a.size_mib} MiB, 64 KiB blocks; seconds, SQLite (baseline) vs PostgreSQL")
             for k in base:
                 print(f"  {k:22} {base[k]:8.2f} {pg[k]:8.2f}   x{pg[k] / max(base[k], 1e-9):.2f}")
+            n = pg["transactions of the unchanged backup"]
+            blocks = a.size_mib * 1024 * 1024 // BS
+            print(f"  the unchanged backup took {n} PostgreSQL transactions for {blocks} blocks "
+                  f"({blocks * 4 // 5} of them data, each looked up)")
             print(f"  catalog size after cleanup: SQLite {os.path.getsize(sqlite_path) >> 10} KiB, "
                   f"PostgreSQL {pg_size(a.postgres, db) >> 10} KiB (database, with its fixed overhead)")
             if a.tls_rootcert:

@@ -1,0 +1,137 @@
+#!/usr/bin/env python3
+"""Memory per data block with dense images (issue 13, "Images of 200 TB").
+
+huge_index.py measures images of zeros, whose index is a few bytes. Here every block
+holds data and is unique: an image of N blocks of 4 KiB, each stamped with its number
+(so it hashes apart but compresses well, and the file storage stays small). For two
+image sizes it runs, in a fresh repository with its file storage:
+
+    backup -b 4K IMAGE        (every block new)
+    backup -b 4K IMAGE        (every block deduplicated)
+    restore to /dev/null      (a target that cannot be read back)
+    restore to a file         (on tmpfs: repeats are copied from the target)
+    scrub                     (metadata)
+    rm the first version, cleanup
+
+and prints each step's time and the peak RSS of that very process. The figure that
+matters is the slope: (peak RSS at the large size - at the small size) / (data blocks
+added), the bytes each data block costs that step, which is what bounds a dense 100 TB
+image. Run with `--old` (a keepfs built from an earlier commit) to get the same-run
+baseline.
+
+usage: contrib/bench/dense_index.py --new target/release/keepfs [--old OLD]
+       [--sizes 256M,1G] [--workdir DIR] [--tmpfs /dev/shm]
+"""
+import argparse
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import time
+
+BS = 4096
+
+
+def run(cmd, env):
+    """(ok, seconds, peak RSS in MiB, stdout, stderr) of cmd, measured by GNU time."""
+    t = time.perf_counter()
+    p = subprocess.run(["/usr/bin/time", "-f", "%M", *cmd], env=env, capture_output=True, text=True)
+    dt = time.perf_counter() - t
+    lines = p.stderr.strip().splitlines()
+    rss = int(lines[-1]) / 1024 if lines and lines[-1].isdigit() else float("nan")
+    return p.returncode == 0, dt, rss, p.stdout, "\n".join(lines[:-1])
+
+
+def make_image(path, size):
+    n = size // BS
+    pad = b"\1" * (BS - 8)
+    with open(path, "wb") as f:
+        for i in range(n):
+            f.write(struct.pack("<Q", i) + pad)
+    return n
+
+
+def parse_size(s):
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    return int(s[:-1]) * units[s[-1]] if s[-1] in units else int(s)
+
+
+STEPS = ["backup", "backup again", "restore /dev/null", "restore file", "scrub", "cleanup"]
+
+
+def bench(binary, label, size, image, workdir, tmpfs):
+    home = os.path.join(workdir, f"{label}-{size}")
+    shutil.rmtree(home, ignore_errors=True)
+    os.makedirs(home)
+    env = dict(os.environ, KEEPFS_HOME=home)
+    env.pop("KEEPFS_CONFIG", None)
+    out = {}
+
+    def step(name, cmd):
+        ok, dt, rss, stdout, err = run([binary, *cmd], env)
+        if not ok:
+            sys.exit(f"{label} {size} {name} failed: {err[-300:]}")
+        out[name] = (dt, rss)
+        return stdout.strip()
+
+    uid = step("backup", ["backup", "-b", "4K", image, "dense"])
+    step("backup again", ["backup", "-b", "4K", image, "dense"])
+    step("restore /dev/null", ["restore", "--force", uid, "file:///dev/null"])
+    target = os.path.join(tmpfs, f"keepfs-dense-{label}.img")
+    step("restore file", ["restore", "--force", uid, f"file://{target}"])
+    os.remove(target)
+    step("scrub", ["scrub", uid])
+    ok, _, _, _, err = run([binary, "rm", "--force", uid], env)
+    if not ok:
+        sys.exit(f"rm failed: {err}")
+    step("cleanup", ["cleanup"])
+    shutil.rmtree(home, ignore_errors=True)
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--new", required=True)
+    ap.add_argument("--old")
+    ap.add_argument("--sizes", default="256M,1G")
+    ap.add_argument("--workdir", default="/tmp/keepfs-dense-bench")
+    ap.add_argument("--tmpfs", default="/dev/shm")
+    a = ap.parse_args()
+    os.makedirs(a.workdir, exist_ok=True)
+    sizes = a.sizes.split(",")
+    binaries = [(l, b) for l, b in (("old", a.old), ("new", a.new)) if b]
+    results = {}
+    blocks = {}
+    for size in sizes:
+        image = os.path.join(a.tmpfs, f"keepfs-dense-{size}.img")
+        blocks[size] = make_image(image, parse_size(size))
+        try:
+            for label, binary in binaries:
+                results[(label, size)] = bench(binary, label, size, image, a.workdir, a.tmpfs)
+                print(label, size, {k: f"{v[0]:.1f} s {v[1]:.0f} MiB" for k, v in results[(label, size)].items()},
+                      flush=True)
+        finally:
+            os.remove(image)
+    print()
+    cols = ["step"] + [f"{l} {s}" for s in sizes for l, _ in binaries]
+    if len(sizes) >= 2:
+        cols += [f"{l}: bytes/block" for l, _ in binaries]
+    print(" | ".join(cols))
+    print(" | ".join("---" for _ in cols))
+    for st in STEPS:
+        row = [st]
+        for s in sizes:
+            for l, _ in binaries:
+                dt, rss = results[(l, s)][st]
+                row.append(f"{dt:.1f} s, {rss:.0f} MiB")
+        if len(sizes) >= 2:
+            lo, hi = sizes[0], sizes[-1]
+            for l, _ in binaries:
+                d = (results[(l, hi)][st][1] - results[(l, lo)][st][1]) * 2**20 / (blocks[hi] - blocks[lo])
+                row.append(f"{d:.0f}")
+        print(" | ".join(row))
+
+
+if __name__ == "__main__":
+    main()

@@ -3,7 +3,8 @@
 //! accepts TCP connections only over TLS (`hostssl` lines alone in pg_hba.conf, so a
 //! connection that works was encrypted), and the ways it is misconfigured: a CA that did
 //! not sign the server's certificate, a host the certificate does not name, a server
-//! without TLS under `sslmode=require`, a mode keepfs does not know.
+//! without TLS under `sslmode=require`, a mode keepfs does not know; and a server that
+//! authenticates by client certificate (`sslcert`, `sslkey`).
 
 mod common;
 use common::pg::PgServer;
@@ -153,4 +154,60 @@ fn prefer_falls_back_to_plain_where_the_server_refuses_tls_for_this_client() {
     let (code, line) = ls_with(&repo, &format!("{url}?sslmode=require"));
     assert_eq!(code, 2, "{line}");
     assert!(line.contains("only without TLS") && line.contains("hostssl"), "{line}");
+}
+
+/// A server that authenticates by client certificate (`cert` in pg_hba.conf, the
+/// certificate's common name is the user): with `sslcert` and `sslkey` a repository
+/// backs up and restores; without a certificate, with a key others may read, with a
+/// certificate from a CA the server does not trust or for another user, and with a key
+/// but no certificate, one line each (exit 2) that says what to do.
+#[test]
+fn a_server_that_wants_a_client_certificate_gets_the_one_sslcert_and_sslkey_name() {
+    let pg = PgServer::start_tls_with_hba("hostssl all all 127.0.0.0/8 cert");
+    let ca = pg.dir.path().join("ca.pem");
+    let (cert, key) = pg.make_client_cert("client", common::pg::USER, "ca");
+    // No password: the certificate is the credential.
+    let base = pg.url_with(&pg.create_db("cert"), "");
+    let tls = format!("sslmode=verify-full&sslrootcert={}", ca.display());
+    let url = format!("{base}?{tls}&sslcert={}&sslkey={}", cert.display(), key.display());
+    let repo = config_repo(&url);
+    let img = random_bytes(5, 7 * BS + 3);
+    std::fs::write(repo.path("img"), &img).unwrap();
+    let v = repo.ok_cfg(&["backup", &repo.url("img"), "vm", "-b", "64k"]).trim().to_string();
+    let out = repo.path("out").display().to_string();
+    repo.ok_cfg(&["restore", &v, &format!("file://{out}")]);
+    assert_eq!(sha256_file(&repo.path("out")), sha256_bytes(&img));
+    assert_eq!(pg.psql_in("cert", "SELECT COUNT(*) FROM versions"), "1");
+
+    let (code, line) = ls_with(&repo, &format!("{base}?{tls}"));
+    assert_eq!(code, 2, "{line}");
+    assert!(line.contains("sslcert=FILE&sslkey=FILE"), "no certificate: {line}");
+
+    let (other_cert, other_key) = pg.make_client_cert("stranger", common::pg::USER, &{
+        pg.make_ca("other-ca");
+        "other-ca".to_string()
+    });
+    let (code, line) =
+        ls_with(&repo, &format!("{base}?{tls}&sslcert={}&sslkey={}", other_cert.display(), other_key.display()));
+    assert_eq!(code, 2, "{line}");
+    assert!(line.contains("did not accept the client certificate") && line.contains("CA"), "{line}");
+
+    let (someone_cert, someone_key) = pg.make_client_cert("someone", "someone-else", "ca");
+    let (code, line) =
+        ls_with(&repo, &format!("{base}?{tls}&sslcert={}&sslkey={}", someone_cert.display(), someone_key.display()));
+    assert_eq!(code, 2, "{line}");
+    assert!(line.contains("common name is the user name"), "a certificate for another user: {line}");
+
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let (code, line) = ls_with(&repo, &url);
+    assert_eq!(code, 2, "{line}");
+    assert!(line.contains("may be read by others") && line.contains("chmod"), "{line}");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+
+    let (code, line) = ls_with(&repo, &format!("{base}?{tls}&sslkey={}", key.display()));
+    assert_eq!(code, 2, "{line}");
+    assert!(line.contains("no sslcert"), "{line}");
+    let (code, line) = ls_with(&repo, &url);
+    assert_eq!(code, 0, "the right certificate still works: {line}");
 }

@@ -444,6 +444,13 @@ fn connect_error(e: &postgres::Error, what: &str, tls: &tls::Tls, name: &str) ->
             "database {name}: {what}; the server takes this connection only without TLS: use sslmode=prefer or \
              disable, or add a hostssl line to its pg_hba.conf"
         )),
+        // `cert` authentication: no certificate, or one for another user.
+        Some("28000") if what.contains("client certificate") || what.contains("certificate authentication") => {
+            Error::Config(format!(
+                "database {name}: {what}; the server authenticates this user by a client certificate: name one \
+                 whose common name is the user name with sslcert=FILE&sslkey=FILE in the URL"
+            ))
+        }
         // invalid_password, invalid_authorization_specification
         Some("28P01" | "28000") => Error::Config(format!(
             "database {name}: {what}; check the password (in the URL, database_password_file or PGPASSFILE)"

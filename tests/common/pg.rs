@@ -110,6 +110,56 @@ impl PgServer {
         d.join(format!("{name}.pem"))
     }
 
+    /// A client certificate for user `cn`, signed by the CA `ca` (made by
+    /// [`PgServer::make_ca`], or `ca`, the server's): (`NAME.crt`, `NAME.key`), the key
+    /// readable by its owner only, as libpq wants.
+    pub fn make_client_cert(&self, name: &str, cn: &str, ca: &str) -> (PathBuf, PathBuf) {
+        let d = self.dir.path();
+        let (key, csr, crt) = (format!("{name}.key"), format!("{name}.csr"), format!("{name}.crt"));
+        std::fs::write(d.join(format!("{name}.ext")), "basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n")
+            .unwrap();
+        openssl(
+            d,
+            &[
+                "req",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+                "-nodes",
+                "-subj",
+                &format!("/CN={cn}"),
+                "-keyout",
+                &key,
+                "-out",
+                &csr,
+            ],
+        );
+        openssl(
+            d,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                &format!("{ca}.pem"),
+                "-CAkey",
+                &format!("{ca}.key"),
+                "-CAcreateserial",
+                "-days",
+                "2",
+                "-extfile",
+                &format!("{name}.ext"),
+                "-out",
+                &crt,
+            ],
+        );
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(d.join(&key), std::fs::Permissions::from_mode(0o600)).unwrap();
+        (d.join(crt), d.join(key))
+    }
+
     fn make_server_cert(&self) {
         let d = self.dir.path();
         self.make_ca("ca");
@@ -189,7 +239,8 @@ impl PgServer {
         let opts = if self.ssl {
             format!(
                 "-p {} -k {d} -c listen_addresses=127.0.0.1,127.0.0.2 -c fsync=off -c max_connections=100 \
-                 -c ssl=on -c ssl_cert_file={d}/server.crt -c ssl_key_file={d}/server.key",
+                 -c ssl=on -c ssl_cert_file={d}/server.crt -c ssl_key_file={d}/server.key \
+                 -c ssl_ca_file={d}/ca.pem",
                 self.port
             )
         } else {

@@ -16,6 +16,10 @@
 //!   `~/.postgresql/root.crt`); its names are not compared with the host.
 //! - `verify-full`: as `verify-ca`, and the certificate must name the host of the URL
 //!   (a DNS name or an IP address in its subjectAltName).
+//!
+//! A client certificate (`sslcert` and `sslkey`, or `PGSSLCERT` / `PGSSLKEY`, else
+//! `~/.postgresql/postgresql.crt` and `.key`) is shown to a server that asks for one
+//! (`cert` authentication, or `clientcert=verify-full` in pg_hba.conf).
 
 use crate::error::{Error, Result};
 use postgres::Socket;
@@ -24,7 +28,7 @@ use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{CertificateError, DigitallySignedStruct, RootCertStore, SignatureScheme};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -69,6 +73,8 @@ pub struct Tls {
     pub mode: SslMode,
     /// The CA certificates (PEM) the server's certificate must chain to.
     pub root_cert: Option<PathBuf>,
+    /// The client certificate shown to the server, if any.
+    pub client_cert: Option<PathBuf>,
     /// The rustls client configuration (None for `disable`), built once.
     config: Option<Arc<rustls::ClientConfig>>,
 }
@@ -117,7 +123,24 @@ impl Tls {
                  (ssl = on in postgresql.conf) or use sslmode=prefer"
             ));
         }
+        let client = self.client_cert.as_ref().map(|p| p.display().to_string());
         match rustls_error? {
+            // The server would not take the client certificate (or wanted one).
+            rustls::Error::AlertReceived(
+                a @ (rustls::AlertDescription::UnknownCA
+                | rustls::AlertDescription::BadCertificate
+                | rustls::AlertDescription::CertificateRequired
+                | rustls::AlertDescription::CertificateUnknown
+                | rustls::AlertDescription::CertificateExpired
+                | rustls::AlertDescription::AccessDenied),
+            ) => Some(match client {
+                Some(c) => format!(
+                    "the server did not accept the client certificate sslcert={c} ({a:?}); it must be signed by a CA the server trusts (its ssl_ca_file) and still valid"
+                ),
+                None => format!(
+                    "the server asks for a client certificate ({a:?}); name one with sslcert=FILE&sslkey=FILE in the URL"
+                ),
+            }),
             rustls::Error::InvalidCertificate(CertificateError::NotValidForName)
             | rustls::Error::InvalidCertificate(CertificateError::NotValidForNameContext { .. }) => Some(format!(
                 "the server's certificate does not name the host of the URL (sslmode={mode}); connect by a name \
@@ -175,6 +198,7 @@ pub fn from_url(url: &str, name: &str) -> Result<(String, Tls)> {
     let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
     let mut mode_text = None;
     let mut root = None;
+    let (mut cert, mut key) = (None, None);
     let mut rest = url.to_string();
     if let Ok(mut u) = url::Url::parse(url)
         && u.query().is_some()
@@ -184,6 +208,8 @@ pub fn from_url(url: &str, name: &str) -> Result<(String, Tls)> {
             match &*k {
                 "sslmode" => mode_text = Some(v.into_owned()),
                 "sslrootcert" => root = Some(v.into_owned()),
+                "sslcert" => cert = Some(v.into_owned()),
+                "sslkey" => key = Some(v.into_owned()),
                 _ => kept.push((k.into_owned(), v.into_owned())),
             }
         }
@@ -255,18 +281,109 @@ pub fn from_url(url: &str, name: &str) -> Result<(String, Tls)> {
             Some(if mode == SslMode::VerifyCa { Arc::new(ChainOnly(webpki)) } else { webpki })
         }
     };
+    let client = client_cert(cert.or_else(|| env("PGSSLCERT")), key.or_else(|| env("PGSSLKEY")), name)?;
     let config = match verifier {
         None => None,
-        Some(v) => Some(Arc::new(
-            rustls::ClientConfig::builder_with_provider(provider)
+        Some(v) => {
+            let builder = rustls::ClientConfig::builder_with_provider(provider)
                 .with_safe_default_protocol_versions()
                 .map_err(|e| Error::Other(format!("TLS for the catalog: {e}")))?
                 .dangerous()
-                .with_custom_certificate_verifier(v)
-                .with_no_client_auth(),
-        )),
+                .with_custom_certificate_verifier(v);
+            Some(Arc::new(match &client {
+                None => builder.with_no_client_auth(),
+                Some(c) => builder.with_client_auth_cert(c.chain.clone(), c.key.clone_key()).map_err(|e| {
+                    Error::Config(format!(
+                        "database {name}: sslkey {} does not fit sslcert {} ({e}); name the key of that certificate",
+                        c.key_file.display(),
+                        c.cert_file.display()
+                    ))
+                })?,
+            }))
+        }
     };
-    Ok((rest, Tls { mode, root_cert: root, config }))
+    let client_cert = client.map(|c| c.cert_file);
+    Ok((rest, Tls { mode, root_cert: root, client_cert, config }))
+}
+
+/// A client certificate and its key, as the server may ask for (`cert` in pg_hba.conf).
+struct ClientCert {
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    cert_file: PathBuf,
+    key_file: PathBuf,
+}
+
+/// The client certificate: `sslcert` and `sslkey` (or `PGSSLCERT` / `PGSSLKEY`), else
+/// `~/.postgresql/postgresql.crt` and `.key` when they exist, as libpq. A key that
+/// others may read is refused, as libpq refuses it.
+fn client_cert(cert: Option<String>, key: Option<String>, name: &str) -> Result<Option<ClientCert>> {
+    let home = std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".postgresql"));
+    let (cert_file, key_file) = match (cert, key) {
+        (Some(c), Some(k)) => (PathBuf::from(c), PathBuf::from(k)),
+        (Some(c), None) => match home.as_ref().map(|h| h.join("postgresql.key")).filter(|p| p.exists()) {
+            Some(k) => (PathBuf::from(c), k),
+            None => {
+                return Err(Error::Config(format!(
+                    "database {name}: sslcert={c} names a client certificate but no sslkey its key; add sslkey=/path/client.key to the URL"
+                )));
+            }
+        },
+        (None, Some(k)) => {
+            return Err(Error::Config(format!(
+                "database {name}: sslkey={k} names a key but no sslcert its certificate; add sslcert=/path/client.crt to the URL"
+            )));
+        }
+        (None, None) => {
+            let Some(h) = home else { return Ok(None) };
+            let (c, k) = (h.join("postgresql.crt"), h.join("postgresql.key"));
+            if !c.exists() || !k.exists() {
+                return Ok(None);
+            }
+            (c, k)
+        }
+    };
+    let chain = CertificateDer::pem_file_iter(&cert_file)
+        .and_then(|it| it.collect::<std::result::Result<Vec<_>, _>>())
+        .map_err(|e| {
+            Error::Config(format!(
+                "database {name}: sslcert {}: cannot read a certificate from it ({e}); name the PEM file of this client's certificate",
+                cert_file.display()
+            ))
+        })?;
+    if chain.is_empty() {
+        return Err(Error::Config(format!(
+            "database {name}: sslcert {} holds no certificate; name the PEM file of this client's certificate",
+            cert_file.display()
+        )));
+    }
+    check_key_mode(&key_file, name)?;
+    let key = PrivateKeyDer::from_pem_file(&key_file).map_err(|e| {
+        Error::Config(format!(
+            "database {name}: sslkey {}: cannot read a private key from it ({e}); name the PEM file of the key of sslcert {}",
+            key_file.display(),
+            cert_file.display()
+        ))
+    })?;
+    Ok(Some(ClientCert { chain, key, cert_file, key_file }))
+}
+
+/// libpq's rule for a client key: no access for others, and none for the group unless
+/// root owns it (then read at most).
+fn check_key_mode(file: &std::path::Path, name: &str) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(file).map_err(|e| {
+        Error::Config(format!("database {name}: sslkey {}: {e}; name the client certificate's key", file.display()))
+    })?;
+    let mode = meta.mode() & 0o777;
+    let allowed = if meta.uid() == 0 { 0o640 } else { 0o600 };
+    if mode & !allowed != 0 {
+        return Err(Error::Config(format!(
+            "database {name}: sslkey {} may be read by others (mode {mode:04o}); chmod {allowed:04o} it, as libpq requires of a private key",
+            file.display()
+        )));
+    }
+    Ok(())
 }
 
 /// `prefer` and `require`: encrypt, check nothing about the certificate (the handshake's

@@ -321,15 +321,15 @@ impl Repository {
             .collect();
         let orphan_ids: HashSet<BlockId> = orphans.iter().map(|o| o.0).collect();
         let unfinished: HashSet<BlockId> = plan.unfinished.iter().copied().collect();
-        let candidates: Vec<BlockId> =
-            plan.objects.iter().map(|o| o.0).chain(plan.unfinished.iter().copied()).collect();
-        let mut rows = candidates.chunks(SWEEP_BATCH);
+        // Batches are taken from the plan as they go (no second list of every candidate).
+        let mut rows = plan.objects.iter().map(|o| o.0).chain(plan.unfinished.iter().copied());
         let mut files = orphans.chunks(SWEEP_BATCH);
         loop {
-            let (ids, found): (Vec<BlockId>, &[(BlockId, u64)]) = match (rows.next(), files.next()) {
-                (None, None) => break,
-                (r, f) => (r.unwrap_or_default().to_vec(), f.unwrap_or_default()),
-            };
+            let ids: Vec<BlockId> = rows.by_ref().take(SWEEP_BATCH).collect();
+            let found: &[(BlockId, u64)] = files.next().unwrap_or_default();
+            if ids.is_empty() && found.is_empty() {
+                break;
+            }
             // 1. Mark (the transaction also heartbeats this cleanup's session and fails if
             //    another process ended it): only what is still unreferenced-and-untouched
             //    becomes this cleanup's to delete; a backup that meets a mark waits.

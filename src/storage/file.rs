@@ -129,11 +129,12 @@ impl Storage for FileStorage {
     /// (`copy_file_range`, a reflink where the filesystem has them), the header written
     /// over the copy, and the copy fsynced and renamed into place. Never a partial
     /// in-place write: a crash leaves the old object or the new one.
-    /// Writes `object` as the caller read it, with the new prefix, in place of the file
-    /// (temp + rename): never the file's current bytes under a header computed from
-    /// another copy. An object deleted and stored again (with another data key) since
-    /// the caller read it is so replaced by the caller's copy: the same content under
-    /// the same id, sealed by the current key. A missing file stays missing.
+    /// Copies the file inside the filesystem (a reflink where the filesystem has them),
+    /// writes the new prefix over the copy and renames it into place. The prefix was
+    /// computed from `object`, the caller's read: if the copy does not start as `object`
+    /// does (a cleanup and a backup replaced the object since, the same content under
+    /// another data key), `object` itself is written with the new prefix instead, never
+    /// the new bytes under a header computed from the old. A missing file stays missing.
     fn replace_prefix(&self, key: &str, object: &[u8], prefix: &[u8]) -> StorageResult<()> {
         let path = self.path_of(key)?;
         if object.len() < prefix.len() {
@@ -143,19 +144,32 @@ impl Storage for FileStorage {
                 io::Error::new(io::ErrorKind::InvalidData, "object shorter than its new header"),
             ));
         }
-        match fs::symlink_metadata(&path) {
-            Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                return Err(StorageError::NotFound { storage: self.name.clone(), key: key.to_string() });
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        let tmp = self.tmp.join(format!("{}.{}.{}", std::process::id(), n, key.replace('/', "_")));
+        let r = (|| -> io::Result<()> {
+            fs::copy(&path, &tmp)?;
+            let f = fs::OpenOptions::new().read(true).write(true).open(&tmp)?;
+            let mut head = vec![0u8; prefix.len()];
+            let same = f.metadata()?.len() == object.len() as u64
+                && std::os::unix::fs::FileExt::read_exact_at(&f, &mut head, 0).is_ok()
+                && head == object[..prefix.len()];
+            if same {
+                std::os::unix::fs::FileExt::write_all_at(&f, prefix, 0)?;
+            } else {
+                f.set_len(0)?;
+                std::os::unix::fs::FileExt::write_all_at(&f, prefix, 0)?;
+                std::os::unix::fs::FileExt::write_all_at(&f, &object[prefix.len()..], prefix.len() as u64)?;
             }
-            Err(e) => return Err(self.err("rewrite header of", key, e)),
-        }
-        let mut data = object.to_vec();
-        data[..prefix.len()].copy_from_slice(prefix);
-        let tmp = self.write_temp(key, &data)?;
-        if let Err(e) = fs::rename(&tmp, &path) {
+            f.sync_data()?;
+            fs::rename(&tmp, &path)
+        })();
+        if let Err(e) = r {
             let _ = fs::remove_file(&tmp);
-            return Err(self.err("rewrite header of", key, e));
+            return Err(if e.kind() == io::ErrorKind::NotFound {
+                StorageError::NotFound { storage: self.name.clone(), key: key.to_string() }
+            } else {
+                self.err("rewrite header of", key, e)
+            });
         }
         self.dirty_dirs.lock().insert(path.parent().unwrap_or(&self.root).to_path_buf());
         Ok(())
@@ -331,6 +345,10 @@ mod tests {
         s.replace_prefix(key, &read, b"HEAD-R").unwrap();
         s.sync().unwrap();
         assert_eq!(s.get_fresh(key).unwrap(), b"HEAD-R|payload sealed by data key 1");
+        // Unchanged since read: the header goes onto the filesystem's copy.
+        let read = s.get_fresh(key).unwrap();
+        s.replace_prefix(key, &read, b"HEAD-S").unwrap();
+        assert_eq!(s.get_fresh(key).unwrap(), b"HEAD-S|payload sealed by data key 1");
 
         s.delete(key).unwrap();
         assert!(matches!(s.replace_prefix(key, &read, b"HEAD-R"), Err(StorageError::NotFound { .. })));

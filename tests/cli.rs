@@ -34,6 +34,60 @@ fn images_of_every_shape_restore_byte_identical() {
     assert_eq!(repo.restore_sha(&uid, "out"), sha256_file(&repo.path("big")));
 }
 
+/// An image of 1,100 blocks of 4 KiB: the index groups blocks by 256 in memory, and
+/// here data, holes and repeats sit on both sides of every group boundary (blocks 255,
+/// 256, 511, 512, ...). It backs up, restores (to a new file, over an existing one with
+/// --sparse, and as a delta), diffs against a changed copy block for block,
+/// and scrubs.
+#[test]
+fn an_image_across_the_index_groups_of_256_blocks_restores_and_diffs_block_for_block() {
+    const B: usize = 4096;
+    let repo = Repo::new();
+    let n = 1100;
+    let mut img = vec![0u8; n * B + 100];
+    let holes = [0, 254, 256, 257, 511, 767, 768, 1023, 1024];
+    for i in 0..n {
+        if holes.contains(&i) {
+            continue;
+        }
+        // Every 7th block repeats block 1; the rest are unique.
+        let content = if i % 7 == 0 { random_bytes(1, B) } else { random_bytes(10_000 + i as u64, B) };
+        img[i * B..(i + 1) * B].copy_from_slice(&content);
+    }
+    img[n * B..].copy_from_slice(&random_bytes(3, 100)); // a short last block
+    fs::write(repo.path("img"), &img).unwrap();
+    let a = repo.backup("img", "groups", &["-b", "4k"]);
+    let want = sha256_file(&repo.path("img"));
+    assert_eq!(repo.restore_sha(&a, "out"), want);
+    repo.ok(&["restore", "--force", "--sparse", &a, &repo.url("out")]);
+    assert_eq!(sha256_file(&repo.path("out")), want, "over an existing file");
+    let r = repo.run(&["deep-scrub", &a]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+
+    // Change blocks on both sides of group boundaries: data to hole, hole to data,
+    // data to other data.
+    let mut img2 = img.clone();
+    img2[255 * B..256 * B].fill(0); // data -> hole
+    img2[256 * B..257 * B].copy_from_slice(&random_bytes(4, B)); // hole -> data
+    img2[512 * B + 9] ^= 1; // data -> other data
+    img2[1023 * B..1024 * B].copy_from_slice(&random_bytes(5, B)); // hole -> data
+    fs::write(repo.path("img2"), &img2).unwrap();
+    let b = repo.backup("img2", "groups", &["-b", "4k"]);
+    assert_eq!(repo.restore_sha(&b, "out2"), sha256_file(&repo.path("img2")));
+    let json: serde_json::Value = serde_json::from_str(&repo.ok(&["diff", "--format", "json", &a, &b])).unwrap();
+    let want = serde_json::json!([
+        {"offset": 255 * B, "length": B, "exists": "false"},
+        {"offset": 256 * B, "length": B, "exists": "true"},
+        {"offset": 512 * B, "length": B, "exists": "true"},
+        {"offset": 1023 * B, "length": B, "exists": "true"},
+    ]);
+    assert_eq!(json, want, "{json}");
+    assert_eq!(repo.version(&b)["stats"]["bytes_written"], (3 * B) as u64, "only the three new blocks are stored");
+    // `out` holds a: a delta restore writes only what differs.
+    repo.ok(&["restore", "--delta-from", &a, &b, &repo.url("out")]);
+    assert_eq!(sha256_file(&repo.path("out")), sha256_file(&repo.path("img2")), "delta restore of b over a");
+}
+
 #[test]
 fn zero_blocks_are_never_stored_and_sparse_restore_leaves_holes() {
     let repo = Repo::new();

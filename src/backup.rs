@@ -441,8 +441,13 @@ impl Coordinator {
         Ok(())
     }
 
-    /// How much longer the pending lookups may wait for others, if at all.
+    /// How much longer the pending lookups may wait for others, if at all. Not when a
+    /// writer may be waiting for a block (a draft under FUSE or NBD reads back or
+    /// rewrites what it handed over): that one block would wait out the linger.
     fn linger_left(&self) -> Option<Duration> {
+        if self.completions.is_some() {
+            return None;
+        }
         let since = self.pending_since?;
         let held = self.pending_lookup.len() * self.ctx.block_size as usize;
         if held * LOOKUP_POOL_SHARE >= POOL_BYTES {

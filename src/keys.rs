@@ -572,35 +572,49 @@ impl Repository {
     }
 
     /// `keepfs key rekey`: every object not sealed by the current key gets its data key
-    /// wrapped by the current key. Only headers change (see docs/format.md for how each
-    /// storage does it); data is never decrypted or re-encrypted. Returns (rewrapped,
-    /// already current).
-    pub fn rekey(&self, name: &str) -> Result<(u64, u64)> {
+    /// wrapped by the current key. Only block headers change (see docs/format.md for how
+    /// each storage does it); block data is never decrypted or re-encrypted. A version
+    /// object is written anew from the catalog instead (under a lock that keeps `rm` out):
+    /// rewrapping the copy read here could put back labels, expiry or protection that
+    /// changed meanwhile. Returns (rewrapped, already current, gone): gone are objects
+    /// deleted since the list was made (by a cleanup or `rm`), or missing (deep-scrub
+    /// finds those); they are not recorded as moved, so `key remove` still refuses.
+    pub fn rekey(&self, name: &str) -> Result<(u64, u64, u64)> {
         let storage = self.storage(name)?;
         let codec = storage.codec();
         let current = codec
             .current_key()
             .ok_or_else(|| Error::Invalid(format!("storage '{name}' is not encrypted; nothing to rekey")))?;
         let sid = self.storage_id(name)?;
+        let session = self.session(&format!("key rekey {name}"), false)?;
         let ids = self.db().objects_not_under(sid, current)?;
-        let mut keys: Vec<String> = ids.iter().map(|id| id.storage_key()).collect();
-        keys.extend(storage.list("versions/")?.into_iter().map(|e| e.key));
-        let (mut rewrapped, mut already) = (0u64, 0u64);
+        let versions: Vec<String> = storage.list("versions/")?.into_iter().map(|e| e.key).collect();
+        let (mut rewrapped, mut already, mut gone) = (0u64, 0u64, 0u64);
+        let is_gone = |e: &Error| {
+            matches!(e, Error::Storage(crate::storage::StorageError::NotFound { .. }) | Error::VersionNotFound(_))
+        };
         // Bounded batches: a batch is made durable, then recorded, before the next.
-        for (chunk_keys, chunk_no) in keys.chunks(256).zip(0..) {
-            for key in chunk_keys {
-                // What the storage holds, not a local copy (and none is made). An object
-                // a cleanup (or `rm`) deleted since the list was made needs no new key.
-                let bytes = match retry(4, || storage.get_fresh(key)) {
-                    Err(crate::storage::StorageError::NotFound { .. }) => continue,
+        for chunk in ids.chunks(256) {
+            let mut done = Vec::with_capacity(chunk.len());
+            for id in chunk {
+                let key = id.storage_key();
+                // What the storage holds, not a local copy (and none is made).
+                let bytes = match retry(4, || storage.get_fresh(&key)) {
+                    Err(crate::storage::StorageError::NotFound { .. }) => {
+                        gone += 1;
+                        continue;
+                    }
                     other => other?,
                 };
                 match codec
                     .rewrap_header(&bytes)
                     .map_err(|e| Error::Object { context: format!("object {key}"), source: e })?
                 {
-                    Some(prefix) => match retry(4, || storage.replace_prefix(key, &bytes, &prefix)) {
-                        Err(crate::storage::StorageError::NotFound { .. }) => {}
+                    Some(prefix) => match retry(4, || storage.replace_prefix(&key, &bytes, &prefix)) {
+                        Err(crate::storage::StorageError::NotFound { .. }) => {
+                            gone += 1;
+                            continue;
+                        }
                         other => {
                             other?;
                             rewrapped += 1;
@@ -608,13 +622,43 @@ impl Repository {
                     },
                     None => already += 1,
                 }
+                done.push(*id);
             }
             retry(4, || storage.sync())?;
-            let done: Vec<crate::block::BlockId> =
-                ids.iter().skip(chunk_no * 256).take(chunk_keys.len()).copied().collect();
             self.db().set_object_keys(sid, &done, current)?;
         }
-        Ok((rewrapped, already))
+        for key in versions {
+            let bytes = match retry(4, || storage.get_fresh(&key)) {
+                Err(crate::storage::StorageError::NotFound { .. }) => {
+                    gone += 1;
+                    continue;
+                }
+                other => other?,
+            };
+            let stale = codec
+                .rewrap_header(&bytes)
+                .map_err(|e| Error::Object { context: format!("object {key}"), source: e })?
+                .is_some();
+            let uid = key.strip_prefix("versions/").and_then(|u| crate::version::VersionUid::parse(u).ok());
+            match (stale, uid) {
+                (false, _) => already += 1,
+                (true, Some(uid)) => {
+                    match session.lock_version(uid, "key rekey").and_then(|_| self.refresh_version_object(uid)) {
+                        Ok(()) => rewrapped += 1,
+                        Err(e) if is_gone(&e) || matches!(e, Error::Refused(_)) => gone += 1,
+                        Err(e) => return Err(e),
+                    }
+                }
+                (true, None) => {
+                    return Err(Error::Other(format!(
+                        "storage '{name}' holds {key}, which is not a version object keepfs names; move it away and \
+                         run the rekey again"
+                    )));
+                }
+            }
+        }
+        drop(session);
+        Ok((rewrapped, already, gone))
     }
 
     /// `keepfs key remove`: refuses while any object may still need the key.

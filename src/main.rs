@@ -1233,8 +1233,13 @@ fn run(cli: Cli) -> Result<i32> {
                 }
                 KeyAction::Rekey { storage } => {
                     let name = storage_name(storage);
-                    let (done, already) = repo.rekey(&name)?;
+                    let (done, already, gone) = repo.rekey(&name)?;
                     note!("storage '{name}': rewrapped {done} object(s); {already} had the current key already");
+                    if gone > 0 {
+                        note!(
+                            "storage '{name}': {gone} listed object(s) were gone when their turn came (deleted by a cleanup or `rm` meanwhile, or missing: `keepfs deep-scrub` finds those); they keep their old key in the catalog, so `key remove` still refuses while any is recorded"
+                        );
+                    }
                 }
                 KeyAction::Remove { id, storage } => {
                     let name = storage_name(storage);

@@ -87,6 +87,14 @@ impl Chunk {
     fn slots(&self) -> Slots {
         Slots { present: self.present, front: 0, back: CHUNK_LEN as usize, left: self.ids.len() }
     }
+
+    /// The data blocks among slots `lo..hi`, with their ids: found without walking the
+    /// slots before `lo` (a run is written by its range, so a scan from the chunk's
+    /// start would make writing an index quadratic in the runs of a chunk).
+    fn between(&self, lo: usize, hi: usize) -> impl DoubleEndedIterator<Item = (usize, &BlockId)> + '_ {
+        let (a, b) = (self.rank(lo), if hi >= CHUNK_LEN as usize { self.ids.len() } else { self.rank(hi) });
+        Slots { present: self.present, front: lo, back: hi, left: b - a }.zip(self.ids[a..b].iter())
+    }
 }
 
 /// The set bits of a chunk's bitmap, from either end.
@@ -239,17 +247,14 @@ impl Entries {
     /// The non-sparse blocks among blocks `range`, in order.
     pub fn data_in(&self, range: Range<u64>) -> impl Iterator<Item = (u64, BlockId)> + '_ {
         let range = range.start..range.end.max(range.start);
-        let chunks = if range.is_empty() {
-            self.chunks.range(1..1)
-        } else {
-            self.chunks.range(range.start >> CHUNK_SHIFT..=(range.end - 1) >> CHUNK_SHIFT)
-        };
-        chunks
-            .flat_map(|(&c, ch)| {
-                let base = c << CHUNK_SHIFT;
-                ch.slots().zip(ch.ids.iter()).map(move |(s, &id)| (base + s as u64, id))
-            })
-            .filter(move |(i, _)| range.contains(i))
+        let (first, last) = (range.start >> CHUNK_SHIFT, range.end.saturating_sub(1) >> CHUNK_SHIFT);
+        let chunks = if range.is_empty() { self.chunks.range(1..1) } else { self.chunks.range(first..=last) };
+        chunks.flat_map(move |(&c, ch)| {
+            let base = c << CHUNK_SHIFT;
+            let lo = if c == first { split(range.start).1 } else { 0 };
+            let hi = if c == last { split(range.end - 1).1 + 1 } else { CHUNK_LEN as usize };
+            ch.between(lo, hi).map(move |(s, &id)| (base + s as u64, id))
+        })
     }
 
     /// Every block's id, sparse ones included (one step per block: for small images).

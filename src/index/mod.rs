@@ -153,7 +153,7 @@ impl BlockIndex {
 
     /// [`BlockIndex::repeats`] among the data blocks `pick` chooses only. Holds 16 bytes
     /// a chosen block while it works (the first 8 bytes of its id and its number,
-    /// sorted; full ids are compared only where those collide), then the repeats.
+    /// sorted; full ids are compared only where those agree), then the repeats.
     pub fn repeats_among(&self, pick: impl Fn(u64) -> bool) -> HashMap<u64, u64> {
         let prefix = |id: &BlockId| u64::from_le_bytes(id.0[..8].try_into().unwrap_or([0; 8]));
         let mut keyed: Vec<(u64, u64)> =
@@ -161,11 +161,14 @@ impl BlockIndex {
         keyed.sort_unstable();
         let mut out = HashMap::new();
         for group in keyed.chunk_by(|a, b| a.0 == b.0).filter(|g| g.len() > 1) {
-            let mut ids: Vec<(BlockId, u64)> = group.iter().map(|&(_, i)| (self.entries.get(i), i)).collect();
-            ids.sort_unstable();
-            for same in ids.chunk_by(|a, b| a.0 == b.0) {
-                let first = same[0].1;
-                out.extend(same[1..].iter().map(|&(_, i)| (i, first)));
+            // In block order; the full ids of a group are nearly always one id, so this
+            // map stays tiny even when a whole image repeats one block.
+            let mut first: HashMap<BlockId, u64> = HashMap::new();
+            for &(_, i) in group {
+                let f = *first.entry(self.entries.get(i)).or_insert(i);
+                if f != i {
+                    out.insert(i, f);
+                }
             }
         }
         out

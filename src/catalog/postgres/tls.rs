@@ -281,7 +281,12 @@ pub fn from_url(url: &str, name: &str) -> Result<(String, Tls)> {
             Some(if mode == SslMode::VerifyCa { Arc::new(ChainOnly(webpki)) } else { webpki })
         }
     };
-    let client = client_cert(cert.or_else(|| env("PGSSLCERT")), key.or_else(|| env("PGSSLKEY")), name)?;
+    // Read only when TLS may be used, as libpq (a stray PGSSLKEY must not break a plain
+    // connection).
+    let client = match verifier {
+        None => None,
+        Some(_) => client_cert(cert.or_else(|| env("PGSSLCERT")), key.or_else(|| env("PGSSLKEY")), name)?,
+    };
     let config = match verifier {
         None => None,
         Some(v) => {
@@ -368,15 +373,26 @@ fn client_cert(cert: Option<String>, key: Option<String>, name: &str) -> Result<
     Ok(Some(ClientCert { chain, key, cert_file, key_file }))
 }
 
-/// libpq's rule for a client key: no access for others, and none for the group unless
-/// root owns it (then read at most).
+/// libpq's rule for a client key: owned by this user and readable by it alone (0600),
+/// or owned by root and readable by root's group at most (0640).
 fn check_key_mode(file: &std::path::Path, name: &str) -> Result<()> {
     use std::os::unix::fs::MetadataExt;
     let meta = std::fs::metadata(file).map_err(|e| {
         Error::Config(format!("database {name}: sslkey {}: {e}; name the client certificate's key", file.display()))
     })?;
     let mode = meta.mode() & 0o777;
-    let allowed = if meta.uid() == 0 { 0o640 } else { 0o600 };
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    let allowed = if meta.uid() == me {
+        0o600
+    } else if meta.uid() == 0 {
+        0o640
+    } else {
+        return Err(Error::Config(format!(
+            "database {name}: sslkey {} belongs to another user; it must belong to this user (or root), as libpq requires",
+            file.display()
+        )));
+    };
     if mode & !allowed != 0 {
         return Err(Error::Config(format!(
             "database {name}: sslkey {} may be read by others (mode {mode:04o}); chmod {allowed:04o} it, as libpq requires of a private key",
@@ -474,6 +490,18 @@ impl ServerCertVerifier for ChainOnly {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// As libpq: client certificate settings are read only when TLS may be used, so a
+    /// stray or broken one never breaks a plain connection; with TLS they are checked.
+    #[test]
+    fn client_certificate_settings_matter_only_with_tls() {
+        let url = "postgresql://h/db?sslmode=disable&sslkey=/nonexistent/client.key&sslcert=/nonexistent/c.crt";
+        let (rest, tls) = from_url(url, "x").unwrap();
+        assert_eq!(rest, "postgresql://h/db", "taken out of the URL even so");
+        assert!(tls.client_cert.is_none());
+        let e = from_url(&url.replace("disable", "require"), "x").err().unwrap();
+        assert!(e.to_string().contains("sslcert /nonexistent/c.crt"), "{e}");
+    }
 
     #[test]
     fn sslmode_and_sslrootcert_leave_the_url_and_other_options_stay() {

@@ -574,11 +574,13 @@ impl Repository {
     /// `keepfs key rekey`: every object not sealed by the current key gets its data key
     /// wrapped by the current key. Only block headers change (see docs/format.md for how
     /// each storage does it); block data is never decrypted or re-encrypted. A version
-    /// object is written anew from the catalog instead (under a lock that keeps `rm` out):
-    /// rewrapping the copy read here could put back labels, expiry or protection that
-    /// changed meanwhile. Returns (rewrapped, already current, gone): gone are objects
-    /// deleted since the list was made (by a cleanup or `rm`), or missing (deep-scrub
-    /// finds those); they are not recorded as moved, so `key remove` still refuses.
+    /// object the catalog knows is written anew from the catalog instead (under a lock
+    /// that keeps `rm` out): rewrapping the copy read here could put back labels, expiry
+    /// or protection that changed meanwhile. Returns (rewrapped, already current, gone):
+    /// gone are objects deleted since the list was made (by a cleanup or `rm`), being
+    /// removed, or missing (deep-scrub finds those); blocks among them are not recorded
+    /// as moved, and `key remove` checks version objects in the storage, so it refuses
+    /// while any of them still needs an older key.
     pub fn rekey(&self, name: &str) -> Result<(u64, u64, u64)> {
         let storage = self.storage(name)?;
         let codec = storage.codec();
@@ -635,25 +637,38 @@ impl Repository {
                 }
                 other => other?,
             };
-            let stale = codec
+            let Some(prefix) = codec
                 .rewrap_header(&bytes)
                 .map_err(|e| Error::Object { context: format!("object {key}"), source: e })?
-                .is_some();
+            else {
+                already += 1;
+                continue;
+            };
+            // A committed version of this storage that the catalog knows is written anew
+            // from the catalog, so that a label, expiry or protection change made since it
+            // was read stays. Any other version object (another catalog's, an incomplete
+            // version's, one the catalog places elsewhere) has only this copy: its header
+            // is rewrapped.
             let uid = key.strip_prefix("versions/").and_then(|u| crate::version::VersionUid::parse(u).ok());
-            match (stale, uid) {
-                (false, _) => already += 1,
-                (true, Some(uid)) => {
-                    match session.lock_version(uid, "key rekey").and_then(|_| self.refresh_version_object(uid)) {
-                        Ok(()) => rewrapped += 1,
-                        Err(e) if is_gone(&e) || matches!(e, Error::Refused(_)) => gone += 1,
-                        Err(e) => return Err(e),
-                    }
+            let ours = match uid.map(|u| self.version(u)) {
+                Some(Ok(v)) => v.storage == name && v.status != crate::version::Status::Incomplete,
+                Some(Err(Error::VersionNotFound(_))) | None => false,
+                Some(Err(e)) => return Err(e),
+            };
+            if let (true, Some(uid)) = (ours, uid) {
+                match session.lock_version(uid, "key rekey").and_then(|_| self.refresh_version_object(uid)) {
+                    Ok(()) => rewrapped += 1,
+                    // Being removed (or gone): `key remove` checks version objects itself.
+                    Err(e) if is_gone(&e) || matches!(e, Error::Refused(_)) => gone += 1,
+                    Err(e) => return Err(e),
                 }
-                (true, None) => {
-                    return Err(Error::Other(format!(
-                        "storage '{name}' holds {key}, which is not a version object keepfs names; move it away and \
-                         run the rekey again"
-                    )));
+                continue;
+            }
+            match retry(4, || storage.replace_prefix(&key, &bytes, &prefix)) {
+                Err(crate::storage::StorageError::NotFound { .. }) => gone += 1,
+                other => {
+                    other?;
+                    rewrapped += 1;
                 }
             }
         }
@@ -672,6 +687,25 @@ impl Repository {
             if left > 0 {
                 return Err(Error::Refused(format!(
                     "{left} object(s) of storage '{name}' may still be sealed by older keys; run `keepfs key rekey -S {name}` first"
+                )));
+            }
+            // Version objects have no rows of their own: their headers say.
+            let storage = self.storage(name)?;
+            let mut stale = 0u64;
+            for e in storage.list("versions/")? {
+                let bytes = match retry(4, || storage.get_fresh(&e.key)) {
+                    Err(crate::storage::StorageError::NotFound { .. }) => continue,
+                    other => other?,
+                };
+                let old = storage
+                    .codec()
+                    .rewrap_header(&bytes)
+                    .map_err(|err| Error::Object { context: format!("object {}", e.key), source: err })?;
+                stale += old.is_some() as u64;
+            }
+            if stale > 0 {
+                return Err(Error::Refused(format!(
+                    "{stale} version object(s) of storage '{name}' are still sealed by older keys; run `keepfs key rekey -S {name}` first"
                 )));
             }
         }

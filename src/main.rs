@@ -1237,7 +1237,7 @@ fn run(cli: Cli) -> Result<i32> {
                     note!("storage '{name}': rewrapped {done} object(s); {already} had the current key already");
                     if gone > 0 {
                         note!(
-                            "storage '{name}': {gone} listed object(s) were gone when their turn came (deleted by a cleanup or `rm` meanwhile, or missing: `keepfs deep-scrub` finds those); they keep their old key in the catalog, so `key remove` still refuses while any is recorded"
+                            "storage '{name}': {gone} listed object(s) were gone or being removed when their turn came (by a cleanup or `rm`), or are missing (`keepfs deep-scrub` finds those); `key remove` refuses while any of them still needs an older key: run `keepfs key rekey` again then"
                         );
                     }
                 }

@@ -302,7 +302,10 @@ impl Repository {
     /// returns false, and `keepfs rm` removes it later.
     pub fn remove_superseded(&self, uid: VersionUid) -> Result<bool> {
         let v = self.version(uid)?;
-        if !self.db.lock().version_lock_holders(uid)?.is_empty() {
+        // The removal lock, as `rm` takes it: a reader (or a rekey rewriting the object)
+        // that comes after it sees the version going and keeps off.
+        let session = self.session(&format!("remove superseded {uid}"), false)?;
+        if session.lock_for_removal(uid).is_err() {
             return Ok(false);
         }
         self.storage(&v.storage)?.delete(&version_key(uid))?;

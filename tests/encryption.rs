@@ -254,6 +254,11 @@ fn keys_rotate_rekey_and_the_old_key_goes() {
     assert!(r.error_line().contains("run `keepfs key rekey"), "{}", r.stderr);
     let files = files_under(&repo.storage().join("blocks"));
     let before: Vec<Vec<u8>> = files.iter().map(|f| fs::read(f).unwrap()).collect();
+    // A version object the catalog does not know (another catalog's, say) has only its
+    // own copy: rekey rewraps it rather than skip it.
+    let versions = repo.storage().join("versions");
+    let v1_old_key = fs::read(versions.join(&v1)).unwrap();
+    fs::write(versions.join("V0000000999"), &v1_old_key).unwrap();
     // A block missing when rekey comes to it is not recorded as moved: the old key
     // stays until a rekey has really moved it.
     let parked = repo.path("parked");
@@ -269,10 +274,18 @@ fn keys_rotate_rekey_and_the_old_key_goes() {
     let r = e.run_with(&pw, &["key", "rekey"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert!(r.stderr.contains("rewrapped 1 object(s)"), "only the block that was away is left: {}", r.stderr);
-    // Version objects are written anew from the catalog, under the new key.
-    for f in files_under(&repo.storage().join("versions")) {
+    // Version objects are written anew from the catalog, or rewrapped, under the new key.
+    for f in files_under(&versions) {
         assert_eq!(hex::encode(&fs::read(&f).unwrap()[72..80]), new, "{} is under the new key", f.display());
     }
+    fs::remove_file(versions.join("V0000000999")).unwrap();
+    // `key remove` reads the version objects' headers too: one under the old key (put
+    // there after the rekey) keeps the old key.
+    fs::write(versions.join("V0000000998"), &v1_old_key).unwrap();
+    let r = e.run_with(&pw, &["key", "remove", &old]);
+    assert_eq!(r.code, 4, "{}", r.stderr);
+    assert!(r.error_line().contains("1 version object(s)") && r.error_line().contains("rekey"), "{}", r.stderr);
+    fs::remove_file(versions.join("V0000000998")).unwrap();
     for (f, b) in files.iter().zip(&before) {
         let a = fs::read(f).unwrap();
         assert_eq!(a.len(), b.len());

@@ -25,6 +25,12 @@ impl BlockId {
         BlockId(id)
     }
 
+    /// The first 8 bytes of the id as a number: what a set of millions of ids keeps
+    /// where a rare collision only costs a second look (or keeps an object).
+    pub fn short(&self) -> u64 {
+        u64::from_le_bytes([self.0[0], self.0[1], self.0[2], self.0[3], self.0[4], self.0[5], self.0[6], self.0[7]])
+    }
+
     pub fn is_sparse(&self) -> bool {
         *self == Self::SPARSE
     }

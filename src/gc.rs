@@ -23,13 +23,6 @@ use crate::version::VersionUid;
 use std::collections::HashSet;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-/// The first 8 bytes of an id: what the mark phase keeps of each (8 bytes instead of 32,
-/// so a repository of many millions of blocks is marked in a small set). Two ids that
-/// share them are told apart by nothing here, which only ever keeps an object.
-fn short_id(id: &BlockId) -> u64 {
-    u64::from_le_bytes(id.0[..8].try_into().unwrap_or([0; 8]))
-}
-
 /// What a cleanup of one storage would delete.
 #[derive(Clone, Debug)]
 pub struct CleanupPlan {
@@ -200,8 +193,9 @@ impl Repository {
             db.storage_names()?.into_iter().map(|(id, n)| (n, id)).collect();
         let in_this: HashSet<u64> =
             versions.iter().filter(|v| storage_ids.get(&v.storage) == Some(&storage_id)).map(|v| v.uid.0).collect();
-        // Ids are kept by their first 8 bytes (docs/format.md, "Cleanup"): an object whose
-        // short id a referenced one shares is kept, never the other way round.
+        // Ids are kept by their first 8 bytes (`BlockId::short`; docs/format.md, "Cleanup"),
+        // so a repository of many millions of blocks is marked in a small set: an object
+        // whose short id a referenced one shares is kept, never the other way round.
         let mut marked: HashSet<u64> = HashSet::new();
         let mut damaged = None;
         db.for_each_index(&mut |uid, bytes| {
@@ -209,7 +203,7 @@ impl Repository {
                 // Read as a stream: no map of the index is built. (A damaged index
                 // refuses the whole cleanup, so what it marked before the damage is moot.)
                 match BlockIndex::visit(bytes, |_, id| {
-                    marked.insert(short_id(&id));
+                    marked.insert(id.short());
                 }) {
                     Ok(_) => {}
                     Err(e) => {
@@ -239,8 +233,8 @@ impl Repository {
         };
         let mut known: HashSet<u64> = HashSet::new();
         db.for_each_object(storage_id, &mut |row| {
-            known.insert(short_id(&row.id));
-            if marked.contains(&short_id(&row.id)) {
+            known.insert(row.id.short());
+            if marked.contains(&row.id.short()) {
                 return;
             }
             if row.state == OBJECT_WRITING {
@@ -264,8 +258,8 @@ impl Repository {
         let running_time = file_cutoff(running_cutoff);
         st.list_each("blocks/", &mut |e| {
             if let Some(id) = BlockId::from_storage_key(&e.key)
-                && !known.contains(&short_id(&id))
-                && !marked.contains(&short_id(&id))
+                && !known.contains(&id.short())
+                && !marked.contains(&id.short())
             {
                 if e.modified < cutoff_time {
                     plan.orphans.push((e.key, e.size));

@@ -155,9 +155,8 @@ impl BlockIndex {
     /// a chosen block while it works (the first 8 bytes of its id and its number,
     /// sorted; full ids are compared only where those agree), then the repeats.
     pub fn repeats_among(&self, pick: impl Fn(u64) -> bool) -> HashMap<u64, u64> {
-        let prefix = |id: &BlockId| u64::from_le_bytes(id.0[..8].try_into().unwrap_or([0; 8]));
         let mut keyed: Vec<(u64, u64)> =
-            self.entries.data().filter(|&(i, _)| pick(i)).map(|(i, id)| (prefix(&id), i)).collect();
+            self.entries.data().filter(|&(i, _)| pick(i)).map(|(i, id)| (id.short(), i)).collect();
         keyed.sort_unstable();
         let mut out = HashMap::new();
         for group in keyed.chunk_by(|a, b| a.0 == b.0).filter(|g| g.len() > 1) {

@@ -110,31 +110,18 @@ impl PgServer {
         d.join(format!("{name}.pem"))
     }
 
-    /// A client certificate for user `cn`, signed by the CA `ca` (made by
-    /// [`PgServer::make_ca`], or `ca`, the server's): (`NAME.crt`, `NAME.key`), the key
-    /// readable by its owner only, as libpq wants.
-    pub fn make_client_cert(&self, name: &str, cn: &str, ca: &str) -> (PathBuf, PathBuf) {
+    /// A key (`NAME.key`, readable by its owner only) and a certificate (`NAME.crt`) for
+    /// subject `/CN=cn`, signed by the CA `ca` (made by [`PgServer::make_ca`]) with the
+    /// X.509 extensions `ext`.
+    fn issue(&self, name: &str, cn: &str, ca: &str, ext: &str) -> (PathBuf, PathBuf) {
         let d = self.dir.path();
-        let (key, csr, crt) = (format!("{name}.key"), format!("{name}.csr"), format!("{name}.crt"));
-        std::fs::write(d.join(format!("{name}.ext")), "basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n")
-            .unwrap();
-        openssl(
-            d,
-            &[
-                "req",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:prime256v1",
-                "-nodes",
-                "-subj",
-                &format!("/CN={cn}"),
-                "-keyout",
-                &key,
-                "-out",
-                &csr,
-            ],
-        );
+        let (key, csr, crt, extfile) =
+            (format!("{name}.key"), format!("{name}.csr"), format!("{name}.crt"), format!("{name}.ext"));
+        std::fs::write(d.join(&extfile), ext).unwrap();
+        let subj = format!("/CN={cn}");
+        let req = ["req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-subj", &subj];
+        openssl(d, &[&req[..], &["-keyout", &key, "-out", &csr]].concat());
+        let (ca_pem, ca_key) = (format!("{ca}.pem"), format!("{ca}.key"));
         openssl(
             d,
             &[
@@ -143,14 +130,14 @@ impl PgServer {
                 "-in",
                 &csr,
                 "-CA",
-                &format!("{ca}.pem"),
+                &ca_pem,
                 "-CAkey",
-                &format!("{ca}.key"),
+                &ca_key,
                 "-CAcreateserial",
                 "-days",
                 "2",
                 "-extfile",
-                &format!("{name}.ext"),
+                &extfile,
                 "-out",
                 &crt,
             ],
@@ -160,55 +147,25 @@ impl PgServer {
         (d.join(crt), d.join(key))
     }
 
+    /// A client certificate for user `cn`, signed by the CA `ca` (made by
+    /// [`PgServer::make_ca`], or `ca`, the server's): (`NAME.crt`, `NAME.key`), the key
+    /// readable by its owner only, as libpq wants.
+    pub fn make_client_cert(&self, name: &str, cn: &str, ca: &str) -> (PathBuf, PathBuf) {
+        self.issue(name, cn, ca, "basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n")
+    }
+
     fn make_server_cert(&self) {
         let d = self.dir.path();
         self.make_ca("ca");
-        std::fs::write(
-            d.join("server.ext"),
+        self.issue(
+            "server",
+            "127.0.0.1",
+            "ca",
             "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n\
              keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n",
-        )
-        .unwrap();
-        openssl(
-            d,
-            &[
-                "req",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:prime256v1",
-                "-nodes",
-                "-subj",
-                "/CN=127.0.0.1",
-                "-keyout",
-                "server.key",
-                "-out",
-                "server.csr",
-            ],
         );
-        openssl(
-            d,
-            &[
-                "x509",
-                "-req",
-                "-in",
-                "server.csr",
-                "-CA",
-                "ca.pem",
-                "-CAkey",
-                "ca.key",
-                "-CAcreateserial",
-                "-days",
-                "2",
-                "-extfile",
-                "server.ext",
-                "-out",
-                "server.crt",
-            ],
-        );
-        // The server refuses a key others can read, or one it does not own.
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(d.join("server.key"), std::fs::Permissions::from_mode(0o600)).unwrap();
+        // The server refuses a key others can read (issue makes it 0600), or one it does
+        // not own.
         if is_root() {
             let ok = Command::new("chown").arg("postgres").arg(d.join("server.key")).status().unwrap().success();
             assert!(ok, "chown postgres server.key");

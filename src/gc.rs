@@ -233,8 +233,9 @@ impl Repository {
         };
         let mut known: HashSet<u64> = HashSet::new();
         db.for_each_object(storage_id, &mut |row| {
-            known.insert(row.id.short());
-            if marked.contains(&row.id.short()) {
+            let short = row.id.short();
+            known.insert(short);
+            if marked.contains(&short) {
                 return;
             }
             if row.state == OBJECT_WRITING {
@@ -257,9 +258,9 @@ impl Repository {
         let cutoff_time = file_cutoff(cutoff_ms);
         let running_time = file_cutoff(running_cutoff);
         st.list_each("blocks/", &mut |e| {
-            if let Some(id) = BlockId::from_storage_key(&e.key)
-                && !known.contains(&id.short())
-                && !marked.contains(&id.short())
+            if let Some(short) = BlockId::from_storage_key(&e.key).map(|id| id.short())
+                && !known.contains(&short)
+                && !marked.contains(&short)
             {
                 if e.modified < cutoff_time {
                     plan.orphans.push((e.key, e.size));

@@ -436,6 +436,29 @@ use crate::repo::Repository;
 use crate::storage::{SharedStorage, StorageError, retry};
 use std::sync::Arc;
 
+/// An object as the storage holds it now, or None when it is gone (deleted since it was
+/// listed, or missing).
+fn fresh_or_gone(storage: &dyn crate::storage::Storage, key: &str) -> Result<Option<Vec<u8>>> {
+    match retry(4, || storage.get_fresh(key)) {
+        Err(crate::storage::StorageError::NotFound { .. }) => Ok(None),
+        other => Ok(Some(other?)),
+    }
+}
+
+/// The new header of an object not sealed by the current key (None: it is current).
+fn new_header(codec: &crate::transform::Codec, key: &str, bytes: &[u8]) -> Result<Option<Vec<u8>>> {
+    codec.rewrap_header(bytes).map_err(|e| Error::Object { context: format!("object {key}"), source: e })
+}
+
+/// Puts `prefix` on the object `key` read as `bytes`: true when done, false when the
+/// object is gone.
+fn rewrap(storage: &dyn crate::storage::Storage, key: &str, bytes: &[u8], prefix: &[u8]) -> Result<bool> {
+    match retry(4, || storage.replace_prefix(key, bytes, prefix)) {
+        Err(crate::storage::StorageError::NotFound { .. }) => Ok(false),
+        other => other.map(|()| true).map_err(Error::from),
+    }
+}
+
 impl Repository {
     fn read_keyring(&self, name: &str, raw: &SharedStorage) -> Result<Option<Keyring>> {
         match retry(4, || raw.get(KEYRING_KEY)) {
@@ -592,36 +615,22 @@ impl Repository {
         let ids = self.db().objects_not_under(sid, current)?;
         let versions: Vec<String> = storage.list("versions/")?.into_iter().map(|e| e.key).collect();
         let (mut rewrapped, mut already, mut gone) = (0u64, 0u64, 0u64);
-        let is_gone = |e: &Error| {
-            matches!(e, Error::Storage(crate::storage::StorageError::NotFound { .. }) | Error::VersionNotFound(_))
-        };
         // Bounded batches: a batch is made durable, then recorded, before the next.
         for chunk in ids.chunks(256) {
             let mut done = Vec::with_capacity(chunk.len());
             for id in chunk {
                 let key = id.storage_key();
                 // What the storage holds, not a local copy (and none is made).
-                let bytes = match retry(4, || storage.get_fresh(&key)) {
-                    Err(crate::storage::StorageError::NotFound { .. }) => {
+                let Some(bytes) = fresh_or_gone(storage.as_ref(), &key)? else {
+                    gone += 1;
+                    continue;
+                };
+                match new_header(codec, &key, &bytes)? {
+                    Some(prefix) if rewrap(storage.as_ref(), &key, &bytes, &prefix)? => rewrapped += 1,
+                    Some(_) => {
                         gone += 1;
                         continue;
                     }
-                    other => other?,
-                };
-                match codec
-                    .rewrap_header(&bytes)
-                    .map_err(|e| Error::Object { context: format!("object {key}"), source: e })?
-                {
-                    Some(prefix) => match retry(4, || storage.replace_prefix(&key, &bytes, &prefix)) {
-                        Err(crate::storage::StorageError::NotFound { .. }) => {
-                            gone += 1;
-                            continue;
-                        }
-                        other => {
-                            other?;
-                            rewrapped += 1;
-                        }
-                    },
                     None => already += 1,
                 }
                 done.push(*id);
@@ -630,17 +639,11 @@ impl Repository {
             self.db().set_object_keys(sid, &done, current)?;
         }
         for key in versions {
-            let bytes = match retry(4, || storage.get_fresh(&key)) {
-                Err(crate::storage::StorageError::NotFound { .. }) => {
-                    gone += 1;
-                    continue;
-                }
-                other => other?,
+            let Some(bytes) = fresh_or_gone(storage.as_ref(), &key)? else {
+                gone += 1;
+                continue;
             };
-            let Some(prefix) = codec
-                .rewrap_header(&bytes)
-                .map_err(|e| Error::Object { context: format!("object {key}"), source: e })?
-            else {
+            let Some(prefix) = new_header(codec, &key, &bytes)? else {
                 already += 1;
                 continue;
             };
@@ -659,17 +662,19 @@ impl Repository {
                 match session.lock_version(uid, "key rekey").and_then(|_| self.refresh_version_object(uid)) {
                     Ok(()) => rewrapped += 1,
                     // Being removed (or gone): `key remove` checks version objects itself.
-                    Err(e) if is_gone(&e) || matches!(e, Error::Refused(_)) => gone += 1,
+                    Err(
+                        Error::Storage(crate::storage::StorageError::NotFound { .. })
+                        | Error::VersionNotFound(_)
+                        | Error::Refused(_),
+                    ) => gone += 1,
                     Err(e) => return Err(e),
                 }
                 continue;
             }
-            match retry(4, || storage.replace_prefix(&key, &bytes, &prefix)) {
-                Err(crate::storage::StorageError::NotFound { .. }) => gone += 1,
-                other => {
-                    other?;
-                    rewrapped += 1;
-                }
+            if rewrap(storage.as_ref(), &key, &bytes, &prefix)? {
+                rewrapped += 1;
+            } else {
+                gone += 1;
             }
         }
         drop(session);
@@ -693,15 +698,9 @@ impl Repository {
             let storage = self.storage(name)?;
             let mut stale = 0u64;
             for e in storage.list("versions/")? {
-                let bytes = match retry(4, || storage.get_fresh(&e.key)) {
-                    Err(crate::storage::StorageError::NotFound { .. }) => continue,
-                    other => other?,
-                };
-                let old = storage
-                    .codec()
-                    .rewrap_header(&bytes)
-                    .map_err(|err| Error::Object { context: format!("object {}", e.key), source: err })?;
-                stale += old.is_some() as u64;
+                if let Some(bytes) = fresh_or_gone(storage.as_ref(), &e.key)? {
+                    stale += new_header(storage.codec(), &e.key, &bytes)?.is_some() as u64;
+                }
             }
             if stale > 0 {
                 return Err(Error::Refused(format!(

@@ -117,16 +117,11 @@ impl Store {
                 .iter()
                 .map(|p| p.strip_prefix(path).unwrap().display().to_string())
                 .collect(),
-            Store::S3(g) => {
-                let out = g.s3cmd(&["ls", "-r", &format!("s3://{}/{S3_PREFIX}/blocks/", g.bucket)]);
-                assert!(out.status.success(), "s3cmd ls: {}", String::from_utf8_lossy(&out.stderr));
-                let prefix = format!("s3://{}/{S3_PREFIX}/", g.bucket);
-                String::from_utf8_lossy(&out.stdout)
-                    .lines()
-                    .filter_map(|l| l.split_whitespace().last())
-                    .filter_map(|u| u.strip_prefix(&prefix).map(str::to_string))
-                    .collect()
-            }
+            Store::S3(g) => g
+                .keys(&format!("{S3_PREFIX}/blocks"))
+                .iter()
+                .filter_map(|k| k.strip_prefix(&format!("{S3_PREFIX}/")).map(str::to_string))
+                .collect(),
         }
     }
 

@@ -58,18 +58,6 @@ impl S3Repo {
     }
 }
 
-/// `s3cmd ls -r` of a prefix: the keys, as an independent client sees them.
-fn s3cmd_keys(g: &Garage, prefix: &str) -> Vec<String> {
-    let out = g.s3cmd(&["ls", "-r", &format!("s3://{}/{prefix}/", g.bucket)]);
-    assert!(out.status.success(), "s3cmd: {}", String::from_utf8_lossy(&out.stderr));
-    let prefix_url = format!("s3://{}/", g.bucket);
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| l.split_whitespace().last())
-        .filter_map(|u| u.strip_prefix(&prefix_url).map(str::to_string))
-        .collect()
-}
-
 #[test]
 fn backup_restore_dedup_and_cleanup_on_s3() {
     let g = server();
@@ -83,7 +71,7 @@ fn backup_restore_dedup_and_cleanup_on_s3() {
     r.ok(&["deep-scrub", &v1]);
 
     // The independent client sees the documented layout under the prefix.
-    let keys = s3cmd_keys(&g, "plain");
+    let keys = g.keys("plain");
     let blocks: Vec<&String> = keys.iter().filter(|k| k.starts_with("plain/blocks/")).collect();
     let distinct: std::collections::HashSet<&[u8]> =
         img.chunks(64 * 1024).filter(|c| c.iter().any(|&b| b != 0)).collect();
@@ -114,7 +102,7 @@ fn backup_restore_dedup_and_cleanup_on_s3() {
     assert!(gone > 0);
     let out = r.ok(&["cleanup"]);
     assert!(out.contains(&format!("deleted {gone} object(s)")), "{out}");
-    let after = s3cmd_keys(&g, "plain");
+    let after = g.keys("plain");
     assert_eq!(after.iter().filter(|k| k.starts_with("plain/blocks/")).count(), kept.len());
     assert!(!after.contains(&format!("plain/versions/{v1}")));
     let _ = fs::remove_file(r.repo.path("o"));
@@ -141,7 +129,7 @@ fn an_encrypted_repository_on_s3() {
     env_run(&["restore", &v, &r.repo.url("o")]);
     assert_eq!(sha256_file(&r.repo.path("o")), sha256_file(&r.repo.path("a")));
     env_run(&["deep-scrub", &v]);
-    let keys = s3cmd_keys(&g, "sealed");
+    let keys = g.keys("sealed");
     assert!(keys.contains(&"sealed/keyring".to_string()), "{keys:?}");
     // Object names are keyed: none is the SHA-256 of a block.
     let sha_names: Vec<String> =
@@ -183,7 +171,7 @@ fn the_server_dying_mid_backup_and_mid_restore() {
     a.extend_from_slice(&["backup", &url, "big", "-b", "256k"]);
     let child =
         r.repo.command(&a).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap();
-    wait_until("the backup to store some objects", Duration::from_secs(60), || s3cmd_keys(&g, "crash").len() >= 8);
+    wait_until("the backup to store some objects", Duration::from_secs(60), || g.keys("crash").len() >= 8);
     g.kill();
     let out = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -272,7 +260,7 @@ fn several_storages_at_once_each_version_in_one() {
     assert_eq!(list[1]["versions"], 1);
     let stats: serde_json::Value =
         serde_json::from_str(&repo.ok(&["--config", c, "storage", "stats", "s3", "--format", "json"])).unwrap();
-    let in_bucket = s3cmd_keys(&g, "multi").iter().filter(|k| k.starts_with("multi/blocks/")).count();
+    let in_bucket = g.keys("multi").iter().filter(|k| k.starts_with("multi/blocks/")).count();
     assert_eq!(stats["objects"].as_u64().unwrap() as usize, in_bucket);
     assert!(repo.ok(&["--config", c, "storage", "stats", "local"]).contains("images/stored"));
     for (uid, out) in [(&on_local, "o1"), (&on_s3, "o2")] {
@@ -300,7 +288,7 @@ fn listings_page_through_more_than_a_thousand_objects() {
     r.ok(&["rm", "--force", &v]);
     let out = r.ok(&["cleanup"]);
     assert!(out.contains("deleted 1300 object(s)"), "{out}");
-    assert!(s3cmd_keys(&g, "many").is_empty());
+    assert!(g.keys("many").is_empty());
 }
 
 /// The filesystem over an S3 storage: a version read through the mount, and `cp` into
@@ -324,7 +312,7 @@ fn the_filesystem_over_s3() {
     assert_eq!(vm2["storage"], "s3");
     r.ok(&["restore", vm2["uid"].as_str().unwrap(), &r.repo.url("o")]);
     assert_eq!(sha256_file(&r.repo.path("o")), sha256_file(&r.repo.path("b")));
-    assert!(s3cmd_keys(&g, "fuse").contains(&format!("fuse/versions/{}", vm2["uid"].as_str().unwrap())));
+    assert!(g.keys("fuse").contains(&format!("fuse/versions/{}", vm2["uid"].as_str().unwrap())));
 }
 
 /// A keepfs configuration that reaches the server through the fault proxy.
@@ -415,7 +403,7 @@ fn a_local_read_cache_serves_repeated_restores_and_never_hides_the_storage() {
     let want = sha256_file(&r.repo.path("a"));
     r.ok_with_key(&key, &["init", "--encrypt"]);
     let uid = r.ok_with_key(&key, &["backup", &r.repo.url("a"), "vm", "-b", "64k"]).trim().to_string();
-    let stored = s3cmd_keys(&g, "cached").iter().filter(|k| k.contains("/blocks/")).count();
+    let stored = g.keys("cached").iter().filter(|k| k.contains("/blocks/")).count();
     assert!(stored > 10, "{stored}");
     assert!(files_under(cache).is_empty(), "a backup does not fill the read cache");
 

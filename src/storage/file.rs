@@ -148,18 +148,17 @@ impl Storage for FileStorage {
         let tmp = self.tmp.join(format!("{}.{}.{}", std::process::id(), n, key.replace('/', "_")));
         let r = (|| -> io::Result<()> {
             fs::copy(&path, &tmp)?;
+            use std::os::unix::fs::FileExt;
             let f = fs::OpenOptions::new().read(true).write(true).open(&tmp)?;
             let mut head = vec![0u8; prefix.len()];
             let same = f.metadata()?.len() == object.len() as u64
-                && std::os::unix::fs::FileExt::read_exact_at(&f, &mut head, 0).is_ok()
+                && f.read_exact_at(&mut head, 0).is_ok()
                 && head == object[..prefix.len()];
-            if same {
-                std::os::unix::fs::FileExt::write_all_at(&f, prefix, 0)?;
-            } else {
+            if !same {
                 f.set_len(0)?;
-                std::os::unix::fs::FileExt::write_all_at(&f, prefix, 0)?;
-                std::os::unix::fs::FileExt::write_all_at(&f, &object[prefix.len()..], prefix.len() as u64)?;
+                f.write_all_at(&object[prefix.len()..], prefix.len() as u64)?;
             }
+            f.write_all_at(prefix, 0)?;
             f.sync_data()?;
             fs::rename(&tmp, &path)
         })();

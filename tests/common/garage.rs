@@ -177,6 +177,19 @@ impl Garage {
         g
     }
 
+    /// `s3cmd ls -r` of `prefix`: the keys below it (relative to the bucket), as an
+    /// independent client sees them.
+    pub fn keys(&self, prefix: &str) -> Vec<String> {
+        let out = self.s3cmd(&["ls", "-r", &format!("s3://{}/{prefix}/", self.bucket)]);
+        assert!(out.status.success(), "s3cmd: {}", String::from_utf8_lossy(&out.stderr));
+        let bucket_url = format!("s3://{}/", self.bucket);
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.split_whitespace().last())
+            .filter_map(|u| u.strip_prefix(&bucket_url).map(str::to_string))
+            .collect()
+    }
+
     /// Runs s3cmd against this server with its key.
     pub fn s3cmd(&self, args: &[&str]) -> std::process::Output {
         let cfg = self.dir.path().join("s3cfg");

@@ -1,12 +1,13 @@
 //! A repository: the metadata database and the storages, opened from a configuration.
 //! This is the engine's front door; the CLI and the FUSE filesystem only talk to it.
 
+use crate::block::BlockId;
 use crate::block::ObjectKind;
 use crate::catalog::SharedCatalog;
 use crate::config::{Config, StorageKind};
 use crate::error::{Error, Result};
 use crate::filter::Filter;
-use crate::index::{BlockIndex, IndexError};
+use crate::index::{BlockIndex, IndexError, IndexHeader};
 use crate::storage::{SharedStorage, file::FileStorage, null::NullStorage};
 use crate::transform::Codec;
 use crate::version::{Status, Version, VersionUid};
@@ -254,22 +255,65 @@ impl Repository {
     pub(crate) fn index_or_damage(&self, uid: VersionUid) -> Result<std::result::Result<BlockIndex, IndexError>> {
         let v = self.version(uid)?;
         let Some(bytes) = self.db.lock().load_index(uid)? else {
-            // Removed by `rm` since it was read: it does not exist (no unfinished backup to
-            // remove, as the drill in tests/multihost.rs was told).
-            self.version(uid)?;
-            return Err(Error::Invalid(format!(
-                "version {uid} is {} and has no block index (its backup did not finish); remove it with `keepfs rm {uid}`",
-                v.status.as_str()
-            )));
+            return Err(self.no_index(&v));
         };
         Ok(BlockIndex::decode(&bytes).and_then(|ix| {
-            // A valid checksum over another version's index (a row swapped by hand) is damage too.
-            if ix.uid != uid.0 || ix.size != v.size || ix.block_size != v.block_size {
-                Err(IndexError::Foreign)
-            } else {
-                Ok(ix)
-            }
+            Self::is_of(&v, ix.uid, ix.size, ix.block_size)?;
+            Ok(ix)
         }))
+    }
+
+    /// Why version `v` has no index in the catalog.
+    fn no_index(&self, v: &Version) -> Error {
+        // Removed by `rm` since it was read: it does not exist (no unfinished backup to
+        // remove, as the drill in tests/multihost.rs was told).
+        if let Err(e) = self.version(v.uid) {
+            return e;
+        }
+        Error::Invalid(format!(
+            "version {} is {} and has no block index (its backup did not finish); remove it with `keepfs rm {}`",
+            v.uid,
+            v.status.as_str(),
+            v.uid
+        ))
+    }
+
+    /// A valid checksum over another version's index (a row swapped by hand) is damage too.
+    fn is_of(v: &Version, uid: u64, size: u64, block_size: u32) -> std::result::Result<(), IndexError> {
+        if uid != v.uid.0 || size != v.size || block_size != v.block_size {
+            return Err(IndexError::Foreign);
+        }
+        Ok(())
+    }
+
+    /// A committed version's stored index, to be read a piece at a time (see
+    /// [`StoredIndex`]); refused as [`Repository::index`] refuses a version without one.
+    pub(crate) fn stored_index(&self, v: &Version) -> Result<StoredIndex<'_>> {
+        let Some(len) = self.db.lock().index_len(v.uid)? else {
+            return Err(self.no_index(v));
+        };
+        Ok(StoredIndex { db: &self.db, uid: v.uid, len, at: 0, piece: Vec::new(), pos: 0, failed: None })
+    }
+
+    /// Walks version `v`'s stored index as it is read from the catalog, in constant
+    /// memory (see [`BlockIndex::visit_reader`]): `each` gets every data block in block
+    /// order and returns false to stop (then `None`). A damaged index (or another
+    /// version's) marks the version invalid and is the error [`Repository::index`]
+    /// gives; a failing catalog is its own error.
+    pub(crate) fn walk_index(
+        &self,
+        v: &Version,
+        each: impl FnMut(u64, BlockId) -> bool,
+    ) -> Result<Option<IndexHeader>> {
+        let mut stored = self.stored_index(v)?;
+        let walked = BlockIndex::visit_reader(&mut stored, each);
+        if let Some(e) = stored.failed {
+            return Err(e);
+        }
+        match walked.and_then(|head| head.map(|h| Self::is_of(v, h.uid, h.size, h.block_size).map(|_| h)).transpose()) {
+            Ok(head) => Ok(head),
+            Err(e) => Err(self.index_damaged(v.uid, &e)),
+        }
     }
 
     /// Records that the database's index of `uid` is damaged (the version becomes
@@ -672,5 +716,69 @@ impl Drop for SessionGuard {
         // The heartbeat thread first, so it never beats for a session that has ended.
         drop(self.stop_heartbeat.take());
         let _ = self.db.lock().end_session(self.id);
+    }
+}
+
+/// Bytes of a stored index read from the catalog at a time: what a reader that streams
+/// an index (restore) holds of it. Test builds take `KEEPFS_TEST_INDEX_PIECE`, so that
+/// a small image's index is read in many pieces.
+fn index_piece_len() -> usize {
+    #[cfg(debug_assertions)]
+    if let Some(n) =
+        std::env::var("KEEPFS_TEST_INDEX_PIECE").ok().and_then(|v| v.parse::<usize>().ok()).filter(|&n| n > 0)
+    {
+        return n;
+    }
+    4 << 20
+}
+
+/// A version's stored index, read out of the catalog a piece at a time: the catalog's
+/// lock is taken for each piece and never held between them, and a reader holds one
+/// piece, not the index. A catalog error is kept in `failed` (the index is not damaged
+/// because the database went away) and ends the reading.
+pub(crate) struct StoredIndex<'a> {
+    db: &'a SharedCatalog,
+    uid: VersionUid,
+    len: u64,
+    at: u64,
+    piece: Vec<u8>,
+    pos: usize,
+    pub failed: Option<Error>,
+}
+
+impl std::io::Read for StoredIndex<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.failed.is_some() {
+            return Err(std::io::Error::other("the catalog failed"));
+        }
+        if self.pos == self.piece.len() {
+            if self.at >= self.len {
+                return Ok(0);
+            }
+            let want = index_piece_len().min((self.len - self.at) as usize);
+            let piece = match self.db.lock().index_piece(self.uid, self.at, want) {
+                Ok(Some(p)) if !p.is_empty() => Ok(p),
+                Ok(_) => Err(Error::Invalid(format!(
+                    "the block index of version {} was removed or replaced while it was read; try again",
+                    self.uid
+                ))),
+                Err(e) => Err(e),
+            };
+            let piece = match piece {
+                Ok(p) => p,
+                Err(e) => {
+                    let said = e.to_string();
+                    self.failed = Some(e);
+                    return Err(std::io::Error::other(said));
+                }
+            };
+            self.at += piece.len() as u64;
+            self.piece = piece;
+            self.pos = 0;
+        }
+        let n = buf.len().min(self.piece.len() - self.pos);
+        buf[..n].copy_from_slice(&self.piece[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
     }
 }

@@ -319,6 +319,19 @@ pub(crate) fn bad_block(
 }
 
 /// What became of one block.
+/// Distinct blocks a restore remembers to find repeats against (the most recently
+/// seen; about 80 bytes each), and repeats it keeps to copy at the end (16 bytes each):
+/// what bounds its memory for an image of any size.
+const REPEAT_FIRSTS: usize = 1 << 18;
+const MAX_REPEATS: usize = 1 << 20;
+
+/// What reaches a restore's writer: a fetched (or kept, or failed) block, or a run of
+/// zero blocks.
+enum Done {
+    Block(u64, BlockId, OutBuf, Outcome),
+    Zeros(std::ops::Range<u64>),
+}
+
 enum Outcome {
     /// Fetched and verified: this many bytes are in the buffer.
     Fetched(usize),
@@ -344,7 +357,10 @@ impl Repository {
             other => other.to_string(),
         };
         let version = self.version(uid)?;
-        let index = self.index(uid)?;
+        // The stored index is checked end to end first, as it is read from the catalog (in
+        // constant memory): nothing is written from an index found damaged half way. The
+        // restore then reads it a second time, block by block, instead of holding it.
+        self.walk_index(&version, |_, _| true)?;
         let session = self.session(&format!("restore {uid}"), false)?;
         session.lock_version(uid, "restore")?;
         // Warned once the version is ours to read (an `rm` marks it invalid first).
@@ -369,7 +385,9 @@ impl Repository {
         // A device must get real zeros; a fresh file already reads as zeros. An existing
         // RBD image restored with --sparse gets discards.
         let write_zeros = !opts.sparse && target.is_device;
-        let bs = index.block_size as usize;
+        let (bs, size) = (version.block_size as usize, version.size);
+        let count = crate::index::block_count(size, version.block_size);
+        let block_len = |idx: u64| (size - idx * bs as u64).min(bs as u64) as usize;
         progress.begin(&format!("restore {uid} ({})", version.name), version.size);
 
         let fetchers = self.config.readers_for(&version.storage)?;
@@ -377,16 +395,14 @@ impl Repository {
         // later occurrences are copied from where the first was written, at the end
         // (one request per distinct object, which matters on S3). Not when the target
         // cannot be read back (/dev/null): those are fetched like any other.
-        let repeat_of = if target.readable { index.repeats() } else { Default::default() };
-        let is_repeat = |idx: u64| repeat_of.contains_key(&idx);
+        let track_repeats = target.readable;
 
         let (pool_tx, pool_rx) = bounded::<OutBuf>(fetchers * 2 + 2);
         for _ in 0..fetchers * 2 + 2 {
             let _ = pool_tx.send(OutBuf::new(bs));
         }
         let (job_tx, job_rx) = bounded::<(u64, BlockId)>(fetchers * 2);
-        type Fetched = (u64, BlockId, OutBuf, Outcome);
-        let (res_tx, res_rx) = bounded::<Fetched>(fetchers * 2);
+        let (res_tx, res_rx) = bounded::<Done>(fetchers * 2);
         let mut report = RestoreReport::default();
         let mut zeros = OutBuf::new(bs);
         zeros.window().fill(0);
@@ -401,10 +417,12 @@ impl Repository {
             }
         };
 
+        let mut repeats: Vec<(u64, u64)> = Vec::new();
+        let mut index_error: Option<Error> = None;
         std::thread::scope(|s| {
             let target_ref = &target;
             let stop = &stop;
-            let index = &index;
+            let block_len = &block_len;
             for _ in 0..fetchers {
                 let (job_rx, res_tx, pool_rx, storage) =
                     (job_rx.clone(), res_tx.clone(), pool_rx.clone(), storage.clone());
@@ -412,11 +430,15 @@ impl Repository {
                     for (idx, id) in job_rx {
                         let Ok(mut buf) = pool_rx.recv() else { return };
                         if stop.load(Ordering::Relaxed) {
-                            let _ =
-                                res_tx.send((idx, id, buf, Outcome::Failed(FetchError::Unavailable("stopped".into()))));
+                            let _ = res_tx.send(Done::Block(
+                                idx,
+                                id,
+                                buf,
+                                Outcome::Failed(FetchError::Unavailable("stopped".into())),
+                            ));
                             continue;
                         }
-                        let len = index.block_len(idx as usize);
+                        let len = block_len(idx);
                         let kept = opts.resume
                             && target_ref.read_back(&mut buf.window()[..len], idx * bs as u64).is_ok()
                             && storage.codec().id_of(buf.bytes(len)) == id;
@@ -428,104 +450,147 @@ impl Repository {
                                 Err(e) => Outcome::Failed(e),
                             }
                         };
-                        if res_tx.send((idx, id, buf, r)).is_err() {
+                        if res_tx.send(Done::Block(idx, id, buf, r)).is_err() {
                             return;
                         }
                     }
                 });
             }
-            drop(res_tx);
             drop(job_rx);
-            let entries = &index.entries;
-            let is_repeat = &is_repeat;
-            s.spawn(move || {
-                for (idx, id) in entries.data() {
-                    if stop.load(Ordering::Relaxed) {
-                        return;
+            // The index, read a second time as a stream: data blocks go to the fetchers,
+            // runs of zero blocks and repeats are noted. What a repeat is found against
+            // is bounded (the most recently seen distinct blocks, and so many repeats): a
+            // repeat past those bounds is fetched like any other block.
+            let version = &version;
+            let producer = s.spawn(move || -> Result<Vec<(u64, u64)>> {
+                let mut firsts: lru::LruCache<BlockId, u64> = lru::LruCache::new(
+                    std::num::NonZeroUsize::new(REPEAT_FIRSTS).unwrap_or(std::num::NonZeroUsize::MIN),
+                );
+                let mut repeats = Vec::new();
+                let mut next = 0u64; // the first block not handed over yet
+                let hand_zeros = |run: std::ops::Range<u64>| run.is_empty() || res_tx.send(Done::Zeros(run)).is_ok();
+                let walked = self.walk_index(version, |idx, id| {
+                    if stop.load(Ordering::Relaxed) || !hand_zeros(next..idx) {
+                        return false;
                     }
-                    if !is_repeat(idx) && job_tx.send((idx, id)).is_err() {
-                        return;
+                    next = idx + 1;
+                    if track_repeats {
+                        match firsts.get(&id) {
+                            Some(&first) if repeats.len() < MAX_REPEATS => {
+                                repeats.push((idx, first));
+                                return true;
+                            }
+                            Some(_) => {}
+                            None => {
+                                firsts.put(id, idx);
+                            }
+                        }
                     }
+                    job_tx.send((idx, id)).is_ok()
+                });
+                if walked.as_ref().is_ok_and(|head| head.is_some()) {
+                    hand_zeros(next..count);
                 }
+                if walked.is_err() {
+                    stop.store(true, Ordering::Relaxed);
+                }
+                walked.map(|_| repeats)
             });
-            // Zero blocks need no storage: write, discard (an RBD image with --sparse) or
-            // skip them here first, a run at a time (a device gets real zeros; a new file
-            // is all holes already).
-            for run in index.entries.sparse_runs() {
-                let start = run.start * bs as u64;
-                let bytes = (run.end * bs as u64).min(index.size) - start;
-                if write_zeros {
-                    for idx in run {
-                        let len = index.block_len(idx as usize);
-                        if write_error.is_none() {
-                            let off = idx * bs as u64;
-                            note_write(target.write_at(zeros.bytes(len), off), off, &mut write_error);
+            for done in res_rx {
+                match done {
+                    Done::Block(idx, id, buf, r) => {
+                        let off = idx * bs as u64;
+                        let len = block_len(idx);
+                        let r = match r {
+                            Outcome::Fetched(n) if n != len => Outcome::Failed(FetchError::Damaged(format!(
+                                "object holds {n} bytes, the block needs {len}"
+                            ))),
+                            other => other,
+                        };
+                        let data = match &r {
+                            Outcome::Kept => {
+                                report.blocks_kept += 1;
+                                None
+                            }
+                            Outcome::Fetched(_) => Some(buf.bytes(len)),
+                            Outcome::Failed(FetchError::Unavailable(reason)) => {
+                                // The storage is gone, not the data: stop, mark nothing, keep what
+                                // is written for --continue.
+                                stop.store(true, Ordering::Relaxed);
+                                if unavailable.is_none() {
+                                    unavailable =
+                                        Some(format!("block {idx} (bytes {off}..{}): {reason}", off + len as u64));
+                                }
+                                None
+                            }
+                            Outcome::Failed(FetchError::Damaged(reason)) => {
+                                report.bad_blocks.push(bad_block(progress, idx, off, len, id, reason));
+                                Some(zeros.bytes(len))
+                            }
+                        };
+                        if let Some(data) = data
+                            && write_error.is_none()
+                        {
+                            note_write(target.write_at(data, off), off, &mut write_error);
                         }
+                        let _ = pool_tx.send(buf);
+                        progress.advance(len as u64);
+                        report.bytes += len as u64;
                     }
-                } else if target.discard_zeros && write_error.is_none() {
-                    note_write(target.discard(start, bytes), start, &mut write_error);
+                    // Zero blocks need no storage: write, discard (an RBD image with
+                    // --sparse) or skip them, a run at a time (a device gets real zeros;
+                    // a new file is all holes already).
+                    Done::Zeros(run) => {
+                        let start = run.start * bs as u64;
+                        let bytes = (run.end * bs as u64).min(size) - start;
+                        if write_zeros {
+                            for idx in run {
+                                if write_error.is_none() {
+                                    let off = idx * bs as u64;
+                                    note_write(
+                                        target.write_at(zeros.bytes(block_len(idx)), off),
+                                        off,
+                                        &mut write_error,
+                                    );
+                                }
+                            }
+                        } else if target.discard_zeros && write_error.is_none() {
+                            note_write(target.discard(start, bytes), start, &mut write_error);
+                        }
+                        progress.advance(bytes);
+                        report.bytes += bytes;
+                    }
                 }
-                progress.advance(bytes);
-                report.bytes += bytes;
             }
-            for (idx, id, buf, r) in res_rx {
-                let off = idx * bs as u64;
-                let len = index.block_len(idx as usize);
-                let r = match r {
-                    Outcome::Fetched(n) if n != len => {
-                        Outcome::Failed(FetchError::Damaged(format!("object holds {n} bytes, the block needs {len}")))
-                    }
-                    other => other,
-                };
-                let data = match &r {
-                    Outcome::Kept => {
-                        report.blocks_kept += 1;
-                        None
-                    }
-                    Outcome::Fetched(_) => Some(buf.bytes(len)),
-                    Outcome::Failed(FetchError::Unavailable(reason)) => {
-                        // The storage is gone, not the data: stop, mark nothing, keep what
-                        // is written for --continue.
-                        stop.store(true, Ordering::Relaxed);
-                        if unavailable.is_none() {
-                            unavailable = Some(format!("block {idx} (bytes {off}..{}): {reason}", off + len as u64));
-                        }
-                        None
-                    }
-                    Outcome::Failed(FetchError::Damaged(reason)) => {
-                        report.bad_blocks.push(bad_block(progress, idx, off, len, id, reason));
-                        Some(zeros.bytes(len))
-                    }
-                };
-                if let Some(data) = data
-                    && write_error.is_none()
-                {
-                    note_write(target.write_at(data, off), off, &mut write_error);
-                }
-                let _ = pool_tx.send(buf);
-                progress.advance(len as u64);
-                report.bytes += len as u64;
+            match producer.join() {
+                Ok(Ok(r)) => repeats = r,
+                Ok(Err(e)) => index_error = Some(e),
+                Err(_) => index_error = Some(Error::Other("the restore's index reader stopped".into())),
             }
         });
+        if let Some(e) = index_error {
+            let _ = target.sync();
+            return Err(Error::Other(format!(
+                "{e}; the restore is incomplete: run `keepfs restore --continue {uid} {url}` to finish it"
+            )));
+        }
         // The repeats, copied from their first occurrence (zeros where that was damaged).
         if write_error.is_none()
             && unavailable.is_none()
-            && !repeat_of.is_empty()
+            && !repeats.is_empty()
             && let Err(e) = target.settle()
         {
             write_error = Some(Error::io(format!("cannot write to {path}"), e));
         }
         if write_error.is_none() && unavailable.is_none() {
-            let damaged: std::collections::HashMap<u64, String> =
-                report.bad_blocks.iter().map(|b| (b.index, b.reason.clone())).collect();
+            let damaged: std::collections::HashMap<u64, (String, BlockId)> =
+                report.bad_blocks.iter().map(|b| (b.index, (b.reason.clone(), b.object))).collect();
             let mut buf = OutBuf::new(bs);
-            let mut repeats: Vec<(u64, u64)> = repeat_of.iter().map(|(&i, &f)| (i, f)).collect();
-            repeats.sort_unstable();
+            // In block order: the index was walked in it.
             for (idx, first) in repeats {
-                let (off, len) = (idx * bs as u64, index.block_len(idx as usize));
-                let id = index.entries.get(idx);
-                let data = if let Some(reason) = damaged.get(&first) {
-                    report.bad_blocks.push(bad_block(progress, idx, off, len, id, reason));
+                let (off, len) = (idx * bs as u64, block_len(idx));
+                let data = if let Some((reason, id)) = damaged.get(&first) {
+                    report.bad_blocks.push(bad_block(progress, idx, off, len, *id, reason));
                     zeros.bytes(len)
                 } else {
                     let r = target.read_back(&mut buf.window()[..len], first * bs as u64);

@@ -88,6 +88,59 @@ fn an_image_across_the_index_groups_of_256_blocks_restores_and_diffs_block_for_b
     assert_eq!(sha256_file(&repo.path("out")), sha256_file(&repo.path("img2")), "delta restore of b over a");
 }
 
+/// A restore reads its version's index out of the catalog a piece at a time, never
+/// whole (here pieces of 97 bytes, which cut across the header, the runs and the ids):
+/// holes, data and repeats across the index's groups restore byte-identical, to a new
+/// file and over an existing one. The index is read end to end and checked before
+/// anything is written: a flip near its end makes the restore refuse with the repair to
+/// run, write no file, and mark the version invalid; once repaired it restores again.
+#[test]
+fn a_restore_streams_its_index_from_the_catalog_and_checks_it_before_writing() {
+    const B: usize = 4096;
+    let repo = Repo::new();
+    let n = 700;
+    let mut img = vec![0u8; n * B + 10];
+    for i in (0..n).filter(|i| i % 5 != 0) {
+        // Every third block repeats one content; the rest are unique.
+        let content = if i % 3 == 0 { random_bytes(1, B) } else { random_bytes(20_000 + i as u64, B) };
+        img[i * B..(i + 1) * B].copy_from_slice(&content);
+    }
+    img[n * B..].copy_from_slice(&random_bytes(2, 10));
+    fs::write(repo.path("img"), &img).unwrap();
+    let a = repo.backup("img", "streamed", &["-b", "4k"]);
+    let want = sha256_file(&repo.path("img"));
+    let pieces = [("KEEPFS_TEST_INDEX_PIECE", "97")];
+    let restore = |args: &[&str]| {
+        let r = repo.run_env(args, &pieces);
+        assert_eq!(r.code, 0, "{}", r.stderr);
+    };
+    restore(&["restore", &a, &repo.url("out")]);
+    assert_eq!(sha256_file(&repo.path("out")), want);
+    fs::write(repo.path("out"), random_bytes(3, img.len())).unwrap();
+    restore(&["restore", "--force", &a, &repo.url("out")]);
+    assert_eq!(sha256_file(&repo.path("out")), want, "over an existing file");
+
+    repo.edit_index(&a, |data| {
+        let at = data.len() - 40;
+        data[at] ^= 0x10;
+    });
+    let r = repo.run_env(&["restore", &a, &repo.url("again")], &pieces);
+    assert_eq!(r.code, 3, "{}", r.stderr);
+    assert_eq!(r.stderr.lines().count(), 1, "{}", r.stderr);
+    assert!(r.error_line().contains("index checksum mismatch"), "{}", r.stderr);
+    assert!(r.error_line().contains(&format!("keepfs metadata restore --force {a}")), "{}", r.stderr);
+    let written: Vec<_> = fs::read_dir(repo.path(""))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().contains("again"))
+        .collect();
+    assert!(written.is_empty(), "nothing is written from a damaged index: {written:?}");
+    assert_eq!(repo.version(&a)["status"], "invalid");
+    repo.ok(&["metadata", "restore", "--force", &a]);
+    restore(&["restore", &a, &repo.url("again")]);
+    assert_eq!(sha256_file(&repo.path("again")), want, "repaired from the storage");
+}
+
 #[test]
 fn zero_blocks_are_never_stored_and_sparse_restore_leaves_holes() {
     let repo = Repo::new();

@@ -365,6 +365,13 @@ pub trait Catalog: Send {
     /// The incomplete versions of a storage, for cleanup.
     fn incomplete_versions(&self, storage_id: i64) -> Result<Vec<IncompleteVersion>>;
     fn load_index(&self, uid: VersionUid) -> Result<Option<Vec<u8>>>;
+    /// The length in bytes of a version's stored index, if it has one (read without
+    /// reading the index).
+    fn index_len(&self, uid: VersionUid) -> Result<Option<u64>>;
+    /// Up to `len` bytes of a version's stored index from byte `offset` on (fewer at its
+    /// end, none past it; `None` when the version has no index): a large index is read
+    /// this way a piece at a time, one short query each (see `repo::StoredIndex`).
+    fn index_piece(&self, uid: VersionUid, offset: u64, len: usize) -> Result<Option<Vec<u8>>>;
     /// Visits every stored index (for cleanup's mark phase), one at a time.
     fn for_each_index(&self, f: &mut dyn FnMut(VersionUid, &[u8]) -> Result<()>) -> Result<()>;
     fn remove_version(&mut self, uid: VersionUid) -> Result<()>;

@@ -1001,6 +1001,24 @@ impl Catalog for PostgresCatalog {
         Ok(self.query("SELECT data FROM version_index WHERE uid=$1", &[&(uid.0 as i64)])?.first().map(|r| r.get(0)))
     }
 
+    fn index_len(&self, uid: VersionUid) -> Result<Option<u64>> {
+        // octet_length of a stored value reads its size, not the value.
+        let rows = self.query("SELECT octet_length(data) FROM version_index WHERE uid=$1", &[&(uid.0 as i64)])?;
+        Ok(rows.first().map(|r| r.get::<_, i32>(0) as u64))
+    }
+
+    fn index_piece(&self, uid: VersionUid, offset: u64, len: usize) -> Result<Option<Vec<u8>>> {
+        // A stored index is as long as MAX_INDEX_LEN at most, well within an int4. An
+        // index does not compress (its ids are hashes), so it is stored out of line
+        // uncompressed and substring() reads only the pieces it needs.
+        let (from, count) = (offset.saturating_add(1).min(i32::MAX as u64) as i32, len.min(i32::MAX as usize) as i32);
+        let rows = self.query(
+            "SELECT substring(data FROM $2 FOR $3) FROM version_index WHERE uid=$1",
+            &[&(uid.0 as i64), &from, &count],
+        )?;
+        Ok(rows.first().map(|r| r.get(0)))
+    }
+
     fn for_each_index(&self, f: &mut dyn FnMut(VersionUid, &[u8]) -> Result<()>) -> Result<()> {
         // Streamed row by row: one index in memory at a time.
         let mut client = self.client()?;

@@ -684,6 +684,28 @@ impl Catalog for SqliteCatalog {
             .optional()?)
     }
 
+    fn index_len(&self, uid: VersionUid) -> Result<Option<u64>> {
+        // length() of a blob reads its size from the record, not its pages.
+        Ok(self
+            .conn
+            .query_row("SELECT length(data) FROM version_index WHERE uid=?1", [uid.0 as i64], |r| r.get::<_, i64>(0))
+            .optional()?
+            .map(|n| n as u64))
+    }
+
+    fn index_piece(&self, uid: VersionUid, offset: u64, len: usize) -> Result<Option<Vec<u8>>> {
+        // Incremental blob I/O: only the pages of this piece are read (uid is the rowid).
+        let blob = match self.conn.blob_open(rusqlite::MAIN_DB, c"version_index", c"data", uid.0 as i64, true) {
+            Ok(b) => b,
+            Err(rusqlite::Error::SqliteFailure(_, Some(m))) if m.contains("no such rowid") => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        let start = (offset as usize).min(blob.len());
+        let mut piece = vec![0u8; len.min(blob.len() - start)];
+        blob.read_at_exact(&mut piece, start)?;
+        Ok(Some(piece))
+    }
+
     /// Visits every stored index (for cleanup's mark phase), one at a time.
     fn for_each_index(&self, f: &mut dyn FnMut(VersionUid, &[u8]) -> Result<()>) -> Result<()> {
         let mut st = self.conn.prepare("SELECT uid, data FROM version_index")?;

@@ -293,8 +293,30 @@ impl BlockIndex {
     /// reader that needs no map (a comparison, a count) uses, in constant memory.
     /// Blocks are handed over while the body is checked: on an error, discard them.
     pub fn visit(bytes: &[u8], mut each: impl FnMut(u64, BlockId)) -> Result<IndexHeader, IndexError> {
-        if bytes.len() < INDEX_HEADER_LEN {
-            return Err(IndexError::TooShort(bytes.len()));
+        let head = Self::visit_reader(bytes, |i, id| {
+            each(i, id);
+            true
+        })?;
+        // `each` never stops the walk, so it went to the end.
+        head.ok_or_else(|| IndexError::Malformed("stopped early".into()))
+    }
+
+    /// [`BlockIndex::visit`] over a reader: the stored index is read as it is walked, so
+    /// an index of any size is checked in constant memory (restore streams one from
+    /// the catalog this way). `each` returns false to stop the walk: then nothing more
+    /// is read or checked and the result is `None`. The checksum covers the whole
+    /// index, so it is known only at the end: a body found malformed is reported as a
+    /// checksum mismatch when that is what it is, as [`BlockIndex::decode`] does. An
+    /// error of the reader itself is reported as [`IndexError::Malformed`]: a caller
+    /// whose reader can fail for other reasons (a database) asks it first.
+    pub fn visit_reader<R: Read>(
+        mut r: R,
+        mut each: impl FnMut(u64, BlockId) -> bool,
+    ) -> Result<Option<IndexHeader>, IndexError> {
+        let mut bytes = [0u8; INDEX_HEADER_LEN];
+        let got = read_full(&mut r, &mut bytes)?;
+        if got < INDEX_HEADER_LEN {
+            return Err(IndexError::TooShort(got));
         }
         if bytes[0..8] != INDEX_MAGIC {
             return Err(IndexError::BadMagic);
@@ -315,33 +337,99 @@ impl BlockIndex {
         let count = le64(32);
         let tail = le64(72);
         let expected = if block_size == 0 { u64::MAX } else { block_count(size, block_size) };
-        let body = &bytes[INDEX_HEADER_LEN..];
         let count_error = IndexError::EntryCount { size, block_size, expected, found: count };
         if count != expected || count > MAX_BLOCKS_PER_VERSION {
             return Err(count_error);
         }
-        if version == INDEX_FORMAT_V1 && body.len() as u64 != count.saturating_mul(ID_LEN as u64) {
+        let mut body = Hashing { inner: r, hasher: Sha256::new(), n: 0 };
+        body.hasher.update(&bytes[0..40]);
+        body.hasher.update([0u8; 32]);
+        body.hasher.update(&bytes[72..]);
+        let walked = if version == INDEX_FORMAT_V1 {
+            visit_v1_body(&mut body, count, &mut each).map(|going| (going, 0))
+        } else {
+            decode_runs(&mut body, tail, count, &mut each)
+        };
+        let past_frame = match walked {
+            Ok((false, _)) => return Ok(None),
+            Ok((true, past)) => past,
+            Err(_) => 0,
+        };
+        // What follows the body still counts towards the checksum (and is an error).
+        let trailing = past_frame + body.drain()?;
+        if version == INDEX_FORMAT_V1 && body.n != count.saturating_mul(ID_LEN as u64) {
             return Err(count_error);
         }
-        let mut hasher = Sha256::new();
-        hasher.update(&bytes[0..40]);
-        hasher.update([0u8; 32]);
-        hasher.update(&bytes[72..]);
-        if hasher.finalize().as_slice() != &bytes[40..72] {
+        if body.hasher.finalize().as_slice() != &bytes[40..72] {
             return Err(IndexError::Checksum);
         }
-        if version == INDEX_FORMAT_V1 {
-            for (i, c) in body.chunks_exact(ID_LEN).enumerate() {
-                let id = BlockId::from_slice(c).unwrap_or(BlockId::SPARSE);
-                if !id.is_sparse() {
-                    each(i as u64, id);
-                }
-            }
-        } else {
-            decode_runs(body, tail, count, &mut each)?;
+        walked?;
+        if trailing > 0 {
+            return Err(IndexError::Malformed("longer than its header says".into()));
         }
-        Ok(IndexHeader { uid, size, block_size, count })
+        Ok(Some(IndexHeader { uid, size, block_size, count }))
     }
+}
+
+/// Reads until `buf` is full or the reader ends; how many bytes it got.
+fn read_full(r: &mut impl Read, buf: &mut [u8]) -> Result<usize, IndexError> {
+    let mut got = 0;
+    while got < buf.len() {
+        match r.read(&mut buf[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(IndexError::Malformed(format!("cannot read: {e}"))),
+        }
+    }
+    Ok(got)
+}
+
+/// The body of a stored index as it is read: hashed and counted as it passes.
+struct Hashing<R> {
+    inner: R,
+    hasher: Sha256,
+    /// Bytes of the body read so far.
+    n: u64,
+}
+
+impl<R: Read> Read for Hashing<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.n += n as u64;
+        Ok(n)
+    }
+}
+
+impl<R: Read> Hashing<R> {
+    /// Reads the rest of the body (hashed like the rest); how many bytes that was.
+    fn drain(&mut self) -> Result<u64, IndexError> {
+        let before = self.n;
+        let mut buf = [0u8; 8192];
+        while read_full(self, &mut buf)? > 0 {}
+        Ok(self.n - before)
+    }
+}
+
+/// Reads a format 1 body (an id for every block) of `count` blocks, handing each data
+/// block to `each`; false when `each` stopped the walk. A body that ends early is left
+/// to the caller's length check.
+fn visit_v1_body(
+    body: &mut impl Read,
+    count: u64,
+    each: &mut impl FnMut(u64, BlockId) -> bool,
+) -> Result<bool, IndexError> {
+    let mut id = [0u8; ID_LEN];
+    for i in 0..count {
+        if read_full(body, &mut id)? < ID_LEN {
+            return Ok(true);
+        }
+        if id != [0u8; ID_LEN] && !each(i, BlockId(id)) {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 /// What the header of a stored index says (once checked).
@@ -355,11 +443,19 @@ pub struct IndexHeader {
 
 /// Reads the runs of a format 2 body (one zstd frame of `body_len` bytes) of `count`
 /// blocks, handing each data block to `each`, checking that they cover exactly its
-/// blocks and that the frame holds nothing more.
-fn decode_runs(frame: &[u8], body_len: u64, count: u64, each: &mut impl FnMut(u64, BlockId)) -> Result<(), IndexError> {
+/// blocks and that the frame holds nothing more. Returns false when `each` stopped the
+/// walk, and how many bytes it read past the frame's end (what follows the frame is
+/// the caller's to judge).
+fn decode_runs(
+    frame: &mut impl Read,
+    body_len: u64,
+    count: u64,
+    each: &mut impl FnMut(u64, BlockId) -> bool,
+) -> Result<(bool, u64), IndexError> {
     let bad = |m: &str| IndexError::Malformed(m.to_string());
-    let z = zstd::stream::read::Decoder::with_buffer(frame).map_err(|e| bad(&format!("cannot decompress: {e}")))?;
-    let mut body = z.single_frame().take(body_len);
+    let z = zstd::stream::read::Decoder::with_buffer(std::io::BufReader::with_capacity(256 << 10, frame))
+        .map_err(|e| bad(&format!("cannot decompress: {e}")))?;
+    let mut body = std::io::BufReader::with_capacity(64 << 10, z.single_frame().take(body_len));
     let read = |body: &mut dyn Read, buf: &mut [u8]| {
         body.read_exact(buf).map_err(|e| match e.kind() {
             std::io::ErrorKind::UnexpectedEof => bad("shorter than its header says"),
@@ -392,7 +488,9 @@ fn decode_runs(frame: &[u8], body_len: u64, count: u64, each: &mut impl FnMut(u6
             if id == [0u8; ID_LEN] {
                 return Err(bad("a data block with the sparse id"));
             }
-            each(at, BlockId(id));
+            if !each(at, BlockId(id)) {
+                return Ok((false, 0));
+            }
             at += 1;
         }
         consumed += RUN_HEADER_LEN + n * ID_LEN as u64;
@@ -400,14 +498,15 @@ fn decode_runs(frame: &[u8], body_len: u64, count: u64, each: &mut impl FnMut(u6
     if consumed != body_len {
         return Err(bad("longer than its runs"));
     }
-    // Nothing may follow the body in the frame, nor the frame in the index.
-    let mut rest = body.into_inner();
-    match rest.read(&mut [0u8; 1]) {
+    // Nothing may follow the body in the frame (the body's own buffer holds nothing
+    // more: it read through a limit of exactly the body's length).
+    let mut z = body.into_inner().into_inner();
+    match z.read(&mut [0u8; 1]) {
         Ok(0) => {}
         Ok(_) => return Err(bad("longer than its header says")),
         Err(e) => return Err(bad(&format!("cannot decompress: {e}"))),
     }
-    Ok(())
+    Ok((true, z.into_inner().buffer().len() as u64))
 }
 
 #[cfg(test)]
@@ -499,6 +598,93 @@ mod tests {
         assert!(matches!(BlockIndex::decode(&forged(&idx, &trailing, 16)), Err(IndexError::Malformed(_))));
         assert!(matches!(BlockIndex::decode(&forged(&idx, &trailing, 20)), Err(IndexError::Malformed(_))));
         assert!(matches!(BlockIndex::decode(&forged(&idx, &ok, 1 << 40)), Err(IndexError::Malformed(_))));
+    }
+
+    /// Hands out at most `step` bytes a read, as a catalog read in pieces does at a
+    /// piece's edge; fails once `fail_at` bytes were read.
+    struct Trickle<'a> {
+        bytes: &'a [u8],
+        step: usize,
+        fail_at: usize,
+        at: usize,
+    }
+
+    impl Read for Trickle<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            if self.at >= self.fail_at {
+                return Err(std::io::Error::other("the database went away"));
+            }
+            let n = buf.len().min(self.step).min(self.bytes.len() - self.at);
+            buf[..n].copy_from_slice(&self.bytes[self.at..self.at + n]);
+            self.at += n;
+            Ok(n)
+        }
+    }
+
+    fn trickle(bytes: &[u8], step: usize) -> Trickle<'_> {
+        Trickle { bytes, step, fail_at: usize::MAX, at: 0 }
+    }
+
+    #[test]
+    fn a_stored_index_read_in_pieces_is_walked_as_when_held_whole() {
+        // Data, holes and repeats across several groups, in both formats, read 1, 7 and
+        // 4096 bytes at a time.
+        let mut idx = BlockIndex::new_sparse(3, 1_000 * 4096 + 17, 4096);
+        for i in (0..1_001u64).filter(|i| i % 3 != 0 || i % 7 == 0) {
+            idx.entries.set(i, id((i % 251) as u8 + 1));
+        }
+        let want: Vec<(u64, BlockId)> = idx.entries.data().collect();
+        for bytes in [idx.encode().unwrap(), idx.encode_v1()] {
+            for step in [1, 7, 4096] {
+                let mut got = Vec::new();
+                let head = BlockIndex::visit_reader(trickle(&bytes, step), |i, b| {
+                    got.push((i, b));
+                    true
+                });
+                let head = head.unwrap().unwrap();
+                assert_eq!((head.uid, head.size, head.block_size, head.count), (3, idx.size, 4096, 1_001));
+                assert_eq!(got, want, "step {step}");
+            }
+            // Stopped by the walker: nothing more is read, nothing is judged.
+            let mut seen = 0;
+            let r = BlockIndex::visit_reader(trickle(&bytes, 64), |_, _| {
+                seen += 1;
+                seen < 10
+            });
+            assert_eq!(r, Ok(None));
+            assert_eq!(seen, 10);
+            // A reader that fails half way is an error, never a shorter index.
+            let failing = Trickle { fail_at: bytes.len() / 2, ..trickle(&bytes, 100) };
+            let r = BlockIndex::visit_reader(failing, |_, _| true);
+            assert!(matches!(r, Err(IndexError::Malformed(ref m)) if m.contains("went away")), "{r:?}");
+            // Damage found by the checksum at the end, whatever the body looked like.
+            let mut bad = bytes.clone();
+            bad[INDEX_HEADER_LEN + 40] ^= 1;
+            assert!(matches!(
+                BlockIndex::visit_reader(trickle(&bad, 7), |_, _| true),
+                Err(IndexError::Checksum | IndexError::EntryCount { .. })
+            ));
+        }
+    }
+
+    #[test]
+    fn bytes_after_the_frame_are_refused_even_with_a_good_checksum() {
+        let idx = BlockIndex::new_sparse(1, 10 * 4096, 4096);
+        let mut body = Vec::new();
+        body.extend_from_slice(&10u64.to_le_bytes());
+        body.extend_from_slice(&0u64.to_le_bytes());
+        let mut out = forged(&idx, &body, 16);
+        assert!(BlockIndex::decode(&out).is_ok());
+        out.extend_from_slice(b"junk");
+        let sum = {
+            let mut h = Sha256::new();
+            h.update(&out[0..40]);
+            h.update([0u8; 32]);
+            h.update(&out[72..]);
+            h.finalize()
+        };
+        out[40..72].copy_from_slice(&sum);
+        assert!(matches!(BlockIndex::decode(&out), Err(IndexError::Malformed(_))));
     }
 
     #[test]

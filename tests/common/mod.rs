@@ -609,4 +609,22 @@ impl Repo {
         let conn = rusqlite::Connection::open(self.db_file()).expect("open the database");
         conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get::<_, i64>(0)).expect("checkpoint");
     }
+
+    /// Changes version `uid`'s stored index in the catalog, SQLite or PostgreSQL, as damage
+    /// or a hand edit would (no keepfs command runs meanwhile).
+    pub fn edit_index(&self, uid: &str, edit: impl FnOnce(&mut Vec<u8>)) {
+        let n: i64 = uid[1..].parse().expect("a version uid");
+        if let Some(db) = &self.catalog {
+            let mut c = postgres::Client::connect(&db.url, postgres::NoTls).expect("connect to the test catalog");
+            let mut data: Vec<u8> = c.query_one("SELECT data FROM version_index WHERE uid=$1", &[&n]).unwrap().get(0);
+            edit(&mut data);
+            c.execute("UPDATE version_index SET data=$2 WHERE uid=$1", &[&n, &data]).unwrap();
+        } else {
+            let conn = rusqlite::Connection::open(self.db_file()).expect("open the database");
+            let mut data: Vec<u8> =
+                conn.query_row("SELECT data FROM version_index WHERE uid=?1", [n], |r| r.get(0)).unwrap();
+            edit(&mut data);
+            conn.execute("UPDATE version_index SET data=?2 WHERE uid=?1", rusqlite::params![n, data]).unwrap();
+        }
+    }
 }

@@ -305,15 +305,22 @@ impl Repository {
         v: &Version,
         each: impl FnMut(u64, BlockId) -> bool,
     ) -> Result<Option<IndexHeader>> {
+        self.walk_index_or_damage(v, each)?.map_err(|e| self.index_damaged(v.uid, &e))
+    }
+
+    /// [`Repository::walk_index`], with what is wrong with the catalog's copy of the
+    /// index as the inner error (nothing is marked).
+    pub(crate) fn walk_index_or_damage(
+        &self,
+        v: &Version,
+        each: impl FnMut(u64, BlockId) -> bool,
+    ) -> Result<std::result::Result<Option<IndexHeader>, IndexError>> {
         let mut stored = self.stored_index(v)?;
         let walked = BlockIndex::visit_reader(&mut stored, each);
         if let Some(e) = stored.failed {
             return Err(e);
         }
-        match walked.and_then(|head| head.map(|h| Self::is_of(v, h.uid, h.size, h.block_size).map(|_| h)).transpose()) {
-            Ok(head) => Ok(head),
-            Err(e) => Err(self.index_damaged(v.uid, &e)),
-        }
+        Ok(walked.and_then(|head| head.map(|h| Self::is_of(v, h.uid, h.size, h.block_size).map(|_| h)).transpose()))
     }
 
     /// Records that the database's index of `uid` is damaged (the version becomes

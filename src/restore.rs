@@ -319,12 +319,6 @@ pub(crate) fn bad_block(
 }
 
 /// What became of one block.
-/// Distinct blocks a restore remembers to find repeats against (the most recently
-/// seen; about 80 bytes each), and repeats it keeps to copy at the end (16 bytes each):
-/// what bounds its memory for an image of any size.
-const REPEAT_FIRSTS: usize = 1 << 18;
-const MAX_REPEATS: usize = 1 << 20;
-
 /// What reaches a restore's writer: a fetched (or kept, or failed) block, or a run of
 /// zero blocks.
 enum Done {
@@ -458,15 +452,11 @@ impl Repository {
             }
             drop(job_rx);
             // The index, read a second time as a stream: data blocks go to the fetchers,
-            // runs of zero blocks and repeats are noted. What a repeat is found against
-            // is bounded (the most recently seen distinct blocks, and so many repeats): a
-            // repeat past those bounds is fetched like any other block.
+            // runs of zero blocks and repeats are noted (within bounds: see `Repeats`; a
+            // repeat past them is fetched like any other block).
             let version = &version;
             let producer = s.spawn(move || -> Result<Vec<(u64, u64)>> {
-                let mut firsts: lru::LruCache<BlockId, u64> = lru::LruCache::new(
-                    std::num::NonZeroUsize::new(REPEAT_FIRSTS).unwrap_or(std::num::NonZeroUsize::MIN),
-                );
-                let mut repeats = Vec::new();
+                let mut repeats = crate::index::Repeats::bounded();
                 let mut next = 0u64; // the first block not handed over yet
                 let hand_zeros = |run: std::ops::Range<u64>| run.is_empty() || res_tx.send(Done::Zeros(run)).is_ok();
                 let walked = self.walk_index(version, |idx, id| {
@@ -474,17 +464,8 @@ impl Repository {
                         return false;
                     }
                     next = idx + 1;
-                    if track_repeats {
-                        match firsts.get(&id) {
-                            Some(&first) if repeats.len() < MAX_REPEATS => {
-                                repeats.push((idx, first));
-                                return true;
-                            }
-                            Some(_) => {}
-                            None => {
-                                firsts.put(id, idx);
-                            }
-                        }
+                    if track_repeats && repeats.note(idx, id) {
+                        return true;
                     }
                     job_tx.send((idx, id)).is_ok()
                 });
@@ -494,7 +475,7 @@ impl Repository {
                 if walked.is_err() {
                     stop.store(true, Ordering::Relaxed);
                 }
-                walked.map(|_| repeats)
+                walked.map(|_| repeats.found)
             });
             for done in res_rx {
                 match done {

@@ -13,7 +13,7 @@
 use crate::block::{BlockId, ObjectKind, parse_header};
 use crate::cache::{FetchError, Read, fetch_block, fetch_verified};
 use crate::error::{Error, Result};
-use crate::index::BlockIndex;
+use crate::index::{BlockIndex, IndexDigest, IndexError};
 use crate::progress::Progress;
 use crate::repo::Repository;
 use crate::restore::BadBlock;
@@ -118,9 +118,9 @@ impl Repository {
     /// Checks a version's own object in its storage (`versions/<uid>`, what `database
     /// rebuild` and `metadata restore` read): present, passing the codec's checks (header,
     /// seal, payload checksum), decodable, and holding the fields and, when given, the
-    /// block index the database holds. `Ok(Some(problem))` names the damage and the
-    /// repair; an error means the storage did not answer.
-    pub(crate) fn check_version_object(&self, version: &Version, index: Option<&BlockIndex>) -> Result<Option<String>> {
+    /// block index the database holds (given as its [`IndexDigest`]). `Ok(Some(problem))`
+    /// names the damage and the repair; an error means the storage did not answer.
+    pub(crate) fn check_version_object(&self, version: &Version, index: Option<&[u8; 32]>) -> Result<Option<String>> {
         let uid = version.uid;
         let key = crate::repo::version_key(uid);
         let storage = self.storage(&version.storage)?;
@@ -157,11 +157,10 @@ impl Repository {
                 Err(e) => return Ok(Some(damaged(&e))),
             };
             drop(bytes);
-            // Compared as a stream: no second map of a large index is built.
-            let same_index = match index {
-                Some(ix) => ix.matches_stored(&plain[at..]),
-                None => BlockIndex::visit(&plain[at..], |_, _| {}).map(|_| true),
-            };
+            // Compared by digest, as a stream: no map of a large index is built.
+            let mut digest = IndexDigest::default();
+            let same_index = BlockIndex::visit(&plain[at..], |i, id| digest.add(i, id))
+                .map(|head| index.is_none_or(|want| digest.finish(&head) == *want));
             let same_index = match same_index {
                 Ok(same) => same,
                 Err(e) => {
@@ -228,8 +227,24 @@ impl Repository {
         let version = self.version(uid)?;
         let session = self.session(&format!("scrub {uid}"), false)?;
         session.lock_version(uid, "scrub")?;
-        let index = match self.index_or_damage(uid)? {
-            Ok(index) => index,
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1)
+            ^ std::process::id() as u64;
+        let chosen = |i: u64| sampled(seed, i, opts.percent);
+        // The catalog's index is read as a stream, never held: once to check it end to
+        // end (counting the chosen blocks and digesting it for the comparison with the
+        // version object), once to hand the objects to the checkers, and after a clean
+        // deep scrub once more to mark them valid.
+        let (mut chosen_blocks, mut digest) = (0u64, IndexDigest::default());
+        let walked = self.walk_index_or_damage(&version, |i, id| {
+            digest.add(i, id);
+            chosen_blocks += chosen(i) as u64;
+            true
+        })?;
+        let head = match walked.and_then(|h| h.ok_or(IndexError::Malformed("stopped early".into()))) {
+            Ok(head) => head,
             Err(e) => {
                 // Without its index nothing of the version can be checked (or restored).
                 let mut report = ScrubReport::default();
@@ -241,45 +256,39 @@ impl Repository {
             }
         };
         let mut metadata = Vec::new();
-        metadata.extend(self.check_version_object(&version, Some(&index))?);
+        metadata.extend(self.check_version_object(&version, Some(&digest.finish(&head)))?);
         let storage = self.storage(&version.storage)?;
         let source = match &opts.source {
             Some(url) => {
                 let s = open_source(url, false, &self.config)?;
-                if s.size() != index.size {
+                if s.size() != head.size {
                     return Err(Error::Invalid(format!(
                         "source {url} holds {} bytes, version {uid} {}; compare a source of the same size",
                         s.size(),
-                        index.size
+                        head.size
                     )));
                 }
                 Some(s)
             }
             None => None,
         };
-        let seed = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(1)
-            ^ std::process::id() as u64;
         // One check per distinct object (with --source, per block: contents may differ by
-        // place). The chosen blocks whose object an earlier chosen block has are found
-        // first (a few bytes a block while sorting); the objects then go to the checkers
-        // straight from the index, so nothing is held per block while they work.
-        let chosen = |i: u64| sampled(seed, i, opts.percent);
-        let copies: HashMap<u64, u64> = if source.is_none() { index.repeats_among(chosen) } else { HashMap::new() };
-        let chosen_blocks = index.entries.data().filter(|&(i, _)| chosen(i)).count() as u64;
-        let total = chosen_blocks * index.block_size as u64;
+        // place): a chosen block whose object an earlier chosen block has (within the
+        // bounds of `Repeats`) shares that block's verdict.
+        let total = chosen_blocks * head.block_size as u64;
         progress.begin(&format!("{} {uid}", if opts.deep { "deep-scrub" } else { "scrub" }), total);
-        let bs = index.block_size as u64;
-        let mut report = ScrubReport { objects: chosen_blocks - copies.len() as u64, metadata, ..Default::default() };
+        let bs = head.block_size as u64;
+        let block_len = |i: u64| (head.size - i * bs).min(bs);
+        let mut report = ScrubReport { metadata, ..Default::default() };
         let mut unavailable: Option<String> = None;
+        let mut walk_error: Option<Error> = None;
+        let mut copies: Vec<(u64, u64)> = Vec::new();
         let threads = self.config.readers_for(&version.storage)?;
         let (job_tx, job_rx) = bounded::<(BlockId, u64)>(threads * 2);
         let (res_tx, res_rx) = bounded::<(BlockId, u64, std::result::Result<(), FetchError>)>(threads * 2);
         let source_ref = source.as_deref();
-        let index_ref: &BlockIndex = &index;
-        let copies_ref = &copies;
+        let block_len = &block_len;
+        let version_ref = &version;
         std::thread::scope(|s| {
             for _ in 0..threads {
                 let (job_rx, res_tx, storage) = (job_rx.clone(), res_tx.clone(), storage.clone());
@@ -291,7 +300,7 @@ impl Repository {
                             fetch_block(storage.as_ref(), &id, Read::Fresh).and_then(|data| match source_ref {
                                 None => Ok(()),
                                 Some(src) => {
-                                    let mut want = vec![0u8; index_ref.block_len(idx as usize)];
+                                    let mut want = vec![0u8; block_len(idx) as usize];
                                     src.read_at(idx * bs, &mut want).map_err(|e| {
                                         FetchError::Unavailable(format!(
                                             "cannot read the source at byte {}: {e}",
@@ -314,36 +323,46 @@ impl Repository {
             }
             drop(res_tx);
             drop(job_rx);
-            s.spawn(move || {
-                for (i, id) in index_ref.entries.data() {
-                    if chosen(i) && !copies_ref.contains_key(&i) && job_tx.send((id, i)).is_err() {
-                        return;
-                    }
-                }
+            let producer = s.spawn(move || {
+                let mut repeats = crate::index::Repeats::bounded();
+                let find_repeats = source_ref.is_none();
+                let walked = self.walk_index(version_ref, |i, id| {
+                    !chosen(i) || (find_repeats && repeats.note(i, id)) || job_tx.send((id, i)).is_ok()
+                });
+                walked.map(|_| repeats.found)
             });
             for (id, i, r) in res_rx {
                 if let Err(FetchError::Unavailable(reason)) = &r {
                     unavailable.get_or_insert_with(|| reason.clone());
                     continue;
                 }
-                progress.advance(index_ref.block_len(i as usize) as u64);
+                progress.advance(block_len(i));
                 if let Err(FetchError::Damaged(reason)) = &r {
                     report.bad.push(BadBlock {
                         index: i,
                         offset: i * bs,
-                        len: index_ref.block_len(i as usize) as u64,
+                        len: block_len(i),
                         object: id,
                         reason: reason.clone(),
                     });
                 }
             }
+            match producer.join() {
+                Ok(Ok(found)) => copies = found,
+                Ok(Err(e)) => walk_error = Some(e),
+                Err(_) => walk_error = Some(Error::Other("the scrub's index reader stopped".into())),
+            }
         });
+        if let Some(e) = walk_error {
+            return Err(e);
+        }
+        report.objects = chosen_blocks - copies.len() as u64;
         // The copies share their first block's object, and its verdict.
         if unavailable.is_none() {
             let bad_at: HashMap<u64, usize> = report.bad.iter().enumerate().map(|(n, b)| (b.index, n)).collect();
             let mut copies_bad = Vec::new();
-            for (&i, first) in &copies {
-                let len = index.block_len(i as usize) as u64;
+            for (i, first) in &copies {
+                let (i, len) = (*i, block_len(*i));
                 progress.advance(len);
                 if let Some(&n) = bad_at.get(first) {
                     let b = &report.bad[n];
@@ -365,15 +384,28 @@ impl Repository {
             )));
         }
         report.bad.sort_by_key(|b| b.index);
-        drop(session);
         let db = self.db();
         let sid = db.storage_id(&version.storage)?;
         if report.bad.is_empty() {
             if opts.deep && opts.percent == 100 {
-                // In batches: a dense image's ids are not gathered in one list.
-                let mut data = index.entries.data().map(|(_, id)| id).peekable();
-                while data.peek().is_some() {
-                    let ids: Vec<BlockId> = data.by_ref().take(VALID_BATCH).collect();
+                // In batches, from the index read once more: a dense image's ids are not
+                // gathered in one list. The catalog's lock is not held while it is read.
+                drop(db);
+                let mut ids: Vec<BlockId> = Vec::with_capacity(VALID_BATCH);
+                let mut failed = None;
+                self.walk_index(&version, |_, id| {
+                    ids.push(id);
+                    if ids.len() == VALID_BATCH {
+                        failed = self.db().set_objects_valid(sid, &ids, true).err();
+                        ids.clear();
+                    }
+                    failed.is_none()
+                })?;
+                if let Some(e) = failed {
+                    return Err(e);
+                }
+                let db = self.db();
+                if !ids.is_empty() {
                     db.set_objects_valid(sid, &ids, true)?;
                 }
                 if version.status == Status::Invalid && report.metadata.is_empty() {

@@ -148,6 +148,32 @@ fn three_versions(repo: &Repo, seed: u64) -> Vec<String> {
         .collect()
 }
 
+/// A scrub compares what the catalog's index and the version object's index say, block
+/// by block, as streams, not their bytes: the same index in the first format says the
+/// same (all good); one block pointing at another stored object is a difference in the
+/// block index, and nothing else.
+#[test]
+fn scrub_compares_what_the_catalog_and_the_version_object_say_about_each_block() {
+    use keepfs::index::BlockIndex;
+    let repo = Repo::new();
+    let uids = three_versions(&repo, 77);
+    let b = &uids[1];
+    repo.edit_index(b, |data| *data = BlockIndex::decode(data).unwrap().encode_v1());
+    let r = repo.run(&["scrub", b]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stderr.contains("all good"), "{}", r.stderr);
+
+    repo.edit_index(b, |data| {
+        let mut ix = BlockIndex::decode(data).unwrap();
+        let blocks: Vec<_> = ix.entries.data().take(2).collect();
+        ix.entries.set(blocks[0].0, blocks[1].1);
+        *data = ix.encode().unwrap();
+    });
+    let r = repo.run(&["scrub", b]);
+    assert_eq!(r.code, 3, "{}", r.stderr);
+    assert!(r.stderr.contains("differs from the database in: block index;"), "{}", r.stderr);
+}
+
 /// A bit flipped in a version's own object in the storage (`versions/<uid>`, what a
 /// database rebuild reads) is damage every scrub finds, names and says how to repair;
 /// the batch goes on, and `metadata backup` writes the object again from the database.

@@ -8,7 +8,6 @@
 
 use crate::block::{BlockId, ID_LEN};
 use sha2::{Digest, Sha256};
-use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::ops::Range;
 
@@ -144,35 +143,6 @@ impl BlockIndex {
         Some((first * bs).max(offset)..(end * bs).min(self.size))
     }
 
-    /// The blocks whose content an earlier block of the image has too, each with the
-    /// number of the first such block (sparse blocks have none): a restore fetches such
-    /// a block once.
-    pub fn repeats(&self) -> HashMap<u64, u64> {
-        self.repeats_among(|_| true)
-    }
-
-    /// [`BlockIndex::repeats`] among the data blocks `pick` chooses only. Holds 16 bytes
-    /// a chosen block while it works (the first 8 bytes of its id and its number,
-    /// sorted; full ids are compared only where those agree), then the repeats.
-    pub fn repeats_among(&self, pick: impl Fn(u64) -> bool) -> HashMap<u64, u64> {
-        let mut keyed: Vec<(u64, u64)> =
-            self.entries.data().filter(|&(i, _)| pick(i)).map(|(i, id)| (id.short(), i)).collect();
-        keyed.sort_unstable();
-        let mut out = HashMap::new();
-        for group in keyed.chunk_by(|a, b| a.0 == b.0).filter(|g| g.len() > 1) {
-            // In block order; the full ids of a group are nearly always one id, so this
-            // map stays tiny even when a whole image repeats one block.
-            let mut first: HashMap<BlockId, u64> = HashMap::new();
-            for &(_, i) in group {
-                let f = *first.entry(self.entries.get(i)).or_insert(i);
-                if f != i {
-                    out.insert(i, f);
-                }
-            }
-        }
-        out
-    }
-
     fn header(&self, version: u16, tail: u64) -> Vec<u8> {
         let mut out = Vec::with_capacity(INDEX_HEADER_LEN);
         out.extend_from_slice(&INDEX_MAGIC);
@@ -269,23 +239,6 @@ impl BlockIndex {
         let head = Self::visit(bytes, |idx, id| entries.set(idx, id))?;
         entries.resize(head.count);
         Ok(BlockIndex { uid: head.uid, size: head.size, block_size: head.block_size, entries })
-    }
-
-    /// Whether `stored` (checked as [`BlockIndex::decode`] does) is this index, compared
-    /// block by block without decoding it into a second map.
-    pub fn matches_stored(&self, stored: &[u8]) -> Result<bool, IndexError> {
-        let mut mine = self.entries.data();
-        let mut same = true;
-        let head = Self::visit(stored, |i, id| same = same && mine.next() == Some((i, id)))?;
-        Ok(same
-            && mine.next().is_none()
-            && head
-                == IndexHeader {
-                    uid: self.uid,
-                    size: self.size,
-                    block_size: self.block_size,
-                    count: self.entries.len(),
-                })
     }
 
     /// Checks a stored index as [`BlockIndex::decode`] does, handing each data block
@@ -430,6 +383,67 @@ fn visit_v1_body(
         }
     }
     Ok(true)
+}
+
+/// Finds the blocks of an image whose content an earlier block has too, as the index is
+/// walked in block order (a restore fetches such a block once, a scrub checks it once),
+/// in bounded memory: ids are remembered for the most recently seen `distinct` of them
+/// (about 80 bytes each), and at most `most` repeats are kept (16 bytes each). A repeat
+/// past those bounds is not found, and is treated like any other block.
+pub struct Repeats {
+    firsts: lru::LruCache<BlockId, u64>,
+    most: usize,
+    /// (block, the earlier block with its content), in block order.
+    pub found: Vec<(u64, u64)>,
+}
+
+impl Repeats {
+    /// What restore and scrub use: 262,144 distinct ids (about 20 MiB) and 1,048,576
+    /// repeats (16 MiB). An image with fewer data blocks has every repeat found.
+    pub fn bounded() -> Repeats {
+        Repeats::new(1 << 18, 1 << 20)
+    }
+
+    pub fn new(distinct: usize, most: usize) -> Repeats {
+        let cap = std::num::NonZeroUsize::new(distinct).unwrap_or(std::num::NonZeroUsize::MIN);
+        Repeats { firsts: lru::LruCache::new(cap), most, found: Vec::new() }
+    }
+
+    /// Notes block `idx` holding `id`: true when it repeats an earlier block (then it is
+    /// in `found`).
+    pub fn note(&mut self, idx: u64, id: BlockId) -> bool {
+        match self.firsts.get(&id) {
+            Some(&first) if self.found.len() < self.most => {
+                self.found.push((idx, first));
+                true
+            }
+            Some(_) => false,
+            None => {
+                self.firsts.put(id, idx);
+                false
+            }
+        }
+    }
+}
+
+/// What an index says, block by block, in 32 bytes: two stored indexes (of either
+/// format, encoded apart) say the same when their digests are equal. Fed while walking
+/// one, so neither is held.
+#[derive(Default)]
+pub struct IndexDigest(Sha256);
+
+impl IndexDigest {
+    pub fn add(&mut self, idx: u64, id: BlockId) {
+        self.0.update(idx.to_le_bytes());
+        self.0.update(id.0);
+    }
+
+    pub fn finish(mut self, head: &IndexHeader) -> [u8; 32] {
+        for n in [head.uid, head.size, head.block_size as u64, head.count] {
+            self.0.update(n.to_le_bytes());
+        }
+        self.0.finalize().into()
+    }
 }
 
 /// What the header of a stored index says (once checked).
@@ -722,34 +736,29 @@ mod tests {
     }
 
     #[test]
-    fn repeats_point_at_the_first_occurrence() {
+    fn repeats_point_at_an_earlier_occurrence_within_the_bounds() {
         let (a, b) = (id(1), id(2));
-        let ix = BlockIndex {
-            uid: 1,
-            size: 6 * 4096,
-            block_size: 4096,
-            entries: [a, b, BlockId::SPARSE, a, BlockId::SPARSE, b].into_iter().collect(),
-        };
-        assert_eq!(ix.repeats(), HashMap::from([(3, 0), (5, 1)]));
-        assert_eq!(ix.repeats_among(|i| i != 0), HashMap::from([(5, 1)]), "block 3 is the first chosen copy");
-    }
-
-    #[test]
-    fn repeats_tell_ids_apart_that_share_their_first_bytes() {
-        // Ids that agree in the 8 bytes the sort uses, and differ after them.
+        let mut r = Repeats::new(4, 8);
+        let found: Vec<bool> = [(0, a), (1, b), (3, a), (5, b), (6, a)].iter().map(|&(i, x)| r.note(i, x)).collect();
+        assert_eq!(found, vec![false, false, true, true, true]);
+        assert_eq!(r.found, vec![(3, 0), (5, 1), (6, 0)]);
+        // Ids that agree in their first bytes are told apart.
         let twin = |n: u8| {
-            let mut b = [7u8; ID_LEN];
-            b[31] = n;
-            BlockId(b)
+            let mut x = [7u8; ID_LEN];
+            x[31] = n;
+            BlockId(x)
         };
-        let (a, b) = (twin(1), twin(2));
-        let ix = BlockIndex {
-            uid: 1,
-            size: 6 * 4096,
-            block_size: 4096,
-            entries: [b, a, b, a, a, id(9)].into_iter().collect(),
-        };
-        assert_eq!(ix.repeats(), HashMap::from([(2, 0), (3, 1), (4, 1)]));
+        let mut r = Repeats::new(4, 8);
+        assert!(!r.note(0, twin(1)) && !r.note(1, twin(2)) && r.note(2, twin(1)));
+        assert_eq!(r.found, vec![(2, 0)]);
+        // Past the bounds a repeat is not one: the least recently seen id is forgotten,
+        // and no more are kept than asked.
+        let mut r = Repeats::new(2, 1);
+        assert!(!r.note(0, id(1)) && !r.note(1, id(2)) && !r.note(2, id(3)));
+        assert!(!r.note(3, id(1)), "forgotten: the two most recent are 2 and 3");
+        assert!(r.note(4, id(3)));
+        assert!(!r.note(5, id(3)), "one repeat kept at most");
+        assert_eq!(r.found, vec![(4, 2)]);
     }
 
     #[test]

@@ -16,7 +16,6 @@
 use crate::block::BlockId;
 use crate::catalog::{OBJECT_DELETING, OBJECT_WRITING};
 use crate::error::{Error, Result};
-use crate::index::BlockIndex;
 use crate::repo::Repository;
 use crate::storage::retry;
 use crate::version::VersionUid;
@@ -197,28 +196,25 @@ impl Repository {
         // so a repository of many millions of blocks is marked in a small set: an object
         // whose short id a referenced one shares is kept, never the other way round.
         let mut marked: HashSet<u64> = HashSet::new();
-        let mut damaged = None;
-        db.for_each_index(&mut |uid, bytes| {
-            if in_this.contains(&uid.0) {
-                // Read as a stream: no map of the index is built. (A damaged index
-                // refuses the whole cleanup, so what it marked before the damage is moot.)
-                match BlockIndex::visit(bytes, |_, id| {
-                    marked.insert(id.short());
-                }) {
-                    Ok(_) => {}
-                    Err(e) => {
-                        damaged.get_or_insert((uid, e));
-                    }
-                }
+        // Each index is read from the catalog as a stream, a piece at a time, with the
+        // catalog's lock taken per piece: no map of an index is built, and no index is
+        // held. (A damaged index refuses the whole cleanup, so what it marked before the
+        // damage is moot.) A version without an index (incomplete, or removed since it
+        // was listed) references nothing the cutoff does not already keep.
+        drop(db);
+        for v in versions.iter().filter(|v| in_this.contains(&v.uid.0)) {
+            let Some(stored) = self.stored_index_if_any(v.uid)? else { continue };
+            let walked = self.walk_stored(v, stored, |_, id| {
+                marked.insert(id.short());
+                true
+            })?;
+            // A damaged index hides which blocks it references: sweeping now could delete them.
+            if let Err(e) = walked {
+                let err = self.index_damaged(v.uid, &e);
+                return Err(Error::Damaged(format!("cleanup of storage '{storage}' refused: {err}")));
             }
-            Ok(())
-        })?;
-        // A damaged index hides which blocks it references: sweeping now could delete them.
-        if let Some((uid, e)) = damaged {
-            drop(db);
-            let err = self.index_damaged(uid, &e);
-            return Err(Error::Damaged(format!("cleanup of storage '{storage}' refused: {err}")));
         }
+        let db = self.db();
         let mut plan = CleanupPlan {
             storage: storage.to_string(),
             cutoff_ms,

@@ -289,10 +289,14 @@ impl Repository {
     /// A committed version's stored index, to be read a piece at a time (see
     /// [`StoredIndex`]); refused as [`Repository::index`] refuses a version without one.
     pub(crate) fn stored_index(&self, v: &Version) -> Result<StoredIndex<'_>> {
-        let Some(len) = self.db.lock().index_len(v.uid)? else {
-            return Err(self.no_index(v));
-        };
-        Ok(StoredIndex { db: &self.db, uid: v.uid, len, at: 0, piece: Vec::new(), pos: 0, failed: None })
+        self.stored_index_if_any(v.uid)?.ok_or_else(|| self.no_index(v))
+    }
+
+    /// [`Repository::stored_index`], or `None` for a version without one (incomplete, or
+    /// removed since it was listed).
+    pub(crate) fn stored_index_if_any(&self, uid: VersionUid) -> Result<Option<StoredIndex<'_>>> {
+        let Some(len) = self.db.lock().index_len(uid)? else { return Ok(None) };
+        Ok(Some(StoredIndex { db: &self.db, uid, len, at: 0, piece: Vec::new(), pos: 0, failed: None }))
     }
 
     /// Walks version `v`'s stored index as it is read from the catalog, in constant
@@ -315,7 +319,16 @@ impl Repository {
         v: &Version,
         each: impl FnMut(u64, BlockId) -> bool,
     ) -> Result<std::result::Result<Option<IndexHeader>, IndexError>> {
-        let mut stored = self.stored_index(v)?;
+        self.walk_stored(v, self.stored_index(v)?, each)
+    }
+
+    /// [`Repository::walk_index_or_damage`] of an index already opened.
+    pub(crate) fn walk_stored(
+        &self,
+        v: &Version,
+        mut stored: StoredIndex<'_>,
+        each: impl FnMut(u64, BlockId) -> bool,
+    ) -> Result<std::result::Result<Option<IndexHeader>, IndexError>> {
         let walked = BlockIndex::visit_reader(&mut stored, each);
         if let Some(e) = stored.failed {
             return Err(e);

@@ -203,9 +203,11 @@ impl Repository {
             db.list_versions()?.into_iter().filter(|v| v.storage == storage).map(|v| v.uid.0).collect();
         let mut tainted = Vec::new();
         db.for_each_index(&mut |vuid, bytes| {
+            // Read as a stream: no map of the index is built.
+            let mut names = false;
             if in_storage.contains(&vuid.0)
-                && let Ok(ix) = BlockIndex::decode(bytes)
-                && ix.entries.data().any(|(_, e)| damaged.contains(&e))
+                && BlockIndex::visit(bytes, |_, e| names |= damaged.contains(&e)).is_ok()
+                && names
             {
                 tainted.push(vuid);
             }

@@ -88,14 +88,15 @@ fn an_image_across_the_index_groups_of_256_blocks_restores_and_diffs_block_for_b
     assert_eq!(sha256_file(&repo.path("out")), sha256_file(&repo.path("img2")), "delta restore of b over a");
 }
 
-/// A restore reads its version's index out of the catalog a piece at a time, never
-/// whole (here pieces of 97 bytes, which cut across the header, the runs and the ids):
-/// holes, data and repeats across the index's groups restore byte-identical, to a new
-/// file and over an existing one. The index is read end to end and checked before
-/// anything is written: a flip near its end makes the restore refuse with the repair to
-/// run, write no file, and mark the version invalid; once repaired it restores again.
+/// Restore, deep-scrub and cleanup read a version's index out of the catalog a piece at
+/// a time, never whole (here pieces of 97 bytes, which cut across the header, the runs
+/// and the ids): holes, data and repeats across the index's groups restore
+/// byte-identical, to a new file and over an existing one. A restore reads the index end
+/// to end and checks it before anything is written: a flip near its end makes it refuse
+/// with the repair to run, write no file, and mark the version invalid; once repaired it
+/// restores again, deep-scrubs clean, and cleanup keeps exactly the objects it names.
 #[test]
-fn a_restore_streams_its_index_from_the_catalog_and_checks_it_before_writing() {
+fn restore_scrub_and_cleanup_read_the_index_from_the_catalog_in_pieces() {
     const B: usize = 4096;
     let repo = Repo::new();
     let n = 700;
@@ -139,6 +140,20 @@ fn a_restore_streams_its_index_from_the_catalog_and_checks_it_before_writing() {
     repo.ok(&["metadata", "restore", "--force", &a]);
     restore(&["restore", &a, &repo.url("again")]);
     assert_eq!(sha256_file(&repo.path("again")), want, "repaired from the storage");
+
+    // Cleanup and deep-scrub read every index in pieces too: every object the version
+    // names is marked and kept, and checked.
+    let objects = repo.block_objects();
+    let r = repo.run_env(&["cleanup"], &pieces);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stdout.contains("deleted 0 object(s)"), "{}", r.stdout);
+    assert_eq!(repo.block_objects(), objects);
+    let r = repo.run_env(&["deep-scrub", &a], &pieces);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    repo.ok(&["rm", "--force", &a]);
+    let r = repo.run_env(&["cleanup"], &pieces);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(repo.block_objects(), 0);
 }
 
 #[test]

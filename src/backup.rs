@@ -745,8 +745,9 @@ pub fn auto_tags(existing: &[crate::version::Version], name: &str, now: chrono::
 struct Differential {
     /// Blocks to read from the source.
     wanted: Vec<bool>,
-    /// Entries of the base version, for blocks not read.
-    base: Option<BlockIndex>,
+    /// The base version, whose index gives the blocks not read (read from the catalog
+    /// as a stream when they are merged, never held).
+    base: Option<Version>,
 }
 
 impl Repository {
@@ -853,8 +854,13 @@ impl Repository {
         progress.end();
         match result {
             Ok((mut entries, mut stats)) => {
-                if let Some(d) = &diff {
-                    merge_base(&mut entries, d, size, bs, &mut stats);
+                if let Some(d) = &diff
+                    && let Err(e) = self.merge_base(&mut entries, d, size, bs, &mut stats)
+                {
+                    return Err(Error::Other(format!(
+                        "backup of {url} failed, version {uid} is left incomplete (`keepfs backup --continue {uid} ...` \
+                         resumes it, `keepfs rm {uid}` removes it): cannot read the base's index: {e}"
+                    )));
                 }
                 stats.duration_ms = started.elapsed().as_millis() as u64;
                 self.commit_version(uid, session.id, size, entries, stats)
@@ -1093,23 +1099,28 @@ fn read_window(
     Ok(())
 }
 
-/// Fills the blocks a differential backup did not read: from the base where it has them,
-/// sparse past its end (rbd diff reports growth as changed regions).
-fn merge_base(entries: &mut Entries, d: &Differential, size: u64, bs: u32, stats: &mut Stats) {
-    let n = block_count(size, bs);
-    entries.resize(n);
-    for idx in 0..n {
-        if d.wanted[idx as usize] {
-            continue;
+impl Repository {
+    /// Fills the blocks a differential backup did not read: from the base where it has
+    /// them (its index read as a stream), sparse past its end (rbd diff reports growth
+    /// as changed regions).
+    fn merge_base(&self, entries: &mut Entries, d: &Differential, size: u64, bs: u32, stats: &mut Stats) -> Result<()> {
+        let n = block_count(size, bs);
+        entries.resize(n);
+        let len = |idx: u64| (size - idx * bs as u64).min(bs as u64);
+        let mut from_base = 0u64;
+        if let Some(base) = &d.base {
+            self.walk_index(base, |idx, id| {
+                if idx < n && !d.wanted[idx as usize] {
+                    entries.set(idx, id);
+                    from_base += len(idx);
+                }
+                idx < n
+            })?;
         }
-        let len = (size - idx * bs as u64).min(bs as u64);
-        let id = d.base.as_ref().map_or(BlockId::SPARSE, |b| b.entries.get(idx));
-        entries.set(idx, id);
-        if id.is_sparse() {
-            stats.bytes_sparse += len;
-        } else {
-            stats.bytes_deduplicated += len;
-        }
+        let not_read: u64 = (0..n).filter(|&i| !d.wanted[i as usize]).map(len).sum();
+        stats.bytes_deduplicated += from_base;
+        stats.bytes_sparse += not_read - from_base;
+        Ok(())
     }
 }
 
@@ -1159,7 +1170,9 @@ impl Repository {
                 }
                 opts.storage = Some(b.storage.clone());
                 session.lock_version(buid, "base")?;
-                Some(self.index(buid)?)
+                // Checked end to end before anything is planned from it.
+                self.walk_index(&b, |_, _| true)?;
+                Some(b)
             }
         };
         let bs = opts.block_size.unwrap_or(self.config.block_size);
@@ -1176,8 +1189,7 @@ impl Repository {
                 if size < b.size {
                     return Err(Error::Invalid(format!(
                         "{url} holds {size} bytes, base {} {}: the image shrank since the base; back up without --base/--diff-from (an initial backup)",
-                        VersionUid(b.uid),
-                        b.size
+                        b.uid, b.size
                     )));
                 }
                 crate::hints::wanted_blocks(source.changed_since(snap, opts.whole_object)?, size, bs)?
@@ -1196,26 +1208,25 @@ impl Repository {
             return Ok(Some(Differential { wanted, base: None }));
         };
         let n = wanted.len();
-        let base_len = base.entries.len() as usize;
+        let base_len = block_count(base.size, base.block_size) as usize;
+        let block_len = |idx: usize, size: u64| (size - idx as u64 * bs as u64).min(bs as u64);
         // Blocks whose length changed (the base's last, the new last) are read whole.
         for idx in [base_len.saturating_sub(1), n.saturating_sub(1)] {
-            if idx < n
-                && idx < base_len
-                && base.block_len(idx) != (size - idx as u64 * bs as u64).min(bs as u64) as usize
-            {
+            if idx < n && idx < base_len && block_len(idx, base.size) != block_len(idx, size) {
                 wanted[idx] = true;
             }
         }
-        let base_storage_name = self.version(VersionUid(base.uid))?.storage;
+        let base_storage_name = base.storage.clone();
         // Blocks whose stored object a scrub found damaged are always read again.
         let base_storage_id = self.storage_id(&base_storage_name)?;
         let damaged = self.db().invalid_objects(base_storage_id)?;
         if !damaged.is_empty() {
-            for (idx, id) in base.entries.data() {
+            self.walk_index(&base, |idx, id| {
                 if (idx as usize) < n && damaged.contains(&id) {
                     wanted[idx as usize] = true;
                 }
-            }
+                true
+            })?;
         }
         // Trust, but verify: a sample of the blocks the hints call unchanged must match.
         let percent = opts.hints_check_percent.unwrap_or(1).min(100);
@@ -1230,9 +1241,22 @@ impl Repository {
         if sample.is_empty() && percent > 0 && unchanged_count > 0 {
             sample.extend(unchanged().nth((seed % unchanged_count) as usize));
         }
+        // The base's ids of the sampled blocks (in block order; sparse where it has none),
+        // from its index read as a stream.
+        let mut base_ids = vec![BlockId::SPARSE; sample.len()];
+        let mut at = 0;
+        self.walk_index(&base, |idx, id| {
+            while at < sample.len() && (sample[at] as u64) < idx {
+                at += 1;
+            }
+            if at < sample.len() && sample[at] as u64 == idx {
+                base_ids[at] = id;
+            }
+            at < sample.len()
+        })?;
         let base_storage = self.storage(&base_storage_name)?;
         let mut buf = vec![0u8; bs as usize];
-        for idx in sample {
+        for (idx, base_id) in sample.into_iter().zip(base_ids) {
             let off = idx as u64 * bs as u64;
             let len = (size - off).min(bs as u64) as usize;
             source
@@ -1243,19 +1267,19 @@ impl Repository {
             } else {
                 base_storage.codec().id_of(&buf[..len])
             };
-            if id != base.entries.get(idx as u64) {
+            if id != base_id {
                 if let Some(snap) = &opts.diff_from {
                     return Err(Error::Invalid(format!(
                         "the diff from snapshot {snap} is wrong: block {idx} (bytes {off}..{}) of {url} differs from base {} although librbd calls it unchanged; is {} really the version of snapshot {snap}? Back up without --base/--diff-from",
                         off + len as u64,
-                        VersionUid(base.uid),
-                        VersionUid(base.uid)
+                        base.uid,
+                        base.uid
                     )));
                 }
                 return Err(Error::Invalid(format!(
                     "the hints are wrong: block {idx} (bytes {off}..{}) of {url} differs from base {} although the hints call it unchanged; back up without --base/--hints or with fresh hints",
                     off + len as u64,
-                    VersionUid(base.uid)
+                    base.uid
                 )));
             }
         }

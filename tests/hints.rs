@@ -32,6 +32,13 @@ fn only_hinted_blocks_are_read_and_the_rest_comes_from_the_base() {
     assert_eq!(repo.restore_sha(&v, "o"), sha256_file(&repo.path("b")));
     let st = &repo.version(&v)["stats"];
     assert_eq!(st["bytes_read"], 6 * BS as u64, "blocks 3, 10, 11 and the 3 new ones: {st}");
+    // The blocks not read come from the base: its zero blocks as sparse, the rest as
+    // deduplicated.
+    let unread: Vec<usize> = (0..20).filter(|i| ![3, 10, 11].contains(i)).collect();
+    let zero = unread.iter().filter(|&&i| a[i * BS..(i + 1) * BS].iter().all(|&x| x == 0)).count();
+    assert!(zero > 0 && zero < unread.len(), "the base has zero and data blocks");
+    assert_eq!(st["bytes_sparse"], (zero * BS) as u64, "{st}");
+    assert_eq!(st["bytes_deduplicated"], ((unread.len() - zero) * BS) as u64, "{st}");
     assert_eq!(repo.version(&v)["block_size"], BS as u64, "the base's block size");
 }
 

@@ -2,6 +2,7 @@
 //! is read): the byte ranges whose content differs, as `rbd diff` reports them, so that
 //! `keepfs diff A B --format json` can serve as `backup --hints` of B over A.
 
+use crate::block::BlockId;
 use crate::error::{Error, Result};
 use crate::index::BlockIndex;
 use serde::Serialize;
@@ -21,37 +22,56 @@ fn as_rbd_bool<S: serde::Serializer>(b: &bool, s: S) -> std::result::Result<S::O
     s.serialize_str(if *b { "true" } else { "false" })
 }
 
-/// The ranges of `new` whose bytes differ from `old`'s, in order, adjacent ranges of the
-/// same kind merged. Blocks past the end of `old` count as changed; a shorter `new` ends
-/// the comparison at its end.
-pub fn diff(old: &BlockIndex, new: &BlockIndex) -> Result<Vec<Change>> {
-    if old.block_size != new.block_size {
-        return Err(Error::Invalid(format!(
-            "the versions have different block sizes ({} and {}): diff compares versions of one image",
-            old.block_size, new.block_size
-        )));
+/// The ranges of a newer version whose bytes differ from an older one's, in order,
+/// adjacent ranges of the same kind merged: built from the blocks that hold data in
+/// either version, handed over in block order with the old and the new id (sparse where
+/// a version has none), holding only the changes. Blocks past the end of the older
+/// version count as changed; a shorter newer version ends the comparison at its end.
+pub struct Differ {
+    old: (u64, u64),
+    new: (u64, u64),
+    bs: u64,
+    out: Vec<Change>,
+}
+
+impl Differ {
+    /// For versions of (size, block size) `old` and `new`; refused when their block
+    /// sizes differ.
+    pub fn new(old: (u64, u32), new: (u64, u32)) -> Result<Differ> {
+        if old.1 != new.1 {
+            return Err(Error::Invalid(format!(
+                "the versions have different block sizes ({} and {}): diff compares versions of one image",
+                old.1, new.1
+            )));
+        }
+        let bs = new.1 as u64;
+        let count = |size: u64| size.div_ceil(bs.max(1));
+        Ok(Differ { old: (old.0, count(old.0)), new: (new.0, count(new.0)), bs, out: Vec::new() })
     }
-    let bs = new.block_size as u64;
-    let mut out: Vec<Change> = Vec::new();
-    // Only a block that holds data in either version can differ: walk those, in order.
-    let n = new.entries.len();
-    let candidates: std::collections::BTreeSet<u64> =
-        new.entries.data().map(|(i, _)| i).chain(old.entries.data_in(0..n).map(|(i, _)| i)).collect();
-    for idx in candidates {
-        let id = new.entries.get(idx);
-        let before = old.entries.get(idx);
-        let i = idx as usize;
-        let same_len = idx < old.entries.len() && old.block_len(i) == new.block_len(i);
+
+    fn len(&self, size: u64, idx: u64) -> u64 {
+        (size - idx * self.bs).min(self.bs)
+    }
+
+    /// Block `idx`, with id `before` in the old version and `id` in the new one.
+    pub fn block(&mut self, idx: u64, before: BlockId, id: BlockId) {
+        if idx >= self.new.1 {
+            return;
+        }
+        let same_len = idx < self.old.1 && self.len(self.old.0, idx) == self.len(self.new.0, idx);
         if id == before && (same_len || id.is_sparse()) {
-            continue;
+            return;
         }
-        let (offset, length, exists) = (idx * bs, new.block_len(i) as u64, !id.is_sparse());
-        match out.last_mut() {
+        let (offset, length, exists) = (idx * self.bs, self.len(self.new.0, idx), !id.is_sparse());
+        match self.out.last_mut() {
             Some(last) if last.exists == exists && last.offset + last.length == offset => last.length += length,
-            _ => out.push(Change { offset, length, exists }),
+            _ => self.out.push(Change { offset, length, exists }),
         }
     }
-    Ok(out)
+
+    pub fn finish(self) -> Vec<Change> {
+        self.out
+    }
 }
 
 /// The blocks of `new` a target holding `old` must have written to hold `new`: those
@@ -92,10 +112,28 @@ pub fn changed_blocks(old: &BlockIndex, new: &BlockIndex, zeros_past_old: bool) 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::block::BlockId;
 
     fn id(n: u8) -> BlockId {
         BlockId([n; 32])
+    }
+
+    /// [`Differ`] over two indexes held in memory (`Repository::diff` feeds it from the
+    /// catalog as streams).
+    fn diff(old: &BlockIndex, new: &BlockIndex) -> Result<Vec<Change>> {
+        let mut d = Differ::new((old.size, old.block_size), (new.size, new.block_size))?;
+        let (mut a, mut b) = (old.entries.data().peekable(), new.entries.data().peekable());
+        loop {
+            let next = match (a.peek(), b.peek()) {
+                (None, None) => break,
+                (Some(&(i, _)), None) => i,
+                (None, Some(&(j, _))) => j,
+                (Some(&(i, _)), Some(&(j, _))) => i.min(j),
+            };
+            let before = a.next_if(|&(i, _)| i == next).map_or(BlockId::SPARSE, |(_, id)| id);
+            let id = b.next_if(|&(j, _)| j == next).map_or(BlockId::SPARSE, |(_, id)| id);
+            d.block(next, before, id);
+        }
+        Ok(d.finish())
     }
 
     fn index(size: u64, entries: Vec<BlockId>) -> BlockIndex {

@@ -1514,7 +1514,7 @@ fn run(cli: Cli) -> Result<i32> {
         }
         Command::Diff { old, new, format } => {
             let (old, new) = (VersionUid::parse(&old)?, VersionUid::parse(&new)?);
-            let changes = keepfs::diff::diff(&repo.index(old)?, &repo.index(new)?)?;
+            let changes = repo.diff(old, new)?;
             match format {
                 Format::Json => out!("{}", serde_json::to_string(&changes).map_err(|e| Error::Other(e.to_string()))?)?,
                 Format::Table => {

@@ -336,6 +336,53 @@ impl Repository {
         Ok(walked.and_then(|head| head.map(|h| Self::is_of(v, h.uid, h.size, h.block_size).map(|_| h)).transpose()))
     }
 
+    /// Walks the indexes of versions `a` and `b` together, each read from the catalog as a
+    /// stream (one piece of each at a time; `a` on a thread of its own): `each` gets,
+    /// in block order, every block that holds data in either, with its id in `a` and in
+    /// `b` (sparse where one has none). Errors as [`Repository::walk_index`].
+    pub(crate) fn walk_two(&self, a: &Version, b: &Version, mut each: impl FnMut(u64, BlockId, BlockId)) -> Result<()> {
+        const BATCH: usize = 4096;
+        std::thread::scope(|s| {
+            let (tx, rx) = crossbeam_channel::bounded::<Vec<(u64, BlockId)>>(2);
+            let walker = s.spawn(move || {
+                let mut batch = Vec::with_capacity(BATCH);
+                let walked = self.walk_index(a, |i, id| {
+                    batch.push((i, id));
+                    batch.len() < BATCH || tx.send(std::mem::replace(&mut batch, Vec::with_capacity(BATCH))).is_ok()
+                });
+                if walked.is_ok() && !batch.is_empty() {
+                    let _ = tx.send(batch);
+                }
+                walked
+            });
+            let mut from_a = rx.into_iter().flatten().peekable();
+            let walked = self.walk_index(b, |j, id| {
+                while let Some((i, before)) = from_a.next_if(|&(i, _)| i < j) {
+                    each(i, before, BlockId::SPARSE);
+                }
+                let before = from_a.next_if(|&(i, _)| i == j).map_or(BlockId::SPARSE, |(_, x)| x);
+                each(j, before, id);
+                true
+            });
+            // The rest of `a` (all of it, should `b` have failed: its walker ends then).
+            for (i, before) in from_a {
+                each(i, before, BlockId::SPARSE);
+            }
+            let a_walked = walker.join().unwrap_or_else(|_| Err(Error::Other("an index reader stopped".into())));
+            a_walked.and(walked).map(|_| ())
+        })
+    }
+
+    /// The ranges of version `new` whose bytes differ from version `old`'s (see
+    /// [`crate::diff::diff`]), from their indexes read as streams: what it holds is the
+    /// changes, not the indexes.
+    pub fn diff(&self, old: VersionUid, new: VersionUid) -> Result<Vec<crate::diff::Change>> {
+        let (a, b) = (self.version(old)?, self.version(new)?);
+        let mut d = crate::diff::Differ::new((a.size, a.block_size), (b.size, b.block_size))?;
+        self.walk_two(&a, &b, |i, before, id| d.block(i, before, id))?;
+        Ok(d.finish())
+    }
+
     /// Records that the database's index of `uid` is damaged (the version becomes
     /// invalid: it cannot be restored until the index is repaired) and says how to repair
     /// it. Marking is best effort: the error is what the caller must see.

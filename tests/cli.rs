@@ -82,6 +82,10 @@ fn an_image_across_the_index_groups_of_256_blocks_restores_and_diffs_block_for_b
         {"offset": 1023 * B, "length": B, "exists": "true"},
     ]);
     assert_eq!(json, want, "{json}");
+    // Both indexes read from the catalog in pieces of 97 bytes, walked side by side.
+    let r = repo.run_env(&["diff", "--format", "json", &a, &b], &[("KEEPFS_TEST_INDEX_PIECE", "97")]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&r.stdout).unwrap(), want);
     assert_eq!(repo.version(&b)["stats"]["bytes_written"], (3 * B) as u64, "only the three new blocks are stored");
     // `out` holds a: a delta restore writes only what differs.
     repo.ok(&["restore", "--delta-from", &a, &b, &repo.url("out")]);

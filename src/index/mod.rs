@@ -398,15 +398,17 @@ pub struct Repeats {
 }
 
 impl Repeats {
-    /// What restore and scrub use: 262,144 distinct ids (about 20 MiB) and 1,048,576
-    /// repeats (16 MiB). An image with fewer data blocks has every repeat found.
+    /// What restore and scrub use: the 65,536 most recently seen distinct ids (about 5
+    /// MiB) and 1,048,576 repeats (16 MiB). An image with fewer distinct data blocks has
+    /// every repeat found; in a larger one, a repeat of a block seen long before (more
+    /// than 65,536 other contents ago) is fetched or checked again.
     pub fn bounded() -> Repeats {
-        Repeats::new(1 << 18, 1 << 20)
+        Repeats::new(1 << 16, 1 << 20)
     }
 
     pub fn new(distinct: usize, most: usize) -> Repeats {
         let cap = std::num::NonZeroUsize::new(distinct).unwrap_or(std::num::NonZeroUsize::MIN);
-        Repeats { firsts: lru::LruCache::new(cap), most, found: Vec::new() }
+        Repeats { firsts: lru::LruCache::sparse(cap), most, found: Vec::new() }
     }
 
     /// Notes block `idx` holding `id`: true when it repeats an earlier block (then it is

@@ -198,18 +198,38 @@ impl Repository {
         let mut marked: HashSet<u64> = HashSet::new();
         // Each index is read from the catalog as a stream, a piece at a time, with the
         // catalog's lock taken per piece: no map of an index is built, and no index is
-        // held. (A damaged index refuses the whole cleanup, so what it marked before the
-        // damage is moot.) A version without an index (incomplete, or removed since it
-        // was listed) references nothing the cutoff does not already keep.
+        // held. A version without an index (incomplete, or removed since it was listed)
+        // references nothing the cutoff does not already keep. Its pieces are read by
+        // separate queries, so an index that fails its checks is read once more before it
+        // is called damaged (it may have been replaced meanwhile: then the second reading
+        // marks the new one), and one removed meanwhile (an `rm` on any host) needs no
+        // marks. A damaged index refuses the whole cleanup (what it marked before the
+        // damage is moot): it hides which blocks it references.
         drop(db);
         for v in versions.iter().filter(|v| in_this.contains(&v.uid.0)) {
-            let Some(stored) = self.stored_index_if_any(v.uid)? else { continue };
-            let walked = self.walk_stored(v, stored, |_, id| {
-                marked.insert(id.short());
-                true
-            })?;
-            // A damaged index hides which blocks it references: sweeping now could delete them.
-            if let Err(e) = walked {
+            let mut damage = None;
+            for _ in 0..2 {
+                let Some(mut stored) = self.stored_index_if_any(v.uid)? else {
+                    damage = None;
+                    break;
+                };
+                let walked = Self::read_stored(&mut stored, |_, id| {
+                    marked.insert(id.short());
+                    true
+                });
+                match walked {
+                    Ok(Ok(_)) => {
+                        damage = None;
+                        break;
+                    }
+                    Ok(Err(e)) => damage = Some(e),
+                    Err(e) => match self.version(v.uid) {
+                        Err(Error::VersionNotFound(_)) => break,
+                        _ => return Err(e),
+                    },
+                }
+            }
+            if let Some(e) = damage {
                 let err = self.index_damaged(v.uid, &e);
                 return Err(Error::Damaged(format!("cleanup of storage '{storage}' refused: {err}")));
             }

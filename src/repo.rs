@@ -303,13 +303,32 @@ impl Repository {
     /// memory (see [`BlockIndex::visit_reader`]): `each` gets every data block in block
     /// order and returns false to stop (then `None`). A damaged index (or another
     /// version's) marks the version invalid and is the error [`Repository::index`]
-    /// gives; a failing catalog is its own error.
+    /// gives, once [`Repository::confirm_damage`] has seen it twice; a failing catalog
+    /// is its own error.
     pub(crate) fn walk_index(
         &self,
         v: &Version,
         each: impl FnMut(u64, BlockId) -> bool,
     ) -> Result<Option<IndexHeader>> {
-        self.walk_index_or_damage(v, each)?.map_err(|e| self.index_damaged(v.uid, &e))
+        match self.walk_index_or_damage(v, each)? {
+            Ok(head) => Ok(head),
+            Err(_) => Err(self.confirm_damage(v)?),
+        }
+    }
+
+    /// Whether an index found damaged while it was read in pieces is damaged, or was
+    /// replaced meanwhile (`metadata restore --force`; its pieces are read by separate
+    /// queries): it is read once more, end to end. Damage found again marks the version
+    /// invalid and is returned as the error to give (`Ok`); an index that now reads
+    /// whole is the error "changed while it was read" (nothing is marked).
+    pub(crate) fn confirm_damage(&self, v: &Version) -> Result<Error> {
+        match self.walk_index_or_damage(v, |_, _| true)? {
+            Ok(_) => Err(Error::Other(format!(
+                "the block index of version {} changed while it was read (replaced by `metadata restore`?): run the command again",
+                v.uid
+            ))),
+            Err(again) => Ok(self.index_damaged(v.uid, &again)),
+        }
     }
 
     /// [`Repository::walk_index`], with what is wrong with the catalog's copy of the
@@ -329,11 +348,22 @@ impl Repository {
         mut stored: StoredIndex<'_>,
         each: impl FnMut(u64, BlockId) -> bool,
     ) -> Result<std::result::Result<Option<IndexHeader>, IndexError>> {
-        let walked = BlockIndex::visit_reader(&mut stored, each);
-        if let Some(e) = stored.failed {
+        let walked = Self::read_stored(&mut stored, each)?;
+        Ok(walked.and_then(|head| head.map(|h| Self::is_of(v, h.uid, h.size, h.block_size).map(|_| h)).transpose()))
+    }
+
+    /// Walks an index already opened, checking it but not that it is a given version's
+    /// (cleanup's mark phase, whose list of versions may be older than a draft's commit,
+    /// which sets the size). The outer error is the catalog's.
+    pub(crate) fn read_stored(
+        stored: &mut StoredIndex<'_>,
+        each: impl FnMut(u64, BlockId) -> bool,
+    ) -> Result<std::result::Result<Option<IndexHeader>, IndexError>> {
+        let walked = BlockIndex::visit_reader(&mut *stored, each);
+        if let Some(e) = stored.failed.take() {
             return Err(e);
         }
-        Ok(walked.and_then(|head| head.map(|h| Self::is_of(v, h.uid, h.size, h.block_size).map(|_| h)).transpose()))
+        Ok(walked)
     }
 
     /// Walks the indexes of versions `a` and `b` together, each read from the catalog as a

@@ -318,7 +318,6 @@ pub(crate) fn bad_block(
     BadBlock { index: idx, offset: off, len: len as u64, object: id, reason: reason.to_string() }
 }
 
-/// What became of one block.
 /// What reaches a restore's writer: a fetched (or kept, or failed) block, or a run of
 /// zero blocks.
 enum Done {
@@ -326,6 +325,7 @@ enum Done {
     Zeros(std::ops::Range<u64>),
 }
 
+/// What became of one block.
 enum Outcome {
     /// Fetched and verified: this many bytes are in the buffer.
     Fetched(usize),
@@ -551,9 +551,13 @@ impl Repository {
         });
         if let Some(e) = index_error {
             let _ = target.sync();
-            return Err(Error::Other(format!(
-                "{e}; the restore is incomplete: run `keepfs restore --continue {uid} {url}` to finish it"
-            )));
+            return Err(match e {
+                // Damage names its own repair (and its exit code).
+                Error::Damaged(_) => e,
+                e => Error::Other(format!(
+                    "{e}; the restore is incomplete: run `keepfs restore --continue {uid} {url}` to finish it"
+                )),
+            });
         }
         // The repeats, copied from their first occurrence (zeros where that was damaged).
         if write_error.is_none()

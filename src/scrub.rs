@@ -195,24 +195,33 @@ impl Repository {
         if damaged.is_empty() {
             return Ok(Vec::new());
         }
-        let db = self.db();
-        let sid = db.storage_id(storage)?;
-        db.mark_objects_invalid(sid, damaged)?;
+        let (sid, versions) = {
+            let db = self.db();
+            (db.storage_id(storage)?, db.list_versions()?)
+        };
+        self.db().mark_objects_invalid(sid, damaged)?;
         let damaged: HashSet<BlockId> = damaged.iter().copied().collect();
-        let in_storage: HashSet<u64> =
-            db.list_versions()?.into_iter().filter(|v| v.storage == storage).map(|v| v.uid.0).collect();
+        // Each index read as a stream, a piece at a time, until it names a damaged id. An
+        // index that cannot be read whole is left as it is (a scrub of it says why).
         let mut tainted = Vec::new();
-        db.for_each_index(&mut |vuid, bytes| {
-            // Read as a stream: no map of the index is built.
+        for v in versions.iter().filter(|v| v.storage == storage) {
+            let Some(mut stored) = self.stored_index_if_any(v.uid)? else { continue };
             let mut names = false;
-            if in_storage.contains(&vuid.0)
-                && BlockIndex::visit(bytes, |_, e| names |= damaged.contains(&e)).is_ok()
-                && names
-            {
-                tainted.push(vuid);
+            let walked = Self::read_stored(&mut stored, |_, e| {
+                names = damaged.contains(&e);
+                !names
+            });
+            match walked {
+                // Stopped at a damaged id.
+                Ok(Ok(None)) => tainted.push(v.uid),
+                Ok(_) => {}
+                Err(e) => match self.version(v.uid) {
+                    Err(Error::VersionNotFound(_)) => {} // removed since it was listed
+                    _ => return Err(e),
+                },
             }
-            Ok(())
-        })?;
+        }
+        let db = self.db();
         for &v in &tainted {
             db.set_status(v, Status::Invalid)?;
         }
@@ -247,10 +256,10 @@ impl Repository {
         })?;
         let head = match walked.and_then(|h| h.ok_or(IndexError::Malformed("stopped early".into()))) {
             Ok(head) => head,
-            Err(e) => {
+            Err(_) => {
                 // Without its index nothing of the version can be checked (or restored).
                 let mut report = ScrubReport::default();
-                report.metadata.push(self.index_damaged(uid, &e).to_string());
+                report.metadata.push(self.confirm_damage(&version)?.to_string());
                 if let Some(problem) = self.check_version_object(&version, None)? {
                     report.metadata.push(problem);
                 }
@@ -358,7 +367,9 @@ impl Repository {
         if let Some(e) = walk_error {
             return Err(e);
         }
-        report.objects = chosen_blocks - copies.len() as u64;
+        // (The index read again may, in a race with `metadata restore`, not be the one
+        // counted; its own checks then failed above.)
+        report.objects = chosen_blocks.saturating_sub(copies.len() as u64);
         // The copies share their first block's object, and its verdict.
         if unavailable.is_none() {
             let bad_at: HashMap<u64, usize> = report.bad.iter().enumerate().map(|(n, b)| (b.index, n)).collect();

@@ -372,8 +372,6 @@ pub trait Catalog: Send {
     /// end, none past it; `None` when the version has no index): a large index is read
     /// this way a piece at a time, one short query each (see `repo::StoredIndex`).
     fn index_piece(&self, uid: VersionUid, offset: u64, len: usize) -> Result<Option<Vec<u8>>>;
-    /// Visits every stored index (for cleanup's mark phase), one at a time.
-    fn for_each_index(&self, f: &mut dyn FnMut(VersionUid, &[u8]) -> Result<()>) -> Result<()>;
     fn remove_version(&mut self, uid: VersionUid) -> Result<()>;
 
     // ---- objects --------------------------------------------------------------------

@@ -1019,16 +1019,6 @@ impl Catalog for PostgresCatalog {
         Ok(rows.first().map(|r| r.get(0)))
     }
 
-    fn for_each_index(&self, f: &mut dyn FnMut(VersionUid, &[u8]) -> Result<()>) -> Result<()> {
-        // Streamed row by row: one index in memory at a time.
-        let mut client = self.client()?;
-        let mut rows = client.query_raw("SELECT uid, data FROM version_index", std::iter::empty::<i64>())?;
-        while let Some(r) = rows.next()? {
-            f(VersionUid(r.get::<_, i64>(0) as u64), r.get::<_, &[u8]>(1))?;
-        }
-        Ok(())
-    }
-
     fn remove_version(&mut self, uid: VersionUid) -> Result<()> {
         let uid = uid.0 as i64;
         let mut client = self.client()?;

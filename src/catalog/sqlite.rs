@@ -706,18 +706,6 @@ impl Catalog for SqliteCatalog {
         Ok(Some(piece))
     }
 
-    /// Visits every stored index (for cleanup's mark phase), one at a time.
-    fn for_each_index(&self, f: &mut dyn FnMut(VersionUid, &[u8]) -> Result<()>) -> Result<()> {
-        let mut st = self.conn.prepare("SELECT uid, data FROM version_index")?;
-        let mut rows = st.query([])?;
-        while let Some(r) = rows.next()? {
-            let uid = VersionUid(r.get::<_, i64>(0)? as u64);
-            let data = r.get_ref(1)?.as_blob().map_err(rusqlite::Error::from)?;
-            f(uid, data)?;
-        }
-        Ok(())
-    }
-
     fn remove_version(&mut self, uid: VersionUid) -> Result<()> {
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         tx.execute("DELETE FROM version_locks WHERE uid=?1", [uid.0 as i64])?;

@@ -857,6 +857,9 @@ impl Repository {
                 if let Some(d) = &diff
                     && let Err(e) = self.merge_base(&mut entries, d, size, bs, &mut stats)
                 {
+                    if let Error::Damaged(_) = e {
+                        return Err(e); // names its own repair (and exit code)
+                    }
                     return Err(Error::Other(format!(
                         "backup of {url} failed, version {uid} is left incomplete (`keepfs backup --continue {uid} ...` \
                          resumes it, `keepfs rm {uid}` removes it): cannot read the base's index: {e}"
@@ -1109,12 +1112,14 @@ impl Repository {
         let len = |idx: u64| (size - idx * bs as u64).min(bs as u64);
         let mut from_base = 0u64;
         if let Some(base) = &d.base {
+            // Walked to the end even when the image shrank: the base's checksum, known only
+            // there, must hold before its ids go into this version.
             self.walk_index(base, |idx, id| {
                 if idx < n && !d.wanted[idx as usize] {
                     entries.set(idx, id);
                     from_base += len(idx);
                 }
-                idx < n
+                true
             })?;
         }
         let not_read: u64 = (0..n).filter(|&i| !d.wanted[i as usize]).map(len).sum();

@@ -224,7 +224,10 @@ impl Repository {
                     }
                     Ok(Err(e)) => damage = Some(e),
                     Err(e) => match self.version(v.uid) {
-                        Err(Error::VersionNotFound(_)) => break,
+                        Err(Error::VersionNotFound(_)) => {
+                            damage = None;
+                            break;
+                        }
                         _ => return Err(e),
                     },
                 }

@@ -154,7 +154,13 @@ impl Repository {
             }
         }
         let mut done = Vec::new();
+        // Readers (a restore, a scrub, a mount, a backup's base) stream the index a piece
+        // at a time: it is replaced only while none holds the version.
+        let session = if replaced.is_empty() { None } else { Some(self.session("metadata restore", false)?) };
         for (mut v, index) in replaced {
+            if let Some(s) = &session {
+                s.lock_exclusive(v.uid, crate::repo::REPLACING)?;
+            }
             let (_, missing, damaged) = self.objects_in_storage(&v.storage, &index)?;
             v.status =
                 if missing > 0 || damaged > 0 || v.status != Status::Valid { Status::Invalid } else { Status::Valid };

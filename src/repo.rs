@@ -770,6 +770,11 @@ fn heartbeat_thread(db: SharedCatalog, session: i64) -> std::sync::mpsc::Sender<
 
 /// The purpose of the version lock `rm` takes while it removes a version.
 const REMOVING: &str = "rm";
+/// The purpose of the version lock `metadata restore --force` takes while it replaces a
+/// version's metadata and index (a reader streams the index a piece at a time).
+pub(crate) const REPLACING: &str = "metadata restore";
+/// Locks that keep readers off.
+const EXCLUSIVE: [&str; 2] = [REMOVING, REPLACING];
 
 impl SessionGuard {
     /// Locks a version for reading it (restore, scrub, mount, a backup's base), so that
@@ -782,8 +787,9 @@ impl SessionGuard {
     pub fn lock_version(&self, uid: VersionUid, purpose: &str) -> Result<()> {
         self.db.lock().lock_version(uid, self.id, purpose)?;
         let holders = self.db.lock().version_lock_holders(uid)?;
-        if let Some((_, pid, host)) = holders.iter().find(|h| h.0 == REMOVING) {
-            return Err(Error::Refused(format!("version {uid} is being removed (rm by pid {pid} on {host})")));
+        if let Some((purpose, pid, host)) = holders.iter().find(|h| EXCLUSIVE.contains(&h.0.as_str())) {
+            let what = if purpose == REMOVING { "removed" } else { "given its metadata anew" };
+            return Err(Error::Refused(format!("version {uid} is being {what} ({purpose} by pid {pid} on {host})")));
         }
         // Removed before the lock was written: it does not exist.
         self.db.lock().version(uid).map(|_| ())
@@ -792,9 +798,15 @@ impl SessionGuard {
     /// Locks a version for its removal: refused while a reader holds it (the other half
     /// of [`SessionGuard::lock_version`]).
     fn lock_for_removal(&self, uid: VersionUid) -> Result<()> {
-        self.db.lock().lock_version(uid, self.id, REMOVING)?;
+        self.lock_exclusive(uid, REMOVING)
+    }
+
+    /// Locks a version for a change no reader may see half done (`purpose` is one of
+    /// [`EXCLUSIVE`]): refused while a reader holds it.
+    pub(crate) fn lock_exclusive(&self, uid: VersionUid, purpose: &str) -> Result<()> {
+        self.db.lock().lock_version(uid, self.id, purpose)?;
         let holders = self.db.lock().version_lock_holders(uid)?;
-        if let Some((purpose, pid, host)) = holders.iter().find(|h| h.0 != REMOVING) {
+        if let Some((purpose, pid, host)) = holders.iter().find(|h| !EXCLUSIVE.contains(&h.0.as_str())) {
             return Err(Error::Refused(format!(
                 "version {uid} is in use ({purpose} by pid {pid} on {host}); try again when it is done"
             )));
@@ -854,15 +866,11 @@ impl std::io::Read for StoredIndex<'_> {
             }
             let want = index_piece_len().min((self.len - self.at) as usize);
             let piece = match self.db.lock().index_piece(self.uid, self.at, want) {
-                Ok(Some(p)) if !p.is_empty() => Ok(p),
-                Ok(_) => Err(Error::Invalid(format!(
-                    "the block index of version {} was removed or replaced while it was read; try again",
-                    self.uid
-                ))),
-                Err(e) => Err(e),
-            };
-            let piece = match piece {
-                Ok(p) => p,
+                Ok(Some(p)) if !p.is_empty() => p,
+                // Removed, or replaced by a shorter index, since it was opened: what was
+                // read is cut short, and fails the index's own checks (then a second
+                // reading tells a change from damage: `Repository::confirm_damage`).
+                Ok(_) => return Ok(0),
                 Err(e) => {
                     let said = e.to_string();
                     self.failed = Some(e);

@@ -195,14 +195,16 @@ impl Repository {
         if damaged.is_empty() {
             return Ok(Vec::new());
         }
-        let (sid, versions) = {
-            let db = self.db();
-            (db.storage_id(storage)?, db.list_versions()?)
-        };
-        self.db().mark_objects_invalid(sid, damaged)?;
+        let db = self.db();
+        let sid = db.storage_id(storage)?;
+        db.mark_objects_invalid(sid, damaged)?;
+        // Listed after the marking: a version committed meanwhile is among them.
+        let versions = db.list_versions()?;
+        drop(db);
         let damaged: HashSet<BlockId> = damaged.iter().copied().collect();
-        // Each index read as a stream, a piece at a time, until it names a damaged id. An
-        // index that cannot be read whole is left as it is (a scrub of it says why).
+        // Each index read as a stream, a piece at a time, until it names a damaged id (an
+        // index damaged further on is tainted too; one damaged before it is left as it
+        // is, and a scrub of it says why).
         let mut tainted = Vec::new();
         for v in versions.iter().filter(|v| v.storage == storage) {
             let Some(mut stored) = self.stored_index_if_any(v.uid)? else { continue };

@@ -160,6 +160,45 @@ fn restore_scrub_and_cleanup_read_the_index_from_the_catalog_in_pieces() {
     assert_eq!(repo.block_objects(), 0);
 }
 
+/// `metadata restore --force` replaces a version's index only while no reader holds the
+/// version (a reader streams the index a piece at a time): a restore stopped half way
+/// through keeps it off with a one-line refusal, then finishes byte-identical, and the
+/// replacement goes through once it is done.
+#[test]
+fn metadata_restore_keeps_off_a_version_while_a_restore_reads_it() {
+    if sqlite_only("the test watches the version locks in the SQLite file") {
+        return;
+    }
+    const B: usize = 4096;
+    let repo = Repo::new();
+    fs::write(repo.path("img"), random_bytes(7, 2048 * B)).unwrap();
+    let a = repo.backup("img", "locked", &["-b", "4k"]);
+    let n: i64 = a[1..].parse().unwrap();
+    let mut child = repo
+        .command(&["restore", &a, &repo.url("out")])
+        .env("KEEPFS_TEST_INDEX_PIECE", "1")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let db = repo.db_file();
+    let frozen = poll(|| {
+        let conn = rusqlite::Connection::open(&db).ok()?;
+        let q = "SELECT count(*) FROM version_locks WHERE uid=?1 AND purpose='restore'";
+        let locked: i64 = conn.query_row(q, [n], |r| r.get(0)).ok()?;
+        (locked > 0).then(|| stop(&child))
+    })
+    .expect("the restore locks its version");
+    let r = repo.run(&["metadata", "restore", "--force", &a]);
+    assert_eq!(r.code, 4, "{}", r.stderr);
+    assert_eq!(r.stderr.lines().count(), 1, "{}", r.stderr);
+    assert!(r.error_line().contains(&format!("version {a} is in use (restore by pid")), "{}", r.stderr);
+    frozen.resume();
+    assert!(child.wait().unwrap().success());
+    assert_eq!(sha256_file(&repo.path("out")), sha256_file(&repo.path("img")));
+    assert_eq!(repo.ok(&["metadata", "restore", "--force", &a]).trim(), a.as_str());
+}
+
 #[test]
 fn zero_blocks_are_never_stored_and_sparse_restore_leaves_holes() {
     let repo = Repo::new();

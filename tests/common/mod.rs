@@ -336,7 +336,7 @@ pub fn poll_for<T>(limit: std::time::Duration, mut f: impl FnMut() -> Option<T>)
 }
 
 /// Stops a running child (SIGSTOP) and returns once the kernel says it has stopped.
-fn stop(child: &std::process::Child) -> Frozen {
+pub fn stop(child: &std::process::Child) -> Frozen {
     let pid = child.id() as i32;
     // SAFETY: kill(2) on the pid of a running child of this test.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0, "stop the backup");

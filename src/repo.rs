@@ -1,8 +1,7 @@
 //! A repository: the metadata database and the storages, opened from a configuration.
 //! This is the engine's front door; the CLI and the FUSE filesystem only talk to it.
 
-use crate::block::BlockId;
-use crate::block::ObjectKind;
+use crate::block::{BlockId, ObjectKind};
 use crate::catalog::SharedCatalog;
 use crate::config::{Config, StorageKind};
 use crate::error::{Error, Result};
@@ -404,7 +403,7 @@ impl Repository {
     }
 
     /// The ranges of version `new` whose bytes differ from version `old`'s (see
-    /// [`crate::diff::diff`]), from their indexes read as streams: what it holds is the
+    /// [`crate::diff::Differ`]), from their indexes read as streams: what it holds is the
     /// changes, not the indexes.
     pub fn diff(&self, old: VersionUid, new: VersionUid) -> Result<Vec<crate::diff::Change>> {
         let (a, b) = (self.version(old)?, self.version(new)?);

@@ -1109,7 +1109,7 @@ impl Repository {
     fn merge_base(&self, entries: &mut Entries, d: &Differential, size: u64, bs: u32, stats: &mut Stats) -> Result<()> {
         let n = block_count(size, bs);
         entries.resize(n);
-        let len = |idx: u64| (size - idx * bs as u64).min(bs as u64);
+        let len = |idx: u64| crate::index::block_len(size, bs, idx);
         let mut from_base = 0u64;
         if let Some(base) = &d.base {
             // Walked to the end even when the image shrank: the base's checksum, known only
@@ -1214,7 +1214,7 @@ impl Repository {
         };
         let n = wanted.len();
         let base_len = block_count(base.size, base.block_size) as usize;
-        let block_len = |idx: usize, size: u64| (size - idx as u64 * bs as u64).min(bs as u64);
+        let block_len = |idx: usize, size: u64| crate::index::block_len(size, bs, idx as u64);
         // Blocks whose length changed (the base's last, the new last) are read whole.
         for idx in [base_len.saturating_sub(1), n.saturating_sub(1)] {
             if idx < n && idx < base_len && block_len(idx, base.size) != block_len(idx, size) {

@@ -30,7 +30,7 @@ fn as_rbd_bool<S: serde::Serializer>(b: &bool, s: S) -> std::result::Result<S::O
 pub struct Differ {
     old: (u64, u64),
     new: (u64, u64),
-    bs: u64,
+    bs: u32,
     out: Vec<Change>,
 }
 
@@ -44,13 +44,13 @@ impl Differ {
                 old.1, new.1
             )));
         }
-        let bs = new.1 as u64;
-        let count = |size: u64| size.div_ceil(bs.max(1));
+        let bs = new.1;
+        let count = |size: u64| crate::index::block_count(size, bs.max(1));
         Ok(Differ { old: (old.0, count(old.0)), new: (new.0, count(new.0)), bs, out: Vec::new() })
     }
 
     fn len(&self, size: u64, idx: u64) -> u64 {
-        (size - idx * self.bs).min(self.bs)
+        crate::index::block_len(size, self.bs, idx)
     }
 
     /// Block `idx`, with id `before` in the old version and `id` in the new one.
@@ -62,7 +62,7 @@ impl Differ {
         if id == before && (same_len || id.is_sparse()) {
             return;
         }
-        let (offset, length, exists) = (idx * self.bs, self.len(self.new.0, idx), !id.is_sparse());
+        let (offset, length, exists) = (idx * self.bs as u64, self.len(self.new.0, idx), !id.is_sparse());
         match self.out.last_mut() {
             Some(last) if last.exists == exists && last.offset + last.length == offset => last.length += length,
             _ => self.out.push(Change { offset, length, exists }),

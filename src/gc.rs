@@ -223,13 +223,11 @@ impl Repository {
                         break;
                     }
                     Ok(Err(e)) => damage = Some(e),
-                    Err(e) => match self.version(v.uid) {
-                        Err(Error::VersionNotFound(_)) => {
-                            damage = None;
-                            break;
-                        }
-                        _ => return Err(e),
-                    },
+                    Err(_) if self.removed_since_listed(v.uid) => {
+                        damage = None;
+                        break;
+                    }
+                    Err(e) => return Err(e),
                 }
             }
             if let Some(e) = damage {

@@ -397,8 +397,7 @@ impl Repository {
             for (i, before) in from_a {
                 each(i, before, BlockId::SPARSE);
             }
-            let a_walked = walker.join().unwrap_or_else(|_| Err(Error::Other("an index reader stopped".into())));
-            a_walked.and(walked).map(|_| ())
+            joined(walker.join()).and(walked).map(|_| ())
         })
     }
 
@@ -410,6 +409,13 @@ impl Repository {
         let mut d = crate::diff::Differ::new((a.size, a.block_size), (b.size, b.block_size))?;
         self.walk_two(&a, &b, |i, before, id| d.block(i, before, id))?;
         Ok(d.finish())
+    }
+
+    /// Whether version `uid` was removed (an `rm` on any host) since it was listed: what
+    /// lets a reader of every version (cleanup, mark_damaged) pass over one whose index
+    /// went away under it. Only a missing version counts, never another error.
+    pub(crate) fn removed_since_listed(&self, uid: VersionUid) -> bool {
+        matches!(self.version(uid), Err(Error::VersionNotFound(_)))
     }
 
     /// Records that the database's index of `uid` is damaged (the version becomes
@@ -825,6 +831,12 @@ impl Drop for SessionGuard {
         drop(self.stop_heartbeat.take());
         let _ = self.db.lock().end_session(self.id);
     }
+}
+
+/// The result of a thread that walked an index (restore's and scrub's producers,
+/// `walk_two`'s second walker); one that panicked is an error, not a panic here.
+pub(crate) fn joined<T>(r: std::thread::Result<Result<T>>) -> Result<T> {
+    r.unwrap_or_else(|_| Err(Error::Other("an index reader stopped".into())))
 }
 
 /// Bytes of a stored index read from the catalog at a time: what a reader that streams

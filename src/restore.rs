@@ -381,7 +381,7 @@ impl Repository {
         let write_zeros = !opts.sparse && target.is_device;
         let (bs, size) = (version.block_size as usize, version.size);
         let count = crate::index::block_count(size, version.block_size);
-        let block_len = |idx: u64| (size - idx * bs as u64).min(bs as u64) as usize;
+        let block_len = |idx: u64| crate::index::block_len(size, version.block_size, idx) as usize;
         progress.begin(&format!("restore {uid} ({})", version.name), version.size);
 
         let fetchers = self.config.readers_for(&version.storage)?;
@@ -543,10 +543,9 @@ impl Repository {
                     }
                 }
             }
-            match producer.join() {
-                Ok(Ok(r)) => repeats = r,
-                Ok(Err(e)) => index_error = Some(e),
-                Err(_) => index_error = Some(Error::Other("the restore's index reader stopped".into())),
+            match crate::repo::joined(producer.join()) {
+                Ok(r) => repeats = r,
+                Err(e) => index_error = Some(e),
             }
         });
         if let Some(e) = index_error {

@@ -217,10 +217,8 @@ impl Repository {
                 // Stopped at a damaged id.
                 Ok(Ok(None)) => tainted.push(v.uid),
                 Ok(_) => {}
-                Err(e) => match self.version(v.uid) {
-                    Err(Error::VersionNotFound(_)) => {} // removed since it was listed
-                    _ => return Err(e),
-                },
+                Err(_) if self.removed_since_listed(v.uid) => {}
+                Err(e) => return Err(e),
             }
         }
         let db = self.db();
@@ -291,7 +289,7 @@ impl Repository {
         let total = chosen_blocks * head.block_size as u64;
         progress.begin(&format!("{} {uid}", if opts.deep { "deep-scrub" } else { "scrub" }), total);
         let bs = head.block_size as u64;
-        let block_len = |i: u64| (head.size - i * bs).min(bs);
+        let block_len = |i: u64| crate::index::block_len(head.size, head.block_size, i);
         let mut report = ScrubReport { metadata, ..Default::default() };
         let mut unavailable: Option<String> = None;
         let mut walk_error: Option<Error> = None;
@@ -360,17 +358,14 @@ impl Repository {
                     });
                 }
             }
-            match producer.join() {
-                Ok(Ok(found)) => copies = found,
-                Ok(Err(e)) => walk_error = Some(e),
-                Err(_) => walk_error = Some(Error::Other("the scrub's index reader stopped".into())),
+            match crate::repo::joined(producer.join()) {
+                Ok(found) => copies = found,
+                Err(e) => walk_error = Some(e),
             }
         });
         if let Some(e) = walk_error {
             return Err(e);
         }
-        // (The index read again may, in a race with `metadata restore`, not be the one
-        // counted; its own checks then failed above.)
         report.objects = chosen_blocks.saturating_sub(copies.len() as u64);
         // The copies share their first block's object, and its verdict.
         if unavailable.is_none() {

@@ -60,6 +60,12 @@ pub fn block_count(size: u64, block_size: u32) -> u64 {
     size.div_ceil(block_size as u64)
 }
 
+/// Bytes of block `idx` of an image of `size` bytes in blocks of `block_size` (only the
+/// last may be short).
+pub fn block_len(size: u64, block_size: u32, idx: u64) -> u64 {
+    (size - idx * block_size as u64).min(block_size as u64)
+}
+
 /// Refuses an image with more blocks than a version may have ([`MAX_BLOCKS_PER_VERSION`]).
 pub fn check_block_count(size: u64, block_size: u32) -> crate::error::Result<()> {
     let n = block_count(size, block_size.max(1));
@@ -112,8 +118,7 @@ impl BlockIndex {
 
     /// Plaintext length of block `idx` (only the last block may be short).
     pub fn block_len(&self, idx: usize) -> usize {
-        let start = idx as u64 * self.block_size as u64;
-        (self.size - start).min(self.block_size as u64) as usize
+        block_len(self.size, self.block_size, idx as u64) as usize
     }
 
     /// Bytes of the image that non-sparse blocks hold: what the version occupies as a

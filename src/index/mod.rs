@@ -8,11 +8,13 @@
 
 use crate::block::{BlockId, ID_LEN};
 use sha2::{Digest, Sha256};
-use std::io::{Read, Write};
+use std::io::Read;
 use std::ops::Range;
 
 mod entries;
+mod writer;
 pub use entries::Entries;
+pub use writer::{IndexFile, IndexFileReader, IndexWriter, RUN_MAX, Runs};
 
 pub const INDEX_MAGIC: [u8; 8] = *b"KEEPFSIX";
 /// The format this build writes.
@@ -93,23 +95,6 @@ pub struct BlockIndex {
     pub entries: Entries,
 }
 
-/// Counts what goes through it, so the encoder knows the uncompressed body length.
-struct Counted<W> {
-    inner: W,
-    n: u64,
-}
-
-impl<W: Write> Write for Counted<W> {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let n = self.inner.write(buf)?;
-        self.n += n as u64;
-        Ok(n)
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.inner.flush()
-    }
-}
-
 impl BlockIndex {
     /// A map with every block sparse.
     pub fn new_sparse(uid: u64, size: u64, block_size: u32) -> BlockIndex {
@@ -180,44 +165,31 @@ impl BlockIndex {
             return Err(too_much_data(self.entries.data_count(), self.block_size));
         }
         let start = out.len();
-        out.extend_from_slice(&self.header(INDEX_FORMAT_VERSION, 0));
-        let io_err = |e: std::io::Error| Error::Other(format!("cannot compress the block index: {e}"));
+        out.extend_from_slice(&[0u8; INDEX_HEADER_LEN]);
         let written = (|| -> std::io::Result<u64> {
-            let mut z = zstd::stream::write::Encoder::new(&mut *out, INDEX_ZSTD_LEVEL)?;
-            let mut body = Counted { inner: &mut z, n: 0 };
-            let mut end = 0u64; // the block after the last one written
-            for Range { start, end: stop } in self.entries.data_runs() {
-                body.write_all(&(start - end).to_le_bytes())?;
-                body.write_all(&(stop - start).to_le_bytes())?;
-                for (_, id) in self.entries.data_in(start..stop) {
-                    body.write_all(&id.0)?;
-                }
-                end = stop;
+            let z = zstd::stream::write::Encoder::new(&mut *out, INDEX_ZSTD_LEVEL)?;
+            let mut runs = writer::Runs::new(z);
+            for (idx, id) in self.entries.data() {
+                runs.push(idx, id)?;
             }
-            if end < self.entries.len() {
-                body.write_all(&(self.entries.len() - end).to_le_bytes())?;
-                body.write_all(&0u64.to_le_bytes())?;
-            }
-            let n = body.n;
+            let (z, body_len) = runs.finish(self.entries.len())?;
             z.finish()?;
-            Ok(n)
+            Ok(body_len)
         })();
         let body_len = match written {
             Ok(n) => n,
             Err(e) => {
                 out.truncate(start);
-                return Err(io_err(e));
+                return Err(Error::Other(format!("cannot compress the block index: {e}")));
             }
         };
         let len = out.len() - start;
         if len as u64 > MAX_INDEX_LEN {
             out.truncate(start);
-            return Err(Error::Invalid(format!(
-                "the block index of version {} would take {len} bytes, more than one version's index may ({MAX_INDEX_LEN}): use a larger block size (-b)",
-                crate::version::VersionUid(self.uid),
-            )));
+            return Err(writer::too_long(self.uid, len as u64));
         }
-        out[start + 72..start + 80].copy_from_slice(&body_len.to_le_bytes());
+        let head = writer::header(self.uid, self.size, self.block_size, self.entries.len(), body_len);
+        out[start..start + INDEX_HEADER_LEN].copy_from_slice(&head);
         let sum = Sha256::digest(&out[start..]);
         out[start + 40..start + 72].copy_from_slice(&sum);
         Ok(())

@@ -8,9 +8,11 @@
 use crate::block::{BlockId, ObjectKind, is_zero};
 use crate::catalog::SharedCatalog;
 use crate::error::{Error, Result};
-use crate::index::{BlockIndex, Entries, MAX_DATA_BLOCKS_PER_VERSION, block_count, too_much_data};
+use crate::index::{
+    BlockIndex, Entries, IndexFile, IndexWriter, MAX_DATA_BLOCKS_PER_VERSION, block_count, too_much_data,
+};
 use crate::progress::Progress;
-use crate::repo::{Repository, seal_version_object, version_key, version_object_plain};
+use crate::repo::{Repository, version_key};
 use crate::source::file::{WINDOW_BYTES, Window};
 use crate::source::{Source, Url, open_source};
 use crate::storage::{SharedStorage, retry};
@@ -36,7 +38,7 @@ const LOOKUP_POOL_SHARE: usize = 4;
 const INSERT_BATCH: usize = 128;
 /// Memory for block buffers in flight.
 const POOL_BYTES: usize = 64 << 20;
-const STORAGE_ATTEMPTS: u32 = 4;
+pub(crate) const STORAGE_ATTEMPTS: u32 = 4;
 /// How long a backup waits for a live cleanup to finish deleting blocks the backup needs
 /// (normally one delete request); a cleanup gives up on a batch well before this.
 const BLOCKED_BY_CLEANUP_LIMIT: Duration = Duration::from_millis(crate::catalog::REMOTE_SESSION_TTL_MS as u64);
@@ -795,38 +797,40 @@ impl Repository {
     /// storage, then marks it valid in the database.
     /// `session` is the committing process's: a session another process ended (took for
     /// dead) cannot commit, as a cleanup may have taken the version's objects meanwhile.
-    pub fn commit_version(
-        &self,
-        uid: VersionUid,
-        session: i64,
-        size: u64,
-        mut entries: Entries,
-        stats: Stats,
-    ) -> Result<Version> {
+    pub fn commit_version(&self, uid: VersionUid, session: i64, index: IndexFile, stats: Stats) -> Result<Version> {
         let mut v = self.version(uid)?;
-        let bs = v.block_size;
-        entries.resize(block_count(size, bs));
-        let index = BlockIndex { uid: uid.0, size, block_size: bs, entries };
-        if size != v.size {
-            self.db.lock().set_size(uid, size)?;
-            v.size = size;
+        let head = index.header();
+        if head.uid != uid.0 || head.block_size != v.block_size {
+            return Err(Error::Other(format!("the block index written for {uid} is another version's")));
+        }
+        if head.size != v.size {
+            self.db.lock().set_size(uid, head.size)?;
+            v.size = head.size;
         }
         v.status = crate::version::Status::Valid;
         v.stats = stats;
         let storage = self.storage(&v.storage)?;
-        // The map is stored form from here on, encoded once into the version object's
-        // plaintext: with the sealed object, two copies of a large index at most.
-        let (plain, at) = version_object_plain(&v, &index)?;
-        drop(index);
-        let object = seal_version_object(storage.codec(), &v, &plain)?;
         // Still alive in the catalog's eyes (this fails if another process ended the
         // session), before a valid-looking version object goes to the storage.
         self.db.lock().heartbeat(session)?;
-        retry(STORAGE_ATTEMPTS, || storage.put(&version_key(uid), &object))?;
+        // The index is read from its file into the object and into the catalog: a large
+        // one is never held whole (see `store_version_object`).
+        crate::repo::store_version_object(storage.as_ref(), &v, &index)?;
         retry(STORAGE_ATTEMPTS, || storage.sync())?;
-        drop(object);
-        self.db.lock().commit_version(uid, session, &plain[at..], &stats)?;
+        let bytes = crate::catalog::IndexBytes { len: index.len(), bytes: &mut index.reader() };
+        self.db.lock().commit_version(uid, session, bytes, &stats)?;
         Ok(v)
+    }
+
+    /// A writer of a block index for a version being written, its file in the
+    /// repository's spool directory.
+    pub fn index_writer(&self, block_size: u32) -> Result<IndexWriter> {
+        IndexWriter::new(&self.config.home.join("spool"), block_size)
+    }
+
+    /// The stored form of an index held in memory (a draft's), in a file.
+    pub fn index_file(&self, index: &BlockIndex) -> Result<IndexFile> {
+        IndexFile::of_index(&self.config.home.join("spool"), index)
     }
 
     /// Backs up the image at `url` as a new version.
@@ -866,7 +870,9 @@ impl Repository {
                     )));
                 }
                 stats.duration_ms = started.elapsed().as_millis() as u64;
-                self.commit_version(uid, session.id, size, entries, stats)
+                entries.resize(block_count(size, bs));
+                let index = self.index_file(&BlockIndex { uid: uid.0, size, block_size: bs, entries })?;
+                self.commit_version(uid, session.id, index, stats)
             }
             Err(e) => Err(Error::Other(format!(
                 "backup of {url} failed, version {uid} is left incomplete (`keepfs backup --continue {uid} ...` \

@@ -227,20 +227,71 @@ pub(crate) fn encode_with(
     plain: &[u8],
     level: i32,
 ) -> Result<Vec<u8>, ObjectError> {
+    check_plain_len(kind, plain.len() as u64)?;
+    let compressed =
+        if level > 0 { transform::zstd::compress(plain, level).filter(|c| c.len() < plain.len()) } else { None };
+    let payload: &[u8] = compressed.as_deref().unwrap_or(plain);
+    let header_len = object_header_len(codec);
+    let mut out = Vec::with_capacity(header_len + payload.len() + aes::TAG_LEN);
+    out.resize(header_len, 0);
+    out.extend_from_slice(payload);
+    finish_object(codec, kind, id, plain.len() as u64, compressed.is_some(), &mut out)?;
+    Ok(out)
+}
+
+/// Refuses a plaintext over its kind's bound (nothing may be written).
+pub(crate) fn check_plain_len(kind: ObjectKind, len: u64) -> Result<(), ObjectError> {
     let max = max_plain_len(kind as u16).unwrap_or(0);
-    if plain.len() as u64 > max {
+    if len > max {
         return Err(ObjectError::Encode {
-            len: plain.len() as u64,
+            len,
             reason: format!("more than an object of kind {} may hold ({max} bytes)", kind as u16),
         });
     }
-    let compressed =
-        if level > 0 { transform::zstd::compress(plain, level).filter(|c| c.len() < plain.len()) } else { None };
-    let (mut flags, payload): (u16, &[u8]) = match &compressed {
-        Some(c) => (FLAG_ZSTD, c),
-        None => (0, plain),
-    };
+    Ok(())
+}
+
+/// Bytes of an object's header, envelope included, under `codec`.
+pub(crate) fn object_header_len(codec: &Codec) -> usize {
+    OBJECT_HEADER_LEN + if codec.current_master().is_some() { aes::ENVELOPE_LEN } else { 0 }
+}
+
+/// Writes the fields of an object header into `out` (its first [`OBJECT_HEADER_LEN`]
+/// bytes), CRCs zeroed.
+fn write_header(
+    out: &mut [u8],
+    kind: ObjectKind,
+    flags: u16,
+    envelope_len: usize,
+    plain_len: u64,
+    payload_len: u64,
+    id: &[u8; ID_LEN],
+) {
+    out[0..8].copy_from_slice(&OBJECT_MAGIC);
+    out[8..10].copy_from_slice(&OBJECT_FORMAT_VERSION.to_le_bytes());
+    out[10..12].copy_from_slice(&(kind as u16).to_le_bytes());
+    out[12..14].copy_from_slice(&flags.to_le_bytes());
+    out[14..16].copy_from_slice(&(envelope_len as u16).to_le_bytes());
+    out[16..24].copy_from_slice(&plain_len.to_le_bytes());
+    out[24..32].copy_from_slice(&payload_len.to_le_bytes());
+    out[32..40].fill(0);
+    out[40..72].copy_from_slice(id);
+}
+
+/// Makes an object of `out`: [`object_header_len`] bytes to fill, then the payload (the
+/// plaintext of `plain_len` bytes, zstd-compressed when `compressed`), which is sealed
+/// in place (its tag appended) when the codec seals.
+pub(crate) fn finish_object(
+    codec: &Codec,
+    kind: ObjectKind,
+    id: &[u8; ID_LEN],
+    plain_len: u64,
+    compressed: bool,
+    out: &mut Vec<u8>,
+) -> Result<(), ObjectError> {
     let master = codec.current_master();
+    let header_len = object_header_len(codec);
+    let mut flags = if compressed { FLAG_ZSTD } else { 0 };
     let (envelope_len, tag_len) = match master {
         Some(_) => {
             flags |= FLAG_AES256GCM;
@@ -248,34 +299,40 @@ pub(crate) fn encode_with(
         }
         None => (0, 0),
     };
-    let payload_len = payload.len() + tag_len;
-    let header_len = OBJECT_HEADER_LEN + envelope_len;
-    let mut out = Vec::with_capacity(header_len + payload_len);
-    out.extend_from_slice(&OBJECT_MAGIC);
-    out.extend_from_slice(&OBJECT_FORMAT_VERSION.to_le_bytes());
-    out.extend_from_slice(&(kind as u16).to_le_bytes());
-    out.extend_from_slice(&flags.to_le_bytes());
-    out.extend_from_slice(&(envelope_len as u16).to_le_bytes());
-    out.extend_from_slice(&(plain.len() as u64).to_le_bytes());
-    out.extend_from_slice(&(payload_len as u64).to_le_bytes());
-    out.extend_from_slice(&[0u8; 4]); // payload crc, filled below
-    out.extend_from_slice(&[0u8; 4]); // header crc, filled below
-    out.extend_from_slice(id);
-    debug_assert_eq!(out.len(), OBJECT_HEADER_LEN);
-    out.resize(header_len, 0);
-    out.extend_from_slice(payload);
+    let payload_len = (out.len() - header_len + tag_len) as u64;
+    write_header(&mut out[..OBJECT_HEADER_LEN], kind, flags, envelope_len, plain_len, payload_len, id);
     if let Some(master) = master {
-        let aad = sealing_aad(&out);
+        let aad = sealing_aad(out);
         let (envelope, tag) = aes::seal(master, id, &aad, &mut out[header_len..])
-            .map_err(|e| ObjectError::Encode { len: plain.len() as u64, reason: e.to_string() })?;
+            .map_err(|e| ObjectError::Encode { len: plain_len, reason: e.to_string() })?;
         out[OBJECT_HEADER_LEN..header_len].copy_from_slice(&envelope);
         out.extend_from_slice(&tag);
     }
     let payload_crc = crc32fast::hash(&out[header_len..]);
     out[32..36].copy_from_slice(&payload_crc.to_le_bytes());
-    let crc = header_crc(&out, header_len);
+    let crc = header_crc(out, header_len);
     out[36..40].copy_from_slice(&crc.to_le_bytes());
-    Ok(out)
+    Ok(())
+}
+
+/// The header of an unsealed object whose payload is stored from elsewhere (a large
+/// version object, streamed from files): `payload_len` bytes (the plaintext, or its
+/// zstd frame when `compressed`) whose CRC-32 is `payload_crc`.
+pub(crate) fn plain_object_header(
+    kind: ObjectKind,
+    id: &[u8; ID_LEN],
+    plain_len: u64,
+    compressed: bool,
+    payload_len: u64,
+    payload_crc: u32,
+) -> Vec<u8> {
+    let mut out = vec![0u8; OBJECT_HEADER_LEN];
+    let flags = if compressed { FLAG_ZSTD } else { 0 };
+    write_header(&mut out, kind, flags, 0, plain_len, payload_len, id);
+    out[32..36].copy_from_slice(&payload_crc.to_le_bytes());
+    let crc = header_crc(&out, OBJECT_HEADER_LEN);
+    out[36..40].copy_from_slice(&crc.to_le_bytes());
+    out
 }
 
 fn u16_at(b: &[u8], at: usize) -> u16 {

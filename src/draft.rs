@@ -598,6 +598,13 @@ impl Draft {
         stats.duration_ms = self.started.elapsed().as_millis() as u64;
         stats.bytes_read = self.size;
         self.repo.update_draft_fields(self.uid, &self.snapshot, &self.labels)?;
-        self.repo.commit_version(self.uid, self._session.id, self.size, entries, stats)
+        let index = self.repo.index_file(&crate::index::BlockIndex {
+            uid: self.uid.0,
+            size: self.size,
+            block_size: self.bs as u32,
+            entries,
+        })?;
+        drop(result);
+        self.repo.commit_version(self.uid, self._session.id, index, stats)
     }
 }

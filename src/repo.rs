@@ -6,7 +6,7 @@ use crate::catalog::SharedCatalog;
 use crate::config::{Config, StorageKind};
 use crate::error::{Error, Result};
 use crate::filter::Filter;
-use crate::index::{BlockIndex, IndexError, IndexHeader};
+use crate::index::{BlockIndex, IndexError, IndexFile, IndexHeader};
 use crate::storage::{SharedStorage, file::FileStorage, null::NullStorage};
 use crate::transform::Codec;
 use crate::version::{Status, Version, VersionUid};
@@ -94,6 +94,77 @@ pub fn seal_version_object(codec: &Codec, version: &Version, plain: &[u8]) -> Re
     codec
         .encode(ObjectKind::Version, &id.0, plain, 3)
         .map_err(|e| Error::Object { context: format!("version object of {}", version.uid), source: e })
+}
+
+/// A version object whose index is longer than 64 MiB is built and stored as a stream
+/// from the index's file (uncompressed: its index is a zstd frame already), not in
+/// memory; smaller ones are built as [`encode_version_object`] does.
+fn streamed_version_index_len() -> u64 {
+    #[cfg(debug_assertions)]
+    if let Some(n) = std::env::var("KEEPFS_TEST_STREAMED_INDEX").ok().and_then(|v| v.parse::<u64>().ok()) {
+        return n;
+    }
+    64 << 20
+}
+
+/// Stores the version object of `version`, whose stored index is `index`, under its key
+/// (retrying transient failures). Memory stays small for any index in a plain storage;
+/// an encrypted one seals the object in memory (AES-GCM in one pass): one copy of the
+/// index.
+pub fn store_version_object(storage: &dyn crate::storage::Storage, version: &Version, index: &IndexFile) -> Result<()> {
+    use crate::backup::STORAGE_ATTEMPTS;
+    use crate::storage::{LargeObject, Piece, retry};
+    let key = version_key(version.uid);
+    let codec = storage.codec();
+    let context = || format!("version object of {}", version.uid);
+    let mut plain = version_object_head(version)?;
+    if index.len() <= streamed_version_index_len() {
+        plain.extend_from_slice(&index.to_vec()?);
+        let object = seal_version_object(codec, version, &plain)?;
+        return Ok(retry(STORAGE_ATTEMPTS, || storage.put(&key, &object))?);
+    }
+    let head = plain;
+    let plain_len = head.len() as u64 + index.len();
+    crate::block::check_plain_len(ObjectKind::Version, plain_len)
+        .map_err(|e| Error::Object { context: context(), source: e })?;
+    let read_err = |e: std::io::Error| Error::io("cannot read the block index file", e);
+    // One pass for the content id (and the payload's CRC: the payload is the plaintext).
+    let mut id = codec.id_hasher();
+    let mut crc = crc32fast::Hasher::new();
+    id.update(&head);
+    crc.update(&head);
+    let mut r = index.reader();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = std::io::Read::read(&mut r, &mut buf).map_err(read_err)?;
+        if n == 0 {
+            break;
+        }
+        id.update(&buf[..n]);
+        crc.update(&buf[..n]);
+    }
+    drop(buf);
+    let id = id.finish();
+    if codec.is_sealed() {
+        let header_len = crate::block::object_header_len(codec);
+        let mut out = Vec::with_capacity(header_len + plain_len as usize + 16);
+        out.resize(header_len, 0);
+        out.extend_from_slice(&head);
+        std::io::Read::read_to_end(&mut index.reader(), &mut out).map_err(read_err)?;
+        crate::block::finish_object(codec, ObjectKind::Version, &id.0, plain_len, false, &mut out)
+            .map_err(|e| Error::Object { context: context(), source: e })?;
+        return Ok(retry(STORAGE_ATTEMPTS, || storage.put(&key, &out))?);
+    }
+    let header =
+        crate::block::plain_object_header(ObjectKind::Version, &id.0, plain_len, false, plain_len, crc.finalize());
+    let object = LargeObject {
+        pieces: vec![
+            Piece::Bytes(&header),
+            Piece::Bytes(&head),
+            Piece::File { file: index.file(), offset: 0, len: index.len() },
+        ],
+    };
+    Ok(retry(STORAGE_ATTEMPTS, || storage.put_large(&key, &object))?)
 }
 
 /// Reads a version object back but its block index: the version, the plaintext, and

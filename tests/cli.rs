@@ -160,6 +160,34 @@ fn restore_scrub_and_cleanup_read_the_index_from_the_catalog_in_pieces() {
     assert_eq!(repo.block_objects(), 0);
 }
 
+/// A version object whose index is large is built and stored as a stream from the
+/// index's file, uncompressed (its index is a zstd frame already), not in memory. The
+/// test lowers the threshold (64 MiB) to nothing, so every index goes that way: the
+/// object checks in a deep-scrub, the catalog comes back from it alone, and the
+/// version restores byte-identical.
+#[test]
+fn a_version_object_streamed_from_its_index_file_is_the_whole_version() {
+    const B: usize = 4096;
+    let repo = Repo::new();
+    let img = mixed_image(404, 300, B, 123);
+    fs::write(repo.path("img"), &img).unwrap();
+    let streamed = [("KEEPFS_TEST_STREAMED_INDEX", "0")];
+    let r = repo.run_env(&["backup", &repo.url("img"), "big", "-b", "4k"], &streamed);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let a = r.stdout.trim().to_string();
+    let object = fs::read(repo.storage().join("versions").join(&a)).unwrap();
+    let flags = u16::from_le_bytes([object[12], object[13]]);
+    assert_eq!(flags, 0, "stored as it was streamed, not compressed");
+    repo.ok(&["deep-scrub", &a]);
+    repo.lose_catalog();
+    repo.ok(&["database", "rebuild"]);
+    assert_eq!(repo.version(&a)["status"], "valid");
+    assert_eq!(repo.restore_sha(&a, "out"), sha256_file(&repo.path("img")));
+    // The file the index was written to has no name: nothing is left in the spool.
+    let spool = repo.home().join("spool");
+    assert_eq!(fs::read_dir(&spool).map(|d| d.count()).unwrap_or(0), 0, "{spool:?}");
+}
+
 /// `metadata restore --force` replaces a version's index only while no reader holds the
 /// version (a reader streams the index a piece at a time): a restore stopped half way
 /// through keeps it off with a one-line refusal, then finishes byte-identical, and the

@@ -157,6 +157,27 @@ fn an_encrypted_repository_round_trips_and_shows_the_storage_nothing() {
     assert!(r.error_line().contains("is encrypted already"), "{}", r.stderr);
 }
 
+/// A large version object (the threshold lowered to nothing for the test) is sealed
+/// like any other: it checks, rebuilds the catalog, and restores.
+#[test]
+fn a_large_version_object_is_sealed_too() {
+    let e = Enc::new();
+    let img = mixed_image(77, 40, BS, 99);
+    fs::write(e.repo.path("img"), &img).unwrap();
+    let key = e.key.to_str().unwrap().to_string();
+    let env = [("KEEPFS_KEY_FILE", key.as_str()), ("KEEPFS_TEST_STREAMED_INDEX", "0")];
+    let r = e.run_with(&env, &["backup", &e.repo.url("img"), "vm", "-b", "64k"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let uid = r.stdout.trim().to_string();
+    let object = fs::read(e.repo.storage().join("versions").join(&uid)).unwrap();
+    let flags = u16::from_le_bytes([object[12], object[13]]);
+    assert_eq!(flags, 2, "sealed, not compressed");
+    e.ok(&["deep-scrub", &uid]);
+    e.repo.lose_catalog();
+    e.ok(&["database", "rebuild"]);
+    assert_eq!(e.restore_sha(&uid), sha256_file(&e.repo.path("img")));
+}
+
 #[test]
 fn tampering_is_detected_on_restore_and_deep_scrub() {
     let e = Enc::new();

@@ -203,6 +203,27 @@ fn the_server_dying_mid_backup_and_mid_restore() {
     assert_eq!(sha256_file(&r.repo.path("o")), sha256_file(&r.repo.path("a")));
 }
 
+/// A large version object is sent as a stream from the index's file (one PUT whose
+/// body is read as it goes); the threshold is lowered to nothing for the test.
+#[test]
+fn a_large_version_object_is_streamed_to_the_server() {
+    let g = server();
+    let r = S3Repo::new(&g, "streamed", "");
+    let img = mixed_image(93, 40, 64 * 1024, 5);
+    fs::write(r.repo.path("a"), &img).unwrap();
+    let run = r.repo.run_env(
+        &["--config", &r.config, "backup", &r.repo.url("a"), "vm", "-b", "64k"],
+        &[("KEEPFS_TEST_STREAMED_INDEX", "0")],
+    );
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let v = run.stdout.trim().to_string();
+    r.ok(&["deep-scrub", &v]);
+    r.repo.lose_catalog();
+    r.ok(&["database", "rebuild"]);
+    r.ok(&["restore", &v, &r.repo.url("o")]);
+    assert_eq!(sha256_file(&r.repo.path("o")), sha256_file(&r.repo.path("a")));
+}
+
 #[test]
 fn wrong_credentials_and_a_missing_bucket_are_one_line_errors() {
     let g = server();

@@ -265,6 +265,32 @@ pub struct StorageRecord {
     pub encrypted: bool,
 }
 
+/// A stored index handed to the catalog as a stream: exactly `len` bytes from `bytes`.
+pub struct IndexBytes<'a> {
+    pub len: u64,
+    pub bytes: &'a mut dyn std::io::Read,
+}
+
+/// Bytes per write of a streamed index into the catalog.
+const INDEX_WRITE_PIECE: usize = 1 << 20;
+
+/// Copies exactly `index.len` bytes of `index` to `write`, a piece at a time; `write`
+/// is given each piece and its offset.
+fn copy_index(index: IndexBytes<'_>, mut write: impl FnMut(&[u8], u64) -> Result<()>) -> Result<()> {
+    let mut buf = vec![0u8; INDEX_WRITE_PIECE.min(index.len as usize)];
+    let mut at = 0u64;
+    while at < index.len {
+        let n = (index.len - at).min(buf.len() as u64) as usize;
+        index
+            .bytes
+            .read_exact(&mut buf[..n])
+            .map_err(|e| crate::error::Error::io("cannot read the block index to record it", e))?;
+        write(&buf[..n], at)?;
+        at += n as u64;
+    }
+    Ok(())
+}
+
 /// Everything the engine records, behind one interface. Methods that take `&self` may
 /// still write (each is its own short transaction); methods that take `&mut self` group
 /// several statements in one transaction. Indexes are opaque bytes here (their encoding
@@ -333,7 +359,9 @@ pub trait Catalog: Send {
     /// Makes an incomplete version valid with its index, in one transaction that first
     /// checks that `session` (the committing process's) still owns the version and is
     /// still registered: a session another process ended (took for dead) cannot commit.
-    fn commit_version(&mut self, uid: VersionUid, session: i64, index: &[u8], stats: &Stats) -> Result<()>;
+    /// The index is read from `index` as it is stored (never held whole: a dense
+    /// image's index may be close to 1 GB).
+    fn commit_version(&mut self, uid: VersionUid, session: i64, index: IndexBytes<'_>, stats: &Stats) -> Result<()>;
     /// Inserts a version as recorded elsewhere (a storage's version object), keeping its
     /// uid; the uid sequence moves past it, so new uids stay increasing.
     fn insert_version_record(&mut self, v: &Version, index: &[u8]) -> Result<()>;

@@ -9,8 +9,8 @@
 //! in is rolled back by the server, so nothing is half-committed).
 
 use super::{
-    Catalog, IncompleteVersion, Lookup, OBJECT_DELETING, OBJECT_PRESENT, OBJECT_WRITING, ObjectRecord, ObjectRow,
-    REBUILD_UNFINISHED, Session, StorageRecord, date_text, parse_date,
+    Catalog, IncompleteVersion, IndexBytes, Lookup, OBJECT_DELETING, OBJECT_PRESENT, OBJECT_WRITING, ObjectRecord,
+    ObjectRow, REBUILD_UNFINISHED, Session, StorageRecord, date_text, parse_date,
 };
 use crate::block::BlockId;
 use crate::error::{Error, Result};
@@ -127,6 +127,30 @@ pub fn redact(url: &str) -> String {
 
 /// A PostgreSQL error as one line: the server's message (and what to do), or the
 /// client's (a refused or timed-out connection).
+/// Writes one row of `version_index` with a binary COPY, the index read as it is sent.
+fn copy_index_in(tx: &mut Transaction<'_>, uid: i64, index: IndexBytes<'_>) -> Result<()> {
+    use std::io::Write;
+    let len = i32::try_from(index.len).map_err(|_| {
+        Error::Invalid(format!("a block index of {} bytes is more than a catalog value may hold", index.len))
+    })?;
+    let mut w = tx.copy_in("COPY version_index (uid, data) FROM STDIN (FORMAT binary)")?;
+    let io = |e: std::io::Error| Error::io("cannot send the block index to the catalog", e);
+    // Signature, flags, header extension length; one row of two fields; the trailer.
+    let mut head = Vec::with_capacity(40);
+    head.extend_from_slice(b"PGCOPY\n\xff\r\n\0");
+    head.extend_from_slice(&0i32.to_be_bytes());
+    head.extend_from_slice(&0i32.to_be_bytes());
+    head.extend_from_slice(&2i16.to_be_bytes());
+    head.extend_from_slice(&8i32.to_be_bytes());
+    head.extend_from_slice(&uid.to_be_bytes());
+    head.extend_from_slice(&len.to_be_bytes());
+    w.write_all(&head).map_err(io)?;
+    super::copy_index(index, |piece, _| w.write_all(piece).map_err(io))?;
+    w.write_all(&(-1i16).to_be_bytes()).map_err(io)?;
+    w.finish()?;
+    Ok(())
+}
+
 fn describe(e: &postgres::Error) -> String {
     if let Some(db) = e.as_db_error() {
         return format!("{} ({})", db.message(), db.code().code());
@@ -805,10 +829,16 @@ impl Catalog for PostgresCatalog {
         Ok(VersionUid(uid as u64))
     }
 
-    fn commit_version(&mut self, uid: VersionUid, session: i64, index: &[u8], stats: &Stats) -> Result<()> {
+    fn commit_version(&mut self, uid: VersionUid, session: i64, index: IndexBytes<'_>, stats: &Stats) -> Result<()> {
         let uid = uid.0 as i64;
         let mut client = self.client()?;
         let mut tx = client.transaction()?;
+        // The index goes in first, streamed (binary COPY: the value's length, then its
+        // bytes as they are read), before the write lock: other hosts' writers do not
+        // wait for a large index to cross the network. Nothing is visible before the
+        // commit below.
+        tx.execute("DELETE FROM version_index WHERE uid=$1", &[&uid])?;
+        copy_index_in(&mut tx, uid, index)?;
         tx.execute("SELECT pg_advisory_xact_lock($1)", &[&WRITE_LOCK])?;
         // A backup taken for dead (its session ended by another host, or the version
         // taken over by a `--continue`) may have lost objects to a cleanup meanwhile: it
@@ -822,10 +852,6 @@ impl Catalog for PostgresCatalog {
         if !owned {
             return Err(super::session_ended(session));
         }
-        tx.execute(
-            "INSERT INTO version_index(uid, data) VALUES ($1, $2) ON CONFLICT (uid) DO UPDATE SET data = $2",
-            &[&uid, &index],
-        )?;
         tx.execute(
             "UPDATE versions SET status='valid', session_id=NULL, bytes_read=$2, bytes_written=$3, bytes_stored=$4, \
              bytes_deduplicated=$5, bytes_sparse=$6, duration_ms=$7 WHERE uid=$1",

@@ -5,8 +5,8 @@
 //! numbered migrations; the schema version is SQLite's `user_version`.
 
 use super::{
-    Catalog, IncompleteVersion, Lookup, OBJECT_DELETING, OBJECT_PRESENT, OBJECT_WRITING, ObjectRecord, ObjectRow,
-    REBUILD_UNFINISHED, Session, StorageRecord, date_text, now_ms,
+    Catalog, IncompleteVersion, IndexBytes, Lookup, OBJECT_DELETING, OBJECT_PRESENT, OBJECT_WRITING, ObjectRecord,
+    ObjectRow, REBUILD_UNFINISHED, Session, StorageRecord, date_text, now_ms,
 };
 use crate::block::BlockId;
 use crate::error::{Error, Result};
@@ -534,7 +534,7 @@ impl Catalog for SqliteCatalog {
     }
 
     /// Stores the index and statistics of a version and marks it valid, in one transaction.
-    fn commit_version(&mut self, uid: VersionUid, session: i64, index: &[u8], stats: &Stats) -> Result<()> {
+    fn commit_version(&mut self, uid: VersionUid, session: i64, index: IndexBytes<'_>, stats: &Stats) -> Result<()> {
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         // A backup taken for dead (its session ended by another process, or the version
         // taken over by a `--continue`) may have lost objects to a cleanup meanwhile: it
@@ -547,7 +547,16 @@ impl Catalog for SqliteCatalog {
         if !owned {
             return Err(super::session_ended(session));
         }
-        tx.execute("INSERT OR REPLACE INTO version_index(uid, data) VALUES (?1, ?2)", params![uid.0 as i64, index])?;
+        // Written a piece at a time into a value of the index's length (incremental
+        // blob I/O), in this transaction.
+        tx.execute(
+            "INSERT OR REPLACE INTO version_index(uid, data) VALUES (?1, zeroblob(?2))",
+            params![uid.0 as i64, index.len as i64],
+        )?;
+        {
+            let mut blob = tx.blob_open(rusqlite::MAIN_DB, c"version_index", c"data", uid.0 as i64, false)?;
+            super::copy_index(index, |piece, at| Ok(blob.write_all_at(piece, at as usize)?))?;
+        }
         tx.execute(
             "UPDATE versions SET status='valid', session_id=NULL, bytes_read=?2, bytes_written=?3, bytes_stored=?4, bytes_deduplicated=?5, bytes_sparse=?6, duration_ms=?7 WHERE uid=?1",
             params![

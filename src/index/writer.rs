@@ -241,6 +241,11 @@ impl IndexFile {
         self.len == 0
     }
 
+    /// The file that holds it (read it with [`IndexFile::reader`] or at offsets).
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
     pub fn header(&self) -> IndexHeader {
         self.head
     }

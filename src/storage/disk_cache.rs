@@ -228,6 +228,12 @@ impl Storage for DiskCache {
         }
         self.inner.put(key, data)
     }
+    fn put_large(&self, key: &str, object: &super::LargeObject<'_>) -> StorageResult<()> {
+        if cacheable(key) {
+            self.forget(key);
+        }
+        self.inner.put_large(key, object)
+    }
     fn get(&self, key: &str) -> StorageResult<Vec<u8>> {
         if !cacheable(key) {
             return self.inner.get(key);

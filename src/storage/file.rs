@@ -87,6 +87,11 @@ impl FileStorage {
     }
 
     fn write_temp(&self, key: &str, data: &[u8]) -> StorageResult<PathBuf> {
+        self.write_temp_with(key, |f| f.write_all(data))
+    }
+
+    /// A temporary file that `fill` wrote, synced: the object before its rename.
+    fn write_temp_with(&self, key: &str, fill: impl FnOnce(&mut File) -> io::Result<()>) -> StorageResult<PathBuf> {
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
         let tmp = self.tmp.join(format!("{}.{}.{}", std::process::id(), n, key.replace('/', "_")));
         let mut f = self
@@ -96,7 +101,7 @@ impl FileStorage {
             .create_new(true)
             .open(&tmp)
             .map_err(|e| self.err("create temporary file for", key, e))?;
-        let r = f.write_all(data).and_then(|_| f.sync_data());
+        let r = fill(&mut f).and_then(|_| f.sync_data());
         if let Err(e) = r {
             let _ = fs::remove_file(&tmp);
             return Err(self.err("write", key, e));
@@ -109,6 +114,37 @@ impl FileStorage {
             libc::posix_fadvise(std::os::unix::io::AsRawFd::as_raw_fd(&f), 0, 0, libc::POSIX_FADV_DONTNEED);
         }
         Ok(tmp)
+    }
+
+    /// Renames a synced temporary file to the object's key (creating its directories).
+    fn rename_into_place(&self, key: &str, tmp: PathBuf) -> StorageResult<()> {
+        let path = self.path_of(key)?;
+        let dir = path.parent().unwrap_or(&self.root).to_path_buf();
+        let renamed = fs::rename(&tmp, &path).or_else(|e| {
+            if e.kind() == io::ErrorKind::NotFound {
+                self.modes.create_dir_all(&dir)?;
+                // New directories must reach the disk too: remember every new level.
+                let mut dirty = self.dirty_dirs.lock();
+                let mut d = dir.as_path();
+                while let Some(parent) = d.parent() {
+                    dirty.insert(parent.to_path_buf());
+                    if parent == self.root {
+                        break;
+                    }
+                    d = parent;
+                }
+                drop(dirty);
+                fs::rename(&tmp, &path)
+            } else {
+                Err(e)
+            }
+        });
+        if let Err(e) = renamed {
+            let _ = fs::remove_file(&tmp);
+            return Err(self.err("rename into place", key, e));
+        }
+        self.dirty_dirs.lock().insert(dir);
+        Ok(())
     }
 }
 
@@ -175,34 +211,20 @@ impl Storage for FileStorage {
     }
 
     fn put(&self, key: &str, data: &[u8]) -> StorageResult<()> {
-        let path = self.path_of(key)?;
+        self.path_of(key)?;
         let tmp = self.write_temp(key, data)?;
-        let dir = path.parent().unwrap_or(&self.root).to_path_buf();
-        let renamed = fs::rename(&tmp, &path).or_else(|e| {
-            if e.kind() == io::ErrorKind::NotFound {
-                self.modes.create_dir_all(&dir)?;
-                // New directories must reach the disk too: remember every new level.
-                let mut dirty = self.dirty_dirs.lock();
-                let mut d = dir.as_path();
-                while let Some(parent) = d.parent() {
-                    dirty.insert(parent.to_path_buf());
-                    if parent == self.root {
-                        break;
-                    }
-                    d = parent;
-                }
-                drop(dirty);
-                fs::rename(&tmp, &path)
-            } else {
-                Err(e)
-            }
-        });
-        if let Err(e) = renamed {
-            let _ = fs::remove_file(&tmp);
-            return Err(self.err("rename into place", key, e));
-        }
-        self.dirty_dirs.lock().insert(dir);
-        Ok(())
+        self.rename_into_place(key, tmp)
+    }
+
+    fn put_large(&self, key: &str, object: &super::LargeObject<'_>) -> StorageResult<()> {
+        self.path_of(key)?;
+        let tmp = self.write_temp_with(key, |f| {
+            let mut r = object.reader()?;
+            let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
+            std::io::copy(&mut r, &mut w)?;
+            w.flush()
+        })?;
+        self.rename_into_place(key, tmp)
     }
 
     fn get_fresh(&self, key: &str) -> StorageResult<Vec<u8>> {

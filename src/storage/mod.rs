@@ -16,6 +16,11 @@ macro_rules! pass_to_inner {
             self.inner.put(key, data)
         }
     };
+    (@ put_large) => {
+        fn put_large(&self, key: &str, object: &$crate::storage::LargeObject<'_>) -> $crate::storage::StorageResult<()> {
+            self.inner.put_large(key, object)
+        }
+    };
     (@ get) => {
         fn get(&self, key: &str) -> $crate::storage::StorageResult<Vec<u8>> {
             self.inner.get(key)
@@ -138,12 +143,120 @@ pub struct ListEntry {
     pub modified: SystemTime,
 }
 
+/// One piece of a [`LargeObject`]: bytes in memory, or `len` bytes of a file from
+/// `offset`.
+pub enum Piece<'a> {
+    Bytes(&'a [u8]),
+    File { file: &'a std::fs::File, offset: u64, len: u64 },
+}
+
+/// An object handed over as pieces (a version object with a large block index, whose
+/// index is in a file): read again for each attempt, never held whole by a storage
+/// that can stream it.
+pub struct LargeObject<'a> {
+    pub pieces: Vec<Piece<'a>>,
+}
+
+impl LargeObject<'_> {
+    pub fn len(&self) -> u64 {
+        self.pieces
+            .iter()
+            .map(|p| match p {
+                Piece::Bytes(b) => b.len() as u64,
+                Piece::File { len, .. } => *len,
+            })
+            .sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// A reader of the whole object that owns what it reads (an HTTP body outlives the
+    /// borrow): the small pieces are copied, the files opened again.
+    pub fn reader(&self) -> io::Result<PiecesReader> {
+        let mut parts = std::collections::VecDeque::new();
+        for p in &self.pieces {
+            parts.push_back(match p {
+                Piece::Bytes(b) => OwnedPiece::Bytes(b.to_vec(), 0),
+                Piece::File { file, offset, len } => OwnedPiece::File(file.try_clone()?, *offset, offset + len),
+            });
+        }
+        Ok(PiecesReader { parts })
+    }
+
+    /// The whole object in memory: what a storage that cannot stream does.
+    pub fn to_vec(&self) -> io::Result<Vec<u8>> {
+        let mut out = Vec::with_capacity(self.len() as usize);
+        io::Read::read_to_end(&mut self.reader()?, &mut out)?;
+        Ok(out)
+    }
+}
+
+enum OwnedPiece {
+    Bytes(Vec<u8>, usize),
+    File(std::fs::File, u64, u64),
+}
+
+/// Reads a [`LargeObject`] from its start (see [`LargeObject::reader`]).
+pub struct PiecesReader {
+    parts: std::collections::VecDeque<OwnedPiece>,
+}
+
+impl io::Read for PiecesReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        use std::os::unix::fs::FileExt;
+        while let Some(part) = self.parts.front_mut() {
+            let n = match part {
+                OwnedPiece::Bytes(b, at) => {
+                    let n = (b.len() - *at).min(buf.len());
+                    buf[..n].copy_from_slice(&b[*at..*at + n]);
+                    *at += n;
+                    n
+                }
+                OwnedPiece::File(f, at, end) => {
+                    let want = (*end - *at).min(buf.len() as u64) as usize;
+                    if want == 0 {
+                        0
+                    } else {
+                        let n = f.read_at(&mut buf[..want], *at)?;
+                        if n == 0 {
+                            return Err(io::Error::new(
+                                io::ErrorKind::UnexpectedEof,
+                                "a file of the object was cut short",
+                            ));
+                        }
+                        *at += n as u64;
+                        n
+                    }
+                }
+            };
+            if n > 0 || buf.is_empty() {
+                return Ok(n);
+            }
+            self.parts.pop_front();
+        }
+        Ok(0)
+    }
+}
+
 pub trait Storage: Send + Sync {
     /// The configured name of this storage.
     fn name(&self) -> &str;
     /// Stores `data` under `key`, replacing any object there. An object never appears
     /// half-written under its final key.
     fn put(&self, key: &str, data: &[u8]) -> StorageResult<()>;
+    /// Stores an object given in pieces, as `put` does. The default reads it whole into
+    /// memory and puts it; the file, S3 and null storages stream it.
+    fn put_large(&self, key: &str, object: &LargeObject<'_>) -> StorageResult<()> {
+        let data = object.to_vec().map_err(|source| StorageError::Io {
+            storage: self.name().to_string(),
+            op: "read the pieces of",
+            key: key.to_string(),
+            source,
+        })?;
+        self.put(key, &data)
+    }
     fn get(&self, key: &str) -> StorageResult<Vec<u8>>;
     /// Like `get`, but from the storage itself, past any local cache: what a deep-scrub
     /// verifies, and the second try when a cached copy does not decode. Decorators must

@@ -23,6 +23,9 @@ impl Storage for NullStorage {
     fn put(&self, _key: &str, _data: &[u8]) -> StorageResult<()> {
         Ok(())
     }
+    fn put_large(&self, _key: &str, _object: &super::LargeObject<'_>) -> StorageResult<()> {
+        Ok(())
+    }
     fn get_fresh(&self, key: &str) -> StorageResult<Vec<u8>> {
         self.get(key)
     }

@@ -19,6 +19,7 @@ impl Storage for SealedStorage {
     super::pass_to_inner!(
         name,
         put,
+        put_large,
         get,
         get_fresh,
         exists,

@@ -67,6 +67,12 @@ impl Storage for ThrottledStorage {
         }
         self.inner.put(key, data)
     }
+    fn put_large(&self, key: &str, object: &super::LargeObject<'_>) -> StorageResult<()> {
+        if let Some(r) = &self.write {
+            r.pass(object.len() as usize);
+        }
+        self.inner.put_large(key, object)
+    }
     fn get(&self, key: &str) -> StorageResult<Vec<u8>> {
         self.read_paced(self.inner.get(key)?)
     }

@@ -11,7 +11,7 @@ use aes::{KeyId, MasterKey};
 use hmac::{KeyInit, Mac};
 use sha2::Sha256;
 
-type HmacSha256 = hmac::Hmac<Sha256>;
+pub type HmacSha256 = hmac::Hmac<Sha256>;
 
 /// The keys of an encrypted storage.
 pub struct Keys {
@@ -81,29 +81,22 @@ impl Codec {
     /// being written), for about the cost of hashing alone.
     pub fn copy_and_id(&self, src: &[u8], dst: &mut Vec<u8>) -> BlockId {
         const PIECE: usize = 64 << 10;
-        enum Hasher {
-            Plain(Sha256),
-            Keyed(HmacSha256),
-        }
-        let mut h = match &self.keys {
-            None => Hasher::Plain(<Sha256 as sha2::Digest>::new()),
-            Some(k) => Hasher::Keyed(k.id_mac.clone()),
-        };
+        let mut h = self.id_hasher();
         dst.reserve(src.len());
         for piece in src.chunks(PIECE) {
             let at = dst.len();
             dst.extend_from_slice(piece);
-            match &mut h {
-                Hasher::Plain(s) => sha2::Digest::update(s, &dst[at..]),
-                Hasher::Keyed(m) => m.update(&dst[at..]),
-            }
+            h.update(&dst[at..]);
         }
-        let mut id = [0u8; ID_LEN];
-        match h {
-            Hasher::Plain(s) => id.copy_from_slice(&sha2::Digest::finalize(s)),
-            Hasher::Keyed(m) => id.copy_from_slice(&m.finalize().into_bytes()),
+        h.finish()
+    }
+
+    /// The content id of bytes handed over in pieces (a large version object).
+    pub fn id_hasher(&self) -> IdHasher {
+        match &self.keys {
+            None => IdHasher::Plain(<Sha256 as sha2::Digest>::new()),
+            Some(k) => IdHasher::Keyed(k.id_mac.clone()),
         }
-        BlockId(id)
     }
 
     /// Builds an object (compressed at `level` when that helps, sealed when encrypted).
@@ -151,6 +144,30 @@ impl Codec {
     /// object is sealed with the current key already.
     pub fn rewrap_header(&self, bytes: &[u8]) -> Result<Option<Vec<u8>>, ObjectError> {
         crate::block::rewrap_with(self, bytes)
+    }
+}
+
+/// A content id being computed (see [`Codec::id_hasher`]).
+pub enum IdHasher {
+    Plain(Sha256),
+    Keyed(HmacSha256),
+}
+
+impl IdHasher {
+    pub fn update(&mut self, bytes: &[u8]) {
+        match self {
+            IdHasher::Plain(s) => sha2::Digest::update(s, bytes),
+            IdHasher::Keyed(m) => m.update(bytes),
+        }
+    }
+
+    pub fn finish(self) -> BlockId {
+        let mut id = [0u8; ID_LEN];
+        match self {
+            IdHasher::Plain(s) => id.copy_from_slice(&sha2::Digest::finalize(s)),
+            IdHasher::Keyed(m) => id.copy_from_slice(&m.finalize().into_bytes()),
+        }
+        BlockId(id)
     }
 }
 

@@ -8,10 +8,9 @@
 use crate::block::{BlockId, ObjectKind, is_zero};
 use crate::catalog::SharedCatalog;
 use crate::error::{Error, Result};
-use crate::index::{
-    BlockIndex, Entries, IndexFile, IndexWriter, MAX_DATA_BLOCKS_PER_VERSION, block_count, too_much_data,
-};
+use crate::index::{BlockIndex, Entries, IndexFile, IndexWriter, block_count};
 use crate::progress::Progress;
+use crate::record::{Frontier, Ordered, Record, Recorded};
 use crate::repo::{Repository, version_key};
 use crate::source::file::{WINDOW_BYTES, Window};
 use crate::source::{Source, Url, open_source};
@@ -115,6 +114,12 @@ enum Done {
         stored_len: u64,
     },
     Failed(Error),
+    /// Blocks `first..first + count` are not read (a differential backup takes them
+    /// from its base): sparse in what the ingest records.
+    NotRead {
+        first: u64,
+        count: u64,
+    },
     /// Blocks `first..first + count`, `bytes` long in all, are a hole of the source.
     ZeroRun {
         first: u64,
@@ -141,12 +146,25 @@ pub struct IngestContext {
     pub publish: bool,
     #[doc(hidden)]
     pub after_hash: Option<HashedHook>,
+    /// Record the blocks in block order into an index file (a backup, which submits
+    /// every block once), instead of a map (a draft).
+    pub ordered: Option<OrderedIndex>,
 }
 
-/// What an ingest produced: the id of every block by index (sparse where none was
-/// submitted) and the statistics.
+/// Where and how a backup's ingest writes its index in block order.
+pub struct OrderedIndex {
+    /// Directory of the index file (unnamed).
+    pub dir: std::path::PathBuf,
+    /// How far past the frontier readers may submit (see [`Frontier`]): at least a
+    /// window of blocks for every reader, so that the reader holding the frontier
+    /// never waits.
+    pub ahead: u64,
+}
+
+/// What an ingest produced: the id of every block (a map, or the backup's index file
+/// written in block order) and the statistics.
 pub struct IngestResult {
-    pub entries: Entries,
+    pub recorded: Recorded,
     pub stats: Stats,
 }
 
@@ -166,6 +184,7 @@ pub struct Ingest {
     pool_rx: Receiver<Vec<u8>>,
     pool_tx: Sender<Vec<u8>>,
     completions: Option<Arc<Completions>>,
+    frontier: Option<Arc<Frontier>>,
     coordinator: Option<JoinHandle<Result<IngestResult>>>,
     threads: Vec<JoinHandle<()>>,
     /// Why the pipeline stopped, once it has: the message and its errno.
@@ -199,13 +218,17 @@ impl Ingest {
         }
         let failed = Arc::new(Mutex::new(None));
         let completions = ctx.publish.then(|| Arc::new(Completions::default()));
+        let frontier = ctx.ordered.as_ref().map(|o| Arc::new(Frontier::new(o.ahead)));
         let coord = {
-            let (job_tx, pool_tx, failed, completions) =
-                (job_tx.clone(), pool_tx.clone(), failed.clone(), completions.clone());
+            let (job_tx, pool_tx, failed, completions, frontier) =
+                (job_tx.clone(), pool_tx.clone(), failed.clone(), completions.clone(), frontier.clone());
             std::thread::spawn(move || {
-                let r = coordinate(ctx, done_rx, job_tx, pool_tx, completions);
+                let r = coordinate(ctx, done_rx, job_tx, pool_tx, completions, frontier.clone());
                 if let Err(e) = &r {
                     *failed.lock() = Some((e.to_string(), e.errno()));
+                }
+                if let Some(f) = frontier {
+                    f.end();
                 }
                 r
             })
@@ -215,6 +238,7 @@ impl Ingest {
             done_tx,
             pool_tx,
             completions,
+            frontier,
             pool_rx,
             coordinator: Some(coord),
             threads,
@@ -289,6 +313,21 @@ impl Ingest {
         self.done_tx
             .send(Done::ZeroRun { first, count, bytes })
             .map_err(|_| Error::Other("the backup pipeline stopped".into()))
+    }
+
+    /// Records blocks `first..first + count` as not read: sparse in what the ingest
+    /// records (a differential backup fills them from its base afterwards).
+    pub fn submit_not_read(&mut self, first: u64, count: u64) -> Result<()> {
+        self.submitted += count;
+        self.done_tx
+            .send(Done::NotRead { first, count })
+            .map_err(|_| Error::Other("the backup pipeline stopped".into()))
+    }
+
+    /// How far an ordered ingest (a backup's) has written its index: readers wait on it
+    /// before they submit blocks too far ahead (see [`Frontier`]).
+    pub fn frontier(&self) -> Option<Arc<Frontier>> {
+        self.frontier.clone()
     }
 
     /// Returns a buffer from [`Ingest::take_buffer`] that will not be submitted.
@@ -414,7 +453,7 @@ struct Coordinator {
     ctx: IngestContext,
     job_tx: Sender<Job>,
     pool_tx: Sender<Vec<u8>>,
-    entries: Entries,
+    record: Record,
     stats: Stats,
     /// Ids this ingest is storing and has not recorded yet: later copies only reference
     /// them (once recorded, the catalog's lookup finds them).
@@ -431,11 +470,7 @@ struct Coordinator {
 
 impl Coordinator {
     fn set(&mut self, idx: u64, id: BlockId) -> Result<()> {
-        self.entries.set(idx, id);
-        // Refused as soon as it is known, not after the rest of the image was read.
-        if self.entries.data_count() > MAX_DATA_BLOCKS_PER_VERSION {
-            return Err(too_much_data(self.entries.data_count(), self.ctx.block_size));
-        }
+        self.record.set(idx, id, self.ctx.block_size)?;
         if let Some(c) = &self.completions {
             c.done.lock().insert(idx, id);
             c.changed.notify_all();
@@ -585,9 +620,7 @@ impl Coordinator {
             Done::ZeroRun { first, count, bytes } => {
                 // A hole of the source: one message, however many blocks.
                 self.stats.bytes_sparse += bytes;
-                if let Some(last) = (first + count).checked_sub(1) {
-                    self.set(last, BlockId::SPARSE)?;
-                }
+                self.record.sparse(first, count, self.ctx.block_size)?;
                 if self.completions.is_some() {
                     for idx in first..first + count {
                         self.set(idx, BlockId::SPARSE)?;
@@ -602,6 +635,10 @@ impl Coordinator {
                 if self.pending_lookup.len() >= LOOKUP_BATCH {
                     self.flush_lookups()?;
                 }
+            }
+            Done::NotRead { first, count } => {
+                self.record.sparse(first, count, self.ctx.block_size)?;
+                self.completed += count;
             }
             Done::Stored { idx, id, plain_len, stored_len } => self.stored(idx, id, plain_len, stored_len)?,
             Done::Failed(e) => return Err(e),
@@ -621,12 +658,17 @@ fn coordinate(
     job_tx: Sender<Job>,
     pool_tx: Sender<Vec<u8>>,
     completions: Option<Arc<Completions>>,
+    frontier: Option<Arc<Frontier>>,
 ) -> Result<IngestResult> {
+    let record = match (&ctx.ordered, frontier) {
+        (Some(o), Some(f)) => Record::Ordered(Box::new(Ordered::new(IndexWriter::new(&o.dir, ctx.block_size)?, f))),
+        _ => Record::Map(Entries::default()),
+    };
     let mut c = Coordinator {
         ctx,
         job_tx,
         pool_tx,
-        entries: Entries::default(),
+        record,
         stats: Stats::default(),
         seen: HashSet::new(),
         pending_lookup: Vec::new(),
@@ -685,7 +727,7 @@ fn coordinate(
     }
     debug_assert_eq!(c.in_store, 0);
     c.flush_inserts()?;
-    Ok(IngestResult { entries: c.entries, stats: c.stats })
+    Ok(IngestResult { recorded: c.record.finish()?, stats: c.stats })
 }
 
 /// What the user asked to back up.
@@ -746,7 +788,7 @@ pub fn auto_tags(existing: &[crate::version::Version], name: &str, now: chrono::
 /// What a differential backup reads and where the rest comes from.
 struct Differential {
     /// Blocks to read from the source.
-    wanted: Vec<bool>,
+    wanted: crate::hints::Wanted,
     /// The base version, whose index gives the blocks not read (read from the catalog
     /// as a stream when they are merged, never held).
     base: Option<Version>,
@@ -766,6 +808,7 @@ impl Repository {
             session,
             publish: false,
             after_hash: self.after_hash.clone(),
+            ordered: None,
         })
     }
 
@@ -853,25 +896,25 @@ impl Repository {
             None => self.begin_version(opts, size, session.id)?,
         };
         progress.begin(&format!("backup {uid} ({})", opts.name), size);
-        let wanted = diff.as_ref().map(|d| d.wanted.as_slice());
+        let wanted = diff.as_ref().map(|d| &d.wanted);
         let result = self.run_backup(source.as_ref(), url, &storage, bs, session.id, wanted, progress);
         progress.end();
         match result {
-            Ok((mut entries, mut stats)) => {
-                if let Some(d) = &diff
-                    && let Err(e) = self.merge_base(&mut entries, d, size, bs, &mut stats)
-                {
-                    if let Error::Damaged(_) = e {
-                        return Err(e); // names its own repair (and exit code)
-                    }
-                    return Err(Error::Other(format!(
-                        "backup of {url} failed, version {uid} is left incomplete (`keepfs backup --continue {uid} ...` \
-                         resumes it, `keepfs rm {uid}` removes it): cannot read the base's index: {e}"
-                    )));
+            Ok((written, mut stats)) => {
+                let mut index = written.finish(uid.0, size)?;
+                if let Some(d) = &diff {
+                    index = match self.merge_base(index, d, &mut stats) {
+                        Ok(merged) => merged,
+                        Err(e @ Error::Damaged(_)) => return Err(e), // names its own repair (and exit code)
+                        Err(e) => {
+                            return Err(Error::Other(format!(
+                                "backup of {url} failed, version {uid} is left incomplete (`keepfs backup --continue {uid} ...` \
+                                 resumes it, `keepfs rm {uid}` removes it): cannot merge the base's index: {e}"
+                            )));
+                        }
+                    };
                 }
                 stats.duration_ms = started.elapsed().as_millis() as u64;
-                entries.resize(block_count(size, bs));
-                let index = self.index_file(&BlockIndex { uid: uid.0, size, block_size: bs, entries })?;
                 self.commit_version(uid, session.id, index, stats)
             }
             Err(e) => Err(Error::Other(format!(
@@ -926,24 +969,34 @@ impl Repository {
         storage: &str,
         bs: u32,
         session: i64,
-        wanted: Option<&[bool]>,
+        wanted: Option<&crate::hints::Wanted>,
         progress: &dyn Progress,
-    ) -> Result<(Entries, Stats)> {
+    ) -> Result<(IndexWriter, Stats)> {
         let size = source.size();
-        let ingest = Mutex::new(Ingest::start(self.ingest_context(storage, bs, session)?));
         let readers = self.config.source_readers.max(source.parallel_reads()).max(1) as u64;
+        let window_bytes = WINDOW_BYTES.max(bs as u64);
+        let mut ctx = self.ingest_context(storage, bs, session)?;
+        // The index is written in block order as blocks complete; readers keep within a
+        // window each (and one more) of the first block not completed.
+        ctx.ordered = Some(OrderedIndex {
+            dir: self.config.home.join("spool"),
+            ahead: (readers + 1) * window_bytes.div_ceil(bs as u64),
+        });
+        let ingest = Ingest::start(ctx);
+        let frontier = ingest.frontier();
+        let ingest = Mutex::new(ingest);
         let read_error: Mutex<Option<Error>> = Mutex::new(None);
         // Readers take whole windows in turn; a window is mapped when the source allows
         // it (workers then hash straight from the page cache) and read block by block
         // into pooled buffers otherwise.
         // Readers claim windows in order; a reader that meets a hole claims every later
         // window the hole covers too (see `skip_hole`).
-        let window_bytes = WINDOW_BYTES.max(bs as u64);
         let windows = size.div_ceil(window_bytes);
         let next_window = AtomicU64::new(0);
         std::thread::scope(|s| {
             for _ in 0..readers {
                 let (ingest, read_error, next_window) = (&ingest, &read_error, &next_window);
+                let feed = Feed { ingest, frontier: frontier.as_deref(), read_error };
                 s.spawn(move || {
                     loop {
                         let w = next_window.fetch_add(1, Ordering::AcqRel);
@@ -953,10 +1006,10 @@ impl Repository {
                         let woff = w * window_bytes;
                         let wlen = (size - woff).min(window_bytes);
                         let hole = Windows { next: next_window, count: windows, bytes: window_bytes, size };
-                        let r = match skip_hole(source, url, ingest, &hole, w, bs, wanted, progress) {
+                        let r = match skip_hole(source, url, &feed, &hole, w, bs, wanted, progress) {
                             Ok(WindowPlan::Skipped) => Ok(()),
                             Ok(WindowPlan::Read(data)) => {
-                                read_window(source, url, ingest, woff, wlen, data, bs, wanted, read_error, progress)
+                                read_window(source, url, &feed, woff, wlen, data, bs, wanted, progress)
                             }
                             Err(e) => Err(e),
                         };
@@ -977,7 +1030,31 @@ impl Repository {
             });
         }
         let r = ingest.finish()?;
-        Ok((r.entries, r.stats))
+        match r.recorded {
+            Recorded::Index(w) => Ok((w, r.stats)),
+            Recorded::Map(_) => Err(Error::Other("the backup's ingest recorded a map, not its index".into())),
+        }
+    }
+}
+
+/// What a reader thread feeds: the ingest, the frontier it keeps within reach of, and
+/// the first reader error (which stops every reader).
+struct Feed<'a> {
+    ingest: &'a Mutex<Ingest>,
+    frontier: Option<&'a Frontier>,
+    read_error: &'a Mutex<Option<Error>>,
+}
+
+impl Feed<'_> {
+    /// Waits until block `idx` is within reach of the frontier.
+    fn wait_for(&self, idx: u64) {
+        if let Some(f) = self.frontier {
+            f.wait_for(idx, || self.read_error.lock().is_some());
+        }
+    }
+
+    fn stopped(&self) -> bool {
+        self.read_error.lock().is_some()
     }
 }
 
@@ -998,11 +1075,11 @@ struct Windows<'a> {
 fn skip_hole(
     source: &dyn Source,
     url: &Url,
-    ingest: &Mutex<Ingest>,
+    feed: &Feed,
     windows: &Windows,
     w: u64,
     bs: u32,
-    wanted: Option<&[bool]>,
+    wanted: Option<&crate::hints::Wanted>,
     progress: &dyn Progress,
 ) -> Result<WindowPlan> {
     if wanted.is_some() {
@@ -1023,7 +1100,8 @@ fn skip_hole(
     };
     let to = (end * windows.bytes).min(windows.size);
     let bs = bs as u64;
-    ingest.lock().submit_zero_run(woff / bs, (to - woff).div_ceil(bs), to - woff)?;
+    feed.wait_for(woff / bs);
+    feed.ingest.lock().submit_zero_run(woff / bs, (to - woff).div_ceil(bs), to - woff)?;
     progress.advance(to - woff);
     Ok(WindowPlan::Skipped)
 }
@@ -1041,20 +1119,22 @@ enum WindowPlan {
 fn read_window(
     source: &dyn Source,
     url: &Url,
-    ingest: &Mutex<Ingest>,
+    feed: &Feed,
     woff: u64,
     wlen: u64,
     data: Option<std::ops::Range<u64>>,
     bs: u32,
-    wanted: Option<&[bool]>,
-    read_error: &Mutex<Option<Error>>,
+    wanted: Option<&crate::hints::Wanted>,
     progress: &dyn Progress,
 ) -> Result<()> {
+    let ingest = feed.ingest;
     let bs = bs as u64;
     let first = woff / bs;
     let blocks = wlen.div_ceil(bs);
-    let want = |idx: u64| wanted.is_none_or(|w| w.get(idx as usize).copied().unwrap_or(false));
-    if !(first..first + blocks).any(want) {
+    let want = |idx: u64| wanted.is_none_or(|w| w.contains(idx));
+    if wanted.is_some_and(|w| !w.any_in(first..first + blocks)) {
+        feed.wait_for(first);
+        ingest.lock().submit_not_read(first, blocks)?;
         progress.advance(wlen);
         return Ok(());
     }
@@ -1067,7 +1147,8 @@ fn read_window(
         Some(d) => d,
         None => next_data(woff)?,
     };
-    if data.start >= woff + wlen && (first..first + blocks).all(want) {
+    if data.start >= woff + wlen && wanted.is_none_or(|w| w.all_in(first..first + blocks)) {
+        feed.wait_for(first);
         ingest.lock().submit_zero_run(first, blocks, wlen)?;
         progress.advance(wlen);
         return Ok(());
@@ -1078,13 +1159,15 @@ fn read_window(
         source.window(woff, wlen).transpose().map_err(|e| Error::io(format!("cannot map {url} at byte {woff}"), e))?
     };
     for i in 0..blocks {
-        if read_error.lock().is_some() {
+        if feed.stopped() {
             return Ok(());
         }
         let off = woff + i * bs;
         let len = (woff + wlen - off).min(bs);
         let idx = first + i;
+        feed.wait_for(idx);
         if !want(idx) {
+            ingest.lock().submit_not_read(idx, 1)?;
             progress.advance(len);
             continue;
         }
@@ -1110,28 +1193,80 @@ fn read_window(
 
 impl Repository {
     /// Fills the blocks a differential backup did not read: from the base where it has
-    /// them (its index read as a stream), sparse past its end (rbd diff reports growth
-    /// as changed regions).
-    fn merge_base(&self, entries: &mut Entries, d: &Differential, size: u64, bs: u32, stats: &mut Stats) -> Result<()> {
-        let n = block_count(size, bs);
-        entries.resize(n);
+    /// them, sparse past its end (rbd diff reports growth as changed regions). The blocks
+    /// read (`read`, where those not read are sparse) and the base's index are walked
+    /// side by side as streams (`read` on a thread of its own) into the version's index.
+    fn merge_base(&self, read: IndexFile, d: &Differential, stats: &mut Stats) -> Result<IndexFile> {
+        const BATCH: usize = 4096;
+        let head = read.header();
+        let (n, size, bs) = (head.count, head.size, head.block_size);
         let len = |idx: u64| crate::index::block_len(size, bs, idx);
+        let mut out = self.index_writer(bs)?;
         let mut from_base = 0u64;
-        if let Some(base) = &d.base {
-            // Walked to the end even when the image shrank: the base's checksum, known only
-            // there, must hold before its ids go into this version.
-            self.walk_index(base, |idx, id| {
-                if idx < n && !d.wanted[idx as usize] {
-                    entries.set(idx, id);
-                    from_base += len(idx);
+        let mut failed: Option<Error> = None;
+        std::thread::scope(|s| {
+            let (tx, rx) = crossbeam_channel::bounded::<Vec<(u64, BlockId)>>(2);
+            let read = &read;
+            let walker = s.spawn(move || {
+                let mut batch = Vec::with_capacity(BATCH);
+                let walked = BlockIndex::visit_reader(read.reader(), |i, id| {
+                    batch.push((i, id));
+                    batch.len() < BATCH || tx.send(std::mem::replace(&mut batch, Vec::with_capacity(BATCH))).is_ok()
+                });
+                if matches!(walked, Ok(Some(_))) && !batch.is_empty() {
+                    let _ = tx.send(batch);
                 }
-                true
-            })?;
+                walked
+            });
+            let mut from_read = rx.into_iter().flatten().peekable();
+            let mut put = |i: u64, id: BlockId, out: &mut IndexWriter| match out.push(i, id) {
+                Ok(()) => true,
+                Err(e) => {
+                    failed.get_or_insert(e);
+                    false
+                }
+            };
+            let walked = match &d.base {
+                // Walked to the end even when the image shrank: the base's checksum,
+                // known only there, must hold before its ids go into this version.
+                Some(base) => self
+                    .walk_index(base, |idx, id| {
+                        if idx >= n || d.wanted.contains(idx) {
+                            return true;
+                        }
+                        while let Some((i, x)) = from_read.next_if(|&(i, _)| i < idx) {
+                            if !put(i, x, &mut out) {
+                                return false;
+                            }
+                        }
+                        from_base += len(idx);
+                        put(idx, id, &mut out)
+                    })
+                    .map(|_| ()),
+                None => Ok(()),
+            };
+            // The rest of the blocks read (drained even after a failure: the walker
+            // ends then).
+            let mut going = walked.is_ok();
+            for (i, x) in from_read {
+                going = going && put(i, x, &mut out);
+            }
+            let read_walk = match walker.join() {
+                Ok(Ok(Some(_))) => Ok(()),
+                Ok(Ok(None)) => Err(Error::Other("the blocks read were not all handed over".into())),
+                Ok(Err(e)) => Err(Error::Other(format!("the index of the blocks read does not read back: {e}"))),
+                Err(_) => Err(Error::Other("the thread reading the blocks read panicked".into())),
+            };
+            walked.and(read_walk)
+        })?;
+        if let Some(e) = failed {
+            return Err(e);
         }
-        let not_read: u64 = (0..n).filter(|&i| !d.wanted[i as usize]).map(len).sum();
+        let bytes = |r: std::ops::Range<u64>| (r.end * bs as u64).min(size) - r.start * bs as u64;
+        let not_read: u64 = d.wanted.gaps().map(bytes).sum();
         stats.bytes_deduplicated += from_base;
         stats.bytes_sparse += not_read - from_base;
-        Ok(())
+        out.finish(head.uid, size)
     }
 }
 
@@ -1219,12 +1354,12 @@ impl Repository {
             return Ok(Some(Differential { wanted, base: None }));
         };
         let n = wanted.len();
-        let base_len = block_count(base.size, base.block_size) as usize;
-        let block_len = |idx: usize, size: u64| crate::index::block_len(size, bs, idx as u64);
+        let base_len = block_count(base.size, base.block_size);
+        let block_len = |idx: u64, size: u64| crate::index::block_len(size, bs, idx);
         // Blocks whose length changed (the base's last, the new last) are read whole.
         for idx in [base_len.saturating_sub(1), n.saturating_sub(1)] {
             if idx < n && idx < base_len && block_len(idx, base.size) != block_len(idx, size) {
-                wanted[idx] = true;
+                wanted.insert(idx..idx + 1);
             }
         }
         let base_storage_name = base.storage.clone();
@@ -1233,8 +1368,8 @@ impl Repository {
         let damaged = self.db().invalid_objects(base_storage_id)?;
         if !damaged.is_empty() {
             self.walk_index(&base, |idx, id| {
-                if (idx as usize) < n && damaged.contains(&id) {
-                    wanted[idx as usize] = true;
+                if idx < n && damaged.contains(&id) {
+                    wanted.insert(idx..idx + 1);
                 }
                 true
             })?;
@@ -1242,7 +1377,7 @@ impl Repository {
         // Trust, but verify: a sample of the blocks the hints call unchanged must match.
         let percent = opts.hints_check_percent.unwrap_or(1).min(100);
         // Found without a list of every unchanged block (that would be 8 bytes a block).
-        let unchanged = || (0..n.min(base_len)).filter(|&i| !wanted[i]);
+        let unchanged = || wanted.gaps().flat_map(|r| r.start..r.end.min(base_len)).map(|i| i as usize);
         let seed = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos() as u64)

@@ -585,10 +585,13 @@ impl Draft {
         }
         let ingest = self.ingest.take().ok_or_else(|| Error::Other("draft already committed".into()))?;
         let result = ingest.finish()?;
+        let crate::record::Recorded::Map(ingested) = &result.recorded else {
+            return Err(Error::Other("a draft's ingest recorded no map".into()));
+        };
         let mut entries = crate::index::Entries::sparse(n);
         for idx in 0..n {
             let id = match self.slots.get(&idx) {
-                Some(Slot::Submitted) => result.entries.get(idx),
+                Some(Slot::Submitted) => ingested.get(idx),
                 Some(_) => BlockId::SPARSE,
                 None => self.base_id(idx),
             };

@@ -26,6 +26,7 @@ pub mod metrics;
 pub mod perms;
 pub mod progress;
 pub mod rbd;
+pub mod record;
 pub mod repo;
 pub mod restore;
 pub mod retention;

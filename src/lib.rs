@@ -39,6 +39,7 @@ pub mod transform;
 pub mod units;
 pub mod usage;
 pub mod version;
+pub mod version_object;
 
 pub use error::{Error, Result};
 pub use repo::Repository;

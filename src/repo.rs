@@ -1,14 +1,13 @@
 //! A repository: the metadata database and the storages, opened from a configuration.
 //! This is the engine's front door; the CLI and the FUSE filesystem only talk to it.
 
-use crate::block::{BlockId, ObjectKind};
+use crate::block::BlockId;
 use crate::catalog::SharedCatalog;
 use crate::config::{Config, StorageKind};
 use crate::error::{Error, Result};
 use crate::filter::Filter;
-use crate::index::{BlockIndex, IndexError, IndexFile, IndexHeader};
+use crate::index::{BlockIndex, IndexError, IndexHeader};
 use crate::storage::{SharedStorage, file::FileStorage, null::NullStorage};
-use crate::transform::Codec;
 use crate::version::{Status, Version, VersionUid};
 use chrono::Utc;
 use parking_lot::Mutex;
@@ -41,163 +40,10 @@ pub(crate) fn damaged_index_message(uid: VersionUid, e: &IndexError) -> String {
     )
 }
 
-/// The storage key of a version's metadata object.
-pub fn version_key(uid: VersionUid) -> String {
-    format!("versions/{uid}")
-}
-
-const VERSION_OBJECT_MAGIC: [u8; 8] = *b"KEEPFSVM";
-const VERSION_OBJECT_FORMAT: u16 = 1;
-
-/// Builds the storage object that makes a version restorable from the storage alone: its
-/// fields and labels (JSON) followed by its block index. Layout in docs/format.md.
-pub fn encode_version_object(codec: &Codec, version: &Version, index: &BlockIndex) -> Result<Vec<u8>> {
-    let (plain, _) = version_object_plain(version, index)?;
-    seal_version_object(codec, version, &plain)
-}
-
-/// The plaintext of a version object, with the index encoded straight into it, and where
-/// the index starts: a caller that stores the same index bytes in the catalog takes
-/// them from there (one copy of a large index, not three).
-pub fn version_object_plain(version: &Version, index: &BlockIndex) -> Result<(Vec<u8>, usize)> {
-    crate::index::check_block_count(index.size, index.block_size)?;
-    let mut plain = version_object_head(version)?;
-    let at = plain.len();
-    index.encode_into(&mut plain)?;
-    Ok((plain, at))
-}
-
-/// The start of a version object's plaintext: magic, format, its fields as JSON.
-fn version_object_head(version: &Version) -> Result<Vec<u8>> {
-    let json = serde_json::to_vec(version).map_err(|e| Error::Other(format!("cannot encode version metadata: {e}")))?;
-    if json.len() as u64 > crate::block::MAX_VERSION_JSON_LEN {
-        return Err(Error::Invalid(format!(
-            "the metadata of version {} is {} bytes, more than a version may carry ({}): use fewer or shorter labels",
-            version.uid,
-            json.len(),
-            crate::block::MAX_VERSION_JSON_LEN
-        )));
-    }
-    let mut plain = Vec::with_capacity(16 + json.len() + crate::index::INDEX_HEADER_LEN);
-    plain.extend_from_slice(&VERSION_OBJECT_MAGIC);
-    plain.extend_from_slice(&VERSION_OBJECT_FORMAT.to_le_bytes());
-    plain.extend_from_slice(&0u16.to_le_bytes());
-    plain.extend_from_slice(&(json.len() as u32).to_le_bytes());
-    plain.extend_from_slice(&json);
-    Ok(plain)
-}
-
-/// The version object of a plaintext made by [`version_object_plain`] (compressed, and
-/// sealed if the storage is encrypted).
-pub fn seal_version_object(codec: &Codec, version: &Version, plain: &[u8]) -> Result<Vec<u8>> {
-    let id = codec.id_of(plain);
-    codec
-        .encode(ObjectKind::Version, &id.0, plain, 3)
-        .map_err(|e| Error::Object { context: format!("version object of {}", version.uid), source: e })
-}
-
-/// A version object whose index is longer than 64 MiB is built and stored as a stream
-/// from the index's file (uncompressed: its index is a zstd frame already), not in
-/// memory; smaller ones are built as [`encode_version_object`] does.
-fn streamed_version_index_len() -> u64 {
-    #[cfg(debug_assertions)]
-    if let Some(n) = std::env::var("KEEPFS_TEST_STREAMED_INDEX").ok().and_then(|v| v.parse::<u64>().ok()) {
-        return n;
-    }
-    64 << 20
-}
-
-/// Stores the version object of `version`, whose stored index is `index`, under its key
-/// (retrying transient failures). Memory stays small for any index in a plain storage;
-/// an encrypted one seals the object in memory (AES-GCM in one pass): one copy of the
-/// index.
-pub fn store_version_object(storage: &dyn crate::storage::Storage, version: &Version, index: &IndexFile) -> Result<()> {
-    use crate::backup::STORAGE_ATTEMPTS;
-    use crate::storage::{LargeObject, Piece, retry};
-    let key = version_key(version.uid);
-    let codec = storage.codec();
-    let context = || format!("version object of {}", version.uid);
-    let mut plain = version_object_head(version)?;
-    if index.len() <= streamed_version_index_len() {
-        plain.extend_from_slice(&index.to_vec()?);
-        let object = seal_version_object(codec, version, &plain)?;
-        return Ok(retry(STORAGE_ATTEMPTS, || storage.put(&key, &object))?);
-    }
-    let head = plain;
-    let plain_len = head.len() as u64 + index.len();
-    crate::block::check_plain_len(ObjectKind::Version, plain_len)
-        .map_err(|e| Error::Object { context: context(), source: e })?;
-    let read_err = |e: std::io::Error| Error::io("cannot read the block index file", e);
-    // One pass for the content id (and the payload's CRC: the payload is the plaintext).
-    let mut id = codec.id_hasher();
-    let mut crc = crc32fast::Hasher::new();
-    id.update(&head);
-    crc.update(&head);
-    let mut r = index.reader();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = std::io::Read::read(&mut r, &mut buf).map_err(read_err)?;
-        if n == 0 {
-            break;
-        }
-        id.update(&buf[..n]);
-        crc.update(&buf[..n]);
-    }
-    drop(buf);
-    let id = id.finish();
-    if codec.is_sealed() {
-        let header_len = crate::block::object_header_len(codec);
-        let mut out = Vec::with_capacity(header_len + plain_len as usize + 16);
-        out.resize(header_len, 0);
-        out.extend_from_slice(&head);
-        std::io::Read::read_to_end(&mut index.reader(), &mut out).map_err(read_err)?;
-        crate::block::finish_object(codec, ObjectKind::Version, &id.0, plain_len, false, &mut out)
-            .map_err(|e| Error::Object { context: context(), source: e })?;
-        return Ok(retry(STORAGE_ATTEMPTS, || storage.put(&key, &out))?);
-    }
-    let header =
-        crate::block::plain_object_header(ObjectKind::Version, &id.0, plain_len, false, plain_len, crc.finalize());
-    let object = LargeObject {
-        pieces: vec![
-            Piece::Bytes(&header),
-            Piece::Bytes(&head),
-            Piece::File { file: index.file(), offset: 0, len: index.len() },
-        ],
-    };
-    Ok(retry(STORAGE_ATTEMPTS, || storage.put_large(&key, &object))?)
-}
-
-/// Reads a version object back but its block index: the version, the plaintext, and
-/// where in it the stored index starts (not checked yet: `BlockIndex::decode` or
-/// `BlockIndex::visit` does that).
-pub fn decode_version_object_parts(codec: &Codec, bytes: &[u8]) -> Result<(Version, Vec<u8>, usize)> {
-    let ctx = |m: &str| Error::Other(format!("version object: {m}"));
-    let (header, plain) = codec
-        .decode(bytes, ObjectKind::Version)
-        .map_err(|e| Error::Object { context: "version object".into(), source: e })?;
-    if codec.id_of(&plain).0 != header.id {
-        return Err(ctx("content does not match its checksum"));
-    }
-    if plain.len() < 16 || plain[0..8] != VERSION_OBJECT_MAGIC {
-        return Err(ctx("bad magic number"));
-    }
-    let fmt = u16::from_le_bytes([plain[8], plain[9]]);
-    if fmt != VERSION_OBJECT_FORMAT {
-        return Err(ctx(&format!("format version {fmt} is not supported")));
-    }
-    let json_len = u32::from_le_bytes([plain[12], plain[13], plain[14], plain[15]]) as usize;
-    let json = plain.get(16..16 + json_len).ok_or_else(|| ctx("truncated metadata"))?;
-    let version: Version = serde_json::from_slice(json).map_err(|e| ctx(&format!("bad metadata: {e}")))?;
-    Ok((version, plain, 16 + json_len))
-}
-
-/// Reads a version object back (the inverse of [`encode_version_object`]).
-pub fn decode_version_object(codec: &Codec, bytes: &[u8]) -> Result<(Version, BlockIndex)> {
-    let (version, plain, at) = decode_version_object_parts(codec, bytes)?;
-    let index = BlockIndex::decode(&plain[at..])
-        .map_err(|e| Error::Index { context: format!("index of {}", version.uid), source: e })?;
-    Ok((version, index))
-}
+pub use crate::version_object::{
+    decode_version_object, decode_version_object_parts, encode_version_object, seal_version_object,
+    store_version_object, version_key, version_object_plain,
+};
 
 impl Repository {
     /// Opens the repository a configuration describes, creating what is missing.

@@ -134,41 +134,50 @@ impl Repository {
         // A label or expiry change rewrites the object after the database: look twice
         // before calling a difference damage.
         for _ in 0..2 {
-            let bytes = match crate::storage::retry(4, || storage.get_fresh(&key)) {
-                Ok(bytes) => bytes,
-                Err(crate::storage::StorageError::NotFound { .. }) => {
-                    return Ok(Some(format!(
-                        "{uid}: its version object {key} is missing from storage '{}'; {repair}",
-                        version.storage
-                    )));
-                }
-                Err(crate::storage::StorageError::Discarding { .. }) => return Ok(None),
-                Err(e) => {
-                    return Err(Error::Other(format!(
-                        "scrub of {uid} stopped: {e}; nothing was marked damaged, run it again when the storage is back"
-                    )));
-                }
+            let stopped = |e: &dyn std::fmt::Display| {
+                Error::Other(format!(
+                    "scrub of {uid} stopped: {e}; nothing was marked damaged, run it again when the storage is back"
+                ))
             };
             let damaged = |e: &dyn std::fmt::Display| {
                 format!("{uid}: its version object {key} in storage '{}' is damaged ({e}); {repair}", version.storage)
             };
-            let (stored, plain, at) = match crate::repo::decode_version_object_parts(storage.codec(), &bytes) {
-                Ok(decoded) => decoded,
-                Err(e) => return Ok(Some(damaged(&e))),
-            };
-            drop(bytes);
-            // Compared by digest, as a stream: no map of a large index is built.
-            let mut digest = IndexDigest::default();
-            let same_index = BlockIndex::visit(&plain[at..], |i, id| digest.add(i, id))
-                .map(|head| index.is_none_or(|want| digest.finish(&head) == *want));
-            let same_index = match same_index {
-                Ok(same) => same,
-                Err(e) => {
-                    let e = Error::Index { context: format!("index of {}", stored.uid), source: e };
-                    return Ok(Some(damaged(&e)));
+            let missing =
+                || format!("{uid}: its version object {key} is missing from storage '{}'; {repair}", version.storage);
+            // A large one is read as a stream of ranges (never held), a small one whole.
+            let (stored, same_index) = match crate::version_object::read_streamed(storage.as_ref(), &key) {
+                Ok(crate::version_object::Streamed::Read { version: stored, index: digest }) => {
+                    (*stored, index.is_none_or(|want| digest == *want))
+                }
+                Ok(crate::version_object::Streamed::Damaged(e)) => return Ok(Some(damaged(&e))),
+                Err(crate::storage::StorageError::NotFound { .. }) => return Ok(Some(missing())),
+                Err(crate::storage::StorageError::Discarding { .. }) => return Ok(None),
+                Err(e) => return Err(stopped(&e)),
+                Ok(crate::version_object::Streamed::NotLarge) => {
+                    let bytes = match crate::storage::retry(4, || storage.get_fresh(&key)) {
+                        Ok(bytes) => bytes,
+                        Err(crate::storage::StorageError::NotFound { .. }) => return Ok(Some(missing())),
+                        Err(crate::storage::StorageError::Discarding { .. }) => return Ok(None),
+                        Err(e) => return Err(stopped(&e)),
+                    };
+                    let (stored, plain, at) = match crate::repo::decode_version_object_parts(storage.codec(), &bytes) {
+                        Ok(decoded) => decoded,
+                        Err(e) => return Ok(Some(damaged(&e))),
+                    };
+                    drop(bytes);
+                    // Compared by digest, as a stream: no map of a large index is built.
+                    let mut digest = IndexDigest::default();
+                    let same_index = BlockIndex::visit(&plain[at..], |i, id| digest.add(i, id))
+                        .map(|head| index.is_none_or(|want| digest.finish(&head) == *want));
+                    match same_index {
+                        Ok(same) => (stored, same),
+                        Err(e) => {
+                            let e = Error::Index { context: format!("index of {}", stored.uid), source: e };
+                            return Ok(Some(damaged(&e)));
+                        }
+                    }
                 }
             };
-            drop(plain);
             let db_version = self.version(uid)?;
             let mut fields = differing_fields(&db_version, &stored);
             if !same_index {

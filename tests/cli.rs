@@ -178,7 +178,8 @@ fn a_version_object_streamed_from_its_index_file_is_the_whole_version() {
     let object = fs::read(repo.storage().join("versions").join(&a)).unwrap();
     let flags = u16::from_le_bytes([object[12], object[13]]);
     assert_eq!(flags, 0, "stored as it was streamed, not compressed");
-    repo.ok(&["deep-scrub", &a]);
+    let r = repo.run_env(&["deep-scrub", &a], &streamed);
+    assert_eq!(r.code, 0, "{}", r.stderr);
     repo.lose_catalog();
     repo.ok(&["database", "rebuild"]);
     assert_eq!(repo.version(&a)["status"], "valid");

@@ -227,6 +227,57 @@ fn scrubs_check_the_version_object_in_the_storage() {
     assert_eq!(repo.run(&["batch-deep-scrub"]).code, 0);
 }
 
+/// A large version object (stored uncompressed, as a stream) is checked as a stream of
+/// ranged reads, never held: the test lowers the threshold (64 MiB) to nothing, so that
+/// these small ones go both ways. Each damage a whole reading finds is found: a bit
+/// flipped in the index, in the fields, in the header; a byte more or less; another
+/// version's object in its place.
+#[test]
+fn a_version_object_checked_as_a_stream_finds_what_a_whole_reading_finds() {
+    let repo = Repo::new();
+    let streamed = [("KEEPFS_TEST_STREAMED_INDEX", "0")];
+    let mut uids = Vec::new();
+    for i in 0..2u64 {
+        fs::write(repo.path(&format!("img{i}")), mixed_image(501 + i, 12, BS, 100)).unwrap();
+        let r = repo.run_env(&["backup", &repo.url(&format!("img{i}")), "vm", "-b", "64k"], &streamed);
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        uids.push(r.stdout.trim().to_string());
+    }
+    let (a, b) = (&uids[0], &uids[1]);
+    let object = repo.storage().join("versions").join(b);
+    let intact = fs::read(&object).unwrap();
+    let scrub = |expect: &str| {
+        let r = repo.run_env(&["deep-scrub", b], &streamed);
+        if expect.is_empty() {
+            assert_eq!(r.code, 0, "{}", r.stderr);
+            assert!(r.stderr.contains("all good"), "{}", r.stderr);
+        } else {
+            assert_eq!(r.code, 3, "{expect}: {}", r.stderr);
+            let line = r.stderr.lines().find(|l| l.starts_with("keepfs: damaged:")).unwrap_or_default();
+            assert!(line.contains(&format!("versions/{b}")), "{expect}: {}", r.stderr);
+            assert!(line.contains(expect), "{expect}: {}", r.stderr);
+        }
+    };
+    scrub("");
+    let n = intact.len();
+    for (what, at) in [("payload checksum", n - 20), ("payload checksum", 72 + 30), ("header", 20)] {
+        let mut bad = intact.clone();
+        bad[at] ^= 0x08;
+        fs::write(&object, &bad).unwrap();
+        scrub(what);
+    }
+    let mut longer = intact.clone();
+    longer.push(0);
+    fs::write(&object, &longer).unwrap();
+    scrub("does not match its header");
+    fs::write(&object, &intact[..n - 1]).unwrap();
+    scrub("does not match its header");
+    fs::copy(repo.storage().join("versions").join(a), &object).unwrap();
+    scrub("differs from the database in: uid");
+    fs::write(&object, &intact).unwrap();
+    scrub("");
+}
+
 /// A bit flipped in a version's block index inside the database file: found on use and
 /// by scrubs (exit 3, the version marked invalid, the batch goes on), cleanup refuses to
 /// guess what the index referenced, and `metadata restore --force` repairs it from the

@@ -6,6 +6,7 @@ holds data and is unique: an image of N blocks of 4 KiB, each stamped with its n
 (so it hashes apart but compresses well, and the file storage stays small). For two
 image sizes it runs, in a fresh repository with its file storage:
 
+    backup -b 4K IMAGE        (to a null storage: the pipeline and the index alone)
     backup -b 4K IMAGE        (every block new)
     backup -b 4K IMAGE        (every block deduplicated)
     restore to /dev/null      (a target that cannot be read back)
@@ -57,7 +58,7 @@ def parse_size(s):
     return int(s[:-1]) * units[s[-1]] if s[-1] in units else int(s)
 
 
-STEPS = ["backup", "backup again", "restore /dev/null", "restore file", "scrub", "cleanup"]
+STEPS = ["backup to null", "backup", "backup again", "restore /dev/null", "restore file", "scrub", "cleanup"]
 
 
 def bench(binary, label, size, image, workdir, tmpfs):
@@ -75,6 +76,15 @@ def bench(binary, label, size, image, workdir, tmpfs):
         out[name] = (dt, rss)
         return stdout.strip()
 
+    null_conf = os.path.join(home, "null.toml")
+    with open(null_conf, "w") as f:
+        f.write('[[storage]]\nname = "null"\nkind = "null"\n')
+    null_env = dict(env, KEEPFS_HOME=os.path.join(home, "null"))
+    ok, dt, rss, _, err = run([binary, "--config", null_conf, "backup", "-b", "4K", image, "dense"], null_env)
+    if not ok:
+        sys.exit(f"{label} {size} backup to null failed: {err[-300:]}")
+    out["backup to null"] = (dt, rss)
+    shutil.rmtree(os.path.join(home, "null"), ignore_errors=True)
     uid = step("backup", ["backup", "-b", "4K", image, "dense"])
     step("backup again", ["backup", "-b", "4K", image, "dense"])
     step("restore /dev/null", ["restore", "--force", uid, "file:///dev/null"])

@@ -228,6 +228,10 @@ impl Storage for DiskCache {
         }
         self.inner.put(key, data)
     }
+    /// Past the cache, like `get_fresh`.
+    fn get_range(&self, key: &str, offset: u64, len: u64) -> StorageResult<Vec<u8>> {
+        self.inner.get_range(key, offset, len)
+    }
     fn put_large(&self, key: &str, object: &super::LargeObject<'_>) -> StorageResult<()> {
         if cacheable(key) {
             self.forget(key);

@@ -230,6 +230,22 @@ impl Storage for FileStorage {
     fn get_fresh(&self, key: &str) -> StorageResult<Vec<u8>> {
         self.get(key)
     }
+    fn get_range(&self, key: &str, offset: u64, len: u64) -> StorageResult<Vec<u8>> {
+        use std::os::unix::fs::FileExt;
+        let path = self.path_of(key)?;
+        let f = File::open(&path).map_err(|e| {
+            if e.kind() == io::ErrorKind::NotFound {
+                StorageError::NotFound { storage: self.name.clone(), key: key.to_string() }
+            } else {
+                self.err("read", key, e)
+            }
+        })?;
+        let size = f.metadata().map_err(|e| self.err("read", key, e))?.len();
+        let n = size.saturating_sub(offset).min(len) as usize;
+        let mut out = vec![0u8; n];
+        f.read_exact_at(&mut out, offset).map_err(|e| self.err("read", key, e))?;
+        Ok(out)
+    }
     fn get(&self, key: &str) -> StorageResult<Vec<u8>> {
         let path = self.path_of(key)?;
         fs::read(&path).map_err(|e| {

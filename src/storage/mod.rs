@@ -21,6 +21,11 @@ macro_rules! pass_to_inner {
             self.inner.put_large(key, object)
         }
     };
+    (@ get_range) => {
+        fn get_range(&self, key: &str, offset: u64, len: u64) -> $crate::storage::StorageResult<Vec<u8>> {
+            self.inner.get_range(key, offset, len)
+        }
+    };
     (@ get) => {
         fn get(&self, key: &str) -> $crate::storage::StorageResult<Vec<u8>> {
             self.inner.get(key)
@@ -262,6 +267,15 @@ pub trait Storage: Send + Sync {
     /// verifies, and the second try when a cached copy does not decode. Decorators must
     /// pass it through (no default, so that none can forget).
     fn get_fresh(&self, key: &str) -> StorageResult<Vec<u8>>;
+    /// Up to `len` bytes of an object from `offset`, from the storage itself (past any
+    /// cache): fewer at its end, none past it. What checks a large version object as a
+    /// stream. The default reads the whole object; file and S3 storages read the range.
+    fn get_range(&self, key: &str, offset: u64, len: u64) -> StorageResult<Vec<u8>> {
+        let all = self.get_fresh(key)?;
+        let start = offset.min(all.len() as u64) as usize;
+        let end = offset.saturating_add(len).min(all.len() as u64) as usize;
+        Ok(all[start..end].to_vec())
+    }
     fn exists(&self, key: &str) -> StorageResult<bool>;
     /// Deletes `key`; deleting a missing object is not an error.
     fn delete(&self, key: &str) -> StorageResult<()>;

@@ -32,6 +32,9 @@ impl Storage for NullStorage {
     fn get(&self, _key: &str) -> StorageResult<Vec<u8>> {
         Err(StorageError::Discarding { storage: self.name.clone() })
     }
+    fn get_range(&self, _key: &str, _offset: u64, _len: u64) -> StorageResult<Vec<u8>> {
+        Err(StorageError::Discarding { storage: self.name.clone() })
+    }
     fn exists(&self, _key: &str) -> StorageResult<bool> {
         Ok(false)
     }

@@ -21,6 +21,7 @@ impl Storage for SealedStorage {
         put,
         put_large,
         get,
+        get_range,
         get_fresh,
         exists,
         delete,

@@ -79,6 +79,9 @@ impl Storage for ThrottledStorage {
     fn get_fresh(&self, key: &str) -> StorageResult<Vec<u8>> {
         self.read_paced(self.inner.get_fresh(key)?)
     }
+    fn get_range(&self, key: &str, offset: u64, len: u64) -> StorageResult<Vec<u8>> {
+        self.read_paced(self.inner.get_range(key, offset, len)?)
+    }
     fn replace_prefix(&self, key: &str, object: &[u8], prefix: &[u8]) -> StorageResult<()> {
         if let Some(r) = &self.write {
             r.pass(prefix.len());

@@ -395,10 +395,23 @@ impl Repository {
         if v.status == Status::Incomplete {
             return Ok(());
         }
-        let index = self.index(uid)?;
+        // The catalog's index, checked as it is read, into a file the object is built
+        // from: a large index is never held.
+        let mut written = self.index_writer(v.block_size)?;
+        let mut failed = None;
+        self.walk_index(&v, |idx, id| match written.push(idx, id) {
+            Ok(()) => true,
+            Err(e) => {
+                failed = Some(e);
+                false
+            }
+        })?;
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        let index = written.finish(uid.0, v.size)?;
         let storage = self.storage(&v.storage)?;
-        let object = encode_version_object(storage.codec(), &v, &index)?;
-        crate::storage::retry(4, || storage.put(&version_key(uid), &object))?;
+        store_version_object(storage.as_ref(), &v, &index)?;
         crate::storage::retry(4, || storage.sync())?;
         Ok(())
     }

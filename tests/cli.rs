@@ -180,9 +180,15 @@ fn a_version_object_streamed_from_its_index_file_is_the_whole_version() {
     assert_eq!(flags, 0, "stored as it was streamed, not compressed");
     let r = repo.run_env(&["deep-scrub", &a], &streamed);
     assert_eq!(r.code, 0, "{}", r.stderr);
+    // A label written again from the catalog's index, read as a stream into a file.
+    let r = repo.run_env(&["label", &a, "env=prod"], &streamed);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let r = repo.run_env(&["deep-scrub", &a], &streamed);
+    assert_eq!(r.code, 0, "{}", r.stderr);
     repo.lose_catalog();
     repo.ok(&["database", "rebuild"]);
     assert_eq!(repo.version(&a)["status"], "valid");
+    assert_eq!(repo.version(&a)["labels"]["env"], "prod");
     assert_eq!(repo.restore_sha(&a, "out"), sha256_file(&repo.path("img")));
     // The file the index was written to has no name: nothing is left in the spool.
     let spool = repo.home().join("spool");

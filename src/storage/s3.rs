@@ -175,6 +175,33 @@ impl S3Storage {
         ))
     }
 
+    /// PUTs `key` with the body `body` makes for each attempt, whose MD5 is `md5`.
+    fn put_body(&self, key: &str, md5: String, body: impl Fn() -> reqwest::blocking::Body) -> StorageResult<()> {
+        let full = self.full_key(key);
+        // Signed (in the action) and sent (on the request) alike.
+        let mut headers = vec![("content-md5", md5)];
+        if let Some(class) = &self.config.storage_class {
+            headers.push(("x-amz-storage-class", class.clone()));
+        }
+        self.send(
+            "put",
+            key,
+            || {
+                let mut action = self.bucket.put_object(Some(&self.credentials), &full);
+                for (name, value) in &headers {
+                    action.headers_mut().insert(*name, value.clone());
+                }
+                let mut req = self.client.put(action.sign(SIGNATURE_TTL));
+                for (name, value) in &headers {
+                    req = req.header(*name, value);
+                }
+                req.body(body())
+            },
+            false,
+        )?;
+        Ok(())
+    }
+
     fn attempt(
         &self,
         op: &'static str,
@@ -241,31 +268,9 @@ impl Storage for S3Storage {
 
     fn put(&self, key: &str, data: &[u8]) -> StorageResult<()> {
         let _slot = self.writes.take();
-        let full = self.full_key(key);
         let md5 = base64::engine::general_purpose::STANDARD.encode(md5::Md5::digest(data));
-        // Signed (in the action) and sent (on the request) alike.
-        let mut headers = vec![("content-md5", md5)];
-        if let Some(class) = &self.config.storage_class {
-            headers.push(("x-amz-storage-class", class.clone()));
-        }
         let body = bytes::Bytes::copy_from_slice(data);
-        self.send(
-            "put",
-            key,
-            || {
-                let mut action = self.bucket.put_object(Some(&self.credentials), &full);
-                for (name, value) in &headers {
-                    action.headers_mut().insert(*name, value.clone());
-                }
-                let mut req = self.client.put(action.sign(SIGNATURE_TTL));
-                for (name, value) in &headers {
-                    req = req.header(*name, value);
-                }
-                req.body(body.clone())
-            },
-            false,
-        )?;
-        Ok(())
+        self.put_body(key, md5, || reqwest::blocking::Body::from(body.clone()))
     }
 
     /// One PUT whose body is read from the pieces as it is sent (a version object with
@@ -273,7 +278,6 @@ impl Storage for S3Storage {
     /// pass over them for its Content-MD5.
     fn put_large(&self, key: &str, object: &super::LargeObject<'_>) -> StorageResult<()> {
         let _slot = self.writes.take();
-        let full = self.full_key(key);
         let read_err = |e: io::Error| self.fail("read the pieces of", key, e.kind(), e.to_string());
         let mut md5 = md5::Md5::new();
         let mut r = object.reader().map_err(read_err)?;
@@ -286,32 +290,13 @@ impl Storage for S3Storage {
             md5.update(&buf[..n]);
         }
         let md5 = base64::engine::general_purpose::STANDARD.encode(md5.finalize());
-        let mut headers = vec![("content-md5", md5)];
-        if let Some(class) = &self.config.storage_class {
-            headers.push(("x-amz-storage-class", class.clone()));
-        }
         let len = object.len();
-        self.send(
-            "put",
-            key,
-            || {
-                let mut action = self.bucket.put_object(Some(&self.credentials), &full);
-                for (name, value) in &headers {
-                    action.headers_mut().insert(*name, value.clone());
-                }
-                let mut req = self.client.put(action.sign(SIGNATURE_TTL));
-                for (name, value) in &headers {
-                    req = req.header(*name, value);
-                }
-                // A reader that cannot be opened again fails this attempt's body.
-                match object.reader() {
-                    Ok(r) => req.body(reqwest::blocking::Body::sized(r, len)),
-                    Err(_) => req.body(Vec::<u8>::new()),
-                }
-            },
-            false,
-        )?;
-        Ok(())
+        // A reader that cannot be opened again sends an empty body, which the server
+        // refuses for its Content-MD5.
+        self.put_body(key, md5, || match object.reader() {
+            Ok(r) => reqwest::blocking::Body::sized(r, len),
+            Err(_) => reqwest::blocking::Body::from(Vec::new()),
+        })
     }
 
     fn get_fresh(&self, key: &str) -> StorageResult<Vec<u8>> {

@@ -129,6 +129,9 @@ enum Done {
     /// No more blocks will be submitted; `count` were.
     Finish {
         count: u64,
+        /// Whether every block was submitted (a reader that failed leaves gaps, and
+        /// what was recorded is not an index then).
+        complete: bool,
     },
 }
 
@@ -359,8 +362,19 @@ impl Ingest {
     }
 
     /// Waits for every submitted block to be stored and recorded.
-    pub fn finish(mut self) -> Result<IngestResult> {
-        let _ = self.done_tx.send(Done::Finish { count: self.submitted });
+    pub fn finish(self) -> Result<IngestResult> {
+        self.finish_with(true)
+    }
+
+    /// Waits for the blocks submitted before a reader failed to be stored and recorded
+    /// (so that `backup --continue` finds them), without the checks of a whole image:
+    /// the result is not a version's index.
+    pub fn finish_incomplete(self) -> Result<IngestResult> {
+        self.finish_with(false)
+    }
+
+    fn finish_with(mut self, complete: bool) -> Result<IngestResult> {
+        let _ = self.done_tx.send(Done::Finish { count: self.submitted, complete });
         self.job_tx = None;
         let r = match self.coordinator.take().map(|h| h.join()) {
             Some(Ok(r)) => r,
@@ -463,6 +477,8 @@ struct Coordinator {
     pending_since: Option<Instant>,
     pending_insert: Vec<(BlockId, u64, u64)>,
     completions: Option<Arc<Completions>>,
+    /// Whether the ingest was finished with every block submitted.
+    complete: bool,
     completed: u64,
     in_store: u64,
     last_heartbeat: Instant,
@@ -642,7 +658,10 @@ impl Coordinator {
             }
             Done::Stored { idx, id, plain_len, stored_len } => self.stored(idx, id, plain_len, stored_len)?,
             Done::Failed(e) => return Err(e),
-            Done::Finish { count } => *finish = Some(count),
+            Done::Finish { count, complete } => {
+                *finish = Some(count);
+                self.complete = complete;
+            }
         }
         if self.last_heartbeat.elapsed() > Duration::from_secs(30) {
             self.ctx.db.lock().heartbeat(self.ctx.session)?;
@@ -675,6 +694,7 @@ fn coordinate(
         pending_since: None,
         pending_insert: Vec::new(),
         completions,
+        complete: true,
         completed: 0,
         in_store: 0,
         last_heartbeat: Instant::now(),
@@ -727,7 +747,7 @@ fn coordinate(
     }
     debug_assert_eq!(c.in_store, 0);
     c.flush_inserts()?;
-    Ok(IngestResult { recorded: c.record.finish()?, stats: c.stats })
+    Ok(IngestResult { recorded: c.record.finish(c.complete)?, stats: c.stats })
 }
 
 /// What the user asked to back up.
@@ -1024,7 +1044,7 @@ impl Repository {
         let ingest = ingest.into_inner();
         if let Some(e) = read_error.into_inner() {
             // Prefer the pipeline's own error (a storage failure) over "pipeline stopped".
-            return Err(match ingest.finish() {
+            return Err(match ingest.finish_incomplete() {
                 Err(pe) => pe,
                 Ok(_) => e,
             });

@@ -501,6 +501,49 @@ fn incomplete_versions_are_hidden_and_invalid_ones_readable() {
     version_named(&repo, "unfinished");
 }
 
+/// A source that fails part way through a backup (here a mounted version with a damaged
+/// block, whose read answers EIO) fails it with the read's own error, in one line and
+/// exit code 1, even with blocks after the failing one already stored and waiting to
+/// go into the index in order; the version is left incomplete for `--continue` or
+/// `rm`.
+#[test]
+fn a_source_that_fails_mid_backup_fails_it_with_the_read_error() {
+    const MIB: u64 = 1 << 20;
+    let repo = Repo::new();
+    // Data in four 32 MiB windows; the block at 63 MiB (the second window's end) is
+    // damaged, so that readers of the later windows have handed blocks over by then.
+    let regions: Vec<(u64, Vec<u8>)> =
+        [0, 62, 70, 100].iter().enumerate().map(|(i, &at)| (at * MIB, random_bytes(190 + i as u64, 2 << 20))).collect();
+    let parts: Vec<(u64, &[u8])> = regions.iter().map(|(at, b)| (*at, b.as_slice())).collect();
+    sparse_file(&repo.path("img"), 128 * MIB, &parts);
+    let uid = repo.backup("img", "src", &["-b", "64k"]);
+    let damaged = &regions[1].1[MIB as usize..MIB as usize + 65536];
+    let obj = repo.object_file(damaged);
+    let mut bytes = fs::read(&obj).unwrap();
+    let n = bytes.len();
+    bytes[n - 10] ^= 0xff;
+    fs::write(&obj, &bytes).unwrap();
+    let m = Mount::new(&repo, &[]);
+    let data = m.p(&format!("by_version/{uid}/data"));
+
+    // Four readers (`source_readers`), one window each at a time.
+    let other = Repo::new();
+    other.set_database(&format!("{}/keepfs.sqlite", other.home().display()), "source_readers = 4\n", "");
+    let cfg = other.config_file();
+    let backup = ["--config", cfg.as_str(), "backup", &format!("file://{}", data.display()), "copy", "-b", "4k"];
+    let r = other.run(&backup);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert_eq!(r.stderr.lines().count(), 1, "{}", r.stderr);
+    assert!(r.error_line().contains("is left incomplete"), "{}", r.stderr);
+    assert!(r.error_line().contains("cannot read") || r.error_line().contains("Input/output"), "{}", r.stderr);
+    assert!(!r.stderr.contains("never recorded"), "{}", r.stderr);
+    let listed: serde_json::Value =
+        serde_json::from_str(&other.ok(&["--config", cfg.as_str(), "ls", "--format", "json"])).unwrap();
+    assert_eq!(listed.as_array().unwrap().len(), 1);
+    assert_eq!(listed[0]["status"], "incomplete");
+    drop(m);
+}
+
 #[test]
 fn daemon_mode_detaches_and_unmounts_cleanly() {
     let repo = Repo::new();

@@ -3,7 +3,8 @@
 PostgreSQL catalog:
 
 1. --versions (default 1000) versions of a 1 TiB null:// image: the catalog's size, the
-   time and peak RSS of `ls` and `ls --format json`, and of `rm` of all but the newest
+   time and peak RSS of `ls` and `ls --format json`, of a `cleanup` that reads every
+   version's index (two catalog round trips each), and of `rm` of all but the newest
    version plus `cleanup`.
 2. --writers (default 4) processes backing up different images into one repository at
    once, next to one process backing up the same images one after the other: aggregate
@@ -80,6 +81,7 @@ def many_versions(keepfs, work, name, pg_base, versions):
     json_t, json_rss = peak_rss(keepfs, env, "ls", "--format", "json")
     _, out = run(keepfs, env, "ls", "--format", "json")
     uids = [v["uid"] for v in json.loads(out)]
+    full_t, full_rss = peak_rss(keepfs, env, "cleanup")
     t = time.monotonic()
     # rm takes several uids at once.
     for i in range(0, len(uids) - 1, 200):
@@ -88,7 +90,7 @@ def many_versions(keepfs, work, name, pg_base, versions):
     clean_t, clean_rss = peak_rss(keepfs, env, "cleanup")
     after = catalog_size(home, pg_base, db)
     return dict(name=name, backups=backups, size=size, after=after, ls=ls_t, ls_rss=ls_rss, json=json_t,
-                json_rss=json_rss, rm=rm_t, cleanup=clean_t, cleanup_rss=clean_rss), db
+                json_rss=json_rss, full=full_t, full_rss=full_rss, rm=rm_t, cleanup=clean_t, cleanup_rss=clean_rss), db
 
 
 def writers(keepfs, work, name, pg_base, images, together):
@@ -127,15 +129,18 @@ def main():
             dbs.append(db)
         print(f"{a.versions} versions of null://1T (4 MiB blocks):")
         print(f"{'catalog':8} {'backups s':>9} {'size':>9} {'after':>9} {'ls s':>6} {'ls MiB':>7} "
-              f"{'json s':>6} {'rm s':>6} {'cleanup s':>9} {'cl MiB':>7}")
+              f"{'json s':>6} {'full cl s':>9} {'MiB':>4} {'rm s':>6} {'cleanup s':>9} {'cl MiB':>7}")
         for r in rows:
             print(f"{r['name']:8} {r['backups']:9.1f} {r['size'] / 2**20:8.1f}M {r['after'] / 2**20:8.1f}M "
-                  f"{r['ls']:6.2f} {r['ls_rss']:7.0f} {r['json']:6.2f} {r['rm']:6.1f} {r['cleanup']:9.2f} "
+                  f"{r['ls']:6.2f} {r['ls_rss']:7.0f} {r['json']:6.2f} {r['full']:9.2f} {r['full_rss']:4.0f} {r['rm']:6.1f} {r['cleanup']:9.2f} "
                   f"{r['cleanup_rss']:7.0f}")
         base, pg = rows
-        print(f"PostgreSQL / SQLite: ls {pg['ls'] / base['ls']:.2f}, cleanup {pg['cleanup'] / base['cleanup']:.2f}, "
+        print(f"PostgreSQL / SQLite: ls {pg['ls'] / base['ls']:.2f}, cleanup of every version "
+              f"{pg['full'] / base['full']:.2f}, cleanup {pg['cleanup'] / base['cleanup']:.2f}, "
               f"backups {pg['backups'] / base['backups']:.2f}")
 
+        if a.writers == 0:
+            return
         rnd = random.Random(5)
         images = []
         for i in range(a.writers):

@@ -38,6 +38,10 @@ const INSERT_BATCH: usize = 128;
 /// Memory for block buffers in flight.
 const POOL_BYTES: usize = 64 << 20;
 pub(crate) const STORAGE_ATTEMPTS: u32 = 4;
+/// Most blocks called unchanged that a differential backup reads to check its hints
+/// against the base (the sample is thinned evenly past this): a bound on its list (40
+/// bytes a block) for images of billions of blocks.
+const MAX_HINT_SAMPLES: u64 = 1 << 20;
 /// How long a backup waits for a live cleanup to finish deleting blocks the backup needs
 /// (normally one delete request); a cleanup gives up on a batch well before this.
 const BLOCKED_BY_CLEANUP_LIMIT: Duration = Duration::from_millis(crate::catalog::REMOTE_SESSION_TTL_MS as u64);
@@ -156,8 +160,9 @@ pub struct IngestContext {
 
 /// Where and how a backup's ingest writes its index in block order.
 pub struct OrderedIndex {
-    /// Directory of the index file (unnamed).
+    /// Directory of the index file (unnamed), and its modes if it is made.
     pub dir: std::path::PathBuf,
+    pub modes: crate::perms::Modes,
     /// How far past the frontier readers may submit (see [`Frontier`]): at least a
     /// window of blocks for every reader, so that the reader holding the frontier
     /// never waits.
@@ -680,7 +685,9 @@ fn coordinate(
     frontier: Option<Arc<Frontier>>,
 ) -> Result<IngestResult> {
     let record = match (&ctx.ordered, frontier) {
-        (Some(o), Some(f)) => Record::Ordered(Box::new(Ordered::new(IndexWriter::new(&o.dir, ctx.block_size)?, f))),
+        (Some(o), Some(f)) => {
+            Record::Ordered(Box::new(Ordered::new(IndexWriter::new(&o.dir, o.modes, ctx.block_size)?, f)))
+        }
         _ => Record::Map(Entries::default()),
     };
     let mut c = Coordinator {
@@ -888,12 +895,12 @@ impl Repository {
     /// A writer of a block index for a version being written, its file in the
     /// repository's spool directory.
     pub fn index_writer(&self, block_size: u32) -> Result<IndexWriter> {
-        IndexWriter::new(&self.config.home.join("spool"), block_size)
+        IndexWriter::new(&self.config.home.join("spool"), self.config.modes, block_size)
     }
 
     /// The stored form of an index held in memory (a draft's), in a file.
     pub fn index_file(&self, index: &BlockIndex) -> Result<IndexFile> {
-        IndexFile::of_index(&self.config.home.join("spool"), index)
+        IndexFile::of_index(&self.config.home.join("spool"), self.config.modes, index)
     }
 
     /// Backs up the image at `url` as a new version.
@@ -921,7 +928,22 @@ impl Repository {
         progress.end();
         match result {
             Ok((written, mut stats)) => {
-                let mut index = written.finish(uid.0, size)?;
+                // Every block was handed over: blocks missing at the end would otherwise
+                // read as zeros.
+                let count = block_count(size, bs);
+                if written.at() != count {
+                    return Err(Error::Other(format!(
+                        "backup of {url} failed, version {uid} is left incomplete (`keepfs backup --continue {uid} ...` \
+                         resumes it, `keepfs rm {uid}` removes it): {} of its {count} blocks were recorded",
+                        written.at()
+                    )));
+                }
+                let mut index = written.finish(uid.0, size).map_err(|e| {
+                    Error::Other(format!(
+                        "backup of {url} failed, version {uid} is left incomplete (`keepfs backup --continue {uid} ...` \
+                         resumes it, `keepfs rm {uid}` removes it): {e}"
+                    ))
+                })?;
                 if let Some(d) = &diff {
                     index = match self.merge_base(index, d, &mut stats) {
                         Ok(merged) => merged,
@@ -1000,6 +1022,7 @@ impl Repository {
         // window each (and one more) of the first block not completed.
         ctx.ordered = Some(OrderedIndex {
             dir: self.config.home.join("spool"),
+            modes: self.config.modes,
             ahead: (readers + 1) * window_bytes.div_ceil(bs as u64),
         });
         let ingest = Ingest::start(ctx);
@@ -1402,8 +1425,14 @@ impl Repository {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos() as u64)
             .unwrap_or(7);
-        let mut sample: Vec<usize> = unchanged().filter(|&i| crate::scrub::sampled(seed, i as u64, percent)).collect();
         let unchanged_count = unchanged().count() as u64;
+        // At most MAX_HINT_SAMPLES (every k-th of the drawn sample): 40 bytes each held.
+        let stride = (unchanged_count * percent as u64 / 100).div_ceil(MAX_HINT_SAMPLES).max(1) as usize;
+        let mut sample: Vec<usize> = unchanged()
+            .filter(|&i| crate::scrub::sampled(seed, i as u64, percent))
+            .step_by(stride)
+            .take(MAX_HINT_SAMPLES as usize)
+            .collect();
         if sample.is_empty() && percent > 0 && unchanged_count > 0 {
             sample.extend(unchanged().nth((seed % unchanged_count) as usize));
         }

@@ -10,9 +10,14 @@
 //! The target is updated in place, so an interrupted delta restore leaves a mix of the
 //! two versions; running the same command again finishes it (the unchanged blocks are
 //! still the older version's, the changed ones are all written again).
+//!
+//! Neither index is held: both are read from the catalog as streams, side by side, twice
+//! (once to count the changes and draw the sample, once to hand the changed blocks to
+//! the fetchers). Memory is the sample (a share of the unchanged blocks), not the image.
 
 use crate::block::BlockId;
 use crate::cache::FetchError;
+use crate::diff::DeltaBlocks;
 use crate::error::{Error, Result};
 use crate::progress::Progress;
 use crate::repo::Repository;
@@ -37,6 +42,10 @@ impl Default for DeltaOptions {
         DeltaOptions { check_percent: DEFAULT_CHECK_PERCENT }
     }
 }
+
+/// Most unchanged zero blocks read back from the target before a delta restore (a huge
+/// sparse image would otherwise mean reading terabytes of zeros).
+const MAX_ZERO_SAMPLES: usize = 1024;
 
 /// The default share of unchanged blocks checked (`restore --delta-check`).
 pub const DEFAULT_CHECK_PERCENT: u8 = 1;
@@ -85,7 +94,6 @@ impl Repository {
                 old_v.storage, new_v.storage
             )));
         }
-        let (old, new) = (self.index(from)?, self.index(to)?);
         let session = self.session(&format!("restore {from}..{to}"), false)?;
         session.lock_version(from, "restore")?;
         session.lock_version(to, "restore")?;
@@ -95,48 +103,59 @@ impl Repository {
         }
         let storage = self.storage(&new_v.storage)?;
         let target = open_target(&path, from, to, old_v.size, new_v.size)?;
-        let changed = crate::diff::changed_blocks(&old, &new, !target.is_device)?;
-        let bs = new.block_size as usize;
+        let d = DeltaBlocks::new((old_v.size, old_v.block_size), (new_v.size, new_v.block_size), !target.is_device)?;
+        let bs = new_v.block_size as usize;
+        let (old_n, n) = d.counts();
+        let common = old_n.min(n);
 
-        // The target must hold `from`: a sample of the blocks that stay is read back. Data
-        // blocks are sampled at the given share; zero blocks too, but at most
-        // MAX_ZERO_SAMPLES of them (a huge sparse image would otherwise mean reading
-        // terabytes of zeros); at least one block when any stays.
-        const MAX_ZERO_SAMPLES: usize = 1024;
-        let is_changed = |i: u64| changed.binary_search(&i).is_ok();
-        let common = new.entries.len().min(old.entries.len());
-        let unchanged: Vec<u64> = old.entries.data_in(0..common).map(|(i, _)| i).filter(|&i| !is_changed(i)).collect();
+        // First walk of both indexes (read from the catalog as streams, side by side):
+        // what changes, and a sample of what stays. The target must hold `from`: the
+        // sample is read back before anything is written. Data blocks are sampled at the
+        // given share; zero blocks too, but at most MAX_ZERO_SAMPLES of them; at least
+        // one block when any stays.
         let seed = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos() as u64)
             .unwrap_or(7);
         let percent = opts.check_percent.min(100);
-        let mut sample: Vec<u64> =
-            unchanged.iter().copied().filter(|&i| crate::scrub::sampled(seed, i, percent)).collect();
+        let mut plan = Plan::default();
+        let mut next = 0u64;
+        self.walk_delta(&old_v, &new_v, &d, |idx, before, id| {
+            plan.zeros_in(next..idx.min(common), seed, percent);
+            next = idx + 1;
+            if d.changed(idx, before, id) {
+                plan.changed += 1;
+                plan.total += d.new_len(idx);
+            } else if idx < common && before.is_sparse() {
+                plan.zeros_in(idx..idx + 1, seed, percent);
+            } else if idx < common {
+                plan.unchanged(idx, before, seed, percent);
+            }
+        })?;
+        plan.zeros_in(next..common, seed, percent);
+        let mut sample = plan.sample;
         if percent > 0 {
-            let zeros = old.entries.sparse_runs().flat_map(|r| r.start.min(common)..r.end.min(common));
-            let mut zeros = zeros.filter(|&i| !is_changed(i)).peekable();
-            let first_zero = zeros.peek().copied();
-            sample.extend(zeros.filter(|&i| crate::scrub::sampled(seed, i, percent)).take(MAX_ZERO_SAMPLES));
+            sample.extend(plan.zeros.iter().map(|&i| (i, BlockId::SPARSE)));
             if sample.is_empty() {
-                match unchanged.get((seed % unchanged.len().max(1) as u64) as usize) {
-                    Some(&i) => sample.push(i),
-                    None => sample.extend(first_zero),
+                match (plan.any_unchanged, plan.first_zero) {
+                    (Some(pick), _) => sample.push(pick),
+                    (None, Some(i)) => sample.push((i, BlockId::SPARSE)),
+                    (None, None) => {}
                 }
             }
         }
         let mut buf = vec![0u8; bs];
-        let mut report = DeltaReport { bytes: new_v.size, blocks: new.entries.len(), ..Default::default() };
-        for &idx in &sample {
+        let mut report = DeltaReport { bytes: new_v.size, blocks: n, ..Default::default() };
+        for &(idx, expected) in &sample {
             let off = idx * bs as u64;
-            let len = old.block_len(idx as usize);
+            let len = d.old_len(idx) as usize;
             target
                 .file
                 .read_exact_at(&mut buf[..len], off)
                 .map_err(|e| Error::io(format!("cannot read restore target {} at byte {off}", path.display()), e))?;
             let id =
                 if crate::block::is_zero(&buf[..len]) { BlockId::SPARSE } else { storage.codec().id_of(&buf[..len]) };
-            if id != old.entries.get(idx) {
+            if id != expected {
                 return Err(Error::Refused(format!(
                     "{} does not hold {from}: its block {idx} (bytes {off}..{}) differs; restore {to} in full (`keepfs restore --force {to} {url}`)",
                     path.display(),
@@ -145,6 +164,7 @@ impl Repository {
             }
             report.blocks_checked += 1;
         }
+        drop(sample);
 
         if !target.is_device && target.size != new_v.size {
             target
@@ -153,8 +173,7 @@ impl Repository {
                 .map_err(|e| Error::io(format!("cannot resize restore target {}", path.display()), e))?;
             report.resized = true;
         }
-        let total: u64 = changed.iter().map(|&i| new.block_len(i as usize) as u64).sum();
-        progress.begin(&format!("restore {from}..{to} ({})", new_v.name), total);
+        progress.begin(&format!("restore {from}..{to} ({})", new_v.name), plan.total);
 
         let fetchers = self.config.readers_for(&new_v.storage)?;
         let stop = AtomicBool::new(false);
@@ -165,20 +184,19 @@ impl Repository {
             stop.store(true, Ordering::Relaxed);
             failure.lock().get_or_insert(e);
         };
-        let (job_tx, job_rx) = bounded::<u64>(fetchers * 2);
+        let (job_tx, job_rx) = bounded::<(u64, BlockId)>(fetchers * 2);
         let storage_name = &new_v.storage;
-        std::thread::scope(|s| {
+        let walked = std::thread::scope(|s| {
             for _ in 0..fetchers {
                 let (job_rx, storage) = (job_rx.clone(), storage.clone());
-                let (new, target, path, stop, written, bad, fail) =
-                    (&new, &target, &path, &stop, &written, &bad, &fail);
+                let (d, target, path, stop, written, bad, fail) = (&d, &target, &path, &stop, &written, &bad, &fail);
                 s.spawn(move || {
                     let mut buf = vec![0u8; bs];
-                    for idx in job_rx {
+                    for (idx, id) in job_rx {
                         if stop.load(Ordering::Relaxed) {
                             continue;
                         }
-                        let (id, len) = (new.entries.get(idx), new.block_len(idx as usize));
+                        let len = d.new_len(idx) as usize;
                         let off = idx * bs as u64;
                         if id.is_sparse() {
                             buf[..len].fill(0);
@@ -212,13 +230,18 @@ impl Repository {
                 });
             }
             drop(job_rx);
-            for &idx in &changed {
-                if stop.load(Ordering::Relaxed) || job_tx.send(idx).is_err() {
-                    break;
+            // The second walk hands the changed blocks to the fetchers as it finds them.
+            let walked = self.walk_delta(&old_v, &new_v, &d, |idx, before, id| {
+                if d.changed(idx, before, id) && !stop.load(Ordering::Relaxed) && job_tx.send((idx, id)).is_err() {
+                    stop.store(true, Ordering::Relaxed);
                 }
-            }
+            });
             drop(job_tx);
+            walked
         });
+        if let Err(e) = walked {
+            failure.lock().get_or_insert(e);
+        }
         progress.end();
         let again = format!(
             "the target now holds parts of both versions: run the same `keepfs restore --delta-from {from} {to} {url}` again to finish it"
@@ -229,7 +252,7 @@ impl Repository {
         }
         target.file.sync_all().map_err(|e| Error::io(format!("cannot flush {}", path.display()), e))?;
         report.bytes_written = written.into_inner();
-        report.blocks_written = changed.len() as u64;
+        report.blocks_written = plan.changed;
         report.bad_blocks = bad.into_inner();
         if !report.bad_blocks.is_empty() {
             report.bad_blocks.sort_by_key(|b| b.index);
@@ -238,6 +261,96 @@ impl Repository {
             self.set_status(to, Status::Invalid)?;
         }
         Ok(report)
+    }
+}
+
+/// What the first walk of a delta restore found: the changed blocks (counted, not
+/// kept), and the unchanged ones to read back from the target first.
+#[derive(Default)]
+struct Plan {
+    changed: u64,
+    /// Bytes of the changed blocks.
+    total: u64,
+    /// Unchanged data blocks drawn, with their id in the older version.
+    sample: Vec<(u64, BlockId)>,
+    /// Unchanged zero blocks drawn (at most MAX_ZERO_SAMPLES).
+    zeros: Vec<u64>,
+    first_zero: Option<u64>,
+    /// One unchanged data block drawn at random (reservoir of one): the check when the
+    /// share draws nothing.
+    any_unchanged: Option<(u64, BlockId)>,
+    unchanged: u64,
+}
+
+impl Plan {
+    /// Unchanged data block `idx`, `id` in the older version.
+    fn unchanged(&mut self, idx: u64, id: BlockId, seed: u64, percent: u8) {
+        self.unchanged += 1;
+        if crate::scrub::sampled(seed, idx, percent) {
+            self.sample.push((idx, id));
+        }
+        if mix(seed ^ self.unchanged) % self.unchanged == 0 {
+            self.any_unchanged = Some((idx, id));
+        }
+    }
+
+    /// Unchanged zero blocks `r` (zero in both versions).
+    fn zeros_in(&mut self, r: std::ops::Range<u64>, seed: u64, percent: u8) {
+        if r.start < r.end && self.first_zero.is_none() {
+            self.first_zero = Some(r.start);
+        }
+        if percent == 0 {
+            return;
+        }
+        for i in r {
+            if self.zeros.len() >= MAX_ZERO_SAMPLES {
+                return;
+            }
+            if crate::scrub::sampled(seed, i, percent) {
+                self.zeros.push(i);
+            }
+        }
+    }
+}
+
+/// A 64-bit mix (splitmix64's finaliser).
+fn mix(mut x: u64) -> u64 {
+    x ^= x >> 30;
+    x = x.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x ^= x >> 27;
+    x = x.wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+impl Repository {
+    /// Walks, in block order, every block of the newer version a delta restore may have
+    /// to write (see [`DeltaBlocks`]): those holding data in either version (the two
+    /// indexes read side by side as streams) and the extra ones, with the older and
+    /// the newer id (sparse where a version has none). Holds no index.
+    fn walk_delta(
+        &self,
+        old: &crate::version::Version,
+        new: &crate::version::Version,
+        d: &DeltaBlocks,
+        mut each: impl FnMut(u64, BlockId, BlockId),
+    ) -> Result<()> {
+        let (last, tail) = d.extra();
+        let n = d.counts().1;
+        let mut extra = last.into_iter().chain(tail).peekable();
+        self.walk_two(old, new, |idx, before, id| {
+            if idx >= n {
+                return;
+            }
+            while let Some(e) = extra.next_if(|&e| e < idx) {
+                each(e, BlockId::SPARSE, BlockId::SPARSE);
+            }
+            extra.next_if(|&e| e == idx);
+            each(idx, before, id);
+        })?;
+        for e in extra {
+            each(e, BlockId::SPARSE, BlockId::SPARSE);
+        }
+        Ok(())
     }
 }
 

@@ -4,6 +4,7 @@
 
 use crate::block::BlockId;
 use crate::error::{Error, Result};
+#[cfg(test)]
 use crate::index::BlockIndex;
 use serde::Serialize;
 
@@ -74,10 +75,75 @@ impl Differ {
     }
 }
 
-/// The blocks of `new` a target holding `old` must have written to hold `new`: those
-/// whose content id or length differs. Blocks past the end of `old` are changed, except
-/// zero blocks when `zeros_past_old` (a file grown with `set_len` reads zeros there; a
-/// block device may hold anything).
+/// Which blocks a delta restore writes: a target holding the older version must have
+/// written those of the newer whose content id or length differs. Blocks past the end of
+/// the older one are changed, except zero blocks when `zeros_past_old` (a file grown
+/// with `set_len` reads zeros there; a block device may hold anything).
+#[derive(Clone, Copy, Debug)]
+pub struct DeltaBlocks {
+    /// (size, block count) of the older and the newer version.
+    old: (u64, u64),
+    new: (u64, u64),
+    bs: u32,
+    zeros_past_old: bool,
+}
+
+impl DeltaBlocks {
+    /// For versions of (size, block size) `old` and `new`; refused when their block
+    /// sizes differ.
+    pub fn new(old: (u64, u32), new: (u64, u32), zeros_past_old: bool) -> Result<DeltaBlocks> {
+        if old.1 != new.1 {
+            return Err(Error::Invalid(format!(
+                "the versions have different block sizes ({} and {}): a delta restore needs versions of one image",
+                old.1, new.1
+            )));
+        }
+        let bs = new.1.max(1);
+        let count = |size: u64| crate::index::block_count(size, bs);
+        Ok(DeltaBlocks { old: (old.0, count(old.0)), new: (new.0, count(new.0)), bs, zeros_past_old })
+    }
+
+    /// Blocks of the older and of the newer version.
+    pub fn counts(&self) -> (u64, u64) {
+        (self.old.1, self.new.1)
+    }
+
+    /// Bytes of block `idx` of the newer version.
+    pub fn new_len(&self, idx: u64) -> u64 {
+        crate::index::block_len(self.new.0, self.bs, idx)
+    }
+
+    /// Bytes of block `idx` of the older version.
+    pub fn old_len(&self, idx: u64) -> u64 {
+        crate::index::block_len(self.old.0, self.bs, idx)
+    }
+
+    /// Whether block `idx` of the newer version, `id` there and `before` in the older,
+    /// must be written.
+    pub fn changed(&self, idx: u64, before: BlockId, id: BlockId) -> bool {
+        let old_n = self.old.1;
+        if idx < old_n && before == id && self.old_len(idx) == self.new_len(idx) {
+            return false;
+        }
+        // Zeros past the old end of a file that is grown (or kept) read as zeros.
+        !(self.zeros_past_old && id.is_sparse() && (idx >= old_n || before.is_sparse()))
+    }
+
+    /// The blocks that may differ besides those holding data in either version: the
+    /// older version's last (it may be shorter), and on a device every block past the
+    /// older version's end.
+    pub fn extra(&self) -> (Option<u64>, std::ops::Range<u64>) {
+        let (old_n, n) = (self.old.1, self.new.1);
+        let last = old_n.checked_sub(1).filter(|&l| l < n);
+        let tail = if self.zeros_past_old { 0..0 } else { old_n.min(n)..n };
+        (last, tail)
+    }
+}
+
+/// The blocks of `new` a target holding `old` must have written to hold `new` (see
+/// [`DeltaBlocks`]), from two indexes held in memory: the tests' reference for the
+/// streamed delta restore.
+#[cfg(test)]
 pub fn changed_blocks(old: &BlockIndex, new: &BlockIndex, zeros_past_old: bool) -> Result<Vec<u64>> {
     if old.block_size != new.block_size {
         return Err(Error::Invalid(format!(

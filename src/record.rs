@@ -198,8 +198,10 @@ mod tests {
     fn blocks_completed_out_of_order_are_written_in_order_and_move_the_frontier() {
         let dir = tempfile::tempdir().unwrap();
         let frontier = Arc::new(Frontier::new(8));
-        let mut r =
-            Record::Ordered(Box::new(Ordered::new(IndexWriter::new(dir.path(), 4096).unwrap(), frontier.clone())));
+        let mut r = Record::Ordered(Box::new(Ordered::new(
+            IndexWriter::new(dir.path(), crate::perms::Modes::PRIVATE, 4096).unwrap(),
+            frontier.clone(),
+        )));
         r.set(2, id(2), 4096).unwrap();
         r.sparse(3, 10, 4096).unwrap();
         assert_eq!(frontier.at.load(Ordering::Acquire), 0);
@@ -220,7 +222,10 @@ mod tests {
     fn a_block_that_never_came_is_an_error_not_a_hole() {
         let dir = tempfile::tempdir().unwrap();
         let frontier = Arc::new(Frontier::new(8));
-        let mut r = Record::Ordered(Box::new(Ordered::new(IndexWriter::new(dir.path(), 4096).unwrap(), frontier)));
+        let mut r = Record::Ordered(Box::new(Ordered::new(
+            IndexWriter::new(dir.path(), crate::perms::Modes::PRIVATE, 4096).unwrap(),
+            frontier,
+        )));
         r.set(0, id(0), 4096).unwrap();
         r.set(2, id(2), 4096).unwrap();
         let e = r.finish(true).err().unwrap().to_string();

@@ -133,7 +133,7 @@ impl Repository {
         let mut mismatch = None;
         // A label or expiry change rewrites the object after the database: look twice
         // before calling a difference damage.
-        for _ in 0..2 {
+        for pass in 0..2 {
             let stopped = |e: &dyn std::fmt::Display| {
                 Error::Other(format!(
                     "scrub of {uid} stopped: {e}; nothing was marked damaged, run it again when the storage is back"
@@ -149,6 +149,9 @@ impl Repository {
                 Ok(crate::version_object::Streamed::Read { version: stored, index: digest }) => {
                     (*stored, index.is_none_or(|want| digest == *want))
                 }
+                // Read in ranges, it may have been rewritten between two of them: damage
+                // is what a second reading finds too.
+                Ok(crate::version_object::Streamed::Damaged(_)) if pass == 0 => continue,
                 Ok(crate::version_object::Streamed::Damaged(e)) => return Ok(Some(damaged(&e))),
                 Err(crate::storage::StorageError::NotFound { .. }) => return Ok(Some(missing())),
                 Err(crate::storage::StorageError::Discarding { .. }) => return Ok(None),

@@ -197,13 +197,16 @@ pub(crate) fn read_streamed(
     use crate::storage::retry;
     use std::io::Read;
     let codec = storage.codec();
+    if codec.is_sealed() {
+        return Ok(Streamed::NotLarge); // sealed objects are opened whole (AES-GCM)
+    }
     let head = retry(STORAGE_ATTEMPTS, || {
         storage.get_range(key, 0, (OBJECT_HEADER_LEN + crate::transform::aes::ENVELOPE_LEN) as u64)
     })?;
     let Ok((header, header_len)) = parse_header(&head) else {
         return Ok(Streamed::NotLarge); // the whole reading names the damage
     };
-    if codec.is_sealed() || header.flags != 0 || header.payload_len <= streamed_version_index_len() {
+    if header.flags != 0 || header.payload_len <= streamed_version_index_len() {
         return Ok(Streamed::NotLarge);
     }
     if header.kind != ObjectKind::Version as u16 {

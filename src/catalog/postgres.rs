@@ -837,18 +837,26 @@ impl Catalog for PostgresCatalog {
         // bytes as they are read), before the write lock: other hosts' writers do not
         // wait for a large index to cross the network. Nothing is visible before the
         // commit below.
-        tx.execute("DELETE FROM version_index WHERE uid=$1", &[&uid])?;
-        copy_index_in(&mut tx, uid, index)?;
+        const OWNED: &str =
+            "SELECT EXISTS(SELECT 1 FROM versions v JOIN sessions s ON s.id = v.session_id WHERE v.uid=$1 AND s.id=$2)";
+        let uploaded = tx
+            .execute("DELETE FROM version_index WHERE uid=$1", &[&uid])
+            .map_err(Error::from)
+            .and_then(|_| copy_index_in(&mut tx, uid, index));
+        if let Err(e) = uploaded {
+            // Before the lock, the version may have been taken over or removed (its row
+            // gone: a foreign key violation; its index committed by a `--continue`: a
+            // duplicate; an `rm` waiting for this row: a deadlock the server broke).
+            // Said as what it is when the version is no longer this session's.
+            drop(tx);
+            let owned = client.query_one(OWNED, &[&uid, &session]).map(|r| r.get::<_, bool>(0));
+            return Err(if matches!(owned, Ok(false)) { super::session_ended(session) } else { e });
+        }
         tx.execute("SELECT pg_advisory_xact_lock($1)", &[&WRITE_LOCK])?;
         // A backup taken for dead (its session ended by another host, or the version
         // taken over by a `--continue`) may have lost objects to a cleanup meanwhile: it
         // must not become valid.
-        let owned: bool = tx
-            .query_one(
-                "SELECT EXISTS(SELECT 1 FROM versions v JOIN sessions s ON s.id = v.session_id WHERE v.uid=$1 AND s.id=$2)",
-                &[&uid, &session],
-            )?
-            .get(0);
+        let owned: bool = tx.query_one(OWNED, &[&uid, &session])?.get(0);
         if !owned {
             return Err(super::session_ended(session));
         }

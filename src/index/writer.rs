@@ -148,10 +148,10 @@ pub struct IndexWriter {
 }
 
 impl IndexWriter {
-    /// A writer whose file lies in `dir` (created if need be).
-    pub fn new(dir: &Path, block_size: u32) -> Result<IndexWriter> {
+    /// A writer whose file lies in `dir` (created with `modes` if need be).
+    pub fn new(dir: &Path, modes: crate::perms::Modes, block_size: u32) -> Result<IndexWriter> {
         let io = |e| Error::io(format!("cannot make a block index file in {}", dir.display()), e);
-        std::fs::create_dir_all(dir).map_err(io)?;
+        modes.create_dir_all(dir).map_err(io)?;
         let mut file = BufWriter::with_capacity(1 << 20, tempfile::tempfile_in(dir).map_err(io)?);
         // The header goes in last, when the body's length is known.
         file.write_all(&[0u8; INDEX_HEADER_LEN]).map_err(io)?;
@@ -224,8 +224,8 @@ pub struct IndexFile {
 impl IndexFile {
     /// The stored form of an index held in memory (a draft's map), written to a file in
     /// `dir`.
-    pub fn of_index(dir: &Path, index: &super::BlockIndex) -> Result<IndexFile> {
-        let mut w = IndexWriter::new(dir, index.block_size)?;
+    pub fn of_index(dir: &Path, modes: crate::perms::Modes, index: &super::BlockIndex) -> Result<IndexFile> {
+        let mut w = IndexWriter::new(dir, modes, index.block_size)?;
         for (idx, id) in index.entries.data() {
             w.push(idx, id)?;
         }
@@ -303,7 +303,7 @@ mod tests {
 
     fn written(index: &BlockIndex) -> Vec<u8> {
         let dir = tempfile::tempdir().unwrap();
-        IndexFile::of_index(dir.path(), index).unwrap().to_vec().unwrap()
+        IndexFile::of_index(dir.path(), crate::perms::Modes::PRIVATE, index).unwrap().to_vec().unwrap()
     }
 
     #[test]
@@ -356,11 +356,11 @@ mod tests {
     #[test]
     fn blocks_handed_out_of_order_or_past_the_image_are_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let mut w = IndexWriter::new(dir.path(), 4096).unwrap();
+        let mut w = IndexWriter::new(dir.path(), crate::perms::Modes::PRIVATE, 4096).unwrap();
         w.push(5, id(5)).unwrap();
         assert!(w.push(5, id(5)).is_err());
         assert!(w.push(2, id(2)).is_err());
-        let mut w = IndexWriter::new(dir.path(), 4096).unwrap();
+        let mut w = IndexWriter::new(dir.path(), crate::perms::Modes::PRIVATE, 4096).unwrap();
         w.push(9, id(9)).unwrap();
         assert!(w.finish(1, 4096 * 5).is_err());
         // Nothing is left in the directory: the files have no names.
@@ -370,7 +370,7 @@ mod tests {
     #[test]
     fn skipped_blocks_are_sparse() {
         let dir = tempfile::tempdir().unwrap();
-        let mut w = IndexWriter::new(dir.path(), 4096).unwrap();
+        let mut w = IndexWriter::new(dir.path(), crate::perms::Modes::PRIVATE, 4096).unwrap();
         w.skip(3);
         w.push(3, id(3)).unwrap();
         w.skip(100);

@@ -324,9 +324,16 @@ impl Storage for S3Storage {
             return Ok(Vec::new());
         }
         let whole = resp.status().as_u16() == 200;
+        let expected = resp.content_length();
         let bytes = resp.bytes().map_err(|e| {
             self.fail("get range", key, io::ErrorKind::ConnectionAborted, format!("transfer broke off: {e}"))
         })?;
+        if let Some(n) = expected
+            && n != bytes.len() as u64
+        {
+            let msg = format!("got {} of {n} bytes", bytes.len());
+            return Err(self.fail("get range", key, io::ErrorKind::ConnectionAborted, msg));
+        }
         // A server that ignores Range answers 200 with the whole object.
         let bytes = if whole {
             let start = offset.min(bytes.len() as u64) as usize;

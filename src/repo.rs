@@ -806,8 +806,9 @@ impl std::io::Read for StoredIndex<'_> {
                 return Ok(0);
             }
             let want = index_piece_len().min((self.len - self.at) as usize);
-            let piece = match self.db.lock().index_piece(self.uid, self.at, want) {
-                Ok(Some(p)) if !p.is_empty() => p,
+            self.pos = 0;
+            match self.db.lock().index_piece(self.uid, self.at, want, &mut self.piece) {
+                Ok(true) if !self.piece.is_empty() => {}
                 // Removed, or replaced by a shorter index, since it was opened: what was
                 // read is cut short, and fails the index's own checks (then a second
                 // reading tells a change from damage: `Repository::confirm_damage`).
@@ -818,9 +819,7 @@ impl std::io::Read for StoredIndex<'_> {
                     return Err(std::io::Error::other(said));
                 }
             };
-            self.at += piece.len() as u64;
-            self.piece = piece;
-            self.pos = 0;
+            self.at += self.piece.len() as u64;
         }
         let n = buf.len().min(self.piece.len() - self.pos);
         buf[..n].copy_from_slice(&self.piece[self.pos..self.pos + n]);

@@ -24,8 +24,14 @@ With --null-only, only the backup to a null storage runs (fast, so larger sizes 
 practical: the slope of a backup's memory between 1 and 4 GiB, once the fixed costs
 have topped out).
 
+With --readers, one repository per size is made by --new (its version objects written
+as a large index's are: uncompressed, streamed; KEEPFS_TEST_STREAMED_INDEX=0, which
+debug builds honour), holding the image twice; then each binary, on that same
+repository, brings a file holding the first version to the second with `restore
+--delta-from` and runs a `scrub` (which reads the version object).
+
 usage: contrib/bench/dense_index.py --new target/release/keepfs [--old OLD]
-       [--sizes 256M,1G] [--workdir DIR] [--tmpfs /dev/shm] [--null-only]
+       [--sizes 256M,1G] [--workdir DIR] [--tmpfs /dev/shm] [--null-only | --readers]
 """
 import argparse
 import os
@@ -107,6 +113,41 @@ def bench(binary, label, size, image, workdir, tmpfs, null_only=False):
     return out
 
 
+READER_STEPS = ["delta restore", "scrub"]
+
+
+def readers(binaries, size, image, workdir, tmpfs):
+    home = os.path.join(workdir, f"readers-{size}")
+    shutil.rmtree(home, ignore_errors=True)
+    os.makedirs(home)
+    env = dict(os.environ, KEEPFS_HOME=home, KEEPFS_TEST_STREAMED_INDEX="0")
+    env.pop("KEEPFS_CONFIG", None)
+    new = dict(binaries)["new"]
+    uids = []
+    for _ in range(2):
+        ok, _, _, out, err = run([new, "backup", "-b", "4K", image, "dense"], env)
+        if not ok:
+            sys.exit(f"backup failed: {err[-300:]}")
+        uids.append(out.strip())
+    target = os.path.join(tmpfs, "keepfs-dense-delta.img")
+    results = {}
+    for label, binary in binaries:
+        ok, _, _, _, err = run([new, "restore", "--force", uids[0], f"file://{target}"], env)
+        if not ok:
+            sys.exit(f"restore failed: {err[-300:]}")
+        out = {}
+        for name, cmd in (("delta restore", ["restore", "--delta-from", uids[0], uids[1], f"file://{target}"]),
+                          ("scrub", ["scrub", uids[0]])):
+            ok, dt, rss, _, err = run([binary, *cmd], env)
+            if not ok:
+                sys.exit(f"{label} {size} {name} failed: {err[-300:]}")
+            out[name] = (dt, rss)
+        results[label] = out
+    os.remove(target)
+    shutil.rmtree(home, ignore_errors=True)
+    return results
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--new", required=True)
@@ -115,6 +156,7 @@ def main():
     ap.add_argument("--workdir", default="/tmp/keepfs-dense-bench")
     ap.add_argument("--tmpfs", default="/dev/shm")
     ap.add_argument("--null-only", action="store_true")
+    ap.add_argument("--readers", action="store_true")
     a = ap.parse_args()
     os.makedirs(a.workdir, exist_ok=True)
     sizes = a.sizes.split(",")
@@ -126,6 +168,13 @@ def main():
         blocks[size] = make_image(image, parse_size(size))
         try:
             for label, binary in binaries:
+                if a.readers:
+                    if label == "old":
+                        continue
+                    for lab, out in readers(binaries, size, image, a.workdir, a.tmpfs).items():
+                        results[(lab, size)] = out
+                        print(lab, size, {k: f"{v[0]:.1f} s {v[1]:.0f} MiB" for k, v in out.items()}, flush=True)
+                    continue
                 results[(label, size)] = bench(binary, label, size, image, a.workdir, a.tmpfs, a.null_only)
                 print(label, size, {k: f"{v[0]:.1f} s {v[1]:.0f} MiB" for k, v in results[(label, size)].items()},
                       flush=True)
@@ -137,7 +186,7 @@ def main():
         cols += [f"{l}: bytes/block" for l, _ in binaries]
     print(" | ".join(cols))
     print(" | ".join("---" for _ in cols))
-    for st in STEPS[:1] if a.null_only else STEPS:
+    for st in READER_STEPS if a.readers else STEPS[:1] if a.null_only else STEPS:
         row = [st]
         for s in sizes:
             for l, _ in binaries:

@@ -1041,7 +1041,8 @@ impl Catalog for PostgresCatalog {
         Ok(rows.first().map(|r| r.get::<_, i32>(0) as u64))
     }
 
-    fn index_piece(&self, uid: VersionUid, offset: u64, len: usize) -> Result<Option<Vec<u8>>> {
+    fn index_piece(&self, uid: VersionUid, offset: u64, len: usize, into: &mut Vec<u8>) -> Result<bool> {
+        into.clear();
         // A stored index is as long as MAX_INDEX_LEN at most, well within an int4. An
         // index does not compress (its ids are hashes), so it is stored out of line
         // uncompressed and substring() reads only the pieces it needs.
@@ -1050,7 +1051,13 @@ impl Catalog for PostgresCatalog {
             "SELECT substring(data FROM $2 FOR $3) FROM version_index WHERE uid=$1",
             &[&(uid.0 as i64), &from, &count],
         )?;
-        Ok(rows.first().map(|r| r.get(0)))
+        match rows.first() {
+            Some(r) => {
+                into.extend_from_slice(r.get::<_, &[u8]>(0));
+                Ok(true)
+            }
+            None => Ok(false),
+        }
     }
 
     fn remove_version(&mut self, uid: VersionUid) -> Result<()> {

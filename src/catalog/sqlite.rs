@@ -702,17 +702,18 @@ impl Catalog for SqliteCatalog {
             .map(|n| n as u64))
     }
 
-    fn index_piece(&self, uid: VersionUid, offset: u64, len: usize) -> Result<Option<Vec<u8>>> {
+    fn index_piece(&self, uid: VersionUid, offset: u64, len: usize, into: &mut Vec<u8>) -> Result<bool> {
+        into.clear();
         // Incremental blob I/O: only the pages of this piece are read (uid is the rowid).
         let blob = match self.conn.blob_open(rusqlite::MAIN_DB, c"version_index", c"data", uid.0 as i64, true) {
             Ok(b) => b,
-            Err(rusqlite::Error::SqliteFailure(_, Some(m))) if m.contains("no such rowid") => return Ok(None),
+            Err(rusqlite::Error::SqliteFailure(_, Some(m))) if m.contains("no such rowid") => return Ok(false),
             Err(e) => return Err(e.into()),
         };
         let start = (offset as usize).min(blob.len());
-        let mut piece = vec![0u8; len.min(blob.len() - start)];
-        blob.read_at_exact(&mut piece, start)?;
-        Ok(Some(piece))
+        into.resize(len.min(blob.len() - start), 0);
+        blob.read_at_exact(into, start)?;
+        Ok(true)
     }
 
     fn remove_version(&mut self, uid: VersionUid) -> Result<()> {

@@ -296,3 +296,44 @@ fn a_backup_waits_for_a_cleanup_that_is_deleting_its_blocks() {
 fn a_cleanup_killed_after_marking_leaves_marks_that_a_backup_and_the_next_cleanup_finish() {
     backup_meets_blocks_a_cleanup_is_deleting(true);
 }
+
+/// A full disk where the backup writes its block index (`$KEEPFS_HOME/spool`, here a
+/// tmpfs of 1 MiB, too small for the ids of 40,000 blocks): one line naming the
+/// directory and the cause, exit 1, the version left incomplete and nothing left in the
+/// spool; once there is room, `--continue` finishes it and it restores byte-identical.
+#[test]
+fn a_full_spool_stops_a_backup_with_a_clear_error_and_continue_finishes_it() {
+    let repo = Repo::new();
+    let spool = repo.home().join("spool");
+    fs::create_dir_all(&spool).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
+        .arg(&spool)
+        .status()
+        .expect("mount runs; this test needs root (CI runs as root)");
+    assert!(mounted.success(), "mounting a tmpfs needs root (CI runs as root)");
+    let img: Vec<u8> = (0..40_000u64)
+        .flat_map(|i| {
+            let mut b = vec![1u8; 4096];
+            b[..8].copy_from_slice(&i.to_le_bytes());
+            b
+        })
+        .collect();
+    fs::write(repo.path("img"), &img).unwrap();
+    let r = repo.run(&["backup", &repo.url("img"), "vm", "-b", "4k"]);
+    let free = std::process::Command::new("umount").arg(&spool).status();
+    assert!(free.is_ok_and(|s| s.success()));
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert_eq!(r.stderr.lines().filter(|l| l.starts_with("keepfs: error")).count(), 1, "{}", r.stderr);
+    assert!(
+        r.error_line().contains(&format!("cannot write the block index file in {}", spool.display())),
+        "{}",
+        r.stderr
+    );
+    assert!(r.error_line().contains("No space left on device"), "{}", r.stderr);
+    let uid = repo.ls_json(None)[0]["uid"].as_str().unwrap().to_string();
+    assert_eq!(repo.version(&uid)["status"], "incomplete");
+    repo.ok(&["backup", "--continue", &uid, &repo.url("img"), "vm", "-b", "4k"]);
+    assert_eq!(repo.restore_sha(&uid, "out"), sha256_file(&repo.path("img")));
+    assert_eq!(fs::read_dir(&spool).unwrap().count(), 0);
+}

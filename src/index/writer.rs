@@ -145,6 +145,8 @@ pub(super) fn too_long(uid: u64, len: u64) -> Error {
 pub struct IndexWriter {
     runs: Runs<zstd::stream::write::Encoder<'static, BufWriter<File>>>,
     block_size: u32,
+    /// Where the file is (named in errors: a full disk there stops a backup).
+    dir: std::path::PathBuf,
 }
 
 impl IndexWriter {
@@ -156,7 +158,7 @@ impl IndexWriter {
         // The header goes in last, when the body's length is known.
         file.write_all(&[0u8; INDEX_HEADER_LEN]).map_err(io)?;
         let z = zstd::stream::write::Encoder::new(file, INDEX_ZSTD_LEVEL).map_err(io)?;
-        Ok(IndexWriter { runs: Runs::new(z), block_size })
+        Ok(IndexWriter { runs: Runs::new(z), block_size, dir: dir.to_path_buf() })
     }
 
     /// The next block's number.
@@ -167,7 +169,9 @@ impl IndexWriter {
     /// Block `idx` (not before [`IndexWriter::at`]) holds `id`; the blocks between are
     /// sparse. Refuses the data block past [`MAX_DATA_BLOCKS_PER_VERSION`].
     pub fn push(&mut self, idx: u64, id: BlockId) -> Result<()> {
-        self.runs.push(idx, id).map_err(write_error)?;
+        if let Err(e) = self.runs.push(idx, id) {
+            return Err(write_error(&self.dir, e));
+        }
         if self.runs.data_blocks() > MAX_DATA_BLOCKS_PER_VERSION {
             return Err(too_much_data(self.runs.data_blocks(), self.block_size));
         }
@@ -184,6 +188,8 @@ impl IndexWriter {
     pub fn finish(self, uid: u64, size: u64) -> Result<IndexFile> {
         let count = block_count(size, self.block_size);
         let data_blocks = self.runs.data_blocks();
+        let dir = self.dir;
+        let write_error = |e| write_error(&dir, e);
         let (z, body_len) = self.runs.finish(count).map_err(write_error)?;
         let file = z.finish().and_then(|w| w.into_inner().map_err(|e| e.into_error())).map_err(write_error)?;
         let len = file.metadata().map_err(write_error)?.len();
@@ -209,8 +215,8 @@ impl IndexWriter {
     }
 }
 
-fn write_error(e: std::io::Error) -> Error {
-    Error::io("cannot write the block index file", e)
+fn write_error(dir: &Path, e: std::io::Error) -> Error {
+    Error::io(format!("cannot write the block index file in {}", dir.display()), e)
 }
 
 /// A finished stored index in an unnamed file: what a version is committed with.

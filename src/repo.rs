@@ -42,7 +42,7 @@ pub(crate) fn damaged_index_message(uid: VersionUid, e: &IndexError) -> String {
 
 pub use crate::version_object::{
     decode_version_object, decode_version_object_parts, encode_version_object, seal_version_object,
-    store_version_object, version_key, version_object_plain,
+    store_version_object, version_key,
 };
 
 impl Repository {

@@ -21,19 +21,10 @@ const VERSION_OBJECT_FORMAT: u16 = 1;
 /// Builds the storage object that makes a version restorable from the storage alone: its
 /// fields and labels (JSON) followed by its block index. Layout in docs/format.md.
 pub fn encode_version_object(codec: &Codec, version: &Version, index: &BlockIndex) -> Result<Vec<u8>> {
-    let (plain, _) = version_object_plain(version, index)?;
-    seal_version_object(codec, version, &plain)
-}
-
-/// The plaintext of a version object, with the index encoded straight into it, and where
-/// the index starts: a caller that stores the same index bytes in the catalog takes
-/// them from there (one copy of a large index, not three).
-pub fn version_object_plain(version: &Version, index: &BlockIndex) -> Result<(Vec<u8>, usize)> {
     crate::index::check_block_count(index.size, index.block_size)?;
     let mut plain = version_object_head(version)?;
-    let at = plain.len();
     index.encode_into(&mut plain)?;
-    Ok((plain, at))
+    seal_version_object(codec, version, &plain)
 }
 
 /// The start of a version object's plaintext: magic, format, its fields as JSON.
@@ -56,8 +47,8 @@ fn version_object_head(version: &Version) -> Result<Vec<u8>> {
     Ok(plain)
 }
 
-/// The version object of a plaintext made by [`version_object_plain`] (compressed, and
-/// sealed if the storage is encrypted).
+/// The version object of a plaintext (its head, then its index): compressed, and sealed
+/// if the storage is encrypted.
 pub fn seal_version_object(codec: &Codec, version: &Version, plain: &[u8]) -> Result<Vec<u8>> {
     let id = codec.id_of(plain);
     codec

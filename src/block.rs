@@ -335,6 +335,79 @@ pub(crate) fn plain_object_header(
     out
 }
 
+/// An uncompressed sealed object whose plaintext is handed over in pieces (a large
+/// version object, sealed into a file as it is read from another): the header, the
+/// envelope and the associated data are fixed first, the checksums and the tag when the
+/// last piece is in. The bytes are those [`finish_object`] makes of the same plaintext.
+pub(crate) struct SealingObject {
+    header: Vec<u8>,
+    stream: aes::SealStream,
+    crc: crc32fast::Hasher,
+    plain_len: u64,
+    /// Plaintext bytes still to come.
+    left: u64,
+}
+
+impl SealingObject {
+    /// Starts an object of `kind` whose content id is `id` and plaintext `plain_len`
+    /// bytes, sealed with the codec's current master key.
+    pub(crate) fn new(codec: &Codec, kind: ObjectKind, id: &[u8; ID_LEN], plain_len: u64) -> Result<Self, ObjectError> {
+        check_plain_len(kind, plain_len)?;
+        let encode = |reason: String| ObjectError::Encode { len: plain_len, reason };
+        let master = codec.current_master().ok_or_else(|| encode("the storage is not encrypted".into()))?;
+        let mut header = vec![0u8; OBJECT_HEADER_LEN + aes::ENVELOPE_LEN];
+        let payload_len = plain_len + aes::TAG_LEN as u64;
+        write_header(&mut header, kind, FLAG_AES256GCM, aes::ENVELOPE_LEN, plain_len, payload_len, id);
+        let stream = aes::seal_stream(master, id, &sealing_aad(&header)).map_err(|e| encode(e.to_string()))?;
+        header[OBJECT_HEADER_LEN..].copy_from_slice(stream.envelope());
+        Ok(SealingObject { header, stream, crc: crc32fast::Hasher::new(), plain_len, left: plain_len })
+    }
+
+    /// Seals the next piece of the plaintext in place.
+    pub(crate) fn seal(&mut self, piece: &mut [u8]) -> Result<(), ObjectError> {
+        let len = self.plain_len;
+        if piece.len() as u64 > self.left {
+            return Err(ObjectError::Encode { len, reason: "more plaintext than its header says".into() });
+        }
+        self.left -= piece.len() as u64;
+        self.stream.seal(piece).map_err(|e| ObjectError::Encode { len, reason: e.to_string() })?;
+        self.crc.update(piece);
+        Ok(())
+    }
+
+    /// The object's header (envelope included) and the tag that follows the ciphertext.
+    pub(crate) fn finish(self) -> Result<(Vec<u8>, [u8; aes::TAG_LEN]), ObjectError> {
+        let len = self.plain_len;
+        if self.left != 0 {
+            return Err(ObjectError::Encode { len, reason: format!("{} bytes of plaintext missing", self.left) });
+        }
+        let tag = self.stream.finish().map_err(|e| ObjectError::Encode { len, reason: e.to_string() })?;
+        let mut crc = self.crc;
+        crc.update(&tag);
+        let mut header = self.header;
+        header[32..36].copy_from_slice(&crc.finalize().to_le_bytes());
+        let header_crc = header_crc(&header, header.len());
+        header[36..40].copy_from_slice(&header_crc.to_le_bytes());
+        Ok((header, tag))
+    }
+}
+
+/// Starts opening the payload of a sealed object, uncompressed, in pieces; `header_bytes`
+/// are its header's bytes (for the associated data). Refuses what [`check_seal`]
+/// refuses.
+pub(crate) fn open_stream(
+    codec: &Codec,
+    header: &ObjectHeader,
+    header_bytes: &[u8],
+) -> Result<aes::OpenStream, ObjectError> {
+    check_seal(codec, header)?;
+    if header.flags != FLAG_AES256GCM || header_bytes.len() < OBJECT_HEADER_LEN {
+        return Err(ObjectError::UnknownFlags(header.flags));
+    }
+    let aad = sealing_aad(header_bytes);
+    Ok(aes::open_stream(|k| codec.master(k), &header.envelope, &header.id, &aad)?)
+}
+
 fn u16_at(b: &[u8], at: usize) -> u16 {
     u16::from_le_bytes([b[at], b[at + 1]])
 }

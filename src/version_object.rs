@@ -68,17 +68,27 @@ fn streamed_version_index_len() -> u64 {
 }
 
 /// Stores the version object of `version`, whose stored index is `index`, under its key
-/// (retrying transient failures). Memory stays small for any index in a plain storage;
-/// an encrypted one seals the object in memory (AES-GCM in one pass): one copy of the
-/// index.
+/// (retrying transient failures). Memory stays small for any index: in an encrypted
+/// storage a large object is sealed into a spool file first (one more copy of the index,
+/// on disk, gone with the call).
 pub fn store_version_object(storage: &dyn crate::storage::Storage, version: &Version, index: &IndexFile) -> Result<()> {
+    store_with(storage, version, index, streamed_version_index_len())
+}
+
+/// [`store_version_object`], streaming an index longer than `streamed` bytes.
+fn store_with(
+    storage: &dyn crate::storage::Storage,
+    version: &Version,
+    index: &IndexFile,
+    streamed: u64,
+) -> Result<()> {
     use crate::backup::STORAGE_ATTEMPTS;
     use crate::storage::{LargeObject, Piece, retry};
     let key = version_key(version.uid);
     let codec = storage.codec();
     let context = || format!("version object of {}", version.uid);
     let mut plain = version_object_head(version)?;
-    if index.len() <= streamed_version_index_len() {
+    if index.len() <= streamed {
         plain.extend_from_slice(&index.to_vec()?);
         let object = seal_version_object(codec, version, &plain)?;
         return Ok(retry(STORAGE_ATTEMPTS, || storage.put(&key, &object))?);
@@ -106,14 +116,23 @@ pub fn store_version_object(storage: &dyn crate::storage::Storage, version: &Ver
     drop(buf);
     let id = id.finish();
     if codec.is_sealed() {
-        let header_len = crate::block::object_header_len(codec);
-        let mut out = Vec::with_capacity(header_len + plain_len as usize + 16);
-        out.resize(header_len, 0);
-        out.extend_from_slice(&head);
-        std::io::Read::read_to_end(&mut index.reader(), &mut out).map_err(read_err)?;
-        crate::block::finish_object(codec, ObjectKind::Version, &id.0, plain_len, false, &mut out)
+        // Sealed into a file beside the index's, a piece at a time (AES-GCM in pieces
+        // gives the bytes of one pass), then stored from it as a plain one is.
+        let sealing = crate::block::SealingObject::new(codec, ObjectKind::Version, &id.0, plain_len)
             .map_err(|e| Error::Object { context: context(), source: e })?;
-        return Ok(retry(STORAGE_ATTEMPTS, || storage.put(&key, &out))?);
+        let (header, sealed) = seal_into_file(sealing, &head, index).map_err(|e| match e {
+            Sealed::Io(e) => {
+                Error::io(format!("cannot write the sealed version object in {}", index.dir().display()), e)
+            }
+            Sealed::Object(e) => Error::Object { context: context(), source: e },
+        })?;
+        let object = LargeObject {
+            pieces: vec![
+                Piece::Bytes(&header),
+                Piece::File { file: &sealed, offset: 0, len: plain_len + crate::transform::aes::TAG_LEN as u64 },
+            ],
+        };
+        return Ok(retry(STORAGE_ATTEMPTS, || storage.put_large(&key, &object))?);
     }
     let header =
         crate::block::plain_object_header(ObjectKind::Version, &id.0, plain_len, false, plain_len, crc.finalize());
@@ -125,6 +144,40 @@ pub fn store_version_object(storage: &dyn crate::storage::Storage, version: &Ver
         ],
     };
     Ok(retry(STORAGE_ATTEMPTS, || storage.put_large(&key, &object))?)
+}
+
+/// Why sealing a version object into a file failed.
+enum Sealed {
+    Io(std::io::Error),
+    Object(crate::block::ObjectError),
+}
+
+/// Seals `head` and then the index of `index` into an unnamed file in the index's spool
+/// directory: the ciphertext and its tag. Gives back the object's header and that file.
+fn seal_into_file(
+    mut sealing: crate::block::SealingObject,
+    head: &[u8],
+    index: &IndexFile,
+) -> std::result::Result<(Vec<u8>, std::fs::File), Sealed> {
+    use std::io::{Read, Write};
+    let mut out = std::io::BufWriter::with_capacity(1 << 20, tempfile::tempfile_in(index.dir()).map_err(Sealed::Io)?);
+    let mut buf = head.to_vec();
+    sealing.seal(&mut buf).map_err(Sealed::Object)?;
+    out.write_all(&buf).map_err(Sealed::Io)?;
+    buf.resize(1 << 20, 0);
+    let mut r = index.reader();
+    loop {
+        let n = r.read(&mut buf).map_err(Sealed::Io)?;
+        if n == 0 {
+            break;
+        }
+        sealing.seal(&mut buf[..n]).map_err(Sealed::Object)?;
+        out.write_all(&buf[..n]).map_err(Sealed::Io)?;
+    }
+    let (header, tag) = sealing.finish().map_err(Sealed::Object)?;
+    out.write_all(&tag).map_err(Sealed::Io)?;
+    let file = out.into_inner().map_err(|e| Sealed::Io(e.into_error()))?;
+    Ok((header, file))
 }
 
 /// Reads a version object back but its block index: the version, the plaintext, and
@@ -161,8 +214,7 @@ pub fn decode_version_object(codec: &Codec, bytes: &[u8]) -> Result<(Version, Bl
 
 /// What reading a version object as a stream found.
 pub(crate) enum Streamed {
-    /// Not a large object stored as a stream (compressed, sealed, or small): read it
-    /// whole.
+    /// Not a large object stored as a stream (compressed, or small): read it whole.
     NotLarge,
     /// It decodes: its fields, and the [`crate::index::IndexDigest`] of its index.
     Read { version: Box<Version>, index: [u8; 32] },
@@ -173,37 +225,55 @@ pub(crate) enum Streamed {
 /// Bytes per ranged read of a version object read as a stream.
 const RANGE_PIECE: u64 = 4 << 20;
 
-/// Reads a large version object (plain, uncompressed: how one is stored when its index
-/// is over the threshold of [`store_version_object`]) as a stream of ranged reads,
-/// checking what decoding it whole checks: header, length, payload checksum, content id,
-/// magic, format, fields, and the index (given back as its digest, never held). The
+/// Reads a large version object (uncompressed, sealed or not: how one is stored when its
+/// index is over the threshold of [`store_version_object`]) as a stream of ranged reads,
+/// checking what decoding it whole checks: header, length, payload checksum, seal,
+/// content id, magic, format, fields, and the index (given back as its digest, never
+/// held). The
 /// checksums are known only at the end: a body that is malformed and fails them is
 /// reported as failing them (damage, whatever it looks like). An error is the storage's.
 pub(crate) fn read_streamed(
     storage: &dyn crate::storage::Storage,
     key: &str,
 ) -> crate::storage::StorageResult<Streamed> {
+    read_streamed_with(storage, key, streamed_version_index_len())
+}
+
+/// [`read_streamed`], for an object whose payload is longer than `streamed` bytes.
+fn read_streamed_with(
+    storage: &dyn crate::storage::Storage,
+    key: &str,
+    streamed: u64,
+) -> crate::storage::StorageResult<Streamed> {
     use crate::backup::STORAGE_ATTEMPTS;
     use crate::block::{OBJECT_HEADER_LEN, ObjectError, parse_header};
     use crate::storage::retry;
     use std::io::Read;
     let codec = storage.codec();
-    if codec.is_sealed() {
-        return Ok(Streamed::NotLarge); // sealed objects are opened whole (AES-GCM)
-    }
     let head = retry(STORAGE_ATTEMPTS, || {
         storage.get_range(key, 0, (OBJECT_HEADER_LEN + crate::transform::aes::ENVELOPE_LEN) as u64)
     })?;
     let Ok((header, header_len)) = parse_header(&head) else {
         return Ok(Streamed::NotLarge); // the whole reading names the damage
     };
-    if header.flags != 0 || header.payload_len <= streamed_version_index_len() {
+    if header.flags & crate::block::FLAG_ZSTD != 0 || header.payload_len <= streamed {
         return Ok(Streamed::NotLarge);
     }
     if header.kind != ObjectKind::Version as u16 {
         let e = ObjectError::WrongKind { expected: ObjectKind::Version as u16, found: header.kind };
         return Ok(Streamed::Damaged(e.to_string()));
     }
+    let stream = if codec.is_sealed() {
+        match crate::block::open_stream(codec, &header, &head) {
+            Ok(stream) => Some(stream),
+            Err(e) => return Ok(Streamed::Damaged(e.to_string())),
+        }
+    } else if let Err(e) = crate::block::check_seal(codec, &header) {
+        return Ok(Streamed::Damaged(e.to_string()));
+    } else {
+        None
+    };
+    let sealed = stream.is_some();
     let end = header_len as u64 + header.payload_len;
     let mut body = Ranged {
         storage,
@@ -215,13 +285,14 @@ pub(crate) fn read_streamed(
         failed: None,
         longer: false,
         crc: crc32fast::Hasher::new(),
-        id: codec.id_hasher(),
         read: 0,
     };
-    let decoded = decode_streamed(&mut body);
+    let mut plain = Plain::new(&mut body, stream, codec.id_hasher());
+    let decoded = decode_streamed(&mut plain);
     // The rest (after a failure) still counts towards the checksums.
     let mut sink = vec![0u8; 64 << 10];
-    while matches!(body.read(&mut sink), Ok(n) if n > 0) {}
+    while matches!(plain.read(&mut sink), Ok(n) if n > 0) {}
+    let (authentic, id) = (plain.authentic, plain.id.finish());
     if let Some(e) = body.failed {
         return Err(e);
     }
@@ -232,17 +303,99 @@ pub(crate) fn read_streamed(
     if body.crc.finalize() != header.payload_crc {
         return Ok(Streamed::Damaged(ObjectError::PayloadChecksum.to_string()));
     }
-    if header.plain_len != header.payload_len {
-        let e = ObjectError::PlainLength { expected: header.plain_len, found: header.payload_len };
+    let tag_len = if sealed { crate::transform::aes::TAG_LEN as u64 } else { 0 };
+    if header.plain_len + tag_len != header.payload_len {
+        let e = ObjectError::PlainLength { expected: header.plain_len, found: header.payload_len - tag_len };
         return Ok(Streamed::Damaged(e.to_string()));
     }
-    if body.id.finish().0 != header.id {
+    if !authentic {
+        return Ok(Streamed::Damaged(ObjectError::Authentication("payload").to_string()));
+    }
+    if id.0 != header.id {
         return Ok(Streamed::Damaged("version object: content does not match its checksum".into()));
     }
     Ok(match decoded {
         Ok((version, index)) => Streamed::Read { version: Box::new(version), index },
         Err(m) => Streamed::Damaged(m),
     })
+}
+
+/// The plaintext of a payload read by [`Ranged`]: opened as it passes when it is sealed
+/// (its last 16 bytes, the tag, held back and checked at the end), and hashed into its
+/// content id. Until the end it is not authenticated: only checks may be made of it.
+struct Plain<'a, 'b> {
+    body: &'a mut Ranged<'b>,
+    /// The open seal, until the end of the payload.
+    stream: Option<crate::transform::aes::OpenStream>,
+    sealed: bool,
+    buf: Vec<u8>,
+    /// Opened bytes not given out yet: `buf[start..ready]`; `buf[ready..end]` are read
+    /// but held back (they may be the tag).
+    start: usize,
+    ready: usize,
+    end: usize,
+    eof: bool,
+    /// Whether the tag authenticated what was opened (always, unsealed).
+    authentic: bool,
+    id: crate::transform::IdHasher,
+}
+
+impl<'a, 'b> Plain<'a, 'b> {
+    fn new(
+        body: &'a mut Ranged<'b>,
+        stream: Option<crate::transform::aes::OpenStream>,
+        id: crate::transform::IdHasher,
+    ) -> Self {
+        let sealed = stream.is_some();
+        let buf = if sealed { vec![0u8; 1 << 20] } else { Vec::new() };
+        Plain { body, stream, sealed, buf, start: 0, ready: 0, end: 0, eof: false, authentic: !sealed, id }
+    }
+
+    /// Opens what follows the bytes given out, holding the last 16 read back.
+    fn fill(&mut self) -> std::io::Result<()> {
+        use crate::transform::aes::TAG_LEN;
+        use std::io::Read;
+        self.buf.copy_within(self.ready..self.end, 0);
+        self.end -= self.ready;
+        (self.start, self.ready) = (0, 0);
+        while !self.eof && self.end <= TAG_LEN {
+            let n = self.body.read(&mut self.buf[self.end..])?;
+            self.eof = n == 0;
+            self.end += n;
+        }
+        let ready = self.end.saturating_sub(TAG_LEN);
+        if let Some(stream) = self.stream.as_mut()
+            && stream.open(&mut self.buf[..ready]).is_err()
+        {
+            self.stream = None; // fails authentication at the end
+        }
+        self.ready = ready;
+        if self.eof {
+            self.authentic = self.stream.take().is_some_and(|s| s.finish(&self.buf[ready..self.end]).is_ok());
+        }
+        Ok(())
+    }
+}
+
+impl std::io::Read for Plain<'_, '_> {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        let n = if self.sealed {
+            if self.start == self.ready {
+                if self.eof {
+                    return Ok(0);
+                }
+                self.fill()?;
+            }
+            let n = (self.ready - self.start).min(out.len());
+            out[..n].copy_from_slice(&self.buf[self.start..self.start + n]);
+            self.start += n;
+            n
+        } else {
+            self.body.read(out)?
+        };
+        self.id.update(&out[..n]);
+        Ok(n)
+    }
 }
 
 /// The fields and index digest of a version object's plaintext, read from `r`.
@@ -276,8 +429,7 @@ fn decode_streamed(r: &mut impl std::io::Read) -> std::result::Result<(Version, 
     }
 }
 
-/// The payload of an object read a range at a time, hashed (CRC-32 and content id) as
-/// it passes. A storage error ends it (kept in `failed`); so does the payload's end,
+/// The payload of an object read a range at a time, its CRC-32 computed as it passes. A storage error ends it (kept in `failed`); so does the payload's end,
 /// where one byte more is asked for to find an object longer than its header says.
 struct Ranged<'a> {
     storage: &'a dyn crate::storage::Storage,
@@ -289,7 +441,6 @@ struct Ranged<'a> {
     failed: Option<crate::storage::StorageError>,
     longer: bool,
     crc: crc32fast::Hasher,
-    id: crate::transform::IdHasher,
     /// Payload bytes read.
     read: u64,
 }
@@ -322,7 +473,6 @@ impl std::io::Read for Ranged<'_> {
             }
             self.at += piece.len() as u64;
             self.crc.update(&piece);
-            self.id.update(&piece);
             self.read += piece.len() as u64;
             self.piece = piece;
             self.used = 0;
@@ -334,5 +484,113 @@ impl std::io::Read for Ranged<'_> {
         buf[..n].copy_from_slice(&self.piece[self.used..self.used + n]);
         self.used += n;
         Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::block::BlockId;
+    use crate::index::{IndexDigest, IndexWriter};
+    use crate::storage::{file::FileStorage, sealed::SealedStorage};
+    use crate::transform::aes::{KeyId, MasterKey};
+
+    fn sealed_codec() -> (Codec, KeyId) {
+        let master = MasterKey::new(&[7u8; 32]);
+        let id = master.id();
+        (Codec::sealed(&[9u8; 32], vec![master], id).unwrap(), id)
+    }
+
+    /// Rewrites an object's checksums after it was altered (what damage that keeps them
+    /// right looks like).
+    fn fix_crcs(obj: &mut [u8]) {
+        let header_len = 72 + u16::from_le_bytes([obj[14], obj[15]]) as usize;
+        let payload = crc32fast::hash(&obj[header_len..]);
+        obj[32..36].copy_from_slice(&payload.to_le_bytes());
+        let mut h = crc32fast::Hasher::new();
+        h.update(&obj[0..36]);
+        h.update(&obj[40..header_len]);
+        obj[36..40].copy_from_slice(&h.finalize().to_le_bytes());
+    }
+
+    /// A large version object, sealed or not, is stored from its index's file and read
+    /// back as a stream: whole, it decodes to the same version and index; as a stream,
+    /// it gives the index's digest; altered (with its checksums made right again), cut
+    /// short or given a byte more, the stream names what a whole reading names.
+    #[test]
+    fn a_large_version_object_sealed_or_not_is_stored_and_read_as_a_stream() {
+        for sealed in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            let inner: crate::storage::SharedStorage =
+                std::sync::Arc::new(FileStorage::open("default", &dir.path().join("store")).unwrap());
+            let storage: crate::storage::SharedStorage =
+                if sealed { std::sync::Arc::new(SealedStorage::new(inner, sealed_codec().0)) } else { inner };
+            let spool = dir.path().join("spool");
+            let mut w = IndexWriter::new(&spool, crate::perms::Modes::PRIVATE, 4096).unwrap();
+            for i in 0..50_000u64 {
+                if i % 7 != 3 {
+                    w.push(i, BlockId::of(&i.to_le_bytes())).unwrap();
+                }
+            }
+            let index = w.finish(42, 50_000 * 4096 + 100).unwrap();
+            let mut v = crate::version::test_version(42, "vm", chrono::Utc::now());
+            v.labels.insert("k".into(), "v".into());
+            v.size = 50_000 * 4096 + 100;
+            store_with(storage.as_ref(), &v, &index, 0).unwrap();
+            assert_eq!(std::fs::read_dir(&spool).unwrap().count(), 0, "no spool file is left");
+            let key = version_key(v.uid);
+            let path = dir.path().join("store").join(&key);
+            let intact = std::fs::read(&path).unwrap();
+            let flags = u16::from_le_bytes([intact[12], intact[13]]);
+            assert_eq!(flags, if sealed { crate::block::FLAG_AES256GCM } else { 0 }, "not compressed");
+
+            let (whole, decoded) = decode_version_object(storage.codec(), &intact).unwrap();
+            assert_eq!(whole.labels, v.labels);
+            assert_eq!(decoded.encode().unwrap(), index.to_vec().unwrap());
+            let mut digest = IndexDigest::default();
+            let head = BlockIndex::visit(&index.to_vec().unwrap(), |i, id| digest.add(i, id)).unwrap();
+            let digest = digest.finish(&head);
+            match read_streamed_with(storage.as_ref(), &key, 0).unwrap() {
+                Streamed::Read { version, index } => {
+                    assert_eq!(version.labels, v.labels);
+                    assert_eq!(index, digest);
+                }
+                Streamed::NotLarge => panic!("read whole"),
+                Streamed::Damaged(e) => panic!("{e}"),
+            }
+
+            let header_len = crate::block::object_header_len(storage.codec());
+            let n = intact.len();
+            let mut cases: Vec<(&str, Vec<u8>)> = Vec::new();
+            for at in [header_len + 3, header_len + 200, n / 2, n - 1, n - 20] {
+                let mut bad = intact.clone();
+                bad[at] ^= 0x10;
+                fix_crcs(&mut bad);
+                let words = if sealed { "fails authentication" } else { "content does not match" };
+                cases.push((words, bad));
+            }
+            let mut longer = intact.clone();
+            longer.push(1);
+            cases.push(("does not match its header", longer));
+            cases.push(("does not match its header", intact[..n - 1].to_vec()));
+            if sealed {
+                let mut bad = intact.clone();
+                bad[72 + 30] ^= 1; // the wrapped data key
+                fix_crcs(&mut bad);
+                cases.push(("fails authentication (wrapped data key)", bad));
+            }
+            for (words, bad) in cases {
+                std::fs::write(&path, &bad).unwrap();
+                let whole = decode_version_object(storage.codec(), &bad).map(|_| ()).unwrap_err().to_string();
+                match read_streamed_with(storage.as_ref(), &key, 0).unwrap() {
+                    Streamed::Damaged(e) => {
+                        assert!(e.contains(words), "{e}");
+                        assert!(whole.ends_with(&e), "whole: {whole}; streamed: {e}");
+                    }
+                    Streamed::Read { .. } => panic!("{words}: not found; whole: {whole}"),
+                    Streamed::NotLarge => panic!("read whole"),
+                }
+            }
+        }
     }
 }

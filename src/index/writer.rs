@@ -198,8 +198,8 @@ impl IndexWriter {
         }
         let head = header(uid, size, self.block_size, count, body_len);
         file.write_all_at(&head, 0).map_err(write_error)?;
-        let index =
-            IndexFile { file, len, head: IndexHeader { uid, size, block_size: self.block_size, count }, data_blocks };
+        let head = IndexHeader { uid, size, block_size: self.block_size, count };
+        let index = IndexFile { file, len, head, data_blocks, dir: dir.clone() };
         let mut sum = Sha256::new();
         let mut r = index.reader();
         let mut buf = vec![0u8; 1 << 20];
@@ -225,6 +225,8 @@ pub struct IndexFile {
     len: u64,
     head: IndexHeader,
     data_blocks: u64,
+    /// The spool directory it lies in (where files made from it go too).
+    dir: std::path::PathBuf,
 }
 
 impl IndexFile {
@@ -254,6 +256,11 @@ impl IndexFile {
 
     pub fn header(&self) -> IndexHeader {
         self.head
+    }
+
+    /// The spool directory the file lies in.
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     pub fn data_blocks(&self) -> u64 {

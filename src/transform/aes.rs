@@ -243,6 +243,183 @@ pub fn rewrap<'a>(
     Ok(env)
 }
 
+/// An AES-256-GCM context of aws-lc's EVP interface, which takes a message in pieces
+/// (aws-lc-rs seals and opens in one pass only, which would hold a large object whole).
+/// The bytes are the one-pass seal's: a message sealed in pieces opens in one pass, and
+/// the other way round. Freed when dropped.
+struct Gcm {
+    ctx: *mut aws_lc_sys::EVP_CIPHER_CTX,
+    encrypt: bool,
+}
+
+// SAFETY: the context is owned by this value alone and is only used through `&mut self`.
+unsafe impl Send for Gcm {}
+
+impl Drop for Gcm {
+    fn drop(&mut self) {
+        // SAFETY: `ctx` came from EVP_CIPHER_CTX_new and is freed once, here.
+        unsafe { aws_lc_sys::EVP_CIPHER_CTX_free(self.ctx) }
+    }
+}
+
+/// Pieces handed to aws-lc at once (its lengths are C ints).
+const GCM_PIECE: usize = 1 << 30;
+
+impl Gcm {
+    /// A context keyed by `key`, at `nonce`, with `aad` already authenticated; `None` when
+    /// aws-lc refuses (out of memory).
+    fn new(encrypt: bool, key: &[u8; KEY_LEN], nonce: &[u8; NONCE_LEN], aad: &[u8]) -> Option<Gcm> {
+        // SAFETY: a fresh context or null.
+        let ctx = unsafe { aws_lc_sys::EVP_CIPHER_CTX_new() };
+        if ctx.is_null() {
+            return None;
+        }
+        let mut gcm = Gcm { ctx, encrypt };
+        // SAFETY: `ctx` is live; key and nonce are 32 and 12 bytes (GCM's default nonce
+        // length is 12, NONCE_LEN), read during the call only.
+        let ok = unsafe {
+            let cipher = aws_lc_sys::EVP_aes_256_gcm();
+            if encrypt {
+                aws_lc_sys::EVP_EncryptInit_ex(ctx, cipher, std::ptr::null_mut(), key.as_ptr(), nonce.as_ptr())
+            } else {
+                aws_lc_sys::EVP_DecryptInit_ex(ctx, cipher, std::ptr::null_mut(), key.as_ptr(), nonce.as_ptr())
+            }
+        } == 1;
+        (ok && aad.chunks(GCM_PIECE).all(|piece| gcm.call(std::ptr::null_mut(), piece.as_ptr(), piece.len())))
+            .then_some(gcm)
+    }
+
+    /// One EVP update of `len` bytes from `input` to `out` (null: associated data).
+    fn call(&mut self, out: *mut u8, input: *const u8, len: usize) -> bool {
+        let mut written: std::os::raw::c_int = 0;
+        let Ok(n) = std::os::raw::c_int::try_from(len) else { return false };
+        // SAFETY: `ctx` is live; `input` is readable and `out` (when not null) writable
+        // for `len` bytes, and they are equal or disjoint (GCM allows in-place).
+        let rc = unsafe {
+            if self.encrypt {
+                aws_lc_sys::EVP_EncryptUpdate(self.ctx, out, &mut written, input, n)
+            } else {
+                aws_lc_sys::EVP_DecryptUpdate(self.ctx, out, &mut written, input, n)
+            }
+        };
+        rc == 1 && (out.is_null() || written == n)
+    }
+
+    /// Encrypts or decrypts `buf` in place (GCM is a stream cipher: same length).
+    fn update(&mut self, buf: &mut [u8]) -> bool {
+        buf.chunks_mut(GCM_PIECE).all(|piece| {
+            let p = piece.as_mut_ptr();
+            self.call(p, p, piece.len())
+        })
+    }
+
+    /// The tag of everything sealed.
+    fn seal_finish(self) -> Option<[u8; TAG_LEN]> {
+        let mut tag = [0u8; TAG_LEN];
+        let mut n: std::os::raw::c_int = 0;
+        let mut none = [0u8; 16];
+        // SAFETY: `ctx` is live; a stream mode writes nothing at its end (room for a block
+        // is given anyway); the tag is 16 bytes, as asked.
+        let ok = unsafe {
+            aws_lc_sys::EVP_EncryptFinal_ex(self.ctx, none.as_mut_ptr(), &mut n) == 1
+                && aws_lc_sys::EVP_CIPHER_CTX_ctrl(
+                    self.ctx,
+                    aws_lc_sys::EVP_CTRL_GCM_GET_TAG,
+                    TAG_LEN as std::os::raw::c_int,
+                    tag.as_mut_ptr().cast(),
+                ) == 1
+        };
+        (ok && n == 0).then_some(tag)
+    }
+
+    /// Whether everything opened authenticates under `tag`.
+    fn open_finish(self, tag: &[u8]) -> bool {
+        let Ok(tag) = <[u8; TAG_LEN]>::try_from(tag) else { return false };
+        let mut tag = tag;
+        let mut n: std::os::raw::c_int = 0;
+        let mut none = [0u8; 16];
+        // SAFETY: as in `seal_finish`; the tag is read during the call only.
+        unsafe {
+            aws_lc_sys::EVP_CIPHER_CTX_ctrl(
+                self.ctx,
+                aws_lc_sys::EVP_CTRL_GCM_SET_TAG,
+                TAG_LEN as std::os::raw::c_int,
+                tag.as_mut_ptr().cast(),
+            ) == 1
+                && aws_lc_sys::EVP_DecryptFinal_ex(self.ctx, none.as_mut_ptr(), &mut n) == 1
+                && n == 0
+        }
+    }
+}
+
+/// A payload sealed as [`seal`] does, handed over in pieces: the envelope is known first,
+/// the tag last. Nothing of it may be stored before [`SealStream::finish`] succeeds.
+pub struct SealStream {
+    gcm: Gcm,
+    envelope: [u8; ENVELOPE_LEN],
+}
+
+/// Starts sealing a payload under a fresh data key wrapped by `master`, `aad` its
+/// associated data (as [`seal`]).
+pub fn seal_stream(master: &MasterKey, object_id: &[u8; 32], aad: &[u8]) -> Result<SealStream, SealError> {
+    let data_key = random::<KEY_LEN>();
+    let n = random::<NONCE_LEN>();
+    let gcm = Gcm::new(true, &data_key, &n, aad).ok_or(SealError(0))?;
+    let mut envelope = [0u8; ENVELOPE_LEN];
+    envelope[ENVELOPE_LEN - NONCE_LEN..].copy_from_slice(&n);
+    wrap_into(&mut envelope, master, &data_key, object_id)?;
+    Ok(SealStream { gcm, envelope })
+}
+
+impl SealStream {
+    /// The envelope for the object's header.
+    pub fn envelope(&self) -> &[u8; ENVELOPE_LEN] {
+        &self.envelope
+    }
+
+    /// Encrypts the next piece of the payload in place.
+    pub fn seal(&mut self, piece: &mut [u8]) -> Result<(), SealError> {
+        if self.gcm.update(piece) { Ok(()) } else { Err(SealError(piece.len())) }
+    }
+
+    /// The tag that follows the ciphertext.
+    pub fn finish(self) -> Result<[u8; TAG_LEN], SealError> {
+        self.gcm.seal_finish().ok_or(SealError(0))
+    }
+}
+
+/// A sealed payload opened in pieces. What it gives back is not authenticated until
+/// [`OpenStream::finish`] accepts the tag: nothing may act on it before.
+pub struct OpenStream {
+    gcm: Gcm,
+}
+
+/// Starts opening a payload sealed under `envelope` (as [`open`]).
+pub fn open_stream<'a>(
+    find: impl Fn(KeyId) -> Option<&'a MasterKey>,
+    envelope: &[u8],
+    object_id: &[u8; 32],
+    aad: &[u8],
+) -> Result<OpenStream, OpenError> {
+    let dk = data_key(find, envelope, object_id)?;
+    let mut n = [0u8; NONCE_LEN];
+    n.copy_from_slice(&envelope[ENVELOPE_LEN - NONCE_LEN..]);
+    let gcm = Gcm::new(false, &dk, &n, aad).ok_or(OpenError::Payload)?;
+    Ok(OpenStream { gcm })
+}
+
+impl OpenStream {
+    /// Decrypts the next piece of the ciphertext in place (not authenticated yet).
+    pub fn open(&mut self, piece: &mut [u8]) -> Result<(), OpenError> {
+        if self.gcm.update(piece) { Ok(()) } else { Err(OpenError::Payload) }
+    }
+
+    /// Whether all that was opened authenticates under `tag`.
+    pub fn finish(self, tag: &[u8]) -> Result<(), OpenError> {
+        if self.gcm.open_finish(tag) { Ok(()) } else { Err(OpenError::Payload) }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -282,5 +459,68 @@ mod tests {
         let (_, sealed) = k.wrap(b"secret", b"aad").unwrap();
         assert_eq!(sealed.len(), 6 + TAG_LEN);
         assert_ne!(&sealed[6..], &[0u8; TAG_LEN], "a real tag");
+    }
+
+    /// Sealed in pieces, a payload is what one pass seals (the same key and nonce give
+    /// the same bytes and tag), and each opens what the other sealed.
+    #[test]
+    fn a_payload_sealed_in_pieces_is_the_one_pass_seal() {
+        let master = MasterKey::new(&[5u8; 32]);
+        let find = |k: KeyId| (k == master.id()).then_some(&master);
+        let id = [4u8; 32];
+        let plain: Vec<u8> = (0..100_000u32).map(|i| (i * 7 + i / 251) as u8).collect();
+        for cuts in [vec![], vec![1], vec![16, 17, 4096], vec![99_999]] {
+            let mut s = seal_stream(&master, &id, b"head").unwrap();
+            let mut sealed = plain.clone();
+            let mut at = 0;
+            for &c in cuts.iter().chain(std::iter::once(&plain.len())) {
+                s.seal(&mut sealed[at..c]).unwrap();
+                at = c;
+            }
+            let env = *s.envelope();
+            let tag = s.finish().unwrap();
+            assert_ne!(sealed, plain);
+            // One pass opens it.
+            let mut out = vec![0u8; plain.len()];
+            assert_eq!(open(find, &env, &id, b"head", &sealed, &tag, &mut out), Ok(()));
+            assert_eq!(out, plain);
+            // One pass with its key and nonce seals the same bytes and tag.
+            let dk = data_key(find, &env, &id).unwrap();
+            let mut again = plain.clone();
+            let t = cipher(&dk)
+                .seal_in_place_separate_tag(nonce(&env[ENVELOPE_LEN - NONCE_LEN..]), Aad::from(b"head"), &mut again)
+                .unwrap();
+            assert_eq!(again, sealed);
+            assert_eq!(t.as_ref(), &tag);
+            // Opened in pieces, it authenticates; a flipped bit, another tag or other
+            // associated data does not.
+            let mut o = open_stream(find, &env, &id, b"head").unwrap();
+            let mut opened = sealed.clone();
+            let (a, b) = opened.split_at_mut(33_333);
+            o.open(a).unwrap();
+            o.open(b).unwrap();
+            assert_eq!(o.finish(&tag), Ok(()));
+            assert_eq!(opened, plain);
+            let mut bad = sealed.clone();
+            bad[777] ^= 4;
+            let mut o = open_stream(find, &env, &id, b"head").unwrap();
+            o.open(&mut bad).unwrap();
+            assert_eq!(o.finish(&tag), Err(OpenError::Payload));
+            let mut o = open_stream(find, &env, &id, b"hea!").unwrap();
+            o.open(&mut sealed.clone()).unwrap();
+            assert_eq!(o.finish(&tag), Err(OpenError::Payload));
+            let mut o = open_stream(find, &env, &id, b"head").unwrap();
+            o.open(&mut sealed.clone()).unwrap();
+            assert_eq!(o.finish(&tag[..15]), Err(OpenError::Payload));
+        }
+        // One-pass seal, opened in pieces.
+        let mut sealed = plain.clone();
+        let (env, tag) = seal(&master, &id, b"x", &mut sealed).unwrap();
+        let mut o = open_stream(find, &env, &id, b"x").unwrap();
+        for piece in sealed.chunks_mut(10_000) {
+            o.open(piece).unwrap();
+        }
+        assert_eq!(o.finish(&tag), Ok(()));
+        assert_eq!(sealed, plain);
     }
 }

@@ -206,7 +206,9 @@ impl Repository {
             if missing > 0 || damaged > 0 || v.status == Status::Incomplete {
                 v.status = Status::Invalid;
             }
-            self.db().insert_version_record(&v, &index.encode()?)?;
+            let encoded = index.encode()?;
+            let mut at = &encoded[..];
+            self.db().insert_version_record(&v, crate::catalog::IndexBytes::of(&mut at))?;
             self.refresh_version_object(v.uid)?;
             imported.push(v.uid);
         }

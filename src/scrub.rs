@@ -146,13 +146,14 @@ impl Repository {
                 || format!("{uid}: its version object {key} is missing from storage '{}'; {repair}", version.storage);
             // A large one is read as a stream of ranges (never held), a small one whole.
             let (stored, same_index) = match crate::version_object::read_streamed(storage.as_ref(), &key) {
-                Ok(crate::version_object::Streamed::Read { version: stored, index: digest }) => {
+                Ok(crate::version_object::Streamed::Read { version: stored, index: digest, .. }) => {
                     (*stored, index.is_none_or(|want| digest == *want))
                 }
                 // Read in ranges, it may have been rewritten between two of them: damage
                 // is what a second reading finds too.
                 Ok(crate::version_object::Streamed::Damaged(_)) if pass == 0 => continue,
                 Ok(crate::version_object::Streamed::Damaged(e)) => return Ok(Some(damaged(&e))),
+                Ok(crate::version_object::Streamed::NotKept(e)) => return Err(e), // nothing is kept here
                 Err(crate::storage::StorageError::NotFound { .. }) => return Ok(Some(missing())),
                 Err(crate::storage::StorageError::Discarding { .. }) => return Ok(None),
                 Err(e) => return Err(stopped(&e)),

@@ -216,10 +216,19 @@ pub fn decode_version_object(codec: &Codec, bytes: &[u8]) -> Result<(Version, Bl
 pub(crate) enum Streamed {
     /// Not a large object stored as a stream (compressed, or small): read it whole.
     NotLarge,
-    /// It decodes: its fields, and the [`crate::index::IndexDigest`] of its index.
-    Read { version: Box<Version>, index: [u8; 32] },
+    /// It decodes: its fields, the [`crate::index::IndexDigest`] of its index, and the
+    /// index itself in a spool file when it was asked to be kept.
+    Read { version: Box<Version>, index: [u8; 32], kept: Option<IndexFile> },
     /// It fails its checks: what is wrong.
     Damaged(String),
+    /// The index could not be kept (a local error: the spool's disk is full).
+    NotKept(Error),
+}
+
+/// Where to keep a streamed version object's index: a spool directory.
+pub(crate) struct Keep<'a> {
+    pub dir: &'a std::path::Path,
+    pub modes: crate::perms::Modes,
 }
 
 /// Bytes per ranged read of a version object read as a stream.
@@ -236,7 +245,17 @@ pub(crate) fn read_streamed(
     storage: &dyn crate::storage::Storage,
     key: &str,
 ) -> crate::storage::StorageResult<Streamed> {
-    read_streamed_with(storage, key, streamed_version_index_len())
+    read_streamed_with(storage, key, streamed_version_index_len(), None)
+}
+
+/// [`read_streamed`], keeping the index (as it is stored, checked) in a file in `keep`:
+/// what a rebuild records a large version from without holding its index.
+pub(crate) fn read_streamed_kept(
+    storage: &dyn crate::storage::Storage,
+    key: &str,
+    keep: Keep<'_>,
+) -> crate::storage::StorageResult<Streamed> {
+    read_streamed_with(storage, key, streamed_version_index_len(), Some(keep))
 }
 
 /// [`read_streamed`], for an object whose payload is longer than `streamed` bytes.
@@ -244,6 +263,7 @@ fn read_streamed_with(
     storage: &dyn crate::storage::Storage,
     key: &str,
     streamed: u64,
+    keep: Option<Keep<'_>>,
 ) -> crate::storage::StorageResult<Streamed> {
     use crate::backup::STORAGE_ATTEMPTS;
     use crate::block::{OBJECT_HEADER_LEN, ObjectError, parse_header};
@@ -288,7 +308,7 @@ fn read_streamed_with(
         read: 0,
     };
     let mut plain = Plain::new(&mut body, stream, codec.id_hasher());
-    let decoded = decode_streamed(&mut plain);
+    let decoded = decode_streamed(&mut plain, keep);
     // The rest (after a failure) still counts towards the checksums.
     let mut sink = vec![0u8; 64 << 10];
     while matches!(plain.read(&mut sink), Ok(n) if n > 0) {}
@@ -315,8 +335,9 @@ fn read_streamed_with(
         return Ok(Streamed::Damaged("version object: content does not match its checksum".into()));
     }
     Ok(match decoded {
-        Ok((version, index)) => Streamed::Read { version: Box::new(version), index },
-        Err(m) => Streamed::Damaged(m),
+        Ok((version, index, kept)) => Streamed::Read { version: Box::new(version), index, kept },
+        Err(NotRead::Damaged(m)) => Streamed::Damaged(m),
+        Err(NotRead::NotKept(e)) => Streamed::NotKept(e),
     })
 }
 
@@ -398,9 +419,19 @@ impl std::io::Read for Plain<'_, '_> {
     }
 }
 
-/// The fields and index digest of a version object's plaintext, read from `r`.
-fn decode_streamed(r: &mut impl std::io::Read) -> std::result::Result<(Version, [u8; 32]), String> {
-    let ctx = |m: &str| format!("version object: {m}");
+/// Why [`decode_streamed`] gave nothing.
+enum NotRead {
+    Damaged(String),
+    NotKept(Error),
+}
+
+/// The fields and index digest of a version object's plaintext, read from `r`, and its
+/// index kept in a file in `keep` when asked.
+fn decode_streamed(
+    r: &mut impl std::io::Read,
+    keep: Option<Keep<'_>>,
+) -> std::result::Result<(Version, [u8; 32], Option<IndexFile>), NotRead> {
+    let ctx = |m: &str| NotRead::Damaged(format!("version object: {m}"));
     let mut head = [0u8; 16];
     r.read_exact(&mut head).map_err(|_| ctx("truncated metadata"))?;
     if head[0..8] != VERSION_OBJECT_MAGIC {
@@ -417,20 +448,42 @@ fn decode_streamed(r: &mut impl std::io::Read) -> std::result::Result<(Version, 
     let mut json = vec![0u8; json_len as usize];
     r.read_exact(&mut json).map_err(|_| ctx("truncated metadata"))?;
     let version: Version = serde_json::from_slice(&json).map_err(|e| ctx(&format!("bad metadata: {e}")))?;
+    let mut kept = match keep {
+        Some(keep) => Some(crate::index::KeptIndex::new(keep.dir, keep.modes).map_err(NotRead::NotKept)?),
+        None => None,
+    };
     let mut digest = crate::index::IndexDigest::default();
-    let walked = BlockIndex::visit_reader(r, |i, id| {
+    let mut data_blocks = 0u64;
+    let mut each = |i, id| {
         digest.add(i, id);
+        data_blocks += 1;
         true
-    });
-    match walked {
-        Ok(Some(head)) => Ok((version, digest.finish(&head))),
-        Ok(None) => Err(ctx("index stopped early")),
-        Err(e) => Err(Error::Index { context: format!("index of {}", version.uid), source: e }.to_string()),
-    }
+    };
+    let walked = match kept.as_mut() {
+        Some(k) => BlockIndex::visit_reader(k.tee(r), &mut each),
+        None => BlockIndex::visit_reader(r, &mut each),
+    };
+    let head = match walked {
+        Ok(Some(head)) => head,
+        Ok(None) => return Err(ctx("index stopped early")),
+        Err(e) => {
+            if let Some(e) = kept.and_then(|k| k.failed()) {
+                return Err(NotRead::NotKept(e));
+            }
+            let e = Error::Index { context: format!("index of {}", version.uid), source: e };
+            return Err(NotRead::Damaged(e.to_string()));
+        }
+    };
+    let kept = match kept {
+        Some(k) => Some(k.finish(head, data_blocks).map_err(NotRead::NotKept)?),
+        None => None,
+    };
+    Ok((version, digest.finish(&head), kept))
 }
 
-/// The payload of an object read a range at a time, its CRC-32 computed as it passes. A storage error ends it (kept in `failed`); so does the payload's end,
-/// where one byte more is asked for to find an object longer than its header says.
+/// The payload of an object read a range at a time, its CRC-32 computed as it passes. A
+/// storage error ends it (kept in `failed`); so does the payload's end, where one byte
+/// more is asked for to find an object longer than its header says.
 struct Ranged<'a> {
     storage: &'a dyn crate::storage::Storage,
     key: &'a str,
@@ -550,14 +603,21 @@ mod tests {
             let mut digest = IndexDigest::default();
             let head = BlockIndex::visit(&index.to_vec().unwrap(), |i, id| digest.add(i, id)).unwrap();
             let digest = digest.finish(&head);
-            match read_streamed_with(storage.as_ref(), &key, 0).unwrap() {
-                Streamed::Read { version, index } => {
+            let keep = Keep { dir: &spool, modes: crate::perms::Modes::PRIVATE };
+            match read_streamed_with(storage.as_ref(), &key, 0, Some(keep)).unwrap() {
+                Streamed::Read { version, index: read, kept } => {
                     assert_eq!(version.labels, v.labels);
-                    assert_eq!(index, digest);
+                    assert_eq!(read, digest);
+                    // Kept, it is the stored index, byte for byte.
+                    let kept = kept.unwrap();
+                    assert_eq!(kept.to_vec().unwrap(), index.to_vec().unwrap());
+                    assert_eq!((kept.header(), kept.data_blocks()), (index.header(), index.data_blocks()));
                 }
                 Streamed::NotLarge => panic!("read whole"),
                 Streamed::Damaged(e) => panic!("{e}"),
+                Streamed::NotKept(e) => panic!("{e}"),
             }
+            assert_eq!(std::fs::read_dir(&spool).unwrap().count(), 0, "no spool file is left");
 
             let header_len = crate::block::object_header_len(storage.codec());
             let n = intact.len();
@@ -582,13 +642,14 @@ mod tests {
             for (words, bad) in cases {
                 std::fs::write(&path, &bad).unwrap();
                 let whole = decode_version_object(storage.codec(), &bad).map(|_| ()).unwrap_err().to_string();
-                match read_streamed_with(storage.as_ref(), &key, 0).unwrap() {
+                match read_streamed_with(storage.as_ref(), &key, 0, None).unwrap() {
                     Streamed::Damaged(e) => {
                         assert!(e.contains(words), "{e}");
                         assert!(whole.ends_with(&e), "whole: {whole}; streamed: {e}");
                     }
                     Streamed::Read { .. } => panic!("{words}: not found; whole: {whole}"),
                     Streamed::NotLarge => panic!("read whole"),
+                    Streamed::NotKept(e) => panic!("{e}"),
                 }
             }
         }

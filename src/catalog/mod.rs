@@ -271,6 +271,13 @@ pub struct IndexBytes<'a> {
     pub bytes: &'a mut dyn std::io::Read,
 }
 
+impl<'a> IndexBytes<'a> {
+    /// An index held in memory (`at` is the reader over it, advanced as it is read).
+    pub fn of(at: &'a mut &[u8]) -> IndexBytes<'a> {
+        IndexBytes { len: at.len() as u64, bytes: at }
+    }
+}
+
 /// Bytes per write of a streamed index into the catalog.
 const INDEX_WRITE_PIECE: usize = 1 << 20;
 
@@ -364,7 +371,8 @@ pub trait Catalog: Send {
     fn commit_version(&mut self, uid: VersionUid, session: i64, index: IndexBytes<'_>, stats: &Stats) -> Result<()>;
     /// Inserts a version as recorded elsewhere (a storage's version object), keeping its
     /// uid; the uid sequence moves past it, so new uids stay increasing.
-    fn insert_version_record(&mut self, v: &Version, index: &[u8]) -> Result<()>;
+    /// The index is read as it is written (a rebuild hands over a large one from a file).
+    fn insert_version_record(&mut self, v: &Version, index: IndexBytes<'_>) -> Result<()>;
     /// Replaces the fields, labels and index of a version the catalog holds with those
     /// recorded elsewhere, in one transaction.
     fn replace_version_record(&mut self, v: &Version, index: &[u8]) -> Result<()>;

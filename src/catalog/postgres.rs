@@ -877,9 +877,12 @@ impl Catalog for PostgresCatalog {
         Ok(())
     }
 
-    fn insert_version_record(&mut self, v: &Version, index: &[u8]) -> Result<()> {
+    fn insert_version_record(&mut self, v: &Version, index: IndexBytes<'_>) -> Result<()> {
         let storage_id = self.storage_id(&v.storage)?;
-        self.write(|tx| insert_version(tx, v, storage_id, Some(index)))
+        self.write(|tx| {
+            insert_version(tx, v, storage_id, None)?;
+            copy_index_in(tx, v.uid.0 as i64, index)
+        })
     }
 
     fn replace_version_record(&mut self, v: &Version, index: &[u8]) -> Result<()> {

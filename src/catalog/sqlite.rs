@@ -547,16 +547,7 @@ impl Catalog for SqliteCatalog {
         if !owned {
             return Err(super::session_ended(session));
         }
-        // Written a piece at a time into a value of the index's length (incremental
-        // blob I/O), in this transaction.
-        tx.execute(
-            "INSERT OR REPLACE INTO version_index(uid, data) VALUES (?1, zeroblob(?2))",
-            params![uid.0 as i64, index.len as i64],
-        )?;
-        {
-            let mut blob = tx.blob_open(rusqlite::MAIN_DB, c"version_index", c"data", uid.0 as i64, false)?;
-            super::copy_index(index, |piece, at| Ok(blob.write_all_at(piece, at as usize)?))?;
-        }
+        write_index(&tx, uid, index)?;
         tx.execute(
             "UPDATE versions SET status='valid', session_id=NULL, bytes_read=?2, bytes_written=?3, bytes_stored=?4, bytes_deduplicated=?5, bytes_sparse=?6, duration_ms=?7 WHERE uid=?1",
             params![
@@ -575,8 +566,12 @@ impl Catalog for SqliteCatalog {
 
     /// Inserts a version as recorded elsewhere (a storage's version object), keeping its
     /// uid; the uid sequence moves past it, so new uids stay increasing.
-    fn insert_version_record(&mut self, v: &Version, index: &[u8]) -> Result<()> {
-        self.import_version(v, Some(index))
+    fn insert_version_record(&mut self, v: &Version, index: IndexBytes<'_>) -> Result<()> {
+        let storage_id = self.storage_id(&v.storage)?;
+        self.write(|tx| {
+            insert_version_row(tx, v, storage_id)?;
+            write_index(tx, v.uid, index)
+        })
     }
 
     /// Replaces the fields, labels and index of a version the database holds with those
@@ -1013,20 +1008,11 @@ impl Catalog for SqliteCatalog {
     fn import_version(&mut self, v: &Version, index: Option<&[u8]>) -> Result<()> {
         let storage_id = self.storage_id(&v.storage)?;
         self.write(|tx| {
-            tx.execute(
-                "INSERT INTO versions(uid, name, snapshot, date, size, block_size, status, protected, storage_id, expire, \
-                 bytes_read, bytes_written, bytes_stored, bytes_deduplicated, bytes_sparse, duration_ms) \
-                 VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16)",
-                rusqlite::params_from_iter(version_row(v, storage_id)),
-            )?;
-            tx.execute("UPDATE versions SET host=?2 WHERE uid=?1", params![v.uid.0 as i64, v.host])?;
-            for (k, val) in &v.labels {
-                tx.execute("INSERT INTO labels(uid, name, value) VALUES (?1,?2,?3)", params![v.uid.0 as i64, k, val])?;
+            insert_version_row(tx, v, storage_id)?;
+            match index {
+                Some(mut index) => write_index(tx, v.uid, IndexBytes::of(&mut index)),
+                None => Ok(()),
             }
-            if let Some(index) = index {
-                tx.execute("INSERT INTO version_index(uid, data) VALUES (?1, ?2)", params![v.uid.0 as i64, index])?;
-            }
-            Ok(())
         })
     }
 
@@ -1062,6 +1048,32 @@ impl SqliteCatalog {
         tx.commit()?;
         Ok(out)
     }
+}
+
+/// Inserts a version's row and labels as recorded elsewhere (its uid kept).
+fn insert_version_row(tx: &rusqlite::Transaction, v: &Version, storage_id: i64) -> Result<()> {
+    tx.execute(
+        "INSERT INTO versions(uid, name, snapshot, date, size, block_size, status, protected, storage_id, expire, \
+         bytes_read, bytes_written, bytes_stored, bytes_deduplicated, bytes_sparse, duration_ms) \
+         VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16)",
+        rusqlite::params_from_iter(version_row(v, storage_id)),
+    )?;
+    tx.execute("UPDATE versions SET host=?2 WHERE uid=?1", params![v.uid.0 as i64, v.host])?;
+    for (k, val) in &v.labels {
+        tx.execute("INSERT INTO labels(uid, name, value) VALUES (?1,?2,?3)", params![v.uid.0 as i64, k, val])?;
+    }
+    Ok(())
+}
+
+/// Writes a version's index, a piece at a time, into a value of its length (incremental
+/// blob I/O), in the caller's transaction.
+fn write_index(tx: &rusqlite::Transaction, uid: VersionUid, index: IndexBytes<'_>) -> Result<()> {
+    tx.execute(
+        "INSERT OR REPLACE INTO version_index(uid, data) VALUES (?1, zeroblob(?2))",
+        params![uid.0 as i64, index.len as i64],
+    )?;
+    let mut blob = tx.blob_open(rusqlite::MAIN_DB, c"version_index", c"data", uid.0 as i64, false)?;
+    super::copy_index(index, |piece, at| Ok(blob.write_all_at(piece, at as usize)?))
 }
 
 fn versions_where(conn: &Connection, clause: &str, args: &[&dyn rusqlite::ToSql]) -> Result<Vec<Version>> {

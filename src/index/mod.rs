@@ -14,7 +14,7 @@ use std::ops::Range;
 mod entries;
 mod writer;
 pub use entries::Entries;
-pub use writer::{IndexFile, IndexFileReader, IndexWriter, RUN_MAX, Runs};
+pub use writer::{IndexFile, IndexFileReader, IndexWriter, KeptIndex, RUN_MAX, Runs, Tee};
 
 pub const INDEX_MAGIC: [u8; 8] = *b"KEEPFSIX";
 /// The format this build writes.

@@ -280,6 +280,69 @@ impl IndexFile {
     }
 }
 
+/// A stored index copied into an unnamed spool file as it is read from elsewhere (the
+/// version object a rebuild records a version from): an [`IndexFile`] once the reader
+/// has checked it.
+pub struct KeptIndex {
+    out: BufWriter<File>,
+    len: u64,
+    failed: Option<std::io::Error>,
+    dir: std::path::PathBuf,
+}
+
+impl KeptIndex {
+    /// A copy whose file lies in `dir` (created with `modes` if need be).
+    pub fn new(dir: &Path, modes: crate::perms::Modes) -> Result<KeptIndex> {
+        let io = |e| Error::io(format!("cannot make a block index file in {}", dir.display()), e);
+        modes.create_dir_all(dir).map_err(io)?;
+        let out = BufWriter::with_capacity(1 << 20, tempfile::tempfile_in(dir).map_err(io)?);
+        Ok(KeptIndex { out, len: 0, failed: None, dir: dir.to_path_buf() })
+    }
+
+    /// `r`, every byte read from it also copied into the file. A failed copy fails the
+    /// read (see [`KeptIndex::failed`]).
+    pub fn tee<R: Read>(&mut self, r: R) -> Tee<'_, R> {
+        Tee { r, kept: self }
+    }
+
+    /// Why the copy failed, if it did.
+    pub fn failed(self) -> Option<Error> {
+        let dir = self.dir;
+        self.failed.map(|e| write_error(&dir, e))
+    }
+
+    /// The copy, once the index it holds was checked: its header and data blocks.
+    pub fn finish(self, head: IndexHeader, data_blocks: u64) -> Result<IndexFile> {
+        let dir = self.dir;
+        if let Some(e) = self.failed {
+            return Err(write_error(&dir, e));
+        }
+        let file = self.out.into_inner().map_err(|e| write_error(&dir, e.into_error()))?;
+        Ok(IndexFile { file, len: self.len, head, data_blocks, dir })
+    }
+}
+
+/// A reader whose bytes are copied into a [`KeptIndex`] as they pass.
+pub struct Tee<'a, R> {
+    r: R,
+    kept: &'a mut KeptIndex,
+}
+
+impl<R: Read> Read for Tee<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.r.read(buf)?;
+        if self.kept.failed.is_some() {
+            return Err(std::io::Error::other("the block index could not be kept"));
+        }
+        if let Err(e) = self.kept.out.write_all(&buf[..n]) {
+            self.kept.failed = Some(e);
+            return Err(std::io::Error::other("the block index could not be kept"));
+        }
+        self.kept.len += n as u64;
+        Ok(n)
+    }
+}
+
 /// Reads an [`IndexFile`] from its start; several may read one file at once.
 pub struct IndexFileReader<'a> {
     file: &'a File,

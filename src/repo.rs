@@ -240,6 +240,17 @@ impl Repository {
         }
     }
 
+    /// Bytes of version `v`'s image that non-sparse blocks hold (see
+    /// [`BlockIndex::data_bytes`]), its index walked as a stream: never held.
+    pub fn data_bytes(&self, v: &Version) -> Result<u64> {
+        let mut n = 0u64;
+        self.walk_index(v, |idx, _| {
+            n += crate::index::block_len(v.size, v.block_size, idx);
+            true
+        })?;
+        Ok(n)
+    }
+
     /// Whether an index found damaged while it was read in pieces is damaged, or was
     /// replaced meanwhile (`metadata restore --force`; its pieces are read by separate
     /// queries): it is read once more, end to end. Damage found again marks the version

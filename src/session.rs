@@ -623,7 +623,7 @@ impl Sessions for SessionService {
             return Ok(*n);
         }
         let v = VersionUid::parse(uid).map_err(|_| to_io(Error::VersionNotFound(uid.to_string())))?;
-        let n = self.repo.index(v).map_err(to_io)?.data_bytes();
+        let n = self.repo.version(v).and_then(|v| self.repo.data_bytes(&v)).map_err(to_io)?;
         self.data_bytes.lock().insert(uid.to_string(), n);
         Ok(n)
     }

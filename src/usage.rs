@@ -11,6 +11,15 @@ use crate::version::{Status, Version};
 use serde::Serialize;
 use std::collections::{HashMap, HashSet};
 
+/// What the accounting keeps per distinct block of a storage.
+#[derive(Default)]
+struct Refs {
+    /// Versions that reference it.
+    count: u32,
+    /// The last walk (a version's) that met it: each version counts once per block.
+    last: u32,
+}
+
 /// One version's share of its storage. Byte counts of the image are plaintext; `stored`
 /// counts are what the objects take in the storage (compressed, sealed).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
@@ -39,15 +48,22 @@ pub fn storage_usage(repo: &Repository, selected: &[Version]) -> Result<Vec<Usag
     let storages: HashSet<&str> = selected.iter().map(|v| v.storage.as_str()).collect();
     let mut out = Vec::new();
     for storage in storages {
-        // How many versions reference each block (each version counted once per block).
-        // Indexes are read one at a time, twice, so that memory holds one index and the
-        // counts, not every index.
-        let mut refs: HashMap<BlockId, u32> = HashMap::new();
+        // How many versions reference each block (each version counted once per block),
+        // and the last pass that met it. Indexes are walked as streams, one at a time,
+        // twice: memory holds these counts, never an index.
+        let mut refs: HashMap<BlockId, Refs> = HashMap::new();
+        let mut pass = 0u32;
         for v in all.iter().filter(|v| v.storage == storage && v.status != Status::Incomplete) {
-            let Ok(index) = repo.index(v.uid) else { continue };
-            let distinct: HashSet<BlockId> = index.entries.data().map(|(_, id)| id).collect();
-            for id in distinct {
-                *refs.entry(id).or_default() += 1;
+            pass += 1;
+            let walked = repo.walk_index(v, |_, id| {
+                let r = refs.entry(id).or_default();
+                if r.last != pass {
+                    (r.count, r.last) = (r.count + 1, pass);
+                }
+                true
+            });
+            if walked.is_err() {
+                continue; // its blocks met so far count as shared: never more "exclusive"
             }
         }
         let storage_id = repo.storage_id(storage)?;
@@ -56,7 +72,7 @@ pub fn storage_usage(repo: &Repository, selected: &[Version]) -> Result<Vec<Usag
             if v.status == Status::Incomplete {
                 continue;
             }
-            let Ok(index) = repo.index(v.uid) else { continue };
+            pass += 1;
             let mut u = Usage {
                 uid: v.uid.to_string(),
                 name: v.name.clone(),
@@ -64,24 +80,31 @@ pub fn storage_usage(repo: &Repository, selected: &[Version]) -> Result<Vec<Usag
                 size: v.size,
                 ..Default::default()
             };
-            let mut seen = HashSet::new();
-            u.sparse = index.size - index.data_bytes();
-            for (i, id) in index.entries.data() {
-                let len = index.block_len(i as usize) as u64;
-                let only_here = refs.get(&id).copied().unwrap_or(0) <= 1;
+            let mut data = 0u64;
+            let walked = repo.walk_index(v, |i, id| {
+                let len = crate::index::block_len(v.size, v.block_size, i);
+                data += len;
+                let r = refs.entry(id).or_default();
+                let only_here = r.count <= 1;
                 if only_here {
                     u.exclusive += len;
                 } else {
                     u.shared += len;
                 }
-                if seen.insert(id) {
+                if r.last != pass {
+                    r.last = pass;
                     let stored = sizes.get(&id).copied().unwrap_or(0);
                     u.stored += stored;
                     if only_here {
                         u.exclusive_stored += stored;
                     }
                 }
+                true
+            });
+            if walked.is_err() {
+                continue;
             }
+            u.sparse = v.size - data;
             out.push(u);
         }
     }

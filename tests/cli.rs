@@ -906,9 +906,23 @@ fn storage_usage_says_what_rm_and_cleanup_free() {
     image("a", &[&x, &y, &z, &zero]);
     image("b", &[&x, &y, &w, &zero]);
     image("c", &[&x, &zero, &zero, &zero]);
+    // A block twice in one version only: exclusive both times, stored once.
+    let v = random_bytes(5, B);
+    image("d", &[&v, &zero, &v, &zero]);
     let a = repo.backup("a", "a", &["-b", "64k"]);
     let b = repo.backup("b", "b", &["-b", "64k"]);
     let c = repo.backup("c", "c", &["-b", "64k"]);
+    let sizes = |files: Vec<std::path::PathBuf>| -> std::collections::HashMap<std::path::PathBuf, u64> {
+        files.into_iter().map(|p| (p.clone(), p.metadata().unwrap().len())).collect()
+    };
+    let objects_before_d = sizes(files_under(&repo.storage().join("blocks")));
+    let d = repo.backup("d", "d", &["-b", "64k"]);
+    let v_object: Vec<u64> = sizes(files_under(&repo.storage().join("blocks")))
+        .into_iter()
+        .filter(|(p, _)| !objects_before_d.contains_key(p))
+        .map(|(_, n)| n)
+        .collect();
+    assert_eq!(v_object.len(), 1, "d stored one object");
     let usage: serde_json::Value = serde_json::from_str(&repo.ok(&["storage-usage", "--format", "json"])).unwrap();
     let row = |uid: &str| usage.as_array().unwrap().iter().find(|u| u["uid"] == uid).unwrap().clone();
     let b64 = B as u64;
@@ -924,6 +938,12 @@ fn storage_usage_says_what_rm_and_cleanup_free() {
     );
     assert!(ua["exclusive_stored"].as_u64().unwrap() > 0);
     assert_eq!(uc["exclusive_stored"], 0, "c frees nothing");
+    let ud = row(&d);
+    assert_eq!(
+        (ud["shared"].as_u64(), ud["exclusive"].as_u64(), ud["sparse"].as_u64()),
+        (Some(0), Some(2 * b64), Some(2 * b64))
+    );
+    assert_eq!((ud["stored"].as_u64(), ud["exclusive_stored"].as_u64()), (Some(v_object[0]), Some(v_object[0])));
     let table = repo.ok(&["storage-usage", "name == \"a\""]);
     assert!(table.contains(&a) && table.lines().last().unwrap().starts_with("total"), "{table}");
 

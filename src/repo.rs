@@ -168,23 +168,21 @@ impl Repository {
         self.db.lock().version(uid)
     }
 
-    /// The block index of a committed version. An index the database holds damaged
-    /// marks the version invalid and is a [`Error::Damaged`] naming the repair.
+    /// The block index of a committed version, decoded from the catalog's copy read as a
+    /// stream (the stored bytes are never held beside the map). An index the database
+    /// holds damaged marks the version invalid and is a [`Error::Damaged`] naming the
+    /// repair, once a second reading found the same (see [`Repository::confirm_damage`]).
     pub fn index(&self, uid: VersionUid) -> Result<BlockIndex> {
-        self.index_or_damage(uid)?.map_err(|e| self.index_damaged(uid, &e))
-    }
-
-    /// The block index of a committed version, or what is wrong with the database's copy
-    /// of it (the outer error is for a missing version or a failing database).
-    pub(crate) fn index_or_damage(&self, uid: VersionUid) -> Result<std::result::Result<BlockIndex, IndexError>> {
         let v = self.version(uid)?;
-        let Some(bytes) = self.db.lock().load_index(uid)? else {
-            return Err(self.no_index(&v));
-        };
-        Ok(BlockIndex::decode(&bytes).and_then(|ix| {
-            Self::is_of(&v, ix.uid, ix.size, ix.block_size)?;
-            Ok(ix)
-        }))
+        let mut entries = crate::index::Entries::default();
+        let walked = self.walk_index(&v, |idx, id| {
+            entries.set(idx, id);
+            true
+        })?;
+        // The walk is never stopped, so it went to the end.
+        let head = walked.ok_or_else(|| self.index_damaged(uid, &IndexError::Malformed("stopped early".into())))?;
+        entries.resize(head.count);
+        Ok(BlockIndex { uid: head.uid, size: head.size, block_size: head.block_size, entries })
     }
 
     /// Why version `v` has no index in the catalog.
@@ -220,7 +218,9 @@ impl Repository {
     /// removed since it was listed).
     pub(crate) fn stored_index_if_any(&self, uid: VersionUid) -> Result<Option<StoredIndex<'_>>> {
         let Some(len) = self.db.lock().index_len(uid)? else { return Ok(None) };
-        Ok(Some(StoredIndex { db: &self.db, uid, len, at: 0, piece: Vec::new(), pos: 0, failed: None }))
+        let db = &self.db;
+        let read = move |at, want, into: &mut Vec<u8>| db.lock().index_piece(uid, at, want, into);
+        Ok(Some(crate::catalog::IndexPieces::new(Box::new(read), len)))
     }
 
     /// Walks version `v`'s stored index as it is read from the catalog, in constant
@@ -503,10 +503,14 @@ impl Repository {
                     continue;
                 }
                 // A large one is read as a stream and its index kept in a spool file
-                // (never held); a small one is read whole.
+                // (never held); a small one (as listed) is read whole.
                 let spool = self.config.home.join("spool");
                 let keep = || crate::version_object::Keep { dir: &spool, modes: self.config.modes };
-                let mut streamed = crate::version_object::read_streamed_kept(storage.as_ref(), &entry.key, keep());
+                let mut streamed = if crate::version_object::may_be_streamed(entry.size) {
+                    crate::version_object::read_streamed_kept(storage.as_ref(), &entry.key, keep())
+                } else {
+                    Ok(Streamed::NotLarge)
+                };
                 if matches!(streamed, Ok(Streamed::Damaged(_))) {
                     // Read in ranges, it may have been rewritten between two of them:
                     // damage is what a second reading finds too.
@@ -823,61 +827,7 @@ pub(crate) fn joined<T>(r: std::thread::Result<Result<T>>) -> Result<T> {
     r.unwrap_or_else(|_| Err(Error::Other("an index reader stopped".into())))
 }
 
-/// Bytes of a stored index read from the catalog at a time: what a reader that streams
-/// an index (restore) holds of it. Test builds take `KEEPFS_TEST_INDEX_PIECE`, so that
-/// a small image's index is read in many pieces.
-fn index_piece_len() -> usize {
-    #[cfg(debug_assertions)]
-    if let Some(n) =
-        std::env::var("KEEPFS_TEST_INDEX_PIECE").ok().and_then(|v| v.parse::<usize>().ok()).filter(|&n| n > 0)
-    {
-        return n;
-    }
-    4 << 20
-}
-
-/// A version's stored index, read out of the catalog a piece at a time: the catalog's
-/// lock is taken for each piece and never held between them, and a reader holds one
-/// piece, not the index. A catalog error is kept in `failed` (the index is not damaged
-/// because the database went away) and ends the reading.
-pub(crate) struct StoredIndex<'a> {
-    db: &'a SharedCatalog,
-    uid: VersionUid,
-    len: u64,
-    at: u64,
-    piece: Vec<u8>,
-    pos: usize,
-    pub failed: Option<Error>,
-}
-
-impl std::io::Read for StoredIndex<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        if self.failed.is_some() {
-            return Err(std::io::Error::other("the catalog failed"));
-        }
-        if self.pos == self.piece.len() {
-            if self.at >= self.len {
-                return Ok(0);
-            }
-            let want = index_piece_len().min((self.len - self.at) as usize);
-            self.pos = 0;
-            match self.db.lock().index_piece(self.uid, self.at, want, &mut self.piece) {
-                Ok(true) if !self.piece.is_empty() => {}
-                // Removed, or replaced by a shorter index, since it was opened: what was
-                // read is cut short, and fails the index's own checks (then a second
-                // reading tells a change from damage: `Repository::confirm_damage`).
-                Ok(_) => return Ok(0),
-                Err(e) => {
-                    let said = e.to_string();
-                    self.failed = Some(e);
-                    return Err(std::io::Error::other(said));
-                }
-            };
-            self.at += self.piece.len() as u64;
-        }
-        let n = buf.len().min(self.piece.len() - self.pos);
-        buf[..n].copy_from_slice(&self.piece[self.pos..self.pos + n]);
-        self.pos += n;
-        Ok(n)
-    }
-}
+/// A version's stored index, read out of the catalog a piece at a time, the catalog's
+/// lock taken for each piece and never held between them (see
+/// [`crate::catalog::IndexPieces`]).
+pub(crate) type StoredIndex<'a> = crate::catalog::IndexPieces<Box<dyn crate::catalog::ReadPiece + 'a>>;

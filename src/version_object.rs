@@ -67,6 +67,12 @@ fn streamed_version_index_len() -> u64 {
     64 << 20
 }
 
+/// Whether an object of `len` bytes may be a large version object, read as a stream
+/// (one no longer than the threshold is read whole, without asking for its header first).
+pub(crate) fn may_be_streamed(len: u64) -> bool {
+    len > streamed_version_index_len()
+}
+
 /// Stores the version object of `version`, whose stored index is `index`, under its key
 /// (retrying transient failures). Memory stays small for any index: in an encrypted
 /// storage a large object is sealed into a spool file first (one more copy of the index,

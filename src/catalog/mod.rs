@@ -278,6 +278,80 @@ impl<'a> IndexBytes<'a> {
     }
 }
 
+/// Bytes of a stored index read from the catalog at a time: what a reader that streams
+/// an index (restore) holds of it. Test builds take `KEEPFS_TEST_INDEX_PIECE`, so that
+/// a small image's index is read in many pieces.
+fn index_piece_len() -> usize {
+    #[cfg(debug_assertions)]
+    if let Some(n) =
+        std::env::var("KEEPFS_TEST_INDEX_PIECE").ok().and_then(|v| v.parse::<usize>().ok()).filter(|&n| n > 0)
+    {
+        return n;
+    }
+    4 << 20
+}
+
+/// What reads a piece of a stored index for [`IndexPieces`]: offset, length, buffer.
+pub(crate) trait ReadPiece: FnMut(u64, usize, &mut Vec<u8>) -> Result<bool> {}
+impl<F: FnMut(u64, usize, &mut Vec<u8>) -> Result<bool>> ReadPiece for F {}
+
+/// A version's stored index, read out of a catalog a piece at a time by `read` (offset,
+/// length, buffer: see [`Catalog::index_piece`]): a reader holds one piece, not the
+/// index. A catalog error is kept in `failed` (the index is not damaged because the
+/// database went away) and ends the reading.
+pub(crate) struct IndexPieces<F> {
+    read: F,
+    len: u64,
+    at: u64,
+    piece: Vec<u8>,
+    pos: usize,
+    pub failed: Option<crate::error::Error>,
+}
+
+impl<F: ReadPiece> IndexPieces<F> {
+    /// The index of `len` bytes that `read` reads.
+    pub fn new(read: F, len: u64) -> IndexPieces<F> {
+        IndexPieces { read, len, at: 0, piece: Vec::new(), pos: 0, failed: None }
+    }
+
+    /// Its length in bytes (as the catalog said when it was opened).
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+}
+
+impl<F: ReadPiece> std::io::Read for IndexPieces<F> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.failed.is_some() {
+            return Err(std::io::Error::other("the catalog failed"));
+        }
+        if self.pos == self.piece.len() {
+            if self.at >= self.len {
+                return Ok(0);
+            }
+            let want = index_piece_len().min((self.len - self.at) as usize);
+            self.pos = 0;
+            match (self.read)(self.at, want, &mut self.piece) {
+                Ok(true) if !self.piece.is_empty() => {}
+                // Removed, or replaced by a shorter index, since it was opened: what was
+                // read is cut short, and fails the index's own checks (then a second
+                // reading tells a change from damage: `Repository::confirm_damage`).
+                Ok(_) => return Ok(0),
+                Err(e) => {
+                    let said = e.to_string();
+                    self.failed = Some(e);
+                    return Err(std::io::Error::other(said));
+                }
+            };
+            self.at += self.piece.len() as u64;
+        }
+        let n = buf.len().min(self.piece.len() - self.pos);
+        buf[..n].copy_from_slice(&self.piece[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
 /// Bytes per write of a streamed index into the catalog.
 const INDEX_WRITE_PIECE: usize = 1 << 20;
 
@@ -483,7 +557,7 @@ pub trait Catalog: Send {
     /// Adds object rows as they are, in one transaction; for an empty catalog.
     fn import_objects(&mut self, storage_id: i64, objects: &[ObjectRecord]) -> Result<()>;
     /// Adds a version as it is (status, statistics, labels; `index` when it has one).
-    fn import_version(&mut self, v: &Version, index: Option<&[u8]>) -> Result<()>;
+    fn import_version(&mut self, v: &Version, index: Option<IndexBytes<'_>>) -> Result<()>;
     /// Gives the catalog's free space (pages of removed versions and objects) back to the
     /// filesystem after a cleanup; returns how many bytes the catalog shrank (0 where
     /// the engine reclaims space by itself).

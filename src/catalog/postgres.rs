@@ -606,9 +606,9 @@ impl VersionRow {
     }
 }
 
-/// Inserts a version row (keeping its uid), its labels and, when given, its index;
-/// moves the uid sequence past it.
-fn insert_version(tx: &mut Transaction, v: &Version, storage_id: i64, index: Option<&[u8]>) -> Result<()> {
+/// Inserts a version row (keeping its uid) and its labels; moves the uid sequence past
+/// it.
+fn insert_version(tx: &mut Transaction, v: &Version, storage_id: i64) -> Result<()> {
     let row = VersionRow::new(v, storage_id);
     let uid = row.uid;
     tx.execute(
@@ -620,9 +620,6 @@ fn insert_version(tx: &mut Transaction, v: &Version, storage_id: i64, index: Opt
     tx.execute("UPDATE versions SET host=$2 WHERE uid=$1", &[&uid, &v.host])?;
     for (k, val) in &v.labels {
         tx.execute("INSERT INTO labels(uid, name, value) VALUES ($1,$2,$3)", &[&uid, k, val])?;
-    }
-    if let Some(index) = index {
-        tx.execute("INSERT INTO version_index(uid, data) VALUES ($1, $2)", &[&uid, &index])?;
     }
     tx.execute(
         "SELECT setval(pg_get_serial_sequence('versions', 'uid'), GREATEST((SELECT MAX(uid) FROM versions), 1))",
@@ -880,7 +877,7 @@ impl Catalog for PostgresCatalog {
     fn insert_version_record(&mut self, v: &Version, index: IndexBytes<'_>) -> Result<()> {
         let storage_id = self.storage_id(&v.storage)?;
         self.write(|tx| {
-            insert_version(tx, v, storage_id, None)?;
+            insert_version(tx, v, storage_id)?;
             copy_index_in(tx, v.uid.0 as i64, index)
         })
     }
@@ -1375,9 +1372,15 @@ impl Catalog for PostgresCatalog {
         })
     }
 
-    fn import_version(&mut self, v: &Version, index: Option<&[u8]>) -> Result<()> {
+    fn import_version(&mut self, v: &Version, index: Option<IndexBytes<'_>>) -> Result<()> {
         let storage_id = self.storage_id(&v.storage)?;
-        self.write(|tx| insert_version(tx, v, storage_id, index))
+        self.write(|tx| {
+            insert_version(tx, v, storage_id)?;
+            match index {
+                Some(index) => copy_index_in(tx, v.uid.0 as i64, index),
+                None => Ok(()),
+            }
+        })
     }
 
     /// PostgreSQL's autovacuum makes the space of deleted rows reusable by itself; giving

@@ -1005,12 +1005,12 @@ impl Catalog for SqliteCatalog {
         })
     }
 
-    fn import_version(&mut self, v: &Version, index: Option<&[u8]>) -> Result<()> {
+    fn import_version(&mut self, v: &Version, index: Option<IndexBytes<'_>>) -> Result<()> {
         let storage_id = self.storage_id(&v.storage)?;
         self.write(|tx| {
             insert_version_row(tx, v, storage_id)?;
             match index {
-                Some(mut index) => write_index(tx, v.uid, IndexBytes::of(&mut index)),
+                Some(index) => write_index(tx, v.uid, index),
                 None => Ok(()),
             }
         })

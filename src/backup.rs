@@ -1240,68 +1240,58 @@ impl Repository {
     /// read (`read`, where those not read are sparse) and the base's index are walked
     /// side by side as streams (`read` on a thread of its own) into the version's index.
     fn merge_base(&self, read: IndexFile, d: &Differential, stats: &mut Stats) -> Result<IndexFile> {
-        const BATCH: usize = 4096;
         let head = read.header();
         let (n, size, bs) = (head.count, head.size, head.block_size);
         let len = |idx: u64| crate::index::block_len(size, bs, idx);
         let mut out = self.index_writer(bs)?;
         let mut from_base = 0u64;
         let mut failed: Option<Error> = None;
-        std::thread::scope(|s| {
-            let (tx, rx) = crossbeam_channel::bounded::<Vec<(u64, BlockId)>>(2);
-            let read = &read;
-            let walker = s.spawn(move || {
-                let mut batch = Vec::with_capacity(BATCH);
-                let walked = BlockIndex::visit_reader(read.reader(), |i, id| {
-                    batch.push((i, id));
-                    batch.len() < BATCH || tx.send(std::mem::replace(&mut batch, Vec::with_capacity(BATCH))).is_ok()
-                });
-                if matches!(walked, Ok(Some(_))) && !batch.is_empty() {
-                    let _ = tx.send(batch);
+        let read = &read;
+        let (read_walk, walked) = crate::repo::walk_beside(
+            |hand| BlockIndex::visit_reader(read.reader(), hand),
+            |mut from_read| {
+                let mut put = |i: u64, id: BlockId, out: &mut IndexWriter| match out.push(i, id) {
+                    Ok(()) => true,
+                    Err(e) => {
+                        failed.get_or_insert(e);
+                        false
+                    }
+                };
+                let walked = match &d.base {
+                    // Walked to the end even when the image shrank: the base's checksum,
+                    // known only there, must hold before its ids go into this version.
+                    Some(base) => self
+                        .walk_index(base, |idx, id| {
+                            if idx >= n || d.wanted.contains(idx) {
+                                return true;
+                            }
+                            while let Some((i, x)) = from_read.next_if(|&(i, _)| i < idx) {
+                                if !put(i, x, &mut out) {
+                                    return false;
+                                }
+                            }
+                            from_base += len(idx);
+                            put(idx, id, &mut out)
+                        })
+                        .map(|_| ()),
+                    None => Ok(()),
+                };
+                // The rest of the blocks read (drained even after a failure: the walker
+                // ends then).
+                let mut going = walked.is_ok();
+                for (i, x) in from_read {
+                    going = going && put(i, x, &mut out);
                 }
                 walked
-            });
-            let mut from_read = rx.into_iter().flatten().peekable();
-            let mut put = |i: u64, id: BlockId, out: &mut IndexWriter| match out.push(i, id) {
-                Ok(()) => true,
-                Err(e) => {
-                    failed.get_or_insert(e);
-                    false
-                }
-            };
-            let walked = match &d.base {
-                // Walked to the end even when the image shrank: the base's checksum,
-                // known only there, must hold before its ids go into this version.
-                Some(base) => self
-                    .walk_index(base, |idx, id| {
-                        if idx >= n || d.wanted.contains(idx) {
-                            return true;
-                        }
-                        while let Some((i, x)) = from_read.next_if(|&(i, _)| i < idx) {
-                            if !put(i, x, &mut out) {
-                                return false;
-                            }
-                        }
-                        from_base += len(idx);
-                        put(idx, id, &mut out)
-                    })
-                    .map(|_| ()),
-                None => Ok(()),
-            };
-            // The rest of the blocks read (drained even after a failure: the walker
-            // ends then).
-            let mut going = walked.is_ok();
-            for (i, x) in from_read {
-                going = going && put(i, x, &mut out);
-            }
-            let read_walk = match walker.join() {
-                Ok(Ok(Some(_))) => Ok(()),
-                Ok(Ok(None)) => Err(Error::Other("the blocks read were not all handed over".into())),
-                Ok(Err(e)) => Err(Error::Other(format!("the index of the blocks read does not read back: {e}"))),
-                Err(_) => Err(Error::Other("the thread reading the blocks read panicked".into())),
-            };
-            walked.and(read_walk)
-        })?;
+            },
+        );
+        let read_walk = match read_walk {
+            Ok(Ok(Some(_))) => Ok(()),
+            Ok(Ok(None)) => Err(Error::Other("the blocks read were not all handed over".into())),
+            Ok(Err(e)) => Err(Error::Other(format!("the index of the blocks read does not read back: {e}"))),
+            Err(_) => Err(Error::Other("the thread reading the blocks read panicked".into())),
+        };
+        walked.and(read_walk)?;
         if let Some(e) = failed {
             return Err(e);
         }

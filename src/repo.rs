@@ -306,35 +306,25 @@ impl Repository {
     /// in block order, every block that holds data in either, with its id in `a` and in
     /// `b` (sparse where one has none). Errors as [`Repository::walk_index`].
     pub(crate) fn walk_two(&self, a: &Version, b: &Version, mut each: impl FnMut(u64, BlockId, BlockId)) -> Result<()> {
-        const BATCH: usize = 4096;
-        std::thread::scope(|s| {
-            let (tx, rx) = crossbeam_channel::bounded::<Vec<(u64, BlockId)>>(2);
-            let walker = s.spawn(move || {
-                let mut batch = Vec::with_capacity(BATCH);
-                let walked = self.walk_index(a, |i, id| {
-                    batch.push((i, id));
-                    batch.len() < BATCH || tx.send(std::mem::replace(&mut batch, Vec::with_capacity(BATCH))).is_ok()
+        let (walked_a, walked_b) = walk_beside(
+            |hand| self.walk_index(a, hand),
+            |mut from_a| {
+                let walked = self.walk_index(b, |j, id| {
+                    while let Some((i, before)) = from_a.next_if(|&(i, _)| i < j) {
+                        each(i, before, BlockId::SPARSE);
+                    }
+                    let before = from_a.next_if(|&(i, _)| i == j).map_or(BlockId::SPARSE, |(_, x)| x);
+                    each(j, before, id);
+                    true
                 });
-                if walked.is_ok() && !batch.is_empty() {
-                    let _ = tx.send(batch);
-                }
-                walked
-            });
-            let mut from_a = rx.into_iter().flatten().peekable();
-            let walked = self.walk_index(b, |j, id| {
-                while let Some((i, before)) = from_a.next_if(|&(i, _)| i < j) {
+                // The rest of `a` (all of it, should `b` have failed: its walker ends then).
+                for (i, before) in from_a {
                     each(i, before, BlockId::SPARSE);
                 }
-                let before = from_a.next_if(|&(i, _)| i == j).map_or(BlockId::SPARSE, |(_, x)| x);
-                each(j, before, id);
-                true
-            });
-            // The rest of `a` (all of it, should `b` have failed: its walker ends then).
-            for (i, before) in from_a {
-                each(i, before, BlockId::SPARSE);
-            }
-            joined(walker.join()).and(walked).map(|_| ())
-        })
+                walked
+            },
+        );
+        joined(walked_a).and(walked_b).map(|_| ())
     }
 
     /// The ranges of version `new` whose bytes differ from version `old`'s (see
@@ -821,8 +811,41 @@ impl Drop for SessionGuard {
     }
 }
 
+/// The data blocks of one index walk, handed over in batches from the thread the walk
+/// runs on (see [`walk_beside`]).
+pub(crate) type Beside = std::iter::Peekable<std::iter::Flatten<crossbeam_channel::IntoIter<Vec<(u64, BlockId)>>>>;
+
+/// Runs `walk` (an index walk that hands each data block over, in block order, to the
+/// function it is given) on a thread of its own while `here` consumes what it hands over:
+/// what walks two indexes side by side as streams (a diff, a delta restore, a
+/// differential backup's merge with its base). `here` should drain what it is given: the
+/// walk stops when it is dropped. The blocks of a walk that failed may be cut short; its
+/// error is in its result.
+pub(crate) fn walk_beside<E: Send, R>(
+    walk: impl FnOnce(&mut dyn FnMut(u64, BlockId) -> bool) -> std::result::Result<Option<IndexHeader>, E> + Send,
+    here: impl FnOnce(Beside) -> R,
+) -> (std::thread::Result<std::result::Result<Option<IndexHeader>, E>>, R) {
+    const BATCH: usize = 4096;
+    std::thread::scope(|s| {
+        let (tx, rx) = crossbeam_channel::bounded::<Vec<(u64, BlockId)>>(2);
+        let walker = s.spawn(move || {
+            let mut batch = Vec::with_capacity(BATCH);
+            let walked = walk(&mut |i, id| {
+                batch.push((i, id));
+                batch.len() < BATCH || tx.send(std::mem::replace(&mut batch, Vec::with_capacity(BATCH))).is_ok()
+            });
+            if matches!(walked, Ok(Some(_))) && !batch.is_empty() {
+                let _ = tx.send(batch);
+            }
+            walked
+        });
+        let out = here(rx.into_iter().flatten().peekable());
+        (walker.join(), out)
+    })
+}
+
 /// The result of a thread that walked an index (restore's and scrub's producers,
-/// `walk_two`'s second walker); one that panicked is an error, not a panic here.
+/// `walk_beside`'s walker); one that panicked is an error, not a panic here.
 pub(crate) fn joined<T>(r: std::thread::Result<Result<T>>) -> Result<T> {
     r.unwrap_or_else(|_| Err(Error::Other("an index reader stopped".into())))
 }

@@ -5,6 +5,7 @@ use crate::error::{Error, Result};
 use crate::index::BlockIndex;
 use crate::repo::Repository;
 use crate::version::{Status, Version, VersionUid};
+use crate::version_object::{Found, Recovered, read_version_object};
 use serde::{Deserialize, Serialize};
 
 pub const FORMAT: &str = "keepfs-metadata";
@@ -66,7 +67,7 @@ impl Repository {
             if index.uid != uid.0 || index.size != e.version.size || index.block_size != e.version.block_size {
                 return Err(Error::Invalid(format!("version {uid}: the index does not match the version's fields")));
             }
-            checked.push((e.version, index));
+            checked.push((e.version, Recovered::Whole(index)));
         }
         self.insert_recovered(checked)
     }
@@ -120,15 +121,11 @@ impl Repository {
             let mut hit = None;
             for name in &storages {
                 let storage = self.storage(name)?;
-                match crate::storage::retry(4, || storage.get_fresh(&crate::repo::version_key(uid))) {
-                    Ok(bytes) => {
-                        let (mut v, index) =
-                            crate::repo::decode_version_object(storage.codec(), &bytes).map_err(|e| {
-                                Error::Damaged(format!(
-                                    "the metadata of {uid} in storage '{name}' is damaged: {e}; nothing was restored"
-                                ))
-                            })?;
-                        if v.uid != uid || index.uid != uid.0 {
+                let key = crate::repo::version_key(uid);
+                match read_version_object(storage.as_ref(), &key, self.keep(), None)? {
+                    Found::Read(v, index) => {
+                        let mut v = *v;
+                        if v.uid != uid || index.uid() != uid.0 {
                             return Err(Error::Damaged(format!(
                                 "the object versions/{uid} in storage '{name}' holds the metadata of {}; nothing was restored",
                                 v.uid
@@ -138,8 +135,12 @@ impl Repository {
                         hit = Some((v, index));
                         break;
                     }
-                    Err(crate::storage::StorageError::NotFound { .. }) => continue,
-                    Err(e) => return Err(e.into()),
+                    Found::Damaged(e) => {
+                        return Err(Error::Damaged(format!(
+                            "the metadata of {uid} in storage '{name}' is damaged: {e}; nothing was restored"
+                        )));
+                    }
+                    Found::Missing => continue,
                 }
             }
             let hit = hit.ok_or_else(|| {
@@ -164,7 +165,7 @@ impl Repository {
             let (_, missing, damaged) = self.objects_in_storage(&v.storage, &index)?;
             v.status =
                 if missing > 0 || damaged > 0 || v.status != Status::Valid { Status::Invalid } else { Status::Valid };
-            self.db().replace_version_record(&v, &index.encode()?)?;
+            index.with_bytes(|bytes| self.db().replace_version_record(&v, bytes))?;
             done.push(v.uid);
         }
         done.extend(self.insert_recovered(found)?);
@@ -173,25 +174,29 @@ impl Repository {
 
     /// The distinct objects `index` names that its storage holds (recorded in the
     /// database as found), and how many are missing and how many known damaged.
-    fn objects_in_storage(&self, storage_name: &str, index: &BlockIndex) -> Result<(usize, usize, usize)> {
+    fn objects_in_storage(&self, storage_name: &str, index: &Recovered) -> Result<(usize, usize, usize)> {
         let storage = self.storage(storage_name)?;
         let sid = self.storage_id(storage_name)?;
         let known_bad = self.db().invalid_objects(sid)?;
         let mut present = Vec::new();
         let (mut missing, mut damaged) = (0usize, 0usize);
         let mut seen = std::collections::HashSet::new();
-        for (_, id) in index.entries.data() {
-            let id = &id;
-            if !seen.insert(*id) {
-                continue;
+        let mut failed = None;
+        index.walk(|_, id| {
+            if failed.is_some() || !seen.insert(id) {
+                return;
             }
-            match storage.exists(&id.storage_key())? {
-                true => {
-                    present.push((*id, 0u64));
-                    damaged += known_bad.contains(id) as usize;
+            match storage.exists(&id.storage_key()) {
+                Ok(true) => {
+                    present.push((id, 0u64));
+                    damaged += known_bad.contains(&id) as usize;
                 }
-                false => missing += 1,
+                Ok(false) => missing += 1,
+                Err(e) => failed = Some(e),
             }
+        })?;
+        if let Some(e) = failed {
+            return Err(e.into());
         }
         self.db().insert_found_objects(sid, &present)?;
         Ok((present.len(), missing, damaged))
@@ -199,16 +204,14 @@ impl Repository {
 
     /// Inserts checked versions: objects found in storage are recorded; a version whose
     /// objects are not all there (or known damaged) comes back `invalid`.
-    fn insert_recovered(&self, checked: Vec<(Version, BlockIndex)>) -> Result<Vec<VersionUid>> {
+    fn insert_recovered(&self, checked: Vec<(Version, Recovered)>) -> Result<Vec<VersionUid>> {
         let mut imported = Vec::new();
         for (mut v, index) in checked {
             let (_, missing, damaged) = self.objects_in_storage(&v.storage, &index)?;
             if missing > 0 || damaged > 0 || v.status == Status::Incomplete {
                 v.status = Status::Invalid;
             }
-            let encoded = index.encode()?;
-            let mut at = &encoded[..];
-            self.db().insert_version_record(&v, crate::catalog::IndexBytes::of(&mut at))?;
+            index.with_bytes(|bytes| self.db().insert_version_record(&v, bytes))?;
             self.refresh_version_object(v.uid)?;
             imported.push(v.uid);
         }

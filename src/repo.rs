@@ -2,7 +2,7 @@
 //! This is the engine's front door; the CLI and the FUSE filesystem only talk to it.
 
 use crate::block::BlockId;
-use crate::catalog::{IndexBytes, SharedCatalog};
+use crate::catalog::SharedCatalog;
 use crate::config::{Config, StorageKind};
 use crate::error::{Error, Result};
 use crate::filter::Filter;
@@ -40,18 +40,11 @@ pub(crate) fn damaged_index_message(uid: VersionUid, e: &IndexError) -> String {
     )
 }
 
-use crate::version_object::Streamed;
+use crate::version_object::{Found, Keep, read_version_object};
 pub use crate::version_object::{
     decode_version_object, decode_version_object_parts, encode_version_object, seal_version_object,
     store_version_object, version_key,
 };
-
-/// A version's index as a rebuild found it: kept in a spool file from a large version
-/// object read as a stream, or decoded from a small one read whole.
-enum Recovered {
-    Kept(crate::index::IndexFile),
-    Whole(BlockIndex),
-}
 
 impl Repository {
     /// Opens the repository a configuration describes, creating what is missing.
@@ -453,6 +446,11 @@ impl Repository {
         self.refresh_version_object(uid)
     }
 
+    /// Where a large version object's index read from a storage is kept: the spool.
+    pub(crate) fn keep(&self) -> Keep {
+        Keep { dir: self.config.home.join("spool"), modes: self.config.modes }
+    }
+
     /// Recreates the metadata database from what the storages hold: every version object
     /// (fields, labels, index) and every block object. Refuses a database that holds
     /// versions, unless it was made by a rebuild that did not finish (interrupted, or
@@ -492,77 +490,46 @@ impl Repository {
                     report.already += 1;
                     continue;
                 }
-                // A large one is read as a stream and its index kept in a spool file
-                // (never held); a small one (as listed) is read whole.
-                let spool = self.config.home.join("spool");
-                let keep = || crate::version_object::Keep { dir: &spool, modes: self.config.modes };
-                let mut streamed = if crate::version_object::may_be_streamed(entry.size) {
-                    crate::version_object::read_streamed_kept(storage.as_ref(), &entry.key, keep())
-                } else {
-                    Ok(Streamed::NotLarge)
-                };
-                if matches!(streamed, Ok(Streamed::Damaged(_))) {
-                    // Read in ranges, it may have been rewritten between two of them:
-                    // damage is what a second reading finds too.
-                    streamed = crate::version_object::read_streamed_kept(storage.as_ref(), &entry.key, keep());
-                }
-                let (mut v, index) = match streamed {
-                    Ok(Streamed::Read { version, kept: Some(index), .. }) => (*version, Recovered::Kept(index)),
-                    Ok(Streamed::Damaged(e)) => {
+                let keep = self.keep();
+                let (mut v, index) = match read_version_object(storage.as_ref(), &entry.key, keep, Some(entry.size)) {
+                    Ok(Found::Read(v, index)) => (*v, index),
+                    Ok(Found::Damaged(e)) => {
                         report.damaged.push(damaged(e));
                         continue;
                     }
-                    Ok(Streamed::NotKept(e)) => return Err(stopped(e)),
                     // Removed since the listing (`rm` in another process).
-                    Err(crate::storage::StorageError::NotFound { .. }) => continue,
-                    Err(e) => return Err(stopped(e.into())),
-                    Ok(Streamed::NotLarge | Streamed::Read { kept: None, .. }) => {
-                        let bytes = match crate::storage::retry(4, || storage.get_fresh(&entry.key)) {
-                            Ok(bytes) => bytes,
-                            Err(crate::storage::StorageError::NotFound { .. }) => continue,
-                            Err(e) => return Err(stopped(e.into())),
-                        };
-                        match decode_version_object(storage.codec(), &bytes) {
-                            Ok((v, index)) => (v, Recovered::Whole(index)),
-                            Err(e) => {
-                                report.damaged.push(damaged(e.to_string()));
-                                continue;
-                            }
-                        }
-                    }
+                    Ok(Found::Missing) => continue,
+                    Err(e) => return Err(stopped(e)),
                 };
-                let index_uid = match &index {
-                    Recovered::Kept(file) => file.header().uid,
-                    Recovered::Whole(index) => index.uid,
-                };
-                if v.uid != uid || index_uid != uid.0 {
+                if v.uid != uid || index.uid() != uid.0 {
                     report.damaged.push(damaged(format!("it holds the metadata of {}", v.uid)));
                     continue;
                 }
                 v.storage = sc.name.clone();
-                match index {
-                    Recovered::Kept(file) => {
-                        let bytes = IndexBytes { len: file.len(), bytes: &mut file.reader() };
-                        self.db.lock().insert_version_record(&v, bytes).map_err(stopped)?;
-                    }
-                    Recovered::Whole(index) => {
-                        let encoded = index.encode().map_err(stopped)?;
-                        let mut at = &encoded[..];
-                        self.db.lock().insert_version_record(&v, IndexBytes::of(&mut at)).map_err(stopped)?;
-                    }
-                }
+                index.with_bytes(|bytes| self.db.lock().insert_version_record(&v, bytes)).map_err(stopped)?;
                 report.versions += 1;
             }
             let sid = self.storage_id(&sc.name).map_err(stopped)?;
+            // Recorded as the listing goes, a batch at a time: the names of millions of
+            // objects are never gathered.
             let mut batch = Vec::new();
-            for entry in storage.list("blocks/").map_err(|e| stopped(e.into()))? {
-                if let Some(id) = crate::block::BlockId::from_storage_key(&entry.key) {
-                    batch.push((id, entry.size));
-                }
-                if batch.len() >= 1000 {
-                    report.objects += batch.len() as u64;
-                    self.db.lock().insert_found_objects(sid, &std::mem::take(&mut batch)).map_err(stopped)?;
-                }
+            let mut failed = None;
+            storage
+                .list_each("blocks/", &mut |entry| {
+                    if failed.is_some() {
+                        return;
+                    }
+                    if let Some(id) = crate::block::BlockId::from_storage_key(&entry.key) {
+                        batch.push((id, entry.size));
+                    }
+                    if batch.len() >= 1000 {
+                        report.objects += batch.len() as u64;
+                        failed = self.db.lock().insert_found_objects(sid, &std::mem::take(&mut batch)).err();
+                    }
+                })
+                .map_err(|e| stopped(e.into()))?;
+            if let Some(e) = failed {
+                return Err(stopped(e));
             }
             report.objects += batch.len() as u64;
             self.db.lock().insert_found_objects(sid, &batch).map_err(stopped)?;

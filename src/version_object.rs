@@ -232,9 +232,108 @@ pub(crate) enum Streamed {
 }
 
 /// Where to keep a streamed version object's index: a spool directory.
-pub(crate) struct Keep<'a> {
-    pub dir: &'a std::path::Path,
+pub(crate) struct Keep {
+    pub dir: std::path::PathBuf,
     pub modes: crate::perms::Modes,
+}
+
+/// A version's index as read from its version object: kept in a spool file (a large
+/// object, read as a stream), or decoded (a small one, read whole).
+pub(crate) enum Recovered {
+    Kept(IndexFile),
+    Whole(BlockIndex),
+}
+
+impl Recovered {
+    /// The uid its index says it is of.
+    pub fn uid(&self) -> u64 {
+        match self {
+            Recovered::Kept(file) => file.header().uid,
+            Recovered::Whole(index) => index.uid,
+        }
+    }
+
+    /// Hands every data block to `each`, in block order (a kept one is read back from
+    /// its file, checked again).
+    pub fn walk(&self, mut each: impl FnMut(u64, crate::block::BlockId)) -> Result<()> {
+        match self {
+            Recovered::Kept(file) => {
+                BlockIndex::visit_reader(file.reader(), |i, id| {
+                    each(i, id);
+                    true
+                })
+                .map_err(|e| {
+                    let uid = crate::version::VersionUid(file.header().uid);
+                    Error::Index { context: format!("index of {uid}"), source: e }
+                })?;
+            }
+            Recovered::Whole(index) => index.entries.data().for_each(|(i, id)| each(i, id)),
+        }
+        Ok(())
+    }
+
+    /// Calls `f` with the stored index as a stream (for the catalog).
+    pub fn with_bytes<T>(&self, f: impl FnOnce(crate::catalog::IndexBytes<'_>) -> Result<T>) -> Result<T> {
+        match self {
+            Recovered::Kept(file) => f(crate::catalog::IndexBytes { len: file.len(), bytes: &mut file.reader() }),
+            Recovered::Whole(index) => {
+                let encoded = index.encode()?;
+                f(crate::catalog::IndexBytes::of(&mut &encoded[..]))
+            }
+        }
+    }
+}
+
+/// What reading a version object found.
+pub(crate) enum Found {
+    Read(Box<Version>, Recovered),
+    /// It fails its checks (twice, when read as a stream): what is wrong.
+    Damaged(String),
+    /// There is no such object.
+    Missing,
+}
+
+/// Reads the version object `key` back, its fields and its index: as a stream, the index
+/// kept in a file in `keep`, when it may be large (`len`, its length if known, is over
+/// the threshold), else whole. An error is the storage's, or a local one (the spool).
+pub(crate) fn read_version_object(
+    storage: &dyn crate::storage::Storage,
+    key: &str,
+    keep: Keep,
+    len: Option<u64>,
+) -> Result<Found> {
+    use crate::storage::StorageError;
+    let mut streamed = Ok(Streamed::NotLarge);
+    if len.is_none_or(may_be_streamed) {
+        for _ in 0..2 {
+            // Read in ranges, it may have been rewritten between two of them: damage is
+            // what a second reading finds too.
+            let again = Keep { dir: keep.dir.clone(), modes: keep.modes };
+            streamed = read_streamed_kept(storage, key, again);
+            if !matches!(streamed, Ok(Streamed::Damaged(_))) {
+                break;
+            }
+        }
+    }
+    match streamed {
+        Ok(Streamed::Read { version, kept: Some(index), .. }) => {
+            return Ok(Found::Read(version, Recovered::Kept(index)));
+        }
+        Ok(Streamed::Damaged(e)) => return Ok(Found::Damaged(e)),
+        Ok(Streamed::NotKept(e)) => return Err(e),
+        Err(StorageError::NotFound { .. }) => return Ok(Found::Missing),
+        Err(e) => return Err(e.into()),
+        Ok(Streamed::NotLarge | Streamed::Read { kept: None, .. }) => {}
+    }
+    let bytes = match crate::storage::retry(crate::backup::STORAGE_ATTEMPTS, || storage.get_fresh(key)) {
+        Ok(bytes) => bytes,
+        Err(StorageError::NotFound { .. }) => return Ok(Found::Missing),
+        Err(e) => return Err(e.into()),
+    };
+    Ok(match decode_version_object(storage.codec(), &bytes) {
+        Ok((v, index)) => Found::Read(Box::new(v), Recovered::Whole(index)),
+        Err(e) => Found::Damaged(e.to_string()),
+    })
 }
 
 /// Bytes per ranged read of a version object read as a stream.
@@ -259,7 +358,7 @@ pub(crate) fn read_streamed(
 pub(crate) fn read_streamed_kept(
     storage: &dyn crate::storage::Storage,
     key: &str,
-    keep: Keep<'_>,
+    keep: Keep,
 ) -> crate::storage::StorageResult<Streamed> {
     read_streamed_with(storage, key, streamed_version_index_len(), Some(keep))
 }
@@ -269,7 +368,7 @@ fn read_streamed_with(
     storage: &dyn crate::storage::Storage,
     key: &str,
     streamed: u64,
-    keep: Option<Keep<'_>>,
+    keep: Option<Keep>,
 ) -> crate::storage::StorageResult<Streamed> {
     use crate::backup::STORAGE_ATTEMPTS;
     use crate::block::{OBJECT_HEADER_LEN, ObjectError, parse_header};
@@ -435,7 +534,7 @@ enum NotRead {
 /// index kept in a file in `keep` when asked.
 fn decode_streamed(
     r: &mut impl std::io::Read,
-    keep: Option<Keep<'_>>,
+    keep: Option<Keep>,
 ) -> std::result::Result<(Version, [u8; 32], Option<IndexFile>), NotRead> {
     let ctx = |m: &str| NotRead::Damaged(format!("version object: {m}"));
     let mut head = [0u8; 16];
@@ -455,7 +554,7 @@ fn decode_streamed(
     r.read_exact(&mut json).map_err(|_| ctx("truncated metadata"))?;
     let version: Version = serde_json::from_slice(&json).map_err(|e| ctx(&format!("bad metadata: {e}")))?;
     let mut kept = match keep {
-        Some(keep) => Some(crate::index::KeptIndex::new(keep.dir, keep.modes).map_err(NotRead::NotKept)?),
+        Some(keep) => Some(crate::index::KeptIndex::new(&keep.dir, keep.modes).map_err(NotRead::NotKept)?),
         None => None,
     };
     let mut digest = crate::index::IndexDigest::default();
@@ -609,7 +708,7 @@ mod tests {
             let mut digest = IndexDigest::default();
             let head = BlockIndex::visit(&index.to_vec().unwrap(), |i, id| digest.add(i, id)).unwrap();
             let digest = digest.finish(&head);
-            let keep = Keep { dir: &spool, modes: crate::perms::Modes::PRIVATE };
+            let keep = Keep { dir: spool.clone(), modes: crate::perms::Modes::PRIVATE };
             match read_streamed_with(storage.as_ref(), &key, 0, Some(keep)).unwrap() {
                 Streamed::Read { version, index: read, kept } => {
                     assert_eq!(version.labels, v.labels);

@@ -198,6 +198,11 @@ fn a_version_object_streamed_from_its_index_file_is_the_whole_version() {
     repo.ok(&["database", "rebuild"]);
     assert_eq!(repo.version(&a), streamed_version);
     assert_eq!(repo.restore_sha(&a, "out"), sha256_file(&repo.path("img")));
+    // The repair of a damaged index reads it the same way.
+    let r = repo.run_env(&["metadata", "restore", "--force", &a], &streamed);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(repo.version(&a), streamed_version);
+    assert_eq!(repo.restore_sha(&a, "out"), sha256_file(&repo.path("img")));
     // The file the index was written to has no name: nothing is left in the spool.
     let spool = repo.home().join("spool");
     assert_eq!(fs::read_dir(&spool).map(|d| d.count()).unwrap_or(0), 0, "{spool:?}");

@@ -33,7 +33,9 @@ repository, brings a file holding the first version to the second with `restore
 With --encrypted, each binary backs up the image into a fresh encrypted repository (its
 file storage in --workdir: put it on tmpfs) with its version object written as a large
 index's (KEEPFS_TEST_STREAMED_INDEX=0: sealed from a file, not in memory, since the
-change that added this mode), then runs a `scrub`, which reads that object.
+change that added this mode), then runs a `scrub` (which reads that object), a `label`
+change (which writes it again) and, the catalog removed, a `database rebuild` (which
+reads it back into a new catalog).
 
 usage: contrib/bench/dense_index.py --new target/release/keepfs [--old OLD]
        [--sizes 256M,1G] [--workdir DIR] [--tmpfs /dev/shm]
@@ -154,7 +156,7 @@ def readers(binaries, size, image, workdir, tmpfs):
     return results
 
 
-ENCRYPTED_STEPS = ["encrypted backup", "scrub"]
+ENCRYPTED_STEPS = ["encrypted backup", "scrub", "label", "rebuild"]
 
 
 def encrypted(binary, label, size, image, workdir):
@@ -173,10 +175,19 @@ def encrypted(binary, label, size, image, workdir):
     if not ok:
         sys.exit(f"{label} {size} encrypted backup failed: {err[-300:]}")
     out["encrypted backup"] = (dt, rss)
-    ok, dt, rss, _, err = run([binary, "scrub", uid.strip()], env)
+    uid = uid.strip()
+    for name, cmd in (("scrub", ["scrub", uid]), ("label", ["label", uid, "k=v"])):
+        ok, dt, rss, _, err = run([binary, *cmd], env)
+        if not ok:
+            sys.exit(f"{label} {size} {name} failed: {err[-300:]}")
+        out[name] = (dt, rss)
+    for f in os.listdir(home):
+        if f.startswith("keepfs.sqlite"):
+            os.remove(os.path.join(home, f))
+    ok, dt, rss, _, err = run([binary, "database", "rebuild"], env)
     if not ok:
-        sys.exit(f"{label} {size} scrub failed: {err[-300:]}")
-    out["scrub"] = (dt, rss)
+        sys.exit(f"{label} {size} rebuild failed: {err[-300:]}")
+    out["rebuild"] = (dt, rss)
     shutil.rmtree(home, ignore_errors=True)
     return out
 

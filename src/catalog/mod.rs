@@ -449,7 +449,7 @@ pub trait Catalog: Send {
     fn insert_version_record(&mut self, v: &Version, index: IndexBytes<'_>) -> Result<()>;
     /// Replaces the fields, labels and index of a version the catalog holds with those
     /// recorded elsewhere, in one transaction.
-    fn replace_version_record(&mut self, v: &Version, index: &[u8]) -> Result<()>;
+    fn replace_version_record(&mut self, v: &Version, index: IndexBytes<'_>) -> Result<()>;
     fn set_status(&self, uid: VersionUid, status: Status) -> Result<()>;
     fn set_expire(&self, uid: VersionUid, expire: Option<&DateTime<Utc>>) -> Result<()>;
     fn set_protected(&self, uid: VersionUid, protected: bool) -> Result<()>;

@@ -882,7 +882,7 @@ impl Catalog for PostgresCatalog {
         })
     }
 
-    fn replace_version_record(&mut self, v: &Version, index: &[u8]) -> Result<()> {
+    fn replace_version_record(&mut self, v: &Version, index: IndexBytes<'_>) -> Result<()> {
         let storage_id = self.storage_id(&v.storage)?;
         self.write(|tx| {
             let row = VersionRow::new(v, storage_id);
@@ -901,11 +901,9 @@ impl Catalog for PostgresCatalog {
             for (k, val) in &v.labels {
                 tx.execute("INSERT INTO labels(uid, name, value) VALUES ($1,$2,$3)", &[&uid, k, val])?;
             }
-            tx.execute(
-                "INSERT INTO version_index(uid, data) VALUES ($1, $2) ON CONFLICT (uid) DO UPDATE SET data = $2",
-                &[&uid, &index],
-            )?;
-            Ok(())
+            // Replaced in this transaction: readers see the old index or the new one.
+            tx.execute("DELETE FROM version_index WHERE uid=$1", &[&uid])?;
+            copy_index_in(tx, uid, index)
         })
     }
 

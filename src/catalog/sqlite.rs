@@ -577,7 +577,7 @@ impl Catalog for SqliteCatalog {
     /// Replaces the fields, labels and index of a version the database holds with those
     /// recorded elsewhere (its version object: `metadata restore --force`), in one
     /// transaction.
-    fn replace_version_record(&mut self, v: &Version, index: &[u8]) -> Result<()> {
+    fn replace_version_record(&mut self, v: &Version, index: IndexBytes<'_>) -> Result<()> {
         let storage_id = self.storage_id(&v.storage)?;
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let n = tx.execute(
@@ -594,7 +594,7 @@ impl Catalog for SqliteCatalog {
         for (k, val) in &v.labels {
             tx.execute("INSERT INTO labels(uid, name, value) VALUES (?1,?2,?3)", params![v.uid.0 as i64, k, val])?;
         }
-        tx.execute("INSERT OR REPLACE INTO version_index(uid, data) VALUES (?1, ?2)", params![v.uid.0 as i64, index])?;
+        write_index(&tx, v.uid, index)?;
         tx.commit()?;
         Ok(())
     }

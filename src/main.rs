@@ -1282,14 +1282,25 @@ fn run(cli: Cli) -> Result<i32> {
             // `metadata export V1 V2 out.json`: the last word is the file.
             let file = PathBuf::from(args.pop().unwrap_or_default());
             let uids = args;
-            let json = repo.export_metadata(&parse_uids(&uids)?)?;
+            let uids = parse_uids(&uids)?;
             if file.as_os_str() == "-" {
-                out!("{json}")?;
+                let mut w = std::io::BufWriter::new(std::io::stdout().lock());
+                repo.export_metadata_to(&uids, &mut w, output::STDOUT)?;
             } else {
-                let tmp = file.with_extension("keepfs-tmp");
-                std::fs::write(&tmp, json.as_bytes())
-                    .and_then(|_| std::fs::rename(&tmp, &file))
-                    .map_err(|e| Error::io(format!("cannot write {}", file.display()), e))?;
+                // Written beside its place and renamed there once complete and durable: a
+                // failed export leaves no file that looks whole.
+                let what = format!("cannot write {}", file.display());
+                let dir = match file.parent() {
+                    Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+                    _ => PathBuf::from("."),
+                };
+                let tmp = tempfile::NamedTempFile::new_in(&dir).map_err(|e| Error::io(&what, e))?;
+                let mut w = std::io::BufWriter::new(tmp);
+                repo.export_metadata_to(&uids, &mut w, &what)?;
+                let tmp = w.into_inner().map_err(|e| Error::io(&what, e.into_error()))?;
+                tmp.as_file().sync_all().map_err(|e| Error::io(&what, e))?;
+                tmp.persist(&file).map_err(|e| Error::io(&what, e.error))?;
+                std::fs::File::open(&dir).and_then(|d| d.sync_all()).map_err(|e| Error::io(&what, e))?;
             }
             Ok(exit::OK)
         }

@@ -27,19 +27,57 @@ struct Entry {
 }
 
 impl Repository {
-    /// The metadata of `uids` as a JSON document.
-    pub fn export_metadata(&self, uids: &[VersionUid]) -> Result<String> {
-        let mut versions = Vec::new();
-        for &uid in uids {
-            let version = self.version(uid)?;
-            let index = self.index(uid)?;
-            versions.push(Entry { version, index: hex::encode(index.encode()?) });
+    /// Writes the metadata of `uids` as a JSON document to `out` (a failed write is an
+    /// I/O error with the context `what`). Each index is copied from the catalog as a
+    /// stream (hex, checked as it passes), never held: the document of a dense version
+    /// costs no memory. A damaged index stops it half way, an error (and the document
+    /// not valid JSON): write it where it is kept only once complete.
+    pub fn export_metadata_to(&self, uids: &[VersionUid], out: &mut dyn std::io::Write, what: &str) -> Result<()> {
+        let io = |e| Error::io(what, e);
+        let versions = uids.iter().map(|&uid| self.version(uid)).collect::<Result<Vec<_>>>()?;
+        for v in &versions {
+            self.stored_index(v)?; // one without an index is refused before anything is written
         }
-        let doc = Document { format: FORMAT.into(), format_version: FORMAT_VERSION, versions };
-        serde_json::to_string_pretty(&doc).map_err(|e| Error::Other(format!("cannot write metadata JSON: {e}")))
+        write!(
+            out,
+            "{{\n  \"format\": {},\n  \"format_version\": {},\n  \"versions\": [",
+            to_json(FORMAT)?,
+            FORMAT_VERSION
+        )
+        .map_err(io)?;
+        for (n, v) in versions.iter().enumerate() {
+            // The version's fields, then its index where the object closes.
+            let fields = to_json(v)?;
+            let open = fields.strip_suffix('}').unwrap_or(&fields);
+            let comma = if open.ends_with('{') { "" } else { "," };
+            let sep = if n == 0 { "\n    " } else { ",\n    " };
+            write!(out, "{sep}{open}{comma}\"index\":\"").map_err(io)?;
+            let mut stored = self.stored_index(v)?;
+            let mut hex = HexOut { out: &mut *out, failed: None };
+            let walked = {
+                let mut tee = Hexed { inner: &mut stored, hex: &mut hex };
+                let walked = BlockIndex::visit_reader(&mut tee, |_, _| true);
+                // Whatever the walk left unread goes out too: the stored bytes, whole.
+                let rest = std::io::copy(&mut tee, &mut std::io::sink());
+                walked.and_then(|w| rest.map(|_| w).map_err(|e| crate::index::IndexError::Malformed(e.to_string())))
+            };
+            if let Some(e) = stored.failed.take() {
+                return Err(e);
+            }
+            if let Some(e) = hex.failed.take() {
+                return Err(io(e));
+            }
+            match walked {
+                Ok(Some(head)) if head.uid == v.uid.0 && head.size == v.size && head.block_size == v.block_size => {}
+                _ => return Err(self.confirm_damage(v)?),
+            }
+            out.write_all(b"\"}").map_err(io)?;
+        }
+        out.write_all(b"\n  ]\n}\n").map_err(io)?;
+        out.flush().map_err(io)
     }
 
-    /// Imports a document made by [`Repository::export_metadata`]. Refuses the whole
+    /// Imports a document made by [`Repository::export_metadata_to`]. Refuses the whole
     /// document if any uid exists already. A version whose objects are not all in its
     /// storage is imported as invalid. Returns the imported uids.
     pub fn import_metadata(&self, json: &str) -> Result<Vec<VersionUid>> {
@@ -216,5 +254,53 @@ impl Repository {
             imported.push(v.uid);
         }
         Ok(imported)
+    }
+}
+
+/// `x` as compact JSON.
+fn to_json<T: Serialize + ?Sized>(x: &T) -> Result<String> {
+    serde_json::to_string(x).map_err(|e| Error::Other(format!("cannot write metadata JSON: {e}")))
+}
+
+/// Writes bytes as lowercase hex; the first failed write is kept, and nothing more is
+/// written after it.
+struct HexOut<'a> {
+    out: &'a mut dyn std::io::Write,
+    failed: Option<std::io::Error>,
+}
+
+impl HexOut<'_> {
+    fn write(&mut self, bytes: &[u8]) {
+        if self.failed.is_none() {
+            let mut buf = [0u8; 8192];
+            for piece in bytes.chunks(buf.len() / 2) {
+                let hex = &mut buf[..piece.len() * 2];
+                // A buffer of exactly twice the length always fits.
+                if hex::encode_to_slice(piece, hex).is_err() {
+                    continue;
+                }
+                if let Err(e) = self.out.write_all(hex) {
+                    self.failed = Some(e);
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// A reader whose bytes also go out as hex as they pass.
+struct Hexed<'a, 'b, R> {
+    inner: &'a mut R,
+    hex: &'a mut HexOut<'b>,
+}
+
+impl<R: std::io::Read> std::io::Read for Hexed<'_, '_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hex.write(&buf[..n]);
+        if self.hex.failed.is_some() {
+            return Err(std::io::Error::other("the document could not be written"));
+        }
+        Ok(n)
     }
 }

@@ -20,7 +20,7 @@ use std::io::{self, Write};
 use std::sync::Mutex;
 
 /// The context of the error a failed [`out!`] returns.
-const STDOUT: &str = "cannot write to standard output";
+pub const STDOUT: &str = "cannot write to standard output";
 
 /// The first [`report!`] line that could not be written, and why.
 static LOST: Mutex<Option<(String, io::Error)>> = Mutex::new(None);

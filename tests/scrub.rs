@@ -326,6 +326,22 @@ fn a_damaged_index_in_the_database_is_damage_and_is_repaired_from_the_storage() 
     assert!(r.error_line().contains("index checksum mismatch"), "{}", r.stderr);
     assert_eq!(repo.block_objects(), objects);
 
+    // An export streams the index out as it checks it: a damaged one stops it with the
+    // same words (exit 3), and no file is left that looks whole.
+    let out = repo.path("meta.json");
+    let r = repo.run(&["metadata", "export", b, out.to_str().unwrap()]);
+    assert_eq!(r.code, 3, "{}", r.stderr);
+    assert!(r.error_line().contains("index checksum mismatch"), "{}", r.stderr);
+    assert!(!out.exists());
+    assert_eq!(
+        fs::read_dir(repo.path(""))
+            .unwrap()
+            .filter(|e| { e.as_ref().unwrap().file_name().to_string_lossy().starts_with(".tmp") })
+            .count(),
+        0,
+        "no temporary file is left"
+    );
+
     // Without --force the existing record is kept; the error names the flag.
     let r = repo.run(&["metadata", "restore", b]);
     assert_eq!(r.code, 2, "{}", r.stderr);

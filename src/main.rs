@@ -1294,7 +1294,13 @@ fn run(cli: Cli) -> Result<i32> {
                     Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
                     _ => PathBuf::from("."),
                 };
-                let tmp = tempfile::NamedTempFile::new_in(&dir).map_err(|e| Error::io(&what, e))?;
+                // Made as a plain file is (0666 less the umask), not private as temporary
+                // files are.
+                use std::os::unix::fs::PermissionsExt;
+                let tmp = tempfile::Builder::new()
+                    .permissions(std::fs::Permissions::from_mode(0o666))
+                    .tempfile_in(&dir)
+                    .map_err(|e| Error::io(&what, e))?;
                 let mut w = std::io::BufWriter::new(tmp);
                 repo.export_metadata_to(&uids, &mut w, &what)?;
                 let tmp = w.into_inner().map_err(|e| Error::io(&what, e.into_error()))?;

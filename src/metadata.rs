@@ -46,6 +46,8 @@ impl Repository {
         )
         .map_err(io)?;
         for (n, v) in versions.iter().enumerate() {
+            // As it is now (the walk below checks the index against these fields).
+            let v = &self.version(v.uid)?;
             // The version's fields, then its index where the object closes.
             let fields = to_json(v)?;
             let open = fields.strip_suffix('}').unwrap_or(&fields);
@@ -276,8 +278,9 @@ impl HexOut<'_> {
             for piece in bytes.chunks(buf.len() / 2) {
                 let hex = &mut buf[..piece.len() * 2];
                 // A buffer of exactly twice the length always fits.
-                if hex::encode_to_slice(piece, hex).is_err() {
-                    continue;
+                if let Err(e) = hex::encode_to_slice(piece, hex) {
+                    self.failed = Some(std::io::Error::other(e));
+                    return;
                 }
                 if let Err(e) = self.out.write_all(hex) {
                     self.failed = Some(e);

@@ -55,7 +55,9 @@ pub fn storage_usage(repo: &Repository, selected: &[Version]) -> Result<Vec<Usag
         let mut pass = 0u32;
         for v in all.iter().filter(|v| v.storage == storage && v.status != Status::Incomplete) {
             pass += 1;
-            let walked = repo.walk_index(v, |_, id| {
+            // As it is now (a `metadata restore --force` may have changed it since the list).
+            let Ok(v) = repo.version(v.uid) else { continue };
+            let walked = repo.walk_index(&v, |_, id| {
                 let r = refs.entry(id).or_default();
                 if r.last != pass {
                     (r.count, r.last) = (r.count + 1, pass);
@@ -63,7 +65,14 @@ pub fn storage_usage(repo: &Repository, selected: &[Version]) -> Result<Vec<Usag
                 true
             });
             if walked.is_err() {
-                continue; // its blocks met so far count as shared: never more "exclusive"
+                // Not counted, as if it had not been walked: the blocks it handed over
+                // before its damage showed are taken back.
+                refs.retain(|_, r| {
+                    if r.last == pass {
+                        r.count -= 1;
+                    }
+                    r.count > 0
+                });
             }
         }
         let storage_id = repo.storage_id(storage)?;
@@ -73,6 +82,7 @@ pub fn storage_usage(repo: &Repository, selected: &[Version]) -> Result<Vec<Usag
                 continue;
             }
             pass += 1;
+            let Ok(v) = repo.version(v.uid) else { continue };
             let mut u = Usage {
                 uid: v.uid.to_string(),
                 name: v.name.clone(),
@@ -81,7 +91,7 @@ pub fn storage_usage(repo: &Repository, selected: &[Version]) -> Result<Vec<Usag
                 ..Default::default()
             };
             let mut data = 0u64;
-            let walked = repo.walk_index(v, |i, id| {
+            let walked = repo.walk_index(&v, |i, id| {
                 let len = crate::index::block_len(v.size, v.block_size, i);
                 data += len;
                 let r = refs.entry(id).or_default();

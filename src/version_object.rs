@@ -430,7 +430,8 @@ fn read_streamed_with(
     }
     let tag_len = if sealed { crate::transform::aes::TAG_LEN as u64 } else { 0 };
     if header.plain_len + tag_len != header.payload_len {
-        let e = ObjectError::PlainLength { expected: header.plain_len, found: header.payload_len - tag_len };
+        let found = header.payload_len.saturating_sub(tag_len);
+        let e = ObjectError::PlainLength { expected: header.plain_len, found };
         return Ok(Streamed::Damaged(e.to_string()));
     }
     if !authentic {

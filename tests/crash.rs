@@ -336,4 +336,29 @@ fn a_full_spool_stops_a_backup_with_a_clear_error_and_continue_finishes_it() {
     repo.ok(&["backup", "--continue", &uid, &repo.url("img"), "vm", "-b", "4k"]);
     assert_eq!(repo.restore_sha(&uid, "out"), sha256_file(&repo.path("img")));
     assert_eq!(fs::read_dir(&spool).unwrap().count(), 0);
+
+    // A rebuild keeps a large version object's index in the spool too (every object is
+    // large with the threshold at nothing): a full spool stops it with one line naming
+    // the directory and the way on, and the next run, with room, finishes it.
+    let streamed = [("KEEPFS_TEST_STREAMED_INDEX", "0")];
+    let r = repo.run_env(&["metadata", "backup"], &streamed); // written again, the large way
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let object = fs::read(repo.storage().join("versions").join(&uid)).unwrap();
+    assert_eq!(u16::from_le_bytes([object[12], object[13]]), 0, "stored uncompressed");
+    repo.lose_catalog();
+    let mounted =
+        std::process::Command::new("mount").args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"]).arg(&spool).status();
+    assert!(mounted.is_ok_and(|s| s.success()));
+    let r = repo.run_env(&["database", "rebuild"], &streamed);
+    let free = std::process::Command::new("umount").arg(&spool).status();
+    assert!(free.is_ok_and(|s| s.success()));
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert_eq!(r.stderr.lines().filter(|l| l.starts_with("keepfs: error")).count(), 1, "{}", r.stderr);
+    let line = r.error_line();
+    assert!(line.contains(&format!("cannot write the block index file in {}", spool.display())), "{line}");
+    assert!(line.contains("No space left on device") && line.contains("run `keepfs database rebuild` again"), "{line}");
+    let r = repo.run_env(&["database", "rebuild"], &streamed);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(repo.restore_sha(&uid, "out"), sha256_file(&repo.path("img")));
+    assert_eq!(fs::read_dir(&spool).unwrap().count(), 0);
 }

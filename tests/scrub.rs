@@ -354,3 +354,26 @@ fn a_damaged_index_in_the_database_is_damage_and_is_repaired_from_the_storage() 
     assert_eq!(repo.restore_sha(b, "o"), sha256_file(&repo.path("img1")));
     assert!(repo.ok(&["cleanup"]).contains("deleted 0 object(s)"));
 }
+
+/// `storage-usage` leaves out a version whose index is damaged as if it were not there:
+/// the blocks it shares with another are that one's alone, even though the damage (a
+/// wrong checksum) shows only once every block of it was read.
+#[test]
+fn storage_usage_leaves_out_a_version_whose_index_is_damaged() {
+    let repo = Repo::new();
+    fs::write(repo.path("img"), mixed_image(909, 12, BS, 0)).unwrap();
+    let a = repo.backup("img", "a", &["-b", "64k"]);
+    let b = repo.backup("img", "b", &["-b", "64k"]);
+    let usage =
+        || -> serde_json::Value { serde_json::from_str(&repo.ok(&["storage-usage", "--format", "json"])).unwrap() };
+    let row = |u: &serde_json::Value, uid: &str| u.as_array().unwrap().iter().find(|x| x["uid"] == uid).cloned();
+    let before = row(&usage(), &a).unwrap();
+    let data = before["shared"].as_u64().unwrap();
+    assert!(data > 0 && before["exclusive"] == 0, "a and b hold the same blocks: {before}");
+    repo.edit_index(&b, |index| index[45] ^= 1); // the index's checksum
+    let after = usage();
+    assert!(row(&after, &b).is_none(), "{after}");
+    let a_now = row(&after, &a).unwrap();
+    assert_eq!((a_now["shared"].as_u64(), a_now["exclusive"].as_u64()), (Some(0), Some(data)), "{a_now}");
+    assert_eq!(a_now["exclusive_stored"], before["stored"]);
+}

@@ -330,10 +330,10 @@ pub struct Tee<'a, R> {
 
 impl<R: Read> Read for Tee<'_, R> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = self.r.read(buf)?;
         if self.kept.failed.is_some() {
             return Err(std::io::Error::other("the block index could not be kept"));
         }
+        let n = self.r.read(buf)?;
         if let Err(e) = self.kept.out.write_all(&buf[..n]) {
             self.kept.failed = Some(e);
             return Err(std::io::Error::other("the block index could not be kept"));

@@ -384,7 +384,7 @@ impl Draft {
 
     fn base_id(&self, idx: u64) -> BlockId {
         match &self.base {
-            Some(b) if idx < self.base_cut => b.index().entries.get(idx),
+            Some(b) if idx < self.base_cut => b.index().get(idx),
             _ => BlockId::SPARSE,
         }
     }
@@ -572,11 +572,11 @@ impl Draft {
         // A base block that was the base's short last block, or that is now longer or
         // shorter than in the base, must be stored again at its new length.
         if let Some(base) = self.base.clone() {
-            let base_blocks = base.index().entries.len();
+            let base_blocks = base.index().len();
             for idx in [base_blocks.saturating_sub(1), n.saturating_sub(1)] {
                 if idx < n && idx < base_blocks && !self.slots.contains_key(&idx) && !self.base_id(idx).is_sparse() {
                     let new_len = (self.size - idx * self.bs).min(self.bs);
-                    if base.index().block_len(idx as usize) as u64 != new_len {
+                    if base.index().block_len(idx) != new_len {
                         self.prepare(idx, false)?;
                         self.submit(idx)?;
                     }

@@ -5,7 +5,7 @@
 use crate::block::BlockId;
 use crate::cache::{BlockCache, BlockData};
 use crate::error::{Error, Result};
-use crate::index::BlockIndex;
+use crate::index::MappedIndex;
 use crate::repo::{Repository, SessionGuard};
 use crate::storage::SharedStorage;
 use crate::version::{Version, VersionUid};
@@ -45,7 +45,7 @@ impl Prefetcher {
 /// An open version image. Holds a session that locks the version against removal.
 pub struct Image {
     pub version: Version,
-    index: BlockIndex,
+    index: MappedIndex,
     storage: SharedStorage,
     cache: Arc<BlockCache>,
     prefetch: Option<Arc<Prefetcher>>,
@@ -66,7 +66,7 @@ impl Image {
         self.index.block_size
     }
 
-    pub fn index(&self) -> &BlockIndex {
+    pub fn index(&self) -> &MappedIndex {
         &self.index
     }
 
@@ -80,7 +80,7 @@ impl Image {
 
     /// The plaintext of block `idx` (`None` for a sparse block).
     pub fn block(&self, idx: usize) -> Result<Option<BlockData>> {
-        let id = self.index.entries.get(idx as u64);
+        let id = self.index.get(idx as u64);
         if id.is_sparse() {
             return Ok(None);
         }
@@ -166,8 +166,8 @@ impl Image {
             return;
         }
         let next = c.end.div_ceil(bs);
-        let last = (next + window).min(self.index.entries.len());
-        for (_, id) in self.index.entries.data_in(next.max(c.ahead)..last) {
+        let last = (next + window).min(self.index.len());
+        for (_, id) in self.index.data_in(next.max(c.ahead)..last) {
             p.requested.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let _ = p.tx.send((self.storage.clone(), id));
         }
@@ -201,7 +201,7 @@ impl Repository {
         let version = self.version(uid)?;
         let session = self.session(&format!("read {uid}"), false)?;
         session.lock_version(uid, "read")?;
-        let index = self.index(uid)?;
+        let index = self.mapped_index(uid)?;
         let storage = self.storage(&version.storage)?;
         Ok(Image { version, index, storage, cache, prefetch, cursor: Mutex::new(Cursor::default()), _session: session })
     }

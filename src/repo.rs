@@ -178,6 +178,28 @@ impl Repository {
         Ok(BlockIndex { uid: head.uid, size: head.size, block_size: head.block_size, entries })
     }
 
+    /// The block index of a committed version for random access (the mount's): its ids
+    /// in a mapped spool file, not in memory (see [`crate::index::MappedIndex`]). Errors
+    /// as [`Repository::index`].
+    pub fn mapped_index(&self, uid: VersionUid) -> Result<crate::index::MappedIndex> {
+        let v = self.version(uid)?;
+        let mut b = crate::index::MappedBuilder::new(&self.config.home.join("spool"), self.config.modes)?;
+        let mut failed = None;
+        let walked = self.walk_index(&v, |idx, id| match b.push(idx, id) {
+            Ok(()) => true,
+            Err(e) => {
+                failed = Some(e);
+                false
+            }
+        })?;
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        // Stopped only by a failed push, which returned above.
+        let head = walked.ok_or_else(|| self.index_damaged(uid, &IndexError::Malformed("stopped early".into())))?;
+        b.finish(head)
+    }
+
     /// Why version `v` has no index in the catalog.
     fn no_index(&self, v: &Version) -> Error {
         // Removed by `rm` since it was read: it does not exist (no unfinished backup to

@@ -12,8 +12,10 @@ use std::io::Read;
 use std::ops::Range;
 
 mod entries;
+mod mapped;
 mod writer;
 pub use entries::Entries;
+pub use mapped::{MappedBuilder, MappedIndex};
 pub use writer::{IndexFile, IndexFileReader, IndexWriter, KeptIndex, RUN_MAX, Runs, Tee};
 
 pub const INDEX_MAGIC: [u8; 8] = *b"KEEPFSIX";

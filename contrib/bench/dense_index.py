@@ -37,9 +37,14 @@ change that added this mode), then runs a `scrub` (which reads that object), a `
 change (which writes it again) and, the catalog removed, a `database rebuild` (which
 reads it back into a new catalog).
 
+With --mount, one repository per size is made by --new; each binary then mounts it,
+reads the version's `data` to the end (`cat` to /dev/null) and gives the peak RSS of the
+mount process and its anonymous part at the end (RssAnon: the process's own memory;
+pages of a mapped file are page cache the kernel can take back).
+
 usage: contrib/bench/dense_index.py --new target/release/keepfs [--old OLD]
        [--sizes 256M,1G] [--workdir DIR] [--tmpfs /dev/shm]
-       [--null-only | --readers | --encrypted]
+       [--null-only | --readers | --encrypted | --mount]
 """
 import argparse
 import os
@@ -157,6 +162,53 @@ def readers(binaries, size, image, workdir, tmpfs):
 
 
 ENCRYPTED_STEPS = ["encrypted backup", "scrub", "label", "rebuild"]
+MOUNT_STEPS = ["mount, cat data: peak", "mount, cat data: anonymous"]
+
+
+def proc_kib(pid, field):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def mounted(binaries, size, image, workdir):
+    home = os.path.join(workdir, f"mount-{size}")
+    shutil.rmtree(home, ignore_errors=True)
+    os.makedirs(home)
+    env = dict(os.environ, KEEPFS_HOME=home)
+    env.pop("KEEPFS_CONFIG", None)
+    new = dict(binaries)["new"]
+    ok, _, _, uid, err = run([new, "backup", "-b", "4K", image, "dense"], env)
+    if not ok:
+        sys.exit(f"backup failed: {err[-300:]}")
+    uid = uid.strip()
+    results = {}
+    for label, binary in binaries:
+        mnt = os.path.join(home, "mnt")
+        os.makedirs(mnt, exist_ok=True)
+        log = open(os.path.join(home, "mount.log"), "w")
+        p = subprocess.Popen([binary, "mount", mnt], env=env, stdout=subprocess.DEVNULL, stderr=log)
+        data = os.path.join(mnt, "by_version", uid, "data")
+        t = time.perf_counter()
+        while not os.path.exists(data):
+            if p.poll() is not None or time.perf_counter() - t > 30:
+                sys.exit(f"{label}: mount failed: {open(log.name).read()[-300:]}")
+            time.sleep(0.05)
+        t = time.perf_counter()
+        subprocess.run(["cat", data], stdout=subprocess.DEVNULL, check=True)
+        dt = time.perf_counter() - t
+        peak, anon = proc_kib(p.pid, "VmHWM") / 1024, proc_kib(p.pid, "RssAnon") / 1024
+        while p.poll() is None:
+            subprocess.run(["fusermount3", "-u", mnt], stderr=subprocess.DEVNULL)
+            try:
+                p.wait(timeout=1)
+            except subprocess.TimeoutExpired:
+                pass
+        results[label] = {MOUNT_STEPS[0]: (dt, peak), MOUNT_STEPS[1]: (dt, anon)}
+    shutil.rmtree(home, ignore_errors=True)
+    return results
 
 
 def encrypted(binary, label, size, image, workdir):
@@ -202,6 +254,7 @@ def main():
     ap.add_argument("--null-only", action="store_true")
     ap.add_argument("--readers", action="store_true")
     ap.add_argument("--encrypted", action="store_true")
+    ap.add_argument("--mount", action="store_true")
     a = ap.parse_args()
     os.makedirs(a.workdir, exist_ok=True)
     sizes = a.sizes.split(",")
@@ -213,10 +266,12 @@ def main():
         blocks[size] = make_image(image, parse_size(size))
         try:
             for label, binary in binaries:
-                if a.readers:
+                if a.readers or a.mount:
                     if label == "old":
                         continue
-                    for lab, out in readers(binaries, size, image, a.workdir, a.tmpfs).items():
+                    made = mounted(binaries, size, image, a.workdir) if a.mount else readers(
+                        binaries, size, image, a.workdir, a.tmpfs)
+                    for lab, out in made.items():
                         results[(lab, size)] = out
                         print(lab, size, {k: f"{v[0]:.1f} s {v[1]:.0f} MiB" for k, v in out.items()}, flush=True)
                     continue
@@ -234,7 +289,8 @@ def main():
         cols += [f"{l}: bytes/block" for l, _ in binaries]
     print(" | ".join(cols))
     print(" | ".join("---" for _ in cols))
-    steps = READER_STEPS if a.readers else ENCRYPTED_STEPS if a.encrypted else STEPS[:1] if a.null_only else STEPS
+    steps = (READER_STEPS if a.readers else ENCRYPTED_STEPS if a.encrypted else MOUNT_STEPS if a.mount
+             else STEPS[:1] if a.null_only else STEPS)
     for st in steps:
         row = [st]
         for s in sizes:

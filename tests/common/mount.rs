@@ -64,11 +64,21 @@ impl Mount {
 
     pub fn unmount(&mut self) {
         if let Some(mut c) = self.child.take() {
-            let _ = std::process::Command::new("fusermount3").arg("-u").arg(&self.dir).status();
+            let unmount = || std::process::Command::new("fusermount3").arg("-u").arg(&self.dir).status();
+            let _ = unmount();
             let t = Instant::now();
+            let mut asked = Instant::now();
             loop {
                 if let Ok(Some(_)) = c.try_wait() {
                     break;
+                }
+                // Refused while the kernel still finishes the release of a file just
+                // closed (EBUSY on a loaded machine): asked again until it is done, so
+                // the process ends as a user's unmount ends it, never killed with its
+                // drafts left behind.
+                if asked.elapsed() > Duration::from_millis(200) && is_mounted(&self.dir) {
+                    let _ = unmount();
+                    asked = Instant::now();
                 }
                 if t.elapsed() > Duration::from_secs(20) {
                     let _ = c.kill();

@@ -184,18 +184,8 @@ impl Repository {
     pub fn mapped_index(&self, uid: VersionUid) -> Result<crate::index::MappedIndex> {
         let v = self.version(uid)?;
         let mut b = crate::index::MappedBuilder::new(&self.config.home.join("spool"), self.config.modes)?;
-        let mut failed = None;
-        let walked = self.walk_index(&v, |idx, id| match b.push(idx, id) {
-            Ok(()) => true,
-            Err(e) => {
-                failed = Some(e);
-                false
-            }
-        })?;
-        if let Some(e) = failed {
-            return Err(e);
-        }
-        // Stopped only by a failed push, which returned above.
+        let walked = self.walk_index_into(&v, |idx, id| b.push(idx, id))?;
+        // Stopped only by a failed push, which is an error above.
         let head = walked.ok_or_else(|| self.index_damaged(uid, &IndexError::Malformed("stopped early".into())))?;
         b.finish(head)
     }
@@ -252,6 +242,27 @@ impl Repository {
         match self.walk_index_or_damage(v, each)? {
             Ok(head) => Ok(head),
             Err(_) => Err(self.confirm_damage(v)?),
+        }
+    }
+
+    /// [`Repository::walk_index`] handing each data block to `push`, which may fail: its
+    /// first error stops the walk and is the result.
+    pub(crate) fn walk_index_into(
+        &self,
+        v: &Version,
+        mut push: impl FnMut(u64, BlockId) -> Result<()>,
+    ) -> Result<Option<IndexHeader>> {
+        let mut failed = None;
+        let walked = self.walk_index(v, |idx, id| match push(idx, id) {
+            Ok(()) => true,
+            Err(e) => {
+                failed = Some(e);
+                false
+            }
+        })?;
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(walked),
         }
     }
 
@@ -422,17 +433,7 @@ impl Repository {
         // The catalog's index, checked as it is read, into a file the object is built
         // from: a large index is never held.
         let mut written = self.index_writer(v.block_size)?;
-        let mut failed = None;
-        self.walk_index(&v, |idx, id| match written.push(idx, id) {
-            Ok(()) => true,
-            Err(e) => {
-                failed = Some(e);
-                false
-            }
-        })?;
-        if let Some(e) = failed {
-            return Err(e);
-        }
+        self.walk_index_into(&v, |idx, id| written.push(idx, id))?;
         let index = written.finish(uid.0, v.size)?;
         let storage = self.storage(&v.storage)?;
         store_version_object(storage.as_ref(), &v, &index)?;

@@ -114,20 +114,8 @@ impl MappedIndex {
     /// `offset`), or `None` when the rest is sparse: SEEK_DATA/SEEK_HOLE on a mounted
     /// image. Reads no id.
     pub fn next_data(&self, offset: u64) -> Option<Range<u64>> {
-        if offset >= self.size {
-            return None;
-        }
         let bs = self.block_size as u64;
-        let mut run = self.blocks_in(offset / bs..u64::MAX).map(|(i, _)| i);
-        let first = run.next()?;
-        let mut end = first + 1;
-        for i in run {
-            if i != end {
-                break;
-            }
-            end += 1;
-        }
-        Some((first * bs).max(offset)..(end * bs).min(self.size))
+        super::next_data(offset, self.size, bs, self.blocks_in(offset / bs..u64::MAX).map(|(i, _)| i))
     }
 }
 

@@ -70,6 +70,24 @@ pub fn block_len(size: u64, block_size: u32, idx: u64) -> u64 {
     (size - idx * block_size as u64).min(block_size as u64)
 }
 
+/// The first stretch of data at or after `offset` of an image of `size` bytes in blocks
+/// of `bs`, from its data blocks from `offset`'s block on (`blocks`, in order), clipped
+/// to start at `offset`: SEEK_DATA/SEEK_HOLE.
+pub(crate) fn next_data(offset: u64, size: u64, bs: u64, mut blocks: impl Iterator<Item = u64>) -> Option<Range<u64>> {
+    if offset >= size {
+        return None;
+    }
+    let first = blocks.next()?;
+    let mut end = first + 1;
+    for i in blocks {
+        if i != end {
+            break;
+        }
+        end += 1;
+    }
+    Some((first * bs).max(offset)..(end * bs).min(size))
+}
+
 /// Refuses an image with more blocks than a version may have ([`MAX_BLOCKS_PER_VERSION`]).
 pub fn check_block_count(size: u64, block_size: u32) -> crate::error::Result<()> {
     let n = block_count(size, block_size.max(1));
@@ -119,20 +137,8 @@ impl BlockIndex {
     /// SEEK_DATA/SEEK_HOLE on a mounted image. Walks the data blocks from `offset` on
     /// only, so a reader walking the image extent by extent costs one pass over them.
     pub fn next_data(&self, offset: u64) -> Option<Range<u64>> {
-        if offset >= self.size {
-            return None;
-        }
         let bs = self.block_size as u64;
-        let mut run = self.entries.data_in(offset / bs..u64::MAX).map(|(i, _)| i);
-        let first = run.next()?;
-        let mut end = first + 1;
-        for i in run {
-            if i != end {
-                break;
-            }
-            end += 1;
-        }
-        Some((first * bs).max(offset)..(end * bs).min(self.size))
+        next_data(offset, self.size, bs, self.entries.data_in(offset / bs..u64::MAX).map(|(i, _)| i))
     }
 
     fn header(&self, version: u16, tail: u64) -> Vec<u8> {

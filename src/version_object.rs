@@ -232,6 +232,7 @@ pub(crate) enum Streamed {
 }
 
 /// Where to keep a streamed version object's index: a spool directory.
+#[derive(Clone)]
 pub(crate) struct Keep {
     pub dir: std::path::PathBuf,
     pub modes: crate::perms::Modes,
@@ -308,8 +309,7 @@ pub(crate) fn read_version_object(
         for _ in 0..2 {
             // Read in ranges, it may have been rewritten between two of them: damage is
             // what a second reading finds too.
-            let again = Keep { dir: keep.dir.clone(), modes: keep.modes };
-            streamed = read_streamed_kept(storage, key, again);
+            streamed = read_streamed_kept(storage, key, keep.clone());
             if !matches!(streamed, Ok(Streamed::Damaged(_))) {
                 break;
             }

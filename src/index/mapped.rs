@@ -6,6 +6,7 @@
 //! is asked for. The kernel keeps the pages of ids in use and may drop the others, so a
 //! mounted dense version costs page cache, not the process's own memory, however large.
 
+use super::writer::write_error;
 use crate::block::{BlockId, ID_LEN};
 use crate::error::{Error, Result};
 use std::io::{BufWriter, Write};
@@ -131,9 +132,7 @@ pub struct MappedBuilder {
 impl MappedBuilder {
     /// A builder whose file of ids lies in `dir` (created with `modes` if need be).
     pub fn new(dir: &Path, modes: crate::perms::Modes) -> Result<MappedBuilder> {
-        let io = |e| Error::io(format!("cannot make a block index file in {}", dir.display()), e);
-        modes.create_dir_all(dir).map_err(io)?;
-        let out = BufWriter::with_capacity(1 << 20, tempfile::tempfile_in(dir).map_err(io)?);
+        let out = super::writer::spool_file(dir, modes)?;
         Ok(MappedBuilder { out, chunks: Vec::new(), data: 0, next: 0, dir: dir.to_path_buf() })
     }
 
@@ -155,25 +154,20 @@ impl MappedBuilder {
             c.present[(slot / 64) as usize] |= 1 << (slot % 64);
         }
         self.data += 1;
-        self.out.write_all(&id.0).map_err(|e| self.write_error(e))
-    }
-
-    fn write_error(&self, e: std::io::Error) -> Error {
-        Error::io(format!("cannot write the block index file in {}", self.dir.display()), e)
+        self.out.write_all(&id.0).map_err(|e| write_error(&self.dir, e))
     }
 
     /// The index of version `uid`, an image of `size` bytes in `count` blocks of
     /// `block_size`.
     pub fn finish(self, head: super::IndexHeader) -> Result<MappedIndex> {
         let dir = self.dir;
-        let write_error = |e| Error::io(format!("cannot write the block index file in {}", dir.display()), e);
-        let file = self.out.into_inner().map_err(|e| write_error(e.into_error()))?;
+        let file = self.out.into_inner().map_err(|e| write_error(&dir, e.into_error()))?;
         let ids = if self.data == 0 {
             None
         } else {
             // SAFETY: the file is an unnamed temporary file of this process alone, written
             // in full above; nothing changes or truncates it while it is mapped.
-            Some(unsafe { memmap2::Mmap::map(&file) }.map_err(write_error)?)
+            Some(unsafe { memmap2::Mmap::map(&file) }.map_err(|e| write_error(&dir, e))?)
         };
         Ok(MappedIndex {
             uid: head.uid,

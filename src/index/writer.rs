@@ -152,12 +152,10 @@ pub struct IndexWriter {
 impl IndexWriter {
     /// A writer whose file lies in `dir` (created with `modes` if need be).
     pub fn new(dir: &Path, modes: crate::perms::Modes, block_size: u32) -> Result<IndexWriter> {
-        let io = |e| Error::io(format!("cannot make a block index file in {}", dir.display()), e);
-        modes.create_dir_all(dir).map_err(io)?;
-        let mut file = BufWriter::with_capacity(1 << 20, tempfile::tempfile_in(dir).map_err(io)?);
+        let mut file = spool_file(dir, modes)?;
         // The header goes in last, when the body's length is known.
-        file.write_all(&[0u8; INDEX_HEADER_LEN]).map_err(io)?;
-        let z = zstd::stream::write::Encoder::new(file, INDEX_ZSTD_LEVEL).map_err(io)?;
+        file.write_all(&[0u8; INDEX_HEADER_LEN]).map_err(|e| write_error(dir, e))?;
+        let z = zstd::stream::write::Encoder::new(file, INDEX_ZSTD_LEVEL).map_err(|e| write_error(dir, e))?;
         Ok(IndexWriter { runs: Runs::new(z), block_size, dir: dir.to_path_buf() })
     }
 
@@ -215,8 +213,18 @@ impl IndexWriter {
     }
 }
 
-fn write_error(dir: &Path, e: std::io::Error) -> Error {
+/// A failed write of a block index file in the spool directory `dir` (named: a full disk
+/// there stops the work).
+pub(crate) fn write_error(dir: &Path, e: std::io::Error) -> Error {
     Error::io(format!("cannot write the block index file in {}", dir.display()), e)
+}
+
+/// A new unnamed file in the spool directory `dir` (made with `modes` if need be), gone
+/// with the process however it ends, written through a buffer of 1 MiB.
+pub(crate) fn spool_file(dir: &Path, modes: crate::perms::Modes) -> Result<BufWriter<File>> {
+    let io = |e| Error::io(format!("cannot make a block index file in {}", dir.display()), e);
+    modes.create_dir_all(dir).map_err(io)?;
+    Ok(BufWriter::with_capacity(1 << 20, tempfile::tempfile_in(dir).map_err(io)?))
 }
 
 /// A finished stored index in an unnamed file: what a version is committed with.
@@ -293,9 +301,7 @@ pub struct KeptIndex {
 impl KeptIndex {
     /// A copy whose file lies in `dir` (created with `modes` if need be).
     pub fn new(dir: &Path, modes: crate::perms::Modes) -> Result<KeptIndex> {
-        let io = |e| Error::io(format!("cannot make a block index file in {}", dir.display()), e);
-        modes.create_dir_all(dir).map_err(io)?;
-        let out = BufWriter::with_capacity(1 << 20, tempfile::tempfile_in(dir).map_err(io)?);
+        let out = spool_file(dir, modes)?;
         Ok(KeptIndex { out, len: 0, failed: None, dir: dir.to_path_buf() })
     }
 

@@ -100,6 +100,8 @@ pub struct Config {
     pub spool_memory_bytes: u64,
     /// Partially written blocks of one file kept in memory and in the spool file.
     pub spool_bytes: u64,
+    /// What a cleanup may hold in memory; a larger storage is cleaned up in slices.
+    pub cleanup_memory_bytes: u64,
     /// Schedulers for `due` and `sla` (the built-in hourly, daily, weekly and monthly
     /// ones, replaced or extended by `[[scheduler]]` entries).
     pub schedulers: Vec<crate::schedule::Scheduler>,
@@ -176,6 +178,7 @@ struct FileConfig {
     cache_size: Option<toml::Value>,
     spool_memory: Option<toml::Value>,
     spool_size: Option<toml::Value>,
+    cleanup_memory: Option<toml::Value>,
     #[serde(default)]
     storage: Vec<FileStorageConfig>,
     #[serde(default)]
@@ -355,6 +358,7 @@ impl Config {
             cache_bytes: 256 << 20,
             spool_memory_bytes: 32 << 20,
             spool_bytes: 1 << 30,
+            cleanup_memory_bytes: 256 << 20,
             schedulers: crate::schedule::builtin(),
             modes: crate::perms::Modes::PRIVATE,
             incomplete_grace: chrono::Duration::days(1),
@@ -600,6 +604,12 @@ impl Config {
         }
         if let Some(v) = &f.spool_size {
             c.spool_bytes = size("spool_size", v)?;
+        }
+        if let Some(v) = &f.cleanup_memory {
+            c.cleanup_memory_bytes = size("cleanup_memory", v)?;
+            if c.cleanup_memory_bytes == 0 {
+                return Err(bad("cleanup_memory: must be more than 0".into()));
+            }
         }
         // Top-level keys apply to every storage that names none of its own.
         for s in &mut c.storages {

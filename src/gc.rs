@@ -12,6 +12,14 @@
 //! --continue` reuses them: while its backup runs, and for `incomplete_grace` after its
 //! last sign of life (the version's `active_ms`), the cutoff moves back to the version's
 //! start, so nothing written or touched since then is swept.
+//!
+//! Memory: the marks, the catalog's ids and the plan take some 64 bytes per object of
+//! the storage. A storage with more objects than `cleanup_memory` holds that way is
+//! cleaned up in slices of the id space ([`Slice`]), each planned and carried out on its
+//! own: every slice walks every index again and keeps only the ids that fall in it. So
+//! memory stays within the budget whatever the storage holds, at the price of one more
+//! pass over the indexes and the listing per slice. A slice is a cleanup of its own
+//! (its own cutoff, its own checks), so slicing changes nothing of the protocol.
 
 use crate::block::BlockId;
 use crate::catalog::{OBJECT_DELETING, OBJECT_WRITING};
@@ -22,10 +30,48 @@ use crate::version::VersionUid;
 use std::collections::HashSet;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-/// What a cleanup of one storage would delete.
+/// Estimated bytes a cleanup holds per object row of the storage: a mark and a known id
+/// (an 8-byte short id in a hash set each, about 16 bytes with the set's slack) and a
+/// planned deletion (a 32-byte id and its size, in a growing vector).
+const BYTES_PER_OBJECT: u64 = 64;
+
+/// The most slices a cleanup is cut into, however small its budget.
+const MAX_SLICES: u64 = 4096;
+
+/// Part `index` of `of` equal parts of the id space. A cleanup in slices plans and
+/// deletes one slice at a time; the ids of a slice are those whose short id, as a
+/// fraction of 2^64, falls in the slice's part (ids are hashes, so slices are even).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Slice {
+    pub index: u32,
+    pub of: u32,
+}
+
+impl Slice {
+    /// The whole id space: a cleanup in one go.
+    pub const WHOLE: Slice = Slice { index: 0, of: 1 };
+
+    /// The slices of a cleanup cut into `of` parts.
+    pub fn all(of: u32) -> impl Iterator<Item = Slice> {
+        let of = of.max(1);
+        (0..of).map(move |index| Slice { index, of })
+    }
+
+    pub fn holds(&self, short: u64) -> bool {
+        ((short as u128 * self.of as u128) >> 64) as u32 == self.index
+    }
+
+    fn holds_id(&self, id: &BlockId) -> bool {
+        self.of == 1 || self.holds(id.short())
+    }
+}
+
+/// What a cleanup of one storage (or of one slice of it) would delete.
 #[derive(Clone, Debug)]
 pub struct CleanupPlan {
     pub storage: String,
+    /// The part of the id space this plan covers.
+    pub slice: Slice,
     pub cutoff_ms: i64,
     /// Objects with a row that no version references: (id, stored bytes).
     pub objects: Vec<(BlockId, u64)>,
@@ -170,7 +216,21 @@ impl Repository {
         Ok(live.iter().filter(|s| s.writes).map(|s| s.started_ms).min().unwrap_or(now).min(now))
     }
 
+    /// How many slices a cleanup of `storage` is cut into so that it stays within
+    /// `cleanup_memory` (1 for all but very large storages).
+    pub fn cleanup_slices(&self, storage: &str) -> Result<u32> {
+        let db = self.db();
+        let (rows, _) = db.object_totals(db.storage_id(storage)?)?;
+        Ok(slices_for(rows, self.config.cleanup_memory_bytes))
+    }
+
+    /// A plan for the whole storage in one go, whatever its size.
     pub fn plan_cleanup(&self, storage: &str) -> Result<CleanupPlan> {
+        self.plan_cleanup_slice(storage, Slice::WHOLE)
+    }
+
+    /// A plan for the objects of `storage` in `slice`.
+    pub fn plan_cleanup_slice(&self, storage: &str, slice: Slice) -> Result<CleanupPlan> {
         let st = self.storage_to_delete_from(storage)?;
         // A version object the database does not know means the database is older than
         // the storage (a restored copy): its blocks would look unreferenced. Refuse.
@@ -214,7 +274,9 @@ impl Repository {
                     break;
                 };
                 let walked = Self::read_stored(&mut stored, |_, id| {
-                    marked.insert(id.short());
+                    if slice.holds_id(&id) {
+                        marked.insert(id.short());
+                    }
                     true
                 });
                 match walked {
@@ -238,6 +300,7 @@ impl Repository {
         let db = self.db();
         let mut plan = CleanupPlan {
             storage: storage.to_string(),
+            slice,
             cutoff_ms,
             objects: Vec::new(),
             unfinished: Vec::new(),
@@ -250,6 +313,9 @@ impl Repository {
         };
         let mut known: HashSet<u64> = HashSet::new();
         db.for_each_object(storage_id, &mut |row| {
+            if !slice.holds_id(&row.id) {
+                return;
+            }
             let short = row.id.short();
             known.insert(short);
             if marked.contains(&short) {
@@ -275,7 +341,7 @@ impl Repository {
         let cutoff_time = file_cutoff(cutoff_ms);
         let running_time = file_cutoff(running_cutoff);
         st.list_each("blocks/", &mut |e| {
-            if let Some(short) = BlockId::from_storage_key(&e.key).map(|id| id.short())
+            if let Some(short) = BlockId::from_storage_key(&e.key).filter(|id| slice.holds_id(id)).map(|id| id.short())
                 && !known.contains(&short)
                 && !marked.contains(&short)
             {
@@ -385,6 +451,11 @@ impl Repository {
     }
 }
 
+/// The slices a storage of `rows` objects is cleaned up in within `budget` bytes.
+fn slices_for(rows: u64, budget: u64) -> u32 {
+    rows.saturating_mul(BYTES_PER_OBJECT).div_ceil(budget.max(1)).clamp(1, MAX_SLICES) as u32
+}
+
 /// The uids of the version objects a storage holds.
 fn version_objects(st: &dyn crate::storage::Storage) -> Result<Vec<VersionUid>> {
     Ok(st
@@ -413,5 +484,48 @@ impl Repository {
     /// the filesystem; returns how many bytes the database file shrank.
     pub fn reclaim_catalog_space(&self) -> Result<u64> {
         self.db().reclaim_space()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_slices_of_a_cleanup_share_out_every_id_once() {
+        for of in [1u32, 2, 3, 7, 64, 4096] {
+            let mut seen = vec![0u64; of as usize];
+            let mut x = 0x9e37_79b9_7f4a_7c15u64;
+            let edges = [0, 1, u64::MAX / 2, u64::MAX / 2 + 1, u64::MAX - 1, u64::MAX];
+            for short in (0..20_000)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x
+                })
+                .chain(edges)
+            {
+                let holders: Vec<Slice> = Slice::all(of).filter(|s| s.holds(short)).collect();
+                assert_eq!(holders.len(), 1, "{short:#x} in {of} slices: {holders:?}");
+                seen[holders[0].index as usize] += 1;
+            }
+            // Hashes spread evenly: no slice empty, none more than twice its share (where
+            // a share is large enough to tell).
+            let share = 20_006 / of as u64;
+            assert!(share < 100 || seen.iter().all(|&n| n > share / 2 && n < 2 * share), "{of} slices: {seen:?}");
+        }
+        assert!(Slice::WHOLE.holds(u64::MAX) && Slice::WHOLE.holds(0));
+    }
+
+    #[test]
+    fn a_cleanup_is_sliced_only_past_its_budget() {
+        let mib = 1 << 20;
+        assert_eq!(slices_for(0, 256 * mib), 1);
+        assert_eq!(slices_for(4 * mib, 256 * mib), 1, "4 Mi objects fit 256 MiB");
+        assert_eq!(slices_for(4 * mib + 1, 256 * mib), 2);
+        assert_eq!(slices_for(48 * mib, 256 * mib), 12, "a 200 TB storage of 4 MiB blocks");
+        assert_eq!(slices_for(u64::MAX, 1), MAX_SLICES as u32);
+        assert_eq!(slices_for(10, 0), MAX_SLICES.min(640) as u32);
     }
 }

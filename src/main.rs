@@ -1617,49 +1617,75 @@ fn run(cli: Cli) -> Result<i32> {
             let mut storages = Vec::new();
             for name in names {
                 title::set(&format!("keepfs [cleaning up storage {name}]"));
-                let plan = repo.plan_cleanup(&name)?;
-                let mut j = serde_json::json!({
-                    "storage": name, "objects": plan.objects.len(), "orphans": plan.orphans.len(),
-                    "bytes": plan.bytes(), "referenced": plan.referenced, "kept_recent": plan.kept_recent,
-                    "spared": plan.spared_lines(),
-                });
-                j["unfinished"] = plan.unfinished.len().into();
-                for line in plan.spared_lines() {
-                    say(line)?;
-                }
-                if !plan.unfinished.is_empty() {
+                // A storage too large for `cleanup_memory` is planned and cleaned up a
+                // slice of its ids at a time; the report adds the slices up.
+                let slices = repo.cleanup_slices(&name)?;
+                if slices > 1 {
                     say(format!(
-                        "storage {name}: {} block(s) of stopped backups were never recorded; their files (if any) go too",
-                        plan.unfinished.len()
+                        "storage {name}: cleaning up in {slices} slices to stay within cleanup_memory ({}); each slice reads every index again",
+                        format_size(repo.config.cleanup_memory_bytes)
                     ))?;
                 }
-                let verb = if dry_run { "would delete" } else { "deleting" };
-                say(format!(
-                    "storage {name}: {verb} {} unreferenced object(s) and {} orphaned file(s), {}; {} referenced, {} kept (newer than the oldest running backup)",
-                    plan.objects.len(),
-                    plan.orphans.len(),
-                    format_size(plan.bytes()),
-                    plan.referenced,
-                    plan.kept_recent
-                ))?;
-                if dry_run {
-                    for (id, size) in &plan.objects {
-                        say(format!("  object {id} ({size} bytes)"))?;
+                let mut j = serde_json::json!({"storage": name, "slices": slices});
+                let sum = |j: &mut serde_json::Value, key: &str, n: u64| {
+                    let had = j[key].as_u64().unwrap_or(0);
+                    j[key] = (had + n).into();
+                };
+                for slice in keepfs::gc::Slice::all(slices) {
+                    let plan = repo.plan_cleanup_slice(&name, slice)?;
+                    let part = if slices > 1 {
+                        format!("storage {name} (slice {}/{slices})", slice.index + 1)
+                    } else {
+                        format!("storage {name}")
+                    };
+                    if slice.index == 0 {
+                        for line in plan.spared_lines() {
+                            say(line)?;
+                        }
                     }
-                    for (key, size) in &plan.orphans {
-                        say(format!("  orphan {key} ({size} bytes)"))?;
+                    if !plan.unfinished.is_empty() {
+                        say(format!(
+                            "{part}: {} block(s) of stopped backups were never recorded; their files (if any) go too",
+                            plan.unfinished.len()
+                        ))?;
                     }
-                } else {
-                    let r = repo.apply_cleanup(&plan)?;
+                    let verb = if dry_run { "would delete" } else { "deleting" };
                     say(format!(
-                        "storage {name}: deleted {} object(s) and {} orphaned file(s), freed {}",
-                        r.objects_deleted,
-                        r.orphans_deleted,
-                        format_size(r.bytes_freed)
+                        "{part}: {verb} {} unreferenced object(s) and {} orphaned file(s), {}; {} referenced, {} kept (newer than the oldest running backup)",
+                        plan.objects.len(),
+                        plan.orphans.len(),
+                        format_size(plan.bytes()),
+                        plan.referenced,
+                        plan.kept_recent
                     ))?;
-                    j["objects_deleted"] = r.objects_deleted.into();
-                    j["orphans_deleted"] = r.orphans_deleted.into();
-                    j["bytes_freed"] = r.bytes_freed.into();
+                    sum(&mut j, "objects", plan.objects.len() as u64);
+                    sum(&mut j, "orphans", plan.orphans.len() as u64);
+                    sum(&mut j, "bytes", plan.bytes());
+                    sum(&mut j, "referenced", plan.referenced);
+                    sum(&mut j, "kept_recent", plan.kept_recent);
+                    sum(&mut j, "unfinished", plan.unfinished.len() as u64);
+                    if slice.index == 0 {
+                        j["spared"] = plan.spared_lines().into();
+                    }
+                    if dry_run {
+                        for (id, size) in &plan.objects {
+                            say(format!("  object {id} ({size} bytes)"))?;
+                        }
+                        for (key, size) in &plan.orphans {
+                            say(format!("  orphan {key} ({size} bytes)"))?;
+                        }
+                    } else {
+                        let r = repo.apply_cleanup(&plan)?;
+                        say(format!(
+                            "{part}: deleted {} object(s) and {} orphaned file(s), freed {}",
+                            r.objects_deleted,
+                            r.orphans_deleted,
+                            format_size(r.bytes_freed)
+                        ))?;
+                        sum(&mut j, "objects_deleted", r.objects_deleted);
+                        sum(&mut j, "orphans_deleted", r.orphans_deleted);
+                        sum(&mut j, "bytes_freed", r.bytes_freed);
+                    }
                 }
                 storages.push(j);
             }

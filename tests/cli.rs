@@ -352,6 +352,93 @@ fn rm_and_cleanup_free_exactly_the_unreferenced_objects() {
     assert!(repo.ok(&["cleanup"]).contains("deleted 0 object(s)"));
 }
 
+/// A storage with more objects than `cleanup_memory` holds is cleaned up a slice of its
+/// ids at a time (each slice walks every index again). The slices together plan and
+/// delete exactly what one pass does, orphaned files included, and keep every object a
+/// version still needs.
+#[test]
+fn a_cleanup_over_its_memory_budget_goes_in_slices_and_deletes_the_same() {
+    let repo = Repo::new();
+    let a = mixed_image(41, 60, BS, 0);
+    let mut b = a.clone();
+    let mut c = a.clone();
+    for i in (3..60).step_by(5) {
+        b[i * BS..(i + 1) * BS].copy_from_slice(&random_bytes(4100 + i as u64, BS));
+        c[(i + 1) * BS..(i + 2) * BS].copy_from_slice(&random_bytes(4200 + i as u64, BS));
+    }
+    for (name, img) in [("a", &a), ("b", &b), ("c", &c)] {
+        fs::write(repo.path(name), img).unwrap();
+    }
+    let va = repo.backup("a", "vm", &["-b", "64k"]);
+    let vb = repo.backup("b", "vm", &["-b", "64k"]);
+    let vc = repo.backup("c", "vm", &["-b", "64k"]);
+    repo.ok(&["rm", "--force", &va, &vb]);
+    // Files a killed backup left behind, older than any cutoff.
+    let mut orphans = Vec::new();
+    for n in 0..5u64 {
+        let id = keepfs::block::BlockId::of(&random_bytes(4300 + n, 64));
+        let path = repo.storage().join(id.storage_key());
+        fs::create_dir_all(path.parent().unwrap()).unwrap();
+        let f = fs::File::create(&path).unwrap();
+        f.set_modified(std::time::SystemTime::now() - std::time::Duration::from_secs(3600)).unwrap();
+        orphans.push(path);
+    }
+
+    // The same repository through a configuration that gives cleanup 3 KiB: with some
+    // 60 objects at 64 bytes each, that is two slices or more.
+    let cfg = repo.path("small.toml");
+    fs::write(
+        &cfg,
+        format!(
+            "home = \"{h}\"\ncleanup_memory = \"3K\"\n[[storage]]\nname = \"default\"\nkind = \"file\"\npath = \"{h}/storage\"\n",
+            h = repo.home().display()
+        ),
+    )
+    .unwrap();
+    let small = [("KEEPFS_CONFIG", cfg.to_str().unwrap())];
+    let json = |r: Run| -> serde_json::Value {
+        assert_eq!(r.code, 0, "{}\n{}", r.stdout, r.stderr);
+        let all: serde_json::Value = serde_json::from_str(&r.stdout).unwrap_or_else(|e| panic!("{e}: {}", r.stdout));
+        all["storages"][0].clone()
+    };
+    let whole = json(repo.run(&["cleanup", "--dry-run", "--format", "json"]));
+    let sliced = json(repo.run_env(&["cleanup", "--dry-run", "--format", "json"], &small));
+    assert_eq!(whole["slices"], 1, "{whole}");
+    let slices = sliced["slices"].as_u64().unwrap();
+    assert!(slices >= 2, "{sliced}");
+    for key in ["objects", "orphans", "bytes", "referenced", "kept_recent", "unfinished"] {
+        assert_eq!(whole[key], sliced[key], "{key}: {whole} vs {sliced}");
+    }
+    assert_eq!(sliced["orphans"], 5, "{sliced}");
+    assert!(sliced["objects"].as_u64().unwrap() >= 20, "{sliced}");
+
+    // For people: each slice says what it would delete; the lines name the same objects.
+    let listed = |out: &str| -> Vec<String> {
+        let mut l: Vec<String> = out.lines().filter(|l| l.starts_with("  ")).map(str::to_string).collect();
+        l.sort();
+        l
+    };
+    let r = repo.run_env(&["cleanup", "--dry-run"], &small);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stdout.contains(&format!("cleaning up in {slices} slices")), "{}", r.stdout);
+    assert!(r.stdout.contains(&format!("(slice {slices}/{slices}): would delete")), "{}", r.stdout);
+    assert_eq!(listed(&r.stdout), listed(&repo.ok(&["cleanup", "--dry-run"])));
+
+    let before = repo.block_objects();
+    let done = json(repo.run_env(&["cleanup", "--format", "json"], &small));
+    assert_eq!(done["objects_deleted"], whole["objects"], "{done}");
+    assert_eq!(done["orphans_deleted"], 5, "{done}");
+    assert_eq!(done["bytes_freed"], whole["bytes"], "{done}");
+    assert!(orphans.iter().all(|p| !p.exists()));
+    assert_eq!(repo.block_objects() as u64, before as u64 - 5 - whole["objects"].as_u64().unwrap());
+    assert_eq!(repo.block_objects() as u64, whole["referenced"].as_u64().unwrap(), "only what vc names is left");
+    assert_eq!(repo.restore_sha(&vc, "oc"), sha256_file(&repo.path("c")));
+    let r = repo.run(&["deep-scrub", &vc]);
+    assert_eq!(r.code, 0, "deep-scrub after a sliced cleanup: {}{}", r.stdout, r.stderr);
+    let again = json(repo.run_env(&["cleanup", "--dry-run", "--format", "json"], &small));
+    assert_eq!((again["objects"].as_u64(), again["orphans"].as_u64()), (Some(0), Some(0)), "{again}");
+}
+
 #[test]
 fn protection_and_minimum_age() {
     let repo = Repo::new();

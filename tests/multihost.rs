@@ -13,7 +13,8 @@
 //!   back it up, record uid -> sha256. After a failure host1 and host2 finish their
 //!   incomplete version with `backup --continue`, host3 and host4 `rm` it;
 //! - a cleaner loop (host5): `rm --force` of a random half of each host's older versions
-//!   (the newest of each host stays), then `cleanup`;
+//!   (the newest of each host stays), then `cleanup`, with a `cleanup_memory` far below
+//!   what the storage needs, so that every cleanup goes a slice of the ids at a time;
 //! - a checker loop (host6): restore a random valid version and compare its sha256 with
 //!   the recorded one, `deep-scrub` another;
 //! - the test itself: kills (-9) host1's running backup and the running cleanup, each
@@ -579,6 +580,9 @@ fn cleaner(sh: &Shared, seed: u64) {
         let o = run(sh, CLEANER, h, &["cleanup"]);
         if o.ok() {
             sh.count("cleanups", 1);
+            if format!("{}{}", o.stdout, o.stderr).contains(" slices to stay within cleanup_memory") {
+                sh.count("cleanups in slices", 1);
+            }
             sh.count("objects deleted during the run", deleted(&o));
         } else {
             expect_failure(sh, &o, false);
@@ -728,7 +732,14 @@ fn drill(kind: &str, make_store: impl FnOnce(&Path) -> Store) {
     let store = make_store(dir.path());
     for i in 0..6 {
         let home = dir.path().join(format!("home-{}", host(i)));
-        std::fs::write(dir.path().join(format!("{}.toml", host(i))), store.config(&home, &database)).unwrap();
+        // The cleaner gets a budget far below what its storage needs, so each of its
+        // cleanups goes in slices, each slice a cleanup of its own among the writers.
+        let budget = if i == CLEANER { "cleanup_memory = \"6K\"\n" } else { "" };
+        std::fs::write(
+            dir.path().join(format!("{}.toml", host(i))),
+            format!("{budget}{}", store.config(&home, &database)),
+        )
+        .unwrap();
     }
     let pool = (0..POOL).map(|i| random_bytes(seed.wrapping_add(77 + i as u64), BS)).collect();
     let sh = Arc::new(Shared {
@@ -898,6 +909,7 @@ fn drill(kind: &str, make_store: impl FnOnce(&Path) -> Store) {
     assert_eq!(hosts.len(), WRITERS, "every host has a version left: {hosts:?}");
     assert!(counts.get("backups").copied().unwrap_or(0) >= WRITERS as u64, "{counts:?}");
     assert!(counts.get("cleanups").copied().unwrap_or(0) >= 1, "{counts:?}");
+    assert!(counts.get("cleanups in slices").copied().unwrap_or(0) >= 1, "{counts:?}");
     eprintln!(
         "drill on {kind} (seed {seed}): {} versions checked, {} block objects ({cross_host} shared between hosts), {} versions recorded, {} removed; {:?} in all",
         versions.len(),

@@ -42,9 +42,15 @@ reads the version's `data` to the end (`cat` to /dev/null) and gives the peak RS
 mount process and its anonymous part at the end (RssAnon: the process's own memory;
 pages of a mapped file are page cache the kernel can take back).
 
+With --cleanup, one binary (--new) makes a repository per size holding two images that
+share half their blocks, removes the first, and runs `cleanup --dry-run` in one pass,
+then `cleanup --dry-run` and `cleanup` with `cleanup_memory` set to --cleanup-memory
+(default 8M) so that they go in slices; the one pass is the same-run baseline. Both dry
+runs must plan the same deletions.
+
 usage: contrib/bench/dense_index.py --new target/release/keepfs [--old OLD]
        [--sizes 256M,1G] [--workdir DIR] [--tmpfs /dev/shm]
-       [--null-only | --readers | --encrypted | --mount]
+       [--null-only | --readers | --encrypted | --mount | --cleanup]
 """
 import argparse
 import os
@@ -67,12 +73,13 @@ def run(cmd, env):
     return p.returncode == 0, dt, rss, p.stdout, "\n".join(lines[:-1])
 
 
-def make_image(path, size):
+def make_image(path, size, other_half=False):
+    """Unique blocks; with other_half, the second half's blocks differ from the default's."""
     n = size // BS
-    pad = b"\1" * (BS - 8)
+    pad, other = b"\1" * (BS - 8), b"\2" * (BS - 8)
     with open(path, "wb") as f:
         for i in range(n):
-            f.write(struct.pack("<Q", i) + pad)
+            f.write(struct.pack("<Q", i) + (other if other_half and i >= n // 2 else pad))
     return n
 
 
@@ -127,6 +134,49 @@ def bench(binary, label, size, image, workdir, tmpfs, null_only=False):
 
 
 READER_STEPS = ["delta restore", "scrub"]
+CLEANUP_STEPS = ["dry run, one pass", "dry run, sliced", "cleanup, sliced"]
+
+
+def cleanup(binary, size, image, workdir, budget):
+    home = os.path.join(workdir, f"cleanup-{size}")
+    shutil.rmtree(home, ignore_errors=True)
+    os.makedirs(home)
+    env = dict(os.environ, KEEPFS_HOME=home)
+    env.pop("KEEPFS_CONFIG", None)
+    conf = os.path.join(workdir, f"cleanup-{size}.toml")
+    with open(conf, "w") as f:
+        f.write(f'home = "{home}"\ncleanup_memory = "{budget}"\n'
+                f'[[storage]]\nname = "default"\nkind = "file"\npath = "{home}/storage"\n')
+    other = image + ".other"
+    make_image(other, parse_size(size), other_half=True)
+    uids = []
+    for img in (image, other):
+        ok, _, _, uid, err = run([binary, "backup", "-b", "4K", img, "dense"], env)
+        if not ok:
+            sys.exit(f"{size} backup failed: {err[-300:]}")
+        uids.append(uid.strip())
+    os.remove(other)
+    ok, _, _, _, err = run([binary, "rm", "--force", uids[0]], env)
+    if not ok:
+        sys.exit(f"rm failed: {err}")
+    out, plans = {}, []
+    for name, cmd in (("dry run, one pass", ["cleanup", "--dry-run", "--format", "json"]),
+                      ("dry run, sliced", ["--config", conf, "cleanup", "--dry-run", "--format", "json"]),
+                      ("cleanup, sliced", ["--config", conf, "cleanup", "--format", "json"])):
+        ok, dt, rss, stdout, err = run([binary, *cmd], env)
+        if not ok:
+            sys.exit(f"{size} {name} failed: {err[-300:]}")
+        out[name] = (dt, rss)
+        import json
+        st = json.loads(stdout)["storages"][0]
+        plans.append(st)
+        print(f"  {size} {name}: {st.get('slices')} slice(s), {st['objects']} object(s) to delete, "
+              f"{st['referenced']} referenced", flush=True)
+    if plans[0]["objects"] != plans[1]["objects"] or plans[2].get("objects_deleted") != plans[0]["objects"]:
+        sys.exit(f"{size}: the sliced cleanup planned or deleted otherwise: {plans}")
+    shutil.rmtree(home, ignore_errors=True)
+    os.remove(conf)
+    return out
 
 
 def readers(binaries, size, image, workdir, tmpfs):
@@ -255,10 +305,12 @@ def main():
     ap.add_argument("--readers", action="store_true")
     ap.add_argument("--encrypted", action="store_true")
     ap.add_argument("--mount", action="store_true")
+    ap.add_argument("--cleanup", action="store_true")
+    ap.add_argument("--cleanup-memory", default="8M")
     a = ap.parse_args()
     os.makedirs(a.workdir, exist_ok=True)
     sizes = a.sizes.split(",")
-    binaries = [(l, b) for l, b in (("old", a.old), ("new", a.new)) if b]
+    binaries = [(l, b) for l, b in (("old", a.old), ("new", a.new)) if b and not (a.cleanup and l == "old")]
     results = {}
     blocks = {}
     for size in sizes:
@@ -275,7 +327,11 @@ def main():
                         results[(lab, size)] = out
                         print(lab, size, {k: f"{v[0]:.1f} s {v[1]:.0f} MiB" for k, v in out.items()}, flush=True)
                     continue
-                if a.encrypted:
+                if a.cleanup:
+                    if label == "old":
+                        continue
+                    results[(label, size)] = cleanup(binary, size, image, a.workdir, a.cleanup_memory)
+                elif a.encrypted:
                     results[(label, size)] = encrypted(binary, label, size, image, a.workdir)
                 else:
                     results[(label, size)] = bench(binary, label, size, image, a.workdir, a.tmpfs, a.null_only)
@@ -289,7 +345,7 @@ def main():
         cols += [f"{l}: bytes/block" for l, _ in binaries]
     print(" | ".join(cols))
     print(" | ".join("---" for _ in cols))
-    steps = (READER_STEPS if a.readers else ENCRYPTED_STEPS if a.encrypted else MOUNT_STEPS if a.mount
+    steps = (CLEANUP_STEPS if a.cleanup else READER_STEPS if a.readers else ENCRYPTED_STEPS if a.encrypted else MOUNT_STEPS if a.mount
              else STEPS[:1] if a.null_only else STEPS)
     for st in steps:
         row = [st]

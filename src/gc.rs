@@ -352,6 +352,7 @@ impl Repository {
                     plan.kept_for_continue_bytes += e.size;
                 }
             }
+            std::ops::ControlFlow::Continue(())
         })?;
         plan.orphans.sort();
         Ok(plan)

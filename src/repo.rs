@@ -534,21 +534,23 @@ impl Repository {
             }
             let sid = self.storage_id(&sc.name).map_err(stopped)?;
             // Recorded as the listing goes, a batch at a time: the names of millions of
-            // objects are never gathered.
+            // objects are never gathered. A batch the catalog refuses stops the listing
+            // there (no more storage requests) and the rebuild with its error.
             let mut batch = Vec::new();
             let mut failed = None;
             storage
                 .list_each("blocks/", &mut |entry| {
-                    if failed.is_some() {
-                        return;
-                    }
                     if let Some(id) = crate::block::BlockId::from_storage_key(&entry.key) {
                         batch.push((id, entry.size));
                     }
                     if batch.len() >= 1000 {
                         report.objects += batch.len() as u64;
                         failed = self.db.lock().insert_found_objects(sid, &std::mem::take(&mut batch)).err();
+                        if failed.is_some() {
+                            return std::ops::ControlFlow::Break(());
+                        }
                     }
+                    std::ops::ControlFlow::Continue(())
                 })
                 .map_err(|e| stopped(e.into()))?;
             if let Some(e) = failed {

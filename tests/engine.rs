@@ -353,6 +353,58 @@ fn an_interrupted_database_rebuild_goes_on_when_run_again() {
     assert!(matches!(repo.rebuild_database(), Err(keepfs::error::Error::Refused(_))));
 }
 
+/// A rebuild whose catalog refuses to record a batch of the objects it lists stops the
+/// listing there (a storage of millions of objects is not listed to its end first) and
+/// says what failed; once the catalog takes them, a rebuild records them all.
+#[test]
+fn a_rebuild_stops_listing_when_the_catalog_refuses_a_batch() {
+    let t = Repo::new();
+    let img = t.dir.path().join("img");
+    // 2,500 distinct 4 KiB blocks: two full batches of 1,000 and a rest.
+    fs::write(&img, random_bytes(71, 2500 * 4096)).unwrap();
+    let uid = {
+        let (repo, _) = open(&t);
+        let o = BackupOptions { name: "many".into(), block_size: Some(4096), ..Default::default() };
+        repo.backup(&Url::File(img.clone()), &o, &Silent).unwrap().uid
+    };
+    t.lose_catalog();
+    let (repo, faults) = open(&t);
+    // The catalog refuses new object rows (a real trigger in the real catalog).
+    let refuse = |on: bool| match &t.catalog {
+        Some(db) => {
+            let mut c = postgres::Client::connect(&db.url, postgres::NoTls).unwrap();
+            c.batch_execute(if on {
+                "CREATE FUNCTION refuse_rows() RETURNS trigger AS $$ BEGIN RAISE EXCEPTION 'test: no new rows'; END $$ LANGUAGE plpgsql; \
+                 CREATE TRIGGER refuse BEFORE INSERT ON objects FOR EACH ROW EXECUTE FUNCTION refuse_rows();"
+            } else {
+                "DROP TRIGGER refuse ON objects; DROP FUNCTION refuse_rows();"
+            })
+            .unwrap();
+        }
+        None => {
+            let c = rusqlite::Connection::open(t.home().join("keepfs.sqlite")).unwrap();
+            c.execute_batch(if on {
+                "CREATE TRIGGER refuse BEFORE INSERT ON objects BEGIN SELECT RAISE(ABORT, 'test: no new rows'); END;"
+            } else {
+                "DROP TRIGGER refuse;"
+            })
+            .unwrap();
+        }
+    };
+    refuse(true);
+    let before = faults.listed();
+    let err = repo.rebuild_database().unwrap_err().to_string();
+    assert!(err.contains("test: no new rows") && err.contains("run `keepfs database rebuild` again"), "{err}");
+    // The version objects' listing, then the first batch of blocks, and no further.
+    assert_eq!(faults.listed() - before, 1 + 1000, "{err}");
+    refuse(false);
+    let report = repo.rebuild_database().unwrap();
+    assert_eq!((report.versions, report.already, report.objects), (0, 1, 2500));
+    let out = t.dir.path().join("out");
+    assert!(restore_to(&repo, uid, &out).bad_blocks.is_empty());
+    assert_eq!(sha256_file(&out), sha256_file(&img));
+}
+
 /// A source that changes while it is backed up (a live VM disk, a file being written) is
 /// read through a mapping: the bytes of a block must be read once, so that the object
 /// stored under an id holds the bytes that id was computed from. The hook rewrites block 3

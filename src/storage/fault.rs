@@ -20,6 +20,8 @@ struct Faults {
     puts_before_death: Option<u32>,
     /// Puts that succeeded.
     puts_done: u64,
+    /// Entries listings have handed out.
+    listed: u64,
 }
 
 pub struct FaultyStorage {
@@ -67,6 +69,10 @@ impl FaultyStorage {
     pub fn puts_done(&self) -> u64 {
         self.faults.lock().puts_done
     }
+    /// How many entries listings have handed to their callers so far.
+    pub fn listed(&self) -> u64 {
+        self.faults.lock().listed
+    }
     /// Every call sleeps this long first.
     pub fn set_delay(&self, d: Duration) {
         self.faults.lock().delay = d;
@@ -88,7 +94,17 @@ impl FaultyStorage {
 }
 
 impl Storage for FaultyStorage {
-    super::pass_to_inner!(name, list_each, sync, purge_temporary, codec, delete_many);
+    super::pass_to_inner!(name, sync, purge_temporary, codec, delete_many);
+    fn list_each(
+        &self,
+        prefix: &str,
+        each: &mut dyn FnMut(super::ListEntry) -> std::ops::ControlFlow<()>,
+    ) -> StorageResult<()> {
+        self.inner.list_each(prefix, &mut |e| {
+            self.faults.lock().listed += 1;
+            each(e)
+        })
+    }
     fn put(&self, key: &str, data: &[u8]) -> StorageResult<()> {
         self.pause();
         {

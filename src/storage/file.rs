@@ -14,6 +14,7 @@ use parking_lot::Mutex;
 use std::collections::HashSet;
 use std::fs::{self, File};
 use std::io::{self, Write};
+use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::SystemTime;
@@ -275,7 +276,7 @@ impl Storage for FileStorage {
         }
     }
 
-    fn list_each(&self, prefix: &str, each: &mut dyn FnMut(ListEntry)) -> StorageResult<()> {
+    fn list_each(&self, prefix: &str, each: &mut dyn FnMut(ListEntry) -> ControlFlow<()>) -> StorageResult<()> {
         // Walk only the top-level directory the prefix names, then filter by prefix.
         let top = prefix.split('/').next().unwrap_or("");
         let start = if top.is_empty() { self.root.clone() } else { self.root.join(top) };
@@ -301,12 +302,15 @@ impl Storage for FileStorage {
                     continue;
                 };
                 let key = rel.to_string_lossy().into_owned();
-                if key.starts_with(prefix) {
-                    each(ListEntry {
+                if key.starts_with(prefix)
+                    && each(ListEntry {
                         key,
                         size: meta.len(),
                         modified: meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
-                    });
+                    })
+                    .is_break()
+                {
+                    return Ok(());
                 }
             }
         }

@@ -55,7 +55,7 @@ macro_rules! pass_to_inner {
         fn list_each(
             &self,
             prefix: &str,
-            each: &mut dyn FnMut($crate::storage::ListEntry),
+            each: &mut dyn FnMut($crate::storage::ListEntry) -> std::ops::ControlFlow<()>,
         ) -> $crate::storage::StorageResult<()> {
             self.inner.list_each(prefix, each)
         }
@@ -95,6 +95,7 @@ pub mod sealed;
 pub mod throttle;
 
 use std::io;
+use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -281,12 +282,16 @@ pub trait Storage: Send + Sync {
     fn delete(&self, key: &str) -> StorageResult<()>;
     /// Hands every object whose key starts with `prefix` to `each`, in no particular
     /// order, as the listing goes: what walks a storage of millions of objects without
-    /// holding their names (cleanup).
-    fn list_each(&self, prefix: &str, each: &mut dyn FnMut(ListEntry)) -> StorageResult<()>;
+    /// holding their names (cleanup). The listing stops early when `each` breaks (no
+    /// more requests are made): what a caller that failed does instead of listing on.
+    fn list_each(&self, prefix: &str, each: &mut dyn FnMut(ListEntry) -> ControlFlow<()>) -> StorageResult<()>;
     /// Every object whose key starts with `prefix`, by key.
     fn list(&self, prefix: &str) -> StorageResult<Vec<ListEntry>> {
         let mut out = Vec::new();
-        self.list_each(prefix, &mut |e| out.push(e))?;
+        self.list_each(prefix, &mut |e| {
+            out.push(e);
+            ControlFlow::Continue(())
+        })?;
         out.sort_by(|a, b| a.key.cmp(&b.key));
         Ok(out)
     }

@@ -41,7 +41,11 @@ impl Storage for NullStorage {
     fn delete(&self, _key: &str) -> StorageResult<()> {
         Ok(())
     }
-    fn list_each(&self, _prefix: &str, _each: &mut dyn FnMut(ListEntry)) -> StorageResult<()> {
+    fn list_each(
+        &self,
+        _prefix: &str,
+        _each: &mut dyn FnMut(ListEntry) -> std::ops::ControlFlow<()>,
+    ) -> StorageResult<()> {
         Ok(())
     }
     fn sync(&self) -> StorageResult<()> {

@@ -13,6 +13,7 @@ use md5::Digest;
 use parking_lot::{Condvar, Mutex};
 use rusty_s3::{Bucket, Credentials, S3Action, UrlStyle};
 use std::io;
+use std::ops::ControlFlow;
 use std::time::{Duration, SystemTime};
 
 /// How long a signed request stays valid (covers slow uploads and retries).
@@ -423,7 +424,7 @@ impl Storage for S3Storage {
         Ok(())
     }
 
-    fn list_each(&self, prefix: &str, each: &mut dyn FnMut(ListEntry)) -> StorageResult<()> {
+    fn list_each(&self, prefix: &str, each: &mut dyn FnMut(ListEntry) -> ControlFlow<()>) -> StorageResult<()> {
         let _slot = self.reads.take();
         let full = self.full_key(prefix);
         let mut token: Option<String> = None;
@@ -450,7 +451,9 @@ impl Storage for S3Storage {
             })?;
             for c in page.contents {
                 let key = c.key.strip_prefix(&self.config.prefix).unwrap_or(&c.key).to_string();
-                each(ListEntry { key, size: c.size, modified: Self::timestamp(&c.last_modified) });
+                if each(ListEntry { key, size: c.size, modified: Self::timestamp(&c.last_modified) }).is_break() {
+                    return Ok(());
+                }
             }
             match page.next_continuation_token {
                 Some(t) => token = Some(t),

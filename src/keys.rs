@@ -613,7 +613,7 @@ impl Repository {
         let sid = self.storage_id(name)?;
         let session = self.session(&format!("key rekey {name}"), false)?;
         let ids = self.db().objects_not_under(sid, current)?;
-        let versions: Vec<String> = storage.list("versions/")?.into_iter().map(|e| e.key).collect();
+        let versions = storage.list("versions/")?;
         let (mut rewrapped, mut already, mut gone) = (0u64, 0u64, 0u64);
         // Bounded batches: a batch is made durable, then recorded, before the next.
         for chunk in ids.chunks(256) {
@@ -638,15 +638,23 @@ impl Repository {
             retry(4, || storage.sync())?;
             self.db().set_object_keys(sid, &done, current)?;
         }
-        for key in versions {
-            let Some(bytes) = fresh_or_gone(storage.as_ref(), &key)? else {
-                gone += 1;
-                continue;
+        for entry in versions {
+            let key = entry.key;
+            // Its header decides, read on its own: a version object may hold the index of
+            // a 200 TB image, and one this catalog knows is written anew from the catalog
+            // (as a stream) rather than from what is read here.
+            let want = (crate::block::OBJECT_HEADER_LEN + crate::transform::aes::ENVELOPE_LEN) as u64;
+            let head = match retry(4, || storage.get_range(&key, 0, want.min(entry.size))) {
+                Err(StorageError::NotFound { .. }) => {
+                    gone += 1;
+                    continue;
+                }
+                other => other?,
             };
-            let Some(prefix) = new_header(codec, &key, &bytes)? else {
+            if new_header(codec, &key, &head)?.is_none() {
                 already += 1;
                 continue;
-            };
+            }
             // A committed version of this storage that the catalog knows is written anew
             // from the catalog, so that a label, expiry or protection change made since it
             // was read stays. Any other version object (another catalog's, an incomplete
@@ -671,6 +679,15 @@ impl Repository {
                 }
                 continue;
             }
+            // Only this copy: the whole object is read, and its header rewrapped.
+            let Some(bytes) = fresh_or_gone(storage.as_ref(), &key)? else {
+                gone += 1;
+                continue;
+            };
+            let Some(prefix) = new_header(codec, &key, &bytes)? else {
+                already += 1;
+                continue;
+            };
             if rewrap(storage.as_ref(), &key, &bytes, &prefix)? {
                 rewrapped += 1;
             } else {

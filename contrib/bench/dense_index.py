@@ -34,8 +34,9 @@ With --encrypted, each binary backs up the image into a fresh encrypted reposito
 file storage in --workdir: put it on tmpfs) with its version object written as a large
 index's (KEEPFS_TEST_STREAMED_INDEX=0: sealed from a file, not in memory, since the
 change that added this mode), then runs a `scrub` (which reads that object), a `label`
-change (which writes it again) and, the catalog removed, a `database rebuild` (which
-reads it back into a new catalog).
+change (which writes it again), a key rotation and `key rekey` (which moves every object
+to the new key: the version object's header decides), and, the catalog removed, a
+`database rebuild` (which reads it back into a new catalog).
 
 With --mount, one repository per size is made by --new; each binary then mounts it,
 reads the version's `data` to the end (`cat` to /dev/null) and gives the peak RSS of the
@@ -211,7 +212,7 @@ def readers(binaries, size, image, workdir, tmpfs):
     return results
 
 
-ENCRYPTED_STEPS = ["encrypted backup", "scrub", "label", "rebuild"]
+ENCRYPTED_STEPS = ["encrypted backup", "scrub", "label", "rekey", "rebuild"]
 MOUNT_STEPS = ["mount, cat data: peak", "mount, cat data: anonymous"]
 
 
@@ -283,6 +284,18 @@ def encrypted(binary, label, size, image, workdir):
         if not ok:
             sys.exit(f"{label} {size} {name} failed: {err[-300:]}")
         out[name] = (dt, rss)
+    # A key rotation, then the rekey that moves every object (and the version object)
+    # to the new key; the rest runs under the new key.
+    key2 = os.path.join(home, "second.key")
+    for cmd in (["key", "new", key2], ["key", "rotate", "--new-key-file", key2]):
+        ok, _, _, _, err = run([binary, *cmd], env)
+        if not ok:
+            sys.exit(f"{label} {' '.join(cmd)} failed: {err[-300:]}")
+    env["KEEPFS_KEY_FILE"] = key2
+    ok, dt, rss, _, err = run([binary, "key", "rekey"], env)
+    if not ok:
+        sys.exit(f"{label} {size} rekey failed: {err[-300:]}")
+    out["rekey"] = (dt, rss)
     for f in os.listdir(home):
         if f.startswith("keepfs.sqlite"):
             os.remove(os.path.join(home, f))

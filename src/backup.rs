@@ -898,11 +898,6 @@ impl Repository {
         IndexWriter::new(&self.config.home.join("spool"), self.config.modes, block_size)
     }
 
-    /// The stored form of an index held in memory (a draft's), in a file.
-    pub fn index_file(&self, index: &BlockIndex) -> Result<IndexFile> {
-        IndexFile::of_index(&self.config.home.join("spool"), self.config.modes, index)
-    }
-
     /// Backs up the image at `url` as a new version.
     pub fn backup(&self, url: &Url, opts: &BackupOptions, progress: &dyn Progress) -> Result<Version> {
         let started = Instant::now();

@@ -588,25 +588,39 @@ impl Draft {
         let crate::record::Recorded::Map(ingested) = &result.recorded else {
             return Err(Error::Other("a draft's ingest recorded no map".into()));
         };
-        let mut entries = crate::index::Entries::sparse(n);
-        for idx in 0..n {
-            let id = match self.slots.get(&idx) {
-                Some(Slot::Submitted) => ingested.get(idx),
-                Some(_) => BlockId::SPARSE,
-                None => self.base_id(idx),
-            };
-            entries.set(idx, id);
+        // The index goes into its file in block order, as a backup's does: the base's
+        // data blocks (read from its mapped index, holes skipped) merged with the blocks
+        // this draft touched. No map of the whole image is built: a few blocks written
+        // to a mounted 200 TB version cost what they wrote, not the version's size.
+        let mut touched: Vec<u64> = self.slots.keys().copied().filter(|&i| i < n).collect();
+        touched.sort_unstable();
+        let mut index = self.repo.index_writer(self.bs as u32)?;
+        let mut written = touched.iter().copied().peekable();
+        let push_written = |idx: u64, index: &mut crate::index::IndexWriter| match self.slots.get(&idx) {
+            Some(Slot::Submitted) => index.push(idx, ingested.get(idx)),
+            _ => Ok(()),
+        };
+        if let Some(base) = &self.base {
+            let end = self.base_cut.min(n).min(base.index().len());
+            for (idx, id) in base.index().data_in(0..end) {
+                while let Some(w) = written.next_if(|&w| w < idx) {
+                    push_written(w, &mut index)?;
+                }
+                if written.next_if_eq(&idx).is_some() {
+                    push_written(idx, &mut index)?;
+                } else {
+                    index.push(idx, id)?;
+                }
+            }
         }
+        for w in written {
+            push_written(w, &mut index)?;
+        }
+        let index = index.finish(self.uid.0, self.size)?;
         let mut stats = result.stats;
         stats.duration_ms = self.started.elapsed().as_millis() as u64;
         stats.bytes_read = self.size;
         self.repo.update_draft_fields(self.uid, &self.snapshot, &self.labels)?;
-        let index = self.repo.index_file(&crate::index::BlockIndex {
-            uid: self.uid.0,
-            size: self.size,
-            block_size: self.bs as u32,
-            entries,
-        })?;
         drop(result);
         self.repo.commit_version(self.uid, self._session.id, index, stats)
     }

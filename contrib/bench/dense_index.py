@@ -43,6 +43,12 @@ reads the version's `data` to the end (`cat` to /dev/null) and gives the peak RS
 mount process and its anonymous part at the end (RssAnon: the process's own memory;
 pages of a mapped file are page cache the kernel can take back).
 
+With --mount --cow, instead of reading it, 16 blocks are written into the mounted
+version's `data` (dd, conv=notrunc) and the copy-on-write version is waited for (it is
+committed when the file is closed); the mount process's RssAnon is sampled meanwhile
+and its highest value given: what committing a few written blocks over a large version
+costs.
+
 With --cleanup, one binary (--new) makes a repository per size holding two images that
 share half their blocks, removes the first, and runs `cleanup --dry-run` in one pass,
 then `cleanup --dry-run` and `cleanup` with `cleanup_memory` set to --cleanup-memory
@@ -54,6 +60,7 @@ usage: contrib/bench/dense_index.py --new target/release/keepfs [--old OLD]
        [--null-only | --readers | --encrypted | --mount | --cleanup]
 """
 import argparse
+import json
 import os
 import shutil
 import struct
@@ -168,7 +175,6 @@ def cleanup(binary, size, image, workdir, budget):
         if not ok:
             sys.exit(f"{size} {name} failed: {err[-300:]}")
         out[name] = (dt, rss)
-        import json
         st = json.loads(stdout)["storages"][0]
         plans.append(st)
         print(f"  {size} {name}: {st.get('slices')} slice(s), {st['objects']} object(s) to delete, "
@@ -214,6 +220,7 @@ def readers(binaries, size, image, workdir, tmpfs):
 
 ENCRYPTED_STEPS = ["encrypted backup", "scrub", "label", "rekey", "rebuild"]
 MOUNT_STEPS = ["mount, cat data: peak", "mount, cat data: anonymous"]
+COW_STEPS = ["write 16 blocks, commit: peak", "write 16 blocks, commit: highest anonymous"]
 
 
 def proc_kib(pid, field):
@@ -224,7 +231,30 @@ def proc_kib(pid, field):
     return 0
 
 
-def mounted(binaries, size, image, workdir):
+def cow_commit(binary, env, p, data, mnt):
+    """Writes 16 blocks into the mounted version's `data` and waits for the copy-on-write
+    version to be committed (on close); returns (seconds, highest RssAnon in MiB seen
+    meanwhile, sampled every 5 ms)."""
+    before = len(json.loads(subprocess.run([binary, "ls", "--format", "json"], env=env, capture_output=True,
+                                           text=True, check=True).stdout))
+    t = time.perf_counter()
+    subprocess.run(["dd", "if=/dev/urandom", f"of={data}", "bs=4096", "count=16", "seek=1000", "conv=notrunc",
+                    "status=none"], check=True)
+    top = proc_kib(p.pid, "RssAnon")
+    while True:
+        top = max(top, proc_kib(p.pid, "RssAnon"))
+        out = subprocess.run([binary, "ls", "--format", "json"], env=env, capture_output=True, text=True)
+        if out.returncode == 0:
+            vs = json.loads(out.stdout)
+            if len(vs) > before and all(v["status"] == "valid" for v in vs):
+                break
+        if time.perf_counter() - t > 600:
+            sys.exit("the copy-on-write version was not committed within 10 minutes")
+        time.sleep(0.005)
+    return time.perf_counter() - t, top / 1024
+
+
+def mounted(binaries, size, image, workdir, cow=False):
     home = os.path.join(workdir, f"mount-{size}")
     shutil.rmtree(home, ignore_errors=True)
     os.makedirs(home)
@@ -247,17 +277,22 @@ def mounted(binaries, size, image, workdir):
             if p.poll() is not None or time.perf_counter() - t > 30:
                 sys.exit(f"{label}: mount failed: {open(log.name).read()[-300:]}")
             time.sleep(0.05)
-        t = time.perf_counter()
-        subprocess.run(["cat", data], stdout=subprocess.DEVNULL, check=True)
-        dt = time.perf_counter() - t
-        peak, anon = proc_kib(p.pid, "VmHWM") / 1024, proc_kib(p.pid, "RssAnon") / 1024
+        if cow:
+            dt, anon = cow_commit(binary, env, p, data, mnt)
+            peak = proc_kib(p.pid, "VmHWM") / 1024
+        else:
+            t = time.perf_counter()
+            subprocess.run(["cat", data], stdout=subprocess.DEVNULL, check=True)
+            dt = time.perf_counter() - t
+            peak, anon = proc_kib(p.pid, "VmHWM") / 1024, proc_kib(p.pid, "RssAnon") / 1024
         while p.poll() is None:
             subprocess.run(["fusermount3", "-u", mnt], stderr=subprocess.DEVNULL)
             try:
                 p.wait(timeout=1)
             except subprocess.TimeoutExpired:
                 pass
-        results[label] = {MOUNT_STEPS[0]: (dt, peak), MOUNT_STEPS[1]: (dt, anon)}
+        names = COW_STEPS if cow else MOUNT_STEPS
+        results[label] = {names[0]: (dt, peak), names[1]: (dt, anon)}
     shutil.rmtree(home, ignore_errors=True)
     return results
 
@@ -318,6 +353,7 @@ def main():
     ap.add_argument("--readers", action="store_true")
     ap.add_argument("--encrypted", action="store_true")
     ap.add_argument("--mount", action="store_true")
+    ap.add_argument("--cow", action="store_true")
     ap.add_argument("--cleanup", action="store_true")
     ap.add_argument("--cleanup-memory", default="8M")
     a = ap.parse_args()
@@ -334,7 +370,7 @@ def main():
                 if a.readers or a.mount:
                     if label == "old":
                         continue
-                    made = mounted(binaries, size, image, a.workdir) if a.mount else readers(
+                    made = mounted(binaries, size, image, a.workdir, a.cow) if a.mount else readers(
                         binaries, size, image, a.workdir, a.tmpfs)
                     for lab, out in made.items():
                         results[(lab, size)] = out
@@ -358,7 +394,7 @@ def main():
         cols += [f"{l}: bytes/block" for l, _ in binaries]
     print(" | ".join(cols))
     print(" | ".join("---" for _ in cols))
-    steps = (CLEANUP_STEPS if a.cleanup else READER_STEPS if a.readers else ENCRYPTED_STEPS if a.encrypted else MOUNT_STEPS if a.mount
+    steps = (CLEANUP_STEPS if a.cleanup else READER_STEPS if a.readers else ENCRYPTED_STEPS if a.encrypted else (COW_STEPS if a.cow else MOUNT_STEPS) if a.mount
              else STEPS[:1] if a.null_only else STEPS)
     for st in steps:
         row = [st]

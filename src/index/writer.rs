@@ -238,8 +238,9 @@ pub struct IndexFile {
 }
 
 impl IndexFile {
-    /// The stored form of an index held in memory (a draft's map), written to a file in
-    /// `dir`.
+    /// The stored form of an index held in memory, written to a file in `dir` (what the
+    /// tests compare a file written in block order with).
+    #[cfg(test)]
     pub fn of_index(dir: &Path, modes: crate::perms::Modes, index: &super::BlockIndex) -> Result<IndexFile> {
         let mut w = IndexWriter::new(dir, modes, index.block_size)?;
         for (idx, id) in index.entries.data() {

@@ -1311,12 +1311,15 @@ fn run(cli: Cli) -> Result<i32> {
             Ok(exit::OK)
         }
         Command::Metadata { action: MetadataAction::Import { file } } => {
-            let json = if file.as_os_str() == "-" {
-                std::io::read_to_string(std::io::stdin()).map_err(|e| Error::io("cannot read standard input", e))?
+            // Read as a stream: a document of a 200 TB dense version is never held.
+            let doc: Box<dyn std::io::Read> = if file.as_os_str() == "-" {
+                Box::new(std::io::BufReader::new(std::io::stdin().lock()))
             } else {
-                std::fs::read_to_string(&file).map_err(|e| Error::io(format!("cannot read {}", file.display()), e))?
+                let f =
+                    std::fs::File::open(&file).map_err(|e| Error::io(format!("cannot read {}", file.display()), e))?;
+                Box::new(std::io::BufReader::new(f))
             };
-            for uid in repo.import_metadata(&json)? {
+            for uid in repo.import_metadata(doc)? {
                 report!("{uid}");
             }
             Ok(exit::OK)

@@ -6,25 +6,17 @@ use crate::index::BlockIndex;
 use crate::repo::Repository;
 use crate::version::{Status, Version, VersionUid};
 use crate::version_object::{Found, Recovered, read_version_object};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 pub const FORMAT: &str = "keepfs-metadata";
+
+/// How many recent ids an import or restore remembers to ask the storage once about a
+/// repeated block.
+const RECENT_IDS: std::num::NonZeroUsize = std::num::NonZeroUsize::new(65_536).unwrap();
+
+/// Objects found in the storage recorded in the catalog per transaction.
+const FOUND_BATCH: usize = 1000;
 pub const FORMAT_VERSION: u32 = 1;
-
-#[derive(Serialize, Deserialize)]
-struct Document {
-    format: String,
-    format_version: u32,
-    versions: Vec<Entry>,
-}
-
-#[derive(Serialize, Deserialize)]
-struct Entry {
-    #[serde(flatten)]
-    version: Version,
-    /// The encoded block index (docs/format.md), hex; it carries its own checksum.
-    index: String,
-}
 
 impl Repository {
     /// Writes the metadata of `uids` as a JSON document to `out` (a failed write is an
@@ -79,37 +71,107 @@ impl Repository {
         out.flush().map_err(io)
     }
 
-    /// Imports a document made by [`Repository::export_metadata_to`]. Refuses the whole
-    /// document if any uid exists already. A version whose objects are not all in its
+    /// Imports a document made by [`Repository::export_metadata_to`], read as a stream:
+    /// each version's index is decoded from its hex as it passes, checked, and kept in
+    /// a spool file, so a document of any size costs a version's fields in memory.
+    /// Refuses the whole document if any uid exists already (nothing is recorded before
+    /// every version was read and checked). A version whose objects are not all in its
     /// storage is imported as invalid. Returns the imported uids.
-    pub fn import_metadata(&self, json: &str) -> Result<Vec<VersionUid>> {
-        let doc: Document =
-            serde_json::from_str(json).map_err(|e| Error::Invalid(format!("not a keepfs metadata document: {e}")))?;
-        if doc.format != FORMAT || doc.format_version != FORMAT_VERSION {
+    pub fn import_metadata(&self, doc: impl std::io::Read) -> Result<Vec<VersionUid>> {
+        use struson::reader::{JsonReader, JsonStreamReader};
+        let mut json = JsonStreamReader::new(doc);
+        let (mut format, mut format_version, mut checked) = (None, None, Vec::new());
+        json.begin_object().map_err(doc_err)?;
+        while json.has_next().map_err(doc_err)? {
+            match json.next_name_owned().map_err(doc_err)?.as_str() {
+                "format" => format = Some(json.next_string().map_err(doc_err)?),
+                "format_version" => {
+                    format_version = json.next_number::<u32>().map_err(doc_err)?.ok();
+                }
+                "versions" => {
+                    // Known first in what `export` writes: a foreign format is refused
+                    // before its versions are read.
+                    if format.is_some() && format_version.is_some() {
+                        check_format(&format, format_version)?;
+                    }
+                    json.begin_array().map_err(doc_err)?;
+                    while json.has_next().map_err(doc_err)? {
+                        checked.push(self.import_entry(&mut json)?);
+                    }
+                    json.end_array().map_err(doc_err)?;
+                }
+                _ => json.skip_value().map_err(doc_err)?,
+            }
+        }
+        json.end_object().map_err(doc_err)?;
+        json.consume_trailing_whitespace().map_err(doc_err)?;
+        check_format(&format, format_version)?;
+        self.insert_recovered(checked)
+    }
+
+    /// One version of a document being imported: its fields, and its index kept in a
+    /// spool file once checked.
+    fn import_entry(&self, json: &mut impl struson::reader::JsonReader) -> Result<(Version, Recovered)> {
+        let mut fields = serde_json::Map::new();
+        let mut index = None;
+        json.begin_object().map_err(doc_err)?;
+        while json.has_next().map_err(doc_err)? {
+            let name = json.next_name_owned().map_err(doc_err)?;
+            if name != "index" {
+                let value = json.deserialize_next::<serde_json::Value>().map_err(|e| match e {
+                    struson::serde::DeserializerError::ReaderError(e) => doc_err(e),
+                    other => not_a_document(other),
+                })?;
+                fields.insert(name, value);
+                continue;
+            }
+            let uid = fields.get("uid").and_then(|u| u.as_str()).unwrap_or("(no uid yet)").to_string();
+            let keep = self.keep();
+            let mut kept = crate::index::KeptIndex::new(&keep.dir, keep.modes)?;
+            let mut data_blocks = 0u64;
+            let (walked, failed) = {
+                let mut hex = HexIn { inner: json.next_string_reader().map_err(doc_err)?, odd: None, failed: None };
+                let walked = BlockIndex::visit_reader(kept.tee(&mut hex), |_, _| {
+                    data_blocks += 1;
+                    true
+                });
+                (walked, hex.failed)
+            };
+            let head = match walked {
+                Ok(Some(head)) => head,
+                Ok(None) => return Err(Error::Invalid(format!("version {uid}: the imported index stopped early"))),
+                Err(e) => {
+                    // What stopped the walk: the document (not JSON, a read that
+                    // failed, not hex), the spool, or the index itself.
+                    return Err(match (failed, kept.failed()) {
+                        (Some(HexFailed::NotHex), _) => Error::Invalid(format!("version {uid}: the index is not hex")),
+                        (Some(HexFailed::Read(e)), _) if e.kind() == std::io::ErrorKind::Other => {
+                            not_a_document(e.into_inner().map(|e| e.to_string()).unwrap_or_default())
+                        }
+                        (Some(HexFailed::Read(e)), _) => Error::io("cannot read the metadata document", e),
+                        (None, Some(local)) => local,
+                        (None, None) => Error::Invalid(format!("version {uid}: the imported index is damaged: {e}")),
+                    });
+                }
+            };
+            index = Some(kept.finish(head, data_blocks)?);
+        }
+        json.end_object().map_err(doc_err)?;
+        let version: Version =
+            serde_json::from_value(serde_json::Value::Object(fields)).map_err(|e| not_a_document(e.to_string()))?;
+        let uid = version.uid;
+        let index = index.ok_or_else(|| Error::Invalid(format!("version {uid}: the document holds no index")))?;
+        if self.version(uid).is_ok() {
             return Err(Error::Invalid(format!(
-                "metadata document is '{}' format {}; this keepfs reads '{FORMAT}' format {FORMAT_VERSION}",
-                doc.format, doc.format_version
+                "version {uid} exists already; importing it again is refused (nothing was imported)"
             )));
         }
-        let mut checked = Vec::new();
-        for e in doc.versions {
-            let uid = e.version.uid;
-            if self.version(uid).is_ok() {
-                return Err(Error::Invalid(format!(
-                    "version {uid} exists already; importing it again is refused (nothing was imported)"
-                )));
-            }
-            self.storage(&e.version.storage)?;
-            let bytes =
-                hex::decode(&e.index).map_err(|_| Error::Invalid(format!("version {uid}: the index is not hex")))?;
-            let index = BlockIndex::decode(&bytes)
-                .map_err(|err| Error::Invalid(format!("version {uid}: the imported index is damaged: {err}")))?;
-            if index.uid != uid.0 || index.size != e.version.size || index.block_size != e.version.block_size {
-                return Err(Error::Invalid(format!("version {uid}: the index does not match the version's fields")));
-            }
-            checked.push((e.version, Recovered::Whole(index)));
+        self.storage(&version.storage)?;
+        let head = index.header();
+        if head.uid != uid.0 || head.size != version.size || head.block_size != version.block_size {
+            return Err(Error::Invalid(format!("version {uid}: the index does not match the version's fields")));
         }
-        self.insert_recovered(checked)
+        Ok((version, Recovered::Kept(index)))
     }
 
     /// Writes the metadata objects of committed versions to their storage again
@@ -202,9 +264,8 @@ impl Repository {
             if let Some(s) = &session {
                 s.lock_exclusive(v.uid, crate::repo::REPLACING)?;
             }
-            let (_, missing, damaged) = self.objects_in_storage(&v.storage, &index)?;
-            v.status =
-                if missing > 0 || damaged > 0 || v.status != Status::Valid { Status::Invalid } else { Status::Valid };
+            let (missing, damaged) = self.objects_in_storage(&v.storage, &index)?;
+            v.status = if missing || damaged || v.status != Status::Valid { Status::Invalid } else { Status::Valid };
             index.with_bytes(|bytes| self.db().replace_version_record(&v, bytes))?;
             done.push(v.uid);
         }
@@ -212,34 +273,39 @@ impl Repository {
         Ok(done)
     }
 
-    /// The distinct objects `index` names that its storage holds (recorded in the
-    /// database as found), and how many are missing and how many known damaged.
-    fn objects_in_storage(&self, storage_name: &str, index: &Recovered) -> Result<(usize, usize, usize)> {
+    /// Records the objects `index` names that its storage holds as found (in batches as
+    /// the walk goes), and says whether any is missing and whether any is known damaged.
+    /// A block repeated within the last [`RECENT_IDS`] ids is asked about once; an older
+    /// repeat is asked again: memory stays bounded whatever the index's size.
+    fn objects_in_storage(&self, storage_name: &str, index: &Recovered) -> Result<(bool, bool)> {
         let storage = self.storage(storage_name)?;
         let sid = self.storage_id(storage_name)?;
         let known_bad = self.db().invalid_objects(sid)?;
         let mut present = Vec::new();
-        let (mut missing, mut damaged) = (0usize, 0usize);
-        let mut seen = std::collections::HashSet::new();
-        let mut failed = None;
+        let (mut missing, mut damaged) = (false, false);
+        let mut recent = lru::LruCache::new(RECENT_IDS);
+        let mut failed: Option<Error> = None;
         index.walk(|_, id| {
-            if failed.is_some() || !seen.insert(id) {
+            if failed.is_some() || recent.put(id, ()).is_some() {
                 return;
             }
             match storage.exists(&id.storage_key()) {
                 Ok(true) => {
                     present.push((id, 0u64));
-                    damaged += known_bad.contains(&id) as usize;
+                    damaged |= known_bad.contains(&id);
+                    if present.len() >= FOUND_BATCH {
+                        failed = self.db().insert_found_objects(sid, &std::mem::take(&mut present)).err();
+                    }
                 }
-                Ok(false) => missing += 1,
-                Err(e) => failed = Some(e),
+                Ok(false) => missing = true,
+                Err(e) => failed = Some(e.into()),
             }
         })?;
         if let Some(e) = failed {
-            return Err(e.into());
+            return Err(e);
         }
         self.db().insert_found_objects(sid, &present)?;
-        Ok((present.len(), missing, damaged))
+        Ok((missing, damaged))
     }
 
     /// Inserts checked versions: objects found in storage are recorded; a version whose
@@ -247,8 +313,8 @@ impl Repository {
     fn insert_recovered(&self, checked: Vec<(Version, Recovered)>) -> Result<Vec<VersionUid>> {
         let mut imported = Vec::new();
         for (mut v, index) in checked {
-            let (_, missing, damaged) = self.objects_in_storage(&v.storage, &index)?;
-            if missing > 0 || damaged > 0 || v.status == Status::Incomplete {
+            let (missing, damaged) = self.objects_in_storage(&v.storage, &index)?;
+            if missing || damaged || v.status == Status::Incomplete {
                 v.status = Status::Invalid;
             }
             index.with_bytes(|bytes| self.db().insert_version_record(&v, bytes))?;
@@ -256,6 +322,102 @@ impl Repository {
             imported.push(v.uid);
         }
         Ok(imported)
+    }
+}
+
+/// Refuses a document of another format (or of none).
+fn check_format(format: &Option<String>, version: Option<u32>) -> Result<()> {
+    if format.as_deref() != Some(FORMAT) || version != Some(FORMAT_VERSION) {
+        return Err(Error::Invalid(format!(
+            "metadata document is '{}' format {}; this keepfs reads '{FORMAT}' format {FORMAT_VERSION}",
+            format.as_deref().unwrap_or_default(),
+            version.map(|v| v.to_string()).unwrap_or_else(|| "(none)".into())
+        )));
+    }
+    Ok(())
+}
+
+/// What reading a document found: a read that failed, or a document that is not one.
+fn doc_err(e: struson::reader::ReaderError) -> Error {
+    match e {
+        struson::reader::ReaderError::IoError { error, .. } => Error::io("cannot read the metadata document", error),
+        other => not_a_document(other),
+    }
+}
+
+/// A document that is not one (bad JSON, or not the shape of an export).
+fn not_a_document(e: impl std::fmt::Display) -> Error {
+    Error::Invalid(format!("not a keepfs metadata document: {e}"))
+}
+
+/// Why a string of hex digits could not be read.
+enum HexFailed {
+    /// The string holds something else (or an odd number of digits).
+    NotHex,
+    /// Reading it failed: the JSON around it (struson's reader reports a syntax error as
+    /// an error of kind `Other`) or the document's own reader.
+    Read(std::io::Error),
+}
+
+/// The bytes a string of hex digits stands for, decoded as it is read. Why it stopped,
+/// if it failed, is kept in `failed` (the caller's reader only learns that it did).
+struct HexIn<R> {
+    inner: R,
+    /// A digit read whose pair is still to come.
+    odd: Option<u8>,
+    failed: Option<HexFailed>,
+}
+
+impl<R: std::io::Read> HexIn<R> {
+    fn fail(&mut self, why: HexFailed) -> std::io::Error {
+        self.failed = Some(why);
+        std::io::Error::new(std::io::ErrorKind::InvalidData, "the index could not be read")
+    }
+}
+
+impl<R: std::io::Read> std::io::Read for HexIn<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let digit = |c: u8| match c {
+            b'0'..=b'9' => Some(c - b'0'),
+            b'a'..=b'f' => Some(c - b'a' + 10),
+            b'A'..=b'F' => Some(c - b'A' + 10),
+            _ => None,
+        };
+        if buf.is_empty() || self.failed.is_some() {
+            return if self.failed.is_some() {
+                Err(std::io::Error::other("the index could not be read"))
+            } else {
+                Ok(0)
+            };
+        }
+        let mut hex = [0u8; 8192];
+        loop {
+            let want = (buf.len() * 2).min(hex.len()) - self.odd.is_some() as usize;
+            let n = match self.inner.read(&mut hex[..want]) {
+                Ok(n) => n,
+                Err(e) => return Err(self.fail(HexFailed::Read(e))),
+            };
+            if n == 0 {
+                return match self.odd {
+                    Some(_) => Err(self.fail(HexFailed::NotHex)),
+                    None => Ok(0),
+                };
+            }
+            let mut out = 0;
+            for &c in &hex[..n] {
+                let Some(d) = digit(c) else { return Err(self.fail(HexFailed::NotHex)) };
+                match self.odd.take() {
+                    Some(high) => {
+                        buf[out] = high << 4 | d;
+                        out += 1;
+                    }
+                    None => self.odd = Some(d),
+                }
+            }
+            if out > 0 {
+                return Ok(out);
+            }
+        }
     }
 }
 

@@ -118,6 +118,89 @@ fn metadata_export_and_import() {
     }
 }
 
+/// `metadata import` reads its document as a stream (each index decoded from hex into a
+/// spool file as it passes): any valid JSON of the document's shape is taken (keys in
+/// any order, the index before the fields, upper-case hex, unknown members, from
+/// standard input), and a document cut short or with bad hex anywhere is a one-line
+/// error with nothing imported and nothing left in the spool.
+#[test]
+fn metadata_import_reads_its_document_as_a_stream() {
+    let repo = Repo::new();
+    let a = mixed_image(421, 12, 64 * 1024, 5);
+    fs::write(repo.path("a"), &a).unwrap();
+    let v1 = repo.backup("a", "m", &["-b", "64k", "-l", "k=v"]);
+    let v2 = repo.backup("a", "n", &["-b", "64k"]);
+    let out = repo.path("meta.json");
+    repo.ok(&["metadata", "export", &v1, &v2, out.to_str().unwrap()]);
+    let text = fs::read_to_string(&out).unwrap();
+    let doc: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let before = repo.ls_json(None);
+    repo.ok(&["rm", "--force", &v1, &v2]);
+    let spool_empty = || files_under(&repo.home().join("spool")).is_empty();
+
+    // Written by hand: the index first and in upper case, fields after it, members keepfs
+    // does not know, the format last.
+    let mut hand = String::from("{\"comment\": [1, {\"x\": null}], \"versions\": [");
+    for (n, v) in doc["versions"].as_array().unwrap().iter().enumerate() {
+        let mut fields = v.as_object().unwrap().clone();
+        let index = fields.remove("index").unwrap();
+        hand.push_str(if n == 0 { "\n {" } else { ",\n {" });
+        hand.push_str(&format!("\"index\" : \"{}\"", index.as_str().unwrap().to_uppercase()));
+        for (k, val) in fields {
+            hand.push_str(&format!(", {}: {val}", serde_json::Value::from(k)));
+        }
+        hand.push('}');
+    }
+    hand.push_str("],\n\"format_version\": 1, \"format\": \"keepfs-metadata\"}\n");
+    // One more digit at the end of the first index (the index is the last member).
+    let index_at = text.find("\"index\":\"").unwrap() + "\"index\":\"".len();
+    let index_end = index_at + text[index_at..].find('"').unwrap();
+    let odd = format!("{}0{}", &text[..index_end], &text[index_end..]);
+    let cases = [
+        ("cut short inside an index", text[..text.len() / 2].to_string(), "not a keepfs metadata document"),
+        ("an odd number of digits", odd, "not hex"),
+        ("a digit shifted in at the start", text.replacen("\"index\":\"", "\"index\":\"0", 1), "damaged"),
+        ("a digit that is not hex", text.replacen("\"index\":\"", "\"index\":\"zz", 1), "not hex"),
+        ("something after the document", format!("{text} []"), "not a keepfs metadata document"),
+        ("a version without its index", text.replacen("\"index\":", "\"index_was\":", 1), "holds no index"),
+    ];
+    for (what, bad, needle) in cases {
+        let path = repo.path("bad.json");
+        fs::write(&path, &bad).unwrap();
+        let r = repo.run(&["metadata", "import", path.to_str().unwrap()]);
+        assert_eq!(r.code, 2, "{what}: {}", r.stderr);
+        assert!(r.error_line().contains(needle) && r.stderr.lines().count() == 1, "{what}: {}", r.stderr);
+        assert_eq!(repo.ls_json(None).as_array().unwrap().len(), 0, "{what}: nothing imported");
+        assert!(spool_empty(), "{what}: the spool is empty again");
+    }
+
+    // From standard input, the hand-written one.
+    let mut child = repo
+        .command(&["metadata", "import", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child.stdin.take().unwrap().write_all(hand.as_bytes()).unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(String::from_utf8_lossy(&o.stdout).lines().collect::<Vec<_>>(), vec![v1.as_str(), v2.as_str()]);
+    let strip = |v: &serde_json::Value| {
+        let mut v = v.clone();
+        v.as_array_mut().unwrap().iter_mut().for_each(|x| {
+            x.as_object_mut().unwrap().remove("stats");
+        });
+        v
+    };
+    assert_eq!(strip(&repo.ls_json(None)), strip(&before));
+    assert!(spool_empty());
+    assert_eq!(repo.restore_sha(&v2, "o"), sha256_file(&repo.path("a")));
+    let r = repo.run(&["deep-scrub", &v1]);
+    assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+}
+
 /// Versions with chosen dates, made by importing edited metadata of a real version.
 #[test]
 fn enforce_removes_what_retention_rules_do_not_keep() {

@@ -49,6 +49,10 @@ committed when the file is closed); the mount process's RssAnon is sampled meanw
 and its highest value given: what committing a few written blocks over a large version
 costs.
 
+With --metadata, one repository per size is made by --new; each binary exports the
+version's metadata (`metadata export`), removes the version and imports the document
+back (`metadata import`).
+
 With --cleanup, one binary (--new) makes a repository per size holding two images that
 share half their blocks, removes the first, and runs `cleanup --dry-run` in one pass,
 then `cleanup --dry-run` and `cleanup` with `cleanup_memory` set to --cleanup-memory
@@ -57,7 +61,7 @@ runs must plan the same deletions.
 
 usage: contrib/bench/dense_index.py --new target/release/keepfs [--old OLD]
        [--sizes 256M,1G] [--workdir DIR] [--tmpfs /dev/shm]
-       [--null-only | --readers | --encrypted | --mount | --cleanup]
+       [--null-only | --readers | --encrypted | --mount [--cow] | --metadata | --cleanup]
 """
 import argparse
 import json
@@ -142,6 +146,39 @@ def bench(binary, label, size, image, workdir, tmpfs, null_only=False):
 
 
 READER_STEPS = ["delta restore", "scrub"]
+METADATA_STEPS = ["metadata export", "metadata import"]
+
+
+def metadata(binaries, size, image, workdir):
+    """One repository made by --new; each binary exports the version's metadata, the
+    version is removed, and the binary imports the document back."""
+    home = os.path.join(workdir, f"metadata-{size}")
+    shutil.rmtree(home, ignore_errors=True)
+    os.makedirs(home)
+    env = dict(os.environ, KEEPFS_HOME=home)
+    env.pop("KEEPFS_CONFIG", None)
+    new = dict(binaries)["new"]
+    ok, _, _, uid, err = run([new, "backup", "-b", "4K", image, "dense"], env)
+    if not ok:
+        sys.exit(f"backup failed: {err[-300:]}")
+    uid = uid.strip()
+    doc = os.path.join(home, "meta.json")
+    results = {}
+    for label, binary in binaries:
+        out = {}
+        for name, cmd in (("metadata export", ["metadata", "export", uid, doc]),
+                          ("rm", ["rm", "--force", uid]),
+                          ("metadata import", ["metadata", "import", doc])):
+            ok, dt, rss, _, err = run([binary, *cmd], env)
+            if not ok:
+                sys.exit(f"{label} {size} {name} failed: {err[-300:]}")
+            out[name] = (dt, rss)
+        os.remove(doc)
+        results[label] = out
+    shutil.rmtree(home, ignore_errors=True)
+    return results
+
+
 CLEANUP_STEPS = ["dry run, one pass", "dry run, sliced", "cleanup, sliced"]
 
 
@@ -355,6 +392,7 @@ def main():
     ap.add_argument("--mount", action="store_true")
     ap.add_argument("--cow", action="store_true")
     ap.add_argument("--cleanup", action="store_true")
+    ap.add_argument("--metadata", action="store_true")
     ap.add_argument("--cleanup-memory", default="8M")
     a = ap.parse_args()
     os.makedirs(a.workdir, exist_ok=True)
@@ -367,11 +405,12 @@ def main():
         blocks[size] = make_image(image, parse_size(size))
         try:
             for label, binary in binaries:
-                if a.readers or a.mount:
+                if a.readers or a.mount or a.metadata:
                     if label == "old":
                         continue
-                    made = mounted(binaries, size, image, a.workdir, a.cow) if a.mount else readers(
-                        binaries, size, image, a.workdir, a.tmpfs)
+                    made = (mounted(binaries, size, image, a.workdir, a.cow) if a.mount
+                            else metadata(binaries, size, image, a.workdir) if a.metadata
+                            else readers(binaries, size, image, a.workdir, a.tmpfs))
                     for lab, out in made.items():
                         results[(lab, size)] = out
                         print(lab, size, {k: f"{v[0]:.1f} s {v[1]:.0f} MiB" for k, v in out.items()}, flush=True)
@@ -394,7 +433,7 @@ def main():
         cols += [f"{l}: bytes/block" for l, _ in binaries]
     print(" | ".join(cols))
     print(" | ".join("---" for _ in cols))
-    steps = (CLEANUP_STEPS if a.cleanup else READER_STEPS if a.readers else ENCRYPTED_STEPS if a.encrypted else (COW_STEPS if a.cow else MOUNT_STEPS) if a.mount
+    steps = (METADATA_STEPS if a.metadata else CLEANUP_STEPS if a.cleanup else READER_STEPS if a.readers else ENCRYPTED_STEPS if a.encrypted else (COW_STEPS if a.cow else MOUNT_STEPS) if a.mount
              else STEPS[:1] if a.null_only else STEPS)
     for st in steps:
         row = [st]

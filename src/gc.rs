@@ -25,6 +25,7 @@ use crate::block::BlockId;
 use crate::catalog::{OBJECT_DELETING, OBJECT_WRITING};
 use crate::error::{Error, Result};
 use crate::repo::Repository;
+use crate::slice::{Slice, slices_for};
 use crate::storage::retry;
 use crate::version::VersionUid;
 use std::collections::HashSet;
@@ -34,37 +35,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 /// (an 8-byte short id in a hash set each, about 16 bytes with the set's slack) and a
 /// planned deletion (a 32-byte id and its size, in a growing vector).
 const BYTES_PER_OBJECT: u64 = 64;
-
-/// The most slices a cleanup is cut into, however small its budget.
-const MAX_SLICES: u64 = 4096;
-
-/// Part `index` of `of` equal parts of the id space. A cleanup in slices plans and
-/// deletes one slice at a time; the ids of a slice are those whose short id, as a
-/// fraction of 2^64, falls in the slice's part (ids are hashes, so slices are even).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Slice {
-    pub index: u32,
-    pub of: u32,
-}
-
-impl Slice {
-    /// The whole id space: a cleanup in one go.
-    pub const WHOLE: Slice = Slice { index: 0, of: 1 };
-
-    /// The slices of a cleanup cut into `of` parts.
-    pub fn all(of: u32) -> impl Iterator<Item = Slice> {
-        let of = of.max(1);
-        (0..of).map(move |index| Slice { index, of })
-    }
-
-    pub fn holds(&self, short: u64) -> bool {
-        ((short as u128 * self.of as u128) >> 64) as u32 == self.index
-    }
-
-    fn holds_id(&self, id: &BlockId) -> bool {
-        self.of == 1 || self.holds(id.short())
-    }
-}
 
 /// What a cleanup of one storage (or of one slice of it) would delete.
 #[derive(Clone, Debug)]
@@ -221,7 +191,7 @@ impl Repository {
     pub fn cleanup_slices(&self, storage: &str) -> Result<u32> {
         let db = self.db();
         let (rows, _) = db.object_totals(db.storage_id(storage)?)?;
-        Ok(slices_for(rows, self.config.cleanup_memory_bytes))
+        Ok(slices_for(rows, BYTES_PER_OBJECT, self.config.cleanup_memory_bytes))
     }
 
     /// A plan for the whole storage in one go, whatever its size.
@@ -452,11 +422,6 @@ impl Repository {
     }
 }
 
-/// The slices a storage of `rows` objects is cleaned up in within `budget` bytes.
-fn slices_for(rows: u64, budget: u64) -> u32 {
-    rows.saturating_mul(BYTES_PER_OBJECT).div_ceil(budget.max(1)).clamp(1, MAX_SLICES) as u32
-}
-
 /// The uids of the version objects a storage holds.
 fn version_objects(st: &dyn crate::storage::Storage) -> Result<Vec<VersionUid>> {
     Ok(st
@@ -485,48 +450,5 @@ impl Repository {
     /// the filesystem; returns how many bytes the database file shrank.
     pub fn reclaim_catalog_space(&self) -> Result<u64> {
         self.db().reclaim_space()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_slices_of_a_cleanup_share_out_every_id_once() {
-        for of in [1u32, 2, 3, 7, 64, 4096] {
-            let mut seen = vec![0u64; of as usize];
-            let mut x = 0x9e37_79b9_7f4a_7c15u64;
-            let edges = [0, 1, u64::MAX / 2, u64::MAX / 2 + 1, u64::MAX - 1, u64::MAX];
-            for short in (0..20_000)
-                .map(|_| {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    x
-                })
-                .chain(edges)
-            {
-                let holders: Vec<Slice> = Slice::all(of).filter(|s| s.holds(short)).collect();
-                assert_eq!(holders.len(), 1, "{short:#x} in {of} slices: {holders:?}");
-                seen[holders[0].index as usize] += 1;
-            }
-            // Hashes spread evenly: no slice empty, none more than twice its share (where
-            // a share is large enough to tell).
-            let share = 20_006 / of as u64;
-            assert!(share < 100 || seen.iter().all(|&n| n > share / 2 && n < 2 * share), "{of} slices: {seen:?}");
-        }
-        assert!(Slice::WHOLE.holds(u64::MAX) && Slice::WHOLE.holds(0));
-    }
-
-    #[test]
-    fn a_cleanup_is_sliced_only_past_its_budget() {
-        let mib = 1 << 20;
-        assert_eq!(slices_for(0, 256 * mib), 1);
-        assert_eq!(slices_for(4 * mib, 256 * mib), 1, "4 Mi objects fit 256 MiB");
-        assert_eq!(slices_for(4 * mib + 1, 256 * mib), 2);
-        assert_eq!(slices_for(48 * mib, 256 * mib), 12, "a 200 TB storage of 4 MiB blocks");
-        assert_eq!(slices_for(u64::MAX, 1), MAX_SLICES as u32);
-        assert_eq!(slices_for(10, 0), MAX_SLICES.min(640) as u32);
     }
 }

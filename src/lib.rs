@@ -33,6 +33,7 @@ pub mod retention;
 pub mod schedule;
 pub mod scrub;
 pub mod session;
+pub mod slice;
 pub mod source;
 pub mod storage;
 pub mod transform;

@@ -1634,7 +1634,7 @@ fn run(cli: Cli) -> Result<i32> {
                     let had = j[key].as_u64().unwrap_or(0);
                     j[key] = (had + n).into();
                 };
-                for slice in keepfs::gc::Slice::all(slices) {
+                for slice in keepfs::slice::Slice::all(slices) {
                     let plan = repo.plan_cleanup_slice(&name, slice)?;
                     let part = if slices > 1 {
                         format!("storage {name} (slice {}/{slices})", slice.index + 1)

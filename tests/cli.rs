@@ -352,6 +352,21 @@ fn rm_and_cleanup_free_exactly_the_unreferenced_objects() {
     assert!(repo.ok(&["cleanup"]).contains("deleted 0 object(s)"));
 }
 
+/// The embedded default's repository, as a configuration file that sets `cleanup_memory`
+/// to `budget`: its path.
+fn budget_config(repo: &Repo, budget: &str) -> String {
+    let cfg = repo.path(&format!("budget-{budget}.toml"));
+    fs::write(
+        &cfg,
+        format!(
+            "home = \"{h}\"\ncleanup_memory = \"{budget}\"\n[[storage]]\nname = \"default\"\nkind = \"file\"\npath = \"{h}/storage\"\n",
+            h = repo.home().display()
+        ),
+    )
+    .unwrap();
+    cfg.to_str().unwrap().to_string()
+}
+
 /// A storage with more objects than `cleanup_memory` holds is cleaned up a slice of its
 /// ids at a time (each slice walks every index again). The slices together plan and
 /// delete exactly what one pass does, orphaned files included, and keep every object a
@@ -386,16 +401,8 @@ fn a_cleanup_over_its_memory_budget_goes_in_slices_and_deletes_the_same() {
 
     // The same repository through a configuration that gives cleanup 3 KiB: with some
     // 60 objects at 64 bytes each, that is two slices or more.
-    let cfg = repo.path("small.toml");
-    fs::write(
-        &cfg,
-        format!(
-            "home = \"{h}\"\ncleanup_memory = \"3K\"\n[[storage]]\nname = \"default\"\nkind = \"file\"\npath = \"{h}/storage\"\n",
-            h = repo.home().display()
-        ),
-    )
-    .unwrap();
-    let small = [("KEEPFS_CONFIG", cfg.to_str().unwrap())];
+    let cfg = budget_config(&repo, "3K");
+    let small = [("KEEPFS_CONFIG", cfg.as_str())];
     let json = |r: Run| -> serde_json::Value {
         assert_eq!(r.code, 0, "{}\n{}", r.stdout, r.stderr);
         let all: serde_json::Value = serde_json::from_str(&r.stdout).unwrap_or_else(|e| panic!("{e}: {}", r.stdout));
@@ -1036,6 +1043,13 @@ fn storage_usage_says_what_rm_and_cleanup_free() {
         (Some(0), Some(2 * b64), Some(2 * b64))
     );
     assert_eq!((ud["stored"].as_u64(), ud["exclusive_stored"].as_u64()), (Some(v_object[0]), Some(v_object[0])));
+    // Within a budget of 300 bytes (128 a object: slices of about two objects each) the
+    // accounting goes a slice at a time, and adds up to the same figures.
+    let cfg = budget_config(&repo, "300");
+    let r = repo.run_env(&["storage-usage", "--format", "json"], &[("KEEPFS_CONFIG", &cfg)]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let sliced: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(sliced, usage);
     let table = repo.ok(&["storage-usage", "name == \"a\""]);
     assert!(table.contains(&a) && table.lines().last().unwrap().starts_with("total"), "{table}");
 

@@ -17,7 +17,7 @@ use crate::error::Result;
 use crate::transform::aes::KeyId;
 use crate::version::{Stats, Status, Version, VersionUid};
 use chrono::{DateTime, Utc};
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 
 pub use sqlite::{SqliteCatalog, check_file, set_aside_if_damaged};
@@ -538,8 +538,6 @@ pub trait Catalog: Send {
     fn object_totals(&self, storage_id: i64) -> Result<(u64, u64)>;
     /// Objects per master key (None: not recorded, e.g. after a database rebuild).
     fn objects_per_key(&self, storage_id: i64) -> Result<Vec<(Option<KeyId>, u64)>>;
-    /// The stored size of every present object of a storage (space accounting).
-    fn object_sizes(&self, storage_id: i64) -> Result<HashMap<BlockId, u64>>;
     /// Objects not recorded as sealed by `key`.
     fn objects_not_under(&self, storage_id: i64, key: KeyId) -> Result<Vec<BlockId>>;
     fn set_object_keys(&self, storage_id: i64, ids: &[BlockId], key: KeyId) -> Result<()>;

@@ -1258,19 +1258,6 @@ impl Catalog for PostgresCatalog {
             .collect())
     }
 
-    fn object_sizes(&self, storage_id: i64) -> Result<HashMap<BlockId, u64>> {
-        let mut out = HashMap::new();
-        let mut client = self.client()?;
-        let mut rows =
-            client.query_raw("SELECT id, stored_size FROM objects WHERE storage_id=$1 AND state=0", [storage_id])?;
-        while let Some(r) = rows.next()? {
-            if let Some(id) = id_of(&r, 0) {
-                out.insert(id, r.get::<_, i64>(1) as u64);
-            }
-        }
-        Ok(out)
-    }
-
     fn objects_not_under(&self, storage_id: i64, key: KeyId) -> Result<Vec<BlockId>> {
         Ok(self
             .query(

@@ -394,20 +394,6 @@ impl Catalog for SqliteCatalog {
         Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
     }
 
-    /// The stored size of every present object of a storage (space accounting).
-    fn object_sizes(&self, storage_id: i64) -> Result<HashMap<BlockId, u64>> {
-        let mut st = self.conn.prepare("SELECT id, stored_size FROM objects WHERE storage_id=?1 AND state=0")?;
-        let rows = st.query_map([storage_id], |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, i64>(1)?)))?;
-        let mut out = HashMap::new();
-        for r in rows {
-            let (id, size) = r?;
-            if let Some(id) = BlockId::from_slice(&id) {
-                out.insert(id, size as u64);
-            }
-        }
-        Ok(out)
-    }
-
     /// Objects not recorded as sealed by `key`.
     fn objects_not_under(&self, storage_id: i64, key: KeyId) -> Result<Vec<BlockId>> {
         let mut st = self

@@ -235,7 +235,9 @@ pub struct Draft {
     storage: crate::storage::SharedStorage,
     bs: u64,
     size: u64,
-    slots: HashMap<u64, Slot>,
+    /// The blocks this draft touched, in block order (ranges of them are asked for:
+    /// SEEK_DATA, a truncate, the commit).
+    slots: BTreeMap<u64, Slot>,
     spool: Spool,
     ingest: Option<Ingest>,
     streaming: bool,
@@ -300,7 +302,7 @@ impl Draft {
             storage,
             bs: bs as u64,
             size,
-            slots: HashMap::new(),
+            slots: BTreeMap::new(),
             spool,
             ingest: Some(ingest),
             streaming: opts.streaming,
@@ -345,8 +347,11 @@ impl Draft {
     /// The base's id for block `idx`, if the block still comes from the base.
     /// The first range at or after `offset` that may hold data (written blocks, and the
     /// base's stored blocks where nothing was written or cut), `None` when the rest is a
-    /// hole: SEEK_DATA/SEEK_HOLE and NBD block status of a file being written.
-    pub fn next_data(&self, offset: u64) -> Option<std::ops::Range<u64>> {
+    /// hole: SEEK_DATA/SEEK_HOLE and NBD block status of a file being written. Its end
+    /// is looked for up to byte `until` (see [`crate::index::MappedIndex::next_data`]).
+    /// Holes are skipped by the base's bitmaps and the touched blocks' order, never
+    /// block by block: a 200 TB file being written answers at once.
+    pub fn next_data(&self, offset: u64, until: u64) -> Option<std::ops::Range<u64>> {
         if offset >= self.size {
             return None;
         }
@@ -356,8 +361,27 @@ impl Draft {
             Some(_) => true,
             None => !self.base_id(idx).is_sparse(),
         };
-        let first = (offset / self.bs..blocks).find(|&i| is_data(i))?;
-        let end = (first..blocks).find(|&i| !is_data(i)).unwrap_or(blocks);
+        let from = offset / self.bs;
+        // The first touched block that holds data, and the first block of the base that
+        // holds data and nothing touched: the earlier of the two.
+        let touched = self.slots.range(from..blocks).find(|(_, s)| **s != Slot::Zero).map(|(i, _)| *i);
+        let base = self.base.as_ref().and_then(|b| {
+            let end = self.base_cut.min(blocks).min(b.index().len()).min(touched.unwrap_or(u64::MAX));
+            let mut at = from;
+            loop {
+                let (i, _) = b.index().data_in(at..end).next()?;
+                match self.slots.get(&i) {
+                    Some(Slot::Zero) => at = i + 1,
+                    _ => return Some(i),
+                }
+            }
+        });
+        let first = match (touched, base) {
+            (Some(t), Some(b)) => t.min(b),
+            (t, b) => t.or(b)?,
+        };
+        let last = until.div_ceil(self.bs).clamp(first + 1, blocks);
+        let end = (first + 1..last).find(|&i| !is_data(i)).unwrap_or(last);
         Some((first * self.bs).max(offset)..(end * self.bs).min(self.size))
     }
 
@@ -522,8 +546,7 @@ impl Draft {
             let first_gone = new.div_ceil(self.bs);
             // Only blocks the draft holds need work (the base's are cut by `base_cut`):
             // a truncate costs what was written, not the size cut off.
-            let mut held: Vec<u64> = self.slots.keys().copied().filter(|&i| i >= first_gone).collect();
-            held.sort_unstable();
+            let held: Vec<u64> = self.slots.range(first_gone..).map(|(i, _)| *i).collect();
             for idx in held {
                 match self.slots.get(&idx).copied() {
                     Some(Slot::Spooled) => {
@@ -592,8 +615,7 @@ impl Draft {
         // data blocks (read from its mapped index, holes skipped) merged with the blocks
         // this draft touched. No map of the whole image is built: a few blocks written
         // to a mounted 200 TB version cost what they wrote, not the version's size.
-        let mut touched: Vec<u64> = self.slots.keys().copied().filter(|&i| i < n).collect();
-        touched.sort_unstable();
+        let touched: Vec<u64> = self.slots.range(..n).map(|(i, _)| *i).collect();
         let mut index = self.repo.index_writer(self.bs as u32)?;
         let mut written = touched.iter().copied().peekable();
         let push_written = |idx: u64, index: &mut crate::index::IndexWriter| match self.slots.get(&idx) {

@@ -857,18 +857,18 @@ impl Sessions for SessionService {
         }))
     }
 
-    fn extent(&self, fh: Fh, offset: u64) -> io::Result<Extent> {
+    fn extent(&self, fh: Fh, offset: u64, until: u64) -> io::Result<Extent> {
         let h = self.handle(fh)?;
         let (slot, original) = match &*h {
-            Handle::Image(img) => return Ok(Extent { size: img.size(), data: img.index().next_data(offset) }),
+            Handle::Image(img) => return Ok(Extent { size: img.size(), data: img.index().next_data(offset, until) }),
             Handle::Overlay { uid, slot, .. } => (slot, Some(uid)),
             Handle::Incoming { slot, .. } => (slot, None),
         };
         if let Some(d) = &slot.state.lock().draft {
-            return Ok(Extent { size: d.draft.size(), data: d.draft.next_data(offset) });
+            return Ok(Extent { size: d.draft.size(), data: d.draft.next_data(offset, until) });
         }
         let img = self.after_draft(slot, original)?;
-        Ok(Extent { size: img.size(), data: img.index().next_data(offset) })
+        Ok(Extent { size: img.size(), data: img.index().next_data(offset, until) })
     }
 
     fn write(&self, fh: Fh, offset: u64, data: &[u8]) -> io::Result<()> {

@@ -87,6 +87,31 @@ fn exercise(seed: u64, base: Option<Vec<u8>>, streaming: bool) {
                 let want = &model[(off as usize).min(model.len())..(off as usize + len).min(model.len())];
                 assert_eq!(n, want.len(), "step {step}: read length");
                 assert!(buf[..n] == *want, "step {step}: read at {off}+{len} differs from the model");
+                // SEEK_DATA/SEEK_HOLE and NBD block status: what is reported as a hole
+                // reads as zeros; the whole answer ends at a hole (or the end), one looked
+                // for up to a reader's range end is the same stretch, cut short past it.
+                let zeros = |r: std::ops::Range<usize>| {
+                    model[r.start.min(model.len())..r.end.min(model.len())].iter().all(|&b| b == 0)
+                };
+                let whole = d.next_data(off, u64::MAX);
+                match &whole {
+                    None => assert!(zeros(off as usize..model.len()), "step {step}: data after {off} reported as none"),
+                    Some(r) => {
+                        assert!(r.start >= off && r.start < r.end && r.end <= model.len() as u64, "step {step}: {r:?}");
+                        assert!(zeros(off as usize..r.start as usize), "step {step}: data before {r:?} skipped");
+                        let after = r.end as usize;
+                        assert!(zeros(after..after + BS as usize), "step {step}: {r:?} ends in data");
+                    }
+                }
+                let until = off + len as u64;
+                let near = d.next_data(off, until);
+                assert_eq!(near.as_ref().map(|r| r.start), whole.as_ref().map(|r| r.start), "step {step}");
+                if let (Some(n), Some(w)) = (&near, &whole) {
+                    assert!(
+                        n.end <= w.end && (n.end == w.end || n.end >= until),
+                        "step {step}: {n:?} {w:?} until {until}"
+                    );
+                }
             }
         }
         assert_eq!(d.size(), model.len() as u64);

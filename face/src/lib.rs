@@ -113,8 +113,11 @@ pub trait Sessions: Send + Sync + 'static {
     fn read_ref(&self, fh: Fh, offset: u64, len: usize) -> io::Result<Option<ReadRef>>;
     /// Where the handle's data lies from `offset` on (SEEK_DATA/SEEK_HOLE, NBD block
     /// status): a version's sparse blocks are holes, and so are the blocks of a draft
-    /// that nothing was written to and its base does not store.
-    fn extent(&self, fh: Fh, offset: u64) -> io::Result<Extent>;
+    /// that nothing was written to and its base does not store. The end of a stretch of
+    /// data is looked for up to byte `until` (a reader's range end; `u64::MAX` for
+    /// SEEK_HOLE): past it the stretch may be cut short, so that asking about a range
+    /// costs that range, not the rest of the image.
+    fn extent(&self, fh: Fh, offset: u64, until: u64) -> io::Result<Extent>;
     fn write(&self, fh: Fh, offset: u64, data: &[u8]) -> io::Result<()>;
     /// A close by `opener` (close(2) on the filesystem): commits a written draft when
     /// `opener` opened the handle and is its last writer.

@@ -713,7 +713,8 @@ impl<S: Sessions> Filesystem for KeepFs<S> {
                 let size = self.statics.lock().get(&fh).ok_or(Errno::EBADF)?.len() as u64;
                 (size, (offset < size).then_some(offset..size))
             } else {
-                let e = self.sessions.extent(fh, offset).map_err(err)?;
+                // SEEK_HOLE finds the real end of the data, however far.
+                let e = self.sessions.extent(fh, offset, u64::MAX).map_err(err)?;
                 (e.size, e.data)
             };
             if offset >= size {

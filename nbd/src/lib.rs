@@ -751,7 +751,7 @@ impl<S: Sessions> Conn<S> {
         // OFFSET_DATA chunks, then a final empty chunk.
         let mut pos = start;
         while pos < end {
-            let ext = match self.sessions.extent(fh, pos) {
+            let ext = match self.sessions.extent(fh, pos, end) {
                 Ok(e) => e,
                 Err(e) => return self.reply_error(req, nbd_error(e.raw_os_error()), &e.to_string()),
             };
@@ -800,7 +800,7 @@ impl<S: Sessions> Conn<S> {
         let mut extents: Vec<(u32, u32)> = Vec::new();
         let mut pos = req.offset;
         while pos < end && extents.len() < if one { 1 } else { MAX_EXTENTS } {
-            let ext = match self.sessions.extent(fh, pos) {
+            let ext = match self.sessions.extent(fh, pos, end) {
                 Ok(e) => e,
                 Err(e) => return self.reply_error(req, nbd_error(e.raw_os_error()), &e.to_string()),
             };
@@ -1066,7 +1066,7 @@ mod tests {
         fn read_ref(&self, _: Fh, _: u64, _: usize) -> io::Result<Option<ReadRef>> {
             Ok(None)
         }
-        fn extent(&self, _: Fh, offset: u64) -> io::Result<keepfs_face::Extent> {
+        fn extent(&self, _: Fh, offset: u64, _: u64) -> io::Result<keepfs_face::Extent> {
             Ok(keepfs_face::Extent { size: 1 << 20, data: (offset < 4096).then_some(offset..4096) })
         }
         fn write(&self, _: Fh, _: u64, _: &[u8]) -> io::Result<()> {

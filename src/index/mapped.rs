@@ -114,9 +114,9 @@ impl MappedIndex {
     /// The first range at or after `offset` that holds data (clipped to start at
     /// `offset`), or `None` when the rest is sparse: SEEK_DATA/SEEK_HOLE on a mounted
     /// image. Reads no id.
-    pub fn next_data(&self, offset: u64) -> Option<Range<u64>> {
+    pub fn next_data(&self, offset: u64, until: u64) -> Option<Range<u64>> {
         let bs = self.block_size as u64;
-        super::next_data(offset, self.size, bs, self.blocks_in(offset / bs..u64::MAX).map(|(i, _)| i))
+        super::next_data(offset, self.size, bs, until, self.blocks_in(offset / bs..u64::MAX).map(|(i, _)| i))
     }
 }
 
@@ -229,7 +229,16 @@ mod tests {
                 let want: Vec<_> = index.entries.data_in(r.clone()).collect();
                 assert_eq!(m.data_in(r.clone()).collect::<Vec<_>>(), want, "case {case} {r:?}");
                 let off = rnd(size + 10);
-                assert_eq!(m.next_data(off), index.next_data(off), "case {case} offset {off}");
+                assert_eq!(m.next_data(off, u64::MAX), index.next_data(off, u64::MAX), "case {case} offset {off}");
+                let until = off + rnd(3 * 4096);
+                let near = m.next_data(off, until);
+                assert_eq!(near, index.next_data(off, until), "case {case} offset {off} until {until}");
+                // The same stretch, cut short only past `until`.
+                let whole = m.next_data(off, u64::MAX);
+                assert_eq!(near.clone().map(|r| r.start), whole.clone().map(|r| r.start));
+                if let (Some(n), Some(w)) = (near, whole) {
+                    assert!(n.end <= w.end && (n.end == w.end || n.end >= until), "{n:?} {w:?} until {until}");
+                }
             }
         }
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "nothing is left in the spool");

@@ -72,15 +72,25 @@ pub fn block_len(size: u64, block_size: u32, idx: u64) -> u64 {
 
 /// The first stretch of data at or after `offset` of an image of `size` bytes in blocks
 /// of `bs`, from its data blocks from `offset`'s block on (`blocks`, in order), clipped
-/// to start at `offset`: SEEK_DATA/SEEK_HOLE.
-pub(crate) fn next_data(offset: u64, size: u64, bs: u64, mut blocks: impl Iterator<Item = u64>) -> Option<Range<u64>> {
+/// to start at `offset`: SEEK_DATA/SEEK_HOLE. Its end is looked for up to byte `until`
+/// only: a stretch that goes on past `until` ends at (the block boundary after) it. A
+/// reader asking about a range passes its end; SEEK_HOLE passes `u64::MAX`. Without
+/// it, each 256 KiB read of a dense 200 TB export would walk to the end of the image.
+pub(crate) fn next_data(
+    offset: u64,
+    size: u64,
+    bs: u64,
+    until: u64,
+    mut blocks: impl Iterator<Item = u64>,
+) -> Option<Range<u64>> {
     if offset >= size {
         return None;
     }
     let first = blocks.next()?;
+    let last = until.div_ceil(bs).max(first + 1);
     let mut end = first + 1;
     for i in blocks {
-        if i != end {
+        if i != end || end >= last {
             break;
         }
         end += 1;
@@ -136,9 +146,9 @@ impl BlockIndex {
     /// start at `offset`), or `None` when the rest of the image is sparse. Answers
     /// SEEK_DATA/SEEK_HOLE on a mounted image. Walks the data blocks from `offset` on
     /// only, so a reader walking the image extent by extent costs one pass over them.
-    pub fn next_data(&self, offset: u64) -> Option<Range<u64>> {
+    pub fn next_data(&self, offset: u64, until: u64) -> Option<Range<u64>> {
         let bs = self.block_size as u64;
-        next_data(offset, self.size, bs, self.entries.data_in(offset / bs..u64::MAX).map(|(i, _)| i))
+        next_data(offset, self.size, bs, until, self.entries.data_in(offset / bs..u64::MAX).map(|(i, _)| i))
     }
 
     fn header(&self, version: u16, tail: u64) -> Vec<u8> {
@@ -525,14 +535,19 @@ mod tests {
         for i in [2, 3, 10] {
             idx.entries.set(i, BlockId::of(&[i as u8]));
         }
-        assert_eq!(idx.next_data(0), Some(8192..16384));
-        assert_eq!(idx.next_data(9000), Some(9000..16384), "inside data: from the offset on");
-        assert_eq!(idx.next_data(16384), Some(40960..40965), "the short last block");
-        assert_eq!(idx.next_data(40964), Some(40964..40965));
-        assert_eq!(idx.next_data(40965), None, "past the end");
+        assert_eq!(idx.next_data(0, u64::MAX), Some(8192..16384));
+        assert_eq!(idx.next_data(9000, u64::MAX), Some(9000..16384), "inside data: from the offset on");
+        assert_eq!(idx.next_data(16384, u64::MAX), Some(40960..40965), "the short last block");
+        assert_eq!(idx.next_data(40964, u64::MAX), Some(40964..40965));
+        assert_eq!(idx.next_data(40965, u64::MAX), None, "past the end");
         idx.entries.set(10, BlockId::SPARSE);
-        assert_eq!(idx.next_data(16384), None, "sparse to the end");
-        assert_eq!(BlockIndex::new_sparse(1, 0, 4096).next_data(0), None);
+        assert_eq!(idx.next_data(16384, u64::MAX), None, "sparse to the end");
+        assert_eq!(BlockIndex::new_sparse(1, 0, 4096).next_data(0, u64::MAX), None);
+        // Looked for up to `until` only: the stretch of blocks 2-3 ends after block 2 when
+        // asked about bytes up to 8193 or less (whole blocks), never before its start.
+        assert_eq!(idx.next_data(0, 8193), Some(8192..12288));
+        assert_eq!(idx.next_data(0, 1), Some(8192..12288), "at least one block of data");
+        assert_eq!(idx.next_data(0, 12289), Some(8192..16384));
     }
 
     #[test]
@@ -703,7 +718,7 @@ mod tests {
         assert_eq!(back.data_bytes(), 8 << 20);
         let runs: Vec<_> = back.entries.sparse_runs().collect();
         assert_eq!(runs, vec![0..5, 6..40_000_000, 40_000_001..back.entries.len()]);
-        assert_eq!(back.next_data(0), Some((5 << 22)..(6 << 22)));
+        assert_eq!(back.next_data(0, u64::MAX), Some((5 << 22)..(6 << 22)));
     }
 
     #[test]

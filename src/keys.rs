@@ -612,11 +612,15 @@ impl Repository {
             .ok_or_else(|| Error::Invalid(format!("storage '{name}' is not encrypted; nothing to rekey")))?;
         let sid = self.storage_id(name)?;
         let session = self.session(&format!("key rekey {name}"), false)?;
-        let ids = self.db().objects_not_under(sid, current)?;
         let versions = storage.list("versions/")?;
         let (mut rewrapped, mut already, mut gone) = (0u64, 0u64, 0u64);
-        // Bounded batches: a batch is made durable, then recorded, before the next.
-        for chunk in ids.chunks(256) {
+        // Bounded batches, paged out of the catalog in id order (no list of every
+        // object): a batch is made durable, then recorded, before the next.
+        let mut after: Option<crate::block::BlockId> = None;
+        loop {
+            let chunk = self.db().objects_not_under(sid, current, after.as_ref(), 256)?;
+            let Some(last) = chunk.last() else { break };
+            after = Some(*last);
             let mut done = Vec::with_capacity(chunk.len());
             for id in chunk {
                 let key = id.storage_key();
@@ -633,7 +637,7 @@ impl Repository {
                     }
                     None => already += 1,
                 }
-                done.push(*id);
+                done.push(id);
             }
             retry(4, || storage.sync())?;
             self.db().set_object_keys(sid, &done, current)?;
@@ -705,7 +709,7 @@ impl Repository {
         let sid = self.storage_id(name)?;
         let current = ring.current_id().unwrap_or(id);
         if current != id {
-            let left = self.db().objects_not_under(sid, current)?.len();
+            let left = self.db().count_objects_not_under(sid, current)?;
             if left > 0 {
                 return Err(Error::Refused(format!(
                     "{left} object(s) of storage '{name}' may still be sealed by older keys; run `keepfs key rekey -S {name}` first"

@@ -464,3 +464,43 @@ fn the_passphrase_is_asked_for_on_a_terminal() {
     assert!(screen.contains("Passphrase for storage 'default' (key "), "{screen}");
     assert_eq!(sha256_file(&repo.path("o")), sha256_file(&repo.path("a")));
 }
+
+/// `key rekey` pages the objects to move out of the catalog (256 at a time, in id
+/// order) instead of listing every one first: with 700 objects it goes through three
+/// pages, an object missing from the first page does not stop it or make it go round
+/// again, and the next rekey moves just that one.
+#[test]
+fn rekey_pages_through_many_objects() {
+    let e = Enc::new();
+    let repo = &e.repo;
+    fs::write(repo.path("a"), random_bytes(97, 700 * 4096)).unwrap();
+    let v = e.ok(&["backup", &repo.url("a"), "many", "-b", "4k"]).trim().to_string();
+    let key2 = repo.path("second.key");
+    e.ok(&["key", "new", key2.to_str().unwrap()]);
+    e.ok(&["key", "rotate", "--new-key-file", key2.to_str().unwrap()]);
+    let new = [("KEEPFS_KEY_FILE", key2.to_str().unwrap())];
+    // The object with the smallest id is in the first page whatever the ids are.
+    let mut blocks = files_under(&repo.storage().join("blocks"));
+    blocks.sort_by_key(|p| p.file_name().unwrap().to_os_string());
+    assert_eq!(blocks.len(), 700);
+    let parked = repo.path("parked");
+    fs::rename(&blocks[0], &parked).unwrap();
+    let r = e.run_with(&new, &["key", "rekey"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    // 699 blocks and the version object.
+    assert!(r.stderr.contains("rewrapped 700 object(s)"), "{}", r.stderr);
+    assert!(r.stderr.contains("1 listed object(s) were gone"), "{}", r.stderr);
+    fs::rename(&parked, &blocks[0]).unwrap();
+    let r = e.run_with(&new, &["key", "rekey"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stderr.contains("rewrapped 1 object(s)"), "only the parked block is left: {}", r.stderr);
+    let old_id = {
+        let keys: serde_json::Value =
+            serde_json::from_str(&e.run_with(&new, &["key", "list", "--format", "json"]).stdout).unwrap();
+        keys[0]["id"].as_str().unwrap().to_string()
+    };
+    let r = e.run_with(&new, &["key", "remove", &old_id]);
+    assert_eq!(r.code, 0, "every object moved: {}", r.stderr);
+    let r = e.run_with(&new, &["deep-scrub", &v]);
+    assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+}

@@ -538,8 +538,17 @@ pub trait Catalog: Send {
     fn object_totals(&self, storage_id: i64) -> Result<(u64, u64)>;
     /// Objects per master key (None: not recorded, e.g. after a database rebuild).
     fn objects_per_key(&self, storage_id: i64) -> Result<Vec<(Option<KeyId>, u64)>>;
-    /// Objects not recorded as sealed by `key`.
-    fn objects_not_under(&self, storage_id: i64, key: KeyId) -> Result<Vec<BlockId>>;
+    /// Up to `limit` objects not recorded as sealed by `key`, in id order, after `after`
+    /// (a page: a key rotation walks millions of objects without holding their ids).
+    fn objects_not_under(
+        &self,
+        storage_id: i64,
+        key: KeyId,
+        after: Option<&BlockId>,
+        limit: usize,
+    ) -> Result<Vec<BlockId>>;
+    /// How many objects are not recorded as sealed by `key`.
+    fn count_objects_not_under(&self, storage_id: i64, key: KeyId) -> Result<u64>;
     fn set_object_keys(&self, storage_id: i64, ids: &[BlockId], key: KeyId) -> Result<()>;
 
     // ---- copying a whole catalog (`database migrate`) -------------------------------

@@ -1258,15 +1258,35 @@ impl Catalog for PostgresCatalog {
             .collect())
     }
 
-    fn objects_not_under(&self, storage_id: i64, key: KeyId) -> Result<Vec<BlockId>> {
+    fn objects_not_under(
+        &self,
+        storage_id: i64,
+        key: KeyId,
+        after: Option<&BlockId>,
+        limit: usize,
+    ) -> Result<Vec<BlockId>> {
+        let after: &[u8] = after.map(|a| &a.0[..]).unwrap_or(&[]);
         Ok(self
             .query(
-                "SELECT id FROM objects WHERE storage_id=$1 AND state=0 AND (key_id IS NULL OR key_id != $2)",
-                &[&storage_id, &key.as_i64()],
+                "SELECT id FROM objects WHERE storage_id=$1 AND state=0 AND (key_id IS NULL OR key_id != $2) AND id > $3 \
+                 ORDER BY id LIMIT $4",
+                &[&storage_id, &key.as_i64(), &after, &(limit as i64)],
             )?
             .iter()
             .filter_map(|r| id_of(r, 0))
             .collect())
+    }
+
+    fn count_objects_not_under(&self, storage_id: i64, key: KeyId) -> Result<u64> {
+        let n: i64 = self
+            .query(
+                "SELECT COUNT(*) FROM objects WHERE storage_id=$1 AND state=0 AND (key_id IS NULL OR key_id != $2)",
+                &[&storage_id, &key.as_i64()],
+            )?
+            .first()
+            .map(|r| r.get(0))
+            .unwrap_or(0);
+        Ok(n as u64)
     }
 
     fn set_object_keys(&self, storage_id: i64, ids: &[BlockId], key: KeyId) -> Result<()> {

@@ -395,11 +395,19 @@ impl Catalog for SqliteCatalog {
     }
 
     /// Objects not recorded as sealed by `key`.
-    fn objects_not_under(&self, storage_id: i64, key: KeyId) -> Result<Vec<BlockId>> {
-        let mut st = self
-            .conn
-            .prepare("SELECT id FROM objects WHERE storage_id=?1 AND state=0 AND (key_id IS NULL OR key_id != ?2)")?;
-        let rows = st.query_map(params![storage_id, key.as_i64()], |r| r.get::<_, Vec<u8>>(0))?;
+    fn objects_not_under(
+        &self,
+        storage_id: i64,
+        key: KeyId,
+        after: Option<&BlockId>,
+        limit: usize,
+    ) -> Result<Vec<BlockId>> {
+        let mut st = self.conn.prepare(
+            "SELECT id FROM objects WHERE storage_id=?1 AND state=0 AND (key_id IS NULL OR key_id != ?2) AND id > ?3 \
+             ORDER BY id LIMIT ?4",
+        )?;
+        let after: &[u8] = after.map(|a| &a.0[..]).unwrap_or(&[]);
+        let rows = st.query_map(params![storage_id, key.as_i64(), after, limit as i64], |r| r.get::<_, Vec<u8>>(0))?;
         let mut out = Vec::new();
         for r in rows {
             if let Some(id) = BlockId::from_slice(&r?) {
@@ -407,6 +415,14 @@ impl Catalog for SqliteCatalog {
             }
         }
         Ok(out)
+    }
+
+    fn count_objects_not_under(&self, storage_id: i64, key: KeyId) -> Result<u64> {
+        Ok(self.conn.query_row(
+            "SELECT COUNT(*) FROM objects WHERE storage_id=?1 AND state=0 AND (key_id IS NULL OR key_id != ?2)",
+            params![storage_id, key.as_i64()],
+            |r| r.get::<_, i64>(0),
+        )? as u64)
     }
 
     fn set_object_keys(&self, storage_id: i64, ids: &[BlockId], key: KeyId) -> Result<()> {

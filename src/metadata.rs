@@ -15,7 +15,7 @@ pub const FORMAT: &str = "keepfs-metadata";
 const RECENT_IDS: std::num::NonZeroUsize = std::num::NonZeroUsize::new(65_536).unwrap();
 
 /// Objects found in the storage recorded in the catalog per transaction.
-const FOUND_BATCH: usize = 1000;
+const FOUND_BATCH: usize = 16_384;
 pub const FORMAT_VERSION: u32 = 1;
 
 impl Repository {

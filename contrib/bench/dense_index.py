@@ -53,6 +53,10 @@ With --metadata, one repository per size is made by --new; each binary exports t
 version's metadata (`metadata export`), removes the version and imports the document
 back (`metadata import`).
 
+With --nbd, one repository per size is made by --new; each binary serves it read-only
+(`keepfs nbd --socket`), nbdcopy reads the version to null: and nbdinfo --map lists
+its extents: the times, and the server's peak RSS.
+
 With --cleanup, one binary (--new) makes a repository per size holding two images that
 share half their blocks, removes the first, and runs `cleanup --dry-run` in one pass,
 then `cleanup --dry-run` and `cleanup` with `cleanup_memory` set to --cleanup-memory
@@ -61,7 +65,7 @@ runs must plan the same deletions.
 
 usage: contrib/bench/dense_index.py --new target/release/keepfs [--old OLD]
        [--sizes 256M,1G] [--workdir DIR] [--tmpfs /dev/shm]
-       [--null-only | --readers | --encrypted | --mount [--cow] | --metadata | --cleanup]
+       [--null-only | --readers | --encrypted | --mount [--cow] | --metadata | --nbd | --cleanup]
 """
 import argparse
 import json
@@ -146,6 +150,49 @@ def bench(binary, label, size, image, workdir, tmpfs, null_only=False):
 
 
 READER_STEPS = ["delta restore", "scrub"]
+NBD_STEPS = ["nbdcopy to null:", "nbdinfo --map"]
+
+
+def nbd(binaries, size, image, workdir):
+    """One repository made by --new; each binary serves it read-only on a Unix socket
+    and nbdcopy reads the whole version (structured replies: each read asks where the
+    data lies), then nbdinfo --map asks for its extents. Times, and the server's peak
+    RSS at the end."""
+    home = os.path.join(workdir, f"nbd-{size}")
+    shutil.rmtree(home, ignore_errors=True)
+    os.makedirs(home)
+    env = dict(os.environ, KEEPFS_HOME=home)
+    env.pop("KEEPFS_CONFIG", None)
+    new = dict(binaries)["new"]
+    ok, _, _, uid, err = run([new, "backup", "-b", "4K", image, "dense"], env)
+    if not ok:
+        sys.exit(f"backup failed: {err[-300:]}")
+    uid = uid.strip()
+    results = {}
+    for label, binary in binaries:
+        sock = os.path.join(home, "nbd.sock")
+        log = open(os.path.join(home, "nbd.log"), "w")
+        p = subprocess.Popen([binary, "nbd", "--read-only", "--socket", sock], env=env,
+                             stdout=subprocess.DEVNULL, stderr=log)
+        t = time.perf_counter()
+        while not os.path.exists(sock):
+            if p.poll() is not None or time.perf_counter() - t > 30:
+                sys.exit(f"{label}: nbd failed: {open(log.name).read()[-300:]}")
+            time.sleep(0.05)
+        url = f"nbd+unix:///{uid}?socket={sock}"
+        out = {}
+        for name, cmd in (("nbdcopy to null:", ["nbdcopy", url, "null:"]),
+                          ("nbdinfo --map", ["nbdinfo", "--map", url])):
+            t = time.perf_counter()
+            subprocess.run(cmd, stdout=subprocess.DEVNULL, check=True)
+            out[name] = (time.perf_counter() - t, proc_kib(p.pid, "VmHWM") / 1024)
+        p.terminate()
+        p.wait()
+        results[label] = out
+    shutil.rmtree(home, ignore_errors=True)
+    return results
+
+
 METADATA_STEPS = ["metadata export", "metadata import"]
 
 
@@ -393,6 +440,7 @@ def main():
     ap.add_argument("--cow", action="store_true")
     ap.add_argument("--cleanup", action="store_true")
     ap.add_argument("--metadata", action="store_true")
+    ap.add_argument("--nbd", action="store_true")
     ap.add_argument("--cleanup-memory", default="8M")
     a = ap.parse_args()
     os.makedirs(a.workdir, exist_ok=True)
@@ -405,11 +453,12 @@ def main():
         blocks[size] = make_image(image, parse_size(size))
         try:
             for label, binary in binaries:
-                if a.readers or a.mount or a.metadata:
+                if a.readers or a.mount or a.metadata or a.nbd:
                     if label == "old":
                         continue
                     made = (mounted(binaries, size, image, a.workdir, a.cow) if a.mount
                             else metadata(binaries, size, image, a.workdir) if a.metadata
+                            else nbd(binaries, size, image, a.workdir) if a.nbd
                             else readers(binaries, size, image, a.workdir, a.tmpfs))
                     for lab, out in made.items():
                         results[(lab, size)] = out
@@ -433,7 +482,7 @@ def main():
         cols += [f"{l}: bytes/block" for l, _ in binaries]
     print(" | ".join(cols))
     print(" | ".join("---" for _ in cols))
-    steps = (METADATA_STEPS if a.metadata else CLEANUP_STEPS if a.cleanup else READER_STEPS if a.readers else ENCRYPTED_STEPS if a.encrypted else (COW_STEPS if a.cow else MOUNT_STEPS) if a.mount
+    steps = (NBD_STEPS if a.nbd else METADATA_STEPS if a.metadata else CLEANUP_STEPS if a.cleanup else READER_STEPS if a.readers else ENCRYPTED_STEPS if a.encrypted else (COW_STEPS if a.cow else MOUNT_STEPS) if a.mount
              else STEPS[:1] if a.null_only else STEPS)
     for st in steps:
         row = [st]

@@ -89,6 +89,20 @@ def run(cmd, env):
     return p.returncode == 0, dt, rss, p.stdout, "\n".join(lines[:-1])
 
 
+def made_by_new(binaries, name, image, workdir):
+    """A fresh repository `name` in `workdir` holding `image` backed up by --new: (home,
+    environment, uid)."""
+    home = os.path.join(workdir, name)
+    shutil.rmtree(home, ignore_errors=True)
+    os.makedirs(home)
+    env = dict(os.environ, KEEPFS_HOME=home)
+    env.pop("KEEPFS_CONFIG", None)
+    ok, _, _, uid, err = run([dict(binaries)["new"], "backup", "-b", "4K", image, "dense"], env)
+    if not ok:
+        sys.exit(f"backup failed: {err[-300:]}")
+    return home, env, uid.strip()
+
+
 def make_image(path, size, other_half=False):
     """Unique blocks; with other_half, the second half's blocks differ from the default's."""
     n = size // BS
@@ -158,16 +172,7 @@ def nbd(binaries, size, image, workdir):
     and nbdcopy reads the whole version (structured replies: each read asks where the
     data lies), then nbdinfo --map asks for its extents. Times, and the server's peak
     RSS at the end."""
-    home = os.path.join(workdir, f"nbd-{size}")
-    shutil.rmtree(home, ignore_errors=True)
-    os.makedirs(home)
-    env = dict(os.environ, KEEPFS_HOME=home)
-    env.pop("KEEPFS_CONFIG", None)
-    new = dict(binaries)["new"]
-    ok, _, _, uid, err = run([new, "backup", "-b", "4K", image, "dense"], env)
-    if not ok:
-        sys.exit(f"backup failed: {err[-300:]}")
-    uid = uid.strip()
+    home, env, uid = made_by_new(binaries, f"nbd-{size}", image, workdir)
     results = {}
     for label, binary in binaries:
         sock = os.path.join(home, "nbd.sock")
@@ -199,16 +204,7 @@ METADATA_STEPS = ["metadata export", "metadata import"]
 def metadata(binaries, size, image, workdir):
     """One repository made by --new; each binary exports the version's metadata, the
     version is removed, and the binary imports the document back."""
-    home = os.path.join(workdir, f"metadata-{size}")
-    shutil.rmtree(home, ignore_errors=True)
-    os.makedirs(home)
-    env = dict(os.environ, KEEPFS_HOME=home)
-    env.pop("KEEPFS_CONFIG", None)
-    new = dict(binaries)["new"]
-    ok, _, _, uid, err = run([new, "backup", "-b", "4K", image, "dense"], env)
-    if not ok:
-        sys.exit(f"backup failed: {err[-300:]}")
-    uid = uid.strip()
+    home, env, uid = made_by_new(binaries, f"metadata-{size}", image, workdir)
     doc = os.path.join(home, "meta.json")
     results = {}
     for label, binary in binaries:
@@ -339,16 +335,7 @@ def cow_commit(binary, env, p, data, mnt):
 
 
 def mounted(binaries, size, image, workdir, cow=False):
-    home = os.path.join(workdir, f"mount-{size}")
-    shutil.rmtree(home, ignore_errors=True)
-    os.makedirs(home)
-    env = dict(os.environ, KEEPFS_HOME=home)
-    env.pop("KEEPFS_CONFIG", None)
-    new = dict(binaries)["new"]
-    ok, _, _, uid, err = run([new, "backup", "-b", "4K", image, "dense"], env)
-    if not ok:
-        sys.exit(f"backup failed: {err[-300:]}")
-    uid = uid.strip()
+    home, env, uid = made_by_new(binaries, f"mount-{size}", image, workdir)
     results = {}
     for label, binary in binaries:
         mnt = os.path.join(home, "mnt")

@@ -56,15 +56,18 @@ pub fn seal_version_object(codec: &Codec, version: &Version, plain: &[u8]) -> Re
         .map_err(|e| Error::Object { context: format!("version object of {}", version.uid), source: e })
 }
 
-/// A version object whose index is longer than 64 MiB is built and stored as a stream
+/// A version object whose index is longer than 8 MiB is built and stored as a stream
 /// from the index's file (uncompressed: its index is a zstd frame already), not in
-/// memory; smaller ones are built as [`encode_version_object`] does.
+/// memory; smaller ones are built as [`encode_version_object`] does, which holds the
+/// index two or three times over for a moment (plaintext, a read of the file, the
+/// compressed object). At 8 MiB (262,144 data blocks: a dense 1 TiB image at 4 MiB
+/// blocks) that is some 24 MiB; it was 64 MiB, up to 190 MiB at a commit or a label.
 fn streamed_version_index_len() -> u64 {
     #[cfg(debug_assertions)]
     if let Some(n) = std::env::var("KEEPFS_TEST_STREAMED_INDEX").ok().and_then(|v| v.parse::<u64>().ok()) {
         return n;
     }
-    64 << 20
+    8 << 20
 }
 
 /// Whether an object of `len` bytes may be a large version object, read as a stream

@@ -356,11 +356,6 @@ impl Draft {
             return None;
         }
         let blocks = self.size.div_ceil(self.bs);
-        let is_data = |idx: u64| match self.slots.get(&idx) {
-            Some(Slot::Zero) => false,
-            Some(_) => true,
-            None => !self.base_id(idx).is_sparse(),
-        };
         let from = offset / self.bs;
         // The first touched block that holds data, and the first block of the base that
         // holds data and nothing touched: the earlier of the two.
@@ -380,9 +375,43 @@ impl Draft {
             (Some(t), Some(b)) => t.min(b),
             (t, b) => t.or(b)?,
         };
+        // Its end: between touched blocks, the base's run of data (its bitmaps, no id
+        // read); a touched block goes on with it unless it was cut (Zero).
         let last = until.div_ceil(self.bs).clamp(first + 1, blocks);
-        let end = (first + 1..last).find(|&i| !is_data(i)).unwrap_or(last);
+        let mut end = first + 1;
+        while end < last {
+            let next = self.slots.range(end..last).next().map(|(i, s)| (*i, *s));
+            let gap_end = next.map_or(last, |(i, _)| i);
+            let run_end = self.base_run_end(end, gap_end);
+            if run_end < gap_end {
+                end = run_end;
+                break;
+            }
+            match next {
+                Some((i, slot)) if slot != Slot::Zero => end = i + 1,
+                _ => {
+                    end = gap_end;
+                    break;
+                }
+            }
+        }
         Some((first * self.bs).max(offset)..(end * self.bs).min(self.size))
+    }
+
+    /// The first block of `from..to` that the base does not hold as data (or that a
+    /// truncate cut off), `to` when it holds them all: the end of its run of data from
+    /// `from`, found from its bitmaps without reading an id.
+    fn base_run_end(&self, from: u64, to: u64) -> u64 {
+        let Some(base) = &self.base else { return from };
+        let held = self.base_cut.min(base.index().len()).min(to);
+        let mut at = from;
+        for (i, _) in base.index().blocks_in(from..held.max(from)) {
+            if i != at {
+                break;
+            }
+            at += 1;
+        }
+        at.min(to)
     }
 
     /// Refuses a size past what a version may hold (EFBIG), before anything is allocated

@@ -1311,6 +1311,9 @@ fn run(cli: Cli) -> Result<i32> {
             Ok(exit::OK)
         }
         Command::Metadata { action: MetadataAction::Import { file } } => {
+            // Each version's index waits in an unnamed spool file until the whole
+            // document was checked: one descriptor a version.
+            more_open_files();
             // Read as a stream: a document of a 200 TB dense version is never held.
             let doc: Box<dyn std::io::Read> = if file.as_os_str() == "-" {
                 Box::new(std::io::BufReader::new(std::io::stdin().lock()))
@@ -1330,6 +1333,7 @@ fn run(cli: Cli) -> Result<i32> {
             Ok(exit::OK)
         }
         Command::Metadata { action: MetadataAction::Restore { uids, force } } => {
+            more_open_files();
             for uid in repo.restore_metadata(&parse_uids(&uids)?, force)? {
                 report!("{uid}");
             }
@@ -1806,6 +1810,22 @@ fn few_malloc_arenas() {
     // threads start.
     unsafe {
         libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
+}
+
+/// Raises the soft limit of open files to the hard one, for a command that holds one
+/// spool file per version until all are checked (`metadata import` and `restore` of
+/// many versions: the usual soft limit of 1024 is a repository of 1,024 versions). Past
+/// the hard limit the command fails with "Too many open files" and records nothing.
+fn more_open_files() {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit read and write the plain struct given; a failure
+    // leaves the limit as it was.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
     }
 }
 

@@ -140,6 +140,8 @@ fn account_slice(
             *sum = None;
             continue;
         };
+        // As it is now (a `metadata restore --force` may have changed it since the list).
+        u.size = v.size;
         let walked = repo.walk_index(&v, |i, id| {
             if !slice.holds_id(&id) {
                 return true;

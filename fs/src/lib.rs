@@ -713,8 +713,10 @@ impl<S: Sessions> Filesystem for KeepFs<S> {
                 let size = self.statics.lock().get(&fh).ok_or(Errno::EBADF)?.len() as u64;
                 (size, (offset < size).then_some(offset..size))
             } else {
-                // SEEK_HOLE finds the real end of the data, however far.
-                let e = self.sessions.extent(fh, offset, u64::MAX).map_err(err)?;
+                // SEEK_HOLE finds the real end of the data, however far; SEEK_DATA needs
+                // only where it starts.
+                let until = if whence == libc::SEEK_HOLE { u64::MAX } else { offset.saturating_add(1) };
+                let e = self.sessions.extent(fh, offset, until).map_err(err)?;
                 (e.size, e.data)
             };
             if offset >= size {

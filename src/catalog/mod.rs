@@ -49,6 +49,13 @@ pub(crate) const REMOTE_SESSION_TTL_MS: i64 = 10 * 60 * 1000;
 
 /// The error of a process whose session is no longer registered: another process (on
 /// another host) took it for dead, so a cleanup may have deleted what it was relying on.
+/// A catalog row whose object id is not 32 bytes: damage to the catalog.
+pub(crate) fn bad_object_id(len: usize) -> crate::error::Error {
+    crate::error::Error::Damaged(format!(
+        "the catalog holds an object id of {len} bytes (ids are 32): run `keepfs database rebuild` on a copy"
+    ))
+}
+
 pub(crate) fn session_ended(session: i64) -> crate::error::Error {
     crate::error::Error::Other(format!(
         "this process's session {session} was ended by another keepfs process that took it for dead (no heartbeat for {} s); what it was doing must be done again (a backup: `keepfs backup --continue UID`)",

@@ -1266,15 +1266,15 @@ impl Catalog for PostgresCatalog {
         limit: usize,
     ) -> Result<Vec<BlockId>> {
         let after: &[u8] = after.map(|a| &a.0[..]).unwrap_or(&[]);
-        Ok(self
-            .query(
-                "SELECT id FROM objects WHERE storage_id=$1 AND state=0 AND (key_id IS NULL OR key_id != $2) AND id > $3 \
+        self.query(
+            "SELECT id FROM objects WHERE storage_id=$1 AND state=0 AND (key_id IS NULL OR key_id != $2) AND id > $3 \
                  ORDER BY id LIMIT $4",
-                &[&storage_id, &key.as_i64(), &after, &(limit as i64)],
-            )?
-            .iter()
-            .filter_map(|r| id_of(r, 0))
-            .collect())
+            &[&storage_id, &key.as_i64(), &after, &(limit as i64)],
+        )?
+        .iter()
+        // An id that is not one would stop the caller's paging short: said, not skipped.
+        .map(|r| id_of(r, 0).ok_or_else(|| super::bad_object_id(r.get::<_, &[u8]>(0).len())))
+        .collect::<Result<Vec<_>>>()
     }
 
     fn count_objects_not_under(&self, storage_id: i64, key: KeyId) -> Result<u64> {

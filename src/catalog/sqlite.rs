@@ -408,11 +408,11 @@ impl Catalog for SqliteCatalog {
         )?;
         let after: &[u8] = after.map(|a| &a.0[..]).unwrap_or(&[]);
         let rows = st.query_map(params![storage_id, key.as_i64(), after, limit as i64], |r| r.get::<_, Vec<u8>>(0))?;
+        // An id that is not one would stop the caller's paging short: said, not skipped.
         let mut out = Vec::new();
         for r in rows {
-            if let Some(id) = BlockId::from_slice(&r?) {
-                out.push(id);
-            }
+            let raw = r?;
+            out.push(BlockId::from_slice(&raw).ok_or_else(|| super::bad_object_id(raw.len()))?);
         }
         Ok(out)
     }

@@ -89,7 +89,7 @@ impl MappedIndex {
     }
 
     /// The data blocks among blocks `range`, in order, without their ids.
-    fn blocks_in(&self, range: Range<u64>) -> impl Iterator<Item = (u64, u64)> + '_ {
+    pub(crate) fn blocks_in(&self, range: Range<u64>) -> impl Iterator<Item = (u64, u64)> + '_ {
         let (start, end) = (range.start, range.end);
         let from = self.chunks.partition_point(|c| c.number < start >> CHUNK_SHIFT);
         self.chunks[from..].iter().take_while(move |c| c.number << CHUNK_SHIFT < end).flat_map(move |c| {

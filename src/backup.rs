@@ -900,7 +900,6 @@ impl Repository {
 
     /// Backs up the image at `url` as a new version.
     pub fn backup(&self, url: &Url, opts: &BackupOptions, progress: &dyn Progress) -> Result<Version> {
-        let started = Instant::now();
         check_fields(opts)?;
         let source = open_source(url, self.config.mmap_sources, &self.config)?;
         let size = source.size();
@@ -917,6 +916,10 @@ impl Repository {
             Some(uid) => self.take_over_version(uid, opts, size, session.id, url)?,
             None => self.begin_version(opts, size, session.id)?,
         };
+        // Counted from the version's date on: its date plus its duration is when it
+        // finished (metrics report that), so the source's opening and the differential
+        // plan before the version existed must not be in it.
+        let started = Instant::now();
         progress.begin(&format!("backup {uid} ({})", opts.name), size);
         let wanted = diff.as_ref().map(|d| &d.wanted);
         let result = self.run_backup(source.as_ref(), url, &storage, bs, session.id, wanted, progress);

@@ -247,3 +247,42 @@ fn backup_pushes_to_a_real_pushgateway() {
     );
     promtool_accepts(&text);
 }
+
+/// A differential backup that checks its hints reads the base before its version exists;
+/// the time it reports as finished must still not lie in the future (it did: the
+/// duration counted that check, and was added to the version's later date).
+#[test]
+fn a_checked_differential_backup_finishes_before_it_is_scraped() {
+    const BS: usize = 64 * 1024;
+    let repo = Repo::new();
+    let a = mixed_image(71, 1024, BS, 0);
+    std::fs::write(repo.path("a"), &a).unwrap();
+    let base = repo.backup("a", "vm1", &["-b", "64k"]);
+    let mut b = a;
+    b[5 * BS] ^= 0xff;
+    std::fs::write(repo.path("b"), &b).unwrap();
+    let hints = repo.path("diff.json");
+    std::fs::write(&hints, format!(r#"[{{"offset":{},"length":1,"exists":"true"}}]"#, 5 * BS)).unwrap();
+    let prom = repo.path("keepfs.prom");
+    let before = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
+    repo.ok(&[
+        "backup",
+        &repo.url("b"),
+        "vm1",
+        "--base",
+        &base,
+        "--hints",
+        hints.to_str().unwrap(),
+        "--hints-check",
+        "100",
+        "--metrics-file",
+        prom.to_str().unwrap(),
+    ]);
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
+    let text = std::fs::read_to_string(&prom).unwrap();
+    let when = sample(&text, r#"keepfs_last_backup_timestamp_seconds{name="vm1"}"#).unwrap();
+    assert!(when <= now, "the backup finished at {when}, after it returned at {now}");
+    let took = sample(&text, r#"keepfs_last_backup_duration_seconds{name="vm1"}"#).unwrap();
+    // A version's date is kept in whole seconds.
+    assert!(when - took >= before.floor() - 0.001, "it started at {}, before it was called at {before}", when - took);
+}

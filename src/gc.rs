@@ -189,9 +189,15 @@ impl Repository {
     /// How many slices a cleanup of `storage` is cut into so that it stays within
     /// `cleanup_memory` (1 for all but very large storages).
     pub fn cleanup_slices(&self, storage: &str) -> Result<u32> {
+        self.slices_within_budget(storage, BYTES_PER_OBJECT)
+    }
+
+    /// How many slices a pass over `storage` that holds `per_object` bytes for each of
+    /// its objects is cut into to stay within `cleanup_memory` (cleanup, storage-usage).
+    pub(crate) fn slices_within_budget(&self, storage: &str, per_object: u64) -> Result<u32> {
         let db = self.db();
         let (rows, _) = db.object_totals(db.storage_id(storage)?)?;
-        Ok(slices_for(rows, BYTES_PER_OBJECT, self.config.cleanup_memory_bytes))
+        Ok(slices_for(rows, per_object, self.config.cleanup_memory_bytes))
     }
 
     /// A plan for the whole storage in one go, whatever its size.

@@ -642,12 +642,12 @@ impl Repository {
             retry(4, || storage.sync())?;
             self.db().set_object_keys(sid, &done, current)?;
         }
+        // A version object's header decides, read on its own: the object may hold the
+        // index of a 200 TB image, and one this catalog knows is written anew from the
+        // catalog (as a stream) rather than from what is read here.
+        let want = (crate::block::OBJECT_HEADER_LEN + crate::transform::aes::ENVELOPE_LEN) as u64;
         for entry in versions {
             let key = entry.key;
-            // Its header decides, read on its own: a version object may hold the index of
-            // a 200 TB image, and one this catalog knows is written anew from the catalog
-            // (as a stream) rather than from what is read here.
-            let want = (crate::block::OBJECT_HEADER_LEN + crate::transform::aes::ENVELOPE_LEN) as u64;
             let head = match retry(4, || storage.get_range(&key, 0, want.min(entry.size))) {
                 Err(StorageError::NotFound { .. }) => {
                     gone += 1;

@@ -8,7 +8,7 @@ use crate::block::BlockId;
 use crate::catalog::OBJECT_PRESENT;
 use crate::error::Result;
 use crate::repo::Repository;
-use crate::slice::{Slice, slices_for};
+use crate::slice::Slice;
 use crate::version::{Status, Version};
 use serde::Serialize;
 use std::collections::HashMap;
@@ -57,8 +57,7 @@ pub fn storage_usage(repo: &Repository, selected: &[Version]) -> Result<Vec<Usag
     let mut out = Vec::new();
     for storage in storages {
         let storage_id = repo.storage_id(storage)?;
-        let rows = repo.db.lock().object_totals(storage_id)?.0;
-        let slices = slices_for(rows, BYTES_PER_OBJECT, repo.config.cleanup_memory_bytes);
+        let slices = repo.slices_within_budget(storage, BYTES_PER_OBJECT)?;
         let chosen: Vec<&Version> =
             selected.iter().filter(|v| v.storage == storage && v.status != Status::Incomplete).collect();
         // Per chosen version: its usage so far and its data bytes, or None once it is

@@ -8,9 +8,9 @@
 use crate::block::{BlockId, ObjectKind, is_zero};
 use crate::catalog::SharedCatalog;
 use crate::error::{Error, Result};
-use crate::index::{BlockIndex, Entries, IndexFile, IndexWriter, block_count};
+use crate::index::{BlockIndex, IndexFile, IndexWriter, block_count};
 use crate::progress::Progress;
-use crate::record::{Frontier, Ordered, Record, Recorded};
+use crate::record::{Frontier, Ordered, Published, Record, Recorded};
 use crate::repo::{Repository, version_key};
 use crate::source::file::{WINDOW_BYTES, Window};
 use crate::source::{Source, Url, open_source};
@@ -18,8 +18,8 @@ use crate::storage::{SharedStorage, retry};
 use crate::transform::Codec;
 use crate::version::{Stats, Version, VersionUid, check_label, check_name, check_snapshot};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError, bounded, unbounded};
-use parking_lot::{Condvar, Mutex};
-use std::collections::{BTreeMap, HashMap, HashSet};
+use parking_lot::Mutex;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::JoinHandle;
@@ -149,8 +149,9 @@ pub struct IngestContext {
     pub workers: usize,
     pub writers: usize,
     pub session: i64,
-    /// Publish each block's id as it completes (see [`Ingest::wait_completed`]).
-    pub publish: bool,
+    /// Where to publish each block's id as it completes (a draft's, see
+    /// [`Ingest::wait_completed`]); none for a backup, which records into `ordered`.
+    pub publish: Option<Arc<Published>>,
     #[doc(hidden)]
     pub after_hash: Option<HashedHook>,
     /// Record the blocks in block order into an index file (a backup, which submits
@@ -178,20 +179,12 @@ pub struct IngestResult {
 
 /// Turns blocks into deduplicated, stored objects. Submit blocks in any order; `finish`
 /// waits until every new object is durable and recorded.
-/// Blocks an ingest has finished (stored or found stored), by index, published as they
-/// complete so that a writer can read back or rewrite a block it handed over earlier.
-#[derive(Default)]
-pub struct Completions {
-    done: Mutex<HashMap<u64, BlockId>>,
-    changed: Condvar,
-}
-
 pub struct Ingest {
     job_tx: Option<Sender<Job>>,
     done_tx: Sender<Done>,
     pool_rx: Receiver<Vec<u8>>,
     pool_tx: Sender<Vec<u8>>,
-    completions: Option<Arc<Completions>>,
+    published: Option<Arc<Published>>,
     frontier: Option<Arc<Frontier>>,
     coordinator: Option<JoinHandle<Result<IngestResult>>>,
     threads: Vec<JoinHandle<()>>,
@@ -225,13 +218,13 @@ impl Ingest {
             threads.push(std::thread::spawn(move || writer(put_rx, done_tx, storage)));
         }
         let failed = Arc::new(Mutex::new(None));
-        let completions = ctx.publish.then(|| Arc::new(Completions::default()));
+        let published = ctx.publish.clone();
         let frontier = ctx.ordered.as_ref().map(|o| Arc::new(Frontier::new(o.ahead)));
         let coord = {
-            let (job_tx, pool_tx, failed, completions, frontier) =
-                (job_tx.clone(), pool_tx.clone(), failed.clone(), completions.clone(), frontier.clone());
+            let (job_tx, pool_tx, failed, frontier) =
+                (job_tx.clone(), pool_tx.clone(), failed.clone(), frontier.clone());
             std::thread::spawn(move || {
-                let r = coordinate(ctx, done_rx, job_tx, pool_tx, completions, frontier.clone());
+                let r = coordinate(ctx, done_rx, job_tx, pool_tx, frontier.clone());
                 if let Err(e) = &r {
                     *failed.lock() = Some((e.to_string(), e.errno()));
                 }
@@ -245,7 +238,7 @@ impl Ingest {
             job_tx: Some(job_tx),
             done_tx,
             pool_tx,
-            completions,
+            published,
             frontier,
             pool_rx,
             coordinator: Some(coord),
@@ -292,6 +285,9 @@ impl Ingest {
     /// Submits block `idx` (at most one block long; only the last block may be short).
     pub fn submit(&mut self, idx: u64, buf: Vec<u8>) -> Result<()> {
         self.submitted += 1;
+        if let Some(p) = &self.published {
+            p.expect(idx);
+        }
         let tx = self.job_tx.as_ref().ok_or_else(|| Error::Other("ingest already finished".into()))?;
         tx.send(Job::Inspect { idx, block: Block { buf, mapped: None } })
             .map_err(|_| Error::Other("the backup pipeline stopped".into()))
@@ -309,6 +305,9 @@ impl Ingest {
     /// Records block `idx` as all zeros without reading or hashing it (a hole).
     pub fn submit_zero(&mut self, idx: u64, len: u64) -> Result<()> {
         self.submitted += 1;
+        if let Some(p) = &self.published {
+            p.expect(idx);
+        }
         self.done_tx
             .send(Done::Zero { idx, len, read: false })
             .map_err(|_| Error::Other("the backup pipeline stopped".into()))
@@ -346,24 +345,8 @@ impl Ingest {
     /// Waits until block `idx` (submitted earlier) is stored or found stored and returns
     /// its id. Needs an ingest started with `publish`.
     pub fn wait_completed(&self, idx: u64) -> Result<BlockId> {
-        let c = self.completions.as_ref().ok_or_else(|| Error::Other("ingest does not publish completions".into()))?;
-        let mut done = c.done.lock();
-        loop {
-            if let Some(id) = done.get(&idx) {
-                return Ok(*id);
-            }
-            if let Some(e) = self.stopped() {
-                return Err(e);
-            }
-            c.changed.wait_for(&mut done, Duration::from_millis(200));
-        }
-    }
-
-    /// Forgets the completion of block `idx` before it is submitted again.
-    pub fn forget_completed(&self, idx: u64) {
-        if let Some(c) = &self.completions {
-            c.done.lock().remove(&idx);
-        }
+        let p = self.published.as_ref().ok_or_else(|| Error::Other("ingest does not publish completions".into()))?;
+        p.wait(idx, || self.stopped())
     }
 
     /// Waits for every submitted block to be stored and recorded.
@@ -481,7 +464,6 @@ struct Coordinator {
     /// When the oldest pending lookup arrived.
     pending_since: Option<Instant>,
     pending_insert: Vec<(BlockId, u64, u64)>,
-    completions: Option<Arc<Completions>>,
     /// Whether the ingest was finished with every block submitted.
     complete: bool,
     completed: u64,
@@ -491,19 +473,14 @@ struct Coordinator {
 
 impl Coordinator {
     fn set(&mut self, idx: u64, id: BlockId) -> Result<()> {
-        self.record.set(idx, id, self.ctx.block_size)?;
-        if let Some(c) = &self.completions {
-            c.done.lock().insert(idx, id);
-            c.changed.notify_all();
-        }
-        Ok(())
+        self.record.set(idx, id, self.ctx.block_size)
     }
 
     /// How much longer the pending lookups may wait for others, if at all. Not when a
     /// writer may be waiting for a block (a draft under FUSE or NBD reads back or
     /// rewrites what it handed over): that one block would wait out the linger.
     fn linger_left(&self) -> Option<Duration> {
-        if self.completions.is_some() {
+        if self.ctx.publish.is_some() {
             return None;
         }
         let since = self.pending_since?;
@@ -642,11 +619,6 @@ impl Coordinator {
                 // A hole of the source: one message, however many blocks.
                 self.stats.bytes_sparse += bytes;
                 self.record.sparse(first, count, self.ctx.block_size)?;
-                if self.completions.is_some() {
-                    for idx in first..first + count {
-                        self.set(idx, BlockId::SPARSE)?;
-                    }
-                }
                 self.completed += count;
             }
             Done::Hashed { idx, id, block } => {
@@ -681,14 +653,14 @@ fn coordinate(
     done: Receiver<Done>,
     job_tx: Sender<Job>,
     pool_tx: Sender<Vec<u8>>,
-    completions: Option<Arc<Completions>>,
     frontier: Option<Arc<Frontier>>,
 ) -> Result<IngestResult> {
-    let record = match (&ctx.ordered, frontier) {
-        (Some(o), Some(f)) => {
+    let record = match (&ctx.ordered, frontier, &ctx.publish) {
+        (Some(o), Some(f), _) => {
             Record::Ordered(Box::new(Ordered::new(IndexWriter::new(&o.dir, o.modes, ctx.block_size)?, f)))
         }
-        _ => Record::Map(Entries::default()),
+        (_, _, Some(p)) => Record::Published(p.clone()),
+        _ => return Err(Error::Other("an ingest needs an index to write or ids to publish".into())),
     };
     let mut c = Coordinator {
         ctx,
@@ -700,7 +672,6 @@ fn coordinate(
         pending_lookup: Vec::new(),
         pending_since: None,
         pending_insert: Vec::new(),
-        completions,
         complete: true,
         completed: 0,
         in_store: 0,
@@ -833,7 +804,7 @@ impl Repository {
             workers: self.config.workers,
             writers: self.config.writers_for(storage)?,
             session,
-            publish: false,
+            publish: None,
             after_hash: self.after_hash.clone(),
             ordered: None,
         })
@@ -1073,7 +1044,7 @@ impl Repository {
         let r = ingest.finish()?;
         match r.recorded {
             Recorded::Index(w) => Ok((w, r.stats)),
-            Recorded::Map(_) => Err(Error::Other("the backup's ingest recorded a map, not its index".into())),
+            Recorded::Published(_) => Err(Error::Other("the backup's ingest recorded a map, not its index".into())),
         }
     }
 }

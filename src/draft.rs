@@ -8,16 +8,21 @@
 //! few blocks (buffers from the ingest's pool, which bounds memory), then in a sparse
 //! spool file under the repository, itself bounded (past the bound the oldest blocks are
 //! handed over; a later write to such a block reads it back).
+//!
+//! Nothing is held in memory for a block once it is handed over: which blocks were
+//! touched are bitmaps ([`Slots`]), their ids a sparse file ([`Published`]). Writing a
+//! 200 TB image costs the spool and 32 bytes of spool disk a block, not a map of it.
 
 use crate::backup::{BackupOptions, Ingest};
 use crate::block::BlockId;
 use crate::error::{Error, Result};
 use crate::image::Image;
-use crate::index::block_count;
+use crate::index::{BlockSet, block_count};
+use crate::record::Published;
 use crate::repo::{Repository, SessionGuard};
 use crate::version::{Version, VersionUid};
 use lru::LruCache;
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
@@ -34,6 +39,65 @@ enum Slot {
     Submitted,
     /// All zeros, whatever the base holds (cut off by a truncate).
     Zero,
+}
+
+/// The slot of every block a draft touched. Spooled blocks (bounded by the spool) are
+/// listed one by one; the rest are two bitmaps, a quarter of a byte a block each.
+#[derive(Default)]
+struct Slots {
+    /// Spooled or submitted blocks.
+    data: BlockSet,
+    /// Blocks cut off by a truncate.
+    zero: BlockSet,
+    /// The spooled ones among `data`.
+    spooled: BTreeSet<u64>,
+}
+
+impl Slots {
+    fn get(&self, idx: u64) -> Option<Slot> {
+        if self.spooled.contains(&idx) {
+            Some(Slot::Spooled)
+        } else if self.data.contains(idx) {
+            Some(Slot::Submitted)
+        } else if self.zero.contains(idx) {
+            Some(Slot::Zero)
+        } else {
+            None
+        }
+    }
+
+    fn set(&mut self, idx: u64, slot: Slot) {
+        match slot {
+            Slot::Spooled => {
+                self.spooled.insert(idx);
+                self.data.insert(idx);
+                self.zero.remove(idx);
+            }
+            Slot::Submitted => {
+                self.spooled.remove(&idx);
+                self.data.insert(idx);
+                self.zero.remove(idx);
+            }
+            Slot::Zero => {
+                self.spooled.remove(&idx);
+                self.data.remove(idx);
+                self.zero.insert(idx);
+            }
+        }
+    }
+
+    fn contains(&self, idx: u64) -> bool {
+        self.data.contains(idx) || self.zero.contains(idx)
+    }
+
+    /// The first touched block at or after `from`, and its slot.
+    fn next_at(&self, from: u64) -> Option<(u64, Slot)> {
+        let i = match (self.data.next_at(from), self.zero.next_at(from)) {
+            (Some(d), Some(z)) => d.min(z),
+            (d, z) => d.or(z)?,
+        };
+        Some((i, self.get(i)?))
+    }
 }
 
 pub struct DraftOptions {
@@ -235,9 +299,11 @@ pub struct Draft {
     storage: crate::storage::SharedStorage,
     bs: u64,
     size: u64,
-    /// The blocks this draft touched, in block order (ranges of them are asked for:
-    /// SEEK_DATA, a truncate, the commit).
-    slots: BTreeMap<u64, Slot>,
+    /// The blocks this draft touched (ranges of them are asked for: SEEK_DATA, a
+    /// truncate, the commit).
+    slots: Slots,
+    /// The ids of the blocks handed to the ingest.
+    published: Arc<Published>,
     spool: Spool,
     ingest: Option<Ingest>,
     streaming: bool,
@@ -280,7 +346,8 @@ impl Draft {
         let (uid, storage, bs) = repo.begin_version(&backup, size, session.id)?;
         let mut ctx = repo.ingest_context(&storage, bs, session.id)?;
         let storage = ctx.storage.clone();
-        ctx.publish = true;
+        let published = Arc::new(Published::new(&repo.config.home.join("spool"), repo.config.modes)?);
+        ctx.publish = Some(published.clone());
         let ingest = Ingest::start(ctx);
         let spool = Spool {
             mem: LruCache::unbounded(),
@@ -302,7 +369,8 @@ impl Draft {
             storage,
             bs: bs as u64,
             size,
-            slots: BTreeMap::new(),
+            slots: Slots::default(),
+            published,
             spool,
             ingest: Some(ingest),
             streaming: opts.streaming,
@@ -359,16 +427,16 @@ impl Draft {
         let from = offset / self.bs;
         // The first touched block that holds data, and the first block of the base that
         // holds data and nothing touched: the earlier of the two.
-        let touched = self.slots.range(from..blocks).find(|(_, s)| **s != Slot::Zero).map(|(i, _)| *i);
+        let touched = self.slots.data.next_at(from).filter(|&i| i < blocks);
         let base = self.base.as_ref().and_then(|b| {
             let end = self.base_cut.min(blocks).min(b.index().len()).min(touched.unwrap_or(u64::MAX));
             let mut at = from;
             loop {
                 let (i, _) = b.index().data_in(at..end).next()?;
-                match self.slots.get(&i) {
-                    Some(Slot::Zero) => at = i + 1,
-                    _ => return Some(i),
+                if !self.slots.zero.contains(i) {
+                    return Some(i);
                 }
+                at = i + 1;
             }
         });
         let first = match (touched, base) {
@@ -380,7 +448,7 @@ impl Draft {
         let last = until.div_ceil(self.bs).clamp(first + 1, blocks);
         let mut end = first + 1;
         while end < last {
-            let next = self.slots.range(end..last).next().map(|(i, s)| (*i, *s));
+            let next = self.slots.next_at(end).filter(|(i, _)| *i < last);
             let gap_end = next.map_or(last, |(i, _)| i);
             let run_end = self.base_run_end(end, gap_end);
             if run_end < gap_end {
@@ -431,7 +499,7 @@ impl Draft {
         let idx = offset / self.bs;
         let end = offset.checked_add(len as u64)?;
         let inside_block = (offset % self.bs) + len as u64 <= self.bs;
-        let untouched = !self.slots.contains_key(&idx) && idx < self.base_cut;
+        let untouched = !self.slots.contains(idx) && idx < self.base_cut;
         (inside_block && untouched && end <= self.size && end <= base.size()).then(|| base.clone())
     }
 
@@ -468,7 +536,7 @@ impl Draft {
 
     /// Brings block `idx` into the spool; `whole` says the caller overwrites all of it.
     fn prepare(&mut self, idx: u64, whole: bool) -> Result<()> {
-        let slot = self.slots.get(&idx).copied();
+        let slot = self.slots.get(idx);
         if slot == Some(Slot::Spooled) {
             return Ok(());
         }
@@ -484,12 +552,9 @@ impl Draft {
             self.load_block(idx, slot, &mut b)?;
             content = Some(b);
         }
-        if slot == Some(Slot::Submitted) {
-            self.ingest()?.forget_completed(idx);
-        }
         let ingest = self.ingest.as_ref().ok_or_else(|| Error::Other("draft already committed".into()))?;
         self.spool.insert(idx, ingest, content.as_deref())?;
-        self.slots.insert(idx, Slot::Spooled);
+        self.slots.set(idx, Slot::Spooled);
         Ok(())
     }
 
@@ -500,7 +565,7 @@ impl Draft {
         let len = (self.size.saturating_sub(idx * self.bs)).min(self.bs) as usize;
         buf.truncate(len);
         ingest.submit(idx, buf)?;
-        self.slots.insert(idx, Slot::Submitted);
+        self.slots.set(idx, Slot::Submitted);
         Ok(())
     }
 
@@ -555,7 +620,7 @@ impl Draft {
             let idx = pos / self.bs;
             let within = (pos % self.bs) as usize;
             let n = (bs - within).min(len - done);
-            let slot = self.slots.get(&idx).copied();
+            let slot = self.slots.get(idx);
             if slot == Some(Slot::Spooled) && self.spool.contains(idx) {
                 self.spool.read(idx, within, &mut out[done..done + n])?;
             } else {
@@ -575,21 +640,19 @@ impl Draft {
             let first_gone = new.div_ceil(self.bs);
             // Only blocks the draft holds need work (the base's are cut by `base_cut`):
             // a truncate costs what was written, not the size cut off.
-            let held: Vec<u64> = self.slots.range(first_gone..).map(|(i, _)| *i).collect();
-            for idx in held {
-                match self.slots.get(&idx).copied() {
-                    Some(Slot::Spooled) => {
-                        let ingest =
-                            self.ingest.as_ref().ok_or_else(|| Error::Other("draft already committed".into()))?;
-                        self.spool.discard(idx, ingest);
-                    }
-                    Some(Slot::Submitted) => {
-                        self.ingest()?.wait_completed(idx)?;
-                        self.ingest()?.forget_completed(idx);
-                    }
-                    _ => {}
+            // Those already cut stay so; a submitted block's id is forgotten once
+            // recorded, so that what the draft holds counts only what it keeps.
+            let mut at = first_gone;
+            while let Some(idx) = self.slots.data.next_at(at) {
+                at = idx + 1;
+                if self.slots.get(idx) == Some(Slot::Spooled) {
+                    let ingest = self.ingest.as_ref().ok_or_else(|| Error::Other("draft already committed".into()))?;
+                    self.spool.discard(idx, ingest);
+                } else {
+                    self.ingest()?.wait_completed(idx)?;
+                    self.published.clear(idx, self.bs as u32)?;
                 }
-                self.slots.insert(idx, Slot::Zero);
+                self.slots.set(idx, Slot::Zero);
             }
             self.base_cut = self.base_cut.min(first_gone);
             let tail = (new % self.bs) as usize;
@@ -611,14 +674,14 @@ impl Draft {
     /// until every block is durable and commits the index.
     pub fn commit(mut self) -> Result<Version> {
         let n = block_count(self.size, self.bs as u32);
-        let spooled: Vec<u64> = self.slots.iter().filter(|(_, s)| **s == Slot::Spooled).map(|(i, _)| *i).collect();
+        let spooled: Vec<u64> = self.slots.spooled.iter().copied().collect();
         for idx in spooled {
             if idx < n {
                 self.submit(idx)?;
             } else {
                 let ingest = self.ingest.as_ref().ok_or_else(|| Error::Other("draft already committed".into()))?;
                 self.spool.discard(idx, ingest);
-                self.slots.insert(idx, Slot::Zero);
+                self.slots.set(idx, Slot::Zero);
             }
         }
         // A base block that was the base's short last block, or that is now longer or
@@ -626,7 +689,7 @@ impl Draft {
         if let Some(base) = self.base.clone() {
             let base_blocks = base.index().len();
             for idx in [base_blocks.saturating_sub(1), n.saturating_sub(1)] {
-                if idx < n && idx < base_blocks && !self.slots.contains_key(&idx) && !self.base_id(idx).is_sparse() {
+                if idx < n && idx < base_blocks && !self.slots.contains(idx) && !self.base_id(idx).is_sparse() {
                     let new_len = (self.size - idx * self.bs).min(self.bs);
                     if base.index().block_len(idx) != new_len {
                         self.prepare(idx, false)?;
@@ -637,28 +700,34 @@ impl Draft {
         }
         let ingest = self.ingest.take().ok_or_else(|| Error::Other("draft already committed".into()))?;
         let result = ingest.finish()?;
-        let crate::record::Recorded::Map(ingested) = &result.recorded else {
-            return Err(Error::Other("a draft's ingest recorded no map".into()));
+        let crate::record::Recorded::Published(_) = &result.recorded else {
+            return Err(Error::Other("a draft's ingest published no ids".into()));
         };
         // The index goes into its file in block order, as a backup's does: the base's
         // data blocks (read from its mapped index, holes skipped) merged with the blocks
         // this draft touched. No map of the whole image is built: a few blocks written
         // to a mounted 200 TB version cost what they wrote, not the version's size.
-        let touched: Vec<u64> = self.slots.range(..n).map(|(i, _)| *i).collect();
         let mut index = self.repo.index_writer(self.bs as u32)?;
-        let mut written = touched.iter().copied().peekable();
-        let push_written = |idx: u64, index: &mut crate::index::IndexWriter| match self.slots.get(&idx) {
-            Some(Slot::Submitted) => index.push(idx, ingested.get(idx)),
+        let mut at = 0;
+        let mut written = std::iter::from_fn(|| {
+            let (i, slot) = self.slots.next_at(at).filter(|(i, _)| *i < n)?;
+            at = i + 1;
+            Some((i, slot))
+        })
+        .peekable();
+        let mut ids = self.published.reader();
+        let mut push_written = |(idx, slot): (u64, Slot), index: &mut crate::index::IndexWriter| match slot {
+            Slot::Submitted => index.push(idx, ids.get(idx)?),
             _ => Ok(()),
         };
         if let Some(base) = &self.base {
             let end = self.base_cut.min(n).min(base.index().len());
             for (idx, id) in base.index().data_in(0..end) {
-                while let Some(w) = written.next_if(|&w| w < idx) {
+                while let Some(w) = written.next_if(|w| w.0 < idx) {
                     push_written(w, &mut index)?;
                 }
-                if written.next_if_eq(&idx).is_some() {
-                    push_written(idx, &mut index)?;
+                if let Some(w) = written.next_if(|w| w.0 == idx) {
+                    push_written(w, &mut index)?;
                 } else {
                     index.push(idx, id)?;
                 }

@@ -11,9 +11,11 @@ use sha2::{Digest, Sha256};
 use std::io::Read;
 use std::ops::Range;
 
+mod blockset;
 mod entries;
 mod mapped;
 mod writer;
+pub use blockset::BlockSet;
 pub use entries::Entries;
 pub use mapped::{MappedBuilder, MappedIndex};
 pub use writer::{IndexFile, IndexFileReader, IndexWriter, KeptIndex, RUN_MAX, Runs, Tee};

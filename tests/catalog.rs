@@ -535,3 +535,58 @@ fn a_host_taken_for_dead_cannot_commit_what_a_cleanup_took_from_under_it() {
     repo.ok_cfg(&["restore", &uid, &format!("file://{}", restored.display())]);
     assert_eq!(sha256_file(&restored), sha256_file(&repo.path("img")));
 }
+
+/// A version's index on its way to the catalog (a `metadata import` over a slow network,
+/// here stalled after its first piece: a test build's fault point) holds up no other
+/// host: it is sent before the write lock is taken, so a label change of another version
+/// commits meanwhile. The import, killed there, leaves nothing behind; run again, it
+/// brings the version back whole.
+#[test]
+fn an_index_on_its_way_to_the_catalog_holds_up_no_other_writer() {
+    let pg = PgServer::start();
+    let url = pg.url(&pg.create_db("staged"));
+    let repo = config_repo(&url);
+    std::fs::write(repo.path("img"), mixed_image(6, 8, BS, 10)).unwrap();
+    let src = repo.url("img");
+    let v1 = repo.ok_cfg(&["backup", &src, "vm", "-b", "64k"]).trim().to_string();
+    let v2 = repo.ok_cfg(&["backup", &src, "vm", "-b", "64k"]).trim().to_string();
+    let doc = repo.path("v1.json").display().to_string();
+    repo.ok_cfg(&["metadata", "export", &v1, &doc]);
+    repo.ok_cfg(&["rm", "--force", &v1]);
+
+    let cfg = repo.config_file();
+    let mut import = repo
+        .command(&["--config", &cfg, "metadata", "import", &doc])
+        .env("KEEPFS_TEST_INDEX_SEND_STALL_MS", "300000")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut watch = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+    common::mount::wait_until("the import to send its index", std::time::Duration::from_secs(120), || {
+        watch
+            .query_one("SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'COPY staged_index%'", &[])
+            .map(|r| r.get::<_, i64>(0))
+            .unwrap_or(0)
+            > 0
+    });
+    // Another writer, while the index is half sent.
+    let r = repo.run_cfg(&["label", &v2, "k=v"]);
+    assert_eq!(r.code, 0, "a label change waited for an index being sent: {}", r.stderr);
+    assert!(import.try_wait().unwrap().is_none(), "the import ended before the label change: nothing was shown");
+
+    import.kill().unwrap();
+    import.wait().unwrap();
+    let ls = ls_json(&repo, &[("KEEPFS_DATABASE", &url)]);
+    let uids: Vec<&str> = ls.as_array().unwrap().iter().map(|v| v["uid"].as_str().unwrap()).collect();
+    assert_eq!(uids, vec![v2.as_str()], "a killed import left a version behind");
+    assert_eq!(ls[0]["labels"]["k"], "v");
+    let v1_num: i64 = v1.trim_start_matches('V').parse().unwrap();
+    assert!(pg_indexes(&url).iter().all(|(uid, _)| *uid != v1_num), "a killed import left an index behind");
+
+    let imported = repo.ok_cfg(&["metadata", "import", &doc]);
+    assert_eq!(imported.trim(), v1);
+    let out = repo.path("out");
+    repo.ok_cfg(&["restore", &v1, &format!("file://{}", out.display())]);
+    assert_eq!(sha256_file(&out), sha256_file(&repo.path("img")));
+}

@@ -374,9 +374,22 @@ fn copy_index(index: IndexBytes<'_>, mut write: impl FnMut(&[u8], u64) -> Result
             .read_exact(&mut buf[..n])
             .map_err(|e| crate::error::Error::io("cannot read the block index to record it", e))?;
         write(&buf[..n], at)?;
+        if at == 0 {
+            stall_sending_index();
+        }
         at += n as u64;
     }
     Ok(())
+}
+
+/// Test builds only: `KEEPFS_TEST_INDEX_SEND_STALL_MS` stalls an index being recorded
+/// after its first piece is sent: a slow network, which no real part shows on demand
+/// (tests/catalog.rs has other hosts write meanwhile, then kills the sender there).
+fn stall_sending_index() {
+    #[cfg(debug_assertions)]
+    if let Some(ms) = std::env::var("KEEPFS_TEST_INDEX_SEND_STALL_MS").ok().and_then(|v| v.parse::<u64>().ok()) {
+        std::thread::sleep(std::time::Duration::from_millis(ms));
+    }
 }
 
 /// Everything the engine records, behind one interface. Methods that take `&self` may

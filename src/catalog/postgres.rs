@@ -129,11 +129,40 @@ pub fn redact(url: &str) -> String {
 /// client's (a refused or timed-out connection).
 /// Writes one row of `version_index` with a binary COPY, the index read as it is sent.
 fn copy_index_in(tx: &mut Transaction<'_>, uid: i64, index: IndexBytes<'_>) -> Result<()> {
+    copy_index_into(tx, "version_index", uid, index)
+}
+
+/// Sends a version's index into this connection's temporary `staged_index`, before the
+/// write lock is taken: other hosts' writers do not wait while a large index crosses the
+/// network. [`place_staged_index`] then moves it into `version_index` under the lock, on
+/// the server, in one statement. The table empties itself at the end of the transaction
+/// (committed or not).
+fn stage_index(tx: &mut Transaction<'_>, uid: i64, index: IndexBytes<'_>) -> Result<()> {
+    // Made once per connection (asked first: IF NOT EXISTS would send a notice each time).
+    if tx.query_one("SELECT to_regclass('pg_temp.staged_index') IS NULL", &[])?.get::<_, bool>(0) {
+        tx.batch_execute(
+            "CREATE TEMPORARY TABLE staged_index (uid BIGINT NOT NULL, data BYTEA NOT NULL) ON COMMIT DELETE ROWS",
+        )?;
+    }
+    copy_index_into(tx, "staged_index", uid, index)
+}
+
+/// See [`stage_index`]; under the write lock.
+fn place_staged_index(tx: &mut Transaction<'_>, uid: i64) -> Result<()> {
+    let n =
+        tx.execute("INSERT INTO version_index (uid, data) SELECT uid, data FROM staged_index WHERE uid=$1", &[&uid])?;
+    if n != 1 {
+        return Err(Error::Other(format!("the staged block index of version {} is missing", VersionUid(uid as u64))));
+    }
+    Ok(())
+}
+
+fn copy_index_into(tx: &mut Transaction<'_>, table: &str, uid: i64, index: IndexBytes<'_>) -> Result<()> {
     use std::io::Write;
     let len = i32::try_from(index.len).map_err(|_| {
         Error::Invalid(format!("a block index of {} bytes is more than a catalog value may hold", index.len))
     })?;
-    let mut w = tx.copy_in("COPY version_index (uid, data) FROM STDIN (FORMAT binary)")?;
+    let mut w = tx.copy_in(&format!("COPY {table} (uid, data) FROM STDIN (FORMAT binary)"))?;
     let io = |e: std::io::Error| Error::io("cannot send the block index to the catalog", e);
     // Signature, flags, header extension length; one row of two fields; the trailer.
     let mut head = Vec::with_capacity(40);
@@ -330,6 +359,24 @@ impl PostgresCatalog {
         let out = f(&mut tx)?;
         tx.commit()?;
         Ok(out)
+    }
+
+    /// [`Self::write`] of a version's row whose index is sent first, before the lock
+    /// ([`stage_index`]); `f` makes the row ready for it, then the index is placed.
+    fn write_with_index(
+        &self,
+        uid: i64,
+        index: IndexBytes<'_>,
+        f: impl FnOnce(&mut Transaction) -> Result<()>,
+    ) -> Result<()> {
+        let mut client = self.client()?;
+        let mut tx = client.transaction()?;
+        stage_index(&mut tx, uid, index)?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&WRITE_LOCK])?;
+        f(&mut tx)?;
+        place_staged_index(&mut tx, uid)?;
+        tx.commit()?;
+        Ok(())
     }
 
     /// The catalog's clock (ms since the epoch): every host stamps sessions, heartbeats,
@@ -876,15 +923,12 @@ impl Catalog for PostgresCatalog {
 
     fn insert_version_record(&mut self, v: &Version, index: IndexBytes<'_>) -> Result<()> {
         let storage_id = self.storage_id(&v.storage)?;
-        self.write(|tx| {
-            insert_version(tx, v, storage_id)?;
-            copy_index_in(tx, v.uid.0 as i64, index)
-        })
+        self.write_with_index(v.uid.0 as i64, index, |tx| insert_version(tx, v, storage_id))
     }
 
     fn replace_version_record(&mut self, v: &Version, index: IndexBytes<'_>) -> Result<()> {
         let storage_id = self.storage_id(&v.storage)?;
-        self.write(|tx| {
+        self.write_with_index(v.uid.0 as i64, index, |tx| {
             let row = VersionRow::new(v, storage_id);
             let uid = row.uid;
             let n = tx.execute(
@@ -903,7 +947,7 @@ impl Catalog for PostgresCatalog {
             }
             // Replaced in this transaction: readers see the old index or the new one.
             tx.execute("DELETE FROM version_index WHERE uid=$1", &[&uid])?;
-            copy_index_in(tx, uid, index)
+            Ok(())
         })
     }
 
@@ -1379,13 +1423,10 @@ impl Catalog for PostgresCatalog {
 
     fn import_version(&mut self, v: &Version, index: Option<IndexBytes<'_>>) -> Result<()> {
         let storage_id = self.storage_id(&v.storage)?;
-        self.write(|tx| {
-            insert_version(tx, v, storage_id)?;
-            match index {
-                Some(index) => copy_index_in(tx, v.uid.0 as i64, index),
-                None => Ok(()),
-            }
-        })
+        match index {
+            Some(index) => self.write_with_index(v.uid.0 as i64, index, |tx| insert_version(tx, v, storage_id)),
+            None => self.write(|tx| insert_version(tx, v, storage_id)),
+        }
     }
 
     /// PostgreSQL's autovacuum makes the space of deleted rows reusable by itself; giving

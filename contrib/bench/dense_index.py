@@ -49,6 +49,11 @@ committed when the file is closed); the mount process's RssAnon is sampled meanw
 and its highest value given: what committing a few written blocks over a large version
 costs.
 
+With --incoming, each binary mounts a fresh repository (block size 4 KiB, its file
+storage in --workdir), copies the image into `incoming/` (dd, 1 MiB writes) and waits
+for the version, committed at close: the time, the peak RSS of the mount process and
+the highest RssAnon sampled meanwhile. What a draft holds per block written.
+
 With --metadata, one repository per size is made by --new; each binary exports the
 version's metadata (`metadata export`), removes the version and imports the document
 back (`metadata import`).
@@ -65,7 +70,8 @@ runs must plan the same deletions.
 
 usage: contrib/bench/dense_index.py --new target/release/keepfs [--old OLD]
        [--sizes 256M,1G] [--workdir DIR] [--tmpfs /dev/shm]
-       [--null-only | --readers | --encrypted | --mount [--cow] | --metadata | --nbd | --cleanup]
+       [--null-only | --readers | --encrypted | --mount [--cow] | --incoming | --metadata | --nbd
+        | --cleanup]
 """
 import argparse
 import json
@@ -368,6 +374,55 @@ def mounted(binaries, size, image, workdir, cow=False):
     return results
 
 
+INCOMING_STEPS = ["dd into incoming, commit: peak", "dd into incoming, commit: highest anonymous"]
+
+
+def incoming(binary, label, size, image, workdir):
+    home = os.path.join(workdir, f"incoming-{label}-{size}")
+    shutil.rmtree(home, ignore_errors=True)
+    os.makedirs(home)
+    conf = os.path.join(home, "keepfs.toml")
+    with open(conf, "w") as f:
+        f.write('block_size = "4K"\n')
+    env = dict(os.environ, KEEPFS_HOME=home, KEEPFS_CONFIG=conf)
+    mnt = os.path.join(home, "mnt")
+    os.makedirs(mnt)
+    log = open(os.path.join(home, "mount.log"), "w")
+    p = subprocess.Popen([binary, "mount", mnt], env=env, stdout=subprocess.DEVNULL, stderr=log)
+    t = time.perf_counter()
+    while not os.path.isdir(os.path.join(mnt, "incoming")):
+        if p.poll() is not None or time.perf_counter() - t > 30:
+            sys.exit(f"{label}: mount failed: {open(log.name).read()[-300:]}")
+        time.sleep(0.05)
+    t = time.perf_counter()
+    dd = subprocess.Popen(["dd", f"if={image}", f"of={os.path.join(mnt, 'incoming', 'dense')}", "bs=1M",
+                           "status=none"])
+    top = 0
+    while True:
+        top = max(top, proc_kib(p.pid, "RssAnon"))
+        if dd.poll() is not None:
+            if dd.returncode != 0:
+                sys.exit(f"{label}: dd into incoming failed")
+            out = subprocess.run([binary, "ls", "--format", "json"], env=env, capture_output=True, text=True)
+            if out.returncode == 0:
+                vs = json.loads(out.stdout)
+                if vs and all(v["status"] == "valid" for v in vs):
+                    break
+        if time.perf_counter() - t > 1800:
+            sys.exit("the version was not committed within 30 minutes")
+        time.sleep(0.01)
+    dt = time.perf_counter() - t
+    peak = proc_kib(p.pid, "VmHWM") / 1024
+    while p.poll() is None:
+        subprocess.run(["fusermount3", "-u", mnt], stderr=subprocess.DEVNULL)
+        try:
+            p.wait(timeout=1)
+        except subprocess.TimeoutExpired:
+            pass
+    shutil.rmtree(home, ignore_errors=True)
+    return {INCOMING_STEPS[0]: (dt, peak), INCOMING_STEPS[1]: (dt, top / 1024)}
+
+
 def encrypted(binary, label, size, image, workdir):
     home = os.path.join(workdir, f"encrypted-{label}-{size}")
     shutil.rmtree(home, ignore_errors=True)
@@ -425,6 +480,7 @@ def main():
     ap.add_argument("--encrypted", action="store_true")
     ap.add_argument("--mount", action="store_true")
     ap.add_argument("--cow", action="store_true")
+    ap.add_argument("--incoming", action="store_true")
     ap.add_argument("--cleanup", action="store_true")
     ap.add_argument("--metadata", action="store_true")
     ap.add_argument("--nbd", action="store_true")
@@ -455,6 +511,8 @@ def main():
                     if label == "old":
                         continue
                     results[(label, size)] = cleanup(binary, size, image, a.workdir, a.cleanup_memory)
+                elif a.incoming:
+                    results[(label, size)] = incoming(binary, label, size, image, a.workdir)
                 elif a.encrypted:
                     results[(label, size)] = encrypted(binary, label, size, image, a.workdir)
                 else:
@@ -469,7 +527,7 @@ def main():
         cols += [f"{l}: bytes/block" for l, _ in binaries]
     print(" | ".join(cols))
     print(" | ".join("---" for _ in cols))
-    steps = (NBD_STEPS if a.nbd else METADATA_STEPS if a.metadata else CLEANUP_STEPS if a.cleanup else READER_STEPS if a.readers else ENCRYPTED_STEPS if a.encrypted else (COW_STEPS if a.cow else MOUNT_STEPS) if a.mount
+    steps = (INCOMING_STEPS if a.incoming else NBD_STEPS if a.nbd else METADATA_STEPS if a.metadata else CLEANUP_STEPS if a.cleanup else READER_STEPS if a.readers else ENCRYPTED_STEPS if a.encrypted else (COW_STEPS if a.cow else MOUNT_STEPS) if a.mount
              else STEPS[:1] if a.null_only else STEPS)
     for st in steps:
         row = [st]

@@ -297,9 +297,21 @@ impl Ingest {
     /// `token` is a buffer from [`Ingest::take_buffer`], held until the block is done.
     fn submit_mapped(&mut self, idx: u64, token: Vec<u8>, window: Arc<Window>, start: usize, len: usize) -> Result<()> {
         self.submitted += 1;
+        if let Some(p) = &self.published {
+            p.expect(idx);
+        }
         let tx = self.job_tx.as_ref().ok_or_else(|| Error::Other("ingest already finished".into()))?;
         tx.send(Job::Inspect { idx, block: Block { buf: token, mapped: Some((window, start, len)) } })
             .map_err(|_| Error::Other("the backup pipeline stopped".into()))
+    }
+
+    /// Runs of blocks are a backup's (a source's holes); a draft, which publishes what it
+    /// hands over, hands over single blocks, each of which its readers wait for.
+    fn refuse_runs_when_publishing(&self) -> Result<()> {
+        match self.published {
+            Some(_) => Err(Error::Other("a draft hands over single blocks, not runs".into())),
+            None => Ok(()),
+        }
     }
 
     /// Records block `idx` as all zeros without reading or hashing it (a hole).
@@ -316,6 +328,7 @@ impl Ingest {
     /// Records blocks `first..first + count` (`bytes` long in all) as all zeros without
     /// reading them: a hole of the source, one message however long.
     pub fn submit_zero_run(&mut self, first: u64, count: u64, bytes: u64) -> Result<()> {
+        self.refuse_runs_when_publishing()?;
         self.submitted += count;
         self.done_tx
             .send(Done::ZeroRun { first, count, bytes })
@@ -325,6 +338,7 @@ impl Ingest {
     /// Records blocks `first..first + count` as not read: sparse in what the ingest
     /// records (a differential backup fills them from its base afterwards).
     pub fn submit_not_read(&mut self, first: u64, count: u64) -> Result<()> {
+        self.refuse_runs_when_publishing()?;
         self.submitted += count;
         self.done_tx
             .send(Done::NotRead { first, count })

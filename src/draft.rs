@@ -42,7 +42,9 @@ enum Slot {
 }
 
 /// The slot of every block a draft touched. Spooled blocks (bounded by the spool) are
-/// listed one by one; the rest are two bitmaps, a quarter of a byte a block each.
+/// listed one by one; the rest are two bitmaps: a quarter of a byte a block where
+/// blocks are written together, some 64 bytes for each 256 blocks where they are
+/// scattered.
 #[derive(Default)]
 struct Slots {
     /// Spooled or submitted blocks.
@@ -516,7 +518,13 @@ impl Draft {
         let id = match slot {
             Some(Slot::Submitted) => self.ingest()?.wait_completed(idx)?,
             Some(Slot::Zero) => BlockId::SPARSE,
-            _ => self.base_id(idx),
+            // Spooled, yet not in the spool: reading its spool file failed earlier.
+            Some(Slot::Spooled) => {
+                return Err(Error::Other(format!(
+                    "block {idx} of this file was lost from its spool by an earlier error; write the file again"
+                )));
+            }
+            None => self.base_id(idx),
         };
         if !id.is_sparse() {
             // Through the base's cache where there is one (its blocks are shared).
@@ -564,9 +572,10 @@ impl Draft {
         let mut buf = self.spool.take(idx, ingest)?;
         let len = (self.size.saturating_sub(idx * self.bs)).min(self.bs) as usize;
         buf.truncate(len);
-        ingest.submit(idx, buf)?;
+        // Handed over from here on, even if the pipeline has stopped: a reader of the
+        // block then gets the pipeline's error, not the base's bytes.
         self.slots.set(idx, Slot::Submitted);
-        Ok(())
+        ingest.submit(idx, buf)
     }
 
     /// Keeps the spool within its bound by handing over the oldest blocks.

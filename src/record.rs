@@ -169,9 +169,12 @@ impl Published {
         Error::io(format!("cannot keep block ids in {}", self.dir.display()), e)
     }
 
-    /// Block `idx` is handed over: readers of it wait until its id is recorded.
+    /// Block `idx` is handed over: readers of it wait until its id is recorded. A block
+    /// is never handed over again before its id is (the draft waits for it): two in
+    /// flight could complete out of order.
     pub fn expect(&self, idx: u64) {
-        self.in_flight.lock().insert(idx);
+        let new = self.in_flight.lock().insert(idx);
+        debug_assert!(new, "block {idx} handed over while in flight");
     }
 
     /// The id recorded for `idx` (sparse where none was).
@@ -192,6 +195,9 @@ impl Published {
 
     fn write(&self, idx: u64, id: BlockId, block_size: u32) -> Result<()> {
         let old = self.get(idx)?;
+        if old.is_sparse() && id.is_sparse() {
+            return Ok(()); // a hole stays a hole: zeros written take no spool disk
+        }
         self.file.write_all_at(&id.0, idx * ID_LEN as u64).map_err(|e| self.io_error(e))?;
         match (old.is_sparse(), id.is_sparse()) {
             (true, false) => {
@@ -366,6 +372,10 @@ mod tests {
         let got: Vec<BlockId> = [3u64, 4, 5000, 69_999, 70_000].iter().map(|&i| r.get(i).unwrap()).collect();
         let want = [id(3), id(2), BlockId::SPARSE, BlockId::SPARSE, id(4)];
         assert_eq!(got, want);
+        // Zeros over a hole write nothing: an all-zero image takes no spool disk.
+        p.expect(5);
+        p.put(5, BlockId::SPARSE, 4096).unwrap();
+        assert_eq!(p.file.metadata().unwrap().len(), 0);
         // A block in flight is waited for; a failed ingest ends the wait with its error.
         p.expect(8);
         let e = p.wait(8, || Some(Error::Other("stopped".into()))).unwrap_err();

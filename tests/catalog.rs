@@ -565,7 +565,7 @@ fn an_index_on_its_way_to_the_catalog_holds_up_no_other_writer() {
     let mut watch = postgres::Client::connect(&url, postgres::NoTls).unwrap();
     common::mount::wait_until("the import to send its index", std::time::Duration::from_secs(120), || {
         watch
-            .query_one("SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'COPY staged_index%'", &[])
+            .query_one("SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'COPY pg_temp.staged_index%'", &[])
             .map(|r| r.get::<_, i64>(0))
             .unwrap_or(0)
             > 0

@@ -139,18 +139,21 @@ fn copy_index_in(tx: &mut Transaction<'_>, uid: i64, index: IndexBytes<'_>) -> R
 /// (committed or not).
 fn stage_index(tx: &mut Transaction<'_>, uid: i64, index: IndexBytes<'_>) -> Result<()> {
     // Made once per connection (asked first: IF NOT EXISTS would send a notice each time).
+    // Named with its schema: a table of that name elsewhere on the search path is not it.
     if tx.query_one("SELECT to_regclass('pg_temp.staged_index') IS NULL", &[])?.get::<_, bool>(0) {
         tx.batch_execute(
             "CREATE TEMPORARY TABLE staged_index (uid BIGINT NOT NULL, data BYTEA NOT NULL) ON COMMIT DELETE ROWS",
         )?;
     }
-    copy_index_into(tx, "staged_index", uid, index)
+    copy_index_into(tx, "pg_temp.staged_index", uid, index)
 }
 
 /// See [`stage_index`]; under the write lock.
 fn place_staged_index(tx: &mut Transaction<'_>, uid: i64) -> Result<()> {
-    let n =
-        tx.execute("INSERT INTO version_index (uid, data) SELECT uid, data FROM staged_index WHERE uid=$1", &[&uid])?;
+    let n = tx.execute(
+        "INSERT INTO version_index (uid, data) SELECT uid, data FROM pg_temp.staged_index WHERE uid=$1",
+        &[&uid],
+    )?;
     if n != 1 {
         return Err(Error::Other(format!("the staged block index of version {} is missing", VersionUid(uid as u64))));
     }

@@ -459,7 +459,64 @@ fn rewrap(storage: &dyn crate::storage::Storage, key: &str, bytes: &[u8], prefix
     }
 }
 
+/// Bytes of a large object read at a time when rekey copies it through a spool file.
+const REWRAP_PIECE: u64 = 8 << 20;
+
 impl Repository {
+    /// Rewraps the header of the large object `key` (`size` bytes as listed, its header
+    /// `head_len` bytes): it is copied into an unnamed spool file a piece at a time, its
+    /// new header computed from the copy's own, and stored from the file (temp + rename
+    /// on a file storage, a streamed PUT on S3). Some(true): rewrapped; Some(false):
+    /// already current; None: gone. An object whose length changed while it was copied
+    /// (written anew meanwhile) is an error to run rekey again for, never stored torn.
+    fn rewrap_large(
+        &self,
+        storage: &dyn crate::storage::Storage,
+        key: &str,
+        size: u64,
+        head_len: u64,
+    ) -> Result<Option<bool>> {
+        use std::io::{Read, Seek, Write};
+        let dir = self.config.home.join("spool");
+        let io = |e| Error::io(format!("cannot copy version object {key} into {}", dir.display()), e);
+        self.config.modes.create_dir_all(&dir).map_err(io)?;
+        let mut file = tempfile::tempfile_in(&dir).map_err(io)?;
+        let mut at = 0u64;
+        while at < size {
+            let piece = match retry(4, || storage.get_range(key, at, REWRAP_PIECE.min(size - at))) {
+                Err(StorageError::NotFound { .. }) => return Ok(None),
+                other => other?,
+            };
+            if piece.is_empty() {
+                break;
+            }
+            file.write_all(&piece).map_err(io)?;
+            at += piece.len() as u64;
+        }
+        let beyond = match retry(4, || storage.get_range(key, size, 1)) {
+            Err(StorageError::NotFound { .. }) => return Ok(None),
+            other => other?,
+        };
+        if at != size || !beyond.is_empty() || size < head_len {
+            return Err(Error::Other(format!(
+                "version object {key} changed while key rekey copied it (listed with {size} bytes); run `keepfs key rekey` again"
+            )));
+        }
+        let mut head = vec![0u8; head_len as usize];
+        file.seek(std::io::SeekFrom::Start(0)).map_err(io)?;
+        file.read_exact(&mut head).map_err(io)?;
+        let Some(prefix) = new_header(storage.codec(), key, &head)? else { return Ok(Some(false)) };
+        let rest = size - prefix.len() as u64;
+        let object = crate::storage::LargeObject {
+            pieces: vec![
+                crate::storage::Piece::Bytes(&prefix),
+                crate::storage::Piece::File { file: &file, offset: prefix.len() as u64, len: rest },
+            ],
+        };
+        retry(4, || storage.put_large(key, &object))?;
+        Ok(Some(true))
+    }
+
     fn read_keyring(&self, name: &str, raw: &SharedStorage) -> Result<Option<Keyring>> {
         match retry(4, || raw.get(KEYRING_KEY)) {
             Ok(b) => Ok(Some(Keyring::parse(&b, name)?)),
@@ -683,7 +740,18 @@ impl Repository {
                 }
                 continue;
             }
-            // Only this copy: the whole object is read, and its header rewrapped.
+            // Only this copy: its header is rewrapped. A large one (another catalog's
+            // version of a 200 TB image, say) goes through a spool file, never whole in
+            // memory.
+            if crate::version_object::may_be_streamed(entry.size) {
+                match self.rewrap_large(storage.as_ref(), &key, entry.size, want)? {
+                    Some(true) => rewrapped += 1,
+                    Some(false) => already += 1,
+                    None => gone += 1,
+                }
+                continue;
+            }
+            // A small one is read whole.
             let Some(bytes) = fresh_or_gone(storage.as_ref(), &key)? else {
                 gone += 1;
                 continue;

@@ -267,6 +267,46 @@ fn tampering_is_detected_on_restore_and_deep_scrub() {
     assert!(r.stderr.contains("is not encrypted but its storage is"), "{}", r.stderr);
 }
 
+/// A large version object the catalog does not know (another catalog's; large because
+/// the threshold is lowered to nothing for the test) is rewrapped through a spool file
+/// by `key rekey`, not read whole: its header moves to the new key, its sealed payload
+/// stays byte for byte, nothing is left in the spool, and the old key can go.
+#[test]
+fn a_large_version_object_of_another_catalog_is_rewrapped_through_a_spool_file() {
+    let e = Enc::new();
+    let repo = &e.repo;
+    fs::write(repo.path("a"), mixed_image(85, 12, BS, 0)).unwrap();
+    let v1 = e.backup("a", "r");
+    let versions = repo.storage().join("versions");
+    let foreign = fs::read(versions.join(&v1)).unwrap();
+    fs::write(versions.join("V0000000999"), &foreign).unwrap();
+    let pass = repo.path("pass");
+    fs::write(&pass, "another long passphrase\n").unwrap();
+    e.ok(&["key", "rotate", "--new-passphrase-file", pass.to_str().unwrap()]);
+    let env = [("KEEPFS_PASSPHRASE", "another long passphrase"), ("KEEPFS_TEST_STREAMED_INDEX", "0")];
+    let ok = |args: &[&str]| {
+        let r = e.run_with(&env, args);
+        assert_eq!(r.code, 0, "{args:?}: {}", r.stderr);
+        r.stdout
+    };
+    let keys: serde_json::Value = serde_json::from_str(&ok(&["key", "list", "--format", "json"])).unwrap();
+    let (old, new) = (keys[0]["id"].as_str().unwrap().to_string(), keys[1]["id"].as_str().unwrap().to_string());
+    assert_eq!(hex::encode(&foreign[72..80]), old);
+
+    ok(&["key", "rekey"]);
+    let after = fs::read(versions.join("V0000000999")).unwrap();
+    assert_eq!(after.len(), foreign.len());
+    assert_eq!(hex::encode(&after[72..80]), new, "the foreign version object is under the new key");
+    assert_eq!(after[152..], foreign[152..], "its sealed payload is untouched");
+    let spool = repo.home().join("spool");
+    assert_eq!(fs::read_dir(&spool).map(|d| d.count()).unwrap_or(0), 0, "{spool:?}");
+    ok(&["key", "remove", &old]);
+    ok(&["deep-scrub", &v1]);
+    let out = repo.path("o");
+    ok(&["restore", &v1, &repo.url("o")]);
+    assert_eq!(sha256_file(&out), sha256_file(&repo.path("a")));
+}
+
 #[test]
 fn keys_rotate_rekey_and_the_old_key_goes() {
     let e = Enc::new();

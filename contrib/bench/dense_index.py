@@ -317,6 +317,16 @@ def proc_kib(pid, field):
     return 0
 
 
+def unmount(p, mnt):
+    """Unmounts `mnt` and waits for its mount process `p` to end."""
+    while p.poll() is None:
+        subprocess.run(["fusermount3", "-u", mnt], stderr=subprocess.DEVNULL)
+        try:
+            p.wait(timeout=1)
+        except subprocess.TimeoutExpired:
+            pass
+
+
 def cow_commit(binary, env, p, data, mnt):
     """Writes 16 blocks into the mounted version's `data` and waits for the copy-on-write
     version to be committed (on close); returns (seconds, highest RssAnon in MiB seen
@@ -362,12 +372,7 @@ def mounted(binaries, size, image, workdir, cow=False):
             subprocess.run(["cat", data], stdout=subprocess.DEVNULL, check=True)
             dt = time.perf_counter() - t
             peak, anon = proc_kib(p.pid, "VmHWM") / 1024, proc_kib(p.pid, "RssAnon") / 1024
-        while p.poll() is None:
-            subprocess.run(["fusermount3", "-u", mnt], stderr=subprocess.DEVNULL)
-            try:
-                p.wait(timeout=1)
-            except subprocess.TimeoutExpired:
-                pass
+        unmount(p, mnt)
         names = COW_STEPS if cow else MOUNT_STEPS
         results[label] = {names[0]: (dt, peak), names[1]: (dt, anon)}
     shutil.rmtree(home, ignore_errors=True)
@@ -413,12 +418,7 @@ def incoming(binary, label, size, image, workdir):
         time.sleep(0.01)
     dt = time.perf_counter() - t
     peak = proc_kib(p.pid, "VmHWM") / 1024
-    while p.poll() is None:
-        subprocess.run(["fusermount3", "-u", mnt], stderr=subprocess.DEVNULL)
-        try:
-            p.wait(timeout=1)
-        except subprocess.TimeoutExpired:
-            pass
+    unmount(p, mnt)
     shutil.rmtree(home, ignore_errors=True)
     return {INCOMING_STEPS[0]: (dt, peak), INCOMING_STEPS[1]: (dt, top / 1024)}
 

@@ -19,7 +19,7 @@ use crate::transform::Codec;
 use crate::version::{Stats, Version, VersionUid, check_label, check_name, check_snapshot};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError, bounded, unbounded};
 use parking_lot::Mutex;
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::JoinHandle;
@@ -474,6 +474,10 @@ struct Coordinator {
     /// Ids this ingest is storing and has not recorded yet: later copies only reference
     /// them (once recorded, the catalog's lookup finds them).
     seen: HashSet<BlockId>,
+    /// Ids being encoded and stored (not stored yet), each with the blocks found to be
+    /// copies of it meanwhile whose completion waits for it when publishing: a reader
+    /// of such a copy must find its object.
+    storing: HashMap<BlockId, Vec<u64>>,
     pending_lookup: Vec<(u64, BlockId, Block)>,
     /// When the oldest pending lookup arrived.
     pending_since: Option<Instant>,
@@ -519,11 +523,15 @@ impl Coordinator {
             let len = block.data().len() as u64;
             if self.seen.contains(&id) || present.contains(&id) {
                 self.stats.bytes_deduplicated += len;
-                self.set(idx, id)?;
+                match self.storing.get_mut(&id) {
+                    Some(copies) if self.ctx.publish.is_some() => copies.push(idx),
+                    _ => self.set(idx, id)?,
+                }
                 self.completed += 1;
                 let _ = self.pool_tx.send(block.buf);
             } else {
                 self.seen.insert(id);
+                self.storing.insert(id, Vec::new());
                 self.in_store += 1;
                 self.job_tx
                     .send(Job::Encode { idx, id, block })
@@ -610,6 +618,9 @@ impl Coordinator {
         self.stats.bytes_written += plain_len;
         self.stats.bytes_stored += stored_len;
         self.set(idx, id)?;
+        for copy in self.storing.remove(&id).unwrap_or_default() {
+            self.set(copy, id)?;
+        }
         self.completed += 1;
         self.in_store -= 1;
         self.pending_insert.push((id, stored_len, plain_len));
@@ -683,6 +694,7 @@ fn coordinate(
         record,
         stats: Stats::default(),
         seen: HashSet::new(),
+        storing: HashMap::new(),
         pending_lookup: Vec::new(),
         pending_since: None,
         pending_insert: Vec::new(),

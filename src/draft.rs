@@ -117,7 +117,8 @@ pub struct DraftOptions {
 struct Spool {
     mem: LruCache<u64, Vec<u8>>,
     memory_blocks: usize,
-    path: PathBuf,
+    /// Where the (unnamed) spool file is made.
+    dir: PathBuf,
     file: Option<File>,
     on_disk: HashSet<u64>,
     /// Blocks whose buffer holds stale bytes outside the ranges written so far (kept
@@ -130,20 +131,14 @@ struct Spool {
 }
 
 impl Spool {
+    /// The spool file, made on first use: unnamed, so that it goes with the process
+    /// however that ends (a `kill -9` left named ones behind for ever).
     fn file(&mut self) -> Result<&File> {
         if self.file.is_none() {
-            if let Some(dir) = self.path.parent() {
-                self.modes.create_dir_all(dir).map_err(|e| Error::io(format!("cannot create {}", dir.display()), e))?;
-            }
-            let f = self
-                .modes
-                .options()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(&self.path)
-                .map_err(|e| Error::io(format!("cannot create spool {}", self.path.display()), e))?;
+            let dir = &self.dir;
+            self.modes.create_dir_all(dir).map_err(|e| Error::io(format!("cannot create {}", dir.display()), e))?;
+            let f = tempfile::tempfile_in(dir)
+                .map_err(|e| Error::io(format!("cannot make a spool file in {}", dir.display()), e))?;
             self.file = Some(f);
         }
         self.file.as_ref().ok_or_else(|| Error::Other("spool file vanished".into()))
@@ -279,14 +274,6 @@ impl Spool {
     }
 }
 
-impl Drop for Spool {
-    fn drop(&mut self) {
-        if self.file.take().is_some() {
-            let _ = std::fs::remove_file(&self.path);
-        }
-    }
-}
-
 /// A writable image on its way to becoming a version.
 pub struct Draft {
     repo: Arc<Repository>,
@@ -354,7 +341,7 @@ impl Draft {
         let spool = Spool {
             mem: LruCache::unbounded(),
             memory_blocks: opts.memory_blocks.max(1),
-            path: repo.config.home.join("spool").join(format!("{uid}.spool")),
+            dir: repo.config.home.join("spool"),
             file: None,
             on_disk: HashSet::new(),
             stale: HashMap::new(),
@@ -725,8 +712,20 @@ impl Draft {
         })
         .peekable();
         let mut ids = self.published.reader();
+        // Bytes of the version's data blocks: the rest is sparse, as a backup counts it.
+        let (size, bs) = (self.size, self.bs);
+        let data_bytes = std::cell::Cell::new(0u64);
+        let count = |idx: u64, id: &BlockId| {
+            if !id.is_sparse() {
+                data_bytes.set(data_bytes.get() + (size - idx * bs).min(bs));
+            }
+        };
         let mut push_written = |(idx, slot): (u64, Slot), index: &mut crate::index::IndexWriter| match slot {
-            Slot::Submitted => index.push(idx, ids.get(idx)?),
+            Slot::Submitted => {
+                let id = ids.get(idx)?;
+                count(idx, &id);
+                index.push(idx, id)
+            }
             _ => Ok(()),
         };
         if let Some(base) = &self.base {
@@ -738,6 +737,7 @@ impl Draft {
                 if let Some(w) = written.next_if(|w| w.0 == idx) {
                     push_written(w, &mut index)?;
                 } else {
+                    count(idx, &id);
                     index.push(idx, id)?;
                 }
             }
@@ -749,6 +749,9 @@ impl Draft {
         let mut stats = result.stats;
         stats.duration_ms = self.started.elapsed().as_millis() as u64;
         stats.bytes_read = self.size;
+        // Holes never written are sparse too; blocks kept from the base are deduplicated.
+        stats.bytes_sparse = self.size - data_bytes.get().min(self.size);
+        stats.bytes_deduplicated = data_bytes.get().saturating_sub(stats.bytes_written);
         self.repo.update_draft_fields(self.uid, &self.snapshot, &self.labels)?;
         drop(result);
         self.repo.commit_version(self.uid, self._session.id, index, stats)

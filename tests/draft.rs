@@ -119,6 +119,10 @@ fn exercise(seed: u64, base: Option<Vec<u8>>, streaming: bool) {
     let v = d.commit().unwrap();
     assert_eq!(v.size, model.len() as u64);
     assert_eq!(restore(&repo, dir.path(), v.uid), model, "committed version differs from the model");
+    // Its all-zero blocks, written or holes never written, count as sparse, as a
+    // backup of the same image counts them.
+    let zero: usize = model.chunks(BS as usize).filter(|c| c.iter().all(|&b| b == 0)).map(|c| c.len()).sum();
+    assert_eq!(v.stats.bytes_sparse, zero as u64, "sparse bytes of the committed version");
     if let (Some(b), Some(uid)) = (base, base_uid) {
         assert_eq!(restore(&repo, dir.path(), uid), b, "the base version changed");
     }
@@ -143,4 +147,50 @@ fn copy_on_write_draft_matches_the_model_and_leaves_the_base_alone() {
 #[test]
 fn streaming_draft_over_a_base_matches_the_model() {
     exercise(21, Some(mixed_image(21, 20, BS as usize, 7)), true);
+}
+
+/// Blocks alike, written one after the other and read back at once (fsx with patterns,
+/// `qemu-io write -P`): the second is found as a copy of the first while the first is
+/// still being stored, and must read back once that object exists, never as missing.
+/// And a draft's spool never shows in the spool directory: a killed process leaves none.
+#[test]
+fn blocks_alike_read_back_while_the_first_is_stored_and_the_spool_has_no_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("home");
+    let (config, _db) = embedded_config(home.clone());
+    let repo = Arc::new(Repository::open(config).unwrap());
+    const ALIKE_BS: u32 = 64 << 10;
+    let spool_names = || std::fs::read_dir(home.join("spool")).map(|d| d.count()).unwrap_or(0);
+    for streaming in [true, false] {
+        let opts = DraftOptions {
+            backup: BackupOptions { name: "alike".into(), block_size: Some(ALIKE_BS), ..Default::default() },
+            base: None,
+            streaming,
+            memory_blocks: 2,
+            spool_blocks: 5,
+        };
+        let mut d = Draft::start(repo.clone(), opts).unwrap();
+        let mut model = Vec::new();
+        for round in 0..8u64 {
+            // Sixteen copies in one write (handed over together), then each read back, the
+            // last first: the copies complete before the first is stored.
+            let block = random_bytes(900 + round, ALIKE_BS as usize);
+            let start = model.len() as u64;
+            d.write_at(start, &block.repeat(16)).unwrap();
+            model.extend_from_slice(&block.repeat(16));
+            for k in (0..16).rev() {
+                let off = start + k * ALIKE_BS as u64;
+                let mut back = vec![0u8; ALIKE_BS as usize];
+                assert_eq!(d.read_at(off, &mut back).unwrap(), ALIKE_BS as usize);
+                assert!(back == block, "block at {off} read back wrong (streaming {streaming})");
+            }
+            // A partial write into a block handed over as a copy: read, then rewritten.
+            let off = model.len() as u64 - ALIKE_BS as u64 + 10;
+            d.write_at(off, b"partial").unwrap();
+            model[off as usize..off as usize + 7].copy_from_slice(b"partial");
+        }
+        assert_eq!(spool_names(), 0, "the spool file has a name in the spool directory");
+        let v = d.commit().unwrap();
+        assert_eq!(restore(&repo, dir.path(), v.uid), model);
+    }
 }

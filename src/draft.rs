@@ -136,8 +136,9 @@ impl Spool {
     fn file(&mut self) -> Result<&File> {
         if self.file.is_none() {
             let dir = &self.dir;
-            self.modes.create_dir_all(dir).map_err(|e| Error::io(format!("cannot create {}", dir.display()), e))?;
-            let f = tempfile::tempfile_in(dir)
+            let f = self
+                .modes
+                .unnamed_file(dir)
                 .map_err(|e| Error::io(format!("cannot make a spool file in {}", dir.display()), e))?;
             self.file = Some(f);
         }

@@ -479,8 +479,7 @@ impl Repository {
         use std::io::{Read, Seek, Write};
         let dir = self.config.home.join("spool");
         let io = |e| Error::io(format!("cannot copy version object {key} into {}", dir.display()), e);
-        self.config.modes.create_dir_all(&dir).map_err(io)?;
-        let mut file = tempfile::tempfile_in(&dir).map_err(io)?;
+        let mut file = self.config.modes.unnamed_file(&dir).map_err(io)?;
         let mut at = 0u64;
         while at < size {
             let piece = match retry(4, || storage.get_range(key, at, REWRAP_PIECE.min(size - at))) {

@@ -6,9 +6,9 @@
 //! never through the process umask, which can still only narrow them. Existing files and
 //! directories keep the modes they have.
 
-use std::fs::{DirBuilder, OpenOptions};
+use std::fs::{DirBuilder, File, OpenOptions, Permissions};
 use std::io;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
 /// The modes of new files and of new directories.
@@ -49,6 +49,16 @@ impl Modes {
     /// Creates `path` and any missing parents with the directory mode.
     pub fn create_dir_all(&self, path: &Path) -> io::Result<()> {
         DirBuilder::new().recursive(true).mode(self.dir).create(path)
+    }
+
+    /// A new unnamed file in `dir` (made with the directory mode if missing), gone with
+    /// the process however it ends, with the file mode: an unnamed file (O_TMPFILE) is
+    /// made with 0666 less the umask, which left spool files 0644.
+    pub fn unnamed_file(&self, dir: &Path) -> io::Result<File> {
+        self.create_dir_all(dir)?;
+        let f = tempfile::tempfile_in(dir)?;
+        f.set_permissions(Permissions::from_mode(self.file))?;
+        Ok(f)
     }
 
     /// Options that create files with the file mode (set the access flags on them).

@@ -154,8 +154,7 @@ impl Published {
     /// An empty record in `dir` (created with `modes` if need be).
     pub fn new(dir: &Path, modes: crate::perms::Modes) -> Result<Published> {
         let io = |e| Error::io(format!("cannot make a block id file in {}", dir.display()), e);
-        modes.create_dir_all(dir).map_err(io)?;
-        let file = tempfile::tempfile_in(dir).map_err(io)?;
+        let file = modes.unnamed_file(dir).map_err(io)?;
         Ok(Published {
             file,
             dir: dir.to_path_buf(),

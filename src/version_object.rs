@@ -169,7 +169,10 @@ fn seal_into_file(
     index: &IndexFile,
 ) -> std::result::Result<(Vec<u8>, std::fs::File), Sealed> {
     use std::io::{Read, Write};
-    let mut out = std::io::BufWriter::with_capacity(1 << 20, tempfile::tempfile_in(index.dir()).map_err(Sealed::Io)?);
+    let mut out = std::io::BufWriter::with_capacity(
+        1 << 20,
+        crate::perms::Modes::PRIVATE.unnamed_file(index.dir()).map_err(Sealed::Io)?,
+    );
     let mut buf = head.to_vec();
     sealing.seal(&mut buf).map_err(Sealed::Object)?;
     out.write_all(&buf).map_err(Sealed::Io)?;

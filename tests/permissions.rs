@@ -112,7 +112,21 @@ fn spool_and_read_cache_files_are_owner_only() {
     for i in 0..4u64 {
         draft.write_at(i * BS as u64 + 10, &random_bytes(i, 100)).unwrap();
     }
-    assert_owner_only(&dir.path().join("home"), &["spool/"]);
+    assert_owner_only(&dir.path().join("home"), &["home/spool"]);
+    // The spool files are unnamed (nothing outlives the process): they are this
+    // process's open files in the spool directory, owner-only too.
+    let spool = dir.path().join("home").join("spool");
+    assert_eq!(std::fs::read_dir(&spool).unwrap().count(), 0, "a spool file has a name");
+    let open: Vec<u32> = std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|e| {
+            let fd = e.ok()?.path();
+            let target = std::fs::read_link(&fd).ok()?;
+            target.starts_with(&spool).then(|| std::fs::metadata(&fd).unwrap().permissions().mode() & 0o7777)
+        })
+        .collect();
+    assert!(!open.is_empty(), "no spool file open in {}", spool.display());
+    assert!(open.iter().all(|m| m & 0o077 == 0), "spool files readable by others: {open:?}");
     draft.commit().unwrap();
     assert_owner_only(&dir.path().join("home"), &["storage/versions/V0000000002"]);
 }

@@ -223,8 +223,7 @@ pub(crate) fn write_error(dir: &Path, e: std::io::Error) -> Error {
 /// with the process however it ends, written through a buffer of 1 MiB.
 pub(crate) fn spool_file(dir: &Path, modes: crate::perms::Modes) -> Result<BufWriter<File>> {
     let io = |e| Error::io(format!("cannot make a block index file in {}", dir.display()), e);
-    modes.create_dir_all(dir).map_err(io)?;
-    Ok(BufWriter::with_capacity(1 << 20, tempfile::tempfile_in(dir).map_err(io)?))
+    Ok(BufWriter::with_capacity(1 << 20, modes.unnamed_file(dir).map_err(io)?))
 }
 
 /// A finished stored index in an unnamed file: what a version is committed with.

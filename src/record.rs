@@ -176,19 +176,26 @@ impl Published {
         debug_assert!(new, "block {idx} handed over while in flight");
     }
 
-    /// The id recorded for `idx` (sparse where none was).
-    pub fn get(&self, idx: u64) -> Result<BlockId> {
-        let mut id = [0u8; ID_LEN];
+    /// Fills `buf` with the ids from block `first` on; past the file's end they are
+    /// zeros (sparse), as in a hole.
+    fn read_ids(&self, first: u64, buf: &mut [u8]) -> Result<()> {
         let mut got = 0;
-        while got < ID_LEN {
-            match self.file.read_at(&mut id[got..], idx * ID_LEN as u64 + got as u64) {
-                Ok(0) => break, // past the end: a hole
+        while got < buf.len() {
+            match self.file.read_at(&mut buf[got..], first * ID_LEN as u64 + got as u64) {
+                Ok(0) => break,
                 Ok(n) => got += n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(self.io_error(e)),
             }
         }
-        id[got..].fill(0);
+        buf[got..].fill(0);
+        Ok(())
+    }
+
+    /// The id recorded for `idx` (sparse where none was).
+    pub fn get(&self, idx: u64) -> Result<BlockId> {
+        let mut id = [0u8; ID_LEN];
+        self.read_ids(idx, &mut id)?;
         Ok(BlockId(id))
     }
 
@@ -265,18 +272,8 @@ impl PublishedReader<'_> {
         let at = idx.wrapping_sub(self.first);
         if self.first == u64::MAX || at >= Self::WINDOW {
             self.first = idx;
-            self.ids.clear();
             self.ids.resize((Self::WINDOW as usize) * ID_LEN, 0);
-            let mut got = 0;
-            while got < self.ids.len() {
-                match self.p.file.read_at(&mut self.ids[got..], idx * ID_LEN as u64 + got as u64) {
-                    Ok(0) => break,
-                    Ok(n) => got += n,
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                    Err(e) => return Err(self.p.io_error(e)),
-                }
-            }
-            self.ids[got..].fill(0);
+            self.p.read_ids(idx, &mut self.ids)?;
         }
         let at = (idx - self.first) as usize * ID_LEN;
         let mut id = [0u8; ID_LEN];

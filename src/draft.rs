@@ -13,11 +13,12 @@
 //! touched are bitmaps ([`Slots`]), their ids a sparse file ([`Published`]). Writing a
 //! 200 TB image costs the spool and 32 bytes of spool disk a block, not a map of it.
 
-use crate::backup::{BackupOptions, Ingest};
+use crate::backup::BackupOptions;
 use crate::block::BlockId;
 use crate::error::{Error, Result};
 use crate::image::Image;
 use crate::index::{BlockSet, block_count};
+use crate::ingest::Ingest;
 use crate::record::Published;
 use crate::repo::{Repository, SessionGuard};
 use crate::version::{Version, VersionUid};

@@ -20,6 +20,7 @@ pub mod gc;
 pub mod hints;
 pub mod image;
 pub mod index;
+pub mod ingest;
 pub mod keys;
 pub mod metadata;
 pub mod metrics;

@@ -21,9 +21,9 @@ pub struct Repository {
     /// Held while a storage is unlocked, so that threads asking at once (the mount's)
     /// unlock it once (one prompt, one key derivation).
     unlocking: Mutex<()>,
-    /// Test instrumentation: see [`crate::backup::HashedHook`].
+    /// Test instrumentation: see [`crate::ingest::HashedHook`].
     #[doc(hidden)]
-    pub after_hash: Option<crate::backup::HashedHook>,
+    pub after_hash: Option<crate::ingest::HashedHook>,
 }
 
 /// A configured storage: as opened, and once its keyring (if any) is unlocked, with its

@@ -91,7 +91,7 @@ fn store_with(
     index: &IndexFile,
     streamed: u64,
 ) -> Result<()> {
-    use crate::backup::STORAGE_ATTEMPTS;
+    use crate::storage::STORAGE_ATTEMPTS;
     use crate::storage::{LargeObject, Piece, retry};
     let key = version_key(version.uid);
     let codec = storage.codec();
@@ -331,7 +331,7 @@ pub(crate) fn read_version_object(
         Err(e) => return Err(e.into()),
         Ok(Streamed::NotLarge | Streamed::Read { kept: None, .. }) => {}
     }
-    let bytes = match crate::storage::retry(crate::backup::STORAGE_ATTEMPTS, || storage.get_fresh(key)) {
+    let bytes = match crate::storage::retry(crate::storage::STORAGE_ATTEMPTS, || storage.get_fresh(key)) {
         Ok(bytes) => bytes,
         Err(StorageError::NotFound { .. }) => return Ok(Found::Missing),
         Err(e) => return Err(e.into()),
@@ -376,8 +376,8 @@ fn read_streamed_with(
     streamed: u64,
     keep: Option<Keep>,
 ) -> crate::storage::StorageResult<Streamed> {
-    use crate::backup::STORAGE_ATTEMPTS;
     use crate::block::{OBJECT_HEADER_LEN, ObjectError, parse_header};
+    use crate::storage::STORAGE_ATTEMPTS;
     use crate::storage::retry;
     use std::io::Read;
     let codec = storage.codec();
@@ -619,7 +619,7 @@ impl std::io::Read for Ranged<'_> {
             let want = (self.end - self.at).min(RANGE_PIECE);
             let last = self.at + want == self.end;
             let (storage, key, at) = (self.storage, self.key, self.at);
-            let got = crate::storage::retry(crate::backup::STORAGE_ATTEMPTS, || {
+            let got = crate::storage::retry(crate::storage::STORAGE_ATTEMPTS, || {
                 storage.get_range(key, at, want + last as u64)
             });
             let mut piece = match got {

@@ -335,6 +335,9 @@ pub trait Storage: Send + Sync {
 
 pub type SharedStorage = Arc<dyn Storage>;
 
+/// How many times a storage request is tried before its failure is final (see [`retry`]).
+pub const STORAGE_ATTEMPTS: u32 = 4;
+
 /// Calls `f` until it succeeds, fails for good, or `attempts` transient failures have
 /// happened, sleeping a little longer after each.
 pub fn retry<T>(attempts: u32, mut f: impl FnMut() -> StorageResult<T>) -> StorageResult<T> {

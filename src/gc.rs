@@ -132,6 +132,15 @@ fn file_cutoff(cutoff_ms: i64) -> SystemTime {
     t.checked_sub(FILE_TIME_SLACK).unwrap_or(UNIX_EPOCH)
 }
 
+/// Test builds only: `KEEPFS_TEST_CLAIM_STALL_MS` stalls a cleanup between registering
+/// its session and claiming the storage, so that another cleanup can claim meanwhile.
+fn stall_before_claim() {
+    #[cfg(debug_assertions)]
+    if let Some(ms) = std::env::var("KEEPFS_TEST_CLAIM_STALL_MS").ok().and_then(|v| v.parse::<u64>().ok()) {
+        std::thread::sleep(Duration::from_millis(ms));
+    }
+}
+
 /// Test builds only: `KEEPFS_TEST_CLEANUP_STALL_MS` stalls a cleanup after each mark, the
 /// state of a cleanup that stopped between marking and deleting (a fault no real part
 /// shows on demand: tests/crash.rs stops the process there, without racing it).
@@ -162,11 +171,13 @@ impl Repository {
     /// of a process that died is taken over.
     pub fn claim_cleanup(&self, storage: &str) -> Result<CleanupClaim> {
         let session = self.session("cleanup", false)?;
+        stall_before_claim();
         let name = format!("cleanup/{storage}");
-        let live = self.db().live_sessions()?;
-        let ids: Vec<i64> = live.iter().map(|s| s.id).collect();
-        if let Some(holder) = self.db().claim(&name, session.id, &ids)? {
-            let who = live
+        let holder = self.db().claim(&name, session.id)?;
+        if let Some(holder) = holder {
+            let who = self
+                .db()
+                .live_sessions()?
                 .iter()
                 .find(|s| s.id == holder)
                 .map(|s| format!("pid {} on {}", s.process.pid, s.process.host))

@@ -635,6 +635,11 @@ impl Repository {
         Ok(SessionGuard { db: self.db.clone(), id, stop_heartbeat: stop })
     }
 
+    /// The sessions working on the repository now, from any process or host.
+    pub fn live_sessions(&self) -> Result<Vec<crate::catalog::Session>> {
+        self.db.lock().live_sessions()
+    }
+
     pub(crate) fn db(&self) -> parking_lot::MutexGuard<'_, Box<dyn crate::catalog::Catalog>> {
         self.db.lock()
     }

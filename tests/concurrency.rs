@@ -170,3 +170,92 @@ fn a_killed_restore_is_continued() {
     assert_eq!(r.code, 2);
     assert!(r.error_line().contains("no interrupted restore"), "{}", r.stderr);
 }
+
+/// Two cleanups of one storage never both run, however their starts interleave: one
+/// that registered before another took the lease, and claims after it did, is refused
+/// with one line naming the holder, and deletes nothing. (It once judged the holder by
+/// a list of live sessions read before the holder existed, took the lease over, and two
+/// cleanups marked and deleted side by side.)
+#[test]
+fn a_cleanup_that_claims_after_another_took_the_lease_is_refused() {
+    let repo = Repo::new();
+    fs::write(repo.path("img"), random_bytes(31, 4 * 65536)).unwrap();
+    let v = repo.backup("img", "vm", &["-b", "64k"]);
+    repo.ok(&["rm", "--force", &v]);
+    // The first cleanup registers, then stalls before it claims.
+    let first = repo
+        .command(&["cleanup"])
+        .env("KEEPFS_TEST_CLAIM_STALL_MS", "4000")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let engine = keepfs::Repository::open(repo.engine_config()).unwrap();
+    let pid = first.id();
+    wait_until("the first cleanup's session", Duration::from_secs(60), || {
+        engine.live_sessions().unwrap().iter().any(|s| s.process.pid == pid && s.purpose == "cleanup")
+    });
+    // Meanwhile another one takes the lease (this process, through the engine).
+    let claim = engine.claim_cleanup("default").unwrap();
+    let out = first.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(4), "{stderr}");
+    let holder = format!("a cleanup of storage 'default' is running (pid {} on ", std::process::id());
+    assert!(stderr.lines().any(|l| l.starts_with("keepfs: error: ") && l.contains(&holder)), "{stderr}");
+    assert_eq!(repo.block_objects(), 4, "the refused cleanup deleted nothing");
+    drop(claim);
+    assert!(repo.ok(&["cleanup"]).contains("deleted 4 object(s)"));
+    assert_eq!(repo.block_objects(), 0);
+}
+
+/// A process in another pid namespace (a container) under the same host name holds a
+/// version. Its pid means nothing here (pid 1 here is another process), so it is judged
+/// by its heartbeat, as another host's, and not taken for dead: `rm` is refused naming
+/// it, with one warning that says why. (Sessions were judged by pid whenever the host
+/// name matched, so the version was removed under the running scrub.)
+#[test]
+fn a_session_of_another_pid_namespace_under_the_same_host_name_is_not_taken_for_dead() {
+    let unshare = ["--pid", "--fork", "--kill-child", "--mount-proc"];
+    if !std::process::Command::new("unshare").args(unshare).arg("true").status().is_ok_and(|s| s.success()) {
+        eprintln!("skipped: cannot make a pid namespace here (unshare needs root)");
+        return;
+    }
+    let repo = Repo::new();
+    fs::write(repo.path("a"), mixed_image(75, 8, 64 * 1024, 0)).unwrap();
+    let v = repo.backup("a", "db", &["-b", "64k"]);
+    // The scrub reads through a storage throttled to 4 kB/s: a 64 KiB block takes 16 s.
+    let slow_config = repo.path("slow.toml");
+    let mut top = format!("home = \"{home}\"\n", home = repo.home().display());
+    if let Some(db) = &repo.catalog {
+        top.push_str(&format!("database = \"{}\"\n", db.url));
+    }
+    fs::write(
+        &slow_config,
+        format!(
+            "{top}[[storage]]\nname = \"default\"\nkind = \"file\"\npath = \"{home}/storage\"\nread_bandwidth = \"4k\"\n",
+            home = repo.home().display()
+        ),
+    )
+    .unwrap();
+    let args = ["--config", slow_config.to_str().unwrap(), "deep-scrub", &v];
+    let inner = repo.command(&args);
+    let mut outer = std::process::Command::new("unshare");
+    outer.args(unshare).arg(KEEPFS).args(args).stdout(Stdio::null()).stderr(Stdio::null());
+    for (k, val) in inner.get_envs() {
+        match val {
+            Some(val) => outer.env(k, val),
+            None => outer.env_remove(k),
+        };
+    }
+    let mut scrub = outer.spawn().unwrap();
+    wait_until("the scrub to lock its version", Duration::from_secs(60), || {
+        repo.run(&["rm", "--force", "--dry-run", &v]).code == 4
+    });
+    let r = repo.run(&["rm", "--force", &v]);
+    assert_eq!(r.code, 4, "{}", r.stderr);
+    assert!(r.error_line().contains("is in use (scrub by pid 1 on "), "{}", r.stderr);
+    assert!(r.stderr.contains("is of another machine or container"), "{}", r.stderr);
+    assert_eq!(repo.version(&v)["status"], "valid");
+    scrub.kill().unwrap();
+    scrub.wait().unwrap();
+}

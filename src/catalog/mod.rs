@@ -154,26 +154,63 @@ pub fn check_owner(db: &dyn Catalog, config: &crate::config::Config) -> Result<(
     }
 }
 
-/// A process's identity on this host: pid, host name and kernel start time (so that a
-/// reused pid is not taken for the process that died).
+/// A process's identity: pid, host name, kernel start time (so that a reused pid is not
+/// taken for the process that died) and the machine it runs on (see [`machine_id`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ProcessId {
     pub pid: u32,
     pub host: String,
     pub start: u64,
+    /// The boot and pid namespace the pid belongs to; empty when unknown (then the
+    /// session is judged by its heartbeat, as another host's).
+    pub machine: String,
 }
 
 impl ProcessId {
     pub fn current() -> ProcessId {
         let pid = std::process::id();
-        ProcessId { pid, host: hostname(), start: proc_start_time(pid).unwrap_or(0) }
+        let start = match proc_start_time(pid) {
+            Seen::Started(t) => t,
+            _ => 0,
+        };
+        ProcessId { pid, host: hostname(), start, machine: machine_id().to_string() }
     }
 
-    /// Whether this process still runs. A process on another host counts as alive while
-    /// its heartbeat is recent (see [`Catalog::live_sessions`]).
-    pub fn alive_here(&self) -> bool {
-        proc_start_time(self.pid) == Some(self.start)
+    /// Whether this process (of this machine) still runs: `None` when that cannot be
+    /// told (its /proc entry is hidden from us, as with `hidepid`), so that only its
+    /// heartbeat can.
+    pub fn alive_here(&self) -> Option<bool> {
+        match proc_start_time(self.pid) {
+            Seen::Started(_) if self.start == 0 => None,
+            Seen::Started(t) => Some(t == self.start),
+            Seen::Gone => Some(false),
+            Seen::Hidden => None,
+        }
     }
+
+    /// Whether this process is of this machine, so that its pid can be looked up here.
+    pub fn is_here(&self) -> bool {
+        self.host == hostname() && !self.machine.is_empty() && self.machine == machine_id()
+    }
+}
+
+/// This machine's identity for sessions: the kernel's boot id and this process's pid
+/// namespace. A pid means something only within both: two machines (cloned VMs, say)
+/// given one host name, two containers with separate pid namespaces, or this machine
+/// before it restarted are told apart by it, and their sessions are judged by their
+/// heartbeats instead of by a pid that is not theirs. Empty when the boot id cannot be
+/// read.
+pub(crate) fn machine_id() -> &'static str {
+    static ID: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    ID.get_or_init(|| {
+        let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
+        let boot = boot.trim();
+        if boot.is_empty() {
+            return String::new();
+        }
+        let ns = std::fs::read_link("/proc/self/ns/pid").map(|p| p.to_string_lossy().into_owned()).unwrap_or_default();
+        format!("{boot} {ns}")
+    })
 }
 
 static CONFIGURED_HOST: std::sync::OnceLock<String> = std::sync::OnceLock::new();
@@ -207,21 +244,63 @@ pub(crate) fn hostname() -> String {
     String::from_utf8_lossy(&buf[..end]).into_owned()
 }
 
-fn proc_start_time(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Field 22 (starttime); the command name (field 2) may contain spaces, so count from ')'.
-    let after = &stat[stat.rfind(')')? + 2..];
-    after.split_whitespace().nth(19)?.parse().ok()
+/// What /proc says of a pid.
+enum Seen {
+    /// It runs, started at this kernel time (field 22 of its stat).
+    Started(u64),
+    /// No such process.
+    Gone,
+    /// It runs, but its details are hidden from this process (`hidepid`, another user).
+    Hidden,
 }
 
-/// Splits sessions into live and dead ones: a session of this host lives while its
-/// process runs, one of another host while its heartbeat is recent (`now` and the
-/// heartbeats are the catalog's clock).
+fn proc_start_time(pid: u32) -> Seen {
+    let stat = match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => s,
+        // Hidden entries read as missing too: only kill(pid, 0) tells (EPERM: it runs).
+        Err(_) => {
+            // SAFETY: signal 0 only checks that the process exists and may be signalled.
+            let r = unsafe { libc::kill(pid as libc::pid_t, 0) };
+            let exists = r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM);
+            return if exists { Seen::Hidden } else { Seen::Gone };
+        }
+    };
+    // Field 22 (starttime); the command name (field 2) may contain spaces, so count from ')'.
+    let start =
+        stat.rfind(')').and_then(|i| stat.get(i + 2..)).and_then(|a| a.split_whitespace().nth(19)?.parse().ok());
+    match start {
+        Some(t) => Seen::Started(t),
+        None => Seen::Hidden,
+    }
+}
+
+/// Whether a session is alive: one of this machine while its process runs (or, when
+/// its process cannot be seen, while its heartbeat is recent), any other while its
+/// heartbeat is recent (`now` and the heartbeats are the catalog's clock).
+pub(crate) fn session_alive(s: &Session, now: i64) -> bool {
+    let fresh = now - s.heartbeat_ms < REMOTE_SESSION_TTL_MS;
+    if !s.process.is_here() {
+        if fresh && s.process.host == hostname() && !s.process.machine.is_empty() {
+            warn_host_shared(&s.process.host);
+        }
+        return fresh;
+    }
+    s.process.alive_here().unwrap_or(fresh)
+}
+
+/// Says once per process that sessions under this host name come from another machine.
+fn warn_host_shared(host: &str) {
+    static SAID: std::sync::Once = std::sync::Once::new();
+    SAID.call_once(|| {
+        keepfs_face::log!(
+            "keepfs: warning: a running session of host '{host}' is of another machine or container (or from before this machine restarted); it is judged by its heartbeat. If another machine uses this host name, give each its own `host` (KEEPFS_HOST; docs/scale-out.md)"
+        )
+    });
+}
+
+/// Splits sessions into live and dead ones (see [`session_alive`]).
 pub(crate) fn partition_live(all: Vec<Session>, now: i64) -> (Vec<Session>, Vec<Session>) {
-    let me = hostname();
-    all.into_iter().partition(|s| {
-        if s.process.host == me { s.process.alive_here() } else { now - s.heartbeat_ms < REMOTE_SESSION_TTL_MS }
-    })
+    all.into_iter().partition(|s| session_alive(s, now))
 }
 
 /// A registered session (a process working on the repository).
@@ -411,9 +490,10 @@ pub trait Catalog: Send {
     fn repository_state(&self, name: &str) -> Result<Option<String>>;
     fn set_repository_state(&self, name: &str, value: &str) -> Result<()>;
     /// Takes the lease `name` (a `repository_state` row naming the session that holds
-    /// it) for `session`, unless another of the `live` sessions holds it: then returns
-    /// that session. A lease of a session that died is taken over.
-    fn claim(&mut self, name: &str, session: i64, live: &[i64]) -> Result<Option<i64>>;
+    /// it) for `session`, unless another session that is alive holds it: then returns
+    /// that session. The holder is judged in the transaction that takes the lease, so
+    /// two claims never both succeed; a lease of a session that died is taken over.
+    fn claim(&mut self, name: &str, session: i64) -> Result<Option<i64>>;
     /// Lets go of the lease `name` if `session` holds it.
     fn release(&self, name: &str, session: i64) -> Result<()>;
 

@@ -103,7 +103,29 @@ CREATE TABLE repository_state (name TEXT PRIMARY KEY, value TEXT NOT NULL);
 ALTER TABLE objects ADD COLUMN deleter BIGINT;
 ALTER TABLE versions ADD COLUMN host TEXT;
 "#,
+    r#"
+ALTER TABLE sessions ADD COLUMN machine TEXT NOT NULL DEFAULT '';
+"#,
 ];
+
+/// A session's columns as [`session_row`] reads them.
+const SESSION_COLUMNS: &str = "id, pid, host, proc_start, started_ms, heartbeat_ms, purpose, writes, machine";
+
+fn session_row(r: &Row) -> Session {
+    Session {
+        id: r.get(0),
+        process: super::ProcessId {
+            pid: r.get::<_, i64>(1) as u32,
+            host: r.get(2),
+            start: r.get::<_, i64>(3) as u64,
+            machine: r.get(8),
+        },
+        started_ms: r.get(4),
+        heartbeat_ms: r.get(5),
+        purpose: r.get(6),
+        writes: r.get(7),
+    }
+}
 
 /// The advisory lock that stands for SQLite's write lock (see the module comment).
 pub const WRITE_LOCK: i64 = 0x6b65_6570_6673; // "keepfs"
@@ -715,13 +737,17 @@ impl Catalog for PostgresCatalog {
         Ok(())
     }
 
-    fn claim(&mut self, name: &str, session: i64, live: &[i64]) -> Result<Option<i64>> {
+    fn claim(&mut self, name: &str, session: i64) -> Result<Option<i64>> {
         self.write(|tx| {
             let holder: Option<i64> = tx
                 .query_opt("SELECT value FROM repository_state WHERE name=$1", &[&name])?
                 .and_then(|r| r.get::<_, String>(0).parse().ok());
-            if let Some(h) = holder.filter(|h| *h != session && live.contains(h)) {
-                return Ok(Some(h));
+            if let Some(h) = holder.filter(|h| *h != session) {
+                let held =
+                    tx.query_opt(&format!("SELECT {SESSION_COLUMNS}, {CLOCK_MS} FROM sessions WHERE id=$1"), &[&h])?;
+                if held.is_some_and(|r| super::session_alive(&session_row(&r), r.get(9))) {
+                    return Ok(Some(h));
+                }
             }
             tx.execute(
                 "INSERT INTO repository_state(name, value) VALUES ($1, $2) ON CONFLICT (name) DO UPDATE SET value = $2",
@@ -764,10 +790,10 @@ impl Catalog for PostgresCatalog {
         let p = super::ProcessId::current();
         Ok(first(self.query(
             &format!(
-                "INSERT INTO sessions(pid, host, proc_start, started_ms, heartbeat_ms, purpose, writes) \
-                 VALUES ($1,$2,$3,{CLOCK_MS},{CLOCK_MS},$4,$5) RETURNING id"
+                "INSERT INTO sessions(pid, host, proc_start, started_ms, heartbeat_ms, purpose, writes, machine) \
+                 VALUES ($1,$2,$3,{CLOCK_MS},{CLOCK_MS},$4,$5,$6) RETURNING id"
             ),
-            &[&(p.pid as i64), &p.host, &(p.start as i64), &purpose, &writes],
+            &[&(p.pid as i64), &p.host, &(p.start as i64), &purpose, &writes, &p.machine],
         )?)?
         .get(0))
     }
@@ -789,22 +815,8 @@ impl Catalog for PostgresCatalog {
     }
 
     fn live_sessions(&self) -> Result<Vec<Session>> {
-        let all: Vec<Session> = self
-            .query("SELECT id, pid, host, proc_start, started_ms, heartbeat_ms, purpose, writes FROM sessions", &[])?
-            .iter()
-            .map(|r| Session {
-                id: r.get(0),
-                process: super::ProcessId {
-                    pid: r.get::<_, i64>(1) as u32,
-                    host: r.get(2),
-                    start: r.get::<_, i64>(3) as u64,
-                },
-                started_ms: r.get(4),
-                heartbeat_ms: r.get(5),
-                purpose: r.get(6),
-                writes: r.get(7),
-            })
-            .collect();
+        let all: Vec<Session> =
+            self.query(&format!("SELECT {SESSION_COLUMNS} FROM sessions"), &[])?.iter().map(session_row).collect();
         let (live, dead) = super::partition_live(all, self.clock_ms()?);
         if !dead.is_empty() {
             let ids: Vec<i64> = dead.iter().map(|s| s.id).collect();
@@ -1227,9 +1239,13 @@ impl Catalog for PostgresCatalog {
                 return Err(super::session_ended(cleaner));
             }
             let mut held = Vec::new();
+            // A row another cleanup marked is taken over only once that cleanup's session
+            // is gone (only one cleanup holds the lease; this keeps it so if ever not).
             let rows = tx.query(
                 "UPDATE objects SET state=$1, deleter=$4 WHERE storage_id=$2 AND id = ANY($3) \
-                 AND (state=$1 OR touched_ms < $5) RETURNING id, stored_size",
+                 AND (CASE WHEN state=$1 THEN deleter IS NULL OR deleter=$4 \
+                      OR NOT EXISTS (SELECT 1 FROM sessions WHERE id=objects.deleter) \
+                      ELSE touched_ms < $5 END) RETURNING id, stored_size",
                 &[&OBJECT_DELETING, &storage_id, &param, &cleaner, &cutoff_ms],
             )?;
             held.extend(rows.iter().filter_map(|r| Some((id_of(r, 0)?, r.get::<_, i64>(1) as u64))));

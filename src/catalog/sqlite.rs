@@ -99,7 +99,31 @@ CREATE TABLE repository_state (name TEXT PRIMARY KEY, value TEXT NOT NULL) WITHO
 ALTER TABLE objects ADD COLUMN deleter INTEGER;
 ALTER TABLE versions ADD COLUMN host TEXT;
 "#,
+    // The machine (boot and pid namespace) a session's pid belongs to: sessions of
+    // another machine under the same host name are judged by their heartbeats.
+    r#"
+ALTER TABLE sessions ADD COLUMN machine TEXT NOT NULL DEFAULT '';
+"#,
 ];
+
+/// A session's columns as [`session_row`] reads them.
+const SESSION_COLUMNS: &str = "id, pid, host, proc_start, started_ms, heartbeat_ms, purpose, writes, machine";
+
+fn session_row(r: &rusqlite::Row) -> rusqlite::Result<Session> {
+    Ok(Session {
+        id: r.get(0)?,
+        process: super::ProcessId {
+            pid: r.get(1)?,
+            host: r.get(2)?,
+            start: r.get::<_, i64>(3)? as u64,
+            machine: r.get(8)?,
+        },
+        started_ms: r.get(4)?,
+        heartbeat_ms: r.get(5)?,
+        purpose: r.get(6)?,
+        writes: r.get(7)?,
+    })
+}
 
 /// A version's 16 columns as `insert_version_record` and `replace_version_record` write
 /// them: uid, name, snapshot, date, size, block_size, status, protected, storage_id,
@@ -335,14 +359,19 @@ impl Catalog for SqliteCatalog {
         Ok(())
     }
 
-    fn claim(&mut self, name: &str, session: i64, live: &[i64]) -> Result<Option<i64>> {
+    fn claim(&mut self, name: &str, session: i64) -> Result<Option<i64>> {
         self.write(|tx| {
             let holder: Option<i64> = tx
                 .query_row("SELECT value FROM repository_state WHERE name=?1", [name], |r| r.get::<_, String>(0))
                 .optional()?
                 .and_then(|v| v.parse().ok());
-            if let Some(h) = holder.filter(|h| *h != session && live.contains(h)) {
-                return Ok(Some(h));
+            if let Some(h) = holder.filter(|h| *h != session) {
+                let held = tx
+                    .query_row(&format!("SELECT {SESSION_COLUMNS} FROM sessions WHERE id=?1"), [h], session_row)
+                    .optional()?;
+                if held.is_some_and(|s| super::session_alive(&s, now_ms())) {
+                    return Ok(Some(h));
+                }
             }
             tx.execute(
                 "INSERT OR REPLACE INTO repository_state(name, value) VALUES (?1, ?2)",
@@ -435,8 +464,9 @@ impl Catalog for SqliteCatalog {
         let p = super::ProcessId::current();
         let now = now_ms();
         self.conn.execute(
-            "INSERT INTO sessions(pid, host, proc_start, started_ms, heartbeat_ms, purpose, writes) VALUES (?1,?2,?3,?4,?4,?5,?6)",
-            params![p.pid, p.host, p.start as i64, now, purpose, writes],
+            "INSERT INTO sessions(pid, host, proc_start, started_ms, heartbeat_ms, purpose, writes, machine) \
+             VALUES (?1,?2,?3,?4,?4,?5,?6,?7)",
+            params![p.pid, p.host, p.start as i64, now, purpose, writes, p.machine],
         )?;
         Ok(self.conn.last_insert_rowid())
     }
@@ -464,20 +494,8 @@ impl Catalog for SqliteCatalog {
     /// (with their version locks), so a crash never leaves a repository locked.
     fn live_sessions(&self) -> Result<Vec<Session>> {
         let all: Vec<Session> = {
-            let mut st = self
-                .conn
-                .prepare("SELECT id, pid, host, proc_start, started_ms, heartbeat_ms, purpose, writes FROM sessions")?;
-            st.query_map([], |r| {
-                Ok(Session {
-                    id: r.get(0)?,
-                    process: super::ProcessId { pid: r.get(1)?, host: r.get(2)?, start: r.get::<_, i64>(3)? as u64 },
-                    started_ms: r.get(4)?,
-                    heartbeat_ms: r.get(5)?,
-                    purpose: r.get(6)?,
-                    writes: r.get(7)?,
-                })
-            })?
-            .collect::<rusqlite::Result<_>>()?
+            let mut st = self.conn.prepare(&format!("SELECT {SESSION_COLUMNS} FROM sessions"))?;
+            st.query_map([], session_row)?.collect::<rusqlite::Result<_>>()?
         };
         let (live, dead) = super::partition_live(all, now_ms());
         for s in dead {
@@ -899,9 +917,13 @@ impl Catalog for SqliteCatalog {
             if tx.execute("UPDATE sessions SET heartbeat_ms=?1 WHERE id=?2", params![now_ms(), cleaner])? == 0 {
                 return Err(super::session_ended(cleaner));
             }
+            // A row another cleanup marked is taken over only once that cleanup's session
+            // is gone (only one cleanup holds the lease; this keeps it so if ever not).
             let mut mark = tx.prepare_cached(
                 "UPDATE objects SET state=?1, deleter=?4 WHERE storage_id=?2 AND id=?3 \
-                 AND (state=?1 OR touched_ms < ?5) RETURNING stored_size",
+                 AND (CASE WHEN state=?1 THEN deleter IS NULL OR deleter=?4 \
+                      OR NOT EXISTS (SELECT 1 FROM sessions WHERE id=objects.deleter) \
+                      ELSE touched_ms < ?5 END) RETURNING stored_size",
             )?;
             let mut adopt = tx.prepare_cached(
                 "INSERT INTO objects(storage_id, id, stored_size, plain_size, state, valid, touched_ms, deleter) \

@@ -206,7 +206,7 @@ fn storage(repo: &Repository, name: &str, total: u64) -> Result<((u64, f64), (u6
     let mut data = vec![0u8; bs];
     let keys: Vec<String> = (0..count).map(|i| format!("{run}/{i}")).collect();
     let cleanup = |keys: &[String]| {
-        let _ = st.delete_many(keys);
+        let _ = st.delete_many(keys, None);
     };
     let mut x: u64 = 0x2545_F491_4F6C_DD1D;
     let start = Instant::now();
@@ -242,6 +242,6 @@ fn storage(repo: &Repository, name: &str, total: u64) -> Result<((u64, f64), (u6
         }
     }
     let read = (read_bytes, start.elapsed().as_secs_f64().max(1e-9));
-    st.delete_many(&keys)?;
+    st.delete_many(&keys, None)?;
     Ok((write, read))
 }

@@ -26,7 +26,7 @@ use crate::catalog::{OBJECT_DELETING, OBJECT_WRITING};
 use crate::error::{Error, Result};
 use crate::repo::Repository;
 use crate::slice::{Slice, slices_for};
-use crate::storage::retry;
+use crate::storage::{Deadline, retry};
 use crate::version::VersionUid;
 use std::collections::HashSet;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -130,6 +130,17 @@ const FILE_TIME_SLACK: Duration = Duration::from_secs(2);
 fn file_cutoff(cutoff_ms: i64) -> SystemTime {
     let t = UNIX_EPOCH + Duration::from_millis(cutoff_ms.max(0) as u64);
     t.checked_sub(FILE_TIME_SLACK).unwrap_or(UNIX_EPOCH)
+}
+
+/// How long after marking a batch a cleanup may go on deleting it: half the time after
+/// which other hosts take a silent session for dead (see [`Deadline`]). Test builds
+/// take `KEEPFS_TEST_DELETE_WINDOW_MS` instead.
+fn delete_window() -> Duration {
+    #[cfg(debug_assertions)]
+    if let Some(ms) = std::env::var("KEEPFS_TEST_DELETE_WINDOW_MS").ok().and_then(|v| v.parse::<u64>().ok()) {
+        return Duration::from_millis(ms);
+    }
+    Duration::from_millis(crate::catalog::REMOTE_SESSION_TTL_MS as u64 / 2)
 }
 
 /// Test builds only: `KEEPFS_TEST_CLAIM_STALL_MS` stalls a cleanup between registering
@@ -403,11 +414,16 @@ impl Repository {
             if held.is_empty() {
                 continue;
             }
+            // The batch's deletes are over by this time after its mark (the mark heartbeat),
+            // whatever the storage does: other hosts could take this cleanup for dead at
+            // twice that.
+            let by = Deadline::after(delete_window());
             stall_after_mark();
             // 2. Delete the files, no transaction open. Each attempt is preceded by a
             //    heartbeat that fails if another process took this cleanup for dead (and
             //    so may be writing these objects again); after one, other hosts wait
-            //    `REMOTE_SESSION_TTL_MS` before they could.
+            //    `REMOTE_SESSION_TTL_MS` before they could. No request is started after
+            //    the batch's deadline, nor waited for past it.
             let keys: Vec<String> = held.iter().map(|h| h.0.storage_key()).collect();
             let mut alive = Ok(());
             retry(4, || {
@@ -415,7 +431,15 @@ impl Repository {
                 if alive.is_err() {
                     return Ok(());
                 }
-                storage.delete_many(&keys)
+                storage.delete_many(&keys, Some(by))
+            })
+            .map_err(|e| {
+                Error::Other(format!(
+                    "cleanup of storage '{}' stopped: {e}; {} marked object(s) are left for the next cleanup (a batch may take {} s after its mark)",
+                    plan.storage,
+                    keys.len(),
+                    delete_window().as_secs()
+                ))
             })?;
             alive?;
             // 3. Forget the rows: the objects are gone; a backup waiting for them writes

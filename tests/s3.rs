@@ -411,6 +411,38 @@ fn transient_server_errors_are_retried_and_a_lasting_one_is_a_clear_error() {
     assert_eq!(sha256_file(&r.repo.path("ob")), sha256_file(&r.repo.path("b")));
 }
 
+/// A cleanup whose deletes the server never answers stops once its batch's time after
+/// the mark runs out (shortened here to 3 s; 5 minutes in use), with one line, instead
+/// of waiting out each attempt's read timeout (60 s here, 6 attempts): no delete of a
+/// cleanup outlasts the time after which other hosts could take it for dead and store
+/// its objects again. The objects stay, and the next cleanup deletes them.
+#[test]
+fn a_cleanup_whose_deletes_hang_stops_when_its_time_runs_out() {
+    let g = server();
+    let proxy = FaultProxy::start(g.port);
+    let r = S3Repo::through(&g, &proxy, "hangdelete", "read_timeout = \"60s\"\n");
+    fs::write(r.repo.path("a"), random_bytes(97, 6 * 64 * 1024)).unwrap();
+    let uid = r.ok(&["backup", &r.repo.url("a"), "gone", "-b", "64k"]).trim().to_string();
+    r.ok(&["rm", "--force", &uid]);
+    let blocks = |g: &Garage| g.keys("hangdelete").iter().filter(|k| k.contains("blocks/")).count();
+    assert_eq!(blocks(&g), 6);
+    // Deletes (S3's multi-object delete is a POST) are held and never answered.
+    proxy.always("POST", Fault::Stall(Duration::from_secs(120)));
+    let mut a = vec!["--config", r.config.as_str()];
+    a.push("cleanup");
+    let e = r.repo.run_env(&a, &[("KEEPFS_TEST_DELETE_WINDOW_MS", "3000")]);
+    assert_eq!(e.code, 1, "{}", e.stderr);
+    assert_eq!(e.stderr.lines().count(), 1, "{}", e.stderr);
+    let line = e.error_line();
+    assert!(line.starts_with("keepfs: error: cleanup of storage 's3' stopped: "), "{line}");
+    assert!(line.contains("when its time ran out") && line.contains("left for the next cleanup"), "{line}");
+    assert!(proxy.applied().iter().any(|(m, _, _)| m == "POST"), "a delete was sent and held");
+    assert_eq!(blocks(&g), 6, "nothing was deleted");
+    proxy.heal();
+    assert!(r.ok(&["cleanup"]).contains("deleted 6 object(s)"));
+    assert_eq!(blocks(&g), 0);
+}
+
 #[test]
 fn a_local_read_cache_serves_repeated_restores_and_never_hides_the_storage() {
     let g = server();

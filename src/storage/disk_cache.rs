@@ -265,8 +265,8 @@ impl Storage for DiskCache {
         }
         Ok(())
     }
-    fn delete_many(&self, keys: &[String]) -> StorageResult<()> {
-        self.inner.delete_many(keys)?;
+    fn delete_many(&self, keys: &[String], by: Option<super::Deadline>) -> StorageResult<()> {
+        self.inner.delete_many(keys, by)?;
         for k in keys.iter().filter(|k| cacheable(k)) {
             self.forget(k);
         }
@@ -331,7 +331,7 @@ mod tests {
         let object = cache.get(&key(3)).unwrap();
         cache.replace_prefix(&key(3), &object, &[8; 10]).unwrap();
         assert_eq!(&cache.get(&key(3)).unwrap()[..11], &[8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 7]);
-        cache.delete_many(&[key(3)]).unwrap();
+        cache.delete_many(&[key(3)], None).unwrap();
         assert!(!p.exists());
         // Other objects (version objects, the keyring) are never cached.
         remote.put("versions/V0000000001", b"v").unwrap();

@@ -47,8 +47,12 @@ macro_rules! pass_to_inner {
         }
     };
     (@ delete_many) => {
-        fn delete_many(&self, keys: &[String]) -> $crate::storage::StorageResult<()> {
-            self.inner.delete_many(keys)
+        fn delete_many(
+            &self,
+            keys: &[String],
+            by: Option<$crate::storage::Deadline>,
+        ) -> $crate::storage::StorageResult<()> {
+            self.inner.delete_many(keys, by)
         }
     };
     (@ list_each) => {
@@ -303,9 +307,13 @@ pub trait Storage: Send + Sync {
         Ok(0)
     }
     /// Deletes several objects (missing ones are not an error). The default deletes one
-    /// by one; S3 sends batches of up to 1000 keys.
-    fn delete_many(&self, keys: &[String]) -> StorageResult<()> {
+    /// by one; S3 sends batches of up to 1000 keys. With `by`, no request is started
+    /// after it, and none is waited for past it (see [`Deadline`]).
+    fn delete_many(&self, keys: &[String], by: Option<Deadline>) -> StorageResult<()> {
         for k in keys {
+            if by.is_some_and(|d| d.left().is_none()) {
+                return Err(Deadline::passed(self.name(), "delete", k, ""));
+            }
             self.delete(k)?;
         }
         Ok(())
@@ -334,6 +342,44 @@ pub trait Storage: Send + Sync {
 }
 
 pub type SharedStorage = Arc<dyn Storage>;
+
+/// A moment by which storage requests must be over: a cleanup's deletes may not land
+/// after other hosts could take the cleanup for dead. Measured on the clock that counts
+/// a suspended machine's sleep too (`CLOCK_BOOTTIME`), so that a machine that slept
+/// through its deadline does not send its request on waking.
+#[derive(Clone, Copy, Debug)]
+pub struct Deadline(std::time::Duration);
+
+impl Deadline {
+    /// `d` from now.
+    pub fn after(d: std::time::Duration) -> Deadline {
+        Deadline(boot_time() + d)
+    }
+
+    /// The time left, or none once it has passed.
+    pub fn left(&self) -> Option<std::time::Duration> {
+        Some(self.0.saturating_sub(boot_time())).filter(|d| !d.is_zero())
+    }
+
+    /// The error of a request given up at its deadline (final, not retried); `last` is
+    /// what went wrong with the attempt before, if one was made.
+    pub fn passed(storage: &str, op: &'static str, key: &str, last: &str) -> StorageError {
+        let mut msg = "gave up when its time ran out (so that no request outlasts it)".to_string();
+        if !last.is_empty() {
+            msg.push_str(&format!("; the last attempt: {last}"));
+        }
+        StorageError::Io { storage: storage.to_string(), op, key: key.to_string(), source: io::Error::other(msg) }
+    }
+}
+
+/// Time since boot, suspended time included.
+fn boot_time() -> std::time::Duration {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `ts` is a valid timespec for the call to fill; CLOCK_BOOTTIME always exists
+    // on Linux, and on failure `ts` stays zero (a deadline then never passes early).
+    unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
+    std::time::Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
 
 /// How many times a storage request is tried before its failure is final (see [`retry`]).
 pub const STORAGE_ATTEMPTS: u32 = 4;

@@ -149,9 +149,30 @@ impl S3Storage {
         build: impl Fn() -> reqwest::blocking::RequestBuilder,
         accept_404: bool,
     ) -> StorageResult<reqwest::blocking::Response> {
+        self.send_by(op, key, build, accept_404, None)
+    }
+
+    /// [`Self::send`], starting no attempt after `by` and giving each one only the time
+    /// left until it.
+    fn send_by(
+        &self,
+        op: &'static str,
+        key: &str,
+        build: impl Fn() -> reqwest::blocking::RequestBuilder,
+        accept_404: bool,
+        by: Option<super::Deadline>,
+    ) -> StorageResult<reqwest::blocking::Response> {
         let mut delay = Duration::from_millis(100);
         let mut last = String::new();
         for attempt in 1..=self.config.attempts.max(1) {
+            let left = match by {
+                Some(d) => Some(d.left().ok_or_else(|| super::Deadline::passed(&self.name, op, key, &last))?),
+                None => None,
+            };
+            let build = || match left {
+                Some(left) => build().timeout(left.min(self.config.read_timeout)),
+                None => build(),
+            };
             match self.attempt(op, key, &build, accept_404) {
                 Outcome::Done(r) => return Ok(r),
                 Outcome::Fail(e) => return Err(e),
@@ -394,7 +415,7 @@ impl Storage for S3Storage {
         Ok(())
     }
 
-    fn delete_many(&self, keys: &[String]) -> StorageResult<()> {
+    fn delete_many(&self, keys: &[String], by: Option<super::Deadline>) -> StorageResult<()> {
         for chunk in keys.chunks(DELETE_BATCH) {
             let _slot = self.deletes.take();
             let objects: Vec<rusty_s3::actions::ObjectIdentifier> =
@@ -404,11 +425,12 @@ impl Storage for S3Storage {
             let url = action.sign(SIGNATURE_TTL);
             let (body, md5) = action.body_with_md5();
             let first = chunk.first().map(|s| s.as_str()).unwrap_or("");
-            let resp = self.send(
+            let resp = self.send_by(
                 "delete",
                 first,
                 || self.client.post(url.clone()).header("content-md5", &md5).body(body.clone()),
                 false,
+                by,
             )?;
             let text = resp.text().unwrap_or_default();
             // Quiet mode lists only failures; a missing key is not one.

@@ -109,6 +109,38 @@ fn a_wrong_password_is_a_one_line_error_with_exit_code_2() {
     assert_eq!(r.stderr.trim().lines().count(), 1, "one line: {}", r.stderr);
 }
 
+/// A database URL that does not parse (a typo in the port, a password with characters a
+/// URL reads otherwise) is one line with exit code 2 that says how to write it, and never
+/// shows the password: not in the error, not in `config check`, not from `migrate --to`.
+#[test]
+fn a_database_url_that_does_not_parse_never_shows_its_password() {
+    let repo = config_repo("postgresql://keepfs:s3cret-pw@127.0.0.1:5549x/keepfs");
+    let r = repo.run_cfg(&["ls"]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert_eq!(r.stderr.trim().lines().count(), 1, "one line: {}", r.stderr);
+    assert!(
+        r.error_line().contains("not a PostgreSQL URL") && r.error_line().contains("postgresql://USER"),
+        "{}",
+        r.stderr
+    );
+    assert!(!r.stderr.contains("s3cret"), "{}", r.stderr);
+    let check = repo.run_cfg(&["config", "check"]);
+    assert!(!check.stdout.contains("s3cret") && check.stdout.contains("keepfs:***@"), "{}", check.stdout);
+    // An unencoded '/', '#' or '@' in the password would make a URL of another host.
+    let repo = config_repo("postgresql://k2:p@ss/w#rd@127.0.0.1:1/keepfs");
+    let r = repo.run_cfg(&["ls"]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(
+        r.error_line().contains("percent-encode") && r.error_line().contains("database_password_file"),
+        "{}",
+        r.stderr
+    );
+    assert!(!r.stderr.contains("p@ss") && !r.stderr.contains("w#rd"), "{}", r.stderr);
+    let r = Repo::new().run(&["database", "migrate", "--to", "pg://keepfs:s3cret-pw@db/keepfs"]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(!r.stderr.contains("s3cret"), "{}", r.stderr);
+}
+
 /// The password from a `database_password_file`, then from PGPASSFILE.
 #[test]
 fn the_password_comes_from_a_file_or_pgpass() {

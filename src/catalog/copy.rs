@@ -165,10 +165,12 @@ impl crate::Repository {
             super::Location::Postgres { url: target.to_string(), password_file: None }
         } else if target.contains("://") {
             return Err(Error::Invalid(format!(
-                "--to {target}: use a postgresql://user@host:port/name URL or the path of a new SQLite file"
+                "--to {}: use a postgresql://user@host:port/name URL or the path of a new SQLite file",
+                super::postgres::redact(target)
             )));
         } else {
-            let path = std::path::PathBuf::from(target);
+            // Absolute, so that what is printed can go into `database` as it is.
+            let path = std::path::absolute(target).map_err(|e| Error::io(format!("--to {target}"), e))?;
             if path.exists() && std::fs::metadata(&path).map(|m| m.len() > 0).unwrap_or(true) {
                 return Err(Error::Refused(format!("--to {target}: the file exists; migrate into a new SQLite file")));
             }

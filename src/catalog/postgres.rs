@@ -136,15 +136,30 @@ const LOCK_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a connection attempt may take when the URL does not say (`connect_timeout`).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The URL without its password, for messages.
+/// The URL without its password, for messages: everything between the user name and
+/// the last `@` is masked, so a URL that does not parse (a password with a `/`, `#` or
+/// `@` not percent-encoded, a typo in the port) never shows its password either.
 pub fn redact(url: &str) -> String {
-    match url::Url::parse(url) {
-        Ok(mut u) if u.password().is_some() => {
-            let _ = u.set_password(Some("***"));
-            u.to_string()
-        }
-        _ => url.to_string(),
+    let Some((scheme, rest)) = url.split_once("://") else { return url.to_string() };
+    let Some(at) = rest.rfind('@') else { return url.to_string() };
+    match rest[..at].split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:***{}", &rest[at..]),
+        None => url.to_string(),
     }
+}
+
+/// A password in the URL that holds a character a URL gives another meaning: the URL
+/// would be read with another host (or none), so it is refused before connecting.
+fn check_userinfo(url: &str, name: &str) -> Result<()> {
+    let Some((_, rest)) = url.split_once("://") else { return Ok(()) };
+    let Some(at) = rest.rfind('@') else { return Ok(()) };
+    let userinfo = &rest[..at];
+    if userinfo.contains(['/', '#', '?', '@']) {
+        return Err(Error::Config(format!(
+            "database {name}: the user name or password holds '/', '#', '?' or '@', which end it early in a URL; percent-encode them (%2F, %23, %3F, %40) or put the password in a file named by database_password_file"
+        )));
+    }
+    Ok(())
 }
 
 /// A PostgreSQL error as one line: the server's message (and what to do), or the
@@ -287,9 +302,13 @@ impl PostgresCatalog {
     /// `PGPASSFILE` / `~/.pgpass`.
     pub fn open(url: &str, password_file: Option<&Path>) -> Result<PostgresCatalog> {
         let name = redact(url);
+        check_userinfo(url, &name)?;
         let (url, tls) = tls::from_url(url, &name)?;
-        let mut config: postgres::Config =
-            url.parse().map_err(|e| Error::Config(format!("database {name}: not a PostgreSQL URL: {e}")))?;
+        let mut config: postgres::Config = url.parse().map_err(|e| {
+            Error::Config(format!(
+                "database {name}: not a PostgreSQL URL ({e}); write it as postgresql://USER[:PASSWORD]@HOST[:PORT]/DATABASE[?PARAM=VALUE&...]"
+            ))
+        })?;
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(CONNECT_TIMEOUT);
         }

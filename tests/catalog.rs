@@ -189,6 +189,22 @@ fn an_unreachable_database_times_out_instead_of_hanging() {
     let r = repo.run_cfg(&["ls"]);
     assert_eq!(r.code, 1, "{}", r.stderr);
     assert!(r.error_line().contains("cannot connect to postgresql://keepfs:***@127.0.0.1"), "{}", r.stderr);
+    // Something else at that port (a web server): it answers in its own tongue and
+    // hangs up; the line asks whether that is PostgreSQL.
+    let web = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = web.local_addr().unwrap().port();
+    let server = std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        let (mut c, _) = web.accept().unwrap();
+        let _ = c.read(&mut [0u8; 512]);
+        let _ = c.write_all(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+    });
+    let repo = config_repo(&format!("postgresql://keepfs:x@127.0.0.1:{port}/keepfs?sslmode=disable"));
+    let r = repo.run_cfg(&["ls"]);
+    server.join().unwrap();
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert_eq!(r.stderr.trim().lines().count(), 1, "one line: {}", r.stderr);
+    assert!(r.error_line().contains("is a PostgreSQL server listening at that host and port?"), "{}", r.stderr);
 }
 
 #[test]

@@ -580,6 +580,16 @@ fn connect_error(e: &postgres::Error, what: &str, tls: &tls::Tls, name: &str) ->
         // the configuration's to fix, as a wrong password is.
         _ => match tls.explain(e, what) {
             Some(why) => Error::Config(format!("database {name}: {why}")),
+            // Something that is not a PostgreSQL server answered (or hung up) at once.
+            None if e.as_db_error().is_none()
+                && ["bytes remaining on stream", "unexpected message", "connection reset", "end of file", "closed"]
+                    .iter()
+                    .any(|m| what.to_lowercase().contains(m)) =>
+            {
+                Error::Catalog(format!(
+                    "cannot connect to {name}: {what} (is a PostgreSQL server listening at that host and port?)"
+                ))
+            }
             None => Error::Catalog(format!("cannot connect to {name}: {what}")),
         },
     }

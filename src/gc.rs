@@ -167,6 +167,7 @@ fn stall_after_mark() {
 pub struct CleanupClaim {
     session: crate::repo::SessionGuard,
     name: String,
+    storage: String,
 }
 
 impl Drop for CleanupClaim {
@@ -197,7 +198,7 @@ impl Repository {
                 "a cleanup of storage '{storage}' is running ({who}); only one runs at a time: wait for it to finish"
             )));
         }
-        Ok(CleanupClaim { session, name })
+        Ok(CleanupClaim { session, name, storage: storage.to_string() })
     }
 
     /// The cutoff below which unreferenced objects may go: the start of the oldest live
@@ -385,8 +386,20 @@ impl Repository {
     /// mark (one short transaction), delete the files (no transaction open), forget the
     /// rows (one short transaction); see docs/format.md, "Cleanup".
     pub fn apply_cleanup(&self, plan: &CleanupPlan) -> Result<CleanupReport> {
-        let storage = self.storage_to_delete_from(&plan.storage)?;
         let claim = self.claim_cleanup(&plan.storage)?;
+        self.apply_cleanup_claimed(plan, &claim)
+    }
+
+    /// [`Self::apply_cleanup`] under a claim taken before the plan was made (so that a
+    /// second cleanup is refused before it reads every index, not after).
+    pub fn apply_cleanup_claimed(&self, plan: &CleanupPlan, claim: &CleanupClaim) -> Result<CleanupReport> {
+        if claim.storage != plan.storage {
+            return Err(Error::Other(format!(
+                "a cleanup plan of storage '{}' cannot be carried out under the claim of '{}'",
+                plan.storage, claim.storage
+            )));
+        }
+        let storage = self.storage_to_delete_from(&plan.storage)?;
         let me = claim.session.id;
         let mut report = CleanupReport::default();
         let sid = self.storage_id(&plan.storage)?;

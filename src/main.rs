@@ -1633,6 +1633,9 @@ fn run(cli: Cli) -> Result<i32> {
                         format_size(repo.config.cleanup_memory_bytes)
                     ))?;
                 }
+                // Claimed before the plan: a second cleanup is refused before it reads
+                // every index and lists the storage, and before it says what it would do.
+                let claim = if dry_run { None } else { Some(repo.claim_cleanup(&name)?) };
                 let mut j = serde_json::json!({"storage": name, "slices": slices});
                 let sum = |j: &mut serde_json::Value, key: &str, n: u64| {
                     let had = j[key].as_u64().unwrap_or(0);
@@ -1681,8 +1684,8 @@ fn run(cli: Cli) -> Result<i32> {
                         for (key, size) in &plan.orphans {
                             say(format!("  orphan {key} ({size} bytes)"))?;
                         }
-                    } else {
-                        let r = repo.apply_cleanup(&plan)?;
+                    } else if let Some(claim) = &claim {
+                        let r = repo.apply_cleanup_claimed(&plan, claim)?;
                         say(format!(
                             "{part}: deleted {} object(s) and {} orphaned file(s), freed {}",
                             r.objects_deleted,

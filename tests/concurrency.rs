@@ -202,6 +202,10 @@ fn a_cleanup_that_claims_after_another_took_the_lease_is_refused() {
     assert_eq!(out.status.code(), Some(4), "{stderr}");
     let holder = format!("a cleanup of storage 'default' is running (pid {} on ", std::process::id());
     assert!(stderr.lines().any(|l| l.starts_with("keepfs: error: ") && l.contains(&holder)), "{stderr}");
+    // Refused before it planned: it does not say what it is deleting, only why not.
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!stdout.contains("deleting") && !stderr.contains("deleting"), "{stdout}{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
     assert_eq!(repo.block_objects(), 4, "the refused cleanup deleted nothing");
     drop(claim);
     assert!(repo.ok(&["cleanup"]).contains("deleted 4 object(s)"));

@@ -56,7 +56,7 @@ fn ls_json(repo: &Repo, env: &[(&str, &str)]) -> serde_json::Value {
 fn a_repository_on_postgresql_backs_up_restores_and_cleans_up() {
     let pg = PgServer::start();
     let url = pg.url(&pg.create_db("session"));
-    let repo = config_repo(&url);
+    let repo = Repo::with_database(&url, "host = \"hv-a\"\n", "");
     // Distinct random blocks: the first one is only in the first version.
     let img = random_bytes(1, 12 * BS + 100);
     std::fs::write(repo.path("img"), &img).unwrap();
@@ -80,6 +80,20 @@ fn a_repository_on_postgresql_backs_up_restores_and_cleans_up() {
         Some(BS as u64),
         "the second backup wrote one new block"
     );
+
+    // Another host (KEEPFS_HOST over the configuration's `host`) backs up the same
+    // image: every block is referenced, none uploaded again.
+    let cfg = repo.config_file();
+    let r = repo.run_env(&["--config", &cfg, "backup", &src, "vm-b", "-b", "64k"], &[("KEEPFS_HOST", "hv-b")]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let vb = r.stdout.trim().to_string();
+    let ls: serde_json::Value = serde_json::from_str(&repo.ok_cfg(&["ls", "--format", "json"])).unwrap();
+    let of = |uid: &str| ls.as_array().unwrap().iter().find(|v| v["uid"] == uid).cloned().unwrap();
+    assert_eq!(of(&v1)["host"], "hv-a", "the configuration's host");
+    assert_eq!(of(&vb)["host"], "hv-b");
+    assert_eq!(of(&vb)["stats"]["bytes_written"].as_u64(), Some(0), "deduplicated across hosts: {}", of(&vb));
+    assert_eq!(repo.block_objects(), stored_before);
+    repo.ok_cfg(&["rm", "--force", &vb]);
 
     repo.ok_cfg(&["rm", "--force", &v1]);
     let done = repo.ok_cfg(&["cleanup"]);

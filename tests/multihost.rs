@@ -41,12 +41,11 @@
 //!   half-removed version: a false "version object missing" (exit 3), or "has no block
 //!   index (its backup did not finish)". Fixed (src/repo.rs: both sides write their
 //!   version lock, then check the other's).
-//! - known, tolerated here: `rm` deletes a version's object before its rows, so an `rm`
-//!   cut off by a lost catalog connection in between leaves a version `ls` shows valid
-//!   without its version object (deep scrub: damage, exit 3) until `rm` runs again. The
-//!   cleaner runs such an `rm` again at once, and a missing version object is accepted
-//!   only for a version of an `rm` the restart cut off. A catalog state "removing",
-//!   written before the object is deleted, would make `rm` resumable.
+//! - an `rm` cut off by a lost catalog connection between deleting a version's object
+//!   and its rows left a version `ls` showed valid without its object. Fixed (`rm` marks
+//!   the version `invalid` first). A version object found missing is accepted only for a
+//!   version of an `rm` the restart cut off, and only if that version is not `valid`;
+//!   the cleaner runs such an `rm` again at once, as a retention job would.
 
 mod common;
 use common::garage::Garage;
@@ -170,9 +169,9 @@ struct Shared {
     /// Versions an `rm` cut off by the PostgreSQL restart may have left half-removed (its
     /// version object deleted, its rows not yet): see [`cleaner`].
     cut_off_rm: Mutex<BTreeSet<String>>,
-    /// Deep scrubs that found only a version object missing, judged once the run is over
-    /// (against `cut_off_rm`).
-    object_missing: Mutex<Vec<(String, String)>>,
+    /// Deep scrubs that found only a version object missing, with the version's status
+    /// then (none: gone), judged once the run is over (against `cut_off_rm`).
+    object_missing: Mutex<Vec<(String, String, Option<String>)>>,
     /// Errors of unexpected kinds: the test fails with them.
     problems: Mutex<Vec<String>>,
     /// Expected errors met, for the summary.
@@ -553,11 +552,10 @@ fn cleaner(sh: &Shared, seed: u64) {
                 let left: BTreeSet<String> = all.iter().map(uid_of).collect();
                 let (gone, kept): (Vec<String>, Vec<String>) = doomed.into_iter().partition(|u| !left.contains(u));
                 sh.removed.lock().unwrap().extend(gone);
-                // KNOWN (keepfs, not the drill): `rm` deletes a version's object, then its
-                // rows. Cut off by the restart in between, it leaves a version that `ls`
-                // shows valid without its version object, and a deep scrub of it reports
-                // damage (exit 3) until `rm` is run again, as a retention job would: so
-                // does the cleaner, at once.
+                // `rm` marks a version invalid, deletes its object, then its rows. Cut off
+                // by the restart in between, it leaves an invalid version without its
+                // version object until `rm` runs again, as a retention job would: so does
+                // the cleaner, at once.
                 if o.met_restart && !kept.is_empty() {
                     sh.cut_off_rm.lock().unwrap().extend(kept.iter().cloned());
                     let done = poll(|| {
@@ -646,7 +644,11 @@ fn checker(sh: &Shared, seed: u64) {
             && damage.len() == 1
             && damage[0].contains(&format!("its version object versions/{uid} is missing"))
         {
-            sh.object_missing.lock().unwrap().push((uid, o.describe()));
+            // What the catalog says of it now: a cut-off rm marked it invalid first.
+            let status = poll(|| ls(sh, CHECKER, h, None)).and_then(|all| {
+                all.iter().find(|x| uid_of(x) == uid).map(|x| x["status"].as_str().unwrap_or_default().to_string())
+            });
+            sh.object_missing.lock().unwrap().push((uid, o.describe(), status));
         } else {
             let removed = gone(sh, &uid);
             expect_failure(sh, &o, removed);
@@ -817,8 +819,10 @@ fn drill(kind: &str, make_store: impl FnOnce(&Path) -> Store) {
     // A version object found missing is a half-removed version, and only an `rm` the
     // restart cut off may leave one (see `cut_off_rm`).
     let cut_off = sh.cut_off_rm.lock().unwrap().clone();
-    for (uid, what) in sh.object_missing.lock().unwrap().iter() {
-        if cut_off.contains(uid) {
+    for (uid, what, status) in sh.object_missing.lock().unwrap().iter() {
+        if status.as_deref() == Some("valid") {
+            sh.problem(format!("a version listed valid has no version object (status {status:?}): {what}"));
+        } else if cut_off.contains(uid) {
             sh.count("deep scrubs of a version an rm cut off by the restart left half-removed", 1);
         } else {
             sh.problem(format!("a version object missing, not left by an rm the restart cut off: {what}"));
@@ -910,6 +914,11 @@ fn drill(kind: &str, make_store: impl FnOnce(&Path) -> Store) {
     assert!(counts.get("backups").copied().unwrap_or(0) >= WRITERS as u64, "{counts:?}");
     assert!(counts.get("cleanups").copied().unwrap_or(0) >= 1, "{counts:?}");
     assert!(counts.get("cleanups in slices").copied().unwrap_or(0) >= 1, "{counts:?}");
+    // Its faults happened: a kill that found nothing running is given up silently, and
+    // a run whose kills all missed would prove nothing about them.
+    assert!(counts.get("writer kills landed").copied().unwrap_or(0) >= 1, "{counts:?}");
+    assert!(counts.get("cleaner kills landed").copied().unwrap_or(0) >= 1, "{counts:?}");
+    assert_eq!(sh.restarts.load(Ordering::SeqCst), 2, "PostgreSQL was restarted once, while backups ran");
     eprintln!(
         "drill on {kind} (seed {seed}): {} versions checked, {} block objects ({cross_host} shared between hosts), {} versions recorded, {} removed; {:?} in all",
         versions.len(),

@@ -1366,7 +1366,7 @@ fn run(cli: Cli) -> Result<i32> {
         Command::Database { action: DatabaseAction::Migrate { to } } => {
             let (to, r) = repo.migrate_catalog(&to)?;
             note!(
-                "copied the catalog into {}: {} version(s), {} index(es), {} object(s) of {} storage(s); checked. Set `database` in the configuration to it",
+                "copied the catalog into {}: {} version(s), {} index(es), {} object(s) of {} storage(s); checked. Set `database` in the configuration to it: the old catalog now refuses to be used",
                 to.display(),
                 r.versions,
                 r.indexes,

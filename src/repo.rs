@@ -57,6 +57,12 @@ impl Repository {
             crate::catalog::set_host(h);
         }
         let db = crate::catalog::open(&config.catalog_location(), config.modes)?;
+        if let Some(moved) = db.repository_state(crate::catalog::MOVED_TO)? {
+            return Err(Error::Refused(format!(
+                "the catalog {} was migrated to {moved} and is no longer kept up to date: set `database` in the configuration (or KEEPFS_DATABASE) to the new one (docs/scale-out.md), or remove this one if it is not wanted",
+                config.catalog_location().display()
+            )));
+        }
         if db.engine() != "sqlite" {
             crate::catalog::check_owner(db.as_ref(), &config)?;
         }

@@ -351,13 +351,21 @@ pub struct SessionService {
     versions: Mutex<(Option<Instant>, Arc<Vec<VersionEntry>>, u64)>,
     /// Bytes each version holds in non-sparse blocks (versions never change).
     data_bytes: Mutex<HashMap<String, u64>>,
+    /// This service's own session, for as long as it serves: a mount or NBD server with
+    /// nothing open is still using the repository (`database migrate` is refused).
+    _serving: Option<crate::repo::SessionGuard>,
 }
 
 impl SessionService {
     pub fn new(repo: Arc<Repository>, opts: SessionOptions) -> SessionService {
         let cache = Arc::new(BlockCache::new(repo.config.cache_bytes as usize));
         let prefetch = Arc::new(Prefetcher::start(cache.clone(), repo.config.storage_readers));
+        let serving = repo
+            .session("serve", false)
+            .map_err(|e| keepfs_face::log!("keepfs: warning: cannot register this server's session: {e}"))
+            .ok();
         SessionService {
+            _serving: serving,
             repo,
             cache,
             prefetch,

@@ -267,9 +267,23 @@ fn database_migrate_copies_the_catalog_to_postgresql_and_back() {
     assert_eq!(on_pg, before);
     assert_eq!(pg_indexes(&url), sqlite_indexes(&sqlite));
 
+    // The old catalog is left behind, marked: every command on it (a cron job that
+    // still uses the embedded default) is refused with one line naming the new one.
+    for args in [vec!["ls"], vec!["backup", &repo.url("img"), "stale", "-b", "64k"], vec!["cleanup"]] {
+        let stale = repo.run(&args);
+        assert_eq!(stale.code, 4, "{args:?}: {}", stale.stderr);
+        assert_eq!(stale.stderr.trim().lines().count(), 1, "{}", stale.stderr);
+        let line = stale.error_line();
+        assert!(line.contains("was migrated to postgresql://") && line.contains("set `database`"), "{line}");
+        assert!(!line.contains(common::pg::PASSWORD), "{line}");
+    }
+    assert_eq!(ls_json(&repo, &[("KEEPFS_DATABASE", &url)]), before, "nothing was written meanwhile");
     // Into a catalog that holds something: refused.
-    let again = repo.run(&["database", "migrate", "--to", &url]);
+    let other = Repo { dir: tempfile::tempdir().unwrap(), catalog: None };
+    other.ok(&["ls"]);
+    let again = other.run(&["database", "migrate", "--to", &url]);
     assert_eq!(again.code, 4, "{}", again.stderr);
+    assert!(again.error_line().contains("not empty"), "{}", again.stderr);
 
     // The repository goes on on PostgreSQL: a backup of the same image stores nothing new.
     let blocks = repo.block_objects();
@@ -285,14 +299,20 @@ fn database_migrate_copies_the_catalog_to_postgresql_and_back() {
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert_eq!(sha256_file(&out), sha256_file(&repo.path("img")));
 
-    // And back into a new SQLite file.
-    let back = repo.path("back.sqlite");
-    let r = repo.run_env(&["database", "migrate", "--to", back.to_str().unwrap()], &[("KEEPFS_DATABASE", &url)]);
-    assert_eq!(r.code, 0, "{}", r.stderr);
+    // And back into a new SQLite file (given relative: it is printed absolute, ready
+    // for `database`); then PostgreSQL is the catalog left behind.
     let on_pg = ls_json(&repo, &[("KEEPFS_DATABASE", &url)]);
+    let back = repo.path("back.sqlite");
+    let mut c = repo.command(&["database", "migrate", "--to", "back.sqlite"]);
+    c.current_dir(repo.path("")).env("KEEPFS_DATABASE", &url);
+    let r = c.output().unwrap();
+    let stderr = String::from_utf8_lossy(&r.stderr);
+    assert!(r.status.success(), "{stderr}");
+    assert!(stderr.contains(&format!("copied the catalog into {}", back.display())), "{stderr}");
     assert_eq!(ls_json(&repo, &[("KEEPFS_DATABASE", back.to_str().unwrap())]), on_pg);
     assert_eq!(sqlite_indexes(&back), pg_indexes(&url));
     assert_eq!(on_pg.as_array().unwrap().len(), 3);
+    assert_eq!(repo.run_env(&["ls"], &[("KEEPFS_DATABASE", &url)]).code, 4, "PostgreSQL is the old catalog now");
 }
 
 /// `database rebuild` into an empty PostgreSQL database recreates what the SQLite

@@ -597,3 +597,21 @@ fn unusable_names_and_labels_are_einval_in_incoming() {
     assert_eq!((v["snapshot"].as_str(), v["labels"]["env"].as_str()), (Some("snap-1"), Some("prod")), "{v}");
     assert_eq!(repo.ls_json(None).as_array().unwrap().len(), 1, "nothing else was made: {}", repo.ok(&["ls"]));
 }
+
+/// A mount with nothing open still uses the repository: `database migrate` is refused
+/// while it runs (its writes after the copy would land in the catalog left behind), and
+/// goes ahead once it is unmounted.
+#[test]
+fn an_idle_mount_keeps_the_catalog_from_being_migrated() {
+    let repo = Repo::new();
+    fs::write(repo.path("img"), mixed_image(72, 4, 1 << 20, 0)).unwrap();
+    repo.backup("img", "db", &[]);
+    let mut m = Mount::new(&repo, &[]);
+    let to = repo.path("moved.sqlite");
+    let r = repo.run(&["database", "migrate", "--to", to.to_str().unwrap()]);
+    assert_eq!(r.code, 4, "{}", r.stderr);
+    assert!(r.error_line().contains("session(s) are using the repository (e.g. serve by pid"), "{}", r.stderr);
+    assert!(!to.exists() || fs::metadata(&to).unwrap().len() == 0, "nothing was copied");
+    m.unmount();
+    repo.ok(&["database", "migrate", "--to", to.to_str().unwrap()]);
+}

@@ -20,8 +20,9 @@ pub struct CopyReport {
     pub objects: u64,
 }
 
-/// Copies `from` into the empty catalog `to` and checks the result.
-pub fn copy(from: &dyn Catalog, to: &mut dyn Catalog) -> Result<CopyReport> {
+/// Refuses a copy while sessions use the repository: their writes after the copy would
+/// land in the catalog left behind.
+fn refuse_running(from: &dyn Catalog) -> Result<()> {
     let running = from.live_sessions()?;
     if let Some(s) = running.first() {
         return Err(Error::Refused(format!(
@@ -32,11 +33,22 @@ pub fn copy(from: &dyn Catalog, to: &mut dyn Catalog) -> Result<CopyReport> {
             s.process.host
         )));
     }
+    Ok(())
+}
+
+fn refuse_nonempty(to: &dyn Catalog) -> Result<()> {
     if !to.is_empty()? {
         return Err(Error::Refused(
             "the target catalog is not empty; migrate into a new database (or a new SQLite file)".into(),
         ));
     }
+    Ok(())
+}
+
+/// Copies `from` into the empty catalog `to` and checks the result.
+pub fn copy(from: &dyn Catalog, to: &mut dyn Catalog) -> Result<CopyReport> {
+    refuse_running(from)?;
+    refuse_nonempty(to)?;
     let mut report = CopyReport::default();
     let storages = from.storage_records()?;
     to.import_storages(&storages)?;
@@ -179,11 +191,38 @@ impl crate::Repository {
         if location == self.config.catalog_location() {
             return Err(Error::Invalid(format!("--to {}: that is this repository's own catalog", location.display())));
         }
+        // Before the target is made: a refused migration leaves no new file behind.
+        refuse_running(self.db().as_ref())?;
         let mut to = super::open(&location, self.config.modes)?;
-        let report = copy(self.db().as_ref(), to.as_mut())?;
+        refuse_nonempty(to.as_ref())?;
+        // From here on, a failure leaves part of a copy in the target.
+        let report = match copy(self.db().as_ref(), to.as_mut()) {
+            Ok(r) => r,
+            Err(e) => {
+                drop(to);
+                return Err(match &location {
+                    // A new file of ours: removed, so that nothing half-copied looks valid.
+                    super::Location::Sqlite(path) => {
+                        for suffix in ["", "-wal", "-shm"] {
+                            let mut p = path.clone().into_os_string();
+                            p.push(suffix);
+                            let _ = std::fs::remove_file(p);
+                        }
+                        e
+                    }
+                    super::Location::Postgres { .. } => Error::Other(format!(
+                        "{e}; the target database may hold part of the copy: drop and create it again (dropdb, createdb) before migrating again"
+                    )),
+                });
+            }
+        };
         if to.engine() != "sqlite" {
             super::check_owner(to.as_ref(), &self.config)?;
         }
+        // From now on the new catalog is the repository's: this one refuses to be used,
+        // so that no host left on it backs up or cleans up beside the new one.
+        let when = chrono::Utc::now().format("%Y-%m-%d %H:%M UTC");
+        self.db().set_repository_state(super::MOVED_TO, &format!("{} on {when}", location.display()))?;
         Ok((location, report))
     }
 }

@@ -68,6 +68,11 @@ pub(crate) fn session_ended(session: i64) -> crate::error::Error {
 /// the versions this catalog holds.
 pub(crate) const REBUILD_UNFINISHED: &str = "rebuild_unfinished";
 
+/// `repository_state` row of a catalog that `database migrate` copied elsewhere: where
+/// to, and when. Such a catalog is no longer kept up to date, and is refused (a host
+/// left on it would back up and clean up beside the new one).
+pub(crate) const MOVED_TO: &str = "moved_to";
+
 pub fn now_ms() -> i64 {
     Utc::now().timestamp_millis()
 }
@@ -137,7 +142,8 @@ pub fn check_owner(db: &dyn Catalog, config: &crate::config::Config) -> Result<(
         Some(owner) if mine.contains(&owner) => Ok(()),
         Some(owner) => Err(crate::Error::Refused(format!(
             "the catalog {} belongs to another repository (storage {owner}), not to this configuration's ({}); \
-             give this repository a database of its own",
+             to share that repository, configure its storage ([[storage]] at {owner}) as every other host does; \
+             otherwise give this repository a database of its own",
             config.catalog_location().display(),
             mine.join(", ")
         ))),

@@ -264,6 +264,7 @@ impl Repository {
             if let Some(s) = &session {
                 s.lock_exclusive(v.uid, crate::repo::REPLACING)?;
             }
+            let _no_cleanup = self.no_cleanup_of(&v.storage)?;
             let (missing, damaged) = self.objects_in_storage(&v.storage, &index)?;
             v.status = if missing || damaged || v.status != Status::Valid { Status::Invalid } else { Status::Valid };
             index.with_bytes(|bytes| self.db().replace_version_record(&v, bytes))?;
@@ -271,6 +272,18 @@ impl Repository {
         }
         done.extend(self.insert_recovered(found)?);
         Ok(done)
+    }
+
+    /// Holds off any cleanup of `storage` while a version is taken in: between finding its
+    /// objects in the storage and recording the version that references them, a cleanup
+    /// would see them unreferenced and could delete them. Refused while one runs.
+    fn no_cleanup_of(&self, storage: &str) -> Result<crate::gc::CleanupClaim> {
+        self.claim_cleanup(storage).map_err(|e| match e {
+            Error::Refused(m) => Error::Refused(format!(
+                "{m}; versions are taken in only while no cleanup runs (it could delete the blocks they name)"
+            )),
+            e => e,
+        })
     }
 
     /// Records the objects `index` names that its storage holds as found (in batches as
@@ -313,6 +326,7 @@ impl Repository {
     fn insert_recovered(&self, checked: Vec<(Version, Recovered)>) -> Result<Vec<VersionUid>> {
         let mut imported = Vec::new();
         for (mut v, index) in checked {
+            let _no_cleanup = self.no_cleanup_of(&v.storage)?;
             let (missing, damaged) = self.objects_in_storage(&v.storage, &index)?;
             if missing || damaged || v.status == Status::Incomplete {
                 v.status = Status::Invalid;

@@ -263,3 +263,30 @@ fn a_session_of_another_pid_namespace_under_the_same_host_name_is_not_taken_for_
     scrub.kill().unwrap();
     scrub.wait().unwrap();
 }
+
+/// Taking a version in (`metadata import`) finds its blocks in the storage and then
+/// records the version that references them; a cleanup in between would find them
+/// unreferenced and could delete them under a version recorded valid. So an import
+/// holds off cleanup, and is refused, with one line, while a cleanup runs.
+#[test]
+fn metadata_is_not_taken_in_while_a_cleanup_runs() {
+    let repo = Repo::new();
+    fs::write(repo.path("img"), random_bytes(33, 4 * 65536)).unwrap();
+    let v = repo.backup("img", "vm", &["-b", "64k"]);
+    let doc = repo.path("v.json");
+    repo.ok(&["metadata", "export", &v, doc.to_str().unwrap()]);
+    repo.ok(&["rm", "--force", &v]);
+    // A cleanup runs (this process holds its claim): the blocks are unreferenced now.
+    let engine = keepfs::Repository::open(repo.engine_config()).unwrap();
+    let claim = engine.claim_cleanup("default").unwrap();
+    let r = repo.run(&["metadata", "import", doc.to_str().unwrap()]);
+    assert_eq!(r.code, 4, "{}", r.stderr);
+    assert_eq!(r.stderr.trim().lines().count(), 1, "{}", r.stderr);
+    assert!(r.error_line().contains("a cleanup of storage 'default' is running"), "{}", r.stderr);
+    assert!(r.error_line().contains("versions are taken in only while no cleanup runs"), "{}", r.stderr);
+    assert!(repo.ls_json(None).as_array().unwrap().is_empty(), "nothing was taken in");
+    drop(claim);
+    assert_eq!(repo.ok(&["metadata", "import", doc.to_str().unwrap()]).trim(), v);
+    assert!(repo.ok(&["cleanup"]).contains("deleted 0 object(s)"));
+    assert_eq!(repo.restore_sha(&v, "out"), sha256_file(&repo.path("img")));
+}

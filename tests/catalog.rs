@@ -241,6 +241,16 @@ fn a_database_of_another_repository_is_refused_and_a_newer_catalog_too() {
         "{}",
         r.stderr
     );
+
+    // The same of an SQLite catalog, and nothing is written to it.
+    let lite = Repo { dir: tempfile::tempdir().unwrap(), catalog: None };
+    lite.ok(&["ls"]);
+    rusqlite::Connection::open(lite.db_file()).unwrap().pragma_update(None, "user_version", 99).unwrap();
+    let before = std::fs::read(lite.db_file()).unwrap();
+    let r = lite.run(&["ls"]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(r.error_line().contains("schema version 99, newer than this keepfs knows"), "{}", r.stderr);
+    assert_eq!(std::fs::read(lite.db_file()).unwrap(), before, "the newer catalog was left as it was");
 }
 
 /// SQLite → PostgreSQL → a new SQLite file: `ls --format json` and every version's
@@ -671,4 +681,29 @@ fn an_index_on_its_way_to_the_catalog_holds_up_no_other_writer() {
     let out = repo.path("out");
     repo.ok_cfg(&["restore", &v1, &format!("file://{}", out.display())]);
     assert_eq!(sha256_file(&out), sha256_file(&repo.path("img")));
+}
+
+/// A process that holds the catalog's write lock and hangs (here a transaction of this
+/// test holding the advisory lock) makes a writer give up after `lock_timeout` with one
+/// line (exit 1), and write nothing, instead of waiting for ever. (60 s by default; the
+/// URL's own `options=-c lock_timeout=…` is kept, here 2 s.)
+#[test]
+fn a_writer_behind_a_hung_lock_holder_gives_up_with_one_line() {
+    let pg = PgServer::start();
+    let db = pg.create_db("hung");
+    let url = pg.url(&db);
+    let repo = config_repo(&format!("{url}?options=-c%20lock_timeout%3D2000"));
+    std::fs::write(repo.path("img"), mixed_image(8, 4, BS, 0)).unwrap();
+    let v = repo.ok_cfg(&["backup", &repo.url("img"), "vm", "-b", "64k"]).trim().to_string();
+    let mut holder = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+    let mut tx = holder.transaction().unwrap();
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&keepfs::catalog::postgres::WRITE_LOCK]).unwrap();
+    let r = repo.run_cfg(&["label", &v, "k=v"]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert_eq!(r.stderr.trim().lines().count(), 1, "one line: {}", r.stderr);
+    assert!(r.error_line().contains("lock timeout"), "{}", r.stderr);
+    tx.rollback().unwrap();
+    let ls = ls_json(&repo, &[]);
+    assert!(ls[0]["labels"].get("k").is_none(), "nothing was written: {ls}");
+    repo.ok_cfg(&["label", &v, "k=v"]);
 }

@@ -194,6 +194,16 @@ impl<T: TlsConnect<Socket>> TlsConnect<Socket> for WatchedConnect<T> {
 /// `verify-ca`, `verify-full` nor `sslrootcert`); returns the URL left and what the
 /// connection does about TLS. `PGSSLMODE` and `PGSSLROOTCERT` apply when the URL says
 /// nothing. `name` is the URL without its password, for messages.
+/// `s` with every byte but the unreserved ones of RFC 3986 percent-encoded.
+fn percent(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
 pub fn from_url(url: &str, name: &str) -> Result<(String, Tls)> {
     let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
     let mut mode_text = None;
@@ -216,7 +226,10 @@ pub fn from_url(url: &str, name: &str) -> Result<(String, Tls)> {
         if kept.is_empty() {
             u.set_query(None);
         } else {
-            u.query_pairs_mut().clear().extend_pairs(kept);
+            // Percent-encoded, not form-encoded: the client reads '+' as a plus sign,
+            // so `options=-c%20lock_timeout%3D…` must keep its %20.
+            let q: Vec<String> = kept.iter().map(|(k, v)| format!("{}={}", percent(k), percent(v))).collect();
+            u.set_query(Some(&q.join("&")));
         }
         rest = u.to_string();
     }

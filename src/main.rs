@@ -968,6 +968,11 @@ fn run(cli: Cli) -> Result<i32> {
         }
         Command::Restore { uid, target, force, sparse, resume, delta_from, delta_check, .. } => {
             let uid = VersionUid::parse(&uid)?;
+            if target == "-" {
+                return Err(Error::Invalid(
+                    "restore target '-': keepfs writes blocks at their offsets and cannot write to standard output; name a file or block device, or read the version through `keepfs mount` (by_version/UID/data)".into(),
+                ));
+            }
             let url = Url::parse(&target).map_err(Error::Invalid)?;
             let p = progress(format!("restoring {uid}"));
             if let Some(from) = delta_from {

@@ -176,7 +176,15 @@ fn open_direct(path: &Path) -> Option<File> {
     OpenOptions::new().write(true).custom_flags(libc::O_DIRECT).open(path).ok()
 }
 
-fn open_target(path: &Path, uid: VersionUid, size: u64, opts: &RestoreOptions) -> Result<Target> {
+/// A new target file is made with the repository's file mode (0600 unless configured),
+/// not the umask's: a restored disk is as private as its backup.
+fn open_target(
+    path: &Path,
+    uid: VersionUid,
+    size: u64,
+    opts: &RestoreOptions,
+    modes: crate::perms::Modes,
+) -> Result<Target> {
     let ctx = |what: &str| format!("cannot {what} restore target {}", path.display());
     let partial = partial_path(path, uid);
     match std::fs::metadata(path) {
@@ -267,7 +275,8 @@ fn open_target(path: &Path, uid: VersionUid, size: u64, opts: &RestoreOptions) -
                     discard_zeros: false,
                 });
             }
-            let file = OpenOptions::new()
+            let file = modes
+                .options()
                 .read(true)
                 .write(true)
                 .create(true)
@@ -373,7 +382,7 @@ impl Repository {
                     discard_zeros: existing && opts.sparse,
                 }
             }
-            Url::File(p) => open_target(p, uid, version.size, opts)?,
+            Url::File(p) => open_target(p, uid, version.size, opts, self.config.modes)?,
             Url::Null(_) => unreachable!("refused above"),
         };
         // A device must get real zeros; a fresh file already reads as zeros. An existing

@@ -71,7 +71,12 @@ fn a_new_repository_is_readable_by_its_owner_only() {
     let db_files: &[&str] = if sqlite { &["keepfs.sqlite-wal", "keepfs.sqlite-shm"] } else { &[] };
     assert_owner_only(&repo.home(), &[db_files, &["storage/blocks/", "storage/versions/V"]].concat());
     drop(db);
-    assert_eq!(repo.restore_sha(&uid, "out"), sha256_file(&repo.path("img")));
+    repo.ok(&["restore", &uid, &repo.url("out")]);
+    assert_eq!(sha256_file(&repo.path("out")), sha256_file(&repo.path("img")));
+    // A new restore target is as private as the backup it came from.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(repo.path("out")).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "the restored disk is {mode:o}");
     repo.ok(&["rm", "--force", &uid]);
     repo.ok(&["cleanup"]);
     let db_files: &[&str] = if sqlite { &["keepfs.sqlite"] } else { &[] };

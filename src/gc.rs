@@ -59,6 +59,13 @@ pub struct CleanupPlan {
     /// go without them): count and stored bytes.
     pub kept_for_continue: u64,
     pub kept_for_continue_bytes: u64,
+    /// Object files no row names that are younger than `incomplete_grace`: a backup of
+    /// another host writing here with a catalog of its own may be storing them (its
+    /// versions are not in this catalog until it commits). Count and bytes.
+    pub kept_unrecorded: u64,
+    pub kept_unrecorded_bytes: u64,
+    /// `incomplete_grace`, for saying so.
+    pub grace: chrono::Duration,
 }
 
 /// An incomplete version whose objects a cleanup spares.
@@ -76,6 +83,21 @@ pub struct SparedVersion {
 impl CleanupPlan {
     pub fn bytes(&self) -> u64 {
         self.objects.iter().map(|o| o.1).sum::<u64>() + self.orphans.iter().map(|o| o.1).sum::<u64>()
+    }
+
+    /// The files no row names that are kept for now, for people (none: nothing to say).
+    pub fn unrecorded_line(&self, part: &str) -> Option<String> {
+        (self.kept_unrecorded > 0).then(|| {
+            format!(
+                "{part}: keeping {} file(s), {}, that no version or backup of this catalog names, until they are older than incomplete_grace ({}): another host writing here with a catalog of its own may be storing them",
+                self.kept_unrecorded,
+                crate::units::format_size(self.kept_unrecorded_bytes),
+                match self.grace.num_hours() {
+                    0 => format!("{} min", self.grace.num_minutes()),
+                    h => format!("{h} h"),
+                }
+            )
+        })
     }
 
     /// What the plan spares for `backup --continue`, and until when, for people.
@@ -309,6 +331,9 @@ impl Repository {
             spared,
             kept_for_continue: 0,
             kept_for_continue_bytes: 0,
+            kept_unrecorded: 0,
+            kept_unrecorded_bytes: 0,
+            grace: self.config.incomplete_grace,
         };
         let mut known: HashSet<u64> = HashSet::new();
         db.for_each_object(storage_id, &mut |row| {
@@ -339,12 +364,21 @@ impl Repository {
         drop(db);
         let cutoff_time = file_cutoff(cutoff_ms);
         let running_time = file_cutoff(running_cutoff);
+        // A file no row names goes only once it is older than `incomplete_grace` too: this
+        // catalog cannot see the backups of another host that writes here with a catalog
+        // of its own (a misconfiguration `backup` warns about), nor protect their blocks
+        // any other way before their versions exist.
+        let grace = std::time::Duration::from_millis(self.config.incomplete_grace.num_milliseconds().max(0) as u64);
+        let unrecorded_time = SystemTime::now().checked_sub(grace).unwrap_or(UNIX_EPOCH);
         st.list_each("blocks/", &mut |e| {
             if let Some(short) = BlockId::from_storage_key(&e.key).filter(|id| slice.holds_id(id)).map(|id| id.short())
                 && !known.contains(&short)
                 && !marked.contains(&short)
             {
-                if e.modified < cutoff_time {
+                if e.modified < cutoff_time && e.modified >= unrecorded_time {
+                    plan.kept_unrecorded += 1;
+                    plan.kept_unrecorded_bytes += e.size;
+                } else if e.modified < cutoff_time {
                     plan.orphans.push((e.key, e.size));
                 } else if e.modified < running_time {
                     plan.kept_for_continue += 1;

@@ -1658,6 +1658,9 @@ fn run(cli: Cli) -> Result<i32> {
                             say(line)?;
                         }
                     }
+                    if let Some(line) = plan.unrecorded_line(&part) {
+                        say(line)?;
+                    }
                     if !plan.unfinished.is_empty() {
                         say(format!(
                             "{part}: {} block(s) of stopped backups were never recorded; their files (if any) go too",
@@ -1679,6 +1682,7 @@ fn run(cli: Cli) -> Result<i32> {
                     sum(&mut j, "referenced", plan.referenced);
                     sum(&mut j, "kept_recent", plan.kept_recent);
                     sum(&mut j, "unfinished", plan.unfinished.len() as u64);
+                    sum(&mut j, "kept_unrecorded", plan.kept_unrecorded);
                     if slice.index == 0 {
                         j["spared"] = plan.spared_lines().into();
                     }

@@ -508,7 +508,7 @@ fn a_host_with_a_wrong_clock_keeps_its_running_backup_safe_from_another_hosts_cl
 /// uid is taken), naming the fixes; a catalog that knows only some of the storage's
 /// versions warns at each backup, and its cleanup refuses (it would delete the other
 /// versions' blocks), saying what to do; once it knows them all, cleanup keeps every
-/// version whole.
+/// version whole, and does not delete the blocks of the other's running backup.
 #[test]
 fn two_catalogs_on_one_storage_are_warned_about_and_cleanup_refuses() {
     let shared = tempfile::tempdir().unwrap();
@@ -554,6 +554,38 @@ fn two_catalogs_on_one_storage_are_warned_about_and_cleanup_refuses() {
         let want = if uid == &v3 { b.path("img") } else { a.path("img") };
         assert_eq!(sha256_file(&out), sha256_file(&want), "{uid}");
     }
+
+    // Now that each knows all the versions, A backs up a new image, slowly (256 kB/s: a 64 KiB block
+    // every quarter second), and B cleans up while it runs. A's blocks are files no row
+    // of B's names, and its version does not exist yet: B keeps them (younger than
+    // incomplete_grace) instead of deleting them from under the running backup.
+    a.ok_cfg(&["metadata", "restore", &v3]);
+    let blocks = || common::files_under(&shared.path().join("blocks")).len();
+    std::fs::write(a.path("new"), random_bytes(21, 32 * BS)).unwrap();
+    let slow = a.path("slow.toml");
+    let text = std::fs::read_to_string(a.path("keepfs.toml")).unwrap();
+    std::fs::write(&slow, format!("{text}write_bandwidth = \"256k\"\n")).unwrap();
+    let before = blocks();
+    let backup = a
+        .command(&["--config", slow.to_str().unwrap(), "backup", &a.url("new"), "vm-a2", "-b", "64k"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    common::mount::wait_until("A's backup to store 12 blocks", std::time::Duration::from_secs(60), || {
+        blocks() >= before + 12
+    });
+    let c = b.run_cfg(&["cleanup"]);
+    assert_eq!(c.code, 0, "{}", c.stderr);
+    let said = format!("{}{}", c.stdout, c.stderr);
+    assert!(said.contains("that no version or backup of this catalog names"), "{said}");
+    let out = backup.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v4 = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    a.ok_cfg(&["deep-scrub", &v4]);
+    let restored = a.path("out4");
+    a.ok_cfg(&["restore", &v4, &format!("file://{}", restored.display())]);
+    assert_eq!(sha256_file(&restored), sha256_file(&a.path("new")));
 }
 
 /// A host that goes silent for longer than other hosts wait for (a paused VM, a stopped

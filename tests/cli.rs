@@ -388,14 +388,14 @@ fn a_cleanup_over_its_memory_budget_goes_in_slices_and_deletes_the_same() {
     let vb = repo.backup("b", "vm", &["-b", "64k"]);
     let vc = repo.backup("c", "vm", &["-b", "64k"]);
     repo.ok(&["rm", "--force", &va, &vb]);
-    // Files a killed backup left behind, older than any cutoff.
+    // Files a killed backup left behind, older than any cutoff and incomplete_grace.
     let mut orphans = Vec::new();
     for n in 0..5u64 {
         let id = keepfs::block::BlockId::of(&random_bytes(4300 + n, 64));
         let path = repo.storage().join(id.storage_key());
         fs::create_dir_all(path.parent().unwrap()).unwrap();
         let f = fs::File::create(&path).unwrap();
-        f.set_modified(std::time::SystemTime::now() - std::time::Duration::from_secs(3600)).unwrap();
+        f.set_modified(std::time::SystemTime::now() - std::time::Duration::from_secs(2 * 86400)).unwrap();
         orphans.push(path);
     }
 

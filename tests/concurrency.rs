@@ -75,11 +75,17 @@ fn versions_in_use_cannot_be_removed_and_dead_holders_release_them() {
         assert!(r.stderr.contains(&format!("kept {v}: version {v} is in use")), "{}", r.stderr);
         assert_eq!(repo.version(&newer)["status"], "valid");
 
-        // The scrub is killed: its lock goes with it.
+        // The scrub is killed: its lock goes with it, even before it is reaped (a zombie
+        // has ended; it only waits for its parent).
         scrub.kill().unwrap();
-        scrub.wait().unwrap();
+        let pid = scrub.id();
+        wait_until("the killed scrub to be a zombie", Duration::from_secs(30), || {
+            fs::read_to_string(format!("/proc/{pid}/stat"))
+                .is_ok_and(|s| s.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')))
+        });
         let plan = repo.ok(&["rm", "--force", "--dry-run", &w]);
         assert!(plan.contains(&format!("would remove {w}")), "{plan}");
+        scrub.wait().unwrap();
 
         // The restore finishes, with the right bytes, and lets go.
         let report = restore.join().unwrap().unwrap();
@@ -289,4 +295,19 @@ fn metadata_is_not_taken_in_while_a_cleanup_runs() {
     assert_eq!(repo.ok(&["metadata", "import", doc.to_str().unwrap()]).trim(), v);
     assert!(repo.ok(&["cleanup"]).contains("deleted 0 object(s)"));
     assert_eq!(repo.restore_sha(&v, "out"), sha256_file(&repo.path("img")));
+}
+
+/// A session id is never given twice. SQLite gives a new row the largest id plus one,
+/// so the newest session, once ended, handed its id to the next: a backup started after
+/// a cleanup that stopped with rows marked `deleting` took the cleanup's id, passed for
+/// it, and waited 10 minutes for "the cleanup" to finish.
+#[test]
+fn a_session_id_is_never_given_twice() {
+    let repo = Repo::new();
+    let engine = keepfs::Repository::open(repo.engine_config()).unwrap();
+    let first = engine.session("cleanup", false).unwrap().id;
+    let second = engine.session("backup", true).unwrap().id;
+    assert!(second > first, "session {first} ended, and the next was given {second}");
+    let engine = keepfs::Repository::open(repo.engine_config()).unwrap();
+    assert!(engine.session("backup", true).unwrap().id > second, "nor after the catalog is opened again");
 }

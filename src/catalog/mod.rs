@@ -215,6 +215,10 @@ pub(crate) fn machine_id() -> &'static str {
             return String::new();
         }
         let ns = std::fs::read_link("/proc/self/ns/pid").map(|p| p.to_string_lossy().into_owned()).unwrap_or_default();
+        // Without its pid namespace, a pid cannot be told apart from another container's.
+        if ns.is_empty() {
+            return String::new();
+        }
         format!("{boot} {ns}")
     })
 }
@@ -271,10 +275,13 @@ fn proc_start_time(pid: u32) -> Seen {
             return if exists { Seen::Hidden } else { Seen::Gone };
         }
     };
-    // Field 22 (starttime); the command name (field 2) may contain spaces, so count from ')'.
-    let start =
-        stat.rfind(')').and_then(|i| stat.get(i + 2..)).and_then(|a| a.split_whitespace().nth(19)?.parse().ok());
-    match start {
+    // Field 3 (state) and 22 (starttime); the command name (field 2) may contain spaces,
+    // so count from ')'. A zombie has ended: it only waits for its parent to reap it.
+    let fields: Vec<&str> = stat.rfind(')').and_then(|i| stat.get(i + 2..)).unwrap_or("").split_whitespace().collect();
+    if fields.first() == Some(&"Z") {
+        return Seen::Gone;
+    }
+    match fields.get(19).and_then(|t| t.parse().ok()) {
         Some(t) => Seen::Started(t),
         None => Seen::Hidden,
     }

@@ -106,6 +106,9 @@ ALTER TABLE sessions ADD COLUMN machine TEXT NOT NULL DEFAULT '';
 "#,
 ];
 
+/// `repository_state` row: the highest session id ever given (see `register_session`).
+const SESSION_SEQ: &str = "session_seq";
+
 /// A session's columns as [`session_row`] reads them.
 const SESSION_COLUMNS: &str = "id, pid, host, proc_start, started_ms, heartbeat_ms, purpose, writes, machine";
 
@@ -460,15 +463,31 @@ impl Catalog for SqliteCatalog {
 
     // ---- sessions -------------------------------------------------------------------
 
+    /// Session ids are never reused: SQLite would give a new row the largest id plus one,
+    /// so a session that ended as the newest would hand its id to the next one, which
+    /// would then pass for it (the cleanup that marked rows `deleting`, the writer of an
+    /// incomplete version). The highest id ever given is kept in `repository_state`.
     fn register_session(&self, purpose: &str, writes: bool) -> Result<i64> {
         let p = super::ProcessId::current();
         let now = now_ms();
-        self.conn.execute(
-            "INSERT INTO sessions(pid, host, proc_start, started_ms, heartbeat_ms, purpose, writes, machine) \
-             VALUES (?1,?2,?3,?4,?4,?5,?6,?7)",
-            params![p.pid, p.host, p.start as i64, now, purpose, writes, p.machine],
+        let tx = rusqlite::Transaction::new_unchecked(&self.conn, TransactionBehavior::Immediate)?;
+        let id: i64 = tx.query_row(
+            "SELECT MAX(COALESCE((SELECT MAX(id) FROM sessions), 0), \
+             COALESCE((SELECT CAST(value AS INTEGER) FROM repository_state WHERE name = ?1), 0)) + 1",
+            [SESSION_SEQ],
+            |r| r.get(0),
         )?;
-        Ok(self.conn.last_insert_rowid())
+        tx.execute(
+            "INSERT INTO sessions(id, pid, host, proc_start, started_ms, heartbeat_ms, purpose, writes, machine) \
+             VALUES (?1,?2,?3,?4,?5,?5,?6,?7,?8)",
+            params![id, p.pid, p.host, p.start as i64, now, purpose, writes, p.machine],
+        )?;
+        tx.execute(
+            "INSERT OR REPLACE INTO repository_state(name, value) VALUES (?1, ?2)",
+            params![SESSION_SEQ, id.to_string()],
+        )?;
+        tx.commit()?;
+        Ok(id)
     }
 
     /// Refreshes a session's heartbeat, and the last sign of life of the incomplete

@@ -204,21 +204,30 @@ impl Repository {
     /// storage, from any process or host, is refused while a live one holds it; the claim
     /// of a process that died is taken over.
     pub fn claim_cleanup(&self, storage: &str) -> Result<CleanupClaim> {
-        let session = self.session("cleanup", false)?;
+        self.claim_cleanup_for(storage, "cleanup")
+    }
+
+    /// [`Self::claim_cleanup`] by something that keeps cleanups off the storage while it
+    /// works (`purpose`: "database rebuild", "metadata import"), named so to the refused.
+    pub fn claim_cleanup_for(&self, storage: &str, purpose: &str) -> Result<CleanupClaim> {
+        let session = self.session(purpose, false)?;
         stall_before_claim();
         let name = format!("cleanup/{storage}");
         let holder = self.db().claim(&name, session.id)?;
         if let Some(holder) = holder {
-            let who = self
-                .db()
-                .live_sessions()?
-                .iter()
-                .find(|s| s.id == holder)
+            let held = self.db().live_sessions()?.into_iter().find(|s| s.id == holder);
+            let who = held
+                .as_ref()
                 .map(|s| format!("pid {} on {}", s.process.pid, s.process.host))
                 .unwrap_or_else(|| format!("session {holder}"));
-            return Err(Error::Refused(format!(
-                "a cleanup of storage '{storage}' is running ({who}); only one runs at a time: wait for it to finish"
-            )));
+            return Err(Error::Refused(match held.map(|s| s.purpose).filter(|p| p != "cleanup") {
+                Some(what) => format!(
+                    "storage '{storage}' is held by a {what} ({who}), which keeps cleanups off it while it works: wait for it to finish"
+                ),
+                None => format!(
+                    "a cleanup of storage '{storage}' is running ({who}); only one runs at a time: wait for it to finish"
+                ),
+            }));
         }
         Ok(CleanupClaim { session, name, storage: storage.to_string() })
     }

@@ -106,6 +106,7 @@ impl Repository {
         json.end_object().map_err(doc_err)?;
         json.consume_trailing_whitespace().map_err(doc_err)?;
         check_format(&format, format_version)?;
+        let _no_cleanup = self.no_cleanup_of("metadata import", checked.iter().map(|(v, _)| v.storage.as_str()))?;
         self.insert_recovered(checked)
     }
 
@@ -257,6 +258,8 @@ impl Repository {
             }
         }
         let mut done = Vec::new();
+        let storages = replaced.iter().chain(found.iter()).map(|(v, _)| v.storage.as_str());
+        let _no_cleanup = self.no_cleanup_of("metadata restore", storages)?;
         // Readers (a restore, a scrub, a mount, a backup's base) stream the index a piece
         // at a time: it is replaced only while none holds the version.
         let session = if replaced.is_empty() { None } else { Some(self.session("metadata restore", false)?) };
@@ -264,7 +267,6 @@ impl Repository {
             if let Some(s) = &session {
                 s.lock_exclusive(v.uid, crate::repo::REPLACING)?;
             }
-            let _no_cleanup = self.no_cleanup_of(&v.storage)?;
             let (missing, damaged) = self.objects_in_storage(&v.storage, &index)?;
             v.status = if missing || damaged || v.status != Status::Valid { Status::Invalid } else { Status::Valid };
             index.with_bytes(|bytes| self.db().replace_version_record(&v, bytes))?;
@@ -274,16 +276,29 @@ impl Repository {
         Ok(done)
     }
 
-    /// Holds off any cleanup of `storage` while a version is taken in: between finding its
-    /// objects in the storage and recording the version that references them, a cleanup
-    /// would see them unreferenced and could delete them. Refused while one runs.
-    fn no_cleanup_of(&self, storage: &str) -> Result<crate::gc::CleanupClaim> {
-        self.claim_cleanup(storage).map_err(|e| match e {
-            Error::Refused(m) => Error::Refused(format!(
-                "{m}; versions are taken in only while no cleanup runs (it could delete the blocks they name)"
-            )),
-            e => e,
-        })
+    /// Holds off any cleanup of these storages while versions are taken in: between
+    /// finding their objects in the storage and recording the versions that reference
+    /// them, a cleanup would see them unreferenced and could delete them. Refused while
+    /// one runs.
+    /// Taken for every storage at once, before the first version is recorded: refused
+    /// part way, an import would leave some versions in and refuse to run again.
+    fn no_cleanup_of<'a>(
+        &self,
+        purpose: &str,
+        storages: impl Iterator<Item = &'a str>,
+    ) -> Result<Vec<crate::gc::CleanupClaim>> {
+        let names: std::collections::BTreeSet<&str> = storages.collect();
+        names
+            .into_iter()
+            .map(|name| {
+                self.claim_cleanup_for(name, purpose).map_err(|e| match e {
+                    Error::Refused(m) => Error::Refused(format!(
+                        "{m}; versions are taken in only while no cleanup runs (it could delete the blocks they name); nothing was taken in"
+                    )),
+                    e => e,
+                })
+            })
+            .collect()
     }
 
     /// Records the objects `index` names that its storage holds as found (in batches as
@@ -326,7 +341,6 @@ impl Repository {
     fn insert_recovered(&self, checked: Vec<(Version, Recovered)>) -> Result<Vec<VersionUid>> {
         let mut imported = Vec::new();
         for (mut v, index) in checked {
-            let _no_cleanup = self.no_cleanup_of(&v.storage)?;
             let (missing, damaged) = self.objects_in_storage(&v.storage, &index)?;
             if missing || damaged || v.status == Status::Incomplete {
                 v.status = Status::Invalid;

@@ -506,7 +506,7 @@ impl Repository {
         for sc in &self.config.storages {
             // No cleanup of this storage meanwhile: the objects found are recorded after
             // the versions, and until then would look like orphans to it.
-            let _no_cleanup = self.claim_cleanup(&sc.name)?;
+            let _no_cleanup = self.claim_cleanup_for(&sc.name, "database rebuild")?;
             let storage = self.storage(&sc.name).map_err(stopped)?;
             for entry in storage.list("versions/").map_err(|e| stopped(e.into()))? {
                 let damaged =

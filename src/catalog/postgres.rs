@@ -136,25 +136,49 @@ const LOCK_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a connection attempt may take when the URL does not say (`connect_timeout`).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The URL without its password, for messages: everything between the user name and
-/// the last `@` is masked, so a URL that does not parse (a password with a `/`, `#` or
-/// `@` not percent-encoded, a typo in the port) never shows its password either.
+/// Where the user name and password of `rest` (a URL after its `://`) end: the last
+/// `@` before the query, or, when the part before the first `?` is all authority (no
+/// `/`), the last `@` of all (a password holding an unencoded `?`).
+fn userinfo_end(rest: &str) -> Option<usize> {
+    let q = rest.find('?').unwrap_or(rest.len());
+    rest[..q].rfind('@').or_else(|| (!rest[..q].contains('/')).then(|| rest.rfind('@')).flatten())
+}
+
+/// The URL without its password, for messages. Everything between the user name and
+/// the end of the user information is masked, so a URL that does not parse (a password
+/// with a `/`, `#`, `?` or `@` not percent-encoded, a typo in the port) never shows its
+/// password either; so is a `password=` parameter.
 pub fn redact(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else { return url.to_string() };
-    let Some(at) = rest.rfind('@') else { return url.to_string() };
-    match rest[..at].split_once(':') {
-        Some((user, _)) => format!("{scheme}://{user}:***{}", &rest[at..]),
-        None => url.to_string(),
-    }
+    let masked = match userinfo_end(rest) {
+        Some(at) => match rest[..at].split_once(':') {
+            Some((user, _)) => format!("{user}:***{}", &rest[at..]),
+            None => rest.to_string(),
+        },
+        None => rest.to_string(),
+    };
+    let masked = match masked.split_once('?') {
+        Some((base, query)) => {
+            let parts: Vec<String> = query
+                .split('&')
+                .map(|p| match p.split_once('=') {
+                    Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+                    _ => p.to_string(),
+                })
+                .collect();
+            format!("{base}?{}", parts.join("&"))
+        }
+        None => masked,
+    };
+    format!("{scheme}://{masked}")
 }
 
 /// A password in the URL that holds a character a URL gives another meaning: the URL
 /// would be read with another host (or none), so it is refused before connecting.
 fn check_userinfo(url: &str, name: &str) -> Result<()> {
     let Some((_, rest)) = url.split_once("://") else { return Ok(()) };
-    let Some(at) = rest.rfind('@') else { return Ok(()) };
-    let userinfo = &rest[..at];
-    if userinfo.contains(['/', '#', '?', '@']) {
+    let Some(at) = userinfo_end(rest) else { return Ok(()) };
+    if rest[..at].contains(['/', '#', '?', '@']) {
         return Err(Error::Config(format!(
             "database {name}: the user name or password holds '/', '#', '?' or '@', which end it early in a URL; percent-encode them (%2F, %23, %3F, %40) or put the password in a file named by database_password_file"
         )));
@@ -1485,5 +1509,47 @@ impl Catalog for PostgresCatalog {
 
     fn now_ms(&self) -> Result<i64> {
         self.clock_ms()
+    }
+}
+
+#[cfg(test)]
+mod url_tests {
+    use super::{check_userinfo, redact};
+
+    #[test]
+    fn no_form_of_url_shows_its_password() {
+        for (url, shown) in [
+            ("postgresql://u:secret@h:5432/db", "postgresql://u:***@h:5432/db"),
+            ("postgresql://u:secret@h:5x/db", "postgresql://u:***@h:5x/db"),
+            ("postgresql://u:p@ss/w#rd@h/db", "postgresql://u:***@h/db"),
+            ("postgresql://u:p?ss@h/db", "postgresql://u:***@h/db"),
+            ("postgresql://h/db?user=u&password=secret", "postgresql://h/db?user=u&password=***"),
+            ("postgresql://h:5432/db?password=sec@ret", "postgresql://h:5432/db?password=***"),
+            (
+                "postgresql://u:secret@h/db?sslrootcert=/home/a@corp/ca.pem",
+                "postgresql://u:***@h/db?sslrootcert=/home/a@corp/ca.pem",
+            ),
+            ("postgresql://h/db?user=me@srv", "postgresql://h/db?user=me@srv"),
+            ("postgresql://u@[::1]:5432/db", "postgresql://u@[::1]:5432/db"),
+        ] {
+            assert_eq!(redact(url), shown, "{url}");
+        }
+    }
+
+    #[test]
+    fn only_a_password_a_url_misreads_is_refused() {
+        for ok in [
+            "postgresql://u:secret@h/db",
+            "postgresql://u:p%40ss%2Fw%23rd@h/db",
+            "postgresql://u:pw@h/db?sslrootcert=/home/a@corp/ca.pem",
+            "postgresql://h/db?user=me@srv",
+            "postgresql://h:5432/db?user=me@srv&options=-c%20lock_timeout%3D2000",
+            "postgresql://u@[::1]:5432/db?host=/var/run/postgresql",
+        ] {
+            assert!(check_userinfo(ok, "x").is_ok(), "{ok}");
+        }
+        for bad in ["postgresql://u:p@ss/w#rd@h/db", "postgresql://u:p?ss@h/db", "postgresql://u:a/b@h/db"] {
+            assert!(check_userinfo(bad, "x").is_err(), "{bad}");
+        }
     }
 }

@@ -194,44 +194,27 @@ impl<T: TlsConnect<Socket>> TlsConnect<Socket> for WatchedConnect<T> {
 /// `verify-ca`, `verify-full` nor `sslrootcert`); returns the URL left and what the
 /// connection does about TLS. `PGSSLMODE` and `PGSSLROOTCERT` apply when the URL says
 /// nothing. `name` is the URL without its password, for messages.
-/// `s` with every byte but the unreserved ones of RFC 3986 percent-encoded.
-fn percent(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => (b as char).to_string(),
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
-
 pub fn from_url(url: &str, name: &str) -> Result<(String, Tls)> {
     let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
     let mut mode_text = None;
     let mut root = None;
     let (mut cert, mut key) = (None, None);
     let mut rest = url.to_string();
-    if let Ok(mut u) = url::Url::parse(url)
-        && u.query().is_some()
-    {
+    // The ssl* parameters are taken out; every other one is kept byte for byte (the
+    // client decodes percent-encoding only: a '+' is a plus sign, `%20` a space).
+    if let Some((base, query)) = url.split_once('?') {
         let mut kept = Vec::new();
-        for (k, v) in u.query_pairs() {
-            match &*k {
-                "sslmode" => mode_text = Some(v.into_owned()),
-                "sslrootcert" => root = Some(v.into_owned()),
-                "sslcert" => cert = Some(v.into_owned()),
-                "sslkey" => key = Some(v.into_owned()),
-                _ => kept.push((k.into_owned(), v.into_owned())),
+        for part in query.split('&') {
+            let (k, v) = part.split_once('=').unwrap_or((part, ""));
+            match percent_decode(k).as_str() {
+                "sslmode" => mode_text = Some(percent_decode(v)),
+                "sslrootcert" => root = Some(percent_decode(v)),
+                "sslcert" => cert = Some(percent_decode(v)),
+                "sslkey" => key = Some(percent_decode(v)),
+                _ => kept.push(part),
             }
         }
-        if kept.is_empty() {
-            u.set_query(None);
-        } else {
-            // Percent-encoded, not form-encoded: the client reads '+' as a plus sign,
-            // so `options=-c%20lock_timeout%3D…` must keep its %20.
-            let q: Vec<String> = kept.iter().map(|(k, v)| format!("{}={}", percent(k), percent(v))).collect();
-            u.set_query(Some(&q.join("&")));
-        }
-        rest = u.to_string();
+        rest = if kept.is_empty() { base.to_string() } else { format!("{base}?{}", kept.join("&")) };
     }
     let mode_text = mode_text.or_else(|| env("PGSSLMODE"));
     let mode = match &mode_text {
@@ -500,9 +483,42 @@ impl ServerCertVerifier for ChainOnly {
     }
 }
 
+/// `s` with its `%XX` escapes decoded (and nothing else: a '+' stays a plus sign).
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| (c as char).to_digit(16);
+        match (b[i], b.get(i + 1).copied().and_then(hex), b.get(i + 2).copied().and_then(hex)) {
+            (b'%', Some(h), Some(l)) => {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+            }
+            (c, _, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The parameters other than ssl* reach the client byte for byte: it decodes `%XX`
+    /// only, so a '+' must stay a plus sign (a generated password) and `%20` a space.
+    #[test]
+    fn other_parameters_are_kept_byte_for_byte() {
+        let url = "postgresql://h/db?password=ab+cd%2F&sslmode=disable&options=-c%20lock_timeout%3D2000";
+        let (rest, _) = from_url(url, "x").unwrap();
+        assert_eq!(rest, "postgresql://h/db?password=ab+cd%2F&options=-c%20lock_timeout%3D2000");
+        // An ssl* value is decoded: this one names /nonexistent/a+b.pem.
+        let e = from_url("postgresql://h/db?sslrootcert=/nonexistent/a%2Bb.pem&sslmode=require", "x").err().unwrap();
+        assert!(e.to_string().contains("/nonexistent/a+b.pem"), "{e}");
+    }
 
     /// As libpq: client certificate settings are read only when TLS may be used, so a
     /// stray or broken one never breaks a plain connection; with TLS they are checked.

@@ -868,7 +868,12 @@ fn run(cli: Cli) -> Result<i32> {
             aside.display()
         );
     }
-    let repo = Repository::open(config)?;
+    // A catalog migrate moved elsewhere refuses to be used, except to be copied again
+    // (the new one lost): migrate is how to get it back.
+    let repo = match &cli.command {
+        Command::Database { action: DatabaseAction::Migrate { .. } } => Repository::open_moved(config)?,
+        _ => Repository::open(config)?,
+    };
     match cli.command {
         Command::Backup {
             source,

@@ -49,6 +49,16 @@ pub use crate::version_object::{
 impl Repository {
     /// Opens the repository a configuration describes, creating what is missing.
     pub fn open(config: Config) -> Result<Repository> {
+        Self::open_checked(config, true)
+    }
+
+    /// [`Self::open`] of a catalog `database migrate` moved elsewhere too, for copying it
+    /// again (nothing else may use it).
+    pub fn open_moved(config: Config) -> Result<Repository> {
+        Self::open_checked(config, false)
+    }
+
+    fn open_checked(config: Config, refuse_moved: bool) -> Result<Repository> {
         config
             .modes
             .create_dir_all(&config.home)
@@ -57,9 +67,9 @@ impl Repository {
             crate::catalog::set_host(h);
         }
         let db = crate::catalog::open(&config.catalog_location(), config.modes)?;
-        if let Some(moved) = db.repository_state(crate::catalog::MOVED_TO)? {
+        if refuse_moved && let Some(moved) = db.repository_state(crate::catalog::MOVED_TO)? {
             return Err(Error::Refused(format!(
-                "the catalog {} was migrated to {moved} and is no longer kept up to date: set `database` in the configuration (or KEEPFS_DATABASE) to the new one (docs/scale-out.md), or remove this one if it is not wanted",
+                "the catalog {} was migrated to {moved} and is no longer kept up to date: set `database` in the configuration (or KEEPFS_DATABASE) to the new one (docs/scale-out.md); if the new one was lost, `keepfs database migrate --to …` copies this one again",
                 config.catalog_location().display()
             )));
         }

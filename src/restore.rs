@@ -177,7 +177,8 @@ fn open_direct(path: &Path) -> Option<File> {
 }
 
 /// A new target file is made with the repository's file mode (0600 unless configured),
-/// not the umask's: a restored disk is as private as its backup.
+/// not the umask's: a restored disk is as private as its backup. One restored over
+/// keeps its mode.
 fn open_target(
     path: &Path,
     uid: VersionUid,
@@ -283,6 +284,10 @@ fn open_target(
                 .truncate(false)
                 .open(&partial)
                 .map_err(|e| Error::io(ctx("create"), e))?;
+            // A file restored over (--force) keeps its own mode.
+            if let Some(m) = std::fs::metadata(path).ok().filter(|m| m.is_file()) {
+                file.set_permissions(m.permissions()).map_err(|e| Error::io(ctx("set the mode of"), e))?;
+            }
             lock_exclusive(&file, path)?;
             file.set_len(0).and_then(|_| file.set_len(size)).map_err(|e| Error::io(ctx("size"), e))?;
             let direct = open_direct(&partial);

@@ -322,7 +322,14 @@ fn database_migrate_copies_the_catalog_to_postgresql_and_back() {
     assert_eq!(ls_json(&repo, &[("KEEPFS_DATABASE", back.to_str().unwrap())]), on_pg);
     assert_eq!(sqlite_indexes(&back), pg_indexes(&url));
     assert_eq!(on_pg.as_array().unwrap().len(), 3);
-    assert_eq!(repo.run_env(&["ls"], &[("KEEPFS_DATABASE", &url)]).code, 4, "PostgreSQL is the old catalog now");
+    let stale = repo.run_env(&["ls"], &[("KEEPFS_DATABASE", &url)]);
+    assert_eq!(stale.code, 4, "PostgreSQL is the old catalog now: {}", stale.stderr);
+    assert!(stale.error_line().contains("copies this one again"), "{}", stale.stderr);
+    // The new one lost: the old catalog can be copied again (and only that).
+    let again = repo.path("again.sqlite");
+    let r = repo.run_env(&["database", "migrate", "--to", again.to_str().unwrap()], &[("KEEPFS_DATABASE", &url)]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(ls_json(&repo, &[("KEEPFS_DATABASE", again.to_str().unwrap())]), on_pg);
 }
 
 /// `database rebuild` into an empty PostgreSQL database recreates what the SQLite

@@ -519,6 +519,7 @@ fn user_mistakes_give_one_line_errors() {
         (vec!["deep-scrub", &uid, "--source", &fifo], 2, "is a FIFO"),
         (vec!["restore", &uid, &fifo], 2, "is a pipe or socket"),
         (vec!["restore", &uid, "-"], 2, "cannot write to standard output"),
+        (vec!["database", "migrate", "--to", "/dev/null"], 4, "the file exists"),
         (vec!["restore", &uid, "file:///dev/null"], 4, "exists (character device); pass --force"),
         (vec!["backup", &existing, "."], 2, "not a usable backup name"),
         (vec!["backup", &existing, ".."], 2, "not a usable backup name"),

@@ -77,6 +77,11 @@ fn a_new_repository_is_readable_by_its_owner_only() {
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(repo.path("out")).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600, "the restored disk is {mode:o}");
+    // One restored over keeps its mode.
+    std::fs::set_permissions(repo.path("out"), std::fs::Permissions::from_mode(0o640)).unwrap();
+    repo.ok(&["restore", "--force", &uid, &repo.url("out")]);
+    let mode = std::fs::metadata(repo.path("out")).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o640, "restored over: {mode:o}");
     repo.ok(&["rm", "--force", &uid]);
     repo.ok(&["cleanup"]);
     let db_files: &[&str] = if sqlite { &["keepfs.sqlite"] } else { &[] };

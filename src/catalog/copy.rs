@@ -183,10 +183,30 @@ impl crate::Repository {
         } else {
             // Absolute, so that what is printed can go into `database` as it is.
             let path = std::path::absolute(target).map_err(|e| Error::io(format!("--to {target}"), e))?;
-            if path.exists() && std::fs::metadata(&path).map(|m| m.len() > 0).unwrap_or(true) {
-                return Err(Error::Refused(format!("--to {target}: the file exists; migrate into a new SQLite file")));
+            // A new file, or an empty regular one: never a device, nor anything holding data.
+            match std::fs::symlink_metadata(&path) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Ok(m) if m.is_file() && m.len() == 0 => {}
+                _ => {
+                    return Err(Error::Refused(format!(
+                        "--to {target}: the file exists; migrate into a new SQLite file"
+                    )));
+                }
             }
             super::Location::Sqlite(path)
+        };
+        // What a failed copy into a new SQLite file may remove: only what it made.
+        let made: Vec<std::ffi::OsString> = match &location {
+            super::Location::Sqlite(path) => ["", "-wal", "-shm"]
+                .iter()
+                .map(|suffix| {
+                    let mut p = path.clone().into_os_string();
+                    p.push(suffix);
+                    p
+                })
+                .filter(|p| std::fs::symlink_metadata(p).is_err())
+                .collect(),
+            super::Location::Postgres { .. } => Vec::new(),
         };
         if location == self.config.catalog_location() {
             return Err(Error::Invalid(format!("--to {}: that is this repository's own catalog", location.display())));
@@ -203,10 +223,12 @@ impl crate::Repository {
                 return Err(match &location {
                     // A new file of ours: removed, so that nothing half-copied looks valid.
                     super::Location::Sqlite(path) => {
-                        for suffix in ["", "-wal", "-shm"] {
-                            let mut p = path.clone().into_os_string();
-                            p.push(suffix);
+                        for p in &made {
                             let _ = std::fs::remove_file(p);
+                        }
+                        // An empty file given as the target is left empty, as it was.
+                        if !made.contains(&path.clone().into_os_string()) {
+                            let _ = std::fs::OpenOptions::new().write(true).open(path).and_then(|f| f.set_len(0));
                         }
                         e
                     }

@@ -432,7 +432,11 @@ impl Storage for S3Storage {
                 false,
                 by,
             )?;
-            let text = resp.text().unwrap_or_default();
+            // An answer cut off (the deadline, a dropped connection) says nothing of which
+            // keys went: an error, not "no failures".
+            let text = resp.text().map_err(|e| {
+                self.fail("delete", first, io::ErrorKind::Other, format!("cannot read the server's answer: {e}"))
+            })?;
             // Quiet mode lists only failures; a missing key is not one.
             if let Some(code) = error_code(&text).filter(|c| c != "NoSuchKey") {
                 return Err(self.fail(

@@ -396,15 +396,12 @@ impl Config {
         let Some(db) = std::env::var("KEEPFS_DATABASE").ok().filter(|d| !d.is_empty()) else {
             return Ok(());
         };
-        if crate::catalog::Location::is_postgres_url(&db) {
-            self.database_url = Some(db);
-        } else if db.contains("://") {
-            return Err(Error::Config(format!(
-                "KEEPFS_DATABASE '{db}': use a path (SQLite) or a postgresql://user@host:port/name URL"
-            )));
-        } else {
-            self.database = PathBuf::from(db);
-            self.database_url = None;
+        match crate::catalog::Location::parse_setting("KEEPFS_DATABASE", &db).map_err(Error::Config)? {
+            crate::catalog::Location::Postgres { url, .. } => self.database_url = Some(url),
+            crate::catalog::Location::Sqlite(path) => {
+                self.database = path;
+                self.database_url = None;
+            }
         }
         self.origin = format!("{} (database from KEEPFS_DATABASE)", self.origin);
         Ok(())
@@ -424,14 +421,9 @@ impl Config {
         let mut c = Config::embedded(home.clone());
         c.origin = origin.to_string();
         if let Some(db) = f.database {
-            if crate::catalog::Location::is_postgres_url(&db) {
-                c.database_url = Some(db);
-            } else if db.contains("://") {
-                return Err(bad(format!(
-                    "database '{db}': use a path (SQLite) or a postgresql://user@host:port/name URL"
-                )));
-            } else {
-                c.database = PathBuf::from(db);
+            match crate::catalog::Location::parse_setting("database", &db).map_err(bad)? {
+                crate::catalog::Location::Postgres { url, .. } => c.database_url = Some(url),
+                crate::catalog::Location::Sqlite(path) => c.database = path,
             }
         }
         c.database_password_file = f.database_password_file;

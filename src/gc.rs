@@ -514,11 +514,10 @@ impl Repository {
             }
         }
         let cutoff_time = file_cutoff(cutoff);
-        // As files no row names (see the plan): another host with a catalog of its own may
-        // be uploading into them.
-        let grace = std::time::Duration::from_millis(self.config.incomplete_grace.num_milliseconds().max(0) as u64);
-        let unrecorded_time = SystemTime::now().checked_sub(grace).unwrap_or(UNIX_EPOCH);
-        report.temporaries_deleted = storage.purge_temporary(cutoff_time.min(unrecorded_time))?;
+        // (Unlike files no row names, a temporary file of another catalog's upload that
+        // goes makes that upload fail loudly, and its backup be continued: it loses
+        // nothing, so temporaries of killed runs are purged at once.)
+        report.temporaries_deleted = storage.purge_temporary(cutoff_time.min(SystemTime::now()))?;
         Ok(report)
     }
 }

@@ -153,6 +153,19 @@ fn a_database_url_that_does_not_parse_never_shows_its_password() {
     let r = Repo::new().run(&["database", "migrate", "--to", "pg://keepfs:s3cret-pw@db/keepfs"]);
     assert_eq!(r.code, 2, "{}", r.stderr);
     assert!(!r.stderr.contains("s3cret"), "{}", r.stderr);
+    // One slash short: not an SQLite file named after the URL, password and all.
+    let lite = Repo { dir: tempfile::tempdir().unwrap(), catalog: None };
+    let mut c = lite.command(&["ls"]);
+    c.current_dir(lite.path("")).env("KEEPFS_DATABASE", "postgresql:/keepfs:s3cret-pw@127.0.0.1:1/db");
+    let out = c.output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("looks like a PostgreSQL URL but is not one") && !stderr.contains("s3cret"), "{stderr}");
+    assert!(!lite.path("postgresql:").exists(), "no file was made");
+    // The scheme in capitals is still PostgreSQL (nobody listens on port 1).
+    let r = config_repo("PostgreSQL://keepfs:s3cret-pw@127.0.0.1:1/keepfs").run_cfg(&["ls"]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(r.error_line().contains("cannot connect to postgresql://keepfs:***@127.0.0.1:1"), "{}", r.stderr);
 }
 
 /// The password from a `database_password_file`, then from PGPASSFILE.

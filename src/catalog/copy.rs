@@ -173,27 +173,23 @@ impl crate::Repository {
     /// checks the copy. The configuration is not changed: point `database` at the
     /// target afterwards.
     pub fn migrate_catalog(&self, target: &str) -> Result<(super::Location, CopyReport)> {
-        let location = if super::Location::is_postgres_url(target) {
-            super::Location::Postgres { url: target.to_string(), password_file: None }
-        } else if target.contains("://") {
-            return Err(Error::Invalid(format!(
-                "--to {}: use a postgresql://user@host:port/name URL or the path of a new SQLite file",
-                super::postgres::redact(target)
-            )));
-        } else {
-            // Absolute, so that what is printed can go into `database` as it is.
-            let path = std::path::absolute(target).map_err(|e| Error::io(format!("--to {target}"), e))?;
-            // A new file, or an empty regular one: never a device, nor anything holding data.
-            match std::fs::symlink_metadata(&path) {
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Ok(m) if m.is_file() && m.len() == 0 => {}
-                _ => {
-                    return Err(Error::Refused(format!(
-                        "--to {target}: the file exists; migrate into a new SQLite file"
-                    )));
+        let location = match super::Location::parse_setting("--to", target).map_err(Error::Invalid)? {
+            pg @ super::Location::Postgres { .. } => pg,
+            super::Location::Sqlite(path) => {
+                // Absolute, so that what is printed can go into `database` as it is.
+                let path = std::path::absolute(&path).map_err(|e| Error::io(format!("--to {target}"), e))?;
+                // A new file, or an empty regular one: never a device, nor anything holding data.
+                match std::fs::symlink_metadata(&path) {
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Ok(m) if m.is_file() && m.len() == 0 => {}
+                    _ => {
+                        return Err(Error::Refused(format!(
+                            "--to {target}: the file exists; migrate into a new SQLite file"
+                        )));
+                    }
                 }
+                super::Location::Sqlite(path)
             }
-            super::Location::Sqlite(path)
         };
         // What a failed copy into a new SQLite file may remove: only what it made.
         let made: Vec<std::ffi::OsString> = match &location {

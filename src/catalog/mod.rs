@@ -106,7 +106,39 @@ impl Location {
 
     /// Whether a configured `database` value names a PostgreSQL database.
     pub fn is_postgres_url(s: &str) -> bool {
-        s.starts_with("postgresql://") || s.starts_with("postgres://")
+        let lower = s.to_ascii_lowercase();
+        lower.starts_with("postgresql://") || lower.starts_with("postgres://")
+    }
+
+    /// What a `database` setting (or `KEEPFS_DATABASE`, `--to`) names: a PostgreSQL URL
+    /// (its scheme in lower case, as the client wants it) or an SQLite path. Refused, in
+    /// words that never show a password: another scheme, and what looks like a
+    /// PostgreSQL URL but is not one (`postgresql:/…`), which would otherwise become an
+    /// SQLite file named after the URL, password and all.
+    pub fn parse_setting(what: &str, s: &str) -> std::result::Result<Location, String> {
+        // Without `://` the user and password cannot be told apart: only what follows
+        // the last '@' is shown.
+        let shown = match (s.contains("://"), s.rfind('@')) {
+            (true, _) => postgres::redact(s),
+            (false, Some(at)) => format!("…{}", &s[at..]),
+            (false, None) => s.to_string(),
+        };
+        if Self::is_postgres_url(s) {
+            let (scheme, rest) = s.split_once("://").unwrap_or((s, ""));
+            return Ok(Location::Postgres {
+                url: format!("{}://{rest}", scheme.to_ascii_lowercase()),
+                password_file: None,
+            });
+        }
+        if s.contains("://") {
+            return Err(format!("{what} '{shown}': use a path (SQLite) or a postgresql://user@host:port/name URL"));
+        }
+        if s.to_ascii_lowercase().starts_with("postgres") && (s.contains(':') || s.contains('@')) {
+            return Err(format!(
+                "{what} '{shown}' looks like a PostgreSQL URL but is not one: write postgresql://USER@HOST:PORT/DATABASE"
+            ));
+        }
+        Ok(Location::Sqlite(std::path::PathBuf::from(s)))
     }
 }
 
@@ -215,8 +247,12 @@ pub(crate) fn machine_id() -> &'static str {
             return String::new();
         }
         let ns = std::fs::read_link("/proc/self/ns/pid").map(|p| p.to_string_lossy().into_owned()).unwrap_or_default();
-        // Without its pid namespace, a pid cannot be told apart from another container's.
-        if ns.is_empty() {
+        // Without its pid namespace, a pid cannot be told apart from another container's;
+        // and a /proc of another pid namespace (`unshare --pid` without `--mount-proc`)
+        // shows other processes under our pids.
+        let own_proc =
+            std::fs::read_link("/proc/self").is_ok_and(|p| p.as_os_str() == std::process::id().to_string().as_str());
+        if ns.is_empty() || !own_proc {
             return String::new();
         }
         format!("{boot} {ns}")

@@ -137,11 +137,31 @@ const LOCK_TIMEOUT: Duration = Duration::from_secs(60);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Where the user name and password of `rest` (a URL after its `://`) end: the last
-/// `@` before the query, or, when the part before the first `?` is all authority (no
-/// `/`), the last `@` of all (a password holding an unencoded `?`).
+/// `@` before the query; or, when there is none, and `rest` starts `USER:` followed by
+/// something that is not a port (so the first `?` or `/` is in a password, not the
+/// query or path), the last `@` of all.
 fn userinfo_end(rest: &str) -> Option<usize> {
     let q = rest.find('?').unwrap_or(rest.len());
-    rest[..q].rfind('@').or_else(|| (!rest[..q].contains('/')).then(|| rest.rfind('@')).flatten())
+    if let Some(at) = rest[..q].rfind('@') {
+        return Some(at);
+    }
+    password_start(rest).and_then(|_| rest.rfind('@'))
+}
+
+/// Where a password begins in `rest` (after `USER:`), if what follows the first `:` is
+/// not a port (digits up to the path, query or end) nor part of an IPv6 address.
+fn password_start(rest: &str) -> Option<usize> {
+    if rest.starts_with('[') {
+        return None;
+    }
+    let colon = rest.find(':')?;
+    if rest[..colon].contains(['/', '?', '#', '@']) {
+        return None;
+    }
+    let after = &rest[colon + 1..];
+    let run = &after[..after.find(['/', '?', '#', '@']).unwrap_or(after.len())];
+    let port = !run.is_empty() && run.bytes().all(|b| b.is_ascii_digit()) && !after[run.len()..].starts_with('@');
+    (!port).then_some(colon + 1)
 }
 
 /// The URL without its password, for messages. Everything between the user name and
@@ -150,19 +170,29 @@ fn userinfo_end(rest: &str) -> Option<usize> {
 /// password either; so is a `password=` parameter.
 pub fn redact(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else { return url.to_string() };
-    let masked = match userinfo_end(rest) {
-        Some(at) => match rest[..at].split_once(':') {
+    // With a password, everything up to the last '@' of all is masked: an '@' in the
+    // query then hides the host too, but an unencoded '@' in the password shows nothing.
+    let end = match password_start(rest) {
+        Some(_) => rest.rfind('@'),
+        None => userinfo_end(rest),
+    };
+    let masked = match (end, password_start(rest)) {
+        (Some(at), _) => match rest[..at].split_once(':') {
             Some((user, _)) => format!("{user}:***{}", &rest[at..]),
             None => rest.to_string(),
         },
-        None => rest.to_string(),
+        // `USER:` and then no '@' at all: what follows may be a password all the same.
+        (None, Some(p)) if !rest.contains('@') => format!("{}***", &rest[..p]),
+        _ => rest.to_string(),
     };
     let masked = match masked.split_once('?') {
         Some((base, query)) => {
             let parts: Vec<String> = query
                 .split('&')
                 .map(|p| match p.split_once('=') {
-                    Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+                    Some((k, _)) if tls::percent_decode(k).eq_ignore_ascii_case("password") => {
+                        format!("{k}=***")
+                    }
                     _ => p.to_string(),
                 })
                 .collect();
@@ -1525,12 +1555,21 @@ mod url_tests {
             ("postgresql://u:p?ss@h/db", "postgresql://u:***@h/db"),
             ("postgresql://h/db?user=u&password=secret", "postgresql://h/db?user=u&password=***"),
             ("postgresql://h:5432/db?password=sec@ret", "postgresql://h:5432/db?password=***"),
+            // An '@' in the query: the host is masked too, never any of the password.
+            ("postgresql://u:secret@h/db?sslrootcert=/home/a@corp/ca.pem", "postgresql://u:***@corp/ca.pem"),
             (
-                "postgresql://u:secret@h/db?sslrootcert=/home/a@corp/ca.pem",
-                "postgresql://u:***@h/db?sslrootcert=/home/a@corp/ca.pem",
+                "postgresql://u@h/db?sslrootcert=/home/a@corp/ca.pem",
+                "postgresql://u@h/db?sslrootcert=/home/a@corp/ca.pem",
             ),
             ("postgresql://h/db?user=me@srv", "postgresql://h/db?user=me@srv"),
             ("postgresql://u@[::1]:5432/db", "postgresql://u@[::1]:5432/db"),
+            ("postgresql://keepfs:Pa/ss?Word@h:1/x", "postgresql://keepfs:***@h:1/x"),
+            ("postgresql://keepfs:a/b?c@d@h:1/db", "postgresql://keepfs:***@h:1/db"),
+            ("postgresql://keepfs:Passw0rd", "postgresql://keepfs:***"),
+            ("postgresql://keepfs:P/ss@w0rd?@h:1/db", "postgresql://keepfs:***@h:1/db"),
+            ("postgresql://u@h/db?pass%77ord=Qwerty12", "postgresql://u@h/db?pass%77ord=***"),
+            ("postgresql://h:5432/db?user=me@srv", "postgresql://h:5432/db?user=me@srv"),
+            ("postgresql://h:5432", "postgresql://h:5432"),
         ] {
             assert_eq!(redact(url), shown, "{url}");
         }
@@ -1548,7 +1587,13 @@ mod url_tests {
         ] {
             assert!(check_userinfo(ok, "x").is_ok(), "{ok}");
         }
-        for bad in ["postgresql://u:p@ss/w#rd@h/db", "postgresql://u:p?ss@h/db", "postgresql://u:a/b@h/db"] {
+        for bad in [
+            "postgresql://u:p@ss/w#rd@h/db",
+            "postgresql://u:p?ss@h/db",
+            "postgresql://u:a/b@h/db",
+            "postgresql://keepfs:Pa/ss?Word@h:1/x",
+            "postgresql://keepfs:a/b?c@d@h:1/db",
+        ] {
             assert!(check_userinfo(bad, "x").is_err(), "{bad}");
         }
     }

@@ -484,7 +484,7 @@ impl ServerCertVerifier for ChainOnly {
 }
 
 /// `s` with its `%XX` escapes decoded (and nothing else: a '+' stays a plus sign).
-fn percent_decode(s: &str) -> String {
+pub(crate) fn percent_decode(s: &str) -> String {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;

@@ -45,10 +45,10 @@ fn refuse_nonempty(to: &dyn Catalog) -> Result<()> {
     Ok(())
 }
 
-/// Copies `from` into the empty catalog `to` and checks the result.
-pub fn copy(from: &dyn Catalog, to: &mut dyn Catalog) -> Result<CopyReport> {
-    refuse_running(from)?;
-    refuse_nonempty(to)?;
+/// Copies `from` into the empty catalog `to` and checks the result. The caller has
+/// refused a running repository and a target that is not empty (see `migrate_catalog`),
+/// before the target was made.
+fn copy(from: &dyn Catalog, to: &mut dyn Catalog) -> Result<CopyReport> {
     let mut report = CopyReport::default();
     let storages = from.storage_records()?;
     to.import_storages(&storages)?;

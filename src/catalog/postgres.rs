@@ -172,11 +172,12 @@ pub fn redact(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else { return url.to_string() };
     // With a password, everything up to the last '@' of all is masked: an '@' in the
     // query then hides the host too, but an unencoded '@' in the password shows nothing.
-    let end = match password_start(rest) {
+    let password = password_start(rest);
+    let end = match password {
         Some(_) => rest.rfind('@'),
         None => userinfo_end(rest),
     };
-    let masked = match (end, password_start(rest)) {
+    let masked = match (end, password) {
         (Some(at), _) => match rest[..at].split_once(':') {
             Some((user, _)) => format!("{user}:***{}", &rest[at..]),
             None => rest.to_string(),

@@ -50,7 +50,8 @@ pub struct CleanupPlan {
     pub unfinished: Vec<BlockId>,
     /// Object files the database does not know (left by interrupted backups).
     pub orphans: Vec<(String, u64)>,
-    /// Unreferenced objects kept because a running backup may still use them.
+    /// Unreferenced objects, placeholders of backups and files no row names, kept
+    /// because a running backup may still use them.
     pub kept_recent: u64,
     pub referenced: u64,
     /// Incomplete versions whose objects are spared for `backup --continue`.
@@ -92,10 +93,7 @@ impl CleanupPlan {
                 "{part}: keeping {} file(s), {}, that no version or backup of this catalog names, until they are older than incomplete_grace ({}): another host writing here with a catalog of its own may be storing them",
                 self.kept_unrecorded,
                 crate::units::format_size(self.kept_unrecorded_bytes),
-                match self.grace.num_hours() {
-                    0 => format!("{} min", self.grace.num_minutes()),
-                    h => format!("{h} h"),
-                }
+                crate::units::format_duration(self.grace)
             )
         })
     }
@@ -158,30 +156,21 @@ fn file_cutoff(cutoff_ms: i64) -> SystemTime {
 /// which other hosts take a silent session for dead (see [`Deadline`]). Test builds
 /// take `KEEPFS_TEST_DELETE_WINDOW_MS` instead.
 fn delete_window() -> Duration {
-    #[cfg(debug_assertions)]
-    if let Some(ms) = std::env::var("KEEPFS_TEST_DELETE_WINDOW_MS").ok().and_then(|v| v.parse::<u64>().ok()) {
-        return Duration::from_millis(ms);
-    }
-    Duration::from_millis(crate::catalog::REMOTE_SESSION_TTL_MS as u64 / 2)
+    crate::test_knobs::millis("KEEPFS_TEST_DELETE_WINDOW_MS")
+        .unwrap_or(Duration::from_millis(crate::catalog::REMOTE_SESSION_TTL_MS as u64 / 2))
 }
 
 /// Test builds only: `KEEPFS_TEST_CLAIM_STALL_MS` stalls a cleanup between registering
 /// its session and claiming the storage, so that another cleanup can claim meanwhile.
 fn stall_before_claim() {
-    #[cfg(debug_assertions)]
-    if let Some(ms) = std::env::var("KEEPFS_TEST_CLAIM_STALL_MS").ok().and_then(|v| v.parse::<u64>().ok()) {
-        std::thread::sleep(Duration::from_millis(ms));
-    }
+    crate::test_knobs::stall("KEEPFS_TEST_CLAIM_STALL_MS");
 }
 
 /// Test builds only: `KEEPFS_TEST_CLEANUP_STALL_MS` stalls a cleanup after each mark, the
 /// state of a cleanup that stopped between marking and deleting (a fault no real part
 /// shows on demand: tests/crash.rs stops the process there, without racing it).
 fn stall_after_mark() {
-    #[cfg(debug_assertions)]
-    if let Some(ms) = std::env::var("KEEPFS_TEST_CLEANUP_STALL_MS").ok().and_then(|v| v.parse::<u64>().ok()) {
-        std::thread::sleep(Duration::from_millis(ms));
-    }
+    crate::test_knobs::stall("KEEPFS_TEST_CLEANUP_STALL_MS");
 }
 
 /// The one cleanup of a storage that may run at a time (see [`Repository::claim_cleanup`]);
@@ -358,6 +347,11 @@ impl Repository {
                 // A backup's placeholder: its backup runs (or may be continued), or it died.
                 if row.touched_ms < cutoff_ms {
                     plan.unfinished.push(row.id);
+                } else if row.touched_ms < running_cutoff {
+                    plan.kept_for_continue += 1;
+                    plan.kept_for_continue_bytes += row.stored_size;
+                } else {
+                    plan.kept_recent += 1;
                 }
                 return;
             }
@@ -392,6 +386,8 @@ impl Repository {
                 } else if e.modified < running_time {
                     plan.kept_for_continue += 1;
                     plan.kept_for_continue_bytes += e.size;
+                } else {
+                    plan.kept_recent += 1;
                 }
             }
             std::ops::ControlFlow::Continue(())

@@ -37,6 +37,7 @@ pub mod session;
 pub mod slice;
 pub mod source;
 pub mod storage;
+mod test_knobs;
 pub mod transform;
 pub mod units;
 pub mod usage;

@@ -1688,6 +1688,7 @@ fn run(cli: Cli) -> Result<i32> {
                     sum(&mut j, "kept_recent", plan.kept_recent);
                     sum(&mut j, "unfinished", plan.unfinished.len() as u64);
                     sum(&mut j, "kept_unrecorded", plan.kept_unrecorded);
+                    sum(&mut j, "kept_for_continue", plan.kept_for_continue);
                     if slice.index == 0 {
                         j["spared"] = plan.spared_lines().into();
                     }

@@ -43,6 +43,17 @@ pub fn parse_duration(s: &str) -> Result<chrono::Duration, String> {
     n.checked_mul(secs).map(chrono::Duration::seconds).ok_or_else(|| format!("'{s}' is too long"))
 }
 
+/// Formats a duration as [`parse_duration`] reads it, in the largest unit that holds it
+/// whole: `90s`, `10m`, `36h`, `1d`, `2w` (a fraction of a second is dropped).
+pub fn format_duration(d: chrono::Duration) -> String {
+    let secs = d.num_seconds();
+    let units = [(7 * 86_400, "w"), (86_400, "d"), (3600, "h"), (60, "m")];
+    match units.iter().find(|(n, _)| secs != 0 && secs % n == 0) {
+        Some((n, unit)) => format!("{}{unit}", secs / n),
+        None => format!("{secs}s"),
+    }
+}
+
 /// Formats a byte count for people: `1.5 GiB`.
 pub fn format_size(n: u64) -> String {
     const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
@@ -68,6 +79,17 @@ pub fn check_block_size(bs: u64) -> Result<u32, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn durations_are_shown_as_they_are_written() {
+        for (text, secs) in
+            [("90s", 90), ("10m", 600), ("36h", 36 * 3600), ("1d", 86_400), ("2w", 14 * 86_400), ("0s", 0)]
+        {
+            assert_eq!(format_duration(chrono::Duration::seconds(secs)), text);
+            assert_eq!(parse_duration(text).unwrap(), chrono::Duration::seconds(secs));
+        }
+        assert_eq!(format_duration(chrono::Duration::milliseconds(1500)), "1s");
+    }
 
     #[test]
     fn durations() {

@@ -63,11 +63,7 @@ pub fn seal_version_object(codec: &Codec, version: &Version, plain: &[u8]) -> Re
 /// compressed object). At 8 MiB (262,144 data blocks: a dense 1 TiB image at 4 MiB
 /// blocks) that is some 24 MiB; it was 64 MiB, up to 190 MiB at a commit or a label.
 fn streamed_version_index_len() -> u64 {
-    #[cfg(debug_assertions)]
-    if let Some(n) = std::env::var("KEEPFS_TEST_STREAMED_INDEX").ok().and_then(|v| v.parse::<u64>().ok()) {
-        return n;
-    }
-    8 << 20
+    crate::test_knobs::number("KEEPFS_TEST_STREAMED_INDEX").unwrap_or(8 << 20)
 }
 
 /// Whether an object of `len` bytes may be a large version object, read as a stream

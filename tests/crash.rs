@@ -31,6 +31,22 @@ fn kill_9_during_backup_leaves_an_incomplete_version_and_a_consistent_repository
     assert!(r.error_line().contains("incomplete") && r.error_line().contains("keepfs rm"), "{}", r.stderr);
     assert!(!repo.path("out").exists(), "a refused restore writes nothing");
 
+    // A cleanup now spares everything the killed run stored, for `backup --continue`,
+    // and says so: every file in the storage is counted somewhere in its report (the
+    // files of the killed run's unrecorded placeholders used to be kept unsaid).
+    let r = repo.run(&["cleanup", "--dry-run", "--format", "json"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let plan: serde_json::Value = serde_json::from_str(&r.stdout).unwrap_or_else(|e| panic!("{e}: {}", r.stdout));
+    let plan = &plan["storages"][0];
+    assert_eq!((plan["objects"].as_u64(), plan["orphans"].as_u64()), (Some(0), Some(0)), "{plan}");
+    let counted: u64 = ["referenced", "unfinished", "kept_recent", "kept_for_continue", "kept_unrecorded"]
+        .iter()
+        .map(|k| plan[k].as_u64().unwrap_or_else(|| panic!("{k} missing: {plan}")))
+        .sum();
+    let files = repo.block_objects() as u64;
+    assert!(files > 0 && counted >= files, "{files} file(s), {counted} counted: {plan}");
+    assert!(plan["spared"].to_string().contains(&uid), "{plan}");
+
     // The next backup of the same image completes and restores byte-identical; what the
     // killed run stored durably is deduplicated against.
     let good = repo.backup("img", "victim", &["-b", "4k"]);

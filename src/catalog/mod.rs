@@ -417,13 +417,7 @@ impl<'a> IndexBytes<'a> {
 /// an index (restore) holds of it. Test builds take `KEEPFS_TEST_INDEX_PIECE`, so that
 /// a small image's index is read in many pieces.
 fn index_piece_len() -> usize {
-    #[cfg(debug_assertions)]
-    if let Some(n) =
-        std::env::var("KEEPFS_TEST_INDEX_PIECE").ok().and_then(|v| v.parse::<usize>().ok()).filter(|&n| n > 0)
-    {
-        return n;
-    }
-    4 << 20
+    crate::test_knobs::number("KEEPFS_TEST_INDEX_PIECE").filter(|&n| n > 0).map_or(4 << 20, |n| n as usize)
 }
 
 /// What reads a piece of a stored index for [`IndexPieces`]: offset, length, buffer.
@@ -514,10 +508,7 @@ fn copy_index(index: IndexBytes<'_>, mut write: impl FnMut(&[u8], u64) -> Result
 /// after its first piece is sent: a slow network, which no real part shows on demand
 /// (tests/catalog.rs has other hosts write meanwhile, then kills the sender there).
 fn stall_sending_index() {
-    #[cfg(debug_assertions)]
-    if let Some(ms) = std::env::var("KEEPFS_TEST_INDEX_SEND_STALL_MS").ok().and_then(|v| v.parse::<u64>().ok()) {
-        std::thread::sleep(std::time::Duration::from_millis(ms));
-    }
+    crate::test_knobs::stall("KEEPFS_TEST_INDEX_SEND_STALL_MS");
 }
 
 /// Everything the engine records, behind one interface. Methods that take `&self` may

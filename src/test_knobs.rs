@@ -1,0 +1,28 @@
+//! Test builds only: the `KEEPFS_TEST_*` environment variables through which tests
+//! set stalls, windows and sizes, for faults and shapes no real part shows on demand
+//! (a slow network, a process stopped between two steps, an index read in many
+//! pieces). Release builds read no such variable.
+
+use std::time::Duration;
+
+/// The number `name` sets, in a test build; `None` in a release build or when unset.
+pub(crate) fn number(name: &str) -> Option<u64> {
+    #[cfg(debug_assertions)]
+    if let Some(n) = std::env::var(name).ok().and_then(|v| v.parse::<u64>().ok()) {
+        return Some(n);
+    }
+    let _ = name;
+    None
+}
+
+/// The duration `name` sets in milliseconds (see [`number`]).
+pub(crate) fn millis(name: &str) -> Option<Duration> {
+    number(name).map(Duration::from_millis)
+}
+
+/// Sleeps for as long as `name` says (see [`millis`]).
+pub(crate) fn stall(name: &str) {
+    if let Some(d) = millis(name) {
+        std::thread::sleep(d);
+    }
+}

@@ -176,16 +176,42 @@ fn open_direct(path: &Path) -> Option<File> {
     OpenOptions::new().write(true).custom_flags(libc::O_DIRECT).open(path).ok()
 }
 
+/// The file a restore to `path` writes: `path` itself, or the file a symlink there
+/// names (followed to the end), so that the link stays a link and its file gets the
+/// image. A link to nothing is refused, as `cp` refuses to write through one: restoring
+/// over the link would replace it without `--force`, and creating its target is a guess.
+fn follow_link(path: &Path) -> Result<PathBuf> {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_symlink() => std::fs::canonicalize(path).map_err(|e| {
+            let to = std::fs::read_link(path).map(|t| t.display().to_string()).unwrap_or_default();
+            if e.kind() == io::ErrorKind::NotFound {
+                Error::Refused(format!(
+                    "restore target {} is a symlink to {to}, which does not exist; restore to a path that exists or to a new file, or remove the link",
+                    path.display()
+                ))
+            } else {
+                Error::io(format!("cannot follow the symlink {} (to {to})", path.display()), e)
+            }
+        }),
+        _ => Ok(path.to_path_buf()),
+    }
+}
+
 /// A new target file is made with the repository's file mode (0600 unless configured),
-/// not the umask's: a restored disk is as private as its backup. One restored over
-/// keeps its mode.
+/// not the umask's: a restored disk is as private as its backup. A file restored over
+/// (`--force`) keeps its mode and owner: the image is written beside it and renamed over
+/// it at the end, so an interrupted restore leaves the old file whole. Where a rename
+/// would lose what the file is (other hard links to it; an owner this process cannot
+/// give the new file), it is written in place instead, like `cp` does.
 fn open_target(
     path: &Path,
     uid: VersionUid,
     size: u64,
     opts: &RestoreOptions,
     modes: crate::perms::Modes,
+    progress: &dyn Progress,
 ) -> Result<Target> {
+    let path = &follow_link(path)?;
     let ctx = |what: &str| format!("cannot {what} restore target {}", path.display());
     let partial = partial_path(path, uid);
     match std::fs::metadata(path) {
@@ -238,7 +264,8 @@ fn open_target(
             "restore target {} exists (file); pass --force to overwrite it",
             path.display()
         ))),
-        Ok(_) | Err(_) => {
+        existing => {
+            let existing = existing.ok();
             let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
             if !dir.is_dir() {
                 return Err(Error::Invalid(format!(
@@ -248,17 +275,25 @@ fn open_target(
                 )));
             }
             if opts.resume {
-                let file = OpenOptions::new().read(true).write(true).open(&partial).map_err(|e| {
-                    if e.kind() == io::ErrorKind::NotFound {
-                        Error::Invalid(format!(
+                let file = match OpenOptions::new().read(true).write(true).open(&partial) {
+                    Ok(f) => f,
+                    // A restore that wrote in place is continued in place: every block the
+                    // file holds is read back and checked before it is kept.
+                    Err(e)
+                        if e.kind() == io::ErrorKind::NotFound
+                            && existing.as_ref().is_some_and(|m| m.len() == size && written_in_place(m)) =>
+                    {
+                        return in_place(path, size, false, &ctx);
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                        return Err(Error::Invalid(format!(
                             "there is no interrupted restore of {uid} to {} to continue (no {}); restore without --continue",
                             path.display(),
                             partial.display()
-                        ))
-                    } else {
-                        Error::io(ctx("open the partial"), e)
+                        )));
                     }
-                })?;
+                    Err(e) => return Err(Error::io(ctx("open the partial"), e)),
+                };
                 lock_exclusive(&file, path)?;
                 let have = file.metadata().map_err(|e| Error::io(ctx("stat the partial"), e))?.len();
                 if have != size {
@@ -276,6 +311,16 @@ fn open_target(
                     discard_zeros: false,
                 });
             }
+            use std::os::unix::fs::MetadataExt;
+            if let Some(m) = existing.as_ref().filter(|m| m.nlink() > 1) {
+                progress.warn(&format!(
+                    "{} has {} hard links: restoring into it in place, so that every link shows the restored image (an interrupted restore leaves it part written)",
+                    path.display(),
+                    m.nlink()
+                ));
+                return in_place(path, size, true, &ctx);
+            }
+            let created = std::fs::symlink_metadata(&partial).is_err();
             let file = modes
                 .options()
                 .read(true)
@@ -284,12 +329,34 @@ fn open_target(
                 .truncate(false)
                 .open(&partial)
                 .map_err(|e| Error::io(ctx("create"), e))?;
-            // A file restored over (--force) keeps its own mode.
-            if let Some(m) = std::fs::metadata(path).ok().filter(|m| m.is_file()) {
-                file.set_permissions(m.permissions()).map_err(|e| Error::io(ctx("set the mode of"), e))?;
-            }
             lock_exclusive(&file, path)?;
-            file.set_len(0).and_then(|_| file.set_len(size)).map_err(|e| Error::io(ctx("size"), e))?;
+            let give_up = |e: Error| {
+                if created {
+                    let _ = std::fs::remove_file(&partial);
+                }
+                e
+            };
+            // A file restored over keeps its mode and owner.
+            if let Some(m) = &existing {
+                file.set_permissions(m.permissions()).map_err(|e| give_up(Error::io(ctx("set the mode of"), e)))?;
+                let mine = file.metadata().map_err(|e| give_up(Error::io(ctx("stat"), e)))?;
+                if (mine.uid(), mine.gid()) != (m.uid(), m.gid())
+                    && let Err(e) = std::os::unix::fs::fchown(&file, Some(m.uid()), Some(m.gid()))
+                {
+                    drop(file);
+                    let _ = std::fs::remove_file(&partial);
+                    progress.warn(&format!(
+                        "cannot give a new file the owner of {} (uid {}, gid {}: {e}): restoring into it in place (an interrupted restore leaves it part written)",
+                        path.display(),
+                        m.uid(),
+                        m.gid()
+                    ));
+                    return in_place(path, size, true, &ctx);
+                }
+            }
+            // Sized before anything is written: a file system that cannot hold the image
+            // (too large a file) fails here, and nothing is left behind.
+            file.set_len(0).and_then(|_| file.set_len(size)).map_err(|e| give_up(Error::io(ctx("size"), e)))?;
             let direct = open_direct(&partial);
             Ok(Target {
                 io: TargetIo::File { buffered: file, direct },
@@ -300,6 +367,33 @@ fn open_target(
             })
         }
     }
+}
+
+/// Whether a restore over the regular file `m` goes in place: it has other hard links,
+/// or belongs to someone a process that is not root cannot give a new file.
+fn written_in_place(m: &std::fs::Metadata) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    // SAFETY: getters without arguments or failure modes.
+    let (euid, egid) = unsafe { (libc::geteuid(), libc::getegid()) };
+    m.nlink() > 1 || (euid != 0 && (m.uid(), m.gid()) != (euid, egid))
+}
+
+/// Opens the regular file `path` to restore into it in place (`fresh`: emptied first, so
+/// it reads as zeros and zero blocks need no writing; otherwise a continued restore).
+fn in_place(path: &Path, size: u64, fresh: bool, ctx: &dyn Fn(&str) -> String) -> Result<Target> {
+    let file = OpenOptions::new().read(true).write(true).open(path).map_err(|e| Error::io(ctx("open"), e))?;
+    lock_exclusive(&file, path)?;
+    if fresh {
+        file.set_len(0).and_then(|_| file.set_len(size)).map_err(|e| Error::io(ctx("size"), e))?;
+    }
+    let direct = open_direct(path);
+    Ok(Target {
+        io: TargetIo::File { buffered: file, direct },
+        rename: None,
+        is_device: false,
+        readable: true,
+        discard_zeros: false,
+    })
 }
 
 pub(crate) fn device_size(f: &File) -> io::Result<u64> {
@@ -387,8 +481,15 @@ impl Repository {
                     discard_zeros: existing && opts.sparse,
                 }
             }
-            Url::File(p) => open_target(p, uid, version.size, opts, self.config.modes)?,
+            Url::File(p) => open_target(p, uid, version.size, opts, self.config.modes, progress)?,
             Url::Null(_) => unreachable!("refused above"),
+        };
+        let again = match &target.rename {
+            Some((temp, _)) => format!(
+                "run `keepfs restore --continue {uid} {url}` to finish it (what it wrote is in {}: remove that file to give up)",
+                temp.display()
+            ),
+            None => format!("run `keepfs restore --continue {uid} {url}` to finish it"),
         };
         // A device must get real zeros; a fresh file already reads as zeros. An existing
         // RBD image restored with --sparse gets discards.
@@ -567,9 +668,7 @@ impl Repository {
             return Err(match e {
                 // Damage names its own repair (and its exit code).
                 Error::Damaged(_) => e,
-                e => Error::Other(format!(
-                    "{e}; the restore is incomplete: run `keepfs restore --continue {uid} {url}` to finish it"
-                )),
+                e => Error::Other(format!("{e}; the restore is incomplete: {again}")),
             });
         }
         // The repeats, copied from their first occurrence (zeros where that was damaged).
@@ -608,7 +707,6 @@ impl Repository {
             }
         }
         progress.end();
-        let again = format!("run `keepfs restore --continue {uid} {url}` to finish it");
         if let Some(e) = write_error {
             // What was written stays (it is verified block by block by --continue).
             let _ = target.sync();

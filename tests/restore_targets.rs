@@ -1,0 +1,147 @@
+//! What a restore writes over, as an admin meets it: a file given to `--force` stays the
+//! file it was (its owner, its other hard links, the symlink that names it), a symlink
+//! to nothing is refused rather than replaced, and a restore the target's file system
+//! cannot hold leaves nothing behind.
+
+mod common;
+use common::*;
+use std::os::unix::fs::MetadataExt;
+
+const NOBODY: u32 = 65534;
+
+/// A repository holding one version of a 3 MiB image: (repo, uid, the image's sha256).
+fn one_version() -> (Repo, String, String) {
+    let repo = Repo::new();
+    std::fs::write(repo.path("img"), mixed_image(41, 12, 256 << 10, 30)).unwrap();
+    let uid = repo.backup("img", "vm", &["-b", "256k"]);
+    let sha = sha256_file(&repo.path("img"));
+    (repo, uid, sha)
+}
+
+fn is_root() -> bool {
+    // SAFETY: a getter without failure modes.
+    unsafe { libc::geteuid() == 0 }
+}
+
+#[test]
+fn a_file_restored_over_keeps_its_owner_and_its_hard_links() {
+    let (repo, uid, sha) = one_version();
+    let out = repo.path("out");
+    std::fs::write(&out, b"yesterday's disk").unwrap();
+    if is_root() {
+        std::os::unix::fs::chown(&out, Some(NOBODY), Some(NOBODY)).unwrap();
+    }
+    let owner = std::fs::metadata(&out).unwrap();
+    repo.ok(&["restore", "--force", &uid, &repo.url("out")]);
+    let after = std::fs::metadata(&out).unwrap();
+    assert_eq!(sha256_file(&out), sha);
+    assert_eq!((after.uid(), after.gid()), (owner.uid(), owner.gid()), "the owner of a file restored over");
+    assert_ne!(after.ino(), owner.ino(), "written beside the old file and renamed over it");
+
+    // A second name for the same file: a rename would leave it on the old image. The
+    // restore goes in place and says so; both names show the restored image.
+    let other = repo.path("same-disk");
+    std::fs::hard_link(&out, &other).unwrap();
+    std::fs::write(&out, b"changed since").unwrap();
+    let ino = std::fs::metadata(&out).unwrap().ino();
+    let r = repo.run(&["restore", "--force", &uid, &repo.url("out")]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stderr.contains("has 2 hard links: restoring into it in place"), "{}", r.stderr);
+    assert_eq!(std::fs::metadata(&out).unwrap().ino(), ino);
+    assert_eq!(sha256_file(&other), sha);
+    assert_eq!(sha256_file(&out), sha);
+    let after = std::fs::metadata(&out).unwrap();
+    assert_eq!((after.uid(), after.gid(), after.nlink()), (owner.uid(), owner.gid(), 2));
+    let partials: Vec<_> = std::fs::read_dir(repo.dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("keepfs-restore"))
+        .collect();
+    assert!(partials.is_empty(), "{partials:?}");
+
+    // Interrupted in place (here: as if, by damaging the file), `--continue` checks every
+    // block and rewrites what differs.
+    let f = std::fs::OpenOptions::new().write(true).open(&out).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, b"scribble", 300 << 10).unwrap();
+    drop(f);
+    repo.ok(&["restore", "--continue", &uid, &repo.url("out")]);
+    assert_eq!(sha256_file(&other), sha);
+}
+
+#[test]
+fn a_symlink_is_followed_and_a_link_to_nothing_is_refused() {
+    let (repo, uid, sha) = one_version();
+    let disk = repo.path("disk.img");
+    std::fs::write(&disk, b"old").unwrap();
+    let link = repo.path("current");
+    std::os::unix::fs::symlink(&disk, &link).unwrap();
+
+    // Without --force the file the link names is not written over.
+    let r = repo.run(&["restore", &uid, &repo.url("current")]);
+    assert_eq!(r.code, 4, "{}", r.stderr);
+    assert!(r.error_line().contains("exists (file); pass --force"), "{}", r.stderr);
+    assert_eq!(std::fs::read(&disk).unwrap(), b"old");
+
+    // With it, the link stays a link and the file it names gets the image.
+    repo.ok(&["restore", "--force", &uid, &repo.url("current")]);
+    assert!(std::fs::symlink_metadata(&link).unwrap().file_type().is_symlink(), "the link was replaced");
+    assert_eq!(std::fs::read_link(&link).unwrap(), disk);
+    assert_eq!(sha256_file(&disk), sha);
+
+    // A link to nothing: refused (as `cp` refuses to write through one), link untouched,
+    // nothing created where it points.
+    let gone = repo.path("gone.img");
+    let dangling = repo.path("dangling");
+    std::os::unix::fs::symlink(&gone, &dangling).unwrap();
+    for force in [false, true] {
+        let mut args = vec!["restore"];
+        if force {
+            args.push("--force");
+        }
+        let url = repo.url("dangling");
+        args.extend([uid.as_str(), url.as_str()]);
+        let r = repo.run(&args);
+        assert_eq!(r.code, 4, "{args:?}: {}", r.stderr);
+        assert!(
+            r.error_line().contains("is a symlink to") && r.error_line().contains("which does not exist"),
+            "{}",
+            r.stderr
+        );
+        assert_eq!(r.stderr.lines().count(), 1, "{}", r.stderr);
+        assert!(std::fs::symlink_metadata(&dangling).unwrap().file_type().is_symlink());
+        assert!(!gone.exists());
+    }
+}
+
+/// A file system that cannot hold the image (here: a file size limit, as on a file
+/// system with small files) fails before anything is written, with one line, and leaves
+/// no partial file behind to fill the disk.
+#[test]
+fn a_restore_too_large_for_its_target_leaves_nothing_behind() {
+    let (repo, uid, _) = one_version();
+    let keepfs = env!("CARGO_BIN_EXE_keepfs");
+    let url = repo.url("out");
+    // 1 MiB at most per file, and the signal that limit sends ignored: the write fails
+    // with EFBIG instead. The environment is the one the test's keepfs runs with.
+    let script = format!("ulimit -f 1024; trap '' XFSZ; exec '{keepfs}' restore {uid} '{url}'");
+    let env = repo.command(&[]);
+    let mut sh = std::process::Command::new("sh");
+    sh.arg("-c").arg(&script);
+    for (k, v) in env.get_envs() {
+        match v {
+            Some(v) => sh.env(k, v),
+            None => sh.env_remove(k),
+        };
+    }
+    let r = sh.output().unwrap();
+    let stderr = String::from_utf8_lossy(&r.stderr);
+    assert_eq!(r.status.code(), Some(1), "{stderr}");
+    assert!(stderr.trim_end().ends_with("(os error 27)") || stderr.contains("File too large"), "{stderr}");
+    assert_eq!(stderr.trim_end().lines().filter(|l| l.starts_with("keepfs: error")).count(), 1, "{stderr}");
+    let left: Vec<_> = std::fs::read_dir(repo.dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("out"))
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}

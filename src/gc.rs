@@ -48,6 +48,9 @@ pub struct CleanupPlan {
     /// `writing` rows of backups that stopped before storing (or recording) the object:
     /// their file, if any, goes with the row. Not counted as objects.
     pub unfinished: Vec<BlockId>,
+    /// The files of those placeholders the storage holds (an upload that got that far):
+    /// short id -> stored bytes.
+    pub unfinished_files: std::collections::HashMap<u64, u64>,
     /// Object files the database does not know (left by interrupted backups).
     pub orphans: Vec<(String, u64)>,
     /// Unreferenced objects, placeholders of backups and files no row names, kept
@@ -83,7 +86,9 @@ pub struct SparedVersion {
 
 impl CleanupPlan {
     pub fn bytes(&self) -> u64 {
-        self.objects.iter().map(|o| o.1).sum::<u64>() + self.orphans.iter().map(|o| o.1).sum::<u64>()
+        self.objects.iter().map(|o| o.1).sum::<u64>()
+            + self.orphans.iter().map(|o| o.1).sum::<u64>()
+            + self.unfinished_files.values().sum::<u64>()
     }
 
     /// The files no row names that are kept for now, for people (none: nothing to say).
@@ -323,6 +328,7 @@ impl Repository {
             cutoff_ms,
             objects: Vec::new(),
             unfinished: Vec::new(),
+            unfinished_files: std::collections::HashMap::new(),
             orphans: Vec::new(),
             kept_recent: 0,
             referenced: marked.len() as u64,
@@ -334,6 +340,10 @@ impl Repository {
             grace: self.config.incomplete_grace,
         };
         let mut known: HashSet<u64> = HashSet::new();
+        // Placeholders of running or spared backups: short id -> kept for `--continue`
+        // (else for a running backup).
+        let mut placeholders: std::collections::HashMap<u64, bool> = std::collections::HashMap::new();
+        let mut unfinished: HashSet<u64> = HashSet::new();
         db.for_each_object(storage_id, &mut |row| {
             if !slice.holds_id(&row.id) {
                 return;
@@ -345,13 +355,13 @@ impl Repository {
             }
             if row.state == OBJECT_WRITING {
                 // A backup's placeholder: its backup runs (or may be continued), or it died.
+                // One kept has a file only if its upload got that far: counted below, where
+                // the listing finds it.
                 if row.touched_ms < cutoff_ms {
                     plan.unfinished.push(row.id);
-                } else if row.touched_ms < running_cutoff {
-                    plan.kept_for_continue += 1;
-                    plan.kept_for_continue_bytes += row.stored_size;
+                    unfinished.insert(short);
                 } else {
-                    plan.kept_recent += 1;
+                    placeholders.insert(short, row.touched_ms < running_cutoff);
                 }
                 return;
             }
@@ -374,7 +384,19 @@ impl Repository {
         let grace = std::time::Duration::from_millis(self.config.incomplete_grace.num_milliseconds().max(0) as u64);
         let unrecorded_time = SystemTime::now().checked_sub(grace).unwrap_or(UNIX_EPOCH);
         st.list_each("blocks/", &mut |e| {
-            if let Some(short) = BlockId::from_storage_key(&e.key).filter(|id| slice.holds_id(id)).map(|id| id.short())
+            let short = BlockId::from_storage_key(&e.key).filter(|id| slice.holds_id(id)).map(|id| id.short());
+            match short.and_then(|s| placeholders.get(&s)) {
+                Some(true) => {
+                    plan.kept_for_continue += 1;
+                    plan.kept_for_continue_bytes += e.size;
+                }
+                Some(false) => plan.kept_recent += 1,
+                None => {}
+            }
+            if let Some(short) = short.filter(|s| unfinished.contains(s)) {
+                plan.unfinished_files.insert(short, e.size);
+            }
+            if let Some(short) = short
                 && !known.contains(&short)
                 && !marked.contains(&short)
             {
@@ -502,6 +524,8 @@ impl Repository {
                 if orphan_ids.contains(id) {
                     report.orphans_deleted += 1;
                 } else if unfinished.contains(id) {
+                    // Its row knew no size; the listing gave its file's, if it had one.
+                    report.bytes_freed += plan.unfinished_files.get(&id.short()).copied().unwrap_or(0);
                     continue;
                 } else {
                     report.objects_deleted += 1;

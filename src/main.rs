@@ -736,12 +736,30 @@ fn scrub_versions(repo: &Repository, uids: &[VersionUid], opts: &ScrubOptions) -
     Ok(if damaged > 0 { exit::DATA_DAMAGED } else { exit::OK })
 }
 
+/// An expiry date, from year 0 to 9999: what the catalog stores as text and reads back.
 fn parse_expire(s: &str) -> Result<chrono::DateTime<chrono::Utc>> {
-    keepfs::filter::parse_date(s).map_err(|e| Error::Invalid(format!("expiry date: {e}")))
+    use chrono::Datelike;
+    let d = keepfs::filter::parse_date(s).map_err(|e| Error::Invalid(format!("expiry date: {e}")))?;
+    if !(0..=9999).contains(&d.year()) {
+        return Err(Error::Invalid(format!(
+            "expiry date '{s}' is outside the years 0 to 9999 that keepfs keeps; to keep a version for good, protect it (`keepfs protect UID`)"
+        )));
+    }
+    Ok(d)
 }
 
+/// Parses uids given on the command line, each once in the order first given (`rm V1
+/// V1` removes one version and says so once; an export names it once).
 fn parse_uids(uids: &[String]) -> Result<Vec<VersionUid>> {
-    uids.iter().map(|u| VersionUid::parse(u)).collect()
+    let mut seen = std::collections::HashSet::new();
+    let mut out = Vec::new();
+    for u in uids {
+        let uid = VersionUid::parse(u)?;
+        if seen.insert(uid) {
+            out.push(uid);
+        }
+    }
+    Ok(out)
 }
 
 /// Parses uids and checks that every one exists before a command changes any of them
@@ -1112,20 +1130,19 @@ fn run(cli: Cli) -> Result<i32> {
             for uid in doomed {
                 let Some(v) = versions.iter().find(|v| v.uid == uid) else { continue };
                 let line = |verb: &str| format!("{verb} {uid} {} ({})", v.name, when(&v.date));
-                if dry_run {
-                    if json {
-                        removed.push(cli_output::version_brief(v));
-                    } else {
-                        out!("{}", line("would remove"))?;
-                    }
-                    continue;
-                }
-                // The rules decide about age; locks (a restore, a mount) still win.
-                match repo.plan_remove(&[uid], true).and_then(|plan| repo.apply_remove(&plan)) {
+                // The rules decide about age; locks (a restore, a mount) still win, and a
+                // dry run checks them too: it says what the real run would do.
+                let planned = repo.plan_remove(&[uid], true);
+                let done = match planned {
+                    Ok(plan) if !dry_run => repo.apply_remove(&plan),
+                    other => other.map(|_| ()),
+                };
+                match done {
                     Ok(()) if json => removed.push(cli_output::version_brief(v)),
+                    Ok(()) if dry_run => out!("{}", line("would remove"))?,
                     Ok(()) => report!("{}", line("removed")),
                     Err(e) => {
-                        note!("keepfs: warning: kept {uid}: {e}");
+                        note!("keepfs: warning: {} {uid}: {e}", if dry_run { "would keep" } else { "kept" });
                         kept.push(serde_json::json!({ "uid": uid.to_string(), "reason": e.to_string() }));
                     }
                 }
@@ -1494,8 +1511,13 @@ fn run(cli: Cli) -> Result<i32> {
         Command::Stats { filter, format } => {
             let filter = filter.as_deref().map(Filter::parse).transpose()?;
             let versions = repo.list(filter.as_ref())?;
-            // Image bytes per second: what the backup covered, holes included.
-            let rate = |v: &Version| (v.size as f64 / (v.stats.duration_ms.max(1) as f64 / 1000.0)) as u64;
+            // Image bytes per second: what the backup covered, holes included. None for a
+            // version without a finished backup's figures (incomplete, or taken in by
+            // `metadata import`): its size over no time is no rate.
+            let rate = |v: &Version| {
+                (v.stats.duration_ms > 0 && v.status != keepfs::version::Status::Incomplete)
+                    .then(|| (v.size as f64 / (v.stats.duration_ms as f64 / 1000.0)) as u64)
+            };
             match format {
                 Format::Json => {
                     let rows: Vec<serde_json::Value> = versions
@@ -1538,7 +1560,7 @@ fn run(cli: Cli) -> Result<i32> {
                                 cli_output::size_cell(s.bytes_deduplicated),
                                 cli_output::size_cell(s.bytes_sparse),
                                 format!("{:.1}", s.duration_ms as f64 / 1000.0),
-                                format!("{:.0}", rate(v) as f64 / 1e6),
+                                rate(v).map_or_else(|| "-".to_string(), |r| format!("{:.0}", r as f64 / 1e6)),
                             ]
                         })
                         .collect();

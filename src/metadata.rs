@@ -95,8 +95,16 @@ impl Repository {
                         check_format(&format, format_version)?;
                     }
                     json.begin_array().map_err(doc_err)?;
+                    let mut seen = std::collections::HashSet::new();
                     while json.has_next().map_err(doc_err)? {
-                        checked.push(self.import_entry(&mut json)?);
+                        let entry = self.import_entry(&mut json)?;
+                        if !seen.insert(entry.0.uid) {
+                            return Err(Error::Invalid(format!(
+                                "the document holds version {} twice; nothing was imported",
+                                entry.0.uid
+                            )));
+                        }
+                        checked.push(entry);
                     }
                     json.end_array().map_err(doc_err)?;
                 }
@@ -341,13 +349,31 @@ impl Repository {
     fn insert_recovered(&self, checked: Vec<(Version, Recovered)>) -> Result<Vec<VersionUid>> {
         let mut imported = Vec::new();
         for (mut v, index) in checked {
-            let (missing, damaged) = self.objects_in_storage(&v.storage, &index)?;
-            if missing || damaged || v.status == Status::Incomplete {
-                v.status = Status::Invalid;
+            let uid = v.uid;
+            let mut one = || -> Result<()> {
+                let (missing, damaged) = self.objects_in_storage(&v.storage, &index)?;
+                if missing || damaged || v.status == Status::Incomplete {
+                    v.status = Status::Invalid;
+                }
+                // Checked before the document was read to its end; another process may
+                // have put the version in since.
+                if self.version(uid).is_ok() {
+                    return Err(Error::Refused(format!("version {uid} was put in by another process meanwhile")));
+                }
+                index.with_bytes(|bytes| self.db().insert_version_record(&v, bytes))?;
+                self.refresh_version_object(uid)
+            };
+            if let Err(e) = one() {
+                // Each version goes in whole or not at all; say which ones did.
+                return Err(match imported.is_empty() {
+                    true => e,
+                    false => Error::Other(format!(
+                        "{e}; imported before it: {}; not imported: {uid} and what follows it in the document",
+                        imported.iter().map(|u: &VersionUid| u.to_string()).collect::<Vec<_>>().join(", ")
+                    )),
+                });
             }
-            index.with_bytes(|bytes| self.db().insert_version_record(&v, bytes))?;
-            self.refresh_version_object(v.uid)?;
-            imported.push(v.uid);
+            imported.push(uid);
         }
         Ok(imported)
     }

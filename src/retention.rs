@@ -29,11 +29,13 @@ pub fn parse_rules(s: &str) -> Result<Vec<Rule>> {
             ))
         })?;
         let (cat, num) = part.split_at(split);
-        let n: u32 = num
-            .parse()
-            .ok()
-            .filter(|n| *n > 0)
-            .ok_or_else(|| bad(format!("'{part}': the count must be a whole number above 0")))?;
+        let n: u32 = match num.parse::<u32>() {
+            Ok(n) if n > 0 => n,
+            Err(e) if *e.kind() == std::num::IntErrorKind::PosOverflow => {
+                return Err(bad(format!("'{part}': the count is too large (at most {})", u32::MAX)));
+            }
+            _ => return Err(bad(format!("'{part}': the count must be a whole number above 0"))),
+        };
         if !seen.insert(cat.to_string()) {
             return Err(bad(format!("'{cat}' appears twice")));
         }
@@ -104,6 +106,8 @@ mod tests {
             let e = parse_rules(bad).unwrap_err().to_string();
             assert!(e.starts_with("retention rules") && !e.contains('\n'), "{bad}: {e}");
         }
+        let e = parse_rules("hours99999999999").unwrap_err().to_string();
+        assert!(e.contains("too large (at most 4294967295)"), "{e}");
     }
 
     #[test]

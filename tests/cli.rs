@@ -1122,3 +1122,75 @@ fn root_uses_var_lib_keepfs_unless_it_already_has_a_repository_at_home() {
     std::fs::create_dir_all(&user_home).unwrap();
     assert_eq!(check(), format!("home: {}", user_home.display()), "an existing repository stays in use");
 }
+
+/// A uid named twice is one version: `rm V V` removes it once and says so once, an
+/// export holds it once, and a document that holds a version twice (made by hand, or by
+/// an older keepfs) is refused whole instead of importing its versions and then failing
+/// with a database error.
+#[test]
+fn a_uid_named_twice_is_one_version() {
+    let repo = Repo::new();
+    fs::write(repo.path("a"), random_bytes(81, 3 * 65536)).unwrap();
+    fs::write(repo.path("b"), random_bytes(82, 3 * 65536)).unwrap();
+    let a = repo.backup("a", "a", &["-b", "64k"]);
+    let b = repo.backup("b", "b", &["-b", "64k"]);
+    let doc = repo.path("twice.json");
+    repo.ok(&["metadata", "export", &a, &b, &a, doc.to_str().unwrap()]);
+    let exported: serde_json::Value = serde_json::from_slice(&fs::read(&doc).unwrap()).unwrap();
+    assert_eq!(exported["versions"].as_array().unwrap().len(), 2, "{exported}");
+
+    let r = repo.run(&["rm", "--force", "--dry-run", &a, &a]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(r.stdout.matches("would remove").count(), 1, "{}", r.stdout);
+    let r = repo.run(&["rm", "--force", &a, &b, &a]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stderr.contains("removed 2 version(s)"), "{}", r.stderr);
+
+    // The same version twice in one document: nothing goes in.
+    let mut doubled = exported.clone();
+    let first = doubled["versions"][0].clone();
+    doubled["versions"].as_array_mut().unwrap().push(first);
+    fs::write(&doc, serde_json::to_vec(&doubled).unwrap()).unwrap();
+    let r = repo.run(&["metadata", "import", doc.to_str().unwrap()]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert_eq!(r.stderr.trim().lines().count(), 1, "{}", r.stderr);
+    assert!(r.error_line().contains(&format!("holds version {a} twice; nothing was imported")), "{}", r.stderr);
+    assert!(repo.ls_json(None).as_array().unwrap().is_empty(), "{}", repo.ls_json(None));
+    fs::write(&doc, serde_json::to_vec(&exported).unwrap()).unwrap();
+    let imported = repo.ok(&["metadata", "import", doc.to_str().unwrap()]);
+    assert_eq!(imported.split_whitespace().collect::<Vec<_>>(), [a.as_str(), b.as_str()]);
+    assert_eq!(repo.restore_sha(&a, "out"), sha256_file(&repo.path("a")));
+}
+
+/// An expiry the catalog cannot keep (after the year 9999) is refused with one line,
+/// instead of being accepted and then read back as no expiry at all; and a version
+/// without a finished backup's figures shows no rate in `stats` (it used to show its size
+/// over a millisecond).
+#[test]
+fn an_expiry_past_9999_is_refused_and_an_incomplete_version_has_no_rate() {
+    let repo = Repo::new();
+    fs::write(repo.path("a"), random_bytes(83, 65536)).unwrap();
+    let a = repo.backup("a", "a", &["-b", "64k"]);
+    for args in [vec!["expire", a.as_str(), "+10000-01-01"], vec!["backup", "--expire", "+10000-01-01"]] {
+        let mut args = args;
+        let url = repo.url("a");
+        if args[0] == "backup" {
+            args.extend([url.as_str(), "far"]);
+        }
+        let r = repo.run(&args);
+        assert_eq!(r.code, 2, "{args:?}: {}", r.stderr);
+        assert!(r.error_line().contains("outside the years 0 to 9999"), "{}", r.stderr);
+    }
+    assert_eq!(repo.ls_json(None).as_array().unwrap().len(), 1, "no version was made");
+    repo.ok(&["expire", &a, "9999-12-31"]);
+    assert!(repo.version(&a)["expire"].as_str().unwrap().starts_with("9999-12-31"), "{}", repo.version(&a));
+
+    let stats: serde_json::Value = serde_json::from_str(&repo.ok(&["stats", "--format", "json"])).unwrap();
+    assert!(stats[0]["bytes_per_second"].as_u64().is_some_and(|r| r > 0), "{stats}");
+    let engine = keepfs::Repository::open(repo.engine_config()).unwrap();
+    engine.set_status(keepfs::version::VersionUid::parse(&a).unwrap(), keepfs::version::Status::Incomplete).unwrap();
+    let stats: serde_json::Value = serde_json::from_str(&repo.ok(&["stats", "--format", "json"])).unwrap();
+    assert!(stats[0]["bytes_per_second"].is_null(), "{stats}");
+    let table = repo.ok(&["stats"]);
+    assert!(table.lines().nth(1).is_some_and(|l| l.trim_end().ends_with(" -")), "{table}");
+}

@@ -69,7 +69,13 @@ fn versions_in_use_cannot_be_removed_and_dead_holders_release_them() {
             assert_eq!(r.code, 4, "{}", r.stderr);
             assert!(r.error_line().contains(&format!("is in use ({what} by pid")), "{}", r.stderr);
         }
-        // Retention would remove v (latest1 keeps only the newer one) but keeps it, and says so.
+        // Retention would remove v (latest1 keeps only the newer one) but keeps it, and says
+        // so; its dry run says the same, with the same exit code (it used to say "would
+        // remove" and exit 0).
+        let r = repo.run(&["enforce", "latest1", "name == \"db\"", "--dry-run"]);
+        assert_eq!(r.code, 4, "{}", r.stderr);
+        assert!(r.stderr.contains(&format!("would keep {v}: version {v} is in use")), "{}", r.stderr);
+        assert!(!r.stdout.contains(&format!("would remove {v}")), "{}", r.stdout);
         let r = repo.run(&["enforce", "latest1", "name == \"db\""]);
         assert_eq!(r.code, 4, "{}", r.stderr);
         assert!(r.stderr.contains(&format!("kept {v}: version {v} is in use")), "{}", r.stderr);

@@ -58,7 +58,15 @@ fn kill_9_during_backup_leaves_an_incomplete_version_and_a_consistent_repository
     // Removing the incomplete version needs no --force (it never became a backup), and
     // cleanup then leaves a storage with exactly the objects the good version needs.
     repo.ok(&["rm", &uid]);
-    repo.ok(&["cleanup"]);
+    let bytes =
+        || -> u64 { files_under(&repo.storage().join("blocks")).iter().map(|f| f.metadata().unwrap().len()).sum() };
+    let before = bytes();
+    let r = repo.run(&["cleanup", "--format", "json"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let done: serde_json::Value = serde_json::from_str(&r.stdout).unwrap_or_else(|e| panic!("{e}: {}", r.stdout));
+    // What it says it freed is what the storage lost, the killed run's unrecorded files
+    // included (they used to be deleted uncounted).
+    assert_eq!(done["storages"][0]["bytes_freed"].as_u64(), Some(before - bytes()), "{done}");
     let index_objects = {
         let obj = fs::read(repo.storage().join("versions").join(&good)).unwrap();
         let (_, index) = keepfs::repo::decode_version_object(keepfs::transform::Codec::plain(), &obj).unwrap();

@@ -219,7 +219,7 @@ fn an_object_file_without_a_row_is_swept_only_when_old() {
     let plan = repo.plan_cleanup("default").unwrap();
     assert!(plan.orphans.is_empty());
     assert_eq!(plan.kept_unrecorded, 1);
-    assert!(plan.unrecorded_line("storage default").unwrap().contains("incomplete_grace (24 h)"));
+    assert!(plan.unrecorded_line("storage default").unwrap().contains("incomplete_grace (1d)"));
     // A file newer than the cutoff is kept.
     file.set_modified(std::time::SystemTime::now() + std::time::Duration::from_secs(3600)).unwrap();
     assert!(repo.plan_cleanup("default").unwrap().orphans.is_empty());

@@ -1324,10 +1324,14 @@ fn run(cli: Cli) -> Result<i32> {
                 // Made as a plain file is (0666 less the umask), not private as temporary
                 // files are.
                 use std::os::unix::fs::PermissionsExt;
+                if !dir.is_dir() {
+                    return Err(Error::Invalid(format!("{what}: directory {} does not exist", dir.display())));
+                }
+                // (The error names what went wrong, not the temporary file's name.)
                 let tmp = tempfile::Builder::new()
                     .permissions(std::fs::Permissions::from_mode(0o666))
                     .tempfile_in(&dir)
-                    .map_err(|e| Error::io(&what, e))?;
+                    .map_err(|e| Error::io(&what, std::io::Error::from(e.kind())))?;
                 let mut w = std::io::BufWriter::new(tmp);
                 repo.export_metadata_to(&uids, &mut w, &what)?;
                 let tmp = w.into_inner().map_err(|e| Error::io(&what, e.into_error()))?;

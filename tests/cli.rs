@@ -1138,6 +1138,11 @@ fn a_uid_named_twice_is_one_version() {
     repo.ok(&["metadata", "export", &a, &b, &a, doc.to_str().unwrap()]);
     let exported: serde_json::Value = serde_json::from_slice(&fs::read(&doc).unwrap()).unwrap();
     assert_eq!(exported["versions"].as_array().unwrap().len(), 2, "{exported}");
+    // Into a directory that is not there: said so, without the name of a temporary file.
+    let nowhere = repo.path("nowhere/x.json");
+    let r = repo.run(&["metadata", "export", &a, nowhere.to_str().unwrap()]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.error_line().ends_with("nowhere does not exist") && !r.stderr.contains("nowhere/.tmp"), "{}", r.stderr);
 
     let r = repo.run(&["rm", "--force", "--dry-run", &a, &a]);
     assert_eq!(r.code, 0, "{}", r.stderr);

@@ -32,6 +32,10 @@ impl Url {
             if path.is_empty() {
                 return Err(format!("'{s}' names no file: use file:///absolute/path"));
             }
+            // RFC 8089: `file://localhost/p` is the local `/p`.
+            if let Some(rest) = path.get(..10).filter(|h| h.eq_ignore_ascii_case("localhost/")).map(|_| &path[9..]) {
+                return Ok(Url::File(PathBuf::from(rest)));
+            }
             if !path.starts_with('/') {
                 return Err(format!(
                     "'{s}' is a relative path in a URL: use {} (or just the path)",
@@ -162,5 +166,7 @@ mod tests {
         assert!(Url::parse("rbd:img").unwrap_err().contains("rbd:POOL[/NAMESPACE]/IMAGE[@SNAP]"));
         assert!(Url::parse("null://abc").is_err());
         assert!(Url::parse("file://").is_err());
+        assert_eq!(Url::parse("file://localhost/tmp/x").unwrap(), Url::File("/tmp/x".into()), "RFC 8089");
+        assert_eq!(Url::parse("file://LocalHost/tmp/x").unwrap(), Url::File("/tmp/x".into()));
     }
 }

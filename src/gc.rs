@@ -165,12 +165,6 @@ fn delete_window() -> Duration {
         .unwrap_or(Duration::from_millis(crate::catalog::REMOTE_SESSION_TTL_MS as u64 / 2))
 }
 
-/// Test builds only: `KEEPFS_TEST_CLAIM_STALL_MS` stalls a cleanup between registering
-/// its session and claiming the storage, so that another cleanup can claim meanwhile.
-fn stall_before_claim() {
-    crate::test_knobs::stall("KEEPFS_TEST_CLAIM_STALL_MS");
-}
-
 /// Test builds only: `KEEPFS_TEST_CLEANUP_STALL_MS` stalls a cleanup after each mark, the
 /// state of a cleanup that stopped between marking and deleting (a fault no real part
 /// shows on demand: tests/crash.rs stops the process there, without racing it).
@@ -181,15 +175,8 @@ fn stall_after_mark() {
 /// The one cleanup of a storage that may run at a time (see [`Repository::claim_cleanup`]);
 /// let go when dropped.
 pub struct CleanupClaim {
-    session: crate::repo::SessionGuard,
-    name: String,
+    lease: crate::repo::Lease,
     storage: String,
-}
-
-impl Drop for CleanupClaim {
-    fn drop(&mut self) {
-        let _ = self.session.release(&self.name);
-    }
 }
 
 impl Repository {
@@ -204,26 +191,20 @@ impl Repository {
     /// [`Self::claim_cleanup`] by something that keeps cleanups off the storage while it
     /// works (`purpose`: "database rebuild", "metadata import"), named so to the refused.
     pub fn claim_cleanup_for(&self, storage: &str, purpose: &str) -> Result<CleanupClaim> {
-        let session = self.session(purpose, false)?;
-        stall_before_claim();
-        let name = format!("cleanup/{storage}");
-        let holder = self.db().claim(&name, session.id)?;
-        if let Some(holder) = holder {
-            let held = self.db().live_sessions()?.into_iter().find(|s| s.id == holder);
-            let who = held
-                .as_ref()
-                .map(|s| format!("pid {} on {}", s.process.pid, s.process.host))
-                .unwrap_or_else(|| format!("session {holder}"));
-            return Err(Error::Refused(match held.map(|s| s.purpose).filter(|p| p != "cleanup") {
-                Some(what) => format!(
-                    "storage '{storage}' is held by a {what} ({who}), which keeps cleanups off it while it works: wait for it to finish"
-                ),
-                None => format!(
-                    "a cleanup of storage '{storage}' is running ({who}); only one runs at a time: wait for it to finish"
-                ),
-            }));
+        match self.lease(&format!("cleanup/{storage}"), purpose)? {
+            Ok(lease) => Ok(CleanupClaim { lease, storage: storage.to_string() }),
+            Err(held) => {
+                let who = crate::repo::holder_name(held.as_ref());
+                Err(Error::Refused(match held.map(|s| s.purpose).filter(|p| p != "cleanup") {
+                    Some(what) => format!(
+                        "storage '{storage}' is held by a {what} ({who}), which keeps cleanups off it while it works: wait for it to finish"
+                    ),
+                    None => format!(
+                        "a cleanup of storage '{storage}' is running ({who}); only one runs at a time: wait for it to finish"
+                    ),
+                }))
+            }
         }
-        Ok(CleanupClaim { session, name, storage: storage.to_string() })
     }
 
     /// The cutoff below which unreferenced objects may go: the start of the oldest live
@@ -461,7 +442,7 @@ impl Repository {
             )));
         }
         let storage = self.storage_to_delete_from(&plan.storage)?;
-        let me = claim.session.id;
+        let me = claim.lease.session.id;
         let mut report = CleanupReport::default();
         let sid = self.storage_id(&plan.storage)?;
         let cutoff = plan.cutoff_ms;

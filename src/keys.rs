@@ -590,6 +590,7 @@ impl Repository {
     /// Makes a storage encrypted (`keepfs init --encrypt`): a new repository secret and a
     /// keyring sealed for the key from `source`. Only before anything is stored there.
     pub fn init_encryption(&self, name: &str, source: &KeySource) -> Result<KeyId> {
+        let _lease = self.keyring_lease(name, "init --encrypt")?;
         let raw = self.raw_storage(name)?;
         if self.read_keyring(name, &raw)?.is_some() {
             return Err(Error::Refused(format!(
@@ -638,9 +639,24 @@ impl Repository {
         Ok((keys, unrecorded))
     }
 
+    /// Holds off every other change of `name`'s keyring, from any process or host, while
+    /// this one reads, changes and writes it: the keyring is one object, and two changes
+    /// made at once would each write back what they read, the later one dropping the
+    /// other's key (and with it what was sealed for that key).
+    fn keyring_lease(&self, name: &str, purpose: &str) -> Result<crate::repo::Lease> {
+        self.lease(&format!("keyring/{name}"), purpose)?.map_err(|held| {
+            Error::Refused(format!(
+                "the keyring of storage '{name}' is being changed by a {} ({}); wait for it to finish",
+                held.as_ref().map_or("key command", |s| s.purpose.as_str()),
+                crate::repo::holder_name(held.as_ref())
+            ))
+        })
+    }
+
     /// `keepfs key rotate`: the key from `new` becomes current; new objects are sealed
     /// with it, existing ones stay readable (`rekey` moves them over).
     pub fn rotate_key(&self, name: &str, new: &KeySource) -> Result<KeyId> {
+        let _lease = self.keyring_lease(name, "key rotate")?;
         let (mut ring, unlocked) = self
             .open_keyring(name)?
             .ok_or_else(|| Error::Invalid(format!("storage '{name}' is not encrypted; nothing to rotate")))?;
@@ -667,7 +683,8 @@ impl Repository {
             .current_key()
             .ok_or_else(|| Error::Invalid(format!("storage '{name}' is not encrypted; nothing to rekey")))?;
         let sid = self.storage_id(name)?;
-        let session = self.session(&format!("key rekey {name}"), false)?;
+        let lease = self.keyring_lease(name, &format!("key rekey {name}"))?;
+        let session = &lease.session;
         let versions = storage.list("versions/")?;
         let (mut rewrapped, mut already, mut gone) = (0u64, 0u64, 0u64);
         // Bounded batches, paged out of the catalog in id order (no list of every
@@ -765,17 +782,36 @@ impl Repository {
                 gone += 1;
             }
         }
-        drop(session);
+        drop(lease);
         Ok((rewrapped, already, gone))
     }
 
     /// `keepfs key remove`: refuses while any object may still need the key.
     pub fn remove_key(&self, name: &str, id: KeyId) -> Result<()> {
+        let lease = self.keyring_lease(name, "key remove")?;
         let (mut ring, unlocked) =
             self.open_keyring(name)?.ok_or_else(|| Error::Invalid(format!("storage '{name}' is not encrypted")))?;
         let sid = self.storage_id(name)?;
         let current = ring.current_id().unwrap_or(id);
         if current != id {
+            // A process keeps the keyring it read when it started: one that began before
+            // the rotation (a backup, a mount or NBD server, on any host) may still seal
+            // new objects with the key being removed, and record them after the checks
+            // below. Refused while any such process runs.
+            let me = lease.session.id;
+            let busy: Vec<crate::catalog::Session> = self
+                .live_sessions()?
+                .into_iter()
+                .filter(|s| s.id != me && (s.writes || s.purpose == "serve"))
+                .collect();
+            if let Some(s) = busy.first() {
+                return Err(Error::Refused(format!(
+                    "{} process(es) that may still seal new objects with an older key are running (e.g. {} by {}); run `keepfs key remove` again once they have ended (restart mounts and NBD servers)",
+                    busy.len(),
+                    s.purpose,
+                    crate::repo::holder_name(Some(s))
+                )));
+            }
             let left = self.db().count_objects_not_under(sid, current)?;
             if left > 0 {
                 return Err(Error::Refused(format!(

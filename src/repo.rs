@@ -2,7 +2,7 @@
 //! This is the engine's front door; the CLI and the FUSE filesystem only talk to it.
 
 use crate::block::BlockId;
-use crate::catalog::SharedCatalog;
+use crate::catalog::{Session, SharedCatalog};
 use crate::config::{Config, StorageKind};
 use crate::error::{Error, Result};
 use crate::filter::Filter;
@@ -730,6 +730,41 @@ pub struct StorageInfo {
     pub stored_bytes: u64,
     /// Sum of the sizes of the versions stored there (before dedup and compression).
     pub image_bytes: u64,
+}
+
+/// A named lease in the catalog (`cleanup/<storage>`, `keyring/<storage>`), held by a
+/// session of its own: at most one live holder at a time, from any process or host. Let
+/// go when dropped; the lease of a holder that died is taken over by the next claim.
+pub struct Lease {
+    pub(crate) session: SessionGuard,
+    name: String,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        let _ = self.session.release(&self.name);
+    }
+}
+
+/// Who holds a lease, for a refusal: "pid N on HOST" (or "a session that just ended").
+pub(crate) fn holder_name(held: Option<&Session>) -> String {
+    held.map(|s| format!("pid {} on {}", s.process.pid, s.process.host))
+        .unwrap_or_else(|| "a session that just ended".to_string())
+}
+
+impl Repository {
+    /// Claims the lease `name` for `purpose` (what this session is, as others see it).
+    /// `Err` holds the live session that holds it (`None` if it ended meanwhile). Test
+    /// builds stall for `KEEPFS_TEST_CLAIM_STALL_MS` between registering the session and
+    /// claiming, so that another claim can come in between.
+    pub(crate) fn lease(&self, name: &str, purpose: &str) -> Result<std::result::Result<Lease, Option<Session>>> {
+        let session = self.session(purpose, false)?;
+        crate::test_knobs::stall("KEEPFS_TEST_CLAIM_STALL_MS");
+        let Some(holder) = self.db().claim(name, session.id)? else {
+            return Ok(Ok(Lease { session, name: name.to_string() }));
+        };
+        Ok(Err(self.db().live_sessions()?.into_iter().find(|s| s.id == holder)))
+    }
 }
 
 /// A registered session; ends (and releases its version locks) when dropped.

@@ -544,3 +544,75 @@ fn rekey_pages_through_many_objects() {
     let r = e.run_with(&new, &["deep-scrub", &v]);
     assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
 }
+
+/// A keyring is one object: two key commands at once (on two hosts of a shared catalog,
+/// say) would each write back the keyring they read, and the later one would drop the
+/// other's key. One key command runs at a time per storage; the next is refused with one
+/// line while it runs. And a process that read the keyring before a rotation (a backup
+/// here; a mount or NBD server alike) seals with the old key for as long as it runs, so
+/// `key remove` is refused until it has ended: removing the key under it would leave
+/// its new objects unreadable.
+#[test]
+fn key_changes_wait_for_each_other_and_for_what_may_still_use_the_old_key() {
+    let e = Enc::new();
+    let repo = &e.repo;
+    let config = repo.engine_config();
+    let key2 = repo.path("second.key");
+    e.ok(&["key", "new", key2.to_str().unwrap()]);
+
+    // Another key command holds the keyring (its session lives in this test process).
+    let mut other = keepfs::catalog::open(&config.catalog_location(), config.modes).unwrap();
+    let sid = other.register_session("key rotate", false).unwrap();
+    assert_eq!(other.claim("keyring/default", sid).unwrap(), None);
+    let r = e.run(&["key", "rotate", "--new-key-file", key2.to_str().unwrap()]);
+    assert_eq!(r.code, 4, "{}", r.stderr);
+    assert_eq!(r.stderr.trim().lines().count(), 1, "{}", r.stderr);
+    assert!(
+        r.error_line().contains("the keyring of storage 'default' is being changed by a key rotate (pid"),
+        "{}",
+        r.stderr
+    );
+    let keys: serde_json::Value = serde_json::from_str(&e.ok(&["key", "list", "--format", "json"])).unwrap();
+    assert_eq!(keys.as_array().unwrap().len(), 1, "nothing changed: {keys}");
+    other.release("keyring/default", sid).unwrap();
+    other.end_session(sid).unwrap();
+
+    // A backup started under the old key is stopped half way; the key is rotated and
+    // every recorded object rekeyed meanwhile.
+    fs::write(repo.path("a"), random_bytes(98, 600 * 4096)).unwrap();
+    let url = repo.url("a");
+    let key = e.key.to_str().unwrap().to_string();
+    let mut child = repo.command(&["backup", &url, "slow", "-b", "4k"]).env("KEEPFS_KEY_FILE", &key).spawn().unwrap();
+    let frozen = repo.freeze_backup(&child, "some objects to be recorded", |s| {
+        s.status.as_deref() == Some("incomplete") && s.recorded > 0
+    });
+    e.ok(&["key", "rotate", "--new-key-file", key2.to_str().unwrap()]);
+    let new = [("KEEPFS_KEY_FILE", key2.to_str().unwrap())];
+    let keys: serde_json::Value =
+        serde_json::from_str(&e.run_with(&new, &["key", "list", "--format", "json"]).stdout).unwrap();
+    let old = keys[0]["id"].as_str().unwrap().to_string();
+    assert_eq!(e.run_with(&new, &["key", "rekey"]).code, 0);
+    let r = e.run_with(&new, &["key", "remove", &old]);
+    assert_eq!(r.code, 4, "{}", r.stderr);
+    assert!(r.error_line().contains("may still seal new objects with an older key"), "{}", r.stderr);
+    assert!(r.error_line().contains("(e.g. backup"), "{}", r.stderr);
+
+    // The backup goes on, still sealing with the old key; once it has ended, a rekey
+    // moves what it wrote and the old key can go. Everything reads with the new key.
+    frozen.resume();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    let v = repo.ls_json(None).as_array().unwrap().iter().find(|v| v["name"] == "slow").unwrap()["uid"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let r = e.run_with(&new, &["key", "remove", &old]);
+    assert_eq!(r.code, 4, "objects the backup sealed with the old key: {}", r.stderr);
+    assert!(r.error_line().contains("run `keepfs key rekey"), "{}", r.stderr);
+    assert_eq!(e.run_with(&new, &["key", "rekey"]).code, 0);
+    let r = e.run_with(&new, &["key", "remove", &old]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let r = e.run_with(&new, &["restore", &v, &repo.url("out")]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(sha256_file(&repo.path("out")), sha256_file(&repo.path("a")));
+}

@@ -317,3 +317,52 @@ fn a_session_id_is_never_given_twice() {
     let engine = keepfs::Repository::open(repo.engine_config()).unwrap();
     assert!(engine.session("backup", true).unwrap().id > second, "nor after the catalog is opened again");
 }
+
+/// `database migrate` refuses to start while anything uses the repository; and from
+/// that check on, nothing can start until it is done: a backup begun during the copy
+/// would write into the catalog being left (and be missing from the new one). A
+/// migration that dies lets go (the catalog stays the repository's); one that finishes
+/// leaves the old catalog refusing every command.
+#[test]
+fn nothing_starts_on_a_catalog_while_it_is_being_migrated() {
+    let repo = Repo::new();
+    fs::write(repo.path("img"), random_bytes(35, 4 * 65536)).unwrap();
+    let v = repo.backup("img", "vm", &["-b", "64k"]);
+    let config = repo.engine_config();
+    let catalog = keepfs::catalog::open(&config.catalog_location(), config.modes).unwrap();
+    let to = repo.path("moved.sqlite");
+    let mut migrate = repo
+        .command(&["database", "migrate", "--to", to.to_str().unwrap()])
+        .env("KEEPFS_TEST_MIGRATE_STALL_MS", "120000")
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until("the migration to hold the catalog", Duration::from_secs(30), || {
+        catalog.repository_state("moving").unwrap().is_some()
+    });
+    // (Reading the list is harmless, and goes on.)
+    repo.ok(&["ls"]);
+    for args in [vec!["backup", &repo.url("img"), "late", "-b", "64k"], vec!["restore", &v, &repo.url("o")]] {
+        let r = repo.run(&args);
+        assert_eq!(r.code, 4, "{args:?}: {}", r.stderr);
+        assert_eq!(r.stderr.trim().lines().count(), 1, "{}", r.stderr);
+        assert!(
+            r.error_line().contains("`database migrate` (pid ") && r.error_line().contains("is moving this catalog"),
+            "{}",
+            r.stderr
+        );
+    }
+    // Killed mid-copy: the catalog is the repository's again, nothing was marked moved.
+    migrate.kill().unwrap();
+    migrate.wait().unwrap();
+    let late = repo.backup("img", "late", &["-b", "64k"]);
+    assert_eq!(repo.ls_json(None).as_array().unwrap().len(), 2);
+    // A migration run to its end: the old catalog refuses from then on.
+    let _ = fs::remove_file(&to);
+    repo.ok(&["database", "migrate", "--to", to.to_str().unwrap()]);
+    let r = repo.run(&["ls"]);
+    assert_eq!(r.code, 4, "{}", r.stderr);
+    let moved = repo.run_env(&["ls", "--format", "json"], &[("KEEPFS_DATABASE", to.to_str().unwrap())]);
+    assert_eq!(moved.code, 0, "{}", moved.stderr);
+    assert!(moved.stdout.contains(&late) && moved.stdout.contains(&v), "{}", moved.stdout);
+}

@@ -20,10 +20,10 @@ pub struct CopyReport {
     pub objects: u64,
 }
 
-/// Refuses a copy while sessions use the repository: their writes after the copy would
-/// land in the catalog left behind.
-fn refuse_running(from: &dyn Catalog) -> Result<()> {
-    let running = from.live_sessions()?;
+/// Refuses a copy while other sessions use the repository (`running`, as
+/// [`Catalog::begin_move`] found them): their writes after the copy would land in the
+/// catalog left behind.
+fn refuse_running(running: &[super::Session]) -> Result<()> {
     if let Some(s) = running.first() {
         return Err(Error::Refused(format!(
             "{} session(s) are using the repository (e.g. {} by pid {} on {}); stop them, then migrate",
@@ -207,12 +207,20 @@ impl crate::Repository {
         if location == self.config.catalog_location() {
             return Err(Error::Invalid(format!("--to {}: that is this repository's own catalog", location.display())));
         }
-        // Before the target is made: a refused migration leaves no new file behind.
-        refuse_running(self.db().as_ref())?;
+        // Before the target is made: a refused migration leaves no new file behind. From
+        // the check on, no other session can start on this catalog until the migration
+        // ends (or dies): one begun during the copy would write into the catalog left.
+        let session = self.session(super::MIGRATE_PURPOSE, false)?;
+        refuse_running(&self.db().begin_move(session.id)?)?;
+        let moving = MovingRow { repo: self, session: &session };
+        crate::test_knobs::stall("KEEPFS_TEST_MIGRATE_STALL_MS");
         let mut to = super::open(&location, self.config.modes)?;
         refuse_nonempty(to.as_ref())?;
+        // Read through a connection of its own, so that the session's heartbeats go on
+        // (through the repository's) however long the copy takes.
+        let from = super::open(&self.config.catalog_location(), self.config.modes)?;
         // From here on, a failure leaves part of a copy in the target.
-        let report = match copy(self.db().as_ref(), to.as_mut()) {
+        let report = match copy(from.as_ref(), to.as_mut()) {
             Ok(r) => r,
             Err(e) => {
                 drop(to);
@@ -241,6 +249,21 @@ impl crate::Repository {
         // so that no host left on it backs up or cleans up beside the new one.
         let when = chrono::Utc::now().format("%Y-%m-%d %H:%M UTC");
         self.db().set_repository_state(super::MOVED_TO, &format!("{} on {when}", location.display()))?;
+        drop(moving);
         Ok((location, report))
+    }
+}
+
+/// The `moving` row of a migration under way: let go when the migration ends, whether it
+/// succeeded (the `moved_to` row then refuses new sessions) or failed (the catalog is
+/// the repository's again).
+struct MovingRow<'a> {
+    repo: &'a crate::repo::Repository,
+    session: &'a crate::repo::SessionGuard,
+}
+
+impl Drop for MovingRow<'_> {
+    fn drop(&mut self) {
+        let _ = self.repo.db().release(super::MOVING, self.session.id);
     }
 }

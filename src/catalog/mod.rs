@@ -13,7 +13,7 @@ pub mod postgres;
 pub mod sqlite;
 
 use crate::block::BlockId;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::transform::aes::KeyId;
 use crate::version::{Stats, Status, Version, VersionUid};
 use chrono::{DateTime, Utc};
@@ -72,6 +72,37 @@ pub(crate) const REBUILD_UNFINISHED: &str = "rebuild_unfinished";
 /// to, and when. Such a catalog is no longer kept up to date, and is refused (a host
 /// left on it would back up and clean up beside the new one).
 pub(crate) const MOVED_TO: &str = "moved_to";
+
+/// `repository_state` row of a catalog `database migrate` is copying: the migrating
+/// session's id. While that session lives no other session may start (a backup begun
+/// during the copy would write into the catalog being left), and the migration began
+/// only once no other session lived. A row left by a migration that died is ignored.
+pub(crate) const MOVING: &str = "moving";
+
+/// The purpose of `database migrate`'s own session: the one session a moved or moving
+/// catalog still registers.
+pub const MIGRATE_PURPOSE: &str = "database migrate";
+
+/// Whether a session for `purpose` may start, given the catalog's `moved_to` row and the
+/// session named by its `moving` row (if it lives): refused on a catalog moved elsewhere
+/// or being moved, but for `database migrate` itself.
+pub(crate) fn may_register(purpose: &str, moved: Option<String>, migrating: Option<Session>) -> Result<()> {
+    if purpose == MIGRATE_PURPOSE {
+        return Ok(());
+    }
+    if let Some(m) = migrating {
+        return Err(Error::Refused(format!(
+            "`database migrate` (pid {} on {}) is moving this catalog to another one; once it is done, use the new one (set `database` or KEEPFS_DATABASE, docs/scale-out.md)",
+            m.process.pid, m.process.host
+        )));
+    }
+    if let Some(to) = moved {
+        return Err(Error::Refused(format!(
+            "this catalog was migrated to {to} and is no longer kept up to date: set `database` in the configuration (or KEEPFS_DATABASE) to the new one (docs/scale-out.md)"
+        )));
+    }
+    Ok(())
+}
 
 pub fn now_ms() -> i64 {
     Utc::now().timestamp_millis()
@@ -528,6 +559,10 @@ pub trait Catalog: Send {
     fn set_rebuild_unfinished(&self, unfinished: bool) -> Result<()>;
     /// A named value of the repository's state (`repository_state`), if set.
     fn repository_state(&self, name: &str) -> Result<Option<String>>;
+    /// Starts moving the catalog for `database migrate`'s session `session`: in one
+    /// transaction, the other live sessions, or (when there are none) the `moving` row
+    /// set to `session`, after which no other session can start (see [`MOVING`]).
+    fn begin_move(&mut self, session: i64) -> Result<Vec<Session>>;
     fn set_repository_state(&self, name: &str, value: &str) -> Result<()>;
     /// Takes the lease `name` (a `repository_state` row naming the session that holds
     /// it) for `session`, unless another session that is alive holds it: then returns

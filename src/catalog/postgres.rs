@@ -841,6 +841,25 @@ impl Catalog for PostgresCatalog {
         })
     }
 
+    fn begin_move(&mut self, session: i64) -> Result<Vec<Session>> {
+        self.write(|tx| {
+            let others: Vec<Session> = tx
+                .query(&format!("SELECT {SESSION_COLUMNS}, {CLOCK_MS} FROM sessions WHERE id <> $1"), &[&session])?
+                .iter()
+                .map(|r| (session_row(r), r.get::<_, i64>(9)))
+                .filter(|(s, now)| super::session_alive(s, *now))
+                .map(|(s, _)| s)
+                .collect();
+            if others.is_empty() {
+                tx.execute(
+                    "INSERT INTO repository_state(name, value) VALUES ($1, $2) ON CONFLICT (name) DO UPDATE SET value = $2",
+                    &[&super::MOVING, &session.to_string()],
+                )?;
+            }
+            Ok(others)
+        })
+    }
+
     fn release(&self, name: &str, session: i64) -> Result<()> {
         self.execute("DELETE FROM repository_state WHERE name=$1 AND value=$2", &[&name, &session.to_string()])?;
         Ok(())
@@ -872,14 +891,32 @@ impl Catalog for PostgresCatalog {
 
     fn register_session(&self, purpose: &str, writes: bool) -> Result<i64> {
         let p = super::ProcessId::current();
-        Ok(first(self.query(
-            &format!(
-                "INSERT INTO sessions(pid, host, proc_start, started_ms, heartbeat_ms, purpose, writes, machine) \
-                 VALUES ($1,$2,$3,{CLOCK_MS},{CLOCK_MS},$4,$5,$6) RETURNING id"
-            ),
-            &[&(p.pid as i64), &p.host, &(p.start as i64), &purpose, &writes, &p.machine],
-        )?)?
-        .get(0))
+        // Under the write lock, as `begin_move` is: a session starts either before a
+        // migration's check (which then sees it) or after its `moving` row (and is refused).
+        self.write(|tx| {
+            let state = |tx: &mut Transaction, name: &str| -> Result<Option<String>> {
+                Ok(tx.query_opt("SELECT value FROM repository_state WHERE name=$1", &[&name])?.map(|r| r.get(0)))
+            };
+            let moved = state(tx, super::MOVED_TO)?;
+            let migrating = match state(tx, super::MOVING)?.and_then(|v| v.parse::<i64>().ok()) {
+                Some(h) => tx
+                    .query_opt(&format!("SELECT {SESSION_COLUMNS}, {CLOCK_MS} FROM sessions WHERE id=$1"), &[&h])?
+                    .map(|r| (session_row(&r), r.get::<_, i64>(9)))
+                    .filter(|(s, now)| super::session_alive(s, *now))
+                    .map(|(s, _)| s),
+                None => None,
+            };
+            super::may_register(purpose, moved, migrating)?;
+            Ok(tx
+                .query_one(
+                    &format!(
+                        "INSERT INTO sessions(pid, host, proc_start, started_ms, heartbeat_ms, purpose, writes, machine) \
+                         VALUES ($1,$2,$3,{CLOCK_MS},{CLOCK_MS},$4,$5,$6) RETURNING id"
+                    ),
+                    &[&(p.pid as i64), &p.host, &(p.start as i64), &purpose, &writes, &p.machine],
+                )?
+                .get(0))
+        })
     }
 
     fn heartbeat(&self, session: i64) -> Result<()> {

@@ -384,6 +384,27 @@ impl Catalog for SqliteCatalog {
         })
     }
 
+    fn begin_move(&mut self, session: i64) -> Result<Vec<Session>> {
+        self.write(|tx| {
+            let now = now_ms();
+            let mut st = tx.prepare(&format!("SELECT {SESSION_COLUMNS} FROM sessions WHERE id <> ?1"))?;
+            let others: Vec<Session> = st
+                .query_map([session], session_row)?
+                .collect::<rusqlite::Result<Vec<_>>>()?
+                .into_iter()
+                .filter(|s| super::session_alive(s, now))
+                .collect();
+            drop(st);
+            if others.is_empty() {
+                tx.execute(
+                    "INSERT OR REPLACE INTO repository_state(name, value) VALUES (?1, ?2)",
+                    params![super::MOVING, session.to_string()],
+                )?;
+            }
+            Ok(others)
+        })
+    }
+
     fn release(&self, name: &str, session: i64) -> Result<()> {
         self.conn
             .execute("DELETE FROM repository_state WHERE name=?1 AND value=?2", params![name, session.to_string()])?;
@@ -471,6 +492,19 @@ impl Catalog for SqliteCatalog {
         let p = super::ProcessId::current();
         let now = now_ms();
         let tx = rusqlite::Transaction::new_unchecked(&self.conn, TransactionBehavior::Immediate)?;
+        let state = |name: &str| {
+            tx.query_row("SELECT value FROM repository_state WHERE name=?1", [name], |r| r.get::<_, String>(0))
+                .optional()
+        };
+        let (moved, moving) = (state(super::MOVED_TO)?, state(super::MOVING)?);
+        let migrating = match moving.and_then(|v| v.parse::<i64>().ok()) {
+            Some(h) => tx
+                .query_row(&format!("SELECT {SESSION_COLUMNS} FROM sessions WHERE id=?1"), [h], session_row)
+                .optional()?
+                .filter(|s| super::session_alive(s, now)),
+            None => None,
+        };
+        super::may_register(purpose, moved, migrating)?;
         let id: i64 = tx.query_row(
             "SELECT MAX(COALESCE((SELECT MAX(id) FROM sessions), 0), \
              COALESCE((SELECT CAST(value AS INTEGER) FROM repository_state WHERE name = ?1), 0)) + 1",

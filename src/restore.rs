@@ -182,6 +182,11 @@ fn open_direct(path: &Path) -> Option<File> {
 /// over the link would replace it without `--force`, and creating its target is a guess.
 fn follow_link(path: &Path) -> Result<PathBuf> {
     match std::fs::symlink_metadata(path) {
+        // A link to a device (/dev/vg0/lv to /dev/dm-3) is opened through the link, and
+        // named as the user named it.
+        Ok(m) if m.file_type().is_symlink() && std::fs::metadata(path).is_ok_and(|t| !t.is_file()) => {
+            Ok(path.to_path_buf())
+        }
         Ok(m) if m.file_type().is_symlink() => std::fs::canonicalize(path).map_err(|e| {
             let to = std::fs::read_link(path).map(|t| t.display().to_string()).unwrap_or_default();
             if e.kind() == io::ErrorKind::NotFound {

@@ -88,6 +88,14 @@ fn a_symlink_is_followed_and_a_link_to_nothing_is_refused() {
     assert_eq!(std::fs::read_link(&link).unwrap(), disk);
     assert_eq!(sha256_file(&disk), sha);
 
+    // A link to a device (as /dev/vg0/lv is to /dev/dm-N) is written through and named
+    // as it was given.
+    let dev = repo.path("null-link");
+    std::os::unix::fs::symlink("/dev/null", &dev).unwrap();
+    let r = repo.run(&["restore", &uid, &repo.url("null-link")]);
+    assert_eq!(r.code, 4, "{}", r.stderr);
+    assert!(r.error_line().contains(&format!("{} exists (character device)", dev.display())), "{}", r.stderr);
+
     // A link to nothing: refused (as `cp` refuses to write through one), link untouched,
     // nothing created where it points.
     let gone = repo.path("gone.img");

@@ -339,6 +339,9 @@ impl Draft {
         let storage = ctx.storage.clone();
         let published = Arc::new(Published::new(&repo.config.home.join("spool"), repo.config.modes)?);
         ctx.publish = Some(published.clone());
+        // The spool's blocks in memory are buffers of the ingest's pool, held until they
+        // spill or are submitted.
+        ctx.held_by_caller = opts.memory_blocks.max(1);
         let ingest = Ingest::start(ctx);
         let spool = Spool {
             mem: LruCache::unbounded(),

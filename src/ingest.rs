@@ -149,6 +149,11 @@ pub struct IngestContext {
     /// Record the blocks in block order into an index file (a backup, which submits
     /// every block once), instead of a map (a draft).
     pub ordered: Option<OrderedIndex>,
+    /// Buffers the caller keeps out of the pipeline at once (a draft's blocks held in
+    /// memory): the pool holds that many beyond the pipeline's own share, so that what
+    /// the caller holds never starves what it submits (a draft holding every buffer
+    /// waited for one forever).
+    pub held_by_caller: usize,
 }
 
 /// Where and how a backup's ingest writes its index in block order.
@@ -190,7 +195,7 @@ impl Ingest {
     pub fn start(ctx: IngestContext) -> Ingest {
         let bs = ctx.block_size as usize;
         let block_size = ctx.block_size;
-        let pool_count = (POOL_BYTES / bs).clamp(ctx.workers * 2 + 4, 256);
+        let pool_count = (POOL_BYTES / bs).clamp(ctx.workers * 2 + 4, 256) + ctx.held_by_caller;
         let (pool_tx, pool_rx) = bounded::<Vec<u8>>(pool_count);
         for _ in 0..pool_count {
             let _ = pool_tx.send(Vec::with_capacity(bs));

@@ -194,3 +194,50 @@ fn blocks_alike_read_back_while_the_first_is_stored_and_the_spool_has_no_name() 
         assert_eq!(restore(&repo, dir.path(), v.uid), model);
     }
 }
+
+/// A draft whose memory holds more blocks than the ingest's own share of buffers (small
+/// blocks, or a large `spool_memory`): partial writes into 600 blocks, each held in
+/// memory, then a copy-on-write of them all. The draft used to wait forever for a
+/// buffer the blocks it held would never give back (a `dd` through the mount hung,
+/// unkillable, at the 256th 64 KiB block).
+#[test]
+fn a_draft_holding_more_blocks_than_the_pipelines_buffers_never_waits_forever() {
+    let dir = tempfile::tempdir().unwrap();
+    let (config, _db) = embedded_config(dir.path().join("home"));
+    let repo = Arc::new(Repository::open(config).unwrap());
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    let worker = {
+        let repo = repo.clone();
+        std::thread::spawn(move || {
+            let opts = DraftOptions {
+                backup: BackupOptions { name: "many".into(), block_size: Some(BS), ..Default::default() },
+                base: None,
+                streaming: false,
+                // As a 32 MiB spool_memory at 4 KiB blocks: 8,192 blocks in memory,
+                // against 256 buffers of the pipeline's own.
+                memory_blocks: 8192,
+                spool_blocks: 16384,
+            };
+            let mut d = Draft::start(repo, opts).unwrap();
+            let mut model = vec![0u8; 600 * BS as usize];
+            for i in 0..600u64 {
+                let data = random_bytes(7000 + i, 100);
+                d.write_at(i * BS as u64 + 17, &data).unwrap();
+                model[(i * BS as u64 + 17) as usize..(i * BS as u64 + 117) as usize].copy_from_slice(&data);
+            }
+            // The image ends where the last write did.
+            model.truncate(599 * BS as usize + 117);
+            let v = d.commit().unwrap();
+            let _ = done_tx.send(());
+            (v.uid, model)
+        })
+    };
+    // Waits for the state "committed"; a draft that never gets there is the bug.
+    done_rx
+        .recv_timeout(std::time::Duration::from_secs(120))
+        .expect("the draft hung waiting for a buffer (no commit within 120 s)");
+    let (uid, model) = worker.join().unwrap();
+    let restored = restore(&repo, dir.path(), uid);
+    assert_eq!(restored.len(), model.len());
+    assert!(restored == model, "the committed version differs from what was written");
+}

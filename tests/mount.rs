@@ -615,3 +615,32 @@ fn an_idle_mount_keeps_the_catalog_from_being_migrated() {
     m.unmount();
     repo.ok(&["database", "migrate", "--to", to.to_str().unwrap()]);
 }
+
+/// `dd` over a mounted version of 64 KiB blocks: 600 blocks rewritten in one run, more
+/// than the pipeline's own buffers at that size. The write
+/// used to stop at the 256th block, unkillable (the draft waited for a buffer the blocks
+/// it held would never give back). Now it finishes, and the copy-on-write version holds
+/// exactly what `dd` wrote over the original.
+#[test]
+fn dd_over_a_small_block_version_does_not_hang() {
+    let repo = Repo::new();
+    let img = repo.path("img");
+    fs::write(&img, random_bytes(95, 700 * 65536)).unwrap();
+    let uid = repo.backup("img", "small", &["-b", "64k"]);
+    let m = Mount::new(&repo, &[]);
+    let data = m.p(&format!("by_version/{uid}/data"));
+    fs::write(repo.path("new"), random_bytes(96, 600 * 65536)).unwrap();
+    sh(&format!(
+        "timeout 120 dd if={} of={} bs=1M seek=2 conv=notrunc status=none",
+        repo.path("new").display(),
+        data.display()
+    ));
+    let mut expected = fs::read(&img).unwrap();
+    expected[2 << 20..(2 << 20) + 600 * 65536].copy_from_slice(&random_bytes(96, 600 * 65536));
+    wait_until("the copy-on-write version", LIMIT, || uids_named(&repo, "small").len() == 2);
+    let cow = uids_named(&repo, "small").into_iter().find(|u| *u != uid).unwrap();
+    let restored = repo.path("restored");
+    repo.ok(&["restore", &cow, &repo.url("restored")]);
+    assert!(fs::read(&restored).unwrap() == expected, "the new version is not what dd wrote");
+    assert_eq!(repo.restore_sha(&uid, "orig"), sha256_file(&img), "the original changed");
+}

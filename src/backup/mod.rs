@@ -92,6 +92,7 @@ impl Repository {
             publish: None,
             after_hash: self.after_hash.clone(),
             ordered: None,
+            held_by_caller: 0,
         })
     }
 

@@ -349,7 +349,15 @@ pub struct PostgresCatalog {
     /// TLS as the URL's `sslmode` / `sslrootcert` say (see `tls`).
     tls: tls::Tls,
     client: RefCell<Client>,
+    /// When the connection was last handed out (see [`IDLE_CHECK`]).
+    last_used: std::cell::Cell<std::time::Instant>,
 }
+
+/// A connection idle for this long is checked (an empty query) before it is used again:
+/// a server restarted meanwhile closed it, and a long-running mount or NBD server would
+/// otherwise fail its next request (a read the user asked for) with "connection closed"
+/// before connecting again. What the check costs is one round trip after a pause.
+const IDLE_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl PostgresCatalog {
     /// Connects to the database `url` names (creating its tables when missing, migrating
@@ -401,7 +409,13 @@ impl PostgresCatalog {
         }
         config.ssl_mode(tls.client_mode());
         let client = connect(&config, &tls, &name)?;
-        let mut cat = PostgresCatalog { config, name, tls, client: RefCell::new(client) };
+        let mut cat = PostgresCatalog {
+            config,
+            name,
+            tls,
+            client: RefCell::new(client),
+            last_used: std::cell::Cell::new(std::time::Instant::now()),
+        };
         cat.migrate()?;
         Ok(cat)
     }
@@ -444,7 +458,8 @@ impl PostgresCatalog {
             .client
             .try_borrow_mut()
             .map_err(|_| Error::Other("internal: catalog used while it is being iterated".into()))?;
-        if c.is_closed() {
+        let idle = self.last_used.replace(std::time::Instant::now()).elapsed() >= IDLE_CHECK;
+        if c.is_closed() || (idle && c.is_valid(CONNECT_TIMEOUT).is_err()) {
             *c = connect(&self.config, &self.tls, &self.name)?;
         }
         Ok(c)

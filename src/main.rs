@@ -2056,13 +2056,19 @@ fn mount_daemon(dir: &std::path::Path, log: &std::path::Path) -> Result<i32> {
             Ok(())
         });
     }
+    // Mounted is: a file system at `dir` that answers, and not the one there before (a
+    // dead mount the child detaches first is listed, but answers ENOTCONN; a live one
+    // makes the child fail).
+    use std::os::unix::fs::MetadataExt;
+    let dev = |d: &std::path::Path| std::fs::metadata(d).map(|m| m.dev()).ok();
+    let before = dev(dir);
     let mut child = cmd.spawn().map_err(|e| Error::io("cannot start the mount process", e))?;
     let t = Instant::now();
     while t.elapsed().as_secs() < 30 {
         if let Some(status) = child.try_wait().map_err(|e| Error::io("mount process", e))? {
             return Err(Error::Other(format!("the mount process exited ({status}) before mounting {}", dir.display())));
         }
-        if is_mounted(dir) {
+        if is_mounted(dir) && dev(dir).is_some_and(|d| Some(d) != before) {
             note!("keepfs: mounted at {} (server pid {}, log {})", dir.display(), child.id(), log.display());
             report!("{}", child.id());
             return Ok(exit::OK);

@@ -644,3 +644,30 @@ fn dd_over_a_small_block_version_does_not_hang() {
     assert!(fs::read(&restored).unwrap() == expected, "the new version is not what dd wrote");
     assert_eq!(repo.restore_sha(&uid, "orig"), sha256_file(&img), "the original changed");
 }
+
+/// `mount --daemon` returns once its mount answers: over a dead mount (its server killed
+/// with SIGKILL), which the new server detaches first, it used to return while the dead
+/// one was still listed, and the next `ls` met "Transport endpoint is not connected".
+#[test]
+fn mount_daemon_over_a_dead_mount_returns_once_the_new_one_answers() {
+    let repo = Repo::new();
+    fs::write(repo.path("img"), random_bytes(133, 1 << 20)).unwrap();
+    let uid = repo.backup("img", "d", &[]);
+    let dir = repo.path("mnt");
+    fs::create_dir_all(&dir).unwrap();
+    let d = dir.to_str().unwrap();
+    for round in 0..2 {
+        let pid: i32 = repo.ok(&["mount", "--daemon", d]).trim().parse().unwrap();
+        // Right away, no waiting: the mount answers.
+        let listed: Vec<String> = fs::read_dir(dir.join("by_version"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(listed, vec![uid.clone()], "round {round}");
+        // SAFETY: a signal to the mount server this test started.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+        wait_until("the killed server to be gone", LIMIT, || fs::metadata(format!("/proc/{pid}")).is_err());
+    }
+    // The last dead one: detached by hand, as an admin would.
+    sh(&format!("fusermount3 -u -z {d} || umount -l {d}"));
+}

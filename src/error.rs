@@ -58,6 +58,10 @@ pub enum Error {
     Rbd(#[from] crate::rbd::RbdError),
     #[error("configuration: {0}")]
     Config(String),
+    /// The key given does not open a storage's keyring, or is one it was rotated away
+    /// from; the message says which key it needs.
+    #[error("{0}")]
+    Key(String),
     /// The work finished but found damaged data; the message lists what.
     #[error("{0}")]
     Damaged(String),
@@ -72,7 +76,7 @@ impl Error {
 
     pub fn exit_code(&self) -> i32 {
         match self {
-            Error::Invalid(_) | Error::VersionNotFound(_) | Error::Config(_) => exit::USAGE,
+            Error::Invalid(_) | Error::VersionNotFound(_) | Error::Config(_) | Error::Key(_) => exit::USAGE,
             Error::Refused(_) => exit::REFUSED,
             Error::Damaged(_) => exit::DATA_DAMAGED,
             Error::Database(e) if database_damaged(e) => exit::DATA_DAMAGED,
@@ -97,6 +101,8 @@ impl Error {
             Error::VersionNotFound(_) => libc::ENOENT,
             Error::Invalid(_) | Error::Config(_) => libc::EINVAL,
             Error::Refused(_) => libc::EBUSY,
+            // The server lacks the key: no client request is wrong (not EINVAL).
+            Error::Key(_) => libc::EACCES,
             _ => space_errno(self).unwrap_or(libc::EIO),
         }
     }

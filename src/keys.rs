@@ -280,7 +280,7 @@ impl Keyring {
                     format!("{} ({kind}{cur})", e.id)
                 })
                 .collect();
-            return Err(Error::Invalid(format!(
+            return Err(Error::Key(format!(
                 "storage '{storage}': the {} does not open its keyring; it needs key {} (keyring holds: {})",
                 source.describe(),
                 self.current,
@@ -563,7 +563,7 @@ impl Repository {
             Error::Other(format!("storage '{name}': the keyring's current key '{}' is not a key id", ring.current))
         })?;
         if !unlocked.masters.iter().any(|m| MasterKey::new(m).id() == current) {
-            return Err(Error::Invalid(format!(
+            return Err(Error::Key(format!(
                 "storage '{name}': the {} is key {}, an older key; the keyring was rotated to {current}: give that key",
                 source.describe(),
                 unlocked.opened_with

@@ -468,6 +468,18 @@ fn the_filesystem_serves_an_encrypted_repository() {
         let bytes = fs::read(f).unwrap();
         assert_eq!(u16::from_le_bytes([bytes[12], bytes[13]]) & 2, 2, "{} is not sealed", f.display());
     }
+
+    // A mount given a key that does not open the keyring: its client asked for nothing
+    // wrong, so the answer is EACCES, not EINVAL, and the log names the key it needs.
+    let wrong = repo.path("wrong.key");
+    e.ok(&["key", "new", wrong.to_str().unwrap()]);
+    fs::write(&cfg, format!("home = \"{}\"\nkey_file = \"{}\"\n", repo.home().display(), wrong.display())).unwrap();
+    let m = Mount::new(repo, &["--config", cfg.to_str().unwrap()]);
+    let err = fs::File::open(m.p(&format!("by_version/{v}/data"))).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EACCES), "{err}");
+    let err = fs::File::create(m.p("incoming/vm3")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EACCES), "{err}");
+    assert!(m.log_text().contains("does not open its keyring"), "{}", m.log_text());
 }
 
 /// On a terminal with no key configured, keepfs asks for the passphrase without echo

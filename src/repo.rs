@@ -785,7 +785,13 @@ fn heartbeat_thread(db: SharedCatalog, session: i64) -> std::sync::mpsc::Sender<
     let (tx, rx) = std::sync::mpsc::channel::<()>();
     let spawned = std::thread::Builder::new().name("keepfs-heartbeat".into()).spawn(move || {
         while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(HEARTBEAT_EVERY) {
-            if let Err(e) = db.lock().heartbeat(session) {
+            let beat = db.lock().heartbeat(session);
+            // The session ended meanwhile by its own hand (its guard went while this beat
+            // waited for the catalog): nothing to say.
+            if beat.is_err() && matches!(rx.try_recv(), Err(std::sync::mpsc::TryRecvError::Disconnected)) {
+                return;
+            }
+            if let Err(e) = beat {
                 keepfs_face::log!("keepfs: warning: {e}");
                 if matches!(e, crate::error::Error::Other(_)) {
                     return;

@@ -553,7 +553,7 @@ impl Repository {
         };
         let source = key_source(&sc, &format!("Passphrase for storage '{name}' (key {}): ", ring.current))?
             .ok_or_else(|| {
-                Error::Invalid(format!(
+                Error::Key(format!(
                     "storage '{name}' is encrypted and no key was given: set KEEPFS_KEY_FILE or KEEPFS_PASSPHRASE, or key_file / passphrase_file in the configuration (it needs key {})",
                     ring.current
                 ))
@@ -677,13 +677,14 @@ impl Repository {
     /// as moved, and `key remove` checks version objects in the storage, so it refuses
     /// while any of them still needs an older key.
     pub fn rekey(&self, name: &str) -> Result<(u64, u64, u64)> {
+        // Before the keyring is read: a rotation under way finishes first.
+        let lease = self.keyring_lease(name, &format!("key rekey {name}"))?;
         let storage = self.storage(name)?;
         let codec = storage.codec();
         let current = codec
             .current_key()
             .ok_or_else(|| Error::Invalid(format!("storage '{name}' is not encrypted; nothing to rekey")))?;
         let sid = self.storage_id(name)?;
-        let lease = self.keyring_lease(name, &format!("key rekey {name}"))?;
         let session = &lease.session;
         let versions = storage.list("versions/")?;
         let (mut rewrapped, mut already, mut gone) = (0u64, 0u64, 0u64);

@@ -147,9 +147,13 @@ enum Command {
         /// Finish an interrupted restore: blocks already written and correct are kept
         #[arg(short, long = "continue")]
         resume: bool,
+        /// With --force: write into an existing file itself instead of a new file renamed
+        /// over it (keeps its other hard links; its old content is gone from the start)
+        #[arg(long)]
+        in_place: bool,
         /// The target holds this version (checked by sampling): write only the blocks
         /// that differ from it (a file is resized; a smaller block device is refused)
-        #[arg(long, value_name = "UID1", conflicts_with_all = ["force", "sparse", "resume"])]
+        #[arg(long, value_name = "UID1", conflicts_with_all = ["force", "sparse", "resume", "in_place"])]
         delta_from: Option<String>,
         /// With --delta-from: percent of the unchanged blocks to compare with UID1 first
         /// (at least one block; 0 skips the check)
@@ -989,7 +993,7 @@ fn run(cli: Cli) -> Result<i32> {
             }
             Ok(exit::OK)
         }
-        Command::Restore { uid, target, force, sparse, resume, delta_from, delta_check, .. } => {
+        Command::Restore { uid, target, force, sparse, resume, in_place, delta_from, delta_check, .. } => {
             let uid = VersionUid::parse(&uid)?;
             if target == "-" {
                 return Err(Error::Invalid(
@@ -1034,7 +1038,7 @@ fn run(cli: Cli) -> Result<i32> {
                 return Ok(exit::OK);
             }
             let started = Instant::now();
-            let report = repo.restore(uid, &url, &RestoreOptions { force, sparse, resume }, &p)?;
+            let report = repo.restore(uid, &url, &RestoreOptions { force, sparse, resume, in_place }, &p)?;
             let secs = started.elapsed().as_secs_f64().max(0.001);
             if cli_output::json() {
                 report!(

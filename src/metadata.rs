@@ -360,20 +360,26 @@ impl Repository {
                 if self.version(uid).is_ok() {
                     return Err(Error::Refused(format!("version {uid} was put in by another process meanwhile")));
                 }
-                index.with_bytes(|bytes| self.db().insert_version_record(&v, bytes))?;
-                self.refresh_version_object(uid)
+                index.with_bytes(|bytes| self.db().insert_version_record(&v, bytes))
             };
             if let Err(e) = one() {
                 // Each version goes in whole or not at all; say which ones did.
                 return Err(match imported.is_empty() {
                     true => e,
                     false => Error::Other(format!(
-                        "{e}; imported before it: {}; not imported: {uid} and what follows it in the document",
+                        "{e}; imported before it: {}; not imported: {uid} and what follows it",
                         imported.iter().map(|u: &VersionUid| u.to_string()).collect::<Vec<_>>().join(", ")
                     )),
                 });
             }
             imported.push(uid);
+            // In the catalog now; its object in the storage is written anew from there.
+            if let Err(e) = self.refresh_version_object(uid) {
+                return Err(Error::Other(format!(
+                    "{e}; in the catalog now: {} (run `keepfs metadata backup` to write the metadata object of {uid} again); not imported: what follows it",
+                    imported.iter().map(|u| u.to_string()).collect::<Vec<_>>().join(", ")
+                )));
+            }
         }
         Ok(imported)
     }

@@ -470,17 +470,23 @@ impl Repository {
                 set.push(crate::version::parse_label(c)?);
             }
         }
+        let _session = self.session("label", true)?;
         self.db.lock().change_labels(uid, &set, &remove)?;
         self.refresh_version_object(uid)
     }
 
     /// Sets (or with `None` clears) a version's expiry date.
     pub fn set_expire(&self, uid: VersionUid, expire: Option<chrono::DateTime<Utc>>) -> Result<()> {
+        let _session = self.session("expire", true)?;
         self.db.lock().set_expire(uid, expire.as_ref())?;
         self.refresh_version_object(uid)
     }
 
+    /// Each of these changes holds a session while it writes the catalog and the version
+    /// object (sealed with this process's key): `database migrate` waits for it and
+    /// refuses it while copying, and `key remove` waits for it.
     pub fn set_protected(&self, uid: VersionUid, protected: bool) -> Result<()> {
+        let _session = self.session(if protected { "protect" } else { "unprotect" }, true)?;
         self.db.lock().set_protected(uid, protected)?;
         self.refresh_version_object(uid)
     }

@@ -27,6 +27,10 @@ pub struct RestoreOptions {
     /// Finish an interrupted restore: blocks the target already holds (read back and
     /// checked against the index) are not fetched or written again.
     pub resume: bool,
+    /// Write into an existing regular file itself (`--force --in-place`), keeping its
+    /// inode (other hard links see the image; owner and ACLs stay): its old content is
+    /// gone from the start, not only once the restore has succeeded.
+    pub in_place: bool,
 }
 
 /// A block that could not be restored.
@@ -87,6 +91,8 @@ struct Target {
     readable: bool,
     /// Zero blocks are discarded instead of skipped (`--sparse` into an existing image).
     discard_zeros: bool,
+    /// The mark of a restore in place, removed once it has succeeded.
+    marker: Option<PathBuf>,
 }
 
 enum TargetIo {
@@ -187,6 +193,14 @@ fn follow_link(path: &Path) -> Result<PathBuf> {
         Ok(m) if m.file_type().is_symlink() && std::fs::metadata(path).is_ok_and(|t| !t.is_file()) => {
             Ok(path.to_path_buf())
         }
+        // Root follows a link only if its owner could have written where it points
+        // itself: a user's link in a user's directory must not send a restore over a
+        // file of root's (the protected_symlinks rule).
+        Ok(m) if m.file_type().is_symlink() && !may_follow(&m, path) => Err(Error::Refused(format!(
+            "restore target {} is a symlink owned by uid {} to a file it does not own; keepfs does not follow it: restore to the file itself",
+            path.display(),
+            std::os::unix::fs::MetadataExt::uid(&m)
+        ))),
         Ok(m) if m.file_type().is_symlink() => std::fs::canonicalize(path).map_err(|e| {
             let to = std::fs::read_link(path).map(|t| t.display().to_string()).unwrap_or_default();
             if e.kind() == io::ErrorKind::NotFound {
@@ -202,12 +216,22 @@ fn follow_link(path: &Path) -> Result<PathBuf> {
     }
 }
 
+/// Whether a symlink (`link`, at `path`) may be followed: it is this process's own, or
+/// root's, or its owner owns what it names.
+fn may_follow(link: &std::fs::Metadata, path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    // SAFETY: a getter without failure modes.
+    let euid = unsafe { libc::geteuid() };
+    link.uid() == euid || link.uid() == 0 || std::fs::metadata(path).is_ok_and(|t| t.uid() == link.uid())
+}
+
 /// A new target file is made with the repository's file mode (0600 unless configured),
 /// not the umask's: a restored disk is as private as its backup. A file restored over
 /// (`--force`) keeps its mode and owner: the image is written beside it and renamed over
 /// it at the end, so an interrupted restore leaves the old file whole. Where a rename
 /// would lose what the file is (other hard links to it; an owner this process cannot
-/// give the new file), it is written in place instead, like `cp` does.
+/// give the new file) the restore is refused, naming `--in-place`, which writes into the
+/// file itself (and marks it so, for `--continue`).
 fn open_target(
     path: &Path,
     uid: VersionUid,
@@ -263,6 +287,7 @@ fn open_target(
                 is_device: true,
                 readable: opened_rw && is_device,
                 discard_zeros: false,
+                marker: None,
             })
         }
         Ok(_) if !opts.force && !opts.resume => Err(Error::Refused(format!(
@@ -284,11 +309,8 @@ fn open_target(
                     Ok(f) => f,
                     // A restore that wrote in place is continued in place: every block the
                     // file holds is read back and checked before it is kept.
-                    Err(e)
-                        if e.kind() == io::ErrorKind::NotFound
-                            && existing.as_ref().is_some_and(|m| m.len() == size && written_in_place(m)) =>
-                    {
-                        return in_place(path, size, false, &ctx);
+                    Err(e) if e.kind() == io::ErrorKind::NotFound && in_place_marked(path, uid, existing.as_ref()) => {
+                        return in_place(path, uid, size, false, &ctx);
                     }
                     Err(e) if e.kind() == io::ErrorKind::NotFound => {
                         return Err(Error::Invalid(format!(
@@ -314,16 +336,21 @@ fn open_target(
                     is_device: false,
                     readable: true,
                     discard_zeros: false,
+                    marker: None,
                 });
             }
             use std::os::unix::fs::MetadataExt;
+            if existing.is_some() && opts.in_place {
+                progress
+                    .warn(&format!("restoring into {} in place: its old content is gone from now on", path.display()));
+                return in_place(path, uid, size, true, &ctx);
+            }
             if let Some(m) = existing.as_ref().filter(|m| m.nlink() > 1) {
-                progress.warn(&format!(
-                    "{} has {} hard links: restoring into it in place, so that every link shows the restored image (an interrupted restore leaves it part written)",
+                return Err(Error::Refused(format!(
+                    "restore target {} has {} hard links: a restore writes a new file and renames it over this name, leaving the other names on the old image; pass --in-place to write into the file itself (its old content is gone from the start), or restore to a new file",
                     path.display(),
                     m.nlink()
-                ));
-                return in_place(path, size, true, &ctx);
+                )));
             }
             let created = std::fs::symlink_metadata(&partial).is_err();
             let file = modes
@@ -350,13 +377,12 @@ fn open_target(
                 {
                     drop(file);
                     let _ = std::fs::remove_file(&partial);
-                    progress.warn(&format!(
-                        "cannot give a new file the owner of {} (uid {}, gid {}: {e}): restoring into it in place (an interrupted restore leaves it part written)",
+                    return Err(Error::Refused(format!(
+                        "cannot give a new file the owner of restore target {} (uid {}, gid {}: {e}); pass --in-place to write into the file itself (its old content is gone from the start), or restore as its owner or as root",
                         path.display(),
                         m.uid(),
                         m.gid()
-                    ));
-                    return in_place(path, size, true, &ctx);
+                    )));
                 }
             }
             // Sized before anything is written: a file system that cannot hold the image
@@ -369,35 +395,57 @@ fn open_target(
                 is_device: false,
                 readable: true,
                 discard_zeros: false,
+                marker: None,
             })
         }
     }
 }
 
-/// Whether a restore over the regular file `m` goes in place: it has other hard links,
-/// or belongs to someone a process that is not root cannot give a new file.
-fn written_in_place(m: &std::fs::Metadata) -> bool {
-    use std::os::unix::fs::MetadataExt;
-    // SAFETY: getters without arguments or failure modes.
-    let (euid, egid) = unsafe { (libc::geteuid(), libc::getegid()) };
-    m.nlink() > 1 || (euid != 0 && (m.uid(), m.gid()) != (euid, egid))
+/// The file that marks `path` as being restored in place with `uid`: it holds the
+/// target's device and inode, so that `--continue` writes in place only into the very
+/// file an in-place restore started on. Gone once the restore succeeds.
+fn in_place_marker(path: &Path, uid: VersionUid) -> PathBuf {
+    let mut p = partial_path(path, uid).into_os_string();
+    p.push(".in-place");
+    PathBuf::from(p)
 }
 
-/// Opens the regular file `path` to restore into it in place (`fresh`: emptied first, so
-/// it reads as zeros and zero blocks need no writing; otherwise a continued restore).
-fn in_place(path: &Path, size: u64, fresh: bool, ctx: &dyn Fn(&str) -> String) -> Result<Target> {
+fn identity(m: &std::fs::Metadata) -> String {
+    use std::os::unix::fs::MetadataExt;
+    format!("{}:{}\n", m.dev(), m.ino())
+}
+
+/// Whether `path` (whose metadata is `existing`) is marked as restored in place with `uid`.
+fn in_place_marked(path: &Path, uid: VersionUid, existing: Option<&std::fs::Metadata>) -> bool {
+    existing.is_some_and(|m| std::fs::read_to_string(in_place_marker(path, uid)).is_ok_and(|t| t == identity(m)))
+}
+
+/// Opens the regular file `path` to restore `uid` into it in place. `fresh`: marked (see
+/// [`in_place_marker`]), sized first (a file system that cannot hold the image fails
+/// before anything is lost), then emptied, so it reads as zeros and zero blocks need no
+/// writing. Otherwise a continued restore: every block is checked, zeros written.
+fn in_place(path: &Path, uid: VersionUid, size: u64, fresh: bool, ctx: &dyn Fn(&str) -> String) -> Result<Target> {
     let file = OpenOptions::new().read(true).write(true).open(path).map_err(|e| Error::io(ctx("open"), e))?;
     lock_exclusive(&file, path)?;
+    let marker = in_place_marker(path, uid);
     if fresh {
+        let m = file.metadata().map_err(|e| Error::io(ctx("stat"), e))?;
+        if m.len() < size {
+            file.set_len(size).map_err(|e| Error::io(ctx("size"), e))?;
+        }
+        std::fs::write(&marker, identity(&m))
+            .map_err(|e| Error::io(format!("cannot write {}", marker.display()), e))?;
         file.set_len(0).and_then(|_| file.set_len(size)).map_err(|e| Error::io(ctx("size"), e))?;
     }
     let direct = open_direct(path);
     Ok(Target {
         io: TargetIo::File { buffered: file, direct },
         rename: None,
-        is_device: false,
+        // Continued: what the file holds where the image has zeros is not known.
+        is_device: !fresh,
         readable: true,
         discard_zeros: false,
+        marker: Some(marker),
     })
 }
 
@@ -484,6 +532,7 @@ impl Repository {
                     is_device: existing,
                     readable: true,
                     discard_zeros: existing && opts.sparse,
+                    marker: None,
                 }
             }
             Url::File(p) => open_target(p, uid, version.size, opts, self.config.modes, progress)?,
@@ -724,7 +773,7 @@ impl Repository {
                 version.storage
             )));
         }
-        let Target { io, rename, is_device, .. } = target;
+        let Target { io, rename, is_device, marker, .. } = target;
         match io {
             TargetIo::Image(t) => t.finish()?,
             TargetIo::File { buffered, .. } => match buffered.sync_all() {
@@ -739,6 +788,10 @@ impl Repository {
             if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
                 let _ = File::open(dir).and_then(|d| d.sync_all());
             }
+        }
+        // Restored in place and made durable: nothing is left to continue.
+        if let Some(m) = &marker {
+            let _ = std::fs::remove_file(m);
         }
         if !report.bad_blocks.is_empty() {
             report.bad_blocks.sort_by_key(|b| b.index);

@@ -38,34 +38,77 @@ fn a_file_restored_over_keeps_its_owner_and_its_hard_links() {
     assert_eq!((after.uid(), after.gid()), (owner.uid(), owner.gid()), "the owner of a file restored over");
     assert_ne!(after.ino(), owner.ino(), "written beside the old file and renamed over it");
 
-    // A second name for the same file: a rename would leave it on the old image. The
-    // restore goes in place and says so; both names show the restored image.
+    // A second name for the same file: a rename would leave it on the old image. Refused,
+    // naming --in-place, with nothing changed.
     let other = repo.path("same-disk");
     std::fs::hard_link(&out, &other).unwrap();
     std::fs::write(&out, b"changed since").unwrap();
     let ino = std::fs::metadata(&out).unwrap().ino();
     let r = repo.run(&["restore", "--force", &uid, &repo.url("out")]);
+    assert_eq!(r.code, 4, "{}", r.stderr);
+    assert!(r.error_line().contains("has 2 hard links") && r.error_line().contains("--in-place"), "{}", r.stderr);
+    assert_eq!(std::fs::read(&other).unwrap(), b"changed since");
+    // With it, the file itself gets the image: both names show it.
+    let r = repo.run(&["restore", "--force", "--in-place", &uid, &repo.url("out")]);
     assert_eq!(r.code, 0, "{}", r.stderr);
-    assert!(r.stderr.contains("has 2 hard links: restoring into it in place"), "{}", r.stderr);
+    assert!(r.stderr.contains("in place: its old content is gone"), "{}", r.stderr);
     assert_eq!(std::fs::metadata(&out).unwrap().ino(), ino);
     assert_eq!(sha256_file(&other), sha);
-    assert_eq!(sha256_file(&out), sha);
     let after = std::fs::metadata(&out).unwrap();
     assert_eq!((after.uid(), after.gid(), after.nlink()), (owner.uid(), owner.gid(), 2));
-    let partials: Vec<_> = std::fs::read_dir(repo.dir.path())
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| n.contains("keepfs-restore"))
-        .collect();
-    assert!(partials.is_empty(), "{partials:?}");
+    let left = || -> Vec<String> {
+        std::fs::read_dir(repo.dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.contains("keepfs-restore"))
+            .collect()
+    };
+    assert!(left().is_empty(), "{:?}", left());
 
-    // Interrupted in place (here: as if, by damaging the file), `--continue` checks every
-    // block and rewrites what differs.
-    let f = std::fs::OpenOptions::new().write(true).open(&out).unwrap();
-    std::os::unix::fs::FileExt::write_all_at(&f, b"scribble", 300 << 10).unwrap();
-    drop(f);
-    repo.ok(&["restore", "--continue", &uid, &repo.url("out")]);
+    // A file of the version's size that no restore marked: `--continue` does not write
+    // into it (it used to guess, and could leave another image's blocks where this one
+    // has zeros).
+    std::fs::write(&out, b"x").unwrap();
+    std::fs::OpenOptions::new().write(true).open(&out).unwrap().set_len(3 << 20).unwrap();
+    let r = repo.run(&["restore", "--continue", &uid, &repo.url("out")]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.error_line().contains("no interrupted restore"), "{}", r.stderr);
+}
+
+/// An in-place restore killed half way (SIGKILL, through a storage throttled so that it
+/// is still running) leaves its mark; `--continue` finishes it in place, checking every
+/// block and writing zeros where the image has them.
+#[test]
+fn an_interrupted_restore_in_place_is_continued_in_place() {
+    let (repo, uid, sha) = one_version();
+    let out = repo.path("out");
+    std::fs::write(&out, random_bytes(44, 3 << 20)).unwrap();
+    let other = repo.path("same-disk");
+    std::fs::hard_link(&out, &other).unwrap();
+    let slow = repo.path("slow.toml");
+    std::fs::write(
+        &slow,
+        format!(
+            "home = \"{home}\"\n[[storage]]\nname = \"default\"\nkind = \"file\"\npath = \"{home}/storage\"\nread_bandwidth = \"64k\"\n",
+            home = repo.home().display()
+        ),
+    )
+    .unwrap();
+    let url = repo.url("out");
+    let mut child = repo
+        .command(&["--config", slow.to_str().unwrap(), "restore", "--force", "--in-place", &uid, &url])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mark = repo.dir.path().join(format!(".out.keepfs-restore.{uid}.in-place"));
+    common::mount::wait_until("the restore to mark its target", std::time::Duration::from_secs(30), || mark.exists());
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_ne!(sha256_file(&other), sha, "the restore was to be cut off");
+    let r = repo.run(&["restore", "--continue", &uid, &repo.url("out")]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
     assert_eq!(sha256_file(&other), sha);
+    assert!(!mark.exists(), "the mark goes once the restore is done");
 }
 
 #[test]
@@ -87,6 +130,19 @@ fn a_symlink_is_followed_and_a_link_to_nothing_is_refused() {
     assert!(std::fs::symlink_metadata(&link).unwrap().file_type().is_symlink(), "the link was replaced");
     assert_eq!(std::fs::read_link(&link).unwrap(), disk);
     assert_eq!(sha256_file(&disk), sha);
+
+    // Root does not follow another user's link to a file that user does not own (a
+    // link in a user's directory must not send a restore over a file of root's).
+    if is_root() {
+        let theirs = repo.path("theirs");
+        std::os::unix::fs::symlink(&disk, &theirs).unwrap();
+        std::os::unix::fs::lchown(&theirs, Some(NOBODY), Some(NOBODY)).unwrap();
+        let before = sha256_file(&disk);
+        let r = repo.run(&["restore", "--force", &uid, &repo.url("theirs")]);
+        assert_eq!(r.code, 4, "{}", r.stderr);
+        assert!(r.error_line().contains("keepfs does not follow it"), "{}", r.stderr);
+        assert_eq!(sha256_file(&disk), before);
+    }
 
     // A link to a device (as /dev/vg0/lv is to /dev/dm-N) is written through and named
     // as it was given.

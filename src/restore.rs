@@ -375,14 +375,12 @@ fn open_target(
                 if (mine.uid(), mine.gid()) != (m.uid(), m.gid())
                     && let Err(e) = std::os::unix::fs::fchown(&file, Some(m.uid()), Some(m.gid()))
                 {
-                    drop(file);
-                    let _ = std::fs::remove_file(&partial);
-                    return Err(Error::Refused(format!(
+                    return Err(give_up(Error::Refused(format!(
                         "cannot give a new file the owner of restore target {} (uid {}, gid {}: {e}); pass --in-place to write into the file itself (its old content is gone from the start), or restore as its owner or as root",
                         path.display(),
                         m.uid(),
                         m.gid()
-                    )));
+                    ))));
                 }
             }
             // Sized before anything is written: a file system that cannot hold the image

@@ -111,6 +111,22 @@ ALTER TABLE sessions ADD COLUMN machine TEXT NOT NULL DEFAULT '';
 /// A session's columns as [`session_row`] reads them.
 const SESSION_COLUMNS: &str = "id, pid, host, proc_start, started_ms, heartbeat_ms, purpose, writes, machine";
 
+/// The value of the `repository_state` row `name`.
+fn state_row(tx: &mut Transaction, name: &str) -> Result<Option<String>> {
+    Ok(tx.query_opt("SELECT value FROM repository_state WHERE name=$1", &[&name])?.map(|r| r.get(0)))
+}
+
+/// The live session a `repository_state` row (a lease, `moving`) names, if any, judged
+/// by the catalog's clock.
+fn live_holder(tx: &mut Transaction, name: &str) -> Result<Option<Session>> {
+    let Some(id) = state_row(tx, name)?.and_then(|v| v.parse::<i64>().ok()) else { return Ok(None) };
+    let held = tx.query_opt(&format!("SELECT {SESSION_COLUMNS}, {CLOCK_MS} FROM sessions WHERE id=$1"), &[&id])?;
+    Ok(held
+        .map(|r| (session_row(&r), r.get::<_, i64>(9)))
+        .filter(|(s, now)| super::session_alive(s, *now))
+        .map(|(s, _)| s))
+}
+
 fn session_row(r: &Row) -> Session {
     Session {
         id: r.get(0),
@@ -838,15 +854,8 @@ impl Catalog for PostgresCatalog {
 
     fn claim(&mut self, name: &str, session: i64) -> Result<Option<i64>> {
         self.write(|tx| {
-            let holder: Option<i64> = tx
-                .query_opt("SELECT value FROM repository_state WHERE name=$1", &[&name])?
-                .and_then(|r| r.get::<_, String>(0).parse().ok());
-            if let Some(h) = holder.filter(|h| *h != session) {
-                let held =
-                    tx.query_opt(&format!("SELECT {SESSION_COLUMNS}, {CLOCK_MS} FROM sessions WHERE id=$1"), &[&h])?;
-                if held.is_some_and(|r| super::session_alive(&session_row(&r), r.get(9))) {
-                    return Ok(Some(h));
-                }
+            if let Some(held) = live_holder(tx, name)?.filter(|s| s.id != session) {
+                return Ok(Some(held.id));
             }
             tx.execute(
                 "INSERT INTO repository_state(name, value) VALUES ($1, $2) ON CONFLICT (name) DO UPDATE SET value = $2",
@@ -909,19 +918,8 @@ impl Catalog for PostgresCatalog {
         // Under the write lock, as `begin_move` is: a session starts either before a
         // migration's check (which then sees it) or after its `moving` row (and is refused).
         self.write(|tx| {
-            let state = |tx: &mut Transaction, name: &str| -> Result<Option<String>> {
-                Ok(tx.query_opt("SELECT value FROM repository_state WHERE name=$1", &[&name])?.map(|r| r.get(0)))
-            };
-            let moved = state(tx, super::MOVED_TO)?;
-            let migrating = match state(tx, super::MOVING)?.and_then(|v| v.parse::<i64>().ok()) {
-                Some(h) => tx
-                    .query_opt(&format!("SELECT {SESSION_COLUMNS}, {CLOCK_MS} FROM sessions WHERE id=$1"), &[&h])?
-                    .map(|r| (session_row(&r), r.get::<_, i64>(9)))
-                    .filter(|(s, now)| super::session_alive(s, *now))
-                    .map(|(s, _)| s),
-                None => None,
-            };
-            super::may_register(purpose, moved, migrating)?;
+            let moved = state_row(tx, super::MOVED_TO)?;
+            super::may_register(purpose, moved, live_holder(tx, super::MOVING)?)?;
             Ok(tx
                 .query_one(
                     &format!(

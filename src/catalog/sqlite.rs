@@ -112,6 +112,19 @@ const SESSION_SEQ: &str = "session_seq";
 /// A session's columns as [`session_row`] reads them.
 const SESSION_COLUMNS: &str = "id, pid, host, proc_start, started_ms, heartbeat_ms, purpose, writes, machine";
 
+/// The value of the `repository_state` row `name`.
+fn state_row(c: &Connection, name: &str) -> Result<Option<String>> {
+    Ok(c.query_row("SELECT value FROM repository_state WHERE name=?1", [name], |r| r.get(0)).optional()?)
+}
+
+/// The live session a `repository_state` row (a lease, `moving`) names, if any.
+fn live_holder(c: &Connection, name: &str) -> Result<Option<Session>> {
+    let Some(id) = state_row(c, name)?.and_then(|v| v.parse::<i64>().ok()) else { return Ok(None) };
+    let held =
+        c.query_row(&format!("SELECT {SESSION_COLUMNS} FROM sessions WHERE id=?1"), [id], session_row).optional()?;
+    Ok(held.filter(|s| super::session_alive(s, now_ms())))
+}
+
 fn session_row(r: &rusqlite::Row) -> rusqlite::Result<Session> {
     Ok(Session {
         id: r.get(0)?,
@@ -364,17 +377,8 @@ impl Catalog for SqliteCatalog {
 
     fn claim(&mut self, name: &str, session: i64) -> Result<Option<i64>> {
         self.write(|tx| {
-            let holder: Option<i64> = tx
-                .query_row("SELECT value FROM repository_state WHERE name=?1", [name], |r| r.get::<_, String>(0))
-                .optional()?
-                .and_then(|v| v.parse().ok());
-            if let Some(h) = holder.filter(|h| *h != session) {
-                let held = tx
-                    .query_row(&format!("SELECT {SESSION_COLUMNS} FROM sessions WHERE id=?1"), [h], session_row)
-                    .optional()?;
-                if held.is_some_and(|s| super::session_alive(&s, now_ms())) {
-                    return Ok(Some(h));
-                }
+            if let Some(held) = live_holder(tx, name)?.filter(|s| s.id != session) {
+                return Ok(Some(held.id));
             }
             tx.execute(
                 "INSERT OR REPLACE INTO repository_state(name, value) VALUES (?1, ?2)",
@@ -492,19 +496,7 @@ impl Catalog for SqliteCatalog {
         let p = super::ProcessId::current();
         let now = now_ms();
         let tx = rusqlite::Transaction::new_unchecked(&self.conn, TransactionBehavior::Immediate)?;
-        let state = |name: &str| {
-            tx.query_row("SELECT value FROM repository_state WHERE name=?1", [name], |r| r.get::<_, String>(0))
-                .optional()
-        };
-        let (moved, moving) = (state(super::MOVED_TO)?, state(super::MOVING)?);
-        let migrating = match moving.and_then(|v| v.parse::<i64>().ok()) {
-            Some(h) => tx
-                .query_row(&format!("SELECT {SESSION_COLUMNS} FROM sessions WHERE id=?1"), [h], session_row)
-                .optional()?
-                .filter(|s| super::session_alive(s, now)),
-            None => None,
-        };
-        super::may_register(purpose, moved, migrating)?;
+        super::may_register(purpose, state_row(&tx, super::MOVED_TO)?, live_holder(&tx, super::MOVING)?)?;
         let id: i64 = tx.query_row(
             "SELECT MAX(COALESCE((SELECT MAX(id) FROM sessions), 0), \
              COALESCE((SELECT CAST(value AS INTEGER) FROM repository_state WHERE name = ?1), 0)) + 1",

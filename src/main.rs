@@ -1464,7 +1464,7 @@ fn run(cli: Cli) -> Result<i32> {
                 ..Default::default()
             };
             // --discard-writes keeps overlays for the life of the mount (a VM may reopen).
-            let sessions = session_service(repo, read_only, discard_writes, Overlays::KeepUntilShutdown, opts.ttl);
+            let sessions = session_service(repo, read_only, discard_writes, Overlays::KeepUntilShutdown, opts.ttl)?;
             let shown = mountpoint.display().to_string();
             let read_ahead_kb = (config_block_size / 1024).max(1024);
             let at = mountpoint.clone();
@@ -1621,7 +1621,7 @@ fn run(cli: Cli) -> Result<i32> {
             // --discard-writes drops a connection's writes when it disconnects.
             let ttl = keepfs::session::SessionOptions::default().list_ttl;
             let config_for_metrics = repo.config.clone();
-            let sessions = session_service(repo, read_only, discard_writes, Overlays::DropAtLastClose, ttl);
+            let sessions = session_service(repo, read_only, discard_writes, Overlays::DropAtLastClose, ttl)?;
             note!("keepfs: serving NBD on {} (exports: version uids and NAME@latest)", listener.describe());
             serve_metrics(metrics.as_deref(), &config_for_metrics)?;
             keepfs_nbd::serve(sessions, listener, keepfs_nbd::NbdOptions { read_only, tls })
@@ -1883,10 +1883,10 @@ fn session_service(
     discard: bool,
     discarded: Overlays,
     list_ttl: std::time::Duration,
-) -> std::sync::Arc<SessionService> {
+) -> Result<std::sync::Arc<SessionService>> {
     let overlays = if discard { discarded } else { Overlays::Commit };
     let opts = keepfs::session::SessionOptions { read_only, overlays, list_ttl };
-    std::sync::Arc::new(SessionService::new(std::sync::Arc::new(repo), opts))
+    Ok(std::sync::Arc::new(SessionService::new(std::sync::Arc::new(repo), opts)?))
 }
 
 /// An octal file mode for `mount --mode` (read and write bits only).

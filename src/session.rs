@@ -352,19 +352,21 @@ pub struct SessionService {
     /// Bytes each version holds in non-sparse blocks (versions never change).
     data_bytes: Mutex<HashMap<String, u64>>,
     /// This service's own session, for as long as it serves: a mount or NBD server with
-    /// nothing open is still using the repository (`database migrate` is refused).
-    _serving: Option<crate::repo::SessionGuard>,
+    /// nothing open is still using the repository (`database migrate` and `key remove`
+    /// are refused while it lives).
+    _serving: crate::repo::SessionGuard,
 }
 
 impl SessionService {
-    pub fn new(repo: Arc<Repository>, opts: SessionOptions) -> SessionService {
+    /// Starts serving `repo`. Fails when the server's session cannot be registered (a
+    /// catalog being migrated, or one that cannot be written): a server the catalog does
+    /// not know of would be invisible to `key remove` and `database migrate`, which must
+    /// wait for it.
+    pub fn new(repo: Arc<Repository>, opts: SessionOptions) -> crate::error::Result<SessionService> {
+        let serving = repo.session("serve", false)?;
         let cache = Arc::new(BlockCache::new(repo.config.cache_bytes as usize));
         let prefetch = Arc::new(Prefetcher::start(cache.clone(), repo.config.storage_readers));
-        let serving = repo
-            .session("serve", false)
-            .map_err(|e| keepfs_face::log!("keepfs: warning: cannot register this server's session: {e}"))
-            .ok();
-        SessionService {
+        Ok(SessionService {
             _serving: serving,
             repo,
             cache,
@@ -378,7 +380,7 @@ impl SessionService {
             recent_overlays: Mutex::new(HashMap::new()),
             versions: Mutex::new((None, Arc::new(Vec::new()), 0)),
             data_bytes: Mutex::new(HashMap::new()),
-        }
+        })
     }
 
     fn image(&self, uid: &str) -> io::Result<Arc<Image>> {

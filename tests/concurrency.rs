@@ -342,7 +342,14 @@ fn nothing_starts_on_a_catalog_while_it_is_being_migrated() {
     });
     // (Reading the list is harmless, and goes on.)
     repo.ok(&["ls"]);
-    for args in [vec!["backup", &repo.url("img"), "late", "-b", "64k"], vec!["restore", &v, &repo.url("o")]] {
+    // A server too: one serving without a session would be invisible to the migration
+    // (it warned and served on, writing into the catalog being left).
+    let sock = repo.path("nbd.sock");
+    for args in [
+        vec!["backup", &repo.url("img"), "late", "-b", "64k"],
+        vec!["restore", &v, &repo.url("o")],
+        vec!["nbd", "--socket", sock.to_str().unwrap()],
+    ] {
         let r = repo.run(&args);
         assert_eq!(r.code, 4, "{args:?}: {}", r.stderr);
         assert_eq!(r.stderr.trim().lines().count(), 1, "{}", r.stderr);
@@ -352,6 +359,7 @@ fn nothing_starts_on_a_catalog_while_it_is_being_migrated() {
             r.stderr
         );
     }
+    assert!(!sock.exists(), "the refused server left its socket");
     // Killed mid-copy: the catalog is the repository's again, nothing was marked moved.
     migrate.kill().unwrap();
     migrate.wait().unwrap();

@@ -37,7 +37,7 @@ fn writers_commit_while_others_list_rename_stat_and_open_overlays() {
     std::fs::write(&img, &base_bytes).unwrap();
     let base = repo.backup(&Url::File(img), &BackupOptions { name: "base".into(), ..Default::default() }, &Silent);
     let base = base.unwrap().uid.to_string();
-    let svc = Arc::new(SessionService::new(repo.clone(), SessionOptions::default()));
+    let svc = Arc::new(SessionService::new(repo.clone(), SessionOptions::default()).unwrap());
 
     let rounds = 12u64;
     let (tx, rx) = mpsc::channel();
@@ -141,7 +141,7 @@ fn service(dir: &std::path::Path) -> (Arc<Repository>, SessionService, Option<Te
     let (mut config, db) = embedded_config(dir.join("home"));
     config.block_size = BS;
     let repo = Arc::new(Repository::open(config).unwrap());
-    (repo.clone(), SessionService::new(repo, SessionOptions::default()), db)
+    (repo.clone(), SessionService::new(repo, SessionOptions::default()).unwrap(), db)
 }
 
 fn write_incoming(s: &SessionService, name: &str, opener: u32, data: &[u8]) -> std::io::Result<()> {

@@ -892,8 +892,17 @@ fn run(cli: Cli) -> Result<i32> {
     }
     // A catalog migrate moved elsewhere refuses to be used, except to be copied again
     // (the new one lost): migrate is how to get it back.
+    // A command that only reads a repository that does not exist answers as for an
+    // empty one, says so, and creates nothing (a mistyped KEEPFS_HOME is seen at once).
     let repo = match &cli.command {
         Command::Database { action: DatabaseAction::Migrate { .. } } => Repository::open_moved(config)?,
+        c if only_reads(c) && !Repository::exists(&config) => {
+            note!(
+                "keepfs: no repository at {} yet (nothing has been backed up there); `keepfs config check` shows the configuration used",
+                config.home.display()
+            );
+            Repository::absent(config)?
+        }
         _ => Repository::open(config)?,
     };
     match cli.command {
@@ -1875,6 +1884,30 @@ fn more_open_files() {
             libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
         }
     }
+}
+
+/// Whether a command only reads the repository (or fails, naming a version, where there
+/// is none): on a repository that does not exist it must not create one.
+fn only_reads(c: &Command) -> bool {
+    matches!(
+        c,
+        Command::Ls { .. }
+            | Command::Due { .. }
+            | Command::Sla { .. }
+            | Command::Stats { .. }
+            | Command::StorageUsage { .. }
+            | Command::Storage { .. }
+            | Command::Diff { .. }
+            | Command::Restore { .. }
+            | Command::Scrub { .. }
+            | Command::DeepScrub { .. }
+            | Command::Label { .. }
+            | Command::Expire { .. }
+            | Command::Rm { .. }
+            | Command::Protect { .. }
+            | Command::Unprotect { .. }
+            | Command::Metadata { action: MetadataAction::Export { .. } }
+    )
 }
 
 fn session_service(

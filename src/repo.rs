@@ -58,6 +58,29 @@ impl Repository {
         Self::open_checked(config, false)
     }
 
+    /// Whether the repository's catalog exists: a shared one always does (or fails to
+    /// answer); the embedded one once its file is there.
+    pub fn exists(config: &Config) -> bool {
+        match config.catalog_location() {
+            crate::catalog::Location::Sqlite(path) => path.exists(),
+            crate::catalog::Location::Postgres { .. } => true,
+        }
+    }
+
+    /// A repository that does not exist yet, as a command that only reads sees it: an
+    /// empty catalog in memory and no storage opened, so that nothing is created on disk
+    /// (`ls` in a mistyped `KEEPFS_HOME` used to leave a new, empty repository there).
+    /// Only for commands that read the catalog: a storage asked for is not configured.
+    pub fn absent(config: Config) -> Result<Repository> {
+        Ok(Repository {
+            config,
+            db: Arc::new(Mutex::new(Box::new(crate::catalog::sqlite::SqliteCatalog::empty_in_memory()?))),
+            storages: Mutex::new(HashMap::new()),
+            unlocking: Mutex::new(()),
+            after_hash: None,
+        })
+    }
+
     fn open_checked(config: Config, refuse_moved: bool) -> Result<Repository> {
         config
             .modes

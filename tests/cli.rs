@@ -1199,3 +1199,53 @@ fn an_expiry_past_9999_is_refused_and_an_incomplete_version_has_no_rate() {
     let table = repo.ok(&["stats"]);
     assert!(table.lines().nth(1).is_some_and(|l| l.trim_end().ends_with(" -")), "{table}");
 }
+
+/// A mistyped KEEPFS_HOME: a command that only reads (or names a version) says there is
+/// no repository there, answers as for an empty one, and creates nothing. It used to
+/// leave a new, empty repository behind and list "no backups" as if they were gone.
+#[test]
+fn reading_where_no_repository_exists_says_so_and_creates_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let typo = dir.path().join("keepfs-hmoe");
+    let run = |args: &[&str]| {
+        let mut c = std::process::Command::new(KEEPFS);
+        c.args(args).env("KEEPFS_HOME", &typo).env_remove("KEEPFS_CONFIG").env_remove("KEEPFS_DATABASE");
+        let out = output_within(c, COMMAND_LIMIT, &format!("keepfs {args:?}"));
+        Run {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    };
+    let note = format!("keepfs: no repository at {} yet", typo.display());
+    let r = run(&["ls", "--format", "json"]);
+    assert_eq!((r.code, r.stdout.trim()), (0, "[]"), "{}", r.stderr);
+    assert!(r.stderr.starts_with(&note) && r.stderr.lines().count() == 1, "{}", r.stderr);
+    for args in [&["stats"][..], &["storage", "list"], &["storage-usage"]] {
+        let r = run(args);
+        assert_eq!(r.code, 0, "{args:?}: {}", r.stderr);
+        assert!(r.stderr.starts_with(&note), "{args:?}: {}", r.stderr);
+    }
+    // Naming a version: not found (exit 2), after the note that explains why.
+    let out = dir.path().join("out");
+    for args in [
+        vec!["restore", "V0000000001", out.to_str().unwrap()],
+        vec!["rm", "--force", "V0000000001"],
+        vec!["scrub", "V0000000001"],
+    ] {
+        let r = run(&args);
+        assert_eq!(r.code, 2, "{args:?}: {}", r.stderr);
+        assert!(r.stderr.starts_with(&note), "{args:?}: {}", r.stderr);
+    }
+    assert!(!typo.exists(), "reading created {}", typo.display());
+    assert!(!out.exists());
+    // A backup makes the repository; from then on nothing is said.
+    let img = dir.path().join("img");
+    std::fs::write(&img, random_bytes(5, 256 << 10)).unwrap();
+    let r = run(&["backup", &format!("file://{}", img.display()), "vm", "-b", "64k"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let r = run(&["ls", "--format", "json"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(!r.stderr.contains("no repository"), "{}", r.stderr);
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&r.stdout).unwrap().as_array().unwrap().len(), 1);
+}

@@ -319,6 +319,17 @@ impl SqliteCatalog {
         Ok(db)
     }
 
+    /// An empty catalog in memory: what a command that only reads sees of a repository
+    /// that does not exist yet, so that reading creates nothing on disk.
+    pub fn empty_in_memory() -> Result<SqliteCatalog> {
+        let conn = Connection::open_in_memory()
+            .map_err(|e| Error::Other(format!("cannot open an empty metadata database in memory: {e}")))?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        let mut db = SqliteCatalog { conn };
+        db.migrate()?;
+        Ok(db)
+    }
+
     fn migrate(&mut self) -> Result<()> {
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let current: usize = tx.pragma_query_value(None, "user_version", |r| r.get::<_, i64>(0))? as usize;

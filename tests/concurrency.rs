@@ -374,3 +374,22 @@ fn nothing_starts_on_a_catalog_while_it_is_being_migrated() {
     assert_eq!(moved.code, 0, "{}", moved.stderr);
     assert!(moved.stdout.contains(&late) && moved.stdout.contains(&v), "{}", moved.stdout);
 }
+
+/// Two imports of one document at once: each checks that the uid is new, then puts the
+/// version in; the second to reach the catalog met a raw "UNIQUE constraint failed"
+/// (exit 1). The catalog itself now refuses it with one line, and changes nothing.
+#[test]
+fn a_version_put_in_twice_is_refused_by_the_catalog_in_one_line() {
+    let repo = Repo::new();
+    fs::write(repo.path("img"), random_bytes(36, 4 * 65536)).unwrap();
+    let v = repo.backup("img", "vm", &["-b", "64k"]);
+    let config = repo.engine_config();
+    let engine = keepfs::Repository::open(config.clone()).unwrap();
+    let version = engine.version(keepfs::version::VersionUid::parse(&v).unwrap()).unwrap();
+    let mut catalog = keepfs::catalog::open(&config.catalog_location(), config.modes).unwrap();
+    let index = [0u8; 64];
+    let e = catalog.insert_version_record(&version, keepfs::catalog::IndexBytes::of(&mut &index[..])).unwrap_err();
+    assert!(matches!(e, keepfs::Error::Refused(_)), "{e:?}");
+    assert!(e.to_string().contains(&format!("version {v} is in the catalog already")), "{e}");
+    assert_eq!(repo.restore_sha(&v, "out"), sha256_file(&repo.path("img")), "the version is as it was");
+}

@@ -56,6 +56,14 @@ pub(crate) fn bad_object_id(len: usize) -> crate::error::Error {
     ))
 }
 
+/// The error of putting in a version whose uid the catalog holds already (another
+/// process put it in meanwhile: two imports of one document, say).
+pub(crate) fn version_exists(uid: crate::version::VersionUid) -> crate::error::Error {
+    crate::error::Error::Refused(format!(
+        "version {uid} is in the catalog already (put in by another process meanwhile); nothing of it was recorded again"
+    ))
+}
+
 pub(crate) fn session_ended(session: i64) -> crate::error::Error {
     crate::error::Error::Other(format!(
         "this process's session {session} was ended by another keepfs process that took it for dead (no heartbeat for {} s); what it was doing must be done again (a backup: `keepfs backup --continue UID`)",

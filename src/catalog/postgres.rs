@@ -803,7 +803,11 @@ fn insert_version(tx: &mut Transaction, v: &Version, storage_id: i64) -> Result<
          bytes_read, bytes_written, bytes_stored, bytes_deduplicated, bytes_sparse, duration_ms) \
          VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16)",
         &row.params(),
-    )?;
+    )
+    .map_err(|e| match e.code() {
+        Some(&postgres::error::SqlState::UNIQUE_VIOLATION) => super::version_exists(v.uid),
+        _ => e.into(),
+    })?;
     tx.execute("UPDATE versions SET host=$2 WHERE uid=$1", &[&uid, &v.host])?;
     for (k, val) in &v.labels {
         tx.execute("INSERT INTO labels(uid, name, value) VALUES ($1,$2,$3)", &[&uid, k, val])?;

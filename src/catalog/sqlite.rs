@@ -1137,7 +1137,16 @@ fn insert_version_row(tx: &rusqlite::Transaction, v: &Version, storage_id: i64) 
          bytes_read, bytes_written, bytes_stored, bytes_deduplicated, bytes_sparse, duration_ms) \
          VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16)",
         rusqlite::params_from_iter(version_row(v, storage_id)),
-    )?;
+    )
+    .map_err(|e| match &e {
+        rusqlite::Error::SqliteFailure(f, _)
+            if [rusqlite::ffi::SQLITE_CONSTRAINT_PRIMARYKEY, rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE]
+                .contains(&f.extended_code) =>
+        {
+            super::version_exists(v.uid)
+        }
+        _ => e.into(),
+    })?;
     tx.execute("UPDATE versions SET host=?2 WHERE uid=?1", params![v.uid.0 as i64, v.host])?;
     for (k, val) in &v.labels {
         tx.execute("INSERT INTO labels(uid, name, value) VALUES (?1,?2,?3)", params![v.uid.0 as i64, k, val])?;

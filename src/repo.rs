@@ -806,7 +806,8 @@ pub struct SessionGuard {
 
 /// How often a session on a shared catalog beats (other hosts take it for dead after
 /// `catalog::REMOTE_SESSION_TTL_MS` without one).
-const HEARTBEAT_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+const HEARTBEAT_EVERY: std::time::Duration =
+    std::time::Duration::from_millis(crate::catalog::HEARTBEAT_EVERY_MS as u64);
 
 /// Starts a thread that heartbeats `session` until the returned sender is dropped, or
 /// until the session turns out to have been ended by another process.

@@ -47,6 +47,9 @@ pub struct Lookup {
 /// Sessions on other hosts count as alive while their heartbeat is younger than this.
 pub(crate) const REMOTE_SESSION_TTL_MS: i64 = 10 * 60 * 1000;
 
+/// How often a session beats (the heartbeat thread of `repo.rs`).
+pub(crate) const HEARTBEAT_EVERY_MS: i64 = 60 * 1000;
+
 /// The error of a process whose session is no longer registered: another process (on
 /// another host) took it for dead, so a cleanup may have deleted what it was relying on.
 /// A catalog row whose object id is not 32 bytes: damage to the catalog.
@@ -267,16 +270,43 @@ impl ProcessId {
 
     /// Whether this process is of this machine, so that its pid can be looked up here.
     pub fn is_here(&self) -> bool {
-        self.host == hostname() && !self.machine.is_empty() && self.machine == machine_id()
+        let (boot, ns, _) = machine_parts(&self.machine);
+        let (my_boot, my_ns, _) = machine_parts(machine_id());
+        self.host == hostname() && !boot.is_empty() && (boot, ns) == (my_boot, my_ns)
+    }
+
+    /// Whether this process ran on this machine before it last started (same host name
+    /// and machine id, another boot), so that it ended with that boot.
+    fn before_this_boot(&self) -> bool {
+        let (boot, _, id) = machine_parts(&self.machine);
+        let (my_boot, _, my_id) = machine_parts(machine_id());
+        self.host == hostname() && !id.is_empty() && id == my_id && !boot.is_empty() && boot != my_boot
     }
 }
 
+/// The parts of a [`ProcessId::machine`]: boot id, pid namespace and machine id (empty
+/// where missing: sessions recorded by an older keepfs have no machine id).
+fn machine_parts(m: &str) -> (&str, &str, &str) {
+    let mut it = m.split(' ');
+    (it.next().unwrap_or(""), it.next().unwrap_or(""), it.next().unwrap_or(""))
+}
+
+/// How long this machine has been up (CLOCK_BOOTTIME, sleep included), in ms; `None`
+/// when the clock cannot be read.
+fn uptime_ms() -> Option<i64> {
+    let mut t = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes the plain struct given.
+    let r = unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut t) };
+    (r == 0).then(|| t.tv_sec * 1000 + t.tv_nsec / 1_000_000)
+}
+
 /// This machine's identity for sessions: the kernel's boot id and this process's pid
-/// namespace. A pid means something only within both: two machines (cloned VMs, say)
-/// given one host name, two containers with separate pid namespaces, or this machine
-/// before it restarted are told apart by it, and their sessions are judged by their
-/// heartbeats instead of by a pid that is not theirs. Empty when the boot id cannot be
-/// read.
+/// namespace, then the machine id (`/etc/machine-id`, when there is one). A pid means
+/// something only within the first two: two machines (cloned VMs, say) given one host
+/// name, two containers with separate pid namespaces, or this machine before it
+/// restarted are told apart by them, and their sessions are judged by their heartbeats
+/// instead of by a pid that is not theirs. The machine id tells this machine before it
+/// restarted (see [`session_alive`]). Empty when the boot id cannot be read.
 pub(crate) fn machine_id() -> &'static str {
     static ID: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     ID.get_or_init(|| {
@@ -294,7 +324,12 @@ pub(crate) fn machine_id() -> &'static str {
         if ns.is_empty() || !own_proc {
             return String::new();
         }
-        format!("{boot} {ns}")
+        let id = std::fs::read_to_string("/etc/machine-id").unwrap_or_default();
+        let id = id.trim();
+        if id.is_empty() || id.contains(char::is_whitespace) {
+            return format!("{boot} {ns}");
+        }
+        format!("{boot} {ns} {id}")
     })
 }
 
@@ -365,8 +400,24 @@ fn proc_start_time(pid: u32) -> Seen {
 /// Whether a session is alive: one of this machine while its process runs (or, when
 /// its process cannot be seen, while its heartbeat is recent), any other while its
 /// heartbeat is recent (`now` and the heartbeats are the catalog's clock).
+///
+/// One of this machine before it restarted ended with that boot: it is dead once it has
+/// not beaten since this boot began, nor for two heartbeat periods (a backup continued
+/// after a crash and reboot waited ten minutes for it). Both checks are durations, on
+/// the catalog's clock and this machine's, so no two clocks are compared. A clone of
+/// this machine that kept its machine id and host name (misconfigured: they share pids)
+/// beats every minute, and so still passes for alive.
 pub(crate) fn session_alive(s: &Session, now: i64) -> bool {
-    let fresh = now - s.heartbeat_ms < REMOTE_SESSION_TTL_MS;
+    alive_given_uptime(s, now, uptime_ms())
+}
+
+/// [`session_alive`] with this machine's uptime (ms) given.
+fn alive_given_uptime(s: &Session, now: i64, uptime: Option<i64>) -> bool {
+    let age = now - s.heartbeat_ms;
+    let fresh = age < REMOTE_SESSION_TTL_MS;
+    if s.process.before_this_boot() && age > 2 * HEARTBEAT_EVERY_MS && uptime.is_some_and(|up| age > up) {
+        return false;
+    }
     if !s.process.is_here() {
         if fresh && s.process.host == hostname() && !s.process.machine.is_empty() {
             warn_host_shared(&s.process.host);
@@ -756,4 +807,53 @@ pub trait Catalog: Send {
     /// cleanup cutoffs are measured with: the database server's for a shared catalog
     /// (hosts' clocks are never compared), this host's for SQLite.
     fn now_ms(&self) -> Result<i64>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn session(machine: String, heartbeat_age_ms: i64, now: i64) -> Session {
+        Session {
+            id: 1,
+            process: ProcessId { pid: 1, host: hostname(), start: 7, machine },
+            started_ms: now - heartbeat_age_ms,
+            heartbeat_ms: now - heartbeat_age_ms,
+            purpose: "backup".into(),
+            writes: true,
+        }
+    }
+
+    /// A backup of this machine killed by a crash, continued after the reboot: its
+    /// session, recorded in the earlier boot, is dead without waiting 10 minutes for its
+    /// heartbeat to age. A clone of this machine (same machine id and host name, another
+    /// boot id) that beat since this boot stays alive, as does one of another machine id.
+    #[test]
+    fn a_session_from_before_this_machine_restarted_is_dead_once_silent_since_the_boot() {
+        let (_, ns, id) = machine_parts(machine_id());
+        if id.is_empty() {
+            eprintln!("skipped: this machine has no /etc/machine-id");
+            return;
+        }
+        let now = now_ms();
+        let minute = 60_000;
+        let earlier_boot = format!("00000000-0000-0000-0000-000000000000 {ns} {id}");
+        let alive = |machine: &str, silent_for: i64, up: i64| {
+            alive_given_uptime(&session(machine.to_string(), silent_for, now), now, Some(up))
+        };
+        // Up for 3 minutes, silent for 4: it ended with the earlier boot. (It used to
+        // count as alive until 10 minutes had passed.)
+        assert!(!alive(&earlier_boot, 4 * minute, 3 * minute));
+        // Silent for less than two heartbeats: alive, however short this boot.
+        assert!(alive(&earlier_boot, minute + minute / 2, minute));
+        // It beat since this boot began: a clone of this machine, alive.
+        assert!(alive(&earlier_boot, 4 * minute, 30 * minute));
+        // Another machine id, or none (an older keepfs): judged by the heartbeat alone.
+        let other = format!("00000000-0000-0000-0000-000000000000 {ns} 0123456789abcdef0123456789abcdef");
+        assert!(alive(&other, 4 * minute, 3 * minute));
+        assert!(alive(&format!("00000000-0000-0000-0000-000000000000 {ns}"), 4 * minute, 3 * minute));
+        assert!(!alive(&other, REMOTE_SESSION_TTL_MS + minute, 3 * minute));
+        // And the real uptime is read.
+        assert!(uptime_ms().is_some_and(|up| up > 0));
+    }
 }

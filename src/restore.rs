@@ -227,7 +227,7 @@ fn may_follow(link: &std::fs::Metadata, path: &Path) -> bool {
 
 /// A new target file is made with the repository's file mode (0600 unless configured),
 /// not the umask's: a restored disk is as private as its backup. A file restored over
-/// (`--force`) keeps its mode and owner: the image is written beside it and renamed over
+/// (`--force`) keeps its mode, owner and extended attributes (ACLs among them): the image is written beside it and renamed over
 /// it at the end, so an interrupted restore leaves the old file whole. Where a rename
 /// would lose what the file is (other hard links to it; an owner this process cannot
 /// give the new file) the restore is refused, naming `--in-place`, which writes into the
@@ -395,6 +395,32 @@ fn open_target(
                 discard_zeros: false,
                 marker: None,
             })
+        }
+    }
+}
+
+/// Gives a restored file the extended attributes of the file it replaces (ACLs, file
+/// capabilities, security labels, user attributes), as `cp --preserve=xattr` does. Set
+/// once the data is written: writing into a file drops its capabilities. One that cannot
+/// be set (a `trusted.` attribute without root, a file system without them) is warned
+/// about, and the restore goes on: the image is what was asked for.
+fn keep_xattrs(old: &Path, new: &Path, progress: &dyn Progress) {
+    let names = match xattr::list(old) {
+        Ok(names) => names,
+        Err(e) if e.kind() == io::ErrorKind::Unsupported => return,
+        Err(e) => {
+            progress.warn(&format!("cannot list the extended attributes of {} to keep them: {e}", old.display()));
+            return;
+        }
+    };
+    for name in names {
+        let kept = xattr::get(old, &name).and_then(|v| v.map_or(Ok(()), |v| xattr::set(new, &name, &v)));
+        if let Err(e) = kept {
+            progress.warn(&format!(
+                "extended attribute {} of {} is not kept on the restored file: {e}",
+                name.to_string_lossy(),
+                old.display()
+            ));
         }
     }
 }
@@ -772,6 +798,12 @@ impl Repository {
             )));
         }
         let Target { io, rename, is_device, marker, .. } = target;
+        // Before the flush, so that they are as durable as the data.
+        if let Some((temp, path)) = &rename
+            && path.exists()
+        {
+            keep_xattrs(path, temp, progress);
+        }
         match io {
             TargetIo::Image(t) => t.finish()?,
             TargetIo::File { buffered, .. } => match buffered.sync_all() {

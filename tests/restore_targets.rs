@@ -1,5 +1,6 @@
 //! What a restore writes over, as an admin meets it: a file given to `--force` stays the
-//! file it was (its owner, its other hard links, the symlink that names it), a symlink
+//! file it was (its owner, its other hard links, its ACL and extended attributes, the
+//! symlink that names it), a symlink
 //! to nothing is refused rather than replaced, and a restore the target's file system
 //! cannot hold leaves nothing behind.
 
@@ -73,6 +74,47 @@ fn a_file_restored_over_keeps_its_owner_and_its_hard_links() {
     let r = repo.run(&["restore", "--continue", &uid, &repo.url("out")]);
     assert_eq!(r.code, 2, "{}", r.stderr);
     assert!(r.error_line().contains("no interrupted restore"), "{}", r.stderr);
+}
+
+/// A POSIX ACL as the kernel stores it (`system.posix_acl_access`): owner rw, user
+/// `nobody` r, group r, mask r, others nothing.
+fn acl_giving_nobody_read() -> Vec<u8> {
+    let mut acl = 2u32.to_le_bytes().to_vec();
+    for (tag, perm, id) in
+        [(0x01u16, 6u16, u32::MAX), (0x02, 4, NOBODY), (0x04, 4, u32::MAX), (0x10, 4, u32::MAX), (0x20, 0, u32::MAX)]
+    {
+        acl.extend(tag.to_le_bytes());
+        acl.extend(perm.to_le_bytes());
+        acl.extend(id.to_le_bytes());
+    }
+    acl
+}
+
+/// A disk image given to a VM manager carries more than bytes: an ACL letting another
+/// user read it, a note of its own. A file restored over keeps them, as `cp -a` would;
+/// they used to be lost with the old file when the new one was renamed over it.
+#[test]
+fn a_file_restored_over_keeps_its_extended_attributes_and_acl() {
+    let (repo, uid, sha) = one_version();
+    let out = repo.path("out");
+    std::fs::write(&out, b"yesterday's disk").unwrap();
+    if let Err(e) = xattr::set(&out, "user.keepfs-test", b"db disk of vm 7") {
+        eprintln!("skipped: this file system keeps no user extended attributes ({e})");
+        return;
+    }
+    let acl = acl_giving_nobody_read();
+    let with_acl = xattr::set(&out, "system.posix_acl_access", &acl).is_ok();
+    let before = std::fs::metadata(&out).unwrap();
+    repo.ok(&["restore", "--force", &uid, &repo.url("out")]);
+    assert_eq!(sha256_file(&out), sha);
+    assert_ne!(std::fs::metadata(&out).unwrap().ino(), before.ino(), "a new file, renamed over the old one");
+    assert_eq!(xattr::get(&out, "user.keepfs-test").unwrap().as_deref(), Some(&b"db disk of vm 7"[..]));
+    if with_acl {
+        assert_eq!(xattr::get(&out, "system.posix_acl_access").unwrap(), Some(acl), "the ACL");
+        assert_eq!(std::fs::metadata(&out).unwrap().mode() & 0o777, before.mode() & 0o777);
+    } else {
+        eprintln!("(this file system takes no POSIX ACLs: only the user attribute was checked)");
+    }
 }
 
 /// An in-place restore killed half way (SIGKILL, through a storage throttled so that it

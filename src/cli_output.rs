@@ -1,5 +1,5 @@
 //! How the `keepfs` command shows results besides plain tables (part of the binary): the
-//! benchmark's table, and the machine-readable forms.
+//! benchmark's table, the live sessions, and the machine-readable forms.
 
 use crate::Format;
 use keepfs::bench::BenchRow;
@@ -140,4 +140,59 @@ pub fn usage_error_json(e: &clap::Error) {
     let first = text.lines().next().unwrap_or_default().trim_start_matches("error: ").to_string();
     let v = serde_json::json!({ "error": first, "exit_code": e.exit_code() });
     let _ = crate::output::stdout_line(format_args!("{v}"));
+}
+
+/// One live session as `keepfs database sessions` shows it.
+#[derive(serde::Serialize)]
+struct SessionRow {
+    id: i64,
+    host: String,
+    pid: u32,
+    purpose: String,
+    writes: bool,
+    /// UTC, RFC 3339, on the catalog's clock.
+    started: String,
+    heartbeat: String,
+}
+
+/// `keepfs database sessions`: every live session, oldest first.
+pub fn print_sessions(sessions: &[keepfs::catalog::Session], format: Format) -> Result<()> {
+    let date = |ms: i64| {
+        chrono::DateTime::from_timestamp_millis(ms)
+            .map(|d| d.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+            .unwrap_or_else(|| ms.to_string())
+    };
+    let mut rows: Vec<SessionRow> = sessions
+        .iter()
+        .map(|s| SessionRow {
+            id: s.id,
+            host: s.process.host.clone(),
+            pid: s.process.pid,
+            purpose: s.purpose.clone(),
+            writes: s.writes,
+            started: date(s.started_ms),
+            heartbeat: date(s.heartbeat_ms),
+        })
+        .collect();
+    rows.sort_by_key(|r| r.id);
+    match format {
+        Format::Json => out!("{}", to_json(&rows)?),
+        Format::Table => crate::print_rows(
+            &["id", "host", "pid", "purpose", "writes", "started (UTC)", "heartbeat (UTC)"],
+            rows.into_iter()
+                .map(|r| {
+                    let t = |d: String| d.trim_end_matches('Z').replace('T', " ");
+                    vec![
+                        r.id.to_string(),
+                        r.host,
+                        r.pid.to_string(),
+                        r.purpose,
+                        if r.writes { "yes" } else { "no" }.to_string(),
+                        t(r.started),
+                        t(r.heartbeat),
+                    ]
+                })
+                .collect(),
+        ),
+    }
 }

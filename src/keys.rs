@@ -807,7 +807,7 @@ impl Repository {
                 .collect();
             if let Some(s) = busy.first() {
                 return Err(Error::Refused(format!(
-                    "{} process(es) that may still seal new objects with an older key are running (e.g. {} by {}); run `keepfs key remove` again once they have ended (restart mounts and NBD servers)",
+                    "{} process(es) that may still seal new objects with an older key are running (e.g. {} by {}); run `keepfs key remove` again once they have ended (restart mounts and NBD servers; `keepfs database sessions` lists them)",
                     busy.len(),
                     s.purpose,
                     crate::repo::holder_name(Some(s))

@@ -578,6 +578,12 @@ enum DatabaseAction {
         #[arg(long)]
         to: String,
     },
+    /// The processes using the repository now, on every host: what each does, since when,
+    /// and its last heartbeat (what `database migrate`, `key remove` and cleanup wait for)
+    Sessions {
+        #[arg(long, value_enum, default_value = "table")]
+        format: Format,
+    },
 }
 
 /// Progress on stderr: a bar on a terminal, a line every 10 s otherwise, and the
@@ -1419,6 +1425,11 @@ fn run(cli: Cli) -> Result<i32> {
             );
             Ok(exit::OK)
         }
+        Command::Database { action: DatabaseAction::Sessions { format } } => {
+            let sessions = repo.live_sessions()?;
+            cli_output::print_sessions(&sessions, format)?;
+            Ok(exit::OK)
+        }
         Command::Label { uid, changes } => {
             repo.change_labels(VersionUid::parse(&uid)?, &changes)?;
             Ok(exit::OK)
@@ -1907,6 +1918,7 @@ fn only_reads(c: &Command) -> bool {
             | Command::Protect { .. }
             | Command::Unprotect { .. }
             | Command::Metadata { action: MetadataAction::Export { .. } }
+            | Command::Database { action: DatabaseAction::Sessions { .. } }
     )
 }
 

@@ -393,3 +393,46 @@ fn a_version_put_in_twice_is_refused_by_the_catalog_in_one_line() {
     assert!(e.to_string().contains(&format!("version {v} is in the catalog already")), "{e}");
     assert_eq!(repo.restore_sha(&v, "out"), sha256_file(&repo.path("img")), "the version is as it was");
 }
+
+/// An admin asks who is using the repository (what `database migrate` or `key remove`
+/// is waiting for): `database sessions` lists every live session with its host, pid and
+/// purpose; a server killed with SIGKILL is gone from the list at once.
+#[test]
+fn database_sessions_shows_who_uses_the_repository_on_every_host() {
+    let repo = Repo::new();
+    fs::write(repo.path("img"), random_bytes(37, 4 * 65536)).unwrap();
+    repo.backup("img", "vm", &["-b", "64k"]);
+    // Listed from the server's own host, which judges it by its process.
+    let sessions = || -> Vec<serde_json::Value> {
+        let r = repo.run_env(&["database", "sessions", "--format", "json"], &[("KEEPFS_HOST", "hv-07")]);
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        serde_json::from_str::<serde_json::Value>(&r.stdout).unwrap().as_array().unwrap().clone()
+    };
+    assert!(sessions().is_empty(), "nothing runs: {:?}", sessions());
+    let sock = repo.path("nbd.sock");
+    let mut server = repo
+        .command(&["nbd", "--socket", sock.to_str().unwrap()])
+        .env("KEEPFS_HOST", "hv-07")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until("the server's session", Duration::from_secs(60), || !sessions().is_empty());
+    let listed = sessions();
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    let s = &listed[0];
+    assert_eq!((s["host"].as_str(), s["pid"].as_u64()), (Some("hv-07"), Some(server.id() as u64)), "{s}");
+    assert_eq!((s["purpose"].as_str(), s["writes"].as_bool()), (Some("serve"), Some(false)), "{s}");
+    assert!(s["started"].as_str().unwrap().ends_with('Z') && s["heartbeat"].as_str().is_some(), "{s}");
+    let table = repo.run_env(&["database", "sessions"], &[("KEEPFS_HOST", "hv-08")]).stdout;
+    assert!(table.lines().any(|l| l.contains("hv-07") && l.contains("serve")), "{table}");
+    server.kill().unwrap();
+    server.wait().unwrap();
+    // Another host cannot see the process: it goes by the heartbeat, fresh for 10 minutes.
+    let elsewhere = repo.run_env(&["database", "sessions"], &[("KEEPFS_HOST", "hv-08")]);
+    assert!(elsewhere.stdout.contains("hv-07"), "{}", elsewhere.stdout);
+    // Its own host sees it dead, and removes it for everyone.
+    assert!(sessions().is_empty(), "a killed server is not listed: {:?}", sessions());
+    let elsewhere = repo.run_env(&["database", "sessions"], &[("KEEPFS_HOST", "hv-08")]);
+    assert!(!elsewhere.stdout.contains("hv-07"), "{}", elsewhere.stdout);
+}

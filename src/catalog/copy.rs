@@ -26,7 +26,7 @@ pub struct CopyReport {
 fn refuse_running(running: &[super::Session]) -> Result<()> {
     if let Some(s) = running.first() {
         return Err(Error::Refused(format!(
-            "{} session(s) are using the repository (e.g. {} by pid {} on {}); stop them, then migrate",
+            "{} session(s) are using the repository (e.g. {} by pid {} on {}; `keepfs database sessions` lists them); stop them, then migrate",
             running.len(),
             s.purpose,
             s.process.pid,

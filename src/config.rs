@@ -497,6 +497,20 @@ impl Config {
                     write_bandwidth,
                     read_cache,
                 });
+                // A cleanup of one storage takes every file it does not know of for an
+                // orphan: two names for one place would delete each other's blocks.
+                let new = c.storages.last().filter(|n| !matches!(n.kind, StorageKind::Null));
+                if let Some(n) = new {
+                    let place = crate::catalog::storage_identity(n);
+                    if let Some(o) =
+                        c.storages.iter().find(|o| o.name != n.name && crate::catalog::storage_identity(o) == place)
+                    {
+                        return Err(bad(format!(
+                            "storages '{}' and '{}' are both at {place}: one place holds one storage (a cleanup of either would delete the other's blocks); keep one of them",
+                            o.name, n.name
+                        )));
+                    }
+                }
             }
             c.default_storage = c.storages[0].name.clone();
         }

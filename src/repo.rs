@@ -99,6 +99,7 @@ impl Repository {
         if db.engine() != "sqlite" {
             crate::catalog::check_owner(db.as_ref(), &config)?;
         }
+        crate::catalog::check_storage_places(db.as_ref(), &config)?;
         let mut storages: HashMap<String, StorageSlot> = HashMap::new();
         for s in &config.storages {
             let mut st: SharedStorage = match &s.kind {

@@ -436,3 +436,55 @@ fn database_sessions_shows_who_uses_the_repository_on_every_host() {
     let elsewhere = repo.run_env(&["database", "sessions"], &[("KEEPFS_HOST", "hv-08")]);
     assert!(!elsewhere.stdout.contains("hv-07"), "{}", elsewhere.stdout);
 }
+
+/// A host configured with another name for the shared storage directory (`nfs` where
+/// the others say `default`): its backups went in under that name, and a cleanup of
+/// `default` took their blocks for orphans and deleted them. Such a storage is now
+/// refused before anything is written; another spelling of the same path (`./`, a
+/// trailing slash) under the same name is the same storage; and one configuration
+/// naming one place twice is refused as a configuration error.
+#[test]
+fn a_second_name_for_one_storage_place_is_refused_before_it_writes() {
+    let repo = Repo::new();
+    fs::write(repo.path("img"), random_bytes(38, 4 * 65536)).unwrap();
+    let v = repo.backup("img", "vm", &["-b", "64k"]);
+    let home = repo.home().display().to_string();
+    let database = match &repo.catalog {
+        Some(db) => db.url.clone(),
+        None => format!("{home}/keepfs.sqlite"),
+    };
+    let config = |storages: &str| {
+        let path = repo.path(&format!("host-{}.toml", storages.len()));
+        fs::write(&path, format!("home = \"{home}\"\ndatabase = \"{database}\"\n{storages}")).unwrap();
+        path.to_str().unwrap().to_string()
+    };
+    let storage =
+        |name: &str, path: &str| format!("[[storage]]\nname = \"{name}\"\nkind = \"file\"\npath = \"{path}\"\n");
+    let other_name = config(&storage("nfs", &format!("{home}/./storage/")));
+    let r = repo.run(&["--config", &other_name, "backup", &repo.url("img"), "vm2", "-b", "64k"]);
+    assert_eq!(r.code, 4, "{}", r.stderr);
+    assert_eq!(r.stderr.trim().lines().count(), 1, "{}", r.stderr);
+    assert!(
+        r.error_line().contains(&format!(
+            "storage 'nfs' is at file:{home}/storage, which this catalog knows as storage 'default'"
+        )),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(repo.ls_json(None).as_array().unwrap().len(), 1, "nothing was written");
+    // The same place spelled otherwise, under its own name, is the same storage.
+    let respelled = config(&storage("default", &format!("{home}//storage/.")));
+    assert_eq!(repo.run(&["--config", &respelled, "ls"]).code, 0);
+    let r = repo.run(&["--config", &respelled, "cleanup"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(repo.restore_sha(&v, "out"), sha256_file(&repo.path("img")));
+    // One configuration naming one place twice.
+    let twice = config(&format!(
+        "{}{}",
+        storage("default", &format!("{home}/storage")),
+        storage("copy", &format!("{home}/storage/"))
+    ));
+    let r = repo.run(&["--config", &twice, "ls"]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.error_line().contains("storages 'default' and 'copy' are both at"), "{}", r.stderr);
+}

@@ -202,10 +202,53 @@ pub(crate) const REPOSITORY: &str = "repository";
 pub fn storage_identity(s: &crate::config::StorageConfig) -> String {
     use crate::config::StorageKind;
     match &s.kind {
-        StorageKind::File { path } => format!("file:{}", path.display()),
+        StorageKind::File { path } => format!("file:{}", normal_path(path).display()),
         StorageKind::Null => format!("null:{}", s.name),
         StorageKind::S3(c) => format!("s3:{}/{}/{}", c.endpoint.trim_end_matches('/'), c.bucket, c.prefix),
     }
+}
+
+/// A path as written, without `.` components, repeated or trailing slashes (`/a/./b/`
+/// is `/a/b`). Nothing is resolved: `..` and symlinks stay, so one directory reached
+/// by another spelling through them still counts as another place.
+fn normal_path(p: &std::path::Path) -> std::path::PathBuf {
+    p.components().collect()
+}
+
+/// A place as recorded by an older keepfs (its file paths not normalised), as now.
+fn normal_place(recorded: &str) -> String {
+    match recorded.strip_prefix("file:") {
+        Some(p) => format!("file:{}", normal_path(std::path::Path::new(p)).display()),
+        None => recorded.to_string(),
+    }
+}
+
+/// `repository_state` rows `storage_at:<place>` name the storage a place holds, as the
+/// first host to use it named it.
+const STORAGE_AT: &str = "storage_at:";
+
+/// Refuses a configured storage at a place the catalog knows under another storage
+/// name (a second name for one shared directory, say): each name's cleanup would take
+/// the other's blocks for orphans and delete them. Records the places not yet known.
+pub fn check_storage_places(db: &dyn Catalog, config: &crate::config::Config) -> Result<()> {
+    for s in config.storages.iter().filter(|s| !matches!(s.kind, crate::config::StorageKind::Null)) {
+        let place = storage_identity(s);
+        let row = format!("{STORAGE_AT}{place}");
+        match db.repository_state(&row)? {
+            Some(name) if name == s.name => {}
+            Some(name) => {
+                return Err(crate::Error::Refused(format!(
+                    "storage '{}' is at {place}, which this catalog knows as storage '{name}': one place holds one storage (a cleanup of either would delete the other's blocks); name it '{name}' in this configuration",
+                    s.name
+                )));
+            }
+            // A catalog that cannot be written (a read-only copy) is still read.
+            None => {
+                let _ = db.set_repository_state(&row, &s.name);
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Refuses a shared catalog that belongs to another repository (none of the configured
@@ -213,7 +256,7 @@ pub fn storage_identity(s: &crate::config::StorageConfig) -> String {
 pub fn check_owner(db: &dyn Catalog, config: &crate::config::Config) -> Result<()> {
     let mine: Vec<String> = config.storages.iter().map(storage_identity).collect();
     match db.repository_state(REPOSITORY)? {
-        Some(owner) if mine.contains(&owner) => Ok(()),
+        Some(owner) if mine.contains(&normal_place(&owner)) => Ok(()),
         Some(owner) => Err(crate::Error::Refused(format!(
             "the catalog {} belongs to another repository (storage {owner}), not to this configuration's ({}); \
              to share that repository, configure its storage ([[storage]] at {owner}) as every other host does; \

@@ -119,6 +119,7 @@ fn a_wrong_password_is_a_one_line_error_with_exit_code_2() {
     assert_eq!(r.code, 2, "{}", r.stderr);
     let line = r.error_line();
     assert!(line.contains("password authentication failed") && line.contains("check the password"), "{line}");
+    assert!(line.contains("(it came from the URL)"), "says where the password came from: {line}");
     assert!(!line.contains("not-the-password"), "the password is never printed: {line}");
     assert_eq!(r.stderr.trim().lines().count(), 1, "one line: {}", r.stderr);
 }
@@ -187,18 +188,54 @@ fn the_password_comes_from_a_file_or_pgpass() {
         .run_env(&["--config", other.path("keepfs.toml").to_str().unwrap(), "ls"], &[("PGPASSFILE", "/nonexistent")]);
     assert_eq!(no_pw.code, 2, "{}", no_pw.stderr);
     assert!(no_pw.error_line().contains("none is configured"), "{}", no_pw.stderr);
+    // A pgpass file without a line for this connection (libpq matches the host as
+    // written: localhost is not 127.0.0.1) is named, with what it lacks.
+    let near_miss = other.path("pgpass-localhost");
+    std::fs::write(&near_miss, format!("localhost:{}:{db}:{}:{}\n", pg.port, common::pg::USER, common::pg::PASSWORD))
+        .unwrap();
+    std::fs::set_permissions(&near_miss, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let r = other.run_env(
+        &["--config", other.path("keepfs.toml").to_str().unwrap(), "ls"],
+        &[("PGPASSFILE", near_miss.to_str().unwrap())],
+    );
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(
+        r.error_line().contains(&format!("has no line for 127.0.0.1:{}:{db}:{}", pg.port, common::pg::USER)),
+        "{}",
+        r.stderr
+    );
     std::fs::write(
         other.path("pgpass"),
         format!("127.0.0.1:{}:{db}:{}:{}\n", pg.port, common::pg::USER, common::pg::PASSWORD),
     )
     .unwrap();
     let pgpass = other.path("pgpass");
+    // Readable by others: used, with a warning (libpq would ignore it).
+    std::fs::set_permissions(&pgpass, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
     let r = other.run_env(
         &["--config", other.path("keepfs.toml").to_str().unwrap(), "ls"],
         &[("PGPASSFILE", pgpass.to_str().unwrap())],
     );
     // The same database, another repository's storage: refused, so the password worked.
     assert_eq!(r.code, 4, "{}", r.stderr);
+    assert!(r.stderr.contains("is readable by others (libpq ignores such a file); chmod 0600 it"), "{}", r.stderr);
+
+    // `database migrate --to URL` takes the configuration's password file too (set for
+    // the new catalog before `database` names it); it asked for PGPASSFILE instead.
+    let target = pg.create_db("pwmigrate");
+    let lite = config_repo("placeholder");
+    let sqlite = lite.path("keepfs.sqlite");
+    let pw_key = format!("database_password_file = \"{}\"\n", lite.path("pw").display());
+    lite.set_database(sqlite.to_str().unwrap(), &pw_key, "");
+    std::fs::write(lite.path("pw"), format!("{}\n", common::pg::PASSWORD)).unwrap();
+    std::fs::write(lite.path("img"), random_bytes(9, 4 * BS)).unwrap();
+    lite.ok_cfg(&["backup", &lite.url("img"), "vm", "-b", "64k"]);
+    let to = format!("postgresql://{}@127.0.0.1:{}/{target}", common::pg::USER, pg.port);
+    let r = lite.run_env(
+        &["--config", &lite.config_file(), "database", "migrate", "--to", &to],
+        &[("PGPASSFILE", "/nonexistent")],
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
 }
 
 /// A server that accepts connections but never answers: the command gives up after the

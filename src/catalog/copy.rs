@@ -174,7 +174,11 @@ impl crate::Repository {
     /// target afterwards.
     pub fn migrate_catalog(&self, target: &str) -> Result<(super::Location, CopyReport)> {
         let location = match super::Location::parse_setting("--to", target).map_err(Error::Invalid)? {
-            pg @ super::Location::Postgres { .. } => pg,
+            // Its password: from the URL, else the configuration's database_password_file
+            // (set for the new catalog before `database` names it), else PGPASSFILE.
+            super::Location::Postgres { url, .. } => {
+                super::Location::Postgres { url, password_file: self.config.database_password_file.clone() }
+            }
             super::Location::Sqlite(path) => {
                 // Absolute, so that what is printed can go into `database` as it is.
                 let path = std::path::absolute(&path).map_err(|e| Error::io(format!("--to {target}"), e))?;

@@ -313,11 +313,15 @@ impl From<postgres::Error> for Error {
     }
 }
 
-/// The password `~/.pgpass` (or the file `PGPASSFILE` names) holds for this connection.
-fn pgpass_password(host: &str, port: u16, db: &str, user: &str) -> Option<String> {
-    let file = std::env::var_os("PGPASSFILE")
+/// The password file libpq would read: the one `PGPASSFILE` names, else `~/.pgpass`.
+fn pgpass_file() -> Option<std::path::PathBuf> {
+    std::env::var_os("PGPASSFILE")
         .map(std::path::PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".pgpass")))?;
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".pgpass")))
+}
+
+/// The password a pgpass `file` holds for this connection.
+fn pgpass_password(file: &Path, host: &str, port: u16, db: &str, user: &str) -> Option<String> {
     let text = std::fs::read_to_string(file).ok()?;
     let port = port.to_string();
     for line in text.lines() {
@@ -362,6 +366,8 @@ pub struct PostgresCatalog {
     config: postgres::Config,
     /// What to call the database in messages (the URL without its password).
     name: String,
+    /// Where the password came from (or why there is none), for a refused login.
+    password_from: String,
     /// TLS as the URL's `sslmode` / `sslrootcert` say (see `tls`).
     tls: tls::Tls,
     client: RefCell<Client>,
@@ -402,32 +408,53 @@ impl PostgresCatalog {
         if config.get_application_name().is_none() {
             config.application_name("keepfs");
         }
-        if config.get_password().is_none() {
-            if let Some(file) = password_file {
-                let pw = std::fs::read_to_string(file).map_err(|e| {
-                    Error::Config(format!("database_password_file {}: cannot read it: {e}", file.display()))
-                })?;
-                config.password(pw.trim_end_matches(['\n', '\r']));
-            } else {
-                let host = match config.get_hosts().first() {
-                    Some(postgres::config::Host::Tcp(h)) => h.clone(),
-                    Some(postgres::config::Host::Unix(p)) => p.display().to_string(),
-                    None => "localhost".into(),
-                };
-                let port = config.get_ports().first().copied().unwrap_or(5432);
-                let user =
-                    config.get_user().map(str::to_string).unwrap_or_else(|| std::env::var("USER").unwrap_or_default());
-                let db = config.get_dbname().map(str::to_string).unwrap_or_else(|| user.clone());
-                if let Some(pw) = pgpass_password(&host, port, &db, &user) {
-                    config.password(pw);
+        let password_from = if config.get_password().is_some() {
+            "it came from the URL".to_string()
+        } else if let Some(file) = password_file {
+            let pw = std::fs::read_to_string(file).map_err(|e| {
+                Error::Config(format!("database_password_file {}: cannot read it: {e}", file.display()))
+            })?;
+            config.password(pw.trim_end_matches(['\n', '\r']));
+            format!("it came from database_password_file {}", file.display())
+        } else {
+            let host = match config.get_hosts().first() {
+                Some(postgres::config::Host::Tcp(h)) => h.clone(),
+                Some(postgres::config::Host::Unix(p)) => p.display().to_string(),
+                None => "localhost".into(),
+            };
+            let port = config.get_ports().first().copied().unwrap_or(5432);
+            let user =
+                config.get_user().map(str::to_string).unwrap_or_else(|| std::env::var("USER").unwrap_or_default());
+            let db = config.get_dbname().map(str::to_string).unwrap_or_else(|| user.clone());
+            match pgpass_file().filter(|f| f.is_file()) {
+                Some(file) => {
+                    use std::os::unix::fs::PermissionsExt;
+                    if std::fs::metadata(&file).is_ok_and(|m| m.permissions().mode() & 0o077 != 0) {
+                        keepfs_face::log!(
+                            "keepfs: warning: password file {} is readable by others (libpq ignores such a file); chmod 0600 it",
+                            file.display()
+                        );
+                    }
+                    match pgpass_password(&file, &host, port, &db, &user) {
+                        Some(pw) => {
+                            config.password(pw);
+                            format!("it came from {}", file.display())
+                        }
+                        None => format!(
+                            "{} has no line for {host}:{port}:{db}:{user}; its host must be written as in the URL",
+                            file.display()
+                        ),
+                    }
                 }
+                None => "there is none in the URL, no database_password_file, and no PGPASSFILE or ~/.pgpass".into(),
             }
-        }
+        };
         config.ssl_mode(tls.client_mode());
-        let client = connect(&config, &tls, &name)?;
+        let client = connect(&config, &tls, &name, &password_from)?;
         let mut cat = PostgresCatalog {
             config,
             name,
+            password_from,
             tls,
             client: RefCell::new(client),
             last_used: std::cell::Cell::new(std::time::Instant::now()),
@@ -476,7 +503,7 @@ impl PostgresCatalog {
             .map_err(|_| Error::Other("internal: catalog used while it is being iterated".into()))?;
         let idle = self.last_used.replace(std::time::Instant::now()).elapsed() >= IDLE_CHECK;
         if c.is_closed() || (idle && c.is_valid(CONNECT_TIMEOUT).is_err()) {
-            *c = connect(&self.config, &self.tls, &self.name)?;
+            *c = connect(&self.config, &self.tls, &self.name, &self.password_from)?;
         }
         Ok(c)
     }
@@ -583,7 +610,7 @@ impl PostgresCatalog {
 /// a connection that TLS did not get through (a failed handshake, or a server whose
 /// pg_hba.conf takes this client only without TLS, `hostnossl`) is tried once more
 /// without TLS, as libpq does.
-fn connect(config: &postgres::Config, tls: &tls::Tls, name: &str) -> Result<Client> {
+fn connect(config: &postgres::Config, tls: &tls::Tls, name: &str, password_from: &str) -> Result<Client> {
     let connector = tls.connector();
     let started = connector.as_ref().map(|c| c.started.clone());
     let e = match attempt(config, connector, name)? {
@@ -593,15 +620,15 @@ fn connect(config: &postgres::Config, tls: &tls::Tls, name: &str) -> Result<Clie
     let what = describe(&e);
     let over_tls = started.is_some_and(|s| s.load(std::sync::atomic::Ordering::SeqCst));
     if tls.mode != tls::SslMode::Prefer || !over_tls {
-        return Err(connect_error(&e, &what, tls, name));
+        return Err(connect_error(&e, &what, tls, name, password_from));
     }
     let mut plain = config.clone();
     plain.ssl_mode(postgres::config::SslMode::Disable);
     match attempt(&plain, None, name)? {
         Ok(client) => Ok(client),
         // The server wants TLS from this client: what went wrong with TLS is the story.
-        Err(e2) if describe(&e2).contains("no encryption") => Err(connect_error(&e, &what, tls, name)),
-        Err(e2) => Err(connect_error(&e2, &describe(&e2), tls, name)),
+        Err(e2) if describe(&e2).contains("no encryption") => Err(connect_error(&e, &what, tls, name, password_from)),
+        Err(e2) => Err(connect_error(&e2, &describe(&e2), tls, name, password_from)),
     }
 }
 
@@ -633,7 +660,7 @@ fn attempt(
 }
 
 /// A failed connection as one line that says what to do; `what` is `describe(e)`.
-fn connect_error(e: &postgres::Error, what: &str, tls: &tls::Tls, name: &str) -> Error {
+fn connect_error(e: &postgres::Error, what: &str, tls: &tls::Tls, name: &str, password_from: &str) -> Error {
     match e.as_db_error().map(|d| d.code().code()) {
         // pg_hba.conf has no line for a connection without TLS (`hostssl` only).
         Some("28000") if what.contains("no encryption") => Error::Config(format!(
@@ -653,14 +680,14 @@ fn connect_error(e: &postgres::Error, what: &str, tls: &tls::Tls, name: &str) ->
             ))
         }
         // invalid_password, invalid_authorization_specification
-        Some("28P01" | "28000") => Error::Config(format!(
-            "database {name}: {what}; check the password (in the URL, database_password_file or PGPASSFILE)"
-        )),
+        Some("28P01" | "28000") => {
+            Error::Config(format!("database {name}: {what}; check the password ({password_from})"))
+        }
         // invalid_catalog_name: the database does not exist
         Some("3D000") => Error::Config(format!("database {name}: {what}; create it first (createdb)")),
         _ if what.contains("password missing") => Error::Config(format!(
-            "database {name}: the server asks for a password and none is configured; put it in the URL, \
-             database_password_file or PGPASSFILE"
+            "database {name}: the server asks for a password and none is configured ({password_from}); put it in \
+             the URL, database_password_file or PGPASSFILE"
         )),
         // A TLS failure (no TLS at the server, an untrusted or misnamed certificate) is
         // the configuration's to fix, as a wrong password is.

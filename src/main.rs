@@ -580,6 +580,9 @@ enum DatabaseAction {
     },
     /// The processes using the repository now, on every host: what each does, since when,
     /// and its last heartbeat (what `database migrate`, `key remove` and cleanup wait for)
+    #[command(
+        after_help = "Examples:\n  keepfs database sessions\n  keepfs database sessions --format json | jq -r '.[] | select(.writes) | .host'"
+    )]
     Sessions {
         #[arg(long, value_enum, default_value = "table")]
         format: Format,

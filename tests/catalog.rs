@@ -294,7 +294,7 @@ fn a_database_of_another_repository_is_refused_and_a_newer_catalog_too() {
 
     // The same of an SQLite catalog, and nothing is written to it.
     let lite = Repo { dir: tempfile::tempdir().unwrap(), catalog: None };
-    lite.ok(&["ls"]);
+    lite.ok(&["init"]);
     rusqlite::Connection::open(lite.db_file()).unwrap().pragma_update(None, "user_version", 99).unwrap();
     let before = std::fs::read(lite.db_file()).unwrap();
     let r = lite.run(&["ls"]);
@@ -340,7 +340,7 @@ fn database_migrate_copies_the_catalog_to_postgresql_and_back() {
     assert_eq!(ls_json(&repo, &[("KEEPFS_DATABASE", &url)]), before, "nothing was written meanwhile");
     // Into a catalog that holds something: refused.
     let other = Repo { dir: tempfile::tempdir().unwrap(), catalog: None };
-    other.ok(&["ls"]);
+    other.ok(&["init"]);
     let again = other.run(&["database", "migrate", "--to", &url]);
     assert_eq!(again.code, 4, "{}", again.stderr);
     assert!(again.error_line().contains("not empty"), "{}", again.stderr);

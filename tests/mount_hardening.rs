@@ -269,7 +269,7 @@ fn a_full_disk_through_the_mount_is_enospc_and_leaves_nothing_half_made() {
         }
     }
     let _tmpfs = Unmount(home.clone());
-    repo.ok(&["ls"]);
+    repo.ok(&["init"]);
     let big = repo.path("big.img");
     fs::write(&big, random_bytes(3, 64 << 20)).unwrap();
     let m = Mount::new(&repo, &[]);

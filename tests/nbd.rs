@@ -121,12 +121,23 @@ fn read_only_exports_refuse_writes_and_unix_sockets_serve() {
     let w = Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 1 0 4k", &url]).output().unwrap();
     let text = String::from_utf8_lossy(&w.stdout).to_string() + &String::from_utf8_lossy(&w.stderr);
     assert!(text.contains("ermission") || text.contains("read-only") || text.contains("Read-only"), "{text}");
+    // A second server on the same socket is refused: it replaced the socket, took the
+    // first one's clients, and on stopping left the first unreachable.
+    let second = repo.run(&["nbd", "--socket", sock.to_str().unwrap()]);
+    assert_eq!(second.code, 1, "{}", second.stderr);
+    assert!(second.error_line().contains("another server is listening on this socket"), "{}", second.stderr);
     let copy = repo.path("c.img");
     run(Command::new("nbdcopy").args([&url, copy.to_str().unwrap()]));
-    assert_eq!(sha256_file(&copy), sha256_file(&img));
+    assert_eq!(sha256_file(&copy), sha256_file(&img), "the first server still answers there");
     assert!(repo.cow_versions(&uid).is_empty());
     assert!(srv.stop().0.success());
     assert!(!sock.exists(), "the socket file goes with the server");
+    // Nor does a server take a path that is not a socket.
+    std::fs::write(&sock, b"notes").unwrap();
+    let r = repo.run(&["nbd", "--socket", sock.to_str().unwrap()]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(r.error_line().contains("something other than a socket is there"), "{}", r.stderr);
+    assert_eq!(std::fs::read(&sock).unwrap(), b"notes");
 }
 
 /// A minimal client for what polite clients never send.

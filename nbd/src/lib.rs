@@ -109,12 +109,29 @@ impl Listener {
     }
 
     /// Listens on a Unix socket at `path` (a stale socket file there is replaced).
+    /// Listens on a Unix socket at `path`. A socket left by a server that is gone is
+    /// replaced; one a live server answers on is refused (replacing it took that
+    /// server's clients and, once this one stopped, left it unreachable), and so is
+    /// anything else at that path.
     pub fn unix(path: PathBuf) -> io::Result<Listener> {
-        if std::fs::symlink_metadata(&path).is_ok_and(|m| {
-            use std::os::unix::fs::FileTypeExt;
-            m.file_type().is_socket()
-        }) {
-            std::fs::remove_file(&path)?;
+        use std::os::unix::fs::FileTypeExt;
+        match std::fs::symlink_metadata(&path) {
+            Ok(m) if m.file_type().is_socket() => {
+                if std::os::unix::net::UnixStream::connect(&path).is_ok() {
+                    return Err(io::Error::new(
+                        io::ErrorKind::AddrInUse,
+                        "another server is listening on this socket; stop it, or choose another path",
+                    ));
+                }
+                std::fs::remove_file(&path)?;
+            }
+            Ok(_) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::AlreadyExists,
+                    "something other than a socket is there; choose another path",
+                ));
+            }
+            Err(_) => {}
         }
         Ok(Listener::new(Socket::Unix(UnixListener::bind(&path)?, path)))
     }

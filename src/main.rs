@@ -905,6 +905,13 @@ fn run(cli: Cli) -> Result<i32> {
     // empty one, says so, and creates nothing (a mistyped KEEPFS_HOME is seen at once).
     let repo = match &cli.command {
         Command::Database { action: DatabaseAction::Migrate { .. } } => Repository::open_moved(config)?,
+        c if needs_existing(c) && !Repository::exists(&config) => {
+            note!(
+                "keepfs: no repository at {} yet (nothing has been backed up there): nothing to do; `keepfs config check` shows the configuration used",
+                config.home.display()
+            );
+            return Ok(exit::OK);
+        }
         c if only_reads(c) && !Repository::exists(&config) => {
             note!(
                 "keepfs: no repository at {} yet (nothing has been backed up there); `keepfs config check` shows the configuration used",
@@ -1922,7 +1929,17 @@ fn only_reads(c: &Command) -> bool {
             | Command::Unprotect { .. }
             | Command::Metadata { action: MetadataAction::Export { .. } }
             | Command::Database { action: DatabaseAction::Sessions { .. } }
+            | Command::BatchScrub { .. }
+            | Command::BatchDeepScrub { .. }
+            | Command::Enforce { .. }
+            | Command::Metadata { action: MetadataAction::Backup { .. } }
     )
+}
+
+/// Whether a command works on what a repository holds in its storages (a cleanup, the
+/// keys): where none exists it has nothing to do, and must not create one.
+fn needs_existing(c: &Command) -> bool {
+    matches!(c, Command::Cleanup { .. } | Command::Key { action: KeyAction::List { .. } })
 }
 
 fn session_service(
@@ -2114,11 +2131,26 @@ fn mount_daemon(dir: &std::path::Path, log: &std::path::Path) -> Result<i32> {
     use std::os::unix::fs::MetadataExt;
     let dev = |d: &std::path::Path| std::fs::metadata(d).map(|m| m.dev()).ok();
     let before = dev(dir);
+    let logged_before = std::fs::metadata(log).map(|m| m.len() as usize).unwrap_or(0);
     let mut child = cmd.spawn().map_err(|e| Error::io("cannot start the mount process", e))?;
     let t = Instant::now();
     while t.elapsed().as_secs() < 30 {
         if let Some(status) = child.try_wait().map_err(|e| Error::io("mount process", e))? {
-            return Err(Error::Other(format!("the mount process exited ({status}) before mounting {}", dir.display())));
+            // Its own error line and exit code, as the foreground mount gives them (they
+            // were only in the log, behind "exited (exit status: 4)").
+            let said = std::fs::read(log).ok().and_then(|t| {
+                let new = String::from_utf8_lossy(t.get(logged_before..)?).into_owned();
+                new.lines().rev().find_map(|l| l.strip_prefix("keepfs: error: ").map(str::to_string))
+            });
+            if let (Some(reason), Some(code)) = (said, status.code()) {
+                note!("keepfs: error: {reason}");
+                return Ok(code);
+            }
+            return Err(Error::Other(format!(
+                "the mount process exited ({status}) before mounting {}; see {}",
+                dir.display(),
+                log.display()
+            )));
         }
         if is_mounted(dir) && dev(dir).is_some_and(|d| Some(d) != before) {
             note!("keepfs: mounted at {} (server pid {}, log {})", dir.display(), child.id(), log.display());

@@ -62,7 +62,9 @@ impl Repository {
     /// answer); the embedded one once its file is there.
     pub fn exists(config: &Config) -> bool {
         match config.catalog_location() {
-            crate::catalog::Location::Sqlite(path) => path.exists(),
+            // Only "not found" is absent: one that cannot be looked at (a home this user
+            // may not enter) is opened, and fails saying why.
+            crate::catalog::Location::Sqlite(path) => !matches!(path.try_exists(), Ok(false)),
             crate::catalog::Location::Postgres { .. } => true,
         }
     }
@@ -82,6 +84,12 @@ impl Repository {
     }
 
     fn open_checked(config: Config, refuse_moved: bool) -> Result<Repository> {
+        if std::fs::metadata(&config.home).is_ok_and(|m| !m.is_dir()) {
+            return Err(Error::Invalid(format!(
+                "the keepfs home {} is not a directory; set KEEPFS_HOME (or `home` in the configuration) to a directory",
+                config.home.display()
+            )));
+        }
         config
             .modes
             .create_dir_all(&config.home)

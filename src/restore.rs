@@ -310,7 +310,7 @@ fn open_target(
                     // A restore that wrote in place is continued in place: every block the
                     // file holds is read back and checked before it is kept.
                     Err(e) if e.kind() == io::ErrorKind::NotFound && in_place_marked(path, uid, existing.as_ref()) => {
-                        return in_place(path, uid, size, false, &ctx);
+                        return in_place(path, uid, size, false, &ctx, progress);
                     }
                     Err(e) if e.kind() == io::ErrorKind::NotFound => {
                         return Err(Error::Invalid(format!(
@@ -343,7 +343,7 @@ fn open_target(
             if existing.is_some() && opts.in_place {
                 progress
                     .warn(&format!("restoring into {} in place: its old content is gone from now on", path.display()));
-                return in_place(path, uid, size, true, &ctx);
+                return in_place(path, uid, size, true, &ctx, progress);
             }
             if let Some(m) = existing.as_ref().filter(|m| m.nlink() > 1) {
                 return Err(Error::Refused(format!(
@@ -448,17 +448,35 @@ fn in_place_marked(path: &Path, uid: VersionUid, existing: Option<&std::fs::Meta
 /// [`in_place_marker`]), sized first (a file system that cannot hold the image fails
 /// before anything is lost), then emptied, so it reads as zeros and zero blocks need no
 /// writing. Otherwise a continued restore: every block is checked, zeros written.
-fn in_place(path: &Path, uid: VersionUid, size: u64, fresh: bool, ctx: &dyn Fn(&str) -> String) -> Result<Target> {
+fn in_place(
+    path: &Path,
+    uid: VersionUid,
+    size: u64,
+    fresh: bool,
+    ctx: &dyn Fn(&str) -> String,
+    progress: &dyn Progress,
+) -> Result<Target> {
     let file = OpenOptions::new().read(true).write(true).open(path).map_err(|e| Error::io(ctx("open"), e))?;
     lock_exclusive(&file, path)?;
-    let marker = in_place_marker(path, uid);
+    let mut marker = Some(in_place_marker(path, uid));
     if fresh {
         let m = file.metadata().map_err(|e| Error::io(ctx("stat"), e))?;
+        // Marked before the file is touched. A directory that takes no marker (the file
+        // is writable, its directory not) still gets the restore, which then cannot be
+        // continued: said now, not after the old content is gone.
+        if let Some(mk) = &marker
+            && let Err(e) = std::fs::write(mk, identity(&m))
+        {
+            progress.warn(&format!(
+                "cannot mark {} as being restored in place ({}: {e}); if this restore is interrupted, run it again whole (--continue will not find it)",
+                path.display(),
+                mk.display()
+            ));
+            marker = None;
+        }
         if m.len() < size {
             file.set_len(size).map_err(|e| Error::io(ctx("size"), e))?;
         }
-        std::fs::write(&marker, identity(&m))
-            .map_err(|e| Error::io(format!("cannot write {}", marker.display()), e))?;
         file.set_len(0).and_then(|_| file.set_len(size)).map_err(|e| Error::io(ctx("size"), e))?;
     }
     let direct = open_direct(path);
@@ -469,7 +487,7 @@ fn in_place(path: &Path, uid: VersionUid, size: u64, fresh: bool, ctx: &dyn Fn(&
         is_device: !fresh,
         readable: true,
         discard_zeros: false,
-        marker: Some(marker),
+        marker,
     })
 }
 

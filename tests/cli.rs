@@ -1221,7 +1221,17 @@ fn reading_where_no_repository_exists_says_so_and_creates_nothing() {
     let r = run(&["ls", "--format", "json"]);
     assert_eq!((r.code, r.stdout.trim()), (0, "[]"), "{}", r.stderr);
     assert!(r.stderr.starts_with(&note) && r.stderr.lines().count() == 1, "{}", r.stderr);
-    for args in [&["stats"][..], &["storage", "list"], &["storage-usage"]] {
+    for args in [
+        &["stats"][..],
+        &["storage", "list"],
+        &["storage-usage"],
+        &["batch-scrub"],
+        &["enforce", "latest3", "--dry-run"],
+        &["enforce", "latest3"],
+        &["cleanup"],
+        &["cleanup", "--dry-run"],
+        &["key", "list"],
+    ] {
         let r = run(args);
         assert_eq!(r.code, 0, "{args:?}: {}", r.stderr);
         assert!(r.stderr.starts_with(&note), "{args:?}: {}", r.stderr);
@@ -1239,6 +1249,19 @@ fn reading_where_no_repository_exists_says_so_and_creates_nothing() {
     }
     assert!(!typo.exists(), "reading created {}", typo.display());
     assert!(!out.exists());
+    // A home that cannot be looked into is not taken for a missing one: the command
+    // fails saying why (it used to answer "no repository" over existing backups).
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, b"x").unwrap();
+    for home in [file.clone(), file.join("home")] {
+        let mut c = std::process::Command::new(KEEPFS);
+        c.args(["ls"]).env("KEEPFS_HOME", &home).env_remove("KEEPFS_CONFIG").env_remove("KEEPFS_DATABASE");
+        let r = output_within(c, COMMAND_LIMIT, "keepfs ls");
+        let stderr = String::from_utf8_lossy(&r.stderr);
+        assert_ne!(r.status.code(), Some(0), "{}: {stderr}", home.display());
+        assert!(!stderr.contains("no repository"), "{}: {stderr}", home.display());
+        assert!(stderr.contains("is not a directory") || stderr.contains("Not a directory"), "{stderr}");
+    }
     // A backup makes the repository; from then on nothing is said.
     let img = dir.path().join("img");
     std::fs::write(&img, random_bytes(5, 256 << 10)).unwrap();

@@ -345,10 +345,15 @@ fn nothing_starts_on_a_catalog_while_it_is_being_migrated() {
     // A server too: one serving without a session would be invisible to the migration
     // (it warned and served on, writing into the catalog being left).
     let sock = repo.path("nbd.sock");
+    // mount --daemon says the same, with the same exit code (it said "the mount process
+    // exited (exit status: 4)", the reason only in its log).
+    let mnt = repo.path("mnt");
+    fs::create_dir(&mnt).unwrap();
     for args in [
         vec!["backup", &repo.url("img"), "late", "-b", "64k"],
         vec!["restore", &v, &repo.url("o")],
         vec!["nbd", "--socket", sock.to_str().unwrap()],
+        vec!["mount", "--daemon", mnt.to_str().unwrap()],
     ] {
         let r = repo.run(&args);
         assert_eq!(r.code, 4, "{args:?}: {}", r.stderr);

@@ -76,8 +76,8 @@ pub struct CleanupPlan {
 #[derive(Clone, Debug)]
 pub struct SparedVersion {
     pub uid: VersionUid,
-    /// Its backup still runs.
-    pub running: bool,
+    /// Its backup still runs: who runs it (see `repo::running_holder`).
+    pub running: Option<String>,
     /// The last sign of life of its backup (ms since the epoch).
     pub active_ms: i64,
     /// Until when its objects are spared (ms), unless it is running.
@@ -120,8 +120,8 @@ impl CleanupPlan {
             crate::units::format_size(self.kept_for_continue_bytes)
         )];
         for v in &self.spared {
-            lines.push(if v.running {
-                format!("  {}: its backup is running", v.uid)
+            lines.push(if let Some(who) = &v.running {
+                format!("  {}: its backup is running ({who})", v.uid)
             } else {
                 format!(
                     "  {}: its backup stopped at {}; spared until {} (incomplete_grace), or `keepfs rm {}` now",
@@ -408,14 +408,14 @@ impl Repository {
         let now = self.db().now_ms()?;
         let grace = self.config.incomplete_grace.num_milliseconds().max(0);
         let db = self.db();
-        let live: HashSet<i64> = db.live_sessions()?.into_iter().map(|s| s.id).collect();
+        let live = db.live_sessions()?;
         let sid = db.storage_id(storage)?;
         let mut spared = Vec::new();
         let mut from = cutoff;
         for v in db.incomplete_versions(sid)? {
-            let running = v.session.is_some_and(|s| live.contains(&s));
+            let running = v.session.and_then(|id| live.iter().find(|s| s.id == id)).map(crate::repo::running_holder);
             let until_ms = v.active_ms.saturating_add(grace);
-            if running || now < until_ms {
+            if running.is_some() || now < until_ms {
                 from = from.min(v.started_ms);
                 spared.push(SparedVersion { uid: v.uid, running, active_ms: v.active_ms, until_ms });
             }

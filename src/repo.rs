@@ -790,6 +790,25 @@ pub(crate) fn holder_name(held: Option<&Session>) -> String {
         .unwrap_or_else(|| "a session that just ended".to_string())
 }
 
+/// A running session as people need it to judge whether it is: its process, and its
+/// last heartbeat (the catalog's clock). One this process cannot see (another host's,
+/// or this machine's before it restarted) counts as running until its heartbeat is
+/// older than `catalog::REMOTE_SESSION_TTL_MS`: say so, since it may be dead already.
+pub(crate) fn running_holder(s: &Session) -> String {
+    let beat = chrono::DateTime::from_timestamp_millis(s.heartbeat_ms)
+        .map(|d| d.format("%Y-%m-%d %H:%M:%S UTC").to_string())
+        .unwrap_or_else(|| s.heartbeat_ms.to_string());
+    let seen = if s.process.is_here() {
+        String::new()
+    } else {
+        format!(
+            "; a process of another host counts as running until {} min after its last heartbeat",
+            crate::catalog::REMOTE_SESSION_TTL_MS / 60_000
+        )
+    };
+    format!("pid {} on {}, last heartbeat {beat}{seen}", s.process.pid, s.process.host)
+}
+
 impl Repository {
     /// Claims the lease `name` for `purpose` (what this session is, as others see it).
     /// `Err` holds the live session that holds it (`None` if it ended meanwhile). Test

@@ -219,6 +219,9 @@ fn a_killed_backup_is_continued() {
     let second = repo.run(&["backup", "--continue", &uid, &url, "cont"]);
     assert_eq!(second.code, 4, "{}", second.stderr);
     assert!(second.error_line().contains("being written by another running backup"), "{}", second.stderr);
+    // Naming it, so that an admin can tell whether it still runs.
+    assert!(second.error_line().contains(&format!("(pid {} on ", first.id())), "{}", second.stderr);
+    assert!(second.error_line().contains("last heartbeat"), "{}", second.stderr);
     frozen.resume();
     let out = first.wait_with_output().unwrap();
     assert!(out.status.success());

@@ -259,7 +259,7 @@ fn cleanup_spares_what_backup_continue_will_use() {
     assert_eq!(plan.kept_for_continue, 5);
     assert_eq!(plan.spared.len(), 1);
     assert_eq!(plan.spared[0].uid, uid);
-    assert!(!plan.spared[0].running);
+    assert!(plan.spared[0].running.is_none());
     let day = plan.spared[0].until_ms - plan.spared[0].active_ms;
     assert_eq!(day, 24 * 3600 * 1000, "spared for the default grace, a day");
     let lines = plan.spared_lines().join("\n");

@@ -250,10 +250,15 @@ impl Repository {
                 v.size
             )));
         }
-        let live: Vec<i64> = self.db.lock().live_sessions()?.into_iter().map(|s| s.id).collect();
+        let sessions = self.db.lock().live_sessions()?;
+        let live: Vec<i64> = sessions.iter().map(|s| s.id).collect();
         let taken = self.db.lock().take_incomplete(uid, session, &live)?;
         if !taken {
-            return Err(Error::Refused(format!("version {uid} is being written by another running backup")));
+            let holder = self.db.lock().version_session(uid)?.and_then(|id| sessions.iter().find(|s| s.id == id));
+            let who = holder.map(|s| format!(" ({})", crate::repo::running_holder(s))).unwrap_or_default();
+            return Err(Error::Refused(format!(
+                "version {uid} is being written by another running backup{who}; try again once it has ended"
+            )));
         }
         Ok((uid, v.storage, v.block_size))
     }

@@ -571,7 +571,7 @@ enum DatabaseAction {
     },
     /// Copy the catalog into a new, empty one (SQLite to PostgreSQL or back) and check the copy
     #[command(
-        after_help = "Examples:\n  keepfs database migrate --to postgresql://keepfs@db.example:5432/keepfs\n  keepfs database migrate --to /var/lib/keepfs/keepfs.sqlite\n\nThen set `database` in the configuration to the new catalog."
+        after_help = "Examples:\n  keepfs database migrate --to postgresql://keepfs@db.example:5432/keepfs\n  keepfs database migrate --to /var/lib/keepfs/catalog-from-pg.sqlite\n\nThen set `database` in the configuration to the new catalog."
     )]
     Migrate {
         /// The new catalog: a postgresql://user@host:port/name URL or a new SQLite file path
@@ -907,15 +907,17 @@ fn run(cli: Cli) -> Result<i32> {
         Command::Database { action: DatabaseAction::Migrate { .. } } => Repository::open_moved(config)?,
         c if needs_existing(c) && !Repository::exists(&config) => {
             note!(
-                "keepfs: no repository at {} yet (nothing has been backed up there): nothing to do; `keepfs config check` shows the configuration used",
-                config.home.display()
+                "keepfs: no repository at {} yet (no catalog {}: nothing has been backed up there): nothing to do; `keepfs config check` shows the configuration used",
+                config.home.display(),
+                config.catalog_location().display()
             );
             return Ok(exit::OK);
         }
         c if only_reads(c) && !Repository::exists(&config) => {
             note!(
-                "keepfs: no repository at {} yet (nothing has been backed up there); `keepfs config check` shows the configuration used",
-                config.home.display()
+                "keepfs: no repository at {} yet (no catalog {}: nothing has been backed up there); `keepfs config check` shows the configuration used",
+                config.home.display(),
+                config.catalog_location().display()
             );
             Repository::absent(config)?
         }
@@ -1973,6 +1975,21 @@ fn print_config(c: &Config) -> Result<()> {
     out!("configuration: {}", c.origin)?;
     out!("home: {}", c.home.display())?;
     out!("database: {}", c.catalog_location().display())?;
+    if let Some(url) = &c.database_url {
+        let from = if keepfs::catalog::postgres::url_has_password(url) {
+            "in the URL".to_string()
+        } else if let Some(f) = &c.database_password_file {
+            format!("database_password_file {}", f.display())
+        } else {
+            "PGPASSFILE or ~/.pgpass, if either has a line for it".to_string()
+        };
+        out!("database password: {from}")?;
+    }
+    if let Some(h) = &c.host {
+        keepfs::catalog::set_host(h);
+    }
+    let (host, from) = keepfs::catalog::host_and_origin();
+    out!("host: {host} ({from})")?;
     out!("default storage: {}", c.default_storage)?;
     out!(
         "block size: {}; compression level {}; workers {}; storage writers {}; storage readers {}; source readers {}",

@@ -360,7 +360,21 @@ fn open_target(
                 .create(true)
                 .truncate(false)
                 .open(&partial)
-                .map_err(|e| Error::io(ctx("create"), e))?;
+                .map_err(|e| match &existing {
+                    // The target is there: it is the file beside it that cannot be made.
+                    Some(_) if e.kind() == io::ErrorKind::PermissionDenied || e.raw_os_error() == Some(libc::EROFS) => {
+                        Error::io(
+                            format!(
+                                "cannot create {} beside restore target {} (a restore over a file writes a new one and renames it over the old; make {} writable, or pass --in-place to write into the file itself)",
+                                partial.display(),
+                                path.display(),
+                                dir.display()
+                            ),
+                            e,
+                        )
+                    }
+                    _ => Error::io(ctx("create"), e),
+                })?;
             lock_exclusive(&file, path)?;
             let give_up = |e: Error| {
                 if created {
@@ -831,8 +845,16 @@ impl Repository {
             },
         }
         if let Some((temp, path)) = &rename {
-            std::fs::rename(temp, path)
-                .map_err(|e| Error::io(format!("cannot move the restored image to {}", path.display()), e))?;
+            std::fs::rename(temp, path).map_err(|e| {
+                Error::io(
+                    format!(
+                        "cannot move the restored image {} over {} (it stays, complete: once the target can be replaced, `keepfs restore --continue` finishes)",
+                        temp.display(),
+                        path.display()
+                    ),
+                    e,
+                )
+            })?;
             if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
                 let _ = File::open(dir).and_then(|d| d.sync_all());
             }

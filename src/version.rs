@@ -29,7 +29,7 @@ impl VersionUid {
                     .unwrap_or_default();
                 Err(Error::Invalid(format!(
                     "'{}' is not a version uid: write it as V and 10 digits, like V0000000001{meant}",
-                    s.escape_debug()
+                    shown(s)
                 )))
             }
         }
@@ -135,10 +135,16 @@ pub fn check_name(name: &str) -> Result<()> {
     {
         return Err(Error::Invalid(format!(
             "'{}' is not a usable backup name: use 1 to 255 bytes of printable characters, without '/', other than '.' and '..'",
-            name.escape_debug()
+            shown(name)
         )));
     }
     Ok(())
+}
+
+/// User input quoted in a message: control characters escaped (a name holding a newline
+/// stays one line), everything else as typed (`name == "db"` is not `name == \"db\"`).
+fn shown(s: &str) -> String {
+    s.chars().map(|c| if c.is_control() { c.escape_default().to_string() } else { c.to_string() }).collect()
 }
 
 /// Checks a snapshot name: it may be empty; no control characters, at most 255 bytes.
@@ -146,7 +152,7 @@ pub fn check_snapshot(snapshot: &str) -> Result<()> {
     if snapshot.len() > 255 || snapshot.chars().any(|c| c.is_control()) {
         return Err(Error::Invalid(format!(
             "'{}' is not a usable snapshot name: use at most 255 bytes of printable characters",
-            snapshot.escape_debug()
+            shown(snapshot)
         )));
     }
     Ok(())
@@ -167,10 +173,7 @@ pub fn check_label_name(name: &str) -> Result<()> {
     let ok =
         !name.is_empty() && name.len() <= 255 && name.chars().all(|c| c.is_ascii_alphanumeric() || "_.-/".contains(c));
     if !ok {
-        return Err(Error::Invalid(format!(
-            "'{}' is not a label name: use letters, digits and _ . - /",
-            name.escape_debug()
-        )));
+        return Err(Error::Invalid(format!("'{}' is not a label name: use letters, digits and _ . - /", shown(name))));
     }
     Ok(())
 }
@@ -221,6 +224,12 @@ mod tests {
         assert!(VersionUid::parse("V0").is_err());
         assert!(VersionUid::parse("Vabc").is_err());
         assert!(VersionUid::parse("V00000000001").is_err());
+        // What was typed is shown as typed (a filter given to `rm`), control characters
+        // escaped so the message stays one line.
+        let e = VersionUid::parse(r#"name == "vm-a""#).unwrap_err().to_string();
+        assert!(e.starts_with(r#"'name == "vm-a"' is not a version uid"#), "{e}");
+        let e = VersionUid::parse("V1\nrm").unwrap_err().to_string();
+        assert!(e.contains(r"'V1\nrm'") && !e.contains('\n'), "{e}");
     }
 
     #[test]

@@ -253,6 +253,13 @@ fn an_unreachable_database_times_out_instead_of_hanging() {
     let r = repo.run_cfg(&["ls"]);
     assert_eq!(r.code, 1, "{}", r.stderr);
     assert!(r.error_line().contains("cannot connect to postgresql://keepfs:***@127.0.0.1"), "{}", r.stderr);
+    assert!(r.error_line().contains("is the server running, and listening on that host and port?"), "{}", r.stderr);
+    // A connect_timeout that is not a number is named (the client said "invalid
+    // connection string").
+    let bad = config_repo("postgresql://keepfs:x@127.0.0.1:1/keepfs?connect_timeout=abc");
+    let r = bad.run_cfg(&["ls"]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.error_line().contains("connect_timeout=abc is not a whole number of seconds"), "{}", r.stderr);
     // Something else at that port (a web server): it answers in its own tongue and
     // hangs up; the line asks whether that is PostgreSQL.
     let web = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

@@ -1086,6 +1086,14 @@ fn config_check_shows_what_it_resolved_and_no_secret() {
     assert!(!shown.contains("SUPERSECRET") && !shown.contains("AKIDEXAMPLE"), "{shown}");
     let embedded = repo.ok(&["config", "check"]);
     assert!(embedded.contains("embedded default") && embedded.contains("storage default: file"), "{embedded}");
+    // The host name sessions are recorded under, and where it comes from.
+    let named = repo.run_env(&["config", "check"], &[("KEEPFS_HOST", "hv-07")]);
+    assert!(named.stdout.contains("host: hv-07 (KEEPFS_HOST)"), "{}", named.stdout);
+    // A shared catalog: where its password comes from, never the password.
+    let url = "postgresql://keepfs:pg-SECRET@db.example/keepfs";
+    let shared = repo.run_env(&["config", "check"], &[("KEEPFS_DATABASE", url)]);
+    assert!(shared.stdout.contains("database password: in the URL"), "{}", shared.stdout);
+    assert!(!shared.stdout.contains("pg-SECRET"), "{}", shared.stdout);
     assert!(!repo.home().exists(), "checking made no repository");
     std::fs::write(&cfg, "bogus = 1\n").unwrap();
     let bad = repo.run(&["--config", cfg.to_str().unwrap(), "config", "check"]);

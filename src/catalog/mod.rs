@@ -384,6 +384,18 @@ pub fn set_host(name: &str) {
     let _ = CONFIGURED_HOST.set(name.to_string());
 }
 
+/// [`hostname`] and where it comes from, for `keepfs config check`.
+pub fn host_and_origin() -> (String, &'static str) {
+    let from = if std::env::var("KEEPFS_HOST").is_ok_and(|h| !h.trim().is_empty()) {
+        "KEEPFS_HOST"
+    } else if CONFIGURED_HOST.get().is_some() {
+        "`host` in the configuration"
+    } else {
+        "the system's host name"
+    };
+    (hostname(), from)
+}
+
 /// This host's identity on sessions and locks: `KEEPFS_HOST` (or the configuration's
 /// `host`, which sets it), else the system's host name. Hosts sharing a catalog must have
 /// different ones: a session of this host is judged by its process, others' by their

@@ -180,6 +180,11 @@ fn password_start(rest: &str) -> Option<usize> {
     (!port).then_some(colon + 1)
 }
 
+/// Whether a URL holds a password (in its user information or a `password=` parameter).
+pub fn url_has_password(url: &str) -> bool {
+    redact(url) != url
+}
+
 /// The URL without its password, for messages. Everything between the user name and
 /// the end of the user information is masked, so a URL that does not parse (a password
 /// with a `/`, `#`, `?` or `@` not percent-encoded, a typo in the port) never shows its
@@ -389,6 +394,16 @@ impl PostgresCatalog {
         let name = redact(url);
         check_userinfo(url, &name)?;
         let (url, tls) = tls::from_url(url, &name)?;
+        // The client's own parse error does not name the parameter.
+        if let Some((_, query)) = url.split_once('?') {
+            for (k, v) in query.split('&').filter_map(|p| p.split_once('=')) {
+                if k == "connect_timeout" && v.parse::<u64>().is_err() {
+                    return Err(Error::Config(format!(
+                        "database {name}: connect_timeout={v} is not a whole number of seconds"
+                    )));
+                }
+            }
+        }
         let mut config: postgres::Config = url.parse().map_err(|e| {
             Error::Config(format!(
                 "database {name}: not a PostgreSQL URL ({e}); write it as postgresql://USER[:PASSWORD]@HOST[:PORT]/DATABASE[?PARAM=VALUE&...]"
@@ -703,6 +718,9 @@ fn connect_error(e: &postgres::Error, what: &str, tls: &tls::Tls, name: &str, pa
                     "cannot connect to {name}: {what} (is a PostgreSQL server listening at that host and port?)"
                 ))
             }
+            None if what.to_lowercase().contains("refused") => Error::Catalog(format!(
+                "cannot connect to {name}: {what} (is the server running, and listening on that host and port?)"
+            )),
             None => Error::Catalog(format!("cannot connect to {name}: {what}")),
         },
     }

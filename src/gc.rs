@@ -113,12 +113,17 @@ impl CleanupPlan {
                 .map(|d| d.format("%Y-%m-%d %H:%M:%S UTC").to_string())
                 .unwrap_or_else(|| ms.to_string())
         };
-        let mut lines = vec![format!(
-            "storage {}: sparing {} unreferenced object(s) and file(s), {}, that `keepfs backup --continue` may still use:",
-            self.storage,
-            self.kept_for_continue,
-            crate::units::format_size(self.kept_for_continue_bytes)
-        )];
+        // Backups that have stored nothing yet spare nothing: say only what they are.
+        let mut lines = vec![if self.kept_for_continue == 0 {
+            format!("storage {}: backups that may still store objects here:", self.storage)
+        } else {
+            format!(
+                "storage {}: sparing {} unreferenced object(s) and file(s), {}, that `keepfs backup --continue` may still use:",
+                self.storage,
+                self.kept_for_continue,
+                crate::units::format_size(self.kept_for_continue_bytes)
+            )
+        }];
         for v in &self.spared {
             lines.push(if let Some(who) = &v.running {
                 format!("  {}: its backup is running ({who})", v.uid)

@@ -549,3 +549,22 @@ fn read_ahead_follows_streams_and_ignores_scattered_reads() {
     image.read_at(100_000, &mut chunk).unwrap();
     assert_eq!(&chunk[..], &want[100_000..100_000 + chunk.len()]);
 }
+
+/// A backup that stopped before storing anything spares nothing: the cleanup's report
+/// says which backups may still store objects, not "sparing 0 object(s)" (a drill found
+/// that header over a running backup that had written nothing yet).
+#[test]
+fn a_backup_that_stored_nothing_is_named_without_a_count_of_nothing() {
+    let t = Repo::new();
+    let (repo, faults) = open(&t);
+    let img = t.dir.path().join("img");
+    fs::write(&img, distinct_blocks(62, 4)).unwrap();
+    faults.die_after_puts(0);
+    assert!(repo.backup(&Url::File(img), &opts("vm"), &Silent).is_err());
+    let uid = repo.list(None).unwrap()[0].uid;
+    let plan = repo.plan_cleanup("default").unwrap();
+    assert_eq!((plan.kept_for_continue, plan.spared.len()), (0, 1));
+    let lines = plan.spared_lines();
+    assert_eq!(lines[0], "storage default: backups that may still store objects here:", "{lines:?}");
+    assert!(lines[1].contains(&format!("{uid}: its backup stopped at ")), "{lines:?}");
+}

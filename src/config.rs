@@ -502,9 +502,19 @@ impl Config {
                 let new = c.storages.last().filter(|n| !matches!(n.kind, StorageKind::Null));
                 if let Some(n) = new {
                     let place = crate::catalog::storage_identity(n);
-                    if let Some(o) =
-                        c.storages.iter().find(|o| o.name != n.name && crate::catalog::storage_identity(o) == place)
-                    {
+                    // The same directory however it is reached (`..`, a symlink, a bind
+                    // mount), where both exist here.
+                    let dir_id = |s: &StorageConfig| match &s.kind {
+                        StorageKind::File { path } => {
+                            use std::os::unix::fs::MetadataExt;
+                            std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
+                        }
+                        _ => None,
+                    };
+                    let same = |o: &StorageConfig| {
+                        crate::catalog::storage_identity(o) == place || dir_id(o).is_some_and(|d| Some(d) == dir_id(n))
+                    };
+                    if let Some(o) = c.storages.iter().find(|o| o.name != n.name && same(o)) {
                         return Err(bad(format!(
                             "storages '{}' and '{}' are both at {place}: one place holds one storage (a cleanup of either would delete the other's blocks); keep one of them",
                             o.name, n.name

@@ -458,8 +458,10 @@ fn a_second_name_for_one_storage_place_is_refused_before_it_writes() {
         Some(db) => db.url.clone(),
         None => format!("{home}/keepfs.sqlite"),
     };
+    let made = std::cell::Cell::new(0);
     let config = |storages: &str| {
-        let path = repo.path(&format!("host-{}.toml", storages.len()));
+        made.set(made.get() + 1);
+        let path = repo.path(&format!("host-{}.toml", made.get()));
         fs::write(&path, format!("home = \"{home}\"\ndatabase = \"{database}\"\n{storages}")).unwrap();
         path.to_str().unwrap().to_string()
     };
@@ -483,6 +485,31 @@ fn a_second_name_for_one_storage_place_is_refused_before_it_writes() {
     let r = repo.run(&["--config", &respelled, "cleanup"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert_eq!(repo.restore_sha(&v, "out"), sha256_file(&repo.path("img")));
+    // The same name at a place without its blocks (a mistyped path, a share not
+    // mounted): a backup there deduplicated against the catalog, stored nothing, and
+    // left a version that could not be restored. Refused.
+    fs::create_dir(repo.path("empty")).unwrap();
+    let unmounted = config(&storage("default", repo.path("empty").to_str().unwrap()));
+    let r = repo.run(&["--config", &unmounted, "backup", &repo.url("img"), "vm3", "-b", "64k"]);
+    assert_eq!(r.code, 4, "{}", r.stderr);
+    // (A shared catalog knows its repository by the default storage's place already.)
+    assert!(
+        (r.error_line().contains("which holds no blocks, but this catalog's storage 'default' keeps")
+            && r.error_line().contains("a backup here would reference blocks that are not here"))
+            || (repo.catalog.is_some() && r.error_line().contains("belongs to another repository")),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(repo.ls_json(None).as_array().unwrap().len(), 1, "nothing was written");
+    // One configuration naming one place twice, spelled apart by `..`.
+    let dotdot = config(&format!(
+        "{}{}",
+        storage("default", &format!("{home}/storage")),
+        storage("copy", &format!("{home}/storage/../storage"))
+    ));
+    let r = repo.run(&["--config", &dotdot, "ls"]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.error_line().contains("storages 'default' and 'copy' are both at"), "{}", r.stderr);
     // One configuration naming one place twice.
     let twice = config(&format!(
         "{}{}",
@@ -492,4 +519,30 @@ fn a_second_name_for_one_storage_place_is_refused_before_it_writes() {
     let r = repo.run(&["--config", &twice, "ls"]);
     assert_eq!(r.code, 2, "{}", r.stderr);
     assert!(r.error_line().contains("storages 'default' and 'copy' are both at"), "{}", r.stderr);
+
+    // A catalog an older keepfs made records no places. The misnamed host comes first:
+    // its name is new to the catalog, and the place holds blocks, so it is refused
+    // rather than recorded (which would have locked out every host naming it right).
+    assert_eq!(repo.catalog_sql("DELETE FROM repository_state WHERE name LIKE 'storage_at:%'"), 1);
+    let r = repo.run(&["--config", &other_name, "ls"]);
+    assert_eq!(r.code, 4, "{}", r.stderr);
+    assert!(
+        r.error_line()
+            .contains("which holds blocks already, but this catalog has no storage of that name (it has default)"),
+        "{}",
+        r.stderr
+    );
+    repo.ok(&["ls"]);
+    let r = repo.run(&["--config", &other_name, "ls"]);
+    assert_eq!(r.code, 4, "{}", r.stderr);
+    assert!(r.error_line().contains("which this catalog knows as storage 'default'"), "{}", r.stderr);
+
+    // Moved to another catalog, the places go along.
+    if repo.catalog.is_none() {
+        let to = repo.path("moved.sqlite");
+        repo.ok(&["database", "migrate", "--to", to.to_str().unwrap()]);
+        let moved = repo.run_env(&["--config", &other_name, "ls"], &[("KEEPFS_DATABASE", to.to_str().unwrap())]);
+        assert_eq!(moved.code, 4, "{}", moved.stderr);
+        assert!(moved.error_line().contains("which this catalog knows as storage 'default'"), "{}", moved.stderr);
+    }
 }

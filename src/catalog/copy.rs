@@ -246,6 +246,7 @@ impl crate::Repository {
                 });
             }
         };
+        super::copy_storage_places(from.as_ref(), to.as_ref(), &self.config)?;
         if to.engine() != "sqlite" {
             super::check_owner(to.as_ref(), &self.config)?;
         }

@@ -229,23 +229,88 @@ const STORAGE_AT: &str = "storage_at:";
 
 /// Refuses a configured storage at a place the catalog knows under another storage
 /// name (a second name for one shared directory, say): each name's cleanup would take
-/// the other's blocks for orphans and delete them. Records the places not yet known.
+/// the other's blocks for orphans and delete them. Records the places not yet known,
+/// first writer first (two hosts recording one place at once cannot both win).
+///
+/// A place not recorded yet (new, or of a catalog an older keepfs made) under a name
+/// the catalog has never used, while it already holds blocks, is refused too: most
+/// likely it is one of the catalog's storages under a second name, and recording it
+/// would lock out the hosts that name it right.
 pub fn check_storage_places(db: &dyn Catalog, config: &crate::config::Config) -> Result<()> {
+    let mut known: Option<Vec<String>> = None;
     for s in config.storages.iter().filter(|s| !matches!(s.kind, crate::config::StorageKind::Null)) {
         let place = storage_identity(s);
         let row = format!("{STORAGE_AT}{place}");
-        match db.repository_state(&row)? {
-            Some(name) if name == s.name => {}
-            Some(name) => {
-                return Err(crate::Error::Refused(format!(
-                    "storage '{}' is at {place}, which this catalog knows as storage '{name}': one place holds one storage (a cleanup of either would delete the other's blocks); name it '{name}' in this configuration",
-                    s.name
-                )));
-            }
-            // A catalog that cannot be written (a read-only copy) is still read.
+        let holder = match db.repository_state(&row)? {
+            Some(name) => name,
             None => {
-                let _ = db.set_repository_state(&row, &s.name);
+                // This name's blocks are recorded elsewhere: a backup here would take them
+                // for stored (it deduplicates against the catalog) and store nothing.
+                let elsewhere: Vec<String> = db
+                    .repository_states(STORAGE_AT)?
+                    .into_iter()
+                    .filter(|(_, name)| name == &s.name)
+                    .map(|(p, _)| p.trim_start_matches(STORAGE_AT).to_string())
+                    .collect();
+                if !elsewhere.is_empty() {
+                    let (objects, _) = db.object_totals(db.storage_id(&s.name)?)?;
+                    let was = elsewhere.join(", ");
+                    if objects > 0 && matches!(s.kind, crate::config::StorageKind::File { .. }) && !holds_blocks(s) {
+                        return Err(crate::Error::Refused(format!(
+                            "storage '{}' is at {place}, which holds no blocks, but this catalog's storage '{}' keeps {objects} object(s) at {was}: a backup here would reference blocks that are not here; if the path is mistyped or the share not mounted, fix that",
+                            s.name, s.name
+                        )));
+                    }
+                    if objects > 0 && !matches!(s.kind, crate::config::StorageKind::File { .. }) {
+                        keepfs_face::log!(
+                            "keepfs: warning: storage '{}' is at {place}; this catalog knew it at {was}. If that is not the same place (the same bucket and prefix), stop: backups here would reference the {objects} object(s) stored there",
+                            s.name
+                        );
+                    }
+                }
+                let known = match &mut known {
+                    Some(k) => k,
+                    None => known.insert(db.storage_names()?.into_iter().map(|(_, n)| n).collect()),
+                };
+                if !known.is_empty() && !known.contains(&s.name) && holds_blocks(s) {
+                    return Err(crate::Error::Refused(format!(
+                        "storage '{}' is at {place}, which holds blocks already, but this catalog has no storage of that name (it has {}): if that is one of them, use its name here; if the blocks are left from another repository, give this storage a place of its own",
+                        s.name,
+                        known.join(", ")
+                    )));
+                }
+                // A catalog that cannot be written (a read-only copy) is still read.
+                db.keep_repository_state(&row, &s.name).unwrap_or_else(|_| s.name.clone())
             }
+        };
+        if holder != s.name {
+            return Err(crate::Error::Refused(format!(
+                "storage '{}' is at {place}, which this catalog knows as storage '{holder}': one place holds one storage (a cleanup of either would delete the other's blocks); name it '{holder}' in this configuration",
+                s.name
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Whether a file storage's place holds blocks (other kinds are not looked at: that
+/// would cost a request on every command).
+fn holds_blocks(s: &crate::config::StorageConfig) -> bool {
+    match &s.kind {
+        crate::config::StorageKind::File { path } => {
+            std::fs::read_dir(path.join("blocks")).is_ok_and(|mut d| d.next().is_some())
+        }
+        _ => false,
+    }
+}
+
+/// Copies the places `from` records for the configured storages into `to` (a catalog
+/// migration: the new catalog keeps knowing which name each place has).
+pub(crate) fn copy_storage_places(from: &dyn Catalog, to: &dyn Catalog, config: &crate::config::Config) -> Result<()> {
+    for s in &config.storages {
+        let row = format!("{STORAGE_AT}{}", storage_identity(s));
+        if let Some(name) = from.repository_state(&row)? {
+            to.keep_repository_state(&row, &name)?;
         }
     }
     Ok(())
@@ -272,7 +337,9 @@ pub fn check_owner(db: &dyn Catalog, config: &crate::config::Config) -> Result<(
                 .or(config.storages.first())
                 .map(storage_identity)
                 .unwrap_or_default();
-            db.set_repository_state(REPOSITORY, &default)
+            // First writer first: of two hosts claiming a new catalog at once, one wins.
+            let owner = db.keep_repository_state(REPOSITORY, &default)?;
+            if owner == default { Ok(()) } else { check_owner(db, config) }
         }
     }
 }
@@ -678,6 +745,11 @@ pub trait Catalog: Send {
     /// set to `session`, after which no other session can start (see [`MOVING`]).
     fn begin_move(&mut self, session: i64) -> Result<Vec<Session>>;
     fn set_repository_state(&self, name: &str, value: &str) -> Result<()>;
+    /// Sets the row `name` to `value` unless it is set, in one statement (of two hosts
+    /// setting it at once, the first wins); returns the value it holds then.
+    fn keep_repository_state(&self, name: &str, value: &str) -> Result<String>;
+    /// The `repository_state` rows whose names start with `prefix`: (name, value).
+    fn repository_states(&self, prefix: &str) -> Result<Vec<(String, String)>>;
     /// Takes the lease `name` (a `repository_state` row naming the session that holds
     /// it) for `session`, unless another session that is alive holds it: then returns
     /// that session. The holder is judged in the transaction that takes the lease, so

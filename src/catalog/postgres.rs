@@ -901,6 +901,24 @@ impl Catalog for PostgresCatalog {
         Ok(())
     }
 
+    fn repository_states(&self, prefix: &str) -> Result<Vec<(String, String)>> {
+        let n = prefix.chars().count() as i32;
+        Ok(self
+            .query("SELECT name, value FROM repository_state WHERE left(name, $2) = $1", &[&prefix, &n])?
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect())
+    }
+
+    fn keep_repository_state(&self, name: &str, value: &str) -> Result<String> {
+        self.execute(
+            "INSERT INTO repository_state(name, value) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING",
+            &[&name, &value],
+        )?;
+        self.repository_state(name)?
+            .ok_or_else(|| Error::Catalog(format!("repository_state row {name} vanished after it was set")))
+    }
+
     fn claim(&mut self, name: &str, session: i64) -> Result<Option<i64>> {
         self.write(|tx| {
             if let Some(held) = live_holder(tx, name)?.filter(|s| s.id != session) {

@@ -386,6 +386,18 @@ impl Catalog for SqliteCatalog {
         Ok(())
     }
 
+    fn repository_states(&self, prefix: &str) -> Result<Vec<(String, String)>> {
+        let mut st = self.conn.prepare("SELECT name, value FROM repository_state WHERE substr(name, 1, ?2) = ?1")?;
+        let rows = st.query_map(params![prefix, prefix.len() as i64], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok(rows.collect::<std::result::Result<_, _>>()?)
+    }
+
+    fn keep_repository_state(&self, name: &str, value: &str) -> Result<String> {
+        self.conn
+            .execute("INSERT OR IGNORE INTO repository_state(name, value) VALUES (?1, ?2)", params![name, value])?;
+        Ok(self.conn.query_row("SELECT value FROM repository_state WHERE name=?1", [name], |r| r.get(0))?)
+    }
+
     fn claim(&mut self, name: &str, session: i64) -> Result<Option<i64>> {
         self.write(|tx| {
             if let Some(held) = live_holder(tx, name)?.filter(|s| s.id != session) {

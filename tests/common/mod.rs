@@ -268,6 +268,21 @@ impl Repo {
         }
     }
 
+    /// Runs one SQL statement on the repository's catalog directly (to make a catalog
+    /// look as an older keepfs left it); returns the rows it changed.
+    pub fn catalog_sql(&self, sql: &str) -> u64 {
+        match &self.catalog {
+            Some(db) => postgres::Client::connect(&db.url, postgres::NoTls)
+                .expect("connect to the test database")
+                .execute(sql, &[])
+                .expect("run SQL on the catalog"),
+            None => rusqlite::Connection::open(self.home().join("keepfs.sqlite"))
+                .expect("open the database")
+                .execute(sql, [])
+                .expect("run SQL on the catalog") as u64,
+        }
+    }
+
     pub fn ls_json(&self, filter: Option<&str>) -> serde_json::Value {
         let mut args = vec!["ls", "--format", "json"];
         if let Some(f) = filter {

@@ -1643,9 +1643,8 @@ fn run(cli: Cli) -> Result<i32> {
             };
             let listener = match &socket {
                 Some(path) => keepfs_nbd::Listener::unix(path.clone())
-                    .map_err(|e| Error::io(format!("cannot listen on {}", path.display()), e))?,
-                None => keepfs_nbd::Listener::tcp(&listen)
-                    .map_err(|e| Error::io(format!("cannot listen on {listen}"), e))?,
+                    .map_err(|e| listen_error(&path.display().to_string(), e))?,
+                None => keepfs_nbd::Listener::tcp(&listen).map_err(|e| listen_error(&listen, e))?,
             };
             // Before any thread exists (the session service starts readers), so that
             // every thread has the signals blocked.
@@ -1938,10 +1937,21 @@ fn only_reads(c: &Command) -> bool {
     )
 }
 
-/// Whether a command works on what a repository holds in its storages (a cleanup, the
-/// keys): where none exists it has nothing to do, and must not create one.
+/// A server's address it cannot listen on: one held by another (a live server, a file
+/// that is not a socket) is refused (exit 4), anything else an I/O error.
+fn listen_error(at: &str, e: std::io::Error) -> Error {
+    match e.kind() {
+        std::io::ErrorKind::AddrInUse | std::io::ErrorKind::AlreadyExists => {
+            Error::Refused(format!("cannot listen on {at}: {e}"))
+        }
+        _ => Error::io(format!("cannot listen on {at}"), e),
+    }
+}
+
+/// Whether a command cleans up what a repository holds: where none exists it has
+/// nothing to do, and must not create one.
 fn needs_existing(c: &Command) -> bool {
-    matches!(c, Command::Cleanup { .. } | Command::Key { action: KeyAction::List { .. } })
+    matches!(c, Command::Cleanup { .. })
 }
 
 fn session_service(

@@ -124,7 +124,7 @@ fn read_only_exports_refuse_writes_and_unix_sockets_serve() {
     // A second server on the same socket is refused: it replaced the socket, took the
     // first one's clients, and on stopping left the first unreachable.
     let second = repo.run(&["nbd", "--socket", sock.to_str().unwrap()]);
-    assert_eq!(second.code, 1, "{}", second.stderr);
+    assert_eq!(second.code, 4, "{}", second.stderr);
     assert!(second.error_line().contains("another server is listening on this socket"), "{}", second.stderr);
     let copy = repo.path("c.img");
     run(Command::new("nbdcopy").args([&url, copy.to_str().unwrap()]));
@@ -135,7 +135,7 @@ fn read_only_exports_refuse_writes_and_unix_sockets_serve() {
     // Nor does a server take a path that is not a socket.
     std::fs::write(&sock, b"notes").unwrap();
     let r = repo.run(&["nbd", "--socket", sock.to_str().unwrap()]);
-    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert_eq!(r.code, 4, "{}", r.stderr);
     assert!(r.error_line().contains("something other than a socket is there"), "{}", r.stderr);
     assert_eq!(std::fs::read(&sock).unwrap(), b"notes");
 }

@@ -108,7 +108,6 @@ impl Listener {
         Ok(Listener::new(Socket::Tcp(TcpListener::bind(addr)?)))
     }
 
-    /// Listens on a Unix socket at `path` (a stale socket file there is replaced).
     /// Listens on a Unix socket at `path`. A socket left by a server that is gone is
     /// replaced; one a live server answers on is refused (replacing it took that
     /// server's clients and, once this one stopped, left it unreachable), and so is
@@ -117,13 +116,25 @@ impl Listener {
         use std::os::unix::fs::FileTypeExt;
         match std::fs::symlink_metadata(&path) {
             Ok(m) if m.file_type().is_socket() => {
-                if std::os::unix::net::UnixStream::connect(&path).is_ok() {
-                    return Err(io::Error::new(
-                        io::ErrorKind::AddrInUse,
-                        "another server is listening on this socket; stop it, or choose another path",
-                    ));
+                // Only a socket nobody answers on (ECONNREFUSED) is stale: one this user
+                // may not connect to (EACCES) may well be live.
+                match std::os::unix::net::UnixStream::connect(&path) {
+                    Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => std::fs::remove_file(&path)?,
+                    Ok(_) => {
+                        return Err(io::Error::new(
+                            io::ErrorKind::AddrInUse,
+                            "another server is listening on this socket; stop it, or choose another path",
+                        ));
+                    }
+                    Err(e) => {
+                        return Err(io::Error::new(
+                            io::ErrorKind::AddrInUse,
+                            format!(
+                                "a socket is there that may be in use ({e}); remove it if it is stale, or choose another path"
+                            ),
+                        ));
+                    }
                 }
-                std::fs::remove_file(&path)?;
             }
             Ok(_) => {
                 return Err(io::Error::new(

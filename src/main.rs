@@ -904,18 +904,49 @@ fn run(cli: Cli) -> Result<i32> {
     // A command that only reads a repository that does not exist answers as for an
     // empty one, says so, and creates nothing (a mistyped KEEPFS_HOME is seen at once).
     let repo = match &cli.command {
+        Command::Database { action: DatabaseAction::Migrate { .. } } if !Repository::exists(&config) => {
+            return Err(Error::Invalid(format!(
+                "there is no catalog {} to migrate (no repository at {} yet); `keepfs config check` shows the configuration used",
+                config.catalog_location().display(),
+                config.home.display()
+            )));
+        }
         Command::Database { action: DatabaseAction::Migrate { .. } } => Repository::open_moved(config)?,
         c if needs_existing(c) && !Repository::exists(&config) => {
+            // A storage named with -S must still be one of the configuration's.
+            if let Command::Cleanup { storage: Some(name), .. } = c
+                && !config.storages.iter().any(|s| &s.name == name)
+            {
+                return Err(Error::Invalid(format!(
+                    "no storage named '{name}' is configured (configured: {}); check the configuration",
+                    config.storages.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join(", ")
+                )));
+            }
+            if let Command::Cleanup { dry_run, .. } = c
+                && cli_output::json()
+            {
+                report!(
+                    "{}",
+                    cli_output::to_json(&serde_json::json!({
+                        "dry_run": dry_run, "storages": [], "database_bytes_returned": 0,
+                    }))?
+                );
+            }
             note!(
-                "keepfs: no repository at {} yet (no catalog {}: nothing has been backed up there): nothing to do; `keepfs config check` shows the configuration used",
+                "keepfs: no repository at {} yet (no catalog {}): nothing to do; `keepfs config check` shows the configuration used, and if its storage holds backups whose catalog was lost, `keepfs database rebuild` makes it again",
                 config.home.display(),
                 config.catalog_location().display()
             );
             return Ok(exit::OK);
         }
+        c if names_versions(c) && !Repository::exists(&config) => {
+            // Said with the error ("version … does not exist"), in one line.
+            let _ = NO_REPOSITORY.set(config.home.display().to_string());
+            Repository::absent(config)?
+        }
         c if only_reads(c) && !Repository::exists(&config) => {
             note!(
-                "keepfs: no repository at {} yet (no catalog {}: nothing has been backed up there); `keepfs config check` shows the configuration used",
+                "keepfs: no repository at {} yet (no catalog {}); `keepfs config check` shows the configuration used, and if its storage holds backups whose catalog was lost, `keepfs database rebuild` makes it again",
                 config.home.display(),
                 config.catalog_location().display()
             );
@@ -1908,18 +1939,16 @@ fn more_open_files() {
     }
 }
 
-/// Whether a command only reads the repository (or fails, naming a version, where there
-/// is none): on a repository that does not exist it must not create one.
-fn only_reads(c: &Command) -> bool {
+/// The home of a repository that does not exist, when a command named versions in it:
+/// its "does not exist" error says so.
+static NO_REPOSITORY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// Whether a command names versions (and fails where there is no repository): it must
+/// not create one.
+fn names_versions(c: &Command) -> bool {
     matches!(
         c,
-        Command::Ls { .. }
-            | Command::Due { .. }
-            | Command::Sla { .. }
-            | Command::Stats { .. }
-            | Command::StorageUsage { .. }
-            | Command::Storage { .. }
-            | Command::Diff { .. }
+        Command::Diff { .. }
             | Command::Restore { .. }
             | Command::Scrub { .. }
             | Command::DeepScrub { .. }
@@ -1929,6 +1958,20 @@ fn only_reads(c: &Command) -> bool {
             | Command::Protect { .. }
             | Command::Unprotect { .. }
             | Command::Metadata { action: MetadataAction::Export { .. } }
+    )
+}
+
+/// Whether a command only reads the repository: on one that does not exist it must not
+/// create one.
+fn only_reads(c: &Command) -> bool {
+    matches!(
+        c,
+        Command::Ls { .. }
+            | Command::Due { .. }
+            | Command::Sla { .. }
+            | Command::Stats { .. }
+            | Command::StorageUsage { .. }
+            | Command::Storage { .. }
             | Command::Database { action: DatabaseAction::Sessions { .. } }
             | Command::BatchScrub { .. }
             | Command::BatchDeepScrub { .. }
@@ -2270,6 +2313,12 @@ fn main() {
         // The reader of a listing stopped reading (`keepfs ls | head -1`): not a failure.
         Err(e) if output::is_reader_gone(&e) => exit::OK,
         Err(e) => {
+            let e = match (e, NO_REPOSITORY.get()) {
+                (Error::VersionNotFound(uid), Some(home)) => Error::Invalid(format!(
+                    "version {uid} does not exist: there is no repository at {home} yet; `keepfs config check` shows the configuration used"
+                )),
+                (e, _) => e,
+            };
             note!("keepfs: error: {e}");
             if cli_output::json() {
                 cli_output::error_json(&e);

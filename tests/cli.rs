@@ -1238,13 +1238,21 @@ fn reading_where_no_repository_exists_says_so_and_creates_nothing() {
         &["enforce", "latest3"],
         &["cleanup"],
         &["cleanup", "--dry-run"],
-        &["key", "list"],
+        &["database", "sessions"],
     ] {
         let r = run(args);
         assert_eq!(r.code, 0, "{args:?}: {}", r.stderr);
         assert!(r.stderr.starts_with(&note), "{args:?}: {}", r.stderr);
     }
-    // Naming a version: not found (exit 2), after the note that explains why.
+    // A cleanup's JSON is still one object; a storage it does not know is still named.
+    let r = run(&["cleanup", "--format", "json"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let j: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(j["storages"].as_array().map(|a| a.len()), Some(0), "{j}");
+    let r = run(&["cleanup", "-S", "offsite"]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.error_line().contains("no storage named 'offsite' is configured"), "{}", r.stderr);
+    // Naming a version: not found (exit 2), in one line that says why.
     let out = dir.path().join("out");
     for args in [
         vec!["restore", "V0000000001", out.to_str().unwrap()],
@@ -1253,8 +1261,21 @@ fn reading_where_no_repository_exists_says_so_and_creates_nothing() {
     ] {
         let r = run(&args);
         assert_eq!(r.code, 2, "{args:?}: {}", r.stderr);
-        assert!(r.stderr.starts_with(&note), "{args:?}: {}", r.stderr);
+        assert_eq!(r.stderr.trim().lines().count(), 1, "{args:?}: {}", r.stderr);
+        assert!(
+            r.error_line().contains(&format!(
+                "version V0000000001 does not exist: there is no repository at {} yet",
+                typo.display()
+            )),
+            "{args:?}: {}",
+            r.stderr
+        );
     }
+    // Nothing to migrate.
+    let r = run(&["database", "migrate", "--to", dir.path().join("new.sqlite").to_str().unwrap()]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.error_line().contains("to migrate (no repository at"), "{}", r.stderr);
+    assert!(!dir.path().join("new.sqlite").exists());
     assert!(!typo.exists(), "reading created {}", typo.display());
     assert!(!out.exists());
     // A home that cannot be looked into is not taken for a missing one: the command

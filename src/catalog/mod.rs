@@ -387,9 +387,9 @@ impl ProcessId {
 
     /// Whether this process ran on this machine before it last started (same host name
     /// and machine id, another boot), so that it ended with that boot.
-    fn before_this_boot(&self) -> bool {
+    fn before_this_boot(&self, mine: &str) -> bool {
         let (boot, _, id) = machine_parts(&self.machine);
-        let (my_boot, _, my_id) = machine_parts(machine_id());
+        let (my_boot, _, my_id) = machine_parts(mine);
         self.host == hostname() && !id.is_empty() && id == my_id && !boot.is_empty() && boot != my_boot
     }
 }
@@ -524,20 +524,25 @@ fn proc_start_time(pid: u32) -> Seen {
 /// heartbeat is recent (`now` and the heartbeats are the catalog's clock).
 ///
 /// One of this machine before it restarted ended with that boot: it is dead once it has
-/// not beaten since this boot began, nor for two heartbeat periods (a backup continued
+/// not beaten since this boot began, nor for three heartbeat periods (a backup continued
 /// after a crash and reboot waited ten minutes for it). Both checks are durations, on
 /// the catalog's clock and this machine's, so no two clocks are compared. A clone of
 /// this machine that kept its machine id and host name (misconfigured: they share pids)
 /// beats every minute, and so still passes for alive.
 pub(crate) fn session_alive(s: &Session, now: i64) -> bool {
-    alive_given_uptime(s, now, uptime_ms())
+    alive_given_uptime(s, now, uptime_ms(), machine_id())
 }
 
-/// [`session_alive`] with this machine's uptime (ms) given.
-fn alive_given_uptime(s: &Session, now: i64, uptime: Option<i64>) -> bool {
+/// Heartbeats a session of this machine from before it restarted must have missed to be
+/// taken for dead: three (a beat waits for the catalog as well as for its minute).
+const MISSED_BEATS: i64 = 3;
+
+/// [`session_alive`] with this machine's uptime (ms) and identity given.
+fn alive_given_uptime(s: &Session, now: i64, uptime: Option<i64>, mine: &str) -> bool {
     let age = now - s.heartbeat_ms;
     let fresh = age < REMOTE_SESSION_TTL_MS;
-    if s.process.before_this_boot() && age > 2 * HEARTBEAT_EVERY_MS && uptime.is_some_and(|up| age > up) {
+    if s.process.before_this_boot(mine) && age > MISSED_BEATS * HEARTBEAT_EVERY_MS && uptime.is_some_and(|up| age > up)
+    {
         return false;
     }
     if !s.process.is_here() {
@@ -957,29 +962,26 @@ mod tests {
     /// boot id) that beat since this boot stays alive, as does one of another machine id.
     #[test]
     fn a_session_from_before_this_machine_restarted_is_dead_once_silent_since_the_boot() {
-        let (_, ns, id) = machine_parts(machine_id());
-        if id.is_empty() {
-            eprintln!("skipped: this machine has no /etc/machine-id");
-            return;
-        }
+        // This machine, as another one would be (no /etc/machine-id needed).
+        let mine = "11111111-1111-1111-1111-111111111111 pid:[4026531836] 0123456789abcdef0123456789abcdef";
         let now = now_ms();
         let minute = 60_000;
-        let earlier_boot = format!("00000000-0000-0000-0000-000000000000 {ns} {id}");
+        let earlier_boot = "00000000-0000-0000-0000-000000000000 pid:[4026531836] 0123456789abcdef0123456789abcdef";
         let alive = |machine: &str, silent_for: i64, up: i64| {
-            alive_given_uptime(&session(machine.to_string(), silent_for, now), now, Some(up))
+            alive_given_uptime(&session(machine.to_string(), silent_for, now), now, Some(up), mine)
         };
         // Up for 3 minutes, silent for 4: it ended with the earlier boot. (It used to
         // count as alive until 10 minutes had passed.)
-        assert!(!alive(&earlier_boot, 4 * minute, 3 * minute));
-        // Silent for less than two heartbeats: alive, however short this boot.
-        assert!(alive(&earlier_boot, minute + minute / 2, minute));
+        assert!(!alive(earlier_boot, 4 * minute, 3 * minute));
+        // Silent for less than three heartbeats: alive, however short this boot.
+        assert!(alive(earlier_boot, 2 * minute + minute / 2, minute));
         // It beat since this boot began: a clone of this machine, alive.
-        assert!(alive(&earlier_boot, 4 * minute, 30 * minute));
+        assert!(alive(earlier_boot, 4 * minute, 30 * minute));
         // Another machine id, or none (an older keepfs): judged by the heartbeat alone.
-        let other = format!("00000000-0000-0000-0000-000000000000 {ns} 0123456789abcdef0123456789abcdef");
-        assert!(alive(&other, 4 * minute, 3 * minute));
-        assert!(alive(&format!("00000000-0000-0000-0000-000000000000 {ns}"), 4 * minute, 3 * minute));
-        assert!(!alive(&other, REMOTE_SESSION_TTL_MS + minute, 3 * minute));
+        let other = "00000000-0000-0000-0000-000000000000 pid:[4026531836] fedcba9876543210fedcba9876543210";
+        assert!(alive(other, 4 * minute, 3 * minute));
+        assert!(alive("00000000-0000-0000-0000-000000000000 pid:[4026531836]", 4 * minute, 3 * minute));
+        assert!(!alive(other, REMOTE_SESSION_TTL_MS + minute, 3 * minute));
         // And the real uptime is read.
         assert!(uptime_ms().is_some_and(|up| up > 0));
     }

@@ -2212,7 +2212,7 @@ fn mount_daemon(dir: &std::path::Path, log: &std::path::Path) -> Result<i32> {
                 let new = String::from_utf8_lossy(t.get(logged_before..)?).into_owned();
                 new.lines().rev().find_map(|l| l.strip_prefix("keepfs: error: ").map(str::to_string))
             });
-            if let (Some(reason), Some(code)) = (said, status.code()) {
+            if let (Some(reason), Some(code)) = (said, status.code().filter(|c| *c != 0)) {
                 note!("keepfs: error: {reason}");
                 return Ok(code);
             }

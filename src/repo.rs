@@ -802,7 +802,7 @@ pub(crate) fn running_holder(s: &Session) -> String {
         String::new()
     } else {
         format!(
-            "; a process of another host counts as running until {} min after its last heartbeat",
+            "; a process this host cannot see (of another host, container or boot) counts as running until {} min after its last heartbeat",
             crate::catalog::REMOTE_SESSION_TTL_MS / 60_000
         )
     };

@@ -362,7 +362,7 @@ fn open_target(
                 .open(&partial)
                 .map_err(|e| match &existing {
                     // The target is there: it is the file beside it that cannot be made.
-                    Some(_) if e.kind() == io::ErrorKind::PermissionDenied || e.raw_os_error() == Some(libc::EROFS) => {
+                    Some(_) if e.kind() == io::ErrorKind::PermissionDenied => {
                         Error::io(
                             format!(
                                 "cannot create {} beside restore target {} (a restore over a file writes a new one and renames it over the old; make {} writable, or pass --in-place to write into the file itself)",
@@ -421,7 +421,8 @@ fn open_target(
 fn keep_xattrs(old: &Path, new: &Path, progress: &dyn Progress) {
     let names = match xattr::list(old) {
         Ok(names) => names,
-        Err(e) if e.kind() == io::ErrorKind::Unsupported => return,
+        // ENOTSUP (EOPNOTSUPP): a file system without them, nothing to keep.
+        Err(e) if e.raw_os_error() == Some(libc::ENOTSUP) => return,
         Err(e) => {
             progress.warn(&format!("cannot list the extended attributes of {} to keep them: {e}", old.display()));
             return;
@@ -488,8 +489,14 @@ fn in_place(
             ));
             marker = None;
         }
-        if m.len() < size {
-            file.set_len(size).map_err(|e| Error::io(ctx("size"), e))?;
+        // A file system that cannot hold the image fails here, while the file still
+        // holds what it held: then there is nothing to continue, and the mark goes.
+        let sized = if m.len() < size { file.set_len(size) } else { Ok(()) };
+        if let Err(e) = sized {
+            if let Some(mk) = &marker {
+                let _ = std::fs::remove_file(mk);
+            }
+            return Err(Error::io(ctx("size"), e));
         }
         file.set_len(0).and_then(|_| file.set_len(size)).map_err(|e| Error::io(ctx("size"), e))?;
     }

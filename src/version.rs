@@ -144,7 +144,13 @@ pub fn check_name(name: &str) -> Result<()> {
 /// User input quoted in a message: control characters escaped (a name holding a newline
 /// stays one line), everything else as typed (`name == "db"` is not `name == \"db\"`).
 fn shown(s: &str) -> String {
-    s.chars().map(|c| if c.is_control() { c.escape_default().to_string() } else { c.to_string() }).collect()
+    // Bidirectional and invisible formatting characters too: they would reorder or hide
+    // what the terminal shows.
+    let hidden = |c: char| {
+        c.is_control()
+            || matches!(c, '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' | '\u{feff}')
+    };
+    s.chars().map(|c| if hidden(c) { c.escape_default().to_string() } else { c.to_string() }).collect()
 }
 
 /// Checks a snapshot name: it may be empty; no control characters, at most 255 bytes.
@@ -230,6 +236,8 @@ mod tests {
         assert!(e.starts_with(r#"'name == "vm-a"' is not a version uid"#), "{e}");
         let e = VersionUid::parse("V1\nrm").unwrap_err().to_string();
         assert!(e.contains(r"'V1\nrm'") && !e.contains('\n'), "{e}");
+        let e = VersionUid::parse("V1\u{202e}mr").unwrap_err().to_string();
+        assert!(e.contains(r"'V1\u{202e}mr'"), "{e}");
     }
 
     #[test]

@@ -562,7 +562,9 @@ fn a_host_with_a_wrong_clock_keeps_its_running_backup_safe_from_another_hosts_cl
     assert!(said.contains("its backup is running"), "the other host's backup is seen running: {said}");
     assert!(
         said.contains(" on behind, last heartbeat ")
-            && said.contains("a process of another host counts as running until 10 min after its last heartbeat"),
+            && said.contains(
+                "(of another host, container or boot) counts as running until 10 min after its last heartbeat"
+            ),
         "names the other host's process and how long it counts as running: {said}"
     );
     assert!(said.contains("deleted 0 object(s)"), "{said}");

@@ -176,9 +176,15 @@ impl crate::Repository {
         let location = match super::Location::parse_setting("--to", target).map_err(Error::Invalid)? {
             // Its password: from the URL, else the configuration's database_password_file
             // (set for the new catalog before `database` names it), else PGPASSFILE.
-            super::Location::Postgres { url, .. } => {
-                super::Location::Postgres { url, password_file: self.config.database_password_file.clone() }
-            }
+            // (Only when this catalog is SQLite: a PostgreSQL one's file is its own.)
+            super::Location::Postgres { url, .. } => super::Location::Postgres {
+                url,
+                password_file: self
+                    .config
+                    .database_password_file
+                    .clone()
+                    .filter(|_| self.config.database_url.is_none()),
+            },
             super::Location::Sqlite(path) => {
                 // Absolute, so that what is printed can go into `database` as it is.
                 let path = std::path::absolute(&path).map_err(|e| Error::io(format!("--to {target}"), e))?;

@@ -450,6 +450,12 @@ impl PostgresCatalog {
                             file.display()
                         );
                     }
+                    if let Err(e) = std::fs::File::open(&file) {
+                        return Err(Error::Config(format!(
+                            "database {name}: cannot read the password file {}: {e}",
+                            file.display()
+                        )));
+                    }
                     match pgpass_password(&file, &host, port, &db, &user) {
                         Some(pw) => {
                             config.password(pw);

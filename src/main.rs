@@ -912,6 +912,23 @@ fn run(cli: Cli) -> Result<i32> {
             )));
         }
         Command::Database { action: DatabaseAction::Migrate { .. } } => Repository::open_moved(config)?,
+        // A continuation names a version; key changes need a keyring: nothing to do
+        // where there is no repository, and nothing to create.
+        Command::Backup { continue_uid: Some(uid), .. } if !Repository::exists(&config) => {
+            return Err(Error::Invalid(format!(
+                "version {uid} does not exist: there is no repository at {} yet; `keepfs config check` shows the configuration used",
+                config.home.display()
+            )));
+        }
+        Command::Key { action: KeyAction::Rotate { .. } | KeyAction::Rekey { .. } | KeyAction::Remove { .. } }
+            if !Repository::exists(&config) =>
+        {
+            return Err(Error::Invalid(format!(
+                "there is no repository at {} yet (no catalog {}), so no keys to change; `keepfs config check` shows the configuration used",
+                config.home.display(),
+                config.catalog_location().display()
+            )));
+        }
         c if needs_existing(c) && !Repository::exists(&config) => {
             // A storage named with -S must still be one of the configuration's.
             if let Command::Cleanup { storage: Some(name), .. } = c

@@ -1271,6 +1271,18 @@ fn reading_where_no_repository_exists_says_so_and_creates_nothing() {
             r.stderr
         );
     }
+    // A continuation, or a key change: nothing to continue or change, nothing made.
+    let img0 = format!("file://{}", dir.path().join("none.img").display());
+    for args in [
+        vec!["backup", "--continue", "V0000000001", &img0, "vm"],
+        vec!["key", "rekey"],
+        vec!["key", "remove", "0123456789abcdef"],
+    ] {
+        let r = run(&args);
+        assert_eq!(r.code, 2, "{args:?}: {}", r.stderr);
+        assert_eq!(r.stderr.trim().lines().count(), 1, "{args:?}: {}", r.stderr);
+        assert!(r.error_line().contains(&format!("there is no repository at {}", typo.display())), "{}", r.stderr);
+    }
     // Nothing to migrate.
     let r = run(&["database", "migrate", "--to", dir.path().join("new.sqlite").to_str().unwrap()]);
     assert_eq!(r.code, 2, "{}", r.stderr);

@@ -900,75 +900,52 @@ fn run(cli: Cli) -> Result<i32> {
         );
     }
     // A catalog migrate moved elsewhere refuses to be used, except to be copied again
-    // (the new one lost): migrate is how to get it back.
-    // A command that only reads a repository that does not exist answers as for an
-    // empty one, says so, and creates nothing (a mistyped KEEPFS_HOME is seen at once).
+    // (the new one lost): migrate is how to get it back. Where no repository exists,
+    // a command that does not make one creates nothing (`where_absent`).
     let repo = match &cli.command {
-        Command::Database { action: DatabaseAction::Migrate { .. } } if !Repository::exists(&config) => {
-            return Err(Error::Invalid(format!(
-                "there is no catalog {} to migrate (no repository at {} yet); `keepfs config check` shows the configuration used",
-                config.catalog_location().display(),
-                config.home.display()
-            )));
-        }
-        Command::Database { action: DatabaseAction::Migrate { .. } } => Repository::open_moved(config)?,
-        // A continuation names a version; key changes need a keyring: nothing to do
-        // where there is no repository, and nothing to create.
-        Command::Backup { continue_uid: Some(uid), .. } if !Repository::exists(&config) => {
-            return Err(Error::Invalid(format!(
-                "version {uid} does not exist: there is no repository at {} yet; `keepfs config check` shows the configuration used",
-                config.home.display()
-            )));
-        }
-        Command::Key { action: KeyAction::Rotate { .. } | KeyAction::Rekey { .. } | KeyAction::Remove { .. } }
-            if !Repository::exists(&config) =>
-        {
-            return Err(Error::Invalid(format!(
-                "there is no repository at {} yet (no catalog {}), so no keys to change; `keepfs config check` shows the configuration used",
-                config.home.display(),
-                config.catalog_location().display()
-            )));
-        }
-        c if needs_existing(c) && !Repository::exists(&config) => {
-            // A storage named with -S must still be one of the configuration's.
-            if let Command::Cleanup { storage: Some(name), .. } = c
-                && !config.storages.iter().any(|s| &s.name == name)
-            {
-                return Err(Error::Invalid(format!(
-                    "no storage named '{name}' is configured (configured: {}); check the configuration",
-                    config.storages.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join(", ")
-                )));
-            }
-            if let Command::Cleanup { dry_run, .. } = c
-                && cli_output::json()
-            {
-                report!(
-                    "{}",
-                    cli_output::to_json(&serde_json::json!({
-                        "dry_run": dry_run, "storages": [], "database_bytes_returned": 0,
-                    }))?
+        _ if !Repository::exists(&config) => match where_absent(&cli.command, &config) {
+            Absent::Create => Repository::open(config)?,
+            Absent::Read => {
+                note!(
+                    "keepfs: {}; `keepfs config check` shows the configuration used, and if its storage holds backups whose catalog was lost, `keepfs database rebuild` makes it again",
+                    no_repository(&config)
                 );
+                Repository::absent(config)?
             }
-            note!(
-                "keepfs: no repository at {} yet (no catalog {}): nothing to do; `keepfs config check` shows the configuration used, and if its storage holds backups whose catalog was lost, `keepfs database rebuild` makes it again",
-                config.home.display(),
-                config.catalog_location().display()
-            );
-            return Ok(exit::OK);
-        }
-        c if names_versions(c) && !Repository::exists(&config) => {
-            // Said with the error ("version … does not exist"), in one line.
-            let _ = NO_REPOSITORY.set(config.home.display().to_string());
-            Repository::absent(config)?
-        }
-        c if only_reads(c) && !Repository::exists(&config) => {
-            note!(
-                "keepfs: no repository at {} yet (no catalog {}); `keepfs config check` shows the configuration used, and if its storage holds backups whose catalog was lost, `keepfs database rebuild` makes it again",
-                config.home.display(),
-                config.catalog_location().display()
-            );
-            Repository::absent(config)?
-        }
+            Absent::NamesVersions => {
+                // Said with the error ("version … does not exist"), in one line.
+                let _ = NO_REPOSITORY.set(config.home.display().to_string());
+                Repository::absent(config)?
+            }
+            Absent::Refuse(why) => return Err(Error::Invalid(why)),
+            Absent::NothingToDo => {
+                // A storage named with -S must still be one of the configuration's.
+                if let Command::Cleanup { storage: Some(name), .. } = &cli.command
+                    && !config.storages.iter().any(|s| &s.name == name)
+                {
+                    return Err(Error::Invalid(format!(
+                        "no storage named '{name}' is configured (configured: {}); check the configuration",
+                        config.storages.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join(", ")
+                    )));
+                }
+                if let Command::Cleanup { dry_run, .. } = &cli.command
+                    && cli_output::json()
+                {
+                    report!(
+                        "{}",
+                        cli_output::to_json(&serde_json::json!({
+                            "dry_run": dry_run, "storages": [], "database_bytes_returned": 0,
+                        }))?
+                    );
+                }
+                note!(
+                    "keepfs: {}: nothing to do; `keepfs config check` shows the configuration used, and if its storage holds backups whose catalog was lost, `keepfs database rebuild` makes it again",
+                    no_repository(&config)
+                );
+                return Ok(exit::OK);
+            }
+        },
+        Command::Database { action: DatabaseAction::Migrate { .. } } => Repository::open_moved(config)?,
         _ => Repository::open(config)?,
     };
     match cli.command {
@@ -1960,41 +1937,66 @@ fn more_open_files() {
 /// its "does not exist" error says so.
 static NO_REPOSITORY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 
-/// Whether a command names versions (and fails where there is no repository): it must
-/// not create one.
-fn names_versions(c: &Command) -> bool {
-    matches!(
-        c,
-        Command::Diff { .. }
-            | Command::Restore { .. }
-            | Command::Scrub { .. }
-            | Command::DeepScrub { .. }
-            | Command::Label { .. }
-            | Command::Expire { .. }
-            | Command::Rm { .. }
-            | Command::Protect { .. }
-            | Command::Unprotect { .. }
-            | Command::Metadata { action: MetadataAction::Export { .. } }
-    )
+/// What a command does where no repository exists. Only a command that stores
+/// something (a backup, a mount, `init`, an import) makes one; the others must leave
+/// nothing behind (a mistyped KEEPFS_HOME is seen at once).
+enum Absent {
+    /// It makes the repository.
+    Create,
+    /// It reads: it answers as for an empty one, and says there is none.
+    Read,
+    /// It names versions: "does not exist", saying there is no repository, in one line.
+    NamesVersions,
+    /// It works on what is stored (a cleanup): nothing to do.
+    NothingToDo,
+    /// It changes what must be there: refused with this message.
+    Refuse(String),
 }
 
-/// Whether a command only reads the repository: on one that does not exist it must not
-/// create one.
-fn only_reads(c: &Command) -> bool {
-    matches!(
-        c,
+fn where_absent(c: &Command, config: &Config) -> Absent {
+    let see = "`keepfs config check` shows the configuration used";
+    let home = config.home.display();
+    match c {
         Command::Ls { .. }
-            | Command::Due { .. }
-            | Command::Sla { .. }
-            | Command::Stats { .. }
-            | Command::StorageUsage { .. }
-            | Command::Storage { .. }
-            | Command::Database { action: DatabaseAction::Sessions { .. } }
-            | Command::BatchScrub { .. }
-            | Command::BatchDeepScrub { .. }
-            | Command::Enforce { .. }
-            | Command::Metadata { action: MetadataAction::Backup { .. } }
-    )
+        | Command::Due { .. }
+        | Command::Sla { .. }
+        | Command::Stats { .. }
+        | Command::StorageUsage { .. }
+        | Command::Storage { .. }
+        | Command::Database { action: DatabaseAction::Sessions { .. } }
+        | Command::BatchScrub { .. }
+        | Command::BatchDeepScrub { .. }
+        | Command::Enforce { .. }
+        | Command::Metadata { action: MetadataAction::Backup { .. } } => Absent::Read,
+        Command::Diff { .. }
+        | Command::Restore { .. }
+        | Command::Scrub { .. }
+        | Command::DeepScrub { .. }
+        | Command::Label { .. }
+        | Command::Expire { .. }
+        | Command::Rm { .. }
+        | Command::Protect { .. }
+        | Command::Unprotect { .. }
+        | Command::Metadata { action: MetadataAction::Export { .. } } => Absent::NamesVersions,
+        Command::Cleanup { .. } => Absent::NothingToDo,
+        Command::Database { action: DatabaseAction::Migrate { .. } } => Absent::Refuse(format!(
+            "there is no catalog {} to migrate (no repository at {home} yet); {see}",
+            config.catalog_location().display()
+        )),
+        // A continuation names a version; key changes need a keyring.
+        Command::Backup { continue_uid: Some(uid), .. } => {
+            Absent::Refuse(format!("version {uid} does not exist: there is no repository at {home} yet; {see}"))
+        }
+        Command::Key { action: KeyAction::Rotate { .. } | KeyAction::Rekey { .. } | KeyAction::Remove { .. } } => {
+            Absent::Refuse(format!("there is {}, so no keys to change; {see}", no_repository(config)))
+        }
+        _ => Absent::Create,
+    }
+}
+
+/// What is missing where no repository exists: the home and the catalog it would have.
+fn no_repository(config: &Config) -> String {
+    format!("no repository at {} yet (no catalog {})", config.home.display(), config.catalog_location().display())
 }
 
 /// A server's address it cannot listen on: one held by another (a live server, a file
@@ -2006,12 +2008,6 @@ fn listen_error(at: &str, e: std::io::Error) -> Error {
         }
         _ => Error::io(format!("cannot listen on {at}"), e),
     }
-}
-
-/// Whether a command cleans up what a repository holds: where none exists it has
-/// nothing to do, and must not create one.
-fn needs_existing(c: &Command) -> bool {
-    matches!(c, Command::Cleanup { .. })
 }
 
 fn session_service(

@@ -806,7 +806,7 @@ pub(crate) fn running_holder(s: &Session) -> String {
             crate::catalog::REMOTE_SESSION_TTL_MS / 60_000
         )
     };
-    format!("pid {} on {}, last heartbeat {beat}{seen}", s.process.pid, s.process.host)
+    format!("{}, last heartbeat {beat}{seen}", holder_name(Some(s)))
 }
 
 impl Repository {

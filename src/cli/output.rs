@@ -27,17 +27,17 @@ static LOST: Mutex<Option<(String, io::Error)>> = Mutex::new(None);
 
 /// Writes a result line to standard output (see [`out!`]).
 macro_rules! out {
-    ($($t:tt)*) => { $crate::output::stdout_line(format_args!($($t)*)) };
+    ($($t:tt)*) => { $crate::cli::output::stdout_line(format_args!($($t)*)) };
 }
 
 /// Writes a line about work done to standard output (see [`report!`]).
 macro_rules! report {
-    ($($t:tt)*) => { $crate::output::report_line(format_args!($($t)*)) };
+    ($($t:tt)*) => { $crate::cli::output::report_line(format_args!($($t)*)) };
 }
 
 /// Writes a message to standard error, ignoring failures (see [`note!`]).
 macro_rules! note {
-    ($($t:tt)*) => { $crate::output::stderr_line(format_args!($($t)*)) };
+    ($($t:tt)*) => { $crate::cli::output::stderr_line(format_args!($($t)*)) };
 }
 
 fn write_line(w: &mut impl Write, args: fmt::Arguments) -> io::Result<()> {

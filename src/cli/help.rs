@@ -1,6 +1,6 @@
 //! The examples that end each command's `--help` (part of the binary): two or three
 //! command lines an operator can copy, per command, kept here in one table so that the
-//! command definitions in main.rs stay readable. A command whose definition sets its own
+//! command definitions in args.rs stay readable. A command whose definition sets its own
 //! `after_help` keeps it. tests/help.rs checks that every command has examples.
 
 /// (command path, examples), the path as typed after `keepfs`.

@@ -1,9 +1,12 @@
 //! How the `keepfs` command shows results besides plain tables (part of the binary): the
 //! benchmark's table, the live sessions, and the machine-readable forms.
 
-use crate::Format;
+use super::args::Format;
 use keepfs::bench::BenchRow;
+use keepfs::config::Config;
 use keepfs::error::{Error, Result};
+use keepfs::units::format_size;
+use keepfs::version::Version;
 
 /// `keepfs bench`: a table of measured figure, reference figure and percentage, or the
 /// rows as one JSON object (`{"results": [...]}`).
@@ -31,7 +34,7 @@ pub fn print_bench(rows: &[BenchRow], format: Format) -> Result<()> {
                     ]
                 })
                 .collect();
-            crate::print_rows(&["test", "this host", "reference", "of reference"], rows)?;
+            print_rows(&["test", "this host", "reference", "of reference"], rows)?;
             note!(
                 "reference: Proxmox Backup's 2020 top figures (AMD Ryzen 7 2700X); a storage is compared with this host's SHA-256 speed"
             );
@@ -120,11 +123,11 @@ pub fn version_brief(v: &keepfs::version::Version) -> serde_json::Value {
 /// output (the one-line error goes to standard error as always). Not when standard output
 /// itself failed; a failure to write it changes nothing (the exit code tells).
 pub fn error_json(e: &Error) {
-    if crate::output::is_stdout_error(e) {
+    if super::output::is_stdout_error(e) {
         return;
     }
     let v = serde_json::json!({ "error": e.to_string(), "exit_code": e.exit_code() });
-    let _ = crate::output::stdout_line(format_args!("{v}"));
+    let _ = super::output::stdout_line(format_args!("{v}"));
 }
 
 /// A command line clap refused, as JSON on standard output when the arguments ask for
@@ -139,7 +142,7 @@ pub fn usage_error_json(e: &clap::Error) {
     let text = e.to_string();
     let first = text.lines().next().unwrap_or_default().trim_start_matches("error: ").to_string();
     let v = serde_json::json!({ "error": first, "exit_code": e.exit_code() });
-    let _ = crate::output::stdout_line(format_args!("{v}"));
+    let _ = super::output::stdout_line(format_args!("{v}"));
 }
 
 /// One live session as `keepfs database sessions` shows it.
@@ -177,7 +180,7 @@ pub fn print_sessions(sessions: &[keepfs::catalog::Session], format: Format) -> 
     rows.sort_by_key(|r| r.id);
     match format {
         Format::Json => out!("{}", to_json(&rows)?),
-        Format::Table => crate::print_rows(
+        Format::Table => print_rows(
             &["id", "host", "pid", "purpose", "writes", "started (UTC)", "heartbeat (UTC)"],
             rows.into_iter()
                 .map(|r| {
@@ -195,4 +198,156 @@ pub fn print_sessions(sessions: &[keepfs::catalog::Session], format: Format) -> 
                 .collect(),
         ),
     }
+}
+
+pub(crate) fn labels_text(v: &Version) -> String {
+    v.labels
+        .iter()
+        .map(|(k, val)| if val.is_empty() { k.clone() } else { format!("{k}={val}") })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// How tables show a date and time (UTC).
+pub(crate) fn when(d: &chrono::DateTime<chrono::Utc>) -> String {
+    d.format("%Y-%m-%d %H:%M:%S").to_string()
+}
+
+pub(crate) fn yes_no(b: bool) -> String {
+    if b { "yes" } else { "no" }.to_string()
+}
+
+/// A plain table: a header line, then one line per row, columns padded to their widest cell.
+pub(crate) fn print_rows(header: &[&str], rows: Vec<Vec<String>>) -> Result<()> {
+    if machine() {
+        return print_machine(header, &rows);
+    }
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in &rows {
+        for (w, c) in widths.iter_mut().zip(r.iter()) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let parts: Vec<String> = cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        out!("{}", parts.join("  ").trim_end())
+    };
+    if !skip_header() {
+        line(header.to_vec())?;
+    }
+    for r in &rows {
+        line(r.iter().map(|s| s.as_str()).collect())?;
+    }
+    Ok(())
+}
+
+pub(crate) fn print_table(versions: &[Version]) -> Result<()> {
+    let header = [
+        "uid",
+        "date (UTC)",
+        "name",
+        "snapshot",
+        "size",
+        "block_size",
+        "status",
+        "protected",
+        "storage",
+        "expire (UTC)",
+        "labels",
+    ];
+    let rows: Vec<Vec<String>> = versions
+        .iter()
+        .map(|v| {
+            vec![
+                v.uid.to_string(),
+                when(&v.date),
+                v.name.clone(),
+                v.snapshot.clone(),
+                v.size.to_string(),
+                v.block_size.to_string(),
+                v.status.as_str().to_string(),
+                if v.protected { "yes" } else { "no" }.to_string(),
+                v.storage.clone(),
+                v.expire.as_ref().map(when).unwrap_or_default(),
+                labels_text(v),
+            ]
+        })
+        .collect();
+    print_rows(&header, rows)
+}
+
+/// What `config check` prints: every resolved path and storage, and where each key would
+/// come from, but no secret (no key, passphrase or S3 secret, and no access key).
+pub(crate) fn print_config(c: &Config) -> Result<()> {
+    use keepfs::config::StorageKind;
+    out!("configuration: {}", c.origin)?;
+    out!("home: {}", c.home.display())?;
+    out!("database: {}", c.catalog_location().display())?;
+    if let Some(url) = &c.database_url {
+        let from = if keepfs::catalog::postgres::url_has_password(url) {
+            "in the URL".to_string()
+        } else if let Some(f) = &c.database_password_file {
+            format!("database_password_file {}", f.display())
+        } else {
+            "PGPASSFILE or ~/.pgpass, if either has a line for it".to_string()
+        };
+        out!("database password: {from}")?;
+    }
+    if let Some(h) = &c.host {
+        keepfs::catalog::set_host(h);
+    }
+    let (host, from) = keepfs::catalog::host_and_origin();
+    out!("host: {host} ({from})")?;
+    out!("default storage: {}", c.default_storage)?;
+    out!(
+        "block size: {}; compression level {}; workers {}; storage writers {}; storage readers {}; source readers {}",
+        format_size(c.block_size as u64),
+        c.compression_level,
+        c.workers,
+        c.storage_writers,
+        c.storage_readers,
+        c.source_readers
+    )?;
+    out!(
+        "file mode: {:04o} (directories {:04o}); incomplete grace: {}s",
+        c.modes.file,
+        c.modes.dir,
+        c.incomplete_grace.num_seconds()
+    )?;
+    let env_key = |var: &str| std::env::var_os(var).filter(|v| !v.is_empty()).map(|_| format!("${var}"));
+    for s in &c.storages {
+        let kind = match &s.kind {
+            StorageKind::File { path } => format!("file {}", path.display()),
+            StorageKind::Null => "null (discards everything)".into(),
+            StorageKind::S3(s3) => format!(
+                "s3 {} region {} bucket {} prefix '{}' ({} addressing; credentials {})",
+                s3.endpoint,
+                s3.region,
+                s3.bucket,
+                s3.prefix,
+                if s3.path_style { "path" } else { "virtual-host" },
+                if s3.access_key.is_empty() { "missing" } else { "set" }
+            ),
+        };
+        let key = match (&s.key_file, &s.passphrase_file) {
+            (Some(f), _) => format!("key file {}", f.display()),
+            (None, Some(f)) => format!("passphrase file {}", f.display()),
+            _ => env_key("KEEPFS_KEY_FILE")
+                .or_else(|| env_key("KEEPFS_PASSPHRASE"))
+                .unwrap_or_else(|| "none (fine for an unencrypted storage)".into()),
+        };
+        let cache = s
+            .read_cache
+            .as_ref()
+            .map(|r| format!("; read cache {} up to {}", r.dir.display(), format_size(r.max_bytes)));
+        out!(
+            "storage {}: {kind}; key: {key}; encryption required: {}{}",
+            s.name,
+            if s.require_encryption { "yes" } else { "no" },
+            cache.unwrap_or_default()
+        )?;
+    }
+    let names: Vec<&str> = c.schedulers.iter().map(|s| s.name.as_str()).collect();
+    out!("schedulers: {}", names.join(", "))?;
+    Ok(())
 }

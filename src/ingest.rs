@@ -4,7 +4,7 @@
 //! (dedup) and sends only new blocks back to the workers to be compressed; writer threads
 //! store them. Memory is bounded by the buffer pool, not by the image size. A backup
 //! ([`crate::backup`]) records what completes into its index in block order; a draft
-//! ([`crate::draft`]) publishes each block's id as it completes.
+//! ([`crate::session::draft`]) publishes each block's id as it completes.
 
 use crate::block::{BlockId, ObjectKind, is_zero};
 use crate::catalog::SharedCatalog;

@@ -9,9 +9,9 @@ use common::*;
 use keepfs::Repository;
 use keepfs::backup::BackupOptions;
 use keepfs::cache::BlockCache;
-use keepfs::draft::{Draft, DraftOptions};
 use keepfs::progress::Silent;
 use keepfs::restore::RestoreOptions;
+use keepfs::session::draft::{Draft, DraftOptions};
 use keepfs::source::Url;
 use std::sync::Arc;
 

@@ -518,7 +518,7 @@ fn a_source_truncated_while_mapped_is_a_one_line_error_not_a_crash() {
 #[test]
 fn read_ahead_follows_streams_and_ignores_scattered_reads() {
     use keepfs::cache::BlockCache;
-    use keepfs::image::Prefetcher;
+    use keepfs::session::image::Prefetcher;
     let t = Repo::new();
     let dir = &t.dir;
     let (repo, _) = open(&t);

@@ -34,13 +34,19 @@
 //! handed over) but is never held across a commit or a discard: those take the draft
 //! out of its slot first, so that every other handle sees it gone, and run with no lock
 //! held. Whoever finds a slot whose draft is gone treats the slot as not there.
+//!
+//! Beside it: [`draft`], a writable image that becomes a version when committed, and
+//! [`image`], the random-access read path with its read-ahead.
+
+pub mod draft;
+pub mod image;
 
 use crate::backup::BackupOptions;
 use crate::cache::BlockCache;
-use crate::draft::{Draft, DraftOptions};
 use crate::error::Error;
-use crate::image::{Image, Prefetcher};
 use crate::repo::Repository;
+use crate::session::draft::{Draft, DraftOptions};
+use crate::session::image::{Image, Prefetcher};
 use crate::version::{Status, VersionUid, check_label, check_name, check_snapshot};
 use keepfs_face::{Extent, Fh, Opened, Opener, ReadRef, Sessions, VersionEntry};
 use parking_lot::Mutex;

@@ -16,11 +16,11 @@
 use crate::backup::BackupOptions;
 use crate::block::BlockId;
 use crate::error::{Error, Result};
-use crate::image::Image;
 use crate::index::{BlockSet, block_count};
 use crate::ingest::Ingest;
 use crate::record::Published;
 use crate::repo::{Repository, SessionGuard};
+use crate::session::image::Image;
 use crate::version::{Version, VersionUid};
 use lru::LruCache;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};

@@ -22,6 +22,7 @@ pub mod ingest;
 pub mod keys;
 pub mod metadata;
 pub mod metrics;
+pub mod named_file;
 pub mod perms;
 pub mod progress;
 pub mod rbd;

@@ -20,7 +20,6 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::{Registry, Unit};
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::Write;
 use std::path::Path;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
@@ -169,30 +168,17 @@ pub fn render(
     Ok(text)
 }
 
-/// Writes `text` to `path` for node-exporter's textfile collector: into a temporary file
-/// beside it, synced, renamed over `path`, and the directory synced, so that a scrape
-/// never sees half a file.
+/// Writes `text` to `path` for node-exporter's textfile collector, atomically (see
+/// [`crate::named_file`]), so that a scrape never sees half a file.
 pub fn write_file(path: &Path, text: &str) -> Result<()> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    let file_name =
-        path.file_name().ok_or_else(|| Error::Invalid(format!("--metrics-file {}: name a file", path.display())))?;
-    let tmp = dir.join(format!(".{}.tmp.{}", file_name.to_string_lossy(), std::process::id()));
-    let result = (|| -> std::io::Result<()> {
-        // Mode from the umask: the node exporter usually runs as its own user, and the
-        // metrics hold names and sizes, no data.
-        let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).open(&tmp)?;
-        f.write_all(text.as_bytes())?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)?;
-        std::fs::File::open(dir)?.sync_all()
-    })();
-    result.map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        Error::io(format!("cannot write the metrics file {}", path.display()), e)
-    })
+    let what = format!("cannot write the metrics file {}", path.display());
+    crate::named_file::write_named(path, &what, |w| w.write_all(text.as_bytes()).map_err(|e| Error::io(&what, e)))
+        // The command itself succeeded: a file that cannot be written is a failure (exit
+        // 1), not bad input.
+        .map_err(|e| match e {
+            Error::Invalid(m) => Error::Other(m),
+            e => e,
+        })
 }
 
 /// The URL a push goes to: `url` as given when it names a group (`.../metrics/job/...`),

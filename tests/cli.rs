@@ -1131,6 +1131,57 @@ fn root_uses_var_lib_keepfs_unless_it_already_has_a_repository_at_home() {
     assert_eq!(check(), format!("home: {}", user_home.display()), "an existing repository stays in use");
 }
 
+/// `metadata export FILE` and `--metrics-file FILE` write what FILE is: a symbolic link's
+/// target (the link stays), a FIFO's reader, a character device (`/dev/full` fails with
+/// "no space" and stays a device); a directory is refused. They used to rename a new
+/// file over it, which turned `/dev/full` into a regular file.
+#[test]
+fn an_export_writes_into_pipes_devices_and_links_instead_of_replacing_them() {
+    use std::os::unix::fs::FileTypeExt;
+    let repo = Repo::new();
+    fs::write(repo.path("a"), random_bytes(83, 2 * 65536)).unwrap();
+    let a = repo.backup("a", "a", &["-b", "64k"]);
+    // A symbolic link: its target gets the document.
+    let real = repo.path("real.json");
+    let link = repo.path("link.json");
+    std::os::unix::fs::symlink("real.json", &link).unwrap();
+    repo.ok(&["metadata", "export", &a, link.to_str().unwrap()]);
+    assert!(fs::symlink_metadata(&link).unwrap().file_type().is_symlink(), "the link stays a link");
+    let doc: serde_json::Value = serde_json::from_slice(&fs::read(&real).unwrap()).unwrap();
+    assert_eq!(doc["versions"][0]["uid"], a.as_str(), "{doc}");
+    // A FIFO: its reader gets the document.
+    let fifo = repo.path("fifo");
+    let made = std::process::Command::new("mkfifo").arg(&fifo).status().unwrap();
+    assert!(made.success());
+    let reader = {
+        let fifo = fifo.clone();
+        std::thread::spawn(move || fs::read(fifo).unwrap())
+    };
+    repo.ok(&["metadata", "export", &a, fifo.to_str().unwrap()]);
+    let read: serde_json::Value = serde_json::from_slice(&reader.join().unwrap()).unwrap();
+    assert_eq!(read, doc);
+    assert!(fs::metadata(&fifo).unwrap().file_type().is_fifo(), "the FIFO stays a FIFO");
+    // A character device that takes nothing: "no space", and it stays a device.
+    let r = repo.run(&["metadata", "export", &a, "/dev/full"]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(
+        r.error_line().contains("cannot write /dev/full") && r.error_line().contains("No space left"),
+        "{}",
+        r.stderr
+    );
+    assert!(fs::metadata("/dev/full").unwrap().file_type().is_char_device(), "/dev/full is still a device");
+    let r = repo.run(&["--metrics-file", "/dev/full", "ls"]);
+    assert_ne!(r.code, 0, "{}", r.stderr);
+    assert!(fs::metadata("/dev/full").unwrap().file_type().is_char_device(), "/dev/full is still a device");
+    // A directory: refused, in one line.
+    let dir = repo.path("adir");
+    fs::create_dir(&dir).unwrap();
+    let r = repo.run(&["metadata", "export", &a, dir.to_str().unwrap()]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.error_line().ends_with("is a directory; name a file"), "{}", r.stderr);
+    assert_eq!(fs::read_dir(&dir).unwrap().count(), 0, "nothing was left in it");
+}
+
 /// A uid named twice is one version: `rm V V` removes it once and says so once, an
 /// export holds it once, and a document that holds a version twice (made by hand, or by
 /// an older keepfs) is refused whole instead of importing its versions and then failing

@@ -636,30 +636,8 @@ pub(crate) fn run(cli: Cli) -> Result<i32> {
                 let mut w = std::io::BufWriter::new(std::io::stdout().lock());
                 repo.export_metadata_to(&uids, &mut w, output::STDOUT)?;
             } else {
-                // Written beside its place and renamed there once complete and durable: a
-                // failed export leaves no file that looks whole.
                 let what = format!("cannot write {}", file.display());
-                let dir = match file.parent() {
-                    Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-                    _ => PathBuf::from("."),
-                };
-                // Made as a plain file is (0666 less the umask), not private as temporary
-                // files are.
-                use std::os::unix::fs::PermissionsExt;
-                if !dir.is_dir() {
-                    return Err(Error::Invalid(format!("{what}: directory {} does not exist", dir.display())));
-                }
-                // (The error names what went wrong, not the temporary file's name.)
-                let tmp = tempfile::Builder::new()
-                    .permissions(std::fs::Permissions::from_mode(0o666))
-                    .tempfile_in(&dir)
-                    .map_err(|e| Error::io(&what, std::io::Error::from(e.kind())))?;
-                let mut w = std::io::BufWriter::new(tmp);
-                repo.export_metadata_to(&uids, &mut w, &what)?;
-                let tmp = w.into_inner().map_err(|e| Error::io(&what, e.into_error()))?;
-                tmp.as_file().sync_all().map_err(|e| Error::io(&what, e))?;
-                tmp.persist(&file).map_err(|e| Error::io(&what, e.error))?;
-                std::fs::File::open(&dir).and_then(|d| d.sync_all()).map_err(|e| Error::io(&what, e))?;
+                keepfs::named_file::write_named(&file, &what, |w| repo.export_metadata_to(&uids, w, &what))?;
             }
             Ok(exit::OK)
         }

@@ -314,7 +314,9 @@ pub const SYSTEM_HOME: &str = "/var/lib/keepfs";
 /// `~/.local/share/keepfs`.
 pub fn default_home() -> PathBuf {
     if let Some(h) = std::env::var_os("KEEPFS_HOME").filter(|h| !h.is_empty()) {
-        return PathBuf::from(h);
+        // Relative to the directory it was set in, as a shell means it: made absolute
+        // once, so that a mount daemon that changes directory keeps the same home.
+        return std::path::absolute(&h).unwrap_or_else(|_| PathBuf::from(h));
     }
     let base = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/root"));
     let user_home = base.join(".local/share/keepfs");
@@ -399,7 +401,7 @@ impl Config {
         match crate::catalog::Location::parse_setting("KEEPFS_DATABASE", &db).map_err(Error::Config)? {
             crate::catalog::Location::Postgres { url, .. } => self.database_url = Some(url),
             crate::catalog::Location::Sqlite(path) => {
-                self.database = path;
+                self.database = std::path::absolute(&path).unwrap_or(path);
                 self.database_url = None;
             }
         }
@@ -417,13 +419,46 @@ impl Config {
         let bad = |msg: String| Error::Config(format!("{origin}: {msg}"));
         let f: FileConfig =
             toml::from_str(text).map_err(|e| bad(e.message().to_string() + &location(text, e.span())))?;
+        // Every path a file names is absolute: a relative one would mean another place
+        // in each directory keepfs is started from (a backup's objects in one, its
+        // catalog's records of them in another).
+        let absolute = |key: &str, p: &Path| -> Result<()> {
+            if p.as_os_str().is_empty() {
+                return Err(bad(format!("{key} is empty: give an absolute path, or leave {key} out")));
+            }
+            if !p.is_absolute() {
+                return Err(bad(format!(
+                    "{key} must be an absolute path, not '{}' (a relative one would depend on the directory keepfs runs in)",
+                    p.display()
+                )));
+            }
+            Ok(())
+        };
+        let paths = [
+            ("home", f.home.as_deref()),
+            ("database_password_file", f.database_password_file.as_deref()),
+            ("key_file", f.key_file.as_deref()),
+            ("passphrase_file", f.passphrase_file.as_deref()),
+        ];
+        for (key, p) in paths {
+            p.map(|p| absolute(key, p)).transpose()?;
+        }
+        for s in &f.storage {
+            let paths = [("path", &s.path), ("key_file", &s.key_file), ("passphrase_file", &s.passphrase_file)];
+            for (key, p) in paths {
+                p.as_deref().map(|p| absolute(&format!("storage '{}': {key}", s.name), p)).transpose()?;
+            }
+        }
         let home = f.home.unwrap_or_else(default_home);
         let mut c = Config::embedded(home.clone());
         c.origin = origin.to_string();
         if let Some(db) = f.database {
             match crate::catalog::Location::parse_setting("database", &db).map_err(bad)? {
                 crate::catalog::Location::Postgres { url, .. } => c.database_url = Some(url),
-                crate::catalog::Location::Sqlite(path) => c.database = path,
+                crate::catalog::Location::Sqlite(path) => {
+                    absolute("database", &path)?;
+                    c.database = path
+                }
             }
         }
         c.database_password_file = f.database_password_file;
@@ -811,5 +846,36 @@ kind = "null"
             let e = Config::parse(bad, "t.toml").unwrap_err().to_string();
             assert!(e.starts_with("configuration: t.toml: "), "{bad}: {e}");
         }
+    }
+
+    /// A relative path in the file would be another place in every directory keepfs
+    /// runs in (a drill backed up from one directory and restored from another: its
+    /// blocks were "missing" and the version marked invalid), and an empty one is the
+    /// working directory: both are refused, naming the key.
+    #[test]
+    fn paths_in_the_file_are_absolute() {
+        for (text, key) in [
+            ("home = \"relative/dir\"", "home must be an absolute path, not 'relative/dir'"),
+            ("home = \"\"", "home is empty"),
+            ("database = \"meta.sqlite\"", "database must be an absolute path"),
+            ("database = \"\"", "database is empty"),
+            ("key_file = \"k\"", "key_file must be"),
+            ("database_password_file = \"pw\"", "database_password_file must be"),
+            ("[[storage]]\nname = \"a\"\nkind = \"file\"\npath = \"relstore\"", "storage 'a': path must be"),
+            ("[[storage]]\nname = \"a\"\nkind = \"file\"\npath = \"\"", "storage 'a': path is empty"),
+            (
+                "[[storage]]\nname = \"a\"\nkind = \"null\"\npassphrase_file = \"./p\"",
+                "storage 'a': passphrase_file must be",
+            ),
+        ] {
+            let e = Config::parse(text, "t.toml").unwrap_err().to_string();
+            assert!(e.starts_with("configuration: t.toml: ") && e.contains(key), "{text}: {e}");
+        }
+        let c = Config::parse(
+            "home = \"/h\"\ndatabase = \"/h/m.sqlite\"\n[[storage]]\nname = \"a\"\nkind = \"file\"\npath = \"/s\"\n",
+            "t",
+        )
+        .unwrap();
+        assert_eq!(c.home, PathBuf::from("/h"));
     }
 }

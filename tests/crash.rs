@@ -389,3 +389,83 @@ fn a_full_spool_stops_a_backup_with_a_clear_error_and_continue_finishes_it() {
     assert_eq!(repo.restore_sha(&uid, "out"), sha256_file(&repo.path("img")));
     assert_eq!(fs::read_dir(&spool).unwrap().count(), 0);
 }
+
+/// A tmpfs of `size` mounted on `dir` for the life of the guard (tests run as root).
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &std::path::Path, size: &str) -> Tmpfs {
+        fs::create_dir_all(dir).unwrap();
+        let st = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .status()
+            .expect("mount runs; this test needs root (CI runs as root)");
+        assert!(st.success(), "mounting a tmpfs needs root (CI runs as root)");
+        Tmpfs(dir.to_path_buf())
+    }
+
+    /// Fills it: a file written until the file system refuses another byte.
+    fn fill(&self) -> std::path::PathBuf {
+        use std::io::Write;
+        let filler = self.0.join("filler");
+        let mut f = fs::File::create(&filler).unwrap();
+        let chunk = vec![7u8; 4096];
+        while f.write_all(&chunk).is_ok() {}
+        while f.write_all(&chunk[..1]).is_ok() {}
+        filler
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// A full disk under the catalog says so. `database migrate --to` a file on a full file
+/// system fails naming the target and leaves no file there (a drill found a 4 KiB
+/// `new.sqlite` left, refusing the retry as "the file exists", and an error that read as
+/// if the repository's own catalog were full); with room, the retry migrates. A home
+/// whose file system is full fails every command with "its file system is full", not
+/// SQLite's "disk I/O error", which reads as a failing disk.
+#[test]
+fn a_full_disk_under_a_catalog_is_said_and_a_failed_migration_leaves_nothing() {
+    let repo = Repo::new();
+    fs::write(repo.path("img"), random_bytes(91, 1 << 20)).unwrap();
+    repo.backup("img", "vm", &["-b", "64k"]);
+    let target = Tmpfs::mount(&repo.path("target"), "1m");
+    let filler = target.fill();
+    let to = target.0.join("new.sqlite");
+    let r = repo.run(&["database", "migrate", "--to", to.to_str().unwrap()]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert_eq!(r.stderr.lines().filter(|l| l.starts_with("keepfs: error")).count(), 1, "{}", r.stderr);
+    let line = r.error_line();
+    assert!(
+        line.contains(&format!("migrating into {}", to.display())) && line.contains("nothing was left there"),
+        "{line}"
+    );
+    let left: Vec<_> = fs::read_dir(&target.0).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(left, vec![std::ffi::OsString::from("filler")], "only the filler is there");
+    fs::remove_file(&filler).unwrap();
+    repo.ok(&["database", "migrate", "--to", to.to_str().unwrap()]);
+    drop(target);
+
+    // A home on a file system with no room left: every command says the disk is full.
+    let other = Repo::new();
+    let home = Tmpfs::mount(&other.home(), "4m");
+    other.ok(&["init"]);
+    fs::write(other.path("img"), random_bytes(92, 64 << 10)).unwrap();
+    let v = other.backup("img", "vm", &[]);
+    home.fill();
+    for args in [vec!["ls"], vec!["backup", "--continue", &v, &other.url("img"), "vm"]] {
+        let r = other.run(&args);
+        assert_ne!(r.code, 0, "{args:?}: {}", r.stderr);
+        let line = r.error_line();
+        assert!(
+            line.contains("its file system is full") && line.contains("No space left on device"),
+            "{args:?}: {line}"
+        );
+    }
+    drop(home);
+}

@@ -188,6 +188,10 @@ impl crate::Repository {
             super::Location::Sqlite(path) => {
                 // Absolute, so that what is printed can go into `database` as it is.
                 let path = std::path::absolute(&path).map_err(|e| Error::io(format!("--to {target}"), e))?;
+                // Into a directory that is there: a mistyped one is not made.
+                if let Some(dir) = path.parent().filter(|d| !d.is_dir()) {
+                    return Err(Error::Invalid(format!("--to {target}: directory {} does not exist", dir.display())));
+                }
                 // A new file, or an empty regular one: never a device, nor anything holding data.
                 match std::fs::symlink_metadata(&path) {
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -224,18 +228,28 @@ impl crate::Repository {
         refuse_running(&self.db().begin_move(session.id)?)?;
         let moving = MovingRow { repo: self, session: &session };
         crate::test_knobs::stall("KEEPFS_TEST_MIGRATE_STALL_MS");
-        let mut to = super::open(&location, self.config.modes)?;
-        refuse_nonempty(to.as_ref())?;
-        // Read through a connection of its own, so that the session's heartbeats go on
-        // (through the repository's) however long the copy takes.
-        let from = super::open(&self.config.catalog_location(), self.config.modes)?;
-        // From here on, a failure leaves part of a copy in the target.
-        let report = match copy(from.as_ref(), to.as_mut()) {
-            Ok(r) => r,
+        // A failure while the target is made (a full disk) or copied into leaves nothing
+        // of ours there, so that nothing half-copied looks valid, and says where it was.
+        let mut copied = false;
+        let mut into = || -> Result<(Box<dyn Catalog>, CopyReport)> {
+            let mut to = super::open(&location, self.config.modes)?;
+            refuse_nonempty(to.as_ref())?;
+            copied = true;
+            // Read through a connection of its own, so that the session's heartbeats go on
+            // (through the repository's) however long the copy takes.
+            let from = super::open(&self.config.catalog_location(), self.config.modes)?;
+            let report = copy(from.as_ref(), to.as_mut())?;
+            super::copy_storage_places(from.as_ref(), to.as_ref(), &self.config)?;
+            if to.engine() != "sqlite" {
+                super::check_owner(to.as_ref(), &self.config)?;
+            }
+            Ok((to, report))
+        };
+        let (_to, report) = match into() {
+            Ok(done) => done,
             Err(e) => {
-                drop(to);
-                return Err(match &location {
-                    // A new file of ours: removed, so that nothing half-copied looks valid.
+                let left = match &location {
+                    // New files of ours: removed.
                     super::Location::Sqlite(path) => {
                         for p in &made {
                             let _ = std::fs::remove_file(p);
@@ -244,18 +258,21 @@ impl crate::Repository {
                         if !made.contains(&path.clone().into_os_string()) {
                             let _ = std::fs::OpenOptions::new().write(true).open(path).and_then(|f| f.set_len(0));
                         }
-                        e
+                        "nothing was left there".to_string()
                     }
-                    super::Location::Postgres { .. } => Error::Other(format!(
-                        "{e}; the target database may hold part of the copy: drop and create it again (dropdb, createdb) before migrating again"
-                    )),
+                    super::Location::Postgres { .. } if copied => "the target database may hold part of the copy: drop and create it again (dropdb, createdb) before migrating again".to_string(),
+                    super::Location::Postgres { .. } => "nothing was copied".to_string(),
+                };
+                let said = format!("migrating into {}: {e}; {left}", location.display());
+                return Err(match e {
+                    Error::Invalid(_) => Error::Invalid(said),
+                    Error::Refused(_) => Error::Refused(said),
+                    Error::Config(_) => Error::Config(said),
+                    Error::Key(_) => Error::Key(said),
+                    _ => Error::Other(said),
                 });
             }
         };
-        super::copy_storage_places(from.as_ref(), to.as_ref(), &self.config)?;
-        if to.engine() != "sqlite" {
-            super::check_owner(to.as_ref(), &self.config)?;
-        }
         // From now on the new catalog is the repository's: this one refuses to be used,
         // so that no host left on it backs up or cleans up beside the new one.
         let when = chrono::Utc::now().format("%Y-%m-%d %H:%M UTC");

@@ -300,6 +300,10 @@ impl SqliteCatalog {
             .truncate(false)
             .open(path)
             .map_err(|e| Error::io(format!("cannot open the metadata database {}", path.display()), e))?;
+        SqliteCatalog::open_file(path).map_err(|e| out_of_space(e, path))
+    }
+
+    fn open_file(path: &Path) -> Result<SqliteCatalog> {
         let conn = Connection::open(path)
             .map_err(|e| Error::Other(format!("cannot open the metadata database {}: {e}", path.display())))?;
         conn.busy_timeout(BUSY_TIMEOUT)?;
@@ -1265,6 +1269,40 @@ impl SqliteCatalog {
         let after = pages(&self.conn)?;
         Ok(before.saturating_sub(after) as u64)
     }
+}
+
+/// A database that fails to open with an I/O error on a file system with no space left
+/// says so: SQLite reports a write that found no space while it sets up its shared
+/// memory file as "disk I/O error", which reads as a failing disk (found by a drill).
+fn out_of_space(e: Error, path: &Path) -> Error {
+    let io_failure = matches!(
+        &e,
+        Error::Database(rusqlite::Error::SqliteFailure(f, _))
+            if matches!(f.code, rusqlite::ErrorCode::SystemIoFailure | rusqlite::ErrorCode::DiskFull)
+    );
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    if io_failure && space_left(dir).is_some_and(|left| left < 1 << 20) {
+        return Error::io(
+            format!(
+                "the metadata database {} cannot be written (its file system is full: free space there)",
+                path.display()
+            ),
+            std::io::Error::from_raw_os_error(libc::ENOSPC),
+        );
+    }
+    e
+}
+
+/// Bytes an unprivileged writer may still use on the file system holding `dir`.
+fn space_left(dir: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid C string and a statvfs to fill.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return None;
+    }
+    Some(st.f_bavail as u64 * st.f_frsize as u64)
 }
 
 #[cfg(test)]

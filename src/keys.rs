@@ -173,6 +173,8 @@ pub fn write_new_key_file(path: &Path) -> Result<KeyId> {
     let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).map_err(|e| {
         if e.kind() == std::io::ErrorKind::AlreadyExists {
             Error::Refused(format!("{} exists; keepfs never overwrites a key file", path.display()))
+        } else if e.kind() == std::io::ErrorKind::NotFound {
+            Error::Invalid(format!("cannot create key file {}: its directory does not exist", path.display()))
         } else {
             Error::io(format!("cannot create key file {}", path.display()), e)
         }

@@ -555,6 +555,14 @@ fn user_mistakes_give_one_line_errors() {
         (vec!["ls", "name = 'x'"], 2, "column 6"),
         (vec!["ls", "size > true"], 2, "filter:"),
         (vec!["protect", "V0000000042"], 2, "does not exist"),
+        // A file, directory or address that is not there or not one (exit 1 before).
+        (vec!["metadata", "import", "/tmp/keepfs-never.json"], 2, "name a metadata export file"),
+        (vec!["metadata", "import", "/tmp"], 2, "Is a directory"),
+        (vec!["mount", "/tmp/keepfs-never/mnt"], 2, "does not exist; make it first"),
+        (vec!["nbd", "--listen", "notanaddr"], 2, "give HOST:PORT of this host"),
+        (vec!["nbd", "--listen", "999.1.1.1:1"], 2, "give HOST:PORT of this host"),
+        (vec!["key", "new", "/tmp/keepfs-never/k"], 2, "its directory does not exist"),
+        (vec!["database", "migrate", "--to", "/tmp/keepfs-never/new.sqlite"], 2, "keepfs-never does not exist"),
     ];
     // A keepfs built without the rbd feature says how to get one (with it: tests/rbd.rs).
     #[cfg(not(feature = "rbd"))]

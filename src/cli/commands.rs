@@ -649,8 +649,18 @@ pub(crate) fn run(cli: Cli) -> Result<i32> {
             let doc: Box<dyn std::io::Read> = if file.as_os_str() == "-" {
                 Box::new(std::io::BufReader::new(std::io::stdin().lock()))
             } else {
-                let f =
-                    std::fs::File::open(&file).map_err(|e| Error::io(format!("cannot read {}", file.display()), e))?;
+                // A file that is not there, or not a file, is bad input (exit 2).
+                let f = std::fs::File::open(&file)
+                    .and_then(|f| match f.metadata()?.is_dir() {
+                        true => Err(std::io::Error::from_raw_os_error(libc::EISDIR)),
+                        false => Ok(f),
+                    })
+                    .map_err(|e| match e.kind() {
+                        std::io::ErrorKind::NotFound | std::io::ErrorKind::IsADirectory => {
+                            Error::Invalid(format!("cannot read {}: {e}; name a metadata export file", file.display()))
+                        }
+                        _ => Error::io(format!("cannot read {}", file.display()), e),
+                    })?;
                 Box::new(std::io::BufReader::new(f))
             };
             for uid in repo.import_metadata(doc)? {
@@ -1071,10 +1081,19 @@ pub(crate) fn run(cli: Cli) -> Result<i32> {
 
 /// A server's address it cannot listen on: one held by another (a live server, a file
 /// that is not a socket) is refused (exit 4), anything else an I/O error.
+/// An address that is not one, or not this host's, is bad input (exit 2).
 pub(crate) fn listen_error(at: &str, e: std::io::Error) -> Error {
+    use std::net::ToSocketAddrs;
     match e.kind() {
         std::io::ErrorKind::AddrInUse | std::io::ErrorKind::AlreadyExists => {
             Error::Refused(format!("cannot listen on {at}: {e}"))
+        }
+        std::io::ErrorKind::InvalidInput | std::io::ErrorKind::AddrNotAvailable => {
+            Error::Invalid(format!("cannot listen on {at}: {e}; give HOST:PORT of this host (e.g. 127.0.0.1:10809)"))
+        }
+        // A name that does not resolve.
+        _ if !at.starts_with('/') && at.to_socket_addrs().is_err() => {
+            Error::Invalid(format!("cannot listen on {at}: {e}; give HOST:PORT of this host (e.g. 127.0.0.1:10809)"))
         }
         _ => Error::io(format!("cannot listen on {at}"), e),
     }

@@ -53,6 +53,11 @@ pub(crate) fn prepare_mountpoint(dir: &std::path::Path) -> Result<()> {
             note!("keepfs: detached the dead mount left at {}", dir.display());
             Ok(())
         }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(Error::Invalid(format!(
+            "mount point {} does not exist; make it first (mkdir -p {})",
+            dir.display(),
+            dir.display()
+        ))),
         Err(e) => Err(Error::io(format!("cannot use mount point {}", dir.display()), e)),
     }
 }

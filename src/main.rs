@@ -26,8 +26,31 @@ fn main() {
         }
     };
     let matches = cli_command().try_get_matches_from(args).unwrap_or_else(|e| {
-        print::usage_error_json(&e);
-        e.exit()
+        use clap::error::ErrorKind;
+        let code = match e.kind() {
+            // What was asked for (--help, --version) goes to stdout; a write that fails
+            // (a full disk) is a failure, as for every other output.
+            ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => match e.print() {
+                Ok(()) => e.exit_code(),
+                Err(err) if err.kind() == std::io::ErrorKind::BrokenPipe => exit::OK,
+                Err(err) => {
+                    note!("keepfs: error: cannot write to standard output: {err}");
+                    exit::FAILURE
+                }
+            },
+            // `keepfs` alone, or a command group without its command: the help, on stderr.
+            ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+                let _ = e.print();
+                e.exit_code()
+            }
+            _ => {
+                print::usage_error_json(&e);
+                note!("keepfs: error: {}", print::usage_error_line(&e));
+                e.exit_code()
+            }
+        };
+        output::finish();
+        std::process::exit(code)
     });
     let cli = <Cli as clap::FromArgMatches>::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     print::set_json(print::wants_json(&matches));

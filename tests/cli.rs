@@ -491,6 +491,37 @@ fn ls_filters_and_labels() {
     assert!(table.contains("env=prod,tier"));
 }
 
+/// A command line the parser refuses is one line too, naming what is wrong (with the
+/// tip and the usage folded in), exit 2; JSON asked for gets the same message. Help and
+/// version that cannot be written (a full disk) are a failure, not a silent success.
+#[test]
+fn command_line_mistakes_are_one_line_and_help_that_cannot_be_written_fails() {
+    let repo = Repo::new();
+    for (args, says) in [
+        (vec!["bakup"], "unrecognized subcommand 'bakup'; tip: a similar subcommand exists: 'backup'"),
+        (vec!["backup"], "the following required arguments were not provided: <SOURCE> <NAME> (usage: keepfs backup"),
+        (vec!["ls", "--foo"], "unexpected argument '--foo' found"),
+        (vec!["ls", "--format", "xml"], "invalid value 'xml' for '--format <FORMAT>' [possible values: table, json]"),
+        (vec!["completion", "tcsh"], "invalid value 'tcsh'"),
+    ] {
+        let r = repo.run(&args);
+        assert_eq!(r.code, 2, "{args:?}: {}", r.stderr);
+        assert_eq!(r.stderr.lines().count(), 1, "{args:?}: {}", r.stderr);
+        assert!(r.stderr.starts_with("keepfs: error: ") && r.stderr.contains(says), "{args:?}: {}", r.stderr);
+    }
+    let r = repo.run(&["backup", "--format", "json", "null://1M"]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    let doc: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert!(doc["error"].as_str().unwrap().contains("not provided: <NAME>"), "{doc}");
+    for flag in ["--help", "-V"] {
+        let mut c = repo.command(&[flag]);
+        c.stdout(fs::OpenOptions::new().write(true).open("/dev/full").unwrap());
+        let out = c.output().unwrap();
+        assert_eq!(out.status.code(), Some(1), "{flag}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(String::from_utf8_lossy(&out.stderr).contains("No space left on device"));
+    }
+}
+
 #[test]
 fn user_mistakes_give_one_line_errors() {
     let repo = Repo::new();

@@ -130,8 +130,30 @@ pub fn error_json(e: &Error) {
     let _ = super::output::stdout_line(format_args!("{v}"));
 }
 
+/// A command line clap refused, in one line (`keepfs: error: …`, as every other error):
+/// clap's message with its argument list and tips folded in, and the usage. Its own
+/// rendering is several lines and a blank one (found by a drill).
+pub fn usage_error_line(e: &clap::Error) -> String {
+    let text = e.render().to_string();
+    let mut said: Vec<String> = Vec::new();
+    let mut usage = None;
+    for para in text.split("\n\n") {
+        let para = para.trim();
+        if let Some(u) = para.strip_prefix("Usage: ") {
+            usage = Some(u.split_whitespace().collect::<Vec<_>>().join(" "));
+        } else if !para.is_empty() && !para.starts_with("For more information") {
+            said.push(para.trim_start_matches("error: ").split_whitespace().collect::<Vec<_>>().join(" "));
+        }
+    }
+    let mut line = said.join("; ");
+    if let Some(u) = usage {
+        line.push_str(&format!(" (usage: {u}; --help tells more)"));
+    }
+    line
+}
+
 /// A command line clap refused, as JSON on standard output when the arguments ask for
-/// `--format json` (clap's own message still goes to standard error, exit 2).
+/// `--format json` (the line still goes to standard error, exit 2).
 pub fn usage_error_json(e: &clap::Error) {
     let args: Vec<String> = std::env::args().collect();
     let asked =
@@ -139,9 +161,7 @@ pub fn usage_error_json(e: &clap::Error) {
     if !asked || !e.use_stderr() {
         return;
     }
-    let text = e.to_string();
-    let first = text.lines().next().unwrap_or_default().trim_start_matches("error: ").to_string();
-    let v = serde_json::json!({ "error": first, "exit_code": e.exit_code() });
+    let v = serde_json::json!({ "error": usage_error_line(e), "exit_code": e.exit_code() });
     let _ = super::output::stdout_line(format_args!("{v}"));
 }
 

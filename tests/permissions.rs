@@ -86,6 +86,13 @@ fn a_new_repository_is_readable_by_its_owner_only() {
     repo.ok(&["cleanup"]);
     let db_files: &[&str] = if sqlite { &["keepfs.sqlite"] } else { &[] };
     assert_owner_only(&repo.home(), &[db_files, &["storage/tmp"]].concat());
+    // A mount in the background logs to the home, privately too (it was 0644).
+    let mnt = repo.path("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    repo.ok(&["mount", "--daemon", mnt.to_str().unwrap()]);
+    let unmounted = std::process::Command::new("fusermount3").arg("-u").arg(&mnt).status().unwrap();
+    assert!(unmounted.success());
+    assert_owner_only(&repo.home(), &["mount.log"]);
 }
 
 /// What the engine writes besides the storage: a draft's spool file (blocks written

@@ -756,7 +756,7 @@ pub(crate) fn run(cli: Cli) -> Result<i32> {
             metrics,
         } => {
             if daemon {
-                return mount_daemon(&mountpoint, &repo.config.home.join("mount.log"));
+                return mount_daemon(&mountpoint, &repo.config.home.join("mount.log"), repo.config.modes);
             }
             prepare_mountpoint(&mountpoint)?;
             few_malloc_arenas();

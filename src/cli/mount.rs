@@ -151,12 +151,14 @@ pub(crate) fn on_signal(then: impl FnOnce(libc::c_int) + Send + 'static) {
 
 /// Starts the mount in a detached child and returns once it is mounted. The child's
 /// messages go to `log` (it must not hold on to the caller's terminal or pipes).
-pub(crate) fn mount_daemon(dir: &std::path::Path, log: &std::path::Path) -> Result<i32> {
+pub(crate) fn mount_daemon(dir: &std::path::Path, log: &std::path::Path, modes: keepfs::perms::Modes) -> Result<i32> {
     use std::os::unix::process::CommandExt;
     let exe = std::env::current_exe().map_err(|e| Error::io("cannot find the keepfs executable", e))?;
     let args: Vec<String> = mount_options::effective_args().into_iter().skip(1).filter(|a| a != "--daemon").collect();
     let mut cmd = std::process::Command::new(exe);
-    let logf = std::fs::OpenOptions::new()
+    // Made as every file of the home is (`file_mode`, owner-only by default).
+    let logf = modes
+        .options()
         .create(true)
         .append(true)
         .open(log)

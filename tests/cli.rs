@@ -962,6 +962,14 @@ fn closed_pipes_and_full_disks_never_panic_and_never_hide_done_work() {
         warning.starts_with("keepfs: warning: ") && warning.ends_with(made) && warning.contains("No space left"),
         "{err}"
     );
+    // The same in JSON (pretty, several lines): the whole object is quoted, in one line.
+    let (code, err) = run_into(&repo, &["backup", "--format", "json", &url, "full-json"], Out::Full, Out::Piped);
+    assert_eq!(code, 0, "{err}");
+    let json_uid = repo.ls_json(Some("name == 'full-json'"))[0]["uid"].as_str().unwrap().to_string();
+    let warning = err.lines().last().unwrap();
+    let quoted: serde_json::Value =
+        serde_json::from_str(warning.split("its first lost line: ").nth(1).unwrap()).unwrap();
+    assert_eq!(quoted["uid"], json_uid.as_str(), "{err}");
     let (code, err) = run_into(&repo, &["backup", &url, "gone"], Out::ClosedPipe, Out::Piped);
     assert_eq!(code, 0, "{err}");
     assert_eq!(repo.ls_json(Some("name == 'gone'"))[0]["status"], "valid");

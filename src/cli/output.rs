@@ -9,7 +9,7 @@
 //! - [`report!`]: a line about work being done or done (the uid of a committed backup,
 //!   the versions removed). Its failure stops nothing and changes no exit code: the work
 //!   stands. When lines were lost for a reason other than a closed pipe, one warning on
-//!   standard error says so and quotes the first lost line (so a backup's uid is never
+//!   standard error says so and quotes the first lost line, or a JSON report whole on one line (so a backup's uid is never
 //!   lost silently).
 //! - [`note!`]: a message on standard error. When standard error itself cannot be
 //!   written there is nowhere left to complain, so its errors are ignored.
@@ -79,7 +79,16 @@ pub fn finish() {
     if let Some((line, e)) = lost
         && e.kind() != io::ErrorKind::BrokenPipe
     {
-        let first = line.lines().next().unwrap_or_default();
+        // A report of several lines (pretty JSON) is quoted whole, on one line, so that
+        // what it says (a backup's uid) is not lost with it; a long one is cut.
+        let mut first: String = match serde_json::from_str::<serde_json::Value>(&line) {
+            Ok(v) => v.to_string(),
+            Err(_) => line.lines().next().unwrap_or_default().to_string(),
+        };
+        if let Some((cut, _)) = first.char_indices().nth(2000) {
+            first.truncate(cut);
+            first.push('…');
+        }
         note!(
             "keepfs: warning: the work is done, but standard output could not be written ({e}); its first lost line: {first}"
         );

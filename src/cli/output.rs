@@ -9,8 +9,8 @@
 //! - [`report!`]: a line about work being done or done (the uid of a committed backup,
 //!   the versions removed). Its failure stops nothing and changes no exit code: the work
 //!   stands. When lines were lost for a reason other than a closed pipe, one warning on
-//!   standard error says so and quotes the first lost line, or a JSON report whole on one line (so a backup's uid is never
-//!   lost silently).
+//!   standard error says so and quotes the first lost line, or a JSON report whole on
+//!   one line (so a backup's uid is never lost silently).
 //! - [`note!`]: a message on standard error. When standard error itself cannot be
 //!   written there is nowhere left to complain, so its errors are ignored.
 

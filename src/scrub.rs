@@ -93,6 +93,15 @@ pub(crate) fn sampled(seed: u64, idx: u64, percent: u8) -> bool {
     x % 100 < percent as u64
 }
 
+/// A number below `n` (n ≥ 1) drawn with `seed` for the `n`th item.
+fn draw(seed: u64, n: u64) -> u64 {
+    let mut x = seed ^ n.wrapping_mul(0xD6E8_FEB8_6659_FD93);
+    x ^= x >> 32;
+    x = x.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    x ^= x >> 29;
+    x % n
+}
+
 /// The fields of a version its version object must carry as the database has them (the
 /// status is not among them: scrubs and restores change it in the database only).
 fn differing_fields(db: &Version, stored: &Version) -> Vec<&'static str> {
@@ -256,17 +265,27 @@ impl Repository {
             .map(|d| d.as_nanos() as u64)
             .unwrap_or(1)
             ^ std::process::id() as u64;
-        let chosen = |i: u64| sampled(seed, i, opts.percent);
         // The catalog's index is read as a stream, never held: once to check it end to
         // end (counting the chosen blocks and digesting it for the comparison with the
         // version object), once to hand the objects to the checkers, and after a clean
         // deep scrub once more to mark them valid.
         let (mut chosen_blocks, mut digest) = (0u64, IndexDigest::default());
+        // A sample that drew no block of a small version takes one drawn evenly from
+        // its data blocks (reservoir sampling), so that a scrub never checks nothing
+        // and reports it all good.
+        let (mut data_blocks, mut one) = (0u64, None);
         let walked = self.walk_index_or_damage(&version, |i, id| {
             digest.add(i, id);
-            chosen_blocks += chosen(i) as u64;
+            chosen_blocks += sampled(seed, i, opts.percent) as u64;
+            data_blocks += 1;
+            if draw(seed, data_blocks) == 0 {
+                one = Some(i);
+            }
             true
         })?;
+        let forced = (chosen_blocks == 0).then_some(one).flatten();
+        chosen_blocks += forced.is_some() as u64;
+        let chosen = |i: u64| sampled(seed, i, opts.percent) || forced == Some(i);
         let head = match walked.and_then(|h| h.ok_or(IndexError::Malformed("stopped early".into()))) {
             Ok(head) => head,
             Err(_) => {

@@ -547,6 +547,9 @@ fn user_mistakes_give_one_line_errors() {
         (vec!["backup", &fifo, "x"], 2, "is a FIFO (named pipe), not an image"),
         (vec!["backup", &socket, "x"], 2, "is a socket, not an image"),
         (vec!["backup", &dir, "x"], 2, "is a directory, not an image"),
+        // Kernel pseudo-files: "Invalid argument", or a backup failed halfway (size 4096).
+        (vec!["backup", "/proc/version", "x"], 2, "is a file of the kernel's procfs"),
+        (vec!["backup", "/sys/kernel/uevent_seqnum", "x"], 2, "kernel's sysfs"),
         (vec!["deep-scrub", &uid, "--source", &fifo], 2, "is a FIFO"),
         (vec!["restore", &uid, &fifo], 2, "is a pipe or socket"),
         (vec!["restore", &uid, "-"], 2, "cannot write to standard output"),

@@ -79,6 +79,7 @@ impl FileSource {
         let mut file = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(path)?;
         let meta = file.metadata()?;
         check_kind(&meta)?;
+        check_file_system(&file)?;
         // Back to blocking reads (O_NONBLOCK only guarded the open).
         // SAFETY: fcntl on a valid descriptor.
         unsafe {
@@ -119,6 +120,34 @@ impl FileSource {
             io::ErrorKind::UnexpectedEof,
             format!("the source shrank while being read (it is now {now} bytes, it was {})", self.size),
         )
+    }
+}
+
+/// Refuses a kernel pseudo-file (procfs, sysfs, debugfs, …): its size says nothing of
+/// what it holds (/proc/version is "0 bytes" and cannot seek to its end; a sysfs file
+/// is "4096" and ends sooner, which failed a backup halfway with "the source shrank").
+fn check_file_system(file: &std::fs::File) -> io::Result<()> {
+    const PSEUDO: &[(i64, &str)] = &[
+        (0x9fa0, "procfs"),
+        (0x6265_6572, "sysfs"),
+        (0x6462_6720, "debugfs"),
+        (0x7472_6163, "tracefs"),
+        (0x2745_4d4d, "securityfs"),
+        (0x6367_7270, "cgroup2"),
+    ];
+    // SAFETY: fstatfs on a valid descriptor into a zeroed statfs.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) } != 0 {
+        return Ok(()); // unknown: read it as any other file
+    }
+    match PSEUDO.iter().find(|(magic, _)| st.f_type as i64 == *magic) {
+        Some((_, fs)) => Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "is a file of the kernel's {fs}, whose size is not its content, not an image; copy it to a regular file first"
+            ),
+        )),
+        None => Ok(()),
     }
 }
 

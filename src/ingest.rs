@@ -273,7 +273,10 @@ impl Ingest {
         let context = "the backup stopped".to_string();
         Some(match errno {
             libc::ENOSPC | libc::EDQUOT => {
-                Error::Io { context: format!("{context}: {msg}"), source: std::io::Error::from_raw_os_error(errno) }
+                // The message ends with the cause already: said once.
+                let source = std::io::Error::from_raw_os_error(errno);
+                let msg = msg.strip_suffix(&format!(": {source}")).unwrap_or(&msg);
+                Error::Io { context: format!("{context}: {msg}"), source }
             }
             _ => Error::Other(format!("{context}: {msg}")),
         })

@@ -61,6 +61,11 @@ fn kill_9_during_backup_leaves_an_incomplete_version_and_a_consistent_repository
     let bytes =
         || -> u64 { files_under(&repo.storage().join("blocks")).iter().map(|f| f.metadata().unwrap().len()).sum() };
     let before = bytes();
+    let stale = repo.storage().join("tmp").join("stale.upload");
+    fs::write(&stale, b"left by a killed write").unwrap();
+    let an_hour_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+    fs::File::options().write(true).open(&stale).unwrap().set_modified(an_hour_ago).unwrap();
+    let temporaries = count_files(&repo.storage().join("tmp")) as u64;
     let r = repo.run(&["cleanup", "--format", "json"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     let done: serde_json::Value = serde_json::from_str(&r.stdout).unwrap_or_else(|e| panic!("{e}: {}", r.stdout));
@@ -74,6 +79,8 @@ fn kill_9_during_backup_leaves_an_incomplete_version_and_a_consistent_repository
     };
     assert_eq!(repo.block_objects(), index_objects);
     assert_eq!(count_files(&repo.storage().join("tmp")), 0, "temporary files of the killed run are purged");
+    // … and counted (a drill saw one removed and "0 orphaned file(s)" said).
+    assert_eq!(done["storages"][0]["temporaries_deleted"].as_u64(), Some(temporaries), "{done}");
     assert_eq!(repo.restore_sha(&good, "out"), sha256_file(&repo.path("img")));
 }
 

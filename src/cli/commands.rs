@@ -1041,12 +1041,15 @@ pub(crate) fn run(cli: Cli) -> Result<i32> {
                         }
                     } else if let Some(claim) = &claim {
                         let r = repo.apply_cleanup_claimed(&plan, claim)?;
-                        say(format!(
-                            "{part}: deleted {} object(s) and {} orphaned file(s), freed {}",
-                            r.objects_deleted,
-                            r.orphans_deleted,
-                            format_size(r.bytes_freed)
-                        ))?;
+                        let (objects, orphans) = (r.objects_deleted, r.orphans_deleted);
+                        let deleted = match r.temporaries_deleted {
+                            0 => format!("{objects} object(s) and {orphans} orphaned file(s)"),
+                            n => format!(
+                                "{objects} object(s), {orphans} orphaned file(s) and {n} temporary file(s) of stopped writes"
+                            ),
+                        };
+                        say(format!("{part}: deleted {deleted}, freed {}", format_size(r.bytes_freed)))?;
+                        sum(&mut j, "temporaries_deleted", r.temporaries_deleted);
                         sum(&mut j, "objects_deleted", r.objects_deleted);
                         sum(&mut j, "orphans_deleted", r.orphans_deleted);
                         sum(&mut j, "bytes_freed", r.bytes_freed);

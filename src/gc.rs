@@ -447,6 +447,8 @@ impl Repository {
             )));
         }
         let storage = self.storage_to_delete_from(&plan.storage)?;
+        // Still this catalog's, read afresh: another that claimed it meanwhile keeps it.
+        self.check_owner_now(&plan.storage)?;
         let me = claim.lease.session.id;
         let mut report = CleanupReport::default();
         let sid = self.storage_id(&plan.storage)?;

@@ -560,7 +560,13 @@ impl Repository {
                     ring.current
                 ))
             })?;
-        let unlocked = ring.unlock(&source, name)?;
+        // A key file that cannot be read (lost, moved) says which key to bring back.
+        let unlocked = ring.unlock(&source, name).map_err(|e| match e {
+            Error::Invalid(m) if m.starts_with("cannot read key file") => {
+                Error::Key(format!("storage '{name}': {m}; it needs key {}", ring.current))
+            }
+            e => e,
+        })?;
         let current = ring.current_id().ok_or_else(|| {
             Error::Other(format!("storage '{name}': the keyring's current key '{}' is not a key id", ring.current))
         })?;
@@ -646,6 +652,8 @@ impl Repository {
     /// made at once would each write back what they read, the later one dropping the
     /// other's key (and with it what was sealed for that key).
     fn keyring_lease(&self, name: &str, purpose: &str) -> Result<crate::repo::Lease> {
+        // A key change writes to the storage: only its owner's (see `owner`).
+        self.claim_storage(name)?;
         self.lease(&format!("keyring/{name}"), purpose)?.map_err(|held| {
             Error::Refused(format!(
                 "the keyring of storage '{name}' is being changed by a {} ({}); wait for it to finish",

@@ -23,6 +23,7 @@ pub mod keys;
 pub mod metadata;
 pub mod metrics;
 pub mod named_file;
+pub mod owner;
 pub mod perms;
 pub mod progress;
 pub mod rbd;

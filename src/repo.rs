@@ -21,6 +21,10 @@ pub struct Repository {
     /// Held while a storage is unlocked, so that threads asking at once (the mount's)
     /// unlock it once (one prompt, one key derivation).
     unlocking: Mutex<()>,
+    /// Storages this process found its catalog to own (see `owner`).
+    pub(crate) owner_checked: Mutex<std::collections::HashSet<String>>,
+    /// `database rebuild --take-over`: storages owned by another catalog become this one's.
+    pub(crate) take_over: std::sync::atomic::AtomicBool,
     /// Test instrumentation: see [`crate::ingest::HashedHook`].
     #[doc(hidden)]
     pub after_hash: Option<crate::ingest::HashedHook>,
@@ -79,6 +83,8 @@ impl Repository {
             db: Arc::new(Mutex::new(Box::new(crate::catalog::sqlite::SqliteCatalog::empty_in_memory()?))),
             storages: Mutex::new(HashMap::new()),
             unlocking: Mutex::new(()),
+            owner_checked: Mutex::new(Default::default()),
+            take_over: Default::default(),
             after_hash: None,
         })
     }
@@ -132,6 +138,8 @@ impl Repository {
             db: Arc::new(Mutex::new(db)),
             storages: Mutex::new(storages),
             unlocking: Mutex::new(()),
+            owner_checked: Mutex::new(Default::default()),
+            take_over: Default::default(),
             after_hash: None,
         })
     }
@@ -164,6 +172,8 @@ impl Repository {
     /// untouched, so `rm`, `enforce` and `cleanup` need no key on an encrypted storage: a
     /// retention job need not hold the key that reads the backups.
     pub(crate) fn storage_to_delete_from(&self, name: &str) -> Result<SharedStorage> {
+        // Only the owning catalog deletes (see `owner`).
+        self.claim_storage(name)?;
         self.raw_storage(name)
     }
 
@@ -454,7 +464,7 @@ impl Repository {
         if session.lock_for_removal(uid).is_err() {
             return Ok(false);
         }
-        self.storage(&v.storage)?.delete(&version_key(uid))?;
+        self.storage_to_write(&v.storage)?.delete(&version_key(uid))?;
         self.db.lock().remove_version(uid)?;
         Ok(true)
     }
@@ -483,7 +493,7 @@ impl Repository {
         let mut written = self.index_writer(v.block_size)?;
         self.walk_index_into(&v, |idx, id| written.push(idx, id))?;
         let index = written.finish(uid.0, v.size)?;
-        let storage = self.storage(&v.storage)?;
+        let storage = self.storage_to_write(&v.storage)?;
         store_version_object(storage.as_ref(), &v, &index)?;
         crate::storage::retry(4, || storage.sync())?;
         Ok(())
@@ -543,6 +553,11 @@ impl Repository {
                 "the metadata database {} holds {existing} version(s); rebuild recreates a lost database: move this one away first",
                 self.config.catalog_location().display()
             )));
+        }
+        // Each storage becomes this catalog's, or the rebuild is refused before it starts
+        // (another catalog owns it, and may be in use: see `owner`).
+        for sc in &self.config.storages {
+            self.storage_to_write(&sc.name)?;
         }
         self.db.lock().set_rebuild_unfinished(true)?;
         let stopped = |e: Error| {

@@ -390,7 +390,8 @@ fn database_migrate_copies_the_catalog_to_postgresql_and_back() {
 }
 
 /// `database rebuild` into an empty PostgreSQL database recreates what the SQLite
-/// catalog held, from the storage alone.
+/// catalog held, from the storage alone. The storage belongs to the SQLite catalog,
+/// which may still be in use: the rebuild is refused until `--take-over` says it is not.
 #[test]
 fn database_rebuild_works_into_postgresql() {
     let pg = PgServer::start();
@@ -401,6 +402,13 @@ fn database_rebuild_works_into_postgresql() {
     repo.backup("img", "vm", &["-b", "64k"]);
     let before = ls_json(&repo, &[]);
     let r = repo.run_env(&["database", "rebuild"], &[("KEEPFS_DATABASE", &url)]);
+    assert_eq!(r.code, 4, "{}", r.stderr);
+    assert!(
+        r.error_line().contains("belongs to another catalog") && r.error_line().contains("--take-over"),
+        "{}",
+        r.stderr
+    );
+    let r = repo.run_env(&["database", "rebuild", "--take-over"], &[("KEEPFS_DATABASE", &url)]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert_eq!(ls_json(&repo, &[("KEEPFS_DATABASE", &url)]), before);
     let out = repo.path("out");
@@ -588,14 +596,17 @@ fn a_host_with_a_wrong_clock_keeps_its_running_backup_safe_from_another_hosts_cl
     assert_eq!(sha256_file(&restored), sha256_file(&repo.path("img")));
 }
 
-/// The misconfiguration a shared catalog replaces: two hosts, each with a SQLite catalog
-/// of its own, back up into one storage. The second host's first backup is refused (its
-/// uid is taken), naming the fixes; a catalog that knows only some of the storage's
-/// versions warns at each backup, and its cleanup refuses (it would delete the other
-/// versions' blocks), saying what to do; once it knows them all, cleanup keeps every
-/// version whole, and does not delete the blocks of the other's running backup.
+/// Two copies of one catalog on two hosts (a copy of the SQLite file taken before the
+/// first backup, used on another host), backing up into one storage: the storage's
+/// owner lets both in, since they are the same catalog (two different catalogs are
+/// refused at once: `concurrency::a_second_catalog_on_one_storage_is_refused_…`). The
+/// second host's first backup is refused (its uid is taken), naming the fixes; a copy
+/// that knows only some of the storage's versions warns at each backup, and its cleanup
+/// refuses (it would delete the other versions' blocks), saying what to do; once it
+/// knows them all, cleanup keeps every version whole, and does not delete the blocks
+/// of the other's running backup.
 #[test]
-fn two_catalogs_on_one_storage_are_warned_about_and_cleanup_refuses() {
+fn copies_of_one_catalog_on_one_storage_are_warned_about_and_cleanup_refuses() {
     let shared = tempfile::tempdir().unwrap();
     let host = |seed: u64| {
         let repo = Repo { dir: tempfile::tempdir().unwrap(), catalog: None };
@@ -609,6 +620,10 @@ fn two_catalogs_on_one_storage_are_warned_about_and_cleanup_refuses() {
         repo
     };
     let (a, b) = (host(7), host(14));
+    // A's catalog, made and claiming the storage, copied to B before A's first backup.
+    a.ok_cfg(&["init"]);
+    std::fs::create_dir_all(b.home()).unwrap();
+    std::fs::copy(a.home().join("keepfs.sqlite"), b.home().join("keepfs.sqlite")).unwrap();
     let v1 = a.ok_cfg(&["backup", &a.url("img"), "vm-a", "-b", "64k"]).trim().to_string();
     let v2 = a.ok_cfg(&["backup", &a.url("img"), "vm-a", "-b", "64k"]).trim().to_string();
 

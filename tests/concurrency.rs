@@ -546,3 +546,85 @@ fn a_second_name_for_one_storage_place_is_refused_before_it_writes() {
         assert!(moved.error_line().contains("which this catalog knows as storage 'default'"), "{}", moved.stderr);
     }
 }
+
+/// Two catalogs on one storage (a host whose configuration lacks the shared `database`,
+/// a `database rebuild` into a new file while the first catalog is in use) deleted each
+/// other's blocks in a drill: the second catalog's cleanup took the first's blocks for
+/// orphans, and their first backups both got V0000000001, the second's version object
+/// over the first's. The storage's `owner` names the catalog that owns it: any other is
+/// refused before it writes, removes or cleans up (exit 4, naming the owner), until
+/// `database rebuild --take-over`, after which the first is refused in turn. A catalog
+/// made again where it was (lost, then rebuilt) is the owner without asking; one that
+/// loses the storage while it backs up stops before it commits.
+#[test]
+fn a_second_catalog_on_one_storage_is_refused_before_it_writes_or_deletes() {
+    let first = Repo::new();
+    fs::write(first.path("img"), random_bytes(61, 6 * 65536)).unwrap();
+    let v1 = first.backup("img", "vm", &["-b", "64k"]);
+    let storage = first.storage();
+    let owner: serde_json::Value = serde_json::from_slice(&fs::read(storage.join("owner")).unwrap()).unwrap();
+    assert_eq!(owner["format"], "keepfs-owner", "{owner}");
+    // A second catalog, its own SQLite file, the first's storage.
+    let second = Repo::with_database(&format!("{}/keepfs.sqlite", Repo::new().home().display()), "", "");
+    let cfg = format!(
+        "home = \"{home}\"\n[[storage]]\nname = \"default\"\nkind = \"file\"\npath = \"{}\"\n",
+        storage.display(),
+        home = second.home().display()
+    );
+    fs::write(second.path("keepfs.toml"), cfg).unwrap();
+    let objects = first.block_objects();
+    for args in [
+        vec!["backup".to_string(), first.url("img"), "other".into(), "-b".into(), "64k".into()],
+        vec!["database".into(), "rebuild".into()],
+        vec!["cleanup".into()],
+    ] {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let r = second.run_cfg(&args);
+        assert_eq!(r.code, 4, "{args:?}: {}", r.stderr);
+        assert_eq!(r.stderr.trim().lines().count(), 1, "{args:?}: {}", r.stderr);
+        let line = r.error_line();
+        assert!(
+            line.contains("storage 'default' belongs to another catalog (")
+                && line.contains(owner["location"].as_str().unwrap())
+                && line.contains("--take-over"),
+            "{args:?}: {line}"
+        );
+    }
+    assert_eq!(first.block_objects(), objects, "nothing written or deleted");
+    assert_eq!(first.restore_sha(&v1, "out"), sha256_file(&first.path("img")));
+    first.backup("img", "vm", &["-b", "64k"]);
+
+    // The first catalog, lost and rebuilt where it was: the storage's owner still.
+    first.lose_catalog();
+    first.ok(&["database", "rebuild"]);
+    first.ok(&["cleanup"]);
+    assert_eq!(first.restore_sha(&v1, "out"), sha256_file(&first.path("img")));
+
+    // The first catalog backs up while the second takes the storage over: it stops
+    // before it commits, and its blocks stay for the new owner's cleanup to judge.
+    fs::write(first.path("big"), random_bytes(62, 256 * 4096)).unwrap();
+    let child = first
+        .command(&["backup", &first.url("big"), "late", "-b", "4k"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let frozen = first.freeze_backup(&child, "blocks to be written", |s| s.stored >= 10);
+    let r = second.run_cfg(&["database", "rebuild", "--take-over"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stderr.contains("storage 'default' is this catalog's now"), "{}", r.stderr);
+    frozen.resume();
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(4), "{err}");
+    assert!(err.contains("belongs to another catalog") && err.contains("left incomplete"), "{err}");
+    let taken: serde_json::Value = serde_json::from_str(&second.ok_cfg(&["ls", "--format", "json"])).unwrap();
+    assert_eq!(taken.as_array().unwrap().len(), 2, "the second catalog has the first's two versions: {taken}");
+    // Now the first is refused, and the second owns what it rebuilt.
+    let r = first.run(&["cleanup"]);
+    assert_eq!(r.code, 4, "{}", r.stderr);
+    second.ok_cfg(&["cleanup"]);
+    let out = second.path("out2");
+    second.ok_cfg(&["restore", &v1, &format!("file://{}", out.display())]);
+    assert_eq!(sha256_file(&out), sha256_file(&first.path("img")));
+}

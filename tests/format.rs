@@ -181,3 +181,30 @@ fn committed_encrypted_samples_decode() {
     // Without the key it is not readable.
     assert!(decode_block(&obj, &id).is_err());
 }
+
+/// A storage's `owner` object, committed (docs/format.md, "Storage owner"): it decodes,
+/// and one a backup writes has exactly its fields. Anything else at that name is refused.
+#[test]
+fn the_committed_owner_sample_decodes_and_matches_what_a_backup_writes() {
+    use keepfs::owner::Owner;
+    let sample = std::fs::read(data("owner.json")).unwrap();
+    let owner = Owner::parse(&sample, "sample").unwrap();
+    assert_eq!(owner.format, "keepfs-owner");
+    assert_eq!(owner.host, "host1");
+    assert_eq!(owner.location, "host1:/var/lib/keepfs/keepfs.sqlite");
+    let repo = common::Repo::new();
+    std::fs::write(repo.path("img"), common::random_bytes(1, 4096)).unwrap();
+    repo.backup("img", "vm", &[]);
+    let written = std::fs::read(repo.storage().join("owner")).unwrap();
+    let keys = |b: &[u8]| -> Vec<String> {
+        let v: serde_json::Value = serde_json::from_slice(b).unwrap();
+        v.as_object().unwrap().keys().cloned().collect()
+    };
+    assert_eq!(keys(&written), keys(&sample));
+    Owner::parse(&written, "default").unwrap();
+    for bad in
+        [&b"{}"[..], b"not json", br#"{"format":"keepfs-owner","catalog":"xyz","location":"","host":"","claimed":""}"#]
+    {
+        assert!(Owner::parse(bad, "default").is_err());
+    }
+}

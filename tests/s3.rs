@@ -233,7 +233,11 @@ fn wrong_credentials_and_a_missing_bucket_are_one_line_errors() {
     fs::write(std::env::temp_dir().join("keepfs-s3-unused"), b"").ok();
     let base = Repo::new();
     let good = g.keepfs_config(&base.home(), "errs", "");
+    let not_s3 = answers_404_to_everything();
+    let not_s3_said = format!("is http://127.0.0.1:{not_s3} an S3 service");
     for (config, needle) in [
+        // A web server or a proxy at the endpoint: a 404 to a write is not "missing".
+        (good.replace(&format!(":{}", g.port), &format!(":{not_s3}")), not_s3_said.as_str()),
         (good.replace(&g.secret, &"0".repeat(64)), "access denied by"),
         (
             good.replace(&format!("bucket = \"{}\"", g.bucket), "bucket = \"no-such-bucket\""),
@@ -312,7 +316,9 @@ fn listings_page_through_more_than_a_thousand_objects() {
     r.ok(&["rm", "--force", &v]);
     let out = r.ok(&["cleanup"]);
     assert!(out.contains("deleted 1300 object(s)"), "{out}");
-    assert!(g.keys("many").is_empty());
+    // What is left names the catalog that owns the storage, and nothing else.
+    let left = g.keys("many");
+    assert!(left.len() == 1 && left[0].ends_with("owner"), "{left:?}");
 }
 
 /// The filesystem over an S3 storage: a version read through the mount, and `cp` into
@@ -549,4 +555,45 @@ fn a_restore_fetches_each_distinct_object_once() {
     assert_eq!(sha256_file(&r.repo.path("o")), sha256_file(&r.repo.path("a")));
     // a, b, c and the short tail: four objects for seven stored blocks.
     assert_eq!(proxy.forwarded("GET", "/blocks/") - before, 4);
+}
+
+/// An HTTP server on 127.0.0.1 that answers every request "404 Not Found" with no body,
+/// as a web server or a proxy at a mistyped endpoint does; its port.
+fn answers_404_to_everything() -> u16 {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut stream = stream;
+                loop {
+                    // One request: its head, then as much body as it announces.
+                    let mut length = 0usize;
+                    loop {
+                        let mut line = String::new();
+                        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                            length = v.trim().parse().unwrap_or(0);
+                        }
+                        if line == "\r\n" {
+                            break;
+                        }
+                    }
+                    let mut body = vec![0u8; length];
+                    if reader.read_exact(&mut body).is_err()
+                        || stream
+                            .write_all(b"HTTP/1.1 404 Not Found\r\nserver: not-s3\r\ncontent-length: 0\r\n\r\n")
+                            .is_err()
+                    {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    port
 }

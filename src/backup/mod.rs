@@ -82,7 +82,7 @@ impl Repository {
     pub fn ingest_context(&self, storage: &str, block_size: u32, session: i64) -> Result<IngestContext> {
         Ok(IngestContext {
             db: self.db.clone(),
-            storage: self.storage(storage)?,
+            storage: self.storage_to_write(storage)?,
             storage_id: self.storage_id(storage)?,
             block_size,
             compression_level: self.config.compression_level,
@@ -100,7 +100,7 @@ impl Repository {
     pub fn begin_version(&self, opts: &BackupOptions, size: u64, session: i64) -> Result<(VersionUid, String, u32)> {
         check_fields(opts)?;
         let storage = opts.storage.clone().unwrap_or_else(|| self.config.default_storage.clone());
-        self.storage(&storage)?;
+        self.storage_to_write(&storage)?;
         let bs = opts.block_size.unwrap_or(self.config.block_size);
         crate::index::check_block_count(size, bs)?;
         let uid =
@@ -108,7 +108,15 @@ impl Repository {
         // The storage knows this uid already: the database is older than the storage (a
         // restored copy). Writing would replace that version's metadata object.
         let st = self.storage(&storage)?;
-        if retry(STORAGE_ATTEMPTS, || st.exists(&version_key(uid)))? {
+        // A storage that cannot say leaves no version behind either.
+        let taken = match retry(STORAGE_ATTEMPTS, || st.exists(&version_key(uid))) {
+            Ok(taken) => taken,
+            Err(e) => {
+                self.db.lock().remove_version(uid)?;
+                return Err(e.into());
+            }
+        };
+        if taken {
             self.db.lock().remove_version(uid)?;
             return Err(Error::Refused(format!(
                 "storage '{storage}' already holds version {uid}, which this database does not know (an older copy of the database, or another host writing here with a catalog of its own); run `keepfs metadata restore {uid}` (and any later uids) or `keepfs database rebuild` first, or give every host that writes here one shared catalog (database = \"postgresql://…\", docs/scale-out.md)"
@@ -138,8 +146,10 @@ impl Repository {
         v.stats = stats;
         let storage = self.storage(&v.storage)?;
         // Still alive in the catalog's eyes (this fails if another process ended the
-        // session), before a valid-looking version object goes to the storage.
+        // session), and the storage still this catalog's (another may have claimed it
+        // at the same time), before a valid-looking version object goes to the storage.
         self.db.lock().heartbeat(session)?;
+        self.check_owner_now(&v.storage)?;
         // The index is read from its file into the object and into the catalog: a large
         // one is never held whole (see `store_version_object`).
         crate::repo::store_version_object(storage.as_ref(), &v, &index)?;
@@ -212,7 +222,19 @@ impl Repository {
                     };
                 }
                 stats.duration_ms = started.elapsed().as_millis() as u64;
-                self.commit_version(uid, session.id, index, stats)
+                // A commit that fails (the version object cannot be written, the storage
+                // is no longer this catalog's) leaves the version incomplete too: say so.
+                self.commit_version(uid, session.id, index, stats).map_err(|e| {
+                    let said = format!(
+                        "backup of {url} failed, version {uid} is left incomplete (`keepfs backup --continue {uid} ...` \
+                         resumes it, `keepfs rm {uid}` removes it): {e}"
+                    );
+                    match e {
+                        Error::Refused(_) => Error::Refused(said),
+                        Error::Damaged(_) => Error::Damaged(said),
+                        _ => Error::Other(said),
+                    }
+                })
             }
             Err(e) => Err(Error::Other(format!(
                 "backup of {url} failed, version {uid} is left incomplete (`keepfs backup --continue {uid} ...` \

@@ -240,6 +240,10 @@ impl crate::Repository {
             let from = super::open(&self.config.catalog_location(), self.config.modes)?;
             let report = copy(from.as_ref(), to.as_mut())?;
             super::copy_storage_places(from.as_ref(), to.as_ref(), &self.config)?;
+            // The same catalog, elsewhere: it keeps its id, so the storages it owns stay its.
+            if let Some(id) = from.repository_state(crate::owner::CATALOG_ID)? {
+                to.keep_repository_state(crate::owner::CATALOG_ID, &id)?;
+            }
             if to.engine() != "sqlite" {
                 super::check_owner(to.as_ref(), &self.config)?;
             }

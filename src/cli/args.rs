@@ -544,6 +544,10 @@ pub(crate) enum DatabaseAction {
         /// aside (kept as <name>.damaged-<time>) and rebuild a new one
         #[arg(long)]
         replace_damaged: bool,
+        /// Make this catalog the storages' owner even where another catalog owns them (a
+        /// catalog lost for good, rebuilt elsewhere); that catalog is refused from then on
+        #[arg(long)]
+        take_over: bool,
     },
     /// Copy the catalog into a new, empty one (SQLite to PostgreSQL or back) and check the copy
     #[command(

@@ -155,7 +155,7 @@ pub(crate) fn run(cli: Cli) -> Result<i32> {
         return Ok(exit::OK);
     }
     // Before the repository opens it: a damaged database may fail to open at all.
-    if let Command::Database { action: DatabaseAction::Rebuild { replace_damaged: true } } = &cli.command
+    if let Command::Database { action: DatabaseAction::Rebuild { replace_damaged: true, .. } } = &cli.command
         && config.database_url.is_none()
         && let Some((aside, reason)) = keepfs::catalog::set_aside_if_damaged(&config.database)?
     {
@@ -478,7 +478,8 @@ pub(crate) fn run(cli: Cli) -> Result<i32> {
             let name = storage.unwrap_or_else(|| repo.config.default_storage.clone());
             let sc = repo.config.storage(&name)?.clone();
             if !encrypt {
-                repo.storage(&name)?;
+                // Made ready for this catalog's backups: claimed for it (see keepfs::owner).
+                repo.storage_to_write(&name)?;
                 note!("storage '{name}' is ready ({})", repo.config.origin);
                 return Ok(exit::OK);
             }
@@ -680,7 +681,10 @@ pub(crate) fn run(cli: Cli) -> Result<i32> {
             }
             Ok(exit::OK)
         }
-        Command::Database { action: DatabaseAction::Rebuild { .. } } => {
+        Command::Database { action: DatabaseAction::Rebuild { take_over, .. } } => {
+            if take_over {
+                repo.take_over_storages();
+            }
             let r = repo.rebuild_database()?;
             let already = if r.already > 0 { format!(" ({} there already)", r.already) } else { String::new() };
             note!(

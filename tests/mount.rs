@@ -574,6 +574,31 @@ fn setxattr(path: &std::path::Path, name: &str, value: &[u8]) -> i32 {
     if r == 0 { 0 } else { std::io::Error::last_os_error().raw_os_error().unwrap_or(-1) }
 }
 
+/// A file in incoming/ renamed while open stays the writer's under its new name: fstat
+/// and ftruncate on its descriptor work (they answered ENOENT, and the truncate was
+/// lost), `stat` of the new name works at once, and the version has the new name and
+/// every change (found by a drill).
+#[test]
+fn a_file_renamed_while_open_in_incoming_stays_its_writers() {
+    let repo = Repo::new();
+    let m = Mount::new(&repo, &[]);
+    let (from, to) = (m.p("incoming/fs1.tmp"), m.p("incoming/fs1"));
+    let mut f = fs::OpenOptions::new().write(true).create(true).truncate(true).open(&from).unwrap();
+    let data = random_bytes(103, 1 << 20);
+    f.write_all(&data).unwrap();
+    fs::rename(&from, &to).unwrap();
+    assert_eq!(fs::metadata(&to).unwrap().len(), 1 << 20, "stat of the new name");
+    assert_eq!(f.metadata().unwrap().len(), 1 << 20, "fstat of the renamed file's descriptor");
+    f.set_len(4 << 20).unwrap();
+    drop(f);
+    let uid = version_named(&repo, "fs1");
+    assert_eq!(repo.version(&uid)["size"], 4 << 20);
+    let mut want = data.clone();
+    want.resize(4 << 20, 0);
+    fs::write(repo.path("want"), &want).unwrap();
+    assert_eq!(repo.restore_sha(&uid, "out"), sha256_file(&repo.path("want")));
+}
+
 /// Names, snapshot names and labels go through the engine's one check in the mount as
 /// on the command line: a newline or a tab in any of them is EINVAL, and the version
 /// keeps what it had (a newline in a snapshot name used to break `keepfs ls`).

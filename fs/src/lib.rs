@@ -147,6 +147,18 @@ impl Inodes {
         self.by_ino.insert(ino, node.clone());
         ino
     }
+
+    /// A node renamed: its inode follows it (the kernel keeps using that inode for the
+    /// file, and its open descriptors), and the inode of a file it replaced is gone.
+    fn rename(&mut self, from: &Node, to: &Node) {
+        if let Some(replaced) = self.by_node.remove(to) {
+            self.by_ino.remove(&replaced);
+        }
+        if let Some(ino) = self.by_node.remove(from) {
+            self.by_node.insert(to.clone(), ino);
+            self.by_ino.insert(ino, to.clone());
+        }
+    }
 }
 
 /// Handles of metadata files have this bit set; all others are the session service's.
@@ -625,7 +637,11 @@ impl<S: Sessions> Filesystem for KeepFs<S> {
             }
             // The session service checks the new name (the engine's one rule for names).
             let (from, to) = (name.to_str().ok_or(Errno::ENOENT)?, newname.to_str().ok_or(Errno::EINVAL)?);
-            self.sessions.rename_incoming(from, to).map_err(err)
+            self.sessions.rename_incoming(from, to).map_err(err)?;
+            // An open descriptor of the file stays the file's under its new name (fstat,
+            // ftruncate on it answered ENOENT, and a truncate was lost; found by a drill).
+            self.inodes.lock().rename(&Node::IncomingFile(from.to_string()), &Node::IncomingFile(to.to_string()));
+            Ok(())
         })();
         match r {
             Ok(()) => reply.ok(),

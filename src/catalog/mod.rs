@@ -551,7 +551,11 @@ fn alive_given_uptime(s: &Session, now: i64, uptime: Option<i64>, mine: &str) ->
         }
         return fresh;
     }
-    s.process.alive_here().unwrap_or(fresh)
+    // A process of this machine that still runs but has not beaten for as long as other
+    // hosts wait is dead too: its session outlived its guard (ended while the catalog
+    // was down, as a mount's drafts and reads were in a drill, and never ended since),
+    // or the process is stopped; other hosts already took it for dead.
+    s.process.alive_here().map(|alive| alive && fresh).unwrap_or(fresh)
 }
 
 /// Says once per process that sessions under this host name come from another machine.
@@ -984,5 +988,26 @@ mod tests {
         assert!(!alive(other, REMOTE_SESSION_TTL_MS + minute, 3 * minute));
         // And the real uptime is read.
         assert!(uptime_ms().is_some_and(|up| up > 0));
+    }
+
+    /// A session of a process of this machine that still runs (this test's) but stopped
+    /// beating is dead once other hosts would take it for dead: a mount's session whose
+    /// end failed while the catalog was down was refused as "in use" for as long as the
+    /// mount ran (found by a drill).
+    #[test]
+    fn a_running_process_whose_session_stopped_beating_is_dead_after_the_remote_wait() {
+        let me = ProcessId::current();
+        let now = now_ms();
+        let with_age = |age: i64| Session {
+            id: 1,
+            process: me.clone(),
+            started_ms: now - age,
+            heartbeat_ms: now - age,
+            purpose: "read V0000000001".into(),
+            writes: false,
+        };
+        assert!(me.is_here() && me.alive_here() == Some(true));
+        assert!(session_alive(&with_age(60_000), now));
+        assert!(!session_alive(&with_age(REMOTE_SESSION_TTL_MS + 1), now));
     }
 }

@@ -251,10 +251,18 @@ impl Repository {
         let versions = db.list_versions()?;
         let unknown: Vec<String> = unknown_in(in_storage, &versions).iter().map(|u| u.to_string()).collect();
         if !unknown.is_empty() {
+            // One line however many: the first few, and how many more.
+            const SHOWN: usize = 8;
+            let more = match unknown.len().saturating_sub(SHOWN) {
+                0 => String::new(),
+                n => format!(" and {n} more"),
+            };
+            let first = &unknown[..unknown.len().min(SHOWN)];
             return Err(Error::Refused(format!(
-                "storage '{storage}' holds version(s) {} that the database does not know (an older copy of the database, or another host writing here with a catalog of its own); cleanup would delete their blocks: run `keepfs metadata restore {}` to take them in, or give every host that writes here one shared catalog (database = \"postgresql://…\", docs/scale-out.md)",
-                unknown.join(", "),
-                unknown.join(" ")
+                "storage '{storage}' holds version(s) {}{more} that the database does not know (an older copy of the database, or another host writing here with a catalog of its own); cleanup would delete their blocks: run `keepfs metadata restore {}{}` to take them in, or give every host that writes here one shared catalog (database = \"postgresql://…\", docs/scale-out.md)",
+                first.join(", "),
+                first.join(" "),
+                if more.is_empty() { "" } else { " …" }
             )));
         }
         let storage_id = db.storage_id(storage)?;

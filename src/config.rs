@@ -235,7 +235,7 @@ struct FileStorageConfig {
 fn size_value(key: &str, v: &toml::Value, what: &str, bad: &dyn Fn(String) -> Error) -> Result<u64> {
     match v {
         toml::Value::Integer(i) if *i >= 0 => Ok(*i as u64),
-        toml::Value::String(s) => parse_size(s).map_err(bad),
+        toml::Value::String(s) => parse_size(s).map_err(|e| bad(format!("{key}: {e}"))),
         other => Err(bad(format!("{key} must be {what}, not {other}"))),
     }
 }
@@ -415,7 +415,22 @@ impl Config {
         Config::parse(&text, &path.display().to_string())
     }
 
+    /// Reads a configuration file's text (`origin` names it in errors). An error names
+    /// the line of the setting it is about.
     pub fn parse(text: &str, origin: &str) -> Result<Config> {
+        Config::parse_text(text, origin).map_err(|e| match e {
+            Error::Config(msg) if !msg.contains("(line ") => {
+                let at = msg.strip_prefix(&format!("{origin}: ")).and_then(|m| line_of_setting(text, m));
+                Error::Config(match at {
+                    Some(line) => format!("{msg} (line {line})"),
+                    None => msg,
+                })
+            }
+            e => e,
+        })
+    }
+
+    fn parse_text(text: &str, origin: &str) -> Result<Config> {
         let bad = |msg: String| Error::Config(format!("{origin}: {msg}"));
         let f: FileConfig =
             toml::from_str(text).map_err(|e| bad(e.message().to_string() + &location(text, e.span())))?;
@@ -491,8 +506,9 @@ impl Config {
                     }
                 };
                 let rate = |v: &Option<toml::Value>, key: &str| {
+                    let key = format!("storage '{}': {key}", s.name);
                     v.as_ref()
-                        .map(|v| positive_size(key, v, "a rate like \"50M\" (bytes per second)", &bad))
+                        .map(|v| positive_size(&key, v, "a rate like \"50M\" (bytes per second)", &bad))
                         .transpose()
                 };
                 let read_bandwidth = rate(&s.read_bandwidth, "read_bandwidth")?;
@@ -568,12 +584,12 @@ impl Config {
         if let Some(bs) = f.block_size {
             let n = match &bs {
                 toml::Value::Integer(i) if *i > 0 => *i as u64,
-                toml::Value::String(s) => parse_size(s).map_err(bad)?,
+                toml::Value::String(s) => parse_size(s).map_err(|e| bad(format!("block_size: {e}")))?,
                 other => {
                     return Err(bad(format!("block_size must be a size like \"4M\", not {other}")));
                 }
             };
-            c.block_size = check_block_size(n).map_err(bad)?;
+            c.block_size = check_block_size(n).map_err(|e| bad(format!("block_size: {e}")))?;
         }
         if let Some(l) = f.compression_level {
             if !(0..=19).contains(&l) {
@@ -719,6 +735,49 @@ impl Config {
     }
 }
 
+/// The line of the setting an error message `msg` is about: of the keys set in the file,
+/// the one `msg` names first; within a `[[storage]]` or `[[scheduler]]` entry only when
+/// `msg` names that entry ('NAME'), within `[rbd]` only when it says `[rbd]`. None when
+/// the message names no key of the file (a missing key, say).
+fn line_of_setting(text: &str, msg: &str) -> Option<usize> {
+    // (line, key, table, name of the table's entry)
+    let mut keys: Vec<(usize, String, Option<String>, usize)> = Vec::new();
+    let mut names: Vec<Option<String>> = vec![None];
+    let mut table: Option<String> = None;
+    for (i, line) in text.lines().enumerate() {
+        let t = line.trim();
+        if t.starts_with('[') {
+            table = Some(t.trim_matches(|c| c == '[' || c == ']').trim().to_string());
+            names.push(None);
+            continue;
+        }
+        let Some((key, value)) = t.split_once('=') else { continue };
+        let key = key.trim().trim_matches('"').to_string();
+        if key == "name" {
+            let v = value.trim().trim_matches(|c| c == '"' || c == '\'');
+            *names.last_mut().unwrap_or(&mut None) = Some(v.to_string());
+        }
+        keys.push((i + 1, key, table.clone(), names.len() - 1));
+    }
+    let word_at = |k: &str| -> Option<usize> {
+        msg.match_indices(k).map(|(at, _)| at).find(|&at| {
+            let before = msg[..at].chars().next_back();
+            let after = msg[at + k.len()..].chars().next();
+            let boundary = |c: Option<char>| c.is_none_or(|c| !(c.is_alphanumeric() || c == '_'));
+            boundary(before) && boundary(after)
+        })
+    };
+    keys.iter()
+        .filter(|(_, _, table, entry)| match table.as_deref() {
+            None => true,
+            Some("rbd") => msg.contains("[rbd]"),
+            Some(_) => names[*entry].as_ref().is_some_and(|n| msg.contains(&format!("'{n}'"))),
+        })
+        .filter_map(|(line, key, _, _)| word_at(key).map(|at| (at, *line)))
+        .min()
+        .map(|(_, line)| line)
+}
+
 fn location(text: &str, span: Option<std::ops::Range<usize>>) -> String {
     match span {
         Some(r) => {
@@ -846,6 +905,31 @@ kind = "null"
             let e = Config::parse(bad, "t.toml").unwrap_err().to_string();
             assert!(e.starts_with("configuration: t.toml: "), "{bad}: {e}");
         }
+    }
+
+    /// A value the file's syntax allows but keepfs does not is named with its line, as a
+    /// syntax error is (docs/configuration.md says so; value checks named none).
+    #[test]
+    fn a_bad_value_names_its_line() {
+        for (text, line) in [
+            ("home = \"/h\"\nblock_size = \"3k\"\n", 2),
+            ("\ncompression_level = 20\n", 2),
+            ("workers = 0\n", 1),
+            ("default_storage = \"nope\"\n[[storage]]\nname = \"a\"\nkind = \"null\"\n", 1),
+            ("[[storage]]\nname = \"a\"\nkind = \"null\"\n[[storage]]\nname = \"b\"\nkind = \"ftp\"\n", 6),
+            ("[[storage]]\nname = \"a\"\nkind = \"null\"\nwrite_bandwidth = \"0\"\n", 4),
+            ("[rbd]\ntimeout = 0\n", 2),
+            ("incomplete_grace = \"1x\"\n", 1),
+        ] {
+            let e = Config::parse(text, "t.toml").unwrap_err().to_string();
+            assert!(e.ends_with(&format!("(line {line})")), "{text:?}: {e}");
+        }
+        // A missing key: the line of the entry's key the message names (`kind`).
+        let e = Config::parse("[[storage]]\nname = \"a\"\nkind = \"file\"\n", "t.toml").unwrap_err().to_string();
+        assert!(e.ends_with("needs a path (line 3)"), "{e}");
+        // A message naming no key of the file gets no line: none is made up.
+        let e = Config::parse("[[storage]]\nname = \"a\"\nkind = \"s3\"\n", "t.toml").unwrap_err().to_string();
+        assert!(!e.contains("(line"), "{e}");
     }
 
     /// A relative path in the file would be another place in every directory keepfs

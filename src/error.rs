@@ -29,6 +29,10 @@ pub enum Error {
     /// A policy said no; the message says how to override it.
     #[error("{0}")]
     Refused(String),
+    /// The storage belongs to another catalog (see `owner`): this one may read it, not
+    /// write to it.
+    #[error("{0}")]
+    NotOwner(String),
     #[error("{context}: {source}")]
     Io {
         context: String,
@@ -77,7 +81,7 @@ impl Error {
     pub fn exit_code(&self) -> i32 {
         match self {
             Error::Invalid(_) | Error::VersionNotFound(_) | Error::Config(_) | Error::Key(_) => exit::USAGE,
-            Error::Refused(_) => exit::REFUSED,
+            Error::Refused(_) | Error::NotOwner(_) => exit::REFUSED,
             Error::Damaged(_) => exit::DATA_DAMAGED,
             Error::Database(e) if database_damaged(e) => exit::DATA_DAMAGED,
             Error::Rbd(e) => {
@@ -101,6 +105,8 @@ impl Error {
             Error::VersionNotFound(_) => libc::ENOENT,
             Error::Invalid(_) | Error::Config(_) => libc::EINVAL,
             Error::Refused(_) => libc::EBUSY,
+            // Read-only to this catalog: "busy" would say to try again.
+            Error::NotOwner(_) => libc::EROFS,
             // The server lacks the key: no client request is wrong (not EINVAL).
             Error::Key(_) => libc::EACCES,
             _ => space_errno(self).unwrap_or(libc::EIO),

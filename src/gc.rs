@@ -259,10 +259,10 @@ impl Repository {
             };
             let first = &unknown[..unknown.len().min(SHOWN)];
             return Err(Error::Refused(format!(
-                "storage '{storage}' holds version(s) {}{more} that the database does not know (an older copy of the database, or another host writing here with a catalog of its own); cleanup would delete their blocks: run `keepfs metadata restore {}{}` to take them in, or give every host that writes here one shared catalog (database = \"postgresql://…\", docs/scale-out.md)",
+                "storage '{storage}' holds version(s) {}{more} that the database does not know (an older copy of the database, or another host writing here with a catalog of its own); cleanup would delete their blocks: run `keepfs metadata restore {}`{} to take them in, or give every host that writes here one shared catalog (database = \"postgresql://…\", docs/scale-out.md)",
                 first.join(", "),
                 first.join(" "),
-                if more.is_empty() { "" } else { " …" }
+                if more.is_empty() { "" } else { " (and with the others' uids)" }
             )));
         }
         let storage_id = db.storage_id(storage)?;

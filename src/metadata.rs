@@ -347,6 +347,10 @@ impl Repository {
     /// Inserts checked versions: objects found in storage are recorded; a version whose
     /// objects are not all there (or known damaged) comes back `invalid`.
     fn insert_recovered(&self, checked: Vec<(Version, Recovered)>) -> Result<Vec<VersionUid>> {
+        // Before anything goes in: a storage this catalog may not write refuses it all.
+        for (v, _) in &checked {
+            self.claim_storage(&v.storage)?;
+        }
         let mut imported = Vec::new();
         for (mut v, index) in checked {
             let uid = v.uid;

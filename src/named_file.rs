@@ -3,8 +3,10 @@
 //! durable, so that a failed write leaves no file that looks whole; a pipe, socket or
 //! character device (`/dev/stdout`, a FIFO a reader waits on, `/dev/full`) is written
 //! into, as a shell's `>` would, never replaced by a file; a directory or a block device
-//! is refused. A symbolic link is followed: its target is what is written, the link
-//! stays.
+//! is refused. A symbolic link is followed (its target is what is written, the link
+//! stays) when it is this user's or root's, as the kernel's `protected_symlinks` has it:
+//! one another user made (in a shared metrics directory, say) is refused, so that root
+//! is never led to write where that user chose.
 
 use crate::error::{Error, Result};
 use std::io::Write;
@@ -15,7 +17,7 @@ use std::path::{Path, PathBuf};
 /// error ("cannot write meta.json"). A new file is made as a plain file is (0666 less the
 /// umask), not private as temporary files are: it holds names and sizes, no data.
 pub fn write_named(path: &Path, what: &str, fill: impl FnOnce(&mut dyn Write) -> Result<()>) -> Result<()> {
-    let path = followed(path);
+    let path = followed(path, what)?;
     match std::fs::metadata(&path) {
         Ok(m) if m.is_dir() => {
             return Err(Error::Invalid(format!("{what}: {} is a directory; name a file", path.display())));
@@ -60,19 +62,29 @@ pub fn write_named(path: &Path, what: &str, fill: impl FnOnce(&mut dyn Write) ->
 }
 
 /// `path`, or what it links to (through every link; a dangling one's target, which is
-/// then made).
-fn followed(path: &Path) -> PathBuf {
+/// then made). A link owned by another user than this one and root is refused.
+fn followed(path: &Path, what: &str) -> Result<PathBuf> {
+    use std::os::unix::fs::MetadataExt;
+    // SAFETY: geteuid cannot fail.
+    let me = unsafe { libc::geteuid() };
     let mut p = path.to_path_buf();
     for _ in 0..40 {
-        match std::fs::read_link(&p) {
-            Ok(target) => {
-                p = match p.parent() {
-                    Some(d) if target.is_relative() => d.join(target),
-                    _ => target,
-                }
-            }
-            Err(_) => break,
+        let Ok(meta) = std::fs::symlink_metadata(&p) else { break };
+        if !meta.file_type().is_symlink() {
+            break;
         }
+        if meta.uid() != me && meta.uid() != 0 {
+            return Err(Error::Refused(format!(
+                "{what}: {} is a symbolic link of another user (uid {}); keepfs does not follow it",
+                p.display(),
+                meta.uid()
+            )));
+        }
+        let target = std::fs::read_link(&p).map_err(|e| Error::io(what, e))?;
+        p = match p.parent() {
+            Some(d) if target.is_relative() => d.join(target),
+            _ => target,
+        };
     }
-    p
+    Ok(p)
 }

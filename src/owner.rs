@@ -7,16 +7,20 @@
 //! the old catalog is in use) would take the first's blocks for orphans and delete them,
 //! or reuse its uids and overwrite its version objects (both found by a drill).
 //!
-//! - A storage without an owner is claimed by the first catalog that writes to it. The
-//!   claim is read back, and the owner is checked again before every commit and every
-//!   cleanup's deletes, so of two catalogs claiming at once the one whose claim was
-//!   overwritten stops before its first version or delete.
-//! - A catalog without an id at the place the owner names (the same SQLite file on the
-//!   same host, the same PostgreSQL database) is that catalog made again (`database
-//!   rebuild` after it was lost): it takes the owner's id.
-//! - Anywhere else it is refused, and so is a catalog with another id, unless `database
-//!   rebuild --take-over` makes it the storage's new owner (the old catalog, if it still
-//!   exists, is then refused in turn).
+//! - A storage without an owner is claimed by the first catalog that writes to it,
+//!   unless it holds versions that catalog does not know (another catalog's, or this
+//!   one's from before it was lost: `metadata restore` or `database rebuild` first).
+//!   The claim is read back, and the owner is read afresh before every commit, every
+//!   cleanup's deletes and every removal of a version object by a long-running process,
+//!   so of two catalogs claiming at once the one whose claim was overwritten stops first.
+//! - Before a command changes the catalog on the way to writing the storage (`rm`
+//!   marking a version invalid, a label, an import), the storage is claimed, so that a
+//!   refusal changes nothing.
+//! - `database rebuild` only reads the storage. A catalog rebuilt where the owner says
+//!   it was (the same SQLite file on the same machine, the same PostgreSQL database)
+//!   takes the owner's id: it is that catalog, made again. Rebuilt anywhere else, it
+//!   can restore but not write until `database rebuild --take-over` makes it the owner
+//!   (the old catalog, if it still exists, is then refused in turn).
 //!
 //! Reading is never refused: restoring from another catalog's storage deletes nothing.
 
@@ -33,7 +37,6 @@ const OWNER_FORMAT: &str = "keepfs-owner";
 /// A storage's `owner` object (docs/format.md, "Storage owner"; a sample is
 /// tests/data/owner.json).
 #[derive(serde::Serialize, serde::Deserialize, Clone, Debug, PartialEq)]
-#[serde(deny_unknown_fields)]
 pub struct Owner {
     /// `keepfs-owner`.
     pub format: String,
@@ -45,6 +48,10 @@ pub struct Owner {
     /// The host that claimed the storage, and when (UTC, RFC 3339).
     pub host: String,
     pub claimed: String,
+    /// The claiming machine's /etc/machine-id (empty where unknown): with `location`,
+    /// what tells a catalog made again in its place from one on a clone of its host.
+    #[serde(default)]
+    pub machine: String,
 }
 
 impl Owner {
@@ -72,7 +79,7 @@ impl Repository {
     /// makes or changes the keyring the unlocking reads).
     pub(crate) fn claim_storage(&self, name: &str) -> Result<()> {
         if !self.owner_checked.lock().contains(name) {
-            self.check_owner_now(name)?;
+            self.check_owner(name)?;
             self.owner_checked.lock().insert(name.to_string());
         }
         Ok(())
@@ -86,6 +93,10 @@ impl Repository {
     /// Claims storage `name` for this catalog, or refuses: read afresh from the storage,
     /// so that a claim another catalog made since is seen (before a commit, a delete).
     pub(crate) fn check_owner_now(&self, name: &str) -> Result<()> {
+        self.check_owner(name)
+    }
+
+    fn check_owner(&self, name: &str) -> Result<()> {
         if matches!(self.config.storage(name)?.kind, crate::config::StorageKind::Null) {
             return Ok(());
         }
@@ -94,41 +105,35 @@ impl Repository {
         let mine = self.db.lock().repository_state(CATALOG_ID)?;
         let take_over = self.take_over.load(std::sync::atomic::Ordering::Relaxed);
         match (mine, read_owner(&raw)?) {
-            (Some(id), Some(owner)) if owner.catalog == id => {
-                // The same catalog, moved (`database migrate`): the owner says where.
-                if owner.location != here {
-                    write_owner(&raw, &self.owner_record(&id))?;
-                }
-                Ok(())
-            }
-            // This catalog made again where it was (lost, then rebuilt): it takes the id.
-            (None, Some(owner)) if owner.location == here && !take_over => {
-                let id = self.db.lock().keep_repository_state(CATALOG_ID, &owner.catalog)?;
-                write_owner(&raw, &self.owner_record(&id))?;
-                Ok(())
-            }
-            (mine, Some(owner)) if take_over => {
+            (Some(id), Some(owner)) if owner.catalog == id => Ok(()),
+            (mine, owner) if take_over => {
                 let id = match mine {
                     Some(id) => id,
                     None => self.db.lock().keep_repository_state(CATALOG_ID, &new_id())?,
                 };
-                write_owner(&raw, &self.owner_record(&id))?;
-                keepfs_face::log!(
-                    "keepfs: storage '{name}' is this catalog's now; the catalog it belonged to ({} on {}) is refused from now on",
-                    owner.location,
-                    owner.host
-                );
+                self.claim_as(name, &raw, &id)?;
+                if let Some(owner) = owner.filter(|o| o.catalog != id) {
+                    keepfs_face::log!(
+                        "keepfs: storage '{name}' is this catalog's now; the catalog it belonged to ({} on {}) is refused from now on",
+                        owner.location,
+                        owner.host
+                    );
+                }
                 Ok(())
             }
             (_, Some(owner)) => Err(self.not_ours(name, &owner, &here)),
             (mine, None) => {
+                self.refuse_unknown_versions(name, &raw)?;
                 let id = match mine {
                     Some(id) => id,
                     None => self.db.lock().keep_repository_state(CATALOG_ID, &new_id())?,
                 };
-                write_owner(&raw, &self.owner_record(&id))?;
-                // Of two catalogs claiming at once, the owner read back is the one that
-                // stands.
+                // Created only where no owner is yet: of two catalogs claiming at once,
+                // one makes it and the other reads it.
+                let record = serde_json::to_vec_pretty(&self.owner_record(&id))
+                    .map_err(|e| Error::Other(format!("cannot encode the owner: {e}")))?;
+                crate::storage::retry(crate::storage::STORAGE_ATTEMPTS, || raw.put_new(OWNER_KEY, &record))?;
+                crate::storage::retry(crate::storage::STORAGE_ATTEMPTS, || raw.sync())?;
                 match read_owner(&raw)? {
                     Some(owner) if owner.catalog == id => Ok(()),
                     Some(owner) => Err(self.not_ours(name, &owner, &here)),
@@ -140,17 +145,123 @@ impl Repository {
         }
     }
 
-    /// Where this catalog is, as an owner record names it.
-    fn catalog_here(&self) -> String {
-        match self.config.catalog_location() {
-            crate::catalog::Location::Sqlite(p) => {
-                let p = std::path::absolute(&p).unwrap_or(p);
-                format!("{}:{}", crate::catalog::hostname(), p.display())
-            }
-            l @ crate::catalog::Location::Postgres { .. } => l.display(),
+    /// Writes this catalog (`id`) as the owner and reads it back: of two catalogs
+    /// claiming at once, the owner read back is the one that stands.
+    fn claim_as(&self, name: &str, raw: &SharedStorage, id: &str) -> Result<()> {
+        write_owner(raw, &self.owner_record(id))?;
+        match read_owner(raw)? {
+            Some(owner) if owner.catalog == id => Ok(()),
+            Some(owner) => Err(self.not_ours(name, &owner, &self.catalog_here())),
+            None => Err(Error::Other(format!(
+                "storage '{name}': its {OWNER_KEY} object was written and is not there; check the storage"
+            ))),
         }
     }
 
+    /// A storage without an owner that holds versions this catalog does not know is not
+    /// claimed: they are another catalog's (which has not written since it was upgraded)
+    /// or this one's from before a loss.
+    fn refuse_unknown_versions(&self, name: &str, raw: &SharedStorage) -> Result<()> {
+        // (An incomplete version has no object there: one under its uid is another's.)
+        let known: std::collections::HashSet<u64> = self
+            .db
+            .lock()
+            .list_versions()?
+            .iter()
+            .filter(|v| v.status != crate::version::Status::Incomplete)
+            .map(|v| v.uid.0)
+            .collect();
+        let mut unknown = Vec::new();
+        raw.list_each("versions/", &mut |e| {
+            if let Some(uid) = e.key.strip_prefix("versions/").and_then(|u| crate::version::VersionUid::parse(u).ok())
+                && !known.contains(&uid.0)
+            {
+                unknown.push(uid);
+            }
+            std::ops::ControlFlow::Continue(())
+        })?;
+        if unknown.is_empty() {
+            return Ok(());
+        }
+        unknown.sort();
+        let shown: Vec<String> = unknown.iter().take(8).map(|u| u.to_string()).collect();
+        let more = if unknown.len() > 8 { format!(" and {} more", unknown.len() - 8) } else { String::new() };
+        Err(Error::Refused(format!(
+            "storage '{name}' holds version(s) {}{more} that this catalog does not know, and names no catalog as its owner yet: if another catalog writes here, set `database` to it (docs/scale-out.md); if they are this catalog's from before it was lost, `keepfs metadata restore UID…` or `keepfs database rebuild` takes them in; `keepfs database rebuild --take-over` makes this catalog the owner",
+            shown.join(", ")
+        )))
+    }
+
+    /// For `database rebuild`, which only reads: a catalog without an id where the owner
+    /// says its catalog was (this machine, this file or database) is that catalog made
+    /// again and takes its id; one elsewhere is told it can read but not write.
+    pub(crate) fn rebuild_owner_check(&self, name: &str) -> Result<()> {
+        if matches!(self.config.storage(name)?.kind, crate::config::StorageKind::Null) {
+            return Ok(());
+        }
+        if self.take_over.load(std::sync::atomic::Ordering::Relaxed) {
+            return self.check_owner(name);
+        }
+        let raw = self.raw_storage(name)?;
+        let Some(owner) = read_owner(&raw)? else { return Ok(()) };
+        let mine = self.db.lock().repository_state(CATALOG_ID)?;
+        let here = self.catalog_here();
+        let same_place = owner.location == here && (owner.machine.is_empty() || owner.machine == machine());
+        match mine {
+            Some(id) if id == owner.catalog => {}
+            None if same_place => {
+                self.db.lock().keep_repository_state(CATALOG_ID, &owner.catalog)?;
+            }
+            _ => keepfs_face::log!(
+                "keepfs: note: storage '{name}' belongs to another catalog ({} on {}): this one can restore from it, not write to it; if that catalog is lost for good, `keepfs database rebuild --take-over` makes this one the owner",
+                owner.location,
+                owner.host
+            ),
+        }
+        Ok(())
+    }
+
+    /// After `database migrate` to `to`: the storages this catalog owns say where it is now
+    /// (so that a catalog made again at the old place is not taken for it).
+    pub(crate) fn move_owner(&self, to: &crate::catalog::Location) -> Result<()> {
+        let Some(id) = self.db.lock().repository_state(CATALOG_ID)? else { return Ok(()) };
+        for sc in &self.config.storages {
+            if matches!(sc.kind, crate::config::StorageKind::Null) {
+                continue;
+            }
+            let raw = self.raw_storage(&sc.name)?;
+            if read_owner(&raw)?.is_some_and(|o| o.catalog == id) {
+                write_owner(&raw, &Owner { location: location_of(to), ..self.owner_record(&id) })?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Where this catalog is, as an owner record names it.
+    fn catalog_here(&self) -> String {
+        location_of(&self.config.catalog_location())
+    }
+}
+
+/// How an owner record names a catalog's place.
+fn location_of(location: &crate::catalog::Location) -> String {
+    {
+        match location.clone() {
+            // The file however it is reached (symbolic links resolved).
+            crate::catalog::Location::Sqlite(p) => {
+                let p = std::fs::canonicalize(&p).or_else(|_| std::path::absolute(&p)).unwrap_or(p);
+                format!("{}:{}", crate::catalog::hostname(), p.display())
+            }
+            // The server and database, not the options one host gives (`?sslmode=`).
+            l @ crate::catalog::Location::Postgres { .. } => {
+                let url = l.display();
+                url.split('?').next().unwrap_or(&url).to_string()
+            }
+        }
+    }
+}
+
+impl Repository {
     fn owner_record(&self, id: &str) -> Owner {
         Owner {
             format: OWNER_FORMAT.to_string(),
@@ -158,15 +269,21 @@ impl Repository {
             location: self.catalog_here(),
             host: crate::catalog::hostname(),
             claimed: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            machine: machine(),
         }
     }
 
     fn not_ours(&self, name: &str, owner: &Owner, here: &str) -> Error {
-        Error::Refused(format!(
+        Error::NotOwner(format!(
             "storage '{name}' belongs to another catalog ({}, claimed by host {} on {}), not to this one ({here}): two catalogs on one storage delete each other's blocks; set `database` to that catalog, as every host of the repository does (docs/scale-out.md); if it is lost for good, `keepfs database rebuild --take-over` into an empty catalog makes a new one from the storage",
             owner.location, owner.host, owner.claimed
         ))
     }
+}
+
+/// This machine's /etc/machine-id (see [`Owner::machine`]).
+fn machine() -> String {
+    crate::catalog::machine_id().split(' ').nth(2).unwrap_or("").to_string()
 }
 
 fn new_id() -> String {

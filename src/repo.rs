@@ -464,6 +464,8 @@ impl Repository {
         if session.lock_for_removal(uid).is_err() {
             return Ok(false);
         }
+        // Read afresh: a mount runs for long, and the storage may have been taken over.
+        self.check_owner_now(&v.storage)?;
         self.storage_to_write(&v.storage)?.delete(&version_key(uid))?;
         self.db.lock().remove_version(uid)?;
         Ok(true)
@@ -513,6 +515,8 @@ impl Repository {
             }
         }
         let _session = self.session("label", true)?;
+        // Before the catalog changes: a storage this catalog may not write refuses it all.
+        self.claim_storage(&self.version(uid)?.storage)?;
         self.db.lock().change_labels(uid, &set, &remove)?;
         self.refresh_version_object(uid)
     }
@@ -520,6 +524,7 @@ impl Repository {
     /// Sets (or with `None` clears) a version's expiry date.
     pub fn set_expire(&self, uid: VersionUid, expire: Option<chrono::DateTime<Utc>>) -> Result<()> {
         let _session = self.session("expire", true)?;
+        self.claim_storage(&self.version(uid)?.storage)?;
         self.db.lock().set_expire(uid, expire.as_ref())?;
         self.refresh_version_object(uid)
     }
@@ -529,6 +534,7 @@ impl Repository {
     /// refuses it while copying, and `key remove` waits for it.
     pub fn set_protected(&self, uid: VersionUid, protected: bool) -> Result<()> {
         let _session = self.session(if protected { "protect" } else { "unprotect" }, true)?;
+        self.claim_storage(&self.version(uid)?.storage)?;
         self.db.lock().set_protected(uid, protected)?;
         self.refresh_version_object(uid)
     }
@@ -548,16 +554,18 @@ impl Repository {
     /// last written (a scrub finds the damage again).
     pub fn rebuild_database(&self) -> Result<RebuildReport> {
         let existing = self.db.lock().list_versions()?.len();
-        if existing > 0 && !self.db.lock().rebuild_unfinished()? {
+        let take_over = self.take_over.load(std::sync::atomic::Ordering::Relaxed);
+        // (Taking over, a catalog rebuilt before is completed, and becomes the owner.)
+        if existing > 0 && !take_over && !self.db.lock().rebuild_unfinished()? {
             return Err(Error::Refused(format!(
                 "the metadata database {} holds {existing} version(s); rebuild recreates a lost database: move this one away first",
                 self.config.catalog_location().display()
             )));
         }
-        // Each storage becomes this catalog's, or the rebuild is refused before it starts
-        // (another catalog owns it, and may be in use: see `owner`).
+        // Only read: a catalog made again in its place takes its id; with --take-over
+        // every storage becomes this catalog's before anything is recorded (see `owner`).
         for sc in &self.config.storages {
-            self.storage_to_write(&sc.name)?;
+            self.rebuild_owner_check(&sc.name)?;
         }
         self.db.lock().set_rebuild_unfinished(true)?;
         let stopped = |e: Error| {
@@ -683,6 +691,10 @@ impl Repository {
     /// [`SessionGuard::lock_version`]).
     pub fn apply_remove(&self, plan: &[Version]) -> Result<()> {
         let session = self.session("rm", false)?;
+        // Every storage claimed before the first version is marked: a refusal changes nothing.
+        for v in plan {
+            self.claim_storage(&v.storage)?;
+        }
         for v in plan {
             session.lock_for_removal(v.uid)?;
             // Invalid first: an rm cut off before its rows go (a lost database connection,

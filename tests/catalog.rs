@@ -391,7 +391,8 @@ fn database_migrate_copies_the_catalog_to_postgresql_and_back() {
 
 /// `database rebuild` into an empty PostgreSQL database recreates what the SQLite
 /// catalog held, from the storage alone. The storage belongs to the SQLite catalog,
-/// which may still be in use: the rebuild is refused until `--take-over` says it is not.
+/// which may still be in use: the rebuilt catalog restores but does not write until
+/// `--take-over` says the old one is gone.
 #[test]
 fn database_rebuild_works_into_postgresql() {
     let pg = PgServer::start();
@@ -402,6 +403,10 @@ fn database_rebuild_works_into_postgresql() {
     repo.backup("img", "vm", &["-b", "64k"]);
     let before = ls_json(&repo, &[]);
     let r = repo.run_env(&["database", "rebuild"], &[("KEEPFS_DATABASE", &url)]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stderr.contains("this one can restore from it, not write to it"), "{}", r.stderr);
+    let img = repo.url("img");
+    let r = repo.run_env(&["backup", &img, "vm"], &[("KEEPFS_DATABASE", &url)]);
     assert_eq!(r.code, 4, "{}", r.stderr);
     assert!(
         r.error_line().contains("belongs to another catalog") && r.error_line().contains("--take-over"),

@@ -573,10 +573,28 @@ fn a_second_catalog_on_one_storage_is_refused_before_it_writes_or_deletes() {
     );
     fs::write(second.path("keepfs.toml"), cfg).unwrap();
     let objects = first.block_objects();
+    // A rebuild only reads: the second catalog can restore, and is told it cannot write.
+    let r = second.run_cfg(&["database", "rebuild"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stderr.contains("this one can restore from it, not write to it"), "{}", r.stderr);
+    let out = second.path("read.img");
+    second.ok_cfg(&["restore", &v1, &format!("file://{}", out.display())]);
+    assert_eq!(sha256_file(&out), sha256_file(&first.path("img")));
+    // Its mount reads; a write through it is EROFS ("busy" said to try again).
+    {
+        let cfg = second.config_file();
+        let m = common::mount::Mount::new(&second, &["--config", &cfg]);
+        assert_eq!(sha256_file(&m.p(&format!("by_version/{v1}/data"))), sha256_file(&first.path("img")));
+        let w = fs::OpenOptions::new().write(true).open(m.p(&format!("by_version/{v1}/data")));
+        let err = w.and_then(|mut f| std::io::Write::write_all(&mut f, b"x").and_then(|_| f.sync_all())).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EROFS), "{err}");
+    }
     for args in [
         vec!["backup".to_string(), first.url("img"), "other".into(), "-b".into(), "64k".into()],
-        vec!["database".into(), "rebuild".into()],
         vec!["cleanup".into()],
+        vec!["rm".into(), "--force".into(), v1.clone()],
+        vec!["label".into(), v1.clone(), "k=v".into()],
+        vec!["protect".into(), v1.clone()],
     ] {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let r = second.run_cfg(&args);
@@ -591,6 +609,10 @@ fn a_second_catalog_on_one_storage_is_refused_before_it_writes_or_deletes() {
         );
     }
     assert_eq!(first.block_objects(), objects, "nothing written or deleted");
+    // And nothing changed in the second catalog on the way to a refusal.
+    let v = &serde_json::from_str::<serde_json::Value>(&second.ok_cfg(&["ls", "--format", "json"])).unwrap()[0];
+    assert_eq!((v["status"].as_str(), v["protected"].as_bool()), (Some("valid"), Some(false)), "{v}");
+    assert!(v["labels"].get("k").is_none(), "{v}");
     assert_eq!(first.restore_sha(&v1, "out"), sha256_file(&first.path("img")));
     first.backup("img", "vm", &["-b", "64k"]);
 
@@ -627,4 +649,14 @@ fn a_second_catalog_on_one_storage_is_refused_before_it_writes_or_deletes() {
     let out = second.path("out2");
     second.ok_cfg(&["restore", &v1, &format!("file://{}", out.display())]);
     assert_eq!(sha256_file(&out), sha256_file(&first.path("img")));
+
+    // The owner object lost (deleted by hand): a catalog that does not know every
+    // version there does not claim the storage; the one that does, does.
+    let v3 = second.ok_cfg(&["backup", &first.url("img"), "third", "-b", "64k"]).trim().to_string();
+    fs::remove_file(storage.join("owner")).unwrap();
+    let r = first.run(&["backup", &first.url("img"), "vm", "-b", "64k"]);
+    assert_eq!(r.code, 4, "{}", r.stderr);
+    assert!(r.error_line().contains(&format!("{v3} that this catalog does not know")), "{}", r.stderr);
+    second.ok_cfg(&["backup", &first.url("img"), "third", "-b", "64k"]);
+    assert_eq!(first.run(&["cleanup"]).code, 4);
 }

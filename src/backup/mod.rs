@@ -231,6 +231,7 @@ impl Repository {
                     );
                     match e {
                         Error::Refused(_) => Error::Refused(said),
+                        Error::NotOwner(_) => Error::NotOwner(said),
                         Error::Damaged(_) => Error::Damaged(said),
                         _ => Error::Other(said),
                     }

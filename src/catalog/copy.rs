@@ -271,6 +271,7 @@ impl crate::Repository {
                 return Err(match e {
                     Error::Invalid(_) => Error::Invalid(said),
                     Error::Refused(_) => Error::Refused(said),
+                    Error::NotOwner(_) => Error::NotOwner(said),
                     Error::Config(_) => Error::Config(said),
                     Error::Key(_) => Error::Key(said),
                     _ => Error::Other(said),
@@ -281,6 +282,11 @@ impl crate::Repository {
         // so that no host left on it backs up or cleans up beside the new one.
         let when = chrono::Utc::now().format("%Y-%m-%d %H:%M UTC");
         self.db().set_repository_state(super::MOVED_TO, &format!("{} on {when}", location.display()))?;
+        // The storages say where their catalog is now (a catalog made again at the old
+        // place is then not taken for this one).
+        if let Err(e) = self.move_owner(&location) {
+            keepfs_face::log!("keepfs: warning: the storages still name the old catalog as their owner's place ({e})");
+        }
         drop(moving);
         Ok((location, report))
     }

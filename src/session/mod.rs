@@ -592,6 +592,22 @@ impl SessionService {
         if self.opts.read_only { Err(errno(libc::EROFS)) } else { Ok(()) }
     }
 
+    /// Whether this catalog may write to the storage of version `uid`: one another catalog
+    /// owns is read-only (said once in the log, naming the owner).
+    fn may_write(&self, uid: &str) -> io::Result<bool> {
+        let parsed = VersionUid::parse(uid).map_err(|_| to_io(Error::VersionNotFound(uid.to_string())))?;
+        let storage = self.repo.version(parsed).map_err(to_io)?.storage;
+        match self.repo.claim_storage(&storage) {
+            Ok(()) => Ok(true),
+            Err(e @ Error::NotOwner(_)) => {
+                static SAID: std::sync::Once = std::sync::Once::new();
+                SAID.call_once(|| keepfs_face::log!("keepfs: {e}; its versions are read-only here"));
+                Ok(false)
+            }
+            Err(e) => Err(to_io(e)),
+        }
+    }
+
     fn incoming_draft<T>(&self, name: &str, f: impl FnOnce(&mut Shared, &mut Draft) -> io::Result<T>) -> io::Result<T> {
         self.incoming_slot(name).ok_or_else(|| errno(libc::ENOENT))?.with_draft(f)
     }
@@ -664,6 +680,9 @@ impl Sessions for SessionService {
                 continue;
             }
             let continued = Self::recently_committed(&self.recent_overlays, uid, Some(opener));
+            // A storage another catalog owns is read-only to this one: opened for reading
+            // (an NBD client or qemu opens read-write and may only read), its writes EROFS.
+            let writes = writes && self.may_write(continued.as_deref().unwrap_or(uid))?;
             if !writes {
                 let img = self.image(continued.as_deref().unwrap_or(uid))?;
                 let volatile = continued.is_some();
@@ -917,6 +936,8 @@ impl Sessions for SessionService {
                 }
                 slot.change(false, |d| d.write_at(offset, data))
             }
+            // Opened for writing on a storage this catalog may only read (see open_version).
+            Handle::Image(_) => Err(errno(libc::EROFS)),
             _ => Err(errno(libc::EBADF)),
         }
     }

@@ -127,20 +127,25 @@ impl FileSource {
 /// what it holds (/proc/version is "0 bytes" and cannot seek to its end; a sysfs file
 /// is "4096" and ends sooner, which failed a backup halfway with "the source shrank").
 fn check_file_system(file: &std::fs::File) -> io::Result<()> {
-    const PSEUDO: &[(i64, &str)] = &[
-        (0x9fa0, "procfs"),
-        (0x6265_6572, "sysfs"),
-        (0x6462_6720, "debugfs"),
-        (0x7472_6163, "tracefs"),
-        (0x2745_4d4d, "securityfs"),
-        (0x6367_7270, "cgroup2"),
+    const PSEUDO: &[(libc::__fsword_t, &str)] = &[
+        (libc::PROC_SUPER_MAGIC, "procfs"),
+        (libc::SYSFS_MAGIC, "sysfs"),
+        (libc::DEBUGFS_MAGIC, "debugfs"),
+        (libc::TRACEFS_MAGIC, "tracefs"),
+        (libc::SECURITYFS_MAGIC, "securityfs"),
+        (libc::CGROUP_SUPER_MAGIC, "cgroupfs"),
+        (libc::CGROUP2_SUPER_MAGIC, "cgroup2"),
+        (0x6265_6570, "configfs"),
+        (0xde5e_81e4, "efivarfs"),
+        (0x6165_676c, "pstore"),
+        (libc::BPF_FS_MAGIC, "bpffs"),
     ];
     // SAFETY: fstatfs on a valid descriptor into a zeroed statfs.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     if unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) } != 0 {
         return Ok(()); // unknown: read it as any other file
     }
-    match PSEUDO.iter().find(|(magic, _)| st.f_type as i64 == *magic) {
+    match PSEUDO.iter().find(|(magic, _)| st.f_type == *magic) {
         Some((_, fs)) => Err(io::Error::new(
             io::ErrorKind::InvalidInput,
             format!(

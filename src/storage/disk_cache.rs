@@ -221,7 +221,7 @@ impl DiskCache {
 }
 
 impl Storage for DiskCache {
-    super::pass_to_inner!(name, exists, list_each, sync, purge_temporary, codec);
+    super::pass_to_inner!(name, exists, list_each, sync, purge_temporary, codec, put_new);
     fn put(&self, key: &str, data: &[u8]) -> StorageResult<()> {
         if cacheable(key) {
             self.forget(key);

@@ -94,7 +94,7 @@ impl FaultyStorage {
 }
 
 impl Storage for FaultyStorage {
-    super::pass_to_inner!(name, sync, purge_temporary, codec, delete_many);
+    super::pass_to_inner!(name, sync, purge_temporary, codec, delete_many, put_new);
     fn list_each(
         &self,
         prefix: &str,

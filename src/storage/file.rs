@@ -217,6 +217,28 @@ impl Storage for FileStorage {
         self.rename_into_place(key, tmp)
     }
 
+    /// Linked into place (link(2) never replaces a name), so of two writers one wins.
+    fn put_new(&self, key: &str, data: &[u8]) -> StorageResult<bool> {
+        let path = self.path_of(key)?;
+        let tmp = self.write_temp(key, data)?;
+        let dir = path.parent().unwrap_or(&self.root).to_path_buf();
+        let linked = match fs::hard_link(&tmp, &path) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                self.modes.create_dir_all(&dir).and_then(|_| fs::hard_link(&tmp, &path))
+            }
+            r => r,
+        };
+        let _ = fs::remove_file(&tmp);
+        match linked {
+            Ok(()) => {
+                self.dirty_dirs.lock().insert(dir);
+                Ok(true)
+            }
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(false),
+            Err(e) => Err(self.err("create", key, e)),
+        }
+    }
+
     fn put_large(&self, key: &str, object: &super::LargeObject<'_>) -> StorageResult<()> {
         self.path_of(key)?;
         let tmp = self.write_temp_with(key, |f| {
@@ -369,6 +391,28 @@ mod tests {
         s.delete("blocks/aa/bb/x1").unwrap();
         assert!(matches!(s.get("blocks/aa/bb/x1"), Err(StorageError::NotFound { .. })));
         assert!(s.put("../escape", b"x").is_err());
+        assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0, "no temporary files left");
+    }
+
+    /// A name made only where none is: of many writers racing for it, exactly one makes
+    /// it and the others leave it as it was (the owner of a storage is claimed so).
+    #[test]
+    fn put_new_makes_a_name_once_among_racing_writers() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = std::sync::Arc::new(FileStorage::open("t", dir.path()).unwrap());
+        let made: Vec<bool> = (0..8u8)
+            .map(|i| {
+                let s = s.clone();
+                std::thread::spawn(move || s.put_new("owner", &[i; 64]).unwrap())
+            })
+            .collect::<Vec<_>>()
+            .into_iter()
+            .map(|t| t.join().unwrap())
+            .collect();
+        assert_eq!(made.iter().filter(|m| **m).count(), 1, "{made:?}");
+        let winner = made.iter().position(|m| *m).unwrap() as u8;
+        assert_eq!(s.get("owner").unwrap(), vec![winner; 64]);
+        assert!(s.put_new("sub/dir/new", b"x").unwrap(), "its directories are made");
         assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0, "no temporary files left");
     }
 

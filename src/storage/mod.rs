@@ -16,6 +16,11 @@ macro_rules! pass_to_inner {
             self.inner.put(key, data)
         }
     };
+    (@ put_new) => {
+        fn put_new(&self, key: &str, data: &[u8]) -> $crate::storage::StorageResult<bool> {
+            self.inner.put_new(key, data)
+        }
+    };
     (@ put_large) => {
         fn put_large(&self, key: &str, object: &$crate::storage::LargeObject<'_>) -> $crate::storage::StorageResult<()> {
             self.inner.put_large(key, object)
@@ -256,6 +261,16 @@ pub trait Storage: Send + Sync {
     /// Stores `data` under `key`, replacing any object there. An object never appears
     /// half-written under its final key.
     fn put(&self, key: &str, data: &[u8]) -> StorageResult<()>;
+    /// Writes `key` only where nothing is there yet: false when something was. Atomic
+    /// where the storage can make it so (a file storage's link, S3's `If-None-Match`);
+    /// here a check, then a put.
+    fn put_new(&self, key: &str, data: &[u8]) -> StorageResult<bool> {
+        if self.exists(key)? {
+            return Ok(false);
+        }
+        self.put(key, data)?;
+        Ok(true)
+    }
     /// Stores an object given in pieces, as `put` does. The default reads it whole into
     /// memory and puts it; the file, S3 and null storages stream it.
     fn put_large(&self, key: &str, object: &LargeObject<'_>) -> StorageResult<()> {

@@ -199,14 +199,27 @@ impl S3Storage {
 
     /// PUTs `key` with the body `body` makes for each attempt, whose MD5 is `md5`.
     fn put_body(&self, key: &str, md5: String, body: impl Fn() -> reqwest::blocking::Body) -> StorageResult<()> {
+        self.put_with("put", key, md5, Vec::new(), body).map(|_| ())
+    }
+
+    /// A PUT with `extra` headers; its answer.
+    fn put_with(
+        &self,
+        op: &'static str,
+        key: &str,
+        md5: String,
+        extra: Vec<(&'static str, String)>,
+        body: impl Fn() -> reqwest::blocking::Body,
+    ) -> StorageResult<reqwest::blocking::Response> {
         let full = self.full_key(key);
         // Signed (in the action) and sent (on the request) alike.
         let mut headers = vec![("content-md5", md5)];
+        headers.extend(extra);
         if let Some(class) = &self.config.storage_class {
             headers.push(("x-amz-storage-class", class.clone()));
         }
         self.send(
-            "put",
+            op,
             key,
             || {
                 let mut action = self.bucket.put_object(Some(&self.credentials), &full);
@@ -220,8 +233,7 @@ impl S3Storage {
                 req.body(body())
             },
             false,
-        )?;
-        Ok(())
+        )
     }
 
     fn attempt(
@@ -249,6 +261,7 @@ impl S3Storage {
         if status.is_success()
             || (accept_404 && status.as_u16() == 404)
             || (op == "get range" && status.as_u16() == 416)
+            || (op == "put new" && status.as_u16() == 412)
         {
             return Outcome::Done(resp);
         }
@@ -297,6 +310,18 @@ impl S3Storage {
 impl Storage for S3Storage {
     fn name(&self) -> &str {
         &self.name
+    }
+
+    /// A conditional PUT (`If-None-Match: *`): 412 when the key exists. A server that
+    /// ignores the condition writes anyway, as a plain put would (the caller reads back).
+    fn put_new(&self, key: &str, data: &[u8]) -> StorageResult<bool> {
+        let _slot = self.writes.take();
+        let md5 = base64::engine::general_purpose::STANDARD.encode(md5::Md5::digest(data));
+        let body = bytes::Bytes::copy_from_slice(data);
+        let resp = self.put_with("put new", key, md5, vec![("if-none-match", "*".to_string())], || {
+            reqwest::blocking::Body::from(body.clone())
+        })?;
+        Ok(resp.status().as_u16() != 412)
     }
 
     fn put(&self, key: &str, data: &[u8]) -> StorageResult<()> {

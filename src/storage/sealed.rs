@@ -20,6 +20,7 @@ impl Storage for SealedStorage {
         name,
         put,
         put_large,
+        put_new,
         get,
         get_range,
         get_fresh,

@@ -60,7 +60,7 @@ impl ThrottledStorage {
 }
 
 impl Storage for ThrottledStorage {
-    super::pass_to_inner!(name, exists, delete, delete_many, list_each, sync, purge_temporary, codec);
+    super::pass_to_inner!(name, exists, delete, delete_many, list_each, sync, purge_temporary, codec, put_new);
     fn put(&self, key: &str, data: &[u8]) -> StorageResult<()> {
         if let Some(r) = &self.write {
             r.pass(data.len());

@@ -585,8 +585,12 @@ fn a_second_catalog_on_one_storage_is_refused_before_it_writes_or_deletes() {
         let cfg = second.config_file();
         let m = common::mount::Mount::new(&second, &["--config", &cfg]);
         assert_eq!(sha256_file(&m.p(&format!("by_version/{v1}/data"))), sha256_file(&first.path("img")));
-        let w = fs::OpenOptions::new().write(true).open(m.p(&format!("by_version/{v1}/data")));
+        let data = m.p(&format!("by_version/{v1}/data"));
+        let w = fs::OpenOptions::new().write(true).open(&data);
         let err = w.and_then(|mut f| std::io::Write::write_all(&mut f, b"x").and_then(|_| f.sync_all())).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EROFS), "{err}");
+        // `cp` opens with O_TRUNC: EROFS too (it was EPERM).
+        let err = fs::OpenOptions::new().write(true).truncate(true).open(&data).unwrap_err();
         assert_eq!(err.raw_os_error(), Some(libc::EROFS), "{err}");
     }
     for args in [

@@ -706,7 +706,13 @@ impl Sessions for SessionService {
 
     fn resize_overlay(&self, uid: &str, size: u64) -> io::Result<()> {
         self.check_writable()?;
-        self.overlay_slot(uid).ok_or_else(|| errno(libc::EPERM))?.change(false, |d| d.set_size(size))
+        match self.overlay_slot(uid) {
+            Some(slot) => slot.change(false, |d| d.set_size(size)),
+            // No overlay because the storage is another catalog's (`open(O_TRUNC)`,
+            // `truncate`): read-only here, as its writes are.
+            None if !self.may_write(uid)? => Err(errno(libc::EROFS)),
+            None => Err(errno(libc::EPERM)),
+        }
     }
 
     fn create_incoming(&self, name: &str, writes: bool, opener: Opener) -> io::Result<Fh> {

@@ -252,16 +252,10 @@ impl Repository {
         let unknown: Vec<String> = unknown_in(in_storage, &versions).iter().map(|u| u.to_string()).collect();
         if !unknown.is_empty() {
             // One line however many: the first few, and how many more.
-            const SHOWN: usize = 8;
-            let more = match unknown.len().saturating_sub(SHOWN) {
-                0 => String::new(),
-                n => format!(" and {n} more"),
-            };
-            let first = &unknown[..unknown.len().min(SHOWN)];
+            let (listed, more) = first_uids(&unknown, ", ");
+            let (typed, _) = first_uids(&unknown, " ");
             return Err(Error::Refused(format!(
-                "storage '{storage}' holds version(s) {}{more} that the database does not know (an older copy of the database, or another host writing here with a catalog of its own); cleanup would delete their blocks: run `keepfs metadata restore {}`{} to take them in, or give every host that writes here one shared catalog (database = \"postgresql://…\", docs/scale-out.md)",
-                first.join(", "),
-                first.join(" "),
+                "storage '{storage}' holds version(s) {listed}{more} that the database does not know (an older copy of the database, or another host writing here with a catalog of its own); cleanup would delete their blocks: run `keepfs metadata restore {typed}`{} to take them in, or give every host that writes here one shared catalog (database = \"postgresql://…\", docs/scale-out.md)",
                 if more.is_empty() { "" } else { " (and with the others' uids)" }
             )));
         }
@@ -539,7 +533,7 @@ impl Repository {
 }
 
 /// The uids of the version objects a storage holds.
-fn version_objects(st: &dyn crate::storage::Storage) -> Result<Vec<VersionUid>> {
+pub(crate) fn version_objects(st: &dyn crate::storage::Storage) -> Result<Vec<VersionUid>> {
     Ok(st
         .list("versions/")?
         .iter()
@@ -547,8 +541,19 @@ fn version_objects(st: &dyn crate::storage::Storage) -> Result<Vec<VersionUid>> 
         .collect())
 }
 
+/// Up to eight uids, then how many more: a list of them that stays one line.
+pub(crate) fn first_uids(uids: &[impl std::fmt::Display], separator: &str) -> (String, String) {
+    const SHOWN: usize = 8;
+    let first: Vec<String> = uids.iter().take(SHOWN).map(|u| u.to_string()).collect();
+    let more = match uids.len().saturating_sub(SHOWN) {
+        0 => String::new(),
+        n => format!(" and {n} more"),
+    };
+    (first.join(separator), more)
+}
+
 /// The version objects of `in_storage` that are not among the catalog's `versions`.
-fn unknown_in(in_storage: Vec<VersionUid>, versions: &[crate::version::Version]) -> Vec<VersionUid> {
+pub(crate) fn unknown_in(in_storage: Vec<VersionUid>, versions: &[crate::version::Version]) -> Vec<VersionUid> {
     let known: HashSet<VersionUid> = versions.iter().map(|v| v.uid).collect();
     in_storage.into_iter().filter(|u| !known.contains(u)).collect()
 }

@@ -26,7 +26,7 @@
 
 use crate::error::{Error, Result};
 use crate::repo::Repository;
-use crate::storage::{SharedStorage, StorageError};
+use crate::storage::{STORAGE_ATTEMPTS, SharedStorage, StorageError, retry};
 
 /// The storage object that names its owner.
 pub const OWNER_KEY: &str = "owner";
@@ -79,7 +79,7 @@ impl Repository {
     /// makes or changes the keyring the unlocking reads).
     pub(crate) fn claim_storage(&self, name: &str) -> Result<()> {
         if !self.owner_checked.lock().contains(name) {
-            self.check_owner(name)?;
+            self.check_owner_now(name)?;
             self.owner_checked.lock().insert(name.to_string());
         }
         Ok(())
@@ -93,10 +93,6 @@ impl Repository {
     /// Claims storage `name` for this catalog, or refuses: read afresh from the storage,
     /// so that a claim another catalog made since is seen (before a commit, a delete).
     pub(crate) fn check_owner_now(&self, name: &str) -> Result<()> {
-        self.check_owner(name)
-    }
-
-    fn check_owner(&self, name: &str) -> Result<()> {
         if matches!(self.config.storage(name)?.kind, crate::config::StorageKind::Null) {
             return Ok(());
         }
@@ -107,11 +103,8 @@ impl Repository {
         match (mine, read_owner(&raw)?) {
             (Some(id), Some(owner)) if owner.catalog == id => Ok(()),
             (mine, owner) if take_over => {
-                let id = match mine {
-                    Some(id) => id,
-                    None => self.db.lock().keep_repository_state(CATALOG_ID, &new_id())?,
-                };
-                self.claim_as(name, &raw, &id)?;
+                let id = self.catalog_id(mine)?;
+                self.claim_as(name, &raw, &id, false)?;
                 if let Some(owner) = owner.filter(|o| o.catalog != id) {
                     keepfs_face::log!(
                         "keepfs: storage '{name}' is this catalog's now; the catalog it belonged to ({} on {}) is refused from now on",
@@ -124,31 +117,34 @@ impl Repository {
             (_, Some(owner)) => Err(self.not_ours(name, &owner, &here)),
             (mine, None) => {
                 self.refuse_unknown_versions(name, &raw)?;
-                let id = match mine {
-                    Some(id) => id,
-                    None => self.db.lock().keep_repository_state(CATALOG_ID, &new_id())?,
-                };
+                let id = self.catalog_id(mine)?;
                 // Created only where no owner is yet: of two catalogs claiming at once,
                 // one makes it and the other reads it.
-                let record = serde_json::to_vec_pretty(&self.owner_record(&id))
-                    .map_err(|e| Error::Other(format!("cannot encode the owner: {e}")))?;
-                crate::storage::retry(crate::storage::STORAGE_ATTEMPTS, || raw.put_new(OWNER_KEY, &record))?;
-                crate::storage::retry(crate::storage::STORAGE_ATTEMPTS, || raw.sync())?;
-                match read_owner(&raw)? {
-                    Some(owner) if owner.catalog == id => Ok(()),
-                    Some(owner) => Err(self.not_ours(name, &owner, &here)),
-                    None => Err(Error::Other(format!(
-                        "storage '{name}': its {OWNER_KEY} object was written and is not there; check the storage"
-                    ))),
-                }
+                self.claim_as(name, &raw, &id, true)
             }
         }
     }
 
-    /// Writes this catalog (`id`) as the owner and reads it back: of two catalogs
-    /// claiming at once, the owner read back is the one that stands.
-    fn claim_as(&self, name: &str, raw: &SharedStorage, id: &str) -> Result<()> {
-        write_owner(raw, &self.owner_record(id))?;
+    /// This catalog's id: `mine` as read, or a new one made first-writer-first.
+    fn catalog_id(&self, mine: Option<String>) -> Result<String> {
+        match mine {
+            Some(id) => Ok(id),
+            None => self.db.lock().keep_repository_state(CATALOG_ID, &new_id()),
+        }
+    }
+
+    /// Writes this catalog (`id`) as the owner (only where none is yet, when `first`)
+    /// and reads it back: of two catalogs claiming at once, the owner read back is the
+    /// one that stands.
+    fn claim_as(&self, name: &str, raw: &SharedStorage, id: &str, first: bool) -> Result<()> {
+        let record = self.owner_record(id);
+        if first {
+            let bytes = encode(&record)?;
+            retry(STORAGE_ATTEMPTS, || raw.put_new(OWNER_KEY, &bytes))?;
+            retry(STORAGE_ATTEMPTS, || raw.sync())?;
+        } else {
+            write_owner(raw, &record)?;
+        }
         match read_owner(raw)? {
             Some(owner) if owner.catalog == id => Ok(()),
             Some(owner) => Err(self.not_ours(name, &owner, &self.catalog_here())),
@@ -163,32 +159,16 @@ impl Repository {
     /// or this one's from before a loss.
     fn refuse_unknown_versions(&self, name: &str, raw: &SharedStorage) -> Result<()> {
         // (An incomplete version has no object there: one under its uid is another's.)
-        let known: std::collections::HashSet<u64> = self
-            .db
-            .lock()
-            .list_versions()?
-            .iter()
-            .filter(|v| v.status != crate::version::Status::Incomplete)
-            .map(|v| v.uid.0)
-            .collect();
-        let mut unknown = Vec::new();
-        raw.list_each("versions/", &mut |e| {
-            if let Some(uid) = e.key.strip_prefix("versions/").and_then(|u| crate::version::VersionUid::parse(u).ok())
-                && !known.contains(&uid.0)
-            {
-                unknown.push(uid);
-            }
-            std::ops::ControlFlow::Continue(())
-        })?;
+        let mut versions = self.db.lock().list_versions()?;
+        versions.retain(|v| v.status != crate::version::Status::Incomplete);
+        let mut unknown = crate::gc::unknown_in(crate::gc::version_objects(raw.as_ref())?, &versions);
         if unknown.is_empty() {
             return Ok(());
         }
         unknown.sort();
-        let shown: Vec<String> = unknown.iter().take(8).map(|u| u.to_string()).collect();
-        let more = if unknown.len() > 8 { format!(" and {} more", unknown.len() - 8) } else { String::new() };
+        let (listed, more) = crate::gc::first_uids(&unknown, ", ");
         Err(Error::Refused(format!(
-            "storage '{name}' holds version(s) {}{more} that this catalog does not know, and names no catalog as its owner yet: if another catalog writes here, set `database` to it (docs/scale-out.md); if they are this catalog's from before it was lost, `keepfs metadata restore UID…` or `keepfs database rebuild` takes them in; `keepfs database rebuild --take-over` makes this catalog the owner",
-            shown.join(", ")
+            "storage '{name}' holds version(s) {listed}{more} that this catalog does not know, and names no catalog as its owner yet: if another catalog writes here, set `database` to it (docs/scale-out.md); if they are this catalog's from before it was lost, `keepfs metadata restore UID…` or `keepfs database rebuild` takes them in; `keepfs database rebuild --take-over` makes this catalog the owner"
         )))
     }
 
@@ -200,7 +180,7 @@ impl Repository {
             return Ok(());
         }
         if self.take_over.load(std::sync::atomic::Ordering::Relaxed) {
-            return self.check_owner(name);
+            return self.check_owner_now(name);
         }
         let raw = self.raw_storage(name)?;
         let Some(owner) = read_owner(&raw)? else { return Ok(()) };
@@ -291,7 +271,7 @@ fn new_id() -> String {
 }
 
 fn read_owner(raw: &SharedStorage) -> Result<Option<Owner>> {
-    let bytes = match crate::storage::retry(crate::storage::STORAGE_ATTEMPTS, || raw.get_fresh(OWNER_KEY)) {
+    let bytes = match retry(STORAGE_ATTEMPTS, || raw.get_fresh(OWNER_KEY)) {
         Ok(b) => b,
         Err(StorageError::NotFound { .. }) => return Ok(None),
         Err(e) => return Err(e.into()),
@@ -299,9 +279,13 @@ fn read_owner(raw: &SharedStorage) -> Result<Option<Owner>> {
     Owner::parse(&bytes, raw.name()).map(Some)
 }
 
+fn encode(owner: &Owner) -> Result<Vec<u8>> {
+    serde_json::to_vec_pretty(owner).map_err(|e| Error::Other(format!("cannot encode the owner: {e}")))
+}
+
 fn write_owner(raw: &SharedStorage, owner: &Owner) -> Result<()> {
-    let bytes = serde_json::to_vec_pretty(owner).map_err(|e| Error::Other(format!("cannot encode the owner: {e}")))?;
-    crate::storage::retry(crate::storage::STORAGE_ATTEMPTS, || raw.put(OWNER_KEY, &bytes))?;
-    crate::storage::retry(crate::storage::STORAGE_ATTEMPTS, || raw.sync())?;
+    let bytes = encode(owner)?;
+    retry(STORAGE_ATTEMPTS, || raw.put(OWNER_KEY, &bytes))?;
+    retry(STORAGE_ATTEMPTS, || raw.sync())?;
     Ok(())
 }

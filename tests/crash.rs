@@ -468,13 +468,15 @@ fn a_full_disk_under_a_catalog_is_said_and_a_failed_migration_leaves_nothing() {
     fs::write(other.path("img"), random_bytes(92, 64 << 10)).unwrap();
     let v = other.backup("img", "vm", &[]);
     home.fill();
-    // (A command that only reads may still get by, where SQLite needs nothing new.)
+    // (A command that writes little may still get by where SQLite reuses pages it has,
+    // as a label did in CI: a backup needs new room in the catalog and the spool.)
     let img = other.url("img");
-    for args in [vec!["backup", &img, "vm"], vec!["label", &v, "k=v"]] {
-        let r = other.run(&args);
-        assert_ne!(r.code, 0, "{args:?}: {}", r.stderr);
-        let line = r.error_line();
-        assert!(line.contains("full") && !line.contains("disk I/O error"), "{args:?}: {line}");
-    }
+    let r = other.run(&["backup", &img, "vm"]);
+    assert_ne!(r.code, 0, "{}", r.stderr);
+    let line = r.error_line();
+    assert!(line.contains("full") && !line.contains("disk I/O error"), "{line}");
+    // Whatever a small change does there, it never says "disk I/O error".
+    let r = other.run(&["label", &v, "k=v"]);
+    assert!(r.code == 0 || !r.error_line().contains("disk I/O error"), "{}", r.stderr);
     drop(home);
 }

@@ -844,3 +844,57 @@ fn a_writer_behind_a_hung_lock_holder_gives_up_with_one_line() {
     assert!(ls[0]["labels"].get("k").is_none(), "nothing was written: {ls}");
     repo.ok_cfg(&["label", &v, "k=v"]);
 }
+
+/// A server whose processes are stopped (a hung host: its kernel still acknowledges
+/// every packet, so neither TCP keepalives nor `tcp_user_timeout` notice) is met in the
+/// middle of a statement. The statement is given up with one line once a new connection
+/// gets no answer either, instead of waiting until the server wakes (the synchronous
+/// client waited for ever). Nothing of it is committed, and once the server runs again
+/// the next command connects again and works.
+#[test]
+fn a_statement_a_stopped_server_never_answers_is_given_up() {
+    let pg = PgServer::start();
+    let db = pg.create_db("stopped");
+    let url = pg.url(&db);
+    let repo = config_repo(&format!("{url}?connect_timeout=2"));
+    std::fs::write(repo.path("img"), mixed_image(8, 4, BS, 0)).unwrap();
+    let v = repo.ok_cfg(&["backup", &repo.url("img"), "vm", "-b", "64k"]).trim().to_string();
+    // The label waits for the write lock this test holds; the server stops meanwhile.
+    let mut holder = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+    let mut tx = holder.transaction().unwrap();
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&keepfs::catalog::postgres::WRITE_LOCK]).unwrap();
+    let cfg = repo.config_file();
+    let mut child = repo
+        .command(&["--config", &cfg, "label", &v, "k=v"])
+        .env("KEEPFS_TEST_CATALOG_PATIENCE_MS", "1000")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let waiting =
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'keepfs' AND wait_event_type = 'Lock'";
+    common::mount::wait_until("the label to wait for the lock", std::time::Duration::from_secs(60), || {
+        pg.psql(waiting) == "1"
+    });
+    let stopped = pg.stop_processes();
+    let ended = common::poll_for(std::time::Duration::from_secs(120), || child.try_wait().unwrap());
+    if ended.is_none() {
+        let _ = child.kill();
+    }
+    let out = child.wait_with_output().unwrap();
+    drop(stopped);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(ended.is_some(), "the label still waited for the stopped server after 120 s: {stderr}");
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("keepfs: error:")).collect();
+    assert_eq!(errors.len(), 1, "one error line: {stderr}");
+    assert!(errors[0].contains("stopped answering"), "{stderr}");
+    assert!(!errors[0].contains(common::pg::PASSWORD), "{stderr}");
+    tx.rollback().unwrap();
+    let ls = ls_json(&repo, &[]);
+    assert!(ls[0]["labels"].get("k").is_none(), "nothing was written: {ls}");
+    repo.ok_cfg(&["label", &v, "k=v"]);
+    let restored = repo.path("out");
+    repo.ok_cfg(&["restore", &v, &format!("file://{}", restored.display())]);
+    assert_eq!(sha256_file(&restored), sha256_file(&repo.path("img")));
+}

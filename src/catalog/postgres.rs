@@ -4,9 +4,10 @@
 //! that PostgreSQL-protocol databases understand. Writes that SQLite serialises with
 //! its database-wide write lock (object lookups and touches, tombstones, sweeps) take a
 //! transaction-scoped advisory lock here, so the cleanup protocol of docs/format.md
-//! holds unchanged. Connections time out (`connect_timeout`, TCP keepalives) instead of
-//! hanging; a lost connection is opened again on the next call (the transaction it was
-//! in is rolled back by the server, so nothing is half-committed).
+//! holds unchanged. Connections and statements time out instead of hanging, also on a
+//! server that stopped answering (see `conn`); a lost connection is opened again on the
+//! next call (the transaction it was in is rolled back by the server, so nothing is
+//! half-committed).
 
 use super::{
     Catalog, IncompleteVersion, IndexBytes, Lookup, OBJECT_DELETING, OBJECT_PRESENT, OBJECT_WRITING, ObjectRecord,
@@ -17,14 +18,16 @@ use crate::error::{Error, Result};
 use crate::transform::aes::KeyId;
 use crate::version::{Stats, Status, Version, VersionUid};
 use chrono::{DateTime, Utc};
-use postgres::fallible_iterator::FallibleIterator;
-use postgres::types::ToSql;
-use postgres::{Client, NoTls, Row, Transaction};
+use conn::{CONNECT_TIMEOUT, Conn, Target, Tx as Transaction};
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
+use tokio_postgres::Row;
+use tokio_postgres::types::ToSql;
 
+mod conn;
 mod tls;
 
 /// Schema migrations; entry N brings the schema from version N to N+1. The same
@@ -149,9 +152,6 @@ pub const WRITE_LOCK: i64 = 0x6b65_6570_6673; // "keepfs"
 /// How long a statement waits for a lock another session holds (SQLite's busy timeout).
 const LOCK_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// How long a connection attempt may take when the URL does not say (`connect_timeout`).
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-
 /// Where the user name and password of `rest` (a URL after its `://`) end: the last
 /// `@` before the query; or, when there is none, and `rest` starts `USER:` followed by
 /// something that is not a port (so the first `?` or `/` is in a password, not the
@@ -274,48 +274,24 @@ fn place_staged_index(tx: &mut Transaction<'_>, uid: i64) -> Result<()> {
 }
 
 fn copy_index_into(tx: &mut Transaction<'_>, table: &str, uid: i64, index: IndexBytes<'_>) -> Result<()> {
-    use std::io::Write;
     let len = i32::try_from(index.len).map_err(|_| {
         Error::Invalid(format!("a block index of {} bytes is more than a catalog value may hold", index.len))
     })?;
-    let mut w = tx.copy_in(&format!("COPY {table} (uid, data) FROM STDIN (FORMAT binary)"))?;
-    let io = |e: std::io::Error| Error::io("cannot send the block index to the catalog", e);
-    // Signature, flags, header extension length; one row of two fields; the trailer.
-    let mut head = Vec::with_capacity(40);
-    head.extend_from_slice(b"PGCOPY\n\xff\r\n\0");
-    head.extend_from_slice(&0i32.to_be_bytes());
-    head.extend_from_slice(&0i32.to_be_bytes());
-    head.extend_from_slice(&2i16.to_be_bytes());
-    head.extend_from_slice(&8i32.to_be_bytes());
-    head.extend_from_slice(&uid.to_be_bytes());
-    head.extend_from_slice(&len.to_be_bytes());
-    w.write_all(&head).map_err(io)?;
-    super::copy_index(index, |piece, _| w.write_all(piece).map_err(io))?;
-    w.write_all(&(-1i16).to_be_bytes()).map_err(io)?;
-    w.finish()?;
+    tx.copy_in(&format!("COPY {table} (uid, data) FROM STDIN (FORMAT binary)"), |send| {
+        // Signature, flags, header extension length; one row of two fields; the trailer.
+        let mut head = Vec::with_capacity(40);
+        head.extend_from_slice(b"PGCOPY\n\xff\r\n\0");
+        head.extend_from_slice(&0i32.to_be_bytes());
+        head.extend_from_slice(&0i32.to_be_bytes());
+        head.extend_from_slice(&2i16.to_be_bytes());
+        head.extend_from_slice(&8i32.to_be_bytes());
+        head.extend_from_slice(&uid.to_be_bytes());
+        head.extend_from_slice(&len.to_be_bytes());
+        send(&head)?;
+        super::copy_index(index, |piece, _| send(piece))?;
+        send(&(-1i16).to_be_bytes())
+    })?;
     Ok(())
-}
-
-fn describe(e: &postgres::Error) -> String {
-    if let Some(db) = e.as_db_error() {
-        return format!("{} ({})", db.message(), db.code().code());
-    }
-    let mut msg = e.to_string();
-    let mut cause = std::error::Error::source(e);
-    while let Some(c) = cause {
-        let s = c.to_string();
-        if !msg.contains(&s) {
-            msg = format!("{msg}: {s}");
-        }
-        cause = c.source();
-    }
-    msg.replace('\n', " ")
-}
-
-impl From<postgres::Error> for Error {
-    fn from(e: postgres::Error) -> Error {
-        Error::Catalog(describe(&e))
-    }
 }
 
 /// The password file libpq would read: the one `PGPASSFILE` names, else `~/.pgpass`.
@@ -368,14 +344,9 @@ const CLOCK_MS: &str = "(extract(epoch from clock_timestamp()) * 1000)::bigint";
 const CLOCK_SELECT: &str = "SELECT (extract(epoch from clock_timestamp()) * 1000)::bigint";
 
 pub struct PostgresCatalog {
-    config: postgres::Config,
-    /// What to call the database in messages (the URL without its password).
-    name: String,
-    /// Where the password came from (or why there is none), for a refused login.
-    password_from: String,
-    /// TLS as the URL's `sslmode` / `sslrootcert` say (see `tls`).
-    tls: tls::Tls,
-    client: RefCell<Client>,
+    /// Where the database is, how to log in, TLS, and its name for messages.
+    target: Arc<Target>,
+    client: RefCell<Conn>,
     /// When the connection was last handed out (see [`IDLE_CHECK`]).
     last_used: std::cell::Cell<std::time::Instant>,
 }
@@ -404,7 +375,7 @@ impl PostgresCatalog {
                 }
             }
         }
-        let mut config: postgres::Config = url.parse().map_err(|e| {
+        let mut config: tokio_postgres::Config = url.parse().map_err(|e| {
             Error::Config(format!(
                 "database {name}: not a PostgreSQL URL ({e}); write it as postgresql://USER[:PASSWORD]@HOST[:PORT]/DATABASE[?PARAM=VALUE&...]"
             ))
@@ -433,8 +404,8 @@ impl PostgresCatalog {
             format!("it came from database_password_file {}", file.display())
         } else {
             let host = match config.get_hosts().first() {
-                Some(postgres::config::Host::Tcp(h)) => h.clone(),
-                Some(postgres::config::Host::Unix(p)) => p.display().to_string(),
+                Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+                Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),
                 None => "localhost".into(),
             };
             let port = config.get_ports().first().copied().unwrap_or(5432);
@@ -471,12 +442,10 @@ impl PostgresCatalog {
             }
         };
         config.ssl_mode(tls.client_mode());
-        let client = connect(&config, &tls, &name, &password_from)?;
+        let target = Arc::new(Target { config, tls, name, password_from });
+        let client = Conn::open(target.clone())?;
         let mut cat = PostgresCatalog {
-            config,
-            name,
-            password_from,
-            tls,
+            target,
             client: RefCell::new(client),
             last_used: std::cell::Cell::new(std::time::Instant::now()),
         };
@@ -485,9 +454,9 @@ impl PostgresCatalog {
     }
 
     fn migrate(&mut self) -> Result<()> {
-        let name = self.name.clone();
+        let name = self.target.name.clone();
         let client = self.client.get_mut();
-        let mut tx = client.transaction()?;
+        let tx = client.transaction()?;
         tx.execute("SELECT pg_advisory_xact_lock($1)", &[&WRITE_LOCK])?;
         tx.batch_execute("CREATE TABLE IF NOT EXISTS keepfs_schema (version BIGINT NOT NULL)")?;
         let current: i64 = match tx.query_opt("SELECT version FROM keepfs_schema", &[])? {
@@ -517,14 +486,14 @@ impl PostgresCatalog {
 
     /// The client, connected again when the server closed the last connection (a
     /// restart): the statement that failed is not retried, the next call just works.
-    fn client(&self) -> Result<std::cell::RefMut<'_, Client>> {
+    fn client(&self) -> Result<std::cell::RefMut<'_, Conn>> {
         let mut c = self
             .client
             .try_borrow_mut()
             .map_err(|_| Error::Other("internal: catalog used while it is being iterated".into()))?;
         let idle = self.last_used.replace(std::time::Instant::now()).elapsed() >= IDLE_CHECK;
-        if c.is_closed() || (idle && c.is_valid(CONNECT_TIMEOUT).is_err()) {
-            *c = connect(&self.config, &self.tls, &self.name, &self.password_from)?;
+        if c.is_closed() || (idle && !c.is_valid(CONNECT_TIMEOUT)) {
+            *c = Conn::open(self.target.clone())?;
         }
         Ok(c)
     }
@@ -622,113 +591,6 @@ impl PostgresCatalog {
             }
         }
         Ok(versions)
-    }
-}
-
-/// Connects, giving up after the connect timeout (plus a little): `connect_timeout`
-/// covers opening the socket only, and a server that accepts but never answers (a hung
-/// host, a wrong port) would otherwise hold the command for ever. Under `sslmode=prefer`
-/// a connection that TLS did not get through (a failed handshake, or a server whose
-/// pg_hba.conf takes this client only without TLS, `hostnossl`) is tried once more
-/// without TLS, as libpq does.
-fn connect(config: &postgres::Config, tls: &tls::Tls, name: &str, password_from: &str) -> Result<Client> {
-    let connector = tls.connector();
-    let started = connector.as_ref().map(|c| c.started.clone());
-    let e = match attempt(config, connector, name)? {
-        Ok(client) => return Ok(client),
-        Err(e) => e,
-    };
-    let what = describe(&e);
-    let over_tls = started.is_some_and(|s| s.load(std::sync::atomic::Ordering::SeqCst));
-    if tls.mode != tls::SslMode::Prefer || !over_tls {
-        return Err(connect_error(&e, &what, tls, name, password_from));
-    }
-    let mut plain = config.clone();
-    plain.ssl_mode(postgres::config::SslMode::Disable);
-    match attempt(&plain, None, name)? {
-        Ok(client) => Ok(client),
-        // The server wants TLS from this client: what went wrong with TLS is the story.
-        Err(e2) if describe(&e2).contains("no encryption") => Err(connect_error(&e, &what, tls, name, password_from)),
-        Err(e2) => Err(connect_error(&e2, &describe(&e2), tls, name, password_from)),
-    }
-}
-
-/// One connection attempt in a thread of its own, given up after the connect timeout
-/// (the outer error); the inner result is the client's.
-fn attempt(
-    config: &postgres::Config,
-    connector: Option<tls::Watched>,
-    name: &str,
-) -> Result<std::result::Result<Client, postgres::Error>> {
-    let limit = config.get_connect_timeout().copied().unwrap_or(CONNECT_TIMEOUT) + Duration::from_secs(2);
-    let (tx, rx) = std::sync::mpsc::channel();
-    let cfg = config.clone();
-    std::thread::Builder::new()
-        .name("catalog-connect".into())
-        .spawn(move || {
-            let _ = tx.send(match connector {
-                Some(c) => cfg.connect(c),
-                None => cfg.connect(NoTls),
-            });
-        })
-        .map_err(|e| Error::io("cannot start a thread", e))?;
-    rx.recv_timeout(limit).map_err(|_| {
-        Error::Catalog(format!(
-            "cannot connect to {name}: no answer within {} s (is the server running and the host and port right?)",
-            limit.as_secs()
-        ))
-    })
-}
-
-/// A failed connection as one line that says what to do; `what` is `describe(e)`.
-fn connect_error(e: &postgres::Error, what: &str, tls: &tls::Tls, name: &str, password_from: &str) -> Error {
-    match e.as_db_error().map(|d| d.code().code()) {
-        // pg_hba.conf has no line for a connection without TLS (`hostssl` only).
-        Some("28000") if what.contains("no encryption") => Error::Config(format!(
-            "database {name}: {what}; the server takes this connection only over TLS: use sslmode=require, or \
-             verify-full with sslrootcert=FILE"
-        )),
-        // ... or none for one over TLS (`hostnossl` only).
-        Some("28000") if what.contains("SSL encryption") => Error::Config(format!(
-            "database {name}: {what}; the server takes this connection only without TLS: use sslmode=prefer or \
-             disable, or add a hostssl line to its pg_hba.conf"
-        )),
-        // `cert` authentication: no certificate, or one for another user.
-        Some("28000") if what.contains("client certificate") || what.contains("certificate authentication") => {
-            Error::Config(format!(
-                "database {name}: {what}; the server authenticates this user by a client certificate: name one \
-                 whose common name is the user name with sslcert=FILE&sslkey=FILE in the URL"
-            ))
-        }
-        // invalid_password, invalid_authorization_specification
-        Some("28P01" | "28000") => {
-            Error::Config(format!("database {name}: {what}; check the password ({password_from})"))
-        }
-        // invalid_catalog_name: the database does not exist
-        Some("3D000") => Error::Config(format!("database {name}: {what}; create it first (createdb)")),
-        _ if what.contains("password missing") => Error::Config(format!(
-            "database {name}: the server asks for a password and none is configured ({password_from}); put it in \
-             the URL, database_password_file or PGPASSFILE"
-        )),
-        // A TLS failure (no TLS at the server, an untrusted or misnamed certificate) is
-        // the configuration's to fix, as a wrong password is.
-        _ => match tls.explain(e, what) {
-            Some(why) => Error::Config(format!("database {name}: {why}")),
-            // Something that is not a PostgreSQL server answered (or hung up) at once.
-            None if e.as_db_error().is_none()
-                && ["bytes remaining on stream", "unexpected message", "connection reset", "end of file", "closed"]
-                    .iter()
-                    .any(|m| what.to_lowercase().contains(m)) =>
-            {
-                Error::Catalog(format!(
-                    "cannot connect to {name}: {what} (is a PostgreSQL server listening at that host and port?)"
-                ))
-            }
-            None if what.to_lowercase().contains("refused") => Error::Catalog(format!(
-                "cannot connect to {name}: {what} (is the server running, and listening on that host and port?)"
-            )),
-            None => Error::Catalog(format!("cannot connect to {name}: {what}")),
-        },
     }
 }
 
@@ -856,7 +718,7 @@ fn insert_version(tx: &mut Transaction, v: &Version, storage_id: i64) -> Result<
         &row.params(),
     )
     .map_err(|e| match e.code() {
-        Some(&postgres::error::SqlState::UNIQUE_VIOLATION) => super::version_exists(v.uid),
+        Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) => super::version_exists(v.uid),
         _ => e.into(),
     })?;
     tx.execute("UPDATE versions SET host=$2 WHERE uid=$1", &[&uid, &v.host])?;
@@ -1065,7 +927,7 @@ impl Catalog for PostgresCatalog {
     ) -> Result<VersionUid> {
         let storage_id = self.storage_id(storage)?;
         let mut client = self.client()?;
-        let mut tx = client.transaction()?;
+        let tx = client.transaction()?;
         tx.execute("SELECT pg_advisory_xact_lock($1)", &[&WRITE_LOCK])?;
         // The version's date is the catalog's time too: cleanup spares an incomplete
         // version's objects from its start, which must not depend on a host's clock.
@@ -1327,7 +1189,7 @@ impl Catalog for PostgresCatalog {
     fn remove_version(&mut self, uid: VersionUid) -> Result<()> {
         let uid = uid.0 as i64;
         let mut client = self.client()?;
-        let mut tx = client.transaction()?;
+        let tx = client.transaction()?;
         tx.execute("SELECT pg_advisory_xact_lock($1)", &[&WRITE_LOCK])?;
         tx.execute("DELETE FROM version_locks WHERE uid=$1", &[&uid])?;
         tx.execute("DELETE FROM versions WHERE uid=$1", &[&uid])?;
@@ -1497,16 +1359,17 @@ impl Catalog for PostgresCatalog {
     }
 
     fn for_each_object(&self, storage_id: i64, f: &mut dyn FnMut(ObjectRow)) -> Result<()> {
-        let mut client = self.client()?;
-        let mut rows = client
-            .query_raw("SELECT id, stored_size, state, touched_ms FROM objects WHERE storage_id=$1", [storage_id])?;
-        while let Some(r) = rows.next()? {
-            let Some(id) = id_of(&r, 0) else {
-                continue;
-            };
-            f(ObjectRow { id, stored_size: r.get::<_, i64>(1) as u64, state: r.get(2), touched_ms: r.get(3) });
-        }
-        Ok(())
+        let client = self.client()?;
+        client.for_each_row(
+            "SELECT id, stored_size, state, touched_ms FROM objects WHERE storage_id=$1",
+            &[&storage_id],
+            &mut |r| {
+                if let Some(id) = id_of(&r, 0) {
+                    f(ObjectRow { id, stored_size: r.get::<_, i64>(1) as u64, state: r.get(2), touched_ms: r.get(3) });
+                }
+                Ok(())
+            },
+        )
     }
 
     fn object_totals(&self, storage_id: i64) -> Result<(u64, u64)> {
@@ -1577,26 +1440,23 @@ impl Catalog for PostgresCatalog {
     }
 
     fn for_each_object_record(&self, storage_id: i64, f: &mut dyn FnMut(ObjectRecord) -> Result<()>) -> Result<()> {
-        let mut client = self.client()?;
-        let mut rows = client.query_raw(
+        let client = self.client()?;
+        client.for_each_row(
             "SELECT id, stored_size, plain_size, state, valid, touched_ms, key_id FROM objects WHERE storage_id=$1 ORDER BY id",
-            [storage_id],
-        )?;
-        while let Some(r) = rows.next()? {
-            let Some(id) = id_of(&r, 0) else {
-                continue;
-            };
-            f(ObjectRecord {
-                id,
-                stored_size: r.get::<_, i64>(1) as u64,
-                plain_size: r.get::<_, i64>(2) as u64,
-                state: r.get(3),
-                valid: r.get(4),
-                touched_ms: r.get(5),
-                key: r.get::<_, Option<i64>>(6).map(KeyId::from_i64),
-            })?;
-        }
-        Ok(())
+            &[&storage_id],
+            &mut |r| {
+                let Some(id) = id_of(&r, 0) else { return Ok(()) };
+                f(ObjectRecord {
+                    id,
+                    stored_size: r.get::<_, i64>(1) as u64,
+                    plain_size: r.get::<_, i64>(2) as u64,
+                    state: r.get(3),
+                    valid: r.get(4),
+                    touched_ms: r.get(5),
+                    key: r.get::<_, Option<i64>>(6).map(KeyId::from_i64),
+                })
+            },
+        )
     }
 
     fn is_empty(&self) -> Result<bool> {
@@ -1624,25 +1484,21 @@ impl Catalog for PostgresCatalog {
     }
 
     fn import_objects(&mut self, storage_id: i64, objects: &[ObjectRecord]) -> Result<()> {
+        // One statement per batch (arrays), not a round trip per object.
+        let ids: Vec<&[u8]> = objects.iter().map(|o| &o.id.0[..]).collect();
+        let stored: Vec<i64> = objects.iter().map(|o| o.stored_size as i64).collect();
+        let plain: Vec<i64> = objects.iter().map(|o| o.plain_size as i64).collect();
+        let state: Vec<i64> = objects.iter().map(|o| o.state).collect();
+        let valid: Vec<bool> = objects.iter().map(|o| o.valid).collect();
+        let touched: Vec<i64> = objects.iter().map(|o| o.touched_ms).collect();
+        let key: Vec<Option<i64>> = objects.iter().map(|o| o.key.map(|k| k.as_i64())).collect();
         self.write(|tx| {
-            let st = tx.prepare(
-                "INSERT INTO objects(storage_id, id, stored_size, plain_size, state, valid, touched_ms, key_id) VALUES ($1,$2,$3,$4,$5,$6,$7,$8)",
+            tx.execute(
+                "INSERT INTO objects(storage_id, id, stored_size, plain_size, state, valid, touched_ms, key_id) \
+                 SELECT $1, u.* FROM UNNEST($2::bytea[], $3::int8[], $4::int8[], $5::int8[], $6::bool[], $7::int8[], $8::int8[]) \
+                 AS u(id, stored, plain, state, valid, touched, key)",
+                &[&storage_id, &ids, &stored, &plain, &state, &valid, &touched, &key],
             )?;
-            for o in objects {
-                tx.execute(
-                    &st,
-                    &[
-                        &storage_id,
-                        &&o.id.0[..],
-                        &(o.stored_size as i64),
-                        &(o.plain_size as i64),
-                        &o.state,
-                        &o.valid,
-                        &o.touched_ms,
-                        &o.key.map(|k| k.as_i64()),
-                    ],
-                )?;
-            }
             Ok(())
         })
     }

@@ -260,6 +260,45 @@ impl PgServer {
     }
 }
 
+/// The server's processes, stopped (SIGSTOP) until this is dropped (SIGCONT).
+pub struct Stopped(Vec<i32>);
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        for &pid in self.0.iter().rev() {
+            // SAFETY: kill has no memory effects.
+            unsafe { libc::kill(pid, libc::SIGCONT) };
+        }
+    }
+}
+
+impl PgServer {
+    /// Stops every process of the server with SIGSTOP, the postmaster first (so that it
+    /// starts no new one), as a hung host would: its kernel still accepts connections
+    /// and acknowledges what clients send, but nothing answers. Resumed when the guard
+    /// is dropped (also when the test fails).
+    pub fn stop_processes(&self) -> Stopped {
+        let pidfile = std::fs::read_to_string(self.dir.path().join("data/postmaster.pid")).unwrap();
+        let postmaster: i32 = pidfile.lines().next().unwrap().trim().parse().unwrap();
+        let mut pids = vec![postmaster];
+        for e in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else { continue };
+            let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else { continue };
+            // pid (comm) state ppid ...: comm may hold spaces, so read after its ')'.
+            let ppid = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<i32>().ok());
+            if ppid == Some(postmaster) {
+                pids.push(pid);
+            }
+        }
+        let stopped = Stopped(pids);
+        for &pid in &stopped.0 {
+            // SAFETY: kill has no memory effects.
+            assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0, "SIGSTOP {pid}");
+        }
+        stopped
+    }
+}
+
 impl Drop for PgServer {
     fn drop(&mut self) {
         let _ = self.as_server("pg_ctl").args(["-D", &self.data(), "-m", "immediate", "-w", "stop"]).output();

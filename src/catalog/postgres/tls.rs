@@ -22,8 +22,6 @@
 //! (`cert` authentication, or `clientcert=verify-full` in pg_hba.conf).
 
 use crate::error::{Error, Result};
-use postgres::Socket;
-use postgres::tls::{MakeTlsConnect, TlsConnect};
 use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
@@ -33,6 +31,8 @@ use rustls::{CertificateError, DigitallySignedStruct, RootCertStore, SignatureSc
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use tokio_postgres::Socket;
+use tokio_postgres::tls::{MakeTlsConnect, TlsConnect};
 
 /// libpq's `sslmode`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -81,15 +81,15 @@ pub struct Tls {
 
 impl Tls {
     /// The client's `ssl_mode`: what it does when the server does not offer TLS.
-    pub fn client_mode(&self) -> postgres::config::SslMode {
+    pub fn client_mode(&self) -> tokio_postgres::config::SslMode {
         match self.mode {
-            SslMode::Disable => postgres::config::SslMode::Disable,
-            SslMode::Prefer => postgres::config::SslMode::Prefer,
-            _ => postgres::config::SslMode::Require,
+            SslMode::Disable => tokio_postgres::config::SslMode::Disable,
+            SslMode::Prefer => tokio_postgres::config::SslMode::Prefer,
+            _ => tokio_postgres::config::SslMode::Require,
         }
     }
 
-    /// The connector to hand `postgres::Config::connect` (None: plain, `NoTls`). Its
+    /// The connector to hand `tokio_postgres::Config::connect` (None: plain, `NoTls`). Its
     /// `started` flag tells afterwards whether the server agreed to TLS (a handshake
     /// began), so that `prefer` retries without TLS only what TLS may have caused.
     pub fn connector(&self) -> Option<Watched> {
@@ -101,7 +101,7 @@ impl Tls {
 
     /// What to do about a connection that failed with `what` (the client's message), for
     /// failures TLS explains; None when TLS has nothing to say about it.
-    pub fn explain(&self, e: &postgres::Error, what: &str) -> Option<String> {
+    pub fn explain(&self, e: &tokio_postgres::Error, what: &str) -> Option<String> {
         let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
         let mut rustls_error = None;
         while let Some(c) = cause {

@@ -464,6 +464,11 @@ impl Config {
                 p.as_deref().map(|p| absolute(&format!("storage '{}': {key}", s.name), p)).transpose()?;
             }
         }
+        if let Some(r) = &f.rbd {
+            for (key, p) in [("[rbd] conf", &r.conf), ("[rbd] keyring", &r.keyring)] {
+                p.as_deref().map(|p| absolute(key, p)).transpose()?;
+            }
+        }
         let home = f.home.unwrap_or_else(default_home);
         let mut c = Config::embedded(home.clone());
         c.origin = origin.to_string();
@@ -951,6 +956,8 @@ kind = "null"
                 "[[storage]]\nname = \"a\"\nkind = \"null\"\npassphrase_file = \"./p\"",
                 "storage 'a': passphrase_file must be",
             ),
+            ("[rbd]\nconf = \"ceph.conf\"", "[rbd] conf must be an absolute path, not 'ceph.conf'"),
+            ("[rbd]\nkeyring = \"\"", "[rbd] keyring is empty"),
         ] {
             let e = Config::parse(text, "t.toml").unwrap_err().to_string();
             assert!(e.starts_with("configuration: t.toml: ") && e.contains(key), "{text}: {e}");

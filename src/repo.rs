@@ -690,6 +690,12 @@ impl Repository {
     /// and refused if a reader locked it since the plan was made (see
     /// [`SessionGuard::lock_version`]).
     pub fn apply_remove(&self, plan: &[Version]) -> Result<()> {
+        self.apply_remove_with(plan, |_| {})
+    }
+
+    /// [`Self::apply_remove`], calling `removing` with each version as its removal
+    /// begins (after every check that could refuse the whole plan).
+    pub fn apply_remove_with(&self, plan: &[Version], mut removing: impl FnMut(&Version)) -> Result<()> {
         let session = self.session("rm", false)?;
         // Every storage claimed before the first version is marked: a refusal changes nothing.
         for v in plan {
@@ -697,6 +703,7 @@ impl Repository {
         }
         for v in plan {
             session.lock_for_removal(v.uid)?;
+            removing(v);
             // Invalid first: an rm cut off before its rows go (a lost database connection,
             // a kill) leaves an invalid version that `rm` removes, never a valid-looking
             // one whose version object is gone.

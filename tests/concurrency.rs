@@ -604,6 +604,8 @@ fn a_second_catalog_on_one_storage_is_refused_before_it_writes_or_deletes() {
         let r = second.run_cfg(&args);
         assert_eq!(r.code, 4, "{args:?}: {}", r.stderr);
         assert_eq!(r.stderr.trim().lines().count(), 1, "{args:?}: {}", r.stderr);
+        // Nothing said as if it were under way (rm said "removing V…" before it was refused).
+        assert_eq!(r.stdout.trim(), "", "{args:?}");
         let line = r.error_line();
         assert!(
             line.contains("storage 'default' belongs to another catalog (")

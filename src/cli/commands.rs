@@ -417,19 +417,19 @@ pub(crate) fn run(cli: Cli) -> Result<i32> {
                 report!("{}", to_json(&serde_json::json!({ "dry_run": dry_run, "removed": versions }))?);
                 return Ok(exit::OK);
             }
-            for v in &plan {
-                let line = format!("{} {} ({}, {})", v.uid, v.name, when(&v.date), format_size(v.size));
-                // A dry run's list is its result; a removal goes on whatever becomes of its list.
-                if dry_run {
-                    out!("would remove {line}")?;
-                } else {
-                    report!("removing {line}");
+            let line = |v: &Version| format!("{} {} ({}, {})", v.uid, v.name, when(&v.date), format_size(v.size));
+            if dry_run {
+                // A dry run's list is its result.
+                for v in &plan {
+                    out!("would remove {}", line(v))?;
                 }
+                return Ok(exit::OK);
             }
-            if !dry_run {
-                repo.apply_remove(&plan)?;
-                note!("removed {} version(s); run `keepfs cleanup` to free their blocks", plan.len());
-            }
+            // Said as each removal begins, once nothing can refuse the whole plan (a
+            // storage this catalog does not own); a removal goes on whatever becomes of
+            // its lines.
+            repo.apply_remove_with(&plan, |v| report!("removing {}", line(v)))?;
+            note!("removed {} version(s); run `keepfs cleanup` to free their blocks", plan.len());
             Ok(exit::OK)
         }
         Command::Scrub { uid, percent, .. } => {

@@ -81,6 +81,7 @@ impl Error {
     pub fn exit_code(&self) -> i32 {
         match self {
             Error::Invalid(_) | Error::VersionNotFound(_) | Error::Config(_) | Error::Key(_) => exit::USAGE,
+            Error::Storage(StorageError::Misconfigured { .. }) => exit::USAGE,
             Error::Refused(_) | Error::NotOwner(_) => exit::REFUSED,
             Error::Damaged(_) => exit::DATA_DAMAGED,
             Error::Database(e) if database_damaged(e) => exit::DATA_DAMAGED,

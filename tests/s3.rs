@@ -235,15 +235,18 @@ fn wrong_credentials_and_a_missing_bucket_are_one_line_errors() {
     let good = g.keepfs_config(&base.home(), "errs", "");
     let not_s3 = answers_404_to_everything();
     let not_s3_said = format!("is http://127.0.0.1:{not_s3} an S3 service");
-    for (config, needle) in [
+    // The configuration's mistakes are exit 2, as a wrong database password is; a
+    // server that cannot be reached is a failure (exit 1), as an unreachable database is.
+    for (config, needle, code) in [
         // A web server or a proxy at the endpoint: a 404 to a write is not "missing".
-        (good.replace(&format!(":{}", g.port), &format!(":{not_s3}")), not_s3_said.as_str()),
-        (good.replace(&g.secret, &"0".repeat(64)), "access denied by"),
+        (good.replace(&format!(":{}", g.port), &format!(":{not_s3}")), not_s3_said.as_str(), 2),
+        (good.replace(&g.secret, &"0".repeat(64)), "access denied by", 2),
         (
             good.replace(&format!("bucket = \"{}\"", g.bucket), "bucket = \"no-such-bucket\""),
             "bucket 'no-such-bucket' does not exist",
+            2,
         ),
-        (good.replace(&format!(":{}", g.port), ":1"), "cannot connect"),
+        (good.replace(&format!(":{}", g.port), ":1"), "cannot connect", 1),
     ] {
         // A repository each: a shared test catalog would belong to the first one.
         let repo = Repo::new();
@@ -251,7 +254,7 @@ fn wrong_credentials_and_a_missing_bucket_are_one_line_errors() {
         fs::write(repo.path("a"), mixed_image(94, 3, 64 * 1024, 0)).unwrap();
         fs::write(repo.path("k.toml"), config).unwrap();
         let r = repo.run(&["--config", repo.path("k.toml").to_str().unwrap(), "backup", &repo.url("a"), "x"]);
-        assert_eq!(r.code, 1, "{}", r.stderr);
+        assert_eq!(r.code, code, "{}", r.stderr);
         assert!(r.error_line().starts_with("keepfs: error:") && r.error_line().contains(needle), "{}", r.stderr);
         assert_eq!(r.stderr.lines().count(), 1, "{}", r.stderr);
         let ls = repo.run(&["--config", repo.path("k.toml").to_str().unwrap(), "ls", "--format", "json"]);

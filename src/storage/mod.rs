@@ -123,6 +123,11 @@ pub enum StorageError {
     },
     #[error("storage '{storage}' discards data (kind null); it has nothing to read back")]
     Discarding { storage: String },
+    /// The server's answer says the storage's configuration is wrong: credentials it
+    /// refuses, a bucket it does not have, or no S3 service at the endpoint. Final, and
+    /// the user's to fix (exit 2, as a wrong database password is).
+    #[error("storage '{storage}': cannot {op} {key}: {message}")]
+    Misconfigured { storage: String, op: &'static str, key: String, message: String },
     #[error("storage '{storage}': injected fault on {op} {key}")]
     Injected { storage: String, op: &'static str, key: String },
 }
@@ -132,7 +137,9 @@ impl StorageError {
     /// injected fault). A missing object or a discarding storage is final.
     pub fn is_transient(&self) -> bool {
         match self {
-            StorageError::NotFound { .. } | StorageError::Discarding { .. } => false,
+            StorageError::NotFound { .. } | StorageError::Discarding { .. } | StorageError::Misconfigured { .. } => {
+                false
+            }
             StorageError::Injected { .. } => true,
             StorageError::Io { source, .. } => matches!(
                 source.kind(),

@@ -271,27 +271,36 @@ impl S3Storage {
         if s == 429 || s >= 500 || code == "SlowDown" {
             return Outcome::Retry(format!("HTTP {s} {code}"));
         }
+        let misconfigured = |message: String| {
+            Outcome::Fail(StorageError::Misconfigured { storage: self.name.clone(), op, key: key.into(), message })
+        };
         let msg = match (s, code.as_str()) {
-            (404, "NoSuchBucket") => format!(
-                "bucket '{}' does not exist at {}; create it or fix `bucket` in the configuration",
-                self.config.bucket, self.config.endpoint
-            ),
+            (404, "NoSuchBucket") => {
+                return misconfigured(format!(
+                    "bucket '{}' does not exist at {}; create it or fix `bucket` in the configuration",
+                    self.config.bucket, self.config.endpoint
+                ));
+            }
             // Only a read can find an object missing: a 404 to a write or a listing (a web
             // server, a proxy or another service at the endpoint) is not one, and taking it
             // for "missing" told a user to `init --encrypt` a storage that was not there.
             (404, _) if op.starts_with("get") => {
                 return Outcome::Fail(StorageError::NotFound { storage: self.name.clone(), key: key.into() });
             }
-            (404, code) => format!(
-                "the server answered HTTP 404 {} to a {op}: is {} an S3 service, and `bucket` '{}' right?",
-                if code.is_empty() { "(not an S3 error)" } else { code },
-                self.config.endpoint,
-                self.config.bucket
-            ),
-            (403, _) | (400, "AuthorizationHeaderMalformed") | (401, _) => format!(
-                "access denied by {} (HTTP {s} {code}); check access_key / secret_key (or AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY) and the region",
-                self.config.endpoint
-            ),
+            (404, code) => {
+                return misconfigured(format!(
+                    "the server answered HTTP 404 {} to a {op}: is {} an S3 service, and `bucket` '{}' right?",
+                    if code.is_empty() { "(not an S3 error)" } else { code },
+                    self.config.endpoint,
+                    self.config.bucket
+                ));
+            }
+            (403, _) | (400, "AuthorizationHeaderMalformed") | (401, _) => {
+                return misconfigured(format!(
+                    "access denied by {} (HTTP {s} {code}); check access_key / secret_key (or AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY) and the region",
+                    self.config.endpoint
+                ));
+            }
             (400, "BadDigest") | (400, "InvalidDigest") => {
                 return Outcome::Retry(format!("the server received a damaged body (HTTP {s} {code})"));
             }

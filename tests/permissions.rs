@@ -86,7 +86,11 @@ fn a_new_repository_is_readable_by_its_owner_only() {
     repo.ok(&["cleanup"]);
     let db_files: &[&str] = if sqlite { &["keepfs.sqlite"] } else { &[] };
     assert_owner_only(&repo.home(), &[db_files, &["storage/tmp"]].concat());
-    // A mount in the background logs to the home, privately too (it was 0644).
+    // A mount in the background logs to the home, privately too (it was 0644), and a
+    // log an older keepfs left readable by others is narrowed.
+    let old_log = repo.home().join("mount.log");
+    std::fs::write(&old_log, "keepfs: an older mount's line\n").unwrap();
+    std::fs::set_permissions(&old_log, std::fs::Permissions::from_mode(0o644)).unwrap();
     let mnt = repo.path("mnt");
     std::fs::create_dir(&mnt).unwrap();
     repo.ok(&["mount", "--daemon", mnt.to_str().unwrap()]);

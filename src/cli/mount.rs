@@ -163,6 +163,18 @@ pub(crate) fn mount_daemon(dir: &std::path::Path, log: &std::path::Path, modes: 
         .append(true)
         .open(log)
         .map_err(|e| Error::io(format!("cannot open the mount log {}", log.display()), e))?;
+    // A log an older keepfs made readable by others is narrowed to `file_mode` too: it
+    // names versions, paths and errors. Only ever narrowed, never widened.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        if let Ok(m) = logf.metadata()
+            && m.permissions().mode() & 0o777 & !modes.file != 0
+        {
+            let narrowed = m.permissions().mode() & 0o777 & modes.file;
+            logf.set_permissions(std::fs::Permissions::from_mode(narrowed))
+                .map_err(|e| Error::io(format!("cannot narrow the mode of the mount log {}", log.display()), e))?;
+        }
+    }
     cmd.args(&args).stdin(std::process::Stdio::null()).stdout(std::process::Stdio::null()).stderr(logf);
     // SAFETY: setsid in the child before exec detaches it from the terminal.
     unsafe {

@@ -105,6 +105,8 @@ def main():
     ap.add_argument("--workdir")
     ap.add_argument("--tls-rootcert")
     a = ap.parse_args()
+    if a.workdir and not os.path.isdir(a.workdir):
+        raise SystemExit(f"catalog.py: --workdir {a.workdir} is not a directory; create it first")
     work_dir = tempfile.mkdtemp(prefix="keepfs-catalog-bench-", dir=a.workdir)
     try:
         rnd = random.Random(7)

@@ -270,6 +270,21 @@ fn new_id() -> String {
     hex::encode(crate::transform::aes::random::<16>())
 }
 
+/// The id of the catalog that owns the configured storage `s`, read without changing
+/// anything (no directory is made): None where it has no owner, or none that can be read.
+/// What tells a repository's storage at a new place from another repository's.
+pub(crate) fn owner_id_of(s: &crate::config::StorageConfig) -> Option<String> {
+    use crate::storage::Storage;
+    let bytes = match &s.kind {
+        crate::config::StorageKind::File { path } => std::fs::read(path.join(OWNER_KEY)).ok()?,
+        crate::config::StorageKind::S3(c) => {
+            crate::storage::s3::S3Storage::open(&s.name, c).ok()?.get_fresh(OWNER_KEY).ok()?
+        }
+        crate::config::StorageKind::Null => return None,
+    };
+    Owner::parse(&bytes, &s.name).ok().map(|o| o.catalog)
+}
+
 fn read_owner(raw: &SharedStorage) -> Result<Option<Owner>> {
     let bytes = match retry(STORAGE_ATTEMPTS, || raw.get_fresh(OWNER_KEY)) {
         Ok(b) => b,

@@ -898,3 +898,49 @@ fn a_statement_a_stopped_server_never_answers_is_given_up() {
     repo.ok_cfg(&["restore", &v, &format!("file://{}", restored.display())]);
     assert_eq!(sha256_file(&restored), sha256_file(&repo.path("img")));
 }
+
+/// A repository on a shared catalog whose storage moved (a new mount point): the catalog
+/// recorded the old place and took the configuration for another repository's, with no
+/// way out but SQL. The storage's `owner` object names this catalog, so the new place is
+/// taken (with a note) and everything restores and backs up there; a storage no catalog
+/// owns yet is still another repository.
+#[test]
+fn a_storage_moved_to_a_new_place_is_still_its_repository() {
+    let pg = PgServer::start();
+    let url = pg.url(&pg.create_db("moved"));
+    let repo = config_repo(&url);
+    std::fs::write(repo.path("img"), mixed_image(3, 6, BS, 0)).unwrap();
+    let v = repo.ok_cfg(&["backup", &repo.url("img"), "vm", "-b", "64k"]).trim().to_string();
+    let old = repo.home().join("storage");
+    let new = repo.path("moved-storage");
+    std::fs::rename(&old, &new).unwrap();
+    let cfg = std::fs::read_to_string(repo.config_file()).unwrap();
+    let moved = cfg.replace(&format!("path = \"{}\"", old.display()), &format!("path = \"{}\"", new.display()));
+    assert_ne!(moved, cfg);
+    std::fs::write(repo.config_file(), moved).unwrap();
+
+    let r = repo.run_cfg(&["ls", "--format", "json"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("is owned by this catalog, so that is the repository's place from now on")
+            && r.stderr.contains(&new.display().to_string()),
+        "{}",
+        r.stderr
+    );
+    let r = repo.run_cfg(&["ls"]);
+    assert_eq!((r.code, r.stderr.as_str()), (0, ""), "said once");
+    let restored = repo.path("out");
+    repo.ok_cfg(&["restore", &v, &format!("file://{}", restored.display())]);
+    assert_eq!(sha256_file(&restored), sha256_file(&repo.path("img")));
+    std::fs::write(repo.path("img2"), mixed_image(3, 7, BS, 0)).unwrap();
+    let w = repo.ok_cfg(&["backup", &repo.url("img2"), "vm", "-b", "64k"]).trim().to_string();
+    let restored = repo.path("out2");
+    repo.ok_cfg(&["restore", &w, &format!("file://{}", restored.display())]);
+    assert_eq!(sha256_file(&restored), sha256_file(&repo.path("img2")));
+    assert!(!old.exists(), "nothing made at the old place");
+
+    let other = config_repo(&url);
+    let r = other.run_cfg(&["ls"]);
+    assert_eq!(r.code, 4, "{}", r.stderr);
+    assert!(r.error_line().contains("belongs to another repository"), "{}", r.stderr);
+}

@@ -245,7 +245,8 @@ impl crate::Repository {
                 to.keep_repository_state(crate::owner::CATALOG_ID, &id)?;
             }
             if to.engine() != "sqlite" {
-                super::check_owner(to.as_ref(), &self.config)?;
+                // A new catalog: its place is recorded, never taken from a storage's owner.
+                super::check_owner(to.as_ref(), &self.config, &|_| false)?;
             }
             Ok((to, report))
         };

@@ -318,10 +318,29 @@ pub(crate) fn copy_storage_places(from: &dyn Catalog, to: &dyn Catalog, config: 
 
 /// Refuses a shared catalog that belongs to another repository (none of the configured
 /// storages is the one it was made for); a new catalog is claimed for this one.
-pub fn check_owner(db: &dyn Catalog, config: &crate::config::Config) -> Result<()> {
+///
+/// A repository whose storage moved (a new mount point, another name for its endpoint)
+/// is not another one: `ours` tells a configured storage whose `owner` object names this
+/// catalog, and the first such becomes the repository's recorded place (asked only when
+/// the recorded place is not configured: it costs a read of the storage).
+pub fn check_owner(
+    db: &dyn Catalog,
+    config: &crate::config::Config,
+    ours: &dyn Fn(&crate::config::StorageConfig) -> bool,
+) -> Result<()> {
     let mine: Vec<String> = config.storages.iter().map(storage_identity).collect();
     match db.repository_state(REPOSITORY)? {
         Some(owner) if mine.contains(&normal_place(&owner)) => Ok(()),
+        Some(owner) if let Some(s) = config.storages.iter().find(|s| ours(s)) => {
+            let place = storage_identity(s);
+            db.set_repository_state(REPOSITORY, &place)?;
+            keepfs_face::log!(
+                "keepfs: note: the catalog {} recorded its repository's storage at {owner}; storage '{}' at {place} is owned by this catalog, so that is the repository's place from now on (every host must use it)",
+                config.catalog_location().display(),
+                s.name
+            );
+            Ok(())
+        }
         Some(owner) => Err(crate::Error::Refused(format!(
             "the catalog {} belongs to another repository (storage {owner}), not to this configuration's ({}); \
              to share that repository, configure its storage ([[storage]] at {owner}) as every other host does; \
@@ -339,7 +358,7 @@ pub fn check_owner(db: &dyn Catalog, config: &crate::config::Config) -> Result<(
                 .unwrap_or_default();
             // First writer first: of two hosts claiming a new catalog at once, one wins.
             let owner = db.keep_repository_state(REPOSITORY, &default)?;
-            if owner == default { Ok(()) } else { check_owner(db, config) }
+            if owner == default { Ok(()) } else { check_owner(db, config, ours) }
         }
     }
 }

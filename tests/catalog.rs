@@ -944,3 +944,58 @@ fn a_storage_moved_to_a_new_place_is_still_its_repository() {
     assert_eq!(r.code, 4, "{}", r.stderr);
     assert!(r.error_line().contains("belongs to another repository"), "{}", r.stderr);
 }
+
+/// A mount whose catalog server stops (SIGSTOP) while requests wait for it: the first
+/// request finds the server silent and fails (EIO) with one line; the requests queued
+/// behind it fail with the same line at once instead of each waiting for a connection
+/// of its own in turn (a drill saw the fifth of five fail after 30 s, and a cleanup
+/// after 66 s). Nobody tries to connect while the server is known silent, so the mount's
+/// log says "stopped answering", never "cannot connect". Once the server runs again the
+/// mount serves the same files, byte-identical.
+#[test]
+fn requests_behind_a_silent_server_fail_at_once_with_its_line() {
+    let pg = PgServer::start();
+    let url = pg.url(&pg.create_db("silent"));
+    let repo = config_repo(&format!("{url}?connect_timeout=2"));
+    let mut uids = Vec::new();
+    for seed in 0..4 {
+        std::fs::write(repo.path("img"), mixed_image(40 + seed, 4, BS, 0)).unwrap();
+        uids.push(repo.ok_cfg(&["backup", &repo.url("img"), "vm", "-b", "64k"]).trim().to_string());
+    }
+    let cfg = repo.config_file();
+    let dir = repo.path("mnt");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut m = common::mount::Mount::at_with_env(
+        &repo,
+        &dir,
+        &["--config", &cfg],
+        &[("KEEPFS_TEST_CATALOG_PATIENCE_MS", "1000")],
+    );
+    let stopped = pg.stop_processes();
+    // Versions the mount has not looked up yet: each stat asks the catalog.
+    let (tx, rx) = std::sync::mpsc::channel();
+    for uid in &uids[..3] {
+        let (tx, path) = (tx.clone(), m.p(&format!("by_version/{uid}/data")));
+        std::thread::spawn(move || tx.send(std::fs::metadata(path).map(|_| ())).unwrap());
+    }
+    let answers: Vec<std::io::Result<()>> =
+        (0..3).map(|_| rx.recv_timeout(std::time::Duration::from_secs(120)).expect("a stat hung")).collect();
+    drop(stopped);
+    for a in &answers {
+        assert_eq!(a.as_ref().map_err(|e| e.raw_os_error()), Err(Some(libc::EIO)), "{}", m.log_text());
+    }
+    let log = m.log_text();
+    assert!(log.contains("stopped answering"), "{log}");
+    assert!(!log.contains("cannot connect"), "nobody connects to a server known silent: {log}");
+    // The server back: once the silence is over (the connect limit), the mount serves
+    // the same versions byte-identical.
+    let img = repo.path("img");
+    let fourth = m.p(&format!("by_version/{}/data", uids[3]));
+    common::mount::wait_until("the mount to serve again", std::time::Duration::from_secs(60), || {
+        std::fs::read(&fourth).is_ok()
+    });
+    assert_eq!(sha256_file(&fourth), sha256_file(&img));
+    std::fs::write(&img, mixed_image(40, 4, BS, 0)).unwrap();
+    assert_eq!(sha256_file(&m.p(&format!("by_version/{}/data", uids[0]))), sha256_file(&img));
+    m.unmount();
+}

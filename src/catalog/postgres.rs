@@ -442,7 +442,7 @@ impl PostgresCatalog {
             }
         };
         config.ssl_mode(tls.client_mode());
-        let target = Arc::new(Target { config, tls, name, password_from });
+        let target = Arc::new(Target { config, tls, name, password_from, silent: Default::default() });
         let client = Conn::open(target.clone())?;
         let mut cat = PostgresCatalog {
             target,
@@ -492,7 +492,7 @@ impl PostgresCatalog {
             .try_borrow_mut()
             .map_err(|_| Error::Other("internal: catalog used while it is being iterated".into()))?;
         let idle = self.last_used.replace(std::time::Instant::now()).elapsed() >= IDLE_CHECK;
-        if c.is_closed() || (idle && !c.is_valid(CONNECT_TIMEOUT)) {
+        if c.is_closed() || (idle && !c.is_valid()) {
             *c = Conn::open(self.target.clone())?;
         }
         Ok(c)

@@ -33,11 +33,18 @@ impl Mount {
     }
 
     pub fn at(repo: &Repo, dir: &Path, args: &[&str]) -> Mount {
+        Mount::at_with_env(repo, dir, args, &[])
+    }
+
+    /// [`Mount::at`] with these environment variables set for the mount process.
+    pub fn at_with_env(repo: &Repo, dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Mount {
         let log = repo.path(&format!("mount-{}.log", std::process::id()));
         let logf = std::fs::File::create(&log).unwrap();
         let mut all = vec!["mount", dir.to_str().unwrap()];
         all.extend_from_slice(args);
-        let child = repo.command(&all).stdout(Stdio::null()).stderr(logf).spawn().unwrap();
+        let mut command = repo.command(&all);
+        command.envs(env.iter().copied());
+        let child = command.stdout(Stdio::null()).stderr(logf).spawn().unwrap();
         let mut m = Mount { dir: dir.to_path_buf(), child: Some(child), log };
         let t = Instant::now();
         // The new mount says so once the kernel mount exists (a dead mount may still be

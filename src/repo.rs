@@ -25,6 +25,8 @@ pub struct Repository {
     pub(crate) owner_checked: Mutex<std::collections::HashSet<String>>,
     /// `database rebuild --take-over`: storages owned by another catalog become this one's.
     pub(crate) take_over: std::sync::atomic::AtomicBool,
+    /// Sessions of this process whose end the catalog did not take (see [`Unended`]).
+    unended: Unended,
     /// Test instrumentation: see [`crate::ingest::HashedHook`].
     #[doc(hidden)]
     pub after_hash: Option<crate::ingest::HashedHook>,
@@ -85,6 +87,7 @@ impl Repository {
             unlocking: Mutex::new(()),
             owner_checked: Mutex::new(Default::default()),
             take_over: Default::default(),
+            unended: Default::default(),
             after_hash: None,
         })
     }
@@ -142,6 +145,7 @@ impl Repository {
             unlocking: Mutex::new(()),
             owner_checked: Mutex::new(Default::default()),
             take_over: Default::default(),
+            unended: Default::default(),
             after_hash: None,
         })
     }
@@ -719,10 +723,11 @@ impl Repository {
     /// Registers this process as working on the repository (see docs/format.md, "Sessions").
     pub fn session(&self, purpose: &str, writes: bool) -> Result<SessionGuard> {
         let id = self.db.lock().register_session(purpose, writes)?;
+        self.unended.retry(&self.db);
         // Processes of other hosts judge this session by its heartbeat: keep it fresh for
         // as long as the session lives, whatever the process is busy with.
-        let stop = Some(heartbeat_thread(self.db.clone(), id));
-        Ok(SessionGuard { db: self.db.clone(), id, stop_heartbeat: stop })
+        let stop = Some(heartbeat_thread(self.db.clone(), id, self.unended.clone()));
+        Ok(SessionGuard { db: self.db.clone(), id, stop_heartbeat: stop, unended: self.unended.clone() })
     }
 
     /// The sessions working on the repository now, from any process or host.
@@ -866,6 +871,34 @@ pub struct SessionGuard {
     pub id: i64,
     /// Dropped first when the guard goes, which ends the heartbeat thread.
     stop_heartbeat: Option<std::sync::mpsc::Sender<()>>,
+    unended: Unended,
+}
+
+/// The sessions of this process whose end the catalog did not take (it was down or did
+/// not answer): ended again when the catalog answers (the next session this process
+/// begins, the next heartbeat of one it has). Without this, a mount whose draft's
+/// commit met a stopped server kept that session "running" until it was unmounted, and
+/// cleanups kept the draft's objects for it (found by a drill). Its lock is never held
+/// with the catalog's.
+#[derive(Clone, Default)]
+struct Unended(Arc<Mutex<Vec<i64>>>);
+
+impl Unended {
+    /// Ends `id`, or keeps it to be ended later.
+    fn end(&self, db: &SharedCatalog, id: i64) {
+        let ended = db.lock().end_session(id);
+        if ended.is_err() {
+            self.0.lock().push(id);
+        }
+    }
+
+    /// Ends the sessions kept, keeping those the catalog still does not take.
+    fn retry(&self, db: &SharedCatalog) {
+        let kept = std::mem::take(&mut *self.0.lock());
+        for id in kept {
+            self.end(db, id);
+        }
+    }
 }
 
 /// How often a session on a shared catalog beats (other hosts take it for dead after
@@ -875,11 +908,14 @@ const HEARTBEAT_EVERY: std::time::Duration =
 
 /// Starts a thread that heartbeats `session` until the returned sender is dropped, or
 /// until the session turns out to have been ended by another process.
-fn heartbeat_thread(db: SharedCatalog, session: i64) -> std::sync::mpsc::Sender<()> {
+fn heartbeat_thread(db: SharedCatalog, session: i64, unended: Unended) -> std::sync::mpsc::Sender<()> {
     let (tx, rx) = std::sync::mpsc::channel::<()>();
     let spawned = std::thread::Builder::new().name("keepfs-heartbeat".into()).spawn(move || {
         while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(HEARTBEAT_EVERY) {
             let beat = db.lock().heartbeat(session);
+            if beat.is_ok() {
+                unended.retry(&db);
+            }
             // The session ended meanwhile by its own hand (its guard went while this beat
             // waited for the catalog): nothing to say.
             if beat.is_err() && matches!(rx.try_recv(), Err(std::sync::mpsc::TryRecvError::Disconnected)) {
@@ -955,7 +991,7 @@ impl Drop for SessionGuard {
     fn drop(&mut self) {
         // The heartbeat thread first, so it never beats for a session that has ended.
         drop(self.stop_heartbeat.take());
-        let _ = self.db.lock().end_session(self.id);
+        self.unended.end(&self.db, self.id);
     }
 }
 

@@ -971,6 +971,10 @@ fn requests_behind_a_silent_server_fail_at_once_with_its_line() {
         &["--config", &cfg],
         &[("KEEPFS_TEST_CATALOG_PATIENCE_MS", "1000")],
     );
+    // A file being written into incoming/ (a draft with a session of its own), to be
+    // closed while the server is stopped: its commit fails, and so does its session's end.
+    let mut writing = std::fs::File::create(m.p("incoming/frozen")).unwrap();
+    std::io::Write::write_all(&mut writing, &mixed_image(50, 4, BS, 0)).unwrap();
     let stopped = pg.stop_processes();
     // Versions the mount has not looked up yet: each stat asks the catalog.
     let (tx, rx) = std::sync::mpsc::channel();
@@ -980,6 +984,20 @@ fn requests_behind_a_silent_server_fail_at_once_with_its_line() {
     }
     let answers: Vec<std::io::Result<()>> =
         (0..3).map(|_| rx.recv_timeout(std::time::Duration::from_secs(120)).expect("a stat hung")).collect();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::os::fd::IntoRawFd;
+        // SAFETY: the descriptor is this File's, closed once here.
+        let closed = unsafe { libc::close(writing.into_raw_fd()) };
+        tx.send(if closed == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }).unwrap()
+    });
+    // Whatever close says (the commit may come after it), it must not hang.
+    let _ = rx.recv_timeout(std::time::Duration::from_secs(120)).expect("the close hung");
+    // The commit runs as the file is released (close may have returned before it): the
+    // server is resumed once the mount has given the draft up.
+    common::mount::wait_until("the draft's commit to fail", std::time::Duration::from_secs(120), || {
+        m.log_text().contains("could not be removed")
+    });
     drop(stopped);
     for a in &answers {
         assert_eq!(a.as_ref().map_err(|e| e.raw_os_error()), Err(Some(libc::EIO)), "{}", m.log_text());
@@ -997,5 +1015,18 @@ fn requests_behind_a_silent_server_fail_at_once_with_its_line() {
     assert_eq!(sha256_file(&fourth), sha256_file(&img));
     std::fs::write(&img, mixed_image(40, 4, BS, 0)).unwrap();
     assert_eq!(sha256_file(&m.p(&format!("by_version/{}/data", uids[0]))), sha256_file(&img));
+    // The failed draft's session does not stay "running" for the mount's life (cleanup
+    // would keep its objects): it is ended once the catalog answers again, at the
+    // latest when the mount begins another session.
+    std::fs::write(m.p("incoming/after"), mixed_image(51, 4, BS, 0)).unwrap();
+    let sessions = repo.ok_cfg(&["database", "sessions", "--format", "json"]);
+    let sessions: serde_json::Value = serde_json::from_str(&sessions).unwrap();
+    let stale: Vec<&serde_json::Value> = sessions
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["purpose"].as_str().unwrap_or("").contains("frozen"))
+        .collect();
+    assert!(stale.is_empty(), "the failed draft's session is still there: {sessions}\n{}", m.log_text());
     m.unmount();
 }

@@ -838,7 +838,11 @@ fn a_writer_behind_a_hung_lock_holder_gives_up_with_one_line() {
     let r = repo.run_cfg(&["label", &v, "k=v"]);
     assert_eq!(r.code, 1, "{}", r.stderr);
     assert_eq!(r.stderr.trim().lines().count(), 1, "one line: {}", r.stderr);
-    assert!(r.error_line().contains("lock timeout"), "{}", r.stderr);
+    assert!(
+        r.error_line().contains("lock timeout") && r.error_line().contains("`keepfs database sessions` lists"),
+        "{}",
+        r.stderr
+    );
     tx.rollback().unwrap();
     let ls = ls_json(&repo, &[]);
     assert!(ls[0]["labels"].get("k").is_none(), "nothing was written: {ls}");

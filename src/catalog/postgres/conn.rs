@@ -137,7 +137,15 @@ impl From<tokio_postgres::Error> for Error {
 /// with its causes.
 pub(super) fn describe(e: &tokio_postgres::Error) -> String {
     if let Some(db) = e.as_db_error() {
-        return format!("{} ({})", db.message(), db.code().code());
+        // lock_not_available: the write lock (or a row) was held longer than lock_timeout.
+        let hint = if *db.code() == SqlState::LOCK_NOT_AVAILABLE {
+            "; another keepfs process (or a session of another client) held the catalog's lock longer than \
+             lock_timeout: `keepfs database sessions` lists keepfs's, pg_stat_activity all; a stopped or hung \
+             one holds it until it ends"
+        } else {
+            ""
+        };
+        return format!("{} ({}){hint}", db.message(), db.code().code());
     }
     let mut msg = e.to_string();
     let mut cause = std::error::Error::source(e);

@@ -1034,3 +1034,48 @@ fn requests_behind_a_silent_server_fail_at_once_with_its_line() {
     assert!(stale.is_empty(), "the failed draft's session is still there: {sessions}\n{}", m.log_text());
     m.unmount();
 }
+
+/// An NBD client that connects while the catalog's server is stopped is told why the
+/// export cannot be opened (an error reply to NBD_OPT_GO, which nbdinfo prints), instead
+/// of a connection cut off after the server said yes (a drill saw "server disconnected
+/// unexpectedly"). Once the catalog is back, the client reads the version byte-identical.
+#[test]
+fn an_nbd_client_is_told_why_when_the_catalog_does_not_answer() {
+    let pg = PgServer::start();
+    let url = pg.url(&pg.create_db("nbdsilent"));
+    let repo = config_repo(&format!("{url}?connect_timeout=2"));
+    std::fs::write(repo.path("img"), mixed_image(60, 4, BS, 0)).unwrap();
+    let v = repo.ok_cfg(&["backup", &repo.url("img"), "vm", "-b", "64k"]).trim().to_string();
+    let cfg = repo.config_file();
+    let srv = common::nbd::Server::start_with_env(
+        &repo,
+        &["--config", &cfg, "--read-only"],
+        &[("KEEPFS_TEST_CATALOG_PATIENCE_MS", "1000")],
+    );
+    let stopped = pg.stop_processes();
+    let mut info = std::process::Command::new("nbdinfo");
+    info.arg(srv.url(&v));
+    let out = output_within(info, std::time::Duration::from_secs(120), "nbdinfo");
+    drop(stopped);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    // An error reply (libnbd of Debian 12 shows only that; newer ones show its message
+    // too), not a connection cut off.
+    assert!(
+        (stderr.contains("opt_go") || stderr.contains(&format!("export '{v}' cannot be looked up now")))
+            && !stderr.contains("disconnected"),
+        "{stderr}"
+    );
+    let copy = repo.path("copy");
+    common::mount::wait_until("the export to be served again", std::time::Duration::from_secs(60), || {
+        std::process::Command::new("nbdcopy")
+            .args([&srv.url(&v), copy.to_str().unwrap()])
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    });
+    assert_eq!(sha256_file(&copy), sha256_file(&repo.path("img")));
+    let (status, log) = srv.stop();
+    assert!(status.success(), "{log}");
+    assert!(log.contains("stopped answering"), "the server's log says why: {log}");
+}

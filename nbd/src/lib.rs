@@ -434,6 +434,8 @@ struct Agreed {
     version: VersionEntry,
     structured: bool,
     allocation: bool,
+    /// The export, opened before the client was told yes (see [`handshake`]).
+    fh: Fh,
 }
 
 fn read_u32(r: &mut impl Read) -> io::Result<u32> {
@@ -459,6 +461,12 @@ fn find_export<S: Sessions>(sessions: &S, name: &str) -> io::Result<Option<Versi
         Some(n) => versions.iter().rev().find(|v| v.name == n).cloned(),
         None => versions.iter().find(|v| v.uid == name).cloned(),
     })
+}
+
+/// What a client is told when `what` cannot be looked up now (the catalog failed: the
+/// mount's log has the whole line), instead of a connection closed without a word.
+fn unavailable(what: &str, e: &io::Error) -> String {
+    format!("{what} cannot be looked up now ({e}); the server's log says why; try again")
 }
 
 fn transmission_flags(opts: &NbdOptions) -> u16 {
@@ -504,6 +512,12 @@ fn greet(r: &mut impl Read, w: &mut impl Write) -> io::Result<bool> {
 /// Option haggling. With TLS configured and not yet started, only NBD_OPT_STARTTLS and
 /// NBD_OPT_ABORT are served (NBD_REP_ERR_TLS_REQD for the rest, a closed connection for
 /// NBD_OPT_EXPORT_NAME): the protocol's FORCEDTLS mode.
+///
+/// The export is opened (for writing too, unless read-only: see [`connection`]) before
+/// the client is told yes, so that a version that cannot be opened now (its catalog
+/// failed) is an error reply with a reason, not a connection closed after the yes; the
+/// handle is released again if the yes cannot be sent.
+#[allow(clippy::too_many_arguments)]
 fn handshake<S: Sessions>(
     sessions: &S,
     r: &mut impl Read,
@@ -511,6 +525,7 @@ fn handshake<S: Sessions>(
     opts: &NbdOptions,
     no_zeroes: bool,
     in_tls: bool,
+    opener: Opener,
 ) -> io::Result<Outcome> {
     let (mut structured, mut allocation) = (false, false);
     let tls_required = opts.tls.is_some() && !in_tls;
@@ -543,14 +558,18 @@ fn handshake<S: Sessions>(
                 let name = String::from_utf8_lossy(&data);
                 // The client cannot be told why: the connection ends (as the protocol says).
                 let Some(v) = find_export(sessions, &name)? else { return Err(invalid("no such export")) };
+                let fh = sessions.open_version(&v.uid, !opts.read_only, opener)?.fh;
                 let mut out = Vec::with_capacity(134);
                 out.extend_from_slice(&v.size.to_be_bytes());
                 out.extend_from_slice(&transmission_flags(opts).to_be_bytes());
                 if !no_zeroes {
                     out.extend_from_slice(&[0u8; 124]);
                 }
-                w.write_all(&out)?;
-                return Ok(Outcome::Go(Agreed { version: v, structured, allocation }));
+                if let Err(e) = w.write_all(&out) {
+                    let _ = sessions.release(fh);
+                    return Err(e);
+                }
+                return Ok(Outcome::Go(Agreed { version: v, structured, allocation, fh }));
             }
             OPT_ABORT => {
                 reply(w, REP_ACK, &[])?;
@@ -561,7 +580,14 @@ fn handshake<S: Sessions>(
                     reply(w, REP_ERR_INVALID, b"NBD_OPT_LIST takes no data")?;
                     continue;
                 }
-                for v in sessions.versions()?.iter() {
+                let versions = match sessions.versions() {
+                    Ok(v) => v,
+                    Err(e) => {
+                        reply(w, REP_ERR_UNKNOWN, unavailable("the exports", &e).as_bytes())?;
+                        continue;
+                    }
+                };
+                for v in versions.iter() {
                     let mut d = Vec::new();
                     d.extend_from_slice(&(v.uid.len() as u32).to_be_bytes());
                     d.extend_from_slice(v.uid.as_bytes());
@@ -584,34 +610,60 @@ fn handshake<S: Sessions>(
                     reply(w, REP_ERR_INVALID, b"malformed NBD_OPT_INFO/GO")?;
                     continue;
                 };
-                let Some(v) = find_export(sessions, &req.name)? else {
-                    let msg = format!("no export '{}': exports are version uids and NAME@latest", req.name);
-                    reply(w, REP_ERR_UNKNOWN, msg.as_bytes())?;
-                    continue;
+                let v = match find_export(sessions, &req.name) {
+                    Ok(Some(v)) => v,
+                    Ok(None) => {
+                        let msg = format!("no export '{}': exports are version uids and NAME@latest", req.name);
+                        reply(w, REP_ERR_UNKNOWN, msg.as_bytes())?;
+                        continue;
+                    }
+                    Err(e) => {
+                        reply(w, REP_ERR_UNKNOWN, unavailable(&format!("export '{}'", req.name), &e).as_bytes())?;
+                        continue;
+                    }
                 };
-                let mut info = Vec::new();
-                info.extend_from_slice(&INFO_EXPORT.to_be_bytes());
-                info.extend_from_slice(&v.size.to_be_bytes());
-                info.extend_from_slice(&transmission_flags(opts).to_be_bytes());
-                reply(w, REP_INFO, &info)?;
-                if req.infos.contains(&INFO_NAME) {
-                    let mut d = INFO_NAME.to_be_bytes().to_vec();
-                    d.extend_from_slice(v.uid.as_bytes());
+                let fh = if option == OPT_GO {
+                    match sessions.open_version(&v.uid, !opts.read_only, opener) {
+                        Ok(o) => Some(o.fh),
+                        Err(e) => {
+                            reply(w, REP_ERR_UNKNOWN, unavailable(&format!("export '{}'", req.name), &e).as_bytes())?;
+                            continue;
+                        }
+                    }
+                } else {
+                    None
+                };
+                let mut answer = || -> io::Result<()> {
+                    let mut info = Vec::new();
+                    info.extend_from_slice(&INFO_EXPORT.to_be_bytes());
+                    info.extend_from_slice(&v.size.to_be_bytes());
+                    info.extend_from_slice(&transmission_flags(opts).to_be_bytes());
+                    reply(w, REP_INFO, &info)?;
+                    if req.infos.contains(&INFO_NAME) {
+                        let mut d = INFO_NAME.to_be_bytes().to_vec();
+                        d.extend_from_slice(v.uid.as_bytes());
+                        reply(w, REP_INFO, &d)?;
+                    }
+                    if req.infos.contains(&INFO_DESCRIPTION) {
+                        let mut d = INFO_DESCRIPTION.to_be_bytes().to_vec();
+                        d.extend_from_slice(description(&v).as_bytes());
+                        reply(w, REP_INFO, &d)?;
+                    }
+                    let mut d = INFO_BLOCK_SIZE.to_be_bytes().to_vec();
+                    d.extend_from_slice(&1u32.to_be_bytes());
+                    d.extend_from_slice(&v.block_size.clamp(4096, MAX_PAYLOAD).to_be_bytes());
+                    d.extend_from_slice(&MAX_PAYLOAD.to_be_bytes());
                     reply(w, REP_INFO, &d)?;
+                    reply(w, REP_ACK, &[])
+                };
+                if let Err(e) = answer() {
+                    if let Some(fh) = fh {
+                        let _ = sessions.release(fh);
+                    }
+                    return Err(e);
                 }
-                if req.infos.contains(&INFO_DESCRIPTION) {
-                    let mut d = INFO_DESCRIPTION.to_be_bytes().to_vec();
-                    d.extend_from_slice(description(&v).as_bytes());
-                    reply(w, REP_INFO, &d)?;
-                }
-                let mut d = INFO_BLOCK_SIZE.to_be_bytes().to_vec();
-                d.extend_from_slice(&1u32.to_be_bytes());
-                d.extend_from_slice(&v.block_size.clamp(4096, MAX_PAYLOAD).to_be_bytes());
-                d.extend_from_slice(&MAX_PAYLOAD.to_be_bytes());
-                reply(w, REP_INFO, &d)?;
-                reply(w, REP_ACK, &[])?;
-                if option == OPT_GO {
-                    return Ok(Outcome::Go(Agreed { version: v, structured, allocation }));
+                if let Some(fh) = fh {
+                    return Ok(Outcome::Go(Agreed { version: v, structured, allocation, fh }));
                 }
             }
             OPT_STRUCTURED_REPLY => {
@@ -632,9 +684,16 @@ fn handshake<S: Sessions>(
                     reply(w, REP_ERR_INVALID, b"negotiate structured replies first")?;
                     continue;
                 }
-                if find_export(sessions, &req.name)?.is_none() {
-                    reply(w, REP_ERR_UNKNOWN, format!("no export '{}'", req.name).as_bytes())?;
-                    continue;
+                match find_export(sessions, &req.name) {
+                    Ok(Some(_)) => {}
+                    Ok(None) => {
+                        reply(w, REP_ERR_UNKNOWN, format!("no export '{}'", req.name).as_bytes())?;
+                        continue;
+                    }
+                    Err(e) => {
+                        reply(w, REP_ERR_UNKNOWN, unavailable(&format!("export '{}'", req.name), &e).as_bytes())?;
+                        continue;
+                    }
                 }
                 let selected =
                     if req.queries.is_empty() { !set } else { req.queries.iter().any(|q| selects_base_allocation(q)) };
@@ -886,7 +945,7 @@ fn connection<S: Sessions>(sessions: Arc<S>, stream: Stream, opts: &NbdOptions, 
     let mut r = BufReader::with_capacity(256 << 10, stream.try_clone()?);
     let mut w = stream.try_clone()?;
     let no_zeroes = greet(&mut r, &mut w)?;
-    let agreed = match handshake(&*sessions, &mut r, &mut w, opts, no_zeroes, false)? {
+    let agreed = match handshake(&*sessions, &mut r, &mut w, opts, no_zeroes, false, opener)? {
         Outcome::Abort => return Ok(()),
         Outcome::Go(a) => a,
         Outcome::StartTls => {
@@ -898,19 +957,21 @@ fn connection<S: Sessions>(sessions: Arc<S>, stream: Stream, opts: &NbdOptions, 
             let tls = Stream::Tls(Tls::accept(config, &stream)?);
             r = BufReader::with_capacity(256 << 10, tls.try_clone()?);
             w = tls;
-            match handshake(&*sessions, &mut r, &mut w, opts, no_zeroes, true)? {
+            match handshake(&*sessions, &mut r, &mut w, opts, no_zeroes, true, opener)? {
                 Outcome::Go(a) => a,
                 _ => return Ok(()),
             }
         }
     };
-    stream.set_read_timeout(None)?;
-    let uid = agreed.version.uid.clone();
-    // A writable export is opened for writing at once: the connection then shares a live
-    // overlay from its first read on, and a write can never start a fresh overlay over
-    // the original after it has read another connection's committed writes (an overlay
-    // never written is dropped at the disconnect).
-    let fh = sessions.open_version(&uid, !opts.read_only, opener)?.fh;
+    // A writable export was opened for writing at once (in the handshake): the
+    // connection then shares a live overlay from its first read on, and a write can never
+    // start a fresh overlay over the original after it has read another connection's
+    // committed writes (an overlay never written is dropped at the disconnect).
+    let fh = agreed.fh;
+    if let Err(e) = stream.set_read_timeout(None) {
+        let _ = sessions.release(fh);
+        return Err(e);
+    }
     let conn = Arc::new(Conn {
         sessions: sessions.clone(),
         size: agreed.version.size,

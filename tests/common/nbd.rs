@@ -18,12 +18,19 @@ pub struct Server {
 
 impl Server {
     pub fn start(repo: &Repo, args: &[&str]) -> Server {
+        Server::start_with_env(repo, args, &[])
+    }
+
+    /// [`Server::start`] with these environment variables set for the server.
+    pub fn start_with_env(repo: &Repo, args: &[&str], env: &[(&str, &str)]) -> Server {
         let mut all = vec!["nbd"];
         all.extend_from_slice(args);
         if !args.contains(&"--socket") {
             all.extend_from_slice(&["--listen", "127.0.0.1:0"]);
         }
-        let mut child = repo.command(&all).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+        let mut command = repo.command(&all);
+        command.envs(env.iter().copied());
+        let mut child = command.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
         // The first line says where it listens; the rest goes to the log.
         let mut err = std::io::BufReader::new(child.stderr.take().unwrap());
         let mut line = String::new();

@@ -1079,3 +1079,60 @@ fn an_nbd_client_is_told_why_when_the_catalog_does_not_answer() {
     assert!(status.success(), "{log}");
     assert!(log.contains("stopped answering"), "the server's log says why: {log}");
 }
+
+/// A mount's commit waits for the catalog's write lock (held by another client) when the
+/// server is stopped; the commit is given up. Its connection must be closed then, not
+/// when the mount next connects: otherwise the server, once resumed, grants the lock to
+/// that connection's transaction, which nobody will ever finish, and every other
+/// writer's `lock_timeout` runs out behind it (a review found the socket left open).
+#[test]
+fn a_given_up_transaction_holds_no_lock_once_the_server_resumes() {
+    let pg = PgServer::start();
+    let db = pg.create_db("givenup");
+    let url = pg.url(&db);
+    let repo = config_repo(&format!("{url}?connect_timeout=2"));
+    std::fs::write(repo.path("img"), mixed_image(70, 4, BS, 0)).unwrap();
+    let v = repo.ok_cfg(&["backup", &repo.url("img"), "vm", "-b", "64k"]).trim().to_string();
+    let cfg = repo.config_file();
+    let dir = repo.path("mnt");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut m = common::mount::Mount::at_with_env(
+        &repo,
+        &dir,
+        &["--config", &cfg],
+        &[("KEEPFS_TEST_CATALOG_PATIENCE_MS", "1000")],
+    );
+    // A file written into incoming/, closed once the lock is held: its commit (at the
+    // release) waits for the lock.
+    let mut file = std::fs::File::create(m.p("incoming/locked")).unwrap();
+    std::io::Write::write_all(&mut file, &mixed_image(71, 4, BS, 0)).unwrap();
+    let mut holder = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+    let mut tx = holder.transaction().unwrap();
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&keepfs::catalog::postgres::WRITE_LOCK]).unwrap();
+    std::thread::spawn(move || drop(file));
+    let waiting =
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'keepfs' AND wait_event_type = 'Lock'";
+    common::mount::wait_until("the commit to wait for the lock", std::time::Duration::from_secs(60), || {
+        pg.psql(waiting) == "1"
+    });
+    let stopped = pg.stop_processes();
+    common::mount::wait_until("the commit to be given up", std::time::Duration::from_secs(120), || {
+        m.log_text().contains("stopped answering")
+    });
+    drop(stopped);
+    tx.rollback().unwrap();
+    // The given-up connection was first in the lock's queue: once the server reads on it
+    // finds that connection closed and ends its transaction, so another writer gets the
+    // lock within a lock_timeout of 3 s (with the socket left open, the server granted
+    // it to that transaction, which held it until the mount next reconnected).
+    let quick = repo.path("quick.toml");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(&quick, text.replace("connect_timeout=2", "connect_timeout=2&options=-c%20lock_timeout%3D3000"))
+        .unwrap();
+    let r = repo.run(&["--config", quick.to_str().unwrap(), "label", &v, "k=v"]);
+    assert_eq!(r.code, 0, "{}\n{}", r.stderr, m.log_text());
+    let left =
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'keepfs' AND state LIKE 'idle in transaction%'";
+    assert_eq!(pg.psql(left), "0");
+    m.unmount();
+}

@@ -88,13 +88,26 @@ impl Target {
     }
 
     /// Whether the server answers a new connection within the connect limit (a refusal
-    /// it sends, too many clients say, is an answer).
-    fn answers(&self, rt: &Runtime) -> bool {
+    /// it sends, too many clients say, is an answer), made as the connection being
+    /// waited for was (`plain`: without TLS). The check's connection is closed at once.
+    fn answers(&self, rt: &Runtime, plain: bool) -> bool {
         if self.silence().is_some() {
             return false;
         }
-        match attempt(rt, &self.config, self.tls.connector(), self.connect_limit()) {
-            Some(Ok(_)) => true,
+        let answer = if plain {
+            let mut config = self.config.clone();
+            config.ssl_mode(tokio_postgres::config::SslMode::Disable);
+            attempt(rt, &config, None, self.connect_limit())
+        } else {
+            attempt(rt, &self.config, self.tls.connector(), self.connect_limit())
+        };
+        match answer {
+            Some(Ok((client, io, _))) => {
+                drop(client);
+                io.abort();
+                let _ = rt.block_on(io);
+                true
+            }
             Some(Err(e)) => e.as_db_error().is_some(),
             None => false,
         }
@@ -161,15 +174,56 @@ pub(super) fn describe(e: &tokio_postgres::Error) -> String {
 
 type Params<'a> = &'a [&'a (dyn ToSql + Sync)];
 
+/// A connection's runtime, shut down without waiting when it goes: its tasks (the
+/// socket's) are dropped at once, and a name lookup stuck in the resolver (tokio's
+/// blocking pool) does not hold the caller past the connect limit.
+struct Rt(Option<Runtime>);
+
+impl Rt {
+    fn new() -> Result<Rt> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| Error::io("cannot start the catalog connection's runtime", e))?;
+        Ok(Rt(Some(rt)))
+    }
+}
+
+impl std::ops::Deref for Rt {
+    type Target = Runtime;
+    fn deref(&self) -> &Runtime {
+        // Taken only by `drop`.
+        self.0.as_ref().expect("a connection's runtime until it is dropped")
+    }
+}
+
+impl Drop for Rt {
+    fn drop(&mut self) {
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
 pub(super) struct Conn {
-    rt: Runtime,
     client: tokio_postgres::Client,
-    /// The task that reads and writes the socket; aborted (the socket closed) when a
-    /// statement is given up.
-    io: tokio::task::JoinHandle<()>,
-    /// Set when a statement was given up: the connection is closed for good.
+    /// The task that reads and writes the socket; aborted and driven to its end (the
+    /// socket closed) when the connection is closed.
+    io: std::cell::RefCell<Option<tokio::task::JoinHandle<()>>>,
+    /// Why the connection ended, as the task that ran it saw it (a reset, a FATAL the
+    /// server sent between statements): what the caller is told instead of "closed".
+    ended: std::sync::Arc<std::sync::Mutex<Option<String>>>,
+    /// Set when the connection was closed here (a statement given up, a failed check).
     given_up: Cell<bool>,
+    /// Inside a transaction this connection began and has not yet sent COMMIT or
+    /// ROLLBACK for: a statement given up there is surely not committed.
+    in_tx: Cell<bool>,
+    /// Connected without TLS, after `sslmode=prefer`'s retry: the check of the server
+    /// ([`Target::answers`]) connects that way too.
+    plain: bool,
     target: std::sync::Arc<Target>,
+    /// Last: dropped after the client and the task's handle.
+    rt: Rt,
 }
 
 impl Conn {
@@ -180,10 +234,7 @@ impl Conn {
         if let Some(line) = target.silence() {
             return Err(Error::Catalog(line));
         }
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| Error::io("cannot start the catalog connection's runtime", e))?;
+        let rt = Rt::new()?;
         let (name, tls, limit) = (&target.name, &target.tls, target.connect_limit());
         let no_answer = || {
             let line = format!(
@@ -193,10 +244,20 @@ impl Conn {
             target.fell_silent(&line);
             Error::Catalog(line)
         };
+        let made = |(client, io, ended): Opened, plain: bool, rt: Rt, target: std::sync::Arc<Target>| Conn {
+            client,
+            io: std::cell::RefCell::new(Some(io)),
+            ended,
+            given_up: Cell::new(false),
+            in_tx: Cell::new(false),
+            plain,
+            target,
+            rt,
+        };
         let connector = tls.connector();
         let started = connector.as_ref().map(|c| c.started.clone());
         let e = match attempt(&rt, &target.config, connector, limit).ok_or_else(no_answer)? {
-            Ok((client, io)) => return Ok(Conn { rt, client, io, given_up: Cell::new(false), target }),
+            Ok(opened) => return Ok(made(opened, false, rt, target.clone())),
             Err(e) => e,
         };
         let what = describe(&e);
@@ -207,7 +268,7 @@ impl Conn {
         let mut plain = target.config.clone();
         plain.ssl_mode(tokio_postgres::config::SslMode::Disable);
         match attempt(&rt, &plain, None, limit).ok_or_else(no_answer)? {
-            Ok((client, io)) => Ok(Conn { rt, client, io, given_up: Cell::new(false), target }),
+            Ok(opened) => Ok(made(opened, true, rt, target.clone())),
             // The server wants TLS from this client: what went wrong with TLS is the story.
             Err(e2) if describe(&e2).contains("no encryption") => Err(connect_error(&e, &what, &target)),
             Err(e2) => Err(connect_error(&e2, &describe(&e2), &target)),
@@ -220,31 +281,28 @@ impl Conn {
     }
 
     /// Whether an empty statement gets its answer within the connect limit (no second
-    /// chance: a connection that idled may just have been closed by a restarted server).
-    /// A connection that fails the check is closed for good.
+    /// chance: a connection that idled may just have been closed by a restarted server,
+    /// or its path lost while the server is fine). A connection that fails the check is
+    /// closed for good; whether the server answers at all is for the next connection
+    /// attempt to find out.
     pub fn is_valid(&self) -> bool {
-        let valid = match within(&self.rt, self.target.connect_limit(), self.client.simple_query("")) {
-            Some(answer) => answer.is_ok(),
-            None => {
-                self.target.fell_silent(&format!(
-                    "the database {} stopped answering: an idle connection's check got no reply within {} s (is the server stopped, or its host hung?)",
-                    self.target.name,
-                    self.target.connect_limit().as_secs()
-                ));
-                false
-            }
-        };
+        let valid = matches!(within(&self.rt, self.target.connect_limit(), self.client.simple_query("")), Some(Ok(_)));
         if !valid {
             self.close();
         }
         valid
     }
 
-    /// Closes the connection for good (its socket too: the server rolls back what it
-    /// was in).
+    /// Closes the connection for good: its task is cancelled and driven to its end, so
+    /// that its socket is closed now (the server rolls back what it was in as soon as it
+    /// reads on), not when the runtime next runs.
     fn close(&self) {
         self.given_up.set(true);
-        self.io.abort();
+        self.in_tx.set(false);
+        if let Some(io) = self.io.borrow_mut().take() {
+            io.abort();
+            let _ = self.rt.block_on(io);
+        }
     }
 
     /// Waits for `work` on this connection, asking the server whether it answers at all
@@ -260,14 +318,32 @@ impl Conn {
         let began = Instant::now();
         loop {
             match within(&self.rt, patience(), work.as_mut()) {
-                Some(r) => return r.map_err(Failure::Client),
-                None if self.target.answers(&self.rt) => continue,
+                Some(Ok(t)) => return Ok(t),
+                Some(Err(e)) if e.is_closed() => {
+                    let why = self.ended.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                    return Err(match why {
+                        Some(why) => Failure::Given(Error::Catalog(format!(
+                            "the connection to {} ended: {why}; the next call connects again",
+                            self.target.name
+                        ))),
+                        None => Failure::Client(e),
+                    });
+                }
+                Some(Err(e)) => return Err(Failure::Client(e)),
+                None if self.target.answers(&self.rt, self.plain) => continue,
                 None => {
+                    // Mid-transaction, the server rolls back when it reads on and finds
+                    // the connection closed; a COMMIT or a lone statement it had received
+                    // before it stopped may still take effect when it wakes.
+                    let outcome = if self.in_tx.get() {
+                        "nothing of it is committed"
+                    } else {
+                        "if the server had received it, it may still take effect when the server wakes"
+                    };
                     self.close();
                     let line = format!(
                         "the database {} stopped answering: no reply for {} s, and a new connection got none within \
-                         {} s either; the statement was given up and nothing of it is committed (is the server \
-                         stopped, or its host hung?)",
+                         {} s either; the statement was given up ({outcome}; is the server stopped, or its host hung?)",
                         self.target.name,
                         began.elapsed().as_secs(),
                         self.target.connect_limit().as_secs()
@@ -326,6 +402,7 @@ impl Conn {
     /// Begins a transaction; it is rolled back unless [`Tx::commit`] is called.
     pub fn transaction(&mut self) -> Result<Tx<'_>, Failure> {
         self.batch_execute("BEGIN")?;
+        self.in_tx.set(true);
         Ok(Tx { conn: self, open: true })
     }
 }
@@ -341,6 +418,7 @@ pub(super) struct Tx<'a> {
 impl Tx<'_> {
     pub fn commit(mut self) -> Result<(), Failure> {
         self.open = false;
+        self.conn.in_tx.set(false);
         self.conn.batch_execute("COMMIT")
     }
 }
@@ -354,11 +432,21 @@ impl std::ops::Deref for Tx<'_> {
 
 impl Drop for Tx<'_> {
     fn drop(&mut self) {
-        if self.open && !self.conn.is_closed() && self.conn.batch_execute("ROLLBACK").is_err() {
+        if !self.open {
+            return;
+        }
+        // A ROLLBACK given up would count as a lone statement: it is one of the
+        // transaction's, which the server rolls back anyway.
+        if !self.conn.is_closed() && self.conn.batch_execute("ROLLBACK").is_err() {
             self.conn.close();
         }
+        self.conn.in_tx.set(false);
     }
 }
+
+/// An open connection: its client, the task that runs its socket, and where that task
+/// leaves the reason the connection ended.
+type Opened = (tokio_postgres::Client, tokio::task::JoinHandle<()>, std::sync::Arc<std::sync::Mutex<Option<String>>>);
 
 /// One connection attempt within `limit` (None: no answer in time); the connection's
 /// socket is then read and written by a task on `rt`.
@@ -367,16 +455,23 @@ fn attempt(
     config: &Config,
     connector: Option<tls::Watched>,
     limit: Duration,
-) -> Option<std::result::Result<(tokio_postgres::Client, tokio::task::JoinHandle<()>), tokio_postgres::Error>> {
+) -> Option<std::result::Result<Opened, tokio_postgres::Error>> {
+    let ended = std::sync::Arc::new(std::sync::Mutex::new(None));
+    let note = ended.clone();
+    let run = move |r: std::result::Result<(), tokio_postgres::Error>| {
+        if let Err(e) = r {
+            *note.lock().unwrap_or_else(|p| p.into_inner()) = Some(describe(&e));
+        }
+    };
     let connecting = async {
         Ok(match connector {
             Some(c) => {
                 let (client, connection) = config.connect(c).await?;
-                (client, tokio::spawn(async move { drop(connection.await) }))
+                (client, tokio::spawn(async move { run(connection.await) }), ended)
             }
             None => {
                 let (client, connection) = config.connect(NoTls).await?;
-                (client, tokio::spawn(async move { drop(connection.await) }))
+                (client, tokio::spawn(async move { run(connection.await) }), ended)
             }
         })
     };

@@ -285,6 +285,14 @@ pub(crate) fn owner_id_of(s: &crate::config::StorageConfig) -> Option<String> {
     Owner::parse(&bytes, &s.name).ok().map(|o| o.catalog)
 }
 
+/// [`owner_id_of`] of a place as the catalog records it (`file:/path`); None for a place
+/// of another kind (an S3 place is not read: it would need its configuration).
+pub(crate) fn owner_id_at(place: &str) -> Option<String> {
+    let path = std::path::Path::new(place.strip_prefix("file:")?);
+    let bytes = std::fs::read(path.join(OWNER_KEY)).ok()?;
+    Owner::parse(&bytes, place).ok().map(|o| o.catalog)
+}
+
 fn read_owner(raw: &SharedStorage) -> Result<Option<Owner>> {
     let bytes = match retry(STORAGE_ATTEMPTS, || raw.get_fresh(OWNER_KEY)) {
         Ok(b) => b,

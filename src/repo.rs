@@ -116,7 +116,8 @@ impl Repository {
         if db.engine() != "sqlite" {
             let id = db.repository_state(crate::owner::CATALOG_ID)?;
             let ours = |s: &crate::config::StorageConfig| id.is_some() && crate::owner::owner_id_of(s) == id;
-            crate::catalog::check_owner(db.as_ref(), &config, &ours)?;
+            let ours_at = |place: &str| id.is_some() && crate::owner::owner_id_at(place) == id;
+            crate::catalog::check_owner(db.as_ref(), &config, &ours, &ours_at)?;
         }
         crate::catalog::check_storage_places(db.as_ref(), &config)?;
         let mut storages: HashMap<String, StorageSlot> = HashMap::new();

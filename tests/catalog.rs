@@ -943,6 +943,23 @@ fn a_storage_moved_to_a_new_place_is_still_its_repository() {
     assert_eq!(sha256_file(&restored), sha256_file(&repo.path("img2")));
     assert!(!old.exists(), "nothing made at the old place");
 
+    // A host that reaches the same storage by another path (a share mounted elsewhere,
+    // here a symbolic link) is this repository too, and the recorded place stays: hosts
+    // do not take turns rewriting it.
+    let alias = repo.path("alias");
+    std::os::unix::fs::symlink(&new, &alias).unwrap();
+    let cfg = std::fs::read_to_string(repo.config_file()).unwrap();
+    let other_path = repo.path("other.toml");
+    std::fs::write(
+        &other_path,
+        cfg.replace(&format!("path = \"{}\"", new.display()), &format!("path = \"{}\"", alias.display())),
+    )
+    .unwrap();
+    let r = repo.run(&["--config", other_path.to_str().unwrap(), "ls"]);
+    assert_eq!((r.code, r.stderr.as_str()), (0, ""), "by another path");
+    let r = repo.run_cfg(&["ls"]);
+    assert_eq!((r.code, r.stderr.as_str()), (0, ""), "the recorded place did not change");
+
     let other = config_repo(&url);
     let r = other.run_cfg(&["ls"]);
     assert_eq!(r.code, 4, "{}", r.stderr);

@@ -246,7 +246,7 @@ impl crate::Repository {
             }
             if to.engine() != "sqlite" {
                 // A new catalog: its place is recorded, never taken from a storage's owner.
-                super::check_owner(to.as_ref(), &self.config, &|_| false)?;
+                super::check_owner(to.as_ref(), &self.config, &|_| false, &|_| false)?;
             }
             Ok((to, report))
         };

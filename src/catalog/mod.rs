@@ -319,26 +319,34 @@ pub(crate) fn copy_storage_places(from: &dyn Catalog, to: &dyn Catalog, config: 
 /// Refuses a shared catalog that belongs to another repository (none of the configured
 /// storages is the one it was made for); a new catalog is claimed for this one.
 ///
-/// A repository whose storage moved (a new mount point, another name for its endpoint)
-/// is not another one: `ours` tells a configured storage whose `owner` object names this
-/// catalog, and the first such becomes the repository's recorded place (asked only when
-/// the recorded place is not configured: it costs a read of the storage).
+/// A repository whose storage is configured at another place than the one recorded (it
+/// moved, or this host mounts the share elsewhere) is not another one: `ours` tells a
+/// configured storage whose `owner` object names this catalog (asked only when the
+/// recorded place is not configured: it costs a read of the storage). The recorded
+/// place is replaced by that storage's, with a note, only when `ours_at` finds that the
+/// recorded place no longer holds this catalog's storage (it moved): hosts that mount
+/// one share at different paths do not take turns rewriting it.
 pub fn check_owner(
     db: &dyn Catalog,
     config: &crate::config::Config,
     ours: &dyn Fn(&crate::config::StorageConfig) -> bool,
+    ours_at: &dyn Fn(&str) -> bool,
 ) -> Result<()> {
     let mine: Vec<String> = config.storages.iter().map(storage_identity).collect();
     match db.repository_state(REPOSITORY)? {
         Some(owner) if mine.contains(&normal_place(&owner)) => Ok(()),
-        Some(owner) if let Some(s) = config.storages.iter().find(|s| ours(s)) => {
-            let place = storage_identity(s);
-            db.set_repository_state(REPOSITORY, &place)?;
-            keepfs_face::log!(
-                "keepfs: note: the catalog {} recorded its repository's storage at {owner}; storage '{}' at {place} is owned by this catalog, so that is the repository's place from now on (every host must use it)",
-                config.catalog_location().display(),
-                s.name
-            );
+        Some(owner) if config.storages.iter().any(ours) => {
+            if !ours_at(&owner)
+                && let Some(s) = config.storages.iter().find(|s| ours(s))
+            {
+                let place = storage_identity(s);
+                db.set_repository_state(REPOSITORY, &place)?;
+                keepfs_face::log!(
+                    "keepfs: note: the catalog {} recorded its repository's storage at {owner}, which no longer holds it; storage '{}' at {place} is owned by this catalog, so that is the repository's place from now on",
+                    config.catalog_location().display(),
+                    s.name
+                );
+            }
             Ok(())
         }
         Some(owner) => Err(crate::Error::Refused(format!(
@@ -358,7 +366,7 @@ pub fn check_owner(
                 .unwrap_or_default();
             // First writer first: of two hosts claiming a new catalog at once, one wins.
             let owner = db.keep_repository_state(REPOSITORY, &default)?;
-            if owner == default { Ok(()) } else { check_owner(db, config, ours) }
+            if owner == default { Ok(()) } else { check_owner(db, config, ours, ours_at) }
         }
     }
 }

@@ -463,10 +463,13 @@ fn find_export<S: Sessions>(sessions: &S, name: &str) -> io::Result<Option<Versi
     })
 }
 
-/// What a client is told when `what` cannot be looked up now (the catalog failed: the
-/// mount's log has the whole line), instead of a connection closed without a word.
+/// What a client is told when `what` cannot be looked up now (the catalog failed),
+/// instead of a connection closed without a word. The reason stays in the server's log
+/// (it names the catalog, which is no client's business); the client gets the errno.
 fn unavailable(what: &str, e: &io::Error) -> String {
-    format!("{what} cannot be looked up now ({e}); the server's log says why; try again")
+    let kind =
+        e.raw_os_error().map(|n| io::Error::from_raw_os_error(n).to_string()).unwrap_or_else(|| e.kind().to_string());
+    format!("{what} cannot be looked up now ({kind}); the server's log says why; try again")
 }
 
 fn transmission_flags(opts: &NbdOptions) -> u16 {

@@ -164,15 +164,22 @@ pub(crate) fn mount_daemon(dir: &std::path::Path, log: &std::path::Path, modes: 
         .open(log)
         .map_err(|e| Error::io(format!("cannot open the mount log {}", log.display()), e))?;
     // A log an older keepfs made readable by others is narrowed to `file_mode` too: it
-    // names versions, paths and errors. Only ever narrowed, never widened.
+    // names versions, paths and errors. Only ever narrowed, never widened, and only a
+    // regular file of this user's (not what a link leads to, /dev/null say); a failure
+    // is a warning, the mount goes on.
     {
-        use std::os::unix::fs::PermissionsExt;
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        // SAFETY: geteuid cannot fail.
+        let me = unsafe { libc::geteuid() };
         if let Ok(m) = logf.metadata()
+            && m.is_file()
+            && m.uid() == me
             && m.permissions().mode() & 0o777 & !modes.file != 0
         {
             let narrowed = m.permissions().mode() & 0o777 & modes.file;
-            logf.set_permissions(std::fs::Permissions::from_mode(narrowed))
-                .map_err(|e| Error::io(format!("cannot narrow the mode of the mount log {}", log.display()), e))?;
+            if let Err(e) = logf.set_permissions(std::fs::Permissions::from_mode(narrowed)) {
+                keepfs_face::log!("keepfs: warning: cannot narrow the mode of the mount log {}: {e}", log.display());
+            }
         }
     }
     cmd.args(&args).stdin(std::process::Stdio::null()).stdout(std::process::Stdio::null()).stderr(logf);

@@ -295,6 +295,10 @@ impl S3Storage {
                     self.config.bucket
                 ));
             }
+            // A clock problem, not the configuration's: said as what it is (exit 1).
+            (403, "RequestTimeTooSkewed") => format!(
+                "the server refused the request because this host's clock is off (HTTP {s} {code}); set the clock (NTP)"
+            ),
             (403, _) | (400, "AuthorizationHeaderMalformed") | (401, _) => {
                 return misconfigured(format!(
                     "access denied by {} (HTTP {s} {code}); check access_key / secret_key (or AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY) and the region",

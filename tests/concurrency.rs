@@ -69,6 +69,16 @@ fn versions_in_use_cannot_be_removed_and_dead_holders_release_them() {
             assert_eq!(r.code, 4, "{}", r.stderr);
             assert!(r.error_line().contains(&format!("is in use ({what} by pid")), "{}", r.stderr);
         }
+        // Processes of this machine that still run hold their locks however old their
+        // heartbeats (a catalog down for more than 10 minutes stops every beat): taking
+        // them for dead lost a mount reader's lock, and cleanup deleted its blocks (found
+        // by a drill).
+        repo.catalog_sql("UPDATE sessions SET heartbeat_ms = heartbeat_ms - 11 * 60 * 1000");
+        for (uid, what) in [(&v, "restore"), (&w, "scrub")] {
+            let r = repo.run(&["rm", "--force", uid]);
+            assert_eq!(r.code, 4, "{}", r.stderr);
+            assert!(r.error_line().contains(&format!("is in use ({what} by pid")), "{}", r.stderr);
+        }
         // Retention would remove v (latest1 keeps only the newer one) but keeps it, and says
         // so; its dry run says the same, with the same exit code (it used to say "would
         // remove" and exit 0).

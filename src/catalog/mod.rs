@@ -578,11 +578,13 @@ fn alive_given_uptime(s: &Session, now: i64, uptime: Option<i64>, mine: &str) ->
         }
         return fresh;
     }
-    // A process of this machine that still runs but has not beaten for as long as other
-    // hosts wait is dead too: its session outlived its guard (ended while the catalog
-    // was down, as a mount's drafts and reads were in a drill, and never ended since),
-    // or the process is stopped; other hosts already took it for dead.
-    s.process.alive_here().map(|alive| alive && fresh).unwrap_or(fresh)
+    // A process of this machine is alive as long as it runs, however old its heartbeat
+    // (a catalog down for more than 10 minutes stops every beat): taking it for dead
+    // removed a running mount's read locks, and a cleanup deleted the blocks its reader
+    // was reading (found by a drill). A session whose end failed while the catalog was
+    // down is ended again by its process (`repo::Unended`), so it does not outlive its
+    // guard.
+    s.process.alive_here().unwrap_or(fresh)
 }
 
 /// Says once per process that sessions under this host name come from another machine.
@@ -1017,12 +1019,13 @@ mod tests {
         assert!(uptime_ms().is_some_and(|up| up > 0));
     }
 
-    /// A session of a process of this machine that still runs (this test's) but stopped
-    /// beating is dead once other hosts would take it for dead: a mount's session whose
-    /// end failed while the catalog was down was refused as "in use" for as long as the
-    /// mount ran (found by a drill).
+    /// A session of a process of this machine that still runs (this test's) is alive
+    /// however old its heartbeat: a catalog that was down for more than the remote wait
+    /// stopped every beat, and taking the session for dead lost a running mount's read
+    /// locks to a cleanup (found by a drill; an earlier change had made it dead, for
+    /// sessions whose end failed, which their process now ends again itself).
     #[test]
-    fn a_running_process_whose_session_stopped_beating_is_dead_after_the_remote_wait() {
+    fn a_running_process_of_this_machine_is_alive_however_old_its_heartbeat() {
         let me = ProcessId::current();
         let now = now_ms();
         let with_age = |age: i64| Session {
@@ -1035,6 +1038,10 @@ mod tests {
         };
         assert!(me.is_here() && me.alive_here() == Some(true));
         assert!(session_alive(&with_age(60_000), now));
-        assert!(!session_alive(&with_age(REMOTE_SESSION_TTL_MS + 1), now));
+        assert!(session_alive(&with_age(REMOTE_SESSION_TTL_MS + 1), now));
+        // A process that no longer runs is dead at once.
+        let mut gone = with_age(1_000);
+        gone.process.pid = u32::MAX - 1;
+        assert!(!session_alive(&gone, now));
     }
 }

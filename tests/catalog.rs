@@ -1019,6 +1019,7 @@ fn requests_behind_a_silent_server_fail_at_once_with_its_line() {
     common::mount::wait_until("the draft's commit to fail", std::time::Duration::from_secs(120), || {
         m.log_text().contains("could not be removed")
     });
+    assert!(m.log_text().contains("keepfs: error: frozen was not committed as V"), "named: {}", m.log_text());
     drop(stopped);
     for a in &answers {
         assert_eq!(a.as_ref().map_err(|e| e.raw_os_error()), Err(Some(libc::EIO)), "{}", m.log_text());

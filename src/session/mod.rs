@@ -112,12 +112,15 @@ impl WriteDraft {
     /// Makes the draft a version; a failed commit leaves no incomplete version behind.
     fn commit(self, repo: &Repository) -> io::Result<String> {
         let uid = self.draft.uid;
+        let name = self.draft.name().to_string();
         let v = match self.draft.commit() {
             Ok(v) => v,
             Err(e) => {
+                // Said with the name the writer knows (the version's is not its yet).
+                keepfs_face::log!("keepfs: error: {name} was not committed as {uid}: {e}");
+                let e = errno(e.errno());
                 // Nothing can continue a draft whose writer is gone: leave no incomplete
                 // version behind looking like a backup (its stored blocks go at `cleanup`).
-                let e = to_io(e);
                 match repo.remove_incomplete(uid) {
                     Ok(()) => keepfs_face::log!("keepfs: the incomplete version {uid} was removed"),
                     Err(r) => keepfs_face::log!(

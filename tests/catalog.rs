@@ -17,6 +17,15 @@ fn config_repo(database: &str) -> Repo {
     Repo::with_database(database, "", "")
 }
 
+/// Restores version `uid` of `repo` (through its configuration file) and checks it
+/// against the image `img` (a file in the repository's directory), by sha256.
+fn assert_restores(repo: &Repo, uid: &str, img: &str) {
+    let restored = repo.path(&format!("restored-{uid}"));
+    repo.ok_cfg(&["restore", uid, &format!("file://{}", restored.display())]);
+    assert_eq!(sha256_file(&restored), sha256_file(&repo.path(img)), "{uid} restores as {img}");
+    std::fs::remove_file(&restored).unwrap();
+}
+
 /// Waits until the catalog at `url` holds object rows (a backup is under way; until its
 /// tables exist the query fails, which counts as none); returns the watching connection.
 fn wait_for_recorded_objects(url: &str) -> postgres::Client {
@@ -516,9 +525,7 @@ fn a_backup_in_flight_when_the_server_restarts_is_finished_by_continue() {
     let ls: serde_json::Value = serde_json::from_str(&repo.ok_cfg(&["ls", "--format", "json"])).unwrap();
     assert_eq!(ls.as_array().unwrap().len(), 1);
     assert_eq!(ls[0]["status"], "valid");
-    let restored = repo.path("out");
-    repo.ok_cfg(&["restore", &uid, &format!("file://{}", restored.display())]);
-    assert_eq!(sha256_file(&restored), sha256_file(&repo.path("img")));
+    assert_restores(&repo, &uid, "img");
 }
 
 /// Two hosts share a catalog, and one host's clock is two days behind (a real clock,
@@ -596,9 +603,7 @@ fn a_host_with_a_wrong_clock_keeps_its_running_backup_safe_from_another_hosts_cl
     assert_eq!(v.host.as_deref(), Some("behind"));
     let deep = repo.run_cfg(&["deep-scrub", &uid]);
     assert_eq!(deep.code, 0, "{}", deep.stderr);
-    let restored = repo.path("out");
-    repo.ok_cfg(&["restore", &uid, &format!("file://{}", restored.display())]);
-    assert_eq!(sha256_file(&restored), sha256_file(&repo.path("img")));
+    assert_restores(&repo, &uid, "img");
 }
 
 /// Two copies of one catalog on two hosts (a copy of the SQLite file taken before the
@@ -688,9 +693,7 @@ fn copies_of_one_catalog_on_one_storage_are_warned_about_and_cleanup_refuses() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let v4 = String::from_utf8_lossy(&out.stdout).trim().to_string();
     a.ok_cfg(&["deep-scrub", &v4]);
-    let restored = a.path("out4");
-    a.ok_cfg(&["restore", &v4, &format!("file://{}", restored.display())]);
-    assert_eq!(sha256_file(&restored), sha256_file(&a.path("new")));
+    assert_restores(&a, &v4, "new");
 }
 
 /// A host that goes silent for longer than other hosts wait for (a paused VM, a stopped
@@ -760,9 +763,7 @@ fn a_host_taken_for_dead_cannot_commit_what_a_cleanup_took_from_under_it() {
     assert!(done.status.success(), "{}", String::from_utf8_lossy(&done.stderr));
     let deep = repo.run_cfg(&["deep-scrub", &uid]);
     assert_eq!(deep.code, 0, "{}", deep.stderr);
-    let restored = repo.path("out");
-    repo.ok_cfg(&["restore", &uid, &format!("file://{}", restored.display())]);
-    assert_eq!(sha256_file(&restored), sha256_file(&repo.path("img")));
+    assert_restores(&repo, &uid, "img");
 }
 
 /// A version's index on its way to the catalog (a `metadata import` over a slow network,
@@ -898,9 +899,7 @@ fn a_statement_a_stopped_server_never_answers_is_given_up() {
     let ls = ls_json(&repo, &[]);
     assert!(ls[0]["labels"].get("k").is_none(), "nothing was written: {ls}");
     repo.ok_cfg(&["label", &v, "k=v"]);
-    let restored = repo.path("out");
-    repo.ok_cfg(&["restore", &v, &format!("file://{}", restored.display())]);
-    assert_eq!(sha256_file(&restored), sha256_file(&repo.path("img")));
+    assert_restores(&repo, &v, "img");
 }
 
 /// A repository on a shared catalog whose storage moved (a new mount point): the catalog
@@ -933,14 +932,10 @@ fn a_storage_moved_to_a_new_place_is_still_its_repository() {
     );
     let r = repo.run_cfg(&["ls"]);
     assert_eq!((r.code, r.stderr.as_str()), (0, ""), "said once");
-    let restored = repo.path("out");
-    repo.ok_cfg(&["restore", &v, &format!("file://{}", restored.display())]);
-    assert_eq!(sha256_file(&restored), sha256_file(&repo.path("img")));
+    assert_restores(&repo, &v, "img");
     std::fs::write(repo.path("img2"), mixed_image(3, 7, BS, 0)).unwrap();
     let w = repo.ok_cfg(&["backup", &repo.url("img2"), "vm", "-b", "64k"]).trim().to_string();
-    let restored = repo.path("out2");
-    repo.ok_cfg(&["restore", &w, &format!("file://{}", restored.display())]);
-    assert_eq!(sha256_file(&restored), sha256_file(&repo.path("img2")));
+    assert_restores(&repo, &w, "img2");
     assert!(!old.exists(), "nothing made at the old place");
 
     // A host that reaches the same storage by another path (a share mounted elsewhere,

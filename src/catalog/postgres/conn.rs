@@ -68,6 +68,13 @@ impl Target {
         self.config.get_connect_timeout().copied().unwrap_or(CONNECT_TIMEOUT) + Duration::from_secs(2)
     }
 
+    /// The configuration without TLS (`sslmode=prefer`'s retry).
+    fn plain_config(&self) -> Config {
+        let mut plain = self.config.clone();
+        plain.ssl_mode(tokio_postgres::config::SslMode::Disable);
+        plain
+    }
+
     /// The line of a recent silence of the server, if it is still to be believed.
     fn silence(&self) -> Option<String> {
         let mut silent = self.silent.lock().unwrap_or_else(|p| p.into_inner());
@@ -95,17 +102,14 @@ impl Target {
             return false;
         }
         let answer = if plain {
-            let mut config = self.config.clone();
-            config.ssl_mode(tokio_postgres::config::SslMode::Disable);
-            attempt(rt, &config, None, self.connect_limit())
+            attempt(rt, &self.plain_config(), None, self.connect_limit())
         } else {
             attempt(rt, &self.config, self.tls.connector(), self.connect_limit())
         };
         match answer {
             Some(Ok((client, io, _))) => {
                 drop(client);
-                io.abort();
-                let _ = rt.block_on(io);
+                end_task(rt, io);
                 true
             }
             Some(Err(e)) => e.as_db_error().is_some(),
@@ -265,9 +269,7 @@ impl Conn {
         if tls.mode != tls::SslMode::Prefer || !over_tls {
             return Err(connect_error(&e, &what, &target));
         }
-        let mut plain = target.config.clone();
-        plain.ssl_mode(tokio_postgres::config::SslMode::Disable);
-        match attempt(&rt, &plain, None, limit).ok_or_else(no_answer)? {
+        match attempt(&rt, &target.plain_config(), None, limit).ok_or_else(no_answer)? {
             Ok(opened) => Ok(made(opened, true, rt, target.clone())),
             // The server wants TLS from this client: what went wrong with TLS is the story.
             Err(e2) if describe(&e2).contains("no encryption") => Err(connect_error(&e, &what, &target)),
@@ -300,8 +302,7 @@ impl Conn {
         self.given_up.set(true);
         self.in_tx.set(false);
         if let Some(io) = self.io.borrow_mut().take() {
-            io.abort();
-            let _ = self.rt.block_on(io);
+            end_task(&self.rt, io);
         }
     }
 
@@ -476,6 +477,13 @@ fn attempt(
         })
     };
     within(rt, limit, connecting)
+}
+
+/// Cancels a connection's task and drives it to its end, so that its socket is closed
+/// now, not when the runtime next runs.
+fn end_task(rt: &Runtime, io: tokio::task::JoinHandle<()>) {
+    io.abort();
+    let _ = rt.block_on(io);
 }
 
 /// What `work` comes to, if it comes within `limit` (the timer made inside `rt`, as

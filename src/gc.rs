@@ -145,6 +145,9 @@ impl CleanupPlan {
 pub struct CleanupReport {
     pub objects_deleted: u64,
     pub orphans_deleted: u64,
+    /// Files of stopped backups' placeholders (their rows go uncounted: see
+    /// [`CleanupPlan::unfinished`]).
+    pub unfinished_files_deleted: u64,
     pub bytes_freed: u64,
     pub temporaries_deleted: u64,
 }
@@ -515,7 +518,10 @@ impl Repository {
                     report.orphans_deleted += 1;
                 } else if unfinished.contains(id) {
                     // Its row knew no size; the listing gave its file's, if it had one.
-                    report.bytes_freed += plan.unfinished_files.get(&id.short()).copied().unwrap_or(0);
+                    if let Some(size) = plan.unfinished_files.get(&id.short()) {
+                        report.unfinished_files_deleted += 1;
+                        report.bytes_freed += size;
+                    }
                     continue;
                 } else {
                     report.objects_deleted += 1;

@@ -61,6 +61,7 @@ fn kill_9_during_backup_leaves_an_incomplete_version_and_a_consistent_repository
     let bytes =
         || -> u64 { files_under(&repo.storage().join("blocks")).iter().map(|f| f.metadata().unwrap().len()).sum() };
     let before = bytes();
+    let files_before = repo.block_objects() as u64;
     let stale = repo.storage().join("tmp").join("stale.upload");
     fs::write(&stale, b"left by a killed write").unwrap();
     let an_hour_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
@@ -78,6 +79,15 @@ fn kill_9_during_backup_leaves_an_incomplete_version_and_a_consistent_repository
         index.entries.iter().filter(|e| !e.is_sparse()).collect::<std::collections::HashSet<_>>().len()
     };
     assert_eq!(repo.block_objects(), index_objects);
+    // Every file it deleted is counted, and said: the killed run's files of blocks it
+    // never recorded too (a drill saw "deleted 0 object(s) and 0 orphaned file(s), freed
+    // 8.0 MiB").
+    let s = &done["storages"][0];
+    let counted: u64 = ["objects_deleted", "orphans_deleted", "unfinished_files_deleted"]
+        .iter()
+        .map(|k| s[k].as_u64().unwrap_or_else(|| panic!("{k} missing: {s}")))
+        .sum();
+    assert_eq!(counted, files_before - index_objects as u64, "{s}");
     assert_eq!(count_files(&repo.storage().join("tmp")), 0, "temporary files of the killed run are purged");
     // … and counted (a drill saw one removed and "0 orphaned file(s)" said).
     assert_eq!(done["storages"][0]["temporaries_deleted"].as_u64(), Some(temporaries), "{done}");

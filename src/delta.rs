@@ -289,7 +289,7 @@ impl Plan {
         if crate::scrub::sampled(seed, idx, percent) {
             self.sample.push((idx, id));
         }
-        if mix(seed ^ self.unchanged) % self.unchanged == 0 {
+        if mix(seed ^ self.unchanged).is_multiple_of(self.unchanged) {
             self.any_unchanged = Some((idx, id));
         }
     }

@@ -130,8 +130,8 @@ impl Target {
             TargetIo::Image(t) => return t.write_at(data, off),
         };
         if let Some(d) = direct
-            && data.as_ptr() as usize % ALIGN == 0
-            && off % ALIGN as u64 == 0
+            && (data.as_ptr() as usize).is_multiple_of(ALIGN)
+            && off.is_multiple_of(ALIGN as u64)
         {
             let full = data.len() / ALIGN * ALIGN;
             if full > 0 {

@@ -276,7 +276,7 @@ fn new_id() -> String {
 pub(crate) fn owner_id_of(s: &crate::config::StorageConfig) -> Option<String> {
     use crate::storage::Storage;
     let bytes = match &s.kind {
-        crate::config::StorageKind::File { path } => std::fs::read(path.join(OWNER_KEY)).ok()?,
+        crate::config::StorageKind::File { path } => return owner_id_in(path, &s.name),
         crate::config::StorageKind::S3(c) => {
             crate::storage::s3::S3Storage::open(&s.name, c).ok()?.get_fresh(OWNER_KEY).ok()?
         }
@@ -288,9 +288,13 @@ pub(crate) fn owner_id_of(s: &crate::config::StorageConfig) -> Option<String> {
 /// [`owner_id_of`] of a place as the catalog records it (`file:/path`); None for a place
 /// of another kind (an S3 place is not read: it would need its configuration).
 pub(crate) fn owner_id_at(place: &str) -> Option<String> {
-    let path = std::path::Path::new(place.strip_prefix("file:")?);
+    owner_id_in(std::path::Path::new(place.strip_prefix("file:")?), place)
+}
+
+/// The catalog id in the owner object of the file storage at `path`, if it holds one.
+fn owner_id_in(path: &std::path::Path, name: &str) -> Option<String> {
     let bytes = std::fs::read(path.join(OWNER_KEY)).ok()?;
-    Owner::parse(&bytes, place).ok().map(|o| o.catalog)
+    Owner::parse(&bytes, name).ok().map(|o| o.catalog)
 }
 
 fn read_owner(raw: &SharedStorage) -> Result<Option<Owner>> {

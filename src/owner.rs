@@ -98,9 +98,16 @@ impl Repository {
         }
         let raw = self.raw_storage(name)?;
         let here = self.catalog_here();
+        // The owner first, then the catalog's id: a claim commits the id before it writes
+        // the owner, so an owner read here names an id the catalog already holds. (Read
+        // the other way round, a host that read no id just before another host's first
+        // claim, then that claim's owner, took its own catalog for another: found by the
+        // multi-host drill on S3.)
+        let owner = read_owner(&raw)?;
+        crate::test_knobs::stop_here("KEEPFS_TEST_STOP_BETWEEN_OWNER_READS");
         let mine = self.db.lock().repository_state(CATALOG_ID)?;
         let take_over = self.take_over.load(std::sync::atomic::Ordering::Relaxed);
-        match (mine, read_owner(&raw)?) {
+        match (mine, owner) {
             (Some(id), Some(owner)) if owner.catalog == id => Ok(()),
             (mine, owner) if take_over => {
                 let id = self.catalog_id(mine)?;

@@ -26,3 +26,18 @@ pub(crate) fn stall(name: &str) {
         std::thread::sleep(d);
     }
 }
+
+/// Stops this process (SIGSTOP) the first time it passes here with `name` set, for a
+/// test to take it on from that state (it sees the process stopped in /proc, acts, and
+/// sends SIGCONT): the moment between two steps that a race needs, without racing it.
+pub(crate) fn stop_here(name: &str) {
+    #[cfg(debug_assertions)]
+    {
+        static STOPPED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+        if std::env::var_os(name).is_some() && !STOPPED.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            // SAFETY: raise has no memory effects.
+            unsafe { libc::raise(libc::SIGSTOP) };
+        }
+    }
+    let _ = name;
+}

@@ -287,6 +287,48 @@ fn an_unreachable_database_times_out_instead_of_hanging() {
     assert!(r.error_line().contains("is a PostgreSQL server listening at that host and port?"), "{}", r.stderr);
 }
 
+/// Hosts started together on a new, empty database (a cluster's first backup run): each
+/// process creates the schema or finds it made, under the catalog's lock; none fails,
+/// and the schema is made once.
+#[test]
+fn processes_opening_a_new_postgresql_catalog_together_all_succeed() {
+    let pg = PgServer::start();
+    let url = pg.url(&pg.create_db("together"));
+    let repo = config_repo(&url);
+    std::fs::write(repo.path("img"), random_bytes(13, 2 * BS)).unwrap();
+    let cfg = repo.config_file();
+    let src = repo.url("img");
+    let children: Vec<_> = (0..6)
+        .map(|i| {
+            let host = format!("hv-{i}");
+            let args: Vec<&str> = if i % 2 == 0 {
+                vec!["--config", &cfg, "ls", "--format", "json"]
+            } else {
+                vec!["--config", &cfg, "backup", &src, "vm", "-b", "64k"]
+            };
+            repo.command(&args)
+                .env("KEEPFS_HOST", &host)
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for c in children {
+        let out = c.wait_with_output().unwrap();
+        assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    assert_eq!(pg.psql_in("together", "SELECT count(*) FROM keepfs_schema"), "1");
+    assert_eq!(
+        pg.psql_in("together", "SELECT version FROM keepfs_schema"),
+        keepfs::catalog::SCHEMA_VERSION.to_string()
+    );
+    let ls: serde_json::Value = serde_json::from_str(&repo.ok_cfg(&["ls", "--format", "json"])).unwrap();
+    assert_eq!(ls.as_array().unwrap().len(), 3, "{ls}");
+    let v = ls[0]["uid"].as_str().unwrap().to_string();
+    assert_restores(&repo, &v, "img");
+}
+
 #[test]
 fn a_database_of_another_repository_is_refused_and_a_newer_catalog_too() {
     let pg = PgServer::start();
@@ -460,29 +502,6 @@ fn a_restarted_server_is_met_with_a_new_connection() {
     let ls: serde_json::Value = serde_json::from_str(&repo.ok_cfg(&["ls", "--format", "json"])).unwrap();
     assert_eq!(ls[0]["uid"], v1.as_str());
     assert_eq!(ls[0]["status"], "valid");
-}
-
-/// One cleanup per storage at a time, on either catalog: while this process holds the
-/// claim, `keepfs cleanup` is refused with one line naming the holder (exit 4) and
-/// deletes nothing (a dry run still plans); once the claim is let go, cleanup runs.
-#[test]
-fn only_one_cleanup_runs_per_storage_at_a_time() {
-    let repo = Repo::new();
-    std::fs::write(repo.path("img"), random_bytes(9, 4 * BS)).unwrap();
-    let v = repo.backup("img", "vm", &["-b", "64k"]);
-    repo.ok(&["rm", "--force", &v]);
-    let engine = keepfs::Repository::open(repo.engine_config()).unwrap();
-    let claim = engine.claim_cleanup("default").unwrap();
-    let r = repo.run(&["cleanup"]);
-    assert_eq!(r.code, 4, "{}", r.stderr);
-    let me = format!("a cleanup of storage 'default' is running (pid {} on ", std::process::id());
-    assert!(r.error_line().contains(&me) && r.error_line().contains("wait for it to finish"), "{}", r.stderr);
-    assert_eq!(repo.block_objects(), 4, "the refused cleanup deleted nothing");
-    assert!(repo.ok(&["cleanup", "--dry-run"]).contains("would delete 4 unreferenced object(s)"));
-    drop(claim);
-    let done = repo.ok(&["cleanup"]);
-    assert!(done.contains("deleted 4 object(s)"), "{done}");
-    assert_eq!(repo.block_objects(), 0);
 }
 
 /// PostgreSQL restarts while a backup runs (the server ends every session): the backup

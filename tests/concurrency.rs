@@ -193,6 +193,91 @@ fn a_killed_restore_is_continued() {
     assert!(r.error_line().contains("no interrupted restore"), "{}", r.stderr);
 }
 
+/// Two hosts' first backups into a new repository: one (stopped by the test between
+/// reading the storage's owner and reading the catalog's id) sees no owner; the other
+/// claims the storage meanwhile, committing the id and writing the owner. The first goes
+/// on and backs up: the owner it then meets names its own catalog. (With the id read
+/// first, it read no id, then the other's owner, and refused its own catalog as
+/// another's: exit 4, found by the multi-host drill on S3.)
+#[test]
+fn a_host_that_meets_another_hosts_first_claim_of_the_storage_backs_up() {
+    let repo = Repo::new();
+    fs::write(repo.path("img"), random_bytes(14, 3 * 64 * 1024)).unwrap();
+    let url = repo.url("img");
+    let slow = repo
+        .command(&["backup", &url, "slow", "-b", "64k"])
+        .env("KEEPFS_TEST_STOP_BETWEEN_OWNER_READS", "1")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = slow.id();
+    /// Kills the stopped backup if the test fails before it lets it go on.
+    struct Reap(u32);
+    impl Drop for Reap {
+        fn drop(&mut self) {
+            // SAFETY: kill has no memory effects.
+            unsafe { libc::kill(self.0 as i32, libc::SIGKILL) };
+        }
+    }
+    let reap = Reap(pid);
+    wait_until("the slow backup to stop between its reads", Duration::from_secs(60), || {
+        fs::read_to_string(format!("/proc/{pid}/stat"))
+            .is_ok_and(|s| s.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('T')))
+    });
+    assert!(!repo.storage().join("owner").exists(), "nobody claimed the storage yet");
+    let quick = repo.backup("img", "quick", &["-b", "64k"]);
+    assert!(repo.storage().join("owner").exists());
+    // SAFETY: kill has no memory effects.
+    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGCONT) }, 0);
+    let out = slow.wait_with_output().unwrap();
+    std::mem::forget(reap);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let slow = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    for uid in [&quick, &slow] {
+        assert_eq!(repo.restore_sha(uid, "out"), sha256_file(&repo.path("img")));
+    }
+}
+
+/// A host is named by the system's host name, unless `KEEPFS_HOST` (or the
+/// configuration's `host`, tested with the PostgreSQL catalog) names it: the name every
+/// version and session records, by which other hosts tell its sessions apart.
+#[test]
+fn a_host_is_the_systems_host_name_unless_keepfs_host_names_it() {
+    let repo = Repo::new();
+    fs::write(repo.path("img"), random_bytes(12, 3 * 64 * 1024)).unwrap();
+    let v = repo.backup("img", "vm", &["-b", "64k"]);
+    let system = fs::read_to_string("/proc/sys/kernel/hostname").unwrap().trim().to_string();
+    assert!(!system.is_empty());
+    assert_eq!(repo.version(&v)["host"], system.as_str());
+    let r = repo.run_env(&["backup", &repo.url("img"), "vm", "-b", "64k"], &[("KEEPFS_HOST", "hv-named")]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(repo.version(r.stdout.trim())["host"], "hv-named");
+}
+
+/// One cleanup per storage at a time, on either catalog: while this process holds the
+/// claim, `keepfs cleanup` is refused with one line naming the holder (exit 4) and
+/// deletes nothing (a dry run still plans); once the claim is let go, cleanup runs.
+#[test]
+fn only_one_cleanup_runs_per_storage_at_a_time() {
+    let repo = Repo::new();
+    std::fs::write(repo.path("img"), random_bytes(9, 4 * 64 * 1024)).unwrap();
+    let v = repo.backup("img", "vm", &["-b", "64k"]);
+    repo.ok(&["rm", "--force", &v]);
+    let engine = keepfs::Repository::open(repo.engine_config()).unwrap();
+    let claim = engine.claim_cleanup("default").unwrap();
+    let r = repo.run(&["cleanup"]);
+    assert_eq!(r.code, 4, "{}", r.stderr);
+    let me = format!("a cleanup of storage 'default' is running (pid {} on ", std::process::id());
+    assert!(r.error_line().contains(&me) && r.error_line().contains("wait for it to finish"), "{}", r.stderr);
+    assert_eq!(repo.block_objects(), 4, "the refused cleanup deleted nothing");
+    assert!(repo.ok(&["cleanup", "--dry-run"]).contains("would delete 4 unreferenced object(s)"));
+    drop(claim);
+    let done = repo.ok(&["cleanup"]);
+    assert!(done.contains("deleted 4 object(s)"), "{done}");
+    assert_eq!(repo.block_objects(), 0);
+}
+
 /// Two cleanups of one storage never both run, however their starts interleave: one
 /// that registered before another took the lease, and claims after it did, is refused
 /// with one line naming the holder, and deletes nothing. (It once judged the holder by

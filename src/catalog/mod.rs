@@ -50,8 +50,20 @@ pub(crate) const REMOTE_SESSION_TTL_MS: i64 = 10 * 60 * 1000;
 /// How often a session beats (the heartbeat thread of `repo.rs`).
 pub(crate) const HEARTBEAT_EVERY_MS: i64 = 60 * 1000;
 
-/// The error of a process whose session is no longer registered: another process (on
-/// another host) took it for dead, so a cleanup may have deleted what it was relying on.
+/// The schema version this keepfs writes: the number of migrations, the same for both
+/// engines (each numbers its steps alike: step N brings a catalog from version N to N+1).
+pub const SCHEMA_VERSION: usize = 6;
+const _: () = assert!(sqlite::MIGRATIONS.len() == SCHEMA_VERSION && postgres::MIGRATIONS.len() == SCHEMA_VERSION);
+
+/// The error of a migration step the database refused: the upgrade's transaction is
+/// rolled back, so the catalog stays at `from`, as the keepfs that made it left it.
+pub(crate) fn migration_failed(what: &str, from: usize, step: usize, e: impl std::fmt::Display) -> crate::error::Error {
+    crate::error::Error::Catalog(format!(
+        "cannot upgrade {what} from schema version {from} to {SCHEMA_VERSION}: step {} failed: {e}; nothing of the upgrade was applied (it is still at version {from}, which the keepfs that made it can use)",
+        step + 1
+    ))
+}
+
 /// A catalog row whose object id is not 32 bytes: damage to the catalog.
 pub(crate) fn bad_object_id(len: usize) -> crate::error::Error {
     crate::error::Error::Damaged(format!(
@@ -67,6 +79,8 @@ pub(crate) fn version_exists(uid: crate::version::VersionUid) -> crate::error::E
     ))
 }
 
+/// The error of a process whose session is no longer registered: another process (on
+/// another host) took it for dead, so a cleanup may have deleted what it was relying on.
 pub(crate) fn session_ended(session: i64) -> crate::error::Error {
     crate::error::Error::Other(format!(
         "this process's session {session} was ended by another keepfs process that took it for dead (no heartbeat for {} s); what it was doing must be done again (a backup: `keepfs backup --continue UID`)",

@@ -476,8 +476,15 @@ impl PostgresCatalog {
         if current == MIGRATIONS.len() {
             return Ok(());
         }
-        for sql in &MIGRATIONS[current..] {
-            tx.batch_execute(sql)?;
+        for (step, sql) in MIGRATIONS.iter().enumerate().skip(current) {
+            tx.batch_execute(sql).map_err(|f| match f {
+                // The server's refusal of the step; the server gone or the statement
+                // given up is told as such.
+                conn::Failure::Client(e) if e.as_db_error().is_some() => {
+                    super::migration_failed(&format!("the catalog {name}"), current, step, conn::describe(&e))
+                }
+                f => Error::from(f),
+            })?;
         }
         tx.execute("UPDATE keepfs_schema SET version = $1", &[&(MIGRATIONS.len() as i64)])?;
         tx.commit()?;

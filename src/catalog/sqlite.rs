@@ -347,8 +347,20 @@ impl SqliteCatalog {
             // Nothing to write: a command that only reads leaves the file as it was.
             return Ok(());
         }
-        for sql in &MIGRATIONS[current..] {
-            tx.execute_batch(sql)?;
+        for (step, sql) in MIGRATIONS.iter().enumerate().skip(current) {
+            tx.execute_batch(sql).map_err(|e| match e {
+                // A full disk or a failed write is told as such by the caller.
+                rusqlite::Error::SqliteFailure(ref f, _)
+                    if matches!(f.code, rusqlite::ErrorCode::SystemIoFailure | rusqlite::ErrorCode::DiskFull) =>
+                {
+                    Error::Database(e)
+                }
+                // The message alone: the error's own text quotes the step's SQL, lines of it.
+                rusqlite::Error::SqlInputError { msg, .. } | rusqlite::Error::SqliteFailure(_, Some(msg)) => {
+                    super::migration_failed("the metadata database", current, step, msg)
+                }
+                e => super::migration_failed("the metadata database", current, step, e),
+            })?;
         }
         tx.pragma_update(None, "user_version", MIGRATIONS.len() as i64)?;
         tx.commit()?;

@@ -152,7 +152,11 @@ impl Repo {
 
     pub fn command(&self, args: &[&str]) -> Command {
         let mut c = Command::new(KEEPFS);
-        c.args(args).env("KEEPFS_HOME", self.home()).env_remove("KEEPFS_CONFIG").env_remove("KEEPFS_DATABASE");
+        c.args(args)
+            .env("KEEPFS_HOME", self.home())
+            .env_remove("KEEPFS_CONFIG")
+            .env_remove("KEEPFS_DATABASE")
+            .env_remove("KEEPFS_HOST");
         if let Some(db) = &self.catalog {
             c.env("KEEPFS_DATABASE", &db.url);
         }
@@ -281,6 +285,28 @@ impl Repo {
                 .execute(sql, [])
                 .expect("run SQL on the catalog") as u64,
         }
+    }
+
+    /// The first column of the first row `sql` gives, read from the repository's catalog
+    /// directly; the database's error as text when it refuses the query.
+    pub fn catalog_query(&self, sql: &str) -> Result<i64, String> {
+        match &self.catalog {
+            Some(db) => postgres::Client::connect(&db.url, postgres::NoTls)
+                .expect("connect to the test database")
+                .query_one(sql, &[])
+                .map(|r| r.get(0))
+                .map_err(|e| e.to_string()),
+            None => rusqlite::Connection::open(self.home().join("keepfs.sqlite"))
+                .expect("open the database")
+                .query_row(sql, [], |r| r.get(0))
+                .map_err(|e| e.to_string()),
+        }
+    }
+
+    /// The catalog's schema version, read from the catalog directly.
+    pub fn schema_version(&self) -> i64 {
+        let sql = if self.catalog.is_some() { "SELECT version FROM keepfs_schema" } else { "PRAGMA user_version" };
+        self.catalog_query(sql).expect("read the schema version")
     }
 
     pub fn ls_json(&self, filter: Option<&str>) -> serde_json::Value {

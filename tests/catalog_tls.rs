@@ -211,3 +211,64 @@ fn a_server_that_wants_a_client_certificate_gets_the_one_sslcert_and_sslkey_name
     let (code, line) = ls_with(&repo, &url);
     assert_eq!(code, 0, "the right certificate still works: {line}");
 }
+
+/// A server whose TLS handshake fails (it speaks only TLS 1.0 and 1.1, which keepfs
+/// does not): `prefer` connects without TLS, as libpq does. A statement that waits
+/// longer than the patience (a lock another client holds) is then checked with a second
+/// connection made the same way, without TLS, which the server answers: the statement
+/// goes on waiting, and finishes once the lock is let go. (A check over TLS would fail
+/// its handshake and give the statement up as if the server had stopped answering.)
+#[test]
+fn a_connection_made_without_tls_after_a_failed_handshake_is_checked_without_tls() {
+    let pg = PgServer::start_tls_with_hba("host all all 127.0.0.1/32 scram-sha-256");
+    for setting in
+        ["ssl_min_protocol_version = 'TLSv1'", "ssl_max_protocol_version = 'TLSv1.1'", "log_connections = on"]
+    {
+        pg.psql(&format!("ALTER SYSTEM SET {setting}"));
+    }
+    pg.psql("SELECT pg_reload_conf()");
+    let url = pg.url(&pg.create_db("oldtls"));
+    let repo = config_repo(&url);
+    // The handshake fails: `require` is refused, in one line.
+    let (code, line) = ls_with(&repo, &format!("{url}?sslmode=require"));
+    assert_eq!(code, 2, "{line}");
+    repo.set_database(&format!("{url}?sslmode=prefer&connect_timeout=2"), "", "");
+    std::fs::write(repo.path("img"), random_bytes(6, 3 * BS + 1)).unwrap();
+    let v = repo.ok_cfg(&["backup", &repo.url("img"), "vm", "-b", "64k"]).trim().to_string();
+
+    let mut holder = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+    let mut tx = holder.transaction().unwrap();
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&keepfs::catalog::postgres::WRITE_LOCK]).unwrap();
+    let cfg = repo.config_file();
+    let mut child = repo
+        .command(&["--config", &cfg, "label", &v, "k=v"])
+        .env("KEEPFS_TEST_CATALOG_PATIENCE_MS", "1000")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let waiting =
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'keepfs' AND wait_event_type = 'Lock'";
+    common::mount::wait_until("the label to wait for the lock", std::time::Duration::from_secs(60), || {
+        pg.psql(waiting) == "1"
+    });
+    // Connections of user keepfs the server let in (log_connections): the checks.
+    let log = pg.dir.path().join("log");
+    let let_in = || {
+        std::fs::read_to_string(&log)
+            .unwrap()
+            .lines()
+            .filter(|l| l.contains("connection authorized: user=keepfs"))
+            .count()
+    };
+    let before = let_in();
+    common::mount::wait_until("two checks of the waiting statement", std::time::Duration::from_secs(60), || {
+        let_in() >= before + 2 || child.try_wait().unwrap().is_some()
+    });
+    assert!(child.try_wait().unwrap().is_none(), "the label gave up while the server answered");
+    tx.rollback().unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let ls: serde_json::Value = serde_json::from_str(&repo.ok_cfg(&["ls", "--format", "json"])).unwrap();
+    assert_eq!(ls[0]["labels"]["k"], "v", "{ls}");
+}

@@ -74,6 +74,13 @@ fn a_200_tib_sparse_disk_backs_up_and_restores_in_bounded_memory() {
     let usage: serde_json::Value = serde_json::from_str(&repo.ok(&["storage-usage", "--format", "json"])).unwrap();
     let sparse = usage[0]["sparse"].as_u64().unwrap();
     assert_eq!(sparse, size - 4 * (4 << 20), "four blocks hold data");
+
+    // rm + cleanup read the 52-million-block index too, in the same bound, and take
+    // every block it had.
+    repo.ok(&["rm", "--force", &uid]);
+    let done = repo.ok(&["cleanup"]);
+    assert!(done.contains("deleted 4 object(s)"), "{done}");
+    assert_eq!(repo.block_objects(), 0);
     assert!(peak_child_rss_bytes() < 512 << 20, "a keepfs command peaked at {} bytes", peak_child_rss_bytes());
 }
 

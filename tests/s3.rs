@@ -424,7 +424,8 @@ fn transient_server_errors_are_retried_and_a_lasting_one_is_a_clear_error() {
 /// the mark runs out (shortened here to 3 s; 5 minutes in use), with one line, instead
 /// of waiting out each attempt's read timeout (60 s here, 6 attempts): no delete of a
 /// cleanup outlasts the time after which other hosts could take it for dead and store
-/// its objects again. The objects stay, and the next cleanup deletes them.
+/// its objects again. The objects stay, and the next cleanup deletes them. While the
+/// delete hangs, no catalog transaction is held: another process writes to the catalog.
 #[test]
 fn a_cleanup_whose_deletes_hang_stops_when_its_time_runs_out() {
     let g = server();
@@ -432,24 +433,47 @@ fn a_cleanup_whose_deletes_hang_stops_when_its_time_runs_out() {
     let r = S3Repo::through(&g, &proxy, "hangdelete", "read_timeout = \"60s\"\n");
     fs::write(r.repo.path("a"), random_bytes(97, 6 * 64 * 1024)).unwrap();
     let uid = r.ok(&["backup", &r.repo.url("a"), "gone", "-b", "64k"]).trim().to_string();
+    fs::write(r.repo.path("b"), random_bytes(98, 2 * 64 * 1024)).unwrap();
+    let kept = r.ok(&["backup", &r.repo.url("b"), "kept", "-b", "64k"]).trim().to_string();
     r.ok(&["rm", "--force", &uid]);
     let blocks = |g: &Garage| g.keys("hangdelete").iter().filter(|k| k.contains("blocks/")).count();
-    assert_eq!(blocks(&g), 6);
+    assert_eq!(blocks(&g), 6 + 2);
     // Deletes (S3's multi-object delete is a POST) are held and never answered.
     proxy.always("POST", Fault::Stall(Duration::from_secs(120)));
-    let mut a = vec!["--config", r.config.as_str()];
-    a.push("cleanup");
-    let e = r.repo.run_env(&a, &[("KEEPFS_TEST_DELETE_WINDOW_MS", "3000")]);
+    let mut cleanup = r
+        .repo
+        .command(&["--config", r.config.as_str(), "cleanup"])
+        .env("KEEPFS_TEST_DELETE_WINDOW_MS", "10000")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    common::mount::wait_until("the cleanup's delete to be held", Duration::from_secs(60), || {
+        proxy.applied().iter().any(|(m, _, _)| m == "POST")
+    });
+    // The catalog is free while the storage hangs: a label (a write transaction) of
+    // another process goes through at once, the cleanup still waiting.
+    r.ok(&["label", &kept, "seen=during-the-delete"]);
+    assert_eq!(r.version(&kept)["labels"]["seen"], "during-the-delete");
+    assert!(cleanup.try_wait().unwrap().is_none(), "the cleanup was still waiting for its delete");
+    let out = cleanup.wait_with_output().unwrap();
+    let e = Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    };
     assert_eq!(e.code, 1, "{}", e.stderr);
     assert_eq!(e.stderr.lines().count(), 1, "{}", e.stderr);
     let line = e.error_line();
     assert!(line.starts_with("keepfs: error: cleanup of storage 's3' stopped: "), "{line}");
     assert!(line.contains("when its time ran out") && line.contains("left for the next cleanup"), "{line}");
     assert!(proxy.applied().iter().any(|(m, _, _)| m == "POST"), "a delete was sent and held");
-    assert_eq!(blocks(&g), 6, "nothing was deleted");
+    assert_eq!(blocks(&g), 6 + 2, "nothing was deleted");
     proxy.heal();
     assert!(r.ok(&["cleanup"]).contains("deleted 6 object(s)"));
-    assert_eq!(blocks(&g), 0);
+    assert_eq!(blocks(&g), 2);
+    r.ok(&["restore", &kept, &r.repo.url("ob")]);
+    assert_eq!(sha256_file(&r.repo.path("ob")), sha256_file(&r.repo.path("b")));
 }
 
 #[test]

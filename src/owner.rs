@@ -123,7 +123,18 @@ impl Repository {
             }
             (_, Some(owner)) => Err(self.not_ours(name, &owner, &here)),
             (mine, None) => {
-                self.refuse_unknown_versions(name, &raw)?;
+                if let Err(refused) = self.refuse_unknown_versions(name, &raw) {
+                    // A host of this catalog may have claimed the storage since, and
+                    // committed a version whose object is there before its row says
+                    // valid: its owner object, written before any version, tells.
+                    return match read_owner(&raw)? {
+                        Some(owner) if self.db.lock().repository_state(CATALOG_ID)? == Some(owner.catalog.clone()) => {
+                            Ok(())
+                        }
+                        Some(owner) => Err(self.not_ours(name, &owner, &here)),
+                        None => Err(refused),
+                    };
+                }
                 let id = self.catalog_id(mine)?;
                 // Created only where no owner is yet: of two catalogs claiming at once,
                 // one makes it and the other reads it.

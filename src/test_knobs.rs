@@ -30,6 +30,7 @@ pub(crate) fn stall(name: &str) {
 /// Stops this process (SIGSTOP) the first time it passes here with `name` set, for a
 /// test to take it on from that state (it sees the process stopped in /proc, acts, and
 /// sends SIGCONT): the moment between two steps that a race needs, without racing it.
+/// Once per process, whatever the name: a test sets one such knob per process.
 pub(crate) fn stop_here(name: &str) {
     #[cfg(debug_assertions)]
     {

@@ -154,6 +154,7 @@ impl Repository {
         // one is never held whole (see `store_version_object`).
         crate::repo::store_version_object(storage.as_ref(), &v, &index)?;
         retry(STORAGE_ATTEMPTS, || storage.sync())?;
+        crate::test_knobs::stop_here("KEEPFS_TEST_STOP_BEFORE_VALID");
         let bytes = crate::catalog::IndexBytes { len: index.len(), bytes: &mut index.reader() };
         self.db.lock().commit_version(uid, session, bytes, &stats)?;
         Ok(v)

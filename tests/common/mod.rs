@@ -113,6 +113,12 @@ pub fn output_within(mut cmd: Command, limit: std::time::Duration, what: &str) -
         .stderr(Stdio::piped())
         .spawn()
         .unwrap_or_else(|e| panic!("cannot start {what}: {e}"));
+    wait_output_within(child, limit, what)
+}
+
+/// Waits for a started child (its output piped) like `Child::wait_with_output`, but
+/// kills it and fails the test when it runs longer than `limit`.
+pub fn wait_output_within(child: std::process::Child, limit: std::time::Duration, what: &str) -> Output {
     let pid = child.id().to_string();
     let (done, wait) = std::sync::mpsc::channel::<()>();
     let watchdog = std::thread::spawn(move || {

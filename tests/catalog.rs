@@ -315,7 +315,7 @@ fn processes_opening_a_new_postgresql_catalog_together_all_succeed() {
         })
         .collect();
     for c in children {
-        let out = c.wait_with_output().unwrap();
+        let out = wait_output_within(c, COMMAND_LIMIT, "a keepfs opening the new catalog");
         assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
     }
     assert_eq!(pg.psql_in("together", "SELECT count(*) FROM keepfs_schema"), "1");

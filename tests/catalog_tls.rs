@@ -267,7 +267,7 @@ fn a_connection_made_without_tls_after_a_failed_handshake_is_checked_without_tls
     });
     assert!(child.try_wait().unwrap().is_none(), "the label gave up while the server answered");
     tx.rollback().unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = wait_output_within(child, COMMAND_LIMIT, "the label");
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
     let ls: serde_json::Value = serde_json::from_str(&repo.ok_cfg(&["ls", "--format", "json"])).unwrap();
     assert_eq!(ls[0]["labels"]["k"], "v", "{ls}");

@@ -421,7 +421,7 @@ fn transient_server_errors_are_retried_and_a_lasting_one_is_a_clear_error() {
 }
 
 /// A cleanup whose deletes the server never answers stops once its batch's time after
-/// the mark runs out (shortened here to 3 s; 5 minutes in use), with one line, instead
+/// the mark runs out (shortened here to 20 s; 5 minutes in use), with one line, instead
 /// of waiting out each attempt's read timeout (60 s here, 6 attempts): no delete of a
 /// cleanup outlasts the time after which other hosts could take it for dead and store
 /// its objects again. The objects stay, and the next cleanup deletes them. While the
@@ -443,7 +443,7 @@ fn a_cleanup_whose_deletes_hang_stops_when_its_time_runs_out() {
     let mut cleanup = r
         .repo
         .command(&["--config", r.config.as_str(), "cleanup"])
-        .env("KEEPFS_TEST_DELETE_WINDOW_MS", "10000")
+        .env("KEEPFS_TEST_DELETE_WINDOW_MS", "20000")
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -456,7 +456,7 @@ fn a_cleanup_whose_deletes_hang_stops_when_its_time_runs_out() {
     r.ok(&["label", &kept, "seen=during-the-delete"]);
     assert_eq!(r.version(&kept)["labels"]["seen"], "during-the-delete");
     assert!(cleanup.try_wait().unwrap().is_none(), "the cleanup was still waiting for its delete");
-    let out = cleanup.wait_with_output().unwrap();
+    let out = wait_output_within(cleanup, COMMAND_LIMIT, "the cleanup");
     let e = Run {
         code: out.status.code().unwrap_or(-1),
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),

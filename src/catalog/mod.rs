@@ -51,17 +51,29 @@ pub(crate) const REMOTE_SESSION_TTL_MS: i64 = 10 * 60 * 1000;
 pub(crate) const HEARTBEAT_EVERY_MS: i64 = 60 * 1000;
 
 /// The schema version this keepfs writes: the number of migrations, the same for both
-/// engines (each numbers its steps alike: step N brings a catalog from version N to N+1).
+/// engines (each numbers its steps alike: step N, `MIGRATIONS[N - 1]`, brings a catalog
+/// from version N - 1 to N).
 pub const SCHEMA_VERSION: usize = 6;
 const _: () = assert!(sqlite::MIGRATIONS.len() == SCHEMA_VERSION && postgres::MIGRATIONS.len() == SCHEMA_VERSION);
 
-/// The error of a migration step the database refused: the upgrade's transaction is
-/// rolled back, so the catalog stays at `from`, as the keepfs that made it left it.
-pub(crate) fn migration_failed(what: &str, from: usize, step: usize, e: impl std::fmt::Display) -> crate::error::Error {
-    crate::error::Error::Catalog(format!(
-        "cannot upgrade {what} from schema version {from} to {SCHEMA_VERSION}: step {} failed: {e}; nothing of the upgrade was applied (it is still at version {from}, which the keepfs that made it can use)",
-        step + 1
-    ))
+/// The error of a migration step the database refused (`index` into `MIGRATIONS`): the
+/// upgrade's transaction is rolled back, so the catalog stays at `from`, as the keepfs
+/// that made it left it (or, from 0, empty).
+pub(crate) fn migration_failed(
+    what: &str,
+    from: usize,
+    index: usize,
+    e: impl std::fmt::Display,
+) -> crate::error::Error {
+    let e = e.to_string().replace('\n', " ");
+    let step = index + 1;
+    crate::error::Error::Catalog(if from == 0 {
+        format!("cannot make the tables of {what}: step {step} failed: {e}; nothing was made")
+    } else {
+        format!(
+            "cannot upgrade {what} from schema version {from} to {SCHEMA_VERSION}: step {step} failed: {e}; nothing of the upgrade was applied (it is still at version {from}, which the keepfs that made it can use)"
+        )
+    })
 }
 
 /// A catalog row whose object id is not 32 bytes: damage to the catalog.

@@ -478,9 +478,13 @@ impl PostgresCatalog {
         }
         for (step, sql) in MIGRATIONS.iter().enumerate().skip(current) {
             tx.batch_execute(sql).map_err(|f| match f {
-                // The server's refusal of the step; the server gone or the statement
-                // given up is told as such.
-                conn::Failure::Client(e) if e.as_db_error().is_some() => {
+                // The server refused the step's SQL (a syntax or access rule, an integrity
+                // constraint, a data exception, a feature it lacks); anything else (the
+                // server shutting down or full, a lock timeout, the statement given up) is
+                // told as such.
+                conn::Failure::Client(e)
+                    if e.code().is_some_and(|c| matches!(c.code().get(..2), Some("42" | "23" | "22" | "0A"))) =>
+                {
                     super::migration_failed(&format!("the catalog {name}"), current, step, conn::describe(&e))
                 }
                 f => Error::from(f),

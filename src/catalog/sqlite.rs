@@ -349,17 +349,24 @@ impl SqliteCatalog {
         }
         for (step, sql) in MIGRATIONS.iter().enumerate().skip(current) {
             tx.execute_batch(sql).map_err(|e| match e {
-                // A full disk or a failed write is told as such by the caller.
-                rusqlite::Error::SqliteFailure(ref f, _)
-                    if matches!(f.code, rusqlite::ErrorCode::SystemIoFailure | rusqlite::ErrorCode::DiskFull) =>
-                {
-                    Error::Database(e)
-                }
-                // The message alone: the error's own text quotes the step's SQL, lines of it.
-                rusqlite::Error::SqlInputError { msg, .. } | rusqlite::Error::SqliteFailure(_, Some(msg)) => {
+                // The database refused the step's SQL: the message alone (the error's own
+                // text quotes the SQL, lines of it).
+                rusqlite::Error::SqlInputError { msg, .. } => {
                     super::migration_failed("the metadata database", current, step, msg)
                 }
-                e => super::migration_failed("the metadata database", current, step, e),
+                rusqlite::Error::SqliteFailure(f, msg)
+                    if matches!(f.code, rusqlite::ErrorCode::Unknown | rusqlite::ErrorCode::ConstraintViolation) =>
+                {
+                    super::migration_failed(
+                        "the metadata database",
+                        current,
+                        step,
+                        msg.unwrap_or_else(|| f.to_string()),
+                    )
+                }
+                // A damaged file, a full disk, a failed write: told as such (exit 3 and the
+                // rebuild hint for damage; the caller names a full file system).
+                e => Error::Database(e),
             })?;
         }
         tx.pragma_update(None, "user_version", MIGRATIONS.len() as i64)?;

@@ -1049,6 +1049,11 @@ pub(crate) fn run(cli: Cli) -> Result<i32> {
                         for (key, size) in &plan.orphans {
                             say(format!("  orphan {key} ({size} bytes)"))?;
                         }
+                        for id in &plan.unfinished {
+                            if let Some(size) = plan.unfinished_files.get(&id.short()) {
+                                say(format!("  file of a stopped backup {id} ({size} bytes)"))?;
+                            }
+                        }
                     } else if let Some(claim) = &claim {
                         let r = repo.apply_cleanup_claimed(&plan, claim)?;
                         let deleted = files_named(

@@ -2,8 +2,9 @@
 //! `keepfs config check`, the systemd units pass `systemd-analyze verify` (with the
 //! binary they name pointed at this build), the nightly backup script backs up a list
 //! of images and applies retention, and an fstab-style `mount -t fuse.keepfs` mounts a
-//! repository (mount(8) -> mount.fuse3 -> `keepfs mount DIR -o OPTIONS`). Needs root
-//! for the mount (CI runs as root).
+//! repository (mount(8) -> mount.fuse3 -> `keepfs mount DIR -o OPTIONS`), and the
+//! benchmark scripts at least parse and say how they are used. Needs root for the mount
+//! (CI runs as root).
 
 mod common;
 use common::mount::{is_mounted, wait_until};
@@ -14,6 +15,33 @@ use std::time::Duration;
 
 fn contrib(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("contrib").join(rel)
+}
+
+/// The benchmarks of contrib/bench/ are run by hand, not by CI (their figures belong in
+/// the README, not in assertions); a script broken since its last run would be found
+/// only when someone needs its figures. Each Python one answers `--help` (bootpattern.py
+/// needs python3-libnbd for that, which CI does not install: parsed only); each shell
+/// one passes `bash -n`.
+#[test]
+fn benchmark_scripts_parse_and_answer_help() {
+    let mut seen = 0;
+    for e in std::fs::read_dir(contrib("bench")).unwrap() {
+        let path = e.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        let out = match path.extension().and_then(|x| x.to_str()) {
+            Some("py") if name == "bootpattern.py" => {
+                // Parsed only: py_compile would leave __pycache__ in the source tree.
+                let parse = "import ast, sys; ast.parse(open(sys.argv[1]).read(), sys.argv[1])";
+                Command::new("python3").args(["-c", parse]).arg(&path).output().unwrap()
+            }
+            Some("py") => Command::new("python3").arg(&path).arg("--help").output().unwrap(),
+            Some("sh") => Command::new("bash").arg("-n").arg(&path).output().unwrap(),
+            _ => continue,
+        };
+        assert!(out.status.success(), "{name}: {}", String::from_utf8_lossy(&out.stderr));
+        seen += 1;
+    }
+    assert!(seen >= 8, "{seen} scripts");
 }
 
 #[test]

@@ -852,9 +852,7 @@ fn a_writer_behind_a_hung_lock_holder_gives_up_with_one_line() {
     let repo = config_repo(&format!("{url}?options=-c%20lock_timeout%3D2000"));
     std::fs::write(repo.path("img"), mixed_image(8, 4, BS, 0)).unwrap();
     let v = repo.ok_cfg(&["backup", &repo.url("img"), "vm", "-b", "64k"]).trim().to_string();
-    let mut holder = postgres::Client::connect(&url, postgres::NoTls).unwrap();
-    let mut tx = holder.transaction().unwrap();
-    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&keepfs::catalog::postgres::WRITE_LOCK]).unwrap();
+    let held = common::pg::WriteLockHeld::take(&url);
     let r = repo.run_cfg(&["label", &v, "k=v"]);
     assert_eq!(r.code, 1, "{}", r.stderr);
     assert_eq!(r.stderr.trim().lines().count(), 1, "one line: {}", r.stderr);
@@ -863,7 +861,7 @@ fn a_writer_behind_a_hung_lock_holder_gives_up_with_one_line() {
         "{}",
         r.stderr
     );
-    tx.rollback().unwrap();
+    held.release();
     let ls = ls_json(&repo, &[]);
     assert!(ls[0]["labels"].get("k").is_none(), "nothing was written: {ls}");
     repo.ok_cfg(&["label", &v, "k=v"]);
@@ -884,22 +882,7 @@ fn a_statement_a_stopped_server_never_answers_is_given_up() {
     std::fs::write(repo.path("img"), mixed_image(8, 4, BS, 0)).unwrap();
     let v = repo.ok_cfg(&["backup", &repo.url("img"), "vm", "-b", "64k"]).trim().to_string();
     // The label waits for the write lock this test holds; the server stops meanwhile.
-    let mut holder = postgres::Client::connect(&url, postgres::NoTls).unwrap();
-    let mut tx = holder.transaction().unwrap();
-    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&keepfs::catalog::postgres::WRITE_LOCK]).unwrap();
-    let cfg = repo.config_file();
-    let mut child = repo
-        .command(&["--config", &cfg, "label", &v, "k=v"])
-        .env("KEEPFS_TEST_CATALOG_PATIENCE_MS", "1000")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let waiting =
-        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'keepfs' AND wait_event_type = 'Lock'";
-    common::mount::wait_until("the label to wait for the lock", std::time::Duration::from_secs(60), || {
-        pg.psql(waiting) == "1"
-    });
+    let (held, mut child) = pg.label_behind_the_write_lock(&repo, &url, &v);
     let stopped = pg.stop_processes();
     let ended = common::poll_for(std::time::Duration::from_secs(120), || child.try_wait().unwrap());
     if ended.is_none() {
@@ -914,7 +897,7 @@ fn a_statement_a_stopped_server_never_answers_is_given_up() {
     assert_eq!(errors.len(), 1, "one error line: {stderr}");
     assert!(errors[0].contains("stopped answering"), "{stderr}");
     assert!(!errors[0].contains(common::pg::PASSWORD), "{stderr}");
-    tx.rollback().unwrap();
+    held.release();
     let ls = ls_json(&repo, &[]);
     assert!(ls[0]["labels"].get("k").is_none(), "nothing was written: {ls}");
     repo.ok_cfg(&["label", &v, "k=v"]);
@@ -1138,21 +1121,15 @@ fn a_given_up_transaction_holds_no_lock_once_the_server_resumes() {
     // release) waits for the lock.
     let mut file = std::fs::File::create(m.p("incoming/locked")).unwrap();
     std::io::Write::write_all(&mut file, &mixed_image(71, 4, BS, 0)).unwrap();
-    let mut holder = postgres::Client::connect(&url, postgres::NoTls).unwrap();
-    let mut tx = holder.transaction().unwrap();
-    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&keepfs::catalog::postgres::WRITE_LOCK]).unwrap();
+    let held = common::pg::WriteLockHeld::take(&url);
     std::thread::spawn(move || drop(file));
-    let waiting =
-        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'keepfs' AND wait_event_type = 'Lock'";
-    common::mount::wait_until("the commit to wait for the lock", std::time::Duration::from_secs(60), || {
-        pg.psql(waiting) == "1"
-    });
+    pg.wait_for_a_lock_waiter("the commit to wait for the lock");
     let stopped = pg.stop_processes();
     common::mount::wait_until("the commit to be given up", std::time::Duration::from_secs(120), || {
         m.log_text().contains("stopped answering")
     });
     drop(stopped);
-    tx.rollback().unwrap();
+    held.release();
     // The given-up connection was first in the lock's queue: once the server reads on it
     // finds that connection closed and ends its transaction, so another writer gets the
     // lock within a lock_timeout of 3 s (with the socket left open, the server granted

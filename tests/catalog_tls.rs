@@ -236,22 +236,7 @@ fn a_connection_made_without_tls_after_a_failed_handshake_is_checked_without_tls
     std::fs::write(repo.path("img"), random_bytes(6, 3 * BS + 1)).unwrap();
     let v = repo.ok_cfg(&["backup", &repo.url("img"), "vm", "-b", "64k"]).trim().to_string();
 
-    let mut holder = postgres::Client::connect(&url, postgres::NoTls).unwrap();
-    let mut tx = holder.transaction().unwrap();
-    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&keepfs::catalog::postgres::WRITE_LOCK]).unwrap();
-    let cfg = repo.config_file();
-    let mut child = repo
-        .command(&["--config", &cfg, "label", &v, "k=v"])
-        .env("KEEPFS_TEST_CATALOG_PATIENCE_MS", "1000")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let waiting =
-        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'keepfs' AND wait_event_type = 'Lock'";
-    common::mount::wait_until("the label to wait for the lock", std::time::Duration::from_secs(60), || {
-        pg.psql(waiting) == "1"
-    });
+    let (held, mut child) = pg.label_behind_the_write_lock(&repo, &url, &v);
     // Connections of user keepfs the server let in (log_connections): the checks.
     let log = pg.dir.path().join("log");
     let let_in = || {
@@ -266,7 +251,7 @@ fn a_connection_made_without_tls_after_a_failed_handshake_is_checked_without_tls
         let_in() >= before + 2 || child.try_wait().unwrap().is_some()
     });
     assert!(child.try_wait().unwrap().is_none(), "the label gave up while the server answered");
-    tx.rollback().unwrap();
+    held.release();
     let out = wait_output_within(child, COMMAND_LIMIT, "the label");
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
     let ls: serde_json::Value = serde_json::from_str(&repo.ok_cfg(&["ls", "--format", "json"])).unwrap();

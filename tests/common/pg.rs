@@ -299,6 +299,55 @@ impl PgServer {
     }
 }
 
+/// keepfs's write lock on a catalog (its advisory lock), held by the test in an open
+/// transaction of its own connection until [`WriteLockHeld::release`] (or the drop).
+pub struct WriteLockHeld(postgres::Client);
+
+impl WriteLockHeld {
+    pub fn take(url: &str) -> WriteLockHeld {
+        let mut c = postgres::Client::connect(url, postgres::NoTls).unwrap();
+        c.batch_execute("BEGIN").unwrap();
+        c.execute("SELECT pg_advisory_xact_lock($1)", &[&keepfs::catalog::postgres::WRITE_LOCK]).unwrap();
+        WriteLockHeld(c)
+    }
+
+    pub fn release(mut self) {
+        self.0.batch_execute("ROLLBACK").unwrap();
+    }
+}
+
+impl PgServer {
+    /// Waits until one keepfs connection waits for a lock (`what` names it for the
+    /// failure message).
+    pub fn wait_for_a_lock_waiter(&self, what: &str) {
+        let waiting =
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'keepfs' AND wait_event_type = 'Lock'";
+        super::mount::wait_until(what, std::time::Duration::from_secs(60), || self.psql(waiting) == "1");
+    }
+
+    /// Holds the catalog's write lock on `url` and starts `keepfs label UID k=v` through
+    /// `repo`'s configuration file with a patience of 1 s; returns once the label waits
+    /// for the lock.
+    pub fn label_behind_the_write_lock(
+        &self,
+        repo: &super::Repo,
+        url: &str,
+        uid: &str,
+    ) -> (WriteLockHeld, std::process::Child) {
+        let held = WriteLockHeld::take(url);
+        let cfg = repo.config_file();
+        let child = repo
+            .command(&["--config", &cfg, "label", uid, "k=v"])
+            .env("KEEPFS_TEST_CATALOG_PATIENCE_MS", "1000")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        self.wait_for_a_lock_waiter("the label to wait for the lock");
+        (held, child)
+    }
+}
+
 impl Drop for PgServer {
     fn drop(&mut self) {
         let _ = self.as_server("pg_ctl").args(["-D", &self.data(), "-m", "immediate", "-w", "stop"]).output();

@@ -543,7 +543,7 @@ impl Repository {
         let Some(ring) = self.read_keyring(name, &raw)? else {
             if marked {
                 return Err(Error::Other(format!(
-                    "storage '{name}' is encrypted (the database says so) but its keyring object is missing; put the object '{KEYRING_KEY}' back from a copy — keepfs will not write plaintext there"
+                    "storage '{name}' is encrypted (the database says so) but its keyring object is missing: if `keepfs init --encrypt` did not finish, run it again; otherwise put the object '{KEYRING_KEY}' back from a copy — keepfs will not write plaintext there"
                 )));
             }
             if sc.require_encryption {
@@ -607,14 +607,26 @@ impl Repository {
         }
         let stored = raw.list("blocks/")?.len() + raw.list("versions/")?.len();
         let versions = self.list(None)?.iter().filter(|v| v.storage == name).count();
-        if stored > 0 || versions > 0 {
-            return Err(Error::Refused(format!(
+        let refused = |stored: usize, versions: usize| {
+            Error::Refused(format!(
                 "storage '{name}' holds {stored} object(s) and {versions} version(s) already; encryption is chosen before the first backup (use a new storage)"
-            )));
+            ))
+        };
+        if stored > 0 || versions > 0 {
+            return Err(refused(stored, versions));
         }
         let (ring, unlocked) = Keyring::create(source)?;
+        // Marked first, under the catalog's write lock with the check that nothing was
+        // recorded meanwhile: a backup that opened the storage before the keyring exists
+        // then stores nothing (it reads the mark where it records its objects), instead of
+        // plaintext on a storage said to be encrypted (found by a drill: its versions
+        // could not be restored). The keyring follows; if writing it fails, the mark
+        // keeps every writer out until `init --encrypt` is run again.
+        if !self.db().mark_encrypted_if_unused(name)? {
+            let versions = self.list(None)?.iter().filter(|v| v.storage == name).count();
+            return Err(refused(raw.list("blocks/")?.len() + raw.list("versions/")?.len(), versions));
+        }
         self.write_keyring(&raw, &ring)?;
-        self.db().set_storage_encrypted(name)?;
         self.reset_storage(name);
         Ok(unlocked.opened_with)
     }

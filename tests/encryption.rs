@@ -157,6 +157,39 @@ fn an_encrypted_repository_round_trips_and_shows_the_storage_nothing() {
     assert!(r.error_line().contains("is encrypted already"), "{}", r.stderr);
 }
 
+/// `keepfs init --encrypt` while first backups run, which opened the storage before it
+/// had a keyring (stopped there by the test): init goes through, and each of them stops
+/// with one line and stores nothing, neither a block of an image nor the version object
+/// of an image with no block to store (a drill saw such backups exit 0 with plaintext
+/// that no restore could read: "object is not encrypted but its storage is"). With the
+/// key, the next backup restores byte-identical.
+#[test]
+fn backups_that_opened_the_storage_before_init_encrypt_store_nothing_in_plaintext() {
+    let repo = Repo::new();
+    let key = repo.path("master.key");
+    repo.ok(&["key", "new", key.to_str().unwrap()]);
+    fs::write(repo.path("a"), random_bytes(77, 5 * BS + 9)).unwrap();
+    let knob = "KEEPFS_TEST_STOP_BEFORE_VERSION_ROW";
+    let blocks = Stoppable::start(&repo, &["backup", &repo.url("a"), "blocks", "-b", "64k"], knob);
+    let sparse = Stoppable::start(&repo, &["backup", "null://4M", "sparse", "-b", "64k"], knob);
+    let e = Enc { repo, key };
+    let r = e.run(&["init", "--encrypt"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    for stopped in [blocks, sparse] {
+        let out = stopped.go_on();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+        assert!(stderr.contains("was made encrypted") && stderr.contains("back up again"), "{stderr}");
+    }
+    let repo = &e.repo;
+    assert_eq!(count_files(&repo.storage().join("blocks")), 0, "no plaintext block");
+    assert_eq!(count_files(&repo.storage().join("versions")), 0, "no plaintext version object");
+    let v = e.backup("a", "vm");
+    assert_eq!(e.restore_sha(&v), sha256_file(&repo.path("a")));
+    e.ok(&["deep-scrub", &v]);
+}
+
 /// A large version object (the threshold lowered to nothing for the test) is sealed
 /// like any other: it checks, rebuilds the catalog, and restores.
 #[test]

@@ -101,6 +101,7 @@ impl Repository {
         check_fields(opts)?;
         let storage = opts.storage.clone().unwrap_or_else(|| self.config.default_storage.clone());
         self.storage_to_write(&storage)?;
+        crate::test_knobs::stop_here("KEEPFS_TEST_STOP_BEFORE_VERSION_ROW");
         let bs = opts.block_size.unwrap_or(self.config.block_size);
         crate::index::check_block_count(size, bs)?;
         let uid =
@@ -150,6 +151,15 @@ impl Repository {
         // at the same time), before a valid-looking version object goes to the storage.
         self.db.lock().heartbeat(session)?;
         self.check_owner_now(&v.storage)?;
+        // A storage made encrypted while this version was written without a keyring (an
+        // image with no block to look up reaches here without meeting the mark): its
+        // version object is not written in plaintext there.
+        if !storage.codec().is_sealed() && self.db.lock().storage_encrypted(&v.storage)? {
+            return Err(Error::Other(format!(
+                "storage '{}' was made encrypted (`keepfs init --encrypt`) while this backup ran without a keyring; nothing of it is stored unencrypted: back up again",
+                v.storage
+            )));
+        }
         // The index is read from its file into the object and into the catalog: a large
         // one is never held whole (see `store_version_object`).
         crate::repo::store_version_object(storage.as_ref(), &v, &index)?;

@@ -39,6 +39,10 @@ pub struct Lookup {
     /// Stored, valid and now touched: reference them. Every other id not `blocked` is
     /// now a row in state `writing` (or a damaged `present` one): the caller stores it.
     pub present: HashSet<BlockId>,
+    /// Whether the catalog marks the storage encrypted, read in the same transaction: a
+    /// writer that opened it without a keyring must store nothing (`keepfs init
+    /// --encrypt` ran meanwhile; see [`Catalog::mark_encrypted_if_unused`]).
+    pub storage_encrypted: bool,
     /// Being deleted by a cleanup that is alive (the deleter's session id): wait until
     /// it is done with them, then look them up again.
     pub blocked: Vec<(BlockId, i64)>,
@@ -830,6 +834,12 @@ pub trait Catalog: Send {
     /// in plaintext, whatever its keyring object looks like).
     fn storage_encrypted(&self, name: &str) -> Result<bool>;
     fn set_storage_encrypted(&self, name: &str) -> Result<()>;
+    /// `keepfs init --encrypt`: marks storage `name` encrypted, in one write transaction
+    /// with the check that no version and no object row of it exists (false: something
+    /// does, nothing was marked). A backup records its objects under the same lock and
+    /// reads the mark there ([`Lookup::storage_encrypted`]), so none stores plaintext on
+    /// a storage marked encrypted while it ran.
+    fn mark_encrypted_if_unused(&mut self, name: &str) -> Result<bool>;
     fn storage_names(&self) -> Result<Vec<(i64, String)>>;
 
     // ---- sessions and locks ---------------------------------------------------------

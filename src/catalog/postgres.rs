@@ -855,6 +855,22 @@ impl Catalog for PostgresCatalog {
         Ok(())
     }
 
+    fn mark_encrypted_if_unused(&mut self, name: &str) -> Result<bool> {
+        let id = self.storage_id(name)?;
+        self.write(|tx| {
+            let used: i64 = first(tx.query(
+                "SELECT (SELECT COUNT(*) FROM versions WHERE storage_id = $1) + (SELECT COUNT(*) FROM objects WHERE storage_id = $1)",
+                &[&id],
+            )?)?
+            .get(0);
+            if used > 0 {
+                return Ok(false);
+            }
+            tx.execute("UPDATE storages SET encrypted = TRUE WHERE id = $1", &[&id])?;
+            Ok(true)
+        })
+    }
+
     fn storage_names(&self) -> Result<Vec<(i64, String)>> {
         Ok(self.query("SELECT id, name FROM storages ORDER BY id", &[])?.iter().map(|r| (r.get(0), r.get(1))).collect())
     }
@@ -1214,15 +1230,19 @@ impl Catalog for PostgresCatalog {
             let mut out = Lookup::default();
             let (mut touch, mut revive) = (Vec::new(), Vec::new());
             let mut seen = HashSet::new();
+            // The storage's row joined in: its encryption mark comes with the objects, in
+            // the same round trip (one row of NULLs when none of the ids has a row).
             for r in tx.query(
-                "SELECT id, state, valid, deleter FROM objects WHERE storage_id=$1 AND id = ANY($2)",
+                "SELECT s.encrypted, o.id, o.state, o.valid, o.deleter FROM storages s \
+                 LEFT JOIN objects o ON o.storage_id = s.id AND o.id = ANY($2) WHERE s.id = $1",
                 &[&storage_id, &param],
             )? {
-                let Some(id) = id_of(&r, 0) else {
+                out.storage_encrypted = r.get::<_, bool>(0);
+                let Some(id) = r.get::<_, Option<&[u8]>>(1).and_then(BlockId::from_slice) else {
                     continue;
                 };
                 seen.insert(id);
-                let (state, valid, deleter) = (r.get::<_, i64>(1), r.get::<_, bool>(2), r.get::<_, Option<i64>>(3));
+                let (state, valid, deleter) = (r.get::<_, i64>(2), r.get::<_, bool>(3), r.get::<_, Option<i64>>(4));
                 match (state, deleter) {
                     (OBJECT_PRESENT, _) => {
                         touch.push(id);

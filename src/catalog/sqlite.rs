@@ -486,6 +486,22 @@ impl Catalog for SqliteCatalog {
         Ok(())
     }
 
+    fn mark_encrypted_if_unused(&mut self, name: &str) -> Result<bool> {
+        let id = self.storage_id(name)?;
+        self.write(|tx| {
+            let used: i64 = tx.query_row(
+                "SELECT (SELECT COUNT(*) FROM versions WHERE storage_id = ?1) + (SELECT COUNT(*) FROM objects WHERE storage_id = ?1)",
+                [id],
+                |r| r.get(0),
+            )?;
+            if used > 0 {
+                return Ok(false);
+            }
+            tx.execute("UPDATE storages SET encrypted = 1 WHERE id = ?1", [id])?;
+            Ok(true)
+        })
+    }
+
     /// Objects per master key (None: not recorded, e.g. after a database rebuild).
     fn objects_per_key(&self, storage_id: i64) -> Result<Vec<(Option<KeyId>, u64)>> {
         let mut st = self
@@ -836,6 +852,10 @@ impl Catalog for SqliteCatalog {
         let mut out = Lookup::default();
         let now = now_ms();
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        out.storage_encrypted = tx
+            .query_row("SELECT encrypted FROM storages WHERE id = ?1", [storage_id], |r| r.get(0))
+            .optional()?
+            .unwrap_or(false);
         {
             let mut get =
                 tx.prepare_cached("SELECT state, valid, deleter FROM objects WHERE storage_id=?1 AND id=?2")?;

@@ -680,3 +680,60 @@ impl Repo {
         }
     }
 }
+
+/// A child keepfs process the test stops at a test knob; killed if the test fails
+/// before it lets it go on.
+pub struct Stoppable(Option<std::process::Child>);
+
+impl Stoppable {
+    /// Starts `keepfs ARGS` with the knob `knob` set and waits until it has stopped there
+    /// (its state in /proc), failing with its output if it ends first.
+    pub fn start(repo: &Repo, args: &[&str], knob: &str) -> Stoppable {
+        let child = repo
+            .command(args)
+            .env(knob, "1")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut s = Stoppable(Some(child));
+        let pid = s.pid();
+        mount::wait_until(&format!("keepfs {args:?} to stop at {knob}"), std::time::Duration::from_secs(60), || {
+            let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let state = state.rsplit_once(')').map(|(_, rest)| rest.trim_start().chars().next());
+            if matches!(state, Some(Some('Z')) | None) {
+                let out = s.0.take().unwrap().wait_with_output().unwrap();
+                panic!("keepfs {args:?} ended before {knob}: {}", String::from_utf8_lossy(&out.stderr));
+            }
+            state == Some(Some('T'))
+        });
+        s
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.0.as_ref().unwrap().id() as i32
+    }
+
+    /// Lets it go on; its standard output once it has ended with exit code 0.
+    pub fn finish(self) -> String {
+        let out = self.go_on();
+        assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    /// Lets it go on; its output once it has ended.
+    pub fn go_on(mut self) -> Output {
+        // SAFETY: kill has no memory effects.
+        assert_eq!(unsafe { libc::kill(self.pid(), libc::SIGCONT) }, 0);
+        wait_output_within(self.0.take().unwrap(), COMMAND_LIMIT, "a stopped keepfs let go on")
+    }
+}
+
+impl Drop for Stoppable {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}

@@ -624,3 +624,35 @@ fn answers_404_to_everything() -> u16 {
     });
     port
 }
+
+/// Two hosts of one shared catalog that name the S3 endpoint differently (`127.0.0.1`
+/// and `localhost`): both back up and restore, and neither rewrites the place the
+/// catalog recorded (they used to take turns, each printing a note). Only PostgreSQL
+/// catalogs record the repository's place (CI's second pass).
+#[test]
+fn hosts_that_name_one_endpoint_differently_share_the_repository_without_notes() {
+    if !postgres_mode() {
+        eprintln!("not run against SQLite: only a shared (PostgreSQL) catalog records the repository's place");
+        return;
+    }
+    let g = server();
+    let r = S3Repo::new(&g, "aliases", "");
+    let text = fs::read_to_string(&r.config).unwrap();
+    assert!(text.contains("127.0.0.1"), "{text}");
+    let other = r.repo.path("other.toml");
+    fs::write(&other, text.replace("127.0.0.1", "localhost")).unwrap();
+    let other = other.to_str().unwrap();
+    fs::write(r.repo.path("a"), random_bytes(99, 3 * 64 * 1024)).unwrap();
+    let mut uids = Vec::new();
+    for (round, config) in [r.config.as_str(), other, r.config.as_str(), other].into_iter().enumerate() {
+        let out = r.repo.run(&["--config", config, "backup", &r.repo.url("a"), "vm", "-b", "64k"]);
+        assert_eq!(out.code, 0, "round {round}: {}", out.stderr);
+        assert!(!out.stderr.contains("note:"), "round {round}: {}", out.stderr);
+        uids.push(out.stdout.trim().to_string());
+    }
+    for uid in &uids {
+        r.ok(&["restore", uid, &r.repo.url("out")]);
+        assert_eq!(sha256_file(&r.repo.path("out")), sha256_file(&r.repo.path("a")));
+        fs::remove_file(r.repo.path("out")).unwrap();
+    }
+}

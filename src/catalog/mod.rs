@@ -355,7 +355,10 @@ pub(crate) fn copy_storage_places(from: &dyn Catalog, to: &dyn Catalog, config: 
 /// recorded place is not configured: it costs a read of the storage). The recorded
 /// place is replaced by that storage's, with a note, only when `ours_at` finds that the
 /// recorded place no longer holds this catalog's storage (it moved): hosts that mount
-/// one share at different paths do not take turns rewriting it.
+/// one share at different paths do not take turns rewriting it. A recorded S3 place is
+/// kept as it is (reading it would need its configuration): hosts that name one
+/// endpoint differently (`localhost`, `127.0.0.1`) took turns rewriting it, each with a
+/// note (found by a drill).
 pub fn check_owner(
     db: &dyn Catalog,
     config: &crate::config::Config,
@@ -366,7 +369,8 @@ pub fn check_owner(
     match db.repository_state(REPOSITORY)? {
         Some(owner) if mine.contains(&normal_place(&owner)) => Ok(()),
         Some(owner) if config.storages.iter().any(ours) => {
-            if !ours_at(&owner)
+            if owner.starts_with("file:")
+                && !ours_at(&owner)
                 && let Some(s) = config.storages.iter().find(|s| ours(s))
             {
                 let place = storage_identity(s);

@@ -668,10 +668,13 @@ impl Repository {
             }
             if v.status == Status::Incomplete
                 && let Some(sid) = db.version_session(uid)?
-                && db.live_sessions()?.iter().any(|s| s.id == sid)
+                && let Some(backup) = db.live_sessions()?.into_iter().find(|s| s.id == sid)
             {
+                // Who, and since when silent: a killed backup of another host holds its
+                // version until its heartbeat is old enough (a drill was told only to wait).
                 return Err(Error::Refused(format!(
-                    "version {uid} is being backed up right now; wait for it to finish"
+                    "version {uid} is being backed up right now ({}); wait for it to finish",
+                    running_holder(&backup)
                 )));
             }
             drop(db);

@@ -236,6 +236,34 @@ fn a_host_that_meets_another_hosts_version_being_committed_on_a_new_storage_back
     }
 }
 
+/// `rm` of a version whose backup runs says whose backup it is and since when it is
+/// silent: a killed backup of another host holds its version until its heartbeat is 10
+/// minutes old, and the line says so (a drill was told only "wait for it to finish").
+#[test]
+fn rm_of_a_version_being_backed_up_names_the_backup_and_how_long_it_holds() {
+    let repo = Repo::new();
+    fs::write(repo.path("img"), random_bytes(16, 3 * 64 * 1024)).unwrap();
+    let url = repo.url("img");
+    let far = Stoppable::start_with_env(
+        &repo,
+        &["backup", &url, "far", "-b", "64k"],
+        "KEEPFS_TEST_STOP_BEFORE_VALID",
+        &[("KEEPFS_HOST", "hv-far")],
+    );
+    let uid = repo.ls_json(None)[0]["uid"].as_str().unwrap().to_string();
+    let r = repo.run(&["rm", &uid]);
+    assert_eq!(r.code, 4, "{}", r.stderr);
+    let line = r.error_line();
+    let pid = format!("pid {} on hv-far", far.pid());
+    let busy = format!("version {uid} is being backed up right now");
+    for part in [busy.as_str(), pid.as_str(), "last heartbeat", "10 min after"] {
+        assert!(line.contains(part), "{part:?} missing: {line}");
+    }
+    let done = far.finish();
+    assert_eq!(done, uid);
+    assert_eq!(repo.restore_sha(&uid, "out"), sha256_file(&repo.path("img")));
+}
+
 /// A host is named by the system's host name, unless `KEEPFS_HOST` (or the
 /// configuration's `host`, tested with the PostgreSQL catalog) names it: the name every
 /// version and session records, by which other hosts tell its sessions apart.

@@ -689,9 +689,15 @@ impl Stoppable {
     /// Starts `keepfs ARGS` with the knob `knob` set and waits until it has stopped there
     /// (its state in /proc), failing with its output if it ends first.
     pub fn start(repo: &Repo, args: &[&str], knob: &str) -> Stoppable {
+        Self::start_with_env(repo, args, knob, &[])
+    }
+
+    /// [`Stoppable::start`] with these environment variables set too.
+    pub fn start_with_env(repo: &Repo, args: &[&str], knob: &str, env: &[(&str, &str)]) -> Stoppable {
         let child = repo
             .command(args)
             .env(knob, "1")
+            .envs(env.iter().copied())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
             .spawn()

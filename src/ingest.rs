@@ -563,7 +563,7 @@ impl Coordinator {
             let found = self.ctx.db.lock().lookup_for_write(self.ctx.storage_id, &todo, &dead)?;
             if found.storage_encrypted && !self.ctx.storage.codec().is_sealed() {
                 return Err(Error::Other(
-                    "the storage was made encrypted (`keepfs init --encrypt`) while this backup ran, after it had opened the storage without a keyring; it stored nothing unencrypted there: back up again"
+                    "the storage was made encrypted (`keepfs init --encrypt`) while this backup ran, after it had opened the storage without a keyring; it stored nothing unencrypted there"
                         .into(),
                 ));
             }

@@ -543,7 +543,7 @@ impl Repository {
         let Some(ring) = self.read_keyring(name, &raw)? else {
             if marked {
                 return Err(Error::Other(format!(
-                    "storage '{name}' is encrypted (the database says so) but its keyring object is missing: if `keepfs init --encrypt` did not finish, run it again; otherwise put the object '{KEYRING_KEY}' back from a copy — keepfs will not write plaintext there"
+                    "storage '{name}' is encrypted (the database says so) but its keyring object is missing: `keepfs init --encrypt` may be writing it now (try again in a moment) or did not finish (run it again); otherwise put the object '{KEYRING_KEY}' back from a copy — keepfs will not write plaintext there"
                 )));
             }
             if sc.require_encryption {
@@ -608,11 +608,22 @@ impl Repository {
         let stored = raw.list("blocks/")?.len() + raw.list("versions/")?.len();
         let versions = self.list(None)?.iter().filter(|v| v.storage == name).count();
         let refused = |stored: usize, versions: usize| {
-            Error::Refused(format!(
-                "storage '{name}' holds {stored} object(s) and {versions} version(s) already; encryption is chosen before the first backup (use a new storage)"
-            ))
+            Error::Refused(if stored == 0 && versions == 0 {
+                format!(
+                    "storage '{name}' has blocks recorded in the catalog by backups that stopped (none stored); encryption is chosen before the first backup: `keepfs cleanup` removes them once they are older than incomplete_grace, then run this again, or use a new storage"
+                )
+            } else {
+                format!(
+                    "storage '{name}' holds {stored} object(s) and {versions} version(s) already; encryption is chosen before the first backup (use a new storage)"
+                )
+            })
         };
-        if stored > 0 || versions > 0 {
+        // Marked already and no keyring: an init that stopped before writing it. Backups
+        // that met the mark meanwhile stored nothing (their incomplete versions and
+        // placeholders are rows only), so with nothing stored it is finished now (a
+        // drill killed init there, and every later init was refused for their rows).
+        let unfinished = self.db().storage_encrypted(name)?;
+        if stored > 0 || (versions > 0 && !unfinished) {
             return Err(refused(stored, versions));
         }
         let (ring, unlocked) = Keyring::create(source)?;
@@ -622,10 +633,11 @@ impl Repository {
         // plaintext on a storage said to be encrypted (found by a drill: its versions
         // could not be restored). The keyring follows; if writing it fails, the mark
         // keeps every writer out until `init --encrypt` is run again.
-        if !self.db().mark_encrypted_if_unused(name)? {
+        if !unfinished && !self.db().mark_encrypted_if_unused(name)? {
             let versions = self.list(None)?.iter().filter(|v| v.storage == name).count();
             return Err(refused(raw.list("blocks/")?.len() + raw.list("versions/")?.len(), versions));
         }
+        crate::test_knobs::stop_here("KEEPFS_TEST_STOP_BEFORE_KEYRING");
         self.write_keyring(&raw, &ring)?;
         self.reset_storage(name);
         Ok(unlocked.opened_with)

@@ -156,7 +156,7 @@ impl Repository {
         // version object is not written in plaintext there.
         if !storage.codec().is_sealed() && self.db.lock().storage_encrypted(&v.storage)? {
             return Err(Error::Other(format!(
-                "storage '{}' was made encrypted (`keepfs init --encrypt`) while this backup ran without a keyring; nothing of it is stored unencrypted: back up again",
+                "storage '{}' was made encrypted (`keepfs init --encrypt`) while this backup ran without a keyring; nothing of it was stored unencrypted",
                 v.storage
             )));
         }
